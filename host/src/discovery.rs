@@ -1,0 +1,420 @@
+//! Finding plugins: scan plugin directories for manifests, check each one, and pick one version
+//! per plugin name. A problem with one plugin becomes that plugin's error; the others still load.
+//!
+//! Checks, in order: the manifest parses; its library is found (next to the manifest, then in the
+//! configured library directories, then next to the `pio` executable); the library's sha256
+//! matches when pinned; the host meets the manifest's `api` requirement; then, in a child process,
+//! the library loads as a plugin built against a compatible plugin-api with the expected layout
+//! and reports the manifest's name and version. Among the plugins that pass, the highest version
+//! of each name wins; two manifests claiming the same name and version are both refused.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::manifest::{line_column, Manifest, ManifestError};
+use crate::probe::{LibraryReport, ProbeError, Prober};
+
+/// Where to look for manifests and libraries.
+#[derive(Debug, Clone, Default)]
+pub struct SearchPaths {
+    /// Directories scanned for `*.toml` manifests.
+    pub plugin_dirs: Vec<PathBuf>,
+    /// Extra directories a manifest's `library` is looked up in.
+    pub library_dirs: Vec<PathBuf>,
+    /// The directory of the `pio` executable, searched last (so a `cargo build` tree works).
+    pub exe_dir: Option<PathBuf>,
+}
+
+/// Why a plugin is not served.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CheckError {
+    /// The manifest could not be read or parsed.
+    #[error("{0}")]
+    Manifest(String),
+    /// The manifest's library file is nowhere to be found.
+    #[error("{manifest}:{line}:{column}: library \"{library}\" not found; looked in {searched}; build the plugin or fix `library`")]
+    LibraryNotFound {
+        /// The manifest.
+        manifest: PathBuf,
+        /// Where `library` is written.
+        line: usize,
+        /// Column of `library`'s value.
+        column: usize,
+        /// The name as written.
+        library: String,
+        /// The directories tried, comma-separated.
+        searched: String,
+    },
+    /// The library's digest differs from the pinned one.
+    #[error("{manifest}: sha256 of {library} is {actual}, but the manifest pins {expected}; the library changed since it was pinned: re-pin it if the change is intended")]
+    Sha256Mismatch {
+        /// The manifest.
+        manifest: PathBuf,
+        /// The library.
+        library: PathBuf,
+        /// The pinned digest.
+        expected: String,
+        /// The file's digest.
+        actual: String,
+    },
+    /// The library could not be read to hash it.
+    #[error("{library}: cannot read library: {reason}")]
+    ReadLibrary {
+        /// The library.
+        library: PathBuf,
+        /// The I/O error.
+        reason: String,
+    },
+    /// The host's plugin-api does not meet the manifest's `api` requirement.
+    #[error("{manifest}:{line}:{column}: the plugin requires plugin-api {required}, but this host has plugin-api {host}; upgrade PIO, or use a plugin build for plugin-api {host}")]
+    ApiRequirement {
+        /// The manifest.
+        manifest: PathBuf,
+        /// Where `api` is written.
+        line: usize,
+        /// Column of `api`'s value.
+        column: usize,
+        /// The manifest's requirement.
+        required: String,
+        /// The host's plugin-api version.
+        host: String,
+    },
+    /// Loading the library failed (see [`ProbeError`]).
+    #[error("{0}")]
+    Probe(#[from] ProbeError),
+    /// The library is a different plugin, or another version, than its manifest says.
+    #[error("{manifest}: the manifest says {field} \"{in_manifest}\", but {library} reports \"{in_library}\"; fix the manifest or ship the matching library")]
+    Identity {
+        /// The manifest.
+        manifest: PathBuf,
+        /// The library.
+        library: PathBuf,
+        /// `name` or `version`.
+        field: &'static str,
+        /// The manifest's value.
+        in_manifest: String,
+        /// The library's value.
+        in_library: String,
+    },
+    /// Two manifests claim the same plugin name and version.
+    #[error("{manifest}: {name} {version} is also claimed by {other}; remove one of the two manifests")]
+    Duplicate {
+        /// This manifest.
+        manifest: PathBuf,
+        /// The other manifest.
+        other: PathBuf,
+        /// The plugin name.
+        name: String,
+        /// The version both claim.
+        version: String,
+    },
+}
+
+impl CheckError {
+    /// A short machine-readable name of the failed check.
+    pub fn kind(&self) -> &str {
+        match self {
+            Self::Manifest(_) => "manifest",
+            Self::LibraryNotFound { .. } => "library_not_found",
+            Self::Sha256Mismatch { .. } => "sha256_mismatch",
+            Self::ReadLibrary { .. } => "read_library",
+            Self::ApiRequirement { .. } => "api_requirement",
+            Self::Probe(p) => p.kind(),
+            Self::Identity { .. } => "identity",
+            Self::Duplicate { .. } => "duplicate",
+        }
+    }
+}
+
+/// Where a plugin stands after discovery.
+#[derive(Debug, Clone)]
+pub enum Status {
+    /// Every check passed and it is the version of its name that gets served.
+    Ready,
+    /// It passed, but a higher version of the same plugin wins.
+    Superseded {
+        /// The winning version.
+        by: semver::Version,
+    },
+    /// A check failed.
+    Failed(CheckError),
+}
+
+/// One manifest found in a plugin directory, and what became of it.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    /// The manifest file.
+    pub manifest_path: PathBuf,
+    /// The parsed manifest, when it parsed.
+    pub manifest: Option<Manifest>,
+    /// The resolved library file, when found.
+    pub library: Option<PathBuf>,
+    /// What the library reported, when probed.
+    pub report: Option<LibraryReport>,
+    /// The verdict.
+    pub status: Status,
+}
+
+/// A plugin directory that cannot be scanned.
+#[derive(Debug, thiserror::Error)]
+#[error("plugin directory {dir}: {reason}; create it or pass another --plugins")]
+pub struct ScanError {
+    /// The directory.
+    pub dir: PathBuf,
+    /// The I/O error.
+    pub reason: String,
+}
+
+/// All `*.toml` files directly in `dirs`, in a stable order.
+pub fn scan(dirs: &[PathBuf]) -> Result<Vec<PathBuf>, ScanError> {
+    let mut manifests = Vec::new();
+    for dir in dirs {
+        let entries = std::fs::read_dir(dir).map_err(|e| ScanError {
+            dir: dir.clone(),
+            reason: e.to_string(),
+        })?;
+        let mut found: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+            .collect();
+        found.sort();
+        manifests.extend(found);
+    }
+    Ok(manifests)
+}
+
+/// The plugin-api version of this host, as semver.
+pub fn host_api_version() -> semver::Version {
+    let v = pio_plugin_api::API_VERSION;
+    semver::Version::new(u64::from(v.major), u64::from(v.minor), u64::from(v.patch))
+}
+
+/// Everything the daemon checks without loading the library: manifest, library location,
+/// sha256, `api` requirement.
+pub fn check_static(manifest_path: &Path, search: &SearchPaths) -> Candidate {
+    let mut candidate = Candidate {
+        manifest_path: manifest_path.to_owned(),
+        manifest: None,
+        library: None,
+        report: None,
+        status: Status::Ready,
+    };
+    let text = match std::fs::read_to_string(manifest_path) {
+        Ok(text) => text,
+        Err(source) => {
+            let e = ManifestError::Read {
+                path: manifest_path.to_owned(),
+                source,
+            };
+            candidate.status = Status::Failed(CheckError::Manifest(e.to_string()));
+            return candidate;
+        }
+    };
+    match Manifest::parse(manifest_path, &text) {
+        Ok(manifest) => {
+            let result = check_manifest(manifest_path, &text, &manifest, search);
+            candidate.manifest = Some(manifest);
+            match result {
+                Ok(library) => candidate.library = Some(library),
+                Err(e) => candidate.status = Status::Failed(e),
+            }
+        }
+        Err(e) => candidate.status = Status::Failed(CheckError::Manifest(e.to_string())),
+    }
+    candidate
+}
+
+fn check_manifest(
+    path: &Path,
+    text: &str,
+    manifest: &Manifest,
+    search: &SearchPaths,
+) -> Result<PathBuf, CheckError> {
+    let library = find_library(path, text, manifest, search)?;
+    if let Some(pinned) = &manifest.sha256 {
+        let actual = sha256_file(&library)?;
+        if actual != pinned.get_ref().0 {
+            return Err(CheckError::Sha256Mismatch {
+                manifest: path.to_owned(),
+                library,
+                expected: pinned.get_ref().0.clone(),
+                actual,
+            });
+        }
+    }
+    let host = host_api_version();
+    if !manifest.api.get_ref().matches(&host) {
+        let (line, column) = line_column(text, manifest.api.span().start);
+        return Err(CheckError::ApiRequirement {
+            manifest: path.to_owned(),
+            line,
+            column,
+            required: manifest.api.get_ref().to_string(),
+            host: host.to_string(),
+        });
+    }
+    Ok(library)
+}
+
+/// Resolves the manifest's `library`: absolute as is; otherwise next to the manifest, then in each
+/// library directory, then next to the executable. A name without an extension also matches the
+/// platform's file name for it (`echo` → `libecho.so` on Linux).
+fn find_library(
+    path: &Path,
+    text: &str,
+    manifest: &Manifest,
+    search: &SearchPaths,
+) -> Result<PathBuf, CheckError> {
+    let written = manifest.library.get_ref();
+    let mut names = vec![written.clone()];
+    if written.extension().is_none() {
+        if let Some(stem) = written.file_name() {
+            let platform = format!(
+                "{}{}{}",
+                std::env::consts::DLL_PREFIX,
+                stem.to_string_lossy(),
+                std::env::consts::DLL_SUFFIX
+            );
+            names.push(written.with_file_name(platform));
+        }
+    }
+    let manifest_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut dirs = vec![manifest_dir];
+    dirs.extend(search.library_dirs.iter().cloned());
+    dirs.extend(search.exe_dir.iter().cloned());
+    if written.is_absolute() {
+        dirs = vec![PathBuf::new()];
+    }
+    for dir in &dirs {
+        for name in &names {
+            let candidate = dir.join(name);
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    let (line, column) = line_column(text, manifest.library.span().start);
+    Err(CheckError::LibraryNotFound {
+        manifest: path.to_owned(),
+        line,
+        column,
+        library: written.display().to_string(),
+        searched: dirs
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
+}
+
+/// The lowercase hex SHA-256 of a file.
+pub fn sha256_file(path: &Path) -> Result<String, CheckError> {
+    let read_error = |e: std::io::Error| CheckError::ReadLibrary {
+        library: path.to_owned(),
+        reason: e.to_string(),
+    };
+    let mut file = std::fs::File::open(path).map_err(read_error)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = file.read(&mut buf).map_err(read_error)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// Loads the candidate's library in a child process and checks it reports the manifest's name
+/// and version.
+pub fn check_library(candidate: &mut Candidate, prober: &Prober) {
+    let (Some(manifest), Some(library), Status::Ready) =
+        (&candidate.manifest, &candidate.library, &candidate.status)
+    else {
+        return;
+    };
+    let result = prober.probe(library).map_err(CheckError::from).and_then(|report| {
+        let identity = |field, in_manifest: String, in_library: &str| CheckError::Identity {
+            manifest: candidate.manifest_path.clone(),
+            library: library.clone(),
+            field,
+            in_manifest,
+            in_library: in_library.to_string(),
+        };
+        if report.name != manifest.name {
+            return Err(identity("name", manifest.name.clone(), &report.name));
+        }
+        if report.version != manifest.version.to_string() {
+            return Err(identity("version", manifest.version.to_string(), &report.version));
+        }
+        Ok(report)
+    });
+    match result {
+        Ok(report) => candidate.report = Some(report),
+        Err(e) => candidate.status = Status::Failed(e),
+    }
+}
+
+/// Picks one version per name among the ready candidates: the highest wins, the rest are
+/// superseded; manifests claiming the same name and version are all refused.
+pub fn select(candidates: &mut [Candidate]) {
+    let versions: Vec<Option<semver::Version>> = candidates
+        .iter()
+        .map(|c| c.manifest.as_ref().map(|m| m.version.clone()))
+        .collect();
+    let mut by_name: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (i, c) in candidates.iter().enumerate() {
+        if let (Status::Ready, Some(m)) = (&c.status, &c.manifest) {
+            by_name.entry(m.name.clone()).or_default().push(i);
+        }
+    }
+    for (name, indices) in by_name {
+        for &i in &indices {
+            if let Some(&j) = indices.iter().find(|&&j| j != i && versions[j] == versions[i]) {
+                candidates[i].status = Status::Failed(CheckError::Duplicate {
+                    manifest: candidates[i].manifest_path.clone(),
+                    other: candidates[j].manifest_path.clone(),
+                    name: name.clone(),
+                    version: versions[i].as_ref().map(ToString::to_string).unwrap_or_default(),
+                });
+            }
+        }
+        let ready: Vec<usize> = indices
+            .into_iter()
+            .filter(|&i| matches!(candidates[i].status, Status::Ready))
+            .collect();
+        let Some(best) = ready.iter().copied().max_by_key(|&i| versions[i].clone()) else {
+            continue;
+        };
+        for i in ready.into_iter().filter(|&i| i != best) {
+            if let Some(by) = versions[best].clone() {
+                candidates[i].status = Status::Superseded { by };
+            }
+        }
+    }
+}
+
+/// The whole pipeline: scan, check each manifest, probe each library, select.
+pub fn discover(search: &SearchPaths, prober: &Prober) -> Result<Vec<Candidate>, ScanError> {
+    let mut candidates: Vec<Candidate> = scan(&search.plugin_dirs)?
+        .iter()
+        .map(|path| check_static(path, search))
+        .collect();
+    for candidate in &mut candidates {
+        check_library(candidate, prober);
+    }
+    select(&mut candidates);
+    Ok(candidates)
+}
+
+#[cfg(test)]
+#[path = "discovery_tests.rs"]
+mod tests;

@@ -1,0 +1,10 @@
+//! The PIO host: discovers plugin manifests, checks plugin libraries (loading them only in child
+//! processes), and — as the `pio` binary — lists, checks and serves them.
+
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod discovery;
+pub mod manifest;
+pub mod probe;
+pub mod report;
+pub mod units;

@@ -1,0 +1,162 @@
+//! `pio`: the command-line front of the PIO host.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use pio_host::discovery::{self, Candidate, SearchPaths, Status};
+use pio_host::probe::{self, Prober};
+use pio_host::report;
+
+#[derive(Parser)]
+#[command(name = "pio", version, about = "PIO: a plugin host for LLM inference")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the plugins found in the plugin directories, with their status or error.
+    List {
+        #[command(flatten)]
+        search: SearchArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run every check on a manifest (.toml) or a plugin library, loading it in a child process.
+    Check {
+        /// A manifest or a library.
+        path: PathBuf,
+        /// Directories a manifest's library is also looked up in.
+        #[arg(long = "library-dir", value_name = "DIR")]
+        library_dirs: Vec<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load one library and print what it is as JSON (the child side of `check` and `list`).
+    #[command(hide = true)]
+    Probe { library: PathBuf },
+}
+
+#[derive(Args)]
+struct SearchArgs {
+    /// A directory of plugin manifests; repeat for several.
+    #[arg(long = "plugins", value_name = "DIR", default_value = "manifests")]
+    plugin_dirs: Vec<PathBuf>,
+    /// Directories a manifest's library is also looked up in.
+    #[arg(long = "library-dir", value_name = "DIR")]
+    library_dirs: Vec<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::List { search, json } => list(search, json),
+        Command::Check {
+            path,
+            library_dirs,
+            json,
+        } => check(&path, library_dirs, json),
+        Command::Probe { library } => return ExitCode::from(probe::run_child(&library) as u8),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn search_paths(plugin_dirs: Vec<PathBuf>, library_dirs: Vec<PathBuf>) -> SearchPaths {
+    let exe_dir = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf));
+    SearchPaths {
+        plugin_dirs,
+        library_dirs,
+        exe_dir,
+    }
+}
+
+fn prober() -> anyhow::Result<Prober> {
+    Prober::current_exe().context("cannot find the running `pio` executable to probe libraries with")
+}
+
+fn list(args: SearchArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let search = search_paths(args.plugin_dirs, args.library_dirs);
+    let candidates = discovery::discover(&search, &prober()?)?;
+    if json {
+        let rows: Vec<_> = candidates.iter().map(report::candidate_json).collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else if candidates.is_empty() {
+        println!("no plugin manifests found in {}", display_dirs(&search.plugin_dirs));
+    } else {
+        print!("{}", report::candidates_table(&candidates));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn display_dirs(dirs: &[PathBuf]) -> String {
+    let names: Vec<_> = dirs.iter().map(|d| d.display().to_string()).collect();
+    names.join(", ")
+}
+
+fn check(path: &Path, library_dirs: Vec<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
+    let prober = prober()?;
+    let is_manifest = path.extension().is_some_and(|x| x == "toml");
+    let candidate = if is_manifest {
+        let search = search_paths(Vec::new(), library_dirs);
+        let mut candidate = discovery::check_static(path, &search);
+        discovery::check_library(&mut candidate, &prober);
+        candidate
+    } else {
+        let mut candidate = Candidate {
+            manifest_path: PathBuf::new(),
+            manifest: None,
+            library: Some(path.to_owned()),
+            report: None,
+            status: Status::Ready,
+        };
+        match prober.probe(path) {
+            Ok(r) => candidate.report = Some(r),
+            Err(e) => candidate.status = Status::Failed(e.into()),
+        }
+        candidate
+    };
+    let failed = matches!(candidate.status, Status::Failed(_));
+    if json {
+        let mut value = report::candidate_json(&candidate);
+        if !is_manifest {
+            value["manifest"] = serde_json::Value::Null;
+            if let Some(r) = &candidate.report {
+                value["name"] = r.name.clone().into();
+                value["version"] = r.version.clone().into();
+            }
+        }
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else if let Status::Failed(e) = &candidate.status {
+        eprintln!("check failed: {e}");
+    } else if let Some(r) = &candidate.report {
+        println!(
+            "ok: {} {} ({}), built against plugin-api {}, capabilities: {}",
+            r.name,
+            r.version,
+            r.family,
+            r.api_version,
+            r.capabilities.join(", ")
+        );
+        if let Some(lib) = &candidate.library {
+            println!("library: {}", lib.display());
+        }
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}

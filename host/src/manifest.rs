@@ -1,0 +1,243 @@
+//! Plugin manifests: the TOML file beside a plugin library that tells the host what the library
+//! is, which plugin-api it needs, how to confine it and which model to load. Parsed once into a
+//! [`Manifest`]; every syntax or value error names the file, line and column.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+use crate::units::ByteSize;
+
+/// How much the host trusts a plugin; decides how tightly its worker is confined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    /// First-party code, speed first.
+    Low,
+    /// Trusted third party.
+    Medium,
+    /// Unreviewed plugins.
+    High,
+    /// Untrusted plugins.
+    Maximum,
+}
+
+impl fmt::Display for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Tier::Low => "low",
+            Tier::Medium => "medium",
+            Tier::High => "high",
+            Tier::Maximum => "maximum",
+        })
+    }
+}
+
+/// Resource limits for the plugin's worker; unset ones take the daemon's defaults.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Memory (RAM, no swap) the worker may use.
+    pub memory: Option<ByteSize>,
+    /// CPU cores' worth of time per period (e.g. 1.5).
+    pub cpus: Option<PositiveF64>,
+    /// Processes and threads the worker may have.
+    pub pids: Option<u32>,
+    /// GPU memory the plugin's allocator may take.
+    pub gpu_memory: Option<ByteSize>,
+    /// Size of the worker's private scratch directory (its disk allowance).
+    pub scratch: Option<ByteSize>,
+    /// Whether the worker may use the network at all.
+    pub network: Option<bool>,
+}
+
+/// Model data type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    /// 32-bit float.
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// IEEE half.
+    F16,
+}
+
+/// Weight quantization applied while loading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantization {
+    /// Weights as stored.
+    None,
+    /// 8-bit blocks (Q8_0).
+    Q8,
+    /// 4-bit blocks (Q4_K).
+    Q4,
+}
+
+/// The `[model]` table: what the plugin loads and its default configuration.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Hugging Face snapshot folder; relative paths are relative to the manifest's folder.
+    pub path: Option<PathBuf>,
+    /// Data type.
+    pub dtype: Option<Dtype>,
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: Option<Device>,
+    /// Weight quantization.
+    pub quantization: Option<Quantization>,
+    /// Generation defaults (override the model's `generation_config.json`).
+    #[serde(default)]
+    pub generation: pio_plugin_api::wire::GenerationDefaults,
+    /// Plugin-specific settings, passed to the plugin untouched.
+    #[serde(default)]
+    pub options: toml::Table,
+}
+
+/// A compute device name, checked for shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device(pub String);
+
+impl<'de> Deserialize<'de> for Device {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let ok = s == "cpu"
+            || s == "cuda"
+            || s.strip_prefix("cuda:").is_some_and(|n| n.parse::<u32>().is_ok());
+        if ok {
+            Ok(Device(s))
+        } else {
+            Err(serde::de::Error::custom(format!(
+                "device must be \"cpu\", \"cuda\" or \"cuda:N\", found \"{s}\""
+            )))
+        }
+    }
+}
+
+/// A float that must be > 0.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PositiveF64(pub f64);
+
+impl<'de> Deserialize<'de> for PositiveF64 {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = f64::deserialize(d)?;
+        if v > 0.0 && v.is_finite() {
+            Ok(Self(v))
+        } else {
+            Err(serde::de::Error::custom(format!("expected a number > 0, found {v}")))
+        }
+    }
+}
+
+/// A lowercase hex SHA-256 digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sha256Hex(pub String);
+
+impl<'de> Deserialize<'de> for Sha256Hex {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            Ok(Self(s.to_ascii_lowercase()))
+        } else {
+            Err(serde::de::Error::custom(
+                "sha256 must be 64 hex digits (as printed by `sha256sum LIBRARY`)",
+            ))
+        }
+    }
+}
+
+/// A parsed, value-checked manifest.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// The plugin's name; must equal what the library reports.
+    pub name: String,
+    /// The plugin's version; must equal what the library reports.
+    pub version: semver::Version,
+    /// The library file (a file name or path; see [`crate::discovery`] for where it is looked up).
+    pub library: Spanned<PathBuf>,
+    /// Which plugin-api versions the plugin needs, e.g. `"^1.0"`.
+    pub api: Spanned<semver::VersionReq>,
+    /// SHA-256 of the library; when set, a library with another digest is refused.
+    pub sha256: Option<Spanned<Sha256Hex>>,
+    /// Trust tier.
+    #[serde(default = "default_tier")]
+    pub tier: Tier,
+    /// One line for `pio list`.
+    #[serde(default)]
+    pub description: String,
+    /// Resource limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// The model to load and its defaults.
+    #[serde(default)]
+    pub model: ModelSection,
+}
+
+fn default_tier() -> Tier {
+    Tier::Medium
+}
+
+/// A manifest that could not be read or parsed.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// The file could not be read.
+    #[error("{path}: cannot read manifest: {source}")]
+    Read {
+        /// The manifest.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// TOML syntax, an unknown key or a bad value.
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        /// The manifest.
+        path: PathBuf,
+        /// 1-based line of the offending text.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong and what was expected.
+        message: String,
+    },
+}
+
+/// A 1-based line and column for a byte offset into `text`.
+pub fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+impl Manifest {
+    /// Reads and parses the manifest at `path`.
+    pub fn load(path: &Path) -> Result<Self, ManifestError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses manifest `text`; `path` is only used in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ManifestError> {
+        toml::from_str::<Manifest>(text).map_err(|e| {
+            let (line, column) = e.span().map_or((1, 1), |s| line_column(text, s.start));
+            ManifestError::Parse {
+                path: path.to_owned(),
+                line,
+                column,
+                message: e.message().trim().to_string(),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+#[path = "manifest_tests.rs"]
+mod tests;

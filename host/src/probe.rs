@@ -1,0 +1,237 @@
+//! Loading a plugin library in a child process to read what it is. Loading runs the library's
+//! constructors, so the daemon and the CLI never do it themselves: they re-execute `pio` with the
+//! hidden `probe` subcommand, which loads the library, runs plugin-api's checks and prints one
+//! JSON line. A crash, hang or garbage output of the child is reported, never inherited.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use pio_plugin_api::{LoadError, PluginLibrary};
+use serde::{Deserialize, Serialize};
+use wait_timeout::ChildExt;
+
+/// What a library says about itself, once every load-time check passed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LibraryReport {
+    /// The plugin-api version the library was built against.
+    pub api_version: String,
+    /// The plugin's name.
+    pub name: String,
+    /// The plugin's version.
+    pub version: String,
+    /// Its model family.
+    pub family: String,
+    /// Its capabilities, by name.
+    pub capabilities: Vec<String>,
+}
+
+/// One line the probe child prints.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ProbeLine {
+    Ok(LibraryReport),
+    Error {
+        kind: String,
+        message: String,
+        detail: Option<String>,
+    },
+}
+
+/// Why a library failed its load-time checks, or why the probe itself failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeError {
+    /// plugin-api's loader refused the library (`kind`: open, not_a_plugin, incompatible_api,
+    /// layout, other); `message` names the file, the versions involved and what to do.
+    #[error("{message}")]
+    Refused {
+        /// Which check failed.
+        kind: String,
+        /// The loader's one-line reason.
+        message: String,
+        /// The long form (abi_stable's layout report), for logs.
+        detail: Option<String>,
+    },
+    /// The child died while loading the library (a crashing constructor, a corrupt file).
+    #[error("{library}: the process loading it died ({how}); the library is broken or hostile{stderr}")]
+    Crashed {
+        /// The library.
+        library: PathBuf,
+        /// Exit status or signal.
+        how: String,
+        /// The tail of what it wrote to stderr, prefixed with ": ".
+        stderr: String,
+    },
+    /// The child did not finish in time (a constructor that never returns).
+    #[error("{library}: loading it did not finish within {seconds} s; the library hangs in its constructors")]
+    Timeout {
+        /// The library.
+        library: PathBuf,
+        /// The deadline.
+        seconds: u64,
+    },
+    /// The probe process could not be started.
+    #[error("cannot start `{exe} probe`: {reason}")]
+    Spawn {
+        /// The `pio` executable.
+        exe: PathBuf,
+        /// The OS error.
+        reason: String,
+    },
+}
+
+impl ProbeError {
+    /// A short machine-readable name of the failure.
+    pub fn kind(&self) -> &str {
+        match self {
+            Self::Refused { kind, .. } => kind,
+            Self::Crashed { .. } => "crashed",
+            Self::Timeout { .. } => "timeout",
+            Self::Spawn { .. } => "spawn",
+        }
+    }
+}
+
+/// Runs probes: re-executes `exe` (normally this very `pio`) as `exe probe LIBRARY`.
+#[derive(Debug, Clone)]
+pub struct Prober {
+    exe: PathBuf,
+    timeout: Duration,
+}
+
+impl Prober {
+    /// A prober re-executing the current executable, with a 20 s deadline.
+    pub fn current_exe() -> std::io::Result<Self> {
+        Ok(Self::new(std::env::current_exe()?))
+    }
+
+    /// A prober re-executing `exe`.
+    pub fn new(exe: PathBuf) -> Self {
+        Self {
+            exe,
+            timeout: Duration::from_secs(20),
+        }
+    }
+
+    /// Loads `library` in a child process and reports what it is.
+    pub fn probe(&self, library: &Path) -> Result<LibraryReport, ProbeError> {
+        let mut child = Command::new(&self.exe)
+            .arg("probe")
+            .arg(library)
+            // The child inherits nothing of ours: no secrets in the environment, no stdin.
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| ProbeError::Spawn {
+                exe: self.exe.clone(),
+                reason: e.to_string(),
+            })?;
+        // Drain both pipes on threads so a chatty child cannot block on a full pipe.
+        let stdout = drain(child.stdout.take());
+        let stderr = drain(child.stderr.take());
+        let status = match child.wait_timeout(self.timeout) {
+            Ok(Some(status)) => status,
+            Ok(None) | Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(ProbeError::Timeout {
+                    library: library.to_owned(),
+                    seconds: self.timeout.as_secs(),
+                });
+            }
+        };
+        let stdout = stdout.join().unwrap_or_default();
+        let stderr = stderr.join().unwrap_or_default();
+        let line = stdout.lines().rev().find(|l| l.starts_with('{'));
+        match line.map(serde_json::from_str::<ProbeLine>) {
+            Some(Ok(ProbeLine::Ok(report))) if status.success() => Ok(report),
+            Some(Ok(ProbeLine::Error {
+                kind,
+                message,
+                detail,
+            })) => Err(ProbeError::Refused {
+                kind,
+                message,
+                detail,
+            }),
+            _ => Err(ProbeError::Crashed {
+                library: library.to_owned(),
+                how: describe_status(&status),
+                stderr: tail(&stderr),
+            }),
+        }
+    }
+}
+
+fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(mut pipe) = pipe {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            text = String::from_utf8_lossy(&bytes).into_owned();
+        }
+        text
+    })
+}
+
+fn describe_status(status: &std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(signal)) => format!("killed by signal {signal}"),
+        (None, None) => "unknown status".into(),
+    }
+}
+
+fn tail(stderr: &str) -> String {
+    let last = stderr.lines().rev().find(|l| !l.trim().is_empty());
+    last.map(|l| format!(": {}", l.trim())).unwrap_or_default()
+}
+
+/// The child's side: loads `library` and prints one JSON line. Returns the process exit code.
+pub fn run_child(library: &Path) -> i32 {
+    let line = match PluginLibrary::load(library) {
+        Ok(lib) => {
+            let info = lib.info();
+            ProbeLine::Ok(LibraryReport {
+                api_version: lib.built_with().to_string(),
+                name: info.name.to_string(),
+                version: info.version.to_string(),
+                family: info.family.to_string(),
+                capabilities: info.capabilities.names(),
+            })
+        }
+        Err(e) => {
+            let kind = match &e {
+                LoadError::Open { .. } => "open",
+                LoadError::NotAPlugin { .. } => "not_a_plugin",
+                LoadError::IncompatibleApi { .. } => "incompatible_api",
+                LoadError::Layout { .. } => "layout",
+                LoadError::Other { .. } => "other",
+            };
+            let detail = match &e {
+                LoadError::Layout { report, .. } => Some(report.clone()),
+                _ => None,
+            };
+            ProbeLine::Error {
+                kind: kind.into(),
+                message: e.to_string(),
+                detail,
+            }
+        }
+    };
+    match serde_json::to_string(&line) {
+        Ok(json) => {
+            println!("{json}");
+            0
+        }
+        Err(e) => {
+            eprintln!("cannot encode probe result: {e}");
+            2
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! `echo`: the plugin template for third-party authors. It "generates" its prompt back one
+//! character per token, honouring the request's limits, stop strings and cancellation, so it
+//! shows every part of the plugin contract without a model. Copy this crate to start a plugin.
+
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+use std::time::{Duration, Instant};
+
+use pio_plugin_api::wire::{
+    FinishReason, InferOutcome, InferRequest, ModelConfig, ModelInfo, Prompt, Usage,
+};
+use pio_plugin_api::{
+    export_plugin, Capabilities, Flow, GeneratedToken, PluginError, PluginImpl, Progress, RString,
+    RVec, Sink,
+};
+
+/// The echo plugin's state: the per-token delay once "loaded", `None` before.
+pub struct Echo {
+    delay: Option<Duration>,
+}
+
+/// The longest context echo accepts, in characters.
+const CONTEXT_LENGTH: u32 = 4096;
+
+impl PluginImpl for Echo {
+    const NAME: &'static str = "echo";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+    const FAMILY: &'static str = "echo";
+    const CAPABILITIES: Capabilities = Capabilities::TEXT
+        .union(Capabilities::CHAT)
+        .union(Capabilities::LOGPROBS);
+
+    fn new() -> Result<Self, PluginError> {
+        Ok(Self { delay: None })
+    }
+
+    fn supports_config(&self, config: &ModelConfig) -> Result<(), PluginError> {
+        match config.quantization.as_deref() {
+            None | Some("none") => {}
+            Some(other) => {
+                return Err(PluginError::unsupported(format!(
+                    "echo has no weights to quantize (quantization = \"{other}\"); remove the key"
+                )))
+            }
+        }
+        delay_of(config).map(|_| ())
+    }
+
+    fn load_model(
+        &mut self,
+        config: ModelConfig,
+        progress: &mut Progress,
+    ) -> Result<ModelInfo, PluginError> {
+        self.supports_config(&config)?;
+        if progress.report("weights", 1, 1) == Flow::Stop {
+            return Err(PluginError::cancelled("loading was cancelled"));
+        }
+        self.delay = Some(delay_of(&config)?);
+        Ok(ModelInfo {
+            context_length: Some(CONTEXT_LENGTH),
+            dtype: Some("none".into()),
+            device: Some("cpu".into()),
+            weight_bytes: Some(0),
+        })
+    }
+
+    fn infer(&self, request: InferRequest, sink: &mut Sink) -> Result<InferOutcome, PluginError> {
+        let delay = self
+            .delay
+            .ok_or_else(|| PluginError::not_ready("echo: infer called before load_model"))?;
+        let started = Instant::now();
+        let text = prompt_text(&request.prompt)?;
+        let prompt: Vec<char> = text.chars().collect();
+        if prompt.len() > CONTEXT_LENGTH as usize {
+            return Err(PluginError::invalid_input(format!(
+                "prompt is {} characters; echo's context is {CONTEXT_LENGTH}",
+                prompt.len()
+            )));
+        }
+        let max_tokens = request.max_tokens.unwrap_or(CONTEXT_LENGTH) as usize;
+        let mut output = String::new();
+        let mut generated = 0u32;
+        let mut finish = FinishReason::Length;
+        for (i, &ch) in prompt.iter().enumerate() {
+            if i == max_tokens {
+                break;
+            }
+            if sink.is_cancelled() {
+                return Err(PluginError::cancelled("echo: request cancelled"));
+            }
+            output.push(ch);
+            if request.stop.iter().any(|s| !s.is_empty() && output.ends_with(s.as_str())) {
+                finish = FinishReason::Stop;
+                break;
+            }
+            std::thread::sleep(delay);
+            let token = GeneratedToken {
+                token_id: u32::from(ch),
+                text: RString::from(ch.to_string()),
+                logprob: request.logprobs.map(|_| 0.0).into(),
+                top_logprobs: RVec::new(),
+            };
+            generated += 1;
+            if sink.emit(token) == Flow::Stop {
+                return Err(PluginError::cancelled("echo: request cancelled"));
+            }
+            if i + 1 == prompt.len() {
+                finish = FinishReason::Stop;
+            }
+        }
+        let mut outcome = InferOutcome {
+            finish_reason: finish,
+            usage: Usage {
+                prompt_tokens: prompt.len() as u32,
+                completion_tokens: generated,
+            },
+            ..Default::default()
+        };
+        outcome
+            .timings
+            .insert("total_ms".into(), (started.elapsed().as_secs_f64() * 1e3).into());
+        Ok(outcome)
+    }
+
+    fn cleanup(&mut self) -> Result<(), PluginError> {
+        self.delay = None;
+        Ok(())
+    }
+}
+
+/// The plugin-specific config key `delay_ms`: a pause before each token, to imitate a slow model.
+fn delay_of(config: &ModelConfig) -> Result<Duration, PluginError> {
+    match config.extra.get("delay_ms") {
+        None => Ok(Duration::ZERO),
+        Some(v) => v.as_u64().map(Duration::from_millis).ok_or_else(|| {
+            PluginError::invalid_config(format!(
+                "echo: `delay_ms` must be a whole number of milliseconds, found {v}"
+            ))
+        }),
+    }
+}
+
+/// Raw text as is; chat messages as their `content` strings joined by newlines.
+fn prompt_text(prompt: &Prompt) -> Result<String, PluginError> {
+    match prompt {
+        Prompt::Text(text) => Ok(text.clone()),
+        Prompt::Messages(messages) => {
+            let mut parts = Vec::with_capacity(messages.len());
+            for (i, m) in messages.iter().enumerate() {
+                let content = m.get("content").and_then(|c| c.as_str()).ok_or_else(|| {
+                    PluginError::invalid_input(format!(
+                        "messages[{i}].content: expected a string"
+                    ))
+                })?;
+                parts.push(content);
+            }
+            Ok(parts.join("\n"))
+        }
+    }
+}
+
+export_plugin!(Echo);
