@@ -4,6 +4,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod discovery;
+pub mod elf;
 pub mod manifest;
 pub mod probe;
 pub mod report;

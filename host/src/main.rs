@@ -107,6 +107,11 @@ fn display_dirs(dirs: &[PathBuf]) -> String {
 }
 
 fn check(path: &Path, library_dirs: Vec<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(
+        path.exists(),
+        "{}: no such file; pass a plugin manifest (.toml) or a plugin library",
+        path.display()
+    );
     let prober = prober()?;
     let is_manifest = path.extension().is_some_and(|x| x == "toml");
     let candidate = if is_manifest {

@@ -71,6 +71,14 @@ pub enum ProbeError {
         /// The deadline.
         seconds: u64,
     },
+    /// The file is not a well-formed shared library (checked before any process maps it).
+    #[error("{library}: not a loadable shared library: {reason}; rebuild or re-copy the plugin")]
+    Malformed {
+        /// The library.
+        library: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// The probe process could not be started.
     #[error("cannot start `{exe} probe`: {reason}")]
     Spawn {
@@ -88,6 +96,7 @@ impl ProbeError {
             Self::Refused { kind, .. } => kind,
             Self::Crashed { .. } => "crashed",
             Self::Timeout { .. } => "timeout",
+            Self::Malformed { .. } => "malformed",
             Self::Spawn { .. } => "spawn",
         }
     }
@@ -116,6 +125,11 @@ impl Prober {
 
     /// Loads `library` in a child process and reports what it is.
     pub fn probe(&self, library: &Path) -> Result<LibraryReport, ProbeError> {
+        #[cfg(target_os = "linux")]
+        crate::elf::check_shared_object(library).map_err(|reason| ProbeError::Malformed {
+            library: library.to_owned(),
+            reason,
+        })?;
         let mut child = Command::new(&self.exe)
             .arg("probe")
             .arg(library)
@@ -182,7 +196,17 @@ fn describe_status(status: &std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exit code {code}"),
-        (None, Some(signal)) => format!("killed by signal {signal}"),
+        (None, Some(signal)) => {
+            let name = match signal {
+                4 => " (SIGILL)",
+                6 => " (SIGABRT)",
+                7 => " (SIGBUS)",
+                9 => " (SIGKILL)",
+                11 => " (SIGSEGV)",
+                _ => "",
+            };
+            format!("killed by signal {signal}{name}")
+        }
         (None, None) => "unknown status".into(),
     }
 }

@@ -234,17 +234,26 @@ fn one_line(text: &str) -> String {
 }
 
 /// abi_stable's layout reports run to dozens of lines; the operator needs the first concrete
-/// difference, which it prints after the last `Error:` heading.
+/// difference, which it prints after the last `Error:` heading, followed by `Expected:` and
+/// `Found:` blocks.
 fn summarize_layout_report(report: &str) -> String {
     let tail = report.rsplit("Error:").next().unwrap_or(report);
-    let line = tail
-        .lines()
-        .map(str::trim)
-        .find(|l| !l.is_empty())
-        .unwrap_or("layouts differ");
-    let mut summary = one_line(line);
+    let lines: Vec<&str> = tail.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let after = |heading: &str| {
+        lines
+            .iter()
+            .position(|l| *l == heading)
+            .and_then(|i| lines.get(i + 1))
+            .copied()
+    };
+    let mut summary = lines.first().copied().unwrap_or("layouts differ").to_string();
+    if let (Some(expected), Some(found)) = (after("Expected:"), after("Found:")) {
+        summary = format!("{summary}: expected {expected}, found {found}");
+    }
+    let mut summary = one_line(&summary);
     if summary.len() > 200 {
-        summary.truncate(200);
+        let cut = (0..=200).rev().find(|&i| summary.is_char_boundary(i)).unwrap_or(0);
+        summary.truncate(cut);
         summary.push('…');
     }
     summary
@@ -273,7 +282,10 @@ mod tests {
 
     #[test]
     fn layout_summary_is_one_line_from_the_last_error_block() {
-        let report = "Error:\n  outer\nError:\n   Too many fields\n  more detail\n";
-        assert_eq!(summarize_layout_report(report), "Too many fields");
+        let report = "Error:\n  outer\nError:mismatched type\nExpected:\n    PluginMod\nFound:\n    ForeignMod\n";
+        assert_eq!(
+            summarize_layout_report(report),
+            "mismatched type: expected PluginMod, found ForeignMod"
+        );
     }
 }

@@ -1,0 +1,228 @@
+//! The plugin author's side: a plain Rust trait to implement, and the adapter that turns it into
+//! the ABI object — parsing JSON, and catching panics so they never unwind into the host.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use abi_stable::{
+    prefix_type::PrefixTypeTrait,
+    sabi_trait::TD_Opaque,
+    std_types::{RResult, RStr, RString},
+};
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::abi::{
+    Capabilities, Flow, GeneratedToken, Plugin, PluginBox, PluginInfo, PluginMod, PluginModRef,
+    Plugin_TO, ProgressSinkBox, TokenSinkBox,
+};
+use crate::error::PluginError;
+use crate::wire::{HostContext, InferOutcome, InferRequest, ModelConfig, ModelInfo};
+
+/// What a plugin author implements; [`crate::export_plugin!`] does the rest.
+///
+/// `infer` takes `&self` because the host may run several requests at once.
+pub trait PluginImpl: Sized + Send + Sync + 'static {
+    /// The plugin's name, as manifests refer to it.
+    const NAME: &'static str;
+    /// The plugin's version (usually `env!("CARGO_PKG_VERSION")`).
+    const VERSION: &'static str;
+    /// The model family, e.g. the transformers class name.
+    const FAMILY: &'static str;
+    /// What it can do.
+    const CAPABILITIES: Capabilities;
+
+    /// Constructs the plugin; keep it cheap (no model loading here).
+    fn new() -> Result<Self, PluginError>;
+
+    /// Receives the host's context once, before anything else.
+    fn initialize(&mut self, _host: HostContext) -> Result<(), PluginError> {
+        Ok(())
+    }
+
+    /// Whether `config` is something this plugin can load; the error says why not.
+    fn supports_config(&self, config: &ModelConfig) -> Result<(), PluginError>;
+
+    /// Loads the model, reporting progress as it goes.
+    fn load_model(
+        &mut self,
+        config: ModelConfig,
+        progress: &mut Progress,
+    ) -> Result<ModelInfo, PluginError>;
+
+    /// Runs one request, emitting each token to `sink` as soon as it exists.
+    fn infer(&self, request: InferRequest, sink: &mut Sink) -> Result<InferOutcome, PluginError>;
+
+    /// Releases the model.
+    fn cleanup(&mut self) -> Result<(), PluginError>;
+}
+
+/// The host's token sink, as a plugin sees it.
+pub struct Sink {
+    inner: TokenSinkBox,
+}
+
+impl Sink {
+    /// Wraps a host sink.
+    pub fn new(inner: TokenSinkBox) -> Self {
+        Self { inner }
+    }
+
+    /// Sends one token; on `Flow::Stop` the plugin stops generating and returns `cancelled`.
+    pub fn emit(&mut self, token: GeneratedToken) -> Flow {
+        self.inner.emit(token)
+    }
+
+    /// Whether the host has cancelled the request.
+    pub fn is_cancelled(&self) -> bool {
+        self.inner.is_cancelled()
+    }
+}
+
+/// The host's loading-progress sink, as a plugin sees it.
+pub struct Progress {
+    inner: ProgressSinkBox,
+}
+
+impl Progress {
+    /// Wraps a host progress sink.
+    pub fn new(inner: ProgressSinkBox) -> Self {
+        Self { inner }
+    }
+
+    /// Reports `done` of `total` units of `stage`; `Flow::Stop` asks the plugin to give up.
+    pub fn report(&mut self, stage: &str, done: u64, total: u64) -> Flow {
+        self.inner.report(RStr::from_str(stage), done, total)
+    }
+}
+
+/// Adapts a [`PluginImpl`] to the ABI: JSON in and out, panics caught.
+///
+/// After a panic the plugin's state can no longer be trusted, so every later call fails until the
+/// host restarts the worker.
+pub struct Guarded<P> {
+    inner: P,
+    poisoned: AtomicBool,
+}
+
+impl<P: PluginImpl> Guarded<P> {
+    fn call<T>(&self, what: &str, f: impl FnOnce() -> Result<T, PluginError>) -> RResult<T, PluginError> {
+        guarded_call(P::NAME, &self.poisoned, what, f)
+    }
+}
+
+fn panic_error(plugin: &str, what: &str, payload: &(dyn std::any::Any + Send)) -> PluginError {
+    let message = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_string());
+    PluginError::internal(format!("plugin {plugin} panicked in `{what}`: {message}"))
+}
+
+fn parse<T: DeserializeOwned>(what: &str, json: RStr<'_>) -> Result<T, PluginError> {
+    serde_json::from_str(json.as_str())
+        .map_err(|e| PluginError::invalid_config(format!("{what} is not valid JSON for this plugin-api: {e}")))
+}
+
+fn to_json<T: Serialize>(value: &T) -> Result<RString, PluginError> {
+    serde_json::to_string(value)
+        .map(RString::from)
+        .map_err(|e| PluginError::internal(format!("cannot encode result as JSON: {e}")))
+}
+
+impl<P: PluginImpl> Plugin for Guarded<P> {
+    fn initialize(&mut self, host_context: RStr<'_>) -> RResult<(), PluginError> {
+        let poisoned = &self.poisoned;
+        let inner = &mut self.inner;
+        guarded_call(P::NAME, poisoned, "initialize", || {
+            inner.initialize(parse("host context", host_context)?)
+        })
+    }
+
+    fn supports_config(&self, model_config: RStr<'_>) -> RResult<(), PluginError> {
+        self.call("supports_config", || {
+            self.inner.supports_config(&parse("model config", model_config)?)
+        })
+    }
+
+    fn load_model(
+        &mut self,
+        model_config: RStr<'_>,
+        progress: ProgressSinkBox,
+    ) -> RResult<RString, PluginError> {
+        let poisoned = &self.poisoned;
+        let inner = &mut self.inner;
+        guarded_call(P::NAME, poisoned, "load_model", || {
+            let config = parse("model config", model_config)?;
+            to_json(&inner.load_model(config, &mut Progress::new(progress))?)
+        })
+    }
+
+    fn infer(&self, request: RStr<'_>, sink: TokenSinkBox) -> RResult<RString, PluginError> {
+        self.call("infer", || {
+            let request = parse::<InferRequest>("request", request)
+                .map_err(|e| PluginError::invalid_input(e.message.to_string()))?;
+            to_json(&self.inner.infer(request, &mut Sink::new(sink))?)
+        })
+    }
+
+    fn cleanup(&mut self) -> RResult<(), PluginError> {
+        let poisoned = &self.poisoned;
+        let inner = &mut self.inner;
+        guarded_call(P::NAME, poisoned, "cleanup", || inner.cleanup())
+    }
+}
+
+/// [`Guarded::call`] for `&mut self` methods, where the borrow of `inner` must be split off first.
+fn guarded_call<T>(
+    plugin: &str,
+    poisoned: &AtomicBool,
+    what: &str,
+    f: impl FnOnce() -> Result<T, PluginError>,
+) -> RResult<T, PluginError> {
+    if poisoned.load(Ordering::Acquire) {
+        return RResult::RErr(PluginError::internal(format!(
+            "plugin {plugin} panicked earlier and must be restarted before `{what}`"
+        )));
+    }
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(result) => result.into(),
+        Err(payload) => {
+            poisoned.store(true, Ordering::Release);
+            RResult::RErr(panic_error(plugin, what, payload.as_ref()))
+        }
+    }
+}
+
+extern "C" fn info<P: PluginImpl>() -> PluginInfo {
+    PluginInfo {
+        name: P::NAME.into(),
+        version: P::VERSION.into(),
+        family: P::FAMILY.into(),
+        capabilities: P::CAPABILITIES,
+    }
+}
+
+extern "C" fn construct<P: PluginImpl>() -> RResult<PluginBox, PluginError> {
+    match catch_unwind(P::new) {
+        Ok(Ok(plugin)) => {
+            let guarded = Guarded {
+                inner: plugin,
+                poisoned: AtomicBool::new(false),
+            };
+            RResult::ROk(Plugin_TO::from_value(guarded, TD_Opaque))
+        }
+        Ok(Err(e)) => RResult::RErr(e),
+        Err(payload) => RResult::RErr(panic_error(P::NAME, "new", payload.as_ref())),
+    }
+}
+
+/// Builds the root module for `P`; called by the code [`crate::export_plugin!`] generates.
+#[doc(hidden)]
+pub fn root_module<P: PluginImpl>() -> PluginModRef {
+    PluginMod {
+        info: info::<P>,
+        new: construct::<P>,
+    }
+    .leak_into_prefix()
+}

@@ -1,0 +1,159 @@
+//! The structured values that cross the boundary as JSON text. Fields are added, never removed or
+//! retyped, and every field has a default, so hosts and plugins of different minors understand
+//! each other: unknown fields are ignored, missing ones take their default.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// What the host tells a plugin once, at `initialize`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HostContext {
+    /// The host's `pio` version.
+    pub host_version: String,
+    /// How many compute threads the plugin may use (its cgroup's CPU share); `None`: its choice.
+    pub threads: Option<usize>,
+    /// A private, writable directory for the plugin's scratch files.
+    pub scratch_dir: Option<PathBuf>,
+    /// The most GPU memory the plugin may allocate, in bytes; its allocator must enforce it.
+    pub gpu_memory_limit_bytes: Option<u64>,
+}
+
+/// Generation defaults a manifest or a model's `generation_config.json` may set.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GenerationDefaults {
+    /// Default cap on generated tokens.
+    pub max_tokens: Option<u32>,
+    /// Default sampling temperature (0 = greedy).
+    pub temperature: Option<f32>,
+    /// Default nucleus sampling mass.
+    pub top_p: Option<f32>,
+    /// Default top-k cut-off.
+    pub top_k: Option<u32>,
+    /// Default min-p cut-off.
+    pub min_p: Option<f32>,
+    /// Default repetition penalty (1 = none).
+    pub repetition_penalty: Option<f32>,
+}
+
+/// How to load a model: the manifest's `[model]` table plus anything the operator overrides.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ModelConfig {
+    /// The Hugging Face snapshot folder (`config.json`, safetensors, tokenizer files).
+    pub model_path: Option<PathBuf>,
+    /// Weight and activation dtype: `f32`, `bf16` or `f16`.
+    pub dtype: Option<String>,
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: Option<String>,
+    /// `none`, `q8` or `q4`.
+    pub quantization: Option<String>,
+    /// Generation defaults that override the model's own `generation_config.json`.
+    pub generation: GenerationDefaults,
+    /// Plugin-specific keys, passed through untouched.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// What to generate from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Prompt {
+    /// Raw text, tokenized as is (no chat template).
+    Text(String),
+    /// OpenAI-style chat messages, rendered with the model's chat template.
+    Messages(Vec<serde_json::Value>),
+}
+
+impl Default for Prompt {
+    fn default() -> Self {
+        Self::Text(String::new())
+    }
+}
+
+/// One generation request. `None` means: the model's default.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct InferRequest {
+    /// The input.
+    pub prompt: Prompt,
+    /// Tool definitions (OpenAI `tools`), for chat requests to models with tool calling.
+    pub tools: Option<Vec<serde_json::Value>>,
+    /// Extra variables for the chat template, such as `enable_thinking`.
+    pub chat_template_kwargs: serde_json::Map<String, serde_json::Value>,
+    /// The most tokens to generate.
+    pub max_tokens: Option<u32>,
+    /// Sampling temperature; 0 means greedy.
+    pub temperature: Option<f32>,
+    /// Nucleus sampling mass.
+    pub top_p: Option<f32>,
+    /// Keep only the k most likely tokens.
+    pub top_k: Option<u32>,
+    /// Drop tokens less likely than `min_p` times the most likely one.
+    pub min_p: Option<f32>,
+    /// Multiplicative penalty on tokens already seen (1 = none).
+    pub repetition_penalty: Option<f32>,
+    /// Additive penalty on tokens already generated.
+    pub presence_penalty: Option<f32>,
+    /// Additive penalty proportional to how often a token was generated.
+    pub frequency_penalty: Option<f32>,
+    /// Seed for reproducible sampling.
+    pub seed: Option<u64>,
+    /// Generation stops before any of these strings; they are not part of the output.
+    pub stop: Vec<String>,
+    /// Report the chosen token's logprob and this many top alternatives (0: the chosen one only).
+    pub logprobs: Option<u32>,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-sequence token or a stop string.
+    #[default]
+    Stop,
+    /// `max_tokens` or the context length was reached.
+    Length,
+    /// The model called a tool.
+    ToolCalls,
+    /// The host cancelled the request.
+    Cancelled,
+}
+
+/// Token counts of one request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Usage {
+    /// Tokens in the (templated) prompt.
+    pub prompt_tokens: u32,
+    /// Tokens generated.
+    pub completion_tokens: u32,
+}
+
+/// How a request ended.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct InferOutcome {
+    /// Why generation stopped.
+    pub finish_reason: FinishReason,
+    /// Token counts.
+    pub usage: Usage,
+    /// Plugin-defined timing figures in milliseconds (e.g. `prompt_ms`, `decode_ms`).
+    pub timings: serde_json::Map<String, serde_json::Value>,
+}
+
+/// What a loaded model reports about itself.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ModelInfo {
+    /// The longest prompt plus completion, in tokens.
+    pub context_length: Option<u32>,
+    /// The dtype actually used.
+    pub dtype: Option<String>,
+    /// The device actually used.
+    pub device: Option<String>,
+    /// Bytes of weights resident after loading.
+    pub weight_bytes: Option<u64>,
+}
