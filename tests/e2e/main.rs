@@ -1,0 +1,7 @@
+//! End-to-end tests against the real `pio` binary and real plugin libraries.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+mod discovery;

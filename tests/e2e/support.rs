@@ -1,0 +1,102 @@
+//! Helpers for the end-to-end tests: where the built `pio` binary and plugin libraries are, and
+//! a scratch plugin directory to assemble manifests in.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Where cargo put this build's libraries: `target/<profile>/deps`, always the freshest copy
+/// (`cargo test` builds workspace cdylibs there without copying them up a level).
+pub fn deps_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .expect("test executable lives in target/<profile>/deps")
+        .to_path_buf()
+}
+
+/// The `pio` binary under test.
+pub fn pio_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_pio"))
+}
+
+/// A plugin library built by this workspace, by crate name (`pio_plugin_echo`).
+pub fn plugin_lib(crate_name: &str) -> PathBuf {
+    let path = deps_dir().join(format!("lib{crate_name}.so"));
+    assert!(
+        path.is_file(),
+        "{} is missing: run the tests with `cargo test --workspace`, which builds every plugin",
+        path.display()
+    );
+    path
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("host/ sits in the repository root")
+        .to_path_buf()
+}
+
+/// Runs `pio` with `args` from `cwd`.
+pub fn pio(cwd: &Path, args: &[&str]) -> Output {
+    Command::new(pio_bin())
+        .current_dir(cwd)
+        .args(args)
+        .output()
+        .expect("run pio")
+}
+
+/// A temporary plugin directory.
+pub struct PluginDir {
+    dir: tempfile::TempDir,
+}
+
+impl PluginDir {
+    /// An empty one.
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("temporary directory"),
+        }
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes `file` (a manifest, say) with `text`; returns its path.
+    pub fn write(&self, file: &str, text: &str) -> PathBuf {
+        let path = self.dir.path().join(file);
+        std::fs::write(&path, text).expect("write file");
+        path
+    }
+
+    /// Copies a built plugin library in under `file`; returns its path.
+    pub fn copy_lib(&self, crate_name: &str, file: &str) -> PathBuf {
+        let path = self.dir.path().join(file);
+        std::fs::copy(plugin_lib(crate_name), &path).expect("copy library");
+        path
+    }
+
+    /// `pio list --json --plugins <this dir>`, parsed.
+    pub fn list(&self) -> Vec<serde_json::Value> {
+        let out = pio(self.path(), &["list", "--json", "--plugins", "."]);
+        assert!(out.status.success(), "pio list failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("pio list --json prints JSON")
+    }
+}
+
+impl Default for PluginDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A manifest for `name` `version` whose library is `library`, plus `extra` TOML lines.
+pub fn manifest(name: &str, version: &str, library: &str, extra: &str) -> String {
+    format!(
+        "name = \"{name}\"\nversion = \"{version}\"\nlibrary = \"{library}\"\napi = \"^1.0\"\ntier = \"low\"\n{extra}"
+    )
+}
