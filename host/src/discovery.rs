@@ -100,7 +100,9 @@ pub enum CheckError {
         in_library: String,
     },
     /// Two manifests claim the same plugin name and version.
-    #[error("{manifest}: {name} {version} is also claimed by {other}; remove one of the two manifests")]
+    #[error(
+        "{manifest}: {name} {version} is also claimed by {other}; remove one of the two manifests"
+    )]
     Duplicate {
         /// This manifest.
         manifest: PathBuf,
@@ -341,22 +343,29 @@ pub fn check_library(candidate: &mut Candidate, prober: &Prober) {
     else {
         return;
     };
-    let result = prober.probe(library).map_err(CheckError::from).and_then(|report| {
-        let identity = |field, in_manifest: String, in_library: &str| CheckError::Identity {
-            manifest: candidate.manifest_path.clone(),
-            library: library.clone(),
-            field,
-            in_manifest,
-            in_library: in_library.to_string(),
-        };
-        if report.name != manifest.name {
-            return Err(identity("name", manifest.name.clone(), &report.name));
-        }
-        if report.version != manifest.version.to_string() {
-            return Err(identity("version", manifest.version.to_string(), &report.version));
-        }
-        Ok(report)
-    });
+    let result = prober
+        .probe(library)
+        .map_err(CheckError::from)
+        .and_then(|report| {
+            let identity = |field, in_manifest: String, in_library: &str| CheckError::Identity {
+                manifest: candidate.manifest_path.clone(),
+                library: library.clone(),
+                field,
+                in_manifest,
+                in_library: in_library.to_string(),
+            };
+            if report.name != manifest.name {
+                return Err(identity("name", manifest.name.clone(), &report.name));
+            }
+            if report.version != manifest.version.to_string() {
+                return Err(identity(
+                    "version",
+                    manifest.version.to_string(),
+                    &report.version,
+                ));
+            }
+            Ok(report)
+        });
     match result {
         Ok(report) => candidate.report = Some(report),
         Err(e) => candidate.status = Status::Failed(e),
@@ -378,12 +387,18 @@ pub fn select(candidates: &mut [Candidate]) {
     }
     for (name, indices) in by_name {
         for &i in &indices {
-            if let Some(&j) = indices.iter().find(|&&j| j != i && versions[j] == versions[i]) {
+            if let Some(&j) = indices
+                .iter()
+                .find(|&&j| j != i && versions[j] == versions[i])
+            {
                 candidates[i].status = Status::Failed(CheckError::Duplicate {
                     manifest: candidates[i].manifest_path.clone(),
                     other: candidates[j].manifest_path.clone(),
                     name: name.clone(),
-                    version: versions[i].as_ref().map(ToString::to_string).unwrap_or_default(),
+                    version: versions[i]
+                        .as_ref()
+                        .map(ToString::to_string)
+                        .unwrap_or_default(),
                 });
             }
         }

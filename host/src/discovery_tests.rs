@@ -1,0 +1,100 @@
+use super::*;
+
+fn candidate(file: &str, name: &str, version: &str) -> Candidate {
+    let text =
+        format!("name = \"{name}\"\nversion = \"{version}\"\nlibrary = \"l.so\"\napi = \"^1\"\n");
+    Candidate {
+        manifest_path: PathBuf::from(file),
+        manifest: Some(Manifest::parse(Path::new(file), &text).unwrap()),
+        library: Some(PathBuf::from("l.so")),
+        report: None,
+        status: Status::Ready,
+    }
+}
+
+fn statuses(cs: &[Candidate]) -> Vec<String> {
+    cs.iter()
+        .map(|c| match &c.status {
+            Status::Ready => "ready".to_string(),
+            Status::Superseded { by } => format!("superseded by {by}"),
+            Status::Failed(e) => e.kind().to_string(),
+        })
+        .collect()
+}
+
+#[test]
+fn highest_version_of_each_name_wins() {
+    let mut cs = vec![
+        candidate("a.toml", "a", "0.9.0"),
+        candidate("b.toml", "a", "0.10.0"),
+        candidate("c.toml", "b", "1.0.0"),
+    ];
+    select(&mut cs);
+    assert_eq!(statuses(&cs), ["superseded by 0.10.0", "ready", "ready"]);
+}
+
+#[test]
+fn failed_candidates_do_not_compete() {
+    let mut cs = vec![
+        candidate("a.toml", "a", "0.9.0"),
+        candidate("b.toml", "a", "2.0.0"),
+    ];
+    cs[1].status = Status::Failed(CheckError::Manifest("broken".into()));
+    select(&mut cs);
+    assert_eq!(statuses(&cs), ["ready", "manifest"]);
+}
+
+#[test]
+fn same_name_and_version_twice_is_a_duplicate_on_both() {
+    let mut cs = vec![
+        candidate("a.toml", "a", "1.0.0"),
+        candidate("b.toml", "a", "1.0.0"),
+        candidate("c.toml", "a", "0.5.0"),
+    ];
+    select(&mut cs);
+    assert_eq!(statuses(&cs), ["duplicate", "duplicate", "ready"]);
+}
+
+#[test]
+fn scan_reports_a_missing_directory() {
+    let e = scan(&[PathBuf::from("/no/such/plugins")]).unwrap_err();
+    assert!(e.to_string().contains("/no/such/plugins"), "{e}");
+}
+
+#[test]
+fn scan_finds_only_toml_files_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["b.toml", "a.toml", "libx.so", "notes.txt"] {
+        std::fs::write(dir.path().join(f), "").unwrap();
+    }
+    let found = scan(&[dir.path().to_path_buf()]).unwrap();
+    let names: Vec<_> = found
+        .iter()
+        .map(|p| p.file_name().unwrap().to_str().unwrap())
+        .collect();
+    assert_eq!(names, ["a.toml", "b.toml"]);
+}
+
+#[test]
+fn a_pinned_digest_is_compared_to_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("libx.so"), b"abc").unwrap();
+    // sha256("abc")
+    let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+    assert_eq!(sha256_file(&dir.path().join("libx.so")).unwrap(), abc);
+    let manifest = dir.path().join("x.toml");
+    let base = "name = \"x\"\nversion = \"0.1.0\"\nlibrary = \"libx.so\"\napi = \"^1\"\n";
+    std::fs::write(&manifest, format!("{base}sha256 = \"{abc}\"\n")).unwrap();
+    let c = check_static(&manifest, &SearchPaths::default());
+    assert!(matches!(c.status, Status::Ready), "{:?}", c.status);
+    std::fs::write(
+        &manifest,
+        format!("{base}sha256 = \"{}\"\n", "1".repeat(64)),
+    )
+    .unwrap();
+    let c = check_static(&manifest, &SearchPaths::default());
+    assert!(matches!(
+        c.status,
+        Status::Failed(CheckError::Sha256Mismatch { .. })
+    ));
+}

@@ -40,17 +40,26 @@ fn check_bytes(b: &[u8]) -> Result<(), Malformed> {
     if u16_at(b, 0x10).ok_or_else(truncated)? != ET_DYN {
         return Err("an ELF file, but not a shared library".into());
     }
-    let table_end = |off: u64, entsize: u16, count: u16| off + u64::from(entsize) * u64::from(count);
+    let table_end =
+        |off: u64, entsize: u16, count: u16| off + u64::from(entsize) * u64::from(count);
     let phoff = u64_at(b, 0x20).ok_or_else(truncated)?;
-    let (phentsize, phnum) = (u16_at(b, 0x36).ok_or_else(truncated)?, u16_at(b, 0x38).ok_or_else(truncated)?);
+    let (phentsize, phnum) = (
+        u16_at(b, 0x36).ok_or_else(truncated)?,
+        u16_at(b, 0x38).ok_or_else(truncated)?,
+    );
     let shoff = u64_at(b, 0x28).ok_or_else(truncated)?;
-    let (shentsize, shnum) = (u16_at(b, 0x3a).ok_or_else(truncated)?, u16_at(b, 0x3c).ok_or_else(truncated)?);
+    let (shentsize, shnum) = (
+        u16_at(b, 0x3a).ok_or_else(truncated)?,
+        u16_at(b, 0x3c).ok_or_else(truncated)?,
+    );
     for (what, end) in [
         ("program header table", table_end(phoff, phentsize, phnum)),
         ("section header table", table_end(shoff, shentsize, shnum)),
     ] {
         if end > size {
-            return Err(format!("truncated: its {what} ends at byte {end}, but the file has {size} bytes"));
+            return Err(format!(
+                "truncated: its {what} ends at byte {end}, but the file has {size} bytes"
+            ));
         }
     }
     for i in 0..u64::from(phnum) {
@@ -58,9 +67,12 @@ fn check_bytes(b: &[u8]) -> Result<(), Malformed> {
         if u32_at(b, ph).ok_or_else(truncated)? != PT_LOAD {
             continue;
         }
-        let end = u64_at(b, ph + 0x08).ok_or_else(truncated)? + u64_at(b, ph + 0x20).ok_or_else(truncated)?;
+        let end = u64_at(b, ph + 0x08).ok_or_else(truncated)?
+            + u64_at(b, ph + 0x20).ok_or_else(truncated)?;
         if end > size {
-            return Err(format!("truncated: segment {i} ends at byte {end}, but the file has {size} bytes"));
+            return Err(format!(
+                "truncated: segment {i} ends at byte {end}, but the file has {size} bytes"
+            ));
         }
     }
     Ok(())
@@ -87,7 +99,10 @@ mod tests {
     fn truncation_is_named_with_sizes() {
         let bytes = this_test_binary();
         let e = check_bytes(&bytes[..bytes.len() / 2]).unwrap_err();
-        assert!(e.starts_with("truncated") || e.contains("not a shared library"), "{e}");
+        assert!(
+            e.starts_with("truncated") || e.contains("not a shared library"),
+            "{e}"
+        );
     }
 
     #[test]

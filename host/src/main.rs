@@ -84,7 +84,8 @@ fn search_paths(plugin_dirs: Vec<PathBuf>, library_dirs: Vec<PathBuf>) -> Search
 }
 
 fn prober() -> anyhow::Result<Prober> {
-    Prober::current_exe().context("cannot find the running `pio` executable to probe libraries with")
+    Prober::current_exe()
+        .context("cannot find the running `pio` executable to probe libraries with")
 }
 
 fn list(args: SearchArgs, json: bool) -> anyhow::Result<ExitCode> {
@@ -94,7 +95,10 @@ fn list(args: SearchArgs, json: bool) -> anyhow::Result<ExitCode> {
         let rows: Vec<_> = candidates.iter().map(report::candidate_json).collect();
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else if candidates.is_empty() {
-        println!("no plugin manifests found in {}", display_dirs(&search.plugin_dirs));
+        println!(
+            "no plugin manifests found in {}",
+            display_dirs(&search.plugin_dirs)
+        );
     } else {
         print!("{}", report::candidates_table(&candidates));
     }

@@ -11,7 +11,9 @@ use toml::Spanned;
 use crate::units::ByteSize;
 
 /// How much the host trusts a plugin; decides how tightly its worker is confined.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Tier {
     /// First-party code, speed first.
@@ -106,7 +108,8 @@ impl<'de> Deserialize<'de> for Device {
         let s = String::deserialize(d)?;
         let ok = s == "cpu"
             || s == "cuda"
-            || s.strip_prefix("cuda:").is_some_and(|n| n.parse::<u32>().is_ok());
+            || s.strip_prefix("cuda:")
+                .is_some_and(|n| n.parse::<u32>().is_ok());
         if ok {
             Ok(Device(s))
         } else {
@@ -127,7 +130,9 @@ impl<'de> Deserialize<'de> for PositiveF64 {
         if v > 0.0 && v.is_finite() {
             Ok(Self(v))
         } else {
-            Err(serde::de::Error::custom(format!("expected a number > 0, found {v}")))
+            Err(serde::de::Error::custom(format!(
+                "expected a number > 0, found {v}"
+            )))
         }
     }
 }
@@ -214,6 +219,20 @@ pub fn line_column(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
+/// The key of a `key = value` line containing byte `offset`, if that line is one.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
+    let (key, _) = text[start..end].split_once('=')?;
+    let key = key.trim();
+    let bare = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
+    bare.then(|| key.to_string())
+}
+
 impl Manifest {
     /// Reads and parses the manifest at `path`.
     pub fn load(path: &Path) -> Result<Self, ManifestError> {
@@ -227,12 +246,19 @@ impl Manifest {
     /// Parses manifest `text`; `path` is only used in errors.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ManifestError> {
         toml::from_str::<Manifest>(text).map_err(|e| {
-            let (line, column) = e.span().map_or((1, 1), |s| line_column(text, s.start));
+            let start = e.span().map_or(0, |s| s.start);
+            let (line, column) = line_column(text, start);
+            let mut message = e.message().trim().to_string();
+            // Value errors from serde don't say which key they are about; the line does.
+            if let Some(key) = key_at(text, start).filter(|k| !message.contains(&format!("`{k}`")))
+            {
+                message = format!("`{key}`: {message}");
+            }
             ManifestError::Parse {
                 path: path.to_owned(),
                 line,
                 column,
-                message: e.message().trim().to_string(),
+                message,
             }
         })
     }

@@ -54,7 +54,9 @@ pub enum ProbeError {
         detail: Option<String>,
     },
     /// The child died while loading the library (a crashing constructor, a corrupt file).
-    #[error("{library}: the process loading it died ({how}); the library is broken or hostile{stderr}")]
+    #[error(
+        "{library}: the process loading it died ({how}); the library is broken or hostile{stderr}"
+    )]
     Crashed {
         /// The library.
         library: PathBuf,

@@ -9,7 +9,11 @@ pub fn candidate_json(c: &Candidate) -> Value {
     let manifest = c.manifest.as_ref();
     let (status, error, kind) = match &c.status {
         Status::Ready => ("ready", None, None),
-        Status::Superseded { by } => ("superseded", Some(format!("superseded by version {by}")), None),
+        Status::Superseded { by } => (
+            "superseded",
+            Some(format!("superseded by version {by}")),
+            None,
+        ),
         Status::Failed(e) => ("error", Some(e.to_string()), Some(e.kind().to_string())),
     };
     json!({
@@ -50,14 +54,23 @@ pub fn candidates_table(candidates: &[Candidate]) -> String {
         };
         rows.push([
             m.map(|m| m.name.clone()).unwrap_or(fallback_name),
-            m.map(|m| m.version.to_string()).unwrap_or_else(|| "-".into()),
-            c.report.as_ref().map(|r| r.family.clone()).unwrap_or_else(|| "-".into()),
+            m.map(|m| m.version.to_string())
+                .unwrap_or_else(|| "-".into()),
+            c.report
+                .as_ref()
+                .map(|r| r.family.clone())
+                .unwrap_or_else(|| "-".into()),
             m.map(|m| m.tier.to_string()).unwrap_or_else(|| "-".into()),
             status,
         ]);
     }
     let widths: Vec<usize> = (0..4)
-        .map(|col| rows.iter().map(|r| r[col].chars().count()).max().unwrap_or(0))
+        .map(|col| {
+            rows.iter()
+                .map(|r| r[col].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for row in &rows {

@@ -17,9 +17,9 @@ impl ByteSize {
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .unwrap_or(t.len());
         let (number, unit) = t.split_at(split);
-        let number: f64 = number
-            .parse()
-            .map_err(|_| format!("expected a size such as \"512MiB\" or \"16G\", found \"{text}\""))?;
+        let number: f64 = number.parse().map_err(|_| {
+            format!("expected a size such as \"512MiB\" or \"16G\", found \"{text}\"")
+        })?;
         let multiplier: u64 = match unit.trim() {
             "" | "B" => 1,
             "K" | "KiB" => 1 << 10,
@@ -69,9 +69,11 @@ impl<'de> Deserialize<'de> for ByteSize {
             Int(u64),
             Text(String),
         }
-        match Raw::deserialize(d)
-            .map_err(|_| serde::de::Error::custom("expected a size: a number of bytes or a string such as \"512MiB\""))?
-        {
+        match Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(
+                "expected a size: a number of bytes or a string such as \"512MiB\"",
+            )
+        })? {
             Raw::Int(n) => Ok(Self(n)),
             Raw::Text(t) => Self::parse(&t).map_err(serde::de::Error::custom),
         }

@@ -105,7 +105,11 @@ pub struct Guarded<P> {
 }
 
 impl<P: PluginImpl> Guarded<P> {
-    fn call<T>(&self, what: &str, f: impl FnOnce() -> Result<T, PluginError>) -> RResult<T, PluginError> {
+    fn call<T>(
+        &self,
+        what: &str,
+        f: impl FnOnce() -> Result<T, PluginError>,
+    ) -> RResult<T, PluginError> {
         guarded_call(P::NAME, &self.poisoned, what, f)
     }
 }
@@ -120,8 +124,9 @@ fn panic_error(plugin: &str, what: &str, payload: &(dyn std::any::Any + Send)) -
 }
 
 fn parse<T: DeserializeOwned>(what: &str, json: RStr<'_>) -> Result<T, PluginError> {
-    serde_json::from_str(json.as_str())
-        .map_err(|e| PluginError::invalid_config(format!("{what} is not valid JSON for this plugin-api: {e}")))
+    serde_json::from_str(json.as_str()).map_err(|e| {
+        PluginError::invalid_config(format!("{what} is not valid JSON for this plugin-api: {e}"))
+    })
 }
 
 fn to_json<T: Serialize>(value: &T) -> Result<RString, PluginError> {
@@ -141,7 +146,8 @@ impl<P: PluginImpl> Plugin for Guarded<P> {
 
     fn supports_config(&self, model_config: RStr<'_>) -> RResult<(), PluginError> {
         self.call("supports_config", || {
-            self.inner.supports_config(&parse("model config", model_config)?)
+            self.inner
+                .supports_config(&parse("model config", model_config)?)
         })
     }
 
@@ -225,4 +231,112 @@ pub fn root_module<P: PluginImpl>() -> PluginModRef {
         new: construct::<P>,
     }
     .leak_into_prefix()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sinks::{CollectSink, NoProgress};
+    use crate::ErrorKind;
+
+    /// A plugin whose `infer` panics on the prompt "boom".
+    struct Touchy;
+
+    impl PluginImpl for Touchy {
+        const NAME: &'static str = "touchy";
+        const VERSION: &'static str = "0.1.0";
+        const FAMILY: &'static str = "test";
+        const CAPABILITIES: Capabilities = Capabilities::TEXT;
+
+        fn new() -> Result<Self, PluginError> {
+            Ok(Touchy)
+        }
+        fn supports_config(&self, _: &ModelConfig) -> Result<(), PluginError> {
+            Ok(())
+        }
+        fn load_model(
+            &mut self,
+            _: ModelConfig,
+            _: &mut Progress,
+        ) -> Result<ModelInfo, PluginError> {
+            Ok(ModelInfo::default())
+        }
+        fn infer(
+            &self,
+            request: InferRequest,
+            sink: &mut Sink,
+        ) -> Result<InferOutcome, PluginError> {
+            if request.prompt == crate::wire::Prompt::Text("boom".into()) {
+                panic!("touchy does not like {:?}", request.prompt);
+            }
+            sink.emit(GeneratedToken {
+                token_id: 1,
+                text: "ok".into(),
+                logprob: None.into(),
+                top_logprobs: Default::default(),
+            });
+            Ok(InferOutcome::default())
+        }
+        fn cleanup(&mut self) -> Result<(), PluginError> {
+            Ok(())
+        }
+    }
+
+    fn request(prompt: &str) -> String {
+        serde_json::to_string(&InferRequest {
+            prompt: crate::wire::Prompt::Text(prompt.into()),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_panic_becomes_an_error_and_poisons_the_plugin() {
+        let mut plugin = construct::<Touchy>().unwrap();
+        plugin.load_model("{}".into(), NoProgress::boxed()).unwrap();
+        let sink = CollectSink::new();
+        plugin
+            .infer(request("hi").as_str().into(), sink.boxed())
+            .unwrap();
+        assert_eq!(sink.text(), "ok");
+
+        let e = plugin
+            .infer(request("boom").as_str().into(), sink.boxed())
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::INTERNAL);
+        assert!(
+            e.message
+                .contains("panicked in `infer`: touchy does not like"),
+            "{e}"
+        );
+
+        let e = plugin
+            .infer(request("hi").as_str().into(), sink.boxed())
+            .unwrap_err();
+        assert!(e.message.contains("must be restarted"), "{e}");
+        let e = plugin.cleanup().unwrap_err();
+        assert!(e.message.contains("must be restarted"), "{e}");
+    }
+
+    #[test]
+    fn malformed_json_is_a_typed_error() {
+        let mut plugin = construct::<Touchy>().unwrap();
+        let e = plugin
+            .load_model("{not json".into(), NoProgress::boxed())
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::INVALID_CONFIG);
+        assert!(e.message.contains("model config"), "{e}");
+        let e = plugin
+            .infer("42".into(), CollectSink::new().boxed())
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::INVALID_INPUT);
+    }
+
+    #[test]
+    fn info_comes_from_the_impl() {
+        let module = root_module::<Touchy>();
+        let info = (module.info())();
+        assert_eq!(info.name.as_str(), "touchy");
+        assert_eq!(info.capabilities, Capabilities::TEXT);
+    }
 }

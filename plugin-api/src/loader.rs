@@ -169,10 +169,13 @@ impl PluginLibrary {
             },
         })?;
 
-        let built_with = header.version_strings().parsed().map_err(|e| LoadError::Other {
-            path: path.to_owned(),
-            reason: format!("unreadable plugin-api version in the library header: {e}"),
-        })?;
+        let built_with = header
+            .version_strings()
+            .parsed()
+            .map_err(|e| LoadError::Other {
+                path: path.to_owned(),
+                reason: format!("unreadable plugin-api version in the library header: {e}"),
+            })?;
         let built_with = ApiVersion {
             major: built_with.major,
             minor: built_with.minor,
@@ -187,20 +190,22 @@ impl PluginLibrary {
             });
         }
 
-        let module = header.init_root_module::<PluginModRef>().map_err(|e| match e {
-            LibraryError::AbiInstability(report) => {
-                let report = report.to_string();
-                LoadError::Layout {
-                    path: path.to_owned(),
-                    summary: summarize_layout_report(&report),
-                    report,
+        let module = header
+            .init_root_module::<PluginModRef>()
+            .map_err(|e| match e {
+                LibraryError::AbiInstability(report) => {
+                    let report = report.to_string();
+                    LoadError::Layout {
+                        path: path.to_owned(),
+                        summary: summarize_layout_report(&report),
+                        report,
+                    }
                 }
-            }
-            other => LoadError::Other {
-                path: path.to_owned(),
-                reason: one_line(&other.to_string()),
-            },
-        })?;
+                other => LoadError::Other {
+                    path: path.to_owned(),
+                    reason: one_line(&other.to_string()),
+                },
+            })?;
         Ok(Self {
             path: path.to_owned(),
             built_with,
@@ -238,7 +243,11 @@ fn one_line(text: &str) -> String {
 /// `Found:` blocks.
 fn summarize_layout_report(report: &str) -> String {
     let tail = report.rsplit("Error:").next().unwrap_or(report);
-    let lines: Vec<&str> = tail.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let lines: Vec<&str> = tail
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
     let after = |heading: &str| {
         lines
             .iter()
@@ -246,13 +255,20 @@ fn summarize_layout_report(report: &str) -> String {
             .and_then(|i| lines.get(i + 1))
             .copied()
     };
-    let mut summary = lines.first().copied().unwrap_or("layouts differ").to_string();
+    let mut summary = lines
+        .first()
+        .copied()
+        .unwrap_or("layouts differ")
+        .to_string();
     if let (Some(expected), Some(found)) = (after("Expected:"), after("Found:")) {
         summary = format!("{summary}: expected {expected}, found {found}");
     }
     let mut summary = one_line(&summary);
     if summary.len() > 200 {
-        let cut = (0..=200).rev().find(|&i| summary.is_char_boundary(i)).unwrap_or(0);
+        let cut = (0..=200)
+            .rev()
+            .find(|&i| summary.is_char_boundary(i))
+            .unwrap_or(0);
         summary.truncate(cut);
         summary.push('…');
     }
@@ -264,7 +280,11 @@ mod tests {
     use super::*;
 
     fn v(major: u32, minor: u32, patch: u32) -> ApiVersion {
-        ApiVersion { major, minor, patch }
+        ApiVersion {
+            major,
+            minor,
+            patch,
+        }
     }
 
     #[test]

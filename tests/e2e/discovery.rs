@@ -7,7 +7,11 @@ use crate::support::*;
 
 fn row<'a>(rows: &'a [Value], manifest_file: &str) -> &'a Value {
     rows.iter()
-        .find(|r| r["manifest"].as_str().is_some_and(|m| m.ends_with(manifest_file)))
+        .find(|r| {
+            r["manifest"]
+                .as_str()
+                .is_some_and(|m| m.ends_with(manifest_file))
+        })
         .unwrap_or_else(|| panic!("no row for {manifest_file} in {rows:#?}"))
 }
 
@@ -19,7 +23,10 @@ fn error_of(row: &Value) -> &str {
 fn check_json(path: &std::path::Path) -> (bool, Value) {
     let out = pio(&repo_root(), &["check", "--json", path.to_str().unwrap()]);
     let value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("pio check --json printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stderr))
+        panic!(
+            "pio check --json printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
     });
     (out.status.success(), value)
 }
@@ -27,18 +34,37 @@ fn check_json(path: &std::path::Path) -> (bool, Value) {
 #[test]
 fn shipped_manifests_are_ready() {
     let deps = deps_dir();
-    let out = pio(&repo_root(), &["list", "--json", "--library-dir", deps.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = pio(
+        &repo_root(),
+        &["list", "--json", "--library-dir", deps.to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
-    let echo = rows.iter().find(|r| r["name"] == "echo").expect("echo listed");
+    let echo = rows
+        .iter()
+        .find(|r| r["name"] == "echo")
+        .expect("echo listed");
     assert_eq!(echo["status"], "ready", "{echo:#}");
     assert_eq!(echo["family"], "echo");
 
     let out = pio(
         &repo_root(),
-        &["check", "manifests/echo.toml", "--library-dir", deps.to_str().unwrap()],
+        &[
+            "check",
+            "manifests/echo.toml",
+            "--library-dir",
+            deps.to_str().unwrap(),
+        ],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok: echo 0.1.0"));
 }
 
@@ -48,7 +74,10 @@ fn a_good_library_reports_what_it_is() {
     assert!(ok, "{v:#}");
     assert_eq!(v["name"], "echo");
     assert_eq!(v["api_version"], "1.1.0");
-    assert_eq!(v["capabilities"], serde_json::json!(["text", "chat", "logprobs"]));
+    assert_eq!(
+        v["capabilities"],
+        serde_json::json!(["text", "chat", "logprobs"])
+    );
 }
 
 #[test]
@@ -65,8 +94,14 @@ fn a_plugin_built_against_another_major_is_refused_naming_both_versions() {
     assert!(!ok);
     assert_eq!(v["error_kind"], "incompatible_api");
     let e = v["error"].as_str().unwrap();
-    assert!(e.contains("plugin-api 2.0.0") && e.contains("plugin-api 1.1.0"), "{e}");
-    assert!(e.contains("rebuild the plugin against plugin-api 1.x"), "{e}");
+    assert!(
+        e.contains("plugin-api 2.0.0") && e.contains("plugin-api 1.1.0"),
+        "{e}"
+    );
+    assert!(
+        e.contains("rebuild the plugin against plugin-api 1.x"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -134,15 +169,49 @@ fn each_failure_is_reported_and_the_rest_still_load() {
             .unwrap();
         String::from_utf8_lossy(&out.stdout)[..64].to_string()
     };
-    dir.write("good.toml", &manifest("echo", "0.1.0", "libecho.so", &format!("sha256 = \"{real_sha}\"\n")));
+    dir.write(
+        "good.toml",
+        &manifest(
+            "echo",
+            "0.1.0",
+            "libecho.so",
+            &format!("sha256 = \"{real_sha}\"\n"),
+        ),
+    );
     dir.write("bad-toml.toml", "name = \"broken\nversion = 1\n");
-    dir.write("unknown-key.toml", &manifest("unknown", "0.1.0", "libecho.so", "colour = \"blue\"\n"));
-    dir.write("bad-tier.toml", &manifest("tiered", "0.1.0", "libecho.so", "").replace("\"low\"", "\"lowest\""));
-    dir.write("no-lib.toml", &manifest("nolib", "0.1.0", "libnowhere.so", ""));
-    dir.write("bad-sha.toml", &manifest("shady", "0.1.0", "libecho.so", &format!("sha256 = \"{}\"\n", "0".repeat(64))));
-    dir.write("api.toml", &manifest("future", "0.1.0", "libecho.so", "").replace("^1.0", "^1.7"));
-    dir.write("wrong-name.toml", &manifest("echo-two", "0.1.0", "libecho.so", ""));
-    dir.write("wrong-version.toml", &manifest("echo", "0.3.0", "libecho.so", ""));
+    dir.write(
+        "unknown-key.toml",
+        &manifest("unknown", "0.1.0", "libecho.so", "colour = \"blue\"\n"),
+    );
+    dir.write(
+        "bad-tier.toml",
+        &manifest("tiered", "0.1.0", "libecho.so", "").replace("\"low\"", "\"lowest\""),
+    );
+    dir.write(
+        "no-lib.toml",
+        &manifest("nolib", "0.1.0", "libnowhere.so", ""),
+    );
+    dir.write(
+        "bad-sha.toml",
+        &manifest(
+            "shady",
+            "0.1.0",
+            "libecho.so",
+            &format!("sha256 = \"{}\"\n", "0".repeat(64)),
+        ),
+    );
+    dir.write(
+        "api.toml",
+        &manifest("future", "0.1.0", "libecho.so", "").replace("^1.0", "^1.7"),
+    );
+    dir.write(
+        "wrong-name.toml",
+        &manifest("echo-two", "0.1.0", "libecho.so", ""),
+    );
+    dir.write(
+        "wrong-version.toml",
+        &manifest("echo", "0.3.0", "libecho.so", ""),
+    );
     dir.write("next.toml", &manifest("echo", "0.2.0", "libnext.so", ""));
 
     let rows = dir.list();
@@ -152,19 +221,40 @@ fn each_failure_is_reported_and_the_rest_still_load() {
     let e = error_of(row(&rows, "bad-toml.toml"));
     assert!(e.contains("bad-toml.toml:1:"), "file and line: {e}");
     let e = error_of(row(&rows, "unknown-key.toml"));
-    assert!(e.contains("unknown-key.toml:6:1") && e.contains("colour"), "{e}");
+    assert!(
+        e.contains("unknown-key.toml:6:1") && e.contains("colour"),
+        "{e}"
+    );
     let e = error_of(row(&rows, "bad-tier.toml"));
-    assert!(e.contains("bad-tier.toml:5:8") && e.contains("lowest") && e.contains("maximum"), "{e}");
+    assert!(
+        e.contains("bad-tier.toml:5:8") && e.contains("lowest") && e.contains("maximum"),
+        "{e}"
+    );
     let e = error_of(row(&rows, "no-lib.toml"));
-    assert!(e.contains("no-lib.toml:3:11") && e.contains("libnowhere.so") && e.contains("not found"), "{e}");
+    assert!(
+        e.contains("no-lib.toml:3:11") && e.contains("libnowhere.so") && e.contains("not found"),
+        "{e}"
+    );
     let e = error_of(row(&rows, "bad-sha.toml"));
-    assert!(e.contains(&real_sha) && e.contains(&"0".repeat(64)), "both digests: {e}");
+    assert!(
+        e.contains(&real_sha) && e.contains(&"0".repeat(64)),
+        "both digests: {e}"
+    );
     let e = error_of(row(&rows, "api.toml"));
-    assert!(e.contains("^1.7") && e.contains("1.1.0") && e.contains("upgrade PIO"), "{e}");
+    assert!(
+        e.contains("^1.7") && e.contains("1.1.0") && e.contains("upgrade PIO"),
+        "{e}"
+    );
     let e = error_of(row(&rows, "wrong-name.toml"));
-    assert!(e.contains("name \"echo-two\"") && e.contains("reports \"echo\""), "{e}");
+    assert!(
+        e.contains("name \"echo-two\"") && e.contains("reports \"echo\""),
+        "{e}"
+    );
     let e = error_of(row(&rows, "wrong-version.toml"));
-    assert!(e.contains("version \"0.3.0\"") && e.contains("reports \"0.1.0\""), "{e}");
+    assert!(
+        e.contains("version \"0.3.0\"") && e.contains("reports \"0.1.0\""),
+        "{e}"
+    );
     let e = error_of(row(&rows, "next.toml"));
     assert!(e.contains("2.0.0") && e.contains("1.1.0"), "{e}");
 }
@@ -175,10 +265,19 @@ fn the_highest_compatible_version_wins() {
     dir.copy_lib("pio_plugin_echo", "libecho.so");
     dir.copy_lib("pio_test_plugin_old_minor", "libecho-old.so");
     dir.copy_lib("pio_test_plugin_next_major", "libecho-next.so");
-    dir.write("a-old.toml", &manifest("echo", "0.0.9", "libecho-old.so", ""));
-    dir.write("b-current.toml", &manifest("echo", "0.1.0", "libecho.so", ""));
+    dir.write(
+        "a-old.toml",
+        &manifest("echo", "0.0.9", "libecho-old.so", ""),
+    );
+    dir.write(
+        "b-current.toml",
+        &manifest("echo", "0.1.0", "libecho.so", ""),
+    );
     // Higher, but built for another plugin-api major: it must not win.
-    dir.write("c-next.toml", &manifest("echo", "0.2.0", "libecho-next.so", ""));
+    dir.write(
+        "c-next.toml",
+        &manifest("echo", "0.2.0", "libecho-next.so", ""),
+    );
     let rows = dir.list();
     assert_eq!(row(&rows, "b-current.toml")["status"], "ready");
     let old = row(&rows, "a-old.toml");
@@ -194,7 +293,10 @@ fn two_manifests_claiming_one_plugin_version_are_both_refused() {
     dir.copy_lib("pio_test_plugin_old_minor", "libecho-old.so");
     dir.write("one.toml", &manifest("echo", "0.1.0", "libecho.so", ""));
     dir.write("two.toml", &manifest("echo", "0.1.0", "libecho.so", ""));
-    dir.write("older.toml", &manifest("echo", "0.0.9", "libecho-old.so", ""));
+    dir.write(
+        "older.toml",
+        &manifest("echo", "0.0.9", "libecho-old.so", ""),
+    );
     let rows = dir.list();
     let e = error_of(row(&rows, "one.toml"));
     assert!(e.contains("two.toml") && e.contains("echo 0.1.0"), "{e}");
@@ -212,7 +314,10 @@ fn a_library_is_found_next_to_the_pio_executable() {
     bin.copy_lib("pio_plugin_echo", "libpio_plugin_echo.so");
     let manifests = PluginDir::new();
     // Written without prefix and suffix: the platform's file name is tried too.
-    manifests.write("echo.toml", &manifest("echo", "0.1.0", "pio_plugin_echo", ""));
+    manifests.write(
+        "echo.toml",
+        &manifest("echo", "0.1.0", "pio_plugin_echo", ""),
+    );
     let out = std::process::Command::new(&pio_copy)
         .current_dir(manifests.path())
         .args(["list", "--json", "--plugins", "."])

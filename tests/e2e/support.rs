@@ -83,7 +83,11 @@ impl PluginDir {
     /// `pio list --json --plugins <this dir>`, parsed.
     pub fn list(&self) -> Vec<serde_json::Value> {
         let out = pio(self.path(), &["list", "--json", "--plugins", "."]);
-        assert!(out.status.success(), "pio list failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "pio list failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("pio list --json prints JSON")
     }
 }

@@ -89,7 +89,11 @@ impl PluginImpl for Echo {
                 return Err(PluginError::cancelled("echo: request cancelled"));
             }
             output.push(ch);
-            if request.stop.iter().any(|s| !s.is_empty() && output.ends_with(s.as_str())) {
+            if request
+                .stop
+                .iter()
+                .any(|s| !s.is_empty() && output.ends_with(s.as_str()))
+            {
                 finish = FinishReason::Stop;
                 break;
             }
@@ -116,9 +120,10 @@ impl PluginImpl for Echo {
             },
             ..Default::default()
         };
-        outcome
-            .timings
-            .insert("total_ms".into(), (started.elapsed().as_secs_f64() * 1e3).into());
+        outcome.timings.insert(
+            "total_ms".into(),
+            (started.elapsed().as_secs_f64() * 1e3).into(),
+        );
         Ok(outcome)
     }
 
@@ -148,9 +153,7 @@ fn prompt_text(prompt: &Prompt) -> Result<String, PluginError> {
             let mut parts = Vec::with_capacity(messages.len());
             for (i, m) in messages.iter().enumerate() {
                 let content = m.get("content").and_then(|c| c.as_str()).ok_or_else(|| {
-                    PluginError::invalid_input(format!(
-                        "messages[{i}].content: expected a string"
-                    ))
+                    PluginError::invalid_input(format!("messages[{i}].content: expected a string"))
                 })?;
                 parts.push(content);
             }
@@ -160,3 +163,140 @@ fn prompt_text(prompt: &Prompt) -> Result<String, PluginError> {
 }
 
 export_plugin!(Echo);
+
+#[cfg(test)]
+mod tests {
+    use pio_plugin_api::serde_json;
+    use pio_plugin_api::sinks::{CollectSink, NoProgress};
+    use pio_plugin_api::{ErrorKind, PluginBox};
+
+    use super::*;
+
+    fn loaded(config: &str) -> PluginBox {
+        let module = pio_plugin_api::__private::root_module::<Echo>();
+        let mut plugin = (module.new())().unwrap();
+        plugin
+            .load_model(config.into(), NoProgress::boxed())
+            .unwrap();
+        plugin
+    }
+
+    fn run(
+        plugin: &PluginBox,
+        request: serde_json::Value,
+        sink: &CollectSink,
+    ) -> Result<InferOutcome, PluginError> {
+        let request = request.to_string();
+        plugin
+            .infer(request.as_str().into(), sink.boxed())
+            .into_result()
+            .map(|json| serde_json::from_str(&json).unwrap())
+    }
+
+    #[test]
+    fn echoes_text_one_character_per_token() {
+        let plugin = loaded("{}");
+        let sink = CollectSink::new();
+        let out = run(
+            &plugin,
+            serde_json::json!({"prompt": {"text": "héllo"}}),
+            &sink,
+        )
+        .unwrap();
+        assert_eq!(sink.text(), "héllo");
+        assert_eq!(sink.tokens()[1].token_id, u32::from('é'));
+        assert_eq!(out.finish_reason, FinishReason::Stop);
+        assert_eq!(
+            out.usage,
+            Usage {
+                prompt_tokens: 5,
+                completion_tokens: 5
+            }
+        );
+    }
+
+    #[test]
+    fn honours_max_tokens_and_stop_strings() {
+        let plugin = loaded("{}");
+        let sink = CollectSink::new();
+        let out = run(
+            &plugin,
+            serde_json::json!({"prompt": {"text": "abcdef"}, "max_tokens": 3}),
+            &sink,
+        )
+        .unwrap();
+        assert_eq!(
+            (sink.text().as_str(), out.finish_reason),
+            ("abc", FinishReason::Length)
+        );
+
+        let sink = CollectSink::new();
+        let out = run(
+            &plugin,
+            serde_json::json!({"prompt": {"text": "say STOP now"}, "stop": ["STOP"]}),
+            &sink,
+        )
+        .unwrap();
+        // The stop string spans four tokens; none of it is emitted.
+        assert_eq!(
+            (sink.text().as_str(), out.finish_reason),
+            ("say STO", FinishReason::Stop)
+        );
+    }
+
+    #[test]
+    fn chat_messages_echo_their_contents() {
+        let plugin = loaded("{}");
+        let sink = CollectSink::new();
+        let messages = serde_json::json!([{"role": "system", "content": "a"}, {"role": "user", "content": "b"}]);
+        run(
+            &plugin,
+            serde_json::json!({"prompt": {"messages": messages}}),
+            &sink,
+        )
+        .unwrap();
+        assert_eq!(sink.text(), "a\nb");
+        let e = run(
+            &plugin,
+            serde_json::json!({"prompt": {"messages": [{"role": "user"}]}}),
+            &sink,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("messages[0].content"), "{e}");
+    }
+
+    #[test]
+    fn stops_when_the_host_cancels() {
+        let plugin = loaded("{}");
+        let sink = CollectSink::cancelling_after(2);
+        let e = run(
+            &plugin,
+            serde_json::json!({"prompt": {"text": "abcdef"}}),
+            &sink,
+        )
+        .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::CANCELLED);
+        assert_eq!(sink.text(), "ab");
+    }
+
+    #[test]
+    fn refuses_bad_config_and_early_infer() {
+        let module = pio_plugin_api::__private::root_module::<Echo>();
+        let mut plugin = (module.new())().unwrap();
+        let e = run(
+            &plugin,
+            serde_json::json!({"prompt": {"text": "x"}}),
+            &CollectSink::new(),
+        )
+        .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NOT_READY);
+        let e = plugin
+            .load_model(r#"{"delay_ms": "slow"}"#.into(), NoProgress::boxed())
+            .unwrap_err();
+        assert!(e.message.contains("delay_ms"), "{e}");
+        let e = plugin
+            .supports_config(r#"{"quantization": "q4"}"#.into())
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::UNSUPPORTED);
+    }
+}

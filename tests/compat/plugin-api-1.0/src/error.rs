@@ -141,6 +141,9 @@ mod tests {
     #[test]
     fn display_carries_kind_and_message() {
         let e = PluginError::model_files("config.json: missing field `hidden_size`");
-        assert_eq!(e.to_string(), "model_files: config.json: missing field `hidden_size`");
+        assert_eq!(
+            e.to_string(),
+            "model_files: config.json: missing field `hidden_size`"
+        );
     }
 }

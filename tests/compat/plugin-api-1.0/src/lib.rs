@@ -20,13 +20,17 @@ mod abi;
 mod error;
 mod guest;
 mod loader;
+pub mod sinks;
 pub mod wire;
 
 pub use abi::{
     Capabilities, Flow, GeneratedToken, Plugin, PluginBox, PluginInfo, PluginMod, PluginModRef,
-    ProgressSink, ProgressSinkBox, ProgressSink_TO, TokenSink, TokenSinkBox, TokenSink_TO,
-    TopLogprob, Plugin_TO,
+    Plugin_TO, ProgressSink, ProgressSinkBox, ProgressSink_TO, TokenSink, TokenSinkBox,
+    TokenSink_TO, TopLogprob,
 };
+/// The JSON library of the [`wire`] types, re-exported so plugins use the same version.
+pub use serde_json;
+
 pub use abi_stable::std_types::{RBox, ROption, RResult, RStr, RString, RVec};
 pub use error::{ErrorKind, PluginError};
 pub use guest::{Guarded, PluginImpl, Progress, Sink};
@@ -58,7 +62,7 @@ pub use abi_stable::sabi_trait::TD_Opaque;
 pub mod __private {
     pub use crate::guest::root_module;
     pub use abi_stable::library::{
-        CheckTypeLayout, LibHeader, RootModuleResult, __call_root_module_loader,
+        __call_root_module_loader, CheckTypeLayout, LibHeader, RootModuleResult,
     };
 }
 

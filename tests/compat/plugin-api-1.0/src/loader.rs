@@ -169,10 +169,13 @@ impl PluginLibrary {
             },
         })?;
 
-        let built_with = header.version_strings().parsed().map_err(|e| LoadError::Other {
-            path: path.to_owned(),
-            reason: format!("unreadable plugin-api version in the library header: {e}"),
-        })?;
+        let built_with = header
+            .version_strings()
+            .parsed()
+            .map_err(|e| LoadError::Other {
+                path: path.to_owned(),
+                reason: format!("unreadable plugin-api version in the library header: {e}"),
+            })?;
         let built_with = ApiVersion {
             major: built_with.major,
             minor: built_with.minor,
@@ -187,20 +190,22 @@ impl PluginLibrary {
             });
         }
 
-        let module = header.init_root_module::<PluginModRef>().map_err(|e| match e {
-            LibraryError::AbiInstability(report) => {
-                let report = report.to_string();
-                LoadError::Layout {
-                    path: path.to_owned(),
-                    summary: summarize_layout_report(&report),
-                    report,
+        let module = header
+            .init_root_module::<PluginModRef>()
+            .map_err(|e| match e {
+                LibraryError::AbiInstability(report) => {
+                    let report = report.to_string();
+                    LoadError::Layout {
+                        path: path.to_owned(),
+                        summary: summarize_layout_report(&report),
+                        report,
+                    }
                 }
-            }
-            other => LoadError::Other {
-                path: path.to_owned(),
-                reason: one_line(&other.to_string()),
-            },
-        })?;
+                other => LoadError::Other {
+                    path: path.to_owned(),
+                    reason: one_line(&other.to_string()),
+                },
+            })?;
         Ok(Self {
             path: path.to_owned(),
             built_with,
@@ -234,17 +239,37 @@ fn one_line(text: &str) -> String {
 }
 
 /// abi_stable's layout reports run to dozens of lines; the operator needs the first concrete
-/// difference, which it prints after the last `Error:` heading.
+/// difference, which it prints after the last `Error:` heading, followed by `Expected:` and
+/// `Found:` blocks.
 fn summarize_layout_report(report: &str) -> String {
     let tail = report.rsplit("Error:").next().unwrap_or(report);
-    let line = tail
+    let lines: Vec<&str> = tail
         .lines()
         .map(str::trim)
-        .find(|l| !l.is_empty())
-        .unwrap_or("layouts differ");
-    let mut summary = one_line(line);
+        .filter(|l| !l.is_empty())
+        .collect();
+    let after = |heading: &str| {
+        lines
+            .iter()
+            .position(|l| *l == heading)
+            .and_then(|i| lines.get(i + 1))
+            .copied()
+    };
+    let mut summary = lines
+        .first()
+        .copied()
+        .unwrap_or("layouts differ")
+        .to_string();
+    if let (Some(expected), Some(found)) = (after("Expected:"), after("Found:")) {
+        summary = format!("{summary}: expected {expected}, found {found}");
+    }
+    let mut summary = one_line(&summary);
     if summary.len() > 200 {
-        summary.truncate(200);
+        let cut = (0..=200)
+            .rev()
+            .find(|&i| summary.is_char_boundary(i))
+            .unwrap_or(0);
+        summary.truncate(cut);
         summary.push('…');
     }
     summary
@@ -255,7 +280,11 @@ mod tests {
     use super::*;
 
     fn v(major: u32, minor: u32, patch: u32) -> ApiVersion {
-        ApiVersion { major, minor, patch }
+        ApiVersion {
+            major,
+            minor,
+            patch,
+        }
     }
 
     #[test]
@@ -273,7 +302,10 @@ mod tests {
 
     #[test]
     fn layout_summary_is_one_line_from_the_last_error_block() {
-        let report = "Error:\n  outer\nError:\n   Too many fields\n  more detail\n";
-        assert_eq!(summarize_layout_report(report), "Too many fields");
+        let report = "Error:\n  outer\nError:mismatched type\nExpected:\n    PluginMod\nFound:\n    ForeignMod\n";
+        assert_eq!(
+            summarize_layout_report(report),
+            "mismatched type: expected PluginMod, found ForeignMod"
+        );
     }
 }
