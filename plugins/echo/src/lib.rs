@@ -77,25 +77,25 @@ impl PluginImpl for Echo {
                 prompt.len()
             )));
         }
+        // Echo knows its whole output up front, so a stop string is simply cut off before it is
+        // reached; a model would hold back text that might begin one (see engine's StopMatcher).
+        let stop_at = request
+            .stop
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
+            .map(|byte| text[..byte].chars().count());
         let max_tokens = request.max_tokens.unwrap_or(CONTEXT_LENGTH) as usize;
-        let mut output = String::new();
-        let mut generated = 0u32;
-        let mut finish = FinishReason::Length;
-        for (i, &ch) in prompt.iter().enumerate() {
-            if i == max_tokens {
-                break;
-            }
+        let end = stop_at.unwrap_or(prompt.len());
+        let (count, finish) = if max_tokens < end {
+            (max_tokens, FinishReason::Length)
+        } else {
+            (end, FinishReason::Stop)
+        };
+        for &ch in &prompt[..count] {
             if sink.is_cancelled() {
                 return Err(PluginError::cancelled("echo: request cancelled"));
-            }
-            output.push(ch);
-            if request
-                .stop
-                .iter()
-                .any(|s| !s.is_empty() && output.ends_with(s.as_str()))
-            {
-                finish = FinishReason::Stop;
-                break;
             }
             std::thread::sleep(delay);
             let token = GeneratedToken {
@@ -104,19 +104,15 @@ impl PluginImpl for Echo {
                 logprob: request.logprobs.map(|_| 0.0).into(),
                 top_logprobs: RVec::new(),
             };
-            generated += 1;
             if sink.emit(token) == Flow::Stop {
                 return Err(PluginError::cancelled("echo: request cancelled"));
-            }
-            if i + 1 == prompt.len() {
-                finish = FinishReason::Stop;
             }
         }
         let mut outcome = InferOutcome {
             finish_reason: finish,
             usage: Usage {
                 prompt_tokens: prompt.len() as u32,
-                completion_tokens: generated,
+                completion_tokens: count as u32,
             },
             ..Default::default()
         };
@@ -240,7 +236,7 @@ mod tests {
         // The stop string spans four tokens; none of it is emitted.
         assert_eq!(
             (sink.text().as_str(), out.finish_reason),
-            ("say STO", FinishReason::Stop)
+            ("say ", FinishReason::Stop)
         );
     }
 

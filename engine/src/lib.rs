@@ -1,0 +1,7 @@
+//! Shared inference building blocks for PIO's model plugins: linked statically into each plugin,
+//! so it is not an ABI and may change freely. Model files stay in their plugin's crate; what two
+//! plugins need moves here.
+
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod stop;

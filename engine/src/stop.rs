@@ -1,0 +1,140 @@
+//! Stop strings over streamed text. Generation must end *before* a stop string, and no part of it
+//! may reach the client, even when it spans several tokens; so text that could still turn out to
+//! be the start of a stop string is held back until the next token decides.
+
+/// What one piece of text released.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Step {
+    /// Text that is now certain to be output.
+    pub emit: String,
+    /// A stop string was completed: generation ends, and `emit` is the last output.
+    pub stopped: bool,
+}
+
+/// Finds stop strings in a stream of text pieces.
+#[derive(Debug, Clone, Default)]
+pub struct StopMatcher {
+    stops: Vec<String>,
+    held: String,
+}
+
+impl StopMatcher {
+    /// A matcher for `stops`; empty strings are ignored.
+    pub fn new<S: Into<String>>(stops: impl IntoIterator<Item = S>) -> Self {
+        Self {
+            stops: stops
+                .into_iter()
+                .map(Into::into)
+                .filter(|s: &String| !s.is_empty())
+                .collect(),
+            held: String::new(),
+        }
+    }
+
+    /// Feeds the next piece of generated text.
+    pub fn push(&mut self, text: &str) -> Step {
+        self.held.push_str(text);
+        let first_stop = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min();
+        if let Some(at) = first_stop {
+            let emit = self.held[..at].to_string();
+            self.held.clear();
+            return Step {
+                emit,
+                stopped: true,
+            };
+        }
+        let keep = self.longest_stop_prefix_suffix();
+        let emit = self.held[..self.held.len() - keep].to_string();
+        self.held.drain(..self.held.len() - keep);
+        Step {
+            emit,
+            stopped: false,
+        }
+    }
+
+    /// Generation ended for another reason: releases whatever was held back.
+    pub fn finish(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
+
+    /// Bytes at the end of the held text that begin some stop string.
+    fn longest_stop_prefix_suffix(&self) -> usize {
+        let held = &self.held;
+        (1..=held.len())
+            .rev()
+            .filter(|&n| held.is_char_boundary(held.len() - n))
+            .find(|&n| {
+                let tail = &held[held.len() - n..];
+                self.stops
+                    .iter()
+                    .any(|s| s.len() > n && s.starts_with(tail))
+            })
+            .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
+        let mut m = StopMatcher::new(stops.iter().copied());
+        let mut out = String::new();
+        for p in pieces {
+            let step = m.push(p);
+            out.push_str(&step.emit);
+            if step.stopped {
+                return (out, true);
+            }
+        }
+        out.push_str(&m.finish());
+        (out, false)
+    }
+
+    #[test]
+    fn a_stop_string_spanning_tokens_is_never_emitted() {
+        let mut m = StopMatcher::new(["STOP"]);
+        assert_eq!(m.push("say S").emit, "say ");
+        assert_eq!(m.push("TO").emit, "");
+        let last = m.push("P now");
+        assert_eq!((last.emit.as_str(), last.stopped), ("", true));
+    }
+
+    #[test]
+    fn held_text_is_released_when_it_stops_matching() {
+        assert_eq!(run(&["STOP"], &["a S", "T", "x"]), ("a STx".into(), false));
+        assert_eq!(run(&["STOP"], &["a ST"]), ("a ST".into(), false));
+    }
+
+    #[test]
+    fn the_earliest_of_several_stops_wins() {
+        assert_eq!(
+            run(&["world", "lo w"], &["hello world"]),
+            ("hel".into(), true)
+        );
+    }
+
+    #[test]
+    fn a_stop_inside_one_piece_cuts_it() {
+        assert_eq!(
+            run(&["\n\n"], &["line one\n\nline two"]),
+            ("line one".into(), true)
+        );
+    }
+
+    #[test]
+    fn multibyte_text_is_split_on_char_boundaries() {
+        assert_eq!(run(&["éé"], &["caféé"]), ("caf".into(), true));
+        assert_eq!(run(&["é!"], &["café", "?"]), ("café?".into(), false));
+    }
+
+    #[test]
+    fn no_stops_pass_everything_through() {
+        let mut m = StopMatcher::new(Vec::<String>::new());
+        assert_eq!(m.push("abc").emit, "abc");
+    }
+}
