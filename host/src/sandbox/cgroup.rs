@@ -1,0 +1,354 @@
+//! A worker's cgroup, on cgroup v1 (one hierarchy per controller, as on this project's machines)
+//! or v2 (one unified tree, as on most systems). What gets written is planned as data by
+//! [`settings`], so the hierarchy a machine lacks is still tested on what it would write.
+//!
+//! On v1 hybrids the empty unified tree (`/sys/fs/cgroup/unified`) is used too: its
+//! `cgroup.kill` removes every process of the worker, including double-forked escapees, in one
+//! write. Groups live under `<hierarchy>/pio/` and are removed when the [`Cgroup`] is dropped.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use super::ResolvedLimits;
+
+const ROOT: &str = "/sys/fs/cgroup";
+/// CFS period for CPU quotas, in microseconds.
+const CPU_PERIOD_US: u64 = 100_000;
+
+/// Which cgroup hierarchy is in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Version {
+    /// One hierarchy per controller (`/sys/fs/cgroup/memory`, ...).
+    V1,
+    /// The unified hierarchy (`/sys/fs/cgroup/cgroup.controllers` exists).
+    V2,
+}
+
+impl Version {
+    /// The hierarchy mounted at `/sys/fs/cgroup`, if this process may create groups in it.
+    pub fn detect_writable() -> Option<Self> {
+        Self::detect_at(Path::new(ROOT))
+    }
+
+    fn detect_at(root: &Path) -> Option<Self> {
+        let writable = |p: &Path| nix::unistd::access(p, nix::unistd::AccessFlags::W_OK).is_ok();
+        if root.join("cgroup.controllers").is_file() {
+            return writable(root).then_some(Self::V2);
+        }
+        let v1 = ["memory", "cpu", "pids"].iter().all(|c| writable(&root.join(c)));
+        v1.then_some(Self::V1)
+    }
+}
+
+/// A controller whose files a setting writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Controller {
+    /// Memory.
+    Memory,
+    /// CPU bandwidth.
+    Cpu,
+    /// Process count.
+    Pids,
+}
+
+impl Controller {
+    fn v1_dir(self) -> &'static str {
+        match self {
+            Self::Memory => "memory",
+            Self::Cpu => "cpu",
+            Self::Pids => "pids",
+        }
+    }
+}
+
+/// One file write: `value` into `file` of the group's directory for `controller`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Setting {
+    /// Which controller's directory.
+    pub controller: Controller,
+    /// The control file.
+    pub file: &'static str,
+    /// What to write.
+    pub value: String,
+    /// Skip silently when the file does not exist (e.g. v1 swap accounting disabled).
+    pub optional: bool,
+}
+
+fn setting(controller: Controller, file: &'static str, value: String) -> Setting {
+    Setting {
+        controller,
+        file,
+        value,
+        optional: false,
+    }
+}
+
+/// The writes that impose `limits` on `version`, in order.
+pub fn settings(version: Version, limits: &ResolvedLimits) -> Vec<Setting> {
+    let mut out = Vec::new();
+    let quota = limits
+        .cpus
+        .map(|cpus| ((cpus * CPU_PERIOD_US as f64).round() as u64).max(1000));
+    match version {
+        Version::V1 => {
+            if let Some(bytes) = limits.memory_bytes {
+                out.push(setting(Controller::Memory, "memory.limit_in_bytes", bytes.to_string()));
+                // memsw = memory + swap: equal to the memory limit means no swap on top.
+                out.push(Setting {
+                    optional: true,
+                    ..setting(Controller::Memory, "memory.memsw.limit_in_bytes", bytes.to_string())
+                });
+            }
+            if let Some(quota) = quota {
+                out.push(setting(Controller::Cpu, "cpu.cfs_period_us", CPU_PERIOD_US.to_string()));
+                out.push(setting(Controller::Cpu, "cpu.cfs_quota_us", quota.to_string()));
+            }
+            if let Some(pids) = limits.pids {
+                out.push(setting(Controller::Pids, "pids.max", pids.to_string()));
+            }
+        }
+        Version::V2 => {
+            if let Some(bytes) = limits.memory_bytes {
+                out.push(setting(Controller::Memory, "memory.max", bytes.to_string()));
+                out.push(Setting {
+                    optional: true,
+                    ..setting(Controller::Memory, "memory.swap.max", "0".into())
+                });
+            }
+            if let Some(quota) = quota {
+                out.push(setting(Controller::Cpu, "cpu.max", format!("{quota} {CPU_PERIOD_US}")));
+            }
+            if let Some(pids) = limits.pids {
+                out.push(setting(Controller::Pids, "pids.max", pids.to_string()));
+            }
+        }
+    }
+    out
+}
+
+/// A cgroup operation that failed.
+#[derive(Debug, thiserror::Error)]
+#[error("cgroup {path}: {action} failed: {source}")]
+pub struct CgroupError {
+    /// The file or directory.
+    pub path: PathBuf,
+    /// What was attempted.
+    pub action: &'static str,
+    /// The OS error.
+    pub source: std::io::Error,
+}
+
+fn io<T>(path: &Path, action: &'static str, r: std::io::Result<T>) -> Result<T, CgroupError> {
+    r.map_err(|source| CgroupError {
+        path: path.to_owned(),
+        action,
+        source,
+    })
+}
+
+/// Figures read from a worker's cgroup.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Memory in use, bytes.
+    pub memory_bytes: Option<u64>,
+    /// The memory limit, bytes.
+    pub memory_limit_bytes: Option<u64>,
+    /// Times the kernel's OOM killer struck inside the group.
+    pub oom_kills: u64,
+    /// Processes plus threads.
+    pub pids: Option<u64>,
+    /// CPU time used, microseconds.
+    pub cpu_usec: Option<u64>,
+}
+
+/// A worker's cgroup (one directory per v1 controller, or one v2 directory). Dropping it kills
+/// whatever still runs inside and removes the directories.
+#[derive(Debug)]
+pub struct Cgroup {
+    version: Version,
+    memory: PathBuf,
+    cpu: PathBuf,
+    pids: PathBuf,
+    /// A directory with `cgroup.kill` (v2, or the v1 hybrid's unified tree).
+    unified: Option<PathBuf>,
+}
+
+static SEQUENCE: AtomicU64 = AtomicU64::new(0);
+
+impl Cgroup {
+    /// Creates `pio/<name>-<daemon pid>-<n>` with `limits` applied.
+    pub fn create(version: Version, name: &str, limits: &ResolvedLimits) -> Result<Self, CgroupError> {
+        Self::create_at(Path::new(ROOT), version, name, limits)
+    }
+
+    fn create_at(root: &Path, version: Version, name: &str, limits: &ResolvedLimits) -> Result<Self, CgroupError> {
+        let leaf = format!(
+            "{name}-{}-{}",
+            std::process::id(),
+            SEQUENCE.fetch_add(1, Ordering::Relaxed)
+        );
+        let group = match version {
+            Version::V1 => {
+                let dir = |c: &str| root.join(c).join("pio").join(&leaf);
+                let unified_root = root.join("unified");
+                let unified = unified_root
+                    .join("cgroup.procs")
+                    .is_file()
+                    .then(|| unified_root.join("pio").join(&leaf));
+                Self {
+                    version,
+                    memory: dir("memory"),
+                    cpu: dir("cpu"),
+                    pids: dir("pids"),
+                    unified,
+                }
+            }
+            Version::V2 => {
+                let parent = root.join("pio");
+                io(&parent, "create", std::fs::create_dir_all(&parent))?;
+                // Controllers must be enabled in every ancestor for the leaf to get them.
+                for dir in [root, parent.as_path()] {
+                    let file = dir.join("cgroup.subtree_control");
+                    io(&file, "enable controllers", std::fs::write(&file, "+memory +cpu +pids"))?;
+                }
+                let dir = parent.join(&leaf);
+                Self {
+                    version,
+                    memory: dir.clone(),
+                    cpu: dir.clone(),
+                    pids: dir.clone(),
+                    unified: Some(dir),
+                }
+            }
+        };
+        for dir in group.dirs() {
+            io(dir, "create", std::fs::create_dir_all(dir))?;
+        }
+        for s in settings(version, limits) {
+            let file = group.dir_of(s.controller).join(s.file);
+            if s.optional && !file.exists() {
+                continue;
+            }
+            io(&file, "write limit", std::fs::write(&file, &s.value))?;
+        }
+        Ok(group)
+    }
+
+    fn dir_of(&self, c: Controller) -> &Path {
+        match c {
+            Controller::Memory => &self.memory,
+            Controller::Cpu => &self.cpu,
+            Controller::Pids => &self.pids,
+        }
+    }
+
+    fn dirs(&self) -> Vec<&PathBuf> {
+        let mut dirs = vec![&self.memory, &self.cpu, &self.pids];
+        dirs.extend(self.unified.as_ref());
+        dirs.dedup();
+        dirs
+    }
+
+    /// The hierarchy version.
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    /// The group's memory directory (where its limits can be read back).
+    pub fn memory_dir(&self) -> &Path {
+        &self.memory
+    }
+
+    /// Moves process `pid` into the group.
+    pub fn add(&self, pid: u32) -> Result<(), CgroupError> {
+        for dir in self.dirs() {
+            let file = dir.join("cgroup.procs");
+            io(&file, "add process", std::fs::write(&file, pid.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Kills every process in the group.
+    pub fn kill_all(&self) {
+        if let Some(dir) = &self.unified {
+            if std::fs::write(dir.join("cgroup.kill"), "1").is_ok() {
+                return;
+            }
+        }
+        // No cgroup.kill: signal members until none is left (a fork racing us is caught by
+        // the next round).
+        for _ in 0..100 {
+            let pids = self.members();
+            if pids.is_empty() {
+                return;
+            }
+            for pid in pids {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// The pids in the group.
+    pub fn members(&self) -> Vec<u32> {
+        let file = self.unified.as_ref().unwrap_or(&self.pids).join("cgroup.procs");
+        std::fs::read_to_string(file)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
+    /// Current usage and counters.
+    pub fn stats(&self) -> Stats {
+        let read = |dir: &Path, file: &str| std::fs::read_to_string(dir.join(file)).ok();
+        let num = |dir: &Path, file: &str| read(dir, file).and_then(|s| s.trim().parse::<u64>().ok());
+        let field = |text: Option<String>, key: &str| {
+            text.and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().parse::<u64>().ok()))
+            })
+        };
+        match self.version {
+            Version::V1 => Stats {
+                memory_bytes: num(&self.memory, "memory.usage_in_bytes"),
+                memory_limit_bytes: num(&self.memory, "memory.limit_in_bytes"),
+                oom_kills: field(read(&self.memory, "memory.oom_control"), "oom_kill ").unwrap_or(0),
+                pids: num(&self.pids, "pids.current"),
+                cpu_usec: num(&self.cpu, "cpuacct.usage").map(|ns| ns / 1000),
+            },
+            Version::V2 => Stats {
+                memory_bytes: num(&self.memory, "memory.current"),
+                memory_limit_bytes: num(&self.memory, "memory.max"),
+                oom_kills: field(read(&self.memory, "memory.events"), "oom_kill ").unwrap_or(0),
+                pids: num(&self.pids, "pids.current"),
+                cpu_usec: field(read(&self.cpu, "cpu.stat"), "usage_usec "),
+            },
+        }
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        self.kill_all();
+        // A killed process leaves its cgroup a moment after the signal: retry briefly.
+        for dir in self.dirs() {
+            for _ in 0..200 {
+                match std::fs::remove_dir(dir) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "cgroup_tests.rs"]
+mod tests;

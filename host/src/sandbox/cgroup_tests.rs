@@ -1,0 +1,92 @@
+use super::*;
+
+fn limits() -> ResolvedLimits {
+    ResolvedLimits {
+        memory_bytes: Some(256 << 20),
+        cpus: Some(1.5),
+        pids: Some(64),
+        ..ResolvedLimits::default()
+    }
+}
+
+fn plan_text(version: Version) -> Vec<String> {
+    settings(version, &limits())
+        .iter()
+        .map(|s| format!("{:?}/{}={}", s.controller, s.file, s.value))
+        .collect()
+}
+
+#[test]
+fn v1_writes_memory_with_memsw_cpu_quota_and_pids() {
+    assert_eq!(
+        plan_text(Version::V1),
+        [
+            "Memory/memory.limit_in_bytes=268435456",
+            "Memory/memory.memsw.limit_in_bytes=268435456",
+            "Cpu/cpu.cfs_period_us=100000",
+            "Cpu/cpu.cfs_quota_us=150000",
+            "Pids/pids.max=64",
+        ]
+    );
+}
+
+#[test]
+fn v2_writes_memory_max_no_swap_cpu_max_and_pids() {
+    assert_eq!(
+        plan_text(Version::V2),
+        [
+            "Memory/memory.max=268435456",
+            "Memory/memory.swap.max=0",
+            "Cpu/cpu.max=150000 100000",
+            "Pids/pids.max=64",
+        ]
+    );
+}
+
+#[test]
+fn no_limits_write_nothing() {
+    assert!(settings(Version::V1, &ResolvedLimits::default()).is_empty());
+    assert!(settings(Version::V2, &ResolvedLimits::default()).is_empty());
+}
+
+/// A fake v2 tree in a temporary directory: the v2 path creates the group, enables the
+/// controllers in each ancestor and writes the limits where the kernel would read them.
+#[test]
+fn v2_group_creation_writes_the_planned_files() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("cgroup.subtree_control"), "").unwrap();
+    std::fs::create_dir_all(root.path().join("pio")).unwrap();
+    let group = Cgroup::create_at(root.path(), Version::V2, "echo", &limits()).unwrap();
+    let dir = group.memory_dir().to_path_buf();
+    assert!(dir.starts_with(root.path().join("pio")));
+    assert_eq!(std::fs::read_to_string(dir.join("memory.max")).unwrap(), "268435456");
+    assert_eq!(std::fs::read_to_string(dir.join("cpu.max")).unwrap(), "150000 100000");
+    assert_eq!(std::fs::read_to_string(dir.join("pids.max")).unwrap(), "64");
+    let enabled = std::fs::read_to_string(root.path().join("pio/cgroup.subtree_control")).unwrap();
+    assert_eq!(enabled, "+memory +cpu +pids");
+    // A plain directory cannot be removed while it holds files; the real kernel files vanish.
+    std::mem::forget(group);
+}
+
+/// On a machine with a writable hierarchy (root; CI): a real group, a real process in it, limits
+/// read back from the kernel, then everything killed and removed.
+#[test]
+fn a_real_group_confines_a_process_and_is_removed() {
+    let Some(version) = Version::detect_writable() else {
+        eprintln!("skipped: no writable cgroup hierarchy (needs root)");
+        return;
+    };
+    let group = Cgroup::create(version, "unit-test", &limits()).unwrap();
+    let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+    group.add(child.id()).unwrap();
+    assert_eq!(group.members(), [child.id()]);
+    let stats = group.stats();
+    assert_eq!(stats.memory_limit_bytes, Some(256 << 20));
+    assert_eq!(stats.pids, Some(1));
+    let dirs: Vec<PathBuf> = group.dirs().into_iter().cloned().collect();
+    drop(group);
+    assert!(child.wait().unwrap().code().is_none(), "killed by a signal");
+    for dir in dirs {
+        assert!(!dir.exists(), "{} removed", dir.display());
+    }
+}
