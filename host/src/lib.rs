@@ -5,7 +5,12 @@
 
 pub mod discovery;
 pub mod elf;
+pub mod launch;
 pub mod manifest;
 pub mod probe;
+pub mod protocol;
 pub mod report;
+pub mod sandbox;
+pub mod supervisor;
 pub mod units;
+pub mod worker;

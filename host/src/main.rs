@@ -9,6 +9,8 @@ use pio_host::discovery::{self, Candidate, SearchPaths, Status};
 use pio_host::probe::{self, Prober};
 use pio_host::report;
 
+mod cli_run;
+
 #[derive(Parser)]
 #[command(name = "pio", version, about = "PIO: a plugin host for LLM inference")]
 struct Cli {
@@ -37,19 +39,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run one request through a plugin, streaming the output as it is generated.
+    Run(cli_run::RunArgs),
     /// Load one library and print what it is as JSON (the child side of `check` and `list`).
     #[command(hide = true)]
     Probe { library: PathBuf },
+    /// Serve one plugin over the socket at fd 3 (started by the host, never by hand).
+    #[command(hide = true)]
+    Worker,
 }
 
 #[derive(Args)]
-struct SearchArgs {
+pub(crate) struct SearchArgs {
     /// A directory of plugin manifests; repeat for several.
     #[arg(long = "plugins", value_name = "DIR", default_value = "manifests")]
-    plugin_dirs: Vec<PathBuf>,
+    pub(crate) plugin_dirs: Vec<PathBuf>,
     /// Directories a manifest's library is also looked up in.
     #[arg(long = "library-dir", value_name = "DIR")]
-    library_dirs: Vec<PathBuf>,
+    pub(crate) library_dirs: Vec<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -61,7 +68,11 @@ fn main() -> ExitCode {
             library_dirs,
             json,
         } => check(&path, library_dirs, json),
+        Command::Run(args) => cli_run::run(args).map(ExitCode::from),
         Command::Probe { library } => return ExitCode::from(probe::run_child(&library) as u8),
+        Command::Worker => {
+            return ExitCode::from(pio_host::worker::run(pio_host::worker::SOCKET_FD) as u8)
+        }
     };
     match result {
         Ok(code) => code,
@@ -72,7 +83,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn search_paths(plugin_dirs: Vec<PathBuf>, library_dirs: Vec<PathBuf>) -> SearchPaths {
+pub(crate) fn search_paths(plugin_dirs: Vec<PathBuf>, library_dirs: Vec<PathBuf>) -> SearchPaths {
     let exe_dir = std::env::current_exe()
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf));
@@ -83,7 +94,7 @@ fn search_paths(plugin_dirs: Vec<PathBuf>, library_dirs: Vec<PathBuf>) -> Search
     }
 }
 
-fn prober() -> anyhow::Result<Prober> {
+pub(crate) fn prober() -> anyhow::Result<Prober> {
     Prober::current_exe()
         .context("cannot find the running `pio` executable to probe libraries with")
 }

@@ -12,6 +12,8 @@ use pio_plugin_api::{LoadError, PluginLibrary};
 use serde::{Deserialize, Serialize};
 use wait_timeout::ChildExt;
 
+use crate::sandbox::{confine, Plan, Policy, ResolvedLimits, Tier};
+
 /// What a library says about itself, once every load-time check passed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LibraryReport {
@@ -218,8 +220,36 @@ fn tail(stderr: &str) -> String {
     last.map(|l| format!(": {}", l.trim())).unwrap_or_default()
 }
 
+/// The confinement every probe gets before it loads a library (whose constructors run at load):
+/// the base of the `low` tier without a cgroup — unprivileged uid when started as root,
+/// no_new_privs, no core dumps.
+fn probe_plan() -> Plan {
+    let policy = Policy::default();
+    Plan {
+        requested: Tier::Low,
+        applied: Tier::Low,
+        downgrade_reason: None,
+        drop_to: nix::unistd::geteuid()
+            .is_root()
+            .then_some((policy.worker_uid, policy.worker_gid)),
+        limits: ResolvedLimits::default(),
+        cgroup: false,
+    }
+}
+
 /// The child's side: loads `library` and prints one JSON line. Returns the process exit code.
 pub fn run_child(library: &Path) -> i32 {
+    // SAFETY: closes inherited descriptors this process does not use; nothing else runs yet.
+    unsafe { libc::close_range(3, u32::MAX, 0) };
+    if let Err(e) = confine::apply(&probe_plan()) {
+        let line = ProbeLine::Error {
+            kind: "confine".into(),
+            message: e.to_string(),
+            detail: None,
+        };
+        println!("{}", serde_json::to_string(&line).unwrap_or_default());
+        return 0;
+    }
     let line = match PluginLibrary::load(library) {
         Ok(lib) => {
             let info = lib.info();

@@ -248,8 +248,14 @@ mod tests {
         write_frame(&mut buf, &ToWorker::Ping { nonce: 7 }).unwrap();
         write_frame(&mut buf, &ToWorker::Cancel { id: 3 }).unwrap();
         let mut r = buf.as_slice();
-        assert!(matches!(read_frame(&mut r).unwrap(), Some(ToWorker::Ping { nonce: 7 })));
-        assert!(matches!(read_frame(&mut r).unwrap(), Some(ToWorker::Cancel { id: 3 })));
+        assert!(matches!(
+            read_frame(&mut r).unwrap(),
+            Some(ToWorker::Ping { nonce: 7 })
+        ));
+        assert!(matches!(
+            read_frame(&mut r).unwrap(),
+            Some(ToWorker::Cancel { id: 3 })
+        ));
         assert!(read_frame::<ToWorker>(&mut r).unwrap().is_none());
     }
 

@@ -37,7 +37,9 @@ impl Version {
         if root.join("cgroup.controllers").is_file() {
             return writable(root).then_some(Self::V2);
         }
-        let v1 = ["memory", "cpu", "pids"].iter().all(|c| writable(&root.join(c)));
+        let v1 = ["memory", "cpu", "pids"]
+            .iter()
+            .all(|c| writable(&root.join(c)));
         v1.then_some(Self::V1)
     }
 }
@@ -51,16 +53,6 @@ pub enum Controller {
     Cpu,
     /// Process count.
     Pids,
-}
-
-impl Controller {
-    fn v1_dir(self) -> &'static str {
-        match self {
-            Self::Memory => "memory",
-            Self::Cpu => "cpu",
-            Self::Pids => "pids",
-        }
-    }
 }
 
 /// One file write: `value` into `file` of the group's directory for `controller`.
@@ -94,16 +86,32 @@ pub fn settings(version: Version, limits: &ResolvedLimits) -> Vec<Setting> {
     match version {
         Version::V1 => {
             if let Some(bytes) = limits.memory_bytes {
-                out.push(setting(Controller::Memory, "memory.limit_in_bytes", bytes.to_string()));
+                out.push(setting(
+                    Controller::Memory,
+                    "memory.limit_in_bytes",
+                    bytes.to_string(),
+                ));
                 // memsw = memory + swap: equal to the memory limit means no swap on top.
                 out.push(Setting {
                     optional: true,
-                    ..setting(Controller::Memory, "memory.memsw.limit_in_bytes", bytes.to_string())
+                    ..setting(
+                        Controller::Memory,
+                        "memory.memsw.limit_in_bytes",
+                        bytes.to_string(),
+                    )
                 });
             }
             if let Some(quota) = quota {
-                out.push(setting(Controller::Cpu, "cpu.cfs_period_us", CPU_PERIOD_US.to_string()));
-                out.push(setting(Controller::Cpu, "cpu.cfs_quota_us", quota.to_string()));
+                out.push(setting(
+                    Controller::Cpu,
+                    "cpu.cfs_period_us",
+                    CPU_PERIOD_US.to_string(),
+                ));
+                out.push(setting(
+                    Controller::Cpu,
+                    "cpu.cfs_quota_us",
+                    quota.to_string(),
+                ));
             }
             if let Some(pids) = limits.pids {
                 out.push(setting(Controller::Pids, "pids.max", pids.to_string()));
@@ -118,7 +126,11 @@ pub fn settings(version: Version, limits: &ResolvedLimits) -> Vec<Setting> {
                 });
             }
             if let Some(quota) = quota {
-                out.push(setting(Controller::Cpu, "cpu.max", format!("{quota} {CPU_PERIOD_US}")));
+                out.push(setting(
+                    Controller::Cpu,
+                    "cpu.max",
+                    format!("{quota} {CPU_PERIOD_US}"),
+                ));
             }
             if let Some(pids) = limits.pids {
                 out.push(setting(Controller::Pids, "pids.max", pids.to_string()));
@@ -179,11 +191,20 @@ static SEQUENCE: AtomicU64 = AtomicU64::new(0);
 
 impl Cgroup {
     /// Creates `pio/<name>-<daemon pid>-<n>` with `limits` applied.
-    pub fn create(version: Version, name: &str, limits: &ResolvedLimits) -> Result<Self, CgroupError> {
+    pub fn create(
+        version: Version,
+        name: &str,
+        limits: &ResolvedLimits,
+    ) -> Result<Self, CgroupError> {
         Self::create_at(Path::new(ROOT), version, name, limits)
     }
 
-    fn create_at(root: &Path, version: Version, name: &str, limits: &ResolvedLimits) -> Result<Self, CgroupError> {
+    fn create_at(
+        root: &Path,
+        version: Version,
+        name: &str,
+        limits: &ResolvedLimits,
+    ) -> Result<Self, CgroupError> {
         let leaf = format!(
             "{name}-{}-{}",
             std::process::id(),
@@ -211,7 +232,11 @@ impl Cgroup {
                 // Controllers must be enabled in every ancestor for the leaf to get them.
                 for dir in [root, parent.as_path()] {
                     let file = dir.join("cgroup.subtree_control");
-                    io(&file, "enable controllers", std::fs::write(&file, "+memory +cpu +pids"))?;
+                    io(
+                        &file,
+                        "enable controllers",
+                        std::fs::write(&file, "+memory +cpu +pids"),
+                    )?;
                 }
                 let dir = parent.join(&leaf);
                 Self {
@@ -296,7 +321,11 @@ impl Cgroup {
 
     /// The pids in the group.
     pub fn members(&self) -> Vec<u32> {
-        let file = self.unified.as_ref().unwrap_or(&self.pids).join("cgroup.procs");
+        let file = self
+            .unified
+            .as_ref()
+            .unwrap_or(&self.pids)
+            .join("cgroup.procs");
         std::fs::read_to_string(file)
             .unwrap_or_default()
             .lines()
@@ -307,18 +336,22 @@ impl Cgroup {
     /// Current usage and counters.
     pub fn stats(&self) -> Stats {
         let read = |dir: &Path, file: &str| std::fs::read_to_string(dir.join(file)).ok();
-        let num = |dir: &Path, file: &str| read(dir, file).and_then(|s| s.trim().parse::<u64>().ok());
+        let num =
+            |dir: &Path, file: &str| read(dir, file).and_then(|s| s.trim().parse::<u64>().ok());
         let field = |text: Option<String>, key: &str| {
             text.and_then(|t| {
-                t.lines()
-                    .find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().parse::<u64>().ok()))
+                t.lines().find_map(|l| {
+                    l.strip_prefix(key)
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                })
             })
         };
         match self.version {
             Version::V1 => Stats {
                 memory_bytes: num(&self.memory, "memory.usage_in_bytes"),
                 memory_limit_bytes: num(&self.memory, "memory.limit_in_bytes"),
-                oom_kills: field(read(&self.memory, "memory.oom_control"), "oom_kill ").unwrap_or(0),
+                oom_kills: field(read(&self.memory, "memory.oom_control"), "oom_kill ")
+                    .unwrap_or(0),
                 pids: num(&self.pids, "pids.current"),
                 cpu_usec: num(&self.cpu, "cpuacct.usage").map(|ns| ns / 1000),
             },

@@ -59,8 +59,14 @@ fn v2_group_creation_writes_the_planned_files() {
     let group = Cgroup::create_at(root.path(), Version::V2, "echo", &limits()).unwrap();
     let dir = group.memory_dir().to_path_buf();
     assert!(dir.starts_with(root.path().join("pio")));
-    assert_eq!(std::fs::read_to_string(dir.join("memory.max")).unwrap(), "268435456");
-    assert_eq!(std::fs::read_to_string(dir.join("cpu.max")).unwrap(), "150000 100000");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("memory.max")).unwrap(),
+        "268435456"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("cpu.max")).unwrap(),
+        "150000 100000"
+    );
     assert_eq!(std::fs::read_to_string(dir.join("pids.max")).unwrap(), "64");
     let enabled = std::fs::read_to_string(root.path().join("pio/cgroup.subtree_control")).unwrap();
     assert_eq!(enabled, "+memory +cpu +pids");
@@ -77,7 +83,10 @@ fn a_real_group_confines_a_process_and_is_removed() {
         return;
     };
     let group = Cgroup::create(version, "unit-test", &limits()).unwrap();
-    let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+    let mut child = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
     group.add(child.id()).unwrap();
     assert_eq!(group.members(), [child.id()]);
     let stats = group.stats();

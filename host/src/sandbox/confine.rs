@@ -30,14 +30,31 @@ const MAX_OPEN_FILES: u64 = 4096;
 /// Applies `plan` to the calling process; returns the names of the mechanisms applied.
 pub fn apply(plan: &Plan) -> Result<Vec<String>, ConfineError> {
     let mut applied = Vec::new();
-    step("exit with the daemon", nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL))?;
+    step(
+        "exit with the daemon",
+        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL),
+    )?;
     applied.push("pdeathsig".to_string());
     step("no core dumps", setrlimit(Resource::RLIMIT_CORE, 0, 0))?;
     applied.push("rlimit_core=0".into());
-    step("open-file limit", setrlimit(Resource::RLIMIT_NOFILE, MAX_OPEN_FILES, MAX_OPEN_FILES))?;
+    step(
+        "open-file limit",
+        setrlimit(Resource::RLIMIT_NOFILE, MAX_OPEN_FILES, MAX_OPEN_FILES),
+    )?;
     applied.push(format!("rlimit_nofile={MAX_OPEN_FILES}"));
     if let Some(bytes) = plan.limits.scratch_bytes {
-        step("file-size limit", setrlimit(Resource::RLIMIT_FSIZE, bytes, bytes))?;
+        // Past the limit a write fails with EFBIG instead of SIGXFSZ killing the worker.
+        // SAFETY: installs the ignore disposition; no handler code runs.
+        step("ignore SIGXFSZ", unsafe {
+            nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGXFSZ,
+                nix::sys::signal::SigHandler::SigIgn,
+            )
+        })?;
+        step(
+            "file-size limit",
+            setrlimit(Resource::RLIMIT_FSIZE, bytes, bytes),
+        )?;
         applied.push(format!("rlimit_fsize={bytes}"));
     }
     if let Some((uid, gid)) = plan.drop_to {

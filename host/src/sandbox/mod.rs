@@ -149,14 +149,13 @@ pub fn plan(
             .unwrap_or(Tier::Low);
         downgrade_reason = Some(missing);
     }
-    let fully_low = missing_for(Tier::Low, host).is_none();
     Ok(Plan {
         requested,
         applied,
         downgrade_reason,
-        drop_to: (host.root).then_some((policy.worker_uid, policy.worker_gid)),
+        drop_to: host.root.then_some((policy.worker_uid, policy.worker_gid)),
         limits,
-        cgroup: fully_low || host.cgroups.is_some() && host.root,
+        cgroup: host.root && host.cgroups.is_some(),
     })
 }
 
@@ -173,7 +172,14 @@ mod tests {
 
     #[test]
     fn low_on_a_capable_host_is_applied_as_asked() {
-        let p = plan("p", Tier::Low, ResolvedLimits::default(), &Policy::default(), &host(true, true)).unwrap();
+        let p = plan(
+            "p",
+            Tier::Low,
+            ResolvedLimits::default(),
+            &Policy::default(),
+            &host(true, true),
+        )
+        .unwrap();
         assert_eq!((p.requested, p.applied), (Tier::Low, Tier::Low));
         assert_eq!(p.drop_to, Some((65534, 65534)));
         assert!(p.cgroup && p.downgrade_reason.is_none());
@@ -186,13 +192,27 @@ mod tests {
             allow_downgrade: true,
             ..Policy::default()
         };
-        let p = plan("p", Tier::Low, ResolvedLimits::default(), &policy, &host(true, true)).unwrap();
+        let p = plan(
+            "p",
+            Tier::Low,
+            ResolvedLimits::default(),
+            &policy,
+            &host(true, true),
+        )
+        .unwrap();
         assert_eq!(p.requested, Tier::High);
     }
 
     #[test]
     fn a_missing_mechanism_refuses_unless_downgrade_is_allowed() {
-        let e = plan("p", Tier::Low, ResolvedLimits::default(), &Policy::default(), &host(false, true)).unwrap_err();
+        let e = plan(
+            "p",
+            Tier::Low,
+            ResolvedLimits::default(),
+            &Policy::default(),
+            &host(false, true),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("not running as root"), "{e}");
         assert!(e.to_string().contains("allow_downgrade"), "{e}");
 
@@ -200,14 +220,28 @@ mod tests {
             allow_downgrade: true,
             ..Policy::default()
         };
-        let p = plan("p", Tier::Medium, ResolvedLimits::default(), &policy, &host(true, true)).unwrap();
+        let p = plan(
+            "p",
+            Tier::Medium,
+            ResolvedLimits::default(),
+            &policy,
+            &host(true, true),
+        )
+        .unwrap();
         assert_eq!((p.requested, p.applied), (Tier::Medium, Tier::Low));
         assert!(p.downgrade_reason.unwrap().contains("medium"));
     }
 
     #[test]
     fn unimplemented_tiers_are_refused_not_silently_weakened() {
-        let e = plan("p", Tier::Maximum, ResolvedLimits::default(), &Policy::default(), &host(true, true)).unwrap_err();
+        let e = plan(
+            "p",
+            Tier::Maximum,
+            ResolvedLimits::default(),
+            &Policy::default(),
+            &host(true, true),
+        )
+        .unwrap_err();
         assert_eq!(e.tier, Tier::Maximum);
     }
 }

@@ -1,0 +1,236 @@
+//! `pio run`: one request to one plugin through the same worker path the daemon uses,
+//! streaming the output as it is generated.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use pio_host::discovery::{self, Status};
+use pio_host::launch;
+use pio_host::sandbox::{HostSupport, Policy, Tier};
+use pio_host::supervisor::{Event, Worker, WorkerSpec};
+use pio_plugin_api::wire::{InferRequest, Prompt};
+use serde_json::json;
+
+use crate::{prober, search_paths, SearchArgs};
+
+/// Arguments of `pio run`.
+#[derive(Args)]
+pub struct RunArgs {
+    /// The plugin to run, by name.
+    name: String,
+    #[command(flatten)]
+    search: SearchArgs,
+    /// Use this model folder instead of the manifest's `[model] path`.
+    #[arg(long, value_name = "DIR")]
+    model_path: Option<PathBuf>,
+    /// Raw text to continue (no chat template).
+    #[arg(
+        long,
+        conflicts_with = "messages",
+        required_unless_present = "messages"
+    )]
+    prompt: Option<String>,
+    /// OpenAI-style chat messages: a JSON array, or a file holding one.
+    #[arg(long, value_name = "FILE_OR_JSON")]
+    messages: Option<String>,
+    /// The most tokens to generate.
+    #[arg(long)]
+    max_tokens: Option<u32>,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Nucleus sampling mass.
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Keep only the k most likely tokens.
+    #[arg(long)]
+    top_k: Option<u32>,
+    /// Seed for reproducible sampling.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop before this string (repeatable).
+    #[arg(long = "stop", value_name = "TEXT")]
+    stop: Vec<String>,
+    /// Report each token's logprob and this many alternatives.
+    #[arg(long, value_name = "K")]
+    logprobs: Option<u32>,
+    /// Print one JSON object per token, then a summary line.
+    #[arg(long)]
+    json: bool,
+    /// Run at least at this tier, whatever the manifest says.
+    #[arg(long, value_name = "TIER", value_parser = parse_tier)]
+    min_tier: Option<Tier>,
+    /// Run less confined than asked (with a warning) if this host lacks a mechanism.
+    #[arg(long)]
+    allow_downgrade: bool,
+}
+
+fn parse_tier(s: &str) -> Result<Tier, String> {
+    match s {
+        "low" => Ok(Tier::Low),
+        "medium" => Ok(Tier::Medium),
+        "high" => Ok(Tier::High),
+        "maximum" => Ok(Tier::Maximum),
+        _ => Err(format!(
+            "unknown tier \"{s}\"; expected low, medium, high or maximum"
+        )),
+    }
+}
+
+fn request(args: &RunArgs) -> anyhow::Result<InferRequest> {
+    let prompt = match (&args.prompt, &args.messages) {
+        (Some(text), _) => Prompt::Text(text.clone()),
+        (None, Some(m)) => {
+            let text = if m.trim_start().starts_with('[') {
+                m.clone()
+            } else {
+                std::fs::read_to_string(m)
+                    .with_context(|| format!("cannot read messages file {m}"))?
+            };
+            let messages: Vec<serde_json::Value> = serde_json::from_str(&text)
+                .context("--messages must be a JSON array of {\"role\", \"content\"} objects")?;
+            Prompt::Messages(messages)
+        }
+        (None, None) => bail!("give --prompt TEXT or --messages FILE_OR_JSON"),
+    };
+    Ok(InferRequest {
+        prompt,
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        seed: args.seed,
+        stop: args.stop.clone(),
+        logprobs: args.logprobs,
+        ..InferRequest::default()
+    })
+}
+
+/// Runs `pio run`; returns the process exit code.
+pub fn run(args: RunArgs) -> anyhow::Result<u8> {
+    let request = request(&args)?;
+    let search = search_paths(
+        args.search.plugin_dirs.clone(),
+        args.search.library_dirs.clone(),
+    );
+    let candidates = discovery::discover(&search, &prober()?)?;
+    let named: Vec<_> = candidates
+        .iter()
+        .filter(|c| c.manifest.as_ref().is_some_and(|m| m.name == args.name))
+        .collect();
+    let Some(chosen) = named.iter().find(|c| matches!(c.status, Status::Ready)) else {
+        if let Some(Status::Failed(e)) = named.first().map(|c| &c.status) {
+            bail!("plugin {} cannot run: {e}", args.name);
+        }
+        bail!(
+            "no plugin named {} in {}; `pio list` shows what is there",
+            args.name,
+            search
+                .plugin_dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    };
+    let (Some(manifest), Some(library)) = (&chosen.manifest, &chosen.library) else {
+        bail!("plugin {} has no checked manifest", args.name);
+    };
+    let policy = Policy {
+        min_tier: args.min_tier.unwrap_or(Tier::Low),
+        allow_downgrade: args.allow_downgrade,
+        ..Policy::default()
+    };
+    let plan = launch::plan(manifest, &policy, &HostSupport::detect())?;
+    if let Some(reason) = &plan.downgrade_reason {
+        eprintln!(
+            "warning: running {} at tier {} instead of {}: {reason}",
+            manifest.name, plan.applied, plan.requested
+        );
+    }
+    let mut config = launch::model_config(manifest, &chosen.manifest_path);
+    if let Some(path) = &args.model_path {
+        config.model_path = Some(path.clone());
+    }
+    let spec = WorkerSpec {
+        name: manifest.name.clone(),
+        library: std::fs::canonicalize(library).unwrap_or_else(|_| library.clone()),
+        host_context: launch::host_context(&plan),
+        plan,
+        exe: std::env::current_exe().context("cannot find the running `pio` executable")?,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(stream(spec, config, request, args.json))
+}
+
+async fn stream(
+    spec: WorkerSpec,
+    config: pio_plugin_api::wire::ModelConfig,
+    request: InferRequest,
+    json: bool,
+) -> anyhow::Result<u8> {
+    let worker = Worker::start(spec).await?;
+    worker.load(config, |_, _, _| {}).await?;
+    let (id, mut events) = worker.infer(request)?;
+    let mut out = std::io::stdout().lock();
+    let mut index = 0usize;
+    let code = loop {
+        let event = tokio::select! {
+            e = events.recv() => e,
+            _ = tokio::signal::ctrl_c() => {
+                worker.cancel(id);
+                continue;
+            }
+        };
+        match event {
+            Some(Event::Token(t)) => {
+                if json {
+                    let top: Vec<_> = t
+                        .top_logprobs
+                        .iter()
+                        .map(|(id, text, lp)| json!({"token_id": id, "text": text, "logprob": lp}))
+                        .collect();
+                    let line = json!({"index": index, "token_id": t.token_id, "text": t.text,
+                        "logprob": t.logprob, "top_logprobs": top});
+                    writeln!(out, "{line}")?;
+                } else {
+                    write!(out, "{}", t.text)?;
+                }
+                out.flush()?;
+                index += 1;
+            }
+            Some(Event::Done(outcome)) => {
+                if json {
+                    writeln!(
+                        out,
+                        "{}",
+                        json!({"finish_reason": outcome.finish_reason,
+                        "usage": outcome.usage, "timings": outcome.timings})
+                    )?;
+                } else {
+                    writeln!(out)?;
+                }
+                break 0;
+            }
+            Some(Event::Failed(e)) => {
+                if !json {
+                    writeln!(out)?;
+                }
+                eprintln!("error: {e}");
+                break 1;
+            }
+            None => {
+                eprintln!("error: {}", worker.exited().await);
+                break 1;
+            }
+        }
+    };
+    drop(out);
+    worker.shutdown().await;
+    Ok(code)
+}

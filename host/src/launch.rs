@@ -1,0 +1,76 @@
+//! From a checked manifest to what a worker needs: resolved limits, the confinement plan, the
+//! model config with paths made absolute.
+
+use std::path::Path;
+
+use pio_plugin_api::wire::{HostContext, ModelConfig};
+
+use crate::manifest::{Dtype, Manifest, Quantization};
+use crate::sandbox::{self, HostSupport, Plan, PlanError, Policy, ResolvedLimits};
+
+/// The manifest's limits (unset ones stay unset until the daemon config supplies defaults).
+pub fn limits(manifest: &Manifest) -> ResolvedLimits {
+    let l = &manifest.limits;
+    ResolvedLimits {
+        memory_bytes: l.memory.map(|b| b.0),
+        cpus: l.cpus.map(|c| c.0),
+        pids: l.pids,
+        gpu_memory_bytes: l.gpu_memory.map(|b| b.0),
+        scratch_bytes: l.scratch.map(|b| b.0),
+        network: l.network.unwrap_or(false),
+    }
+}
+
+/// Plans the worker's confinement from the manifest's tier and limits.
+pub fn plan(manifest: &Manifest, policy: &Policy, host: &HostSupport) -> Result<Plan, PlanError> {
+    sandbox::plan(
+        &manifest.name,
+        manifest.tier,
+        limits(manifest),
+        policy,
+        host,
+    )
+}
+
+/// The model config the plugin gets: the manifest's `[model]`, its path resolved against the
+/// manifest's folder, its `options` flattened in.
+pub fn model_config(manifest: &Manifest, manifest_path: &Path) -> ModelConfig {
+    let m = &manifest.model;
+    let base = manifest_path.parent().unwrap_or(Path::new("."));
+    let extra = serde_json::to_value(&m.options)
+        .ok()
+        .and_then(|v| v.as_object().cloned())
+        .unwrap_or_default();
+    ModelConfig {
+        model_path: m.path.as_ref().map(|p| base.join(p)),
+        dtype: m.dtype.map(|d| {
+            match d {
+                Dtype::F32 => "f32",
+                Dtype::Bf16 => "bf16",
+                Dtype::F16 => "f16",
+            }
+            .to_string()
+        }),
+        device: m.device.as_ref().map(|d| d.0.clone()),
+        quantization: m.quantization.map(|q| {
+            match q {
+                Quantization::None => "none",
+                Quantization::Q8 => "q8",
+                Quantization::Q4 => "q4",
+            }
+            .to_string()
+        }),
+        generation: m.generation.clone(),
+        extra,
+    }
+}
+
+/// The context handed to the plugin's `initialize`.
+pub fn host_context(plan: &Plan) -> HostContext {
+    HostContext {
+        host_version: env!("CARGO_PKG_VERSION").to_string(),
+        threads: plan.limits.cpus.map(|c| c.ceil().max(1.0) as usize),
+        scratch_dir: None,
+        gpu_memory_limit_bytes: plan.limits.gpu_memory_bytes,
+    }
+}

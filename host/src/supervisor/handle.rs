@@ -1,0 +1,520 @@
+//! The host's handle on one worker process: spawning it into its cgroup, the handshake, and the
+//! request traffic. When the worker dies, every request in flight gets an error that says how
+//! it died (crash, signal, memory limit), never silence.
+
+use std::collections::HashMap;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pio_plugin_api::wire::{HostContext, InferOutcome, InferRequest, ModelConfig, ModelInfo};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::probe::LibraryReport;
+use crate::protocol::{
+    encode, read_frame_async, FromWorker, ToWorker, TokenFrame, WireError, PROTOCOL_VERSION,
+};
+use crate::sandbox::cgroup::{Cgroup, Stats};
+use crate::sandbox::Plan;
+use crate::units::ByteSize;
+use crate::worker::SOCKET_FD;
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct WorkerSpec {
+    /// The plugin's name (for messages and the cgroup's name).
+    pub name: String,
+    /// The library to load.
+    pub library: PathBuf,
+    /// How to confine it.
+    pub plan: Plan,
+    /// Passed to the plugin's `initialize`.
+    pub host_context: HostContext,
+    /// The `pio` executable to run as `pio worker`.
+    pub exe: PathBuf,
+}
+
+/// One event of a running request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A token, as soon as it was produced.
+    Token(TokenFrame),
+    /// The request finished.
+    Done(InferOutcome),
+    /// The request failed.
+    Failed(WireError),
+}
+
+/// A worker that could not be started or used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct WorkerError(pub WireError);
+
+impl WorkerError {
+    fn new(kind: &str, message: impl Into<String>) -> Self {
+        Self(WireError {
+            kind: kind.into(),
+            message: message.into(),
+        })
+    }
+}
+
+type Pending = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Event>>>>;
+
+enum LoadEvent {
+    Progress(String, u64, u64),
+    Loaded(ModelInfo),
+    Failed(WireError),
+}
+
+#[derive(Default)]
+struct Waiters {
+    start: Option<oneshot::Sender<Result<FromWorker, WireError>>>,
+    load: Option<mpsc::UnboundedSender<LoadEvent>>,
+    unload: Option<oneshot::Sender<()>>,
+    pongs: HashMap<u64, oneshot::Sender<()>>,
+}
+
+/// A running worker.
+pub struct Worker {
+    name: String,
+    pid: u32,
+    plugin: LibraryReport,
+    applied: Vec<String>,
+    plan: Plan,
+    outbox: mpsc::UnboundedSender<Vec<u8>>,
+    pending: Pending,
+    waiters: Arc<Mutex<Waiters>>,
+    cgroup: Option<Arc<Cgroup>>,
+    exit: watch::Receiver<Option<String>>,
+    next_id: AtomicU64,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("name", &self.name)
+            .field("pid", &self.pid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    /// Spawns the worker, puts it in its cgroup, and completes the handshake: when this returns
+    /// the worker is confined and the plugin constructed.
+    pub async fn start(spec: WorkerSpec) -> Result<Worker, WorkerError> {
+        let name = spec.name.clone();
+        let cgroup = match (
+            spec.plan.cgroup,
+            crate::sandbox::cgroup::Version::detect_writable(),
+        ) {
+            (true, Some(version)) => Some(Arc::new(
+                Cgroup::create(version, &name, &spec.plan.limits)
+                    .map_err(|e| WorkerError::new("sandbox", e.to_string()))?,
+            )),
+            (true, None) => {
+                return Err(WorkerError::new(
+                    "sandbox",
+                    format!(
+                        "worker for {name} needs a cgroup, but no writable hierarchy was found"
+                    ),
+                ))
+            }
+            (false, _) => None,
+        };
+        let (host_end, worker_end) = std::os::unix::net::UnixStream::pair()
+            .map_err(|e| WorkerError::new("spawn", format!("socketpair: {e}")))?;
+        let worker_fd = worker_end.as_raw_fd();
+        let mut command = tokio::process::Command::new(&spec.exe);
+        command
+            .arg("worker")
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("LANG", "C.UTF-8")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        // SAFETY: only async-signal-safe calls between fork and exec: setsid, prctl, dup2.
+        unsafe {
+            command.pre_exec(move || {
+                nix::unistd::setsid().map_err(std::io::Error::from)?;
+                // Dies with the thread that spawned it; tokio's core threads live as long as
+                // the runtime, and workers are never spawned from the blocking pool.
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                    .map_err(std::io::Error::from)?;
+                // dup2 clears CLOEXEC on the copy: fd 3 is the only extra fd the worker keeps.
+                if libc::dup2(worker_fd, SOCKET_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().map_err(|e| {
+            WorkerError::new(
+                "spawn",
+                format!("cannot start {} worker: {e}", spec.exe.display()),
+            )
+        })?;
+        drop(worker_end);
+        let pid = child.id().unwrap_or(0);
+        if let Some(cg) = &cgroup {
+            if let Err(e) = cg.add(pid) {
+                let _ = child.start_kill();
+                return Err(WorkerError::new("sandbox", e.to_string()));
+            }
+        }
+        forward_output(&name, child.stdout.take(), child.stderr.take());
+
+        host_end
+            .set_nonblocking(true)
+            .map_err(|e| WorkerError::new("spawn", e.to_string()))?;
+        let stream = tokio::net::UnixStream::from_std(host_end)
+            .map_err(|e| WorkerError::new("spawn", e.to_string()))?;
+        let (mut read_half, mut write_half) = stream.into_split();
+        let (outbox, mut outbox_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        tokio::spawn(async move {
+            while let Some(frame) = outbox_rx.recv().await {
+                if write_half.write_all(&frame).await.is_err() {
+                    break;
+                }
+            }
+        });
+
+        let pending: Pending = Arc::default();
+        let waiters: Arc<Mutex<Waiters>> = Arc::default();
+        let (start_tx, start_rx) = oneshot::channel();
+        lock(&waiters).start = Some(start_tx);
+        let (exit_tx, exit) = watch::channel(None);
+        {
+            let (pending, waiters, cgroup, name) = (
+                pending.clone(),
+                waiters.clone(),
+                cgroup.clone(),
+                name.clone(),
+            );
+            tokio::spawn(async move {
+                let reason = loop {
+                    match read_frame_async::<FromWorker>(&mut read_half).await {
+                        Ok(Some(frame)) => dispatch(frame, &pending, &waiters),
+                        Ok(None) => break None,
+                        Err(e) => break Some(format!("sent a bad frame ({e})")),
+                    }
+                };
+                if reason.is_some() {
+                    let _ = child.start_kill();
+                }
+                let status = child.wait().await.ok();
+                let stats = cgroup.as_ref().map(|c| c.stats());
+                let why = reason.unwrap_or_else(|| death_reason(status, stats.as_ref()));
+                let message = format!("worker for {name} {why}");
+                fail_all(&pending, &waiters, &message);
+                let _ = exit_tx.send(Some(message));
+            });
+        }
+
+        let start = ToWorker::Start {
+            protocol: PROTOCOL_VERSION,
+            library: spec.library.clone(),
+            plan: spec.plan.clone(),
+            host_context: spec.host_context.clone(),
+        };
+        let frame = encode(&start).map_err(|e| WorkerError::new("protocol", e.to_string()))?;
+        let _ = outbox.send(frame);
+        let reply = start_rx
+            .await
+            .map_err(|_| {
+                WorkerError::new(
+                    "worker_died",
+                    format!("worker for {name} vanished during start"),
+                )
+            })?
+            .map_err(WorkerError)?;
+        match reply {
+            FromWorker::Ready {
+                protocol,
+                plugin,
+                applied,
+                ..
+            } if protocol == PROTOCOL_VERSION => Ok(Worker {
+                name,
+                pid,
+                plugin,
+                applied,
+                plan: spec.plan,
+                outbox,
+                pending,
+                waiters,
+                cgroup,
+                exit,
+                next_id: AtomicU64::new(1),
+            }),
+            FromWorker::StartFailed { error } => Err(WorkerError(error)),
+            other => Err(WorkerError::new(
+                "protocol",
+                format!("worker for {name} answered Start with {other:?}"),
+            )),
+        }
+    }
+
+    fn send(&self, message: &ToWorker) -> Result<(), WorkerError> {
+        if let Some(why) = self.exit.borrow().clone() {
+            return Err(WorkerError::new("worker_died", why));
+        }
+        let frame = encode(message).map_err(|e| WorkerError::new("protocol", e.to_string()))?;
+        self.outbox.send(frame).map_err(|_| {
+            WorkerError::new("worker_died", format!("worker for {} is gone", self.name))
+        })
+    }
+
+    /// Loads the model, calling `progress(stage, done, total)` as the plugin reports.
+    pub async fn load(
+        &self,
+        config: ModelConfig,
+        mut progress: impl FnMut(&str, u64, u64),
+    ) -> Result<ModelInfo, WorkerError> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        lock(&self.waiters).load = Some(tx);
+        self.send(&ToWorker::Load { config })?;
+        while let Some(event) = rx.recv().await {
+            match event {
+                LoadEvent::Progress(stage, done, total) => progress(&stage, done, total),
+                LoadEvent::Loaded(info) => return Ok(info),
+                LoadEvent::Failed(e) => return Err(WorkerError(e)),
+            }
+        }
+        Err(WorkerError::new("worker_died", self.exit_reason()))
+    }
+
+    /// Starts a request; its events arrive on the returned receiver, ending with `Done` or
+    /// `Failed`.
+    pub fn infer(
+        &self,
+        request: InferRequest,
+    ) -> Result<(u64, mpsc::UnboundedReceiver<Event>), WorkerError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        lock(&self.pending).insert(id, tx);
+        if let Err(e) = self.send(&ToWorker::Infer { id, request }) {
+            lock(&self.pending).remove(&id);
+            return Err(e);
+        }
+        Ok((id, rx))
+    }
+
+    /// Asks the worker to stop request `id`; it ends with a `cancelled` failure.
+    pub fn cancel(&self, id: u64) {
+        let _ = self.send(&ToWorker::Cancel { id });
+    }
+
+    /// Fails unless the worker answers a ping within `deadline`.
+    pub async fn ping(&self, deadline: Duration) -> Result<(), WorkerError> {
+        let nonce = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.waiters).pongs.insert(nonce, tx);
+        self.send(&ToWorker::Ping { nonce })?;
+        match tokio::time::timeout(deadline, rx).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(WorkerError::new("worker_died", self.exit_reason())),
+            Err(_) => Err(WorkerError::new(
+                "unresponsive",
+                format!(
+                    "worker for {} did not answer a health check within {deadline:?}",
+                    self.name
+                ),
+            )),
+        }
+    }
+
+    /// Releases the model (waits for requests in flight, which hold the plugin).
+    pub async fn unload(&self) -> Result<(), WorkerError> {
+        let (tx, rx) = oneshot::channel();
+        lock(&self.waiters).unload = Some(tx);
+        self.send(&ToWorker::Unload)?;
+        rx.await
+            .map_err(|_| WorkerError::new("worker_died", self.exit_reason()))
+    }
+
+    /// Stops the worker: kills it and everything it started, and removes its cgroup.
+    pub async fn shutdown(self) {
+        if let Some(cg) = &self.cgroup {
+            cg.kill_all();
+        } else {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let mut exit = self.exit.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(5), exit.wait_for(Option::is_some)).await;
+    }
+
+    /// Resolves when the worker has exited; yields how it died.
+    pub async fn exited(&self) -> String {
+        let mut exit = self.exit.clone();
+        let reason = match exit.wait_for(Option::is_some).await {
+            Ok(v) => v.clone().unwrap_or_default(),
+            Err(_) => format!("worker for {} is gone", self.name),
+        };
+        reason
+    }
+
+    fn exit_reason(&self) -> String {
+        self.exit
+            .borrow()
+            .clone()
+            .unwrap_or_else(|| format!("worker for {} stopped answering", self.name))
+    }
+
+    /// The worker's pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// What the library reported at the handshake.
+    pub fn plugin(&self) -> &LibraryReport {
+        &self.plugin
+    }
+
+    /// The confinement plan.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// Mechanisms the worker applied to itself.
+    pub fn applied(&self) -> &[String] {
+        &self.applied
+    }
+
+    /// Usage read from its cgroup, if it has one.
+    pub fn stats(&self) -> Option<Stats> {
+        self.cgroup.as_ref().map(|c| c.stats())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn dispatch(frame: FromWorker, pending: &Pending, waiters: &Mutex<Waiters>) {
+    let to_request = |id: u64, event: Event, last: bool| {
+        let mut pending = lock(pending);
+        if let Some(tx) = pending.get(&id) {
+            let _ = tx.send(event);
+        }
+        if last {
+            pending.remove(&id);
+        }
+    };
+    match frame {
+        FromWorker::Token { id, token } => to_request(id, Event::Token(token), false),
+        FromWorker::Done { id, outcome } => to_request(id, Event::Done(outcome), true),
+        FromWorker::Failed { id, error } => to_request(id, Event::Failed(error), true),
+        FromWorker::Ready { .. } => {
+            if let Some(tx) = lock(waiters).start.take() {
+                let _ = tx.send(Ok(frame));
+            }
+        }
+        FromWorker::StartFailed { error } => {
+            if let Some(tx) = lock(waiters).start.take() {
+                let _ = tx.send(Err(error));
+            }
+        }
+        FromWorker::Progress { stage, done, total } => {
+            if let Some(tx) = &lock(waiters).load {
+                let _ = tx.send(LoadEvent::Progress(stage, done, total));
+            }
+        }
+        FromWorker::Loaded { info } => {
+            if let Some(tx) = lock(waiters).load.take() {
+                let _ = tx.send(LoadEvent::Loaded(info));
+            }
+        }
+        FromWorker::LoadFailed { error } => {
+            if let Some(tx) = lock(waiters).load.take() {
+                let _ = tx.send(LoadEvent::Failed(error));
+            }
+        }
+        FromWorker::Pong { nonce } => {
+            if let Some(tx) = lock(waiters).pongs.remove(&nonce) {
+                let _ = tx.send(());
+            }
+        }
+        FromWorker::Unloaded => {
+            if let Some(tx) = lock(waiters).unload.take() {
+                let _ = tx.send(());
+            }
+        }
+    }
+}
+
+fn fail_all(pending: &Pending, waiters: &Mutex<Waiters>, message: &str) {
+    let error = WireError {
+        kind: "worker_died".into(),
+        message: message.to_string(),
+    };
+    for (_, tx) in lock(pending).drain() {
+        let _ = tx.send(Event::Failed(error.clone()));
+    }
+    let mut w = lock(waiters);
+    if let Some(tx) = w.start.take() {
+        let _ = tx.send(Err(error.clone()));
+    }
+    if let Some(tx) = w.load.take() {
+        let _ = tx.send(LoadEvent::Failed(error));
+    }
+    w.unload = None;
+    w.pongs.clear();
+}
+
+/// How a worker died, from its exit status and its cgroup's counters.
+pub fn death_reason(status: Option<std::process::ExitStatus>, stats: Option<&Stats>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(stats) = stats.filter(|s| s.oom_kills > 0) {
+        let limit = stats
+            .memory_limit_bytes
+            .map(|b| ByteSize(b).to_string())
+            .unwrap_or_else(|| "its".into());
+        return format!("was killed: memory limit {limit} reached");
+    }
+    match status {
+        Some(s) if s.code() == Some(0) => "exited".into(),
+        Some(s) => match (s.code(), s.signal()) {
+            (Some(code), _) => format!("exited with code {code}"),
+            (None, Some(sig)) => {
+                let name = nix::sys::signal::Signal::try_from(sig)
+                    .map(|s| s.as_str().to_string())
+                    .unwrap_or_else(|_| format!("signal {sig}"));
+                format!("was killed by {name}")
+            }
+            _ => "ended".into(),
+        },
+        None => "ended".into(),
+    }
+}
+
+/// Forwards the worker's stdout and stderr to ours, each line prefixed with the plugin's name.
+fn forward_output(
+    name: &str,
+    stdout: Option<tokio::process::ChildStdout>,
+    stderr: Option<tokio::process::ChildStderr>,
+) {
+    fn pump<R: tokio::io::AsyncRead + Unpin + Send + 'static>(prefix: String, r: R) {
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(r).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                eprintln!("[{prefix}] {line}");
+            }
+        });
+    }
+    if let Some(out) = stdout {
+        pump(name.to_string(), out);
+    }
+    if let Some(err) = stderr {
+        pump(name.to_string(), err);
+    }
+}

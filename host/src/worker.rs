@@ -1,0 +1,279 @@
+//! The worker process (`pio worker`, hidden): one per loaded plugin. It waits on its inherited
+//! socket for `Start`, confines itself by the plan (still single-threaded), only then loads the
+//! plugin library, and serves the frame protocol: loads and unloads run one at a time, requests
+//! run concurrently on their own threads and stream tokens back as they are produced.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use pio_plugin_api::{
+    Flow, GeneratedToken, PluginBox, PluginLibrary, ProgressSink, ProgressSink_TO, RStr, TD_Opaque,
+    TokenSink, TokenSink_TO,
+};
+
+use crate::probe::LibraryReport;
+use crate::protocol::{
+    read_frame, write_frame, FromWorker, ToWorker, TokenFrame, WireError, PROTOCOL_VERSION,
+};
+use crate::sandbox::confine;
+
+/// The fd number the host puts the worker's socket at.
+pub const SOCKET_FD: RawFd = 3;
+
+/// The socket's write half, shared by every thread that reports.
+#[derive(Clone)]
+struct Outbox(Arc<Mutex<UnixStream>>);
+
+impl Outbox {
+    /// Sends one frame; false when the host is gone.
+    fn send(&self, message: &FromWorker) -> bool {
+        match self.0.lock() {
+            Ok(mut stream) => write_frame(&mut *stream, message).is_ok(),
+            Err(_) => false,
+        }
+    }
+}
+
+struct WireSink {
+    id: u64,
+    outbox: Outbox,
+    cancelled: Arc<AtomicBool>,
+}
+
+impl TokenSink for WireSink {
+    fn emit(&mut self, token: GeneratedToken) -> Flow {
+        let frame = FromWorker::Token {
+            id: self.id,
+            token: TokenFrame {
+                token_id: token.token_id,
+                text: token.text.into_string(),
+                logprob: token.logprob.into_option(),
+                top_logprobs: token
+                    .top_logprobs
+                    .into_iter()
+                    .map(|t| (t.token_id, t.text.into_string(), t.logprob))
+                    .collect(),
+            },
+        };
+        if !self.outbox.send(&frame) || self.is_cancelled() {
+            return Flow::Stop;
+        }
+        Flow::Continue
+    }
+
+    fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire)
+    }
+}
+
+struct WireProgress(Outbox);
+
+impl ProgressSink for WireProgress {
+    fn report(&mut self, stage: RStr<'_>, done: u64, total: u64) -> Flow {
+        let frame = FromWorker::Progress {
+            stage: stage.to_string(),
+            done,
+            total,
+        };
+        if self.0.send(&frame) {
+            Flow::Continue
+        } else {
+            Flow::Stop
+        }
+    }
+}
+
+fn fail_start(outbox: &Outbox, kind: &str, message: String) -> i32 {
+    let _ = writeln!(std::io::stderr(), "worker: {kind}: {message}");
+    outbox.send(&FromWorker::StartFailed {
+        error: WireError {
+            kind: kind.into(),
+            message,
+        },
+    });
+    1
+}
+
+/// The worker's main: serves the socket at `fd` until the host closes it. Returns the exit code.
+pub fn run(fd: RawFd) -> i32 {
+    // Whatever the daemon's process had open without CLOEXEC stops here: the worker keeps its
+    // stdio and its socket only.
+    // SAFETY: closes descriptors this process does not use; nothing else is running yet.
+    unsafe { libc::close_range(fd as u32 + 1, u32::MAX, 0) };
+    // SAFETY: the host hands the worker its end of a socketpair at this fd and nothing else
+    // owns it in this process.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    let Ok(write_half) = stream.try_clone() else {
+        return 1;
+    };
+    let outbox = Outbox(Arc::new(Mutex::new(write_half)));
+    let mut reader = stream;
+
+    let (library, plan, host_context) = match read_frame::<ToWorker>(&mut reader) {
+        Ok(Some(ToWorker::Start {
+            protocol,
+            library,
+            plan,
+            host_context,
+        })) => {
+            if protocol != PROTOCOL_VERSION {
+                let message = format!(
+                    "host speaks worker protocol {protocol}, this worker {PROTOCOL_VERSION}; host and worker must be the same pio build"
+                );
+                return fail_start(&outbox, "protocol", message);
+            }
+            (library, plan, host_context)
+        }
+        Ok(_) => {
+            return fail_start(
+                &outbox,
+                "protocol",
+                "expected Start as the first frame".into(),
+            )
+        }
+        Err(e) => return fail_start(&outbox, "protocol", e.to_string()),
+    };
+
+    let applied = match confine::apply(&plan) {
+        Ok(applied) => applied,
+        Err(e) => return fail_start(&outbox, "confine", e.to_string()),
+    };
+    let lib = match PluginLibrary::load(&library) {
+        Ok(lib) => lib,
+        Err(e) => return fail_start(&outbox, "load", e.to_string()),
+    };
+    let info = lib.info();
+    let mut plugin = match lib.instantiate() {
+        Ok(p) => p,
+        Err(e) => return fail_start(&outbox, "construct", e.to_string()),
+    };
+    let context = serde_json::to_string(&host_context).unwrap_or_else(|_| "{}".into());
+    if let Err(e) = plugin.initialize(context.as_str().into()).into_result() {
+        return fail_start(&outbox, "initialize", e.to_string());
+    }
+    let ready = FromWorker::Ready {
+        protocol: PROTOCOL_VERSION,
+        plugin: LibraryReport {
+            api_version: lib.built_with().to_string(),
+            name: info.name.into_string(),
+            version: info.version.into_string(),
+            family: info.family.into_string(),
+            capabilities: info.capabilities.names(),
+        },
+        applied,
+        features: Vec::new(),
+    };
+    if !outbox.send(&ready) {
+        return 0;
+    }
+    serve(reader, outbox, plugin)
+}
+
+fn serve(mut reader: UnixStream, outbox: Outbox, plugin: PluginBox) -> i32 {
+    let plugin = Arc::new(RwLock::new(plugin));
+    let cancels: Arc<Mutex<HashMap<u64, Arc<AtomicBool>>>> = Arc::default();
+    loop {
+        let message = match read_frame::<ToWorker>(&mut reader) {
+            Ok(Some(m)) => m,
+            // The host closed the socket (or is gone): nothing left to serve.
+            Ok(None) => return 0,
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "worker: bad frame from host: {e}");
+                return 1;
+            }
+        };
+        match message {
+            ToWorker::Start { .. } => {
+                let _ = writeln!(std::io::stderr(), "worker: ignoring a second Start");
+            }
+            ToWorker::Ping { nonce } => {
+                outbox.send(&FromWorker::Pong { nonce });
+            }
+            ToWorker::Cancel { id } => {
+                if let Some(flag) = cancels.lock().ok().and_then(|c| c.get(&id).cloned()) {
+                    flag.store(true, Ordering::Release);
+                }
+            }
+            ToWorker::Load { config } => {
+                let (plugin, outbox) = (plugin.clone(), outbox.clone());
+                std::thread::spawn(move || {
+                    let json = serde_json::to_string(&config).unwrap_or_else(|_| "{}".into());
+                    let progress =
+                        ProgressSink_TO::from_value(WireProgress(outbox.clone()), TD_Opaque);
+                    let result = match plugin.write() {
+                        Ok(mut p) => p.load_model(json.as_str().into(), progress).into_result(),
+                        Err(_) => Err(pio_plugin_api::PluginError::internal(
+                            "plugin lock poisoned",
+                        )),
+                    };
+                    let reply = match result.map(|info| serde_json::from_str(&info)) {
+                        Ok(Ok(info)) => FromWorker::Loaded { info },
+                        Ok(Err(e)) => FromWorker::LoadFailed {
+                            error: WireError {
+                                kind: "internal".into(),
+                                message: format!("the plugin returned malformed model info: {e}"),
+                            },
+                        },
+                        Err(e) => FromWorker::LoadFailed { error: e.into() },
+                    };
+                    outbox.send(&reply);
+                });
+            }
+            ToWorker::Infer { id, request } => {
+                let flag = Arc::new(AtomicBool::new(false));
+                if let Ok(mut c) = cancels.lock() {
+                    c.insert(id, flag.clone());
+                }
+                let (plugin, outbox, cancels) = (plugin.clone(), outbox.clone(), cancels.clone());
+                std::thread::spawn(move || {
+                    let json = serde_json::to_string(&request).unwrap_or_else(|_| "{}".into());
+                    let sink = WireSink {
+                        id,
+                        outbox: outbox.clone(),
+                        cancelled: flag,
+                    };
+                    let sink = TokenSink_TO::from_value(sink, TD_Opaque);
+                    let result = match plugin.read() {
+                        Ok(p) => p.infer(json.as_str().into(), sink).into_result(),
+                        Err(_) => Err(pio_plugin_api::PluginError::internal(
+                            "plugin lock poisoned",
+                        )),
+                    };
+                    if let Ok(mut c) = cancels.lock() {
+                        c.remove(&id);
+                    }
+                    let reply = match result.map(|o| serde_json::from_str(&o)) {
+                        Ok(Ok(outcome)) => FromWorker::Done { id, outcome },
+                        Ok(Err(e)) => FromWorker::Failed {
+                            id,
+                            error: WireError {
+                                kind: "internal".into(),
+                                message: format!("the plugin returned a malformed outcome: {e}"),
+                            },
+                        },
+                        Err(e) => FromWorker::Failed {
+                            id,
+                            error: e.into(),
+                        },
+                    };
+                    outbox.send(&reply);
+                });
+            }
+            ToWorker::Unload => {
+                let (plugin, outbox) = (plugin.clone(), outbox.clone());
+                std::thread::spawn(move || {
+                    if let Ok(mut p) = plugin.write() {
+                        if let Err(e) = p.cleanup().into_result() {
+                            let _ = writeln!(std::io::stderr(), "worker: cleanup failed: {e}");
+                        }
+                    }
+                    outbox.send(&FromWorker::Unloaded);
+                });
+            }
+        }
+    }
+}

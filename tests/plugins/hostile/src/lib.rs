@@ -1,0 +1,282 @@
+//! `hostile`: a test plugin that, on request, does what a malicious or broken plugin would. The
+//! prompt text is the command (`status`, `alloc 512`, `segfault`, `fork-bomb`, ...); the result
+//! comes back as one token of text, so tests can assert what the sandbox allowed.
+//!
+//! Its library constructor records where it ran in `/tmp/pio-hostile-ctor.<pid>`, so tests can
+//! prove that plugin code runs only in confined child processes, never in the host.
+
+use std::ffi::CString;
+use std::time::{Duration, Instant};
+
+use pio_plugin_api::wire::{InferOutcome, InferRequest, ModelConfig, ModelInfo, Prompt};
+use pio_plugin_api::{
+    export_plugin, Capabilities, GeneratedToken, PluginError, PluginImpl, Progress, Sink,
+};
+
+/// The hostile plugin.
+pub struct Hostile;
+
+extern "C" fn constructor() {
+    // SAFETY: plain libc calls with valid arguments.
+    let (pid, ppid, uid) = unsafe { (libc::getpid(), libc::getppid(), libc::geteuid()) };
+    let _ = std::fs::write(
+        format!("/tmp/pio-hostile-ctor.{pid}"),
+        format!("pid={pid} ppid={ppid} uid={uid}\n"),
+    );
+}
+
+#[used]
+#[link_section = ".init_array"]
+static CONSTRUCTOR: extern "C" fn() = constructor;
+
+fn errno_text() -> String {
+    std::io::Error::last_os_error().to_string()
+}
+
+fn status() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.split_whitespace().next().unwrap_or("").to_string())
+            .unwrap_or_default()
+    };
+    let fds: Vec<String> = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let memory_cgroup = cgroup
+        .lines()
+        .find(|l| l.contains(":memory:") || l.starts_with("0::"))
+        .and_then(|l| l.rsplit(':').next())
+        .unwrap_or("")
+        .to_string();
+    let env: Vec<String> = std::env::vars().map(|(k, _)| k).collect();
+    let mut core = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    unsafe { libc::getrlimit(libc::RLIMIT_CORE, &mut core) };
+    format!(
+        "uid={} nonewprivs={} capeff={} seccomp={} cgroup={} fds={} env={} core={}",
+        field("Uid:"),
+        field("NoNewPrivs:"),
+        field("CapEff:"),
+        field("Seccomp:"),
+        memory_cgroup,
+        fds.join(","),
+        env.join(","),
+        core.rlim_cur
+    )
+}
+
+fn alloc(megabytes: usize) -> String {
+    let mut blocks = Vec::new();
+    for _ in 0..megabytes {
+        let mut block = vec![0u8; 1 << 20];
+        for page in block.iter_mut().step_by(4096) {
+            *page = 1;
+        }
+        blocks.push(block);
+    }
+    format!("allocated {megabytes} MiB")
+}
+
+fn fork_bomb() -> String {
+    let mut forked = 0;
+    for _ in 0..10_000 {
+        // SAFETY: the child only sleeps and exits.
+        match unsafe { libc::fork() } {
+            0 => {
+                std::thread::sleep(Duration::from_secs(30));
+                // SAFETY: exiting the forked child without running the parent's destructors.
+                unsafe { libc::_exit(0) }
+            }
+            -1 => return format!("forked {forked}, then: {}", errno_text()),
+            _ => forked += 1,
+        }
+    }
+    format!("forked {forked} without hitting a limit")
+}
+
+fn spin(seconds: f64) -> String {
+    let start = Instant::now();
+    let mut x = 0u64;
+    while start.elapsed().as_secs_f64() < seconds {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+    }
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes into the struct we pass.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let cpu = usage.ru_utime.tv_sec as f64 + usage.ru_utime.tv_usec as f64 / 1e6;
+    format!(
+        "cpu_seconds={cpu:.3} wall_seconds={:.3} ({})",
+        start.elapsed().as_secs_f64(),
+        x % 2
+    )
+}
+
+fn double_fork() -> String {
+    // SAFETY: the children only call async-signal-safe functions before sleeping or exiting.
+    unsafe {
+        let mut pipe = [0i32; 2];
+        libc::pipe(pipe.as_mut_ptr());
+        match libc::fork() {
+            0 => {
+                libc::setsid();
+                let grandchild = libc::fork();
+                if grandchild == 0 {
+                    libc::sleep(120);
+                    libc::_exit(0);
+                }
+                libc::write(pipe[1], (&grandchild as *const i32).cast(), 4);
+                libc::_exit(0);
+            }
+            -1 => format!("fork failed: {}", errno_text()),
+            child => {
+                let mut grandchild = 0i32;
+                libc::read(pipe[0], (&mut grandchild as *mut i32).cast(), 4);
+                libc::waitpid(child, std::ptr::null_mut(), 0);
+                format!("grandchild={grandchild}")
+            }
+        }
+    }
+}
+
+fn attack(command: &str) -> Result<String, PluginError> {
+    let mut words = command.split_whitespace();
+    let verb = words.next().unwrap_or("");
+    let arg = words.next().unwrap_or("");
+    // SAFETY (for the libc calls below): plain system calls with valid arguments; failures are
+    // reported through errno.
+    let result = unsafe {
+        match verb {
+            "status" => status(),
+            "alloc" => alloc(arg.parse().unwrap_or(64)),
+            "segfault" => {
+                std::ptr::null_mut::<u8>().write_volatile(1);
+                "survived a segfault".into()
+            }
+            "abort" => std::process::abort(),
+            "exit" => std::process::exit(3),
+            "panic" => panic!("hostile plugin panics on request"),
+            "fork-bomb" => fork_bomb(),
+            "spin" => spin(arg.parse().unwrap_or(1.0)),
+            "loop" => loop {
+                std::hint::spin_loop();
+            },
+            "read" => match std::fs::read(arg) {
+                Ok(bytes) => format!("read {} bytes", bytes.len()),
+                Err(e) => format!("denied: {e}"),
+            },
+            "write" => match std::fs::write(arg, b"hostile") {
+                Ok(()) => "wrote".into(),
+                Err(e) => format!("denied: {e}"),
+            },
+            "kill-parent" => {
+                if libc::kill(libc::getppid(), libc::SIGKILL) == 0 {
+                    "killed the parent".into()
+                } else {
+                    format!("denied: {}", errno_text())
+                }
+            }
+            "ptrace-parent" => {
+                let r = libc::ptrace(libc::PTRACE_ATTACH, libc::getppid(), 0usize, 0usize);
+                if r == 0 {
+                    "attached to the parent".into()
+                } else {
+                    format!("denied: {}", errno_text())
+                }
+            }
+            "connect" => {
+                match std::net::TcpStream::connect(("127.0.0.1", arg.parse().unwrap_or(1))) {
+                    Ok(_) => "connected".into(),
+                    Err(e) => format!("denied: {e}"),
+                }
+            }
+            "setuid-root" => {
+                if libc::setuid(0) == 0 {
+                    "became root".into()
+                } else {
+                    format!("denied: {}", errno_text())
+                }
+            }
+            "double-fork" => double_fork(),
+            "huge-file" => {
+                let path = CString::new(arg).unwrap_or_default();
+                let fd = libc::open(path.as_ptr(), libc::O_CREAT | libc::O_WRONLY, 0o600);
+                if fd < 0 {
+                    return Ok(format!("denied: {}", errno_text()));
+                }
+                let block = vec![0u8; 1 << 20];
+                let mut written = 0usize;
+                loop {
+                    let n = libc::write(fd, block.as_ptr().cast(), block.len());
+                    if n <= 0 {
+                        let e = errno_text();
+                        libc::close(fd);
+                        break format!("wrote {written} bytes, then: {e}");
+                    }
+                    written += n as usize;
+                    if written >= 1 << 30 {
+                        libc::close(fd);
+                        break format!("wrote {written} bytes without a limit");
+                    }
+                }
+            }
+            other => {
+                return Err(PluginError::invalid_input(format!(
+                    "hostile: unknown attack `{other}`"
+                )))
+            }
+        }
+    };
+    Ok(result)
+}
+
+impl PluginImpl for Hostile {
+    const NAME: &'static str = "hostile";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+    const FAMILY: &'static str = "hostile";
+    const CAPABILITIES: Capabilities = Capabilities::TEXT;
+
+    fn new() -> Result<Self, PluginError> {
+        Ok(Hostile)
+    }
+
+    fn supports_config(&self, _: &ModelConfig) -> Result<(), PluginError> {
+        Ok(())
+    }
+
+    fn load_model(&mut self, _: ModelConfig, _: &mut Progress) -> Result<ModelInfo, PluginError> {
+        Ok(ModelInfo::default())
+    }
+
+    fn infer(&self, request: InferRequest, sink: &mut Sink) -> Result<InferOutcome, PluginError> {
+        let Prompt::Text(command) = &request.prompt else {
+            return Err(PluginError::invalid_input(
+                "hostile takes a text prompt naming an attack",
+            ));
+        };
+        let text = attack(command)?;
+        sink.emit(GeneratedToken {
+            token_id: 0,
+            text: text.into(),
+            logprob: None.into(),
+            top_logprobs: Default::default(),
+        });
+        Ok(InferOutcome::default())
+    }
+
+    fn cleanup(&mut self) -> Result<(), PluginError> {
+        Ok(())
+    }
+}
+
+export_plugin!(Hostile);
