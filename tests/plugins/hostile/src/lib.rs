@@ -2,8 +2,9 @@
 //! prompt text is the command (`status`, `alloc 512`, `segfault`, `fork-bomb`, ...); the result
 //! comes back as one token of text, so tests can assert what the sandbox allowed.
 //!
-//! Its library constructor records where it ran in `/tmp/pio-hostile-ctor.<pid>`, so tests can
-//! prove that plugin code runs only in confined child processes, never in the host.
+//! Its library constructor records where it ran in `/tmp/pio-hostile-ctor/<pid>` when that
+//! directory exists, so tests can prove that plugin code runs only in confined child processes,
+//! never in the host.
 
 use std::ffi::CString;
 use std::time::{Duration, Instant};
@@ -16,11 +17,13 @@ use pio_plugin_api::{
 /// The hostile plugin.
 pub struct Hostile;
 
+const CTOR_DIR: &str = "/tmp/pio-hostile-ctor";
+
 extern "C" fn constructor() {
     // SAFETY: plain libc calls with valid arguments.
     let (pid, ppid, uid) = unsafe { (libc::getpid(), libc::getppid(), libc::geteuid()) };
     let _ = std::fs::write(
-        format!("/tmp/pio-hostile-ctor.{pid}"),
+        format!("{CTOR_DIR}/{pid}"),
         format!("pid={pid} ppid={ppid} uid={uid}\n"),
     );
 }

@@ -1,0 +1,395 @@
+//! Worker processes at the `low` tier: the hostile plugin attacks through `pio run`, and the
+//! outcome is asserted as the kernel enforced it (root and a writable cgroup hierarchy needed, as
+//! in CI).
+
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use crate::support::*;
+
+/// Whether this machine can run confined workers; tests that need it say so and return.
+fn confinement_available() -> bool {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"));
+    let ok = root.unwrap_or(false) && std::path::Path::new("/sys/fs/cgroup").exists();
+    if !ok {
+        eprintln!("skipped: needs root and cgroups (run as root, as CI does)");
+    }
+    ok
+}
+
+const LIMITS: &str = "[limits]\nmemory = \"64MiB\"\npids = 16\ncpus = 0.5\nscratch = \"1MiB\"\n";
+
+fn hostile_dir() -> PluginDir {
+    let dir = PluginDir::new();
+    dir.copy_lib("pio_test_plugin_hostile", "libhostile.so");
+    dir.write(
+        "hostile.toml",
+        &manifest("hostile", "0.1.0", "libhostile.so", LIMITS),
+    );
+    dir
+}
+
+struct Ran {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+fn run_in(dir: &PluginDir, name: &str, prompt: &str, extra: &[&str]) -> Ran {
+    let mut args = vec!["run", name, "--plugins", ".", "--prompt", prompt];
+    args.extend_from_slice(extra);
+    let out = pio(dir.path(), &args);
+    Ran {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn attack(dir: &PluginDir, what: &str) -> Ran {
+    run_in(dir, "hostile", what, &[])
+}
+
+#[test]
+fn echo_streams_through_a_worker_as_json_lines() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = PluginDir::new();
+    dir.copy_lib("pio_plugin_echo", "libecho.so");
+    dir.write("echo.toml", &manifest("echo", "0.1.0", "libecho.so", ""));
+    let ran = run_in(
+        &dir,
+        "echo",
+        "héllo",
+        &["--json", "--logprobs", "0", "--max-tokens", "4"],
+    );
+    assert!(ran.ok, "{}", ran.stderr);
+    let lines: Vec<serde_json::Value> = ran
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 5, "{}", ran.stdout);
+    assert_eq!(lines[1]["text"], "é");
+    assert_eq!(lines[1]["token_id"], 233);
+    assert_eq!(lines[1]["index"], 1);
+    assert_eq!(lines[1]["logprob"], 0.0);
+    assert_eq!(lines[4]["finish_reason"], "length");
+    assert_eq!(lines[4]["usage"]["completion_tokens"], 4);
+    assert_eq!(lines[4]["usage"]["prompt_tokens"], 5);
+}
+
+#[test]
+fn the_worker_runs_unprivileged_in_its_cgroup_with_nothing_inherited() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = hostile_dir();
+    let leak = std::fs::File::open("/etc/hostname").unwrap();
+    let mut cmd = Command::new(pio_bin());
+    cmd.current_dir(dir.path())
+        .args(["run", "hostile", "--plugins", ".", "--prompt", "status"])
+        .env("PIO_TEST_SECRET", "hunter2");
+    let leak_fd = std::os::fd::AsRawFd::as_raw_fd(&leak);
+    // SAFETY: dup2 only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // An fd without CLOEXEC in the host: the worker must not inherit it.
+            if libc::dup2(leak_fd, 50) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(status.contains("uid=65534 "), "{status}");
+    assert!(status.contains("nonewprivs=1 "), "{status}");
+    assert!(status.contains("cgroup=/pio/hostile-"), "{status}");
+    assert!(
+        status.contains("env=LANG,PATH ") || status.contains("env=PATH,LANG "),
+        "{status}"
+    );
+    assert!(status.contains("core=0"), "{status}");
+    let fds = status
+        .split("fds=")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap();
+    assert!(
+        !fds.split(',').any(|fd| fd == "50"),
+        "inherited fd 50: {status}"
+    );
+    assert!(
+        fds.split(',').count() <= 6,
+        "only stdio, the socket and its clone: {status}"
+    );
+}
+
+#[test]
+fn memory_past_the_limit_kills_the_worker_and_says_so() {
+    if !confinement_available() {
+        return;
+    }
+    let ran = attack(&hostile_dir(), "alloc 256");
+    assert!(!ran.ok);
+    assert!(
+        ran.stderr
+            .contains("worker for hostile was killed: memory limit 64 MiB reached"),
+        "{}",
+        ran.stderr
+    );
+}
+
+#[test]
+fn crashes_are_reported_by_signal() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = hostile_dir();
+    for (what, signal) in [("segfault", "SIGSEGV"), ("abort", "SIGABRT")] {
+        let ran = attack(&dir, what);
+        assert!(!ran.ok);
+        assert!(
+            ran.stderr
+                .contains(&format!("worker for hostile was killed by {signal}")),
+            "{what}: {}",
+            ran.stderr
+        );
+    }
+    let ran = attack(&dir, "exit");
+    assert!(
+        ran.stderr.contains("worker for hostile exited with code 3"),
+        "{}",
+        ran.stderr
+    );
+}
+
+#[test]
+fn a_panic_is_an_error_not_a_crash() {
+    if !confinement_available() {
+        return;
+    }
+    let ran = attack(&hostile_dir(), "panic");
+    assert!(!ran.ok);
+    assert!(
+        ran.stderr.contains(
+            "error: internal: plugin hostile panicked in `infer`: hostile plugin panics on request"
+        ),
+        "{}",
+        ran.stderr
+    );
+}
+
+#[test]
+fn a_fork_bomb_hits_the_pids_limit() {
+    if !confinement_available() {
+        return;
+    }
+    let ran = attack(&hostile_dir(), "fork-bomb");
+    assert!(ran.ok, "{}", ran.stderr);
+    let forked: usize = ran
+        .stdout
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(',')
+        .parse()
+        .unwrap();
+    assert!(forked < 16, "{}", ran.stdout);
+    assert!(
+        ran.stdout.contains("Resource temporarily unavailable"),
+        "{}",
+        ran.stdout
+    );
+}
+
+#[test]
+fn the_uid_stops_host_files_the_daemon_and_root() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = hostile_dir();
+    for what in [
+        "read /etc/shadow",
+        "kill-parent",
+        "ptrace-parent",
+        "setuid-root",
+    ] {
+        let ran = attack(&dir, what);
+        assert!(
+            ran.ok,
+            "{what}: the daemon survived and answered: {}",
+            ran.stderr
+        );
+        assert!(ran.stdout.starts_with("denied:"), "{what}: {}", ran.stdout);
+    }
+}
+
+#[test]
+fn writes_stop_at_the_file_size_limit() {
+    if !confinement_available() {
+        return;
+    }
+    let target = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        target.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let file = target.path().join("huge");
+    let ran = attack(&hostile_dir(), &format!("huge-file {}", file.display()));
+    assert!(ran.ok, "{}", ran.stderr);
+    assert!(
+        ran.stdout
+            .contains("wrote 1048576 bytes, then: File too large"),
+        "{}",
+        ran.stdout
+    );
+}
+
+#[test]
+fn cpu_time_follows_the_quota() {
+    if !confinement_available() {
+        return;
+    }
+    // 2 s of spinning at 0.5 CPU gets about 1 s of CPU time.
+    let ran = attack(&hostile_dir(), "spin 2");
+    let cpu: f64 = ran
+        .stdout
+        .split("cpu_seconds=")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((0.6..=1.4).contains(&cpu), "{}", ran.stdout);
+}
+
+#[test]
+fn a_double_forked_grandchild_dies_with_the_worker() {
+    if !confinement_available() {
+        return;
+    }
+    let ran = attack(&hostile_dir(), "double-fork");
+    let pid: i32 = ran
+        .stdout
+        .trim()
+        .strip_prefix("grandchild=")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(pid > 0);
+    // `pio run` has returned: the worker's cgroup was killed and removed.
+    let gone = (0..100).any(|_| {
+        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
+        if alive {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        !alive
+    });
+    assert!(gone, "grandchild {pid} escaped");
+}
+
+#[test]
+fn library_constructors_run_only_in_confined_children() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = hostile_dir();
+    let marks = std::path::Path::new("/tmp/pio-hostile-ctor");
+    std::fs::create_dir_all(marks).unwrap();
+    std::fs::set_permissions(marks, std::os::unix::fs::PermissionsExt::from_mode(0o1777)).unwrap();
+    let before: Vec<_> = ctor_marks();
+    let check = Command::new(pio_bin())
+        .args(["check", dir.path().join("hostile.toml").to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let check_pid = check.id();
+    assert!(check.wait_with_output().unwrap().status.success());
+    let ran = attack(&dir, "status");
+    assert!(ran.ok);
+    let new: Vec<_> = ctor_marks()
+        .into_iter()
+        .filter(|m| !before.contains(m))
+        .collect();
+    assert!(
+        new.len() >= 2,
+        "the probe and the worker each loaded it: {new:?}"
+    );
+    for (path, text) in &new {
+        assert!(
+            !text.starts_with(&format!("pid={check_pid} ")),
+            "ran inside `pio check` itself: {text}"
+        );
+        assert!(text.contains("uid=65534"), "ran unconfined: {text}");
+        assert!(path.exists());
+    }
+    let _ = std::fs::remove_dir_all(marks);
+}
+
+fn ctor_marks() -> Vec<(std::path::PathBuf, String)> {
+    std::fs::read_dir("/tmp/pio-hostile-ctor")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| {
+            (
+                e.path(),
+                std::fs::read_to_string(e.path()).unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_tier_the_host_cannot_give_is_refused_unless_downgrade_is_allowed() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = hostile_dir();
+    let ran = run_in(&dir, "hostile", "status", &["--min-tier", "high"]);
+    assert!(!ran.ok);
+    assert!(
+        ran.stderr.contains("asks for tier `high`") && ran.stderr.contains("allow_downgrade"),
+        "{}",
+        ran.stderr
+    );
+    let ran = run_in(
+        &dir,
+        "hostile",
+        "status",
+        &["--min-tier", "high", "--allow-downgrade"],
+    );
+    assert!(ran.ok, "{}", ran.stderr);
+    assert!(
+        ran.stderr
+            .contains("warning: running hostile at tier low instead of high"),
+        "{}",
+        ran.stderr
+    );
+}
+
+#[test]
+fn at_low_the_network_is_open() {
+    if !confinement_available() {
+        return;
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let ran = attack(&hostile_dir(), &format!("connect {port}"));
+    assert_eq!(ran.stdout.trim(), "connected", "{}", ran.stderr);
+}
