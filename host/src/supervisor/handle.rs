@@ -91,6 +91,8 @@ pub struct Worker {
     waiters: Arc<Mutex<Waiters>>,
     cgroup: Option<Arc<Cgroup>>,
     exit: watch::Receiver<Option<String>>,
+    /// Why the host killed the worker, when it did: reported instead of "killed by SIGKILL".
+    kill_reason: Arc<Mutex<Option<String>>>,
     next_id: AtomicU64,
 }
 
@@ -190,18 +192,21 @@ impl Worker {
         let (start_tx, start_rx) = oneshot::channel();
         lock(&waiters).start = Some(start_tx);
         let (exit_tx, exit) = watch::channel(None);
+        let kill_reason: Arc<Mutex<Option<String>>> = Arc::default();
         {
-            let (pending, waiters, cgroup, name) = (
+            let (pending, waiters, cgroup, name, kill_reason) = (
                 pending.clone(),
                 waiters.clone(),
                 cgroup.clone(),
                 name.clone(),
+                kill_reason.clone(),
             );
             tokio::spawn(async move {
                 let reason = loop {
                     match read_frame_async::<FromWorker>(&mut read_half).await {
                         Ok(Some(frame)) => dispatch(frame, &pending, &waiters),
-                        Ok(None) => break None,
+                        // A killed worker's socket may end in a reset instead of EOF.
+                        Ok(None) | Err(crate::protocol::FrameError::Io(_)) => break None,
                         Err(e) => break Some(format!("sent a bad frame ({e})")),
                     }
                 };
@@ -210,7 +215,9 @@ impl Worker {
                 }
                 let status = child.wait().await.ok();
                 let stats = cgroup.as_ref().map(|c| c.stats());
-                let why = reason.unwrap_or_else(|| death_reason(status, stats.as_ref()));
+                let why = reason
+                    .or_else(|| lock(&kill_reason).clone())
+                    .unwrap_or_else(|| death_reason(status, stats.as_ref()));
                 let message = format!("worker for {name} {why}");
                 fail_all(&pending, &waiters, &message);
                 let _ = exit_tx.send(Some(message));
@@ -251,6 +258,7 @@ impl Worker {
                 waiters,
                 cgroup,
                 exit,
+                kill_reason,
                 next_id: AtomicU64::new(1),
             }),
             FromWorker::StartFailed { error } => Err(WorkerError(error)),
@@ -339,8 +347,15 @@ impl Worker {
             .map_err(|_| WorkerError::new("worker_died", self.exit_reason()))
     }
 
-    /// Stops the worker: kills it and everything it started, and removes its cgroup.
-    pub async fn shutdown(self) {
+    /// Kills the worker, recording `why` (a clause such as "was stopped: ...") as the reason its
+    /// requests in flight are given.
+    pub fn kill_because(&self, why: String) {
+        lock(&self.kill_reason).get_or_insert(why);
+        self.kill();
+    }
+
+    /// Kills the worker and everything it started (its cgroup is removed once it is reaped).
+    pub fn kill(&self) {
         if let Some(cg) = &self.cgroup {
             cg.kill_all();
         } else {
@@ -349,6 +364,11 @@ impl Worker {
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
+    }
+
+    /// Stops the worker: kills it and waits (at most 5 s) until it has been reaped.
+    pub async fn shutdown(&self) {
+        self.kill();
         let mut exit = self.exit.clone();
         let _ = tokio::time::timeout(Duration::from_secs(5), exit.wait_for(Option::is_some)).await;
     }

@@ -1,6 +1,8 @@
 //! Running plugins in worker processes: [`handle`] owns one worker's process, cgroup and
-//! traffic.
+//! traffic; [`supervised`] keeps a plugin alive across worker deaths.
 
 pub mod handle;
+pub mod supervised;
 
 pub use handle::{Event, Worker, WorkerError, WorkerSpec};
+pub use supervised::{RestartPolicy, State, Status, Supervised};

@@ -171,6 +171,10 @@ fn attack(command: &str) -> Result<String, PluginError> {
             "panic" => panic!("hostile plugin panics on request"),
             "fork-bomb" => fork_bomb(),
             "spin" => spin(arg.parse().unwrap_or(1.0)),
+            "freeze" => {
+                libc::kill(libc::getpid(), libc::SIGSTOP);
+                "thawed".into()
+            }
             "loop" => loop {
                 std::hint::spin_loop();
             },

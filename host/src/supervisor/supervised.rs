@@ -1,0 +1,363 @@
+//! A plugin kept alive: its worker is restarted with exponential backoff when it dies or stops
+//! answering health checks, requests past their deadline are failed and their worker replaced
+//! (a plugin stuck in a loop cannot be cancelled), and a plugin that keeps crashing is
+//! quarantined. Requests in flight when a worker dies get an error saying how it died.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pio_plugin_api::wire::{InferRequest, ModelConfig, ModelInfo};
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+
+use super::handle::{Event, Worker, WorkerError, WorkerSpec};
+use crate::protocol::WireError;
+use crate::sandbox::cgroup::Stats;
+
+/// When to restart, when to give up, and the deadlines.
+#[derive(Debug, Clone)]
+pub struct RestartPolicy {
+    /// Wait before the first restart; doubles on each crash in a row.
+    pub initial_backoff: Duration,
+    /// The longest wait between restarts.
+    pub max_backoff: Duration,
+    /// More crashes than this within `window` quarantine the plugin.
+    pub max_crashes: usize,
+    /// See `max_crashes`.
+    pub window: Duration,
+    /// A request still running after this is failed and its worker restarted.
+    pub request_timeout: Option<Duration>,
+    /// How often the worker's health is checked.
+    pub health_interval: Duration,
+    /// A worker that does not answer a health check within this is restarted.
+    pub health_deadline: Duration,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        Self {
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(30),
+            max_crashes: 5,
+            window: Duration::from_secs(300),
+            request_timeout: Some(Duration::from_secs(600)),
+            health_interval: Duration::from_secs(5),
+            health_deadline: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Where a supervised plugin stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "state", content = "detail")]
+pub enum State {
+    /// Serving requests.
+    Ready,
+    /// The worker died; a new one is being started.
+    Restarting,
+    /// Crashed too often; no more restarts until an operator reloads it.
+    Quarantined(String),
+    /// Stopped on purpose.
+    Stopped,
+}
+
+/// A snapshot for `pio list` and the status API.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// The plugin.
+    pub name: String,
+    /// Where it stands.
+    pub state: State,
+    /// The current worker's pid.
+    pub pid: Option<u32>,
+    /// Restarts so far.
+    pub restarts: u32,
+    /// The tier applied to its workers.
+    pub tier: String,
+    /// The last failure, in words.
+    pub last_error: Option<String>,
+    /// Cgroup figures of the current worker.
+    pub stats: Option<Stats>,
+}
+
+struct Shared {
+    worker: Option<Arc<Worker>>,
+    state: State,
+    restarts: u32,
+    last_error: Option<String>,
+}
+
+/// A supervised plugin.
+pub struct Supervised {
+    name: String,
+    tier: String,
+    policy: RestartPolicy,
+    shared: Arc<Mutex<Shared>>,
+    stop: watch::Sender<bool>,
+}
+
+fn lock(m: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn start_and_load(
+    spec: &WorkerSpec,
+    config: &ModelConfig,
+) -> Result<(Worker, ModelInfo), WorkerError> {
+    let worker = Worker::start(spec.clone()).await?;
+    match worker.load(config.clone(), |_, _, _| {}).await {
+        Ok(info) => Ok((worker, info)),
+        Err(e) => {
+            worker.shutdown().await;
+            Err(e)
+        }
+    }
+}
+
+impl Supervised {
+    /// Starts the plugin's first worker and loads its model; failures here are returned, not
+    /// retried (the operator's configuration is wrong, not the plugin unlucky).
+    pub async fn start(
+        spec: WorkerSpec,
+        config: ModelConfig,
+        policy: RestartPolicy,
+    ) -> Result<(Self, ModelInfo), WorkerError> {
+        let (worker, info) = start_and_load(&spec, &config).await?;
+        let shared = Arc::new(Mutex::new(Shared {
+            worker: Some(Arc::new(worker)),
+            state: State::Ready,
+            restarts: 0,
+            last_error: None,
+        }));
+        let (stop, stop_rx) = watch::channel(false);
+        let this = Self {
+            name: spec.name.clone(),
+            tier: spec.plan.applied.to_string(),
+            policy: policy.clone(),
+            shared: shared.clone(),
+            stop,
+        };
+        tokio::spawn(monitor(spec, config, policy, shared, stop_rx));
+        Ok((this, info))
+    }
+
+    /// Starts a request. Fails at once, saying why, while the plugin is restarting or
+    /// quarantined.
+    pub fn infer(
+        &self,
+        request: InferRequest,
+    ) -> Result<mpsc::UnboundedReceiver<Event>, WorkerError> {
+        let worker = {
+            let shared = lock(&self.shared);
+            match (&shared.state, &shared.worker) {
+                (State::Ready, Some(w)) => w.clone(),
+                (State::Quarantined(why), _) => {
+                    return Err(err(
+                        "quarantined",
+                        format!("plugin {} is quarantined: {why}", self.name),
+                    ))
+                }
+                (State::Stopped, _) => {
+                    return Err(err("stopped", format!("plugin {} is stopped", self.name)))
+                }
+                _ => {
+                    return Err(err(
+                        "restarting",
+                        format!(
+                            "plugin {} is restarting after a failure; retry shortly",
+                            self.name
+                        ),
+                    ))
+                }
+            }
+        };
+        let (id, mut events) = worker.infer(request)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (name, timeout) = (self.name.clone(), self.policy.request_timeout);
+        tokio::spawn(async move {
+            let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+            loop {
+                let next = match deadline {
+                    Some(d) => tokio::time::timeout_at(d, events.recv()).await,
+                    None => Ok(events.recv().await),
+                };
+                match next {
+                    Ok(Some(event)) => {
+                        let last = !matches!(event, Event::Token(_));
+                        let event = match event {
+                            Event::Failed(e) if e.kind == "worker_died" => {
+                                Event::Failed(WireError {
+                                    message: format!("{}; restarting", e.message),
+                                    ..e
+                                })
+                            }
+                            other => other,
+                        };
+                        if tx.send(event).is_err() {
+                            // The caller went away: stop generating.
+                            worker.cancel(id);
+                            return;
+                        }
+                        if last {
+                            return;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(_) => {
+                        let secs = timeout.map_or(0, |t| t.as_secs_f64().ceil() as u64);
+                        let _ = tx.send(Event::Failed(err(
+                            "timeout",
+                            format!("request to {name} ran past its {secs} s deadline; its worker is being restarted"),
+                        ).0));
+                        // A plugin stuck in a loop never sees a cancel: replace its worker.
+                        worker.kill_because(format!(
+                            "was stopped: a request ran past its {secs} s deadline"
+                        ));
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// A snapshot of where the plugin stands.
+    pub fn status(&self) -> Status {
+        let shared = lock(&self.shared);
+        Status {
+            name: self.name.clone(),
+            state: shared.state.clone(),
+            pid: shared.worker.as_ref().map(|w| w.pid()),
+            restarts: shared.restarts,
+            tier: self.tier.clone(),
+            last_error: shared.last_error.clone(),
+            stats: shared.worker.as_ref().and_then(|w| w.stats()),
+        }
+    }
+
+    /// Stops the plugin for good: no restart, the worker and its cgroup removed.
+    pub async fn stop(&self) {
+        let _ = self.stop.send(true);
+        let worker = {
+            let mut shared = lock(&self.shared);
+            shared.state = State::Stopped;
+            shared.worker.take()
+        };
+        if let Some(w) = worker {
+            w.kill();
+            w.exited().await;
+        }
+    }
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(w) = lock(&self.shared).worker.take() {
+            w.kill();
+        }
+    }
+}
+
+fn err(kind: &str, message: String) -> WorkerError {
+    WorkerError(WireError {
+        kind: kind.into(),
+        message,
+    })
+}
+
+/// Watches the current worker; replaces it when it dies or stops answering.
+async fn monitor(
+    spec: WorkerSpec,
+    config: ModelConfig,
+    policy: RestartPolicy,
+    shared: Arc<Mutex<Shared>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut crashes: VecDeque<Instant> = VecDeque::new();
+    let mut backoff = policy.initial_backoff;
+    loop {
+        let Some(worker) = lock(&shared).worker.clone() else {
+            return;
+        };
+        let reason = tokio::select! {
+            why = worker.exited() => why,
+            why = watch_health(&worker, &policy) => {
+                worker.kill_because(why);
+                worker.exited().await
+            }
+            _ = stopped(&mut stop) => return,
+        };
+        if *stop.borrow() {
+            return;
+        }
+        let now = Instant::now();
+        crashes.push_back(now);
+        while crashes
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > policy.window)
+        {
+            crashes.pop_front();
+        }
+        {
+            let mut s = lock(&shared);
+            s.worker = None;
+            s.last_error = Some(reason.clone());
+            if crashes.len() > policy.max_crashes {
+                s.state = State::Quarantined(format!(
+                    "{} failures within {} s, the last: {reason}; fix the plugin, then reload it",
+                    crashes.len(),
+                    policy.window.as_secs()
+                ));
+                return;
+            }
+            s.state = State::Restarting;
+        }
+        eprintln!("pio: {reason}; restarting in {backoff:?}");
+        loop {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(policy.max_backoff);
+            match start_and_load(&spec, &config).await {
+                Ok((worker, _)) => {
+                    let mut s = lock(&shared);
+                    if s.state == State::Stopped {
+                        worker.kill();
+                        return;
+                    }
+                    s.worker = Some(Arc::new(worker));
+                    s.state = State::Ready;
+                    s.restarts += 1;
+                    break;
+                }
+                Err(e) => {
+                    crashes.push_back(Instant::now());
+                    let mut s = lock(&shared);
+                    s.last_error = Some(e.to_string());
+                    if crashes.len() > policy.max_crashes {
+                        s.state = State::Quarantined(format!("restarting failed: {e}"));
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Resolves once the plugin is stopped on purpose.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Resolves only when the worker fails a health check; yields why.
+async fn watch_health(worker: &Worker, policy: &RestartPolicy) -> String {
+    loop {
+        tokio::time::sleep(policy.health_interval).await;
+        if worker.ping(policy.health_deadline).await.is_err() {
+            return format!(
+                "was stopped: it did not answer a health check within {:?}",
+                policy.health_deadline
+            );
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! Supervision with real worker processes (through the host library; the daemon will sit on
+//! top of the same API): crashes fail the requests in flight and restart the worker, repeated
+//! crashes quarantine the plugin, stuck requests and frozen workers are replaced, and a
+//! misbehaving plugin never disturbs another.
+
+use std::time::Duration;
+
+use pio_host::sandbox::{self, HostSupport, Policy, ResolvedLimits, Tier};
+use pio_host::supervisor::{Event, RestartPolicy, State, Supervised, WorkerSpec};
+use pio_plugin_api::wire::{InferRequest, ModelConfig, Prompt};
+
+use crate::support::*;
+
+fn available() -> bool {
+    let host = HostSupport::detect();
+    let ok = host.root && host.cgroups.is_some();
+    if !ok {
+        eprintln!("skipped: needs root and a writable cgroup hierarchy (as in CI)");
+    }
+    ok
+}
+
+fn spec(name: &str, crate_name: &str) -> WorkerSpec {
+    let limits = ResolvedLimits {
+        memory_bytes: Some(128 << 20),
+        pids: Some(32),
+        ..ResolvedLimits::default()
+    };
+    let plan = sandbox::plan(
+        name,
+        Tier::Low,
+        limits,
+        &Policy::default(),
+        &HostSupport::detect(),
+    )
+    .unwrap();
+    WorkerSpec {
+        name: name.into(),
+        library: plugin_lib(crate_name),
+        plan,
+        host_context: Default::default(),
+        exe: pio_bin(),
+    }
+}
+
+fn fast_policy() -> RestartPolicy {
+    RestartPolicy {
+        initial_backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_millis(200),
+        max_crashes: 3,
+        window: Duration::from_secs(60),
+        request_timeout: Some(Duration::from_secs(2)),
+        health_interval: Duration::from_millis(200),
+        health_deadline: Duration::from_millis(500),
+    }
+}
+
+fn text(prompt: &str) -> InferRequest {
+    InferRequest {
+        prompt: Prompt::Text(prompt.into()),
+        ..InferRequest::default()
+    }
+}
+
+/// Runs a request to the end: the text, or the failure.
+async fn complete(
+    plugin: &Supervised,
+    prompt: &str,
+) -> Result<String, pio_host::protocol::WireError> {
+    let mut events = plugin.infer(text(prompt)).map_err(|e| e.0)?;
+    let mut out = String::new();
+    while let Some(event) = events.recv().await {
+        match event {
+            Event::Token(t) => out.push_str(&t.text),
+            Event::Done(_) => return Ok(out),
+            Event::Failed(e) => return Err(e),
+        }
+    }
+    panic!("the event stream ended without Done or Failed");
+}
+
+/// Waits until the plugin serves again after its `restarts`-th restart.
+async fn until_restarted(plugin: &Supervised, restarts: u32) {
+    for _ in 0..200 {
+        let status = plugin.status();
+        if status.state == State::Ready && status.restarts >= restarts {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("never became ready again: {:?}", plugin.status());
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn a_crash_fails_the_request_in_flight_then_the_worker_restarts() {
+    if !available() {
+        return;
+    }
+    runtime().block_on(async {
+        let (plugin, _) = Supervised::start(
+            spec("hostile", "pio_test_plugin_hostile"),
+            ModelConfig::default(),
+            fast_policy(),
+        )
+        .await
+        .unwrap();
+        let first_pid = plugin.status().pid;
+        let e = complete(&plugin, "segfault").await.unwrap_err();
+        assert_eq!(e.kind, "worker_died");
+        assert_eq!(
+            e.message,
+            "worker for hostile was killed by SIGSEGV; restarting"
+        );
+        until_restarted(&plugin, 1).await;
+        let status = plugin.status();
+        assert_eq!(status.restarts, 1);
+        assert_ne!(status.pid, first_pid);
+        assert!(complete(&plugin, "status")
+            .await
+            .unwrap()
+            .contains("uid=65534"));
+        plugin.stop().await;
+    });
+}
+
+#[test]
+fn a_plugin_that_keeps_crashing_is_quarantined() {
+    if !available() {
+        return;
+    }
+    runtime().block_on(async {
+        let (plugin, _) = Supervised::start(
+            spec("hostile", "pio_test_plugin_hostile"),
+            ModelConfig::default(),
+            fast_policy(),
+        )
+        .await
+        .unwrap();
+        for crash in 0..=fast_policy().max_crashes {
+            until_restarted(&plugin, crash as u32).await;
+            assert!(complete(&plugin, "abort").await.is_err());
+        }
+        for _ in 0..100 {
+            if matches!(plugin.status().state, State::Quarantined(_)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let State::Quarantined(why) = plugin.status().state else {
+            panic!("not quarantined: {:?}", plugin.status());
+        };
+        assert!(
+            why.contains("4 failures") && why.contains("SIGABRT"),
+            "{why}"
+        );
+        let e = plugin.infer(text("status")).unwrap_err();
+        assert_eq!(e.0.kind, "quarantined");
+        assert!(e.0.message.contains("reload"), "{e}");
+    });
+}
+
+#[test]
+fn a_request_stuck_in_a_loop_times_out_and_its_worker_is_replaced() {
+    if !available() {
+        return;
+    }
+    runtime().block_on(async {
+        let (plugin, _) = Supervised::start(
+            spec("hostile", "pio_test_plugin_hostile"),
+            ModelConfig::default(),
+            fast_policy(),
+        )
+        .await
+        .unwrap();
+        let e = complete(&plugin, "loop").await.unwrap_err();
+        assert_eq!(e.kind, "timeout");
+        assert!(e.message.contains("ran past its 2 s deadline"), "{e:?}");
+        until_restarted(&plugin, 1).await;
+        assert_eq!(plugin.status().restarts, 1);
+        assert!(plugin.status().last_error.unwrap().contains("deadline"));
+        assert!(complete(&plugin, "status").await.is_ok());
+        plugin.stop().await;
+    });
+}
+
+#[test]
+fn a_frozen_worker_fails_its_health_check_and_is_replaced() {
+    if !available() {
+        return;
+    }
+    runtime().block_on(async {
+        let mut policy = fast_policy();
+        policy.request_timeout = None;
+        let (plugin, _) = Supervised::start(
+            spec("hostile", "pio_test_plugin_hostile"),
+            ModelConfig::default(),
+            policy,
+        )
+        .await
+        .unwrap();
+        let e = complete(&plugin, "freeze").await.unwrap_err();
+        assert_eq!(e.kind, "worker_died");
+        assert!(e.message.contains("did not answer a health check"), "{e:?}");
+        until_restarted(&plugin, 1).await;
+        assert!(complete(&plugin, "status").await.is_ok());
+        plugin.stop().await;
+    });
+}
+
+#[test]
+fn a_misbehaving_plugin_never_disturbs_another() {
+    if !available() {
+        return;
+    }
+    runtime().block_on(async {
+        let (echo, _) = Supervised::start(
+            spec("echo", "pio_plugin_echo"),
+            ModelConfig::default(),
+            fast_policy(),
+        )
+        .await
+        .unwrap();
+        let (hostile, _) = Supervised::start(
+            spec("hostile", "pio_test_plugin_hostile"),
+            ModelConfig::default(),
+            fast_policy(),
+        )
+        .await
+        .unwrap();
+        let echo_pid = echo.status().pid;
+        let mut crashes = 0;
+        for attack in ["segfault", "alloc 512", "fork-bomb", "kill-parent", "abort"] {
+            let (hostile_result, echo_result) =
+                tokio::join!(complete(&hostile, attack), complete(&echo, "still here"));
+            assert_eq!(
+                echo_result.unwrap(),
+                "still here",
+                "during {attack}: {hostile_result:?}"
+            );
+            if hostile_result.is_err() {
+                crashes += 1;
+            }
+            until_restarted(&hostile, crashes).await;
+        }
+        let status = echo.status();
+        assert_eq!(
+            (status.pid, status.restarts, status.state),
+            (echo_pid, 0, State::Ready)
+        );
+        let stats = status.stats.unwrap();
+        assert_eq!(stats.memory_limit_bytes, Some(128 << 20));
+        assert!(stats.memory_bytes.unwrap() > 0);
+        echo.stop().await;
+        hostile.stop().await;
+    });
+}
