@@ -160,6 +160,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         host_context: launch::host_context(&plan),
         plan,
         exe: std::env::current_exe().context("cannot find the running `pio` executable")?,
+        read_paths: config
+            .model_path
+            .iter()
+            .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
+            .collect(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -70,7 +70,7 @@ pub fn host_context(plan: &Plan) -> HostContext {
     HostContext {
         host_version: env!("CARGO_PKG_VERSION").to_string(),
         threads: plan.limits.cpus.map(|c| c.ceil().max(1.0) as usize),
-        scratch_dir: None,
+        scratch_dir: plan.isolation.as_ref().map(|_| "/tmp".into()),
         gpu_memory_limit_bytes: plan.limits.gpu_memory_bytes,
     }
 }

@@ -5,5 +5,6 @@
 mod support;
 
 mod discovery;
+mod medium;
 mod supervisor;
 mod worker;

@@ -40,6 +40,7 @@ fn spec(name: &str, crate_name: &str) -> WorkerSpec {
         plan,
         host_context: Default::default(),
         exe: pio_bin(),
+        read_paths: Vec::new(),
     }
 }
 

@@ -57,6 +57,16 @@ pub fn apply(plan: &Plan) -> Result<Vec<String>, ConfineError> {
         )?;
         applied.push(format!("rlimit_fsize={bytes}"));
     }
+    if let Some(isolation) = &plan.isolation {
+        super::namespaces::enter(isolation, plan.drop_to)?;
+        applied.push("namespaces(mnt,pid,net,ipc,uts)".into());
+        applied.push(format!(
+            "read-only root, scratch tmpfs {} bytes",
+            isolation.scratch_bytes
+        ));
+        drop_bounding_capabilities()?;
+        applied.push("capabilities dropped".into());
+    }
     if let Some((uid, gid)) = plan.drop_to {
         let (uid, gid) = (Uid::from_raw(uid), Gid::from_raw(gid));
         step("drop supplementary groups", nix::unistd::setgroups(&[]))?;
@@ -73,5 +83,39 @@ pub fn apply(plan: &Plan) -> Result<Vec<String>, ConfineError> {
     }
     step("no_new_privs", nix::sys::prctl::set_no_new_privs())?;
     applied.push("no_new_privs".into());
+    if plan.isolation.is_some() {
+        super::seccomp::apply_deny_list()?;
+        applied.push("seccomp deny-list".into());
+    }
     Ok(applied)
+}
+
+/// Empties the capability bounding set (while still root: it takes CAP_SETPCAP), so nothing the
+/// worker executes can regain a capability; switching uid then clears the other sets.
+fn drop_bounding_capabilities() -> Result<(), ConfineError> {
+    for cap in 0..=63 {
+        // SAFETY: prctl with integer arguments.
+        let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            // EINVAL: no such capability on this kernel; every real one was dropped before it.
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                return Err(ConfineError {
+                    step: "drop capabilities",
+                    reason: e.to_string(),
+                });
+            }
+        }
+    }
+    // SAFETY: as above; clears the ambient set.
+    unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    };
+    Ok(())
 }

@@ -9,6 +9,8 @@
 
 pub mod cgroup;
 pub mod confine;
+mod namespaces;
+mod seccomp;
 
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +40,8 @@ pub struct HostSupport {
     pub root: bool,
     /// Which cgroup hierarchy can be written, if any.
     pub cgroups: Option<cgroup::Version>,
+    /// The kernel filters system calls (seccomp).
+    pub seccomp: bool,
 }
 
 impl HostSupport {
@@ -46,6 +50,8 @@ impl HostSupport {
         Self {
             root: nix::unistd::geteuid().is_root(),
             cgroups: cgroup::Version::detect_writable(),
+            seccomp: std::fs::read_to_string("/proc/self/status")
+                .is_ok_and(|s| s.contains("\nSeccomp:")),
         }
     }
 }
@@ -91,7 +97,23 @@ pub struct Plan {
     pub limits: ResolvedLimits,
     /// Put the worker in its own cgroup with the limits.
     pub cgroup: bool,
+    /// `medium` and up: namespaces, a private read-only view of the file system with a
+    /// size-capped scratch, no capabilities, a seccomp deny-list.
+    pub isolation: Option<Isolation>,
 }
+
+/// The `medium` tier's mechanisms.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Isolation {
+    /// Size of the private tmpfs mounted at the worker's `/tmp`, its only writable place.
+    pub scratch_bytes: u64,
+    /// Paths the worker must still read (its library, the model folder): those under `/tmp`
+    /// are bound into the private `/tmp`, read-only like everything else.
+    pub keep_visible: Vec<std::path::PathBuf>,
+}
+
+/// Scratch size when the manifest and the daemon set none.
+pub const DEFAULT_SCRATCH_BYTES: u64 = 64 << 20;
 
 /// Why a worker cannot be confined as asked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -113,9 +135,12 @@ fn missing_for(tier: Tier, host: &HostSupport) -> Option<String> {
     if host.cgroups.is_none() {
         return Some("no writable cgroup hierarchy was found under /sys/fs/cgroup".into());
     }
-    if tier > Tier::Low {
+    if tier >= Tier::Medium && !host.seccomp {
+        return Some("the kernel has no seccomp support".into());
+    }
+    if tier > Tier::Medium {
         return Some(format!(
-            "this build of PIO does not yet implement the `{tier}` tier's mechanisms (namespaces, seccomp, Landlock)"
+            "this build of PIO does not yet implement the `{tier}` tier's mechanisms (user namespace, Landlock, seccomp allow-list)"
         ));
     }
     None
@@ -154,6 +179,10 @@ pub fn plan(
         applied,
         downgrade_reason,
         drop_to: host.root.then_some((policy.worker_uid, policy.worker_gid)),
+        isolation: (applied >= Tier::Medium).then(|| Isolation {
+            scratch_bytes: limits.scratch_bytes.unwrap_or(DEFAULT_SCRATCH_BYTES),
+            keep_visible: Vec::new(),
+        }),
         limits,
         cgroup: host.root && host.cgroups.is_some(),
     })
@@ -167,6 +196,7 @@ mod tests {
         HostSupport {
             root,
             cgroups: cgroups.then_some(cgroup::Version::V2),
+            seccomp: true,
         }
     }
 
@@ -222,14 +252,50 @@ mod tests {
         };
         let p = plan(
             "p",
-            Tier::Medium,
+            Tier::High,
             ResolvedLimits::default(),
             &policy,
             &host(true, true),
         )
         .unwrap();
-        assert_eq!((p.requested, p.applied), (Tier::Medium, Tier::Low));
-        assert!(p.downgrade_reason.unwrap().contains("medium"));
+        assert_eq!((p.requested, p.applied), (Tier::High, Tier::Medium));
+        assert!(p.downgrade_reason.unwrap().contains("high"));
+        assert!(p.isolation.is_some(), "the medium mechanisms still apply");
+        let no_seccomp = HostSupport {
+            seccomp: false,
+            ..host(true, true)
+        };
+        let p = plan(
+            "p",
+            Tier::Medium,
+            ResolvedLimits::default(),
+            &policy,
+            &no_seccomp,
+        )
+        .unwrap();
+        assert_eq!((p.applied, p.isolation), (Tier::Low, None));
+    }
+
+    #[test]
+    fn medium_isolates_with_a_default_scratch() {
+        let p = plan(
+            "p",
+            Tier::Medium,
+            ResolvedLimits::default(),
+            &Policy::default(),
+            &host(true, true),
+        )
+        .unwrap();
+        assert_eq!(p.isolation.unwrap().scratch_bytes, DEFAULT_SCRATCH_BYTES);
+        let p = plan(
+            "p",
+            Tier::Low,
+            ResolvedLimits::default(),
+            &Policy::default(),
+            &host(true, true),
+        )
+        .unwrap();
+        assert_eq!(p.isolation, None);
     }
 
     #[test]

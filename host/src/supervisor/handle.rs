@@ -36,6 +36,8 @@ pub struct WorkerSpec {
     pub host_context: HostContext,
     /// The `pio` executable to run as `pio worker`.
     pub exe: PathBuf,
+    /// Other paths the worker must be able to read (the model folder).
+    pub read_paths: Vec<PathBuf>,
 }
 
 /// One event of a running request.
@@ -224,10 +226,17 @@ impl Worker {
             });
         }
 
+        let mut plan = spec.plan.clone();
+        if let Some(isolation) = &mut plan.isolation {
+            isolation.keep_visible.push(spec.library.clone());
+            isolation
+                .keep_visible
+                .extend(spec.read_paths.iter().cloned());
+        }
         let start = ToWorker::Start {
             protocol: PROTOCOL_VERSION,
             library: spec.library.clone(),
-            plan: spec.plan.clone(),
+            plan,
             host_context: spec.host_context.clone(),
         };
         let frame = encode(&start).map_err(|e| WorkerError::new("protocol", e.to_string()))?;

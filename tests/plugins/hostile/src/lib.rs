@@ -67,16 +67,40 @@ fn status() -> String {
     // SAFETY: getrlimit writes into the struct we pass.
     unsafe { libc::getrlimit(libc::RLIMIT_CORE, &mut core) };
     format!(
-        "uid={} nonewprivs={} capeff={} seccomp={} cgroup={} fds={} env={} core={}",
+        "uid={} nonewprivs={} capeff={} capbnd={} seccomp={} cgroup={} fds={} env={} core={}",
         field("Uid:"),
         field("NoNewPrivs:"),
         field("CapEff:"),
+        field("CapBnd:"),
         field("Seccomp:"),
         memory_cgroup,
         fds.join(","),
         env.join(","),
         core.rlim_cur
     )
+}
+
+/// Starts 8 threads and reports each thread's seccomp mode.
+fn threads_status() -> String {
+    let handles: Vec<_> = (0..8)
+        .map(|_| std::thread::spawn(|| std::thread::sleep(Duration::from_millis(300))))
+        .collect();
+    let mut modes = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for task in tasks.filter_map(|t| t.ok()) {
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            let mode = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Seccomp:"))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default();
+            modes.push(mode);
+        }
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    format!("threads={} seccomp={}", modes.len(), modes.join(","))
 }
 
 fn alloc(megabytes: usize) -> String {
@@ -201,6 +225,58 @@ fn attack(command: &str) -> Result<String, PluginError> {
                     format!("denied: {}", errno_text())
                 }
             }
+            "kill" => {
+                if libc::kill(arg.parse().unwrap_or(0), libc::SIGKILL) == 0 {
+                    "killed it".into()
+                } else {
+                    format!("denied: {}", errno_text())
+                }
+            }
+            "ptrace" => {
+                let r = libc::ptrace(
+                    libc::PTRACE_ATTACH,
+                    arg.parse::<i32>().unwrap_or(0),
+                    0usize,
+                    0usize,
+                );
+                if r == 0 {
+                    "attached".into()
+                } else {
+                    format!("denied: {}", errno_text())
+                }
+            }
+            "mount" => {
+                let (src, target, fstype) =
+                    (c"none", CString::new(arg).unwrap_or_default(), c"tmpfs");
+                if libc::mount(
+                    src.as_ptr(),
+                    target.as_ptr(),
+                    fstype.as_ptr(),
+                    0,
+                    std::ptr::null(),
+                ) == 0
+                {
+                    "mounted".into()
+                } else {
+                    format!("denied: {}", errno_text())
+                }
+            }
+            "unshare" => {
+                if libc::unshare(libc::CLONE_NEWUSER) == 0 {
+                    "unshared".into()
+                } else {
+                    format!("denied: {}", errno_text())
+                }
+            }
+            "x32-getpid" => {
+                let r = libc::syscall(0x4000_0000 | libc::SYS_getpid);
+                if r >= 0 {
+                    format!("x32 call answered {r}")
+                } else {
+                    format!("denied: {}", errno_text())
+                }
+            }
+            "threads" => threads_status(),
             "connect" => {
                 match std::net::TcpStream::connect(("127.0.0.1", arg.parse().unwrap_or(1))) {
                     Ok(_) => "connected".into(),

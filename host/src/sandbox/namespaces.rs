@@ -1,0 +1,227 @@
+//! The `medium` tier's namespaces and file-system view, entered by the worker itself.
+//!
+//! A new pid namespace applies to children only, so the worker forks twice: the process the host
+//! started waits outside and mirrors the exit of pid 1, a minimal reaper that waits for the real
+//! worker (pid 2) and mirrors its exit. The reaper exists because the kernel ignores default-
+//! action signals a namespace's pid 1 sends itself (`abort()` would not end a pid-1 worker).
+
+use std::path::Path;
+
+use nix::mount::{mount, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{fork, ForkResult, Pid};
+
+use super::confine::ConfineError;
+use super::Isolation;
+
+fn fail(step: &'static str, e: impl std::fmt::Display) -> ConfineError {
+    ConfineError {
+        step,
+        reason: e.to_string(),
+    }
+}
+
+/// Enters new mount, pid, net, ipc and uts namespaces and builds the private file-system view;
+/// returns only in the process that goes on to load the plugin.
+pub fn enter(isolation: &Isolation, owner: Option<(u32, u32)>) -> Result<(), ConfineError> {
+    let flags = CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWNET
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWUTS;
+    unshare(flags).map_err(|e| fail("unshare namespaces", e))?;
+    // SAFETY: the worker is still single-threaded here.
+    match unsafe { fork() }.map_err(|e| fail("fork into the pid namespace", e))? {
+        ForkResult::Parent { child } => mirror_exit(child, false),
+        ForkResult::Child => {}
+    }
+    // Now pid 1 of the new namespace: reap, and let pid 2 do the work.
+    set_pdeathsig()?;
+    // SAFETY: still single-threaded.
+    match unsafe { fork() }.map_err(|e| fail("fork the worker", e))? {
+        ForkResult::Parent { child } => mirror_exit(child, true),
+        ForkResult::Child => {}
+    }
+    set_pdeathsig()?;
+    let _ = nix::unistd::sethostname("pio-worker");
+    build_view(isolation, owner)
+}
+
+fn set_pdeathsig() -> Result<(), ConfineError> {
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+        .map_err(|e| fail("exit with the parent", e))
+}
+
+/// Waits for `child` (reaping any orphan meanwhile) and ends this process the same way.
+/// As pid 1 (`reaper`), a signal death is passed on as exit code 128 + signal, which the outer
+/// process turns back into the signal.
+fn mirror_exit(child: Pid, reaper: bool) -> ! {
+    loop {
+        let target = if reaper { Pid::from_raw(-1) } else { child };
+        match waitpid(target, None) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == child => {
+                if !reaper && code > 128 && code <= 128 + 64 {
+                    reraise(code - 128);
+                }
+                // SAFETY: ends the process without running destructors of the forked image.
+                unsafe { libc::_exit(code) }
+            }
+            Ok(WaitStatus::Signaled(pid, signal, _)) if pid == child => {
+                if reaper {
+                    // SAFETY: as above.
+                    unsafe { libc::_exit(128 + signal as i32) }
+                }
+                reraise(signal as i32);
+            }
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            // SAFETY: as above.
+            Err(_) => unsafe { libc::_exit(1) },
+        }
+    }
+}
+
+fn reraise(signal: i32) -> ! {
+    // SAFETY: restores the default action and raises the signal the child died of.
+    unsafe {
+        libc::signal(signal, libc::SIG_DFL);
+        libc::kill(libc::getpid(), signal);
+        libc::_exit(128 + signal)
+    }
+}
+
+/// Private propagation, a fresh `/proc` for the pid namespace, a size-capped tmpfs at `/tmp`,
+/// and every other mount read-only.
+fn build_view(isolation: &Isolation, owner: Option<(u32, u32)>) -> Result<(), ConfineError> {
+    let none: Option<&str> = None;
+    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
+        .map_err(|e| fail("make mounts private", e))?;
+    let safe = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount(Some("proc"), "/proc", Some("proc"), safe, none).map_err(|e| fail("mount /proc", e))?;
+    // The host's /tmp, still reachable through this descriptor once the scratch covers it.
+    let old_tmp = nix::fcntl::open(
+        "/tmp",
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| fail("open /tmp", e))?;
+    let (uid, gid) = owner.unwrap_or((0, 0));
+    let options = format!(
+        "size={},mode=0700,uid={uid},gid={gid}",
+        isolation.scratch_bytes
+    );
+    mount(
+        Some("tmpfs"),
+        "/tmp",
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(options.as_str()),
+    )
+    .map_err(|e| fail("mount the scratch tmpfs", e))?;
+    for path in &isolation.keep_visible {
+        let Ok(relative) = path.strip_prefix("/tmp") else {
+            continue;
+        };
+        let source = format!(
+            "/proc/self/fd/{}/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&old_tmp),
+            relative.display()
+        );
+        let is_dir = std::fs::metadata(&source)
+            .map_err(|e| fail("keep a path visible", format!("{}: {e}", path.display())))?
+            .is_dir();
+        let made = if is_dir {
+            std::fs::create_dir_all(path)
+        } else {
+            path.parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| std::fs::write(path, b""))
+        };
+        made.map_err(|e| fail("keep a path visible", format!("{}: {e}", path.display())))?;
+        mount(
+            Some(source.as_str()),
+            path,
+            none,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            none,
+        )
+        .map_err(|e| fail("keep a path visible", format!("{}: {e}", path.display())))?;
+    }
+    drop(old_tmp);
+    let mountinfo =
+        std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| fail("read mountinfo", e))?;
+    for (point, options) in mount_points(&mountinfo) {
+        if point == "/tmp" || point == "/proc" || point.starts_with("/proc/") {
+            // The scratch stays writable; /proc is the fresh one (its old submounts are hidden).
+            continue;
+        }
+        let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;
+        for (name, flag) in [
+            ("nosuid", MsFlags::MS_NOSUID),
+            ("nodev", MsFlags::MS_NODEV),
+            ("noexec", MsFlags::MS_NOEXEC),
+        ] {
+            if options.split(',').any(|o| o == name) {
+                flags |= flag;
+            }
+        }
+        match mount(none, Path::new(&point), none, flags, none) {
+            Ok(()) => {}
+            // Shadowed by a later mount on a parent: not reachable from the worker.
+            Err(nix::errno::Errno::ENOENT) => {}
+            Err(e) => return Err(fail("remount read-only", format!("{point}: {e}"))),
+        }
+    }
+    Ok(())
+}
+
+/// (mount point, per-mount options) of each line of `/proc/self/mountinfo`, octal escapes decoded.
+fn mount_points(mountinfo: &str) -> Vec<(String, String)> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(' ');
+            let point = fields.nth(4)?;
+            let options = fields.next()?;
+            Some((unescape(point), options.to_string()))
+        })
+        .collect()
+}
+
+fn unescape(field: &str) -> String {
+    let mut out = String::new();
+    let mut chars = field.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            let code: String = chars.by_ref().take(3).collect();
+            if let Ok(byte) = u8::from_str_radix(&code, 8) {
+                out.push(byte as char);
+                continue;
+            }
+            out.push('\\');
+            out.push_str(&code);
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_lines_give_points_and_options() {
+        let info = "22 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n\
+                    30 22 0:5 / /dev/my\\040disk rw,nosuid,noexec shared:2 - devtmpfs udev rw\n";
+        assert_eq!(
+            mount_points(info),
+            [
+                ("/".to_string(), "rw,relatime".to_string()),
+                ("/dev/my disk".to_string(), "rw,nosuid,noexec".to_string())
+            ]
+        );
+    }
+}

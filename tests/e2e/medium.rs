@@ -1,0 +1,154 @@
+//! The `medium` tier, end to end: namespaces, a read-only view with a private scratch, no
+//! capabilities, the seccomp deny-list — on top of everything `low` gives.
+
+use crate::support::*;
+use crate::worker::{confinement_available, run_in, Ran, LIMITS};
+
+/// A plugin directory with the hostile plugin at `medium` and a model folder beside it.
+fn medium_dir() -> PluginDir {
+    let dir = PluginDir::new();
+    dir.copy_lib("pio_test_plugin_hostile", "libhostile.so");
+    std::fs::create_dir(dir.path().join("model")).unwrap();
+    dir.write("model/config.json", "{}");
+    let extra = format!("{LIMITS}[model]\npath = \"model\"\n");
+    let text = manifest("hostile", "0.1.0", "libhostile.so", &extra)
+        .replace("tier = \"low\"", "tier = \"medium\"");
+    dir.write("hostile.toml", &text);
+    dir
+}
+
+fn attack(dir: &PluginDir, what: &str) -> Ran {
+    let ran = run_in(dir, "hostile", what, &[]);
+    assert!(ran.ok, "{what}: {}", ran.stderr);
+    ran
+}
+
+#[test]
+fn capabilities_are_gone_and_every_thread_is_filtered() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = medium_dir();
+    let status = attack(&dir, "status").stdout;
+    for expected in [
+        "uid=65534 ",
+        "nonewprivs=1 ",
+        "capeff=0000000000000000 ",
+        "capbnd=0000000000000000 ",
+        "seccomp=2 ",
+    ] {
+        assert!(status.contains(expected), "{expected}: {status}");
+    }
+    let threads = attack(&dir, "threads").stdout;
+    let modes = threads.split("seccomp=").nth(1).unwrap().trim();
+    assert!(
+        threads.starts_with("threads=9") || threads.starts_with("threads=10"),
+        "{threads}"
+    );
+    assert!(modes.split(',').all(|m| m == "2"), "{threads}");
+}
+
+#[test]
+fn the_file_system_is_read_only_but_for_the_scratch() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = medium_dir();
+    let model = dir.path().join("model");
+    let read = attack(&dir, &format!("read {}/config.json", model.display())).stdout;
+    assert_eq!(
+        read.trim(),
+        "read 2 bytes",
+        "the model folder stays readable"
+    );
+    for path in [model.join("new.json"), "/var/tmp/pio-medium-test".into()] {
+        let out = attack(&dir, &format!("write {}", path.display())).stdout;
+        assert!(
+            out.contains("Read-only file system"),
+            "{}: {out}",
+            path.display()
+        );
+        assert!(!path.exists());
+    }
+    assert_eq!(
+        attack(&dir, "write /tmp/scratch-file").stdout.trim(),
+        "wrote"
+    );
+    assert!(
+        !std::path::Path::new("/tmp/scratch-file").exists(),
+        "the scratch is private"
+    );
+    let out = attack(&dir, "huge-file /tmp/huge").stdout;
+    assert!(
+        out.contains("File too large") || out.contains("No space left"),
+        "{out}"
+    );
+}
+
+#[test]
+fn the_daemon_is_out_of_sight_and_reach() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = medium_dir();
+    let me = std::process::id();
+    let out = attack(&dir, &format!("kill {me}")).stdout;
+    assert!(out.contains("No such process"), "{out}");
+    let out = attack(&dir, &format!("read /proc/{me}/environ")).stdout;
+    assert!(out.contains("No such file"), "{out}");
+    let out = attack(&dir, &format!("ptrace {me}")).stdout;
+    assert!(out.contains("Operation not permitted"), "{out}");
+}
+
+#[test]
+fn the_network_is_unreachable() {
+    if !confinement_available() {
+        return;
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let out = attack(&medium_dir(), &format!("connect {port}")).stdout;
+    assert!(out.contains("Network is unreachable"), "{out}");
+}
+
+#[test]
+fn mounts_namespaces_and_the_x32_abi_are_denied() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = medium_dir();
+    let before = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    for what in ["mount /mnt", "unshare", "x32-getpid", "setuid-root"] {
+        let out = attack(&dir, what).stdout;
+        assert!(out.contains("Operation not permitted"), "{what}: {out}");
+    }
+    assert_eq!(
+        std::fs::read_to_string("/proc/self/mountinfo").unwrap(),
+        before,
+        "host mounts unchanged"
+    );
+}
+
+#[test]
+fn deaths_are_still_reported_faithfully_through_the_pid_namespace() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = medium_dir();
+    for (what, expected) in [
+        ("segfault", "worker for hostile was killed by SIGSEGV"),
+        ("abort", "worker for hostile was killed by SIGABRT"),
+        (
+            "alloc 256",
+            "worker for hostile was killed: memory limit 64 MiB reached",
+        ),
+        ("exit", "worker for hostile exited with code 3"),
+    ] {
+        let ran = run_in(&dir, "hostile", what, &[]);
+        assert!(
+            !ran.ok && ran.stderr.contains(expected),
+            "{what}: {}",
+            ran.stderr
+        );
+    }
+}
