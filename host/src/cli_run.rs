@@ -65,6 +65,9 @@ pub struct RunArgs {
     /// Run less confined than asked (with a warning) if this host lacks a mechanism.
     #[arg(long)]
     allow_downgrade: bool,
+    /// Stop the request after this many seconds (at tier `maximum` 600 unless set).
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<u64>,
 }
 
 fn parse_tier(s: &str) -> Result<Tier, String> {
@@ -166,11 +169,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
             .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
             .collect(),
     };
+    let maximum = spec.plan.applied == Tier::Maximum;
+    let timeout = args
+        .timeout
+        .map(std::time::Duration::from_secs)
+        .or(maximum.then_some(pio_host::supervisor::supervised::MAXIMUM_WATCHDOG));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(stream(spec, config, request, args.json))
+    runtime.block_on(stream(spec, config, request, args.json, timeout))
 }
 
 async fn stream(
@@ -178,10 +186,13 @@ async fn stream(
     config: pio_plugin_api::wire::ModelConfig,
     request: InferRequest,
     json: bool,
+    timeout: Option<std::time::Duration>,
 ) -> anyhow::Result<u8> {
     let worker = Worker::start(spec).await?;
     worker.load(config, |_, _, _| {}).await?;
     let (id, mut events) = worker.infer(request)?;
+    let deadline = tokio::time::sleep(timeout.unwrap_or(std::time::Duration::MAX / 4));
+    tokio::pin!(deadline);
     let mut out = std::io::stdout().lock();
     let mut index = 0usize;
     let code = loop {
@@ -189,6 +200,13 @@ async fn stream(
             e = events.recv() => e,
             _ = tokio::signal::ctrl_c() => {
                 worker.cancel(id);
+                continue;
+            }
+            _ = &mut deadline, if timeout.is_some() => {
+                let secs = timeout.map_or(0, |t| t.as_secs());
+                // A plugin stuck in a loop never sees a cancel: stop its worker.
+                worker.kill_because(format!("was stopped: the request ran past its {secs} s deadline"));
+                deadline.as_mut().reset(tokio::time::Instant::now() + std::time::Duration::from_secs(3600));
                 continue;
             }
         };

@@ -23,13 +23,13 @@ pub fn limits(manifest: &Manifest) -> ResolvedLimits {
 
 /// Plans the worker's confinement from the manifest's tier and limits.
 pub fn plan(manifest: &Manifest, policy: &Policy, host: &HostSupport) -> Result<Plan, PlanError> {
-    sandbox::plan(
-        &manifest.name,
-        manifest.tier,
-        limits(manifest),
-        policy,
-        host,
-    )
+    let subject = sandbox::Subject {
+        plugin: &manifest.name,
+        tier: manifest.tier,
+        limits: limits(manifest),
+        pinned: manifest.sha256.is_some(),
+    };
+    sandbox::plan(subject, policy, host)
 }
 
 /// The model config the plugin gets: the manifest's `[model]`, its path resolved against the

@@ -7,4 +7,5 @@ mod support;
 mod discovery;
 mod medium;
 mod supervisor;
+mod upper_tiers;
 mod worker;

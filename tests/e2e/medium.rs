@@ -4,20 +4,25 @@
 use crate::support::*;
 use crate::worker::{confinement_available, run_in, Ran, LIMITS};
 
-/// A plugin directory with the hostile plugin at `medium` and a model folder beside it.
-fn medium_dir() -> PluginDir {
+/// A plugin directory with the hostile plugin at `tier` (its library pinned) and a model folder.
+pub(crate) fn tier_dir(tier: &str) -> PluginDir {
     let dir = PluginDir::new();
-    dir.copy_lib("pio_test_plugin_hostile", "libhostile.so");
+    let lib = dir.copy_lib("pio_test_plugin_hostile", "libhostile.so");
     std::fs::create_dir(dir.path().join("model")).unwrap();
     dir.write("model/config.json", "{}");
-    let extra = format!("{LIMITS}[model]\npath = \"model\"\n");
+    let sha = sha256_of(&lib);
+    let extra = format!("sha256 = \"{sha}\"\n{LIMITS}[model]\npath = \"model\"\n");
     let text = manifest("hostile", "0.1.0", "libhostile.so", &extra)
-        .replace("tier = \"low\"", "tier = \"medium\"");
+        .replace("tier = \"low\"", &format!("tier = \"{tier}\""));
     dir.write("hostile.toml", &text);
     dir
 }
 
-fn attack(dir: &PluginDir, what: &str) -> Ran {
+fn medium_dir() -> PluginDir {
+    tier_dir("medium")
+}
+
+pub(crate) fn attack(dir: &PluginDir, what: &str) -> Ran {
     let ran = run_in(dir, "hostile", what, &[]);
     assert!(ran.ok, "{what}: {}", ran.stderr);
     ran

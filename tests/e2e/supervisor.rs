@@ -26,14 +26,13 @@ fn spec(name: &str, crate_name: &str) -> WorkerSpec {
         pids: Some(32),
         ..ResolvedLimits::default()
     };
-    let plan = sandbox::plan(
-        name,
-        Tier::Low,
+    let subject = sandbox::Subject {
+        plugin: name,
+        tier: Tier::Low,
         limits,
-        &Policy::default(),
-        &HostSupport::detect(),
-    )
-    .unwrap();
+        pinned: false,
+    };
+    let plan = sandbox::plan(subject, &Policy::default(), &HostSupport::detect()).unwrap();
     WorkerSpec {
         name: name.into(),
         library: plugin_lib(crate_name),

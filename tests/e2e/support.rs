@@ -104,3 +104,12 @@ pub fn manifest(name: &str, version: &str, library: &str, extra: &str) -> String
         "name = \"{name}\"\nversion = \"{version}\"\nlibrary = \"{library}\"\napi = \"^1.0\"\ntier = \"low\"\n{extra}"
     )
 }
+
+/// The lowercase hex SHA-256 of a file, by `sha256sum`.
+pub fn sha256_of(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)[..64].to_string()
+}

@@ -53,7 +53,31 @@ pub enum Controller {
     Cpu,
     /// Process count.
     Pids,
+    /// Device access (v1 only; on v2 Landlock and the private /dev view stand in).
+    Devices,
+    /// CPU pinning.
+    Cpuset,
 }
+
+/// What a worker's group enforces.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GroupSpec {
+    /// Memory, CPU and pids limits.
+    pub limits: ResolvedLimits,
+    /// Allow only the harmless character devices (null, zero, full, random, urandom).
+    pub devices: bool,
+    /// Pin to these CPUs, e.g. "0-1".
+    pub cpuset: Option<String>,
+}
+
+/// Character devices a confined worker may open: null, zero, full, random, urandom.
+const ALLOWED_DEVICES: [&str; 5] = [
+    "c 1:3 rwm",
+    "c 1:5 rwm",
+    "c 1:7 rwm",
+    "c 1:8 rwm",
+    "c 1:9 rwm",
+];
 
 /// One file write: `value` into `file` of the group's directory for `controller`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,9 +101,21 @@ fn setting(controller: Controller, file: &'static str, value: String) -> Setting
     }
 }
 
-/// The writes that impose `limits` on `version`, in order.
-pub fn settings(version: Version, limits: &ResolvedLimits) -> Vec<Setting> {
+/// The writes that impose `spec` on `version`, in order.
+pub fn settings(version: Version, spec: &GroupSpec) -> Vec<Setting> {
+    let limits = &spec.limits;
     let mut out = Vec::new();
+    if let Some(cpus) = &spec.cpuset {
+        out.push(setting(Controller::Cpuset, "cpuset.cpus", cpus.clone()));
+        // Memory nodes: the parent's (written when the parent is prepared).
+        out.push(setting(Controller::Cpuset, "cpuset.mems", String::new()));
+    }
+    if spec.devices && version == Version::V1 {
+        out.push(setting(Controller::Devices, "devices.deny", "a".into()));
+        for device in ALLOWED_DEVICES {
+            out.push(setting(Controller::Devices, "devices.allow", device.into()));
+        }
+    }
     let quota = limits
         .cpus
         .map(|cpus| ((cpus * CPU_PERIOD_US as f64).round() as u64).max(1000));
@@ -183,27 +219,53 @@ pub struct Cgroup {
     memory: PathBuf,
     cpu: PathBuf,
     pids: PathBuf,
+    devices: Option<PathBuf>,
+    cpuset: Option<PathBuf>,
     /// A directory with `cgroup.kill` (v2, or the v1 hybrid's unified tree).
     unified: Option<PathBuf>,
 }
 
 static SEQUENCE: AtomicU64 = AtomicU64::new(0);
 
+/// A new v1 cpuset group starts with no CPUs and no memory nodes: give `pio/` its root's.
+fn inherit_cpuset(hierarchy: &Path) -> Result<(), CgroupError> {
+    let parent = hierarchy.join("pio");
+    io(&parent, "create", std::fs::create_dir_all(&parent))?;
+    for file in ["cpuset.cpus", "cpuset.mems"] {
+        let target = parent.join(file);
+        let current = std::fs::read_to_string(&target).unwrap_or_default();
+        if current.trim().is_empty() {
+            let value = std::fs::read_to_string(hierarchy.join(file)).unwrap_or_default();
+            io(
+                &target,
+                "inherit cpuset",
+                std::fs::write(&target, value.trim()),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// The memory nodes of `dir`'s parent group, for a new cpuset group.
+fn parent_mems(dir: &Path) -> String {
+    dir.parent()
+        .and_then(|p| std::fs::read_to_string(p.join("cpuset.mems")).ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "0".into())
+}
+
 impl Cgroup {
-    /// Creates `pio/<name>-<daemon pid>-<n>` with `limits` applied.
-    pub fn create(
-        version: Version,
-        name: &str,
-        limits: &ResolvedLimits,
-    ) -> Result<Self, CgroupError> {
-        Self::create_at(Path::new(ROOT), version, name, limits)
+    /// Creates `pio/<name>-<daemon pid>-<n>` enforcing `spec`.
+    pub fn create(version: Version, name: &str, spec: &GroupSpec) -> Result<Self, CgroupError> {
+        Self::create_at(Path::new(ROOT), version, name, spec)
     }
 
     fn create_at(
         root: &Path,
         version: Version,
         name: &str,
-        limits: &ResolvedLimits,
+        spec: &GroupSpec,
     ) -> Result<Self, CgroupError> {
         let leaf = format!(
             "{name}-{}-{}",
@@ -218,24 +280,34 @@ impl Cgroup {
                     .join("cgroup.procs")
                     .is_file()
                     .then(|| unified_root.join("pio").join(&leaf));
+                if spec.cpuset.is_some() {
+                    inherit_cpuset(&root.join("cpuset"))?;
+                }
                 Self {
                     version,
                     memory: dir("memory"),
                     cpu: dir("cpu"),
                     pids: dir("pids"),
+                    devices: spec.devices.then(|| dir("devices")),
+                    cpuset: spec.cpuset.is_some().then(|| dir("cpuset")),
                     unified,
                 }
             }
             Version::V2 => {
                 let parent = root.join("pio");
                 io(&parent, "create", std::fs::create_dir_all(&parent))?;
+                let controllers = if spec.cpuset.is_some() {
+                    "+memory +cpu +pids +cpuset"
+                } else {
+                    "+memory +cpu +pids"
+                };
                 // Controllers must be enabled in every ancestor for the leaf to get them.
                 for dir in [root, parent.as_path()] {
                     let file = dir.join("cgroup.subtree_control");
                     io(
                         &file,
                         "enable controllers",
-                        std::fs::write(&file, "+memory +cpu +pids"),
+                        std::fs::write(&file, controllers),
                     )?;
                 }
                 let dir = parent.join(&leaf);
@@ -244,6 +316,8 @@ impl Cgroup {
                     memory: dir.clone(),
                     cpu: dir.clone(),
                     pids: dir.clone(),
+                    devices: None,
+                    cpuset: spec.cpuset.is_some().then(|| dir.clone()),
                     unified: Some(dir),
                 }
             }
@@ -251,12 +325,18 @@ impl Cgroup {
         for dir in group.dirs() {
             io(dir, "create", std::fs::create_dir_all(dir))?;
         }
-        for s in settings(version, limits) {
-            let file = group.dir_of(s.controller).join(s.file);
+        for s in settings(version, spec) {
+            let dir = group.dir_of(s.controller);
+            let file = dir.join(s.file);
             if s.optional && !file.exists() {
                 continue;
             }
-            io(&file, "write limit", std::fs::write(&file, &s.value))?;
+            let value = if s.file == "cpuset.mems" {
+                parent_mems(dir)
+            } else {
+                s.value
+            };
+            io(&file, "write limit", std::fs::write(&file, value))?;
         }
         Ok(group)
     }
@@ -266,12 +346,17 @@ impl Cgroup {
             Controller::Memory => &self.memory,
             Controller::Cpu => &self.cpu,
             Controller::Pids => &self.pids,
+            Controller::Devices => self.devices.as_ref().unwrap_or(&self.pids),
+            Controller::Cpuset => self.cpuset.as_ref().unwrap_or(&self.pids),
         }
     }
 
     fn dirs(&self) -> Vec<&PathBuf> {
         let mut dirs = vec![&self.memory, &self.cpu, &self.pids];
+        dirs.extend(self.devices.as_ref());
+        dirs.extend(self.cpuset.as_ref());
         dirs.extend(self.unified.as_ref());
+        dirs.sort();
         dirs.dedup();
         dirs
     }

@@ -9,8 +9,15 @@ fn limits() -> ResolvedLimits {
     }
 }
 
+fn spec() -> GroupSpec {
+    GroupSpec {
+        limits: limits(),
+        ..GroupSpec::default()
+    }
+}
+
 fn plan_text(version: Version) -> Vec<String> {
-    settings(version, &limits())
+    settings(version, &spec())
         .iter()
         .map(|s| format!("{:?}/{}={}", s.controller, s.file, s.value))
         .collect()
@@ -45,8 +52,29 @@ fn v2_writes_memory_max_no_swap_cpu_max_and_pids() {
 
 #[test]
 fn no_limits_write_nothing() {
-    assert!(settings(Version::V1, &ResolvedLimits::default()).is_empty());
-    assert!(settings(Version::V2, &ResolvedLimits::default()).is_empty());
+    assert!(settings(Version::V1, &GroupSpec::default()).is_empty());
+    assert!(settings(Version::V2, &GroupSpec::default()).is_empty());
+}
+
+#[test]
+fn devices_and_cpuset_for_the_upper_tiers() {
+    let spec = GroupSpec {
+        devices: true,
+        cpuset: Some("0-1".into()),
+        ..GroupSpec::default()
+    };
+    let text = |v| -> Vec<String> {
+        settings(v, &spec)
+            .iter()
+            .map(|s| format!("{:?}/{}={}", s.controller, s.file, s.value))
+            .collect()
+    };
+    let v1 = text(Version::V1);
+    assert_eq!(v1[0], "Cpuset/cpuset.cpus=0-1");
+    assert_eq!(v1[2], "Devices/devices.deny=a");
+    assert!(v1.contains(&"Devices/devices.allow=c 1:9 rwm".to_string()));
+    // v2 has no devices files: Landlock and the private /dev view stand in.
+    assert!(!text(Version::V2).iter().any(|s| s.starts_with("Devices")));
 }
 
 /// A fake v2 tree in a temporary directory: the v2 path creates the group, enables the
@@ -56,7 +84,7 @@ fn v2_group_creation_writes_the_planned_files() {
     let root = tempfile::tempdir().unwrap();
     std::fs::write(root.path().join("cgroup.subtree_control"), "").unwrap();
     std::fs::create_dir_all(root.path().join("pio")).unwrap();
-    let group = Cgroup::create_at(root.path(), Version::V2, "echo", &limits()).unwrap();
+    let group = Cgroup::create_at(root.path(), Version::V2, "echo", &spec()).unwrap();
     let dir = group.memory_dir().to_path_buf();
     assert!(dir.starts_with(root.path().join("pio")));
     assert_eq!(
@@ -82,7 +110,7 @@ fn a_real_group_confines_a_process_and_is_removed() {
         eprintln!("skipped: no writable cgroup hierarchy (needs root)");
         return;
     };
-    let group = Cgroup::create(version, "unit-test", &limits()).unwrap();
+    let group = Cgroup::create(version, "unit-test", &spec()).unwrap();
     let mut child = std::process::Command::new("sleep")
         .arg("30")
         .spawn()

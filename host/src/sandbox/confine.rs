@@ -2,6 +2,8 @@
 //! single-threaded and before it loads the plugin library, so no plugin code ever runs
 //! unconfined. The host has already placed it in its cgroup.
 
+use std::path::Path;
+
 use nix::sys::resource::{setrlimit, Resource};
 use nix::unistd::{Gid, Uid};
 
@@ -81,13 +83,60 @@ pub fn apply(plan: &Plan) -> Result<Vec<String>, ConfineError> {
         }
         applied.push(format!("uid={uid}"));
     }
+    if plan.isolation.as_ref().is_some_and(|i| i.user_namespace) {
+        super::namespaces::enter_user_namespace()?;
+        clear_capabilities()?;
+        applied.push("user namespace".into());
+    }
     step("no_new_privs", nix::sys::prctl::set_no_new_privs())?;
     applied.push("no_new_privs".into());
-    if plan.isolation.is_some() {
-        super::seccomp::apply_deny_list()?;
-        applied.push("seccomp deny-list".into());
+    if let Some(isolation) = &plan.isolation {
+        if isolation.landlock {
+            applied.push(super::access::restrict(
+                &isolation.keep_visible,
+                Path::new("/tmp"),
+            )?);
+        }
+        super::seccomp::apply(isolation.syscalls)?;
+        applied.push(format!("seccomp {:?}", isolation.syscalls));
     }
     Ok(applied)
+}
+
+/// Empties every capability set of the calling thread (inside a new user namespace its creator
+/// holds them all).
+fn clear_capabilities() -> Result<(), ConfineError> {
+    drop_bounding_capabilities()?;
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let mut header = Header {
+        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+        pid: 0,
+    };
+    let data = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: capset reads a v3 header and two data words from valid memory.
+    let r = unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) };
+    if r != 0 {
+        return Err(ConfineError {
+            step: "clear capabilities",
+            reason: std::io::Error::last_os_error().to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// Empties the capability bounding set (while still root: it takes CAP_SETPCAP), so nothing the

@@ -7,6 +7,7 @@
 //! with a clear error unless the operator allowed a downgrade, and then the plan records the tier
 //! actually applied.
 
+mod access;
 pub mod cgroup;
 pub mod confine;
 mod namespaces;
@@ -42,16 +43,35 @@ pub struct HostSupport {
     pub cgroups: Option<cgroup::Version>,
     /// The kernel filters system calls (seccomp).
     pub seccomp: bool,
+    /// Unprivileged user namespaces can be created.
+    pub user_namespaces: bool,
+    /// The Landlock ABI version, 0 when Landlock is unavailable.
+    pub landlock_abi: u32,
 }
 
 impl HostSupport {
     /// Looks at the running system.
     pub fn detect() -> Self {
+        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+        // SAFETY: landlock_create_ruleset with the VERSION flag only returns the ABI version.
+        let landlock = unsafe {
+            libc::syscall(
+                libc::SYS_landlock_create_ruleset,
+                std::ptr::null::<u8>(),
+                0usize,
+                1u32,
+            )
+        };
         Self {
             root: nix::unistd::geteuid().is_root(),
             cgroups: cgroup::Version::detect_writable(),
-            seccomp: std::fs::read_to_string("/proc/self/status")
-                .is_ok_and(|s| s.contains("\nSeccomp:")),
+            seccomp: read("/proc/self/status").contains("\nSeccomp:"),
+            user_namespaces: read("/proc/sys/user/max_user_namespaces")
+                .trim()
+                .parse::<u64>()
+                .is_ok_and(|n| n > 0)
+                && read("/proc/sys/kernel/unprivileged_userns_clone").trim() != "0",
+            landlock_abi: u32::try_from(landlock).unwrap_or(0),
         }
     }
 }
@@ -98,18 +118,41 @@ pub struct Plan {
     /// Put the worker in its own cgroup with the limits.
     pub cgroup: bool,
     /// `medium` and up: namespaces, a private read-only view of the file system with a
-    /// size-capped scratch, no capabilities, a seccomp deny-list.
+    /// size-capped scratch, no capabilities, seccomp.
     pub isolation: Option<Isolation>,
 }
 
-/// The `medium` tier's mechanisms.
+/// Which system calls a worker may make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Syscalls {
+    /// Everything but a deny-list (EPERM).
+    DenyList,
+    /// Only an allow-list; anything else fails with EPERM.
+    AllowList,
+    /// Only an allow-list; anything else kills the worker.
+    AllowListKill,
+}
+
+/// The mechanisms of `medium` and the tiers above it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Isolation {
     /// Size of the private tmpfs mounted at the worker's `/tmp`, its only writable place.
     pub scratch_bytes: u64,
-    /// Paths the worker must still read (its library, the model folder): those under `/tmp`
-    /// are bound into the private `/tmp`, read-only like everything else.
+    /// Paths the worker must still read (its library, the model folder).
     pub keep_visible: Vec<std::path::PathBuf>,
+    /// The system-call filter.
+    pub syscalls: Syscalls,
+    /// `high`+: a user namespace mapping only the worker's own uid and gid.
+    pub user_namespace: bool,
+    /// `high`+: Landlock: read only the library, the model, system libraries; write only the
+    /// scratch; no TCP; no signals or abstract sockets outside the sandbox.
+    pub landlock: bool,
+    /// `high`+: the devices cgroup (v1) allows only null, zero, full, random, urandom.
+    pub devices: bool,
+    /// `maximum`: the root is an empty tmpfs holding only the library and the model.
+    pub empty_root: bool,
+    /// `maximum`: pin the worker to these CPUs (cgroup cpuset), e.g. "0-1".
+    pub cpuset: Option<String>,
 }
 
 /// Scratch size when the manifest and the daemon set none.
@@ -127,8 +170,21 @@ pub struct PlanError {
     pub missing: String,
 }
 
-/// What each tier needs that this host may lack; `None` when it has everything for `tier`.
-fn missing_for(tier: Tier, host: &HostSupport) -> Option<String> {
+/// What is being confined.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Subject<'a> {
+    /// The plugin's name.
+    pub plugin: &'a str,
+    /// The tier its manifest asks for.
+    pub tier: Tier,
+    /// Its resolved limits.
+    pub limits: ResolvedLimits,
+    /// Whether its manifest pins the library's sha256 (`maximum` requires it).
+    pub pinned: bool,
+}
+
+/// What each tier needs that this host (or the plugin) lacks; `None` when nothing is missing.
+fn missing_for(tier: Tier, host: &HostSupport, subject: &Subject<'_>) -> Option<String> {
     if !host.root {
         return Some("the host is not running as root, so it can neither create cgroups nor switch the worker to an unprivileged uid".into());
     }
@@ -138,29 +194,32 @@ fn missing_for(tier: Tier, host: &HostSupport) -> Option<String> {
     if tier >= Tier::Medium && !host.seccomp {
         return Some("the kernel has no seccomp support".into());
     }
-    if tier > Tier::Medium {
-        return Some(format!(
-            "this build of PIO does not yet implement the `{tier}` tier's mechanisms (user namespace, Landlock, seccomp allow-list)"
-        ));
+    if tier >= Tier::High && !host.user_namespaces {
+        return Some("the kernel does not allow unprivileged user namespaces (user.max_user_namespaces is 0)".into());
+    }
+    if tier >= Tier::High && host.landlock_abi == 0 {
+        return Some(
+            "the kernel has no Landlock (needs Linux 5.13+ with landlock in the lsm= list)".into(),
+        );
+    }
+    if tier >= Tier::Maximum && !subject.pinned {
+        return Some("its manifest pins no sha256 of the library, which `maximum` requires".into());
+    }
+    if tier >= Tier::Maximum && subject.limits.gpu_memory_bytes.is_some() {
+        return Some("GPU access at `maximum` needs a hardware-enforced cap (MIG or MPS), which PIO does not set up yet".into());
     }
     None
 }
 
-/// Plans the confinement of `plugin`, asked to run at `tier` with `limits`.
-pub fn plan(
-    plugin: &str,
-    tier: Tier,
-    limits: ResolvedLimits,
-    policy: &Policy,
-    host: &HostSupport,
-) -> Result<Plan, PlanError> {
-    let requested = tier.max(policy.min_tier);
+/// Plans the confinement of `subject`.
+pub fn plan(subject: Subject<'_>, policy: &Policy, host: &HostSupport) -> Result<Plan, PlanError> {
+    let requested = subject.tier.max(policy.min_tier);
     let mut applied = requested;
     let mut downgrade_reason = None;
-    if let Some(missing) = missing_for(requested, host) {
+    if let Some(missing) = missing_for(requested, host, &subject) {
         if !policy.allow_downgrade {
             return Err(PlanError {
-                plugin: plugin.to_string(),
+                plugin: subject.plugin.to_string(),
                 tier: requested,
                 missing,
             });
@@ -170,10 +229,12 @@ pub fn plan(
         applied = [Tier::Maximum, Tier::High, Tier::Medium, Tier::Low]
             .into_iter()
             .filter(|t| *t <= requested)
-            .find(|t| missing_for(*t, host).is_none())
+            .find(|t| missing_for(*t, host, &subject).is_none())
             .unwrap_or(Tier::Low);
         downgrade_reason = Some(missing);
     }
+    let limits = subject.limits;
+    let cpus = limits.cpus.map_or(1, |c| c.ceil().max(1.0) as usize);
     Ok(Plan {
         requested,
         applied,
@@ -182,6 +243,16 @@ pub fn plan(
         isolation: (applied >= Tier::Medium).then(|| Isolation {
             scratch_bytes: limits.scratch_bytes.unwrap_or(DEFAULT_SCRATCH_BYTES),
             keep_visible: Vec::new(),
+            syscalls: match applied {
+                Tier::Maximum => Syscalls::AllowListKill,
+                Tier::High => Syscalls::AllowList,
+                _ => Syscalls::DenyList,
+            },
+            user_namespace: applied >= Tier::High,
+            landlock: applied >= Tier::High,
+            devices: applied >= Tier::High,
+            empty_root: applied >= Tier::Maximum,
+            cpuset: (applied >= Tier::Maximum).then(|| format!("0-{}", cpus - 1)),
         }),
         limits,
         cgroup: host.root && host.cgroups.is_some(),
@@ -197,117 +268,92 @@ mod tests {
             root,
             cgroups: cgroups.then_some(cgroup::Version::V2),
             seccomp: true,
+            user_namespaces: true,
+            landlock_abi: 6,
+        }
+    }
+
+    fn subject(tier: Tier) -> Subject<'static> {
+        Subject {
+            plugin: "p",
+            tier,
+            limits: ResolvedLimits::default(),
+            pinned: true,
         }
     }
 
     #[test]
     fn low_on_a_capable_host_is_applied_as_asked() {
-        let p = plan(
-            "p",
-            Tier::Low,
-            ResolvedLimits::default(),
-            &Policy::default(),
-            &host(true, true),
-        )
-        .unwrap();
+        let p = plan(subject(Tier::Low), &Policy::default(), &host(true, true)).unwrap();
         assert_eq!((p.requested, p.applied), (Tier::Low, Tier::Low));
         assert_eq!(p.drop_to, Some((65534, 65534)));
-        assert!(p.cgroup && p.downgrade_reason.is_none());
+        assert!(p.cgroup && p.downgrade_reason.is_none() && p.isolation.is_none());
     }
 
     #[test]
     fn min_tier_raises_the_manifest_tier() {
         let policy = Policy {
             min_tier: Tier::High,
-            allow_downgrade: true,
             ..Policy::default()
         };
-        let p = plan(
-            "p",
-            Tier::Low,
-            ResolvedLimits::default(),
-            &policy,
-            &host(true, true),
-        )
-        .unwrap();
-        assert_eq!(p.requested, Tier::High);
+        let p = plan(subject(Tier::Low), &policy, &host(true, true)).unwrap();
+        assert_eq!((p.requested, p.applied), (Tier::High, Tier::High));
+    }
+
+    #[test]
+    fn each_tier_adds_its_mechanisms() {
+        let iso = |t| {
+            plan(subject(t), &Policy::default(), &host(true, true))
+                .unwrap()
+                .isolation
+                .unwrap()
+        };
+        let medium = iso(Tier::Medium);
+        assert_eq!(medium.syscalls, Syscalls::DenyList);
+        assert_eq!(medium.scratch_bytes, DEFAULT_SCRATCH_BYTES);
+        assert!(!medium.user_namespace && !medium.landlock && !medium.devices);
+        let high = iso(Tier::High);
+        assert_eq!(high.syscalls, Syscalls::AllowList);
+        assert!(high.user_namespace && high.landlock && high.devices && !high.empty_root);
+        let max = iso(Tier::Maximum);
+        assert_eq!(max.syscalls, Syscalls::AllowListKill);
+        assert!(max.empty_root);
+        assert_eq!(max.cpuset.as_deref(), Some("0-0"));
     }
 
     #[test]
     fn a_missing_mechanism_refuses_unless_downgrade_is_allowed() {
-        let e = plan(
-            "p",
-            Tier::Low,
-            ResolvedLimits::default(),
-            &Policy::default(),
-            &host(false, true),
-        )
-        .unwrap_err();
+        let e = plan(subject(Tier::Low), &Policy::default(), &host(false, true)).unwrap_err();
         assert!(e.to_string().contains("not running as root"), "{e}");
         assert!(e.to_string().contains("allow_downgrade"), "{e}");
 
+        let no_landlock = HostSupport {
+            landlock_abi: 0,
+            ..host(true, true)
+        };
+        let e = plan(subject(Tier::High), &Policy::default(), &no_landlock).unwrap_err();
+        assert!(e.missing.contains("Landlock"), "{e}");
         let policy = Policy {
             allow_downgrade: true,
             ..Policy::default()
         };
-        let p = plan(
-            "p",
-            Tier::High,
-            ResolvedLimits::default(),
-            &policy,
-            &host(true, true),
-        )
-        .unwrap();
+        let p = plan(subject(Tier::High), &policy, &no_landlock).unwrap();
         assert_eq!((p.requested, p.applied), (Tier::High, Tier::Medium));
-        assert!(p.downgrade_reason.unwrap().contains("high"));
-        assert!(p.isolation.is_some(), "the medium mechanisms still apply");
-        let no_seccomp = HostSupport {
-            seccomp: false,
-            ..host(true, true)
+        assert!(p.downgrade_reason.unwrap().contains("Landlock"));
+        assert_eq!(p.isolation.unwrap().syscalls, Syscalls::DenyList);
+    }
+
+    #[test]
+    fn maximum_requires_a_pinned_library_and_no_uncapped_gpu() {
+        let unpinned = Subject {
+            pinned: false,
+            ..subject(Tier::Maximum)
         };
-        let p = plan(
-            "p",
-            Tier::Medium,
-            ResolvedLimits::default(),
-            &policy,
-            &no_seccomp,
-        )
-        .unwrap();
-        assert_eq!((p.applied, p.isolation), (Tier::Low, None));
-    }
-
-    #[test]
-    fn medium_isolates_with_a_default_scratch() {
-        let p = plan(
-            "p",
-            Tier::Medium,
-            ResolvedLimits::default(),
-            &Policy::default(),
-            &host(true, true),
-        )
-        .unwrap();
-        assert_eq!(p.isolation.unwrap().scratch_bytes, DEFAULT_SCRATCH_BYTES);
-        let p = plan(
-            "p",
-            Tier::Low,
-            ResolvedLimits::default(),
-            &Policy::default(),
-            &host(true, true),
-        )
-        .unwrap();
-        assert_eq!(p.isolation, None);
-    }
-
-    #[test]
-    fn unimplemented_tiers_are_refused_not_silently_weakened() {
-        let e = plan(
-            "p",
-            Tier::Maximum,
-            ResolvedLimits::default(),
-            &Policy::default(),
-            &host(true, true),
-        )
-        .unwrap_err();
-        assert_eq!(e.tier, Tier::Maximum);
+        let e = plan(unpinned, &Policy::default(), &host(true, true)).unwrap_err();
+        assert!(e.missing.contains("sha256"), "{e}");
+        let mut gpu = subject(Tier::Maximum);
+        gpu.limits.gpu_memory_bytes = Some(1 << 30);
+        let e = plan(gpu, &Policy::default(), &host(true, true)).unwrap_err();
+        assert!(e.missing.contains("MIG"), "{e}");
     }
 }

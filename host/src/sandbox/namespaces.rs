@@ -48,6 +48,23 @@ pub fn enter(isolation: &Isolation, owner: Option<(u32, u32)>) -> Result<(), Con
     build_view(isolation, owner)
 }
 
+/// Enters a new user namespace mapping only the caller's own (already unprivileged) uid and gid:
+/// host uids mean nothing inside it, and nothing inside it means anything to the host.
+pub fn enter_user_namespace() -> Result<(), ConfineError> {
+    let (uid, gid) = (nix::unistd::geteuid(), nix::unistd::getegid());
+    // Switching uid made /proc/self root's; the maps below must be written by the process itself.
+    nix::sys::prctl::set_dumpable(true).map_err(|e| fail("user namespace", e))?;
+    unshare(CloneFlags::CLONE_NEWUSER).map_err(|e| fail("user namespace", e))?;
+    let write = |file: &str, text: String| {
+        std::fs::write(format!("/proc/self/{file}"), text)
+            .map_err(|e| fail("user namespace", format!("{file}: {e}")))
+    };
+    write("setgroups", "deny".into())?;
+    write("uid_map", format!("{uid} {uid} 1"))?;
+    write("gid_map", format!("{gid} {gid} 1"))?;
+    nix::sys::prctl::set_dumpable(false).map_err(|e| fail("user namespace", e))
+}
+
 fn set_pdeathsig() -> Result<(), ConfineError> {
     nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
         .map_err(|e| fail("exit with the parent", e))
@@ -99,56 +116,23 @@ fn build_view(isolation: &Isolation, owner: Option<(u32, u32)>) -> Result<(), Co
         .map_err(|e| fail("make mounts private", e))?;
     let safe = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount(Some("proc"), "/proc", Some("proc"), safe, none).map_err(|e| fail("mount /proc", e))?;
-    // The host's /tmp, still reachable through this descriptor once the scratch covers it.
-    let old_tmp = nix::fcntl::open(
-        "/tmp",
-        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
-        nix::sys::stat::Mode::empty(),
-    )
-    .map_err(|e| fail("open /tmp", e))?;
-    let (uid, gid) = owner.unwrap_or((0, 0));
-    let options = format!(
-        "size={},mode=0700,uid={uid},gid={gid}",
-        isolation.scratch_bytes
-    );
-    mount(
-        Some("tmpfs"),
-        "/tmp",
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some(options.as_str()),
-    )
-    .map_err(|e| fail("mount the scratch tmpfs", e))?;
-    for path in &isolation.keep_visible {
-        let Ok(relative) = path.strip_prefix("/tmp") else {
-            continue;
-        };
-        let source = format!(
-            "/proc/self/fd/{}/{}",
-            std::os::fd::AsRawFd::as_raw_fd(&old_tmp),
-            relative.display()
-        );
-        let is_dir = std::fs::metadata(&source)
-            .map_err(|e| fail("keep a path visible", format!("{}: {e}", path.display())))?
-            .is_dir();
-        let made = if is_dir {
-            std::fs::create_dir_all(path)
-        } else {
-            path.parent()
-                .map_or(Ok(()), std::fs::create_dir_all)
-                .and_then(|()| std::fs::write(path, b""))
-        };
-        made.map_err(|e| fail("keep a path visible", format!("{}: {e}", path.display())))?;
-        mount(
-            Some(source.as_str()),
-            path,
-            none,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            none,
-        )
-        .map_err(|e| fail("keep a path visible", format!("{}: {e}", path.display())))?;
+    // Handles on what must stay reachable, taken before anything is mounted over it.
+    let sources = isolation
+        .keep_visible
+        .iter()
+        .map(|p| open_path(p).map(|fd| (p.clone(), fd)))
+        .collect::<Result<Vec<_>, _>>()?;
+    if isolation.empty_root {
+        build_empty_root(isolation, owner, &sources)?;
+    } else {
+        mount_scratch(Path::new("/tmp"), isolation.scratch_bytes, owner)?;
+        for (path, fd) in &sources {
+            if path.starts_with("/tmp") {
+                bind(fd, path)?;
+            }
+        }
     }
-    drop(old_tmp);
+    drop(sources);
     let mountinfo =
         std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| fail("read mountinfo", e))?;
     for (point, options) in mount_points(&mountinfo) {
@@ -174,6 +158,98 @@ fn build_view(isolation: &Isolation, owner: Option<(u32, u32)>) -> Result<(), Co
         }
     }
     Ok(())
+}
+
+fn open_path(path: &Path) -> Result<std::os::fd::OwnedFd, ConfineError> {
+    nix::fcntl::open(
+        path,
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| fail("keep a path visible", format!("{}: {e}", path.display())))
+}
+
+/// Bind-mounts what `source` refers to at `target`, creating the mount point.
+fn bind(source: &std::os::fd::OwnedFd, target: &Path) -> Result<(), ConfineError> {
+    let error = |e: &dyn std::fmt::Display| {
+        fail("keep a path visible", format!("{}: {e}", target.display()))
+    };
+    let from = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(source));
+    let is_dir = std::fs::metadata(&from).map_err(|e| error(&e))?.is_dir();
+    let made = if is_dir {
+        std::fs::create_dir_all(target)
+    } else {
+        target
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(target, b""))
+    };
+    made.map_err(|e| error(&e))?;
+    let none: Option<&str> = None;
+    mount(
+        Some(from.as_str()),
+        target,
+        none,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        none,
+    )
+    .map_err(|e| error(&e))
+}
+
+/// A size-capped tmpfs at `at`, owned by the worker's uid.
+fn mount_scratch(at: &Path, bytes: u64, owner: Option<(u32, u32)>) -> Result<(), ConfineError> {
+    let (uid, gid) = owner.unwrap_or((0, 0));
+    let options = format!("size={bytes},mode=0700,uid={uid},gid={gid}");
+    mount(
+        Some("tmpfs"),
+        at,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(options.as_str()),
+    )
+    .map_err(|e| fail("mount the scratch tmpfs", e))
+}
+
+/// `maximum`: a new root holding only the library, the model, a fresh /proc, the harmless
+/// devices and the scratch; the host's file system is detached entirely.
+fn build_empty_root(
+    isolation: &Isolation,
+    owner: Option<(u32, u32)>,
+    sources: &[(std::path::PathBuf, std::os::fd::OwnedFd)],
+) -> Result<(), ConfineError> {
+    let none: Option<&str> = None;
+    let root = Path::new("/tmp");
+    mount(
+        Some("tmpfs"),
+        root,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("size=1m,mode=0755"),
+    )
+    .map_err(|e| fail("mount the new root", e))?;
+    let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
+    for device in ["null", "zero", "full", "random", "urandom"] {
+        let host = Path::new("/dev").join(device);
+        bind(&open_path(&host)?, &inside(&host))?;
+    }
+    let proc_dir = root.join("proc");
+    std::fs::create_dir_all(&proc_dir).map_err(|e| fail("mount /proc", e))?;
+    let safe = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount(Some("proc"), &proc_dir, Some("proc"), safe, none).map_err(|e| fail("mount /proc", e))?;
+    let scratch = root.join("tmp");
+    std::fs::create_dir_all(&scratch).map_err(|e| fail("mount the scratch tmpfs", e))?;
+    mount_scratch(&scratch, isolation.scratch_bytes, owner)?;
+    // After the scratch: a path under /tmp is bound inside it, not hidden beneath it.
+    for (path, fd) in sources {
+        bind(fd, &inside(path))?;
+    }
+    let old = root.join(".old");
+    std::fs::create_dir_all(&old).map_err(|e| fail("pivot_root", e))?;
+    nix::unistd::pivot_root(root, &old).map_err(|e| fail("pivot_root", e))?;
+    nix::unistd::chdir("/").map_err(|e| fail("pivot_root", e))?;
+    nix::mount::umount2("/.old", nix::mount::MntFlags::MNT_DETACH)
+        .map_err(|e| fail("detach the host root", e))?;
+    std::fs::remove_dir("/.old").map_err(|e| fail("detach the host root", e))
 }
 
 /// (mount point, per-mount options) of each line of `/proc/self/mountinfo`, octal escapes decoded.

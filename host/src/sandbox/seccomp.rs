@@ -1,8 +1,9 @@
-//! The `medium` tier's system-call deny-list: calls a model never needs and an escape would —
-//! tracing other processes, mounting, new namespaces, kernel modules, BPF, keyrings, io_uring —
-//! fail with EPERM. Compiled by seccompiler, with a guard in front for the x32 ABI (the same
-//! architecture value, system-call numbers with bit 30 set), which a deny-list keyed on x86_64
-//! numbers would otherwise let through.
+//! System-call filters. `medium`: a deny-list — calls a model never needs and an escape would
+//! (tracing other processes, mounting, new namespaces, kernel modules, BPF, keyrings, io_uring)
+//! fail with EPERM. `high`: an allow-list of what inference code uses (memory, files, threads,
+//! time, Unix sockets), anything else EPERM; `maximum`: the same list, anything else kills.
+//! Compiled by seccompiler, with a guard in front for the x32 ABI (the same architecture value,
+//! system-call numbers with bit 30 set), which rules keyed on x86_64 numbers would miss.
 
 use std::collections::BTreeMap;
 
@@ -98,7 +99,202 @@ pub fn deny_list() -> Result<BpfProgram, ConfineError> {
     )
     .map_err(fail)?;
     let compiled: BpfProgram = filter.try_into().map_err(fail)?;
-    let mut program = x32_guard();
+    let mut program = x32_guard(false);
+    program.extend(compiled);
+    Ok(program)
+}
+
+/// System calls inference code makes: memory, files (paths are Landlock's business), threads,
+/// time, polling, its Unix socket. No exec, no ptrace, no mount, no new sockets but Unix ones.
+const ALLOWED: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_preadv2,
+    libc::SYS_pwritev2,
+    libc::SYS_open,
+    libc::SYS_openat,
+    libc::SYS_openat2,
+    libc::SYS_close,
+    libc::SYS_close_range,
+    libc::SYS_lseek,
+    libc::SYS_fstat,
+    libc::SYS_stat,
+    libc::SYS_lstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_fstatfs,
+    libc::SYS_statfs,
+    libc::SYS_access,
+    libc::SYS_faccessat,
+    libc::SYS_faccessat2,
+    libc::SYS_readlink,
+    libc::SYS_readlinkat,
+    libc::SYS_getdents64,
+    libc::SYS_getcwd,
+    libc::SYS_mkdir,
+    libc::SYS_mkdirat,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+    libc::SYS_rename,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_rmdir,
+    libc::SYS_ftruncate,
+    libc::SYS_fallocate,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_flock,
+    libc::SYS_fcntl,
+    libc::SYS_dup,
+    libc::SYS_dup2,
+    libc::SYS_dup3,
+    libc::SYS_pipe,
+    libc::SYS_pipe2,
+    libc::SYS_utimensat,
+    libc::SYS_umask,
+    libc::SYS_copy_file_range,
+    libc::SYS_sendfile,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mprotect,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_msync,
+    libc::SYS_mincore,
+    libc::SYS_brk,
+    libc::SYS_mlock,
+    libc::SYS_munlock,
+    libc::SYS_memfd_create,
+    libc::SYS_mbind,
+    libc::SYS_get_mempolicy,
+    libc::SYS_set_mempolicy,
+    libc::SYS_rt_sigaction,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_sigaltstack,
+    libc::SYS_rt_sigtimedwait,
+    libc::SYS_kill,
+    libc::SYS_tgkill,
+    libc::SYS_tkill,
+    libc::SYS_getpid,
+    libc::SYS_gettid,
+    libc::SYS_getppid,
+    libc::SYS_getuid,
+    libc::SYS_geteuid,
+    libc::SYS_getgid,
+    libc::SYS_getegid,
+    libc::SYS_getgroups,
+    libc::SYS_getresuid,
+    libc::SYS_getresgid,
+    libc::SYS_getpgrp,
+    libc::SYS_getsid,
+    libc::SYS_sched_yield,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_sched_setaffinity,
+    libc::SYS_sched_getparam,
+    libc::SYS_sched_getscheduler,
+    libc::SYS_sched_get_priority_max,
+    libc::SYS_sched_get_priority_min,
+    libc::SYS_getpriority,
+    libc::SYS_nanosleep,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_getres,
+    libc::SYS_gettimeofday,
+    libc::SYS_time,
+    libc::SYS_times,
+    libc::SYS_getrusage,
+    libc::SYS_getrlimit,
+    libc::SYS_prlimit64,
+    libc::SYS_uname,
+    libc::SYS_sysinfo,
+    libc::SYS_futex,
+    libc::SYS_futex_waitv,
+    libc::SYS_set_robust_list,
+    libc::SYS_get_robust_list,
+    libc::SYS_rseq,
+    libc::SYS_set_tid_address,
+    libc::SYS_arch_prctl,
+    libc::SYS_prctl,
+    libc::SYS_wait4,
+    libc::SYS_waitid,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    libc::SYS_getrandom,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_select,
+    libc::SYS_pselect6,
+    libc::SYS_epoll_create,
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_pwait2,
+    libc::SYS_eventfd,
+    libc::SYS_eventfd2,
+    libc::SYS_timerfd_create,
+    libc::SYS_timerfd_settime,
+    libc::SYS_timerfd_gettime,
+    libc::SYS_signalfd4,
+    libc::SYS_membarrier,
+    libc::SYS_sendto,
+    libc::SYS_recvfrom,
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
+    libc::SYS_shutdown,
+    libc::SYS_getsockopt,
+    libc::SYS_setsockopt,
+    libc::SYS_getsockname,
+    libc::SYS_getpeername,
+    libc::SYS_connect,
+    libc::SYS_ioctl,
+    // Let through here so that the separate clone3 filter's ENOSYS decides (see clone3_fallback).
+    libc::SYS_clone3,
+];
+
+/// The allow-list program: what is not listed fails with EPERM, or kills when `kill` is set.
+pub fn allow_list(kill: bool) -> Result<BpfProgram, ConfineError> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        ALLOWED.iter().map(|&nr| (nr, Vec::new())).collect();
+    // Threads yes, namespaces no: clone only with none of the namespace flags.
+    let ns_mask = NAMESPACE_FLAGS.iter().fold(0u64, |m, &f| m | f as u64);
+    let no_namespaces = SeccompCondition::new(
+        0,
+        SeccompCmpArgLen::Qword,
+        SeccompCmpOp::MaskedEq(ns_mask),
+        0,
+    )
+    .and_then(|c| SeccompRule::new(vec![c]))
+    .map_err(fail)?;
+    rules.insert(libc::SYS_clone, vec![no_namespaces]);
+    // Sockets: Unix ones only (the IPC pattern); no network at all.
+    for call in [libc::SYS_socket, libc::SYS_socketpair] {
+        let unix = SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            libc::AF_UNIX as u64,
+        )
+        .and_then(|c| SeccompRule::new(vec![c]))
+        .map_err(fail)?;
+        rules.insert(call, vec![unix]);
+    }
+    let otherwise = if kill {
+        SeccompAction::KillProcess
+    } else {
+        SeccompAction::Errno(libc::EPERM as u32)
+    };
+    let filter = SeccompFilter::new(rules, otherwise, SeccompAction::Allow, TargetArch::x86_64)
+        .map_err(fail)?;
+    let compiled: BpfProgram = filter.try_into().map_err(fail)?;
+    let mut program = x32_guard(kill);
     program.extend(compiled);
     Ok(program)
 }
@@ -117,8 +313,9 @@ fn clone3_fallback() -> Result<BpfProgram, ConfineError> {
     filter.try_into().map_err(fail)
 }
 
-/// Loads the system-call number; numbers with the x32 bit fail with EPERM, the rest fall through.
-fn x32_guard() -> BpfProgram {
+/// Loads the system-call number; numbers with the x32 bit fail with EPERM (or kill), the rest
+/// fall through.
+fn x32_guard(kill: bool) -> BpfProgram {
     const BPF_LD_W_ABS: u16 = 0x20;
     const BPF_JMP_JGE_K: u16 = 0x35;
     const BPF_RET_K: u16 = 0x06;
@@ -139,15 +336,24 @@ fn x32_guard() -> BpfProgram {
             code: BPF_RET_K,
             jt: 0,
             jf: 0,
-            k: libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+            k: if kill {
+                libc::SECCOMP_RET_KILL_PROCESS
+            } else {
+                libc::SECCOMP_RET_ERRNO | libc::EPERM as u32
+            },
         },
     ]
 }
 
-/// Installs the deny-list on every thread of the process.
-pub fn apply_deny_list() -> Result<(), ConfineError> {
+/// Installs the filter for `syscalls` on every thread of the process.
+pub fn apply(syscalls: super::Syscalls) -> Result<(), ConfineError> {
+    let program = match syscalls {
+        super::Syscalls::DenyList => deny_list()?,
+        super::Syscalls::AllowList => allow_list(false)?,
+        super::Syscalls::AllowListKill => allow_list(true)?,
+    };
     seccompiler::apply_filter_all_threads(&clone3_fallback()?).map_err(fail)?;
-    seccompiler::apply_filter_all_threads(&deny_list()?).map_err(fail)
+    seccompiler::apply_filter_all_threads(&program).map_err(fail)
 }
 
 #[cfg(test)]
@@ -160,5 +366,33 @@ mod tests {
         assert_eq!(program[1].k, X32_SYSCALL_BIT);
         assert!(program.len() > DENIED.len());
         assert!(!clone3_fallback().unwrap().is_empty());
+        for kill in [false, true] {
+            let program = allow_list(kill).unwrap();
+            assert_eq!(program[1].k, X32_SYSCALL_BIT);
+            let otherwise = if kill {
+                libc::SECCOMP_RET_KILL_PROCESS
+            } else {
+                libc::SECCOMP_RET_ERRNO | libc::EPERM as u32
+            };
+            assert!(
+                program.iter().any(|i| i.code == 0x06 && i.k == otherwise),
+                "kill = {kill}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_allow_list_has_no_escape_hatches() {
+        for forbidden in [
+            libc::SYS_execve,
+            libc::SYS_execveat,
+            libc::SYS_ptrace,
+            libc::SYS_mount,
+            libc::SYS_unshare,
+            libc::SYS_setns,
+            libc::SYS_bpf,
+        ] {
+            assert!(!ALLOWED.contains(&forbidden), "{forbidden}");
+        }
     }
 }

@@ -117,7 +117,7 @@ impl Worker {
             crate::sandbox::cgroup::Version::detect_writable(),
         ) {
             (true, Some(version)) => Some(Arc::new(
-                Cgroup::create(version, &name, &spec.plan.limits)
+                Cgroup::create(version, &name, &group_spec(&spec.plan))
                     .map_err(|e| WorkerError::new("sandbox", e.to_string()))?,
             )),
             (true, None) => {
@@ -422,6 +422,15 @@ impl Worker {
     /// Usage read from its cgroup, if it has one.
     pub fn stats(&self) -> Option<Stats> {
         self.cgroup.as_ref().map(|c| c.stats())
+    }
+}
+
+/// What the worker's cgroup enforces, from its plan.
+fn group_spec(plan: &Plan) -> crate::sandbox::cgroup::GroupSpec {
+    crate::sandbox::cgroup::GroupSpec {
+        limits: plan.limits.clone(),
+        devices: plan.isolation.as_ref().is_some_and(|i| i.devices),
+        cpuset: plan.isolation.as_ref().and_then(|i| i.cpuset.clone()),
     }
 }
 

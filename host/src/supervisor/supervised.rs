@@ -15,6 +15,9 @@ use super::handle::{Event, Worker, WorkerError, WorkerSpec};
 use crate::protocol::WireError;
 use crate::sandbox::cgroup::Stats;
 
+/// The request deadline `maximum` imposes when the operator sets none.
+pub const MAXIMUM_WATCHDOG: Duration = Duration::from_secs(600);
+
 /// When to restart, when to give up, and the deadlines.
 #[derive(Debug, Clone)]
 pub struct RestartPolicy {
@@ -121,8 +124,12 @@ impl Supervised {
     pub async fn start(
         spec: WorkerSpec,
         config: ModelConfig,
-        policy: RestartPolicy,
+        mut policy: RestartPolicy,
     ) -> Result<(Self, ModelInfo), WorkerError> {
+        // `maximum` always runs with a per-request watchdog.
+        if spec.plan.applied == crate::sandbox::Tier::Maximum && policy.request_timeout.is_none() {
+            policy.request_timeout = Some(MAXIMUM_WATCHDOG);
+        }
         let (worker, info) = start_and_load(&spec, &config).await?;
         let shared = Arc::new(Mutex::new(Shared {
             worker: Some(Arc::new(worker)),

@@ -66,9 +66,12 @@ fn status() -> String {
     };
     // SAFETY: getrlimit writes into the struct we pass.
     unsafe { libc::getrlimit(libc::RLIMIT_CORE, &mut core) };
+    let uid_map = std::fs::read_to_string("/proc/self/uid_map").unwrap_or_default();
+    let uid_map = uid_map.split_whitespace().collect::<Vec<_>>().join(":");
     format!(
-        "uid={} nonewprivs={} capeff={} capbnd={} seccomp={} cgroup={} fds={} env={} core={}",
+        "uid={} uidmap={uid_map} cpus={} nonewprivs={} capeff={} capbnd={} seccomp={} cgroup={} fds={} env={} core={}",
         field("Uid:"),
+        field("Cpus_allowed_list:"),
         field("NoNewPrivs:"),
         field("CapEff:"),
         field("CapBnd:"),

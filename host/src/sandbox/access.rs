@@ -1,0 +1,77 @@
+//! The `high` tier's Landlock ruleset: which paths the worker may read, execute or write, no TCP
+//! at all, and no signals or abstract Unix sockets reaching outside its sandbox. Enforced by the
+//! kernel on top of the uid and the read-only mounts, so a path the mounts leave readable (a
+//! world-readable host file) is still out of reach.
+
+use std::path::{Path, PathBuf};
+
+use landlock::{
+    path_beneath_rules, Access, AccessFs, AccessNet, Ruleset, RulesetAttr, RulesetCreatedAttr,
+    RulesetStatus, Scope, ABI,
+};
+
+use super::confine::ConfineError;
+
+/// The ABI this ruleset is written for; older kernels get the subset they know.
+const TARGET: ABI = ABI::V6;
+
+fn fail(e: impl std::fmt::Display) -> ConfineError {
+    ConfineError {
+        step: "landlock",
+        reason: e.to_string(),
+    }
+}
+
+/// System paths every worker reads: shared libraries, the loader cache, its own /proc, CPU and
+/// cgroup facts (thread pools size themselves from them).
+const SYSTEM_READ: &[&str] = &[
+    "/usr",
+    "/lib",
+    "/lib64",
+    "/etc/ld.so.cache",
+    "/proc",
+    "/sys/devices/system/cpu",
+    "/sys/fs/cgroup",
+    "/dev/urandom",
+    "/dev/zero",
+];
+
+/// Paths the worker may read and execute: the system's and `visible` (library, model).
+pub fn read_paths(visible: &[PathBuf]) -> Vec<PathBuf> {
+    let mut paths: Vec<PathBuf> = SYSTEM_READ.iter().map(PathBuf::from).collect();
+    paths.extend(visible.iter().cloned());
+    paths
+}
+
+/// Restricts the calling (single) thread and everything it starts; returns what the kernel
+/// enforced ("fully" or "partially", on kernels with an older Landlock ABI).
+pub fn restrict(visible: &[PathBuf], scratch: &Path) -> Result<String, ConfineError> {
+    let status = Ruleset::default()
+        .handle_access(AccessFs::from_all(TARGET))
+        .map_err(fail)?
+        .handle_access(AccessNet::from_all(TARGET))
+        .map_err(fail)?
+        .scope(Scope::from_all(TARGET))
+        .map_err(fail)?
+        .create()
+        .map_err(fail)?
+        .add_rules(path_beneath_rules(
+            read_paths(visible),
+            AccessFs::from_read(TARGET),
+        ))
+        .map_err(fail)?
+        .add_rules(path_beneath_rules([scratch], AccessFs::from_all(TARGET)))
+        .map_err(fail)?
+        .add_rules(path_beneath_rules(
+            ["/dev/null"],
+            AccessFs::ReadFile | AccessFs::WriteFile,
+        ))
+        .map_err(fail)?
+        .restrict_self()
+        .map_err(fail)?;
+    match status.ruleset {
+        RulesetStatus::FullyEnforced => Ok("landlock".into()),
+        RulesetStatus::PartiallyEnforced => Ok("landlock (partially: older kernel ABI)".into()),
+        RulesetStatus::NotEnforced => Err(fail("the kernel enforced none of the ruleset")),
+    }
+}

@@ -1,0 +1,161 @@
+//! The `high` and `maximum` tiers, end to end: a user namespace, Landlock and a seccomp
+//! allow-list; then an empty root, kill-by-default, a cpuset, a mandatory watchdog and a pinned
+//! library.
+
+use crate::medium::{attack, tier_dir};
+use crate::worker::{confinement_available, run_in};
+
+#[test]
+fn high_maps_only_its_own_uid_and_filters_by_allow_list() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = tier_dir("high");
+    let status = attack(&dir, "status").stdout;
+    for expected in [
+        "uid=65534 ",
+        "uidmap=65534:65534:1 ",
+        "capeff=0000000000000000 ",
+        "seccomp=2 ",
+    ] {
+        assert!(status.contains(expected), "{expected}: {status}");
+    }
+    let threads = attack(&dir, "threads").stdout;
+    assert!(
+        threads
+            .split("seccomp=")
+            .nth(1)
+            .unwrap()
+            .trim()
+            .split(',')
+            .all(|m| m == "2"),
+        "{threads}"
+    );
+    // Not on the allow-list: refused, not fatal, at `high`.
+    for what in [
+        "ptrace 1",
+        "mount /mnt",
+        "unshare",
+        "x32-getpid",
+        "setuid-root",
+    ] {
+        let out = attack(&dir, what).stdout;
+        assert!(out.contains("Operation not permitted"), "{what}: {out}");
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let out = attack(&dir, &format!("connect {port}")).stdout;
+    assert!(
+        out.contains("Operation not permitted"),
+        "no TCP sockets at all: {out}"
+    );
+}
+
+#[test]
+fn landlock_hides_what_the_uid_and_the_mounts_would_let_through() {
+    if !confinement_available() {
+        return;
+    }
+    // World-readable on the host: readable at `medium`, not at `high`.
+    let medium = attack(&tier_dir("medium"), "read /etc/hostname").stdout;
+    assert!(medium.starts_with("read "), "{medium}");
+    let dir = tier_dir("high");
+    let high = attack(&dir, "read /etc/hostname").stdout;
+    assert!(high.contains("Permission denied"), "{high}");
+    let model = dir.path().join("model/config.json");
+    assert_eq!(
+        attack(&dir, &format!("read {}", model.display()))
+            .stdout
+            .trim(),
+        "read 2 bytes"
+    );
+    assert_eq!(attack(&dir, "write /tmp/scratch").stdout.trim(), "wrote");
+    let device = attack(&dir, "read /dev/vda").stdout;
+    assert!(device.starts_with("denied:"), "{device}");
+}
+
+#[test]
+fn maximum_refuses_an_unpinned_library() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = tier_dir("maximum");
+    let text = std::fs::read_to_string(dir.path().join("hostile.toml")).unwrap();
+    let unpinned: String = text
+        .lines()
+        .filter(|l| !l.starts_with("sha256"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    dir.write("hostile.toml", &unpinned);
+    let ran = run_in(&dir, "hostile", "status", &[]);
+    assert!(!ran.ok);
+    assert!(ran.stderr.contains("pins no sha256"), "{}", ran.stderr);
+}
+
+#[test]
+fn maximum_sees_only_its_library_and_model() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = tier_dir("maximum");
+    let status = attack(&dir, "status").stdout;
+    assert!(status.contains("cpus=0 "), "pinned by the cpuset: {status}");
+    for host_file in [
+        "/etc/hostname",
+        "/etc/passwd",
+        "/usr/bin/env",
+        &format!("/proc/{}/environ", std::process::id()),
+    ] {
+        let out = attack(&dir, &format!("read {host_file}")).stdout;
+        assert!(out.contains("No such file"), "{host_file}: {out}");
+    }
+    let model = dir.path().join("model/config.json");
+    assert_eq!(
+        attack(&dir, &format!("read {}", model.display()))
+            .stdout
+            .trim(),
+        "read 2 bytes"
+    );
+    let out = attack(
+        &dir,
+        &format!("write {}", dir.path().join("model/new").display()),
+    )
+    .stdout;
+    assert!(
+        out.contains("Read-only file system") || out.contains("Permission denied"),
+        "{out}"
+    );
+}
+
+#[test]
+fn maximum_kills_on_any_call_off_the_allow_list() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = tier_dir("maximum");
+    for what in ["ptrace 1", "mount /mnt", "x32-getpid", "connect 9"] {
+        let ran = run_in(&dir, "hostile", what, &[]);
+        assert!(!ran.ok, "{what}: {}", ran.stdout);
+        assert!(
+            ran.stderr
+                .contains("worker for hostile was killed by SIGSYS"),
+            "{what}: {}",
+            ran.stderr
+        );
+    }
+}
+
+#[test]
+fn a_request_stuck_in_a_loop_hits_the_watchdog() {
+    if !confinement_available() {
+        return;
+    }
+    let ran = run_in(&tier_dir("maximum"), "hostile", "loop", &["--timeout", "1"]);
+    assert!(!ran.ok);
+    assert!(
+        ran.stderr
+            .contains("was stopped: the request ran past its 1 s deadline"),
+        "{}",
+        ran.stderr
+    );
+}
