@@ -193,6 +193,8 @@ async fn stream(
     let (id, mut events) = worker.infer(request)?;
     let deadline = tokio::time::sleep(timeout.unwrap_or(std::time::Duration::MAX / 4));
     tokio::pin!(deadline);
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot watch for SIGTERM")?;
     let mut out = std::io::stdout().lock();
     let mut index = 0usize;
     let code = loop {
@@ -200,6 +202,11 @@ async fn stream(
             e = events.recv() => e,
             _ = tokio::signal::ctrl_c() => {
                 worker.cancel(id);
+                continue;
+            }
+            _ = terminate.recv() => {
+                // Stopped from outside: the worker and its cgroup go with us.
+                worker.kill_because("was stopped: pio run received SIGTERM".into());
                 continue;
             }
             _ = &mut deadline, if timeout.is_some() => {

@@ -227,6 +227,62 @@ pub struct Cgroup {
 
 static SEQUENCE: AtomicU64 = AtomicU64::new(0);
 
+/// Removes groups left behind by a `pio` that died without cleaning up (killed with SIGKILL,
+/// say): any `pio/<name>-<pid>-<n>` whose `pid` is no longer running has its processes killed
+/// and its directories removed. Returns how many groups were removed.
+pub fn reap_stale(version: Version) -> usize {
+    reap_stale_at(Path::new(ROOT), version)
+}
+
+fn reap_stale_at(root: &Path, version: Version) -> usize {
+    let parents: Vec<PathBuf> = match version {
+        Version::V1 => ["memory", "cpu", "pids", "devices", "cpuset", "unified"]
+            .iter()
+            .map(|c| root.join(c).join("pio"))
+            .collect(),
+        Version::V2 => vec![root.join("pio")],
+    };
+    let mut removed = 0;
+    for parent in parents {
+        let Ok(entries) = std::fs::read_dir(&parent) else {
+            continue;
+        };
+        for entry in entries.filter_map(|e| e.ok()) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let owner = name
+                .rsplitn(3, '-')
+                .nth(1)
+                .and_then(|p| p.parse::<u32>().ok());
+            let Some(owner) = owner else { continue };
+            if !entry.path().is_dir() || Path::new(&format!("/proc/{owner}")).exists() {
+                continue;
+            }
+            let dir = entry.path();
+            for _ in 0..100 {
+                let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+                let pids: Vec<i32> = procs
+                    .lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .collect();
+                if pids.is_empty() {
+                    break;
+                }
+                for pid in pids {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            if std::fs::remove_dir(&dir).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    removed
+}
+
 /// A new v1 cpuset group starts with no CPUs and no memory nodes: give `pio/` its root's.
 fn inherit_cpuset(hierarchy: &Path) -> Result<(), CgroupError> {
     let parent = hierarchy.join("pio");

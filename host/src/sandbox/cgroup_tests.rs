@@ -127,3 +127,17 @@ fn a_real_group_confines_a_process_and_is_removed() {
         assert!(!dir.exists(), "{} removed", dir.display());
     }
 }
+
+#[test]
+fn groups_of_a_dead_pio_are_reaped_and_live_ones_kept() {
+    let root = tempfile::tempdir().unwrap();
+    let pio = root.path().join("pio");
+    // pid 1 always runs; a pid beyond pid_max never does.
+    for leaf in ["echo-1-0", "echo-4194305-0", "not-a-pio-group"] {
+        std::fs::create_dir_all(pio.join(leaf)).unwrap();
+    }
+    assert_eq!(reap_stale_at(root.path(), Version::V2), 1);
+    assert!(pio.join("echo-1-0").exists());
+    assert!(!pio.join("echo-4194305-0").exists());
+    assert!(pio.join("not-a-pio-group").exists());
+}

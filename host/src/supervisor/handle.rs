@@ -116,10 +116,11 @@ impl Worker {
             spec.plan.cgroup,
             crate::sandbox::cgroup::Version::detect_writable(),
         ) {
-            (true, Some(version)) => Some(Arc::new(
+            (true, Some(version)) => Some(Arc::new({
+                crate::sandbox::cgroup::reap_stale(version);
                 Cgroup::create(version, &name, &group_spec(&spec.plan))
-                    .map_err(|e| WorkerError::new("sandbox", e.to_string()))?,
-            )),
+                    .map_err(|e| WorkerError::new("sandbox", e.to_string()))?
+            })),
             (true, None) => {
                 return Err(WorkerError::new(
                     "sandbox",

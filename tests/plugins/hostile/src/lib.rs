@@ -170,6 +170,7 @@ fn double_fork() -> String {
             }
             -1 => format!("fork failed: {}", errno_text()),
             child => {
+                libc::close(pipe[1]);
                 let mut grandchild = 0i32;
                 libc::read(pipe[0], (&mut grandchild as *mut i32).cast(), 4);
                 libc::waitpid(child, std::ptr::null_mut(), 0);
