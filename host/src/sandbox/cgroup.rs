@@ -250,7 +250,7 @@ fn reap_stale_at(root: &Path, version: Version) -> usize {
         for entry in entries.filter_map(|e| e.ok()) {
             let name = entry.file_name().to_string_lossy().into_owned();
             let owner = name
-                .rsplitn(3, '-')
+                .rsplit('-')
                 .nth(1)
                 .and_then(|p| p.parse::<u32>().ok());
             let Some(owner) = owner else { continue };
