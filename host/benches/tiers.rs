@@ -20,7 +20,10 @@ const STARTS: usize = 5;
 fn target_dir() -> PathBuf {
     // target/release/deps/tiers-HASH → target/release
     let exe = std::env::current_exe().expect("bench executable");
-    exe.parent().and_then(Path::parent).expect("target/<profile>/deps").to_path_buf()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps")
+        .to_path_buf()
 }
 
 fn request() -> InferRequest {
@@ -45,14 +48,20 @@ fn in_process(library: &Path) -> Figures {
     let started = Instant::now();
     let lib = PluginLibrary::load(library).expect("load echo in-process");
     let mut plugin = lib.instantiate().expect("construct echo");
-    plugin.load_model("{}".into(), NoProgress::boxed()).into_result().expect("load");
+    plugin
+        .load_model("{}".into(), NoProgress::boxed())
+        .into_result()
+        .expect("load");
     let start_ms = started.elapsed().as_secs_f64() * 1e3;
     let json = serde_json::to_string(&request()).expect("request JSON");
     let mut latencies = Vec::new();
     for _ in 0..REQUESTS {
         let sink = CollectSink::new();
         let t = Instant::now();
-        plugin.infer(json.as_str().into(), sink.boxed()).into_result().expect("infer");
+        plugin
+            .infer(json.as_str().into(), sink.boxed())
+            .into_result()
+            .expect("infer");
         latencies.push(t.elapsed().as_secs_f64());
         assert_eq!(sink.tokens().len(), TOKENS);
     }
@@ -76,7 +85,8 @@ async fn in_worker(library: &Path, tier: Tier) -> Result<Figures, String> {
         // The bench loads the library it just built; `maximum` only needs to know a pin exists.
         pinned: true,
     };
-    let plan = sandbox::plan(subject, &Policy::default(), &HostSupport::detect()).map_err(|e| e.to_string())?;
+    let plan = sandbox::plan(subject, &Policy::default(), &HostSupport::detect())
+        .map_err(|e| e.to_string())?;
     let spec = WorkerSpec {
         name: "echo".into(),
         library: library.to_path_buf(),
@@ -89,8 +99,12 @@ async fn in_worker(library: &Path, tier: Tier) -> Result<Figures, String> {
     let mut worker = None;
     for _ in 0..STARTS {
         let t = Instant::now();
-        let w = Worker::start(spec.clone()).await.map_err(|e| e.to_string())?;
-        w.load(Default::default(), |_, _, _| {}).await.map_err(|e| e.to_string())?;
+        let w = Worker::start(spec.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        w.load(Default::default(), |_, _, _| {})
+            .await
+            .map_err(|e| e.to_string())?;
         starts.push(t.elapsed().as_secs_f64() * 1e3);
         if let Some(old) = worker.replace(w) {
             old.shutdown().await;
@@ -123,10 +137,19 @@ async fn in_worker(library: &Path, tier: Tier) -> Result<Figures, String> {
 
 fn main() {
     let library = target_dir().join("libpio_plugin_echo.so");
-    assert!(library.is_file(), "{} missing: run `cargo build --workspace --release` first", library.display());
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    assert!(
+        library.is_file(),
+        "{} missing: run `cargo build --workspace --release` first",
+        library.display()
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let base = in_process(&library);
-    println!("echo plugin, {TOKENS} tokens per request, median of {REQUESTS} requests ({STARTS} starts)");
+    println!(
+        "echo plugin, {TOKENS} tokens per request, median of {REQUESTS} requests ({STARTS} starts)"
+    );
     println!("| where | start (ms) | request (ms) | tokens/s | added per token (µs) |");
     println!("|---|---|---|---|---|");
     let row = |name: &str, f: &Figures| {

@@ -59,15 +59,33 @@ pub struct RunArgs {
     /// Print one JSON object per token, then a summary line.
     #[arg(long)]
     json: bool,
-    /// Run at least at this tier, whatever the manifest says.
+    #[command(flatten)]
+    tiers: TierArgs,
+    /// Stop the request after this many seconds (at tier `maximum` 600 unless set).
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<u64>,
+}
+
+/// The sandbox flags shared by `pio run` and `pio list --start`.
+#[derive(Args)]
+pub struct TierArgs {
+    /// Run every plugin at least at this tier, whatever its manifest says.
     #[arg(long, value_name = "TIER", value_parser = parse_tier)]
     min_tier: Option<Tier>,
     /// Run less confined than asked (with a warning) if this host lacks a mechanism.
     #[arg(long)]
     allow_downgrade: bool,
-    /// Stop the request after this many seconds (at tier `maximum` 600 unless set).
-    #[arg(long, value_name = "SECONDS")]
-    timeout: Option<u64>,
+}
+
+impl TierArgs {
+    /// The policy these flags ask for.
+    pub fn policy(&self) -> Policy {
+        Policy {
+            min_tier: self.min_tier.unwrap_or(Tier::Low),
+            allow_downgrade: self.allow_downgrade,
+            ..Policy::default()
+        }
+    }
 }
 
 fn parse_tier(s: &str) -> Result<Tier, String> {
@@ -141,11 +159,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     let (Some(manifest), Some(library)) = (&chosen.manifest, &chosen.library) else {
         bail!("plugin {} has no checked manifest", args.name);
     };
-    let policy = Policy {
-        min_tier: args.min_tier.unwrap_or(Tier::Low),
-        allow_downgrade: args.allow_downgrade,
-        ..Policy::default()
-    };
+    let policy = args.tiers.policy();
     let plan = launch::plan(manifest, &policy, &HostSupport::detect())?;
     if let Some(reason) = &plan.downgrade_reason {
         eprintln!(
@@ -157,18 +171,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     if let Some(path) = &args.model_path {
         config.model_path = Some(path.clone());
     }
-    let spec = WorkerSpec {
-        name: manifest.name.clone(),
-        library: std::fs::canonicalize(library).unwrap_or_else(|_| library.clone()),
-        host_context: launch::host_context(&plan),
-        plan,
-        exe: std::env::current_exe().context("cannot find the running `pio` executable")?,
-        read_paths: config
-            .model_path
-            .iter()
-            .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
-            .collect(),
-    };
+    let exe = std::env::current_exe().context("cannot find the running `pio` executable")?;
+    let spec = launch::worker_spec(&manifest.name, library, &config, plan, exe);
     let maximum = spec.plan.applied == Tier::Maximum;
     let timeout = args
         .timeout

@@ -7,6 +7,7 @@ use pio_plugin_api::wire::{HostContext, ModelConfig};
 
 use crate::manifest::{Dtype, Manifest, Quantization};
 use crate::sandbox::{self, HostSupport, Plan, PlanError, Policy, ResolvedLimits};
+use crate::supervisor::WorkerSpec;
 
 /// The manifest's limits (unset ones stay unset until the daemon config supplies defaults).
 pub fn limits(manifest: &Manifest) -> ResolvedLimits {
@@ -72,5 +73,25 @@ pub fn host_context(plan: &Plan) -> HostContext {
         threads: plan.limits.cpus.map(|c| c.ceil().max(1.0) as usize),
         scratch_dir: plan.isolation.as_ref().map(|_| "/tmp".into()),
         gpu_memory_limit_bytes: plan.limits.gpu_memory_bytes,
+    }
+}
+
+/// Everything needed to start `name`'s worker: paths made absolute (a confined worker sees them
+/// from another root), the model folder kept readable.
+pub fn worker_spec(
+    name: &str,
+    library: &Path,
+    config: &ModelConfig,
+    plan: Plan,
+    exe: std::path::PathBuf,
+) -> WorkerSpec {
+    let absolute = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    WorkerSpec {
+        name: name.to_string(),
+        library: absolute(library),
+        host_context: host_context(&plan),
+        plan,
+        exe,
+        read_paths: config.model_path.iter().map(|p| absolute(p)).collect(),
     }
 }

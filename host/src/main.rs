@@ -9,6 +9,7 @@ use pio_host::discovery::{self, Candidate, SearchPaths, Status};
 use pio_host::probe::{self, Prober};
 use pio_host::report;
 
+mod cli_list;
 mod cli_run;
 
 #[derive(Parser)]
@@ -27,6 +28,12 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Also start each ready plugin in its confined worker, load its model, report the
+        /// worker (pid, tier applied, state, memory) and stop it again (needs root).
+        #[arg(long)]
+        start: bool,
+        #[command(flatten)]
+        tiers: cli_run::TierArgs,
     },
     /// Run every check on a manifest (.toml) or a plugin library, loading it in a child process.
     Check {
@@ -62,7 +69,12 @@ pub(crate) struct SearchArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::List { search, json } => list(search, json),
+        Command::List {
+            search,
+            json,
+            start,
+            tiers,
+        } => list(search, json, start.then(|| tiers.policy())),
         Command::Check {
             path,
             library_dirs,
@@ -99,11 +111,29 @@ pub(crate) fn prober() -> anyhow::Result<Prober> {
         .context("cannot find the running `pio` executable to probe libraries with")
 }
 
-fn list(args: SearchArgs, json: bool) -> anyhow::Result<ExitCode> {
+fn list(
+    args: SearchArgs,
+    json: bool,
+    start: Option<pio_host::sandbox::Policy>,
+) -> anyhow::Result<ExitCode> {
     let search = search_paths(args.plugin_dirs, args.library_dirs);
     let candidates = discovery::discover(&search, &prober()?)?;
+    let started = match &start {
+        Some(policy) => Some(cli_list::start_all(&candidates, policy)?),
+        None => None,
+    };
     if json {
-        let rows: Vec<_> = candidates.iter().map(report::candidate_json).collect();
+        let mut rows: Vec<_> = candidates.iter().map(report::candidate_json).collect();
+        if let Some(started) = &started {
+            let workers = cli_list::json(started);
+            for row in &mut rows {
+                if let Some(w) = row["name"].as_str().and_then(|n| workers.get(n)) {
+                    if row["status"] == "ready" {
+                        row["worker"] = w.clone();
+                    }
+                }
+            }
+        }
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else if candidates.is_empty() {
         println!(
@@ -112,6 +142,9 @@ fn list(args: SearchArgs, json: bool) -> anyhow::Result<ExitCode> {
         );
     } else {
         print!("{}", report::candidates_table(&candidates));
+        if let Some(started) = &started {
+            print!("{}", cli_list::table(started));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

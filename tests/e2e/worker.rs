@@ -400,3 +400,48 @@ fn at_low_the_network_is_open() {
     let ran = attack(&hostile_dir(), &format!("connect {port}"));
     assert_eq!(ran.stdout.trim(), "connected", "{}", ran.stderr);
 }
+
+#[test]
+fn list_start_reports_each_worker_from_its_cgroup() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = PluginDir::new();
+    dir.copy_lib("pio_plugin_echo", "libecho.so");
+    dir.write(
+        "echo.toml",
+        &manifest(
+            "echo",
+            "0.1.0",
+            "libecho.so",
+            "[limits]\nmemory = \"96MiB\"\n",
+        ),
+    );
+    let out = pio(dir.path(), &["list", "--json", "--plugins", ".", "--start"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let worker = &rows[0]["worker"];
+    assert!(worker["pid"].as_u64().unwrap() > 1, "{worker}");
+    assert_eq!(worker["tier"], "low");
+    assert_eq!(worker["state"]["state"], "ready");
+    assert_eq!(worker["restarts"], 0);
+    assert_eq!(worker["memory_limit_bytes"], 96 << 20);
+    assert!(worker["memory_bytes"].as_u64().unwrap() > 0);
+    // The worker was stopped again.
+    let pid = worker["pid"].as_u64().unwrap();
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+
+    let out = pio(
+        dir.path(),
+        &["list", "--plugins", ".", "--start", "--min-tier", "maximum"],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("failed to start") && text.contains("pins no sha256"),
+        "{text}"
+    );
+}

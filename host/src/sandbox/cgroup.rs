@@ -249,10 +249,7 @@ fn reap_stale_at(root: &Path, version: Version) -> usize {
         };
         for entry in entries.filter_map(|e| e.ok()) {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let owner = name
-                .rsplit('-')
-                .nth(1)
-                .and_then(|p| p.parse::<u32>().ok());
+            let owner = name.rsplit('-').nth(1).and_then(|p| p.parse::<u32>().ok());
             let Some(owner) = owner else { continue };
             if !entry.path().is_dir() || Path::new(&format!("/proc/{owner}")).exists() {
                 continue;

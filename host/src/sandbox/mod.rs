@@ -160,7 +160,7 @@ pub const DEFAULT_SCRATCH_BYTES: u64 = 64 << 20;
 
 /// Why a worker cannot be confined as asked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("plugin {plugin} asks for tier `{tier}`, but {missing}; fix that, pick a lower tier in its manifest, or set allow_downgrade to run it less confined")]
+#[error("plugin {plugin} asks for tier `{tier}`, but {missing}; fix that, pick a lower tier in its manifest, or allow a downgrade (--allow-downgrade; allow_downgrade in the daemon config) to run it less confined")]
 pub struct PlanError {
     /// The plugin.
     pub plugin: String,
