@@ -18,7 +18,7 @@ pub fn limits(manifest: &Manifest) -> ResolvedLimits {
         pids: l.pids,
         gpu_memory_bytes: l.gpu_memory.map(|b| b.0),
         scratch_bytes: l.scratch.map(|b| b.0),
-        network: l.network.unwrap_or(false),
+        network: l.network,
     }
 }
 

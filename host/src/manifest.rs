@@ -51,7 +51,8 @@ pub struct Limits {
     pub gpu_memory: Option<ByteSize>,
     /// Size of the worker's private scratch directory (its disk allowance).
     pub scratch: Option<ByteSize>,
-    /// Whether the worker may use the network at all.
+    /// Whether the worker may use the network at all (default: open at `low`, closed above;
+    /// `true` is only possible at `low`).
     pub network: Option<bool>,
 }
 

@@ -234,6 +234,7 @@ fn probe_plan() -> Plan {
             .then_some((policy.worker_uid, policy.worker_gid)),
         limits: ResolvedLimits::default(),
         cgroup: false,
+        no_network: false,
         isolation: None,
     }
 }

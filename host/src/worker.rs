@@ -173,6 +173,24 @@ pub fn run(fd: RawFd) -> i32 {
     serve(reader, outbox, plugin)
 }
 
+/// Runs `job` on a thread of its own. When no thread can be had (the pids limit is reached, say
+/// by a plugin's runaway forks) the request is answered with `refusal` instead of the worker
+/// going down.
+fn run_on_thread(
+    outbox: &Outbox,
+    refusal: impl FnOnce(WireError) -> FromWorker,
+    job: impl FnOnce() + Send + 'static,
+) {
+    if let Err(e) = std::thread::Builder::new().spawn(job) {
+        outbox.send(&refusal(WireError {
+            kind: "out_of_resources".into(),
+            message: format!(
+                "the worker cannot start a thread ({e}); its pids limit is probably reached"
+            ),
+        }));
+    }
+}
+
 fn serve(mut reader: UnixStream, outbox: Outbox, plugin: PluginBox) -> i32 {
     let plugin = Arc::new(RwLock::new(plugin));
     let cancels: Arc<Mutex<HashMap<u64, Arc<AtomicBool>>>> = Arc::default();
@@ -199,80 +217,99 @@ fn serve(mut reader: UnixStream, outbox: Outbox, plugin: PluginBox) -> i32 {
                 }
             }
             ToWorker::Load { config } => {
+                let refusals = outbox.clone();
                 let (plugin, outbox) = (plugin.clone(), outbox.clone());
-                std::thread::spawn(move || {
-                    let json = serde_json::to_string(&config).unwrap_or_else(|_| "{}".into());
-                    let progress =
-                        ProgressSink_TO::from_value(WireProgress(outbox.clone()), TD_Opaque);
-                    let result = match plugin.write() {
-                        Ok(mut p) => p.load_model(json.as_str().into(), progress).into_result(),
-                        Err(_) => Err(pio_plugin_api::PluginError::internal(
-                            "plugin lock poisoned",
-                        )),
-                    };
-                    let reply = match result.map(|info| serde_json::from_str(&info)) {
-                        Ok(Ok(info)) => FromWorker::Loaded { info },
-                        Ok(Err(e)) => FromWorker::LoadFailed {
-                            error: WireError {
-                                kind: "internal".into(),
-                                message: format!("the plugin returned malformed model info: {e}"),
+                run_on_thread(
+                    &refusals,
+                    |error| FromWorker::LoadFailed { error },
+                    move || {
+                        let json = serde_json::to_string(&config).unwrap_or_else(|_| "{}".into());
+                        let progress =
+                            ProgressSink_TO::from_value(WireProgress(outbox.clone()), TD_Opaque);
+                        let result = match plugin.write() {
+                            Ok(mut p) => p.load_model(json.as_str().into(), progress).into_result(),
+                            Err(_) => Err(pio_plugin_api::PluginError::internal(
+                                "plugin lock poisoned",
+                            )),
+                        };
+                        let reply = match result.map(|info| serde_json::from_str(&info)) {
+                            Ok(Ok(info)) => FromWorker::Loaded { info },
+                            Ok(Err(e)) => FromWorker::LoadFailed {
+                                error: WireError {
+                                    kind: "internal".into(),
+                                    message: format!(
+                                        "the plugin returned malformed model info: {e}"
+                                    ),
+                                },
                             },
-                        },
-                        Err(e) => FromWorker::LoadFailed { error: e.into() },
-                    };
-                    outbox.send(&reply);
-                });
+                            Err(e) => FromWorker::LoadFailed { error: e.into() },
+                        };
+                        outbox.send(&reply);
+                    },
+                );
             }
             ToWorker::Infer { id, request } => {
                 let flag = Arc::new(AtomicBool::new(false));
                 if let Ok(mut c) = cancels.lock() {
                     c.insert(id, flag.clone());
                 }
+                let refusals = outbox.clone();
                 let (plugin, outbox, cancels) = (plugin.clone(), outbox.clone(), cancels.clone());
-                std::thread::spawn(move || {
-                    let json = serde_json::to_string(&request).unwrap_or_else(|_| "{}".into());
-                    let sink = WireSink {
-                        id,
-                        outbox: outbox.clone(),
-                        cancelled: flag,
-                    };
-                    let sink = TokenSink_TO::from_value(sink, TD_Opaque);
-                    let result = match plugin.read() {
-                        Ok(p) => p.infer(json.as_str().into(), sink).into_result(),
-                        Err(_) => Err(pio_plugin_api::PluginError::internal(
-                            "plugin lock poisoned",
-                        )),
-                    };
-                    if let Ok(mut c) = cancels.lock() {
-                        c.remove(&id);
-                    }
-                    let reply = match result.map(|o| serde_json::from_str(&o)) {
-                        Ok(Ok(outcome)) => FromWorker::Done { id, outcome },
-                        Ok(Err(e)) => FromWorker::Failed {
+                run_on_thread(
+                    &refusals,
+                    move |error| FromWorker::Failed { id, error },
+                    move || {
+                        let json = serde_json::to_string(&request).unwrap_or_else(|_| "{}".into());
+                        let sink = WireSink {
                             id,
-                            error: WireError {
-                                kind: "internal".into(),
-                                message: format!("the plugin returned a malformed outcome: {e}"),
+                            outbox: outbox.clone(),
+                            cancelled: flag,
+                        };
+                        let sink = TokenSink_TO::from_value(sink, TD_Opaque);
+                        let result = match plugin.read() {
+                            Ok(p) => p.infer(json.as_str().into(), sink).into_result(),
+                            Err(_) => Err(pio_plugin_api::PluginError::internal(
+                                "plugin lock poisoned",
+                            )),
+                        };
+                        if let Ok(mut c) = cancels.lock() {
+                            c.remove(&id);
+                        }
+                        let reply = match result.map(|o| serde_json::from_str(&o)) {
+                            Ok(Ok(outcome)) => FromWorker::Done { id, outcome },
+                            Ok(Err(e)) => FromWorker::Failed {
+                                id,
+                                error: WireError {
+                                    kind: "internal".into(),
+                                    message: format!(
+                                        "the plugin returned a malformed outcome: {e}"
+                                    ),
+                                },
                             },
-                        },
-                        Err(e) => FromWorker::Failed {
-                            id,
-                            error: e.into(),
-                        },
-                    };
-                    outbox.send(&reply);
-                });
+                            Err(e) => FromWorker::Failed {
+                                id,
+                                error: e.into(),
+                            },
+                        };
+                        outbox.send(&reply);
+                    },
+                );
             }
             ToWorker::Unload => {
+                let refusals = outbox.clone();
                 let (plugin, outbox) = (plugin.clone(), outbox.clone());
-                std::thread::spawn(move || {
-                    if let Ok(mut p) = plugin.write() {
-                        if let Err(e) = p.cleanup().into_result() {
-                            let _ = writeln!(std::io::stderr(), "worker: cleanup failed: {e}");
+                run_on_thread(
+                    &refusals,
+                    |_| FromWorker::Unloaded,
+                    move || {
+                        if let Ok(mut p) = plugin.write() {
+                            if let Err(e) = p.cleanup().into_result() {
+                                let _ = writeln!(std::io::stderr(), "worker: cleanup failed: {e}");
+                            }
                         }
-                    }
-                    outbox.send(&FromWorker::Unloaded);
-                });
+                        outbox.send(&FromWorker::Unloaded);
+                    },
+                );
             }
         }
     }

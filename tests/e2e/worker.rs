@@ -445,3 +445,66 @@ fn list_start_reports_each_worker_from_its_cgroup() {
         "{text}"
     );
 }
+
+#[test]
+fn no_new_privs_defeats_a_setuid_binary_and_setns_is_refused() {
+    if !confinement_available() {
+        return;
+    }
+    let bin = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        bin.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let id = bin.path().join("id");
+    std::fs::copy("/usr/bin/id", &id).unwrap();
+    // setuid root: run by anyone, it would print euid 0.
+    std::fs::set_permissions(&id, std::os::unix::fs::PermissionsExt::from_mode(0o4755)).unwrap();
+    let dir = hostile_dir();
+    let out = attack(&dir, &format!("exec {} -u", id.display()));
+    assert_eq!(out.stdout.trim(), "ran: 65534", "{}", out.stderr);
+    let out = attack(&dir, "setns");
+    assert!(out.stdout.starts_with("denied:"), "{}", out.stdout);
+}
+
+#[test]
+fn network_false_closes_the_network_at_low() {
+    if !confinement_available() {
+        return;
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let dir = PluginDir::new();
+    dir.copy_lib("pio_test_plugin_hostile", "libhostile.so");
+    dir.write(
+        "hostile.toml",
+        &manifest(
+            "hostile",
+            "0.1.0",
+            "libhostile.so",
+            "[limits]\nnetwork = false\n",
+        ),
+    );
+    let out = attack(&dir, &format!("connect {port}"));
+    assert!(
+        out.stdout.contains("Network is unreachable"),
+        "{}",
+        out.stdout
+    );
+    // Asking for the network above `low` is refused.
+    let text = manifest(
+        "hostile",
+        "0.1.0",
+        "libhostile.so",
+        "[limits]\nnetwork = true\n",
+    )
+    .replace("\"low\"", "\"medium\"");
+    dir.write("hostile.toml", &text);
+    let ran = attack(&dir, "status");
+    assert!(
+        !ran.ok && ran.stderr.contains("network access"),
+        "{}",
+        ran.stderr
+    );
+}

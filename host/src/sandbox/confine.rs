@@ -59,6 +59,13 @@ pub fn apply(plan: &Plan) -> Result<Vec<String>, ConfineError> {
         )?;
         applied.push(format!("rlimit_fsize={bytes}"));
     }
+    if plan.no_network {
+        step(
+            "empty network namespace",
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET),
+        )?;
+        applied.push("no network".into());
+    }
     if let Some(isolation) = &plan.isolation {
         super::namespaces::enter(isolation, plan.drop_to)?;
         applied.push("namespaces(mnt,pid,net,ipc,uts)".into());

@@ -30,8 +30,9 @@ pub struct ResolvedLimits {
     pub gpu_memory_bytes: Option<u64>,
     /// Scratch directory size, and the largest file the worker may write.
     pub scratch_bytes: Option<u64>,
-    /// Whether the worker may use the network.
-    pub network: bool,
+    /// Whether the worker may use the network: `None` is the tier's default (open at `low`,
+    /// closed above); `Some(false)` closes it at `low` too; `Some(true)` needs `low`.
+    pub network: Option<bool>,
 }
 
 /// What the host is able to enforce, detected once at start.
@@ -117,6 +118,8 @@ pub struct Plan {
     pub limits: ResolvedLimits,
     /// Put the worker in its own cgroup with the limits.
     pub cgroup: bool,
+    /// `low` with `network = false`: an empty network namespace (above `low`, isolation has one).
+    pub no_network: bool,
     /// `medium` and up: namespaces, a private read-only view of the file system with a
     /// size-capped scratch, no capabilities, seccomp.
     pub isolation: Option<Isolation>,
@@ -202,6 +205,9 @@ fn missing_for(tier: Tier, host: &HostSupport, subject: &Subject<'_>) -> Option<
             "the kernel has no Landlock (needs Linux 5.13+ with landlock in the lsm= list)".into(),
         );
     }
+    if tier >= Tier::Medium && subject.limits.network == Some(true) {
+        return Some("its manifest asks for network access, which only `low` gives".into());
+    }
     if tier >= Tier::Maximum && !subject.pinned {
         return Some("its manifest pins no sha256 of the library, which `maximum` requires".into());
     }
@@ -254,6 +260,7 @@ pub fn plan(subject: Subject<'_>, policy: &Policy, host: &HostSupport) -> Result
             empty_root: applied >= Tier::Maximum,
             cpuset: (applied >= Tier::Maximum).then(|| format!("0-{}", cpus - 1)),
         }),
+        no_network: applied == Tier::Low && limits.network == Some(false) && host.root,
         limits,
         cgroup: host.root && host.cgroups.is_some(),
     })
@@ -341,6 +348,26 @@ mod tests {
         assert_eq!((p.requested, p.applied), (Tier::High, Tier::Medium));
         assert!(p.downgrade_reason.unwrap().contains("Landlock"));
         assert_eq!(p.isolation.unwrap().syscalls, Syscalls::DenyList);
+    }
+
+    #[test]
+    fn network_is_open_only_at_low_and_can_be_closed_there() {
+        let mut s = subject(Tier::Low);
+        assert!(
+            !plan(s.clone(), &Policy::default(), &host(true, true))
+                .unwrap()
+                .no_network
+        );
+        s.limits.network = Some(false);
+        assert!(
+            plan(s.clone(), &Policy::default(), &host(true, true))
+                .unwrap()
+                .no_network
+        );
+        let mut s = subject(Tier::Medium);
+        s.limits.network = Some(true);
+        let e = plan(s, &Policy::default(), &host(true, true)).unwrap_err();
+        assert!(e.missing.contains("network"), "{e}");
     }
 
     #[test]

@@ -199,10 +199,12 @@ fn attack(command: &str) -> Result<String, PluginError> {
             "panic" => panic!("hostile plugin panics on request"),
             "fork-bomb" => fork_bomb(),
             "spin" => spin(arg.parse().unwrap_or(1.0)),
-            "freeze" => {
+            "freeze" => loop {
+                // Stopped again whenever something resumes it (the kernel sends SIGCONT to a
+                // stopped process whose group becomes orphaned).
                 libc::kill(libc::getpid(), libc::SIGSTOP);
-                "thawed".into()
-            }
+                std::thread::sleep(Duration::from_millis(10));
+            },
             "loop" => loop {
                 std::hint::spin_loop();
             },
@@ -281,6 +283,26 @@ fn attack(command: &str) -> Result<String, PluginError> {
                 }
             }
             "threads" => threads_status(),
+            "setns" => {
+                let path = c"/proc/1/ns/net";
+                let fd = libc::open(path.as_ptr(), libc::O_RDONLY);
+                if fd < 0 {
+                    format!("denied: {}", errno_text())
+                } else if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
+                    "joined another namespace".into()
+                } else {
+                    format!("denied: {}", errno_text())
+                }
+            }
+            "exec" => {
+                // Runs a program and returns its output: e.g. a setuid binary printing its euid.
+                let mut parts = command.split_whitespace().skip(1);
+                let program = parts.next().unwrap_or("/bin/true");
+                match std::process::Command::new(program).args(parts).output() {
+                    Ok(out) => format!("ran: {}", String::from_utf8_lossy(&out.stdout).trim()),
+                    Err(e) => format!("denied: {e}"),
+                }
+            }
             "connect" => {
                 match std::net::TcpStream::connect(("127.0.0.1", arg.parse().unwrap_or(1))) {
                     Ok(_) => "connected".into(),
