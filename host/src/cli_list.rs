@@ -3,10 +3,11 @@
 //! then stops them all. A dry run of what the daemon would serve.
 
 use anyhow::Context;
+use pio_host::config::Config;
 use pio_host::discovery::{Candidate, Status};
 use pio_host::launch;
 use pio_host::sandbox::{HostSupport, Policy};
-use pio_host::supervisor::{RestartPolicy, Supervised};
+use pio_host::supervisor::Supervised;
 use pio_host::units::ByteSize;
 use serde_json::{json, Value};
 
@@ -19,7 +20,11 @@ pub struct Started {
 }
 
 /// Starts each ready candidate, reads its status, stops it.
-pub fn start_all(candidates: &[Candidate], policy: &Policy) -> anyhow::Result<Vec<Started>> {
+pub fn start_all(
+    candidates: &[Candidate],
+    config: &Config,
+    policy: &Policy,
+) -> anyhow::Result<Vec<Started>> {
     let exe = std::env::current_exe().context("cannot find the running `pio` executable")?;
     let host = HostSupport::detect();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -34,13 +39,13 @@ pub fn start_all(candidates: &[Candidate], policy: &Policy) -> anyhow::Result<Ve
         let (Some(manifest), Some(library)) = (&c.manifest, &c.library) else {
             continue;
         };
-        let outcome = match launch::plan(manifest, policy, &host) {
+        let outcome = match launch::plan(manifest, config, policy, &host) {
             Err(e) => Err(e.to_string()),
             Ok(plan) => {
-                let config = launch::model_config(manifest, &c.manifest_path);
-                let spec = launch::worker_spec(&manifest.name, library, &config, plan, exe.clone());
+                let model = launch::model_config(manifest, &c.manifest_path);
+                let spec = launch::worker_spec(&manifest.name, library, &model, plan, exe.clone());
                 runtime.block_on(async {
-                    match Supervised::start(spec, config, RestartPolicy::default()).await {
+                    match Supervised::start(spec, model, config.restart_policy()).await {
                         Ok((plugin, _)) => {
                             let status = plugin.status();
                             plugin.stop().await;

@@ -13,7 +13,7 @@ use pio_host::supervisor::{Event, Worker, WorkerSpec};
 use pio_plugin_api::wire::{InferRequest, Prompt};
 use serde_json::json;
 
-use crate::{prober, search_paths, SearchArgs};
+use crate::{prober, SearchArgs};
 
 /// Arguments of `pio run`.
 #[derive(Args)]
@@ -61,7 +61,8 @@ pub struct RunArgs {
     json: bool,
     #[command(flatten)]
     tiers: TierArgs,
-    /// Stop the request after this many seconds (at tier `maximum` 600 unless set).
+    /// Stop the request after this many seconds (default: the config's
+    /// `supervisor.request_timeout_secs`, 600).
     #[arg(long, value_name = "SECONDS")]
     timeout: Option<u64>,
 }
@@ -78,12 +79,12 @@ pub struct TierArgs {
 }
 
 impl TierArgs {
-    /// The policy these flags ask for.
-    pub fn policy(&self) -> Policy {
+    /// `base` (the configuration's policy) with these flags applied over it.
+    pub fn policy(&self, base: Policy) -> Policy {
         Policy {
-            min_tier: self.min_tier.unwrap_or(Tier::Low),
-            allow_downgrade: self.allow_downgrade,
-            ..Policy::default()
+            min_tier: self.min_tier.unwrap_or(base.min_tier),
+            allow_downgrade: self.allow_downgrade || base.allow_downgrade,
+            ..base
         }
     }
 }
@@ -132,10 +133,10 @@ fn request(args: &RunArgs) -> anyhow::Result<InferRequest> {
 /// Runs `pio run`; returns the process exit code.
 pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     let request = request(&args)?;
-    let search = search_paths(
-        args.search.plugin_dirs.clone(),
-        args.search.library_dirs.clone(),
-    );
+    let crate::Settings {
+        config: settings,
+        search,
+    } = crate::settings(&args.search)?;
     let candidates = discovery::discover(&search, &prober()?)?;
     let named: Vec<_> = candidates
         .iter()
@@ -159,8 +160,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     let (Some(manifest), Some(library)) = (&chosen.manifest, &chosen.library) else {
         bail!("plugin {} has no checked manifest", args.name);
     };
-    let policy = args.tiers.policy();
-    let plan = launch::plan(manifest, &policy, &HostSupport::detect())?;
+    let policy = args.tiers.policy(settings.policy());
+    let plan = launch::plan(manifest, &settings, &policy, &HostSupport::detect())?;
     if let Some(reason) = &plan.downgrade_reason {
         eprintln!(
             "warning: running {} at tier {} instead of {}: {reason}",
@@ -177,6 +178,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     let timeout = args
         .timeout
         .map(std::time::Duration::from_secs)
+        .or(settings.restart_policy().request_timeout)
         .or(maximum.then_some(pio_host::supervisor::supervised::MAXIMUM_WATCHDOG));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

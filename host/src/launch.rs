@@ -5,29 +5,23 @@ use std::path::Path;
 
 use pio_plugin_api::wire::{HostContext, ModelConfig};
 
+use crate::config::Config;
 use crate::manifest::{Dtype, Manifest, Quantization};
-use crate::sandbox::{self, HostSupport, Plan, PlanError, Policy, ResolvedLimits};
+use crate::sandbox::{self, HostSupport, Plan, PlanError, Policy};
 use crate::supervisor::WorkerSpec;
 
-/// The manifest's limits (unset ones stay unset until the daemon config supplies defaults).
-pub fn limits(manifest: &Manifest) -> ResolvedLimits {
-    let l = &manifest.limits;
-    ResolvedLimits {
-        memory_bytes: l.memory.map(|b| b.0),
-        cpus: l.cpus.map(|c| c.0),
-        pids: l.pids,
-        gpu_memory_bytes: l.gpu_memory.map(|b| b.0),
-        scratch_bytes: l.scratch.map(|b| b.0),
-        network: l.network,
-    }
-}
-
-/// Plans the worker's confinement from the manifest's tier and limits.
-pub fn plan(manifest: &Manifest, policy: &Policy, host: &HostSupport) -> Result<Plan, PlanError> {
+/// Plans the worker's confinement from the manifest's tier and its limits (resolved against
+/// the daemon config's defaults).
+pub fn plan(
+    manifest: &Manifest,
+    config: &Config,
+    policy: &Policy,
+    host: &HostSupport,
+) -> Result<Plan, PlanError> {
     let subject = sandbox::Subject {
         plugin: &manifest.name,
         tier: manifest.tier,
-        limits: limits(manifest),
+        limits: config.limits_for(&manifest.limits),
         pinned: manifest.sha256.is_some(),
     };
     sandbox::plan(subject, policy, host)

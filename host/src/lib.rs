@@ -3,6 +3,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod config;
 pub mod discovery;
 pub mod elf;
 pub mod launch;
@@ -12,5 +13,6 @@ pub mod protocol;
 pub mod report;
 pub mod sandbox;
 pub mod supervisor;
+pub mod tomlfile;
 pub mod units;
 pub mod worker;

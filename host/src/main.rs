@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use pio_host::config::Config;
 use pio_host::discovery::{self, Candidate, SearchPaths, Status};
 use pio_host::probe::{self, Prober};
 use pio_host::report;
@@ -58,8 +59,12 @@ enum Command {
 
 #[derive(Args)]
 pub(crate) struct SearchArgs {
-    /// A directory of plugin manifests; repeat for several.
-    #[arg(long = "plugins", value_name = "DIR", default_value = "manifests")]
+    /// The daemon configuration file (plugin directories, sandbox policy, default limits).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
+    /// A directory of plugin manifests; repeat for several (default: the config's
+    /// `plugin_dirs`, else `manifests`).
+    #[arg(long = "plugins", value_name = "DIR")]
     pub(crate) plugin_dirs: Vec<PathBuf>,
     /// Directories a manifest's library is also looked up in.
     #[arg(long = "library-dir", value_name = "DIR")]
@@ -74,7 +79,7 @@ fn main() -> ExitCode {
             json,
             start,
             tiers,
-        } => list(search, json, start.then(|| tiers.policy())),
+        } => list(search, json, start.then_some(tiers)),
         Command::Check {
             path,
             library_dirs,
@@ -106,6 +111,30 @@ pub(crate) fn search_paths(plugin_dirs: Vec<PathBuf>, library_dirs: Vec<PathBuf>
     }
 }
 
+/// The configuration file (or the defaults) with the command line's flags applied.
+pub(crate) struct Settings {
+    pub(crate) config: Config,
+    pub(crate) search: SearchPaths,
+}
+
+pub(crate) fn settings(args: &SearchArgs) -> anyhow::Result<Settings> {
+    let config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    let mut plugin_dirs = args.plugin_dirs.clone();
+    if plugin_dirs.is_empty() {
+        plugin_dirs = config.plugin_dirs.clone();
+    }
+    if plugin_dirs.is_empty() {
+        plugin_dirs.push(PathBuf::from("manifests"));
+    }
+    let mut library_dirs = args.library_dirs.clone();
+    library_dirs.extend(config.library_dirs.iter().cloned());
+    let search = search_paths(plugin_dirs, library_dirs);
+    Ok(Settings { config, search })
+}
+
 pub(crate) fn prober() -> anyhow::Result<Prober> {
     Prober::current_exe()
         .context("cannot find the running `pio` executable to probe libraries with")
@@ -114,12 +143,16 @@ pub(crate) fn prober() -> anyhow::Result<Prober> {
 fn list(
     args: SearchArgs,
     json: bool,
-    start: Option<pio_host::sandbox::Policy>,
+    start: Option<cli_run::TierArgs>,
 ) -> anyhow::Result<ExitCode> {
-    let search = search_paths(args.plugin_dirs, args.library_dirs);
+    let Settings { config, search } = settings(&args)?;
     let candidates = discovery::discover(&search, &prober()?)?;
     let started = match &start {
-        Some(policy) => Some(cli_list::start_all(&candidates, policy)?),
+        Some(tiers) => Some(cli_list::start_all(
+            &candidates,
+            &config,
+            &tiers.policy(config.policy()),
+        )?),
         None => None,
     };
     if json {

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
+pub use crate::tomlfile::line_column;
+use crate::tomlfile::TomlError;
 use crate::units::ByteSize;
 
 /// How much the host trusts a plugin; decides how tightly its worker is confined.
@@ -198,40 +200,9 @@ pub enum ManifestError {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// TOML syntax, an unknown key or a bad value.
-    #[error("{path}:{line}:{column}: {message}")]
-    Parse {
-        /// The manifest.
-        path: PathBuf,
-        /// 1-based line of the offending text.
-        line: usize,
-        /// 1-based column.
-        column: usize,
-        /// What is wrong and what was expected.
-        message: String,
-    },
-}
-
-/// A 1-based line and column for a byte offset into `text`.
-pub fn line_column(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    (line, column)
-}
-
-/// The key of a `key = value` line containing byte `offset`, if that line is one.
-fn key_at(text: &str, offset: usize) -> Option<String> {
-    let offset = offset.min(text.len());
-    let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
-    let end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
-    let (key, _) = text[start..end].split_once('=')?;
-    let key = key.trim();
-    let bare = !key.is_empty()
-        && key
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
-    bare.then(|| key.to_string())
+    /// TOML syntax, an unknown key or a bad value, with its position.
+    #[error("{0}")]
+    Parse(#[from] TomlError),
 }
 
 impl Manifest {
@@ -246,22 +217,7 @@ impl Manifest {
 
     /// Parses manifest `text`; `path` is only used in errors.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ManifestError> {
-        toml::from_str::<Manifest>(text).map_err(|e| {
-            let start = e.span().map_or(0, |s| s.start);
-            let (line, column) = line_column(text, start);
-            let mut message = e.message().trim().to_string();
-            // Value errors from serde don't say which key they are about; the line does.
-            if let Some(key) = key_at(text, start).filter(|k| !message.contains(&format!("`{k}`")))
-            {
-                message = format!("`{key}`: {message}");
-            }
-            ManifestError::Parse {
-                path: path.to_owned(),
-                line,
-                column,
-                message,
-            }
-        })
+        Ok(crate::tomlfile::parse(path, text)?)
     }
 }
 

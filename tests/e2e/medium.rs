@@ -163,3 +163,20 @@ fn deaths_are_still_reported_faithfully_through_the_pid_namespace() {
         );
     }
 }
+
+#[test]
+fn the_32_bit_system_call_entry_is_killed() {
+    if !confinement_available() {
+        return;
+    }
+    // At `low` nothing filters it (it may still be absent if the kernel lacks IA-32 emulation).
+    let low = attack(&tier_dir("low"), "int80-getpid");
+    assert!(
+        low.stdout.starts_with("int 0x80 answered"),
+        "{}",
+        low.stdout
+    );
+    let ran = run_in(&medium_dir(), "hostile", "int80-getpid", &[]);
+    assert!(!ran.ok);
+    assert!(ran.stderr.contains("killed by SIGSYS"), "{}", ran.stderr);
+}

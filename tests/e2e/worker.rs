@@ -508,3 +508,71 @@ fn network_false_closes_the_network_at_low() {
         ran.stderr
     );
 }
+
+#[test]
+fn no_terminal_to_inject_into() {
+    if !confinement_available() {
+        return;
+    }
+    let out = attack(&hostile_dir(), "tiocsti");
+    assert!(out.ok, "{}", out.stderr);
+    assert!(out.stdout.starts_with("denied:"), "{}", out.stdout);
+}
+
+#[test]
+fn the_config_file_sets_plugin_dirs_default_limits_and_the_minimum_tier() {
+    if !confinement_available() {
+        return;
+    }
+    let plugins = PluginDir::new();
+    plugins.copy_lib("pio_plugin_echo", "libecho.so");
+    plugins.write("echo.toml", &manifest("echo", "0.1.0", "libecho.so", ""));
+    let conf = PluginDir::new();
+    let file = conf.write(
+        "pio.toml",
+        &format!(
+            "plugin_dirs = [\"{}\"]\n[sandbox]\nmin_tier = \"high\"\n[limits]\nmemory = \"80MiB\"\n",
+            plugins.path().display()
+        ),
+    );
+    let out = pio(
+        conf.path(),
+        &[
+            "list",
+            "--json",
+            "--start",
+            "--config",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let worker = &rows[0]["worker"];
+    assert_eq!(worker["tier"], "high", "{worker}");
+    assert_eq!(worker["memory_limit_bytes"], 80 << 20, "{worker}");
+    // A flag overrides the file.
+    let out = pio(
+        conf.path(),
+        &[
+            "list",
+            "--json",
+            "--start",
+            "--config",
+            "pio.toml",
+            "--min-tier",
+            "medium",
+        ],
+    );
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows[0]["worker"]["tier"], "medium");
+
+    conf.write("bad.toml", "[sandbox]\nmin_teir = \"high\"\n");
+    let out = pio(conf.path(), &["list", "--config", "bad.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("bad.toml:2:1") && e.contains("min_teir"), "{e}");
+}

@@ -283,6 +283,26 @@ fn attack(command: &str) -> Result<String, PluginError> {
                 }
             }
             "threads" => threads_status(),
+            "tiocsti" => {
+                // Push a character into the terminal's input (CVE-2017-5226 style), with the
+                // command's upper 32 bits set as well (CVE-2019-10063).
+                let c = b'x';
+                let plain = libc::ioctl(0, libc::TIOCSTI, &c);
+                let plain_err = errno_text();
+                let wide =
+                    libc::syscall(libc::SYS_ioctl, 0, (1u64 << 32) | libc::TIOCSTI, &c);
+                if plain == 0 || wide == 0 {
+                    "injected".into()
+                } else {
+                    format!("denied: {plain_err}")
+                }
+            }
+            "int80-getpid" => {
+                // The 32-bit system-call entry: getpid is number 20 there.
+                let mut ret: i64 = 20;
+                std::arch::asm!("int 0x80", inlateout("rax") ret, options(nostack));
+                format!("int 0x80 answered {ret}")
+            }
             "setns" => {
                 let path = c"/proc/1/ns/net";
                 let fd = libc::open(path.as_ptr(), libc::O_RDONLY);
