@@ -4,4 +4,15 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod chat;
+pub mod checkpoint;
+pub mod error;
+pub mod generate;
+pub mod generation_config;
+pub mod sampling;
 pub mod stop;
+pub mod text;
+
+pub use candle_core;
+pub use candle_nn;
+pub use error::{EngineError, Result};

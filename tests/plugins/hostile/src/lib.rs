@@ -289,8 +289,7 @@ fn attack(command: &str) -> Result<String, PluginError> {
                 let c = b'x';
                 let plain = libc::ioctl(0, libc::TIOCSTI, &c);
                 let plain_err = errno_text();
-                let wide =
-                    libc::syscall(libc::SYS_ioctl, 0, (1u64 << 32) | libc::TIOCSTI, &c);
+                let wide = libc::syscall(libc::SYS_ioctl, 0, (1u64 << 32) | libc::TIOCSTI, &c);
                 if plain == 0 || wide == 0 {
                     "injected".into()
                 } else {

@@ -1,0 +1,147 @@
+//! A Hugging Face snapshot folder: `config.json`, `model.safetensors` or shards listed in
+//! `model.safetensors.index.json`, `tokenizer.json`, `tokenizer_config.json` (with the chat
+//! template, or `chat_template.jinja` beside it) and `generation_config.json`.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use serde::de::DeserializeOwned;
+
+use crate::error::{EngineError, Result};
+
+/// An opened snapshot folder.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    dir: PathBuf,
+}
+
+fn read(path: &Path, hint: &'static str) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => EngineError::MissingFile {
+            path: path.to_owned(),
+            hint,
+        },
+        _ => EngineError::BadFile {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        },
+    })
+}
+
+/// Parses JSON `text` of `path`, naming the offending field when the shape is wrong.
+pub fn parse_json<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| EngineError::BadFile {
+        path: path.to_owned(),
+        reason: format!("{e} (line {}, column {})", e.line(), e.column()),
+    })
+}
+
+impl Checkpoint {
+    /// Opens `dir`, which must hold at least `config.json`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(EngineError::MissingFile {
+                path: dir.to_owned(),
+                hint: "set the model path to a Hugging Face snapshot folder",
+            });
+        }
+        let this = Self {
+            dir: dir.to_owned(),
+        };
+        if !this.path("config.json").is_file() {
+            return Err(EngineError::MissingFile {
+                path: this.path("config.json"),
+                hint: "the model folder must be a Hugging Face snapshot (config.json, *.safetensors, tokenizer.json)",
+            });
+        }
+        Ok(this)
+    }
+
+    /// The folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A file in the folder.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// `config.json`, parsed into the model's config type.
+    pub fn config<T: DeserializeOwned>(&self) -> Result<T> {
+        let path = self.path("config.json");
+        parse_json(&path, &read(&path, "every snapshot has one")?)
+    }
+
+    /// An optional JSON file, parsed; `None` when absent.
+    pub fn optional_json<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>> {
+        let path = self.path(name);
+        if !path.exists() {
+            return Ok(None);
+        }
+        parse_json(&path, &read(&path, "")?).map(Some)
+    }
+
+    /// The safetensors files holding the weights, in index order.
+    pub fn weight_files(&self) -> Result<Vec<PathBuf>> {
+        let index = self.path("model.safetensors.index.json");
+        if index.is_file() {
+            #[derive(serde::Deserialize)]
+            struct Index {
+                weight_map: serde_json::Map<String, serde_json::Value>,
+            }
+            let parsed: Index = parse_json(&index, &read(&index, "")?)?;
+            let mut files: Vec<PathBuf> = Vec::new();
+            for (tensor, file) in parsed.weight_map {
+                let Some(file) = file.as_str() else {
+                    return Err(EngineError::BadField {
+                        path: index,
+                        field: format!("weight_map.{tensor}"),
+                        reason: "expected a file name".into(),
+                    });
+                };
+                let path = self.path(file);
+                if !files.contains(&path) {
+                    if !path.is_file() {
+                        return Err(EngineError::MissingFile {
+                            path,
+                            hint: "a shard listed in model.safetensors.index.json is missing: download the whole snapshot",
+                        });
+                    }
+                    files.push(path);
+                }
+            }
+            return Ok(files);
+        }
+        let single = self.path("model.safetensors");
+        if single.is_file() {
+            return Ok(vec![single]);
+        }
+        Err(EngineError::MissingFile {
+            path: single,
+            hint: "no model.safetensors and no model.safetensors.index.json: download the weights",
+        })
+    }
+
+    /// The weights, memory-mapped, converted to `dtype` on `device` as each tensor is taken.
+    pub fn weights(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        let files = self.weight_files()?;
+        // SAFETY: the files are mapped read-only; a file truncated or rewritten while mapped is
+        // the operator's error (as with every mmap-based loader).
+        unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }.map_err(|e| {
+            EngineError::Weights {
+                dir: self.dir.clone(),
+                reason: format!("cannot read the safetensors files: {e}"),
+            }
+        })
+    }
+
+    /// A weights error for `tensor`, in words.
+    pub fn weight_error(&self, e: candle_core::Error) -> EngineError {
+        EngineError::Weights {
+            dir: self.dir.clone(),
+            reason: e.to_string(),
+        }
+    }
+}

@@ -1,0 +1,55 @@
+//! What can go wrong loading or running a model, each error naming the file, field or tensor and
+//! what was expected.
+
+use std::path::PathBuf;
+
+/// An engine failure.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A file the snapshot needs is not there.
+    #[error("{path}: not found; {hint}")]
+    MissingFile {
+        /// The file.
+        path: PathBuf,
+        /// What to do.
+        hint: &'static str,
+    },
+    /// A file exists but cannot be read or parsed.
+    #[error("{path}: {reason}")]
+    BadFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A config field has a value this engine cannot use.
+    #[error("{path}: `{field}`: {reason}")]
+    BadField {
+        /// The file.
+        path: PathBuf,
+        /// The field.
+        field: String,
+        /// What was expected.
+        reason: String,
+    },
+    /// Weights are missing, misshapen or unreadable (the message names the tensor).
+    #[error("{dir}: {reason}")]
+    Weights {
+        /// The snapshot folder.
+        dir: PathBuf,
+        /// Which tensor, and expected versus found.
+        reason: String,
+    },
+    /// A request the model cannot serve (e.g. a prompt longer than the context).
+    #[error("{0}")]
+    InvalidInput(String),
+    /// Something the engine does not support yet.
+    #[error("{0}")]
+    Unsupported(String),
+    /// A failure inside the tensor library while running the model.
+    #[error("model computation failed: {0}")]
+    Compute(#[from] candle_core::Error),
+}
+
+/// Shorthand.
+pub type Result<T> = std::result::Result<T, EngineError>;

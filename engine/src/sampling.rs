@@ -1,0 +1,251 @@
+//! Choosing the next token from the model's logits: penalties, then temperature, top-k, top-p and
+//! min-p, then a draw from a seeded generator — or the arg-max when greedy. Log-probabilities
+//! reported to clients are those of the raw model distribution (before any of this), as
+//! transformers' `output_logits` and vLLM's default report them.
+
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+/// How to sample; `None` fields are off.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SamplingParams {
+    /// 0 or `None` with no other setting: greedy.
+    pub temperature: Option<f32>,
+    /// Keep the k most likely tokens.
+    pub top_k: Option<u32>,
+    /// Keep the smallest set whose probability reaches p.
+    pub top_p: Option<f32>,
+    /// Drop tokens below `min_p` times the most likely token's probability.
+    pub min_p: Option<f32>,
+    /// Divide positive (multiply negative) logits of tokens seen in prompt or output (1 = off).
+    pub repetition_penalty: Option<f32>,
+    /// Subtract from the logits of tokens generated at least once.
+    pub presence_penalty: Option<f32>,
+    /// Subtract, per occurrence, from the logits of generated tokens.
+    pub frequency_penalty: Option<f32>,
+    /// Makes sampling reproducible.
+    pub seed: Option<u64>,
+}
+
+impl SamplingParams {
+    /// Whether these parameters pick the most likely token every time.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature.is_none_or(|t| t <= 0.0)
+    }
+}
+
+/// A sampler for one sequence.
+#[derive(Debug)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+}
+
+/// Log-softmax of `logits`, computed in f64.
+pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+    let log_sum = sum.ln() + max;
+    logits
+        .iter()
+        .map(|&l| (l as f64 - log_sum) as f32)
+        .collect()
+}
+
+/// The `k` highest entries of `values` as (index, value), best first (ties: lower index first).
+pub fn top_k(values: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut idx: Vec<u32> = (0..values.len() as u32).collect();
+    let k = k.min(idx.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    idx.select_nth_unstable_by(k - 1, |&a, &b| {
+        values[b as usize]
+            .total_cmp(&values[a as usize])
+            .then(a.cmp(&b))
+    });
+    let mut top: Vec<(u32, f32)> = idx[..k].iter().map(|&i| (i, values[i as usize])).collect();
+    top.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    top
+}
+
+impl Sampler {
+    /// A sampler; without a seed, one is drawn from the OS.
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = match params.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_os_rng(),
+        };
+        Self { params, rng }
+    }
+
+    /// Picks the next token. `prompt` and `generated` feed the penalties.
+    pub fn sample(&mut self, logits: &[f32], prompt: &[u32], generated: &[u32]) -> u32 {
+        let mut logits = logits.to_vec();
+        self.apply_penalties(&mut logits, prompt, generated);
+        if self.params.is_greedy() {
+            return argmax(&logits);
+        }
+        let temperature = self.params.temperature.unwrap_or(1.0);
+        let mut candidates: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, l / temperature))
+            .collect();
+        candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if let Some(k) = self.params.top_k.filter(|&k| k > 0) {
+            candidates.truncate(k as usize);
+        }
+        let max = candidates.first().map_or(0.0, |c| c.1);
+        let mut probs: Vec<f64> = candidates
+            .iter()
+            .map(|c| ((c.1 - max) as f64).exp())
+            .collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+        let mut keep = probs.len();
+        if let Some(p) = self.params.top_p.filter(|&p| p < 1.0) {
+            let mut mass = 0.0;
+            keep = probs
+                .iter()
+                .position(|&q| {
+                    mass += q;
+                    mass >= p as f64
+                })
+                .map_or(keep, |i| i + 1);
+        }
+        if let Some(min_p) = self.params.min_p.filter(|&m| m > 0.0) {
+            let floor = probs[0] * min_p as f64;
+            keep = keep.min(probs.iter().take_while(|&&q| q >= floor).count().max(1));
+        }
+        let total: f64 = probs[..keep].iter().sum();
+        let mut draw = self.rng.random::<f64>() * total;
+        for (i, &q) in probs[..keep].iter().enumerate() {
+            if draw < q {
+                return candidates[i].0;
+            }
+            draw -= q;
+        }
+        candidates[keep - 1].0
+    }
+
+    fn apply_penalties(&self, logits: &mut [f32], prompt: &[u32], generated: &[u32]) {
+        if let Some(r) = self
+            .params
+            .repetition_penalty
+            .filter(|&r| r != 1.0 && r > 0.0)
+        {
+            let mut seen: Vec<u32> = prompt.iter().chain(generated).copied().collect();
+            seen.sort_unstable();
+            seen.dedup();
+            for id in seen {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l = if *l > 0.0 { *l / r } else { *l * r };
+                }
+            }
+        }
+        let presence = self.params.presence_penalty.unwrap_or(0.0);
+        let frequency = self.params.frequency_penalty.unwrap_or(0.0);
+        if presence != 0.0 || frequency != 0.0 {
+            let mut counts = std::collections::HashMap::<u32, u32>::new();
+            for &id in generated {
+                *counts.entry(id).or_default() += 1;
+            }
+            for (id, n) in counts {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l -= presence + frequency * n as f32;
+                }
+            }
+        }
+    }
+}
+
+fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in values.iter().enumerate() {
+        if *v > values[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
+        let mut p = SamplingParams::default();
+        f(&mut p);
+        p
+    }
+
+    #[test]
+    fn greedy_takes_the_first_maximum() {
+        let mut s = Sampler::new(SamplingParams::default());
+        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0], &[], &[]), 1);
+    }
+
+    #[test]
+    fn the_same_seed_draws_the_same_tokens() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let draw = |seed| {
+            let mut s = Sampler::new(params(|p| {
+                p.temperature = Some(1.0);
+                p.seed = Some(seed);
+            }));
+            (0..20)
+                .map(|_| s.sample(&logits, &[], &[]))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(7), draw(7));
+        assert_ne!(draw(7), draw(8));
+    }
+
+    #[test]
+    fn top_k_one_and_tiny_top_p_are_greedy() {
+        let logits = [0.0, 2.0, 1.0];
+        for p in [
+            params(|p| p.top_k = Some(1)),
+            params(|p| p.top_p = Some(0.01)),
+        ] {
+            let mut s = Sampler::new(SamplingParams {
+                temperature: Some(1.0),
+                seed: Some(1),
+                ..p
+            });
+            assert!((0..50).all(|_| s.sample(&logits, &[], &[]) == 1));
+        }
+    }
+
+    #[test]
+    fn min_p_drops_unlikely_tokens() {
+        // p(1) is e^4 times p(0): min_p = 0.5 keeps only token 1.
+        let mut s = Sampler::new(params(|p| {
+            p.temperature = Some(1.0);
+            p.min_p = Some(0.5);
+            p.seed = Some(3);
+        }));
+        assert!((0..50).all(|_| s.sample(&[0.0, 4.0], &[], &[]) == 1));
+    }
+
+    #[test]
+    fn penalties_push_seen_tokens_down() {
+        let mut s = Sampler::new(params(|p| p.repetition_penalty = Some(4.0)));
+        assert_eq!(s.sample(&[2.0, 1.0], &[0], &[]), 1);
+        let mut s = Sampler::new(params(|p| p.frequency_penalty = Some(0.6)));
+        assert_eq!(s.sample(&[2.0, 1.0], &[], &[0, 0]), 1);
+        let mut s = Sampler::new(params(|p| p.presence_penalty = Some(0.5)));
+        assert_eq!(s.sample(&[2.0, 1.0], &[], &[0]), 0, "1.5 still beats 1.0");
+    }
+
+    #[test]
+    fn log_softmax_normalizes_and_top_k_orders() {
+        let lp = log_softmax(&[1.0, 2.0, 3.0]);
+        let total: f32 = lp.iter().map(|v| v.exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+        assert_eq!(
+            top_k(&lp, 2).iter().map(|t| t.0).collect::<Vec<_>>(),
+            [2, 1]
+        );
+    }
+}

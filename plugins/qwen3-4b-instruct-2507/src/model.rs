@@ -1,0 +1,438 @@
+//! Qwen3 dense causal LM, mirroring transformers' `models/qwen3/modeling_qwen3.py`:
+//! grouped-query attention with per-head RMSNorm on queries and keys, rotary positions, SwiGLU
+//! MLP, tied or untied output embedding.
+
+use pio_engine::candle_core::{DType, Device, Module, Tensor};
+use pio_engine::candle_nn::{
+    embedding, linear_b, linear_no_bias, rms_norm, Embedding, Linear, RmsNorm, VarBuilder,
+};
+use pio_engine::checkpoint::Checkpoint;
+use pio_engine::generate::CausalLm;
+use pio_engine::{EngineError, Result};
+use serde::Deserialize;
+
+/// `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct RopeParameters {
+    /// `default` or `linear`.
+    #[serde(default, alias = "type")]
+    pub rope_type: Option<String>,
+    /// Base (transformers 5 keeps it here).
+    pub rope_theta: Option<f64>,
+    /// Position scaling factor for `linear`.
+    pub factor: Option<f64>,
+}
+
+/// `config.json` of a Qwen3ForCausalLM checkpoint, with transformers' defaults.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Config {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Model width.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (GQA); defaults to the query heads.
+    pub num_key_value_heads: Option<usize>,
+    /// Head width; defaults to hidden / heads.
+    pub head_dim: Option<usize>,
+    /// Longest sequence.
+    #[serde(default = "default_positions")]
+    pub max_position_embeddings: usize,
+    /// RMSNorm epsilon.
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    /// RoPE base (transformers 4 keeps it at the top level).
+    pub rope_theta: Option<f64>,
+    /// RoPE scaling (transformers 4).
+    pub rope_scaling: Option<RopeParameters>,
+    /// RoPE parameters (transformers 5).
+    pub rope_parameters: Option<RopeParameters>,
+    /// Whether `lm_head` reuses the input embedding.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Biases on q/k/v/o projections.
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// MLP activation; only `silu` exists in Qwen3.
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+}
+
+fn default_positions() -> usize {
+    32_768
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_act() -> String {
+    "silu".into()
+}
+
+impl Config {
+    fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// (theta, position scale) from whichever RoPE fields the checkpoint uses.
+    fn rope(&self, checkpoint: &Checkpoint) -> Result<(f64, f64)> {
+        let params = self.rope_parameters.as_ref().or(self.rope_scaling.as_ref());
+        let theta = self
+            .rope_theta
+            .or(params.and_then(|p| p.rope_theta))
+            .unwrap_or(10_000.0);
+        let scale = match params.and_then(|p| p.rope_type.as_deref()) {
+            None | Some("default") => 1.0,
+            Some("linear") => params.and_then(|p| p.factor).unwrap_or(1.0),
+            Some(other) => {
+                return Err(EngineError::BadField {
+                    path: checkpoint.path("config.json"),
+                    field: "rope_scaling.rope_type".into(),
+                    reason: format!("`{other}` is not supported yet (supported: default, linear)"),
+                })
+            }
+        };
+        Ok((theta, scale))
+    }
+
+    fn validate(&self, checkpoint: &Checkpoint) -> Result<()> {
+        let bad = |field: &str, reason: String| EngineError::BadField {
+            path: checkpoint.path("config.json"),
+            field: field.into(),
+            reason,
+        };
+        if self.hidden_act != "silu" {
+            return Err(bad(
+                "hidden_act",
+                format!("expected \"silu\", found \"{}\"", self.hidden_act),
+            ));
+        }
+        if self.num_attention_heads == 0 || self.num_attention_heads % self.kv_heads() != 0 {
+            return Err(bad(
+                "num_key_value_heads",
+                format!(
+                    "{} must divide num_attention_heads = {}",
+                    self.kv_heads(),
+                    self.num_attention_heads
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Rotary embedding tables for every position.
+#[derive(Debug, Clone)]
+struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rotary {
+    fn new(cfg: &Config, theta: f64, scale: f64, dtype: DType, device: &Device) -> Result<Self> {
+        let dim = cfg.head_dim();
+        let inv_freq: Vec<f32> = (0..dim)
+            .step_by(2)
+            .map(|i| (1.0 / theta.powf(i as f64 / dim as f64)) as f32)
+            .collect();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, dim / 2), device)?;
+        let positions = Tensor::arange(0u32, cfg.max_position_embeddings as u32, device)?
+            .to_dtype(DType::F32)?
+            .affine(1.0 / scale, 0.0)?
+            .reshape((cfg.max_position_embeddings, 1))?;
+        let freqs = positions.matmul(&inv_freq)?;
+        Ok(Self {
+            cos: freqs.cos()?.to_dtype(dtype)?,
+            sin: freqs.sin()?.to_dtype(dtype)?,
+        })
+    }
+
+    /// Rotates `x` of shape (batch, heads, seq, head_dim) starting at position `start`.
+    fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
+        let seq = x.dim(2)?;
+        let cos = self.cos.narrow(0, start, seq)?;
+        let sin = self.sin.narrow(0, start, seq)?;
+        Ok(pio_engine::candle_nn::rotary_emb::rope(
+            &x.contiguous()?,
+            &cos,
+            &sin,
+        )?)
+    }
+}
+
+/// Keys and values of one layer for one sequence.
+#[derive(Debug, Clone, Default)]
+pub struct LayerCache {
+    kv: Option<(Tensor, Tensor)>,
+}
+
+/// A sequence's KV cache: one entry per layer, and the number of positions it holds.
+#[derive(Debug, Clone, Default)]
+pub struct Cache {
+    layers: Vec<LayerCache>,
+    len: usize,
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: RmsNorm,
+    k_norm: RmsNorm,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(cfg: &Config, vb: VarBuilder) -> candle_result::R<Self> {
+        let (h, kv, d) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
+        let bias = cfg.attention_bias;
+        Ok(Self {
+            q_proj: linear_b(cfg.hidden_size, h * d, bias, vb.pp("q_proj"))?,
+            k_proj: linear_b(cfg.hidden_size, kv * d, bias, vb.pp("k_proj"))?,
+            v_proj: linear_b(cfg.hidden_size, kv * d, bias, vb.pp("v_proj"))?,
+            o_proj: linear_b(h * d, cfg.hidden_size, bias, vb.pp("o_proj"))?,
+            q_norm: rms_norm(d, cfg.rms_norm_eps, vb.pp("q_norm"))?,
+            k_norm: rms_norm(d, cfg.rms_norm_eps, vb.pp("k_norm"))?,
+            heads: h,
+            kv_heads: kv,
+            head_dim: d,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &Rotary,
+        cache: &mut LayerCache,
+        start: usize,
+    ) -> Result<Tensor> {
+        let (b, seq, _) = x.dims3()?;
+        // 1. Project and split into heads: (b, heads, seq, head_dim).
+        let split = |t: Tensor, heads: usize| -> Result<Tensor> {
+            Ok(t.reshape((b, seq, heads, self.head_dim))?.transpose(1, 2)?)
+        };
+        let q = split(self.q_proj.forward(x)?, self.heads)?;
+        let k = split(self.k_proj.forward(x)?, self.kv_heads)?;
+        let v = split(self.v_proj.forward(x)?, self.kv_heads)?.contiguous()?;
+        // 2. Per-head RMSNorm on queries and keys, then rotary positions.
+        let q = rotary.apply(&self.q_norm.forward(&q.contiguous()?)?, start)?;
+        let k = rotary.apply(&self.k_norm.forward(&k.contiguous()?)?, start)?;
+        // 3. Append to the cache.
+        let (k, v) = match cache.kv.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v),
+        };
+        cache.kv = Some((k.clone(), v.clone()));
+        // 4. Grouped-query attention with a causal mask over the new positions.
+        let groups = self.heads / self.kv_heads;
+        let repeat = |t: &Tensor| -> Result<Tensor> {
+            if groups == 1 {
+                return Ok(t.clone());
+            }
+            let (b, kv, len, d) = t.dims4()?;
+            Ok(t.unsqueeze(2)?.expand((b, kv, groups, len, d))?.reshape((
+                b,
+                kv * groups,
+                len,
+                d,
+            ))?)
+        };
+        let (k, v) = (repeat(&k)?, repeat(&v)?);
+        let total = k.dim(2)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let mut scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+        if seq > 1 {
+            let mask: Vec<f32> = (0..seq)
+                .flat_map(|i| {
+                    (0..total).map(move |j| {
+                        if j > start + i {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.0
+                        }
+                    })
+                })
+                .collect();
+            let mask =
+                Tensor::from_vec(mask, (seq, total), x.device())?.to_dtype(scores.dtype())?;
+            scores = scores.broadcast_add(&mask)?;
+        }
+        let probs = pio_engine::candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
+            .to_dtype(v.dtype())?;
+        let out = probs.matmul(&v.contiguous()?)?;
+        // 5. Merge heads and project out.
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, seq, self.heads * self.head_dim))?;
+        Ok(self.o_proj.forward(&out)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn new(cfg: &Config, vb: VarBuilder) -> candle_result::R<Self> {
+        Ok(Self {
+            gate_proj: linear_no_bias(cfg.hidden_size, cfg.intermediate_size, vb.pp("gate_proj"))?,
+            up_proj: linear_no_bias(cfg.hidden_size, cfg.intermediate_size, vb.pp("up_proj"))?,
+            down_proj: linear_no_bias(cfg.intermediate_size, cfg.hidden_size, vb.pp("down_proj"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = pio_engine::candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+        Ok(self
+            .down_proj
+            .forward(&(gate * self.up_proj.forward(x)?)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn new(cfg: &Config, vb: VarBuilder) -> candle_result::R<Self> {
+        Ok(Self {
+            input_layernorm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
+            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            post_attention_layernorm: rms_norm(
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+                vb.pp("post_attention_layernorm"),
+            )?,
+            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &Rotary,
+        cache: &mut LayerCache,
+        start: usize,
+    ) -> Result<Tensor> {
+        let attn =
+            self.self_attn
+                .forward(&self.input_layernorm.forward(x)?, rotary, cache, start)?;
+        let x = (x + attn)?;
+        let mlp = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?)?;
+        Ok((x + mlp)?)
+    }
+}
+
+/// The model.
+#[derive(Debug, Clone)]
+pub struct Qwen3 {
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rotary: Rotary,
+    context: usize,
+    device: Device,
+}
+
+/// candle's own error type for the constructors (the caller names the checkpoint).
+mod candle_result {
+    pub type R<T> = std::result::Result<T, pio_engine::candle_core::Error>;
+}
+
+impl Qwen3 {
+    /// Loads the model from `checkpoint` in `dtype` on `device`.
+    pub fn load(checkpoint: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
+        let cfg: Config = checkpoint.config()?;
+        cfg.validate(checkpoint)?;
+        let (theta, scale) = cfg.rope(checkpoint)?;
+        let vb = checkpoint.weights(dtype, device)?;
+        let build = || -> candle_result::R<(Embedding, Vec<DecoderLayer>, RmsNorm, Linear)> {
+            let model = vb.pp("model");
+            let embed_tokens =
+                embedding(cfg.vocab_size, cfg.hidden_size, model.pp("embed_tokens"))?;
+            let layers = (0..cfg.num_hidden_layers)
+                .map(|i| DecoderLayer::new(&cfg, model.pp(format!("layers.{i}"))))
+                .collect::<candle_result::R<Vec<_>>>()?;
+            let norm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, model.pp("norm"))?;
+            let lm_head = if cfg.tie_word_embeddings {
+                Linear::new(embed_tokens.embeddings().clone(), None)
+            } else {
+                linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
+            };
+            Ok((embed_tokens, layers, norm, lm_head))
+        };
+        let (embed_tokens, layers, norm, lm_head) =
+            build().map_err(|e| checkpoint.weight_error(e))?;
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rotary: Rotary::new(&cfg, theta, scale, dtype, device)?,
+            context: cfg.max_position_embeddings,
+            device: device.clone(),
+        })
+    }
+}
+
+impl CausalLm for Qwen3 {
+    type Cache = Cache;
+
+    fn new_cache(&self) -> Cache {
+        Cache {
+            layers: vec![LayerCache::default(); self.layers.len()],
+            len: 0,
+        }
+    }
+
+    fn forward(&self, tokens: &[u32], cache: &mut Cache) -> Result<Vec<f32>> {
+        let start = cache.len;
+        if start + tokens.len() > self.context {
+            return Err(EngineError::InvalidInput(format!(
+                "the sequence would reach {} tokens; the context is {}",
+                start + tokens.len(),
+                self.context
+            )));
+        }
+        let ids = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
+        let mut x = self.embed_tokens.forward(&ids)?;
+        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward(&x, &self.rotary, layer_cache, start)?;
+        }
+        cache.len += tokens.len();
+        let last = x.narrow(1, tokens.len() - 1, 1)?;
+        let logits = self.lm_head.forward(&self.norm.forward(&last)?)?;
+        Ok(logits
+            .squeeze(0)?
+            .squeeze(0)?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?)
+    }
+
+    fn context_length(&self) -> usize {
+        self.context
+    }
+}
