@@ -50,6 +50,12 @@ fn shipped_manifests_are_ready() {
         .expect("echo listed");
     assert_eq!(echo["status"], "ready", "{echo:#}");
     assert_eq!(echo["family"], "echo");
+    let qwen3 = rows
+        .iter()
+        .find(|r| r["name"] == "qwen3-4b-instruct-2507")
+        .expect("qwen3 listed");
+    assert_eq!(qwen3["status"], "ready", "{qwen3:#}");
+    assert_eq!(qwen3["family"], "Qwen3ForCausalLM");
 
     let out = pio(
         &repo_root(),

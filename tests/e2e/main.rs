@@ -6,6 +6,7 @@ mod support;
 
 mod discovery;
 mod medium;
+mod qwen3;
 mod supervisor;
 mod upper_tiers;
 mod worker;

@@ -1,0 +1,92 @@
+//! The shipped Qwen3 manifest, end to end through the real `pio` binary and a confined worker:
+//! the greedy tokens and logprobs transformers produced for the tiny checkpoint come out of
+//! `pio run --json`.
+
+use serde_json::Value;
+
+use crate::support::*;
+use crate::worker::confinement_available;
+
+fn golden() -> Vec<Value> {
+    let path = repo_root().join("tests/fixtures/golden/qwen3-tiny.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn run_json(extra: &[&str]) -> Vec<Value> {
+    let deps = deps_dir();
+    let mut args = vec![
+        "run",
+        "qwen3-4b-instruct-2507",
+        "--library-dir",
+        deps.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[
+        "--temperature",
+        "0",
+        "--json",
+        "--logprobs",
+        "5",
+        "--max-tokens",
+        "16",
+    ]);
+    let out = pio(&repo_root(), &args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn assert_matches(lines: &[Value], case: &Value) {
+    let tokens: Vec<u64> = lines
+        .iter()
+        .filter_map(|l| l["token_id"].as_u64())
+        .collect();
+    let want: Vec<u64> = case["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect();
+    assert_eq!(tokens, want);
+    for (line, step) in lines.iter().zip(case["top5"].as_array().unwrap()) {
+        let got = line["top_logprobs"].as_array().unwrap();
+        for (g, (id, lp)) in got.iter().zip(
+            step["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(step["logprobs"].as_array().unwrap()),
+        ) {
+            assert_eq!(g["token_id"], *id);
+            assert!((g["logprob"].as_f64().unwrap() - lp.as_f64().unwrap()).abs() < 2e-3);
+        }
+    }
+    let summary = lines.last().unwrap();
+    assert_eq!(summary["usage"]["completion_tokens"], 16);
+    assert_eq!(
+        summary["usage"]["prompt_tokens"],
+        case["input_ids"].as_array().unwrap().len()
+    );
+    assert_eq!(summary["finish_reason"], "length");
+}
+
+#[test]
+fn the_shipped_manifest_serves_transformers_tokens_through_a_worker() {
+    if !confinement_available() {
+        return;
+    }
+    let golden = golden();
+    assert_matches(
+        &run_json(&["--prompt", golden[0]["prompt"].as_str().unwrap()]),
+        &golden[0],
+    );
+    let chat = golden.iter().find(|c| c.get("messages").is_some()).unwrap();
+    let messages = chat["messages"].to_string();
+    assert_matches(&run_json(&["--messages", &messages]), chat);
+}
