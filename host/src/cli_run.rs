@@ -1,7 +1,6 @@
 //! `pio run`: one request to one plugin through the same worker path the daemon uses,
 //! streaming the output as it is generated.
 
-use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
@@ -11,9 +10,14 @@ use pio_host::launch;
 use pio_host::sandbox::{HostSupport, Policy, Tier};
 use pio_host::supervisor::{Event, Worker, WorkerSpec};
 use pio_plugin_api::wire::{InferRequest, Prompt};
-use serde_json::json;
 
+use crate::cli_print::{LoadProgress, TokenPrinter};
 use crate::{prober, SearchArgs};
+use pio_host::protocol::TokenFrame;
+use pio_plugin_api::{
+    Flow, GeneratedToken, PluginLibrary, ProgressSink, ProgressSink_TO, RStr, TD_Opaque, TokenSink,
+    TokenSink_TO,
+};
 
 /// Arguments of `pio run`.
 #[derive(Args)]
@@ -61,6 +65,9 @@ pub struct RunArgs {
     json: bool,
     #[command(flatten)]
     tiers: TierArgs,
+    /// Load the plugin into this process, unconfined: for debugging a plugin only.
+    #[arg(long)]
+    in_process: bool,
     /// Stop the request after this many seconds (default: the config's
     /// `supervisor.request_timeout_secs`, 600).
     #[arg(long, value_name = "SECONDS")]
@@ -172,6 +179,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     if let Some(path) = &args.model_path {
         config.model_path = Some(path.clone());
     }
+    if args.in_process {
+        return in_process(library, &config, &request, args.json);
+    }
     let exe = std::env::current_exe().context("cannot find the running `pio` executable")?;
     let spec = launch::worker_spec(&manifest.name, library, &config, plan, exe);
     let maximum = spec.plan.applied == Tier::Maximum;
@@ -194,15 +204,21 @@ async fn stream(
     json: bool,
     timeout: Option<std::time::Duration>,
 ) -> anyhow::Result<u8> {
+    let progress = LoadProgress::new(&spec.name);
     let worker = Worker::start(spec).await?;
-    worker.load(config, |_, _, _| {}).await?;
+    let loaded = worker
+        .load(config, |stage, done, total| {
+            progress.update(stage, done, total)
+        })
+        .await;
+    progress.finish();
+    loaded?;
     let (id, mut events) = worker.infer(request)?;
     let deadline = tokio::time::sleep(timeout.unwrap_or(std::time::Duration::MAX / 4));
     tokio::pin!(deadline);
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot watch for SIGTERM")?;
-    let mut out = std::io::stdout().lock();
-    let mut index = 0usize;
+    let mut printer = TokenPrinter::new(json);
     let code = loop {
         let event = tokio::select! {
             e = events.recv() => e,
@@ -224,49 +240,92 @@ async fn stream(
             }
         };
         match event {
-            Some(Event::Token(t)) => {
-                if json {
-                    let top: Vec<_> = t
-                        .top_logprobs
-                        .iter()
-                        .map(|(id, text, lp)| json!({"token_id": id, "text": text, "logprob": lp}))
-                        .collect();
-                    let line = json!({"index": index, "token_id": t.token_id, "text": t.text,
-                        "logprob": t.logprob, "top_logprobs": top});
-                    writeln!(out, "{line}")?;
-                } else {
-                    write!(out, "{}", t.text)?;
-                }
-                out.flush()?;
-                index += 1;
-            }
+            Some(Event::Token(t)) => printer.token(&t)?,
             Some(Event::Done(outcome)) => {
-                if json {
-                    writeln!(
-                        out,
-                        "{}",
-                        json!({"finish_reason": outcome.finish_reason,
-                        "usage": outcome.usage, "timings": outcome.timings})
-                    )?;
-                } else {
-                    writeln!(out)?;
-                }
+                printer.done(&outcome)?;
                 break 0;
             }
             Some(Event::Failed(e)) => {
-                if !json {
-                    writeln!(out)?;
-                }
-                eprintln!("error: {e}");
+                printer.failed(&e);
                 break 1;
             }
             None => {
-                eprintln!("error: {}", worker.exited().await);
+                printer.failed(&worker.exited().await);
                 break 1;
             }
         }
     };
-    drop(out);
     worker.shutdown().await;
     Ok(code)
+}
+
+/// Prints tokens as a plugin loaded in this process produces them.
+struct PrintSink(TokenPrinter);
+
+impl TokenSink for PrintSink {
+    fn emit(&mut self, t: GeneratedToken) -> Flow {
+        let frame = TokenFrame {
+            token_id: t.token_id,
+            text: t.text.into_string(),
+            logprob: t.logprob.into_option(),
+            top_logprobs: t
+                .top_logprobs
+                .into_iter()
+                .map(|x| (x.token_id, x.text.into_string(), x.logprob))
+                .collect(),
+        };
+        match self.0.token(&frame) {
+            Ok(()) => Flow::Continue,
+            Err(_) => Flow::Stop,
+        }
+    }
+
+    fn is_cancelled(&self) -> bool {
+        false
+    }
+}
+
+impl ProgressSink for LoadProgress {
+    fn report(&mut self, stage: RStr<'_>, done: u64, total: u64) -> Flow {
+        self.update(stage.as_str(), done, total);
+        Flow::Continue
+    }
+}
+
+/// `--in-process`: the plugin runs inside `pio`, with no worker and no confinement.
+fn in_process(
+    library: &std::path::Path,
+    config: &pio_plugin_api::wire::ModelConfig,
+    request: &InferRequest,
+    json: bool,
+) -> anyhow::Result<u8> {
+    eprintln!(
+        "warning: --in-process runs the plugin's code inside pio, unconfined: for debugging only"
+    );
+    let lib = PluginLibrary::load(library)?;
+    let mut plugin = lib.instantiate()?;
+    plugin.initialize("{}".into()).into_result()?;
+    let progress = LoadProgress::new(lib.info().name.as_str());
+    let config = serde_json::to_string(config)?;
+    let loaded = plugin
+        .load_model(
+            config.as_str().into(),
+            ProgressSink_TO::from_value(progress.clone(), TD_Opaque),
+        )
+        .into_result();
+    progress.finish();
+    loaded?;
+    let request = serde_json::to_string(request)?;
+    let sink = TokenSink_TO::from_value(PrintSink(TokenPrinter::new(json)), TD_Opaque);
+    match plugin.infer(request.as_str().into(), sink).into_result() {
+        Ok(outcome) => {
+            let outcome: pio_plugin_api::wire::InferOutcome = serde_json::from_str(&outcome)?;
+            TokenPrinter::new(json).done(&outcome)?;
+            Ok(0)
+        }
+        Err(e) => {
+            TokenPrinter::new(json).failed(&e);
+            Ok(1)
+        }
+    }
 }

@@ -11,6 +11,7 @@ use pio_host::probe::{self, Prober};
 use pio_host::report;
 
 mod cli_list;
+mod cli_print;
 mod cli_run;
 
 #[derive(Parser)]

@@ -90,3 +90,14 @@ fn the_shipped_manifest_serves_transformers_tokens_through_a_worker() {
     let messages = chat["messages"].to_string();
     assert_matches(&run_json(&["--messages", &messages]), chat);
 }
+
+#[test]
+fn in_process_gives_the_same_tokens_for_debugging() {
+    let golden = golden();
+    let lines = run_json(&[
+        "--prompt",
+        golden[0]["prompt"].as_str().unwrap(),
+        "--in-process",
+    ]);
+    assert_matches(&lines, &golden[0]);
+}

@@ -167,9 +167,12 @@ impl PluginImpl for Qwen3Plugin {
         let (dtype, device) = (dtype_of(&config)?, device_of(&config)?);
         let path = config.model_path.clone().unwrap_or_default();
         let checkpoint = Checkpoint::open(&path).map_err(plugin_error)?;
-        progress.report("weights", 0, 1);
-        let model = Qwen3::load(&checkpoint, dtype, &device).map_err(plugin_error)?;
-        if progress.report("weights", 1, 1) == Flow::Stop {
+        let mut cancelled = false;
+        let model = Qwen3::load(&checkpoint, dtype, &device, &mut |done, total| {
+            cancelled |= progress.report("weights", done as u64, total as u64) == Flow::Stop;
+        })
+        .map_err(plugin_error)?;
+        if cancelled {
             return Err(PluginError::cancelled("loading was cancelled"));
         }
         let loaded = Loaded {

@@ -363,18 +363,30 @@ mod candle_result {
 }
 
 impl Qwen3 {
-    /// Loads the model from `checkpoint` in `dtype` on `device`.
-    pub fn load(checkpoint: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
+    /// Loads the model from `checkpoint` in `dtype` on `device`, calling `progress(done, total)`
+    /// as layers are read.
+    pub fn load(
+        checkpoint: &Checkpoint,
+        dtype: DType,
+        device: &Device,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
         let cfg: Config = checkpoint.config()?;
         cfg.validate(checkpoint)?;
         let (theta, scale) = cfg.rope(checkpoint)?;
         let vb = checkpoint.weights(dtype, device)?;
-        let build = || -> candle_result::R<(Embedding, Vec<DecoderLayer>, RmsNorm, Linear)> {
+        let total = cfg.num_hidden_layers + 2;
+        let mut build = || -> candle_result::R<(Embedding, Vec<DecoderLayer>, RmsNorm, Linear)> {
             let model = vb.pp("model");
             let embed_tokens =
                 embedding(cfg.vocab_size, cfg.hidden_size, model.pp("embed_tokens"))?;
+            progress(1, total);
             let layers = (0..cfg.num_hidden_layers)
-                .map(|i| DecoderLayer::new(&cfg, model.pp(format!("layers.{i}"))))
+                .map(|i| {
+                    let layer = DecoderLayer::new(&cfg, model.pp(format!("layers.{i}")));
+                    progress(i + 2, total);
+                    layer
+                })
                 .collect::<candle_result::R<Vec<_>>>()?;
             let norm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, model.pp("norm"))?;
             let lm_head = if cfg.tie_word_embeddings {
@@ -382,6 +394,7 @@ impl Qwen3 {
             } else {
                 linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
             };
+            progress(total, total);
             Ok((embed_tokens, layers, norm, lm_head))
         };
         let (embed_tokens, layers, norm, lm_head) =

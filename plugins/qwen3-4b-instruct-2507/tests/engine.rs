@@ -20,7 +20,7 @@ fn tiny() -> PathBuf {
 fn load() -> (Qwen3, TextCodec) {
     let checkpoint = Checkpoint::open(&tiny()).unwrap();
     (
-        Qwen3::load(&checkpoint, DType::F32, &Device::Cpu).unwrap(),
+        Qwen3::load(&checkpoint, DType::F32, &Device::Cpu, &mut |_, _| {}).unwrap(),
         TextCodec::load(&checkpoint).unwrap(),
     )
 }
@@ -152,7 +152,7 @@ fn broken_copy(edit: impl FnOnce(&Path)) -> tempfile_dir::Dir {
 
 fn load_error(dir: &Path) -> String {
     let checkpoint = Checkpoint::open(dir).unwrap();
-    Qwen3::load(&checkpoint, DType::F32, &Device::Cpu)
+    Qwen3::load(&checkpoint, DType::F32, &Device::Cpu, &mut |_, _| {})
         .unwrap_err()
         .to_string()
 }

@@ -35,7 +35,7 @@ fn ids(v: &Value) -> Vec<u32> {
 
 fn check_checkpoint(name: &str) {
     let checkpoint = Checkpoint::open(&fixtures().join(name)).unwrap();
-    let model = Qwen3::load(&checkpoint, DType::F32, &Device::Cpu).unwrap();
+    let model = Qwen3::load(&checkpoint, DType::F32, &Device::Cpu, &mut |_, _| {}).unwrap();
     let codec = TextCodec::load(&checkpoint).unwrap();
     let template = ChatTemplate::load(&checkpoint).unwrap().unwrap();
     let eos = GenerationConfig::load(&checkpoint).unwrap().eos_token_id;
