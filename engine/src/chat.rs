@@ -3,6 +3,7 @@
 //! `json.dumps` spacing, no ASCII escaping, keys in insertion order) and the globals
 //! `raise_exception` and `strftime_now`.
 
+use minijinja::value::Kwargs;
 use minijinja::{Environment, Error, ErrorKind, Value};
 use serde_json::{Map, Value as Json};
 
@@ -105,6 +106,7 @@ impl ChatTemplate {
         );
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_filter("tojson", tojson);
+        env.add_test("iterable", is_iterable);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_template_owned("chat", self.source.clone())?;
@@ -148,53 +150,126 @@ impl ChatTemplate {
     }
 }
 
-/// transformers' `tojson`: `json.dumps(x, ensure_ascii=False)` — `", "` and `": "` separators,
-/// keys in insertion order — or indented when `indent` is given.
-fn tojson(value: Value, indent: Option<usize>) -> std::result::Result<Value, Error> {
+/// How transformers' `tojson` writes JSON: `json.dumps(x, ensure_ascii=False, indent=None,
+/// separators=None, sort_keys=False)` by default — `", "` and `": "` separators, keys in insertion
+/// order, non-ASCII kept — with each keyword honoured when a template passes it.
+struct JsonStyle {
+    indent: Option<usize>,
+    item_sep: String,
+    key_sep: String,
+    ensure_ascii: bool,
+    sort_keys: bool,
+}
+
+fn tojson(
+    value: Value,
+    indent: Option<Value>,
+    kwargs: Kwargs,
+) -> std::result::Result<Value, Error> {
+    let indent = match kwargs.get::<Option<Value>>("indent")?.or(indent) {
+        Some(v) if v.is_none() => None,
+        Some(v) => Some(usize::try_from(v)?),
+        None => None,
+    };
+    let (item_sep, key_sep) = match kwargs.get::<Option<Vec<String>>>("separators")? {
+        Some(seps) if seps.len() == 2 => (seps[0].clone(), seps[1].clone()),
+        Some(_) => {
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                "tojson: separators must be a pair",
+            ))
+        }
+        None if indent.is_some() => (",".to_string(), ": ".to_string()),
+        None => (", ".to_string(), ": ".to_string()),
+    };
+    let style = JsonStyle {
+        indent,
+        item_sep,
+        key_sep,
+        ensure_ascii: kwargs.get::<Option<bool>>("ensure_ascii")?.unwrap_or(false),
+        sort_keys: kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false),
+    };
+    kwargs.assert_all_used()?;
     let json: Json = serde_json::to_value(&value)
         .map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
     let mut out = String::new();
-    write_python_json(&json, indent, 0, &mut out);
+    write_python_json(&json, &style, 0, &mut out);
     Ok(Value::from_safe_string(out))
 }
 
-fn write_python_json(value: &Json, indent: Option<usize>, depth: usize, out: &mut String) {
+fn write_string(s: &str, ascii: bool, out: &mut String) {
+    let quoted = Json::String(s.to_string()).to_string();
+    if !ascii {
+        out.push_str(&quoted);
+        return;
+    }
+    for c in quoted.chars() {
+        if c.is_ascii() {
+            out.push(c);
+        } else {
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                out.push_str(&format!("\\u{unit:04x}"));
+            }
+        }
+    }
+}
+
+fn write_python_json(value: &Json, style: &JsonStyle, depth: usize, out: &mut String) {
     let newline = |out: &mut String, depth: usize| {
-        if let Some(n) = indent {
+        if let Some(n) = style.indent {
             out.push('\n');
             out.push_str(&" ".repeat(n * depth));
         }
     };
-    let item_sep = if indent.is_some() { "," } else { ", " };
     match value {
         Json::Array(items) if !items.is_empty() => {
             out.push('[');
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
-                    out.push_str(item_sep);
+                    out.push_str(&style.item_sep);
                 }
                 newline(out, depth + 1);
-                write_python_json(item, indent, depth + 1, out);
+                write_python_json(item, style, depth + 1, out);
             }
             newline(out, depth);
             out.push(']');
         }
         Json::Object(map) if !map.is_empty() => {
+            let mut entries: Vec<(&String, &Json)> = map.iter().collect();
+            if style.sort_keys {
+                entries.sort_by(|a, b| a.0.cmp(b.0));
+            }
             out.push('{');
-            for (i, (key, item)) in map.iter().enumerate() {
+            for (i, (key, item)) in entries.into_iter().enumerate() {
                 if i > 0 {
-                    out.push_str(item_sep);
+                    out.push_str(&style.item_sep);
                 }
                 newline(out, depth + 1);
-                out.push_str(&Json::String(key.clone()).to_string());
-                out.push_str(": ");
-                write_python_json(item, indent, depth + 1, out);
+                write_string(key, style.ensure_ascii, out);
+                out.push_str(&style.key_sep);
+                write_python_json(item, style, depth + 1, out);
             }
             newline(out, depth);
             out.push('}');
         }
+        Json::String(s) => write_string(s, style.ensure_ascii, out),
         other => out.push_str(&other.to_string()),
     }
+}
+
+/// Jinja2's `is iterable`: lists, maps and strings are; `none` is not (transformers passes
+/// `tools=None`, and templates test `tools is iterable` before taking its length).
+fn is_iterable(value: Value) -> bool {
+    use minijinja::value::ValueKind;
+    matches!(
+        value.kind(),
+        ValueKind::Seq
+            | ValueKind::Map
+            | ValueKind::Iterable
+            | ValueKind::String
+            | ValueKind::Undefined
+    )
 }
 
 fn raise_exception(message: String) -> std::result::Result<Value, Error> {
@@ -263,21 +338,49 @@ fn strftime_now(format: String) -> String {
 mod tests {
     use super::*;
 
+    fn render(source: &str, message: &str) -> String {
+        let m: Json = serde_json::from_str(message).unwrap();
+        ChatTemplate::new(source, None, None)
+            .render(&[m], None, false, &Map::new())
+            .unwrap()
+    }
+
     #[test]
     fn tojson_spaces_like_python_and_keeps_unicode_and_order() {
-        let v: Json = serde_json::from_str(
-            r#"{"name": "f", "arguments": {"city": "Zürich", "n": [1, 2.5]}}"#,
-        )
-        .unwrap();
-        let out = tojson(Value::from(minijinja::value::Serde(&v)), None).unwrap();
-        assert_eq!(
-            out.to_string(),
-            r#"{"name": "f", "arguments": {"city": "Zürich", "n": [1, 2.5]}}"#
+        let m = r#"{"name": "f", "arguments": {"city": "Zürich", "n": [1, 2.5]}}"#;
+        assert_eq!(render("{{ messages[0] | tojson }}", m), m);
+        let indented = render("{{ messages[0] | tojson(indent=2) }}", m);
+        assert!(
+            indented.starts_with("{\n  \"name\": \"f\",\n  \"arguments\": {\n    \"city\""),
+            "{indented}"
         );
-        let out = tojson(Value::from(minijinja::value::Serde(&v)), Some(2)).unwrap();
-        assert!(out
-            .to_string()
-            .starts_with("{\n  \"name\": \"f\",\n  \"arguments\": {\n    \"city\""));
+        let ascii = render(
+            "{{ messages[0] | tojson(ensure_ascii=True, sort_keys=True) }}",
+            m,
+        );
+        assert_eq!(
+            ascii,
+            r#"{"arguments": {"city": "Z\u00fcrich", "n": [1, 2.5]}, "name": "f"}"#
+        );
+        let compact = render("{{ messages[0] | tojson(separators=(',', ':')) }}", m);
+        assert_eq!(
+            compact,
+            r#"{"name":"f","arguments":{"city":"Zürich","n":[1,2.5]}}"#
+        );
+    }
+
+    #[test]
+    fn none_is_not_iterable_as_in_jinja2() {
+        let t = ChatTemplate::new(
+            "{{ tools is iterable }} {{ messages is iterable }}",
+            None,
+            None,
+        );
+        assert_eq!(
+            t.render(&[], None, false, &Map::new()).unwrap(),
+            "False True",
+            "rendered as Jinja2 renders Python booleans"
+        );
     }
 
     #[test]

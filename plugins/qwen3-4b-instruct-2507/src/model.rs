@@ -26,6 +26,9 @@ pub struct RopeParameters {
 /// `config.json` of a Qwen3ForCausalLM checkpoint, with transformers' defaults.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct Config {
+    /// The transformers classes the checkpoint is for.
+    #[serde(default)]
+    pub architectures: Vec<String>,
     /// Vocabulary size.
     pub vocab_size: usize,
     /// Model width.
@@ -110,6 +113,17 @@ impl Config {
             field: field.into(),
             reason,
         };
+        if !self.architectures.is_empty()
+            && !self.architectures.iter().any(|a| a == "Qwen3ForCausalLM")
+        {
+            return Err(bad(
+                "architectures",
+                format!(
+                    "expected Qwen3ForCausalLM, found {:?}: this plugin serves Qwen3 dense checkpoints only",
+                    self.architectures
+                ),
+            ));
+        }
         if self.hidden_act != "silu" {
             return Err(bad(
                 "hidden_act",

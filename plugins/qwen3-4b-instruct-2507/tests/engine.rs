@@ -196,6 +196,20 @@ fn broken_snapshots_name_the_file_field_or_tensor() {
         "expected versus found shape: {e}"
     );
 
+    let dir = broken_copy(|d| {
+        let config = std::fs::read_to_string(d.join("config.json")).unwrap();
+        std::fs::write(
+            d.join("config.json"),
+            config.replace("Qwen3ForCausalLM", "LlamaForCausalLM"),
+        )
+        .unwrap();
+    });
+    let e = load_error(dir.path());
+    assert!(
+        e.contains("architectures") && e.contains("LlamaForCausalLM"),
+        "{e}"
+    );
+
     let dir =
         broken_copy(|d| std::fs::write(d.join("config.json"), "{\"vocab_size\": 10").unwrap());
     let e = load_error(dir.path());

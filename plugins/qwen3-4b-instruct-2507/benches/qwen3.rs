@@ -1,0 +1,148 @@
+//! Qwen3 speed against transformers, in one run on the same machine: a Qwen3-0.6B-shaped random
+//! checkpoint (generated on first use by `make_checkpoint.py`, not committed), a 512-token prompt
+//! and 128 greedy decode steps, f32 and bf16, 2 threads; load time, tokens/s, peak RSS, ratios.
+//!
+//! Run: `cargo bench -p pio-plugin-qwen3 --bench qwen3` (needs python3 with
+//! `tests/fixtures/requirements.txt` installed). Each dtype runs in its own process so peak RSS
+//! is its own.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use pio_engine::candle_core::{DType, Device};
+use pio_engine::checkpoint::Checkpoint;
+use pio_engine::generate::CausalLm;
+use pio_plugin_qwen3::model::Qwen3;
+
+const PROMPT: usize = 512;
+const DECODE: usize = 128;
+const THREADS: usize = 2;
+
+fn here() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn checkpoint_dir() -> PathBuf {
+    here().join("../../target/bench/qwen3-0.6b-random")
+}
+
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// One dtype, in this process: prints a JSON line like the transformers script's.
+fn measure(dir: &Path, dtype: &str) {
+    let dt = if dtype == "bf16" {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    let t = Instant::now();
+    let checkpoint = Checkpoint::open(dir).expect("checkpoint");
+    let model = Qwen3::load(&checkpoint, dt, &Device::Cpu, &mut |_, _| {}).expect("load");
+    let load_s = t.elapsed().as_secs_f64();
+    // The same pseudo-random prompt shape as the reference (the ids themselves do not matter).
+    let prompt: Vec<u32> = (0..PROMPT as u32)
+        .map(|i| (i * 7919 + 13) % 151_936)
+        .collect();
+    let mut cache = model.new_cache();
+    let t = Instant::now();
+    let mut logits = model.forward(&prompt, &mut cache).expect("prefill");
+    let prefill_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for _ in 0..DECODE {
+        let next = logits
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or(0, |(i, _)| i as u32);
+        logits = model.forward(&[next], &mut cache).expect("decode");
+    }
+    let decode_s = t.elapsed().as_secs_f64();
+    println!(
+        "{{\"dtype\": \"{dtype}\", \"load_s\": {load_s}, \"prefill_tps\": {}, \"decode_tps\": {}, \"peak_rss\": {}}}",
+        PROMPT as f64 / prefill_s,
+        DECODE as f64 / decode_s,
+        peak_rss()
+    );
+}
+
+fn field(line: &str, key: &str) -> f64 {
+    let at = line
+        .find(&format!("\"{key}\": "))
+        .map(|i| i + key.len() + 4);
+    at.and_then(|i| {
+        line[i..]
+            .split([',', '}'])
+            .next()
+            .and_then(|v| v.trim().parse().ok())
+    })
+    .unwrap_or(f64::NAN)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--measure") {
+        measure(&checkpoint_dir(), &args[i + 1]);
+        return;
+    }
+    let dir = checkpoint_dir();
+    if !dir.join("config.json").is_file() {
+        eprintln!("generating {} with transformers (once)...", dir.display());
+        let ok = Command::new("python3")
+            .arg(here().join("benches/make_checkpoint.py"))
+            .arg(&dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "make_checkpoint.py failed: pip install -r tests/fixtures/requirements.txt"
+        );
+    }
+    let exe = std::env::current_exe().expect("bench executable");
+    let mut pio = Vec::new();
+    for dtype in ["f32", "bf16"] {
+        let out = Command::new(&exe)
+            .args(["--measure", dtype])
+            .env("RAYON_NUM_THREADS", THREADS.to_string())
+            .output()
+            .expect("run measurement");
+        pio.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    }
+    let reference = Command::new("python3")
+        .arg(here().join("benches/transformers_bench.py"))
+        .arg(&dir)
+        .args([PROMPT.to_string(), DECODE.to_string(), THREADS.to_string()])
+        .output()
+        .expect("run transformers");
+    let reference: Vec<String> = String::from_utf8_lossy(&reference.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    println!("Qwen3-0.6B shape, prompt {PROMPT} tokens, {DECODE} decode steps, {THREADS} threads");
+    println!("| dtype | engine | load (s) | prefill tok/s | decode tok/s | peak RSS (GiB) |");
+    println!("|---|---|---|---|---|---|");
+    for (ours, theirs) in pio.iter().zip(&reference) {
+        let dtype = if ours.contains("bf16") { "bf16" } else { "f32" };
+        for (name, line) in [("pio", ours), ("transformers", theirs)] {
+            println!(
+                "| {dtype} | {name} | {:.1} | {:.1} | {:.2} | {:.2} |",
+                field(line, "load_s"),
+                field(line, "prefill_tps"),
+                field(line, "decode_tps"),
+                field(line, "peak_rss") / (1u64 << 30) as f64
+            );
+        }
+        println!(
+            "| {dtype} | pio / transformers | | {:.2}x | {:.2}x | |",
+            field(ours, "prefill_tps") / field(theirs, "prefill_tps"),
+            field(ours, "decode_tps") / field(theirs, "decode_tps")
+        );
+    }
+}
