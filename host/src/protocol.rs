@@ -199,12 +199,9 @@ pub fn write_frame<T: Serialize>(w: &mut impl Write, message: &T) -> Result<(), 
     Ok(())
 }
 
-/// Reads one frame (blocking); `Ok(None)` at a clean end of stream.
-pub fn read_frame<T: for<'de> Deserialize<'de>>(
-    r: &mut impl Read,
-) -> Result<Option<T>, FrameError> {
-    let mut len = [0u8; 4];
-    match r.read_exact(&mut len) {
+/// The body length a frame header announces: `Ok(None)` when the stream ended cleanly before it.
+fn body_len(header: std::io::Result<()>, len: [u8; 4]) -> Result<Option<usize>, FrameError> {
+    match header {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e.into()),
@@ -213,6 +210,18 @@ pub fn read_frame<T: for<'de> Deserialize<'de>>(
     if len > MAX_FRAME {
         return Err(FrameError::TooLarge(len));
     }
+    Ok(Some(len))
+}
+
+/// Reads one frame (blocking); `Ok(None)` at a clean end of stream.
+pub fn read_frame<T: for<'de> Deserialize<'de>>(
+    r: &mut impl Read,
+) -> Result<Option<T>, FrameError> {
+    let mut len = [0u8; 4];
+    let header = r.read_exact(&mut len);
+    let Some(len) = body_len(header, len)? else {
+        return Ok(None);
+    };
     let mut body = vec![0u8; len];
     r.read_exact(&mut body)?;
     Ok(Some(serde_json::from_slice(&body)?))
@@ -224,15 +233,10 @@ pub async fn read_frame_async<T: for<'de> Deserialize<'de>>(
 ) -> Result<Option<T>, FrameError> {
     use tokio::io::AsyncReadExt;
     let mut len = [0u8; 4];
-    match r.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e.into()),
-    }
-    let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_FRAME {
-        return Err(FrameError::TooLarge(len));
-    }
+    let header = r.read_exact(&mut len).await.map(|_| ());
+    let Some(len) = body_len(header, len)? else {
+        return Ok(None);
+    };
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).await?;
     Ok(Some(serde_json::from_slice(&body)?))

@@ -101,3 +101,56 @@ fn in_process_gives_the_same_tokens_for_debugging() {
     ]);
     assert_matches(&lines, &golden[0]);
 }
+
+/// A real candle-based plugin under the tightest confinement: an empty root holding only its
+/// library and model, and a seccomp allow-list that kills on anything else.
+#[test]
+fn qwen3_runs_unchanged_at_the_maximum_tier() {
+    if !confinement_available() {
+        return;
+    }
+    let lib = plugin_lib("pio_plugin_qwen3");
+    let dir = PluginDir::new();
+    let model = repo_root().join("tests/fixtures/qwen3-tiny");
+    let extra = format!(
+        "sha256 = \"{}\"\n[limits]\nmemory = \"2GiB\"\ncpus = 2\n[model]\npath = \"{}\"\n",
+        sha256_of(&lib),
+        model.display()
+    );
+    let text = manifest(
+        "qwen3-4b-instruct-2507",
+        "0.1.0",
+        lib.to_str().unwrap(),
+        &extra,
+    )
+    .replace("^1.0", "^1.1")
+    .replace("tier = \"low\"", "tier = \"maximum\"");
+    dir.write("qwen3.toml", &text);
+    let golden = golden();
+    let args = [
+        "run",
+        "qwen3-4b-instruct-2507",
+        "--plugins",
+        ".",
+        "--prompt",
+        golden[0]["prompt"].as_str().unwrap(),
+        "--temperature",
+        "0",
+        "--json",
+        "--logprobs",
+        "5",
+        "--max-tokens",
+        "16",
+    ];
+    let out = pio(dir.path(), &args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_matches(&lines, &golden[0]);
+}
