@@ -2,7 +2,6 @@
 //! request traffic. When the worker dies, every request in flight gets an error that says how
 //! it died (crash, signal, memory limit), never silence.
 
-use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -11,16 +10,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pio_plugin_api::wire::{HostContext, InferOutcome, InferRequest, ModelConfig, ModelInfo};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::routing::{
+    death_reason, dispatch, fail_all, forward_output, lock, LoadEvent, Pending, Waiters,
+};
 use crate::probe::LibraryReport;
 use crate::protocol::{
     encode, read_frame_async, FromWorker, ToWorker, TokenFrame, WireError, PROTOCOL_VERSION,
 };
 use crate::sandbox::cgroup::{Cgroup, Stats};
 use crate::sandbox::Plan;
-use crate::units::ByteSize;
 use crate::worker::SOCKET_FD;
 
 /// What to start.
@@ -63,22 +64,6 @@ impl WorkerError {
             message: message.into(),
         })
     }
-}
-
-type Pending = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Event>>>>;
-
-enum LoadEvent {
-    Progress(String, u64, u64),
-    Loaded(ModelInfo),
-    Failed(WireError),
-}
-
-#[derive(Default)]
-struct Waiters {
-    start: Option<oneshot::Sender<Result<FromWorker, WireError>>>,
-    load: Option<mpsc::UnboundedSender<LoadEvent>>,
-    unload: Option<oneshot::Sender<()>>,
-    pongs: HashMap<u64, oneshot::Sender<()>>,
 }
 
 /// A running worker.
@@ -432,128 +417,5 @@ fn group_spec(plan: &Plan) -> crate::sandbox::cgroup::GroupSpec {
         limits: plan.limits.clone(),
         devices: plan.isolation.as_ref().is_some_and(|i| i.devices),
         cpuset: plan.isolation.as_ref().and_then(|i| i.cpuset.clone()),
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn dispatch(frame: FromWorker, pending: &Pending, waiters: &Mutex<Waiters>) {
-    let to_request = |id: u64, event: Event, last: bool| {
-        let mut pending = lock(pending);
-        if let Some(tx) = pending.get(&id) {
-            let _ = tx.send(event);
-        }
-        if last {
-            pending.remove(&id);
-        }
-    };
-    match frame {
-        FromWorker::Token { id, token } => to_request(id, Event::Token(token), false),
-        FromWorker::Done { id, outcome } => to_request(id, Event::Done(outcome), true),
-        FromWorker::Failed { id, error } => to_request(id, Event::Failed(error), true),
-        FromWorker::Ready { .. } => {
-            if let Some(tx) = lock(waiters).start.take() {
-                let _ = tx.send(Ok(frame));
-            }
-        }
-        FromWorker::StartFailed { error } => {
-            if let Some(tx) = lock(waiters).start.take() {
-                let _ = tx.send(Err(error));
-            }
-        }
-        FromWorker::Progress { stage, done, total } => {
-            if let Some(tx) = &lock(waiters).load {
-                let _ = tx.send(LoadEvent::Progress(stage, done, total));
-            }
-        }
-        FromWorker::Loaded { info } => {
-            if let Some(tx) = lock(waiters).load.take() {
-                let _ = tx.send(LoadEvent::Loaded(info));
-            }
-        }
-        FromWorker::LoadFailed { error } => {
-            if let Some(tx) = lock(waiters).load.take() {
-                let _ = tx.send(LoadEvent::Failed(error));
-            }
-        }
-        FromWorker::Pong { nonce } => {
-            if let Some(tx) = lock(waiters).pongs.remove(&nonce) {
-                let _ = tx.send(());
-            }
-        }
-        FromWorker::Unloaded => {
-            if let Some(tx) = lock(waiters).unload.take() {
-                let _ = tx.send(());
-            }
-        }
-    }
-}
-
-fn fail_all(pending: &Pending, waiters: &Mutex<Waiters>, message: &str) {
-    let error = WireError {
-        kind: "worker_died".into(),
-        message: message.to_string(),
-    };
-    for (_, tx) in lock(pending).drain() {
-        let _ = tx.send(Event::Failed(error.clone()));
-    }
-    let mut w = lock(waiters);
-    if let Some(tx) = w.start.take() {
-        let _ = tx.send(Err(error.clone()));
-    }
-    if let Some(tx) = w.load.take() {
-        let _ = tx.send(LoadEvent::Failed(error));
-    }
-    w.unload = None;
-    w.pongs.clear();
-}
-
-/// How a worker died, from its exit status and its cgroup's counters.
-pub fn death_reason(status: Option<std::process::ExitStatus>, stats: Option<&Stats>) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    if let Some(stats) = stats.filter(|s| s.oom_kills > 0) {
-        let limit = stats
-            .memory_limit_bytes
-            .map(|b| ByteSize(b).to_string())
-            .unwrap_or_else(|| "its".into());
-        return format!("was killed: memory limit {limit} reached");
-    }
-    match status {
-        Some(s) if s.code() == Some(0) => "exited".into(),
-        Some(s) => match (s.code(), s.signal()) {
-            (Some(code), _) => format!("exited with code {code}"),
-            (None, Some(sig)) => {
-                let name = nix::sys::signal::Signal::try_from(sig)
-                    .map(|s| s.as_str().to_string())
-                    .unwrap_or_else(|_| format!("signal {sig}"));
-                format!("was killed by {name}")
-            }
-            _ => "ended".into(),
-        },
-        None => "ended".into(),
-    }
-}
-
-/// Forwards the worker's stdout and stderr to ours, each line prefixed with the plugin's name.
-fn forward_output(
-    name: &str,
-    stdout: Option<tokio::process::ChildStdout>,
-    stderr: Option<tokio::process::ChildStderr>,
-) {
-    fn pump<R: tokio::io::AsyncRead + Unpin + Send + 'static>(prefix: String, r: R) {
-        tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(r).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                eprintln!("[{prefix}] {line}");
-            }
-        });
-    }
-    if let Some(out) = stdout {
-        pump(name.to_string(), out);
-    }
-    if let Some(err) = stderr {
-        pump(name.to_string(), err);
     }
 }

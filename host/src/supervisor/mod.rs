@@ -2,7 +2,9 @@
 //! traffic; [`supervised`] keeps a plugin alive across worker deaths.
 
 pub mod handle;
+mod routing;
 pub mod supervised;
 
 pub use handle::{Event, Worker, WorkerError, WorkerSpec};
+pub use routing::death_reason;
 pub use supervised::{RestartPolicy, State, Status, Supervised};

@@ -1,4 +1,5 @@
 use super::*;
+use crate::sandbox::ResolvedLimits;
 
 fn limits() -> ResolvedLimits {
     ResolvedLimits {

@@ -1,0 +1,140 @@
+//! `config.json` of a Qwen3ForCausalLM checkpoint, with transformers' defaults; accepts both the
+//! transformers 4 layout (`rope_theta`, `rope_scaling`, `torch_dtype`) and the transformers 5 one
+//! (`rope_parameters`, `dtype`).
+
+use pio_engine::checkpoint::Checkpoint;
+use pio_engine::{EngineError, Result};
+use serde::Deserialize;
+
+/// `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct RopeParameters {
+    /// `default` or `linear`.
+    #[serde(default, alias = "type")]
+    pub rope_type: Option<String>,
+    /// Base (transformers 5 keeps it here).
+    pub rope_theta: Option<f64>,
+    /// Position scaling factor for `linear`.
+    pub factor: Option<f64>,
+}
+
+/// `config.json` of a Qwen3ForCausalLM checkpoint, with transformers' defaults.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Config {
+    /// The transformers classes the checkpoint is for.
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Model width.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (GQA); defaults to the query heads.
+    pub num_key_value_heads: Option<usize>,
+    /// Head width; defaults to hidden / heads.
+    pub head_dim: Option<usize>,
+    /// Longest sequence.
+    #[serde(default = "default_positions")]
+    pub max_position_embeddings: usize,
+    /// RMSNorm epsilon.
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    /// RoPE base (transformers 4 keeps it at the top level).
+    pub rope_theta: Option<f64>,
+    /// RoPE scaling (transformers 4).
+    pub rope_scaling: Option<RopeParameters>,
+    /// RoPE parameters (transformers 5).
+    pub rope_parameters: Option<RopeParameters>,
+    /// Whether `lm_head` reuses the input embedding.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Biases on q/k/v/o projections.
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// MLP activation; only `silu` exists in Qwen3.
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+}
+
+fn default_positions() -> usize {
+    32_768
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_act() -> String {
+    "silu".into()
+}
+
+impl Config {
+    pub(crate) fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub(crate) fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// (theta, position scale) from whichever RoPE fields the checkpoint uses.
+    pub(crate) fn rope(&self, checkpoint: &Checkpoint) -> Result<(f64, f64)> {
+        let params = self.rope_parameters.as_ref().or(self.rope_scaling.as_ref());
+        let theta = self
+            .rope_theta
+            .or(params.and_then(|p| p.rope_theta))
+            .unwrap_or(10_000.0);
+        let scale = match params.and_then(|p| p.rope_type.as_deref()) {
+            None | Some("default") => 1.0,
+            Some("linear") => params.and_then(|p| p.factor).unwrap_or(1.0),
+            Some(other) => {
+                return Err(EngineError::BadField {
+                    path: checkpoint.path("config.json"),
+                    field: "rope_scaling.rope_type".into(),
+                    reason: format!("`{other}` is not supported yet (supported: default, linear)"),
+                })
+            }
+        };
+        Ok((theta, scale))
+    }
+
+    pub(crate) fn validate(&self, checkpoint: &Checkpoint) -> Result<()> {
+        let bad = |field: &str, reason: String| EngineError::BadField {
+            path: checkpoint.path("config.json"),
+            field: field.into(),
+            reason,
+        };
+        if !self.architectures.is_empty()
+            && !self.architectures.iter().any(|a| a == "Qwen3ForCausalLM")
+        {
+            return Err(bad(
+                "architectures",
+                format!(
+                    "expected Qwen3ForCausalLM, found {:?}: this plugin serves Qwen3 dense checkpoints only",
+                    self.architectures
+                ),
+            ));
+        }
+        if self.hidden_act != "silu" {
+            return Err(bad(
+                "hidden_act",
+                format!("expected \"silu\", found \"{}\"", self.hidden_act),
+            ));
+        }
+        if self.num_attention_heads == 0 || self.num_attention_heads % self.kv_heads() != 0 {
+            return Err(bad(
+                "num_key_value_heads",
+                format!(
+                    "{} must divide num_attention_heads = {}",
+                    self.kv_heads(),
+                    self.num_attention_heads
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
