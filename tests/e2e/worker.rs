@@ -277,7 +277,8 @@ fn cpu_time_follows_the_quota() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!((0.6..=1.4).contains(&cpu), "{}", ran.stdout);
+    // The quota is a ceiling; a loaded machine may give less, never more.
+    assert!((0.2..=1.4).contains(&cpu), "{}", ran.stdout);
 }
 
 #[test]
