@@ -91,17 +91,8 @@ pub fn deny_list() -> Result<BpfProgram, ConfineError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(fail)?;
     rules.insert(libc::SYS_clone, clone_rules);
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EPERM as u32),
-        TargetArch::x86_64,
-    )
-    .map_err(fail)?;
-    let compiled: BpfProgram = filter.try_into().map_err(fail)?;
-    let mut program = x32_guard(false);
-    program.extend(compiled);
-    Ok(program)
+    let program = compile(rules, SeccompAction::Allow, SeccompAction::Errno(libc::EPERM as u32))?;
+    Ok([x32_guard(false), program].concat())
 }
 
 /// System calls inference code makes: memory, files (paths are Landlock's business), threads,
@@ -291,25 +282,24 @@ pub fn allow_list(kill: bool) -> Result<BpfProgram, ConfineError> {
     } else {
         SeccompAction::Errno(libc::EPERM as u32)
     };
-    let filter = SeccompFilter::new(rules, otherwise, SeccompAction::Allow, TargetArch::x86_64)
-        .map_err(fail)?;
-    let compiled: BpfProgram = filter.try_into().map_err(fail)?;
-    let mut program = x32_guard(kill);
-    program.extend(compiled);
-    Ok(program)
+    let program = compile(rules, otherwise, SeccompAction::Allow)?;
+    Ok([x32_guard(kill), program].concat())
 }
 
 /// `clone3` passes its flags in memory a filter cannot read, so it is refused with ENOSYS, which
 /// makes the C library fall back to `clone` (filtered above).
 fn clone3_fallback() -> Result<BpfProgram, ConfineError> {
     let rules = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
-        TargetArch::x86_64,
-    )
-    .map_err(fail)?;
+    compile(rules, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32))
+}
+
+/// Compiles `rules` for x86_64: calls matching a rule get `on_match`, all others `otherwise`.
+fn compile(
+    rules: BTreeMap<i64, Vec<SeccompRule>>,
+    otherwise: SeccompAction,
+    on_match: SeccompAction,
+) -> Result<BpfProgram, ConfineError> {
+    let filter = SeccompFilter::new(rules, otherwise, on_match, TargetArch::x86_64).map_err(fail)?;
     filter.try_into().map_err(fail)
 }
 
