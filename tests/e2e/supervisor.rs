@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use pio_host::sandbox::{self, HostSupport, Policy, ResolvedLimits, Tier};
 use pio_host::supervisor::{Event, RestartPolicy, State, Supervised, Worker, WorkerSpec};
-use pio_plugin_api::wire::{InferRequest, ModelConfig, Prompt};
+use pio_plugin_api::wire::{InferRequest, ModelConfig, ModelInfo, Prompt};
 
 use crate::support::*;
 
@@ -54,6 +54,13 @@ fn fast_policy() -> RestartPolicy {
         health_interval: Duration::from_millis(300),
         health_deadline: Duration::from_secs(2),
     }
+}
+
+/// Starts `name` (the library of `crate_name`) supervised by `policy`.
+async fn supervise(name: &str, crate_name: &str, policy: RestartPolicy) -> (Supervised, ModelInfo) {
+    Supervised::start(spec(name, crate_name), ModelConfig::default(), policy)
+        .await
+        .unwrap()
 }
 
 fn text(prompt: &str) -> InferRequest {
@@ -105,13 +112,7 @@ fn a_crash_fails_the_request_in_flight_then_the_worker_restarts() {
         return;
     }
     runtime().block_on(async {
-        let (plugin, _) = Supervised::start(
-            spec("hostile", "pio_test_plugin_hostile"),
-            ModelConfig::default(),
-            fast_policy(),
-        )
-        .await
-        .unwrap();
+        let (plugin, _) = supervise("hostile", "pio_test_plugin_hostile", fast_policy()).await;
         let first_pid = plugin.status().pid;
         let e = complete(&plugin, "segfault").await.unwrap_err();
         assert_eq!(e.kind, "worker_died");
@@ -137,13 +138,7 @@ fn a_plugin_that_keeps_crashing_is_quarantined() {
         return;
     }
     runtime().block_on(async {
-        let (plugin, _) = Supervised::start(
-            spec("hostile", "pio_test_plugin_hostile"),
-            ModelConfig::default(),
-            fast_policy(),
-        )
-        .await
-        .unwrap();
+        let (plugin, _) = supervise("hostile", "pio_test_plugin_hostile", fast_policy()).await;
         for crash in 0..=fast_policy().max_crashes {
             until_restarted(&plugin, crash as u32).await;
             assert!(complete(&plugin, "abort").await.is_err());
@@ -173,13 +168,7 @@ fn a_request_stuck_in_a_loop_times_out_and_its_worker_is_replaced() {
         return;
     }
     runtime().block_on(async {
-        let (plugin, _) = Supervised::start(
-            spec("hostile", "pio_test_plugin_hostile"),
-            ModelConfig::default(),
-            fast_policy(),
-        )
-        .await
-        .unwrap();
+        let (plugin, _) = supervise("hostile", "pio_test_plugin_hostile", fast_policy()).await;
         let e = complete(&plugin, "loop").await.unwrap_err();
         assert_eq!(e.kind, "timeout");
         assert!(e.message.contains("ran past its 4 s deadline"), "{e:?}");
@@ -199,13 +188,7 @@ fn a_frozen_worker_fails_its_health_check_and_is_replaced() {
     runtime().block_on(async {
         let mut policy = fast_policy();
         policy.request_timeout = None;
-        let (plugin, _) = Supervised::start(
-            spec("hostile", "pio_test_plugin_hostile"),
-            ModelConfig::default(),
-            policy,
-        )
-        .await
-        .unwrap();
+        let (plugin, _) = supervise("hostile", "pio_test_plugin_hostile", policy).await;
         let e = complete(&plugin, "freeze").await.unwrap_err();
         assert_eq!(e.kind, "worker_died");
         assert!(e.message.contains("did not answer a health check"), "{e:?}");
@@ -221,20 +204,8 @@ fn a_misbehaving_plugin_never_disturbs_another() {
         return;
     }
     runtime().block_on(async {
-        let (echo, _) = Supervised::start(
-            spec("echo", "pio_plugin_echo"),
-            ModelConfig::default(),
-            fast_policy(),
-        )
-        .await
-        .unwrap();
-        let (hostile, _) = Supervised::start(
-            spec("hostile", "pio_test_plugin_hostile"),
-            ModelConfig::default(),
-            fast_policy(),
-        )
-        .await
-        .unwrap();
+        let (echo, _) = supervise("echo", "pio_plugin_echo", fast_policy()).await;
+        let (hostile, _) = supervise("hostile", "pio_test_plugin_hostile", fast_policy()).await;
         let echo_pid = echo.status().pid;
         let mut crashes = 0;
         for attack in ["segfault", "alloc 512", "kill-parent", "abort"] {

@@ -91,7 +91,11 @@ pub fn deny_list() -> Result<BpfProgram, ConfineError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(fail)?;
     rules.insert(libc::SYS_clone, clone_rules);
-    let program = compile(rules, SeccompAction::Allow, SeccompAction::Errno(libc::EPERM as u32))?;
+    let program = compile(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+    )?;
     Ok([x32_guard(false), program].concat())
 }
 
@@ -290,7 +294,11 @@ pub fn allow_list(kill: bool) -> Result<BpfProgram, ConfineError> {
 /// makes the C library fall back to `clone` (filtered above).
 fn clone3_fallback() -> Result<BpfProgram, ConfineError> {
     let rules = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
-    compile(rules, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32))
+    compile(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+    )
 }
 
 /// Compiles `rules` for x86_64: calls matching a rule get `on_match`, all others `otherwise`.
@@ -299,7 +307,8 @@ fn compile(
     otherwise: SeccompAction,
     on_match: SeccompAction,
 ) -> Result<BpfProgram, ConfineError> {
-    let filter = SeccompFilter::new(rules, otherwise, on_match, TargetArch::x86_64).map_err(fail)?;
+    let filter =
+        SeccompFilter::new(rules, otherwise, on_match, TargetArch::x86_64).map_err(fail)?;
     filter.try_into().map_err(fail)
 }
 
