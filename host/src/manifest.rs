@@ -206,15 +206,6 @@ pub enum ManifestError {
 }
 
 impl Manifest {
-    /// Reads and parses the manifest at `path`.
-    pub fn load(path: &Path) -> Result<Self, ManifestError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(path, &text)
-    }
-
     /// Parses manifest `text`; `path` is only used in errors.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ManifestError> {
         Ok(crate::tomlfile::parse(path, text)?)

@@ -282,11 +282,6 @@ impl Cgroup {
         dirs
     }
 
-    /// The hierarchy version.
-    pub fn version(&self) -> Version {
-        self.version
-    }
-
     /// The group's memory directory (where its limits can be read back).
     pub fn memory_dir(&self) -> &Path {
         &self.memory
