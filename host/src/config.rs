@@ -11,6 +11,7 @@ use crate::manifest::{Limits, Tier};
 use crate::sandbox::{Policy, ResolvedLimits};
 use crate::supervisor::RestartPolicy;
 use crate::tomlfile::TomlError;
+use crate::units::ByteSize;
 
 /// The whole file.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -26,6 +27,8 @@ pub struct Config {
     pub limits: Limits,
     /// Restarts and deadlines.
     pub supervisor: SupervisorSection,
+    /// The daemon (`pio serve`): listening, keys, request limits, loading.
+    pub server: ServerSection,
 }
 
 /// `[sandbox]`.
@@ -88,6 +91,94 @@ impl Default for SupervisorSection {
             restart_backoff_ms: r.initial_backoff.as_millis() as u64,
             max_restart_backoff_ms: r.max_backoff.as_millis() as u64,
         }
+    }
+}
+
+/// `[server]`: what `pio serve` listens on and how it admits and loads.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSection {
+    /// Address and port to listen on (default `127.0.0.1:8080`).
+    pub listen: String,
+    /// Plugins loaded at start and when dropped in, by name; `"*"` is every plugin (default
+    /// `["*"]`). Others load on their first request.
+    pub preload: Vec<String>,
+    /// Load a plugin that is not loaded when a request names it (default `true`).
+    pub load_on_demand: bool,
+    /// Seconds a request waits for its model to finish loading before a 503 (default 60).
+    pub load_wait_secs: u64,
+    /// Unload a model idle this many seconds (default 0: never).
+    pub keep_alive_secs: u64,
+    /// The most models loaded at once; the least recently used idle one is unloaded to make
+    /// room (default 0: no cap).
+    pub max_loaded_models: usize,
+    /// Bearer keys for the inference API; empty: no key needed (default empty).
+    pub api_keys: Vec<String>,
+    /// Bearer keys for the admin API (they also work for the inference API). When any key is
+    /// configured, the admin API needs one of these.
+    pub admin_keys: Vec<String>,
+    /// Largest request body (default `16MiB`).
+    pub max_body_size: ByteSize,
+    /// The most tokens one request may ask for (default 0: up to the model's context).
+    pub max_tokens_limit: u32,
+    /// Requests per model running or waiting at once; more get 429 (default 64).
+    pub queue_depth: usize,
+    /// Seconds in-flight requests get to finish on shutdown, unload or reload (default 30).
+    pub drain_timeout_secs: u64,
+    /// Watch the plugin directories and load, reload or unload plugins as files change
+    /// (default `true`).
+    pub watch: bool,
+    /// Generate one token after loading before a model counts as ready (default `true`).
+    pub warmup: bool,
+    /// Image content parts may name files under this directory (default: none, only `data:`
+    /// URLs are accepted).
+    pub image_root: Option<PathBuf>,
+    /// Where copies of the plugin libraries being served are kept (default: a fresh folder
+    /// under the system's temporary directory).
+    pub runtime_dir: Option<PathBuf>,
+    /// `text` or `json` (one JSON object per line) logs on stderr (default `text`).
+    pub log_format: LogFormat,
+}
+
+/// How the daemon writes its log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            preload: vec!["*".into()],
+            load_on_demand: true,
+            load_wait_secs: 60,
+            keep_alive_secs: 0,
+            max_loaded_models: 0,
+            api_keys: Vec::new(),
+            admin_keys: Vec::new(),
+            max_body_size: ByteSize(16 << 20),
+            max_tokens_limit: 0,
+            queue_depth: 64,
+            drain_timeout_secs: 30,
+            watch: true,
+            warmup: true,
+            image_root: None,
+            runtime_dir: None,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+impl ServerSection {
+    /// Whether `name` is loaded at start and when dropped in.
+    pub fn preloads(&self, name: &str) -> bool {
+        self.preload.iter().any(|p| p == "*" || p == name)
     }
 }
 
@@ -159,7 +250,6 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::units::ByteSize;
 
     fn parse(text: &str) -> Result<Config, TomlError> {
         crate::tomlfile::parse(Path::new("pio.toml"), text)
@@ -190,11 +280,27 @@ mod tests {
     }
 
     #[test]
+    fn server_keys_parse_with_units_and_defaults() {
+        let c = parse("[server]\nlisten = \"0.0.0.0:9000\"\nmax_body_size = \"1MiB\"\npreload = [\"echo\"]\nlog_format = \"json\"\n").unwrap();
+        assert_eq!(c.server.listen, "0.0.0.0:9000");
+        assert_eq!(c.server.max_body_size, ByteSize(1 << 20));
+        assert!(c.server.preloads("echo") && !c.server.preloads("qwen"));
+        assert_eq!(c.server.log_format, LogFormat::Json);
+        assert_eq!(c.server.queue_depth, ServerSection::default().queue_depth);
+        assert!(ServerSection::default().preloads("anything"));
+    }
+
+    #[test]
     fn unknown_keys_name_file_line_and_key() {
         let e = parse("plugin_dirs = [\"p\"]\n[sandbox]\nmin_teir = \"low\"\n").unwrap_err();
         assert_eq!((e.line, e.column), (3, 1));
         assert!(
             e.to_string().starts_with("pio.toml:3:1:") && e.message.contains("min_teir"),
+            "{e}"
+        );
+        let e = parse("[server]\nlisten = \"0.0.0.0:9000\"\nqueue_depht = 3\n").unwrap_err();
+        assert!(
+            e.to_string().starts_with("pio.toml:3:1:") && e.message.contains("queue_depht"),
             "{e}"
         );
         let e = parse("[supervisor]\nmax_crashes = \"many\"\n").unwrap_err();

@@ -12,6 +12,7 @@ pub mod probe;
 pub mod protocol;
 pub mod report;
 pub mod sandbox;
+pub mod serve;
 pub mod supervisor;
 pub mod tomlfile;
 pub mod units;

@@ -13,6 +13,7 @@ use pio_host::report;
 mod cli_list;
 mod cli_print;
 mod cli_run;
+mod cli_serve;
 
 #[derive(Parser)]
 #[command(name = "pio", version, about = "PIO: a plugin host for LLM inference")]
@@ -50,6 +51,8 @@ enum Command {
     },
     /// Run one request through a plugin, streaming the output as it is generated.
     Run(cli_run::RunArgs),
+    /// Serve the plugins over an OpenAI-compatible HTTP API until SIGTERM.
+    Serve(cli_serve::ServeArgs),
     /// Load one library and print what it is as JSON (the child side of `check` and `list`).
     #[command(hide = true)]
     Probe { library: PathBuf },
@@ -74,6 +77,20 @@ pub(crate) struct SearchArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Command::List { .. } | Command::Check { .. } | Command::Run(_)
+    ) {
+        // Worker output and supervisor notes, as plain lines on stderr.
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .without_time()
+            .with_target(false)
+            .try_init();
+    }
     let result = match cli.command {
         Command::List {
             search,
@@ -87,6 +104,7 @@ fn main() -> ExitCode {
             json,
         } => check(&path, library_dirs, json),
         Command::Run(args) => cli_run::run(args).map(ExitCode::from),
+        Command::Serve(args) => cli_serve::serve(args).map(|()| ExitCode::SUCCESS),
         Command::Probe { library } => return ExitCode::from(probe::run_child(&library) as u8),
         Command::Worker => {
             return ExitCode::from(pio_host::worker::run(pio_host::worker::SOCKET_FD) as u8)

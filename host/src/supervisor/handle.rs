@@ -405,6 +405,12 @@ impl Worker {
         &self.applied
     }
 
+    /// Requests the worker has been sent and not yet finished (a cancelled request counts until
+    /// the worker confirms it stopped).
+    pub fn in_flight(&self) -> usize {
+        lock(&self.pending).len()
+    }
+
     /// Usage read from its cgroup, if it has one.
     pub fn stats(&self) -> Option<Stats> {
         self.cgroup.as_ref().map(|c| c.stats())

@@ -140,7 +140,7 @@ pub(super) fn forward_output(
         tokio::spawn(async move {
             let mut lines = tokio::io::BufReader::new(r).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                eprintln!("[{prefix}] {line}");
+                tracing::info!(target: "pio::worker", plugin = %prefix, "{line}");
             }
         });
     }

@@ -82,6 +82,8 @@ pub struct Status {
     pub last_error: Option<String>,
     /// Cgroup figures of the current worker.
     pub stats: Option<Stats>,
+    /// Requests its worker is running (cancelled ones until the worker confirms).
+    pub in_flight: usize,
 }
 
 struct Shared {
@@ -240,6 +242,7 @@ impl Supervised {
             tier: self.tier.clone(),
             last_error: shared.last_error.clone(),
             stats: shared.worker.as_ref().and_then(|w| w.stats()),
+            in_flight: shared.worker.as_ref().map_or(0, |w| w.in_flight()),
         }
     }
 
@@ -321,7 +324,7 @@ async fn monitor(
             }
             s.state = State::Restarting;
         }
-        eprintln!("pio: {reason}; restarting in {backoff:?}");
+        tracing::warn!(plugin = %spec.name, "{reason}; restarting in {backoff:?}");
         loop {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(policy.max_backoff);

@@ -1,0 +1,72 @@
+//! `pio serve`: the daemon's command line. Flags override the configuration file.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use pio_host::config::LogFormat;
+use pio_host::serve::library::LibraryStore;
+use pio_host::serve::models::Setup;
+use tracing_subscriber::EnvFilter;
+
+use crate::cli_run::TierArgs;
+use crate::SearchArgs;
+
+/// Arguments of `pio serve`.
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    search: SearchArgs,
+    /// Address and port to listen on (default: the config's `server.listen`, 127.0.0.1:8080).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    #[command(flatten)]
+    tiers: TierArgs,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let crate::Settings { mut config, search } = crate::settings(&args.search)?;
+    if let Some(listen) = args.listen {
+        config.server.listen = listen;
+    }
+    init_logging(config.server.log_format);
+    let policy = args.tiers.policy(config.policy());
+    let runtime_dir =
+        config.server.runtime_dir.clone().unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("pio-serve-{}", std::process::id()))
+        });
+    let store = LibraryStore::create(runtime_dir.join("libs")).with_context(|| {
+        format!(
+            "cannot create the runtime directory {}; set server.runtime_dir",
+            runtime_dir.display()
+        )
+    })?;
+    let exe: PathBuf =
+        std::env::current_exe().context("cannot find the running `pio` executable")?;
+    let setup = Setup {
+        config,
+        search,
+        policy,
+        exe,
+        store,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(pio_host::serve::serve(setup))?;
+    Ok(())
+}
+
+/// Logs on stderr, as text or JSON lines; `RUST_LOG` overrides the level (default `info`).
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}

@@ -1,0 +1,126 @@
+//! `GET /v1/models`, the admin API (`/v1/plugins`), and `/health`, `/ready`, `/metrics`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::App;
+
+fn model_object(s: &super::models::PluginStatus) -> Value {
+    json!({
+        "id": s.name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "pio",
+        "pio": {
+            "version": s.version,
+            "state": s.state,
+            "capabilities": s.capabilities,
+            "context_length": s.context_length,
+        },
+    })
+}
+
+/// `GET /v1/models`: every model served, loaded or loadable.
+pub async fn models(State(app): State<Arc<App>>) -> Json<Value> {
+    let (plugins, _) = app.models.statuses();
+    Json(json!({"object": "list", "data": plugins.iter().map(model_object).collect::<Vec<_>>()}))
+}
+
+/// `GET /v1/models/{id}`.
+pub async fn model(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let (plugins, _) = app.models.statuses();
+    plugins
+        .iter()
+        .find(|p| p.name == id)
+        .map(|p| Json(model_object(p)))
+        .ok_or_else(|| ApiError::unknown_model(&id))
+}
+
+/// `GET /v1/plugins`: each plugin's version, tier, state, worker, memory, last error; and the
+/// manifests that failed their checks.
+pub async fn plugins(State(app): State<Arc<App>>) -> Json<Value> {
+    let (plugins, broken) = app.models.statuses();
+    let errors: Vec<Value> = broken
+        .iter()
+        .map(|(path, why)| json!({"manifest": path, "error": why}))
+        .collect();
+    Json(json!({"plugins": plugins, "errors": errors}))
+}
+
+/// `POST /v1/plugins/{name}/{action}` with `load`, `unload` or `reload`.
+pub async fn plugin_action(
+    State(app): State<Arc<App>>,
+    Path((name, action)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    match action.as_str() {
+        "load" => app.models.load(&name).await?,
+        "unload" => app.models.unload(&name).await?,
+        "reload" => app.models.reload(&name).await?,
+        other => {
+            return Err(ApiError::not_found(format!(
+                "unknown action `{other}`; use load, unload or reload"
+            )))
+        }
+    }
+    let (plugins, _) = app.models.statuses();
+    let status = plugins.into_iter().find(|p| p.name == name);
+    Ok(Json(
+        json!({"name": name, "action": action, "plugin": status}),
+    ))
+}
+
+/// `GET /health`: the process is alive and answering.
+pub async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// `GET /ready`: 200 when every preloaded model is loaded and has produced a token (warm-up),
+/// 503 otherwise or while shutting down; the body has each model's state.
+pub async fn ready(State(app): State<Arc<App>>) -> Response {
+    let (plugins, _) = app.models.statuses();
+    let server = &app.models.setup().config.server;
+    let draining = app.draining.load(Ordering::Acquire);
+    let ready = !draining
+        && plugins
+            .iter()
+            .filter(|p| server.preloads(&p.name))
+            .all(|p| p.state == "ready");
+    let models: serde_json::Map<String, Value> = plugins
+        .iter()
+        .map(|p| (p.name.clone(), json!(p.state)))
+        .collect();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({"ready": ready, "draining": draining, "models": models})),
+    )
+        .into_response()
+}
+
+/// `GET /metrics`: Prometheus text.
+pub async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let (plugins, _) = app.models.statuses();
+    let text = app.metrics.render(plugins);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}

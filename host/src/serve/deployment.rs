@@ -1,0 +1,146 @@
+//! One loaded version of a plugin: its supervised worker, the requests holding it, and draining.
+//! A reload starts a new deployment beside the old one; the old one drains (its requests finish)
+//! before its worker stops.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pio_plugin_api::wire::ModelInfo;
+use tokio::sync::Notify;
+
+use crate::supervisor::{State, Supervised};
+
+/// A plugin version being served.
+pub struct Deployment {
+    /// The worker, kept alive by its supervisor.
+    pub supervised: Supervised,
+    /// What the model reported when it loaded.
+    pub info: ModelInfo,
+    /// sha256 of the library this deployment runs.
+    pub library_sha256: String,
+    /// The plugin's version.
+    pub version: String,
+    leases: AtomicUsize,
+    idle: Notify,
+    last_used: Mutex<Instant>,
+    loaded_at: Instant,
+}
+
+impl std::fmt::Debug for Deployment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deployment")
+            .field("version", &self.version)
+            .field("leases", &self.leases)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A request's hold on a deployment: while any exists the deployment is not stopped.
+#[derive(Debug)]
+pub struct Lease(Arc<Deployment>);
+
+impl Lease {
+    /// The deployment held.
+    pub fn deployment(&self) -> &Deployment {
+        &self.0
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        *self.0.last_used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        if self.0.leases.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// Why a deployment cannot take a request now.
+#[derive(Debug)]
+pub enum Refusal {
+    /// `queue_depth` requests already hold it.
+    Full,
+    /// Its worker is restarting or quarantined: the reason.
+    Unavailable(String),
+}
+
+impl Deployment {
+    /// A deployment of a freshly loaded worker.
+    pub fn new(supervised: Supervised, info: ModelInfo, version: String, sha256: String) -> Self {
+        Self {
+            supervised,
+            info,
+            library_sha256: sha256,
+            version,
+            leases: AtomicUsize::new(0),
+            idle: Notify::new(),
+            last_used: Mutex::new(Instant::now()),
+            loaded_at: Instant::now(),
+        }
+    }
+
+    /// Takes a lease, unless `depth` requests already hold one or the worker cannot serve.
+    pub fn lease(self: &Arc<Self>, depth: usize) -> Result<Lease, Refusal> {
+        match self.supervised.status().state {
+            State::Ready => {}
+            State::Restarting => {
+                return Err(Refusal::Unavailable(format!(
+                    "its worker is restarting after a failure ({})",
+                    self.supervised.status().last_error.unwrap_or_default()
+                )))
+            }
+            State::Quarantined(why) => {
+                return Err(Refusal::Unavailable(format!("it is quarantined: {why}")))
+            }
+            State::Stopped => return Err(Refusal::Unavailable("it is stopping".into())),
+        }
+        let taken = self
+            .leases
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < depth).then_some(n + 1)
+            });
+        match taken {
+            Ok(_) => Ok(Lease(self.clone())),
+            Err(_) => Err(Refusal::Full),
+        }
+    }
+
+    /// Requests holding it now.
+    pub fn leases(&self) -> usize {
+        self.leases.load(Ordering::Acquire)
+    }
+
+    /// How long since a request last finished (or it loaded), when none runs now.
+    pub fn idle_for(&self) -> Option<Duration> {
+        (self.leases() == 0).then(|| {
+            self.last_used
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .elapsed()
+        })
+    }
+
+    /// Seconds since it loaded.
+    pub fn uptime(&self) -> Duration {
+        self.loaded_at.elapsed()
+    }
+
+    /// Waits until no request holds it, at most `deadline`; then stops its worker. Returns how
+    /// many requests were still running when the deadline cut them off.
+    pub async fn drain_and_stop(&self, deadline: Duration) -> usize {
+        let wait = async {
+            loop {
+                let idle = self.idle.notified();
+                if self.leases() == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        };
+        let _ = tokio::time::timeout(deadline, wait).await;
+        let left = self.leases();
+        self.supervised.stop().await;
+        left
+    }
+}

@@ -1,0 +1,160 @@
+//! Errors as OpenAI clients expect them: `{"error": {"message", "type", "param", "code"}}` with
+//! the matching HTTP status, so their retry and error handling works unchanged.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::protocol::WireError;
+
+/// One failed API call.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{status}: {message}")]
+pub struct ApiError {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// What went wrong and what to do about it.
+    pub message: String,
+    /// The request field at fault, when one is.
+    pub param: Option<String>,
+    /// A stable machine-readable code.
+    pub code: &'static str,
+    /// Seconds after which a retry may succeed (sent as `Retry-After`).
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            param: None,
+            code,
+            retry_after: None,
+        }
+    }
+
+    /// 400, naming the field at fault.
+    pub fn bad_field(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            param: Some(param.into()),
+            ..Self::new(StatusCode::BAD_REQUEST, "invalid_value", message)
+        }
+    }
+
+    /// 400 with no single field to blame.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+
+    /// 401.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "invalid_api_key", message)
+    }
+
+    /// 404 for a model or plugin nobody here serves.
+    pub fn unknown_model(name: &str) -> Self {
+        Self {
+            param: Some("model".into()),
+            ..Self::new(
+                StatusCode::NOT_FOUND,
+                "model_not_found",
+                format!("the model `{name}` does not exist here; GET /v1/models lists the models served"),
+            )
+        }
+    }
+
+    /// 404 for a path.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    /// 413.
+    pub fn too_large(limit: u64) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+            format!("the request body is larger than the server's limit of {limit} bytes (server.max_body_size)"),
+        )
+    }
+
+    /// 429.
+    pub fn queue_full(model: &str, depth: usize) -> Self {
+        Self {
+            retry_after: Some(1),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "queue_full",
+                format!("model `{model}` already has {depth} requests running or waiting (server.queue_depth); retry later"),
+            )
+        }
+    }
+
+    /// 503: the model cannot take requests now, but may soon.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self {
+            retry_after: Some(2),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "model_unavailable",
+                message,
+            )
+        }
+    }
+
+    /// 500: the plugin failed, with its reason.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "plugin_error", message)
+    }
+
+    /// The OpenAI `type` for this status.
+    fn kind(&self) -> &'static str {
+        match self.status.as_u16() {
+            400 | 404 | 413 => "invalid_request_error",
+            401 => "authentication_error",
+            403 => "permission_error",
+            429 => "rate_limit_error",
+            _ => "server_error",
+        }
+    }
+
+    /// The body: OpenAI's error object.
+    pub fn body(&self) -> serde_json::Value {
+        json!({"error": {
+            "message": self.message,
+            "type": self.kind(),
+            "param": self.param,
+            "code": self.code,
+        }})
+    }
+}
+
+impl From<WireError> for ApiError {
+    /// A worker's or plugin's failure, with the status its kind deserves.
+    fn from(e: WireError) -> Self {
+        match e.kind.as_str() {
+            "invalid_input" => Self::bad_request(e.message),
+            "unsupported" => Self::new(StatusCode::BAD_REQUEST, "unsupported", e.message),
+            "restarting" | "not_ready" | "stopped" | "quarantined" => Self::unavailable(e.message),
+            "timeout" => Self::new(StatusCode::GATEWAY_TIMEOUT, "timeout", e.message),
+            _ => Self::internal(e.message),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, axum::Json(self.body())).into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}

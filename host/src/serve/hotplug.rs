@@ -1,0 +1,98 @@
+//! Hot plug: the plugin directories are watched; after a burst of changes settles, they are
+//! scanned again and the served set brought in line (see [`Models::rescan`]).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+
+use super::models::Models;
+use crate::discovery::{self, SearchPaths, Status};
+use crate::manifest::Manifest;
+use crate::probe::{LibraryReport, Prober};
+
+/// How long the directories must be quiet before a rescan: a library being copied in arrives
+/// as many writes.
+const SETTLE: Duration = Duration::from_millis(500);
+
+/// One plugin found in the plugin directories.
+#[derive(Debug, Clone)]
+pub(super) struct Found {
+    pub(super) manifest: Manifest,
+    pub(super) manifest_path: PathBuf,
+    pub(super) library: PathBuf,
+    pub(super) report: LibraryReport,
+    /// sha256 of manifest and library together: a change of either reloads.
+    pub(super) fingerprint: String,
+}
+
+/// Starts watching the plugin and library directories; the watch ends when the returned watcher
+/// is dropped.
+pub fn watch(models: Arc<Models>) -> Option<notify::RecommendedWatcher> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut watcher =
+        match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if event.is_ok_and(|e| !e.kind.is_access()) {
+                let _ = tx.send(());
+            }
+        }) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(
+                    "cannot watch the plugin directories ({e}); hot plug is off, use the admin API"
+                );
+                return None;
+            }
+        };
+    let search = &models.setup().search;
+    for dir in search.plugin_dirs.iter().chain(&search.library_dirs) {
+        if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+            tracing::warn!(dir = %dir.display(), "cannot watch: {e}");
+        }
+    }
+    tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            // Wait for quiet, swallowing the rest of the burst.
+            while let Ok(Some(())) = tokio::time::timeout(SETTLE, rx.recv()).await {}
+            if let Err(e) = models.rescan().await {
+                tracing::error!("rescan failed: {e}");
+            }
+        }
+    });
+    Some(watcher)
+}
+
+pub(super) type Scan = (Vec<Found>, Vec<(PathBuf, String)>);
+
+/// Discovery plus a fingerprint of each ready plugin's files (blocking: probes in children).
+pub(super) fn scan(search: &SearchPaths, prober: &Prober) -> Result<Scan, discovery::ScanError> {
+    let mut found = Vec::new();
+    let mut broken = Vec::new();
+    for c in discovery::discover(search, prober)? {
+        match (c.status, c.manifest, c.library, c.report) {
+            (Status::Ready, Some(manifest), Some(library), Some(report)) => {
+                let fingerprint = match (std::fs::read(&c.manifest_path), std::fs::read(&library)) {
+                    (Ok(m), Ok(l)) => super::library::sha256_hex(&[m, l].concat()),
+                    (Err(e), _) | (_, Err(e)) => {
+                        broken.push((
+                            c.manifest_path,
+                            format!("cannot read the plugin's files: {e}"),
+                        ));
+                        continue;
+                    }
+                };
+                found.push(Found {
+                    manifest,
+                    manifest_path: c.manifest_path,
+                    library,
+                    report,
+                    fingerprint,
+                });
+            }
+            (Status::Failed(e), ..) => broken.push((c.manifest_path, e.to_string())),
+            _ => {}
+        }
+    }
+    Ok((found, broken))
+}

@@ -1,0 +1,254 @@
+//! `POST /v1/chat/completions` and `POST /v1/completions`: check the request, lease the model,
+//! run it in its worker, and answer with one body or a stream of server-sent events. A client
+//! that goes away cancels its generation in the worker.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use super::deployment::Lease;
+use super::error::ApiError;
+use super::openai::{self, Endpoint, Parsed};
+use super::responses::Reply;
+use super::App;
+use crate::protocol::TokenFrame;
+use crate::supervisor::Event;
+
+/// `POST /v1/chat/completions`.
+pub async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
+    serve(app, Endpoint::Chat, body).await
+}
+
+/// `POST /v1/completions`.
+pub async fn completions(
+    State(app): State<Arc<App>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    serve(app, Endpoint::Completions, body).await
+}
+
+async fn serve(app: Arc<App>, endpoint: Endpoint, body: Result<Bytes, BytesRejection>) -> Response {
+    let started = Instant::now();
+    // Only served models become metric labels: clients cannot grow the label set at will.
+    let mut label = String::new();
+    let result = start(&app, endpoint, body, &mut label).await;
+    match result {
+        Ok((parsed, lease, events)) => {
+            if parsed.stream {
+                stream(app, parsed, lease, events, started).await
+            } else {
+                let response = collect(&app, &parsed, events, started).await;
+                drop(lease);
+                app.metrics
+                    .request(&label, endpoint.label(), response.status().as_u16());
+                response
+            }
+        }
+        Err(e) => {
+            if e.status.is_server_error() || e.status.as_u16() == 429 {
+                tracing::warn!(model = %label, status = e.status.as_u16(), "{}", e.message);
+            }
+            app.metrics
+                .request(&label, endpoint.label(), e.status.as_u16());
+            e.into_response()
+        }
+    }
+}
+
+type Running = (Parsed, Lease, mpsc::UnboundedReceiver<Event>);
+
+async fn start(
+    app: &App,
+    endpoint: Endpoint,
+    body: Result<Bytes, BytesRejection>,
+    label: &mut String,
+) -> Result<Running, ApiError> {
+    let bytes = body.map_err(|r| {
+        if r.status().as_u16() == 413 {
+            ApiError::too_large(app.max_body)
+        } else {
+            ApiError::bad_request(r.body_text())
+        }
+    })?;
+    let value = openai::body_json(&bytes)?;
+    let model = openai::model_of(&value)?;
+    let capabilities = app
+        .models
+        .capabilities(&model)
+        .ok_or_else(|| ApiError::unknown_model(&model))?;
+    label.clone_from(&model);
+    let parsed = openai::parse(&value, endpoint, &capabilities, &app.limits)?;
+    let lease = app.models.acquire(&model).await?;
+    let events = lease
+        .deployment()
+        .supervised
+        .infer(parsed.request.clone())
+        .map_err(|e| ApiError::from(e.0))?;
+    Ok((parsed, lease, events))
+}
+
+/// Latency bookkeeping of one request.
+struct Timing {
+    started: Instant,
+    last: Option<Instant>,
+}
+
+impl Timing {
+    fn token(&mut self, app: &App, model: &str) {
+        let now = Instant::now();
+        match self.last {
+            None => app
+                .metrics
+                .first_token(model, (now - self.started).as_secs_f64()),
+            Some(prev) => app.metrics.inter_token(model, (now - prev).as_secs_f64()),
+        }
+        self.last = Some(now);
+    }
+}
+
+async fn collect(
+    app: &App,
+    parsed: &Parsed,
+    mut events: mpsc::UnboundedReceiver<Event>,
+    started: Instant,
+) -> Response {
+    let mut tokens: Vec<TokenFrame> = Vec::new();
+    let mut timing = Timing {
+        started,
+        last: None,
+    };
+    let mut reply = Reply::new(&parsed.model, parsed.endpoint, parsed.logprobs);
+    while let Some(event) = events.recv().await {
+        match event {
+            Event::Token(t) => {
+                timing.token(app, &parsed.model);
+                tokens.push(t);
+            }
+            Event::Done(outcome) => {
+                app.metrics.tokens(
+                    &parsed.model,
+                    outcome.usage.prompt_tokens,
+                    outcome.usage.completion_tokens,
+                );
+                return Json(reply.complete(&tokens, &outcome)).into_response();
+            }
+            Event::Failed(e) => return ApiError::from(e).into_response(),
+        }
+    }
+    ApiError::internal("the worker ended the request without an answer").into_response()
+}
+
+fn sse(value: &Value) -> Result<SseEvent, Infallible> {
+    Ok(SseEvent::default().data(value.to_string()))
+}
+
+async fn stream(
+    app: Arc<App>,
+    parsed: Parsed,
+    lease: Lease,
+    mut events: mpsc::UnboundedReceiver<Event>,
+    started: Instant,
+) -> Response {
+    // A request that fails before its first token (a prompt too long, say) gets a real status.
+    let first = events.recv().await;
+    if let Some(Event::Failed(e)) = first {
+        let e = ApiError::from(e);
+        app.metrics
+            .request(&parsed.model, parsed.endpoint.label(), e.status.as_u16());
+        return e.into_response();
+    }
+    let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
+    tokio::spawn(async move {
+        // Held until the stream ends, so a drain waits for it.
+        let _lease = lease;
+        let status = pump(&app, &parsed, first, events, &tx, started).await;
+        if status != CLIENT_GONE {
+            let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
+        }
+        app.metrics
+            .request(&parsed.model, parsed.endpoint.label(), status);
+    });
+    Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+/// The status recorded for a stream whose client disconnected (nginx's convention).
+const CLIENT_GONE: u16 = 499;
+
+/// Sends the stream's chunks; returns the status to record.
+async fn pump(
+    app: &App,
+    parsed: &Parsed,
+    mut first: Option<Event>,
+    mut events: mpsc::UnboundedReceiver<Event>,
+    tx: &mpsc::Sender<Result<SseEvent, Infallible>>,
+    started: Instant,
+) -> u16 {
+    let model = parsed.model.as_str();
+    let usage = parsed.include_usage;
+    let mut reply = Reply::new(model, parsed.endpoint, parsed.logprobs);
+    let mut timing = Timing {
+        started,
+        last: None,
+    };
+    let mut out: Vec<Value> = reply.opening_chunk(usage).into_iter().collect();
+    loop {
+        for v in out.drain(..) {
+            if tx.send(sse(&v)).await.is_err() {
+                return CLIENT_GONE;
+            }
+        }
+        let event = match first.take() {
+            Some(e) => Some(e),
+            None => tokio::select! {
+                e = events.recv() => e,
+                // The client went away: dropping `events` cancels the request in the worker.
+                () = tx.closed() => return CLIENT_GONE,
+            },
+        };
+        match event {
+            Some(Event::Token(t)) => {
+                timing.token(app, model);
+                out.push(reply.token_chunk(&t, usage));
+            }
+            Some(Event::Done(outcome)) => {
+                app.metrics.tokens(
+                    model,
+                    outcome.usage.prompt_tokens,
+                    outcome.usage.completion_tokens,
+                );
+                out.push(reply.finish_chunk(&outcome, usage));
+                if usage {
+                    out.push(reply.usage_chunk(&outcome));
+                }
+                for v in &out {
+                    if tx.send(sse(v)).await.is_err() {
+                        return CLIENT_GONE;
+                    }
+                }
+                return 200;
+            }
+            Some(Event::Failed(e)) => {
+                let e = ApiError::from(e);
+                tracing::warn!(model = %model, "stream failed midway: {}", e.message);
+                let _ = tx.send(sse(&e.body())).await;
+                return e.status.as_u16();
+            }
+            None => {
+                let e = ApiError::internal("the worker ended the request without an answer");
+                let _ = tx.send(sse(&e.body())).await;
+                return 500;
+            }
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! Chat messages as clients send them: roles and content parts checked (the failing one named),
+//! images accepted for vision models only, as `data:` URLs or files under the configured root.
+
+use std::path::Path;
+
+use base64::Engine;
+use serde_json::Value;
+
+use super::error::ApiError;
+
+const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+
+/// Checks `messages`; returns them with image files (under `image_root`, a canonical path)
+/// inlined as `data:` URLs.
+pub fn check(
+    messages: Vec<Value>,
+    vision: bool,
+    image_root: Option<&Path>,
+) -> Result<Vec<Value>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::bad_field(
+            "messages",
+            "`messages` must hold at least one message",
+        ));
+    }
+    let mut out = Vec::with_capacity(messages.len());
+    for (i, mut m) in messages.into_iter().enumerate() {
+        let at = format!("messages[{i}]");
+        let role = m
+            .get("role")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        if !ROLES.contains(&role.as_str()) {
+            return Err(ApiError::bad_field(
+                format!("{at}.role"),
+                format!(
+                    "`{at}.role` must be one of {}, found {}",
+                    ROLES.join(", "),
+                    m.get("role").map_or("nothing".into(), Value::to_string)
+                ),
+            ));
+        }
+        match m.get_mut("content") {
+            None | Some(Value::Null) if role == "assistant" => {}
+            Some(Value::String(_)) => {}
+            Some(Value::Array(parts)) => {
+                for (j, part) in parts.iter_mut().enumerate() {
+                    check_part(part, &format!("{at}.content[{j}]"), vision, image_root)?;
+                }
+            }
+            _ => {
+                return Err(ApiError::bad_field(
+                    format!("{at}.content"),
+                    format!("`{at}.content` must be a string or an array of content parts"),
+                ))
+            }
+        }
+        out.push(m);
+    }
+    Ok(out)
+}
+
+fn check_part(
+    part: &mut Value,
+    at: &str,
+    vision: bool,
+    image_root: Option<&Path>,
+) -> Result<(), ApiError> {
+    match part.get("type").and_then(Value::as_str) {
+        Some("text") if part.get("text").is_some_and(Value::is_string) => Ok(()),
+        Some("text") => Err(ApiError::bad_field(
+            format!("{at}.text"),
+            format!("`{at}.text` must be a string"),
+        )),
+        Some("image_url") => {
+            if !vision {
+                return Err(ApiError::bad_field(
+                    at,
+                    format!("`{at}` is an image, but this model does not accept images"),
+                ));
+            }
+            let url = match part.get("image_url") {
+                Some(Value::String(u)) => u.clone(),
+                Some(v) => v
+                    .get("url")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+                None => String::new(),
+            };
+            let data = image_data_url(&url, &format!("{at}.image_url.url"), image_root)?;
+            part["image_url"] = serde_json::json!({"url": data});
+            Ok(())
+        }
+        other => Err(ApiError::bad_field(
+            format!("{at}.type"),
+            format!(
+                "`{at}.type` must be \"text\" or \"image_url\", found {}",
+                other.map_or("nothing".into(), |t| format!("\"{t}\""))
+            ),
+        )),
+    }
+}
+
+/// A `data:` URL for the image at `url`, which is one already or names a file under the root.
+fn image_data_url(url: &str, at: &str, image_root: Option<&Path>) -> Result<String, ApiError> {
+    if let Some(rest) = url.strip_prefix("data:") {
+        let (meta, payload) = rest.split_once(',').unwrap_or((rest, ""));
+        if !meta.starts_with("image/") || !meta.ends_with(";base64") {
+            return Err(ApiError::bad_field(
+                at,
+                format!("`{at}` must be a base64 image data URL (data:image/png;base64,...)"),
+            ));
+        }
+        base64::engine::general_purpose::STANDARD
+            .decode(payload)
+            .map_err(|e| {
+                ApiError::bad_field(at, format!("`{at}`: the base64 data is invalid: {e}"))
+            })?;
+        return Ok(url.to_string());
+    }
+    if url.starts_with("http://") || url.starts_with("https://") {
+        return Err(ApiError::bad_field(
+            at,
+            format!(
+                "`{at}`: this server does not fetch remote images; send the image as a data: URL"
+            ),
+        ));
+    }
+    let path = Path::new(url.strip_prefix("file://").unwrap_or(url));
+    let Some(root) = image_root else {
+        return Err(ApiError::bad_field(at, format!("`{at}`: image files are not allowed (no server.image_root is configured); send a data: URL")));
+    };
+    let inside = std::fs::canonicalize(path)
+        .ok()
+        .filter(|p| p.starts_with(root));
+    let Some(file) = inside else {
+        return Err(ApiError::bad_field(
+            at,
+            format!(
+                "`{at}`: {} is not a file under the image root {}",
+                path.display(),
+                root.display()
+            ),
+        ));
+    };
+    let bytes = std::fs::read(&file).map_err(|e| {
+        ApiError::bad_field(at, format!("`{at}`: cannot read {}: {e}", file.display()))
+    })?;
+    let mime = match file
+        .extension()
+        .and_then(|x| x.to_str())
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        Some("png") => "image/png",
+        Some("jpg" | "jpeg") => "image/jpeg",
+        Some("gif") => "image/gif",
+        Some("webp") => "image/webp",
+        _ => {
+            return Err(ApiError::bad_field(
+                at,
+                format!(
+                    "`{at}`: {} is not a PNG, JPEG, GIF or WebP file",
+                    file.display()
+                ),
+            ))
+        }
+    };
+    Ok(format!(
+        "data:{mime};base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn bad_roles_and_parts_are_named() {
+        let e = check(
+            vec![
+                json!({"role": "user", "content": "hi"}),
+                json!({"role": "robot", "content": "x"}),
+            ],
+            false,
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[1].role"));
+        let e = check(vec![json!({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]})], false, None).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[0].content[0]"));
+        assert!(
+            e.message.contains("does not accept images"),
+            "{}",
+            e.message
+        );
+        let e = check(vec![json!({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]})], true, None).unwrap_err();
+        assert!(e.message.contains("remote images"), "{}", e.message);
+        let e = check(vec![json!({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}]})], true, None).unwrap_err();
+        assert_eq!(
+            e.param.as_deref(),
+            Some("messages[0].content[0].image_url.url")
+        );
+        assert!(check(Vec::new(), false, None).is_err());
+    }
+
+    #[test]
+    fn valid_messages_pass_through() {
+        let m = vec![
+            json!({"role": "system", "content": "be brief"}),
+            json!({"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}),
+            json!({"role": "assistant", "content": null, "tool_calls": []}),
+        ];
+        assert_eq!(check(m.clone(), true, None).unwrap(), m);
+    }
+}

@@ -1,0 +1,237 @@
+//! `pio serve`: the daemon. An OpenAI-compatible API over the plugins found in the plugin
+//! directories, an admin API, health, readiness and Prometheus metrics; plugins dropped in,
+//! replaced or removed are loaded, reloaded blue/green or drained; SIGTERM drains and stops.
+
+pub mod admin;
+pub mod deployment;
+pub mod error;
+pub mod hotplug;
+pub mod inference;
+pub mod library;
+pub mod messages;
+pub mod metrics;
+pub mod models;
+pub mod openai;
+pub mod responses;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+
+use self::error::ApiError;
+use self::models::{Models, Setup};
+
+/// What the handlers share.
+pub struct App {
+    /// The models.
+    pub models: Arc<Models>,
+    /// Counters and histograms.
+    pub metrics: metrics::Metrics,
+    /// Request limits.
+    pub limits: openai::Limits,
+    /// The body size limit, bytes.
+    pub max_body: u64,
+    /// Set once shutdown begins.
+    pub draining: AtomicBool,
+}
+
+/// Why the daemon could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The listen address cannot be bound.
+    #[error(
+        "cannot listen on {addr}: {source}; pick another address with --listen or server.listen"
+    )]
+    Listen {
+        /// The address.
+        addr: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A plugin directory cannot be scanned.
+    #[error(transparent)]
+    Scan(#[from] crate::discovery::ScanError),
+    /// The runtime directory cannot be created.
+    #[error("cannot create the runtime directory {path}: {source}; set server.runtime_dir")]
+    RuntimeDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The server failed.
+    #[error("the HTTP server failed: {0}")]
+    Http(std::io::Error),
+}
+
+/// Constant-time comparison, so a key cannot be guessed byte by byte from response times.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+/// Checks the bearer key: admin routes need an admin key when any key is configured; the
+/// inference API needs a user or admin key when user keys are configured.
+async fn authorize(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    let server = &app.models.setup().config.server;
+    let path = request.uri().path();
+    let admin = path.starts_with("/v1/plugins");
+    let needed = if admin {
+        !server.api_keys.is_empty() || !server.admin_keys.is_empty()
+    } else {
+        path.starts_with("/v1/") && !server.api_keys.is_empty()
+    };
+    if needed {
+        let given = request
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        let Some(given) = given else {
+            return ApiError::unauthorized(
+                "this server needs an API key: send `Authorization: Bearer KEY`",
+            )
+            .into_response();
+        };
+        let is_admin = server.admin_keys.iter().any(|k| same(k, given));
+        let is_user = server.api_keys.iter().any(|k| same(k, given));
+        if !(is_admin || (!admin && is_user)) {
+            let what = if admin {
+                "an admin key (server.admin_keys)"
+            } else {
+                "a key from server.api_keys"
+            };
+            return ApiError::unauthorized(format!(
+                "the API key is not valid here: this path needs {what}"
+            ))
+            .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+async fn no_route(request: Request) -> ApiError {
+    ApiError::not_found(format!(
+        "no route for {} {}",
+        request.method(),
+        request.uri().path()
+    ))
+}
+
+/// The router, with auth and the body limit.
+pub fn router(app: Arc<App>) -> Router {
+    let limit = usize::try_from(app.max_body).unwrap_or(usize::MAX);
+    Router::new()
+        .route("/v1/models", get(admin::models))
+        .route("/v1/models/{id}", get(admin::model))
+        .route("/v1/chat/completions", post(inference::chat))
+        .route("/v1/completions", post(inference::completions))
+        .route("/v1/plugins", get(admin::plugins))
+        .route("/v1/plugins/{name}/{action}", post(admin::plugin_action))
+        .route("/health", get(admin::health))
+        .route("/ready", get(admin::ready))
+        .route("/metrics", get(admin::metrics))
+        .fallback(no_route)
+        .layer(axum::middleware::from_fn_with_state(app.clone(), authorize))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(app)
+}
+
+/// Runs the daemon until SIGTERM or SIGINT, then drains: no new connections, requests in
+/// flight finish (up to `server.drain_timeout_secs`), workers stop and their cgroups go.
+pub async fn serve(setup: Setup) -> Result<(), ServeError> {
+    let server = setup.config.server.clone();
+    let listener = tokio::net::TcpListener::bind(&server.listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: server.listen.clone(),
+            source,
+        })?;
+    let runtime_dir = setup.store.dir().to_path_buf();
+    let models = Models::new(setup);
+    models.rescan().await?;
+    let app = Arc::new(App {
+        models: models.clone(),
+        metrics: metrics::Metrics::default(),
+        limits: openai::Limits {
+            max_tokens: server.max_tokens_limit,
+            image_root: server
+                .image_root
+                .as_ref()
+                .and_then(|r| std::fs::canonicalize(r).ok()),
+        },
+        max_body: server.max_body_size.0,
+        draining: AtomicBool::new(false),
+    });
+    let _watcher = if server.watch {
+        Some(hotplug::watch(models.clone()))
+    } else {
+        None
+    };
+    if server.keep_alive_secs > 0 {
+        let (models, keep) = (models.clone(), Duration::from_secs(server.keep_alive_secs));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(keep.min(Duration::from_secs(5))).await;
+                models.unload_idle(keep).await;
+            }
+        });
+    }
+    let local = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| server.listen.clone());
+    tracing::info!("listening on http://{local}");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let shutdown = {
+        let app = app.clone();
+        async move {
+            let why = shutdown_signal().await;
+            tracing::info!(
+                "{why}: draining (no new connections; requests in flight get {} s)",
+                server.drain_timeout_secs
+            );
+            app.draining.store(true, Ordering::Release);
+            let _ = stop_tx.send(true);
+        }
+    };
+    let http = axum::serve(listener, router(app.clone())).with_graceful_shutdown(shutdown);
+    let deadline = async move {
+        let mut rx = stop_rx;
+        let _ = rx.wait_for(|s| *s).await;
+        tokio::time::sleep(Duration::from_secs(server.drain_timeout_secs)).await;
+    };
+    tokio::select! {
+        result = http => result.map_err(ServeError::Http)?,
+        () = deadline => tracing::warn!("the drain deadline passed with requests still running; stopping them"),
+    }
+    models.stop_all().await;
+    let _ = std::fs::remove_dir_all(&runtime_dir);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot watch for SIGTERM: {e}");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+    }
+}

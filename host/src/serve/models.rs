@@ -1,0 +1,652 @@
+//! The models the daemon serves: which plugins exist (from discovery, kept current by hot plug),
+//! which are loaded, loading on demand and on command, blue/green reloads, idle unloading and the
+//! cap on loaded models.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use pio_plugin_api::wire::{InferRequest, Prompt};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use super::deployment::{Deployment, Lease, Refusal};
+use super::error::ApiError;
+use super::hotplug::{scan, Found};
+use super::library::LibraryStore;
+use crate::config::Config;
+use crate::discovery::{self, SearchPaths};
+use crate::launch;
+use crate::probe::Prober;
+use crate::sandbox::{HostSupport, Policy};
+use crate::supervisor::{Event, Supervised};
+
+/// Everything fixed for the daemon's lifetime that loading a plugin needs.
+#[derive(Debug)]
+pub struct Setup {
+    /// The configuration, flags applied.
+    pub config: Config,
+    /// Where plugins are looked for.
+    pub search: SearchPaths,
+    /// The sandbox policy, flags applied.
+    pub policy: Policy,
+    /// The `pio` executable (probes and workers).
+    pub exe: PathBuf,
+    /// The library copies workers run.
+    pub store: LibraryStore,
+}
+
+type LoadResult = Option<Result<(), ApiError>>;
+
+enum Slot {
+    Unloaded,
+    Loading(watch::Receiver<LoadResult>),
+    Loaded(Arc<Deployment>),
+}
+
+struct Entry {
+    found: Found,
+    slot: Slot,
+    last_error: Option<String>,
+    reloading: bool,
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: BTreeMap<String, Entry>,
+    /// Manifests that failed their checks, with why.
+    broken: BTreeMap<PathBuf, String>,
+}
+
+/// The daemon's models.
+pub struct Models {
+    setup: Setup,
+    inner: Mutex<Inner>,
+}
+
+/// A plugin as `/v1/plugins` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PluginStatus {
+    /// The plugin (the model's id in the API).
+    pub name: String,
+    /// Its version.
+    pub version: String,
+    /// `unloaded`, `loading`, `ready`, `restarting`, `quarantined`, `stopped`.
+    pub state: String,
+    /// Its manifest.
+    pub manifest: PathBuf,
+    /// The tier it asked for.
+    pub tier_requested: String,
+    /// The tier its worker runs at, when loaded.
+    pub tier_applied: Option<String>,
+    /// The worker's pid, when loaded.
+    pub pid: Option<u32>,
+    /// Worker restarts since it loaded.
+    pub restarts: u32,
+    /// Requests the server holds for it (running or waiting).
+    pub requests: usize,
+    /// Requests its worker is running.
+    pub requests_in_flight: usize,
+    /// Worker memory in use, bytes.
+    pub memory_bytes: Option<u64>,
+    /// The worker's memory limit, bytes.
+    pub memory_limit_bytes: Option<u64>,
+    /// CPU time the worker used, seconds.
+    pub cpu_seconds: Option<f64>,
+    /// OOM kills in the worker's cgroup.
+    pub oom_kills: u64,
+    /// The model's context length, when loaded.
+    pub context_length: Option<u32>,
+    /// Capabilities the library declares.
+    pub capabilities: Vec<String>,
+    /// Whether a blue/green reload is under way.
+    pub reloading: bool,
+    /// The last failure, in words.
+    pub last_error: Option<String>,
+}
+
+fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Models {
+    /// No models yet; [`Models::rescan`] finds them.
+    pub fn new(setup: Setup) -> Arc<Self> {
+        Arc::new(Self {
+            setup,
+            inner: Mutex::default(),
+        })
+    }
+
+    /// The setup it runs with.
+    pub fn setup(&self) -> &Setup {
+        &self.setup
+    }
+
+    /// Scans the plugin directories and brings the served set in line: new plugins are added
+    /// (and loaded when preloaded), changed ones reloaded blue/green, removed ones drained and
+    /// unloaded. A manifest that fails its checks is reported and changes nothing else.
+    pub async fn rescan(self: &Arc<Self>) -> Result<(), discovery::ScanError> {
+        let search = self.setup.search.clone();
+        let prober = Prober::new(self.setup.exe.clone());
+        let found = tokio::task::spawn_blocking(move || scan(&search, &prober))
+            .await
+            .unwrap_or_else(|e| Ok((Vec::new(), vec![(PathBuf::new(), e.to_string())])))?;
+        let (found, broken) = found;
+        let (mut load, mut reload, mut unload) = (Vec::new(), Vec::new(), Vec::new());
+        {
+            let mut inner = lock(&self.inner);
+            let mut seen: HashSet<String> = HashSet::new();
+            for (path, why) in &broken {
+                tracing::warn!(manifest = %path.display(), "plugin not served: {why}");
+                // A broken replacement leaves the version being served alone.
+                if let Some(name) = inner
+                    .entries
+                    .iter()
+                    .find(|(_, e)| &e.found.manifest_path == path)
+                    .map(|(n, _)| n.clone())
+                {
+                    seen.insert(name);
+                }
+            }
+            inner.broken = broken.into_iter().collect();
+            for f in found {
+                let name = f.manifest.name.clone();
+                seen.insert(name.clone());
+                match inner.entries.get_mut(&name) {
+                    None => {
+                        tracing::info!(plugin = %name, version = %f.manifest.version, "plugin found");
+                        if self.setup.config.server.preloads(&name) {
+                            load.push(name.clone());
+                        }
+                        inner.entries.insert(
+                            name,
+                            Entry {
+                                found: f,
+                                slot: Slot::Unloaded,
+                                last_error: None,
+                                reloading: false,
+                            },
+                        );
+                    }
+                    Some(e) if e.found.fingerprint != f.fingerprint => {
+                        tracing::info!(plugin = %name, version = %f.manifest.version, "plugin changed");
+                        e.found = f;
+                        if matches!(e.slot, Slot::Loaded(_)) {
+                            reload.push(name);
+                        }
+                    }
+                    Some(_) => {}
+                }
+            }
+            for name in inner.entries.keys() {
+                if !seen.contains(name) {
+                    unload.push(name.clone());
+                }
+            }
+        }
+        for name in load {
+            let this = self.clone();
+            tokio::spawn(async move { this.load(&name).await });
+        }
+        for name in reload {
+            let this = self.clone();
+            tokio::spawn(async move { this.reload(&name).await });
+        }
+        for name in unload {
+            tracing::info!(plugin = %name, "plugin removed; draining and unloading it");
+            let this = self.clone();
+            tokio::spawn(async move {
+                let _ = this.unload(&name).await;
+                lock(&this.inner).entries.remove(&name);
+            });
+        }
+        Ok(())
+    }
+
+    /// A lease on `name`'s deployment for one request, loading it first when allowed.
+    pub async fn acquire(self: &Arc<Self>, name: &str) -> Result<Lease, ApiError> {
+        let server = &self.setup.config.server;
+        for _ in 0..3 {
+            let wait = {
+                let mut inner = lock(&self.inner);
+                let entry = inner
+                    .entries
+                    .get(name)
+                    .ok_or_else(|| ApiError::unknown_model(name))?;
+                match &entry.slot {
+                    Slot::Loaded(d) => {
+                        return d.lease(server.queue_depth).map_err(|r| match r {
+                            Refusal::Full => ApiError::queue_full(name, server.queue_depth),
+                            Refusal::Unavailable(why) => ApiError::unavailable(format!(
+                                "model `{name}` cannot serve now: {why}"
+                            )),
+                        })
+                    }
+                    Slot::Loading(rx) => rx.clone(),
+                    Slot::Unloaded if server.load_on_demand => self.begin_load(&mut inner, name),
+                    Slot::Unloaded => return Err(ApiError::unavailable(format!(
+                        "model `{name}` is not loaded; load it with POST /v1/plugins/{name}/load"
+                    ))),
+                }
+            };
+            let deadline = Duration::from_secs(server.load_wait_secs);
+            match tokio::time::timeout(deadline, finished(wait)).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    return Err(ApiError::unavailable(format!(
+                        "model `{name}` is still loading; retry shortly"
+                    )))
+                }
+            }
+        }
+        Err(ApiError::unavailable(format!(
+            "model `{name}` was unloaded while the request waited for it; retry"
+        )))
+    }
+
+    /// Loads `name` unless it is loaded; waits until it is.
+    pub async fn load(self: &Arc<Self>, name: &str) -> Result<(), ApiError> {
+        let wait = {
+            let mut inner = lock(&self.inner);
+            let entry = inner
+                .entries
+                .get(name)
+                .ok_or_else(|| ApiError::unknown_model(name))?;
+            match &entry.slot {
+                Slot::Loaded(_) => return Ok(()),
+                Slot::Loading(rx) => rx.clone(),
+                Slot::Unloaded => self.begin_load(&mut inner, name),
+            }
+        };
+        finished(wait).await
+    }
+
+    fn begin_load(self: &Arc<Self>, inner: &mut Inner, name: &str) -> watch::Receiver<LoadResult> {
+        let (tx, rx) = watch::channel(None);
+        if let Some(entry) = inner.entries.get_mut(name) {
+            entry.slot = Slot::Loading(rx.clone());
+            let found = entry.found.clone();
+            let this = self.clone();
+            tokio::spawn(async move {
+                let result = match this.make_room(&found.manifest.name).await {
+                    Ok(()) => this.deploy(&found).await,
+                    Err(e) => Err(e),
+                };
+                let outcome = {
+                    let mut inner = lock(&this.inner);
+                    match (inner.entries.get_mut(&found.manifest.name), result) {
+                        (Some(entry), Ok(d)) => {
+                            entry.slot = Slot::Loaded(Arc::new(d));
+                            entry.last_error = None;
+                            Ok(None)
+                        }
+                        (Some(entry), Err(e)) => {
+                            entry.slot = Slot::Unloaded;
+                            entry.last_error = Some(e.message.clone());
+                            Err(e)
+                        }
+                        // Removed while it loaded.
+                        (None, Ok(d)) => Ok(Some(d)),
+                        (None, Err(e)) => Err(e),
+                    }
+                };
+                let sent = match outcome {
+                    Ok(Some(orphan)) => {
+                        orphan.supervised.stop().await;
+                        Err(ApiError::unknown_model(&found.manifest.name))
+                    }
+                    Ok(None) => {
+                        tracing::info!(plugin = %found.manifest.name, "model loaded");
+                        Ok(())
+                    }
+                    Err(e) => {
+                        tracing::error!(plugin = %found.manifest.name, "loading failed: {}", e.message);
+                        Err(e)
+                    }
+                };
+                let _ = tx.send(Some(sent));
+            });
+        }
+        rx
+    }
+
+    /// Unloads the least recently used idle model when loading another would pass the cap.
+    async fn make_room(&self, loading: &str) -> Result<(), ApiError> {
+        let cap = self.setup.config.server.max_loaded_models;
+        if cap == 0 {
+            return Ok(());
+        }
+        let victim = {
+            let mut inner = lock(&self.inner);
+            let busy = inner
+                .entries
+                .iter()
+                .filter(|(n, e)| n.as_str() != loading && !matches!(e.slot, Slot::Unloaded))
+                .count();
+            if busy < cap {
+                return Ok(());
+            }
+            let lru = inner
+                .entries
+                .iter()
+                .filter_map(|(n, e)| match &e.slot {
+                    Slot::Loaded(d) => d.idle_for().map(|idle| (idle, n.clone())),
+                    _ => None,
+                })
+                .max();
+            let Some((_, name)) = lru else {
+                return Err(ApiError::unavailable(format!(
+                    "{busy} models are loaded (server.max_loaded_models = {cap}) and all are busy; retry later"
+                )));
+            };
+            tracing::info!(plugin = %name, "unloading the least recently used model to make room for {loading}");
+            take_deployment(&mut inner, &name)
+        };
+        if let Some(d) = victim {
+            d.drain_and_stop(self.drain_timeout()).await;
+        }
+        Ok(())
+    }
+
+    /// Starts a worker for `found`, loads its model and warms it up.
+    async fn deploy(&self, found: &Found) -> Result<Deployment, ApiError> {
+        let name = &found.manifest.name;
+        let store = self.setup.store.clone();
+        let library = found.library.clone();
+        let (copy, sha) = tokio::task::spawn_blocking(move || store.snapshot(&library))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .map_err(|e| {
+                ApiError::internal(format!("cannot copy {}: {e}", found.library.display()))
+            })?;
+        if let Some(pin) = &found.manifest.sha256 {
+            if pin.get_ref().0 != sha {
+                return Err(ApiError::internal(format!(
+                    "{}: the library changed since it was checked (sha256 {sha}, pinned {}); it is not loaded",
+                    found.manifest_path.display(),
+                    pin.get_ref().0
+                )));
+            }
+        }
+        let config = &self.setup.config;
+        let plan = launch::plan(
+            &found.manifest,
+            config,
+            &self.setup.policy,
+            &HostSupport::detect(),
+        )
+        .map_err(|e| ApiError::internal(format!("plugin {name} cannot be confined: {e}")))?;
+        if let Some(why) = &plan.downgrade_reason {
+            tracing::warn!(plugin = %name, "running at tier {} instead of {}: {why}", plan.applied, plan.requested);
+        }
+        let model = launch::model_config(&found.manifest, &found.manifest_path);
+        let spec = launch::worker_spec(name, &copy, &model, plan, self.setup.exe.clone());
+        let (supervised, info) = Supervised::start(spec, model, config.restart_policy())
+            .await
+            .map_err(|e| ApiError::internal(format!("plugin {name} failed to load: {e}")))?;
+        if config.server.warmup {
+            if let Err(e) = warm_up(&supervised).await {
+                supervised.stop().await;
+                return Err(ApiError::internal(format!(
+                    "plugin {name} loaded but failed its warm-up request: {e}"
+                )));
+            }
+        }
+        Ok(Deployment::new(
+            supervised,
+            info,
+            found.manifest.version.to_string(),
+            sha,
+        ))
+    }
+
+    /// Unloads `name`, letting its requests finish (up to the drain timeout).
+    pub async fn unload(&self, name: &str) -> Result<(), ApiError> {
+        let taken = {
+            let mut inner = lock(&self.inner);
+            let entry = inner
+                .entries
+                .get(name)
+                .ok_or_else(|| ApiError::unknown_model(name))?;
+            if matches!(entry.slot, Slot::Loading(_)) {
+                return Err(ApiError::unavailable(format!(
+                    "plugin {name} is loading; unload it once it has loaded"
+                )));
+            }
+            take_deployment(&mut inner, name)
+        };
+        if let Some(d) = taken {
+            let cut = d.drain_and_stop(self.drain_timeout()).await;
+            if cut > 0 {
+                tracing::warn!(plugin = %name, "{cut} requests were still running at the drain deadline");
+            }
+            tracing::info!(plugin = %name, "model unloaded");
+        }
+        self.prune_store();
+        Ok(())
+    }
+
+    /// Replaces `name`'s worker with a fresh one (blue/green): the new one loads and warms up
+    /// while the old one serves; then traffic moves and the old one drains.
+    pub async fn reload(self: &Arc<Self>, name: &str) -> Result<(), ApiError> {
+        let found = {
+            let mut inner = lock(&self.inner);
+            let entry = inner
+                .entries
+                .get_mut(name)
+                .ok_or_else(|| ApiError::unknown_model(name))?;
+            match entry.slot {
+                Slot::Loaded(_) if !entry.reloading => {
+                    entry.reloading = true;
+                    Some(entry.found.clone())
+                }
+                Slot::Loaded(_) => {
+                    return Err(ApiError::unavailable(format!(
+                        "plugin {name} is already reloading"
+                    )))
+                }
+                _ => None,
+            }
+        };
+        let Some(found) = found else {
+            return self.load(name).await;
+        };
+        let result = self.deploy(&found).await;
+        let old = {
+            let mut inner = lock(&self.inner);
+            let Some(entry) = inner.entries.get_mut(name) else {
+                return Err(ApiError::unknown_model(name));
+            };
+            entry.reloading = false;
+            match result {
+                Ok(new) => {
+                    entry.last_error = None;
+                    std::mem::replace(&mut entry.slot, Slot::Loaded(Arc::new(new)))
+                }
+                Err(e) => {
+                    tracing::error!(plugin = %name, "reload failed, the old version keeps serving: {}", e.message);
+                    entry.last_error = Some(e.message.clone());
+                    return Err(e);
+                }
+            }
+        };
+        tracing::info!(plugin = %name, "reloaded; draining the old worker");
+        if let Slot::Loaded(old) = old {
+            old.drain_and_stop(self.drain_timeout()).await;
+        }
+        self.prune_store();
+        Ok(())
+    }
+
+    /// Drains and stops every model (shutdown).
+    pub async fn stop_all(&self) {
+        let all: Vec<_> = {
+            let mut inner = lock(&self.inner);
+            let names: Vec<String> = inner.entries.keys().cloned().collect();
+            names
+                .iter()
+                .filter_map(|n| take_deployment(&mut inner, n))
+                .collect()
+        };
+        let deadline = self.drain_timeout();
+        futures_util::future::join_all(all.iter().map(|d| d.drain_and_stop(deadline))).await;
+    }
+
+    /// Unloads models idle longer than `keep_alive`.
+    pub async fn unload_idle(&self, keep_alive: Duration) {
+        let idle: Vec<String> = {
+            let inner = lock(&self.inner);
+            inner
+                .entries
+                .iter()
+                .filter(|(_, e)| matches!(&e.slot, Slot::Loaded(d) if d.idle_for().is_some_and(|t| t >= keep_alive)))
+                .map(|(n, _)| n.clone())
+                .collect()
+        };
+        for name in idle {
+            tracing::info!(plugin = %name, "unloading after {} s idle (server.keep_alive_secs)", keep_alive.as_secs());
+            let _ = self.unload(&name).await;
+        }
+    }
+
+    fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.setup.config.server.drain_timeout_secs)
+    }
+
+    fn prune_store(&self) {
+        let keep: Vec<String> = {
+            let inner = lock(&self.inner);
+            inner
+                .entries
+                .values()
+                .filter_map(|e| match &e.slot {
+                    Slot::Loaded(d) => Some(d.library_sha256.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+        // A reload's old deployment may still be draining: its copy stays mapped, so removing
+        // the file is safe either way (the inode lives until unmapped).
+        self.setup.store.prune(&keep);
+    }
+
+    /// Every plugin with where it stands, and the manifests that failed their checks.
+    pub fn statuses(&self) -> (Vec<PluginStatus>, Vec<(PathBuf, String)>) {
+        let inner = lock(&self.inner);
+        let plugins = inner
+            .entries
+            .iter()
+            .map(|(name, e)| status_of(name, e))
+            .collect();
+        let broken = inner
+            .broken
+            .iter()
+            .map(|(p, w)| (p.clone(), w.clone()))
+            .collect();
+        (plugins, broken)
+    }
+
+    /// Capabilities `name` declares, or `None` if nobody serves it.
+    pub fn capabilities(&self, name: &str) -> Option<Vec<String>> {
+        lock(&self.inner)
+            .entries
+            .get(name)
+            .map(|e| e.found.report.capabilities.clone())
+    }
+}
+
+fn take_deployment(inner: &mut Inner, name: &str) -> Option<Arc<Deployment>> {
+    let entry = inner.entries.get_mut(name)?;
+    match std::mem::replace(&mut entry.slot, Slot::Unloaded) {
+        Slot::Loaded(d) => Some(d),
+        other => {
+            entry.slot = other;
+            None
+        }
+    }
+}
+
+async fn finished(mut rx: watch::Receiver<LoadResult>) -> Result<(), ApiError> {
+    match rx.wait_for(Option::is_some).await {
+        Ok(v) => v.clone().unwrap_or(Ok(())),
+        Err(_) => Err(ApiError::internal("the load was abandoned")),
+    }
+}
+
+/// One short generation: a model counts as ready only once it has produced a token.
+async fn warm_up(supervised: &Supervised) -> Result<(), ApiError> {
+    let request = InferRequest {
+        prompt: Prompt::Text("Hello".into()),
+        max_tokens: Some(1),
+        temperature: Some(0.0),
+        ..InferRequest::default()
+    };
+    let mut events = supervised.infer(request).map_err(|e| ApiError::from(e.0))?;
+    while let Some(event) = events.recv().await {
+        match event {
+            Event::Token(_) => {}
+            Event::Done(_) => return Ok(()),
+            Event::Failed(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiError::internal(
+        "the worker ended the warm-up request without an answer",
+    ))
+}
+
+fn status_of(name: &str, e: &Entry) -> PluginStatus {
+    let mut s = PluginStatus {
+        name: name.to_string(),
+        version: e.found.manifest.version.to_string(),
+        state: "unloaded".into(),
+        manifest: e.found.manifest_path.clone(),
+        tier_requested: e.found.manifest.tier.to_string(),
+        tier_applied: None,
+        pid: None,
+        restarts: 0,
+        requests: 0,
+        requests_in_flight: 0,
+        memory_bytes: None,
+        memory_limit_bytes: None,
+        cpu_seconds: None,
+        oom_kills: 0,
+        context_length: None,
+        capabilities: e.found.report.capabilities.clone(),
+        reloading: e.reloading,
+        last_error: e.last_error.clone(),
+    };
+    match &e.slot {
+        Slot::Unloaded => {}
+        Slot::Loading(_) => s.state = "loading".into(),
+        Slot::Loaded(d) => {
+            let st = d.supervised.status();
+            s.state = match &st.state {
+                crate::supervisor::State::Ready => "ready",
+                crate::supervisor::State::Restarting => "restarting",
+                crate::supervisor::State::Quarantined(_) => "quarantined",
+                crate::supervisor::State::Stopped => "stopped",
+            }
+            .into();
+            s.version = d.version.clone();
+            s.tier_applied = Some(st.tier);
+            s.pid = st.pid;
+            s.restarts = st.restarts;
+            s.requests = d.leases();
+            s.requests_in_flight = st.in_flight;
+            s.context_length = d.info.context_length;
+            if let Some(stats) = st.stats {
+                s.memory_bytes = stats.memory_bytes;
+                s.memory_limit_bytes = stats.memory_limit_bytes;
+                s.cpu_seconds = stats.cpu_usec.map(|u| u as f64 / 1e6);
+                s.oom_kills = stats.oom_kills;
+            }
+            if s.last_error.is_none() {
+                s.last_error = st.last_error;
+            }
+        }
+    }
+    s
+}

@@ -1,0 +1,372 @@
+//! OpenAI request bodies: parsed with the failing field named, checked against what the model
+//! can do and the server's limits, and turned into the plugin's [`InferRequest`].
+
+use pio_plugin_api::wire::{InferRequest, Prompt};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::error::ApiError;
+
+/// Which endpoint a request came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/v1/chat/completions`.
+    Chat,
+    /// `/v1/completions`.
+    Completions,
+}
+
+impl Endpoint {
+    /// The metrics label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Chat => "chat",
+            Self::Completions => "completions",
+        }
+    }
+}
+
+/// Fields both endpoints share. Unknown fields are ignored, as OpenAI's own server does with
+/// fields it does not use.
+#[derive(Debug, Deserialize)]
+struct Common {
+    model: String,
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+    max_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<i64>,
+    min_p: Option<f32>,
+    seed: Option<i64>,
+    stop: Option<Stop>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    repetition_penalty: Option<f32>,
+    n: Option<u32>,
+    logit_bias: Option<Map<String, Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamOptions {
+    include_usage: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatFields {
+    messages: Vec<Value>,
+    max_completion_tokens: Option<u32>,
+    logprobs: Option<bool>,
+    top_logprobs: Option<u32>,
+    tools: Option<Vec<Value>>,
+    tool_choice: Option<Value>,
+    response_format: Option<Value>,
+    chat_template_kwargs: Option<Map<String, Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CompletionFields {
+    prompt: Value,
+    logprobs: Option<u32>,
+    echo: Option<bool>,
+    suffix: Option<String>,
+    best_of: Option<u32>,
+}
+
+/// How logprobs are to be reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogprobsFormat {
+    /// Not asked for.
+    None,
+    /// Chat: `choices[].logprobs.content[]`.
+    Chat,
+    /// Completions: `choices[].logprobs.{tokens, token_logprobs, top_logprobs, text_offset}`.
+    Legacy,
+}
+
+/// A checked request.
+#[derive(Debug, Clone)]
+pub struct Parsed {
+    /// The model asked for.
+    pub model: String,
+    /// Which endpoint.
+    pub endpoint: Endpoint,
+    /// Server-sent events instead of one JSON body.
+    pub stream: bool,
+    /// A last stream chunk carrying `usage`.
+    pub include_usage: bool,
+    /// How to report logprobs.
+    pub logprobs: LogprobsFormat,
+    /// What the plugin gets.
+    pub request: InferRequest,
+}
+
+/// What the server allows.
+#[derive(Debug, Clone, Default)]
+pub struct Limits {
+    /// The most tokens a request may ask for (0: no cap).
+    pub max_tokens: u32,
+    /// Image parts may name files under this (canonical) directory.
+    pub image_root: Option<std::path::PathBuf>,
+}
+
+fn field<T: DeserializeOwned>(body: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(body).map_err(|e| {
+        let path = e.path().to_string();
+        ApiError::bad_field(path.clone(), format!("`{path}`: {}", e.inner()))
+    })
+}
+
+/// Parses the JSON body (syntax errors name line and column).
+pub fn body_json(bytes: &[u8]) -> Result<Value, ApiError> {
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(ApiError::bad_request(
+            "the request body must be a JSON object",
+        ));
+    }
+    Ok(value)
+}
+
+/// The `model` field alone (to look the model up before the rest is checked).
+pub fn model_of(body: &Value) -> Result<String, ApiError> {
+    match body.get("model") {
+        Some(Value::String(m)) if !m.is_empty() => Ok(m.clone()),
+        Some(_) => Err(ApiError::bad_field(
+            "model",
+            "`model` must be a non-empty string",
+        )),
+        None => Err(ApiError::bad_field(
+            "model",
+            "`model` is required; GET /v1/models lists the models served",
+        )),
+    }
+}
+
+fn check_range(name: &str, v: Option<f32>, lo: f32, hi: f32) -> Result<(), ApiError> {
+    match v {
+        Some(x) if !(lo..=hi).contains(&x) || x.is_nan() => Err(ApiError::bad_field(
+            name,
+            format!("`{name}` must be between {lo} and {hi}, found {x}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn unsupported(name: &str, why: &str) -> ApiError {
+    ApiError::bad_field(name, format!("`{name}` {why}"))
+}
+
+/// Checks `body` for `endpoint` and builds the plugin request. `capabilities` are the model's.
+pub fn parse(
+    body: &Value,
+    endpoint: Endpoint,
+    capabilities: &[String],
+    limits: &Limits,
+) -> Result<Parsed, ApiError> {
+    let c: Common = field(body)?;
+    let has = |cap: &str| capabilities.iter().any(|c| c == cap);
+    check_range("temperature", c.temperature, 0.0, 2.0)?;
+    check_range("top_p", c.top_p, 0.0, 1.0)?;
+    check_range("min_p", c.min_p, 0.0, 1.0)?;
+    check_range("presence_penalty", c.presence_penalty, -2.0, 2.0)?;
+    check_range("frequency_penalty", c.frequency_penalty, -2.0, 2.0)?;
+    check_range("repetition_penalty", c.repetition_penalty, 0.01, 10.0)?;
+    if c.top_p == Some(0.0) {
+        return Err(ApiError::bad_field(
+            "top_p",
+            "`top_p` must be greater than 0",
+        ));
+    }
+    if c.n.is_some_and(|n| n != 1) {
+        return Err(unsupported("n", "must be 1: this server generates one choice per request; send several requests instead"));
+    }
+    if c.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
+        return Err(unsupported("logit_bias", "is not supported; remove it"));
+    }
+    let top_k = match c.top_k {
+        None | Some(0) | Some(-1) => None,
+        Some(k) if k > 0 => Some(u32::try_from(k).unwrap_or(u32::MAX)),
+        Some(k) => {
+            return Err(ApiError::bad_field(
+                "top_k",
+                format!("`top_k` must be positive (or 0 or -1 for none), found {k}"),
+            ))
+        }
+    };
+    let stop = match c.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    };
+    if stop.iter().any(String::is_empty) {
+        return Err(ApiError::bad_field(
+            "stop",
+            "`stop` strings must not be empty",
+        ));
+    }
+    let mut request = InferRequest {
+        temperature: c.temperature,
+        top_p: c.top_p,
+        top_k,
+        min_p: c.min_p,
+        repetition_penalty: c.repetition_penalty,
+        presence_penalty: c.presence_penalty,
+        frequency_penalty: c.frequency_penalty,
+        // Clients send signed seeds; the bits are what matter for reproducibility.
+        seed: c.seed.map(|s| s as u64),
+        stop,
+        ..InferRequest::default()
+    };
+    let mut max_tokens = c.max_tokens;
+    let logprobs = match endpoint {
+        Endpoint::Chat => {
+            let f: ChatFields = field(body)?;
+            max_tokens = f.max_completion_tokens.or(max_tokens);
+            request.prompt = Prompt::Messages(super::messages::check(
+                f.messages,
+                has("vision"),
+                limits.image_root.as_deref(),
+            )?);
+            if let Some(tools) = f.tools.filter(|t| !t.is_empty()) {
+                let wanted = match f.tool_choice.as_ref() {
+                    None => true,
+                    Some(Value::String(s)) if s == "auto" => true,
+                    Some(Value::String(s)) if s == "none" => false,
+                    Some(_) => {
+                        return Err(unsupported(
+                            "tool_choice",
+                            "supports \"auto\" and \"none\" only",
+                        ))
+                    }
+                };
+                if wanted && !has("tools") {
+                    return Err(unsupported(
+                        "tools",
+                        &format!(
+                            "are not supported by model `{}`: it does not declare tool calling",
+                            c.model
+                        ),
+                    ));
+                }
+                request.tools = wanted.then_some(tools);
+            }
+            if let Some(format) = &f.response_format {
+                if format.get("type").and_then(Value::as_str) != Some("text") {
+                    return Err(unsupported(
+                        "response_format",
+                        "supports {\"type\": \"text\"} only",
+                    ));
+                }
+            }
+            request.chat_template_kwargs = f.chat_template_kwargs.unwrap_or_default();
+            match (f.logprobs.unwrap_or(false), f.top_logprobs) {
+                (false, Some(_)) => {
+                    return Err(ApiError::bad_field(
+                        "top_logprobs",
+                        "`top_logprobs` needs `logprobs: true`",
+                    ))
+                }
+                (false, None) => LogprobsFormat::None,
+                (true, k) => {
+                    request.logprobs = Some(check_top("top_logprobs", k.unwrap_or(0), 20)?);
+                    LogprobsFormat::Chat
+                }
+            }
+        }
+        Endpoint::Completions => {
+            let f: CompletionFields = field(body)?;
+            request.prompt = Prompt::Text(completion_prompt(&f.prompt)?);
+            if f.echo == Some(true) {
+                return Err(unsupported(
+                    "echo",
+                    "is not supported; the prompt is known to the client",
+                ));
+            }
+            if f.suffix.is_some_and(|s| !s.is_empty()) {
+                return Err(unsupported("suffix", "is not supported"));
+            }
+            if f.best_of.is_some_and(|b| b != 1) {
+                return Err(unsupported("best_of", "must be 1"));
+            }
+            match f.logprobs {
+                None => LogprobsFormat::None,
+                Some(k) => {
+                    request.logprobs = Some(check_top("logprobs", k, 5)?);
+                    LogprobsFormat::Legacy
+                }
+            }
+        }
+    };
+    if logprobs != LogprobsFormat::None && !has("logprobs") {
+        return Err(unsupported(
+            "logprobs",
+            &format!("are not supported by model `{}`", c.model),
+        ));
+    }
+    if let Some(m) = max_tokens {
+        if m == 0 {
+            return Err(ApiError::bad_field(
+                "max_tokens",
+                "`max_tokens` must be at least 1",
+            ));
+        }
+        if limits.max_tokens > 0 && m > limits.max_tokens {
+            return Err(ApiError::bad_field(
+                "max_tokens",
+                format!(
+                    "`max_tokens` is {m}; this server allows at most {} (server.max_tokens_limit)",
+                    limits.max_tokens
+                ),
+            ));
+        }
+    }
+    request.max_tokens = max_tokens.or((limits.max_tokens > 0).then_some(limits.max_tokens));
+    Ok(Parsed {
+        model: c.model,
+        endpoint,
+        stream: c.stream.unwrap_or(false),
+        include_usage: c
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false),
+        logprobs,
+        request,
+    })
+}
+
+fn check_top(name: &str, k: u32, max: u32) -> Result<u32, ApiError> {
+    if k > max {
+        return Err(ApiError::bad_field(
+            name,
+            format!("`{name}` must be at most {max}, found {k}"),
+        ));
+    }
+    Ok(k)
+}
+
+fn completion_prompt(prompt: &Value) -> Result<String, ApiError> {
+    match prompt {
+        Value::String(s) => Ok(s.clone()),
+        Value::Array(items) if items.len() == 1 && items[0].is_string() => {
+            Ok(items[0].as_str().unwrap_or_default().to_string())
+        }
+        Value::Array(items) if items.iter().all(Value::is_string) => Err(unsupported(
+            "prompt",
+            "must be one string: several prompts per request are not supported",
+        )),
+        _ => Err(unsupported(
+            "prompt",
+            "must be a string (token arrays are not supported)",
+        )),
+    }
+}

@@ -1,0 +1,211 @@
+//! OpenAI response bodies: whole completions, stream chunks, logprobs in the chat and the legacy
+//! completions shapes, and `usage`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use pio_plugin_api::wire::{FinishReason, InferOutcome, Usage};
+use serde_json::{json, Value};
+
+use super::openai::{Endpoint, LogprobsFormat};
+use crate::protocol::TokenFrame;
+
+static SEQUENCE: AtomicU64 = AtomicU64::new(0);
+
+/// Builds the bodies of one response.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    id: String,
+    created: u64,
+    model: String,
+    endpoint: Endpoint,
+    logprobs: LogprobsFormat,
+    /// Characters of completion text so far (the legacy `text_offset`).
+    offset: usize,
+}
+
+fn finish(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Stop | FinishReason::Cancelled => "stop",
+        FinishReason::Length => "length",
+        FinishReason::ToolCalls => "tool_calls",
+    }
+}
+
+fn usage(u: Usage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+    })
+}
+
+impl Reply {
+    /// A response to a request for `model` at `endpoint`.
+    pub fn new(model: &str, endpoint: Endpoint, logprobs: LogprobsFormat) -> Self {
+        let created = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let prefix = match endpoint {
+            Endpoint::Chat => "chatcmpl",
+            Endpoint::Completions => "cmpl",
+        };
+        let n = SEQUENCE.fetch_add(1, Ordering::Relaxed);
+        Self {
+            id: format!(
+                "{prefix}-{created:x}{:05x}{n:x}",
+                std::process::id() & 0xfffff
+            ),
+            created,
+            model: model.to_string(),
+            endpoint,
+            logprobs,
+            offset: 0,
+        }
+    }
+
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.endpoint, chunk) {
+            (Endpoint::Chat, false) => "chat.completion",
+            (Endpoint::Chat, true) => "chat.completion.chunk",
+            (Endpoint::Completions, _) => "text_completion",
+        }
+    }
+
+    fn envelope(&self, chunk: bool, choices: Value) -> Value {
+        json!({
+            "id": self.id,
+            "object": self.object(chunk),
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": null,
+            "choices": choices,
+        })
+    }
+
+    /// Logprobs of `tokens` in this endpoint's shape (advancing the text offset).
+    fn logprobs_of(&mut self, tokens: &[TokenFrame]) -> Value {
+        match self.logprobs {
+            LogprobsFormat::None => Value::Null,
+            LogprobsFormat::Chat => {
+                let entry = |text: &str, lp: f32| json!({"token": text, "logprob": lp, "bytes": text.as_bytes()});
+                let content: Vec<Value> = tokens
+                    .iter()
+                    .map(|t| {
+                        let mut e = entry(&t.text, t.logprob.unwrap_or(0.0));
+                        e["top_logprobs"] = t
+                            .top_logprobs
+                            .iter()
+                            .map(|(_, text, lp)| entry(text, *lp))
+                            .collect();
+                        e
+                    })
+                    .collect();
+                json!({"content": content})
+            }
+            LogprobsFormat::Legacy => {
+                let mut offsets = Vec::with_capacity(tokens.len());
+                for t in tokens {
+                    offsets.push(self.offset);
+                    self.offset += t.text.chars().count();
+                }
+                json!({
+                    "tokens": tokens.iter().map(|t| t.text.clone()).collect::<Vec<_>>(),
+                    "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+                    "top_logprobs": tokens.iter().map(|t| {
+                        t.top_logprobs.iter().map(|(_, text, lp)| (text.clone(), json!(lp))).collect::<serde_json::Map<_, _>>()
+                    }).collect::<Vec<_>>(),
+                    "text_offset": offsets,
+                })
+            }
+        }
+    }
+
+    /// The whole (non-streamed) response.
+    pub fn complete(&mut self, tokens: &[TokenFrame], outcome: &InferOutcome) -> Value {
+        let text: String = tokens.iter().map(|t| t.text.as_str()).collect();
+        let logprobs = self.logprobs_of(tokens);
+        let choice = match self.endpoint {
+            Endpoint::Chat => json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": logprobs,
+                "finish_reason": finish(outcome.finish_reason),
+            }),
+            Endpoint::Completions => json!({
+                "index": 0,
+                "text": text,
+                "logprobs": logprobs,
+                "finish_reason": finish(outcome.finish_reason),
+            }),
+        };
+        let mut body = self.envelope(false, json!([choice]));
+        body["usage"] = usage(outcome.usage);
+        body
+    }
+
+    fn chunk(
+        &self,
+        delta: Value,
+        logprobs: Value,
+        finish_reason: Option<&str>,
+        include_usage: bool,
+    ) -> Value {
+        let choice = match self.endpoint {
+            Endpoint::Chat => {
+                json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason})
+            }
+            Endpoint::Completions => json!({
+                "index": 0,
+                "text": delta.get("content").cloned().unwrap_or(json!("")),
+                "logprobs": logprobs,
+                "finish_reason": finish_reason,
+            }),
+        };
+        let mut body = self.envelope(true, json!([choice]));
+        if include_usage {
+            body["usage"] = Value::Null;
+        }
+        body
+    }
+
+    /// The stream's first chunk (chat: the assistant role), if the endpoint has one.
+    pub fn opening_chunk(&self, include_usage: bool) -> Option<Value> {
+        (self.endpoint == Endpoint::Chat).then(|| {
+            self.chunk(
+                json!({"role": "assistant", "content": ""}),
+                Value::Null,
+                None,
+                include_usage,
+            )
+        })
+    }
+
+    /// A chunk carrying one token.
+    pub fn token_chunk(&mut self, token: &TokenFrame, include_usage: bool) -> Value {
+        let logprobs = self.logprobs_of(std::slice::from_ref(token));
+        self.chunk(
+            json!({"content": token.text}),
+            logprobs,
+            None,
+            include_usage,
+        )
+    }
+
+    /// The chunk with the finish reason.
+    pub fn finish_chunk(&self, outcome: &InferOutcome, include_usage: bool) -> Value {
+        self.chunk(
+            json!({}),
+            Value::Null,
+            Some(finish(outcome.finish_reason)),
+            include_usage,
+        )
+    }
+
+    /// The last chunk when `stream_options.include_usage` is set: no choices, the usage.
+    pub fn usage_chunk(&self, outcome: &InferOutcome) -> Value {
+        let mut body = self.envelope(true, json!([]));
+        body["usage"] = usage(outcome.usage);
+        body
+    }
+}
