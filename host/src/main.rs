@@ -89,6 +89,7 @@ fn main() -> ExitCode {
             .with_writer(std::io::stderr)
             .without_time()
             .with_target(false)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .try_init();
     }
     let result = match cli.command {

@@ -4,9 +4,12 @@
 
 mod support;
 
+mod daemon;
 mod discovery;
+mod hotplug;
 mod medium;
 mod qwen3;
+mod serve;
 mod supervisor;
 mod upper_tiers;
 mod worker;

@@ -17,8 +17,8 @@ pub struct Deployment {
     pub supervised: Supervised,
     /// What the model reported when it loaded.
     pub info: ModelInfo,
-    /// sha256 of the library this deployment runs.
-    pub library_sha256: String,
+    /// The library copy this deployment runs (deleted when the last deployment using it goes).
+    pub library: Arc<super::library::LibraryCopy>,
     /// The plugin's version.
     pub version: String,
     leases: AtomicUsize,
@@ -67,11 +67,16 @@ pub enum Refusal {
 
 impl Deployment {
     /// A deployment of a freshly loaded worker.
-    pub fn new(supervised: Supervised, info: ModelInfo, version: String, sha256: String) -> Self {
+    pub fn new(
+        supervised: Supervised,
+        info: ModelInfo,
+        version: String,
+        library: Arc<super::library::LibraryCopy>,
+    ) -> Self {
         Self {
             supervised,
             info,
-            library_sha256: sha256,
+            library,
             version,
             leases: AtomicUsize::new(0),
             idle: Notify::new(),

@@ -1,18 +1,33 @@
 //! Private copies of the plugin libraries being served. A worker maps its library for as long as
 //! it runs; an operator replacing the file in place (`cp new.so plugins/`) would rewrite pages
 //! under a running worker and crash it. Workers therefore run a content-addressed copy, and the
-//! watched file is free to change.
+//! watched file is free to change. A copy is deleted when the last deployment using it is gone.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
 
 use sha2::{Digest, Sha256};
+
+type Live = Arc<Mutex<HashMap<String, Weak<LibraryCopy>>>>;
 
 /// A folder of library copies, named by their sha256.
 #[derive(Debug, Clone)]
 pub struct LibraryStore {
     dir: PathBuf,
+    live: Live,
+}
+
+/// One copy; the file goes when the last holder drops it.
+#[derive(Debug)]
+pub struct LibraryCopy {
+    /// The copy.
+    pub path: PathBuf,
+    /// Its sha256.
+    pub sha256: String,
+    live: Live,
 }
 
 /// sha256 of a byte string, in hex.
@@ -23,12 +38,19 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
+fn lock(live: &Live) -> std::sync::MutexGuard<'_, HashMap<String, Weak<LibraryCopy>>> {
+    live.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl LibraryStore {
     /// Creates `dir` (readable by the workers' unprivileged user).
     pub fn create(dir: PathBuf) -> std::io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
-        Ok(Self { dir })
+        Ok(Self {
+            dir,
+            live: Live::default(),
+        })
     }
 
     /// Where the copies are.
@@ -36,34 +58,40 @@ impl LibraryStore {
         &self.dir
     }
 
-    /// Copies `library` in (once per content); returns the copy and its sha256.
-    pub fn snapshot(&self, library: &Path) -> std::io::Result<(PathBuf, String)> {
+    /// A copy of `library` as it is now (shared with others of the same content).
+    pub fn snapshot(&self, library: &Path) -> std::io::Result<Arc<LibraryCopy>> {
         let bytes = std::fs::read(library)?;
         let sha = sha256_hex(&bytes);
-        let copy = self.dir.join(format!("{sha}.so"));
-        if !copy.is_file() {
-            // Written under a temporary name and renamed: a copy is never seen half-written.
-            let partial = self.dir.join(format!(".{sha}.partial"));
-            let mut f = std::fs::File::create(&partial)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o644))?;
-            std::fs::rename(&partial, &copy)?;
+        // Held while writing: a copy being dropped cannot delete the file under a new holder.
+        let mut live = lock(&self.live);
+        if let Some(copy) = live.get(&sha).and_then(Weak::upgrade) {
+            return Ok(copy);
         }
-        Ok((copy, sha))
+        let path = self.dir.join(format!("{sha}.so"));
+        // Written under a temporary name and renamed: a copy is never seen half-written.
+        let partial = self.dir.join(format!(".{sha}.partial"));
+        let mut f = std::fs::File::create(&partial)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o644))?;
+        std::fs::rename(&partial, &path)?;
+        let copy = Arc::new(LibraryCopy {
+            path,
+            sha256: sha.clone(),
+            live: self.live.clone(),
+        });
+        live.insert(sha, Arc::downgrade(&copy));
+        Ok(copy)
     }
+}
 
-    /// Removes copies no deployment in `keep` uses.
-    pub fn prune(&self, keep: &[String]) {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let sha = name.trim_end_matches(".so");
-            if name.ends_with(".so") && !keep.iter().any(|k| k == sha) {
-                let _ = std::fs::remove_file(entry.path());
-            }
+impl Drop for LibraryCopy {
+    fn drop(&mut self) {
+        let mut live = lock(&self.live);
+        if live.get(&self.sha256).and_then(Weak::upgrade).is_none() {
+            live.remove(&self.sha256);
+            // A worker still mapping it keeps the inode alive; only the name goes.
+            let _ = std::fs::remove_file(&self.path);
         }
     }
 }
@@ -73,18 +101,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_copy_survives_the_original_being_rewritten() {
+    fn a_copy_survives_the_original_being_rewritten_and_goes_with_its_last_holder() {
         let tmp = tempfile::tempdir().unwrap();
         let store = LibraryStore::create(tmp.path().join("libs")).unwrap();
         let original = tmp.path().join("libx.so");
         std::fs::write(&original, b"first").unwrap();
-        let (copy, sha) = store.snapshot(&original).unwrap();
+        let first = store.snapshot(&original).unwrap();
+        let again = store.snapshot(&original).unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
         std::fs::write(&original, b"second").unwrap();
-        assert_eq!(std::fs::read(&copy).unwrap(), b"first");
-        assert_eq!(sha, sha256_hex(b"first"));
-        let (copy2, sha2) = store.snapshot(&original).unwrap();
-        assert_ne!((copy2.clone(), sha2), (copy.clone(), sha.clone()));
-        store.prune(std::slice::from_ref(&sha));
-        assert!(copy.is_file() && !copy2.exists());
+        assert_eq!(std::fs::read(&first.path).unwrap(), b"first");
+        assert_eq!(first.sha256, sha256_hex(b"first"));
+        let second = store.snapshot(&original).unwrap();
+        assert_ne!(second.path, first.path);
+        let path = first.path.clone();
+        drop(first);
+        assert!(path.is_file(), "still held");
+        drop(again);
+        assert!(!path.exists() && second.path.is_file());
     }
 }

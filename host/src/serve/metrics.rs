@@ -157,6 +157,26 @@ struct WorkerCollector(Arc<Mutex<Vec<PluginStatus>>>);
 
 type Figure = fn(&PluginStatus) -> Option<f64>;
 
+/// Whole numbers print as integers (`3`, not `3.0`), as counts and bytes should.
+fn encode_value(
+    v: f64,
+    kind: MetricType,
+    encoder: prometheus_client::encoding::MetricEncoder<'_>,
+) -> Result<(), std::fmt::Error> {
+    let whole = v.fract() == 0.0 && v.abs() < 9.0e15;
+    match (kind, whole) {
+        (MetricType::Counter, true) => ConstCounter::new(v as u64).encode(encoder),
+        (MetricType::Counter, false) => ConstCounter::new(v).encode(encoder),
+        (_, true) => ConstGauge::new(v as i64).encode(encoder),
+        (_, false) => ConstGauge::new(v).encode(encoder),
+    }
+}
+
+/// v1 reports "no limit" as a huge number; it is no limit.
+fn real_limit(bytes: u64) -> Option<f64> {
+    (bytes < 1 << 60).then_some(bytes as f64)
+}
+
 impl Collector for WorkerCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let workers = self.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -179,7 +199,7 @@ impl Collector for WorkerCollector {
             (
                 "worker_memory_limit_bytes",
                 "The worker's memory limit (cgroup)",
-                |s| s.memory_limit_bytes.map(|b| b as f64),
+                |s| s.memory_limit_bytes.and_then(real_limit),
             ),
         ];
         for (name, help, figure) in gauges {
@@ -187,7 +207,7 @@ impl Collector for WorkerCollector {
             for s in workers.iter() {
                 if let Some(v) = figure(s) {
                     let labels = [("model", s.name.as_str())];
-                    ConstGauge::new(v).encode(metric.encode_family(&labels)?)?;
+                    encode_value(v, MetricType::Gauge, metric.encode_family(&labels)?)?;
                 }
             }
         }
@@ -213,7 +233,7 @@ impl Collector for WorkerCollector {
             for s in workers.iter() {
                 if let Some(v) = figure(s) {
                     let labels = [("model", s.name.as_str())];
-                    ConstCounter::new(v).encode(metric.encode_family(&labels)?)?;
+                    encode_value(v, MetricType::Counter, metric.encode_family(&labels)?)?;
                 }
             }
         }

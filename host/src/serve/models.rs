@@ -180,10 +180,17 @@ impl Models {
                     Some(_) => {}
                 }
             }
-            for name in inner.entries.keys() {
-                if !seen.contains(name) {
-                    unload.push(name.clone());
-                }
+            let gone: Vec<String> = inner
+                .entries
+                .keys()
+                .filter(|n| !seen.contains(*n))
+                .cloned()
+                .collect();
+            for name in gone {
+                // Out of the map at once: new requests get 404 instead of loading it again.
+                let deployment = take_deployment(&mut inner, &name);
+                inner.entries.remove(&name);
+                unload.push((name, deployment));
             }
         }
         for name in load {
@@ -194,13 +201,12 @@ impl Models {
             let this = self.clone();
             tokio::spawn(async move { this.reload(&name).await });
         }
-        for name in unload {
+        for (name, deployment) in unload {
             tracing::info!(plugin = %name, "plugin removed; draining and unloading it");
-            let this = self.clone();
-            tokio::spawn(async move {
-                let _ = this.unload(&name).await;
-                lock(&this.inner).entries.remove(&name);
-            });
+            if let Some(d) = deployment {
+                let deadline = self.drain_timeout();
+                tokio::spawn(async move { d.drain_and_stop(deadline).await });
+            }
         }
         Ok(())
     }
@@ -226,9 +232,11 @@ impl Models {
                     }
                     Slot::Loading(rx) => rx.clone(),
                     Slot::Unloaded if server.load_on_demand => self.begin_load(&mut inner, name),
-                    Slot::Unloaded => return Err(ApiError::unavailable(format!(
+                    Slot::Unloaded => {
+                        return Err(ApiError::unavailable(format!(
                         "model `{name}` is not loaded; load it with POST /v1/plugins/{name}/load"
-                    ))),
+                    )))
+                    }
                 }
             };
             let deadline = Duration::from_secs(server.load_wait_secs);
@@ -356,17 +364,18 @@ impl Models {
         let name = &found.manifest.name;
         let store = self.setup.store.clone();
         let library = found.library.clone();
-        let (copy, sha) = tokio::task::spawn_blocking(move || store.snapshot(&library))
+        let copy = tokio::task::spawn_blocking(move || store.snapshot(&library))
             .await
             .map_err(|e| ApiError::internal(e.to_string()))?
             .map_err(|e| {
                 ApiError::internal(format!("cannot copy {}: {e}", found.library.display()))
             })?;
         if let Some(pin) = &found.manifest.sha256 {
-            if pin.get_ref().0 != sha {
+            if pin.get_ref().0 != copy.sha256 {
                 return Err(ApiError::internal(format!(
-                    "{}: the library changed since it was checked (sha256 {sha}, pinned {}); it is not loaded",
+                    "{}: the library changed since it was checked (sha256 {}, pinned {}); it is not loaded",
                     found.manifest_path.display(),
+                    copy.sha256,
                     pin.get_ref().0
                 )));
             }
@@ -383,7 +392,7 @@ impl Models {
             tracing::warn!(plugin = %name, "running at tier {} instead of {}: {why}", plan.applied, plan.requested);
         }
         let model = launch::model_config(&found.manifest, &found.manifest_path);
-        let spec = launch::worker_spec(name, &copy, &model, plan, self.setup.exe.clone());
+        let spec = launch::worker_spec(name, &copy.path, &model, plan, self.setup.exe.clone());
         let (supervised, info) = Supervised::start(spec, model, config.restart_policy())
             .await
             .map_err(|e| ApiError::internal(format!("plugin {name} failed to load: {e}")))?;
@@ -399,7 +408,7 @@ impl Models {
             supervised,
             info,
             found.manifest.version.to_string(),
-            sha,
+            copy,
         ))
     }
 
@@ -425,7 +434,6 @@ impl Models {
             }
             tracing::info!(plugin = %name, "model unloaded");
         }
-        self.prune_store();
         Ok(())
     }
 
@@ -477,7 +485,6 @@ impl Models {
         if let Slot::Loaded(old) = old {
             old.drain_and_stop(self.drain_timeout()).await;
         }
-        self.prune_store();
         Ok(())
     }
 
@@ -514,23 +521,6 @@ impl Models {
 
     fn drain_timeout(&self) -> Duration {
         Duration::from_secs(self.setup.config.server.drain_timeout_secs)
-    }
-
-    fn prune_store(&self) {
-        let keep: Vec<String> = {
-            let inner = lock(&self.inner);
-            inner
-                .entries
-                .values()
-                .filter_map(|e| match &e.slot {
-                    Slot::Loaded(d) => Some(d.library_sha256.clone()),
-                    _ => None,
-                })
-                .collect()
-        };
-        // A reload's old deployment may still be draining: its copy stays mapped, so removing
-        // the file is safe either way (the inode lives until unmapped).
-        self.setup.store.prune(&keep);
     }
 
     /// Every plugin with where it stands, and the manifests that failed their checks.
@@ -639,7 +629,7 @@ fn status_of(name: &str, e: &Entry) -> PluginStatus {
             s.context_length = d.info.context_length;
             if let Some(stats) = st.stats {
                 s.memory_bytes = stats.memory_bytes;
-                s.memory_limit_bytes = stats.memory_limit_bytes;
+                s.memory_limit_bytes = stats.memory_limit_bytes.filter(|b| *b < 1 << 60);
                 s.cpu_seconds = stats.cpu_usec.map(|u| u as f64 / 1e6);
                 s.oom_kills = stats.oom_kills;
             }

@@ -89,6 +89,8 @@ pub struct Cgroup {
     pids: PathBuf,
     devices: Option<PathBuf>,
     cpuset: Option<PathBuf>,
+    /// v1's CPU accounting, where it is a hierarchy of its own (not mounted with `cpu`).
+    cpuacct: Option<PathBuf>,
     /// A directory with `cgroup.kill` (v2, or the v1 hybrid's unified tree).
     unified: Option<PathBuf>,
 }
@@ -104,10 +106,12 @@ pub fn reap_stale(version: Version) -> usize {
 
 fn reap_stale_at(root: &Path, version: Version) -> usize {
     let parents: Vec<PathBuf> = match version {
-        Version::V1 => ["memory", "cpu", "pids", "devices", "cpuset", "unified"]
-            .iter()
-            .map(|c| root.join(c).join("pio"))
-            .collect(),
+        Version::V1 => [
+            "memory", "cpu", "cpuacct", "pids", "devices", "cpuset", "unified",
+        ]
+        .iter()
+        .map(|c| root.join(c).join("pio"))
+        .collect(),
         Version::V2 => vec![root.join("pio")],
     };
     let mut removed = 0;
@@ -211,6 +215,9 @@ impl Cgroup {
                     pids: dir("pids"),
                     devices: spec.devices.then(|| dir("devices")),
                     cpuset: spec.cpuset.is_some().then(|| dir("cpuset")),
+                    cpuacct: (!root.join("cpu/cpuacct.usage").exists()
+                        && root.join("cpuacct/cpuacct.usage").exists())
+                    .then(|| dir("cpuacct")),
                     unified,
                 }
             }
@@ -239,6 +246,7 @@ impl Cgroup {
                     pids: dir.clone(),
                     devices: None,
                     cpuset: spec.cpuset.is_some().then(|| dir.clone()),
+                    cpuacct: None,
                     unified: Some(dir),
                 }
             }
@@ -276,6 +284,7 @@ impl Cgroup {
         let mut dirs = vec![&self.memory, &self.cpu, &self.pids];
         dirs.extend(self.devices.as_ref());
         dirs.extend(self.cpuset.as_ref());
+        dirs.extend(self.cpuacct.as_ref());
         dirs.extend(self.unified.as_ref());
         dirs.sort();
         dirs.dedup();
@@ -354,7 +363,8 @@ impl Cgroup {
                 oom_kills: field(read(&self.memory, "memory.oom_control"), "oom_kill ")
                     .unwrap_or(0),
                 pids: num(&self.pids, "pids.current"),
-                cpu_usec: num(&self.cpu, "cpuacct.usage").map(|ns| ns / 1000),
+                cpu_usec: num(self.cpuacct.as_ref().unwrap_or(&self.cpu), "cpuacct.usage")
+                    .map(|ns| ns / 1000),
             },
             Version::V2 => Stats {
                 memory_bytes: num(&self.memory, "memory.current"),

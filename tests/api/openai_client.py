@@ -1,0 +1,94 @@
+"""The official `openai` Python client against a running `pio serve`.
+
+Usage: openai_client.py BASE_URL API_KEY   (run by tests/e2e/serve.rs; needs `pip install openai`)
+The daemon serves `echo` (echoes its prompt) and the tiny random `qwen3-4b-instruct-2507`.
+"""
+
+import sys
+
+import openai
+
+base, key = sys.argv[1], sys.argv[2]
+client = openai.OpenAI(base_url=base, api_key=key, max_retries=0)
+QWEN = "qwen3-4b-instruct-2507"
+
+ids = sorted(m.id for m in client.models.list())
+assert ids == ["echo", QWEN], ids
+
+# Chat, whole and streamed.
+r = client.chat.completions.create(
+    model="echo", messages=[{"role": "user", "content": "hello world"}], max_tokens=5
+)
+assert r.choices[0].message.content == "hello", r
+assert r.choices[0].finish_reason == "length", r
+assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (11, 5, 16), r
+
+stream = client.chat.completions.create(
+    model="echo",
+    messages=[{"role": "user", "content": "hello world"}],
+    stream=True,
+    stream_options={"include_usage": True},
+)
+text, usage, finish = "", None, None
+for chunk in stream:
+    if chunk.choices:
+        text += chunk.choices[0].delta.content or ""
+        finish = chunk.choices[0].finish_reason or finish
+    if chunk.usage:
+        usage = chunk.usage
+assert text == "hello world", text
+assert finish == "stop", finish
+assert usage is not None and usage.completion_tokens == 11, usage
+
+# Legacy completions with logprobs, whole and streamed.
+r = client.completions.create(model="echo", prompt="abc", logprobs=0, stop=["c"])
+assert r.choices[0].text == "ab", r
+assert r.choices[0].logprobs.tokens == ["a", "b"], r
+pieces = [c.choices[0].text for c in client.completions.create(model="echo", prompt="xyz", stream=True)]
+assert "".join(pieces) == "xyz", pieces
+
+# Errors arrive as the client's typed exceptions, with the field named.
+try:
+    client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    raise AssertionError("unknown model accepted")
+except openai.NotFoundError as e:
+    assert e.code == "model_not_found", e
+try:
+    client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "x"}], temperature=9)
+    raise AssertionError("temperature 9 accepted")
+except openai.BadRequestError as e:
+    assert e.param == "temperature", e
+try:
+    openai.OpenAI(base_url=base, api_key="wrong", max_retries=0).models.list()
+    raise AssertionError("a wrong key was accepted")
+except openai.AuthenticationError:
+    pass
+
+# The real model: greedy output is the same streamed or not; seeded sampling is reproducible;
+# logprobs come with the asked-for alternatives.
+messages = [{"role": "user", "content": "Tell me a story"}]
+whole = client.chat.completions.create(model=QWEN, messages=messages, max_tokens=8, temperature=0)
+streamed = "".join(
+    c.choices[0].delta.content or ""
+    for c in client.chat.completions.create(model=QWEN, messages=messages, max_tokens=8, temperature=0, stream=True)
+    if c.choices
+)
+assert whole.choices[0].message.content == streamed, (whole, streamed)
+assert whole.usage.completion_tokens == 8, whole
+a, b = (
+    client.chat.completions.create(model=QWEN, messages=messages, max_tokens=8, temperature=1.0, seed=7)
+    .choices[0]
+    .message.content
+    for _ in range(2)
+)
+assert a == b, (a, b)
+r = client.chat.completions.create(
+    model=QWEN, messages=messages, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3
+)
+content = r.choices[0].logprobs.content
+assert len(content) == 4, content
+for entry in content:
+    assert len(entry.top_logprobs) == 3, entry
+    assert entry.logprob <= 0.0 and entry.logprob >= entry.top_logprobs[-1].logprob - 1e-4, entry
+
+print("openai client: all checks passed")

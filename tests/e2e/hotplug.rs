@@ -1,0 +1,218 @@
+//! The daemon's life with its plugins: dropped in, replaced and removed while requests run (none
+//! may fail), a client disconnecting mid-stream, and SIGTERM draining.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::daemon::*;
+use crate::support::*;
+use crate::worker::confinement_available;
+
+fn stream_request(text: &str) -> Value {
+    json!({"model": "echo", "stream": true, "messages": [{"role": "user", "content": text}]})
+}
+
+fn pid_alive(pid: &Value) -> bool {
+    pid.as_u64()
+        .is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
+}
+
+#[test]
+fn plugins_are_dropped_in_replaced_and_removed_while_requests_run() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Arc::new(Daemon::start(
+        PluginDir::new(),
+        "[server]\ndrain_timeout_secs = 30\n",
+    ));
+    d.wait_ready();
+    assert_eq!(d.get("/v1/models").1["data"], json!([]));
+
+    // A bad drop-in is reported and changes nothing.
+    d.dir.write(
+        "broken.toml",
+        &manifest("broken", "0.1.0", "libmissing.so", ""),
+    );
+    d.wait_for(20, "the broken drop-in to be reported", |d| {
+        d.get("/v1/plugins").1["errors"]
+            .as_array()
+            .is_some_and(|e| {
+                e.iter().any(|x| {
+                    x["manifest"]
+                        .as_str()
+                        .is_some_and(|m| m.ends_with("broken.toml"))
+                })
+            })
+    });
+
+    let library = d.dir.copy_lib("pio_plugin_echo", "libecho.so");
+    d.dir.write(
+        "echo.toml",
+        &manifest(
+            "echo",
+            "0.1.0",
+            "libecho.so",
+            "[model.options]\ndelay_ms = 2\n",
+        ),
+    );
+    d.wait_for(30, "echo to load", |d| d.plugin("echo")["state"] == "ready");
+    let first = d.plugin("echo");
+
+    // Clients stream without pause through the replacement and the removal.
+    let (stop, ok, failed) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let clients: Vec<_> = (0..3)
+        .map(|i| {
+            let (d, stop, ok, failed) = (d.clone(), stop.clone(), ok.clone(), failed.clone());
+            std::thread::spawn(move || {
+                let text = format!("client {i} says hello");
+                while !stop.load(Ordering::Acquire) {
+                    match d.try_stream("/v1/chat/completions", &stream_request(&text)) {
+                        Ok(events) => {
+                            let (got, done) = Daemon::chat_text(events);
+                            if got == text && done {
+                                ok.fetch_add(1, Ordering::AcqRel);
+                            } else {
+                                eprintln!("client {i}: incomplete stream {got:?} (done: {done})");
+                                failed.fetch_add(1, Ordering::AcqRel);
+                            }
+                        }
+                        // Removed: the model is gone, as it should be once unplugged.
+                        Err((404, _)) => return,
+                        Err((status, body)) => {
+                            eprintln!("client {i}: {status} {body}");
+                            failed.fetch_add(1, Ordering::AcqRel);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    d.wait_for(10, "traffic", |_| ok.load(Ordering::Acquire) >= 3);
+
+    // Replaced in place (truncated and rewritten, as `cp` does): reloaded blue/green.
+    let mut bytes = std::fs::read(&library).expect("read library");
+    bytes.extend_from_slice(b"\0a new build");
+    std::fs::write(&library, bytes).expect("rewrite library");
+    d.wait_for(30, "the reload", |d| {
+        let p = d.plugin("echo");
+        p["state"] == "ready" && p["pid"] != first["pid"] && p["reloading"] == false
+    });
+    d.wait_for(10, "the old worker to drain and stop", |_| {
+        !pid_alive(&first["pid"])
+    });
+    let served = ok.load(Ordering::Acquire);
+    d.wait_for(10, "traffic on the new worker", |_| {
+        ok.load(Ordering::Acquire) >= served + 3
+    });
+    let second = d.plugin("echo");
+
+    // Removed: drained and unloaded.
+    std::fs::remove_file(d.plugin_path("echo.toml")).expect("remove manifest");
+    d.wait_for(30, "the removal", |d| d.plugin("echo").is_null());
+    stop.store(true, Ordering::Release);
+    for c in clients {
+        c.join().expect("client thread");
+    }
+    d.wait_for(10, "the last worker to stop", |_| {
+        !pid_alive(&second["pid"])
+    });
+    assert_eq!(
+        failed.load(Ordering::Acquire),
+        0,
+        "no request failed; logs:\n{}",
+        d.logs()
+    );
+    assert!(ok.load(Ordering::Acquire) >= 6);
+}
+
+#[test]
+fn a_client_that_disconnects_cancels_its_generation() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(echo_dir("[model.options]\ndelay_ms = 50\n"), "");
+    d.wait_ready();
+    // 200 tokens at 50 ms: 10 s if nobody stops it.
+    let mut events = d.stream("/v1/chat/completions", &stream_request(&"x".repeat(200)));
+    for _ in 0..3 {
+        events.next().expect("a chunk");
+    }
+    assert_eq!(d.plugin("echo")["requests_in_flight"], 1);
+    drop(events);
+    d.wait_for(3, "the worker to stop generating", |d| {
+        let p = d.plugin("echo");
+        p["requests_in_flight"] == 0 && p["requests"] == 0
+    });
+    let metrics = d.get_text("/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "pio_requests_total{model=\"echo\",endpoint=\"chat\",status=\"499\"} 1"),
+        "{metrics}"
+    );
+}
+
+fn cgroups_of(daemon_pid: u32) -> Vec<String> {
+    let prefix = format!("echo-{daemon_pid}-");
+    [
+        "/sys/fs/cgroup/memory/pio",
+        "/sys/fs/cgroup/unified/pio",
+        "/sys/fs/cgroup/pio",
+    ]
+    .iter()
+    .filter_map(|dir| std::fs::read_dir(dir).ok())
+    .flat_map(|entries| entries.flatten())
+    .map(|e| e.file_name().to_string_lossy().into_owned())
+    .filter(|n| n.starts_with(&prefix))
+    .collect()
+}
+
+#[test]
+fn sigterm_lets_requests_finish_then_stops_workers_and_removes_cgroups() {
+    if !confinement_available() {
+        return;
+    }
+    let mut d = Daemon::start(echo_dir("[model.options]\ndelay_ms = 20\n"), "");
+    d.wait_ready();
+    let worker = d.plugin("echo")["pid"].clone();
+    assert!(!cgroups_of(d.pid()).is_empty(), "the worker has a cgroup");
+    let text: String = ('a'..='z').cycle().take(60).collect();
+    let events = d.stream("/v1/chat/completions", &stream_request(&text));
+    d.wait_for(5, "the request to run", |d| {
+        d.plugin("echo")["requests"] == 1
+    });
+    d.terminate();
+    let (got, done) = Daemon::chat_text(events);
+    assert_eq!(
+        (got.as_str(), done),
+        (text.as_str(), true),
+        "the request in flight finished"
+    );
+    let status = d.wait_exit(30);
+    assert!(
+        status.success(),
+        "pio serve exited with {status}; logs:\n{}",
+        d.logs()
+    );
+    let addr = d.base.trim_start_matches("http://").to_string();
+    assert!(std::net::TcpStream::connect_timeout(
+        &addr.parse().expect("address"),
+        Duration::from_secs(1)
+    )
+    .is_err());
+    assert!(!pid_alive(&worker), "the worker stopped");
+    assert_eq!(
+        cgroups_of(d.pid()),
+        Vec::<String>::new(),
+        "its cgroups are gone"
+    );
+    assert!(d.logs().contains("SIGTERM: draining"), "{}", d.logs());
+}

@@ -1,0 +1,432 @@
+//! `pio serve`'s HTTP API, against the real daemon on loopback: OpenAI shapes, errors, keys,
+//! queueing, the admin API, on-demand loading, metrics and readiness, and the official `openai`
+//! Python client.
+
+use serde_json::{json, Value};
+
+use crate::daemon::*;
+use crate::support::*;
+use crate::worker::confinement_available;
+
+fn chat(model: &str, content: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": content}]})
+}
+
+#[test]
+fn chat_and_completions_answer_in_openai_shapes() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(echo_dir(""), "");
+    d.wait_ready();
+    let (status, models) = d.get("/v1/models");
+    assert_eq!(status, 200);
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["id"], "echo");
+
+    let mut req = chat("echo", "hello");
+    req["max_tokens"] = json!(3);
+    let (status, r) = d.post("/v1/chat/completions", &req);
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["object"], "chat.completion");
+    assert_eq!(r["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(r["choices"][0]["message"]["content"], "hel");
+    assert_eq!(r["choices"][0]["finish_reason"], "length");
+    assert_eq!(
+        r["usage"],
+        json!({"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8})
+    );
+
+    let req = json!({"model": "echo", "prompt": "abc def", "stop": " ", "logprobs": 0});
+    let (status, r) = d.post("/v1/completions", &req);
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["object"], "text_completion");
+    assert_eq!(r["choices"][0]["text"], "abc");
+    assert_eq!(r["choices"][0]["finish_reason"], "stop");
+    assert_eq!(
+        r["choices"][0]["logprobs"]["tokens"],
+        json!(["a", "b", "c"])
+    );
+    assert_eq!(r["choices"][0]["logprobs"]["text_offset"], json!([0, 1, 2]));
+
+    let mut req = chat("echo", "hello");
+    req["stream"] = json!(true);
+    req["stream_options"] = json!({"include_usage": true});
+    let events: Vec<String> = d.stream("/v1/chat/completions", &req).collect();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).expect("chunk is JSON"))
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
+    let (text, done) = Daemon::chat_text(events.into_iter());
+    assert_eq!((text.as_str(), done), ("hello", true));
+    let last = chunks.last().expect("chunks");
+    assert_eq!(last["choices"], json!([]));
+    assert_eq!(last["usage"]["completion_tokens"], 5);
+    let finish = &chunks[chunks.len() - 2]["choices"][0];
+    assert_eq!(finish["finish_reason"], "stop");
+}
+
+#[test]
+fn errors_have_the_openai_shape_the_right_status_and_the_field() {
+    if !confinement_available() {
+        return;
+    }
+    let config = "[server]\nmax_body_size = \"16KiB\"\nmax_tokens_limit = 100\n";
+    let d = Daemon::start(echo_dir(""), config);
+    d.wait_ready();
+    let bad = |body: Value, param: &str| {
+        let (status, r) = d.post("/v1/chat/completions", &body);
+        assert_eq!(status, 400, "{r}");
+        assert_eq!(r["error"]["type"], "invalid_request_error", "{r}");
+        assert_eq!(r["error"]["param"], param, "{r}");
+        assert!(!r["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .is_empty());
+    };
+    let with = |key: &str, value: Value| {
+        let mut body = chat("echo", "hi");
+        body[key] = value;
+        body
+    };
+    bad(with("temperature", json!(5)), "temperature");
+    bad(with("n", json!(2)), "n");
+    bad(with("max_tokens", json!(1000)), "max_tokens");
+    bad(with("top_logprobs", json!(3)), "top_logprobs");
+    bad(
+        with(
+            "tools",
+            json!([{"type": "function", "function": {"name": "f"}}]),
+        ),
+        "tools",
+    );
+    bad(with("stop", json!(7)), "stop");
+    bad(
+        json!({"model": "echo", "messages": [{"role": "robot", "content": "x"}]}),
+        "messages[0].role",
+    );
+    bad(
+        json!({"model": "echo", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}),
+        "messages[0].content[0]",
+    );
+    bad(json!({"messages": []}), "model");
+
+    let (status, r) = d.post_raw("/v1/chat/completions", "{\"model\": ", None);
+    assert_eq!(status, 400);
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not valid JSON"),
+        "{r}"
+    );
+
+    let (status, r) = d.post("/v1/chat/completions", &chat("nope", "hi"));
+    assert_eq!(
+        (status, r["error"]["code"].as_str()),
+        (404, Some("model_not_found")),
+        "{r}"
+    );
+    let (status, _) = d.get("/v1/nothing");
+    assert_eq!(status, 404);
+
+    let (status, r) = d.post("/v1/chat/completions", &chat("echo", &"x".repeat(20_000)));
+    assert_eq!(
+        (status, r["error"]["code"].as_str()),
+        (413, Some("request_too_large")),
+        "{r}"
+    );
+
+    // The plugin's own refusal (echo's context is 4096 characters) is a 400 too, streamed or not.
+    let long = json!({"model": "echo", "prompt": "y".repeat(5000)});
+    let (status, r) = d.post("/v1/completions", &long);
+    assert_eq!(status, 400, "{r}");
+    let mut streamed = long.clone();
+    streamed["stream"] = json!(true);
+    let refused = d.try_stream("/v1/completions", &streamed).err();
+    assert_eq!(refused.map(|(s, _)| s), Some(400));
+}
+
+#[test]
+fn keys_guard_the_api_and_admin_keys_the_admin_api() {
+    if !confinement_available() {
+        return;
+    }
+    let config = "[server]\napi_keys = [\"user-key\"]\nadmin_keys = [\"admin-key\"]\n";
+    let d = Daemon::start(echo_dir(""), config);
+    d.wait_ready();
+    let body = chat("echo", "hi").to_string();
+    let (status, r) = d.post_raw("/v1/chat/completions", &body, None);
+    assert_eq!(
+        (status, r["error"]["type"].as_str()),
+        (401, Some("authentication_error"))
+    );
+    assert_eq!(
+        d.post_raw("/v1/chat/completions", &body, Some("wrong")).0,
+        401
+    );
+    assert_eq!(
+        d.post_raw("/v1/chat/completions", &body, Some("user-key"))
+            .0,
+        200
+    );
+    assert_eq!(
+        d.post_raw("/v1/chat/completions", &body, Some("admin-key"))
+            .0,
+        200
+    );
+    assert_eq!(d.get_as("/v1/models", None).0, 401);
+    assert_eq!(d.get_as("/v1/models", Some("user-key")).0, 200);
+    assert_eq!(d.get_as("/v1/plugins", Some("user-key")).0, 401);
+    assert_eq!(d.get_as("/v1/plugins", Some("admin-key")).0, 200);
+    assert_eq!(
+        d.post_raw("/v1/plugins/echo/reload", "", Some("user-key"))
+            .0,
+        401
+    );
+    assert_eq!(d.get("/health").0, 200);
+}
+
+#[test]
+fn a_full_queue_gets_429_and_a_crashing_plugin_500_with_the_reason() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(
+        echo_dir("[model.options]\ndelay_ms = 100\n"),
+        "[server]\nqueue_depth = 1\n",
+    );
+    d.wait_ready();
+    let mut slow = chat("echo", "0123456789");
+    slow["stream"] = json!(true);
+    let mut events = d.stream("/v1/chat/completions", &slow);
+    let _first = events.next();
+    let (status, r) = d.post("/v1/chat/completions", &chat("echo", "hi"));
+    assert_eq!(
+        (status, r["error"]["code"].as_str()),
+        (429, Some("queue_full")),
+        "{r}"
+    );
+    let (text, done) = Daemon::chat_text(events);
+    assert!(
+        done && text.len() >= 9,
+        "the running request finished: {text}"
+    );
+
+    let dir = PluginDir::new();
+    dir.copy_lib("pio_test_plugin_hostile", "libhostile.so");
+    dir.write(
+        "hostile.toml",
+        &manifest("hostile", "0.1.0", "libhostile.so", ""),
+    );
+    let h = Daemon::start(
+        dir,
+        "[server]\nwarmup = false\n[supervisor]\nrestart_backoff_ms = 100\n",
+    );
+    h.wait_ready();
+    let (status, r) = h.post(
+        "/v1/completions",
+        &json!({"model": "hostile", "prompt": "segfault"}),
+    );
+    assert_eq!(status, 500, "{r}");
+    let message = r["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("SIGSEGV"),
+        "the reason is given: {message}"
+    );
+    h.wait_for(20, "the restart", |h| {
+        h.plugin("hostile")["restarts"] == 1 && h.plugin("hostile")["state"] == "ready"
+    });
+    let (status, r) = h.post(
+        "/v1/completions",
+        &json!({"model": "hostile", "prompt": "status"}),
+    );
+    assert_eq!(status, 200, "served again after the restart: {r}");
+}
+
+fn process_exists(pid: &Value) -> bool {
+    pid.as_u64()
+        .is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
+}
+
+#[test]
+fn the_admin_api_loads_unloads_and_reloads() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(
+        echo_dir(""),
+        "[server]\npreload = []\nload_on_demand = false\n",
+    );
+    d.wait_ready();
+    assert_eq!(d.plugin("echo")["state"], "unloaded");
+    let (status, r) = d.post("/v1/chat/completions", &chat("echo", "hi"));
+    assert_eq!(
+        (status, r["error"]["code"].as_str()),
+        (503, Some("model_unavailable")),
+        "{r}"
+    );
+    assert!(r["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("/v1/plugins/echo/load"));
+
+    let (status, r) = d.post_raw("/v1/plugins/echo/load", "", None);
+    assert_eq!(status, 200, "{r}");
+    let loaded = d.plugin("echo");
+    assert_eq!(loaded["state"], "ready");
+    assert!(process_exists(&loaded["pid"]));
+    assert_eq!(d.post("/v1/chat/completions", &chat("echo", "hi")).0, 200);
+
+    assert_eq!(d.post_raw("/v1/plugins/echo/reload", "", None).0, 200);
+    let reloaded = d.plugin("echo");
+    assert_eq!(reloaded["state"], "ready");
+    assert_ne!(reloaded["pid"], loaded["pid"], "a new worker serves");
+    d.wait_for(10, "the old worker to stop", |_| {
+        !process_exists(&loaded["pid"])
+    });
+
+    assert_eq!(d.post_raw("/v1/plugins/echo/unload", "", None).0, 200);
+    assert_eq!(d.plugin("echo")["state"], "unloaded");
+    d.wait_for(10, "the worker to stop", |_| {
+        !process_exists(&reloaded["pid"])
+    });
+    assert_eq!(d.post_raw("/v1/plugins/nope/load", "", None).0, 404);
+}
+
+#[test]
+fn models_load_on_demand_within_the_cap_and_unload_when_idle() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = echo_dir("");
+    dir.copy_lib("pio_test_plugin_hostile", "libhostile.so");
+    dir.write(
+        "hostile.toml",
+        &manifest("hostile", "0.1.0", "libhostile.so", ""),
+    );
+    let config =
+        "[server]\npreload = []\nmax_loaded_models = 1\nkeep_alive_secs = 2\nwarmup = false\n";
+    let d = Daemon::start(dir, config);
+    assert_eq!(d.post("/v1/chat/completions", &chat("echo", "hi")).0, 200);
+    assert_eq!(d.plugin("echo")["state"], "ready");
+    let (status, r) = d.post(
+        "/v1/completions",
+        &json!({"model": "hostile", "prompt": "status"}),
+    );
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(d.plugin("hostile")["state"], "ready");
+    assert_eq!(
+        d.plugin("echo")["state"],
+        "unloaded",
+        "the idle model made room"
+    );
+    d.wait_for(15, "the idle unload", |d| {
+        d.plugin("hostile")["state"] == "unloaded"
+    });
+}
+
+#[test]
+fn metrics_and_readiness_tell_the_truth() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(echo_dir(""), "");
+    d.wait_ready();
+    let (status, ready) = d.get("/ready");
+    assert_eq!((status, &ready["models"]["echo"]), (200, &json!("ready")));
+    assert_eq!(
+        d.post("/v1/chat/completions", &chat("echo", "hello")).0,
+        200
+    );
+    assert_eq!(
+        d.post("/v1/chat/completions", &chat("nope", "hello")).0,
+        404
+    );
+    let text = d.get_text("/metrics");
+    for line in [
+        "pio_requests_total{model=\"echo\",endpoint=\"chat\",status=\"200\"} 1",
+        "pio_requests_total{model=\"\",endpoint=\"chat\",status=\"404\"} 1",
+        "pio_generated_tokens_total{model=\"echo\"} 5",
+        "pio_prompt_tokens_total{model=\"echo\"} 5",
+        "pio_time_to_first_token_seconds_count{model=\"echo\"} 1",
+        "pio_inter_token_latency_seconds_count{model=\"echo\"} 4",
+        "pio_model_ready{model=\"echo\"} 1",
+        "pio_queue_depth{model=\"echo\"} 0",
+        "pio_worker_restarts_total{model=\"echo\"} 0",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing `{line}` in:\n{text}"
+        );
+    }
+    let memory = text
+        .lines()
+        .find_map(|l| l.strip_prefix("pio_worker_memory_bytes{model=\"echo\"} "))
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(
+        memory.is_some_and(|m| m > 0.0),
+        "worker memory from its cgroup:\n{text}"
+    );
+    let cpu = text
+        .lines()
+        .find_map(|l| l.strip_prefix("pio_worker_cpu_seconds_total{model=\"echo\"} "))
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(
+        cpu.is_some_and(|c| c > 0.0),
+        "worker CPU time from its cgroup:\n{text}"
+    );
+}
+
+/// The official `openai` Python package against the daemon (CI installs it; elsewhere the test
+/// is skipped when it is missing).
+#[test]
+fn the_official_openai_client_works() {
+    if !confinement_available() {
+        return;
+    }
+    let have = std::process::Command::new("python3")
+        .args(["-c", "import openai"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install the openai package (pip install openai)"
+        );
+        eprintln!("skipped: python3 with the openai package is not installed (pip install openai)");
+        return;
+    }
+    let dir = echo_dir("");
+    let qwen = repo_root().join("tests/fixtures/qwen3-tiny");
+    let library = plugin_lib("pio_plugin_qwen3");
+    dir.write(
+        "qwen3.toml",
+        &manifest(
+            "qwen3-4b-instruct-2507",
+            "0.1.0",
+            &library.display().to_string(),
+            &format!("[model]\npath = \"{}\"\ndtype = \"f32\"\n", qwen.display()),
+        ),
+    );
+    let d = Daemon::start(dir, "[server]\napi_keys = [\"test-key\"]\n");
+    d.wait_ready();
+    let out = std::process::Command::new("python3")
+        .arg(repo_root().join("tests/api/openai_client.py"))
+        .arg(format!("{}/v1", d.base))
+        .arg("test-key")
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "openai client checks failed:\n{}\n{}\ndaemon logs:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        d.logs()
+    );
+}
