@@ -9,7 +9,14 @@ use std::time::{Duration, Instant};
 use pio_plugin_api::wire::ModelInfo;
 use tokio::sync::Notify;
 
-use crate::supervisor::{State, Supervised};
+use pio_plugin_api::wire::{InferRequest, Prompt};
+
+use super::error::ApiError;
+use super::hotplug::Found;
+use super::models::Setup;
+use crate::launch;
+use crate::sandbox::HostSupport;
+use crate::supervisor::{Event, State, Supervised};
 
 /// A plugin version being served.
 pub struct Deployment {
@@ -148,4 +155,76 @@ impl Deployment {
         self.supervised.stop().await;
         left
     }
+}
+
+/// Starts a worker for `found`, loads its model and warms it up.
+pub(super) async fn deploy(setup: &Setup, found: &Found) -> Result<Deployment, ApiError> {
+    let name = &found.manifest.name;
+    let store = setup.store.clone();
+    let library = found.library.clone();
+    let copy = tokio::task::spawn_blocking(move || store.snapshot(&library))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::internal(format!("cannot copy {}: {e}", found.library.display())))?;
+    if let Some(pin) = &found.manifest.sha256 {
+        if pin.get_ref().0 != copy.sha256 {
+            return Err(ApiError::internal(format!(
+                "{}: the library changed since it was checked (sha256 {}, pinned {}); it is not loaded",
+                found.manifest_path.display(),
+                copy.sha256,
+                pin.get_ref().0
+            )));
+        }
+    }
+    let config = &setup.config;
+    let plan = launch::plan(
+        &found.manifest,
+        config,
+        &setup.policy,
+        &HostSupport::detect(),
+    )
+    .map_err(|e| ApiError::internal(format!("plugin {name} cannot be confined: {e}")))?;
+    if let Some(why) = &plan.downgrade_reason {
+        tracing::warn!(plugin = %name, "running at tier {} instead of {}: {why}", plan.applied, plan.requested);
+    }
+    let model = launch::model_config(&found.manifest, &found.manifest_path);
+    let spec = launch::worker_spec(name, &copy.path, &model, plan, setup.exe.clone());
+    let (supervised, info) = Supervised::start(spec, model, config.restart_policy())
+        .await
+        .map_err(|e| ApiError::internal(format!("plugin {name} failed to load: {e}")))?;
+    if config.server.warmup {
+        if let Err(e) = warm_up(&supervised).await {
+            supervised.stop().await;
+            return Err(ApiError::internal(format!(
+                "plugin {name} loaded but failed its warm-up request: {e}"
+            )));
+        }
+    }
+    Ok(Deployment::new(
+        supervised,
+        info,
+        found.manifest.version.to_string(),
+        copy,
+    ))
+}
+
+/// One short generation: a model counts as ready only once it has produced a token.
+async fn warm_up(supervised: &Supervised) -> Result<(), ApiError> {
+    let request = InferRequest {
+        prompt: Prompt::Text("Hello".into()),
+        max_tokens: Some(1),
+        temperature: Some(0.0),
+        ..InferRequest::default()
+    };
+    let mut events = supervised.infer(request).map_err(|e| ApiError::from(e.0))?;
+    while let Some(event) = events.recv().await {
+        match event {
+            Event::Token(_) => {}
+            Event::Done(_) => return Ok(()),
+            Event::Failed(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiError::internal(
+        "the worker ended the warm-up request without an answer",
+    ))
 }

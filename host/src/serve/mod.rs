@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod models;
 pub mod openai;
 pub mod responses;
+pub mod status;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

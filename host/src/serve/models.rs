@@ -7,20 +7,17 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use pio_plugin_api::wire::{InferRequest, Prompt};
-use serde::Serialize;
 use tokio::sync::watch;
 
-use super::deployment::{Deployment, Lease, Refusal};
+use super::deployment::{deploy, Deployment, Lease, Refusal};
 use super::error::ApiError;
 use super::hotplug::{scan, Found};
 use super::library::LibraryStore;
+pub use super::status::PluginStatus;
 use crate::config::Config;
 use crate::discovery::{self, SearchPaths};
-use crate::launch;
 use crate::probe::Prober;
-use crate::sandbox::{HostSupport, Policy};
-use crate::supervisor::{Event, Supervised};
+use crate::sandbox::Policy;
 
 /// Everything fixed for the daemon's lifetime that loading a plugin needs.
 #[derive(Debug)]
@@ -63,47 +60,6 @@ struct Inner {
 pub struct Models {
     setup: Setup,
     inner: Mutex<Inner>,
-}
-
-/// A plugin as `/v1/plugins` reports it.
-#[derive(Debug, Clone, Serialize)]
-pub struct PluginStatus {
-    /// The plugin (the model's id in the API).
-    pub name: String,
-    /// Its version.
-    pub version: String,
-    /// `unloaded`, `loading`, `ready`, `restarting`, `quarantined`, `stopped`.
-    pub state: String,
-    /// Its manifest.
-    pub manifest: PathBuf,
-    /// The tier it asked for.
-    pub tier_requested: String,
-    /// The tier its worker runs at, when loaded.
-    pub tier_applied: Option<String>,
-    /// The worker's pid, when loaded.
-    pub pid: Option<u32>,
-    /// Worker restarts since it loaded.
-    pub restarts: u32,
-    /// Requests the server holds for it (running or waiting).
-    pub requests: usize,
-    /// Requests its worker is running.
-    pub requests_in_flight: usize,
-    /// Worker memory in use, bytes.
-    pub memory_bytes: Option<u64>,
-    /// The worker's memory limit, bytes.
-    pub memory_limit_bytes: Option<u64>,
-    /// CPU time the worker used, seconds.
-    pub cpu_seconds: Option<f64>,
-    /// OOM kills in the worker's cgroup.
-    pub oom_kills: u64,
-    /// The model's context length, when loaded.
-    pub context_length: Option<u32>,
-    /// Capabilities the library declares.
-    pub capabilities: Vec<String>,
-    /// Whether a blue/green reload is under way.
-    pub reloading: bool,
-    /// The last failure, in words.
-    pub last_error: Option<String>,
 }
 
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
@@ -280,7 +236,7 @@ impl Models {
             let this = self.clone();
             tokio::spawn(async move {
                 let result = match this.make_room(&found.manifest.name).await {
-                    Ok(()) => this.deploy(&found).await,
+                    Ok(()) => deploy(&this.setup, &found).await,
                     Err(e) => Err(e),
                 };
                 let outcome = {
@@ -359,59 +315,6 @@ impl Models {
         Ok(())
     }
 
-    /// Starts a worker for `found`, loads its model and warms it up.
-    async fn deploy(&self, found: &Found) -> Result<Deployment, ApiError> {
-        let name = &found.manifest.name;
-        let store = self.setup.store.clone();
-        let library = found.library.clone();
-        let copy = tokio::task::spawn_blocking(move || store.snapshot(&library))
-            .await
-            .map_err(|e| ApiError::internal(e.to_string()))?
-            .map_err(|e| {
-                ApiError::internal(format!("cannot copy {}: {e}", found.library.display()))
-            })?;
-        if let Some(pin) = &found.manifest.sha256 {
-            if pin.get_ref().0 != copy.sha256 {
-                return Err(ApiError::internal(format!(
-                    "{}: the library changed since it was checked (sha256 {}, pinned {}); it is not loaded",
-                    found.manifest_path.display(),
-                    copy.sha256,
-                    pin.get_ref().0
-                )));
-            }
-        }
-        let config = &self.setup.config;
-        let plan = launch::plan(
-            &found.manifest,
-            config,
-            &self.setup.policy,
-            &HostSupport::detect(),
-        )
-        .map_err(|e| ApiError::internal(format!("plugin {name} cannot be confined: {e}")))?;
-        if let Some(why) = &plan.downgrade_reason {
-            tracing::warn!(plugin = %name, "running at tier {} instead of {}: {why}", plan.applied, plan.requested);
-        }
-        let model = launch::model_config(&found.manifest, &found.manifest_path);
-        let spec = launch::worker_spec(name, &copy.path, &model, plan, self.setup.exe.clone());
-        let (supervised, info) = Supervised::start(spec, model, config.restart_policy())
-            .await
-            .map_err(|e| ApiError::internal(format!("plugin {name} failed to load: {e}")))?;
-        if config.server.warmup {
-            if let Err(e) = warm_up(&supervised).await {
-                supervised.stop().await;
-                return Err(ApiError::internal(format!(
-                    "plugin {name} loaded but failed its warm-up request: {e}"
-                )));
-            }
-        }
-        Ok(Deployment::new(
-            supervised,
-            info,
-            found.manifest.version.to_string(),
-            copy,
-        ))
-    }
-
     /// Unloads `name`, letting its requests finish (up to the drain timeout).
     pub async fn unload(&self, name: &str) -> Result<(), ApiError> {
         let taken = {
@@ -462,7 +365,7 @@ impl Models {
         let Some(found) = found else {
             return self.load(name).await;
         };
-        let result = self.deploy(&found).await;
+        let result = deploy(&self.setup, &found).await;
         let old = {
             let mut inner = lock(&self.inner);
             let Some(entry) = inner.entries.get_mut(name) else {
@@ -526,11 +429,7 @@ impl Models {
     /// Every plugin with where it stands, and the manifests that failed their checks.
     pub fn statuses(&self) -> (Vec<PluginStatus>, Vec<(PathBuf, String)>) {
         let inner = lock(&self.inner);
-        let plugins = inner
-            .entries
-            .iter()
-            .map(|(name, e)| status_of(name, e))
-            .collect();
+        let plugins = inner.entries.values().map(status_of).collect();
         let broken = inner
             .broken
             .iter()
@@ -545,6 +444,15 @@ impl Models {
             .entries
             .get(name)
             .map(|e| e.found.report.capabilities.clone())
+    }
+}
+
+fn status_of(e: &Entry) -> PluginStatus {
+    let base = PluginStatus::new(&e.found, e.last_error.clone(), e.reloading);
+    match &e.slot {
+        Slot::Unloaded => base,
+        Slot::Loading(_) => base.loading(),
+        Slot::Loaded(d) => base.serving(d),
     }
 }
 
@@ -564,79 +472,4 @@ async fn finished(mut rx: watch::Receiver<LoadResult>) -> Result<(), ApiError> {
         Ok(v) => v.clone().unwrap_or(Ok(())),
         Err(_) => Err(ApiError::internal("the load was abandoned")),
     }
-}
-
-/// One short generation: a model counts as ready only once it has produced a token.
-async fn warm_up(supervised: &Supervised) -> Result<(), ApiError> {
-    let request = InferRequest {
-        prompt: Prompt::Text("Hello".into()),
-        max_tokens: Some(1),
-        temperature: Some(0.0),
-        ..InferRequest::default()
-    };
-    let mut events = supervised.infer(request).map_err(|e| ApiError::from(e.0))?;
-    while let Some(event) = events.recv().await {
-        match event {
-            Event::Token(_) => {}
-            Event::Done(_) => return Ok(()),
-            Event::Failed(e) => return Err(e.into()),
-        }
-    }
-    Err(ApiError::internal(
-        "the worker ended the warm-up request without an answer",
-    ))
-}
-
-fn status_of(name: &str, e: &Entry) -> PluginStatus {
-    let mut s = PluginStatus {
-        name: name.to_string(),
-        version: e.found.manifest.version.to_string(),
-        state: "unloaded".into(),
-        manifest: e.found.manifest_path.clone(),
-        tier_requested: e.found.manifest.tier.to_string(),
-        tier_applied: None,
-        pid: None,
-        restarts: 0,
-        requests: 0,
-        requests_in_flight: 0,
-        memory_bytes: None,
-        memory_limit_bytes: None,
-        cpu_seconds: None,
-        oom_kills: 0,
-        context_length: None,
-        capabilities: e.found.report.capabilities.clone(),
-        reloading: e.reloading,
-        last_error: e.last_error.clone(),
-    };
-    match &e.slot {
-        Slot::Unloaded => {}
-        Slot::Loading(_) => s.state = "loading".into(),
-        Slot::Loaded(d) => {
-            let st = d.supervised.status();
-            s.state = match &st.state {
-                crate::supervisor::State::Ready => "ready",
-                crate::supervisor::State::Restarting => "restarting",
-                crate::supervisor::State::Quarantined(_) => "quarantined",
-                crate::supervisor::State::Stopped => "stopped",
-            }
-            .into();
-            s.version = d.version.clone();
-            s.tier_applied = Some(st.tier);
-            s.pid = st.pid;
-            s.restarts = st.restarts;
-            s.requests = d.leases();
-            s.requests_in_flight = st.in_flight;
-            s.context_length = d.info.context_length;
-            if let Some(stats) = st.stats {
-                s.memory_bytes = stats.memory_bytes;
-                s.memory_limit_bytes = stats.memory_limit_bytes.filter(|b| *b < 1 << 60);
-                s.cpu_seconds = stats.cpu_usec.map(|u| u as f64 / 1e6);
-                s.oom_kills = stats.oom_kills;
-            }
-            if s.last_error.is_none() {
-                s.last_error = st.last_error;
-            }
-        }
-    }
-    s
 }

@@ -1,0 +1,114 @@
+//! What `/v1/plugins`, `/v1/models`, `/ready` and the worker metrics report about a plugin.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use super::deployment::Deployment;
+use super::hotplug::Found;
+use crate::supervisor::State;
+
+/// A plugin as `/v1/plugins` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PluginStatus {
+    /// The plugin (the model's id in the API).
+    pub name: String,
+    /// Its version.
+    pub version: String,
+    /// `unloaded`, `loading`, `ready`, `restarting`, `quarantined`, `stopped`.
+    pub state: String,
+    /// Its manifest.
+    pub manifest: PathBuf,
+    /// The tier it asked for.
+    pub tier_requested: String,
+    /// The tier its worker runs at, when loaded.
+    pub tier_applied: Option<String>,
+    /// The worker's pid, when loaded.
+    pub pid: Option<u32>,
+    /// Worker restarts since it loaded.
+    pub restarts: u32,
+    /// Requests the server holds for it (running or waiting).
+    pub requests: usize,
+    /// Requests its worker is running.
+    pub requests_in_flight: usize,
+    /// Worker memory in use, bytes.
+    pub memory_bytes: Option<u64>,
+    /// The worker's memory limit, bytes.
+    pub memory_limit_bytes: Option<u64>,
+    /// CPU time the worker used, seconds.
+    pub cpu_seconds: Option<f64>,
+    /// OOM kills in the worker's cgroup.
+    pub oom_kills: u64,
+    /// The model's context length, when loaded.
+    pub context_length: Option<u32>,
+    /// Capabilities the library declares.
+    pub capabilities: Vec<String>,
+    /// Whether a blue/green reload is under way.
+    pub reloading: bool,
+    /// The last failure, in words.
+    pub last_error: Option<String>,
+}
+
+impl PluginStatus {
+    /// A plugin found but not loaded.
+    pub(super) fn new(found: &Found, last_error: Option<String>, reloading: bool) -> Self {
+        Self {
+            name: found.manifest.name.clone(),
+            version: found.manifest.version.to_string(),
+            state: "unloaded".into(),
+            manifest: found.manifest_path.clone(),
+            tier_requested: found.manifest.tier.to_string(),
+            tier_applied: None,
+            pid: None,
+            restarts: 0,
+            requests: 0,
+            requests_in_flight: 0,
+            memory_bytes: None,
+            memory_limit_bytes: None,
+            cpu_seconds: None,
+            oom_kills: 0,
+            context_length: None,
+            capabilities: found.report.capabilities.clone(),
+            reloading,
+            last_error,
+        }
+    }
+
+    /// While its first worker loads.
+    pub(super) fn loading(self) -> Self {
+        Self {
+            state: "loading".into(),
+            ..self
+        }
+    }
+
+    /// Served by `d`: its worker's figures.
+    pub(super) fn serving(mut self, d: &Deployment) -> Self {
+        let st = d.supervised.status();
+        self.state = match &st.state {
+            State::Ready => "ready",
+            State::Restarting => "restarting",
+            State::Quarantined(_) => "quarantined",
+            State::Stopped => "stopped",
+        }
+        .into();
+        self.version.clone_from(&d.version);
+        self.tier_applied = Some(st.tier);
+        self.pid = st.pid;
+        self.restarts = st.restarts;
+        self.requests = d.leases();
+        self.requests_in_flight = st.in_flight;
+        self.context_length = d.info.context_length;
+        if let Some(stats) = st.stats {
+            self.memory_bytes = stats.memory_bytes;
+            // v1 reports "no limit" as a huge number.
+            self.memory_limit_bytes = stats.memory_limit_bytes.filter(|b| *b < 1 << 60);
+            self.cpu_seconds = stats.cpu_usec.map(|u| u as f64 / 1e6);
+            self.oom_kills = stats.oom_kills;
+        }
+        if self.last_error.is_none() {
+            self.last_error = st.last_error;
+        }
+        self
+    }
+}
