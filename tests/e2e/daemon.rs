@@ -34,6 +34,11 @@ pub fn echo_dir(extra: &str) -> PluginDir {
 impl Daemon {
     /// Starts `pio serve` over `dir` with `config` (TOML), and waits until it listens.
     pub fn start(dir: PluginDir, config: &str) -> Daemon {
+        Self::start_with(dir, config, &[])
+    }
+
+    /// As [`Daemon::start`], with extra command-line flags.
+    pub fn start_with(dir: PluginDir, config: &str, flags: &[&str]) -> Daemon {
         let conf = tempfile::tempdir().expect("config dir");
         let path = conf.path().join("pio.toml");
         std::fs::write(&path, config).expect("write config");
@@ -42,6 +47,7 @@ impl Daemon {
             .arg(&path)
             .arg("--plugins")
             .arg(dir.path())
+            .args(flags)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -249,6 +249,28 @@ fn a_full_queue_gets_429_and_a_crashing_plugin_500_with_the_reason() {
     assert_eq!(status, 200, "served again after the restart: {r}");
 }
 
+#[test]
+fn the_min_tier_flag_overrides_the_manifest_and_the_config() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start_with(
+        echo_dir(""),
+        "[sandbox]\nmin_tier = \"low\"\n",
+        &["--min-tier", "medium"],
+    );
+    d.wait_ready();
+    let echo = d.plugin("echo");
+    assert_eq!(
+        (
+            echo["tier_requested"].as_str(),
+            echo["tier_applied"].as_str()
+        ),
+        (Some("low"), Some("medium"))
+    );
+    assert_eq!(d.post("/v1/chat/completions", &chat("echo", "hi")).0, 200);
+}
+
 fn process_exists(pid: &Value) -> bool {
     pid.as_u64()
         .is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists())

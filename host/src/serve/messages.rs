@@ -217,4 +217,30 @@ mod tests {
         ];
         assert_eq!(check(m.clone(), true, None).unwrap(), m);
     }
+
+    #[test]
+    fn image_files_only_under_the_root() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("a.png"), b"\x89PNG").unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("b.png"), b"\x89PNG").unwrap();
+        let canonical = std::fs::canonicalize(root.path()).unwrap();
+        let part = |p: &Path| {
+            let url = format!("file://{}", p.display());
+            vec![
+                json!({"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}),
+            ]
+        };
+        let ok = check(part(&root.path().join("a.png")), true, Some(&canonical)).unwrap();
+        let url = ok[0]["content"][0]["image_url"]["url"].as_str().unwrap();
+        assert_eq!(url, "data:image/png;base64,iVBORw==");
+        let e = check(part(&outside.path().join("b.png")), true, Some(&canonical)).unwrap_err();
+        assert!(
+            e.message.contains("not a file under the image root"),
+            "{}",
+            e.message
+        );
+        let e = check(part(&root.path().join("a.png")), true, None).unwrap_err();
+        assert!(e.message.contains("no server.image_root"), "{}", e.message);
+    }
 }
