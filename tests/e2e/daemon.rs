@@ -59,7 +59,12 @@ impl Daemon {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(at) = line.find("listening on http://") {
-                    let _ = tx.send(line[at + "listening on ".len()..].trim().to_string());
+                    // Text logs end the line with the address; JSON logs close a string.
+                    let rest = &line[at + "listening on ".len()..];
+                    let end = rest
+                        .find(|c: char| c == '"' || c.is_whitespace())
+                        .unwrap_or(rest.len());
+                    let _ = tx.send(rest[..end].to_string());
                 }
                 let mut logs = sink.lock().unwrap_or_else(|p| p.into_inner());
                 logs.push_str(&line);

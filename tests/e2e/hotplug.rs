@@ -160,6 +160,34 @@ fn a_client_that_disconnects_cancels_its_generation() {
     );
 }
 
+#[test]
+fn a_client_that_disconnects_before_a_whole_answer_cancels_it_too() {
+    if !confinement_available() {
+        return;
+    }
+    use std::io::Write;
+    let d = Daemon::start(echo_dir("[model.options]\ndelay_ms = 50\n"), "");
+    d.wait_ready();
+    let body = json!({"model": "echo", "messages": [{"role": "user", "content": "y".repeat(200)}]})
+        .to_string();
+    let addr = d.base.trim_start_matches("http://").to_string();
+    let mut conn = std::net::TcpStream::connect(&addr).expect("connect");
+    write!(
+        conn,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    d.wait_for(5, "the request to run", |d| {
+        d.plugin("echo")["requests_in_flight"] == 1
+    });
+    drop(conn);
+    d.wait_for(3, "the worker to stop generating", |d| {
+        let p = d.plugin("echo");
+        p["requests_in_flight"] == 0 && p["requests"] == 0
+    });
+}
+
 fn cgroups_of(daemon_pid: u32) -> Vec<String> {
     let prefix = format!("echo-{daemon_pid}-");
     [

@@ -271,6 +271,43 @@ fn the_min_tier_flag_overrides_the_manifest_and_the_config() {
     assert_eq!(d.post("/v1/chat/completions", &chat("echo", "hi")).0, 200);
 }
 
+#[test]
+fn a_loading_model_is_not_ready_and_requests_get_503_until_it_is() {
+    if !confinement_available() {
+        return;
+    }
+    let config = "[server]\nload_wait_secs = 0\nlog_format = \"json\"\n";
+    let d = Daemon::start(echo_dir("[model.options]\nload_delay_ms = 2000\n"), config);
+    let (status, ready) = d.get("/ready");
+    assert_eq!(
+        (status, &ready["models"]["echo"]),
+        (503, &json!("loading")),
+        "{ready}"
+    );
+    let (status, r) = d.post("/v1/chat/completions", &chat("echo", "hi"));
+    assert_eq!(status, 503, "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("still loading"),
+        "{r}"
+    );
+    d.wait_ready();
+    assert_eq!(d.post("/v1/chat/completions", &chat("echo", "hi")).0, 200);
+    // log_format = "json": every log line is a JSON object.
+    let logs = d.logs();
+    assert!(logs.lines().count() >= 2);
+    for line in logs.lines() {
+        let v: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v["level"].is_string() && v["fields"]["message"].is_string(),
+            "{line}"
+        );
+    }
+}
+
 fn process_exists(pid: &Value) -> bool {
     pid.as_u64()
         .is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists())

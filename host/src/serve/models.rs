@@ -136,6 +136,10 @@ impl Models {
                     Some(_) => {}
                 }
             }
+            // Loading from this moment, so `/ready` never sees a preloaded plugin as idle.
+            for name in load {
+                self.begin_load(&mut inner, &name);
+            }
             let gone: Vec<String> = inner
                 .entries
                 .keys()
@@ -148,10 +152,6 @@ impl Models {
                 inner.entries.remove(&name);
                 unload.push((name, deployment));
             }
-        }
-        for name in load {
-            let this = self.clone();
-            tokio::spawn(async move { this.load(&name).await });
         }
         for name in reload {
             let this = self.clone();

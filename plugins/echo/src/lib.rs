@@ -43,7 +43,8 @@ impl PluginImpl for Echo {
                 )))
             }
         }
-        delay_of(config).map(|_| ())
+        delay_of(config, "delay_ms")?;
+        delay_of(config, "load_delay_ms").map(|_| ())
     }
 
     fn load_model(
@@ -52,10 +53,16 @@ impl PluginImpl for Echo {
         progress: &mut Progress,
     ) -> Result<ModelInfo, PluginError> {
         self.supports_config(&config)?;
-        if progress.report("weights", 1, 1) == Flow::Stop {
-            return Err(PluginError::cancelled("loading was cancelled"));
+        // `load_delay_ms` imitates a model whose weights take a while to load.
+        let load_delay = delay_of(&config, "load_delay_ms")?;
+        const STEPS: u64 = 10;
+        for step in 1..=STEPS {
+            std::thread::sleep(load_delay / STEPS as u32);
+            if progress.report("weights", step, STEPS) == Flow::Stop {
+                return Err(PluginError::cancelled("loading was cancelled"));
+            }
         }
-        self.delay = Some(delay_of(&config)?);
+        self.delay = Some(delay_of(&config, "delay_ms")?);
         Ok(ModelInfo {
             context_length: Some(CONTEXT_LENGTH),
             dtype: Some("none".into()),
@@ -129,13 +136,14 @@ impl PluginImpl for Echo {
     }
 }
 
-/// The plugin-specific config key `delay_ms`: a pause before each token, to imitate a slow model.
-fn delay_of(config: &ModelConfig) -> Result<Duration, PluginError> {
-    match config.extra.get("delay_ms") {
+/// A plugin-specific config key in milliseconds: `delay_ms` pauses before each token and
+/// `load_delay_ms` while loading, to imitate a slow model.
+fn delay_of(config: &ModelConfig, key: &str) -> Result<Duration, PluginError> {
+    match config.extra.get(key) {
         None => Ok(Duration::ZERO),
         Some(v) => v.as_u64().map(Duration::from_millis).ok_or_else(|| {
             PluginError::invalid_config(format!(
-                "echo: `delay_ms` must be a whole number of milliseconds, found {v}"
+                "echo: `{key}` must be a whole number of milliseconds, found {v}"
             ))
         }),
     }
