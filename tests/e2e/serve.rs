@@ -308,6 +308,42 @@ fn a_loading_model_is_not_ready_and_requests_get_503_until_it_is() {
     }
 }
 
+#[test]
+fn a_plugin_that_fails_to_load_says_why_and_is_not_restarted_per_request() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(echo_dir("[model.options]\ndelay_ms = \"slow\"\n"), "");
+    d.wait_for(20, "the failed load", |d| {
+        d.plugin("echo")["last_error"].is_string()
+    });
+    let echo = d.plugin("echo");
+    assert_eq!(echo["state"], "unloaded");
+    assert!(
+        echo["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("`delay_ms` must be a whole number"),
+        "{echo}"
+    );
+    assert_eq!(
+        d.get("/ready").0,
+        503,
+        "a preloaded model that failed is not ready"
+    );
+    let (status, r) = d.post("/v1/chat/completions", &chat("echo", "hi"));
+    assert_eq!(status, 500, "{r}");
+    let message = r["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("delay_ms") && message.contains("retries after"),
+        "{message}"
+    );
+    assert!(
+        d.plugin("echo")["pid"].is_null(),
+        "no worker was started for the request"
+    );
+}
+
 fn process_exists(pid: &Value) -> bool {
     pid.as_u64()
         .is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists())

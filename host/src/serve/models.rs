@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -36,6 +36,9 @@ pub struct Setup {
 
 type LoadResult = Option<Result<(), ApiError>>;
 
+/// How long after a failed load requests get its error instead of starting another load.
+const LOAD_RETRY: Duration = Duration::from_secs(10);
+
 enum Slot {
     Unloaded,
     Loading(watch::Receiver<LoadResult>),
@@ -46,6 +49,8 @@ struct Entry {
     found: Found,
     slot: Slot,
     last_error: Option<String>,
+    /// When loading last failed: on-demand loads wait out [`LOAD_RETRY`] after it.
+    failed_at: Option<Instant>,
     reloading: bool,
 }
 
@@ -122,6 +127,7 @@ impl Models {
                                 found: f,
                                 slot: Slot::Unloaded,
                                 last_error: None,
+                                failed_at: None,
                                 reloading: false,
                             },
                         );
@@ -187,6 +193,14 @@ impl Models {
                         })
                     }
                     Slot::Loading(rx) => rx.clone(),
+                    Slot::Unloaded if entry.failed_at.is_some_and(|t| t.elapsed() < LOAD_RETRY) => {
+                        // A plugin that just failed to load is not started again per request.
+                        let why = entry.last_error.clone().unwrap_or_default();
+                        return Err(ApiError::internal(format!(
+                            "{why} (on-demand loading retries after {} s; POST /v1/plugins/{name}/load to retry now)",
+                            LOAD_RETRY.as_secs()
+                        )));
+                    }
                     Slot::Unloaded if server.load_on_demand => self.begin_load(&mut inner, name),
                     Slot::Unloaded => {
                         return Err(ApiError::unavailable(format!(
@@ -245,11 +259,13 @@ impl Models {
                         (Some(entry), Ok(d)) => {
                             entry.slot = Slot::Loaded(Arc::new(d));
                             entry.last_error = None;
+                            entry.failed_at = None;
                             Ok(None)
                         }
                         (Some(entry), Err(e)) => {
                             entry.slot = Slot::Unloaded;
                             entry.last_error = Some(e.message.clone());
+                            entry.failed_at = Some(Instant::now());
                             Err(e)
                         }
                         // Removed while it loaded.
