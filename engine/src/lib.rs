@@ -1,6 +1,7 @@
 //! Shared inference building blocks for PIO's model plugins: linked statically into each plugin,
-//! so it is not an ABI and may change freely. Model files stay in their plugin's crate; what two
-//! plugins need moves here.
+//! so it is not an ABI and may change freely. Model families live in `models` (a checkpoint
+//! family may be served by several plugins); `runtime` is the plugin side every text model
+//! shares.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
@@ -9,6 +10,8 @@ pub mod checkpoint;
 pub mod error;
 pub mod generate;
 pub mod generation_config;
+pub mod models;
+pub mod runtime;
 pub mod sampling;
 pub mod stop;
 pub mod text;

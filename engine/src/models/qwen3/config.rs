@@ -2,8 +2,8 @@
 //! transformers 4 layout (`rope_theta`, `rope_scaling`, `torch_dtype`) and the transformers 5 one
 //! (`rope_parameters`, `dtype`).
 
-use pio_engine::checkpoint::Checkpoint;
-use pio_engine::{EngineError, Result};
+use crate::checkpoint::Checkpoint;
+use crate::{EngineError, Result};
 use serde::Deserialize;
 
 /// `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5).

@@ -2,15 +2,17 @@
 //! grouped-query attention with per-head RMSNorm on queries and keys, rotary positions, SwiGLU
 //! MLP, tied or untied output embedding.
 
-use pio_engine::candle_core::{DType, Device, Module, Tensor};
-use pio_engine::candle_nn::{
+use crate::candle_core::{DType, Device, Module, Tensor};
+use crate::candle_nn::{
     embedding, linear_b, linear_no_bias, rms_norm, Embedding, Linear, RmsNorm, VarBuilder,
 };
-use pio_engine::checkpoint::Checkpoint;
-use pio_engine::generate::CausalLm;
-use pio_engine::{EngineError, Result};
+use crate::checkpoint::Checkpoint;
+use crate::generate::CausalLm;
+use crate::{EngineError, Result};
 
-pub use crate::config::{Config, RopeParameters};
+mod config;
+
+pub use config::{Config, RopeParameters};
 
 /// Rotary embedding tables for every position.
 #[derive(Debug, Clone)]
@@ -43,7 +45,7 @@ impl Rotary {
         let seq = x.dim(2)?;
         let cos = self.cos.narrow(0, start, seq)?;
         let sin = self.sin.narrow(0, start, seq)?;
-        Ok(pio_engine::candle_nn::rotary_emb::rope(
+        Ok(crate::candle_nn::rotary_emb::rope(
             &x.contiguous()?,
             &cos,
             &sin,
@@ -152,7 +154,7 @@ impl Attention {
                 Tensor::from_vec(mask, (seq, total), x.device())?.to_dtype(scores.dtype())?;
             scores = scores.broadcast_add(&mask)?;
         }
-        let probs = pio_engine::candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
+        let probs = crate::candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
             .to_dtype(v.dtype())?;
         let out = probs.matmul(&v.contiguous()?)?;
         // 5. Merge heads and project out.
@@ -180,7 +182,7 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = pio_engine::candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+        let gate = crate::candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
         Ok(self
             .down_proj
             .forward(&(gate * self.up_proj.forward(x)?)?)?)
@@ -241,7 +243,7 @@ pub struct Qwen3 {
 
 /// candle's own error type for the constructors (the caller names the checkpoint).
 mod candle_result {
-    pub type R<T> = std::result::Result<T, pio_engine::candle_core::Error>;
+    pub type R<T> = std::result::Result<T, crate::candle_core::Error>;
 }
 
 impl Qwen3 {
@@ -329,5 +331,16 @@ impl CausalLm for Qwen3 {
 
     fn context_length(&self) -> usize {
         self.context
+    }
+}
+
+impl crate::runtime::LoadModel for Qwen3 {
+    fn load(
+        checkpoint: &Checkpoint,
+        dtype: DType,
+        device: &Device,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
+        Qwen3::load(checkpoint, dtype, device, progress)
     }
 }

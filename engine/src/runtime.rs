@@ -1,0 +1,271 @@
+//! The plugin side every text model shares: reading the model config, loading the checkpoint,
+//! tokenizer, chat template and generation defaults, and running requests through
+//! [`generate`], streaming tokens into the plugin-api sink. A model plugin is its static info
+//! plus a [`ModelRuntime`] of its model type.
+
+use candle_core::{DType, Device};
+use pio_plugin_api::wire::{
+    FinishReason, GenerationDefaults, InferOutcome, InferRequest, ModelConfig, ModelInfo, Prompt,
+    Usage,
+};
+use pio_plugin_api::{
+    ErrorKind, Flow, GeneratedToken, PluginError, Progress, RString, RVec, Sink, TopLogprob,
+};
+
+use crate::chat::ChatTemplate;
+use crate::checkpoint::Checkpoint;
+use crate::generate::{generate, CausalLm, Emitted, Finish, Request};
+use crate::generation_config::GenerationConfig;
+use crate::sampling::SamplingParams;
+use crate::text::TextCodec;
+use crate::EngineError;
+
+/// A model that loads from a checkpoint.
+pub trait LoadModel: CausalLm + Sized {
+    /// Loads it in `dtype` on `device`, calling `progress(done, total)` as parts are read.
+    fn load(
+        checkpoint: &Checkpoint,
+        dtype: DType,
+        device: &Device,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> crate::Result<Self>;
+}
+
+/// A loaded model and everything needed to talk to it.
+struct Loaded<M> {
+    model: M,
+    codec: TextCodec,
+    template: Option<ChatTemplate>,
+    generation: GenerationConfig,
+    defaults: GenerationDefaults,
+}
+
+/// One plugin's model: unloaded until `load_model`.
+pub struct ModelRuntime<M> {
+    loaded: Option<Loaded<M>>,
+}
+
+impl<M> Default for ModelRuntime<M> {
+    fn default() -> Self {
+        Self { loaded: None }
+    }
+}
+
+/// Maps engine errors onto the plugin-api's kinds.
+pub fn plugin_error(e: EngineError) -> PluginError {
+    let kind = match &e {
+        EngineError::MissingFile { .. }
+        | EngineError::BadFile { .. }
+        | EngineError::BadField { .. }
+        | EngineError::Weights { .. } => ErrorKind::MODEL_FILES,
+        EngineError::InvalidInput(_) => ErrorKind::INVALID_INPUT,
+        EngineError::Unsupported(_) => ErrorKind::UNSUPPORTED,
+        EngineError::Compute(_) => ErrorKind::INTERNAL,
+    };
+    PluginError::new(kind, e.to_string())
+}
+
+/// The dtype a model config asks for (default f32).
+pub fn dtype_of(config: &ModelConfig) -> Result<DType, PluginError> {
+    match config.dtype.as_deref() {
+        None | Some("f32") => Ok(DType::F32),
+        Some("bf16") => Ok(DType::BF16),
+        Some("f16") => Ok(DType::F16),
+        Some(other) => Err(PluginError::invalid_config(format!(
+            "dtype \"{other}\" is not one of f32, bf16, f16"
+        ))),
+    }
+}
+
+/// The device a model config asks for (default the CPU).
+pub fn device_of(config: &ModelConfig) -> Result<Device, PluginError> {
+    match config.device.as_deref() {
+        None | Some("cpu") => Ok(Device::Cpu),
+        Some(cuda) if cuda.starts_with("cuda") => {
+            let ordinal = cuda
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            Device::new_cuda(ordinal).map_err(|e| {
+                PluginError::unsupported(format!(
+                    "device \"{cuda}\" is unavailable ({e}); build the plugin with the `cuda` feature on a machine with CUDA, or use device = \"cpu\""
+                ))
+            })
+        }
+        Some(other) => Err(PluginError::invalid_config(format!(
+            "unknown device \"{other}\""
+        ))),
+    }
+}
+
+impl<M> Loaded<M> {
+    fn prompt_ids(&self, request: &InferRequest) -> Result<Vec<u32>, PluginError> {
+        let text = match &request.prompt {
+            Prompt::Text(text) => text.clone(),
+            Prompt::Messages(messages) => {
+                let template = self.template.as_ref().ok_or_else(|| {
+                    PluginError::unsupported(
+                        "this checkpoint has no chat template; send a raw text prompt",
+                    )
+                })?;
+                template
+                    .render(
+                        messages,
+                        request.tools.as_deref(),
+                        true,
+                        &request.chat_template_kwargs,
+                    )
+                    .map_err(plugin_error)?
+            }
+        };
+        self.codec.encode(&text).map_err(plugin_error)
+    }
+
+    /// Request values first, then the manifest's defaults, then the checkpoint's.
+    fn sampling(&self, r: &InferRequest) -> SamplingParams {
+        let (d, g) = (&self.defaults, &self.generation);
+        let sampled = g.do_sample.unwrap_or(true);
+        let temperature =
+            r.temperature
+                .or(d.temperature)
+                .or(if sampled { g.temperature } else { Some(0.0) });
+        SamplingParams {
+            temperature,
+            top_k: r.top_k.or(d.top_k).or(g.top_k),
+            top_p: r.top_p.or(d.top_p).or(g.top_p),
+            min_p: r.min_p.or(d.min_p).or(g.min_p),
+            repetition_penalty: r
+                .repetition_penalty
+                .or(d.repetition_penalty)
+                .or(g.repetition_penalty),
+            presence_penalty: r.presence_penalty,
+            frequency_penalty: r.frequency_penalty,
+            seed: r.seed,
+        }
+    }
+}
+
+fn token_of(t: Emitted) -> GeneratedToken {
+    GeneratedToken {
+        token_id: t.token_id,
+        text: RString::from(t.text),
+        logprob: t.logprob.into(),
+        top_logprobs: t
+            .top
+            .into_iter()
+            .map(|(token_id, text, logprob)| TopLogprob {
+                token_id,
+                text: text.into(),
+                logprob,
+            })
+            .collect::<RVec<_>>(),
+    }
+}
+
+impl<M: LoadModel> ModelRuntime<M> {
+    /// Checks what this runtime can honour: the dtype, a model path, no quantization (yet).
+    pub fn supports_config(&self, config: &ModelConfig) -> Result<(), PluginError> {
+        dtype_of(config)?;
+        if config.model_path.is_none() {
+            return Err(PluginError::invalid_config(
+                "no model path: set [model] path in the manifest to a Hugging Face snapshot folder",
+            ));
+        }
+        match config.quantization.as_deref() {
+            None | Some("none") => Ok(()),
+            Some(q) => Err(PluginError::unsupported(format!(
+                "quantization \"{q}\" is not supported by this plugin yet; use \"none\""
+            ))),
+        }
+    }
+
+    /// Loads the checkpoint at the config's model path.
+    pub fn load_model(
+        &mut self,
+        config: &ModelConfig,
+        progress: &mut Progress,
+    ) -> Result<ModelInfo, PluginError> {
+        self.supports_config(config)?;
+        let (dtype, device) = (dtype_of(config)?, device_of(config)?);
+        let path = config.model_path.clone().unwrap_or_default();
+        let checkpoint = Checkpoint::open(&path).map_err(plugin_error)?;
+        let mut cancelled = false;
+        let model = M::load(&checkpoint, dtype, &device, &mut |done, total| {
+            cancelled |= progress.report("weights", done as u64, total as u64) == Flow::Stop;
+        })
+        .map_err(plugin_error)?;
+        if cancelled {
+            return Err(PluginError::cancelled("loading was cancelled"));
+        }
+        let info = ModelInfo {
+            context_length: Some(model.context_length() as u32),
+            dtype: Some(format!("{dtype:?}").to_lowercase()),
+            device: Some(config.device.clone().unwrap_or_else(|| "cpu".into())),
+            weight_bytes: None,
+        };
+        self.loaded = Some(Loaded {
+            codec: TextCodec::load(&checkpoint).map_err(plugin_error)?,
+            template: ChatTemplate::load(&checkpoint).map_err(plugin_error)?,
+            generation: GenerationConfig::load(&checkpoint).map_err(plugin_error)?,
+            defaults: config.generation.clone(),
+            model,
+        });
+        Ok(info)
+    }
+
+    /// Runs one request, streaming its tokens into `sink`.
+    pub fn infer(
+        &self,
+        request: &InferRequest,
+        sink: &mut Sink,
+    ) -> Result<InferOutcome, PluginError> {
+        let loaded = self
+            .loaded
+            .as_ref()
+            .ok_or_else(|| PluginError::not_ready("infer called before load_model"))?;
+        let prompt = loaded.prompt_ids(request)?;
+        let prompt_tokens = prompt.len() as u32;
+        let context = loaded.model.context_length();
+        let max_tokens = request
+            .max_tokens
+            .or(loaded.defaults.max_tokens)
+            .or(loaded.generation.max_new_tokens)
+            .map_or(context, |m| m as usize);
+        let engine_request = Request {
+            prompt,
+            sampling: loaded.sampling(request),
+            max_tokens,
+            stop: request.stop.clone(),
+            eos: loaded.generation.eos_token_id.clone(),
+            logprobs: request.logprobs.map(|k| k as usize),
+        };
+        let mut emit = |t: Emitted| sink.emit(token_of(t)) == Flow::Continue;
+        let outcome = generate(&loaded.model, &loaded.codec, &engine_request, &mut emit)
+            .map_err(plugin_error)?;
+        let finish_reason = match outcome.finish {
+            Finish::Stop => FinishReason::Stop,
+            Finish::Length => FinishReason::Length,
+            Finish::Cancelled => return Err(PluginError::cancelled("request cancelled")),
+        };
+        let mut result = InferOutcome {
+            finish_reason,
+            usage: Usage {
+                prompt_tokens,
+                completion_tokens: outcome.completion_tokens as u32,
+            },
+            ..Default::default()
+        };
+        result
+            .timings
+            .insert("prompt_ms".into(), outcome.prompt_ms.into());
+        result
+            .timings
+            .insert("decode_ms".into(), outcome.decode_ms.into());
+        Ok(result)
+    }
+
+    /// Drops the model.
+    pub fn cleanup(&mut self) {
+        self.loaded = None;
+    }
+}
