@@ -18,7 +18,8 @@ pub struct RopeParameters {
     pub factor: Option<f64>,
 }
 
-/// `config.json` of a Qwen3ForCausalLM checkpoint, with transformers' defaults.
+/// `config.json` of a Qwen3ForCausalLM or Qwen3MoeForCausalLM checkpoint, with transformers'
+/// defaults (the MoE keys default to a dense model).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct Config {
     /// The transformers classes the checkpoint is for.
@@ -59,6 +60,28 @@ pub struct Config {
     /// MLP activation; only `silu` exists in Qwen3.
     #[serde(default = "default_act")]
     pub hidden_act: String,
+    /// Experts per sparse layer (0: dense). transformers 5 writes `num_local_experts`.
+    #[serde(default, alias = "num_local_experts")]
+    pub num_experts: usize,
+    /// Experts each token is routed to.
+    #[serde(default)]
+    pub num_experts_per_tok: usize,
+    /// Each expert's MLP width.
+    #[serde(default)]
+    pub moe_intermediate_size: usize,
+    /// Every this-many-th layer is sparse.
+    #[serde(default = "default_sparse_step")]
+    pub decoder_sparse_step: usize,
+    /// Layers kept dense whatever the step says.
+    #[serde(default)]
+    pub mlp_only_layers: Vec<usize>,
+    /// Renormalize the chosen experts' weights to sum to 1.
+    #[serde(default)]
+    pub norm_topk_prob: bool,
+}
+
+fn default_sparse_step() -> usize {
+    1
 }
 
 fn default_positions() -> usize {
@@ -102,22 +125,44 @@ impl Config {
         Ok((theta, scale))
     }
 
-    pub(crate) fn validate(&self, checkpoint: &Checkpoint) -> Result<()> {
+    /// Whether layer `i` is a sparse MoE block, by transformers' rule.
+    pub(crate) fn is_sparse(&self, i: usize) -> bool {
+        self.num_experts > 0
+            && !self.mlp_only_layers.contains(&i)
+            && (i + 1) % self.decoder_sparse_step.max(1) == 0
+    }
+
+    pub(crate) fn validate(&self, checkpoint: &Checkpoint, architecture: &str) -> Result<()> {
         let bad = |field: &str, reason: String| EngineError::BadField {
             path: checkpoint.path("config.json"),
             field: field.into(),
             reason,
         };
-        if !self.architectures.is_empty()
-            && !self.architectures.iter().any(|a| a == "Qwen3ForCausalLM")
-        {
+        if !self.architectures.is_empty() && !self.architectures.iter().any(|a| a == architecture) {
             return Err(bad(
                 "architectures",
                 format!(
-                    "expected Qwen3ForCausalLM, found {:?}: this plugin serves Qwen3 dense checkpoints only",
+                    "expected {architecture}, found {:?}: this plugin serves {architecture} checkpoints only",
                     self.architectures
                 ),
             ));
+        }
+        if self.num_experts > 0 {
+            if self.num_experts_per_tok == 0 || self.num_experts_per_tok > self.num_experts {
+                return Err(bad(
+                    "num_experts_per_tok",
+                    format!(
+                        "expected 1 to num_experts = {}, found {}",
+                        self.num_experts, self.num_experts_per_tok
+                    ),
+                ));
+            }
+            if self.moe_intermediate_size == 0 {
+                return Err(bad(
+                    "moe_intermediate_size",
+                    "expected the experts' MLP width, found 0".into(),
+                ));
+            }
         }
         if self.hidden_act != "silu" {
             return Err(bad(

@@ -1,6 +1,6 @@
-//! Qwen3 dense causal LM, mirroring transformers' `models/qwen3/modeling_qwen3.py`:
-//! grouped-query attention with per-head RMSNorm on queries and keys, rotary positions, SwiGLU
-//! MLP, tied or untied output embedding.
+//! Qwen3 causal LMs, mirroring transformers' `modeling_qwen3.py` and `modeling_qwen3_moe.py`:
+//! grouped-query attention with per-head RMSNorm on queries and keys, rotary positions, a SwiGLU
+//! MLP or (Qwen3-MoE) a sparse mixture of SwiGLU experts, tied or untied output embedding.
 
 use crate::candle_core::{DType, Device, Module, Tensor};
 use crate::candle_nn::{
@@ -11,6 +11,7 @@ use crate::generate::CausalLm;
 use crate::{EngineError, Result};
 
 mod config;
+mod moe;
 
 pub use config::{Config, RopeParameters};
 
@@ -173,11 +174,11 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(cfg: &Config, vb: VarBuilder) -> candle_result::R<Self> {
+    fn sized(hidden: usize, width: usize, vb: VarBuilder) -> candle_result::R<Self> {
         Ok(Self {
-            gate_proj: linear_no_bias(cfg.hidden_size, cfg.intermediate_size, vb.pp("gate_proj"))?,
-            up_proj: linear_no_bias(cfg.hidden_size, cfg.intermediate_size, vb.pp("up_proj"))?,
-            down_proj: linear_no_bias(cfg.intermediate_size, cfg.hidden_size, vb.pp("down_proj"))?,
+            gate_proj: linear_no_bias(hidden, width, vb.pp("gate_proj"))?,
+            up_proj: linear_no_bias(hidden, width, vb.pp("up_proj"))?,
+            down_proj: linear_no_bias(width, hidden, vb.pp("down_proj"))?,
         })
     }
 
@@ -189,16 +190,41 @@ impl Mlp {
     }
 }
 
+/// A layer's feed-forward part: dense, or sparse experts.
+#[derive(Debug, Clone)]
+enum FeedForward {
+    Dense(Mlp),
+    Sparse(moe::SparseMoe),
+}
+
+impl FeedForward {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(mlp) => mlp.forward(x),
+            Self::Sparse(moe) => moe.forward(x),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct DecoderLayer {
     input_layernorm: RmsNorm,
     self_attn: Attention,
     post_attention_layernorm: RmsNorm,
-    mlp: Mlp,
+    mlp: FeedForward,
 }
 
 impl DecoderLayer {
-    fn new(cfg: &Config, vb: VarBuilder) -> candle_result::R<Self> {
+    fn new(cfg: &Config, index: usize, vb: VarBuilder) -> candle_result::R<Self> {
+        let mlp = if cfg.is_sparse(index) {
+            FeedForward::Sparse(moe::SparseMoe::new(cfg, vb.pp("mlp"))?)
+        } else {
+            FeedForward::Dense(Mlp::sized(
+                cfg.hidden_size,
+                cfg.intermediate_size,
+                vb.pp("mlp"),
+            )?)
+        };
         Ok(Self {
             input_layernorm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
             self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
@@ -207,7 +233,7 @@ impl DecoderLayer {
                 cfg.rms_norm_eps,
                 vb.pp("post_attention_layernorm"),
             )?,
-            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+            mlp,
         })
     }
 
@@ -247,16 +273,27 @@ mod candle_result {
 }
 
 impl Qwen3 {
-    /// Loads the model from `checkpoint` in `dtype` on `device`, calling `progress(done, total)`
-    /// as layers are read.
+    /// Loads a Qwen3ForCausalLM from `checkpoint` in `dtype` on `device`, calling
+    /// `progress(done, total)` as layers are read.
     pub fn load(
         checkpoint: &Checkpoint,
         dtype: DType,
         device: &Device,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
+        Self::load_architecture(checkpoint, "Qwen3ForCausalLM", dtype, device, progress)
+    }
+
+    /// Loads a checkpoint whose `architectures` must name `architecture`.
+    fn load_architecture(
+        checkpoint: &Checkpoint,
+        architecture: &str,
+        dtype: DType,
+        device: &Device,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
         let cfg: Config = checkpoint.config()?;
-        cfg.validate(checkpoint)?;
+        cfg.validate(checkpoint, architecture)?;
         let (theta, scale) = cfg.rope(checkpoint)?;
         let vb = checkpoint.weights(dtype, device)?;
         let total = cfg.num_hidden_layers + 2;
@@ -267,7 +304,7 @@ impl Qwen3 {
             progress(1, total);
             let layers = (0..cfg.num_hidden_layers)
                 .map(|i| {
-                    let layer = DecoderLayer::new(&cfg, model.pp(format!("layers.{i}")));
+                    let layer = DecoderLayer::new(&cfg, i, model.pp(format!("layers.{i}")));
                     progress(i + 2, total);
                     layer
                 })
@@ -342,5 +379,49 @@ impl crate::runtime::LoadModel for Qwen3 {
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
         Qwen3::load(checkpoint, dtype, device, progress)
+    }
+}
+
+/// Qwen3MoeForCausalLM (Qwen3-Coder-30B-A3B, Qwen3-30B-A3B): the same model with sparse layers.
+#[derive(Debug, Clone)]
+pub struct Qwen3Moe(Qwen3);
+
+impl Qwen3Moe {
+    /// Loads a Qwen3MoeForCausalLM from `checkpoint`, as [`Qwen3::load`].
+    pub fn load(
+        checkpoint: &Checkpoint,
+        dtype: DType,
+        device: &Device,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
+        Qwen3::load_architecture(checkpoint, "Qwen3MoeForCausalLM", dtype, device, progress)
+            .map(Self)
+    }
+}
+
+impl CausalLm for Qwen3Moe {
+    type Cache = Cache;
+
+    fn new_cache(&self) -> Cache {
+        self.0.new_cache()
+    }
+
+    fn forward(&self, tokens: &[u32], cache: &mut Cache) -> Result<Vec<f32>> {
+        self.0.forward(tokens, cache)
+    }
+
+    fn context_length(&self) -> usize {
+        self.0.context_length()
+    }
+}
+
+impl crate::runtime::LoadModel for Qwen3Moe {
+    fn load(
+        checkpoint: &Checkpoint,
+        dtype: DType,
+        device: &Device,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
+        Qwen3Moe::load(checkpoint, dtype, device, progress)
     }
 }
