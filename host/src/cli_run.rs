@@ -54,6 +54,9 @@ pub struct RunArgs {
     /// Seed for reproducible sampling.
     #[arg(long)]
     seed: Option<u64>,
+    /// Penalty on tokens already seen (1: none; default: the model's generation config).
+    #[arg(long, value_name = "P")]
+    repetition_penalty: Option<f32>,
     /// Stop before this string (repeatable).
     #[arg(long = "stop", value_name = "TEXT")]
     stop: Vec<String>,
@@ -131,6 +134,7 @@ fn request(args: &RunArgs) -> anyhow::Result<InferRequest> {
         top_p: args.top_p,
         top_k: args.top_k,
         seed: args.seed,
+        repetition_penalty: args.repetition_penalty,
         stop: args.stop.clone(),
         logprobs: args.logprobs,
         ..InferRequest::default()

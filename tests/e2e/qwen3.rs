@@ -1,6 +1,6 @@
-//! The shipped Qwen3 manifest, end to end through the real `pio` binary and a confined worker:
-//! the greedy tokens and logprobs transformers produced for the tiny checkpoint come out of
-//! `pio run --json`.
+//! The shipped Qwen3 manifests (dense and MoE), end to end through the real `pio` binary and a
+//! confined worker: the greedy tokens and logprobs transformers produced for the tiny checkpoints
+//! come out of `pio run --json`.
 
 use serde_json::Value;
 
@@ -8,18 +8,21 @@ use crate::support::*;
 use crate::worker::confinement_available;
 
 fn golden() -> Vec<Value> {
-    let path = repo_root().join("tests/fixtures/golden/qwen3-tiny.json");
+    golden_of("qwen3-tiny")
+}
+
+fn golden_of(checkpoint: &str) -> Vec<Value> {
+    let path = repo_root().join(format!("tests/fixtures/golden/{checkpoint}.json"));
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 fn run_json(extra: &[&str]) -> Vec<Value> {
+    run_plugin_json("qwen3-4b-instruct-2507", extra)
+}
+
+fn run_plugin_json(plugin: &str, extra: &[&str]) -> Vec<Value> {
     let deps = deps_dir();
-    let mut args = vec![
-        "run",
-        "qwen3-4b-instruct-2507",
-        "--library-dir",
-        deps.to_str().unwrap(),
-    ];
+    let mut args = vec!["run", plugin, "--library-dir", deps.to_str().unwrap()];
     args.extend_from_slice(extra);
     args.extend_from_slice(&[
         "--temperature",
@@ -89,6 +92,28 @@ fn the_shipped_manifest_serves_transformers_tokens_through_a_worker() {
     let chat = golden.iter().find(|c| c.get("messages").is_some()).unwrap();
     let messages = chat["messages"].to_string();
     assert_matches(&run_json(&["--messages", &messages]), chat);
+}
+
+#[test]
+fn the_shipped_coder_manifest_serves_the_moe_model_with_its_chat_template() {
+    if !confinement_available() {
+        return;
+    }
+    let golden = golden_of("qwen3-moe-tiny");
+    // The checkpoint's generation config sets a repetition penalty; transformers' goldens are
+    // plain greedy.
+    let run = |extra: &[&str]| {
+        let mut args = extra.to_vec();
+        args.extend_from_slice(&["--repetition-penalty", "1"]);
+        run_plugin_json("qwen3-coder-30b", &args)
+    };
+    assert_matches(
+        &run(&["--prompt", golden[0]["prompt"].as_str().unwrap()]),
+        &golden[0],
+    );
+    // The prompt tokens of a chat case come from Qwen3-Coder's own template.
+    let chat = golden.iter().find(|c| c.get("messages").is_some()).unwrap();
+    assert_matches(&run(&["--messages", &chat["messages"].to_string()]), chat);
 }
 
 #[test]
