@@ -43,11 +43,17 @@ struct Loaded<M> {
 /// One plugin's model: unloaded until `load_model`.
 pub struct ModelRuntime<M> {
     loaded: Option<Loaded<M>>,
+    tool_call_format: Option<&'static str>,
 }
 
-impl<M> Default for ModelRuntime<M> {
-    fn default() -> Self {
-        Self { loaded: None }
+impl<M> ModelRuntime<M> {
+    /// A runtime whose model writes tool calls in `tool_call_format` (see
+    /// `pio_plugin_api::wire::ModelInfo::tool_call_format`), or has no tool calling.
+    pub fn new(tool_call_format: Option<&'static str>) -> Self {
+        Self {
+            loaded: None,
+            tool_call_format,
+        }
     }
 }
 
@@ -202,6 +208,7 @@ impl<M: LoadModel> ModelRuntime<M> {
             dtype: Some(format!("{dtype:?}").to_lowercase()),
             device: Some(config.device.clone().unwrap_or_else(|| "cpu".into())),
             weight_bytes: None,
+            tool_call_format: self.tool_call_format.map(str::to_string),
         };
         self.loaded = Some(Loaded {
             codec: TextCodec::load(&checkpoint).map_err(plugin_error)?,

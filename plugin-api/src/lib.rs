@@ -12,7 +12,8 @@
 //! Minor versions add only what old plugins can lack without harm: new [`ErrorKind`] values and
 //! [`Capabilities`] bits (both open sets), and new JSON fields in [`wire`] (all defaulted).
 //!
-//! History: 1.0.0 — first release. 1.1.0 — `ErrorKind::TIMEOUT`.
+//! History: 1.0.0 — first release. 1.1.0 — `ErrorKind::TIMEOUT`. 1.2.0 —
+//! `ModelInfo::tool_call_format`.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 

@@ -156,4 +156,8 @@ pub struct ModelInfo {
     pub device: Option<String>,
     /// Bytes of weights resident after loading.
     pub weight_bytes: Option<u64>,
+    /// How the model writes tool calls in its output, for the host to parse them into the API's
+    /// `tool_calls`: `hermes` (`<tool_call>{"name", "arguments"}</tool_call>`, Qwen3 instruct)
+    /// or `qwen3_coder` (`<tool_call><function=NAME><parameter=P>...`). Since 1.2.
+    pub tool_call_format: Option<String>,
 }

@@ -4,6 +4,7 @@ Usage: openai_client.py BASE_URL API_KEY   (run by tests/e2e/serve.rs; needs `pi
 The daemon serves `echo` (echoes its prompt) and the tiny random `qwen3-4b-instruct-2507`.
 """
 
+import json
 import sys
 
 import openai
@@ -46,6 +47,25 @@ assert r.choices[0].text == "ab", r
 assert r.choices[0].logprobs.tokens == ["a", "b"], r
 pieces = [c.choices[0].text for c in client.completions.create(model="echo", prompt="xyz", stream=True)]
 assert "".join(pieces) == "xyz", pieces
+
+# Tool calls: echo repeats a call written in its (hermes) format, which the server parses.
+tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]
+call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+r = client.chat.completions.create(model="echo", messages=[{"role": "user", "content": call}], tools=tools)
+assert r.choices[0].finish_reason == "tool_calls", r
+calls = r.choices[0].message.tool_calls
+assert len(calls) == 1 and calls[0].function.name == "get_weather", r
+assert json.loads(calls[0].function.arguments) == {"city": "Paris"}, r
+streamed_calls = [
+    tc
+    for chunk in client.chat.completions.create(
+        model="echo", messages=[{"role": "user", "content": call}], tools=tools, stream=True
+    )
+    if chunk.choices and chunk.choices[0].delta.tool_calls
+    for tc in chunk.choices[0].delta.tool_calls
+]
+assert [tc.function.name for tc in streamed_calls] == ["get_weather"], streamed_calls
 
 # Errors arrive as the client's typed exceptions, with the field named.
 try:

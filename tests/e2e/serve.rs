@@ -72,6 +72,70 @@ fn chat_and_completions_answer_in_openai_shapes() {
 }
 
 #[test]
+fn tool_calls_in_the_output_become_tool_calls_in_the_api() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(echo_dir(""), "");
+    d.wait_ready();
+    // Echo says back its prompt: a prompt that is a call makes it "call" the tool (hermes format).
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+    let call = "Checking.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
+    let mut req = chat("echo", call);
+    req["tools"] = tools.clone();
+    let (status, r) = d.post("/v1/chat/completions", &req);
+    assert_eq!(status, 200, "{r}");
+    let choice = &r["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{r}");
+    assert_eq!(choice["message"]["content"], "Checking.");
+    let calls = choice["message"]["tool_calls"]
+        .as_array()
+        .expect("tool_calls");
+    assert_eq!((calls.len(), &calls[0]["type"]), (1, &json!("function")));
+    assert_eq!(calls[0]["function"]["name"], "get_weather");
+    let args: Value =
+        serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(args, json!({"city": "Paris"}));
+    assert!(calls[0]["id"]
+        .as_str()
+        .is_some_and(|id| id.starts_with("call_")));
+
+    // Streamed: the markup never reaches the client as text; the call comes as a delta.
+    req["stream"] = json!(true);
+    let chunks: Vec<Value> = d
+        .stream("/v1/chat/completions", &req)
+        .filter(|e| e != "[DONE]")
+        .map(|e| serde_json::from_str(&e).unwrap())
+        .collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text.trim(), "Checking.");
+    let delta = chunks
+        .iter()
+        .find_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array())
+        .expect("a tool_calls delta");
+    assert_eq!(delta[0]["function"]["name"], "get_weather");
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "tool_calls"
+    );
+
+    // Without tools offered, or with a malformed call, it is all text.
+    let (_, r) = d.post("/v1/chat/completions", &chat("echo", call));
+    assert_eq!(r["choices"][0]["message"]["content"], call);
+    assert!(r["choices"][0]["message"].get("tool_calls").is_none());
+    let broken = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {oops}\n</tool_call>";
+    let mut req = chat("echo", broken);
+    req["tools"] = tools;
+    let (_, r) = d.post("/v1/chat/completions", &req);
+    assert_eq!(r["choices"][0]["message"]["content"], broken);
+    assert_eq!(r["choices"][0]["finish_reason"], "stop");
+}
+
+#[test]
 fn errors_have_the_openai_shape_the_right_status_and_the_field() {
     if !confinement_available() {
         return;
@@ -98,13 +162,12 @@ fn errors_have_the_openai_shape_the_right_status_and_the_field() {
     bad(with("n", json!(2)), "n");
     bad(with("max_tokens", json!(1000)), "max_tokens");
     bad(with("top_logprobs", json!(3)), "top_logprobs");
-    bad(
-        with(
-            "tools",
-            json!([{"type": "function", "function": {"name": "f"}}]),
-        ),
+    let mut required = with(
         "tools",
+        json!([{"type": "function", "function": {"name": "f"}}]),
     );
+    required["tool_choice"] = json!("required");
+    bad(required, "tool_choice");
     bad(with("stop", json!(7)), "stop");
     bad(
         json!({"model": "echo", "messages": [{"role": "robot", "content": "x"}]}),

@@ -19,6 +19,7 @@ use super::deployment::Lease;
 use super::error::ApiError;
 use super::openai::{self, Endpoint, Parsed};
 use super::responses::Reply;
+use super::tool_calls::{self, Format, StreamFilter};
 use super::App;
 use crate::protocol::TokenFrame;
 use crate::supervisor::Event;
@@ -43,10 +44,20 @@ async fn serve(app: Arc<App>, endpoint: Endpoint, body: Result<Bytes, BytesRejec
     let result = start(&app, endpoint, body, &mut label).await;
     match result {
         Ok((parsed, lease, events)) => {
+            // Tool calls are parsed when the request offers tools and the model names its format.
+            let tools = match parsed.request.tools {
+                Some(_) => lease
+                    .deployment()
+                    .info
+                    .tool_call_format
+                    .as_deref()
+                    .and_then(Format::from_name),
+                None => None,
+            };
             if parsed.stream {
-                stream(app, parsed, lease, events, started).await
+                stream(app, parsed, lease, events, started, tools).await
             } else {
-                let response = collect(&app, &parsed, events, started).await;
+                let response = collect(&app, &parsed, events, started, tools).await;
                 drop(lease);
                 app.metrics
                     .request(&label, endpoint.label(), response.status().as_u16());
@@ -120,6 +131,7 @@ async fn collect(
     parsed: &Parsed,
     mut events: mpsc::UnboundedReceiver<Event>,
     started: Instant,
+    tools: Option<Format>,
 ) -> Response {
     let mut tokens: Vec<TokenFrame> = Vec::new();
     let mut timing = Timing {
@@ -139,12 +151,26 @@ async fn collect(
                     outcome.usage.prompt_tokens,
                     outcome.usage.completion_tokens,
                 );
-                return Json(reply.complete(&tokens, &outcome)).into_response();
+                let text: String = tokens.iter().map(|t| t.text.as_str()).collect();
+                let extracted = match tools {
+                    Some(format) => tool_calls::extract(format, &text, offered(parsed)),
+                    None => tool_calls::Extracted {
+                        content: text,
+                        calls: Vec::new(),
+                    },
+                };
+                let body = reply.complete(&tokens, &extracted.content, &extracted.calls, &outcome);
+                return Json(body).into_response();
             }
             Event::Failed(e) => return ApiError::from(e).into_response(),
         }
     }
     ApiError::internal("the worker ended the request without an answer").into_response()
+}
+
+/// The tools the request offered.
+fn offered(parsed: &Parsed) -> &[Value] {
+    parsed.request.tools.as_deref().unwrap_or_default()
 }
 
 fn sse(value: &Value) -> Result<SseEvent, Infallible> {
@@ -157,6 +183,7 @@ async fn stream(
     lease: Lease,
     mut events: mpsc::UnboundedReceiver<Event>,
     started: Instant,
+    tools: Option<Format>,
 ) -> Response {
     // A request that fails before its first token (a prompt too long, say) gets a real status.
     let first = events.recv().await;
@@ -170,7 +197,7 @@ async fn stream(
     tokio::spawn(async move {
         // Held until the stream ends, so a drain waits for it.
         let _lease = lease;
-        let status = pump(&app, &parsed, first, events, &tx, started).await;
+        let status = pump(&app, &parsed, first, events, &tx, started, tools).await;
         if status != CLIENT_GONE {
             let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
         }
@@ -193,7 +220,9 @@ async fn pump(
     mut events: mpsc::UnboundedReceiver<Event>,
     tx: &mpsc::Sender<Result<SseEvent, Infallible>>,
     started: Instant,
+    tools: Option<Format>,
 ) -> u16 {
+    let mut filter = tools.map(|_| StreamFilter::default());
     let model = parsed.model.as_str();
     let usage = parsed.include_usage;
     let mut reply = Reply::new(model, parsed.endpoint, parsed.logprobs);
@@ -219,7 +248,13 @@ async fn pump(
         match event {
             Some(Event::Token(t)) => {
                 timing.token(app, model);
-                out.push(reply.token_chunk(&t, usage));
+                let visible = match filter.as_mut() {
+                    Some(f) => f.push(&t.text),
+                    None => t.text.clone(),
+                };
+                if !visible.is_empty() || parsed.logprobs != super::openai::LogprobsFormat::None {
+                    out.push(reply.token_chunk(&t, &visible, usage));
+                }
             }
             Some(Event::Done(outcome)) => {
                 app.metrics.tokens(
@@ -227,7 +262,18 @@ async fn pump(
                     outcome.usage.prompt_tokens,
                     outcome.usage.completion_tokens,
                 );
-                out.push(reply.finish_chunk(&outcome, usage));
+                let mut called = false;
+                if let (Some(f), Some(format)) = (filter.take(), tools) {
+                    let held = tool_calls::extract(format, &f.finish(), offered(parsed));
+                    if !held.content.is_empty() {
+                        out.push(reply.content_chunk(&held.content, usage));
+                    }
+                    if !held.calls.is_empty() {
+                        called = true;
+                        out.push(reply.tool_calls_chunk(&held.calls, usage));
+                    }
+                }
+                out.push(reply.finish_chunk(&outcome, called, usage));
                 if usage {
                     out.push(reply.usage_chunk(&outcome));
                 }

@@ -14,6 +14,7 @@ pub mod models;
 pub mod openai;
 pub mod responses;
 pub mod status;
+pub mod tool_calls;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

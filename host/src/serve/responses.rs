@@ -8,6 +8,7 @@ use pio_plugin_api::wire::{FinishReason, InferOutcome, Usage};
 use serde_json::{json, Value};
 
 use super::openai::{Endpoint, LogprobsFormat};
+use super::tool_calls::Call;
 use crate::protocol::TokenFrame;
 
 static SEQUENCE: AtomicU64 = AtomicU64::new(0);
@@ -24,7 +25,10 @@ pub struct Reply {
     offset: usize,
 }
 
-fn finish(reason: FinishReason) -> &'static str {
+fn finish(reason: FinishReason, called: bool) -> &'static str {
+    if called {
+        return "tool_calls";
+    }
     match reason {
         FinishReason::Stop | FinishReason::Cancelled => "stop",
         FinishReason::Length => "length",
@@ -121,22 +125,36 @@ impl Reply {
         }
     }
 
-    /// The whole (non-streamed) response.
-    pub fn complete(&mut self, tokens: &[TokenFrame], outcome: &InferOutcome) -> Value {
-        let text: String = tokens.iter().map(|t| t.text.as_str()).collect();
+    /// The whole (non-streamed) response: `content` is the text with any tool `calls` taken out.
+    pub fn complete(
+        &mut self,
+        tokens: &[TokenFrame],
+        content: &str,
+        calls: &[Call],
+        outcome: &InferOutcome,
+    ) -> Value {
         let logprobs = self.logprobs_of(tokens);
+        let reason = finish(outcome.finish_reason, !calls.is_empty());
         let choice = match self.endpoint {
-            Endpoint::Chat => json!({
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": logprobs,
-                "finish_reason": finish(outcome.finish_reason),
-            }),
+            Endpoint::Chat => {
+                let mut message = json!({"role": "assistant", "content": content});
+                if !calls.is_empty() {
+                    if content.is_empty() {
+                        message["content"] = Value::Null;
+                    }
+                    message["tool_calls"] = calls
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| c.to_json(i))
+                        .collect();
+                }
+                json!({"index": 0, "message": message, "logprobs": logprobs, "finish_reason": reason})
+            }
             Endpoint::Completions => json!({
                 "index": 0,
-                "text": text,
+                "text": content,
                 "logprobs": logprobs,
-                "finish_reason": finish(outcome.finish_reason),
+                "finish_reason": reason,
             }),
         };
         let mut body = self.envelope(false, json!([choice]));
@@ -181,25 +199,37 @@ impl Reply {
         })
     }
 
-    /// A chunk carrying one token.
-    pub fn token_chunk(&mut self, token: &TokenFrame, include_usage: bool) -> Value {
+    /// A chunk carrying one token, whose visible text is `text` (less than the token's own
+    /// when a tool call is being held back).
+    pub fn token_chunk(&mut self, token: &TokenFrame, text: &str, include_usage: bool) -> Value {
         let logprobs = self.logprobs_of(std::slice::from_ref(token));
+        self.chunk(json!({"content": text}), logprobs, None, include_usage)
+    }
+
+    /// A chunk of text released at the end (a malformed call returned as text).
+    pub fn content_chunk(&self, text: &str, include_usage: bool) -> Value {
+        self.chunk(json!({"content": text}), Value::Null, None, include_usage)
+    }
+
+    /// A chunk carrying the tool calls.
+    pub fn tool_calls_chunk(&self, calls: &[Call], include_usage: bool) -> Value {
+        let calls: Vec<Value> = calls
+            .iter()
+            .enumerate()
+            .map(|(i, c)| c.to_json(i))
+            .collect();
         self.chunk(
-            json!({"content": token.text}),
-            logprobs,
+            json!({"tool_calls": calls}),
+            Value::Null,
             None,
             include_usage,
         )
     }
 
     /// The chunk with the finish reason.
-    pub fn finish_chunk(&self, outcome: &InferOutcome, include_usage: bool) -> Value {
-        self.chunk(
-            json!({}),
-            Value::Null,
-            Some(finish(outcome.finish_reason)),
-            include_usage,
-        )
+    pub fn finish_chunk(&self, outcome: &InferOutcome, called: bool, include_usage: bool) -> Value {
+        let reason = finish(outcome.finish_reason, called);
+        self.chunk(json!({}), Value::Null, Some(reason), include_usage)
     }
 
     /// The last chunk when `stream_options.include_usage` is set: no choices, the usage.

@@ -26,8 +26,11 @@ impl PluginImpl for Echo {
     const NAME: &'static str = "echo";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const FAMILY: &'static str = "echo";
+    // Tools: echo "calls" a tool when its prompt is a call in the hermes format, which lets
+    // the host's tool-call parsing be tested without a model.
     const CAPABILITIES: Capabilities = Capabilities::TEXT
         .union(Capabilities::CHAT)
+        .union(Capabilities::TOOLS)
         .union(Capabilities::LOGPROBS);
 
     fn new() -> Result<Self, PluginError> {
@@ -63,12 +66,22 @@ impl PluginImpl for Echo {
             }
         }
         self.delay = Some(delay_of(&config, "delay_ms")?);
-        Ok(ModelInfo {
+        // `..default()` is a no-op for the frozen plugin-api copies, and fills newer fields.
+        #[allow(unused_mut, clippy::needless_update)]
+        let mut info = ModelInfo {
             context_length: Some(CONTEXT_LENGTH),
             dtype: Some("none".into()),
             device: Some("cpu".into()),
             weight_bytes: Some(0),
-        })
+            ..ModelInfo::default()
+        };
+        // Fields newer than plugin-api 1.0 (the test fixtures compile this file against frozen
+        // copies of older versions, with the `frozen-api` feature).
+        #[cfg(not(feature = "frozen-api"))]
+        {
+            info.tool_call_format = Some("hermes".into());
+        }
+        Ok(info)
     }
 
     fn infer(&self, request: InferRequest, sink: &mut Sink) -> Result<InferOutcome, PluginError> {

@@ -21,10 +21,11 @@ impl PluginImpl for Qwen3Plugin {
     const FAMILY: &'static str = "Qwen3ForCausalLM";
     const CAPABILITIES: Capabilities = Capabilities::TEXT
         .union(Capabilities::CHAT)
+        .union(Capabilities::TOOLS)
         .union(Capabilities::LOGPROBS);
 
     fn new() -> Result<Self, PluginError> {
-        Ok(Self(ModelRuntime::default()))
+        Ok(Self(ModelRuntime::new(Some("hermes"))))
     }
 
     fn supports_config(&self, config: &ModelConfig) -> Result<(), PluginError> {

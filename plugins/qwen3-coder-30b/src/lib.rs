@@ -15,10 +15,11 @@ impl PluginImpl for Qwen3CoderPlugin {
     const FAMILY: &'static str = "Qwen3MoeForCausalLM";
     const CAPABILITIES: Capabilities = Capabilities::TEXT
         .union(Capabilities::CHAT)
+        .union(Capabilities::TOOLS)
         .union(Capabilities::LOGPROBS);
 
     fn new() -> Result<Self, PluginError> {
-        Ok(Self(ModelRuntime::default()))
+        Ok(Self(ModelRuntime::new(Some("qwen3_coder"))))
     }
 
     fn supports_config(&self, config: &ModelConfig) -> Result<(), PluginError> {

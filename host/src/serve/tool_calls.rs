@@ -1,0 +1,286 @@
+//! Tool calls in model output, parsed into the API's `tool_calls` (as vLLM's tool parsers do):
+//! each model family writes them its own way, named by the plugin in
+//! `ModelInfo::tool_call_format`. A call that does not parse stays in the text, never dropped.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde_json::{json, Map, Value};
+
+const OPEN: &str = "<tool_call>";
+const CLOSE: &str = "</tool_call>";
+
+/// How a model writes tool calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (Qwen3 instruct, Hermes).
+    Hermes,
+    /// `<tool_call><function=NAME><parameter=P>value</parameter></function></tool_call>`
+    /// (Qwen3-Coder); values are typed by the tool's JSON schema.
+    Qwen3Coder,
+}
+
+impl Format {
+    /// The format a plugin names, if this host knows it.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "hermes" => Some(Self::Hermes),
+            "qwen3_coder" => Some(Self::Qwen3Coder),
+            _ => None,
+        }
+    }
+}
+
+/// One parsed call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Call {
+    /// `call_...`, unique in this process.
+    pub id: String,
+    /// The function's name.
+    pub name: String,
+    /// Its arguments, as JSON text (OpenAI's shape).
+    pub arguments: String,
+}
+
+impl Call {
+    /// The API's `tool_calls[]` entry.
+    pub fn to_json(&self, index: usize) -> Value {
+        json!({
+            "index": index,
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        })
+    }
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+fn call(name: &str, arguments: &Value) -> Call {
+    let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    Call {
+        id: format!("call_{:08x}{n:x}", std::process::id()),
+        name: name.to_string(),
+        arguments: arguments.to_string(),
+    }
+}
+
+/// Text with the calls taken out.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Extracted {
+    /// What remains as the message's content.
+    pub content: String,
+    /// The calls, in order.
+    pub calls: Vec<Call>,
+}
+
+/// Splits `text` into content and calls; `tools` (the request's) type Qwen3-Coder's parameters.
+pub fn extract(format: Format, text: &str, tools: &[Value]) -> Extracted {
+    let mut out = Extracted::default();
+    let mut rest = text;
+    while let Some(start) = rest.find(OPEN) {
+        out.content.push_str(&rest[..start]);
+        let after = &rest[start + OPEN.len()..];
+        let Some(end) = after.find(CLOSE) else {
+            // Unterminated: the model stopped mid-call; the text is the answer.
+            out.content.push_str(&rest[start..]);
+            rest = "";
+            break;
+        };
+        let body = &after[..end];
+        match parse_body(format, body, tools) {
+            Some(c) => out.calls.push(c),
+            None => out
+                .content
+                .push_str(&rest[start..start + OPEN.len() + end + CLOSE.len()]),
+        }
+        rest = &after[end + CLOSE.len()..];
+    }
+    out.content.push_str(rest);
+    if !out.calls.is_empty() {
+        out.content = out.content.trim().to_string();
+    }
+    out
+}
+
+fn parse_body(format: Format, body: &str, tools: &[Value]) -> Option<Call> {
+    match format {
+        Format::Hermes => {
+            let v: Value = serde_json::from_str(body.trim()).ok()?;
+            let name = v.get("name")?.as_str()?;
+            let arguments = match v.get("arguments") {
+                Some(Value::String(s)) => serde_json::from_str(s).ok()?,
+                Some(a @ Value::Object(_)) => a.clone(),
+                None => json!({}),
+                Some(_) => return None,
+            };
+            Some(call(name, &arguments))
+        }
+        Format::Qwen3Coder => {
+            let body = body.trim();
+            let inner = body
+                .strip_prefix("<function=")?
+                .strip_suffix("</function>")?;
+            let (name, mut params) = inner.split_once('>')?;
+            let schema = properties_of(tools, name.trim());
+            let mut arguments = Map::new();
+            while let Some(open) = params.find("<parameter=") {
+                let after = &params[open + "<parameter=".len()..];
+                let (key, value_and_rest) = after.split_once('>')?;
+                let end = value_and_rest.find("</parameter>")?;
+                let raw = value_and_rest[..end]
+                    .strip_prefix('\n')
+                    .unwrap_or(&value_and_rest[..end]);
+                let raw = raw.strip_suffix('\n').unwrap_or(raw);
+                let kind = schema
+                    .as_ref()
+                    .and_then(|s| s.get(key.trim()))
+                    .and_then(|p| p.get("type"))
+                    .and_then(Value::as_str);
+                arguments.insert(key.trim().to_string(), typed(raw, kind));
+                params = &value_and_rest[end + "</parameter>".len()..];
+            }
+            if !params.trim().is_empty() {
+                return None;
+            }
+            Some(call(name.trim(), &Value::Object(arguments)))
+        }
+    }
+}
+
+/// The `properties` of tool `name`'s parameter schema.
+fn properties_of(tools: &[Value], name: &str) -> Option<Map<String, Value>> {
+    tools
+        .iter()
+        .find(|t| t["function"]["name"] == name)
+        .and_then(|t| {
+            t["function"]["parameters"]["properties"]
+                .as_object()
+                .cloned()
+        })
+}
+
+/// A parameter's text as the JSON type its schema declares (a string when it does not parse).
+fn typed(raw: &str, kind: Option<&str>) -> Value {
+    let parsed = match kind {
+        Some("integer" | "number" | "boolean" | "object" | "array" | "null") => {
+            serde_json::from_str::<Value>(raw.trim()).ok()
+        }
+        _ => None,
+    };
+    parsed.unwrap_or_else(|| Value::String(raw.to_string()))
+}
+
+/// Streaming: passes text through until a call begins, then holds the rest for [`extract`].
+#[derive(Debug, Default)]
+pub struct StreamFilter {
+    pending: String,
+    holding: bool,
+}
+
+impl StreamFilter {
+    /// Takes the next piece of text; returns what can be sent as content now.
+    pub fn push(&mut self, text: &str) -> String {
+        self.pending.push_str(text);
+        if self.holding {
+            return String::new();
+        }
+        if let Some(at) = self.pending.find(OPEN) {
+            self.holding = true;
+            let ready = self.pending[..at].to_string();
+            self.pending.drain(..at);
+            return ready;
+        }
+        // Keep back a tail that may be the start of the marker.
+        let keep = (1..OPEN.len())
+            .rev()
+            .find(|&n| self.pending.ends_with(&OPEN[..n]))
+            .unwrap_or(0);
+        let cut = self.pending.len() - keep;
+        let ready = self.pending[..cut].to_string();
+        self.pending.drain(..cut);
+        ready
+    }
+
+    /// The text held back, to be run through [`extract`] at the end.
+    pub fn finish(self) -> String {
+        self.pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn weather_tool() -> Vec<Value> {
+        vec![
+            json!({"type": "function", "function": {"name": "get_weather", "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}, "metric": {"type": "boolean"}},
+            }}}),
+        ]
+    }
+
+    #[test]
+    fn hermes_calls_are_extracted_and_the_rest_is_content() {
+        let text = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call>";
+        let e = extract(Format::Hermes, text, &[]);
+        assert_eq!(e.content, "Let me check.");
+        assert_eq!(e.calls.len(), 2);
+        assert_eq!(
+            (e.calls[0].name.as_str(), e.calls[0].arguments.as_str()),
+            ("get_weather", "{\"city\":\"Paris\"}")
+        );
+        assert_eq!(e.calls[1].arguments, "{}");
+        assert_ne!(e.calls[0].id, e.calls[1].id);
+    }
+
+    #[test]
+    fn malformed_calls_stay_in_the_text() {
+        for text in [
+            "<tool_call>\n{\"name\": \"f\", \"arguments\": {oops}}\n</tool_call>",
+            "<tool_call>\n{\"name\": \"f\", \"arguments\": {}}",
+            "<tool_call>{\"arguments\": {}}</tool_call>",
+        ] {
+            let e = extract(Format::Hermes, text, &[]);
+            assert_eq!((e.content.as_str(), e.calls.len()), (text, 0), "{text}");
+        }
+    }
+
+    #[test]
+    fn qwen3_coder_parameters_are_typed_by_the_schema() {
+        let text = "<tool_call>\n<function=get_weather>\n<parameter=city>\nNew York\n</parameter>\n<parameter=days>\n3\n</parameter>\n<parameter=metric>\ntrue\n</parameter>\n</function>\n</tool_call>";
+        let e = extract(Format::Qwen3Coder, text, &weather_tool());
+        assert_eq!(e.content, "");
+        let args: Value = serde_json::from_str(&e.calls[0].arguments).unwrap();
+        assert_eq!(args, json!({"city": "New York", "days": 3, "metric": true}));
+        // Without a schema, values are strings; broken markup stays text.
+        let e = extract(Format::Qwen3Coder, text, &[]);
+        let args: Value = serde_json::from_str(&e.calls[0].arguments).unwrap();
+        assert_eq!(args["days"], "3");
+        let broken = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</function>\n</tool_call>";
+        assert_eq!(extract(Format::Qwen3Coder, broken, &[]).calls.len(), 0);
+    }
+
+    #[test]
+    fn the_stream_filter_holds_back_only_what_may_be_a_call() {
+        let mut f = StreamFilter::default();
+        let mut sent = String::new();
+        for piece in [
+            "Sure",
+            ". <to",
+            "ol",
+            "_call>",
+            "{\"name\"",
+            ": \"f\"}",
+            "</tool_call>",
+        ] {
+            sent.push_str(&f.push(piece));
+        }
+        assert_eq!(sent, "Sure. ");
+        assert_eq!(f.finish(), "<tool_call>{\"name\": \"f\"}</tool_call>");
+        let mut f = StreamFilter::default();
+        assert_eq!(f.push("a <to"), "a ");
+        assert_eq!(f.push("y>"), "<toy>");
+        assert_eq!(f.finish(), "");
+    }
+}
