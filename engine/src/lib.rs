@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod error;
 pub mod generate;
 pub mod generation_config;
+pub mod linear;
 pub mod models;
 pub mod runtime;
 pub mod sampling;

@@ -16,16 +16,19 @@ use crate::chat::ChatTemplate;
 use crate::checkpoint::Checkpoint;
 use crate::generate::{generate, CausalLm, Emitted, Finish, Request};
 use crate::generation_config::GenerationConfig;
+use crate::linear::Quantization;
 use crate::sampling::SamplingParams;
 use crate::text::TextCodec;
 use crate::EngineError;
 
 /// A model that loads from a checkpoint.
 pub trait LoadModel: CausalLm + Sized {
-    /// Loads it in `dtype` on `device`, calling `progress(done, total)` as parts are read.
+    /// Loads it in `dtype` (linear weights quantized as asked) on `device`, calling
+    /// `progress(done, total)` as parts are read.
     fn load(
         checkpoint: &Checkpoint,
         dtype: DType,
+        quantization: Quantization,
         device: &Device,
         progress: &mut dyn FnMut(usize, usize),
     ) -> crate::Result<Self>;
@@ -79,6 +82,18 @@ pub fn dtype_of(config: &ModelConfig) -> Result<DType, PluginError> {
         Some("f16") => Ok(DType::F16),
         Some(other) => Err(PluginError::invalid_config(format!(
             "dtype \"{other}\" is not one of f32, bf16, f16"
+        ))),
+    }
+}
+
+/// The quantization a model config asks for (default none).
+pub fn quantization_of(config: &ModelConfig) -> Result<Quantization, PluginError> {
+    match config.quantization.as_deref() {
+        None | Some("none") => Ok(Quantization::None),
+        Some("q8") => Ok(Quantization::Q8),
+        Some("q4") => Ok(Quantization::Q4),
+        Some(other) => Err(PluginError::invalid_config(format!(
+            "quantization \"{other}\" is not one of none, q8, q4"
         ))),
     }
 }
@@ -169,20 +184,16 @@ fn token_of(t: Emitted) -> GeneratedToken {
 }
 
 impl<M: LoadModel> ModelRuntime<M> {
-    /// Checks what this runtime can honour: the dtype, a model path, no quantization (yet).
+    /// Checks what this runtime can honour: the dtype, the quantization, a model path.
     pub fn supports_config(&self, config: &ModelConfig) -> Result<(), PluginError> {
         dtype_of(config)?;
+        quantization_of(config)?;
         if config.model_path.is_none() {
             return Err(PluginError::invalid_config(
                 "no model path: set [model] path in the manifest to a Hugging Face snapshot folder",
             ));
         }
-        match config.quantization.as_deref() {
-            None | Some("none") => Ok(()),
-            Some(q) => Err(PluginError::unsupported(format!(
-                "quantization \"{q}\" is not supported by this plugin yet; use \"none\""
-            ))),
-        }
+        Ok(())
     }
 
     /// Loads the checkpoint at the config's model path.
@@ -196,9 +207,16 @@ impl<M: LoadModel> ModelRuntime<M> {
         let path = config.model_path.clone().unwrap_or_default();
         let checkpoint = Checkpoint::open(&path).map_err(plugin_error)?;
         let mut cancelled = false;
-        let model = M::load(&checkpoint, dtype, &device, &mut |done, total| {
-            cancelled |= progress.report("weights", done as u64, total as u64) == Flow::Stop;
-        })
+        let quantization = quantization_of(config)?;
+        let model = M::load(
+            &checkpoint,
+            dtype,
+            quantization,
+            &device,
+            &mut |done, total| {
+                cancelled |= progress.report("weights", done as u64, total as u64) == Flow::Stop;
+            },
+        )
         .map_err(plugin_error)?;
         if cancelled {
             return Err(PluginError::cancelled("loading was cancelled"));

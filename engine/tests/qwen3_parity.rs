@@ -12,6 +12,7 @@ use pio_engine::checkpoint::Checkpoint;
 use pio_engine::generate::CausalLm;
 use pio_engine::generate::{generate, Emitted, Request};
 use pio_engine::generation_config::GenerationConfig;
+use pio_engine::linear::Quantization;
 use pio_engine::models::qwen3::{Qwen3, Qwen3Moe};
 use pio_engine::runtime::LoadModel;
 use pio_engine::sampling::SamplingParams;
@@ -37,7 +38,14 @@ fn ids(v: &Value) -> Vec<u32> {
 
 fn check_checkpoint<M: LoadModel + CausalLm>(name: &str) {
     let checkpoint = Checkpoint::open(&fixtures().join(name)).unwrap();
-    let model = M::load(&checkpoint, DType::F32, &Device::Cpu, &mut |_, _| {}).unwrap();
+    let model = M::load(
+        &checkpoint,
+        DType::F32,
+        Quantization::None,
+        &Device::Cpu,
+        &mut |_, _| {},
+    )
+    .unwrap();
     let codec = TextCodec::load(&checkpoint).unwrap();
     let template = ChatTemplate::load(&checkpoint).unwrap().unwrap();
     let eos = GenerationConfig::load(&checkpoint).unwrap().eos_token_id;

@@ -157,15 +157,29 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         if let Some(Status::Failed(e)) = named.first().map(|c| &c.status) {
             bail!("plugin {} cannot run: {e}", args.name);
         }
+        // A manifest that does not parse has no name: its error may be the one wanted.
+        let broken: Vec<String> = candidates
+            .iter()
+            .filter(|c| c.manifest.is_none())
+            .filter_map(|c| match &c.status {
+                Status::Failed(e) => Some(format!("\n  {e}")),
+                _ => None,
+            })
+            .collect();
         bail!(
-            "no plugin named {} in {}; `pio list` shows what is there",
+            "no plugin named {} in {}; `pio list` shows what is there{}",
             args.name,
             search
                 .plugin_dirs
                 .iter()
                 .map(|d| d.display().to_string())
                 .collect::<Vec<_>>()
-                .join(", ")
+                .join(", "),
+            if broken.is_empty() {
+                String::new()
+            } else {
+                format!("\nmanifests that failed to parse:{}", broken.concat())
+            }
         );
     };
     let (Some(manifest), Some(library)) = (&chosen.manifest, &chosen.library) else {

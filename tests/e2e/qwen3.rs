@@ -179,3 +179,61 @@ fn qwen3_runs_unchanged_at_the_maximum_tier() {
         .collect();
     assert_matches(&lines, &golden[0]);
 }
+
+#[test]
+fn the_coder_plugin_loads_quantized_from_the_manifest() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = PluginDir::new();
+    let model = repo_root().join("tests/fixtures/qwen3-moe-tiny");
+    let library = plugin_lib("pio_plugin_qwen3_coder");
+    for q in ["q4", "q8"] {
+        dir.write(
+            "coder.toml",
+            &manifest(
+                "qwen3-coder-30b",
+                "0.1.0",
+                &library.display().to_string(),
+                &format!(
+                    "[model]\npath = \"{}\"\nquantization = \"{q}\"\n",
+                    model.display()
+                ),
+            ),
+        );
+        let out = pio(
+            dir.path(),
+            &[
+                "run",
+                "qwen3-coder-30b",
+                "--plugins",
+                ".",
+                "--prompt",
+                "def add(a, b):",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{q}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    dir.write(
+        "coder.toml",
+        &manifest(
+            "qwen3-coder-30b",
+            "0.1.0",
+            &library.display().to_string(),
+            &format!(
+                "[model]\npath = \"{}\"\nquantization = \"q3\"\n",
+                model.display()
+            ),
+        ),
+    );
+    let out = pio(
+        dir.path(),
+        &["run", "qwen3-coder-30b", "--plugins", ".", "--prompt", "x"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("q3"), "{stderr}");
+}

@@ -3,11 +3,10 @@
 //! MLP or (Qwen3-MoE) a sparse mixture of SwiGLU experts, tied or untied output embedding.
 
 use crate::candle_core::{DType, Device, Module, Tensor};
-use crate::candle_nn::{
-    embedding, linear_b, linear_no_bias, rms_norm, Embedding, Linear, RmsNorm, VarBuilder,
-};
+use crate::candle_nn::{embedding, linear_no_bias, rms_norm, Embedding, RmsNorm, VarBuilder};
 use crate::checkpoint::Checkpoint;
 use crate::generate::CausalLm;
+use crate::linear::{Linear, Quantization};
 use crate::{EngineError, Result};
 
 mod config;
@@ -81,14 +80,14 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(cfg: &Config, vb: VarBuilder) -> candle_result::R<Self> {
+    fn new(cfg: &Config, q: Quantization, vb: VarBuilder) -> candle_result::R<Self> {
         let (h, kv, d) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
         let bias = cfg.attention_bias;
         Ok(Self {
-            q_proj: linear_b(cfg.hidden_size, h * d, bias, vb.pp("q_proj"))?,
-            k_proj: linear_b(cfg.hidden_size, kv * d, bias, vb.pp("k_proj"))?,
-            v_proj: linear_b(cfg.hidden_size, kv * d, bias, vb.pp("v_proj"))?,
-            o_proj: linear_b(h * d, cfg.hidden_size, bias, vb.pp("o_proj"))?,
+            q_proj: Linear::load(cfg.hidden_size, h * d, bias, q, vb.pp("q_proj"))?,
+            k_proj: Linear::load(cfg.hidden_size, kv * d, bias, q, vb.pp("k_proj"))?,
+            v_proj: Linear::load(cfg.hidden_size, kv * d, bias, q, vb.pp("v_proj"))?,
+            o_proj: Linear::load(h * d, cfg.hidden_size, bias, q, vb.pp("o_proj"))?,
             q_norm: rms_norm(d, cfg.rms_norm_eps, vb.pp("q_norm"))?,
             k_norm: rms_norm(d, cfg.rms_norm_eps, vb.pp("k_norm"))?,
             heads: h,
@@ -174,11 +173,16 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn sized(hidden: usize, width: usize, vb: VarBuilder) -> candle_result::R<Self> {
+    fn sized(
+        hidden: usize,
+        width: usize,
+        q: Quantization,
+        vb: VarBuilder,
+    ) -> candle_result::R<Self> {
         Ok(Self {
-            gate_proj: linear_no_bias(hidden, width, vb.pp("gate_proj"))?,
-            up_proj: linear_no_bias(hidden, width, vb.pp("up_proj"))?,
-            down_proj: linear_no_bias(width, hidden, vb.pp("down_proj"))?,
+            gate_proj: Linear::load(hidden, width, false, q, vb.pp("gate_proj"))?,
+            up_proj: Linear::load(hidden, width, false, q, vb.pp("up_proj"))?,
+            down_proj: Linear::load(width, hidden, false, q, vb.pp("down_proj"))?,
         })
     }
 
@@ -215,19 +219,20 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn new(cfg: &Config, index: usize, vb: VarBuilder) -> candle_result::R<Self> {
+    fn new(cfg: &Config, index: usize, q: Quantization, vb: VarBuilder) -> candle_result::R<Self> {
         let mlp = if cfg.is_sparse(index) {
-            FeedForward::Sparse(moe::SparseMoe::new(cfg, vb.pp("mlp"))?)
+            FeedForward::Sparse(moe::SparseMoe::new(cfg, q, vb.pp("mlp"))?)
         } else {
             FeedForward::Dense(Mlp::sized(
                 cfg.hidden_size,
                 cfg.intermediate_size,
+                q,
                 vb.pp("mlp"),
             )?)
         };
         Ok(Self {
             input_layernorm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
-            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            self_attn: Attention::new(cfg, q, vb.pp("self_attn"))?,
             post_attention_layernorm: rms_norm(
                 cfg.hidden_size,
                 cfg.rms_norm_eps,
@@ -281,7 +286,14 @@ impl Qwen3 {
         device: &Device,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
-        Self::load_architecture(checkpoint, "Qwen3ForCausalLM", dtype, device, progress)
+        Self::load_architecture(
+            checkpoint,
+            "Qwen3ForCausalLM",
+            dtype,
+            Quantization::None,
+            device,
+            progress,
+        )
     }
 
     /// Loads a checkpoint whose `architectures` must name `architecture`.
@@ -289,6 +301,7 @@ impl Qwen3 {
         checkpoint: &Checkpoint,
         architecture: &str,
         dtype: DType,
+        quantization: Quantization,
         device: &Device,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
@@ -304,16 +317,25 @@ impl Qwen3 {
             progress(1, total);
             let layers = (0..cfg.num_hidden_layers)
                 .map(|i| {
-                    let layer = DecoderLayer::new(&cfg, i, model.pp(format!("layers.{i}")));
+                    let layer =
+                        DecoderLayer::new(&cfg, i, quantization, model.pp(format!("layers.{i}")));
                     progress(i + 2, total);
                     layer
                 })
                 .collect::<candle_result::R<Vec<_>>>()?;
             let norm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, model.pp("norm"))?;
             let lm_head = if cfg.tie_word_embeddings {
-                Linear::new(embed_tokens.embeddings().clone(), None)
+                Linear::Dense(candle_nn::Linear::new(
+                    embed_tokens.embeddings().clone(),
+                    None,
+                ))
             } else {
-                linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
+                // The output head stays in the model dtype, as embeddings and norms do.
+                Linear::Dense(linear_no_bias(
+                    cfg.hidden_size,
+                    cfg.vocab_size,
+                    vb.pp("lm_head"),
+                )?)
             };
             progress(total, total);
             Ok((embed_tokens, layers, norm, lm_head))
@@ -375,10 +397,18 @@ impl crate::runtime::LoadModel for Qwen3 {
     fn load(
         checkpoint: &Checkpoint,
         dtype: DType,
+        quantization: Quantization,
         device: &Device,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
-        Qwen3::load(checkpoint, dtype, device, progress)
+        Self::load_architecture(
+            checkpoint,
+            "Qwen3ForCausalLM",
+            dtype,
+            quantization,
+            device,
+            progress,
+        )
     }
 }
 
@@ -394,8 +424,15 @@ impl Qwen3Moe {
         device: &Device,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
-        Qwen3::load_architecture(checkpoint, "Qwen3MoeForCausalLM", dtype, device, progress)
-            .map(Self)
+        Qwen3::load_architecture(
+            checkpoint,
+            "Qwen3MoeForCausalLM",
+            dtype,
+            Quantization::None,
+            device,
+            progress,
+        )
+        .map(Self)
     }
 }
 
@@ -419,9 +456,18 @@ impl crate::runtime::LoadModel for Qwen3Moe {
     fn load(
         checkpoint: &Checkpoint,
         dtype: DType,
+        quantization: Quantization,
         device: &Device,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
-        Qwen3Moe::load(checkpoint, dtype, device, progress)
+        Qwen3::load_architecture(
+            checkpoint,
+            "Qwen3MoeForCausalLM",
+            dtype,
+            quantization,
+            device,
+            progress,
+        )
+        .map(Self)
     }
 }

@@ -5,6 +5,8 @@
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{linear_no_bias, Linear, VarBuilder};
 
+use crate::linear::Quantization;
+
 use super::{Config, Mlp};
 use crate::Result;
 
@@ -18,17 +20,19 @@ pub(super) struct SparseMoe {
 }
 
 impl SparseMoe {
-    pub(super) fn new(cfg: &Config, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub(super) fn new(cfg: &Config, q: Quantization, vb: VarBuilder) -> candle_core::Result<Self> {
         let experts = (0..cfg.num_experts)
             .map(|e| {
                 Mlp::sized(
                     cfg.hidden_size,
                     cfg.moe_intermediate_size,
+                    q,
                     vb.pp(format!("experts.{e}")),
                 )
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
+            // The router stays in the model dtype: its choices are what quantization must not move.
             gate: linear_no_bias(cfg.hidden_size, cfg.num_experts, vb.pp("gate"))?,
             experts,
             top_k: cfg.num_experts_per_tok,
