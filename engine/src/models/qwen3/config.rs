@@ -129,7 +129,7 @@ impl Config {
     pub(crate) fn is_sparse(&self, i: usize) -> bool {
         self.num_experts > 0
             && !self.mlp_only_layers.contains(&i)
-            && (i + 1) % self.decoder_sparse_step.max(1) == 0
+            && (i + 1).is_multiple_of(self.decoder_sparse_step.max(1))
     }
 
     pub(crate) fn validate(&self, checkpoint: &Checkpoint, architecture: &str) -> Result<()> {
@@ -170,7 +170,9 @@ impl Config {
                 format!("expected \"silu\", found \"{}\"", self.hidden_act),
             ));
         }
-        if self.num_attention_heads == 0 || self.num_attention_heads % self.kv_heads() != 0 {
+        if self.num_attention_heads == 0
+            || !self.num_attention_heads.is_multiple_of(self.kv_heads())
+        {
             return Err(bad(
                 "num_key_value_heads",
                 format!(
