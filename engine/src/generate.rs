@@ -79,6 +79,24 @@ pub struct Outcome {
     pub decode_ms: f64,
 }
 
+/// Prompt tokens per forward pass while prefilling: attention's scratch is chunk × context rather
+/// than prompt × prompt, so memory grows linearly with a long prompt.
+pub const PREFILL_CHUNK: usize = 512;
+
+/// Feeds `tokens` to `model` in chunks of `chunk`; returns the logits after the last one.
+pub fn prefill<M: CausalLm>(
+    model: &M,
+    tokens: &[u32],
+    cache: &mut M::Cache,
+    chunk: usize,
+) -> Result<Vec<f32>> {
+    let mut logits = Vec::new();
+    for part in tokens.chunks(chunk.max(1)) {
+        logits = model.forward(part, cache)?;
+    }
+    Ok(logits)
+}
+
 /// Runs `request` on `model`; `emit` receives each token and returns false to stop.
 pub fn generate<M: CausalLm>(
     model: &M,
@@ -104,7 +122,7 @@ pub fn generate<M: CausalLm>(
     let mut generated: Vec<u32> = Vec::new();
 
     let started = Instant::now();
-    let mut logits = model.forward(&request.prompt, &mut cache)?;
+    let mut logits = prefill(model, &request.prompt, &mut cache, PREFILL_CHUNK)?;
     let prompt_ms = started.elapsed().as_secs_f64() * 1e3;
     let decode_start = Instant::now();
     let mut finish = Finish::Length;

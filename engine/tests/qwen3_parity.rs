@@ -125,6 +125,38 @@ fn sparse_moe_checkpoint_matches_transformers() {
 }
 
 #[test]
+fn a_prompt_prefilled_in_chunks_gives_the_same_logits() {
+    let checkpoint = Checkpoint::open(&fixtures().join("qwen3-moe-tiny")).unwrap();
+    let model = Qwen3Moe::load(&checkpoint, DType::F32, &Device::Cpu, &mut |_, _| {}).unwrap();
+    let prompt: Vec<u32> = (0..40).map(|i| (i * 7 % 300) as u32 + 20).collect();
+    let whole = model.forward(&prompt, &mut model.new_cache()).unwrap();
+    let mut cache = model.new_cache();
+    let chunked = pio_engine::generate::prefill(&model, &prompt, &mut cache, 7).unwrap();
+    let worst = whole
+        .iter()
+        .zip(&chunked)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-3, "chunked prefill moved a logit by {worst}");
+    // The cache holds the whole prompt: the next token sees all of it.
+    let next_whole = {
+        let mut c = model.new_cache();
+        model.forward(&prompt, &mut c).unwrap();
+        model.forward(&[5], &mut c).unwrap()
+    };
+    let next_chunked = model.forward(&[5], &mut cache).unwrap();
+    let worst = next_whole
+        .iter()
+        .zip(&next_chunked)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst < 1e-3,
+        "decoding after a chunked prefill moved a logit by {worst}"
+    );
+}
+
+#[test]
 fn each_model_refuses_the_other_architecture() {
     let moe = Checkpoint::open(&fixtures().join("qwen3-moe-tiny")).unwrap();
     let e = Qwen3::load(&moe, DType::F32, &Device::Cpu, &mut |_, _| {}).unwrap_err();
