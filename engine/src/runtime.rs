@@ -32,6 +32,11 @@ pub trait LoadModel: CausalLm + Sized {
         device: &Device,
         progress: &mut dyn FnMut(usize, usize),
     ) -> crate::Result<Self>;
+
+    /// Bytes its weights take once loaded, when it keeps count.
+    fn weight_bytes(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// A loaded model and everything needed to talk to it.
@@ -225,7 +230,7 @@ impl<M: LoadModel> ModelRuntime<M> {
             context_length: Some(model.context_length() as u32),
             dtype: Some(format!("{dtype:?}").to_lowercase()),
             device: Some(config.device.clone().unwrap_or_else(|| "cpu".into())),
-            weight_bytes: None,
+            weight_bytes: model.weight_bytes(),
             tool_call_format: self.tool_call_format.map(str::to_string),
         };
         self.loaded = Some(Loaded {

@@ -1,5 +1,5 @@
 //! Qwen3 speed against transformers, in one run on the same machine: a Qwen3-0.6B-shaped random
-//! checkpoint (generated on first use by `make_checkpoint.py`, not committed), a 512-token prompt
+//! checkpoint (generated on first use by `tests/bench/make_checkpoint.py`, not committed), a 512-token prompt
 //! and 128 greedy decode steps, f32 and bf16, 2 threads; load time, tokens/s, peak RSS, ratios.
 //!
 //! Run: `cargo bench -p pio-plugin-qwen3 --bench qwen3` (needs python3 with
@@ -19,21 +19,15 @@ const PROMPT: usize = 512;
 const DECODE: usize = 128;
 const THREADS: usize = 2;
 
-fn here() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+#[path = "../../../tests/bench/common.rs"]
+mod common;
+
+fn root() -> PathBuf {
+    common::repo_root(env!("CARGO_MANIFEST_DIR"))
 }
 
 fn checkpoint_dir() -> PathBuf {
-    here().join("../../target/bench/qwen3-0.6b-random")
-}
-
-fn peak_rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
+    root().join("target/bench/qwen3-0.6b-random")
 }
 
 /// One dtype, in this process: prints a JSON line like the transformers script's.
@@ -69,21 +63,8 @@ fn measure(dir: &Path, dtype: &str) {
         "{{\"dtype\": \"{dtype}\", \"load_s\": {load_s}, \"prefill_tps\": {}, \"decode_tps\": {}, \"peak_rss\": {}}}",
         PROMPT as f64 / prefill_s,
         DECODE as f64 / decode_s,
-        peak_rss()
+        common::peak_rss()
     );
-}
-
-fn field(line: &str, key: &str) -> f64 {
-    let at = line
-        .find(&format!("\"{key}\": "))
-        .map(|i| i + key.len() + 4);
-    at.and_then(|i| {
-        line[i..]
-            .split([',', '}'])
-            .next()
-            .and_then(|v| v.trim().parse().ok())
-    })
-    .unwrap_or(f64::NAN)
 }
 
 fn main() {
@@ -93,18 +74,7 @@ fn main() {
         return;
     }
     let dir = checkpoint_dir();
-    if !dir.join("config.json").is_file() {
-        eprintln!("generating {} with transformers (once)...", dir.display());
-        let ok = Command::new("python3")
-            .arg(here().join("benches/make_checkpoint.py"))
-            .arg(&dir)
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(
-            ok,
-            "make_checkpoint.py failed: pip install -r tests/fixtures/requirements.txt"
-        );
-    }
+    common::ensure_checkpoint(&root(), &dir, &["qwen3-0.6b"]);
     let exe = std::env::current_exe().expect("bench executable");
     let mut pio = Vec::new();
     for dtype in ["f32", "bf16"] {
@@ -115,16 +85,7 @@ fn main() {
             .expect("run measurement");
         pio.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
     }
-    let reference = Command::new("python3")
-        .arg(here().join("benches/transformers_bench.py"))
-        .arg(&dir)
-        .args([PROMPT.to_string(), DECODE.to_string(), THREADS.to_string()])
-        .output()
-        .expect("run transformers");
-    let reference: Vec<String> = String::from_utf8_lossy(&reference.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect();
+    let reference = common::transformers(&root(), &dir, PROMPT, DECODE, THREADS, "f32,bf16");
     println!("Qwen3-0.6B shape, prompt {PROMPT} tokens, {DECODE} decode steps, {THREADS} threads");
     println!("| dtype | engine | load (s) | prefill tok/s | decode tok/s | peak RSS (GiB) |");
     println!("|---|---|---|---|---|---|");
@@ -133,16 +94,16 @@ fn main() {
         for (name, line) in [("pio", ours), ("transformers", theirs)] {
             println!(
                 "| {dtype} | {name} | {:.1} | {:.1} | {:.2} | {:.2} |",
-                field(line, "load_s"),
-                field(line, "prefill_tps"),
-                field(line, "decode_tps"),
-                field(line, "peak_rss") / (1u64 << 30) as f64
+                common::field(line, "load_s"),
+                common::field(line, "prefill_tps"),
+                common::field(line, "decode_tps"),
+                common::field(line, "peak_rss") / (1u64 << 30) as f64
             );
         }
         println!(
             "| {dtype} | pio / transformers | | {:.2}x | {:.2}x | |",
-            field(ours, "prefill_tps") / field(theirs, "prefill_tps"),
-            field(ours, "decode_tps") / field(theirs, "decode_tps")
+            common::field(ours, "prefill_tps") / common::field(theirs, "prefill_tps"),
+            common::field(ours, "decode_tps") / common::field(theirs, "decode_tps")
         );
     }
 }

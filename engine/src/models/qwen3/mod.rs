@@ -80,6 +80,13 @@ struct Attention {
 }
 
 impl Attention {
+    fn weight_bytes(&self) -> usize {
+        [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
+            .iter()
+            .map(|l| l.weight_bytes())
+            .sum()
+    }
+
     fn new(cfg: &Config, q: Quantization, vb: VarBuilder) -> candle_result::R<Self> {
         let (h, kv, d) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
         let bias = cfg.attention_bias;
@@ -173,6 +180,10 @@ struct Mlp {
 }
 
 impl Mlp {
+    fn weight_bytes(&self) -> usize {
+        self.gate_proj.weight_bytes() + self.up_proj.weight_bytes() + self.down_proj.weight_bytes()
+    }
+
     fn sized(
         hidden: usize,
         width: usize,
@@ -202,6 +213,13 @@ enum FeedForward {
 }
 
 impl FeedForward {
+    fn weight_bytes(&self) -> usize {
+        match self {
+            Self::Dense(mlp) => mlp.weight_bytes(),
+            Self::Sparse(moe) => moe.weight_bytes(),
+        }
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Dense(mlp) => mlp.forward(x),
@@ -267,6 +285,8 @@ pub struct Qwen3 {
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Linear,
+    /// Whether `lm_head` shares the embedding's weights.
+    tied: bool,
     rotary: Rotary,
     context: usize,
     device: Device,
@@ -347,10 +367,36 @@ impl Qwen3 {
             layers,
             norm,
             lm_head,
+            tied: cfg.tie_word_embeddings,
             rotary: Rotary::new(&cfg, theta, scale, dtype, device)?,
             context: cfg.max_position_embeddings,
             device: device.clone(),
         })
+    }
+}
+
+fn tensor_bytes(t: &Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
+}
+
+impl Qwen3 {
+    /// Bytes of weights per decoder layer (projections and experts; norms are negligible).
+    pub fn layer_weight_bytes(&self) -> Vec<usize> {
+        self.layers
+            .iter()
+            .map(|l| l.self_attn.weight_bytes() + l.mlp.weight_bytes())
+            .collect()
+    }
+
+    /// Bytes of all weights: layers, embedding and (when untied) the output head.
+    pub fn weight_bytes(&self) -> usize {
+        let embed = tensor_bytes(self.embed_tokens.embeddings());
+        let head = if self.tied {
+            0
+        } else {
+            self.lm_head.weight_bytes()
+        };
+        self.layer_weight_bytes().iter().sum::<usize>() + embed + head
     }
 }
 
@@ -410,6 +456,10 @@ impl crate::runtime::LoadModel for Qwen3 {
             progress,
         )
     }
+
+    fn weight_bytes(&self) -> Option<u64> {
+        Some(Qwen3::weight_bytes(self) as u64)
+    }
 }
 
 /// Qwen3MoeForCausalLM (Qwen3-Coder-30B-A3B, Qwen3-30B-A3B): the same model with sparse layers.
@@ -417,6 +467,11 @@ impl crate::runtime::LoadModel for Qwen3 {
 pub struct Qwen3Moe(Qwen3);
 
 impl Qwen3Moe {
+    /// The model underneath (for its weight accounting).
+    pub fn inner(&self) -> &Qwen3 {
+        &self.0
+    }
+
     /// Loads a Qwen3MoeForCausalLM from `checkpoint`, as [`Qwen3::load`].
     pub fn load(
         checkpoint: &Checkpoint,
@@ -469,5 +524,9 @@ impl crate::runtime::LoadModel for Qwen3Moe {
             progress,
         )
         .map(Self)
+    }
+
+    fn weight_bytes(&self) -> Option<u64> {
+        Some(self.0.weight_bytes() as u64)
     }
 }

@@ -40,6 +40,11 @@ impl SparseMoe {
         })
     }
 
+    pub(super) fn weight_bytes(&self) -> usize {
+        let router = self.gate.weight().elem_count() * self.gate.weight().dtype().size_in_bytes();
+        router + self.experts.iter().map(Mlp::weight_bytes).sum::<usize>()
+    }
+
     /// For each expert, the tokens routed to it and their weights.
     fn route(&self, probs: &[Vec<f32>]) -> Vec<(Vec<u32>, Vec<f32>)> {
         let mut routed = vec![(Vec::new(), Vec::new()); self.experts.len()];

@@ -1,0 +1,162 @@
+//! Qwen3-Coder-30B-A3B at reduced depth against transformers, in one run on the same machine: a
+//! checkpoint with the real widths and all 128 experts but `PIO_BENCH_LAYERS` (default 4) of the 48
+//! layers (random weights, generated on first use, not committed), loaded in bf16, q8 and q4;
+//! load time, peak and steady RSS, prompt and decode tokens/s, and the 48-layer extrapolation
+//! (steady RSS plus 44 more layers of the measured per-layer weight bytes).
+//!
+//! Run: `cargo bench -p pio-plugin-qwen3-coder --bench moe` (python3 with
+//! `tests/fixtures/requirements.txt`; ~7 GB of disk and ~16 GB of memory at 4 layers). Each mode
+//! runs in its own process so its peak RSS is its own.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use pio_engine::candle_core::{DType, Device};
+use pio_engine::checkpoint::Checkpoint;
+use pio_engine::generate::{prefill, CausalLm, PREFILL_CHUNK};
+use pio_engine::linear::Quantization;
+use pio_engine::models::qwen3::Qwen3Moe;
+use pio_engine::runtime::LoadModel;
+
+#[path = "../../../tests/bench/common.rs"]
+mod common;
+
+const PROMPT: usize = 256;
+const DECODE: usize = 32;
+const THREADS: usize = 2;
+const FULL_DEPTH: usize = 48;
+
+fn layers() -> usize {
+    std::env::var("PIO_BENCH_LAYERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4)
+}
+
+fn root() -> PathBuf {
+    common::repo_root(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn checkpoint_dir() -> PathBuf {
+    root().join(format!("target/bench/qwen3-30b-a3b-{}-layers", layers()))
+}
+
+/// One mode, in this process: prints a JSON line like the transformers script's.
+fn measure(dir: &Path, mode: &str) {
+    let quantization = match mode {
+        "q8" => Quantization::Q8,
+        "q4" => Quantization::Q4,
+        _ => Quantization::None,
+    };
+    let t = Instant::now();
+    let checkpoint = Checkpoint::open(dir).expect("checkpoint");
+    let model = <Qwen3Moe as LoadModel>::load(
+        &checkpoint,
+        DType::BF16,
+        quantization,
+        &Device::Cpu,
+        &mut |_, _| {},
+    )
+    .expect("load");
+    let load_s = t.elapsed().as_secs_f64();
+    let per_layer = model.inner().layer_weight_bytes();
+    let prompt: Vec<u32> = (0..PROMPT as u32)
+        .map(|i| (i * 7919 + 13) % 151_936)
+        .collect();
+    let mut cache = model.new_cache();
+    let t = Instant::now();
+    let mut logits = prefill(&model, &prompt, &mut cache, PREFILL_CHUNK).expect("prefill");
+    let prefill_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for _ in 0..DECODE {
+        let next = logits
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or(0, |(i, _)| i as u32);
+        logits = model.forward(&[next], &mut cache).expect("decode");
+    }
+    let decode_s = t.elapsed().as_secs_f64();
+    println!(
+        "{{\"dtype\": \"{mode}\", \"load_s\": {load_s}, \"prefill_tps\": {}, \"decode_tps\": {}, \"peak_rss\": {}, \"steady_rss\": {}, \"layer_bytes\": {}, \"weight_bytes\": {}}}",
+        PROMPT as f64 / prefill_s,
+        DECODE as f64 / decode_s,
+        common::peak_rss(),
+        common::rss(),
+        per_layer.iter().sum::<usize>() as f64 / per_layer.len().max(1) as f64,
+        model.inner().weight_bytes()
+    );
+}
+
+fn gib(bytes: f64) -> f64 {
+    bytes / (1u64 << 30) as f64
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--measure") {
+        measure(&checkpoint_dir(), &args[i + 1]);
+        return;
+    }
+    let dir = checkpoint_dir();
+    let depth = layers().to_string();
+    common::ensure_checkpoint(&root(), &dir, &["qwen3-30b-a3b", &depth]);
+    let exe = std::env::current_exe().expect("bench executable");
+    let mut rows = Vec::new();
+    for mode in ["bf16", "q8", "q4"] {
+        let out = Command::new(&exe)
+            .args(["--measure", mode])
+            .env("RAYON_NUM_THREADS", THREADS.to_string())
+            .output()
+            .expect("run measurement");
+        if !out.status.success() {
+            eprintln!("{mode} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        rows.push((
+            "pio",
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        ));
+    }
+    let reference = common::transformers(&root(), &dir, PROMPT, DECODE, THREADS, "bf16");
+    let theirs = reference.first().cloned().unwrap_or_default();
+    rows.push(("transformers", theirs.clone()));
+    let n = layers() as f64;
+    println!(
+        "Qwen3-Coder-30B-A3B widths, {} of {FULL_DEPTH} layers, prompt {PROMPT} tokens, {DECODE} decode steps, {THREADS} threads",
+        layers()
+    );
+    println!("| engine | mode | load (s) | prefill tok/s | decode tok/s | peak RSS (GiB) | steady RSS (GiB) | weights per layer (GiB) | 48 layers, extrapolated (GiB) |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    // transformers' layers hold the same bf16 weights as pio's bf16 ones.
+    let bf16_layer = rows
+        .first()
+        .map_or(f64::NAN, |(_, l)| common::field(l, "layer_bytes"));
+    for (engine, line) in &rows {
+        let f = |k: &str| common::field(line, k);
+        let layer = if f("layer_bytes").is_nan() {
+            bf16_layer
+        } else {
+            f("layer_bytes")
+        };
+        let full = f("steady_rss") + (FULL_DEPTH as f64 - n) * layer;
+        println!(
+            "| {engine} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.3} | {:.1} |",
+            line.split('"').nth(3).unwrap_or("?"),
+            f("load_s"),
+            f("prefill_tps"),
+            f("decode_tps"),
+            gib(f("peak_rss")),
+            gib(f("steady_rss")),
+            gib(layer),
+            gib(full),
+        );
+    }
+    if let Some((_, bf16)) = rows.first() {
+        println!(
+            "| pio bf16 / transformers bf16 | | | {:.2}x | {:.2}x | | | | |",
+            common::field(bf16, "prefill_tps") / common::field(&theirs, "prefill_tps"),
+            common::field(bf16, "decode_tps") / common::field(&theirs, "decode_tps"),
+        );
+    }
+}

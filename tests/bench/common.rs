@@ -1,0 +1,88 @@
+//! Helpers the model benchmarks share (included by path from each plugin's bench).
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The repository root, from a plugin crate's manifest directory.
+pub fn repo_root(manifest_dir: &str) -> PathBuf {
+    Path::new(manifest_dir).join("../..")
+}
+
+fn status_kib(key: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0)
+}
+
+/// This process's peak resident memory, bytes.
+pub fn peak_rss() -> u64 {
+    status_kib("VmHWM:") * 1024
+}
+
+/// This process's resident memory now, bytes.
+pub fn rss() -> u64 {
+    status_kib("VmRSS:") * 1024
+}
+
+/// A number from one of the JSON lines the measurements print.
+pub fn field(line: &str, key: &str) -> f64 {
+    serde_json::from_str::<serde_json::Value>(line)
+        .ok()
+        .and_then(|v| v[key].as_f64())
+        .unwrap_or(f64::NAN)
+}
+
+/// Generates a random checkpoint of `shape` into `dir` with transformers, once.
+pub fn ensure_checkpoint(root: &Path, dir: &Path, shape: &[&str]) {
+    if dir.join("config.json").is_file() {
+        return;
+    }
+    eprintln!("generating {} with transformers (once)...", dir.display());
+    let ok = Command::new("python3")
+        .arg(root.join("tests/bench/make_checkpoint.py"))
+        .arg(dir)
+        .args(shape)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "make_checkpoint.py failed: pip install -r tests/fixtures/requirements.txt"
+    );
+}
+
+/// Runs transformers on `dir`: one JSON line per dtype.
+pub fn transformers(
+    root: &Path,
+    dir: &Path,
+    prompt: usize,
+    decode: usize,
+    threads: usize,
+    dtypes: &str,
+) -> Vec<String> {
+    let out = Command::new("python3")
+        .arg(root.join("tests/bench/transformers_bench.py"))
+        .arg(dir)
+        .args([
+            prompt.to_string(),
+            decode.to_string(),
+            threads.to_string(),
+            dtypes.to_string(),
+        ])
+        .output()
+        .expect("run transformers");
+    if !out.status.success() {
+        eprintln!(
+            "transformers failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
