@@ -349,13 +349,23 @@ impl Qwen3 {
                     embed_tokens.embeddings().clone(),
                     None,
                 ))
-            } else {
-                // The output head stays in the model dtype, as embeddings and norms do.
+            } else if quantization == Quantization::None {
                 Linear::Dense(linear_no_bias(
                     cfg.hidden_size,
                     cfg.vocab_size,
                     vb.pp("lm_head"),
                 )?)
+            } else {
+                // Quantized models keep the head at 8 bits whatever the mode (the most sensitive
+                // matrix, as llama.cpp keeps it at 6+ bits): a dense bf16 head would dominate
+                // decode time, and Q8_0 is also smaller.
+                Linear::load(
+                    cfg.hidden_size,
+                    cfg.vocab_size,
+                    false,
+                    Quantization::Q8,
+                    vb.pp("lm_head"),
+                )?
             };
             progress(total, total);
             Ok((embed_tokens, layers, norm, lm_head))
