@@ -124,17 +124,17 @@ impl Checkpoint {
         })
     }
 
-    /// The weights, memory-mapped, converted to `dtype` on `device` as each tensor is taken.
+    /// The weights, each tensor read from its file when taken and converted to `dtype` on
+    /// `device` (see [`crate::weights`] for why not a memory map).
     pub fn weights(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
         let files = self.weight_files()?;
-        // SAFETY: the files are mapped read-only; a file truncated or rewritten while mapped is
-        // the operator's error (as with every mmap-based loader).
-        unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }.map_err(|e| {
-            EngineError::Weights {
+        let backend =
+            crate::weights::SafetensorsFiles::open(&files).map_err(|e| EngineError::Weights {
                 dir: self.dir.clone(),
                 reason: format!("cannot read the safetensors files: {e}"),
-            }
-        })
+            })?;
+        let backend: Box<dyn candle_nn::var_builder::SimpleBackend> = Box::new(backend);
+        Ok(VarBuilder::from_backend(backend, dtype, device.clone()))
     }
 
     /// A weights error for `tensor`, in words.

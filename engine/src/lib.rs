@@ -16,6 +16,7 @@ pub mod runtime;
 pub mod sampling;
 pub mod stop;
 pub mod text;
+pub mod weights;
 
 pub use candle_core;
 pub use candle_nn;

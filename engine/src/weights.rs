@@ -1,0 +1,206 @@
+//! Safetensors read tensor by tensor with positioned reads instead of a memory map: pages of a
+//! mapped checkpoint count as resident once touched, so loading (and quantizing) a 61 GB model
+//! through a map shows a peak near the file size, while reading each tensor into its own buffer
+//! keeps the peak at the loaded size plus one tensor. The file pages land in the page cache,
+//! which is not the process's memory.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use serde::Deserialize;
+
+/// Where one tensor's bytes are.
+#[derive(Debug, Clone)]
+struct Entry {
+    file: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    start: u64,
+    len: usize,
+}
+
+#[derive(Deserialize)]
+struct HeaderEntry {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: [u64; 2],
+}
+
+/// The tensors of a set of safetensors files.
+#[derive(Debug)]
+pub struct SafetensorsFiles {
+    files: Vec<(PathBuf, File)>,
+    entries: HashMap<String, Entry>,
+}
+
+fn bad(path: &Path, what: impl std::fmt::Display) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{}: {what}", path.display()))
+}
+
+fn dtype_of(name: &str) -> Option<DType> {
+    Some(match name {
+        "F32" => DType::F32,
+        "BF16" => DType::BF16,
+        "F16" => DType::F16,
+        "F64" => DType::F64,
+        "U8" => DType::U8,
+        "U32" => DType::U32,
+        "I64" => DType::I64,
+        _ => return None,
+    })
+}
+
+impl SafetensorsFiles {
+    /// Reads the headers of `paths`.
+    pub fn open(paths: &[PathBuf]) -> candle_core::Result<Self> {
+        let mut files = Vec::with_capacity(paths.len());
+        let mut entries = HashMap::new();
+        for (index, path) in paths.iter().enumerate() {
+            let mut file = File::open(path).map_err(|e| bad(path, e))?;
+            let mut len = [0u8; 8];
+            file.read_exact(&mut len).map_err(|e| bad(path, e))?;
+            let header_len = u64::from_le_bytes(len);
+            let file_len = file.metadata().map_err(|e| bad(path, e))?.len();
+            if header_len > file_len.saturating_sub(8) || header_len > 100 << 20 {
+                return Err(bad(path, format!("header length {header_len} is impossible: not a safetensors file, or a truncated one")));
+            }
+            let mut header = vec![0u8; header_len as usize];
+            file.read_exact(&mut header).map_err(|e| bad(path, e))?;
+            let header: HashMap<String, serde_json::Value> = serde_json::from_slice(&header)
+                .map_err(|e| bad(path, format!("header is not JSON: {e}")))?;
+            let base = 8 + header_len;
+            for (name, value) in header {
+                if name == "__metadata__" {
+                    continue;
+                }
+                let h: HeaderEntry = serde_json::from_value(value)
+                    .map_err(|e| bad(path, format!("tensor {name}: {e}")))?;
+                let dtype = dtype_of(&h.dtype).ok_or_else(|| {
+                    bad(
+                        path,
+                        format!("tensor {name}: unsupported dtype {}", h.dtype),
+                    )
+                })?;
+                let [start, end] = h.data_offsets;
+                let expected = h.shape.iter().product::<usize>() * dtype.size_in_bytes();
+                if end < start || (end - start) as usize != expected || base + end > file_len {
+                    return Err(bad(path, format!("tensor {name}: its data offsets {start}..{end} do not fit its shape {:?} or the file", h.shape)));
+                }
+                entries.insert(
+                    name,
+                    Entry {
+                        file: index,
+                        dtype,
+                        shape: h.shape,
+                        start: base + start,
+                        len: expected,
+                    },
+                );
+            }
+            files.push((path.clone(), file));
+        }
+        Ok(Self { files, entries })
+    }
+
+    fn read(&self, name: &str) -> candle_core::Result<Tensor> {
+        let entry = self.entries.get(name).ok_or_else(|| {
+            candle_core::Error::CannotFindTensor {
+                path: name.to_string(),
+            }
+            .bt()
+        })?;
+        let (path, file) = &self.files[entry.file];
+        let mut bytes = vec![0u8; entry.len];
+        file.read_exact_at(&mut bytes, entry.start)
+            .map_err(|e| bad(path, format!("reading {name}: {e}")))?;
+        Tensor::from_raw_buffer(&bytes, entry.dtype, &entry.shape, &Device::Cpu)
+    }
+}
+
+impl SimpleBackend for SafetensorsFiles {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = self.get_unchecked(name, dtype, dev)?;
+        if tensor.shape() != &s {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: s,
+                got: tensor.shape().clone(),
+            }
+            .bt());
+        }
+        Ok(tensor)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.read(name)?.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensors_read_back_and_damage_is_named() {
+        let dir = std::env::temp_dir().join(format!("pio-weights-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("model.safetensors");
+        let a = Tensor::arange(0f32, 12.0, &Device::Cpu)
+            .unwrap()
+            .reshape((3, 4))
+            .unwrap();
+        let b = a.to_dtype(DType::BF16).unwrap();
+        candle_core::safetensors::save(
+            &HashMap::from([("a".to_string(), a.clone()), ("b".to_string(), b)]),
+            &path,
+        )
+        .unwrap();
+        let files = SafetensorsFiles::open(std::slice::from_ref(&path)).unwrap();
+        let got = files
+            .get(
+                (3, 4).into(),
+                "b",
+                candle_nn::Init::Const(0.0),
+                DType::F32,
+                &Device::Cpu,
+            )
+            .unwrap();
+        assert_eq!(got.to_vec2::<f32>().unwrap(), a.to_vec2::<f32>().unwrap());
+        let e = files
+            .get(
+                (4, 3).into(),
+                "a",
+                candle_nn::Init::Const(0.0),
+                DType::F32,
+                &Device::Cpu,
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("shape mismatch for a"), "{e}");
+        assert!(files.get_unchecked("c", DType::F32, &Device::Cpu).is_err());
+        // Truncated: the header promises more data than the file holds.
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
+        let e = SafetensorsFiles::open(std::slice::from_ref(&path)).unwrap_err();
+        assert!(
+            e.to_string().contains("model.safetensors") && e.to_string().contains("do not fit"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
