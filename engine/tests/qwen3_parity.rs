@@ -157,6 +157,27 @@ fn a_prompt_prefilled_in_chunks_gives_the_same_logits() {
 }
 
 #[test]
+fn a_prompt_longer_than_the_moe_context_is_refused() {
+    let checkpoint = Checkpoint::open(&fixtures().join("qwen3-moe-tiny")).unwrap();
+    let model = Qwen3Moe::load(&checkpoint, DType::F32, &Device::Cpu, &mut |_, _| {}).unwrap();
+    let codec = TextCodec::load(&checkpoint).unwrap();
+    let request = Request {
+        prompt: vec![20; model.context_length() + 1],
+        sampling: SamplingParams::default(),
+        max_tokens: 4,
+        stop: Vec::new(),
+        eos: Vec::new(),
+        logprobs: None,
+    };
+    let e = generate(&model, &codec, &request, &mut |_| true).unwrap_err();
+    assert!(
+        e.to_string().contains("context is 256 tokens")
+            && e.to_string().contains("shorten the prompt"),
+        "{e}"
+    );
+}
+
+#[test]
 fn each_model_refuses_the_other_architecture() {
     let moe = Checkpoint::open(&fixtures().join("qwen3-moe-tiny")).unwrap();
     let e = Qwen3::load(&moe, DType::F32, &Device::Cpu, &mut |_, _| {}).unwrap_err();
