@@ -438,6 +438,10 @@ fn the_admin_api_loads_unloads_and_reloads() {
     assert_eq!(status, 200, "{r}");
     let loaded = d.plugin("echo");
     assert_eq!(loaded["state"], "ready");
+    assert_eq!(
+        loaded["weight_bytes"], 0,
+        "what the plugin reported at load"
+    );
     assert!(process_exists(&loaded["pid"]));
     assert_eq!(d.post("/v1/chat/completions", &chat("echo", "hi")).0, 200);
 

@@ -41,6 +41,8 @@ pub struct PluginStatus {
     pub oom_kills: u64,
     /// The model's context length, when loaded.
     pub context_length: Option<u32>,
+    /// Bytes its weights take, as the plugin reports them.
+    pub weight_bytes: Option<u64>,
     /// Capabilities the library declares.
     pub capabilities: Vec<String>,
     /// Whether a blue/green reload is under way.
@@ -68,6 +70,7 @@ impl PluginStatus {
             cpu_seconds: None,
             oom_kills: 0,
             context_length: None,
+            weight_bytes: None,
             capabilities: found.report.capabilities.clone(),
             reloading,
             last_error,
@@ -99,6 +102,7 @@ impl PluginStatus {
         self.requests = d.leases();
         self.requests_in_flight = st.in_flight;
         self.context_length = d.info.context_length;
+        self.weight_bytes = d.info.weight_bytes;
         if let Some(stats) = st.stats {
             self.memory_bytes = stats.memory_bytes;
             // v1 reports "no limit" as a huge number.
