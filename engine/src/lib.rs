@@ -21,3 +21,5 @@ pub mod weights;
 pub use candle_core;
 pub use candle_nn;
 pub use error::{EngineError, Result};
+/// The plugin API, for [`text_model_plugin!`].
+pub use pio_plugin_api as plugin_api;

@@ -299,3 +299,73 @@ impl<M: LoadModel> ModelRuntime<M> {
         self.loaded = None;
     }
 }
+
+/// Declares a text-model plugin served by a [`ModelRuntime`]: the plugin type, its
+/// `PluginImpl` (static info plus delegation to the runtime) and its export. Use it once, in
+/// the plugin crate's `lib.rs`:
+///
+/// ```ignore
+/// pio_engine::text_model_plugin! {
+///     /// The plugin.
+///     pub struct Qwen3CoderPlugin(Qwen3Moe);
+///     name: "qwen3-coder-30b",
+///     family: "Qwen3MoeForCausalLM",
+///     capabilities: Capabilities::TEXT.union(Capabilities::CHAT),
+///     tool_call_format: Some("qwen3_coder"),
+/// }
+/// ```
+#[macro_export]
+macro_rules! text_model_plugin {
+    (
+        $(#[$meta:meta])*
+        pub struct $plugin:ident($model:ty);
+        name: $name:expr,
+        family: $family:expr,
+        capabilities: $caps:expr,
+        tool_call_format: $format:expr $(,)?
+    ) => {
+        $(#[$meta])*
+        pub struct $plugin($crate::runtime::ModelRuntime<$model>);
+
+        impl $crate::plugin_api::PluginImpl for $plugin {
+            const NAME: &'static str = $name;
+            const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+            const FAMILY: &'static str = $family;
+            const CAPABILITIES: $crate::plugin_api::Capabilities = $caps;
+
+            fn new() -> Result<Self, $crate::plugin_api::PluginError> {
+                Ok(Self($crate::runtime::ModelRuntime::new($format)))
+            }
+
+            fn supports_config(
+                &self,
+                config: &$crate::plugin_api::wire::ModelConfig,
+            ) -> Result<(), $crate::plugin_api::PluginError> {
+                self.0.supports_config(config)
+            }
+
+            fn load_model(
+                &mut self,
+                config: $crate::plugin_api::wire::ModelConfig,
+                progress: &mut $crate::plugin_api::Progress,
+            ) -> Result<$crate::plugin_api::wire::ModelInfo, $crate::plugin_api::PluginError> {
+                self.0.load_model(&config, progress)
+            }
+
+            fn infer(
+                &self,
+                request: $crate::plugin_api::wire::InferRequest,
+                sink: &mut $crate::plugin_api::Sink,
+            ) -> Result<$crate::plugin_api::wire::InferOutcome, $crate::plugin_api::PluginError> {
+                self.0.infer(&request, sink)
+            }
+
+            fn cleanup(&mut self) -> Result<(), $crate::plugin_api::PluginError> {
+                self.0.cleanup();
+                Ok(())
+            }
+        }
+
+        $crate::plugin_api::export_plugin!($plugin);
+    };
+}

@@ -6,48 +6,18 @@
 pub use pio_engine::models::qwen3 as model;
 pub use pio_engine::runtime::plugin_error;
 
-use pio_engine::runtime::ModelRuntime;
-use pio_plugin_api::wire::{InferOutcome, InferRequest, ModelConfig, ModelInfo};
-use pio_plugin_api::{export_plugin, Capabilities, PluginError, PluginImpl, Progress, Sink};
+use pio_plugin_api::Capabilities;
 
 use crate::model::Qwen3;
 
-/// The plugin.
-pub struct Qwen3Plugin(ModelRuntime<Qwen3>);
-
-impl PluginImpl for Qwen3Plugin {
-    const NAME: &'static str = "qwen3-4b-instruct-2507";
-    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-    const FAMILY: &'static str = "Qwen3ForCausalLM";
-    const CAPABILITIES: Capabilities = Capabilities::TEXT
+pio_engine::text_model_plugin! {
+    /// The plugin.
+    pub struct Qwen3Plugin(Qwen3);
+    name: "qwen3-4b-instruct-2507",
+    family: "Qwen3ForCausalLM",
+    capabilities: Capabilities::TEXT
         .union(Capabilities::CHAT)
         .union(Capabilities::TOOLS)
-        .union(Capabilities::LOGPROBS);
-
-    fn new() -> Result<Self, PluginError> {
-        Ok(Self(ModelRuntime::new(Some("hermes"))))
-    }
-
-    fn supports_config(&self, config: &ModelConfig) -> Result<(), PluginError> {
-        self.0.supports_config(config)
-    }
-
-    fn load_model(
-        &mut self,
-        config: ModelConfig,
-        progress: &mut Progress,
-    ) -> Result<ModelInfo, PluginError> {
-        self.0.load_model(&config, progress)
-    }
-
-    fn infer(&self, request: InferRequest, sink: &mut Sink) -> Result<InferOutcome, PluginError> {
-        self.0.infer(&request, sink)
-    }
-
-    fn cleanup(&mut self) -> Result<(), PluginError> {
-        self.0.cleanup();
-        Ok(())
-    }
+        .union(Capabilities::LOGPROBS),
+    tool_call_format: Some("hermes"),
 }
-
-export_plugin!(Qwen3Plugin);
