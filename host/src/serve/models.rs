@@ -71,6 +71,22 @@ fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+impl Inner {
+    /// `name`'s entry, or the API's 404.
+    fn entry(&self, name: &str) -> Result<&Entry, ApiError> {
+        self.entries
+            .get(name)
+            .ok_or_else(|| ApiError::unknown_model(name))
+    }
+
+    /// `name`'s entry to change, or the API's 404.
+    fn entry_mut(&mut self, name: &str) -> Result<&mut Entry, ApiError> {
+        self.entries
+            .get_mut(name)
+            .ok_or_else(|| ApiError::unknown_model(name))
+    }
+}
+
 impl Models {
     /// No models yet; [`Models::rescan`] finds them.
     pub fn new(setup: Setup) -> Arc<Self> {
@@ -179,10 +195,7 @@ impl Models {
         for _ in 0..3 {
             let wait = {
                 let mut inner = lock(&self.inner);
-                let entry = inner
-                    .entries
-                    .get(name)
-                    .ok_or_else(|| ApiError::unknown_model(name))?;
+                let entry = inner.entry(name)?;
                 match &entry.slot {
                     Slot::Loaded(d) => {
                         return d.lease(server.queue_depth).map_err(|r| match r {
@@ -229,10 +242,7 @@ impl Models {
     pub async fn load(self: &Arc<Self>, name: &str) -> Result<(), ApiError> {
         let wait = {
             let mut inner = lock(&self.inner);
-            let entry = inner
-                .entries
-                .get(name)
-                .ok_or_else(|| ApiError::unknown_model(name))?;
+            let entry = inner.entry(name)?;
             match &entry.slot {
                 Slot::Loaded(_) => return Ok(()),
                 Slot::Loading(rx) => rx.clone(),
@@ -335,10 +345,7 @@ impl Models {
     pub async fn unload(&self, name: &str) -> Result<(), ApiError> {
         let taken = {
             let mut inner = lock(&self.inner);
-            let entry = inner
-                .entries
-                .get(name)
-                .ok_or_else(|| ApiError::unknown_model(name))?;
+            let entry = inner.entry(name)?;
             if matches!(entry.slot, Slot::Loading(_)) {
                 return Err(ApiError::unavailable(format!(
                     "plugin {name} is loading; unload it once it has loaded"
@@ -361,10 +368,7 @@ impl Models {
     pub async fn reload(self: &Arc<Self>, name: &str) -> Result<(), ApiError> {
         let found = {
             let mut inner = lock(&self.inner);
-            let entry = inner
-                .entries
-                .get_mut(name)
-                .ok_or_else(|| ApiError::unknown_model(name))?;
+            let entry = inner.entry_mut(name)?;
             match entry.slot {
                 Slot::Loaded(_) if !entry.reloading => {
                     entry.reloading = true;
@@ -384,9 +388,7 @@ impl Models {
         let result = deploy(&self.setup, &found).await;
         let old = {
             let mut inner = lock(&self.inner);
-            let Some(entry) = inner.entries.get_mut(name) else {
-                return Err(ApiError::unknown_model(name));
-            };
+            let entry = inner.entry_mut(name)?;
             entry.reloading = false;
             match result {
                 Ok(new) => {

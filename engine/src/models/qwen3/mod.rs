@@ -489,15 +489,13 @@ impl Qwen3Moe {
         device: &Device,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
-        Qwen3::load_architecture(
+        <Self as crate::runtime::LoadModel>::load(
             checkpoint,
-            "Qwen3MoeForCausalLM",
             dtype,
             Quantization::None,
             device,
             progress,
         )
-        .map(Self)
     }
 }
 
