@@ -5,11 +5,14 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod attention;
 pub mod chat;
 pub mod checkpoint;
+mod cpu;
 pub mod error;
 pub mod generate;
 pub mod generation_config;
+pub mod kv_cache;
 pub mod linear;
 pub mod models;
 pub mod runtime;

@@ -81,7 +81,17 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Self::Dense(l) => l.forward(x),
+            Self::Dense(l) => {
+                // The engine's own kernels on the CPU (candle has no bf16 matrix kernel and a
+                // slow matrix-vector product); candle elsewhere.
+                let Some(y) = crate::cpu::linear(x, l.weight())? else {
+                    return l.forward(x);
+                };
+                match l.bias() {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
             Self::Quantized { weight, bias } => {
                 // The quantized kernels take f32 activations.
                 let y = weight
@@ -133,11 +143,8 @@ mod tests {
         assert!(relative_error(Quantization::Q8, 512) < 0.01);
         assert!(relative_error(Quantization::Q4, 512) < 0.15);
         assert!(relative_error(Quantization::Q4, 96) < 0.15);
-        assert_eq!(
-            relative_error(Quantization::Q8, 48),
-            0.0,
-            "too narrow: kept dense"
-        );
+        // Too narrow to block: kept dense, so only the summation order differs.
+        assert!(relative_error(Quantization::Q8, 48) < 1e-6);
     }
 
     #[test]

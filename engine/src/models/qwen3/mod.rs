@@ -6,6 +6,7 @@ use crate::candle_core::{DType, Device, Module, Tensor};
 use crate::candle_nn::{embedding, linear_no_bias, rms_norm, Embedding, RmsNorm, VarBuilder};
 use crate::checkpoint::Checkpoint;
 use crate::generate::CausalLm;
+use crate::kv_cache::KvCache;
 use crate::linear::{Linear, Quantization};
 use crate::{EngineError, Result};
 
@@ -40,12 +41,12 @@ impl Rotary {
         })
     }
 
-    /// Rotates `x` of shape (batch, heads, seq, head_dim) starting at position `start`.
+    /// Rotates `x` of shape (batch, seq, heads, head_dim) starting at position `start`.
     fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
-        let seq = x.dim(2)?;
+        let seq = x.dim(1)?;
         let cos = self.cos.narrow(0, start, seq)?;
         let sin = self.sin.narrow(0, start, seq)?;
-        Ok(crate::candle_nn::rotary_emb::rope(
+        Ok(crate::candle_nn::rotary_emb::rope_thd(
             &x.contiguous()?,
             &cos,
             &sin,
@@ -53,16 +54,10 @@ impl Rotary {
     }
 }
 
-/// Keys and values of one layer for one sequence.
-#[derive(Debug, Clone, Default)]
-pub struct LayerCache {
-    kv: Option<(Tensor, Tensor)>,
-}
-
 /// A sequence's KV cache: one entry per layer, and the number of positions it holds.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Cache {
-    layers: Vec<LayerCache>,
+    layers: Vec<KvCache>,
     len: usize,
 }
 
@@ -103,72 +98,26 @@ impl Attention {
         })
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        rotary: &Rotary,
-        cache: &mut LayerCache,
-        start: usize,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, rotary: &Rotary, cache: &mut KvCache) -> Result<Tensor> {
         let (b, seq, _) = x.dims3()?;
-        // 1. Project and split into heads: (b, heads, seq, head_dim).
-        let split = |t: Tensor, heads: usize| -> Result<Tensor> {
-            Ok(t.reshape((b, seq, heads, self.head_dim))?.transpose(1, 2)?)
-        };
+        let start = cache.len();
+        // 1. Project into heads, position-major: (b, seq, heads, head_dim); per-head RMSNorm on
+        //    queries and keys, then rotary positions.
+        let split = |t: Tensor, heads: usize| t.reshape((b, seq, heads, self.head_dim));
         let q = split(self.q_proj.forward(x)?, self.heads)?;
         let k = split(self.k_proj.forward(x)?, self.kv_heads)?;
-        let v = split(self.v_proj.forward(x)?, self.kv_heads)?.contiguous()?;
-        // 2. Per-head RMSNorm on queries and keys, then rotary positions.
-        let q = rotary.apply(&self.q_norm.forward(&q.contiguous()?)?, start)?;
-        let k = rotary.apply(&self.k_norm.forward(&k.contiguous()?)?, start)?;
-        // 3. Append to the cache.
-        let (k, v) = match cache.kv.take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            None => (k, v),
-        };
-        cache.kv = Some((k.clone(), v.clone()));
-        // 4. Grouped-query attention with a causal mask over the new positions.
-        let groups = self.heads / self.kv_heads;
-        let repeat = |t: &Tensor| -> Result<Tensor> {
-            if groups == 1 {
-                return Ok(t.clone());
-            }
-            let (b, kv, len, d) = t.dims4()?;
-            Ok(t.unsqueeze(2)?.expand((b, kv, groups, len, d))?.reshape((
-                b,
-                kv * groups,
-                len,
-                d,
-            ))?)
-        };
-        let (k, v) = (repeat(&k)?, repeat(&v)?);
-        let total = k.dim(2)?;
+        let v = split(self.v_proj.forward(x)?, self.kv_heads)?;
+        let q = rotary.apply(&self.q_norm.forward(&q)?, start)?;
+        let k = rotary.apply(&self.k_norm.forward(&k)?, start)?;
+        // 2. Append to the cache (one sequence: batch 1).
+        cache.append(&k.squeeze(0)?, &v.squeeze(0)?)?;
+        // 3. Causal grouped-query attention over everything cached.
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let mut scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
-        if seq > 1 {
-            let mask: Vec<f32> = (0..seq)
-                .flat_map(|i| {
-                    (0..total).map(move |j| {
-                        if j > start + i {
-                            f32::NEG_INFINITY
-                        } else {
-                            0.0
-                        }
-                    })
-                })
-                .collect();
-            let mask =
-                Tensor::from_vec(mask, (seq, total), x.device())?.to_dtype(scores.dtype())?;
-            scores = scores.broadcast_add(&mask)?;
-        }
-        let probs = crate::candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
-            .to_dtype(v.dtype())?;
-        let out = probs.matmul(&v.contiguous()?)?;
-        // 5. Merge heads and project out.
-        let out = out
-            .transpose(1, 2)?
-            .reshape((b, seq, self.heads * self.head_dim))?;
-        Ok(self.o_proj.forward(&out)?)
+        let out = crate::attention::causal(&q.squeeze(0)?, cache, start, scale)?;
+        // 4. Merge heads and project out.
+        Ok(self
+            .o_proj
+            .forward(&out.reshape((b, seq, self.heads * self.head_dim))?)?)
     }
 }
 
@@ -260,16 +209,10 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        rotary: &Rotary,
-        cache: &mut LayerCache,
-        start: usize,
-    ) -> Result<Tensor> {
-        let attn =
-            self.self_attn
-                .forward(&self.input_layernorm.forward(x)?, rotary, cache, start)?;
+    fn forward(&self, x: &Tensor, rotary: &Rotary, cache: &mut KvCache) -> Result<Tensor> {
+        let attn = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x)?, rotary, cache)?;
         let x = (x + attn)?;
         let mlp = self
             .mlp
@@ -415,7 +358,7 @@ impl CausalLm for Qwen3 {
 
     fn new_cache(&self) -> Cache {
         Cache {
-            layers: vec![LayerCache::default(); self.layers.len()],
+            layers: (0..self.layers.len()).map(|_| KvCache::default()).collect(),
             len: 0,
         }
     }
@@ -432,7 +375,7 @@ impl CausalLm for Qwen3 {
         let ids = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
         let mut x = self.embed_tokens.forward(&ids)?;
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(&x, &self.rotary, layer_cache, start)?;
+            x = layer.forward(&x, &self.rotary, layer_cache)?;
         }
         cache.len += tokens.len();
         let last = x.narrow(1, tokens.len() - 1, 1)?;

@@ -1,0 +1,123 @@
+//! The bridge from candle tensors on the CPU to `pio-kernels`, for the hot path: linear layers
+//! and attention read tensors' memory in place and write fresh tensors, so models keep using
+//! candle everywhere else and on other devices.
+
+use candle_core::{CpuStorage, DType, Storage, Tensor};
+use pio_kernels::{bf16, causal_attention, f16, matmul, AttentionShape};
+
+/// A contiguous tensor's elements, as stored.
+enum Elements<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+    F16(&'a [f16]),
+}
+
+/// Calls `f` on the elements of `t` when it is a contiguous CPU tensor of a float dtype the
+/// kernels take; `None` otherwise (the caller falls back to candle).
+fn with_elements<R>(t: &Tensor, f: impl FnOnce(Elements<'_>) -> R) -> Option<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let (start, end) = layout.contiguous_offsets()?;
+    let Storage::Cpu(cpu) = &*storage else {
+        return None;
+    };
+    Some(f(match cpu {
+        CpuStorage::F32(v) => Elements::F32(&v[start..end]),
+        CpuStorage::BF16(v) => Elements::Bf16(&v[start..end]),
+        CpuStorage::F16(v) => Elements::F16(&v[start..end]),
+        _ => return None,
+    }))
+}
+
+/// Whether the kernels can take this tensor (CPU, float dtype the kernels know).
+pub(crate) fn supports(t: &Tensor) -> bool {
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16)
+}
+
+/// `x` as contiguous f32 (activations are small next to the weights they meet).
+fn activations(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.to_dtype(DType::F32)?.contiguous()
+}
+
+/// `x Wᵀ` for `x` of shape `(.., k)` and `w` of shape `(n, k)`, in `x`'s dtype; `None` when the
+/// tensors are not on the CPU or not in a dtype the kernels take.
+pub(crate) fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    if !supports(x) || !supports(w) || !w.is_contiguous() {
+        return Ok(None);
+    }
+    let (n, k) = w.dims2()?;
+    let xf = activations(x)?;
+    let m = xf.elem_count() / k.max(1);
+    let mut out = vec![0f32; m * n];
+    let done = with_elements(&xf, |xs| {
+        let Elements::F32(xs) = xs else { return false };
+        with_elements(w, |ws| match ws {
+            Elements::F32(ws) => matmul(xs, ws, m, k, n, &mut out),
+            Elements::Bf16(ws) => matmul(xs, ws, m, k, n, &mut out),
+            Elements::F16(ws) => matmul(xs, ws, m, k, n, &mut out),
+        })
+        .is_some()
+    });
+    if done != Some(true) {
+        return Ok(None);
+    }
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    Ok(Some(
+        Tensor::from_vec(out, dims, x.device())?.to_dtype(x.dtype())?,
+    ))
+}
+
+/// Causal attention of `q` `(seq, heads, head_dim)` at positions `start..` over the cached keys
+/// and values `(capacity, kv_heads, head_dim)` (holding at least `start + seq` positions); the
+/// result is `(seq, heads, head_dim)` in `q`'s dtype. `None` off the CPU.
+pub(crate) fn attention(
+    q: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    start: usize,
+    scale: f32,
+) -> candle_core::Result<Option<Tensor>> {
+    if !supports(q) || !supports(keys) || keys.dtype() != values.dtype() {
+        return Ok(None);
+    }
+    let (_, heads, head_dim) = q.dims3()?;
+    let (_, kv_heads, _) = keys.dims3()?;
+    let shape = AttentionShape {
+        heads,
+        kv_heads,
+        head_dim,
+        scale,
+    };
+    let qf = activations(q)?;
+    let mut out = vec![0f32; qf.elem_count()];
+    let done = with_elements(&qf, |qs| {
+        let Elements::F32(qs) = qs else { return false };
+        with_elements(keys, |ks| {
+            with_elements(values, |vs| match (ks, vs) {
+                (Elements::F32(k), Elements::F32(v)) => {
+                    causal_attention(&shape, qs, k, v, start, &mut out);
+                    true
+                }
+                (Elements::Bf16(k), Elements::Bf16(v)) => {
+                    causal_attention(&shape, qs, k, v, start, &mut out);
+                    true
+                }
+                (Elements::F16(k), Elements::F16(v)) => {
+                    causal_attention(&shape, qs, k, v, start, &mut out);
+                    true
+                }
+                _ => false,
+            })
+            .unwrap_or(false)
+        })
+        .unwrap_or(false)
+    });
+    if done != Some(true) {
+        return Ok(None);
+    }
+    Ok(Some(
+        Tensor::from_vec(out, q.dims(), q.device())?.to_dtype(q.dtype())?,
+    ))
+}

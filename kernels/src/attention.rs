@@ -1,0 +1,322 @@
+//! Causal grouped-query attention of new queries over a position-major KV cache.
+//!
+//! Keys and values are read where they lie in the cache (`[position][kv_head][dim]`), never
+//! repeated per query head nor transposed. A few queries (decode) run per (query, head) pair as
+//! dot products and `axpy`s; many queries (prefill) run per head as two GEMMs — scores, then
+//! probabilities times values — with the causal mask applied between them.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use crate::parallel::SharedMut;
+use crate::Element;
+
+/// From this many queries on, attention runs as GEMMs per head.
+const GEMM_QUERIES: usize = 8;
+
+/// Scores per GEMM pass, in f32 elements: long contexts take the queries in slices.
+const SCORE_ELEMENTS: usize = 1 << 22;
+
+/// The sizes of an attention call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionShape {
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (divides `heads`).
+    pub kv_heads: usize,
+    /// Dimension of each head.
+    pub head_dim: usize,
+    /// Factor on the scores before softmax (usually `1/√head_dim`).
+    pub scale: f32,
+}
+
+thread_local! {
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static KEYS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static VALUES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `out = softmax(q kᵀ · scale + causal mask) v` for `seq` queries at positions
+/// `start..start + seq`.
+///
+/// `q` and `out` are `[seq][heads][head_dim]`; `k` and `v` are `[len][kv_heads][head_dim]` with
+/// `len ≥ start + seq` (positions past `start + seq` are ignored). Query head `h` reads key/value
+/// head `h / (heads / kv_heads)`, as transformers' `repeat_kv` does.
+///
+/// # Panics
+/// When the slices do not match the shape (a caller bug, not an input error).
+pub fn causal_attention<T: Element>(
+    shape: &AttentionShape,
+    q: &[f32],
+    k: &[T],
+    v: &[T],
+    start: usize,
+    out: &mut [f32],
+) {
+    let AttentionShape {
+        heads,
+        kv_heads,
+        head_dim: d,
+        ..
+    } = *shape;
+    assert!(
+        kv_heads > 0 && heads.is_multiple_of(kv_heads),
+        "{heads} heads over {kv_heads} kv heads"
+    );
+    assert!(
+        d > 0 && q.len().is_multiple_of(heads * d),
+        "queries are not [seq][{heads}][{d}]"
+    );
+    let seq = q.len() / (heads * d);
+    assert_eq!(out.len(), q.len(), "output is not [seq][{heads}][{d}]");
+    assert!(
+        k.len() >= (start + seq) * kv_heads * d,
+        "keys end before position {}",
+        start + seq
+    );
+    assert!(
+        v.len() >= (start + seq) * kv_heads * d,
+        "values end before position {}",
+        start + seq
+    );
+    if seq < GEMM_QUERIES {
+        per_query(shape, q, k, v, start, out);
+    } else {
+        per_head(shape, q, k, v, start, seq, out);
+    }
+}
+
+/// Softmax over `row` in place; returns nothing because the caller normalizes (see callers).
+fn softmax(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for s in row.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    let inv = 1.0 / sum;
+    for s in row.iter_mut() {
+        *s *= inv;
+    }
+}
+
+fn per_query<T: Element>(
+    shape: &AttentionShape,
+    q: &[f32],
+    k: &[T],
+    v: &[T],
+    start: usize,
+    out: &mut [f32],
+) {
+    let (heads, kv_heads, d) = (shape.heads, shape.kv_heads, shape.head_dim);
+    let groups = heads / kv_heads;
+    out.par_chunks_mut(d).enumerate().for_each(|(index, o)| {
+        let (i, head) = (index / heads, index % heads);
+        let offset = (head / groups) * d;
+        let query = &q[index * d..(index + 1) * d];
+        let row = |t: usize| (t * kv_heads) * d + offset;
+        SCORES.with_borrow_mut(|scores| {
+            scores.clear();
+            scores.extend(
+                (0..=start + i).map(|t| T::dot(query, &k[row(t)..row(t) + d]) * shape.scale),
+            );
+            softmax(scores);
+            o.fill(0.0);
+            for (t, &p) in scores.iter().enumerate() {
+                T::axpy(p, &v[row(t)..row(t) + d], o);
+            }
+        });
+    });
+}
+
+/// One head's keys or values as an f32 matrix: a strided view when stored as f32, else widened.
+fn head_matrix<'a, T: Element>(
+    cache: &'a [T],
+    len: usize,
+    kv_heads: usize,
+    d: usize,
+    offset: usize,
+    buf: &'a mut Vec<f32>,
+) -> (&'a [f32], isize) {
+    if let Some(f) = T::as_f32(cache) {
+        return (&f[offset..], (kv_heads * d) as isize);
+    }
+    buf.resize(len * d, 0.0);
+    for (t, dst) in buf.chunks_exact_mut(d).enumerate() {
+        let src = (t * kv_heads) * d + offset;
+        T::widen(&cache[src..src + d], dst);
+    }
+    (buf, d as isize)
+}
+
+fn per_head<T: Element>(
+    shape: &AttentionShape,
+    q: &[f32],
+    k: &[T],
+    v: &[T],
+    start: usize,
+    seq: usize,
+    out: &mut [f32],
+) {
+    let (heads, kv_heads, d) = (shape.heads, shape.kv_heads, shape.head_dim);
+    let groups = heads / kv_heads;
+    let len = start + seq;
+    let row_stride = (heads * d) as isize;
+    let y = SharedMut::new(out);
+    (0..heads).into_par_iter().for_each(|head| {
+        let offset = (head / groups) * d;
+        KEYS.with_borrow_mut(|kbuf| {
+            VALUES.with_borrow_mut(|vbuf| {
+                SCORES.with_borrow_mut(|scores| {
+                    let (keys, ks) = head_matrix(k, len, kv_heads, d, offset, kbuf);
+                    let (values, vs) = head_matrix(v, len, kv_heads, d, offset, vbuf);
+                    let slice = (SCORE_ELEMENTS / len).clamp(1, seq);
+                    for first in (0..seq).step_by(slice) {
+                        let rows = slice.min(seq - first);
+                        // Only positions up to the slice's last query are visible to it.
+                        let cols = start + first + rows;
+                        scores.resize(rows * cols, 0.0);
+                        let qp = q[(first * heads + head) * d..].as_ptr();
+                        // SAFETY: the views and strides stay inside q, keys, values and the
+                        // scores buffer; this task alone writes columns head·d.. of `out`.
+                        unsafe {
+                            matrixmultiply::sgemm(
+                                rows,
+                                d,
+                                cols,
+                                shape.scale,
+                                qp,
+                                row_stride,
+                                1,
+                                keys.as_ptr(),
+                                1,
+                                ks,
+                                0.0,
+                                scores.as_mut_ptr(),
+                                cols as isize,
+                                1,
+                            );
+                        }
+                        for (i, row) in scores.chunks_exact_mut(cols).enumerate() {
+                            let visible = start + first + i + 1;
+                            softmax(&mut row[..visible]);
+                            row[visible..].fill(0.0);
+                        }
+                        // SAFETY: as above.
+                        unsafe {
+                            matrixmultiply::sgemm(
+                                rows,
+                                cols,
+                                d,
+                                1.0,
+                                scores.as_ptr(),
+                                cols as isize,
+                                1,
+                                values.as_ptr(),
+                                vs,
+                                1,
+                                0.0,
+                                y.at((first * heads + head) * d),
+                                row_stride,
+                                1,
+                            );
+                        }
+                    }
+                })
+            })
+        });
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::bf16;
+    use rand::{Rng, SeedableRng};
+
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    /// Attention written out in f64, the way transformers' eager path computes it.
+    fn reference(s: &AttentionShape, q: &[f32], k: &[f32], v: &[f32], start: usize) -> Vec<f64> {
+        let (h, kvh, d) = (s.heads, s.kv_heads, s.head_dim);
+        let seq = q.len() / (h * d);
+        let mut out = vec![0.0; q.len()];
+        for i in 0..seq {
+            for head in 0..h {
+                let g = head / (h / kvh);
+                let scores: Vec<f64> = (0..=start + i)
+                    .map(|t| {
+                        (0..d)
+                            .map(|x| {
+                                q[(i * h + head) * d + x] as f64 * k[(t * kvh + g) * d + x] as f64
+                            })
+                            .sum::<f64>()
+                            * s.scale as f64
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let exp: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
+                let sum: f64 = exp.iter().sum();
+                for (t, p) in exp.iter().enumerate() {
+                    for x in 0..d {
+                        out[(i * h + head) * d + x] += p / sum * v[(t * kvh + g) * d + x] as f64;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn check(seq: usize, start: usize, heads: usize, kv_heads: usize, extra: usize) {
+        let d = 16;
+        let shape = AttentionShape {
+            heads,
+            kv_heads,
+            head_dim: d,
+            scale: 0.25,
+        };
+        let len = start + seq + extra;
+        let q = data(seq * heads * d, 1);
+        let k = data(len * kv_heads * d, 2);
+        let v = data(len * kv_heads * d, 3);
+        let expected = reference(&shape, &q, &k, &v, start);
+        let mut out = vec![f32::NAN; q.len()];
+        causal_attention(&shape, &q, &k, &v, start, &mut out);
+        for (i, (a, b)) in out.iter().zip(&expected).enumerate() {
+            assert!(
+                (*a as f64 - b).abs() < 1e-5,
+                "seq {seq} start {start}: [{i}] {a} vs {b}"
+            );
+        }
+        // bf16 storage: the same computation on the rounded keys and values.
+        let round = |x: &[f32]| -> Vec<bf16> { x.iter().map(|&v| bf16::from_f32(v)).collect() };
+        let (kb, vb) = (round(&k), round(&v));
+        let widen = |x: &[bf16]| -> Vec<f32> { x.iter().map(|v| v.to_f32()).collect() };
+        let expected = reference(&shape, &q, &widen(&kb), &widen(&vb), start);
+        causal_attention(&shape, &q, &kb, &vb, start, &mut out);
+        for (a, b) in out.iter().zip(&expected) {
+            assert!(
+                (*a as f64 - b).abs() < 1e-5,
+                "bf16, seq {seq} start {start}"
+            );
+        }
+    }
+
+    #[test]
+    fn decode_queries_match_the_reference() {
+        check(1, 0, 4, 2, 0);
+        check(1, 37, 4, 2, 5);
+        check(3, 10, 6, 3, 0);
+    }
+
+    #[test]
+    fn prefill_queries_match_the_reference() {
+        check(20, 0, 4, 2, 0);
+        check(33, 12, 4, 1, 7);
+        check(9, 0, 2, 2, 0);
+    }
+}

@@ -1,0 +1,154 @@
+//! The storage types weights and caches come in, and their primitives with run-time dispatch.
+
+use half::{bf16, f16};
+
+use crate::simd::portable;
+
+/// A storage type for weights and cached keys/values: f32, bf16 or f16. Products accumulate in
+/// f32 whatever the storage.
+pub trait Element: Copy + Send + Sync + 'static {
+    /// Σ xᵢ·wᵢ over the shorter of the two slices.
+    fn dot(x: &[f32], w: &[Self]) -> f32;
+    /// `y += a·w`, elementwise.
+    fn axpy(a: f32, w: &[Self], y: &mut [f32]);
+    /// `out = w` as f32.
+    fn widen(w: &[Self], out: &mut [f32]);
+    /// The slice itself when it already holds f32 (no widening needed).
+    fn as_f32(w: &[Self]) -> Option<&[f32]>;
+    /// The portable versions, for tests against the SIMD ones.
+    #[doc(hidden)]
+    fn portable_dot(x: &[f32], w: &[Self]) -> f32;
+}
+
+macro_rules! element {
+    ($t:ty, $has:ident, $to_f32:expr, $as_f32:expr, $dot:ident, $axpy:ident, $widen:ident) => {
+        impl Element for $t {
+            #[inline]
+            fn dot(x: &[f32], w: &[Self]) -> f32 {
+                #[cfg(target_arch = "x86_64")]
+                if crate::simd::$has() {
+                    // SAFETY: the features were just checked.
+                    return unsafe { crate::simd::avx2::$dot(x, w) };
+                }
+                portable::dot(x, w, $to_f32)
+            }
+
+            #[inline]
+            fn axpy(a: f32, w: &[Self], y: &mut [f32]) {
+                #[cfg(target_arch = "x86_64")]
+                if crate::simd::$has() {
+                    // SAFETY: the features were just checked.
+                    return unsafe { crate::simd::avx2::$axpy(a, w, y) };
+                }
+                portable::axpy(a, w, y, $to_f32)
+            }
+
+            #[inline]
+            fn widen(w: &[Self], out: &mut [f32]) {
+                #[cfg(target_arch = "x86_64")]
+                if crate::simd::$has() {
+                    // SAFETY: the features were just checked.
+                    return unsafe { crate::simd::avx2::$widen(w, out) };
+                }
+                for (o, &v) in out.iter_mut().zip(w) {
+                    *o = $to_f32(v);
+                }
+            }
+
+            fn as_f32(w: &[Self]) -> Option<&[f32]> {
+                $as_f32(w)
+            }
+
+            fn portable_dot(x: &[f32], w: &[Self]) -> f32 {
+                portable::dot(x, w, $to_f32)
+            }
+        }
+    };
+}
+
+element!(
+    f32,
+    has_avx2,
+    |v: f32| v,
+    Some,
+    dot_f32,
+    axpy_f32,
+    widen_f32
+);
+element!(
+    bf16,
+    has_avx2,
+    portable::bf16_to_f32,
+    |_| None,
+    dot_bf16,
+    axpy_bf16,
+    widen_bf16
+);
+element!(
+    f16,
+    has_f16c,
+    portable::f16_to_f32,
+    |_| None,
+    dot_f16,
+    axpy_f16,
+    widen_f16
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    fn check<T: Element>(from: fn(f32) -> T, to: fn(T) -> f32) {
+        // Lengths around every unrolled width (32, 8) and the scalar tail.
+        for n in [0, 1, 7, 8, 9, 31, 32, 33, 100, 1024, 1031] {
+            let x = data(n, 1);
+            let w: Vec<T> = data(n, 2).into_iter().map(from).collect();
+            let exact: f64 = x
+                .iter()
+                .zip(&w)
+                .map(|(&a, &b)| a as f64 * to(b) as f64)
+                .sum();
+            let tol = 1e-5 * (n as f64).max(1.0);
+            assert!((T::dot(&x, &w) as f64 - exact).abs() < tol, "dot, n = {n}");
+            assert!(
+                (T::portable_dot(&x, &w) as f64 - exact).abs() < tol,
+                "portable dot, n = {n}"
+            );
+
+            let mut y = data(n, 3);
+            let expected: Vec<f32> = y.iter().zip(&w).map(|(&y, &w)| y + 0.5 * to(w)).collect();
+            T::axpy(0.5, &w, &mut y);
+            for (a, b) in y.iter().zip(&expected) {
+                assert!((a - b).abs() < 1e-6, "axpy, n = {n}");
+            }
+
+            let mut out = vec![0.0; n];
+            T::widen(&w, &mut out);
+            assert!(
+                out.iter().zip(&w).all(|(&o, &w)| o == to(w)),
+                "widen, n = {n}"
+            );
+        }
+    }
+
+    #[test]
+    fn f32_primitives_match_the_reference() {
+        check::<f32>(|v| v, |v| v);
+    }
+
+    #[test]
+    fn bf16_primitives_match_the_reference() {
+        check::<bf16>(bf16::from_f32, bf16::to_f32);
+    }
+
+    #[test]
+    fn f16_primitives_match_the_reference() {
+        check::<f16>(f16::from_f32, f16::to_f32);
+    }
+}

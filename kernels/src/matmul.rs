@@ -1,0 +1,165 @@
+//! `y = x Wᵀ` with `W` in PyTorch's Linear layout (`n × k`, row-major) and f32 activations.
+//!
+//! Decode multiplies one (or a few) rows: the product is bound by reading the weights, so each
+//! weight row is streamed once, widened in registers and dotted with every activation row, the
+//! rows split over threads. Prefill multiplies hundreds of rows: the product is bound by
+//! arithmetic, so it runs a packed, cache-blocked GEMM (`matrixmultiply`) on column blocks of the
+//! output, one per thread, widening bf16/f16 weights block by block into a per-thread buffer.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use crate::parallel::{ranges, SharedMut};
+use crate::Element;
+
+/// From this many activation rows on, the packed GEMM beats streaming the weights once per row.
+pub const GEMM_ROWS: usize = 6;
+
+/// Widened weights per GEMM block, in f32 elements (4 MiB: a block stays in the L3 cache).
+const BLOCK_ELEMENTS: usize = 1 << 20;
+
+/// `out[m × n] = x[m × k] · w[n × k]ᵀ`.
+///
+/// # Panics
+/// When a slice's length does not match the dimensions (a caller bug, not an input error).
+pub fn matmul<T: Element>(x: &[f32], w: &[T], m: usize, k: usize, n: usize, out: &mut [f32]) {
+    assert_eq!(x.len(), m * k, "activations are not {m} × {k}");
+    assert_eq!(w.len(), n * k, "weights are not {n} × {k}");
+    assert_eq!(out.len(), m * n, "output is not {m} × {n}");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        out.fill(0.0);
+    } else if m < GEMM_ROWS {
+        streamed(x, w, k, n, out);
+    } else {
+        blocked(x, w, m, k, n, out);
+    }
+}
+
+/// Each weight row read once, dotted with every activation row.
+fn streamed<T: Element>(x: &[f32], w: &[T], k: usize, n: usize, out: &mut [f32]) {
+    let parts = ranges(n, rayon::current_num_threads() * 4, 64, 1);
+    let y = SharedMut::new(out);
+    parts.into_par_iter().for_each(|rows| {
+        for j in rows {
+            let row = &w[j * k..(j + 1) * k];
+            for (i, xi) in x.chunks_exact(k).enumerate() {
+                // SAFETY: (i, j) is inside the m × n output and only this task owns column j.
+                unsafe { *y.at(i * n + j) = T::dot(xi, row) };
+            }
+        }
+    });
+}
+
+thread_local! {
+    /// Each pool thread's buffer of widened weights, kept between calls.
+    static WIDENED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Packed GEMM over column blocks of the output.
+fn blocked<T: Element>(x: &[f32], w: &[T], m: usize, k: usize, n: usize, out: &mut [f32]) {
+    let parts = ranges(n, rayon::current_num_threads(), 16, 16);
+    let y = SharedMut::new(out);
+    let gemm = |b: &[f32], cols: std::ops::Range<usize>| {
+        // SAFETY: `b` holds `cols.len()` rows of k weights; the output block is the columns
+        // `cols` of the m × n output, which only this task writes; strides match the layouts.
+        unsafe {
+            matrixmultiply::sgemm(
+                m,
+                k,
+                cols.len(),
+                1.0,
+                x.as_ptr(),
+                k as isize,
+                1,
+                b.as_ptr(),
+                1,
+                k as isize,
+                0.0,
+                y.at(cols.start),
+                n as isize,
+                1,
+            )
+        }
+    };
+    parts.into_par_iter().for_each(|cols| {
+        if let Some(w) = T::as_f32(w) {
+            return gemm(&w[cols.start * k..cols.end * k], cols);
+        }
+        let block = (BLOCK_ELEMENTS / k).max(16);
+        WIDENED.with_borrow_mut(|buf| {
+            buf.resize(block.min(cols.len()) * k, 0.0);
+            for start in cols.clone().step_by(block) {
+                let end = (start + block).min(cols.end);
+                let b = &mut buf[..(end - start) * k];
+                T::widen(&w[start * k..end * k], b);
+                gemm(b, start..end);
+            }
+        });
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::{bf16, f16};
+    use rand::{Rng, SeedableRng};
+
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    fn check<T: Element>(from: fn(f32) -> T, to: fn(T) -> f32) {
+        // Both paths (m below and above GEMM_ROWS), odd widths, a head-like wide output.
+        for (m, k, n) in [
+            (1, 64, 300),
+            (3, 33, 17),
+            (6, 128, 96),
+            (20, 70, 130),
+            (1, 1, 1),
+        ] {
+            let x = data(m * k, 1);
+            let w: Vec<T> = data(n * k, 2).into_iter().map(from).collect();
+            let mut out = vec![f32::NAN; m * n];
+            matmul(&x, &w, m, k, n, &mut out);
+            for i in 0..m {
+                for j in 0..n {
+                    let exact: f64 = (0..k)
+                        .map(|l| x[i * k + l] as f64 * to(w[j * k + l]) as f64)
+                        .sum();
+                    let got = out[i * n + j] as f64;
+                    assert!(
+                        (got - exact).abs() < 1e-4,
+                        "({m}, {k}, {n}) at ({i}, {j}): {got} vs {exact}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn f32_products_match_the_reference() {
+        check::<f32>(|v| v, |v| v);
+    }
+
+    #[test]
+    fn bf16_products_match_the_reference() {
+        check::<bf16>(bf16::from_f32, bf16::to_f32);
+    }
+
+    #[test]
+    fn f16_products_match_the_reference() {
+        check::<f16>(f16::from_f32, f16::to_f32);
+    }
+
+    #[test]
+    fn an_empty_inner_dimension_gives_zeros() {
+        let mut out = vec![f32::NAN; 6];
+        matmul::<f32>(&[], &[], 2, 0, 3, &mut out);
+        assert!(out.iter().all(|&v| v == 0.0));
+    }
+}
