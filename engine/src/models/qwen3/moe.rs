@@ -3,9 +3,9 @@
 //! expert run on the tokens routed to it only — never a dense pass over all experts.
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{linear_no_bias, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
-use crate::linear::Quantization;
+use crate::linear::{Linear, Quantization};
 
 use super::{Config, Mlp};
 use crate::Result;
@@ -33,7 +33,13 @@ impl SparseMoe {
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
             // The router stays in the model dtype: its choices are what quantization must not move.
-            gate: linear_no_bias(cfg.hidden_size, cfg.num_experts, vb.pp("gate"))?,
+            gate: Linear::load(
+                cfg.hidden_size,
+                cfg.num_experts,
+                false,
+                Quantization::None,
+                vb.pp("gate"),
+            )?,
             experts,
             top_k: cfg.num_experts_per_tok,
             norm_topk_prob: cfg.norm_topk_prob,
@@ -41,8 +47,7 @@ impl SparseMoe {
     }
 
     pub(super) fn weight_bytes(&self) -> usize {
-        let router = self.gate.weight().elem_count() * self.gate.weight().dtype().size_in_bytes();
-        router + self.experts.iter().map(Mlp::weight_bytes).sum::<usize>()
+        self.gate.weight_bytes() + self.experts.iter().map(Mlp::weight_bytes).sum::<usize>()
     }
 
     /// For each expert, the tokens routed to it and their weights.
