@@ -15,41 +15,67 @@ mod moe;
 
 pub use config::{Config, RopeParameters};
 
-/// Rotary embedding tables for every position.
+/// Rotary position embedding. Angles are computed for the positions each forward pass covers:
+/// a table for every position of a 262144-token context would hold 128 MiB.
 #[derive(Debug, Clone)]
 struct Rotary {
+    inv_freq: Vec<f32>,
+    /// Linear position scaling (`rope_scaling.factor`), as its inverse.
+    inv_scale: f32,
+    dtype: DType,
+    device: Device,
+}
+
+/// cos and sin of the rotary angles for a run of positions, each (positions, head_dim / 2).
+#[derive(Debug)]
+struct Angles {
     cos: Tensor,
     sin: Tensor,
 }
 
 impl Rotary {
-    fn new(cfg: &Config, theta: f64, scale: f64, dtype: DType, device: &Device) -> Result<Self> {
+    fn new(cfg: &Config, theta: f64, scale: f64, dtype: DType, device: &Device) -> Self {
         let dim = cfg.head_dim();
-        let inv_freq: Vec<f32> = (0..dim)
-            .step_by(2)
-            .map(|i| (1.0 / theta.powf(i as f64 / dim as f64)) as f32)
-            .collect();
-        let inv_freq = Tensor::from_vec(inv_freq, (1, dim / 2), device)?;
-        let positions = Tensor::arange(0u32, cfg.max_position_embeddings as u32, device)?
-            .to_dtype(DType::F32)?
-            .affine(1.0 / scale, 0.0)?
-            .reshape((cfg.max_position_embeddings, 1))?;
-        let freqs = positions.matmul(&inv_freq)?;
-        Ok(Self {
-            cos: freqs.cos()?.to_dtype(dtype)?,
-            sin: freqs.sin()?.to_dtype(dtype)?,
-        })
+        Self {
+            inv_freq: (0..dim)
+                .step_by(2)
+                .map(|i| (1.0 / theta.powf(i as f64 / dim as f64)) as f32)
+                .collect(),
+            inv_scale: (1.0 / scale) as f32,
+            dtype,
+            device: device.clone(),
+        }
     }
 
-    /// Rotates `x` of shape (batch, seq, heads, head_dim) starting at position `start`.
-    fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
-        let seq = x.dim(1)?;
-        let cos = self.cos.narrow(0, start, seq)?;
-        let sin = self.sin.narrow(0, start, seq)?;
+    /// The angles of positions `start..start + len`, in f32 as transformers computes them.
+    fn angles(&self, start: usize, len: usize) -> Result<Angles> {
+        let half = self.inv_freq.len();
+        let (mut cos, mut sin) = (Vec::with_capacity(len * half), Vec::with_capacity(len * half));
+        for pos in start..start + len {
+            let p = pos as f32 * self.inv_scale;
+            for f in &self.inv_freq {
+                let angle = p * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let table = |v: Vec<f32>| -> Result<Tensor> {
+            Ok(Tensor::from_vec(v, (len, half), &self.device)?.to_dtype(self.dtype)?)
+        };
+        Ok(Angles {
+            cos: table(cos)?,
+            sin: table(sin)?,
+        })
+    }
+}
+
+impl Angles {
+    /// Rotates `x` of shape (batch, seq, heads, head_dim).
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
         Ok(crate::candle_nn::rotary_emb::rope_thd(
             &x.contiguous()?,
-            &cos,
-            &sin,
+            &self.cos,
+            &self.sin,
         )?)
     }
 }
@@ -98,7 +124,7 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, rotary: &Rotary, cache: &mut KvCache) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, rotary: &Angles, cache: &mut KvCache) -> Result<Tensor> {
         let (b, seq, _) = x.dims3()?;
         let start = cache.len();
         // 1. Project into heads, position-major: (b, seq, heads, head_dim); per-head RMSNorm on
@@ -107,8 +133,8 @@ impl Attention {
         let q = split(self.q_proj.forward(x)?, self.heads)?;
         let k = split(self.k_proj.forward(x)?, self.kv_heads)?;
         let v = split(self.v_proj.forward(x)?, self.kv_heads)?;
-        let q = rotary.apply(&self.q_norm.forward(&q)?, start)?;
-        let k = rotary.apply(&self.k_norm.forward(&k)?, start)?;
+        let q = rotary.apply(&self.q_norm.forward(&q)?)?;
+        let k = rotary.apply(&self.k_norm.forward(&k)?)?;
         // 2. Append to the cache (one sequence: batch 1).
         cache.append(&k.squeeze(0)?, &v.squeeze(0)?)?;
         // 3. Causal grouped-query attention over everything cached.
@@ -209,7 +235,7 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, rotary: &Rotary, cache: &mut KvCache) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, rotary: &Angles, cache: &mut KvCache) -> Result<Tensor> {
         let attn = self
             .self_attn
             .forward(&self.input_layernorm.forward(x)?, rotary, cache)?;
@@ -321,7 +347,7 @@ impl Qwen3 {
             norm,
             lm_head,
             tied: cfg.tie_word_embeddings,
-            rotary: Rotary::new(&cfg, theta, scale, dtype, device)?,
+            rotary: Rotary::new(&cfg, theta, scale, dtype, device),
             context: cfg.max_position_embeddings,
             device: device.clone(),
         })
@@ -374,8 +400,9 @@ impl CausalLm for Qwen3 {
         }
         let ids = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
         let mut x = self.embed_tokens.forward(&ids)?;
+        let angles = self.rotary.angles(start, tokens.len())?;
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(&x, &self.rotary, layer_cache)?;
+            x = layer.forward(&x, &angles, layer_cache)?;
         }
         cache.len += tokens.len();
         let last = x.narrow(1, tokens.len() - 1, 1)?;
