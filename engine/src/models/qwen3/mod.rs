@@ -50,7 +50,10 @@ impl Rotary {
     /// The angles of positions `start..start + len`, in f32 as transformers computes them.
     fn angles(&self, start: usize, len: usize) -> Result<Angles> {
         let half = self.inv_freq.len();
-        let (mut cos, mut sin) = (Vec::with_capacity(len * half), Vec::with_capacity(len * half));
+        let (mut cos, mut sin) = (
+            Vec::with_capacity(len * half),
+            Vec::with_capacity(len * half),
+        );
         for pos in start..start + len {
             let p = pos as f32 * self.inv_scale;
             for f in &self.inv_freq {

@@ -4,6 +4,7 @@
 
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
+use rayon::prelude::*;
 
 use crate::linear::{Linear, Quantization};
 
@@ -21,7 +22,10 @@ pub(super) struct SparseMoe {
 
 impl SparseMoe {
     pub(super) fn new(cfg: &Config, q: Quantization, vb: VarBuilder) -> candle_core::Result<Self> {
+        // Experts load in parallel: quantizing is the slow part of loading (candle's quantizers
+        // are single-threaded), and each expert holds one full-precision tensor at a time.
         let experts = (0..cfg.num_experts)
+            .into_par_iter()
             .map(|e| {
                 Mlp::sized(
                     cfg.hidden_size,
