@@ -87,7 +87,7 @@ pub fn causal_attention<T: Element>(
     }
 }
 
-/// Softmax over `row` in place; returns nothing because the caller normalizes (see callers).
+/// Softmax over `row`, in place, in f32.
 fn softmax(row: &mut [f32]) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0;

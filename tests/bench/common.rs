@@ -86,3 +86,44 @@ pub fn transformers(
         .map(str::to_string)
         .collect()
 }
+
+/// llama.cpp's `llama-bench`: `PIO_LLAMA_BENCH`, else where `tests/bench/build_llama_cpp.sh`
+/// puts it; `None` when neither exists (the comparison is optional: llama.cpp is not a
+/// dependency).
+pub fn llama_bench(root: &Path) -> Option<PathBuf> {
+    let path = std::env::var_os("PIO_LLAMA_BENCH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target/bench/llama.cpp/bin/llama-bench"));
+    path.is_file().then_some(path)
+}
+
+/// Runs llama.cpp on `dir` (converted to GGUF once per dtype): one JSON line per dtype.
+pub fn llama_cpp(
+    root: &Path,
+    bench: &Path,
+    dir: &Path,
+    prompt: usize,
+    decode: usize,
+    threads: usize,
+    dtypes: &str,
+) -> Vec<String> {
+    let out = Command::new("python3")
+        .arg(root.join("tests/bench/llama_cpp_bench.py"))
+        .arg(dir)
+        .arg(bench)
+        .args([
+            prompt.to_string(),
+            decode.to_string(),
+            threads.to_string(),
+            dtypes.to_string(),
+        ])
+        .output()
+        .expect("run llama.cpp");
+    if !out.status.success() {
+        eprintln!("llama.cpp failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}

@@ -1,6 +1,8 @@
 //! Qwen3 speed against transformers, in one run on the same machine: a Qwen3-0.6B-shaped random
 //! checkpoint (generated on first use by `tests/bench/make_checkpoint.py`, not committed), a 512-token prompt
-//! and 128 greedy decode steps, f32 and bf16, 2 threads; load time, tokens/s, peak RSS, ratios.
+//! and 128 greedy decode steps, f32 and bf16, 2 threads; load time, tokens/s, peak RSS, ratios;
+//! llama.cpp's `llama-bench` on the same weights too when it is built (`PIO_LLAMA_BENCH` or
+//! `tests/bench/build_llama_cpp.sh`).
 //!
 //! Run: `cargo bench -p pio-plugin-qwen3 --bench qwen3` (needs python3 with
 //! `tests/fixtures/requirements.txt` installed). Each dtype runs in its own process so peak RSS
@@ -86,24 +88,60 @@ fn main() {
         pio.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
     }
     let reference = common::transformers(&root(), &dir, PROMPT, DECODE, THREADS, "f32,bf16");
+    // llama.cpp when it has been built (tests/bench/build_llama_cpp.sh): prefill and decode only.
+    let llama = match common::llama_bench(&root()) {
+        Some(bench) => {
+            common::llama_cpp(&root(), &bench, &dir, PROMPT, DECODE, THREADS, "f32,bf16")
+        }
+        None => {
+            eprintln!(
+                "llama.cpp not built (tests/bench/build_llama_cpp.sh): its rows are left out"
+            );
+            Vec::new()
+        }
+    };
     println!("Qwen3-0.6B shape, prompt {PROMPT} tokens, {DECODE} decode steps, {THREADS} threads");
     println!("| dtype | engine | load (s) | prefill tok/s | decode tok/s | peak RSS (GiB) |");
     println!("|---|---|---|---|---|---|");
-    for (ours, theirs) in pio.iter().zip(&reference) {
+    for (i, (ours, theirs)) in pio.iter().zip(&reference).enumerate() {
         let dtype = if ours.contains("bf16") { "bf16" } else { "f32" };
-        for (name, line) in [("pio", ours), ("transformers", theirs)] {
+        let llama = llama.get(i).filter(|l| l.contains(&format!("\"{dtype}\"")));
+        let mut rows = vec![("pio", ours), ("transformers", theirs)];
+        rows.extend(llama.map(|l| ("llama.cpp", l)));
+        for (name, line) in rows {
+            let cell = |key: &str, digits: usize| {
+                let v = common::field(line, key);
+                if v.is_nan() {
+                    String::new()
+                } else {
+                    format!("{v:.digits$}")
+                }
+            };
             println!(
-                "| {dtype} | {name} | {:.1} | {:.1} | {:.2} | {:.2} |",
-                common::field(line, "load_s"),
-                common::field(line, "prefill_tps"),
-                common::field(line, "decode_tps"),
-                common::field(line, "peak_rss") / (1u64 << 30) as f64
+                "| {dtype} | {name} | {} | {} | {} | {} |",
+                cell("load_s", 1),
+                cell("prefill_tps", 1),
+                cell("decode_tps", 2),
+                if line.contains("peak_rss") {
+                    format!(
+                        "{:.2}",
+                        common::field(line, "peak_rss") / (1u64 << 30) as f64
+                    )
+                } else {
+                    String::new()
+                }
             );
         }
-        println!(
-            "| {dtype} | pio / transformers | | {:.2}x | {:.2}x | |",
-            common::field(ours, "prefill_tps") / common::field(theirs, "prefill_tps"),
-            common::field(ours, "decode_tps") / common::field(theirs, "decode_tps")
-        );
+        let ratio = |other: &str, line: &String| {
+            println!(
+                "| {dtype} | pio / {other} | | {:.2}x | {:.2}x | |",
+                common::field(ours, "prefill_tps") / common::field(line, "prefill_tps"),
+                common::field(ours, "decode_tps") / common::field(line, "decode_tps")
+            );
+        };
+        ratio("transformers", theirs);
+        if let Some(l) = llama {
+            ratio("llama.cpp", l);
+        }
     }
 }
