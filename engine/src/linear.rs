@@ -1,7 +1,8 @@
 //! Linear layers, dense or quantized. Quantized weights are made tensor by tensor straight from
-//! the memory-mapped checkpoint (one full-precision tensor alive at a time), so loading peaks
+//! the checkpoint file (one full-precision tensor alive at a time), so loading peaks
 //! close to the final size; they multiply with f32 activations through candle's quantized
-//! kernels (ggml block formats).
+//! kernels (ggml block formats). Dense weights multiply through the engine's kernels on the CPU
+//! (`pio-kernels`, via `crate::cpu`) and candle's elsewhere.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor};
