@@ -45,6 +45,10 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tenso
         return Ok(None);
     }
     let (n, k) = w.dims2()?;
+    if x.dims().last() != Some(&k) {
+        // candle's product reports the mismatch with both shapes.
+        return Ok(None);
+    }
     let xf = activations(x)?;
     let m = xf.elem_count() / k.max(1);
     let mut out = vec![0f32; m * n];
@@ -82,8 +86,22 @@ pub(crate) fn attention(
     if !supports(q) || !supports(keys) || keys.dtype() != values.dtype() {
         return Ok(None);
     }
-    let (_, heads, head_dim) = q.dims3()?;
-    let (_, kv_heads, _) = keys.dims3()?;
+    let (seq, heads, head_dim) = q.dims3()?;
+    let (capacity, kv_heads, key_dim) = keys.dims3()?;
+    if key_dim != head_dim
+        || values.dims() != keys.dims()
+        || kv_heads == 0
+        || !heads.is_multiple_of(kv_heads)
+        || capacity < start + seq
+    {
+        candle_core::bail!(
+            "attention of {seq} queries {:?} at position {start} over a cache of {:?} keys and {:?} values: \
+             head sizes must match, query heads be a multiple of key/value heads, and the cache hold every position",
+            q.dims(),
+            keys.dims(),
+            values.dims()
+        );
+    }
     let shape = AttentionShape {
         heads,
         kv_heads,
@@ -120,4 +138,57 @@ pub(crate) fn attention(
     Ok(Some(
         Tensor::from_vec(out, q.dims(), q.device())?.to_dtype(q.dtype())?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn mismatched_shapes_are_errors_not_panics() {
+        let device = Device::Cpu;
+        let x = Tensor::zeros((2, 5), DType::F32, &device).unwrap();
+        let w = Tensor::zeros((3, 4), DType::F32, &device).unwrap();
+        // The kernels decline; candle's own product then names the shapes.
+        assert!(linear(&x, &w).unwrap().is_none());
+
+        let q = Tensor::zeros((1, 4, 8), DType::F32, &device).unwrap();
+        let short = Tensor::zeros((3, 2, 8), DType::F32, &device).unwrap();
+        let err = attention(&q, &short, &short, 3, 1.0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cache hold every position"), "{err}");
+        let odd = Tensor::zeros((8, 3, 8), DType::F32, &device).unwrap();
+        assert!(attention(&q, &odd, &odd, 0, 1.0).is_err());
+    }
+
+    #[test]
+    fn bf16_linear_matches_candle() {
+        let device = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (1, 7, 64), &device).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (40, 64), &device).unwrap();
+        for rows in [1, 7] {
+            let x = x.narrow(1, 0, rows).unwrap().to_dtype(DType::BF16).unwrap();
+            let w = w.to_dtype(DType::BF16).unwrap();
+            let ours = linear(&x, &w).unwrap().unwrap();
+            assert_eq!(ours.dims(), &[1, rows, 40]);
+            assert_eq!(ours.dtype(), DType::BF16);
+            let reference = x
+                .to_dtype(DType::F32)
+                .unwrap()
+                .broadcast_matmul(&w.to_dtype(DType::F32).unwrap().t().unwrap())
+                .unwrap();
+            let diff = (ours.to_dtype(DType::F32).unwrap() - reference)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            // Only the final rounding to bf16 differs (8 bits of mantissa on values of ~10).
+            assert!(diff < 0.1, "{rows} rows: {diff}");
+        }
+    }
 }
