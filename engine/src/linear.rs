@@ -56,13 +56,31 @@ impl Linear {
         quantization: Quantization,
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
-        let Some(format) = quantization.format(input) else {
+        if quantization.format(input).is_none() {
             return candle_nn::linear_b(input, output, bias, vb).map(Self::Dense);
-        };
+        }
         let bias = bias.then(|| vb.get(output, "bias")).transpose()?;
-        let weight = vb.get((output, input), "weight")?;
+        Self::from_weight(vb.get((output, input), "weight")?, bias, quantization)
+    }
+
+    /// A layer over `weight` (`output × input`), quantized as asked (a quantized layer holds its
+    /// own blocks; a dense one shares `weight`).
+    pub fn from_weight(
+        weight: Tensor,
+        bias: Option<Tensor>,
+        quantization: Quantization,
+    ) -> candle_core::Result<Self> {
+        let (_, input) = weight.dims2()?;
+        let Some(format) = quantization.format(input) else {
+            return Ok(Self::Dense(candle_nn::Linear::new(weight, bias)));
+        };
         let weight = QMatMul::from_qtensor(QTensor::quantize(&weight, format)?)?;
         Ok(Self::Quantized { weight, bias })
+    }
+
+    /// Whether the weights are block-quantized.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self, Self::Quantized { .. })
     }
 
     /// Bytes its weights take.

@@ -88,7 +88,7 @@ fn compare_in<M: LoadModel + CausalLm>(
 }
 
 // Measured (deterministic: fixed fixtures, deterministic quantizers), 80 steps each:
-//   qwen3-tiny      Q8: agreement 0.988, |Δ| mean 0.028, max 0.12
+//   qwen3-tiny      Q8: agreement 0.988, |Δ| mean 0.030, max 0.12
 //   qwen3-moe-tiny  Q8: agreement 0.950, |Δ| mean 0.047, max 0.82
 //   qwen3-tiny      Q4: agreement 0.600, |Δ| mean 0.31,  max 1.81
 //   qwen3-moe-tiny  Q4: agreement 0.450, |Δ| mean 0.37,  max 1.07
@@ -156,4 +156,38 @@ fn f16_stays_nearer_f32() {
         agree >= 0.9 && mean < 0.005 && max < 0.02,
         "{agree} {mean} {max}"
     );
+}
+
+#[test]
+fn a_tied_head_gets_its_own_q8_copy() {
+    // The embedding stays exact for lookups; the head multiplies Q8_0 blocks (34 bytes per 32
+    // weights) in every quantized mode.
+    let checkpoint = Checkpoint::open(&fixtures().join("qwen3-tiny")).unwrap();
+    let load = |q| {
+        <Qwen3 as LoadModel>::load(&checkpoint, DType::F32, q, &Device::Cpu, &mut |_, _| {})
+            .unwrap()
+    };
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("qwen3-tiny/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["tie_word_embeddings"], true);
+    let (vocab, hidden) = (
+        cfg["vocab_size"].as_u64().unwrap() as usize,
+        cfg["hidden_size"].as_u64().unwrap() as usize,
+    );
+    let embedding = vocab * hidden * 4;
+    let dense = load(Quantization::None);
+    let layers: usize = dense.layer_weight_bytes().iter().sum();
+    assert_eq!(
+        dense.weight_bytes(),
+        layers + embedding,
+        "dense: the head is the embedding"
+    );
+    for q in [Quantization::Q8, Quantization::Q4] {
+        let model = load(q);
+        let layers: usize = model.layer_weight_bytes().iter().sum();
+        let head = vocab * hidden / 32 * 34;
+        assert_eq!(model.weight_bytes(), layers + embedding + head, "{q:?}");
+    }
 }
