@@ -112,6 +112,14 @@ impl Module for Linear {
                 }
             }
             Self::Quantized { weight, bias } => {
+                if let QMatMul::QTensor(q) = weight {
+                    if let Some(y) = crate::cpu::quantized_linear(x, q)? {
+                        return match bias {
+                            Some(b) => y.broadcast_add(b),
+                            None => Ok(y),
+                        };
+                    }
+                }
                 // The quantized kernels take f32 activations.
                 let y = weight
                     .forward(&x.to_dtype(DType::F32)?.contiguous()?)?
@@ -164,6 +172,32 @@ mod tests {
         assert!(relative_error(Quantization::Q4, 96) < 0.15);
         // Too narrow to block: kept dense, so only the summation order differs.
         assert!(relative_error(Quantization::Q8, 48) < 1e-6);
+    }
+
+    #[test]
+    fn prefill_rows_multiply_the_decoded_blocks_exactly() {
+        // Q8_0 and Q4_0 products over many rows decode each block once and run an f32 GEMM: they
+        // equal the product with the dequantized weights (no activation rounding, which candle's
+        // kernels would add: ~1e-1 here).
+        let device = Device::Cpu;
+        for (q, input) in [(Quantization::Q8, 256), (Quantization::Q4, 96)] {
+            let w = Tensor::randn(0f32, 1.0, (48, input), &device).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (1, 40, input), &device).unwrap();
+            let layer = Linear::from_weight(w, None, q).unwrap();
+            let Linear::Quantized {
+                weight: QMatMul::QTensor(qt),
+                ..
+            } = &layer
+            else {
+                panic!("{q:?} {input}: not quantized");
+            };
+            let dequantized = qt.dequantize(&device).unwrap();
+            let exact = x.broadcast_matmul(&dequantized.t().unwrap()).unwrap();
+            let got = layer.forward(&x).unwrap();
+            let err = (got - &exact).unwrap().abs().unwrap().max_all().unwrap();
+            let err = err.to_scalar::<f32>().unwrap();
+            assert!(err < 1e-3, "{q:?} {input}: {err}");
+        }
     }
 
     #[test]

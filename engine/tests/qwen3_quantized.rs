@@ -88,10 +88,10 @@ fn compare_in<M: LoadModel + CausalLm>(
 }
 
 // Measured (deterministic: fixed fixtures, deterministic quantizers), 80 steps each:
-//   qwen3-tiny      Q8: agreement 0.988, |Δ| mean 0.030, max 0.12
-//   qwen3-moe-tiny  Q8: agreement 0.950, |Δ| mean 0.047, max 0.82
-//   qwen3-tiny      Q4: agreement 0.600, |Δ| mean 0.31,  max 1.81
-//   qwen3-moe-tiny  Q4: agreement 0.450, |Δ| mean 0.37,  max 1.07
+//   qwen3-tiny      Q8: agreement 0.975, |Δ| mean 0.030, max 0.10
+//   qwen3-moe-tiny  Q8: agreement 0.962, |Δ| mean 0.046, max 0.82
+//   qwen3-tiny      Q4: agreement 0.600, |Δ| mean 0.31,  max 1.76
+//   qwen3-moe-tiny  Q4: agreement 0.475, |Δ| mean 0.38,  max 1.22
 // The tiny fixtures are a hard case: random weights (scaled up 8x by the generator) give flat
 // distributions, the top five tokens within ~1 nat, so a small logit error flips the argmax far
 // more often than in a trained model; in the MoE a nudge can also move a token to another expert

@@ -19,4 +19,4 @@ mod simd;
 pub use attention::{causal_attention, AttentionShape};
 pub use element::Element;
 pub use half::{bf16, f16};
-pub use matmul::matmul;
+pub use matmul::{matmul, matmul_rows, WeightRows};

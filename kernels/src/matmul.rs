@@ -35,7 +35,7 @@ pub fn matmul<T: Element>(x: &[f32], w: &[T], m: usize, k: usize, n: usize, out:
     } else if m < GEMM_ROWS {
         streamed(x, w, k, n, out);
     } else {
-        blocked(x, w, m, k, n, out);
+        blocked(x, &Stored(w), m, k, n, out);
     }
 }
 
@@ -59,8 +59,50 @@ thread_local! {
     static WIDENED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// A weight matrix (`n × k`, one row per output) that the GEMM path reads as f32, block of rows by
+/// block of rows: stored in a float type, or in a block-quantized format the caller decodes.
+pub trait WeightRows: Sync {
+    /// The whole matrix, when it is stored as f32 already (read in place).
+    fn as_f32(&self) -> Option<&[f32]> {
+        None
+    }
+    /// Writes rows `rows` (each `k` wide) as f32 into `out` (`rows.len() × k`).
+    fn widen_rows(&self, rows: std::ops::Range<usize>, k: usize, out: &mut [f32]);
+}
+
+/// Weights in a float storage type.
+struct Stored<'a, T>(&'a [T]);
+
+impl<T: Element> WeightRows for Stored<'_, T> {
+    fn as_f32(&self) -> Option<&[f32]> {
+        T::as_f32(self.0)
+    }
+
+    fn widen_rows(&self, rows: std::ops::Range<usize>, k: usize, out: &mut [f32]) {
+        T::widen(&self.0[rows.start * k..rows.end * k], out);
+    }
+}
+
+/// `out[m × n] = x[m × k] · wᵀ` through the packed GEMM whatever `m`, for weights the caller
+/// decodes (e.g. quantized blocks): worth it from a few dozen rows on, when decoding each weight
+/// once costs less than the quantized product per row.
+///
+/// # Panics
+/// When a slice's length does not match the dimensions (a caller bug, not an input error).
+pub fn matmul_rows(x: &[f32], w: &dyn WeightRows, m: usize, k: usize, n: usize, out: &mut [f32]) {
+    assert_eq!(x.len(), m * k, "activations are not {m} × {k}");
+    assert_eq!(out.len(), m * n, "output is not {m} × {n}");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        return out.fill(0.0);
+    }
+    blocked(x, w, m, k, n, out);
+}
+
 /// Packed GEMM over column blocks of the output.
-fn blocked<T: Element>(x: &[f32], w: &[T], m: usize, k: usize, n: usize, out: &mut [f32]) {
+fn blocked(x: &[f32], w: &dyn WeightRows, m: usize, k: usize, n: usize, out: &mut [f32]) {
     let parts = ranges(n, rayon::current_num_threads(), 16, 16);
     let y = SharedMut::new(out);
     let gemm = |b: &[f32], cols: std::ops::Range<usize>| {
@@ -86,7 +128,7 @@ fn blocked<T: Element>(x: &[f32], w: &[T], m: usize, k: usize, n: usize, out: &m
         }
     };
     parts.into_par_iter().for_each(|cols| {
-        if let Some(w) = T::as_f32(w) {
+        if let Some(w) = w.as_f32() {
             return gemm(&w[cols.start * k..cols.end * k], cols);
         }
         let block = (BLOCK_ELEMENTS / k).max(16);
@@ -95,7 +137,7 @@ fn blocked<T: Element>(x: &[f32], w: &[T], m: usize, k: usize, n: usize, out: &m
             for start in cols.clone().step_by(block) {
                 let end = (start + block).min(cols.end);
                 let b = &mut buf[..(end - start) * k];
-                T::widen(&w[start * k..end * k], b);
+                w.widen_rows(start..end, k, b);
                 gemm(b, start..end);
             }
         });
@@ -154,6 +196,42 @@ mod tests {
     #[test]
     fn f16_products_match_the_reference() {
         check::<f16>(f16::from_f32, f16::to_f32);
+    }
+
+    /// Rows decoded by the caller (here: stored as i8 with one scale per row).
+    struct Scaled {
+        q: Vec<i8>,
+        scale: Vec<f32>,
+    }
+
+    impl WeightRows for Scaled {
+        fn widen_rows(&self, rows: std::ops::Range<usize>, k: usize, out: &mut [f32]) {
+            for (r, dst) in rows.zip(out.chunks_exact_mut(k)) {
+                for (d, &q) in dst.iter_mut().zip(&self.q[r * k..(r + 1) * k]) {
+                    *d = q as f32 * self.scale[r];
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn caller_decoded_rows_match_the_reference() {
+        let (m, k, n) = (3, 40, 50);
+        let x = data(m * k, 1);
+        let w = Scaled {
+            q: (0..n * k).map(|i| (i % 13) as i8 - 6).collect(),
+            scale: (0..n).map(|r| 0.01 * (r + 1) as f32).collect(),
+        };
+        let mut out = vec![f32::NAN; m * n];
+        matmul_rows(&x, &w, m, k, n, &mut out);
+        for i in 0..m {
+            for j in 0..n {
+                let exact: f32 = (0..k)
+                    .map(|l| x[i * k + l] * w.q[j * k + l] as f32 * w.scale[j])
+                    .sum();
+                assert!((out[i * n + j] - exact).abs() < 1e-4);
+            }
+        }
     }
 
     #[test]
