@@ -53,6 +53,25 @@ fn activations(x: &Tensor) -> candle_core::Result<Tensor> {
     x.to_dtype(DType::F32)?.contiguous()
 }
 
+/// The product of `x` `(.., k)` with `n` outputs, computed into `out`, as a tensor like `x`:
+/// shape `(.., n)`, `x`'s dtype and device.
+fn projected(out: Vec<f32>, x: &Tensor, n: usize) -> candle_core::Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    Tensor::from_vec(out, dims, x.device())?.to_dtype(x.dtype())
+}
+
+/// Calls `f` on the f32 elements of `xf` (from [`activations`]); `false` when it cannot.
+fn with_f32(xf: &Tensor, f: impl FnOnce(&[f32]) -> bool) -> bool {
+    with_elements(xf, |xs| match xs {
+        Elements::F32(xs) => f(xs),
+        _ => false,
+    })
+    .unwrap_or(false)
+}
+
 /// `x Wᵀ` for `x` of shape `(.., k)` and `w` of shape `(n, k)`, in `x`'s dtype; `None` when the
 /// tensors are not on the CPU or not in a dtype the kernels take.
 pub(crate) fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -67,8 +86,7 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tenso
     let xf = activations(x)?;
     let m = xf.elem_count() / k.max(1);
     let mut out = vec![0f32; m * n];
-    let done = with_elements(&xf, |xs| {
-        let Elements::F32(xs) = xs else { return false };
+    let done = with_f32(&xf, |xs| {
         with_elements(w, |ws| match ws {
             Elements::F32(ws) => matmul(xs, ws, m, k, n, &mut out),
             Elements::Bf16(ws) => matmul(xs, ws, m, k, n, &mut out),
@@ -76,16 +94,10 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tenso
         })
         .is_some()
     });
-    if done != Some(true) {
+    if !done {
         return Ok(None);
     }
-    let mut dims = x.dims().to_vec();
-    if let Some(last) = dims.last_mut() {
-        *last = n;
-    }
-    Ok(Some(
-        Tensor::from_vec(out, dims, x.device())?.to_dtype(x.dtype())?,
-    ))
+    projected(out, x, n).map(Some)
 }
 
 /// Rows of ggml blocks, decoded with candle's own dequantizer.
@@ -128,25 +140,16 @@ pub(crate) fn quantized_linear(x: &Tensor, w: &QTensor) -> candle_core::Result<O
     let xf = activations(x)?;
     let m = xf.elem_count() / k;
     let mut out = vec![0f32; m * n];
-    let done = with_elements(&xf, |xs| {
-        let Elements::F32(xs) = xs else { return false };
-        match w.dtype() {
-            GgmlDType::Q8_0 => run::<BlockQ8_0>(&bytes, xs, m, k, n, &mut out),
-            GgmlDType::Q4K => run::<BlockQ4K>(&bytes, xs, m, k, n, &mut out),
-            GgmlDType::Q4_0 => run::<BlockQ4_0>(&bytes, xs, m, k, n, &mut out),
-            _ => false,
-        }
+    let done = with_f32(&xf, |xs| match w.dtype() {
+        GgmlDType::Q8_0 => run::<BlockQ8_0>(&bytes, xs, m, k, n, &mut out),
+        GgmlDType::Q4K => run::<BlockQ4K>(&bytes, xs, m, k, n, &mut out),
+        GgmlDType::Q4_0 => run::<BlockQ4_0>(&bytes, xs, m, k, n, &mut out),
+        _ => false,
     });
-    if done != Some(true) {
+    if !done {
         return Ok(None);
     }
-    let mut dims = x.dims().to_vec();
-    if let Some(last) = dims.last_mut() {
-        *last = n;
-    }
-    Ok(Some(
-        Tensor::from_vec(out, dims, x.device())?.to_dtype(x.dtype())?,
-    ))
+    projected(out, x, n).map(Some)
 }
 
 /// Causal attention of `q` `(seq, heads, head_dim)` at positions `start..` over the cached keys
@@ -186,8 +189,7 @@ pub(crate) fn attention(
     };
     let qf = activations(q)?;
     let mut out = vec![0f32; qf.elem_count()];
-    let done = with_elements(&qf, |qs| {
-        let Elements::F32(qs) = qs else { return false };
+    let done = with_f32(&qf, |qs| {
         with_elements(keys, |ks| {
             with_elements(values, |vs| match (ks, vs) {
                 (Elements::F32(k), Elements::F32(v)) => {
@@ -208,7 +210,7 @@ pub(crate) fn attention(
         })
         .unwrap_or(false)
     });
-    if done != Some(true) {
+    if !done {
         return Ok(None);
     }
     Ok(Some(
