@@ -232,13 +232,8 @@ fn per_head<T: Element>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_data::data;
     use half::bf16;
-    use rand::{Rng, SeedableRng};
-
-    fn data(n: usize, seed: u64) -> Vec<f32> {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
-    }
 
     /// Attention written out in f64, the way transformers' eager path computes it.
     fn reference(s: &AttentionShape, q: &[f32], k: &[f32], v: &[f32], start: usize) -> Vec<f64> {

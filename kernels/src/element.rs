@@ -97,12 +97,7 @@ element!(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::{Rng, SeedableRng};
-
-    fn data(n: usize, seed: u64) -> Vec<f32> {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
-    }
+    use crate::test_data::data;
 
     fn check<T: Element>(from: fn(f32) -> T, to: fn(T) -> f32) {
         // Lengths around every unrolled width (32, 8) and the scalar tail.

@@ -20,3 +20,14 @@ pub use attention::{causal_attention, AttentionShape};
 pub use element::Element;
 pub use half::{bf16, f16};
 pub use matmul::{matmul, matmul_rows, WeightRows};
+
+#[cfg(test)]
+mod test_data {
+    use rand::{Rng, SeedableRng};
+
+    /// `n` reproducible values in [-1, 1).
+    pub(crate) fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+}

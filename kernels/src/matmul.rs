@@ -147,13 +147,8 @@ fn blocked(x: &[f32], w: &dyn WeightRows, m: usize, k: usize, n: usize, out: &mu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_data::data;
     use half::{bf16, f16};
-    use rand::{Rng, SeedableRng};
-
-    fn data(n: usize, seed: u64) -> Vec<f32> {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
-    }
 
     fn check<T: Element>(from: fn(f32) -> T, to: fn(T) -> f32) {
         // Both paths (m below and above GEMM_ROWS), odd widths, a head-like wide output.

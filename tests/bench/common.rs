@@ -55,6 +55,22 @@ pub fn ensure_checkpoint(root: &Path, dir: &Path, shape: &[&str]) {
     );
 }
 
+/// Runs one of the reference scripts in tests/bench/ with `args`: its JSON lines.
+fn reference_script(root: &Path, script: &str, args: &[String]) -> Vec<String> {
+    let out = Command::new("python3")
+        .arg(root.join("tests/bench").join(script))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {script}: {e}"));
+    if !out.status.success() {
+        eprintln!("{script} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
 /// Runs transformers on `dir`: one JSON line per dtype.
 pub fn transformers(
     root: &Path,
@@ -64,27 +80,14 @@ pub fn transformers(
     threads: usize,
     dtypes: &str,
 ) -> Vec<String> {
-    let out = Command::new("python3")
-        .arg(root.join("tests/bench/transformers_bench.py"))
-        .arg(dir)
-        .args([
-            prompt.to_string(),
-            decode.to_string(),
-            threads.to_string(),
-            dtypes.to_string(),
-        ])
-        .output()
-        .expect("run transformers");
-    if !out.status.success() {
-        eprintln!(
-            "transformers failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect()
+    let args = [
+        dir.display().to_string(),
+        prompt.to_string(),
+        decode.to_string(),
+        threads.to_string(),
+        dtypes.to_string(),
+    ];
+    reference_script(root, "transformers_bench.py", &args)
 }
 
 /// llama.cpp's `llama-bench`: `PIO_LLAMA_BENCH`, else where `tests/bench/build_llama_cpp.sh`
@@ -107,23 +110,13 @@ pub fn llama_cpp(
     threads: usize,
     dtypes: &str,
 ) -> Vec<String> {
-    let out = Command::new("python3")
-        .arg(root.join("tests/bench/llama_cpp_bench.py"))
-        .arg(dir)
-        .arg(bench)
-        .args([
-            prompt.to_string(),
-            decode.to_string(),
-            threads.to_string(),
-            dtypes.to_string(),
-        ])
-        .output()
-        .expect("run llama.cpp");
-    if !out.status.success() {
-        eprintln!("llama.cpp failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect()
+    let args = [
+        dir.display().to_string(),
+        bench.display().to_string(),
+        prompt.to_string(),
+        decode.to_string(),
+        threads.to_string(),
+        dtypes.to_string(),
+    ];
+    reference_script(root, "llama_cpp_bench.py", &args)
 }
