@@ -97,6 +97,14 @@ impl Linear {
     }
 }
 
+/// `y + b`, the bias broadcast over rows.
+fn with_bias(y: Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
@@ -106,28 +114,19 @@ impl Module for Linear {
                 let Some(y) = crate::cpu::linear(x, l.weight())? else {
                     return l.forward(x);
                 };
-                match l.bias() {
-                    Some(b) => y.broadcast_add(b),
-                    None => Ok(y),
-                }
+                with_bias(y, l.bias())
             }
             Self::Quantized { weight, bias } => {
                 if let QMatMul::QTensor(q) = weight {
                     if let Some(y) = crate::cpu::quantized_linear(x, q)? {
-                        return match bias {
-                            Some(b) => y.broadcast_add(b),
-                            None => Ok(y),
-                        };
+                        return with_bias(y, bias.as_ref());
                     }
                 }
                 // The quantized kernels take f32 activations.
                 let y = weight
                     .forward(&x.to_dtype(DType::F32)?.contiguous()?)?
                     .to_dtype(x.dtype())?;
-                match bias {
-                    Some(b) => y.broadcast_add(b),
-                    None => Ok(y),
-                }
+                with_bias(y, bias.as_ref())
             }
         }
     }

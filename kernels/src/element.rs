@@ -15,8 +15,8 @@ pub trait Element: Copy + Send + Sync + 'static {
     fn widen(w: &[Self], out: &mut [f32]);
     /// The slice itself when it already holds f32 (no widening needed).
     fn as_f32(w: &[Self]) -> Option<&[f32]>;
-    /// The portable versions, for tests against the SIMD ones.
-    #[doc(hidden)]
+    /// The portable dot product, for tests against the SIMD one.
+    #[cfg(test)]
     fn portable_dot(x: &[f32], w: &[Self]) -> f32;
 }
 
@@ -59,6 +59,7 @@ macro_rules! element {
                 $as_f32(w)
             }
 
+            #[cfg(test)]
             fn portable_dot(x: &[f32], w: &[Self]) -> f32 {
                 portable::dot(x, w, $to_f32)
             }
@@ -78,7 +79,7 @@ element!(
 element!(
     bf16,
     has_avx2,
-    portable::bf16_to_f32,
+    bf16::to_f32,
     |_| None,
     dot_bf16,
     axpy_bf16,
@@ -87,7 +88,7 @@ element!(
 element!(
     f16,
     has_f16c,
-    portable::f16_to_f32,
+    f16::to_f32,
     |_| None,
     dot_f16,
     axpy_f16,

@@ -6,8 +6,6 @@
 
 /// Portable versions: the fallback, and the reference the SIMD versions are tested against.
 pub(crate) mod portable {
-    use half::{bf16, f16};
-
     /// Σ x·w with 8 independent partial sums, so the compiler can vectorize it.
     #[inline]
     pub(crate) fn dot<T: Copy>(x: &[f32], w: &[T], widen: impl Fn(T) -> f32) -> f32 {
@@ -30,14 +28,6 @@ pub(crate) mod portable {
         for (y, &w) in y.iter_mut().zip(w) {
             *y += a * widen(w);
         }
-    }
-
-    pub(crate) fn bf16_to_f32(v: bf16) -> f32 {
-        v.to_f32()
-    }
-
-    pub(crate) fn f16_to_f32(v: f16) -> f32 {
-        v.to_f32()
     }
 }
 

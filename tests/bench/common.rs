@@ -71,22 +71,34 @@ fn reference_script(root: &Path, script: &str, args: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// What a reference engine runs: the same workload as ours.
+pub struct Workload<'a> {
+    /// Prompt tokens.
+    pub prompt: usize,
+    /// Greedy decode steps after the prompt.
+    pub decode: usize,
+    /// Threads.
+    pub threads: usize,
+    /// Comma-separated dtypes, e.g. `f32,bf16`.
+    pub dtypes: &'a str,
+}
+
+impl Workload<'_> {
+    /// The scripts' trailing arguments: PROMPT DECODE THREADS DTYPES.
+    fn args(&self) -> [String; 4] {
+        [
+            self.prompt.to_string(),
+            self.decode.to_string(),
+            self.threads.to_string(),
+            self.dtypes.to_string(),
+        ]
+    }
+}
+
 /// Runs transformers on `dir`: one JSON line per dtype.
-pub fn transformers(
-    root: &Path,
-    dir: &Path,
-    prompt: usize,
-    decode: usize,
-    threads: usize,
-    dtypes: &str,
-) -> Vec<String> {
-    let args = [
-        dir.display().to_string(),
-        prompt.to_string(),
-        decode.to_string(),
-        threads.to_string(),
-        dtypes.to_string(),
-    ];
+pub fn transformers(root: &Path, dir: &Path, work: &Workload) -> Vec<String> {
+    let mut args = vec![dir.display().to_string()];
+    args.extend(work.args());
     reference_script(root, "transformers_bench.py", &args)
 }
 
@@ -100,23 +112,9 @@ pub fn llama_bench(root: &Path) -> Option<PathBuf> {
     path.is_file().then_some(path)
 }
 
-/// Runs llama.cpp on `dir` (converted to GGUF once per dtype): one JSON line per dtype.
-pub fn llama_cpp(
-    root: &Path,
-    bench: &Path,
-    dir: &Path,
-    prompt: usize,
-    decode: usize,
-    threads: usize,
-    dtypes: &str,
-) -> Vec<String> {
-    let args = [
-        dir.display().to_string(),
-        bench.display().to_string(),
-        prompt.to_string(),
-        decode.to_string(),
-        threads.to_string(),
-        dtypes.to_string(),
-    ];
+/// Runs llama.cpp's `bench` on `dir` (converted to GGUF once per dtype): one JSON line per dtype.
+pub fn llama_cpp(root: &Path, bench: &Path, dir: &Path, work: &Workload) -> Vec<String> {
+    let mut args = vec![dir.display().to_string(), bench.display().to_string()];
+    args.extend(work.args());
     reference_script(root, "llama_cpp_bench.py", &args)
 }

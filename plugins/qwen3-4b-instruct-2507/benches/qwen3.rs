@@ -87,12 +87,16 @@ fn main() {
             .expect("run measurement");
         pio.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
     }
-    let reference = common::transformers(&root(), &dir, PROMPT, DECODE, THREADS, "f32,bf16");
+    let work = common::Workload {
+        prompt: PROMPT,
+        decode: DECODE,
+        threads: THREADS,
+        dtypes: "f32,bf16",
+    };
+    let reference = common::transformers(&root(), &dir, &work);
     // llama.cpp when it has been built (tests/bench/build_llama_cpp.sh): prefill and decode only.
     let llama = match common::llama_bench(&root()) {
-        Some(bench) => {
-            common::llama_cpp(&root(), &bench, &dir, PROMPT, DECODE, THREADS, "f32,bf16")
-        }
+        Some(bench) => common::llama_cpp(&root(), &bench, &dir, &work),
         None => {
             eprintln!(
                 "llama.cpp not built (tests/bench/build_llama_cpp.sh): its rows are left out"

@@ -118,7 +118,13 @@ fn main() {
             String::from_utf8_lossy(&out.stdout).trim().to_string(),
         ));
     }
-    let reference = common::transformers(&root(), &dir, PROMPT, DECODE, THREADS, "bf16");
+    let work = common::Workload {
+        prompt: PROMPT,
+        decode: DECODE,
+        threads: THREADS,
+        dtypes: "bf16",
+    };
+    let reference = common::transformers(&root(), &dir, &work);
     let theirs = reference.first().cloned().unwrap_or_default();
     rows.push(("transformers", theirs.clone()));
     let n = layers() as f64;

@@ -3,7 +3,7 @@
 //! MLP or (Qwen3-MoE) a sparse mixture of SwiGLU experts, tied or untied output embedding.
 
 use crate::candle_core::{DType, Device, Module, Tensor};
-use crate::candle_nn::{embedding, linear_no_bias, rms_norm, Embedding, RmsNorm, VarBuilder};
+use crate::candle_nn::{embedding, rms_norm, Embedding, RmsNorm, VarBuilder};
 use crate::checkpoint::Checkpoint;
 use crate::generate::CausalLm;
 use crate::kv_cache::KvCache;
@@ -17,11 +17,17 @@ mod rotary;
 pub use config::{Config, RopeParameters};
 use rotary::{Angles, Rotary};
 
-/// A sequence's KV cache: one entry per layer, and the number of positions it holds.
+/// A sequence's KV cache: one entry per layer.
 #[derive(Debug, Default)]
 pub struct Cache {
     layers: Vec<KvCache>,
-    len: usize,
+}
+
+impl Cache {
+    /// Positions held (every layer holds the same).
+    fn len(&self) -> usize {
+        self.layers.first().map_or(0, KvCache::len)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -254,24 +260,18 @@ impl Qwen3 {
             // matrix, as llama.cpp keeps it at 6+ bits): a dense bf16 head would dominate decode
             // time (a third of the bytes read per token of a tied 0.6B model), and Q8_0 is also
             // smaller. A tied head gets its own Q8_0 copy; lookups keep the exact embedding.
+            let head = match quantization {
+                Quantization::None => Quantization::None,
+                _ => Quantization::Q8,
+            };
             let lm_head = if cfg.tie_word_embeddings {
-                let head = match quantization {
-                    Quantization::None => Quantization::None,
-                    _ => Quantization::Q8,
-                };
                 Linear::from_weight(embed_tokens.embeddings().clone(), None, head)?
-            } else if quantization == Quantization::None {
-                Linear::Dense(linear_no_bias(
-                    cfg.hidden_size,
-                    cfg.vocab_size,
-                    vb.pp("lm_head"),
-                )?)
             } else {
                 Linear::load(
                     cfg.hidden_size,
                     cfg.vocab_size,
                     false,
-                    Quantization::Q8,
+                    head,
                     vb.pp("lm_head"),
                 )?
             };
@@ -324,12 +324,11 @@ impl CausalLm for Qwen3 {
     fn new_cache(&self) -> Cache {
         Cache {
             layers: (0..self.layers.len()).map(|_| KvCache::default()).collect(),
-            len: 0,
         }
     }
 
     fn forward(&self, tokens: &[u32], cache: &mut Cache) -> Result<Vec<f32>> {
-        let start = cache.len;
+        let start = cache.len();
         if start + tokens.len() > self.context {
             return Err(EngineError::InvalidInput(format!(
                 "the sequence would reach {} tokens; the context is {}",
@@ -343,7 +342,6 @@ impl CausalLm for Qwen3 {
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
             x = layer.forward(&x, &angles, layer_cache)?;
         }
-        cache.len += tokens.len();
         let last = x.narrow(1, tokens.len() - 1, 1)?;
         let logits = self.lm_head.forward(&self.norm.forward(&last)?)?;
         Ok(logits
