@@ -1,47 +1,71 @@
-//! Causal grouped-query attention over a sequence's [`KvCache`]: the engine's fused kernel on the
-//! CPU, candle's operations elsewhere.
+//! Causal grouped-query attention of one sequence's new queries over its keys and values in the
+//! paged KV pool: the engine's fused kernel on the CPU, candle's operations elsewhere.
 
 use candle_core::{DType, Tensor};
 
-use crate::kv_cache::KvCache;
+use crate::kv_pool::BlockId;
 use crate::{EngineError, Result};
 
-/// Attention of `q` — `(seq, heads, head_dim)`, the queries at positions `start..start + seq` —
-/// over the first `start + seq` cached positions; the result is `(seq, heads, head_dim)`. Query
-/// head `h` reads key/value head `h / (heads / kv_heads)`.
-pub fn causal(q: &Tensor, cache: &KvCache, start: usize, scale: f64) -> Result<Tensor> {
-    let Some((keys, values)) = cache.buffers() else {
-        return Err(EngineError::InvalidInput(
-            "attention over an empty KV cache: append the new keys and values first".into(),
-        ));
-    };
-    if let Some(out) = crate::cpu::attention(q, keys, values, start, scale as f32)? {
-        return Ok(out);
-    }
-    with_candle(q, cache, start, scale)
+/// One sequence's keys and values in the pool.
+#[derive(Debug, Clone, Copy)]
+pub struct PagedKv<'a> {
+    /// The pool's keys, `(slots, kv_heads, head_dim)`.
+    pub keys: &'a Tensor,
+    /// The pool's values, shaped as the keys.
+    pub values: &'a Tensor,
+    /// The sequence's block table.
+    pub blocks: &'a [BlockId],
+    /// Positions per block.
+    pub block_size: usize,
 }
 
-/// The same with candle's operations: keys and values repeated per query head, an explicit mask.
-fn with_candle(q: &Tensor, cache: &KvCache, start: usize, scale: f64) -> Result<Tensor> {
+/// Attention of `q` — `(seq, heads, head_dim)`, the queries at positions `start..start + seq` —
+/// over the sequence's first `start + seq` positions; the result is `(seq, heads, head_dim)`.
+/// Query head `h` reads key/value head `h / (heads / kv_heads)`.
+pub fn paged(q: &Tensor, kv: &PagedKv<'_>, start: usize, scale: f64) -> Result<Tensor> {
+    let seq = q.dim(0)?;
+    if kv.blocks.len() * kv.block_size < start + seq {
+        return Err(EngineError::Internal(format!(
+            "attention over {} positions through a block table of {} blocks of {}",
+            start + seq,
+            kv.blocks.len(),
+            kv.block_size
+        )));
+    }
+    if let Some(out) = crate::cpu::attention(q, kv, start, scale as f32)? {
+        return Ok(out);
+    }
+    with_candle(q, kv, start, scale)
+}
+
+/// The same with candle's operations: the sequence's rows gathered, keys and values repeated per
+/// query head, an explicit mask.
+fn with_candle(q: &Tensor, kv: &PagedKv<'_>, start: usize, scale: f64) -> Result<Tensor> {
     let (seq, heads, _) = q.dims3()?;
-    let Some((k, v)) = cache.keys_values()? else {
-        return Err(EngineError::InvalidInput(
-            "attention over an empty KV cache".into(),
-        ));
-    };
     let total = start + seq;
-    let (k, v) = (k.narrow(0, 0, total)?, v.narrow(0, 0, total)?);
+    let bs = kv.block_size;
+    let slots: Vec<u32> = (0..total)
+        .map(|t| kv.blocks[t / bs] * bs as u32 + (t % bs) as u32)
+        .collect();
+    let slots = Tensor::new(slots, q.device())?;
+    let (k, v) = (
+        kv.keys.index_select(&slots, 0)?,
+        kv.values.index_select(&slots, 0)?,
+    );
     // (heads, positions, head_dim), each key/value head repeated for its group of query heads.
     let heads_first = |t: &Tensor| -> Result<Tensor> {
-        let (len, kv, d) = t.dims3()?;
-        let groups = heads / kv;
+        let (len, kvh, d) = t.dims3()?;
+        let groups = heads / kvh;
         Ok(t.transpose(0, 1)?
             .unsqueeze(1)?
-            .expand((kv, groups, len, d))?
-            .reshape((kv * groups, len, d))?)
+            .expand((kvh, groups, len, d))?
+            .reshape((kvh * groups, len, d))?)
     };
     let q = q.transpose(0, 1)?.contiguous()?;
-    let (k, v) = (heads_first(&k)?, heads_first(&v)?);
+    let (k, v) = (
+        heads_first(&k.to_dtype(q.dtype())?)?,
+        heads_first(&v.to_dtype(q.dtype())?)?,
+    );
     let mut scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
     if seq > 1 {
         let mask: Vec<f32> = (0..seq)
@@ -66,22 +90,37 @@ fn with_candle(q: &Tensor, cache: &KvCache, start: usize, scale: f64) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kv_pool::{KvPool, PoolShape, TokenLayout};
     use candle_core::Device;
 
-    /// The fused kernel and candle's operations agree, for a prompt and the decode steps after it.
+    /// The fused kernel and candle's operations agree through a scattered block table, for a
+    /// prompt and the decode steps after it.
     #[test]
     fn the_kernel_and_candle_agree() {
         let device = Device::Cpu;
         let (heads, kv_heads, d) = (6, 2, 16);
-        let mut cache = KvCache::default();
+        let shape = PoolShape {
+            block_size: 4,
+            blocks: 8,
+            dtype: DType::F32,
+        };
+        let pool = KvPool::new(TokenLayout::keys_values(1, kv_heads, d), shape, &device).unwrap();
+        let blocks = [5, 2, 7, 0, 3, 6];
         let mut start = 0;
         for seq in [12, 1, 1, 9] {
             let q = Tensor::randn(0f32, 1.0, (seq, heads, d), &device).unwrap();
             let k = Tensor::randn(0f32, 1.0, (seq, kv_heads, d), &device).unwrap();
             let v = Tensor::randn(0f32, 1.0, (seq, kv_heads, d), &device).unwrap();
-            cache.append(&k, &v).unwrap();
-            let fused = causal(&q, &cache, start, 0.25).unwrap();
-            let reference = with_candle(&q, &cache, start, 0.25).unwrap();
+            pool.write(0, 0, &blocks, start, &k).unwrap();
+            pool.write(0, 1, &blocks, start, &v).unwrap();
+            let kv = PagedKv {
+                keys: &pool.layer(0)[0],
+                values: &pool.layer(0)[1],
+                blocks: &blocks,
+                block_size: 4,
+            };
+            let fused = paged(&q, &kv, start, 0.25).unwrap();
+            let reference = with_candle(&q, &kv, start, 0.25).unwrap();
             assert_eq!(fused.dims(), &[seq, heads, d]);
             let diff = (fused - reference)
                 .unwrap()

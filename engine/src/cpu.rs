@@ -5,7 +5,9 @@
 use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ8_0};
 use candle_core::quantized::{GgmlDType, GgmlType, QTensor};
 use candle_core::{CpuStorage, DType, Storage, Tensor};
-use pio_kernels::{bf16, causal_attention, f16, matmul, matmul_rows, AttentionShape, WeightRows};
+use pio_kernels::{
+    bf16, f16, matmul, matmul_rows, paged_attention, AttentionShape, PagedKv, WeightRows,
+};
 
 /// From how many activation rows on a product with `format` weights is faster decoding each
 /// block once into f32 and running the packed GEMM than candle's quantized kernels (activations
@@ -152,30 +154,36 @@ pub(crate) fn quantized_linear(x: &Tensor, w: &QTensor) -> candle_core::Result<O
     projected(out, x, n).map(Some)
 }
 
-/// Causal attention of `q` `(seq, heads, head_dim)` at positions `start..` over the cached keys
-/// and values `(capacity, kv_heads, head_dim)` (holding at least `start + seq` positions); the
-/// result is `(seq, heads, head_dim)` in `q`'s dtype. `None` off the CPU.
+/// Causal attention of `q` `(seq, heads, head_dim)` at positions `start..` over one sequence's
+/// keys and values in the paged pool (`(slots, kv_heads, head_dim)` each, read through its block
+/// table); the result is `(seq, heads, head_dim)` in `q`'s dtype. `None` off the CPU.
 pub(crate) fn attention(
     q: &Tensor,
-    keys: &Tensor,
-    values: &Tensor,
+    kv: &crate::attention::PagedKv<'_>,
     start: usize,
     scale: f32,
 ) -> candle_core::Result<Option<Tensor>> {
+    let (keys, values) = (kv.keys, kv.values);
     if !supports(q) || !supports(keys) || keys.dtype() != values.dtype() {
         return Ok(None);
     }
     let (seq, heads, head_dim) = q.dims3()?;
-    let (capacity, kv_heads, key_dim) = keys.dims3()?;
+    let (slots, kv_heads, key_dim) = keys.dims3()?;
+    let bs = kv.block_size;
+    let blocks_fit = kv.blocks[..(start + seq).div_ceil(bs.max(1)).min(kv.blocks.len())]
+        .iter()
+        .all(|&b| (b as usize + 1) * bs <= slots);
     if key_dim != head_dim
         || values.dims() != keys.dims()
         || kv_heads == 0
         || !heads.is_multiple_of(kv_heads)
-        || capacity < start + seq
+        || bs == 0
+        || kv.blocks.len() * bs < start + seq
+        || !blocks_fit
     {
         candle_core::bail!(
-            "attention of {seq} queries {:?} at position {start} over a cache of {:?} keys and {:?} values: \
-             head sizes must match, query heads be a multiple of key/value heads, and the cache hold every position",
+            "attention of {seq} queries {:?} at position {start} over a pool of {:?} keys and {:?} values: \
+             head sizes must match, query heads be a multiple of key/value heads, and the block table cover every position inside the pool",
             q.dims(),
             keys.dims(),
             values.dims()
@@ -189,24 +197,32 @@ pub(crate) fn attention(
     };
     let qf = activations(q)?;
     let mut out = vec![0f32; qf.elem_count()];
+    fn view<'a, T>(keys: &'a [T], values: &'a [T], blocks: &'a [u32], bs: usize) -> PagedKv<'a, T> {
+        PagedKv {
+            keys,
+            values,
+            blocks,
+            block_size: bs,
+        }
+    }
+    let run = |out: &mut [f32], qs: &[f32], ks: Elements<'_>, vs: Elements<'_>| -> bool {
+        match (ks, vs) {
+            (Elements::F32(k), Elements::F32(v)) => {
+                paged_attention(&shape, qs, &view(k, v, kv.blocks, bs), start, out)
+            }
+            (Elements::Bf16(k), Elements::Bf16(v)) => {
+                paged_attention(&shape, qs, &view(k, v, kv.blocks, bs), start, out)
+            }
+            (Elements::F16(k), Elements::F16(v)) => {
+                paged_attention(&shape, qs, &view(k, v, kv.blocks, bs), start, out)
+            }
+            _ => return false,
+        }
+        true
+    };
     let done = with_f32(&qf, |qs| {
         with_elements(keys, |ks| {
-            with_elements(values, |vs| match (ks, vs) {
-                (Elements::F32(k), Elements::F32(v)) => {
-                    causal_attention(&shape, qs, k, v, start, &mut out);
-                    true
-                }
-                (Elements::Bf16(k), Elements::Bf16(v)) => {
-                    causal_attention(&shape, qs, k, v, start, &mut out);
-                    true
-                }
-                (Elements::F16(k), Elements::F16(v)) => {
-                    causal_attention(&shape, qs, k, v, start, &mut out);
-                    true
-                }
-                _ => false,
-            })
-            .unwrap_or(false)
+            with_elements(values, |vs| run(&mut out, qs, ks, vs)).unwrap_or(false)
         })
         .unwrap_or(false)
     });
@@ -232,13 +248,20 @@ mod tests {
         assert!(linear(&x, &w).unwrap().is_none());
 
         let q = Tensor::zeros((1, 4, 8), DType::F32, &device).unwrap();
-        let short = Tensor::zeros((3, 2, 8), DType::F32, &device).unwrap();
-        let err = attention(&q, &short, &short, 3, 1.0)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("cache hold every position"), "{err}");
+        let pool = Tensor::zeros((8, 2, 8), DType::F32, &device).unwrap();
+        let paged = |t: &'static [u32], keys: &Tensor| -> String {
+            let kv = crate::attention::PagedKv {
+                keys,
+                values: keys,
+                blocks: t,
+                block_size: 4,
+            };
+            attention(&q, &kv, 3, 1.0).unwrap_err().to_string()
+        };
+        // Block 2 would start past the pool's 8 slots.
+        assert!(paged(&[2], &pool).contains("inside the pool"));
         let odd = Tensor::zeros((8, 3, 8), DType::F32, &device).unwrap();
-        assert!(attention(&q, &odd, &odd, 0, 1.0).is_err());
+        assert!(paged(&[0], &odd).contains("multiple of key/value heads"));
     }
 
     #[test]

@@ -49,6 +49,21 @@ pub enum EngineError {
     /// A failure inside the tensor library while running the model.
     #[error("model computation failed: {0}")]
     Compute(#[from] candle_core::Error),
+    /// The engine itself failed (a bug or a panic inside a forward pass).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl EngineError {
+    /// The same error for another sequence of a failed batch (each gets its own copy; what was
+    /// a tensor-library error keeps only its message).
+    pub fn duplicate(&self) -> Self {
+        match self {
+            Self::InvalidInput(m) => Self::InvalidInput(m.clone()),
+            Self::Unsupported(m) => Self::Unsupported(m.clone()),
+            other => Self::Internal(other.to_string()),
+        }
+    }
 }
 
 /// Shorthand.

@@ -1,25 +1,29 @@
-//! The generation loop shared by every text model: prefill the prompt, then decode one token at a
-//! time — sample, report logprobs, turn tokens into UTF-8-safe text, hold back what may begin a
-//! stop string — until EOS, a stop string, `max_tokens`, the context's end or a cancel.
+//! The model seam and what a generation request and its results look like. Requests run in the
+//! [`serving::Engine`](crate::serving::Engine), batched with whatever else is running.
 
-use std::time::Instant;
+use candle_core::{DType, Device};
 
-use crate::error::{EngineError, Result};
-use crate::sampling::{log_softmax, top_k, Sampler, SamplingParams};
-use crate::stop::StopMatcher;
-use crate::text::{StreamDecoder, TextCodec};
+use crate::batch::Batch;
+use crate::error::Result;
+use crate::kv_pool::{KvPool, TokenLayout};
+use crate::sampling::SamplingParams;
 
-/// The seam between the engine and a model: a forward pass over new tokens against the
-/// sequence's cache, returning the logits of the last position.
-pub trait CausalLm {
-    /// Per-sequence state (the KV cache).
-    type Cache;
+/// The seam between the engine and a model: one forward pass over a batch of sequences against
+/// the shared KV pool, returning the logits each sequence asked for.
+pub trait CausalLm: Send + Sync + 'static {
+    /// What a token leaves in the KV pool per layer.
+    fn kv_layout(&self) -> TokenLayout;
 
-    /// An empty cache for a new sequence.
-    fn new_cache(&self) -> Self::Cache;
+    /// The element type the pool stores by default (the model's dtype).
+    fn kv_dtype(&self) -> DType;
 
-    /// Runs `tokens` (positions `cache`'s length onwards) and returns the last position's logits.
-    fn forward(&self, tokens: &[u32], cache: &mut Self::Cache) -> Result<Vec<f32>>;
+    /// Where the model's tensors live (the pool goes there too).
+    fn device(&self) -> Device;
+
+    /// Runs every sequence's new inputs, writing their cache entries into `pool` through their
+    /// block tables; returns the last new input's logits for each sequence with `logits` set, in
+    /// batch order.
+    fn forward(&self, batch: &Batch<'_>, pool: &mut KvPool) -> Result<Vec<Vec<f32>>>;
 
     /// The longest sequence (prompt plus output) the model supports.
     fn context_length(&self) -> usize;
@@ -73,114 +77,10 @@ pub struct Outcome {
     pub finish: Finish,
     /// Tokens generated (EOS included when produced).
     pub completion_tokens: usize,
+    /// Prompt tokens whose cache entries came from the prefix cache.
+    pub cached_tokens: usize,
     /// Prompt processing time, milliseconds.
     pub prompt_ms: f64,
     /// Decoding time, milliseconds.
     pub decode_ms: f64,
-}
-
-/// Prompt tokens per forward pass while prefilling: attention's scratch is chunk × context rather
-/// than prompt × prompt, so memory grows linearly with a long prompt.
-pub const PREFILL_CHUNK: usize = 512;
-
-/// Feeds `tokens` to `model` in chunks of `chunk`; returns the logits after the last one.
-pub fn prefill<M: CausalLm>(
-    model: &M,
-    tokens: &[u32],
-    cache: &mut M::Cache,
-    chunk: usize,
-) -> Result<Vec<f32>> {
-    let mut logits = Vec::new();
-    for part in tokens.chunks(chunk.max(1)) {
-        logits = model.forward(part, cache)?;
-    }
-    Ok(logits)
-}
-
-/// Runs `request` on `model`; `emit` receives each token and returns false to stop.
-pub fn generate<M: CausalLm>(
-    model: &M,
-    codec: &TextCodec,
-    request: &Request,
-    emit: &mut dyn FnMut(Emitted) -> bool,
-) -> Result<Outcome> {
-    let context = model.context_length();
-    if request.prompt.is_empty() {
-        return Err(EngineError::InvalidInput("the prompt is empty".into()));
-    }
-    if request.prompt.len() >= context {
-        return Err(EngineError::InvalidInput(format!(
-            "the prompt is {} tokens; this model's context is {context} tokens, leaving no room to generate: shorten the prompt",
-            request.prompt.len()
-        )));
-    }
-    let max_tokens = request.max_tokens.min(context - request.prompt.len());
-    let mut cache = model.new_cache();
-    let mut sampler = Sampler::new(request.sampling.clone());
-    let mut decoder = StreamDecoder::new();
-    let mut stops = StopMatcher::new(request.stop.iter().cloned());
-    let mut generated: Vec<u32> = Vec::new();
-
-    let started = Instant::now();
-    let mut logits = prefill(model, &request.prompt, &mut cache, PREFILL_CHUNK)?;
-    let prompt_ms = started.elapsed().as_secs_f64() * 1e3;
-    let decode_start = Instant::now();
-    let mut finish = Finish::Length;
-    while generated.len() < max_tokens {
-        let token = sampler.sample(&logits, &request.prompt, &generated);
-        generated.push(token);
-        let is_eos = request.eos.contains(&token);
-        let last = is_eos || generated.len() == max_tokens;
-        let (logprob, top) = match request.logprobs {
-            Some(k) => {
-                let lp = log_softmax(&logits);
-                let top = top_k(&lp, k)
-                    .into_iter()
-                    .map(|(id, l)| (id, codec.decode(&[id]), l))
-                    .collect();
-                (Some(lp[token as usize]), top)
-            }
-            None => (None, Vec::new()),
-        };
-        let mut text = String::new();
-        let mut stopped = false;
-        if !is_eos {
-            let step = stops.push(&decoder.push(codec, token));
-            text = step.emit;
-            stopped = step.stopped;
-        }
-        if last && !stopped {
-            // Nothing follows: release what was held for a possible stop string or character.
-            let tail = stops.push(&decoder.finish(codec));
-            text.push_str(&tail.emit);
-            stopped = tail.stopped;
-            if !stopped {
-                text.push_str(&stops.finish());
-            }
-        }
-        let go_on = emit(Emitted {
-            token_id: token,
-            text,
-            logprob,
-            top,
-        });
-        if is_eos || stopped {
-            finish = Finish::Stop;
-            break;
-        }
-        if !go_on {
-            finish = Finish::Cancelled;
-            break;
-        }
-        if generated.len() == max_tokens {
-            break;
-        }
-        logits = model.forward(&[token], &mut cache)?;
-    }
-    Ok(Outcome {
-        finish,
-        completion_tokens: generated.len(),
-        prompt_ms,
-        decode_ms: decode_start.elapsed().as_secs_f64() * 1e3,
-    })
 }

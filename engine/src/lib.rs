@@ -6,17 +6,22 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod attention;
+pub mod batch;
 pub mod chat;
 pub mod checkpoint;
 mod cpu;
 pub mod error;
 pub mod generate;
 pub mod generation_config;
-pub mod kv_cache;
+pub mod kv_pool;
 pub mod linear;
 pub mod models;
 pub mod runtime;
 pub mod sampling;
+pub mod scheduler;
+pub mod sequence;
+pub mod serving;
+pub mod single;
 pub mod stop;
 pub mod text;
 pub mod weights;

@@ -9,13 +9,17 @@ use std::path::PathBuf;
 use pio_engine::candle_core::{DType, Device};
 use pio_engine::chat::ChatTemplate;
 use pio_engine::checkpoint::Checkpoint;
+use std::sync::Arc;
+
 use pio_engine::generate::CausalLm;
-use pio_engine::generate::{generate, Emitted, Request};
+use pio_engine::generate::{Emitted, Outcome, Request};
 use pio_engine::generation_config::GenerationConfig;
 use pio_engine::linear::Quantization;
 use pio_engine::models::qwen3::{Qwen3, Qwen3Moe};
 use pio_engine::runtime::LoadModel;
 use pio_engine::sampling::SamplingParams;
+use pio_engine::serving::{Engine, EngineConfig};
+use pio_engine::single::SingleSequence;
 use pio_engine::text::TextCodec;
 use serde_json::Value;
 
@@ -36,75 +40,114 @@ fn ids(v: &Value) -> Vec<u32> {
         .collect()
 }
 
-fn check_checkpoint<M: LoadModel + CausalLm>(name: &str) {
-    let checkpoint = Checkpoint::open(&fixtures().join(name)).unwrap();
+/// A golden case: the request transformers answered and what it answered.
+struct Case {
+    request: Request,
+    golden: Value,
+}
+
+fn cases(checkpoint: &Checkpoint, name: &str) -> Vec<Case> {
+    let codec = TextCodec::load(checkpoint).unwrap();
+    let template = ChatTemplate::load(checkpoint).unwrap().unwrap();
+    let eos = GenerationConfig::load(checkpoint).unwrap().eos_token_id;
+    golden(&format!("{name}.json"))
+        .into_iter()
+        .map(|case| {
+            let prompt = match case.get("prompt") {
+                Some(p) => codec.encode(p.as_str().unwrap()).unwrap(),
+                None => {
+                    let messages = case["messages"].as_array().unwrap();
+                    let text = template
+                        .render(messages, None, true, &Default::default())
+                        .unwrap();
+                    codec.encode(&text).unwrap()
+                }
+            };
+            assert_eq!(prompt, ids(&case["input_ids"]), "prompt tokens of {case}");
+            let request = Request {
+                prompt,
+                sampling: SamplingParams::default(),
+                max_tokens: case["tokens"].as_array().unwrap().len(),
+                stop: Vec::new(),
+                eos: eos.clone(),
+                logprobs: Some(5),
+            };
+            Case {
+                request,
+                golden: case,
+            }
+        })
+        .collect()
+}
+
+/// `model` served by an engine with `config`.
+fn engine<M: LoadModel + CausalLm>(checkpoint: &Checkpoint, config: EngineConfig) -> Engine {
     let model = M::load(
-        &checkpoint,
+        checkpoint,
         DType::F32,
         Quantization::None,
         &Device::Cpu,
         &mut |_, _| {},
     )
     .unwrap();
-    let codec = TextCodec::load(&checkpoint).unwrap();
-    let template = ChatTemplate::load(&checkpoint).unwrap().unwrap();
-    let eos = GenerationConfig::load(&checkpoint).unwrap().eos_token_id;
-    for case in golden(&format!("{name}.json")) {
-        let prompt = match case.get("prompt") {
-            Some(p) => codec.encode(p.as_str().unwrap()).unwrap(),
-            None => {
-                let messages = case["messages"].as_array().unwrap();
-                let text = template
-                    .render(messages, None, true, &Default::default())
-                    .unwrap();
-                codec.encode(&text).unwrap()
-            }
-        };
-        assert_eq!(prompt, ids(&case["input_ids"]), "prompt tokens of {case}");
-        let request = Request {
-            prompt,
-            sampling: SamplingParams::default(),
-            max_tokens: case["tokens"].as_array().unwrap().len(),
-            stop: Vec::new(),
-            eos: eos.clone(),
-            logprobs: Some(5),
-        };
-        let mut out: Vec<Emitted> = Vec::new();
-        generate(&model, &codec, &request, &mut |e| {
+    let codec = TextCodec::load(checkpoint).unwrap();
+    Engine::start(Arc::new(model), Arc::new(codec), config).unwrap()
+}
+
+/// The tokens are transformers' and the top-5 log-probabilities within 2e-3, for as many steps as
+/// were generated.
+fn assert_matches(out: &[Emitted], case: &Value) {
+    let tokens: Vec<u32> = out.iter().map(|e| e.token_id).collect();
+    let golden = ids(&case["tokens"]);
+    assert_eq!(
+        tokens,
+        golden[..tokens.len()],
+        "greedy tokens of {}",
+        case["input_ids"]
+    );
+    for (step, (emitted, expected)) in out.iter().zip(case["top5"].as_array().unwrap()).enumerate()
+    {
+        let want_ids = ids(&expected["ids"]);
+        let got_ids: Vec<u32> = emitted.top.iter().map(|t| t.0).collect();
+        assert_eq!(got_ids, want_ids, "top-5 ids at step {step}");
+        for ((_, _, got), want) in emitted
+            .top
+            .iter()
+            .zip(expected["logprobs"].as_array().unwrap())
+        {
+            let want = want.as_f64().unwrap() as f32;
+            assert!(
+                (got - want).abs() < 2e-3,
+                "step {step}: logprob {got} vs {want}"
+            );
+        }
+        assert_eq!(
+            emitted.logprob,
+            Some(emitted.top[0].2),
+            "greedy picks the top token"
+        );
+    }
+}
+
+fn run_alone(engine: &Engine, case: &Case) -> (Vec<Emitted>, Outcome) {
+    let mut out = Vec::new();
+    let outcome = engine
+        .generate(case.request.clone(), &mut |e| {
             out.push(e);
             true
         })
         .unwrap();
-        let tokens: Vec<u32> = out.iter().map(|e| e.token_id).collect();
-        assert_eq!(
-            tokens,
-            ids(&case["tokens"]),
-            "greedy tokens of {}",
-            case["input_ids"]
-        );
-        for (step, (emitted, expected)) in
-            out.iter().zip(case["top5"].as_array().unwrap()).enumerate()
-        {
-            let want_ids = ids(&expected["ids"]);
-            let got_ids: Vec<u32> = emitted.top.iter().map(|t| t.0).collect();
-            assert_eq!(got_ids, want_ids, "top-5 ids at step {step}");
-            for ((_, _, got), want) in emitted
-                .top
-                .iter()
-                .zip(expected["logprobs"].as_array().unwrap())
-            {
-                let want = want.as_f64().unwrap() as f32;
-                assert!(
-                    (got - want).abs() < 2e-3,
-                    "step {step}: logprob {got} vs {want}"
-                );
-            }
-            assert_eq!(
-                emitted.logprob,
-                Some(emitted.top[0].2),
-                "greedy picks the top token"
-            );
-        }
+    (out, outcome)
+}
+
+fn check_checkpoint<M: LoadModel + CausalLm>(name: &str) {
+    let checkpoint = Checkpoint::open(&fixtures().join(name)).unwrap();
+    let engine = engine::<M>(&checkpoint, EngineConfig::default());
+    for case in cases(&checkpoint, name) {
+        let (out, outcome) = run_alone(&engine, &case);
+        assert_eq!(out.len(), case.request.max_tokens);
+        assert_eq!(outcome.completion_tokens, out.len());
+        assert_matches(&out, &case.golden);
     }
 }
 
@@ -129,47 +172,46 @@ fn a_prompt_prefilled_in_chunks_gives_the_same_logits() {
     let checkpoint = Checkpoint::open(&fixtures().join("qwen3-moe-tiny")).unwrap();
     let model = Qwen3Moe::load(&checkpoint, DType::F32, &Device::Cpu, &mut |_, _| {}).unwrap();
     let prompt: Vec<u32> = (0..40).map(|i| (i * 7 % 300) as u32 + 20).collect();
-    let whole = model.forward(&prompt, &mut model.new_cache()).unwrap();
-    let mut cache = model.new_cache();
-    let chunked = pio_engine::generate::prefill(&model, &prompt, &mut cache, 7).unwrap();
-    let worst = whole
-        .iter()
-        .zip(&chunked)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    assert!(worst < 1e-3, "chunked prefill moved a logit by {worst}");
-    // The cache holds the whole prompt: the next token sees all of it.
-    let next_whole = {
-        let mut c = model.new_cache();
-        model.forward(&prompt, &mut c).unwrap();
-        model.forward(&[5], &mut c).unwrap()
+    let mut whole = SingleSequence::new(&model, 64).unwrap();
+    let mut chunked = SingleSequence::new(&model, 64).unwrap();
+    let a = whole.forward(&model, &prompt).unwrap();
+    let b = chunked.prefill(&model, &prompt, 7).unwrap();
+    let worst = |x: &[f32], y: &[f32]| {
+        x.iter()
+            .zip(y)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max)
     };
-    let next_chunked = model.forward(&[5], &mut cache).unwrap();
-    let worst = next_whole
-        .iter()
-        .zip(&next_chunked)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
     assert!(
-        worst < 1e-3,
-        "decoding after a chunked prefill moved a logit by {worst}"
+        worst(&a, &b) < 1e-3,
+        "chunked prefill moved a logit by {}",
+        worst(&a, &b)
+    );
+    // The pool holds the whole prompt: the next token sees all of it.
+    let (a, b) = (
+        whole.forward(&model, &[5]).unwrap(),
+        chunked.forward(&model, &[5]).unwrap(),
+    );
+    assert!(
+        worst(&a, &b) < 1e-3,
+        "decoding after a chunked prefill moved a logit by {}",
+        worst(&a, &b)
     );
 }
 
 #[test]
 fn a_prompt_longer_than_the_moe_context_is_refused() {
     let checkpoint = Checkpoint::open(&fixtures().join("qwen3-moe-tiny")).unwrap();
-    let model = Qwen3Moe::load(&checkpoint, DType::F32, &Device::Cpu, &mut |_, _| {}).unwrap();
-    let codec = TextCodec::load(&checkpoint).unwrap();
+    let engine = engine::<Qwen3Moe>(&checkpoint, EngineConfig::default());
     let request = Request {
-        prompt: vec![20; model.context_length() + 1],
+        prompt: vec![20; engine.context_length() + 1],
         sampling: SamplingParams::default(),
         max_tokens: 4,
         stop: Vec::new(),
         eos: Vec::new(),
         logprobs: None,
     };
-    let e = generate(&model, &codec, &request, &mut |_| true).unwrap_err();
+    let e = engine.generate(request, &mut |_| true).unwrap_err();
     assert!(
         e.to_string().contains("context is 256 tokens")
             && e.to_string().contains("shorten the prompt"),

@@ -12,6 +12,7 @@ use pio_engine::generate::CausalLm;
 use pio_engine::linear::Quantization;
 use pio_engine::models::qwen3::{Qwen3, Qwen3Moe};
 use pio_engine::runtime::LoadModel;
+use pio_engine::single::SingleSequence;
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
@@ -47,11 +48,11 @@ fn distributions<M: LoadModel + CausalLm>(
     };
     let mut out = Vec::new();
     for case in &golden {
-        let mut cache = model.new_cache();
-        let mut logits = model.forward(&ids(&case["input_ids"]), &mut cache).unwrap();
+        let mut seq = SingleSequence::new(&model, model.context_length()).unwrap();
+        let mut logits = seq.forward(&model, &ids(&case["input_ids"])).unwrap();
         for token in ids(&case["tokens"]) {
             out.push(log_softmax(&logits));
-            logits = model.forward(&[token], &mut cache).unwrap();
+            logits = seq.forward(&model, &[token]).unwrap();
         }
     }
     out

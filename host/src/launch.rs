@@ -67,6 +67,7 @@ pub fn host_context(plan: &Plan) -> HostContext {
         threads: plan.limits.cpus.map(|c| c.ceil().max(1.0) as usize),
         scratch_dir: plan.isolation.as_ref().map(|_| "/tmp".into()),
         gpu_memory_limit_bytes: plan.limits.gpu_memory_bytes,
+        memory_limit_bytes: plan.limits.memory_bytes,
     }
 }
 

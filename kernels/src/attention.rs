@@ -1,7 +1,8 @@
-//! Causal grouped-query attention of new queries over a position-major KV cache.
+//! Causal grouped-query attention of new queries over a paged, position-major KV cache.
 //!
-//! Keys and values are read where they lie in the cache (`[position][kv_head][dim]`), never
-//! repeated per query head nor transposed. A few queries (decode) run per (query, head) pair as
+//! Keys and values are read where they lie in the pool (`[slot][kv_head][dim]`, a sequence's
+//! positions mapped to slots through its block table), never repeated per query head nor
+//! transposed; a sequence that grows gains blocks, and nothing is copied. A few queries (decode) run per (query, head) pair as
 //! dot products and `axpy`s; many queries (prefill) run per head as two GEMMs — scores, then
 //! probabilities times values — with the causal mask applied between them.
 
@@ -37,20 +38,66 @@ thread_local! {
     static VALUES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Where one sequence's keys and values lie in a paged pool: position `t` is at slot
+/// `blocks[t / block_size] · block_size + t % block_size`, each slot `[kv_heads][head_dim]`.
+#[derive(Debug, Clone, Copy)]
+pub struct PagedKv<'a, T> {
+    /// The pool's keys, `[slot][kv_head][dim]`.
+    pub keys: &'a [T],
+    /// The pool's values, laid out as the keys.
+    pub values: &'a [T],
+    /// The sequence's block table.
+    pub blocks: &'a [u32],
+    /// Positions per block.
+    pub block_size: usize,
+}
+
+impl<T> PagedKv<'_, T> {
+    /// The offset of position `t`'s first key/value head.
+    #[inline]
+    fn slot(&self, t: usize, stride: usize) -> usize {
+        let bs = self.block_size;
+        (self.blocks[t / bs] as usize * bs + t % bs) * stride
+    }
+}
+
 /// `out = softmax(q kᵀ · scale + causal mask) v` for `seq` queries at positions
-/// `start..start + seq`.
-///
-/// `q` and `out` are `[seq][heads][head_dim]`; `k` and `v` are `[len][kv_heads][head_dim]` with
-/// `len ≥ start + seq` (positions past `start + seq` are ignored). Query head `h` reads key/value
-/// head `h / (heads / kv_heads)`, as transformers' `repeat_kv` does.
+/// `start..start + seq`, over a contiguous cache: `k` and `v` are `[len][kv_heads][head_dim]` with
+/// `len ≥ start + seq` (a paged cache of one block).
 ///
 /// # Panics
-/// When the slices do not match the shape (a caller bug, not an input error).
+/// As [`paged_attention`].
 pub fn causal_attention<T: Element>(
     shape: &AttentionShape,
     q: &[f32],
     k: &[T],
     v: &[T],
+    start: usize,
+    out: &mut [f32],
+) {
+    let len = (k.len() / (shape.kv_heads * shape.head_dim).max(1)).max(1);
+    let kv = PagedKv {
+        keys: k,
+        values: v,
+        blocks: &[0],
+        block_size: len,
+    };
+    paged_attention(shape, q, &kv, start, out);
+}
+
+/// `out = softmax(q kᵀ · scale + causal mask) v` for `seq` queries at positions
+/// `start..start + seq` of one sequence whose keys and values lie in a paged pool.
+///
+/// `q` and `out` are `[seq][heads][head_dim]`. Query head `h` reads key/value head
+/// `h / (heads / kv_heads)`, as transformers' `repeat_kv` does.
+///
+/// # Panics
+/// When the slices do not match the shape or the block table does not cover `start + seq`
+/// positions inside the pool (a caller bug, not an input error).
+pub fn paged_attention<T: Element>(
+    shape: &AttentionShape,
+    q: &[f32],
+    kv: &PagedKv<'_, T>,
     start: usize,
     out: &mut [f32],
 ) {
@@ -70,20 +117,23 @@ pub fn causal_attention<T: Element>(
     );
     let seq = q.len() / (heads * d);
     assert_eq!(out.len(), q.len(), "output is not [seq][{heads}][{d}]");
+    let stride = kv_heads * d;
+    let len = start + seq;
     assert!(
-        k.len() >= (start + seq) * kv_heads * d,
-        "keys end before position {}",
-        start + seq
+        kv.block_size > 0 && kv.blocks.len() * kv.block_size >= len,
+        "the block table ends before position {len}"
     );
+    let slots = kv.keys.len().min(kv.values.len()) / stride;
     assert!(
-        v.len() >= (start + seq) * kv_heads * d,
-        "values end before position {}",
-        start + seq
+        kv.blocks[..len.div_ceil(kv.block_size)]
+            .iter()
+            .all(|&b| (b as usize + 1) * kv.block_size <= slots),
+        "a block lies outside the pool"
     );
     if seq < GEMM_QUERIES {
-        per_query(shape, q, k, v, start, out);
+        per_query(shape, q, kv, start, out);
     } else {
-        per_head(shape, q, k, v, start, seq, out);
+        per_head(shape, q, kv, start, seq, out);
     }
 }
 
@@ -104,8 +154,7 @@ fn softmax(row: &mut [f32]) {
 fn per_query<T: Element>(
     shape: &AttentionShape,
     q: &[f32],
-    k: &[T],
-    v: &[T],
+    kv: &PagedKv<'_, T>,
     start: usize,
     out: &mut [f32],
 ) {
@@ -115,7 +164,8 @@ fn per_query<T: Element>(
         let (i, head) = (index / heads, index % heads);
         let offset = (head / groups) * d;
         let query = &q[index * d..(index + 1) * d];
-        let row = |t: usize| (t * kv_heads) * d + offset;
+        let row = |t: usize| kv.slot(t, kv_heads * d) + offset;
+        let (k, v) = (kv.keys, kv.values);
         SCORES.with_borrow_mut(|scores| {
             scores.clear();
             scores.extend(
@@ -130,31 +180,29 @@ fn per_query<T: Element>(
     });
 }
 
-/// One head's keys or values as an f32 matrix: a strided view when stored as f32, else widened.
+/// One head's keys or values as a contiguous f32 matrix `[len][d]`, gathered through the block
+/// table (and widened from bf16/f16).
 fn head_matrix<'a, T: Element>(
-    cache: &'a [T],
+    kv: &PagedKv<'_, T>,
+    pool: &[T],
     len: usize,
-    kv_heads: usize,
-    d: usize,
+    stride: usize,
     offset: usize,
+    d: usize,
     buf: &'a mut Vec<f32>,
-) -> (&'a [f32], isize) {
-    if let Some(f) = T::as_f32(cache) {
-        return (&f[offset..], (kv_heads * d) as isize);
-    }
+) -> &'a [f32] {
     buf.resize(len * d, 0.0);
     for (t, dst) in buf.chunks_exact_mut(d).enumerate() {
-        let src = (t * kv_heads) * d + offset;
-        T::widen(&cache[src..src + d], dst);
+        let src = kv.slot(t, stride) + offset;
+        T::widen(&pool[src..src + d], dst);
     }
-    (buf, d as isize)
+    buf
 }
 
 fn per_head<T: Element>(
     shape: &AttentionShape,
     q: &[f32],
-    k: &[T],
-    v: &[T],
+    kv: &PagedKv<'_, T>,
     start: usize,
     seq: usize,
     out: &mut [f32],
@@ -169,8 +217,10 @@ fn per_head<T: Element>(
         KEYS.with_borrow_mut(|kbuf| {
             VALUES.with_borrow_mut(|vbuf| {
                 SCORES.with_borrow_mut(|scores| {
-                    let (keys, ks) = head_matrix(k, len, kv_heads, d, offset, kbuf);
-                    let (values, vs) = head_matrix(v, len, kv_heads, d, offset, vbuf);
+                    let stride = kv_heads * d;
+                    let keys = head_matrix(kv, kv.keys, len, stride, offset, d, kbuf);
+                    let values = head_matrix(kv, kv.values, len, stride, offset, d, vbuf);
+                    let (ks, vs) = (d as isize, d as isize);
                     let slice = (SCORE_ELEMENTS / len).clamp(1, seq);
                     for first in (0..seq).step_by(slice) {
                         let rows = slice.min(seq - first);
@@ -299,6 +349,62 @@ mod tests {
                 "bf16, seq {seq} start {start}"
             );
         }
+    }
+
+    /// The same sequence scattered over a pool in shuffled blocks gives the contiguous result.
+    fn check_paged(seq: usize, start: usize, block_size: usize) {
+        let (heads, kv_heads, d) = (4, 2, 8);
+        let shape = AttentionShape {
+            heads,
+            kv_heads,
+            head_dim: d,
+            scale: 0.3,
+        };
+        let len = start + seq;
+        let stride = kv_heads * d;
+        let q = data(seq * heads * d, 4);
+        let k = data(len * stride, 5);
+        let v = data(len * stride, 6);
+        let mut contiguous = vec![0.0; q.len()];
+        causal_attention(&shape, &q, &k, &v, start, &mut contiguous);
+        // Blocks in reverse order, with a spare block between each: slot order differs from
+        // position order, and unused slots hold garbage that must never be read.
+        let blocks: Vec<u32> = (0..len.div_ceil(block_size))
+            .rev()
+            .map(|b| 2 * b as u32 + 1)
+            .collect();
+        let pool_slots = (2 * blocks.len() + 1) * block_size;
+        let (mut kp, mut vp) = (
+            vec![f32::NAN; pool_slots * stride],
+            vec![f32::NAN; pool_slots * stride],
+        );
+        for t in 0..len {
+            let slot = blocks[t / block_size] as usize * block_size + t % block_size;
+            kp[slot * stride..(slot + 1) * stride]
+                .copy_from_slice(&k[t * stride..(t + 1) * stride]);
+            vp[slot * stride..(slot + 1) * stride]
+                .copy_from_slice(&v[t * stride..(t + 1) * stride]);
+        }
+        let kv = PagedKv {
+            keys: &kp,
+            values: &vp,
+            blocks: &blocks,
+            block_size,
+        };
+        let mut paged = vec![0.0; q.len()];
+        paged_attention(&shape, &q, &kv, start, &mut paged);
+        assert_eq!(
+            paged, contiguous,
+            "seq {seq} start {start} block {block_size}"
+        );
+    }
+
+    #[test]
+    fn paged_attention_reads_through_the_block_table() {
+        check_paged(1, 0, 4);
+        check_paged(1, 37, 16);
+        check_paged(20, 0, 4);
+        check_paged(17, 23, 16);
     }
 
     #[test]

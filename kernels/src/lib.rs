@@ -3,8 +3,8 @@
 //! - [`matmul`]: `y = x Wᵀ` for weights stored as f32, bf16 or f16 and f32 activations. A few
 //!   rows (decode) stream the weights once through SIMD dot products, converting in registers;
 //!   many rows (prefill) go through a packed, cache-blocked GEMM (`matrixmultiply`).
-//! - [`attention`]: causal grouped-query attention of new queries over a position-major KV cache,
-//!   without copying or repeating keys and values.
+//! - [`attention`]: causal grouped-query attention of new queries over a paged, position-major KV
+//!   pool read through a sequence's block table, without copying or repeating keys and values.
 //!
 //! SIMD paths (AVX2 + FMA, F16C for f16) are chosen at run time; every kernel has a portable
 //! fallback that the tests check against the same reference. Work is split over rayon's global
@@ -16,7 +16,7 @@ pub mod matmul;
 mod parallel;
 mod simd;
 
-pub use attention::{causal_attention, AttentionShape};
+pub use attention::{causal_attention, paged_attention, AttentionShape, PagedKv};
 pub use element::Element;
 pub use half::{bf16, f16};
 pub use matmul::{matmul, matmul_rows, WeightRows};

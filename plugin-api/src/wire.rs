@@ -18,6 +18,8 @@ pub struct HostContext {
     pub scratch_dir: Option<PathBuf>,
     /// The most GPU memory the plugin may allocate, in bytes; its allocator must enforce it.
     pub gpu_memory_limit_bytes: Option<u64>,
+    /// The worker's memory limit in bytes (its cgroup's), for sizing caches; `None`: unlimited.
+    pub memory_limit_bytes: Option<u64>,
 }
 
 /// Generation defaults a manifest or a model's `generation_config.json` may set.
@@ -130,6 +132,9 @@ pub struct Usage {
     pub prompt_tokens: u32,
     /// Tokens generated.
     pub completion_tokens: u32,
+    /// Prompt tokens served from the model's prefix cache (OpenAI's
+    /// `prompt_tokens_details.cached_tokens`).
+    pub cached_tokens: u32,
 }
 
 /// How a request ended.

@@ -133,6 +133,7 @@ impl PluginImpl for Echo {
             usage: Usage {
                 prompt_tokens: prompt.len() as u32,
                 completion_tokens: count as u32,
+                ..Usage::default()
             },
             ..Default::default()
         };
@@ -227,7 +228,8 @@ mod tests {
             out.usage,
             Usage {
                 prompt_tokens: 5,
-                completion_tokens: 5
+                completion_tokens: 5,
+                ..Usage::default()
             }
         );
     }

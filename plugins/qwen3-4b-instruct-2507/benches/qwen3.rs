@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use pio_engine::candle_core::{DType, Device};
 use pio_engine::checkpoint::Checkpoint;
-use pio_engine::generate::CausalLm;
+use pio_engine::single::SingleSequence;
 use pio_plugin_qwen3::model::Qwen3;
 
 const PROMPT: usize = 512;
@@ -47,9 +47,9 @@ fn measure(dir: &Path, dtype: &str) {
     let prompt: Vec<u32> = (0..PROMPT as u32)
         .map(|i| (i * 7919 + 13) % 151_936)
         .collect();
-    let mut cache = model.new_cache();
+    let mut seq = SingleSequence::new(&model, PROMPT + DECODE + 1).expect("pool");
     let t = Instant::now();
-    let mut logits = model.forward(&prompt, &mut cache).expect("prefill");
+    let mut logits = seq.forward(&model, &prompt).expect("prefill");
     let prefill_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
     for _ in 0..DECODE {
@@ -58,7 +58,7 @@ fn measure(dir: &Path, dtype: &str) {
             .enumerate()
             .max_by(|a, b| a.1.total_cmp(b.1))
             .map_or(0, |(i, _)| i as u32);
-        logits = model.forward(&[next], &mut cache).expect("decode");
+        logits = seq.forward(&model, &[next]).expect("decode");
     }
     let decode_s = t.elapsed().as_secs_f64();
     println!(

@@ -7,8 +7,11 @@ use std::path::{Path, PathBuf};
 
 use pio_engine::candle_core::{DType, Device};
 use pio_engine::checkpoint::Checkpoint;
-use pio_engine::generate::{generate, Emitted, Finish, Request};
+use std::sync::Arc;
+
+use pio_engine::generate::{Emitted, Finish, Request};
 use pio_engine::sampling::SamplingParams;
+use pio_engine::serving::{Engine, EngineConfig};
 use pio_engine::text::{StreamDecoder, TextCodec};
 use pio_engine::EngineError;
 use pio_plugin_qwen3::model::Qwen3;
@@ -17,21 +20,27 @@ fn tiny() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/qwen3-tiny")
 }
 
-fn load() -> (Qwen3, TextCodec) {
+/// The tiny checkpoint served by an engine, and its codec.
+fn load() -> (Engine, TextCodec) {
     let checkpoint = Checkpoint::open(&tiny()).unwrap();
-    (
-        Qwen3::load(&checkpoint, DType::F32, &Device::Cpu, &mut |_, _| {}).unwrap(),
-        TextCodec::load(&checkpoint).unwrap(),
+    let model = Qwen3::load(&checkpoint, DType::F32, &Device::Cpu, &mut |_, _| {}).unwrap();
+    let engine = Engine::start(
+        Arc::new(model),
+        Arc::new(TextCodec::load(&checkpoint).unwrap()),
+        EngineConfig::default(),
     )
+    .unwrap();
+    (engine, TextCodec::load(&checkpoint).unwrap())
 }
 
-fn run(model: &Qwen3, codec: &TextCodec, request: &Request) -> (Vec<Emitted>, Finish) {
+fn run(engine: &Engine, _codec: &TextCodec, request: &Request) -> (Vec<Emitted>, Finish) {
     let mut out = Vec::new();
-    let outcome = generate(model, codec, request, &mut |e| {
-        out.push(e);
-        true
-    })
-    .unwrap();
+    let outcome = engine
+        .generate(request.clone(), &mut |e| {
+            out.push(e);
+            true
+        })
+        .unwrap();
     (out, outcome.finish)
 }
 
@@ -132,7 +141,7 @@ fn a_prompt_longer_than_the_context_is_refused() {
         max_tokens: 4,
         ..Request::default()
     };
-    let e = generate(&model, &codec, &r, &mut |_| true).unwrap_err();
+    let e = model.generate(r, &mut |_| true).unwrap_err();
     assert!(matches!(e, EngineError::InvalidInput(_)));
     assert!(
         e.to_string().contains("300 tokens") && e.to_string().contains("256"),

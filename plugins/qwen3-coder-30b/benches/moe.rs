@@ -14,10 +14,10 @@ use std::time::Instant;
 
 use pio_engine::candle_core::{DType, Device};
 use pio_engine::checkpoint::Checkpoint;
-use pio_engine::generate::{prefill, CausalLm, PREFILL_CHUNK};
 use pio_engine::linear::Quantization;
 use pio_engine::models::qwen3::Qwen3Moe;
 use pio_engine::runtime::LoadModel;
+use pio_engine::single::SingleSequence;
 
 #[path = "../../../tests/bench/common.rs"]
 mod common;
@@ -64,9 +64,9 @@ fn measure(dir: &Path, mode: &str) {
     let prompt: Vec<u32> = (0..PROMPT as u32)
         .map(|i| (i * 7919 + 13) % 151_936)
         .collect();
-    let mut cache = model.new_cache();
+    let mut seq = SingleSequence::new(&model, PROMPT + DECODE + 1).expect("pool");
     let t = Instant::now();
-    let mut logits = prefill(&model, &prompt, &mut cache, PREFILL_CHUNK).expect("prefill");
+    let mut logits = seq.prefill(&model, &prompt, 512).expect("prefill");
     let prefill_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
     for _ in 0..DECODE {
@@ -75,7 +75,7 @@ fn measure(dir: &Path, mode: &str) {
             .enumerate()
             .max_by(|a, b| a.1.total_cmp(b.1))
             .map_or(0, |(i, _)| i as u32);
-        logits = model.forward(&[next], &mut cache).expect("decode");
+        logits = seq.forward(&model, &[next]).expect("decode");
     }
     let decode_s = t.elapsed().as_secs_f64();
     println!(

@@ -2,11 +2,13 @@
 //! grouped-query attention with per-head RMSNorm on queries and keys, rotary positions, a SwiGLU
 //! MLP or (Qwen3-MoE) a sparse mixture of SwiGLU experts, tied or untied output embedding.
 
+use crate::attention::PagedKv;
+use crate::batch::{Batch, Positions};
 use crate::candle_core::{DType, Device, Module, Tensor};
 use crate::candle_nn::{embedding, rms_norm, Embedding, RmsNorm, VarBuilder};
 use crate::checkpoint::Checkpoint;
 use crate::generate::CausalLm;
-use crate::kv_cache::KvCache;
+use crate::kv_pool::{KvPool, TokenLayout};
 use crate::linear::{Linear, Quantization};
 use crate::{EngineError, Result};
 
@@ -16,19 +18,6 @@ mod rotary;
 
 pub use config::{Config, RopeParameters};
 use rotary::{Angles, Rotary};
-
-/// A sequence's KV cache: one entry per layer.
-#[derive(Debug, Default)]
-pub struct Cache {
-    layers: Vec<KvCache>,
-}
-
-impl Cache {
-    /// Positions held (every layer holds the same).
-    fn len(&self) -> usize {
-        self.layers.first().map_or(0, KvCache::len)
-    }
-}
 
 #[derive(Debug, Clone)]
 struct Attention {
@@ -67,26 +56,59 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, rotary: &Angles, cache: &mut KvCache) -> Result<Tensor> {
-        let (b, seq, _) = x.dims3()?;
-        let start = cache.len();
-        // 1. Project into heads, position-major: (b, seq, heads, head_dim); per-head RMSNorm on
+    /// Attention for every sequence of `batch`; `x` holds their new rows back to back,
+    /// `(1, rows, hidden)`. Each sequence's keys and values go into its blocks of `pool`'s layer
+    /// `layer`, then its queries attend over its own positions only.
+    fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &Angles,
+        batch: &Batch<'_>,
+        pool: &KvPool,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let (_, rows, _) = x.dims3()?;
+        // 1. Project into heads, position-major: (rows, heads, head_dim); per-head RMSNorm on
         //    queries and keys, then rotary positions.
-        let split = |t: Tensor, heads: usize| t.reshape((b, seq, heads, self.head_dim));
+        let split = |t: Tensor, heads: usize| t.reshape((1, rows, heads, self.head_dim));
         let q = split(self.q_proj.forward(x)?, self.heads)?;
         let k = split(self.k_proj.forward(x)?, self.kv_heads)?;
         let v = split(self.v_proj.forward(x)?, self.kv_heads)?;
-        let q = rotary.apply(&self.q_norm.forward(&q)?)?;
-        let k = rotary.apply(&self.k_norm.forward(&k)?)?;
-        // 2. Append to the cache (one sequence: batch 1).
-        cache.append(&k.squeeze(0)?, &v.squeeze(0)?)?;
-        // 3. Causal grouped-query attention over everything cached.
+        let q = rotary.apply(&self.q_norm.forward(&q)?)?.squeeze(0)?;
+        let k = rotary.apply(&self.k_norm.forward(&k)?)?.squeeze(0)?;
+        let v = v.squeeze(0)?;
+        // 2. Per sequence: store its keys and values, attend over its own positions.
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let out = crate::attention::causal(&q.squeeze(0)?, cache, start, scale)?;
-        // 4. Merge heads and project out.
+        let tensors = pool.layer(layer);
+        let mut outs = Vec::with_capacity(batch.seqs.len());
+        let mut row = 0;
+        for seq in &batch.seqs {
+            let n = seq.tokens.len();
+            pool.write(layer, 0, seq.blocks, seq.start, &k.narrow(0, row, n)?)?;
+            pool.write(layer, 1, seq.blocks, seq.start, &v.narrow(0, row, n)?)?;
+            let kv = PagedKv {
+                keys: &tensors[0],
+                values: &tensors[1],
+                blocks: seq.blocks,
+                block_size: pool.block_size(),
+            };
+            outs.push(crate::attention::paged(
+                &q.narrow(0, row, n)?,
+                &kv,
+                seq.start,
+                scale,
+            )?);
+            row += n;
+        }
+        let out = if outs.len() == 1 {
+            outs.remove(0)
+        } else {
+            Tensor::cat(&outs, 0)?
+        };
+        // 3. Merge heads and project out.
         Ok(self
             .o_proj
-            .forward(&out.reshape((b, seq, self.heads * self.head_dim))?)?)
+            .forward(&out.reshape((1, rows, self.heads * self.head_dim))?)?)
     }
 }
 
@@ -178,10 +200,21 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, rotary: &Angles, cache: &mut KvCache) -> Result<Tensor> {
-        let attn = self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x)?, rotary, cache)?;
+    fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &Angles,
+        batch: &Batch<'_>,
+        pool: &KvPool,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let attn = self.self_attn.forward(
+            &self.input_layernorm.forward(x)?,
+            rotary,
+            batch,
+            pool,
+            layer,
+        )?;
         let x = (x + attn)?;
         let mlp = self
             .mlp
@@ -318,37 +351,82 @@ impl Qwen3 {
     }
 }
 
-impl CausalLm for Qwen3 {
-    type Cache = Cache;
-
-    fn new_cache(&self) -> Cache {
-        Cache {
-            layers: (0..self.layers.len()).map(|_| KvCache::default()).collect(),
+impl Qwen3 {
+    /// Checks `batch` against what a text model takes; returns every new row's position.
+    fn positions(&self, batch: &Batch<'_>) -> Result<Vec<usize>> {
+        let mut positions = Vec::with_capacity(batch.rows());
+        for seq in &batch.seqs {
+            let end = seq.start + seq.tokens.len();
+            if seq.tokens.is_empty() {
+                return Err(EngineError::Internal(
+                    "a sequence with no new tokens in a batch".into(),
+                ));
+            }
+            if end > self.context {
+                return Err(EngineError::InvalidInput(format!(
+                    "the sequence would reach {end} tokens; the context is {}",
+                    self.context
+                )));
+            }
+            if !seq.splices.is_empty() || seq.positions != &Positions::Linear {
+                return Err(EngineError::Unsupported(
+                    "Qwen3 is a text model: it takes token ids at 1-D positions, not embeddings or M-RoPE positions".into(),
+                ));
+            }
+            positions.extend(seq.start..end);
         }
+        Ok(positions)
+    }
+}
+
+impl CausalLm for Qwen3 {
+    fn kv_layout(&self) -> TokenLayout {
+        let attn = self.layers.first().map(|l| &l.self_attn);
+        TokenLayout::keys_values(
+            self.layers.len(),
+            attn.map_or(0, |a| a.kv_heads),
+            attn.map_or(0, |a| a.head_dim),
+        )
     }
 
-    fn forward(&self, tokens: &[u32], cache: &mut Cache) -> Result<Vec<f32>> {
-        let start = cache.len();
-        if start + tokens.len() > self.context {
-            return Err(EngineError::InvalidInput(format!(
-                "the sequence would reach {} tokens; the context is {}",
-                start + tokens.len(),
-                self.context
-            )));
-        }
-        let ids = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
+    fn kv_dtype(&self) -> DType {
+        self.embed_tokens.embeddings().dtype()
+    }
+
+    fn device(&self) -> Device {
+        self.device.clone()
+    }
+
+    fn forward(&self, batch: &Batch<'_>, pool: &mut KvPool) -> Result<Vec<Vec<f32>>> {
+        let positions = self.positions(batch)?;
+        let ids: Vec<u32> = batch
+            .seqs
+            .iter()
+            .flat_map(|s| s.tokens.iter().copied())
+            .collect();
+        // Every sequence's new rows back to back: the projections read each weight once for all.
+        let ids = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
         let mut x = self.embed_tokens.forward(&ids)?;
-        let angles = self.rotary.angles(start, tokens.len())?;
-        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(&x, &angles, layer_cache)?;
+        let angles = self.rotary.angles(&positions)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, &angles, batch, pool, i)?;
         }
-        let last = x.narrow(1, tokens.len() - 1, 1)?;
+        // Only the rows whose logits are wanted go through the head.
+        let mut wanted = Vec::new();
+        let mut end = 0u32;
+        for seq in &batch.seqs {
+            end += seq.tokens.len() as u32;
+            if seq.logits {
+                wanted.push(end - 1);
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = Tensor::new(wanted, &self.device)?;
+        let last = x.index_select(&rows, 1)?;
         let logits = self.lm_head.forward(&self.norm.forward(&last)?)?;
-        Ok(logits
-            .squeeze(0)?
-            .squeeze(0)?
-            .to_dtype(DType::F32)?
-            .to_vec1::<f32>()?)
+        Ok(logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec2::<f32>()?)
     }
 
     fn context_length(&self) -> usize {
@@ -407,14 +485,20 @@ impl Qwen3Moe {
 }
 
 impl CausalLm for Qwen3Moe {
-    type Cache = Cache;
-
-    fn new_cache(&self) -> Cache {
-        self.0.new_cache()
+    fn kv_layout(&self) -> TokenLayout {
+        self.0.kv_layout()
     }
 
-    fn forward(&self, tokens: &[u32], cache: &mut Cache) -> Result<Vec<f32>> {
-        self.0.forward(tokens, cache)
+    fn kv_dtype(&self) -> DType {
+        self.0.kv_dtype()
+    }
+
+    fn device(&self) -> Device {
+        self.0.device()
+    }
+
+    fn forward(&self, batch: &Batch<'_>, pool: &mut KvPool) -> Result<Vec<Vec<f32>>> {
+        self.0.forward(batch, pool)
     }
 
     fn context_length(&self) -> usize {

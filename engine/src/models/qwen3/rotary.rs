@@ -38,14 +38,15 @@ impl Rotary {
         }
     }
 
-    /// The angles of positions `start..start + len`, in f32 as transformers computes them.
-    pub(super) fn angles(&self, start: usize, len: usize) -> Result<Angles> {
+    /// The angles of `positions` (one per row of a batch), in f32 as transformers computes them.
+    pub(super) fn angles(&self, positions: &[usize]) -> Result<Angles> {
         let half = self.inv_freq.len();
+        let len = positions.len();
         let (mut cos, mut sin) = (
             Vec::with_capacity(len * half),
             Vec::with_capacity(len * half),
         );
-        for pos in start..start + len {
+        for &pos in positions {
             let p = pos as f32 * self.inv_scale;
             for f in &self.inv_freq {
                 let angle = p * f;

@@ -1,12 +1,14 @@
 //! The plugin side every text model shares: reading the model config, loading the checkpoint,
-//! tokenizer, chat template and generation defaults, and running requests through
-//! [`generate`], streaming tokens into the plugin-api sink. A model plugin is its static info
-//! plus a [`ModelRuntime`] of its model type.
+//! tokenizer, chat template and generation defaults, and running requests through the model's
+//! [`Engine`], streaming tokens into the plugin-api sink. A model plugin is its static info plus a
+//! [`ModelRuntime`] of its model type.
+
+use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use pio_plugin_api::wire::{
-    FinishReason, GenerationDefaults, InferOutcome, InferRequest, ModelConfig, ModelInfo, Prompt,
-    Usage,
+    FinishReason, GenerationDefaults, HostContext, InferOutcome, InferRequest, ModelConfig,
+    ModelInfo, Prompt, Usage,
 };
 use pio_plugin_api::{
     ErrorKind, Flow, GeneratedToken, PluginError, Progress, RString, RVec, Sink, TopLogprob,
@@ -14,12 +16,15 @@ use pio_plugin_api::{
 
 use crate::chat::ChatTemplate;
 use crate::checkpoint::Checkpoint;
-use crate::generate::{generate, CausalLm, Emitted, Finish, Request};
+use crate::generate::{CausalLm, Emitted, Finish, Request};
 use crate::generation_config::GenerationConfig;
 use crate::linear::Quantization;
 use crate::sampling::SamplingParams;
+use crate::serving::{Engine, Stats};
 use crate::text::TextCodec;
 use crate::EngineError;
+
+mod engine_config;
 
 /// A model that loads from a checkpoint.
 pub trait LoadModel: CausalLm + Sized {
@@ -40,9 +45,9 @@ pub trait LoadModel: CausalLm + Sized {
 }
 
 /// A loaded model and everything needed to talk to it.
-struct Loaded<M> {
-    model: M,
-    codec: TextCodec,
+struct Loaded {
+    engine: Engine,
+    codec: Arc<TextCodec>,
     template: Option<ChatTemplate>,
     generation: GenerationConfig,
     defaults: GenerationDefaults,
@@ -50,8 +55,10 @@ struct Loaded<M> {
 
 /// One plugin's model: unloaded until `load_model`.
 pub struct ModelRuntime<M> {
-    loaded: Option<Loaded<M>>,
+    loaded: Option<Loaded>,
     tool_call_format: Option<&'static str>,
+    memory_limit: Option<u64>,
+    model: std::marker::PhantomData<fn() -> M>,
 }
 
 impl<M> ModelRuntime<M> {
@@ -61,7 +68,19 @@ impl<M> ModelRuntime<M> {
         Self {
             loaded: None,
             tool_call_format,
+            memory_limit: None,
+            model: std::marker::PhantomData,
         }
+    }
+
+    /// Takes what the host says about the worker (its memory limit sizes the KV pool).
+    pub fn initialize(&mut self, host: &HostContext) {
+        self.memory_limit = host.memory_limit_bytes;
+    }
+
+    /// The engine's counters, once a model is loaded.
+    pub fn stats(&self) -> Option<Stats> {
+        self.loaded.as_ref().map(|l| l.engine.stats())
     }
 }
 
@@ -74,7 +93,7 @@ pub fn plugin_error(e: EngineError) -> PluginError {
         | EngineError::Weights { .. } => ErrorKind::MODEL_FILES,
         EngineError::InvalidInput(_) => ErrorKind::INVALID_INPUT,
         EngineError::Unsupported(_) => ErrorKind::UNSUPPORTED,
-        EngineError::Compute(_) => ErrorKind::INTERNAL,
+        EngineError::Compute(_) | EngineError::Internal(_) => ErrorKind::INTERNAL,
     };
     PluginError::new(kind, e.to_string())
 }
@@ -124,7 +143,7 @@ pub fn device_of(config: &ModelConfig) -> Result<Device, PluginError> {
     }
 }
 
-impl<M> Loaded<M> {
+impl Loaded {
     fn prompt_ids(&self, request: &InferRequest) -> Result<Vec<u32>, PluginError> {
         let text = match &request.prompt {
             Prompt::Text(text) => text.clone(),
@@ -226,19 +245,25 @@ impl<M: LoadModel> ModelRuntime<M> {
         if cancelled {
             return Err(PluginError::cancelled("loading was cancelled"));
         }
+        let weight_bytes = model.weight_bytes();
+        let engine_config =
+            engine_config::engine_config(&model, &config.extra, self.memory_limit, weight_bytes)?;
         let info = ModelInfo {
             context_length: Some(model.context_length() as u32),
             dtype: Some(format!("{dtype:?}").to_lowercase()),
             device: Some(config.device.clone().unwrap_or_else(|| "cpu".into())),
-            weight_bytes: model.weight_bytes(),
+            weight_bytes,
             tool_call_format: self.tool_call_format.map(str::to_string),
         };
+        let codec = Arc::new(TextCodec::load(&checkpoint).map_err(plugin_error)?);
+        let engine =
+            Engine::start(Arc::new(model), codec.clone(), engine_config).map_err(plugin_error)?;
         self.loaded = Some(Loaded {
-            codec: TextCodec::load(&checkpoint).map_err(plugin_error)?,
+            codec,
             template: ChatTemplate::load(&checkpoint).map_err(plugin_error)?,
             generation: GenerationConfig::load(&checkpoint).map_err(plugin_error)?,
             defaults: config.generation.clone(),
-            model,
+            engine,
         });
         Ok(info)
     }
@@ -255,7 +280,7 @@ impl<M: LoadModel> ModelRuntime<M> {
             .ok_or_else(|| PluginError::not_ready("infer called before load_model"))?;
         let prompt = loaded.prompt_ids(request)?;
         let prompt_tokens = prompt.len() as u32;
-        let context = loaded.model.context_length();
+        let context = loaded.engine.context_length();
         let max_tokens = request
             .max_tokens
             .or(loaded.defaults.max_tokens)
@@ -270,7 +295,9 @@ impl<M: LoadModel> ModelRuntime<M> {
             logprobs: request.logprobs.map(|k| k as usize),
         };
         let mut emit = |t: Emitted| sink.emit(token_of(t)) == Flow::Continue;
-        let outcome = generate(&loaded.model, &loaded.codec, &engine_request, &mut emit)
+        let outcome = loaded
+            .engine
+            .generate(engine_request, &mut emit)
             .map_err(plugin_error)?;
         let finish_reason = match outcome.finish {
             Finish::Stop => FinishReason::Stop,
@@ -282,6 +309,7 @@ impl<M: LoadModel> ModelRuntime<M> {
             usage: Usage {
                 prompt_tokens,
                 completion_tokens: outcome.completion_tokens as u32,
+                cached_tokens: outcome.cached_tokens as u32,
             },
             ..Default::default()
         };
@@ -335,6 +363,14 @@ macro_rules! text_model_plugin {
 
             fn new() -> Result<Self, $crate::plugin_api::PluginError> {
                 Ok(Self($crate::runtime::ModelRuntime::new($format)))
+            }
+
+            fn initialize(
+                &mut self,
+                host: $crate::plugin_api::wire::HostContext,
+            ) -> Result<(), $crate::plugin_api::PluginError> {
+                self.0.initialize(&host);
+                Ok(())
             }
 
             fn supports_config(

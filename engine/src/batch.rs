@@ -1,0 +1,58 @@
+//! What one forward pass runs: new inputs of several sequences, each at its own positions and over
+//! its own blocks of the shared KV pool.
+
+use candle_core::Tensor;
+
+use crate::kv_pool::BlockId;
+
+/// Embeddings that replace the token embeddings of a run of a sequence's new inputs (an image's
+/// patches, say): rows `at..at + values.dim(0)` of the step's inputs for that sequence.
+#[derive(Debug, Clone)]
+pub struct Splice {
+    /// The first new input they replace.
+    pub at: usize,
+    /// `(rows, hidden)` in the model's dtype.
+    pub values: Tensor,
+}
+
+/// The positions of a sequence's new inputs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Positions {
+    /// `start..start + len`: ordinary 1-D positions.
+    Linear,
+    /// One (temporal, height, width) triple per new input, for multimodal rotary embeddings
+    /// (M-RoPE); `start` still counts cache slots.
+    Sections(Vec<[u32; 3]>),
+}
+
+/// One sequence's part of a batch.
+#[derive(Debug, Clone)]
+pub struct SeqStep<'a> {
+    /// New token ids (placeholders where `splices` replace them).
+    pub tokens: &'a [u32],
+    /// Embeddings spliced over some of `tokens`.
+    pub splices: &'a [Splice],
+    /// How many of the sequence's positions are cached already: the new inputs go at
+    /// `start..start + tokens.len()`.
+    pub start: usize,
+    /// Their positions for the rotary embedding.
+    pub positions: &'a Positions,
+    /// The sequence's block table, covering at least `start + tokens.len()` positions.
+    pub blocks: &'a [BlockId],
+    /// Whether the last new input's logits are wanted (not for a middle chunk of a prompt).
+    pub logits: bool,
+}
+
+/// A forward pass's work: the sequences in the order their logits come back.
+#[derive(Debug, Clone, Default)]
+pub struct Batch<'a> {
+    /// The sequences.
+    pub seqs: Vec<SeqStep<'a>>,
+}
+
+impl Batch<'_> {
+    /// New inputs over all sequences.
+    pub fn rows(&self) -> usize {
+        self.seqs.iter().map(|s| s.tokens.len()).sum()
+    }
+}

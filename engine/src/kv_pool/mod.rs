@@ -1,0 +1,188 @@
+//! The paged KV pool every sequence of a model shares: fixed-size blocks of token slots, one
+//! tensor per layer and per kind of cached vector, and a [`BlockAllocator`] saying which
+//! sequence holds which block. A sequence's positions map to slots through its block table, so a
+//! growing sequence takes a new block and nothing is copied; full blocks are shared between
+//! sequences with the same prefix.
+//!
+//! What one token leaves per layer is the model's choice, declared as a [`TokenLayout`]: keys and
+//! values per head for grouped-query attention, one compressed latent for MLA.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::{EngineError, Result};
+
+mod blocks;
+
+pub use blocks::{BlockAllocator, BlockId, PrefixHash};
+
+/// One vector a token leaves per layer: `heads × dim` values (K or V of GQA: `kv_heads ×
+/// head_dim`; MLA's latent: `1 × kv_lora_rank + rope_dim`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CachedVector {
+    /// Heads (rows per token).
+    pub heads: usize,
+    /// Values per head.
+    pub dim: usize,
+}
+
+/// What a model caches per token: the same vectors in each of `layers` layers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenLayout {
+    /// Attention layers.
+    pub layers: usize,
+    /// The vectors of one layer (for GQA: keys, then values).
+    pub vectors: Vec<CachedVector>,
+}
+
+impl TokenLayout {
+    /// Grouped-query attention: keys and values of `kv_heads × head_dim` in every layer.
+    pub fn keys_values(layers: usize, kv_heads: usize, head_dim: usize) -> Self {
+        let kv = CachedVector {
+            heads: kv_heads,
+            dim: head_dim,
+        };
+        Self {
+            layers,
+            vectors: vec![kv, kv],
+        }
+    }
+
+    /// Bytes one token takes in `dtype`.
+    pub fn bytes_per_token(&self, dtype: DType) -> usize {
+        let per_layer: usize = self.vectors.iter().map(|v| v.heads * v.dim).sum();
+        self.layers * per_layer * dtype.size_in_bytes()
+    }
+}
+
+/// How big a pool is and what it stores in.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PoolShape {
+    /// Token positions per block.
+    pub block_size: usize,
+    /// Blocks in the pool.
+    pub blocks: usize,
+    /// The element type of the cached vectors.
+    pub dtype: DType,
+}
+
+/// The pool: per layer, one `(blocks · block_size, heads, dim)` tensor per cached vector.
+#[derive(Debug)]
+pub struct KvPool {
+    shape: PoolShape,
+    layout: TokenLayout,
+    layers: Vec<Vec<Tensor>>,
+    /// Which blocks are free, held or cached.
+    pub allocator: BlockAllocator,
+}
+
+impl KvPool {
+    /// A pool of `shape` for `layout` on `device`. The tensors are zero-allocated, so the
+    /// operating system commits their pages only as blocks are first written.
+    pub fn new(layout: TokenLayout, shape: PoolShape, device: &Device) -> Result<Self> {
+        if shape.block_size == 0 || shape.blocks == 0 {
+            return Err(EngineError::InvalidInput(format!(
+                "a KV pool of {} blocks of {} positions holds nothing: give the model more KV cache memory (kv_cache_bytes)",
+                shape.blocks, shape.block_size
+            )));
+        }
+        let slots = shape.blocks * shape.block_size;
+        let layers = (0..layout.layers)
+            .map(|_| {
+                layout
+                    .vectors
+                    .iter()
+                    .map(|v| Tensor::zeros((slots, v.heads, v.dim), shape.dtype, device))
+                    .collect::<candle_core::Result<Vec<_>>>()
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            allocator: BlockAllocator::new(shape.blocks),
+            shape,
+            layout,
+            layers,
+        })
+    }
+
+    /// Positions per block.
+    pub fn block_size(&self) -> usize {
+        self.shape.block_size
+    }
+
+    /// The pool's size and element type.
+    pub fn shape(&self) -> PoolShape {
+        self.shape
+    }
+
+    /// What each token stores.
+    pub fn layout(&self) -> &TokenLayout {
+        &self.layout
+    }
+
+    /// Layer `layer`'s tensors, in the layout's order.
+    pub fn layer(&self, layer: usize) -> &[Tensor] {
+        &self.layers[layer]
+    }
+
+    /// Writes `rows` — `(len, heads, dim)`, positions `start..start + len` of the sequence whose
+    /// block table is `blocks` — into vector `vector` of layer `layer`, in place.
+    pub fn write(
+        &self,
+        layer: usize,
+        vector: usize,
+        blocks: &[BlockId],
+        start: usize,
+        rows: &Tensor,
+    ) -> Result<()> {
+        let target = &self.layers[layer][vector];
+        let rows = rows.to_dtype(target.dtype())?.contiguous()?;
+        let len = rows.dim(0)?;
+        let bs = self.shape.block_size;
+        if blocks.len() * bs < start + len {
+            return Err(EngineError::Internal(format!(
+                "positions up to {} written through a block table of {} blocks of {bs}",
+                start + len,
+                blocks.len()
+            )));
+        }
+        let mut done = 0;
+        while done < len {
+            let pos = start + done;
+            // Positions are contiguous within a block: one copy per block touched.
+            let run = (bs - pos % bs).min(len - done);
+            let slot = blocks[pos / bs] as usize * bs + pos % bs;
+            target.slice_set(&rows.narrow(0, done, run)?, 0, slot)?;
+            done += run;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_land_in_the_slots_of_the_block_table() {
+        let layout = TokenLayout::keys_values(1, 2, 3);
+        let shape = PoolShape {
+            block_size: 4,
+            blocks: 4,
+            dtype: DType::F32,
+        };
+        let pool = KvPool::new(layout.clone(), shape, &Device::Cpu).unwrap();
+        assert_eq!(layout.bytes_per_token(DType::F32), 2 * 2 * 3 * 4);
+        // Positions 2..8 of a sequence on blocks [3, 1]: slots 14, 15 then 4..8.
+        let rows = Tensor::arange(0f32, 36.0, &Device::Cpu)
+            .unwrap()
+            .reshape((6, 2, 3))
+            .unwrap();
+        pool.write(0, 1, &[3, 1], 2, &rows).unwrap();
+        let values = pool.layer(0)[1].to_vec3::<f32>().unwrap();
+        assert_eq!(values[14][0][0], 0.0 + 0.0 * 6.0);
+        assert_eq!(values[15][1][2], 11.0);
+        assert_eq!(values[4][0][0], 12.0);
+        assert_eq!(values[7][1][2], 35.0);
+        assert_eq!(values[0][0][0], 0.0, "other slots untouched");
+        assert!(pool.write(0, 0, &[3], 2, &rows).is_err(), "table too short");
+    }
+}

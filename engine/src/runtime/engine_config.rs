@@ -1,0 +1,125 @@
+//! The engine settings a manifest may give under `[model.options]`, and the KV pool's size when
+//! it gives none: what the worker's memory limit leaves after the weights, or half the memory
+//! available at load.
+
+use pio_plugin_api::PluginError;
+use serde_json::{Map, Value};
+
+use crate::generate::CausalLm;
+use crate::serving::EngineConfig;
+
+/// Memory kept free beside the weights and the pool (activations, tokenizer, allocator slack).
+const HEADROOM: u64 = 256 << 20;
+
+/// A byte count: a number, or a string with a K/M/G/T suffix (powers of 1024).
+fn bytes(key: &str, v: &Value) -> Result<u64, PluginError> {
+    let bad = || {
+        PluginError::invalid_config(format!(
+            "[model.options] {key} = {v}: expected a byte count such as 2147483648 or \"2G\""
+        ))
+    };
+    if let Some(n) = v.as_u64() {
+        return Ok(n);
+    }
+    let text = v.as_str().ok_or_else(bad)?.trim();
+    let (digits, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let shift = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(1 << shift).ok_or_else(bad)
+}
+
+fn count(key: &str, v: &Value) -> Result<usize, PluginError> {
+    v.as_u64()
+        .filter(|&n| n > 0)
+        .map(|n| n as usize)
+        .ok_or_else(|| {
+            PluginError::invalid_config(format!(
+                "[model.options] {key} = {v}: expected a positive whole number"
+            ))
+        })
+}
+
+/// Bytes the operating system reports available now (`MemAvailable`), if it says.
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// The engine configuration for `model` from the manifest's options, the worker's memory limit
+/// and the weights' size.
+pub(super) fn engine_config<M: CausalLm>(
+    model: &M,
+    options: &Map<String, Value>,
+    memory_limit: Option<u64>,
+    weight_bytes: Option<u64>,
+) -> Result<EngineConfig, PluginError> {
+    let pool_bytes = match options.get("kv_cache_bytes") {
+        Some(v) => bytes("kv_cache_bytes", v)?,
+        None => match memory_limit {
+            Some(limit) => {
+                let left = limit.saturating_sub(weight_bytes.unwrap_or(0) + HEADROOM);
+                if left == 0 {
+                    return Err(PluginError::invalid_config(format!(
+                        "the memory limit ({limit} bytes) leaves nothing for the KV cache beside the model's weights ({} bytes): raise limits.memory or quantize the model",
+                        weight_bytes.unwrap_or(0)
+                    )));
+                }
+                left
+            }
+            None => available_memory().map_or(1 << 30, |a| a / 2),
+        },
+    };
+    let mut config = EngineConfig::with_pool_bytes(model, pool_bytes);
+    if let Some(v) = options.get("max_seqs") {
+        config.max_seqs = count("max_seqs", v)?;
+    }
+    if let Some(v) = options.get("max_batch_tokens") {
+        config.token_budget = count("max_batch_tokens", v)?;
+    }
+    if let Some(v) = options.get("prefix_cache") {
+        config.prefix_cache = v.as_bool().ok_or_else(|| {
+            PluginError::invalid_config(format!(
+                "[model.options] prefix_cache = {v}: expected true or false"
+            ))
+        })?;
+    }
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn byte_counts_take_numbers_and_suffixes() {
+        assert_eq!(bytes("k", &json!(1024)).unwrap(), 1024);
+        assert_eq!(bytes("k", &json!("2G")).unwrap(), 2 << 30);
+        assert_eq!(bytes("k", &json!("512 MiB")).unwrap(), 512 << 20);
+        let err = bytes("kv_cache_bytes", &json!("lots"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("kv_cache_bytes") && err.contains("\"2G\""),
+            "{err}"
+        );
+        assert!(bytes("k", &json!(-1)).is_err());
+    }
+}

@@ -1,0 +1,314 @@
+//! The scheduler's decision, a pure function of the engine's state: which sequences run in the
+//! next forward pass and how many of their tokens, which waiting requests join, and which running
+//! sequences give their blocks back when the pool runs short.
+//!
+//! Policy (first come, first served, as vLLM's): running sequences keep their places oldest
+//! first; each gets its next token (decode) or the next chunk of its prompt, within a per-step
+//! token budget, so a long prompt is prefilled in chunks between other sequences' decode steps.
+//! When a running sequence needs a block and none is left, the newest running sequence is
+//! preempted (its blocks freed; it is recomputed from its tokens later, so its output does not
+//! change). Waiting requests join in arrival order while budget, sequence slots and blocks last,
+//! and none joins in a step that had to preempt.
+
+/// A running sequence, as the scheduler sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Running {
+    /// Its id.
+    pub id: u64,
+    /// Tokens it has (prompt plus generated).
+    pub tokens: usize,
+    /// Tokens whose cache entries are in the pool.
+    pub computed: usize,
+    /// Blocks it holds.
+    pub blocks: usize,
+}
+
+/// A waiting request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Waiting {
+    /// Its id.
+    pub id: u64,
+    /// Tokens it has (prompt, plus what it generated before a preemption).
+    pub tokens: usize,
+    /// Leading tokens the prefix cache already holds (a multiple of the block size, less than
+    /// `tokens`).
+    pub cached: usize,
+}
+
+/// The engine's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Token positions per block.
+    pub block_size: usize,
+    /// New tokens per forward pass over all sequences.
+    pub token_budget: usize,
+    /// Sequences running at once.
+    pub max_seqs: usize,
+}
+
+/// The state the decision is made from.
+#[derive(Debug, Clone, Copy)]
+pub struct State<'a> {
+    /// Running sequences, oldest first.
+    pub running: &'a [Running],
+    /// Waiting requests, oldest first.
+    pub waiting: &'a [Waiting],
+    /// Blocks that can be allocated now.
+    pub free_blocks: usize,
+    /// The limits.
+    pub limits: Limits,
+}
+
+/// One sequence's share of the next step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Work {
+    /// The sequence.
+    pub id: u64,
+    /// New tokens it computes.
+    pub tokens: usize,
+    /// Blocks it must be given first.
+    pub new_blocks: usize,
+}
+
+/// The next step.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Running sequences to preempt first (their blocks freed, back to waiting).
+    pub preempt: Vec<u64>,
+    /// Waiting requests that join (they appear in `work` too).
+    pub admit: Vec<u64>,
+    /// What runs, running sequences first (oldest first), then those admitted.
+    pub work: Vec<Work>,
+}
+
+impl Plan {
+    /// Whether the step does nothing.
+    pub fn is_idle(&self) -> bool {
+        self.work.is_empty()
+    }
+}
+
+fn blocks_for(tokens: usize, block_size: usize) -> usize {
+    tokens.div_ceil(block_size)
+}
+
+/// The next step's plan.
+pub fn schedule(state: &State<'_>) -> Plan {
+    let Limits {
+        block_size: bs,
+        token_budget,
+        max_seqs,
+    } = state.limits;
+    let mut plan = Plan::default();
+    let mut budget = token_budget;
+    let mut free = state.free_blocks;
+    let mut kept: Vec<Running> = state.running.to_vec();
+    let mut i = 0;
+    while i < kept.len() {
+        let s = kept[i];
+        let want = (s.tokens - s.computed).min(budget);
+        if want == 0 {
+            i += 1;
+            continue;
+        }
+        let need = |n: usize| blocks_for(s.computed + n, bs).saturating_sub(s.blocks);
+        // Preempt newer sequences until this one's next token fits.
+        while need(1) > free && kept.len() > i + 1 {
+            if let Some(victim) = kept.pop() {
+                free += victim.blocks;
+                plan.preempt.push(victim.id);
+            }
+        }
+        if need(1) > free {
+            // The newest sequence itself cannot grow: it waits for blocks to come back.
+            kept.remove(i);
+            free += s.blocks;
+            plan.preempt.push(s.id);
+            continue;
+        }
+        // A prompt chunk shrinks to what the free blocks hold rather than preempt for it.
+        let fits = (s.blocks + free) * bs - s.computed;
+        let tokens = want.min(fits);
+        let new_blocks = need(tokens);
+        free -= new_blocks;
+        budget -= tokens;
+        plan.work.push(Work {
+            id: s.id,
+            tokens,
+            new_blocks,
+        });
+        i += 1;
+    }
+    if !plan.preempt.is_empty() {
+        return plan;
+    }
+    let mut seqs = kept.len();
+    for w in state.waiting {
+        if seqs >= max_seqs || budget == 0 {
+            break;
+        }
+        // Counted as if no cached block were shared: never more than the pool can give. The
+        // first chunk shrinks to the free blocks; the queue is never jumped.
+        let fits = (free * bs).saturating_sub(w.cached);
+        let tokens = (w.tokens - w.cached).min(budget).min(fits);
+        if tokens == 0 {
+            break;
+        }
+        let new_blocks = blocks_for(w.cached + tokens, bs);
+        free -= new_blocks;
+        budget -= tokens;
+        seqs += 1;
+        plan.admit.push(w.id);
+        plan.work.push(Work {
+            id: w.id,
+            tokens,
+            new_blocks: blocks_for(w.cached + tokens, bs) - w.cached / bs,
+        });
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        block_size: 4,
+        token_budget: 16,
+        max_seqs: 8,
+    };
+
+    fn run(id: u64, tokens: usize, computed: usize) -> Running {
+        Running {
+            id,
+            tokens,
+            computed,
+            blocks: computed.div_ceil(4),
+        }
+    }
+
+    fn wait(id: u64, tokens: usize) -> Waiting {
+        Waiting {
+            id,
+            tokens,
+            cached: 0,
+        }
+    }
+
+    fn plan(running: &[Running], waiting: &[Waiting], free: usize, limits: Limits) -> Plan {
+        schedule(&State {
+            running,
+            waiting,
+            free_blocks: free,
+            limits,
+        })
+    }
+
+    #[test]
+    fn decodes_run_first_and_a_long_prompt_is_chunked_by_the_budget() {
+        // Two sequences decoding, one 40-token prompt waiting: it gets what the budget leaves.
+        let p = plan(&[run(1, 9, 8), run(2, 5, 4)], &[wait(3, 40)], 100, LIMITS);
+        assert_eq!(p.preempt, Vec::<u64>::new());
+        assert_eq!(p.admit, vec![3]);
+        let tokens: Vec<_> = p.work.iter().map(|w| (w.id, w.tokens)).collect();
+        assert_eq!(tokens, vec![(1, 1), (2, 1), (3, 14)]);
+        // Sequence 1 at 8 tokens needs a third block for its ninth; 2 has room in its second.
+        assert_eq!(p.work[0].new_blocks, 1);
+        assert_eq!(p.work[1].new_blocks, 1);
+        assert_eq!(p.work[2].new_blocks, 4);
+        // Next step: the prompt continues with the next chunk, the decodes keep going.
+        let p = plan(
+            &[run(1, 10, 9), run(2, 6, 5), run(3, 40, 14)],
+            &[],
+            100,
+            LIMITS,
+        );
+        let tokens: Vec<_> = p.work.iter().map(|w| (w.id, w.tokens)).collect();
+        assert_eq!(tokens, vec![(1, 1), (2, 1), (3, 14)]);
+    }
+
+    #[test]
+    fn the_newest_sequence_is_preempted_when_blocks_run_out() {
+        // Both at a block boundary, one free block: the older one grows, the newer one yields.
+        let p = plan(&[run(1, 9, 8), run(2, 9, 8)], &[wait(3, 2)], 1, LIMITS);
+        assert_eq!(p.preempt, vec![2]);
+        assert_eq!(
+            p.work,
+            vec![Work {
+                id: 1,
+                tokens: 1,
+                new_blocks: 1
+            }]
+        );
+        assert!(p.admit.is_empty(), "nothing joins in a step that preempted");
+        // No block at all: the only sequence waits rather than fail.
+        let p = plan(&[run(1, 9, 8)], &[], 0, LIMITS);
+        assert_eq!(p.preempt, vec![1]);
+        assert!(p.is_idle());
+    }
+
+    #[test]
+    fn admission_is_first_come_first_served_within_every_limit() {
+        // Not enough blocks for the first waiting request: the second does not jump the queue.
+        let p = plan(&[], &[wait(1, 20), wait(2, 2)], 3, LIMITS);
+        assert_eq!(
+            p.admit,
+            vec![1],
+            "the second request does not jump the queue"
+        );
+        assert_eq!(
+            p.work[0].tokens, 12,
+            "the first chunk shrinks to the 3 free blocks"
+        );
+        let p = plan(&[], &[wait(1, 20), wait(2, 2)], 0, LIMITS);
+        assert!(p.is_idle());
+    }
+
+    #[test]
+    fn sequence_slots_and_the_token_budget_bound_admission() {
+        let limits = Limits {
+            max_seqs: 2,
+            ..LIMITS
+        };
+        let p = plan(&[run(1, 5, 4)], &[wait(2, 3), wait(3, 3)], 100, limits);
+        assert_eq!(p.admit, vec![2]);
+        let tight = Limits {
+            token_budget: 1,
+            ..LIMITS
+        };
+        let p = plan(&[run(1, 5, 4)], &[wait(2, 3)], 100, tight);
+        assert!(p.admit.is_empty(), "the decode used the whole budget");
+    }
+
+    #[test]
+    fn a_cached_prefix_is_not_recomputed() {
+        let w = Waiting {
+            id: 1,
+            tokens: 10,
+            cached: 8,
+        };
+        let p = plan(&[], &[w], 100, LIMITS);
+        assert_eq!(
+            p.work,
+            vec![Work {
+                id: 1,
+                tokens: 2,
+                new_blocks: 1
+            }]
+        );
+    }
+
+    #[test]
+    fn a_prompt_chunk_shrinks_to_the_free_blocks() {
+        // 30 tokens to go, 2 free blocks plus room in its own: it takes what fits.
+        let p = plan(&[run(1, 40, 10)], &[], 2, LIMITS);
+        assert_eq!(
+            p.work,
+            vec![Work {
+                id: 1,
+                tokens: 10,
+                new_blocks: 2
+            }]
+        );
+    }
+}

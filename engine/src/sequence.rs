@@ -1,0 +1,108 @@
+//! A sequence's output side: sampling, logprobs, UTF-8-safe text and stop strings, one token at a
+//! time — what the old single-request loop did, now state that lives as long as the sequence and
+//! survives preemption (the tokens, the sampler's random state, the text held back).
+
+use crate::generate::{Emitted, Finish, Request};
+use crate::sampling::{log_softmax, top_k, Sampler};
+use crate::stop::StopMatcher;
+use crate::text::{StreamDecoder, TextCodec};
+
+/// Turns a sequence's logits into tokens and text.
+#[derive(Debug)]
+pub struct Decoding {
+    prompt: Vec<u32>,
+    generated: Vec<u32>,
+    max_tokens: usize,
+    eos: Vec<u32>,
+    logprobs: Option<usize>,
+    sampler: Sampler,
+    decoder: StreamDecoder,
+    stops: StopMatcher,
+}
+
+/// One sampled token and whether the sequence ends with it.
+#[derive(Debug)]
+pub struct Accepted {
+    /// What the client gets.
+    pub emitted: Emitted,
+    /// Why the sequence ends here, if it does.
+    pub finish: Option<Finish>,
+}
+
+impl Decoding {
+    /// The state for `request`, generating at most `max_tokens` (already capped by the caller to
+    /// what the context and the pool allow).
+    pub fn new(request: &Request, max_tokens: usize) -> Self {
+        Self {
+            prompt: request.prompt.clone(),
+            generated: Vec::new(),
+            max_tokens,
+            eos: request.eos.clone(),
+            logprobs: request.logprobs,
+            sampler: Sampler::new(request.sampling.clone()),
+            decoder: StreamDecoder::new(),
+            stops: StopMatcher::new(request.stop.iter().cloned()),
+        }
+    }
+
+    /// The prompt's tokens.
+    pub fn prompt(&self) -> &[u32] {
+        &self.prompt
+    }
+
+    /// Tokens generated so far.
+    pub fn generated(&self) -> &[u32] {
+        &self.generated
+    }
+
+    /// Samples the next token from `logits` and works out the text it releases.
+    pub fn accept(&mut self, logits: &[f32], codec: &TextCodec) -> Accepted {
+        let token = self.sampler.sample(logits, &self.prompt, &self.generated);
+        self.generated.push(token);
+        let is_eos = self.eos.contains(&token);
+        let last = is_eos || self.generated.len() >= self.max_tokens;
+        let (logprob, top) = match self.logprobs {
+            Some(k) => {
+                let lp = log_softmax(logits);
+                let top = top_k(&lp, k)
+                    .into_iter()
+                    .map(|(id, l)| (id, codec.decode(&[id]), l))
+                    .collect();
+                (Some(lp[token as usize]), top)
+            }
+            None => (None, Vec::new()),
+        };
+        let mut text = String::new();
+        let mut stopped = false;
+        if !is_eos {
+            let step = self.stops.push(&self.decoder.push(codec, token));
+            text = step.emit;
+            stopped = step.stopped;
+        }
+        if last && !stopped {
+            // Nothing follows: release what was held for a possible stop string or character.
+            let tail = self.stops.push(&self.decoder.finish(codec));
+            text.push_str(&tail.emit);
+            stopped = tail.stopped;
+            if !stopped {
+                text.push_str(&self.stops.finish());
+            }
+        }
+        let finish = if is_eos || stopped {
+            Some(Finish::Stop)
+        } else if last {
+            Some(Finish::Length)
+        } else {
+            None
+        };
+        Accepted {
+            emitted: Emitted {
+                token_id: token,
+                text,
+                logprob,
+                top,
+            },
+            finish,
+        }
+    }
+}

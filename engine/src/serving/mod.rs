@@ -1,0 +1,309 @@
+//! The engine: one thread per loaded model that drives forward passes over every request in
+//! flight. `submit` enqueues a request and returns its [`Stream`] of events; between steps the
+//! thread takes new requests and cancellations, asks the [`scheduler`](crate::scheduler) for the
+//! next batch, runs it against the paged [`KvPool`], and turns each sequence's logits into tokens.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use candle_core::DType;
+
+use crate::generate::{CausalLm, Emitted, Finish, Outcome, Request};
+use crate::kv_pool::{KvPool, PoolShape};
+use crate::text::TextCodec;
+use crate::{EngineError, Result};
+
+mod step;
+
+/// How the engine batches and how big its KV pool is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EngineConfig {
+    /// Token positions per KV block.
+    pub block_size: usize,
+    /// Blocks in the KV pool.
+    pub kv_blocks: usize,
+    /// The pool's element type (`None`: the model's own).
+    pub kv_dtype: Option<DType>,
+    /// New tokens per forward pass over all sequences (a long prompt is prefilled in chunks).
+    pub token_budget: usize,
+    /// Sequences running at once.
+    pub max_seqs: usize,
+    /// Whether full blocks are shared by content between requests.
+    pub prefix_cache: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            block_size: 16,
+            kv_blocks: 1024,
+            kv_dtype: None,
+            token_budget: 512,
+            max_seqs: 64,
+            prefix_cache: true,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// The default configuration with a pool of at most `bytes` for `model` (at least one
+    /// block), never more blocks than `max_seqs` full contexts need.
+    pub fn with_pool_bytes<M: CausalLm>(model: &M, bytes: u64) -> Self {
+        let base = Self::default();
+        let dtype = model.kv_dtype();
+        let per_block = (model.kv_layout().bytes_per_token(dtype) * base.block_size).max(1) as u64;
+        let ceiling = (model.context_length() * base.max_seqs).div_ceil(base.block_size);
+        Self {
+            kv_blocks: ((bytes / per_block) as usize).clamp(1, ceiling.max(1)),
+            ..base
+        }
+    }
+}
+
+/// What a request's stream carries.
+#[derive(Debug)]
+pub enum Event {
+    /// A generated token.
+    Token(Emitted),
+    /// The request ended.
+    Done(Outcome),
+    /// The request failed.
+    Failed(EngineError),
+}
+
+/// A submitted request's events; dropping it cancels the request.
+#[derive(Debug)]
+pub struct Stream {
+    events: Receiver<Event>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl Stream {
+    /// The next event; `None` once the engine is gone.
+    pub fn next(&self) -> Option<Event> {
+        self.events.recv().ok()
+    }
+
+    /// Asks the engine to stop this request; it ends with [`Finish::Cancelled`].
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
+/// Counters and gauges of the engine, as of its last step.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Stats {
+    /// Sequences in the running batch.
+    pub running: usize,
+    /// Requests waiting to join (new or preempted).
+    pub waiting: usize,
+    /// KV blocks held by sequences.
+    pub blocks_used: usize,
+    /// KV blocks that can be allocated (free or idle in the prefix cache).
+    pub blocks_free: usize,
+    /// KV blocks in the pool.
+    pub blocks_total: usize,
+    /// Token positions per block.
+    pub block_size: usize,
+    /// Bytes one token takes in the pool.
+    pub kv_bytes_per_token: usize,
+    /// Prompt tokens looked up in the prefix cache at admission.
+    pub prefix_lookup_tokens: u64,
+    /// Of those, tokens found.
+    pub prefix_hit_tokens: u64,
+    /// Sequences preempted (and recomputed later).
+    pub preemptions: u64,
+    /// Forward passes run.
+    pub steps: u64,
+    /// Sequences over all forward passes (divide by `steps` for the mean batch size).
+    pub batched_seqs: u64,
+    /// Sequences in the last forward pass.
+    pub last_batch: usize,
+}
+
+/// A new request on its way to the engine thread.
+struct Arrival {
+    request: Request,
+    max_tokens: usize,
+    events: Sender<Event>,
+    cancel: Arc<AtomicBool>,
+}
+
+#[derive(Default)]
+struct Inbox {
+    arrivals: Vec<Arrival>,
+    stop: bool,
+}
+
+/// What the engine thread and its callers share.
+#[derive(Default)]
+struct Shared {
+    inbox: Mutex<Inbox>,
+    wake: Condvar,
+    stats: Mutex<Stats>,
+}
+
+/// A model being served: its engine thread and the queue into it.
+pub struct Engine {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+    context: usize,
+    /// Positions the whole pool holds.
+    capacity: usize,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("context", &self.context)
+            .field("capacity", &self.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Starts serving `model`: allocates its KV pool and starts its thread.
+    pub fn start<M: CausalLm>(
+        model: Arc<M>,
+        codec: Arc<TextCodec>,
+        config: EngineConfig,
+    ) -> Result<Self> {
+        let layout = model.kv_layout();
+        let shape = PoolShape {
+            block_size: config.block_size,
+            blocks: config.kv_blocks,
+            dtype: config.kv_dtype.unwrap_or_else(|| model.kv_dtype()),
+        };
+        let pool = KvPool::new(layout.clone(), shape, &model.device())?;
+        let shared = Arc::new(Shared::default());
+        if let Ok(mut s) = shared.stats.lock() {
+            *s = Stats {
+                blocks_free: shape.blocks,
+                blocks_total: shape.blocks,
+                block_size: shape.block_size,
+                kv_bytes_per_token: layout.bytes_per_token(shape.dtype),
+                ..Stats::default()
+            };
+        }
+        let context = model.context_length();
+        let worker = step::Worker::new(model, codec, pool, config, shared.clone());
+        let thread = std::thread::Builder::new()
+            .name("pio-engine".into())
+            .spawn(move || worker.run())
+            .map_err(|e| EngineError::Internal(format!("cannot start the engine thread: {e}")))?;
+        Ok(Self {
+            shared,
+            thread: Some(thread),
+            context,
+            capacity: shape.blocks * shape.block_size,
+        })
+    }
+
+    /// Enqueues `request`; its tokens come on the returned stream.
+    pub fn submit(&self, request: Request) -> Result<Stream> {
+        let prompt = request.prompt.len();
+        if prompt == 0 {
+            return Err(EngineError::InvalidInput("the prompt is empty".into()));
+        }
+        if prompt >= self.context {
+            return Err(EngineError::InvalidInput(format!(
+                "the prompt is {prompt} tokens; this model's context is {} tokens, leaving no room to generate: shorten the prompt",
+                self.context
+            )));
+        }
+        if prompt >= self.capacity {
+            return Err(EngineError::InvalidInput(format!(
+                "the prompt is {prompt} tokens; the KV cache holds {} tokens in all: shorten the prompt or give the model more KV cache memory (kv_cache_bytes)",
+                self.capacity
+            )));
+        }
+        let max_tokens = request
+            .max_tokens
+            .min(self.context - prompt)
+            .min(self.capacity - prompt);
+        let (events, rx) = mpsc::channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let mut inbox = self
+            .shared
+            .inbox
+            .lock()
+            .map_err(|_| EngineError::Internal("the engine's queue is poisoned".into()))?;
+        if inbox.stop {
+            return Err(EngineError::Internal("the engine is shutting down".into()));
+        }
+        inbox.arrivals.push(Arrival {
+            request,
+            max_tokens,
+            events,
+            cancel: cancel.clone(),
+        });
+        self.shared.wake.notify_one();
+        Ok(Stream { events: rx, cancel })
+    }
+
+    /// Runs `request` to its end; `emit` gets each token and returns false to cancel.
+    pub fn generate(
+        &self,
+        request: Request,
+        emit: &mut dyn FnMut(Emitted) -> bool,
+    ) -> Result<Outcome> {
+        let stream = self.submit(request)?;
+        loop {
+            match stream.next() {
+                Some(Event::Token(t)) => {
+                    if !emit(t) {
+                        stream.cancel();
+                    }
+                }
+                Some(Event::Done(outcome)) => return Ok(outcome),
+                Some(Event::Failed(e)) => return Err(e),
+                None => return Err(EngineError::Internal("the engine stopped".into())),
+            }
+        }
+    }
+
+    /// The engine's counters as of its last step.
+    pub fn stats(&self) -> Stats {
+        self.shared
+            .stats
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+
+    /// The longest sequence the model supports.
+    pub fn context_length(&self) -> usize {
+        self.context
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Ok(mut inbox) = self.shared.inbox.lock() {
+            inbox.stop = true;
+        }
+        self.shared.wake.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sends `finish` for a request that ends before it runs.
+fn finish_early(events: &Sender<Event>, finish: Finish) {
+    let _ = events.send(Event::Done(Outcome {
+        finish,
+        completion_tokens: 0,
+        cached_tokens: 0,
+        prompt_ms: 0.0,
+        decode_ms: 0.0,
+    }));
+}

@@ -1,0 +1,394 @@
+//! The engine thread: its sequences and one step of the loop.
+
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{finish_early, Arrival, EngineConfig, Event, Shared, Stats};
+use crate::batch::{Batch, Positions, SeqStep};
+use crate::generate::{CausalLm, Finish, Outcome};
+use crate::kv_pool::{BlockId, KvPool, PrefixHash};
+use crate::scheduler::{self, Limits, Plan, Running, Waiting};
+use crate::sequence::Decoding;
+use crate::text::TextCodec;
+use crate::EngineError;
+
+/// One request inside the engine.
+struct Seq {
+    id: u64,
+    /// Prompt and generated tokens.
+    tokens: Vec<u32>,
+    /// Tokens whose cache entries are in the pool.
+    computed: usize,
+    blocks: Vec<BlockId>,
+    /// Chain hashes of the full blocks registered or found in the prefix cache.
+    hashes: Vec<PrefixHash>,
+    decoding: Decoding,
+    events: Sender<Event>,
+    cancel: Arc<AtomicBool>,
+    /// Prompt tokens found in the prefix cache at first admission.
+    cached_tokens: Option<usize>,
+    arrived: Instant,
+    first_token: Option<Instant>,
+}
+
+impl Seq {
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+
+    fn outcome(&self, finish: Finish) -> Outcome {
+        let now = Instant::now();
+        let first = self.first_token.unwrap_or(now);
+        Outcome {
+            finish,
+            completion_tokens: self.decoding.generated().len(),
+            cached_tokens: self.cached_tokens.unwrap_or(0),
+            prompt_ms: (first - self.arrived).as_secs_f64() * 1e3,
+            decode_ms: (now - first).as_secs_f64() * 1e3,
+        }
+    }
+}
+
+/// The state the engine thread owns.
+pub(super) struct Worker<M> {
+    model: Arc<M>,
+    codec: Arc<TextCodec>,
+    pool: KvPool,
+    config: EngineConfig,
+    shared: Arc<Shared>,
+    /// Oldest first.
+    running: Vec<Seq>,
+    /// Oldest first (a preempted sequence goes back to its place).
+    waiting: VecDeque<Seq>,
+    next_id: u64,
+    stats: Stats,
+}
+
+impl<M: CausalLm> Worker<M> {
+    pub(super) fn new(
+        model: Arc<M>,
+        codec: Arc<TextCodec>,
+        pool: KvPool,
+        config: EngineConfig,
+        shared: Arc<Shared>,
+    ) -> Self {
+        let stats = shared.stats.lock().map(|s| s.clone()).unwrap_or_default();
+        Self {
+            model,
+            codec,
+            pool,
+            config,
+            shared,
+            running: Vec::new(),
+            waiting: VecDeque::new(),
+            next_id: 0,
+            stats,
+        }
+    }
+
+    /// Steps until the engine is dropped, then fails what is left.
+    pub(super) fn run(mut self) {
+        while self.take_arrivals() {
+            self.drop_cancelled();
+            let plan = self.plan();
+            self.apply(&plan);
+            self.publish();
+        }
+        for seq in self.running.drain(..).chain(self.waiting.drain(..)) {
+            let _ = seq.events.send(Event::Failed(EngineError::Internal(
+                "the model was unloaded while the request ran".into(),
+            )));
+        }
+    }
+
+    /// Moves new requests into the waiting queue, sleeping while there is nothing to do;
+    /// false once the engine is stopping.
+    fn take_arrivals(&mut self) -> bool {
+        let Ok(mut inbox) = self.shared.inbox.lock() else {
+            return false;
+        };
+        while inbox.arrivals.is_empty()
+            && !inbox.stop
+            && self.running.is_empty()
+            && self.waiting.is_empty()
+        {
+            inbox = match self.shared.wake.wait(inbox) {
+                Ok(i) => i,
+                Err(_) => return false,
+            };
+        }
+        if inbox.stop {
+            return false;
+        }
+        let arrivals: Vec<Arrival> = inbox.arrivals.drain(..).collect();
+        drop(inbox);
+        for a in arrivals {
+            if a.max_tokens == 0 {
+                finish_early(&a.events, Finish::Length);
+                continue;
+            }
+            self.next_id += 1;
+            self.waiting.push_back(Seq {
+                id: self.next_id,
+                tokens: a.request.prompt.clone(),
+                computed: 0,
+                blocks: Vec::new(),
+                hashes: Vec::new(),
+                decoding: Decoding::new(&a.request, a.max_tokens),
+                events: a.events,
+                cancel: a.cancel,
+                cached_tokens: None,
+                arrived: Instant::now(),
+                first_token: None,
+            });
+        }
+        true
+    }
+
+    fn release(&mut self, seq: &mut Seq) {
+        for b in seq.blocks.drain(..) {
+            self.pool.allocator.release(b);
+        }
+        seq.hashes.clear();
+        seq.computed = 0;
+    }
+
+    fn drop_cancelled(&mut self) {
+        let (gone, kept): (Vec<Seq>, Vec<Seq>) = self.running.drain(..).partition(Seq::cancelled);
+        self.running = kept;
+        let (gone_waiting, kept): (Vec<Seq>, Vec<Seq>) =
+            self.waiting.drain(..).partition(Seq::cancelled);
+        self.waiting = kept.into();
+        for mut seq in gone.into_iter().chain(gone_waiting) {
+            self.release(&mut seq);
+            let _ = seq.events.send(Event::Done(seq.outcome(Finish::Cancelled)));
+        }
+    }
+
+    /// The cached full blocks a waiting sequence can start from (always leaving its last token
+    /// to compute, whose logits it needs).
+    fn cached_prefix(&self, seq: &Seq) -> (Vec<BlockId>, Vec<PrefixHash>) {
+        if !self.config.prefix_cache {
+            return (Vec::new(), Vec::new());
+        }
+        let bs = self.pool.block_size();
+        let usable = (seq.tokens.len() - 1) / bs;
+        let mut hashes = PrefixHash::of_blocks(&seq.tokens[..usable * bs], bs);
+        let found = self.pool.allocator.lookup(&seq.tokens, &hashes);
+        hashes.truncate(found.len());
+        (found, hashes)
+    }
+
+    fn plan(&self) -> Plan {
+        let running: Vec<Running> = self
+            .running
+            .iter()
+            .map(|s| Running {
+                id: s.id,
+                tokens: s.tokens.len(),
+                computed: s.computed,
+                blocks: s.blocks.len(),
+            })
+            .collect();
+        let bs = self.pool.block_size();
+        let waiting: Vec<Waiting> = self
+            .waiting
+            .iter()
+            .map(|s| Waiting {
+                id: s.id,
+                tokens: s.tokens.len(),
+                cached: self.cached_prefix(s).0.len() * bs,
+            })
+            .collect();
+        scheduler::schedule(&scheduler::State {
+            running: &running,
+            waiting: &waiting,
+            free_blocks: self.pool.allocator.available(),
+            limits: Limits {
+                block_size: bs,
+                token_budget: self.config.token_budget,
+                max_seqs: self.config.max_seqs,
+            },
+        })
+    }
+
+    /// Carries out `plan`: preemptions, admissions, block allocation, the forward pass and
+    /// what its logits produce.
+    fn apply(&mut self, plan: &Plan) {
+        for id in &plan.preempt {
+            if let Some(i) = self.running.iter().position(|s| s.id == *id) {
+                let mut seq = self.running.remove(i);
+                self.release(&mut seq);
+                self.stats.preemptions += 1;
+                let at = self.waiting.partition_point(|w| w.id < seq.id);
+                self.waiting.insert(at, seq);
+            }
+        }
+        for id in &plan.admit {
+            let Some(i) = self.waiting.iter().position(|s| s.id == *id) else {
+                continue;
+            };
+            let Some(mut seq) = self.waiting.remove(i) else {
+                continue;
+            };
+            let (found, hashes) = self.cached_prefix(&seq);
+            for &b in &found {
+                self.pool.allocator.share(b);
+            }
+            let bs = self.pool.block_size();
+            seq.computed = found.len() * bs;
+            seq.blocks = found;
+            seq.hashes = hashes;
+            if seq.cached_tokens.is_none() {
+                self.stats.prefix_lookup_tokens += seq.tokens.len() as u64;
+                self.stats.prefix_hit_tokens += seq.computed as u64;
+                seq.cached_tokens = Some(seq.computed);
+            }
+            let at = self.running.partition_point(|r| r.id < seq.id);
+            self.running.insert(at, seq);
+        }
+        if plan.is_idle() {
+            return;
+        }
+        self.run_batch(plan);
+    }
+
+    fn run_batch(&mut self, plan: &Plan) {
+        // Blocks first; then the batch in plan order.
+        let mut order = Vec::with_capacity(plan.work.len());
+        for w in &plan.work {
+            let Some(i) = self.running.iter().position(|s| s.id == w.id) else {
+                continue;
+            };
+            let bs = self.pool.block_size();
+            let end = self.running[i].computed + w.tokens;
+            while self.running[i].blocks.len() * bs < end {
+                match self.pool.allocator.allocate() {
+                    Some(b) => self.running[i].blocks.push(b),
+                    None => break,
+                }
+            }
+            if self.running[i].blocks.len() * bs < end {
+                // The plan promised blocks that are not there: a scheduler bug, reported.
+                let mut seq = self.running.remove(i);
+                self.release(&mut seq);
+                let _ = seq.events.send(Event::Failed(EngineError::Internal(
+                    "the KV pool ran out of blocks the scheduler had counted on".into(),
+                )));
+                continue;
+            }
+            order.push((w.id, w.tokens));
+        }
+        let linear = Positions::Linear;
+        let result = {
+            let steps: Vec<SeqStep<'_>> = order
+                .iter()
+                .filter_map(|(id, n)| {
+                    let s = self.running.iter().find(|s| s.id == *id)?;
+                    Some(SeqStep {
+                        tokens: &s.tokens[s.computed..s.computed + n],
+                        splices: &[],
+                        start: s.computed,
+                        positions: &linear,
+                        blocks: &s.blocks,
+                        logits: s.computed + n == s.tokens.len(),
+                    })
+                })
+                .collect();
+            let batch = Batch { seqs: steps };
+            let (model, pool) = (&self.model, &mut self.pool);
+            catch_unwind(AssertUnwindSafe(|| model.forward(&batch, pool))).unwrap_or_else(|p| {
+                let what = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                Err(EngineError::Internal(format!(
+                    "the model panicked in a forward pass: {what}"
+                )))
+            })
+        };
+        self.stats.steps += 1;
+        self.stats.batched_seqs += order.len() as u64;
+        self.stats.last_batch = order.len();
+        match result {
+            Ok(logits) => self.advance(&order, logits),
+            Err(e) => {
+                for (id, _) in &order {
+                    if let Some(i) = self.running.iter().position(|s| s.id == *id) {
+                        let mut seq = self.running.remove(i);
+                        self.release(&mut seq);
+                        let _ = seq.events.send(Event::Failed(e.duplicate()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records what the step computed, caches newly full blocks, and samples where logits came.
+    fn advance(&mut self, order: &[(u64, usize)], logits: Vec<Vec<f32>>) {
+        let mut logits = logits.into_iter();
+        let bs = self.pool.block_size();
+        let mut finished = Vec::new();
+        for &(id, n) in order {
+            let Some(seq) = self.running.iter_mut().find(|s| s.id == id) else {
+                continue;
+            };
+            seq.computed += n;
+            if self.config.prefix_cache {
+                while seq.hashes.len() < seq.computed / bs {
+                    let b = seq.hashes.len();
+                    let parent = seq.hashes.last().copied();
+                    let tokens = &seq.tokens[b * bs..(b + 1) * bs];
+                    let hash = PrefixHash::chain(parent, tokens);
+                    self.pool
+                        .allocator
+                        .cache(seq.blocks[b], parent, tokens, hash);
+                    seq.hashes.push(hash);
+                }
+            }
+            if seq.computed < seq.tokens.len() {
+                continue;
+            }
+            let Some(row) = logits.next() else {
+                finished.push((id, Err("the model returned fewer logits than asked")));
+                continue;
+            };
+            let accepted = seq.decoding.accept(&row, &self.codec);
+            seq.first_token.get_or_insert_with(Instant::now);
+            let token = accepted.emitted.token_id;
+            let delivered = seq.events.send(Event::Token(accepted.emitted)).is_ok();
+            match (accepted.finish, delivered) {
+                (Some(f), _) => finished.push((id, Ok(f))),
+                (None, false) => finished.push((id, Ok(Finish::Cancelled))),
+                (None, true) => seq.tokens.push(token),
+            }
+        }
+        for (id, end) in finished {
+            if let Some(i) = self.running.iter().position(|s| s.id == id) {
+                let mut seq = self.running.remove(i);
+                self.release(&mut seq);
+                let event = match end {
+                    Ok(f) => Event::Done(seq.outcome(f)),
+                    Err(why) => Event::Failed(EngineError::Internal(why.into())),
+                };
+                let _ = seq.events.send(event);
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        let a = &self.pool.allocator;
+        self.stats.running = self.running.len();
+        self.stats.waiting = self.waiting.len();
+        self.stats.blocks_used = a.in_use();
+        self.stats.blocks_free = a.available();
+        if let Ok(mut s) = self.shared.stats.lock() {
+            *s = self.stats.clone();
+        }
+    }
+}

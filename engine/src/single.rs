@@ -1,0 +1,89 @@
+//! One sequence driven straight through the batch seam, with a pool of its own: for benches and
+//! tests that measure or inspect the model itself. Serving goes through
+//! [`Engine`](crate::serving::Engine); both run the same `forward`.
+
+use crate::batch::{Batch, Positions, SeqStep};
+use crate::generate::CausalLm;
+use crate::kv_pool::{BlockId, KvPool, PoolShape};
+use crate::{EngineError, Result};
+
+/// Positions per block of a single sequence's pool.
+const BLOCK: usize = 16;
+
+/// A sequence and its private KV pool.
+#[derive(Debug)]
+pub struct SingleSequence {
+    pool: KvPool,
+    blocks: Vec<BlockId>,
+    len: usize,
+}
+
+impl SingleSequence {
+    /// An empty sequence that can grow to `capacity` positions.
+    pub fn new<M: CausalLm>(model: &M, capacity: usize) -> Result<Self> {
+        let shape = PoolShape {
+            block_size: BLOCK,
+            blocks: capacity.div_ceil(BLOCK).max(1),
+            dtype: model.kv_dtype(),
+        };
+        Ok(Self {
+            pool: KvPool::new(model.kv_layout(), shape, &model.device())?,
+            blocks: Vec::new(),
+            len: 0,
+        })
+    }
+
+    /// Positions cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Runs `tokens` at the next positions; returns the last one's logits.
+    pub fn forward<M: CausalLm>(&mut self, model: &M, tokens: &[u32]) -> Result<Vec<f32>> {
+        let end = self.len + tokens.len();
+        while self.blocks.len() * BLOCK < end {
+            let block = self.pool.allocator.allocate().ok_or_else(|| {
+                EngineError::InvalidInput(format!(
+                    "the sequence would reach {end} positions; it was made for {}",
+                    self.pool.shape().blocks * BLOCK
+                ))
+            })?;
+            self.blocks.push(block);
+        }
+        let linear = Positions::Linear;
+        let batch = Batch {
+            seqs: vec![SeqStep {
+                tokens,
+                splices: &[],
+                start: self.len,
+                positions: &linear,
+                blocks: &self.blocks,
+                logits: true,
+            }],
+        };
+        let mut logits = model.forward(&batch, &mut self.pool)?;
+        self.len = end;
+        logits
+            .pop()
+            .ok_or_else(|| EngineError::Internal("the model returned no logits".into()))
+    }
+
+    /// Runs `tokens` in chunks of `chunk`; returns the logits after the last one.
+    pub fn prefill<M: CausalLm>(
+        &mut self,
+        model: &M,
+        tokens: &[u32],
+        chunk: usize,
+    ) -> Result<Vec<f32>> {
+        let mut logits = Vec::new();
+        for part in tokens.chunks(chunk.max(1)) {
+            logits = self.forward(model, part)?;
+        }
+        Ok(logits)
+    }
+}

@@ -1,0 +1,333 @@
+//! The batch-first engine against transformers' goldens: requests that run together, share a
+//! cached prefix, get preempted for want of KV blocks or run beside a cancelled one each give
+//! exactly the tokens (and top-5 log-probabilities within 2e-3) that transformers gives for the
+//! request alone; every KV block is free again afterwards. Dense and MoE checkpoints, f32.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pio_engine::candle_core::{DType, Device};
+use pio_engine::chat::ChatTemplate;
+use pio_engine::checkpoint::Checkpoint;
+use pio_engine::generate::{CausalLm, Emitted, Finish, Outcome, Request};
+use pio_engine::generation_config::GenerationConfig;
+use pio_engine::linear::Quantization;
+use pio_engine::models::qwen3::{Qwen3, Qwen3Moe};
+use pio_engine::runtime::LoadModel;
+use pio_engine::sampling::SamplingParams;
+use pio_engine::serving::{Engine, EngineConfig, Event, Stats, Stream};
+use pio_engine::text::TextCodec;
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// The golden cases of `name`: (request, golden), the request cut to `lengths[i]` tokens.
+fn cases(name: &str, lengths: &[usize]) -> Vec<(Request, Value)> {
+    let checkpoint = Checkpoint::open(&fixtures().join(name)).unwrap();
+    let eos = GenerationConfig::load(&checkpoint).unwrap().eos_token_id;
+    let text = std::fs::read_to_string(fixtures().join(format!("golden/{name}.json"))).unwrap();
+    let golden: Vec<Value> = serde_json::from_str(&text).unwrap();
+    golden
+        .into_iter()
+        .zip(lengths.iter().cycle())
+        .map(|(case, &len)| {
+            let request = Request {
+                prompt: ids(&case["input_ids"]),
+                sampling: SamplingParams::default(),
+                max_tokens: len,
+                stop: Vec::new(),
+                eos: eos.clone(),
+                logprobs: Some(5),
+            };
+            (request, case)
+        })
+        .collect()
+}
+
+fn engine_for<M: LoadModel + CausalLm>(name: &str, config: EngineConfig) -> Engine {
+    let checkpoint = Checkpoint::open(&fixtures().join(name)).unwrap();
+    // The template loads too: the checkpoint is a complete one.
+    ChatTemplate::load(&checkpoint).unwrap();
+    let model = M::load(
+        &checkpoint,
+        DType::F32,
+        Quantization::None,
+        &Device::Cpu,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let codec = TextCodec::load(&checkpoint).unwrap();
+    Engine::start(Arc::new(model), Arc::new(codec), config).unwrap()
+}
+
+/// Small blocks, so that even the short golden prompts span several.
+fn small_blocks(blocks: usize) -> EngineConfig {
+    EngineConfig {
+        block_size: 4,
+        kv_blocks: blocks,
+        ..EngineConfig::default()
+    }
+}
+
+fn collect(stream: Stream) -> (Vec<Emitted>, Outcome) {
+    let mut out = Vec::new();
+    loop {
+        match stream.next().unwrap() {
+            Event::Token(t) => out.push(t),
+            Event::Done(o) => return (out, o),
+            Event::Failed(e) => panic!("request failed: {e}"),
+        }
+    }
+}
+
+fn assert_matches(out: &[Emitted], case: &Value, expected_len: usize) {
+    let tokens: Vec<u32> = out.iter().map(|e| e.token_id).collect();
+    assert_eq!(
+        tokens.len(),
+        expected_len,
+        "tokens of {}",
+        case["input_ids"]
+    );
+    assert_eq!(
+        tokens,
+        ids(&case["tokens"])[..tokens.len()],
+        "greedy tokens of {}",
+        case["input_ids"]
+    );
+    for (step, (e, want)) in out.iter().zip(case["top5"].as_array().unwrap()).enumerate() {
+        let got: Vec<u32> = e.top.iter().map(|t| t.0).collect();
+        assert_eq!(got, ids(&want["ids"]), "top-5 ids at step {step}");
+        for ((_, _, lp), w) in e.top.iter().zip(want["logprobs"].as_array().unwrap()) {
+            let w = w.as_f64().unwrap() as f32;
+            assert!((lp - w).abs() < 2e-3, "step {step}: {lp} vs {w}");
+        }
+    }
+}
+
+/// The engine's counters once it has nothing left to run.
+fn when_idle(engine: &Engine) -> Stats {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = engine.stats();
+        if s.running == 0 && s.waiting == 0 {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the engine never went idle: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Requests of different lengths, each submitted once the previous one has its first token, all
+/// consumed concurrently.
+fn staggered<M: LoadModel + CausalLm>(name: &str) {
+    let engine = engine_for::<M>(name, small_blocks(256));
+    let cases = cases(name, &[16, 7, 12, 16, 9]);
+    let results = std::thread::scope(|scope| {
+        let mut handles = Vec::new();
+        for (request, _) in &cases {
+            let stream = engine.submit(request.clone()).unwrap();
+            // Wait for the first token here, hand the rest to a thread.
+            let first = match stream.next().unwrap() {
+                Event::Token(t) => t,
+                other => panic!("expected a token, got {other:?}"),
+            };
+            handles.push(scope.spawn(move || {
+                let (mut rest, outcome) = collect(stream);
+                rest.insert(0, first);
+                (rest, outcome)
+            }));
+        }
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    for ((request, golden), (out, outcome)) in cases.iter().zip(&results) {
+        assert_matches(out, golden, request.max_tokens);
+        assert_eq!(outcome.finish, Finish::Length);
+    }
+    let stats = when_idle(&engine);
+    assert!(
+        stats.batched_seqs > stats.steps,
+        "sequences shared forward passes: {stats:?}"
+    );
+    assert_eq!(stats.blocks_used, 0, "every block is free again: {stats:?}");
+}
+
+#[test]
+fn staggered_concurrent_requests_match_transformers_dense() {
+    staggered::<Qwen3>("qwen3-tiny");
+}
+
+#[test]
+fn staggered_concurrent_requests_match_transformers_moe() {
+    staggered::<Qwen3Moe>("qwen3-moe-tiny");
+}
+
+fn run_all(engine: &Engine, cases: &[(Request, Value)]) -> Vec<(Vec<Emitted>, Outcome)> {
+    let streams: Vec<Stream> = cases
+        .iter()
+        .map(|(r, _)| engine.submit(r.clone()).unwrap())
+        .collect();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = streams
+            .into_iter()
+            .map(|s| scope.spawn(move || collect(s)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn shared_prefix<M: LoadModel + CausalLm>(name: &str) {
+    let engine = engine_for::<M>(name, small_blocks(256));
+    let cases = cases(name, &[16]);
+    let (long, golden) = &cases[4];
+    let first = run_all(&engine, &cases[4..5]);
+    assert_eq!(first[0].1.cached_tokens, 0, "a cold cache has nothing");
+    // The same prompt again, three times at once, and the other prompts beside them.
+    let mut again = vec![cases[4].clone(), cases[4].clone(), cases[4].clone()];
+    again.extend(cases[..4].iter().cloned());
+    let results = run_all(&engine, &again);
+    let full_blocks = (long.prompt.len() - 1) / 4 * 4;
+    for ((request, case), (out, outcome)) in again.iter().zip(&results) {
+        assert_matches(out, case, request.max_tokens);
+        if request.prompt == long.prompt {
+            assert_matches(out, golden, 16);
+            assert_eq!(
+                outcome.cached_tokens, full_blocks,
+                "the prefix came from the cache"
+            );
+        }
+    }
+    let stats = when_idle(&engine);
+    assert!(
+        stats.prefix_hit_tokens >= 3 * full_blocks as u64,
+        "{stats:?}"
+    );
+    assert_eq!(stats.blocks_used, 0, "{stats:?}");
+}
+
+#[test]
+fn a_shared_prefix_served_from_the_cache_gives_the_same_tokens_dense() {
+    shared_prefix::<Qwen3>("qwen3-tiny");
+}
+
+#[test]
+fn a_shared_prefix_served_from_the_cache_gives_the_same_tokens_moe() {
+    shared_prefix::<Qwen3Moe>("qwen3-moe-tiny");
+}
+
+fn preemption<M: LoadModel + CausalLm>(name: &str) {
+    // 24 blocks of 4 hold 96 positions; the five requests need 198 together, the longest 74.
+    let engine = engine_for::<M>(
+        name,
+        EngineConfig {
+            prefix_cache: false,
+            ..small_blocks(24)
+        },
+    );
+    let cases = cases(name, &[16]);
+    let results = run_all(&engine, &cases);
+    for ((request, golden), (out, _)) in cases.iter().zip(&results) {
+        assert_matches(out, golden, request.max_tokens);
+    }
+    let stats = when_idle(&engine);
+    assert!(
+        stats.preemptions > 0,
+        "the pool was too small to run all: {stats:?}"
+    );
+    assert_eq!((stats.blocks_used, stats.blocks_free), (0, 24), "{stats:?}");
+}
+
+#[test]
+fn a_pool_too_small_preempts_and_still_gives_the_right_tokens_dense() {
+    preemption::<Qwen3>("qwen3-tiny");
+}
+
+#[test]
+fn a_pool_too_small_preempts_and_still_gives_the_right_tokens_moe() {
+    preemption::<Qwen3Moe>("qwen3-moe-tiny");
+}
+
+#[test]
+fn cancelling_one_stream_leaves_the_others_unchanged() {
+    let name = "qwen3-tiny";
+    let engine = engine_for::<Qwen3>(name, small_blocks(256));
+    let cases = cases(name, &[16]);
+    let streams: Vec<Stream> = cases
+        .iter()
+        .map(|(r, _)| engine.submit(r.clone()).unwrap())
+        .collect();
+    let results = std::thread::scope(|scope| {
+        let handles: Vec<_> = streams
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| {
+                scope.spawn(move || {
+                    if i != 2 {
+                        return Some(collect(s));
+                    }
+                    // Two tokens, then the client goes away.
+                    for _ in 0..2 {
+                        assert!(matches!(s.next(), Some(Event::Token(_))));
+                    }
+                    s.cancel();
+                    let mut rest = 0;
+                    loop {
+                        match s.next().unwrap() {
+                            Event::Token(_) => rest += 1,
+                            Event::Done(o) => {
+                                assert_eq!(o.finish, Finish::Cancelled);
+                                assert!(rest < 14, "cancelled, it stopped early");
+                                return None;
+                            }
+                            Event::Failed(e) => panic!("{e}"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    for ((request, golden), result) in cases.iter().zip(&results) {
+        if let Some((out, _)) = result {
+            assert_matches(out, golden, request.max_tokens);
+        }
+    }
+    let stats = when_idle(&engine);
+    assert_eq!(stats.blocks_used, 0, "{stats:?}");
+}
+
+#[test]
+fn requests_the_pool_can_never_hold_are_refused_with_what_to_do() {
+    let engine = engine_for::<Qwen3>("qwen3-tiny", small_blocks(4));
+    let request = Request {
+        prompt: vec![20; 40],
+        max_tokens: 4,
+        ..Request::default()
+    };
+    let e = engine.submit(request).unwrap_err().to_string();
+    assert!(
+        e.contains("KV cache holds 16 tokens") && e.contains("kv_cache_bytes"),
+        "{e}"
+    );
+}
