@@ -141,21 +141,37 @@ fn request(args: &RunArgs) -> anyhow::Result<InferRequest> {
     })
 }
 
-/// Runs `pio run`; returns the process exit code.
-pub fn run(args: RunArgs) -> anyhow::Result<u8> {
-    let request = request(&args)?;
+/// A plugin found, checked and planned: what starting its worker takes.
+pub(crate) struct Prepared {
+    /// The daemon settings in force.
+    pub settings: pio_host::config::Config,
+    /// The plugin's library.
+    pub library: PathBuf,
+    /// Its model configuration (with `--model-path` applied).
+    pub config: pio_plugin_api::wire::ModelConfig,
+    /// Its worker, confined by the plan.
+    pub spec: WorkerSpec,
+}
+
+/// Finds the ready plugin `name` in the search path and plans its worker.
+pub(crate) fn prepare(
+    name: &str,
+    search_args: &SearchArgs,
+    tiers: &TierArgs,
+    model_path: Option<&PathBuf>,
+) -> anyhow::Result<Prepared> {
     let crate::Settings {
         config: settings,
         search,
-    } = crate::settings(&args.search)?;
+    } = crate::settings(search_args)?;
     let candidates = discovery::discover(&search, &prober()?)?;
     let named: Vec<_> = candidates
         .iter()
-        .filter(|c| c.manifest.as_ref().is_some_and(|m| m.name == args.name))
+        .filter(|c| c.manifest.as_ref().is_some_and(|m| m.name == name))
         .collect();
     let Some(chosen) = named.iter().find(|c| matches!(c.status, Status::Ready)) else {
         if let Some(Status::Failed(e)) = named.first().map(|c| &c.status) {
-            bail!("plugin {} cannot run: {e}", args.name);
+            bail!("plugin {name} cannot run: {e}");
         }
         // A manifest that does not parse has no name: its error may be the one wanted.
         let broken: Vec<String> = candidates
@@ -167,8 +183,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
             })
             .collect();
         bail!(
-            "no plugin named {} in {}; `pio list` shows what is there{}",
-            args.name,
+            "no plugin named {name} in {}; `pio list` shows what is there{}",
             search
                 .plugin_dirs
                 .iter()
@@ -183,9 +198,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         );
     };
     let (Some(manifest), Some(library)) = (&chosen.manifest, &chosen.library) else {
-        bail!("plugin {} has no checked manifest", args.name);
+        bail!("plugin {name} has no checked manifest");
     };
-    let policy = args.tiers.policy(settings.policy());
+    let policy = tiers.policy(settings.policy());
     let plan = launch::plan(manifest, &settings, &policy, &HostSupport::detect())?;
     if let Some(reason) = &plan.downgrade_reason {
         eprintln!(
@@ -194,14 +209,36 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         );
     }
     let mut config = launch::model_config(manifest, &chosen.manifest_path);
-    if let Some(path) = &args.model_path {
+    if let Some(path) = model_path {
         config.model_path = Some(path.clone());
-    }
-    if args.in_process {
-        return in_process(library, &config, &request, args.json);
     }
     let exe = std::env::current_exe().context("cannot find the running `pio` executable")?;
     let spec = launch::worker_spec(&manifest.name, library, &config, plan, exe);
+    Ok(Prepared {
+        settings,
+        library: library.clone(),
+        config,
+        spec,
+    })
+}
+
+/// Runs `pio run`; returns the process exit code.
+pub fn run(args: RunArgs) -> anyhow::Result<u8> {
+    let request = request(&args)?;
+    let Prepared {
+        settings,
+        library,
+        config,
+        spec,
+    } = prepare(
+        &args.name,
+        &args.search,
+        &args.tiers,
+        args.model_path.as_ref(),
+    )?;
+    if args.in_process {
+        return in_process(&library, &config, &request, args.json);
+    }
     let maximum = spec.plan.applied == Tier::Maximum;
     let timeout = args
         .timeout

@@ -10,6 +10,7 @@ use pio_host::discovery::{self, Candidate, SearchPaths, Status};
 use pio_host::probe::{self, Prober};
 use pio_host::report;
 
+mod cli_bench;
 mod cli_list;
 mod cli_print;
 mod cli_run;
@@ -51,6 +52,8 @@ enum Command {
     },
     /// Run one request through a plugin, streaming the output as it is generated.
     Run(cli_run::RunArgs),
+    /// Measure a plugin under concurrent load: throughput, TTFT and inter-token latency.
+    Bench(cli_bench::BenchArgs),
     /// Serve the plugins over an OpenAI-compatible HTTP API until SIGTERM.
     Serve(cli_serve::ServeArgs),
     /// Load one library and print what it is as JSON (the child side of `check` and `list`).
@@ -79,7 +82,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if matches!(
         cli.command,
-        Command::List { .. } | Command::Check { .. } | Command::Run(_)
+        Command::List { .. } | Command::Check { .. } | Command::Run(_) | Command::Bench(_)
     ) {
         // Worker output and supervisor notes, as plain lines on stderr.
         let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -105,6 +108,7 @@ fn main() -> ExitCode {
             json,
         } => check(&path, library_dirs, json),
         Command::Run(args) => cli_run::run(args).map(ExitCode::from),
+        Command::Bench(args) => cli_bench::run(args).map(ExitCode::from),
         Command::Serve(args) => cli_serve::serve(args).map(|()| ExitCode::SUCCESS),
         Command::Probe { library } => return ExitCode::from(probe::run_child(&library) as u8),
         Command::Worker => {

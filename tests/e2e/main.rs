@@ -4,6 +4,7 @@
 
 mod support;
 
+mod batching;
 mod daemon;
 mod discovery;
 mod hotplug;

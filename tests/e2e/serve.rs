@@ -34,7 +34,8 @@ fn chat_and_completions_answer_in_openai_shapes() {
     assert_eq!(r["choices"][0]["finish_reason"], "length");
     assert_eq!(
         r["usage"],
-        json!({"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8})
+        json!({"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
+               "prompt_tokens_details": {"cached_tokens": 0}})
     );
 
     let req = json!({"model": "echo", "prompt": "abc def", "stop": " ", "logprobs": 0});

@@ -65,6 +65,30 @@ pub struct PoolShape {
     pub dtype: DType,
 }
 
+/// A zero tensor whose pages the operating system commits only when written: candle's own
+/// `zeros` fills bf16 and f16 buffers element by element, which would make the whole pool
+/// resident at once.
+fn zeroed(shape: (usize, usize, usize), dtype: DType, device: &Device) -> Result<Tensor> {
+    fn halves<T>(n: usize) -> Vec<T> {
+        const { assert!(std::mem::size_of::<T>() == 2 && std::mem::align_of::<T>() == 2) };
+        // A zeroed allocation (calloc): fresh pages stay uncommitted until touched.
+        let mut v = std::mem::ManuallyDrop::new(vec![0u16; n]);
+        // SAFETY: T is bf16 or f16, `#[repr(transparent)]` over u16 (size and alignment checked
+        // above), for which all-zero bits are +0.0; the allocation moves over whole.
+        unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<T>(), v.len(), v.capacity()) }
+    }
+    let n = shape.0 * shape.1 * shape.2;
+    Ok(match (dtype, device) {
+        (DType::BF16, Device::Cpu) => {
+            Tensor::from_vec(halves::<pio_kernels::bf16>(n), shape, device)?
+        }
+        (DType::F16, Device::Cpu) => {
+            Tensor::from_vec(halves::<pio_kernels::f16>(n), shape, device)?
+        }
+        _ => Tensor::zeros(shape, dtype, device)?,
+    })
+}
+
 /// The pool: per layer, one `(blocks · block_size, heads, dim)` tensor per cached vector.
 #[derive(Debug)]
 pub struct KvPool {
@@ -91,10 +115,10 @@ impl KvPool {
                 layout
                     .vectors
                     .iter()
-                    .map(|v| Tensor::zeros((slots, v.heads, v.dim), shape.dtype, device))
-                    .collect::<candle_core::Result<Vec<_>>>()
+                    .map(|v| zeroed((slots, v.heads, v.dim), shape.dtype, device))
+                    .collect::<Result<Vec<_>>>()
             })
-            .collect::<candle_core::Result<Vec<_>>>()?;
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             allocator: BlockAllocator::new(shape.blocks),
             shape,
@@ -160,6 +184,41 @@ impl KvPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn resident_bytes() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            * 1024
+    }
+
+    #[test]
+    fn a_pool_takes_memory_only_as_it_is_written() {
+        for dtype in [DType::BF16, DType::F16, DType::F32] {
+            let before = resident_bytes();
+            // 2 GiB of address space per dtype.
+            let layout = TokenLayout::keys_values(4, 8, 128);
+            let blocks = (2usize << 30) / (layout.bytes_per_token(dtype) * 16);
+            let shape = PoolShape {
+                block_size: 16,
+                blocks,
+                dtype,
+            };
+            let pool = KvPool::new(layout, shape, &Device::Cpu).unwrap();
+            let grown = resident_bytes().saturating_sub(before);
+            assert!(
+                grown < 256 << 20,
+                "{dtype:?}: a fresh 2 GiB pool made {grown} bytes resident"
+            );
+            let zero = pool.layer(3)[1].narrow(0, 0, 16).unwrap();
+            let sum = zero.to_dtype(DType::F32).unwrap().sum_all().unwrap();
+            assert_eq!(sum.to_scalar::<f32>().unwrap(), 0.0);
+        }
+    }
 
     #[test]
     fn writes_land_in_the_slots_of_the_block_table() {

@@ -135,7 +135,7 @@ fn max_tokens_and_eos_end_generation() {
 
 #[test]
 fn a_prompt_longer_than_the_context_is_refused() {
-    let (model, codec) = load();
+    let (model, _) = load();
     let r = Request {
         prompt: vec![5; 300],
         max_tokens: 4,
