@@ -147,6 +147,36 @@ pub struct InferOutcome {
     pub usage: Usage,
     /// Plugin-defined timing figures in milliseconds (e.g. `prompt_ms`, `decode_ms`).
     pub timings: serde_json::Map<String, serde_json::Value>,
+    /// The model engine's figures as this request ended, for plugins that batch.
+    pub engine: Option<EngineStats>,
+}
+
+/// A batching engine's gauges and counters (counters since the model loaded).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EngineStats {
+    /// Sequences in the running batch.
+    pub running: u64,
+    /// Requests waiting to join (new or preempted).
+    pub waiting: u64,
+    /// KV cache blocks held by sequences.
+    pub kv_blocks_used: u64,
+    /// KV cache blocks that can be allocated (free, or cached and held by nobody).
+    pub kv_blocks_free: u64,
+    /// Token positions per block.
+    pub kv_block_size: u64,
+    /// Bytes one token takes in the KV cache.
+    pub kv_bytes_per_token: u64,
+    /// Prompt tokens looked up in the prefix cache.
+    pub prefix_lookup_tokens: u64,
+    /// Of those, tokens found.
+    pub prefix_hit_tokens: u64,
+    /// Sequences preempted for want of KV blocks (and recomputed later).
+    pub preemptions: u64,
+    /// Forward passes run.
+    pub steps: u64,
+    /// Sequences over all forward passes (divided by `steps`: the mean batch size).
+    pub batched_seqs: u64,
 }
 
 /// What a loaded model reports about itself.

@@ -319,6 +319,7 @@ impl<M: LoadModel> ModelRuntime<M> {
         result
             .timings
             .insert("decode_ms".into(), outcome.decode_ms.into());
+        result.engine = Some(loaded.engine.stats().to_wire());
         Ok(result)
     }
 

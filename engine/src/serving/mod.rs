@@ -129,6 +129,26 @@ pub struct Stats {
     pub last_batch: usize,
 }
 
+impl Stats {
+    /// The figures as the plugin API carries them.
+    pub fn to_wire(&self) -> pio_plugin_api::wire::EngineStats {
+        let n = |v: usize| v as u64;
+        pio_plugin_api::wire::EngineStats {
+            running: n(self.running),
+            waiting: n(self.waiting),
+            kv_blocks_used: n(self.blocks_used),
+            kv_blocks_free: n(self.blocks_free),
+            kv_block_size: n(self.block_size),
+            kv_bytes_per_token: n(self.kv_bytes_per_token),
+            prefix_lookup_tokens: self.prefix_lookup_tokens,
+            prefix_hit_tokens: self.prefix_hit_tokens,
+            preemptions: self.preemptions,
+            steps: self.steps,
+            batched_seqs: self.batched_seqs,
+        }
+    }
+}
+
 /// A new request on its way to the engine thread.
 struct Arrival {
     request: Request,

@@ -66,6 +66,9 @@ pub(super) struct Worker<M> {
     waiting: VecDeque<Seq>,
     next_id: u64,
     stats: Stats,
+    /// Requests' last events, sent once the step's figures are published (so a caller that
+    /// has its answer sees the engine as it left it).
+    outbox: Vec<(Sender<Event>, Event)>,
 }
 
 impl<M: CausalLm> Worker<M> {
@@ -87,6 +90,7 @@ impl<M: CausalLm> Worker<M> {
             waiting: VecDeque::new(),
             next_id: 0,
             stats,
+            outbox: Vec::new(),
         }
     }
 
@@ -97,6 +101,9 @@ impl<M: CausalLm> Worker<M> {
             let plan = self.plan();
             self.apply(&plan);
             self.publish();
+            for (to, event) in self.outbox.drain(..) {
+                let _ = to.send(event);
+            }
         }
         for seq in self.running.drain(..).chain(self.waiting.drain(..)) {
             let _ = seq.events.send(Event::Failed(EngineError::Internal(
@@ -165,7 +172,8 @@ impl<M: CausalLm> Worker<M> {
         self.waiting = kept.into();
         for mut seq in gone.into_iter().chain(gone_waiting) {
             self.release(&mut seq);
-            let _ = seq.events.send(Event::Done(seq.outcome(Finish::Cancelled)));
+            let event = Event::Done(seq.outcome(Finish::Cancelled));
+            self.outbox.push((seq.events, event));
         }
     }
 
@@ -276,9 +284,9 @@ impl<M: CausalLm> Worker<M> {
                 // The plan promised blocks that are not there: a scheduler bug, reported.
                 let mut seq = self.running.remove(i);
                 self.release(&mut seq);
-                let _ = seq.events.send(Event::Failed(EngineError::Internal(
-                    "the KV pool ran out of blocks the scheduler had counted on".into(),
-                )));
+                let why = "the KV pool ran out of blocks the scheduler had counted on";
+                self.outbox
+                    .push((seq.events, Event::Failed(EngineError::Internal(why.into()))));
                 continue;
             }
             order.push((w.id, w.tokens));
@@ -322,7 +330,7 @@ impl<M: CausalLm> Worker<M> {
                     if let Some(i) = self.running.iter().position(|s| s.id == *id) {
                         let mut seq = self.running.remove(i);
                         self.release(&mut seq);
-                        let _ = seq.events.send(Event::Failed(e.duplicate()));
+                        self.outbox.push((seq.events, Event::Failed(e.duplicate())));
                     }
                 }
             }
@@ -376,7 +384,7 @@ impl<M: CausalLm> Worker<M> {
                     Ok(f) => Event::Done(seq.outcome(f)),
                     Err(why) => Event::Failed(EngineError::Internal(why.into())),
                 };
-                let _ = seq.events.send(event);
+                self.outbox.push((seq.events, event));
             }
         }
     }

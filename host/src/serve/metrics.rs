@@ -180,7 +180,7 @@ fn real_limit(bytes: u64) -> Option<f64> {
 impl Collector for WorkerCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let workers = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let gauges: [(&str, &str, Figure); 4] = [
+        let gauges: [(&str, &str, Figure); 10] = [
             (
                 "queue_depth",
                 "Requests running or waiting per model",
@@ -201,6 +201,42 @@ impl Collector for WorkerCollector {
                 "The worker's memory limit (cgroup)",
                 |s| s.memory_limit_bytes.and_then(real_limit),
             ),
+            (
+                "engine_sequences_running",
+                "Sequences in the model's running batch",
+                |s| s.engine.map(|e| e.running as f64),
+            ),
+            (
+                "engine_sequences_waiting",
+                "Requests waiting to join the model's batch",
+                |s| s.engine.map(|e| e.waiting as f64),
+            ),
+            (
+                "engine_kv_blocks_used",
+                "KV cache blocks held by sequences",
+                |s| s.engine.map(|e| e.kv_blocks_used as f64),
+            ),
+            (
+                "engine_kv_blocks_free",
+                "KV cache blocks free (or cached and held by nobody)",
+                |s| s.engine.map(|e| e.kv_blocks_free as f64),
+            ),
+            (
+                "engine_prefix_cache_hit_ratio",
+                "Prompt tokens served from the prefix cache, over those looked up",
+                |s| {
+                    s.engine
+                        .map(|e| e.prefix_hit_tokens as f64 / e.prefix_lookup_tokens.max(1) as f64)
+                },
+            ),
+            (
+                "engine_batch_size_mean",
+                "Sequences per forward pass, on average",
+                |s| {
+                    s.engine
+                        .map(|e| e.batched_seqs as f64 / e.steps.max(1) as f64)
+                },
+            ),
         ];
         for (name, help, figure) in gauges {
             let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
@@ -211,7 +247,7 @@ impl Collector for WorkerCollector {
                 }
             }
         }
-        let counters: [(&str, &str, Figure); 3] = [
+        let counters: [(&str, &str, Figure); 6] = [
             (
                 "worker_restarts",
                 "Worker restarts since the model loaded",
@@ -226,6 +262,21 @@ impl Collector for WorkerCollector {
                 "worker_cpu_seconds",
                 "CPU time used by the worker (cgroup)",
                 |s| s.cpu_seconds,
+            ),
+            (
+                "engine_preemptions",
+                "Sequences preempted for want of KV blocks (recomputed later)",
+                |s| s.engine.map(|e| e.preemptions as f64),
+            ),
+            (
+                "engine_steps",
+                "Forward passes the model's engine ran",
+                |s| s.engine.map(|e| e.steps as f64),
+            ),
+            (
+                "engine_prefix_cache_hit_tokens",
+                "Prompt tokens served from the prefix cache",
+                |s| s.engine.map(|e| e.prefix_hit_tokens as f64),
             ),
         ];
         for (name, help, figure) in counters {

@@ -49,6 +49,8 @@ pub struct PluginStatus {
     pub reloading: bool,
     /// The last failure, in words.
     pub last_error: Option<String>,
+    /// The model engine's batching and KV-cache figures as its last request ended.
+    pub engine: Option<pio_plugin_api::wire::EngineStats>,
 }
 
 impl PluginStatus {
@@ -74,6 +76,7 @@ impl PluginStatus {
             capabilities: found.report.capabilities.clone(),
             reloading,
             last_error,
+            engine: None,
         }
     }
 
@@ -103,6 +106,7 @@ impl PluginStatus {
         self.requests_in_flight = st.in_flight;
         self.context_length = d.info.context_length;
         self.weight_bytes = d.info.weight_bytes;
+        self.engine = st.engine;
         if let Some(stats) = st.stats {
             self.memory_bytes = stats.memory_bytes;
             // v1 reports "no limit" as a huge number.

@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pio_plugin_api::wire::{InferRequest, ModelConfig, ModelInfo};
+use pio_plugin_api::wire::{EngineStats, InferOutcome, InferRequest, ModelConfig, ModelInfo};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
@@ -84,6 +84,8 @@ pub struct Status {
     pub stats: Option<Stats>,
     /// Requests its worker is running (cancelled ones until the worker confirms).
     pub in_flight: usize,
+    /// The model engine's figures as its last request ended (plugins that batch).
+    pub engine: Option<EngineStats>,
 }
 
 struct Shared {
@@ -91,6 +93,8 @@ struct Shared {
     state: State,
     restarts: u32,
     last_error: Option<String>,
+    /// The model engine's figures as the last request ended.
+    engine: Option<EngineStats>,
 }
 
 /// A supervised plugin.
@@ -138,6 +142,7 @@ impl Supervised {
             state: State::Ready,
             restarts: 0,
             last_error: None,
+            engine: None,
         }));
         let (stop, stop_rx) = watch::channel(false);
         let this = Self {
@@ -184,6 +189,7 @@ impl Supervised {
         let (id, mut events) = worker.infer(request)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let (name, timeout) = (self.name.clone(), self.policy.request_timeout);
+        let shared = self.shared.clone();
         tokio::spawn(async move {
             let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
             loop {
@@ -203,6 +209,13 @@ impl Supervised {
                             }
                             other => other,
                         };
+                        if let Event::Done(InferOutcome {
+                            engine: Some(figures),
+                            ..
+                        }) = &event
+                        {
+                            lock(&shared).engine = Some(*figures);
+                        }
                         if tx.send(event).is_err() {
                             // The caller went away: stop generating.
                             worker.cancel(id);
@@ -243,6 +256,7 @@ impl Supervised {
             last_error: shared.last_error.clone(),
             stats: shared.worker.as_ref().and_then(|w| w.stats()),
             in_flight: shared.worker.as_ref().map_or(0, |w| w.in_flight()),
+            engine: shared.engine,
         }
     }
 
