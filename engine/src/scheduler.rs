@@ -142,8 +142,7 @@ pub fn schedule(state: &State<'_>) -> Plan {
     if !plan.preempt.is_empty() {
         return plan;
     }
-    let mut seqs = kept.len();
-    for w in state.waiting {
+    for (seqs, w) in (kept.len()..).zip(state.waiting) {
         if seqs >= max_seqs || budget == 0 {
             break;
         }
@@ -157,7 +156,6 @@ pub fn schedule(state: &State<'_>) -> Plan {
         let new_blocks = blocks_for(w.cached + tokens, bs);
         free -= new_blocks;
         budget -= tokens;
-        seqs += 1;
         plan.admit.push(w.id);
         plan.work.push(Work {
             id: w.id,

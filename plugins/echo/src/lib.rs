@@ -128,13 +128,17 @@ impl PluginImpl for Echo {
                 return Err(PluginError::cancelled("echo: request cancelled"));
             }
         }
+        // `..default()`: this file also builds against older plugin-api minors (compat tests),
+        // whose `Usage` has fewer fields.
+        #[allow(clippy::needless_update)]
+        let usage = Usage {
+            prompt_tokens: prompt.len() as u32,
+            completion_tokens: count as u32,
+            ..Usage::default()
+        };
         let mut outcome = InferOutcome {
             finish_reason: finish,
-            usage: Usage {
-                prompt_tokens: prompt.len() as u32,
-                completion_tokens: count as u32,
-                ..Usage::default()
-            },
+            usage,
             ..Default::default()
         };
         outcome.timings.insert(
@@ -224,14 +228,13 @@ mod tests {
         assert_eq!(sink.text(), "héllo");
         assert_eq!(sink.tokens()[1].token_id, u32::from('é'));
         assert_eq!(out.finish_reason, FinishReason::Stop);
-        assert_eq!(
-            out.usage,
-            Usage {
-                prompt_tokens: 5,
-                completion_tokens: 5,
-                ..Usage::default()
-            }
-        );
+        #[allow(clippy::needless_update)]
+        let expected = Usage {
+            prompt_tokens: 5,
+            completion_tokens: 5,
+            ..Usage::default()
+        };
+        assert_eq!(out.usage, expected);
     }
 
     #[test]
