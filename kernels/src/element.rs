@@ -9,6 +9,8 @@ use crate::simd::portable;
 pub trait Element: Copy + Send + Sync + 'static {
     /// Σ xᵢ·wᵢ over the shorter of the two slices.
     fn dot(x: &[f32], w: &[Self]) -> f32;
+    /// [`dot`](Self::dot) of four activation rows with one weight row, reading it once.
+    fn dot4(x: [&[f32]; 4], w: &[Self]) -> [f32; 4];
     /// `y += a·w`, elementwise.
     fn axpy(a: f32, w: &[Self], y: &mut [f32]);
     /// `out = w` as f32.
@@ -21,7 +23,7 @@ pub trait Element: Copy + Send + Sync + 'static {
 }
 
 macro_rules! element {
-    ($t:ty, $has:ident, $to_f32:expr, $as_f32:expr, $dot:ident, $axpy:ident, $widen:ident) => {
+    ($t:ty, $has:ident, $to_f32:expr, $as_f32:expr, $dot:ident, $dot4:ident, $axpy:ident, $widen:ident) => {
         impl Element for $t {
             #[inline]
             fn dot(x: &[f32], w: &[Self]) -> f32 {
@@ -31,6 +33,16 @@ macro_rules! element {
                     return unsafe { crate::simd::avx2::$dot(x, w) };
                 }
                 portable::dot(x, w, $to_f32)
+            }
+
+            #[inline]
+            fn dot4(x: [&[f32]; 4], w: &[Self]) -> [f32; 4] {
+                #[cfg(target_arch = "x86_64")]
+                if crate::simd::$has() {
+                    // SAFETY: the features were just checked.
+                    return unsafe { crate::simd::avx2::$dot4(x, w) };
+                }
+                portable::dot4(x, w, $to_f32)
             }
 
             #[inline]
@@ -73,6 +85,7 @@ element!(
     |v: f32| v,
     Some,
     dot_f32,
+    dot4_f32,
     axpy_f32,
     widen_f32
 );
@@ -82,6 +95,7 @@ element!(
     bf16::to_f32,
     |_| None,
     dot_bf16,
+    dot4_bf16,
     axpy_bf16,
     widen_bf16
 );
@@ -91,6 +105,7 @@ element!(
     f16::to_f32,
     |_| None,
     dot_f16,
+    dot4_f16,
     axpy_f16,
     widen_f16
 );
@@ -116,6 +131,17 @@ mod tests {
                 (T::portable_dot(&x, &w) as f64 - exact).abs() < tol,
                 "portable dot, n = {n}"
             );
+
+            let rows = [data(n, 4), data(n, 5), x.clone(), data(n, 6)];
+            let four = T::dot4([&rows[0], &rows[1], &rows[2], &rows[3]], &w);
+            for (r, got) in rows.iter().zip(four) {
+                let exact: f64 = r
+                    .iter()
+                    .zip(&w)
+                    .map(|(&a, &b)| a as f64 * to(b) as f64)
+                    .sum();
+                assert!((got as f64 - exact).abs() < tol, "dot4, n = {n}");
+            }
 
             let mut y = data(n, 3);
             let expected: Vec<f32> = y.iter().zip(&w).map(|(&y, &w)| y + 0.5 * to(w)).collect();

@@ -13,8 +13,23 @@ use rayon::prelude::*;
 use crate::parallel::{ranges, SharedMut};
 use crate::Element;
 
-/// From this many activation rows on, the packed GEMM beats streaming the weights once per row.
+/// From this many activation rows on, the packed GEMM beats streaming f32 weights once for all
+/// rows.
 pub const GEMM_ROWS: usize = 6;
+
+/// The same for weights stored narrower than f32: the GEMM would first widen every weight into
+/// memory, while streaming widens in registers, so streaming wins for longer (a batch of decode
+/// rows).
+pub const GEMM_ROWS_NARROW: usize = 16;
+
+/// Rows from which `T`'s weights go through the GEMM.
+fn gemm_rows<T: Element>() -> usize {
+    if T::as_f32(&[]).is_some() {
+        GEMM_ROWS
+    } else {
+        GEMM_ROWS_NARROW
+    }
+}
 
 /// Widened weights per GEMM block, in f32 elements (4 MiB: a block stays in the L3 cache).
 const BLOCK_ELEMENTS: usize = 1 << 20;
@@ -32,23 +47,34 @@ pub fn matmul<T: Element>(x: &[f32], w: &[T], m: usize, k: usize, n: usize, out:
     }
     if k == 0 {
         out.fill(0.0);
-    } else if m < GEMM_ROWS {
+    } else if m < gemm_rows::<T>() {
         streamed(x, w, k, n, out);
     } else {
         blocked(x, &Stored(w), m, k, n, out);
     }
 }
 
-/// Each weight row read once, dotted with every activation row.
+/// Each weight row read once, dotted with every activation row (four at a time, so each weight
+/// is widened once per four rows).
 fn streamed<T: Element>(x: &[f32], w: &[T], k: usize, n: usize, out: &mut [f32]) {
     let parts = ranges(n, rayon::current_num_threads() * 4, 64, 1);
     let y = SharedMut::new(out);
+    let rows_x: Vec<&[f32]> = x.chunks_exact(k).collect();
     parts.into_par_iter().for_each(|rows| {
         for j in rows {
             let row = &w[j * k..(j + 1) * k];
-            for (i, xi) in x.chunks_exact(k).enumerate() {
-                // SAFETY: (i, j) is inside the m × n output and only this task owns column j.
-                unsafe { *y.at(i * n + j) = T::dot(xi, row) };
+            let mut quads = rows_x.chunks_exact(4);
+            for (q, four) in quads.by_ref().enumerate() {
+                let d = T::dot4([four[0], four[1], four[2], four[3]], row);
+                for (r, v) in d.into_iter().enumerate() {
+                    // SAFETY: (i, j) is inside the m × n output and only this task owns column j.
+                    unsafe { *y.at((4 * q + r) * n + j) = v };
+                }
+            }
+            let done = rows_x.len() - quads.remainder().len();
+            for (i, xi) in quads.remainder().iter().enumerate() {
+                // SAFETY: as above.
+                unsafe { *y.at((done + i) * n + j) = T::dot(xi, row) };
             }
         }
     });
@@ -155,7 +181,9 @@ mod tests {
         for (m, k, n) in [
             (1, 64, 300),
             (3, 33, 17),
+            (5, 40, 23),
             (6, 128, 96),
+            (13, 72, 50),
             (20, 70, 130),
             (1, 1, 1),
         ] {

@@ -23,6 +23,12 @@ pub(crate) mod portable {
         sum
     }
 
+    /// Four dot products of one weight row: Σ xᵣ·w for each of the four activation rows.
+    #[inline]
+    pub(crate) fn dot4<T: Copy>(x: [&[f32]; 4], w: &[T], widen: impl Fn(T) -> f32) -> [f32; 4] {
+        x.map(|x| dot(x, w, &widen))
+    }
+
     #[inline]
     pub(crate) fn axpy<T: Copy>(a: f32, w: &[T], y: &mut [f32], widen: impl Fn(T) -> f32) {
         for (y, &w) in y.iter_mut().zip(w) {
@@ -133,6 +139,45 @@ pub(crate) mod avx2 {
         sum
     }
 
+    /// Four activation rows against one weight row: each weight is loaded and widened once for
+    /// the four (a batch of decode rows reads its weights once, not once per row).
+    #[inline(always)]
+    unsafe fn dot4_impl<T: Load8>(x: [&[f32]; 4], w: &[T]) -> [f32; 4] {
+        let n = x.iter().map(|r| r.len()).fold(w.len(), usize::min);
+        let wp = w.as_ptr();
+        let xp = x.map(<[f32]>::as_ptr);
+        let mut sums = [0f32; 4];
+        // SAFETY: every load below stays under `n` elements of every slice.
+        unsafe {
+            // Two accumulators per row: eight independent FMA chains.
+            let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+            let mut i = 0;
+            while i + 16 <= n {
+                let w0 = T::load8(wp.add(i));
+                let w1 = T::load8(wp.add(i + 8));
+                for (a, &p) in acc.iter_mut().zip(&xp) {
+                    a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(i)), w0, a[0]);
+                    a[1] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(i + 8)), w1, a[1]);
+                }
+                i += 16;
+            }
+            while i + 8 <= n {
+                let w0 = T::load8(wp.add(i));
+                for (a, &p) in acc.iter_mut().zip(&xp) {
+                    a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(i)), w0, a[0]);
+                }
+                i += 8;
+            }
+            for ((sum, a), &p) in sums.iter_mut().zip(&acc).zip(&xp) {
+                *sum = hsum(_mm256_add_ps(a[0], a[1]));
+                for t in i..n {
+                    *sum += *p.add(t) * (*wp.add(t)).to_f32();
+                }
+            }
+        }
+        sums
+    }
+
     #[inline(always)]
     unsafe fn axpy_impl<T: Load8>(a: f32, w: &[T], y: &mut [f32]) {
         let n = y.len().min(w.len());
@@ -172,11 +217,16 @@ pub(crate) mod avx2 {
     }
 
     macro_rules! entry_points {
-        ($t:ty, $features:literal, $dot:ident, $axpy:ident, $widen:ident) => {
+        ($t:ty, $features:literal, $dot:ident, $dot4:ident, $axpy:ident, $widen:ident) => {
             #[target_feature(enable = $features)]
             pub(crate) unsafe fn $dot(x: &[f32], w: &[$t]) -> f32 {
                 // SAFETY: the caller checked the features this function is compiled for.
                 unsafe { dot_impl(x, w) }
+            }
+            #[target_feature(enable = $features)]
+            pub(crate) unsafe fn $dot4(x: [&[f32]; 4], w: &[$t]) -> [f32; 4] {
+                // SAFETY: as above.
+                unsafe { dot4_impl(x, w) }
             }
             #[target_feature(enable = $features)]
             pub(crate) unsafe fn $axpy(a: f32, w: &[$t], y: &mut [f32]) {
@@ -191,7 +241,7 @@ pub(crate) mod avx2 {
         };
     }
 
-    entry_points!(f32, "avx2,fma", dot_f32, axpy_f32, widen_f32);
-    entry_points!(bf16, "avx2,fma", dot_bf16, axpy_bf16, widen_bf16);
-    entry_points!(f16, "avx2,fma,f16c", dot_f16, axpy_f16, widen_f16);
+    entry_points!(f32, "avx2,fma", dot_f32, dot4_f32, axpy_f32, widen_f32);
+    entry_points!(bf16, "avx2,fma", dot_bf16, dot4_bf16, axpy_bf16, widen_bf16);
+    entry_points!(f16, "avx2,fma,f16c", dot_f16, dot4_f16, axpy_f16, widen_f16);
 }

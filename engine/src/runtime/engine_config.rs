@@ -93,6 +93,25 @@ pub(super) fn engine_config<M: CausalLm>(
     if let Some(v) = options.get("max_batch_tokens") {
         config.token_budget = count("max_batch_tokens", v)?;
     }
+    if let Some(v) = options.get("kv_cache_dtype") {
+        config.kv_dtype = Some(match v.as_str() {
+            Some("f32") => candle_core::DType::F32,
+            Some("bf16") => candle_core::DType::BF16,
+            Some("f16") => candle_core::DType::F16,
+            _ => {
+                return Err(PluginError::invalid_config(format!(
+                    "[model.options] kv_cache_dtype = {v}: expected \"f32\", \"bf16\" or \"f16\""
+                )))
+            }
+        });
+        // The pool's size in bytes stays what was asked: a narrower type holds more tokens.
+        let model_bytes = model.kv_layout().bytes_per_token(model.kv_dtype()).max(1);
+        let pool_bytes_per_token = model
+            .kv_layout()
+            .bytes_per_token(config.kv_dtype.unwrap_or(model.kv_dtype()))
+            .max(1);
+        config.kv_blocks = config.kv_blocks * model_bytes / pool_bytes_per_token;
+    }
     if let Some(v) = options.get("prefix_cache") {
         config.prefix_cache = v.as_bool().ok_or_else(|| {
             PluginError::invalid_config(format!(
@@ -121,5 +140,71 @@ mod tests {
             "{err}"
         );
         assert!(bytes("k", &json!(-1)).is_err());
+    }
+
+    #[test]
+    fn options_size_and_shape_the_engine() {
+        use crate::checkpoint::Checkpoint;
+        use crate::linear::Quantization;
+        use crate::models::qwen3::Qwen3;
+        use crate::runtime::LoadModel;
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen3-tiny");
+        let checkpoint = Checkpoint::open(&dir).unwrap();
+        let model = <Qwen3 as LoadModel>::load(
+            &checkpoint,
+            candle_core::DType::F32,
+            Quantization::None,
+            &candle_core::Device::Cpu,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        let options = |v: Value| v.as_object().unwrap().clone();
+        // f32: 3 layers × K and V × 2 heads × 32 × 4 bytes = 1536 bytes a token, 24 KiB a block.
+        let c = engine_config(
+            &model,
+            &options(json!({"kv_cache_bytes": "1M"})),
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.kv_blocks, (1 << 20) / (1536 * 16));
+        let c = engine_config(
+            &model,
+            &options(json!({"kv_cache_bytes": "1M", "kv_cache_dtype": "bf16", "max_seqs": 3, "max_batch_tokens": 64, "prefix_cache": false})),
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.kv_dtype, Some(candle_core::DType::BF16));
+        assert_eq!(
+            c.kv_blocks,
+            2 * ((1 << 20) / (1536 * 16)),
+            "bf16 holds twice the tokens"
+        );
+        assert_eq!((c.max_seqs, c.token_budget, c.prefix_cache), (3, 64, false));
+        // A memory limit leaves the pool what the weights and the headroom do not take.
+        let c = engine_config(
+            &model,
+            &Map::new(),
+            Some(HEADROOM + 1000 + (8 << 20)),
+            Some(1000),
+        )
+        .unwrap();
+        assert_eq!(c.kv_blocks, (8 << 20) / (1536 * 16));
+        let e = engine_config(&model, &Map::new(), Some(HEADROOM), Some(1000))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("limits.memory"), "{e}");
+        for (key, bad) in [
+            ("kv_cache_dtype", json!("q4")),
+            ("max_seqs", json!(0)),
+            ("prefix_cache", json!("yes")),
+        ] {
+            let e = engine_config(&model, &options(json!({ key: bad })), None, None)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{e}");
+        }
     }
 }

@@ -11,6 +11,8 @@ use pio_host::supervisor::{Event, Worker};
 use pio_plugin_api::wire::{InferRequest, Prompt};
 
 use crate::cli_print::LoadProgress;
+
+mod llama_cpp;
 use crate::cli_run::{prepare, Prepared, TierArgs};
 use crate::SearchArgs;
 
@@ -40,6 +42,18 @@ pub struct BenchArgs {
     /// The fraction of each prompt that is the same in every request (a shared system prompt).
     #[arg(long, default_value_t = 0.0)]
     shared_prefix: f64,
+    /// Also run llama.cpp's llama-batched-bench on this GGUF file (the same checkpoint, same
+    /// precision) with the same prompt and output lengths and parallel sequences, and print
+    /// the ratios.
+    #[arg(long, value_name = "GGUF")]
+    compare_llama_cpp: Option<PathBuf>,
+    /// The llama-batched-bench binary (default: on the PATH).
+    #[arg(long, value_name = "FILE")]
+    llama_batched_bench: Option<PathBuf>,
+    /// Threads for llama.cpp (default: RAYON_NUM_THREADS, else the CPUs available), to match the
+    /// plugin's.
+    #[arg(long)]
+    llama_threads: Option<usize>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -179,12 +193,49 @@ pub fn run(args: BenchArgs) -> anyhow::Result<u8> {
         }
         let wall = started.elapsed();
         worker.shutdown().await;
-        report(&args, &timings, wall);
+        let figures = figures(&args, &timings, wall);
+        let llama = match &args.compare_llama_cpp {
+            Some(gguf) => Some(compare(&args, gguf, &timings)?),
+            None => None,
+        };
+        report(&args, figures, llama.as_deref());
         Ok(0)
     })
 }
 
-fn report(args: &BenchArgs, timings: &[Timing], wall: Duration) {
+/// llama.cpp's rows for the same workload.
+fn compare(
+    args: &BenchArgs,
+    gguf: &std::path::Path,
+    timings: &[Timing],
+) -> anyhow::Result<Vec<llama_cpp::Row>> {
+    let n = timings.len().max(1) as f64;
+    let prompt = timings
+        .iter()
+        .map(|t| f64::from(t.prompt_tokens))
+        .sum::<f64>()
+        / n;
+    let threads = args.llama_threads.unwrap_or_else(|| {
+        std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    });
+    let workload = llama_cpp::Workload {
+        prompt: prompt.round() as u32,
+        output: args.output_tokens,
+        parallel: args.concurrency,
+        threads,
+    };
+    llama_cpp::run(
+        &llama_cpp::binary(args.llama_batched_bench.as_ref()),
+        gguf,
+        workload,
+    )
+}
+
+/// The run's figures, as `--json` prints them.
+fn figures(args: &BenchArgs, timings: &[Timing], wall: Duration) -> serde_json::Value {
     let n = timings.len().max(1) as f64;
     let completion: u64 = timings.iter().map(|t| u64::from(t.completion_tokens)).sum();
     let prompt: u64 = timings.iter().map(|t| u64::from(t.prompt_tokens)).sum();
@@ -197,7 +248,9 @@ fn report(args: &BenchArgs, timings: &[Timing], wall: Duration) {
     ttft.sort();
     itl.sort();
     let secs = wall.as_secs_f64();
-    let figures = serde_json::json!({
+    let p = |v: &[Duration]| serde_json::json!({"p50": percentile(v, 50.0), "p90": percentile(v, 90.0), "p99": percentile(v, 99.0)});
+    let itl_p50 = percentile(&itl, 50.0);
+    serde_json::json!({
         "plugin": args.name,
         "requests": timings.len(),
         "concurrency": args.concurrency,
@@ -207,38 +260,83 @@ fn report(args: &BenchArgs, timings: &[Timing], wall: Duration) {
         "wall_s": secs,
         "output_tokens_per_s": completion as f64 / secs,
         "total_tokens_per_s": (completion + prompt - cached) as f64 / secs,
-        "ttft_ms": {"p50": percentile(&ttft, 50.0), "p90": percentile(&ttft, 90.0), "p99": percentile(&ttft, 99.0)},
-        "itl_ms": {"p50": percentile(&itl, 50.0), "p90": percentile(&itl, 90.0), "p99": percentile(&itl, 99.0)},
-    });
+        // Every running sequence gains a token per step: with all of them decoding, the
+        // aggregate rate is the concurrency over the step time (llama-batched-bench's S_TG).
+        "decode_tokens_per_s": if itl_p50 > 0.0 { args.concurrency.min(timings.len()) as f64 * 1e3 / itl_p50 } else { 0.0 },
+        "ttft_ms": p(&ttft),
+        "itl_ms": p(&itl),
+    })
+}
+
+fn report(args: &BenchArgs, mut f: serde_json::Value, llama: Option<&[llama_cpp::Row]>) {
+    let num = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
+    if let Some(rows) = llama {
+        let ours = rows.iter().find(|r| r.pl as usize == args.concurrency);
+        f["llama_cpp"] = serde_json::json!(rows
+            .iter()
+            .map(
+                |r| serde_json::json!({"parallel": r.pl, "prompt": r.pp, "output": r.tg,
+                "prompt_tokens_per_s": r.speed_pp, "decode_tokens_per_s": r.speed_tg,
+                "total_tokens_per_s": r.speed})
+            )
+            .collect::<Vec<_>>());
+        if let Some(r) = ours {
+            f["ratio_decode"] = serde_json::json!(num(&f["decode_tokens_per_s"]) / r.speed_tg);
+            f["ratio_total"] = serde_json::json!(num(&f["total_tokens_per_s"]) / r.speed);
+        }
+    }
     if args.json {
-        println!("{figures}");
+        println!("{f}");
         return;
     }
     println!(
         "{} requests, {} at once: {:.0} prompt tokens each ({:.0} from the prefix cache), {} output tokens in {:.2} s",
-        timings.len(),
+        f["requests"],
         args.concurrency,
-        prompt as f64 / n,
-        cached as f64 / n,
-        completion,
-        secs
+        num(&f["prompt_tokens_mean"]),
+        num(&f["cached_tokens_mean"]),
+        f["output_tokens"],
+        num(&f["wall_s"])
     );
     println!(
         "output throughput  {:>9.2} tokens/s",
-        completion as f64 / secs
+        num(&f["output_tokens_per_s"])
+    );
+    println!(
+        "decode throughput  {:>9.2} tokens/s (concurrency / p50 inter-token latency)",
+        num(&f["decode_tokens_per_s"])
     );
     println!(
         "total throughput   {:>9.2} tokens/s (prompt tokens computed + output)",
-        (completion + prompt - cached) as f64 / secs
+        num(&f["total_tokens_per_s"])
     );
     println!("                      p50       p90       p99");
-    for (name, v) in [("TTFT ms", &ttft), ("ITL ms", &itl)] {
+    for (name, key) in [("TTFT ms", "ttft_ms"), ("ITL ms", "itl_ms")] {
+        let v = &f[key];
         println!(
             "{name:<16} {:>9.1} {:>9.1} {:>9.1}",
-            percentile(v, 50.0),
-            percentile(v, 90.0),
-            percentile(v, 99.0)
+            num(&v["p50"]),
+            num(&v["p90"]),
+            num(&v["p99"])
         );
+    }
+    if let Some(rows) = llama {
+        println!("llama.cpp (llama-batched-bench, same prompt and output lengths):");
+        println!("  parallel   prompt tok/s   decode tok/s   total tok/s");
+        for r in rows {
+            println!(
+                "  {:>8} {:>14.2} {:>14.2} {:>13.2}",
+                r.pl, r.speed_pp, r.speed_tg, r.speed
+            );
+        }
+        if f.get("ratio_decode").is_some() {
+            println!(
+                "pio / llama.cpp at {} parallel: decode {:.2}x, total {:.2}x",
+                args.concurrency,
+                num(&f["ratio_decode"]),
+                num(&f["ratio_total"])
+            );
+        }
     }
 }
 

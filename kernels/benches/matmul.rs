@@ -1,0 +1,57 @@
+//! Where streaming the weights stops beating the packed GEMM: `matmul` (which picks its path by
+//! the number of rows) against `matmul_rows` (always the GEMM) for 1 to 32 activation rows, on a
+//! Qwen3-0.6B-sized projection (1024 → 3072), f32 and bf16 weights, all threads of rayon's pool.
+//!
+//! Run: `cargo bench -p pio-kernels --bench matmul` (`RAYON_NUM_THREADS` sets the threads).
+
+use std::time::Instant;
+
+use pio_kernels::{bf16, matmul, matmul_rows, Element, WeightRows};
+
+const K: usize = 1024;
+const N: usize = 3072;
+
+/// Weights the GEMM path widens itself.
+struct Rows<'a, T>(&'a [T]);
+
+impl<T: Element> WeightRows for Rows<'_, T> {
+    fn as_f32(&self) -> Option<&[f32]> {
+        T::as_f32(self.0)
+    }
+    fn widen_rows(&self, rows: std::ops::Range<usize>, k: usize, out: &mut [f32]) {
+        T::widen(&self.0[rows.start * k..rows.end * k], out);
+    }
+}
+
+/// GFLOP/s of `f` on `m` rows, best of a few runs.
+fn gflops(m: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let reps = (64 / m).max(4);
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        for _ in 0..reps {
+            f();
+        }
+        best = best.min(t.elapsed().as_secs_f64() / reps as f64);
+    }
+    2.0 * (m * K * N) as f64 / best / 1e9
+}
+
+fn run<T: Element>(name: &str, w: &[T]) {
+    println!("{name} weights, {K} → {N}: GFLOP/s (matmul's choice | always GEMM)");
+    for m in [1, 2, 4, 6, 8, 12, 16, 24, 32] {
+        let x: Vec<f32> = (0..m * K).map(|i| (i % 13) as f32 * 0.01).collect();
+        let mut out = vec![0f32; m * N];
+        let chosen = gflops(m, || matmul(&x, w, m, K, N, &mut out));
+        let gemm = gflops(m, || matmul_rows(&x, &Rows(w), m, K, N, &mut out));
+        println!("  m = {m:>2}: {chosen:>7.1} | {gemm:>7.1}");
+    }
+}
+
+fn main() {
+    let w: Vec<f32> = (0..K * N).map(|i| ((i % 17) as f32 - 8.0) * 0.01).collect();
+    run("f32", &w);
+    let w: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+    run("bf16", &w);
+}
