@@ -9,8 +9,9 @@ use crate::simd::portable;
 pub trait Element: Copy + Send + Sync + 'static {
     /// Σ xᵢ·wᵢ over the shorter of the two slices.
     fn dot(x: &[f32], w: &[Self]) -> f32;
-    /// [`dot`](Self::dot) of four activation rows with one weight row, reading it once.
-    fn dot4(x: [&[f32]; 4], w: &[Self]) -> [f32; 4];
+    /// [`dot`](Self::dot) of every activation row of `x` with every weight row of `w`, each
+    /// loaded once (`R ≤ 4`, `C ≤ 3` keep the tile in registers).
+    fn tile<const R: usize, const C: usize>(x: [&[f32]; R], w: [&[Self]; C]) -> [[f32; C]; R];
     /// `y += a·w`, elementwise.
     fn axpy(a: f32, w: &[Self], y: &mut [f32]);
     /// `out = w` as f32.
@@ -20,10 +21,16 @@ pub trait Element: Copy + Send + Sync + 'static {
     /// The portable dot product, for tests against the SIMD one.
     #[cfg(test)]
     fn portable_dot(x: &[f32], w: &[Self]) -> f32;
+    /// The tile at every level this CPU has (portable first), whatever `PIO_KERNELS` says.
+    #[cfg(test)]
+    fn tile_each_level<const R: usize, const C: usize>(
+        x: [&[f32]; R],
+        w: [&[Self]; C],
+    ) -> Vec<[[f32; C]; R]>;
 }
 
 macro_rules! element {
-    ($t:ty, $has:ident, $to_f32:expr, $as_f32:expr, $dot:ident, $dot4:ident, $axpy:ident, $widen:ident) => {
+    ($t:ty, $has:ident, $to_f32:expr, $as_f32:expr, $dot:ident, $tile:ident, $axpy:ident, $widen:ident) => {
         impl Element for $t {
             #[inline]
             fn dot(x: &[f32], w: &[Self]) -> f32 {
@@ -36,13 +43,21 @@ macro_rules! element {
             }
 
             #[inline]
-            fn dot4(x: [&[f32]; 4], w: &[Self]) -> [f32; 4] {
+            fn tile<const R: usize, const C: usize>(
+                x: [&[f32]; R],
+                w: [&[Self]; C],
+            ) -> [[f32; C]; R] {
+                #[cfg(target_arch = "x86_64")]
+                if crate::simd::has_avx512() {
+                    // SAFETY: the features were just checked.
+                    return unsafe { crate::simd::avx512::$tile(x, w) };
+                }
                 #[cfg(target_arch = "x86_64")]
                 if crate::simd::$has() {
                     // SAFETY: the features were just checked.
-                    return unsafe { crate::simd::avx2::$dot4(x, w) };
+                    return unsafe { crate::simd::avx2::$tile(x, w) };
                 }
-                portable::dot4(x, w, $to_f32)
+                portable::tile(x, w, $to_f32)
             }
 
             #[inline]
@@ -75,6 +90,28 @@ macro_rules! element {
             fn portable_dot(x: &[f32], w: &[Self]) -> f32 {
                 portable::dot(x, w, $to_f32)
             }
+
+            #[cfg(test)]
+            fn tile_each_level<const R: usize, const C: usize>(
+                x: [&[f32]; R],
+                w: [&[Self]; C],
+            ) -> Vec<[[f32; C]; R]> {
+                #[allow(unused_mut)]
+                let mut all = vec![portable::tile(x, w, $to_f32)];
+                #[cfg(target_arch = "x86_64")]
+                {
+                    use crate::simd::Level;
+                    if Level::detected() >= Level::Avx2 {
+                        // SAFETY: the CPU has the features.
+                        all.push(unsafe { crate::simd::avx2::$tile(x, w) });
+                    }
+                    if Level::detected() >= Level::Avx512 {
+                        // SAFETY: as above.
+                        all.push(unsafe { crate::simd::avx512::$tile(x, w) });
+                    }
+                }
+                all
+            }
         }
     };
 }
@@ -85,7 +122,7 @@ element!(
     |v: f32| v,
     Some,
     dot_f32,
-    dot4_f32,
+    tile_f32,
     axpy_f32,
     widen_f32
 );
@@ -95,7 +132,7 @@ element!(
     bf16::to_f32,
     |_| None,
     dot_bf16,
-    dot4_bf16,
+    tile_bf16,
     axpy_bf16,
     widen_bf16
 );
@@ -105,7 +142,7 @@ element!(
     f16::to_f32,
     |_| None,
     dot_f16,
-    dot4_f16,
+    tile_f16,
     axpy_f16,
     widen_f16
 );
@@ -133,14 +170,27 @@ mod tests {
             );
 
             let rows = [data(n, 4), data(n, 5), x.clone(), data(n, 6)];
-            let four = T::dot4([&rows[0], &rows[1], &rows[2], &rows[3]], &w);
-            for (r, got) in rows.iter().zip(four) {
-                let exact: f64 = r
-                    .iter()
-                    .zip(&w)
-                    .map(|(&a, &b)| a as f64 * to(b) as f64)
-                    .sum();
-                assert!((got as f64 - exact).abs() < tol, "dot4, n = {n}");
+            let ws: Vec<Vec<T>> = (7..10)
+                .map(|s| data(n, s).into_iter().map(from).collect())
+                .collect();
+            let levels = T::tile_each_level(
+                [&rows[0], &rows[1], &rows[2], &rows[3]],
+                [&ws[0], &ws[1], &ws[2]],
+            );
+            for (level, tile) in levels.into_iter().enumerate() {
+                for (r, got) in rows.iter().zip(tile) {
+                    for (wr, got) in ws.iter().zip(got) {
+                        let exact: f64 = r
+                            .iter()
+                            .zip(wr)
+                            .map(|(&a, &b)| a as f64 * to(b) as f64)
+                            .sum();
+                        assert!(
+                            (got as f64 - exact).abs() < tol,
+                            "tile at level {level}, n = {n}"
+                        );
+                    }
+                }
             }
 
             let mut y = data(n, 3);

@@ -20,6 +20,7 @@ pub use attention::{causal_attention, paged_attention, AttentionShape, PagedKv};
 pub use element::Element;
 pub use half::{bf16, f16};
 pub use matmul::{matmul, matmul_rows, WeightRows};
+pub use simd::Level;
 
 #[cfg(test)]
 mod test_data {

@@ -15,12 +15,12 @@ use crate::Element;
 
 /// From this many activation rows on, the packed GEMM beats streaming f32 weights once for all
 /// rows.
-pub const GEMM_ROWS: usize = 6;
+pub const GEMM_ROWS: usize = 32;
 
 /// The same for weights stored narrower than f32: the GEMM would first widen every weight into
 /// memory, while streaming widens in registers, so streaming wins for longer (a batch of decode
 /// rows).
-pub const GEMM_ROWS_NARROW: usize = 16;
+pub const GEMM_ROWS_NARROW: usize = 48;
 
 /// Rows from which `T`'s weights go through the GEMM.
 fn gemm_rows<T: Element>() -> usize {
@@ -54,30 +54,57 @@ pub fn matmul<T: Element>(x: &[f32], w: &[T], m: usize, k: usize, n: usize, out:
     }
 }
 
-/// Each weight row read once, dotted with every activation row (four at a time, so each weight
-/// is widened once per four rows).
+/// Each weight row read once for every activation row, in register tiles of up to four
+/// activation rows by two (AVX2) or four (AVX-512) weight rows: each weight widened once per four
+/// rows, each activation loaded once per tile.
 fn streamed<T: Element>(x: &[f32], w: &[T], k: usize, n: usize, out: &mut [f32]) {
-    let parts = ranges(n, rayon::current_num_threads() * 4, 64, 1);
+    let parts = ranges(n, rayon::current_num_threads() * 4, 64, 4);
     let y = SharedMut::new(out);
-    let rows_x: Vec<&[f32]> = x.chunks_exact(k).collect();
-    parts.into_par_iter().for_each(|rows| {
-        for j in rows {
-            let row = &w[j * k..(j + 1) * k];
-            let mut quads = rows_x.chunks_exact(4);
-            for (q, four) in quads.by_ref().enumerate() {
-                let d = T::dot4([four[0], four[1], four[2], four[3]], row);
-                for (r, v) in d.into_iter().enumerate() {
-                    // SAFETY: (i, j) is inside the m × n output and only this task owns column j.
-                    unsafe { *y.at((4 * q + r) * n + j) = v };
-                }
+    let xs: Vec<&[f32]> = x.chunks_exact(k).collect();
+    parts.into_par_iter().for_each(|cols| {
+        let mut j = cols.start;
+        while j < cols.end {
+            let c = (cols.end - j).min(crate::simd::tile_cols());
+            let row = |t: usize| &w[(j + t) * k..(j + t + 1) * k];
+            match c {
+                4 => tiles::<T, 4>(&xs, [row(0), row(1), row(2), row(3)], j, n, y),
+                3 => tiles::<T, 3>(&xs, [row(0), row(1), row(2)], j, n, y),
+                2 => tiles::<T, 2>(&xs, [row(0), row(1)], j, n, y),
+                _ => tiles::<T, 1>(&xs, [row(0)], j, n, y),
             }
-            let done = rows_x.len() - quads.remainder().len();
-            for (i, xi) in quads.remainder().iter().enumerate() {
-                // SAFETY: as above.
-                unsafe { *y.at((done + i) * n + j) = T::dot(xi, row) };
-            }
+            j += c;
         }
     });
+}
+
+/// Every activation row against the weight rows `j..j + C`, four activation rows at a time.
+fn tiles<T: Element, const C: usize>(
+    xs: &[&[f32]],
+    w: [&[T]; C],
+    j: usize,
+    n: usize,
+    y: SharedMut<f32>,
+) {
+    let store = |first: usize, sums: &[[f32; C]]| {
+        for (r, row) in sums.iter().enumerate() {
+            for (c, &v) in row.iter().enumerate() {
+                // SAFETY: (first + r, j + c) is inside the m × n output, and only this task
+                // writes columns j..j + C.
+                unsafe { *y.at((first + r) * n + j + c) = v };
+            }
+        }
+    };
+    let mut quads = xs.chunks_exact(4);
+    for (q, x) in quads.by_ref().enumerate() {
+        store(4 * q, &T::tile([x[0], x[1], x[2], x[3]], w));
+    }
+    let done = xs.len() - quads.remainder().len();
+    match quads.remainder() {
+        [a, b, c] => store(done, &T::tile([*a, *b, *c], w)),
+        [a, b] => store(done, &T::tile([*a, *b], w)),
+        [a] => store(done, &T::tile([*a], w)),
+        _ => {}
+    }
 }
 
 thread_local! {
@@ -177,7 +204,8 @@ mod tests {
     use half::{bf16, f16};
 
     fn check<T: Element>(from: fn(f32) -> T, to: fn(T) -> f32) {
-        // Both paths (m below and above GEMM_ROWS), odd widths, a head-like wide output.
+        // Both paths (m below and above GEMM_ROWS and GEMM_ROWS_NARROW), tiles with leftover
+        // rows and columns, odd widths, a head-like wide output.
         for (m, k, n) in [
             (1, 64, 300),
             (3, 33, 17),
@@ -185,6 +213,7 @@ mod tests {
             (6, 128, 96),
             (13, 72, 50),
             (20, 70, 130),
+            (50, 40, 70),
             (1, 1, 1),
         ] {
             let x = data(m * k, 1);

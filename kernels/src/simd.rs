@@ -23,10 +23,14 @@ pub(crate) mod portable {
         sum
     }
 
-    /// Four dot products of one weight row: Σ xᵣ·w for each of the four activation rows.
+    /// A tile of dot products: every activation row of `x` with every weight row of `w`.
     #[inline]
-    pub(crate) fn dot4<T: Copy>(x: [&[f32]; 4], w: &[T], widen: impl Fn(T) -> f32) -> [f32; 4] {
-        x.map(|x| dot(x, w, &widen))
+    pub(crate) fn tile<T: Copy, const R: usize, const C: usize>(
+        x: [&[f32]; R],
+        w: [&[T]; C],
+        widen: impl Fn(T) -> f32,
+    ) -> [[f32; C]; R] {
+        x.map(|x| w.map(|w| dot(x, w, &widen)))
     }
 
     #[inline]
@@ -37,18 +41,79 @@ pub(crate) mod portable {
     }
 }
 
-/// Whether this CPU runs the AVX2 + FMA paths (checked once; the answer is cached by std).
+/// The widest instruction set the kernels may use: what the CPU has, capped by the environment
+/// variable `PIO_KERNELS` (`portable`, `avx2` or `avx512`), so that every narrower path can be run
+/// and tested on a wider machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    /// Plain Rust, any CPU.
+    Portable,
+    /// AVX2 and FMA (and F16C for f16).
+    Avx2,
+    /// AVX-512F, on top of AVX2.
+    Avx512,
+}
+
+impl Level {
+    /// The level in use: detected once, capped by `PIO_KERNELS`.
+    pub fn current() -> Self {
+        static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
+        *LEVEL.get_or_init(|| {
+            let cap = match std::env::var("PIO_KERNELS").as_deref() {
+                Ok("portable") => Level::Portable,
+                Ok("avx2") => Level::Avx2,
+                _ => Level::Avx512,
+            };
+            Self::detected().min(cap)
+        })
+    }
+
+    /// The widest level this CPU has.
+    pub fn detected() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            if avx2 && is_x86_feature_detected!("avx512f") {
+                return Level::Avx512;
+            }
+            if avx2 {
+                return Level::Avx2;
+            }
+        }
+        Level::Portable
+    }
+}
+
+/// Whether the AVX2 + FMA paths run (F16C included: every AVX2 CPU has it).
 #[cfg(target_arch = "x86_64")]
 #[inline]
 pub(crate) fn has_avx2() -> bool {
-    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    Level::current() >= Level::Avx2
 }
 
-/// Whether this CPU runs the F16C path for f16 weights.
+/// Whether the F16C path for f16 weights runs.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 pub(crate) fn has_f16c() -> bool {
-    has_avx2() && is_x86_feature_detected!("f16c")
+    has_avx2()
+}
+
+/// Whether the AVX-512 paths run.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(crate) fn has_avx512() -> bool {
+    Level::current() >= Level::Avx512
+}
+
+/// Weight rows per register tile at the level in use (what fits the registers beside four
+/// activation rows' accumulators: 16 ymm for AVX2, 32 zmm for AVX-512).
+pub(crate) fn tile_cols() -> usize {
+    match Level::current() {
+        Level::Avx512 => 4,
+        _ => 2,
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -139,39 +204,49 @@ pub(crate) mod avx2 {
         sum
     }
 
-    /// Four activation rows against one weight row: each weight is loaded and widened once for
-    /// the four (a batch of decode rows reads its weights once, not once per row).
+    /// A tile of dot products: `R` activation rows against `C` weight rows, each weight loaded
+    /// and widened once for the `R` rows and each activation once for the `C` weight rows —
+    /// `R·C` FMAs per `R + C` loads, so a batch of decode rows runs at the FMA peak rather than
+    /// the load ports' (`R·C ≤ 12` accumulators plus the loaded vectors fit the 16 registers).
     #[inline(always)]
-    unsafe fn dot4_impl<T: Load8>(x: [&[f32]; 4], w: &[T]) -> [f32; 4] {
-        let n = x.iter().map(|r| r.len()).fold(w.len(), usize::min);
-        let wp = w.as_ptr();
+    unsafe fn tile_impl<T: Load8, const R: usize, const C: usize>(
+        x: [&[f32]; R],
+        w: [&[T]; C],
+    ) -> [[f32; C]; R] {
+        let n = x
+            .iter()
+            .map(|r| r.len())
+            .chain(w.iter().map(|r| r.len()))
+            .min()
+            .unwrap_or(0);
         let xp = x.map(<[f32]>::as_ptr);
-        let mut sums = [0f32; 4];
+        let wp = w.map(<[T]>::as_ptr);
+        let mut sums = [[0f32; C]; R];
         // SAFETY: every load below stays under `n` elements of every slice.
         unsafe {
-            // Two accumulators per row: eight independent FMA chains.
-            let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+            let mut acc = [[_mm256_setzero_ps(); C]; R];
             let mut i = 0;
-            while i + 16 <= n {
-                let w0 = T::load8(wp.add(i));
-                let w1 = T::load8(wp.add(i + 8));
-                for (a, &p) in acc.iter_mut().zip(&xp) {
-                    a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(i)), w0, a[0]);
-                    a[1] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(i + 8)), w1, a[1]);
-                }
-                i += 16;
-            }
             while i + 8 <= n {
-                let w0 = T::load8(wp.add(i));
+                // Loops, not closures: a closure would not inherit this function's target
+                // features, and the widening intrinsics would not inline.
+                let mut wv = [_mm256_setzero_ps(); C];
+                for (v, &p) in wv.iter_mut().zip(&wp) {
+                    *v = T::load8(p.add(i));
+                }
                 for (a, &p) in acc.iter_mut().zip(&xp) {
-                    a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(i)), w0, a[0]);
+                    let xv = _mm256_loadu_ps(p.add(i));
+                    for (a, &wv) in a.iter_mut().zip(&wv) {
+                        *a = _mm256_fmadd_ps(xv, wv, *a);
+                    }
                 }
                 i += 8;
             }
             for ((sum, a), &p) in sums.iter_mut().zip(&acc).zip(&xp) {
-                *sum = hsum(_mm256_add_ps(a[0], a[1]));
-                for t in i..n {
-                    *sum += *p.add(t) * (*wp.add(t)).to_f32();
+                for ((s, &a), &q) in sum.iter_mut().zip(a).zip(&wp) {
+                    *s = hsum(a);
+                    for t in i..n {
+                        *s += *p.add(t) * (*q.add(t)).to_f32();
+                    }
                 }
             }
         }
@@ -217,16 +292,19 @@ pub(crate) mod avx2 {
     }
 
     macro_rules! entry_points {
-        ($t:ty, $features:literal, $dot:ident, $dot4:ident, $axpy:ident, $widen:ident) => {
+        ($t:ty, $features:literal, $dot:ident, $tile:ident, $axpy:ident, $widen:ident) => {
             #[target_feature(enable = $features)]
             pub(crate) unsafe fn $dot(x: &[f32], w: &[$t]) -> f32 {
                 // SAFETY: the caller checked the features this function is compiled for.
                 unsafe { dot_impl(x, w) }
             }
             #[target_feature(enable = $features)]
-            pub(crate) unsafe fn $dot4(x: [&[f32]; 4], w: &[$t]) -> [f32; 4] {
+            pub(crate) unsafe fn $tile<const R: usize, const C: usize>(
+                x: [&[f32]; R],
+                w: [&[$t]; C],
+            ) -> [[f32; C]; R] {
                 // SAFETY: as above.
-                unsafe { dot4_impl(x, w) }
+                unsafe { tile_impl(x, w) }
             }
             #[target_feature(enable = $features)]
             pub(crate) unsafe fn $axpy(a: f32, w: &[$t], y: &mut [f32]) {
@@ -241,7 +319,121 @@ pub(crate) mod avx2 {
         };
     }
 
-    entry_points!(f32, "avx2,fma", dot_f32, dot4_f32, axpy_f32, widen_f32);
-    entry_points!(bf16, "avx2,fma", dot_bf16, dot4_bf16, axpy_bf16, widen_bf16);
-    entry_points!(f16, "avx2,fma,f16c", dot_f16, dot4_f16, axpy_f16, widen_f16);
+    entry_points!(f32, "avx2,fma", dot_f32, tile_f32, axpy_f32, widen_f32);
+    entry_points!(bf16, "avx2,fma", dot_bf16, tile_bf16, axpy_bf16, widen_bf16);
+    entry_points!(f16, "avx2,fma,f16c", dot_f16, tile_f16, axpy_f16, widen_f16);
+}
+
+/// AVX-512F versions of the tile kernel: sixteen lanes, and twice the registers, so a tile of
+/// four activation rows by four weight rows stays in registers.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512 {
+    //! Every function here requires AVX-512F: callers check [`super::has_avx512`] first.
+    use half::{bf16, f16};
+    use std::arch::x86_64::*;
+
+    /// Loads 16 weights at `p` as f32.
+    trait Load16: Copy {
+        /// # Safety
+        /// `p` points at 16 readable elements; the CPU has AVX-512F.
+        unsafe fn load16(p: *const Self) -> __m512;
+        fn to_f32(self) -> f32;
+    }
+
+    impl Load16 for f32 {
+        #[inline(always)]
+        unsafe fn load16(p: *const Self) -> __m512 {
+            // SAFETY: the caller guarantees 16 readable f32 at `p`.
+            unsafe { _mm512_loadu_ps(p) }
+        }
+        fn to_f32(self) -> f32 {
+            self
+        }
+    }
+
+    impl Load16 for bf16 {
+        #[inline(always)]
+        unsafe fn load16(p: *const Self) -> __m512 {
+            // SAFETY: the caller guarantees 16 readable bf16 (32 bytes) at `p`.
+            unsafe {
+                let raw = _mm256_loadu_si256(p.cast());
+                _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16))
+            }
+        }
+        fn to_f32(self) -> f32 {
+            self.to_f32()
+        }
+    }
+
+    impl Load16 for f16 {
+        #[inline(always)]
+        unsafe fn load16(p: *const Self) -> __m512 {
+            // SAFETY: the caller guarantees 16 readable f16 (32 bytes) at `p`.
+            unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
+        }
+        fn to_f32(self) -> f32 {
+            self.to_f32()
+        }
+    }
+
+    /// As the AVX2 tile, sixteen lanes wide.
+    #[inline(always)]
+    unsafe fn tile_impl<T: Load16, const R: usize, const C: usize>(
+        x: [&[f32]; R],
+        w: [&[T]; C],
+    ) -> [[f32; C]; R] {
+        let n = x
+            .iter()
+            .map(|r| r.len())
+            .chain(w.iter().map(|r| r.len()))
+            .min()
+            .unwrap_or(0);
+        let (xp, wp) = (x.map(<[f32]>::as_ptr), w.map(<[T]>::as_ptr));
+        let mut sums = [[0f32; C]; R];
+        // SAFETY: every load below stays under `n` elements of every slice.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); C]; R];
+            let mut i = 0;
+            while i + 16 <= n {
+                // Loops, not closures: closures would not inherit the target features.
+                let mut wv = [_mm512_setzero_ps(); C];
+                for (v, &p) in wv.iter_mut().zip(&wp) {
+                    *v = T::load16(p.add(i));
+                }
+                for (a, &p) in acc.iter_mut().zip(&xp) {
+                    let xv = _mm512_loadu_ps(p.add(i));
+                    for (a, &wv) in a.iter_mut().zip(&wv) {
+                        *a = _mm512_fmadd_ps(xv, wv, *a);
+                    }
+                }
+                i += 16;
+            }
+            for ((sum, a), &p) in sums.iter_mut().zip(&acc).zip(&xp) {
+                for ((s, &a), &q) in sum.iter_mut().zip(a).zip(&wp) {
+                    *s = _mm512_reduce_add_ps(a);
+                    for t in i..n {
+                        *s += *p.add(t) * (*q.add(t)).to_f32();
+                    }
+                }
+            }
+        }
+        sums
+    }
+
+    macro_rules! tile_entry {
+        ($t:ty, $tile:ident) => {
+            #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+            pub(crate) unsafe fn $tile<const R: usize, const C: usize>(
+                x: [&[f32]; R],
+                w: [&[$t]; C],
+            ) -> [[f32; C]; R] {
+                // SAFETY: the caller checked AVX-512F.
+                unsafe { tile_impl(x, w) }
+            }
+        };
+    }
+
+    tile_entry!(f32, tile_f32);
+    tile_entry!(bf16, tile_bf16);
+    tile_entry!(f16, tile_f16);
 }

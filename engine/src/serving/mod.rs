@@ -40,7 +40,7 @@ impl Default for EngineConfig {
             block_size: 16,
             kv_blocks: 1024,
             kv_dtype: None,
-            token_budget: 512,
+            token_budget: 256,
             max_seqs: 64,
             prefix_cache: true,
         }

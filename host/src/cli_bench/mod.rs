@@ -91,11 +91,27 @@ fn prompt(index: usize, words: usize, shared: usize) -> String {
 /// What one request measured.
 #[derive(Debug, Default)]
 struct Timing {
+    /// When each token arrived.
+    arrivals: Vec<Instant>,
     ttft: Duration,
     gaps: Vec<Duration>,
     prompt_tokens: u32,
     cached_tokens: u32,
     completion_tokens: u32,
+}
+
+/// Tokens per second while every request was decoding: from the moment the last one had its
+/// first token to the moment the first one had its last (what llama-batched-bench's S_TG
+/// measures: the prompts are all in, no sequence has finished).
+fn steady_decode(timings: &[Timing]) -> Option<f64> {
+    let start = timings.iter().filter_map(|t| t.arrivals.first()).max()?;
+    let end = timings.iter().filter_map(|t| t.arrivals.last()).min()?;
+    let secs = end.checked_duration_since(*start)?.as_secs_f64();
+    let tokens = timings
+        .iter()
+        .map(|t| t.arrivals.iter().filter(|&a| a > start && a <= end).count())
+        .sum::<usize>();
+    (secs > 0.0 && tokens > 0).then(|| tokens as f64 / secs)
 }
 
 /// The `p`-th percentile of `sorted`, in milliseconds.
@@ -116,6 +132,7 @@ async fn one(worker: &Worker, request: InferRequest) -> anyhow::Result<Timing> {
         match events.recv().await {
             Some(Event::Token(_)) => {
                 let now = Instant::now();
+                timing.arrivals.push(now);
                 match last {
                     None => timing.ttft = now - started,
                     Some(t) => timing.gaps.push(now - t),
@@ -249,7 +266,6 @@ fn figures(args: &BenchArgs, timings: &[Timing], wall: Duration) -> serde_json::
     itl.sort();
     let secs = wall.as_secs_f64();
     let p = |v: &[Duration]| serde_json::json!({"p50": percentile(v, 50.0), "p90": percentile(v, 90.0), "p99": percentile(v, 99.0)});
-    let itl_p50 = percentile(&itl, 50.0);
     serde_json::json!({
         "plugin": args.name,
         "requests": timings.len(),
@@ -260,9 +276,7 @@ fn figures(args: &BenchArgs, timings: &[Timing], wall: Duration) -> serde_json::
         "wall_s": secs,
         "output_tokens_per_s": completion as f64 / secs,
         "total_tokens_per_s": (completion + prompt - cached) as f64 / secs,
-        // Every running sequence gains a token per step: with all of them decoding, the
-        // aggregate rate is the concurrency over the step time (llama-batched-bench's S_TG).
-        "decode_tokens_per_s": if itl_p50 > 0.0 { args.concurrency.min(timings.len()) as f64 * 1e3 / itl_p50 } else { 0.0 },
+        "decode_tokens_per_s": steady_decode(timings).unwrap_or(0.0),
         "ttft_ms": p(&ttft),
         "itl_ms": p(&itl),
     })
@@ -303,7 +317,7 @@ fn report(args: &BenchArgs, mut f: serde_json::Value, llama: Option<&[llama_cpp:
         num(&f["output_tokens_per_s"])
     );
     println!(
-        "decode throughput  {:>9.2} tokens/s (concurrency / p50 inter-token latency)",
+        "decode throughput  {:>9.2} tokens/s (all requests decoding: after the last first token, before the first end)",
         num(&f["decode_tokens_per_s"])
     );
     println!(
