@@ -151,6 +151,9 @@ fn softmax(row: &mut [f32]) {
     }
 }
 
+/// One task per (query, key/value head): the query heads that share a key/value head score
+/// every position in register tiles (each key read once for the whole group), then take their
+/// values from the same rows.
 fn per_query<T: Element>(
     shape: &AttentionShape,
     q: &[f32],
@@ -160,24 +163,34 @@ fn per_query<T: Element>(
 ) {
     let (heads, kv_heads, d) = (shape.heads, shape.kv_heads, shape.head_dim);
     let groups = heads / kv_heads;
-    out.par_chunks_mut(d).enumerate().for_each(|(index, o)| {
-        let (i, head) = (index / heads, index % heads);
-        let offset = (head / groups) * d;
-        let query = &q[index * d..(index + 1) * d];
-        let row = |t: usize| kv.slot(t, kv_heads * d) + offset;
-        let (k, v) = (kv.keys, kv.values);
-        SCORES.with_borrow_mut(|scores| {
-            scores.clear();
-            scores.extend(
-                (0..=start + i).map(|t| T::dot(query, &k[row(t)..row(t) + d]) * shape.scale),
-            );
-            softmax(scores);
-            o.fill(0.0);
-            for (t, &p) in scores.iter().enumerate() {
-                T::axpy(p, &v[row(t)..row(t) + d], o);
-            }
+    let stride = kv_heads * d;
+    // Query heads g·groups.. share key/value head g, so a group's outputs are contiguous.
+    out.par_chunks_mut(groups * d)
+        .enumerate()
+        .for_each(|(index, o)| {
+            let (i, g) = (index / kv_heads, index % kv_heads);
+            let len = start + i + 1;
+            let first = (i * heads + g * groups) * d;
+            let qs: Vec<&[f32]> = q[first..first + groups * d].chunks_exact(d).collect();
+            let row = |t: usize| kv.slot(t, stride) + g * d;
+            SCORES.with_borrow_mut(|scores| {
+                scores.clear();
+                scores.resize(groups * len, 0.0);
+                let y = crate::parallel::SharedMut::new(scores);
+                // SAFETY: the scores buffer is groups × len and only this task uses it.
+                unsafe {
+                    crate::matmul::dots(&qs, 0..len, |t| &kv.keys[row(t)..row(t) + d], len, y)
+                };
+                o.fill(0.0);
+                for (p, o) in scores.chunks_exact_mut(len).zip(o.chunks_exact_mut(d)) {
+                    p.iter_mut().for_each(|s| *s *= shape.scale);
+                    softmax(p);
+                    for (t, &p) in p.iter().enumerate() {
+                        T::axpy(p, &kv.values[row(t)..row(t) + d], o);
+                    }
+                }
+            });
         });
-    });
 }
 
 /// One head's keys or values as a contiguous f32 matrix `[len][d]`, gathered through the block

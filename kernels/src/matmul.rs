@@ -62,19 +62,36 @@ fn streamed<T: Element>(x: &[f32], w: &[T], k: usize, n: usize, out: &mut [f32])
     let y = SharedMut::new(out);
     let xs: Vec<&[f32]> = x.chunks_exact(k).collect();
     parts.into_par_iter().for_each(|cols| {
-        let mut j = cols.start;
-        while j < cols.end {
-            let c = (cols.end - j).min(crate::simd::tile_cols());
-            let row = |t: usize| &w[(j + t) * k..(j + t + 1) * k];
-            match c {
-                4 => tiles::<T, 4>(&xs, [row(0), row(1), row(2), row(3)], j, n, y),
-                3 => tiles::<T, 3>(&xs, [row(0), row(1), row(2)], j, n, y),
-                2 => tiles::<T, 2>(&xs, [row(0), row(1)], j, n, y),
-                _ => tiles::<T, 1>(&xs, [row(0)], j, n, y),
-            }
-            j += c;
-        }
+        // SAFETY: this task alone writes columns `cols` of the m × n output.
+        unsafe { dots(&xs, cols.clone(), |j| &w[j * k..(j + 1) * k], n, y) };
     });
+}
+
+/// `y[r · n + j] = xs[r] · row(j)` for every activation row `r` and every `j` in `cols`, in
+/// register tiles (see [`streamed`]); `row(j)` may lie anywhere (attention reads keys through a
+/// block table).
+///
+/// # Safety
+/// `y` holds `xs.len() × n` elements, `cols` lies inside `0..n`, and nothing else writes the
+/// columns `cols` meanwhile.
+pub(crate) unsafe fn dots<'w, T: Element>(
+    xs: &[&[f32]],
+    cols: std::ops::Range<usize>,
+    row: impl Fn(usize) -> &'w [T],
+    n: usize,
+    y: SharedMut<f32>,
+) {
+    let mut j = cols.start;
+    while j < cols.end {
+        let c = (cols.end - j).min(crate::simd::tile_cols());
+        match c {
+            4 => tiles::<T, 4>(xs, [row(j), row(j + 1), row(j + 2), row(j + 3)], j, n, y),
+            3 => tiles::<T, 3>(xs, [row(j), row(j + 1), row(j + 2)], j, n, y),
+            2 => tiles::<T, 2>(xs, [row(j), row(j + 1)], j, n, y),
+            _ => tiles::<T, 1>(xs, [row(j)], j, n, y),
+        }
+        j += c;
+    }
 }
 
 /// Every activation row against the weight rows `j..j + C`, four activation rows at a time.
