@@ -325,10 +325,10 @@ pub(crate) mod avx2 {
 }
 
 /// AVX-512F versions of the tile kernel: sixteen lanes, and twice the registers, so a tile of
-/// four activation rows by four weight rows stays in registers.
+/// four activation rows by four weight rows stays in registers. Every function here requires
+/// AVX-512F: callers check [`has_avx512`] first.
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512 {
-    //! Every function here requires AVX-512F: callers check [`super::has_avx512`] first.
     use half::{bf16, f16};
     use std::arch::x86_64::*;
 

@@ -276,7 +276,7 @@ fn figures(args: &BenchArgs, timings: &[Timing], wall: Duration) -> serde_json::
         "wall_s": secs,
         "output_tokens_per_s": completion as f64 / secs,
         "total_tokens_per_s": (completion + prompt - cached) as f64 / secs,
-        "decode_tokens_per_s": steady_decode(timings).unwrap_or(0.0),
+        "decode_tokens_per_s": steady_decode(timings),
         "ttft_ms": p(&ttft),
         "itl_ms": p(&itl),
     })
@@ -316,10 +316,12 @@ fn report(args: &BenchArgs, mut f: serde_json::Value, llama: Option<&[llama_cpp:
         "output throughput  {:>9.2} tokens/s",
         num(&f["output_tokens_per_s"])
     );
-    println!(
-        "decode throughput  {:>9.2} tokens/s (all requests decoding: after the last first token, before the first end)",
-        num(&f["decode_tokens_per_s"])
-    );
+    match f["decode_tokens_per_s"].as_f64() {
+        Some(v) => println!(
+            "decode throughput  {v:>9.2} tokens/s (all requests decoding: after the last first token, before the first end)"
+        ),
+        None => println!("decode throughput        n/a (the requests never all decoded at once)"),
+    }
     println!(
         "total throughput   {:>9.2} tokens/s (prompt tokens computed + output)",
         num(&f["total_tokens_per_s"])
