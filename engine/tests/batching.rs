@@ -331,3 +331,35 @@ fn requests_the_pool_can_never_hold_are_refused_with_what_to_do() {
         "{e}"
     );
 }
+
+#[test]
+fn a_request_cancelled_before_its_first_token_stops_at_once() {
+    // Four prompt tokens per step: a 200-token prompt takes fifty steps to prefill.
+    let engine = engine_for::<Qwen3>(
+        "qwen3-tiny",
+        EngineConfig {
+            token_budget: 4,
+            ..small_blocks(256)
+        },
+    );
+    let request = Request {
+        prompt: (0..200).map(|i| 20 + i % 300).collect(),
+        max_tokens: 8,
+        ..Request::default()
+    };
+    let mut tokens = 0;
+    let outcome = engine
+        .generate_until(
+            request,
+            &mut |_| {
+                tokens += 1;
+                true
+            },
+            &|| true,
+        )
+        .unwrap();
+    assert_eq!((outcome.finish, tokens), (Finish::Cancelled, 0));
+    let stats = when_idle(&engine);
+    assert!(stats.steps < 10, "it stopped during the prefill: {stats:?}");
+    assert_eq!(stats.blocks_used, 0, "{stats:?}");
+}

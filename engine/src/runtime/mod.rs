@@ -294,10 +294,14 @@ impl<M: LoadModel> ModelRuntime<M> {
             eos: loaded.generation.eos_token_id.clone(),
             logprobs: request.logprobs.map(|k| k as usize),
         };
-        let mut emit = |t: Emitted| sink.emit(token_of(t)) == Flow::Continue;
+        // The sink is polled between tokens too: a request cancelled while it waits or
+        // prefills stops at once, not at its first token.
+        let sink = std::cell::RefCell::new(sink);
+        let mut emit = |t: Emitted| sink.borrow_mut().emit(token_of(t)) == Flow::Continue;
+        let cancelled = || sink.try_borrow().is_ok_and(|s| s.is_cancelled());
         let outcome = loaded
             .engine
-            .generate(engine_request, &mut emit)
+            .generate_until(engine_request, &mut emit, &cancelled)
             .map_err(plugin_error)?;
         let finish_reason = match outcome.finish {
             Finish::Stop => FinishReason::Stop,

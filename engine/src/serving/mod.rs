@@ -229,6 +229,11 @@ impl Engine {
 
     /// Enqueues `request`; its tokens come on the returned stream.
     pub fn submit(&self, request: Request) -> Result<Stream> {
+        if self.thread.as_ref().is_none_or(JoinHandle::is_finished) {
+            return Err(EngineError::Internal(
+                "the model's engine thread has stopped (a bug: see the worker's log); reload the model".into(),
+            ));
+        }
         let prompt = request.prompt.len();
         if prompt == 0 {
             return Err(EngineError::InvalidInput("the prompt is empty".into()));
@@ -275,17 +280,35 @@ impl Engine {
         request: Request,
         emit: &mut dyn FnMut(Emitted) -> bool,
     ) -> Result<Outcome> {
+        self.generate_until(request, emit, &|| false)
+    }
+
+    /// As [`generate`](Self::generate), also cancelling as soon as `cancelled()` says so, even
+    /// before the first token (a request still waiting, or in a long prefill).
+    pub fn generate_until(
+        &self,
+        request: Request,
+        emit: &mut dyn FnMut(Emitted) -> bool,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Outcome> {
+        const POLL: std::time::Duration = std::time::Duration::from_millis(50);
         let stream = self.submit(request)?;
         loop {
-            match stream.next() {
-                Some(Event::Token(t)) => {
+            if cancelled() {
+                stream.cancel();
+            }
+            match stream.events.recv_timeout(POLL) {
+                Ok(Event::Token(t)) => {
                     if !emit(t) {
                         stream.cancel();
                     }
                 }
-                Some(Event::Done(outcome)) => return Ok(outcome),
-                Some(Event::Failed(e)) => return Err(e),
-                None => return Err(EngineError::Internal("the engine stopped".into())),
+                Ok(Event::Done(outcome)) => return Ok(outcome),
+                Ok(Event::Failed(e)) => return Err(e),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(EngineError::Internal("the engine stopped".into()))
+                }
             }
         }
     }
