@@ -152,8 +152,8 @@ fn softmax(row: &mut [f32]) {
 }
 
 /// One task per (query, key/value head): the query heads that share a key/value head score
-/// every position in register tiles (each key read once for the whole group), then take their
-/// values from the same rows.
+/// every position in register tiles (each key read once for the whole group), then sum the value
+/// rows for several heads at once, their outputs held in registers across every position.
 fn per_query<T: Element>(
     shape: &AttentionShape,
     q: &[f32],
@@ -181,13 +181,37 @@ fn per_query<T: Element>(
                 unsafe {
                     crate::matmul::dots(&qs, 0..len, |t| &kv.keys[row(t)..row(t) + d], len, y)
                 };
-                o.fill(0.0);
-                for (p, o) in scores.chunks_exact_mut(len).zip(o.chunks_exact_mut(d)) {
+                for p in scores.chunks_exact_mut(len) {
                     p.iter_mut().for_each(|s| *s *= shape.scale);
                     softmax(p);
-                    for (t, &p) in p.iter().enumerate() {
-                        T::axpy(p, &kv.values[row(t)..row(t) + d], o);
+                }
+                let offsets: Vec<usize> = (0..len).map(row).collect();
+                let probs: Vec<&[f32]> = scores.chunks_exact(len).collect();
+                let mut outs: Vec<&mut [f32]> = o.chunks_exact_mut(d).collect();
+                let mut h = 0;
+                while h < groups {
+                    let c = (groups - h).min(crate::simd::weighted_rows());
+                    let v = kv.values;
+                    match (&probs[h..h + c], &mut outs[h..h + c]) {
+                        ([p0, p1, p2, p3], [o0, o1, o2, o3]) => T::weighted_sum(
+                            [p0, p1, p2, p3],
+                            v,
+                            &offsets,
+                            [&mut **o0, &mut **o1, &mut **o2, &mut **o3],
+                        ),
+                        ([p0, p1, p2], [o0, o1, o2]) => T::weighted_sum(
+                            [p0, p1, p2],
+                            v,
+                            &offsets,
+                            [&mut **o0, &mut **o1, &mut **o2],
+                        ),
+                        ([p0, p1], [o0, o1]) => {
+                            T::weighted_sum([p0, p1], v, &offsets, [&mut **o0, &mut **o1])
+                        }
+                        ([p0], [o0]) => T::weighted_sum([p0], v, &offsets, [&mut **o0]),
+                        _ => {}
                     }
+                    h += c;
                 }
             });
         });

@@ -12,6 +12,17 @@ pub trait Element: Copy + Send + Sync + 'static {
     /// [`dot`](Self::dot) of every activation row of `x` with every weight row of `w`, each
     /// loaded once (`R ≤ 4`, `C ≤ 3` keep the tile in registers).
     fn tile<const R: usize, const C: usize>(x: [&[f32]; R], w: [&[Self]; C]) -> [[f32; C]; R];
+    /// `out[r] = Σₜ p[r][t] · values[offsets[t]..][..d]` (`d` = `out[r].len()`): attention's sum
+    /// of value rows for R query heads, each row read once for all of them.
+    ///
+    /// # Panics
+    /// When a row lies outside `values`.
+    fn weighted_sum<const R: usize>(
+        p: [&[f32]; R],
+        values: &[Self],
+        offsets: &[usize],
+        out: [&mut [f32]; R],
+    );
     /// `y += a·w`, elementwise.
     fn axpy(a: f32, w: &[Self], y: &mut [f32]);
     /// `out = w` as f32.
@@ -30,7 +41,7 @@ pub trait Element: Copy + Send + Sync + 'static {
 }
 
 macro_rules! element {
-    ($t:ty, $has:ident, $to_f32:expr, $as_f32:expr, $dot:ident, $tile:ident, $axpy:ident, $widen:ident) => {
+    ($t:ty, $has:ident, $to_f32:expr, $as_f32:expr, $dot:ident, $tile:ident, $wsum:ident, $axpy:ident, $widen:ident) => {
         impl Element for $t {
             #[inline]
             fn dot(x: &[f32], w: &[Self]) -> f32 {
@@ -58,6 +69,31 @@ macro_rules! element {
                     return unsafe { crate::simd::avx2::$tile(x, w) };
                 }
                 portable::tile(x, w, $to_f32)
+            }
+
+            #[inline]
+            fn weighted_sum<const R: usize>(
+                p: [&[f32]; R],
+                values: &[Self],
+                offsets: &[usize],
+                out: [&mut [f32]; R],
+            ) {
+                let d = out.iter().map(|o| o.len()).max().unwrap_or(0);
+                assert!(
+                    offsets.iter().all(|&o| o + d <= values.len()),
+                    "a value row lies outside the values"
+                );
+                #[cfg(target_arch = "x86_64")]
+                if crate::simd::has_avx512() {
+                    // SAFETY: the features and the offsets were just checked.
+                    return unsafe { crate::simd::avx512::$wsum(p, values, offsets, out) };
+                }
+                #[cfg(target_arch = "x86_64")]
+                if crate::simd::$has() {
+                    // SAFETY: as above.
+                    return unsafe { crate::simd::avx2::$wsum(p, values, offsets, out) };
+                }
+                portable::weighted_sum(p, values, offsets, out, $to_f32)
             }
 
             #[inline]
@@ -123,6 +159,7 @@ element!(
     Some,
     dot_f32,
     tile_f32,
+    wsum_f32,
     axpy_f32,
     widen_f32
 );
@@ -133,6 +170,7 @@ element!(
     |_| None,
     dot_bf16,
     tile_bf16,
+    wsum_bf16,
     axpy_bf16,
     widen_bf16
 );
@@ -143,6 +181,7 @@ element!(
     |_| None,
     dot_f16,
     tile_f16,
+    wsum_f16,
     axpy_f16,
     widen_f16
 );
@@ -188,6 +227,31 @@ mod tests {
                         assert!(
                             (got as f64 - exact).abs() < tol,
                             "tile at level {level}, n = {n}"
+                        );
+                    }
+                }
+            }
+
+            // Value sums: rows scattered at odd offsets, output widths around the unrolled 32/64.
+            for d in [1, 8, 31, 32, 40, 64, 100, 128] {
+                if n < d {
+                    continue;
+                }
+                let offsets: Vec<usize> = (0..5).map(|t| (t * 7) % (n - d + 1)).collect();
+                let p = [data(5, 11), data(5, 12), data(5, 13)];
+                let mut out = [vec![f32::NAN; d], vec![f32::NAN; d], vec![f32::NAN; d]];
+                let [o0, o1, o2] = &mut out;
+                T::weighted_sum([&p[0], &p[1], &p[2]], &w, &offsets, [o0, o1, o2]);
+                for (p, out) in p.iter().zip(&out) {
+                    for (i, got) in out.iter().enumerate() {
+                        let exact: f64 = p
+                            .iter()
+                            .zip(&offsets)
+                            .map(|(&p, &o)| p as f64 * to(w[o + i]) as f64)
+                            .sum();
+                        assert!(
+                            (*got as f64 - exact).abs() < 1e-5,
+                            "weighted sum, n = {n}, d = {d}"
                         );
                     }
                 }

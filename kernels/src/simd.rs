@@ -33,6 +33,23 @@ pub(crate) mod portable {
         x.map(|x| w.map(|w| dot(x, w, &widen)))
     }
 
+    /// `out[r] = Σₜ p[r][t] · values[offsets[t]..][..d]` for each of the R output rows.
+    #[inline]
+    pub(crate) fn weighted_sum<T: Copy, const R: usize>(
+        p: [&[f32]; R],
+        values: &[T],
+        offsets: &[usize],
+        out: [&mut [f32]; R],
+        widen: impl Fn(T) -> f32,
+    ) {
+        for (p, out) in p.iter().zip(out) {
+            out.fill(0.0);
+            for (&pt, &off) in p.iter().zip(offsets) {
+                axpy(pt, &values[off..off + out.len()], out, &widen);
+            }
+        }
+    }
+
     #[inline]
     pub(crate) fn axpy<T: Copy>(a: f32, w: &[T], y: &mut [f32], widen: impl Fn(T) -> f32) {
         for (y, &w) in y.iter_mut().zip(w) {
@@ -105,6 +122,14 @@ pub(crate) fn has_f16c() -> bool {
 #[inline]
 pub(crate) fn has_avx512() -> bool {
     Level::current() >= Level::Avx512
+}
+
+/// Query heads per value sum at the level in use (four output vectors per head in registers).
+pub(crate) fn weighted_rows() -> usize {
+    match Level::current() {
+        Level::Avx512 => 4,
+        _ => 2,
+    }
 }
 
 /// Weight rows per register tile at the level in use (what fits the registers beside four
@@ -253,6 +278,60 @@ pub(crate) mod avx2 {
         sums
     }
 
+    /// Attention's value sum for R query heads at once: each value row is loaded and widened once
+    /// for the R heads, and the outputs stay in registers across every position (four vectors of
+    /// each output row at a time) instead of being loaded and stored per position.
+    ///
+    /// # Safety
+    /// Every `offsets[t] + out[r].len()` is inside `values`; the CPU has this module's features.
+    #[inline(always)]
+    unsafe fn weighted_sum_impl<T: Load8, const R: usize>(
+        p: [&[f32]; R],
+        values: &[T],
+        offsets: &[usize],
+        out: [&mut [f32]; R],
+    ) {
+        let d = out.iter().map(|o| o.len()).min().unwrap_or(0);
+        let len = p.iter().map(|p| p.len()).fold(offsets.len(), usize::min);
+        let vp = values.as_ptr();
+        let op = out.map(|o| o.as_mut_ptr());
+        let mut base = 0;
+        // SAFETY: the caller keeps every row inside `values`; outputs are written below `d`.
+        unsafe {
+            while base + 32 <= d {
+                let mut acc = [[_mm256_setzero_ps(); 4]; R];
+                for t in 0..len {
+                    let row = vp.add(offsets[t] + base);
+                    let mut v = [_mm256_setzero_ps(); 4];
+                    for (q, v) in v.iter_mut().enumerate() {
+                        *v = T::load8(row.add(8 * q));
+                    }
+                    for (a, p) in acc.iter_mut().zip(&p) {
+                        let w = _mm256_set1_ps(*p.get_unchecked(t));
+                        for (a, &v) in a.iter_mut().zip(&v) {
+                            *a = _mm256_fmadd_ps(w, v, *a);
+                        }
+                    }
+                }
+                for (a, &o) in acc.iter().zip(&op) {
+                    for (q, &a) in a.iter().enumerate() {
+                        _mm256_storeu_ps(o.add(base + 8 * q), a);
+                    }
+                }
+                base += 32;
+            }
+            for i in base..d {
+                for (p, &o) in p.iter().zip(&op) {
+                    let mut sum = 0.0;
+                    for t in 0..len {
+                        sum += p[t] * (*vp.add(offsets[t] + i)).to_f32();
+                    }
+                    *o.add(i) = sum;
+                }
+            }
+        }
+    }
+
     #[inline(always)]
     unsafe fn axpy_impl<T: Load8>(a: f32, w: &[T], y: &mut [f32]) {
         let n = y.len().min(w.len());
@@ -292,7 +371,17 @@ pub(crate) mod avx2 {
     }
 
     macro_rules! entry_points {
-        ($t:ty, $features:literal, $dot:ident, $tile:ident, $axpy:ident, $widen:ident) => {
+        ($t:ty, $features:literal, $dot:ident, $tile:ident, $wsum:ident, $axpy:ident, $widen:ident) => {
+            #[target_feature(enable = $features)]
+            pub(crate) unsafe fn $wsum<const R: usize>(
+                p: [&[f32]; R],
+                values: &[$t],
+                offsets: &[usize],
+                out: [&mut [f32]; R],
+            ) {
+                // SAFETY: the caller checked the features and the offsets.
+                unsafe { weighted_sum_impl(p, values, offsets, out) }
+            }
             #[target_feature(enable = $features)]
             pub(crate) unsafe fn $dot(x: &[f32], w: &[$t]) -> f32 {
                 // SAFETY: the caller checked the features this function is compiled for.
@@ -319,9 +408,17 @@ pub(crate) mod avx2 {
         };
     }
 
-    entry_points!(f32, "avx2,fma", dot_f32, tile_f32, axpy_f32, widen_f32);
-    entry_points!(bf16, "avx2,fma", dot_bf16, tile_bf16, axpy_bf16, widen_bf16);
-    entry_points!(f16, "avx2,fma,f16c", dot_f16, tile_f16, axpy_f16, widen_f16);
+    entry_points!(f32, "avx2,fma", dot_f32, tile_f32, wsum_f32, axpy_f32, widen_f32);
+    entry_points!(bf16, "avx2,fma", dot_bf16, tile_bf16, wsum_bf16, axpy_bf16, widen_bf16);
+    entry_points!(
+        f16,
+        "avx2,fma,f16c",
+        dot_f16,
+        tile_f16,
+        wsum_f16,
+        axpy_f16,
+        widen_f16
+    );
 }
 
 /// AVX-512F versions of the tile kernel: sixteen lanes, and twice the registers, so a tile of
@@ -420,8 +517,71 @@ pub(crate) mod avx512 {
         sums
     }
 
+    /// As the AVX2 value sum, sixteen lanes wide (four vectors: 64 values of each output row per
+    /// pass).
+    ///
+    /// # Safety
+    /// As the AVX2 one, with AVX-512F.
+    #[inline(always)]
+    unsafe fn weighted_sum_impl<T: Load16, const R: usize>(
+        p: [&[f32]; R],
+        values: &[T],
+        offsets: &[usize],
+        out: [&mut [f32]; R],
+    ) {
+        let d = out.iter().map(|o| o.len()).min().unwrap_or(0);
+        let len = p.iter().map(|p| p.len()).fold(offsets.len(), usize::min);
+        let vp = values.as_ptr();
+        let op = out.map(|o| o.as_mut_ptr());
+        let mut base = 0;
+        // SAFETY: the caller keeps every row inside `values`; outputs are written below `d`.
+        unsafe {
+            while base + 64 <= d {
+                let mut acc = [[_mm512_setzero_ps(); 4]; R];
+                for t in 0..len {
+                    let row = vp.add(offsets[t] + base);
+                    let mut v = [_mm512_setzero_ps(); 4];
+                    for (q, v) in v.iter_mut().enumerate() {
+                        *v = T::load16(row.add(16 * q));
+                    }
+                    for (a, p) in acc.iter_mut().zip(&p) {
+                        let w = _mm512_set1_ps(*p.get_unchecked(t));
+                        for (a, &v) in a.iter_mut().zip(&v) {
+                            *a = _mm512_fmadd_ps(w, v, *a);
+                        }
+                    }
+                }
+                for (a, &o) in acc.iter().zip(&op) {
+                    for (q, &a) in a.iter().enumerate() {
+                        _mm512_storeu_ps(o.add(base + 16 * q), a);
+                    }
+                }
+                base += 64;
+            }
+            for i in base..d {
+                for (p, &o) in p.iter().zip(&op) {
+                    let mut sum = 0.0;
+                    for t in 0..len {
+                        sum += p[t] * (*vp.add(offsets[t] + i)).to_f32();
+                    }
+                    *o.add(i) = sum;
+                }
+            }
+        }
+    }
+
     macro_rules! tile_entry {
-        ($t:ty, $tile:ident) => {
+        ($t:ty, $tile:ident, $wsum:ident) => {
+            #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+            pub(crate) unsafe fn $wsum<const R: usize>(
+                p: [&[f32]; R],
+                values: &[$t],
+                offsets: &[usize],
+                out: [&mut [f32]; R],
+            ) {
+                // SAFETY: the caller checked AVX-512F and the offsets.
+                unsafe { weighted_sum_impl(p, values, offsets, out) }
+            }
             #[target_feature(enable = "avx512f,avx2,fma,f16c")]
             pub(crate) unsafe fn $tile<const R: usize, const C: usize>(
                 x: [&[f32]; R],
@@ -433,7 +593,7 @@ pub(crate) mod avx512 {
         };
     }
 
-    tile_entry!(f32, tile_f32);
-    tile_entry!(bf16, tile_bf16);
-    tile_entry!(f16, tile_f16);
+    tile_entry!(f32, tile_f32, wsum_f32);
+    tile_entry!(bf16, tile_bf16, wsum_bf16);
+    tile_entry!(f16, tile_f16, wsum_f16);
 }
