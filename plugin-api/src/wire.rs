@@ -163,6 +163,8 @@ pub struct EngineStats {
     pub kv_blocks_used: u64,
     /// KV cache blocks that can be allocated (free, or cached and held by nobody).
     pub kv_blocks_free: u64,
+    /// The most KV cache blocks ever held at once.
+    pub kv_blocks_peak: u64,
     /// Token positions per block.
     pub kv_block_size: u64,
     /// Bytes one token takes in the KV cache.

@@ -14,6 +14,11 @@ fn golden() -> Vec<Value> {
 }
 
 fn qwen_daemon() -> Daemon {
+    qwen_daemon_with("")
+}
+
+/// The qwen3 plugin on the tiny checkpoint, `options` under `[model.options]`.
+fn qwen_daemon_with(options: &str) -> Daemon {
     let dir = echo_dir("");
     let qwen = repo_root().join("tests/fixtures/qwen3-tiny");
     let library = plugin_lib("pio_plugin_qwen3");
@@ -23,7 +28,10 @@ fn qwen_daemon() -> Daemon {
             "qwen3-4b-instruct-2507",
             "0.1.0",
             &library.display().to_string(),
-            &format!("[model]\npath = \"{}\"\ndtype = \"f32\"\n", qwen.display()),
+            &format!(
+                "[model]\npath = \"{}\"\ndtype = \"f32\"\n\n[model.options]\n{options}\n",
+                qwen.display()
+            ),
         ),
     );
     let d = Daemon::start(dir, "");
@@ -137,4 +145,77 @@ fn concurrent_requests_each_get_transformers_answer_and_a_repeat_hits_the_cache(
         "the longest golden prompt spans a full block"
     );
     assert_eq!(cached as usize, (prompt_len - 1) / 16 * 16, "{r}");
+
+    // The engine's figures reach the admin API and the metrics.
+    let engine = &d.plugin("qwen3-4b-instruct-2507")["engine"];
+    let figure = |k: &str| {
+        engine[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{k} in {engine}"))
+    };
+    assert_eq!(
+        figure("kv_blocks_used"),
+        0,
+        "every block is free again: {engine}"
+    );
+    assert!(figure("kv_blocks_free") > 0 && figure("prefix_hit_tokens") >= cached);
+    assert!(figure("kv_blocks_peak") > 0);
+    assert!(
+        figure("batched_seqs") > figure("steps"),
+        "concurrent requests shared forward passes: {engine}"
+    );
+    // f32 K and V, 3 layers of 2 heads of 32.
+    assert_eq!(figure("kv_bytes_per_token"), 3 * 2 * 2 * 32 * 4);
+    let metrics = d.get_text("/metrics");
+    let line = |name: &str| {
+        let prefix = format!("pio_{name}{{model=\"qwen3-4b-instruct-2507\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("{name} missing from:\n{metrics}"))
+            .parse::<f64>()
+            .unwrap()
+    };
+    assert!(line("engine_steps_total") >= figure("steps") as f64);
+    assert!(line("engine_batch_size_mean") > 1.0);
+    assert!(line("engine_prefix_cache_hit_ratio") > 0.0);
+    assert_eq!(line("engine_kv_blocks_used"), 0.0);
+    assert_eq!(line("engine_sequences_running"), 0.0);
+}
+
+#[test]
+fn a_kv_pool_too_small_for_the_load_preempts_and_every_answer_stays_exact() {
+    if !confinement_available() {
+        return;
+    }
+    // 8 blocks of 16 tokens (f32: 1,536 bytes a token): 128 positions for ten requests that need
+    // up to 74 each.
+    let d = qwen_daemon_with("kv_cache_bytes = 196608");
+    let cases = golden();
+    let replies: Vec<(usize, Value)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..2 * cases.len())
+            .map(|i| {
+                let (d, case) = (&d, &cases[i % cases.len()]);
+                scope.spawn(move || {
+                    let (path, body) = body(case, 16);
+                    let (status, r) = d.post(path, &body);
+                    assert_eq!(status, 200, "{r}");
+                    (i, r)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, r) in &replies {
+        assert_matches(r, &cases[i % cases.len()], 16);
+    }
+    let engine = &d.plugin("qwen3-4b-instruct-2507")["engine"];
+    assert!(engine["preemptions"].as_u64().unwrap() > 0, "{engine}");
+    assert_eq!(engine["kv_blocks_used"], 0, "{engine}");
+    assert_eq!(
+        engine["kv_blocks_free"].as_u64().unwrap(),
+        8,
+        "the pool is what kv_cache_bytes asked: {engine}"
+    );
+    assert!(engine["kv_blocks_peak"].as_u64().unwrap() <= 8);
 }

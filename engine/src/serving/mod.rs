@@ -109,6 +109,8 @@ pub struct Stats {
     pub blocks_used: usize,
     /// KV blocks that can be allocated (free or idle in the prefix cache).
     pub blocks_free: usize,
+    /// The most KV blocks ever held at once.
+    pub blocks_peak: usize,
     /// KV blocks in the pool.
     pub blocks_total: usize,
     /// Token positions per block.
@@ -138,6 +140,7 @@ impl Stats {
             waiting: n(self.waiting),
             kv_blocks_used: n(self.blocks_used),
             kv_blocks_free: n(self.blocks_free),
+            kv_blocks_peak: n(self.blocks_peak),
             kv_block_size: n(self.block_size),
             kv_bytes_per_token: n(self.kv_bytes_per_token),
             prefix_lookup_tokens: self.prefix_lookup_tokens,

@@ -291,6 +291,7 @@ impl<M: CausalLm> Worker<M> {
             }
             order.push((w.id, w.tokens));
         }
+        self.stats.blocks_peak = self.stats.blocks_peak.max(self.pool.allocator.in_use());
         let linear = Positions::Linear;
         let result = {
             let steps: Vec<SeqStep<'_>> = order
@@ -394,6 +395,7 @@ impl<M: CausalLm> Worker<M> {
         self.stats.running = self.running.len();
         self.stats.waiting = self.waiting.len();
         self.stats.blocks_used = a.in_use();
+        self.stats.blocks_peak = self.stats.blocks_peak.max(a.in_use());
         self.stats.blocks_free = a.available();
         if let Ok(mut s) = self.shared.stats.lock() {
             *s = self.stats.clone();

@@ -98,6 +98,8 @@ struct Timing {
     prompt_tokens: u32,
     cached_tokens: u32,
     completion_tokens: u32,
+    /// The engine's figures as the request ended.
+    engine: Option<pio_plugin_api::wire::EngineStats>,
 }
 
 /// Tokens per second while every request was decoding: from the moment the last one had its
@@ -112,6 +114,27 @@ fn steady_decode(timings: &[Timing]) -> Option<f64> {
         .map(|t| t.arrivals.iter().filter(|&a| a > start && a <= end).count())
         .sum::<usize>();
     (secs > 0.0 && tokens > 0).then(|| tokens as f64 / secs)
+}
+
+/// The KV cache as the last request left it: the most blocks held at once, the pool, bytes.
+fn kv_use(timings: &[Timing]) -> serde_json::Value {
+    let Some(e) = timings
+        .iter()
+        .filter_map(|t| t.engine)
+        .max_by_key(|e| e.steps)
+    else {
+        return serde_json::Value::Null;
+    };
+    let block_bytes = e.kv_block_size * e.kv_bytes_per_token;
+    serde_json::json!({
+        "blocks_peak": e.kv_blocks_peak,
+        "blocks_total": e.kv_blocks_used + e.kv_blocks_free,
+        "block_size": e.kv_block_size,
+        "bytes_per_token": e.kv_bytes_per_token,
+        "peak_bytes": e.kv_blocks_peak * block_bytes,
+        "preemptions": e.preemptions,
+        "mean_batch": e.batched_seqs as f64 / e.steps.max(1) as f64,
+    })
 }
 
 /// The `p`-th percentile of `sorted`, in milliseconds.
@@ -143,6 +166,7 @@ async fn one(worker: &Worker, request: InferRequest) -> anyhow::Result<Timing> {
                 timing.prompt_tokens = outcome.usage.prompt_tokens;
                 timing.cached_tokens = outcome.usage.cached_tokens;
                 timing.completion_tokens = outcome.usage.completion_tokens;
+                timing.engine = outcome.engine;
                 return Ok(timing);
             }
             Some(Event::Failed(e)) => bail!("a request failed: {}", e.message),
@@ -277,6 +301,7 @@ fn figures(args: &BenchArgs, timings: &[Timing], wall: Duration) -> serde_json::
         "output_tokens_per_s": completion as f64 / secs,
         "total_tokens_per_s": (completion + prompt - cached) as f64 / secs,
         "decode_tokens_per_s": steady_decode(timings),
+        "kv_cache": kv_use(timings),
         "ttft_ms": p(&ttft),
         "itl_ms": p(&itl),
     })
@@ -326,6 +351,19 @@ fn report(args: &BenchArgs, mut f: serde_json::Value, llama: Option<&[llama_cpp:
         "total throughput   {:>9.2} tokens/s (prompt tokens computed + output)",
         num(&f["total_tokens_per_s"])
     );
+    let kv = &f["kv_cache"];
+    if !kv.is_null() {
+        println!(
+            "KV cache           peak {} of {} blocks of {} tokens ({:.1} MiB at {} bytes a token); {} preemptions; {:.1} sequences per step",
+            kv["blocks_peak"],
+            kv["blocks_total"],
+            kv["block_size"],
+            num(&kv["peak_bytes"]) / f64::from(1 << 20),
+            kv["bytes_per_token"],
+            kv["preemptions"],
+            num(&kv["mean_batch"])
+        );
+    }
     println!("                      p50       p90       p99");
     for (name, key) in [("TTFT ms", "ttft_ms"), ("ITL ms", "itl_ms")] {
         let v = &f[key];
