@@ -300,8 +300,8 @@ pub(crate) mod avx2 {
         unsafe {
             while base + 32 <= d {
                 let mut acc = [[_mm256_setzero_ps(); 4]; R];
-                for t in 0..len {
-                    let row = vp.add(offsets[t] + base);
+                for (t, &off) in offsets[..len].iter().enumerate() {
+                    let row = vp.add(off + base);
                     let mut v = [_mm256_setzero_ps(); 4];
                     for (q, v) in v.iter_mut().enumerate() {
                         *v = T::load8(row.add(8 * q));
@@ -323,8 +323,8 @@ pub(crate) mod avx2 {
             for i in base..d {
                 for (p, &o) in p.iter().zip(&op) {
                     let mut sum = 0.0;
-                    for t in 0..len {
-                        sum += p[t] * (*vp.add(offsets[t] + i)).to_f32();
+                    for (&pt, &off) in p[..len].iter().zip(&offsets[..len]) {
+                        sum += pt * (*vp.add(off + i)).to_f32();
                     }
                     *o.add(i) = sum;
                 }
@@ -538,8 +538,8 @@ pub(crate) mod avx512 {
         unsafe {
             while base + 64 <= d {
                 let mut acc = [[_mm512_setzero_ps(); 4]; R];
-                for t in 0..len {
-                    let row = vp.add(offsets[t] + base);
+                for (t, &off) in offsets[..len].iter().enumerate() {
+                    let row = vp.add(off + base);
                     let mut v = [_mm512_setzero_ps(); 4];
                     for (q, v) in v.iter_mut().enumerate() {
                         *v = T::load16(row.add(16 * q));
@@ -561,8 +561,8 @@ pub(crate) mod avx512 {
             for i in base..d {
                 for (p, &o) in p.iter().zip(&op) {
                     let mut sum = 0.0;
-                    for t in 0..len {
-                        sum += p[t] * (*vp.add(offsets[t] + i)).to_f32();
+                    for (&pt, &off) in p[..len].iter().zip(&offsets[..len]) {
+                        sum += pt * (*vp.add(off + i)).to_f32();
                     }
                     *o.add(i) = sum;
                 }
