@@ -2,7 +2,6 @@
 //! grouped-query attention with per-head RMSNorm on queries and keys, rotary positions, a SwiGLU
 //! MLP or (Qwen3-MoE) a sparse mixture of SwiGLU experts, tied or untied output embedding.
 
-use crate::attention::PagedKv;
 use crate::batch::{Batch, Positions};
 use crate::candle_core::{DType, Device, Module, Tensor};
 use crate::candle_nn::{embedding, rms_norm, Embedding, RmsNorm, VarBuilder};
@@ -12,105 +11,14 @@ use crate::kv_pool::{KvPool, TokenLayout};
 use crate::linear::{Linear, Quantization};
 use crate::{EngineError, Result};
 
+mod attention;
 mod config;
 mod moe;
 mod rotary;
 
+use attention::Attention;
 pub use config::{Config, RopeParameters};
 use rotary::{Angles, Rotary};
-
-#[derive(Debug, Clone)]
-struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
-    q_norm: RmsNorm,
-    k_norm: RmsNorm,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-}
-
-impl Attention {
-    fn weight_bytes(&self) -> usize {
-        [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
-            .iter()
-            .map(|l| l.weight_bytes())
-            .sum()
-    }
-
-    fn new(cfg: &Config, q: Quantization, vb: VarBuilder) -> candle_result::R<Self> {
-        let (h, kv, d) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
-        let bias = cfg.attention_bias;
-        Ok(Self {
-            q_proj: Linear::load(cfg.hidden_size, h * d, bias, q, vb.pp("q_proj"))?,
-            k_proj: Linear::load(cfg.hidden_size, kv * d, bias, q, vb.pp("k_proj"))?,
-            v_proj: Linear::load(cfg.hidden_size, kv * d, bias, q, vb.pp("v_proj"))?,
-            o_proj: Linear::load(h * d, cfg.hidden_size, bias, q, vb.pp("o_proj"))?,
-            q_norm: rms_norm(d, cfg.rms_norm_eps, vb.pp("q_norm"))?,
-            k_norm: rms_norm(d, cfg.rms_norm_eps, vb.pp("k_norm"))?,
-            heads: h,
-            kv_heads: kv,
-            head_dim: d,
-        })
-    }
-
-    /// Attention for every sequence of `batch`; `x` holds their new rows back to back,
-    /// `(1, rows, hidden)`. Each sequence's keys and values go into its blocks of `pool`'s layer
-    /// `layer`, then its queries attend over its own positions only.
-    fn forward(
-        &self,
-        x: &Tensor,
-        rotary: &Angles,
-        batch: &Batch<'_>,
-        pool: &KvPool,
-        layer: usize,
-    ) -> Result<Tensor> {
-        let (_, rows, _) = x.dims3()?;
-        // 1. Project into heads, position-major: (rows, heads, head_dim); per-head RMSNorm on
-        //    queries and keys, then rotary positions.
-        let split = |t: Tensor, heads: usize| t.reshape((1, rows, heads, self.head_dim));
-        let q = split(self.q_proj.forward(x)?, self.heads)?;
-        let k = split(self.k_proj.forward(x)?, self.kv_heads)?;
-        let v = split(self.v_proj.forward(x)?, self.kv_heads)?;
-        let q = rotary.apply(&self.q_norm.forward(&q)?)?.squeeze(0)?;
-        let k = rotary.apply(&self.k_norm.forward(&k)?)?.squeeze(0)?;
-        let v = v.squeeze(0)?;
-        // 2. Per sequence: store its keys and values, attend over its own positions.
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let tensors = pool.layer(layer);
-        let mut outs = Vec::with_capacity(batch.seqs.len());
-        let mut row = 0;
-        for seq in &batch.seqs {
-            let n = seq.tokens.len();
-            pool.write(layer, 0, seq.blocks, seq.start, &k.narrow(0, row, n)?)?;
-            pool.write(layer, 1, seq.blocks, seq.start, &v.narrow(0, row, n)?)?;
-            let kv = PagedKv {
-                keys: &tensors[0],
-                values: &tensors[1],
-                blocks: seq.blocks,
-                block_size: pool.block_size(),
-            };
-            outs.push(crate::attention::paged(
-                &q.narrow(0, row, n)?,
-                &kv,
-                seq.start,
-                scale,
-            )?);
-            row += n;
-        }
-        let out = if outs.len() == 1 {
-            outs.remove(0)
-        } else {
-            Tensor::cat(&outs, 0)?
-        };
-        // 3. Merge heads and project out.
-        Ok(self
-            .o_proj
-            .forward(&out.reshape((1, rows, self.heads * self.head_dim))?)?)
-    }
-}
 
 #[derive(Debug, Clone)]
 struct Mlp {
