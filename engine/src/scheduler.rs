@@ -21,6 +21,9 @@ pub struct Running {
     pub computed: usize,
     /// Blocks it holds.
     pub blocks: usize,
+    /// Of those, the blocks no other sequence holds: what preempting it frees (a prefix-cache
+    /// block it shares stays held by the others).
+    pub own_blocks: usize,
 }
 
 /// A waiting request.
@@ -33,6 +36,9 @@ pub struct Waiting {
     /// Leading tokens the prefix cache already holds (a multiple of the block size, less than
     /// `tokens`).
     pub cached: usize,
+    /// Of the cached prefix's blocks, those running sequences hold: sharing them takes no free
+    /// block (the others are idle in the cache and count as free until taken).
+    pub cached_held: usize,
 }
 
 /// The engine's limits.
@@ -115,14 +121,14 @@ pub fn schedule(state: &State<'_>) -> Plan {
         // Preempt newer sequences until this one's next token fits.
         while need(1) > free && kept.len() > i + 1 {
             if let Some(victim) = kept.pop() {
-                free += victim.blocks;
+                free += victim.own_blocks;
                 plan.preempt.push(victim.id);
             }
         }
         if need(1) > free {
             // The newest sequence itself cannot grow: it waits for blocks to come back.
             kept.remove(i);
-            free += s.blocks;
+            free += s.own_blocks;
             plan.preempt.push(s.id);
             continue;
         }
@@ -146,15 +152,16 @@ pub fn schedule(state: &State<'_>) -> Plan {
         if seqs >= max_seqs || budget == 0 {
             break;
         }
-        // Counted as if no cached block were shared: never more than the pool can give. The
-        // first chunk shrinks to the free blocks; the queue is never jumped.
-        let fits = (free * bs).saturating_sub(w.cached);
+        // Cached blocks that running sequences hold cost nothing; idle cached ones are counted
+        // (they are part of `free` until taken). The first chunk shrinks to the free blocks; the
+        // queue is never jumped.
+        let fits = ((free + w.cached_held) * bs).saturating_sub(w.cached);
         let tokens = (w.tokens - w.cached).min(budget).min(fits);
         if tokens == 0 {
             break;
         }
-        let new_blocks = blocks_for(w.cached + tokens, bs);
-        free -= new_blocks;
+        let cost = blocks_for(w.cached + tokens, bs) - w.cached_held;
+        free -= cost;
         budget -= tokens;
         plan.admit.push(w.id);
         plan.work.push(Work {
@@ -182,6 +189,7 @@ mod tests {
             tokens,
             computed,
             blocks: computed.div_ceil(4),
+            own_blocks: computed.div_ceil(4),
         }
     }
 
@@ -190,6 +198,7 @@ mod tests {
             id,
             tokens,
             cached: 0,
+            cached_held: 0,
         }
     }
 
@@ -279,11 +288,72 @@ mod tests {
     }
 
     #[test]
+    fn preempting_a_sequence_frees_only_the_blocks_it_holds_alone() {
+        // Sequence 1 prefills; 2 and 3 share a 4-block prefix and hold one block each besides.
+        let shared = |id| Running {
+            id,
+            tokens: 18,
+            computed: 17,
+            blocks: 5,
+            own_blocks: 1,
+        };
+        let p = plan(&[run(1, 40, 8), shared(2), shared(3)], &[], 0, LIMITS);
+        assert_eq!(p.preempt, vec![3], "the newest yields");
+        // Only its own block came back: the chunk is one block, not the five it held.
+        assert_eq!(
+            p.work[0],
+            Work {
+                id: 1,
+                tokens: 4,
+                new_blocks: 1
+            }
+        );
+        // 2 decodes inside its last block (17 of 20 positions used): no block needed.
+        assert_eq!(
+            p.work[1],
+            Work {
+                id: 2,
+                tokens: 1,
+                new_blocks: 0
+            }
+        );
+    }
+
+    #[test]
+    fn sharing_held_cached_blocks_costs_no_free_block() {
+        // A 40-token prompt whose first 32 tokens (8 blocks) other running sequences hold: with
+        // 2 free blocks it still joins.
+        let w = Waiting {
+            id: 9,
+            tokens: 40,
+            cached: 32,
+            cached_held: 8,
+        };
+        let p = plan(&[], &[w], 2, LIMITS);
+        assert_eq!(p.admit, vec![9]);
+        assert_eq!(
+            p.work,
+            vec![Work {
+                id: 9,
+                tokens: 8,
+                new_blocks: 2
+            }]
+        );
+        // Idle cached blocks do count: the same prompt with nothing held cannot join.
+        let idle = Waiting {
+            cached_held: 0,
+            ..w
+        };
+        assert!(plan(&[], &[idle], 2, LIMITS).admit.is_empty());
+    }
+
+    #[test]
     fn a_cached_prefix_is_not_recomputed() {
         let w = Waiting {
             id: 1,
             tokens: 10,
             cached: 8,
+            cached_held: 0,
         };
         let p = plan(&[], &[w], 100, LIMITS);
         assert_eq!(

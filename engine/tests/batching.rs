@@ -266,6 +266,28 @@ fn a_pool_too_small_preempts_and_still_gives_the_right_tokens_moe() {
 }
 
 #[test]
+fn preemption_with_shared_cached_prefixes_still_gives_the_right_tokens() {
+    // The longest prompt three times over beside the others, the prefix cache on: preempted
+    // sequences share blocks with those that keep running.
+    let name = "qwen3-tiny";
+    let engine = engine_for::<Qwen3>(name, small_blocks(30));
+    let cases = cases(name, &[16]);
+    let mut load = vec![cases[4].clone(), cases[4].clone(), cases[4].clone()];
+    load.extend(cases[..4].iter().cloned());
+    let results = run_all(&engine, &load);
+    for ((request, golden), (out, _)) in load.iter().zip(&results) {
+        assert_matches(out, golden, request.max_tokens);
+    }
+    let stats = when_idle(&engine);
+    assert!(
+        stats.preemptions > 0,
+        "the pool was too small to run all: {stats:?}"
+    );
+    assert!(stats.prefix_hit_tokens > 0, "{stats:?}");
+    assert_eq!(stats.blocks_used, 0, "{stats:?}");
+}
+
+#[test]
 fn cancelling_one_stream_leaves_the_others_unchanged() {
     let name = "qwen3-tiny";
     let engine = engine_for::<Qwen3>(name, small_blocks(256));

@@ -121,8 +121,12 @@ impl BlockAllocator {
     /// content until evicted), any other becomes free.
     pub fn release(&mut self, block: BlockId) {
         let refs = &mut self.refs[block as usize];
-        debug_assert!(*refs > 0, "block {block} released more often than held");
-        *refs = refs.saturating_sub(1);
+        if *refs == 0 {
+            // Released more often than held (a bug): never hand the block out twice.
+            debug_assert!(false, "block {block} released more often than held");
+            return;
+        }
+        *refs -= 1;
         if *refs > 0 {
             return;
         }
@@ -176,6 +180,11 @@ impl BlockAllocator {
             parent = Some(*hash);
         }
         found
+    }
+
+    /// Sequences holding `block`.
+    pub fn holders(&self, block: BlockId) -> u32 {
+        self.refs[block as usize]
     }
 
     /// Takes a hold on a cached block found by [`lookup`](Self::lookup).

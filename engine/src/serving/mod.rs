@@ -308,7 +308,15 @@ impl Engine {
                 }
                 Ok(Event::Done(outcome)) => return Ok(outcome),
                 Ok(Event::Failed(e)) => return Err(e),
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    // The thread fails every request it knows of as it ends; one that raced
+                    // its end would otherwise wait forever.
+                    if self.thread.as_ref().is_none_or(JoinHandle::is_finished) {
+                        return Err(EngineError::Internal(
+                            "the model's engine thread has stopped; reload the model".into(),
+                        ));
+                    }
+                }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     return Err(EngineError::Internal("the engine stopped".into()))
                 }

@@ -16,6 +16,14 @@ use crate::sequence::Decoding;
 use crate::text::TextCodec;
 use crate::EngineError;
 
+/// What a panic said.
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
+}
+
 /// One request inside the engine.
 struct Seq {
     id: u64,
@@ -94,21 +102,47 @@ impl<M: CausalLm> Worker<M> {
         }
     }
 
-    /// Steps until the engine is dropped, then fails what is left.
+    /// Steps until the engine is dropped, then fails what is left. A panic outside the model's
+    /// forward pass (which has its own guard) ends the thread the same way, with every request
+    /// told why, never left waiting.
     pub(super) fn run(mut self) {
-        while self.take_arrivals() {
-            self.drop_cancelled();
-            let plan = self.plan();
-            self.apply(&plan);
-            self.publish();
+        let why = loop {
+            let step = catch_unwind(AssertUnwindSafe(|| {
+                if !self.take_arrivals() {
+                    return false;
+                }
+                self.drop_cancelled();
+                let plan = self.plan();
+                self.apply(&plan);
+                self.publish();
+                true
+            }));
             for (to, event) in self.outbox.drain(..) {
                 let _ = to.send(event);
             }
-        }
-        for seq in self.running.drain(..).chain(self.waiting.drain(..)) {
-            let _ = seq.events.send(Event::Failed(EngineError::Internal(
-                "the model was unloaded while the request ran".into(),
-            )));
+            match step {
+                Ok(true) => continue,
+                Ok(false) => break "the model was unloaded while the request ran".to_string(),
+                Err(p) => {
+                    break format!("the engine failed ({}); reload the model", panic_text(&*p))
+                }
+            }
+        };
+        let queued: Vec<Arrival> = match self.shared.inbox.lock() {
+            Ok(mut inbox) => {
+                inbox.stop = true;
+                inbox.arrivals.drain(..).collect()
+            }
+            Err(p) => p.into_inner().arrivals.drain(..).collect(),
+        };
+        let events = self
+            .running
+            .drain(..)
+            .chain(self.waiting.drain(..))
+            .map(|s| s.events)
+            .chain(queued.into_iter().map(|a| a.events));
+        for to in events {
+            let _ = to.send(Event::Failed(EngineError::Internal(why.clone())));
         }
     }
 
@@ -157,7 +191,9 @@ impl<M: CausalLm> Worker<M> {
     }
 
     fn release(&mut self, seq: &mut Seq) {
-        for b in seq.blocks.drain(..) {
+        // Last block first: a prefix's first block becomes idle last, so eviction takes a
+        // chain's tail before its head (a head gone would orphan every block after it).
+        for b in seq.blocks.drain(..).rev() {
             self.pool.allocator.release(b);
         }
         seq.hashes.clear();
@@ -200,16 +236,28 @@ impl<M: CausalLm> Worker<M> {
                 tokens: s.tokens.len(),
                 computed: s.computed,
                 blocks: s.blocks.len(),
+                own_blocks: s
+                    .blocks
+                    .iter()
+                    .filter(|&&b| self.pool.allocator.holders(b) == 1)
+                    .count(),
             })
             .collect();
         let bs = self.pool.block_size();
         let waiting: Vec<Waiting> = self
             .waiting
             .iter()
-            .map(|s| Waiting {
-                id: s.id,
-                tokens: s.tokens.len(),
-                cached: self.cached_prefix(s).0.len() * bs,
+            .map(|s| {
+                let found = self.cached_prefix(s).0;
+                Waiting {
+                    id: s.id,
+                    tokens: s.tokens.len(),
+                    cached: found.len() * bs,
+                    cached_held: found
+                        .iter()
+                        .filter(|&&b| self.pool.allocator.holders(b) > 0)
+                        .count(),
+                }
             })
             .collect();
         scheduler::schedule(&scheduler::State {
@@ -280,16 +328,19 @@ impl<M: CausalLm> Worker<M> {
                     None => break,
                 }
             }
-            if self.running[i].blocks.len() * bs < end {
-                // The plan promised blocks that are not there: a scheduler bug, reported.
+            // Fewer blocks than planned (the plan is an estimate of what the pool gives): run
+            // what fits, or wait for blocks like a preempted sequence — never fail.
+            let room = (self.running[i].blocks.len() * bs).saturating_sub(self.running[i].computed);
+            let tokens = w.tokens.min(room);
+            if tokens == 0 {
                 let mut seq = self.running.remove(i);
                 self.release(&mut seq);
-                let why = "the KV pool ran out of blocks the scheduler had counted on";
-                self.outbox
-                    .push((seq.events, Event::Failed(EngineError::Internal(why.into()))));
+                self.stats.preemptions += 1;
+                let at = self.waiting.partition_point(|x| x.id < seq.id);
+                self.waiting.insert(at, seq);
                 continue;
             }
-            order.push((w.id, w.tokens));
+            order.push((w.id, tokens));
         }
         self.stats.blocks_peak = self.stats.blocks_peak.max(self.pool.allocator.in_use());
         let linear = Positions::Linear;
@@ -311,13 +362,9 @@ impl<M: CausalLm> Worker<M> {
             let batch = Batch { seqs: steps };
             let (model, pool) = (&self.model, &mut self.pool);
             catch_unwind(AssertUnwindSafe(|| model.forward(&batch, pool))).unwrap_or_else(|p| {
-                let what = p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
                 Err(EngineError::Internal(format!(
-                    "the model panicked in a forward pass: {what}"
+                    "the model panicked in a forward pass: {}",
+                    panic_text(&*p)
                 )))
             })
         };

@@ -320,7 +320,8 @@ fn report(args: &BenchArgs, mut f: serde_json::Value, llama: Option<&[llama_cpp:
             )
             .collect::<Vec<_>>());
         if let Some(r) = ours {
-            f["ratio_decode"] = serde_json::json!(num(&f["decode_tokens_per_s"]) / r.speed_tg);
+            f["ratio_decode"] =
+                serde_json::json!(f["decode_tokens_per_s"].as_f64().map(|d| d / r.speed_tg));
             f["ratio_total"] = serde_json::json!(num(&f["total_tokens_per_s"]) / r.speed);
         }
     }
@@ -383,12 +384,19 @@ fn report(args: &BenchArgs, mut f: serde_json::Value, llama: Option<&[llama_cpp:
                 r.pl, r.speed_pp, r.speed_tg, r.speed
             );
         }
-        if f.get("ratio_decode").is_some() {
+        if f.get("ratio_total").is_some() {
+            let decode = f["ratio_decode"]
+                .as_f64()
+                .map_or("n/a".to_string(), |r| format!("{r:.2}x"));
             println!(
-                "pio / llama.cpp at {} parallel: decode {:.2}x, total {:.2}x",
+                "pio / llama.cpp at {} parallel: decode {decode}, total {:.2}x",
                 args.concurrency,
-                num(&f["ratio_decode"]),
                 num(&f["ratio_total"])
+            );
+        }
+        if args.shared_prefix > 0.0 {
+            println!(
+                "note: llama-batched-bench computes every prompt in full; pio's total includes its prefix cache"
             );
         }
     }

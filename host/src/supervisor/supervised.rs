@@ -214,7 +214,12 @@ impl Supervised {
                             ..
                         }) = &event
                         {
-                            lock(&shared).engine = Some(*figures);
+                            // Concurrent requests end in any order: keep the newest figures
+                            // (counters never go back).
+                            let mut shared = lock(&shared);
+                            if shared.engine.is_none_or(|e| e.steps <= figures.steps) {
+                                shared.engine = Some(*figures);
+                            }
                         }
                         if tx.send(event).is_err() {
                             // The caller went away: stop generating.
