@@ -5,42 +5,23 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+mod common;
 
-use pio_engine::candle_core::{DType, Device};
-use pio_engine::chat::ChatTemplate;
+use common::{assert_matches, engine_for, fixtures, golden, ids};
 use pio_engine::checkpoint::Checkpoint;
 use pio_engine::generate::{CausalLm, Emitted, Finish, Outcome, Request};
 use pio_engine::generation_config::GenerationConfig;
-use pio_engine::linear::Quantization;
 use pio_engine::models::qwen3::{Qwen3, Qwen3Moe};
 use pio_engine::runtime::LoadModel;
 use pio_engine::sampling::SamplingParams;
 use pio_engine::serving::{Engine, EngineConfig, Event, Stats, Stream};
-use pio_engine::text::TextCodec;
 use serde_json::Value;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
 
 /// The golden cases of `name`: (request, golden), the request cut to `lengths[i]` tokens.
 fn cases(name: &str, lengths: &[usize]) -> Vec<(Request, Value)> {
     let checkpoint = Checkpoint::open(&fixtures().join(name)).unwrap();
     let eos = GenerationConfig::load(&checkpoint).unwrap().eos_token_id;
-    let text = std::fs::read_to_string(fixtures().join(format!("golden/{name}.json"))).unwrap();
-    let golden: Vec<Value> = serde_json::from_str(&text).unwrap();
-    golden
+    golden(name)
         .into_iter()
         .zip(lengths.iter().cycle())
         .map(|(case, &len)| {
@@ -55,22 +36,6 @@ fn cases(name: &str, lengths: &[usize]) -> Vec<(Request, Value)> {
             (request, case)
         })
         .collect()
-}
-
-fn engine_for<M: LoadModel + CausalLm>(name: &str, config: EngineConfig) -> Engine {
-    let checkpoint = Checkpoint::open(&fixtures().join(name)).unwrap();
-    // The template loads too: the checkpoint is a complete one.
-    ChatTemplate::load(&checkpoint).unwrap();
-    let model = M::load(
-        &checkpoint,
-        DType::F32,
-        Quantization::None,
-        &Device::Cpu,
-        &mut |_, _| {},
-    )
-    .unwrap();
-    let codec = TextCodec::load(&checkpoint).unwrap();
-    Engine::start(Arc::new(model), Arc::new(codec), config).unwrap()
 }
 
 /// Small blocks, so that even the short golden prompts span several.
@@ -93,44 +58,21 @@ fn collect(stream: Stream) -> (Vec<Emitted>, Outcome) {
     }
 }
 
-fn assert_matches(out: &[Emitted], case: &Value, expected_len: usize) {
-    let tokens: Vec<u32> = out.iter().map(|e| e.token_id).collect();
-    assert_eq!(
-        tokens.len(),
-        expected_len,
-        "tokens of {}",
-        case["input_ids"]
-    );
-    assert_eq!(
-        tokens,
-        ids(&case["tokens"])[..tokens.len()],
-        "greedy tokens of {}",
-        case["input_ids"]
-    );
-    for (step, (e, want)) in out.iter().zip(case["top5"].as_array().unwrap()).enumerate() {
-        let got: Vec<u32> = e.top.iter().map(|t| t.0).collect();
-        assert_eq!(got, ids(&want["ids"]), "top-5 ids at step {step}");
-        for ((_, _, lp), w) in e.top.iter().zip(want["logprobs"].as_array().unwrap()) {
-            let w = w.as_f64().unwrap() as f32;
-            assert!((lp - w).abs() < 2e-3, "step {step}: {lp} vs {w}");
-        }
-    }
+/// `out` has `expected_len` tokens, transformers' for `case` (see [`common::assert_matches`]).
+fn assert_answers(out: &[Emitted], case: &Value, expected_len: usize) {
+    assert_eq!(out.len(), expected_len, "tokens of {}", case["input_ids"]);
+    assert_matches(out, case);
 }
 
-/// The engine's counters once it has nothing left to run.
+/// The engine's counters, idle: a request's last event leaves only after the step's figures are
+/// published, so once every answer is in, they are final.
 fn when_idle(engine: &Engine) -> Stats {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let s = engine.stats();
-        if s.running == 0 && s.waiting == 0 {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the engine never went idle: {s:?}"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    let s = engine.stats();
+    assert!(
+        s.running == 0 && s.waiting == 0,
+        "the engine is not idle: {s:?}"
+    );
+    s
 }
 
 /// Requests of different lengths, each submitted once the previous one has its first token, all
@@ -159,7 +101,7 @@ fn staggered<M: LoadModel + CausalLm>(name: &str) {
             .collect::<Vec<_>>()
     });
     for ((request, golden), (out, outcome)) in cases.iter().zip(&results) {
-        assert_matches(out, golden, request.max_tokens);
+        assert_answers(out, golden, request.max_tokens);
         assert_eq!(outcome.finish, Finish::Length);
     }
     let stats = when_idle(&engine);
@@ -206,9 +148,9 @@ fn shared_prefix<M: LoadModel + CausalLm>(name: &str) {
     let results = run_all(&engine, &again);
     let full_blocks = (long.prompt.len() - 1) / 4 * 4;
     for ((request, case), (out, outcome)) in again.iter().zip(&results) {
-        assert_matches(out, case, request.max_tokens);
+        assert_answers(out, case, request.max_tokens);
         if request.prompt == long.prompt {
-            assert_matches(out, golden, 16);
+            assert_answers(out, golden, 16);
             assert_eq!(
                 outcome.cached_tokens, full_blocks,
                 "the prefix came from the cache"
@@ -245,7 +187,7 @@ fn preemption<M: LoadModel + CausalLm>(name: &str) {
     let cases = cases(name, &[16]);
     let results = run_all(&engine, &cases);
     for ((request, golden), (out, _)) in cases.iter().zip(&results) {
-        assert_matches(out, golden, request.max_tokens);
+        assert_answers(out, golden, request.max_tokens);
     }
     let stats = when_idle(&engine);
     assert!(
@@ -276,7 +218,7 @@ fn preemption_with_shared_cached_prefixes_still_gives_the_right_tokens() {
     load.extend(cases[..4].iter().cloned());
     let results = run_all(&engine, &load);
     for ((request, golden), (out, _)) in load.iter().zip(&results) {
-        assert_matches(out, golden, request.max_tokens);
+        assert_answers(out, golden, request.max_tokens);
     }
     let stats = when_idle(&engine);
     assert!(
@@ -332,7 +274,7 @@ fn cancelling_one_stream_leaves_the_others_unchanged() {
     });
     for ((request, golden), result) in cases.iter().zip(&results) {
         if let Some((out, _)) = result {
-            assert_matches(out, golden, request.max_tokens);
+            assert_answers(out, golden, request.max_tokens);
         }
     }
     let stats = when_idle(&engine);

@@ -4,17 +4,15 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
+mod common;
 
+use common::{assert_matches, engine_for, fixtures, golden, ids};
 use pio_engine::candle_core::{DType, Device};
 use pio_engine::chat::ChatTemplate;
 use pio_engine::checkpoint::Checkpoint;
-use std::sync::Arc;
-
 use pio_engine::generate::CausalLm;
 use pio_engine::generate::{Emitted, Outcome, Request};
 use pio_engine::generation_config::GenerationConfig;
-use pio_engine::linear::Quantization;
 use pio_engine::models::qwen3::{Qwen3, Qwen3Moe};
 use pio_engine::runtime::LoadModel;
 use pio_engine::sampling::SamplingParams;
@@ -22,23 +20,6 @@ use pio_engine::serving::{Engine, EngineConfig};
 use pio_engine::single::SingleSequence;
 use pio_engine::text::TextCodec;
 use serde_json::Value;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-fn golden(name: &str) -> Vec<Value> {
-    let text = std::fs::read_to_string(fixtures().join("golden").join(name)).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
 
 /// A golden case: the request transformers answered and what it answered.
 struct Case {
@@ -50,7 +31,7 @@ fn cases(checkpoint: &Checkpoint, name: &str) -> Vec<Case> {
     let codec = TextCodec::load(checkpoint).unwrap();
     let template = ChatTemplate::load(checkpoint).unwrap().unwrap();
     let eos = GenerationConfig::load(checkpoint).unwrap().eos_token_id;
-    golden(&format!("{name}.json"))
+    golden(name)
         .into_iter()
         .map(|case| {
             let prompt = match case.get("prompt") {
@@ -80,55 +61,6 @@ fn cases(checkpoint: &Checkpoint, name: &str) -> Vec<Case> {
         .collect()
 }
 
-/// `model` served by an engine with `config`.
-fn engine<M: LoadModel + CausalLm>(checkpoint: &Checkpoint, config: EngineConfig) -> Engine {
-    let model = M::load(
-        checkpoint,
-        DType::F32,
-        Quantization::None,
-        &Device::Cpu,
-        &mut |_, _| {},
-    )
-    .unwrap();
-    let codec = TextCodec::load(checkpoint).unwrap();
-    Engine::start(Arc::new(model), Arc::new(codec), config).unwrap()
-}
-
-/// The tokens are transformers' and the top-5 log-probabilities within 2e-3, for as many steps as
-/// were generated.
-fn assert_matches(out: &[Emitted], case: &Value) {
-    let tokens: Vec<u32> = out.iter().map(|e| e.token_id).collect();
-    let golden = ids(&case["tokens"]);
-    assert_eq!(
-        tokens,
-        golden[..tokens.len()],
-        "greedy tokens of {}",
-        case["input_ids"]
-    );
-    for (step, (emitted, expected)) in out.iter().zip(case["top5"].as_array().unwrap()).enumerate()
-    {
-        let want_ids = ids(&expected["ids"]);
-        let got_ids: Vec<u32> = emitted.top.iter().map(|t| t.0).collect();
-        assert_eq!(got_ids, want_ids, "top-5 ids at step {step}");
-        for ((_, _, got), want) in emitted
-            .top
-            .iter()
-            .zip(expected["logprobs"].as_array().unwrap())
-        {
-            let want = want.as_f64().unwrap() as f32;
-            assert!(
-                (got - want).abs() < 2e-3,
-                "step {step}: logprob {got} vs {want}"
-            );
-        }
-        assert_eq!(
-            emitted.logprob,
-            Some(emitted.top[0].2),
-            "greedy picks the top token"
-        );
-    }
-}
-
 fn run_alone(engine: &Engine, case: &Case) -> (Vec<Emitted>, Outcome) {
     let mut out = Vec::new();
     let outcome = engine
@@ -142,7 +74,7 @@ fn run_alone(engine: &Engine, case: &Case) -> (Vec<Emitted>, Outcome) {
 
 fn check_checkpoint<M: LoadModel + CausalLm>(name: &str) {
     let checkpoint = Checkpoint::open(&fixtures().join(name)).unwrap();
-    let engine = engine::<M>(&checkpoint, EngineConfig::default());
+    let engine = engine_for::<M>(name, EngineConfig::default());
     for case in cases(&checkpoint, name) {
         let (out, outcome) = run_alone(&engine, &case);
         assert_eq!(out.len(), case.request.max_tokens);
@@ -201,8 +133,7 @@ fn a_prompt_prefilled_in_chunks_gives_the_same_logits() {
 
 #[test]
 fn a_prompt_longer_than_the_moe_context_is_refused() {
-    let checkpoint = Checkpoint::open(&fixtures().join("qwen3-moe-tiny")).unwrap();
-    let engine = engine::<Qwen3Moe>(&checkpoint, EngineConfig::default());
+    let engine = engine_for::<Qwen3Moe>("qwen3-moe-tiny", EngineConfig::default());
     let request = Request {
         prompt: vec![20; engine.context_length() + 1],
         sampling: SamplingParams::default(),
@@ -236,7 +167,7 @@ fn each_model_refuses_the_other_architecture() {
 fn chat_template_renders_byte_identically() {
     let checkpoint = Checkpoint::open(&fixtures().join("qwen3-tiny")).unwrap();
     let template = ChatTemplate::load(&checkpoint).unwrap().unwrap();
-    for case in golden("qwen3-chat-template.json") {
+    for case in golden("qwen3-chat-template") {
         let messages = case["messages"].as_array().unwrap();
         let tools = case.get("tools").map(|t| t.as_array().unwrap().clone());
         let kwargs = case

@@ -4,8 +4,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
-
 use pio_engine::candle_core::{DType, Device};
 use pio_engine::checkpoint::Checkpoint;
 use pio_engine::generate::CausalLm;
@@ -15,9 +13,9 @@ use pio_engine::runtime::LoadModel;
 use pio_engine::single::SingleSequence;
 use serde_json::Value;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
+mod common;
+
+use common::{fixtures, golden, ids};
 
 fn log_softmax(logits: &[f32]) -> Vec<f32> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -37,17 +35,8 @@ fn distributions<M: LoadModel + CausalLm>(
 ) -> Vec<Vec<f32>> {
     let checkpoint = Checkpoint::open(&fixtures().join(name)).unwrap();
     let model = M::load(&checkpoint, dtype, q, &Device::Cpu, &mut |_, _| {}).unwrap();
-    let text = std::fs::read_to_string(fixtures().join(format!("golden/{name}.json"))).unwrap();
-    let golden: Vec<Value> = serde_json::from_str(&text).unwrap();
-    let ids = |v: &Value| -> Vec<u32> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect()
-    };
     let mut out = Vec::new();
-    for case in &golden {
+    for case in &golden(name) {
         let mut seq = SingleSequence::new(&model, model.context_length()).unwrap();
         let mut logits = seq.forward(&model, &ids(&case["input_ids"])).unwrap();
         for token in ids(&case["tokens"]) {
