@@ -13,30 +13,28 @@ fn golden() -> Vec<Value> {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-fn qwen_daemon() -> Daemon {
-    qwen_daemon_with("")
-}
-
-/// The qwen3 plugin on the tiny checkpoint, `options` under `[model.options]`.
-fn qwen_daemon_with(options: &str) -> Daemon {
-    let dir = echo_dir("");
-    let qwen = repo_root().join("tests/fixtures/qwen3-tiny");
-    let library = plugin_lib("pio_plugin_qwen3");
-    dir.write(
-        "qwen3.toml",
-        &manifest(
-            "qwen3-4b-instruct-2507",
-            "0.1.0",
-            &library.display().to_string(),
-            &format!(
-                "[model]\npath = \"{}\"\ndtype = \"f32\"\n\n[model.options]\n{options}\n",
-                qwen.display()
-            ),
-        ),
-    );
-    let d = Daemon::start(dir, "");
+/// The qwen3 plugin on the tiny checkpoint, `options` under `[model.options]`, ready.
+fn qwen_daemon(options: &str) -> Daemon {
+    let d = Daemon::start(qwen_dir(options), "");
     d.wait_ready();
     d
+}
+
+/// Every request at once, each on its own connection; the replies in request order, all 200.
+fn post_all(d: &Daemon, requests: &[(&'static str, Value)]) -> Vec<Value> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = requests
+            .iter()
+            .map(|(path, body)| {
+                scope.spawn(move || {
+                    let (status, r) = d.post(path, body);
+                    assert_eq!(status, 200, "{r}");
+                    r
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
 }
 
 /// Every step's log-probabilities are transformers' — the chosen token's always, and for chat
@@ -106,25 +104,15 @@ fn concurrent_requests_each_get_transformers_answer_and_a_repeat_hits_the_cache(
     if !confinement_available() {
         return;
     }
-    let d = qwen_daemon();
+    let d = qwen_daemon("");
     let cases = golden();
     let lengths = [16usize, 9, 13, 16, 11, 16];
     // Every case three times over, all at once.
-    let replies: Vec<(usize, Value)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..3 * cases.len())
-            .map(|i| {
-                let (d, case, n) = (&d, &cases[i % cases.len()], lengths[i % lengths.len()]);
-                scope.spawn(move || {
-                    let (path, body) = body(case, n);
-                    let (status, r) = d.post(path, &body);
-                    assert_eq!(status, 200, "{r}");
-                    (i, r)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    for (i, r) in &replies {
+    let n = 3 * cases.len();
+    let requests: Vec<_> = (0..n)
+        .map(|i| body(&cases[i % cases.len()], lengths[i % lengths.len()]))
+        .collect();
+    for (i, r) in post_all(&d, &requests).iter().enumerate() {
         assert_matches(r, &cases[i % cases.len()], lengths[i % lengths.len()]);
     }
     // The longest prompt again: its full blocks come from the prefix cache.
@@ -190,23 +178,12 @@ fn a_kv_pool_too_small_for_the_load_preempts_and_every_answer_stays_exact() {
     }
     // 8 blocks of 16 tokens (f32: 1,536 bytes a token): 128 positions for ten requests that need
     // up to 74 each.
-    let d = qwen_daemon_with("kv_cache_bytes = 196608");
+    let d = qwen_daemon("kv_cache_bytes = 196608");
     let cases = golden();
-    let replies: Vec<(usize, Value)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..2 * cases.len())
-            .map(|i| {
-                let (d, case) = (&d, &cases[i % cases.len()]);
-                scope.spawn(move || {
-                    let (path, body) = body(case, 16);
-                    let (status, r) = d.post(path, &body);
-                    assert_eq!(status, 200, "{r}");
-                    (i, r)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    for (i, r) in &replies {
+    let requests: Vec<_> = (0..2 * cases.len())
+        .map(|i| body(&cases[i % cases.len()], 16))
+        .collect();
+    for (i, r) in post_all(&d, &requests).iter().enumerate() {
         assert_matches(r, &cases[i % cases.len()], 16);
     }
     let engine = &d.plugin("qwen3-4b-instruct-2507")["engine"];

@@ -31,6 +31,28 @@ pub fn echo_dir(extra: &str) -> PluginDir {
     dir
 }
 
+/// [`echo_dir`] plus the qwen3 plugin serving the tiny checkpoint in f32, with `options` (TOML
+/// lines) under `[model.options]` when there are any.
+pub fn qwen_dir(options: &str) -> PluginDir {
+    let dir = echo_dir("");
+    let qwen = repo_root().join("tests/fixtures/qwen3-tiny");
+    let library = plugin_lib("pio_plugin_qwen3");
+    let mut model = format!("[model]\npath = \"{}\"\ndtype = \"f32\"\n", qwen.display());
+    if !options.is_empty() {
+        model.push_str(&format!("\n[model.options]\n{options}\n"));
+    }
+    dir.write(
+        "qwen3.toml",
+        &manifest(
+            "qwen3-4b-instruct-2507",
+            "0.1.0",
+            &library.display().to_string(),
+            &model,
+        ),
+    );
+    dir
+}
+
 impl Daemon {
     /// Starts `pio serve` over `dir` with `config` (TOML), and waits until it listens.
     pub fn start(dir: PluginDir, config: &str) -> Daemon {

@@ -565,19 +565,7 @@ fn the_official_openai_client_works() {
         eprintln!("skipped: python3 with the openai package is not installed (pip install openai)");
         return;
     }
-    let dir = echo_dir("");
-    let qwen = repo_root().join("tests/fixtures/qwen3-tiny");
-    let library = plugin_lib("pio_plugin_qwen3");
-    dir.write(
-        "qwen3.toml",
-        &manifest(
-            "qwen3-4b-instruct-2507",
-            "0.1.0",
-            &library.display().to_string(),
-            &format!("[model]\npath = \"{}\"\ndtype = \"f32\"\n", qwen.display()),
-        ),
-    );
-    let d = Daemon::start(dir, "[server]\napi_keys = [\"test-key\"]\n");
+    let d = Daemon::start(qwen_dir(""), "[server]\napi_keys = [\"test-key\"]\n");
     d.wait_ready();
     let out = std::process::Command::new("python3")
         .arg(repo_root().join("tests/api/openai_client.py"))
