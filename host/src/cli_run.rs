@@ -252,13 +252,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     runtime.block_on(stream(spec, config, request, args.json, timeout))
 }
 
-async fn stream(
+/// Starts the worker of `spec` and loads `config` into it, with a progress bar.
+pub(crate) async fn start_loaded(
     spec: WorkerSpec,
     config: pio_plugin_api::wire::ModelConfig,
-    request: InferRequest,
-    json: bool,
-    timeout: Option<std::time::Duration>,
-) -> anyhow::Result<u8> {
+) -> anyhow::Result<Worker> {
     let progress = LoadProgress::new(&spec.name);
     let worker = Worker::start(spec).await?;
     let loaded = worker
@@ -268,6 +266,17 @@ async fn stream(
         .await;
     progress.finish();
     loaded?;
+    Ok(worker)
+}
+
+async fn stream(
+    spec: WorkerSpec,
+    config: pio_plugin_api::wire::ModelConfig,
+    request: InferRequest,
+    json: bool,
+    timeout: Option<std::time::Duration>,
+) -> anyhow::Result<u8> {
+    let worker = start_loaded(spec, config).await?;
     let (id, mut events) = worker.infer(request)?;
     let deadline = tokio::time::sleep(timeout.unwrap_or(std::time::Duration::MAX / 4));
     tokio::pin!(deadline);

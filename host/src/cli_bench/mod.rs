@@ -10,10 +10,8 @@ use clap::Args;
 use pio_host::supervisor::{Event, Worker};
 use pio_plugin_api::wire::{InferRequest, Prompt};
 
-use crate::cli_print::LoadProgress;
-
 mod llama_cpp;
-use crate::cli_run::{prepare, Prepared, TierArgs};
+use crate::cli_run::{prepare, start_loaded, Prepared, TierArgs};
 use crate::SearchArgs;
 
 /// Arguments of `pio bench`.
@@ -202,15 +200,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<u8> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let progress = LoadProgress::new(&spec.name);
-        let worker = Worker::start(spec).await?;
-        let loaded = worker
-            .load(config, |stage, done, total| {
-                progress.update(stage, done, total)
-            })
-            .await;
-        progress.finish();
-        loaded?;
+        let worker = start_loaded(spec, config).await?;
         // Warm-up: thread pools and buffers, with a prompt that shares nothing.
         one(&worker, request("Hello".into(), 2)).await?;
         let total = args.requests.unwrap_or(args.concurrency);
