@@ -32,8 +32,11 @@ struct Seq {
     /// Tokens whose cache entries are in the pool.
     computed: usize,
     blocks: Vec<BlockId>,
-    /// Chain hashes of the full blocks registered or found in the prefix cache.
-    hashes: Vec<PrefixHash>,
+    /// The chain hash of each full block of `tokens` (kept as tokens arrive: one hash per block
+    /// in the sequence's life, not one per step it waits).
+    block_hashes: Vec<PrefixHash>,
+    /// Leading blocks already in the prefix cache (registered, or found there).
+    registered: usize,
     decoding: Decoding,
     events: Sender<Event>,
     cancel: Arc<AtomicBool>,
@@ -44,6 +47,16 @@ struct Seq {
 }
 
 impl Seq {
+    /// Appends a sampled token, hashing the block it completes.
+    fn push_token(&mut self, token: u32, block_size: usize) {
+        self.tokens.push(token);
+        if self.tokens.len().is_multiple_of(block_size) {
+            let block = &self.tokens[self.tokens.len() - block_size..];
+            let parent = self.block_hashes.last().copied();
+            self.block_hashes.push(PrefixHash::chain(parent, block));
+        }
+    }
+
     fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::Relaxed)
     }
@@ -178,7 +191,8 @@ impl<M: CausalLm> Worker<M> {
                 tokens: a.request.prompt.clone(),
                 computed: 0,
                 blocks: Vec::new(),
-                hashes: Vec::new(),
+                block_hashes: PrefixHash::of_blocks(&a.request.prompt, self.pool.block_size()),
+                registered: 0,
                 decoding: Decoding::new(&a.request, a.max_tokens),
                 events: a.events,
                 cancel: a.cancel,
@@ -196,7 +210,7 @@ impl<M: CausalLm> Worker<M> {
         for b in seq.blocks.drain(..).rev() {
             self.pool.allocator.release(b);
         }
-        seq.hashes.clear();
+        seq.registered = 0;
         seq.computed = 0;
     }
 
@@ -215,16 +229,14 @@ impl<M: CausalLm> Worker<M> {
 
     /// The cached full blocks a waiting sequence can start from (always leaving its last token
     /// to compute, whose logits it needs).
-    fn cached_prefix(&self, seq: &Seq) -> (Vec<BlockId>, Vec<PrefixHash>) {
+    fn cached_prefix(&self, seq: &Seq) -> Vec<BlockId> {
         if !self.config.prefix_cache {
-            return (Vec::new(), Vec::new());
+            return Vec::new();
         }
-        let bs = self.pool.block_size();
-        let usable = (seq.tokens.len() - 1) / bs;
-        let mut hashes = PrefixHash::of_blocks(&seq.tokens[..usable * bs], bs);
-        let found = self.pool.allocator.lookup(&seq.tokens, &hashes);
-        hashes.truncate(found.len());
-        (found, hashes)
+        let usable = (seq.tokens.len() - 1) / self.pool.block_size();
+        self.pool
+            .allocator
+            .lookup(&seq.tokens, &seq.block_hashes[..usable])
     }
 
     fn plan(&self) -> Plan {
@@ -248,7 +260,7 @@ impl<M: CausalLm> Worker<M> {
             .waiting
             .iter()
             .map(|s| {
-                let found = self.cached_prefix(s).0;
+                let found = self.cached_prefix(s);
                 Waiting {
                     id: s.id,
                     tokens: s.tokens.len(),
@@ -291,14 +303,14 @@ impl<M: CausalLm> Worker<M> {
             let Some(mut seq) = self.waiting.remove(i) else {
                 continue;
             };
-            let (found, hashes) = self.cached_prefix(&seq);
+            let found = self.cached_prefix(&seq);
             for &b in &found {
                 self.pool.allocator.share(b);
             }
             let bs = self.pool.block_size();
             seq.computed = found.len() * bs;
+            seq.registered = found.len();
             seq.blocks = found;
-            seq.hashes = hashes;
             if seq.cached_tokens.is_none() {
                 self.stats.prefix_lookup_tokens += seq.tokens.len() as u64;
                 self.stats.prefix_hit_tokens += seq.computed as u64;
@@ -396,15 +408,14 @@ impl<M: CausalLm> Worker<M> {
             };
             seq.computed += n;
             if self.config.prefix_cache {
-                while seq.hashes.len() < seq.computed / bs {
-                    let b = seq.hashes.len();
-                    let parent = seq.hashes.last().copied();
+                while seq.registered < seq.computed / bs {
+                    let b = seq.registered;
+                    let parent = b.checked_sub(1).map(|p| seq.block_hashes[p]);
                     let tokens = &seq.tokens[b * bs..(b + 1) * bs];
-                    let hash = PrefixHash::chain(parent, tokens);
                     self.pool
                         .allocator
-                        .cache(seq.blocks[b], parent, tokens, hash);
-                    seq.hashes.push(hash);
+                        .cache(seq.blocks[b], parent, tokens, seq.block_hashes[b]);
+                    seq.registered += 1;
                 }
             }
             if seq.computed < seq.tokens.len() {
@@ -421,7 +432,7 @@ impl<M: CausalLm> Worker<M> {
             match (accepted.finish, delivered) {
                 (Some(f), _) => finished.push((id, Ok(f))),
                 (None, false) => finished.push((id, Ok(Finish::Cancelled))),
-                (None, true) => seq.tokens.push(token),
+                (None, true) => seq.push_token(token, bs),
             }
         }
         for (id, end) in finished {
