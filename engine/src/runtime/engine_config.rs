@@ -86,31 +86,20 @@ pub(super) fn engine_config<M: CausalLm>(
             None => available_memory().map_or(1 << 30, |a| a / 2),
         },
     };
-    let mut config = EngineConfig::with_pool_bytes(model, pool_bytes);
+    let kv_dtype = match options.get("kv_cache_dtype") {
+        None => None,
+        Some(v) => Some(v.as_str().and_then(super::float_dtype).ok_or_else(|| {
+            PluginError::invalid_config(format!(
+                "[model.options] kv_cache_dtype = {v}: expected \"f32\", \"bf16\" or \"f16\""
+            ))
+        })?),
+    };
+    let mut config = EngineConfig::with_pool_bytes(model, pool_bytes, kv_dtype);
     if let Some(v) = options.get("max_seqs") {
         config.max_seqs = count("max_seqs", v)?;
     }
     if let Some(v) = options.get("max_batch_tokens") {
         config.token_budget = count("max_batch_tokens", v)?;
-    }
-    if let Some(v) = options.get("kv_cache_dtype") {
-        config.kv_dtype = Some(match v.as_str() {
-            Some("f32") => candle_core::DType::F32,
-            Some("bf16") => candle_core::DType::BF16,
-            Some("f16") => candle_core::DType::F16,
-            _ => {
-                return Err(PluginError::invalid_config(format!(
-                    "[model.options] kv_cache_dtype = {v}: expected \"f32\", \"bf16\" or \"f16\""
-                )))
-            }
-        });
-        // The pool's size in bytes stays what was asked: a narrower type holds more tokens.
-        let model_bytes = model.kv_layout().bytes_per_token(model.kv_dtype()).max(1);
-        let pool_bytes_per_token = model
-            .kv_layout()
-            .bytes_per_token(config.kv_dtype.unwrap_or(model.kv_dtype()))
-            .max(1);
-        config.kv_blocks = config.kv_blocks * model_bytes / pool_bytes_per_token;
     }
     if let Some(v) = options.get("prefix_cache") {
         config.prefix_cache = v.as_bool().ok_or_else(|| {
@@ -179,8 +168,8 @@ mod tests {
         assert_eq!(c.kv_dtype, Some(candle_core::DType::BF16));
         assert_eq!(
             c.kv_blocks,
-            2 * ((1 << 20) / (1536 * 16)),
-            "bf16 holds twice the tokens"
+            (1 << 20) / (768 * 16),
+            "bf16 blocks take half the bytes: twice the tokens"
         );
         assert_eq!((c.max_seqs, c.token_budget, c.prefix_cache), (3, 64, false));
         // A memory limit leaves the pool what the weights and the headroom do not take.

@@ -101,12 +101,20 @@ pub fn plugin_error(e: EngineError) -> PluginError {
 /// The dtype a model config asks for (default f32).
 pub fn dtype_of(config: &ModelConfig) -> Result<DType, PluginError> {
     match config.dtype.as_deref() {
-        None | Some("f32") => Ok(DType::F32),
-        Some("bf16") => Ok(DType::BF16),
-        Some("f16") => Ok(DType::F16),
-        Some(other) => Err(PluginError::invalid_config(format!(
-            "dtype \"{other}\" is not one of f32, bf16, f16"
-        ))),
+        None => Ok(DType::F32),
+        Some(name) => float_dtype(name).ok_or_else(|| {
+            PluginError::invalid_config(format!("dtype \"{name}\" is not one of f32, bf16, f16"))
+        }),
+    }
+}
+
+/// The float type a manifest names: `f32`, `bf16` or `f16`.
+pub(crate) fn float_dtype(name: &str) -> Option<DType> {
+    match name {
+        "f32" => Some(DType::F32),
+        "bf16" => Some(DType::BF16),
+        "f16" => Some(DType::F16),
+        _ => None,
     }
 }
 

@@ -48,15 +48,17 @@ impl Default for EngineConfig {
 }
 
 impl EngineConfig {
-    /// The default configuration with a pool of at most `bytes` for `model` (at least one
-    /// block), never more blocks than `max_seqs` full contexts need.
-    pub fn with_pool_bytes<M: CausalLm>(model: &M, bytes: u64) -> Self {
+    /// The default configuration with a pool of at most `bytes` for `model`, its vectors in
+    /// `kv_dtype` (default: the model's) — at least one block, never more blocks than
+    /// `max_seqs` full contexts need.
+    pub fn with_pool_bytes<M: CausalLm>(model: &M, bytes: u64, kv_dtype: Option<DType>) -> Self {
         let base = Self::default();
-        let dtype = model.kv_dtype();
+        let dtype = kv_dtype.unwrap_or_else(|| model.kv_dtype());
         let per_block = (model.kv_layout().bytes_per_token(dtype) * base.block_size).max(1) as u64;
         let ceiling = (model.context_length() * base.max_seqs).div_ceil(base.block_size);
         Self {
             kv_blocks: ((bytes / per_block) as usize).clamp(1, ceiling.max(1)),
+            kv_dtype,
             ..base
         }
     }
