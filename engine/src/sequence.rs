@@ -45,11 +45,6 @@ impl Decoding {
         }
     }
 
-    /// The prompt's tokens.
-    pub fn prompt(&self) -> &[u32] {
-        &self.prompt
-    }
-
     /// Tokens generated so far.
     pub fn generated(&self) -> &[u32] {
         &self.generated

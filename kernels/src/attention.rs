@@ -62,30 +62,6 @@ impl<T> PagedKv<'_, T> {
 }
 
 /// `out = softmax(q kᵀ · scale + causal mask) v` for `seq` queries at positions
-/// `start..start + seq`, over a contiguous cache: `k` and `v` are `[len][kv_heads][head_dim]` with
-/// `len ≥ start + seq` (a paged cache of one block).
-///
-/// # Panics
-/// As [`paged_attention`].
-pub fn causal_attention<T: Element>(
-    shape: &AttentionShape,
-    q: &[f32],
-    k: &[T],
-    v: &[T],
-    start: usize,
-    out: &mut [f32],
-) {
-    let len = (k.len() / (shape.kv_heads * shape.head_dim).max(1)).max(1);
-    let kv = PagedKv {
-        keys: k,
-        values: v,
-        blocks: &[0],
-        block_size: len,
-    };
-    paged_attention(shape, q, &kv, start, out);
-}
-
-/// `out = softmax(q kᵀ · scale + causal mask) v` for `seq` queries at positions
 /// `start..start + seq` of one sequence whose keys and values lie in a paged pool.
 ///
 /// `q` and `out` are `[seq][heads][head_dim]`. Query head `h` reads key/value head
@@ -321,6 +297,30 @@ mod tests {
     use super::*;
     use crate::test_data::data;
     use half::bf16;
+
+    /// `out = softmax(q kᵀ · scale + causal mask) v` for `seq` queries at positions
+    /// `start..start + seq`, over a contiguous cache: `k` and `v` are `[len][kv_heads][head_dim]` with
+    /// `len ≥ start + seq` (a paged cache of one block).
+    ///
+    /// # Panics
+    /// As [`paged_attention`].
+    fn causal_attention<T: Element>(
+        shape: &AttentionShape,
+        q: &[f32],
+        k: &[T],
+        v: &[T],
+        start: usize,
+        out: &mut [f32],
+    ) {
+        let len = (k.len() / (shape.kv_heads * shape.head_dim).max(1)).max(1);
+        let kv = PagedKv {
+            keys: k,
+            values: v,
+            blocks: &[0],
+            block_size: len,
+        };
+        paged_attention(shape, q, &kv, start, out);
+    }
 
     /// Attention written out in f64, the way transformers' eager path computes it.
     fn reference(s: &AttentionShape, q: &[f32], k: &[f32], v: &[f32], start: usize) -> Vec<f64> {

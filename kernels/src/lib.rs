@@ -16,7 +16,7 @@ pub mod matmul;
 mod parallel;
 mod simd;
 
-pub use attention::{causal_attention, paged_attention, AttentionShape, PagedKv};
+pub use attention::{paged_attention, AttentionShape, PagedKv};
 pub use element::Element;
 pub use half::{bf16, f16};
 pub use matmul::{matmul, matmul_rows, WeightRows};

@@ -93,7 +93,6 @@ fn zeroed(shape: (usize, usize, usize), dtype: DType, device: &Device) -> Result
 #[derive(Debug)]
 pub struct KvPool {
     shape: PoolShape,
-    layout: TokenLayout,
     layers: Vec<Vec<Tensor>>,
     /// Which blocks are free, held or cached.
     pub allocator: BlockAllocator,
@@ -122,7 +121,6 @@ impl KvPool {
         Ok(Self {
             allocator: BlockAllocator::new(shape.blocks),
             shape,
-            layout,
             layers,
         })
     }
@@ -135,11 +133,6 @@ impl KvPool {
     /// The pool's size and element type.
     pub fn shape(&self) -> PoolShape {
         self.shape
-    }
-
-    /// What each token stores.
-    pub fn layout(&self) -> &TokenLayout {
-        &self.layout
     }
 
     /// Layer `layer`'s tensors, in the layout's order.
