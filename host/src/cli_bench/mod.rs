@@ -411,6 +411,26 @@ mod tests {
     }
 
     #[test]
+    fn steady_decode_counts_only_while_every_request_decodes() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let timing = |arrivals: Vec<Instant>| Timing {
+            arrivals,
+            ..Timing::default()
+        };
+        // One starts at 0 ms, the other at 100; both decode every 10 ms until 200 and 300.
+        let a = timing((0..=20).map(|i| at(10 * i)).collect());
+        let b = timing((10..=30).map(|i| at(10 * i)).collect());
+        // From 100 to 200 ms: 10 tokens each after 100 ms, in 0.1 s.
+        let rate = steady_decode(&[a, b]).expect("they decode together from 100 to 200 ms");
+        assert!((rate - 200.0).abs() < 1e-6, "{rate}");
+        // One after the other, they never decode together.
+        let a = timing(vec![at(0), at(10)]);
+        let b = timing(vec![at(20), at(30)]);
+        assert_eq!(steady_decode(&[a, b]), None);
+    }
+
+    #[test]
     fn percentiles_pick_from_the_sorted_figures() {
         let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
         assert_eq!(percentile(&v, 50.0), 51.0);

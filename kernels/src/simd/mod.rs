@@ -152,3 +152,21 @@ pub(crate) mod avx512;
 /// The SIMD algorithms, written once over the register type.
 #[cfg(target_arch = "x86_64")]
 mod vector;
+
+#[cfg(test)]
+mod tests {
+    use super::Level;
+
+    /// CI runs the suite with `PIO_KERNELS=avx2` and `=portable`: the cap must hold, or those
+    /// runs would test the widest path again.
+    #[test]
+    fn pio_kernels_caps_the_level() {
+        let cap = match std::env::var("PIO_KERNELS").as_deref() {
+            Ok("portable") => Level::Portable,
+            Ok("avx2") => Level::Avx2,
+            _ => Level::Avx512,
+        };
+        assert_eq!(Level::current(), Level::detected().min(cap));
+        assert!(Level::current() <= cap);
+    }
+}
