@@ -11,8 +11,11 @@ use crate::{EngineError, Result};
 pub struct PagedKv<'a> {
     /// The pool's keys, `(slots, kv_heads, head_dim)`.
     pub keys: &'a Tensor,
-    /// The pool's values, shaped as the keys.
+    /// The pool's values, shaped as the keys (MLA: the keys themselves).
     pub values: &'a Tensor,
+    /// How much of each value head is read: its first `value_dim` elements (`head_dim` for
+    /// ordinary attention; MLA's values are the latent part of its keys).
+    pub value_dim: usize,
     /// The sequence's block table.
     pub blocks: &'a [BlockId],
     /// Positions per block.
@@ -20,7 +23,7 @@ pub struct PagedKv<'a> {
 }
 
 /// Attention of `q` — `(seq, heads, head_dim)`, the queries at positions `start..start + seq` —
-/// over the sequence's first `start + seq` positions; the result is `(seq, heads, head_dim)`.
+/// over the sequence's first `start + seq` positions; the result is `(seq, heads, value_dim)`.
 /// Query head `h` reads key/value head `h / (heads / kv_heads)`.
 pub fn paged(q: &Tensor, kv: &PagedKv<'_>, start: usize, scale: f64) -> Result<Tensor> {
     let seq = q.dim(0)?;
@@ -50,7 +53,9 @@ fn with_candle(q: &Tensor, kv: &PagedKv<'_>, start: usize, scale: f64) -> Result
     let slots = Tensor::new(slots, q.device())?;
     let (k, v) = (
         kv.keys.index_select(&slots, 0)?,
-        kv.values.index_select(&slots, 0)?,
+        kv.values
+            .index_select(&slots, 0)?
+            .narrow(2, 0, kv.value_dim)?,
     );
     // (heads, positions, head_dim), each key/value head repeated for its group of query heads.
     let heads_first = |t: &Tensor| -> Result<Tensor> {
@@ -118,6 +123,7 @@ mod tests {
                 values: &pool.layer(0)[1],
                 blocks: &blocks,
                 block_size: 4,
+                value_dim: d,
             };
             let fused = paged(&q, &kv, start, 0.25).unwrap();
             let reference = with_candle(&q, &kv, start, 0.25).unwrap();

@@ -74,6 +74,29 @@ impl Checkpoint {
         parse_json(&path, &read(&path, "every snapshot has one")?)
     }
 
+    /// Checks that `config.json`'s `architectures` names `architecture` (or is absent) before the
+    /// rest of the file is read as that model's config, so that another family's checkpoint is
+    /// refused by name rather than by the first field it lacks.
+    pub fn expect_architecture(&self, architecture: &str) -> Result<()> {
+        #[derive(serde::Deserialize)]
+        struct Architectures {
+            #[serde(default)]
+            architectures: Vec<String>,
+        }
+        let found: Architectures = self.config()?;
+        if found.architectures.is_empty() || found.architectures.iter().any(|a| a == architecture) {
+            return Ok(());
+        }
+        Err(EngineError::BadField {
+            path: self.path("config.json"),
+            field: "architectures".into(),
+            reason: format!(
+                "expected {architecture}, found {:?}: this plugin serves {architecture} checkpoints only",
+                found.architectures
+            ),
+        })
+    }
+
     /// An optional JSON file, parsed; `None` when absent.
     pub fn optional_json<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>> {
         let path = self.path(name);

@@ -175,6 +175,8 @@ pub(crate) fn attention(
         .all(|&b| (b as usize + 1) * bs <= slots);
     if key_dim != head_dim
         || values.dims() != keys.dims()
+        || kv.value_dim == 0
+        || kv.value_dim > head_dim
         || kv_heads == 0
         || !heads.is_multiple_of(kv_heads)
         || bs == 0
@@ -193,10 +195,11 @@ pub(crate) fn attention(
         heads,
         kv_heads,
         head_dim,
+        value_dim: kv.value_dim,
         scale,
     };
     let qf = activations(q)?;
-    let mut out = vec![0f32; qf.elem_count()];
+    let mut out = vec![0f32; seq * heads * kv.value_dim];
     fn view<'a, T>(keys: &'a [T], values: &'a [T], blocks: &'a [u32], bs: usize) -> PagedKv<'a, T> {
         PagedKv {
             keys,
@@ -230,7 +233,7 @@ pub(crate) fn attention(
         return Ok(None);
     }
     Ok(Some(
-        Tensor::from_vec(out, q.dims(), q.device())?.to_dtype(q.dtype())?,
+        Tensor::from_vec(out, (seq, heads, kv.value_dim), q.device())?.to_dtype(q.dtype())?,
     ))
 }
 
@@ -255,6 +258,7 @@ mod tests {
                 values: keys,
                 blocks: t,
                 block_size: 4,
+                value_dim: 8,
             };
             attention(&q, &kv, 3, 1.0).unwrap_err().to_string()
         };

@@ -1,7 +1,8 @@
 //! The batch-first engine against transformers' goldens: requests that run together, share a
 //! cached prefix, get preempted for want of KV blocks or run beside a cancelled one each give
 //! exactly the tokens (and top-5 log-probabilities within 2e-3) that transformers gives for the
-//! request alone; every KV block is free again afterwards. Dense and MoE checkpoints, f32.
+//! request alone; every KV block is free again afterwards. Dense, MoE and MLA (GLM) checkpoints,
+//! f32.
 
 #![allow(clippy::unwrap_used)]
 
@@ -11,6 +12,7 @@ use common::{assert_matches, engine_for, fixtures, golden, ids};
 use pio_engine::checkpoint::Checkpoint;
 use pio_engine::generate::{CausalLm, Emitted, Finish, Outcome, Request};
 use pio_engine::generation_config::GenerationConfig;
+use pio_engine::models::glm4_moe_lite::Glm4MoeLite;
 use pio_engine::models::qwen3::{Qwen3, Qwen3Moe};
 use pio_engine::runtime::LoadModel;
 use pio_engine::sampling::SamplingParams;
@@ -163,6 +165,22 @@ fn shared_prefix<M: LoadModel + CausalLm>(name: &str) {
         "{stats:?}"
     );
     assert_eq!(stats.blocks_used, 0, "{stats:?}");
+}
+
+#[test]
+fn staggered_concurrent_requests_match_transformers_glm() {
+    // Latent (MLA) cache entries in the paged pool, grouped routing.
+    staggered::<Glm4MoeLite>("glm4-moe-lite-grouped");
+}
+
+#[test]
+fn a_shared_prefix_served_from_the_cache_gives_the_same_tokens_glm() {
+    shared_prefix::<Glm4MoeLite>("glm4-moe-lite-tiny");
+}
+
+#[test]
+fn a_pool_too_small_preempts_and_still_gives_the_right_tokens_glm() {
+    preemption::<Glm4MoeLite>("glm4-moe-lite-tiny");
 }
 
 #[test]

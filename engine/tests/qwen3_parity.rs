@@ -6,82 +6,16 @@
 
 mod common;
 
-use common::{assert_matches, engine_for, fixtures, golden, ids};
+use common::{check_checkpoint, engine_for, fixtures, golden};
 use pio_engine::candle_core::{DType, Device};
 use pio_engine::chat::ChatTemplate;
 use pio_engine::checkpoint::Checkpoint;
-use pio_engine::generate::CausalLm;
-use pio_engine::generate::{Emitted, Outcome, Request};
-use pio_engine::generation_config::GenerationConfig;
+use pio_engine::generate::Request;
 use pio_engine::models::qwen3::{Qwen3, Qwen3Moe};
-use pio_engine::runtime::LoadModel;
 use pio_engine::sampling::SamplingParams;
-use pio_engine::serving::{Engine, EngineConfig};
+use pio_engine::serving::EngineConfig;
 use pio_engine::single::SingleSequence;
-use pio_engine::text::TextCodec;
 use serde_json::Value;
-
-/// A golden case: the request transformers answered and what it answered.
-struct Case {
-    request: Request,
-    golden: Value,
-}
-
-fn cases(checkpoint: &Checkpoint, name: &str) -> Vec<Case> {
-    let codec = TextCodec::load(checkpoint).unwrap();
-    let template = ChatTemplate::load(checkpoint).unwrap().unwrap();
-    let eos = GenerationConfig::load(checkpoint).unwrap().eos_token_id;
-    golden(name)
-        .into_iter()
-        .map(|case| {
-            let prompt = match case.get("prompt") {
-                Some(p) => codec.encode(p.as_str().unwrap()).unwrap(),
-                None => {
-                    let messages = case["messages"].as_array().unwrap();
-                    let text = template
-                        .render(messages, None, true, &Default::default())
-                        .unwrap();
-                    codec.encode(&text).unwrap()
-                }
-            };
-            assert_eq!(prompt, ids(&case["input_ids"]), "prompt tokens of {case}");
-            let request = Request {
-                prompt,
-                sampling: SamplingParams::default(),
-                max_tokens: case["tokens"].as_array().unwrap().len(),
-                stop: Vec::new(),
-                eos: eos.clone(),
-                logprobs: Some(5),
-            };
-            Case {
-                request,
-                golden: case,
-            }
-        })
-        .collect()
-}
-
-fn run_alone(engine: &Engine, case: &Case) -> (Vec<Emitted>, Outcome) {
-    let mut out = Vec::new();
-    let outcome = engine
-        .generate(case.request.clone(), &mut |e| {
-            out.push(e);
-            true
-        })
-        .unwrap();
-    (out, outcome)
-}
-
-fn check_checkpoint<M: LoadModel + CausalLm>(name: &str) {
-    let checkpoint = Checkpoint::open(&fixtures().join(name)).unwrap();
-    let engine = engine_for::<M>(name, EngineConfig::default());
-    for case in cases(&checkpoint, name) {
-        let (out, outcome) = run_alone(&engine, &case);
-        assert_eq!(out.len(), case.request.max_tokens);
-        assert_eq!(outcome.completion_tokens, out.len());
-        assert_matches(&out, &case.golden);
-    }
-}
 
 #[test]
 fn tied_embeddings_sharded_checkpoint_matches_transformers() {

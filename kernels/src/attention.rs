@@ -26,8 +26,11 @@ pub struct AttentionShape {
     pub heads: usize,
     /// Key/value heads (divides `heads`).
     pub kv_heads: usize,
-    /// Dimension of each head.
+    /// Dimension of each query and key head.
     pub head_dim: usize,
+    /// Values read per head: the first `value_dim` of each value row, laid out as the keys
+    /// (`head_dim` for ordinary attention; MLA's values are the leading latent part of its keys).
+    pub value_dim: usize,
     /// Factor on the scores before softmax (usually `1/√head_dim`).
     pub scale: f32,
 }
@@ -64,8 +67,8 @@ impl<T> PagedKv<'_, T> {
 /// `out = softmax(q kᵀ · scale + causal mask) v` for `seq` queries at positions
 /// `start..start + seq` of one sequence whose keys and values lie in a paged pool.
 ///
-/// `q` and `out` are `[seq][heads][head_dim]`. Query head `h` reads key/value head
-/// `h / (heads / kv_heads)`, as transformers' `repeat_kv` does.
+/// `q` is `[seq][heads][head_dim]`, `out` `[seq][heads][value_dim]`. Query head `h` reads
+/// key/value head `h / (heads / kv_heads)`, as transformers' `repeat_kv` does.
 ///
 /// # Panics
 /// When the slices do not match the shape or the block table does not cover `start + seq`
@@ -81,6 +84,7 @@ pub fn paged_attention<T: Element>(
         heads,
         kv_heads,
         head_dim: d,
+        value_dim: vd,
         ..
     } = *shape;
     assert!(
@@ -92,7 +96,12 @@ pub fn paged_attention<T: Element>(
         "queries are not [seq][{heads}][{d}]"
     );
     let seq = q.len() / (heads * d);
-    assert_eq!(out.len(), q.len(), "output is not [seq][{heads}][{d}]");
+    assert!(vd > 0 && vd <= d, "values of {vd} per head of {d}");
+    assert_eq!(
+        out.len(),
+        seq * heads * vd,
+        "output is not [seq][{heads}][{vd}]"
+    );
     let stride = kv_heads * d;
     let len = start + seq;
     assert!(
@@ -127,9 +136,11 @@ fn softmax(row: &mut [f32]) {
     }
 }
 
-/// One task per (query, key/value head): the query heads that share a key/value head score
-/// every position in register tiles (each key read once for the whole group), then sum the value
-/// rows for several heads at once, their outputs held in registers across every position.
+/// One task per (query, key/value head) — or per part of its group of query heads when there are
+/// fewer such pairs than threads (MLA decode: one key head for all query heads): the query heads
+/// that share a key/value head score every position in register tiles (each key read once for
+/// the whole group), then sum the value rows for several heads at once, their outputs held in
+/// registers across every position.
 fn per_query<T: Element>(
     shape: &AttentionShape,
     q: &[f32],
@@ -137,60 +148,77 @@ fn per_query<T: Element>(
     start: usize,
     out: &mut [f32],
 ) {
-    let (heads, kv_heads, d) = (shape.heads, shape.kv_heads, shape.head_dim);
+    let (heads, kv_heads, d, vd) = (shape.heads, shape.kv_heads, shape.head_dim, shape.value_dim);
     let groups = heads / kv_heads;
-    let stride = kv_heads * d;
+    let pairs = out.len() / (groups * vd);
+    let parts = rayon::current_num_threads()
+        .div_ceil(pairs.max(1))
+        .clamp(1, groups);
+    let part = groups.div_ceil(parts);
     // Query heads g·groups.. share key/value head g, so a group's outputs are contiguous.
-    out.par_chunks_mut(groups * d)
+    out.par_chunks_mut(groups * vd)
         .enumerate()
         .for_each(|(index, o)| {
             let (i, g) = (index / kv_heads, index % kv_heads);
-            let len = start + i + 1;
-            let first = (i * heads + g * groups) * d;
-            let qs: Vec<&[f32]> = q[first..first + groups * d].chunks_exact(d).collect();
-            let row = |t: usize| kv.slot(t, stride) + g * d;
-            SCORES.with_borrow_mut(|scores| {
-                scores.clear();
-                scores.resize(groups * len, 0.0);
-                let y = crate::parallel::SharedMut::new(scores);
-                // SAFETY: the scores buffer is groups × len and only this task uses it.
-                unsafe {
-                    crate::matmul::dots(&qs, 0..len, |t| &kv.keys[row(t)..row(t) + d], len, y)
-                };
-                for p in scores.chunks_exact_mut(len) {
-                    p.iter_mut().for_each(|s| *s *= shape.scale);
-                    softmax(p);
-                }
-                let offsets: Vec<usize> = (0..len).map(row).collect();
-                let probs: Vec<&[f32]> = scores.chunks_exact(len).collect();
-                let mut outs: Vec<&mut [f32]> = o.chunks_exact_mut(d).collect();
-                let mut h = 0;
-                while h < groups {
-                    let c = (groups - h).min(crate::simd::weighted_rows());
-                    let v = kv.values;
-                    match (&probs[h..h + c], &mut outs[h..h + c]) {
-                        ([p0, p1, p2, p3], [o0, o1, o2, o3]) => T::weighted_sum(
-                            [p0, p1, p2, p3],
-                            v,
-                            &offsets,
-                            [&mut **o0, &mut **o1, &mut **o2, &mut **o3],
-                        ),
-                        ([p0, p1, p2], [o0, o1, o2]) => T::weighted_sum(
-                            [p0, p1, p2],
-                            v,
-                            &offsets,
-                            [&mut **o0, &mut **o1, &mut **o2],
-                        ),
-                        ([p0, p1], [o0, o1]) => {
-                            T::weighted_sum([p0, p1], v, &offsets, [&mut **o0, &mut **o1])
-                        }
-                        ([p0], [o0]) => T::weighted_sum([p0], v, &offsets, [&mut **o0]),
-                        _ => {}
-                    }
-                    h += c;
-                }
+            o.par_chunks_mut(part * vd).enumerate().for_each(|(p, o)| {
+                let first = (i * heads + g * groups + p * part) * d;
+                let qs = &q[first..first + o.len() / vd * d];
+                query_group(shape, qs, kv, start + i + 1, g, o);
             });
         });
+}
+
+/// Attention of the query heads `qs` (`[n][head_dim]`), all reading key/value head `g`, over
+/// positions `0..len`; `o` is `[n][value_dim]`.
+fn query_group<T: Element>(
+    shape: &AttentionShape,
+    qs: &[f32],
+    kv: &PagedKv<'_, T>,
+    len: usize,
+    g: usize,
+    o: &mut [f32],
+) {
+    let (d, vd) = (shape.head_dim, shape.value_dim);
+    let stride = shape.kv_heads * d;
+    let groups = qs.len() / d;
+    let qs: Vec<&[f32]> = qs.chunks_exact(d).collect();
+    let row = |t: usize| kv.slot(t, stride) + g * d;
+    SCORES.with_borrow_mut(|scores| {
+        scores.clear();
+        scores.resize(groups * len, 0.0);
+        let y = crate::parallel::SharedMut::new(scores);
+        // SAFETY: the scores buffer is groups × len and only this task uses it.
+        unsafe { crate::matmul::dots(&qs, 0..len, |t| &kv.keys[row(t)..row(t) + d], len, y) };
+        for p in scores.chunks_exact_mut(len) {
+            p.iter_mut().for_each(|s| *s *= shape.scale);
+            softmax(p);
+        }
+        let offsets: Vec<usize> = (0..len).map(row).collect();
+        let probs: Vec<&[f32]> = scores.chunks_exact(len).collect();
+        let mut outs: Vec<&mut [f32]> = o.chunks_exact_mut(vd).collect();
+        let mut h = 0;
+        while h < groups {
+            let c = (groups - h).min(crate::simd::weighted_rows());
+            let v = kv.values;
+            match (&probs[h..h + c], &mut outs[h..h + c]) {
+                ([p0, p1, p2, p3], [o0, o1, o2, o3]) => T::weighted_sum(
+                    [p0, p1, p2, p3],
+                    v,
+                    &offsets,
+                    [&mut **o0, &mut **o1, &mut **o2, &mut **o3],
+                ),
+                ([p0, p1, p2], [o0, o1, o2]) => {
+                    T::weighted_sum([p0, p1, p2], v, &offsets, [&mut **o0, &mut **o1, &mut **o2])
+                }
+                ([p0, p1], [o0, o1]) => {
+                    T::weighted_sum([p0, p1], v, &offsets, [&mut **o0, &mut **o1])
+                }
+                ([p0], [o0]) => T::weighted_sum([p0], v, &offsets, [&mut **o0]),
+                _ => {}
+            }
+            h += c;
+        }
+    });
 }
 
 /// One head's keys or values as a contiguous f32 matrix `[len][d]`, gathered through the block
@@ -220,10 +248,10 @@ fn per_head<T: Element>(
     seq: usize,
     out: &mut [f32],
 ) {
-    let (heads, kv_heads, d) = (shape.heads, shape.kv_heads, shape.head_dim);
+    let (heads, kv_heads, d, vd) = (shape.heads, shape.kv_heads, shape.head_dim, shape.value_dim);
     let groups = heads / kv_heads;
     let len = start + seq;
-    let row_stride = (heads * d) as isize;
+    let (q_stride, out_stride) = ((heads * d) as isize, (heads * vd) as isize);
     let y = SharedMut::new(out);
     (0..heads).into_par_iter().for_each(|head| {
         let offset = (head / groups) * d;
@@ -232,8 +260,8 @@ fn per_head<T: Element>(
                 SCORES.with_borrow_mut(|scores| {
                     let stride = kv_heads * d;
                     let keys = head_matrix(kv, kv.keys, len, stride, offset, d, kbuf);
-                    let values = head_matrix(kv, kv.values, len, stride, offset, d, vbuf);
-                    let (ks, vs) = (d as isize, d as isize);
+                    let values = head_matrix(kv, kv.values, len, stride, offset, vd, vbuf);
+                    let (ks, vs) = (d as isize, vd as isize);
                     let slice = (SCORE_ELEMENTS / len).clamp(1, seq);
                     for first in (0..seq).step_by(slice) {
                         let rows = slice.min(seq - first);
@@ -242,7 +270,7 @@ fn per_head<T: Element>(
                         scores.resize(rows * cols, 0.0);
                         let qp = q[(first * heads + head) * d..].as_ptr();
                         // SAFETY: the views and strides stay inside q, keys, values and the
-                        // scores buffer; this task alone writes columns head·d.. of `out`.
+                        // scores buffer; this task alone writes columns head·vd.. of `out`.
                         unsafe {
                             matrixmultiply::sgemm(
                                 rows,
@@ -250,7 +278,7 @@ fn per_head<T: Element>(
                                 cols,
                                 shape.scale,
                                 qp,
-                                row_stride,
+                                q_stride,
                                 1,
                                 keys.as_ptr(),
                                 1,
@@ -271,7 +299,7 @@ fn per_head<T: Element>(
                             matrixmultiply::sgemm(
                                 rows,
                                 cols,
-                                d,
+                                vd,
                                 1.0,
                                 scores.as_ptr(),
                                 cols as isize,
@@ -280,8 +308,8 @@ fn per_head<T: Element>(
                                 vs,
                                 1,
                                 0.0,
-                                y.at((first * heads + head) * d),
-                                row_stride,
+                                y.at((first * heads + head) * vd),
+                                out_stride,
                                 1,
                             );
                         }
@@ -324,9 +352,9 @@ mod tests {
 
     /// Attention written out in f64, the way transformers' eager path computes it.
     fn reference(s: &AttentionShape, q: &[f32], k: &[f32], v: &[f32], start: usize) -> Vec<f64> {
-        let (h, kvh, d) = (s.heads, s.kv_heads, s.head_dim);
+        let (h, kvh, d, vd) = (s.heads, s.kv_heads, s.head_dim, s.value_dim);
         let seq = q.len() / (h * d);
-        let mut out = vec![0.0; q.len()];
+        let mut out = vec![0.0; seq * h * vd];
         for i in 0..seq {
             for head in 0..h {
                 let g = head / (h / kvh);
@@ -344,8 +372,8 @@ mod tests {
                 let exp: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
                 let sum: f64 = exp.iter().sum();
                 for (t, p) in exp.iter().enumerate() {
-                    for x in 0..d {
-                        out[(i * h + head) * d + x] += p / sum * v[(t * kvh + g) * d + x] as f64;
+                    for x in 0..vd {
+                        out[(i * h + head) * vd + x] += p / sum * v[(t * kvh + g) * d + x] as f64;
                     }
                 }
             }
@@ -359,6 +387,7 @@ mod tests {
             heads,
             kv_heads,
             head_dim: d,
+            value_dim: d,
             scale: 0.25,
         };
         let len = start + seq + extra;
@@ -395,6 +424,7 @@ mod tests {
             heads,
             kv_heads,
             head_dim: d,
+            value_dim: d,
             scale: 0.3,
         };
         let len = start + seq;
@@ -456,5 +486,33 @@ mod tests {
         check(20, 0, 4, 2, 0);
         check(33, 12, 4, 1, 7);
         check(9, 0, 2, 2, 0);
+    }
+
+    /// MLA's absorbed form: one key head shared by every query head, the values the keys' leading
+    /// part (the same slice of the pool), decode and prefill, over several threads' worth of heads.
+    #[test]
+    fn values_narrower_than_keys_from_the_same_rows() {
+        let (heads, d, vd) = (6, 24, 16);
+        let shape = AttentionShape {
+            heads,
+            kv_heads: 1,
+            head_dim: d,
+            value_dim: vd,
+            scale: 0.2,
+        };
+        for (seq, start) in [(1, 0), (1, 29), (2, 7), (12, 0), (10, 9)] {
+            let len = start + seq;
+            let q = data(seq * heads * d, 7);
+            let kv = data(len * d, 8);
+            let expected = reference(&shape, &q, &kv, &kv, start);
+            let mut out = vec![f32::NAN; seq * heads * vd];
+            causal_attention(&shape, &q, &kv, &kv, start, &mut out);
+            for (i, (a, b)) in out.iter().zip(&expected).enumerate() {
+                assert!(
+                    (*a as f64 - b).abs() < 1e-5,
+                    "seq {seq} start {start}: [{i}] {a} vs {b}"
+                );
+            }
+        }
     }
 }

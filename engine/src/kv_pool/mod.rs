@@ -47,6 +47,14 @@ impl TokenLayout {
         }
     }
 
+    /// Multi-head latent attention: one `dim`-wide latent (shared by every head) per layer.
+    pub fn latent(layers: usize, dim: usize) -> Self {
+        Self {
+            layers,
+            vectors: vec![CachedVector { heads: 1, dim }],
+        }
+    }
+
     /// Bytes one token takes in `dtype`.
     pub fn bytes_per_token(&self, dtype: DType) -> usize {
         let per_layer: usize = self.vectors.iter().map(|v| v.heads * v.dim).sum();

@@ -1,4 +1,13 @@
 //! Model families, each a config struct, its layers and a forward pass, in the manner of
-//! candle-transformers. Plugins pick one and serve it.
+//! candle-transformers. Plugins pick one and serve it; the parts two families share (the SwiGLU
+//! MLP, routed experts, rotary positions, the output head) live beside them.
 
+pub mod glm4_moe_lite;
 pub mod qwen3;
+
+mod experts;
+mod head;
+mod mlp;
+mod rotary;
+
+pub use rotary::RopeParameters;

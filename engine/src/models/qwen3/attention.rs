@@ -9,8 +9,8 @@ use crate::kv_pool::KvPool;
 use crate::linear::{Linear, Quantization};
 use crate::Result;
 
-use super::rotary::Angles;
 use super::Config;
+use crate::models::rotary::Angles;
 
 #[derive(Debug, Clone)]
 pub(super) struct Attention {
@@ -84,6 +84,7 @@ impl Attention {
                 values: &tensors[1],
                 blocks: seq.blocks,
                 block_size: pool.block_size(),
+                value_dim: self.head_dim,
             };
             outs.push(crate::attention::paged(
                 &q.narrow(0, row, n)?,

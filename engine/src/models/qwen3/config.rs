@@ -6,17 +6,7 @@ use crate::checkpoint::Checkpoint;
 use crate::{EngineError, Result};
 use serde::Deserialize;
 
-/// `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-pub struct RopeParameters {
-    /// `default` or `linear`.
-    #[serde(default, alias = "type")]
-    pub rope_type: Option<String>,
-    /// Base (transformers 5 keeps it here).
-    pub rope_theta: Option<f64>,
-    /// Position scaling factor for `linear`.
-    pub factor: Option<f64>,
-}
+pub use crate::models::rotary::RopeParameters;
 
 /// `config.json` of a Qwen3ForCausalLM or Qwen3MoeForCausalLM checkpoint, with transformers'
 /// defaults (the MoE keys default to a dense model).
@@ -107,22 +97,7 @@ impl Config {
     /// (theta, position scale) from whichever RoPE fields the checkpoint uses.
     pub(crate) fn rope(&self, checkpoint: &Checkpoint) -> Result<(f64, f64)> {
         let params = self.rope_parameters.as_ref().or(self.rope_scaling.as_ref());
-        let theta = self
-            .rope_theta
-            .or(params.and_then(|p| p.rope_theta))
-            .unwrap_or(10_000.0);
-        let scale = match params.and_then(|p| p.rope_type.as_deref()) {
-            None | Some("default") => 1.0,
-            Some("linear") => params.and_then(|p| p.factor).unwrap_or(1.0),
-            Some(other) => {
-                return Err(EngineError::BadField {
-                    path: checkpoint.path("config.json"),
-                    field: "rope_scaling.rope_type".into(),
-                    reason: format!("`{other}` is not supported yet (supported: default, linear)"),
-                })
-            }
-        };
-        Ok((theta, scale))
+        crate::models::rotary::rope_base(checkpoint, self.rope_theta, params)
     }
 
     /// Whether layer `i` is a sparse MoE block, by transformers' rule.
@@ -132,21 +107,12 @@ impl Config {
             && (i + 1).is_multiple_of(self.decoder_sparse_step.max(1))
     }
 
-    pub(crate) fn validate(&self, checkpoint: &Checkpoint, architecture: &str) -> Result<()> {
+    pub(crate) fn validate(&self, checkpoint: &Checkpoint) -> Result<()> {
         let bad = |field: &str, reason: String| EngineError::BadField {
             path: checkpoint.path("config.json"),
             field: field.into(),
             reason,
         };
-        if !self.architectures.is_empty() && !self.architectures.iter().any(|a| a == architecture) {
-            return Err(bad(
-                "architectures",
-                format!(
-                    "expected {architecture}, found {:?}: this plugin serves {architecture} checkpoints only",
-                    self.architectures
-                ),
-            ));
-        }
         if self.num_experts > 0 {
             if self.num_experts_per_tok == 0 || self.num_experts_per_tok > self.num_experts {
                 return Err(bad(

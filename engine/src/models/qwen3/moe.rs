@@ -4,37 +4,31 @@
 
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
-use rayon::prelude::*;
 
 use crate::linear::{Linear, Quantization};
+use crate::models::experts::{Choice, Experts, Weighting};
 
-use super::{Config, Mlp};
+use super::Config;
 use crate::Result;
 
 /// One sparse MoE block.
 #[derive(Debug, Clone)]
 pub(super) struct SparseMoe {
     gate: Linear,
-    experts: Vec<Mlp>,
+    experts: Experts,
     top_k: usize,
     norm_topk_prob: bool,
 }
 
 impl SparseMoe {
     pub(super) fn new(cfg: &Config, q: Quantization, vb: VarBuilder) -> candle_core::Result<Self> {
-        // Experts load in parallel: quantizing is the slow part of loading (candle's quantizers
-        // are single-threaded), and each expert holds one full-precision tensor at a time.
-        let experts = (0..cfg.num_experts)
-            .into_par_iter()
-            .map(|e| {
-                Mlp::sized(
-                    cfg.hidden_size,
-                    cfg.moe_intermediate_size,
-                    q,
-                    vb.pp(format!("experts.{e}")),
-                )
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        let experts = Experts::load(
+            cfg.num_experts,
+            cfg.hidden_size,
+            cfg.moe_intermediate_size,
+            q,
+            vb.pp("experts"),
+        )?;
         Ok(Self {
             // The router stays in the model dtype: its choices are what quantization must not move.
             gate: Linear::load(
@@ -51,30 +45,28 @@ impl SparseMoe {
     }
 
     pub(super) fn weight_bytes(&self) -> usize {
-        self.gate.weight_bytes() + self.experts.iter().map(Mlp::weight_bytes).sum::<usize>()
+        self.gate.weight_bytes() + self.experts.weight_bytes()
     }
 
-    /// For each expert, the tokens routed to it and their weights.
-    fn route(&self, probs: &[Vec<f32>]) -> Vec<(Vec<u32>, Vec<f32>)> {
-        let mut routed = vec![(Vec::new(), Vec::new()); self.experts.len()];
+    /// Each token's chosen experts and their weights.
+    fn route(&self, probs: &[Vec<f32>]) -> Vec<Choice> {
         let mut order: Vec<usize> = Vec::with_capacity(self.experts.len());
-        for (token, row) in probs.iter().enumerate() {
-            order.clear();
-            order.extend(0..row.len());
-            // Highest first; a tie goes to the lower expert index, as torch.topk does on CPU.
-            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
-            let chosen = &order[..self.top_k];
-            let sum: f32 = if self.norm_topk_prob {
-                chosen.iter().map(|&e| row[e]).sum()
-            } else {
-                1.0
-            };
-            for &e in chosen {
-                routed[e].0.push(token as u32);
-                routed[e].1.push(row[e] / sum);
-            }
-        }
-        routed
+        probs
+            .iter()
+            .map(|row| {
+                order.clear();
+                order.extend(0..row.len());
+                // Highest first; a tie goes to the lower expert index, as torch.topk does on CPU.
+                order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+                let chosen = &order[..self.top_k];
+                let sum: f32 = if self.norm_topk_prob {
+                    chosen.iter().map(|&e| row[e]).sum()
+                } else {
+                    1.0
+                };
+                chosen.iter().map(|&e| (e, row[e] / sum)).collect()
+            })
+            .collect()
     }
 
     pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -82,20 +74,9 @@ impl SparseMoe {
         let xs = x.reshape((b * seq, hidden))?;
         let logits = self.gate.forward(&xs)?.to_dtype(DType::F32)?;
         let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
-        let mut out = xs.zeros_like()?;
-        for (expert, (tokens, weights)) in self.experts.iter().zip(self.route(&probs)) {
-            if tokens.is_empty() {
-                continue;
-            }
-            let index = Tensor::new(tokens.as_slice(), xs.device())?;
-            let weights = Tensor::new(weights.as_slice(), xs.device())?
-                .to_dtype(xs.dtype())?
-                .unsqueeze(1)?;
-            let y = expert
-                .forward(&xs.index_select(&index, 0)?)?
-                .broadcast_mul(&weights)?;
-            out = out.index_add(&index, &y, 0)?;
-        }
+        let out = self
+            .experts
+            .forward(&xs, &self.route(&probs), Weighting::ModelDtype)?;
         Ok(out.reshape((b, seq, hidden))?)
     }
 }

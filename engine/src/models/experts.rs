@@ -1,0 +1,94 @@
+//! A sparse layer's routed experts: each expert runs on the tokens routed to it only — never a
+//! dense pass over all experts — and its outputs, weighted, are summed into the tokens' rows in
+//! the model dtype as transformers' `index_add_` does. How tokens are routed is each family's own
+//! (softmax for Qwen3-MoE, sigmoid with a correction bias for GLM).
+
+use candle_core::{DType, Tensor};
+use candle_nn::VarBuilder;
+use rayon::prelude::*;
+
+use super::mlp::Mlp;
+use crate::linear::Quantization;
+use crate::Result;
+
+/// Where the routing weight meets an expert's output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Weighting {
+    /// The weight rounded to the model dtype first (Qwen3-MoE casts its routing weights).
+    ModelDtype,
+    /// The product taken in f32, rounded once (GLM keeps its weights in f32).
+    F32,
+}
+
+/// The chosen experts of one token: (expert, weight) pairs.
+pub(crate) type Choice = Vec<(usize, f32)>;
+
+/// A layer's routed experts.
+#[derive(Debug, Clone)]
+pub(crate) struct Experts {
+    experts: Vec<Mlp>,
+}
+
+impl Experts {
+    /// Reads `count` experts under `vb` (`0.gate_proj`, …).
+    pub(crate) fn load(
+        count: usize,
+        hidden: usize,
+        width: usize,
+        q: Quantization,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        // Experts load in parallel: quantizing is the slow part of loading (candle's quantizers
+        // are single-threaded), and each expert holds one full-precision tensor at a time.
+        let experts = (0..count)
+            .into_par_iter()
+            .map(|e| Mlp::load(hidden, width, q, vb.pp(e.to_string())))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self { experts })
+    }
+
+    /// How many experts there are.
+    pub(crate) fn len(&self) -> usize {
+        self.experts.len()
+    }
+
+    /// Bytes their weights take.
+    pub(crate) fn weight_bytes(&self) -> usize {
+        self.experts.iter().map(Mlp::weight_bytes).sum()
+    }
+
+    /// `Σ weight · expert(x)` for each row of `xs` (`(tokens, hidden)`) over its `choices`.
+    pub(crate) fn forward(
+        &self,
+        xs: &Tensor,
+        choices: &[Choice],
+        weighting: Weighting,
+    ) -> Result<Tensor> {
+        let mut routed = vec![(Vec::<u32>::new(), Vec::<f32>::new()); self.experts.len()];
+        for (token, choice) in choices.iter().enumerate() {
+            for &(e, w) in choice {
+                routed[e].0.push(token as u32);
+                routed[e].1.push(w);
+            }
+        }
+        let mut out = xs.zeros_like()?;
+        // Ascending expert order, as transformers' eager loop adds them.
+        for (expert, (tokens, weights)) in self.experts.iter().zip(routed) {
+            if tokens.is_empty() {
+                continue;
+            }
+            let index = Tensor::new(tokens.as_slice(), xs.device())?;
+            let weights = Tensor::new(weights.as_slice(), xs.device())?.unsqueeze(1)?;
+            let y = expert.forward(&xs.index_select(&index, 0)?)?;
+            let y = match weighting {
+                Weighting::ModelDtype => y.broadcast_mul(&weights.to_dtype(xs.dtype())?)?,
+                Weighting::F32 => y
+                    .to_dtype(DType::F32)?
+                    .broadcast_mul(&weights)?
+                    .to_dtype(xs.dtype())?,
+            };
+            out = out.index_add(&index, &y, 0)?;
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,117 @@
+//! Rotary position embedding (RoPE) with `rope_theta` and linear position scaling, applied to
+//! position-major (batch, seq, heads, head_dim) queries and keys in the half-rotation layout
+//! (transformers' `rotate_half`; models whose checkpoints interleave pairs permute their rows at
+//! load).
+
+use serde::Deserialize;
+
+use crate::candle_core::{DType, Device, Tensor};
+use crate::checkpoint::Checkpoint;
+use crate::{EngineError, Result};
+
+/// `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct RopeParameters {
+    /// `default` or `linear`.
+    #[serde(default, alias = "type")]
+    pub rope_type: Option<String>,
+    /// Base (transformers 5 keeps it here).
+    pub rope_theta: Option<f64>,
+    /// Position scaling factor for `linear`.
+    pub factor: Option<f64>,
+    /// Share of each head that rotates (transformers 5 keeps it here).
+    pub partial_rotary_factor: Option<f64>,
+}
+
+/// (theta, position scale) from whichever RoPE fields a `config.json` uses: a top-level
+/// `rope_theta` (transformers 4) or the one in `params` (transformers 5), `default` or `linear`.
+pub(crate) fn rope_base(
+    checkpoint: &Checkpoint,
+    rope_theta: Option<f64>,
+    params: Option<&RopeParameters>,
+) -> Result<(f64, f64)> {
+    let theta = rope_theta
+        .or(params.and_then(|p| p.rope_theta))
+        .unwrap_or(10_000.0);
+    let scale = match params.and_then(|p| p.rope_type.as_deref()) {
+        None | Some("default") => 1.0,
+        Some("linear") => params.and_then(|p| p.factor).unwrap_or(1.0),
+        Some(other) => {
+            return Err(EngineError::BadField {
+                path: checkpoint.path("config.json"),
+                field: "rope_scaling.rope_type".into(),
+                reason: format!("`{other}` is not supported yet (supported: default, linear)"),
+            })
+        }
+    };
+    Ok((theta, scale))
+}
+
+/// Rotary position embedding. Angles are computed for the positions each forward pass covers:
+/// a table for every position of a 262144-token context would hold 128 MiB.
+#[derive(Debug, Clone)]
+pub(crate) struct Rotary {
+    inv_freq: Vec<f32>,
+    /// Linear position scaling (`rope_scaling.factor`), as its inverse.
+    inv_scale: f32,
+    dtype: DType,
+    device: Device,
+}
+
+/// cos and sin of the rotary angles for a run of positions, each (positions, head_dim / 2).
+#[derive(Debug)]
+pub(crate) struct Angles {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rotary {
+    /// Angles over `dim` rotated values per head, base `theta`, positions divided by `scale`.
+    pub(crate) fn new(dim: usize, theta: f64, scale: f64, dtype: DType, device: &Device) -> Self {
+        Self {
+            inv_freq: (0..dim)
+                .step_by(2)
+                .map(|i| (1.0 / theta.powf(i as f64 / dim as f64)) as f32)
+                .collect(),
+            inv_scale: (1.0 / scale) as f32,
+            dtype,
+            device: device.clone(),
+        }
+    }
+
+    /// The angles of `positions` (one per row of a batch), in f32 as transformers computes them.
+    pub(crate) fn angles(&self, positions: &[usize]) -> Result<Angles> {
+        let half = self.inv_freq.len();
+        let len = positions.len();
+        let (mut cos, mut sin) = (
+            Vec::with_capacity(len * half),
+            Vec::with_capacity(len * half),
+        );
+        for &pos in positions {
+            let p = pos as f32 * self.inv_scale;
+            for f in &self.inv_freq {
+                let angle = p * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let table = |v: Vec<f32>| -> Result<Tensor> {
+            Ok(Tensor::from_vec(v, (len, half), &self.device)?.to_dtype(self.dtype)?)
+        };
+        Ok(Angles {
+            cos: table(cos)?,
+            sin: table(sin)?,
+        })
+    }
+}
+
+impl Angles {
+    /// Rotates `x` of shape (batch, seq, heads, head_dim).
+    pub(crate) fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(crate::candle_nn::rotary_emb::rope_thd(
+            &x.contiguous()?,
+            &self.cos,
+            &self.sin,
+        )?)
+    }
+}
