@@ -126,7 +126,10 @@ impl ChatTemplate {
             .environment()
             .map_err(|e| EngineError::InvalidInput(format!("chat template: {e:#}")))?;
         let mut context: Map<String, Json> = extra.clone();
-        context.insert("messages".into(), Json::Array(messages.to_vec()));
+        context.insert(
+            "messages".into(),
+            Json::Array(messages.iter().map(with_argument_objects).collect()),
+        );
         context.insert(
             "tools".into(),
             tools.map_or(Json::Null, |t| Json::Array(t.to_vec())),
@@ -148,6 +151,30 @@ impl ChatTemplate {
             .render(Value::from(minijinja::value::Serde(&context)))
             .map_err(|e| EngineError::InvalidInput(format!("cannot render the chat: {e:#}")))
     }
+}
+
+/// `message` with each tool call's `arguments` as a JSON object where the client sent it as the
+/// JSON text OpenAI's API carries: templates iterate over the arguments (GLM's `.items()`) or
+/// write them with `tojson`, as they would the dicts transformers users pass (vLLM converts the
+/// same way).
+fn with_argument_objects(message: &Json) -> Json {
+    let mut message = message.clone();
+    if let Some(Json::Array(calls)) = message.get_mut("tool_calls") {
+        for call in calls {
+            let slot = match call.get_mut("function") {
+                Some(f) => f.get_mut("arguments"),
+                None => call.get_mut("arguments"),
+            };
+            if let Some(arguments) = slot {
+                if let Some(Ok(object @ Json::Object(_))) =
+                    arguments.as_str().map(serde_json::from_str::<Json>)
+                {
+                    *arguments = object;
+                }
+            }
+        }
+    }
+    message
 }
 
 /// How transformers' `tojson` writes JSON: `json.dumps(x, ensure_ascii=False, indent=None,
@@ -394,5 +421,23 @@ mod tests {
     fn strftime_now_formats_dates() {
         let s = strftime_now("%d %b %Y".into());
         assert_eq!(s.len(), 11, "{s}");
+    }
+
+    #[test]
+    fn tool_call_arguments_sent_as_json_text_reach_the_template_as_objects() {
+        let t = ChatTemplate::new(
+            "{% for m in messages %}{% for tc in m.tool_calls %}{% for k, v in tc.function.arguments.items() %}{{ k }}={{ v }};{% endfor %}{% endfor %}{% endfor %}",
+            None,
+            None,
+        );
+        let messages = [
+            serde_json::json!({"role": "assistant", "content": null, "tool_calls": [
+                {"type": "function", "function": {"name": "f", "arguments": "{\"city\": \"Paris\", \"n\": 2}"}}
+            ]}),
+        ];
+        assert_eq!(
+            t.render(&messages, None, false, &Map::new()).unwrap(),
+            "city=Paris;n=2;"
+        );
     }
 }

@@ -4,19 +4,40 @@
 use std::io::{IsTerminal, Write};
 
 use pio_host::protocol::TokenFrame;
-use pio_plugin_api::wire::InferOutcome;
-use serde_json::json;
+use pio_host::serve::output::Parsing;
+use pio_plugin_api::wire::{InferOutcome, InferRequest, ModelInfo, Prompt};
+use serde_json::{json, Value};
 
 /// Writes tokens to stdout as they arrive.
 pub struct TokenPrinter {
     json: bool,
     index: usize,
+    /// For a chat in JSON: how to parse the output, the tools offered, the text so far.
+    chat: Option<(Parsing, Vec<Value>, String)>,
 }
 
 impl TokenPrinter {
     /// Text, or one JSON object per token when `json`.
     pub fn new(json: bool) -> Self {
-        Self { json, index: 0 }
+        Self {
+            json,
+            index: 0,
+            chat: None,
+        }
+    }
+
+    /// In JSON, a chat's summary line also carries the `message` as the API returns it:
+    /// `content`, and `reasoning_content` and `tool_calls` when the model (`info`) marks them.
+    pub fn parsing(mut self, request: &InferRequest, info: &ModelInfo) -> Self {
+        if self.json && matches!(request.prompt, Prompt::Messages(_)) {
+            let parsing = Parsing::of(request, true, info);
+            self.chat = Some((
+                parsing,
+                request.tools.clone().unwrap_or_default(),
+                String::new(),
+            ));
+        }
+        self
     }
 
     /// One token.
@@ -31,6 +52,9 @@ impl TokenPrinter {
             let line = json!({"index": self.index, "token_id": t.token_id, "text": t.text,
                 "logprob": t.logprob, "top_logprobs": top});
             writeln!(out, "{line}")?;
+            if let Some((_, _, text)) = self.chat.as_mut() {
+                text.push_str(&t.text);
+            }
         } else {
             write!(out, "{}", t.text)?;
         }
@@ -42,8 +66,24 @@ impl TokenPrinter {
     pub fn done(&mut self, outcome: &InferOutcome) -> std::io::Result<()> {
         let mut out = std::io::stdout().lock();
         if self.json {
-            let line = json!({"finish_reason": outcome.finish_reason, "usage": outcome.usage,
+            let mut line = json!({"finish_reason": outcome.finish_reason, "usage": outcome.usage,
                 "timings": outcome.timings});
+            if let Some((parsing, tools, text)) = self.chat.take() {
+                let (reasoning, extracted) = parsing.split(text, &tools);
+                let mut message = json!({"role": "assistant", "content": extracted.content});
+                if let Some(r) = reasoning {
+                    message["reasoning_content"] = json!(r);
+                }
+                if !extracted.calls.is_empty() {
+                    message["tool_calls"] = extracted
+                        .calls
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| c.to_json(i))
+                        .collect();
+                }
+                line["message"] = message;
+            }
             writeln!(out, "{line}")
         } else {
             writeln!(out)

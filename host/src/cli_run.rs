@@ -9,7 +9,7 @@ use pio_host::discovery::{self, Status};
 use pio_host::launch;
 use pio_host::sandbox::{HostSupport, Policy, Tier};
 use pio_host::supervisor::{Event, Worker, WorkerSpec};
-use pio_plugin_api::wire::{InferRequest, Prompt};
+use pio_plugin_api::wire::{InferRequest, ModelInfo, Prompt};
 
 use crate::cli_print::{LoadProgress, TokenPrinter};
 use crate::{prober, SearchArgs};
@@ -39,6 +39,12 @@ pub struct RunArgs {
     /// OpenAI-style chat messages: a JSON array, or a file holding one.
     #[arg(long, value_name = "FILE_OR_JSON")]
     messages: Option<String>,
+    /// Tools the model may call (OpenAI's `tools`): a JSON array, or a file holding one.
+    #[arg(long, value_name = "FILE_OR_JSON", requires = "messages")]
+    tools: Option<String>,
+    /// Variables for the chat template, e.g. '{"enable_thinking": false}' (a JSON object).
+    #[arg(long, value_name = "JSON", requires = "messages")]
+    chat_template_kwargs: Option<String>,
     /// The most tokens to generate.
     #[arg(long)]
     max_tokens: Option<u32>,
@@ -111,21 +117,43 @@ fn parse_tier(s: &str) -> Result<Tier, String> {
     }
 }
 
+/// A JSON array given inline or as a file.
+fn json_array(flag: &str, value: &str, what: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    let text = if value.trim_start().starts_with('[') {
+        value.to_string()
+    } else {
+        std::fs::read_to_string(value)
+            .with_context(|| format!("cannot read the {flag} file {value}"))?
+    };
+    serde_json::from_str(&text).with_context(|| format!("{flag} must be a JSON array of {what}"))
+}
+
 fn request(args: &RunArgs) -> anyhow::Result<InferRequest> {
     let prompt = match (&args.prompt, &args.messages) {
         (Some(text), _) => Prompt::Text(text.clone()),
-        (None, Some(m)) => {
-            let text = if m.trim_start().starts_with('[') {
-                m.clone()
-            } else {
-                std::fs::read_to_string(m)
-                    .with_context(|| format!("cannot read messages file {m}"))?
-            };
-            let messages: Vec<serde_json::Value> = serde_json::from_str(&text)
-                .context("--messages must be a JSON array of {\"role\", \"content\"} objects")?;
-            Prompt::Messages(messages)
-        }
+        (None, Some(m)) => Prompt::Messages(json_array(
+            "--messages",
+            m,
+            "{\"role\", \"content\"} objects",
+        )?),
         (None, None) => bail!("give --prompt TEXT or --messages FILE_OR_JSON"),
+    };
+    let tools = args
+        .tools
+        .as_deref()
+        .map(|t| {
+            json_array(
+                "--tools",
+                t,
+                "{\"type\": \"function\", \"function\": {...}} objects",
+            )
+        })
+        .transpose()?;
+    let chat_template_kwargs = match &args.chat_template_kwargs {
+        Some(k) => serde_json::from_str(k).context(
+            "--chat-template-kwargs must be a JSON object, e.g. '{\"enable_thinking\": false}'",
+        )?,
+        None => serde_json::Map::new(),
     };
     Ok(InferRequest {
         prompt,
@@ -137,6 +165,8 @@ fn request(args: &RunArgs) -> anyhow::Result<InferRequest> {
         repetition_penalty: args.repetition_penalty,
         stop: args.stop.clone(),
         logprobs: args.logprobs,
+        tools,
+        chat_template_kwargs,
         ..InferRequest::default()
     })
 }
@@ -256,7 +286,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
 pub(crate) async fn start_loaded(
     spec: WorkerSpec,
     config: pio_plugin_api::wire::ModelConfig,
-) -> anyhow::Result<Worker> {
+) -> anyhow::Result<(Worker, ModelInfo)> {
     let progress = LoadProgress::new(&spec.name);
     let worker = Worker::start(spec).await?;
     let loaded = worker
@@ -265,8 +295,7 @@ pub(crate) async fn start_loaded(
         })
         .await;
     progress.finish();
-    loaded?;
-    Ok(worker)
+    Ok((worker, loaded?))
 }
 
 async fn stream(
@@ -276,13 +305,13 @@ async fn stream(
     json: bool,
     timeout: Option<std::time::Duration>,
 ) -> anyhow::Result<u8> {
-    let worker = start_loaded(spec, config).await?;
+    let (worker, info) = start_loaded(spec, config).await?;
+    let mut printer = TokenPrinter::new(json).parsing(&request, &info);
     let (id, mut events) = worker.infer(request)?;
     let deadline = tokio::time::sleep(timeout.unwrap_or(std::time::Duration::MAX / 4));
     tokio::pin!(deadline);
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot watch for SIGTERM")?;
-    let mut printer = TokenPrinter::new(json);
     let code = loop {
         let event = tokio::select! {
             e = events.recv() => e,

@@ -195,6 +195,12 @@ pub struct ModelInfo {
     pub weight_bytes: Option<u64>,
     /// How the model writes tool calls in its output, for the host to parse them into the API's
     /// `tool_calls`: `hermes` (`<tool_call>{"name", "arguments"}</tool_call>`, Qwen3 instruct)
-    /// or `qwen3_coder` (`<tool_call><function=NAME><parameter=P>...`). Since 1.2.
+    /// or `qwen3_coder` (`<tool_call><function=NAME><parameter=P>...`). Since 1.2; also `glm47`
+    /// (`<tool_call>NAME<arg_key>K</arg_key><arg_value>V</arg_value>...`, GLM-4.5 to 4.7).
     pub tool_call_format: Option<String>,
+    /// How the model marks its reasoning in its output, for the host to return it as
+    /// `reasoning_content`: `glm45` (`<think>...</think>` before the answer, the chat template
+    /// opening the block unless `enable_thinking` is false). `None`: no reasoning. Added within 1.2 as
+    /// an optional JSON field: a host that predates it ignores it and returns the markup as text.
+    pub reasoning_format: Option<String>,
 }

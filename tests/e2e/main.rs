@@ -7,6 +7,7 @@ mod support;
 mod batching;
 mod daemon;
 mod discovery;
+mod glm;
 mod hotplug;
 mod medium;
 mod qwen3;

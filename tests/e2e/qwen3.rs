@@ -11,7 +11,7 @@ fn golden() -> Vec<Value> {
     golden_of("qwen3-tiny")
 }
 
-fn golden_of(checkpoint: &str) -> Vec<Value> {
+pub(crate) fn golden_of(checkpoint: &str) -> Vec<Value> {
     let path = repo_root().join(format!("tests/fixtures/golden/{checkpoint}.json"));
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
@@ -20,7 +20,7 @@ fn run_json(extra: &[&str]) -> Vec<Value> {
     run_plugin_json("qwen3-4b-instruct-2507", extra)
 }
 
-fn run_plugin_json(plugin: &str, extra: &[&str]) -> Vec<Value> {
+pub(crate) fn run_plugin_json(plugin: &str, extra: &[&str]) -> Vec<Value> {
     let deps = deps_dir();
     let mut args = vec!["run", plugin, "--library-dir", deps.to_str().unwrap()];
     args.extend_from_slice(extra);
@@ -45,7 +45,7 @@ fn run_plugin_json(plugin: &str, extra: &[&str]) -> Vec<Value> {
         .collect()
 }
 
-fn assert_matches(lines: &[Value], case: &Value) {
+pub(crate) fn assert_matches(lines: &[Value], case: &Value) {
     let tokens: Vec<u64> = lines
         .iter()
         .filter_map(|l| l["token_id"].as_u64())

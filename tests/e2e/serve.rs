@@ -137,6 +137,89 @@ fn tool_calls_in_the_output_become_tool_calls_in_the_api() {
 }
 
 #[test]
+fn reasoning_and_glm_tool_calls_come_apart_streamed_and_not() {
+    if !confinement_available() {
+        return;
+    }
+    // Echo configured as GLM-4.7-Flash marks its output: it says back a reasoning, an answer and
+    // a call in GLM's markup, as the model would after the template's `<think>`.
+    let d = Daemon::start(
+        echo_dir("[model.options]\ntool_call_format = \"glm47\"\nreasoning_format = \"glm45\"\n"),
+        "",
+    );
+    d.wait_ready();
+    let tools = json!([{"type": "function", "function": {"name": "book",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "nights": {"type": "integer"}}}}}]);
+    let output = "Need a booking.\n</think>\nBooking now.<tool_call>book<arg_key>city</arg_key><arg_value>Paris</arg_value><arg_key>nights</arg_key><arg_value>2</arg_value></tool_call>";
+    let mut req = chat("echo", output);
+    req["tools"] = tools;
+    req["logprobs"] = json!(true);
+    let (status, r) = d.post("/v1/chat/completions", &req);
+    assert_eq!(status, 200, "{r}");
+    let message = &r["choices"][0]["message"];
+    assert_eq!(message["reasoning_content"], "Need a booking.", "{r}");
+    assert_eq!(message["content"], "Booking now.");
+    let call = &message["tool_calls"][0]["function"];
+    assert_eq!(call["name"], "book");
+    let args: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(args, json!({"city": "Paris", "nights": 2}));
+    // Every generated token has its logprob, markup and reasoning included.
+    let tokens = output.chars().count();
+    assert_eq!(r["usage"]["completion_tokens"], tokens);
+    assert_eq!(
+        r["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .unwrap()
+            .len(),
+        tokens
+    );
+
+    req["stream"] = json!(true);
+    let chunks: Vec<Value> = d
+        .stream("/v1/chat/completions", &req)
+        .filter(|e| e != "[DONE]")
+        .map(|e| serde_json::from_str(&e).unwrap())
+        .collect();
+    let field = |name: &str| -> String {
+        chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"][name].as_str())
+            .collect()
+    };
+    assert_eq!(field("reasoning_content"), "Need a booking.\n");
+    assert_eq!(field("content").trim(), "Booking now.");
+    let streamed: usize = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array())
+        .map(Vec::len)
+        .sum();
+    assert_eq!(streamed, tokens, "a logprob per token, in order");
+    let delta = chunks
+        .iter()
+        .find_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array())
+        .expect("a tool_calls delta");
+    assert_eq!(delta[0]["function"]["name"], "book");
+
+    // Thinking switched off: the prompt closed the block, so the output is all answer.
+    let mut plain = chat("echo", "Just 4.");
+    plain["chat_template_kwargs"] = json!({"enable_thinking": false});
+    let (_, r) = d.post("/v1/chat/completions", &plain);
+    assert_eq!(r["choices"][0]["message"]["content"], "Just 4.");
+    assert!(
+        r["choices"][0]["message"]
+            .get("reasoning_content")
+            .is_none(),
+        "{r}"
+    );
+    // Completions return the raw text.
+    let (_, r) = d.post(
+        "/v1/completions",
+        &json!({"model": "echo", "prompt": "a</think>b"}),
+    );
+    assert_eq!(r["choices"][0]["text"], "a</think>b");
+}
+
+#[test]
 fn errors_have_the_openai_shape_the_right_status_and_the_field() {
     if !confinement_available() {
         return;

@@ -57,6 +57,7 @@ struct Loaded {
 pub struct ModelRuntime<M> {
     loaded: Option<Loaded>,
     tool_call_format: Option<&'static str>,
+    reasoning_format: Option<&'static str>,
     memory_limit: Option<u64>,
     model: std::marker::PhantomData<fn() -> M>,
 }
@@ -68,9 +69,17 @@ impl<M> ModelRuntime<M> {
         Self {
             loaded: None,
             tool_call_format,
+            reasoning_format: None,
             memory_limit: None,
             model: std::marker::PhantomData,
         }
+    }
+
+    /// The same runtime, its model marking reasoning as `reasoning_format` says (see
+    /// `pio_plugin_api::wire::ModelInfo::reasoning_format`).
+    pub fn with_reasoning(mut self, reasoning_format: Option<&'static str>) -> Self {
+        self.reasoning_format = reasoning_format;
+        self
     }
 
     /// Takes what the host says about the worker (its memory limit sizes the KV pool).
@@ -262,6 +271,7 @@ impl<M: LoadModel> ModelRuntime<M> {
             device: Some(config.device.clone().unwrap_or_else(|| "cpu".into())),
             weight_bytes,
             tool_call_format: self.tool_call_format.map(str::to_string),
+            reasoning_format: self.reasoning_format.map(str::to_string),
         };
         let codec = Arc::new(TextCodec::load(&checkpoint).map_err(plugin_error)?);
         let engine =
@@ -363,7 +373,8 @@ macro_rules! text_model_plugin {
         name: $name:expr,
         family: $family:expr,
         capabilities: $caps:expr,
-        tool_call_format: $format:expr $(,)?
+        tool_call_format: $format:expr
+        $(, reasoning_format: $reasoning:expr)? $(,)?
     ) => {
         $(#[$meta])*
         pub struct $plugin($crate::runtime::ModelRuntime<$model>);
@@ -375,7 +386,10 @@ macro_rules! text_model_plugin {
             const CAPABILITIES: $crate::plugin_api::Capabilities = $caps;
 
             fn new() -> Result<Self, $crate::plugin_api::PluginError> {
-                Ok(Self($crate::runtime::ModelRuntime::new($format)))
+                Ok(Self(
+                    $crate::runtime::ModelRuntime::new($format)
+                        $(.with_reasoning($reasoning))?,
+                ))
             }
 
             fn initialize(

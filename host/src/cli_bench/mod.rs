@@ -200,7 +200,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<u8> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let worker = start_loaded(spec, config).await?;
+        let (worker, _) = start_loaded(spec, config).await?;
         // Warm-up: thread pools and buffers, with a prompt that shares nothing.
         one(&worker, request("Hello".into(), 2)).await?;
         let total = args.requests.unwrap_or(args.concurrency);

@@ -18,8 +18,10 @@ use tokio::sync::mpsc;
 use super::deployment::Lease;
 use super::error::ApiError;
 use super::openai::{self, Endpoint, Parsed};
+use super::output::Parsing;
+use super::reasoning::Splitter;
 use super::responses::Reply;
-use super::tool_calls::{self, Format, StreamFilter};
+use super::tool_calls::{self, StreamFilter};
 use super::App;
 use crate::protocol::TokenFrame;
 use crate::supervisor::Event;
@@ -44,16 +46,11 @@ async fn serve(app: Arc<App>, endpoint: Endpoint, body: Result<Bytes, BytesRejec
     let result = start(&app, endpoint, body, &mut label).await;
     match result {
         Ok((parsed, lease, events)) => {
-            // Tool calls are parsed when the request offers tools and the model names its format.
-            let tools = match parsed.request.tools {
-                Some(_) => lease
-                    .deployment()
-                    .info
-                    .tool_call_format
-                    .as_deref()
-                    .and_then(Format::from_name),
-                None => None,
-            };
+            let tools = Parsing::of(
+                &parsed.request,
+                parsed.endpoint == Endpoint::Chat,
+                &lease.deployment().info,
+            );
             if parsed.stream {
                 stream(app, parsed, lease, events, started, tools).await
             } else {
@@ -131,7 +128,7 @@ async fn collect(
     parsed: &Parsed,
     mut events: mpsc::UnboundedReceiver<Event>,
     started: Instant,
-    tools: Option<Format>,
+    parsing: Parsing,
 ) -> Response {
     let mut tokens: Vec<TokenFrame> = Vec::new();
     let mut timing = Timing {
@@ -152,14 +149,14 @@ async fn collect(
                     outcome.usage.completion_tokens,
                 );
                 let text: String = tokens.iter().map(|t| t.text.as_str()).collect();
-                let extracted = match tools {
-                    Some(format) => tool_calls::extract(format, &text, offered(parsed)),
-                    None => tool_calls::Extracted {
-                        content: text,
-                        calls: Vec::new(),
-                    },
-                };
-                let body = reply.complete(&tokens, &extracted.content, &extracted.calls, &outcome);
+                let (reasoning, extracted) = parsing.split(text, offered(parsed));
+                let body = reply.complete(
+                    &tokens,
+                    reasoning.as_deref(),
+                    &extracted.content,
+                    &extracted.calls,
+                    &outcome,
+                );
                 return Json(body).into_response();
             }
             Event::Failed(e) => return ApiError::from(e).into_response(),
@@ -183,7 +180,7 @@ async fn stream(
     lease: Lease,
     mut events: mpsc::UnboundedReceiver<Event>,
     started: Instant,
-    tools: Option<Format>,
+    parsing: Parsing,
 ) -> Response {
     // A request that fails before its first token (a prompt too long, say) gets a real status.
     let first = events.recv().await;
@@ -197,7 +194,7 @@ async fn stream(
     tokio::spawn(async move {
         // Held until the stream ends, so a drain waits for it.
         let _lease = lease;
-        let status = pump(&app, &parsed, first, events, &tx, started, tools).await;
+        let status = pump(&app, &parsed, first, events, &tx, started, parsing).await;
         if status != CLIENT_GONE {
             let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
         }
@@ -220,9 +217,11 @@ async fn pump(
     mut events: mpsc::UnboundedReceiver<Event>,
     tx: &mpsc::Sender<Result<SseEvent, Infallible>>,
     started: Instant,
-    tools: Option<Format>,
+    parsing: Parsing,
 ) -> u16 {
+    let tools = parsing.tools;
     let mut filter = tools.map(|_| StreamFilter::default());
+    let mut splitter = parsing.reasoning.map(Splitter::new);
     let model = parsed.model.as_str();
     let usage = parsed.include_usage;
     let mut reply = Reply::new(model, parsed.endpoint, parsed.logprobs);
@@ -248,12 +247,19 @@ async fn pump(
         match event {
             Some(Event::Token(t)) => {
                 timing.token(app, model);
-                let visible = match filter.as_mut() {
-                    Some(f) => f.push(&t.text),
-                    None => t.text.clone(),
+                let (thought, said) = match splitter.as_mut() {
+                    Some(s) => s.push(&t.text),
+                    None => (String::new(), t.text.clone()),
                 };
-                if !visible.is_empty() || parsed.logprobs != super::openai::LogprobsFormat::None {
-                    out.push(reply.token_chunk(&t, &visible, usage));
+                let visible = match filter.as_mut() {
+                    Some(f) => f.push(&said),
+                    None => said,
+                };
+                if !thought.is_empty()
+                    || !visible.is_empty()
+                    || parsed.logprobs != super::openai::LogprobsFormat::None
+                {
+                    out.push(reply.token_chunk(&t, &thought, &visible, usage));
                 }
             }
             Some(Event::Done(outcome)) => {
@@ -263,8 +269,20 @@ async fn pump(
                     outcome.usage.completion_tokens,
                 );
                 let mut called = false;
-                if let (Some(f), Some(format)) = (filter.take(), tools) {
-                    let held = tool_calls::extract(format, &f.finish(), offered(parsed));
+                let mut said = String::new();
+                if let Some(mut s) = splitter.take() {
+                    let (thought, rest) = s.finish();
+                    if !thought.is_empty() {
+                        out.push(reply.reasoning_chunk(&thought, usage));
+                    }
+                    said = rest;
+                }
+                if filter.is_none() && !said.is_empty() {
+                    out.push(reply.content_chunk(&said, usage));
+                }
+                if let (Some(mut f), Some(format)) = (filter.take(), tools) {
+                    let rest = f.push(&said) + &f.finish();
+                    let held = tool_calls::extract(format, &rest, offered(parsed));
                     if !held.content.is_empty() {
                         out.push(reply.content_chunk(&held.content, usage));
                     }

@@ -12,6 +12,8 @@ pub mod messages;
 pub mod metrics;
 pub mod models;
 pub mod openai;
+pub mod output;
+pub mod reasoning;
 pub mod responses;
 pub mod status;
 pub mod tool_calls;

@@ -126,10 +126,12 @@ impl Reply {
         }
     }
 
-    /// The whole (non-streamed) response: `content` is the text with any tool `calls` taken out.
+    /// The whole (non-streamed) response: `content` is the text with any `reasoning` and tool
+    /// `calls` taken out.
     pub fn complete(
         &mut self,
         tokens: &[TokenFrame],
+        reasoning: Option<&str>,
         content: &str,
         calls: &[Call],
         outcome: &InferOutcome,
@@ -139,6 +141,9 @@ impl Reply {
         let choice = match self.endpoint {
             Endpoint::Chat => {
                 let mut message = json!({"role": "assistant", "content": content});
+                if let Some(reasoning) = reasoning {
+                    message["reasoning_content"] = json!(reasoning);
+                }
                 if !calls.is_empty() {
                     if content.is_empty() {
                         message["content"] = Value::Null;
@@ -200,11 +205,34 @@ impl Reply {
         })
     }
 
-    /// A chunk carrying one token, whose visible text is `text` (less than the token's own
-    /// when a tool call is being held back).
-    pub fn token_chunk(&mut self, token: &TokenFrame, text: &str, include_usage: bool) -> Value {
+    /// A chunk carrying one token, whose text released now is `reasoning` and `content` (less
+    /// than the token's own when a marker or a tool call is being held back).
+    pub fn token_chunk(
+        &mut self,
+        token: &TokenFrame,
+        reasoning: &str,
+        content: &str,
+        include_usage: bool,
+    ) -> Value {
         let logprobs = self.logprobs_of(std::slice::from_ref(token));
-        self.chunk(json!({"content": text}), logprobs, None, include_usage)
+        let mut delta = json!({});
+        if !reasoning.is_empty() {
+            delta["reasoning_content"] = json!(reasoning);
+        }
+        if !content.is_empty() || reasoning.is_empty() {
+            delta["content"] = json!(content);
+        }
+        self.chunk(delta, logprobs, None, include_usage)
+    }
+
+    /// A chunk of reasoning released at the end (held back while a marker could be forming).
+    pub fn reasoning_chunk(&self, text: &str, include_usage: bool) -> Value {
+        self.chunk(
+            json!({"reasoning_content": text}),
+            Value::Null,
+            None,
+            include_usage,
+        )
     }
 
     /// A chunk of text released at the end (a malformed call returned as text).

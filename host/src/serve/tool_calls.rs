@@ -17,6 +17,9 @@ pub enum Format {
     /// `<tool_call><function=NAME><parameter=P>value</parameter></function></tool_call>`
     /// (Qwen3-Coder); values are typed by the tool's JSON schema.
     Qwen3Coder,
+    /// `<tool_call>NAME<arg_key>K</arg_key><arg_value>V</arg_value>…</tool_call>` (GLM-4.5 to
+    /// 4.7); a value is JSON unless the schema says string (the template writes strings bare).
+    Glm47,
 }
 
 impl Format {
@@ -25,6 +28,7 @@ impl Format {
         match name {
             "hermes" => Some(Self::Hermes),
             "qwen3_coder" => Some(Self::Qwen3Coder),
+            "glm47" => Some(Self::Glm47),
             _ => None,
         }
     }
@@ -144,7 +148,45 @@ fn parse_body(format: Format, body: &str, tools: &[Value]) -> Option<Call> {
             }
             Some(call(name.trim(), &Value::Object(arguments)))
         }
+        Format::Glm47 => glm_call(body, tools),
     }
+}
+
+/// `NAME<arg_key>K</arg_key><arg_value>V</arg_value>…`, whitespace allowed between the parts.
+fn glm_call(body: &str, tools: &[Value]) -> Option<Call> {
+    let (name, mut rest) = match body.find("<arg_key>") {
+        Some(at) => (body[..at].trim(), &body[at..]),
+        None => (body.trim(), ""),
+    };
+    if name.is_empty() || name.contains('<') {
+        return None;
+    }
+    let schema = properties_of(tools, name);
+    let mut arguments = Map::new();
+    loop {
+        rest = rest.trim_start();
+        if rest.is_empty() {
+            break;
+        }
+        let after = rest.strip_prefix("<arg_key>")?;
+        let (key, after) = after.split_once("</arg_key>")?;
+        let after = after.trim_start().strip_prefix("<arg_value>")?;
+        let (raw, after) = after.split_once("</arg_value>")?;
+        let kind = schema
+            .as_ref()
+            .and_then(|s| s.get(key.trim()))
+            .and_then(|p| p.get("type"))
+            .and_then(Value::as_str);
+        let value = match kind {
+            Some("string") => Value::String(raw.to_string()),
+            _ => {
+                serde_json::from_str(raw.trim()).unwrap_or_else(|_| Value::String(raw.to_string()))
+            }
+        };
+        arguments.insert(key.trim().to_string(), value);
+        rest = after;
+    }
+    Some(call(name, &Value::Object(arguments)))
 }
 
 /// The `properties` of tool `name`'s parameter schema.
@@ -259,6 +301,37 @@ mod tests {
         assert_eq!(args["days"], "3");
         let broken = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</function>\n</tool_call>";
         assert_eq!(extract(Format::Qwen3Coder, broken, &[]).calls.len(), 0);
+    }
+
+    #[test]
+    fn glm_arguments_stay_json_and_strings_stay_strings() {
+        let text = "I'll check.<tool_call>get_weather<arg_key>city</arg_key><arg_value>12</arg_value>\n<arg_key>days</arg_key><arg_value>3</arg_value><arg_key>extra</arg_key><arg_value>{\"a\": [1, true]}</arg_value><arg_key>note</arg_key><arg_value>not json</arg_value></tool_call><tool_call>\nget_time\n</tool_call>";
+        let e = extract(Format::Glm47, text, &weather_tool());
+        assert_eq!(e.content, "I'll check.");
+        assert_eq!(e.calls.len(), 2);
+        let args: Value = serde_json::from_str(&e.calls[0].arguments).unwrap();
+        // `city` is a string by the schema, even though it reads as a number.
+        assert_eq!(
+            args,
+            json!({"city": "12", "days": 3, "extra": {"a": [1, true]}, "note": "not json"})
+        );
+        assert_eq!(
+            (e.calls[1].name.as_str(), e.calls[1].arguments.as_str()),
+            ("get_time", "{}")
+        );
+    }
+
+    #[test]
+    fn malformed_glm_calls_stay_in_the_text() {
+        for text in [
+            "<tool_call>f<arg_key>a</arg_key>1</tool_call>",
+            "<tool_call>f<arg_key>a</arg_key><arg_value>1</tool_call>",
+            "<tool_call><arg_key>a</arg_key><arg_value>1</arg_value></tool_call>",
+            "<tool_call>f<arg_key>a</arg_key><arg_value>1</arg_value> junk</tool_call>",
+        ] {
+            let e = extract(Format::Glm47, text, &[]);
+            assert_eq!((e.content.as_str(), e.calls.len()), (text, 0), "{text}");
+        }
     }
 
     #[test]

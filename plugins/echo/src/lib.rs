@@ -47,6 +47,9 @@ impl PluginImpl for Echo {
             }
         }
         delay_of(config, "delay_ms")?;
+        for key in ["tool_call_format", "reasoning_format"] {
+            format_of(config, key)?;
+        }
         delay_of(config, "load_delay_ms").map(|_| ())
     }
 
@@ -77,9 +80,13 @@ impl PluginImpl for Echo {
         };
         // Fields newer than plugin-api 1.0 (the test fixtures compile this file against frozen
         // copies of older versions, with the `frozen-api` feature).
+        // The output formats are options, so that the host's parsers of every model's markup can
+        // be tested without the model: echo "writes" whatever markup its prompt holds.
         #[cfg(not(feature = "frozen-api"))]
         {
-            info.tool_call_format = Some("hermes".into());
+            info.tool_call_format =
+                Some(format_of(&config, "tool_call_format")?.unwrap_or_else(|| "hermes".into()));
+            info.reasoning_format = format_of(&config, "reasoning_format")?;
         }
         Ok(info)
     }
@@ -162,6 +169,18 @@ fn delay_of(config: &ModelConfig, key: &str) -> Result<Duration, PluginError> {
         Some(v) => v.as_u64().map(Duration::from_millis).ok_or_else(|| {
             PluginError::invalid_config(format!(
                 "echo: `{key}` must be a whole number of milliseconds, found {v}"
+            ))
+        }),
+    }
+}
+
+/// An optional string option.
+fn format_of(config: &ModelConfig, key: &str) -> Result<Option<String>, PluginError> {
+    match config.extra.get(key) {
+        None => Ok(None),
+        Some(v) => v.as_str().map(|s| Some(s.to_string())).ok_or_else(|| {
+            PluginError::invalid_config(format!(
+                "echo: `{key}` must be a format name such as \"glm47\", found {v}"
             ))
         }),
     }

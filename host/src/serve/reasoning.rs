@@ -1,0 +1,225 @@
+//! Reasoning in model output, split from the answer into the API's `reasoning_content` (as vLLM's
+//! reasoning parsers and DeepSeek's API return it): each model family marks it its own way, named
+//! by the plugin in `ModelInfo::reasoning_format`. Nothing is dropped: every byte of the output
+//! lands in the reasoning or the content, except the markers themselves.
+
+const OPEN: &str = "<think>";
+const CLOSE: &str = "</think>";
+
+/// How a model marks its reasoning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `<think>…</think>` before the answer, the chat template opening the block at the end of
+    /// the prompt when thinking is on (GLM-4.5/4.6/4.7: vLLM's `glm45`).
+    Think,
+}
+
+impl Format {
+    /// The format a plugin names, if this host knows it.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "glm45" => Some(Self::Think),
+            _ => None,
+        }
+    }
+}
+
+/// Whether a chat request's output starts inside the reasoning block: thinking is on unless the
+/// request's `chat_template_kwargs` turn `enable_thinking` off (the templates' shared switch).
+pub fn starts_thinking(kwargs: &serde_json::Map<String, serde_json::Value>) -> bool {
+    kwargs.get("enable_thinking").and_then(|v| v.as_bool()) != Some(false)
+}
+
+/// A completion split in two.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Split {
+    /// The reasoning, when there was any.
+    pub reasoning: Option<String>,
+    /// The answer.
+    pub content: String,
+}
+
+/// Splits a whole completion. `thinking`: the prompt left the model inside the reasoning block.
+pub fn split(text: &str, thinking: bool) -> Split {
+    let mut s = Splitter::new(thinking);
+    let (mut reasoning, mut content) = s.push(text);
+    let (r, c) = s.finish();
+    reasoning.push_str(&r);
+    content.push_str(&c);
+    Split {
+        reasoning: (!reasoning.trim().is_empty()).then(|| reasoning.trim().to_string()),
+        content: if reasoning.is_empty() {
+            content
+        } else {
+            content.trim_start().to_string()
+        },
+    }
+}
+
+/// Splits a completion as it streams: each piece of text goes to the reasoning or the content as
+/// soon as no marker can still be forming at its end.
+#[derive(Debug, Clone)]
+pub struct Splitter {
+    thinking: bool,
+    /// Text that may be the start of a marker.
+    held: String,
+    /// Whether any content was released yet (a `<think>` is a marker only before the answer).
+    answered: bool,
+}
+
+impl Splitter {
+    /// A splitter whose text starts inside the reasoning block when `thinking`.
+    pub fn new(thinking: bool) -> Self {
+        Self {
+            thinking,
+            held: String::new(),
+            answered: false,
+        }
+    }
+
+    /// Feeds `text`; returns the (reasoning, content) it releases.
+    pub fn push(&mut self, text: &str) -> (String, String) {
+        self.held.push_str(text);
+        let (mut reasoning, mut content) = (String::new(), String::new());
+        loop {
+            let marker = if self.thinking { CLOSE } else { OPEN };
+            if !self.thinking && self.answered {
+                // Past the reasoning: everything is the answer.
+                content.push_str(&std::mem::take(&mut self.held));
+                return (reasoning, content);
+            }
+            match self.held.find(marker) {
+                Some(at) => {
+                    let before: String = self.held.drain(..at + marker.len()).collect();
+                    let before = &before[..at];
+                    if self.thinking {
+                        reasoning.push_str(before);
+                    } else {
+                        // Text before an opening marker is the answer, which ends the chance
+                        // of reasoning; the marker itself then stays text.
+                        if !before.trim().is_empty() {
+                            content.push_str(before);
+                            content.push_str(marker);
+                            self.answered = true;
+                            continue;
+                        }
+                    }
+                    self.thinking = !self.thinking;
+                    if !self.thinking {
+                        // One closing marker ends the reasoning for good.
+                        self.answered = true;
+                    }
+                }
+                None => {
+                    let keep = partial_suffix(&self.held, marker);
+                    let ready: String = self.held.drain(..self.held.len() - keep).collect();
+                    if self.thinking {
+                        reasoning.push_str(&ready);
+                    } else if !ready.trim().is_empty() || self.answered {
+                        self.answered = true;
+                        content.push_str(&ready);
+                    } else {
+                        // Leading whitespace before a possible `<think>`: hold it.
+                        self.held.insert_str(0, &ready);
+                    }
+                    return (reasoning, content);
+                }
+            }
+        }
+    }
+
+    /// Releases what was held at the end of the output.
+    pub fn finish(&mut self) -> (String, String) {
+        let rest = std::mem::take(&mut self.held);
+        if self.thinking {
+            (rest, String::new())
+        } else {
+            (String::new(), rest)
+        }
+    }
+}
+
+/// The length of the longest end of `text` that starts `marker` (a marker split across pieces).
+fn partial_suffix(text: &str, marker: &str) -> usize {
+    (1..marker.len().min(text.len() + 1))
+        .rev()
+        .find(|&n| {
+            text.is_char_boundary(text.len() - n) && marker.starts_with(&text[text.len() - n..])
+        })
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reasoning_ends_at_the_closing_marker() {
+        let s = split("Let me think.\nOK.</think>\nThe answer is 4.", true);
+        assert_eq!(s.reasoning.as_deref(), Some("Let me think.\nOK."));
+        assert_eq!(s.content, "The answer is 4.");
+    }
+
+    #[test]
+    fn without_thinking_everything_is_the_answer() {
+        let s = split("The answer is 4.", false);
+        assert_eq!(s.reasoning, None);
+        assert_eq!(s.content, "The answer is 4.");
+        // A model that opens a block itself still has it split out.
+        let s = split("<think>hmm</think>4", false);
+        assert_eq!(s.reasoning.as_deref(), Some("hmm"));
+        assert_eq!(s.content, "4");
+        // A marker after the answer began is text.
+        let s = split("Use <think> tags.", false);
+        assert_eq!(
+            (s.reasoning, s.content.as_str()),
+            (None, "Use <think> tags.")
+        );
+    }
+
+    #[test]
+    fn output_cut_off_while_thinking_is_all_reasoning() {
+        let s = split("Still thinking about", true);
+        assert_eq!(s.reasoning.as_deref(), Some("Still thinking about"));
+        assert_eq!(s.content, "");
+    }
+
+    #[test]
+    fn a_second_closing_marker_is_part_of_the_answer() {
+        let s = split("a</think>b</think>c", true);
+        assert_eq!(s.reasoning.as_deref(), Some("a"));
+        assert_eq!(s.content, "b</think>c");
+    }
+
+    #[test]
+    fn streamed_pieces_split_a_marker_anywhere_and_lose_nothing() {
+        let text = "Plan: add.\n</think>\n\nIt is 4 <b>.";
+        for cut in 1..text.len() {
+            if !text.is_char_boundary(cut) {
+                continue;
+            }
+            let mut s = Splitter::new(true);
+            let (mut r, mut c) = (String::new(), String::new());
+            for piece in [&text[..cut], &text[cut..]] {
+                let (a, b) = s.push(piece);
+                r.push_str(&a);
+                c.push_str(&b);
+            }
+            let (a, b) = s.finish();
+            r.push_str(&a);
+            c.push_str(&b);
+            assert_eq!(r, "Plan: add.\n", "cut at {cut}");
+            assert_eq!(c, "\n\nIt is 4 <b>.", "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn thinking_follows_the_template_switch() {
+        let mut kwargs = serde_json::Map::new();
+        assert!(starts_thinking(&kwargs));
+        kwargs.insert("enable_thinking".into(), false.into());
+        assert!(!starts_thinking(&kwargs));
+        kwargs.insert("enable_thinking".into(), true.into());
+        assert!(starts_thinking(&kwargs));
+    }
+}
