@@ -83,11 +83,10 @@ pub(super) struct Attention {
     /// `kv_a_proj_with_mqa`: the latent, then the rotary key (rows de-interleaved).
     kv_a: Linear,
     kv_norm: RmsNorm,
-    /// `kv_b_proj`, `(heads · (nope + v), rank)`: the expanded form's projection.
-    kv_b: Tensor,
-    /// Per head, `(heads, nope, rank)`: folds into the queries.
+    /// `kv_b_proj`'s key half per head, `(heads, nope, rank)`: folds into the queries.
     w_uk: Tensor,
-    /// Per head, `(heads, rank, v)`: applied to the attended latents.
+    /// `kv_b_proj`'s value half per head, transposed, `(heads, rank, v)`: applied to the
+    /// attended latents.
     w_uv: Tensor,
     o_proj: Linear,
     heads: usize,
@@ -136,7 +135,6 @@ impl Attention {
             kv_norm: rms_norm(rank, LATENT_EPS, vb.pp("kv_a_layernorm"))?,
             w_uk: per_head.narrow(1, 0, nope)?.contiguous()?,
             w_uv: per_head.narrow(1, nope, v)?.transpose(1, 2)?.contiguous()?,
-            kv_b,
             o_proj: Linear::load(h * v, hidden, false, q, vb.pp("o_proj"))?,
             heads: h,
             nope,
@@ -152,8 +150,7 @@ impl Attention {
             QueryProj::LowRank { a, b, .. } => a.weight_bytes() + b.weight_bytes(),
             QueryProj::Full(l) => l.weight_bytes(),
         };
-        // w_uk and w_uv are kv_b's halves, copied out; kv_b itself is kept for the expanded form.
-        let dense = [&self.kv_b, &self.w_uk, &self.w_uv]
+        let dense = [&self.w_uk, &self.w_uv]
             .iter()
             .map(|t| t.elem_count() * t.dtype().size_in_bytes())
             .sum::<usize>();
@@ -249,8 +246,9 @@ impl Attention {
             .transpose(0, 1)?)
     }
 
-    /// transformers' form: each sequence's cached latents expanded through `kv_b_proj` into
-    /// full keys and values, then eager causal attention.
+    /// transformers' form: each sequence's cached latents expanded through `kv_b_proj` (its two
+    /// halves, as the absorbed form keeps them) into full keys and values, then eager causal
+    /// attention.
     fn expanded(
         &self,
         q_nope: &Tensor,
@@ -259,7 +257,7 @@ impl Attention {
         pool: &KvPool,
         layer: usize,
     ) -> Result<Tensor> {
-        let (h, nope, v) = (self.heads, self.nope, self.v_dim);
+        let h = self.heads;
         let query = Tensor::cat(&[q_nope, q_rot], 2)?;
         let latents = &pool.layer(layer)[0];
         let bs = pool.block_size();
@@ -275,19 +273,22 @@ impl Attention {
                 .index_select(&Tensor::new(slots, q_nope.device())?, 0)?
                 .squeeze(1)?
                 .to_dtype(q_nope.dtype())?;
-            let kv = cached
+            // Every latent through kv_b_proj's halves: (heads, len, nope) keys, (heads, len, v)
+            // values.
+            let latent = cached
                 .narrow(1, 0, self.rank)?
-                .matmul(&self.kv_b.t()?)?
-                .reshape((len, h, nope + v))?;
+                .unsqueeze(0)?
+                .broadcast_as((h, len, self.rank))?
+                .contiguous()?;
+            let k_nope = latent.matmul(&self.w_uk.transpose(1, 2)?.contiguous()?)?;
+            let vals = latent.matmul(&self.w_uv)?;
             let k_rot = cached
                 .narrow(1, self.rank, self.rope)?
-                .unsqueeze(1)?
-                .broadcast_as((len, h, self.rope))?;
-            let keys = Tensor::cat(&[kv.narrow(2, 0, nope)?, k_rot], 2)?;
-            let values = kv.narrow(2, nope, v)?;
+                .unsqueeze(0)?
+                .broadcast_as((h, len, self.rope))?;
+            let k = Tensor::cat(&[k_nope, k_rot.contiguous()?], 2)?;
             // (heads, n, len) scores, the causal mask, softmax in f32.
             let q = query.narrow(0, row, n)?.transpose(0, 1)?.contiguous()?;
-            let k = keys.transpose(0, 1)?.contiguous()?;
             let mut scores = (q.matmul(&k.t()?)? * self.scale)?.to_dtype(DType::F32)?;
             let mask: Vec<f32> = (0..n)
                 .flat_map(|i| {
@@ -301,8 +302,7 @@ impl Attention {
                 })
                 .collect();
             scores = scores.broadcast_add(&Tensor::from_vec(mask, (n, len), q.device())?)?;
-            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(values.dtype())?;
-            let vals = values.transpose(0, 1)?.contiguous()?;
+            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(vals.dtype())?;
             outs.push(probs.matmul(&vals)?.transpose(0, 1)?);
             row += n;
         }
