@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's llama-bench and llama-batched-bench (CPU only, Release, native ISA) into
+# Builds llama.cpp's llama-bench, llama-batched-bench and llama-quantize (CPU only, Release, native ISA) into
 # target/bench/llama.cpp/, the outside reference for the model benchmarks (see llama_cpp_bench.py;
 # `pio bench --compare-llama-cpp` runs llama-batched-bench). The source comes from the
 # llama-cpp-python sdist on PyPI, which vendors llama.cpp with its GGUF converter, so nothing but a
@@ -18,8 +18,9 @@ src="$out/src"
 build="$out/build"
 bin="$out/bin/llama-bench"  # a link into build/bin, where tests/bench/common.rs looks
 batched="$out/bin/llama-batched-bench"
+quantize="$out/bin/llama-quantize"
 
-if [[ ! -x "$bin" || ! -x "$batched" ]]; then
+if [[ ! -x "$bin" || ! -x "$batched" || ! -x "$quantize" ]]; then
     mkdir -p "$out"
     sdist="$out/llama_cpp_python-$version.tar.gz"
     if [[ ! -f "$sdist" ]]; then
@@ -37,10 +38,11 @@ if [[ ! -x "$bin" || ! -x "$batched" ]]; then
     nice -n 19 cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
         -DGGML_NATIVE=ON -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
         -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF >&2
-    nice -n 19 cmake --build "$build" --target llama-bench llama-batched-bench -j "$jobs" >&2
+    nice -n 19 cmake --build "$build" --target llama-bench llama-batched-bench llama-quantize -j "$jobs" >&2
     mkdir -p "$out/bin"
     ln -sfn ../build/bin/llama-bench "$bin"
     ln -sfn ../build/bin/llama-batched-bench "$batched"
+    ln -sfn ../build/bin/llama-quantize "$quantize"
 fi
 # llama.cpp's converter (llama_cpp_bench.py runs it) imports sentencepiece even for BPE vocabularies.
 python3 -c "import sentencepiece" 2>/dev/null ||

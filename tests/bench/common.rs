@@ -81,16 +81,22 @@ pub struct Workload<'a> {
     pub threads: usize,
     /// Comma-separated dtypes, e.g. `f32,bf16`.
     pub dtypes: &'a str,
+    /// Also decode after a prompt this long (0: not measured).
+    pub depth: usize,
+    /// Also decode this many prompts at once (1: not measured).
+    pub streams: usize,
 }
 
 impl Workload<'_> {
-    /// The scripts' trailing arguments: PROMPT DECODE THREADS DTYPES.
-    fn args(&self) -> [String; 4] {
+    /// The scripts' trailing arguments: PROMPT DECODE THREADS DTYPES DEPTH STREAMS.
+    fn args(&self) -> [String; 6] {
         [
             self.prompt.to_string(),
             self.decode.to_string(),
             self.threads.to_string(),
             self.dtypes.to_string(),
+            self.depth.to_string(),
+            self.streams.to_string(),
         ]
     }
 }

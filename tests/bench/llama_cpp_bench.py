@@ -17,7 +17,12 @@ vocabulary cannot match) is answered "qwen2", what real Qwen3 checkpoints get. T
 names the token ids: the weights are the checkpoint's, unchanged for f32 and bf16. The converter
 needs torch, transformers and sentencepiece.
 
-Usage: llama_cpp_bench.py CHECKPOINT LLAMA_BENCH PROMPT_TOKENS DECODE_TOKENS THREADS DTYPES (e.g. f32,bf16)
+q4_k_m is the bf16 file quantized by llama-quantize (beside LLAMA_BENCH), as users' Q4_K_M files
+are made. With DEPTH > 0, also `deep_decode_tps` (`-d DEPTH`); with STREAMS > 1, also
+`streams_decode_tps` from llama-batched-bench (beside LLAMA_BENCH): STREAMS sequences of
+PROMPT_TOKENS, then DECODE_TOKENS each, generated tokens of all sequences per second.
+
+Usage: llama_cpp_bench.py CHECKPOINT LLAMA_BENCH PROMPT_TOKENS DECODE_TOKENS THREADS DTYPES [DEPTH STREAMS]
 """
 
 import json
@@ -29,7 +34,7 @@ from pathlib import Path
 
 FIXTURE_TOKENIZER = Path(__file__).resolve().parent.parent / "fixtures" / "qwen3-tiny"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-DTYPES = ("f32", "bf16", "q8_0")
+DTYPES = ("f32", "bf16", "q8_0", "q4_k_m")
 
 # Runs the converter with its pre-tokenizer check answered (argv: source tree, converter arguments).
 CONVERT_WITH_QWEN2_PRE = """
@@ -52,16 +57,23 @@ def llama_cpp_source(bench):
     sys.exit(f"no CMAKE_HOME_DIRECTORY in {cache}")
 
 
-def convert(checkpoint, src, dtype):
+def convert(checkpoint, src, dtype, binary):
     """CHECKPOINT.DTYPE.gguf, converted unless a file newer than the checkpoint is already there."""
     out = Path(f"{checkpoint}.{dtype}.gguf")
     newest = max(f.stat().st_mtime for f in checkpoint.iterdir())
     if out.is_file() and out.stat().st_mtime >= newest:
         return out
     part = out.with_name(out.name + ".part")
+    if dtype == "q4_k_m":
+        bf16 = convert(checkpoint, src, "bf16", binary)
+        quantize = Path(binary).resolve().parent / "llama-quantize"
+        subprocess.run([str(quantize), str(bf16), str(part), "Q4_K_M"], check=True, stdout=sys.stderr, stderr=sys.stderr)
+        os.replace(part, out)
+        return out
     with tempfile.TemporaryDirectory() as tmp:
         if (checkpoint / "tokenizer.json").is_file():
-            model, cmd = checkpoint, [sys.executable, str(src / "convert_hf_to_gguf.py")]
+            # A tiny tokenizer beside random weights cannot pass the pre-tokenizer check either.
+            model, cmd = checkpoint, [sys.executable, "-c", CONVERT_WITH_QWEN2_PRE, str(src)]
         else:
             model = Path(tmp) / checkpoint.name  # the converter names the model after the folder
             model.mkdir()
@@ -84,19 +96,36 @@ def bench(binary, gguf, threads, args):
     return json.loads(out.strip().splitlines()[-1])["avg_ts"]
 
 
+def batched(binary, gguf, threads, prompt, steps, streams):
+    """llama-batched-bench's generated tokens per second over `streams` parallel sequences."""
+    tool = Path(binary).resolve().parent / "llama-batched-bench"
+    cmd = [str(tool), "-m", str(gguf), "-c", str(streams * (prompt + steps) + 16), "-b", "2048", "-ub", "512",
+           "-npp", str(prompt), "-ntg", str(steps), "-npl", str(streams), "-t", str(threads), "-tb", str(threads),
+           "--output-format", "jsonl"]
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True).stdout
+    rows = [json.loads(l) for l in out.splitlines() if l.startswith("{")]
+    return rows[-1]["speed_tg"]
+
+
 def main():
-    if len(sys.argv) != 7:
+    if len(sys.argv) not in (7, 9):
         sys.exit(__doc__)
     checkpoint, binary = Path(sys.argv[1]).resolve(), Path(sys.argv[2])
     prompt, steps, threads = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    depth, streams = (int(sys.argv[7]), int(sys.argv[8])) if len(sys.argv) == 9 else (0, 1)
     src = llama_cpp_source(binary)
     for dtype in sys.argv[6].split(","):
         if dtype not in DTYPES:
             sys.exit(f"dtype {dtype!r}: one of {', '.join(DTYPES)}")
-        gguf = convert(checkpoint, src, dtype)
-        prefill = bench(binary, gguf, threads, ["-p", prompt, "-n", 0])
-        decode = bench(binary, gguf, threads, ["-p", 0, "-n", steps, "-d", prompt])
-        print(json.dumps({"dtype": dtype, "prefill_tps": prefill, "decode_tps": decode}), flush=True)
+        gguf = convert(checkpoint, src, dtype, binary)
+        row = {"dtype": dtype}
+        row["prefill_tps"] = bench(binary, gguf, threads, ["-p", prompt, "-n", 0])
+        row["decode_tps"] = bench(binary, gguf, threads, ["-p", 0, "-n", steps, "-d", prompt])
+        if depth > 0:
+            row["deep_decode_tps"] = bench(binary, gguf, threads, ["-p", 0, "-n", steps, "-d", depth])
+        if streams > 1:
+            row["streams_decode_tps"] = batched(binary, gguf, threads, prompt, steps, streams)
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

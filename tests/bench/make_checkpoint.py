@@ -4,12 +4,26 @@ benchmarks (not committed: generated on first use).
 
 Usage: make_checkpoint.py OUT_DIR qwen3-0.6b
        make_checkpoint.py OUT_DIR qwen3-30b-a3b LAYERS   (the real widths and 128 experts, fewer layers)
+       make_checkpoint.py OUT_DIR glm-4.7-flash LAYERS   (the real widths and 64 experts, fewer layers;
+                                                          the GLM fixture's tokenizer and template)
 """
 
+import json
+import shutil
 import sys
+from pathlib import Path
 
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import (
+    Glm4MoeLiteConfig,
+    Glm4MoeLiteForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
+
+GLM_FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "glm4-moe-lite-tiny"
 
 out, shape = sys.argv[1], sys.argv[2]
 torch.manual_seed(0)
@@ -55,6 +69,53 @@ elif shape == "qwen3-30b-a3b":
         torch_dtype="bfloat16",
     )
     model = Qwen3MoeForCausalLM(config)
+elif shape == "glm-4.7-flash":
+    # zai-org/GLM-4.7-Flash's config.json, with `LAYERS` of its 47 layers (the first dense) and
+    # no next-token-prediction layer.
+    config = Glm4MoeLiteConfig(
+        vocab_size=154880,
+        hidden_size=2048,
+        intermediate_size=10240,
+        moe_intermediate_size=1536,
+        num_hidden_layers=int(sys.argv[3]),
+        num_attention_heads=20,
+        num_key_value_heads=20,
+        q_lora_rank=768,
+        kv_lora_rank=512,
+        qk_nope_head_dim=192,
+        qk_rope_head_dim=64,
+        v_head_dim=256,
+        n_routed_experts=64,
+        n_shared_experts=1,
+        num_experts_per_tok=4,
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=1.8,
+        norm_topk_prob=True,
+        max_position_embeddings=202752,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        eos_token_id=[0, 7, 9],
+        pad_token_id=0,
+        torch_dtype="bfloat16",
+    )
+    model = Glm4MoeLiteForCausalLM(config)
 else:
     sys.exit(f"unknown shape {shape}")
-model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+model = model.to(torch.bfloat16)
+for module in model.modules():
+    if hasattr(module, "e_score_correction_bias"):
+        # Kept in f32, as the real checkpoint stores it (`_keep_in_fp32_modules_strict`).
+        module.e_score_correction_bias.data = module.e_score_correction_bias.data.float()
+model.save_pretrained(out, safe_serialization=True)
+if shape == "glm-4.7-flash":
+    # The config in the real file's form (llama.cpp's converter reads `first_k_dense_replace`).
+    path = Path(out) / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg.pop("mlp_layer_types", None)
+    cfg.update(first_k_dense_replace=1, num_nextn_predict_layers=0, topk_method="noaux_tc")
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    # Token ids only name rows here; the engines need a tokenizer to start.
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        shutil.copy(GLM_FIXTURE / name, Path(out) / name)

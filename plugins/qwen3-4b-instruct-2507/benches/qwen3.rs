@@ -91,6 +91,8 @@ fn main() {
         prompt: PROMPT,
         decode: DECODE,
         threads: THREADS,
+        depth: 0,
+        streams: 1,
         dtypes: "f32,bf16",
     };
     let reference = common::transformers(&root(), &dir, &work);

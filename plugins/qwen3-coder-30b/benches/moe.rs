@@ -122,6 +122,8 @@ fn main() {
         prompt: PROMPT,
         decode: DECODE,
         threads: THREADS,
+        depth: 0,
+        streams: 1,
         dtypes: "bf16",
     };
     let reference = common::transformers(&root(), &dir, &work);
