@@ -2,7 +2,7 @@
 //! and attention read tensors' memory in place and write fresh tensors, so models keep using
 //! candle everywhere else and on other devices.
 
-use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ8_0};
+use candle_core::quantized::k_quants::{self, BlockQ4K, BlockQ4_0, BlockQ8_0};
 use candle_core::quantized::{GgmlDType, GgmlType, QTensor};
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 use pio_kernels::{
@@ -112,22 +112,30 @@ impl<B: GgmlType> WeightRows for Blocks<'_, B> {
     }
 }
 
-/// `x Wᵀ` for block-quantized `w` (`n × k`) through the packed GEMM, for prefill; `None` below
-/// [`quantized_gemm_rows`], off the CPU, or in formats not decoded here.
-pub(crate) fn quantized_linear(x: &Tensor, w: &QTensor) -> candle_core::Result<Option<Tensor>> {
+/// `x Wᵀ` for block-quantized `w` (`n × k`): through the packed GEMM from
+/// [`quantized_gemm_rows`] rows on (prefill), else — unless `gemm_only` — with candle's block dot
+/// products on the blocks as stored. `None` off the CPU, in formats not handled here, or below
+/// the GEMM rows when `gemm_only` (the caller then uses candle's `QMatMul`, see
+/// [`crate::linear::Linear::Quantized`]).
+pub(crate) fn quantized_linear(
+    x: &Tensor,
+    w: &QTensor,
+    gemm_only: bool,
+) -> candle_core::Result<Option<Tensor>> {
     let (n, k) = w.shape().dims2()?;
-    let enough =
-        quantized_gemm_rows(w.dtype()).is_some_and(|rows| x.elem_count() / k.max(1) >= rows);
-    if !supports(x) || x.dims().last() != Some(&k) || !enough {
+    if !supports(x) || x.dims().last() != Some(&k) {
+        return Ok(None);
+    }
+    let gemm = quantized_gemm_rows(w.dtype()).is_some_and(|rows| x.elem_count() / k.max(1) >= rows);
+    if gemm_only && !gemm {
         return Ok(None);
     }
     let bytes = w.data()?;
     fn run<B: GgmlType>(
         bytes: &[u8],
         xs: &[f32],
-        m: usize,
-        k: usize,
-        n: usize,
+        (m, k, n): (usize, usize, usize),
+        gemm: bool,
         out: &mut [f32],
     ) -> bool {
         // SAFETY: ggml blocks are plain numbers (every bit pattern valid); `align_to` only
@@ -136,16 +144,21 @@ pub(crate) fn quantized_linear(x: &Tensor, w: &QTensor) -> candle_core::Result<O
         if !head.is_empty() || !tail.is_empty() || blocks.len() * B::BLCK_SIZE != n * k {
             return false;
         }
-        matmul_rows(xs, &Blocks(blocks), m, k, n, out);
-        true
+        if gemm {
+            matmul_rows(xs, &Blocks(blocks), m, k, n, out);
+            true
+        } else {
+            k_quants::matmul((m, k, n), xs, blocks, out).is_ok()
+        }
     }
     let xf = activations(x)?;
     let m = xf.elem_count() / k;
     let mut out = vec![0f32; m * n];
+    let mkn = (m, k, n);
     let done = with_f32(&xf, |xs| match w.dtype() {
-        GgmlDType::Q8_0 => run::<BlockQ8_0>(&bytes, xs, m, k, n, &mut out),
-        GgmlDType::Q4K => run::<BlockQ4K>(&bytes, xs, m, k, n, &mut out),
-        GgmlDType::Q4_0 => run::<BlockQ4_0>(&bytes, xs, m, k, n, &mut out),
+        GgmlDType::Q8_0 => run::<BlockQ8_0>(&bytes, xs, mkn, gemm, &mut out),
+        GgmlDType::Q4K => run::<BlockQ4K>(&bytes, xs, mkn, gemm, &mut out),
+        GgmlDType::Q4_0 => run::<BlockQ4_0>(&bytes, xs, mkn, gemm, &mut out),
         _ => false,
     });
     if !done {

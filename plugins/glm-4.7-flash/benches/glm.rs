@@ -136,6 +136,7 @@ fn measure(dir: &Path, mode: &str) {
     )
     .expect("load");
     let load_s = t.elapsed().as_secs_f64();
+    let loaded = common::rss();
     let sparse_layer = model.layer_weight_bytes().last().copied().unwrap_or(0);
     let kv_per_token = model.kv_layout().bytes_per_token(DType::BF16);
     let (prefill_tps, decode_tps) = prefill_then_decode(&model, &tokens(PROMPT, 13));
@@ -144,7 +145,7 @@ fn measure(dir: &Path, mode: &str) {
     let weight_bytes = model.weight_bytes();
     let streams_decode_tps = streams(model, dir);
     println!(
-        "{{\"dtype\": \"{mode}\", \"load_s\": {load_s}, \"prefill_tps\": {prefill_tps}, \"decode_tps\": {decode_tps}, \"deep_decode_tps\": {deep_decode_tps}, \"streams_decode_tps\": {streams_decode_tps}, \"peak_rss\": {}, \"steady_rss\": {steady}, \"layer_bytes\": {sparse_layer}, \"weight_bytes\": {weight_bytes}, \"kv_bytes_per_token\": {kv_per_token}}}",
+        "{{\"dtype\": \"{mode}\", \"load_s\": {load_s}, \"prefill_tps\": {prefill_tps}, \"decode_tps\": {decode_tps}, \"deep_decode_tps\": {deep_decode_tps}, \"streams_decode_tps\": {streams_decode_tps}, \"peak_rss\": {}, \"loaded_rss\": {loaded}, \"steady_rss\": {steady}, \"layer_bytes\": {sparse_layer}, \"weight_bytes\": {weight_bytes}, \"kv_bytes_per_token\": {kv_per_token}}}",
         common::peak_rss(),
     );
 }

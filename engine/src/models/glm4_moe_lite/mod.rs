@@ -176,6 +176,7 @@ impl Glm4MoeLite {
             Ok((embed_tokens, layers, head))
         };
         let (embed_tokens, layers, head) = build().map_err(|e| checkpoint.weight_error(e))?;
+        crate::weights::release_freed_memory();
         Ok(Self {
             embed_tokens,
             layers,

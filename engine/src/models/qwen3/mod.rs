@@ -174,6 +174,7 @@ impl Qwen3 {
             Ok((embed_tokens, layers, head))
         };
         let (embed_tokens, layers, head) = build().map_err(|e| checkpoint.weight_error(e))?;
+        crate::weights::release_freed_memory();
         Ok(Self {
             embed_tokens,
             layers,
