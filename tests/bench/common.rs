@@ -124,3 +124,16 @@ pub fn llama_cpp(root: &Path, bench: &Path, dir: &Path, work: &Workload) -> Vec<
     args.extend(work.args());
     reference_script(root, "llama_cpp_bench.py", &args)
 }
+
+/// Decoder layers of a reduced-depth benchmark checkpoint: `PIO_BENCH_LAYERS`, default 4.
+pub fn bench_layers() -> usize {
+    std::env::var("PIO_BENCH_LAYERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4)
+}
+
+/// Bytes in GiB.
+pub fn gib(bytes: f64) -> f64 {
+    bytes / (1u64 << 30) as f64
+}

@@ -2,11 +2,74 @@
 //! and the final norm and output head, run only on the rows whose logits are wanted.
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, RmsNorm, VarBuilder};
+use candle_nn::{embedding, rms_norm, Embedding, RmsNorm, VarBuilder};
 
 use crate::batch::{Batch, Positions};
+use crate::checkpoint::Checkpoint;
 use crate::linear::{Linear, Quantization};
 use crate::{EngineError, Result};
+
+/// The sizes of a decoder-only stack's two ends.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ends {
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Model width.
+    pub hidden: usize,
+    /// Decoder layers.
+    pub layers: usize,
+    /// The final norm's epsilon.
+    pub eps: f64,
+    /// Whether the head is the embedding.
+    pub tied: bool,
+}
+
+/// A decoder-only model's weights: the embedding, its layers and the head.
+pub(crate) struct Stack<L> {
+    /// `model.embed_tokens`.
+    pub embed_tokens: Embedding,
+    /// `model.layers.{i}`.
+    pub layers: Vec<L>,
+    /// `model.norm` and `lm_head`.
+    pub head: Head,
+}
+
+/// Reads `model.embed_tokens`, layers `0..ends.layers` (each made by `layer(i, its weights)`),
+/// `model.norm` and `lm_head` from `vb`, calling `progress(done, total)` as layers are read; a
+/// weights error names the checkpoint's tensor. The memory loading freed is handed back after.
+pub(crate) fn load_stack<L>(
+    checkpoint: &Checkpoint,
+    vb: &VarBuilder,
+    ends: Ends,
+    quantization: Quantization,
+    progress: &mut dyn FnMut(usize, usize),
+    mut layer: impl FnMut(usize, VarBuilder) -> candle_core::Result<L>,
+) -> Result<Stack<L>> {
+    let total = ends.layers + 2;
+    let mut build = || -> candle_core::Result<Stack<L>> {
+        let model = vb.pp("model");
+        let embed_tokens = embedding(ends.vocab, ends.hidden, model.pp("embed_tokens"))?;
+        progress(1, total);
+        let layers = (0..ends.layers)
+            .map(|i| {
+                let made = layer(i, model.pp(format!("layers.{i}")));
+                progress(i + 2, total);
+                made
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let norm = rms_norm(ends.hidden, ends.eps, model.pp("norm"))?;
+        let head = Head::load(norm, &embed_tokens, ends.tied, quantization, vb.clone())?;
+        progress(total, total);
+        Ok(Stack {
+            embed_tokens,
+            layers,
+            head,
+        })
+    };
+    let stack = build().map_err(|e| checkpoint.weight_error(e))?;
+    crate::weights::release_freed_memory();
+    Ok(stack)
+}
 
 /// Checks `batch` against what a text model of `context` positions takes; returns every new
 /// row's position. `family` names the model in the error a multimodal input gets.

@@ -38,19 +38,15 @@ const THREADS: usize = 2;
 const FULL_DEPTH: usize = 47;
 const VOCAB: u32 = 154_880;
 
-fn layers() -> usize {
-    std::env::var("PIO_BENCH_LAYERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4)
-}
-
 fn root() -> PathBuf {
     common::repo_root(env!("CARGO_MANIFEST_DIR"))
 }
 
 fn checkpoint_dir() -> PathBuf {
-    root().join(format!("target/bench/glm-4.7-flash-{}-layers", layers()))
+    root().join(format!(
+        "target/bench/glm-4.7-flash-{}-layers",
+        common::bench_layers()
+    ))
 }
 
 fn tokens(n: usize, seed: u32) -> Vec<u32> {
@@ -150,10 +146,6 @@ fn measure(dir: &Path, mode: &str) {
     );
 }
 
-fn gib(bytes: f64) -> f64 {
-    bytes / (1u64 << 30) as f64
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--measure") {
@@ -161,7 +153,7 @@ fn main() {
         return;
     }
     let dir = checkpoint_dir();
-    let depth = layers().to_string();
+    let depth = common::bench_layers().to_string();
     common::ensure_checkpoint(&root(), &dir, &["glm-4.7-flash", &depth]);
     let exe = std::env::current_exe().expect("bench executable");
     let mut rows: Vec<(&str, String)> = Vec::new();
@@ -208,11 +200,11 @@ fn main() {
 
 /// The table, the same-run ratios and the extrapolations.
 fn report(rows: &[(&str, String)], ours: &[(&str, String)], theirs: &[String], llama: &[String]) {
-    let n = layers() as f64;
+    let n = common::bench_layers() as f64;
     let f = |line: &str, k: &str| common::field(line, k);
     println!(
         "GLM-4.7-Flash widths, {} of {FULL_DEPTH} layers, prompt {PROMPT} tokens, {DECODE} decode steps (also after {DEPTH} tokens, and {STREAMS} streams at once), {THREADS} threads",
-        layers()
+        common::bench_layers()
     );
     println!("| engine | mode | load (s) | prefill tok/s | decode tok/s | decode at {DEPTH} tok/s | {STREAMS} streams tok/s | peak RSS (GiB) | steady RSS (GiB) | per sparse layer (GiB) | {FULL_DEPTH} layers, extrapolated (GiB) |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
@@ -232,10 +224,10 @@ fn report(rows: &[(&str, String)], ours: &[(&str, String)], theirs: &[String], l
             f(line, "decode_tps"),
             f(line, "deep_decode_tps"),
             f(line, "streams_decode_tps"),
-            gib(f(line, "peak_rss")),
-            gib(f(line, "steady_rss")),
-            gib(layer),
-            gib(full),
+            common::gib(f(line, "peak_rss")),
+            common::gib(f(line, "steady_rss")),
+            common::gib(layer),
+            common::gib(full),
         );
     }
     let keys = [
@@ -273,7 +265,7 @@ fn report(rows: &[(&str, String)], ours: &[(&str, String)], theirs: &[String], l
         println!(
             "\nKV cache per token (bf16, {FULL_DEPTH} layers): PIO's latent {latent} B, full K/V {full_kv} B ({:.1}x); beside the q4 model ({:.1} GiB), 24 GiB holds {:.0} tokens of latent cache ({:.0} of full K/V)",
             full_kv as f64 / latent as f64,
-            gib(weights),
+            common::gib(weights),
             room / latent as f64,
             room / full_kv as f64,
         );

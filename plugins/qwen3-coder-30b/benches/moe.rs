@@ -27,19 +27,15 @@ const DECODE: usize = 32;
 const THREADS: usize = 2;
 const FULL_DEPTH: usize = 48;
 
-fn layers() -> usize {
-    std::env::var("PIO_BENCH_LAYERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4)
-}
-
 fn root() -> PathBuf {
     common::repo_root(env!("CARGO_MANIFEST_DIR"))
 }
 
 fn checkpoint_dir() -> PathBuf {
-    root().join(format!("target/bench/qwen3-30b-a3b-{}-layers", layers()))
+    root().join(format!(
+        "target/bench/qwen3-30b-a3b-{}-layers",
+        common::bench_layers()
+    ))
 }
 
 /// One mode, in this process: prints a JSON line like the transformers script's.
@@ -89,10 +85,6 @@ fn measure(dir: &Path, mode: &str) {
     );
 }
 
-fn gib(bytes: f64) -> f64 {
-    bytes / (1u64 << 30) as f64
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--measure") {
@@ -100,7 +92,7 @@ fn main() {
         return;
     }
     let dir = checkpoint_dir();
-    let depth = layers().to_string();
+    let depth = common::bench_layers().to_string();
     common::ensure_checkpoint(&root(), &dir, &["qwen3-30b-a3b", &depth]);
     let exe = std::env::current_exe().expect("bench executable");
     let mut rows = Vec::new();
@@ -129,10 +121,10 @@ fn main() {
     let reference = common::transformers(&root(), &dir, &work);
     let theirs = reference.first().cloned().unwrap_or_default();
     rows.push(("transformers", theirs.clone()));
-    let n = layers() as f64;
+    let n = common::bench_layers() as f64;
     println!(
         "Qwen3-Coder-30B-A3B widths, {} of {FULL_DEPTH} layers, prompt {PROMPT} tokens, {DECODE} decode steps, {THREADS} threads",
-        layers()
+        common::bench_layers()
     );
     println!("| engine | mode | load (s) | prefill tok/s | decode tok/s | peak RSS (GiB) | steady RSS (GiB) | weights per layer (GiB) | 48 layers, extrapolated (GiB) |");
     println!("|---|---|---|---|---|---|---|---|---|");
@@ -154,10 +146,10 @@ fn main() {
             f("load_s"),
             f("prefill_tps"),
             f("decode_tps"),
-            gib(f("peak_rss")),
-            gib(f("steady_rss")),
-            gib(layer),
-            gib(full),
+            common::gib(f("peak_rss")),
+            common::gib(f("steady_rss")),
+            common::gib(layer),
+            common::gib(full),
         );
     }
     if let Some((_, bf16)) = rows.first() {

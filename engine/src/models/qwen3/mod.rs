@@ -4,12 +4,12 @@
 
 use crate::batch::Batch;
 use crate::candle_core::{DType, Device, Module, Tensor};
-use crate::candle_nn::{embedding, rms_norm, Embedding, RmsNorm, VarBuilder};
+use crate::candle_nn::{rms_norm, Embedding, RmsNorm, VarBuilder};
 use crate::checkpoint::Checkpoint;
 use crate::generate::CausalLm;
 use crate::kv_pool::{KvPool, TokenLayout};
 use crate::linear::Quantization;
-use crate::models::head::{self, tensor_bytes, Head};
+use crate::models::head::{self, load_stack, tensor_bytes, Ends, Head, Stack};
 use crate::models::mlp::Mlp;
 use crate::models::rotary::{Angles, Rotary};
 use crate::Result;
@@ -148,33 +148,20 @@ impl Qwen3 {
         cfg.validate(checkpoint)?;
         let (theta, scale) = cfg.rope(checkpoint)?;
         let vb = checkpoint.weights(dtype, device)?;
-        let total = cfg.num_hidden_layers + 2;
-        let mut build = || -> candle_result::R<(Embedding, Vec<DecoderLayer>, Head)> {
-            let model = vb.pp("model");
-            let embed_tokens =
-                embedding(cfg.vocab_size, cfg.hidden_size, model.pp("embed_tokens"))?;
-            progress(1, total);
-            let layers = (0..cfg.num_hidden_layers)
-                .map(|i| {
-                    let layer =
-                        DecoderLayer::new(&cfg, i, quantization, model.pp(format!("layers.{i}")));
-                    progress(i + 2, total);
-                    layer
-                })
-                .collect::<candle_result::R<Vec<_>>>()?;
-            let norm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, model.pp("norm"))?;
-            let head = Head::load(
-                norm,
-                &embed_tokens,
-                cfg.tie_word_embeddings,
-                quantization,
-                vb.clone(),
-            )?;
-            progress(total, total);
-            Ok((embed_tokens, layers, head))
+        let ends = Ends {
+            vocab: cfg.vocab_size,
+            hidden: cfg.hidden_size,
+            layers: cfg.num_hidden_layers,
+            eps: cfg.rms_norm_eps,
+            tied: cfg.tie_word_embeddings,
         };
-        let (embed_tokens, layers, head) = build().map_err(|e| checkpoint.weight_error(e))?;
-        crate::weights::release_freed_memory();
+        let Stack {
+            embed_tokens,
+            layers,
+            head,
+        } = load_stack(checkpoint, &vb, ends, quantization, progress, |i, vb| {
+            DecoderLayer::new(&cfg, i, quantization, vb)
+        })?;
         Ok(Self {
             embed_tokens,
             layers,
