@@ -240,7 +240,7 @@ pub(crate) fn prepare(
     }
     let mut config = launch::model_config(manifest, &chosen.manifest_path);
     if let Some(path) = model_path {
-        config.model_path = Some(path.clone());
+        config.model_path = Some(launch::resolved(path));
     }
     let exe = std::env::current_exe().context("cannot find the running `pio` executable")?;
     let spec = launch::worker_spec(&manifest.name, library, &config, plan, exe);

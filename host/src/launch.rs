@@ -27,8 +27,10 @@ pub fn plan(
     sandbox::plan(subject, policy, host)
 }
 
-/// The model config the plugin gets: the manifest's `[model]`, its path resolved against the
-/// manifest's folder, its `options` flattened in.
+/// The model config the plugin gets: the manifest's `[model]`, its path resolved once against the
+/// manifest's folder (absolute, `..` and symlinks resolved: a confined worker sees only the model
+/// folder itself, mounted at that path, so a path through the manifest's folder would not exist
+/// for it), its `options` flattened in.
 pub fn model_config(manifest: &Manifest, manifest_path: &Path) -> ModelConfig {
     let m = &manifest.model;
     let base = manifest_path.parent().unwrap_or(Path::new("."));
@@ -37,7 +39,7 @@ pub fn model_config(manifest: &Manifest, manifest_path: &Path) -> ModelConfig {
         .and_then(|v| v.as_object().cloned())
         .unwrap_or_default();
     ModelConfig {
-        model_path: m.path.as_ref().map(|p| base.join(p)),
+        model_path: m.path.as_ref().map(|p| resolved(&base.join(p))),
         dtype: m.dtype.map(|d| {
             match d {
                 Dtype::F32 => "f32",
@@ -60,6 +62,14 @@ pub fn model_config(manifest: &Manifest, manifest_path: &Path) -> ModelConfig {
     }
 }
 
+/// `path` absolute with every `..` and symlink resolved; as given (made absolute) when it does not
+/// exist, for the plugin to report.
+pub fn resolved(path: &Path) -> std::path::PathBuf {
+    std::fs::canonicalize(path)
+        .or_else(|_| std::path::absolute(path))
+        .unwrap_or_else(|_| path.to_path_buf())
+}
+
 /// The context handed to the plugin's `initialize`.
 pub fn host_context(plan: &Plan) -> HostContext {
     HostContext {
@@ -80,13 +90,41 @@ pub fn worker_spec(
     plan: Plan,
     exe: std::path::PathBuf,
 ) -> WorkerSpec {
-    let absolute = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
     WorkerSpec {
         name: name.to_string(),
-        library: absolute(library),
+        library: resolved(library),
         host_context: host_context(&plan),
         plan,
         exe,
-        read_paths: config.model_path.iter().map(|p| absolute(p)).collect(),
+        // The same path the plugin is given (`--model-path` included): mounted where it looks.
+        read_paths: config.model_path.iter().map(|p| resolved(p)).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A model path through `..` and a symlink reaches the worker as the real folder, the same
+    /// path that is mounted for it.
+    #[test]
+    fn the_model_path_is_resolved_once_for_the_plugin_and_the_mount() {
+        let root = tempfile::tempdir().unwrap();
+        let real = root.path().join("store/qwen3-tiny");
+        std::fs::create_dir_all(&real).unwrap();
+        std::fs::create_dir_all(root.path().join("plugins.d")).unwrap();
+        std::os::unix::fs::symlink(&real, root.path().join("models")).unwrap();
+        let manifest_path = root.path().join("plugins.d/q.toml");
+        let text = "name = \"q\"\nversion = \"0.1.0\"\nlibrary = \"libq.so\"\napi = \"^1.0\"\ntier = \"low\"\n[model]\npath = \"../plugins.d/../models\"\n";
+        let manifest = Manifest::parse(&manifest_path, text).unwrap();
+        let config = model_config(&manifest, &manifest_path);
+        let real = std::fs::canonicalize(&real).unwrap();
+        assert_eq!(config.model_path.as_deref(), Some(real.as_path()));
+        // A relative manifest path still gives an absolute model path.
+        let missing = resolved(Path::new("no/such/model"));
+        assert!(
+            missing.is_absolute() && missing.ends_with("no/such/model"),
+            "{missing:?}"
+        );
     }
 }

@@ -2,7 +2,9 @@
 //! allow-list; then an empty root, kill-by-default, a cpuset, a mandatory watchdog and a pinned
 //! library.
 
+use crate::daemon::Daemon;
 use crate::medium::{attack, tier_dir};
+use crate::support::*;
 use crate::worker::{confinement_available, run_in};
 
 #[test]
@@ -158,4 +160,45 @@ fn a_request_stuck_in_a_loop_hits_the_watchdog() {
         "{}",
         ran.stderr
     );
+}
+
+/// A model path given relative to the manifest, through `..` and a symlink, loads in the daemon
+/// at every tier: the worker is handed the same resolved path that is mounted for it (at
+/// `maximum` it sees nothing else, so an unresolved path through the manifest's folder was "not
+/// found").
+#[test]
+fn a_model_path_through_dotdot_and_a_symlink_loads_at_every_tier() {
+    if !confinement_available() {
+        return;
+    }
+    let lib = plugin_lib("pio_plugin_qwen3");
+    for tier in ["low", "medium", "high", "maximum"] {
+        let dir = PluginDir::new();
+        std::fs::create_dir(dir.path().join("m")).unwrap();
+        std::os::unix::fs::symlink(
+            repo_root().join("tests/fixtures/qwen3-tiny"),
+            dir.path().join("m/link"),
+        )
+        .unwrap();
+        let extra = format!(
+            "sha256 = \"{}\"\n[limits]\nmemory = \"2GiB\"\ncpus = 2\n[model]\npath = \"m/../m/link\"\ndtype = \"f32\"\n",
+            sha256_of(&lib)
+        );
+        let text = manifest(
+            "qwen3-4b-instruct-2507",
+            "0.1.0",
+            lib.to_str().unwrap(),
+            &extra,
+        )
+        .replace("^1.0", "^1.1")
+        .replace("tier = \"low\"", &format!("tier = \"{tier}\""));
+        dir.write("qwen3.toml", &text);
+        let d = Daemon::start(dir, "");
+        d.wait_ready();
+        let body = serde_json::json!({"model": "qwen3-4b-instruct-2507", "prompt": "Hello world",
+            "max_tokens": 3, "temperature": 0});
+        let (status, r) = d.post("/v1/completions", &body);
+        assert_eq!(status, 200, "{tier}: {r}");
+        assert_eq!(r["usage"]["completion_tokens"], 3, "{tier}: {r}");
+    }
 }
