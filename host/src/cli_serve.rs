@@ -33,10 +33,20 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     init_logging(config.server.log_format);
     let policy = args.tiers.policy(config.policy());
-    let runtime_dir =
-        config.server.runtime_dir.clone().unwrap_or_else(|| {
-            std::env::temp_dir().join(format!("pio-serve-{}", std::process::id()))
-        });
+    let runtime_dir = match config.server.runtime_dir.clone() {
+        Some(dir) => dir,
+        None => {
+            let temp = std::env::temp_dir();
+            let reaped = pio_host::serve::library::reap_stale_runtime_dirs(&temp);
+            if reaped > 0 {
+                tracing::info!(
+                    reaped,
+                    "removed the runtime folders of daemons no longer running"
+                );
+            }
+            pio_host::serve::library::default_runtime_dir(&temp, std::process::id())
+        }
+    };
     let store = LibraryStore::create(runtime_dir.join("libs")).with_context(|| {
         format!(
             "cannot create the runtime directory {}; set server.runtime_dir",

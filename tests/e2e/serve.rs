@@ -664,3 +664,37 @@ fn the_official_openai_client_works() {
         d.logs()
     );
 }
+
+/// A daemon killed with SIGKILL cleans nothing; the next one to start removes what it left: its
+/// runtime folder (library copies) and its workers' cgroups, the workers in them killed.
+#[test]
+fn the_next_start_cleans_what_a_killed_daemon_left() {
+    if !confinement_available() {
+        return;
+    }
+    let first = Daemon::start(echo_dir(""), "");
+    first.wait_ready();
+    let pid = first.pid();
+    let runtime = std::env::temp_dir().join(format!("pio-serve-{pid}"));
+    assert!(runtime.join("libs").is_dir(), "{runtime:?}");
+    let groups = || -> Vec<std::path::PathBuf> {
+        ["/sys/fs/cgroup/memory/pio", "/sys/fs/cgroup/pio"]
+            .iter()
+            .filter_map(|p| std::fs::read_dir(p).ok())
+            .flatten()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().contains(&format!("-{pid}-")))
+            })
+            .collect()
+    };
+    assert!(!groups().is_empty(), "the worker runs in its cgroup");
+    drop(first); // SIGKILL
+    assert!(runtime.is_dir(), "a killed daemon cleans nothing");
+    let second = Daemon::start(echo_dir(""), "");
+    second.wait_ready();
+    assert!(!runtime.exists(), "the next start removed {runtime:?}");
+    assert_eq!(groups(), Vec::<std::path::PathBuf>::new());
+}

@@ -85,6 +85,32 @@ impl LibraryStore {
     }
 }
 
+/// The runtime folder of the daemon with process id `pid` when `server.runtime_dir` is not set:
+/// `pio-serve-<pid>` in `temp`.
+pub fn default_runtime_dir(temp: &Path, pid: u32) -> PathBuf {
+    temp.join(format!("pio-serve-{pid}"))
+}
+
+/// Removes the default runtime folders in `temp` of daemons no longer running (killed with
+/// SIGKILL, say, which leaves its library copies behind); returns how many. A folder whose pid
+/// runs (a live daemon, or a reused pid) is kept.
+pub fn reap_stale_runtime_dirs(temp: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(temp) else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = name
+                .strip_prefix("pio-serve-")
+                .and_then(|p| p.parse::<u32>().ok());
+            pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) && e.path().is_dir()
+        })
+        .filter(|e| std::fs::remove_dir_all(e.path()).is_ok())
+        .count()
+}
+
 impl Drop for LibraryCopy {
     fn drop(&mut self) {
         let mut live = lock(&self.live);
@@ -99,6 +125,22 @@ impl Drop for LibraryCopy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runtime_folders_of_dead_daemons_are_removed_and_live_ones_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        // A pid above the kernel's maximum (4194304) never runs.
+        let dead = default_runtime_dir(tmp.path(), 4_999_999);
+        let live = default_runtime_dir(tmp.path(), std::process::id());
+        for dir in [&dead, &live] {
+            std::fs::create_dir_all(dir.join("libs")).unwrap();
+            std::fs::write(dir.join("libs/x.so"), b"lib").unwrap();
+        }
+        std::fs::create_dir(tmp.path().join("pio-serve-notapid")).unwrap();
+        assert_eq!(reap_stale_runtime_dirs(tmp.path()), 1);
+        assert!(!dead.exists() && live.join("libs/x.so").is_file());
+        assert!(tmp.path().join("pio-serve-notapid").is_dir());
+    }
 
     #[test]
     fn a_copy_survives_the_original_being_rewritten_and_goes_with_its_last_holder() {
