@@ -6,8 +6,11 @@ The daemon serves `echo` (echoes its prompt) and the tiny random `qwen3-4b-instr
 
 import json
 import sys
+import urllib.request
 
 import openai
+
+from schemas import validate
 
 base, key = sys.argv[1], sys.argv[2]
 client = openai.OpenAI(base_url=base, api_key=key, max_retries=0)
@@ -110,5 +113,38 @@ assert len(content) == 4, content
 for entry in content:
     assert len(entry.top_logprobs) == 3, entry
     assert entry.logprob <= 0.0 and entry.logprob >= entry.top_logprobs[-1].logprob - 1e-4, entry
+
+# Raw bodies against OpenAI's published schemas (validated, not compared by hand): whole and
+# streamed, chat and legacy completions, with logprobs, tool calls and usage chunks.
+def raw(path, body):
+    request = urllib.request.Request(
+        base.rstrip("/") + path,
+        data=json.dumps(body).encode(),
+        headers={"content-type": "application/json", "authorization": f"Bearer {key}"},
+    )
+    return urllib.request.urlopen(request).read().decode()
+
+
+def chunks(path, body):
+    text = raw(path, dict(body, stream=True, stream_options={"include_usage": True}))
+    return [json.loads(l[6:]) for l in text.splitlines() if l.startswith("data: ") and l != "data: [DONE]"]
+
+
+chat_bodies = [
+    {"model": "echo", "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 2},
+    {"model": "echo", "messages": [{"role": "user", "content": call}], "tools": tools},
+    {"model": QWEN, "messages": messages, "max_tokens": 3, "logprobs": True, "top_logprobs": 1},
+]
+for body in chat_bodies:
+    validate("CreateChatCompletionResponse", json.loads(raw("/chat/completions", body)))
+    for chunk in chunks("/chat/completions", body):
+        validate("CreateChatCompletionStreamResponse", chunk)
+for body in [{"model": "echo", "prompt": "abc", "logprobs": 2}, {"model": QWEN, "prompt": "Hi", "max_tokens": 3}]:
+    validate("CreateCompletionResponse", json.loads(raw("/completions", body)))
+    for chunk in chunks("/completions", body):
+        validate("CreateCompletionStreamChunk", chunk)
+models = json.loads(urllib.request.urlopen(urllib.request.Request(
+    base.rstrip("/") + "/models", headers={"authorization": f"Bearer {key}"})).read())
+validate("ListModelsResponse", models)
 
 print("openai client: all checks passed")

@@ -629,23 +629,24 @@ fn metrics_and_readiness_tell_the_truth() {
     );
 }
 
-/// The official `openai` Python package against the daemon (CI installs it; elsewhere the test
-/// is skipped when it is missing).
+/// The official `openai` Python package against the daemon, and the raw bodies validated against
+/// OpenAI's published schemas (CI installs both packages; elsewhere the test is skipped when they
+/// are missing).
 #[test]
 fn the_official_openai_client_works() {
     if !confinement_available() {
         return;
     }
     let have = std::process::Command::new("python3")
-        .args(["-c", "import openai"])
+        .args(["-c", "import openai, jsonschema"])
         .status()
         .is_ok_and(|s| s.success());
     if !have {
         assert!(
             std::env::var_os("CI").is_none(),
-            "CI must install the openai package (pip install openai)"
+            "CI must install tests/api/requirements.txt (pip install openai jsonschema)"
         );
-        eprintln!("skipped: python3 with the openai package is not installed (pip install openai)");
+        eprintln!("skipped: python3 with openai and jsonschema is not installed (pip install -r tests/api/requirements.txt)");
         return;
     }
     let d = Daemon::start(qwen_dir(""), "[server]\napi_keys = [\"test-key\"]\n");

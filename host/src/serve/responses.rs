@@ -83,7 +83,6 @@ impl Reply {
             "object": self.object(chunk),
             "created": self.created,
             "model": self.model,
-            "system_fingerprint": null,
             "choices": choices,
         })
     }
@@ -106,7 +105,7 @@ impl Reply {
                         e
                     })
                     .collect();
-                json!({"content": content})
+                json!({"content": content, "refusal": null})
             }
             LogprobsFormat::Legacy => {
                 let mut offsets = Vec::with_capacity(tokens.len());
@@ -140,7 +139,8 @@ impl Reply {
         let reason = finish(outcome.finish_reason, !calls.is_empty());
         let choice = match self.endpoint {
             Endpoint::Chat => {
-                let mut message = json!({"role": "assistant", "content": content});
+                // `refusal` is required (nullable) in OpenAI's message schema; PIO never refuses.
+                let mut message = json!({"role": "assistant", "content": content, "refusal": null});
                 if let Some(reasoning) = reasoning {
                     message["reasoning_content"] = json!(reasoning);
                 }
