@@ -117,6 +117,9 @@ pub struct ServerSection {
     /// Bearer keys for the admin API (they also work for the inference API). When any key is
     /// configured, the admin API needs one of these.
     pub admin_keys: Vec<String>,
+    /// Bearer keys for `/metrics` (admin keys work too). Empty: `/metrics` is open when the
+    /// daemon listens on a loopback address, and needs an admin key otherwise (default empty).
+    pub metrics_keys: Vec<String>,
     /// Largest request body (default `16MiB`).
     pub max_body_size: ByteSize,
     /// The most tokens one request may ask for (default 0: up to the model's context).
@@ -162,6 +165,7 @@ impl Default for ServerSection {
             max_loaded_models: 0,
             api_keys: Vec::new(),
             admin_keys: Vec::new(),
+            metrics_keys: Vec::new(),
             max_body_size: ByteSize(16 << 20),
             max_tokens_limit: 0,
             queue_depth: 64,

@@ -64,8 +64,16 @@ impl Daemon {
         let conf = tempfile::tempdir().expect("config dir");
         let path = conf.path().join("pio.toml");
         std::fs::write(&path, config).expect("write config");
+        // Loopback on a free port unless the flags name another address.
+        let listen = if flags.contains(&"--listen") {
+            &[][..]
+        } else {
+            &["--listen", "127.0.0.1:0"][..]
+        };
         let mut child = Command::new(pio_bin())
-            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg("serve")
+            .args(listen)
+            .arg("--config")
             .arg(&path)
             .arg("--plugins")
             .arg(dir.path())

@@ -699,3 +699,32 @@ fn the_next_start_cleans_what_a_killed_daemon_left() {
     assert!(!runtime.exists(), "the next start removed {runtime:?}");
     assert_eq!(groups(), Vec::<std::path::PathBuf>::new());
 }
+
+/// `/metrics` is open on a loopback listen, needs a metrics or admin key once metrics keys are
+/// configured, and off loopback is closed until a key is configured (saying which).
+#[test]
+fn metrics_need_a_key_off_loopback_or_once_metrics_keys_are_set() {
+    if !confinement_available() {
+        return;
+    }
+    let open = Daemon::start(echo_dir(""), "");
+    assert_eq!(open.get("/metrics").0, 200);
+    let keyed = Daemon::start(
+        echo_dir(""),
+        "[server]\nmetrics_keys = [\"scrape\"]\nadmin_keys = [\"root\"]\napi_keys = [\"user\"]\n",
+    );
+    assert_eq!(keyed.get("/metrics").0, 401);
+    assert_eq!(keyed.get_as("/metrics", Some("user")).0, 401);
+    assert_eq!(keyed.get_as("/metrics", Some("scrape")).0, 200);
+    assert_eq!(keyed.get_as("/metrics", Some("root")).0, 200);
+    let public = Daemon::start_with(echo_dir(""), "", &["--listen", "0.0.0.0:0"]);
+    let (status, body) = public.get("/metrics");
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("server.metrics_keys")),
+        "{body}"
+    );
+    assert_eq!(public.get("/health").0, 200);
+}

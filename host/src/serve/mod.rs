@@ -2,6 +2,7 @@
 //! directories, an admin API, health, readiness and Prometheus metrics; plugins dropped in,
 //! replaced or removed are loaded, reloaded blue/green or drained; SIGTERM drains and stops.
 
+pub mod access;
 pub mod admin;
 pub mod deployment;
 pub mod error;
@@ -43,6 +44,8 @@ pub struct App {
     pub max_body: u64,
     /// Set once shutdown begins.
     pub draining: AtomicBool,
+    /// Whether the daemon listens on a loopback address (where `/metrics` may stay open).
+    pub loopback: bool,
 }
 
 /// Why the daemon could not start or run.
@@ -74,54 +77,20 @@ pub enum ServeError {
     Http(std::io::Error),
 }
 
-/// Constant-time comparison, so a key cannot be guessed byte by byte from response times.
-fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
-}
-
-/// Checks the bearer key: admin routes need an admin key when any key is configured; the
-/// inference API needs a user or admin key when user keys are configured.
+/// Checks the bearer key against what the route needs ([`access::need`]).
 async fn authorize(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
     let server = &app.models.setup().config.server;
-    let path = request.uri().path();
-    let admin = path.starts_with("/v1/plugins");
-    let needed = if admin {
-        !server.api_keys.is_empty() || !server.admin_keys.is_empty()
-    } else {
-        path.starts_with("/v1/") && !server.api_keys.is_empty()
-    };
-    if needed {
-        let given = request
-            .headers()
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        let Some(given) = given else {
-            return ApiError::unauthorized(
-                "this server needs an API key: send `Authorization: Bearer KEY`",
-            )
-            .into_response();
-        };
-        let is_admin = server.admin_keys.iter().any(|k| same(k, given));
-        let is_user = server.api_keys.iter().any(|k| same(k, given));
-        if !(is_admin || (!admin && is_user)) {
-            let what = if admin {
-                "an admin key (server.admin_keys)"
-            } else {
-                "a key from server.api_keys"
-            };
-            return ApiError::unauthorized(format!(
-                "the API key is not valid here: this path needs {what}"
-            ))
-            .into_response();
-        }
+    let need = access::need(request.uri().path(), server, app.loopback);
+    let given = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match access::check(need, given, server) {
+        Ok(()) => next.run(request).await,
+        Err(message) => ApiError::unauthorized(message).into_response(),
     }
-    next.run(request).await
 }
 
 async fn no_route(request: Request) -> ApiError {
@@ -162,6 +131,7 @@ pub async fn serve(setup: Setup) -> Result<(), ServeError> {
             source,
         })?;
     let runtime_dir = setup.store.dir().to_path_buf();
+    let loopback = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
     let models = Models::new(setup);
     models.rescan().await?;
     let app = Arc::new(App {
@@ -176,6 +146,7 @@ pub async fn serve(setup: Setup) -> Result<(), ServeError> {
         },
         max_body: server.max_body_size.0,
         draining: AtomicBool::new(false),
+        loopback,
     });
     let _watcher = if server.watch {
         Some(hotplug::watch(models.clone()))

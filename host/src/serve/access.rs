@@ -1,0 +1,124 @@
+//! Who may call what: the bearer keys each route needs, decided by a pure function of the path,
+//! the configured keys and whether the daemon listens on loopback only.
+
+use crate::config::ServerSection;
+
+/// The keys a route accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// No key.
+    Open,
+    /// A user or admin key (the inference API, once user keys are configured).
+    User,
+    /// An admin key (the admin API, once any key is configured).
+    Admin,
+    /// A metrics or admin key (`/metrics` off loopback, or once metrics keys are configured).
+    Metrics,
+}
+
+/// What `path` needs under `server`'s keys; `loopback`: the daemon listens on a loopback
+/// address only, where `/metrics` stays open unless metrics keys are configured.
+pub fn need(path: &str, server: &ServerSection, loopback: bool) -> Need {
+    if path.starts_with("/v1/plugins") {
+        if server.api_keys.is_empty() && server.admin_keys.is_empty() {
+            Need::Open
+        } else {
+            Need::Admin
+        }
+    } else if path == "/metrics" {
+        if server.metrics_keys.is_empty() && loopback {
+            Need::Open
+        } else {
+            Need::Metrics
+        }
+    } else if path.starts_with("/v1/") && !server.api_keys.is_empty() {
+        Need::User
+    } else {
+        Need::Open
+    }
+}
+
+/// Whether `given` satisfies `need`; otherwise the message the client gets (naming what to do).
+pub fn check(need: Need, given: Option<&str>, server: &ServerSection) -> Result<(), String> {
+    let keys: Vec<&String> = match need {
+        Need::Open => return Ok(()),
+        Need::User => server.api_keys.iter().chain(&server.admin_keys).collect(),
+        Need::Admin => server.admin_keys.iter().collect(),
+        Need::Metrics => server
+            .metrics_keys
+            .iter()
+            .chain(&server.admin_keys)
+            .collect(),
+    };
+    if need == Need::Metrics && keys.is_empty() {
+        return Err("/metrics is open only when the daemon listens on loopback; set server.metrics_keys (or admin keys) and scrape with `Authorization: Bearer KEY`".into());
+    }
+    let Some(given) = given else {
+        return Err("this server needs an API key: send `Authorization: Bearer KEY`".into());
+    };
+    if keys.iter().any(|k| same(k, given)) {
+        return Ok(());
+    }
+    let what = match need {
+        Need::Admin => "an admin key (server.admin_keys)",
+        Need::Metrics => "a metrics key (server.metrics_keys) or an admin key",
+        _ => "a key from server.api_keys",
+    };
+    Err(format!(
+        "the API key is not valid here: this path needs {what}"
+    ))
+}
+
+/// Constant-time comparison, so a key cannot be guessed byte by byte from response times.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(api: &[&str], admin: &[&str], metrics: &[&str]) -> ServerSection {
+        let keys = |k: &[&str]| k.iter().map(|s| s.to_string()).collect();
+        ServerSection {
+            api_keys: keys(api),
+            admin_keys: keys(admin),
+            metrics_keys: keys(metrics),
+            ..ServerSection::default()
+        }
+    }
+
+    #[test]
+    fn metrics_are_open_only_on_loopback_without_metrics_keys() {
+        let none = server(&[], &[], &[]);
+        assert_eq!(need("/metrics", &none, true), Need::Open);
+        assert_eq!(need("/metrics", &none, false), Need::Metrics);
+        let e = check(Need::Metrics, None, &none).unwrap_err();
+        assert!(e.contains("server.metrics_keys"), "{e}");
+        let keyed = server(&[], &["root"], &["scrape"]);
+        assert_eq!(need("/metrics", &keyed, true), Need::Metrics);
+        assert!(check(Need::Metrics, Some("scrape"), &keyed).is_ok());
+        assert!(check(Need::Metrics, Some("root"), &keyed).is_ok());
+        assert!(check(Need::Metrics, Some("user"), &keyed).is_err());
+    }
+
+    #[test]
+    fn user_keys_never_open_the_admin_api() {
+        let s = server(&["user"], &["root"], &[]);
+        assert_eq!(need("/v1/chat/completions", &s, true), Need::User);
+        assert_eq!(need("/v1/plugins/echo/reload", &s, true), Need::Admin);
+        assert_eq!(need("/health", &s, false), Need::Open);
+        assert!(check(Need::User, Some("user"), &s).is_ok());
+        assert!(check(Need::User, Some("root"), &s).is_ok());
+        let e = check(Need::Admin, Some("user"), &s).unwrap_err();
+        assert!(e.contains("admin key"), "{e}");
+        assert!(check(Need::User, None, &s).unwrap_err().contains("Bearer"));
+        let open = server(&[], &[], &[]);
+        assert_eq!(need("/v1/plugins", &open, false), Need::Open);
+        assert_eq!(need("/v1/models", &open, false), Need::Open);
+    }
+}
