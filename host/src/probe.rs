@@ -83,6 +83,13 @@ pub enum ProbeError {
         /// What is wrong.
         reason: String,
     },
+    /// The unprivileged user the probe runs as cannot read the library (the message names the
+    /// path, the uid and the fix).
+    #[error("{message}")]
+    Unreadable {
+        /// What to change.
+        message: String,
+    },
     /// The probe process could not be started.
     #[error("cannot start `{exe} probe`: {reason}")]
     Spawn {
@@ -102,6 +109,7 @@ impl ProbeError {
             Self::Timeout { .. } => "timeout",
             Self::Malformed { .. } => "malformed",
             Self::Spawn { .. } => "spawn",
+            Self::Unreadable { .. } => "unreadable",
         }
     }
 }
@@ -134,6 +142,18 @@ impl Prober {
             library: library.to_owned(),
             reason,
         })?;
+        if let Some((uid, gid)) = probe_plan().drop_to {
+            if let Some(blocked) = crate::sandbox::readable::unreadable(
+                library,
+                uid,
+                gid,
+                crate::sandbox::readable::Reach::Host,
+            ) {
+                return Err(ProbeError::Unreadable {
+                    message: blocked.message(&library.display().to_string(), uid, gid),
+                });
+            }
+        }
         let mut child = Command::new(&self.exe)
             .arg("probe")
             .arg(library)

@@ -577,3 +577,69 @@ fn the_config_file_sets_plugin_dirs_default_limits_and_the_minimum_tier() {
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("bad.toml:2:1") && e.contains("min_teir"), "{e}");
 }
+
+/// A plugin folder, or a model file, that the unprivileged worker user cannot read is refused
+/// before any process tries, naming the path, the uid and the fix.
+#[test]
+fn paths_the_worker_user_cannot_read_are_named_with_the_uid_and_the_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    if !confinement_available() {
+        return;
+    }
+    let chmod = |p: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    let dir = PluginDir::new();
+    dir.copy_lib("pio_plugin_echo", "libecho.so");
+    dir.write("echo.toml", &manifest("echo", "0.1.0", "libecho.so", ""));
+    chmod(dir.path(), 0o700);
+    let out = pio(dir.path(), &["list", "--plugins", "."]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("uid 65534") && text.contains("chmod o+x"),
+        "{text}"
+    );
+    chmod(dir.path(), 0o755);
+    let text =
+        String::from_utf8_lossy(&pio(dir.path(), &["list", "--plugins", "."]).stdout).to_string();
+    assert!(text.contains("ready"), "{text}");
+
+    // A model whose weights are private to root.
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for entry in std::fs::read_dir(repo_root().join("tests/fixtures/qwen3-tiny-untied")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
+    }
+    chmod(&model.join("model.safetensors"), 0o600);
+    let lib = plugin_lib("pio_plugin_qwen3");
+    dir.write(
+        "qwen3.toml",
+        &manifest(
+            "qwen3-4b-instruct-2507",
+            "0.1.0",
+            lib.to_str().unwrap(),
+            "[model]\npath = \"model\"\n",
+        )
+        .replace("^1.0", "^1.1"),
+    );
+    let out = pio(
+        dir.path(),
+        &[
+            "run",
+            "qwen3-4b-instruct-2507",
+            "--plugins",
+            ".",
+            "--prompt",
+            "Hi",
+            "--max-tokens",
+            "2",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("model.safetensors") && err.contains("uid 65534") && err.contains("chmod o+r"),
+        "{err}"
+    );
+}

@@ -11,6 +11,7 @@ mod access;
 pub mod cgroup;
 pub mod confine;
 mod namespaces;
+pub mod readable;
 mod seccomp;
 
 use serde::{Deserialize, Serialize};

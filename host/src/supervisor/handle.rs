@@ -92,11 +92,41 @@ impl std::fmt::Debug for Worker {
     }
 }
 
+/// A worker that drops to an unprivileged user must be able to read its library and its model
+/// folder: refused up front with the path, the uid and the fix, rather than a loader's
+/// "permission denied" from inside its sandbox.
+fn readable_to_worker(spec: &WorkerSpec) -> Result<(), WorkerError> {
+    let Some((uid, gid)) = spec.plan.drop_to else {
+        return Ok(());
+    };
+    use crate::sandbox::readable::{unreadable, unreadable_tree, Reach};
+    let empty_root = spec.plan.isolation.as_ref().is_some_and(|i| i.empty_root);
+    let reach = if empty_root {
+        Reach::Mounted
+    } else {
+        Reach::Host
+    };
+    let library = std::iter::once(&spec.library)
+        .filter_map(|l| unreadable(l, uid, gid, reach).map(|b| (l, b)));
+    let model = spec
+        .read_paths
+        .iter()
+        .filter_map(|p| unreadable_tree(p, uid, gid, reach).map(|b| (p, b)));
+    match library.chain(model).next() {
+        Some((path, blocked)) => Err(WorkerError::new(
+            "sandbox",
+            blocked.message(&format!("{}: {}", spec.name, path.display()), uid, gid),
+        )),
+        None => Ok(()),
+    }
+}
+
 impl Worker {
     /// Spawns the worker, puts it in its cgroup, and completes the handshake: when this returns
     /// the worker is confined and the plugin constructed.
     pub async fn start(spec: WorkerSpec) -> Result<Worker, WorkerError> {
         let name = spec.name.clone();
+        readable_to_worker(&spec)?;
         let cgroup = match (
             spec.plan.cgroup,
             crate::sandbox::cgroup::Version::detect_writable(),
