@@ -260,6 +260,7 @@ fn serve(mut reader: UnixStream, outbox: Outbox, plugin: PluginBox) -> i32 {
                     move |error| FromWorker::Failed { id, error },
                     move || {
                         let json = serde_json::to_string(&request).unwrap_or_else(|_| "{}".into());
+                        let rid = request.request_id.clone().unwrap_or_else(|| id.to_string());
                         let sink = WireSink {
                             id,
                             outbox: outbox.clone(),
@@ -286,10 +287,18 @@ fn serve(mut reader: UnixStream, outbox: Outbox, plugin: PluginBox) -> i32 {
                                     ),
                                 },
                             },
-                            Err(e) => FromWorker::Failed {
-                                id,
-                                error: e.into(),
-                            },
+                            Err(e) => {
+                                // The daemon forwards this line into its log, the request's id in it.
+                                let _ = writeln!(
+                                    std::io::stderr(),
+                                    "worker: request {rid} failed: {}",
+                                    e.message
+                                );
+                                FromWorker::Failed {
+                                    id,
+                                    error: e.into(),
+                                }
+                            }
                         };
                         outbox.send(&reply);
                     },

@@ -107,6 +107,9 @@ pub struct InferRequest {
     pub stop: Vec<String>,
     /// Report the chosen token's logprob and this many top alternatives (0: the chosen one only).
     pub logprobs: Option<u32>,
+    /// The request's id as the client sees it (`x-request-id`), for logs. Added within 1.2 as an
+    /// optional JSON field: older plugins ignore it.
+    pub request_id: Option<String>,
 }
 
 /// Why generation ended.

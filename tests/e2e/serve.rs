@@ -728,3 +728,51 @@ fn metrics_need_a_key_off_loopback_or_once_metrics_keys_are_set() {
     );
     assert_eq!(public.get("/health").0, 200);
 }
+
+/// Every response carries an `x-request-id` (the client's when it is a sane token, else a new
+/// one), and a request that fails in the worker is named by it in the worker's log lines.
+#[test]
+fn request_ids_come_back_and_reach_the_worker_log() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(echo_dir(""), "");
+    d.wait_ready();
+    let agent = ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build(),
+    );
+    let send = |id: Option<&str>, body: &Value| {
+        let mut req = agent.post(format!("{}/v1/chat/completions", d.base));
+        if let Some(id) = id {
+            req = req.header("x-request-id", id);
+        }
+        let r = req.send_json(body).expect("POST");
+        let header = r
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        (r.status().as_u16(), header)
+    };
+    // Longer than echo's context: the plugin refuses it in the worker.
+    let long = chat("echo", &"x".repeat(5000));
+    let (status, header) = send(Some("trace-abc.1"), &long);
+    assert_eq!((status, header.as_deref()), (400, Some("trace-abc.1")));
+    d.wait_for(10, "the worker's log line", |d| {
+        d.logs()
+            .lines()
+            .any(|l| l.contains("pio::worker") && l.contains("request trace-abc.1 failed"))
+    });
+    let (status, header) = send(None, &chat("echo", "hi"));
+    assert_eq!(status, 200);
+    assert!(header.is_some_and(|h| h.starts_with("req-")));
+    // Not a sane token: replaced.
+    let (_, header) = send(Some("bad id with spaces"), &chat("echo", "hi"));
+    assert!(header.is_some_and(|h| h.starts_with("req-")));
+    // Routes that fail before any handler carry one too.
+    let r = agent.get(format!("{}/nope", d.base)).call().expect("GET");
+    assert_eq!(r.status().as_u16(), 404);
+    assert!(r.headers().contains_key("x-request-id"));
+}

@@ -11,6 +11,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -22,28 +23,38 @@ use super::output::Parsing;
 use super::reasoning::Splitter;
 use super::responses::Reply;
 use super::tool_calls::{self, StreamFilter};
-use super::App;
+use super::{App, RequestId};
 use crate::protocol::TokenFrame;
 use crate::supervisor::Event;
 
 /// `POST /v1/chat/completions`.
-pub async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
-    serve(app, Endpoint::Chat, body).await
+pub async fn chat(
+    State(app): State<Arc<App>>,
+    Extension(id): Extension<RequestId>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    serve(app, Endpoint::Chat, id, body).await
 }
 
 /// `POST /v1/completions`.
 pub async fn completions(
     State(app): State<Arc<App>>,
+    Extension(id): Extension<RequestId>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    serve(app, Endpoint::Completions, body).await
+    serve(app, Endpoint::Completions, id, body).await
 }
 
-async fn serve(app: Arc<App>, endpoint: Endpoint, body: Result<Bytes, BytesRejection>) -> Response {
+async fn serve(
+    app: Arc<App>,
+    endpoint: Endpoint,
+    id: RequestId,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let started = Instant::now();
     // Only served models become metric labels: clients cannot grow the label set at will.
     let mut label = String::new();
-    let result = start(&app, endpoint, body, &mut label).await;
+    let result = start(&app, endpoint, id, body, &mut label).await;
     match result {
         Ok((parsed, lease, events)) => {
             let tools = Parsing::of(
@@ -77,6 +88,7 @@ type Running = (Parsed, Lease, mpsc::UnboundedReceiver<Event>);
 async fn start(
     app: &App,
     endpoint: Endpoint,
+    id: RequestId,
     body: Result<Bytes, BytesRejection>,
     label: &mut String,
 ) -> Result<Running, ApiError> {
@@ -94,7 +106,8 @@ async fn start(
         .capabilities(&model)
         .ok_or_else(|| ApiError::unknown_model(&model))?;
     label.clone_from(&model);
-    let parsed = openai::parse(&value, endpoint, &capabilities, &app.limits)?;
+    let mut parsed = openai::parse(&value, endpoint, &capabilities, &app.limits)?;
+    parsed.request.request_id = Some(id.0);
     let lease = app.models.acquire(&model).await?;
     let events = lease
         .deployment()

@@ -101,7 +101,53 @@ async fn no_route(request: Request) -> ApiError {
     ))
 }
 
-/// The router, with auth and the body limit.
+/// The id of one HTTP request: the client's `x-request-id` when it is a sane token, else a new
+/// one. It comes back as the response's `x-request-id`, marks the daemon's log lines for the
+/// request, and travels to the worker, which names it in its own.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+static NEXT_REQUEST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+impl RequestId {
+    /// The client's id if it is 1 to 64 characters of `[A-Za-z0-9._-]`, else a fresh one.
+    pub fn from_header(given: Option<&str>) -> Self {
+        match given {
+            Some(id)
+                if (1..=64).contains(&id.len())
+                    && id
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) =>
+            {
+                Self(id.to_string())
+            }
+            _ => Self(format!(
+                "req-{:x}{:06x}",
+                std::process::id(),
+                NEXT_REQUEST.fetch_add(1, Ordering::Relaxed)
+            )),
+        }
+    }
+}
+
+async fn request_id(mut request: Request, next: Next) -> Response {
+    use tracing::Instrument;
+    let id = RequestId::from_header(
+        request
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok()),
+    );
+    let span = tracing::info_span!("request", id = %id.0);
+    request.extensions_mut().insert(id.clone());
+    let mut response = next.run(request).instrument(span).await;
+    if let Ok(value) = axum::http::HeaderValue::from_str(&id.0) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    response
+}
+
+/// The router, with request ids, auth and the body limit.
 pub fn router(app: Arc<App>) -> Router {
     let limit = usize::try_from(app.max_body).unwrap_or(usize::MAX);
     Router::new()
@@ -117,6 +163,7 @@ pub fn router(app: Arc<App>) -> Router {
         .fallback(no_route)
         .layer(axum::middleware::from_fn_with_state(app.clone(), authorize))
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn(request_id))
         .with_state(app)
 }
 
