@@ -126,6 +126,9 @@ pub struct ServerSection {
     pub max_tokens_limit: u32,
     /// Requests per model running or waiting at once; more get 429 (default 64).
     pub queue_depth: usize,
+    /// A streaming client that takes no data for this many seconds while the stream's buffer is
+    /// full is cut off, and its generation stopped (default 30).
+    pub stall_timeout_secs: u64,
     /// Seconds in-flight requests get to finish on shutdown, unload or reload (default 30).
     pub drain_timeout_secs: u64,
     /// Watch the plugin directories and load, reload or unload plugins as files change
@@ -169,6 +172,7 @@ impl Default for ServerSection {
             max_body_size: ByteSize(16 << 20),
             max_tokens_limit: 0,
             queue_depth: 64,
+            stall_timeout_secs: 30,
             drain_timeout_secs: 30,
             watch: true,
             warmup: true,

@@ -219,8 +219,34 @@ async fn stream(
         .into_response()
 }
 
-/// The status recorded for a stream whose client disconnected (nginx's convention).
+/// The status recorded for a stream whose client disconnected or stopped reading (nginx's
+/// convention).
 const CLIENT_GONE: u16 = 499;
+
+/// The stream's way to its client: a small buffer, and a client that leaves it full for
+/// `stall` is cut off (dropping the events then cancels the generation in the worker), so a
+/// client that stops reading never makes the daemon hold a whole generation.
+struct Outlet<'a> {
+    tx: &'a mpsc::Sender<Result<SseEvent, Infallible>>,
+    stall: std::time::Duration,
+}
+
+impl Outlet<'_> {
+    /// Sends `v`; `Err` when the client is gone or stalled.
+    async fn send(&self, v: &Value) -> Result<(), ()> {
+        match tokio::time::timeout(self.stall, self.tx.send(sse(v))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(()),
+            Err(_) => {
+                tracing::warn!(
+                    "the client stopped reading its stream for {} s (server.stall_timeout_secs): cut off, generation stopped",
+                    self.stall.as_secs()
+                );
+                Err(())
+            }
+        }
+    }
+}
 
 /// Sends the stream's chunks; returns the status to record.
 async fn pump(
@@ -232,6 +258,12 @@ async fn pump(
     started: Instant,
     parsing: Parsing,
 ) -> u16 {
+    let outlet = Outlet {
+        tx,
+        stall: std::time::Duration::from_secs(
+            app.models.setup().config.server.stall_timeout_secs.max(1),
+        ),
+    };
     let tools = parsing.tools;
     let mut filter = tools.map(|_| StreamFilter::default());
     let mut splitter = parsing.reasoning.map(Splitter::new);
@@ -245,7 +277,7 @@ async fn pump(
     let mut out: Vec<Value> = reply.opening_chunk(usage).into_iter().collect();
     loop {
         for v in out.drain(..) {
-            if tx.send(sse(&v)).await.is_err() {
+            if outlet.send(&v).await.is_err() {
                 return CLIENT_GONE;
             }
         }
@@ -309,7 +341,7 @@ async fn pump(
                     out.push(reply.usage_chunk(&outcome));
                 }
                 for v in &out {
-                    if tx.send(sse(v)).await.is_err() {
+                    if outlet.send(v).await.is_err() {
                         return CLIENT_GONE;
                     }
                 }
@@ -327,5 +359,31 @@ async fn pump(
                 return 500;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stream_whose_client_stops_reading_is_cut_after_the_stall_timeout() {
+        let (tx, mut rx) = mpsc::channel(2);
+        let outlet = Outlet {
+            tx: &tx,
+            stall: std::time::Duration::from_millis(200),
+        };
+        let chunk = serde_json::json!({"x": 1});
+        // The buffer takes two chunks; the third waits for a reader that never comes.
+        assert!(outlet.send(&chunk).await.is_ok());
+        assert!(outlet.send(&chunk).await.is_ok());
+        let started = Instant::now();
+        assert!(outlet.send(&chunk).await.is_err());
+        assert!(started.elapsed() >= std::time::Duration::from_millis(200));
+        // A reader frees room: sending works again; a client gone fails at once.
+        rx.recv().await;
+        assert!(outlet.send(&chunk).await.is_ok());
+        drop(rx);
+        assert!(outlet.send(&chunk).await.is_err());
     }
 }
