@@ -194,7 +194,7 @@ pub(crate) fn prepare(
         config: settings,
         search,
     } = crate::settings(search_args)?;
-    let candidates = discovery::discover(&search, &prober()?)?;
+    let candidates = discovery::discover(&search, &prober(&settings)?)?;
     let named: Vec<_> = candidates
         .iter()
         .filter(|c| c.manifest.as_ref().is_some_and(|m| m.name == name))

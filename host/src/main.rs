@@ -58,7 +58,16 @@ enum Command {
     Serve(cli_serve::ServeArgs),
     /// Load one library and print what it is as JSON (the child side of `check` and `list`).
     #[command(hide = true)]
-    Probe { library: PathBuf },
+    Probe {
+        /// The uid to run as when started as root.
+        #[arg(long, default_value_t = 65534)]
+        uid: u32,
+        /// The gid to run as when started as root.
+        #[arg(long, default_value_t = 65534)]
+        gid: u32,
+        /// The library.
+        library: PathBuf,
+    },
     /// Serve one plugin over the socket at fd 3 (started by the host, never by hand).
     #[command(hide = true)]
     Worker,
@@ -110,7 +119,9 @@ fn main() -> ExitCode {
         Command::Run(args) => cli_run::run(args).map(ExitCode::from),
         Command::Bench(args) => cli_bench::run(args).map(ExitCode::from),
         Command::Serve(args) => cli_serve::serve(args).map(|()| ExitCode::SUCCESS),
-        Command::Probe { library } => return ExitCode::from(probe::run_child(&library) as u8),
+        Command::Probe { uid, gid, library } => {
+            return ExitCode::from(probe::run_child(&library, (uid, gid)) as u8)
+        }
         Command::Worker => {
             return ExitCode::from(pio_host::worker::run(pio_host::worker::SOCKET_FD) as u8)
         }
@@ -159,9 +170,12 @@ pub(crate) fn settings(args: &SearchArgs) -> anyhow::Result<Settings> {
     Ok(Settings { config, search })
 }
 
-pub(crate) fn prober() -> anyhow::Result<Prober> {
-    Prober::current_exe()
-        .context("cannot find the running `pio` executable to probe libraries with")
+/// A prober dropping to the workers' user of `config`.
+pub(crate) fn prober(config: &pio_host::config::Config) -> anyhow::Result<Prober> {
+    let policy = config.policy();
+    Ok(Prober::current_exe()
+        .context("cannot find the running `pio` executable to probe libraries with")?
+        .with_user(policy.worker_uid, policy.worker_gid))
 }
 
 fn list(
@@ -170,7 +184,7 @@ fn list(
     start: Option<cli_run::TierArgs>,
 ) -> anyhow::Result<ExitCode> {
     let Settings { config, search } = settings(&args)?;
-    let candidates = discovery::discover(&search, &prober()?)?;
+    let candidates = discovery::discover(&search, &prober(&config)?)?;
     let started = match &start {
         Some(tiers) => Some(cli_list::start_all(
             &candidates,
@@ -217,7 +231,7 @@ fn check(path: &Path, library_dirs: Vec<PathBuf>, json: bool) -> anyhow::Result<
         "{}: no such file; pass a plugin manifest (.toml) or a plugin library",
         path.display()
     );
-    let prober = prober()?;
+    let prober = prober(&pio_host::config::Config::default())?;
     let is_manifest = path.extension().is_some_and(|x| x == "toml");
     let candidate = if is_manifest {
         let search = search_paths(Vec::new(), library_dirs);

@@ -119,6 +119,8 @@ impl ProbeError {
 pub struct Prober {
     exe: PathBuf,
     timeout: Duration,
+    /// The uid and gid the probe drops to when started as root: the workers' own.
+    user: (u32, u32),
 }
 
 impl Prober {
@@ -127,12 +129,21 @@ impl Prober {
         Ok(Self::new(std::env::current_exe()?))
     }
 
-    /// A prober re-executing `exe`.
+    /// A prober re-executing `exe`, dropping to the default worker user.
     pub fn new(exe: PathBuf) -> Self {
+        let policy = Policy::default();
         Self {
             exe,
             timeout: Duration::from_secs(20),
+            user: (policy.worker_uid, policy.worker_gid),
         }
+    }
+
+    /// The same prober dropping to `uid:gid` (`sandbox.worker_uid`, `sandbox.worker_gid`), so a
+    /// library the workers can read is one the probe can read.
+    pub fn with_user(mut self, uid: u32, gid: u32) -> Self {
+        self.user = (uid, gid);
+        self
     }
 
     /// Loads `library` in a child process and reports what it is.
@@ -142,7 +153,7 @@ impl Prober {
             library: library.to_owned(),
             reason,
         })?;
-        if let Some((uid, gid)) = probe_plan().drop_to {
+        if let Some((uid, gid)) = probe_plan(self.user).drop_to {
             if let Some(blocked) = crate::sandbox::readable::unreadable(
                 library,
                 uid,
@@ -156,6 +167,12 @@ impl Prober {
         }
         let mut child = Command::new(&self.exe)
             .arg("probe")
+            .args([
+                "--uid",
+                &self.user.0.to_string(),
+                "--gid",
+                &self.user.1.to_string(),
+            ])
             .arg(library)
             // The child inherits nothing of ours: no secrets in the environment, no stdin.
             .env_clear()
@@ -236,17 +253,14 @@ fn tail(stderr: &str) -> String {
 }
 
 /// The confinement every probe gets before it loads a library (whose constructors run at load):
-/// the base of the `low` tier without a cgroup — unprivileged uid when started as root,
-/// no_new_privs, no core dumps.
-fn probe_plan() -> Plan {
-    let policy = Policy::default();
+/// the base of the `low` tier without a cgroup — the workers' unprivileged `user` when started as
+/// root, no_new_privs, no core dumps.
+fn probe_plan(user: (u32, u32)) -> Plan {
     Plan {
         requested: Tier::Low,
         applied: Tier::Low,
         downgrade_reason: None,
-        drop_to: nix::unistd::geteuid()
-            .is_root()
-            .then_some((policy.worker_uid, policy.worker_gid)),
+        drop_to: nix::unistd::geteuid().is_root().then_some(user),
         limits: ResolvedLimits::default(),
         cgroup: false,
         no_network: false,
@@ -254,11 +268,12 @@ fn probe_plan() -> Plan {
     }
 }
 
-/// The child's side: loads `library` and prints one JSON line. Returns the process exit code.
-pub fn run_child(library: &Path) -> i32 {
+/// The child's side: drops to `user` (when root), loads `library` and prints one JSON line.
+/// Returns the process exit code.
+pub fn run_child(library: &Path, user: (u32, u32)) -> i32 {
     // SAFETY: closes inherited descriptors this process does not use; nothing else runs yet.
     unsafe { libc::close_range(3, u32::MAX, 0) };
-    if let Err(e) = confine::apply(&probe_plan()) {
+    if let Err(e) = confine::apply(&probe_plan(user)) {
         let line = ProbeLine::Error {
             kind: "confine".into(),
             message: e.to_string(),

@@ -643,3 +643,40 @@ fn paths_the_worker_user_cannot_read_are_named_with_the_uid_and_the_fix() {
         "{err}"
     );
 }
+
+/// The probe runs as the configured worker user (`sandbox.worker_uid`), like the workers: a
+/// plugin folder only that user can read is ready for it, and named as unreadable for the
+/// default user.
+#[test]
+fn the_probe_runs_as_the_configured_worker_user() {
+    use std::os::unix::fs::PermissionsExt;
+    if !confinement_available() {
+        return;
+    }
+    let dir = PluginDir::new();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    std::fs::copy(plugin_lib("pio_plugin_echo"), plugins.join("libecho.so")).unwrap();
+    std::fs::write(
+        plugins.join("echo.toml"),
+        manifest("echo", "0.1.0", "libecho.so", ""),
+    )
+    .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&plugins, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::chown(&plugins, Some(4321), Some(4321)).unwrap();
+    std::os::unix::fs::chown(plugins.join("libecho.so"), Some(4321), Some(4321)).unwrap();
+    let config = dir.write(
+        "pio.toml",
+        "[sandbox]\nworker_uid = 4321\nworker_gid = 4321\n",
+    );
+    let list = |extra: &[&str]| -> String {
+        let mut args = vec!["list", "--plugins", plugins.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        String::from_utf8_lossy(&pio(dir.path(), &args).stdout).into_owned()
+    };
+    let text = list(&["--config", config.to_str().unwrap()]);
+    assert!(text.contains("ready"), "{text}");
+    let text = list(&[]);
+    assert!(text.contains("uid 65534"), "{text}");
+}

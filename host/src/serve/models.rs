@@ -106,7 +106,8 @@ impl Models {
     /// unloaded. A manifest that fails its checks is reported and changes nothing else.
     pub async fn rescan(self: &Arc<Self>) -> Result<(), discovery::ScanError> {
         let search = self.setup.search.clone();
-        let prober = Prober::new(self.setup.exe.clone());
+        let prober = Prober::new(self.setup.exe.clone())
+            .with_user(self.setup.policy.worker_uid, self.setup.policy.worker_gid);
         let found = tokio::task::spawn_blocking(move || scan(&search, &prober))
             .await
             .unwrap_or_else(|e| Ok((Vec::new(), vec![(PathBuf::new(), e.to_string())])))?;
