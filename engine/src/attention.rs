@@ -3,6 +3,7 @@
 
 use candle_core::{DType, Tensor};
 
+use crate::batch::Batch;
 use crate::kv_pool::BlockId;
 use crate::{EngineError, Result};
 
@@ -39,6 +40,39 @@ pub fn paged(q: &Tensor, kv: &PagedKv<'_>, start: usize, scale: f64) -> Result<T
         return Ok(out);
     }
     with_candle(q, kv, start, scale)
+}
+
+/// [`paged`] for every sequence of `batch`: `q` holds their queries back to back,
+/// `(rows, heads, head_dim)`; each attends over its own blocks of the pool's `keys` and `values`
+/// (`(slots, kv_heads, head_dim)`, reading `value_dim` of each value head). The results come back
+/// to back, `(rows, heads, value_dim)`.
+pub fn paged_batch(
+    q: &Tensor,
+    batch: &Batch<'_>,
+    keys: &Tensor,
+    values: &Tensor,
+    (block_size, value_dim): (usize, usize),
+    scale: f64,
+) -> Result<Tensor> {
+    let mut outs = Vec::with_capacity(batch.seqs.len());
+    let mut row = 0;
+    for seq in &batch.seqs {
+        let n = seq.tokens.len();
+        let kv = PagedKv {
+            keys,
+            values,
+            blocks: seq.blocks,
+            block_size,
+            value_dim,
+        };
+        outs.push(paged(&q.narrow(0, row, n)?, &kv, seq.start, scale)?);
+        row += n;
+    }
+    Ok(if outs.len() == 1 {
+        outs.remove(0)
+    } else {
+        Tensor::cat(&outs, 0)?
+    })
 }
 
 /// The same with candle's operations: the sequence's rows gathered, keys and values repeated per

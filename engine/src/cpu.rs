@@ -10,10 +10,11 @@ use pio_kernels::{
 };
 
 /// From how many activation rows on a product with `format` weights is faster decoding each
-/// block once into f32 and running the packed GEMM than candle's quantized kernels (activations
+/// block once into f32 and running the packed GEMM than candle's block dot products (activations
 /// quantized, integer dot products); `None`: never. Measured on AVX2 (2 threads, 2048 → 768):
 /// candle's Q8_0 and Q4_0 have no fast path for many rows (Q8_0 at 512 rows: 134 ms vs 25 ms
-/// decoded), its Q4_K has one and stays ahead (31 ms vs 42 ms).
+/// decoded). For Q4_K, decoding measured no faster on the GLM-4.7-Flash bench's prefill (AVX-512
+/// machine: 74 against 80 tokens/s), so it keeps the dot products.
 pub(crate) fn quantized_gemm_rows(format: GgmlDType) -> Option<usize> {
     match format {
         GgmlDType::Q8_0 => Some(12),

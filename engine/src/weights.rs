@@ -152,18 +152,6 @@ impl SimpleBackend for SafetensorsFiles {
     }
 }
 
-/// Hands the memory that loading freed back to the operating system. Reading and quantizing make
-/// a full-precision copy of each tensor; glibc keeps such freed blocks in its arenas (its mmap
-/// threshold rises after the first large free, so later copies come from the heap), which left
-/// the resident size after loading ~1.6 GiB above the weights on the 30B-shaped benchmarks.
-pub fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free pages of the allocator's own arenas to the kernel.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -148,6 +148,30 @@ impl KvPool {
         &self.layers[layer]
     }
 
+    /// Writes `rows` — every sequence of `batch`'s new rows back to back, `(rows, heads, dim)` —
+    /// into vector `vector` of layer `layer`, each sequence's through its own block table.
+    pub fn write_batch(
+        &self,
+        layer: usize,
+        vector: usize,
+        batch: &crate::batch::Batch<'_>,
+        rows: &Tensor,
+    ) -> Result<()> {
+        let mut row = 0;
+        for seq in &batch.seqs {
+            let n = seq.tokens.len();
+            self.write(
+                layer,
+                vector,
+                seq.blocks,
+                seq.start,
+                &rows.narrow(0, row, n)?,
+            )?;
+            row += n;
+        }
+        Ok(())
+    }
+
     /// Writes `rows` — `(len, heads, dim)`, positions `start..start + len` of the sequence whose
     /// block table is `blocks` — into vector `vector` of layer `layer`, in place.
     pub fn write(

@@ -36,7 +36,7 @@ pub(crate) struct Stack<L> {
 
 /// Reads `model.embed_tokens`, layers `0..ends.layers` (each made by `layer(i, its weights)`),
 /// `model.norm` and `lm_head` from `vb`, calling `progress(done, total)` as layers are read; a
-/// weights error names the checkpoint's tensor. The memory loading freed is handed back after.
+/// weights error names the checkpoint's tensor.
 pub(crate) fn load_stack<L>(
     checkpoint: &Checkpoint,
     vb: &VarBuilder,
@@ -66,9 +66,7 @@ pub(crate) fn load_stack<L>(
             head,
         })
     };
-    let stack = build().map_err(|e| checkpoint.weight_error(e))?;
-    crate::weights::release_freed_memory();
-    Ok(stack)
+    build().map_err(|e| checkpoint.weight_error(e))
 }
 
 /// Checks `batch` against what a text model of `context` positions takes; returns every new

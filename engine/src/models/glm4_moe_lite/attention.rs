@@ -12,7 +12,6 @@
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{rms_norm, RmsNorm, VarBuilder};
 
-use crate::attention::PagedKv;
 use crate::batch::Batch;
 use crate::kv_pool::KvPool;
 use crate::linear::{Linear, Quantization};
@@ -184,12 +183,7 @@ impl Attention {
         let latent = self.kv_norm.forward(&ckv.narrow(2, 0, self.rank)?)?;
         let k_rot = rotary.apply(&ckv.narrow(2, self.rank, rope)?.unsqueeze(2)?)?;
         let cached = Tensor::cat(&[latent.unsqueeze(2)?, k_rot], 3)?.squeeze(0)?;
-        let mut row = 0;
-        for seq in &batch.seqs {
-            let n = seq.tokens.len();
-            pool.write(layer, 0, seq.blocks, seq.start, &cached.narrow(0, row, n)?)?;
-            row += n;
-        }
+        pool.write_batch(layer, 0, batch, &cached)?;
         // 3. Attention, (rows, heads, v).
         let out = match form {
             MlaForm::Absorbed => self.absorbed(&q_nope, &q_rot, batch, pool, layer)?,
@@ -218,26 +212,14 @@ impl Attention {
             .transpose(0, 1)?;
         let query = Tensor::cat(&[q_abs, q_rot.clone()], 2)?.contiguous()?;
         let latents = &pool.layer(layer)[0];
-        let mut outs = Vec::with_capacity(batch.seqs.len());
-        let mut row = 0;
-        for seq in &batch.seqs {
-            let n = seq.tokens.len();
-            let kv = PagedKv {
-                keys: latents,
-                values: latents,
-                blocks: seq.blocks,
-                block_size: pool.block_size(),
-                value_dim: self.rank,
-            };
-            outs.push(crate::attention::paged(
-                &query.narrow(0, row, n)?,
-                &kv,
-                seq.start,
-                self.scale,
-            )?);
-            row += n;
-        }
-        let attended = Tensor::cat(&outs, 0)?;
+        let attended = crate::attention::paged_batch(
+            &query,
+            batch,
+            latents,
+            latents,
+            (pool.block_size(), self.rank),
+            self.scale,
+        )?;
         // (heads, rows, rank) × (heads, rank, v) → (rows, heads, v).
         Ok(attended
             .transpose(0, 1)?

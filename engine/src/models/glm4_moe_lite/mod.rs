@@ -194,6 +194,19 @@ impl Glm4MoeLite {
         batch: &Batch<'_>,
         pool: &mut KvPool,
     ) -> Result<(Vec<Vec<f32>>, ExpertTrace)> {
+        let mut trace = ExpertTrace::new();
+        let logits = self.run(batch, pool, Some(&mut trace))?;
+        Ok((logits, trace))
+    }
+
+    /// The forward pass; the expert choices go into `trace` when one is given (tests compare
+    /// them with transformers'; serving does not pay for collecting them).
+    fn run(
+        &self,
+        batch: &Batch<'_>,
+        pool: &KvPool,
+        mut trace: Option<&mut ExpertTrace>,
+    ) -> Result<Vec<Vec<f32>>> {
         let positions = head::text_positions(batch, self.context, "GLM-4.7-Flash")?;
         let mut x = head::embed(&self.embed_tokens, batch, &self.device)?;
         let angles = self.rotary.angles(&positions)?;
@@ -203,25 +216,22 @@ impl Glm4MoeLite {
             pool,
             form: self.form,
         };
-        let mut traced = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
             let (y, choices) = layer.forward(&x, &step, i)?;
             x = y;
-            if let Some(choices) = choices {
-                traced.push(
-                    choices
-                        .into_iter()
-                        .map(|c| {
-                            let mut experts: Vec<usize> = c.into_iter().map(|(e, _)| e).collect();
-                            experts.sort_unstable();
-                            experts
-                        })
-                        .collect(),
-                );
+            if let (Some(trace), Some(choices)) = (trace.as_deref_mut(), choices) {
+                trace.push(choices.into_iter().map(experts_of).collect());
             }
         }
-        Ok((self.head.logits(&x, batch)?, traced))
+        self.head.logits(&x, batch)
     }
+}
+
+/// A row's chosen experts, ascending (only the set enters the math).
+fn experts_of(choice: Choice) -> Vec<usize> {
+    let mut experts: Vec<usize> = choice.into_iter().map(|(e, _)| e).collect();
+    experts.sort_unstable();
+    experts
 }
 
 impl CausalLm for Glm4MoeLite {
@@ -238,7 +248,7 @@ impl CausalLm for Glm4MoeLite {
     }
 
     fn forward(&self, batch: &Batch<'_>, pool: &mut KvPool) -> Result<Vec<Vec<f32>>> {
-        Ok(self.forward_traced(batch, pool)?.0)
+        self.run(batch, pool, None)
     }
 
     fn context_length(&self) -> usize {

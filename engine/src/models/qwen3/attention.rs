@@ -1,7 +1,6 @@
 //! Qwen3's attention: grouped-query attention with per-head RMSNorm on queries and keys and rotary
 //! positions, each sequence of a batch attending over its own blocks of the KV pool.
 
-use crate::attention::PagedKv;
 use crate::batch::Batch;
 use crate::candle_core::{Module, Tensor};
 use crate::candle_nn::{rms_norm, RmsNorm, VarBuilder};
@@ -70,35 +69,18 @@ impl Attention {
         let q = rotary.apply(&self.q_norm.forward(&q)?)?.squeeze(0)?;
         let k = rotary.apply(&self.k_norm.forward(&k)?)?.squeeze(0)?;
         let v = v.squeeze(0)?;
-        // 2. Per sequence: store its keys and values, attend over its own positions.
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        // 2. Store every sequence's keys and values, then each attends over its own positions.
+        pool.write_batch(layer, 0, batch, &k)?;
+        pool.write_batch(layer, 1, batch, &v)?;
         let tensors = pool.layer(layer);
-        let mut outs = Vec::with_capacity(batch.seqs.len());
-        let mut row = 0;
-        for seq in &batch.seqs {
-            let n = seq.tokens.len();
-            pool.write(layer, 0, seq.blocks, seq.start, &k.narrow(0, row, n)?)?;
-            pool.write(layer, 1, seq.blocks, seq.start, &v.narrow(0, row, n)?)?;
-            let kv = PagedKv {
-                keys: &tensors[0],
-                values: &tensors[1],
-                blocks: seq.blocks,
-                block_size: pool.block_size(),
-                value_dim: self.head_dim,
-            };
-            outs.push(crate::attention::paged(
-                &q.narrow(0, row, n)?,
-                &kv,
-                seq.start,
-                scale,
-            )?);
-            row += n;
-        }
-        let out = if outs.len() == 1 {
-            outs.remove(0)
-        } else {
-            Tensor::cat(&outs, 0)?
-        };
+        let out = crate::attention::paged_batch(
+            &q,
+            batch,
+            &tensors[0],
+            &tensors[1],
+            (pool.block_size(), self.head_dim),
+            1.0 / (self.head_dim as f64).sqrt(),
+        )?;
         // 3. Merge heads and project out.
         Ok(self
             .o_proj
