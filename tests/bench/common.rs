@@ -137,3 +137,48 @@ pub fn bench_layers() -> usize {
 pub fn gib(bytes: f64) -> f64 {
     bytes / (1u64 << 30) as f64
 }
+
+/// Loads the checkpoint in `dir` as `M` in bf16, its linear layers stored as `mode` says (`bf16`,
+/// `q8`, `q4`); returns it and the seconds loading took.
+pub fn load_timed<M: pio_engine::runtime::LoadModel>(dir: &Path, mode: &str) -> (M, f64) {
+    use pio_engine::linear::Quantization;
+    let quantization = match mode {
+        "q8" => Quantization::Q8,
+        "q4" => Quantization::Q4,
+        _ => Quantization::None,
+    };
+    let t = std::time::Instant::now();
+    let checkpoint = pio_engine::checkpoint::Checkpoint::open(dir).expect("checkpoint");
+    let model = M::load(
+        &checkpoint,
+        pio_engine::candle_core::DType::BF16,
+        quantization,
+        &pio_engine::candle_core::Device::Cpu,
+        &mut |_, _| {},
+    )
+    .expect("load");
+    (model, t.elapsed().as_secs_f64())
+}
+
+/// Runs this bench executable once per mode as `--measure MODE` on `threads` threads (each in its
+/// own process, so its peak RSS is its own); their JSON lines, as `("pio", line)` rows.
+pub fn measure_modes(modes: &[&str], threads: usize) -> Vec<(&'static str, String)> {
+    let exe = std::env::current_exe().expect("bench executable");
+    modes
+        .iter()
+        .map(|mode| {
+            let out = Command::new(&exe)
+                .args(["--measure", mode])
+                .env("RAYON_NUM_THREADS", threads.to_string())
+                .output()
+                .expect("run measurement");
+            if !out.status.success() {
+                eprintln!("{mode} failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            (
+                "pio",
+                String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            )
+        })
+        .collect()
+}

@@ -12,16 +12,13 @@
 //! RSS is its own.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
-use pio_engine::candle_core::{DType, Device};
+use pio_engine::candle_core::DType;
 use pio_engine::checkpoint::Checkpoint;
 use pio_engine::generate::{CausalLm, Request};
-use pio_engine::linear::Quantization;
 use pio_engine::models::glm4_moe_lite::Glm4MoeLite;
-use pio_engine::runtime::LoadModel;
 use pio_engine::sampling::SamplingParams;
 use pio_engine::serving::{Engine, EngineConfig, Event};
 use pio_engine::single::SingleSequence;
@@ -116,22 +113,7 @@ fn streams(model: Glm4MoeLite, dir: &Path) -> f64 {
 
 /// One mode, in this process: prints a JSON line like the reference scripts'.
 fn measure(dir: &Path, mode: &str) {
-    let quantization = match mode {
-        "q8" => Quantization::Q8,
-        "q4" => Quantization::Q4,
-        _ => Quantization::None,
-    };
-    let t = Instant::now();
-    let checkpoint = Checkpoint::open(dir).expect("checkpoint");
-    let model = <Glm4MoeLite as LoadModel>::load(
-        &checkpoint,
-        DType::BF16,
-        quantization,
-        &Device::Cpu,
-        &mut |_, _| {},
-    )
-    .expect("load");
-    let load_s = t.elapsed().as_secs_f64();
+    let (model, load_s) = common::load_timed::<Glm4MoeLite>(dir, mode);
     let loaded = common::rss();
     let sparse_layer = model.layer_weight_bytes().last().copied().unwrap_or(0);
     let kv_per_token = model.kv_layout().bytes_per_token(DType::BF16);
@@ -155,22 +137,7 @@ fn main() {
     let dir = checkpoint_dir();
     let depth = common::bench_layers().to_string();
     common::ensure_checkpoint(&root(), &dir, &["glm-4.7-flash", &depth]);
-    let exe = std::env::current_exe().expect("bench executable");
-    let mut rows: Vec<(&str, String)> = Vec::new();
-    for mode in ["bf16", "q8", "q4"] {
-        let out = Command::new(&exe)
-            .args(["--measure", mode])
-            .env("RAYON_NUM_THREADS", THREADS.to_string())
-            .output()
-            .expect("run measurement");
-        if !out.status.success() {
-            eprintln!("{mode} failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        rows.push((
-            "pio",
-            String::from_utf8_lossy(&out.stdout).trim().to_string(),
-        ));
-    }
+    let mut rows = common::measure_modes(&["bf16", "q8", "q4"], THREADS);
     let ours = rows.clone();
     let mut work = common::Workload {
         prompt: PROMPT,

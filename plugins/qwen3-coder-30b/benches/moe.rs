@@ -9,14 +9,9 @@
 //! runs in its own process so its peak RSS is its own.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
-use pio_engine::candle_core::{DType, Device};
-use pio_engine::checkpoint::Checkpoint;
-use pio_engine::linear::Quantization;
 use pio_engine::models::qwen3::Qwen3Moe;
-use pio_engine::runtime::LoadModel;
 use pio_engine::single::SingleSequence;
 
 #[path = "../../../tests/bench/common.rs"]
@@ -40,22 +35,7 @@ fn checkpoint_dir() -> PathBuf {
 
 /// One mode, in this process: prints a JSON line like the transformers script's.
 fn measure(dir: &Path, mode: &str) {
-    let quantization = match mode {
-        "q8" => Quantization::Q8,
-        "q4" => Quantization::Q4,
-        _ => Quantization::None,
-    };
-    let t = Instant::now();
-    let checkpoint = Checkpoint::open(dir).expect("checkpoint");
-    let model = <Qwen3Moe as LoadModel>::load(
-        &checkpoint,
-        DType::BF16,
-        quantization,
-        &Device::Cpu,
-        &mut |_, _| {},
-    )
-    .expect("load");
-    let load_s = t.elapsed().as_secs_f64();
+    let (model, load_s) = common::load_timed::<Qwen3Moe>(dir, mode);
     let per_layer = model.inner().layer_weight_bytes();
     let prompt: Vec<u32> = (0..PROMPT as u32)
         .map(|i| (i * 7919 + 13) % 151_936)
@@ -94,22 +74,7 @@ fn main() {
     let dir = checkpoint_dir();
     let depth = common::bench_layers().to_string();
     common::ensure_checkpoint(&root(), &dir, &["qwen3-30b-a3b", &depth]);
-    let exe = std::env::current_exe().expect("bench executable");
-    let mut rows = Vec::new();
-    for mode in ["bf16", "q8", "q4"] {
-        let out = Command::new(&exe)
-            .args(["--measure", mode])
-            .env("RAYON_NUM_THREADS", THREADS.to_string())
-            .output()
-            .expect("run measurement");
-        if !out.status.success() {
-            eprintln!("{mode} failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        rows.push((
-            "pio",
-            String::from_utf8_lossy(&out.stdout).trim().to_string(),
-        ));
-    }
+    let mut rows = common::measure_modes(&["bf16", "q8", "q4"], THREADS);
     let work = common::Workload {
         prompt: PROMPT,
         decode: DECODE,
