@@ -250,3 +250,73 @@ impl Config {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn fixture() -> (Checkpoint, serde_json::Value) {
+        let dir =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/glm4-moe-lite-tiny");
+        let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+        (
+            Checkpoint::open(&dir).unwrap(),
+            serde_json::from_str(&text).unwrap(),
+        )
+    }
+
+    fn with(edit: impl FnOnce(&mut serde_json::Value)) -> (Checkpoint, Config) {
+        let (checkpoint, mut json) = fixture();
+        edit(&mut json);
+        (checkpoint, serde_json::from_value(json).unwrap())
+    }
+
+    #[test]
+    fn dense_layers_come_from_mlp_layer_types_else_first_k_dense_replace() {
+        let (_, cfg) = with(|_| {});
+        assert_eq!(
+            cfg.layer_kinds(),
+            [LayerKind::Dense, LayerKind::Sparse, LayerKind::Sparse]
+        );
+        let (_, cfg) = with(|j| j["first_k_dense_replace"] = 2.into());
+        assert_eq!(
+            cfg.layer_kinds(),
+            [LayerKind::Dense, LayerKind::Dense, LayerKind::Sparse]
+        );
+        let (_, cfg) =
+            with(|j| j["mlp_layer_types"] = serde_json::json!(["sparse", "dense", "sparse"]));
+        assert_eq!(
+            cfg.layer_kinds(),
+            [LayerKind::Sparse, LayerKind::Dense, LayerKind::Sparse]
+        );
+    }
+
+    #[test]
+    fn impossible_routing_and_layouts_are_refused_naming_the_field() {
+        let cases: [(&str, fn(&mut serde_json::Value)); 5] = [
+            ("n_group", |j| j["n_group"] = 3.into()),
+            ("topk_group", |j| j["topk_group"] = 2.into()),
+            ("num_experts_per_tok", |j| {
+                j["num_experts_per_tok"] = 17.into()
+            }),
+            ("mlp_layer_types", |j| {
+                j["mlp_layer_types"] = serde_json::json!(["dense"])
+            }),
+            ("topk_method", |j| j["topk_method"] = "greedy".into()),
+        ];
+        for (field, edit) in cases {
+            let (checkpoint, cfg) = with(edit);
+            let e = cfg.validate(&checkpoint).unwrap_err().to_string();
+            assert!(
+                e.contains("config.json") && e.contains(&format!("`{field}`")),
+                "{field}: {e}"
+            );
+        }
+        let (checkpoint, cfg) = with(|_| {});
+        cfg.validate(&checkpoint).unwrap();
+        let (checkpoint, cfg) = with(|j| j["partial_rotary_factor"] = 0.5.into());
+        let e = cfg.rope(&checkpoint).unwrap_err().to_string();
+        assert!(e.contains("partial_rotary_factor"), "{e}");
+    }
+}
