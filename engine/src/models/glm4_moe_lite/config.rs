@@ -294,7 +294,8 @@ mod tests {
 
     #[test]
     fn impossible_routing_and_layouts_are_refused_naming_the_field() {
-        let cases: [(&str, fn(&mut serde_json::Value)); 5] = [
+        type Edit = fn(&mut serde_json::Value);
+        let cases: [(&str, Edit); 5] = [
             ("n_group", |j| j["n_group"] = 3.into()),
             ("topk_group", |j| j["topk_group"] = 2.into()),
             ("num_experts_per_tok", |j| {
