@@ -172,7 +172,7 @@ fn concurrent_requests_each_get_transformers_answer_and_a_repeat_hits_the_cache(
 }
 
 #[test]
-fn a_kv_pool_too_small_for_the_load_preempts_and_every_answer_stays_exact() {
+fn a_kv_pool_too_small_for_the_load_runs_full_and_every_answer_stays_exact() {
     if !confinement_available() {
         return;
     }
@@ -187,12 +187,14 @@ fn a_kv_pool_too_small_for_the_load_preempts_and_every_answer_stays_exact() {
         assert_matches(r, &cases[i % cases.len()], 16);
     }
     let engine = &d.plugin("qwen3-4b-instruct-2507")["engine"];
-    assert!(engine["preemptions"].as_u64().unwrap() > 0, "{engine}");
+    // The pool ran full. Whether the engine preempted a running sequence or held the next one
+    // back depends on how the requests' arrivals interleave with the steps (CI saw both); the
+    // engine's own tests force preemption deterministically.
+    assert_eq!(engine["kv_blocks_peak"], 8, "{engine}");
     assert_eq!(engine["kv_blocks_used"], 0, "{engine}");
     assert_eq!(
         engine["kv_blocks_free"].as_u64().unwrap(),
         8,
         "the pool is what kv_cache_bytes asked: {engine}"
     );
-    assert!(engine["kv_blocks_peak"].as_u64().unwrap() <= 8);
 }
