@@ -4,6 +4,7 @@
 
 pub mod glm4_moe_lite;
 pub mod qwen3;
+pub mod qwen3_vl;
 
 mod experts;
 mod head;

@@ -1,0 +1,239 @@
+//! Bytes to an upright RGB image, as transformers 5 loads one it was sent: PIL opens it,
+//! `load_image` applies the EXIF orientation and converts to RGB (an alpha channel is dropped,
+//! keeping the colours beneath), then the processor's `convert_to_rgb` sees a transparency that
+//! survived — a single transparent palette entry or a PNG colour key, carried as a colour — and
+//! turns every pixel of exactly that colour white.
+
+use std::io::Cursor;
+
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
+
+use super::{ImageError, RgbImage};
+
+/// How big an image may be before it is refused, checked on the header before any pixel is
+/// decoded.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeLimits {
+    /// The most pixels (width × height). PIL refuses more than ~179 million; a model's processor
+    /// shrinks whatever it gets, so a worker need not spend gigabytes on one picture.
+    pub max_pixels: u64,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        // 8192 × 8192: a 64-megapixel photo decodes; a 100000 × 100000 bomb does not.
+        Self {
+            max_pixels: 8192 * 8192,
+        }
+    }
+}
+
+/// Decodes `bytes` (PNG, JPEG, WebP or GIF's first frame) into upright 8-bit RGB.
+pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, ImageError> {
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| ImageError::Corrupt(e.to_string()))?;
+    let format = match reader.format() {
+        Some(f @ (ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP | ImageFormat::Gif)) => f,
+        Some(other) => return Err(ImageError::UnsupportedFormat(format!("{other:?}"))),
+        None => {
+            return Err(ImageError::UnsupportedFormat(
+                "not a recognised image".into(),
+            ))
+        }
+    };
+    let mut decoder = reader.into_decoder().map_err(corrupt)?;
+    let (width, height) = decoder.dimensions();
+    if width == 0 || height == 0 {
+        return Err(ImageError::Empty { width, height });
+    }
+    if u64::from(width) * u64::from(height) > limits.max_pixels {
+        return Err(ImageError::TooLarge {
+            width,
+            height,
+            limit: limits.max_pixels,
+        });
+    }
+    let key = colour_key(format, bytes)?;
+    // A broken EXIF block is ignored, as PIL ignores it.
+    let orientation = decoder.orientation().ok();
+    let mut image = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
+    if let Some(o) = orientation {
+        image.apply_orientation(o);
+    }
+    let mut rgb = to_rgb(image)?;
+    if let Some(key) = key {
+        whiten(&mut rgb, key.rgb, key.transparent.as_deref());
+    }
+    Ok(rgb)
+}
+
+fn corrupt(e: image::ImageError) -> ImageError {
+    match e {
+        image::ImageError::Unsupported(u) => ImageError::UnsupportedFormat(u.to_string()),
+        other => ImageError::Corrupt(other.to_string()),
+    }
+}
+
+/// A transparency PIL carries as one colour through `convert("RGB")`.
+struct Key {
+    rgb: [u8; 3],
+    /// Pixels transparent in the source whatever their decoded colour (a GIF's transparent
+    /// entry may decode to black), by index into the image's pixels.
+    transparent: Option<Vec<bool>>,
+}
+
+/// The colour key of a PNG (a `tRNS` colour on RGB or grey, or a palette whose `tRNS` makes
+/// exactly one entry transparent and the rest opaque) or of a GIF's first frame.
+fn colour_key(format: ImageFormat, bytes: &[u8]) -> Result<Option<Key>, ImageError> {
+    match format {
+        ImageFormat::Png => png_key(bytes),
+        ImageFormat::Gif => gif_key(bytes),
+        _ => Ok(None),
+    }
+}
+
+fn png_key(bytes: &[u8]) -> Result<Option<Key>, ImageError> {
+    let reader = png::Decoder::new(Cursor::new(bytes))
+        .read_info()
+        .map_err(|e| ImageError::Corrupt(e.to_string()))?;
+    let info = reader.info();
+    let (Some(trns), false) = (info.trns.as_deref(), info.bit_depth == png::BitDepth::Sixteen)
+    else {
+        return Ok(None);
+    };
+    let rgb = match info.color_type {
+        // The png crate keeps an 8-bit key as bytes (a 16-bit one as big-endian pairs, refused
+        // above).
+        png::ColorType::Rgb if trns.len() == 3 => [trns[0], trns[1], trns[2]],
+        png::ColorType::Grayscale if !trns.is_empty() => {
+            // The key is in the image's bit depth; PIL scales a low-depth grey to 8 bits.
+            let v = scale_grey(trns[trns.len() - 1], info.bit_depth);
+            [v; 3]
+        }
+        png::ColorType::Indexed => {
+            // PIL keeps a palette transparency as a colour only when it is one fully
+            // transparent entry among opaque ones; other alphas are dropped with the band.
+            let zeros = trns.iter().filter(|&&a| a == 0).count();
+            let simple = zeros == 1 && trns.iter().all(|&a| a == 0 || a == 255);
+            let index = trns.iter().position(|&a| a == 0);
+            match (simple, index, info.palette.as_deref()) {
+                (true, Some(i), Some(p)) if p.len() >= 3 * i + 3 => [p[3 * i], p[3 * i + 1], p[3 * i + 2]],
+                _ => return Ok(None),
+            }
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(Key {
+        rgb,
+        transparent: None,
+    }))
+}
+
+fn scale_grey(v: u8, depth: png::BitDepth) -> u8 {
+    match depth {
+        png::BitDepth::One => v * 255,
+        png::BitDepth::Two => v * 85,
+        png::BitDepth::Four => v * 17,
+        _ => v,
+    }
+}
+
+fn gif_key(bytes: &[u8]) -> Result<Option<Key>, ImageError> {
+    let mut options = gif::DecodeOptions::new();
+    options.set_color_output(gif::ColorOutput::Indexed);
+    let mut decoder = options
+        .read_info(Cursor::new(bytes))
+        .map_err(|e| ImageError::Corrupt(e.to_string()))?;
+    let global = decoder.global_palette().map(<[u8]>::to_vec);
+    let (w, h) = (decoder.width(), decoder.height());
+    let Some(frame) = decoder
+        .read_next_frame()
+        .map_err(|e| ImageError::Corrupt(e.to_string()))?
+    else {
+        return Err(ImageError::Corrupt("the GIF has no frames".into()));
+    };
+    let Some(index) = frame.transparent else {
+        return Ok(None);
+    };
+    let palette = frame.palette.clone().or(global).unwrap_or_default();
+    let i = usize::from(index);
+    let Some(rgb) = palette.get(3 * i..3 * i + 3) else {
+        return Ok(None);
+    };
+    // Only a first frame covering the whole canvas maps its pixels one to one.
+    let whole = frame.left == 0 && frame.top == 0 && frame.width == w && frame.height == h;
+    Ok(Some(Key {
+        rgb: [rgb[0], rgb[1], rgb[2]],
+        transparent: whole.then(|| frame.buffer.iter().map(|&p| p == index).collect()),
+    }))
+}
+
+/// Every pixel of exactly `key`'s colour (or marked transparent) becomes white, as PIL's
+/// `alpha_composite` onto white leaves a fully transparent pixel.
+fn whiten(image: &mut RgbImage, key: [u8; 3], transparent: Option<&[bool]>) {
+    for (i, px) in image.pixels.chunks_exact_mut(3).enumerate() {
+        let marked = transparent.is_some_and(|t| t.get(i).copied().unwrap_or(false));
+        if marked || px == key {
+            px.copy_from_slice(&[255; 3]);
+        }
+    }
+}
+
+/// PIL's `convert("RGB")` of each decoded layout: alpha dropped, grey replicated.
+fn to_rgb(image: DynamicImage) -> Result<RgbImage, ImageError> {
+    let (width, height) = (image.width(), image.height());
+    let pixels: Vec<u8> = match image {
+        DynamicImage::ImageRgb8(b) => b.into_raw(),
+        DynamicImage::ImageRgba8(b) => drop_alpha(b.as_raw(), 4, |p| [p[0], p[1], p[2]]),
+        DynamicImage::ImageLuma8(b) => b.as_raw().iter().flat_map(|&l| [l; 3]).collect(),
+        DynamicImage::ImageLumaA8(b) => drop_alpha(b.as_raw(), 2, |p| [p[0]; 3]),
+        // PIL reads 16-bit RGB(A) PNGs at 8 bits by their high bytes, and 16-bit grey as mode
+        // I;16, whose conversion to RGB clips at 255.
+        DynamicImage::ImageRgb16(b) => b.as_raw().iter().map(|&v| (v >> 8) as u8).collect(),
+        DynamicImage::ImageRgba16(b) => b
+            .as_raw()
+            .chunks_exact(4)
+            .flat_map(|p| [p[0], p[1], p[2]].map(|v| (v >> 8) as u8))
+            .collect(),
+        DynamicImage::ImageLuma16(b) => b
+            .as_raw()
+            .iter()
+            .flat_map(|&v| [v.min(255) as u8; 3])
+            .collect(),
+        DynamicImage::ImageLumaA16(b) => b
+            .as_raw()
+            .chunks_exact(2)
+            .flat_map(|p| [(p[0] >> 8) as u8; 3])
+            .collect(),
+        other => {
+            return Err(ImageError::UnsupportedFormat(format!(
+                "pixel layout {:?}",
+                other.color()
+            )))
+        }
+    };
+    Ok(RgbImage {
+        width,
+        height,
+        pixels,
+    })
+}
+
+fn drop_alpha(raw: &[u8], stride: usize, rgb: impl Fn(&[u8]) -> [u8; 3]) -> Vec<u8> {
+    raw.chunks_exact(stride).flat_map(rgb).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_what_it_does_not_decode() {
+        let limits = DecodeLimits::default();
+        let e = decode(b"BM\x3e\0\0\0\0\0\0\0", &limits).unwrap_err();
+        assert!(matches!(e, ImageError::UnsupportedFormat(_)), "{e}");
+        let e = decode(b"hello, not an image", &limits).unwrap_err();
+        assert!(e.to_string().contains("PNG, JPEG, WebP or GIF"), "{e}");
+    }
+}

@@ -1,0 +1,323 @@
+//! Qwen3-VL's vision tower, as transformers' `Qwen3VLVisionModel`: patches embedded by a linear
+//! map (the Conv3d), learned positions interpolated to the image's grid, 2-D rotary attention
+//! within each image, and mergers that fold each 2 × 2 block of patches into one text-width token
+//! — the last block's output through the main merger, some earlier blocks' through DeepStack's.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{layer_norm, LayerNorm, LayerNormConfig, VarBuilder};
+
+use super::config::VisionConfig;
+use super::processor::Patches;
+use crate::linear::{Linear, Quantization};
+use crate::Result;
+
+const EPS: f64 = 1e-6;
+
+fn norm(size: usize, vb: VarBuilder) -> candle_core::Result<LayerNorm> {
+    layer_norm(
+        size,
+        LayerNormConfig {
+            eps: EPS,
+            ..Default::default()
+        },
+        vb,
+    )
+}
+
+fn linear(i: usize, o: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
+    Linear::load(i, o, true, Quantization::None, vb)
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    norm1: LayerNorm,
+    qkv: Linear,
+    proj: Linear,
+    norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    heads: usize,
+}
+
+impl Block {
+    fn new(cfg: &VisionConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let h = cfg.hidden_size;
+        Ok(Self {
+            norm1: norm(h, vb.pp("norm1"))?,
+            qkv: linear(h, 3 * h, vb.pp("attn.qkv"))?,
+            proj: linear(h, h, vb.pp("attn.proj"))?,
+            norm2: norm(h, vb.pp("norm2"))?,
+            fc1: linear(h, cfg.intermediate_size, vb.pp("mlp.linear_fc1"))?,
+            fc2: linear(cfg.intermediate_size, h, vb.pp("mlp.linear_fc2"))?,
+            heads: cfg.num_heads,
+        })
+    }
+
+    /// `x` is one image's patches `(n, hidden)`; it attends over all of them, not causally.
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (n, hidden) = x.dims2()?;
+        let hd = hidden / self.heads;
+        let qkv = self
+            .qkv
+            .forward(&self.norm1.forward(x)?)?
+            .reshape((1, n, 3, self.heads, hd))?;
+        // Rotary in f32, as transformers upcasts for it.
+        let rotate = |t: Tensor| -> Result<Tensor> {
+            let dtype = t.dtype();
+            let t = t.to_dtype(DType::F32)?.contiguous()?;
+            Ok(candle_nn::rotary_emb::rope_thd(&t, cos, sin)?.to_dtype(dtype)?)
+        };
+        let q = rotate(qkv.narrow(2, 0, 1)?.squeeze(2)?)?;
+        let k = rotate(qkv.narrow(2, 1, 1)?.squeeze(2)?)?;
+        let v = qkv.narrow(2, 2, 1)?.squeeze(2)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        // One head at a time: a 1280x720 image has 3600 patches, and all heads' scores at once
+        // would take hundreds of megabytes.
+        let mut heads = Vec::with_capacity(self.heads);
+        for h in 0..self.heads {
+            let head = |t: &Tensor| t.narrow(2, h, 1)?.squeeze(2)?.squeeze(0)?.contiguous();
+            let (q, k, v) = (head(&q)?, head(&k)?, head(&v)?);
+            let scores = (q.matmul(&k.t()?)? * scale)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            heads.push(probs.matmul(&v)?);
+        }
+        let attn = Tensor::cat(&heads, D::Minus1)?;
+        let x = (x + self.proj.forward(&attn)?)?;
+        let mlp = self
+            .fc2
+            .forward(&self.fc1.forward(&self.norm2.forward(&x)?)?.gelu()?)?;
+        Ok((x + mlp)?)
+    }
+}
+
+/// Folds each 2 × 2 block of patches (consecutive rows) into one token: norm before the fold
+/// (the main merger) or after it (DeepStack's), then an MLP with exact GELU.
+#[derive(Debug, Clone)]
+struct Merger {
+    norm: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    norm_after_fold: bool,
+    fold: usize,
+}
+
+impl Merger {
+    fn new(cfg: &VisionConfig, norm_after_fold: bool, vb: VarBuilder) -> candle_core::Result<Self> {
+        let fold = cfg.spatial_merge_size * cfg.spatial_merge_size;
+        let wide = cfg.hidden_size * fold;
+        let norm_size = if norm_after_fold { wide } else { cfg.hidden_size };
+        Ok(Self {
+            norm: norm(norm_size, vb.pp("norm"))?,
+            fc1: linear(wide, wide, vb.pp("linear_fc1"))?,
+            fc2: linear(wide, cfg.out_hidden_size, vb.pp("linear_fc2"))?,
+            norm_after_fold,
+            fold,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, hidden) = x.dims2()?;
+        let folded = if self.norm_after_fold {
+            self.norm
+                .forward(&x.reshape((n / self.fold, hidden * self.fold))?)?
+        } else {
+            self.norm
+                .forward(x)?
+                .reshape((n / self.fold, hidden * self.fold))?
+        };
+        Ok(self
+            .fc2
+            .forward(&self.fc1.forward(&folded)?.gelu_erf()?)?)
+    }
+}
+
+/// One image's tokens for the text model.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    /// `(tokens, text hidden)`: what replaces the image's placeholder tokens.
+    pub embeddings: Tensor,
+    /// DeepStack's features, one `(tokens, text hidden)` per early text layer, added after it.
+    pub deepstack: Vec<Tensor>,
+}
+
+/// The tower.
+#[derive(Debug, Clone)]
+pub struct VisionTower {
+    patch_embed: Linear,
+    /// The learned position table, `(side * side, hidden)` in f32 for the interpolation.
+    pos_table: Vec<f32>,
+    side: usize,
+    blocks: Vec<Block>,
+    merger: Merger,
+    deepstack: Vec<(usize, Merger)>,
+    inv_freq: Vec<f32>,
+    cfg: VisionConfig,
+    dtype: DType,
+    device: Device,
+}
+
+impl VisionTower {
+    /// Reads `model.visual` (as `vb`).
+    pub fn load(cfg: &VisionConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let (h, c, t, p) = (
+            cfg.hidden_size,
+            cfg.in_channels,
+            cfg.temporal_patch_size,
+            cfg.patch_size,
+        );
+        // The Conv3d's kernel equals its stride: a matrix product over flattened patches.
+        let pe = vb.pp("patch_embed.proj");
+        let weight = pe.get((h, c, t, p, p), "weight")?.reshape((h, c * t * p * p))?;
+        let bias = pe.get(h, "bias")?;
+        let patch_embed = Linear::from_weight(weight, Some(bias), Quantization::None)?;
+        let side = (cfg.num_position_embeddings as f64).sqrt() as usize;
+        let pos_table = vb
+            .get((cfg.num_position_embeddings, h), "pos_embed.weight")?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let blocks = (0..cfg.depth)
+            .map(|i| Block::new(cfg, vb.pp(format!("blocks.{i}"))))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let merger = Merger::new(cfg, false, vb.pp("merger"))?;
+        let deepstack = cfg
+            .deepstack_visual_indexes
+            .iter()
+            .enumerate()
+            .map(|(j, &block)| {
+                Merger::new(cfg, true, vb.pp(format!("deepstack_merger_list.{j}")))
+                    .map(|m| (block, m))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let dim = h / cfg.num_heads / 2;
+        let inv_freq = (0..dim)
+            .step_by(2)
+            .map(|i| (1.0 / 10_000f64.powf(i as f64 / dim as f64)) as f32)
+            .collect();
+        Ok(Self {
+            patch_embed,
+            pos_table,
+            side,
+            blocks,
+            merger,
+            deepstack,
+            inv_freq,
+            cfg: cfg.clone(),
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+
+    /// Bytes of its weights.
+    pub fn weight_bytes(&self) -> usize {
+        let block = |b: &Block| {
+            [&b.qkv, &b.proj, &b.fc1, &b.fc2]
+                .iter()
+                .map(|l| l.weight_bytes())
+                .sum::<usize>()
+        };
+        let merger = |m: &Merger| m.fc1.weight_bytes() + m.fc2.weight_bytes();
+        self.patch_embed.weight_bytes()
+            + self.pos_table.len() * self.dtype.size_in_bytes()
+            + self.blocks.iter().map(block).sum::<usize>()
+            + merger(&self.merger)
+            + self.deepstack.iter().map(|(_, m)| merger(m)).sum::<usize>()
+    }
+
+    /// Each patch's `(row, col)` in the merge-block order the processor writes them.
+    fn patch_grid(&self, gh: usize, gw: usize) -> Vec<(usize, usize)> {
+        let m = self.cfg.spatial_merge_size;
+        let mut cells = Vec::with_capacity(gh * gw);
+        for by in 0..gh / m {
+            for bx in 0..gw / m {
+                for my in 0..m {
+                    for mx in 0..m {
+                        cells.push((by * m + my, bx * m + mx));
+                    }
+                }
+            }
+        }
+        cells
+    }
+
+    /// The learned positions bilinearly interpolated (corners aligned) from the square table to
+    /// a `gh × gw` grid, in f32, one row per patch.
+    fn positions(&self, cells: &[(usize, usize)], gh: usize, gw: usize) -> Result<Tensor> {
+        let (side, hidden) = (self.side, self.cfg.hidden_size);
+        let taps = |i: usize, n: usize| {
+            let x = if n > 1 {
+                i as f32 * (side - 1) as f32 / (n - 1) as f32
+            } else {
+                0.0
+            };
+            let lo = x as usize;
+            (lo, (lo + 1).min(side - 1), x - lo as f32)
+        };
+        let mut out = Vec::with_capacity(cells.len() * hidden);
+        for &(r, c) in cells {
+            let (h0, h1, dh) = taps(r, gh);
+            let (w0, w1, dw) = taps(c, gw);
+            let corners = [
+                (h0 * side + w0, (1.0 - dh) * (1.0 - dw)),
+                (h0 * side + w1, (1.0 - dh) * dw),
+                (h1 * side + w0, dh * (1.0 - dw)),
+                (h1 * side + w1, dh * dw),
+            ];
+            for j in 0..hidden {
+                out.push(
+                    corners
+                        .iter()
+                        .map(|&(i, w)| self.pos_table[i * hidden + j] * w)
+                        .sum::<f32>(),
+                );
+            }
+        }
+        Ok(Tensor::from_vec(out, (cells.len(), hidden), &self.device)?)
+    }
+
+    /// cos and sin `(patches, head_dim / 2)` of the 2-D rotary angles: the row's angles, then
+    /// the column's.
+    fn rotary(&self, cells: &[(usize, usize)]) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len() * 2;
+        let (mut cos, mut sin) = (
+            Vec::with_capacity(cells.len() * half),
+            Vec::with_capacity(cells.len() * half),
+        );
+        for &(r, c) in cells {
+            for p in [r, c] {
+                for f in &self.inv_freq {
+                    let a = p as f32 * f;
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
+            }
+        }
+        let t = |v| Tensor::from_vec(v, (cells.len(), half), &self.device);
+        Ok((t(cos)?, t(sin)?))
+    }
+
+    /// Encodes one image.
+    pub fn encode(&self, patches: &Patches) -> Result<Encoded> {
+        let [t, gh, gw] = patches.grid;
+        let n = t * gh * gw;
+        let pixels = Tensor::from_slice(&patches.values, (n, patches.values.len() / n), &self.device)?
+            .to_dtype(self.dtype)?;
+        let cells: Vec<(usize, usize)> = (0..t).flat_map(|_| self.patch_grid(gh, gw)).collect();
+        let pos = self.positions(&cells, gh, gw)?.to_dtype(self.dtype)?;
+        let mut x = (self.patch_embed.forward(&pixels)? + pos)?;
+        let (cos, sin) = self.rotary(&cells)?;
+        let mut deepstack = Vec::with_capacity(self.deepstack.len());
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.forward(&x, &cos, &sin)?;
+            for (at, merger) in &self.deepstack {
+                if *at == i {
+                    deepstack.push(merger.forward(&x)?);
+                }
+            }
+        }
+        Ok(Encoded {
+            embeddings: self.merger.forward(&x)?,
+            deepstack,
+        })
+    }
+}
