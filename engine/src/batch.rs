@@ -13,6 +13,35 @@ pub struct Splice {
     pub at: usize,
     /// `(rows, hidden)` in the model's dtype.
     pub values: Tensor,
+    /// Features added to the same rows' hidden states after the first decoder layers, one
+    /// `(rows, hidden)` per layer (Qwen3-VL's DeepStack); empty for most models.
+    pub deep: Vec<Tensor>,
+}
+
+impl Splice {
+    /// Rows `from..to` of it (counted from its first row), for a chunk of a prompt.
+    pub fn rows(&self, from: usize, to: usize) -> candle_core::Result<Self> {
+        let cut = |t: &Tensor| t.narrow(0, from, to - from);
+        Ok(Self {
+            at: self.at + from,
+            values: cut(&self.values)?,
+            deep: self
+                .deep
+                .iter()
+                .map(cut)
+                .collect::<candle_core::Result<_>>()?,
+        })
+    }
+
+    /// How many inputs it replaces.
+    pub fn len(&self) -> usize {
+        self.values.dims().first().copied().unwrap_or(0)
+    }
+
+    /// Whether it replaces nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// The positions of a sequence's new inputs.

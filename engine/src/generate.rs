@@ -1,9 +1,11 @@
 //! The model seam and what a generation request and its results look like. Requests run in the
 //! [`serving::Engine`](crate::serving::Engine), batched with whatever else is running.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device};
 
-use crate::batch::Batch;
+use crate::batch::{Batch, Splice};
 use crate::error::Result;
 use crate::kv_pool::{KvPool, TokenLayout};
 use crate::sampling::SamplingParams;
@@ -44,6 +46,51 @@ pub struct Request {
     pub eos: Vec<u32>,
     /// Report the chosen token's logprob and this many alternatives.
     pub logprobs: Option<usize>,
+    /// Images (or other inputs) beside the prompt's tokens.
+    pub media: Option<Arc<Media>>,
+}
+
+/// What a multimodal prompt brings beside its tokens.
+#[derive(Debug, Clone)]
+pub struct Media {
+    /// Embeddings over runs of the prompt (`at` counts from the prompt's first token).
+    pub splices: Vec<Splice>,
+    /// Each prompt token's (temporal, height, width) position.
+    pub positions: Vec<[u32; 3]>,
+    /// A generated token's position less its index in the sequence (negative where images
+    /// take fewer positions than tokens), the same on all three axes.
+    pub position_delta: i64,
+    /// The prompt as the prefix cache sees it: each placeholder token replaced by an id derived
+    /// from its image's content, so two different images never share cache entries and the
+    /// same image sent twice does.
+    pub cache_keys: Vec<u32>,
+}
+
+impl Media {
+    /// Positions of the sequence's inputs `from..to` (prompt and generated).
+    pub fn positions(&self, from: usize, to: usize) -> Vec<[u32; 3]> {
+        (from..to)
+            .map(|i| match self.positions.get(i) {
+                Some(&p) => p,
+                None => [(i as i64 + self.position_delta).max(0) as u32; 3],
+            })
+            .collect()
+    }
+
+    /// The parts of its splices that fall in the sequence's inputs `from..to`, counted from
+    /// `from`.
+    pub fn splices(&self, from: usize, to: usize) -> candle_core::Result<Vec<Splice>> {
+        let mut out = Vec::new();
+        for s in &self.splices {
+            let (lo, hi) = (s.at.max(from), (s.at + s.len()).min(to));
+            if lo < hi {
+                let mut part = s.rows(lo - s.at, hi - s.at)?;
+                part.at -= from;
+                out.push(part);
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// One generated token, as the client sees it.

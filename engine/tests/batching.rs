@@ -34,6 +34,7 @@ fn cases(name: &str, lengths: &[usize]) -> Vec<(Request, Value)> {
                 stop: Vec::new(),
                 eos: eos.clone(),
                 logprobs: Some(5),
+                media: None,
             };
             (request, case)
         })

@@ -75,6 +75,7 @@ fn a_prompt_longer_than_the_moe_context_is_refused() {
         stop: Vec::new(),
         eos: Vec::new(),
         logprobs: None,
+        media: None,
     };
     let e = engine.generate(request, &mut |_| true).unwrap_err();
     assert!(

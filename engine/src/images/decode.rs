@@ -34,7 +34,9 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, ImageErro
         .with_guessed_format()
         .map_err(|e| ImageError::Corrupt(e.to_string()))?;
     let format = match reader.format() {
-        Some(f @ (ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP | ImageFormat::Gif)) => f,
+        Some(f @ (ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP | ImageFormat::Gif)) => {
+            f
+        }
         Some(other) => return Err(ImageError::UnsupportedFormat(format!("{other:?}"))),
         None => {
             return Err(ImageError::UnsupportedFormat(
@@ -57,7 +59,12 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, ImageErro
     let key = colour_key(format, bytes)?;
     // A broken EXIF block is ignored, as PIL ignores it.
     let orientation = decoder.orientation().ok();
-    let mut image = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
+    let mut image = if format == ImageFormat::Jpeg {
+        drop(decoder);
+        jpeg(bytes)?
+    } else {
+        DynamicImage::from_decoder(decoder).map_err(corrupt)?
+    };
     if let Some(o) = orientation {
         image.apply_orientation(o);
     }
@@ -66,6 +73,65 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, ImageErro
         whiten(&mut rgb, key.rgb, key.transparent.as_deref());
     }
     Ok(rgb)
+}
+
+/// A JPEG's pixels as libjpeg-turbo gives them to PIL: ISLOW IDCT and "fancy" chroma upsampling
+/// to RGB, grey as grey, and CMYK through PIL's conversion of Adobe's inverted CMYK.
+fn jpeg(bytes: &[u8]) -> Result<DynamicImage, ImageError> {
+    use mozjpeg::{ColorSpace, Decompress};
+    let run = || -> std::io::Result<DynamicImage> {
+        let d = Decompress::new_mem(bytes)?;
+        let size = |w: usize, h: usize| (w as u32, h as u32);
+        let image = match d.color_space() {
+            ColorSpace::JCS_GRAYSCALE => {
+                let mut s = d.grayscale()?;
+                let (w, h) = size(s.width(), s.height());
+                let px = s.read_scanlines_flat()?;
+                s.finish()?;
+                image::GrayImage::from_raw(w, h, px).map(DynamicImage::ImageLuma8)
+            }
+            ColorSpace::JCS_CMYK | ColorSpace::JCS_YCCK => {
+                let mut s = d.to_colorspace(ColorSpace::JCS_CMYK)?;
+                let (w, h) = size(s.width(), s.height());
+                let px = s.read_scanlines_flat()?;
+                s.finish()?;
+                let rgb = px.chunks_exact(4).flat_map(adobe_cmyk_to_rgb).collect();
+                image::RgbImage::from_raw(w, h, rgb).map(DynamicImage::ImageRgb8)
+            }
+            _ => {
+                let mut s = d.rgb()?;
+                let (w, h) = size(s.width(), s.height());
+                let px = s.read_scanlines_flat()?;
+                s.finish()?;
+                image::RgbImage::from_raw(w, h, px).map(DynamicImage::ImageRgb8)
+            }
+        };
+        image.ok_or_else(|| {
+            std::io::Error::other("the decoder returned fewer pixels than the image has")
+        })
+    };
+    // libjpeg's fatal errors unwind out of the C decoder as panics.
+    match std::panic::catch_unwind(run) {
+        Ok(Ok(image)) => Ok(image),
+        Ok(Err(e)) => Err(ImageError::Corrupt(e.to_string())),
+        Err(p) => Err(ImageError::Corrupt(
+            p.downcast_ref::<String>()
+                .cloned()
+                .unwrap_or_else(|| "libjpeg failed".into()),
+        )),
+    }
+}
+
+/// PIL reads every CMYK JPEG as Adobe's inverted CMYK (`CMYK;I`), then converts to RGB with
+/// integer arithmetic: `R = (255 - K) - (C * (255 - K)) / 255`, rounded its way.
+fn adobe_cmyk_to_rgb(raw: &[u8]) -> [u8; 3] {
+    let muldiv255 = |a: u32, b: u32| {
+        let t = a * b + 128;
+        ((t >> 8) + t) >> 8
+    };
+    let nk = u32::from(raw[3]);
+    let channel = |c: u8| nk.saturating_sub(muldiv255(255 - u32::from(c), nk)) as u8;
+    [channel(raw[0]), channel(raw[1]), channel(raw[2])]
 }
 
 fn corrupt(e: image::ImageError) -> ImageError {
@@ -98,8 +164,10 @@ fn png_key(bytes: &[u8]) -> Result<Option<Key>, ImageError> {
         .read_info()
         .map_err(|e| ImageError::Corrupt(e.to_string()))?;
     let info = reader.info();
-    let (Some(trns), false) = (info.trns.as_deref(), info.bit_depth == png::BitDepth::Sixteen)
-    else {
+    let (Some(trns), false) = (
+        info.trns.as_deref(),
+        info.bit_depth == png::BitDepth::Sixteen,
+    ) else {
         return Ok(None);
     };
     let rgb = match info.color_type {
@@ -118,7 +186,9 @@ fn png_key(bytes: &[u8]) -> Result<Option<Key>, ImageError> {
             let simple = zeros == 1 && trns.iter().all(|&a| a == 0 || a == 255);
             let index = trns.iter().position(|&a| a == 0);
             match (simple, index, info.palette.as_deref()) {
-                (true, Some(i), Some(p)) if p.len() >= 3 * i + 3 => [p[3 * i], p[3 * i + 1], p[3 * i + 2]],
+                (true, Some(i), Some(p)) if p.len() >= 3 * i + 3 => {
+                    [p[3 * i], p[3 * i + 1], p[3 * i + 2]]
+                }
                 _ => return Ok(None),
             }
         }

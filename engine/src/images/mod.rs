@@ -57,7 +57,9 @@ pub enum ImageError {
     #[error("{0}")]
     Reference(String),
     /// Sides too unequal for the model's processor.
-    #[error("the image is {width}x{height}: its sides' ratio is more than {limit}; crop or pad it")]
+    #[error(
+        "the image is {width}x{height}: its sides' ratio is more than {limit}; crop or pad it"
+    )]
     AspectRatio {
         /// Width.
         width: u32,

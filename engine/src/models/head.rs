@@ -24,6 +24,10 @@ pub(crate) struct Ends {
     pub tied: bool,
 }
 
+/// Where a stack's body lives: `model` for a causal LM, `model.language_model` inside a
+/// multimodal model.
+pub(crate) const CAUSAL_LM: &str = "model";
+
 /// A decoder-only model's weights: the embedding, its layers and the head.
 pub(crate) struct Stack<L> {
     /// `model.embed_tokens`.
@@ -34,12 +38,13 @@ pub(crate) struct Stack<L> {
     pub head: Head,
 }
 
-/// Reads `model.embed_tokens`, layers `0..ends.layers` (each made by `layer(i, its weights)`),
-/// `model.norm` and `lm_head` from `vb`, calling `progress(done, total)` as layers are read; a
+/// Reads `{body}.embed_tokens`, layers `0..ends.layers` (each made by `layer(i, its weights)`),
+/// `{body}.norm` and `lm_head` from `vb`, calling `progress(done, total)` as layers are read; a
 /// weights error names the checkpoint's tensor.
 pub(crate) fn load_stack<L>(
     checkpoint: &Checkpoint,
     vb: &VarBuilder,
+    body: &str,
     ends: Ends,
     quantization: Quantization,
     progress: &mut dyn FnMut(usize, usize),
@@ -47,7 +52,7 @@ pub(crate) fn load_stack<L>(
 ) -> Result<Stack<L>> {
     let total = ends.layers + 2;
     let mut build = || -> candle_core::Result<Stack<L>> {
-        let model = vb.pp("model");
+        let model = vb.pp(body);
         let embed_tokens = embedding(ends.vocab, ends.hidden, model.pp("embed_tokens"))?;
         progress(1, total);
         let layers = (0..ends.layers)

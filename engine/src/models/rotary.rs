@@ -81,22 +81,43 @@ impl Rotary {
 
     /// The angles of `positions` (one per row of a batch), in f32 as transformers computes them.
     pub(crate) fn angles(&self, positions: &[usize]) -> Result<Angles> {
+        self.table(positions.len(), |row, _| positions[row] as f32)
+    }
+
+    /// The angles of multimodal (temporal, height, width) positions, one triple per row, as
+    /// transformers' interleaved M-RoPE assigns frequencies to axes: frequency `j` follows the
+    /// height for `j ≡ 1 (mod 3)` below `3 * section[1]`, the width for `j ≡ 2` below
+    /// `3 * section[2]`, and the temporal position otherwise.
+    pub(crate) fn angles_mrope(
+        &self,
+        positions: &[[u32; 3]],
+        section: [usize; 3],
+    ) -> Result<Angles> {
+        let axis = |j: usize| match j % 3 {
+            1 if j < 3 * section[1] => 1,
+            2 if j < 3 * section[2] => 2,
+            _ => 0,
+        };
+        let axes: Vec<usize> = (0..self.inv_freq.len()).map(axis).collect();
+        self.table(positions.len(), |row, j| positions[row][axes[j]] as f32)
+    }
+
+    /// cos and sin of `position(row, frequency) * inv_freq[frequency]` for `rows` rows.
+    fn table(&self, rows: usize, position: impl Fn(usize, usize) -> f32) -> Result<Angles> {
         let half = self.inv_freq.len();
-        let len = positions.len();
         let (mut cos, mut sin) = (
-            Vec::with_capacity(len * half),
-            Vec::with_capacity(len * half),
+            Vec::with_capacity(rows * half),
+            Vec::with_capacity(rows * half),
         );
-        for &pos in positions {
-            let p = pos as f32 * self.inv_scale;
-            for f in &self.inv_freq {
-                let angle = p * f;
+        for row in 0..rows {
+            for (j, f) in self.inv_freq.iter().enumerate() {
+                let angle = position(row, j) * self.inv_scale * f;
                 cos.push(angle.cos());
                 sin.push(angle.sin());
             }
         }
         let table = |v: Vec<f32>| -> Result<Tensor> {
-            Ok(Tensor::from_vec(v, (len, half), &self.device)?.to_dtype(self.dtype)?)
+            Ok(Tensor::from_vec(v, (rows, half), &self.device)?.to_dtype(self.dtype)?)
         };
         Ok(Angles {
             cos: table(cos)?,

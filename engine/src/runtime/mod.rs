@@ -42,10 +42,28 @@ pub trait LoadModel: CausalLm + Sized {
     fn weight_bytes(&self) -> Option<u64> {
         None
     }
+
+    /// The engine's inputs for `prompt` and the images its messages carry (one placeholder
+    /// token each, in order). A text model takes no images.
+    fn prepare(
+        &self,
+        prompt: Vec<u32>,
+        images: &[crate::images::RgbImage],
+    ) -> crate::Result<(Vec<u32>, Option<Arc<crate::generate::Media>>)> {
+        if images.is_empty() {
+            Ok((prompt, None))
+        } else {
+            Err(EngineError::Unsupported(
+                "this model takes text only; remove the image parts".into(),
+            ))
+        }
+    }
 }
 
 /// A loaded model and everything needed to talk to it.
-struct Loaded {
+struct Loaded<M> {
+    /// The model the engine runs, for preparing multimodal inputs beside it.
+    model: Arc<M>,
     engine: Engine,
     codec: Arc<TextCodec>,
     template: Option<ChatTemplate>,
@@ -55,7 +73,7 @@ struct Loaded {
 
 /// One plugin's model: unloaded until `load_model`.
 pub struct ModelRuntime<M> {
-    loaded: Option<Loaded>,
+    loaded: Option<Loaded<M>>,
     tool_call_format: Option<&'static str>,
     reasoning_format: Option<&'static str>,
     memory_limit: Option<u64>,
@@ -160,7 +178,41 @@ pub fn device_of(config: &ModelConfig) -> Result<Device, PluginError> {
     }
 }
 
-impl Loaded {
+/// The images of a chat's messages, decoded, in the order the chat template meets them (every
+/// `image_url` or `image` part); an image that cannot be used names its message and part.
+fn message_images(prompt: &Prompt) -> Result<Vec<crate::images::RgbImage>, PluginError> {
+    use crate::images::{data_url_bytes, decode, DecodeLimits};
+    let Prompt::Messages(messages) = prompt else {
+        return Ok(Vec::new());
+    };
+    let mut images = Vec::new();
+    for (i, message) in messages.iter().enumerate() {
+        let Some(parts) = message.get("content").and_then(|c| c.as_array()) else {
+            continue;
+        };
+        for (j, part) in parts.iter().enumerate() {
+            let url = match part.get("type").and_then(|t| t.as_str()) {
+                Some("image_url") => part
+                    .get("image_url")
+                    .and_then(|u| u.get("url").or(Some(u)))
+                    .and_then(|u| u.as_str()),
+                Some("image") => part.get("image").and_then(|u| u.as_str()),
+                _ => continue,
+            };
+            let at = format!("messages[{i}].content[{j}]");
+            let url = url.ok_or_else(|| {
+                PluginError::invalid_input(format!("{at}: an image part without its URL"))
+            })?;
+            let image = data_url_bytes(url)
+                .and_then(|bytes| decode(&bytes, &DecodeLimits::default()))
+                .map_err(|e| PluginError::invalid_input(format!("{at}: {e}")))?;
+            images.push(image);
+        }
+    }
+    Ok(images)
+}
+
+impl<M> Loaded<M> {
     fn prompt_ids(&self, request: &InferRequest) -> Result<Vec<u32>, PluginError> {
         let text = match &request.prompt {
             Prompt::Text(text) => text.clone(),
@@ -274,9 +326,11 @@ impl<M: LoadModel> ModelRuntime<M> {
             reasoning_format: self.reasoning_format.map(str::to_string),
         };
         let codec = Arc::new(TextCodec::load(&checkpoint).map_err(plugin_error)?);
+        let model = Arc::new(model);
         let engine =
-            Engine::start(Arc::new(model), codec.clone(), engine_config).map_err(plugin_error)?;
+            Engine::start(model.clone(), codec.clone(), engine_config).map_err(plugin_error)?;
         self.loaded = Some(Loaded {
+            model,
             codec,
             template: ChatTemplate::load(&checkpoint).map_err(plugin_error)?,
             generation: GenerationConfig::load(&checkpoint).map_err(plugin_error)?,
@@ -296,7 +350,11 @@ impl<M: LoadModel> ModelRuntime<M> {
             .loaded
             .as_ref()
             .ok_or_else(|| PluginError::not_ready("infer called before load_model"))?;
-        let prompt = loaded.prompt_ids(request)?;
+        let images = message_images(&request.prompt)?;
+        let (prompt, media) = loaded
+            .model
+            .prepare(loaded.prompt_ids(request)?, &images)
+            .map_err(plugin_error)?;
         let prompt_tokens = prompt.len() as u32;
         let context = loaded.engine.context_length();
         let max_tokens = request
@@ -311,6 +369,7 @@ impl<M: LoadModel> ModelRuntime<M> {
             stop: request.stop.clone(),
             eos: loaded.generation.eos_token_id.clone(),
             logprobs: request.logprobs.map(|k| k as usize),
+            media,
         };
         // The sink is polled between tokens too: a request cancelled while it waits or
         // prefills stops at once, not at its first token.

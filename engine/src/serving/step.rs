@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{finish_early, Arrival, EngineConfig, Event, Shared, Stats};
-use crate::batch::{Batch, Positions, SeqStep};
-use crate::generate::{CausalLm, Finish, Outcome};
+use crate::batch::{Batch, Positions, SeqStep, Splice};
+use crate::generate::{CausalLm, Finish, Media, Outcome};
 use crate::kv_pool::{BlockId, KvPool, PrefixHash};
 use crate::scheduler::{self, Limits, Plan, Running, Waiting};
 use crate::sequence::Decoding;
@@ -29,6 +29,10 @@ struct Seq {
     id: u64,
     /// Prompt and generated tokens.
     tokens: Vec<u32>,
+    /// `tokens` as the prefix cache keys them (images' placeholders by content).
+    keys: Vec<u32>,
+    /// Images and M-RoPE positions of a multimodal prompt.
+    media: Option<Arc<Media>>,
     /// Tokens whose cache entries are in the pool.
     computed: usize,
     blocks: Vec<BlockId>,
@@ -50,8 +54,9 @@ impl Seq {
     /// Appends a sampled token, hashing the block it completes.
     fn push_token(&mut self, token: u32, block_size: usize) {
         self.tokens.push(token);
-        if self.tokens.len().is_multiple_of(block_size) {
-            let block = &self.tokens[self.tokens.len() - block_size..];
+        self.keys.push(token);
+        if self.keys.len().is_multiple_of(block_size) {
+            let block = &self.keys[self.keys.len() - block_size..];
             let parent = self.block_hashes.last().copied();
             self.block_hashes.push(PrefixHash::chain(parent, block));
         }
@@ -186,12 +191,18 @@ impl<M: CausalLm> Worker<M> {
                 continue;
             }
             self.next_id += 1;
+            let media = a.request.media.clone();
+            let keys = media
+                .as_ref()
+                .map_or_else(|| a.request.prompt.clone(), |m| m.cache_keys.clone());
             self.waiting.push_back(Seq {
                 id: self.next_id,
                 tokens: a.request.prompt.clone(),
+                block_hashes: PrefixHash::of_blocks(&keys, self.pool.block_size()),
+                keys,
+                media,
                 computed: 0,
                 blocks: Vec::new(),
-                block_hashes: PrefixHash::of_blocks(&a.request.prompt, self.pool.block_size()),
                 registered: 0,
                 decoding: Decoding::new(&a.request, a.max_tokens),
                 events: a.events,
@@ -236,7 +247,7 @@ impl<M: CausalLm> Worker<M> {
         let usable = (seq.tokens.len() - 1) / self.pool.block_size();
         self.pool
             .allocator
-            .lookup(&seq.tokens, &seq.block_hashes[..usable])
+            .lookup(&seq.keys, &seq.block_hashes[..usable])
     }
 
     fn plan(&self) -> Plan {
@@ -355,17 +366,28 @@ impl<M: CausalLm> Worker<M> {
             order.push((w.id, tokens));
         }
         self.stats.blocks_peak = self.stats.blocks_peak.max(self.pool.allocator.in_use());
-        let linear = Positions::Linear;
+        let inputs = match self.step_inputs(&order) {
+            Ok(inputs) => inputs,
+            Err((id, e)) => {
+                if let Some(i) = self.running.iter().position(|s| s.id == id) {
+                    let mut seq = self.running.remove(i);
+                    self.release(&mut seq);
+                    self.outbox.push((seq.events, Event::Failed(e)));
+                }
+                return;
+            }
+        };
         let result = {
             let steps: Vec<SeqStep<'_>> = order
                 .iter()
-                .filter_map(|(id, n)| {
+                .zip(&inputs)
+                .filter_map(|((id, n), (positions, splices))| {
                     let s = self.running.iter().find(|s| s.id == *id)?;
                     Some(SeqStep {
                         tokens: &s.tokens[s.computed..s.computed + n],
-                        splices: &[],
+                        splices,
                         start: s.computed,
-                        positions: &linear,
+                        positions,
                         blocks: &s.blocks,
                         logits: s.computed + n == s.tokens.len(),
                     })
@@ -397,6 +419,27 @@ impl<M: CausalLm> Worker<M> {
         }
     }
 
+    /// Each sequence's positions and spliced embeddings for the inputs it runs this step, in
+    /// `order`; a sequence whose media cannot be cut is returned with the reason.
+    fn step_inputs(
+        &self,
+        order: &[(u64, usize)],
+    ) -> Result<Vec<(Positions, Vec<Splice>)>, (u64, EngineError)> {
+        order
+            .iter()
+            .map(|&(id, n)| {
+                let seq = self.running.iter().find(|s| s.id == id);
+                match seq.and_then(|s| s.media.as_ref().map(|m| (s.computed, m))) {
+                    None => Ok((Positions::Linear, Vec::new())),
+                    Some((from, m)) => {
+                        let splices = m.splices(from, from + n).map_err(|e| (id, e.into()))?;
+                        Ok((Positions::Sections(m.positions(from, from + n)), splices))
+                    }
+                }
+            })
+            .collect()
+    }
+
     /// Records what the step computed, caches newly full blocks, and samples where logits came.
     fn advance(&mut self, order: &[(u64, usize)], logits: Vec<Vec<f32>>) {
         let mut logits = logits.into_iter();
@@ -411,10 +454,10 @@ impl<M: CausalLm> Worker<M> {
                 while seq.registered < seq.computed / bs {
                     let b = seq.registered;
                     let parent = b.checked_sub(1).map(|p| seq.block_hashes[p]);
-                    let tokens = &seq.tokens[b * bs..(b + 1) * bs];
+                    let keys = &seq.keys[b * bs..(b + 1) * bs];
                     self.pool
                         .allocator
-                        .cache(seq.blocks[b], parent, tokens, seq.block_hashes[b]);
+                        .cache(seq.blocks[b], parent, keys, seq.block_hashes[b]);
                     seq.registered += 1;
                 }
             }

@@ -122,6 +122,7 @@ pub fn cases(checkpoint: &Checkpoint, name: &str) -> Vec<Case> {
                 stop: Vec::new(),
                 eos: eos.clone(),
                 logprobs: Some(5),
+                media: None,
             };
             Case {
                 request,

@@ -155,9 +155,15 @@ impl Glm4MoeLite {
             embed_tokens,
             layers,
             head,
-        } = load_stack(checkpoint, &vb, ends, quantization, progress, |i, vb| {
-            DecoderLayer::new(&cfg, kinds[i], quantization, vb)
-        })?;
+        } = load_stack(
+            checkpoint,
+            &vb,
+            head::CAUSAL_LM,
+            ends,
+            quantization,
+            progress,
+            |i, vb| DecoderLayer::new(&cfg, kinds[i], quantization, vb),
+        )?;
         Ok(Self {
             embed_tokens,
             layers,

@@ -44,8 +44,9 @@ impl FeedForward {
     }
 }
 
+/// One decoder layer (Qwen3-VL's text model reuses it).
 #[derive(Debug, Clone)]
-struct DecoderLayer {
+pub(crate) struct DecoderLayer {
     input_layernorm: RmsNorm,
     self_attn: Attention,
     post_attention_layernorm: RmsNorm,
@@ -53,7 +54,12 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn new(cfg: &Config, index: usize, q: Quantization, vb: VarBuilder) -> candle_result::R<Self> {
+    pub(crate) fn new(
+        cfg: &Config,
+        index: usize,
+        q: Quantization,
+        vb: VarBuilder,
+    ) -> candle_result::R<Self> {
         let mlp = if cfg.is_sparse(index) {
             FeedForward::Sparse(moe::SparseMoe::new(cfg, q, vb.pp("mlp"))?)
         } else {
@@ -76,7 +82,7 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(
+    pub(crate) fn forward(
         &self,
         x: &Tensor,
         rotary: &Angles,
@@ -159,9 +165,15 @@ impl Qwen3 {
             embed_tokens,
             layers,
             head,
-        } = load_stack(checkpoint, &vb, ends, quantization, progress, |i, vb| {
-            DecoderLayer::new(&cfg, i, quantization, vb)
-        })?;
+        } = load_stack(
+            checkpoint,
+            &vb,
+            head::CAUSAL_LM,
+            ends,
+            quantization,
+            progress,
+            |i, vb| DecoderLayer::new(&cfg, i, quantization, vb),
+        )?;
         Ok(Self {
             embed_tokens,
             layers,
@@ -173,13 +185,22 @@ impl Qwen3 {
     }
 }
 
+impl DecoderLayer {
+    /// Bytes of its projections and experts.
+    pub(crate) fn weight_bytes(&self) -> usize {
+        self.self_attn.weight_bytes() + self.mlp.weight_bytes()
+    }
+
+    /// (kv heads, head width).
+    pub(crate) fn kv_shape(&self) -> (usize, usize) {
+        (self.self_attn.kv_heads, self.self_attn.head_dim)
+    }
+}
+
 impl Qwen3 {
     /// Bytes of weights per decoder layer (projections and experts; norms are negligible).
     pub fn layer_weight_bytes(&self) -> Vec<usize> {
-        self.layers
-            .iter()
-            .map(|l| l.self_attn.weight_bytes() + l.mlp.weight_bytes())
-            .collect()
+        self.layers.iter().map(DecoderLayer::weight_bytes).collect()
     }
 
     /// Bytes of all weights: layers, embedding and (unless it is the embedding) the output head.

@@ -104,8 +104,8 @@ impl Config {
             path: path.clone(),
             reason: format!("`{what}`: {e}"),
         };
-        let mut text: qwen3::Config = serde_json::from_value(raw.text_config.clone())
-            .map_err(|e| parse("text_config", e))?;
+        let mut text: qwen3::Config =
+            serde_json::from_value(raw.text_config.clone()).map_err(|e| parse("text_config", e))?;
         text.architectures = raw.architectures;
         // The top-level flag is the one transformers reads for the head.
         if let Some(tied) = raw.tie_word_embeddings {
@@ -126,12 +126,12 @@ impl Config {
         let half = text.head_dim() / 2;
         let mrope_section: [usize; 3] = match section[..] {
             [t, h, w] if t + h + w == half => [t, h, w],
-            _ => {
-                return Err(bad(
-                    "text_config.rope_scaling.mrope_section",
-                    format!("expected three sections summing to head_dim / 2 = {half}, found {section:?}"),
-                ))
-            }
+            _ => return Err(bad(
+                "text_config.rope_scaling.mrope_section",
+                format!(
+                    "expected three sections summing to head_dim / 2 = {half}, found {section:?}"
+                ),
+            )),
         };
         let v = &raw.vision_config;
         if v.num_heads == 0 || !v.hidden_size.is_multiple_of(v.num_heads) {
@@ -144,13 +144,19 @@ impl Config {
         if side * side != v.num_position_embeddings || side < 2 {
             return Err(bad(
                 "vision_config.num_position_embeddings",
-                format!("expected a square grid, found {}", v.num_position_embeddings),
+                format!(
+                    "expected a square grid, found {}",
+                    v.num_position_embeddings
+                ),
             ));
         }
         if v.out_hidden_size != text.hidden_size {
             return Err(bad(
                 "vision_config.out_hidden_size",
-                format!("expected the text width {}, found {}", text.hidden_size, v.out_hidden_size),
+                format!(
+                    "expected the text width {}, found {}",
+                    text.hidden_size, v.out_hidden_size
+                ),
             ));
         }
         if v.deepstack_visual_indexes.iter().any(|&i| i >= v.depth)
@@ -158,7 +164,10 @@ impl Config {
         {
             return Err(bad(
                 "vision_config.deepstack_visual_indexes",
-                format!("expected block indexes below depth = {} and no more than the text layers", v.depth),
+                format!(
+                    "expected block indexes below depth = {} and no more than the text layers",
+                    v.depth
+                ),
             ));
         }
         if v.hidden_act != "gelu_pytorch_tanh" {

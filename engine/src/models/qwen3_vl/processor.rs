@@ -72,7 +72,8 @@ impl Processor {
         let path = checkpoint.path("preprocessor_config.json");
         let text = std::fs::read_to_string(&path).map_err(|_| EngineError::MissingFile {
             path: path.clone(),
-            hint: "a vision checkpoint needs its image processor settings (preprocessor_config.json)",
+            hint:
+                "a vision checkpoint needs its image processor settings (preprocessor_config.json)",
         })?;
         let raw: Raw = parse_json(&path, &text)?;
         let bad = |field: &str, reason: &str| EngineError::BadField {
@@ -91,7 +92,10 @@ impl Processor {
             .or(size.and_then(|s| s.longest_edge))
             .unwrap_or(28 * 28 * 1280);
         if min_pixels == 0 || min_pixels > max_pixels {
-            return Err(bad("size", "expected 0 < shortest_edge (min pixels) <= longest_edge (max pixels)"));
+            return Err(bad(
+                "size",
+                "expected 0 < shortest_edge (min pixels) <= longest_edge (max pixels)",
+            ));
         }
         let positive = |v: Option<usize>, default: usize, field: &str| match v.unwrap_or(default) {
             0 => Err(bad(field, "must be at least 1")),
@@ -100,8 +104,14 @@ impl Processor {
         if raw.resample.is_some_and(|r| r != 3) {
             return Err(bad("resample", "only bicubic (3) is supported"));
         }
-        if raw.do_resize == Some(false) || raw.do_rescale == Some(false) || raw.do_normalize == Some(false) {
-            return Err(bad("do_resize", "turning off resizing, rescaling or normalizing is not supported"));
+        if raw.do_resize == Some(false)
+            || raw.do_rescale == Some(false)
+            || raw.do_normalize == Some(false)
+        {
+            return Err(bad(
+                "do_resize",
+                "turning off resizing, rescaling or normalizing is not supported",
+            ));
         }
         let to32 = |a: [f64; 3]| a.map(|v| v as f32);
         let std = to32(raw.image_std.unwrap_or([0.5; 3]));
@@ -121,7 +131,11 @@ impl Processor {
     }
 
     /// The size an image of `height` × `width` is resized to.
-    pub fn target_size(&self, height: u32, width: u32) -> std::result::Result<(u32, u32), ImageError> {
+    pub fn target_size(
+        &self,
+        height: u32,
+        width: u32,
+    ) -> std::result::Result<(u32, u32), ImageError> {
         let factor = (self.patch_size * self.merge_size) as u64;
         smart_resize(height, width, factor, self.min_pixels, self.max_pixels)
     }

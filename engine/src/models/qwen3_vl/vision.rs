@@ -105,7 +105,11 @@ impl Merger {
     fn new(cfg: &VisionConfig, norm_after_fold: bool, vb: VarBuilder) -> candle_core::Result<Self> {
         let fold = cfg.spatial_merge_size * cfg.spatial_merge_size;
         let wide = cfg.hidden_size * fold;
-        let norm_size = if norm_after_fold { wide } else { cfg.hidden_size };
+        let norm_size = if norm_after_fold {
+            wide
+        } else {
+            cfg.hidden_size
+        };
         Ok(Self {
             norm: norm(norm_size, vb.pp("norm"))?,
             fc1: linear(wide, wide, vb.pp("linear_fc1"))?,
@@ -125,9 +129,7 @@ impl Merger {
                 .forward(x)?
                 .reshape((n / self.fold, hidden * self.fold))?
         };
-        Ok(self
-            .fc2
-            .forward(&self.fc1.forward(&folded)?.gelu_erf()?)?)
+        Ok(self.fc2.forward(&self.fc1.forward(&folded)?.gelu_erf()?)?)
     }
 }
 
@@ -167,7 +169,9 @@ impl VisionTower {
         );
         // The Conv3d's kernel equals its stride: a matrix product over flattened patches.
         let pe = vb.pp("patch_embed.proj");
-        let weight = pe.get((h, c, t, p, p), "weight")?.reshape((h, c * t * p * p))?;
+        let weight = pe
+            .get((h, c, t, p, p), "weight")?
+            .reshape((h, c * t * p * p))?;
         let bias = pe.get(h, "bias")?;
         let patch_embed = Linear::from_weight(weight, Some(bias), Quantization::None)?;
         let side = (cfg.num_position_embeddings as f64).sqrt() as usize;
@@ -300,8 +304,9 @@ impl VisionTower {
     pub fn encode(&self, patches: &Patches) -> Result<Encoded> {
         let [t, gh, gw] = patches.grid;
         let n = t * gh * gw;
-        let pixels = Tensor::from_slice(&patches.values, (n, patches.values.len() / n), &self.device)?
-            .to_dtype(self.dtype)?;
+        let pixels =
+            Tensor::from_slice(&patches.values, (n, patches.values.len() / n), &self.device)?
+                .to_dtype(self.dtype)?;
         let cells: Vec<(usize, usize)> = (0..t).flat_map(|_| self.patch_grid(gh, gw)).collect();
         let pos = self.positions(&cells, gh, gw)?.to_dtype(self.dtype)?;
         let mut x = (self.patch_embed.forward(&pixels)? + pos)?;

@@ -1,0 +1,235 @@
+//! Qwen3-VL against transformers' goldens on the tiny checkpoint: the expanded prompt, its
+//! M-RoPE positions, and greedy tokens with top-5 log-probabilities for prompts with no image,
+//! one image, two images in one message and images in two turns — each alone, all batched
+//! together, in small prefill chunks, and again from the prefix cache.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{assert_matches, fixtures, ids};
+use pio_engine::candle_core::{DType, Device};
+use pio_engine::chat::ChatTemplate;
+use pio_engine::checkpoint::Checkpoint;
+use pio_engine::generate::{Emitted, Outcome, Request};
+use pio_engine::generation_config::GenerationConfig;
+use pio_engine::images::{decode, DecodeLimits};
+use pio_engine::linear::Quantization;
+use pio_engine::models::qwen3_vl::Qwen3Vl;
+use pio_engine::sampling::SamplingParams;
+use pio_engine::serving::{Engine, EngineConfig, Event, Stream};
+use pio_engine::text::TextCodec;
+use serde_json::Value;
+
+const NAME: &str = "qwen3-vl-tiny";
+
+fn golden() -> Value {
+    let text = std::fs::read_to_string(fixtures().join("golden/qwen3-vl-tiny.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+struct Fixture {
+    model: Arc<Qwen3Vl>,
+    codec: Arc<TextCodec>,
+    template: ChatTemplate,
+    eos: Vec<u32>,
+}
+
+fn fixture() -> Fixture {
+    let checkpoint = Checkpoint::open(&fixtures().join(NAME)).unwrap();
+    let model = Qwen3Vl::load(
+        &checkpoint,
+        DType::F32,
+        Quantization::None,
+        &Device::Cpu,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    Fixture {
+        model: Arc::new(model),
+        codec: Arc::new(TextCodec::load(&checkpoint).unwrap()),
+        template: ChatTemplate::load(&checkpoint).unwrap().unwrap(),
+        eos: GenerationConfig::load(&checkpoint).unwrap().eos_token_id,
+    }
+}
+
+/// A golden case's request, its prompt and positions checked against transformers'.
+fn request(f: &Fixture, case: &Value) -> Request {
+    let messages = case["messages"].as_array().unwrap();
+    let text = f
+        .template
+        .render(messages, None, true, &Default::default())
+        .unwrap();
+    assert_eq!(text, case["prompt"].as_str().unwrap(), "{}", case["name"]);
+    let images: Vec<_> = messages
+        .iter()
+        .filter_map(|m| m["content"].as_array())
+        .flatten()
+        .filter_map(|p| p["image"].as_str())
+        .map(|file| {
+            let bytes = std::fs::read(fixtures().join("images").join(file)).unwrap();
+            decode(&bytes, &DecodeLimits::default()).unwrap()
+        })
+        .collect();
+    let (prompt, media) = f
+        .model
+        .prepare(f.codec.encode(&text).unwrap(), &images)
+        .unwrap();
+    assert_eq!(
+        prompt,
+        ids(&case["input_ids"]),
+        "input ids of {}",
+        case["name"]
+    );
+    let want = case["position_ids"].as_array().unwrap();
+    if let Some(m) = &media {
+        for (i, p) in m.positions.iter().enumerate() {
+            for axis in 0..3 {
+                assert_eq!(
+                    u64::from(p[axis]),
+                    want[axis][i].as_u64().unwrap(),
+                    "{}: position {i} axis {axis}",
+                    case["name"]
+                );
+            }
+        }
+        assert_eq!(m.position_delta, case["rope_delta"].as_i64().unwrap());
+    } else {
+        assert_eq!(case["rope_delta"].as_i64().unwrap(), 0);
+    }
+    Request {
+        prompt,
+        sampling: SamplingParams::default(),
+        max_tokens: case["tokens"].as_array().unwrap().len(),
+        stop: Vec::new(),
+        eos: f.eos.clone(),
+        logprobs: Some(5),
+        media: media.map(Arc::new),
+    }
+}
+
+fn collect(stream: Stream) -> (Vec<Emitted>, Outcome) {
+    let mut out = Vec::new();
+    loop {
+        match stream.next().unwrap() {
+            Event::Token(t) => out.push(t),
+            Event::Done(o) => return (out, o),
+            Event::Failed(e) => panic!("request failed: {e}"),
+        }
+    }
+}
+
+fn run_all(f: &Fixture, config: EngineConfig, requests: &[(Request, Value)]) -> Vec<Outcome> {
+    let engine = Engine::start(f.model.clone(), f.codec.clone(), config).unwrap();
+    let streams: Vec<_> = requests
+        .iter()
+        .map(|(r, _)| engine.submit(r.clone()).unwrap())
+        .collect();
+    streams
+        .into_iter()
+        .zip(requests)
+        .map(|(s, (_, case))| {
+            let (out, outcome) = collect(s);
+            assert_eq!(
+                out.len(),
+                case["tokens"].as_array().unwrap().len(),
+                "{}",
+                case["name"]
+            );
+            assert_matches(&out, case);
+            outcome
+        })
+        .collect()
+}
+
+#[test]
+fn every_case_matches_transformers_alone_and_batched() {
+    let f = fixture();
+    let cases: Vec<(Request, Value)> = golden()["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (request(&f, c), c.clone()))
+        .collect();
+    for case in &cases {
+        run_all(&f, EngineConfig::default(), std::slice::from_ref(case));
+    }
+    run_all(&f, EngineConfig::default(), &cases);
+    // Prefill in chunks of 5 tokens: images cut across chunks and across KV blocks.
+    let chunked = EngineConfig {
+        block_size: 4,
+        token_budget: 5,
+        ..EngineConfig::default()
+    };
+    run_all(&f, chunked, &cases);
+}
+
+#[test]
+fn the_same_image_twice_hits_the_prefix_cache_and_another_image_does_not() {
+    let f = fixture();
+    let golden = golden();
+    let case = golden["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "one-image")
+        .unwrap()
+        .clone();
+    let config = EngineConfig {
+        block_size: 4,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::start(f.model.clone(), f.codec.clone(), config).unwrap();
+    let first = request(&f, &case);
+    for expected_hit in [false, true] {
+        let (out, outcome) = collect(engine.submit(first.clone()).unwrap());
+        assert_matches(&out, &case);
+        let image_end = first.prompt.len() - 4;
+        if expected_hit {
+            assert!(outcome.cached_tokens >= image_end / 4 * 4, "{outcome:?}");
+        } else {
+            assert_eq!(outcome.cached_tokens, 0);
+        }
+    }
+    // Same text, same size, another picture: the cache must not serve the first one's entries
+    // past the text before the image.
+    let mut other = case.clone();
+    other["messages"][0]["content"][0]["image"] = "palette.png".into();
+    let text = f
+        .template
+        .render(
+            other["messages"].as_array().unwrap(),
+            None,
+            true,
+            &Default::default(),
+        )
+        .unwrap();
+    let bytes = std::fs::read(fixtures().join("images/palette.png")).unwrap();
+    let image = decode(&bytes, &DecodeLimits::default()).unwrap();
+    let (prompt, media) = f
+        .model
+        .prepare(f.codec.encode(&text).unwrap(), &[image])
+        .unwrap();
+    assert_eq!(prompt, first.prompt, "the two images take the same tokens");
+    let request = Request {
+        prompt,
+        media: media.map(Arc::new),
+        ..first.clone()
+    };
+    let (_, outcome) = collect(engine.submit(request).unwrap());
+    let first_image_token = first.prompt.iter().position(|&t| t == 11).unwrap();
+    assert!(outcome.cached_tokens <= first_image_token, "{outcome:?}");
+}
+
+#[test]
+fn placeholders_and_images_must_agree() {
+    let f = fixture();
+    let ids = f
+        .codec
+        .encode("<|vision_start|><|image_pad|><|vision_end|>hi")
+        .unwrap();
+    let e = f.model.prepare(ids, &[]).unwrap_err().to_string();
+    assert!(e.contains("1 image placeholders for 0 images"), "{e}");
+}
