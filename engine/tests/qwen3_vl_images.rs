@@ -1,6 +1,8 @@
 //! Images through Qwen3-VL's processor against what transformers (with PIL) made of the same
 //! files: sizes, token counts and every pixel value, and the bad inputs refused with a reason.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::fixtures;

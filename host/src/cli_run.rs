@@ -36,9 +36,14 @@ pub struct RunArgs {
         required_unless_present = "messages"
     )]
     prompt: Option<String>,
-    /// OpenAI-style chat messages: a JSON array, or a file holding one.
+    /// OpenAI-style chat messages: a JSON array, or a file holding one. Image parts
+    /// (`image_url`) may name local files; they are sent inline.
     #[arg(long, value_name = "FILE_OR_JSON")]
     messages: Option<String>,
+    /// An image for a vision model (PNG, JPEG, WebP or GIF; repeatable): with `--prompt`, the
+    /// images and then the prompt become one user message, rendered with the chat template.
+    #[arg(long = "image", value_name = "FILE", requires = "prompt")]
+    images: Vec<PathBuf>,
     /// Tools the model may call (OpenAI's `tools`): a JSON array, or a file holding one.
     #[arg(long, value_name = "FILE_OR_JSON", requires = "messages")]
     tools: Option<String>,
@@ -128,14 +133,32 @@ fn json_array(flag: &str, value: &str, what: &str) -> anyhow::Result<Vec<serde_j
     serde_json::from_str(&text).with_context(|| format!("{flag} must be a JSON array of {what}"))
 }
 
+/// `messages` with every image part's file read inline (a local user may name any file they
+/// can read; the daemon only reads files under its image root).
+fn inline_images(messages: Vec<serde_json::Value>) -> anyhow::Result<Vec<serde_json::Value>> {
+    pio_host::serve::messages::check(messages, true, Some(std::path::Path::new("/")))
+        .map_err(|e| anyhow::anyhow!("{}", e.message))
+}
+
 fn request(args: &RunArgs) -> anyhow::Result<InferRequest> {
     let prompt = match (&args.prompt, &args.messages) {
+        (Some(text), _) if !args.images.is_empty() => {
+            let mut content: Vec<serde_json::Value> = args
+                .images
+                .iter()
+                .map(|p| serde_json::json!({"type": "image_url", "image_url": {"url": p.display().to_string()}}))
+                .collect();
+            content.push(serde_json::json!({"type": "text", "text": text}));
+            Prompt::Messages(inline_images(vec![
+                serde_json::json!({"role": "user", "content": content}),
+            ])?)
+        }
         (Some(text), _) => Prompt::Text(text.clone()),
-        (None, Some(m)) => Prompt::Messages(json_array(
+        (None, Some(m)) => Prompt::Messages(inline_images(json_array(
             "--messages",
             m,
             "{\"role\", \"content\"} objects",
-        )?),
+        )?)?),
         (None, None) => bail!("give --prompt TEXT or --messages FILE_OR_JSON"),
     };
     let tools = args

@@ -11,6 +11,7 @@ mod glm;
 mod hotplug;
 mod medium;
 mod qwen3;
+mod qwen3_vl;
 mod serve;
 mod supervisor;
 mod upper_tiers;

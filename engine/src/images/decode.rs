@@ -86,14 +86,14 @@ fn jpeg(bytes: &[u8]) -> Result<DynamicImage, ImageError> {
             ColorSpace::JCS_GRAYSCALE => {
                 let mut s = d.grayscale()?;
                 let (w, h) = size(s.width(), s.height());
-                let px = s.read_scanlines_flat()?;
+                let px = s.read_scanlines::<u8>()?;
                 s.finish()?;
                 image::GrayImage::from_raw(w, h, px).map(DynamicImage::ImageLuma8)
             }
             ColorSpace::JCS_CMYK | ColorSpace::JCS_YCCK => {
                 let mut s = d.to_colorspace(ColorSpace::JCS_CMYK)?;
                 let (w, h) = size(s.width(), s.height());
-                let px = s.read_scanlines_flat()?;
+                let px = s.read_scanlines::<u8>()?;
                 s.finish()?;
                 let rgb = px.chunks_exact(4).flat_map(adobe_cmyk_to_rgb).collect();
                 image::RgbImage::from_raw(w, h, rgb).map(DynamicImage::ImageRgb8)
@@ -101,7 +101,7 @@ fn jpeg(bytes: &[u8]) -> Result<DynamicImage, ImageError> {
             _ => {
                 let mut s = d.rgb()?;
                 let (w, h) = size(s.width(), s.height());
-                let px = s.read_scanlines_flat()?;
+                let px = s.read_scanlines::<u8>()?;
                 s.finish()?;
                 image::RgbImage::from_raw(w, h, px).map(DynamicImage::ImageRgb8)
             }

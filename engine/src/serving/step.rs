@@ -16,6 +16,9 @@ use crate::sequence::Decoding;
 use crate::text::TextCodec;
 use crate::EngineError;
 
+/// A sequence's positions and spliced embeddings for one step.
+type StepInput = (Positions, Vec<Splice>);
+
 /// What a panic said.
 fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<String>()
@@ -424,7 +427,7 @@ impl<M: CausalLm> Worker<M> {
     fn step_inputs(
         &self,
         order: &[(u64, usize)],
-    ) -> Result<Vec<(Positions, Vec<Splice>)>, (u64, EngineError)> {
+    ) -> Result<Vec<StepInput>, (u64, EngineError)> {
         order
             .iter()
             .map(|&(id, n)| {

@@ -126,12 +126,14 @@ impl Config {
         let half = text.head_dim() / 2;
         let mrope_section: [usize; 3] = match section[..] {
             [t, h, w] if t + h + w == half => [t, h, w],
-            _ => return Err(bad(
-                "text_config.rope_scaling.mrope_section",
-                format!(
+            _ => {
+                return Err(bad(
+                    "text_config.rope_scaling.mrope_section",
+                    format!(
                     "expected three sections summing to head_dim / 2 = {half}, found {section:?}"
                 ),
-            )),
+                ))
+            }
         };
         let v = &raw.vision_config;
         if v.num_heads == 0 || !v.hidden_size.is_multiple_of(v.num_heads) {
