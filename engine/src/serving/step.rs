@@ -424,10 +424,7 @@ impl<M: CausalLm> Worker<M> {
 
     /// Each sequence's positions and spliced embeddings for the inputs it runs this step, in
     /// `order`; a sequence whose media cannot be cut is returned with the reason.
-    fn step_inputs(
-        &self,
-        order: &[(u64, usize)],
-    ) -> Result<Vec<StepInput>, (u64, EngineError)> {
+    fn step_inputs(&self, order: &[(u64, usize)]) -> Result<Vec<StepInput>, (u64, EngineError)> {
         order
             .iter()
             .map(|&(id, n)| {

@@ -118,6 +118,16 @@ impl Qwen3Vl {
             + self.vision.weight_bytes()
     }
 
+    /// The image processor (`preprocessor_config.json`).
+    pub fn processor(&self) -> &Processor {
+        &self.processor
+    }
+
+    /// The vision tower.
+    pub fn vision(&self) -> &VisionTower {
+        &self.vision
+    }
+
     /// Turns `prompt` (one image placeholder per image, in order) and its `images` into the
     /// engine's inputs: images run through the processor and the vision tower here, on the
     /// caller's thread, before the request joins a batch.
