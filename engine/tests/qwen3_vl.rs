@@ -233,3 +233,57 @@ fn placeholders_and_images_must_agree() {
     let e = f.model.prepare(ids, &[]).unwrap_err().to_string();
     assert!(e.contains("1 image placeholders for 0 images"), "{e}");
 }
+
+/// A copy of the fixture with `edit` applied to its config.json.
+fn broken(edit: impl Fn(&mut Value), drop: Option<&str>) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixtures().join(NAME)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    let path = dir.path().join("config.json");
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut config);
+    std::fs::write(&path, config.to_string()).unwrap();
+    if let Some(file) = drop {
+        std::fs::remove_file(dir.path().join(file)).unwrap();
+    }
+    let checkpoint = Checkpoint::open(dir.path()).unwrap();
+    let e = Qwen3Vl::load(
+        &checkpoint,
+        DType::F32,
+        Quantization::None,
+        &Device::Cpu,
+        &mut |_, _| {},
+    )
+    .unwrap_err()
+    .to_string();
+    (dir, e)
+}
+
+#[test]
+fn impossible_configs_are_refused_naming_the_file_and_field() {
+    let (_d, e) = broken(
+        |c| c["text_config"]["rope_parameters"]["mrope_section"] = serde_json::json!([6, 5, 4]),
+        None,
+    );
+    assert!(
+        e.contains("config.json") && e.contains("mrope_section") && e.contains("16"),
+        "{e}"
+    );
+    let (_d, e) = broken(|c| c["vision_config"]["out_hidden_size"] = 32.into(), None);
+    assert!(
+        e.contains("vision_config.out_hidden_size") && e.contains("64"),
+        "{e}"
+    );
+    let (_d, e) = broken(|_| {}, Some("preprocessor_config.json"));
+    assert!(
+        e.contains("preprocessor_config.json") && e.contains("not found"),
+        "{e}"
+    );
+    let (_d, e) = broken(
+        |c| c["architectures"] = serde_json::json!(["Qwen3ForCausalLM"]),
+        None,
+    );
+    assert!(e.contains("Qwen3VLForConditionalGeneration"), "{e}");
+}

@@ -299,6 +299,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_empty_image_is_refused_as_empty() {
+        // A GIF whose screen and only frame are 0 x 0.
+        let mut gif = b"GIF89a\0\0\0\0\0\0\0".to_vec();
+        gif.extend_from_slice(b",\0\0\0\0\0\0\0\0\0\x02\x02\x44\x01\0;");
+        let e = decode(&gif, &DecodeLimits::default()).unwrap_err();
+        assert_eq!(
+            e,
+            ImageError::Empty {
+                width: 0,
+                height: 0
+            },
+            "{e}"
+        );
+        assert!(e.to_string().contains("empty"), "{e}");
+    }
+
+    #[test]
     fn refuses_what_it_does_not_decode() {
         let limits = DecodeLimits::default();
         let e = decode(b"BM\x3e\0\0\0\0\0\0\0", &limits).unwrap_err();
