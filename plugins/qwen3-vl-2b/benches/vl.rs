@@ -6,8 +6,9 @@
 //!
 //! Run: `cargo bench -p pio-plugin-qwen3-vl --bench vl` (python3 with
 //! `tests/fixtures/requirements.txt`; ~5 GB of disk and ~12 GB of memory). PIO runs in its own
-//! process so its peak RSS is its own. llama.cpp's multimodal tool is not compared: it needs the
-//! vision tower converted to its own GGUF, which its converter does not do for this checkpoint.
+//! process so its peak RSS is its own. llama.cpp is not compared yet: `tests/bench/build_llama_cpp.sh`
+//! does not build its multimodal tool (`llama-mtmd-cli`), which also needs the vision tower
+//! converted to a separate GGUF (`--mmproj`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
