@@ -6,6 +6,13 @@ Usage: make_checkpoint.py OUT_DIR qwen3-0.6b
        make_checkpoint.py OUT_DIR qwen3-30b-a3b LAYERS   (the real widths and 128 experts, fewer layers)
        make_checkpoint.py OUT_DIR glm-4.7-flash LAYERS   (the real widths and 64 experts, fewer layers;
                                                           the GLM fixture's tokenizer and template)
+       make_checkpoint.py OUT_DIR qwen3-vl-2b            (Qwen3-VL-2B-Instruct: all 28 text layers and
+                                                          the 24-block vision tower; the Qwen3-VL
+                                                          fixture's tokenizer and template, the real
+                                                          preprocessor budget, and two bench images,
+                                                          bench-448x448.png and bench-1280x720.png)
+
+Every file written is mode 0644.
 """
 
 import json
@@ -13,6 +20,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
+import PIL.Image
 import torch
 from transformers import (
     Glm4MoeLiteConfig,
@@ -21,9 +30,29 @@ from transformers import (
     Qwen3ForCausalLM,
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
 )
 
-GLM_FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "glm4-moe-lite-tiny"
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+GLM_FIXTURE = FIXTURES / "glm4-moe-lite-tiny"
+VL_FIXTURE = FIXTURES / "qwen3-vl-tiny"
+# (width, height) of the images saved beside the Qwen3-VL checkpoint.
+VL_BENCH_IMAGES = [(448, 448), (1280, 720)]
+
+
+def photo(rng, width, height, noise=6.0):
+    """A photo-like RGB image (smooth gradients, a soft disc, mild noise), as the fixtures' `_photo`."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    u, v = x / max(width - 1, 1), y / max(height - 1, 1)
+    r = 40 + 180 * u + 20 * np.sin(6.0 * v)
+    g = 30 + 150 * v + 40 * np.cos(5.0 * u + 2.0 * v)
+    b = 200 - 120 * u * v
+    disc = np.exp(-(((u - 0.62) / 0.18) ** 2 + ((v - 0.4) / 0.22) ** 2))
+    r, g, b = r + 60 * disc, g - 40 * disc, b + 30 * disc
+    img = np.stack([r, g, b], axis=-1) + rng.normal(0.0, noise, (height, width, 3))
+    return PIL.Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")
+
 
 out, shape = sys.argv[1], sys.argv[2]
 torch.manual_seed(0)
@@ -101,6 +130,59 @@ elif shape == "glm-4.7-flash":
         torch_dtype="bfloat16",
     )
     model = Glm4MoeLiteForCausalLM(config)
+elif shape == "qwen3-vl-2b":
+    # Qwen/Qwen3-VL-2B-Instruct's config.json (all layers), in transformers 5's form
+    # (`rope_parameters`), with the special-token ids of the Qwen3-VL fixture's tokenizer, which the
+    # engines need to start (token ids only name rows here).
+    tiny = json.loads((VL_FIXTURE / "config.json").read_text())
+    config = Qwen3VLConfig(
+        text_config={
+            "vocab_size": 151936,
+            "hidden_size": 2048,
+            "intermediate_size": 6144,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "hidden_act": "silu",
+            "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 262144,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 5_000_000.0,
+                "mrope_interleaved": True,
+                "mrope_section": [24, 20, 20],
+            },
+            "attention_bias": False,
+            "tie_word_embeddings": True,
+            "bos_token_id": tiny["text_config"]["bos_token_id"],
+            "eos_token_id": tiny["text_config"]["eos_token_id"],
+            "pad_token_id": tiny["text_config"]["pad_token_id"],
+            "dtype": "bfloat16",
+        },
+        vision_config={
+            "depth": 24,
+            "hidden_size": 1024,
+            "num_heads": 16,
+            "intermediate_size": 4096,
+            "hidden_act": "gelu_pytorch_tanh",
+            "in_channels": 3,
+            "patch_size": 16,
+            "temporal_patch_size": 2,
+            "spatial_merge_size": 2,
+            "out_hidden_size": 2048,
+            "num_position_embeddings": 2304,
+            "deepstack_visual_indexes": [5, 11, 17],
+            "dtype": "bfloat16",
+        },
+        image_token_id=tiny["image_token_id"],
+        video_token_id=tiny["video_token_id"],
+        vision_start_token_id=tiny["vision_start_token_id"],
+        vision_end_token_id=tiny["vision_end_token_id"],
+        tie_word_embeddings=True,
+        dtype="bfloat16",
+    )
+    model = Qwen3VLForConditionalGeneration(config)
 else:
     sys.exit(f"unknown shape {shape}")
 model = model.to(torch.bfloat16)
@@ -119,3 +201,16 @@ if shape == "glm-4.7-flash":
     # Token ids only name rows here; the engines need a tokenizer to start.
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         shutil.copy(GLM_FIXTURE / name, Path(out) / name)
+if shape == "qwen3-vl-2b":
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        shutil.copy(VL_FIXTURE / name, Path(out) / name)
+    # The fixture's preprocessor_config.json with the real checkpoint's pixel budget.
+    pre = json.loads((VL_FIXTURE / "preprocessor_config.json").read_text())
+    pre["size"] = {"shortest_edge": 65536, "longest_edge": 16777216}
+    (Path(out) / "preprocessor_config.json").write_text(json.dumps(pre, indent=2, sort_keys=True) + "\n")
+    rng = np.random.RandomState(0)
+    for width, height in VL_BENCH_IMAGES:
+        photo(rng, width, height).save(Path(out) / f"bench-{width}x{height}.png")
+for path in Path(out).iterdir():
+    if path.is_file():
+        path.chmod(0o644)

@@ -79,6 +79,12 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, ImageErro
 /// to RGB, grey as grey, and CMYK through PIL's conversion of Adobe's inverted CMYK.
 fn jpeg(bytes: &[u8]) -> Result<DynamicImage, ImageError> {
     use mozjpeg::{ColorSpace, Decompress};
+    // libjpeg only warns at a premature end and fills the rest with grey; PIL refuses the file.
+    if !jpeg_complete(bytes) {
+        return Err(ImageError::Corrupt(
+            "the JPEG data ends before its end-of-image marker".into(),
+        ));
+    }
     let run = || -> std::io::Result<DynamicImage> {
         let d = Decompress::new_mem(bytes)?;
         let size = |w: usize, h: usize| (w as u32, h as u32);
@@ -120,6 +126,16 @@ fn jpeg(bytes: &[u8]) -> Result<DynamicImage, ImageError> {
                 .unwrap_or_else(|| "libjpeg failed".into()),
         )),
     }
+}
+
+/// Whether an end-of-image marker follows the last start-of-scan (byte stuffing keeps both
+/// marker pairs out of entropy-coded data; an EXIF thumbnail's markers come before the image's).
+fn jpeg_complete(bytes: &[u8]) -> bool {
+    let marker = |m: u8| move |w: &[u8]| w == [0xFF, m];
+    let Some(scan) = bytes.windows(2).rposition(marker(0xDA)) else {
+        return false;
+    };
+    bytes[scan..].windows(2).any(marker(0xD9))
 }
 
 /// PIL reads every CMYK JPEG as Adobe's inverted CMYK (`CMYK;I`), then converts to RGB with
@@ -297,6 +313,31 @@ fn drop_alpha(raw: &[u8], stride: usize, rgb: impl Fn(&[u8]) -> [u8; 3]) -> Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_truncated_or_corrupt_jpeg_is_refused_not_greyed() {
+        let photo = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/images/photo.jpg"
+        ))
+        .unwrap();
+        assert!(decode(&photo, &DecodeLimits::default()).is_ok());
+        let e = decode(&photo[..photo.len() / 2], &DecodeLimits::default()).unwrap_err();
+        assert!(matches!(e, ImageError::Corrupt(_)), "{e}");
+        // A broken header inside: libjpeg's fatal error comes back as an error, not an abort.
+        let mut bad = photo.clone();
+        let sof = bad.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+        bad[sof + 9] = 9; // nine components
+        let e = decode(&bad, &DecodeLimits::default()).unwrap_err();
+        assert!(
+            matches!(e, ImageError::Corrupt(_) | ImageError::UnsupportedFormat(_)),
+            "{e}"
+        );
+        // Straight into libjpeg: a scan before any frame header is its fatal error, which
+        // unwinds out of the C decoder into an error.
+        let e = jpeg(&[0xFF, 0xD8, 0xFF, 0xDA, 0, 2, 0xFF, 0xD9]).unwrap_err();
+        assert!(e.to_string().contains("libjpeg"), "{e}");
+    }
 
     #[test]
     fn an_empty_image_is_refused_as_empty() {
