@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{assert_matches, engine_for, fixtures, golden, ids};
+use common::{assert_matches, collect, engine_for, fixtures, golden, ids};
 use pio_engine::checkpoint::Checkpoint;
 use pio_engine::generate::{CausalLm, Emitted, Finish, Outcome, Request};
 use pio_engine::generation_config::GenerationConfig;
@@ -47,17 +47,6 @@ fn small_blocks(blocks: usize) -> EngineConfig {
         block_size: 4,
         kv_blocks: blocks,
         ..EngineConfig::default()
-    }
-}
-
-fn collect(stream: Stream) -> (Vec<Emitted>, Outcome) {
-    let mut out = Vec::new();
-    loop {
-        match stream.next().unwrap() {
-            Event::Token(t) => out.push(t),
-            Event::Done(o) => return (out, o),
-            Event::Failed(e) => panic!("request failed: {e}"),
-        }
     }
 }
 

@@ -9,17 +9,17 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{assert_matches, fixtures, ids};
+use common::{assert_matches, collect, fixtures, ids};
 use pio_engine::candle_core::{DType, Device};
 use pio_engine::chat::ChatTemplate;
 use pio_engine::checkpoint::Checkpoint;
-use pio_engine::generate::{Emitted, Outcome, Request};
+use pio_engine::generate::{Outcome, Request};
 use pio_engine::generation_config::GenerationConfig;
 use pio_engine::images::{decode, DecodeLimits};
 use pio_engine::linear::Quantization;
 use pio_engine::models::qwen3_vl::Qwen3Vl;
 use pio_engine::sampling::SamplingParams;
-use pio_engine::serving::{Engine, EngineConfig, Event, Stream};
+use pio_engine::serving::{Engine, EngineConfig};
 use pio_engine::text::TextCodec;
 use serde_json::Value;
 
@@ -107,17 +107,6 @@ fn request(f: &Fixture, case: &Value) -> Request {
         eos: f.eos.clone(),
         logprobs: Some(5),
         media: media.map(Arc::new),
-    }
-}
-
-fn collect(stream: Stream) -> (Vec<Emitted>, Outcome) {
-    let mut out = Vec::new();
-    loop {
-        match stream.next().unwrap() {
-            Event::Token(t) => out.push(t),
-            Event::Done(o) => return (out, o),
-            Event::Failed(e) => panic!("request failed: {e}"),
-        }
     }
 }
 

@@ -21,19 +21,7 @@ fn run_json(extra: &[&str]) -> Vec<Value> {
 }
 
 pub(crate) fn run_plugin_json(plugin: &str, extra: &[&str]) -> Vec<Value> {
-    let deps = deps_dir();
-    let mut args = vec!["run", plugin, "--library-dir", deps.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    args.extend_from_slice(&[
-        "--temperature",
-        "0",
-        "--json",
-        "--logprobs",
-        "5",
-        "--max-tokens",
-        "16",
-    ]);
-    let out = pio(&repo_root(), &args);
+    let out = run_plugin(plugin, extra, 16);
     assert!(
         out.status.success(),
         "{}",
@@ -43,6 +31,24 @@ pub(crate) fn run_plugin_json(plugin: &str, extra: &[&str]) -> Vec<Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
+}
+
+/// `pio run PLUGIN EXTRA…` greedy, JSON lines with top-5 logprobs, at most `max_tokens`.
+pub(crate) fn run_plugin(plugin: &str, extra: &[&str], max_tokens: usize) -> std::process::Output {
+    let deps = deps_dir();
+    let n = max_tokens.to_string();
+    let mut args = vec!["run", plugin, "--library-dir", deps.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[
+        "--temperature",
+        "0",
+        "--json",
+        "--logprobs",
+        "5",
+        "--max-tokens",
+        &n,
+    ]);
+    pio(&repo_root(), &args)
 }
 
 pub(crate) fn assert_matches(lines: &[Value], case: &Value) {

@@ -7,7 +7,8 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 
 use crate::daemon::Daemon;
-use crate::support::{deps_dir, manifest, pio, plugin_lib, repo_root, PluginDir};
+use crate::qwen3::run_plugin;
+use crate::support::{manifest, plugin_lib, repo_root, PluginDir};
 use crate::worker::confinement_available;
 
 const PLUGIN: &str = "qwen3-vl-2b";
@@ -33,20 +34,7 @@ fn image_path(file: &str) -> String {
 
 /// `pio run qwen3-vl-2b` greedy with top-5 logprobs: (its JSON lines, exit status, stderr).
 fn run(extra: &[&str], max_tokens: usize) -> (Vec<Value>, bool, String) {
-    let deps = deps_dir();
-    let n = max_tokens.to_string();
-    let mut args = vec!["run", PLUGIN, "--library-dir", deps.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    args.extend_from_slice(&[
-        "--temperature",
-        "0",
-        "--json",
-        "--logprobs",
-        "5",
-        "--max-tokens",
-        &n,
-    ]);
-    let out = pio(&repo_root(), &args);
+    let out = run_plugin(PLUGIN, extra, max_tokens);
     let lines = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
@@ -56,6 +44,21 @@ fn run(extra: &[&str], max_tokens: usize) -> (Vec<Value>, bool, String) {
         out.status.success(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// The one-image golden case's request through `pio run`: its JSON lines.
+fn run_one_image() -> Vec<Value> {
+    let (lines, ok, err) = run(
+        &[
+            "--image",
+            &image_path("rgb.png"),
+            "--prompt",
+            "What is in the picture?",
+        ],
+        12,
+    );
+    assert!(ok, "{err}");
+    lines
 }
 
 /// Greedy tokens and top-5 logprobs within 2e-3 of transformers'.
@@ -81,16 +84,7 @@ fn pio_run_with_images_gives_transformers_tokens() {
         return;
     }
     let one = case("one-image");
-    let (lines, ok, err) = run(
-        &[
-            "--image",
-            &image_path("rgb.png"),
-            "--prompt",
-            "What is in the picture?",
-        ],
-        12,
-    );
-    assert!(ok, "{err}");
+    let lines = run_one_image();
     assert_tokens(&lines, &one);
     let usage = &lines.last().unwrap()["usage"];
     assert_eq!(
@@ -177,16 +171,7 @@ fn the_chat_api_takes_images_and_refuses_bad_ones() {
     }
     let d = vl_daemon();
     let one = case("one-image");
-    let (cli, ok, err) = run(
-        &[
-            "--image",
-            &image_path("rgb.png"),
-            "--prompt",
-            "What is in the picture?",
-        ],
-        12,
-    );
-    assert!(ok, "{err}");
+    let cli = run_one_image();
     let cli_text: String = cli.iter().filter_map(|l| l["text"].as_str()).collect();
     let prompt_tokens = one["input_ids"].as_array().unwrap().len() as u64;
     let body = chat(

@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, rms_norm, Embedding, RmsNorm, VarBuilder};
 
-use crate::batch::{Batch, Positions};
+use crate::batch::{Batch, Positions, SeqStep};
 use crate::checkpoint::Checkpoint;
 use crate::linear::{Linear, Quantization};
 use crate::{EngineError, Result};
@@ -83,17 +83,7 @@ pub(crate) fn text_positions(
 ) -> Result<Vec<usize>> {
     let mut positions = Vec::with_capacity(batch.rows());
     for seq in &batch.seqs {
-        let end = seq.start + seq.tokens.len();
-        if seq.tokens.is_empty() {
-            return Err(EngineError::Internal(
-                "a sequence with no new tokens in a batch".into(),
-            ));
-        }
-        if end > context {
-            return Err(EngineError::InvalidInput(format!(
-                "the sequence would reach {end} tokens; the context is {context}"
-            )));
-        }
+        let end = extent(seq, context)?;
         if !seq.splices.is_empty() || seq.positions != &Positions::Linear {
             return Err(EngineError::Unsupported(format!(
                 "{family} is a text model: it takes token ids at 1-D positions, not embeddings or M-RoPE positions"
@@ -102,6 +92,22 @@ pub(crate) fn text_positions(
         positions.extend(seq.start..end);
     }
     Ok(positions)
+}
+
+/// Where a sequence's new inputs end, checked: some new inputs, within the context.
+pub(crate) fn extent(seq: &SeqStep<'_>, context: usize) -> Result<usize> {
+    let end = seq.start + seq.tokens.len();
+    if seq.tokens.is_empty() {
+        return Err(EngineError::Internal(
+            "a sequence with no new tokens in a batch".into(),
+        ));
+    }
+    if end > context {
+        return Err(EngineError::InvalidInput(format!(
+            "the sequence would reach {end} tokens; the context is {context}"
+        )));
+    }
+    Ok(end)
 }
 
 /// Every sequence's new token ids, back to back, embedded: `(1, rows, hidden)`.

@@ -15,7 +15,7 @@ use pio_engine::generation_config::GenerationConfig;
 use pio_engine::linear::Quantization;
 use pio_engine::runtime::LoadModel;
 use pio_engine::sampling::SamplingParams;
-use pio_engine::serving::{Engine, EngineConfig};
+use pio_engine::serving::{Engine, EngineConfig, Event, Stream};
 use pio_engine::text::TextCodec;
 use serde_json::Value;
 
@@ -130,6 +130,18 @@ pub fn cases(checkpoint: &Checkpoint, name: &str) -> Vec<Case> {
             }
         })
         .collect()
+}
+
+/// A request's tokens and outcome, read from its stream to the end; a failure fails the test.
+pub fn collect(stream: Stream) -> (Vec<Emitted>, Outcome) {
+    let mut out = Vec::new();
+    loop {
+        match stream.next().unwrap() {
+            Event::Token(t) => out.push(t),
+            Event::Done(o) => return (out, o),
+            Event::Failed(e) => panic!("request failed: {e}"),
+        }
+    }
 }
 
 /// Runs one case by itself.

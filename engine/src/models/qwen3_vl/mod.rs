@@ -170,18 +170,7 @@ impl Qwen3Vl {
     fn positions(&self, batch: &Batch<'_>) -> Result<Vec<[u32; 3]>> {
         let mut out = Vec::with_capacity(batch.rows());
         for seq in &batch.seqs {
-            let end = seq.start + seq.tokens.len();
-            if seq.tokens.is_empty() {
-                return Err(EngineError::Internal(
-                    "a sequence with no new tokens in a batch".into(),
-                ));
-            }
-            if end > self.context {
-                return Err(EngineError::InvalidInput(format!(
-                    "the sequence would reach {end} tokens; the context is {}",
-                    self.context
-                )));
-            }
+            let end = head::extent(seq, self.context)?;
             match seq.positions {
                 Positions::Linear => out.extend((seq.start..end).map(|p| [p as u32; 3])),
                 Positions::Sections(p) if p.len() == seq.tokens.len() => out.extend(p),
