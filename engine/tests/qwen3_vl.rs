@@ -39,16 +39,8 @@ struct Fixture {
 
 fn fixture() -> Fixture {
     let checkpoint = Checkpoint::open(&fixtures().join(NAME)).unwrap();
-    let model = Qwen3Vl::load(
-        &checkpoint,
-        DType::F32,
-        Quantization::None,
-        &Device::Cpu,
-        &mut |_, _| {},
-    )
-    .unwrap();
     Fixture {
-        model: Arc::new(model),
+        model: Arc::new(common::load::<Qwen3Vl>(NAME)),
         codec: Arc::new(TextCodec::load(&checkpoint).unwrap()),
         template: ChatTemplate::load(&checkpoint).unwrap().unwrap(),
         eos: GenerationConfig::load(&checkpoint).unwrap().eos_token_id,

@@ -42,16 +42,21 @@ pub fn ids(v: &Value) -> Vec<u32> {
 /// Fixture `name` loaded in f32 and served by an engine with `config`.
 pub fn engine_for<M: LoadModel + CausalLm>(name: &str, config: EngineConfig) -> Engine {
     let checkpoint = Checkpoint::open(&fixtures().join(name)).unwrap();
-    let model = M::load(
+    let codec = TextCodec::load(&checkpoint).unwrap();
+    Engine::start(Arc::new(load::<M>(name)), Arc::new(codec), config).unwrap()
+}
+
+/// Fixture `name` loaded in f32 on the CPU.
+pub fn load<M: LoadModel>(name: &str) -> M {
+    let checkpoint = Checkpoint::open(&fixtures().join(name)).unwrap();
+    M::load(
         &checkpoint,
         DType::F32,
         Quantization::None,
         &Device::Cpu,
         &mut |_, _| {},
     )
-    .unwrap();
-    let codec = TextCodec::load(&checkpoint).unwrap();
-    Engine::start(Arc::new(model), Arc::new(codec), config).unwrap()
+    .unwrap()
 }
 
 /// The tokens are transformers' and the top-5 log-probabilities within 2e-3, for as many steps as
