@@ -41,17 +41,12 @@ VL_FIXTURE = FIXTURES / "qwen3-vl-tiny"
 VL_BENCH_IMAGES = [(448, 448), (1280, 720)]
 
 
-def photo(rng, width, height, noise=6.0):
-    """A photo-like RGB image (smooth gradients, a soft disc, mild noise), as the fixtures' `_photo`."""
-    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
-    u, v = x / max(width - 1, 1), y / max(height - 1, 1)
-    r = 40 + 180 * u + 20 * np.sin(6.0 * v)
-    g = 30 + 150 * v + 40 * np.cos(5.0 * u + 2.0 * v)
-    b = 200 - 120 * u * v
-    disc = np.exp(-(((u - 0.62) / 0.18) ** 2 + ((v - 0.4) / 0.22) ** 2))
-    r, g, b = r + 60 * disc, g - 40 * disc, b + 30 * disc
-    img = np.stack([r, g, b], axis=-1) + rng.normal(0.0, noise, (height, width, 3))
-    return PIL.Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")
+def photo(rng, width, height):
+    """A photo-like RGB image: the fixtures' own pattern (tests/fixtures/qwen3_vl.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "fixtures"))
+    from qwen3_vl import _photo
+
+    return PIL.Image.fromarray(_photo(rng, width, height), "RGB")
 
 
 out, shape = sys.argv[1], sys.argv[2]
