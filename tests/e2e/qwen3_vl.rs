@@ -115,6 +115,8 @@ fn pio_run_refuses_bad_images_with_the_reason() {
         ("bad/bomb.png", "100000x100000"),
         ("bad/random.png", "PNG, JPEG, WebP or GIF"),
         ("bad/image.bmp", "not a PNG, JPEG, GIF or WebP file"),
+        ("bad/empty.gif", "the image is empty"),
+        ("bad/sliver.png", "ratio is more than 200"),
         ("missing.png", "missing.png"),
     ] {
         let (_, ok, err) = run(&["--image", &image_path(file), "--prompt", "hi"], 4);
@@ -211,6 +213,11 @@ fn the_chat_api_takes_images_and_refuses_bad_ones() {
             "corrupt or truncated",
         ),
         (data_url("bad/bomb.png", "image/png"), "100000x100000"),
+        (data_url("bad/empty.gif", "image/gif"), "the image is empty"),
+        (
+            data_url("bad/sliver.png", "image/png"),
+            "ratio is more than 200",
+        ),
         (
             data_url("bad/image.bmp", "image/bmp"),
             "unsupported image format",
