@@ -32,8 +32,9 @@ struct Seq {
     id: u64,
     /// Prompt and generated tokens.
     tokens: Vec<u32>,
-    /// `tokens` as the prefix cache keys them (images' placeholders by content).
-    keys: Vec<u32>,
+    /// `tokens` as the prefix cache keys them, where they differ (a multimodal prompt's
+    /// placeholders keyed by their image's content); see [`Seq::keys`].
+    image_keys: Option<Vec<u32>>,
     /// Images and M-RoPE positions of a multimodal prompt.
     media: Option<Arc<Media>>,
     /// Tokens whose cache entries are in the pool.
@@ -57,12 +58,19 @@ impl Seq {
     /// Appends a sampled token, hashing the block it completes.
     fn push_token(&mut self, token: u32, block_size: usize) {
         self.tokens.push(token);
-        self.keys.push(token);
-        if self.keys.len().is_multiple_of(block_size) {
-            let block = &self.keys[self.keys.len() - block_size..];
+        if let Some(keys) = &mut self.image_keys {
+            keys.push(token);
+        }
+        if self.tokens.len().is_multiple_of(block_size) {
+            let block = &self.keys()[self.tokens.len() - block_size..];
             let parent = self.block_hashes.last().copied();
             self.block_hashes.push(PrefixHash::chain(parent, block));
         }
+    }
+
+    /// What the prefix cache hashes and compares: the tokens, or their image-aware keys.
+    fn keys(&self) -> &[u32] {
+        self.image_keys.as_deref().unwrap_or(&self.tokens)
     }
 
     fn cancelled(&self) -> bool {
@@ -195,14 +203,13 @@ impl<M: CausalLm> Worker<M> {
             }
             self.next_id += 1;
             let media = a.request.media.clone();
-            let keys = media
-                .as_ref()
-                .map_or_else(|| a.request.prompt.clone(), |m| m.cache_keys.clone());
+            let image_keys = media.as_ref().map(|m| m.cache_keys.clone());
+            let keys = image_keys.as_deref().unwrap_or(&a.request.prompt);
             self.waiting.push_back(Seq {
                 id: self.next_id,
                 tokens: a.request.prompt.clone(),
-                block_hashes: PrefixHash::of_blocks(&keys, self.pool.block_size()),
-                keys,
+                block_hashes: PrefixHash::of_blocks(keys, self.pool.block_size()),
+                image_keys,
                 media,
                 computed: 0,
                 blocks: Vec::new(),
@@ -250,7 +257,7 @@ impl<M: CausalLm> Worker<M> {
         let usable = (seq.tokens.len() - 1) / self.pool.block_size();
         self.pool
             .allocator
-            .lookup(&seq.keys, &seq.block_hashes[..usable])
+            .lookup(seq.keys(), &seq.block_hashes[..usable])
     }
 
     fn plan(&self) -> Plan {
@@ -454,7 +461,7 @@ impl<M: CausalLm> Worker<M> {
                 while seq.registered < seq.computed / bs {
                     let b = seq.registered;
                     let parent = b.checked_sub(1).map(|p| seq.block_hashes[p]);
-                    let keys = &seq.keys[b * bs..(b + 1) * bs];
+                    let keys = &seq.keys()[b * bs..(b + 1) * bs];
                     self.pool
                         .allocator
                         .cache(seq.blocks[b], parent, keys, seq.block_hashes[b]);

@@ -64,6 +64,7 @@ fn measure_image(model: &Arc<Qwen3Vl>, engine: &Engine, dir: &Path, file: &str) 
             .collect(),
     );
     let image = decode(&bytes, &limits).expect("decode");
+    let (width, height) = (image.width, image.height);
     let patches = model.processor().patches(&image).expect("patches");
     let t = Instant::now();
     model.vision().encode(&patches).expect("vision");
@@ -106,10 +107,8 @@ fn measure_image(model: &Arc<Qwen3Vl>, engine: &Engine, dir: &Path, file: &str) 
     };
     let [_, gh, gw] = patches.grid;
     format!(
-        "{{\"engine\": \"pio\", \"image\": \"{file}\", \"width\": {}, \"height\": {}, \"grid\": [1, {gh}, {gw}], \"image_tokens\": {}, \"prompt_tokens\": {prompt_tokens}, \"preprocess_ms\": {preprocess}, \"vision_ms\": {vision}, \"ttft_ms\": {ttft}, \"decode_tps\": {decode_tps}}}",
-        patches.grid[2] * 16,
-        patches.grid[1] * 16,
-        gh * gw / 4,
+        "{{\"engine\": \"pio\", \"image\": \"{file}\", \"width\": {width}, \"height\": {height}, \"grid\": [1, {gh}, {gw}], \"image_tokens\": {}, \"prompt_tokens\": {prompt_tokens}, \"preprocess_ms\": {preprocess}, \"vision_ms\": {vision}, \"ttft_ms\": {ttft}, \"decode_tps\": {decode_tps}}}",
+        patches.tokens(model.processor().merge_size),
     )
 }
 

@@ -100,6 +100,17 @@ impl Config {
         crate::models::rotary::rope_base(checkpoint, self.rope_theta, params)
     }
 
+    /// The sizes of the decoder stack's ends (embedding, final norm, head).
+    pub(crate) fn ends(&self) -> crate::models::head::Ends {
+        crate::models::head::Ends {
+            vocab: self.vocab_size,
+            hidden: self.hidden_size,
+            layers: self.num_hidden_layers,
+            eps: self.rms_norm_eps,
+            tied: self.tie_word_embeddings,
+        }
+    }
+
     /// Whether layer `i` is a sparse MoE block, by transformers' rule.
     pub(crate) fn is_sparse(&self, i: usize) -> bool {
         self.num_experts > 0

@@ -9,7 +9,7 @@ use crate::checkpoint::Checkpoint;
 use crate::generate::CausalLm;
 use crate::kv_pool::{KvPool, TokenLayout};
 use crate::linear::Quantization;
-use crate::models::head::{self, load_stack, tensor_bytes, Ends, Head, Stack};
+use crate::models::head::{self, load_stack, tensor_bytes, Head, Stack};
 use crate::models::mlp::Mlp;
 use crate::models::rotary::{Angles, Rotary};
 use crate::Result;
@@ -154,13 +154,7 @@ impl Qwen3 {
         cfg.validate(checkpoint)?;
         let (theta, scale) = cfg.rope(checkpoint)?;
         let vb = checkpoint.weights(dtype, device)?;
-        let ends = Ends {
-            vocab: cfg.vocab_size,
-            hidden: cfg.hidden_size,
-            layers: cfg.num_hidden_layers,
-            eps: cfg.rms_norm_eps,
-            tied: cfg.tie_word_embeddings,
-        };
+        let ends = cfg.ends();
         let Stack {
             embed_tokens,
             layers,

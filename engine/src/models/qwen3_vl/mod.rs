@@ -14,7 +14,7 @@ use crate::generate::{CausalLm, Media};
 use crate::images::RgbImage;
 use crate::kv_pool::{KvPool, TokenLayout};
 use crate::linear::Quantization;
-use crate::models::head::{self, load_stack, tensor_bytes, Ends, Head, Stack};
+use crate::models::head::{self, load_stack, tensor_bytes, Head, Stack};
 use crate::models::qwen3::DecoderLayer;
 use crate::models::rotary::Rotary;
 use crate::{EngineError, Result};
@@ -71,13 +71,7 @@ impl Qwen3Vl {
         let text = &cfg.text;
         let (theta, scale) = text.rope(checkpoint)?;
         let vb = checkpoint.weights(dtype, device)?;
-        let ends = Ends {
-            vocab: text.vocab_size,
-            hidden: text.hidden_size,
-            layers: text.num_hidden_layers,
-            eps: text.rms_norm_eps,
-            tied: text.tie_word_embeddings,
-        };
+        let ends = text.ends();
         let Stack {
             embed_tokens,
             layers,
