@@ -152,22 +152,14 @@ impl Processor {
             let v = f32::from(resized.pixels[(y * w as usize + x) * 3 + c]);
             (v * self.rescale - self.mean[c]) / self.std[c]
         };
-        // Rows by merge block, then within it; columns (channel, frame, y, x). Every frame is
-        // the same still image.
-        for by in 0..gh / m {
-            for bx in 0..gw / m {
-                for my in 0..m {
-                    for mx in 0..m {
-                        let (py0, px0) = ((by * m + my) * p, (bx * m + mx) * p);
-                        for c in 0..3 {
-                            for _ in 0..t {
-                                for y in 0..p {
-                                    for x in 0..p {
-                                        values.push(level(py0 + y, px0 + x, c));
-                                    }
-                                }
-                            }
-                        }
+        // Rows in merge-block order; columns (channel, frame, y, x). Every frame is the same
+        // still image.
+        for (row, col) in merge_block_cells(gh, gw, m) {
+            let (py0, px0) = (row * p, col * p);
+            for c in 0..3 {
+                for _ in 0..t {
+                    for y in 0..p {
+                        values.extend((0..p).map(|x| level(py0 + y, px0 + x, c)));
                     }
                 }
             }
@@ -177,6 +169,20 @@ impl Processor {
             values,
         })
     }
+}
+
+/// Each patch's `(row, col)` of a `gh × gw` grid in the order the processor writes them and the
+/// vision tower reads them: `m × m` merge blocks row by row, each block's patches row by row.
+pub(crate) fn merge_block_cells(gh: usize, gw: usize, m: usize) -> Vec<(usize, usize)> {
+    let mut cells = Vec::with_capacity(gh * gw);
+    for by in 0..gh / m {
+        for bx in 0..gw / m {
+            for my in 0..m {
+                cells.extend((0..m).map(|mx| (by * m + my, bx * m + mx)));
+            }
+        }
+    }
+    cells
 }
 
 /// transformers' `smart_resize`: each side rounded to a multiple of `factor` (Python's

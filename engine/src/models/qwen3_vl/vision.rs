@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{layer_norm, LayerNorm, LayerNormConfig, VarBuilder};
 
 use super::config::VisionConfig;
-use super::processor::Patches;
+use super::processor::{merge_block_cells, Patches};
 use crate::linear::{Linear, Quantization};
 use crate::Result;
 
@@ -233,22 +233,6 @@ impl VisionTower {
             + self.deepstack.iter().map(|(_, m)| merger(m)).sum::<usize>()
     }
 
-    /// Each patch's `(row, col)` in the merge-block order the processor writes them.
-    fn patch_grid(&self, gh: usize, gw: usize) -> Vec<(usize, usize)> {
-        let m = self.cfg.spatial_merge_size;
-        let mut cells = Vec::with_capacity(gh * gw);
-        for by in 0..gh / m {
-            for bx in 0..gw / m {
-                for my in 0..m {
-                    for mx in 0..m {
-                        cells.push((by * m + my, bx * m + mx));
-                    }
-                }
-            }
-        }
-        cells
-    }
-
     /// The learned positions bilinearly interpolated (corners aligned) from the square table to
     /// a `gh × gw` grid, in f32, one row per patch.
     fn positions(&self, cells: &[(usize, usize)], gh: usize, gw: usize) -> Result<Tensor> {
@@ -311,7 +295,9 @@ impl VisionTower {
         let n = t * gh * gw;
         let pixels =
             Tensor::from_slice(&patches.values, (n, patches.values.len() / n), &self.device)?;
-        let cells: Vec<(usize, usize)> = (0..t).flat_map(|_| self.patch_grid(gh, gw)).collect();
+        let cells: Vec<(usize, usize)> = (0..t)
+            .flat_map(|_| merge_block_cells(gh, gw, self.cfg.spatial_merge_size))
+            .collect();
         let pos = self.positions(&cells, gh, gw)?;
         let mut x = (self.patch_embed.forward(&pixels)? + pos)?;
         let (cos, sin) = self.rotary(&cells)?;
