@@ -6,6 +6,7 @@
 pub mod config;
 pub mod discovery;
 pub mod elf;
+pub mod fault;
 pub mod launch;
 pub mod manifest;
 pub mod probe;

@@ -272,7 +272,7 @@ fn check(path: &Path, library_dirs: Vec<PathBuf>, json: bool) -> anyhow::Result<
             r.version,
             r.family,
             r.api_version,
-            r.capabilities.join(", ")
+            r.capabilities.names().join(", ")
         );
         if let Some(lib) = &candidate.library {
             println!("library: {}", lib.display());

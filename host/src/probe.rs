@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use pio_plugin_api::{LoadError, PluginLibrary};
+use pio_plugin_api::{Capabilities, LoadError, PluginLibrary};
 use serde::{Deserialize, Serialize};
 use wait_timeout::ChildExt;
 
@@ -25,8 +25,32 @@ pub struct LibraryReport {
     pub version: String,
     /// Its model family.
     pub family: String,
-    /// Its capabilities, by name.
-    pub capabilities: Vec<String>,
+    /// What it can do (by name on the wire and in reports).
+    #[serde(with = "capability_names")]
+    pub capabilities: Capabilities,
+}
+
+/// [`Capabilities`] as the list of names `pio list` prints (`bitN` for bits this host does not
+/// know), so reports and frames stay readable while the host works with the typed set.
+mod capability_names {
+    use pio_plugin_api::Capabilities;
+    use serde::{de::Error, Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(caps: &Capabilities, s: S) -> Result<S::Ok, S::Error> {
+        caps.names().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Capabilities, D::Error> {
+        let names = Vec::<String>::deserialize(d)?;
+        names.iter().try_fold(Capabilities::empty(), |caps, name| {
+            let flag = Capabilities::from_name(name).or_else(|| {
+                let bit: u32 = name.strip_prefix("bit")?.parse().ok()?;
+                (bit < 64).then(|| Capabilities(1 << bit))
+            });
+            flag.map(|f| caps.union(f))
+                .ok_or_else(|| D::Error::custom(format!("unknown capability `{name}`")))
+        })
+    }
 }
 
 /// One line the probe child prints.
@@ -290,7 +314,7 @@ pub fn run_child(library: &Path, user: (u32, u32)) -> i32 {
                 name: info.name.to_string(),
                 version: info.version.to_string(),
                 family: info.family.to_string(),
-                capabilities: info.capabilities.names(),
+                capabilities: info.capabilities,
             })
         }
         Err(e) => {

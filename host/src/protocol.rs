@@ -8,6 +8,7 @@ use std::io::{Read, Write};
 use pio_plugin_api::wire::{HostContext, InferOutcome, InferRequest, ModelConfig, ModelInfo};
 use serde::{Deserialize, Serialize};
 
+use crate::fault::Fault;
 use crate::probe::LibraryReport;
 use crate::sandbox::Plan;
 
@@ -17,21 +18,28 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Frames larger than this are refused: a worker cannot make the host allocate without bound.
 pub const MAX_FRAME: usize = 16 << 20;
 
-/// An error crossing the socket: plugin-api's kind name and the message.
+/// An error crossing the socket: its kind and the message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WireError {
-    /// `invalid_config`, `model_files`, ... or a host-side kind such as `worker_died`.
-    pub kind: String,
+    /// What kind of failure.
+    pub kind: Fault,
     /// What happened and what to do.
     pub message: String,
 }
 
+impl WireError {
+    /// An error of `kind`.
+    pub fn new(kind: Fault, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
 impl From<pio_plugin_api::PluginError> for WireError {
     fn from(e: pio_plugin_api::PluginError) -> Self {
-        Self {
-            kind: e.kind.name().into_owned(),
-            message: e.message.into_string(),
-        }
+        Self::new(e.kind.into(), e.message.into_string())
     }
 }
 

@@ -20,7 +20,7 @@ pub fn candidate_json(c: &Candidate) -> Value {
         "name": manifest.map(|m| m.name.clone()),
         "version": manifest.map(|m| m.version.to_string()),
         "family": c.report.as_ref().map(|r| r.family.clone()),
-        "capabilities": c.report.as_ref().map(|r| r.capabilities.clone()),
+        "capabilities": c.report.as_ref().map(|r| r.capabilities.names()),
         "api_version": c.report.as_ref().map(|r| r.api_version.clone()),
         "tier": manifest.map(|m| m.tier.to_string()),
         "manifest": c.manifest_path.display().to_string(),

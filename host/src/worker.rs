@@ -15,6 +15,7 @@ use pio_plugin_api::{
     TokenSink, TokenSink_TO,
 };
 
+use crate::fault::Fault;
 use crate::probe::LibraryReport;
 use crate::protocol::{
     read_frame, write_frame, FromWorker, ToWorker, TokenFrame, WireError, PROTOCOL_VERSION,
@@ -87,13 +88,10 @@ impl ProgressSink for WireProgress {
     }
 }
 
-fn fail_start(outbox: &Outbox, kind: &str, message: String) -> i32 {
+fn fail_start(outbox: &Outbox, kind: Fault, message: String) -> i32 {
     let _ = writeln!(std::io::stderr(), "worker: {kind}: {message}");
     outbox.send(&FromWorker::StartFailed {
-        error: WireError {
-            kind: kind.into(),
-            message,
-        },
+        error: WireError::new(kind, message),
     });
     1
 }
@@ -124,36 +122,36 @@ pub fn run(fd: RawFd) -> i32 {
                 let message = format!(
                     "host speaks worker protocol {protocol}, this worker {PROTOCOL_VERSION}; host and worker must be the same pio build"
                 );
-                return fail_start(&outbox, "protocol", message);
+                return fail_start(&outbox, Fault::Protocol, message);
             }
             (library, plan, host_context)
         }
         Ok(_) => {
             return fail_start(
                 &outbox,
-                "protocol",
+                Fault::Protocol,
                 "expected Start as the first frame".into(),
             )
         }
-        Err(e) => return fail_start(&outbox, "protocol", e.to_string()),
+        Err(e) => return fail_start(&outbox, Fault::Protocol, e.to_string()),
     };
 
     let applied = match confine::apply(&plan) {
         Ok(applied) => applied,
-        Err(e) => return fail_start(&outbox, "confine", e.to_string()),
+        Err(e) => return fail_start(&outbox, Fault::Confine, e.to_string()),
     };
     let lib = match PluginLibrary::load(&library) {
         Ok(lib) => lib,
-        Err(e) => return fail_start(&outbox, "load", e.to_string()),
+        Err(e) => return fail_start(&outbox, Fault::Load, e.to_string()),
     };
     let info = lib.info();
     let mut plugin = match lib.instantiate() {
         Ok(p) => p,
-        Err(e) => return fail_start(&outbox, "construct", e.to_string()),
+        Err(e) => return fail_start(&outbox, Fault::Construct, e.to_string()),
     };
     let context = serde_json::to_string(&host_context).unwrap_or_else(|_| "{}".into());
     if let Err(e) = plugin.initialize(context.as_str().into()).into_result() {
-        return fail_start(&outbox, "initialize", e.to_string());
+        return fail_start(&outbox, Fault::Initialize, e.to_string());
     }
     let ready = FromWorker::Ready {
         protocol: PROTOCOL_VERSION,
@@ -162,7 +160,7 @@ pub fn run(fd: RawFd) -> i32 {
             name: info.name.into_string(),
             version: info.version.into_string(),
             family: info.family.into_string(),
-            capabilities: info.capabilities.names(),
+            capabilities: info.capabilities,
         },
         applied,
         features: Vec::new(),
@@ -183,7 +181,7 @@ fn run_on_thread(
 ) {
     if let Err(e) = std::thread::Builder::new().spawn(job) {
         outbox.send(&refusal(WireError {
-            kind: "out_of_resources".into(),
+            kind: Fault::OutOfResources,
             message: format!(
                 "the worker cannot start a thread ({e}); its pids limit is probably reached"
             ),
@@ -236,7 +234,7 @@ fn serve(mut reader: UnixStream, outbox: Outbox, plugin: PluginBox) -> i32 {
                             Ok(Ok(info)) => FromWorker::Loaded { info },
                             Ok(Err(e)) => FromWorker::LoadFailed {
                                 error: WireError {
-                                    kind: "internal".into(),
+                                    kind: Fault::Internal,
                                     message: format!(
                                         "the plugin returned malformed model info: {e}"
                                     ),
@@ -281,7 +279,7 @@ fn serve(mut reader: UnixStream, outbox: Outbox, plugin: PluginBox) -> i32 {
                             Ok(Err(e)) => FromWorker::Failed {
                                 id,
                                 error: WireError {
-                                    kind: "internal".into(),
+                                    kind: Fault::Internal,
                                     message: format!(
                                         "the plugin returned a malformed outcome: {e}"
                                     ),

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use pio_host::fault::Fault;
 use pio_host::sandbox::{self, HostSupport, Policy, ResolvedLimits, Tier};
 use pio_host::supervisor::{Event, RestartPolicy, State, Supervised, Worker, WorkerSpec};
 use pio_plugin_api::wire::{InferRequest, ModelConfig, ModelInfo, Prompt};
@@ -115,7 +116,7 @@ fn a_crash_fails_the_request_in_flight_then_the_worker_restarts() {
         let (plugin, _) = supervise("hostile", "pio_test_plugin_hostile", fast_policy()).await;
         let first_pid = plugin.status().pid;
         let e = complete(&plugin, "segfault").await.unwrap_err();
-        assert_eq!(e.kind, "worker_died");
+        assert_eq!(e.kind, Fault::WorkerDied);
         assert_eq!(
             e.message,
             "worker for hostile was killed by SIGSEGV; restarting"
@@ -157,7 +158,7 @@ fn a_plugin_that_keeps_crashing_is_quarantined() {
             "{why}"
         );
         let e = plugin.infer(text("status")).unwrap_err();
-        assert_eq!(e.0.kind, "quarantined");
+        assert_eq!(e.0.kind, Fault::Quarantined);
         assert!(e.0.message.contains("reload"), "{e}");
     });
 }
@@ -170,7 +171,7 @@ fn a_request_stuck_in_a_loop_times_out_and_its_worker_is_replaced() {
     runtime().block_on(async {
         let (plugin, _) = supervise("hostile", "pio_test_plugin_hostile", fast_policy()).await;
         let e = complete(&plugin, "loop").await.unwrap_err();
-        assert_eq!(e.kind, "timeout");
+        assert_eq!(e.kind, Fault::Timeout);
         assert!(e.message.contains("ran past its 4 s deadline"), "{e:?}");
         until_restarted(&plugin, 1).await;
         assert_eq!(plugin.status().restarts, 1);
@@ -190,7 +191,7 @@ fn a_frozen_worker_fails_its_health_check_and_is_replaced() {
         policy.request_timeout = None;
         let (plugin, _) = supervise("hostile", "pio_test_plugin_hostile", policy).await;
         let e = complete(&plugin, "freeze").await.unwrap_err();
-        assert_eq!(e.kind, "worker_died");
+        assert_eq!(e.kind, Fault::WorkerDied);
         assert!(e.message.contains("did not answer a health check"), "{e:?}");
         until_restarted(&plugin, 1).await;
         assert!(complete(&plugin, "status").await.is_ok());
@@ -260,7 +261,7 @@ fn cancel_stops_generation_in_the_worker_and_unload_releases_the_model() {
                 Event::Failed(e) => break e,
             }
         };
-        assert_eq!(failure.kind, "cancelled");
+        assert_eq!(failure.kind, Fault::Cancelled);
         assert!(
             tokens < 10,
             "generation went on after the cancel: {tokens} tokens"
@@ -269,7 +270,7 @@ fn cancel_stops_generation_in_the_worker_and_unload_releases_the_model() {
         worker.unload().await.unwrap();
         let (_, mut events) = worker.infer(text("hi")).unwrap();
         match events.recv().await.unwrap() {
-            Event::Failed(e) => assert_eq!(e.kind, "not_ready", "{e:?}"),
+            Event::Failed(e) => assert_eq!(e.kind, Fault::NotReady, "{e:?}"),
             other => panic!("served without a model: {other:?}"),
         }
         assert!(worker.ping(Duration::from_secs(2)).await.is_ok());

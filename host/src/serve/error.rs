@@ -5,6 +5,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::fault::Fault;
 use crate::protocol::WireError;
 
 /// One failed API call.
@@ -129,15 +130,36 @@ impl ApiError {
     }
 }
 
+/// How a failure's kind answers over HTTP: the one table from [`Fault`] to status, code and
+/// whether a retry may help. Exhaustive, so a new kind cannot be added without deciding its status.
+pub fn answer(kind: Fault) -> (StatusCode, &'static str, Option<u64>) {
+    use Fault::*;
+    match kind {
+        InvalidInput => (StatusCode::BAD_REQUEST, "invalid_request", None),
+        Unsupported => (StatusCode::BAD_REQUEST, "unsupported", None),
+        NotReady | Restarting | Quarantined | Stopped => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "model_unavailable",
+            Some(2),
+        ),
+        Timeout => (StatusCode::GATEWAY_TIMEOUT, "timeout", None),
+        OutOfMemory | OutOfResources => {
+            (StatusCode::SERVICE_UNAVAILABLE, "out_of_resources", Some(2))
+        }
+        InvalidConfig | ModelFiles | Cancelled | Internal | Sandbox | Spawn | Protocol
+        | Confine | Load | Construct | Initialize | WorkerDied | Unresponsive => {
+            (StatusCode::INTERNAL_SERVER_ERROR, "plugin_error", None)
+        }
+    }
+}
+
 impl From<WireError> for ApiError {
     /// A worker's or plugin's failure, with the status its kind deserves.
     fn from(e: WireError) -> Self {
-        match e.kind.as_str() {
-            "invalid_input" => Self::bad_request(e.message),
-            "unsupported" => Self::new(StatusCode::BAD_REQUEST, "unsupported", e.message),
-            "restarting" | "not_ready" | "stopped" | "quarantined" => Self::unavailable(e.message),
-            "timeout" => Self::new(StatusCode::GATEWAY_TIMEOUT, "timeout", e.message),
-            _ => Self::internal(e.message),
+        let (status, code, retry_after) = answer(e.kind);
+        Self {
+            retry_after,
+            ..Self::new(status, code, e.message)
         }
     }
 }

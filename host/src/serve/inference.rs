@@ -106,7 +106,7 @@ async fn start(
         .capabilities(&model)
         .ok_or_else(|| ApiError::unknown_model(&model))?;
     label.clone_from(&model);
-    let mut parsed = openai::parse(&value, endpoint, &capabilities, &app.limits)?;
+    let mut parsed = openai::parse(&value, endpoint, capabilities, &app.limits)?;
     parsed.request.request_id = Some(id.0);
     let lease = app.models.acquire(&model).await?;
     let events = lease

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use pio_plugin_api::Capabilities;
+
 use tokio::sync::watch;
 
 use super::deployment::{deploy, Deployment, Lease, Refusal};
@@ -458,11 +460,11 @@ impl Models {
     }
 
     /// Capabilities `name` declares, or `None` if nobody serves it.
-    pub fn capabilities(&self, name: &str) -> Option<Vec<String>> {
+    pub fn capabilities(&self, name: &str) -> Option<Capabilities> {
         lock(&self.inner)
             .entries
             .get(name)
-            .map(|e| e.found.report.capabilities.clone())
+            .map(|e| e.found.report.capabilities)
     }
 }
 

@@ -2,6 +2,7 @@
 //! can do and the server's limits, and turned into the plugin's [`InferRequest`].
 
 use pio_plugin_api::wire::{InferRequest, Prompt};
+use pio_plugin_api::Capabilities;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -170,11 +171,11 @@ fn unsupported(name: &str, why: &str) -> ApiError {
 pub fn parse(
     body: &Value,
     endpoint: Endpoint,
-    capabilities: &[String],
+    capabilities: Capabilities,
     limits: &Limits,
 ) -> Result<Parsed, ApiError> {
     let c: Common = field(body)?;
-    let has = |cap: &str| capabilities.iter().any(|c| c == cap);
+    let has = |cap: Capabilities| capabilities.contains(cap);
     check_range("temperature", c.temperature, 0.0, 2.0)?;
     check_range("top_p", c.top_p, 0.0, 1.0)?;
     check_range("min_p", c.min_p, 0.0, 1.0)?;
@@ -234,7 +235,7 @@ pub fn parse(
             max_tokens = f.max_completion_tokens.or(max_tokens);
             request.prompt = Prompt::Messages(super::messages::check(
                 f.messages,
-                has("vision"),
+                has(Capabilities::VISION),
                 limits.image_root.as_deref(),
             )?);
             if let Some(tools) = f.tools.filter(|t| !t.is_empty()) {
@@ -249,7 +250,7 @@ pub fn parse(
                         ))
                     }
                 };
-                if wanted && !has("tools") {
+                if wanted && !has(Capabilities::TOOLS) {
                     return Err(unsupported(
                         "tools",
                         &format!(
@@ -307,7 +308,7 @@ pub fn parse(
             }
         }
     };
-    if logprobs != LogprobsFormat::None && !has("logprobs") {
+    if logprobs != LogprobsFormat::None && !has(Capabilities::LOGPROBS) {
         return Err(unsupported(
             "logprobs",
             &format!("are not supported by model `{}`", c.model),
@@ -376,8 +377,10 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn caps(names: &[&str]) -> Vec<String> {
-        names.iter().map(|s| s.to_string()).collect()
+    fn caps(names: &[&str]) -> Capabilities {
+        names.iter().fold(Capabilities::empty(), |c, n| {
+            c.union(Capabilities::from_name(n).unwrap())
+        })
     }
 
     #[test]
@@ -393,7 +396,7 @@ mod tests {
         let p = parse(
             &body,
             Endpoint::Chat,
-            &caps(&["chat", "logprobs"]),
+            caps(&["chat", "logprobs"]),
             &Limits::default(),
         )
         .unwrap();
@@ -420,7 +423,7 @@ mod tests {
         let p = parse(
             &body(json!("auto")),
             Endpoint::Chat,
-            &with_tools,
+            with_tools,
             &Limits::default(),
         )
         .unwrap();
@@ -428,7 +431,7 @@ mod tests {
         let p = parse(
             &body(json!("none")),
             Endpoint::Chat,
-            &caps(&["chat"]),
+            caps(&["chat"]),
             &Limits::default(),
         )
         .unwrap();
@@ -436,7 +439,7 @@ mod tests {
         let e = parse(
             &body(json!("required")),
             Endpoint::Chat,
-            &with_tools,
+            with_tools,
             &Limits::default(),
         )
         .unwrap_err();
@@ -444,7 +447,7 @@ mod tests {
         let e = parse(
             &body(json!("auto")),
             Endpoint::Chat,
-            &caps(&["chat"]),
+            caps(&["chat"]),
             &Limits::default(),
         )
         .unwrap_err();
@@ -460,7 +463,7 @@ mod tests {
         let p = parse(
             &json!({"model": "m", "prompt": ["one"]}),
             Endpoint::Completions,
-            &[],
+            Capabilities::empty(),
             &limits,
         )
         .unwrap();
@@ -484,7 +487,7 @@ mod tests {
             ),
             (json!({"model": "m", "prompt": "x", "top_k": -5}), "top_k"),
         ] {
-            let e = parse(&body, Endpoint::Completions, &caps(&["logprobs"]), &limits).unwrap_err();
+            let e = parse(&body, Endpoint::Completions, caps(&["logprobs"]), &limits).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
         }
     }

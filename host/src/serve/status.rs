@@ -73,7 +73,7 @@ impl PluginStatus {
             oom_kills: 0,
             context_length: None,
             weight_bytes: None,
-            capabilities: found.report.capabilities.clone(),
+            capabilities: found.report.capabilities.names(),
             reloading,
             last_error,
             engine: None,

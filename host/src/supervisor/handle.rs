@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::routing::{
     death_reason, dispatch, fail_all, forward_output, lock, LoadEvent, Pending, Waiters,
 };
+use crate::fault::Fault;
 use crate::probe::LibraryReport;
 use crate::protocol::{
     encode, read_frame_async, FromWorker, ToWorker, TokenFrame, WireError, PROTOCOL_VERSION,
@@ -58,11 +59,8 @@ pub enum Event {
 pub struct WorkerError(pub WireError);
 
 impl WorkerError {
-    fn new(kind: &str, message: impl Into<String>) -> Self {
-        Self(WireError {
-            kind: kind.into(),
-            message: message.into(),
-        })
+    fn new(kind: Fault, message: impl Into<String>) -> Self {
+        Self(WireError::new(kind, message))
     }
 }
 
@@ -114,7 +112,7 @@ fn readable_to_worker(spec: &WorkerSpec) -> Result<(), WorkerError> {
         .filter_map(|p| unreadable_tree(p, uid, gid, reach).map(|b| (p, b)));
     match library.chain(model).next() {
         Some((path, blocked)) => Err(WorkerError::new(
-            "sandbox",
+            Fault::Sandbox,
             blocked.message(&format!("{}: {}", spec.name, path.display()), uid, gid),
         )),
         None => Ok(()),
@@ -134,11 +132,11 @@ impl Worker {
             (true, Some(version)) => Some(Arc::new({
                 crate::sandbox::cgroup::reap_stale(version);
                 Cgroup::create(version, &name, &group_spec(&spec.plan))
-                    .map_err(|e| WorkerError::new("sandbox", e.to_string()))?
+                    .map_err(|e| WorkerError::new(Fault::Sandbox, e.to_string()))?
             })),
             (true, None) => {
                 return Err(WorkerError::new(
-                    "sandbox",
+                    Fault::Sandbox,
                     format!(
                         "worker for {name} needs a cgroup, but no writable hierarchy was found"
                     ),
@@ -147,7 +145,7 @@ impl Worker {
             (false, _) => None,
         };
         let (host_end, worker_end) = std::os::unix::net::UnixStream::pair()
-            .map_err(|e| WorkerError::new("spawn", format!("socketpair: {e}")))?;
+            .map_err(|e| WorkerError::new(Fault::Spawn, format!("socketpair: {e}")))?;
         let worker_fd = worker_end.as_raw_fd();
         let mut command = tokio::process::Command::new(&spec.exe);
         command
@@ -176,7 +174,7 @@ impl Worker {
         }
         let mut child = command.spawn().map_err(|e| {
             WorkerError::new(
-                "spawn",
+                Fault::Spawn,
                 format!("cannot start {} worker: {e}", spec.exe.display()),
             )
         })?;
@@ -185,16 +183,16 @@ impl Worker {
         if let Some(cg) = &cgroup {
             if let Err(e) = cg.add(pid) {
                 let _ = child.start_kill();
-                return Err(WorkerError::new("sandbox", e.to_string()));
+                return Err(WorkerError::new(Fault::Sandbox, e.to_string()));
             }
         }
         forward_output(&name, child.stdout.take(), child.stderr.take());
 
         host_end
             .set_nonblocking(true)
-            .map_err(|e| WorkerError::new("spawn", e.to_string()))?;
+            .map_err(|e| WorkerError::new(Fault::Spawn, e.to_string()))?;
         let stream = tokio::net::UnixStream::from_std(host_end)
-            .map_err(|e| WorkerError::new("spawn", e.to_string()))?;
+            .map_err(|e| WorkerError::new(Fault::Spawn, e.to_string()))?;
         let (mut read_half, mut write_half) = stream.into_split();
         let (outbox, mut outbox_rx) = mpsc::unbounded_channel::<Vec<u8>>();
         tokio::spawn(async move {
@@ -255,13 +253,13 @@ impl Worker {
             plan,
             host_context: spec.host_context.clone(),
         };
-        let frame = encode(&start).map_err(|e| WorkerError::new("protocol", e.to_string()))?;
+        let frame = encode(&start).map_err(|e| WorkerError::new(Fault::Protocol, e.to_string()))?;
         let _ = outbox.send(frame);
         let reply = start_rx
             .await
             .map_err(|_| {
                 WorkerError::new(
-                    "worker_died",
+                    Fault::WorkerDied,
                     format!("worker for {name} vanished during start"),
                 )
             })?
@@ -288,7 +286,7 @@ impl Worker {
             }),
             FromWorker::StartFailed { error } => Err(WorkerError(error)),
             other => Err(WorkerError::new(
-                "protocol",
+                Fault::Protocol,
                 format!("worker for {name} answered Start with {other:?}"),
             )),
         }
@@ -296,11 +294,15 @@ impl Worker {
 
     fn send(&self, message: &ToWorker) -> Result<(), WorkerError> {
         if let Some(why) = self.exit.borrow().clone() {
-            return Err(WorkerError::new("worker_died", why));
+            return Err(WorkerError::new(Fault::WorkerDied, why));
         }
-        let frame = encode(message).map_err(|e| WorkerError::new("protocol", e.to_string()))?;
+        let frame =
+            encode(message).map_err(|e| WorkerError::new(Fault::Protocol, e.to_string()))?;
         self.outbox.send(frame).map_err(|_| {
-            WorkerError::new("worker_died", format!("worker for {} is gone", self.name))
+            WorkerError::new(
+                Fault::WorkerDied,
+                format!("worker for {} is gone", self.name),
+            )
         })
     }
 
@@ -320,7 +322,7 @@ impl Worker {
                 LoadEvent::Failed(e) => return Err(WorkerError(e)),
             }
         }
-        Err(WorkerError::new("worker_died", self.exit_reason()))
+        Err(WorkerError::new(Fault::WorkerDied, self.exit_reason()))
     }
 
     /// Starts a request; its events arrive on the returned receiver, ending with `Done` or
@@ -352,9 +354,9 @@ impl Worker {
         self.send(&ToWorker::Ping { nonce })?;
         match tokio::time::timeout(deadline, rx).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(WorkerError::new("worker_died", self.exit_reason())),
+            Ok(Err(_)) => Err(WorkerError::new(Fault::WorkerDied, self.exit_reason())),
             Err(_) => Err(WorkerError::new(
-                "unresponsive",
+                Fault::Unresponsive,
                 format!(
                     "worker for {} did not answer a health check within {deadline:?}",
                     self.name
@@ -369,7 +371,7 @@ impl Worker {
         lock(&self.waiters).unload = Some(tx);
         self.send(&ToWorker::Unload)?;
         rx.await
-            .map_err(|_| WorkerError::new("worker_died", self.exit_reason()))
+            .map_err(|_| WorkerError::new(Fault::WorkerDied, self.exit_reason()))
     }
 
     /// Kills the worker, recording `why` (a clause such as "was stopped: ...") as the reason its

@@ -9,6 +9,7 @@ use tokio::io::AsyncBufReadExt;
 use tokio::sync::{mpsc, oneshot};
 
 use super::handle::Event;
+use crate::fault::Fault;
 use crate::protocol::{FromWorker, WireError};
 use crate::sandbox::cgroup::Stats;
 use crate::units::ByteSize;
@@ -87,7 +88,7 @@ pub(super) fn dispatch(frame: FromWorker, pending: &Pending, waiters: &Mutex<Wai
 
 pub(super) fn fail_all(pending: &Pending, waiters: &Mutex<Waiters>, message: &str) {
     let error = WireError {
-        kind: "worker_died".into(),
+        kind: Fault::WorkerDied,
         message: message.to_string(),
     };
     for (_, tx) in lock(pending).drain() {

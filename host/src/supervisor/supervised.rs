@@ -12,6 +12,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
 use super::handle::{Event, Worker, WorkerError, WorkerSpec};
+use crate::fault::Fault;
 use crate::protocol::WireError;
 use crate::sandbox::cgroup::Stats;
 
@@ -168,16 +169,19 @@ impl Supervised {
                 (State::Ready, Some(w)) => w.clone(),
                 (State::Quarantined(why), _) => {
                     return Err(err(
-                        "quarantined",
+                        Fault::Quarantined,
                         format!("plugin {} is quarantined: {why}", self.name),
                     ))
                 }
                 (State::Stopped, _) => {
-                    return Err(err("stopped", format!("plugin {} is stopped", self.name)))
+                    return Err(err(
+                        Fault::Stopped,
+                        format!("plugin {} is stopped", self.name),
+                    ))
                 }
                 _ => {
                     return Err(err(
-                        "restarting",
+                        Fault::Restarting,
                         format!(
                             "plugin {} is restarting after a failure; retry shortly",
                             self.name
@@ -201,7 +205,7 @@ impl Supervised {
                     Ok(Some(event)) => {
                         let last = !matches!(event, Event::Token(_));
                         let event = match event {
-                            Event::Failed(e) if e.kind == "worker_died" => {
+                            Event::Failed(e) if e.kind == Fault::WorkerDied => {
                                 Event::Failed(WireError {
                                     message: format!("{}; restarting", e.message),
                                     ..e
@@ -234,7 +238,7 @@ impl Supervised {
                     Err(_) => {
                         let secs = timeout.map_or(0, |t| t.as_secs_f64().ceil() as u64);
                         let _ = tx.send(Event::Failed(err(
-                            "timeout",
+                            Fault::Timeout,
                             format!("request to {name} ran past its {secs} s deadline; its worker is being restarted"),
                         ).0));
                         // A plugin stuck in a loop never sees a cancel: replace its worker.
@@ -289,11 +293,8 @@ impl Drop for Supervised {
     }
 }
 
-fn err(kind: &str, message: String) -> WorkerError {
-    WorkerError(WireError {
-        kind: kind.into(),
-        message,
-    })
+fn err(kind: Fault, message: String) -> WorkerError {
+    WorkerError(WireError::new(kind, message))
 }
 
 /// Watches the current worker; replaces it when it dies or stops answering.
