@@ -8,7 +8,9 @@
 //! When a running sequence needs a block and none is left, the newest running sequence is
 //! preempted (its blocks freed; it is recomputed from its tokens later, so its output does not
 //! change). Waiting requests join in arrival order while budget, sequence slots and blocks last,
-//! and none joins in a step that had to preempt.
+//! and none joins in a step that had to preempt. A sequence whose reader has fallen behind is
+//! paused: it keeps its place and blocks but computes nothing, so a client that stops reading
+//! stops its generation instead of filling a buffer.
 
 /// A running sequence, as the scheduler sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +26,9 @@ pub struct Running {
     /// Of those, the blocks no other sequence holds: what preempting it frees (a prefix-cache
     /// block it shares stays held by the others).
     pub own_blocks: usize,
+    /// Its reader has fallen behind (a client that stopped reading): it computes nothing until
+    /// the reader catches up, keeping its place and its blocks.
+    pub paused: bool,
 }
 
 /// A waiting request.
@@ -112,7 +117,11 @@ pub fn schedule(state: &State<'_>) -> Plan {
     let mut i = 0;
     while i < kept.len() {
         let s = kept[i];
-        let want = (s.tokens - s.computed).min(budget);
+        let want = if s.paused {
+            0
+        } else {
+            (s.tokens - s.computed).min(budget)
+        };
         if want == 0 {
             i += 1;
             continue;
@@ -190,6 +199,7 @@ mod tests {
             computed,
             blocks: computed.div_ceil(4),
             own_blocks: computed.div_ceil(4),
+            paused: false,
         }
     }
 
@@ -296,6 +306,7 @@ mod tests {
             computed: 17,
             blocks: 5,
             own_blocks: 1,
+            paused: false,
         };
         let p = plan(&[run(1, 40, 8), shared(2), shared(3)], &[], 0, LIMITS);
         assert_eq!(p.preempt, vec![3], "the newest yields");
@@ -378,5 +389,22 @@ mod tests {
                 new_blocks: 2
             }]
         );
+    }
+
+    #[test]
+    fn a_paused_sequence_computes_nothing_and_keeps_its_place_and_blocks() {
+        let paused = Running {
+            paused: true,
+            ..run(1, 9, 8)
+        };
+        let p = plan(&[paused, run(2, 9, 8)], &[wait(3, 4)], 10, LIMITS);
+        assert!(p.preempt.is_empty());
+        assert_eq!(
+            p.work.iter().map(|w| w.id).collect::<Vec<_>>(),
+            vec![2, 3],
+            "the paused sequence is skipped, the others run: {p:?}"
+        );
+        let alone = plan(&[paused], &[], 10, LIMITS);
+        assert!(alone.is_idle(), "{alone:?}");
     }
 }

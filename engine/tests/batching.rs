@@ -335,3 +335,44 @@ fn a_request_cancelled_before_its_first_token_stops_at_once() {
     assert!(stats.steps < 10, "it stopped during the prefill: {stats:?}");
     assert_eq!(stats.blocks_used, 0, "{stats:?}");
 }
+
+#[test]
+fn a_stream_nobody_reads_pauses_its_sequence_and_resumes_unchanged() {
+    use pio_engine::serving::PAUSE_BACKLOG;
+    let engine = engine_for::<Qwen3>("qwen3-tiny", small_blocks(256));
+    let request = Request {
+        prompt: (0..12).map(|i| 20 + i * 7).collect(),
+        max_tokens: 3 * PAUSE_BACKLOG,
+        ..Request::default()
+    };
+    let (alone, _) = collect(engine.submit(request.clone()).unwrap());
+    assert_eq!(alone.len(), 3 * PAUSE_BACKLOG);
+
+    let unread = engine.submit(request.clone()).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while unread.unread() < PAUSE_BACKLOG && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // Others keep running beside the paused sequence.
+    let (other, outcome) = collect(engine.submit(request.clone()).unwrap());
+    assert_eq!((other.len(), outcome.finish), (alone.len(), Finish::Length));
+    let steps = engine.stats().steps;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let stats = engine.stats();
+    assert_eq!(
+        unread.unread(),
+        PAUSE_BACKLOG,
+        "generation stopped at the backlog limit"
+    );
+    assert_eq!(
+        (stats.running, stats.steps),
+        (1, steps),
+        "no steps while paused: {stats:?}"
+    );
+
+    let (resumed, outcome) = collect(unread);
+    assert_eq!(outcome.finish, Finish::Length);
+    let ids = |v: &[Emitted]| v.iter().map(|e| e.token_id).collect::<Vec<_>>();
+    assert_eq!(ids(&resumed), ids(&alone), "pausing changed nothing");
+    assert_eq!(when_idle(&engine).blocks_used, 0);
+}

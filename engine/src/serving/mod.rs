@@ -3,7 +3,7 @@
 //! thread takes new requests and cancellations, asks the [`scheduler`](crate::scheduler) for the
 //! next batch, runs it against the paged [`KvPool`], and turns each sequence's logits into tokens.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -75,17 +75,58 @@ pub enum Event {
     Failed(EngineError),
 }
 
+/// Tokens a stream may hold unread before its sequence is paused (it resumes as soon as its
+/// reader takes one): enough to ride out a reader's hiccup, small enough that a reader that
+/// stopped holds almost nothing.
+pub const PAUSE_BACKLOG: usize = 16;
+
 /// A submitted request's events; dropping it cancels the request.
-#[derive(Debug)]
 pub struct Stream {
     events: Receiver<Event>,
     cancel: Arc<AtomicBool>,
+    /// Tokens sent and not yet taken.
+    backlog: Arc<AtomicUsize>,
+    engine: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream")
+            .field("unread", &self.unread())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Stream {
     /// The next event; `None` once the engine is gone.
     pub fn next(&self) -> Option<Event> {
-        self.events.recv().ok()
+        self.events.recv().ok().map(|e| self.taken(e))
+    }
+
+    /// The next event if one waits within `timeout`.
+    pub fn next_timeout(
+        &self,
+        timeout: std::time::Duration,
+    ) -> std::result::Result<Event, mpsc::RecvTimeoutError> {
+        self.events.recv_timeout(timeout).map(|e| self.taken(e))
+    }
+
+    /// Tokens generated and not yet read.
+    pub fn unread(&self) -> usize {
+        self.backlog.load(Ordering::Acquire)
+    }
+
+    /// Accounts for a token read; wakes the engine when that un-pauses the sequence.
+    fn taken(&self, event: Event) -> Event {
+        if matches!(event, Event::Token(_))
+            && self.backlog.fetch_sub(1, Ordering::AcqRel) == PAUSE_BACKLOG
+        {
+            // Take the queue's lock so the wake cannot fall between the engine's check and
+            // its wait.
+            let _inbox = self.engine.inbox.lock();
+            self.engine.wake.notify_one();
+        }
+        event
     }
 
     /// Asks the engine to stop this request; it ends with [`Finish::Cancelled`].
@@ -160,6 +201,7 @@ struct Arrival {
     max_tokens: usize,
     events: Sender<Event>,
     cancel: Arc<AtomicBool>,
+    backlog: Arc<AtomicUsize>,
 }
 
 #[derive(Default)]
@@ -261,6 +303,7 @@ impl Engine {
             .min(self.capacity - prompt);
         let (events, rx) = mpsc::channel();
         let cancel = Arc::new(AtomicBool::new(false));
+        let backlog = Arc::new(AtomicUsize::new(0));
         let mut inbox = self
             .shared
             .inbox
@@ -274,9 +317,15 @@ impl Engine {
             max_tokens,
             events,
             cancel: cancel.clone(),
+            backlog: backlog.clone(),
         });
         self.shared.wake.notify_one();
-        Ok(Stream { events: rx, cancel })
+        Ok(Stream {
+            events: rx,
+            cancel,
+            backlog,
+            engine: self.shared.clone(),
+        })
     }
 
     /// Runs `request` to its end; `emit` gets each token and returns false to cancel.
@@ -302,7 +351,7 @@ impl Engine {
             if cancelled() {
                 stream.cancel();
             }
-            match stream.events.recv_timeout(POLL) {
+            match stream.next_timeout(POLL) {
                 Ok(Event::Token(t)) => {
                     if !emit(t) {
                         stream.cancel();

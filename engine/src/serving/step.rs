@@ -2,12 +2,12 @@
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{finish_early, Arrival, EngineConfig, Event, Shared, Stats};
+use super::{finish_early, Arrival, EngineConfig, Event, Shared, Stats, PAUSE_BACKLOG};
 use crate::batch::{Batch, Positions, SeqStep, Splice};
 use crate::generate::{CausalLm, Finish, Media, Outcome};
 use crate::kv_pool::{BlockId, KvPool, PrefixHash};
@@ -48,6 +48,8 @@ struct Seq {
     decoding: Decoding,
     events: Sender<Event>,
     cancel: Arc<AtomicBool>,
+    /// Tokens sent that its reader has not taken yet.
+    backlog: Arc<AtomicUsize>,
     /// Prompt tokens found in the prefix cache at first admission.
     cached_tokens: Option<usize>,
     arrived: Instant,
@@ -75,6 +77,11 @@ impl Seq {
 
     fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::Relaxed)
+    }
+
+    /// Whether its reader has fallen behind: then it waits, generating nothing.
+    fn paused(&self) -> bool {
+        self.backlog.load(Ordering::Acquire) >= PAUSE_BACKLOG
     }
 
     fn outcome(&self, finish: Finish) -> Outcome {
@@ -144,6 +151,9 @@ impl<M: CausalLm> Worker<M> {
                 let plan = self.plan();
                 self.apply(&plan);
                 self.publish();
+                if plan.is_idle() {
+                    self.doze();
+                }
                 true
             }));
             for (to, event) in self.outbox.drain(..) {
@@ -172,6 +182,17 @@ impl<M: CausalLm> Worker<M> {
             .chain(queued.into_iter().map(|a| a.events));
         for to in events {
             let _ = to.send(Event::Failed(EngineError::Internal(why.clone())));
+        }
+    }
+
+    /// Waits, briefly, for something to change when every running sequence is paused: a reader
+    /// taking a token or a new arrival wakes the thread (the timeout covers a cancellation).
+    fn doze(&self) {
+        const NAP: std::time::Duration = std::time::Duration::from_millis(50);
+        if let Ok(inbox) = self.shared.inbox.lock() {
+            if inbox.arrivals.is_empty() && !inbox.stop && self.running.iter().all(Seq::paused) {
+                let _ = self.shared.wake.wait_timeout(inbox, NAP);
+            }
         }
     }
 
@@ -217,6 +238,7 @@ impl<M: CausalLm> Worker<M> {
                 decoding: Decoding::new(&a.request, a.max_tokens),
                 events: a.events,
                 cancel: a.cancel,
+                backlog: a.backlog,
                 cached_tokens: None,
                 arrived: Instant::now(),
                 first_token: None,
@@ -274,6 +296,7 @@ impl<M: CausalLm> Worker<M> {
                     .iter()
                     .filter(|&&b| self.pool.allocator.holders(b) == 1)
                     .count(),
+                paused: s.paused(),
             })
             .collect();
         let bs = self.pool.block_size();
@@ -478,6 +501,7 @@ impl<M: CausalLm> Worker<M> {
             let accepted = seq.decoding.accept(&row, &self.codec);
             seq.first_token.get_or_insert_with(Instant::now);
             let token = accepted.emitted.token_id;
+            seq.backlog.fetch_add(1, Ordering::AcqRel);
             let delivered = seq.events.send(Event::Token(accepted.emitted)).is_ok();
             match (accepted.finish, delivered) {
                 (Some(f), _) => finished.push((id, Ok(f))),
