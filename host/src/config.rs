@@ -129,6 +129,11 @@ pub struct ServerSection {
     /// A streaming client that takes no data for this many seconds while the stream's buffer is
     /// full is cut off, and its generation stopped (default 30).
     pub stall_timeout_secs: u64,
+    /// Each connection's kernel send buffer (`SO_SNDBUF`; default: the kernel's autotuning, up
+    /// to `net.ipv4.tcp_wmem`'s maximum, often 4 MiB). A small one bounds what a client that
+    /// stops reading can hold in socket memory (charged to the daemon's cgroup) and makes the
+    /// daemon notice sooner; tokens stream at a few KiB/s, so 64KiB loses nothing.
+    pub send_buffer: Option<ByteSize>,
     /// Seconds in-flight requests get to finish on shutdown, unload or reload (default 30).
     pub drain_timeout_secs: u64,
     /// Watch the plugin directories and load, reload or unload plugins as files change
@@ -173,6 +178,7 @@ impl Default for ServerSection {
             max_tokens_limit: 0,
             queue_depth: 64,
             stall_timeout_secs: 30,
+            send_buffer: None,
             drain_timeout_secs: 30,
             watch: true,
             warmup: true,

@@ -90,6 +90,18 @@ pub enum ToWorker {
         id: u64,
         /// The request.
         request: InferRequest,
+        /// Tokens the worker may send before the host grants more with [`ToWorker::Credit`]
+        /// (`None`: no limit). The worker's sink blocks at the limit, so a request whose client
+        /// stopped reading stops generating.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        window: Option<u32>,
+    },
+    /// The host took `tokens` more tokens of request `id`: the worker may send as many more.
+    Credit {
+        /// The request.
+        id: u64,
+        /// Tokens granted.
+        tokens: u32,
     },
     /// Cancel a running request.
     Cancel {

@@ -132,6 +132,18 @@ impl Daemon {
         self.logs.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// The address it listens on (`host:port`).
+    pub fn addr(&self) -> &str {
+        self.base.trim_start_matches("http://")
+    }
+
+    /// One line of `/metrics`, by its name and labels: the value.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        self.get_text("/metrics")
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }

@@ -4,6 +4,7 @@
 
 mod support;
 
+mod backpressure;
 mod batching;
 mod daemon;
 mod discovery;

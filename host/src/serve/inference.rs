@@ -65,10 +65,16 @@ async fn serve(
             if parsed.stream {
                 stream(app, parsed, lease, events, started, tools).await
             } else {
+                // Dropped with the handler when the client disconnects: recorded as a stream's.
+                let mut outcome = Recorded {
+                    app: &app,
+                    model: &label,
+                    endpoint,
+                    status: CLIENT_GONE,
+                };
                 let response = collect(&app, &parsed, events, started, tools).await;
                 drop(lease);
-                app.metrics
-                    .request(&label, endpoint.label(), response.status().as_u16());
+                outcome.status = response.status().as_u16();
                 response
             }
         }
@@ -83,7 +89,7 @@ async fn serve(
     }
 }
 
-type Running = (Parsed, Lease, mpsc::UnboundedReceiver<Event>);
+type Running = (Parsed, Lease, mpsc::Receiver<Event>);
 
 async fn start(
     app: &App,
@@ -139,7 +145,7 @@ impl Timing {
 async fn collect(
     app: &App,
     parsed: &Parsed,
-    mut events: mpsc::UnboundedReceiver<Event>,
+    mut events: mpsc::Receiver<Event>,
     started: Instant,
     parsing: Parsing,
 ) -> Response {
@@ -191,7 +197,7 @@ async fn stream(
     app: Arc<App>,
     parsed: Parsed,
     lease: Lease,
-    mut events: mpsc::UnboundedReceiver<Event>,
+    mut events: mpsc::Receiver<Event>,
     started: Instant,
     parsing: Parsing,
 ) -> Response {
@@ -223,6 +229,23 @@ async fn stream(
 /// convention).
 const CLIENT_GONE: u16 = 499;
 
+/// Records a whole (non-streamed) request's status when dropped: the answer's, or
+/// [`CLIENT_GONE`] when the client left first and the handler was dropped mid-way.
+struct Recorded<'a> {
+    app: &'a App,
+    model: &'a str,
+    endpoint: Endpoint,
+    status: u16,
+}
+
+impl Drop for Recorded<'_> {
+    fn drop(&mut self) {
+        self.app
+            .metrics
+            .request(self.model, self.endpoint.label(), self.status);
+    }
+}
+
 /// The stream's way to its client: a small buffer, and a client that leaves it full for
 /// `stall` is cut off (dropping the events then cancels the generation in the worker), so a
 /// client that stops reading never makes the daemon hold a whole generation.
@@ -253,7 +276,7 @@ async fn pump(
     app: &App,
     parsed: &Parsed,
     mut first: Option<Event>,
-    mut events: mpsc::UnboundedReceiver<Event>,
+    mut events: mpsc::Receiver<Event>,
     tx: &mpsc::Sender<Result<SseEvent, Infallible>>,
     started: Instant,
     parsing: Parsing,

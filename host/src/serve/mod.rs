@@ -227,6 +227,14 @@ pub async fn serve(setup: Setup) -> Result<(), ServeError> {
             let _ = stop_tx.send(true);
         }
     };
+    let send_buffer = server.send_buffer;
+    let listener = axum::serve::ListenerExt::tap_io(listener, move |tcp| {
+        if let Some(bytes) = send_buffer {
+            if let Err(e) = socket2::SockRef::from(&*tcp).set_send_buffer_size(bytes.0 as usize) {
+                tracing::warn!("cannot set a connection's send buffer (server.send_buffer): {e}");
+            }
+        }
+    });
     let http = axum::serve(listener, router(app.clone())).with_graceful_shutdown(shutdown);
     let deadline = async move {
         let mut rx = stop_rx;

@@ -14,7 +14,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::routing::{
-    death_reason, dispatch, fail_all, forward_output, lock, LoadEvent, Pending, Waiters,
+    death_reason, dispatch, fail_all, forward_output, lock, Events, LoadEvent, Pending, Waiters,
+    WINDOW,
 };
 use crate::fault::Fault;
 use crate::probe::LibraryReport;
@@ -327,18 +328,20 @@ impl Worker {
 
     /// Starts a request; its events arrive on the returned receiver, ending with `Done` or
     /// `Failed`.
-    pub fn infer(
-        &self,
-        request: InferRequest,
-    ) -> Result<(u64, mpsc::UnboundedReceiver<Event>), WorkerError> {
+    pub fn infer(&self, request: InferRequest) -> Result<(u64, Events), WorkerError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (events, tx) = Events::new(id, self.outbox.clone());
         lock(&self.pending).insert(id, tx);
-        if let Err(e) = self.send(&ToWorker::Infer { id, request }) {
+        let infer = ToWorker::Infer {
+            id,
+            request,
+            window: Some(WINDOW),
+        };
+        if let Err(e) = self.send(&infer) {
             lock(&self.pending).remove(&id);
             return Err(e);
         }
-        Ok((id, rx))
+        Ok((id, events))
     }
 
     /// Asks the worker to stop request `id`; it ends with a `cancelled` failure.

@@ -6,5 +6,5 @@ mod routing;
 pub mod supervised;
 
 pub use handle::{Event, Worker, WorkerError, WorkerSpec};
-pub use routing::death_reason;
+pub use routing::{death_reason, Events, WINDOW};
 pub use supervised::{RestartPolicy, State, Status, Supervised};

@@ -10,11 +10,60 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::handle::Event;
 use crate::fault::Fault;
-use crate::protocol::{FromWorker, WireError};
+use crate::protocol::{encode, FromWorker, ToWorker, WireError};
 use crate::sandbox::cgroup::Stats;
 use crate::units::ByteSize;
 
-pub(super) type Pending = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Event>>>>;
+pub(super) type Pending = Arc<Mutex<HashMap<u64, mpsc::Sender<Event>>>>;
+
+/// Tokens a worker may send for one request beyond those the host has taken: the most the host
+/// ever buffers per request between the worker and the client's side.
+pub const WINDOW: u32 = 32;
+
+/// A running request's events. Taking tokens grants the worker more (by halves of the
+/// window), so a request whose reader stops soon stops generating.
+pub struct Events {
+    rx: mpsc::Receiver<Event>,
+    id: u64,
+    outbox: mpsc::UnboundedSender<Vec<u8>>,
+    taken: u32,
+}
+
+impl Events {
+    pub(super) fn new(
+        id: u64,
+        outbox: mpsc::UnboundedSender<Vec<u8>>,
+    ) -> (Self, mpsc::Sender<Event>) {
+        // Room for the window and the request's last event.
+        let (tx, rx) = mpsc::channel(WINDOW as usize + 1);
+        let events = Self {
+            rx,
+            id,
+            outbox,
+            taken: 0,
+        };
+        (events, tx)
+    }
+
+    /// The next event; `None` once the worker is gone.
+    pub async fn recv(&mut self) -> Option<Event> {
+        let event = self.rx.recv().await?;
+        if matches!(event, Event::Token(_)) {
+            self.taken += 1;
+            if self.taken >= WINDOW / 2 {
+                let credit = ToWorker::Credit {
+                    id: self.id,
+                    tokens: self.taken,
+                };
+                if let Ok(frame) = encode(&credit) {
+                    let _ = self.outbox.send(frame);
+                }
+                self.taken = 0;
+            }
+        }
+        Some(event)
+    }
+}
 
 pub(super) enum LoadEvent {
     Progress(String, u64, u64),
@@ -37,10 +86,18 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub(super) fn dispatch(frame: FromWorker, pending: &Pending, waiters: &Mutex<Waiters>) {
     let to_request = |id: u64, event: Event, last: bool| {
         let mut pending = lock(pending);
-        if let Some(tx) = pending.get(&id) {
-            let _ = tx.send(event);
+        let overrun = pending.get(&id).is_some_and(|tx| {
+            matches!(tx.try_send(event), Err(mpsc::error::TrySendError::Full(_)))
+        });
+        if overrun {
+            // Only a worker that ignores its window gets here (the plugin wrote to the socket
+            // itself): the request ends, its reader seeing the stream close.
+            tracing::warn!(
+                request = id,
+                "the worker sent past its flow-control window; request dropped"
+            );
         }
-        if last {
+        if last || overrun {
             pending.remove(&id);
         }
     };
@@ -92,7 +149,8 @@ pub(super) fn fail_all(pending: &Pending, waiters: &Mutex<Waiters>, message: &st
         message: message.to_string(),
     };
     for (_, tx) in lock(pending).drain() {
-        let _ = tx.send(Event::Failed(error.clone()));
+        // A full channel's reader still learns of the death: the channel closes after it.
+        let _ = tx.try_send(Event::Failed(error.clone()));
     }
     let mut w = lock(waiters);
     if let Some(tx) = w.start.take() {
@@ -150,5 +208,61 @@ pub(super) fn forward_output(
     }
     if let Some(err) = stderr {
         pump(name.to_string(), err);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{read_frame, TokenFrame};
+
+    fn token(id: u64) -> FromWorker {
+        FromWorker::Token {
+            id,
+            token: TokenFrame {
+                token_id: 1,
+                text: "a".into(),
+                logprob: None,
+                top_logprobs: Vec::new(),
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn taking_tokens_grants_credit_by_halves_of_the_window() {
+        let (outbox, mut frames) = mpsc::unbounded_channel();
+        let (mut events, tx) = Events::new(7, outbox);
+        let pending: Pending = Arc::new(Mutex::new(HashMap::from([(7, tx)])));
+        let waiters = Mutex::new(Waiters::default());
+        for _ in 0..WINDOW {
+            dispatch(token(7), &pending, &waiters);
+        }
+        for _ in 0..WINDOW / 2 - 1 {
+            events.recv().await.unwrap();
+        }
+        assert!(frames.try_recv().is_err(), "no credit before half a window");
+        events.recv().await.unwrap();
+        let frame = frames.try_recv().expect("a credit frame");
+        match read_frame::<ToWorker>(&mut frame.as_slice()).unwrap() {
+            Some(ToWorker::Credit { id: 7, tokens }) => assert_eq!(tokens, WINDOW / 2),
+            other => panic!("expected a credit, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_overruns_its_window_loses_the_request() {
+        let (outbox, _frames) = mpsc::unbounded_channel();
+        let (mut events, tx) = Events::new(3, outbox);
+        let pending: Pending = Arc::new(Mutex::new(HashMap::from([(3, tx)])));
+        let waiters = Mutex::new(Waiters::default());
+        for _ in 0..WINDOW + 5 {
+            dispatch(token(3), &pending, &waiters);
+        }
+        assert!(lock(&pending).is_empty(), "the request was dropped");
+        let mut received = 0;
+        while events.recv().await.is_some() {
+            received += 1;
+        }
+        assert_eq!(received, WINDOW as usize + 1, "what fit was delivered, then the end");
     }
 }

@@ -159,10 +159,7 @@ impl Supervised {
 
     /// Starts a request. Fails at once, saying why, while the plugin is restarting or
     /// quarantined.
-    pub fn infer(
-        &self,
-        request: InferRequest,
-    ) -> Result<mpsc::UnboundedReceiver<Event>, WorkerError> {
+    pub fn infer(&self, request: InferRequest) -> Result<mpsc::Receiver<Event>, WorkerError> {
         let worker = {
             let shared = lock(&self.shared);
             match (&shared.state, &shared.worker) {
@@ -191,11 +188,12 @@ impl Supervised {
             }
         };
         let (id, mut events) = worker.infer(request)?;
-        let (tx, rx) = mpsc::unbounded_channel();
+        // A small hand-over: the worker's window is where tokens wait for a slow reader.
+        let (tx, rx) = mpsc::channel(4);
         let (name, timeout) = (self.name.clone(), self.policy.request_timeout);
         let shared = self.shared.clone();
         tokio::spawn(async move {
-            let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+            let mut deadline = timeout.map(|t| tokio::time::Instant::now() + t);
             loop {
                 let next = match deadline {
                     Some(d) => tokio::time::timeout_at(d, events.recv()).await,
@@ -225,10 +223,16 @@ impl Supervised {
                                 shared.engine = Some(*figures);
                             }
                         }
-                        if tx.send(event).is_err() {
+                        let waited = tokio::time::Instant::now();
+                        if tx.send(event).await.is_err() {
                             // The caller went away: stop generating.
                             worker.cancel(id);
                             return;
+                        }
+                        // Time spent waiting for a slow reader is not the plugin's: the
+                        // deadline (which replaces the worker) moves by as much.
+                        if let Some(d) = deadline.as_mut() {
+                            *d += waited.elapsed();
                         }
                         if last {
                             return;
@@ -237,14 +241,14 @@ impl Supervised {
                     Ok(None) => return,
                     Err(_) => {
                         let secs = timeout.map_or(0, |t| t.as_secs_f64().ceil() as u64);
-                        let _ = tx.send(Event::Failed(err(
-                            Fault::Timeout,
-                            format!("request to {name} ran past its {secs} s deadline; its worker is being restarted"),
-                        ).0));
                         // A plugin stuck in a loop never sees a cancel: replace its worker.
                         worker.kill_because(format!(
                             "was stopped: a request ran past its {secs} s deadline"
                         ));
+                        let _ = tx.send(Event::Failed(err(
+                            Fault::Timeout,
+                            format!("request to {name} ran past its {secs} s deadline; its worker is being restarted"),
+                        ).0)).await;
                         return;
                     }
                 }

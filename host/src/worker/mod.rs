@@ -7,86 +7,20 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use pio_plugin_api::{
-    Flow, GeneratedToken, PluginBox, PluginLibrary, ProgressSink, ProgressSink_TO, RStr, TD_Opaque,
-    TokenSink, TokenSink_TO,
-};
+use pio_plugin_api::{PluginBox, PluginLibrary, ProgressSink_TO, TD_Opaque, TokenSink_TO};
 
 use crate::fault::Fault;
 use crate::probe::LibraryReport;
-use crate::protocol::{
-    read_frame, write_frame, FromWorker, ToWorker, TokenFrame, WireError, PROTOCOL_VERSION,
-};
+use crate::protocol::{read_frame, FromWorker, ToWorker, WireError, PROTOCOL_VERSION};
 use crate::sandbox::confine;
+
+mod sinks;
+use sinks::{Control, Outbox, WireProgress, WireSink};
 
 /// The fd number the host puts the worker's socket at.
 pub const SOCKET_FD: RawFd = 3;
-
-/// The socket's write half, shared by every thread that reports.
-#[derive(Clone)]
-struct Outbox(Arc<Mutex<UnixStream>>);
-
-impl Outbox {
-    /// Sends one frame; false when the host is gone.
-    fn send(&self, message: &FromWorker) -> bool {
-        match self.0.lock() {
-            Ok(mut stream) => write_frame(&mut *stream, message).is_ok(),
-            Err(_) => false,
-        }
-    }
-}
-
-struct WireSink {
-    id: u64,
-    outbox: Outbox,
-    cancelled: Arc<AtomicBool>,
-}
-
-impl TokenSink for WireSink {
-    fn emit(&mut self, token: GeneratedToken) -> Flow {
-        let frame = FromWorker::Token {
-            id: self.id,
-            token: TokenFrame {
-                token_id: token.token_id,
-                text: token.text.into_string(),
-                logprob: token.logprob.into_option(),
-                top_logprobs: token
-                    .top_logprobs
-                    .into_iter()
-                    .map(|t| (t.token_id, t.text.into_string(), t.logprob))
-                    .collect(),
-            },
-        };
-        if !self.outbox.send(&frame) || self.is_cancelled() {
-            return Flow::Stop;
-        }
-        Flow::Continue
-    }
-
-    fn is_cancelled(&self) -> bool {
-        self.cancelled.load(Ordering::Acquire)
-    }
-}
-
-struct WireProgress(Outbox);
-
-impl ProgressSink for WireProgress {
-    fn report(&mut self, stage: RStr<'_>, done: u64, total: u64) -> Flow {
-        let frame = FromWorker::Progress {
-            stage: stage.to_string(),
-            done,
-            total,
-        };
-        if self.0.send(&frame) {
-            Flow::Continue
-        } else {
-            Flow::Stop
-        }
-    }
-}
 
 fn fail_start(outbox: &Outbox, kind: Fault, message: String) -> i32 {
     let _ = writeln!(std::io::stderr(), "worker: {kind}: {message}");
@@ -191,7 +125,7 @@ fn run_on_thread(
 
 fn serve(mut reader: UnixStream, outbox: Outbox, plugin: PluginBox) -> i32 {
     let plugin = Arc::new(RwLock::new(plugin));
-    let cancels: Arc<Mutex<HashMap<u64, Arc<AtomicBool>>>> = Arc::default();
+    let controls: Arc<Mutex<HashMap<u64, Arc<Control>>>> = Arc::default();
     loop {
         let message = match read_frame::<ToWorker>(&mut reader) {
             Ok(Some(m)) => m,
@@ -210,8 +144,13 @@ fn serve(mut reader: UnixStream, outbox: Outbox, plugin: PluginBox) -> i32 {
                 outbox.send(&FromWorker::Pong { nonce });
             }
             ToWorker::Cancel { id } => {
-                if let Some(flag) = cancels.lock().ok().and_then(|c| c.get(&id).cloned()) {
-                    flag.store(true, Ordering::Release);
+                if let Some(control) = controls.lock().ok().and_then(|c| c.get(&id).cloned()) {
+                    control.cancel();
+                }
+            }
+            ToWorker::Credit { id, tokens } => {
+                if let Some(control) = controls.lock().ok().and_then(|c| c.get(&id).cloned()) {
+                    control.grant(tokens);
                 }
             }
             ToWorker::Load { config } => {
@@ -246,13 +185,17 @@ fn serve(mut reader: UnixStream, outbox: Outbox, plugin: PluginBox) -> i32 {
                     },
                 );
             }
-            ToWorker::Infer { id, request } => {
-                let flag = Arc::new(AtomicBool::new(false));
-                if let Ok(mut c) = cancels.lock() {
-                    c.insert(id, flag.clone());
+            ToWorker::Infer {
+                id,
+                request,
+                window,
+            } => {
+                let control = Arc::new(Control::with_window(window));
+                if let Ok(mut c) = controls.lock() {
+                    c.insert(id, control.clone());
                 }
                 let refusals = outbox.clone();
-                let (plugin, outbox, cancels) = (plugin.clone(), outbox.clone(), cancels.clone());
+                let (plugin, outbox, controls) = (plugin.clone(), outbox.clone(), controls.clone());
                 run_on_thread(
                     &refusals,
                     move |error| FromWorker::Failed { id, error },
@@ -262,7 +205,7 @@ fn serve(mut reader: UnixStream, outbox: Outbox, plugin: PluginBox) -> i32 {
                         let sink = WireSink {
                             id,
                             outbox: outbox.clone(),
-                            cancelled: flag,
+                            control,
                         };
                         let sink = TokenSink_TO::from_value(sink, TD_Opaque);
                         let result = match plugin.read() {
@@ -271,7 +214,7 @@ fn serve(mut reader: UnixStream, outbox: Outbox, plugin: PluginBox) -> i32 {
                                 "plugin lock poisoned",
                             )),
                         };
-                        if let Ok(mut c) = cancels.lock() {
+                        if let Ok(mut c) = controls.lock() {
                             c.remove(&id);
                         }
                         let reply = match result.map(|o| serde_json::from_str(&o)) {

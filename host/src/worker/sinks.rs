@@ -1,0 +1,190 @@
+//! Where a worker's plugin reports to: the socket's write half, shared by every thread, and the
+//! per-request token sink that honours the host's cancel and its flow-control window.
+
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use pio_plugin_api::{Flow, GeneratedToken, ProgressSink, RStr, TokenSink};
+
+use crate::protocol::{write_frame, FromWorker, TokenFrame};
+
+/// The socket's write half, shared by every thread that reports.
+#[derive(Clone)]
+pub(super) struct Outbox(pub(super) Arc<Mutex<UnixStream>>);
+
+impl Outbox {
+    /// Sends one frame; false when the host is gone.
+    pub(super) fn send(&self, message: &FromWorker) -> bool {
+        match self.0.lock() {
+            Ok(mut stream) => write_frame(&mut *stream, message).is_ok(),
+            Err(_) => false,
+        }
+    }
+}
+
+/// The host's say over one running request: whether it is cancelled, and how many more tokens
+/// it will take (`None`: no limit).
+#[derive(Default)]
+pub(super) struct Control {
+    state: Mutex<ControlState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct ControlState {
+    cancelled: bool,
+    credit: Option<u64>,
+}
+
+impl Control {
+    /// A request the host lets send `window` tokens before it grants more.
+    pub(super) fn with_window(window: Option<u32>) -> Self {
+        Self {
+            state: Mutex::new(ControlState {
+                cancelled: false,
+                credit: window.map(u64::from),
+            }),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, ControlState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The host cancelled the request.
+    pub(super) fn cancel(&self) {
+        self.state().cancelled = true;
+        self.changed.notify_all();
+    }
+
+    /// The host took `tokens` more.
+    pub(super) fn grant(&self, tokens: u32) {
+        let mut state = self.state();
+        if let Some(credit) = state.credit.as_mut() {
+            *credit += u64::from(tokens);
+        }
+        drop(state);
+        self.changed.notify_all();
+    }
+
+    fn is_cancelled(&self) -> bool {
+        self.state().cancelled
+    }
+
+    /// Waits until one more token may be sent; false when the request is cancelled instead.
+    fn take_one(&self) -> bool {
+        let mut state = self.state();
+        loop {
+            if state.cancelled {
+                return false;
+            }
+            match state.credit.as_mut() {
+                None => return true,
+                Some(c) if *c > 0 => {
+                    *c -= 1;
+                    return true;
+                }
+                Some(_) => {}
+            }
+            // The timeout only guards against a lost wake-up; grants and cancels notify.
+            state = match self.changed.wait_timeout(state, Duration::from_secs(1)) {
+                Ok((s, _)) => s,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
+}
+
+/// A request's tokens, to the host as frames.
+pub(super) struct WireSink {
+    pub(super) id: u64,
+    pub(super) outbox: Outbox,
+    pub(super) control: Arc<Control>,
+}
+
+impl TokenSink for WireSink {
+    fn emit(&mut self, token: GeneratedToken) -> Flow {
+        // Blocks while the host's window is full: the plugin's generation waits for its reader.
+        if !self.control.take_one() {
+            return Flow::Stop;
+        }
+        let frame = FromWorker::Token {
+            id: self.id,
+            token: TokenFrame {
+                token_id: token.token_id,
+                text: token.text.into_string(),
+                logprob: token.logprob.into_option(),
+                top_logprobs: token
+                    .top_logprobs
+                    .into_iter()
+                    .map(|t| (t.token_id, t.text.into_string(), t.logprob))
+                    .collect(),
+            },
+        };
+        if !self.outbox.send(&frame) || self.is_cancelled() {
+            return Flow::Stop;
+        }
+        Flow::Continue
+    }
+
+    fn is_cancelled(&self) -> bool {
+        self.control.is_cancelled()
+    }
+}
+
+/// Model-loading progress, to the host as frames.
+pub(super) struct WireProgress(pub(super) Outbox);
+
+impl ProgressSink for WireProgress {
+    fn report(&mut self, stage: RStr<'_>, done: u64, total: u64) -> Flow {
+        let frame = FromWorker::Progress {
+            stage: stage.to_string(),
+            done,
+            total,
+        };
+        if self.0.send(&frame) {
+            Flow::Continue
+        } else {
+            Flow::Stop
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_window_admits_that_many_tokens_then_waits_for_a_grant() {
+        let control = Arc::new(Control::with_window(Some(2)));
+        assert!(control.take_one() && control.take_one());
+        let waiter = {
+            let control = control.clone();
+            std::thread::spawn(move || control.take_one())
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!waiter.is_finished(), "the third token waits for credit");
+        control.grant(1);
+        assert!(waiter.join().unwrap());
+    }
+
+    #[test]
+    fn a_cancel_releases_a_sink_waiting_for_credit() {
+        let control = Arc::new(Control::with_window(Some(0)));
+        let waiter = {
+            let control = control.clone();
+            std::thread::spawn(move || control.take_one())
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        control.cancel();
+        assert!(!waiter.join().unwrap());
+    }
+
+    #[test]
+    fn without_a_window_tokens_flow_freely() {
+        let control = Control::with_window(None);
+        assert!((0..1000).all(|_| control.take_one()));
+    }
+}

@@ -1,0 +1,117 @@
+//! Backpressure through the real daemon and worker: a client that stops reading a long stream
+//! pauses its generation (the worker's window fills and its sink waits), the daemon's memory stays
+//! where it was, and the generation stops for good when the client leaves.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use socket2::{Domain, Socket, Type};
+
+use crate::daemon::*;
+use crate::worker::confinement_available;
+
+/// The daemon's resident memory, from /proc.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("daemon status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS");
+    kib << 10
+}
+
+/// A connection whose receive buffer is a few KiB, so the kernel cannot absorb the stream for
+/// the client (a loopback socket's would otherwise grow to megabytes).
+fn small_window_connection(addr: &str) -> Socket {
+    let addr: SocketAddr = addr.parse().expect("daemon address");
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    socket.connect(&addr.into()).expect("connect");
+    socket
+}
+
+#[test]
+fn a_client_that_stops_reading_pauses_its_generation_and_the_daemon_holds_nothing() {
+    if !confinement_available() {
+        return;
+    }
+    // 4000 tokens at 1 ms each: four seconds if nothing held the stream back, ~1.2 MB of
+    // chunks: more than the daemon's small socket buffer and hyper's ~400 KB hold.
+    let d = Daemon::start(
+        echo_dir("[model.options]\ndelay_ms = 1\n"),
+        "[server]\nstall_timeout_secs = 60\nsend_buffer = \"16KiB\"\n",
+    );
+    d.wait_ready();
+    let forwarded = "pio_inter_token_latency_seconds_count{model=\"echo\"}";
+    let warm = json!({"model": "echo", "prompt": "warm up", "max_tokens": 4});
+    assert_eq!(d.post("/v1/completions", &warm).0, 200);
+    let before = rss_bytes(d.pid());
+    let base = d.metric(forwarded).unwrap_or(0.0);
+
+    let body = json!({"model": "echo", "max_tokens": 4000, "stream": true, "logprobs": true,
+                      "messages": [{"role": "user", "content": "x".repeat(4000)}]})
+    .to_string();
+    let mut client = small_window_connection(d.addr());
+    write!(
+        client,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        d.addr(),
+        body.len()
+    )
+    .expect("send the request");
+
+    std::thread::sleep(Duration::from_secs(5));
+    let early = d.metric(forwarded).unwrap_or(0.0) - base;
+    std::thread::sleep(Duration::from_secs(10));
+    let late = d.metric(forwarded).unwrap_or(0.0) - base;
+    let after = rss_bytes(d.pid());
+    assert!(
+        early > 0.0 && early < 1000.0,
+        "the stream started and then held back: {early} tokens forwarded of 4000"
+    );
+    eprintln!("forwarded {early} then {late} tokens of 4000; daemon RSS {before} -> {after} bytes");
+    assert_eq!(
+        early, late,
+        "generation paused while the client read nothing"
+    );
+    // Unpaused, echo would have finished in four seconds and left the worker's books.
+    assert_eq!(
+        d.plugin("echo")["requests_in_flight"],
+        1,
+        "the worker holds the paused request unfinished: {}",
+        d.plugin("echo")
+    );
+    assert!(
+        after < before + (4 << 20),
+        "the daemon's memory stayed put: {before} -> {after} bytes"
+    );
+
+    drop(client);
+    let gone = "pio_requests_total{model=\"echo\",endpoint=\"chat\",status=\"499\"}";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while d.metric(gone).is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        d.metric(gone),
+        Some(1.0),
+        "the abandoned stream was recorded"
+    );
+    let idle = || d.plugin("echo")["requests_in_flight"] == 0;
+    while !idle() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        idle(),
+        "the worker stopped the generation: {}",
+        d.plugin("echo")
+    );
+    assert_eq!(
+        d.metric(forwarded).unwrap_or(0.0) - base,
+        late,
+        "nothing was generated after the client left"
+    );
+}
