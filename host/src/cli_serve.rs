@@ -57,6 +57,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         std::env::current_exe().context("cannot find the running `pio` executable")?;
     let setup = Setup {
         config,
+        config_path: args.search.config.clone(),
         search,
         policy,
         exe,

@@ -132,6 +132,11 @@ impl Daemon {
         self.logs.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Its configuration file.
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self._config.path().join("pio.toml")
+    }
+
     /// The address it listens on (`host:port`).
     pub fn addr(&self) -> &str {
         self.base.trim_start_matches("http://")

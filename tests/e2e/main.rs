@@ -13,6 +13,7 @@ mod hotplug;
 mod medium;
 mod qwen3;
 mod qwen3_vl;
+mod reload;
 mod serve;
 mod supervisor;
 mod upper_tiers;

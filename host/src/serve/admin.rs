@@ -88,7 +88,8 @@ pub async fn health() -> Json<Value> {
 /// 503 otherwise or while shutting down; the body has each model's state.
 pub async fn ready(State(app): State<Arc<App>>) -> Response {
     let (plugins, _) = app.models.statuses();
-    let server = &app.models.setup().config.server;
+    let config = app.models.config();
+    let server = &config.server;
     let draining = app.draining.load(Ordering::Acquire);
     let ready = !draining
         && plugins

@@ -14,6 +14,7 @@ use pio_plugin_api::wire::{InferRequest, Prompt};
 use super::error::ApiError;
 use super::hotplug::Found;
 use super::models::Setup;
+use crate::config::Config;
 use crate::launch;
 use crate::sandbox::HostSupport;
 use crate::supervisor::{Event, State, Supervised};
@@ -158,7 +159,11 @@ impl Deployment {
 }
 
 /// Starts a worker for `found`, loads its model and warms it up.
-pub(super) async fn deploy(setup: &Setup, found: &Found) -> Result<Deployment, ApiError> {
+pub(super) async fn deploy(
+    setup: &Setup,
+    config: &Config,
+    found: &Found,
+) -> Result<Deployment, ApiError> {
     let name = &found.manifest.name;
     let store = setup.store.clone();
     let library = found.library.clone();
@@ -176,7 +181,6 @@ pub(super) async fn deploy(setup: &Setup, found: &Found) -> Result<Deployment, A
             )));
         }
     }
-    let config = &setup.config;
     let plan = launch::plan(
         &found.manifest,
         config,

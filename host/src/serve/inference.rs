@@ -112,7 +112,8 @@ async fn start(
         .capabilities(&model)
         .ok_or_else(|| ApiError::unknown_model(&model))?;
     label.clone_from(&model);
-    let mut parsed = openai::parse(&value, endpoint, capabilities, &app.limits)?;
+    let limits = openai::Limits::of(&app.models.config().server);
+    let mut parsed = openai::parse(&value, endpoint, capabilities, &limits)?;
     parsed.request.request_id = Some(id.0);
     let lease = app.models.acquire(&model).await?;
     let events = lease
@@ -283,9 +284,7 @@ async fn pump(
 ) -> u16 {
     let outlet = Outlet {
         tx,
-        stall: std::time::Duration::from_secs(
-            app.models.setup().config.server.stall_timeout_secs.max(1),
-        ),
+        stall: std::time::Duration::from_secs(app.models.config().server.stall_timeout_secs.max(1)),
     };
     let tools = parsing.tools;
     let mut filter = tools.map(|_| StreamFilter::default());

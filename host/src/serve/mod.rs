@@ -15,6 +15,7 @@ pub mod models;
 pub mod openai;
 pub mod output;
 pub mod reasoning;
+pub mod reload;
 pub mod responses;
 pub mod status;
 pub mod tool_calls;
@@ -38,8 +39,6 @@ pub struct App {
     pub models: Arc<Models>,
     /// Counters and histograms.
     pub metrics: metrics::Metrics,
-    /// Request limits.
-    pub limits: openai::Limits,
     /// The body size limit, bytes.
     pub max_body: u64,
     /// Set once shutdown begins.
@@ -79,7 +78,8 @@ pub enum ServeError {
 
 /// Checks the bearer key against what the route needs ([`access::need`]).
 async fn authorize(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
-    let server = &app.models.setup().config.server;
+    let config = app.models.config();
+    let server = &config.server;
     let need = access::need(request.uri().path(), server, app.loopback);
     let given = request
         .headers()
@@ -178,23 +178,23 @@ pub async fn serve(setup: Setup) -> Result<(), ServeError> {
             source,
         })?;
     let runtime_dir = setup.store.dir().to_path_buf();
+    let reload = setup.config_path.clone().map(|path| {
+        let before = crate::config::Config::load(&path).unwrap_or_else(|_| setup.config.clone());
+        (path, before)
+    });
     let loopback = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
     let models = Models::new(setup);
     models.rescan().await?;
     let app = Arc::new(App {
         models: models.clone(),
         metrics: metrics::Metrics::default(),
-        limits: openai::Limits {
-            max_tokens: server.max_tokens_limit,
-            image_root: server
-                .image_root
-                .as_ref()
-                .and_then(|r| std::fs::canonicalize(r).ok()),
-        },
         max_body: server.max_body_size.0,
         draining: AtomicBool::new(false),
         loopback,
     });
+    if let Some((path, before)) = reload {
+        tokio::spawn(reload::on_sighup(models.clone(), path, before));
+    }
     let _watcher = if server.watch {
         Some(hotplug::watch(models.clone()))
     } else {

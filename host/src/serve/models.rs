@@ -24,8 +24,11 @@ use crate::sandbox::Policy;
 /// Everything fixed for the daemon's lifetime that loading a plugin needs.
 #[derive(Debug)]
 pub struct Setup {
-    /// The configuration, flags applied.
+    /// The configuration, flags applied, as the daemon started (see [`Models::config`] for the
+    /// one in force).
     pub config: Config,
+    /// The file it came from, re-read on `SIGHUP`.
+    pub config_path: Option<PathBuf>,
     /// Where plugins are looked for.
     pub search: SearchPaths,
     /// The sandbox policy, flags applied.
@@ -66,6 +69,8 @@ struct Inner {
 /// The daemon's models.
 pub struct Models {
     setup: Setup,
+    /// The configuration in force: the setup's, replaced on each `SIGHUP` reload.
+    config: std::sync::RwLock<Arc<Config>>,
     inner: Mutex<Inner>,
 }
 
@@ -93,6 +98,7 @@ impl Models {
     /// No models yet; [`Models::rescan`] finds them.
     pub fn new(setup: Setup) -> Arc<Self> {
         Arc::new(Self {
+            config: std::sync::RwLock::new(Arc::new(setup.config.clone())),
             setup,
             inner: Mutex::default(),
         })
@@ -101,6 +107,34 @@ impl Models {
     /// The setup it runs with.
     pub fn setup(&self) -> &Setup {
         &self.setup
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Puts `config` in force; requests already running keep what they started with.
+    pub fn set_config(&self, config: Config) {
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+    }
+
+    /// Starts loading every unloaded plugin the configuration in force preloads.
+    pub fn preload_now(self: &Arc<Self>) {
+        let config = self.config();
+        let mut inner = lock(&self.inner);
+        let names: Vec<String> = inner
+            .entries
+            .iter()
+            .filter(|(n, e)| matches!(e.slot, Slot::Unloaded) && config.server.preloads(n))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in names {
+            self.begin_load(&mut inner, &name);
+        }
     }
 
     /// Scans the plugin directories and brings the served set in line: new plugins are added
@@ -137,7 +171,7 @@ impl Models {
                 match inner.entries.get_mut(&name) {
                     None => {
                         tracing::info!(plugin = %name, version = %f.manifest.version, "plugin found");
-                        if self.setup.config.server.preloads(&name) {
+                        if self.config().server.preloads(&name) {
                             load.push(name.clone());
                         }
                         inner.entries.insert(
@@ -194,7 +228,8 @@ impl Models {
 
     /// A lease on `name`'s deployment for one request, loading it first when allowed.
     pub async fn acquire(self: &Arc<Self>, name: &str) -> Result<Lease, ApiError> {
-        let server = &self.setup.config.server;
+        let config = self.config();
+        let server = &config.server;
         for _ in 0..3 {
             let wait = {
                 let mut inner = lock(&self.inner);
@@ -263,7 +298,7 @@ impl Models {
             let this = self.clone();
             tokio::spawn(async move {
                 let result = match this.make_room(&found.manifest.name).await {
-                    Ok(()) => deploy(&this.setup, &found).await,
+                    Ok(()) => deploy(&this.setup, &this.config(), &found).await,
                     Err(e) => Err(e),
                 };
                 let outcome = {
@@ -308,7 +343,7 @@ impl Models {
 
     /// Unloads the least recently used idle model when loading another would pass the cap.
     async fn make_room(&self, loading: &str) -> Result<(), ApiError> {
-        let cap = self.setup.config.server.max_loaded_models;
+        let cap = self.config().server.max_loaded_models;
         if cap == 0 {
             return Ok(());
         }
@@ -388,7 +423,7 @@ impl Models {
         let Some(found) = found else {
             return self.load(name).await;
         };
-        let result = deploy(&self.setup, &found).await;
+        let result = deploy(&self.setup, &self.config(), &found).await;
         let old = {
             let mut inner = lock(&self.inner);
             let entry = inner.entry_mut(name)?;
@@ -444,7 +479,7 @@ impl Models {
     }
 
     fn drain_timeout(&self) -> Duration {
-        Duration::from_secs(self.setup.config.server.drain_timeout_secs)
+        Duration::from_secs(self.config().server.drain_timeout_secs)
     }
 
     /// Every plugin with where it stands, and the manifests that failed their checks.

@@ -119,6 +119,19 @@ pub struct Limits {
     pub image_root: Option<std::path::PathBuf>,
 }
 
+impl Limits {
+    /// The limits `server` sets.
+    pub fn of(server: &crate::config::ServerSection) -> Self {
+        Self {
+            max_tokens: server.max_tokens_limit,
+            image_root: server
+                .image_root
+                .as_ref()
+                .and_then(|r| std::fs::canonicalize(r).ok()),
+        }
+    }
+}
+
 fn field<T: DeserializeOwned>(body: &Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(body).map_err(|e| {
         let path = e.path().to_string();

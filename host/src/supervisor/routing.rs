@@ -263,6 +263,10 @@ mod tests {
         while events.recv().await.is_some() {
             received += 1;
         }
-        assert_eq!(received, WINDOW as usize + 1, "what fit was delivered, then the end");
+        assert_eq!(
+            received,
+            WINDOW as usize + 1,
+            "what fit was delivered, then the end"
+        );
     }
 }

@@ -1,0 +1,94 @@
+//! `SIGHUP` against the real daemon: keys and limits change without dropping a request in
+//! flight; a bad file is refused with the reason and the running configuration kept; keys that
+//! need a restart are named.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::daemon::*;
+use crate::worker::confinement_available;
+
+fn hangup(d: &Daemon) {
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &d.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+/// Waits up to ten seconds for `check`.
+fn eventually(what: &str, d: &Daemon, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}; logs:\n{}", d.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn sighup_reloads_keys_and_limits_keeps_requests_and_refuses_a_bad_file() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(
+        echo_dir("[model.options]\ndelay_ms = 20\n"),
+        "[server]\napi_keys = [\"old\"]\n",
+    );
+    d.wait_ready();
+    let ask = |key: &str, max_tokens: u32| {
+        let body = json!({"model": "echo", "prompt": "y".repeat(60), "max_tokens": max_tokens});
+        d.post_raw("/v1/completions", &body.to_string(), Some(key))
+    };
+    assert_eq!(ask("old", 2).0, 200);
+
+    std::thread::scope(|scope| {
+        // 60 tokens at 20 ms: in flight while the configuration changes under it.
+        let running = scope.spawn(|| ask("old", 60));
+        std::thread::sleep(Duration::from_millis(300));
+        std::fs::write(
+            d.config_path(),
+            "[server]\napi_keys = [\"new\"]\nmax_tokens_limit = 5\n",
+        )
+        .unwrap();
+        hangup(&d);
+        eventually("the new key is accepted", &d, || ask("new", 2).0 == 200);
+        let (status, r) = running.join().unwrap();
+        assert_eq!(status, 200, "{r}");
+        assert_eq!(
+            r["choices"][0]["text"],
+            "y".repeat(60),
+            "the request in flight finished"
+        );
+    });
+    assert_eq!(ask("old", 2).0, 401, "the old key is gone");
+    let (status, r) = ask("new", 10);
+    assert_eq!(status, 400, "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_tokens_limit"),
+        "{r}"
+    );
+
+    std::fs::write(d.config_path(), "[server\napi_keys = [").unwrap();
+    hangup(&d);
+    eventually("the bad file is refused", &d, || {
+        d.logs().contains("kept the running configuration")
+    });
+    assert!(d.logs().contains("pio.toml"), "the refusal names the file");
+    assert_eq!(ask("new", 2).0, 200, "the running configuration stays");
+
+    std::fs::write(
+        d.config_path(),
+        "[server]\napi_keys = [\"new\"]\nlisten = \"127.0.0.1:1\"\n",
+    )
+    .unwrap();
+    hangup(&d);
+    eventually("a restart-only key is named", &d, || {
+        d.logs().contains("server.listen changed")
+    });
+    assert_eq!(ask("new", 10).0, 200, "max_tokens_limit is back to none");
+    assert_eq!(d.get("/health").0, 200, "still listening where it was");
+}
