@@ -117,11 +117,15 @@ impl Checkpoint {
             let parsed: Index = parse_json(&index, &read(&index, "")?)?;
             let mut files: Vec<PathBuf> = Vec::new();
             for (tensor, file) in parsed.weight_map {
-                let Some(file) = file.as_str() else {
+                // A plain file name in the snapshot: an index must not point the loader at
+                // files elsewhere (`../../etc/passwd`, an absolute path).
+                let Some(file) = file.as_str().filter(|f| {
+                    !f.is_empty() && *f != "." && *f != ".." && !f.contains(['/', '\\'])
+                }) else {
                     return Err(EngineError::BadField {
                         path: index,
                         field: format!("weight_map.{tensor}"),
-                        reason: "expected a file name".into(),
+                        reason: "expected the name of a file in the snapshot's folder".into(),
                     });
                 };
                 let path = self.path(file);
@@ -165,6 +169,40 @@ impl Checkpoint {
         EngineError::Weights {
             dir: self.dir.clone(),
             reason: e.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_index_naming_files_outside_the_snapshot_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), "{}").unwrap();
+        std::fs::write(dir.path().join("model.safetensors"), b"").unwrap();
+        for file in [
+            "../outside.safetensors",
+            "/etc/passwd",
+            "..",
+            "sub/dir.safetensors",
+        ] {
+            let index = serde_json::json!({"weight_map": {"w": file}});
+            std::fs::write(
+                dir.path().join("model.safetensors.index.json"),
+                index.to_string(),
+            )
+            .unwrap();
+            let e = Checkpoint::open(dir.path())
+                .unwrap()
+                .weight_files()
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("weight_map.w") && e.contains("snapshot's folder"),
+                "{file}: {e}"
+            );
         }
     }
 }

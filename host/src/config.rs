@@ -129,6 +129,11 @@ pub struct ServerSection {
     /// A streaming client that takes no data for this many seconds while the stream's buffer is
     /// full is cut off, and its generation stopped (default 30).
     pub stall_timeout_secs: u64,
+    /// Seconds a client may take to send a request's head (and an idle keep-alive connection
+    /// may wait); then the connection is closed (default 30).
+    pub header_timeout_secs: u64,
+    /// Seconds a client may take to send a request's body; then it gets a 408 (default 30).
+    pub body_timeout_secs: u64,
     /// Each connection's kernel send buffer (`SO_SNDBUF`; default: the kernel's autotuning, up
     /// to `net.ipv4.tcp_wmem`'s maximum, often 4 MiB). A small one bounds what a client that
     /// stops reading can hold in socket memory (charged to the daemon's cgroup) and makes the
@@ -178,6 +183,8 @@ impl Default for ServerSection {
             max_tokens_limit: 0,
             queue_depth: 64,
             stall_timeout_secs: 30,
+            header_timeout_secs: 30,
+            body_timeout_secs: 30,
             send_buffer: None,
             drain_timeout_secs: 30,
             watch: true,

@@ -9,6 +9,7 @@ pub mod error;
 pub mod hotplug;
 pub mod inference;
 pub mod library;
+pub mod listen;
 pub mod messages;
 pub mod metrics;
 pub mod models;
@@ -71,9 +72,6 @@ pub enum ServeError {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// The server failed.
-    #[error("the HTTP server failed: {0}")]
-    Http(std::io::Error),
 }
 
 /// Checks the bearer key against what the route needs ([`access::need`]).
@@ -91,6 +89,38 @@ async fn authorize(State(app): State<Arc<App>>, request: Request, next: Next) ->
         Ok(()) => next.run(request).await,
         Err(message) => ApiError::unauthorized(message).into_response(),
     }
+}
+
+/// Reads the whole body before any handler runs, within `server.body_timeout_secs` and the body
+/// limit: a client that announces a body and sends it slowly, or never, gets a 408 instead of
+/// holding a handler forever.
+async fn read_body(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    let limit = usize::try_from(app.max_body).unwrap_or(usize::MAX);
+    let secs = app.models.config().server.body_timeout_secs.max(1);
+    let read = axum::body::to_bytes(body, limit);
+    match tokio::time::timeout(Duration::from_secs(secs), read).await {
+        Ok(Ok(bytes)) => {
+            next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+                .await
+        }
+        Ok(Err(e)) => {
+            let too_large = e
+                .into_inner()
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some();
+            if too_large {
+                ApiError::too_large(app.max_body).into_response()
+            } else {
+                ApiError::bad_request("the request body could not be read: the client sent less than it announced or broke the framing").into_response()
+            }
+        }
+        Err(_) => ApiError::body_timeout(secs).into_response(),
+    }
+}
+
+async fn wrong_method(request: Request) -> ApiError {
+    ApiError::method_not_allowed(request.method(), request.uri().path())
 }
 
 async fn no_route(request: Request) -> ApiError {
@@ -161,6 +191,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/ready", get(admin::ready))
         .route("/metrics", get(admin::metrics))
         .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
+        .layer(axum::middleware::from_fn_with_state(app.clone(), read_body))
         .layer(axum::middleware::from_fn_with_state(app.clone(), authorize))
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn(request_id))
@@ -227,22 +259,18 @@ pub async fn serve(setup: Setup) -> Result<(), ServeError> {
             let _ = stop_tx.send(true);
         }
     };
-    let send_buffer = server.send_buffer;
-    let listener = axum::serve::ListenerExt::tap_io(listener, move |tcp| {
-        if let Some(bytes) = send_buffer {
-            if let Err(e) = socket2::SockRef::from(&*tcp).set_send_buffer_size(bytes.0 as usize) {
-                tracing::warn!("cannot set a connection's send buffer (server.send_buffer): {e}");
-            }
-        }
-    });
-    let http = axum::serve(listener, router(app.clone())).with_graceful_shutdown(shutdown);
+    let rules = listen::ConnectionRules {
+        header_timeout: Duration::from_secs(server.header_timeout_secs.max(1)),
+        send_buffer: server.send_buffer,
+    };
+    let http = listen::serve(listener, router(app.clone()), rules, shutdown);
     let deadline = async move {
         let mut rx = stop_rx;
         let _ = rx.wait_for(|s| *s).await;
         tokio::time::sleep(Duration::from_secs(server.drain_timeout_secs)).await;
     };
     tokio::select! {
-        result = http => result.map_err(ServeError::Http)?,
+        () = http => {}
         () = deadline => tracing::warn!("the drain deadline passed with requests still running; stopping them"),
     }
     models.stop_all().await;

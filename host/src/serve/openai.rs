@@ -246,80 +246,9 @@ pub fn parse(
         Endpoint::Chat => {
             let f: ChatFields = field(body)?;
             max_tokens = f.max_completion_tokens.or(max_tokens);
-            request.prompt = Prompt::Messages(super::messages::check(
-                f.messages,
-                has(Capabilities::VISION),
-                limits.image_root.as_deref(),
-            )?);
-            if let Some(tools) = f.tools.filter(|t| !t.is_empty()) {
-                let wanted = match f.tool_choice.as_ref() {
-                    None => true,
-                    Some(Value::String(s)) if s == "auto" => true,
-                    Some(Value::String(s)) if s == "none" => false,
-                    Some(_) => {
-                        return Err(unsupported(
-                            "tool_choice",
-                            "supports \"auto\" and \"none\" only",
-                        ))
-                    }
-                };
-                if wanted && !has(Capabilities::TOOLS) {
-                    return Err(unsupported(
-                        "tools",
-                        &format!(
-                            "are not supported by model `{}`: it does not declare tool calling",
-                            c.model
-                        ),
-                    ));
-                }
-                request.tools = wanted.then_some(tools);
-            }
-            if let Some(format) = &f.response_format {
-                if format.get("type").and_then(Value::as_str) != Some("text") {
-                    return Err(unsupported(
-                        "response_format",
-                        "supports {\"type\": \"text\"} only",
-                    ));
-                }
-            }
-            request.chat_template_kwargs = f.chat_template_kwargs.unwrap_or_default();
-            match (f.logprobs.unwrap_or(false), f.top_logprobs) {
-                (false, Some(_)) => {
-                    return Err(ApiError::bad_field(
-                        "top_logprobs",
-                        "`top_logprobs` needs `logprobs: true`",
-                    ))
-                }
-                (false, None) => LogprobsFormat::None,
-                (true, k) => {
-                    request.logprobs = Some(check_top("top_logprobs", k.unwrap_or(0), 20)?);
-                    LogprobsFormat::Chat
-                }
-            }
+            chat(f, &mut request, &c.model, capabilities, limits)?
         }
-        Endpoint::Completions => {
-            let f: CompletionFields = field(body)?;
-            request.prompt = Prompt::Text(completion_prompt(&f.prompt)?);
-            if f.echo == Some(true) {
-                return Err(unsupported(
-                    "echo",
-                    "is not supported; the prompt is known to the client",
-                ));
-            }
-            if f.suffix.is_some_and(|s| !s.is_empty()) {
-                return Err(unsupported("suffix", "is not supported"));
-            }
-            if f.best_of.is_some_and(|b| b != 1) {
-                return Err(unsupported("best_of", "must be 1"));
-            }
-            match f.logprobs {
-                None => LogprobsFormat::None,
-                Some(k) => {
-                    request.logprobs = Some(check_top("logprobs", k, 5)?);
-                    LogprobsFormat::Legacy
-                }
-            }
-        }
+        Endpoint::Completions => completion(field(body)?, &mut request)?,
     };
     if logprobs != LogprobsFormat::None && !has(Capabilities::LOGPROBS) {
         return Err(unsupported(
@@ -355,6 +284,132 @@ pub fn parse(
             .unwrap_or(false),
         logprobs,
         request,
+    })
+}
+
+/// The chat endpoint's own fields into `request`: messages (checked, images inlined), tools and
+/// their choice, response format, template variables; returns how logprobs are reported.
+fn chat(
+    f: ChatFields,
+    request: &mut InferRequest,
+    model: &str,
+    capabilities: Capabilities,
+    limits: &Limits,
+) -> Result<LogprobsFormat, ApiError> {
+    let has = |cap: Capabilities| capabilities.contains(cap);
+    request.prompt = Prompt::Messages(super::messages::check(
+        f.messages,
+        has(Capabilities::VISION),
+        limits.image_root.as_deref(),
+    )?);
+    // Checked with or without tools: a client's mistake should not pass only because it
+    // sent no tools this time.
+    let wanted = match f.tool_choice.as_ref() {
+        None => true,
+        Some(Value::String(s)) if s == "auto" => true,
+        Some(Value::String(s)) if s == "none" => false,
+        Some(_) => {
+            return Err(unsupported(
+                "tool_choice",
+                "supports \"auto\" and \"none\" only",
+            ))
+        }
+    };
+    if let Some(tools) = f.tools.filter(|t| !t.is_empty()) {
+        check_tools(&tools)?;
+        if wanted && !has(Capabilities::TOOLS) {
+            return Err(unsupported(
+                "tools",
+                &format!("are not supported by model `{model}`: it does not declare tool calling"),
+            ));
+        }
+        request.tools = wanted.then_some(tools);
+    }
+    if let Some(format) = &f.response_format {
+        if format.get("type").and_then(Value::as_str) != Some("text") {
+            return Err(unsupported(
+                "response_format",
+                "supports {\"type\": \"text\"} only",
+            ));
+        }
+    }
+    request.chat_template_kwargs = f.chat_template_kwargs.unwrap_or_default();
+    match (f.logprobs.unwrap_or(false), f.top_logprobs) {
+        (false, Some(_)) => Err(ApiError::bad_field(
+            "top_logprobs",
+            "`top_logprobs` needs `logprobs: true`",
+        )),
+        (false, None) => Ok(LogprobsFormat::None),
+        (true, k) => {
+            request.logprobs = Some(check_top("top_logprobs", k.unwrap_or(0), 20)?);
+            Ok(LogprobsFormat::Chat)
+        }
+    }
+}
+
+/// Each tool is `{"type": "function", "function": {"name": …, "parameters": {…}?}}`, with a
+/// name the model can write and distinct from the others'.
+fn check_tools(tools: &[Value]) -> Result<(), ApiError> {
+    let mut names = std::collections::HashSet::new();
+    for (i, tool) in tools.iter().enumerate() {
+        let at = format!("tools[{i}]");
+        if tool.get("type").and_then(Value::as_str) != Some("function") {
+            return Err(ApiError::bad_field(
+                format!("{at}.type"),
+                format!("`{at}` must be an object with `\"type\": \"function\"`"),
+            ));
+        }
+        let function = tool.get("function").filter(|f| f.is_object());
+        let name = function.and_then(|f| f.get("name")).and_then(Value::as_str);
+        let valid = name.is_some_and(|n| {
+            (1..=64).contains(&n.len())
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+        });
+        let Some(name) = name.filter(|_| valid) else {
+            return Err(ApiError::bad_field(
+                format!("{at}.function.name"),
+                format!("`{at}.function.name` must be 1 to 64 letters, digits, `_`, `-` or `.`"),
+            ));
+        };
+        if !names.insert(name) {
+            return Err(ApiError::bad_field(
+                format!("{at}.function.name"),
+                format!("`{at}.function.name`: another tool is already named `{name}`"),
+            ));
+        }
+        let parameters = function.and_then(|f| f.get("parameters"));
+        if parameters.is_some_and(|p| !p.is_object()) {
+            return Err(ApiError::bad_field(
+                format!("{at}.function.parameters"),
+                format!("`{at}.function.parameters` must be a JSON Schema object"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The completions endpoint's own fields into `request`; returns how logprobs are reported.
+fn completion(f: CompletionFields, request: &mut InferRequest) -> Result<LogprobsFormat, ApiError> {
+    request.prompt = Prompt::Text(completion_prompt(&f.prompt)?);
+    if f.echo == Some(true) {
+        return Err(unsupported(
+            "echo",
+            "is not supported; the prompt is known to the client",
+        ));
+    }
+    if f.suffix.is_some_and(|s| !s.is_empty()) {
+        return Err(unsupported("suffix", "is not supported"));
+    }
+    if f.best_of.is_some_and(|b| b != 1) {
+        return Err(unsupported("best_of", "must be 1"));
+    }
+    Ok(match f.logprobs {
+        None => LogprobsFormat::None,
+        Some(k) => {
+            request.logprobs = Some(check_top("logprobs", k, 5)?);
+            LogprobsFormat::Legacy
+        }
     })
 }
 

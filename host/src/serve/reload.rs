@@ -29,6 +29,7 @@ pub fn merge(running: &Config, before: &Config, file: &Config) -> (Config, Vec<&
     s.max_tokens_limit = f.max_tokens_limit;
     s.queue_depth = f.queue_depth;
     s.stall_timeout_secs = f.stall_timeout_secs;
+    s.body_timeout_secs = f.body_timeout_secs;
     s.drain_timeout_secs = f.drain_timeout_secs;
     s.warmup = f.warmup;
     s.image_root = f.image_root.clone();

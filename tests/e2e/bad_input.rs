@@ -1,0 +1,296 @@
+//! The daemon against bad input on every route: malformed JSON, wrong types and out-of-range
+//! values for every field, invalid UTF-8, deep nesting, oversized and lying bodies, unknown
+//! routes and methods, missing and wrong keys, slow and idle connections. Each gets a prompt 4xx
+//! in OpenAI's error shape (a connection that never sends a request is closed), and the daemon
+//! keeps serving.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::daemon::*;
+use crate::worker::confinement_available;
+
+const CONFIG: &str = "[server]\napi_keys = [\"user\"]\nadmin_keys = [\"admin\"]\n\
+    max_body_size = \"64KiB\"\nheader_timeout_secs = 2\nbody_timeout_secs = 2\n";
+
+/// One raw HTTP exchange: the status and body of the first response (`None`: the connection
+/// closed without one).
+fn raw(d: &Daemon, request: &[u8], linger: Duration) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(d.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request).expect("send");
+    std::thread::sleep(linger);
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                out.extend_from_slice(&buf[..n]);
+                if response_complete(&out) {
+                    break;
+                }
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    // Only the first response: leftover bytes of a lying request may draw a second one.
+    let body = match content_length(head) {
+        Some(n) => body.get(..n).unwrap_or(body),
+        None => body,
+    };
+    Some((status, body.to_string()))
+}
+
+fn content_length(head: &str) -> Option<usize> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse::<usize>().ok())?
+    })
+}
+
+fn response_complete(bytes: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(bytes);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return false;
+    };
+    content_length(head).is_some_and(|n| body.len() >= n)
+}
+
+fn post(path: &str, body: &[u8], extra: &str) -> Vec<u8> {
+    let mut r = format!(
+        "POST {path} HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer user\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    r.extend_from_slice(body);
+    r
+}
+
+/// A 4xx in OpenAI's error shape.
+fn assert_openai_4xx(what: &str, status: u16, body: &Value) {
+    assert!((400..500).contains(&status), "{what}: got {status}: {body}");
+    let e = &body["error"];
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()) && e["type"].is_string(),
+        "{what}: not OpenAI's error shape: {body}"
+    );
+    assert!(
+        e.get("param").is_some() && e.get("code").is_some(),
+        "{what}: {body}"
+    );
+}
+
+/// Every field of both inference routes, set to values of the wrong type or out of range.
+fn bad_fields() -> Vec<(&'static str, &'static str, Value)> {
+    let common: Vec<(&str, Value)> = vec![
+        ("model", json!(5)),
+        ("model", Value::Null),
+        ("model", json!("no-such-model")),
+        ("model", json!("m".repeat(5000))),
+        ("stream", json!("yes")),
+        ("stream_options", json!("x")),
+        ("stream_options", json!({"include_usage": "yes"})),
+        ("max_tokens", json!(-1)),
+        ("max_tokens", json!(0)),
+        ("max_tokens", json!(1.5)),
+        ("max_tokens", json!("2")),
+        ("max_tokens", json!(1_u64 << 40)),
+        ("temperature", json!(-0.1)),
+        ("temperature", json!(2.5)),
+        ("temperature", json!("hot")),
+        ("top_p", json!(0)),
+        ("top_p", json!(1.5)),
+        ("top_k", json!(-5)),
+        ("top_k", json!("k")),
+        ("min_p", json!(2)),
+        ("seed", json!("s")),
+        ("seed", json!(1.5)),
+        ("stop", json!(5)),
+        ("stop", json!([1])),
+        ("stop", json!([""])),
+        ("presence_penalty", json!(3)),
+        ("frequency_penalty", json!(-9)),
+        ("repetition_penalty", json!(0)),
+        ("n", json!(2)),
+        ("n", json!(-1)),
+        ("logit_bias", json!({"1": 5})),
+        ("logit_bias", json!("x")),
+    ];
+    let chat: Vec<(&str, Value)> = vec![
+        ("messages", json!([])),
+        ("messages", json!("hi")),
+        ("messages", json!([1])),
+        ("messages", json!([{"role": "wizard", "content": "x"}])),
+        ("messages", json!([{"content": "x"}])),
+        ("messages", json!([{"role": "user", "content": 5}])),
+        (
+            "messages",
+            json!([{"role": "user", "content": [{"type": "video"}]}]),
+        ),
+        (
+            "messages",
+            json!([{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]}]),
+        ),
+        ("max_completion_tokens", json!(-1)),
+        ("logprobs", json!("yes")),
+        ("top_logprobs", json!(50)),
+        ("top_logprobs", json!(-1)),
+        ("tools", json!("x")),
+        ("tools", json!([5])),
+        ("tool_choice", json!("sometimes")),
+        ("tool_choice", json!(5)),
+        ("chat_template_kwargs", json!(5)),
+    ];
+    let completions: Vec<(&str, Value)> = vec![
+        ("prompt", json!(5)),
+        ("prompt", json!({})),
+        ("prompt", Value::Null),
+        ("prompt", json!([[]])),
+        ("logprobs", json!(6)),
+        ("logprobs", json!(-1)),
+        ("logprobs", json!("x")),
+        ("echo", json!("x")),
+        ("suffix", json!(5)),
+        ("best_of", json!(2)),
+    ];
+    let mut all = Vec::new();
+    for (f, v) in common {
+        all.push(("/v1/chat/completions", f, v.clone()));
+        all.push(("/v1/completions", f, v));
+    }
+    all.extend(
+        chat.into_iter()
+            .map(|(f, v)| ("/v1/chat/completions", f, v)),
+    );
+    all.extend(
+        completions
+            .into_iter()
+            .map(|(f, v)| ("/v1/completions", f, v)),
+    );
+    all
+}
+
+fn base(path: &str) -> Value {
+    if path == "/v1/chat/completions" {
+        json!({"model": "echo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    } else {
+        json!({"model": "echo", "prompt": "hi", "max_tokens": 2})
+    }
+}
+
+#[test]
+fn every_bad_input_gets_a_prompt_openai_4xx_and_the_daemon_keeps_serving() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(echo_dir(""), CONFIG);
+    d.wait_ready();
+    let ok = |d: &Daemon| {
+        let body = base("/v1/chat/completions").to_string();
+        d.post_raw("/v1/chat/completions", &body, Some("user")).0 == 200
+    };
+    assert!(ok(&d));
+
+    for (path, field, value) in bad_fields() {
+        let mut body = base(path);
+        body[field] = value.clone();
+        if field == "top_logprobs" {
+            body["logprobs"] = json!(true);
+        }
+        let started = Instant::now();
+        let (status, r) = d.post_raw(path, &body.to_string(), Some("user"));
+        let what = format!("{path} {field} = {value}");
+        assert_openai_4xx(&what, status, &r);
+        assert!(started.elapsed() < Duration::from_secs(2), "{what}: slow");
+    }
+
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("not JSON", post("/v1/completions", b"{\"model\": ", ""), 400),
+        ("a JSON string", post("/v1/completions", b"\"hi\"", ""), 400),
+        ("invalid UTF-8", post("/v1/completions", b"{\"model\":\"echo\",\"prompt\":\"\xff\xfe\"}", ""), 400),
+        ("deep nesting", post("/v1/chat/completions", deep.as_bytes(), ""), 413),
+        ("deep nesting within the limit", post("/v1/chat/completions", "[".repeat(30_000).as_bytes(), ""), 400),
+        ("over the body limit", post("/v1/completions", &vec![b' '; 70 << 10], ""), 413),
+        ("unknown route", b"GET /v2/anything HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer user\r\n\r\n".to_vec(), 404),
+        ("wrong method", b"GET /v1/chat/completions HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer user\r\n\r\n".to_vec(), 405),
+        ("wrong method on models", b"DELETE /v1/models HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer user\r\n\r\n".to_vec(), 405),
+        ("no key", b"GET /v1/models HTTP/1.1\r\nHost: pio\r\n\r\n".to_vec(), 401),
+        ("wrong key", b"GET /v1/models HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer nope\r\n\r\n".to_vec(), 401),
+        ("a user key on an admin route", b"GET /v1/plugins HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer user\r\n\r\n".to_vec(), 401),
+        ("a user key on an admin action", b"POST /v1/plugins/echo/unload HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer user\r\nContent-Length: 0\r\n\r\n".to_vec(), 401),
+        ("an admin action on no plugin", b"POST /v1/plugins/nothing/unload HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer admin\r\nContent-Length: 0\r\n\r\n".to_vec(), 404),
+        ("an unknown admin action", b"POST /v1/plugins/echo/explode HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer admin\r\nContent-Length: 0\r\n\r\n".to_vec(), 404),
+        ("a body longer than announced", b"POST /v1/completions HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer user\r\nContent-Length: 5\r\n\r\n{\"model\": \"echo\", \"prompt\": \"x\"}".to_vec(), 400),
+        ("bad chunked framing", b"POST /v1/completions HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer user\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n".to_vec(), 400),
+    ];
+    for (what, request, expected) in cases {
+        let started = Instant::now();
+        let (status, body) = raw(&d, &request, Duration::ZERO)
+            .unwrap_or_else(|| panic!("{what}: the connection closed without an answer"));
+        let body: Value = serde_json::from_str(&body)
+            .unwrap_or_else(|_| panic!("{what}: {status} with a body that is not JSON: {body:?}"));
+        assert_eq!(status, expected, "{what}: {body}");
+        assert_openai_4xx(what, status, &body);
+        assert!(started.elapsed() < Duration::from_secs(2), "{what}: slow");
+    }
+
+    // A body announced and never sent: a 408 once server.body_timeout_secs passes.
+    let (status, body) = raw(
+        &d,
+        b"POST /v1/completions HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer user\r\nContent-Length: 100\r\n\r\n{\"model\"",
+        Duration::ZERO,
+    )
+    .expect("an answer to a body that never came");
+    assert_openai_4xx(
+        "a body that never came",
+        status,
+        &serde_json::from_str(&body).unwrap(),
+    );
+    assert_eq!(status, 408);
+
+    // Idle connections and half-sent heads hold nothing: others are served meanwhile, and the
+    // daemon closes them after server.header_timeout_secs.
+    let mut idle: Vec<TcpStream> = (0..40)
+        .map(|_| TcpStream::connect(d.addr()).unwrap())
+        .collect();
+    for s in idle.iter_mut().step_by(2) {
+        s.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: pio\r\n")
+            .unwrap();
+    }
+    // And one that made a request and then idles (keep-alive).
+    let mut kept = TcpStream::connect(d.addr()).unwrap();
+    kept.write_all(b"GET /health HTTP/1.1\r\nHost: pio\r\n\r\n")
+        .unwrap();
+    kept.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 1024];
+    assert!(
+        kept.read(&mut buf).unwrap() > 0,
+        "the first request is answered"
+    );
+    idle.push(kept);
+    let started = Instant::now();
+    assert!(ok(&d), "served beside idle connections");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    std::thread::sleep(Duration::from_secs(3));
+    for (i, s) in idle.iter_mut().enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 1024];
+        let read = s.read(&mut buf);
+        let closed = match &read {
+            Ok(0) => true,
+            Ok(n) => String::from_utf8_lossy(&buf[..*n]).starts_with("HTTP/1.1 408"),
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        };
+        assert!(closed, "idle connection {i} was not closed: {read:?}");
+    }
+    assert!(ok(&d), "still serving");
+}
