@@ -7,6 +7,8 @@ use crate::error::{EngineError, Result};
 /// The model's tokenizer.
 pub struct TextCodec {
     tokenizer: tokenizers::Tokenizer,
+    /// Whether vocabulary strings spell bytes in GPT-2's byte-level alphabet.
+    byte_level: bool,
 }
 
 impl std::fmt::Debug for TextCodec {
@@ -30,7 +32,36 @@ impl TextCodec {
                 path: path.clone(),
                 reason: format!("not a tokenizers JSON file: {e}"),
             })?;
-        Ok(Self { tokenizer })
+        let byte_level = matches!(
+            tokenizer.get_decoder(),
+            Some(tokenizers::DecoderWrapper::ByteLevel(_))
+        );
+        Ok(Self {
+            tokenizer,
+            byte_level,
+        })
+    }
+
+    /// The token's own bytes, which may be part of a UTF-8 character (what OpenAI's logprobs
+    /// `bytes` carry): a byte-level vocabulary entry mapped back to its bytes, a `<0xHH>`
+    /// byte-fallback piece as that byte, a special token as its text.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let added = self.tokenizer.get_added_tokens_decoder();
+        if let Some(token) = added.get(&id) {
+            return token.content.clone().into_bytes();
+        }
+        let Some(piece) = self.tokenizer.id_to_token(id) else {
+            return Vec::new();
+        };
+        if self.byte_level {
+            if let Some(bytes) = byte_level_bytes(&piece) {
+                return bytes;
+            }
+        }
+        if let Some(byte) = byte_fallback(&piece) {
+            return vec![byte];
+        }
+        self.decode(&[id]).into_bytes()
     }
 
     /// Token ids of `text`; special tokens written in the text (`<|im_start|>`) are recognized.
@@ -51,10 +82,46 @@ impl TextCodec {
         self.tokenizer.token_to_id(token)
     }
 
+    /// One past the highest token id (added tokens included): the ids a table must cover.
+    pub fn id_bound(&self) -> u32 {
+        self.tokenizer
+            .get_vocab(true)
+            .values()
+            .max()
+            .map_or(0, |&m| m + 1)
+    }
+
     /// Number of tokens in the vocabulary, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.tokenizer.get_vocab_size(true)
     }
+}
+
+/// GPT-2's byte-level alphabet read back: printable Latin-1 characters stand for themselves, and
+/// the other 68 bytes for U+0100 onwards, in byte order. `None` if a character is outside it.
+fn byte_level_bytes(piece: &str) -> Option<Vec<u8>> {
+    let printable = |b: u32| matches!(b, 0x21..=0x7E | 0xA1..=0xAC | 0xAE..=0xFF);
+    piece
+        .chars()
+        .map(|c| {
+            let c = u32::from(c);
+            if c < 0x100 {
+                return printable(c).then_some(c as u8);
+            }
+            // The n-th non-printable byte is written as U+0100 + n.
+            let n = c - 0x100;
+            (0..=255u32)
+                .filter(|b| !printable(*b))
+                .nth(n as usize)
+                .map(|b| b as u8)
+        })
+        .collect()
+}
+
+/// A SentencePiece byte-fallback piece, `<0xE4>`.
+fn byte_fallback(piece: &str) -> Option<u8> {
+    let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
+    (hex.len() == 2).then(|| u8::from_str_radix(hex, 16).ok())?
 }
 
 /// Turns a stream of token ids into a stream of text pieces that are always valid UTF-8.
@@ -98,5 +165,47 @@ impl StreamDecoder {
         self.read = self.ids.len();
         self.prefix = self.read;
         now.get(before.len()..).unwrap_or_default().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn qwen3_codec() -> TextCodec {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen3-tiny");
+        TextCodec::load(&Checkpoint::open(&dir).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn gpt2_byte_level_letters_read_back_as_their_bytes() {
+        assert_eq!(byte_level_bytes("Ġhello"), Some(b" hello".to_vec()));
+        assert_eq!(byte_level_bytes("Ċ"), Some(vec![b'\n']));
+        assert_eq!(byte_level_bytes("Ā"), Some(vec![0]));
+        assert_eq!(byte_level_bytes("ä¸Ń"), Some("中".as_bytes().to_vec()));
+        assert_eq!(byte_level_bytes("中"), None);
+        assert_eq!(byte_fallback("<0xE4>"), Some(0xE4));
+        assert_eq!(byte_fallback("<0xE4"), None);
+    }
+
+    #[test]
+    fn token_bytes_rebuild_text_whose_characters_span_tokens() {
+        let codec = qwen3_codec();
+        for text in [
+            "中文的测试 🙂🎉",
+            "naïve café — ok",
+            "<|im_start|>user\nhi<|im_end|>",
+        ] {
+            let ids = codec.encode(text).unwrap();
+            let bytes: Vec<u8> = ids.iter().flat_map(|&id| codec.token_bytes(id)).collect();
+            assert_eq!(String::from_utf8(bytes).unwrap(), text, "{ids:?}");
+        }
+        let ids = codec.encode("中文的测试 🙂🎉").unwrap();
+        assert!(
+            ids.iter()
+                .any(|&id| std::str::from_utf8(&codec.token_bytes(id)).is_err()),
+            "some token holds part of a character: {ids:?}"
+        );
     }
 }

@@ -380,16 +380,7 @@ struct PrintSink(TokenPrinter);
 
 impl TokenSink for PrintSink {
     fn emit(&mut self, t: GeneratedToken) -> Flow {
-        let frame = TokenFrame {
-            token_id: t.token_id,
-            text: t.text.into_string(),
-            logprob: t.logprob.into_option(),
-            top_logprobs: t
-                .top_logprobs
-                .into_iter()
-                .map(|x| (x.token_id, x.text.into_string(), x.logprob))
-                .collect(),
-        };
+        let frame = TokenFrame::from(t);
         match self.0.token(&frame) {
             Ok(()) => Flow::Continue,
             Err(_) => Flow::Stop,

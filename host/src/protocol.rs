@@ -50,7 +50,7 @@ impl std::fmt::Display for WireError {
 }
 
 /// One generated token on the wire.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TokenFrame {
     /// Vocabulary id.
     pub token_id: u32,
@@ -62,6 +62,22 @@ pub struct TokenFrame {
     /// Top alternatives: (token id, text, logprob).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub top_logprobs: Vec<(u32, String, f32)>,
+}
+
+impl From<pio_plugin_api::GeneratedToken> for TokenFrame {
+    /// A plugin's token as text (no raw bytes).
+    fn from(token: pio_plugin_api::GeneratedToken) -> Self {
+        Self {
+            token_id: token.token_id,
+            text: token.text.into_string(),
+            logprob: token.logprob.into_option(),
+            top_logprobs: token
+                .top_logprobs
+                .into_iter()
+                .map(|t| (t.token_id, t.text.into_string(), t.logprob))
+                .collect(),
+        }
+    }
 }
 
 /// Host → worker.

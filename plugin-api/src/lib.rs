@@ -8,12 +8,14 @@
 //! This crate's version is the ABI version. A host loads plugins built against the same major and
 //! an equal or older minor ([`ApiVersion::can_load`]). Within a major the root module
 //! ([`PluginMod`]) and the traits are frozen: abi_stable refuses a library whose root module has
-//! fewer prefix fields than the host's, so a field added there would lock out every older plugin.
-//! Minor versions add only what old plugins can lack without harm: new [`ErrorKind`] values and
-//! [`Capabilities`] bits (both open sets), and new JSON fields in [`wire`] (all defaulted).
+//! fewer prefix fields than the host's, so a field added there would lock out every older plugin
+//! (a method appended to a host-implemented sink is refused the same way: its layout check counts
+//! vtable fields too). Minor versions add only what old plugins can lack without harm: new
+//! [`ErrorKind`] values and [`Capabilities`] bits (both open sets), and new JSON fields in
+//! [`wire`] (all defaulted).
 //!
 //! History: 1.0.0 — first release. 1.1.0 — `ErrorKind::TIMEOUT`. 1.2.0 —
-//! `ModelInfo::tool_call_format`.
+//! `ModelInfo::tool_call_format`. 1.3.0 — `ModelInfo::token_bytes` (every token's raw bytes).
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 

@@ -206,4 +206,101 @@ pub struct ModelInfo {
     /// opening the block unless `enable_thinking` is false). `None`: no reasoning. Added within 1.2 as
     /// an optional JSON field: a host that predates it ignores it and returns the markup as text.
     pub reasoning_format: Option<String>,
+    /// Every token's own bytes, in id order (added in 1.3), so the host reports logprobs' `bytes`
+    /// exactly, even for a token that holds part of a UTF-8 character (byte-level BPE splits CJK
+    /// text and emoji): the streamed text is whole characters and cannot carry that. Sent once,
+    /// at load. `None`: the host falls back to each token's text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_bytes: Option<TokenBytes>,
+}
+
+/// The vocabulary's raw bytes, compactly: standard base64 of every token's bytes concatenated in
+/// id order, and where each token's bytes end.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenBytes {
+    /// Base64 (standard alphabet, padded) of the concatenated bytes.
+    pub data: String,
+    /// Token `i`'s bytes end at `ends[i]` in the decoded data (and start at `ends[i - 1]`).
+    pub ends: Vec<u32>,
+}
+
+impl TokenBytes {
+    /// The table of `tokens`, indexed by token id.
+    pub fn encode<T: AsRef<[u8]>>(tokens: impl IntoIterator<Item = T>) -> Self {
+        use base64::Engine as _;
+        let mut data = Vec::new();
+        let mut ends = Vec::new();
+        for token in tokens {
+            data.extend_from_slice(token.as_ref());
+            ends.push(u32::try_from(data.len()).unwrap_or(u32::MAX));
+        }
+        Self {
+            data: base64::engine::general_purpose::STANDARD.encode(data),
+            ends,
+        }
+    }
+
+    /// Decoded and checked, ready for lookups.
+    pub fn table(&self) -> Result<TokenTable, String> {
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(&self.data)
+            .map_err(|e| format!("token_bytes.data is not base64: {e}"))?;
+        let ordered = self.ends.windows(2).all(|w| w[0] <= w[1]);
+        if !ordered || self.ends.last().is_some_and(|&e| e as usize != bytes.len()) {
+            return Err(format!(
+                "token_bytes.ends must rise to the data's length ({} bytes)",
+                bytes.len()
+            ));
+        }
+        Ok(TokenTable {
+            bytes,
+            ends: self.ends.clone(),
+        })
+    }
+}
+
+/// Token id to raw bytes (from [`TokenBytes::table`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenTable {
+    bytes: Vec<u8>,
+    ends: Vec<u32>,
+}
+
+impl TokenTable {
+    /// Token `id`'s bytes, if the table has it.
+    pub fn get(&self, id: u32) -> Option<&[u8]> {
+        let i = id as usize;
+        let end = *self.ends.get(i)? as usize;
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        self.bytes.get(start..end)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_bytes_round_trip_through_json_including_partial_characters() {
+        let tokens: Vec<Vec<u8>> = vec![b"hi".to_vec(), vec![0xE4, 0xB8], vec![], vec![0xAD]];
+        let wire = serde_json::to_string(&TokenBytes::encode(&tokens)).unwrap();
+        let table = serde_json::from_str::<TokenBytes>(&wire)
+            .unwrap()
+            .table()
+            .unwrap();
+        for (id, token) in tokens.iter().enumerate() {
+            assert_eq!(table.get(id as u32), Some(token.as_slice()));
+        }
+        assert_eq!(table.get(4), None);
+    }
+
+    #[test]
+    fn a_malformed_table_is_refused() {
+        let mut t = TokenBytes::encode([b"abc"]);
+        t.ends = vec![5];
+        assert!(t.table().unwrap_err().contains("ends"));
+        t.data = "!!".into();
+        assert!(t.table().unwrap_err().contains("base64"));
+    }
 }

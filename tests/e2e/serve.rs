@@ -776,3 +776,55 @@ fn request_ids_come_back_and_reach_the_worker_log() {
     assert_eq!(r.status().as_u16(), 404);
     assert!(r.headers().contains_key("x-request-id"));
 }
+
+#[test]
+fn logprob_bytes_are_each_tokens_own_even_inside_a_character() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(qwen_dir(""), "");
+    d.wait_ready();
+    let mut req = chat("qwen3-4b-instruct-2507", "写一首关于大海的诗 🙂");
+    req["max_tokens"] = json!(24);
+    req["temperature"] = json!(0);
+    req["logprobs"] = json!(true);
+    req["top_logprobs"] = json!(5);
+    let (status, r) = d.post("/v1/chat/completions", &req);
+    assert_eq!(status, 200, "{r}");
+    let choice = &r["choices"][0];
+    let entries = choice["logprobs"]["content"].as_array().expect("logprobs");
+    let bytes_of = |e: &Value| -> Vec<u8> {
+        e["bytes"]
+            .as_array()
+            .expect("bytes")
+            .iter()
+            .map(|b| b.as_u64().unwrap() as u8)
+            .collect()
+    };
+    let mut partial = 0;
+    for e in entries.iter().chain(
+        entries
+            .iter()
+            .flat_map(|e| e["top_logprobs"].as_array().unwrap().iter()),
+    ) {
+        let bytes = bytes_of(e);
+        assert!(!bytes.is_empty(), "every token has bytes: {e}");
+        assert_eq!(e["token"], String::from_utf8_lossy(&bytes).as_ref(), "{e}");
+        partial += usize::from(std::str::from_utf8(&bytes).is_err());
+    }
+    assert!(
+        partial > 0,
+        "the tiny vocabulary's byte tokens show up: {r}"
+    );
+    // The chosen tokens' bytes, joined, are the text (the end-of-turn token's are not text).
+    let kept = match choice["finish_reason"].as_str() {
+        Some("stop") => &entries[..entries.len() - 1],
+        _ => &entries[..],
+    };
+    let joined: Vec<u8> = kept.iter().flat_map(bytes_of).collect();
+    assert_eq!(
+        String::from_utf8_lossy(&joined),
+        choice["message"]["content"].as_str().unwrap(),
+        "{r}"
+    );
+}

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device};
 use pio_plugin_api::wire::{
     FinishReason, GenerationDefaults, HostContext, InferOutcome, InferRequest, ModelConfig,
-    ModelInfo, Prompt, Usage,
+    ModelInfo, Prompt, TokenBytes, Usage,
 };
 use pio_plugin_api::{
     ErrorKind, Flow, GeneratedToken, PluginError, Progress, RString, RVec, Sink, TopLogprob,
@@ -324,8 +324,15 @@ impl<M: LoadModel> ModelRuntime<M> {
             weight_bytes,
             tool_call_format: self.tool_call_format.map(str::to_string),
             reasoning_format: self.reasoning_format.map(str::to_string),
+            token_bytes: None,
         };
         let codec = Arc::new(TextCodec::load(&checkpoint).map_err(plugin_error)?);
+        let info = ModelInfo {
+            token_bytes: Some(TokenBytes::encode(
+                (0..codec.id_bound()).map(|id| codec.token_bytes(id)),
+            )),
+            ..info
+        };
         let model = Arc::new(model);
         let engine =
             Engine::start(model.clone(), codec.clone(), engine_config).map_err(plugin_error)?;

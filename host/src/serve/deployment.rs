@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pio_plugin_api::wire::ModelInfo;
+use pio_plugin_api::wire::{ModelInfo, TokenTable};
 use tokio::sync::Notify;
 
 use pio_plugin_api::wire::{InferRequest, Prompt};
@@ -23,8 +23,10 @@ use crate::supervisor::{Event, State, Supervised};
 pub struct Deployment {
     /// The worker, kept alive by its supervisor.
     pub supervised: Supervised,
-    /// What the model reported when it loaded.
+    /// What the model reported when it loaded (its token table taken out, into `tokens`).
     pub info: ModelInfo,
+    /// Every token's raw bytes, when the plugin sent them (logprobs' `bytes`).
+    pub tokens: Option<Arc<TokenTable>>,
     /// The library copy this deployment runs (deleted when the last deployment using it goes).
     pub library: Arc<super::library::LibraryCopy>,
     /// The plugin's version.
@@ -77,13 +79,21 @@ impl Deployment {
     /// A deployment of a freshly loaded worker.
     pub fn new(
         supervised: Supervised,
-        info: ModelInfo,
+        mut info: ModelInfo,
         version: String,
         library: Arc<super::library::LibraryCopy>,
     ) -> Self {
+        let tokens = info.token_bytes.take().and_then(|t| match t.table() {
+            Ok(table) => Some(Arc::new(table)),
+            Err(e) => {
+                tracing::warn!("the plugin's token table is unusable ({e}); logprobs report each token's text as its bytes");
+                None
+            }
+        });
         Self {
             supervised,
             info,
+            tokens,
             library,
             version,
             leases: AtomicUsize::new(0),

@@ -62,6 +62,7 @@ async fn serve(
                 parsed.endpoint == Endpoint::Chat,
                 &lease.deployment().info,
             );
+            let tools = tools.with_tokens(lease.deployment().tokens.clone());
             if parsed.stream {
                 stream(app, parsed, lease, events, started, tools).await
             } else {
@@ -155,7 +156,8 @@ async fn collect(
         started,
         last: None,
     };
-    let mut reply = Reply::new(&parsed.model, parsed.endpoint, parsed.logprobs);
+    let mut reply = Reply::new(&parsed.model, parsed.endpoint, parsed.logprobs)
+        .with_tokens(parsing.tokens.clone());
     while let Some(event) = events.recv().await {
         match event {
             Event::Token(t) => {
@@ -291,7 +293,8 @@ async fn pump(
     let mut splitter = parsing.reasoning.map(Splitter::new);
     let model = parsed.model.as_str();
     let usage = parsed.include_usage;
-    let mut reply = Reply::new(model, parsed.endpoint, parsed.logprobs);
+    let mut reply =
+        Reply::new(model, parsed.endpoint, parsed.logprobs).with_tokens(parsing.tokens.clone());
     let mut timing = Timing {
         started,
         last: None,

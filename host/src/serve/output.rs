@@ -1,18 +1,22 @@
 //! What is taken out of a completion's text before it is returned: reasoning and tool calls, each
 //! in the model's own markup (named in its `ModelInfo`). The API and `pio run --json` share it.
 
-use pio_plugin_api::wire::{InferRequest, ModelInfo};
+use std::sync::Arc;
+
+use pio_plugin_api::wire::{InferRequest, ModelInfo, TokenTable};
 use serde_json::Value;
 
 use super::{reasoning, tool_calls};
 
-/// How one request's output is parsed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How one request's output is parsed and reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Parsing {
     /// The tool-call format, when the request offers tools.
     pub tools: Option<tool_calls::Format>,
     /// Whether the output starts inside the reasoning, for a chat with a reasoning model.
     pub reasoning: Option<bool>,
+    /// The model's token table, for logprobs' `bytes`.
+    pub tokens: Option<Arc<TokenTable>>,
 }
 
 impl Parsing {
@@ -29,7 +33,16 @@ impl Parsing {
             .flatten()
             .and_then(reasoning::Format::from_name)
             .map(|_| reasoning::starts_thinking(&request.chat_template_kwargs));
-        Self { tools, reasoning }
+        Self {
+            tools,
+            reasoning,
+            tokens: None,
+        }
+    }
+
+    /// Reports logprobs' `bytes` from `tokens`.
+    pub fn with_tokens(self, tokens: Option<Arc<TokenTable>>) -> Self {
+        Self { tokens, ..self }
     }
 
     /// Splits a whole completion into reasoning, and content with the calls to the `offered`

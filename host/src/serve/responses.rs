@@ -2,9 +2,10 @@
 //! completions shapes, and `usage`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use pio_plugin_api::wire::{FinishReason, InferOutcome, Usage};
+use pio_plugin_api::wire::{FinishReason, InferOutcome, TokenTable, Usage};
 use serde_json::{json, Value};
 
 use super::openai::{Endpoint, LogprobsFormat};
@@ -23,6 +24,8 @@ pub struct Reply {
     logprobs: LogprobsFormat,
     /// Characters of completion text so far (the legacy `text_offset`).
     offset: usize,
+    /// The model's token table, for logprobs' `bytes`.
+    tokens: Option<Arc<TokenTable>>,
 }
 
 fn finish(reason: FinishReason, called: bool) -> &'static str {
@@ -66,7 +69,14 @@ impl Reply {
             endpoint,
             logprobs,
             offset: 0,
+            tokens: None,
         }
+    }
+
+    /// Reports logprobs' `bytes` from the model's token table.
+    pub fn with_tokens(mut self, tokens: Option<Arc<TokenTable>>) -> Self {
+        self.tokens = tokens;
+        self
     }
 
     fn object(&self, chunk: bool) -> &'static str {
@@ -92,15 +102,22 @@ impl Reply {
         match self.logprobs {
             LogprobsFormat::None => Value::Null,
             LogprobsFormat::Chat => {
-                let entry = |text: &str, lp: f32| json!({"token": text, "logprob": lp, "bytes": text.as_bytes()});
+                // A token's own bytes from the model's table (a token holding part of a
+                // character reports exactly that part), its string those read lossily, as
+                // OpenAI's; without a table, the text the plugin sent.
+                let table = self.tokens.as_deref();
+                let entry = |id: u32, text: &str, lp: f32| {
+                    let bytes = table.and_then(|t| t.get(id)).unwrap_or(text.as_bytes());
+                    json!({"token": String::from_utf8_lossy(bytes), "logprob": lp, "bytes": bytes})
+                };
                 let content: Vec<Value> = tokens
                     .iter()
                     .map(|t| {
-                        let mut e = entry(&t.text, t.logprob.unwrap_or(0.0));
+                        let mut e = entry(t.token_id, &t.text, t.logprob.unwrap_or(0.0));
                         e["top_logprobs"] = t
                             .top_logprobs
                             .iter()
-                            .map(|(_, text, lp)| entry(text, *lp))
+                            .map(|(id, text, lp)| entry(*id, text, *lp))
                             .collect();
                         e
                     })

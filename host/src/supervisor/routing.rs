@@ -222,8 +222,7 @@ mod tests {
             token: TokenFrame {
                 token_id: 1,
                 text: "a".into(),
-                logprob: None,
-                top_logprobs: Vec::new(),
+                ..TokenFrame::default()
             },
         }
     }

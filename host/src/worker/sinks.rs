@@ -104,29 +104,23 @@ pub(super) struct WireSink {
     pub(super) control: Arc<Control>,
 }
 
-impl TokenSink for WireSink {
-    fn emit(&mut self, token: GeneratedToken) -> Flow {
+impl WireSink {
+    fn send(&mut self, token: TokenFrame) -> Flow {
         // Blocks while the host's window is full: the plugin's generation waits for its reader.
         if !self.control.take_one() {
             return Flow::Stop;
         }
-        let frame = FromWorker::Token {
-            id: self.id,
-            token: TokenFrame {
-                token_id: token.token_id,
-                text: token.text.into_string(),
-                logprob: token.logprob.into_option(),
-                top_logprobs: token
-                    .top_logprobs
-                    .into_iter()
-                    .map(|t| (t.token_id, t.text.into_string(), t.logprob))
-                    .collect(),
-            },
-        };
+        let frame = FromWorker::Token { id: self.id, token };
         if !self.outbox.send(&frame) || self.is_cancelled() {
             return Flow::Stop;
         }
         Flow::Continue
+    }
+}
+
+impl TokenSink for WireSink {
+    fn emit(&mut self, token: GeneratedToken) -> Flow {
+        self.send(TokenFrame::from(token))
     }
 
     fn is_cancelled(&self) -> bool {
