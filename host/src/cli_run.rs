@@ -8,15 +8,16 @@ use clap::Args;
 use pio_host::discovery::{self, Status};
 use pio_host::launch;
 use pio_host::sandbox::{HostSupport, Policy, Tier};
+use pio_host::serve::openai::{self, Endpoint, Limits};
 use pio_host::supervisor::{Event, Worker, WorkerSpec};
-use pio_plugin_api::wire::{InferRequest, ModelInfo, Prompt};
+use pio_plugin_api::wire::{InferRequest, ModelInfo};
 
 use crate::cli_print::{LoadProgress, TokenPrinter};
 use crate::{prober, SearchArgs};
 use pio_host::protocol::TokenFrame;
 use pio_plugin_api::{
-    Flow, GeneratedToken, PluginLibrary, ProgressSink, ProgressSink_TO, RStr, TD_Opaque, TokenSink,
-    TokenSink_TO,
+    Capabilities, Flow, GeneratedToken, PluginLibrary, ProgressSink, ProgressSink_TO, RStr,
+    TD_Opaque, TokenSink, TokenSink_TO,
 };
 
 /// Arguments of `pio run`.
@@ -133,71 +134,91 @@ fn json_array(flag: &str, value: &str, what: &str) -> anyhow::Result<Vec<serde_j
     serde_json::from_str(&text).with_context(|| format!("{flag} must be a JSON array of {what}"))
 }
 
-/// `messages` with every image part's file read inline (a local user may name any file they
-/// can read; the daemon only reads files under its image root).
-fn inline_images(messages: Vec<serde_json::Value>) -> anyhow::Result<Vec<serde_json::Value>> {
-    pio_host::serve::messages::check(messages, true, Some(std::path::Path::new("/")))
-        .map_err(|e| anyhow::anyhow!("{}", e.message))
-}
-
-fn request(args: &RunArgs) -> anyhow::Result<InferRequest> {
-    let prompt = match (&args.prompt, &args.messages) {
+/// The request `pio run` sends, built as the API request its flags amount to and checked by
+/// the daemon's own parser: the CLI refuses what the API refuses, in the same words. A prompt
+/// with no images is a completion (no chat template); messages, or images, make a chat, whose
+/// image parts may name any file the user can read.
+fn request(
+    args: &RunArgs,
+    capabilities: Capabilities,
+    config: &pio_host::config::Config,
+) -> anyhow::Result<InferRequest> {
+    use serde_json::{json, Value};
+    let mut body = json!({
+        "model": args.name,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.seed,
+        "repetition_penalty": args.repetition_penalty,
+        "stop": args.stop,
+    });
+    let messages = match (&args.prompt, &args.messages) {
         (Some(text), _) if !args.images.is_empty() => {
-            let mut content: Vec<serde_json::Value> = args
+            let mut content: Vec<Value> = args
                 .images
                 .iter()
-                .map(|p| serde_json::json!({"type": "image_url", "image_url": {"url": p.display().to_string()}}))
+                .map(
+                    |p| json!({"type": "image_url", "image_url": {"url": p.display().to_string()}}),
+                )
                 .collect();
-            content.push(serde_json::json!({"type": "text", "text": text}));
-            Prompt::Messages(inline_images(vec![
-                serde_json::json!({"role": "user", "content": content}),
-            ])?)
+            content.push(json!({"type": "text", "text": text}));
+            Some(vec![json!({"role": "user", "content": content})])
         }
-        (Some(text), _) => Prompt::Text(text.clone()),
-        (None, Some(m)) => Prompt::Messages(inline_images(json_array(
+        (Some(text), _) => {
+            body["prompt"] = json!(text);
+            None
+        }
+        (None, Some(m)) => Some(json_array(
             "--messages",
             m,
             "{\"role\", \"content\"} objects",
-        )?)?),
+        )?),
         (None, None) => bail!("give --prompt TEXT or --messages FILE_OR_JSON"),
     };
-    let tools = args
-        .tools
-        .as_deref()
-        .map(|t| {
-            json_array(
+    let endpoint = if let Some(messages) = messages {
+        body["messages"] = json!(messages);
+        if let Some(k) = args.logprobs {
+            body["logprobs"] = json!(true);
+            body["top_logprobs"] = json!(k);
+        }
+        if let Some(t) = &args.tools {
+            body["tools"] = json!(json_array(
                 "--tools",
                 t,
                 "{\"type\": \"function\", \"function\": {...}} objects",
-            )
-        })
-        .transpose()?;
-    let chat_template_kwargs = match &args.chat_template_kwargs {
-        Some(k) => serde_json::from_str(k).context(
-            "--chat-template-kwargs must be a JSON object, e.g. '{\"enable_thinking\": false}'",
-        )?,
-        None => serde_json::Map::new(),
+            )?);
+        }
+        if let Some(k) = &args.chat_template_kwargs {
+            body["chat_template_kwargs"] = serde_json::from_str(k).context(
+                "--chat-template-kwargs must be a JSON object, e.g. '{\"enable_thinking\": false}'",
+            )?;
+        }
+        Endpoint::Chat
+    } else {
+        body["logprobs"] = json!(args.logprobs);
+        Endpoint::Completions
     };
-    Ok(InferRequest {
-        prompt,
-        max_tokens: args.max_tokens,
-        temperature: args.temperature,
-        top_p: args.top_p,
-        top_k: args.top_k,
-        seed: args.seed,
-        repetition_penalty: args.repetition_penalty,
-        stop: args.stop.clone(),
-        logprobs: args.logprobs,
-        tools,
-        chat_template_kwargs,
-        ..InferRequest::default()
-    })
+    // Null fields are flags not given.
+    if let Some(fields) = body.as_object_mut() {
+        fields.retain(|_, v| !v.is_null());
+    }
+    let limits = Limits {
+        max_tokens: config.server.max_tokens_limit,
+        image_root: Some(PathBuf::from("/")),
+    };
+    let parsed = openai::parse(&body, endpoint, capabilities, &limits)
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    Ok(parsed.request)
 }
 
 /// A plugin found, checked and planned: what starting its worker takes.
 pub(crate) struct Prepared {
     /// The daemon settings in force.
     pub settings: pio_host::config::Config,
+    /// What the plugin can do.
+    pub capabilities: Capabilities,
     /// The plugin's library.
     pub library: PathBuf,
     /// Its model configuration (with `--model-path` applied).
@@ -250,7 +271,9 @@ pub(crate) fn prepare(
             }
         );
     };
-    let (Some(manifest), Some(library)) = (&chosen.manifest, &chosen.library) else {
+    let (Some(manifest), Some(library), Some(report)) =
+        (&chosen.manifest, &chosen.library, &chosen.report)
+    else {
         bail!("plugin {name} has no checked manifest");
     };
     let policy = tiers.policy(settings.policy());
@@ -269,6 +292,7 @@ pub(crate) fn prepare(
     let spec = launch::worker_spec(&manifest.name, library, &config, plan, exe);
     Ok(Prepared {
         settings,
+        capabilities: report.capabilities,
         library: library.clone(),
         config,
         spec,
@@ -277,9 +301,9 @@ pub(crate) fn prepare(
 
 /// Runs `pio run`; returns the process exit code.
 pub fn run(args: RunArgs) -> anyhow::Result<u8> {
-    let request = request(&args)?;
     let Prepared {
         settings,
+        capabilities,
         library,
         config,
         spec,
@@ -289,6 +313,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         &args.tiers,
         args.model_path.as_ref(),
     )?;
+    let request = request(&args, capabilities, &settings)?;
     if args.in_process {
         return in_process(&library, &config, &request, args.json);
     }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::daemon::*;
+use crate::support::pio;
 use crate::worker::confinement_available;
 
 const CONFIG: &str = "[server]\napi_keys = [\"user\"]\nadmin_keys = [\"admin\"]\n\
@@ -293,4 +294,56 @@ fn every_bad_input_gets_a_prompt_openai_4xx_and_the_daemon_keeps_serving() {
         assert!(closed, "idle connection {i} was not closed: {read:?}");
     }
     assert!(ok(&d), "still serving");
+}
+
+#[test]
+fn pio_run_refuses_what_the_api_refuses_in_the_same_words() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(echo_dir(""), "");
+    d.wait_ready();
+    let dir = echo_dir("");
+    let cases: [(&[&str], Value); 5] = [
+        (
+            &["--prompt", "hi", "--temperature", "3"],
+            json!({"prompt": "hi", "temperature": 3.0}),
+        ),
+        (
+            &["--prompt", "hi", "--max-tokens", "0"],
+            json!({"prompt": "hi", "max_tokens": 0}),
+        ),
+        (
+            &["--prompt", "hi", "--stop", ""],
+            json!({"prompt": "hi", "stop": [""]}),
+        ),
+        (
+            &["--prompt", "hi", "--logprobs", "9"],
+            json!({"prompt": "hi", "logprobs": 9}),
+        ),
+        (
+            &["--messages", r#"[{"role": "wizard", "content": "x"}]"#],
+            json!({"messages": [{"role": "wizard", "content": "x"}]}),
+        ),
+    ];
+    for (flags, mut body) in cases {
+        body["model"] = json!("echo");
+        let path = if body.get("messages").is_some() {
+            "/v1/chat/completions"
+        } else {
+            "/v1/completions"
+        };
+        let (status, r) = d.post(path, &body);
+        assert_eq!(status, 400, "{body}: {r}");
+        let message = r["error"]["message"].as_str().unwrap();
+        let mut args = vec!["run", "echo", "--plugins", "."];
+        args.extend_from_slice(flags);
+        let out = pio(dir.path(), &args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flags:?} ran");
+        assert!(
+            stderr.contains(message),
+            "{flags:?}: the API says {message:?}, pio run: {stderr}"
+        );
+    }
 }
