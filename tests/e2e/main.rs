@@ -9,6 +9,7 @@ mod bad_input;
 mod batching;
 mod daemon;
 mod discovery;
+mod faults;
 mod glm;
 mod hotplug;
 mod medium;

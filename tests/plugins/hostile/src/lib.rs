@@ -212,6 +212,7 @@ fn attack(command: &str) -> Result<String, PluginError> {
                 Ok(bytes) => format!("read {} bytes", bytes.len()),
                 Err(e) => format!("denied: {e}"),
             },
+            "fill" => fill(arg),
             "write" => match std::fs::write(arg, b"hostile") {
                 Ok(()) => "wrote".into(),
                 Err(e) => format!("denied: {e}"),
@@ -408,3 +409,28 @@ impl PluginImpl for Hostile {
 }
 
 export_plugin!(Hostile);
+
+/// Writes `path` until the file system refuses, then says how far it got and why.
+fn fill(path: &str) -> String {
+    use std::io::Write;
+    let mut file = match std::fs::File::create(path) {
+        Ok(f) => f,
+        Err(e) => return format!("denied: {e}"),
+    };
+    let chunk = vec![0x5a_u8; 64 << 10];
+    let mut written = 0usize;
+    loop {
+        match file.write(&chunk) {
+            Ok(0) => return format!("full after {written} bytes: wrote nothing"),
+            Ok(n) => written += n,
+            Err(e) => {
+                drop(file);
+                let _ = std::fs::remove_file(path);
+                return format!("full after {written} bytes: {e}");
+            }
+        }
+        if written > 1 << 30 {
+            return format!("wrote {written} bytes without limit");
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! Faults around a running daemon, with real processes: a worker's scratch filling up, model
+//! files truncated under a loaded model, a plugin library replaced while it loads. Each ends in a
+//! clear error or a clean restart; the daemon and the model already serving carry on.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::daemon::*;
+use crate::medium::tier_dir;
+use crate::support::*;
+use crate::worker::confinement_available;
+
+fn complete(d: &Daemon, model: &str, prompt: &str) -> (u16, Value) {
+    d.post(
+        "/v1/completions",
+        &json!({"model": model, "prompt": prompt, "max_tokens": 4, "temperature": 0}),
+    )
+}
+
+fn text(r: &Value) -> String {
+    r["choices"][0]["text"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Makes `dir` and everything in it readable to the workers' unprivileged user.
+fn open_to_workers(dir: &Path) {
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            open_to_workers(&path);
+        } else {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_full_scratch_is_an_error_for_the_plugin_and_the_worker_serves_on() {
+    if !confinement_available() {
+        return;
+    }
+    // medium: /tmp is the worker's own tmpfs, capped by `scratch` (1 MiB here).
+    let d = Daemon::start(tier_dir("medium"), "[server]\nwarmup = false\n");
+    d.wait_ready();
+    let (status, r) = d.post(
+        "/v1/completions",
+        &json!({"model": "hostile", "prompt": "fill /tmp/big"}),
+    );
+    assert_eq!(status, 200, "{r}");
+    let said = text(&r);
+    let written: usize = said
+        .strip_prefix("full after ")
+        .and_then(|s| s.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("the write failed with an error: {said}"));
+    assert!(written <= 1 << 20, "{said}");
+    assert!(
+        said.contains("No space left") || said.contains("too large"),
+        "{said}"
+    );
+    let (status, r) = d.post(
+        "/v1/completions",
+        &json!({"model": "hostile", "prompt": "status"}),
+    );
+    assert_eq!(status, 200, "the worker serves on: {r}");
+    assert_eq!(d.plugin("hostile")["restarts"], 0);
+}
+
+#[test]
+fn a_model_truncated_under_a_loaded_model_fails_its_reload_and_the_old_one_serves() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = PluginDir::new();
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for entry in std::fs::read_dir(repo_root().join("tests/fixtures/qwen3-tiny")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
+    }
+    let library = plugin_lib("pio_plugin_qwen3");
+    let text_of_manifest = manifest(
+        "qwen3-4b-instruct-2507",
+        "0.1.0",
+        &library.display().to_string(),
+        "[model]\npath = \"model\"\ndtype = \"f32\"\n",
+    );
+    dir.write("qwen3.toml", &text_of_manifest);
+    open_to_workers(dir.path());
+    let d = Daemon::start(dir, "[server]\nwatch = false\n");
+    d.wait_ready();
+    let name = "qwen3-4b-instruct-2507";
+    let (status, before) = complete(&d, name, "hello");
+    assert_eq!(status, 200, "{before}");
+
+    let shard = model.join("model-00003-of-00005.safetensors");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&shard)
+        .unwrap();
+    file.set_len(1000).unwrap();
+    drop(file);
+    let (status, r) = complete(&d, name, "hello");
+    assert_eq!(
+        (status, text(&r)),
+        (200, text(&before)),
+        "the loaded weights serve on: {r}"
+    );
+
+    let (status, r) = d.post(&format!("/v1/plugins/{name}/reload"), &json!({}));
+    assert!(status >= 500, "the reload fails: {status} {r}");
+    let message = r["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("model-00003-of-00005.safetensors"),
+        "the error names the file: {message}"
+    );
+    let (status, r) = complete(&d, name, "hello");
+    assert_eq!(
+        (status, text(&r)),
+        (200, text(&before)),
+        "the old version keeps serving: {r}"
+    );
+    assert_eq!(d.plugin(name)["state"], "ready");
+}
+
+#[test]
+fn a_library_replaced_while_it_loads_runs_the_copy_and_the_broken_one_is_refused() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = echo_dir("[model.options]\nload_delay_ms = 1500\n");
+    let library = dir.path().join("libecho.so");
+    let d = Daemon::start(dir, "");
+    // Mid-load: the daemon already loads its own copy.
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::write(&library, b"\x7fELF not really a library").unwrap();
+    d.wait_ready();
+    let (status, r) = complete(&d, "echo", "hello");
+    assert_eq!((status, text(&r).as_str()), (200, "hell"), "{r}");
+    // Hot plug sees the change and refuses the broken file; the loaded copy serves on.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let refused = || {
+        d.get("/v1/plugins").1["errors"]
+            .as_array()
+            .is_some_and(|e| !e.is_empty())
+    };
+    while !refused() {
+        assert!(
+            Instant::now() < deadline,
+            "the broken library was not reported: {}",
+            d.get("/v1/plugins").1
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (status, r) = complete(&d, "echo", "hello");
+    assert_eq!((status, text(&r).as_str()), (200, "hell"), "{r}");
+}
