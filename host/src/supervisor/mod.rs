@@ -1,8 +1,10 @@
 //! Running plugins in worker processes: [`handle`] owns one worker's process, cgroup and
 //! traffic; [`supervised`] keeps a plugin alive across worker deaths.
 
+mod forward;
 pub mod handle;
 mod routing;
+mod spawn;
 pub mod supervised;
 
 pub use handle::{Event, Worker, WorkerError, WorkerSpec};

@@ -7,10 +7,11 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pio_plugin_api::wire::{EngineStats, InferOutcome, InferRequest, ModelConfig, ModelInfo};
+use pio_plugin_api::wire::{EngineStats, InferRequest, ModelConfig, ModelInfo};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
+use super::forward::Forward;
 use super::handle::{Event, Worker, WorkerError, WorkerSpec};
 use crate::fault::Fault;
 use crate::protocol::WireError;
@@ -89,13 +90,23 @@ pub struct Status {
     pub engine: Option<EngineStats>,
 }
 
-struct Shared {
+pub(super) struct Shared {
     worker: Option<Arc<Worker>>,
     state: State,
     restarts: u32,
     last_error: Option<String>,
     /// The model engine's figures as the last request ended.
     engine: Option<EngineStats>,
+}
+
+impl Shared {
+    /// Keeps `figures` if they are the newest seen: concurrent requests end in any order, and
+    /// the counters never go back.
+    pub(super) fn keep_newest(&mut self, figures: EngineStats) {
+        if self.engine.is_none_or(|e| e.steps <= figures.steps) {
+            self.engine = Some(figures);
+        }
+    }
 }
 
 /// A supervised plugin.
@@ -160,101 +171,42 @@ impl Supervised {
     /// Starts a request. Fails at once, saying why, while the plugin is restarting or
     /// quarantined.
     pub fn infer(&self, request: InferRequest) -> Result<mpsc::Receiver<Event>, WorkerError> {
-        let worker = {
-            let shared = lock(&self.shared);
-            match (&shared.state, &shared.worker) {
-                (State::Ready, Some(w)) => w.clone(),
-                (State::Quarantined(why), _) => {
-                    return Err(err(
-                        Fault::Quarantined,
-                        format!("plugin {} is quarantined: {why}", self.name),
-                    ))
-                }
-                (State::Stopped, _) => {
-                    return Err(err(
-                        Fault::Stopped,
-                        format!("plugin {} is stopped", self.name),
-                    ))
-                }
-                _ => {
-                    return Err(err(
-                        Fault::Restarting,
-                        format!(
-                            "plugin {} is restarting after a failure; retry shortly",
-                            self.name
-                        ),
-                    ))
-                }
-            }
-        };
-        let (id, mut events) = worker.infer(request)?;
+        let worker = self.ready_worker()?;
+        let (id, events) = worker.infer(request)?;
         // A small hand-over: the worker's window is where tokens wait for a slow reader.
         let (tx, rx) = mpsc::channel(4);
-        let (name, timeout) = (self.name.clone(), self.policy.request_timeout);
-        let shared = self.shared.clone();
-        tokio::spawn(async move {
-            let mut deadline = timeout.map(|t| tokio::time::Instant::now() + t);
-            loop {
-                let next = match deadline {
-                    Some(d) => tokio::time::timeout_at(d, events.recv()).await,
-                    None => Ok(events.recv().await),
-                };
-                match next {
-                    Ok(Some(event)) => {
-                        let last = !matches!(event, Event::Token(_));
-                        let event = match event {
-                            Event::Failed(e) if e.kind == Fault::WorkerDied => {
-                                Event::Failed(WireError {
-                                    message: format!("{}; restarting", e.message),
-                                    ..e
-                                })
-                            }
-                            other => other,
-                        };
-                        if let Event::Done(InferOutcome {
-                            engine: Some(figures),
-                            ..
-                        }) = &event
-                        {
-                            // Concurrent requests end in any order: keep the newest figures
-                            // (counters never go back).
-                            let mut shared = lock(&shared);
-                            if shared.engine.is_none_or(|e| e.steps <= figures.steps) {
-                                shared.engine = Some(*figures);
-                            }
-                        }
-                        let waited = tokio::time::Instant::now();
-                        if tx.send(event).await.is_err() {
-                            // The caller went away: stop generating.
-                            worker.cancel(id);
-                            return;
-                        }
-                        // Time spent waiting for a slow reader is not the plugin's: the
-                        // deadline (which replaces the worker) moves by as much.
-                        if let Some(d) = deadline.as_mut() {
-                            *d += waited.elapsed();
-                        }
-                        if last {
-                            return;
-                        }
-                    }
-                    Ok(None) => return,
-                    Err(_) => {
-                        let secs = timeout.map_or(0, |t| t.as_secs_f64().ceil() as u64);
-                        // A plugin stuck in a loop never sees a cancel: replace its worker.
-                        worker.kill_because(format!(
-                            "was stopped: a request ran past its {secs} s deadline"
-                        ));
-                        let _ = tx.send(Event::Failed(err(
-                            Fault::Timeout,
-                            format!("request to {name} ran past its {secs} s deadline; its worker is being restarted"),
-                        ).0)).await;
-                        return;
-                    }
-                }
-            }
-        });
+        let forward = Forward {
+            name: self.name.clone(),
+            timeout: self.policy.request_timeout,
+            shared: self.shared.clone(),
+            worker,
+            id,
+        };
+        tokio::spawn(forward.run(events, tx));
         Ok(rx)
+    }
+
+    /// The worker, if the plugin is ready; else why not.
+    fn ready_worker(&self) -> Result<Arc<Worker>, WorkerError> {
+        let shared = lock(&self.shared);
+        match (&shared.state, &shared.worker) {
+            (State::Ready, Some(w)) => Ok(w.clone()),
+            (State::Quarantined(why), _) => Err(err(
+                Fault::Quarantined,
+                format!("plugin {} is quarantined: {why}", self.name),
+            )),
+            (State::Stopped, _) => Err(err(
+                Fault::Stopped,
+                format!("plugin {} is stopped", self.name),
+            )),
+            _ => Err(err(
+                Fault::Restarting,
+                format!(
+                    "plugin {} is restarting after a failure; retry shortly",
+                    self.name
+                ),
+            )),
+        }
     }
 
     /// A snapshot of where the plugin stands.
@@ -297,7 +249,7 @@ impl Drop for Supervised {
     }
 }
 
-fn err(kind: Fault, message: String) -> WorkerError {
+pub(super) fn err(kind: Fault, message: String) -> WorkerError {
     WorkerError(WireError::new(kind, message))
 }
 

@@ -105,27 +105,122 @@ pub fn run(fd: RawFd) -> i32 {
     serve(reader, outbox, plugin)
 }
 
-/// Runs `job` on a thread of its own. When no thread can be had (the pids limit is reached, say
-/// by a plugin's runaway forks) the request is answered with `refusal` instead of the worker
-/// going down.
+/// What every request thread of the worker shares.
+struct Served {
+    plugin: RwLock<PluginBox>,
+    outbox: Outbox,
+    /// Running requests' cancel flags and flow-control windows.
+    controls: Mutex<HashMap<u64, Arc<Control>>>,
+}
+
+/// A plugin result's JSON parsed into `T`, or an internal error saying `what` was malformed.
+fn parsed<T: serde::de::DeserializeOwned>(
+    result: Result<pio_plugin_api::RString, pio_plugin_api::PluginError>,
+    what: &str,
+) -> Result<T, WireError> {
+    let json = result.map_err(WireError::from)?;
+    serde_json::from_str(&json).map_err(|e| {
+        WireError::new(
+            Fault::Internal,
+            format!("the plugin returned malformed {what}: {e}"),
+        )
+    })
+}
+
+impl Served {
+    fn control(&self, id: u64) -> Option<Arc<Control>> {
+        self.controls.lock().ok()?.get(&id).cloned()
+    }
+
+    fn load(&self, config: &pio_plugin_api::wire::ModelConfig) -> FromWorker {
+        let json = serde_json::to_string(config).unwrap_or_else(|_| "{}".into());
+        let progress = ProgressSink_TO::from_value(WireProgress(self.outbox.clone()), TD_Opaque);
+        let result = match self.plugin.write() {
+            Ok(mut p) => p.load_model(json.as_str().into(), progress).into_result(),
+            Err(_) => Err(pio_plugin_api::PluginError::internal(
+                "plugin lock poisoned",
+            )),
+        };
+        match parsed(result, "model info") {
+            Ok(info) => FromWorker::Loaded { info },
+            Err(error) => FromWorker::LoadFailed { error },
+        }
+    }
+
+    fn infer(
+        &self,
+        id: u64,
+        request: &pio_plugin_api::wire::InferRequest,
+        control: Arc<Control>,
+    ) -> FromWorker {
+        let json = serde_json::to_string(request).unwrap_or_else(|_| "{}".into());
+        let sink = WireSink {
+            id,
+            outbox: self.outbox.clone(),
+            control,
+        };
+        let sink = TokenSink_TO::from_value(sink, TD_Opaque);
+        let result = match self.plugin.read() {
+            Ok(p) => p.infer(json.as_str().into(), sink).into_result(),
+            Err(_) => Err(pio_plugin_api::PluginError::internal(
+                "plugin lock poisoned",
+            )),
+        };
+        if let Ok(mut c) = self.controls.lock() {
+            c.remove(&id);
+        }
+        match parsed(result, "an outcome") {
+            Ok(outcome) => FromWorker::Done { id, outcome },
+            Err(error) => {
+                // The daemon forwards this line into its log, the request's id in it.
+                let rid = request.request_id.clone().unwrap_or_else(|| id.to_string());
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "worker: request {rid} failed: {}",
+                    error.message
+                );
+                FromWorker::Failed { id, error }
+            }
+        }
+    }
+
+    fn unload(&self) -> FromWorker {
+        if let Ok(mut p) = self.plugin.write() {
+            if let Err(e) = p.cleanup().into_result() {
+                let _ = writeln!(std::io::stderr(), "worker: cleanup failed: {e}");
+            }
+        }
+        FromWorker::Unloaded
+    }
+}
+
+/// Runs `job` on a thread of its own and sends its reply. When no thread can be had (the pids
+/// limit is reached, say by a plugin's runaway forks) the host gets `refusal` instead of the
+/// worker going down.
 fn run_on_thread(
-    outbox: &Outbox,
+    served: &Arc<Served>,
     refusal: impl FnOnce(WireError) -> FromWorker,
-    job: impl FnOnce() + Send + 'static,
+    job: impl FnOnce(&Served) -> FromWorker + Send + 'static,
 ) {
-    if let Err(e) = std::thread::Builder::new().spawn(job) {
-        outbox.send(&refusal(WireError {
-            kind: Fault::OutOfResources,
-            message: format!(
-                "the worker cannot start a thread ({e}); its pids limit is probably reached"
-            ),
-        }));
+    let shared = served.clone();
+    let spawned = std::thread::Builder::new().spawn(move || {
+        let reply = job(&shared);
+        shared.outbox.send(&reply);
+    });
+    if let Err(e) = spawned {
+        served.outbox.send(&refusal(WireError::new(
+            Fault::OutOfResources,
+            format!("the worker cannot start a thread ({e}); its pids limit is probably reached"),
+        )));
     }
 }
 
 fn serve(mut reader: UnixStream, outbox: Outbox, plugin: PluginBox) -> i32 {
-    let plugin = Arc::new(RwLock::new(plugin));
-    let controls: Arc<Mutex<HashMap<u64, Arc<Control>>>> = Arc::default();
+    let served = Arc::new(Served {
+        plugin: RwLock::new(plugin),
+        outbox,
+        controls: Mutex::default(),
+    });
     loop {
         let message = match read_frame::<ToWorker>(&mut reader) {
             Ok(Some(m)) => m,
@@ -141,126 +236,39 @@ fn serve(mut reader: UnixStream, outbox: Outbox, plugin: PluginBox) -> i32 {
                 let _ = writeln!(std::io::stderr(), "worker: ignoring a second Start");
             }
             ToWorker::Ping { nonce } => {
-                outbox.send(&FromWorker::Pong { nonce });
+                served.outbox.send(&FromWorker::Pong { nonce });
             }
             ToWorker::Cancel { id } => {
-                if let Some(control) = controls.lock().ok().and_then(|c| c.get(&id).cloned()) {
+                if let Some(control) = served.control(id) {
                     control.cancel();
                 }
             }
             ToWorker::Credit { id, tokens } => {
-                if let Some(control) = controls.lock().ok().and_then(|c| c.get(&id).cloned()) {
+                if let Some(control) = served.control(id) {
                     control.grant(tokens);
                 }
             }
-            ToWorker::Load { config } => {
-                let refusals = outbox.clone();
-                let (plugin, outbox) = (plugin.clone(), outbox.clone());
-                run_on_thread(
-                    &refusals,
-                    |error| FromWorker::LoadFailed { error },
-                    move || {
-                        let json = serde_json::to_string(&config).unwrap_or_else(|_| "{}".into());
-                        let progress =
-                            ProgressSink_TO::from_value(WireProgress(outbox.clone()), TD_Opaque);
-                        let result = match plugin.write() {
-                            Ok(mut p) => p.load_model(json.as_str().into(), progress).into_result(),
-                            Err(_) => Err(pio_plugin_api::PluginError::internal(
-                                "plugin lock poisoned",
-                            )),
-                        };
-                        let reply = match result.map(|info| serde_json::from_str(&info)) {
-                            Ok(Ok(info)) => FromWorker::Loaded { info },
-                            Ok(Err(e)) => FromWorker::LoadFailed {
-                                error: WireError {
-                                    kind: Fault::Internal,
-                                    message: format!(
-                                        "the plugin returned malformed model info: {e}"
-                                    ),
-                                },
-                            },
-                            Err(e) => FromWorker::LoadFailed { error: e.into() },
-                        };
-                        outbox.send(&reply);
-                    },
-                );
-            }
+            ToWorker::Load { config } => run_on_thread(
+                &served,
+                |error| FromWorker::LoadFailed { error },
+                move |s| s.load(&config),
+            ),
             ToWorker::Infer {
                 id,
                 request,
                 window,
             } => {
                 let control = Arc::new(Control::with_window(window));
-                if let Ok(mut c) = controls.lock() {
+                if let Ok(mut c) = served.controls.lock() {
                     c.insert(id, control.clone());
                 }
-                let refusals = outbox.clone();
-                let (plugin, outbox, controls) = (plugin.clone(), outbox.clone(), controls.clone());
                 run_on_thread(
-                    &refusals,
+                    &served,
                     move |error| FromWorker::Failed { id, error },
-                    move || {
-                        let json = serde_json::to_string(&request).unwrap_or_else(|_| "{}".into());
-                        let rid = request.request_id.clone().unwrap_or_else(|| id.to_string());
-                        let sink = WireSink {
-                            id,
-                            outbox: outbox.clone(),
-                            control,
-                        };
-                        let sink = TokenSink_TO::from_value(sink, TD_Opaque);
-                        let result = match plugin.read() {
-                            Ok(p) => p.infer(json.as_str().into(), sink).into_result(),
-                            Err(_) => Err(pio_plugin_api::PluginError::internal(
-                                "plugin lock poisoned",
-                            )),
-                        };
-                        if let Ok(mut c) = controls.lock() {
-                            c.remove(&id);
-                        }
-                        let reply = match result.map(|o| serde_json::from_str(&o)) {
-                            Ok(Ok(outcome)) => FromWorker::Done { id, outcome },
-                            Ok(Err(e)) => FromWorker::Failed {
-                                id,
-                                error: WireError {
-                                    kind: Fault::Internal,
-                                    message: format!(
-                                        "the plugin returned a malformed outcome: {e}"
-                                    ),
-                                },
-                            },
-                            Err(e) => {
-                                // The daemon forwards this line into its log, the request's id in it.
-                                let _ = writeln!(
-                                    std::io::stderr(),
-                                    "worker: request {rid} failed: {}",
-                                    e.message
-                                );
-                                FromWorker::Failed {
-                                    id,
-                                    error: e.into(),
-                                }
-                            }
-                        };
-                        outbox.send(&reply);
-                    },
+                    move |s| s.infer(id, &request, control),
                 );
             }
-            ToWorker::Unload => {
-                let refusals = outbox.clone();
-                let (plugin, outbox) = (plugin.clone(), outbox.clone());
-                run_on_thread(
-                    &refusals,
-                    |_| FromWorker::Unloaded,
-                    move || {
-                        if let Ok(mut p) = plugin.write() {
-                            if let Err(e) = p.cleanup().into_result() {
-                                let _ = writeln!(std::io::stderr(), "worker: cleanup failed: {e}");
-                            }
-                        }
-                        outbox.send(&FromWorker::Unloaded);
-                    },
-                );
-            }
+            ToWorker::Unload => run_on_thread(&served, |_| FromWorker::Unloaded, Served::unload),
         }
     }
 }

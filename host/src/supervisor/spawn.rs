@@ -1,0 +1,237 @@
+//! Starting a worker process: the checks before it, its cgroup, the spawn with the socket at fd
+//! 3, the task that routes its frames, and the handshake that ends with it confined.
+
+use std::os::fd::AsRawFd;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::unix::OwnedReadHalf;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::handle::{WorkerError, WorkerSpec};
+use super::routing::{death_reason, dispatch, fail_all, forward_output, lock, Pending, Waiters};
+use crate::fault::Fault;
+use crate::probe::LibraryReport;
+use crate::protocol::{
+    encode, read_frame_async, FromWorker, ToWorker, WireError, PROTOCOL_VERSION,
+};
+use crate::sandbox::cgroup::Cgroup;
+use crate::sandbox::Plan;
+use crate::worker::SOCKET_FD;
+
+/// A worker that drops to an unprivileged user must be able to read its library and its model
+/// folder: refused up front with the path, the uid and the fix, rather than a loader's
+/// "permission denied" from inside its sandbox.
+pub(super) fn readable_to_worker(spec: &WorkerSpec) -> Result<(), WorkerError> {
+    let Some((uid, gid)) = spec.plan.drop_to else {
+        return Ok(());
+    };
+    use crate::sandbox::readable::{unreadable, unreadable_tree, Reach};
+    let empty_root = spec.plan.isolation.as_ref().is_some_and(|i| i.empty_root);
+    let reach = if empty_root {
+        Reach::Mounted
+    } else {
+        Reach::Host
+    };
+    let library = std::iter::once(&spec.library)
+        .filter_map(|l| unreadable(l, uid, gid, reach).map(|b| (l, b)));
+    let model = spec
+        .read_paths
+        .iter()
+        .filter_map(|p| unreadable_tree(p, uid, gid, reach).map(|b| (p, b)));
+    match library.chain(model).next() {
+        Some((path, blocked)) => Err(WorkerError::new(
+            Fault::Sandbox,
+            blocked.message(&format!("{}: {}", spec.name, path.display()), uid, gid),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The worker's cgroup, when its plan wants one.
+pub(super) fn create_cgroup(spec: &WorkerSpec) -> Result<Option<Arc<Cgroup>>, WorkerError> {
+    let version = crate::sandbox::cgroup::Version::detect_writable();
+    match (spec.plan.cgroup, version) {
+        (true, Some(version)) => {
+            crate::sandbox::cgroup::reap_stale(version);
+            let group = Cgroup::create(version, &spec.name, &group_spec(&spec.plan))
+                .map_err(|e| WorkerError::new(Fault::Sandbox, e.to_string()))?;
+            Ok(Some(Arc::new(group)))
+        }
+        (true, None) => Err(WorkerError::new(
+            Fault::Sandbox,
+            format!(
+                "worker for {} needs a cgroup, but no writable hierarchy was found",
+                spec.name
+            ),
+        )),
+        (false, _) => Ok(None),
+    }
+}
+
+/// Starts `pio worker` with `worker_end` as its fd 3, in its own session, dying with us, and
+/// puts it in `cgroup` before it can do anything.
+pub(super) fn spawn(
+    spec: &WorkerSpec,
+    worker_end: std::os::unix::net::UnixStream,
+    cgroup: Option<&Cgroup>,
+) -> Result<tokio::process::Child, WorkerError> {
+    let worker_fd = worker_end.as_raw_fd();
+    let mut command = tokio::process::Command::new(&spec.exe);
+    command
+        .arg("worker")
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("LANG", "C.UTF-8")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    // SAFETY: only async-signal-safe calls between fork and exec: setsid, prctl, dup2.
+    unsafe {
+        command.pre_exec(move || {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            // Dies with the thread that spawned it; tokio's core threads live as long as
+            // the runtime, and workers are never spawned from the blocking pool.
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)?;
+            // dup2 clears CLOEXEC on the copy: fd 3 is the only extra fd the worker keeps.
+            if libc::dup2(worker_fd, SOCKET_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(|e| {
+        WorkerError::new(
+            Fault::Spawn,
+            format!("cannot start {} worker: {e}", spec.exe.display()),
+        )
+    })?;
+    drop(worker_end);
+    if let Some(cg) = cgroup {
+        if let Err(e) = cg.add(child.id().unwrap_or(0)) {
+            let _ = child.start_kill();
+            return Err(WorkerError::new(Fault::Sandbox, e.to_string()));
+        }
+    }
+    forward_output(&spec.name, child.stdout.take(), child.stderr.take());
+    Ok(child)
+}
+
+/// The host's end of the socket: its read half, and a queue whose frames a task writes out.
+pub(super) fn connect(
+    host_end: std::os::unix::net::UnixStream,
+) -> Result<(OwnedReadHalf, mpsc::UnboundedSender<Vec<u8>>), WorkerError> {
+    let spawn_error = |e: std::io::Error| WorkerError::new(Fault::Spawn, e.to_string());
+    host_end.set_nonblocking(true).map_err(spawn_error)?;
+    let stream = tokio::net::UnixStream::from_std(host_end).map_err(spawn_error)?;
+    let (read_half, mut write_half) = stream.into_split();
+    let (outbox, mut outbox_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    tokio::spawn(async move {
+        while let Some(frame) = outbox_rx.recv().await {
+            if write_half.write_all(&frame).await.is_err() {
+                break;
+            }
+        }
+    });
+    Ok((read_half, outbox))
+}
+
+/// What the task reading a worker's frames shares with its [`Worker`].
+#[derive(Clone)]
+pub(super) struct Routes {
+    pub(super) name: String,
+    pub(super) pending: Pending,
+    pub(super) waiters: Arc<Mutex<Waiters>>,
+    pub(super) cgroup: Option<Arc<Cgroup>>,
+    pub(super) kill_reason: Arc<Mutex<Option<String>>>,
+}
+
+/// Reads the worker's frames to where they belong until its socket ends; then reaps it and
+/// tells everyone still waiting how it died.
+pub(super) fn route_frames(
+    routes: Routes,
+    mut read_half: OwnedReadHalf,
+    mut child: tokio::process::Child,
+    exit_tx: watch::Sender<Option<String>>,
+) {
+    tokio::spawn(async move {
+        let reason = loop {
+            match read_frame_async::<FromWorker>(&mut read_half).await {
+                Ok(Some(frame)) => dispatch(frame, &routes.pending, &routes.waiters),
+                // A killed worker's socket may end in a reset instead of EOF.
+                Ok(None) | Err(crate::protocol::FrameError::Io(_)) => break None,
+                Err(e) => break Some(format!("sent a bad frame ({e})")),
+            }
+        };
+        if reason.is_some() {
+            let _ = child.start_kill();
+        }
+        let status = child.wait().await.ok();
+        let stats = routes.cgroup.as_ref().map(|c| c.stats());
+        let why = reason
+            .or_else(|| lock(&routes.kill_reason).clone())
+            .unwrap_or_else(|| death_reason(status, stats.as_ref()));
+        let message = format!("worker for {} {why}", routes.name);
+        fail_all(&routes.pending, &routes.waiters, &message);
+        let _ = exit_tx.send(Some(message));
+    });
+}
+
+/// Sends `Start` (the plan, with the library and model kept visible) and waits for the worker
+/// to report itself confined and its plugin constructed.
+pub(super) async fn handshake(
+    spec: &WorkerSpec,
+    outbox: &mpsc::UnboundedSender<Vec<u8>>,
+    reply: oneshot::Receiver<Result<FromWorker, WireError>>,
+) -> Result<(LibraryReport, Vec<String>), WorkerError> {
+    let mut plan = spec.plan.clone();
+    if let Some(isolation) = &mut plan.isolation {
+        isolation.keep_visible.push(spec.library.clone());
+        isolation
+            .keep_visible
+            .extend(spec.read_paths.iter().cloned());
+    }
+    let start = ToWorker::Start {
+        protocol: PROTOCOL_VERSION,
+        library: spec.library.clone(),
+        plan,
+        host_context: spec.host_context.clone(),
+    };
+    let frame = encode(&start).map_err(|e| WorkerError::new(Fault::Protocol, e.to_string()))?;
+    let _ = outbox.send(frame);
+    let name = &spec.name;
+    let reply = reply
+        .await
+        .map_err(|_| {
+            WorkerError::new(
+                Fault::WorkerDied,
+                format!("worker for {name} vanished during start"),
+            )
+        })?
+        .map_err(WorkerError)?;
+    match reply {
+        FromWorker::Ready {
+            protocol,
+            plugin,
+            applied,
+            ..
+        } if protocol == PROTOCOL_VERSION => Ok((plugin, applied)),
+        FromWorker::StartFailed { error } => Err(WorkerError(error)),
+        other => Err(WorkerError::new(
+            Fault::Protocol,
+            format!("worker for {name} answered Start with {other:?}"),
+        )),
+    }
+}
+
+/// What the worker's cgroup enforces, from its plan.
+fn group_spec(plan: &Plan) -> crate::sandbox::cgroup::GroupSpec {
+    crate::sandbox::cgroup::GroupSpec {
+        limits: plan.limits.clone(),
+        devices: plan.isolation.as_ref().is_some_and(|i| i.devices),
+        cpuset: plan.isolation.as_ref().and_then(|i| i.cpuset.clone()),
+    }
+}
