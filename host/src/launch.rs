@@ -6,7 +6,7 @@ use std::path::Path;
 use pio_plugin_api::wire::{HostContext, ModelConfig};
 
 use crate::config::Config;
-use crate::manifest::{Dtype, Manifest, Quantization};
+use crate::manifest::Manifest;
 use crate::sandbox::{self, HostSupport, Plan, PlanError, Policy};
 use crate::supervisor::WorkerSpec;
 
@@ -40,23 +40,9 @@ pub fn model_config(manifest: &Manifest, manifest_path: &Path) -> ModelConfig {
         .unwrap_or_default();
     ModelConfig {
         model_path: m.path.as_ref().map(|p| resolved(&base.join(p))),
-        dtype: m.dtype.map(|d| {
-            match d {
-                Dtype::F32 => "f32",
-                Dtype::Bf16 => "bf16",
-                Dtype::F16 => "f16",
-            }
-            .to_string()
-        }),
+        dtype: m.dtype.map(|d| d.name().to_string()),
         device: m.device.as_ref().map(|d| d.0.clone()),
-        quantization: m.quantization.map(|q| {
-            match q {
-                Quantization::None => "none",
-                Quantization::Q8 => "q8",
-                Quantization::Q4 => "q4",
-            }
-            .to_string()
-        }),
+        quantization: m.quantization.map(|q| q.name().to_string()),
         generation: m.generation.clone(),
         extra,
     }

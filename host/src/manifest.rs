@@ -58,29 +58,10 @@ pub struct Limits {
     pub network: Option<bool>,
 }
 
-/// Model data type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Dtype {
-    /// 32-bit float.
-    F32,
-    /// bfloat16.
-    Bf16,
-    /// IEEE half.
-    F16,
-}
-
-/// Weight quantization applied while loading.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Quantization {
-    /// Weights as stored.
-    None,
-    /// 8-bit blocks (Q8_0).
-    Q8,
-    /// 4-bit blocks (Q4_K).
-    Q4,
-}
+/// Weight and activation dtype (plugin-api's type: one definition from manifest to plugin).
+pub use pio_plugin_api::wire::FloatType as Dtype;
+/// Weight quantization applied while loading (plugin-api's type).
+pub use pio_plugin_api::wire::WeightQuantization as Quantization;
 
 /// The `[model]` table: what the plugin loads and its default configuration.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]

@@ -59,6 +59,83 @@ pub struct ModelConfig {
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
+impl ModelConfig {
+    /// `dtype`, typed (`None` when unset); an unknown name is an error naming the choices.
+    pub fn float_type(&self) -> Result<Option<FloatType>, String> {
+        self.dtype.as_deref().map(FloatType::parse).transpose()
+    }
+
+    /// `quantization`, typed (`None` when unset).
+    pub fn weight_quantization(&self) -> Result<Option<WeightQuantization>, String> {
+        self.quantization
+            .as_deref()
+            .map(WeightQuantization::parse)
+            .transpose()
+    }
+}
+
+/// A float type for weights and activations (`ModelConfig::dtype` on the wire).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FloatType {
+    /// 32-bit float.
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// IEEE half.
+    F16,
+}
+
+impl FloatType {
+    /// Its name on the wire and in manifests.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::F16 => "f16",
+        }
+    }
+
+    /// The type `name` names.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        [Self::F32, Self::Bf16, Self::F16]
+            .into_iter()
+            .find(|t| t.name() == name)
+            .ok_or_else(|| format!("dtype \"{name}\" is not one of f32, bf16, f16"))
+    }
+}
+
+/// Weight quantization applied while loading (`ModelConfig::quantization` on the wire).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightQuantization {
+    /// Weights as stored.
+    None,
+    /// 8-bit blocks (Q8_0).
+    Q8,
+    /// 4-bit blocks (Q4_K).
+    Q4,
+}
+
+impl WeightQuantization {
+    /// Its name on the wire and in manifests.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Q8 => "q8",
+            Self::Q4 => "q4",
+        }
+    }
+
+    /// The quantization `name` names.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        [Self::None, Self::Q8, Self::Q4]
+            .into_iter()
+            .find(|q| q.name() == name)
+            .ok_or_else(|| format!("quantization \"{name}\" is not one of none, q8, q4"))
+    }
+}
+
 /// What to generate from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -302,5 +379,30 @@ mod tests {
         assert!(t.table().unwrap_err().contains("ends"));
         t.data = "!!".into();
         assert!(t.table().unwrap_err().contains("base64"));
+    }
+
+    #[test]
+    fn dtype_and_quantization_names_round_trip_and_unknown_ones_name_the_choices() {
+        for t in [FloatType::F32, FloatType::Bf16, FloatType::F16] {
+            assert_eq!(FloatType::parse(t.name()), Ok(t));
+            assert_eq!(serde_json::to_value(t).unwrap(), t.name());
+        }
+        for q in [
+            WeightQuantization::None,
+            WeightQuantization::Q8,
+            WeightQuantization::Q4,
+        ] {
+            assert_eq!(WeightQuantization::parse(q.name()), Ok(q));
+        }
+        let config = ModelConfig {
+            dtype: Some("f64".into()),
+            quantization: Some("q3".into()),
+            ..ModelConfig::default()
+        };
+        assert!(config.float_type().unwrap_err().contains("f32, bf16, f16"));
+        assert!(config
+            .weight_quantization()
+            .unwrap_err()
+            .contains("none, q8, q4"));
     }
 }

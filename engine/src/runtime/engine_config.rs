@@ -88,11 +88,16 @@ pub(super) fn engine_config<M: CausalLm>(
     };
     let kv_dtype = match options.get("kv_cache_dtype") {
         None => None,
-        Some(v) => Some(v.as_str().and_then(super::float_dtype).ok_or_else(|| {
-            PluginError::invalid_config(format!(
+        Some(v) => Some(
+            v.as_str()
+                .and_then(|name| pio_plugin_api::wire::FloatType::parse(name).ok())
+                .map(super::candle_dtype)
+                .ok_or_else(|| {
+                    PluginError::invalid_config(format!(
                 "[model.options] kv_cache_dtype = {v}: expected \"f32\", \"bf16\" or \"f16\""
             ))
-        })?),
+                })?,
+        ),
     };
     let mut config = EngineConfig::with_pool_bytes(model, pool_bytes, kv_dtype);
     if let Some(v) = options.get("max_seqs") {

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use pio_plugin_api::wire::{
-    FinishReason, GenerationDefaults, HostContext, InferOutcome, InferRequest, ModelConfig,
-    ModelInfo, Prompt, TokenBytes, Usage,
+    FinishReason, FloatType, GenerationDefaults, HostContext, InferOutcome, InferRequest,
+    ModelConfig, ModelInfo, Prompt, TokenBytes, Usage, WeightQuantization,
 };
 use pio_plugin_api::{
     ErrorKind, Flow, GeneratedToken, PluginError, Progress, RString, RVec, Sink, TopLogprob,
@@ -127,34 +127,29 @@ pub fn plugin_error(e: EngineError) -> PluginError {
 
 /// The dtype a model config asks for (default f32).
 pub fn dtype_of(config: &ModelConfig) -> Result<DType, PluginError> {
-    match config.dtype.as_deref() {
-        None => Ok(DType::F32),
-        Some(name) => float_dtype(name).ok_or_else(|| {
-            PluginError::invalid_config(format!("dtype \"{name}\" is not one of f32, bf16, f16"))
-        }),
-    }
+    let dtype = config.float_type().map_err(PluginError::invalid_config)?;
+    Ok(dtype.map_or(DType::F32, candle_dtype))
 }
 
-/// The float type a manifest names: `f32`, `bf16` or `f16`.
-pub(crate) fn float_dtype(name: &str) -> Option<DType> {
-    match name {
-        "f32" => Some(DType::F32),
-        "bf16" => Some(DType::BF16),
-        "f16" => Some(DType::F16),
-        _ => None,
+/// candle's type for a float type.
+pub(crate) fn candle_dtype(t: FloatType) -> DType {
+    match t {
+        FloatType::F32 => DType::F32,
+        FloatType::Bf16 => DType::BF16,
+        FloatType::F16 => DType::F16,
     }
 }
 
 /// The quantization a model config asks for (default none).
 pub fn quantization_of(config: &ModelConfig) -> Result<Quantization, PluginError> {
-    match config.quantization.as_deref() {
-        None | Some("none") => Ok(Quantization::None),
-        Some("q8") => Ok(Quantization::Q8),
-        Some("q4") => Ok(Quantization::Q4),
-        Some(other) => Err(PluginError::invalid_config(format!(
-            "quantization \"{other}\" is not one of none, q8, q4"
-        ))),
-    }
+    let q = config
+        .weight_quantization()
+        .map_err(PluginError::invalid_config)?;
+    Ok(match q {
+        None | Some(WeightQuantization::None) => Quantization::None,
+        Some(WeightQuantization::Q8) => Quantization::Q8,
+        Some(WeightQuantization::Q4) => Quantization::Q4,
+    })
 }
 
 /// The device a model config asks for (default the CPU).
