@@ -19,6 +19,7 @@ pub mod reasoning;
 pub mod reload;
 pub mod responses;
 pub mod status;
+mod streaming;
 pub mod tool_calls;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,0 +1,256 @@
+//! A streamed answer: server-sent events from a request's events, through a small buffer that
+//! cuts off a client that stops reading.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use pio_plugin_api::wire::InferOutcome;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use super::deployment::Lease;
+use super::error::ApiError;
+use super::inference::{offered, Timing, CLIENT_GONE};
+use super::openai::{LogprobsFormat, Parsed};
+use super::output::Parsing;
+use super::reasoning::Splitter;
+use super::responses::Reply;
+use super::tool_calls::{self, StreamFilter};
+use super::App;
+use crate::protocol::TokenFrame;
+use crate::supervisor::Event;
+
+fn sse(value: &Value) -> Result<SseEvent, Infallible> {
+    Ok(SseEvent::default().data(value.to_string()))
+}
+
+pub(super) async fn stream(
+    app: Arc<App>,
+    parsed: Parsed,
+    lease: Lease,
+    mut events: mpsc::Receiver<Event>,
+    started: Instant,
+    parsing: Parsing,
+) -> Response {
+    // A request that fails before its first token (a prompt too long, say) gets a real status.
+    let first = events.recv().await;
+    if let Some(Event::Failed(e)) = first {
+        let e = ApiError::from(e);
+        app.metrics
+            .request(&parsed.model, parsed.endpoint.label(), e.status.as_u16());
+        return e.into_response();
+    }
+    let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
+    tokio::spawn(async move {
+        // Held until the stream ends, so a drain waits for it.
+        let _lease = lease;
+        let status = pump(&app, &parsed, first, events, &tx, started, parsing).await;
+        if status != CLIENT_GONE {
+            let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
+        }
+        app.metrics
+            .request(&parsed.model, parsed.endpoint.label(), status);
+    });
+    Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+/// The stream's way to its client: a small buffer, and a client that leaves it full for
+/// `stall` is cut off (dropping the events then cancels the generation in the worker), so a
+/// client that stops reading never makes the daemon hold a whole generation.
+struct Outlet<'a> {
+    tx: &'a mpsc::Sender<Result<SseEvent, Infallible>>,
+    stall: std::time::Duration,
+}
+
+impl Outlet<'_> {
+    /// Sends `v`; `Err` when the client is gone or stalled.
+    async fn send(&self, v: &Value) -> Result<(), ()> {
+        match tokio::time::timeout(self.stall, self.tx.send(sse(v))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(()),
+            Err(_) => {
+                tracing::warn!(
+                    "the client stopped reading its stream for {} s (server.stall_timeout_secs): cut off, generation stopped",
+                    self.stall.as_secs()
+                );
+                Err(())
+            }
+        }
+    }
+}
+
+/// What a stream sends, chunk by chunk: reasoning split from content, tool calls held back and
+/// turned into a `tool_calls` delta, logprobs, the finish and usage chunks.
+struct Chunks<'a> {
+    parsed: &'a Parsed,
+    reply: Reply,
+    filter: Option<StreamFilter>,
+    splitter: Option<Splitter>,
+    tools: Option<tool_calls::Format>,
+}
+
+impl<'a> Chunks<'a> {
+    fn new(parsed: &'a Parsed, parsing: Parsing) -> Self {
+        let reply =
+            Reply::new(&parsed.model, parsed.endpoint, parsed.logprobs).with_tokens(parsing.tokens);
+        Self {
+            parsed,
+            reply,
+            filter: parsing.tools.map(|_| StreamFilter::default()),
+            splitter: parsing.reasoning.map(Splitter::new),
+            tools: parsing.tools,
+        }
+    }
+
+    fn opening(&mut self) -> Vec<Value> {
+        self.reply
+            .opening_chunk(self.parsed.include_usage)
+            .into_iter()
+            .collect()
+    }
+
+    /// The chunk for token `t`, if it shows anything (text, reasoning, or logprobs asked for).
+    fn token(&mut self, t: &TokenFrame) -> Option<Value> {
+        let (thought, said) = match self.splitter.as_mut() {
+            Some(s) => s.push(&t.text),
+            None => (String::new(), t.text.clone()),
+        };
+        let visible = match self.filter.as_mut() {
+            Some(f) => f.push(&said),
+            None => said,
+        };
+        let show = !thought.is_empty()
+            || !visible.is_empty()
+            || self.parsed.logprobs != LogprobsFormat::None;
+        show.then(|| {
+            let usage = self.parsed.include_usage;
+            self.reply.token_chunk(t, &thought, &visible, usage)
+        })
+    }
+
+    /// The last chunks: what was held back, the calls, the finish and the usage.
+    fn finish(&mut self, outcome: &InferOutcome) -> Vec<Value> {
+        let usage = self.parsed.include_usage;
+        let mut out = Vec::new();
+        let mut said = String::new();
+        if let Some(mut s) = self.splitter.take() {
+            let (thought, rest) = s.finish();
+            if !thought.is_empty() {
+                out.push(self.reply.reasoning_chunk(&thought, usage));
+            }
+            said = rest;
+        }
+        if self.filter.is_none() && !said.is_empty() {
+            out.push(self.reply.content_chunk(&said, usage));
+        }
+        let mut called = false;
+        if let (Some(mut f), Some(format)) = (self.filter.take(), self.tools) {
+            let rest = f.push(&said) + &f.finish();
+            let held = tool_calls::extract(format, &rest, offered(self.parsed));
+            if !held.content.is_empty() {
+                out.push(self.reply.content_chunk(&held.content, usage));
+            }
+            if !held.calls.is_empty() {
+                called = true;
+                out.push(self.reply.tool_calls_chunk(&held.calls, usage));
+            }
+        }
+        out.push(self.reply.finish_chunk(outcome, called, usage));
+        if usage {
+            out.push(self.reply.usage_chunk(outcome));
+        }
+        out
+    }
+}
+
+/// Sends the stream's chunks; returns the status to record.
+async fn pump(
+    app: &App,
+    parsed: &Parsed,
+    mut first: Option<Event>,
+    mut events: mpsc::Receiver<Event>,
+    tx: &mpsc::Sender<Result<SseEvent, Infallible>>,
+    started: Instant,
+    parsing: Parsing,
+) -> u16 {
+    let stall = app.models.config().server.stall_timeout_secs.max(1);
+    let outlet = Outlet {
+        tx,
+        stall: std::time::Duration::from_secs(stall),
+    };
+    let mut chunks = Chunks::new(parsed, parsing);
+    let mut timing = Timing {
+        started,
+        last: None,
+    };
+    let mut out = chunks.opening();
+    loop {
+        for v in out.drain(..) {
+            if outlet.send(&v).await.is_err() {
+                return CLIENT_GONE;
+            }
+        }
+        let event = match first.take() {
+            Some(e) => Some(e),
+            None => tokio::select! {
+                e = events.recv() => e,
+                // The client went away: dropping `events` cancels the request in the worker.
+                () = tx.closed() => return CLIENT_GONE,
+            },
+        };
+        let e = match event {
+            Some(Event::Token(t)) => {
+                timing.token(app, &parsed.model);
+                out.extend(chunks.token(&t));
+                continue;
+            }
+            Some(Event::Done(outcome)) => {
+                let u = &outcome.usage;
+                app.metrics
+                    .tokens(&parsed.model, u.prompt_tokens, u.completion_tokens);
+                for v in &chunks.finish(&outcome) {
+                    if outlet.send(v).await.is_err() {
+                        return CLIENT_GONE;
+                    }
+                }
+                return 200;
+            }
+            Some(Event::Failed(e)) => ApiError::from(e),
+            None => ApiError::internal("the worker ended the request without an answer"),
+        };
+        tracing::warn!(model = %parsed.model, "stream failed midway: {}", e.message);
+        let _ = tx.send(sse(&e.body())).await;
+        return e.status.as_u16();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stream_whose_client_stops_reading_is_cut_after_the_stall_timeout() {
+        let (tx, mut rx) = mpsc::channel(2);
+        let outlet = Outlet {
+            tx: &tx,
+            stall: std::time::Duration::from_millis(200),
+        };
+        let chunk = serde_json::json!({"x": 1});
+        // The buffer takes two chunks; the third waits for a reader that never comes.
+        assert!(outlet.send(&chunk).await.is_ok());
+        assert!(outlet.send(&chunk).await.is_ok());
+        let started = Instant::now();
+        assert!(outlet.send(&chunk).await.is_err());
+        assert!(started.elapsed() >= std::time::Duration::from_millis(200));
+        // A reader frees room: sending works again; a client gone fails at once.
+        rx.recv().await;
+        assert!(outlet.send(&chunk).await.is_ok());
+        drop(rx);
+        assert!(outlet.send(&chunk).await.is_err());
+    }
+}
