@@ -4,16 +4,15 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use pio_plugin_api::wire::{HostContext, InferOutcome, InferRequest, ModelConfig, ModelInfo};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::routing::{lock, Events, LoadEvent, Pending, Waiters, WINDOW};
-use super::spawn::{
-    connect, create_cgroup, handshake, readable_to_worker, route_frames, spawn, Routes,
-};
+use super::routing::{Events, LoadEvent, WINDOW};
+use super::spawn::{connect, create_cgroup, handshake, readable_to_worker, spawn};
+use super::traffic::{self, Command, Traffic};
 use crate::fault::Fault;
 use crate::probe::LibraryReport;
 use crate::protocol::{encode, ToWorker, TokenFrame, WireError};
@@ -67,12 +66,10 @@ pub struct Worker {
     applied: Vec<String>,
     plan: Plan,
     outbox: mpsc::UnboundedSender<Vec<u8>>,
-    pending: Pending,
-    waiters: Arc<Mutex<Waiters>>,
+    /// The task that owns the worker's traffic (which request a frame belongs to, who waits).
+    traffic: Traffic,
     cgroup: Option<Arc<Cgroup>>,
     exit: watch::Receiver<Option<String>>,
-    /// Why the host killed the worker, when it did: reported instead of "killed by SIGKILL".
-    kill_reason: Arc<Mutex<Option<String>>>,
     next_id: AtomicU64,
 }
 
@@ -96,39 +93,32 @@ impl Worker {
         let child = spawn(&spec, worker_end, cgroup.as_deref())?;
         let pid = child.id().unwrap_or(0);
         let (read_half, outbox) = connect(host_end)?;
-        let routes = Routes {
-            name: spec.name.clone(),
-            pending: Pending::default(),
-            waiters: Arc::default(),
-            cgroup,
-            kill_reason: Arc::default(),
-        };
-        let (start_tx, start_rx) = oneshot::channel();
-        lock(&routes.waiters).start = Some(start_tx);
         let (exit_tx, exit) = watch::channel(None);
-        route_frames(routes.clone(), read_half, child, exit_tx);
+        let traffic = traffic::start(spec.name.clone(), read_half, child, cgroup.clone(), exit_tx);
+        let (start_tx, start_rx) = oneshot::channel();
+        traffic.ask(Command::Start(start_tx));
         let (plugin, applied) = handshake(&spec, &outbox, start_rx).await?;
-        let Routes {
-            name,
-            pending,
-            waiters,
-            cgroup,
-            kill_reason,
-        } = routes;
         Ok(Worker {
-            name,
+            name: spec.name,
             pid,
             plugin,
             applied,
             plan: spec.plan,
             outbox,
-            pending,
-            waiters,
+            traffic,
             cgroup,
             exit,
-            kill_reason,
             next_id: AtomicU64::new(1),
         })
+    }
+
+    /// Registers with the traffic task; fails once the worker is gone.
+    fn ask(&self, command: Command) -> Result<(), WorkerError> {
+        if self.traffic.ask(command) {
+            Ok(())
+        } else {
+            Err(WorkerError::new(Fault::WorkerDied, self.exit_reason()))
+        }
     }
 
     fn send(&self, message: &ToWorker) -> Result<(), WorkerError> {
@@ -152,7 +142,7 @@ impl Worker {
         mut progress: impl FnMut(&str, u64, u64),
     ) -> Result<ModelInfo, WorkerError> {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        lock(&self.waiters).load = Some(tx);
+        self.ask(Command::Load(tx))?;
         self.send(&ToWorker::Load { config })?;
         while let Some(event) = rx.recv().await {
             match event {
@@ -169,14 +159,14 @@ impl Worker {
     pub fn infer(&self, request: InferRequest) -> Result<(u64, Events), WorkerError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (events, tx) = Events::new(id, self.outbox.clone());
-        lock(&self.pending).insert(id, tx);
+        self.ask(Command::Request(id, tx))?;
         let infer = ToWorker::Infer {
             id,
             request,
             window: Some(WINDOW),
         };
         if let Err(e) = self.send(&infer) {
-            lock(&self.pending).remove(&id);
+            self.traffic.ask(Command::Forget(id));
             return Err(e);
         }
         Ok((id, events))
@@ -191,7 +181,7 @@ impl Worker {
     pub async fn ping(&self, deadline: Duration) -> Result<(), WorkerError> {
         let nonce = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        lock(&self.waiters).pongs.insert(nonce, tx);
+        self.ask(Command::Ping(nonce, tx))?;
         self.send(&ToWorker::Ping { nonce })?;
         match tokio::time::timeout(deadline, rx).await {
             Ok(Ok(())) => Ok(()),
@@ -209,7 +199,7 @@ impl Worker {
     /// Releases the model (waits for requests in flight, which hold the plugin).
     pub async fn unload(&self) -> Result<(), WorkerError> {
         let (tx, rx) = oneshot::channel();
-        lock(&self.waiters).unload = Some(tx);
+        self.ask(Command::Unload(tx))?;
         self.send(&ToWorker::Unload)?;
         rx.await
             .map_err(|_| WorkerError::new(Fault::WorkerDied, self.exit_reason()))
@@ -218,7 +208,7 @@ impl Worker {
     /// Kills the worker, recording `why` (a clause such as "was stopped: ...") as the reason its
     /// requests in flight are given.
     pub fn kill_because(&self, why: String) {
-        lock(&self.kill_reason).get_or_insert(why);
+        self.traffic.ask(Command::KillReason(why));
         self.kill();
     }
 
@@ -281,7 +271,7 @@ impl Worker {
     /// Requests the worker has been sent and not yet finished (a cancelled request counts until
     /// the worker confirms it stopped).
     pub fn in_flight(&self) -> usize {
-        lock(&self.pending).len()
+        self.traffic.in_flight()
     }
 
     /// Usage read from its cgroup, if it has one.

@@ -6,6 +6,7 @@ pub mod handle;
 mod routing;
 mod spawn;
 pub mod supervised;
+mod traffic;
 
 pub use handle::{Event, Worker, WorkerError, WorkerSpec};
 pub use routing::{death_reason, Events, WINDOW};

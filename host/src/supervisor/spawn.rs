@@ -1,21 +1,19 @@
 //! Starting a worker process: the checks before it, its cgroup, the spawn with the socket at fd
-//! 3, the task that routes its frames, and the handshake that ends with it confined.
+//! 3, and the handshake that ends with it confined.
 
 use std::os::fd::AsRawFd;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::OwnedReadHalf;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 
 use super::handle::{WorkerError, WorkerSpec};
-use super::routing::{death_reason, dispatch, fail_all, forward_output, lock, Pending, Waiters};
+use super::routing::forward_output;
 use crate::fault::Fault;
 use crate::probe::LibraryReport;
-use crate::protocol::{
-    encode, read_frame_async, FromWorker, ToWorker, WireError, PROTOCOL_VERSION,
-};
+use crate::protocol::{encode, FromWorker, ToWorker, WireError, PROTOCOL_VERSION};
 use crate::sandbox::cgroup::Cgroup;
 use crate::sandbox::Plan;
 use crate::worker::SOCKET_FD;
@@ -137,47 +135,6 @@ pub(super) fn connect(
         }
     });
     Ok((read_half, outbox))
-}
-
-/// What the task reading a worker's frames shares with its [`Worker`].
-#[derive(Clone)]
-pub(super) struct Routes {
-    pub(super) name: String,
-    pub(super) pending: Pending,
-    pub(super) waiters: Arc<Mutex<Waiters>>,
-    pub(super) cgroup: Option<Arc<Cgroup>>,
-    pub(super) kill_reason: Arc<Mutex<Option<String>>>,
-}
-
-/// Reads the worker's frames to where they belong until its socket ends; then reaps it and
-/// tells everyone still waiting how it died.
-pub(super) fn route_frames(
-    routes: Routes,
-    mut read_half: OwnedReadHalf,
-    mut child: tokio::process::Child,
-    exit_tx: watch::Sender<Option<String>>,
-) {
-    tokio::spawn(async move {
-        let reason = loop {
-            match read_frame_async::<FromWorker>(&mut read_half).await {
-                Ok(Some(frame)) => dispatch(frame, &routes.pending, &routes.waiters),
-                // A killed worker's socket may end in a reset instead of EOF.
-                Ok(None) | Err(crate::protocol::FrameError::Io(_)) => break None,
-                Err(e) => break Some(format!("sent a bad frame ({e})")),
-            }
-        };
-        if reason.is_some() {
-            let _ = child.start_kill();
-        }
-        let status = child.wait().await.ok();
-        let stats = routes.cgroup.as_ref().map(|c| c.stats());
-        let why = reason
-            .or_else(|| lock(&routes.kill_reason).clone())
-            .unwrap_or_else(|| death_reason(status, stats.as_ref()));
-        let message = format!("worker for {} {why}", routes.name);
-        fail_all(&routes.pending, &routes.waiters, &message);
-        let _ = exit_tx.send(Some(message));
-    });
 }
 
 /// Sends `Start` (the plan, with the library and model kept visible) and waits for the worker

@@ -1,0 +1,341 @@
+//! A worker's traffic, owned by one task: which request each frame belongs to, who waits for the
+//! handshake, a load, an unload or a pong, and why the host killed the worker. The [`Worker`]
+//! handle only sends it [`Command`]s, so there is no shared state and no lock order to get wrong.
+//! When the worker dies, the task reaps it and gives everyone still waiting the account of how.
+//!
+//! [`Worker`]: super::Worker
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::net::unix::OwnedReadHalf;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::handle::Event;
+use super::routing::{death_reason, LoadEvent};
+use crate::fault::Fault;
+use crate::protocol::{read_frame_async, FrameError, FromWorker, WireError};
+use crate::sandbox::cgroup::Cgroup;
+
+/// What the handle asks of the traffic task. Each is sent before the frame it concerns, so the
+/// answer's frame always finds its waiter.
+pub(super) enum Command {
+    /// Route the handshake's answer here.
+    Start(oneshot::Sender<Result<FromWorker, WireError>>),
+    /// Route request `id`'s events here.
+    Request(u64, mpsc::Sender<Event>),
+    /// Request `id` was never sent: forget it.
+    Forget(u64),
+    /// Route the load's progress and result here.
+    Load(mpsc::UnboundedSender<LoadEvent>),
+    /// Signal the unload's end here.
+    Unload(oneshot::Sender<()>),
+    /// Signal the pong for this nonce here.
+    Ping(u64, oneshot::Sender<()>),
+    /// The host is killing the worker, for this reason (reported instead of the signal).
+    KillReason(String),
+}
+
+/// The handle's side of the traffic task.
+#[derive(Clone)]
+pub(super) struct Traffic {
+    commands: mpsc::UnboundedSender<Command>,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl Traffic {
+    /// Sends `command`; false once the worker is gone.
+    pub(super) fn ask(&self, command: Command) -> bool {
+        self.commands.send(command).is_ok()
+    }
+
+    /// Requests routed and not yet finished.
+    pub(super) fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// The waiters other than requests.
+#[derive(Default)]
+struct Waiters {
+    start: Option<oneshot::Sender<Result<FromWorker, WireError>>>,
+    load: Option<mpsc::UnboundedSender<LoadEvent>>,
+    unload: Option<oneshot::Sender<()>>,
+    pongs: HashMap<u64, oneshot::Sender<()>>,
+}
+
+/// Everything the traffic task owns.
+#[derive(Default)]
+pub(super) struct Routes {
+    requests: HashMap<u64, mpsc::Sender<Event>>,
+    waiters: Waiters,
+    kill_reason: Option<String>,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl Routes {
+    pub(super) fn command(&mut self, command: Command) {
+        match command {
+            Command::Start(tx) => self.waiters.start = Some(tx),
+            Command::Request(id, tx) => {
+                self.requests.insert(id, tx);
+            }
+            Command::Forget(id) => {
+                self.requests.remove(&id);
+            }
+            Command::Load(tx) => self.waiters.load = Some(tx),
+            Command::Unload(tx) => self.waiters.unload = Some(tx),
+            Command::Ping(nonce, tx) => {
+                self.waiters.pongs.insert(nonce, tx);
+            }
+            Command::KillReason(why) => {
+                self.kill_reason.get_or_insert(why);
+            }
+        }
+        self.count();
+    }
+
+    fn count(&self) {
+        self.in_flight.store(self.requests.len(), Ordering::Relaxed);
+    }
+
+    /// Delivers request `id`'s event; a request whose worker sent past its flow-control window
+    /// (only a plugin writing to the socket itself could) is dropped, its reader seeing the end.
+    fn deliver(&mut self, id: u64, event: Event, last: bool) {
+        let overrun = self.requests.get(&id).is_some_and(|tx| {
+            matches!(tx.try_send(event), Err(mpsc::error::TrySendError::Full(_)))
+        });
+        if overrun {
+            tracing::warn!(
+                request = id,
+                "the worker sent past its flow-control window; request dropped"
+            );
+        }
+        if last || overrun {
+            self.requests.remove(&id);
+            self.count();
+        }
+    }
+
+    /// Sends `frame` where it belongs.
+    pub(super) fn dispatch(&mut self, frame: FromWorker) {
+        let w = &mut self.waiters;
+        match frame {
+            FromWorker::Token { id, token } => self.deliver(id, Event::Token(token), false),
+            FromWorker::Done { id, outcome } => self.deliver(id, Event::Done(outcome), true),
+            FromWorker::Failed { id, error } => self.deliver(id, Event::Failed(error), true),
+            FromWorker::Ready { .. } => {
+                if let Some(tx) = w.start.take() {
+                    let _ = tx.send(Ok(frame));
+                }
+            }
+            FromWorker::StartFailed { error } => {
+                if let Some(tx) = w.start.take() {
+                    let _ = tx.send(Err(error));
+                }
+            }
+            FromWorker::Progress { stage, done, total } => {
+                if let Some(tx) = &w.load {
+                    let _ = tx.send(LoadEvent::Progress(stage, done, total));
+                }
+            }
+            FromWorker::Loaded { info } => {
+                if let Some(tx) = w.load.take() {
+                    let _ = tx.send(LoadEvent::Loaded(info));
+                }
+            }
+            FromWorker::LoadFailed { error } => {
+                if let Some(tx) = w.load.take() {
+                    let _ = tx.send(LoadEvent::Failed(error));
+                }
+            }
+            FromWorker::Pong { nonce } => {
+                if let Some(tx) = w.pongs.remove(&nonce) {
+                    let _ = tx.send(());
+                }
+            }
+            FromWorker::Unloaded => {
+                if let Some(tx) = w.unload.take() {
+                    let _ = tx.send(());
+                }
+            }
+        }
+    }
+
+    /// Fails everyone still waiting with `message` (the worker died).
+    pub(super) fn fail_all(&mut self, message: &str) {
+        let error = WireError::new(Fault::WorkerDied, message);
+        for (_, tx) in self.requests.drain() {
+            // A full channel's reader still learns of the death: the channel closes after it.
+            let _ = tx.try_send(Event::Failed(error.clone()));
+        }
+        self.count();
+        let w = std::mem::take(&mut self.waiters);
+        if let Some(tx) = w.start {
+            let _ = tx.send(Err(error.clone()));
+        }
+        if let Some(tx) = w.load {
+            let _ = tx.send(LoadEvent::Failed(error));
+        }
+    }
+}
+
+/// How the worker's socket ended: `Some` when the worker broke the protocol.
+type Ending = Option<String>;
+
+/// Reads frames into a channel: the traffic task selects over it and its commands (reading a
+/// frame is not cancel-safe, receiving from a channel is).
+fn read_frames(mut read_half: OwnedReadHalf) -> mpsc::Receiver<Result<FromWorker, Ending>> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        let end = loop {
+            match read_frame_async::<FromWorker>(&mut read_half).await {
+                Ok(Some(frame)) => {
+                    if tx.send(Ok(frame)).await.is_err() {
+                        return;
+                    }
+                }
+                // A killed worker's socket may end in a reset instead of EOF.
+                Ok(None) | Err(FrameError::Io(_)) => break None,
+                Err(e) => break Some(format!("sent a bad frame ({e})")),
+            }
+        };
+        let _ = tx.send(Err(end)).await;
+    });
+    rx
+}
+
+/// Starts the traffic task of the worker `child` named `name`; its exit message goes to `exit`.
+pub(super) fn start(
+    name: String,
+    read_half: OwnedReadHalf,
+    mut child: tokio::process::Child,
+    cgroup: Option<Arc<Cgroup>>,
+    exit: watch::Sender<Option<String>>,
+) -> Traffic {
+    let (commands, mut command_rx) = mpsc::unbounded_channel();
+    let mut routes = Routes::default();
+    let traffic = Traffic {
+        commands,
+        in_flight: routes.in_flight.clone(),
+    };
+    let mut frames = read_frames(read_half);
+    tokio::spawn(async move {
+        let ending = loop {
+            // Commands first: a waiter is always registered before its frame can arrive.
+            tokio::select! {
+                biased;
+                Some(command) = command_rx.recv() => routes.command(command),
+                frame = frames.recv() => match frame {
+                    Some(Ok(frame)) => routes.dispatch(frame),
+                    Some(Err(ending)) => break ending,
+                    None => break None,
+                },
+            }
+        };
+        if ending.is_some() {
+            let _ = child.start_kill();
+        }
+        let status = child.wait().await.ok();
+        let stats = cgroup.as_ref().map(|c| c.stats());
+        while let Ok(command) = command_rx.try_recv() {
+            routes.command(command);
+        }
+        let why = ending
+            .or_else(|| routes.kill_reason.clone())
+            .unwrap_or_else(|| death_reason(status, stats.as_ref()));
+        let message = format!("worker for {name} {why}");
+        routes.fail_all(&message);
+        // Later commands find the channel closed: the handle reports the death itself.
+        command_rx.close();
+        let _ = exit.send(Some(message));
+    });
+    traffic
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{read_frame, ToWorker, TokenFrame};
+    use crate::supervisor::routing::{Events, WINDOW};
+
+    fn token(id: u64) -> FromWorker {
+        FromWorker::Token {
+            id,
+            token: TokenFrame {
+                token_id: 1,
+                text: "a".into(),
+                ..TokenFrame::default()
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn taking_tokens_grants_credit_by_halves_of_the_window() {
+        let (outbox, mut frames) = mpsc::unbounded_channel();
+        let (mut events, tx) = Events::new(7, outbox);
+        let mut routes = Routes::default();
+        routes.command(Command::Request(7, tx));
+        for _ in 0..WINDOW {
+            routes.dispatch(token(7));
+        }
+        for _ in 0..WINDOW / 2 - 1 {
+            events.recv().await.unwrap();
+        }
+        assert!(frames.try_recv().is_err(), "no credit before half a window");
+        events.recv().await.unwrap();
+        let frame = frames.try_recv().expect("a credit frame");
+        match read_frame::<ToWorker>(&mut frame.as_slice()).unwrap() {
+            Some(ToWorker::Credit { id: 7, tokens }) => assert_eq!(tokens, WINDOW / 2),
+            other => panic!("expected a credit, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_overruns_its_window_loses_the_request() {
+        let (outbox, _frames) = mpsc::unbounded_channel();
+        let (mut events, tx) = Events::new(3, outbox);
+        let mut routes = Routes::default();
+        routes.command(Command::Request(3, tx));
+        assert_eq!(routes.in_flight.load(Ordering::Relaxed), 1);
+        for _ in 0..WINDOW + 5 {
+            routes.dispatch(token(3));
+        }
+        assert_eq!(
+            routes.in_flight.load(Ordering::Relaxed),
+            0,
+            "the request was dropped"
+        );
+        drop(routes);
+        let mut received = 0;
+        while events.recv().await.is_some() {
+            received += 1;
+        }
+        assert_eq!(
+            received,
+            WINDOW as usize + 1,
+            "what fit was delivered, then the end"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_death_fails_every_request_and_waiter_with_its_account() {
+        let (outbox, _frames) = mpsc::unbounded_channel();
+        let (mut events, tx) = Events::new(1, outbox);
+        let mut routes = Routes::default();
+        routes.command(Command::Request(1, tx));
+        let (load_tx, mut load_rx) = mpsc::unbounded_channel();
+        routes.command(Command::Load(load_tx));
+        routes.fail_all("worker for x was killed by SIGKILL");
+        match events.recv().await {
+            Some(Event::Failed(e)) => {
+                assert_eq!(e.kind, Fault::WorkerDied);
+                assert!(e.message.contains("SIGKILL"));
+            }
+            other => panic!("expected the death, got {other:?}"),
+        }
+        assert!(matches!(load_rx.recv().await, Some(LoadEvent::Failed(_))));
+        assert_eq!(routes.in_flight.load(Ordering::Relaxed), 0);
+    }
+}
