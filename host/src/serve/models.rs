@@ -94,6 +94,77 @@ impl Inner {
     }
 }
 
+/// What a scan changes: plugins to load, to reload blue/green, and gone ones to drain.
+#[derive(Debug, Default, PartialEq)]
+struct Changes {
+    load: Vec<String>,
+    reload: Vec<String>,
+    gone: Vec<String>,
+}
+
+impl Inner {
+    /// Takes a scan's result in: new plugins added (to load when `preload` says so), changed
+    /// ones updated (to reload when loaded), the broken recorded (a broken replacement leaves
+    /// the version being served alone); what no longer appears is gone.
+    fn merge(
+        &mut self,
+        found: Vec<Found>,
+        broken: Vec<(PathBuf, String)>,
+        preload: impl Fn(&str) -> bool,
+    ) -> Changes {
+        let mut changes = Changes::default();
+        let mut seen: HashSet<String> = HashSet::new();
+        for (path, why) in &broken {
+            tracing::warn!(manifest = %path.display(), "plugin not served: {why}");
+            if let Some((name, _)) = self
+                .entries
+                .iter()
+                .find(|(_, e)| &e.found.manifest_path == path)
+            {
+                seen.insert(name.clone());
+            }
+        }
+        self.broken = broken.into_iter().collect();
+        for f in found {
+            let name = f.manifest.name.clone();
+            seen.insert(name.clone());
+            match self.entries.get_mut(&name) {
+                None => {
+                    tracing::info!(plugin = %name, version = %f.manifest.version, "plugin found");
+                    if preload(&name) {
+                        changes.load.push(name.clone());
+                    }
+                    self.entries.insert(
+                        name,
+                        Entry {
+                            found: f,
+                            slot: Slot::Unloaded,
+                            last_error: None,
+                            failed_at: None,
+                            reloading: false,
+                        },
+                    );
+                }
+                Some(e) if e.found.fingerprint != f.fingerprint => {
+                    tracing::info!(plugin = %name, version = %f.manifest.version, "plugin changed");
+                    e.found = f;
+                    if matches!(e.slot, Slot::Loaded(_)) {
+                        changes.reload.push(name);
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        changes.gone = self
+            .entries
+            .keys()
+            .filter(|n| !seen.contains(*n))
+            .cloned()
+            .collect();
+        changes
+    }
+}
+
 impl Models {
     /// No models yet; [`Models::rescan`] finds them.
     pub fn new(setup: Setup) -> Arc<Self> {
@@ -148,70 +219,26 @@ impl Models {
             .await
             .unwrap_or_else(|e| Ok((Vec::new(), vec![(PathBuf::new(), e.to_string())])))?;
         let (found, broken) = found;
-        let (mut load, mut reload, mut unload) = (Vec::new(), Vec::new(), Vec::new());
-        {
+        let preload = |name: &str| self.config().server.preloads(name);
+        let (reload, unload) = {
             let mut inner = lock(&self.inner);
-            let mut seen: HashSet<String> = HashSet::new();
-            for (path, why) in &broken {
-                tracing::warn!(manifest = %path.display(), "plugin not served: {why}");
-                // A broken replacement leaves the version being served alone.
-                if let Some(name) = inner
-                    .entries
-                    .iter()
-                    .find(|(_, e)| &e.found.manifest_path == path)
-                    .map(|(n, _)| n.clone())
-                {
-                    seen.insert(name);
-                }
-            }
-            inner.broken = broken.into_iter().collect();
-            for f in found {
-                let name = f.manifest.name.clone();
-                seen.insert(name.clone());
-                match inner.entries.get_mut(&name) {
-                    None => {
-                        tracing::info!(plugin = %name, version = %f.manifest.version, "plugin found");
-                        if self.config().server.preloads(&name) {
-                            load.push(name.clone());
-                        }
-                        inner.entries.insert(
-                            name,
-                            Entry {
-                                found: f,
-                                slot: Slot::Unloaded,
-                                last_error: None,
-                                failed_at: None,
-                                reloading: false,
-                            },
-                        );
-                    }
-                    Some(e) if e.found.fingerprint != f.fingerprint => {
-                        tracing::info!(plugin = %name, version = %f.manifest.version, "plugin changed");
-                        e.found = f;
-                        if matches!(e.slot, Slot::Loaded(_)) {
-                            reload.push(name);
-                        }
-                    }
-                    Some(_) => {}
-                }
-            }
+            let changes = inner.merge(found, broken, preload);
             // Loading from this moment, so `/ready` never sees a preloaded plugin as idle.
-            for name in load {
-                self.begin_load(&mut inner, &name);
+            for name in &changes.load {
+                self.begin_load(&mut inner, name);
             }
-            let gone: Vec<String> = inner
-                .entries
-                .keys()
-                .filter(|n| !seen.contains(*n))
-                .cloned()
+            let unload: Vec<_> = changes
+                .gone
+                .into_iter()
+                .map(|name| {
+                    // Out of the map at once: new requests get 404 instead of loading it again.
+                    let deployment = take_deployment(&mut inner, &name);
+                    inner.entries.remove(&name);
+                    (name, deployment)
+                })
                 .collect();
-            for name in gone {
-                // Out of the map at once: new requests get 404 instead of loading it again.
-                let deployment = take_deployment(&mut inner, &name);
-                inner.entries.remove(&name);
-                unload.push((name, deployment));
-            }
-        }
+            (changes.reload, unload)
+        };
         for name in reload {
             let this = self.clone();
             tokio::spawn(async move { this.reload(&name).await });

@@ -189,6 +189,38 @@ pub fn parse(
 ) -> Result<Parsed, ApiError> {
     let c: Common = field(body)?;
     let has = |cap: Capabilities| capabilities.contains(cap);
+    let mut request = sampling(&c)?;
+    let mut max_tokens = c.max_tokens;
+    let logprobs = match endpoint {
+        Endpoint::Chat => {
+            let f: ChatFields = field(body)?;
+            max_tokens = f.max_completion_tokens.or(max_tokens);
+            chat(f, &mut request, &c.model, capabilities, limits)?
+        }
+        Endpoint::Completions => completion(field(body)?, &mut request)?,
+    };
+    if logprobs != LogprobsFormat::None && !has(Capabilities::LOGPROBS) {
+        return Err(unsupported(
+            "logprobs",
+            &format!("are not supported by model `{}`", c.model),
+        ));
+    }
+    request.max_tokens = token_limit(max_tokens, limits)?;
+    Ok(Parsed {
+        model: c.model,
+        endpoint,
+        stream: c.stream.unwrap_or(false),
+        include_usage: c
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false),
+        logprobs,
+        request,
+    })
+}
+
+/// The sampling fields both endpoints share, checked, as the start of the plugin request.
+fn sampling(c: &Common) -> Result<InferRequest, ApiError> {
     check_range("temperature", c.temperature, 0.0, 2.0)?;
     check_range("top_p", c.top_p, 0.0, 1.0)?;
     check_range("min_p", c.min_p, 0.0, 1.0)?;
@@ -217,10 +249,10 @@ pub fn parse(
             ))
         }
     };
-    let stop = match c.stop {
+    let stop = match &c.stop {
         None => Vec::new(),
-        Some(Stop::One(s)) => vec![s],
-        Some(Stop::Many(v)) => v,
+        Some(Stop::One(s)) => vec![s.clone()],
+        Some(Stop::Many(v)) => v.clone(),
     };
     if stop.iter().any(String::is_empty) {
         return Err(ApiError::bad_field(
@@ -228,7 +260,7 @@ pub fn parse(
             "`stop` strings must not be empty",
         ));
     }
-    let mut request = InferRequest {
+    Ok(InferRequest {
         temperature: c.temperature,
         top_p: c.top_p,
         top_k,
@@ -240,51 +272,25 @@ pub fn parse(
         seed: c.seed.map(|s| s as u64),
         stop,
         ..InferRequest::default()
-    };
-    let mut max_tokens = c.max_tokens;
-    let logprobs = match endpoint {
-        Endpoint::Chat => {
-            let f: ChatFields = field(body)?;
-            max_tokens = f.max_completion_tokens.or(max_tokens);
-            chat(f, &mut request, &c.model, capabilities, limits)?
-        }
-        Endpoint::Completions => completion(field(body)?, &mut request)?,
-    };
-    if logprobs != LogprobsFormat::None && !has(Capabilities::LOGPROBS) {
-        return Err(unsupported(
-            "logprobs",
-            &format!("are not supported by model `{}`", c.model),
-        ));
-    }
-    if let Some(m) = max_tokens {
-        if m == 0 {
-            return Err(ApiError::bad_field(
-                "max_tokens",
-                "`max_tokens` must be at least 1",
-            ));
-        }
-        if limits.max_tokens > 0 && m > limits.max_tokens {
-            return Err(ApiError::bad_field(
-                "max_tokens",
-                format!(
-                    "`max_tokens` is {m}; this server allows at most {} (server.max_tokens_limit)",
-                    limits.max_tokens
-                ),
-            ));
-        }
-    }
-    request.max_tokens = max_tokens.or((limits.max_tokens > 0).then_some(limits.max_tokens));
-    Ok(Parsed {
-        model: c.model,
-        endpoint,
-        stream: c.stream.unwrap_or(false),
-        include_usage: c
-            .stream_options
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false),
-        logprobs,
-        request,
     })
+}
+
+/// The request's token limit: at least 1, at most `server.max_tokens_limit` (also the default).
+fn token_limit(asked: Option<u32>, limits: &Limits) -> Result<Option<u32>, ApiError> {
+    let cap = (limits.max_tokens > 0).then_some(limits.max_tokens);
+    match (asked, cap) {
+        (Some(0), _) => Err(ApiError::bad_field(
+            "max_tokens",
+            "`max_tokens` must be at least 1",
+        )),
+        (Some(m), Some(cap)) if m > cap => Err(ApiError::bad_field(
+            "max_tokens",
+            format!(
+                "`max_tokens` is {m}; this server allows at most {cap} (server.max_tokens_limit)"
+            ),
+        )),
+        (asked, cap) => Ok(asked.or(cap)),
+    }
 }
 
 /// The chat endpoint's own fields into `request`: messages (checked, images inlined), tools and
@@ -441,122 +447,5 @@ fn completion_prompt(prompt: &Value) -> Result<String, ApiError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    fn caps(names: &[&str]) -> Capabilities {
-        names.iter().fold(Capabilities::empty(), |c, n| {
-            c.union(Capabilities::from_name(n).unwrap())
-        })
-    }
-
-    #[test]
-    fn chat_fields_map_onto_the_plugin_request() {
-        let body = json!({
-            "model": "m", "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": 9, "max_completion_tokens": 7, "temperature": 0.5, "top_p": 0.9,
-            "top_k": -1, "min_p": 0.1, "seed": -1, "stop": "END", "presence_penalty": 0.5,
-            "frequency_penalty": -0.5, "logprobs": true, "top_logprobs": 2, "user": "ignored",
-            "chat_template_kwargs": {"enable_thinking": false}, "stream": true,
-            "stream_options": {"include_usage": true},
-        });
-        let p = parse(
-            &body,
-            Endpoint::Chat,
-            caps(&["chat", "logprobs"]),
-            &Limits::default(),
-        )
-        .unwrap();
-        let r = &p.request;
-        assert_eq!(
-            (r.max_tokens, r.temperature, r.top_p, r.top_k),
-            (Some(7), Some(0.5), Some(0.9), None)
-        );
-        assert_eq!(
-            (r.min_p, r.seed, r.logprobs),
-            (Some(0.1), Some(u64::MAX), Some(2))
-        );
-        assert_eq!(r.stop, vec!["END".to_string()]);
-        assert_eq!(r.chat_template_kwargs["enable_thinking"], json!(false));
-        assert!(p.stream && p.include_usage && p.logprobs == LogprobsFormat::Chat);
-        assert!(matches!(&r.prompt, Prompt::Messages(m) if m.len() == 1));
-    }
-
-    #[test]
-    fn tools_follow_tool_choice_and_the_capability() {
-        let tools = json!([{"type": "function", "function": {"name": "f"}}]);
-        let body = |choice: Value| json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": tools, "tool_choice": choice});
-        let with_tools = caps(&["chat", "tools"]);
-        let p = parse(
-            &body(json!("auto")),
-            Endpoint::Chat,
-            with_tools,
-            &Limits::default(),
-        )
-        .unwrap();
-        assert_eq!(p.request.tools.map(|t| t.len()), Some(1));
-        let p = parse(
-            &body(json!("none")),
-            Endpoint::Chat,
-            caps(&["chat"]),
-            &Limits::default(),
-        )
-        .unwrap();
-        assert_eq!(p.request.tools, None);
-        let e = parse(
-            &body(json!("required")),
-            Endpoint::Chat,
-            with_tools,
-            &Limits::default(),
-        )
-        .unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("tool_choice"));
-        let e = parse(
-            &body(json!("auto")),
-            Endpoint::Chat,
-            caps(&["chat"]),
-            &Limits::default(),
-        )
-        .unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("tools"));
-    }
-
-    #[test]
-    fn completion_prompts_and_limits() {
-        let limits = Limits {
-            max_tokens: 50,
-            image_root: None,
-        };
-        let p = parse(
-            &json!({"model": "m", "prompt": ["one"]}),
-            Endpoint::Completions,
-            Capabilities::empty(),
-            &limits,
-        )
-        .unwrap();
-        assert_eq!(p.request.prompt, Prompt::Text("one".into()));
-        assert_eq!(p.request.max_tokens, Some(50), "the cap is the default");
-        for (body, param) in [
-            (json!({"model": "m", "prompt": [1, 2, 3]}), "prompt"),
-            (json!({"model": "m", "prompt": ["a", "b"]}), "prompt"),
-            (json!({"model": "m", "prompt": "x", "echo": true}), "echo"),
-            (
-                json!({"model": "m", "prompt": "x", "max_tokens": 51}),
-                "max_tokens",
-            ),
-            (
-                json!({"model": "m", "prompt": "x", "max_tokens": "many"}),
-                "max_tokens",
-            ),
-            (
-                json!({"model": "m", "prompt": "x", "logprobs": 9}),
-                "logprobs",
-            ),
-            (json!({"model": "m", "prompt": "x", "top_k": -5}), "top_k"),
-        ] {
-            let e = parse(&body, Endpoint::Completions, caps(&["logprobs"]), &limits).unwrap_err();
-            assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
-        }
-    }
-}
+#[path = "openai_tests.rs"]
+mod tests;
