@@ -177,117 +177,123 @@ fn real_limit(bytes: u64) -> Option<f64> {
     (bytes < 1 << 60).then_some(bytes as f64)
 }
 
+/// The per-model gauges: name, help, and the figure from a plugin's status.
+const GAUGES: [(&str, &str, Figure); 10] = [
+    (
+        "queue_depth",
+        "Requests running or waiting per model",
+        |s| Some(s.requests as f64),
+    ),
+    (
+        "model_ready",
+        "1 when the model is loaded and serving",
+        |s| Some(f64::from(u8::from(s.state == "ready"))),
+    ),
+    (
+        "worker_memory_bytes",
+        "Memory in use by the model's worker (cgroup)",
+        |s| s.memory_bytes.map(|b| b as f64),
+    ),
+    (
+        "worker_memory_limit_bytes",
+        "The worker's memory limit (cgroup)",
+        |s| s.memory_limit_bytes.and_then(real_limit),
+    ),
+    (
+        "engine_sequences_running",
+        "Sequences in the model's running batch",
+        |s| s.engine.map(|e| e.running as f64),
+    ),
+    (
+        "engine_sequences_waiting",
+        "Requests waiting to join the model's batch",
+        |s| s.engine.map(|e| e.waiting as f64),
+    ),
+    (
+        "engine_kv_blocks_used",
+        "KV cache blocks held by sequences",
+        |s| s.engine.map(|e| e.kv_blocks_used as f64),
+    ),
+    (
+        "engine_kv_blocks_free",
+        "KV cache blocks free (or cached and held by nobody)",
+        |s| s.engine.map(|e| e.kv_blocks_free as f64),
+    ),
+    (
+        "engine_prefix_cache_hit_ratio",
+        "Prompt tokens served from the prefix cache, over those looked up",
+        |s| {
+            s.engine
+                .map(|e| e.prefix_hit_tokens as f64 / e.prefix_lookup_tokens.max(1) as f64)
+        },
+    ),
+    (
+        "engine_batch_size_mean",
+        "Sequences per forward pass, on average",
+        |s| {
+            s.engine
+                .map(|e| e.batched_seqs as f64 / e.steps.max(1) as f64)
+        },
+    ),
+];
+
+/// The per-model counters.
+const COUNTERS: [(&str, &str, Figure); 6] = [
+    (
+        "worker_restarts",
+        "Worker restarts since the model loaded",
+        |s| Some(f64::from(s.restarts)),
+    ),
+    (
+        "worker_oom_kills",
+        "OOM kills in the worker's cgroup",
+        |s| Some(s.oom_kills as f64),
+    ),
+    (
+        "worker_cpu_seconds",
+        "CPU time used by the worker (cgroup)",
+        |s| s.cpu_seconds,
+    ),
+    (
+        "engine_preemptions",
+        "Sequences preempted for want of KV blocks (recomputed later)",
+        |s| s.engine.map(|e| e.preemptions as f64),
+    ),
+    (
+        "engine_steps",
+        "Forward passes the model's engine ran",
+        |s| s.engine.map(|e| e.steps as f64),
+    ),
+    (
+        "engine_prefix_cache_hit_tokens",
+        "Prompt tokens served from the prefix cache",
+        |s| s.engine.map(|e| e.prefix_hit_tokens as f64),
+    ),
+];
+
+/// One family per table row, one sample per model that has the figure.
+fn encode_table(
+    encoder: &mut DescriptorEncoder,
+    kind: MetricType,
+    table: &[(&str, &str, Figure)],
+    workers: &[PluginStatus],
+) -> Result<(), std::fmt::Error> {
+    for (name, help, figure) in table {
+        let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+        for s in workers {
+            if let Some(v) = figure(s) {
+                let labels = [("model", s.name.as_str())];
+                encode_value(v, kind, metric.encode_family(&labels)?)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Collector for WorkerCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let workers = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let gauges: [(&str, &str, Figure); 10] = [
-            (
-                "queue_depth",
-                "Requests running or waiting per model",
-                |s| Some(s.requests as f64),
-            ),
-            (
-                "model_ready",
-                "1 when the model is loaded and serving",
-                |s| Some(f64::from(u8::from(s.state == "ready"))),
-            ),
-            (
-                "worker_memory_bytes",
-                "Memory in use by the model's worker (cgroup)",
-                |s| s.memory_bytes.map(|b| b as f64),
-            ),
-            (
-                "worker_memory_limit_bytes",
-                "The worker's memory limit (cgroup)",
-                |s| s.memory_limit_bytes.and_then(real_limit),
-            ),
-            (
-                "engine_sequences_running",
-                "Sequences in the model's running batch",
-                |s| s.engine.map(|e| e.running as f64),
-            ),
-            (
-                "engine_sequences_waiting",
-                "Requests waiting to join the model's batch",
-                |s| s.engine.map(|e| e.waiting as f64),
-            ),
-            (
-                "engine_kv_blocks_used",
-                "KV cache blocks held by sequences",
-                |s| s.engine.map(|e| e.kv_blocks_used as f64),
-            ),
-            (
-                "engine_kv_blocks_free",
-                "KV cache blocks free (or cached and held by nobody)",
-                |s| s.engine.map(|e| e.kv_blocks_free as f64),
-            ),
-            (
-                "engine_prefix_cache_hit_ratio",
-                "Prompt tokens served from the prefix cache, over those looked up",
-                |s| {
-                    s.engine
-                        .map(|e| e.prefix_hit_tokens as f64 / e.prefix_lookup_tokens.max(1) as f64)
-                },
-            ),
-            (
-                "engine_batch_size_mean",
-                "Sequences per forward pass, on average",
-                |s| {
-                    s.engine
-                        .map(|e| e.batched_seqs as f64 / e.steps.max(1) as f64)
-                },
-            ),
-        ];
-        for (name, help, figure) in gauges {
-            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-            for s in workers.iter() {
-                if let Some(v) = figure(s) {
-                    let labels = [("model", s.name.as_str())];
-                    encode_value(v, MetricType::Gauge, metric.encode_family(&labels)?)?;
-                }
-            }
-        }
-        let counters: [(&str, &str, Figure); 6] = [
-            (
-                "worker_restarts",
-                "Worker restarts since the model loaded",
-                |s| Some(f64::from(s.restarts)),
-            ),
-            (
-                "worker_oom_kills",
-                "OOM kills in the worker's cgroup",
-                |s| Some(s.oom_kills as f64),
-            ),
-            (
-                "worker_cpu_seconds",
-                "CPU time used by the worker (cgroup)",
-                |s| s.cpu_seconds,
-            ),
-            (
-                "engine_preemptions",
-                "Sequences preempted for want of KV blocks (recomputed later)",
-                |s| s.engine.map(|e| e.preemptions as f64),
-            ),
-            (
-                "engine_steps",
-                "Forward passes the model's engine ran",
-                |s| s.engine.map(|e| e.steps as f64),
-            ),
-            (
-                "engine_prefix_cache_hit_tokens",
-                "Prompt tokens served from the prefix cache",
-                |s| s.engine.map(|e| e.prefix_hit_tokens as f64),
-            ),
-        ];
-        for (name, help, figure) in counters {
-            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for s in workers.iter() {
-                if let Some(v) = figure(s) {
-                    let labels = [("model", s.name.as_str())];
-                    encode_value(v, MetricType::Counter, metric.encode_family(&labels)?)?;
-                }
-            }
-        }
-        Ok(())
+        encode_table(&mut encoder, MetricType::Gauge, &GAUGES, &workers)?;
+        encode_table(&mut encoder, MetricType::Counter, &COUNTERS, &workers)
     }
 }
