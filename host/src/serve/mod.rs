@@ -225,14 +225,38 @@ pub async fn serve(setup: Setup) -> Result<(), ServeError> {
         draining: AtomicBool::new(false),
         loopback,
     });
+    let _watcher = background(&models, &server, reload);
+    let local = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| server.listen.clone());
+    tracing::info!("listening on http://{local}");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let rules = listen::ConnectionRules {
+        header_timeout: Duration::from_secs(server.header_timeout_secs.max(1)),
+        send_buffer: server.send_buffer,
+    };
+    let http = listen::serve(listener, router(app.clone()), rules, draining(app, stop_tx));
+    tokio::select! {
+        () = http => {}
+        () = drain_deadline(&models, stop_rx) => tracing::warn!("the drain deadline passed with requests still running; stopping them"),
+    }
+    models.stop_all().await;
+    let _ = std::fs::remove_dir_all(&runtime_dir);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The daemon's background tasks: SIGHUP reloads, hot plug (the watcher is returned: dropping it
+/// stops it) and unloading idle models.
+fn background(
+    models: &Arc<Models>,
+    server: &crate::config::ServerSection,
+    reload: Option<(std::path::PathBuf, crate::config::Config)>,
+) -> Option<notify::RecommendedWatcher> {
     if let Some((path, before)) = reload {
         tokio::spawn(reload::on_sighup(models.clone(), path, before));
     }
-    let _watcher = if server.watch {
-        Some(hotplug::watch(models.clone()))
-    } else {
-        None
-    };
     if server.keep_alive_secs > 0 {
         let (models, keep) = (models.clone(), Duration::from_secs(server.keep_alive_secs));
         tokio::spawn(async move {
@@ -242,42 +266,26 @@ pub async fn serve(setup: Setup) -> Result<(), ServeError> {
             }
         });
     }
-    let local = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|_| server.listen.clone());
-    tracing::info!("listening on http://{local}");
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let shutdown = {
-        let app = app.clone();
-        async move {
-            let why = shutdown_signal().await;
-            tracing::info!(
-                "{why}: draining (no new connections; requests in flight get {} s)",
-                server.drain_timeout_secs
-            );
-            app.draining.store(true, Ordering::Release);
-            let _ = stop_tx.send(true);
-        }
-    };
-    let rules = listen::ConnectionRules {
-        header_timeout: Duration::from_secs(server.header_timeout_secs.max(1)),
-        send_buffer: server.send_buffer,
-    };
-    let http = listen::serve(listener, router(app.clone()), rules, shutdown);
-    let deadline = async move {
-        let mut rx = stop_rx;
-        let _ = rx.wait_for(|s| *s).await;
-        tokio::time::sleep(Duration::from_secs(server.drain_timeout_secs)).await;
-    };
-    tokio::select! {
-        () = http => {}
-        () = deadline => tracing::warn!("the drain deadline passed with requests still running; stopping them"),
-    }
-    models.stop_all().await;
-    let _ = std::fs::remove_dir_all(&runtime_dir);
-    tracing::info!("stopped");
-    Ok(())
+    server
+        .watch
+        .then(|| hotplug::watch(models.clone()))
+        .flatten()
+}
+
+/// Resolves on SIGTERM or SIGINT, once the daemon is marked draining (`/ready` turns 503).
+async fn draining(app: Arc<App>, stop: tokio::sync::watch::Sender<bool>) {
+    let why = shutdown_signal().await;
+    let secs = app.models.config().server.drain_timeout_secs;
+    tracing::info!("{why}: draining (no new connections; requests in flight get {secs} s)");
+    app.draining.store(true, Ordering::Release);
+    let _ = stop.send(true);
+}
+
+/// Resolves `server.drain_timeout_secs` (as in force then) after draining began.
+async fn drain_deadline(models: &Models, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+    let secs = models.config().server.drain_timeout_secs;
+    tokio::time::sleep(Duration::from_secs(secs)).await;
 }
 
 async fn shutdown_signal() -> &'static str {
