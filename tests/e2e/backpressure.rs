@@ -115,3 +115,40 @@ fn a_client_that_stops_reading_pauses_its_generation_and_the_daemon_holds_nothin
         "nothing was generated after the client left"
     );
 }
+
+#[test]
+fn a_whole_answer_whose_client_leaves_is_counted_and_its_generation_stopped() {
+    if !confinement_available() {
+        return;
+    }
+    // 200 tokens at 20 ms: four seconds, unless the client's leaving stops it.
+    let d = Daemon::start(echo_dir("[model.options]\ndelay_ms = 20\n"), "");
+    d.wait_ready();
+    let body = json!({"model": "echo", "prompt": "z".repeat(200), "max_tokens": 200}).to_string();
+    let mut client = std::net::TcpStream::connect(d.addr()).expect("connect");
+    write!(
+        client,
+        "POST /v1/completions HTTP/1.1\r\nHost: pio\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send the request");
+    let busy = || d.plugin("echo")["requests_in_flight"] == 1;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !busy() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(busy(), "the request reached the worker");
+    let left = Instant::now();
+    drop(client);
+    let gone = "pio_requests_total{model=\"echo\",endpoint=\"completions\",status=\"499\"}";
+    while (d.metric(gone).is_none() || busy()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(d.metric(gone), Some(1.0), "counted as a client gone");
+    assert!(!busy(), "the worker stopped the generation");
+    assert!(
+        left.elapsed() < Duration::from_secs(3),
+        "stopped when the client left, not at the end: {:?}",
+        left.elapsed()
+    );
+}
