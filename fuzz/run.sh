@@ -6,6 +6,9 @@
 # New interesting inputs go to target/fuzz/corpus/<target>/; a crash, hang or allocation over
 # the limits stops the run and is written to fuzz/artifacts/<target>/ — move it to
 # fuzz/regressions/<target>/ once fixed, where `cargo test -p pio-fuzz` replays it for good.
+# (Built with `--cfg fuzzing`, the png crate skips CRC checks: fix a PNG finding's CRCs before
+# keeping it, or the replay stops at the CRC.) FUZZ_SEED fixes libFuzzer's seed (CI: 1), so a run
+# that fails fails again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,7 +34,7 @@ for t in "${targets[@]}"; do
   mkdir -p "target/fuzz/corpus/$t" "fuzz/artifacts/$t"
   echo "== fuzz $t for ${seconds} s"
   log="target/fuzz/$t.log"
-  if ! "target/fuzz/$triple/release/$t" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
+  if ! "target/fuzz/$triple/release/$t" -seed="${FUZZ_SEED:-0}" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
       -malloc_limit_mb=1024 -max_len=65536 -print_final_stats=1 \
       -artifact_prefix="fuzz/artifacts/$t/" "target/fuzz/corpus/$t" "fuzz/corpus/$t" >"$log" 2>&1; then
     status=1

@@ -191,9 +191,12 @@ fn png_key(bytes: &[u8]) -> Result<Option<Key>, ImageError> {
         // above).
         png::ColorType::Rgb if trns.len() == 3 => [trns[0], trns[1], trns[2]],
         png::ColorType::Grayscale if !trns.is_empty() => {
-            // The key is in the image's bit depth; PIL scales a low-depth grey to 8 bits.
-            let v = scale_grey(trns[trns.len() - 1], info.bit_depth);
-            [v; 3]
+            // The key is in the image's bit depth; PIL scales a low-depth grey to 8 bits. A key
+            // beyond the depth's range matches no pixel: no key.
+            match scale_grey(trns[trns.len() - 1], info.bit_depth) {
+                Some(v) => [v; 3],
+                None => return Ok(None),
+            }
         }
         png::ColorType::Indexed => {
             // PIL keeps a palette transparency as a colour only when it is one fully
@@ -216,13 +219,15 @@ fn png_key(bytes: &[u8]) -> Result<Option<Key>, ImageError> {
     }))
 }
 
-fn scale_grey(v: u8, depth: png::BitDepth) -> u8 {
-    match depth {
-        png::BitDepth::One => v * 255,
-        png::BitDepth::Two => v * 85,
-        png::BitDepth::Four => v * 17,
-        _ => v,
-    }
+/// A grey of `depth` bits scaled to 8; `None` when `v` does not fit in `depth` bits.
+fn scale_grey(v: u8, depth: png::BitDepth) -> Option<u8> {
+    let (max, scale) = match depth {
+        png::BitDepth::One => (1, 255),
+        png::BitDepth::Two => (3, 85),
+        png::BitDepth::Four => (15, 17),
+        _ => (255, 1),
+    };
+    (v <= max).then(|| v * scale)
 }
 
 fn gif_key(bytes: &[u8]) -> Result<Option<Key>, ImageError> {
