@@ -128,6 +128,13 @@ fn parsed<T: serde::de::DeserializeOwned>(
 }
 
 impl Served {
+    /// Request `id` is over: its control goes.
+    fn forget(&self, id: u64) {
+        if let Ok(mut c) = self.controls.lock() {
+            c.remove(&id);
+        }
+    }
+
     fn control(&self, id: u64) -> Option<Arc<Control>> {
         self.controls.lock().ok()?.get(&id).cloned()
     }
@@ -166,9 +173,7 @@ impl Served {
                 "plugin lock poisoned",
             )),
         };
-        if let Ok(mut c) = self.controls.lock() {
-            c.remove(&id);
-        }
+        self.forget(id);
         match parsed(result, "an outcome") {
             Ok(outcome) => FromWorker::Done { id, outcome },
             Err(error) => {
@@ -199,7 +204,7 @@ impl Served {
 /// worker going down.
 fn run_on_thread(
     served: &Arc<Served>,
-    refusal: impl FnOnce(WireError) -> FromWorker,
+    refusal: impl FnOnce(&Served, WireError) -> FromWorker,
     job: impl FnOnce(&Served) -> FromWorker + Send + 'static,
 ) {
     let shared = served.clone();
@@ -208,10 +213,15 @@ fn run_on_thread(
         shared.outbox.send(&reply);
     });
     if let Err(e) = spawned {
-        served.outbox.send(&refusal(WireError::new(
-            Fault::OutOfResources,
-            format!("the worker cannot start a thread ({e}); its pids limit is probably reached"),
-        )));
+        served.outbox.send(&refusal(
+            served,
+            WireError::new(
+                Fault::OutOfResources,
+                format!(
+                    "the worker cannot start a thread ({e}); its pids limit is probably reached"
+                ),
+            ),
+        ));
     }
 }
 
@@ -250,7 +260,7 @@ fn serve(mut reader: UnixStream, outbox: Outbox, plugin: PluginBox) -> i32 {
             }
             ToWorker::Load { config } => run_on_thread(
                 &served,
-                |error| FromWorker::LoadFailed { error },
+                |_, error| FromWorker::LoadFailed { error },
                 move |s| s.load(&config),
             ),
             ToWorker::Infer {
@@ -264,11 +274,15 @@ fn serve(mut reader: UnixStream, outbox: Outbox, plugin: PluginBox) -> i32 {
                 }
                 run_on_thread(
                     &served,
-                    move |error| FromWorker::Failed { id, error },
+                    // Never started: its control would otherwise stay behind.
+                    move |s, error| {
+                        s.forget(id);
+                        FromWorker::Failed { id, error }
+                    },
                     move |s| s.infer(id, &request, control),
                 );
             }
-            ToWorker::Unload => run_on_thread(&served, |_| FromWorker::Unloaded, Served::unload),
+            ToWorker::Unload => run_on_thread(&served, |_, _| FromWorker::Unloaded, Served::unload),
         }
     }
 }
