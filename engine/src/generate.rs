@@ -48,6 +48,8 @@ pub struct Request {
     pub logprobs: Option<usize>,
     /// Images (or other inputs) beside the prompt's tokens.
     pub media: Option<Arc<Media>>,
+    /// The grammar the output must match (see [`crate::guide::Grammars::compile`]).
+    pub constraint: Option<crate::guide::Compiled>,
 }
 
 /// What a multimodal prompt brings beside its tokens.

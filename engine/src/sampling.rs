@@ -3,6 +3,7 @@
 //! reported to clients are those of the raw model distribution (before any of this), as
 //! transformers' `output_logits` and vLLM's default report them.
 
+use llguidance::toktrie::SimpleVob;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 /// How to sample; `None` fields are off.
@@ -80,17 +81,45 @@ impl Sampler {
 
     /// Picks the next token. `prompt` and `generated` feed the penalties.
     pub fn sample(&mut self, logits: &[f32], prompt: &[u32], generated: &[u32]) -> u32 {
+        self.sample_from(logits, prompt, generated, None)
+            .unwrap_or_default()
+    }
+
+    /// Picks the next token among those `allowed` (all when `None`), before penalties and
+    /// truncation, so top-k/p choose among allowed tokens only; `None` if nothing is allowed.
+    pub fn sample_from(
+        &mut self,
+        logits: &[f32],
+        prompt: &[u32],
+        generated: &[u32],
+        allowed: Option<&SimpleVob>,
+    ) -> Option<u32> {
         let mut logits = logits.to_vec();
+        if let Some(mask) = allowed {
+            for (id, l) in logits.iter_mut().enumerate() {
+                if id >= mask.len() || !mask.get(id) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
         self.apply_penalties(&mut logits, prompt, generated);
         if self.params.is_greedy() {
-            return argmax(&logits);
+            let best = argmax(&logits);
+            return logits
+                .get(best as usize)
+                .is_some_and(|&l| l > f32::NEG_INFINITY)
+                .then_some(best);
         }
         let temperature = self.params.temperature.unwrap_or(1.0);
         let mut candidates: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()
+            .filter(|(_, &l)| l > f32::NEG_INFINITY)
             .map(|(i, &l)| (i as u32, l / temperature))
             .collect();
+        if candidates.is_empty() {
+            return None;
+        }
         candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if let Some(k) = self.params.top_k.filter(|&k| k > 0) {
             candidates.truncate(k as usize);
@@ -121,11 +150,11 @@ impl Sampler {
         let mut draw = self.rng.random::<f64>() * total;
         for (i, &q) in probs[..keep].iter().enumerate() {
             if draw < q {
-                return candidates[i].0;
+                return Some(candidates[i].0);
             }
             draw -= q;
         }
-        candidates[keep - 1].0
+        Some(candidates[keep - 1].0)
     }
 
     fn apply_penalties(&self, logits: &mut [f32], prompt: &[u32], generated: &[u32]) {
@@ -247,5 +276,42 @@ mod tests {
             top_k(&lp, 2).iter().map(|t| t.0).collect::<Vec<_>>(),
             [2, 1]
         );
+    }
+
+    #[test]
+    fn a_mask_limits_every_sampler_to_the_allowed_tokens() {
+        let logits: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin() * 4.0).collect();
+        let mut allowed = SimpleVob::alloc(60); // shorter than the logits: padded ids are out
+        for id in [3, 17, 41] {
+            allowed.allow_token(id);
+        }
+        let mut greedy = Sampler::new(SamplingParams::default());
+        let best = [3u32, 17, 41]
+            .into_iter()
+            .max_by(|a, b| logits[*a as usize].total_cmp(&logits[*b as usize]))
+            .unwrap();
+        assert_eq!(
+            greedy.sample_from(&logits, &[], &[], Some(&allowed)),
+            Some(best)
+        );
+        let mut hot = Sampler::new(params(|p| {
+            p.temperature = Some(5.0);
+            p.top_k = Some(50);
+            p.top_p = Some(0.99);
+            p.repetition_penalty = Some(1.3);
+            p.presence_penalty = Some(0.5);
+            p.seed = Some(3);
+        }));
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..300 {
+            let t = hot
+                .sample_from(&logits, &[3], &[17], Some(&allowed))
+                .unwrap();
+            seen.insert(t);
+        }
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), [3, 17, 41]);
+        let none = SimpleVob::alloc(64);
+        assert_eq!(greedy.sample_from(&logits, &[], &[], Some(&none)), None);
+        assert_eq!(hot.sample_from(&logits, &[], &[], Some(&none)), None);
     }
 }

@@ -2,7 +2,9 @@
 //! time — what the old single-request loop did, now state that lives as long as the sequence and
 //! survives preemption (the tokens, the sampler's random state, the text held back).
 
+use crate::error::{EngineError, Result};
 use crate::generate::{Emitted, Finish, Request};
+use crate::guide::Guide;
 use crate::sampling::{log_softmax, top_k, Sampler};
 use crate::stop::StopMatcher;
 use crate::text::{StreamDecoder, TextCodec};
@@ -18,6 +20,8 @@ pub struct Decoding {
     sampler: Sampler,
     decoder: StreamDecoder,
     stops: StopMatcher,
+    /// The output grammar, when the request has one.
+    guide: Option<Guide>,
 }
 
 /// One sampled token and whether the sequence ends with it.
@@ -32,8 +36,9 @@ pub struct Accepted {
 impl Decoding {
     /// The state for `request`, generating at most `max_tokens` (already capped by the caller to
     /// what the context and the pool allow).
-    pub fn new(request: &Request, max_tokens: usize) -> Self {
-        Self {
+    pub fn new(request: &Request, max_tokens: usize) -> Result<Self> {
+        let guide = request.constraint.clone().map(Guide::start).transpose()?;
+        Ok(Self {
             prompt: request.prompt.clone(),
             generated: Vec::new(),
             max_tokens,
@@ -42,7 +47,8 @@ impl Decoding {
             sampler: Sampler::new(request.sampling.clone()),
             decoder: StreamDecoder::new(),
             stops: StopMatcher::new(request.stop.iter().cloned()),
-        }
+            guide,
+        })
     }
 
     /// Tokens generated so far.
@@ -50,12 +56,24 @@ impl Decoding {
         &self.generated
     }
 
-    /// Samples the next token from `logits` and works out the text it releases.
-    pub fn accept(&mut self, logits: &[f32], codec: &TextCodec) -> Accepted {
-        let token = self.sampler.sample(logits, &self.prompt, &self.generated);
+    /// Samples the next token from `logits` (among those the grammar allows, if any) and works
+    /// out the text it releases.
+    pub fn accept(&mut self, logits: &[f32], codec: &TextCodec) -> Result<Accepted> {
+        let allowed = self.guide.as_mut().and_then(Guide::allowed).transpose()?;
+        let token = self
+            .sampler
+            .sample_from(logits, &self.prompt, &self.generated, allowed.as_ref())
+            .ok_or_else(|| {
+                EngineError::Internal(
+                    "the output grammar allows no token this model can produce".into(),
+                )
+            })?;
         self.generated.push(token);
         let is_eos = self.eos.contains(&token);
         let last = is_eos || self.generated.len() >= self.max_tokens;
+        if let Some(guide) = self.guide.as_mut().filter(|_| !last) {
+            guide.advance(token, codec);
+        }
         let (logprob, top) = match self.logprobs {
             Some(k) => {
                 let lp = log_softmax(logits);
@@ -90,7 +108,7 @@ impl Decoding {
         } else {
             None
         };
-        Accepted {
+        Ok(Accepted {
             emitted: Emitted {
                 token_id: token,
                 text,
@@ -98,6 +116,6 @@ impl Decoding {
                 top,
             },
             finish,
-        }
+        })
     }
 }

@@ -9,6 +9,9 @@ pub struct TextCodec {
     tokenizer: tokenizers::Tokenizer,
     /// Whether vocabulary strings spell bytes in GPT-2's byte-level alphabet.
     byte_level: bool,
+    /// Added tokens by id, with whether each is a control token (see [`Self::control_ids`]);
+    /// the tokenizer hands out a fresh copy of its map per call.
+    added: std::collections::HashMap<u32, (String, bool)>,
 }
 
 impl std::fmt::Debug for TextCodec {
@@ -36,9 +39,18 @@ impl TextCodec {
             tokenizer.get_decoder(),
             Some(tokenizers::DecoderWrapper::ByteLevel(_))
         );
+        let added = tokenizer
+            .get_added_tokens_decoder()
+            .into_iter()
+            .map(|(id, t)| {
+                let control = t.special || (t.content.starts_with('<') && t.content.ends_with('>'));
+                (id, (t.content, control))
+            })
+            .collect();
         Ok(Self {
             tokenizer,
             byte_level,
+            added,
         })
     }
 
@@ -46,9 +58,8 @@ impl TextCodec {
     /// `bytes` carry): a byte-level vocabulary entry mapped back to its bytes, a `<0xHH>`
     /// byte-fallback piece as that byte, a special token as its text.
     pub fn token_bytes(&self, id: u32) -> Vec<u8> {
-        let added = self.tokenizer.get_added_tokens_decoder();
-        if let Some(token) = added.get(&id) {
-            return token.content.clone().into_bytes();
+        if let Some((content, _)) = self.added.get(&id) {
+            return content.clone().into_bytes();
         }
         let Some(piece) = self.tokenizer.id_to_token(id) else {
             return Vec::new();
@@ -62,6 +73,18 @@ impl TextCodec {
             return vec![byte];
         }
         self.decode(&[id]).into_bytes()
+    }
+
+    /// The control tokens, rather than text: added tokens marked special, or written as a tag
+    /// (`<tool_call>`, which some checkpoints leave unmarked). A grammar names these by their
+    /// tag, never spells them out character by character.
+    pub fn control_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = (self.added.iter())
+            .filter(|(_, (_, control))| *control)
+            .map(|(&id, _)| id)
+            .collect();
+        ids.sort_unstable();
+        ids
     }
 
     /// Token ids of `text`; special tokens written in the text (`<|im_start|>`) are recognized.

@@ -35,6 +35,7 @@ fn cases(name: &str, lengths: &[usize]) -> Vec<(Request, Value)> {
                 eos: eos.clone(),
                 logprobs: Some(5),
                 media: None,
+                constraint: None,
             };
             (request, case)
         })

@@ -76,6 +76,7 @@ fn a_prompt_longer_than_the_moe_context_is_refused() {
         eos: Vec::new(),
         logprobs: None,
         media: None,
+        constraint: None,
     };
     let e = engine.generate(request, &mut |_| true).unwrap_err();
     assert!(

@@ -99,6 +99,7 @@ fn request(f: &Fixture, case: &Value) -> Request {
         eos: f.eos.clone(),
         logprobs: Some(5),
         media: media.map(Arc::new),
+        constraint: None,
     }
 }
 

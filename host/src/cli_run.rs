@@ -8,7 +8,8 @@ use clap::Args;
 use pio_host::discovery::{self, Status};
 use pio_host::launch;
 use pio_host::sandbox::{HostSupport, Policy, Tier};
-use pio_host::serve::openai::{self, Endpoint, Limits};
+use pio_host::serve::openai::{self, Endpoint, Limits, Parsed};
+use pio_host::serve::structure;
 use pio_host::supervisor::{Event, Worker, WorkerSpec};
 use pio_plugin_api::wire::{InferRequest, ModelInfo};
 
@@ -51,6 +52,14 @@ pub struct RunArgs {
     /// Variables for the chat template, e.g. '{"enable_thinking": false}' (a JSON object).
     #[arg(long, value_name = "JSON", requires = "messages")]
     chat_template_kwargs: Option<String>,
+    /// Constrain the output to JSON valid against the JSON Schema in FILE (the API's
+    /// `response_format` of type `json_schema`).
+    #[arg(long, value_name = "FILE", conflicts_with = "grammar")]
+    json_schema: Option<PathBuf>,
+    /// Constrain the output to the Lark grammar in FILE (llguidance's dialect; the API's
+    /// `guided_grammar`).
+    #[arg(long, value_name = "FILE")]
+    grammar: Option<PathBuf>,
     /// The most tokens to generate.
     #[arg(long)]
     max_tokens: Option<u32>,
@@ -142,7 +151,7 @@ fn request(
     args: &RunArgs,
     capabilities: Capabilities,
     config: &pio_host::config::Config,
-) -> anyhow::Result<InferRequest> {
+) -> anyhow::Result<Parsed> {
     use serde_json::{json, Value};
     let mut body = json!({
         "model": args.name,
@@ -200,6 +209,18 @@ fn request(
         body["logprobs"] = json!(args.logprobs);
         Endpoint::Completions
     };
+    if let Some(path) = &args.json_schema {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read --json-schema {}", path.display()))?;
+        let schema: Value = serde_json::from_str(&text)
+            .with_context(|| format!("--json-schema {}: not JSON", path.display()))?;
+        body["response_format"] = json!({"type": "json_schema",
+            "json_schema": {"name": "output", "schema": schema, "strict": true}});
+    }
+    if let Some(path) = &args.grammar {
+        body["guided_grammar"] = json!(std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read --grammar {}", path.display()))?);
+    }
     // Null fields are flags not given.
     if let Some(fields) = body.as_object_mut() {
         fields.retain(|_, v| !v.is_null());
@@ -208,9 +229,20 @@ fn request(
         max_tokens: config.server.max_tokens_limit,
         image_root: Some(PathBuf::from("/")),
     };
-    let parsed = openai::parse(&body, endpoint, capabilities, &limits)
-        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-    Ok(parsed.request)
+    openai::parse(&body, endpoint, capabilities, &limits)
+        .map_err(|e| anyhow::anyhow!("{}", e.message))
+}
+
+/// The plugin request, with the grammar its output structure takes for the loaded model.
+fn constrained(parsed: &Parsed, info: &ModelInfo) -> anyhow::Result<InferRequest> {
+    let mut request = parsed.request.clone();
+    if let Some(s) = &parsed.structure {
+        let chat = parsed.endpoint == Endpoint::Chat;
+        let c = structure::constraint(s, &request, chat, &parsed.model, info)
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        request.constraint = Some(c);
+    }
+    Ok(request)
 }
 
 /// A plugin found, checked and planned: what starting its worker takes.
@@ -313,9 +345,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         &args.tiers,
         args.model_path.as_ref(),
     )?;
-    let request = request(&args, capabilities, &settings)?;
+    let parsed = request(&args, capabilities, &settings)?;
     if args.in_process {
-        return in_process(&library, &config, &request, args.json);
+        return in_process(&library, &config, &parsed, args.json);
     }
     let maximum = spec.plan.applied == Tier::Maximum;
     let timeout = args
@@ -327,7 +359,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(stream(spec, config, request, args.json, timeout))
+    runtime.block_on(stream(spec, config, parsed, args.json, timeout))
 }
 
 /// Starts the worker of `spec` and loads `config` into it, with a progress bar.
@@ -349,11 +381,18 @@ pub(crate) async fn start_loaded(
 async fn stream(
     spec: WorkerSpec,
     config: pio_plugin_api::wire::ModelConfig,
-    request: InferRequest,
+    parsed: Parsed,
     json: bool,
     timeout: Option<std::time::Duration>,
 ) -> anyhow::Result<u8> {
     let (worker, info) = start_loaded(spec, config).await?;
+    let request = match constrained(&parsed, &info) {
+        Ok(r) => r,
+        Err(e) => {
+            worker.shutdown().await;
+            return Err(e);
+        }
+    };
     let mut printer = TokenPrinter::new(json).parsing(&request, &info);
     let (id, mut events) = worker.infer(request)?;
     let deadline = tokio::time::sleep(timeout.unwrap_or(std::time::Duration::MAX / 4));
@@ -428,7 +467,7 @@ impl ProgressSink for LoadProgress {
 fn in_process(
     library: &std::path::Path,
     config: &pio_plugin_api::wire::ModelConfig,
-    request: &InferRequest,
+    parsed: &Parsed,
     json: bool,
 ) -> anyhow::Result<u8> {
     eprintln!(
@@ -446,8 +485,8 @@ fn in_process(
         )
         .into_result();
     progress.finish();
-    loaded?;
-    let request = serde_json::to_string(request)?;
+    let info: ModelInfo = serde_json::from_str(&loaded?)?;
+    let request = serde_json::to_string(&constrained(parsed, &info)?)?;
     let sink = TokenSink_TO::from_value(PrintSink(TokenPrinter::new(json)), TD_Opaque);
     match plugin.infer(request.as_str().into(), sink).into_result() {
         Ok(outcome) => {

@@ -32,13 +32,18 @@ impl Capabilities {
     pub const VISION: Self = Self(1 << 3);
     /// Log-probabilities of generated tokens and their top alternatives.
     pub const LOGPROBS: Self = Self(1 << 4);
+    /// Output constrained to a grammar (`InferRequest::constraint`, since 1.4). The host sends a
+    /// constraint only to a plugin that sets this: an older one would ignore the field and
+    /// return unconstrained text.
+    pub const STRUCTURED_OUTPUT: Self = Self(1 << 5);
 
-    const NAMES: [(Self, &'static str); 5] = [
+    const NAMES: [(Self, &'static str); 6] = [
         (Self::TEXT, "text"),
         (Self::CHAT, "chat"),
         (Self::TOOLS, "tools"),
         (Self::VISION, "vision"),
         (Self::LOGPROBS, "logprobs"),
+        (Self::STRUCTURED_OUTPUT, "structured_output"),
     ];
 
     /// The empty set.

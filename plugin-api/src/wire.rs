@@ -187,6 +187,33 @@ pub struct InferRequest {
     /// The request's id as the client sees it (`x-request-id`), for logs. Added within 1.2 as an
     /// optional JSON field: older plugins ignore it.
     pub request_id: Option<String>,
+    /// What the output must match (added in 1.4; sent only to plugins with
+    /// `Capabilities::STRUCTURED_OUTPUT`).
+    pub constraint: Option<Constraint>,
+}
+
+/// A grammar the output must match, checked token by token as it is generated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Grammar {
+    /// A JSON value valid against this JSON Schema (`{}`: any JSON value).
+    JsonSchema(serde_json::Value),
+    /// Text matching this regular expression, whole.
+    Regex(String),
+    /// Text in the language of this Lark grammar, in llguidance's dialect (which can embed JSON
+    /// Schemas as `%json { ... }`).
+    Lark(String),
+}
+
+/// Constrained output: the grammar, and where in the output it starts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Constraint {
+    /// What the constrained text must match; generation ends once it is complete.
+    pub grammar: Grammar,
+    /// The output is free until it has produced this text (a reasoning model's end-of-thinking
+    /// marker); the grammar applies to what follows it. `None`: from the first token.
+    #[serde(default)]
+    pub after: Option<String>,
 }
 
 /// Why generation ended.

@@ -18,6 +18,7 @@ use crate::chat::ChatTemplate;
 use crate::checkpoint::Checkpoint;
 use crate::generate::{CausalLm, Emitted, Finish, Request};
 use crate::generation_config::GenerationConfig;
+use crate::guide::Grammars;
 use crate::linear::Quantization;
 use crate::sampling::SamplingParams;
 use crate::serving::{Engine, Stats};
@@ -69,6 +70,7 @@ struct Loaded<M> {
     template: Option<ChatTemplate>,
     generation: GenerationConfig,
     defaults: GenerationDefaults,
+    grammars: Grammars,
 }
 
 /// One plugin's model: unloaded until `load_model`.
@@ -331,11 +333,13 @@ impl<M: LoadModel> ModelRuntime<M> {
         let model = Arc::new(model);
         let engine =
             Engine::start(model.clone(), codec.clone(), engine_config).map_err(plugin_error)?;
+        let generation = GenerationConfig::load(&checkpoint).map_err(plugin_error)?;
         self.loaded = Some(Loaded {
             model,
+            grammars: Grammars::new(codec.clone(), generation.eos_token_id.clone()),
             codec,
             template: ChatTemplate::load(&checkpoint).map_err(plugin_error)?,
-            generation: GenerationConfig::load(&checkpoint).map_err(plugin_error)?,
+            generation,
             defaults: config.generation.clone(),
             engine,
         });
@@ -352,6 +356,13 @@ impl<M: LoadModel> ModelRuntime<M> {
             .loaded
             .as_ref()
             .ok_or_else(|| PluginError::not_ready("infer called before load_model"))?;
+        // A grammar that cannot be used is refused before any model work.
+        let constraint = request
+            .constraint
+            .as_ref()
+            .map(|c| loaded.grammars.compile(c))
+            .transpose()
+            .map_err(plugin_error)?;
         let images = message_images(&request.prompt)?;
         let (prompt, media) = loaded
             .model
@@ -372,6 +383,7 @@ impl<M: LoadModel> ModelRuntime<M> {
             eos: loaded.generation.eos_token_id.clone(),
             logprobs: request.logprobs.map(|k| k as usize),
             media,
+            constraint,
         };
         // The sink is polled between tokens too: a request cancelled while it waits or
         // prefills stops at once, not at its first token.

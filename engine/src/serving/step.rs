@@ -222,6 +222,13 @@ impl<M: CausalLm> Worker<M> {
                 finish_early(&a.events, Finish::Length);
                 continue;
             }
+            let decoding = match Decoding::new(&a.request, a.max_tokens) {
+                Ok(d) => d,
+                Err(e) => {
+                    let _ = a.events.send(Event::Failed(e));
+                    continue;
+                }
+            };
             self.next_id += 1;
             let media = a.request.media.clone();
             let image_keys = media.as_ref().map(|m| m.cache_keys.clone());
@@ -235,7 +242,7 @@ impl<M: CausalLm> Worker<M> {
                 computed: 0,
                 blocks: Vec::new(),
                 registered: 0,
-                decoding: Decoding::new(&a.request, a.max_tokens),
+                decoding,
                 events: a.events,
                 cancel: a.cancel,
                 backlog: a.backlog,
@@ -495,10 +502,17 @@ impl<M: CausalLm> Worker<M> {
                 continue;
             }
             let Some(row) = logits.next() else {
-                finished.push((id, Err("the model returned fewer logits than asked")));
+                let why = "the model returned fewer logits than asked";
+                finished.push((id, Err(EngineError::Internal(why.into()))));
                 continue;
             };
-            let accepted = seq.decoding.accept(&row, &self.codec);
+            let accepted = match seq.decoding.accept(&row, &self.codec) {
+                Ok(a) => a,
+                Err(e) => {
+                    finished.push((id, Err(e)));
+                    continue;
+                }
+            };
             seq.first_token.get_or_insert_with(Instant::now);
             let token = accepted.emitted.token_id;
             seq.backlog.fetch_add(1, Ordering::AcqRel);
@@ -515,7 +529,7 @@ impl<M: CausalLm> Worker<M> {
                 self.release(&mut seq);
                 let event = match end {
                     Ok(f) => Event::Done(seq.outcome(f)),
-                    Err(why) => Event::Failed(EngineError::Internal(why.into())),
+                    Err(e) => Event::Failed(e),
                 };
                 self.outbox.push((seq.events, event));
             }

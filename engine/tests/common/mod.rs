@@ -128,6 +128,7 @@ pub fn cases(checkpoint: &Checkpoint, name: &str) -> Vec<Case> {
                 eos: eos.clone(),
                 logprobs: Some(5),
                 media: None,
+                constraint: None,
             };
             Case {
                 request,

@@ -19,7 +19,7 @@ use super::error::ApiError;
 use super::openai::{self, Endpoint, Parsed};
 use super::output::Parsing;
 use super::responses::Reply;
-use super::{streaming, App, RequestId};
+use super::{streaming, structure, App, RequestId};
 use crate::protocol::TokenFrame;
 use crate::supervisor::Event;
 
@@ -113,6 +113,17 @@ async fn start(
     let mut parsed = openai::parse(&value, endpoint, capabilities, &limits)?;
     parsed.request.request_id = Some(id.0);
     let lease = app.models.acquire(&model).await?;
+    if let Some(s) = &parsed.structure {
+        let info = &lease.deployment().info;
+        let chat = endpoint == Endpoint::Chat;
+        parsed.request.constraint = Some(structure::constraint(
+            s,
+            &parsed.request,
+            chat,
+            &model,
+            info,
+        )?);
+    }
     let events = lease
         .deployment()
         .supervised

@@ -20,7 +20,9 @@ pub mod reload;
 pub mod responses;
 pub mod status;
 mod streaming;
+pub mod structure;
 pub mod tool_calls;
+pub mod tool_grammar;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

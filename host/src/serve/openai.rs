@@ -8,6 +8,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
+use super::structure::{self, Structure};
 
 /// Which endpoint a request came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +70,7 @@ struct ChatFields {
     top_logprobs: Option<u32>,
     tools: Option<Vec<Value>>,
     tool_choice: Option<Value>,
-    response_format: Option<Value>,
+    parallel_tool_calls: Option<bool>,
     chat_template_kwargs: Option<Map<String, Value>>,
 }
 
@@ -106,8 +107,11 @@ pub struct Parsed {
     pub include_usage: bool,
     /// How to report logprobs.
     pub logprobs: LogprobsFormat,
-    /// What the plugin gets.
+    /// What the plugin gets (its `constraint` is set from `structure` once the model's
+    /// markup is known: [`structure::constraint`]).
     pub request: InferRequest,
+    /// The output structure asked for.
+    pub structure: Option<Structure>,
 }
 
 /// What the server allows.
@@ -191,14 +195,40 @@ pub fn parse(
     let has = |cap: Capabilities| capabilities.contains(cap);
     let mut request = sampling(&c)?;
     let mut max_tokens = c.max_tokens;
+    let mut structure = structure::requested(body)?;
     let logprobs = match endpoint {
         Endpoint::Chat => {
             let f: ChatFields = field(body)?;
             max_tokens = f.max_completion_tokens.or(max_tokens);
-            chat(f, &mut request, &c.model, capabilities, limits)?
+            let (logprobs, forced) = chat(f, &mut request, &c.model, capabilities, limits)?;
+            if let Some(forced) = forced {
+                if let Some(Structure::Grammar { field, .. }) = &structure {
+                    return Err(unsupported(
+                        "tool_choice",
+                        &format!("cannot force a tool call and `{field}` at once; drop one"),
+                    ));
+                }
+                structure = Some(forced);
+            }
+            logprobs
         }
         Endpoint::Completions => completion(field(body)?, &mut request)?,
     };
+    if let Some(s) = &structure {
+        if !has(Capabilities::STRUCTURED_OUTPUT) {
+            let field = match s {
+                Structure::Grammar { field, .. } => field,
+                Structure::ToolCalls { .. } => "tool_choice",
+            };
+            return Err(unsupported(
+                field,
+                &format!(
+                    "needs constrained output, which model `{}` does not declare",
+                    c.model
+                ),
+            ));
+        }
+    }
     if logprobs != LogprobsFormat::None && !has(Capabilities::LOGPROBS) {
         return Err(unsupported(
             "logprobs",
@@ -216,6 +246,7 @@ pub fn parse(
             .unwrap_or(false),
         logprobs,
         request,
+        structure,
     })
 }
 
@@ -294,14 +325,15 @@ fn token_limit(asked: Option<u32>, limits: &Limits) -> Result<Option<u32>, ApiEr
 }
 
 /// The chat endpoint's own fields into `request`: messages (checked, images inlined), tools and
-/// their choice, response format, template variables; returns how logprobs are reported.
+/// their choice, template variables; returns how logprobs are reported, and the tool calls
+/// `tool_choice` forces.
 fn chat(
     f: ChatFields,
     request: &mut InferRequest,
     model: &str,
     capabilities: Capabilities,
     limits: &Limits,
-) -> Result<LogprobsFormat, ApiError> {
+) -> Result<(LogprobsFormat, Option<Structure>), ApiError> {
     let has = |cap: Capabilities| capabilities.contains(cap);
     request.prompt = Prompt::Messages(super::messages::check(
         f.messages,
@@ -310,37 +342,21 @@ fn chat(
     )?);
     // Checked with or without tools: a client's mistake should not pass only because it
     // sent no tools this time.
-    let wanted = match f.tool_choice.as_ref() {
-        None => true,
-        Some(Value::String(s)) if s == "auto" => true,
-        Some(Value::String(s)) if s == "none" => false,
-        Some(_) => {
-            return Err(unsupported(
-                "tool_choice",
-                "supports \"auto\" and \"none\" only",
-            ))
-        }
-    };
-    if let Some(tools) = f.tools.filter(|t| !t.is_empty()) {
-        check_tools(&tools)?;
-        if wanted && !has(Capabilities::TOOLS) {
+    let choice = tool_choice(f.tool_choice.as_ref())?;
+    let tools = f.tools.filter(|t| !t.is_empty());
+    if let Some(tools) = &tools {
+        check_tools(tools)?;
+        if choice != ToolChoice::None && !has(Capabilities::TOOLS) {
             return Err(unsupported(
                 "tools",
                 &format!("are not supported by model `{model}`: it does not declare tool calling"),
             ));
         }
-        request.tools = wanted.then_some(tools);
     }
-    if let Some(format) = &f.response_format {
-        if format.get("type").and_then(Value::as_str) != Some("text") {
-            return Err(unsupported(
-                "response_format",
-                "supports {\"type\": \"text\"} only",
-            ));
-        }
-    }
+    let forced = forced_calls(&choice, tools.as_deref(), f.parallel_tool_calls)?;
+    request.tools = tools.filter(|_| choice != ToolChoice::None);
     request.chat_template_kwargs = f.chat_template_kwargs.unwrap_or_default();
-    match (f.logprobs.unwrap_or(false), f.top_logprobs) {
+    let logprobs = match (f.logprobs.unwrap_or(false), f.top_logprobs) {
         (false, Some(_)) => Err(ApiError::bad_field(
             "top_logprobs",
             "`top_logprobs` needs `logprobs: true`",
@@ -350,7 +366,78 @@ fn chat(
             request.logprobs = Some(check_top("top_logprobs", k.unwrap_or(0), 20)?);
             Ok(LogprobsFormat::Chat)
         }
+    }?;
+    Ok((logprobs, forced))
+}
+
+/// OpenAI's `tool_choice`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ToolChoice {
+    /// The model decides.
+    Auto,
+    /// No tools: they are not shown to the model.
+    None,
+    /// At least one call, to any tool.
+    Required,
+    /// A call to this tool.
+    Named(String),
+}
+
+fn tool_choice(choice: Option<&Value>) -> Result<ToolChoice, ApiError> {
+    let named = |v: &Value| {
+        (v.get("type").and_then(Value::as_str) == Some("function"))
+            .then(|| v.pointer("/function/name").and_then(Value::as_str))
+            .flatten()
+            .map(str::to_string)
+    };
+    match choice {
+        None => Ok(ToolChoice::Auto),
+        Some(Value::String(s)) if s == "auto" => Ok(ToolChoice::Auto),
+        Some(Value::String(s)) if s == "none" => Ok(ToolChoice::None),
+        Some(Value::String(s)) if s == "required" => Ok(ToolChoice::Required),
+        Some(v) => named(v).map(ToolChoice::Named).ok_or_else(|| {
+            unsupported(
+                "tool_choice",
+                "must be \"auto\", \"none\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}",
+            )
+        }),
     }
+}
+
+/// The calls `choice` forces among the offered `tools`.
+fn forced_calls(
+    choice: &ToolChoice,
+    tools: Option<&[Value]>,
+    parallel: Option<bool>,
+) -> Result<Option<Structure>, ApiError> {
+    let name = match choice {
+        ToolChoice::Auto | ToolChoice::None => return Ok(None),
+        ToolChoice::Required => None,
+        ToolChoice::Named(n) => Some(n.clone()),
+    };
+    let offered = tools.unwrap_or_default();
+    if offered.is_empty() {
+        return Err(unsupported(
+            "tool_choice",
+            "forces a tool call, but no `tools` were given",
+        ));
+    }
+    if let Some(n) = &name {
+        if !offered
+            .iter()
+            .any(|t| t.pointer("/function/name").and_then(Value::as_str) == Some(n))
+        {
+            return Err(ApiError::bad_field(
+                "tool_choice.function.name",
+                format!("`tool_choice` names `{n}`, which is not among the `tools`"),
+            ));
+        }
+    }
+    Ok(Some(Structure::ToolCalls {
+        // One call to a named tool, as OpenAI makes it.
+        parallel: name.is_none() && parallel.unwrap_or(true),
+        name,
+    }))
 }
 
 /// Each tool is `{"type": "function", "function": {"name": …, "parameters": {…}?}}`, with a

@@ -4,7 +4,8 @@
 //! lands in the reasoning or the content, except the markers themselves.
 
 const OPEN: &str = "<think>";
-const CLOSE: &str = "</think>";
+/// The marker that ends the reasoning block.
+pub const CLOSE: &str = "</think>";
 
 /// How a model marks its reasoning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

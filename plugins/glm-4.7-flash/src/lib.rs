@@ -14,7 +14,8 @@ pio_engine::text_model_plugin! {
     capabilities: Capabilities::TEXT
         .union(Capabilities::CHAT)
         .union(Capabilities::TOOLS)
-        .union(Capabilities::LOGPROBS),
+        .union(Capabilities::LOGPROBS)
+        .union(Capabilities::STRUCTURED_OUTPUT),
     tool_call_format: Some("glm47"),
     reasoning_format: Some("glm45"),
 }

@@ -18,6 +18,7 @@ pio_engine::text_model_plugin! {
     capabilities: Capabilities::TEXT
         .union(Capabilities::CHAT)
         .union(Capabilities::TOOLS)
-        .union(Capabilities::LOGPROBS),
+        .union(Capabilities::LOGPROBS)
+        .union(Capabilities::STRUCTURED_OUTPUT),
     tool_call_format: Some("hermes"),
 }

@@ -16,6 +16,7 @@ pio_engine::text_model_plugin! {
         .union(Capabilities::CHAT)
         .union(Capabilities::TOOLS)
         .union(Capabilities::VISION)
-        .union(Capabilities::LOGPROBS),
+        .union(Capabilities::LOGPROBS)
+        .union(Capabilities::STRUCTURED_OUTPUT),
     tool_call_format: Some("hermes"),
 }

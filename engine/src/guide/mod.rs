@@ -1,0 +1,273 @@
+//! Structured output: a grammar (JSON Schema, regex or Lark) turned into the set of tokens the
+//! model may sample at each step, with llguidance over the model's own vocabulary. The mask for
+//! the next step is computed on a thread of its own while the engine runs the forward pass, so a
+//! constrained step costs little more than a free one.
+
+mod vocabulary;
+
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, OnceLock};
+
+use llguidance::api::TopLevelGrammar;
+use llguidance::toktrie::{SimpleVob, TokEnv};
+use llguidance::{Matcher, ParserFactory};
+use pio_plugin_api::wire::{Constraint, Grammar};
+use serde_json::{json, Value};
+
+use crate::error::{EngineError, Result};
+use crate::text::TextCodec;
+use vocabulary::Vocabulary;
+
+/// Output layout of JSON a schema constrains, unless the schema's `x-guidance` says otherwise:
+/// one space after `:` and `,` (as Python's `json.dumps` writes it) and no other whitespace, so a
+/// model can neither pad nor loop in whitespace.
+pub fn json_layout() -> Value {
+    json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "})
+}
+
+/// A JSON Schema with PIO's JSON layout, unless it sets its own.
+fn with_layout(schema: &Value) -> Value {
+    let mut schema = schema.clone();
+    if let Value::Object(map) = &mut schema {
+        map.entry("x-guidance").or_insert_with(json_layout);
+    }
+    schema
+}
+
+/// Compiles grammars for one model (the vocabulary's trie is built on first use).
+pub struct Grammars {
+    codec: Arc<TextCodec>,
+    eos: Vec<u32>,
+    factory: OnceLock<std::result::Result<ParserFactory, String>>,
+}
+
+impl std::fmt::Debug for Grammars {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Grammars").field("eos", &self.eos).finish()
+    }
+}
+
+impl Grammars {
+    /// Grammars over `codec`'s vocabulary, ending generation with any of `eos`.
+    pub fn new(codec: Arc<TextCodec>, eos: Vec<u32>) -> Self {
+        Self {
+            codec,
+            eos,
+            factory: OnceLock::new(),
+        }
+    }
+
+    fn factory(&self) -> Result<&ParserFactory> {
+        let made = self.factory.get_or_init(|| {
+            let bound = self.codec.id_bound();
+            if self.eos.is_empty() || self.eos.iter().any(|&e| e >= bound) {
+                return Err(format!(
+                    "constrained output needs the model's end-of-sequence tokens: \
+                     generation_config.json's eos_token_id ({:?}) must name tokens of the \
+                     vocabulary (0..{bound})",
+                    self.eos
+                ));
+            }
+            let env: TokEnv = Arc::new(Vocabulary::new(self.codec.clone(), &self.eos));
+            let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
+            factory.quiet();
+            Ok(factory)
+        });
+        made.as_ref()
+            .map_err(|e| EngineError::Unsupported(e.clone()))
+    }
+
+    /// Compiles `constraint`; a grammar or schema llguidance refuses is invalid input, named.
+    pub fn compile(&self, constraint: &Constraint) -> Result<Compiled> {
+        let (what, grammar) = match &constraint.grammar {
+            Grammar::JsonSchema(schema) => (
+                "the JSON schema",
+                TopLevelGrammar::from_json_schema(with_layout(schema)),
+            ),
+            Grammar::Regex(rx) => ("the regex", TopLevelGrammar::from_regex(rx)),
+            Grammar::Lark(lark) => ("the grammar", TopLevelGrammar::from_lark(lark.clone())),
+        };
+        let refused = |e: &dyn std::fmt::Display| {
+            let at = match &constraint.grammar {
+                Grammar::JsonSchema(schema) => locate(schema, &e.to_string())
+                    .map(|p| format!(" (at {})", if p.is_empty() { "/" } else { &p }))
+                    .unwrap_or_default(),
+                _ => String::new(),
+            };
+            EngineError::InvalidInput(format!("{what} cannot be used: {e}{at}"))
+        };
+        let parser = self
+            .factory()?
+            .create_parser(grammar)
+            .map_err(|e| refused(&e))?;
+        let matcher = Matcher::new(Ok(parser));
+        if let Some(e) = matcher.get_error() {
+            return Err(refused(&e));
+        }
+        Ok(Compiled {
+            matcher,
+            after: constraint
+                .after
+                .as_ref()
+                .map(|a| a.as_bytes().to_vec())
+                .filter(|a| !a.is_empty()),
+        })
+    }
+}
+
+/// Where in `schema` the problem llguidance reports lies, as a JSON pointer: the first place
+/// holding a key it names (`Unimplemented keys: ["uniqueItems"]`) or the value it quotes
+/// (`Unknown format: bogus`, `Invalid type: strin`).
+fn locate(schema: &Value, error: &str) -> Option<String> {
+    let keys: Vec<&str> = error
+        .split_once("Unimplemented keys: [")
+        .map(|(_, rest)| rest.split(']').next().unwrap_or_default())
+        .map(|list| {
+            list.split(',')
+                .map(|k| k.trim().trim_matches('"'))
+                .collect()
+        })
+        .unwrap_or_default();
+    let value = ["Unknown format: ", "Invalid type: "]
+        .iter()
+        .find_map(|p| error.split_once(p).map(|(_, v)| v.trim()));
+    let hit = |map: &serde_json::Map<String, Value>| {
+        keys.iter().any(|k| map.contains_key(*k))
+            || value.is_some_and(|v| {
+                ["format", "type"]
+                    .iter()
+                    .any(|f| map.get(*f).and_then(Value::as_str) == Some(v))
+            })
+    };
+    find(schema, "", &hit)
+}
+
+/// Depth-first search for the first object `hit` accepts; its pointer.
+fn find(
+    v: &Value,
+    at: &str,
+    hit: &dyn Fn(&serde_json::Map<String, Value>) -> bool,
+) -> Option<String> {
+    match v {
+        Value::Object(map) => {
+            if hit(map) {
+                return Some(at.to_string());
+            }
+            map.iter().find_map(|(k, child)| {
+                let k = k.replace('~', "~0").replace('/', "~1");
+                find(child, &format!("{at}/{k}"), hit)
+            })
+        }
+        Value::Array(items) => {
+            (items.iter().enumerate()).find_map(|(i, child)| find(child, &format!("{at}/{i}"), hit))
+        }
+        _ => None,
+    }
+}
+
+/// A compiled constraint, ready for a sequence.
+pub struct Compiled {
+    matcher: Matcher,
+    after: Option<Vec<u8>>,
+}
+
+impl Clone for Compiled {
+    fn clone(&self) -> Self {
+        Self {
+            matcher: self.matcher.deep_clone(),
+            after: self.after.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Compiled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Compiled")
+            .field(
+                "after",
+                &self.after.as_ref().map(|a| String::from_utf8_lossy(a)),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// The allowed tokens of one step, or why there are none.
+type MaskResult = std::result::Result<SimpleVob, String>;
+
+/// A sequence's constraint while it generates: the matcher lives on its own thread, which
+/// computes the next mask as soon as it learns the last token.
+#[derive(Debug)]
+pub struct Guide {
+    /// The marker the grammar waits for, and the output's last bytes while it waits.
+    waiting_for: Option<(Vec<u8>, Vec<u8>)>,
+    tokens: Sender<u32>,
+    masks: Receiver<MaskResult>,
+}
+
+impl Guide {
+    /// Starts `compiled`'s matcher thread (its first mask is computed at once).
+    pub fn start(compiled: Compiled) -> Result<Self> {
+        let Compiled { mut matcher, after } = compiled;
+        let (tokens, inbox) = mpsc::channel::<u32>();
+        let (outbox, masks) = mpsc::channel::<MaskResult>();
+        std::thread::Builder::new()
+            .name("pio-guide".into())
+            .spawn(move || loop {
+                let mask = matcher.compute_mask_or_eos().map_err(|e| e.to_string());
+                let failed = mask.is_err();
+                if outbox.send(mask).is_err() || failed {
+                    return;
+                }
+                let Ok(token) = inbox.recv() else { return };
+                if let Err(e) = matcher.consume_token(token) {
+                    let _ = outbox.send(Err(e.to_string()));
+                    return;
+                }
+            })
+            .map_err(|e| EngineError::Internal(format!("cannot start a grammar thread: {e}")))?;
+        Ok(Self {
+            waiting_for: after.map(|a| (a, Vec::new())),
+            tokens,
+            masks,
+        })
+    }
+
+    /// The tokens allowed next; `None` while the grammar waits for its marker.
+    pub fn allowed(&mut self) -> Option<Result<SimpleVob>> {
+        if self.waiting_for.is_some() {
+            return None;
+        }
+        Some(match self.masks.recv() {
+            Ok(Ok(mask)) => Ok(mask),
+            Ok(Err(e)) => Err(EngineError::Internal(format!(
+                "the output grammar failed: {e}"
+            ))),
+            Err(_) => Err(EngineError::Internal(
+                "the output grammar's thread ended".into(),
+            )),
+        })
+    }
+
+    /// Records the sampled `token`: the matcher consumes it, or the marker the grammar waits for
+    /// comes closer.
+    pub fn advance(&mut self, token: u32, codec: &TextCodec) {
+        match &mut self.waiting_for {
+            None => {
+                // A closed channel means the thread failed; its error waits in `masks`.
+                let _ = self.tokens.send(token);
+            }
+            Some((marker, seen)) => {
+                seen.extend_from_slice(&codec.token_bytes(token));
+                if seen.windows(marker.len()).any(|w| w == marker.as_slice()) {
+                    self.waiting_for = None;
+                } else {
+                    let keep = seen.len().saturating_sub(marker.len());
+                    seen.drain(..keep);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

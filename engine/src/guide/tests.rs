@@ -1,0 +1,208 @@
+use super::*;
+use crate::checkpoint::Checkpoint;
+use crate::sampling::{Sampler, SamplingParams};
+
+fn grammars(fixture: &str, eos: Vec<u32>) -> (Arc<TextCodec>, Grammars) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(fixture);
+    let codec = Arc::new(TextCodec::load(&Checkpoint::open(&dir).unwrap()).unwrap());
+    (codec.clone(), Grammars::new(codec, eos))
+}
+
+/// Runs a guide over pseudo-random logits, greedily, until it allows only end of sequence.
+fn generate(codec: &TextCodec, compiled: Compiled, eos: &[u32], seed: u64) -> (String, bool) {
+    let mut guide = Guide::start(compiled).unwrap();
+    let mut sampler = Sampler::new(SamplingParams {
+        temperature: Some(1.0),
+        seed: Some(seed),
+        ..Default::default()
+    });
+    let vocab = codec.id_bound() as usize + 7; // models pad their vocabulary
+    let mut out = Vec::new();
+    for step in 0..400u64 {
+        let logits: Vec<f32> = (0..vocab as u64)
+            .map(|i| ((i * 7919 + step * 104729 + seed) % 1000) as f32 / 100.0)
+            .collect();
+        let allowed = guide.allowed().map(|m| m.unwrap());
+        let token = sampler
+            .sample_from(&logits, &[], &out, allowed.as_ref())
+            .unwrap();
+        if eos.contains(&token) {
+            return (codec.decode(&out), true);
+        }
+        out.push(token);
+        guide.advance(token, codec);
+    }
+    (codec.decode(&out), false)
+}
+
+fn schema(s: Value) -> Constraint {
+    Constraint {
+        grammar: Grammar::JsonSchema(s),
+        after: None,
+    }
+}
+
+#[test]
+fn sampling_under_a_schema_gives_json_that_matches_it() {
+    let (codec, g) = grammars("qwen3-tiny", vec![2, 0]);
+    let s = json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 12},
+            "age": {"type": "integer", "minimum": 0, "maximum": 150},
+            "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
+        },
+        "required": ["name", "age", "tags"],
+        "additionalProperties": false,
+    });
+    for seed in 0..5 {
+        let (text, ended) = generate(
+            &codec,
+            g.compile(&schema(s.clone())).unwrap(),
+            &[2, 0],
+            seed,
+        );
+        assert!(
+            ended,
+            "the grammar completed and allowed only EOS: {text:?}"
+        );
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
+        assert!(
+            v["name"].as_str().is_some_and(|n| n.chars().count() <= 12),
+            "{v}"
+        );
+        assert!(
+            v["age"].as_i64().is_some_and(|a| (0..=150).contains(&a)),
+            "{v}"
+        );
+        let tags = v["tags"].as_array().unwrap();
+        assert!(
+            tags.len() <= 3 && tags.iter().all(|t| t == "a" || t == "b"),
+            "{v}"
+        );
+        assert_eq!(v.as_object().unwrap().len(), 3, "{v}");
+        assert!(text.starts_with("{\"name\": "), "PIO's layout: {text:?}");
+    }
+}
+
+#[test]
+fn a_regex_and_a_lark_grammar_constrain_the_whole_output() {
+    let (codec, g) = grammars("qwen3-tiny", vec![2, 0]);
+    let rx = Constraint {
+        grammar: Grammar::Regex("(yes|no), [0-9]{3}".into()),
+        after: None,
+    };
+    let (text, ended) = generate(&codec, g.compile(&rx).unwrap(), &[2, 0], 1);
+    assert!(ended, "{text:?}");
+    let (word, digits) = text.split_once(", ").unwrap();
+    assert!(
+        ["yes", "no"].contains(&word) && digits.len() == 3,
+        "{text:?}"
+    );
+    assert!(digits.bytes().all(|b| b.is_ascii_digit()), "{text:?}");
+
+    let lark = Constraint {
+        grammar: Grammar::Lark(
+            "start: \"call \" NAME \"(\" %json {\"type\": \"integer\", \"minimum\": 1, \"maximum\": 9} \")\"\nNAME: /[a-z]{1,8}/"
+                .into(),
+        ),
+        after: None,
+    };
+    let (text, ended) = generate(&codec, g.compile(&lark).unwrap(), &[2, 0], 2);
+    assert!(ended, "{text:?}");
+    let inner = text.strip_prefix("call ").unwrap();
+    let (name, rest) = inner.split_once('(').unwrap();
+    assert!(
+        !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase()),
+        "{text:?}"
+    );
+    let n: u32 = rest.strip_suffix(')').unwrap().parse().unwrap();
+    assert!((1..=9).contains(&n), "{text:?}");
+}
+
+#[test]
+fn a_grammar_that_waits_for_its_marker_leaves_the_text_before_it_free() {
+    let (codec, g) = grammars("qwen3-tiny", vec![2, 0]);
+    let c = Constraint {
+        grammar: Grammar::Regex("ok".into()),
+        after: Some("</think>".into()),
+    };
+    let mut guide = Guide::start(g.compile(&c).unwrap()).unwrap();
+    assert!(guide.allowed().is_none(), "free before the marker");
+    let think = codec.token_id("</think>").unwrap();
+    for t in codec.encode("some thoughts").unwrap() {
+        guide.advance(t, &codec);
+        assert!(guide.allowed().is_none());
+    }
+    guide.advance(think, &codec);
+    let mask = guide.allowed().unwrap().unwrap();
+    let allowed: Vec<String> = (0..codec.id_bound())
+        .filter(|&t| mask.is_allowed(t))
+        .map(|t| codec.decode(&[t]))
+        .collect();
+    assert!(
+        !allowed.is_empty() && allowed.iter().all(|t| "ok".starts_with(t.as_str())),
+        "{allowed:?}"
+    );
+}
+
+#[test]
+fn control_tokens_are_never_text_inside_a_grammar() {
+    let (codec, g) = grammars("qwen3-tiny", vec![2, 0]);
+    let c = schema(json!({"type": "string"}));
+    let mut guide = Guide::start(g.compile(&c).unwrap()).unwrap();
+    let quote = codec.encode("\"").unwrap();
+    assert_eq!(quote.len(), 1);
+    guide.allowed().unwrap().unwrap();
+    guide.advance(quote[0], &codec);
+    let mask = guide.allowed().unwrap().unwrap();
+    for control in codec.control_ids() {
+        assert!(
+            !mask.is_allowed(control),
+            "{:?} inside a JSON string",
+            codec.decode(&[control])
+        );
+    }
+    assert!(mask.num_set() > 50, "text is allowed: {}", mask.num_set());
+}
+
+#[test]
+fn bad_schemas_and_grammars_are_refused_with_the_reason() {
+    let (_, g) = grammars("qwen3-tiny", vec![2, 0]);
+    let e = g
+        .compile(&schema(json!({"type": "strin"})))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("JSON schema") && e.contains("strin"), "{e}");
+    let nested = json!({"type": "object", "properties": {"tags": {
+        "type": "array", "items": {"type": "string"}, "uniqueItems": true}}});
+    let e = g.compile(&schema(nested)).unwrap_err().to_string();
+    assert!(
+        e.contains("uniqueItems") && e.contains("at /properties/tags"),
+        "{e}"
+    );
+    let format =
+        json!({"type": "object", "properties": {"when": {"type": "string", "format": "bogus"}}});
+    let e = g.compile(&schema(format)).unwrap_err().to_string();
+    assert!(
+        e.contains("bogus") && e.contains("at /properties/when"),
+        "{e}"
+    );
+    let rx = Constraint {
+        grammar: Grammar::Regex("(unclosed".into()),
+        after: None,
+    };
+    let e = g.compile(&rx).unwrap_err().to_string();
+    assert!(e.contains("regex"), "{e}");
+    let lark = Constraint {
+        grammar: Grammar::Lark("start: missing_rule".into()),
+        after: None,
+    };
+    let e = g.compile(&lark).unwrap_err().to_string();
+    assert!(e.contains("grammar") && e.contains("missing_rule"), "{e}");
+    let none = Grammars::new(grammars("qwen3-tiny", vec![]).0, vec![]);
+    let e = none.compile(&schema(json!({}))).unwrap_err().to_string();
+    assert!(e.contains("eos_token_id"), "{e}");
+}

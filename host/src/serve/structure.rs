@@ -1,0 +1,302 @@
+//! Structured output a client asks for — OpenAI's `response_format`, vLLM's `guided_*` fields,
+//! a forced tool call — checked, then turned into the grammar the worker enforces token by
+//! token (`InferRequest::constraint`).
+
+use pio_plugin_api::wire::{Constraint, Grammar, InferRequest, ModelInfo};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::output::Parsing;
+use super::{reasoning, tool_calls, tool_grammar};
+
+/// What a request asks its output to be.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Structure {
+    /// A grammar of the client's; `field` is where it came from, for errors.
+    Grammar {
+        /// The grammar.
+        grammar: Grammar,
+        /// `response_format`, `guided_json`, ...
+        field: &'static str,
+    },
+    /// Tool calls forced by `tool_choice`: to the tool named, or to any offered one.
+    ToolCalls {
+        /// The one tool to call, if named.
+        name: Option<String>,
+        /// Whether several calls may follow each other (`parallel_tool_calls`).
+        parallel: bool,
+    },
+}
+
+/// The fields that ask for a grammar. vLLM's names for the extensions: OpenAI clients pass them
+/// in `extra_body` unchanged between vLLM and PIO, and `guided_grammar` there is a Lark
+/// grammar too (llama.cpp's `grammar` is GBNF, which this server does not read).
+#[derive(Debug, Deserialize)]
+struct Fields {
+    response_format: Option<Value>,
+    guided_json: Option<Value>,
+    guided_regex: Option<String>,
+    guided_grammar: Option<String>,
+    guided_choice: Option<Vec<String>>,
+}
+
+fn bad(field: &str, message: impl Into<String>) -> ApiError {
+    ApiError::bad_field(field, message)
+}
+
+/// The grammar `body` asks for, if any: at most one of `response_format` (other than `text`)
+/// and the `guided_*` fields.
+pub fn requested(body: &Value) -> Result<Option<Structure>, ApiError> {
+    let f: Fields = serde_path_to_error::deserialize(body).map_err(|e| {
+        let path = e.path().to_string();
+        bad(&path, format!("`{path}`: {}", e.inner()))
+    })?;
+    let mut asked: Vec<(&'static str, Grammar)> = Vec::new();
+    if let Some(format) = &f.response_format {
+        if let Some(g) = response_format(format)? {
+            asked.push(("response_format", g));
+        }
+    }
+    if let Some(v) = f.guided_json {
+        let schema = match v {
+            Value::String(s) => serde_json::from_str(&s)
+                .map_err(|e| bad("guided_json", format!("`guided_json` is not JSON: {e}")))?,
+            v => v,
+        };
+        asked.push((
+            "guided_json",
+            Grammar::JsonSchema(checked_schema("guided_json", schema)?),
+        ));
+    }
+    if let Some(rx) = f.guided_regex {
+        asked.push((
+            "guided_regex",
+            Grammar::Regex(non_empty("guided_regex", rx)?),
+        ));
+    }
+    if let Some(lark) = f.guided_grammar {
+        asked.push((
+            "guided_grammar",
+            Grammar::Lark(non_empty("guided_grammar", lark)?),
+        ));
+    }
+    if let Some(choices) = f.guided_choice {
+        asked.push(("guided_choice", Grammar::Lark(choice_grammar(&choices)?)));
+    }
+    if asked.len() > 1 {
+        let names: Vec<&str> = asked.iter().map(|(n, _)| *n).collect();
+        return Err(bad(
+            names[1],
+            format!(
+                "give one output constraint per request, not {}",
+                names.join(" and ")
+            ),
+        ));
+    }
+    Ok(asked
+        .pop()
+        .map(|(field, grammar)| Structure::Grammar { grammar, field }))
+}
+
+fn non_empty(field: &str, s: String) -> Result<String, ApiError> {
+    if s.trim().is_empty() {
+        return Err(bad(field, format!("`{field}` must not be empty")));
+    }
+    Ok(s)
+}
+
+/// A schema is an object or a boolean (`true`: any JSON value).
+fn checked_schema(field: &str, schema: Value) -> Result<Value, ApiError> {
+    match schema {
+        Value::Object(_) | Value::Bool(_) => Ok(schema),
+        other => Err(bad(
+            field,
+            format!("`{field}` must be a JSON Schema object, found {other}"),
+        )),
+    }
+}
+
+/// OpenAI's `response_format`: `text`, `json_object` or `json_schema`.
+fn response_format(format: &Value) -> Result<Option<Grammar>, ApiError> {
+    const KINDS: &str = "\"text\", \"json_object\" or \"json_schema\"";
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(Grammar::JsonSchema(json!({"type": "object"})))),
+        Some("json_schema") => {
+            let Some(spec) = format.get("json_schema").filter(|s| s.is_object()) else {
+                return Err(bad(
+                    "response_format.json_schema",
+                    "`response_format.json_schema` must be an object: {\"name\": ..., \"schema\": {...}, \"strict\": true}",
+                ));
+            };
+            if spec.get("name").is_some_and(|n| !n.is_string()) {
+                return Err(bad(
+                    "response_format.json_schema.name",
+                    "`response_format.json_schema.name` must be a string",
+                ));
+            }
+            let schema = spec.get("schema").cloned().unwrap_or(json!({}));
+            let schema = checked_schema("response_format.json_schema.schema", schema)?;
+            Ok(Some(Grammar::JsonSchema(schema)))
+        }
+        Some(other) => Err(bad(
+            "response_format.type",
+            format!("`response_format.type` must be {KINDS}, found \"{other}\""),
+        )),
+        None => Err(bad(
+            "response_format",
+            format!("`response_format` must be an object whose `type` is {KINDS}"),
+        )),
+    }
+}
+
+/// `guided_choice`: exactly one of the strings.
+fn choice_grammar(choices: &[String]) -> Result<String, ApiError> {
+    if choices.is_empty() || choices.iter().any(String::is_empty) {
+        return Err(bad(
+            "guided_choice",
+            "`guided_choice` must be a non-empty list of non-empty strings",
+        ));
+    }
+    let alternatives: Vec<String> = choices
+        .iter()
+        .map(|c| Value::from(c.as_str()).to_string())
+        .collect();
+    Ok(format!("start: {}\n", alternatives.join(" | ")))
+}
+
+/// The constraint the worker gets for `structure`, given the model (`info`) and the request's
+/// tools and template switches. A reasoning model thinks freely first: the grammar starts after
+/// its end-of-thinking marker.
+pub fn constraint(
+    structure: &Structure,
+    request: &InferRequest,
+    chat: bool,
+    model: &str,
+    info: &ModelInfo,
+) -> Result<Constraint, ApiError> {
+    let after = (Parsing::of(request, chat, info).reasoning == Some(true))
+        .then(|| reasoning::CLOSE.to_string());
+    let grammar = match structure {
+        Structure::Grammar { grammar, .. } => grammar.clone(),
+        Structure::ToolCalls { name, parallel } => {
+            let format = info
+                .tool_call_format
+                .as_deref()
+                .and_then(tool_calls::Format::from_name)
+                .ok_or_else(|| {
+                    bad(
+                        "tool_choice",
+                        format!("model `{model}` writes tool calls in no format this server can force; use \"auto\""),
+                    )
+                })?;
+            let tools = request.tools.as_deref().unwrap_or_default();
+            Grammar::Lark(tool_grammar::lark(
+                format,
+                tools,
+                name.as_deref(),
+                *parallel,
+            ))
+        }
+    };
+    Ok(Constraint { grammar, after })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grammar_of(body: Value) -> Result<Option<Structure>, ApiError> {
+        requested(&body)
+    }
+
+    #[test]
+    fn response_formats_become_json_schemas() {
+        assert_eq!(
+            grammar_of(json!({"response_format": {"type": "text"}})).unwrap(),
+            None
+        );
+        let object = grammar_of(json!({"response_format": {"type": "json_object"}})).unwrap();
+        assert_eq!(
+            object,
+            Some(Structure::Grammar {
+                grammar: Grammar::JsonSchema(json!({"type": "object"})),
+                field: "response_format"
+            })
+        );
+        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        let s = grammar_of(json!({"response_format": {"type": "json_schema",
+            "json_schema": {"name": "x", "schema": schema, "strict": true}}}))
+        .unwrap();
+        assert!(
+            matches!(s, Some(Structure::Grammar { grammar: Grammar::JsonSchema(g), .. }) if g == schema)
+        );
+        let choice = grammar_of(json!({"guided_choice": ["yes", "no \"really\""]})).unwrap();
+        assert!(
+            matches!(&choice, Some(Structure::Grammar { grammar: Grammar::Lark(l), field: "guided_choice" })
+                if l == "start: \"yes\" | \"no \\\"really\\\"\"\n"),
+            "{choice:?}"
+        );
+    }
+
+    #[test]
+    fn malformed_requests_name_the_field() {
+        for (body, param) in [
+            (
+                json!({"response_format": {"type": "xml"}}),
+                "response_format.type",
+            ),
+            (json!({"response_format": "json"}), "response_format"),
+            (
+                json!({"response_format": {"type": "json_schema"}}),
+                "response_format.json_schema",
+            ),
+            (
+                json!({"response_format": {"type": "json_schema", "json_schema": {"schema": 5}}}),
+                "response_format.json_schema.schema",
+            ),
+            (json!({"guided_regex": ""}), "guided_regex"),
+            (json!({"guided_json": "{nope"}), "guided_json"),
+            (json!({"guided_choice": []}), "guided_choice"),
+            (json!({"guided_regex": 5}), "guided_regex"),
+            (
+                json!({"guided_regex": "a", "response_format": {"type": "json_object"}}),
+                "guided_regex",
+            ),
+        ] {
+            let e = grammar_of(body.clone()).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
+            assert_eq!(e.status.as_u16(), 400);
+        }
+    }
+
+    #[test]
+    fn a_thinking_model_gets_its_grammar_after_the_reasoning() {
+        let glm = ModelInfo {
+            reasoning_format: Some("glm45".into()),
+            tool_call_format: Some("glm47".into()),
+            ..ModelInfo::default()
+        };
+        let s = Structure::Grammar {
+            grammar: Grammar::Regex("a".into()),
+            field: "guided_regex",
+        };
+        let mut request = InferRequest::default();
+        let c = constraint(&s, &request, true, "glm", &glm).unwrap();
+        assert_eq!(c.after.as_deref(), Some("</think>"));
+        request
+            .chat_template_kwargs
+            .insert("enable_thinking".into(), false.into());
+        assert_eq!(
+            constraint(&s, &request, true, "glm", &glm).unwrap().after,
+            None
+        );
+        let forced = Structure::ToolCalls {
+            name: None,
+            parallel: false,
+        };
+        let e = constraint(&forced, &request, true, "plain", &ModelInfo::default()).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("tool_choice"));
+    }
+}
