@@ -59,7 +59,9 @@ impl Decoding {
     /// Samples the next token from `logits` (among those the grammar allows, if any) and works
     /// out the text it releases.
     pub fn accept(&mut self, logits: &[f32], codec: &TextCodec) -> Result<Accepted> {
-        let allowed = self.guide.as_mut().and_then(Guide::allowed).transpose()?;
+        let allowed = (self.guide.as_mut())
+            .and_then(|g| g.allowed(logits.len()))
+            .transpose()?;
         let token = self
             .sampler
             .sample_from(logits, &self.prompt, &self.generated, allowed.as_ref())

@@ -17,6 +17,7 @@ mod qwen3;
 mod qwen3_vl;
 mod reload;
 mod serve;
+mod structured;
 mod supervisor;
 mod upper_tiers;
 mod worker;

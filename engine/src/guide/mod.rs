@@ -106,6 +106,7 @@ impl Grammars {
         }
         Ok(Compiled {
             matcher,
+            eos: self.eos.clone(),
             after: constraint
                 .after
                 .as_ref()
@@ -168,6 +169,7 @@ fn find(
 /// A compiled constraint, ready for a sequence.
 pub struct Compiled {
     matcher: Matcher,
+    eos: Vec<u32>,
     after: Option<Vec<u8>>,
 }
 
@@ -175,6 +177,7 @@ impl Clone for Compiled {
     fn clone(&self) -> Self {
         Self {
             matcher: self.matcher.deep_clone(),
+            eos: self.eos.clone(),
             after: self.after.clone(),
         }
     }
@@ -200,6 +203,8 @@ type MaskResult = std::result::Result<SimpleVob, String>;
 pub struct Guide {
     /// The marker the grammar waits for, and the output's last bytes while it waits.
     waiting_for: Option<(Vec<u8>, Vec<u8>)>,
+    /// End-of-sequence tokens, barred while the grammar waits (the output must reach it).
+    eos: Vec<u32>,
     tokens: Sender<u32>,
     masks: Receiver<MaskResult>,
 }
@@ -207,7 +212,11 @@ pub struct Guide {
 impl Guide {
     /// Starts `compiled`'s matcher thread (its first mask is computed at once).
     pub fn start(compiled: Compiled) -> Result<Self> {
-        let Compiled { mut matcher, after } = compiled;
+        let Compiled {
+            mut matcher,
+            eos,
+            after,
+        } = compiled;
         let (tokens, inbox) = mpsc::channel::<u32>();
         let (outbox, masks) = mpsc::channel::<MaskResult>();
         std::thread::Builder::new()
@@ -227,15 +236,26 @@ impl Guide {
             .map_err(|e| EngineError::Internal(format!("cannot start a grammar thread: {e}")))?;
         Ok(Self {
             waiting_for: after.map(|a| (a, Vec::new())),
+            eos,
             tokens,
             masks,
         })
     }
 
-    /// The tokens allowed next; `None` while the grammar waits for its marker.
-    pub fn allowed(&mut self) -> Option<Result<SimpleVob>> {
+    /// The tokens allowed next (of `vocab` ids), or `None` for all. While the grammar waits for
+    /// its marker, anything but the end of the sequence is.
+    pub fn allowed(&mut self, vocab: usize) -> Option<Result<SimpleVob>> {
         if self.waiting_for.is_some() {
-            return None;
+            if self.eos.is_empty() {
+                return None;
+            }
+            let mut free = SimpleVob::alloc_ones(vocab);
+            for &e in &self.eos {
+                if (e as usize) < vocab {
+                    free.disallow_token(e);
+                }
+            }
+            return Some(Ok(free));
         }
         Some(match self.masks.recv() {
             Ok(Ok(mask)) => Ok(mask),

@@ -24,7 +24,7 @@ fn generate(codec: &TextCodec, compiled: Compiled, eos: &[u32], seed: u64) -> (S
         let logits: Vec<f32> = (0..vocab as u64)
             .map(|i| ((i * 7919 + step * 104729 + seed) % 1000) as f32 / 100.0)
             .collect();
-        let allowed = guide.allowed().map(|m| m.unwrap());
+        let allowed = guide.allowed(vocab).map(|m| m.unwrap());
         let token = sampler
             .sample_from(&logits, &[], &out, allowed.as_ref())
             .unwrap();
@@ -130,14 +130,20 @@ fn a_grammar_that_waits_for_its_marker_leaves_the_text_before_it_free() {
         after: Some("</think>".into()),
     };
     let mut guide = Guide::start(g.compile(&c).unwrap()).unwrap();
-    assert!(guide.allowed().is_none(), "free before the marker");
+    let vocab = codec.id_bound() as usize;
+    let free = |guide: &mut Guide| {
+        let mask = guide.allowed(vocab).unwrap().unwrap();
+        assert_eq!(mask.num_set(), vocab - 2, "all but the two EOS tokens");
+        assert!(!mask.is_allowed(2) && !mask.is_allowed(0));
+    };
+    free(&mut guide);
     let think = codec.token_id("</think>").unwrap();
     for t in codec.encode("some thoughts").unwrap() {
         guide.advance(t, &codec);
-        assert!(guide.allowed().is_none());
+        free(&mut guide);
     }
     guide.advance(think, &codec);
-    let mask = guide.allowed().unwrap().unwrap();
+    let mask = guide.allowed(vocab).unwrap().unwrap();
     let allowed: Vec<String> = (0..codec.id_bound())
         .filter(|&t| mask.is_allowed(t))
         .map(|t| codec.decode(&[t]))
@@ -155,9 +161,10 @@ fn control_tokens_are_never_text_inside_a_grammar() {
     let mut guide = Guide::start(g.compile(&c).unwrap()).unwrap();
     let quote = codec.encode("\"").unwrap();
     assert_eq!(quote.len(), 1);
-    guide.allowed().unwrap().unwrap();
+    let vocab = codec.id_bound() as usize;
+    guide.allowed(vocab).unwrap().unwrap();
     guide.advance(quote[0], &codec);
-    let mask = guide.allowed().unwrap().unwrap();
+    let mask = guide.allowed(vocab).unwrap().unwrap();
     for control in codec.control_ids() {
         assert!(
             !mask.is_allowed(control),

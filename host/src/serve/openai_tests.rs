@@ -116,3 +116,101 @@ fn completion_prompts_and_limits() {
         assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
     }
 }
+
+#[test]
+fn tool_choice_forces_calls_to_offered_tools_on_models_that_constrain_output() {
+    let tools = json!([
+        {"type": "function", "function": {"name": "a", "parameters": {"type": "object"}}},
+        {"type": "function", "function": {"name": "b"}},
+    ]);
+    let chat = |extra: serde_json::Value| {
+        let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let all = caps(&["chat", "tools", "structured_output"]);
+    let parsed = |extra| parse(&chat(extra), Endpoint::Chat, all, &Limits::default());
+    let p = parsed(json!({"tools": tools, "tool_choice": "required"})).unwrap();
+    assert_eq!(
+        p.structure,
+        Some(Structure::ToolCalls {
+            name: None,
+            parallel: true
+        })
+    );
+    let p =
+        parsed(json!({"tools": tools, "tool_choice": "required", "parallel_tool_calls": false}))
+            .unwrap();
+    assert!(matches!(
+        p.structure,
+        Some(Structure::ToolCalls {
+            parallel: false,
+            ..
+        })
+    ));
+    let named = json!({"type": "function", "function": {"name": "b"}});
+    let p = parsed(json!({"tools": tools, "tool_choice": named})).unwrap();
+    assert_eq!(
+        p.structure,
+        Some(Structure::ToolCalls {
+            name: Some("b".into()),
+            parallel: false
+        })
+    );
+    assert_eq!(parsed(json!({"tools": tools})).unwrap().structure, None);
+    let none = parsed(json!({"tools": tools, "tool_choice": "none"})).unwrap();
+    assert!(none.structure.is_none() && none.request.tools.is_none());
+    for (extra, param, needle) in [
+        (
+            json!({"tool_choice": "required"}),
+            "tool_choice",
+            "no `tools`",
+        ),
+        (
+            json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "z"}}}),
+            "tool_choice.function.name",
+            "`z`",
+        ),
+        (
+            json!({"tools": tools, "tool_choice": "always"}),
+            "tool_choice",
+            "\"required\"",
+        ),
+        (
+            json!({"tools": tools, "tool_choice": "required", "response_format": {"type": "json_object"}}),
+            "tool_choice",
+            "response_format",
+        ),
+    ] {
+        let e = parsed(extra.clone()).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some(param), "{extra}: {}", e.message);
+        assert!(e.message.contains(needle), "{}", e.message);
+    }
+    let plain = caps(&["chat", "tools"]);
+    let e = parse(
+        &chat(json!({"response_format": {"type": "json_object"}})),
+        Endpoint::Chat,
+        plain,
+        &Limits::default(),
+    )
+    .unwrap_err();
+    assert_eq!(e.param.as_deref(), Some("response_format"));
+    assert!(e.message.contains("does not declare"), "{}", e.message);
+    let completion = json!({"model": "m", "prompt": "x", "guided_regex": "[0-9]+"});
+    let p = parse(
+        &completion,
+        Endpoint::Completions,
+        caps(&["text", "structured_output"]),
+        &Limits::default(),
+    )
+    .unwrap();
+    assert!(matches!(
+        p.structure,
+        Some(Structure::Grammar {
+            field: "guided_regex",
+            ..
+        })
+    ));
+}
