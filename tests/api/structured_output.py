@@ -203,6 +203,7 @@ def refused(status, needle, **kwargs):
 
 refused(400, "uniqueItems", response_format=response_format("u", {"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}))
 refused(400, "/properties/tags", response_format=response_format("u", {"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}))
+refused(400, "uniqueItems", stream=True, response_format=response_format("u", {"type": "array", "uniqueItems": True}))
 refused(400, "Unknown format", response_format=response_format("f", {"type": "string", "format": "bogus"}))
 refused(400, "response_format.type", response_format={"type": "xml"})
 refused(400, "regex", extra_body={"guided_regex": "(unclosed"})

@@ -80,3 +80,71 @@ fn constrained_output_always_parses_and_validates() {
         d.logs()
     );
 }
+
+/// `pio run --json-schema FILE` and `--grammar FILE` hold the output as the API's fields do, and
+/// refuse what the API refuses.
+#[test]
+fn pio_run_takes_a_schema_or_a_grammar_from_a_file() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = crate::daemon::qwen_dir("");
+    let schema = dir.write(
+        "schema.json",
+        r#"{"type": "object", "properties": {"k": {"enum": ["a", "b"]}, "n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["k", "n"], "additionalProperties": false}"#,
+    );
+    let grammar = dir.write("g.lark", "start: \"id-\" /[0-9]{4}/\n");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "qwen3-4b-instruct-2507",
+            "--plugins",
+            ".",
+            "--max-tokens",
+            "60",
+        ];
+        args.extend_from_slice(extra);
+        crate::support::pio(dir.path(), &args)
+    };
+    let messages = r#"[{"role": "user", "content": "hi"}]"#;
+    let out = run(&[
+        "--messages",
+        messages,
+        "--json-schema",
+        schema.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert!(["a", "b"].contains(&v["k"].as_str().unwrap()), "{v}");
+    assert!((0..=9).contains(&v["n"].as_i64().unwrap()), "{v}");
+
+    let out = run(&["--prompt", "x", "--grammar", grammar.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = text
+        .trim()
+        .strip_prefix("id-")
+        .unwrap_or_else(|| panic!("{text:?}"));
+    assert!(
+        id.len() == 4 && id.bytes().all(|b| b.is_ascii_digit()),
+        "{text:?}"
+    );
+
+    let bad = dir.write("bad.json", r#"{"type": "array", "uniqueItems": true}"#);
+    let out = run(&["--prompt", "x", "--json-schema", bad.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("uniqueItems"),
+        "{stderr}"
+    );
+}

@@ -10,6 +10,7 @@ use clap::Args;
 use pio_host::supervisor::{Event, Worker};
 use pio_plugin_api::wire::{InferRequest, Prompt};
 
+mod constrained;
 mod llama_cpp;
 use crate::cli_run::{prepare, start_loaded, Prepared, TierArgs};
 use crate::SearchArgs;
@@ -52,6 +53,15 @@ pub struct BenchArgs {
     /// plugin's.
     #[arg(long)]
     llama_threads: Option<usize>,
+    /// Run the workload a second time with every request's output constrained to a JSON
+    /// Schema (a long array of records, so no request ends early), and print what a
+    /// constrained step costs over a free one.
+    #[arg(long)]
+    constrained: bool,
+    /// The JSON Schema for `--constrained` (default: the built-in array of records). It must
+    /// not let the output end before `--output-tokens`, or the figures compare less work.
+    #[arg(long, value_name = "FILE", requires = "constrained")]
+    json_schema: Option<PathBuf>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -199,32 +209,22 @@ pub fn run(args: BenchArgs) -> anyhow::Result<u8> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    let constraint = match (args.constrained, &args.json_schema) {
+        (false, _) => None,
+        (true, path) => Some(constrained::constraint(path.as_deref())?),
+    };
     runtime.block_on(async move {
         let (worker, _) = start_loaded(spec, config).await?;
         // Warm-up: thread pools and buffers, with a prompt that shares nothing.
         one(&worker, request("Hello".into(), 2)).await?;
-        let total = args.requests.unwrap_or(args.concurrency);
-        let shared = (args.prompt_words as f64 * args.shared_prefix).round() as usize;
-        let started = Instant::now();
-        let mut timings = Vec::with_capacity(total);
-        let mut next = 0;
-        let mut running = tokio::task::JoinSet::new();
         let worker = std::sync::Arc::new(worker);
-        while timings.len() < total {
-            while running.len() < args.concurrency && next < total {
-                let (w, text) = (worker.clone(), prompt(next, args.prompt_words, shared));
-                let max = args.output_tokens;
-                running.spawn(async move { one(&w, request(text, max)).await });
-                next += 1;
-            }
-            match running.join_next().await {
-                Some(t) => timings.push(t.context("a bench task panicked")??),
-                None => break,
-            }
+        let (timings, wall) = workload(&worker, &args, None).await?;
+        let mut figures = figures(&args, &timings, wall);
+        if let Some(c) = constraint {
+            let (timings, wall) = workload(&worker, &args, Some(c)).await?;
+            constrained::add(&mut figures, self::figures(&args, &timings, wall));
         }
-        let wall = started.elapsed();
         worker.shutdown().await;
-        let figures = figures(&args, &timings, wall);
         let llama = match &args.compare_llama_cpp {
             Some(gguf) => Some(compare(&args, gguf, &timings)?),
             None => None,
@@ -232,6 +232,35 @@ pub fn run(args: BenchArgs) -> anyhow::Result<u8> {
         report(&args, figures, llama.as_deref());
         Ok(0)
     })
+}
+
+/// Runs the workload (every request's output held to `constraint`, if given); the requests'
+/// timings and the wall time.
+async fn workload(
+    worker: &std::sync::Arc<Worker>,
+    args: &BenchArgs,
+    constraint: Option<pio_plugin_api::wire::Constraint>,
+) -> anyhow::Result<(Vec<Timing>, Duration)> {
+    let total = args.requests.unwrap_or(args.concurrency);
+    let shared = (args.prompt_words as f64 * args.shared_prefix).round() as usize;
+    let started = Instant::now();
+    let mut timings = Vec::with_capacity(total);
+    let mut next = 0;
+    let mut running = tokio::task::JoinSet::new();
+    while timings.len() < total {
+        while running.len() < args.concurrency && next < total {
+            let (w, text) = (worker.clone(), prompt(next, args.prompt_words, shared));
+            let mut r = request(text, args.output_tokens);
+            r.constraint = constraint.clone();
+            running.spawn(async move { one(&w, r).await });
+            next += 1;
+        }
+        match running.join_next().await {
+            Some(t) => timings.push(t.context("a bench task panicked")??),
+            None => break,
+        }
+    }
+    Ok((timings, started.elapsed()))
 }
 
 /// llama.cpp's rows for the same workload.
@@ -390,6 +419,7 @@ fn report(args: &BenchArgs, mut f: serde_json::Value, llama: Option<&[llama_cpp:
             );
         }
     }
+    constrained::print(&f);
 }
 
 #[cfg(test)]
