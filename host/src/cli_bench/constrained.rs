@@ -109,6 +109,7 @@ pub(super) fn print(f: &Value) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
