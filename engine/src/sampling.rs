@@ -94,14 +94,20 @@ impl Sampler {
         generated: &[u32],
         allowed: Option<&SimpleVob>,
     ) -> Option<u32> {
-        let mut logits = logits.to_vec();
-        if let Some(mask) = allowed {
-            for (id, l) in logits.iter_mut().enumerate() {
-                if id >= mask.len() || !mask.get(id) {
-                    *l = f32::NEG_INFINITY;
-                }
+        let mut logits = match allowed {
+            None => logits.to_vec(),
+            // Copy only the allowed entries: a grammar's mask usually allows a few hundred of
+            // the vocabulary's 150k tokens.
+            Some(mask) => {
+                let mut kept = vec![f32::NEG_INFINITY; logits.len()];
+                mask.iter_set_entries(|id| {
+                    if let Some(&l) = logits.get(id) {
+                        kept[id] = l;
+                    }
+                });
+                kept
             }
-        }
+        };
         self.apply_penalties(&mut logits, prompt, generated);
         if self.params.is_greedy() {
             let best = argmax(&logits);

@@ -24,6 +24,25 @@ pub struct Decoding {
     guide: Option<Guide>,
 }
 
+/// What masks cost: tokens sampled under one, time computing them, time waiting for them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GuideTime {
+    /// Tokens sampled under a mask.
+    pub tokens: u64,
+    /// Time the grammar threads spent computing masks.
+    pub compute: std::time::Duration,
+    /// Time the sampler waited for a mask.
+    pub wait: std::time::Duration,
+}
+
+impl std::ops::AddAssign for GuideTime {
+    fn add_assign(&mut self, o: Self) {
+        self.tokens += o.tokens;
+        self.compute += o.compute;
+        self.wait += o.wait;
+    }
+}
+
 /// One sampled token and whether the sequence ends with it.
 #[derive(Debug)]
 pub struct Accepted {
@@ -31,6 +50,8 @@ pub struct Accepted {
     pub emitted: Emitted,
     /// Why the sequence ends here, if it does.
     pub finish: Option<Finish>,
+    /// What this token's mask cost, if it had one.
+    pub guided: GuideTime,
 }
 
 impl Decoding {
@@ -59,9 +80,18 @@ impl Decoding {
     /// Samples the next token from `logits` (among those the grammar allows, if any) and works
     /// out the text it releases.
     pub fn accept(&mut self, logits: &[f32], codec: &TextCodec) -> Result<Accepted> {
+        let asked = std::time::Instant::now();
         let allowed = (self.guide.as_mut())
             .and_then(|g| g.allowed(logits.len()))
             .transpose()?;
+        let guided = match (&allowed, self.guide.as_ref()) {
+            (Some(_), Some(g)) if g.is_active() => GuideTime {
+                tokens: 1,
+                compute: g.last_compute(),
+                wait: asked.elapsed(),
+            },
+            _ => GuideTime::default(),
+        };
         let token = self
             .sampler
             .sample_from(logits, &self.prompt, &self.generated, allowed.as_ref())
@@ -118,6 +148,7 @@ impl Decoding {
                 top,
             },
             finish,
+            guided,
         })
     }
 }

@@ -286,6 +286,13 @@ pub struct EngineStats {
     pub steps: u64,
     /// Sequences over all forward passes (divided by `steps`: the mean batch size).
     pub batched_seqs: u64,
+    /// Tokens sampled under a grammar's mask (added in 1.4).
+    pub guided_tokens: u64,
+    /// Microseconds spent computing those masks, beside the forward passes (added in 1.4).
+    pub guide_compute_us: u64,
+    /// Microseconds the sampler waited for a mask not yet ready: what the overlap with the
+    /// forward pass did not hide (added in 1.4).
+    pub guide_wait_us: u64,
 }
 
 /// What a loaded model reports about itself.

@@ -315,3 +315,38 @@ impl Drop for Daemon {
         let _ = self.child.wait();
     }
 }
+
+/// Whether python3 with the `openai` and `jsonschema` packages is here (CI must have them:
+/// `pip install -r tests/api/requirements.txt`); elsewhere tests that need them are skipped.
+pub fn python_client_available() -> bool {
+    let have = std::process::Command::new("python3")
+        .args(["-c", "import openai, jsonschema"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install tests/api/requirements.txt (pip install openai jsonschema)"
+        );
+        eprintln!("skipped: python3 with openai and jsonschema is not installed (pip install -r tests/api/requirements.txt)");
+    }
+    have
+}
+
+/// Runs `tests/api/<script>` against `d` (its `/v1` base URL first, then `args`); fails the
+/// test with the script's output and the daemon's logs unless it succeeds.
+pub fn run_python_checks(d: &Daemon, script: &str, args: &[&str]) {
+    let out = std::process::Command::new("python3")
+        .arg(repo_root().join("tests/api").join(script))
+        .arg(format!("{}/v1", d.base))
+        .args(args)
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}\n{}\ndaemon logs:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        d.logs()
+    );
+}

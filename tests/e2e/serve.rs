@@ -637,33 +637,12 @@ fn the_official_openai_client_works() {
     if !confinement_available() {
         return;
     }
-    let have = std::process::Command::new("python3")
-        .args(["-c", "import openai, jsonschema"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !have {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must install tests/api/requirements.txt (pip install openai jsonschema)"
-        );
-        eprintln!("skipped: python3 with openai and jsonschema is not installed (pip install -r tests/api/requirements.txt)");
+    if !python_client_available() {
         return;
     }
     let d = Daemon::start(qwen_dir(""), "[server]\napi_keys = [\"test-key\"]\n");
     d.wait_ready();
-    let out = std::process::Command::new("python3")
-        .arg(repo_root().join("tests/api/openai_client.py"))
-        .arg(format!("{}/v1", d.base))
-        .arg("test-key")
-        .output()
-        .expect("run python3");
-    assert!(
-        out.status.success(),
-        "openai client checks failed:\n{}\n{}\ndaemon logs:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        d.logs()
-    );
+    run_python_checks(&d, "openai_client.py", &["test-key"]);
 }
 
 /// A daemon killed with SIGKILL cleans nothing; the next one to start removes what it left: its

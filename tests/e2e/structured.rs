@@ -3,7 +3,7 @@
 //! `chat.completions.parse` with a pydantic model, `guided_*`, forced tool calls in each
 //! model's own markup), every output checked against its schema with `jsonschema`.
 
-use crate::daemon::{echo_dir, Daemon};
+use crate::daemon::{echo_dir, python_client_available, run_python_checks, Daemon};
 use crate::support::{manifest, plugin_lib, repo_root, PluginDir};
 use crate::worker::confinement_available;
 
@@ -53,32 +53,12 @@ fn constrained_output_always_parses_and_validates() {
     if !confinement_available() {
         return;
     }
-    let have = std::process::Command::new("python3")
-        .args(["-c", "import openai, jsonschema, pydantic"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !have {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must install tests/api/requirements.txt (pip install openai jsonschema)"
-        );
-        eprintln!("skipped: python3 with openai and jsonschema is not installed (pip install -r tests/api/requirements.txt)");
+    if !python_client_available() {
         return;
     }
     let d = Daemon::start(three_formats(), "");
     d.wait_ready();
-    let out = std::process::Command::new("python3")
-        .arg(repo_root().join("tests/api/structured_output.py"))
-        .arg(format!("{}/v1", d.base))
-        .output()
-        .expect("run python3");
-    assert!(
-        out.status.success(),
-        "structured output checks failed:\n{}\n{}\ndaemon logs:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        d.logs()
-    );
+    run_python_checks(&d, "structured_output.py", &[]);
 }
 
 /// `pio run --json-schema FILE` and `--grammar FILE` hold the output as the API's fields do, and

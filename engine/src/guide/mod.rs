@@ -194,8 +194,8 @@ impl std::fmt::Debug for Compiled {
     }
 }
 
-/// The allowed tokens of one step, or why there are none.
-type MaskResult = std::result::Result<SimpleVob, String>;
+/// The allowed tokens of one step and the time computing them took, or why there are none.
+type MaskResult = std::result::Result<(SimpleVob, std::time::Duration), String>;
 
 /// A sequence's constraint while it generates: the matcher lives on its own thread, which
 /// computes the next mask as soon as it learns the last token.
@@ -207,6 +207,8 @@ pub struct Guide {
     eos: Vec<u32>,
     tokens: Sender<u32>,
     masks: Receiver<MaskResult>,
+    /// What computing the last mask took.
+    last_compute: std::time::Duration,
 }
 
 impl Guide {
@@ -221,16 +223,22 @@ impl Guide {
         let (outbox, masks) = mpsc::channel::<MaskResult>();
         std::thread::Builder::new()
             .name("pio-guide".into())
-            .spawn(move || loop {
-                let mask = matcher.compute_mask_or_eos().map_err(|e| e.to_string());
-                let failed = mask.is_err();
-                if outbox.send(mask).is_err() || failed {
-                    return;
-                }
-                let Ok(token) = inbox.recv() else { return };
-                if let Err(e) = matcher.consume_token(token) {
-                    let _ = outbox.send(Err(e.to_string()));
-                    return;
+            .spawn(move || {
+                let mut started = std::time::Instant::now();
+                loop {
+                    let mask = (matcher.compute_mask_or_eos())
+                        .map(|m| (m, started.elapsed()))
+                        .map_err(|e| e.to_string());
+                    let failed = mask.is_err();
+                    if outbox.send(mask).is_err() || failed {
+                        return;
+                    }
+                    let Ok(token) = inbox.recv() else { return };
+                    started = std::time::Instant::now();
+                    if let Err(e) = matcher.consume_token(token) {
+                        let _ = outbox.send(Err(e.to_string()));
+                        return;
+                    }
                 }
             })
             .map_err(|e| EngineError::Internal(format!("cannot start a grammar thread: {e}")))?;
@@ -239,7 +247,18 @@ impl Guide {
             eos,
             tokens,
             masks,
+            last_compute: std::time::Duration::ZERO,
         })
+    }
+
+    /// Whether the grammar applies (it is not waiting for its marker).
+    pub fn is_active(&self) -> bool {
+        self.waiting_for.is_none()
+    }
+
+    /// What computing the last mask [`Guide::allowed`] returned took.
+    pub fn last_compute(&self) -> std::time::Duration {
+        self.last_compute
     }
 
     /// The tokens allowed next (of `vocab` ids), or `None` for all. While the grammar waits for
@@ -258,7 +277,10 @@ impl Guide {
             return Some(Ok(free));
         }
         Some(match self.masks.recv() {
-            Ok(Ok(mask)) => Ok(mask),
+            Ok(Ok((mask, took))) => {
+                self.last_compute = took;
+                Ok(mask)
+            }
             Ok(Err(e)) => Err(EngineError::Internal(format!(
                 "the output grammar failed: {e}"
             ))),

@@ -172,6 +172,9 @@ pub struct Stats {
     pub batched_seqs: u64,
     /// Sequences in the last forward pass.
     pub last_batch: usize,
+    /// Tokens sampled under a grammar's mask, the time spent computing those masks (beside the
+    /// forward passes), and the time the sampler waited for them.
+    pub guided: crate::sequence::GuideTime,
 }
 
 impl Stats {
@@ -191,6 +194,9 @@ impl Stats {
             preemptions: self.preemptions,
             steps: self.steps,
             batched_seqs: self.batched_seqs,
+            guided_tokens: self.guided.tokens,
+            guide_compute_us: self.guided.compute.as_micros() as u64,
+            guide_wait_us: self.guided.wait.as_micros() as u64,
         }
     }
 }

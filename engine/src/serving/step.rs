@@ -514,6 +514,7 @@ impl<M: CausalLm> Worker<M> {
                 }
             };
             seq.first_token.get_or_insert_with(Instant::now);
+            self.stats.guided += accepted.guided;
             let token = accepted.emitted.token_id;
             seq.backlog.fetch_add(1, Ordering::AcqRel);
             let delivered = seq.events.send(Event::Token(accepted.emitted)).is_ok();

@@ -57,28 +57,60 @@ fn overhead(free: Option<f64>, constrained: Option<f64>, higher_is_faster: bool)
     })
 }
 
-/// Adds the constrained run's figures, and the overheads, to the free run's.
-pub(super) fn add(free: &mut Value, constrained: Value) {
+/// The mean of a figure over two runs (either alone if the other lacks it).
+fn mean(a: &Value, b: &Value, key: &str) -> Option<f64> {
+    let at = |v: &Value| key.split('.').fold(v, |v, k| &v[k]).as_f64();
+    match (at(a), at(b)) {
+        (Some(x), Some(y)) => Some((x + y) / 2.0),
+        (x, y) => x.or(y),
+    }
+}
+
+/// What the masks cost per constrained token, from the engine's counters: their computation
+/// (beside the forward pass) and the sampler's wait for them (what the overlap did not hide).
+fn mask_costs(constrained: &Value) -> Value {
+    let e = &constrained["engine"];
+    let tokens = e["guided_tokens"].as_f64().unwrap_or(0.0);
+    if tokens == 0.0 {
+        return Value::Null;
+    }
+    json!({
+        "tokens": tokens,
+        "compute_us_per_token": e["guide_compute_us"].as_f64().unwrap_or(0.0) / tokens,
+        "wait_us_per_token": e["guide_wait_us"].as_f64().unwrap_or(0.0) / tokens,
+    })
+}
+
+/// Adds the constrained run's figures, and the overheads against the mean of the free runs
+/// before and after it (`free` and `again`), to the first free run's.
+pub(super) fn add(free: &mut Value, constrained: Value, again: &Value) {
     let decode = overhead(
-        free["decode_tokens_per_s"].as_f64(),
+        mean(free, again, "decode_tokens_per_s"),
         constrained["decode_tokens_per_s"].as_f64(),
         true,
     );
-    let itl = overhead(
-        free["itl_ms"]["p50"].as_f64(),
-        constrained["itl_ms"]["p50"].as_f64(),
-        false,
-    );
+    let itl_free = mean(free, again, "itl_ms.p50");
+    let itl = overhead(itl_free, constrained["itl_ms"]["p50"].as_f64(), false);
     let output = overhead(
-        free["output_tokens_per_s"].as_f64(),
+        mean(free, again, "output_tokens_per_s"),
         constrained["output_tokens_per_s"].as_f64(),
         true,
     );
+    let masks = mask_costs(&constrained);
+    // The most the masks can add to a step: the wait, plus their computation if it took the
+    // forward pass's cores (it runs on a thread of its own).
+    let bound = itl_free.filter(|&t| t > 0.0).and_then(|t| {
+        let per = masks["wait_us_per_token"].as_f64()? + masks["compute_us_per_token"].as_f64()?;
+        Some(per / 1e3 / t)
+    });
     free["constrained"] = json!({
         "figures": constrained,
+        "free_again": again,
+        "masks": masks,
         "step_overhead_itl_p50": itl,
         "step_overhead_decode": decode,
         "step_overhead_output": output,
+        "step_overhead_bound": bound,
     });
 }
 
@@ -101,11 +133,20 @@ pub(super) fn print(f: &Value) {
         c["figures"]["output_tokens"]
     );
     println!(
-        "  cost of a constrained step over a free one: ITL p50 {}, decode throughput {}, output throughput {}",
+        "  cost of a constrained step over a free one (free runs before and after): ITL p50 {}, decode throughput {}, output throughput {}",
         pct(&c["step_overhead_itl_p50"]),
         pct(&c["step_overhead_decode"]),
         pct(&c["step_overhead_output"])
     );
+    let m = &c["masks"];
+    if !m.is_null() {
+        println!(
+            "  masks: {:.0} µs each to compute (beside the forward pass), {:.0} µs waited for per token; at most {} of a free step",
+            num(&m["compute_us_per_token"]),
+            num(&m["wait_us_per_token"]),
+            pct(&c["step_overhead_bound"])
+        );
+    }
 }
 
 #[cfg(test)]
@@ -122,12 +163,18 @@ mod tests {
         );
         assert_eq!(overhead(None, Some(1.0), true), None);
         assert_eq!(overhead(Some(0.0), Some(1.0), true), None);
-        let mut free = json!({"decode_tokens_per_s": 50.0, "itl_ms": {"p50": 20.0}, "output_tokens_per_s": 40.0});
-        let constrained = json!({"decode_tokens_per_s": 40.0, "itl_ms": {"p50": 25.0}, "output_tokens_per_s": 40.0});
-        add(&mut free, constrained);
-        assert_eq!(free["constrained"]["step_overhead_itl_p50"], json!(0.25));
-        assert_eq!(free["constrained"]["step_overhead_decode"], json!(0.25));
-        assert_eq!(free["constrained"]["step_overhead_output"], json!(0.0));
+        let mut free = json!({"decode_tokens_per_s": 60.0, "itl_ms": {"p50": 18.0}, "output_tokens_per_s": 40.0});
+        let again = json!({"decode_tokens_per_s": 40.0, "itl_ms": {"p50": 22.0}, "output_tokens_per_s": 40.0});
+        let constrained = json!({"decode_tokens_per_s": 40.0, "itl_ms": {"p50": 25.0}, "output_tokens_per_s": 40.0,
+            "engine": {"guided_tokens": 10, "guide_compute_us": 3000, "guide_wait_us": 1000}});
+        add(&mut free, constrained, &again);
+        let c = &free["constrained"];
+        assert_eq!(c["step_overhead_itl_p50"], json!(0.25));
+        assert_eq!(c["step_overhead_decode"], json!(0.25));
+        assert_eq!(c["step_overhead_output"], json!(0.0));
+        assert_eq!(c["masks"]["compute_us_per_token"], json!(300.0));
+        assert_eq!(c["masks"]["wait_us_per_token"], json!(100.0));
+        assert_eq!(c["step_overhead_bound"], json!(0.02));
     }
 
     #[test]
