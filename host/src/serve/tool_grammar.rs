@@ -199,3 +199,85 @@ fn glm(tools: &[Tool<'_>]) -> String {
         functions.join(" | ")
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tools() -> Vec<Value> {
+        vec![
+            json!({"type": "function", "function": {"name": "get_weather", "parameters": {
+                "type": "object",
+                "properties": {"city": {"enum": ["Paris", "Oslo"]}, "days": {"type": "integer"},
+                               "note": {"type": "string", "maxLength": 20}},
+                "required": ["city"]}}}),
+            json!({"type": "function", "function": {"name": "ping"}}),
+        ]
+    }
+
+    #[test]
+    fn hermes_calls_are_one_json_object_naming_the_tool() {
+        let g = lark(Format::Hermes, &tools(), None, true);
+        assert!(g.starts_with("start: call (\"\\n\" call)*\n"), "{g}");
+        assert!(g.contains("call: <tool_call> \"\\n\" %json {"), "{g}");
+        assert!(
+            g.contains(r#""anyOf":"#) && g.contains(r#"{"const":"get_weather"}"#),
+            "{g}"
+        );
+        let one = lark(Format::Hermes, &tools(), Some("ping"), false);
+        assert!(
+            one.starts_with("start: call\n") && !one.contains("anyOf"),
+            "{one}"
+        );
+        assert!(
+            one.contains(r#""const":"ping""#) && !one.contains("get_weather"),
+            "{one}"
+        );
+        assert!(one.contains(r#""x-guidance""#), "the JSON layout: {one}");
+    }
+
+    #[test]
+    fn qwen3_coder_parameters_are_tags_with_bare_strings_and_json_values() {
+        let g = lark(Format::Qwen3Coder, &tools(), Some("get_weather"), false);
+        assert!(
+            g.contains(r#"f0: "<function=get_weather>\n" p0_0 p0_1? p0_2? "</function>""#),
+            "{g}"
+        );
+        assert!(
+            g.contains(r#"v0_0: ("Paris" | "Oslo") "\n</parameter>""#),
+            "{g}"
+        );
+        assert!(g.contains(r#"p0_1: "<parameter=days>\n" %json {"#), "{g}");
+        assert!(
+            g.contains(r#"v0_2[suffix="\n</parameter>"]: /(?s:.{0,20})/"#),
+            "{g}"
+        );
+    }
+
+    #[test]
+    fn glm_arguments_sit_between_key_and_value_tokens() {
+        let g = lark(Format::Glm47, &tools(), None, true);
+        assert!(g.starts_with("start: call (call)*\n"), "{g}");
+        assert!(
+            g.contains("call: <tool_call> (f0 | f1) </tool_call>"),
+            "{g}"
+        );
+        assert!(
+            g.contains(r#"p0_0: <arg_key> "city" </arg_key> <arg_value> v0_0 </arg_value>"#),
+            "{g}"
+        );
+        assert!(g.contains(r#"v0_0: ("Paris" | "Oslo") "#), "{g}");
+        assert!(g.contains(r#"v0_2: /(?s:.{0,20})/"#), "{g}");
+        assert!(g.contains(r#"f1: "ping""#), "{g}");
+    }
+
+    #[test]
+    fn names_and_keys_are_quoted_not_spliced() {
+        let odd = vec![
+            json!({"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"a\"b\n": {"type": "string"}}}}}),
+        ];
+        let g = lark(Format::Qwen3Coder, &odd, None, false);
+        assert!(g.contains(r#""<parameter=a\"b\n>\n""#), "{g}");
+    }
+}
