@@ -27,6 +27,8 @@ pub struct ServeArgs {
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // First, while this process has one thread: it takes the variables out of the environment.
+    let systemd = pio_host::serve::systemd::Notifier::from_env().map(std::sync::Arc::new);
     let crate::Settings { mut config, search } = crate::settings(&args.search)?;
     if let Some(listen) = args.listen {
         config.server.listen = listen;
@@ -62,6 +64,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         policy,
         exe,
         store,
+        systemd,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

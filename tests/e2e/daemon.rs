@@ -61,6 +61,11 @@ impl Daemon {
 
     /// As [`Daemon::start`], with extra command-line flags.
     pub fn start_with(dir: PluginDir, config: &str, flags: &[&str]) -> Daemon {
+        Self::start_env(dir, config, flags, &[])
+    }
+
+    /// As [`Daemon::start_with`], with extra environment variables.
+    pub fn start_env(dir: PluginDir, config: &str, flags: &[&str], env: &[(&str, &str)]) -> Daemon {
         let conf = tempfile::tempdir().expect("config dir");
         let path = conf.path().join("pio.toml");
         std::fs::write(&path, config).expect("write config");
@@ -78,6 +83,7 @@ impl Daemon {
             .arg("--plugins")
             .arg(dir.path())
             .args(flags)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -19,5 +19,6 @@ mod reload;
 mod serve;
 mod structured;
 mod supervisor;
+mod systemd;
 mod upper_tiers;
 mod worker;

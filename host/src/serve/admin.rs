@@ -84,18 +84,24 @@ pub async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
+/// Whether the daemon serves every preloaded model (warmed up) and is not draining: what
+/// `/ready` and systemd's readiness report.
+pub fn is_ready(app: &App) -> bool {
+    let (plugins, _) = app.models.statuses();
+    let config = app.models.config();
+    !app.draining.load(Ordering::Acquire)
+        && plugins
+            .iter()
+            .filter(|p| config.server.preloads(&p.name))
+            .all(|p| p.state == "ready")
+}
+
 /// `GET /ready`: 200 when every preloaded model is loaded and has produced a token (warm-up),
 /// 503 otherwise or while shutting down; the body has each model's state.
 pub async fn ready(State(app): State<Arc<App>>) -> Response {
     let (plugins, _) = app.models.statuses();
-    let config = app.models.config();
-    let server = &config.server;
     let draining = app.draining.load(Ordering::Acquire);
-    let ready = !draining
-        && plugins
-            .iter()
-            .filter(|p| server.preloads(&p.name))
-            .all(|p| p.state == "ready");
+    let ready = is_ready(&app);
     let models: serde_json::Map<String, Value> = plugins
         .iter()
         .map(|p| (p.name.clone(), json!(p.state)))

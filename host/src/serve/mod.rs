@@ -21,6 +21,7 @@ pub mod responses;
 pub mod status;
 mod streaming;
 pub mod structure;
+pub mod systemd;
 pub mod tool_calls;
 pub mod tool_grammar;
 
@@ -218,6 +219,7 @@ pub async fn serve(setup: Setup) -> Result<(), ServeError> {
         (path, before)
     });
     let loopback = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
+    let systemd = setup.systemd.clone();
     let models = Models::new(setup);
     models.rescan().await?;
     let app = Arc::new(App {
@@ -227,7 +229,11 @@ pub async fn serve(setup: Setup) -> Result<(), ServeError> {
         draining: AtomicBool::new(false),
         loopback,
     });
-    let _watcher = background(&models, &server, reload);
+    let _watcher = background(&models, &server, reload, systemd.clone());
+    if let Some(n) = systemd.clone() {
+        tokio::spawn(notify_ready(app.clone(), n.clone()));
+        tokio::spawn(n.keep_alive());
+    }
     let local = listener
         .local_addr()
         .map(|a| a.to_string())
@@ -238,7 +244,12 @@ pub async fn serve(setup: Setup) -> Result<(), ServeError> {
         header_timeout: Duration::from_secs(server.header_timeout_secs.max(1)),
         send_buffer: server.send_buffer,
     };
-    let http = listen::serve(listener, router(app.clone()), rules, draining(app, stop_tx));
+    let http = listen::serve(
+        listener,
+        router(app.clone()),
+        rules,
+        draining(app, stop_tx, systemd),
+    );
     tokio::select! {
         () = http => {}
         () = drain_deadline(&models, stop_rx) => tracing::warn!("the drain deadline passed with requests still running; stopping them"),
@@ -255,9 +266,10 @@ fn background(
     models: &Arc<Models>,
     server: &crate::config::ServerSection,
     reload: Option<(std::path::PathBuf, crate::config::Config)>,
+    systemd: Option<Arc<systemd::Notifier>>,
 ) -> Option<notify::RecommendedWatcher> {
     if let Some((path, before)) = reload {
-        tokio::spawn(reload::on_sighup(models.clone(), path, before));
+        tokio::spawn(reload::on_sighup(models.clone(), path, before, systemd));
     }
     if server.keep_alive_secs > 0 {
         let (models, keep) = (models.clone(), Duration::from_secs(server.keep_alive_secs));
@@ -274,9 +286,26 @@ fn background(
         .flatten()
 }
 
+/// Tells systemd the daemon is ready once `/ready` would answer 200.
+async fn notify_ready(app: Arc<App>, systemd: Arc<systemd::Notifier>) {
+    while !admin::is_ready(&app) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (plugins, _) = app.models.statuses();
+    let ready = plugins.iter().filter(|p| p.state == "ready").count();
+    systemd.ready(&format!("serving {ready} of {} models", plugins.len()));
+}
+
 /// Resolves on SIGTERM or SIGINT, once the daemon is marked draining (`/ready` turns 503).
-async fn draining(app: Arc<App>, stop: tokio::sync::watch::Sender<bool>) {
+async fn draining(
+    app: Arc<App>,
+    stop: tokio::sync::watch::Sender<bool>,
+    systemd: Option<Arc<systemd::Notifier>>,
+) {
     let why = shutdown_signal().await;
+    if let Some(n) = &systemd {
+        n.stopping();
+    }
     let secs = app.models.config().server.drain_timeout_secs;
     tracing::info!("{why}: draining (no new connections; requests in flight get {secs} s)");
     app.draining.store(true, Ordering::Release);

@@ -37,6 +37,8 @@ pub struct Setup {
     pub exe: PathBuf,
     /// The library copies workers run.
     pub store: LibraryStore,
+    /// systemd's notification socket, when systemd started the daemon (`Type=notify`).
+    pub systemd: Option<Arc<super::systemd::Notifier>>,
 }
 
 type LoadResult = Option<Result<(), ApiError>>;

@@ -69,8 +69,14 @@ pub fn merge(running: &Config, before: &Config, file: &Config) -> (Config, Vec<&
     (next, restart)
 }
 
-/// Reloads `path` into `models` on every `SIGHUP`, until the daemon stops.
-pub async fn on_sighup(models: Arc<Models>, path: PathBuf, mut before: Config) {
+/// Reloads `path` into `models` on every `SIGHUP`, until the daemon stops, telling systemd
+/// (once the daemon was ready) when a reload begins and ends.
+pub async fn on_sighup(
+    models: Arc<Models>,
+    path: PathBuf,
+    mut before: Config,
+    systemd: Option<Arc<super::systemd::Notifier>>,
+) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => s,
@@ -80,10 +86,18 @@ pub async fn on_sighup(models: Arc<Models>, path: PathBuf, mut before: Config) {
         }
     };
     while hup.recv().await.is_some() {
-        let file = match Config::load(&path) {
+        let systemd = systemd.as_ref().filter(|n| n.is_ready());
+        if let Some(n) = systemd {
+            n.reloading();
+        }
+        let loaded = Config::load(&path);
+        let file = match loaded {
             Ok(file) => file,
             Err(e) => {
                 tracing::error!("SIGHUP: kept the running configuration: {e}");
+                if let Some(n) = systemd {
+                    n.ready("serving; the configuration file did not parse, kept the running one");
+                }
                 continue;
             }
         };
@@ -99,6 +113,9 @@ pub async fn on_sighup(models: Arc<Models>, path: PathBuf, mut before: Config) {
         before = file;
         tracing::info!(config = %path.display(), "SIGHUP: configuration reloaded");
         models.preload_now();
+        if let Some(n) = systemd {
+            n.ready("serving; configuration reloaded");
+        }
     }
 }
 

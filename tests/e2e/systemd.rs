@@ -1,0 +1,124 @@
+//! Running under systemd: the daemon's notifications (`Type=notify`) on a socket of the test's
+//! own, and the shipped unit file checked by `systemd-analyze verify`.
+
+use std::os::unix::net::UnixDatagram;
+use std::time::Duration;
+
+use crate::daemon::{qwen_dir, Daemon};
+use crate::support::{pio_bin, repo_root};
+use crate::worker::confinement_available;
+
+/// The next notification that is not a watchdog ping, failing after a minute.
+fn next(socket: &UnixDatagram, pings: &mut usize) -> String {
+    let mut buf = [0u8; 512];
+    loop {
+        let len = socket
+            .recv(&mut buf)
+            .expect("a notification within a minute");
+        let msg = String::from_utf8_lossy(&buf[..len]).to_string();
+        if msg == "WATCHDOG=1" {
+            *pings += 1;
+        } else {
+            return msg;
+        }
+    }
+}
+
+#[test]
+fn systemd_hears_ready_reloading_stopping_and_the_watchdog() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let env = [
+        ("NOTIFY_SOCKET", path.to_str().unwrap()),
+        ("WATCHDOG_USEC", "300000"),
+    ];
+    let mut d = Daemon::start_env(qwen_dir(""), "", &[], &env);
+    let mut pings = 0;
+    let ready = next(&socket, &mut pings);
+    assert!(
+        ready.starts_with("READY=1\nSTATUS=serving 2 of 2 models"),
+        "{ready}"
+    );
+    assert_eq!(d.get("/ready").0, 200, "READY=1 means /ready answers 200");
+
+    // Workers do not inherit the socket (systemd would take their messages for the daemon's).
+    let (_, plugins) = d.get("/v1/plugins");
+    let pids: Vec<u64> = plugins["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["pid"].as_u64())
+        .collect();
+    assert_eq!(pids.len(), 2, "{plugins}");
+    for pid in pids {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        let environ = String::from_utf8_lossy(&environ);
+        assert!(
+            !environ.contains("NOTIFY_SOCKET") && !environ.contains("WATCHDOG_USEC"),
+            "{pid}"
+        );
+    }
+
+    std::process::Command::new("kill")
+        .args(["-HUP", &d.pid().to_string()])
+        .status()
+        .unwrap();
+    let reloading = next(&socket, &mut pings);
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading}"
+    );
+    let again = next(&socket, &mut pings);
+    assert!(again.starts_with("READY=1"), "{again}");
+
+    std::thread::sleep(Duration::from_millis(400));
+    d.terminate();
+    let stopping = next(&socket, &mut pings);
+    assert_eq!(stopping, "STOPPING=1\nSTATUS=draining");
+    assert!(d.wait_exit(60).success());
+    assert!(pings >= 2, "WATCHDOG=1 every 150 ms: {pings}");
+}
+
+/// `packaging/pio.service` passes `systemd-analyze verify` with no warning (CI installs
+/// systemd; elsewhere the test is skipped without it).
+#[test]
+fn the_shipped_unit_file_verifies() {
+    let have = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        assert!(std::env::var_os("CI").is_none(), "CI must install systemd");
+        eprintln!("skipped: systemd-analyze is not installed");
+        return;
+    }
+    let unit = std::fs::read_to_string(repo_root().join("packaging/pio.service")).unwrap();
+    assert!(
+        unit.contains("ExecStart=/usr/local/bin/pio serve"),
+        "{unit}"
+    );
+    // verify checks that ExecStart's program exists: point it at the binary under test.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pio.service");
+    let bin = pio_bin();
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/pio", bin.to_str().unwrap()),
+    )
+    .unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && said.trim().is_empty(), "{said}");
+}
