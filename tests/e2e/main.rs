@@ -19,6 +19,6 @@ mod reload;
 mod serve;
 mod structured;
 mod supervisor;
-mod systemd;
+mod service;
 mod upper_tiers;
 mod worker;

@@ -1,5 +1,6 @@
-//! Running under systemd: the daemon's notifications (`Type=notify`) on a socket of the test's
-//! own, and the shipped unit file checked by `systemd-analyze verify`.
+//! Running as a service: the daemon's systemd notifications (`Type=notify`) on a socket of the
+//! test's own, the shipped unit file checked by `systemd-analyze verify`, and the container and
+//! Kubernetes files checked against what the daemon accepts.
 
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
@@ -121,4 +122,73 @@ fn the_shipped_unit_file_verifies() {
     let said =
         String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && said.trim().is_empty(), "{said}");
+}
+
+/// The container and Kubernetes files: their configuration and manifests are ones the daemon
+/// accepts, the probes and ports are the daemon's, and a pod has time to drain. (The YAML is
+/// read with PyYAML: CI installs it with the API tests' requirements.)
+#[test]
+fn the_container_and_kubernetes_files_agree_with_the_daemon() {
+    use pio_host::config::Config;
+    let root = repo_root();
+    let image = Config::load(&root.join("packaging/pio.container.toml")).unwrap();
+    assert_eq!(image.server.listen, "0.0.0.0:8080");
+    let dockerfile = std::fs::read_to_string(root.join("packaging/Dockerfile")).unwrap();
+    assert!(
+        dockerfile.contains("EXPOSE 8080")
+            && dockerfile.contains("COPY packaging/pio.container.toml /etc/pio/pio.toml")
+    );
+
+    let yaml = std::process::Command::new("python3")
+        .args(["-c", "import json, sys, yaml; print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))"])
+        .arg(root.join("packaging/kubernetes/pio.yaml"))
+        .output()
+        .unwrap();
+    if !yaml.status.success() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install PyYAML (tests/api/requirements.txt)"
+        );
+        eprintln!("skipped: python3 with PyYAML is not installed");
+        return;
+    }
+    let docs: Vec<serde_json::Value> = serde_json::from_slice(&yaml.stdout).unwrap();
+    let kind = |k: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == k)
+            .unwrap_or_else(|| panic!("no {k}"))
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("pio.toml");
+    std::fs::write(
+        &config_path,
+        kind("Secret")["stringData"]["pio.toml"].as_str().unwrap(),
+    )
+    .unwrap();
+    let config = Config::load(&config_path).unwrap();
+    assert!(!config.server.api_keys.is_empty() && !config.server.metrics_keys.is_empty());
+    assert_eq!(
+        kind("Secret")["stringData"]["metrics-key"].as_str(),
+        config.server.metrics_keys.first().map(String::as_str),
+        "the ServiceMonitor's key is one the daemon takes"
+    );
+    for (name, text) in kind("ConfigMap")["data"].as_object().unwrap() {
+        let path = dir.path().join(name);
+        pio_host::manifest::Manifest::parse(&path, text.as_str().unwrap())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    let pod = &kind("Deployment")["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/ready");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/health");
+    let port = container["ports"][0]["containerPort"].as_u64().unwrap();
+    assert!(config.server.listen.ends_with(&format!(":{port}")));
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(
+        grace > config.server.drain_timeout_secs,
+        "{grace} s to drain"
+    );
+    assert_eq!(kind("PodDisruptionBudget")["spec"]["minAvailable"], 1);
+    let monitor = &kind("ServiceMonitor")["spec"]["endpoints"][0];
+    assert_eq!(monitor["path"], "/metrics");
 }
