@@ -120,7 +120,7 @@ impl TierArgs {
     }
 }
 
-fn parse_tier(s: &str) -> Result<Tier, String> {
+pub(crate) fn parse_tier(s: &str) -> Result<Tier, String> {
     match s {
         "low" => Ok(Tier::Low),
         "medium" => Ok(Tier::Medium),

@@ -7,6 +7,7 @@ pub mod config;
 pub mod discovery;
 pub mod elf;
 pub mod fault;
+pub mod hub;
 pub mod launch;
 pub mod manifest;
 pub mod probe;

@@ -13,6 +13,7 @@ use pio_host::report;
 mod cli_bench;
 mod cli_list;
 mod cli_print;
+mod cli_pull;
 mod cli_run;
 mod cli_serve;
 
@@ -54,6 +55,8 @@ enum Command {
     Run(cli_run::RunArgs),
     /// Measure a plugin under concurrent load: throughput, TTFT and inter-token latency.
     Bench(cli_bench::BenchArgs),
+    /// Download a Hugging Face snapshot and write a manifest for the plugin that serves it.
+    Pull(cli_pull::PullArgs),
     /// Serve the plugins over an OpenAI-compatible HTTP API until SIGTERM.
     Serve(cli_serve::ServeArgs),
     /// Load one library and print what it is as JSON (the child side of `check` and `list`).
@@ -91,7 +94,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if matches!(
         cli.command,
-        Command::List { .. } | Command::Check { .. } | Command::Run(_) | Command::Bench(_)
+        Command::List { .. }
+            | Command::Check { .. }
+            | Command::Run(_)
+            | Command::Bench(_)
+            | Command::Pull(_)
     ) {
         // Worker output and supervisor notes, as plain lines on stderr.
         let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -118,6 +125,7 @@ fn main() -> ExitCode {
         } => check(&path, library_dirs, json),
         Command::Run(args) => cli_run::run(args).map(ExitCode::from),
         Command::Bench(args) => cli_bench::run(args).map(ExitCode::from),
+        Command::Pull(args) => cli_pull::run(args).map(ExitCode::from),
         Command::Serve(args) => cli_serve::serve(args).map(|()| ExitCode::SUCCESS),
         Command::Probe { uid, gid, library } => {
             return ExitCode::from(probe::run_child(&library, (uid, gid)) as u8)

@@ -1,0 +1,317 @@
+//! `pio pull REPO[@REVISION]`: a Hugging Face snapshot downloaded (resumable, checked), and a
+//! manifest written for the shipped plugin whose family serves its architecture.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use pio_host::discovery::{self, Candidate, Status};
+use pio_host::hub::{Hub, RemoteFile};
+use pio_host::manifest::Tier;
+use pio_plugin_api::wire::WeightQuantization;
+
+use crate::cli_run::parse_tier;
+use crate::{prober, SearchArgs};
+
+/// Arguments of `pio pull`.
+#[derive(Args)]
+pub struct PullArgs {
+    /// The repository, `owner/name`, with an optional `@revision` (branch, tag or commit;
+    /// default `main`).
+    repo: String,
+    #[command(flatten)]
+    search: SearchArgs,
+    /// Where snapshots go (each in `OWNER/NAME`).
+    #[arg(long, value_name = "DIR", default_value = "models")]
+    models: PathBuf,
+    /// The manifest's tier (default: the plugin's own manifest's).
+    #[arg(long, value_parser = parse_tier)]
+    tier: Option<Tier>,
+    /// Quantize the weights at load (`q8` or `q4`).
+    #[arg(long, value_parser = WeightQuantization::parse)]
+    quantization: Option<WeightQuantization>,
+    /// Replace a manifest that already serves this plugin from another snapshot.
+    #[arg(long)]
+    force: bool,
+}
+
+/// The files a plugin reads: configuration, tokenizer, chat template, safetensors weights.
+fn wanted(name: &str) -> bool {
+    let top = !name.contains('/');
+    let kind = [".json", ".jinja", ".safetensors", ".txt"]
+        .iter()
+        .any(|e| name.ends_with(e));
+    top && kind
+}
+
+/// `owner/name[@revision]`, checked.
+fn repo_and_revision(arg: &str) -> anyhow::Result<(String, String)> {
+    let (repo, revision) = arg.split_once('@').unwrap_or((arg, "main"));
+    let ok = |s: &str| {
+        !s.is_empty()
+            && !s.starts_with('.')
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    };
+    match repo.split_once('/') {
+        Some((owner, name)) if ok(owner) && ok(name) && !revision.is_empty() => {
+            Ok((repo.to_string(), revision.to_string()))
+        }
+        _ => bail!("`{arg}` is not a repository: give OWNER/NAME[@REVISION], e.g. Qwen/Qwen3-4B-Instruct-2507"),
+    }
+}
+
+/// Runs `pio pull`; returns the process exit code.
+pub fn run(args: PullArgs) -> anyhow::Result<u8> {
+    let (repo, revision) = repo_and_revision(&args.repo)?;
+    let crate::Settings { config, search } = crate::settings(&args.search)?;
+    let hub = Hub::from_env();
+    let snapshot = hub.snapshot(&repo, &revision)?;
+    let files: Vec<&RemoteFile> = snapshot.files.iter().filter(|f| wanted(&f.name)).collect();
+    if !files.iter().any(|f| f.name == "config.json") {
+        bail!("{repo}@{revision} has no config.json: not a transformers checkpoint a plugin can serve");
+    }
+    let dest = std::path::absolute(args.models.join(&repo))
+        .with_context(|| format!("cannot use {}", args.models.display()))?;
+    eprintln!("{repo}@{} → {}", &snapshot.commit, dest.display());
+    download_all(&hub, &repo, &snapshot.commit, &files, &dest)?;
+    let architecture = architecture(&dest)?;
+    let candidates = discovery::discover(&search, &prober(&config)?)?;
+    let plugin = serving(&candidates, &architecture)?;
+    let dir = search
+        .plugin_dirs
+        .first()
+        .context("no plugin directory: pass --plugins DIR")?;
+    let path = write_manifest(&args, plugin, dir, &dest, &repo, &snapshot.commit)?;
+    eprintln!(
+        "wrote {} (plugin {}); `pio serve --plugins {}` serves it",
+        path.display(),
+        plugin.report.as_ref().map_or("?", |r| r.name.as_str()),
+        dir.display()
+    );
+    Ok(0)
+}
+
+/// Downloads `files` into `dest`, a progress bar each.
+fn download_all(
+    hub: &Hub,
+    repo: &str,
+    commit: &str,
+    files: &[&RemoteFile],
+    dest: &Path,
+) -> anyhow::Result<()> {
+    let bars = MultiProgress::new();
+    let style = ProgressStyle::with_template(
+        "{msg:40!} {bar:30} {bytes:>10}/{total_bytes:10} {bytes_per_sec:>12} {eta:>4}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    for file in files {
+        let bar = bars.add(ProgressBar::new(file.size.unwrap_or(0)));
+        bar.set_style(style.clone());
+        bar.set_message(file.name.clone());
+        let result = hub.download(
+            repo,
+            commit,
+            file,
+            &dest.join(&file.name),
+            &mut |done, total| {
+                if let Some(t) = total {
+                    bar.set_length(t);
+                }
+                bar.set_position(done);
+            },
+        );
+        bar.finish();
+        result?;
+    }
+    Ok(())
+}
+
+/// The snapshot's architecture (`config.json`'s first `architectures` entry).
+fn architecture(dest: &Path) -> anyhow::Result<String> {
+    let path = dest.join("config.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let config: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+    config["architectures"][0]
+        .as_str()
+        .map(str::to_string)
+        .with_context(|| {
+            format!(
+                "{}: no `architectures` entry names the model class",
+                path.display()
+            )
+        })
+}
+
+/// The ready plugin whose family is `architecture`.
+fn serving<'a>(candidates: &'a [Candidate], architecture: &str) -> anyhow::Result<&'a Candidate> {
+    let ready = || {
+        candidates
+            .iter()
+            .filter(|c| matches!(c.status, Status::Ready))
+            .filter_map(|c| c.report.as_ref().map(|r| (c, r)))
+    };
+    if let Some((c, _)) = ready().find(|(_, r)| r.family == architecture) {
+        return Ok(c);
+    }
+    let mut served: Vec<String> = ready()
+        .map(|(_, r)| format!("{} ({})", r.family, r.name))
+        .collect();
+    served.sort();
+    served.dedup();
+    bail!(
+        "no plugin serves {architecture}; the plugins found serve: {}",
+        if served.is_empty() {
+            "nothing (is --plugins right?)".to_string()
+        } else {
+            served.join(", ")
+        }
+    )
+}
+
+/// A manifest for `plugin` over the snapshot at `dest`, written into `dir`; its path.
+fn write_manifest(
+    args: &PullArgs,
+    plugin: &Candidate,
+    dir: &Path,
+    dest: &Path,
+    repo: &str,
+    commit: &str,
+) -> anyhow::Result<PathBuf> {
+    let (Some(manifest), Some(library), Some(report)) =
+        (&plugin.manifest, &plugin.library, &plugin.report)
+    else {
+        bail!("the plugin serving this architecture has no checked manifest");
+    };
+    // Discovery matches a manifest to its library by name, so the plugin's name is the
+    // manifest's: one manifest per plugin in a directory.
+    let same_dir = plugin
+        .manifest_path
+        .parent()
+        .map(std::path::absolute)
+        .transpose()?
+        == Some(std::path::absolute(dir)?);
+    let path = if same_dir {
+        plugin.manifest_path.clone()
+    } else {
+        dir.join(format!("{}.toml", manifest.name))
+    };
+    let points_elsewhere = manifest.model.path.as_ref().is_some_and(|p| {
+        let p = plugin
+            .manifest_path
+            .parent()
+            .map_or(p.clone(), |d| d.join(p));
+        std::path::absolute(p).ok().as_deref() != Some(dest)
+    });
+    if (same_dir || path.exists()) && points_elsewhere && !args.force {
+        bail!(
+            "{} already serves plugin {} from another model; pass --force to point it at {} (the old manifest is kept as .toml.bak), or --plugins another directory",
+            path.display(),
+            manifest.name,
+            dest.display()
+        );
+    }
+    if path.exists() {
+        std::fs::copy(&path, path.with_extension("toml.bak"))
+            .with_context(|| format!("cannot back up {}", path.display()))?;
+    }
+    let api = semver::Version::parse(&report.api_version).map_or_else(
+        |_| report.api_version.clone(),
+        |v| format!("^{}.{}", v.major, v.minor),
+    );
+    let tier = args.tier.unwrap_or(manifest.tier);
+    let mut model = toml::Table::new();
+    model.insert("path".into(), dest.display().to_string().into());
+    model.insert("dtype".into(), dtype_of(dest).into());
+    if let Some(q) = args.quantization {
+        model.insert("quantization".into(), q.name().into());
+    }
+    let mut table = toml::Table::new();
+    table.insert("name".into(), manifest.name.clone().into());
+    table.insert("version".into(), report.version.clone().into());
+    table.insert(
+        "description".into(),
+        format!("{repo} at {commit}, pulled by pio pull").into(),
+    );
+    table.insert("library".into(), library.display().to_string().into());
+    table.insert("api".into(), api.into());
+    table.insert("tier".into(), toml::Value::try_from(tier)?);
+    // The plugin's own limits, as its manifest writes them.
+    let limits = std::fs::read_to_string(&plugin.manifest_path)
+        .ok()
+        .and_then(|t| t.parse::<toml::Table>().ok())
+        .and_then(|mut t| t.remove("limits"));
+    if let Some(limits) = limits {
+        table.insert("limits".into(), limits);
+    }
+    table.insert("model".into(), model.into());
+    let text = format!(
+        "# Written by `pio pull {repo}` ({commit}).\n{}",
+        toml::to_string(&table)?
+    );
+    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}
+
+/// The dtype the checkpoint was saved in (`torch_dtype` or `dtype` in its config), as a
+/// manifest names it; bf16 when it says nothing the engine runs.
+fn dtype_of(dest: &Path) -> &'static str {
+    let config: serde_json::Value = std::fs::read_to_string(dest.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    match config
+        .get("torch_dtype")
+        .or_else(|| config.get("dtype"))
+        .and_then(|v| v.as_str())
+    {
+        Some("float32") => "f32",
+        Some("float16") => "f16",
+        _ => "bf16",
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repositories_and_revisions_are_checked() {
+        assert_eq!(
+            repo_and_revision("Qwen/Qwen3-4B").unwrap(),
+            ("Qwen/Qwen3-4B".into(), "main".into())
+        );
+        assert_eq!(
+            repo_and_revision("a/b@v1.0").unwrap(),
+            ("a/b".into(), "v1.0".into())
+        );
+        for bad in ["nope", "a/b/c", "../x", "a/", "a/b@", "a b/c"] {
+            assert!(repo_and_revision(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_what_a_plugin_reads_is_fetched() {
+        for name in [
+            "config.json",
+            "model-00001-of-00002.safetensors",
+            "chat_template.jinja",
+            "merges.txt",
+        ] {
+            assert!(wanted(name), "{name}");
+        }
+        for name in [
+            "pytorch_model.bin",
+            "original/consolidated.pth",
+            "onnx/model.onnx",
+            "README.md",
+            "x.gguf",
+        ] {
+            assert!(!wanted(name), "{name}");
+        }
+    }
+}

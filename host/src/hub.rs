@@ -1,0 +1,337 @@
+//! The Hugging Face Hub's file API, for `pio pull`: a snapshot's file list (sizes, LFS SHA-256s)
+//! and downloads that resume where an interrupted one stopped and are checked before they count.
+//! Its own small client rather than the `hf-hub` crate, which neither checks what it downloaded
+//! against the Hub's hashes nor reports progress per byte to a caller.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+/// Where the Hub is and who asks.
+#[derive(Debug, Clone)]
+pub struct Hub {
+    endpoint: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+/// One file of a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteFile {
+    /// Its path in the repository.
+    pub name: String,
+    /// Its size, when the Hub says.
+    pub size: Option<u64>,
+    /// Its SHA-256 (files stored with Git LFS: weights).
+    pub sha256: Option<String>,
+}
+
+/// A repository at one commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The commit the revision named.
+    pub commit: String,
+    /// Its files.
+    pub files: Vec<RemoteFile>,
+}
+
+/// Why talking to the Hub failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// The Hub answered with an error status.
+    #[error("{url}: HTTP {status}; {hint}")]
+    Status {
+        /// What was asked.
+        url: String,
+        /// The status.
+        status: u16,
+        /// What to do.
+        hint: &'static str,
+    },
+    /// No answer.
+    #[error("{url}: {reason} (is HF_ENDPOINT right, and the network up?)")]
+    Transport {
+        /// What was asked.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// An answer that is not the Hub's file list.
+    #[error("{url}: not a Hub model listing: {reason}")]
+    Listing {
+        /// What was asked.
+        url: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// A local file could not be written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A download that is not the file the Hub lists.
+    #[error("{file}: {found}, but the Hub lists {expected}; the partial download was removed, run `pio pull` again")]
+    Mismatch {
+        /// The file.
+        file: String,
+        /// What arrived.
+        found: String,
+        /// What the Hub lists.
+        expected: String,
+    },
+}
+
+#[derive(Deserialize)]
+struct Listing {
+    sha: String,
+    siblings: Vec<Sibling>,
+}
+
+#[derive(Deserialize)]
+struct Sibling {
+    rfilename: String,
+    size: Option<u64>,
+    lfs: Option<Lfs>,
+}
+
+#[derive(Deserialize)]
+struct Lfs {
+    sha256: String,
+    size: Option<u64>,
+}
+
+/// `s` with everything but unreserved characters and `/` percent-encoded.
+fn encode_path(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> HubError + '_ {
+    move |source| HubError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The SHA-256 of a file, hex.
+fn sha256_of(path: &Path) -> Result<String, HubError> {
+    let mut file = std::fs::File::open(path).map_err(io(path))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(io(path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
+impl Hub {
+    /// The Hub `HF_ENDPOINT` names (default huggingface.co), as `HF_TOKEN` (or
+    /// `HUGGING_FACE_HUB_TOKEN`) if set.
+    pub fn from_env() -> Self {
+        let endpoint =
+            std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into());
+        let token = std::env::var("HF_TOKEN")
+            .or_else(|_| std::env::var("HUGGING_FACE_HUB_TOKEN"))
+            .ok()
+            .filter(|t| !t.is_empty());
+        Self::new(&endpoint, token)
+    }
+
+    /// A client of the Hub at `endpoint`.
+    pub fn new(endpoint: &str, token: Option<String>) -> Self {
+        let agent = ureq::Agent::new_with_config(
+            ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_connect(Some(std::time::Duration::from_secs(30)))
+                .timeout_recv_body(Some(std::time::Duration::from_secs(120)))
+                .user_agent(concat!("pio/", env!("CARGO_PKG_VERSION")))
+                .build(),
+        );
+        Self {
+            endpoint: endpoint.trim_end_matches('/').to_string(),
+            token,
+            agent,
+        }
+    }
+
+    fn get(
+        &self,
+        url: &str,
+        range_from: u64,
+    ) -> Result<ureq::http::Response<ureq::Body>, HubError> {
+        let mut request = self.agent.get(url);
+        if let Some(t) = &self.token {
+            request = request.header("Authorization", &format!("Bearer {t}"));
+        }
+        if range_from > 0 {
+            request = request.header("Range", &format!("bytes={range_from}-"));
+        }
+        let response = request.call().map_err(|e| HubError::Transport {
+            url: url.to_string(),
+            reason: e.to_string(),
+        })?;
+        let status = response.status().as_u16();
+        let hint = match status {
+            200..=299 => return Ok(response),
+            401 | 403 => {
+                "the repository is gated or private: accept its terms on the Hub and set HF_TOKEN"
+            }
+            404 => "no such repository, revision or file: check the name (owner/name[@revision])",
+            416 => "the partial download is larger than the file: remove it and pull again",
+            429 => "rate limited: wait and pull again (a token raises the limit)",
+            _ => "the Hub failed: try again later",
+        };
+        Err(HubError::Status {
+            url: url.to_string(),
+            status,
+            hint,
+        })
+    }
+
+    /// The files of `repo` at `revision`.
+    pub fn snapshot(&self, repo: &str, revision: &str) -> Result<Snapshot, HubError> {
+        let url = format!(
+            "{}/api/models/{}/revision/{}?blobs=true",
+            self.endpoint,
+            encode_path(repo),
+            encode_path(revision)
+        );
+        let mut response = self.get(&url, 0)?;
+        let listing: Listing = response
+            .body_mut()
+            .read_json()
+            .map_err(|e| HubError::Listing {
+                url: url.clone(),
+                reason: e.to_string(),
+            })?;
+        let files = listing
+            .siblings
+            .into_iter()
+            .map(|s| RemoteFile {
+                name: s.rfilename,
+                size: s.lfs.as_ref().and_then(|l| l.size).or(s.size),
+                sha256: s.lfs.map(|l| l.sha256.to_lowercase()),
+            })
+            .collect();
+        Ok(Snapshot {
+            commit: listing.sha,
+            files,
+        })
+    }
+
+    /// Downloads `file` of `repo` at `commit` to `dest`, resuming a partial download
+    /// (`dest` + `.incomplete`) and checking size and SHA-256 before it takes `dest`'s name; a
+    /// `dest` that already matches is kept. `progress(done, total)` follows the bytes.
+    pub fn download(
+        &self,
+        repo: &str,
+        commit: &str,
+        file: &RemoteFile,
+        dest: &Path,
+        progress: &mut dyn FnMut(u64, Option<u64>),
+    ) -> Result<(), HubError> {
+        if dest.is_file() && self.matches(file, dest)?.is_none() {
+            let size = std::fs::metadata(dest).map_err(io(dest))?.len();
+            progress(size, Some(size));
+            return Ok(());
+        }
+        if let Some(dir) = dest.parent() {
+            std::fs::create_dir_all(dir).map_err(io(dir))?;
+        }
+        let partial = PathBuf::from(format!("{}.incomplete", dest.display()));
+        let have = std::fs::metadata(&partial).map_or(0, |m| m.len());
+        let url = format!(
+            "{}/{}/resolve/{}/{}",
+            self.endpoint,
+            encode_path(repo),
+            encode_path(commit),
+            encode_path(&file.name)
+        );
+        let mut response = self.get(&url, have)?;
+        // 206: the rest of the file; 200: all of it (the server ignored the range).
+        let resumed = have > 0 && response.status().as_u16() == 206;
+        let mut out = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(resumed)
+            .truncate(!resumed)
+            .open(&partial)
+            .map_err(io(&partial))?;
+        let mut done = if resumed { have } else { 0 };
+        progress(done, file.size);
+        let mut body = response.body_mut().with_config().limit(u64::MAX).reader();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = body.read(&mut buf).map_err(|e| HubError::Transport {
+                url: url.clone(),
+                reason: format!("the download broke off after {done} bytes ({e}); run `pio pull` again to resume"),
+            })?;
+            if n == 0 {
+                break;
+            }
+            out.write_all(&buf[..n]).map_err(io(&partial))?;
+            done += n as u64;
+            progress(done, file.size);
+        }
+        out.sync_all().map_err(io(&partial))?;
+        drop(out);
+        if let Some((found, expected)) = self.matches(file, &partial)? {
+            let _ = std::fs::remove_file(&partial);
+            return Err(HubError::Mismatch {
+                file: file.name.clone(),
+                found,
+                expected,
+            });
+        }
+        std::fs::rename(&partial, dest).map_err(io(dest))
+    }
+
+    /// How `path` differs from what the Hub lists for `file` (found, expected), if it does.
+    fn matches(
+        &self,
+        file: &RemoteFile,
+        path: &Path,
+    ) -> Result<Option<(String, String)>, HubError> {
+        let size = std::fs::metadata(path).map_err(io(path))?.len();
+        if let Some(expected) = file.size.filter(|&s| s != size) {
+            return Ok(Some((format!("{size} bytes"), format!("{expected} bytes"))));
+        }
+        if let Some(expected) = &file.sha256 {
+            let found = sha256_of(path)?;
+            if &found != expected {
+                return Ok(Some((
+                    format!("SHA-256 {found}"),
+                    format!("SHA-256 {expected}"),
+                )));
+            }
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_encoded_but_keep_their_slashes() {
+        assert_eq!(encode_path("Qwen/Qwen3-4B"), "Qwen/Qwen3-4B");
+        assert_eq!(encode_path("a b/c?d#e"), "a%20b/c%3Fd%23e");
+        assert_eq!(encode_path("refs/pr/1"), "refs/pr/1");
+    }
+}

@@ -1,0 +1,225 @@
+//! `pio pull` against a local stand-in for the Hub ([`crate::hub::FakeHub`]) serving the tiny
+//! fixture checkpoints: a download that breaks off resumes where it stopped, a corrupted one is
+//! refused by its SHA-256, the manifest written serves the snapshot, and an architecture no
+//! plugin serves is refused with the list of those that are.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use crate::daemon::qwen_dir;
+use crate::hub::FakeHub;
+use crate::support::{pio_bin, repo_root};
+use crate::worker::confinement_available;
+
+fn pull(hub: &FakeHub, cwd: &Path, args: &[&str]) -> Output {
+    Command::new(pio_bin())
+        .current_dir(cwd)
+        .arg("pull")
+        .args(args)
+        .env("HF_ENDPOINT", &hub.endpoint)
+        .env("HF_TOKEN", "hf_secret")
+        .output()
+        .expect("run pio pull")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+/// A folder the workers' unprivileged uid can read.
+fn open_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+#[test]
+fn a_pulled_snapshot_resumes_checks_and_serves() {
+    if !confinement_available() {
+        return;
+    }
+    let fixture = repo_root().join("tests/fixtures/qwen3-tiny");
+    let hub = FakeHub::start(&[("tiny/qwen3", fixture.clone())]);
+    hub.script.lock().unwrap().cut = Some(("model-00001-of-00005.safetensors".into(), 4000));
+    let plugins = qwen_dir("");
+    let models = open_dir();
+    let m = models.path().to_str().unwrap();
+    let dir = plugins.path().to_str().unwrap();
+
+    // The weights break off after 4000 bytes: the run fails, saying how to go on.
+    let first = pull(
+        &hub,
+        plugins.path(),
+        &["tiny/qwen3", "--plugins", dir, "--models", m],
+    );
+    assert!(!first.status.success(), "{}", stderr(&first));
+    assert!(
+        stderr(&first).contains("run `pio pull` again to resume"),
+        "{}",
+        stderr(&first)
+    );
+    let partial = models
+        .path()
+        .join("tiny/qwen3/model-00001-of-00005.safetensors.incomplete");
+    assert_eq!(std::fs::metadata(&partial).unwrap().len(), 4000);
+
+    // Again: the download resumes at byte 4000; the plugin's manifest here points at the
+    // fixture, so only --force moves it to the snapshot.
+    let refused = pull(
+        &hub,
+        plugins.path(),
+        &["tiny/qwen3", "--plugins", dir, "--models", m],
+    );
+    assert!(stderr(&refused).contains("--force"), "{}", stderr(&refused));
+    let second = pull(
+        &hub,
+        plugins.path(),
+        &[
+            "tiny/qwen3",
+            "--plugins",
+            dir,
+            "--models",
+            m,
+            "--force",
+            "--tier",
+            "medium",
+        ],
+    );
+    assert!(second.status.success(), "{}", stderr(&second));
+    {
+        let s = hub.script.lock().unwrap();
+        let ranges: Vec<_> = s
+            .downloads
+            .iter()
+            .filter(|(f, _)| f == "model-00001-of-00005.safetensors")
+            .map(|(_, r)| r.clone())
+            .collect();
+        assert_eq!(ranges, [None, Some("bytes=4000-".to_string())]);
+        assert!(s.auth.iter().all(|a| a == "Bearer hf_secret") && !s.auth.is_empty());
+    }
+    let snapshot = models.path().join("tiny/qwen3");
+    for name in [
+        "model-00001-of-00005.safetensors",
+        "tokenizer.json",
+        "config.json",
+    ] {
+        assert_eq!(
+            std::fs::read(snapshot.join(name)).unwrap(),
+            std::fs::read(fixture.join(name)).unwrap(),
+            "{name}"
+        );
+    }
+    assert!(!partial.exists());
+    let manifest = std::fs::read_to_string(plugins.path().join("qwen3.toml")).unwrap();
+    assert!(
+        manifest.contains(&format!("path = \"{}\"", snapshot.display())),
+        "{manifest}"
+    );
+    assert!(
+        manifest.contains("tier = \"medium\"") && manifest.contains("dtype = \"f32\""),
+        "{manifest}"
+    );
+    assert!(plugins.path().join("qwen3.toml.bak").is_file());
+
+    // The manifest serves the pulled snapshot.
+    let run = Command::new(pio_bin())
+        .current_dir(plugins.path())
+        .args([
+            "run",
+            "qwen3-4b-instruct-2507",
+            "--plugins",
+            ".",
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "3",
+        ])
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", stderr(&run));
+
+    // Pulling again downloads nothing: every file is there and checks out.
+    let before = hub.script.lock().unwrap().downloads.len();
+    let again = pull(
+        &hub,
+        plugins.path(),
+        &["tiny/qwen3", "--plugins", dir, "--models", m],
+    );
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert_eq!(hub.script.lock().unwrap().downloads.len(), before);
+}
+
+#[test]
+fn corrupted_downloads_unknown_architectures_and_missing_repositories_are_refused() {
+    if !confinement_available() {
+        return;
+    }
+    let fixture = repo_root().join("tests/fixtures/qwen3-tiny");
+    let llama = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&fixture).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, llama.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let config = llama.path().join("config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("Qwen3ForCausalLM", "LlamaForCausalLM"),
+    )
+    .unwrap();
+    let hub = FakeHub::start(&[
+        ("tiny/qwen3", fixture),
+        ("tiny/llama", llama.path().to_path_buf()),
+    ]);
+    let plugins = qwen_dir("");
+    let dir = plugins.path().to_str().unwrap();
+
+    hub.script.lock().unwrap().corrupt = Some("model-00001-of-00005.safetensors".into());
+    let models = open_dir();
+    let m = models.path().to_str().unwrap();
+    let out = pull(
+        &hub,
+        plugins.path(),
+        &["tiny/qwen3", "--plugins", dir, "--models", m],
+    );
+    let e = stderr(&out);
+    assert!(
+        !out.status.success()
+            && e.contains("model-00001-of-00005.safetensors")
+            && e.contains("SHA-256"),
+        "{e}"
+    );
+    let snapshot = models.path().join("tiny/qwen3");
+    assert!(!snapshot.join("model-00001-of-00005.safetensors").exists());
+    assert!(!snapshot
+        .join("model-00001-of-00005.safetensors.incomplete")
+        .exists());
+    hub.script.lock().unwrap().corrupt = None;
+
+    let out = pull(
+        &hub,
+        plugins.path(),
+        &["tiny/llama", "--plugins", dir, "--models", m],
+    );
+    let e = stderr(&out);
+    assert!(!out.status.success(), "{e}");
+    assert!(
+        e.contains("no plugin serves LlamaForCausalLM")
+            && e.contains("Qwen3ForCausalLM (qwen3-4b-instruct-2507)"),
+        "{e}"
+    );
+
+    let out = pull(
+        &hub,
+        plugins.path(),
+        &["tiny/nothing", "--plugins", dir, "--models", m],
+    );
+    let e = stderr(&out);
+    assert!(
+        !out.status.success() && e.contains("404") && e.contains("no such repository"),
+        "{e}"
+    );
+    let out = pull(&hub, plugins.path(), &["not-a-repo", "--plugins", dir]);
+    assert!(stderr(&out).contains("OWNER/NAME"), "{}", stderr(&out));
+}
