@@ -20,7 +20,8 @@ pub struct Daemon {
     /// Its plugin directory.
     pub dir: PluginDir,
     _config: tempfile::TempDir,
-    agent: ureq::Agent,
+    /// Its HTTP client (errors as statuses, not failures).
+    pub agent: ureq::Agent,
 }
 
 /// An echo plugin directory: `echo.toml` plus its library, with `extra` manifest lines.

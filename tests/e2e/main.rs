@@ -14,6 +14,7 @@ mod glm;
 mod hotplug;
 mod hub;
 mod medium;
+mod page;
 mod pull;
 mod qwen3;
 mod qwen3_vl;

@@ -54,6 +54,14 @@ pub async fn plugins(State(app): State<Arc<App>>) -> Json<Value> {
         .iter()
         .map(|(path, why)| json!({"manifest": path, "error": why}))
         .collect();
+    let plugins: Vec<Value> = plugins
+        .iter()
+        .map(|p| {
+            let mut v = json!(p);
+            v["generated_tokens"] = app.metrics.generated(&p.name).into();
+            v
+        })
+        .collect();
     Json(json!({"plugins": plugins, "errors": errors}))
 }
 

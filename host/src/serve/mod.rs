@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod models;
 pub mod openai;
 pub mod output;
+pub mod page;
 pub mod reasoning;
 pub mod reload;
 pub mod responses;
@@ -194,6 +195,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/health", get(admin::health))
         .route("/ready", get(admin::ready))
         .route("/metrics", get(admin::metrics))
+        .route("/", get(page::index))
+        .route("/ui/app.js", get(page::script))
+        .route("/ui/style.css", get(page::style))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(axum::middleware::from_fn_with_state(app.clone(), read_body))

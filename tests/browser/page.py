@@ -1,0 +1,85 @@
+"""The daemon's web page in a real browser: headless Chromium, driven by Selenium.
+
+Usage: page.py BASE_URL ADMIN_KEY   (run by tests/e2e/page.rs; needs `apt install chromium
+chromium-driver` and `pip install -r tests/browser/requirements.txt`)
+The daemon serves `echo` (which streams back every message's content, joined by newlines)
+behind keys.
+"""
+
+import sys
+
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as ec
+from selenium.webdriver.support.ui import Select, WebDriverWait
+
+base, key = sys.argv[1], sys.argv[2]
+options = webdriver.ChromeOptions()
+for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+    options.add_argument(flag)
+service = webdriver.ChromeService(executable_path="/usr/bin/chromedriver")
+driver = webdriver.Chrome(options=options, service=service)
+wait = WebDriverWait(driver, 30)
+try:
+    driver.get(base + "/")
+    # Keys are set: the page says so until one is given.
+    notice = wait.until(ec.visibility_of_element_located((By.ID, "notice")))
+    assert "key" in notice.text, notice.text
+    field = driver.find_element(By.ID, "key")
+    field.send_keys(key)
+    field.send_keys("\t")  # change event
+    wait.until(lambda d: "echo" in [o.text for o in Select(d.find_element(By.ID, "model")).options])
+    Select(driver.find_element(By.ID, "model")).select_by_visible_text("echo")
+
+    # A chat: the answer streams into an assistant bubble, with its finish reason; the system
+    # prompt went with it.
+    driver.find_element(By.ID, "system").send_keys("Be brief.")
+    driver.find_element(By.ID, "input").send_keys("hello browser")
+    driver.find_element(By.ID, "send").click()
+    answer = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#messages li.assistant .meta")))
+    text = driver.find_element(By.CSS_SELECTOR, "#messages li.assistant .content").text
+    assert text == "Be brief.\nhello browser", text
+    assert "finish: stop" in answer.text, answer.text
+    users = [li.text for li in driver.find_elements(By.CSS_SELECTOR, "#messages li.user")]
+    assert users == ["hello browser"], users
+
+    # A second turn sends the whole conversation.
+    driver.find_element(By.ID, "input").send_keys("again\n")
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#messages li.assistant .meta")) == 2)
+    texts = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#messages li.assistant .content")]
+    assert texts[1] == "Be brief.\nhello browser\nBe brief.\nhello browser\nagain", texts
+
+    # Tool calls come back as calls, not text.
+    tools = '[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]'
+    driver.find_element(By.ID, "tools").send_keys(tools)
+    system = driver.find_element(By.ID, "system")
+    system.clear()
+    driver.find_element(By.ID, "clear").click()
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    box = driver.find_element(By.ID, "input")
+    box.send_keys(call)
+    driver.find_element(By.ID, "send").click()
+    shown = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#messages li.assistant .tool-call")))
+    assert shown.text == '→ get_weather({"city":"Paris"})', shown.text
+    meta = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#messages li.assistant .meta")))
+    assert "finish: tool_calls" in meta.text, meta.text
+    driver.find_element(By.ID, "tools").clear()
+
+    # An error from the API is shown, not swallowed.
+    temperature = driver.find_element(By.ID, "temperature")
+    temperature.clear()
+    temperature.send_keys("9")
+    driver.find_element(By.ID, "input").send_keys("hot\n")
+    error = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#messages li.error")))
+    assert "temperature" in error.text, error.text
+
+    # Status: the echo plugin, ready, at its tier, with the tokens it generated counted.
+    driver.find_element(By.ID, "tab-status").click()
+    row = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#plugins tr[data-plugin=echo]")))
+    cells = [td.text for td in row.find_elements(By.TAG_NAME, "td")]
+    assert cells[0].startswith("echo") and cells[1] == "ready", cells
+    assert cells[2].startswith("low →"), cells
+    assert driver.find_element(By.ID, "chat").is_displayed() is False
+    print("web page: all checks passed")
+finally:
+    driver.quit()

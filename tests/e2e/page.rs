@@ -1,0 +1,63 @@
+//! The daemon's web page: served from the binary, open while the APIs behind it keep their keys,
+//! and driven in a real browser (headless Chromium through Selenium: CI installs both;
+//! elsewhere the browser part is skipped without them).
+
+use crate::daemon::{echo_dir, Daemon};
+use crate::support::repo_root;
+use crate::worker::confinement_available;
+
+#[test]
+fn the_page_chats_and_shows_status_in_a_real_browser() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(
+        echo_dir(""),
+        "[server]\napi_keys = [\"user-key\"]\nadmin_keys = [\"admin-key\"]\n",
+    );
+    d.wait_ready();
+    // The page and its files need no key; the data does.
+    for (path, kind) in [
+        ("/", "text/html"),
+        ("/ui/app.js", "text/javascript"),
+        ("/ui/style.css", "text/css"),
+    ] {
+        let response = d.agent.get(&format!("{}{path}", d.base)).call().unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        let headers = response.headers();
+        let content_type = headers["content-type"].to_str().unwrap();
+        assert!(content_type.starts_with(kind), "{path}: {content_type}");
+        assert!(headers["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("default-src 'self'"));
+    }
+    assert_eq!(d.get("/v1/models").0, 401);
+
+    let have = std::process::Command::new("python3")
+        .args(["-c", "import selenium"])
+        .status()
+        .is_ok_and(|s| s.success())
+        && std::path::Path::new("/usr/bin/chromedriver").exists();
+    if !have {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install chromium, chromium-driver and tests/browser/requirements.txt"
+        );
+        eprintln!("skipped: no chromium-driver or selenium (apt install chromium chromium-driver; pip install -r tests/browser/requirements.txt)");
+        return;
+    }
+    let out = std::process::Command::new("python3")
+        .arg(repo_root().join("tests/browser/page.py"))
+        .arg(&d.base)
+        .arg("admin-key")
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "the browser test failed:\n{}\n{}\ndaemon logs:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        d.logs()
+    );
+}
