@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use pio_host::discovery::{self, Candidate, Status};
+use pio_host::discovery::{self, Candidate, SearchPaths, Status};
 use pio_host::hub::{Hub, RemoteFile};
-use pio_host::manifest::Tier;
+use pio_host::manifest::{Manifest, Tier};
+use pio_host::probe::{LibraryReport, Prober};
 use pio_plugin_api::wire::WeightQuantization;
 
 use crate::cli_run::parse_tier;
@@ -77,17 +78,19 @@ pub fn run(args: PullArgs) -> anyhow::Result<u8> {
     eprintln!("{repo}@{} → {}", &snapshot.commit, dest.display());
     download_all(&hub, &repo, &snapshot.commit, &files, &dest)?;
     let architecture = architecture(&dest)?;
-    let candidates = discovery::discover(&search, &prober(&config)?)?;
-    let plugin = serving(&candidates, &architecture)?;
     let dir = search
         .plugin_dirs
         .first()
         .context("no plugin directory: pass --plugins DIR")?;
-    let path = write_manifest(&args, plugin, dir, &dest, &repo, &snapshot.commit)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let prober = prober(&config)?;
+    let candidates = discovery::discover(&search, &prober)?;
+    let chosen = serving(&candidates, &search, &prober, &architecture)?;
+    let path = write_manifest(&args, &chosen, dir, &dest, &repo, &snapshot.commit)?;
     eprintln!(
         "wrote {} (plugin {}); `pio serve --plugins {}` serves it",
         path.display(),
-        plugin.report.as_ref().map_or("?", |r| r.name.as_str()),
+        chosen.report.name,
         dir.display()
     );
     Ok(0)
@@ -146,83 +149,135 @@ fn architecture(dest: &Path) -> anyhow::Result<String> {
         })
 }
 
-/// The ready plugin whose family is `architecture`.
-fn serving<'a>(candidates: &'a [Candidate], architecture: &str) -> anyhow::Result<&'a Candidate> {
-    let ready = || {
-        candidates
-            .iter()
-            .filter(|c| matches!(c.status, Status::Ready))
-            .filter_map(|c| c.report.as_ref().map(|r| (c, r)))
-    };
-    if let Some((c, _)) = ready().find(|(_, r)| r.family == architecture) {
-        return Ok(c);
+/// The plugin that will serve a snapshot: its library and report, and its manifest if one
+/// was found in the plugin directories.
+struct Chosen {
+    library: PathBuf,
+    report: LibraryReport,
+    manifest: Option<(PathBuf, Manifest)>,
+}
+
+/// The plugin whose family is `architecture`: a ready manifest's, else a plugin library in the
+/// library directories or beside `pio` (so the first pull needs no manifest at all).
+fn serving(
+    candidates: &[Candidate],
+    search: &SearchPaths,
+    prober: &Prober,
+    architecture: &str,
+) -> anyhow::Result<Chosen> {
+    let ready = candidates
+        .iter()
+        .filter(|c| matches!(c.status, Status::Ready))
+        .filter_map(|c| {
+            Some((
+                c,
+                c.report.as_ref()?,
+                c.library.as_ref()?,
+                c.manifest.as_ref()?,
+            ))
+        });
+    let mut served = Vec::new();
+    for (c, report, library, manifest) in ready {
+        if report.family == architecture {
+            return Ok(Chosen {
+                library: library.clone(),
+                report: report.clone(),
+                manifest: Some((c.manifest_path.clone(), manifest.clone())),
+            });
+        }
+        served.push(format!("{} ({})", report.family, report.name));
     }
-    let mut served: Vec<String> = ready()
-        .map(|(_, r)| format!("{} ({})", r.family, r.name))
-        .collect();
+    let dirs = search.library_dirs.iter().chain(search.exe_dir.iter());
+    for dir in dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        let mut libraries: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "so"))
+            .collect();
+        libraries.sort();
+        for library in libraries {
+            let Ok(report) = prober.probe(&library) else {
+                continue;
+            };
+            if report.family == architecture {
+                return Ok(Chosen {
+                    library,
+                    report,
+                    manifest: None,
+                });
+            }
+            served.push(format!("{} ({})", report.family, report.name));
+        }
+    }
     served.sort();
     served.dedup();
     bail!(
         "no plugin serves {architecture}; the plugins found serve: {}",
         if served.is_empty() {
-            "nothing (is --plugins right?)".to_string()
+            "nothing (are --plugins and --library-dir right?)".to_string()
         } else {
             served.join(", ")
         }
     )
 }
 
-/// A manifest for `plugin` over the snapshot at `dest`, written into `dir`; its path.
+/// Where the manifest goes: the plugin's own when it is in `dir` (one manifest per plugin in
+/// a directory: discovery matches them to libraries by name), else `dir/NAME.toml`. Replacing
+/// a manifest that serves another model takes `--force`.
+fn manifest_path(chosen: &Chosen, dir: &Path, dest: &Path, force: bool) -> anyhow::Result<PathBuf> {
+    let name = &chosen.report.name;
+    let in_dir = |p: &Path| -> anyhow::Result<bool> {
+        Ok(p.parent().map(std::path::absolute).transpose()? == Some(std::path::absolute(dir)?))
+    };
+    let (path, elsewhere) = match &chosen.manifest {
+        Some((path, manifest)) if in_dir(path)? => {
+            let model = manifest
+                .model
+                .path
+                .as_ref()
+                .map(|p| path.parent().map_or(p.clone(), |d| d.join(p)));
+            let same = model.and_then(|m| std::path::absolute(m).ok()).as_deref() == Some(dest);
+            (path.clone(), !same)
+        }
+        _ => {
+            let path = dir.join(format!("{name}.toml"));
+            let exists = path.exists();
+            (path, exists)
+        }
+    };
+    if elsewhere && !force {
+        bail!(
+            "{} already serves plugin {name} from another model; pass --force to point it at {} (the old manifest is kept as .toml.bak), or --plugins another directory",
+            path.display(),
+            dest.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A manifest for `chosen` over the snapshot at `dest`, written into `dir`; its path.
 fn write_manifest(
     args: &PullArgs,
-    plugin: &Candidate,
+    chosen: &Chosen,
     dir: &Path,
     dest: &Path,
     repo: &str,
     commit: &str,
 ) -> anyhow::Result<PathBuf> {
-    let (Some(manifest), Some(library), Some(report)) =
-        (&plugin.manifest, &plugin.library, &plugin.report)
-    else {
-        bail!("the plugin serving this architecture has no checked manifest");
-    };
-    // Discovery matches a manifest to its library by name, so the plugin's name is the
-    // manifest's: one manifest per plugin in a directory.
-    let same_dir = plugin
-        .manifest_path
-        .parent()
-        .map(std::path::absolute)
-        .transpose()?
-        == Some(std::path::absolute(dir)?);
-    let path = if same_dir {
-        plugin.manifest_path.clone()
-    } else {
-        dir.join(format!("{}.toml", manifest.name))
-    };
-    let points_elsewhere = manifest.model.path.as_ref().is_some_and(|p| {
-        let p = plugin
-            .manifest_path
-            .parent()
-            .map_or(p.clone(), |d| d.join(p));
-        std::path::absolute(p).ok().as_deref() != Some(dest)
-    });
-    if (same_dir || path.exists()) && points_elsewhere && !args.force {
-        bail!(
-            "{} already serves plugin {} from another model; pass --force to point it at {} (the old manifest is kept as .toml.bak), or --plugins another directory",
-            path.display(),
-            manifest.name,
-            dest.display()
-        );
-    }
+    let path = manifest_path(chosen, dir, dest, args.force)?;
     if path.exists() {
         std::fs::copy(&path, path.with_extension("toml.bak"))
             .with_context(|| format!("cannot back up {}", path.display()))?;
     }
+    let report = &chosen.report;
     let api = semver::Version::parse(&report.api_version).map_or_else(
         |_| report.api_version.clone(),
         |v| format!("^{}.{}", v.major, v.minor),
     );
-    let tier = args.tier.unwrap_or(manifest.tier);
+    let own = chosen.manifest.as_ref();
+    let tier = args.tier.or(own.map(|(_, m)| m.tier)).unwrap_or(Tier::Low);
     let mut model = toml::Table::new();
     model.insert("path".into(), dest.display().to_string().into());
     model.insert("dtype".into(), dtype_of(dest).into());
@@ -230,18 +285,21 @@ fn write_manifest(
         model.insert("quantization".into(), q.name().into());
     }
     let mut table = toml::Table::new();
-    table.insert("name".into(), manifest.name.clone().into());
+    table.insert("name".into(), report.name.clone().into());
     table.insert("version".into(), report.version.clone().into());
     table.insert(
         "description".into(),
         format!("{repo} at {commit}, pulled by pio pull").into(),
     );
-    table.insert("library".into(), library.display().to_string().into());
+    table.insert(
+        "library".into(),
+        chosen.library.display().to_string().into(),
+    );
     table.insert("api".into(), api.into());
     table.insert("tier".into(), toml::Value::try_from(tier)?);
     // The plugin's own limits, as its manifest writes them.
-    let limits = std::fs::read_to_string(&plugin.manifest_path)
-        .ok()
+    let limits = own
+        .and_then(|(p, _)| std::fs::read_to_string(p).ok())
         .and_then(|t| t.parse::<toml::Table>().ok())
         .and_then(|mut t| t.remove("limits"));
     if let Some(limits) = limits {

@@ -223,3 +223,55 @@ fn corrupted_downloads_unknown_architectures_and_missing_repositories_are_refuse
     let out = pull(&hub, plugins.path(), &["not-a-repo", "--plugins", dir]);
     assert!(stderr(&out).contains("OWNER/NAME"), "{}", stderr(&out));
 }
+
+/// Into an empty plugin directory: the plugin is found by probing the libraries beside `pio`,
+/// and the manifest written serves the snapshot — nothing but `pio pull` and `pio run`.
+#[test]
+fn a_first_pull_needs_no_manifest() {
+    if !confinement_available() {
+        return;
+    }
+    let fixture = repo_root().join("tests/fixtures/qwen3-moe-tiny");
+    let hub = FakeHub::start(&[("tiny/coder", fixture)]);
+    let root = open_dir();
+    let plugins = root.path().join("plugins.d");
+    let models = root.path().join("models");
+    let out = pull(
+        &hub,
+        root.path(),
+        &[
+            "tiny/coder",
+            "--plugins",
+            plugins.to_str().unwrap(),
+            "--models",
+            models.to_str().unwrap(),
+            "--quantization",
+            "q8",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let manifest = std::fs::read_to_string(plugins.join("qwen3-coder-30b.toml")).unwrap();
+    for line in [
+        "name = \"qwen3-coder-30b\"",
+        "quantization = \"q8\"",
+        "tier = \"low\"",
+        "api = \"^1.4\"",
+    ] {
+        assert!(manifest.contains(line), "{line} in:\n{manifest}");
+    }
+    let run = Command::new(pio_bin())
+        .current_dir(root.path())
+        .args([
+            "run",
+            "qwen3-coder-30b",
+            "--plugins",
+            "plugins.d",
+            "--prompt",
+            "def",
+            "--max-tokens",
+            "3",
+        ])
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", stderr(&run));
+}
