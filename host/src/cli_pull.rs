@@ -26,6 +26,10 @@ pub struct PullArgs {
     /// Where snapshots go (each in `OWNER/NAME`).
     #[arg(long, value_name = "DIR", default_value = "models")]
     models: PathBuf,
+    /// The name to serve the model under (default: the plugin's name). A plugin serves any
+    /// number of models, each under a name of its own.
+    #[arg(long, value_parser = parse_name)]
+    name: Option<String>,
     /// The manifest's tier (default: the plugin's own manifest's).
     #[arg(long, value_parser = parse_tier)]
     tier: Option<Tier>,
@@ -44,6 +48,16 @@ fn wanted(name: &str) -> bool {
         .iter()
         .any(|e| name.ends_with(e));
     top && kind
+}
+
+/// A served model's name: what clients put in `model`.
+fn parse_name(s: &str) -> Result<String, String> {
+    let ok = (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    ok.then(|| s.to_string()).ok_or_else(|| {
+        format!("\"{s}\" is not a model name: 1 to 64 letters, digits, `-`, `_` or `.`")
+    })
 }
 
 /// `owner/name[@revision]`, checked.
@@ -226,13 +240,18 @@ fn serving(
 /// Where the manifest goes: the plugin's own when it is in `dir` (one manifest per plugin in
 /// a directory: discovery matches them to libraries by name), else `dir/NAME.toml`. Replacing
 /// a manifest that serves another model takes `--force`.
-fn manifest_path(chosen: &Chosen, dir: &Path, dest: &Path, force: bool) -> anyhow::Result<PathBuf> {
-    let name = &chosen.report.name;
+fn manifest_path(
+    chosen: &Chosen,
+    name: &str,
+    dir: &Path,
+    dest: &Path,
+    force: bool,
+) -> anyhow::Result<PathBuf> {
     let in_dir = |p: &Path| -> anyhow::Result<bool> {
         Ok(p.parent().map(std::path::absolute).transpose()? == Some(std::path::absolute(dir)?))
     };
     let (path, elsewhere) = match &chosen.manifest {
-        Some((path, manifest)) if in_dir(path)? => {
+        Some((path, manifest)) if manifest.name == name && in_dir(path)? => {
             let model = manifest
                 .model
                 .path
@@ -249,7 +268,7 @@ fn manifest_path(chosen: &Chosen, dir: &Path, dest: &Path, force: bool) -> anyho
     };
     if elsewhere && !force {
         bail!(
-            "{} already serves plugin {name} from another model; pass --force to point it at {} (the old manifest is kept as .toml.bak), or --plugins another directory",
+            "{} already serves {name} from another model; pass --force to point it at {} (the old manifest is kept as .toml.bak), --name to serve it under another name, or --plugins another directory",
             path.display(),
             dest.display()
         );
@@ -266,12 +285,13 @@ fn write_manifest(
     repo: &str,
     commit: &str,
 ) -> anyhow::Result<PathBuf> {
-    let path = manifest_path(chosen, dir, dest, args.force)?;
+    let report = &chosen.report;
+    let name = args.name.as_deref().unwrap_or(&report.name);
+    let path = manifest_path(chosen, name, dir, dest, args.force)?;
     if path.exists() {
         std::fs::copy(&path, path.with_extension("toml.bak"))
             .with_context(|| format!("cannot back up {}", path.display()))?;
     }
-    let report = &chosen.report;
     let api = semver::Version::parse(&report.api_version).map_or_else(
         |_| report.api_version.clone(),
         |v| format!("^{}.{}", v.major, v.minor),
@@ -285,7 +305,10 @@ fn write_manifest(
         model.insert("quantization".into(), q.name().into());
     }
     let mut table = toml::Table::new();
-    table.insert("name".into(), report.name.clone().into());
+    table.insert("name".into(), name.into());
+    if name != report.name {
+        table.insert("plugin".into(), report.name.clone().into());
+    }
     table.insert("version".into(), report.version.clone().into());
     table.insert(
         "description".into(),

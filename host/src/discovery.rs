@@ -354,8 +354,14 @@ pub fn check_library(candidate: &mut Candidate, prober: &Prober) {
                 in_manifest,
                 in_library: in_library.to_string(),
             };
-            if report.name != manifest.name {
-                return Err(identity("name", manifest.name.clone(), &report.name));
+            let plugin = manifest.plugin.as_ref().unwrap_or(&manifest.name);
+            if &report.name != plugin {
+                let field = if manifest.plugin.is_some() {
+                    "plugin"
+                } else {
+                    "name"
+                };
+                return Err(identity(field, plugin.clone(), &report.name));
             }
             if report.version != manifest.version.to_string() {
                 return Err(identity(

@@ -142,8 +142,12 @@ impl<'de> Deserialize<'de> for Sha256Hex {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
-    /// The plugin's name; must equal what the library reports.
+    /// The name the model is served and run under; the library must report it, unless
+    /// `plugin` names what it reports (one plugin serving several models).
     pub name: String,
+    /// The plugin's own name, as the library reports it, when `name` is another.
+    #[serde(default)]
+    pub plugin: Option<String>,
     /// The plugin's version; must equal what the library reports.
     pub version: semver::Version,
     /// The library file (a file name or path; see [`crate::discovery`] for where it is looked up).

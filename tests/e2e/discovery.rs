@@ -218,10 +218,20 @@ fn each_failure_is_reported_and_the_rest_still_load() {
         "wrong-version.toml",
         &manifest("echo", "0.3.0", "libecho.so", ""),
     );
+    // Served under a name of its own, with the plugin it is named: ready; naming the wrong
+    // plugin is an identity error on `plugin`.
+    dir.write(
+        "alias.toml",
+        &manifest("shout", "0.1.0", "libecho.so", "plugin = \"echo\"\n"),
+    );
+    dir.write(
+        "wrong-plugin.toml",
+        &manifest("whisper", "0.1.0", "libecho.so", "plugin = \"echo-two\"\n"),
+    );
     dir.write("next.toml", &manifest("echo", "0.2.0", "libnext.so", ""));
 
     let rows = dir.list();
-    assert_eq!(rows.len(), 10, "{rows:#?}");
+    assert_eq!(rows.len(), 12, "{rows:#?}");
     assert_eq!(row(&rows, "good.toml")["status"], "ready");
 
     let e = error_of(row(&rows, "bad-toml.toml"));
@@ -254,6 +264,12 @@ fn each_failure_is_reported_and_the_rest_still_load() {
     let e = error_of(row(&rows, "wrong-name.toml"));
     assert!(
         e.contains("name \"echo-two\"") && e.contains("reports \"echo\""),
+        "{e}"
+    );
+    assert_eq!(row(&rows, "alias.toml")["status"], "ready");
+    let e = error_of(row(&rows, "wrong-plugin.toml"));
+    assert!(
+        e.contains("plugin \"echo-two\"") && e.contains("reports \"echo\""),
         "{e}"
     );
     let e = error_of(row(&rows, "wrong-version.toml"));

@@ -274,4 +274,44 @@ fn a_first_pull_needs_no_manifest() {
         .output()
         .unwrap();
     assert!(run.status.success(), "{}", stderr(&run));
+
+    // The same plugin serves a second model under a name of its own, beside the first.
+    let out = pull(
+        &hub,
+        root.path(),
+        &[
+            "tiny/coder",
+            "--plugins",
+            plugins.to_str().unwrap(),
+            "--models",
+            models.to_str().unwrap(),
+            "--name",
+            "coder-q4",
+            "--quantization",
+            "q4",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let second = std::fs::read_to_string(plugins.join("coder-q4.toml")).unwrap();
+    assert!(
+        second.contains("name = \"coder-q4\"") && second.contains("plugin = \"qwen3-coder-30b\""),
+        "{second}"
+    );
+    for name in ["qwen3-coder-30b", "coder-q4"] {
+        let run = Command::new(pio_bin())
+            .current_dir(root.path())
+            .args([
+                "run",
+                name,
+                "--plugins",
+                "plugins.d",
+                "--prompt",
+                "def",
+                "--max-tokens",
+                "2",
+            ])
+            .output()
+            .unwrap();
+        assert!(run.status.success(), "{name}: {}", stderr(&run));
+    }
 }
