@@ -65,6 +65,28 @@ try:
     assert "finish: tool_calls" in meta.text, meta.text
     driver.find_element(By.ID, "tools").clear()
 
+    # Reasoning is folded above the answer (`thinker` marks it as GLM does; thinking is on).
+    Select(driver.find_element(By.ID, "model")).select_by_visible_text("thinker")
+    driver.find_element(By.ID, "clear").click()
+    driver.find_element(By.ID, "input").send_keys("ponder</think>answer\n")
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#messages li.assistant .meta")))
+    details = driver.find_element(By.CSS_SELECTOR, "#messages li.assistant details")
+    assert details.get_attribute("open") is None, "folded"
+    assert driver.find_element(By.CSS_SELECTOR, "#messages li.assistant .reasoning").get_attribute("textContent") == "ponder"
+    assert driver.find_element(By.CSS_SELECTOR, "#messages li.assistant .content").text == "answer"
+
+    # Stop ends a stream at once (40 ms a character: this one would take 8 s).
+    driver.find_element(By.ID, "clear").click()
+    driver.find_element(By.ID, "input").send_keys("</think>" + "z" * 200 + "\n")
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#messages li.assistant .content").text.startswith("zz"))
+    driver.find_element(By.ID, "stop").click()
+    meta = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#messages li.assistant .meta")))
+    assert "stopped" in meta.text, meta.text
+    partial = driver.find_element(By.CSS_SELECTOR, "#messages li.assistant .content").text
+    assert 2 <= len(partial) < 200, len(partial)
+    assert driver.find_element(By.ID, "send").is_enabled()
+    Select(driver.find_element(By.ID, "model")).select_by_visible_text("echo")
+
     # An error from the API is shown, not swallowed.
     temperature = driver.find_element(By.ID, "temperature")
     temperature.clear()

@@ -3,7 +3,7 @@
 //! elsewhere the browser part is skipped without them).
 
 use crate::daemon::{echo_dir, Daemon};
-use crate::support::repo_root;
+use crate::support::{manifest, repo_root};
 use crate::worker::confinement_available;
 
 #[test]
@@ -11,8 +11,19 @@ fn the_page_chats_and_shows_status_in_a_real_browser() {
     if !confinement_available() {
         return;
     }
+    // `thinker`: the echo plugin again, under its own name, slow and marking reasoning.
+    let dir = echo_dir("");
+    dir.write(
+        "thinker.toml",
+        &manifest(
+            "thinker",
+            "0.1.0",
+            "libecho.so",
+            "plugin = \"echo\"\n[model.options]\ndelay_ms = 40\nreasoning_format = \"glm45\"\n",
+        ),
+    );
     let d = Daemon::start(
-        echo_dir(""),
+        dir,
         "[server]\napi_keys = [\"user-key\"]\nadmin_keys = [\"admin-key\"]\n",
     );
     d.wait_ready();
