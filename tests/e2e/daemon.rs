@@ -340,12 +340,11 @@ pub fn python_client_available() -> bool {
     have
 }
 
-/// Runs `tests/api/<script>` against `d` (its `/v1` base URL first, then `args`); fails the
-/// test with the script's output and the daemon's logs unless it succeeds.
+/// Runs `tests/<script>` with `args` against `d`; fails the test with the script's output and
+/// the daemon's logs unless it succeeds.
 pub fn run_python_checks(d: &Daemon, script: &str, args: &[&str]) {
     let out = std::process::Command::new("python3")
-        .arg(repo_root().join("tests/api").join(script))
-        .arg(format!("{}/v1", d.base))
+        .arg(repo_root().join("tests").join(script))
         .args(args)
         .output()
         .expect("run python3");

@@ -2,8 +2,8 @@
 //! and driven in a real browser (headless Chromium through Selenium: CI installs both;
 //! elsewhere the browser part is skipped without them).
 
-use crate::daemon::{echo_dir, Daemon};
-use crate::support::{manifest, repo_root};
+use crate::daemon::{echo_dir, run_python_checks, Daemon};
+use crate::support::manifest;
 use crate::worker::confinement_available;
 
 #[test]
@@ -58,17 +58,5 @@ fn the_page_chats_and_shows_status_in_a_real_browser() {
         eprintln!("skipped: no chromium-driver or selenium (apt install chromium chromium-driver; pip install -r tests/browser/requirements.txt)");
         return;
     }
-    let out = std::process::Command::new("python3")
-        .arg(repo_root().join("tests/browser/page.py"))
-        .arg(&d.base)
-        .arg("admin-key")
-        .output()
-        .expect("run python3");
-    assert!(
-        out.status.success(),
-        "the browser test failed:\n{}\n{}\ndaemon logs:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        d.logs()
-    );
+    run_python_checks(&d, "browser/page.py", &[&d.base, "admin-key"]);
 }

