@@ -92,3 +92,49 @@ fn sighup_reloads_keys_and_limits_keeps_requests_and_refuses_a_bad_file() {
     assert_eq!(ask("new", 10).0, 200, "max_tokens_limit is back to none");
     assert_eq!(d.get("/health").0, 200, "still listening where it was");
 }
+
+/// Started without `--config`, the daemon has nothing to reload: SIGHUP is logged, and it
+/// serves on (the signal's default action would have stopped it).
+#[test]
+fn sighup_without_a_config_file_changes_nothing_and_stops_nothing() {
+    if !confinement_available() {
+        return;
+    }
+    use std::io::{BufRead, BufReader};
+    let dir = echo_dir("");
+    let mut child = std::process::Command::new(crate::support::pio_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--plugins"])
+        .arg(dir.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let wait_for = |needle: &str| loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("no `{needle}` in the logs"));
+        if line.contains(needle) {
+            return;
+        }
+    };
+    wait_for("model loaded");
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    wait_for("no configuration file to reload");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "pio serve stopped on SIGHUP"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

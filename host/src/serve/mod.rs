@@ -272,8 +272,15 @@ fn background(
     reload: Option<(std::path::PathBuf, crate::config::Config)>,
     systemd: Option<Arc<systemd::Notifier>>,
 ) -> Option<notify::RecommendedWatcher> {
-    if let Some((path, before)) = reload {
-        tokio::spawn(reload::on_sighup(models.clone(), path, before, systemd));
+    match reload {
+        Some((path, before)) => {
+            tokio::spawn(reload::on_sighup(models.clone(), path, before, systemd));
+        }
+        // Without a file there is nothing to re-read, but SIGHUP must not stop the daemon (its
+        // default action).
+        None => {
+            tokio::spawn(reload::without_a_file());
+        }
     }
     if server.keep_alive_secs > 0 {
         let (models, keep) = (models.clone(), Duration::from_secs(server.keep_alive_secs));

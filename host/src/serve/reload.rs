@@ -119,6 +119,17 @@ pub async fn on_sighup(
     }
 }
 
+/// Answers `SIGHUP` when the daemon was started without `--config`: nothing to reload.
+pub async fn without_a_file() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::warn!("SIGHUP: pio serve was started without --config, so there is no configuration file to reload");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
