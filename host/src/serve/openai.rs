@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
-use super::structure::{self, Structure};
+use super::structure::{self, forced_calls, tool_choice, Structure, ToolChoice};
 
 /// Which endpoint a request came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -368,76 +368,6 @@ fn chat(
         }
     }?;
     Ok((logprobs, forced))
-}
-
-/// OpenAI's `tool_choice`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum ToolChoice {
-    /// The model decides.
-    Auto,
-    /// No tools: they are not shown to the model.
-    None,
-    /// At least one call, to any tool.
-    Required,
-    /// A call to this tool.
-    Named(String),
-}
-
-fn tool_choice(choice: Option<&Value>) -> Result<ToolChoice, ApiError> {
-    let named = |v: &Value| {
-        (v.get("type").and_then(Value::as_str) == Some("function"))
-            .then(|| v.pointer("/function/name").and_then(Value::as_str))
-            .flatten()
-            .map(str::to_string)
-    };
-    match choice {
-        None => Ok(ToolChoice::Auto),
-        Some(Value::String(s)) if s == "auto" => Ok(ToolChoice::Auto),
-        Some(Value::String(s)) if s == "none" => Ok(ToolChoice::None),
-        Some(Value::String(s)) if s == "required" => Ok(ToolChoice::Required),
-        Some(v) => named(v).map(ToolChoice::Named).ok_or_else(|| {
-            unsupported(
-                "tool_choice",
-                "must be \"auto\", \"none\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}",
-            )
-        }),
-    }
-}
-
-/// The calls `choice` forces among the offered `tools`.
-fn forced_calls(
-    choice: &ToolChoice,
-    tools: Option<&[Value]>,
-    parallel: Option<bool>,
-) -> Result<Option<Structure>, ApiError> {
-    let name = match choice {
-        ToolChoice::Auto | ToolChoice::None => return Ok(None),
-        ToolChoice::Required => None,
-        ToolChoice::Named(n) => Some(n.clone()),
-    };
-    let offered = tools.unwrap_or_default();
-    if offered.is_empty() {
-        return Err(unsupported(
-            "tool_choice",
-            "forces a tool call, but no `tools` were given",
-        ));
-    }
-    if let Some(n) = &name {
-        if !offered
-            .iter()
-            .any(|t| t.pointer("/function/name").and_then(Value::as_str) == Some(n))
-        {
-            return Err(ApiError::bad_field(
-                "tool_choice.function.name",
-                format!("`tool_choice` names `{n}`, which is not among the `tools`"),
-            ));
-        }
-    }
-    Ok(Some(Structure::ToolCalls {
-        // One call to a named tool, as OpenAI makes it.
-        parallel: name.is_none() && parallel.unwrap_or(true),
-        name,
-    }))
 }
 
 /// Each tool is `{"type": "function", "function": {"name": …, "parameters": {…}?}}`, with a
