@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 
 use crate::daemon::qwen_dir;
 use crate::hub::FakeHub;
-use crate::support::{pio_bin, repo_root};
+use crate::support::{pio_bin, plugin_lib, repo_root};
 use crate::worker::confinement_available;
 
 fn pull(hub: &FakeHub, cwd: &Path, args: &[&str]) -> Output {
@@ -224,8 +224,8 @@ fn corrupted_downloads_unknown_architectures_and_missing_repositories_are_refuse
     assert!(stderr(&out).contains("OWNER/NAME"), "{}", stderr(&out));
 }
 
-/// Into an empty plugin directory: the plugin is found by probing the libraries beside `pio`,
-/// and the manifest written serves the snapshot — nothing but `pio pull` and `pio run`.
+/// Into an empty plugin directory: the plugin is found by probing the libraries in a library
+/// directory, and the manifest written serves the snapshot — nothing but `pio pull` and `pio run`.
 #[test]
 fn a_first_pull_needs_no_manifest() {
     if !confinement_available() {
@@ -236,8 +236,27 @@ fn a_first_pull_needs_no_manifest() {
     let root = open_dir();
     let plugins = root.path().join("plugins.d");
     let models = root.path().join("models");
-    let (p, m) = (plugins.to_str().unwrap(), models.to_str().unwrap());
-    let into = ["tiny/coder", "--plugins", p, "--models", m];
+    // The plugin libraries as a package installs them: a folder of .so files, no manifests.
+    let lib = root.path().join("lib");
+    std::fs::create_dir(&lib).unwrap();
+    for name in ["pio_plugin_qwen3", "pio_plugin_qwen3_coder"] {
+        let from = plugin_lib(name);
+        std::fs::copy(&from, lib.join(from.file_name().unwrap())).unwrap();
+    }
+    let (p, m, l) = (
+        plugins.to_str().unwrap(),
+        models.to_str().unwrap(),
+        lib.to_str().unwrap(),
+    );
+    let into = [
+        "tiny/coder",
+        "--plugins",
+        p,
+        "--models",
+        m,
+        "--library-dir",
+        l,
+    ];
     let out = pull(
         &hub,
         root.path(),
