@@ -1,6 +1,6 @@
 """The daemon's web page in a real browser: headless Chromium, driven by Selenium.
 
-Usage: page.py BASE_URL ADMIN_KEY   (run by tests/e2e/page.rs; needs `apt install chromium
+Usage: page.py BASE_URL ADMIN_KEY IMAGE   (run by tests/e2e/page.rs; needs `apt install chromium
 chromium-driver` and `pip install -r tests/browser/requirements.txt`)
 The daemon serves `echo` (which streams back every message's content, joined by newlines)
 behind keys.
@@ -13,7 +13,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-base, key = sys.argv[1], sys.argv[2]
+base, key, image = sys.argv[1], sys.argv[2], sys.argv[3]
 options = webdriver.ChromeOptions()
 for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
     options.add_argument(flag)
@@ -85,6 +85,23 @@ try:
     partial = driver.find_element(By.CSS_SELECTOR, "#messages li.assistant .content").text
     assert 2 <= len(partial) < 200, len(partial)
     assert driver.find_element(By.ID, "send").is_enabled()
+    Select(driver.find_element(By.ID, "model")).select_by_visible_text("echo")
+
+    # A vision model offers an image field; the picture goes with the message (random weights:
+    # any answer, but an answer, not an error).
+    assert not driver.find_element(By.ID, "image-field").is_displayed()
+    Select(driver.find_element(By.ID, "model")).select_by_visible_text("qwen3-vl-2b")
+    assert driver.find_element(By.ID, "image-field").is_displayed()
+    driver.find_element(By.ID, "clear").click()
+    driver.find_element(By.ID, "image").send_keys(image)
+    max_tokens = driver.find_element(By.ID, "max-tokens")
+    max_tokens.clear()
+    max_tokens.send_keys("4")
+    driver.find_element(By.ID, "input").send_keys("What is in the picture?\n")
+    meta = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#messages li.assistant .meta")))
+    assert "finish: length" in meta.text, meta.text
+    assert not driver.find_elements(By.CSS_SELECTOR, "#messages li.error")
+    assert driver.find_element(By.CSS_SELECTOR, "#messages li.user img").get_attribute("src").startswith("data:image/jpeg;base64,")
     Select(driver.find_element(By.ID, "model")).select_by_visible_text("echo")
 
     # An error from the API is shown, not swallowed.

@@ -3,7 +3,7 @@
 //! elsewhere the browser part is skipped without them).
 
 use crate::daemon::{echo_dir, run_python_checks, Daemon};
-use crate::support::manifest;
+use crate::support::{manifest, plugin_lib, repo_root};
 use crate::worker::confinement_available;
 
 #[test]
@@ -20,6 +20,17 @@ fn the_page_chats_and_shows_status_in_a_real_browser() {
             "0.1.0",
             "libecho.so",
             "plugin = \"echo\"\n[model.options]\ndelay_ms = 40\nreasoning_format = \"glm45\"\n",
+        ),
+    );
+    // A vision model, for the image field.
+    let vl = repo_root().join("tests/fixtures/qwen3-vl-tiny");
+    dir.write(
+        "qwen3-vl.toml",
+        &manifest(
+            "qwen3-vl-2b",
+            "0.1.0",
+            &plugin_lib("pio_plugin_qwen3_vl").display().to_string(),
+            &format!("[model]\npath = \"{}\"\ndtype = \"f32\"\n", vl.display()),
         ),
     );
     let d = Daemon::start(
@@ -58,5 +69,10 @@ fn the_page_chats_and_shows_status_in_a_real_browser() {
         eprintln!("skipped: no chromium-driver or selenium (apt install chromium chromium-driver; pip install -r tests/browser/requirements.txt)");
         return;
     }
-    run_python_checks(&d, "browser/page.py", &[&d.base, "admin-key"]);
+    let image = repo_root().join("tests/fixtures/images/photo.jpg");
+    run_python_checks(
+        &d,
+        "browser/page.py",
+        &[&d.base, "admin-key", image.to_str().unwrap()],
+    );
 }
