@@ -52,12 +52,11 @@ fn wanted(name: &str) -> bool {
 
 /// A served model's name: what clients put in `model`.
 fn parse_name(s: &str) -> Result<String, String> {
-    let ok = (1..=64).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-    ok.then(|| s.to_string()).ok_or_else(|| {
-        format!("\"{s}\" is not a model name: 1 to 64 letters, digits, `-`, `_` or `.`")
-    })
+    pio_host::names::is_plain(s)
+        .then(|| s.to_string())
+        .ok_or_else(|| {
+            format!("\"{s}\" is not a model name: 1 to 64 letters, digits, `-`, `_` or `.`")
+        })
 }
 
 /// `owner/name[@revision]`, checked.
@@ -91,7 +90,7 @@ pub fn run(args: PullArgs) -> anyhow::Result<u8> {
         .with_context(|| format!("cannot use {}", args.models.display()))?;
     eprintln!("{repo}@{} → {}", &snapshot.commit, dest.display());
     download_all(&hub, &repo, &snapshot.commit, &files, &dest)?;
-    let architecture = architecture(&dest)?;
+    let pulled = Pulled::read(dest, repo, snapshot.commit.clone())?;
     let dir = search
         .plugin_dirs
         .first()
@@ -99,8 +98,8 @@ pub fn run(args: PullArgs) -> anyhow::Result<u8> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let prober = prober(&config)?;
     let candidates = discovery::discover(&search, &prober)?;
-    let chosen = serving(&candidates, &search, &prober, &architecture)?;
-    let path = write_manifest(&args, &chosen, dir, &dest, &repo, &snapshot.commit)?;
+    let chosen = serving(&candidates, &search, &prober, &pulled.architecture)?;
+    let path = write_manifest(&args, &chosen, dir, &pulled)?;
     eprintln!(
         "wrote {} (plugin {}); `pio serve --plugins {}` serves it",
         path.display(),
@@ -145,22 +144,48 @@ fn download_all(
     Ok(())
 }
 
-/// The snapshot's architecture (`config.json`'s first `architectures` entry).
-fn architecture(dest: &Path) -> anyhow::Result<String> {
-    let path = dest.join("config.json");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    let config: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
-    config["architectures"][0]
-        .as_str()
-        .map(str::to_string)
-        .with_context(|| {
-            format!(
-                "{}: no `architectures` entry names the model class",
-                path.display()
-            )
+/// A downloaded snapshot and what its `config.json` says.
+struct Pulled {
+    dest: PathBuf,
+    repo: String,
+    commit: String,
+    /// The model class (`architectures[0]`), which picks the plugin.
+    architecture: String,
+    /// The dtype it was saved in (`torch_dtype` or `dtype`), as a manifest names it; bf16 when
+    /// it names none the engine runs.
+    dtype: &'static str,
+}
+
+impl Pulled {
+    fn read(dest: PathBuf, repo: String, commit: String) -> anyhow::Result<Self> {
+        let path = dest.join("config.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let config: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+        let architecture = config["architectures"][0]
+            .as_str()
+            .map(str::to_string)
+            .with_context(|| {
+                format!(
+                    "{}: no `architectures` entry names the model class",
+                    path.display()
+                )
+            })?;
+        let saved = config.get("torch_dtype").or_else(|| config.get("dtype"));
+        let dtype = match saved.and_then(|v| v.as_str()) {
+            Some("float32") => "f32",
+            Some("float16") => "f16",
+            _ => "bf16",
+        };
+        Ok(Self {
+            dest,
+            repo,
+            commit,
+            architecture,
+            dtype,
         })
+    }
 }
 
 /// The plugin that will serve a snapshot: its library and report, and its manifest if one
@@ -276,15 +301,16 @@ fn manifest_path(
     Ok(path)
 }
 
-/// A manifest for `chosen` over the snapshot at `dest`, written into `dir`; its path.
+/// A manifest for `chosen` over the `pulled` snapshot, written into `dir`; its path.
 fn write_manifest(
     args: &PullArgs,
     chosen: &Chosen,
     dir: &Path,
-    dest: &Path,
-    repo: &str,
-    commit: &str,
+    pulled: &Pulled,
 ) -> anyhow::Result<PathBuf> {
+    let Pulled {
+        dest, repo, commit, ..
+    } = pulled;
     let report = &chosen.report;
     let name = args.name.as_deref().unwrap_or(&report.name);
     let path = manifest_path(chosen, name, dir, dest, args.force)?;
@@ -300,7 +326,7 @@ fn write_manifest(
     let tier = args.tier.or(own.map(|(_, m)| m.tier)).unwrap_or(Tier::Low);
     let mut model = toml::Table::new();
     model.insert("path".into(), dest.display().to_string().into());
-    model.insert("dtype".into(), dtype_of(dest).into());
+    model.insert("dtype".into(), pulled.dtype.into());
     if let Some(q) = args.quantization {
         model.insert("quantization".into(), q.name().into());
     }
@@ -335,24 +361,6 @@ fn write_manifest(
     );
     std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(path)
-}
-
-/// The dtype the checkpoint was saved in (`torch_dtype` or `dtype` in its config), as a
-/// manifest names it; bf16 when it says nothing the engine runs.
-fn dtype_of(dest: &Path) -> &'static str {
-    let config: serde_json::Value = std::fs::read_to_string(dest.join("config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_default();
-    match config
-        .get("torch_dtype")
-        .or_else(|| config.get("dtype"))
-        .and_then(|v| v.as_str())
-    {
-        Some("float32") => "f32",
-        Some("float16") => "f16",
-        _ => "bf16",
-    }
 }
 
 #[cfg(test)]

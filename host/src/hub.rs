@@ -245,7 +245,7 @@ impl Hub {
         dest: &Path,
         progress: &mut dyn FnMut(u64, Option<u64>),
     ) -> Result<(), HubError> {
-        if dest.is_file() && self.matches(file, dest)?.is_none() {
+        if dest.is_file() && matches(file, dest)?.is_none() {
             let size = std::fs::metadata(dest).map_err(io(dest))?.len();
             progress(size, Some(size));
             return Ok(());
@@ -290,7 +290,7 @@ impl Hub {
         }
         out.sync_all().map_err(io(&partial))?;
         drop(out);
-        if let Some((found, expected)) = self.matches(file, &partial)? {
+        if let Some((found, expected)) = matches(file, &partial)? {
             let _ = std::fs::remove_file(&partial);
             return Err(HubError::Mismatch {
                 file: file.name.clone(),
@@ -300,28 +300,24 @@ impl Hub {
         }
         std::fs::rename(&partial, dest).map_err(io(dest))
     }
+}
 
-    /// How `path` differs from what the Hub lists for `file` (found, expected), if it does.
-    fn matches(
-        &self,
-        file: &RemoteFile,
-        path: &Path,
-    ) -> Result<Option<(String, String)>, HubError> {
-        let size = std::fs::metadata(path).map_err(io(path))?.len();
-        if let Some(expected) = file.size.filter(|&s| s != size) {
-            return Ok(Some((format!("{size} bytes"), format!("{expected} bytes"))));
-        }
-        if let Some(expected) = &file.sha256 {
-            let found = sha256_of(path)?;
-            if &found != expected {
-                return Ok(Some((
-                    format!("SHA-256 {found}"),
-                    format!("SHA-256 {expected}"),
-                )));
-            }
-        }
-        Ok(None)
+/// How `path` differs from what the Hub lists for `file` (found, expected), if it does.
+fn matches(file: &RemoteFile, path: &Path) -> Result<Option<(String, String)>, HubError> {
+    let size = std::fs::metadata(path).map_err(io(path))?.len();
+    if let Some(expected) = file.size.filter(|&s| s != size) {
+        return Ok(Some((format!("{size} bytes"), format!("{expected} bytes"))));
     }
+    if let Some(expected) = &file.sha256 {
+        let found = sha256_of(path)?;
+        if &found != expected {
+            return Ok(Some((
+                format!("SHA-256 {found}"),
+                format!("SHA-256 {expected}"),
+            )));
+        }
+    }
+    Ok(None)
 }
 
 #[cfg(test)]

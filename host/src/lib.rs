@@ -10,6 +10,7 @@ pub mod fault;
 pub mod hub;
 pub mod launch;
 pub mod manifest;
+pub mod names;
 pub mod probe;
 pub mod protocol;
 pub mod report;

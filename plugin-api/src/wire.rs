@@ -205,6 +205,14 @@ pub enum Grammar {
     Lark(String),
 }
 
+/// How JSON a schema constrains is laid out unless the schema's `x-guidance` says otherwise
+/// (llguidance's options): one space after `:` and `,`, as Python's `json.dumps` writes it, and
+/// no other whitespace, so a model can neither pad nor loop in whitespace. The host applies it to
+/// schemas it embeds in grammars, the engine to schemas sent whole.
+pub fn json_layout() -> serde_json::Value {
+    serde_json::json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "})
+}
+
 /// Constrained output: the grammar, and where in the output it starts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Constraint {

@@ -11,21 +11,14 @@ use std::sync::{Arc, OnceLock};
 use llguidance::api::TopLevelGrammar;
 use llguidance::toktrie::{SimpleVob, TokEnv};
 use llguidance::{Matcher, ParserFactory};
-use pio_plugin_api::wire::{Constraint, Grammar};
-use serde_json::{json, Value};
+use pio_plugin_api::wire::{json_layout, Constraint, Grammar};
+use serde_json::Value;
 
 use crate::error::{EngineError, Result};
 use crate::text::TextCodec;
 use vocabulary::Vocabulary;
 
-/// Output layout of JSON a schema constrains, unless the schema's `x-guidance` says otherwise:
-/// one space after `:` and `,` (as Python's `json.dumps` writes it) and no other whitespace, so a
-/// model can neither pad nor loop in whitespace.
-pub fn json_layout() -> Value {
-    json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "})
-}
-
-/// A JSON Schema with PIO's JSON layout, unless it sets its own.
+/// A JSON Schema with PIO's JSON layout ([`json_layout`]), unless it sets its own.
 fn with_layout(schema: &Value) -> Value {
     let mut schema = schema.clone();
     if let Value::Object(map) = &mut schema {
@@ -205,6 +198,8 @@ pub struct Guide {
     waiting_for: Option<(Vec<u8>, Vec<u8>)>,
     /// End-of-sequence tokens, barred while the grammar waits (the output must reach it).
     eos: Vec<u32>,
+    /// The mask while it waits (everything but `eos`), made once.
+    free: Option<SimpleVob>,
     tokens: Sender<u32>,
     masks: Receiver<MaskResult>,
     /// What computing the last mask took.
@@ -245,6 +240,7 @@ impl Guide {
         Ok(Self {
             waiting_for: after.map(|a| (a, Vec::new())),
             eos,
+            free: None,
             tokens,
             masks,
             last_compute: std::time::Duration::ZERO,
@@ -268,13 +264,15 @@ impl Guide {
             if self.eos.is_empty() {
                 return None;
             }
-            let mut free = SimpleVob::alloc_ones(vocab);
-            for &e in &self.eos {
-                if (e as usize) < vocab {
+            let eos = &self.eos;
+            let free = self.free.get_or_insert_with(|| {
+                let mut free = SimpleVob::alloc_ones(vocab);
+                for &e in eos.iter().filter(|&&e| (e as usize) < vocab) {
                     free.disallow_token(e);
                 }
-            }
-            return Some(Ok(free));
+                free
+            });
+            return Some(Ok(free.clone()));
         }
         Some(match self.masks.recv() {
             Ok(Ok((mask, took))) => {

@@ -1,6 +1,7 @@
 use super::*;
 use crate::checkpoint::Checkpoint;
 use crate::sampling::{Sampler, SamplingParams};
+use serde_json::json;
 
 fn grammars(fixture: &str, eos: Vec<u32>) -> (Arc<TextCodec>, Grammars) {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -148,14 +148,7 @@ impl RequestId {
     /// The client's id if it is 1 to 64 characters of `[A-Za-z0-9._-]`, else a fresh one.
     pub fn from_header(given: Option<&str>) -> Self {
         match given {
-            Some(id)
-                if (1..=64).contains(&id.len())
-                    && id
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) =>
-            {
-                Self(id.to_string())
-            }
+            Some(id) if crate::names::is_plain(id) => Self(id.to_string()),
             _ => Self(format!(
                 "req-{:x}{:06x}",
                 std::process::id(),

@@ -136,7 +136,8 @@ impl Limits {
     }
 }
 
-fn field<T: DeserializeOwned>(body: &Value) -> Result<T, ApiError> {
+/// `body` read as `T`; a field that does not fit is a 400 naming its path.
+pub(super) fn field<T: DeserializeOwned>(body: &Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(body).map_err(|e| {
         let path = e.path().to_string();
         ApiError::bad_field(path.clone(), format!("`{path}`: {}", e.inner()))
@@ -384,11 +385,7 @@ fn check_tools(tools: &[Value]) -> Result<(), ApiError> {
         }
         let function = tool.get("function").filter(|f| f.is_object());
         let name = function.and_then(|f| f.get("name")).and_then(Value::as_str);
-        let valid = name.is_some_and(|n| {
-            (1..=64).contains(&n.len())
-                && n.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
-        });
+        let valid = name.is_some_and(crate::names::is_plain);
         let Some(name) = name.filter(|_| valid) else {
             return Err(ApiError::bad_field(
                 format!("{at}.function.name"),

@@ -48,10 +48,7 @@ fn bad(field: &str, message: impl Into<String>) -> ApiError {
 /// The grammar `body` asks for, if any: at most one of `response_format` (other than `text`)
 /// and the `guided_*` fields.
 pub fn requested(body: &Value) -> Result<Option<Structure>, ApiError> {
-    let f: Fields = serde_path_to_error::deserialize(body).map_err(|e| {
-        let path = e.path().to_string();
-        bad(&path, format!("`{path}`: {}", e.inner()))
-    })?;
+    let f: Fields = super::openai::field(body)?;
     let mut asked: Vec<(&'static str, Grammar)> = Vec::new();
     if let Some(format) = &f.response_format {
         if let Some(g) = response_format(format)? {
@@ -159,10 +156,7 @@ fn choice_grammar(choices: &[String]) -> Result<String, ApiError> {
             "`guided_choice` must be a non-empty list of non-empty strings",
         ));
     }
-    let alternatives: Vec<String> = choices
-        .iter()
-        .map(|c| Value::from(c.as_str()).to_string())
-        .collect();
+    let alternatives: Vec<String> = choices.iter().map(|c| tool_grammar::literal(c)).collect();
     Ok(format!("start: {}\n", alternatives.join(" | ")))
 }
 

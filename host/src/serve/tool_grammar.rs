@@ -3,30 +3,25 @@
 //! `parameters` schema. Markers that are tokens of the model (`<tool_call>`) are named as
 //! tokens, so a model writes them the way it was trained to.
 
+use pio_plugin_api::wire::json_layout;
 use serde_json::{json, Map, Value};
 
 use super::tool_calls::Format;
 
-/// How JSON inside a call is laid out (the engine's default for schemas, repeated here for
-/// schemas embedded in a grammar).
-fn layout() -> Value {
-    json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "})
-}
-
 /// `s` as a Lark string literal (Lark reads JSON string syntax).
-fn literal(s: &str) -> String {
+pub(super) fn literal(s: &str) -> String {
     Value::from(s).to_string()
 }
 
-/// A schema embedded as `%json { ... }`.
+/// A schema embedded as `%json { ... }`, laid out as schemas sent whole are (`json_layout`).
 fn embedded(schema: &Value) -> String {
     let mut schema = schema.clone();
     match &mut schema {
         Value::Object(map) => {
-            map.entry("x-guidance").or_insert_with(layout);
+            map.entry("x-guidance").or_insert_with(json_layout);
         }
         // `true` or a missing schema: any JSON value.
-        _ => schema = json!({"x-guidance": layout()}),
+        _ => schema = json!({"x-guidance": json_layout()}),
     }
     format!("%json {schema}")
 }
