@@ -114,8 +114,10 @@ try:
 
     # Status: the echo plugin, ready, at its tier, with the tokens it generated counted.
     driver.find_element(By.ID, "tab-status").click()
-    row = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#plugins tr[data-plugin=echo]")))
-    cells = [td.text for td in row.find_elements(By.TAG_NAME, "td")]
+    # The table is rebuilt every 2 s: its cells are read in one go, in the page.
+    read_row = """const row = document.querySelector('#plugins tr[data-plugin=echo]');
+                  return row && [...row.cells].map((c) => c.textContent);"""
+    cells = wait.until(lambda d: d.execute_script(read_row))
     assert cells[0].startswith("echo") and cells[1] == "ready", cells
     assert cells[2].startswith("low →"), cells
     assert driver.find_element(By.ID, "chat").is_displayed() is False
