@@ -3,6 +3,8 @@
 //! - [`matmul`]: `y = x Wᵀ` for weights stored as f32, bf16 or f16 and f32 activations. A few
 //!   rows (decode) stream the weights once through SIMD dot products, converting in registers;
 //!   many rows (prefill) go through a packed, cache-blocked GEMM (`matrixmultiply`).
+//! - [`quant`]: the same for weights in ggml's block formats (Q8_0, Q4_0, Q4_K, Q6_K), with the
+//!   activations quantized to 8 bits once per product and integer dot products.
 //! - [`attention`]: causal grouped-query attention of new queries over a paged, position-major KV
 //!   pool read through a sequence's block table, without copying or repeating keys and values.
 //!
@@ -14,12 +16,14 @@ pub mod attention;
 mod element;
 pub mod matmul;
 mod parallel;
+pub mod quant;
 mod simd;
 
 pub use attention::{paged_attention, AttentionShape, PagedKv};
 pub use element::Element;
 pub use half::{bf16, f16};
 pub use matmul::{matmul, matmul_rows, WeightRows};
+pub use quant::{dequantize, packed_matmul, quantized_matmul, Format, PackedMatrix, QuantMatrix};
 pub use simd::Level;
 
 #[cfg(test)]

@@ -124,6 +124,18 @@ pub(crate) fn has_avx512() -> bool {
     Level::current() >= Level::Avx512
 }
 
+/// Whether the AVX-512 VNNI paths of the quantized products run (AVX-512BW and VNNI beside
+/// AVX-512F; capped like the rest by `PIO_KERNELS`).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(crate) fn has_vnni() -> bool {
+    static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    has_avx512()
+        && *VNNI.get_or_init(|| {
+            is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vnni")
+        })
+}
+
 /// Query heads per value sum at the level in use (four output vectors per head in registers).
 pub(crate) fn weighted_rows() -> usize {
     match Level::current() {

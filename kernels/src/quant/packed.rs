@@ -1,0 +1,238 @@
+//! Weights repacked at load into tiles of 16 rows, so that one 512-bit integer multiply-add
+//! (`vpdpbusd`) takes four values of 16 rows at once against four activation values broadcast:
+//! no horizontal sums, and the per-block scales of 16 rows apply as one vector. The tiles replace
+//! the ggml blocks they are made from (they are no larger), so nothing is kept twice.
+//!
+//! Layouts, per tile of 16 rows (rows past the matrix's end are zeros):
+//! - Q8_0, per 32-value block (544 bytes, as 16 blocks): `d: [f16; 16]`, then for each group g
+//!   of four values, 16 rows × 4 bytes `q + 128` (unsigned, what `vpdpbusd` multiplies; the
+//!   128 comes back out through the activations' block sum).
+//! - Q4_K, per 256-value super-block (2368 bytes against 16 × 144): `d: [f16; 16]`,
+//!   `dmin: [f16; 16]`, the 6-bit scales `[sub-block][row]` and mins likewise as bytes, then for
+//!   each sub-block s and pair p of four-value groups, 16 rows × 4 bytes whose low nibbles are
+//!   values 32s + 8p + 0..4 and high nibbles 32s + 8p + 4..8.
+
+use super::blocks::{dequantize, q4k_scales_mins, Act256, Act32, Format};
+use super::QuantMatrix;
+
+/// Rows per tile.
+pub(crate) const ROWS: usize = 16;
+
+/// Bytes of one tile's block column.
+pub(crate) const fn tile_bytes(format: Format) -> usize {
+    match format {
+        Format::Q8_0 => 32 + 512,
+        Format::Q4K => 64 + 256 + 2048,
+        _ => 0,
+    }
+}
+
+/// A matrix of quantized weights in 16-row tiles (Q8_0 and Q4_K).
+#[derive(Debug, Clone)]
+pub struct PackedMatrix {
+    format: Format,
+    rows: usize,
+    cols: usize,
+    bytes: Vec<u8>,
+}
+
+impl PackedMatrix {
+    /// `m` repacked; `None` for formats that keep their blocks (Q4_0, Q6_K).
+    pub fn pack(m: &QuantMatrix<'_>) -> Option<Self> {
+        let format = m.format();
+        if !matches!(format, Format::Q8_0 | Format::Q4K) {
+            return None;
+        }
+        let (rows, cols) = (m.rows(), m.cols());
+        let blocks = cols / format.block_values();
+        let tiles = rows.div_ceil(ROWS);
+        let size = tile_bytes(format);
+        let mut bytes = vec![0u8; tiles * blocks * size];
+        for (t, tile) in bytes.chunks_exact_mut(blocks * size).enumerate() {
+            for (b, out) in tile.chunks_exact_mut(size).enumerate() {
+                for r in 0..ROWS.min(rows - t * ROWS) {
+                    let row = m.row(t * ROWS + r);
+                    let block = &row[b * format.block_bytes()..(b + 1) * format.block_bytes()];
+                    match format {
+                        Format::Q8_0 => pack_q8_0(block, r, out),
+                        _ => pack_q4k(block, r, out),
+                    }
+                }
+            }
+        }
+        Some(Self {
+            format,
+            rows,
+            cols,
+            bytes,
+        })
+    }
+
+    /// The block format the tiles hold.
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// Output rows (`n`).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Values per row (`k`).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes the tiles take.
+    pub fn size_in_bytes(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Block columns per row.
+    fn blocks(&self) -> usize {
+        self.cols / self.format.block_values()
+    }
+
+    /// Tile `t`'s bytes, its block columns one after the other.
+    pub(crate) fn tile(&self, t: usize) -> &[u8] {
+        let size = self.blocks() * tile_bytes(self.format);
+        &self.bytes[t * size..(t + 1) * size]
+    }
+
+    /// Rows `rows` decoded to f32 (`rows.len() × cols`), for the f32 GEMM and for checks.
+    pub fn dequantize_rows(&self, rows: std::ops::Range<usize>, out: &mut [f32]) {
+        let (format, k) = (self.format, self.cols);
+        let mut block = vec![0u8; format.block_bytes()];
+        for (i, j) in rows.enumerate() {
+            let tile = self.tile(j / ROWS);
+            for b in 0..self.blocks() {
+                let column = &tile[b * tile_bytes(format)..(b + 1) * tile_bytes(format)];
+                match format {
+                    Format::Q8_0 => unpack_q8_0(column, j % ROWS, &mut block),
+                    _ => unpack_q4k(column, j % ROWS, &mut block),
+                }
+                let values = format.block_values();
+                dequantize(format, &block, &mut out[i * k + b * values..][..values]);
+            }
+        }
+    }
+}
+
+fn pack_q8_0(block: &[u8], r: usize, out: &mut [u8]) {
+    out[2 * r..2 * r + 2].copy_from_slice(&block[..2]);
+    for (i, &q) in block[2..34].iter().enumerate() {
+        out[32 + (i / 4) * 64 + r * 4 + i % 4] = q ^ 0x80;
+    }
+}
+
+fn unpack_q8_0(column: &[u8], r: usize, block: &mut [u8]) {
+    block[..2].copy_from_slice(&column[2 * r..2 * r + 2]);
+    for i in 0..32 {
+        block[2 + i] = column[32 + (i / 4) * 64 + r * 4 + i % 4] ^ 0x80;
+    }
+}
+
+/// Where value `v` (0..256) of row `r` sits in a Q4_K tile column, and whether in the high nibble.
+fn q4k_slot(v: usize, r: usize) -> (usize, bool) {
+    let (s, within) = (v / 32, v % 32);
+    let (p, high, j) = (within / 8, within % 8 >= 4, within % 4);
+    (320 + s * 256 + p * 64 + r * 4 + j, high)
+}
+
+fn pack_q4k(block: &[u8], r: usize, out: &mut [u8]) {
+    out[2 * r..2 * r + 2].copy_from_slice(&block[..2]);
+    out[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&block[2..4]);
+    let (sc, mn) = q4k_scales_mins(&block[4..16]);
+    for s in 0..8 {
+        out[64 + s * ROWS + r] = sc[s];
+        out[192 + s * ROWS + r] = mn[s];
+    }
+    for c in 0..4 {
+        for (l, &q) in block[16 + 32 * c..48 + 32 * c].iter().enumerate() {
+            for (v, nibble) in [(64 * c + l, q & 0xF), (64 * c + 32 + l, q >> 4)] {
+                let (at, high) = q4k_slot(v, r);
+                out[at] |= if high { nibble << 4 } else { nibble };
+            }
+        }
+    }
+}
+
+/// Row `r` of a Q4_K tile column back as a ggml block (the 6-bit scales repacked as ggml packs
+/// them).
+fn unpack_q4k(column: &[u8], r: usize, block: &mut [u8]) {
+    block[..2].copy_from_slice(&column[2 * r..2 * r + 2]);
+    block[2..4].copy_from_slice(&column[32 + 2 * r..32 + 2 * r + 2]);
+    let sc: [u8; 8] = std::array::from_fn(|s| column[64 + s * ROWS + r]);
+    let mn: [u8; 8] = std::array::from_fn(|s| column[192 + s * ROWS + r]);
+    let scales = &mut block[4..16];
+    for j in 0..4 {
+        scales[j] = (sc[j] & 63) | ((sc[j + 4] >> 4) << 6);
+        scales[j + 4] = (mn[j] & 63) | ((mn[j + 4] >> 4) << 6);
+        scales[j + 8] = (sc[j + 4] & 0xF) | ((mn[j + 4] & 0xF) << 4);
+    }
+    for c in 0..4 {
+        for l in 0..32 {
+            let nibble = |v: usize| {
+                let (at, high) = q4k_slot(v, r);
+                if high {
+                    column[at] >> 4
+                } else {
+                    column[at] & 0xF
+                }
+            };
+            block[16 + 32 * c + l] = nibble(64 * c + l) | (nibble(64 * c + 32 + l) << 4);
+        }
+    }
+}
+
+/// Portable tile products: the fallback and the reference for the SIMD versions.
+pub(crate) mod portable {
+    use super::*;
+    use crate::quant::blocks::f16_at;
+
+    /// 16 rows of Q8_0 tiles · R activation rows.
+    pub(crate) fn q8_0<const R: usize>(tile: &[u8], x: [&[Act32]; R]) -> [[f32; ROWS]; R] {
+        let mut out = [[0f32; ROWS]; R];
+        for (b, column) in tile.chunks_exact(tile_bytes(Format::Q8_0)).enumerate() {
+            for (out, x) in out.iter_mut().zip(x) {
+                let xb = &x[b];
+                for (row, o) in out.iter_mut().enumerate() {
+                    let mut s = 0i32;
+                    for i in 0..32 {
+                        let q = i32::from(column[32 + (i / 4) * 64 + row * 4 + i % 4]) - 128;
+                        s += q * i32::from(xb.qs[i]);
+                    }
+                    *o += f16_at(column, 2 * row) * xb.d * s as f32;
+                }
+            }
+        }
+        out
+    }
+
+    /// 16 rows of Q4_K tiles · R activation rows.
+    pub(crate) fn q4k<const R: usize>(tile: &[u8], x: [&[Act256]; R]) -> [[f32; ROWS]; R] {
+        let mut out = [[0f32; ROWS]; R];
+        for (b, column) in tile.chunks_exact(tile_bytes(Format::Q4K)).enumerate() {
+            for (out, x) in out.iter_mut().zip(x) {
+                let xb = &x[b];
+                for (row, o) in out.iter_mut().enumerate() {
+                    let (mut isum, mut imin) = (0i32, 0i32);
+                    for s in 0..8 {
+                        let mut sub = 0i32;
+                        for v in 32 * s..32 * (s + 1) {
+                            let (at, high) = q4k_slot(v, row);
+                            let q = if high { column[at] >> 4 } else { column[at] & 0xF };
+                            sub += i32::from(q) * i32::from(xb.qs[v]);
+                        }
+                        isum += sub * i32::from(column[64 + s * ROWS + row]);
+                        let bsum = i32::from(xb.sums[2 * s]) + i32::from(xb.sums[2 * s + 1]);
+                        imin += bsum * i32::from(column[192 + s * ROWS + row]);
+                    }
+                    let (d, dmin) = (f16_at(column, 2 * row), f16_at(column, 32 + 2 * row));
+                    *o += xb.d * (d * isum as f32 - dmin * imin as f32);
+                }
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,278 @@
+//! The tile products (see [`super::packed`]) on x86: AVX-512 VNNI takes a whole 16-row group of
+//! four values per `vpdpbusd`; AVX2 takes it as two 8-row halves with `vpmaddubsw` (which needs
+//! signed weights against unsigned activations' magnitudes, so Q8_0's offset is undone and the
+//! activations carry the weights' signs).
+
+use std::arch::x86_64::*;
+
+use super::blocks::{Act256, Act32, Format};
+use super::packed::{tile_bytes, ROWS};
+
+/// How far ahead of the bytes in use the kernels ask for weights.
+const PREFETCH: usize = 4096;
+
+/// Four activation bytes at `p` broadcast to every 32-bit lane.
+#[inline(always)]
+unsafe fn quad(p: *const i8) -> i32 {
+    // SAFETY: the caller hands four readable bytes.
+    unsafe { p.cast::<i32>().read_unaligned() }
+}
+
+/// 16 f16 scales at `p` as f32.
+#[inline(always)]
+unsafe fn scales16(p: *const u8) -> __m512 {
+    // SAFETY: the caller has AVX-512F and F16C and 32 readable bytes at `p`.
+    unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
+}
+
+/// 16 bytes at `p` widened to 32-bit lanes.
+#[inline(always)]
+unsafe fn bytes16(p: *const u8) -> __m512i {
+    // SAFETY: the caller has AVX-512F and 16 readable bytes at `p`.
+    unsafe { _mm512_cvtepu8_epi32(_mm_loadu_si128(p.cast())) }
+}
+
+/// 16 rows of Q8_0 tiles · R activation rows.
+///
+/// # Safety
+/// AVX-512F/BW/VNNI and F16C; `tile` is whole tile columns and every `x[r]` has one activation
+/// block per column.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+pub(crate) unsafe fn q8_0_vnni<const R: usize>(
+    tile: &[u8],
+    x: [&[Act32]; R],
+) -> [[f32; ROWS]; R] {
+    let mut acc = [_mm512_setzero_ps(); R];
+    for (b, column) in tile.chunks_exact(tile_bytes(Format::Q8_0)).enumerate() {
+        let p = column.as_ptr();
+        // Two chains of multiply-adds, so each need not wait for the one before.
+        let mut even = [_mm512_setzero_si512(); R];
+        let mut odd = [_mm512_setzero_si512(); R];
+        for g in (0..8).step_by(2) {
+            // SAFETY: groups g and g + 1 lie inside the column; an activation block holds 32.
+            unsafe {
+                // See `q4k_vnni`.
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(32 + 64 * g + PREFETCH).cast());
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(96 + 64 * g + PREFETCH).cast());
+                let w0 = _mm512_loadu_si512(p.add(32 + 64 * g).cast());
+                let w1 = _mm512_loadu_si512(p.add(96 + 64 * g).cast());
+                for r in 0..R {
+                    let xp = x[r][b].qs.as_ptr().add(4 * g);
+                    even[r] = _mm512_dpbusd_epi32(even[r], w0, _mm512_set1_epi32(quad(xp)));
+                    odd[r] = _mm512_dpbusd_epi32(odd[r], w1, _mm512_set1_epi32(quad(xp.add(4))));
+                }
+            }
+        }
+        let sums: [__m512i; R] = std::array::from_fn(|r| _mm512_add_epi32(even[r], odd[r]));
+        // SAFETY: the column starts with 16 f16 scales.
+        let d = unsafe { scales16(p) };
+        for r in 0..R {
+            let xb = &x[r][b];
+            // The weights' +128 added 128·Σx to every row.
+            let exact = _mm512_sub_epi32(sums[r], _mm512_set1_epi32(128 * xb.sum));
+            let scale = _mm512_mul_ps(d, _mm512_set1_ps(xb.d));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), scale, acc[r]);
+        }
+    }
+    let mut out = [[0f32; ROWS]; R];
+    for r in 0..R {
+        // SAFETY: 16 writable floats.
+        unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
+    }
+    out
+}
+
+/// 16 rows of Q4_K tiles · R activation rows.
+///
+/// # Safety
+/// As [`q8_0_vnni`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+pub(crate) unsafe fn q4k_vnni<const R: usize>(
+    tile: &[u8],
+    x: [&[Act256]; R],
+) -> [[f32; ROWS]; R] {
+    let low = _mm512_set1_epi8(0xF);
+    let mut acc = [_mm512_setzero_ps(); R];
+    for (b, column) in tile.chunks_exact(tile_bytes(Format::Q4K)).enumerate() {
+        let p = column.as_ptr();
+        let mut isum = [_mm512_setzero_si512(); R];
+        let mut imin = [_mm512_setzero_si512(); R];
+        for s in 0..8 {
+            let mut sub = [_mm512_setzero_si512(); R];
+            // The high nibbles' chain apart from the low ones' (see `q8_0_vnni`).
+            let mut high = [_mm512_setzero_si512(); R];
+            for pair in 0..4 {
+                // SAFETY: the pair's 64 bytes lie inside the column; an activation block
+                // holds 256 bytes.
+                unsafe {
+                    let at = 320 + 256 * s + 64 * pair;
+                    // The hardware prefetcher alone leaves a core waiting on memory: ask for
+                    // what comes 4 KiB on (the next tile columns; a hint, harmless past the end).
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(at + PREFETCH).cast());
+                    let raw = _mm512_loadu_si512(p.add(at).cast());
+                    let lo = _mm512_and_si512(raw, low);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), low);
+                    for r in 0..R {
+                        let xp = x[r][b].qs.as_ptr().add(32 * s + 8 * pair);
+                        sub[r] = _mm512_dpbusd_epi32(sub[r], lo, _mm512_set1_epi32(quad(xp)));
+                        high[r] =
+                            _mm512_dpbusd_epi32(high[r], hi, _mm512_set1_epi32(quad(xp.add(4))));
+                    }
+                }
+            }
+            for r in 0..R {
+                sub[r] = _mm512_add_epi32(sub[r], high[r]);
+            }
+            // SAFETY: the scales and mins of sub-block s are 16 bytes each in the column.
+            let (sc, mn) = unsafe { (bytes16(p.add(64 + 16 * s)), bytes16(p.add(192 + 16 * s))) };
+            for r in 0..R {
+                let xb = &x[r][b];
+                let bsum = i32::from(xb.sums[2 * s]) + i32::from(xb.sums[2 * s + 1]);
+                isum[r] = _mm512_add_epi32(isum[r], _mm512_mullo_epi32(sub[r], sc));
+                imin[r] = _mm512_add_epi32(imin[r], _mm512_mullo_epi32(mn, _mm512_set1_epi32(bsum)));
+            }
+        }
+        // SAFETY: the column starts with 16 f16 scales, then 16 f16 mins.
+        let (d, dmin) = unsafe { (scales16(p), scales16(p.add(32))) };
+        for r in 0..R {
+            let dx = _mm512_set1_ps(x[r][b].d);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r]), _mm512_mul_ps(d, dx), acc[r]);
+            acc[r] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(imin[r]), _mm512_mul_ps(dmin, dx), acc[r]);
+        }
+    }
+    let mut out = [[0f32; ROWS]; R];
+    for r in 0..R {
+        // SAFETY: 16 writable floats.
+        unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
+    }
+    out
+}
+
+/// Eight f16 scales at `p` as f32.
+#[inline(always)]
+unsafe fn scales8(p: *const u8) -> __m256 {
+    // SAFETY: the caller has F16C and 16 readable bytes at `p`.
+    unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+}
+
+/// Eight bytes at `p` widened to 32-bit lanes.
+#[inline(always)]
+unsafe fn bytes8(p: *const u8) -> __m256i {
+    // SAFETY: the caller has AVX2 and 8 readable bytes at `p`.
+    unsafe { _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.cast())) }
+}
+
+/// Unsigned bytes `u` · signed bytes `s` summed four at a time into 32-bit lanes.
+#[inline(always)]
+unsafe fn dot4(u: __m256i, s: __m256i) -> __m256i {
+    // SAFETY: the caller has AVX2.
+    unsafe { _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)) }
+}
+
+/// 16 rows of Q8_0 tiles · R activation rows, as two halves of eight rows.
+///
+/// # Safety
+/// AVX2, FMA and F16C; the tile and activations as for [`q8_0_vnni`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn q8_0_avx2<const R: usize>(
+    tile: &[u8],
+    x: [&[Act32]; R],
+) -> [[f32; ROWS]; R] {
+    let flip = _mm256_set1_epi8(-128);
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    for (b, column) in tile.chunks_exact(tile_bytes(Format::Q8_0)).enumerate() {
+        let p = column.as_ptr();
+        let mut sums = [[_mm256_setzero_si256(); 2]; R];
+        for g in 0..8 {
+            for h in 0..2 {
+                // SAFETY: half h of group g is 32 bytes inside the column.
+                unsafe {
+                    let w = _mm256_xor_si256(_mm256_loadu_si256(p.add(32 + 64 * g + 32 * h).cast()), flip);
+                    let aw = _mm256_sign_epi8(w, w);
+                    for r in 0..R {
+                        let xs = _mm256_set1_epi32(quad(x[r][b].qs.as_ptr().add(4 * g)));
+                        let d = dot4(aw, _mm256_sign_epi8(xs, w));
+                        sums[r][h] = _mm256_add_epi32(sums[r][h], d);
+                    }
+                }
+            }
+        }
+        for h in 0..2 {
+            // SAFETY: the column starts with 16 f16 scales.
+            let d = unsafe { scales8(p.add(16 * h)) };
+            for r in 0..R {
+                let scale = _mm256_mul_ps(d, _mm256_set1_ps(x[r][b].d));
+                acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r][h]), scale, acc[r][h]);
+            }
+        }
+    }
+    store8(acc)
+}
+
+/// 16 rows of Q4_K tiles · R activation rows, as two halves of eight rows.
+///
+/// # Safety
+/// As [`q8_0_avx2`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn q4k_avx2<const R: usize>(
+    tile: &[u8],
+    x: [&[Act256]; R],
+) -> [[f32; ROWS]; R] {
+    let low = _mm256_set1_epi8(0xF);
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    for (b, column) in tile.chunks_exact(tile_bytes(Format::Q4K)).enumerate() {
+        let p = column.as_ptr();
+        for h in 0..2 {
+            let mut isum = [_mm256_setzero_si256(); R];
+            let mut imin = [_mm256_setzero_si256(); R];
+            for s in 0..8 {
+                let mut sub = [_mm256_setzero_si256(); R];
+                for pair in 0..4 {
+                    // SAFETY: as in `q4k_vnni`, for one half.
+                    unsafe {
+                        let raw = _mm256_loadu_si256(p.add(320 + 256 * s + 64 * pair + 32 * h).cast());
+                        let lo = _mm256_and_si256(raw, low);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low);
+                        for r in 0..R {
+                            let xp = x[r][b].qs.as_ptr().add(32 * s + 8 * pair);
+                            let a = dot4(lo, _mm256_set1_epi32(quad(xp)));
+                            let c = dot4(hi, _mm256_set1_epi32(quad(xp.add(4))));
+                            sub[r] = _mm256_add_epi32(sub[r], _mm256_add_epi32(a, c));
+                        }
+                    }
+                }
+                // SAFETY: this half's scales and mins of sub-block s are 8 bytes each.
+                let (sc, mn) = unsafe {
+                    (bytes8(p.add(64 + 16 * s + 8 * h)), bytes8(p.add(192 + 16 * s + 8 * h)))
+                };
+                for r in 0..R {
+                    let xb = &x[r][b];
+                    let bsum = i32::from(xb.sums[2 * s]) + i32::from(xb.sums[2 * s + 1]);
+                    isum[r] = _mm256_add_epi32(isum[r], _mm256_mullo_epi32(sub[r], sc));
+                    imin[r] = _mm256_add_epi32(imin[r], _mm256_mullo_epi32(mn, _mm256_set1_epi32(bsum)));
+                }
+            }
+            // SAFETY: the column starts with 16 f16 scales, then 16 f16 mins.
+            let (d, dmin) = unsafe { (scales8(p.add(16 * h)), scales8(p.add(32 + 16 * h))) };
+            for r in 0..R {
+                let dx = _mm256_set1_ps(x[r][b].d);
+                let a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_mul_ps(d, dx), acc[r][h]);
+                acc[r][h] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(imin[r]), _mm256_mul_ps(dmin, dx), a);
+            }
+        }
+    }
+    store8(acc)
+}
+
+/// Two eight-lane halves per activation row, as 16 floats.
+#[inline(always)]
+fn store8<const R: usize>(acc: [[__m256; 2]; R]) -> [[f32; ROWS]; R] {
+    let mut out = [[0f32; ROWS]; R];
+    for r in 0..R {
+        for h in 0..2 {
+            // SAFETY: eight writable floats; AVX is part of every caller's features.
+            unsafe { _mm256_storeu_ps(out[r].as_mut_ptr().add(8 * h), acc[r][h]) };
+        }
+    }
+    out
+}

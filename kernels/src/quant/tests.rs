@@ -1,0 +1,341 @@
+use rand::{Rng, SeedableRng};
+
+use super::blocks::{quantize_act256, quantize_act32, Act256, Act32};
+use super::*;
+use crate::test_data::data;
+
+const FORMATS: [Format; 4] = [Format::Q8_0, Format::Q4_0, Format::Q4K, Format::Q6K];
+
+/// `rows × cols` of random blocks: any bit pattern is a valid block once its scales are finite,
+/// so every nibble, 6-bit scale and sign combination gets exercised.
+fn random_blocks(format: Format, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut bytes: Vec<u8> = (0..format.row_bytes(cols).expect("whole blocks") * rows)
+        .map(|_| rng.random())
+        .collect();
+    let scale_at: &[usize] = match format {
+        Format::Q8_0 | Format::Q4_0 => &[0],
+        Format::Q4K => &[0, 2],
+        Format::Q6K => &[208],
+    };
+    for block in bytes.chunks_exact_mut(format.block_bytes()) {
+        for &at in scale_at {
+            let d = half::f16::from_f32(rng.random_range(0.001f32..0.05));
+            block[at..at + 2].copy_from_slice(&d.to_le_bytes());
+        }
+    }
+    bytes
+}
+
+/// The activations exactly as the kernels see them (after their 8-bit rounding), as f64.
+fn rounded_activations(format: Format, x: &[f32]) -> Vec<f64> {
+    match format {
+        Format::Q8_0 | Format::Q4_0 => {
+            let mut a: Vec<Act32> = Vec::new();
+            quantize_act32(x, &mut a);
+            a.iter()
+                .flat_map(|b| b.qs.map(|q| f64::from(b.d) * f64::from(q)))
+                .collect()
+        }
+        _ => {
+            let mut a: Vec<Act256> = Vec::new();
+            quantize_act256(x, &mut a);
+            a.iter()
+                .flat_map(|b| b.qs.map(|q| f64::from(b.d) * f64::from(q)))
+                .collect()
+        }
+    }
+}
+
+/// The product in f64 over the decoded weights and `act(x)` of each row, and beside each output
+/// the sum of its terms' magnitudes (what f32 rounding is relative to).
+fn reference(
+    w: &QuantMatrix<'_>,
+    x: &[f32],
+    m: usize,
+    act: impl Fn(&[f32]) -> Vec<f64>,
+) -> Vec<(f64, f64)> {
+    let (n, k) = (w.rows(), w.cols());
+    let mut decoded = vec![0f32; n * k];
+    dequantize(w.format(), w.bytes, &mut decoded);
+    let mut out = vec![(0f64, 0f64); m * n];
+    for (r, x) in x.chunks_exact(k).enumerate() {
+        let x = act(x);
+        for (j, wr) in decoded.chunks_exact(k).enumerate() {
+            let terms = wr.iter().zip(&x).map(|(&w, &x)| f64::from(w) * x);
+            out[r * n + j] = terms.fold((0.0, 0.0), |(s, a), t| (s + t, a + t.abs()));
+        }
+    }
+    out
+}
+
+/// Shapes with one block and several, one row and many, and activation rows that leave every
+/// remainder of four.
+fn shapes(format: Format) -> Vec<(usize, usize, usize)> {
+    let b = format.block_values();
+    let mut s = Vec::new();
+    for k in [b, 3 * b, if b == 32 { 800 } else { 1280 }] {
+        for n in [1, 7, 37] {
+            for m in [1, 2, 3, 4, 5, 9] {
+                s.push((m, k, n));
+            }
+        }
+    }
+    s
+}
+
+fn assert_close(got: &[f32], want: &[(f64, f64)], what: &str) {
+    for (i, (&g, &(w, magnitude))) in got.iter().zip(want).enumerate() {
+        // Exact integer sums per block, scaled and added in f32: a few ulps of the terms'
+        // magnitude (random weights cancel, so the result itself can be far smaller).
+        assert!(
+            (f64::from(g) - w).abs() <= 1e-6 * magnitude.max(1e-3),
+            "{what}: output {i} is {g}, expected {w}"
+        );
+    }
+}
+
+#[test]
+fn every_kernel_path_matches_the_decoded_product_on_odd_shapes() {
+    for format in FORMATS {
+        for (seed, (m, k, n)) in shapes(format).into_iter().enumerate() {
+            let bytes = random_blocks(format, n, k, seed as u64);
+            let w = QuantMatrix::new(format, &bytes, n, k).expect("a valid shape");
+            let x = data(m * k, 1000 + seed as u64);
+            let want = reference(&w, &x, m, |x| rounded_activations(format, x));
+            let what = format!("{} m={m} k={k} n={n}", format.name());
+
+            let mut got = vec![0f32; m * n];
+            quantized_matmul(&x, &w, m, &mut got);
+            assert_close(&got, &want, &format!("{what} at {:?}", crate::Level::current()));
+
+            for path in paths() {
+                let got = row_by_row(&w, &x, m, path);
+                assert_close(&got, &want, &format!("{what} on {path:?}"));
+            }
+        }
+    }
+}
+
+/// Every kernel path this machine can run, whatever `PIO_KERNELS` caps the dispatch at
+/// (`Avx512` stands for the VNNI path).
+fn paths() -> Vec<crate::Level> {
+    let mut p = vec![crate::Level::Portable];
+    if crate::Level::detected() >= crate::Level::Avx2 {
+        p.push(crate::Level::Avx2);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::Level::detected() >= crate::Level::Avx512
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vnni")
+    {
+        p.push(crate::Level::Avx512);
+    }
+    p
+}
+
+/// The product through one path's single-row kernels.
+fn row_by_row(w: &QuantMatrix<'_>, x: &[f32], m: usize, path: crate::Level) -> Vec<f32> {
+    let (n, k) = (w.rows(), w.cols());
+    let mut out = vec![0f32; m * n];
+    for (r, x) in x.chunks_exact(k).enumerate() {
+        let mut a32 = Vec::new();
+        let mut a256 = Vec::new();
+        quantize_act32(x, &mut a32);
+        quantize_act256(x, &mut a256);
+        for j in 0..n {
+            let row = w.row(j);
+            out[r * n + j] = dot(w.format(), row, &a32, &a256, path);
+        }
+    }
+    out
+}
+
+fn dot(format: Format, row: &[u8], a32: &[Act32], a256: &[Act256], path: crate::Level) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if path == crate::Level::Avx512 {
+        // SAFETY: `paths` only offers it where the CPU has AVX-512 VNNI.
+        return unsafe {
+            match format {
+                Format::Q8_0 => avx512::q8_0(row, [a32])[0],
+                Format::Q4_0 => avx512::q4_0(row, [a32])[0],
+                Format::Q4K => avx512::q4k(row, [a256])[0],
+                Format::Q6K => avx512::q6k(row, [a256])[0],
+            }
+        };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if path >= crate::Level::Avx2 {
+        // SAFETY: `paths` only offers AVX2 where the CPU has it.
+        return unsafe {
+            match format {
+                Format::Q8_0 => avx2::q8_0(row, [a32])[0],
+                Format::Q4_0 => avx2::q4_0(row, [a32])[0],
+                Format::Q4K => avx2::q4k(row, [a256])[0],
+                Format::Q6K => avx2::q6k(row, [a256])[0],
+            }
+        };
+    }
+    let _ = path;
+    match format {
+        Format::Q8_0 => portable::q8_0(row, [a32])[0],
+        Format::Q4_0 => portable::q4_0(row, [a32])[0],
+        Format::Q4K => portable::q4k(row, [a256])[0],
+        Format::Q6K => portable::q6k(row, [a256])[0],
+    }
+}
+
+#[test]
+fn activation_rounding_costs_under_a_percent_of_the_product() {
+    // Against the unrounded activations: 8-bit activations with a scale per 32 or 256 values
+    // round each to within half a step of 1/254 of the block's largest; on Gaussian-like data the
+    // product's relative error stays well under 1%.
+    for format in FORMATS {
+        let (m, k, n) = (3, 1024, 64);
+        let bytes = random_blocks(format, n, k, 7);
+        let w = QuantMatrix::new(format, &bytes, n, k).expect("a valid shape");
+        let x = data(m * k, 8);
+        let exact = reference(&w, &x, m, |x| x.iter().map(|&v| f64::from(v)).collect());
+        let mut got = vec![0f32; m * n];
+        quantized_matmul(&x, &w, m, &mut got);
+        let err: f64 = got.iter().zip(&exact).map(|(&g, &(e, _))| (f64::from(g) - e).powi(2)).sum();
+        let norm: f64 = exact.iter().map(|(e, _)| e * e).sum();
+        let rel = (err / norm).sqrt();
+        assert!(rel < 0.01, "{}: relative error {rel}", format.name());
+    }
+}
+
+#[test]
+fn zero_and_non_finite_activations_are_not_hidden() {
+    let format = Format::Q8_0;
+    let bytes = random_blocks(format, 4, 64, 1);
+    let w = QuantMatrix::new(format, &bytes, 4, 64).expect("a valid shape");
+    let mut out = vec![1f32; 4];
+    quantized_matmul(&[0.0; 64], &w, 1, &mut out);
+    assert_eq!(out, [0.0; 4]);
+    let mut x = vec![0.5f32; 64];
+    x[3] = f32::NAN;
+    quantized_matmul(&x, &w, 1, &mut out);
+    assert!(out.iter().all(|v| v.is_nan()), "{out:?}");
+}
+
+#[test]
+fn shapes_that_are_not_whole_blocks_are_refused_with_the_numbers() {
+    let e = QuantMatrix::new(Format::Q4K, &[0; 144], 1, 200).unwrap_err();
+    assert!(e.to_string().contains("200") && e.to_string().contains("Q4_K"), "{e}");
+    let e = QuantMatrix::new(Format::Q8_0, &[0; 34], 2, 32).unwrap_err();
+    assert!(e.to_string().contains("68 bytes, found 34"), "{e}");
+}
+
+#[test]
+fn tiles_decode_to_the_blocks_they_were_packed_from() {
+    for format in [Format::Q8_0, Format::Q4K] {
+        for n in [1, 7, 16, 37] {
+            let k = 2 * format.block_values();
+            let bytes = random_blocks(format, n, k, n as u64);
+            let w = QuantMatrix::new(format, &bytes, n, k).expect("a valid shape");
+            let packed = PackedMatrix::pack(&w).expect("a packed format");
+            assert!(packed.size_in_bytes() <= n.div_ceil(16) * 16 * bytes.len() / n * 105 / 100);
+            let mut want = vec![0f32; n * k];
+            dequantize(format, &bytes, &mut want);
+            let mut got = vec![0f32; n * k];
+            packed.dequantize_rows(0..n, &mut got);
+            assert_eq!(got, want, "{} n={n}", format.name());
+        }
+    }
+    let bytes = random_blocks(Format::Q4_0, 2, 32, 0);
+    let w = QuantMatrix::new(Format::Q4_0, &bytes, 2, 32).expect("a valid shape");
+    assert!(PackedMatrix::pack(&w).is_none(), "Q4_0 keeps its blocks");
+}
+
+#[test]
+fn every_tile_path_matches_the_decoded_product_on_odd_shapes() {
+    for format in [Format::Q8_0, Format::Q4K] {
+        for (seed, (m, k, n)) in shapes(format).into_iter().enumerate() {
+            let bytes = random_blocks(format, n, k, 500 + seed as u64);
+            let w = QuantMatrix::new(format, &bytes, n, k).expect("a valid shape");
+            let packed = PackedMatrix::pack(&w).expect("a packed format");
+            let x = data(m * k, 2000 + seed as u64);
+            let want = reference(&w, &x, m, |x| rounded_activations(format, x));
+            let what = format!("{} tiles m={m} k={k} n={n}", format.name());
+            let mut got = vec![0f32; m * n];
+            packed_matmul(&x, &packed, m, &mut got);
+            assert_close(&got, &want, &format!("{what} at {:?}", crate::Level::current()));
+            for path in paths() {
+                let got = tile_by_tile(&packed, &x, m, path);
+                assert_close(&got, &want, &format!("{what} on {path:?}"));
+            }
+        }
+    }
+}
+
+/// The tiled product through one path's kernels, three activation rows at a time (so the
+/// multi-row forms run on every path, whatever `PIO_KERNELS` caps the dispatch at).
+fn tile_by_tile(w: &PackedMatrix, x: &[f32], m: usize, path: crate::Level) -> Vec<f32> {
+    let (n, k) = (w.rows(), w.cols());
+    let mut a32 = Vec::new();
+    let mut a256 = Vec::new();
+    let mut rows32: Vec<Vec<Act32>> = Vec::new();
+    let mut rows256: Vec<Vec<Act256>> = Vec::new();
+    for x in x.chunks_exact(k) {
+        quantize_act32(x, &mut a32);
+        quantize_act256(x, &mut a256);
+        rows32.push(a32.clone());
+        rows256.push(a256.clone());
+    }
+    let mut out = vec![0f32; m * n];
+    for t in 0..n.div_ceil(16) {
+        let tile = w.tile(t);
+        for r0 in (0..m).step_by(3) {
+            let pick = |i: usize| (r0 + i).min(m - 1);
+            let sums = match w.format() {
+                Format::Q8_0 => {
+                    let x = [0, 1, 2].map(|i| rows32[pick(i)].as_slice());
+                    tile_q8_0(tile, x, path)
+                }
+                _ => {
+                    let x = [0, 1, 2].map(|i| rows256[pick(i)].as_slice());
+                    tile_q4k(tile, x, path)
+                }
+            };
+            for (i, row) in sums.iter().enumerate().take(m - r0) {
+                for (c, &v) in row.iter().enumerate().take(n - 16 * t) {
+                    out[(r0 + i) * n + 16 * t + c] = v;
+                }
+            }
+        }
+    }
+    out
+}
+
+fn tile_q8_0(tile: &[u8], x: [&[Act32]; 3], path: crate::Level) -> [[f32; 16]; 3] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: `paths` only offers what the CPU has.
+        if path == crate::Level::Avx512 {
+            return unsafe { super::packed_x86::q8_0_vnni(tile, x) };
+        }
+        // SAFETY: as above.
+        if path == crate::Level::Avx2 {
+            return unsafe { super::packed_x86::q8_0_avx2(tile, x) };
+        }
+    }
+    let _ = path;
+    super::packed::portable::q8_0(tile, x)
+}
+
+fn tile_q4k(tile: &[u8], x: [&[Act256]; 3], path: crate::Level) -> [[f32; 16]; 3] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: `paths` only offers what the CPU has.
+        if path == crate::Level::Avx512 {
+            return unsafe { super::packed_x86::q4k_vnni(tile, x) };
+        }
+        // SAFETY: as above.
+        if path == crate::Level::Avx2 {
+            return unsafe { super::packed_x86::q4k_avx2(tile, x) };
+        }
+    }
+    let _ = path;
+    super::packed::portable::q4k(tile, x)
+}
