@@ -2,25 +2,74 @@
 //! and attention read tensors' memory in place and write fresh tensors, so models keep using
 //! candle everywhere else and on other devices.
 
-use candle_core::quantized::k_quants::{self, BlockQ4K, BlockQ4_0, BlockQ8_0};
-use candle_core::quantized::{GgmlDType, GgmlType, QTensor};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 use pio_kernels::{
-    bf16, f16, matmul, matmul_rows, paged_attention, AttentionShape, PagedKv, WeightRows,
+    bf16, dequantize, f16, matmul, matmul_rows, packed_matmul, paged_attention, quantized_matmul,
+    AttentionShape, Format, PackedMatrix, PagedKv, QuantMatrix, WeightRows,
 };
 
-/// From how many activation rows on a product with `format` weights is faster decoding each
-/// block once into f32 and running the packed GEMM than candle's block dot products (activations
-/// quantized, integer dot products); `None`: never. Measured on AVX2 (2 threads, 2048 → 768):
-/// candle's Q8_0 and Q4_0 have no fast path for many rows (Q8_0 at 512 rows: 134 ms vs 25 ms
-/// decoded). For Q4_K, decoding measured no faster on the GLM-4.7-Flash bench's prefill (AVX-512
-/// machine: 74 against 80 tokens/s), so it keeps the dot products.
-pub(crate) fn quantized_gemm_rows(format: GgmlDType) -> Option<usize> {
+/// The kernels' block format for a candle quantized dtype; `None` for formats they lack.
+pub(crate) fn kernel_format(dtype: GgmlDType) -> Option<Format> {
+    Some(match dtype {
+        GgmlDType::Q8_0 => Format::Q8_0,
+        GgmlDType::Q4_0 => Format::Q4_0,
+        GgmlDType::Q4K => Format::Q4K,
+        GgmlDType::Q6K => Format::Q6K,
+        _ => return None,
+    })
+}
+
+/// From how many activation rows on decoding each block once into f32 and running the packed
+/// GEMM beats the integer dot products (which read each weight row once for all rows but do
+/// more work per value). Measured with `cargo bench -p pio-kernels --bench quant` (AVX-512
+/// machine, 2 threads, 1024 → 3072): see docs/decisions.md.
+pub(crate) fn quantized_gemm_rows(format: Format) -> usize {
     match format {
-        GgmlDType::Q8_0 => Some(12),
-        GgmlDType::Q4_0 => Some(8),
-        _ => None,
+        Format::Q4_0 => 24,
+        Format::Q6K => 128,
+        // Tiled on the CPU (see `tiled_linear`); as blocks only where a caller keeps them.
+        Format::Q8_0 | Format::Q4K => 32,
     }
+}
+
+/// `w` repacked into the kernels' 16-row tiles when it is a CPU tensor in a format they tile;
+/// `None` otherwise (it keeps its blocks).
+pub(crate) fn packed(w: &QTensor) -> candle_core::Result<Option<PackedMatrix>> {
+    let Some(format) = kernel_format(w.dtype()) else {
+        return Ok(None);
+    };
+    if !w.device().is_cpu() {
+        return Ok(None);
+    }
+    let (n, k) = w.shape().dims2()?;
+    let bytes = w.data()?;
+    let matrix = QuantMatrix::new(format, &bytes, n, k).map_err(candle_core::Error::wrap)?;
+    Ok(PackedMatrix::pack(&matrix))
+}
+
+/// `x Wᵀ` for `w` in tiles: integer products for every row count (the tiles keep 16 rows'
+/// values in registers across four activation rows, which beats decoding to f32 for the GEMM
+/// even at 512 rows: see docs/decisions.md).
+pub(crate) fn tiled_linear(x: &Tensor, w: &PackedMatrix) -> candle_core::Result<Tensor> {
+    let (n, k) = (w.rows(), w.cols());
+    if x.dims().last() != Some(&k) {
+        candle_core::bail!(
+            "linear layer of {k} inputs and {n} outputs applied to activations of shape {:?}",
+            x.dims()
+        );
+    }
+    let xf = activations(x)?;
+    let m = xf.elem_count() / k.max(1);
+    let mut out = vec![0f32; m * n];
+    let done = with_f32(&xf, |xs| {
+        packed_matmul(xs, w, m, &mut out);
+        true
+    });
+    if !done {
+        candle_core::bail!("the tiled weights multiply f32 activations on the CPU only");
+    }
+    projected(out, x, n)
 }
 
 /// A contiguous tensor's elements, as stored.
@@ -103,64 +152,44 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tenso
     projected(out, x, n).map(Some)
 }
 
-/// Rows of ggml blocks, decoded with candle's own dequantizer.
-struct Blocks<'a, B>(&'a [B]);
+/// Rows of blocks, decoded by the kernels.
+struct Blocks<'a>(QuantMatrix<'a>, &'a [u8]);
 
-impl<B: GgmlType> WeightRows for Blocks<'_, B> {
+impl WeightRows for Blocks<'_> {
     fn widen_rows(&self, rows: std::ops::Range<usize>, k: usize, out: &mut [f32]) {
-        let per_row = k / B::BLCK_SIZE;
-        B::to_float(&self.0[rows.start * per_row..rows.end * per_row], out);
+        let row = self.0.format().row_bytes(k).unwrap_or(0);
+        dequantize(
+            self.0.format(),
+            &self.1[rows.start * row..rows.end * row],
+            out,
+        );
     }
 }
 
-/// `x Wᵀ` for block-quantized `w` (`n × k`): through the packed GEMM from
-/// [`quantized_gemm_rows`] rows on (prefill), else — unless `gemm_only` — with candle's block dot
-/// products on the blocks as stored. `None` off the CPU, in formats not handled here, or below
-/// the GEMM rows when `gemm_only` (the caller then uses candle's `QMatMul`, see
-/// [`crate::linear::Linear::Quantized`]).
-pub(crate) fn quantized_linear(
-    x: &Tensor,
-    w: &QTensor,
-    gemm_only: bool,
-) -> candle_core::Result<Option<Tensor>> {
+/// `x Wᵀ` for block-quantized `w` (`n × k`) on the engine's kernels: integer dot products on the
+/// blocks as stored for a few rows (decode), the packed GEMM over decoded blocks from
+/// [`quantized_gemm_rows`] rows on (prefill). `None` off the CPU or in formats the kernels lack
+/// (the caller then uses candle's `QMatMul`).
+pub(crate) fn quantized_linear(x: &Tensor, w: &QTensor) -> candle_core::Result<Option<Tensor>> {
     let (n, k) = w.shape().dims2()?;
+    let Some(format) = kernel_format(w.dtype()) else {
+        return Ok(None);
+    };
     if !supports(x) || x.dims().last() != Some(&k) {
         return Ok(None);
     }
-    let gemm = quantized_gemm_rows(w.dtype()).is_some_and(|rows| x.elem_count() / k.max(1) >= rows);
-    if gemm_only && !gemm {
-        return Ok(None);
-    }
     let bytes = w.data()?;
-    fn run<B: GgmlType>(
-        bytes: &[u8],
-        xs: &[f32],
-        (m, k, n): (usize, usize, usize),
-        gemm: bool,
-        out: &mut [f32],
-    ) -> bool {
-        // SAFETY: ggml blocks are plain numbers (every bit pattern valid); `align_to` only
-        // yields the aligned middle, and anything outside it means another layout: declined.
-        let (head, blocks, tail) = unsafe { bytes.align_to::<B>() };
-        if !head.is_empty() || !tail.is_empty() || blocks.len() * B::BLCK_SIZE != n * k {
-            return false;
-        }
-        if gemm {
-            matmul_rows(xs, &Blocks(blocks), m, k, n, out);
-            true
-        } else {
-            k_quants::matmul((m, k, n), xs, blocks, out).is_ok()
-        }
-    }
+    let matrix = QuantMatrix::new(format, &bytes, n, k).map_err(candle_core::Error::wrap)?;
     let xf = activations(x)?;
     let m = xf.elem_count() / k;
     let mut out = vec![0f32; m * n];
-    let mkn = (m, k, n);
-    let done = with_f32(&xf, |xs| match w.dtype() {
-        GgmlDType::Q8_0 => run::<BlockQ8_0>(&bytes, xs, mkn, gemm, &mut out),
-        GgmlDType::Q4K => run::<BlockQ4K>(&bytes, xs, mkn, gemm, &mut out),
-        GgmlDType::Q4_0 => run::<BlockQ4_0>(&bytes, xs, mkn, gemm, &mut out),
-        _ => false,
+    let done = with_f32(&xf, |xs| {
+        if m >= quantized_gemm_rows(format) {
+            matmul_rows(xs, &Blocks(matrix, &bytes), m, k, n, &mut out);
+        } else {
+            quantized_matmul(xs, &matrix, m, &mut out);
+        }
+        true
     });
     if !done {
         return Ok(None);
@@ -255,6 +284,38 @@ pub(crate) fn attention(
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// The kernels read candle's (ggml's) blocks byte for byte: the same values decoded, for
+    /// every format both know, and the integer products within the activations' 8-bit rounding.
+    #[test]
+    fn the_kernels_read_ggml_blocks_as_ggml_does() {
+        let device = Device::Cpu;
+        let (n, k) = (24, 512);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &device).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (3, k), &device).unwrap();
+        for dtype in [
+            GgmlDType::Q8_0,
+            GgmlDType::Q4_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+        ] {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let format = kernel_format(dtype).unwrap();
+            let bytes = q.data().unwrap();
+            let mut ours = vec![0f32; n * k];
+            dequantize(format, &bytes, &mut ours);
+            let theirs = q.dequantize(&device).unwrap().flatten_all().unwrap();
+            assert_eq!(ours, theirs.to_vec1::<f32>().unwrap(), "{dtype:?}");
+
+            let decoded = Tensor::from_vec(ours, (n, k), &device).unwrap();
+            let exact = x.matmul(&decoded.t().unwrap()).unwrap();
+            let got = quantized_linear(&x, &q).unwrap().unwrap();
+            let err = (got - &exact).unwrap().sqr().unwrap().sum_all().unwrap();
+            let norm = exact.sqr().unwrap().sum_all().unwrap();
+            let rel = (err.to_scalar::<f32>().unwrap() / norm.to_scalar::<f32>().unwrap()).sqrt();
+            assert!(rel < 0.01, "{dtype:?}: {rel}");
+        }
+    }
 
     #[test]
     fn mismatched_shapes_are_errors_not_panics() {

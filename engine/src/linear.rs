@@ -1,12 +1,16 @@
 //! Linear layers, dense or quantized. Quantized weights are made tensor by tensor straight from
 //! the checkpoint file (one full-precision tensor alive at a time), so loading peaks
-//! close to the final size; they multiply with f32 activations through candle's quantized
-//! kernels (ggml block formats). Dense weights multiply through the engine's kernels on the CPU
-//! (`pio-kernels`, via `crate::cpu`) and candle's elsewhere.
+//! close to the final size. On the CPU both kinds multiply through the engine's kernels
+//! (`pio-kernels`, via `crate::cpu`): dense weights in their dtype; quantized ones with 8-bit
+//! activations and integer dot products, Q8_0 and Q4_K repacked into 16-row tiles (which replace
+//! the blocks), Q4_0 and Q6_K on their ggml blocks in place; candle's kernels elsewhere.
+
+use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
+use pio_kernels::PackedMatrix;
 
 /// How linear weights are stored (the manifest's `quantization`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -41,17 +45,19 @@ pub enum Linear {
     /// Block-quantized weights.
     Quantized {
         /// The weight.
-        weight: QMatMul,
+        weight: QuantWeight,
         /// The bias, in the model dtype.
         bias: Option<Tensor>,
-        /// Whether few-row products go through candle's `QMatMul`, which on x86 (candle ≥ 0.10)
-        /// repacks the weight on first use into expanded tiles kept beside the blocks: faster
-        /// dot products for a second copy of the weight. Only the output head takes it (read in
-        /// full for every token, and one matrix: measured on GLM-4.7-Flash's Q8_0 head, 1.6x
-        /// decode for 337 MB); every other weight multiplies on its compact blocks, or a q4
-        /// model's resident size would double once its experts had all run.
-        repacked: bool,
     },
+}
+
+/// A quantized weight as the layer keeps it.
+#[derive(Debug, Clone)]
+pub enum QuantWeight {
+    /// ggml blocks (Q4_0 and Q6_K on the CPU; every format on other devices, through candle).
+    Blocks(QMatMul),
+    /// Q8_0 or Q4_K repacked into the kernels' 16-row tiles (CPU).
+    Tiles(Arc<PackedMatrix>),
 }
 
 impl Linear {
@@ -81,25 +87,22 @@ impl Linear {
         let Some(format) = quantization.format(input) else {
             return Ok(Self::Dense(candle_nn::Linear::new(weight, bias)));
         };
-        let weight = QMatMul::from_qtensor(QTensor::quantize(&weight, format)?)?;
-        Ok(Self::Quantized {
-            weight,
-            bias,
-            repacked: false,
-        })
+        Self::from_qtensor(QTensor::quantize(&weight, format)?, bias)
     }
 
-    /// The same layer, its few-row products through candle's repacked tiles when quantized (see
-    /// [`Linear::Quantized`]).
-    pub fn repacked(self) -> Self {
-        match self {
-            Self::Quantized { weight, bias, .. } => Self::Quantized {
-                weight,
+    /// A layer over quantized `weight` (`output × input`): repacked into tiles on the CPU where
+    /// the kernels tile its format (the blocks are then dropped), kept as blocks otherwise.
+    pub fn from_qtensor(weight: QTensor, bias: Option<Tensor>) -> candle_core::Result<Self> {
+        if let Some(tiles) = crate::cpu::packed(&weight)? {
+            return Ok(Self::Quantized {
+                weight: QuantWeight::Tiles(Arc::new(tiles)),
                 bias,
-                repacked: true,
-            },
-            dense => dense,
+            });
         }
+        Ok(Self::Quantized {
+            weight: QuantWeight::Blocks(QMatMul::from_qtensor(weight)?),
+            bias,
+        })
     }
 
     /// Whether the weights are block-quantized.
@@ -111,12 +114,10 @@ impl Linear {
     pub fn weight_bytes(&self) -> usize {
         match self {
             Self::Dense(l) => l.weight().elem_count() * l.weight().dtype().size_in_bytes(),
-            Self::Quantized {
-                weight, repacked, ..
-            } => match weight {
-                // Counted twice when repacked: the tiles measured as large as the blocks.
-                QMatMul::QTensor(q) => q.storage_size_in_bytes() * if *repacked { 2 } else { 1 },
-                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
+            Self::Quantized { weight, .. } => match weight {
+                QuantWeight::Tiles(t) => t.size_in_bytes(),
+                QuantWeight::Blocks(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+                QuantWeight::Blocks(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
                     t.elem_count() * t.dtype().size_in_bytes()
                 }
             },
@@ -144,12 +145,15 @@ impl Module for Linear {
                 with_bias(y, l.bias())
             }
             Self::Quantized {
-                weight,
+                weight: QuantWeight::Tiles(tiles),
                 bias,
-                repacked,
+            } => with_bias(crate::cpu::tiled_linear(x, tiles)?, bias.as_ref()),
+            Self::Quantized {
+                weight: QuantWeight::Blocks(weight),
+                bias,
             } => {
                 if let QMatMul::QTensor(q) = weight {
-                    if let Some(y) = crate::cpu::quantized_linear(x, q, *repacked)? {
+                    if let Some(y) = crate::cpu::quantized_linear(x, q)? {
                         return with_bias(y, bias.as_ref());
                     }
                 }
@@ -206,27 +210,49 @@ mod tests {
 
     #[test]
     fn prefill_rows_multiply_the_decoded_blocks_exactly() {
-        // Q8_0 and Q4_0 products over many rows decode each block once and run an f32 GEMM: they
-        // equal the product with the dequantized weights (no activation rounding, which candle's
-        // kernels would add: ~1e-1 here).
+        // Q4_0 products over many rows decode each block once and run an f32 GEMM: they equal
+        // the product with the dequantized weights (no activation rounding, which the integer
+        // kernels add: ~1e-1 here).
         let device = Device::Cpu;
-        for (q, input) in [(Quantization::Q8, 256), (Quantization::Q4, 96)] {
-            let w = Tensor::randn(0f32, 1.0, (48, input), &device).unwrap();
-            let x = Tensor::randn(0f32, 1.0, (1, 40, input), &device).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (48, 96), &device).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (1, 40, 96), &device).unwrap();
+        let layer = Linear::from_weight(w, None, Quantization::Q4).unwrap();
+        let Linear::Quantized {
+            weight: QuantWeight::Blocks(QMatMul::QTensor(qt)),
+            ..
+        } = &layer
+        else {
+            panic!("Q4_0 rows keep their blocks: {layer:?}");
+        };
+        let dequantized = qt.dequantize(&device).unwrap();
+        let exact = x.broadcast_matmul(&dequantized.t().unwrap()).unwrap();
+        let got = layer.forward(&x).unwrap();
+        let err = (got - &exact).unwrap().abs().unwrap().max_all().unwrap();
+        let err = err.to_scalar::<f32>().unwrap();
+        assert!(err < 1e-3, "{err}");
+    }
+
+    #[test]
+    fn q8_and_q4k_layers_hold_tiles_no_larger_than_their_blocks() {
+        let device = Device::Cpu;
+        for (q, blocks) in [(Quantization::Q8, 34 * 8), (Quantization::Q4, 144)] {
+            let w = Tensor::randn(0f32, 1.0, (32, 256), &device).unwrap();
             let layer = Linear::from_weight(w, None, q).unwrap();
-            let Linear::Quantized {
-                weight: QMatMul::QTensor(qt),
-                ..
-            } = &layer
-            else {
-                panic!("{q:?} {input}: not quantized");
-            };
-            let dequantized = qt.dequantize(&device).unwrap();
-            let exact = x.broadcast_matmul(&dequantized.t().unwrap()).unwrap();
-            let got = layer.forward(&x).unwrap();
-            let err = (got - &exact).unwrap().abs().unwrap().max_all().unwrap();
-            let err = err.to_scalar::<f32>().unwrap();
-            assert!(err < 1e-3, "{q:?} {input}: {err}");
+            assert!(
+                matches!(
+                    &layer,
+                    Linear::Quantized {
+                        weight: QuantWeight::Tiles(_),
+                        ..
+                    }
+                ),
+                "{q:?}: {layer:?}"
+            );
+            let bytes = layer.weight_bytes();
+            assert!(
+                bytes >= 32 * blocks && bytes <= 32 * blocks * 21 / 20,
+                "{q:?}: {bytes}"
+            );
         }
     }
 
@@ -251,7 +277,7 @@ mod tests {
     }
 
     /// A quantized weight multiplies on its compact blocks: no second copy appears when it runs
-    /// (candle's `QMatMul` would add expanded tiles at least as large as the blocks).
+    /// (candle's `QMatMul` on x86 adds expanded tiles at least as large as the blocks).
     #[test]
     fn quantized_products_keep_no_second_copy_of_the_weight() {
         let device = Device::Cpu;
@@ -269,7 +295,5 @@ mod tests {
             grown < blocks / 2,
             "running the layer added {grown} bytes beside {blocks} of blocks"
         );
-        // The output head opts into the repacked tiles, and is counted for them.
-        assert_eq!(layer.repacked().weight_bytes(), 2 * blocks);
     }
 }

@@ -94,7 +94,9 @@ fn main() {
             .filter_map(|b| QuantMatrix::new(format, b, N, K).ok())
             .collect();
         let packed: Vec<PackedMatrix> = mats.iter().filter_map(PackedMatrix::pack).collect();
-        let x: Vec<f32> = (0..512 * K).map(|i| ((i % 13) as f32 - 6.0) * 0.1).collect();
+        let x: Vec<f32> = (0..512 * K)
+            .map(|i| ((i % 13) as f32 - 6.0) * 0.1)
+            .collect();
         let mut out = vec![0f32; 512 * N];
         let mut next = 0;
         let decode = seconds(copies, || {
@@ -121,7 +123,14 @@ fn main() {
             let w = &mats[0];
             let q = seconds(3, || quantized_matmul(&x[..m * K], w, m, &mut out[..m * N]));
             let g = seconds(3, || {
-                matmul_rows(&x[..m * K], &Decoded(format, &bytes[..row * N]), m, K, N, &mut out[..m * N])
+                matmul_rows(
+                    &x[..m * K],
+                    &Decoded(format, &bytes[..row * N]),
+                    m,
+                    K,
+                    N,
+                    &mut out[..m * N],
+                )
             });
             print!(
                 "        m = {m:>3}: {:>6.1} GFLOP/s integer | {:>6.1} decoded f32 GEMM",

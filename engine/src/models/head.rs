@@ -155,7 +155,7 @@ impl Head {
         Ok(Self {
             norm,
             is_embedding: tied && !lm_head.is_quantized(),
-            lm_head: lm_head.repacked(),
+            lm_head,
         })
     }
 

@@ -141,7 +141,10 @@ pub(crate) unsafe fn q4k<const R: usize>(w: &[u8], x: [&[Act256]; R]) -> [f32; R
                 let xq = x[r][b].qs.as_ptr();
                 // SAFETY: an activation block holds 256 bytes; AVX2 as required.
                 unsafe {
-                    let p = _mm256_add_epi32(madd(lo, xq.add(64 * c), s_lo), madd(hi, xq.add(64 * c + 32), s_hi));
+                    let p = _mm256_add_epi32(
+                        madd(lo, xq.add(64 * c), s_lo),
+                        madd(hi, xq.add(64 * c + 32), s_hi),
+                    );
                     sums[r] = _mm256_add_epi32(sums[r], p);
                 }
             }
@@ -151,7 +154,9 @@ pub(crate) unsafe fn q4k<const R: usize>(w: &[u8], x: [&[Act256]; R]) -> [f32; R
             // SAFETY: AVX2 and FMA as required.
             acc[r] = unsafe { fold(acc[r], sums[r], d * xb.d) };
             let m: i32 = (0..8)
-                .map(|j| i32::from(mn[j]) * (i32::from(xb.sums[2 * j]) + i32::from(xb.sums[2 * j + 1])))
+                .map(|j| {
+                    i32::from(mn[j]) * (i32::from(xb.sums[2 * j]) + i32::from(xb.sums[2 * j + 1]))
+                })
                 .sum();
             mins[r] += dmin * xb.d * m as f32;
         }
@@ -211,7 +216,9 @@ pub(crate) unsafe fn q6k<const R: usize>(w: &[u8], x: [&[Act256]; R]) -> [f32; R
             let xb = &x[r][b];
             // The offset of 32 leaves the integers, where it cancels exactly (in floats it
             // would cancel most of the block's sum and its precision with it).
-            let o: i32 = (0..16).map(|g| i32::from(scales[g]) * i32::from(xb.sums[g])).sum();
+            let o: i32 = (0..16)
+                .map(|g| i32::from(scales[g]) * i32::from(xb.sums[g]))
+                .sum();
             let exact = _mm256_sub_epi32(sums[r], _mm256_setr_epi32(32 * o, 0, 0, 0, 0, 0, 0, 0));
             // SAFETY: AVX2 and FMA as required.
             acc[r] = unsafe { fold(acc[r], exact, d * xb.d) };

@@ -166,10 +166,8 @@ pub(crate) unsafe fn q4k<const R: usize>(w: &[u8], x: [&[Act256]; R]) -> [f32; R
             // SAFETY: chunk c's 32 bytes lie inside the block.
             let raw = unsafe { _mm256_loadu_si256(p.add(16 + 32 * c).cast()) };
             // Low nibbles are values 64c..64c + 32, high ones the next 32: in order.
-            let both = _mm512_inserti64x4::<1>(
-                _mm512_castsi256_si512(raw),
-                _mm256_srli_epi16::<4>(raw),
-            );
+            let both =
+                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(raw), _mm256_srli_epi16::<4>(raw));
             let q = _mm512_and_si512(both, low);
             let scale = _mm512_mask_blend_epi32(
                 0xFF00,
@@ -185,9 +183,15 @@ pub(crate) unsafe fn q4k<const R: usize>(w: &[u8], x: [&[Act256]; R]) -> [f32; R
         }
         for r in 0..R {
             let xb = &x[r][b];
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r]), _mm512_set1_ps(d * xb.d), acc[r]);
+            acc[r] = _mm512_fmadd_ps(
+                _mm512_cvtepi32_ps(sums[r]),
+                _mm512_set1_ps(d * xb.d),
+                acc[r],
+            );
             let m: i32 = (0..8)
-                .map(|j| i32::from(mn[j]) * (i32::from(xb.sums[2 * j]) + i32::from(xb.sums[2 * j + 1])))
+                .map(|j| {
+                    i32::from(mn[j]) * (i32::from(xb.sums[2 * j]) + i32::from(xb.sums[2 * j + 1]))
+                })
                 .sum();
             mins[r] += dmin * xb.d * m as f32;
         }
@@ -247,10 +251,22 @@ pub(crate) unsafe fn q6k<const R: usize>(w: &[u8], x: [&[Act256]; R]) -> [f32; R
                 // Four 32-bit lanes hold one 16-value group: each takes its group's scale.
                 let g = 8 * h + 4 * i;
                 let idx = _mm512_set_epi32(
-                    g as i32 + 3, g as i32 + 3, g as i32 + 3, g as i32 + 3,
-                    g as i32 + 2, g as i32 + 2, g as i32 + 2, g as i32 + 2,
-                    g as i32 + 1, g as i32 + 1, g as i32 + 1, g as i32 + 1,
-                    g as i32, g as i32, g as i32, g as i32,
+                    g as i32 + 3,
+                    g as i32 + 3,
+                    g as i32 + 3,
+                    g as i32 + 3,
+                    g as i32 + 2,
+                    g as i32 + 2,
+                    g as i32 + 2,
+                    g as i32 + 2,
+                    g as i32 + 1,
+                    g as i32 + 1,
+                    g as i32 + 1,
+                    g as i32 + 1,
+                    g as i32,
+                    g as i32,
+                    g as i32,
+                    g as i32,
                 );
                 let scale = _mm512_permutexvar_epi32(idx, scales);
                 for r in 0..R {

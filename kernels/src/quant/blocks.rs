@@ -151,7 +151,10 @@ pub fn dequantize(format: Format, bytes: &[u8], out: &mut [f32]) {
                 for c in 0..4 {
                     let q = &b[16 + 32 * c..16 + 32 * (c + 1)];
                     let (d1, m1) = (d * f32::from(sc[2 * c]), dmin * f32::from(mn[2 * c]));
-                    let (d2, m2) = (d * f32::from(sc[2 * c + 1]), dmin * f32::from(mn[2 * c + 1]));
+                    let (d2, m2) = (
+                        d * f32::from(sc[2 * c + 1]),
+                        dmin * f32::from(mn[2 * c + 1]),
+                    );
                     for (l, &q) in q.iter().enumerate() {
                         y[64 * c + l] = d1 * f32::from(q & 0xF) - m1;
                         y[64 * c + 32 + l] = d2 * f32::from(q >> 4) - m2;

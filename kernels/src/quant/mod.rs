@@ -7,15 +7,15 @@
 //! once per block. Decode (one row) is then bound by reading the weights; a batch of decode rows
 //! reads them once for all. Rows are split over rayon's pool.
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod blocks;
 mod packed;
 #[cfg(target_arch = "x86_64")]
 mod packed_x86;
 mod portable;
-#[cfg(target_arch = "x86_64")]
-mod avx2;
-#[cfg(target_arch = "x86_64")]
-mod avx512;
 #[cfg(test)]
 mod tests;
 
@@ -24,8 +24,8 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 pub use blocks::{dequantize, Format};
-pub use packed::PackedMatrix;
 use blocks::{quantize_act256, quantize_act32, Act256, Act32};
+pub use packed::PackedMatrix;
 
 use crate::parallel::{ranges, SharedMut};
 
@@ -314,7 +314,12 @@ fn products<A: Activations>(w: &QuantMatrix<'_>, xs: &[&[A]], out: &mut [f32]) {
 /// the cache meanwhile), the tiles split over threads.
 fn tiles<A: Activations>(w: &PackedMatrix, xs: &[&[A]], out: &mut [f32]) {
     let n = w.rows();
-    let parts = ranges(n.div_ceil(packed::ROWS), rayon::current_num_threads() * 4, 1, 1);
+    let parts = ranges(
+        n.div_ceil(packed::ROWS),
+        rayon::current_num_threads() * 4,
+        1,
+        1,
+    );
     let y = SharedMut::new(out);
     let run = |tiles: std::ops::Range<usize>| {
         for t in tiles {

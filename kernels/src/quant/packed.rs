@@ -12,6 +12,8 @@
 //!   each sub-block s and pair p of four-value groups, 16 rows × 4 bytes whose low nibbles are
 //!   values 32s + 8p + 0..4 and high nibbles 32s + 8p + 4..8.
 
+use rayon::prelude::*;
+
 use super::blocks::{dequantize, q4k_scales_mins, Act256, Act32, Format};
 use super::QuantMatrix;
 
@@ -48,18 +50,22 @@ impl PackedMatrix {
         let tiles = rows.div_ceil(ROWS);
         let size = tile_bytes(format);
         let mut bytes = vec![0u8; tiles * blocks * size];
-        for (t, tile) in bytes.chunks_exact_mut(blocks * size).enumerate() {
-            for (b, out) in tile.chunks_exact_mut(size).enumerate() {
-                for r in 0..ROWS.min(rows - t * ROWS) {
-                    let row = m.row(t * ROWS + r);
-                    let block = &row[b * format.block_bytes()..(b + 1) * format.block_bytes()];
-                    match format {
-                        Format::Q8_0 => pack_q8_0(block, r, out),
-                        _ => pack_q4k(block, r, out),
+        // In parallel: a large model repacks gigabytes at load.
+        bytes
+            .par_chunks_exact_mut(blocks * size)
+            .enumerate()
+            .for_each(|(t, tile)| {
+                for (b, out) in tile.chunks_exact_mut(size).enumerate() {
+                    for r in 0..ROWS.min(rows - t * ROWS) {
+                        let row = m.row(t * ROWS + r);
+                        let block = &row[b * format.block_bytes()..(b + 1) * format.block_bytes()];
+                        match format {
+                            Format::Q8_0 => pack_q8_0(block, r, out),
+                            _ => pack_q4k(block, r, out),
+                        }
                     }
                 }
-            }
-        }
+            });
         Some(Self {
             format,
             rows,
@@ -147,11 +153,17 @@ fn pack_q4k(block: &[u8], r: usize, out: &mut [u8]) {
         out[64 + s * ROWS + r] = sc[s];
         out[192 + s * ROWS + r] = mn[s];
     }
+    let mut q = [0u8; 256];
     for c in 0..4 {
-        for (l, &q) in block[16 + 32 * c..48 + 32 * c].iter().enumerate() {
-            for (v, nibble) in [(64 * c + l, q & 0xF), (64 * c + 32 + l, q >> 4)] {
-                let (at, high) = q4k_slot(v, r);
-                out[at] |= if high { nibble << 4 } else { nibble };
+        for (l, &v) in block[16 + 32 * c..48 + 32 * c].iter().enumerate() {
+            (q[64 * c + l], q[64 * c + 32 + l]) = (v & 0xF, v >> 4);
+        }
+    }
+    for s in 0..8 {
+        for p in 0..4 {
+            let (at, v) = (320 + s * 256 + p * 64 + r * 4, 32 * s + 8 * p);
+            for j in 0..4 {
+                out[at + j] = q[v + j] | (q[v + 4 + j] << 4);
             }
         }
     }
@@ -221,7 +233,11 @@ pub(crate) mod portable {
                         let mut sub = 0i32;
                         for v in 32 * s..32 * (s + 1) {
                             let (at, high) = q4k_slot(v, row);
-                            let q = if high { column[at] >> 4 } else { column[at] & 0xF };
+                            let q = if high {
+                                column[at] >> 4
+                            } else {
+                                column[at] & 0xF
+                            };
                             sub += i32::from(q) * i32::from(xb.qs[v]);
                         }
                         isum += sub * i32::from(column[64 + s * ROWS + row]);

@@ -3,6 +3,10 @@
 //! signed weights against unsigned activations' magnitudes, so Q8_0's offset is undone and the
 //! activations carry the weights' signs).
 
+// The kernels index several register arrays (per activation row, per half) by the same counters;
+// iterator chains over them would hide which lanes meet.
+#![allow(clippy::needless_range_loop)]
+
 use std::arch::x86_64::*;
 
 use super::blocks::{Act256, Act32, Format};
@@ -38,10 +42,7 @@ unsafe fn bytes16(p: *const u8) -> __m512i {
 /// AVX-512F/BW/VNNI and F16C; `tile` is whole tile columns and every `x[r]` has one activation
 /// block per column.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
-pub(crate) unsafe fn q8_0_vnni<const R: usize>(
-    tile: &[u8],
-    x: [&[Act32]; R],
-) -> [[f32; ROWS]; R] {
+pub(crate) unsafe fn q8_0_vnni<const R: usize>(tile: &[u8], x: [&[Act32]; R]) -> [[f32; ROWS]; R] {
     let mut acc = [_mm512_setzero_ps(); R];
     for (b, column) in tile.chunks_exact(tile_bytes(Format::Q8_0)).enumerate() {
         let p = column.as_ptr();
@@ -87,10 +88,7 @@ pub(crate) unsafe fn q8_0_vnni<const R: usize>(
 /// # Safety
 /// As [`q8_0_vnni`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
-pub(crate) unsafe fn q4k_vnni<const R: usize>(
-    tile: &[u8],
-    x: [&[Act256]; R],
-) -> [[f32; ROWS]; R] {
+pub(crate) unsafe fn q4k_vnni<const R: usize>(tile: &[u8], x: [&[Act256]; R]) -> [[f32; ROWS]; R] {
     let low = _mm512_set1_epi8(0xF);
     let mut acc = [_mm512_setzero_ps(); R];
     for (b, column) in tile.chunks_exact(tile_bytes(Format::Q4K)).enumerate() {
@@ -129,7 +127,8 @@ pub(crate) unsafe fn q4k_vnni<const R: usize>(
                 let xb = &x[r][b];
                 let bsum = i32::from(xb.sums[2 * s]) + i32::from(xb.sums[2 * s + 1]);
                 isum[r] = _mm512_add_epi32(isum[r], _mm512_mullo_epi32(sub[r], sc));
-                imin[r] = _mm512_add_epi32(imin[r], _mm512_mullo_epi32(mn, _mm512_set1_epi32(bsum)));
+                imin[r] =
+                    _mm512_add_epi32(imin[r], _mm512_mullo_epi32(mn, _mm512_set1_epi32(bsum)));
             }
         }
         // SAFETY: the column starts with 16 f16 scales, then 16 f16 mins.
@@ -174,10 +173,7 @@ unsafe fn dot4(u: __m256i, s: __m256i) -> __m256i {
 /// # Safety
 /// AVX2, FMA and F16C; the tile and activations as for [`q8_0_vnni`].
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn q8_0_avx2<const R: usize>(
-    tile: &[u8],
-    x: [&[Act32]; R],
-) -> [[f32; ROWS]; R] {
+pub(crate) unsafe fn q8_0_avx2<const R: usize>(tile: &[u8], x: [&[Act32]; R]) -> [[f32; ROWS]; R] {
     let flip = _mm256_set1_epi8(-128);
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
     for (b, column) in tile.chunks_exact(tile_bytes(Format::Q8_0)).enumerate() {
@@ -187,7 +183,10 @@ pub(crate) unsafe fn q8_0_avx2<const R: usize>(
             for h in 0..2 {
                 // SAFETY: half h of group g is 32 bytes inside the column.
                 unsafe {
-                    let w = _mm256_xor_si256(_mm256_loadu_si256(p.add(32 + 64 * g + 32 * h).cast()), flip);
+                    let w = _mm256_xor_si256(
+                        _mm256_loadu_si256(p.add(32 + 64 * g + 32 * h).cast()),
+                        flip,
+                    );
                     let aw = _mm256_sign_epi8(w, w);
                     for r in 0..R {
                         let xs = _mm256_set1_epi32(quad(x[r][b].qs.as_ptr().add(4 * g)));
@@ -214,10 +213,7 @@ pub(crate) unsafe fn q8_0_avx2<const R: usize>(
 /// # Safety
 /// As [`q8_0_avx2`].
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn q4k_avx2<const R: usize>(
-    tile: &[u8],
-    x: [&[Act256]; R],
-) -> [[f32; ROWS]; R] {
+pub(crate) unsafe fn q4k_avx2<const R: usize>(tile: &[u8], x: [&[Act256]; R]) -> [[f32; ROWS]; R] {
     let low = _mm256_set1_epi8(0xF);
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
     for (b, column) in tile.chunks_exact(tile_bytes(Format::Q4K)).enumerate() {
@@ -230,7 +226,8 @@ pub(crate) unsafe fn q4k_avx2<const R: usize>(
                 for pair in 0..4 {
                     // SAFETY: as in `q4k_vnni`, for one half.
                     unsafe {
-                        let raw = _mm256_loadu_si256(p.add(320 + 256 * s + 64 * pair + 32 * h).cast());
+                        let raw =
+                            _mm256_loadu_si256(p.add(320 + 256 * s + 64 * pair + 32 * h).cast());
                         let lo = _mm256_and_si256(raw, low);
                         let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low);
                         for r in 0..R {
@@ -243,21 +240,27 @@ pub(crate) unsafe fn q4k_avx2<const R: usize>(
                 }
                 // SAFETY: this half's scales and mins of sub-block s are 8 bytes each.
                 let (sc, mn) = unsafe {
-                    (bytes8(p.add(64 + 16 * s + 8 * h)), bytes8(p.add(192 + 16 * s + 8 * h)))
+                    (
+                        bytes8(p.add(64 + 16 * s + 8 * h)),
+                        bytes8(p.add(192 + 16 * s + 8 * h)),
+                    )
                 };
                 for r in 0..R {
                     let xb = &x[r][b];
                     let bsum = i32::from(xb.sums[2 * s]) + i32::from(xb.sums[2 * s + 1]);
                     isum[r] = _mm256_add_epi32(isum[r], _mm256_mullo_epi32(sub[r], sc));
-                    imin[r] = _mm256_add_epi32(imin[r], _mm256_mullo_epi32(mn, _mm256_set1_epi32(bsum)));
+                    imin[r] =
+                        _mm256_add_epi32(imin[r], _mm256_mullo_epi32(mn, _mm256_set1_epi32(bsum)));
                 }
             }
             // SAFETY: the column starts with 16 f16 scales, then 16 f16 mins.
             let (d, dmin) = unsafe { (scales8(p.add(16 * h)), scales8(p.add(32 + 16 * h))) };
             for r in 0..R {
                 let dx = _mm256_set1_ps(x[r][b].d);
-                let a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_mul_ps(d, dx), acc[r][h]);
-                acc[r][h] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(imin[r]), _mm256_mul_ps(dmin, dx), a);
+                let a =
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_mul_ps(d, dx), acc[r][h]);
+                acc[r][h] =
+                    _mm256_fnmadd_ps(_mm256_cvtepi32_ps(imin[r]), _mm256_mul_ps(dmin, dx), a);
             }
         }
     }

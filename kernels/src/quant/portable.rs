@@ -7,7 +7,10 @@ use super::blocks::{f16_at, q4k_scales_mins, q6k_values, Act256, Act32};
 /// Σ q·x over paired integer slices.
 #[inline(always)]
 fn idot<A: Copy + Into<i32>>(a: &[A], x: &[i8]) -> i32 {
-    a.iter().zip(x).map(|(&a, &x)| a.into() * i32::from(x)).sum()
+    a.iter()
+        .zip(x)
+        .map(|(&a, &x)| a.into() * i32::from(x))
+        .sum()
 }
 
 /// Q8_0 weights · 32-value activation blocks.
@@ -58,7 +61,8 @@ pub(crate) fn q4k<const R: usize>(w: &[u8], x: [&[Act256]; R]) -> [f32; R] {
             for j in 0..8 {
                 let s = idot(&q[32 * j..32 * (j + 1)], &x.qs[32 * j..32 * (j + 1)]);
                 isum += i32::from(sc[j]) * s;
-                msum += i32::from(mn[j]) * (i32::from(x.sums[2 * j]) + i32::from(x.sums[2 * j + 1]));
+                msum +=
+                    i32::from(mn[j]) * (i32::from(x.sums[2 * j]) + i32::from(x.sums[2 * j + 1]));
             }
             *acc += x.d * (d * isum as f32 - dmin * msum as f32);
         }
