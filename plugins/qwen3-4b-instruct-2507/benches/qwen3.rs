@@ -1,15 +1,16 @@
 //! Qwen3 speed against transformers, in one run on the same machine: a Qwen3-0.6B-shaped random
 //! checkpoint (generated on first use by `tests/bench/make_checkpoint.py`, not committed), a 512-token prompt
-//! and 128 greedy decode steps, f32 and bf16, 2 threads; load time, tokens/s, peak RSS, ratios;
-//! llama.cpp's `llama-bench` on the same weights too when it is built (`PIO_LLAMA_BENCH` or
-//! `tests/bench/build_llama_cpp.sh`).
+//! and 128 greedy decode steps after it, in f32, bf16, q8 and q4 (transformers in f32 and bf16), 2
+//! threads; load time, tokens/s, peak RSS, ratios, and each mode's decode limit (the weight bytes
+//! a step reads over a streaming read's bandwidth, measured in the same run); llama.cpp's
+//! `llama-bench` on the same weights too when it is built (`PIO_LLAMA_BENCH` or
+//! `tests/bench/build_llama_cpp.sh`), q8 against its Q8_0 and q4 against its Q4_K_M.
 //!
 //! Run: `cargo bench -p pio-plugin-qwen3 --bench qwen3` (needs python3 with
 //! `tests/fixtures/requirements.txt` installed). Each dtype runs in its own process so peak RSS
 //! is its own.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
 use pio_engine::candle_core::{DType, Device};
@@ -32,17 +33,31 @@ fn checkpoint_dir() -> PathBuf {
     root().join("target/bench/qwen3-0.6b-random")
 }
 
-/// One dtype, in this process: prints a JSON line like the transformers script's.
-fn measure(dir: &Path, dtype: &str) {
-    let dt = if dtype == "bf16" {
-        DType::BF16
-    } else {
+/// Embedding bytes of the Qwen3-0.6B shape in `dtype`.
+fn embedding_bytes(dtype: DType) -> usize {
+    151_936 * 1024 * dtype.size_in_bytes()
+}
+
+/// One mode (`f32`, `bf16`, `q8`, `q4`), in this process: prints a JSON line like the
+/// transformers script's, with the weight bytes one decode step reads.
+fn measure(dir: &Path, mode: &str) {
+    let dt = if mode == "f32" {
         DType::F32
+    } else {
+        DType::BF16
     };
-    let t = Instant::now();
-    let checkpoint = Checkpoint::open(dir).expect("checkpoint");
-    let model = Qwen3::load(&checkpoint, dt, &Device::Cpu, &mut |_, _| {}).expect("load");
-    let load_s = t.elapsed().as_secs_f64();
+    let (model, load_s): (Qwen3, f64) = if mode == "f32" {
+        let t = Instant::now();
+        let checkpoint = Checkpoint::open(dir).expect("checkpoint");
+        let model = Qwen3::load(&checkpoint, dt, &Device::Cpu, &mut |_, _| {}).expect("load");
+        (model, t.elapsed().as_secs_f64())
+    } else {
+        common::load_timed(dir, mode)
+    };
+    // A step reads every layer and the output head; the head is the embedding unless quantized.
+    let layers: usize = model.layer_weight_bytes().iter().sum();
+    let head = model.weight_bytes() - layers - embedding_bytes(dt);
+    let step_bytes = layers + if head == 0 { embedding_bytes(dt) } else { head };
     // The same pseudo-random prompt shape as the reference (the ids themselves do not matter).
     let prompt: Vec<u32> = (0..PROMPT as u32)
         .map(|i| (i * 7919 + 13) % 151_936)
@@ -62,11 +77,47 @@ fn measure(dir: &Path, dtype: &str) {
     }
     let decode_s = t.elapsed().as_secs_f64();
     println!(
-        "{{\"dtype\": \"{dtype}\", \"load_s\": {load_s}, \"prefill_tps\": {}, \"decode_tps\": {}, \"peak_rss\": {}}}",
+        "{{\"dtype\": \"{mode}\", \"load_s\": {load_s}, \"prefill_tps\": {}, \"decode_tps\": {}, \"peak_rss\": {}, \"step_bytes\": {step_bytes}}}",
         PROMPT as f64 / prefill_s,
         DECODE as f64 / decode_s,
         common::peak_rss()
     );
+}
+
+/// GB/s of a streaming read of 1 GiB over `THREADS` threads (the decode bandwidth limit).
+fn streaming_read() -> f64 {
+    let bytes = vec![1u8; 1 << 30];
+    let chunk = bytes.len() / THREADS;
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            for part in bytes.chunks(chunk) {
+                s.spawn(move || {
+                    // Eight independent sums: the loop vectorizes and the read is the limit.
+                    let mut acc = [0u64; 8];
+                    for line in part.chunks_exact(64) {
+                        for (a, w) in acc.iter_mut().zip(line.chunks_exact(8)) {
+                            *a = a
+                                .wrapping_add(u64::from_le_bytes(w.try_into().unwrap_or_default()));
+                        }
+                    }
+                    std::hint::black_box(acc);
+                });
+            }
+        });
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    bytes.len() as f64 / best / 1e9
+}
+
+/// llama.cpp's name for a mode's weights.
+fn llama_dtype(mode: &str) -> &str {
+    match mode {
+        "q8" => "q8_0",
+        "q4" => "q4_k_m",
+        other => other,
+    }
 }
 
 fn main() {
@@ -77,16 +128,9 @@ fn main() {
     }
     let dir = checkpoint_dir();
     common::ensure_checkpoint(&root(), &dir, &["qwen3-0.6b"]);
-    let exe = std::env::current_exe().expect("bench executable");
-    let mut pio = Vec::new();
-    for dtype in ["f32", "bf16"] {
-        let out = Command::new(&exe)
-            .args(["--measure", dtype])
-            .env("RAYON_NUM_THREADS", THREADS.to_string())
-            .output()
-            .expect("run measurement");
-        pio.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
-    }
+    let modes = ["f32", "bf16", "q8", "q4"];
+    let pio = common::measure_modes(&modes, THREADS);
+    let bandwidth = streaming_read();
     let work = common::Workload {
         prompt: PROMPT,
         decode: DECODE,
@@ -98,7 +142,15 @@ fn main() {
     let reference = common::transformers(&root(), &dir, &work);
     // llama.cpp when it has been built (tests/bench/build_llama_cpp.sh): prefill and decode only.
     let llama = match common::llama_bench(&root()) {
-        Some(bench) => common::llama_cpp(&root(), &bench, &dir, &work),
+        Some(bench) => common::llama_cpp(
+            &root(),
+            &bench,
+            &dir,
+            &common::Workload {
+                dtypes: "f32,bf16,q8_0,q4_k_m",
+                ..work
+            },
+        ),
         None => {
             eprintln!(
                 "llama.cpp not built (tests/bench/build_llama_cpp.sh): its rows are left out"
@@ -106,13 +158,22 @@ fn main() {
             Vec::new()
         }
     };
-    println!("Qwen3-0.6B shape, prompt {PROMPT} tokens, {DECODE} decode steps, {THREADS} threads");
-    println!("| dtype | engine | load (s) | prefill tok/s | decode tok/s | peak RSS (GiB) |");
-    println!("|---|---|---|---|---|---|");
-    for (i, (ours, theirs)) in pio.iter().zip(&reference).enumerate() {
-        let dtype = if ours.contains("bf16") { "bf16" } else { "f32" };
-        let llama = llama.get(i).filter(|l| l.contains(&format!("\"{dtype}\"")));
-        let mut rows = vec![("pio", ours), ("transformers", theirs)];
+    println!(
+        "Qwen3-0.6B shape, prompt {PROMPT} tokens, {DECODE} decode steps after it, {THREADS} threads; \
+         streaming read {bandwidth:.1} GB/s"
+    );
+    println!("| mode | engine | load (s) | prefill tok/s | decode tok/s | decode limit tok/s | of the limit | peak RSS (GiB) |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for ((_, ours), mode) in pio.iter().zip(modes) {
+        let theirs = reference
+            .iter()
+            .find(|l| l.contains(&format!("\"{mode}\"")));
+        let llama = llama
+            .iter()
+            .find(|l| l.contains(&format!("\"{}\"", llama_dtype(mode))));
+        let limit = bandwidth * 1e9 / common::field(ours, "step_bytes");
+        let mut rows = vec![("pio", ours)];
+        rows.extend(theirs.map(|l| ("transformers", l)));
         rows.extend(llama.map(|l| ("llama.cpp", l)));
         for (name, line) in rows {
             let cell = |key: &str, digits: usize| {
@@ -123,16 +184,15 @@ fn main() {
                     format!("{v:.digits$}")
                 }
             };
+            let decode = common::field(line, "decode_tps");
             println!(
-                "| {dtype} | {name} | {} | {} | {} | {} |",
+                "| {mode} | {name} | {} | {} | {} | {limit:.1} | {:.0}% | {} |",
                 cell("load_s", 1),
                 cell("prefill_tps", 1),
                 cell("decode_tps", 2),
+                100.0 * decode / limit,
                 if line.contains("peak_rss") {
-                    format!(
-                        "{:.2}",
-                        common::field(line, "peak_rss") / (1u64 << 30) as f64
-                    )
+                    format!("{:.2}", common::gib(common::field(line, "peak_rss")))
                 } else {
                     String::new()
                 }
@@ -140,12 +200,14 @@ fn main() {
         }
         let ratio = |other: &str, line: &String| {
             println!(
-                "| {dtype} | pio / {other} | | {:.2}x | {:.2}x | |",
+                "| {mode} | pio / {other} | | {:.2}x | {:.2}x | | | |",
                 common::field(ours, "prefill_tps") / common::field(line, "prefill_tps"),
                 common::field(ours, "decode_tps") / common::field(line, "decode_tps")
             );
         };
-        ratio("transformers", theirs);
+        if let Some(t) = theirs {
+            ratio("transformers", t);
+        }
         if let Some(l) = llama {
             ratio("llama.cpp", l);
         }
