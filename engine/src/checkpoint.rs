@@ -3,17 +3,20 @@
 //! template, or `chat_template.jinja` beside it) and `generation_config.json`.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 
 use crate::error::{EngineError, Result};
+use crate::quant_cache::QuantCache;
 
 /// An opened snapshot folder.
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
     dir: PathBuf,
+    cache: Option<Arc<QuantCache>>,
 }
 
 fn read(path: &Path, hint: &'static str) -> Result<String> {
@@ -48,6 +51,7 @@ impl Checkpoint {
         }
         let this = Self {
             dir: dir.to_owned(),
+            cache: None,
         };
         if !this.path("config.json").is_file() {
             return Err(EngineError::MissingFile {
@@ -155,13 +159,57 @@ impl Checkpoint {
     /// `device` (see [`crate::weights`] for why not a memory map).
     pub fn weights(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
         let files = self.weight_files()?;
-        let backend =
+        let mut backend =
             crate::weights::SafetensorsFiles::open(&files).map_err(|e| EngineError::Weights {
                 dir: self.dir.clone(),
                 reason: format!("cannot read the safetensors files: {e}"),
             })?;
+        if let Some(cache) = &self.cache {
+            backend = backend.with_cache(cache.clone());
+        }
         let backend: Box<dyn candle_nn::var_builder::SimpleBackend> = Box::new(backend);
         Ok(VarBuilder::from_backend(backend, dtype, device.clone()))
+    }
+
+    /// The same checkpoint, its quantized linear weights kept in a cache in `dir` between starts
+    /// (see [`crate::quant_cache`]), keyed by `quantization` and what the weights are made from.
+    pub fn with_quantization_cache(mut self, dir: &Path, quantization: &str) -> Result<Self> {
+        let mut parts: Vec<Vec<u8>> =
+            vec![b"pio-quantization-cache-1".to_vec(), quantization.into()];
+        parts.push(std::fs::read(self.path("config.json")).unwrap_or_default());
+        for file in self.weight_files()? {
+            let meta = std::fs::metadata(&file).map_err(|e| EngineError::BadFile {
+                path: file.clone(),
+                reason: e.to_string(),
+            })?;
+            let modified = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .unwrap_or_default();
+            let name = file.file_name().unwrap_or_default().to_string_lossy();
+            parts.push(format!("{name} {} {}", meta.len(), modified.as_nanos()).into_bytes());
+        }
+        let key = parts
+            .iter()
+            .map(|p| format!("{:016x}", crate::quant_cache::fnv1a(&[p])))
+            .collect::<Vec<_>>()
+            .join("-");
+        // One file per checkpoint folder and quantization: the folder's name to read, a hash of
+        // its full path so that two folders of the same name do not share one.
+        let folder = std::fs::canonicalize(&self.dir).unwrap_or_else(|_| self.dir.clone());
+        let name = folder
+            .file_name()
+            .map_or("model".into(), |n| n.to_string_lossy());
+        let at = crate::quant_cache::fnv1a(&[folder.as_os_str().as_encoded_bytes()]);
+        let stem = format!("{name}-{quantization}-{:08x}", at as u32);
+        self.cache = Some(Arc::new(QuantCache::open(dir, &stem, &key)));
+        Ok(self)
+    }
+
+    /// The quantization cache, when one is set.
+    pub fn quantization_cache(&self) -> Option<&QuantCache> {
+        self.cache.as_deref()
     }
 
     /// A weights error for `tensor`, in words.

@@ -5,9 +5,10 @@
 //! activations and integer dot products, Q8_0 and Q4_K repacked into 16-row tiles (which replace
 //! the blocks), Q4_0 and Q6_K on their ggml blocks in place; candle's kernels elsewhere.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 use pio_kernels::PackedMatrix;
@@ -26,6 +27,15 @@ pub enum Quantization {
 }
 
 impl Quantization {
+    /// The manifest's word for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Q8 => "q8",
+            Self::Q4 => "q4",
+        }
+    }
+
     /// The block format for rows `width` wide, or `None` to keep them dense (too narrow to block).
     fn format(self, width: usize) -> Option<GgmlDType> {
         match self {
@@ -73,6 +83,18 @@ impl Linear {
             return candle_nn::linear_b(input, output, bias, vb).map(Self::Dense);
         }
         let bias = bias.then(|| vb.get(output, "bias")).transpose()?;
+        if let Some(format) = quantization.format(input) {
+            // A checkpoint hands out blocks itself: from its quantization cache, or quantized
+            // there from the stored values (see `crate::weights`).
+            let name = crate::weights::quantized_name("weight", format, output, input);
+            if vb.contains_tensor(&name) {
+                let bytes = format.type_size() * output * input / format.block_size();
+                let raw = vb.get_with_hints_dtype(bytes, &name, Default::default(), DType::U8)?;
+                let storage =
+                    QStorage::from_data(Cow::Owned(raw.to_vec1::<u8>()?), vb.device(), format)?;
+                return Self::from_qtensor(QTensor::new(storage, (output, input))?, bias);
+            }
+        }
         Self::from_weight(vb.get((output, input), "weight")?, bias, quantization)
     }
 

@@ -10,9 +10,14 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use serde::Deserialize;
+
+use crate::quant_cache::QuantCache;
 
 /// Where one tensor's bytes are.
 #[derive(Debug, Clone)]
@@ -36,6 +41,29 @@ struct HeaderEntry {
 pub struct SafetensorsFiles {
     files: Vec<(PathBuf, File)>,
     entries: HashMap<String, Entry>,
+    cache: Option<Arc<QuantCache>>,
+}
+
+/// The name under which a linear layer asks for tensor `name` (`rows × cols`) quantized to
+/// `format`: served as the blocks' bytes (`U8`), from the quantization cache or quantized on the
+/// spot.
+pub fn quantized_name(name: &str, format: GgmlDType, rows: usize, cols: usize) -> String {
+    format!("{name}#{format:?}#{rows}x{cols}")
+}
+
+/// `(name, format, rows, cols)` of a [`quantized_name`].
+fn parse_quantized(name: &str) -> Option<(&str, GgmlDType, usize, usize)> {
+    let (rest, dims) = name.rsplit_once('#')?;
+    let (base, format) = rest.rsplit_once('#')?;
+    let format = match format {
+        "Q8_0" => GgmlDType::Q8_0,
+        "Q4_0" => GgmlDType::Q4_0,
+        "Q4K" => GgmlDType::Q4K,
+        "Q6K" => GgmlDType::Q6K,
+        _ => return None,
+    };
+    let (rows, cols) = dims.split_once('x')?;
+    Some((base, format, rows.parse().ok()?, cols.parse().ok()?))
 }
 
 fn bad(path: &Path, what: impl std::fmt::Display) -> candle_core::Error {
@@ -104,7 +132,55 @@ impl SafetensorsFiles {
             }
             files.push((path.clone(), file));
         }
-        Ok(Self { files, entries })
+        Ok(Self {
+            files,
+            entries,
+            cache: None,
+        })
+    }
+
+    /// The same files, quantized tensors kept in (or read from) `cache`.
+    pub fn with_cache(self, cache: Arc<QuantCache>) -> Self {
+        Self {
+            cache: Some(cache),
+            ..self
+        }
+    }
+
+    /// Tensor `base` (`rows × cols`) as `format` blocks: from the cache when it holds them, else
+    /// quantized from the stored values (and handed to the cache).
+    fn quantized(
+        &self,
+        base: &str,
+        format: GgmlDType,
+        (rows, cols): (usize, usize),
+    ) -> candle_core::Result<Tensor> {
+        let shape = [rows, cols];
+        let cached = self
+            .cache
+            .as_ref()
+            .and_then(|c| c.get(base, format, &shape));
+        let q = match cached {
+            Some(q) => q,
+            None => {
+                let stored = self.read(base)?;
+                if stored.dims() != shape {
+                    return Err(candle_core::Error::UnexpectedShape {
+                        msg: format!("shape mismatch for {base}"),
+                        expected: shape.as_slice().into(),
+                        got: stored.shape().clone(),
+                    }
+                    .bt());
+                }
+                let q = QTensor::quantize(&stored.to_dtype(DType::F32)?, format)?;
+                if let Some(cache) = &self.cache {
+                    cache.put(base, &q);
+                }
+                q
+            }
+        };
+        let bytes = q.data()?;
+        Tensor::from_raw_buffer(&bytes, DType::U8, &[bytes.len()], &Device::Cpu)
     }
 
     fn read(&self, name: &str) -> candle_core::Result<Tensor> {
@@ -144,11 +220,17 @@ impl SimpleBackend for SafetensorsFiles {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        if let Some((base, format, rows, cols)) = parse_quantized(name) {
+            return self.quantized(base, format, (rows, cols))?.to_device(dev);
+        }
         self.read(name)?.to_dtype(dtype)?.to_device(dev)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.entries.contains_key(name)
+        match parse_quantized(name) {
+            Some((base, ..)) => self.entries.contains_key(base),
+            None => self.entries.contains_key(name),
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 //! [`Engine`], streaming tokens into the plugin-api sink. A model plugin is its static info plus a
 //! [`ModelRuntime`] of its model type.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use candle_core::{DType, Device};
@@ -154,6 +155,23 @@ pub fn quantization_of(config: &ModelConfig) -> Result<Quantization, PluginError
     })
 }
 
+/// The folder a model config keeps quantized weights in between starts (`quantization_cache`
+/// in the manifest's `[model]` table), when it quantizes.
+pub fn quantization_cache_of(
+    config: &ModelConfig,
+    quantization: Quantization,
+) -> Result<Option<PathBuf>, PluginError> {
+    let Some(value) = config.extra.get("quantization_cache") else {
+        return Ok(None);
+    };
+    let Some(dir) = value.as_str().filter(|d| !d.is_empty()) else {
+        return Err(PluginError::invalid_config(format!(
+            "quantization_cache: expected the path of a folder, found {value}"
+        )));
+    };
+    Ok((quantization != Quantization::None).then(|| PathBuf::from(dir)))
+}
+
 /// The device a model config asks for (default the CPU).
 pub fn device_of(config: &ModelConfig) -> Result<Device, PluginError> {
     match config.device.as_deref() {
@@ -295,9 +313,17 @@ impl<M: LoadModel> ModelRuntime<M> {
         self.supports_config(config)?;
         let (dtype, device) = (dtype_of(config)?, device_of(config)?);
         let path = config.model_path.clone().unwrap_or_default();
-        let checkpoint = Checkpoint::open(&path).map_err(plugin_error)?;
+        let mut checkpoint = Checkpoint::open(&path).map_err(plugin_error)?;
         let mut cancelled = false;
         let quantization = quantization_of(config)?;
+        if let Some(dir) = quantization_cache_of(config, quantization)? {
+            checkpoint = checkpoint
+                .with_quantization_cache(&dir, quantization.name())
+                .map_err(plugin_error)?;
+            if let Some(cache) = checkpoint.quantization_cache().filter(|c| c.found()) {
+                eprintln!("quantized weights from {}", cache.path().display());
+            }
+        }
         let model = M::load(
             &checkpoint,
             dtype,
@@ -310,6 +336,14 @@ impl<M: LoadModel> ModelRuntime<M> {
         .map_err(plugin_error)?;
         if cancelled {
             return Err(PluginError::cancelled("loading was cancelled"));
+        }
+        if let Some(cache) = checkpoint.quantization_cache() {
+            // The model is loaded either way: a cache that cannot be written is a warning.
+            match cache.finish() {
+                Ok(Some(path)) => eprintln!("wrote the quantization cache {}", path.display()),
+                Ok(None) => {}
+                Err(e) => eprintln!("warning: {e}"),
+            }
         }
         let weight_bytes = model.weight_bytes();
         let engine_config =

@@ -1,0 +1,284 @@
+//! Quantized weights kept between starts: quantizing a large model at load takes minutes
+//! (Qwen3-Coder-30B to q4: ~10 on 2 cores), reading the result back takes as long as its bytes
+//! take to read. The cache is one GGUF file per checkpoint folder and quantization, holding a key
+//! over what it was made from (the config, each weight file's name, size and modification time,
+//! the quantization); a file whose key differs (stale), whose tensors do not fit it (truncated) or
+//! that cannot be parsed is not used, and is replaced by the next complete load. Tensors are written as they are quantized into a data file beside it, so no second copy
+//! is held in memory; the GGUF is assembled, synced and renamed into place once loading is done.
+
+use std::fs::File;
+use std::io::{BufWriter, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::Device;
+
+use crate::error::{EngineError, Result};
+
+/// GGUF's data alignment (its default).
+const ALIGNMENT: u64 = 32;
+
+/// The metadata key holding the cache key.
+const KEY: &str = "pio.quantization_cache.key";
+
+/// A checkpoint's quantization cache: read when a valid one exists, written otherwise.
+#[derive(Debug)]
+pub struct QuantCache {
+    path: PathBuf,
+    key: String,
+    found: Option<Mutex<Found>>,
+    made: Mutex<Made>,
+}
+
+#[derive(Debug)]
+struct Found {
+    file: File,
+    content: Content,
+}
+
+/// What this load quantized, written to the data file as it came.
+#[derive(Debug, Default)]
+struct Made {
+    data: Option<BufWriter<File>>,
+    entries: Vec<Entry>,
+    offset: u64,
+    /// A tensor the found cache lacked: it does not match this checkpoint after all.
+    missed: bool,
+    hits: usize,
+    error: Option<String>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    name: String,
+    dtype: GgmlDType,
+    shape: Vec<usize>,
+    offset: u64,
+}
+
+/// 64-bit FNV-1a: a stable hash (std's is not promised to stay the same across releases).
+pub(crate) fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for &b in part.iter().chain(&[0xFF]) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+impl QuantCache {
+    /// The cache file `{stem}.gguf` in `dir`, read if it is valid for `key` (else it will be
+    /// replaced).
+    pub fn open(dir: &Path, stem: &str, key: &str) -> Self {
+        let path = dir.join(format!("{stem}.gguf"));
+        let found = Self::read(&path, key).map(Mutex::new);
+        Self {
+            path,
+            key: key.to_string(),
+            found,
+            made: Mutex::new(Made::default()),
+        }
+    }
+
+    /// Tensors read from the found cache so far.
+    pub fn hits(&self) -> usize {
+        self.made.lock().map_or(0, |m| m.hits)
+    }
+
+    /// The cache file (present or to be written).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether a valid cache was found.
+    pub fn found(&self) -> bool {
+        self.found.is_some()
+    }
+
+    /// `path` when it is a cache for `key` whose every tensor fits in the file.
+    fn read(path: &Path, key: &str) -> Option<Found> {
+        let mut file = File::open(path).ok()?;
+        let len = file.metadata().ok()?.len();
+        let content = Content::read(&mut file).ok()?;
+        if content.metadata.get(KEY).and_then(|v| v.to_string().ok()) != Some(&key.to_string()) {
+            return None;
+        }
+        let fits = content.tensor_infos.values().all(|t| {
+            let bytes = t.shape.elem_count() / t.ggml_dtype.block_size() * t.ggml_dtype.type_size();
+            content.tensor_data_offset + t.offset + bytes as u64 <= len
+        });
+        fits.then_some(Found { file, content })
+    }
+
+    /// Tensor `name` from the found cache, when it holds it as `dtype` of `shape`.
+    pub(crate) fn get(&self, name: &str, dtype: GgmlDType, shape: &[usize]) -> Option<QTensor> {
+        let found = self.found.as_ref()?;
+        let mut found = found.lock().ok()?;
+        let Found { file, content } = &mut *found;
+        let tensor = match content.tensor_infos.get(name) {
+            Some(info) if info.ggml_dtype == dtype && info.shape.dims() == shape => info
+                .read(file, content.tensor_data_offset, &Device::Cpu)
+                .ok(),
+            _ => None,
+        };
+        if let Ok(mut made) = self.made.lock() {
+            match tensor {
+                Some(_) => made.hits += 1,
+                None => made.missed = true,
+            }
+        }
+        tensor
+    }
+
+    /// Records `q`, just quantized as `name`, for the cache this load will write.
+    pub(crate) fn put(&self, name: &str, q: &QTensor) {
+        if self.found.is_some() {
+            return;
+        }
+        let Ok(mut made) = self.made.lock() else {
+            return;
+        };
+        if made.error.is_some() {
+            return;
+        }
+        if let Err(e) = self.append(&mut made, name, q) {
+            made.error = Some(e);
+        }
+    }
+
+    fn append(&self, made: &mut Made, name: &str, q: &QTensor) -> std::result::Result<(), String> {
+        if made.data.is_none() {
+            let dir = self.path.parent().unwrap_or(Path::new("."));
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            let data = self.part("data");
+            // Read back when the cache is assembled.
+            let file = File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&data)
+                .map_err(|e| format!("{}: {e}", data.display()))?;
+            made.data = Some(BufWriter::new(file));
+        }
+        let bytes = q.data().map_err(|e| e.to_string())?;
+        let data = made.data.as_mut().ok_or("no data file")?;
+        let padding = made.offset.next_multiple_of(ALIGNMENT) - made.offset;
+        data.write_all(&vec![0; padding as usize])
+            .and_then(|()| data.write_all(&bytes))
+            .map_err(|e| format!("{}: {e}", self.part("data").display()))?;
+        made.entries.push(Entry {
+            name: name.to_string(),
+            dtype: q.dtype(),
+            shape: q.shape().dims().to_vec(),
+            offset: made.offset + padding,
+        });
+        made.offset += padding + bytes.len() as u64;
+        Ok(())
+    }
+
+    /// A working file beside the cache.
+    fn part(&self, what: &str) -> PathBuf {
+        self.path
+            .with_extension(format!("gguf.{what}.{}", std::process::id()))
+    }
+
+    /// Once loading is done: writes the cache when this load made one (returns its path), removes
+    /// a found cache that lacked a tensor. Errors name the file; the model is loaded either way.
+    pub fn finish(&self) -> Result<Option<PathBuf>> {
+        let mut made = self
+            .made
+            .lock()
+            .map_err(|_| self.error("a loading thread panicked"))?;
+        if made.missed {
+            // Stale in a way the key did not catch: the next start rebuilds it.
+            let _ = std::fs::remove_file(&self.path);
+            return Ok(None);
+        }
+        if let Some(e) = made.error.take() {
+            let _ = std::fs::remove_file(self.part("data"));
+            return Err(self.error(&e));
+        }
+        let Some(data) = made.data.take() else {
+            return Ok(None);
+        };
+        let result = self.assemble(data, &made.entries);
+        let _ = std::fs::remove_file(self.part("data"));
+        result.map(|()| Some(self.path.clone()))
+    }
+
+    /// Header, then the data file, into a new file synced and renamed over the cache.
+    fn assemble(&self, data: BufWriter<File>, entries: &[Entry]) -> Result<()> {
+        let tmp = self.part("tmp");
+        let write = || -> std::io::Result<()> {
+            let mut data = data.into_inner().map_err(|e| e.into_error())?;
+            let mut out = BufWriter::new(File::create(&tmp)?);
+            write_header(&mut out, &self.key, entries)?;
+            let mut out = out.into_inner().map_err(|e| e.into_error())?;
+            data.rewind()?;
+            std::io::copy(&mut data, &mut out)?;
+            out.sync_all()?;
+            std::fs::rename(&tmp, &self.path)
+        };
+        write().map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            self.error(&e.to_string())
+        })
+    }
+
+    fn error(&self, reason: &str) -> EngineError {
+        EngineError::BadFile {
+            path: self.path.clone(),
+            reason: format!(
+                "cannot write the quantization cache: {reason} (the model loaded; set quantization_cache to a writable folder, or remove it)"
+            ),
+        }
+    }
+}
+
+/// GGUF v3's header for `entries` (data offsets relative to the aligned data section).
+fn write_header(w: &mut impl Write, key: &str, entries: &[Entry]) -> std::io::Result<()> {
+    let mut h: Vec<u8> = Vec::new();
+    let string = |h: &mut Vec<u8>, s: &str| {
+        h.extend((s.len() as u64).to_le_bytes());
+        h.extend(s.as_bytes());
+    };
+    h.extend(0x4655_4747u32.to_le_bytes());
+    h.extend(3u32.to_le_bytes());
+    h.extend((entries.len() as u64).to_le_bytes());
+    h.extend(1u64.to_le_bytes());
+    string(&mut h, KEY);
+    h.extend(8u32.to_le_bytes()); // GGUF's string type
+    string(&mut h, key);
+    for e in entries {
+        string(&mut h, &e.name);
+        h.extend((e.shape.len() as u32).to_le_bytes());
+        // ggml lists dimensions innermost first.
+        for &d in e.shape.iter().rev() {
+            h.extend((d as u64).to_le_bytes());
+        }
+        h.extend(ggml_type(e.dtype).to_le_bytes());
+        h.extend(e.offset.to_le_bytes());
+    }
+    h.resize((h.len() as u64).next_multiple_of(ALIGNMENT) as usize, 0);
+    w.write_all(&h)
+}
+
+/// ggml's type number for `dtype`.
+fn ggml_type(dtype: GgmlDType) -> u32 {
+    match dtype {
+        GgmlDType::F32 => 0,
+        GgmlDType::F16 => 1,
+        GgmlDType::Q4_0 => 2,
+        GgmlDType::Q8_0 => 8,
+        GgmlDType::Q4K => 12,
+        GgmlDType::Q6K => 14,
+        GgmlDType::BF16 => 30,
+        // Linear layers quantize to the formats above only.
+        _ => u32::MAX,
+    }
+}
