@@ -94,6 +94,7 @@ async fn in_worker(library: &Path, tier: Tier) -> Result<Figures, String> {
         host_context: Default::default(),
         exe: PathBuf::from(env!("CARGO_BIN_EXE_pio")),
         read_paths: Vec::new(),
+        write_paths: Vec::new(),
     };
     let mut starts = Vec::new();
     let mut worker = None;

@@ -34,10 +34,16 @@ pub fn plan(
 pub fn model_config(manifest: &Manifest, manifest_path: &Path) -> ModelConfig {
     let m = &manifest.model;
     let base = manifest_path.parent().unwrap_or(Path::new("."));
-    let extra = serde_json::to_value(&m.options)
+    let mut extra = serde_json::to_value(&m.options)
         .ok()
         .and_then(|v| v.as_object().cloned())
         .unwrap_or_default();
+    // A folder the plugin writes (the engine's quantization cache), relative to the manifest
+    // like the model path, and made absolute for a worker that sees another root.
+    if let Some(dir) = &m.quantization_cache {
+        let dir = resolved(&base.join(dir)).display().to_string();
+        extra.insert(CACHE_KEY.into(), dir.into());
+    }
     ModelConfig {
         model_path: m.path.as_ref().map(|p| resolved(&base.join(p))),
         dtype: m.dtype.map(|d| d.name().to_string()),
@@ -47,6 +53,9 @@ pub fn model_config(manifest: &Manifest, manifest_path: &Path) -> ModelConfig {
         extra,
     }
 }
+
+/// The `[model]` key naming the folder the engine keeps quantized weights in between starts.
+pub const CACHE_KEY: &str = "quantization_cache";
 
 /// `path` absolute with every `..` and symlink resolved; as given (made absolute) when it does not
 /// exist, for the plugin to report.
@@ -68,7 +77,7 @@ pub fn host_context(plan: &Plan) -> HostContext {
 }
 
 /// Everything needed to start `name`'s worker: paths made absolute (a confined worker sees them
-/// from another root), the model folder kept readable.
+/// from another root), the model folder kept readable, a quantization cache folder writable.
 pub fn worker_spec(
     name: &str,
     library: &Path,
@@ -84,6 +93,13 @@ pub fn worker_spec(
         exe,
         // The same path the plugin is given (`--model-path` included): mounted where it looks.
         read_paths: config.model_path.iter().map(|p| resolved(p)).collect(),
+        write_paths: config
+            .extra
+            .get(CACHE_KEY)
+            .and_then(|v| v.as_str())
+            .map(std::path::PathBuf::from)
+            .into_iter()
+            .collect(),
     }
 }
 

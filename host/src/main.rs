@@ -14,6 +14,7 @@ mod cli_bench;
 mod cli_list;
 mod cli_print;
 mod cli_pull;
+mod cli_quantize;
 mod cli_run;
 mod cli_serve;
 
@@ -57,6 +58,8 @@ enum Command {
     Bench(cli_bench::BenchArgs),
     /// Download a Hugging Face snapshot and write a manifest for the plugin that serves it.
     Pull(cli_pull::PullArgs),
+    /// Quantize a plugin's model ahead of time into its manifest's `quantization_cache`.
+    Quantize(cli_quantize::QuantizeArgs),
     /// Serve the plugins over an OpenAI-compatible HTTP API until SIGTERM.
     Serve(cli_serve::ServeArgs),
     /// Load one library and print what it is as JSON (the child side of `check` and `list`).
@@ -99,6 +102,7 @@ fn main() -> ExitCode {
             | Command::Run(_)
             | Command::Bench(_)
             | Command::Pull(_)
+            | Command::Quantize(_)
     ) {
         // Worker output and supervisor notes, as plain lines on stderr.
         let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -126,6 +130,7 @@ fn main() -> ExitCode {
         Command::Run(args) => cli_run::run(args).map(ExitCode::from),
         Command::Bench(args) => cli_bench::run(args).map(ExitCode::from),
         Command::Pull(args) => cli_pull::run(args).map(ExitCode::from),
+        Command::Quantize(args) => cli_quantize::run(args).map(ExitCode::from),
         Command::Serve(args) => cli_serve::serve(args).map(|()| ExitCode::SUCCESS),
         Command::Probe { uid, gid, library } => {
             return ExitCode::from(probe::run_child(&library, (uid, gid)) as u8)

@@ -75,6 +75,9 @@ pub struct ModelSection {
     pub device: Option<Device>,
     /// Weight quantization.
     pub quantization: Option<Quantization>,
+    /// A folder the quantized weights are kept in between starts (created for the worker and
+    /// writable to it); relative paths are relative to the manifest's folder.
+    pub quantization_cache: Option<PathBuf>,
     /// Generation defaults (override the model's `generation_config.json`).
     #[serde(default)]
     pub generation: pio_plugin_api::wire::GenerationDefaults,

@@ -41,6 +41,7 @@ fn spec(name: &str, crate_name: &str) -> WorkerSpec {
         host_context: Default::default(),
         exe: pio_bin(),
         read_paths: Vec::new(),
+        write_paths: Vec::new(),
     }
 }
 

@@ -2,6 +2,8 @@
 //! allow-list; then an empty root, kill-by-default, a cpuset, a mandatory watchdog and a pinned
 //! library.
 
+use std::os::unix::fs::PermissionsExt;
+
 use crate::daemon::Daemon;
 use crate::medium::{attack, tier_dir};
 use crate::support::*;
@@ -200,5 +202,89 @@ fn a_model_path_through_dotdot_and_a_symlink_loads_at_every_tier() {
         let (status, r) = d.post("/v1/completions", &body);
         assert_eq!(status, 200, "{tier}: {r}");
         assert_eq!(r["usage"]["completion_tokens"], 3, "{tier}: {r}");
+    }
+}
+
+/// The quantization cache folder of the manifest is created for the confined worker, writable to
+/// it alone among the host's folders: `pio quantize` (or a first start) writes the cache there,
+/// later starts read their weights from it, at `high` and `maximum`.
+#[test]
+fn a_confined_worker_keeps_its_quantization_cache_between_starts() {
+    if !confinement_available() {
+        return;
+    }
+    let lib = plugin_lib("pio_plugin_qwen3_coder");
+    // Traversable by the worker's user (a fresh temporary folder is 0700, root's).
+    let work = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    for tier in ["high", "maximum"] {
+        let cache = work.path().join(format!("cache-{tier}"));
+        let dir = PluginDir::new();
+        let extra = format!(
+            "sha256 = \"{}\"\n[limits]\nmemory = \"2GiB\"\ncpus = 2\n[model]\npath = \"{}\"\nquantization = \"q4\"\nquantization_cache = \"{}\"\n",
+            sha256_of(&lib),
+            repo_root().join("tests/fixtures/qwen3-moe-tiny").display(),
+            cache.display()
+        );
+        let text = manifest("qwen3-coder-30b", "0.1.0", lib.to_str().unwrap(), &extra)
+            .replace("tier = \"low\"", &format!("tier = \"{tier}\""));
+        dir.write("coder.toml", &text);
+        let args = [
+            "run",
+            "qwen3-coder-30b",
+            "--plugins",
+            ".",
+            "--prompt",
+            "def add(a, b):",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "8",
+        ];
+        // At `high` ahead of time with `pio quantize`, at `maximum` by a first run.
+        let first = if tier == "high" {
+            pio(
+                dir.path(),
+                &["quantize", "qwen3-coder-30b", "--plugins", "."],
+            )
+        } else {
+            pio(dir.path(), &args)
+        };
+        let stderr = String::from_utf8_lossy(&first.stderr);
+        assert!(first.status.success(), "{tier}: {stderr}");
+        assert!(
+            stderr.contains("wrote the quantization cache"),
+            "{tier}: {stderr}"
+        );
+        let files: Vec<_> = std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(
+            files.len(),
+            1,
+            "{tier}: one cache file, no leftovers: {files:?}"
+        );
+        if tier == "high" {
+            let listed = String::from_utf8_lossy(&first.stdout);
+            assert_eq!(listed.trim(), files[0].display().to_string());
+        }
+
+        let second = pio(dir.path(), &args);
+        let stderr = String::from_utf8_lossy(&second.stderr);
+        assert!(second.status.success(), "{tier}: {stderr}");
+        assert!(
+            stderr.contains("quantized weights from"),
+            "{tier}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("wrote the quantization cache"),
+            "{tier}: {stderr}"
+        );
+        let third = pio(dir.path(), &args);
+        assert_eq!(
+            second.stdout, third.stdout,
+            "{tier}: the same answer from the cache"
+        );
     }
 }

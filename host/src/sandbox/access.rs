@@ -45,7 +45,11 @@ pub fn read_paths(visible: &[PathBuf]) -> Vec<PathBuf> {
 
 /// Restricts the calling (single) thread and everything it starts; returns what the kernel
 /// enforced ("fully" or "partially", on kernels with an older Landlock ABI).
-pub fn restrict(visible: &[PathBuf], scratch: &Path) -> Result<String, ConfineError> {
+pub fn restrict(
+    visible: &[PathBuf],
+    writable: &[PathBuf],
+    scratch: &Path,
+) -> Result<String, ConfineError> {
     let status = Ruleset::default()
         .handle_access(AccessFs::from_all(TARGET))
         .map_err(fail)?
@@ -61,6 +65,8 @@ pub fn restrict(visible: &[PathBuf], scratch: &Path) -> Result<String, ConfineEr
         ))
         .map_err(fail)?
         .add_rules(path_beneath_rules([scratch], AccessFs::from_all(TARGET)))
+        .map_err(fail)?
+        .add_rules(path_beneath_rules(writable, AccessFs::from_all(TARGET)))
         .map_err(fail)?
         .add_rules(path_beneath_rules(
             ["/dev/null"],

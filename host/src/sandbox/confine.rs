@@ -101,6 +101,7 @@ pub fn apply(plan: &Plan) -> Result<Vec<String>, ConfineError> {
         if isolation.landlock {
             applied.push(super::access::restrict(
                 &isolation.keep_visible,
+                &isolation.writable,
                 Path::new("/tmp"),
             )?);
         }

@@ -144,6 +144,10 @@ pub struct Isolation {
     pub scratch_bytes: u64,
     /// Paths the worker must still read (its library, the model folder).
     pub keep_visible: Vec<std::path::PathBuf>,
+    /// Folders the worker may write besides its scratch (a quantization cache): bound where
+    /// they are, left writable, allowed by Landlock.
+    #[serde(default)]
+    pub writable: Vec<std::path::PathBuf>,
     /// The system-call filter.
     pub syscalls: Syscalls,
     /// `high`+: a user namespace mapping only the worker's own uid and gid.
@@ -250,6 +254,7 @@ pub fn plan(subject: Subject<'_>, policy: &Policy, host: &HostSupport) -> Result
         isolation: (applied >= Tier::Medium).then(|| Isolation {
             scratch_bytes: limits.scratch_bytes.unwrap_or(DEFAULT_SCRATCH_BYTES),
             keep_visible: Vec::new(),
+            writable: Vec::new(),
             syscalls: match applied {
                 Tier::Maximum => Syscalls::AllowListKill,
                 Tier::High => Syscalls::AllowList,

@@ -122,8 +122,13 @@ fn build_view(isolation: &Isolation, owner: Option<(u32, u32)>) -> Result<(), Co
         .iter()
         .map(|p| open_path(p).map(|fd| (p.clone(), fd)))
         .collect::<Result<Vec<_>, _>>()?;
+    let writable = isolation
+        .writable
+        .iter()
+        .map(|p| open_path(p).map(|fd| (p.clone(), fd)))
+        .collect::<Result<Vec<_>, _>>()?;
     if isolation.empty_root {
-        build_empty_root(isolation, owner, &sources)?;
+        build_empty_root(isolation, owner, &sources, &writable)?;
     } else {
         mount_scratch(Path::new("/tmp"), isolation.scratch_bytes, owner)?;
         for (path, fd) in &sources {
@@ -131,13 +136,24 @@ fn build_view(isolation: &Isolation, owner: Option<(u32, u32)>) -> Result<(), Co
                 bind(fd, path)?;
             }
         }
+        // Each writable folder becomes a mount point of its own, which the read-only pass
+        // below leaves alone.
+        for (path, fd) in &writable {
+            bind(fd, path)?;
+        }
     }
     drop(sources);
+    drop(writable);
     let mountinfo =
         std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| fail("read mountinfo", e))?;
     for (point, options) in mount_points(&mountinfo) {
-        if point == "/tmp" || point == "/proc" || point.starts_with("/proc/") {
-            // The scratch stays writable; /proc is the fresh one (its old submounts are hidden).
+        if point == "/tmp"
+            || point == "/proc"
+            || point.starts_with("/proc/")
+            || isolation.writable.iter().any(|w| Path::new(&point) == w)
+        {
+            // The scratch and the writable folders stay writable; /proc is the fresh one (its
+            // old submounts are hidden).
             continue;
         }
         let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;
@@ -216,6 +232,7 @@ fn build_empty_root(
     isolation: &Isolation,
     owner: Option<(u32, u32)>,
     sources: &[(std::path::PathBuf, std::os::fd::OwnedFd)],
+    writable: &[(std::path::PathBuf, std::os::fd::OwnedFd)],
 ) -> Result<(), ConfineError> {
     let none: Option<&str> = None;
     let root = Path::new("/tmp");
@@ -240,7 +257,7 @@ fn build_empty_root(
     std::fs::create_dir_all(&scratch).map_err(|e| fail("mount the scratch tmpfs", e))?;
     mount_scratch(&scratch, isolation.scratch_bytes, owner)?;
     // After the scratch: a path under /tmp is bound inside it, not hidden beneath it.
-    for (path, fd) in sources {
+    for (path, fd) in sources.iter().chain(writable) {
         bind(fd, &inside(path))?;
     }
     let old = root.join(".old");

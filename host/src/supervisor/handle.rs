@@ -11,7 +11,9 @@ use pio_plugin_api::wire::{HostContext, InferOutcome, InferRequest, ModelConfig,
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::routing::{Events, LoadEvent, WINDOW};
-use super::spawn::{connect, create_cgroup, handshake, readable_to_worker, spawn};
+use super::spawn::{
+    connect, create_cgroup, handshake, readable_to_worker, spawn, writable_for_worker,
+};
 use super::traffic::{self, Command, Traffic};
 use crate::fault::Fault;
 use crate::probe::LibraryReport;
@@ -34,6 +36,8 @@ pub struct WorkerSpec {
     pub exe: PathBuf,
     /// Other paths the worker must be able to read (the model folder).
     pub read_paths: Vec<PathBuf>,
+    /// Folders the worker may write (a quantization cache), created for it when missing.
+    pub write_paths: Vec<PathBuf>,
 }
 
 /// One event of a running request.
@@ -87,6 +91,7 @@ impl Worker {
     /// the worker is confined and the plugin constructed.
     pub async fn start(spec: WorkerSpec) -> Result<Worker, WorkerError> {
         readable_to_worker(&spec)?;
+        writable_for_worker(&spec)?;
         let cgroup = create_cgroup(&spec)?;
         let (host_end, worker_end) = std::os::unix::net::UnixStream::pair()
             .map_err(|e| WorkerError::new(Fault::Spawn, format!("socketpair: {e}")))?;

@@ -47,6 +47,31 @@ pub(super) fn readable_to_worker(spec: &WorkerSpec) -> Result<(), WorkerError> {
     }
 }
 
+/// Creates the folders the worker may write (a quantization cache) when missing, owned by the
+/// user it drops to; an existing folder is left as the operator made it.
+pub(super) fn writable_for_worker(spec: &WorkerSpec) -> Result<(), WorkerError> {
+    for dir in &spec.write_paths {
+        if dir.is_dir() {
+            continue;
+        }
+        let fail = |e: &dyn std::fmt::Display| {
+            WorkerError::new(
+                Fault::Sandbox,
+                format!(
+                    "{}: cannot create the folder {} ({e}); create it writable to the worker's user, or remove quantization_cache",
+                    spec.name,
+                    dir.display()
+                ),
+            )
+        };
+        std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
+        if let Some((uid, gid)) = spec.plan.drop_to {
+            std::os::unix::fs::chown(dir, Some(uid), Some(gid)).map_err(|e| fail(&e))?;
+        }
+    }
+    Ok(())
+}
+
 /// The worker's cgroup, when its plan wants one.
 pub(super) fn create_cgroup(spec: &WorkerSpec) -> Result<Option<Arc<Cgroup>>, WorkerError> {
     let version = crate::sandbox::cgroup::Version::detect_writable();
@@ -150,6 +175,7 @@ pub(super) async fn handshake(
         isolation
             .keep_visible
             .extend(spec.read_paths.iter().cloned());
+        isolation.writable.extend(spec.write_paths.iter().cloned());
     }
     let start = ToWorker::Start {
         protocol: PROTOCOL_VERSION,

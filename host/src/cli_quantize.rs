@@ -1,0 +1,71 @@
+//! `pio quantize NAME`: loads a plugin's model once, confined as the daemon would run it, so that
+//! its quantized weights land in the manifest's `quantization_cache` and every later start reads
+//! them instead of quantizing again (minutes for a 30B model).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use pio_host::launch::CACHE_KEY;
+
+use crate::cli_run::{prepare, start_loaded, Prepared, TierArgs};
+use crate::SearchArgs;
+
+/// Arguments of `pio quantize`.
+#[derive(Args)]
+pub struct QuantizeArgs {
+    /// The plugin whose model to quantize, by name.
+    name: String,
+    #[command(flatten)]
+    search: SearchArgs,
+    /// Use this model folder instead of the manifest's `[model] path`.
+    #[arg(long, value_name = "DIR")]
+    model_path: Option<PathBuf>,
+    #[command(flatten)]
+    tiers: TierArgs,
+}
+
+/// Runs `pio quantize`.
+pub fn run(args: QuantizeArgs) -> anyhow::Result<u8> {
+    let Prepared { config, spec, .. } = prepare(
+        &args.name,
+        &args.search,
+        &args.tiers,
+        args.model_path.as_ref(),
+    )?;
+    let name = &args.name;
+    if config.quantization.as_deref().is_none_or(|q| q == "none") {
+        bail!(
+            "{name} loads unquantized: set [model] quantization = \"q8\" or \"q4\" in its manifest"
+        );
+    }
+    let Some(dir) = config.extra.get(CACHE_KEY).and_then(|v| v.as_str()) else {
+        bail!("{name} keeps no quantized weights: set [model] quantization_cache to a folder in its manifest");
+    };
+    let dir = PathBuf::from(dir);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let (worker, _) = start_loaded(spec, config).await?;
+        worker.shutdown().await;
+        anyhow::Ok(())
+    })?;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!(
+            "{name} loaded but wrote nothing to {}: its plugin may keep no quantization cache (the worker's output above says why)",
+            dir.display()
+        );
+    }
+    for file in files {
+        println!("{}", file.display());
+    }
+    Ok(0)
+}
