@@ -57,12 +57,28 @@ pub fn model_config(manifest: &Manifest, manifest_path: &Path) -> ModelConfig {
 /// The `[model]` key naming the folder the engine keeps quantized weights in between starts.
 pub const CACHE_KEY: &str = "quantization_cache";
 
-/// `path` absolute with every `..` and symlink resolved; as given (made absolute) when it does not
-/// exist, for the plugin to report.
+/// `path` absolute with every `..` and symlink resolved; when it does not exist (yet: a cache
+/// folder the host will create, or a missing model for the plugin to report), the part that
+/// exists resolved and the rest appended with `.` and `..` taken as written.
 pub fn resolved(path: &Path) -> std::path::PathBuf {
-    std::fs::canonicalize(path)
-        .or_else(|_| std::path::absolute(path))
-        .unwrap_or_else(|_| path.to_path_buf())
+    if let Ok(real) = std::fs::canonicalize(path) {
+        return real;
+    }
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut out = std::path::PathBuf::new();
+    for part in absolute.components() {
+        match part {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+        if let Ok(real) = std::fs::canonicalize(&out) {
+            out = real;
+        }
+    }
+    out
 }
 
 /// The context handed to the plugin's `initialize`.
@@ -128,5 +144,32 @@ mod tests {
             missing.is_absolute() && missing.ends_with("no/such/model"),
             "{missing:?}"
         );
+    }
+
+    /// The quantization cache folder reaches the plugin absolute (relative to the manifest, as the
+    /// model path) and is the one path the worker may write.
+    #[test]
+    fn the_quantization_cache_is_resolved_and_made_writable() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("plugins.d")).unwrap();
+        let manifest_path = root.path().join("plugins.d/q.toml");
+        let text = "name = \"q\"\nversion = \"0.1.0\"\nlibrary = \"libq.so\"\napi = \"^1.0\"\ntier = \"low\"\n[model]\nquantization = \"q4\"\nquantization_cache = \"../cache\"\n";
+        let manifest = Manifest::parse(&manifest_path, text).unwrap();
+        let config = model_config(&manifest, &manifest_path);
+        let cache = std::path::absolute(root.path().join("cache")).unwrap();
+        assert_eq!(config.extra[CACHE_KEY], cache.display().to_string());
+        let plan = crate::sandbox::plan(
+            crate::sandbox::Subject {
+                plugin: "q",
+                tier: crate::sandbox::Tier::Low,
+                limits: Default::default(),
+                pinned: false,
+            },
+            &Default::default(),
+            &crate::sandbox::HostSupport::detect(),
+        )
+        .unwrap();
+        let spec = worker_spec("q", Path::new("libq.so"), &config, plan, "pio".into());
+        assert_eq!(spec.write_paths, [cache]);
     }
 }
