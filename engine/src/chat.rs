@@ -45,7 +45,9 @@ impl ChatTemplate {
     /// named templates of which `default` is used), else `chat_template.jinja`. `None` when the
     /// model has none (a base model).
     pub fn load(checkpoint: &Checkpoint) -> Result<Option<Self>> {
-        let path = checkpoint.path("tokenizer_config.json");
+        let path = checkpoint
+            .companion("tokenizer_config.json")
+            .unwrap_or_else(|| checkpoint.config_path());
         let config: Map<String, Json> = checkpoint
             .optional_json("tokenizer_config.json")?
             .unwrap_or_default();
@@ -69,7 +71,9 @@ impl ChatTemplate {
         let source = match from_config {
             Some(s) => s,
             None => {
-                let file = checkpoint.path("chat_template.jinja");
+                let Some(file) = checkpoint.companion("chat_template.jinja") else {
+                    return Ok(None);
+                };
                 match std::fs::read_to_string(&file) {
                     Ok(s) => s,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -89,7 +93,7 @@ impl ChatTemplate {
         );
         // Fail at load, not at the first request.
         template.environment().map_err(|e| EngineError::BadField {
-            path: checkpoint.path("tokenizer_config.json"),
+            path,
             field: "chat_template".into(),
             reason: format!("the template does not parse: {e:#}"),
         })?;

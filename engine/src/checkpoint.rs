@@ -1,6 +1,8 @@
-//! A Hugging Face snapshot folder: `config.json`, `model.safetensors` or shards listed in
-//! `model.safetensors.index.json`, `tokenizer.json`, `tokenizer_config.json` (with the chat
-//! template, or `chat_template.jinja` beside it) and `generation_config.json`.
+//! A model to load: a Hugging Face snapshot folder (`config.json`, `model.safetensors` or shards
+//! listed in `model.safetensors.index.json`, `tokenizer.json`, `tokenizer_config.json` with the
+//! chat template or `chat_template.jinja` beside it, `generation_config.json`), or a GGUF file
+//! (named directly, or the one in a folder) whose metadata stands in for those files (see
+//! [`crate::gguf`]); files beside a GGUF in its folder take precedence over its metadata.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,12 +12,18 @@ use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 
 use crate::error::{EngineError, Result};
+use crate::gguf::{self, GgufFile};
 use crate::quant_cache::QuantCache;
 
-/// An opened snapshot folder.
+/// An opened snapshot folder or GGUF file.
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
+    /// The snapshot folder, or the folder of the GGUF file.
     dir: PathBuf,
+    gguf: Option<Arc<GgufFile>>,
+    /// Whether the files in `dir` belong to the model: not for a GGUF named directly, whose
+    /// folder may hold anything (other models' files among them).
+    companions: bool,
     cache: Option<Arc<QuantCache>>,
 }
 
@@ -41,25 +49,71 @@ pub fn parse_json<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T> {
 }
 
 impl Checkpoint {
-    /// Opens `dir`, which must hold at least `config.json`.
-    pub fn open(dir: &Path) -> Result<Self> {
-        if !dir.is_dir() {
+    /// Opens `path`: a snapshot folder holding at least `config.json`, a `.gguf` file, or a
+    /// folder holding one `.gguf` file (and no `config.json`).
+    pub fn open(path: &Path) -> Result<Self> {
+        if let Some(file) = gguf::model_file(path)? {
+            let companions = path.is_dir();
+            let dir = match file.parent() {
+                Some(p) if !companions => p.to_owned(),
+                _ => path.to_owned(),
+            };
+            return Ok(Self {
+                gguf: Some(Arc::new(GgufFile::open(&file)?)),
+                dir,
+                companions,
+                cache: None,
+            });
+        }
+        if !path.is_dir() {
             return Err(EngineError::MissingFile {
-                path: dir.to_owned(),
-                hint: "set the model path to a Hugging Face snapshot folder",
+                path: path.to_owned(),
+                hint: "set the model path to a Hugging Face snapshot folder or a .gguf file",
             });
         }
         let this = Self {
-            dir: dir.to_owned(),
+            dir: path.to_owned(),
+            gguf: None,
+            companions: true,
             cache: None,
         };
         if !this.path("config.json").is_file() {
             return Err(EngineError::MissingFile {
                 path: this.path("config.json"),
-                hint: "the model folder must be a Hugging Face snapshot (config.json, *.safetensors, tokenizer.json)",
+                hint: "the model folder must be a Hugging Face snapshot (config.json, *.safetensors, tokenizer.json) or hold a .gguf file",
             });
         }
         Ok(this)
+    }
+
+    /// The GGUF file the weights come from, when they do.
+    pub fn gguf(&self) -> Option<&GgufFile> {
+        self.gguf.as_deref()
+    }
+
+    /// File `name` beside the weights, when the model has one there (a GGUF named directly has
+    /// none).
+    pub fn companion(&self, name: &str) -> Option<PathBuf> {
+        Some(self.path(name)).filter(|p| self.companions && p.is_file())
+    }
+
+    /// Where the model's configuration is read from: `config.json`, or the GGUF file.
+    pub fn config_path(&self) -> PathBuf {
+        match &self.gguf {
+            Some(g) => g.path().to_owned(),
+            None => self.path("config.json"),
+        }
+    }
+
+    /// The tokenizer a GGUF file carries, when the weights come from one with no
+    /// `tokenizer.json` beside it; `None` otherwise.
+    pub fn gguf_tokenizer(&self) -> Result<Option<tokenizers::Tokenizer>> {
+        match &self.gguf {
+            Some(g) if self.companion("tokenizer.json").is_none() => {
+                gguf::vocab::tokenizer(g).map(Some)
+            }
+            _ => Ok(None),
+        }
     }
 
     /// The folder.
@@ -72,8 +126,16 @@ impl Checkpoint {
         self.dir.join(name)
     }
 
-    /// `config.json`, parsed into the model's config type.
+    /// `config.json` (or what a GGUF file's metadata says), parsed into the model's config type.
     pub fn config<T: DeserializeOwned>(&self) -> Result<T> {
+        if let Some(g) = &self.gguf {
+            return serde_json::from_value(gguf::config::hf_config(g)?).map_err(|e| {
+                EngineError::BadFile {
+                    path: g.path().to_owned(),
+                    reason: format!("its metadata does not describe the model: {e}"),
+                }
+            });
+        }
         let path = self.path("config.json");
         parse_json(&path, &read(&path, "every snapshot has one")?)
     }
@@ -92,8 +154,11 @@ impl Checkpoint {
             return Ok(());
         }
         Err(EngineError::BadField {
-            path: self.path("config.json"),
-            field: "architectures".into(),
+            path: self.config_path(),
+            field: match self.gguf {
+                Some(_) => "general.architecture".into(),
+                None => "architectures".into(),
+            },
             reason: format!(
                 "expected {architecture}, found {:?}: this plugin serves {architecture} checkpoints only",
                 found.architectures
@@ -101,17 +166,33 @@ impl Checkpoint {
         })
     }
 
-    /// An optional JSON file, parsed; `None` when absent.
+    /// An optional JSON file, parsed; `None` when absent. A GGUF file stands in for
+    /// `tokenizer_config.json` and `generation_config.json` when they are not beside it.
     pub fn optional_json<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>> {
-        let path = self.path(name);
-        if !path.exists() {
-            return Ok(None);
+        if let Some(path) = self.companion(name) {
+            return parse_json(&path, &read(&path, "")?).map(Some);
         }
-        parse_json(&path, &read(&path, "")?).map(Some)
+        let Some(g) = &self.gguf else {
+            return Ok(None);
+        };
+        let value = match name {
+            "tokenizer_config.json" => gguf::vocab::tokenizer_config(g)?,
+            "generation_config.json" => gguf::vocab::generation_config(g)?,
+            _ => return Ok(None),
+        };
+        serde_json::from_value(value)
+            .map(Some)
+            .map_err(|e| EngineError::BadFile {
+                path: g.path().to_owned(),
+                reason: format!("its metadata does not give a usable {name}: {e}"),
+            })
     }
 
-    /// The safetensors files holding the weights, in index order.
+    /// The files holding the weights: the GGUF file, or the safetensors files in index order.
     pub fn weight_files(&self) -> Result<Vec<PathBuf>> {
+        if let Some(g) = &self.gguf {
+            return Ok(vec![g.path().to_owned()]);
+        }
         let index = self.path("model.safetensors.index.json");
         if index.is_file() {
             #[derive(serde::Deserialize)]
@@ -158,6 +239,11 @@ impl Checkpoint {
     /// The weights, each tensor read from its file when taken and converted to `dtype` on
     /// `device` (see [`crate::weights`] for why not a memory map).
     pub fn weights(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        if let Some(g) = &self.gguf {
+            let backend = gguf::tensors::GgufTensors::new(g.clone(), self.cache.clone());
+            let backend: Box<dyn candle_nn::var_builder::SimpleBackend> = Box::new(backend);
+            return Ok(VarBuilder::from_backend(backend, dtype, device.clone()));
+        }
         let files = self.weight_files()?;
         let mut backend =
             crate::weights::SafetensorsFiles::open(&files).map_err(|e| EngineError::Weights {

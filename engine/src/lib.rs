@@ -13,6 +13,7 @@ mod cpu;
 pub mod error;
 pub mod generate;
 pub mod generation_config;
+pub mod gguf;
 pub mod guide;
 pub mod images;
 pub mod kv_pool;

@@ -47,6 +47,14 @@ impl Quantization {
     }
 }
 
+/// The block formats a layer takes as a file stores them.
+const STORED_FORMATS: [GgmlDType; 4] = [
+    GgmlDType::Q8_0,
+    GgmlDType::Q4_0,
+    GgmlDType::Q4K,
+    GgmlDType::Q6K,
+];
+
 /// `y = x Wᵀ + b`.
 #[derive(Debug, Clone)]
 pub enum Linear {
@@ -79,6 +87,11 @@ impl Linear {
         quantization: Quantization,
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
+        if let Some(weight) = Self::stored_blocks(input, output, &vb)? {
+            // A file that stores the weight quantized (a GGUF) decides its format.
+            let bias = bias.then(|| vb.get(output, "bias")).transpose()?;
+            return Self::from_qtensor(weight, bias);
+        }
         if quantization.format(input).is_none() {
             return candle_nn::linear_b(input, output, bias, vb).map(Self::Dense);
         }
@@ -96,6 +109,26 @@ impl Linear {
             }
         }
         Self::from_weight(vb.get((output, input), "weight")?, bias, quantization)
+    }
+
+    /// `weight` under `vb` (`output × input`) as the blocks its file stores it in, when it is
+    /// stored quantized in a format the kernels take; `None` for weights stored as values.
+    pub fn stored_blocks(
+        input: usize,
+        output: usize,
+        vb: &VarBuilder,
+    ) -> candle_core::Result<Option<QTensor>> {
+        for format in STORED_FORMATS {
+            let name = crate::weights::stored_name("weight", format, output, input);
+            if vb.contains_tensor(&name) {
+                let bytes = format.type_size() * output * input / format.block_size();
+                let raw = vb.get_with_hints_dtype(bytes, &name, Default::default(), DType::U8)?;
+                let storage =
+                    QStorage::from_data(Cow::Owned(raw.to_vec1::<u8>()?), vb.device(), format)?;
+                return QTensor::new(storage, (output, input)).map(Some);
+            }
+        }
+        Ok(None)
     }
 
     /// A layer over `weight` (`output × input`), quantized as asked (a quantized layer holds its

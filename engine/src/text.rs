@@ -21,20 +21,12 @@ impl std::fmt::Debug for TextCodec {
 }
 
 impl TextCodec {
-    /// Loads `tokenizer.json` from the snapshot.
+    /// Loads `tokenizer.json` from the snapshot (or the tokenizer a GGUF file carries).
     pub fn load(checkpoint: &Checkpoint) -> Result<Self> {
-        let path = checkpoint.path("tokenizer.json");
-        if !path.is_file() {
-            return Err(EngineError::MissingFile {
-                path,
-                hint: "the snapshot's tokenizer.json is needed to turn text into tokens",
-            });
-        }
-        let tokenizer =
-            tokenizers::Tokenizer::from_file(&path).map_err(|e| EngineError::BadFile {
-                path: path.clone(),
-                reason: format!("not a tokenizers JSON file: {e}"),
-            })?;
+        let tokenizer = match checkpoint.gguf_tokenizer()? {
+            Some(tokenizer) => tokenizer,
+            None => Self::read(&checkpoint.path("tokenizer.json"))?,
+        };
         let byte_level = matches!(
             tokenizer.get_decoder(),
             Some(tokenizers::DecoderWrapper::ByteLevel(_))
@@ -51,6 +43,19 @@ impl TextCodec {
             tokenizer,
             byte_level,
             added,
+        })
+    }
+
+    fn read(path: &std::path::Path) -> Result<tokenizers::Tokenizer> {
+        if !path.is_file() {
+            return Err(EngineError::MissingFile {
+                path: path.to_owned(),
+                hint: "the snapshot's tokenizer.json is needed to turn text into tokens",
+            });
+        }
+        tokenizers::Tokenizer::from_file(path).map_err(|e| EngineError::BadFile {
+            path: path.to_owned(),
+            reason: format!("not a tokenizers JSON file: {e}"),
         })
     }
 

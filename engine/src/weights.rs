@@ -51,8 +51,15 @@ pub fn quantized_name(name: &str, format: GgmlDType, rows: usize, cols: usize) -
     format!("{name}#{format:?}#{rows}x{cols}")
 }
 
+/// The name under which a linear layer asks for tensor `name` (`rows × cols`) as `format`
+/// blocks stored in the file (a GGUF's): answered only where the file holds it so, with the
+/// bytes as they are.
+pub fn stored_name(name: &str, format: GgmlDType, rows: usize, cols: usize) -> String {
+    format!("{}#stored", quantized_name(name, format, rows, cols))
+}
+
 /// `(name, format, rows, cols)` of a [`quantized_name`].
-fn parse_quantized(name: &str) -> Option<(&str, GgmlDType, usize, usize)> {
+pub(crate) fn parse_quantized(name: &str) -> Option<(&str, GgmlDType, usize, usize)> {
     let (rest, dims) = name.rsplit_once('#')?;
     let (base, format) = rest.rsplit_once('#')?;
     let format = match format {
@@ -147,42 +154,6 @@ impl SafetensorsFiles {
         }
     }
 
-    /// Tensor `base` (`rows × cols`) as `format` blocks: from the cache when it holds them, else
-    /// quantized from the stored values (and handed to the cache).
-    fn quantized(
-        &self,
-        base: &str,
-        format: GgmlDType,
-        (rows, cols): (usize, usize),
-    ) -> candle_core::Result<Tensor> {
-        let shape = [rows, cols];
-        let cached = self
-            .cache
-            .as_ref()
-            .and_then(|c| c.get(base, format, &shape));
-        let q = match cached {
-            Some(q) => q,
-            None => {
-                let stored = self.read(base)?;
-                if stored.dims() != shape {
-                    return Err(candle_core::Error::UnexpectedShape {
-                        msg: format!("shape mismatch for {base}"),
-                        expected: shape.as_slice().into(),
-                        got: stored.shape().clone(),
-                    }
-                    .bt());
-                }
-                let q = QTensor::quantize(&stored.to_dtype(DType::F32)?, format)?;
-                if let Some(cache) = &self.cache {
-                    cache.put(base, &q);
-                }
-                q
-            }
-        };
-        let bytes = q.data()?;
-        Tensor::from_raw_buffer(&bytes, DType::U8, &[bytes.len()], &Device::Cpu)
-    }
-
     fn read(&self, name: &str) -> candle_core::Result<Tensor> {
         let entry = self.entries.get(name).ok_or_else(|| {
             candle_core::Error::CannotFindTensor {
@@ -196,6 +167,39 @@ impl SafetensorsFiles {
             .map_err(|e| bad(path, format!("reading {name}: {e}")))?;
         Tensor::from_raw_buffer(&bytes, entry.dtype, &entry.shape, &Device::Cpu)
     }
+}
+
+/// Tensor `base` (`rows × cols`) as `format` blocks (their bytes, `U8`): from `cache` when it
+/// holds them, else quantized from the values `read` gives (and handed to the cache).
+pub(crate) fn quantized_blocks(
+    cache: Option<&QuantCache>,
+    base: &str,
+    format: GgmlDType,
+    (rows, cols): (usize, usize),
+    read: impl FnOnce() -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let shape = [rows, cols];
+    let q = match cache.and_then(|c| c.get(base, format, &shape)) {
+        Some(q) => q,
+        None => {
+            let stored = read()?;
+            if stored.dims() != shape {
+                return Err(candle_core::Error::UnexpectedShape {
+                    msg: format!("shape mismatch for {base}"),
+                    expected: shape.as_slice().into(),
+                    got: stored.shape().clone(),
+                }
+                .bt());
+            }
+            let q = QTensor::quantize(&stored.to_dtype(DType::F32)?, format)?;
+            if let Some(cache) = cache {
+                cache.put(base, &q);
+            }
+            q
+        }
+    };
+    let bytes = q.data()?;
+    Tensor::from_raw_buffer(&bytes, DType::U8, &[bytes.len()], &Device::Cpu)
 }
 
 impl SimpleBackend for SafetensorsFiles {
@@ -221,7 +225,9 @@ impl SimpleBackend for SafetensorsFiles {
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         if let Some((base, format, rows, cols)) = parse_quantized(name) {
-            return self.quantized(base, format, (rows, cols))?.to_device(dev);
+            let read = || self.read(base);
+            return quantized_blocks(self.cache.as_deref(), base, format, (rows, cols), read)?
+                .to_device(dev);
         }
         self.read(name)?.to_dtype(dtype)?.to_device(dev)
     }

@@ -12,22 +12,11 @@ use pio_engine::linear::Quantization;
 use pio_engine::models::glm4_moe_lite::Glm4MoeLite;
 use pio_engine::models::qwen3::{Qwen3, Qwen3Moe};
 use pio_engine::runtime::LoadModel;
-use pio_engine::single::SingleSequence;
 use serde_json::Value;
 
 mod common;
 
-use common::{fixtures, golden, ids};
-
-fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
-    logits.iter().map(|l| l - max - sum.ln()).collect()
-}
-
-fn argmax(v: &[f32]) -> usize {
-    (0..v.len()).fold(0, |best, i| if v[i] > v[best] { i } else { best })
-}
+use common::fixtures;
 
 /// Every step's log-probabilities along each golden case's prompt + greedy tokens.
 fn distributions<M: LoadModel + CausalLm>(
@@ -35,18 +24,7 @@ fn distributions<M: LoadModel + CausalLm>(
     dtype: DType,
     q: Quantization,
 ) -> Vec<Vec<f32>> {
-    let checkpoint = Checkpoint::open(&fixtures().join(name)).unwrap();
-    let model = M::load(&checkpoint, dtype, q, &Device::Cpu, &mut |_, _| {}).unwrap();
-    let mut out = Vec::new();
-    for case in &golden(name) {
-        let mut seq = SingleSequence::new(&model, model.context_length()).unwrap();
-        let mut logits = seq.forward(&model, &ids(&case["input_ids"])).unwrap();
-        for token in ids(&case["tokens"]) {
-            out.push(log_softmax(&logits));
-            logits = seq.forward(&model, &[token]).unwrap();
-        }
-    }
-    out
+    common::distributions::<M>(&fixtures().join(name), name, dtype, q)
 }
 
 /// (top-1 agreement, mean and max |Δ logprob| of the f32 top token).
@@ -62,19 +40,10 @@ fn compare_in<M: LoadModel + CausalLm>(
 ) -> (f32, f32, f32) {
     let exact = distributions::<M>(name, DType::F32, Quantization::None);
     let quantized = distributions::<M>(name, dtype, q);
-    let (mut agree, mut sum, mut max) = (0, 0f32, 0f32);
-    for (e, g) in exact.iter().zip(&quantized) {
-        let top = argmax(e);
-        agree += usize::from(argmax(g) == top);
-        let d = (e[top] - g[top]).abs();
-        sum += d;
-        max = max.max(d);
-    }
-    let n = exact.len() as f32;
-    let figures = (agree as f32 / n, sum / n, max);
+    let figures = common::agreement(&exact, &quantized);
     println!(
-        "{name} {dtype:?} {q:?}: top-1 agreement {:.3}, |Δ logprob| mean {:.4} max {:.4} over {n} steps",
-        figures.0, figures.1, figures.2
+        "{name} {dtype:?} {q:?}: top-1 agreement {:.3}, |Δ logprob| mean {:.4} max {:.4} over {} steps",
+        figures.0, figures.1, figures.2, exact.len()
     );
     figures
 }

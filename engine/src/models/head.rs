@@ -63,7 +63,14 @@ pub(crate) fn load_stack<L>(
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let norm = rms_norm(ends.hidden, ends.eps, model.pp("norm"))?;
-        let head = Head::load(norm, &embed_tokens, ends.tied, quantization, vb.clone())?;
+        let head = Head::load(
+            norm,
+            &embed_tokens,
+            ends.tied,
+            quantization,
+            vb.clone(),
+            &model.pp("embed_tokens"),
+        )?;
         progress(total, total);
         Ok(Stack {
             embed_tokens,
@@ -130,13 +137,14 @@ pub(crate) struct Head {
 }
 
 impl Head {
-    /// Reads `lm_head` under `vb` (or ties it to `embed`) behind `norm`.
+    /// Reads `lm_head` under `vb` (or ties it to `embed`, read under `embed_vb`) behind `norm`.
     pub(crate) fn load(
         norm: RmsNorm,
         embed: &Embedding,
         tied: bool,
         quantization: Quantization,
         vb: VarBuilder,
+        embed_vb: &VarBuilder,
     ) -> candle_core::Result<Self> {
         // Quantized models keep the head at 8 bits whatever the mode (the most sensitive
         // matrix, as llama.cpp keeps it at 6+ bits): a dense bf16 head would dominate decode
@@ -148,7 +156,11 @@ impl Head {
         };
         let (vocab, hidden) = embed.embeddings().dims2()?;
         let lm_head = if tied {
-            Linear::from_weight(embed.embeddings().clone(), None, head)?
+            // An embedding stored quantized (a GGUF's) is the head as stored, as llama.cpp uses it.
+            match Linear::stored_blocks(hidden, vocab, embed_vb)? {
+                Some(blocks) => Linear::from_qtensor(blocks, None)?,
+                None => Linear::from_weight(embed.embeddings().clone(), None, head)?,
+            }
         } else {
             Linear::load(hidden, vocab, false, head, vb.pp("lm_head"))?
         };

@@ -38,7 +38,7 @@ pub(crate) fn rope_base(
         Some("linear") => params.and_then(|p| p.factor).unwrap_or(1.0),
         Some(other) => {
             return Err(EngineError::BadField {
-                path: checkpoint.path("config.json"),
+                path: checkpoint.config_path(),
                 field: "rope_scaling.rope_type".into(),
                 reason: format!("`{other}` is not supported yet (supported: default, linear)"),
             })

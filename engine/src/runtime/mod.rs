@@ -298,7 +298,7 @@ impl<M: LoadModel> ModelRuntime<M> {
         quantization_of(config)?;
         if config.model_path.is_none() {
             return Err(PluginError::invalid_config(
-                "no model path: set [model] path in the manifest to a Hugging Face snapshot folder",
+                "no model path: set [model] path in the manifest to a Hugging Face snapshot folder or a .gguf file",
             ));
         }
         Ok(())

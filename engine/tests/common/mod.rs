@@ -4,7 +4,7 @@
 // Each test crate uses its own subset.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use pio_engine::candle_core::{DType, Device};
@@ -16,6 +16,7 @@ use pio_engine::linear::Quantization;
 use pio_engine::runtime::LoadModel;
 use pio_engine::sampling::SamplingParams;
 use pio_engine::serving::{Engine, EngineConfig, Event, Stream};
+use pio_engine::single::SingleSequence;
 use pio_engine::text::TextCodec;
 use serde_json::Value;
 
@@ -164,12 +165,68 @@ pub fn run_alone(engine: &Engine, case: &Case) -> (Vec<Emitted>, Outcome) {
 
 /// Every golden case of fixture `name`, served by model `M` one at a time, matches transformers.
 pub fn check_checkpoint<M: LoadModel + CausalLm>(name: &str) {
-    let checkpoint = Checkpoint::open(&fixtures().join(name)).unwrap();
-    let engine = engine_for::<M>(name, EngineConfig::default());
-    for case in cases(&checkpoint, name) {
+    check_against::<M>(name, name);
+}
+
+/// The model at fixture path `path`, served by model `M`, matches transformers' goldens of
+/// fixture `golden_name` (the same weights in another file) case by case; its tokenizer and
+/// chat template give transformers' prompt tokens.
+pub fn check_against<M: LoadModel + CausalLm>(path: &str, golden_name: &str) {
+    let checkpoint = Checkpoint::open(&fixtures().join(path)).unwrap();
+    let engine = engine_for::<M>(path, EngineConfig::default());
+    for case in cases(&checkpoint, golden_name) {
         let (out, outcome) = run_alone(&engine, &case);
         assert_eq!(out.len(), case.request.max_tokens);
         assert_eq!(outcome.completion_tokens, out.len());
         assert_matches(&out, &case.golden);
     }
+}
+
+/// The model at `path` (a fixture folder or file) loaded in `dtype` with `q`: every step's
+/// log-probabilities, teacher-forced along each of fixture `cases`' golden prompts and greedy
+/// tokens (any path through the vocabulary compares two models; transformers' is at hand).
+pub fn distributions<M: LoadModel + CausalLm>(
+    path: &Path,
+    cases: &str,
+    dtype: DType,
+    q: Quantization,
+) -> Vec<Vec<f32>> {
+    let checkpoint = Checkpoint::open(path).unwrap();
+    let model = M::load(&checkpoint, dtype, q, &Device::Cpu, &mut |_, _| {}).unwrap();
+    let mut out = Vec::new();
+    for case in &golden(cases) {
+        let mut seq = SingleSequence::new(&model, model.context_length()).unwrap();
+        let mut logits = seq.forward(&model, &ids(&case["input_ids"])).unwrap();
+        for token in ids(&case["tokens"]) {
+            out.push(log_softmax(&logits));
+            logits = seq.forward(&model, &[token]).unwrap();
+        }
+    }
+    out
+}
+
+fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
+    logits.iter().map(|l| l - max - sum.ln()).collect()
+}
+
+fn argmax(v: &[f32]) -> usize {
+    (0..v.len()).fold(0, |best, i| if v[i] > v[best] { i } else { best })
+}
+
+/// (top-1 agreement, mean and max |Δ logprob| of the reference's top token) of `candidate`'s
+/// distributions against `reference`'s, step by step.
+pub fn agreement(reference: &[Vec<f32>], candidate: &[Vec<f32>]) -> (f32, f32, f32) {
+    assert_eq!(reference.len(), candidate.len());
+    let (mut agree, mut sum, mut max) = (0, 0f32, 0f32);
+    for (e, g) in reference.iter().zip(candidate) {
+        let top = argmax(e);
+        agree += usize::from(argmax(g) == top);
+        let d = (e[top] - g[top]).abs();
+        sum += d;
+        max = max.max(d);
+    }
+    let n = reference.len() as f32;
+    (agree as f32 / n, sum / n, max)
 }

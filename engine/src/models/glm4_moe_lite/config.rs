@@ -171,7 +171,7 @@ impl Config {
 
     fn bad(&self, checkpoint: &Checkpoint, field: &str, reason: String) -> EngineError {
         EngineError::BadField {
-            path: checkpoint.path("config.json"),
+            path: checkpoint.config_path(),
             field: field.into(),
             reason,
         }

@@ -120,7 +120,7 @@ impl Config {
 
     pub(crate) fn validate(&self, checkpoint: &Checkpoint) -> Result<()> {
         let bad = |field: &str, reason: String| EngineError::BadField {
-            path: checkpoint.path("config.json"),
+            path: checkpoint.config_path(),
             field: field.into(),
             reason,
         };

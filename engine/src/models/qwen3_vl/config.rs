@@ -94,7 +94,7 @@ impl Config {
     /// Reads and checks `config.json`.
     pub fn load(checkpoint: &Checkpoint) -> Result<Self> {
         let raw: Raw = checkpoint.config()?;
-        let path = checkpoint.path("config.json");
+        let path = checkpoint.config_path();
         let bad = |field: &str, reason: String| EngineError::BadField {
             path: path.clone(),
             field: field.into(),
