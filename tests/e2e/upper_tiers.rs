@@ -205,6 +205,48 @@ fn a_model_path_through_dotdot_and_a_symlink_loads_at_every_tier() {
     }
 }
 
+/// A GGUF file named as the model path (as llama.cpp users have their weights) is served at every
+/// tier, the file alone mounted for the worker: the same greedy text as the snapshot it was
+/// converted from.
+#[test]
+fn a_gguf_file_is_served_at_every_tier_as_its_snapshot_is() {
+    if !confinement_available() {
+        return;
+    }
+    let lib = plugin_lib("pio_plugin_qwen3");
+    let complete = |tier: &str, path: &std::path::Path| {
+        let dir = PluginDir::new();
+        let extra = format!(
+            "sha256 = \"{}\"\n[limits]\nmemory = \"2GiB\"\ncpus = 2\n[model]\npath = \"{}\"\ndtype = \"f32\"\n",
+            sha256_of(&lib),
+            path.display()
+        );
+        let text = manifest(
+            "qwen3-4b-instruct-2507",
+            "0.1.0",
+            lib.to_str().unwrap(),
+            &extra,
+        )
+        .replace("^1.0", "^1.1")
+        .replace("tier = \"low\"", &format!("tier = \"{tier}\""));
+        dir.write("qwen3.toml", &text);
+        let d = Daemon::start(dir, "");
+        d.wait_ready();
+        let body = serde_json::json!({"model": "qwen3-4b-instruct-2507",
+            "messages": [{"role": "user", "content": "Hello world"}],
+            "max_tokens": 8, "temperature": 0});
+        let (status, r) = d.post("/v1/chat/completions", &body);
+        assert_eq!(status, 200, "{tier}: {r}");
+        assert_eq!(r["usage"]["completion_tokens"], 8, "{tier}: {r}");
+        (r["choices"][0]["message"]["content"].clone(), r["usage"]["prompt_tokens"].clone())
+    };
+    let want = complete("low", &repo_root().join("tests/fixtures/qwen3-tiny"));
+    let file = repo_root().join("tests/fixtures/gguf/qwen3-tiny.f32.gguf");
+    for tier in ["low", "medium", "high", "maximum"] {
+        assert_eq!(complete(tier, &file), want, "{tier}");
+    }
+}
+
 /// The quantization cache folder of the manifest is created for the confined worker, writable to
 /// it alone among the host's folders: `pio quantize` (or a first start) writes the cache there,
 /// later starts read their weights from it, at `high` and `maximum`.
