@@ -27,9 +27,9 @@ pub(crate) fn kernel_format(dtype: GgmlDType) -> Option<Format> {
 pub(crate) fn quantized_gemm_rows(format: Format) -> usize {
     match format {
         Format::Q4_0 => 24,
-        Format::Q6K => 128,
         // Tiled on the CPU (see `tiled_linear`); as blocks only where a caller keeps them.
         Format::Q8_0 | Format::Q4K => 32,
+        Format::Q6K => 128,
     }
 }
 

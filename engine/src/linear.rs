@@ -2,8 +2,8 @@
 //! the checkpoint file (one full-precision tensor alive at a time), so loading peaks
 //! close to the final size. On the CPU both kinds multiply through the engine's kernels
 //! (`pio-kernels`, via `crate::cpu`): dense weights in their dtype; quantized ones with 8-bit
-//! activations and integer dot products, Q8_0 and Q4_K repacked into 16-row tiles (which replace
-//! the blocks), Q4_0 and Q6_K on their ggml blocks in place; candle's kernels elsewhere.
+//! activations and integer dot products, Q8_0, Q4_K and Q6_K repacked into 16-row tiles (which
+//! replace the blocks), Q4_0 on its ggml blocks in place; candle's kernels elsewhere.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -72,9 +72,9 @@ pub enum Linear {
 /// A quantized weight as the layer keeps it.
 #[derive(Debug, Clone)]
 pub enum QuantWeight {
-    /// ggml blocks (Q4_0 and Q6_K on the CPU; every format on other devices, through candle).
+    /// ggml blocks (Q4_0 on the CPU; every format on other devices, through candle).
     Blocks(QMatMul),
-    /// Q8_0 or Q4_K repacked into the kernels' 16-row tiles (CPU).
+    /// Q8_0, Q4_K or Q6_K repacked into the kernels' 16-row tiles (CPU).
     Tiles(Arc<PackedMatrix>),
 }
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's llama-bench, llama-batched-bench and llama-quantize (CPU only, Release, native ISA) into
+# Builds llama.cpp's llama-bench, llama-batched-bench and llama-quantize (CPU only, Release, the CPU's ISA without AMX) into
 # target/bench/llama.cpp/, the outside reference for the model benchmarks (see llama_cpp_bench.py;
 # `pio bench --compare-llama-cpp` runs llama-batched-bench). The source comes from the
 # llama-cpp-python sdist on PyPI, which vendors llama.cpp with its GGUF converter, so nothing but a
@@ -35,8 +35,19 @@ if [[ ! -x "$bin" || ! -x "$batched" || ! -x "$quantize" ]]; then
         rm -rf "$out/llama_cpp_python-$version"
     fi
     command -v cmake >/dev/null || python3 -m pip install --quiet cmake >&2
+    # The CPU's own instruction set, except AMX: ggml's AMX matrix product (which -march=native
+    # compiles in where the CPU has it) crashes llama-bench's prefill of Q8_0 and Q4_K files
+    # (SIGSEGV in ggml_backend_amx_mul_mat, llama.cpp of llama-cpp-python 0.3.36). Without AMX
+    # the AVX-512 flags are spelled out; its repacked Q4_0/Q4_K kernels stay.
+    isa=(-DGGML_NATIVE=ON)
+    if grep -qw amx_int8 /proc/cpuinfo; then
+        isa=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)
+        for f in avx512f:AVX512 avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16 avx_vnni:AVX_VNNI; do
+            grep -qw "${f%%:*}" /proc/cpuinfo && isa+=("-DGGML_${f##*:}=ON")
+        done
+    fi
     nice -n 19 cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
-        -DGGML_NATIVE=ON -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+        "${isa[@]}" -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
         -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF >&2
     nice -n 19 cmake --build "$build" --target llama-bench llama-batched-bench llama-quantize -j "$jobs" >&2
     mkdir -p "$out/bin"

@@ -238,7 +238,10 @@ fn a_gguf_file_is_served_at_every_tier_as_its_snapshot_is() {
         let (status, r) = d.post("/v1/chat/completions", &body);
         assert_eq!(status, 200, "{tier}: {r}");
         assert_eq!(r["usage"]["completion_tokens"], 8, "{tier}: {r}");
-        (r["choices"][0]["message"]["content"].clone(), r["usage"]["prompt_tokens"].clone())
+        (
+            r["choices"][0]["message"]["content"].clone(),
+            r["usage"]["prompt_tokens"].clone(),
+        )
     };
     let want = complete("low", &repo_root().join("tests/fixtures/qwen3-tiny"));
     let file = repo_root().join("tests/fixtures/gguf/qwen3-tiny.f32.gguf");

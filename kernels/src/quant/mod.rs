@@ -178,8 +178,12 @@ fn quantize_rows<A>(x: &[f32], k: usize, acts: &mut Vec<A>, quantize: fn(&[f32],
 trait Activations: Sync + Sized {
     /// The dot products of weight row `w` (`format`) with R activation rows.
     fn dots<const R: usize>(format: Format, w: &[u8], x: [&[Self]; R]) -> [f32; R];
-    /// The products of a 16-row tile (its format's) with R activation rows.
-    fn tile<const R: usize>(tile: &[u8], x: [&[Self]; R]) -> [[f32; packed::ROWS]; R];
+    /// The products of a 16-row tile of `format` with R activation rows.
+    fn tile<const R: usize>(
+        format: Format,
+        tile: &[u8],
+        x: [&[Self]; R],
+    ) -> [[f32; packed::ROWS]; R];
 }
 
 impl Activations for Act32 {
@@ -212,7 +216,7 @@ impl Activations for Act32 {
     }
 
     #[inline]
-    fn tile<const R: usize>(tile: &[u8], x: [&[Self]; R]) -> [[f32; packed::ROWS]; R] {
+    fn tile<const R: usize>(_: Format, tile: &[u8], x: [&[Self]; R]) -> [[f32; packed::ROWS]; R] {
         #[cfg(target_arch = "x86_64")]
         {
             if crate::simd::has_vnni() {
@@ -258,19 +262,37 @@ impl Activations for Act256 {
     }
 
     #[inline]
-    fn tile<const R: usize>(tile: &[u8], x: [&[Self]; R]) -> [[f32; packed::ROWS]; R] {
+    fn tile<const R: usize>(
+        format: Format,
+        tile: &[u8],
+        x: [&[Self]; R],
+    ) -> [[f32; packed::ROWS]; R] {
+        let q6k = format == Format::Q6K;
         #[cfg(target_arch = "x86_64")]
         {
             if crate::simd::has_vnni() {
                 // SAFETY: as for `Act32`.
-                return unsafe { packed_x86::q4k_vnni(tile, x) };
+                return unsafe {
+                    match q6k {
+                        true => packed_x86::q6k_vnni(tile, x),
+                        false => packed_x86::q4k_vnni(tile, x),
+                    }
+                };
             }
             if crate::simd::has_avx2() {
                 // SAFETY: as for `Act32`.
-                return unsafe { packed_x86::q4k_avx2(tile, x) };
+                return unsafe {
+                    match q6k {
+                        true => packed_x86::q6k_avx2(tile, x),
+                        false => packed_x86::q4k_avx2(tile, x),
+                    }
+                };
             }
         }
-        packed::portable::q4k(tile, x)
+        match q6k {
+            true => packed::portable::q6k(tile, x),
+            false => packed::portable::q4k(tile, x),
+        }
     }
 }
 
@@ -313,7 +335,7 @@ fn products<A: Activations>(w: &QuantMatrix<'_>, xs: &[&[A]], out: &mut [f32]) {
 /// Each 16-row tile against every activation row (four at a time, the tile's columns staying in
 /// the cache meanwhile), the tiles split over threads.
 fn tiles<A: Activations>(w: &PackedMatrix, xs: &[&[A]], out: &mut [f32]) {
-    let n = w.rows();
+    let (n, format) = (w.rows(), w.format());
     let parts = ranges(
         n.div_ceil(packed::ROWS),
         rayon::current_num_threads() * 4,
@@ -337,13 +359,13 @@ fn tiles<A: Activations>(w: &PackedMatrix, xs: &[&[A]], out: &mut [f32]) {
             let mut quads = xs.chunks_exact(4);
             let mut r = 0;
             for q in quads.by_ref() {
-                store(r, &A::tile(tile, [q[0], q[1], q[2], q[3]]));
+                store(r, &A::tile(format, tile, [q[0], q[1], q[2], q[3]]));
                 r += 4;
             }
             match quads.remainder() {
-                [a, b, c] => store(r, &A::tile(tile, [*a, *b, *c])),
-                [a, b] => store(r, &A::tile(tile, [*a, *b])),
-                [a] => store(r, &A::tile(tile, [*a])),
+                [a, b, c] => store(r, &A::tile(format, tile, [*a, *b, *c])),
+                [a, b] => store(r, &A::tile(format, tile, [*a, *b])),
+                [a] => store(r, &A::tile(format, tile, [*a])),
                 _ => {}
             }
         }

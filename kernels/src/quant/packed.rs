@@ -11,10 +11,15 @@
 //!   `dmin: [f16; 16]`, the 6-bit scales `[sub-block][row]` and mins likewise as bytes, then for
 //!   each sub-block s and pair p of four-value groups, 16 rows × 4 bytes whose low nibbles are
 //!   values 32s + 8p + 0..4 and high nibbles 32s + 8p + 4..8.
+//! - Q6_K, per 256-value super-block (3360 bytes, as 16 blocks): `d: [f16; 16]`, the signed
+//!   scales `[sub-block of 16][row]`, then the low four bits as Q4_K's (for each group p of eight
+//!   values, 16 rows × 4 bytes: values 8p + 0..4 in the low nibbles, 8p + 4..8 in the high), then
+//!   the top two bits, for each sub-block j, 16 rows × 4 bytes whose byte i holds those of values
+//!   16j + i, + 4, + 8 and + 12, two bits each from the bottom.
 
 use rayon::prelude::*;
 
-use super::blocks::{dequantize, q4k_scales_mins, Act256, Act32, Format};
+use super::blocks::{dequantize, q4k_scales_mins, q6k_values, Act256, Act32, Format};
 use super::QuantMatrix;
 
 /// Rows per tile.
@@ -25,11 +30,17 @@ pub(crate) const fn tile_bytes(format: Format) -> usize {
     match format {
         Format::Q8_0 => 32 + 512,
         Format::Q4K => 64 + 256 + 2048,
-        _ => 0,
+        Format::Q6K => Q6K_HIGH + 1024,
+        Format::Q4_0 => 0,
     }
 }
 
-/// A matrix of quantized weights in 16-row tiles (Q8_0 and Q4_K).
+/// Where a Q6_K tile column's scales, low nibbles and top bits start.
+pub(crate) const Q6K_SCALES: usize = 32;
+pub(crate) const Q6K_LOW: usize = Q6K_SCALES + 256;
+pub(crate) const Q6K_HIGH: usize = Q6K_LOW + 2048;
+
+/// A matrix of quantized weights in 16-row tiles (Q8_0, Q4_K and Q6_K).
 #[derive(Debug, Clone)]
 pub struct PackedMatrix {
     format: Format,
@@ -39,10 +50,10 @@ pub struct PackedMatrix {
 }
 
 impl PackedMatrix {
-    /// `m` repacked; `None` for formats that keep their blocks (Q4_0, Q6_K).
+    /// `m` repacked; `None` for formats that keep their blocks (Q4_0).
     pub fn pack(m: &QuantMatrix<'_>) -> Option<Self> {
         let format = m.format();
-        if !matches!(format, Format::Q8_0 | Format::Q4K) {
+        if !matches!(format, Format::Q8_0 | Format::Q4K | Format::Q6K) {
             return None;
         }
         let (rows, cols) = (m.rows(), m.cols());
@@ -61,6 +72,7 @@ impl PackedMatrix {
                         let block = &row[b * format.block_bytes()..(b + 1) * format.block_bytes()];
                         match format {
                             Format::Q8_0 => pack_q8_0(block, r, out),
+                            Format::Q6K => pack_q6k(block, r, out),
                             _ => pack_q4k(block, r, out),
                         }
                     }
@@ -115,6 +127,7 @@ impl PackedMatrix {
                 let column = &tile[b * tile_bytes(format)..(b + 1) * tile_bytes(format)];
                 match format {
                     Format::Q8_0 => unpack_q8_0(column, j % ROWS, &mut block),
+                    Format::Q6K => unpack_q6k(column, j % ROWS, &mut block),
                     _ => unpack_q4k(column, j % ROWS, &mut block),
                 }
                 let values = format.block_values();
@@ -197,6 +210,60 @@ fn unpack_q4k(column: &[u8], r: usize, block: &mut [u8]) {
     }
 }
 
+/// Where value `v` (0..256) of row `r` keeps its low nibble in a Q6_K tile column (and whether in
+/// the high nibble of that byte), and its top two bits (byte, shift).
+fn q6k_slots(v: usize, r: usize) -> ((usize, bool), (usize, u32)) {
+    let (p, high, i) = (v / 8, v % 8 >= 4, v % 4);
+    let (j, k) = (v / 16, (v % 16) / 4);
+    (
+        (Q6K_LOW + p * 64 + r * 4 + i, high),
+        (Q6K_HIGH + j * 64 + r * 4 + i, 2 * k as u32),
+    )
+}
+
+/// The six-bit value `v` of row `r` in a Q6_K tile column.
+fn q6k_tile_value(column: &[u8], v: usize, r: usize) -> u8 {
+    let ((at, high), (top, shift)) = q6k_slots(v, r);
+    let low = if high {
+        column[at] >> 4
+    } else {
+        column[at] & 0xF
+    };
+    low | (((column[top] >> shift) & 3) << 4)
+}
+
+fn pack_q6k(block: &[u8], r: usize, out: &mut [u8]) {
+    out[2 * r..2 * r + 2].copy_from_slice(&block[208..210]);
+    for j in 0..16 {
+        out[Q6K_SCALES + j * ROWS + r] = block[192 + j];
+    }
+    for (v, q) in q6k_values(block).into_iter().enumerate() {
+        let ((at, high), (top, shift)) = q6k_slots(v, r);
+        out[at] |= if high { (q & 0xF) << 4 } else { q & 0xF };
+        out[top] |= (q >> 4) << shift;
+    }
+}
+
+/// Row `r` of a Q6_K tile column back as a ggml block (see [`q6k_values`] for its bit order).
+fn unpack_q6k(column: &[u8], r: usize, block: &mut [u8]) {
+    block[208..210].copy_from_slice(&column[2 * r..2 * r + 2]);
+    for j in 0..16 {
+        block[192 + j] = column[Q6K_SCALES + j * ROWS + r];
+    }
+    let v: [u8; 256] = std::array::from_fn(|v| q6k_tile_value(column, v, r));
+    for h in 0..2 {
+        for l in 0..32 {
+            let o = 128 * h + l;
+            block[64 * h + l] = (v[o] & 0xF) | ((v[o + 64] & 0xF) << 4);
+            block[64 * h + 32 + l] = (v[o + 32] & 0xF) | ((v[o + 96] & 0xF) << 4);
+            block[128 + 32 * h + l] = (v[o] >> 4)
+                | ((v[o + 32] >> 4) << 2)
+                | ((v[o + 64] >> 4) << 4)
+                | ((v[o + 96] >> 4) << 6);
+        }
+    }
+}
+
 /// Portable tile products: the fallback and the reference for the SIMD versions.
 pub(crate) mod portable {
     use super::*;
@@ -246,6 +313,31 @@ pub(crate) mod portable {
                     }
                     let (d, dmin) = (f16_at(column, 2 * row), f16_at(column, 32 + 2 * row));
                     *o += xb.d * (d * isum as f32 - dmin * imin as f32);
+                }
+            }
+        }
+        out
+    }
+
+    /// 16 rows of Q6_K tiles · R activation rows.
+    pub(crate) fn q6k<const R: usize>(tile: &[u8], x: [&[Act256]; R]) -> [[f32; ROWS]; R] {
+        let mut out = [[0f32; ROWS]; R];
+        for (b, column) in tile.chunks_exact(tile_bytes(Format::Q6K)).enumerate() {
+            for (out, x) in out.iter_mut().zip(x) {
+                let xb = &x[b];
+                for (row, o) in out.iter_mut().enumerate() {
+                    let mut total = 0i32;
+                    for j in 0..16 {
+                        let mut sub = 0i32;
+                        for v in 16 * j..16 * (j + 1) {
+                            let q = i32::from(q6k_tile_value(column, v, row));
+                            sub += q * i32::from(xb.qs[v]);
+                        }
+                        // The values' offset of 32 leaves through the block sums.
+                        let scale = i32::from(column[Q6K_SCALES + j * ROWS + row] as i8);
+                        total += scale * (sub - 32 * i32::from(xb.sums[j]));
+                    }
+                    *o += f16_at(column, 2 * row) * xb.d * total as f32;
                 }
             }
         }

@@ -10,7 +10,7 @@
 use std::arch::x86_64::*;
 
 use super::blocks::{Act256, Act32, Format};
-use super::packed::{tile_bytes, ROWS};
+use super::packed::{tile_bytes, Q6K_HIGH, Q6K_LOW, Q6K_SCALES, ROWS};
 
 /// How far ahead of the bytes in use the kernels ask for weights.
 const PREFETCH: usize = 4096;
@@ -147,6 +147,89 @@ pub(crate) unsafe fn q4k_vnni<const R: usize>(tile: &[u8], x: [&[Act256]; R]) ->
     out
 }
 
+/// 16 rows of Q6_K tiles · R activation rows: per sub-block of 16 values, the low nibbles of two
+/// four-value groups and the top bits of all four are joined into four 64-byte vectors of
+/// values 0..64.
+///
+/// # Safety
+/// As [`q8_0_vnni`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+pub(crate) unsafe fn q6k_vnni<const R: usize>(tile: &[u8], x: [&[Act256]; R]) -> [[f32; ROWS]; R] {
+    let (low, top) = (_mm512_set1_epi8(0xF), _mm512_set1_epi8(0x30));
+    let mut acc = [_mm512_setzero_ps(); R];
+    for (b, column) in tile.chunks_exact(tile_bytes(Format::Q6K)).enumerate() {
+        let p = column.as_ptr();
+        let mut total = [_mm512_setzero_si512(); R];
+        let mut offset = [_mm512_setzero_si512(); R];
+        for j in 0..16 {
+            // SAFETY: sub-block j's low nibbles (two groups of 64 bytes) and top bits (64 bytes)
+            // lie inside the column; an activation block holds 256 bytes.
+            let w = unsafe {
+                let (lo, hi) = (Q6K_LOW + 128 * j, Q6K_HIGH + 64 * j);
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(lo + PREFETCH).cast());
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(lo + 64 + PREFETCH).cast());
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(hi + PREFETCH).cast());
+                let (a, c) = (
+                    _mm512_loadu_si512(p.add(lo).cast()),
+                    _mm512_loadu_si512(p.add(lo + 64).cast()),
+                );
+                let h = _mm512_loadu_si512(p.add(hi).cast());
+                // Each top-bit pair moved to bits 4..6 of its byte; what a 16-bit shift
+                // carries across bytes lands in bits the mask drops.
+                [
+                    _mm512_or_si512(
+                        _mm512_and_si512(a, low),
+                        _mm512_and_si512(_mm512_slli_epi16::<4>(h), top),
+                    ),
+                    _mm512_or_si512(
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(a), low),
+                        _mm512_and_si512(_mm512_slli_epi16::<2>(h), top),
+                    ),
+                    _mm512_or_si512(_mm512_and_si512(c, low), _mm512_and_si512(h, top)),
+                    _mm512_or_si512(
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(c), low),
+                        _mm512_and_si512(_mm512_srli_epi16::<2>(h), top),
+                    ),
+                ]
+            };
+            // SAFETY: sub-block j's 16 scales are bytes of the column.
+            let sc =
+                unsafe { _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(Q6K_SCALES + 16 * j).cast())) };
+            for r in 0..R {
+                let xp = x[r][b].qs.as_ptr();
+                // SAFETY: values 16j..16j + 16 of the activation block.
+                let (e, o) = unsafe {
+                    let q = |i: usize| _mm512_set1_epi32(quad(xp.add(16 * j + 4 * i)));
+                    let e = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], q(0));
+                    let o = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], q(1));
+                    (
+                        _mm512_dpbusd_epi32(e, w[2], q(2)),
+                        _mm512_dpbusd_epi32(o, w[3], q(3)),
+                    )
+                };
+                let sub = _mm512_add_epi32(e, o);
+                total[r] = _mm512_add_epi32(total[r], _mm512_mullo_epi32(sub, sc));
+                let bsum = _mm512_set1_epi32(i32::from(x[r][b].sums[j]));
+                offset[r] = _mm512_add_epi32(offset[r], _mm512_mullo_epi32(sc, bsum));
+            }
+        }
+        // SAFETY: the column starts with 16 f16 scales.
+        let d = unsafe { scales16(p) };
+        for r in 0..R {
+            // The values' offset of 32 leaves through the block sums.
+            let exact = _mm512_sub_epi32(total[r], _mm512_slli_epi32::<5>(offset[r]));
+            let scale = _mm512_mul_ps(d, _mm512_set1_ps(x[r][b].d));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), scale, acc[r]);
+        }
+    }
+    let mut out = [[0f32; ROWS]; R];
+    for r in 0..R {
+        // SAFETY: 16 writable floats.
+        unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
+    }
+    out
+}
+
 /// Eight f16 scales at `p` as f32.
 #[inline(always)]
 unsafe fn scales8(p: *const u8) -> __m256 {
@@ -261,6 +344,74 @@ pub(crate) unsafe fn q4k_avx2<const R: usize>(tile: &[u8], x: [&[Act256]; R]) ->
                     _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_mul_ps(d, dx), acc[r][h]);
                 acc[r][h] =
                     _mm256_fnmadd_ps(_mm256_cvtepi32_ps(imin[r]), _mm256_mul_ps(dmin, dx), a);
+            }
+        }
+    }
+    store8(acc)
+}
+
+/// 16 rows of Q6_K tiles · R activation rows, as two halves of eight rows (see [`q6k_vnni`]).
+///
+/// # Safety
+/// As [`q8_0_avx2`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn q6k_avx2<const R: usize>(tile: &[u8], x: [&[Act256]; R]) -> [[f32; ROWS]; R] {
+    let (low, top) = (_mm256_set1_epi8(0xF), _mm256_set1_epi8(0x30));
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    for (b, column) in tile.chunks_exact(tile_bytes(Format::Q6K)).enumerate() {
+        let p = column.as_ptr();
+        for h in 0..2 {
+            let mut total = [_mm256_setzero_si256(); R];
+            let mut offset = [_mm256_setzero_si256(); R];
+            for j in 0..16 {
+                // SAFETY: as in `q6k_vnni`, for one half.
+                let w = unsafe {
+                    let (lo, hi) = (Q6K_LOW + 128 * j + 32 * h, Q6K_HIGH + 64 * j + 32 * h);
+                    let a = _mm256_loadu_si256(p.add(lo).cast());
+                    let c = _mm256_loadu_si256(p.add(lo + 64).cast());
+                    let t = _mm256_loadu_si256(p.add(hi).cast());
+                    [
+                        _mm256_or_si256(
+                            _mm256_and_si256(a, low),
+                            _mm256_and_si256(_mm256_slli_epi16::<4>(t), top),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(a), low),
+                            _mm256_and_si256(_mm256_slli_epi16::<2>(t), top),
+                        ),
+                        _mm256_or_si256(_mm256_and_si256(c, low), _mm256_and_si256(t, top)),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(c), low),
+                            _mm256_and_si256(_mm256_srli_epi16::<2>(t), top),
+                        ),
+                    ]
+                };
+                // SAFETY: this half's eight scales of sub-block j are bytes of the column.
+                let sc = unsafe {
+                    _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(Q6K_SCALES + 16 * j + 8 * h).cast()))
+                };
+                for r in 0..R {
+                    let xp = x[r][b].qs.as_ptr();
+                    // SAFETY: values 16j..16j + 16 of the activation block; 0..64 · −127..=127
+                    // summed in pairs stays inside `vpmaddubsw`'s 16 bits.
+                    let sub = unsafe {
+                        let q = |i: usize| _mm256_set1_epi32(quad(xp.add(16 * j + 4 * i)));
+                        _mm256_add_epi32(
+                            _mm256_add_epi32(dot4(w[0], q(0)), dot4(w[1], q(1))),
+                            _mm256_add_epi32(dot4(w[2], q(2)), dot4(w[3], q(3))),
+                        )
+                    };
+                    total[r] = _mm256_add_epi32(total[r], _mm256_mullo_epi32(sub, sc));
+                    let bsum = _mm256_set1_epi32(i32::from(x[r][b].sums[j]));
+                    offset[r] = _mm256_add_epi32(offset[r], _mm256_mullo_epi32(sc, bsum));
+                }
+            }
+            // SAFETY: the column starts with 16 f16 scales.
+            let d = unsafe { scales8(p.add(16 * h)) };
+            for r in 0..R {
+                let exact = _mm256_sub_epi32(total[r], _mm256_slli_epi32::<5>(offset[r]));
+                let scale = _mm256_mul_ps(d, _mm256_set1_ps(x[r][b].d));
+                acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), scale, acc[r][h]);
             }
         }
     }

@@ -240,7 +240,7 @@ fn shapes_that_are_not_whole_blocks_are_refused_with_the_numbers() {
 
 #[test]
 fn tiles_decode_to_the_blocks_they_were_packed_from() {
-    for format in [Format::Q8_0, Format::Q4K] {
+    for format in [Format::Q8_0, Format::Q4K, Format::Q6K] {
         for n in [1, 7, 16, 37] {
             let k = 2 * format.block_values();
             let bytes = random_blocks(format, n, k, n as u64);
@@ -261,7 +261,7 @@ fn tiles_decode_to_the_blocks_they_were_packed_from() {
 
 #[test]
 fn every_tile_path_matches_the_decoded_product_on_odd_shapes() {
-    for format in [Format::Q8_0, Format::Q4K] {
+    for format in [Format::Q8_0, Format::Q4K, Format::Q6K] {
         for (seed, (m, k, n)) in shapes(format).into_iter().enumerate() {
             let bytes = random_blocks(format, n, k, 500 + seed as u64);
             let w = QuantMatrix::new(format, &bytes, n, k).expect("a valid shape");
@@ -308,9 +308,9 @@ fn tile_by_tile(w: &PackedMatrix, x: &[f32], m: usize, path: crate::Level) -> Ve
                     let x = [0, 1, 2].map(|i| rows32[pick(i)].as_slice());
                     tile_q8_0(tile, x, path)
                 }
-                _ => {
+                format => {
                     let x = [0, 1, 2].map(|i| rows256[pick(i)].as_slice());
-                    tile_q4k(tile, x, path)
+                    tile_256(format, tile, x, path)
                 }
             };
             for (i, row) in sums.iter().enumerate().take(m - r0) {
@@ -339,18 +339,32 @@ fn tile_q8_0(tile: &[u8], x: [&[Act32]; 3], path: crate::Level) -> [[f32; 16]; 3
     super::packed::portable::q8_0(tile, x)
 }
 
-fn tile_q4k(tile: &[u8], x: [&[Act256]; 3], path: crate::Level) -> [[f32; 16]; 3] {
+fn tile_256(format: Format, tile: &[u8], x: [&[Act256]; 3], path: crate::Level) -> [[f32; 16]; 3] {
+    let q6k = format == Format::Q6K;
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: `paths` only offers what the CPU has.
         if path == crate::Level::Avx512 {
-            return unsafe { super::packed_x86::q4k_vnni(tile, x) };
+            return unsafe {
+                match q6k {
+                    true => super::packed_x86::q6k_vnni(tile, x),
+                    false => super::packed_x86::q4k_vnni(tile, x),
+                }
+            };
         }
         // SAFETY: as above.
         if path == crate::Level::Avx2 {
-            return unsafe { super::packed_x86::q4k_avx2(tile, x) };
+            return unsafe {
+                match q6k {
+                    true => super::packed_x86::q6k_avx2(tile, x),
+                    false => super::packed_x86::q4k_avx2(tile, x),
+                }
+            };
         }
     }
     let _ = path;
-    super::packed::portable::q4k(tile, x)
+    match q6k {
+        true => super::packed::portable::q6k(tile, x),
+        false => super::packed::portable::q4k(tile, x),
+    }
 }
