@@ -25,15 +25,16 @@ pub(crate) fn kernel_format(dtype: GgmlDType) -> Option<Format> {
 /// more work per value). Measured with `cargo bench -p pio-kernels --bench quant` (AVX-512
 /// machine, 2 threads, 1024 → 3072): see docs/decisions.md.
 pub(crate) fn quantized_gemm_rows(format: Format) -> usize {
+    // Every format is tiled on the CPU (see `tiled_linear`); these hold for blocks a caller
+    // keeps as they are.
     match format {
         Format::Q4_0 => 24,
-        // Tiled on the CPU (see `tiled_linear`); as blocks only where a caller keeps them.
         Format::Q8_0 | Format::Q4K => 32,
         Format::Q6K => 128,
     }
 }
 
-/// `w` repacked into the kernels' 16-row tiles when it is a CPU tensor in a format they tile;
+/// `w` repacked into the kernels' 16-row tiles when it is a CPU tensor in a format they take;
 /// `None` otherwise (it keeps its blocks).
 pub(crate) fn packed(w: &QTensor) -> candle_core::Result<Option<PackedMatrix>> {
     let Some(format) = kernel_format(w.dtype()) else {
@@ -45,7 +46,7 @@ pub(crate) fn packed(w: &QTensor) -> candle_core::Result<Option<PackedMatrix>> {
     let (n, k) = w.shape().dims2()?;
     let bytes = w.data()?;
     let matrix = QuantMatrix::new(format, &bytes, n, k).map_err(candle_core::Error::wrap)?;
-    Ok(PackedMatrix::pack(&matrix))
+    Ok(Some(PackedMatrix::pack(&matrix)))
 }
 
 /// `x Wᵀ` for `w` in tiles: integer products for every row count (the tiles keep 16 rows'

@@ -93,7 +93,7 @@ fn main() {
             .chunks_exact(row * N)
             .filter_map(|b| QuantMatrix::new(format, b, N, K).ok())
             .collect();
-        let packed: Vec<PackedMatrix> = mats.iter().filter_map(PackedMatrix::pack).collect();
+        let packed: Vec<PackedMatrix> = mats.iter().map(PackedMatrix::pack).collect();
         let x: Vec<f32> = (0..512 * K)
             .map(|i| ((i % 13) as f32 - 6.0) * 0.1)
             .collect();

@@ -147,8 +147,14 @@ pub fn load_timed<M: pio_engine::runtime::LoadModel>(dir: &Path, mode: &str) -> 
         "q4" => Quantization::Q4,
         _ => Quantization::None,
     };
+    // `gguf-KIND`: the GGUF file llama.cpp's side of the bench made beside the checkpoint
+    // (`DIR.KIND.gguf`), loaded as stored.
+    let path = match mode.strip_prefix("gguf-") {
+        Some(kind) => gguf_path(dir, kind),
+        None => dir.to_owned(),
+    };
     let t = std::time::Instant::now();
-    let checkpoint = pio_engine::checkpoint::Checkpoint::open(dir).expect("checkpoint");
+    let checkpoint = pio_engine::checkpoint::Checkpoint::open(&path).expect("checkpoint");
     let model = M::load(
         &checkpoint,
         pio_engine::candle_core::DType::BF16,
@@ -158,6 +164,13 @@ pub fn load_timed<M: pio_engine::runtime::LoadModel>(dir: &Path, mode: &str) -> 
     )
     .expect("load");
     (model, t.elapsed().as_secs_f64())
+}
+
+/// The GGUF file of `kind` (`q8_0`, `q4_k_m`) that llama_cpp_bench.py converts `dir` to.
+pub fn gguf_path(dir: &Path, kind: &str) -> PathBuf {
+    let mut name = dir.as_os_str().to_owned();
+    name.push(format!(".{kind}.gguf"));
+    PathBuf::from(name)
 }
 
 /// Runs this bench executable once per mode as `--measure MODE` on `threads` threads (each in its

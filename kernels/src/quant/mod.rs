@@ -153,7 +153,7 @@ pub fn packed_matmul(x: &[f32], w: &PackedMatrix, m: usize, out: &mut [f32]) {
         return;
     }
     match w.format() {
-        Format::Q8_0 => ACT32.with_borrow_mut(|acts| {
+        Format::Q8_0 | Format::Q4_0 => ACT32.with_borrow_mut(|acts| {
             quantize_rows(x, k, acts, quantize_act32);
             tiles(w, &acts.chunks_exact(k / 32).collect::<Vec<_>>(), out)
         }),
@@ -216,19 +216,37 @@ impl Activations for Act32 {
     }
 
     #[inline]
-    fn tile<const R: usize>(_: Format, tile: &[u8], x: [&[Self]; R]) -> [[f32; packed::ROWS]; R] {
+    fn tile<const R: usize>(
+        format: Format,
+        tile: &[u8],
+        x: [&[Self]; R],
+    ) -> [[f32; packed::ROWS]; R] {
+        let q4 = format == Format::Q4_0;
         #[cfg(target_arch = "x86_64")]
         {
             if crate::simd::has_vnni() {
                 // SAFETY: AVX-512 VNNI is present; the caller pairs tiles with activations.
-                return unsafe { packed_x86::q8_0_vnni(tile, x) };
+                return unsafe {
+                    match q4 {
+                        true => packed_x86::q4_0_vnni(tile, x),
+                        false => packed_x86::q8_0_vnni(tile, x),
+                    }
+                };
             }
             if crate::simd::has_avx2() {
                 // SAFETY: AVX2, FMA and F16C are present; as above.
-                return unsafe { packed_x86::q8_0_avx2(tile, x) };
+                return unsafe {
+                    match q4 {
+                        true => packed_x86::q4_0_avx2(tile, x),
+                        false => packed_x86::q8_0_avx2(tile, x),
+                    }
+                };
             }
         }
-        packed::portable::q8_0(tile, x)
+        match q4 {
+            true => packed::portable::q4_0(tile, x),
+            false => packed::portable::q8_0(tile, x),
+        }
     }
 }
 

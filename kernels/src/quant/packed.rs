@@ -7,6 +7,9 @@
 //! - Q8_0, per 32-value block (544 bytes, as 16 blocks): `d: [f16; 16]`, then for each group g
 //!   of four values, 16 rows × 4 bytes `q + 128` (unsigned, what `vpdpbusd` multiplies; the
 //!   128 comes back out through the activations' block sum).
+//! - Q4_0, per 32-value block (288 bytes, as 16 blocks): `d: [f16; 16]`, then for each group p
+//!   of eight values, 16 rows × 4 bytes: values 8p + 0..4 in the low nibbles, 8p + 4..8 in the
+//!   high (the offset of 8 comes back out through the activations' block sum).
 //! - Q4_K, per 256-value super-block (2368 bytes against 16 × 144): `d: [f16; 16]`,
 //!   `dmin: [f16; 16]`, the 6-bit scales `[sub-block][row]` and mins likewise as bytes, then for
 //!   each sub-block s and pair p of four-value groups, 16 rows × 4 bytes whose low nibbles are
@@ -31,7 +34,7 @@ pub(crate) const fn tile_bytes(format: Format) -> usize {
         Format::Q8_0 => 32 + 512,
         Format::Q4K => 64 + 256 + 2048,
         Format::Q6K => Q6K_HIGH + 1024,
-        Format::Q4_0 => 0,
+        Format::Q4_0 => 32 + 256,
     }
 }
 
@@ -40,7 +43,7 @@ pub(crate) const Q6K_SCALES: usize = 32;
 pub(crate) const Q6K_LOW: usize = Q6K_SCALES + 256;
 pub(crate) const Q6K_HIGH: usize = Q6K_LOW + 2048;
 
-/// A matrix of quantized weights in 16-row tiles (Q8_0, Q4_K and Q6_K).
+/// A matrix of quantized weights in 16-row tiles (every format the kernels take).
 #[derive(Debug, Clone)]
 pub struct PackedMatrix {
     format: Format,
@@ -50,12 +53,9 @@ pub struct PackedMatrix {
 }
 
 impl PackedMatrix {
-    /// `m` repacked; `None` for formats that keep their blocks (Q4_0).
-    pub fn pack(m: &QuantMatrix<'_>) -> Option<Self> {
+    /// `m` repacked.
+    pub fn pack(m: &QuantMatrix<'_>) -> Self {
         let format = m.format();
-        if !matches!(format, Format::Q8_0 | Format::Q4K | Format::Q6K) {
-            return None;
-        }
         let (rows, cols) = (m.rows(), m.cols());
         let blocks = cols / format.block_values();
         let tiles = rows.div_ceil(ROWS);
@@ -72,18 +72,19 @@ impl PackedMatrix {
                         let block = &row[b * format.block_bytes()..(b + 1) * format.block_bytes()];
                         match format {
                             Format::Q8_0 => pack_q8_0(block, r, out),
+                            Format::Q4_0 => pack_q4_0(block, r, out),
                             Format::Q6K => pack_q6k(block, r, out),
-                            _ => pack_q4k(block, r, out),
+                            Format::Q4K => pack_q4k(block, r, out),
                         }
                     }
                 }
             });
-        Some(Self {
+        Self {
             format,
             rows,
             cols,
             bytes,
-        })
+        }
     }
 
     /// The block format the tiles hold.
@@ -127,8 +128,9 @@ impl PackedMatrix {
                 let column = &tile[b * tile_bytes(format)..(b + 1) * tile_bytes(format)];
                 match format {
                     Format::Q8_0 => unpack_q8_0(column, j % ROWS, &mut block),
+                    Format::Q4_0 => unpack_q4_0(column, j % ROWS, &mut block),
                     Format::Q6K => unpack_q6k(column, j % ROWS, &mut block),
-                    _ => unpack_q4k(column, j % ROWS, &mut block),
+                    Format::Q4K => unpack_q4k(column, j % ROWS, &mut block),
                 }
                 let values = format.block_values();
                 dequantize(format, &block, &mut out[i * k + b * values..][..values]);
@@ -148,6 +150,45 @@ fn unpack_q8_0(column: &[u8], r: usize, block: &mut [u8]) {
     block[..2].copy_from_slice(&column[2 * r..2 * r + 2]);
     for i in 0..32 {
         block[2 + i] = column[32 + (i / 4) * 64 + r * 4 + i % 4] ^ 0x80;
+    }
+}
+
+/// Where value `v` (0..32) of row `r` sits in a Q4_0 tile column, and whether in the high nibble.
+fn q4_0_slot(v: usize, r: usize) -> (usize, bool) {
+    (32 + (v / 8) * 64 + r * 4 + v % 4, v % 8 >= 4)
+}
+
+/// Value `v` of ggml Q4_0 block `block`: its low nibbles hold values 0..16, high ones 16..32.
+fn q4_0_value(block: &[u8], v: usize) -> u8 {
+    let q = block[2 + v % 16];
+    if v < 16 {
+        q & 0xF
+    } else {
+        q >> 4
+    }
+}
+
+fn pack_q4_0(block: &[u8], r: usize, out: &mut [u8]) {
+    out[2 * r..2 * r + 2].copy_from_slice(&block[..2]);
+    for v in 0..32 {
+        let (at, high) = q4_0_slot(v, r);
+        let q = q4_0_value(block, v);
+        out[at] |= if high { q << 4 } else { q };
+    }
+}
+
+fn unpack_q4_0(column: &[u8], r: usize, block: &mut [u8]) {
+    block[..2].copy_from_slice(&column[2 * r..2 * r + 2]);
+    let value = |v: usize| {
+        let (at, high) = q4_0_slot(v, r);
+        if high {
+            column[at] >> 4
+        } else {
+            column[at] & 0xF
+        }
+    };
+    for i in 0..16 {
+        block[2 + i] = value(i) | (value(i + 16) << 4);
     }
 }
 
@@ -282,6 +323,30 @@ pub(crate) mod portable {
                         s += q * i32::from(xb.qs[i]);
                     }
                     *o += f16_at(column, 2 * row) * xb.d * s as f32;
+                }
+            }
+        }
+        out
+    }
+
+    /// 16 rows of Q4_0 tiles · R activation rows.
+    pub(crate) fn q4_0<const R: usize>(tile: &[u8], x: [&[Act32]; R]) -> [[f32; ROWS]; R] {
+        let mut out = [[0f32; ROWS]; R];
+        for (b, column) in tile.chunks_exact(tile_bytes(Format::Q4_0)).enumerate() {
+            for (out, x) in out.iter_mut().zip(x) {
+                let xb = &x[b];
+                for (row, o) in out.iter_mut().enumerate() {
+                    let mut s = 0i32;
+                    for (v, &a) in xb.qs.iter().enumerate() {
+                        let (at, high) = q4_0_slot(v, row);
+                        let q = if high {
+                            column[at] >> 4
+                        } else {
+                            column[at] & 0xF
+                        };
+                        s += i32::from(q) * i32::from(a);
+                    }
+                    *o += f16_at(column, 2 * row) * xb.d * (s - 8 * xb.sum) as f32;
                 }
             }
         }

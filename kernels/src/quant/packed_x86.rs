@@ -83,6 +83,55 @@ pub(crate) unsafe fn q8_0_vnni<const R: usize>(tile: &[u8], x: [&[Act32]; R]) ->
     out
 }
 
+/// 16 rows of Q4_0 tiles · R activation rows.
+///
+/// # Safety
+/// As [`q8_0_vnni`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+pub(crate) unsafe fn q4_0_vnni<const R: usize>(tile: &[u8], x: [&[Act32]; R]) -> [[f32; ROWS]; R] {
+    let low = _mm512_set1_epi8(0xF);
+    let mut acc = [_mm512_setzero_ps(); R];
+    for (b, column) in tile.chunks_exact(tile_bytes(Format::Q4_0)).enumerate() {
+        let p = column.as_ptr();
+        // The high nibbles' chain apart from the low ones' (see `q8_0_vnni`).
+        let mut sums = [_mm512_setzero_si512(); R];
+        let mut highs = [_mm512_setzero_si512(); R];
+        for g in 0..4 {
+            // SAFETY: group g's 64 bytes lie inside the column; an activation block holds 32.
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(32 + 64 * g + PREFETCH).cast());
+                let raw = _mm512_loadu_si512(p.add(32 + 64 * g).cast());
+                let lo = _mm512_and_si512(raw, low);
+                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), low);
+                for r in 0..R {
+                    let xp = x[r][b].qs.as_ptr().add(8 * g);
+                    sums[r] = _mm512_dpbusd_epi32(sums[r], lo, _mm512_set1_epi32(quad(xp)));
+                    highs[r] =
+                        _mm512_dpbusd_epi32(highs[r], hi, _mm512_set1_epi32(quad(xp.add(4))));
+                }
+            }
+        }
+        // SAFETY: the column starts with 16 f16 scales.
+        let d = unsafe { scales16(p) };
+        for r in 0..R {
+            let xb = &x[r][b];
+            // The values' offset of 8 leaves through the block sum.
+            let exact = _mm512_sub_epi32(
+                _mm512_add_epi32(sums[r], highs[r]),
+                _mm512_set1_epi32(8 * xb.sum),
+            );
+            let scale = _mm512_mul_ps(d, _mm512_set1_ps(xb.d));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), scale, acc[r]);
+        }
+    }
+    let mut out = [[0f32; ROWS]; R];
+    for r in 0..R {
+        // SAFETY: 16 writable floats.
+        unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
+    }
+    out
+}
+
 /// 16 rows of Q4_K tiles · R activation rows.
 ///
 /// # Safety
@@ -285,6 +334,47 @@ pub(crate) unsafe fn q8_0_avx2<const R: usize>(tile: &[u8], x: [&[Act32]; R]) ->
             for r in 0..R {
                 let scale = _mm256_mul_ps(d, _mm256_set1_ps(x[r][b].d));
                 acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r][h]), scale, acc[r][h]);
+            }
+        }
+    }
+    store8(acc)
+}
+
+/// 16 rows of Q4_0 tiles · R activation rows, as two halves of eight rows.
+///
+/// # Safety
+/// As [`q8_0_avx2`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn q4_0_avx2<const R: usize>(tile: &[u8], x: [&[Act32]; R]) -> [[f32; ROWS]; R] {
+    let low = _mm256_set1_epi8(0xF);
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    for (b, column) in tile.chunks_exact(tile_bytes(Format::Q4_0)).enumerate() {
+        let p = column.as_ptr();
+        let mut sums = [[_mm256_setzero_si256(); 2]; R];
+        for g in 0..4 {
+            for h in 0..2 {
+                // SAFETY: half h of group g is 32 bytes inside the column.
+                unsafe {
+                    let raw = _mm256_loadu_si256(p.add(32 + 64 * g + 32 * h).cast());
+                    let lo = _mm256_and_si256(raw, low);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low);
+                    for r in 0..R {
+                        let xp = x[r][b].qs.as_ptr().add(8 * g);
+                        let a = dot4(lo, _mm256_set1_epi32(quad(xp)));
+                        let c = dot4(hi, _mm256_set1_epi32(quad(xp.add(4))));
+                        sums[r][h] = _mm256_add_epi32(sums[r][h], _mm256_add_epi32(a, c));
+                    }
+                }
+            }
+        }
+        for h in 0..2 {
+            // SAFETY: the column starts with 16 f16 scales.
+            let d = unsafe { scales8(p.add(16 * h)) };
+            for r in 0..R {
+                let xb = &x[r][b];
+                let exact = _mm256_sub_epi32(sums[r][h], _mm256_set1_epi32(8 * xb.sum));
+                let scale = _mm256_mul_ps(d, _mm256_set1_ps(xb.d));
+                acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), scale, acc[r][h]);
             }
         }
     }

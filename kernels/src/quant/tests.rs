@@ -240,12 +240,12 @@ fn shapes_that_are_not_whole_blocks_are_refused_with_the_numbers() {
 
 #[test]
 fn tiles_decode_to_the_blocks_they_were_packed_from() {
-    for format in [Format::Q8_0, Format::Q4K, Format::Q6K] {
+    for format in FORMATS {
         for n in [1, 7, 16, 37] {
             let k = 2 * format.block_values();
             let bytes = random_blocks(format, n, k, n as u64);
             let w = QuantMatrix::new(format, &bytes, n, k).expect("a valid shape");
-            let packed = PackedMatrix::pack(&w).expect("a packed format");
+            let packed = PackedMatrix::pack(&w);
             assert!(packed.size_in_bytes() <= n.div_ceil(16) * 16 * bytes.len() / n * 105 / 100);
             let mut want = vec![0f32; n * k];
             dequantize(format, &bytes, &mut want);
@@ -254,18 +254,15 @@ fn tiles_decode_to_the_blocks_they_were_packed_from() {
             assert_eq!(got, want, "{} n={n}", format.name());
         }
     }
-    let bytes = random_blocks(Format::Q4_0, 2, 32, 0);
-    let w = QuantMatrix::new(Format::Q4_0, &bytes, 2, 32).expect("a valid shape");
-    assert!(PackedMatrix::pack(&w).is_none(), "Q4_0 keeps its blocks");
 }
 
 #[test]
 fn every_tile_path_matches_the_decoded_product_on_odd_shapes() {
-    for format in [Format::Q8_0, Format::Q4K, Format::Q6K] {
+    for format in FORMATS {
         for (seed, (m, k, n)) in shapes(format).into_iter().enumerate() {
             let bytes = random_blocks(format, n, k, 500 + seed as u64);
             let w = QuantMatrix::new(format, &bytes, n, k).expect("a valid shape");
-            let packed = PackedMatrix::pack(&w).expect("a packed format");
+            let packed = PackedMatrix::pack(&w);
             let x = data(m * k, 2000 + seed as u64);
             let want = reference(&w, &x, m, |x| rounded_activations(format, x));
             let what = format!("{} tiles m={m} k={k} n={n}", format.name());
@@ -304,9 +301,9 @@ fn tile_by_tile(w: &PackedMatrix, x: &[f32], m: usize, path: crate::Level) -> Ve
         for r0 in (0..m).step_by(3) {
             let pick = |i: usize| (r0 + i).min(m - 1);
             let sums = match w.format() {
-                Format::Q8_0 => {
+                format @ (Format::Q8_0 | Format::Q4_0) => {
                     let x = [0, 1, 2].map(|i| rows32[pick(i)].as_slice());
-                    tile_q8_0(tile, x, path)
+                    tile_32(format, tile, x, path)
                 }
                 format => {
                     let x = [0, 1, 2].map(|i| rows256[pick(i)].as_slice());
@@ -323,20 +320,34 @@ fn tile_by_tile(w: &PackedMatrix, x: &[f32], m: usize, path: crate::Level) -> Ve
     out
 }
 
-fn tile_q8_0(tile: &[u8], x: [&[Act32]; 3], path: crate::Level) -> [[f32; 16]; 3] {
+fn tile_32(format: Format, tile: &[u8], x: [&[Act32]; 3], path: crate::Level) -> [[f32; 16]; 3] {
+    let q4 = format == Format::Q4_0;
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: `paths` only offers what the CPU has.
         if path == crate::Level::Avx512 {
-            return unsafe { super::packed_x86::q8_0_vnni(tile, x) };
+            return unsafe {
+                match q4 {
+                    true => super::packed_x86::q4_0_vnni(tile, x),
+                    false => super::packed_x86::q8_0_vnni(tile, x),
+                }
+            };
         }
         // SAFETY: as above.
         if path == crate::Level::Avx2 {
-            return unsafe { super::packed_x86::q8_0_avx2(tile, x) };
+            return unsafe {
+                match q4 {
+                    true => super::packed_x86::q4_0_avx2(tile, x),
+                    false => super::packed_x86::q8_0_avx2(tile, x),
+                }
+            };
         }
     }
     let _ = path;
-    super::packed::portable::q8_0(tile, x)
+    match q4 {
+        true => super::packed::portable::q4_0(tile, x),
+        false => super::packed::portable::q8_0(tile, x),
+    }
 }
 
 fn tile_256(format: Format, tile: &[u8], x: [&[Act256]; 3], path: crate::Level) -> [[f32; 16]; 3] {

@@ -4,7 +4,8 @@
 //! threads; load time, tokens/s, peak RSS, ratios, and each mode's decode limit (the weight bytes
 //! a step reads over a streaming read's bandwidth, measured in the same run); llama.cpp's
 //! `llama-bench` on the same weights too when it is built (`PIO_LLAMA_BENCH` or
-//! `tests/bench/build_llama_cpp.sh`), q8 against its Q8_0 and q4 against its Q4_K_M.
+//! `tests/bench/build_llama_cpp.sh`), q8 against its Q8_0 and q4 against its Q4_K_M — and PIO
+//! on those very GGUF files (`gguf-q8_0`, `gguf-q4_k_m`: the same bytes in both engines).
 //!
 //! Run: `cargo bench -p pio-plugin-qwen3 --bench qwen3` (needs python3 with
 //! `tests/fixtures/requirements.txt` installed). Each dtype runs in its own process so peak RSS
@@ -116,7 +117,7 @@ fn llama_dtype(mode: &str) -> &str {
     match mode {
         "q8" => "q8_0",
         "q4" => "q4_k_m",
-        other => other,
+        other => other.strip_prefix("gguf-").unwrap_or(other),
     }
 }
 
@@ -128,8 +129,6 @@ fn main() {
     }
     let dir = checkpoint_dir();
     common::ensure_checkpoint(&root(), &dir, &["qwen3-0.6b"]);
-    let modes = ["f32", "bf16", "q8", "q4"];
-    let pio = common::measure_modes(&modes, THREADS);
     let bandwidth = streaming_read();
     let work = common::Workload {
         prompt: PROMPT,
@@ -158,13 +157,21 @@ fn main() {
             Vec::new()
         }
     };
+    // After llama.cpp's side, which writes the GGUF files PIO then loads too.
+    let mut modes = vec!["f32", "bf16", "q8", "q4"];
+    for (mode, kind) in [("gguf-q8_0", "q8_0"), ("gguf-q4_k_m", "q4_k_m")] {
+        if common::gguf_path(&dir, kind).is_file() {
+            modes.push(mode);
+        }
+    }
+    let pio = common::measure_modes(&modes, THREADS);
     println!(
         "Qwen3-0.6B shape, prompt {PROMPT} tokens, {DECODE} decode steps after it, {THREADS} threads; \
          streaming read {bandwidth:.1} GB/s"
     );
     println!("| mode | engine | load (s) | prefill tok/s | decode tok/s | decode limit tok/s | of the limit | peak RSS (GiB) |");
     println!("|---|---|---|---|---|---|---|---|");
-    for ((_, ours), mode) in pio.iter().zip(modes) {
+    for ((_, ours), &mode) in pio.iter().zip(&modes) {
         let theirs = reference
             .iter()
             .find(|l| l.contains(&format!("\"{mode}\"")));
