@@ -40,7 +40,7 @@ fn gflops(m: usize, mut f: impl FnMut()) -> f64 {
 
 fn run<T: Element>(name: &str, w: &[T]) {
     println!("{name} weights, {K} → {N}: GFLOP/s (matmul's choice | always GEMM)");
-    for m in [1, 2, 4, 6, 8, 12, 16, 24, 32] {
+    for m in [1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 512] {
         let x: Vec<f32> = (0..m * K).map(|i| (i % 13) as f32 * 0.01).collect();
         let mut out = vec![0f32; m * N];
         let chosen = gflops(m, || matmul(&x, w, m, K, N, &mut out));
