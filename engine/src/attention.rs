@@ -54,6 +54,7 @@ pub fn paged_batch(
     (block_size, value_dim): (usize, usize),
     scale: f64,
 ) -> Result<Tensor> {
+    let _timed = crate::profile::PROFILE.scope(crate::profile::Op::Attention);
     let mut outs = Vec::with_capacity(batch.seqs.len());
     let mut row = 0;
     for seq in &batch.seqs {

@@ -190,6 +190,11 @@ fn with_bias(y: Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let op = match self {
+            Self::Dense(_) => crate::profile::Op::DenseLinear,
+            Self::Quantized { .. } => crate::profile::Op::QuantizedLinear,
+        };
+        let _timed = crate::profile::PROFILE.scope(op);
         match self {
             Self::Dense(l) => {
                 // The engine's own kernels on the CPU (candle has no bf16 matrix kernel and a

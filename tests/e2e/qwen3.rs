@@ -243,3 +243,63 @@ fn the_coder_plugin_loads_quantized_from_the_manifest() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("q3"), "{stderr}");
 }
+
+/// `pio bench` on a GGUF file given with `--model-path`, with `--profile`: the workload's figures
+/// and the engine's time per operation, which accounts for the forward passes it ran.
+#[test]
+fn bench_profiles_a_gguf_model() {
+    if !confinement_available() {
+        return;
+    }
+    let lib = plugin_lib("pio_plugin_qwen3");
+    let dir = PluginDir::new();
+    let extra = format!(
+        "sha256 = \"{}\"\n[limits]\nmemory = \"2GiB\"\ncpus = 2\n[model]\npath = \"{}\"\n",
+        sha256_of(&lib),
+        repo_root().join("tests/fixtures/qwen3-tiny").display()
+    );
+    let text = manifest(
+        "qwen3-4b-instruct-2507",
+        "0.1.0",
+        lib.to_str().unwrap(),
+        &extra,
+    )
+    .replace("^1.0", "^1.1");
+    dir.write("qwen3.toml", &text);
+    let gguf = repo_root().join("tests/fixtures/gguf/qwen3-wide.q4_k_m.gguf");
+    let args = [
+        "bench",
+        "qwen3-4b-instruct-2507",
+        "--plugins",
+        ".",
+        "--model-path",
+        gguf.to_str().unwrap(),
+        "--prompt-words",
+        "20",
+        "--output-tokens",
+        "4",
+        "--concurrency",
+        "2",
+        "--profile",
+        "--json",
+    ];
+    let out = pio(dir.path(), &args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let f: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(f["output_tokens"], 8, "{f}");
+    let p = &f["profile"];
+    let us = |k: &str| p[k].as_f64().unwrap_or_else(|| panic!("{k} in {p}"));
+    // Warm-up and both requests: every prompt token and every output token but the last.
+    let mean = |k: &str| f[k].as_f64().unwrap();
+    let prompts = (mean("prompt_tokens_mean") - mean("cached_tokens_mean")) * 2.0;
+    assert!(us("tokens") >= prompts + 6.0, "{p}");
+    // The file's Q4_K/Q6_K layers and head are quantized; nothing is dense.
+    assert!(us("quantized_linear_us") > 0.0 && us("attention_us") > 0.0 && us("head_us") > 0.0);
+    assert_eq!(us("dense_linear_us"), 0.0, "{p}");
+    let parts = us("quantized_linear_us") + us("attention_us") + us("head_us") + us("other_us");
+    assert!((parts - us("forward_us")).abs() <= 1.0, "{p}");
+}

@@ -183,6 +183,7 @@ impl Head {
     /// Logits of the last new row of each sequence of `batch` that wants them, in batch order;
     /// `x` is `(1, rows, hidden)`. Only those rows go through the head.
     pub(crate) fn logits(&self, x: &Tensor, batch: &Batch<'_>) -> Result<Vec<Vec<f32>>> {
+        let _timed = crate::profile::PROFILE.scope(crate::profile::Op::Head);
         let mut wanted = Vec::new();
         let mut end = 0u32;
         for seq in &batch.seqs {

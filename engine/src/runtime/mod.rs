@@ -172,6 +172,17 @@ pub fn quantization_cache_of(
     Ok((quantization != Quantization::None).then(|| PathBuf::from(dir)))
 }
 
+/// Whether `[model.options] profile` asks for the time per operation (see [`crate::profile`]).
+pub fn profile_of(config: &ModelConfig) -> Result<bool, PluginError> {
+    match config.extra.get("profile") {
+        None => Ok(false),
+        Some(serde_json::Value::Bool(on)) => Ok(*on),
+        Some(other) => Err(PluginError::invalid_config(format!(
+            "profile: expected true or false, found {other}"
+        ))),
+    }
+}
+
 /// The device a model config asks for (default the CPU).
 pub fn device_of(config: &ModelConfig) -> Result<Device, PluginError> {
     match config.device.as_deref() {
@@ -311,6 +322,9 @@ impl<M: LoadModel> ModelRuntime<M> {
         progress: &mut Progress,
     ) -> Result<ModelInfo, PluginError> {
         self.supports_config(config)?;
+        if profile_of(config)? {
+            crate::profile::PROFILE.enable();
+        }
         let (dtype, device) = (dtype_of(config)?, device_of(config)?);
         let path = config.model_path.clone().unwrap_or_default();
         let mut checkpoint = Checkpoint::open(&path).map_err(plugin_error)?;
@@ -448,6 +462,9 @@ impl<M: LoadModel> ModelRuntime<M> {
         result
             .timings
             .insert("decode_ms".into(), outcome.decode_ms.into());
+        if let Some(profile) = crate::profile::PROFILE.snapshot() {
+            result.timings.insert("profile".into(), profile.into());
+        }
         result.engine = Some(loaded.engine.stats().to_wire());
         Ok(result)
     }

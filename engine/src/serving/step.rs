@@ -435,6 +435,9 @@ impl<M: CausalLm> Worker<M> {
                 .collect();
             let batch = Batch { seqs: steps };
             let (model, pool) = (&self.model, &mut self.pool);
+            let profile = &crate::profile::PROFILE;
+            profile.tokens(batch.seqs.iter().map(|s| s.tokens.len()).sum());
+            let _timed = profile.scope(crate::profile::Op::Forward);
             catch_unwind(AssertUnwindSafe(|| model.forward(&batch, pool))).unwrap_or_else(|p| {
                 Err(EngineError::Internal(format!(
                     "the model panicked in a forward pass: {}",

@@ -12,6 +12,7 @@ use pio_plugin_api::wire::{InferRequest, Prompt};
 
 mod constrained;
 mod llama_cpp;
+mod profile;
 use crate::cli_run::{prepare, start_loaded, Prepared, TierArgs};
 use crate::SearchArgs;
 
@@ -22,7 +23,7 @@ pub struct BenchArgs {
     name: String,
     #[command(flatten)]
     search: SearchArgs,
-    /// Use this model folder instead of the manifest's `[model] path`.
+    /// Use this model folder or GGUF file instead of the manifest's `[model] path`.
     #[arg(long, value_name = "DIR")]
     model_path: Option<PathBuf>,
     /// Words per prompt (each a common English word; the plugin's tokenizer decides the token
@@ -62,6 +63,10 @@ pub struct BenchArgs {
     /// not let the output end before `--output-tokens`, or the figures compare less work.
     #[arg(long, value_name = "FILE", requires = "constrained")]
     json_schema: Option<PathBuf>,
+    /// Also print where the engine's time goes: linear layers, attention, the output head and
+    /// the rest, per token (the model's `[model.options] profile`, set for this run).
+    #[arg(long)]
+    profile: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -108,6 +113,8 @@ struct Timing {
     completion_tokens: u32,
     /// The engine's figures as the request ended.
     engine: Option<pio_plugin_api::wire::EngineStats>,
+    /// The engine's time per operation as the request ended (with `--profile`).
+    profile: Option<serde_json::Value>,
 }
 
 /// Tokens per second while every request was decoding: from the moment the last one had its
@@ -175,6 +182,7 @@ async fn one(worker: &Worker, request: InferRequest) -> anyhow::Result<Timing> {
                 timing.cached_tokens = outcome.usage.cached_tokens;
                 timing.completion_tokens = outcome.usage.completion_tokens;
                 timing.engine = outcome.engine;
+                timing.profile = outcome.timings.get("profile").cloned();
                 return Ok(timing);
             }
             Some(Event::Failed(e)) => bail!("a request failed: {}", e.message),
@@ -199,12 +207,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<u8> {
     if args.concurrency == 0 || !(0.0..=1.0).contains(&args.shared_prefix) {
         bail!("--concurrency must be at least 1 and --shared-prefix between 0 and 1");
     }
-    let Prepared { config, spec, .. } = prepare(
+    let Prepared {
+        mut config, spec, ..
+    } = prepare(
         &args.name,
         &args.search,
         &args.tiers,
         args.model_path.as_ref(),
     )?;
+    if args.profile {
+        profile::enable(&mut config);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -330,6 +343,7 @@ fn figures(args: &BenchArgs, timings: &[Timing], wall: Duration) -> serde_json::
         "engine": timings.iter().filter_map(|t| t.engine).max_by_key(|e| e.steps),
         "ttft_ms": p(&ttft),
         "itl_ms": p(&itl),
+        "profile": profile::latest(timings.iter().filter_map(|t| t.profile.as_ref())),
     })
 }
 
@@ -400,6 +414,9 @@ fn report(args: &BenchArgs, mut f: serde_json::Value, llama: Option<&[llama_cpp:
             num(&v["p90"]),
             num(&v["p99"])
         );
+    }
+    if args.profile {
+        profile::print(f.get("profile").filter(|p| !p.is_null()));
     }
     if let Some(rows) = llama {
         println!("llama.cpp (llama-batched-bench, same prompt and output lengths):");
