@@ -202,6 +202,19 @@ pub(crate) fn quantized_blocks(
     Tensor::from_raw_buffer(&bytes, DType::U8, &[bytes.len()], &Device::Cpu)
 }
 
+/// `tensor` when it has shape `s`; else the mismatch, naming `what`.
+pub(crate) fn shaped(tensor: Tensor, s: Shape, what: &str) -> candle_core::Result<Tensor> {
+    if tensor.shape() != &s {
+        return Err(candle_core::Error::UnexpectedShape {
+            msg: format!("shape mismatch for {what}"),
+            expected: s,
+            got: tensor.shape().clone(),
+        }
+        .bt());
+    }
+    Ok(tensor)
+}
+
 impl SimpleBackend for SafetensorsFiles {
     fn get(
         &self,
@@ -211,16 +224,7 @@ impl SimpleBackend for SafetensorsFiles {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let tensor = self.get_unchecked(name, dtype, dev)?;
-        if tensor.shape() != &s {
-            return Err(candle_core::Error::UnexpectedShape {
-                msg: format!("shape mismatch for {name}"),
-                expected: s,
-                got: tensor.shape().clone(),
-            }
-            .bt());
-        }
-        Ok(tensor)
+        shaped(self.get_unchecked(name, dtype, dev)?, s, name)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {

@@ -13,7 +13,7 @@ use candle_nn::var_builder::SimpleBackend;
 
 use super::{names, type_name, GgufFile, READABLE, REQUANTIZE};
 use crate::quant_cache::QuantCache;
-use crate::weights::{parse_quantized, quantized_blocks};
+use crate::weights::{parse_quantized, quantized_blocks, shaped};
 
 /// The tensors of one GGUF file.
 #[derive(Debug)]
@@ -141,19 +141,8 @@ impl SimpleBackend for GgufTensors {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let tensor = self.get_unchecked(name, dtype, dev)?;
-        if tensor.shape() != &s {
-            return Err(candle_core::Error::UnexpectedShape {
-                msg: format!(
-                    "shape mismatch for {name} in {}",
-                    self.file.path().display()
-                ),
-                expected: s,
-                got: tensor.shape().clone(),
-            }
-            .bt());
-        }
-        Ok(tensor)
+        let what = format!("{name} in {}", self.file.path().display());
+        shaped(self.get_unchecked(name, dtype, dev)?, s, &what)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
