@@ -86,11 +86,6 @@ impl Checkpoint {
         Ok(this)
     }
 
-    /// The GGUF file the weights come from, when they do.
-    pub fn gguf(&self) -> Option<&GgufFile> {
-        self.gguf.as_deref()
-    }
-
     /// File `name` beside the weights, when the model has one there (a GGUF named directly has
     /// none).
     pub fn companion(&self, name: &str) -> Option<PathBuf> {

@@ -101,11 +101,7 @@ impl Linear {
             // there from the stored values (see `crate::weights`).
             let name = crate::weights::quantized_name("weight", format, output, input);
             if vb.contains_tensor(&name) {
-                let bytes = format.type_size() * output * input / format.block_size();
-                let raw = vb.get_with_hints_dtype(bytes, &name, Default::default(), DType::U8)?;
-                let storage =
-                    QStorage::from_data(Cow::Owned(raw.to_vec1::<u8>()?), vb.device(), format)?;
-                return Self::from_qtensor(QTensor::new(storage, (output, input))?, bias);
+                return Self::from_qtensor(read_blocks(&vb, &name, format, output, input)?, bias);
             }
         }
         Self::from_weight(vb.get((output, input), "weight")?, bias, quantization)
@@ -121,11 +117,7 @@ impl Linear {
         for format in STORED_FORMATS {
             let name = crate::weights::stored_name("weight", format, output, input);
             if vb.contains_tensor(&name) {
-                let bytes = format.type_size() * output * input / format.block_size();
-                let raw = vb.get_with_hints_dtype(bytes, &name, Default::default(), DType::U8)?;
-                let storage =
-                    QStorage::from_data(Cow::Owned(raw.to_vec1::<u8>()?), vb.device(), format)?;
-                return QTensor::new(storage, (output, input)).map(Some);
+                return read_blocks(vb, &name, format, output, input).map(Some);
             }
         }
         Ok(None)
@@ -178,6 +170,20 @@ impl Linear {
             },
         }
     }
+}
+
+/// `output × input` weights in `format` blocks, which `vb` hands out as bytes under `name`.
+fn read_blocks(
+    vb: &VarBuilder,
+    name: &str,
+    format: GgmlDType,
+    output: usize,
+    input: usize,
+) -> candle_core::Result<QTensor> {
+    let bytes = format.type_size() * output * input / format.block_size();
+    let raw = vb.get_with_hints_dtype(bytes, name, Default::default(), DType::U8)?;
+    let storage = QStorage::from_data(Cow::Owned(raw.to_vec1::<u8>()?), vb.device(), format)?;
+    QTensor::new(storage, (output, input))
 }
 
 /// `y + b`, the bias broadcast over rows.

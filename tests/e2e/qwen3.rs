@@ -143,20 +143,8 @@ fn qwen3_runs_unchanged_at_the_maximum_tier() {
     let lib = plugin_lib("pio_plugin_qwen3");
     let dir = PluginDir::new();
     let model = repo_root().join("tests/fixtures/qwen3-tiny");
-    let extra = format!(
-        "sha256 = \"{}\"\n[limits]\nmemory = \"2GiB\"\ncpus = 2\n[model]\npath = \"{}\"\n",
-        sha256_of(&lib),
-        model.display()
-    );
-    let text = manifest(
-        "qwen3-4b-instruct-2507",
-        "0.1.0",
-        lib.to_str().unwrap(),
-        &extra,
-    )
-    .replace("^1.0", "^1.1")
-    .replace("tier = \"low\"", "tier = \"maximum\"");
-    dir.write("qwen3.toml", &text);
+    let model = format!("path = \"{}\"\n", model.display());
+    dir.write("qwen3.toml", &qwen3_manifest(&lib, "maximum", &model));
     let golden = golden();
     let args = [
         "run",
@@ -253,19 +241,11 @@ fn bench_profiles_a_gguf_model() {
     }
     let lib = plugin_lib("pio_plugin_qwen3");
     let dir = PluginDir::new();
-    let extra = format!(
-        "sha256 = \"{}\"\n[limits]\nmemory = \"2GiB\"\ncpus = 2\n[model]\npath = \"{}\"\n",
-        sha256_of(&lib),
+    let model = format!(
+        "path = \"{}\"\n",
         repo_root().join("tests/fixtures/qwen3-tiny").display()
     );
-    let text = manifest(
-        "qwen3-4b-instruct-2507",
-        "0.1.0",
-        lib.to_str().unwrap(),
-        &extra,
-    )
-    .replace("^1.0", "^1.1");
-    dir.write("qwen3.toml", &text);
+    dir.write("qwen3.toml", &qwen3_manifest(&lib, "low", &model));
     let gguf = repo_root().join("tests/fixtures/gguf/qwen3-wide.q4_k_m.gguf");
     let args = [
         "bench",

@@ -105,6 +105,23 @@ pub fn manifest(name: &str, version: &str, library: &str, extra: &str) -> String
     )
 }
 
+/// The manifest of the qwen3 plugin library `lib` (pinned by its digest) at `tier`, limited to
+/// 2 GiB and 2 CPUs, its `[model]` table holding `model` (TOML lines).
+pub fn qwen3_manifest(lib: &Path, tier: &str, model: &str) -> String {
+    let extra = format!(
+        "sha256 = \"{}\"\n[limits]\nmemory = \"2GiB\"\ncpus = 2\n[model]\n{model}",
+        sha256_of(lib)
+    );
+    manifest(
+        "qwen3-4b-instruct-2507",
+        "0.1.0",
+        lib.to_str().unwrap(),
+        &extra,
+    )
+    .replace("^1.0", "^1.1")
+    .replace("tier = \"low\"", &format!("tier = \"{tier}\""))
+}
+
 /// The lowercase hex SHA-256 of a file, by `sha256sum`.
 pub fn sha256_of(path: &Path) -> String {
     let out = Command::new("sha256sum")

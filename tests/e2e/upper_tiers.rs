@@ -182,19 +182,8 @@ fn a_model_path_through_dotdot_and_a_symlink_loads_at_every_tier() {
             dir.path().join("m/link"),
         )
         .unwrap();
-        let extra = format!(
-            "sha256 = \"{}\"\n[limits]\nmemory = \"2GiB\"\ncpus = 2\n[model]\npath = \"m/../m/link\"\ndtype = \"f32\"\n",
-            sha256_of(&lib)
-        );
-        let text = manifest(
-            "qwen3-4b-instruct-2507",
-            "0.1.0",
-            lib.to_str().unwrap(),
-            &extra,
-        )
-        .replace("^1.0", "^1.1")
-        .replace("tier = \"low\"", &format!("tier = \"{tier}\""));
-        dir.write("qwen3.toml", &text);
+        let model = "path = \"m/../m/link\"\ndtype = \"f32\"\n";
+        dir.write("qwen3.toml", &qwen3_manifest(&lib, tier, model));
         let d = Daemon::start(dir, "");
         d.wait_ready();
         let body = serde_json::json!({"model": "qwen3-4b-instruct-2507", "prompt": "Hello world",
@@ -216,20 +205,8 @@ fn a_gguf_file_is_served_at_every_tier_as_its_snapshot_is() {
     let lib = plugin_lib("pio_plugin_qwen3");
     let complete = |tier: &str, path: &std::path::Path| {
         let dir = PluginDir::new();
-        let extra = format!(
-            "sha256 = \"{}\"\n[limits]\nmemory = \"2GiB\"\ncpus = 2\n[model]\npath = \"{}\"\ndtype = \"f32\"\n",
-            sha256_of(&lib),
-            path.display()
-        );
-        let text = manifest(
-            "qwen3-4b-instruct-2507",
-            "0.1.0",
-            lib.to_str().unwrap(),
-            &extra,
-        )
-        .replace("^1.0", "^1.1")
-        .replace("tier = \"low\"", &format!("tier = \"{tier}\""));
-        dir.write("qwen3.toml", &text);
+        let model = format!("path = \"{}\"\ndtype = \"f32\"\n", path.display());
+        dir.write("qwen3.toml", &qwen3_manifest(&lib, tier, &model));
         let d = Daemon::start(dir, "");
         d.wait_ready();
         let body = serde_json::json!({"model": "qwen3-4b-instruct-2507",

@@ -119,8 +119,9 @@ fn rope_scaling(file: &GgufFile, arch: &str) -> Result<Option<Value>> {
     Ok(Some(scaling))
 }
 
-/// The shortest decimal that rounds to the same f32 as `x`.
-fn shortest_f32(x: f64) -> f64 {
+/// The shortest decimal that rounds to the same f32 as `x` (metadata floats are written as f32;
+/// transformers' values are the decimals).
+pub(super) fn shortest_f32(x: f64) -> f64 {
     (x as f32).to_string().parse().unwrap_or(x)
 }
 

@@ -164,22 +164,11 @@ impl GgufFile {
         let Some(v) = self.get(key) else {
             return Ok(None);
         };
-        let n = match v {
-            Value::U8(n) => *n as u64,
-            Value::U16(n) => *n as u64,
-            Value::U32(n) => *n as u64,
-            Value::U64(n) => *n,
-            Value::I8(n) if *n >= 0 => *n as u64,
-            Value::I16(n) if *n >= 0 => *n as u64,
-            Value::I32(n) if *n >= 0 => *n as u64,
-            Value::I64(n) if *n >= 0 => *n as u64,
-            other => {
-                return Err(self.field_error(
-                    key,
-                    format!("expected a non-negative integer, found {other:?}"),
-                ))
-            }
-        };
+        let n = integer(v)
+            .and_then(|n| u64::try_from(n).ok())
+            .ok_or_else(|| {
+                self.field_error(key, format!("expected a non-negative integer, found {v:?}"))
+            })?;
         Ok(Some(n))
     }
 
@@ -255,7 +244,27 @@ impl GgufFile {
 
 /// Bytes of a tensor as stored.
 fn tensor_bytes(info: &candle_core::quantized::gguf_file::TensorInfo) -> usize {
-    info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()
+    stored_bytes(info.ggml_dtype, info.shape.elem_count())
+}
+
+/// Bytes `values` values take stored as `format`.
+pub(crate) fn stored_bytes(format: GgmlDType, values: usize) -> usize {
+    values / format.block_size() * format.type_size()
+}
+
+/// A metadata integer of any width.
+pub(crate) fn integer(v: &Value) -> Option<i128> {
+    Some(match v {
+        Value::U8(n) => (*n).into(),
+        Value::U16(n) => (*n).into(),
+        Value::U32(n) => (*n).into(),
+        Value::U64(n) => (*n).into(),
+        Value::I8(n) => (*n).into(),
+        Value::I16(n) => (*n).into(),
+        Value::I32(n) => (*n).into(),
+        Value::I64(n) => (*n).into(),
+        _ => return None,
+    })
 }
 
 /// The `.gguf` file a model path names: the path itself, or the one GGUF in a folder that holds

@@ -11,7 +11,7 @@ use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 
-use super::{names, type_name, GgufFile, READABLE, REQUANTIZE};
+use super::{names, stored_bytes, type_name, GgufFile, READABLE, REQUANTIZE};
 use crate::quant_cache::QuantCache;
 use crate::weights::{parse_quantized, quantized_blocks, shaped};
 
@@ -73,7 +73,7 @@ impl GgufTensors {
         let (format, shape) = self
             .describe(hf)
             .ok_or_else(|| error(format!("{path}: {} has no expert {hf}", at.name)))?;
-        let len = shape.iter().product::<usize>() / format.block_size() * format.type_size();
+        let len = stored_bytes(format, shape.iter().product());
         let start = self.file.content.tensor_data_offset
             + info.offset
             + (at.expert.unwrap_or(0) * len) as u64;

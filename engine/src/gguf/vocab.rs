@@ -17,18 +17,9 @@ const CONTROL: i64 = 3;
 const USER_DEFINED: i64 = 4;
 const UNUSED: i64 = 5;
 
-fn integer(v: &candle_core::quantized::gguf_file::Value) -> Option<i64> {
-    use candle_core::quantized::gguf_file::Value as V;
-    Some(match v {
-        V::I32(n) => *n as i64,
-        V::U32(n) => *n as i64,
-        V::I8(n) => *n as i64,
-        V::U8(n) => *n as i64,
-        V::I16(n) => *n as i64,
-        V::U16(n) => *n as i64,
-        V::I64(n) => *n,
-        _ => return None,
-    })
+/// A token type (any integer width).
+fn token_type(v: &candle_core::quantized::gguf_file::Value) -> Option<i64> {
+    super::integer(v).and_then(|n| i64::try_from(n).ok())
 }
 
 fn text(v: &candle_core::quantized::gguf_file::Value) -> Option<String> {
@@ -72,7 +63,7 @@ pub(crate) fn tokenizer(file: &GgufFile) -> Result<tokenizers::Tokenizer> {
     }
     let tokens = tokens(file)?;
     let types = file
-        .array("tokenizer.ggml.token_type", integer, "integers")?
+        .array("tokenizer.ggml.token_type", token_type, "integers")?
         .unwrap_or_default();
     let merges = file
         .array("tokenizer.ggml.merges", text, "strings")?
@@ -168,10 +159,7 @@ pub(crate) fn generation_config(file: &GgufFile) -> Result<Value> {
         ("repetition_penalty", "general.sampling.penalty_repeat"),
     ] {
         if let Some(x) = file.float(key)? {
-            config.insert(
-                name.into(),
-                json!((x as f32).to_string().parse::<f64>().unwrap_or(x)),
-            );
+            config.insert(name.into(), json!(super::config::shortest_f32(x)));
             sampled = true;
         }
     }
