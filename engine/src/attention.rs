@@ -79,19 +79,15 @@ pub fn paged_batch(
 /// The same with candle's operations: the sequence's rows gathered, keys and values repeated per
 /// query head, an explicit mask.
 fn with_candle(q: &Tensor, kv: &PagedKv<'_>, start: usize, scale: f64) -> Result<Tensor> {
-    let (seq, heads, _) = q.dims3()?;
+    let (seq, heads, head_dim) = q.dims3()?;
     let total = start + seq;
     let bs = kv.block_size;
     let slots: Vec<u32> = (0..total)
         .map(|t| kv.blocks[t / bs] * bs as u32 + (t % bs) as u32)
         .collect();
     let slots = Tensor::new(slots, q.device())?;
-    let (k, v) = (
-        kv.keys.index_select(&slots, 0)?,
-        kv.values
-            .index_select(&slots, 0)?
-            .narrow(2, 0, kv.value_dim)?,
-    );
+    let read = |t: &Tensor| crate::kv_pool::values(&t.index_select(&slots, 0)?, head_dim);
+    let (k, v) = (read(kv.keys)?, read(kv.values)?.narrow(2, 0, kv.value_dim)?);
     // (heads, positions, head_dim), each key/value head repeated for its group of query heads.
     let heads_first = |t: &Tensor| -> Result<Tensor> {
         let (len, kvh, d) = t.dims3()?;
@@ -130,19 +126,26 @@ fn with_candle(q: &Tensor, kv: &PagedKv<'_>, start: usize, scale: f64) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kv_pool::{KvPool, PoolShape, TokenLayout};
+    use crate::kv_pool::{CacheType, KvPool, PoolShape, TokenLayout};
     use candle_core::Device;
 
     /// The fused kernel and candle's operations agree through a scattered block table, for a
-    /// prompt and the decode steps after it.
+    /// prompt and the decode steps after it, on float and 8-bit pools (both read the same
+    /// rounded rows, so they agree as closely).
     #[test]
     fn the_kernel_and_candle_agree() {
+        for storage in [CacheType::Float(DType::F32), CacheType::Q8_0] {
+            agree(storage);
+        }
+    }
+
+    fn agree(storage: CacheType) {
         let device = Device::Cpu;
         let (heads, kv_heads, d) = (6, 2, 16);
         let shape = PoolShape {
             block_size: 4,
             blocks: 8,
-            dtype: DType::F32,
+            storage,
         };
         let pool = KvPool::new(TokenLayout::keys_values(1, kv_heads, d), shape, &device).unwrap();
         let blocks = [5, 2, 7, 0, 3, 6];
@@ -171,7 +174,7 @@ mod tests {
                 .unwrap();
             assert!(
                 diff.to_scalar::<f32>().unwrap() < 1e-5,
-                "seq {seq} at {start}"
+                "{storage:?}: seq {seq} at {start}"
             );
             start += seq;
         }

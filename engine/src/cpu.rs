@@ -6,7 +6,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 use pio_kernels::{
     bf16, dequantize, f16, matmul, matmul_rows, packed_matmul, paged_attention, quantized_matmul,
-    AttentionShape, Format, PackedMatrix, PagedKv, QuantMatrix, WeightRows,
+    AttentionShape, CachedRow, Format, PackedMatrix, PagedKv, QuantMatrix, WeightRows,
 };
 
 /// The kernels' block format for a candle quantized dtype; `None` for formats they lack.
@@ -208,16 +208,21 @@ pub(crate) fn attention(
     scale: f32,
 ) -> candle_core::Result<Option<Tensor>> {
     let (keys, values) = (kv.keys, kv.values);
-    if !supports(q) || !supports(keys) || keys.dtype() != values.dtype() {
+    let eight_bit = keys.dtype() == DType::U8;
+    if !supports(q) || !(eight_bit || supports(keys)) || keys.dtype() != values.dtype() {
         return Ok(None);
     }
     let (seq, heads, head_dim) = q.dims3()?;
-    let (slots, kv_heads, key_dim) = keys.dims3()?;
+    let (slots, kv_heads, key_units) = keys.dims3()?;
+    let units = match eight_bit {
+        true => pio_kernels::kv_q8::row_bytes(head_dim),
+        false => head_dim,
+    };
     let bs = kv.block_size;
     let blocks_fit = kv.blocks[..(start + seq).div_ceil(bs.max(1)).min(kv.blocks.len())]
         .iter()
         .all(|&b| (b as usize + 1) * bs <= slots);
-    if key_dim != head_dim
+    if key_units != units
         || values.dims() != keys.dims()
         || kv.value_dim == 0
         || kv.value_dim > head_dim
@@ -244,32 +249,44 @@ pub(crate) fn attention(
     };
     let qf = activations(q)?;
     let mut out = vec![0f32; seq * heads * kv.value_dim];
-    fn view<'a, T>(keys: &'a [T], values: &'a [T], blocks: &'a [u32], bs: usize) -> PagedKv<'a, T> {
-        PagedKv {
+    fn run<T: CachedRow>(
+        shape: &AttentionShape,
+        (qs, keys, values): (&[f32], &[T], &[T]),
+        kv: &crate::attention::PagedKv<'_>,
+        start: usize,
+        out: &mut [f32],
+    ) -> bool {
+        let view = PagedKv {
             keys,
             values,
-            blocks,
-            block_size: bs,
-        }
-    }
-    let run = |out: &mut [f32], qs: &[f32], ks: Elements<'_>, vs: Elements<'_>| -> bool {
-        match (ks, vs) {
-            (Elements::F32(k), Elements::F32(v)) => {
-                paged_attention(&shape, qs, &view(k, v, kv.blocks, bs), start, out)
-            }
-            (Elements::Bf16(k), Elements::Bf16(v)) => {
-                paged_attention(&shape, qs, &view(k, v, kv.blocks, bs), start, out)
-            }
-            (Elements::F16(k), Elements::F16(v)) => {
-                paged_attention(&shape, qs, &view(k, v, kv.blocks, bs), start, out)
-            }
-            _ => return false,
-        }
+            blocks: kv.blocks,
+            block_size: kv.block_size,
+        };
+        paged_attention(shape, qs, &view, start, out);
         true
-    };
+    }
     let done = with_f32(&qf, |qs| {
+        if eight_bit {
+            return with_bytes(keys, |k| {
+                with_bytes(values, |v| run(&shape, (qs, k, v), kv, start, &mut out))
+                    .unwrap_or(false)
+            })
+            .unwrap_or(false);
+        }
         with_elements(keys, |ks| {
-            with_elements(values, |vs| run(&mut out, qs, ks, vs)).unwrap_or(false)
+            with_elements(values, |vs| match (ks, vs) {
+                (Elements::F32(k), Elements::F32(v)) => {
+                    run(&shape, (qs, k, v), kv, start, &mut out)
+                }
+                (Elements::Bf16(k), Elements::Bf16(v)) => {
+                    run(&shape, (qs, k, v), kv, start, &mut out)
+                }
+                (Elements::F16(k), Elements::F16(v)) => {
+                    run(&shape, (qs, k, v), kv, start, &mut out)
+                }
+                _ => false,
+            })
+            .unwrap_or(false)
         })
         .unwrap_or(false)
     });
@@ -279,6 +296,17 @@ pub(crate) fn attention(
     Ok(Some(
         Tensor::from_vec(out, (seq, heads, kv.value_dim), q.device())?.to_dtype(q.dtype())?,
     ))
+}
+
+/// Calls `f` on the bytes of `t` when it is a contiguous CPU tensor of bytes (the 8-bit KV
+/// cache's rows).
+fn with_bytes<R>(t: &Tensor, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let (start, end) = layout.contiguous_offsets()?;
+    match &*storage {
+        Storage::Cpu(CpuStorage::U8(v)) => Some(f(&v[start..end])),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 
 use crate::batch::{Batch, Positions, SeqStep};
 use crate::generate::CausalLm;
-use crate::kv_pool::{BlockId, KvPool, PoolShape};
+use crate::kv_pool::{BlockId, CacheType, KvPool, PoolShape};
 use crate::{EngineError, Result};
 
 /// Positions per block of a single sequence's pool.
@@ -19,12 +19,17 @@ pub struct SingleSequence {
 }
 
 impl SingleSequence {
-    /// An empty sequence that can grow to `capacity` positions.
+    /// An empty sequence that can grow to `capacity` positions, caching in the model's dtype.
     pub fn new<M: CausalLm>(model: &M, capacity: usize) -> Result<Self> {
+        Self::with_cache(model, capacity, CacheType::Float(model.kv_dtype()))
+    }
+
+    /// The same, caching as `storage`.
+    pub fn with_cache<M: CausalLm>(model: &M, capacity: usize, storage: CacheType) -> Result<Self> {
         let shape = PoolShape {
             block_size: BLOCK,
             blocks: capacity.div_ceil(BLOCK).max(1),
-            dtype: model.kv_dtype(),
+            storage,
         };
         Ok(Self {
             pool: KvPool::new(model.kv_layout(), shape, &model.device())?,

@@ -15,7 +15,7 @@ use pio_engine::batch::{Batch, Positions, SeqStep};
 use pio_engine::candle_core::{DType, Device};
 use pio_engine::checkpoint::Checkpoint;
 use pio_engine::generate::CausalLm;
-use pio_engine::kv_pool::{KvPool, PoolShape};
+use pio_engine::kv_pool::{CacheType, KvPool, PoolShape};
 use pio_engine::linear::Quantization;
 use pio_engine::models::glm4_moe_lite::{Glm4MoeLite, MlaForm};
 use pio_engine::single::SingleSequence;
@@ -50,7 +50,7 @@ fn choices(model: &Glm4MoeLite, prompt: &[u32]) -> Vec<Vec<Vec<usize>>> {
     let shape = PoolShape {
         block_size: 16,
         blocks: prompt.len().div_ceil(16),
-        dtype: DType::F32,
+        storage: CacheType::Float(DType::F32),
     };
     let mut pool = KvPool::new(model.kv_layout(), shape, &Device::Cpu).unwrap();
     let blocks: Vec<u32> = (0..shape.blocks as u32).collect();
@@ -126,7 +126,12 @@ fn the_cache_keeps_one_latent_per_token_and_layer() {
     // kv_lora_rank 32 + qk_rope_head_dim 16, one "head" shared by all four query heads.
     assert_eq!((layout.vectors[0].heads, layout.vectors[0].dim), (1, 48));
     // Full keys and values would be 4 heads × (40 + 32) per layer.
-    assert_eq!(layout.bytes_per_token(DType::BF16), 3 * 48 * 2);
+    assert_eq!(
+        layout.bytes_per_token(CacheType::Float(DType::BF16)),
+        3 * 48 * 2
+    );
+    // 8-bit: 48 bytes and one f16 scale (48 is not a multiple of 32: one group per row).
+    assert_eq!(layout.bytes_per_token(CacheType::Q8_0), 3 * (48 + 2));
 }
 
 #[test]

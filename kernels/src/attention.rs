@@ -11,7 +11,7 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use crate::parallel::SharedMut;
-use crate::Element;
+use crate::{kv_q8, Element};
 
 /// From this many queries on, attention runs as GEMMs per head.
 const GEMM_QUERIES: usize = 8;
@@ -39,6 +39,145 @@ thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static KEYS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static VALUES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static ROWS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Positions widened at a time from 8-bit rows: a run of keys or values stays in the L1/L2 cache
+/// between its widening and its use.
+const RUN: usize = 64;
+
+/// How the pool stores a cached row of `d` values: as f32, bf16 or f16 elements, read in place,
+/// or as the bytes of [`kv_q8`]'s 8-bit rows, widened to f32 a run of positions at a time.
+pub trait CachedRow: Copy + Send + Sync + 'static {
+    /// Storage units one row of `d` values takes.
+    fn units(d: usize) -> usize;
+    /// `scores[h · len + t] = qs[h] · key(t)` for the rows at `offsets` (`len` of them), each of
+    /// `d` values.
+    fn scores(qs: &[&[f32]], pool: &[Self], offsets: &[usize], d: usize, scores: &mut [f32]);
+    /// `outs[h] = Σₜ probs[h][t] · value(t)`, the first `outs[h].len()` values of each row of `d`.
+    fn weighted_sum(
+        probs: &[&[f32]],
+        pool: &[Self],
+        offsets: &[usize],
+        d: usize,
+        outs: &mut [&mut [f32]],
+    );
+    /// The first `out.len()` values of the row of `d` at `offset`, as f32.
+    fn widen(pool: &[Self], offset: usize, d: usize, out: &mut [f32]);
+}
+
+impl<T: Element> CachedRow for T {
+    fn units(d: usize) -> usize {
+        d
+    }
+
+    fn scores(qs: &[&[f32]], pool: &[T], offsets: &[usize], d: usize, scores: &mut [f32]) {
+        let len = offsets.len();
+        let y = SharedMut::new(scores);
+        // SAFETY: `scores` is qs.len() × len and only this call writes it.
+        unsafe { crate::matmul::dots(qs, 0..len, |t| &pool[offsets[t]..offsets[t] + d], len, y) };
+    }
+
+    fn weighted_sum(
+        probs: &[&[f32]],
+        pool: &[T],
+        offsets: &[usize],
+        _d: usize,
+        outs: &mut [&mut [f32]],
+    ) {
+        let mut h = 0;
+        while h < probs.len() {
+            let c = (probs.len() - h).min(crate::simd::weighted_rows());
+            match (&probs[h..h + c], &mut outs[h..h + c]) {
+                ([p0, p1, p2, p3], [o0, o1, o2, o3]) => <T as Element>::weighted_sum(
+                    [p0, p1, p2, p3],
+                    pool,
+                    offsets,
+                    [&mut **o0, &mut **o1, &mut **o2, &mut **o3],
+                ),
+                ([p0, p1, p2], [o0, o1, o2]) => <T as Element>::weighted_sum(
+                    [p0, p1, p2],
+                    pool,
+                    offsets,
+                    [&mut **o0, &mut **o1, &mut **o2],
+                ),
+                ([p0, p1], [o0, o1]) => {
+                    <T as Element>::weighted_sum([p0, p1], pool, offsets, [&mut **o0, &mut **o1])
+                }
+                ([p0], [o0]) => <T as Element>::weighted_sum([p0], pool, offsets, [&mut **o0]),
+                _ => {}
+            }
+            h += c;
+        }
+    }
+
+    fn widen(pool: &[T], offset: usize, _d: usize, out: &mut [f32]) {
+        <T as Element>::widen(&pool[offset..offset + out.len()], out);
+    }
+}
+
+impl CachedRow for u8 {
+    fn units(d: usize) -> usize {
+        kv_q8::row_bytes(d)
+    }
+
+    fn scores(qs: &[&[f32]], pool: &[u8], offsets: &[usize], d: usize, scores: &mut [f32]) {
+        let (len, bytes) = (offsets.len(), kv_q8::row_bytes(d));
+        ROWS.with_borrow_mut(|(rows, _)| {
+            rows.resize(RUN * d, 0.0);
+            for first in (0..len).step_by(RUN) {
+                let run = &offsets[first..(first + RUN).min(len)];
+                for (&at, row) in run.iter().zip(rows.chunks_exact_mut(d)) {
+                    kv_q8::dequantize_row(&pool[at..at + bytes], d, row);
+                }
+                let y = SharedMut::new(&mut *scores);
+                let rows = &rows[..];
+                // SAFETY: columns first.. of the qs.len() × len scores, written by this call only.
+                unsafe {
+                    crate::matmul::dots(
+                        qs,
+                        first..first + run.len(),
+                        |t| &rows[(t - first) * d..(t - first + 1) * d],
+                        len,
+                        y,
+                    )
+                };
+            }
+        });
+    }
+
+    fn weighted_sum(
+        probs: &[&[f32]],
+        pool: &[u8],
+        offsets: &[usize],
+        d: usize,
+        outs: &mut [&mut [f32]],
+    ) {
+        let (len, bytes) = (offsets.len(), kv_q8::row_bytes(d));
+        let vd = outs.first().map_or(0, |o| o.len());
+        outs.iter_mut().for_each(|o| o.fill(0.0));
+        ROWS.with_borrow_mut(|(rows, partial)| {
+            rows.resize(RUN * vd, 0.0);
+            partial.resize(probs.len() * vd, 0.0);
+            let local: Vec<usize> = (0..RUN).map(|t| t * vd).collect();
+            for first in (0..len).step_by(RUN) {
+                let run = &offsets[first..(first + RUN).min(len)];
+                for (&at, row) in run.iter().zip(rows.chunks_exact_mut(vd)) {
+                    kv_q8::dequantize_row(&pool[at..at + bytes], d, row);
+                }
+                let ps: Vec<&[f32]> = probs.iter().map(|p| &p[first..first + run.len()]).collect();
+                let mut parts: Vec<&mut [f32]> = partial.chunks_exact_mut(vd).collect();
+                <f32 as CachedRow>::weighted_sum(&ps, rows, &local[..run.len()], vd, &mut parts);
+                for (o, p) in outs.iter_mut().zip(&parts) {
+                    o.iter_mut().zip(p.iter()).for_each(|(o, p)| *o += p);
+                }
+            }
+        });
+    }
+
+    fn widen(pool: &[u8], offset: usize, d: usize, out: &mut [f32]) {
+        kv_q8::dequantize_row(&pool[offset..offset + kv_q8::row_bytes(d)], d, out);
+    }
 }
 
 /// Where one sequence's keys and values lie in a paged pool: position `t` is at slot
@@ -73,7 +212,7 @@ impl<T> PagedKv<'_, T> {
 /// # Panics
 /// When the slices do not match the shape or the block table does not cover `start + seq`
 /// positions inside the pool (a caller bug, not an input error).
-pub fn paged_attention<T: Element>(
+pub fn paged_attention<T: CachedRow>(
     shape: &AttentionShape,
     q: &[f32],
     kv: &PagedKv<'_, T>,
@@ -102,7 +241,7 @@ pub fn paged_attention<T: Element>(
         seq * heads * vd,
         "output is not [seq][{heads}][{vd}]"
     );
-    let stride = kv_heads * d;
+    let stride = kv_heads * T::units(d);
     let len = start + seq;
     assert!(
         kv.block_size > 0 && kv.blocks.len() * kv.block_size >= len,
@@ -141,7 +280,7 @@ fn softmax(row: &mut [f32]) {
 /// that share a key/value head score every position in register tiles (each key read once for
 /// the whole group), then sum the value rows for several heads at once, their outputs held in
 /// registers across every position.
-fn per_query<T: Element>(
+fn per_query<T: CachedRow>(
     shape: &AttentionShape,
     q: &[f32],
     kv: &PagedKv<'_, T>,
@@ -170,7 +309,7 @@ fn per_query<T: Element>(
 
 /// Attention of the query heads `qs` (`[n][head_dim]`), all reading key/value head `g`, over
 /// positions `0..len`; `o` is `[n][value_dim]`.
-fn query_group<T: Element>(
+fn query_group<T: CachedRow>(
     shape: &AttentionShape,
     qs: &[f32],
     kv: &PagedKv<'_, T>,
@@ -179,68 +318,44 @@ fn query_group<T: Element>(
     o: &mut [f32],
 ) {
     let (d, vd) = (shape.head_dim, shape.value_dim);
-    let stride = shape.kv_heads * d;
+    let units = T::units(d);
+    let stride = shape.kv_heads * units;
     let groups = qs.len() / d;
     let qs: Vec<&[f32]> = qs.chunks_exact(d).collect();
-    let row = |t: usize| kv.slot(t, stride) + g * d;
+    let offsets: Vec<usize> = (0..len).map(|t| kv.slot(t, stride) + g * units).collect();
     SCORES.with_borrow_mut(|scores| {
         scores.clear();
         scores.resize(groups * len, 0.0);
-        let y = crate::parallel::SharedMut::new(scores);
-        // SAFETY: the scores buffer is groups × len and only this task uses it.
-        unsafe { crate::matmul::dots(&qs, 0..len, |t| &kv.keys[row(t)..row(t) + d], len, y) };
+        T::scores(&qs, kv.keys, &offsets, d, scores);
         for p in scores.chunks_exact_mut(len) {
             p.iter_mut().for_each(|s| *s *= shape.scale);
             softmax(p);
         }
-        let offsets: Vec<usize> = (0..len).map(row).collect();
         let probs: Vec<&[f32]> = scores.chunks_exact(len).collect();
         let mut outs: Vec<&mut [f32]> = o.chunks_exact_mut(vd).collect();
-        let mut h = 0;
-        while h < groups {
-            let c = (groups - h).min(crate::simd::weighted_rows());
-            let v = kv.values;
-            match (&probs[h..h + c], &mut outs[h..h + c]) {
-                ([p0, p1, p2, p3], [o0, o1, o2, o3]) => T::weighted_sum(
-                    [p0, p1, p2, p3],
-                    v,
-                    &offsets,
-                    [&mut **o0, &mut **o1, &mut **o2, &mut **o3],
-                ),
-                ([p0, p1, p2], [o0, o1, o2]) => {
-                    T::weighted_sum([p0, p1, p2], v, &offsets, [&mut **o0, &mut **o1, &mut **o2])
-                }
-                ([p0, p1], [o0, o1]) => {
-                    T::weighted_sum([p0, p1], v, &offsets, [&mut **o0, &mut **o1])
-                }
-                ([p0], [o0]) => T::weighted_sum([p0], v, &offsets, [&mut **o0]),
-                _ => {}
-            }
-            h += c;
-        }
+        T::weighted_sum(&probs, kv.values, &offsets, d, &mut outs);
     });
 }
 
-/// One head's keys or values as a contiguous f32 matrix `[len][d]`, gathered through the block
-/// table (and widened from bf16/f16).
-fn head_matrix<'a, T: Element>(
+/// One head's keys or values as a contiguous f32 matrix `[len][take]`, the first `take` values
+/// of each row of `d`, gathered through the block table (and widened from their storage).
+fn head_matrix<'a, T: CachedRow>(
     kv: &PagedKv<'_, T>,
     pool: &[T],
     len: usize,
     stride: usize,
     offset: usize,
-    d: usize,
+    (d, take): (usize, usize),
     buf: &'a mut Vec<f32>,
 ) -> &'a [f32] {
-    buf.resize(len * d, 0.0);
-    for (t, dst) in buf.chunks_exact_mut(d).enumerate() {
-        let src = kv.slot(t, stride) + offset;
-        T::widen(&pool[src..src + d], dst);
+    buf.resize(len * take, 0.0);
+    for (t, dst) in buf.chunks_exact_mut(take).enumerate() {
+        T::widen(pool, kv.slot(t, stride) + offset, d, dst);
     }
     buf
 }
 
-fn per_head<T: Element>(
+fn per_head<T: CachedRow>(
     shape: &AttentionShape,
     q: &[f32],
     kv: &PagedKv<'_, T>,
@@ -254,13 +369,13 @@ fn per_head<T: Element>(
     let (q_stride, out_stride) = ((heads * d) as isize, (heads * vd) as isize);
     let y = SharedMut::new(out);
     (0..heads).into_par_iter().for_each(|head| {
-        let offset = (head / groups) * d;
+        let offset = (head / groups) * T::units(d);
         KEYS.with_borrow_mut(|kbuf| {
             VALUES.with_borrow_mut(|vbuf| {
                 SCORES.with_borrow_mut(|scores| {
-                    let stride = kv_heads * d;
-                    let keys = head_matrix(kv, kv.keys, len, stride, offset, d, kbuf);
-                    let values = head_matrix(kv, kv.values, len, stride, offset, vd, vbuf);
+                    let stride = kv_heads * T::units(d);
+                    let keys = head_matrix(kv, kv.keys, len, stride, offset, (d, d), kbuf);
+                    let values = head_matrix(kv, kv.values, len, stride, offset, (d, vd), vbuf);
                     let (ks, vs) = (d as isize, vd as isize);
                     let slice = (SCORE_ELEMENTS / len).clamp(1, seq);
                     for first in (0..seq).step_by(slice) {
@@ -511,6 +626,71 @@ mod tests {
                 assert!(
                     (*a as f64 - b).abs() < 1e-5,
                     "seq {seq} start {start}: [{i}] {a} vs {b}"
+                );
+            }
+        }
+    }
+
+    /// 8-bit rows: the kernel's result is attention over the rows' own (rounded) values, for
+    /// decode and prefill, across several widening runs, through a scattered block table, at
+    /// row widths of whole groups and of one odd group, and with values narrower than keys (MLA).
+    #[test]
+    fn eight_bit_rows_read_as_their_values() {
+        let cases = [
+            // (heads, kv_heads, d, vd, seq, start)
+            (4, 2, 32, 32, 1, 150),
+            (4, 2, 64, 64, 3, 70),
+            (4, 1, 48, 48, 20, 0),
+            (4, 2, 32, 32, 12, 140),
+            (6, 1, 48, 32, 1, 99),
+            (6, 1, 96, 64, 10, 60),
+        ];
+        for (heads, kv_heads, d, vd, seq, start) in cases {
+            let shape = AttentionShape {
+                heads,
+                kv_heads,
+                head_dim: d,
+                value_dim: vd,
+                scale: 0.25,
+            };
+            let (len, bs, row): (usize, usize, usize) = (start + seq, 16, kv_q8::row_bytes(d));
+            let blocks: Vec<u32> = (0..len.div_ceil(bs) as u32).rev().collect();
+            let slots = blocks.len() * bs;
+            let q = data(seq * heads * d, 11);
+            let pool = |seed| {
+                let x: Vec<f32> = data(slots * kv_heads * d, seed);
+                let mut bytes = vec![0u8; slots * kv_heads * row];
+                let mut read = vec![0f32; len * kv_heads * d];
+                for (i, (x, b)) in x.chunks(d).zip(bytes.chunks_mut(row)).enumerate() {
+                    kv_q8::quantize_row(x, b);
+                    let (slot, head) = (i / kv_heads, i % kv_heads);
+                    let t = blocks
+                        .iter()
+                        .position(|&b| b as usize == slot / bs)
+                        .expect("every block is in the table")
+                        * bs
+                        + slot % bs;
+                    if t < len {
+                        let at = (t * kv_heads + head) * d;
+                        kv_q8::dequantize_row(b, d, &mut read[at..at + d]);
+                    }
+                }
+                (bytes, read)
+            };
+            let ((kb, k), (vb, v)) = (pool(12), pool(13));
+            let expected = reference(&shape, &q, &k, &v, start);
+            let kv = PagedKv {
+                keys: &kb[..],
+                values: &vb[..],
+                blocks: &blocks,
+                block_size: bs,
+            };
+            let mut out = vec![f32::NAN; seq * heads * vd];
+            paged_attention(&shape, &q, &kv, start, &mut out);
+            for (i, (a, b)) in out.iter().zip(&expected).enumerate() {
+                assert!(
+                    (*a as f64 - b).abs() < 1e-5,
+                    "{heads}/{kv_heads} heads of {d} ({vd}), seq {seq} start {start}: [{i}] {a} vs {b}"
                 );
             }
         }

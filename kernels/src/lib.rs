@@ -6,7 +6,8 @@
 //! - [`quant`]: the same for weights in ggml's block formats (Q8_0, Q4_0, Q4_K, Q6_K), with the
 //!   activations quantized to 8 bits once per product and integer dot products.
 //! - [`attention`]: causal grouped-query attention of new queries over a paged, position-major KV
-//!   pool read through a sequence's block table, without copying or repeating keys and values.
+//!   pool read through a sequence's block table, without copying or repeating keys and values;
+//!   the pool holds f32, bf16, f16 or the 8-bit rows of [`kv_q8`].
 //!
 //! SIMD paths (AVX2 + FMA, F16C for f16) are chosen at run time; every kernel has a portable
 //! fallback that the tests check against the same reference. Work is split over rayon's global
@@ -14,12 +15,13 @@
 
 pub mod attention;
 mod element;
+pub mod kv_q8;
 pub mod matmul;
 mod parallel;
 pub mod quant;
 mod simd;
 
-pub use attention::{paged_attention, AttentionShape, PagedKv};
+pub use attention::{paged_attention, AttentionShape, CachedRow, PagedKv};
 pub use element::Element;
 pub use half::{bf16, f16};
 pub use matmul::{matmul, matmul_rows, WeightRows};

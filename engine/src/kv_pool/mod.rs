@@ -55,11 +55,77 @@ impl TokenLayout {
         }
     }
 
-    /// Bytes one token takes in `dtype`.
-    pub fn bytes_per_token(&self, dtype: DType) -> usize {
-        let per_layer: usize = self.vectors.iter().map(|v| v.heads * v.dim).sum();
-        self.layers * per_layer * dtype.size_in_bytes()
+    /// Bytes one token takes stored as `storage`.
+    pub fn bytes_per_token(&self, storage: CacheType) -> usize {
+        let per_layer: usize = self
+            .vectors
+            .iter()
+            .map(|v| v.heads * storage.row_bytes(v.dim))
+            .sum();
+        self.layers * per_layer
     }
+}
+
+/// What the pool stores cached vectors as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheType {
+    /// Values of a float dtype (f32, bf16 or f16).
+    Float(DType),
+    /// 8-bit rows with one f16 scale per 32 values ([`pio_kernels::kv_q8`]): half of bf16's
+    /// bytes, so half the traffic of attention over a long context. Read by the CPU kernels.
+    Q8_0,
+}
+
+impl CacheType {
+    /// The type a manifest names: `f32`, `bf16`, `f16` or `q8_0`.
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "f32" => Self::Float(DType::F32),
+            "bf16" => Self::Float(DType::BF16),
+            "f16" => Self::Float(DType::F16),
+            "q8_0" => Self::Q8_0,
+            _ => return None,
+        })
+    }
+
+    /// The name [`parse`](Self::parse) takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Float(dtype) => dtype.as_str(),
+            Self::Q8_0 => "q8_0",
+        }
+    }
+
+    /// Bytes one cached row of `dim` values takes.
+    pub fn row_bytes(self, dim: usize) -> usize {
+        match self {
+            Self::Float(dtype) => dim * dtype.size_in_bytes(),
+            Self::Q8_0 => pio_kernels::kv_q8::row_bytes(dim),
+        }
+    }
+
+    /// The pool tensor's last dimension for rows of `dim` values, and its element type.
+    fn tensor_row(self, dim: usize) -> (usize, DType) {
+        match self {
+            Self::Float(dtype) => (dim, dtype),
+            Self::Q8_0 => (pio_kernels::kv_q8::row_bytes(dim), DType::U8),
+        }
+    }
+}
+
+/// Cached rows read from a pool tensor — `(n, heads, units)` — as values: 8-bit rows of `dim`
+/// values widened to f32, float rows as they are. For readers other than the CPU kernels.
+pub fn values(rows: &Tensor, dim: usize) -> Result<Tensor> {
+    if rows.dtype() != DType::U8 {
+        return Ok(rows.clone());
+    }
+    let (n, heads, units) = rows.dims3()?;
+    let bytes = rows.flatten_all()?.to_vec1::<u8>()?;
+    let mut out = vec![0f32; n * heads * dim];
+    for (row, out) in bytes.chunks_exact(units).zip(out.chunks_exact_mut(dim)) {
+        pio_kernels::kv_q8::dequantize_row(row, dim, out);
+    }
+    Ok(Tensor::from_vec(out, (n, heads, dim), rows.device())?)
 }
 
 /// How big a pool is and what it stores in.
@@ -69,8 +135,8 @@ pub struct PoolShape {
     pub block_size: usize,
     /// Blocks in the pool.
     pub blocks: usize,
-    /// The element type of the cached vectors.
-    pub dtype: DType,
+    /// What the cached vectors are stored as.
+    pub storage: CacheType,
 }
 
 /// A zero tensor whose pages the operating system commits only when written: candle's own
@@ -116,13 +182,21 @@ impl KvPool {
                 shape.blocks, shape.block_size
             )));
         }
+        if shape.storage == CacheType::Q8_0 && !device.is_cpu() {
+            return Err(EngineError::InvalidInput(format!(
+                "kv_cache_dtype = \"q8_0\" is read by the CPU kernels only; on {device:?} use \"bf16\" or \"f16\""
+            )));
+        }
         let slots = shape.blocks * shape.block_size;
         let layers = (0..layout.layers)
             .map(|_| {
                 layout
                     .vectors
                     .iter()
-                    .map(|v| zeroed((slots, v.heads, v.dim), shape.dtype, device))
+                    .map(|v| {
+                        let (units, dtype) = shape.storage.tensor_row(v.dim);
+                        zeroed((slots, v.heads, units), dtype, device)
+                    })
                     .collect::<Result<Vec<_>>>()
             })
             .collect::<Result<Vec<_>>>()?;
@@ -183,7 +257,10 @@ impl KvPool {
         rows: &Tensor,
     ) -> Result<()> {
         let target = &self.layers[layer][vector];
-        let rows = rows.to_dtype(target.dtype())?.contiguous()?;
+        let rows = match self.shape.storage {
+            CacheType::Float(dtype) => rows.to_dtype(dtype)?.contiguous()?,
+            CacheType::Q8_0 => quantized(rows)?,
+        };
         let len = rows.dim(0)?;
         let bs = self.shape.block_size;
         if blocks.len() * bs < start + len {
@@ -206,6 +283,21 @@ impl KvPool {
     }
 }
 
+/// `(len, heads, dim)` values as 8-bit rows, `(len, heads, row bytes)`.
+fn quantized(rows: &Tensor) -> Result<Tensor> {
+    let (len, heads, dim) = rows.dims3()?;
+    let values = rows.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let units = pio_kernels::kv_q8::row_bytes(dim);
+    let mut bytes = vec![0u8; len * heads * units];
+    for (x, row) in values
+        .chunks_exact(dim.max(1))
+        .zip(bytes.chunks_exact_mut(units))
+    {
+        pio_kernels::kv_q8::quantize_row(x, row);
+    }
+    Ok(Tensor::from_vec(bytes, (len, heads, units), rows.device())?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,21 +315,25 @@ mod tests {
 
     #[test]
     fn a_pool_takes_memory_only_as_it_is_written() {
-        for dtype in [DType::BF16, DType::F16, DType::F32] {
+        for storage in [DType::BF16, DType::F16, DType::F32]
+            .map(CacheType::Float)
+            .into_iter()
+            .chain([CacheType::Q8_0])
+        {
             let before = resident_bytes();
-            // 2 GiB of address space per dtype.
+            // 2 GiB of address space per type.
             let layout = TokenLayout::keys_values(4, 8, 128);
-            let blocks = (2usize << 30) / (layout.bytes_per_token(dtype) * 16);
+            let blocks = (2usize << 30) / (layout.bytes_per_token(storage) * 16);
             let shape = PoolShape {
                 block_size: 16,
                 blocks,
-                dtype,
+                storage,
             };
             let pool = KvPool::new(layout, shape, &Device::Cpu).unwrap();
             let grown = resident_bytes().saturating_sub(before);
             assert!(
                 grown < 256 << 20,
-                "{dtype:?}: a fresh 2 GiB pool made {grown} bytes resident"
+                "{storage:?}: a fresh 2 GiB pool made {grown} bytes resident"
             );
             let zero = pool.layer(3)[1].narrow(0, 0, 16).unwrap();
             let sum = zero.to_dtype(DType::F32).unwrap().sum_all().unwrap();
@@ -251,10 +347,10 @@ mod tests {
         let shape = PoolShape {
             block_size: 4,
             blocks: 4,
-            dtype: DType::F32,
+            storage: CacheType::Float(DType::F32),
         };
         let pool = KvPool::new(layout.clone(), shape, &Device::Cpu).unwrap();
-        assert_eq!(layout.bytes_per_token(DType::F32), 2 * 2 * 3 * 4);
+        assert_eq!(layout.bytes_per_token(shape.storage), 2 * 2 * 3 * 4);
         // Positions 2..8 of a sequence on blocks [3, 1]: slots 14, 15 then 4..8.
         let rows = Tensor::arange(0f32, 36.0, &Device::Cpu)
             .unwrap()
@@ -268,5 +364,56 @@ mod tests {
         assert_eq!(values[7][1][2], 35.0);
         assert_eq!(values[0][0][0], 0.0, "other slots untouched");
         assert!(pool.write(0, 0, &[3], 2, &rows).is_err(), "table too short");
+    }
+
+    /// 8-bit rows land in the block table's slots and read back within half a step of their
+    /// group's scale; a token takes 34 bytes per 32 values.
+    #[test]
+    fn eight_bit_rows_are_written_through_the_block_table() {
+        let layout = TokenLayout::keys_values(1, 2, 64);
+        assert_eq!(layout.bytes_per_token(CacheType::Q8_0), 2 * 2 * (64 + 4));
+        let shape = PoolShape {
+            block_size: 4,
+            blocks: 4,
+            storage: CacheType::Q8_0,
+        };
+        let pool = KvPool::new(layout, shape, &Device::Cpu).unwrap();
+        let rows = Tensor::randn(0f32, 1.0, (6, 2, 64), &Device::Cpu).unwrap();
+        pool.write(0, 0, &[3, 1], 2, &rows).unwrap();
+        let stored = values(&pool.layer(0)[0], 64).unwrap();
+        let slots: Vec<u32> = vec![14, 15, 4, 5, 6, 7];
+        let read = stored
+            .index_select(&Tensor::new(slots, &Device::Cpu).unwrap(), 0)
+            .unwrap();
+        let err = (read - &rows)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap();
+        let err = err.to_vec1::<f32>().unwrap();
+        let amax = rows
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            err.iter().all(|e| *e <= amax / 127.0 * 0.5 * 1.01),
+            "{err:?}"
+        );
+        let untouched = values(&pool.layer(0)[0].narrow(0, 0, 4).unwrap(), 64).unwrap();
+        assert_eq!(
+            untouched
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
+        assert!(KvPool::new(TokenLayout::keys_values(1, 2, 64), shape, &Device::Cpu).is_ok());
     }
 }

@@ -6,6 +6,7 @@ use pio_plugin_api::PluginError;
 use serde_json::{Map, Value};
 
 use crate::generate::CausalLm;
+use crate::kv_pool::CacheType;
 use crate::serving::EngineConfig;
 
 /// Memory kept free beside the weights and the pool (activations, tokenizer, allocator slack).
@@ -88,16 +89,11 @@ pub(super) fn engine_config<M: CausalLm>(
     };
     let kv_dtype = match options.get("kv_cache_dtype") {
         None => None,
-        Some(v) => Some(
-            v.as_str()
-                .and_then(|name| pio_plugin_api::wire::FloatType::parse(name).ok())
-                .map(super::candle_dtype)
-                .ok_or_else(|| {
-                    PluginError::invalid_config(format!(
-                "[model.options] kv_cache_dtype = {v}: expected \"f32\", \"bf16\" or \"f16\""
+        Some(v) => Some(v.as_str().and_then(CacheType::parse).ok_or_else(|| {
+            PluginError::invalid_config(format!(
+                "[model.options] kv_cache_dtype = {v}: expected \"f32\", \"bf16\", \"f16\" or \"q8_0\""
             ))
-                })?,
-        ),
+        })?),
     };
     let mut config = EngineConfig::with_pool_bytes(model, pool_bytes, kv_dtype);
     if let Some(v) = options.get("max_seqs") {
@@ -170,13 +166,27 @@ mod tests {
             None,
         )
         .unwrap();
-        assert_eq!(c.kv_dtype, Some(candle_core::DType::BF16));
+        assert_eq!(c.kv_dtype, Some(CacheType::Float(candle_core::DType::BF16)));
         assert_eq!(
             c.kv_blocks,
             (1 << 20) / (768 * 16),
             "bf16 blocks take half the bytes: twice the tokens"
         );
         assert_eq!((c.max_seqs, c.token_budget, c.prefix_cache), (3, 64, false));
+        let c = engine_config(
+            &model,
+            &options(json!({"kv_cache_bytes": "1M", "kv_cache_dtype": "q8_0"})),
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.kv_dtype, Some(CacheType::Q8_0));
+        let q8 = model.kv_layout().bytes_per_token(CacheType::Q8_0);
+        assert!(
+            q8 < 1536 / 2 && q8 > 1536 / 4,
+            "{q8} bytes per token: between bf16 and 4 bits"
+        );
+        assert_eq!(c.kv_blocks, (1 << 20) / (q8 * 16));
         // A memory limit leaves the pool what the weights and the headroom do not take.
         let c = engine_config(
             &model,

@@ -8,10 +8,8 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-use candle_core::DType;
-
 use crate::generate::{CausalLm, Emitted, Finish, Outcome, Request};
-use crate::kv_pool::{KvPool, PoolShape};
+use crate::kv_pool::{CacheType, KvPool, PoolShape};
 use crate::text::TextCodec;
 use crate::{EngineError, Result};
 
@@ -24,8 +22,8 @@ pub struct EngineConfig {
     pub block_size: usize,
     /// Blocks in the KV pool.
     pub kv_blocks: usize,
-    /// The pool's element type (`None`: the model's own).
-    pub kv_dtype: Option<DType>,
+    /// What the pool stores (`None`: the model's own dtype).
+    pub kv_dtype: Option<CacheType>,
     /// New tokens per forward pass over all sequences (a long prompt is prefilled in chunks).
     pub token_budget: usize,
     /// Sequences running at once.
@@ -51,9 +49,13 @@ impl EngineConfig {
     /// The default configuration with a pool of at most `bytes` for `model`, its vectors in
     /// `kv_dtype` (default: the model's) — at least one block, never more blocks than
     /// `max_seqs` full contexts need.
-    pub fn with_pool_bytes<M: CausalLm>(model: &M, bytes: u64, kv_dtype: Option<DType>) -> Self {
+    pub fn with_pool_bytes<M: CausalLm>(
+        model: &M,
+        bytes: u64,
+        kv_dtype: Option<CacheType>,
+    ) -> Self {
         let base = Self::default();
-        let dtype = kv_dtype.unwrap_or_else(|| model.kv_dtype());
+        let dtype = kv_dtype.unwrap_or(CacheType::Float(model.kv_dtype()));
         let per_block = (model.kv_layout().bytes_per_token(dtype) * base.block_size).max(1) as u64;
         let ceiling = (model.context_length() * base.max_seqs).div_ceil(base.block_size);
         Self {
@@ -253,7 +255,9 @@ impl Engine {
         let shape = PoolShape {
             block_size: config.block_size,
             blocks: config.kv_blocks,
-            dtype: config.kv_dtype.unwrap_or_else(|| model.kv_dtype()),
+            storage: config
+                .kv_dtype
+                .unwrap_or(CacheType::Float(model.kv_dtype())),
         };
         let pool = KvPool::new(layout.clone(), shape, &model.device())?;
         let shared = Arc::new(Shared::default());
@@ -262,7 +266,7 @@ impl Engine {
                 blocks_free: shape.blocks,
                 blocks_total: shape.blocks,
                 block_size: shape.block_size,
-                kv_bytes_per_token: layout.bytes_per_token(shape.dtype),
+                kv_bytes_per_token: layout.bytes_per_token(shape.storage),
                 ..Stats::default()
             };
         }

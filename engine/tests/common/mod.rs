@@ -12,6 +12,7 @@ use pio_engine::chat::ChatTemplate;
 use pio_engine::checkpoint::Checkpoint;
 use pio_engine::generate::{CausalLm, Emitted, Outcome, Request};
 use pio_engine::generation_config::GenerationConfig;
+use pio_engine::kv_pool::CacheType;
 use pio_engine::linear::Quantization;
 use pio_engine::runtime::LoadModel;
 use pio_engine::sampling::SamplingParams;
@@ -191,11 +192,23 @@ pub fn distributions<M: LoadModel + CausalLm>(
     dtype: DType,
     q: Quantization,
 ) -> Vec<Vec<f32>> {
+    distributions_cached::<M>(path, cases, dtype, q, None)
+}
+
+/// The same with the KV cache stored as `cache` (`None`: the model's dtype).
+pub fn distributions_cached<M: LoadModel + CausalLm>(
+    path: &Path,
+    cases: &str,
+    dtype: DType,
+    q: Quantization,
+    cache: Option<CacheType>,
+) -> Vec<Vec<f32>> {
     let checkpoint = Checkpoint::open(path).unwrap();
     let model = M::load(&checkpoint, dtype, q, &Device::Cpu, &mut |_, _| {}).unwrap();
     let mut out = Vec::new();
     for case in &golden(cases) {
-        let mut seq = SingleSequence::new(&model, model.context_length()).unwrap();
+        let cache = cache.unwrap_or(CacheType::Float(model.kv_dtype()));
+        let mut seq = SingleSequence::with_cache(&model, model.context_length(), cache).unwrap();
         let mut logits = seq.forward(&model, &ids(&case["input_ids"])).unwrap();
         for token in ids(&case["tokens"]) {
             out.push(log_softmax(&logits));

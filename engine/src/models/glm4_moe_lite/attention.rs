@@ -251,8 +251,8 @@ impl Attention {
             let slots: Vec<u32> = (0..len)
                 .map(|t| seq.blocks[t / bs] * bs as u32 + (t % bs) as u32)
                 .collect();
-            let cached = latents
-                .index_select(&Tensor::new(slots, q_nope.device())?, 0)?
+            let rows = latents.index_select(&Tensor::new(slots, q_nope.device())?, 0)?;
+            let cached = crate::kv_pool::values(&rows, self.rank + self.rope)?
                 .squeeze(1)?
                 .to_dtype(q_nope.dtype())?;
             // Every latent through kv_b_proj's halves: (heads, len, nope) keys, (heads, len, v)
