@@ -131,7 +131,7 @@ mod tests {
 
     /// The fused kernel and candle's operations agree through a scattered block table, for a
     /// prompt and the decode steps after it, on float and 8-bit pools (both read the same
-    /// rounded rows, so they agree as closely).
+    /// rounded rows).
     #[test]
     fn the_kernel_and_candle_agree() {
         for storage in [CacheType::Float(DType::F32), CacheType::Q8_0] {
@@ -172,9 +172,16 @@ mod tests {
                 .unwrap()
                 .max_all()
                 .unwrap();
+            // Decode over 8-bit keys rounds the query to 8-bit blocks too (as llama.cpp does):
+            // scores move by ~1/254 of the query's scale, the outputs by as little.
+            let tolerance = match (storage, seq < 8) {
+                (CacheType::Q8_0, true) => 2e-2,
+                _ => 1e-5,
+            };
+            let diff = diff.to_scalar::<f32>().unwrap();
             assert!(
-                diff.to_scalar::<f32>().unwrap() < 1e-5,
-                "{storage:?}: seq {seq} at {start}"
+                diff < tolerance,
+                "{storage:?}: seq {seq} at {start}: {diff}"
             );
             start += seq;
         }

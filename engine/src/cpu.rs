@@ -316,8 +316,18 @@ mod tests {
 
     /// The kernels read candle's (ggml's) blocks byte for byte: the same values decoded, for
     /// every format both know, and the integer products within the activations' 8-bit rounding.
+    /// The 8-bit KV cache's rows are ggml's Q8_0 blocks byte for byte too.
     #[test]
     fn the_kernels_read_ggml_blocks_as_ggml_does() {
+        let rows = Tensor::randn(0f32, 1.0, (5, 128), &Device::Cpu).unwrap();
+        let ggml = QTensor::quantize(&rows, GgmlDType::Q8_0).unwrap();
+        let mut ours = vec![0u8; 5 * pio_kernels::kv_q8::row_bytes(128)];
+        let values = rows.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (x, row) in values.chunks(128).zip(ours.chunks_mut(136)) {
+            pio_kernels::kv_q8::quantize_row(x, row);
+        }
+        assert_eq!(ours, *ggml.data().unwrap(), "KV cache rows");
+
         let device = Device::Cpu;
         let (n, k) = (24, 512);
         let w = Tensor::randn(0f32, 1.0, (n, k), &device).unwrap();

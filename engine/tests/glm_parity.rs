@@ -130,8 +130,8 @@ fn the_cache_keeps_one_latent_per_token_and_layer() {
         layout.bytes_per_token(CacheType::Float(DType::BF16)),
         3 * 48 * 2
     );
-    // 8-bit: 48 bytes and one f16 scale (48 is not a multiple of 32: one group per row).
-    assert_eq!(layout.bytes_per_token(CacheType::Q8_0), 3 * (48 + 2));
+    // 8-bit: Q8_0 blocks of 32 values and an f16 scale, the row zero-padded to 64.
+    assert_eq!(layout.bytes_per_token(CacheType::Q8_0), 3 * 2 * 34);
 }
 
 #[test]

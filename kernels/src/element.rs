@@ -12,8 +12,9 @@ pub trait Element: Copy + Send + Sync + 'static {
     /// [`dot`](Self::dot) of every activation row of `x` with every weight row of `w`, each
     /// loaded once (`R ≤ 4`, `C ≤ 3` keep the tile in registers).
     fn tile<const R: usize, const C: usize>(x: [&[f32]; R], w: [&[Self]; C]) -> [[f32; C]; R];
-    /// `out[r] = Σₜ p[r][t] · values[offsets[t]..][..d]` (`d` = `out[r].len()`): attention's sum
-    /// of value rows for R query heads, each row read once for all of them.
+    /// `out[r] += Σₜ p[r][t] · values[offsets[t]..][..d]` (`d` = `out[r].len()`): attention's
+    /// sum of value rows for R query heads, each row read once for all of them, added to what
+    /// `out` holds (a decode task sums its positions run by run).
     ///
     /// # Panics
     /// When a row lies outside `values`.
@@ -239,16 +240,18 @@ mod tests {
                 }
                 let offsets: Vec<usize> = (0..5).map(|t| (t * 7) % (n - d + 1)).collect();
                 let p = [data(5, 11), data(5, 12), data(5, 13)];
-                let mut out = [vec![f32::NAN; d], vec![f32::NAN; d], vec![f32::NAN; d]];
+                // What the outputs hold beforehand is added to.
+                let mut out = [data(d, 14), data(d, 15), data(d, 16)];
+                let before = out.clone();
                 let [o0, o1, o2] = &mut out;
                 T::weighted_sum([&p[0], &p[1], &p[2]], &w, &offsets, [o0, o1, o2]);
-                for (p, out) in p.iter().zip(&out) {
+                for ((p, out), before) in p.iter().zip(&out).zip(&before) {
                     for (i, got) in out.iter().enumerate() {
-                        let exact: f64 = p
-                            .iter()
-                            .zip(&offsets)
-                            .map(|(&p, &o)| p as f64 * to(w[o + i]) as f64)
-                            .sum();
+                        let exact: f64 = before[i] as f64
+                            + p.iter()
+                                .zip(&offsets)
+                                .map(|(&p, &o)| p as f64 * to(w[o + i]) as f64)
+                                .sum::<f64>();
                         assert!(
                             (*got as f64 - exact).abs() < 1e-5,
                             "weighted sum, n = {n}, d = {d}"

@@ -7,7 +7,8 @@
 //!   activations quantized to 8 bits once per product and integer dot products.
 //! - [`attention`]: causal grouped-query attention of new queries over a paged, position-major KV
 //!   pool read through a sequence's block table, without copying or repeating keys and values;
-//!   the pool holds f32, bf16, f16 or the 8-bit rows of [`kv_q8`].
+//!   decode splits the positions over threads (flash-decoding); the pool holds f32, bf16, f16 or
+//!   the Q8_0 rows of [`kv_q8`].
 //!
 //! SIMD paths (AVX2 + FMA, F16C for f16) are chosen at run time; every kernel has a portable
 //! fallback that the tests check against the same reference. Work is split over rayon's global

@@ -24,7 +24,8 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 pub use blocks::{dequantize, Format};
-use blocks::{quantize_act256, quantize_act32, Act256, Act32};
+use blocks::{quantize_act256, Act256};
+pub(crate) use blocks::{quantize_act32, Act32};
 pub use packed::PackedMatrix;
 
 use crate::parallel::{ranges, SharedMut};
@@ -312,6 +313,12 @@ impl Activations for Act256 {
             false => packed::portable::q4k(tile, x),
         }
     }
+}
+
+/// One row of Q8_0 blocks against R rows of activation blocks (as many blocks each).
+#[inline]
+pub(crate) fn q8_0_dots<const R: usize>(row: &[u8], x: [&[Act32]; R]) -> [f32; R] {
+    Act32::dots(Format::Q8_0, row, x)
 }
 
 /// Each weight row against every activation row, the weight rows split over threads.

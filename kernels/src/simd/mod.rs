@@ -33,7 +33,7 @@ pub(crate) mod portable {
         x.map(|x| w.map(|w| dot(x, w, &widen)))
     }
 
-    /// `out[r] = Σₜ p[r][t] · values[offsets[t]..][..d]` for each of the R output rows.
+    /// `out[r] += Σₜ p[r][t] · values[offsets[t]..][..d]` for each of the R output rows.
     #[inline]
     pub(crate) fn weighted_sum<T: Copy, const R: usize>(
         p: [&[f32]; R],
@@ -43,7 +43,6 @@ pub(crate) mod portable {
         widen: impl Fn(T) -> f32,
     ) {
         for (p, out) in p.iter().zip(out) {
-            out.fill(0.0);
             for (&pt, &off) in p.iter().zip(offsets) {
                 axpy(pt, &values[off..off + out.len()], out, &widen);
             }

@@ -138,6 +138,11 @@ pub(super) unsafe fn weighted_sum<V: Vector, T: Widen<V>, const R: usize>(
     unsafe {
         while base + 4 * l <= d {
             let mut acc = [[V::zero(); 4]; R];
+            for (a, &o) in acc.iter_mut().zip(&op) {
+                for (q, a) in a.iter_mut().enumerate() {
+                    *a = V::load(o.add(base + l * q));
+                }
+            }
             for (t, &off) in offsets[..len].iter().enumerate() {
                 let row = vp.add(off + base);
                 let mut v = [V::zero(); 4];
@@ -160,7 +165,7 @@ pub(super) unsafe fn weighted_sum<V: Vector, T: Widen<V>, const R: usize>(
         }
         for i in base..d {
             for (p, &o) in p.iter().zip(&op) {
-                let mut sum = 0.0;
+                let mut sum = *o.add(i);
                 for (&pt, &off) in p[..len].iter().zip(&offsets[..len]) {
                     sum += pt * (*vp.add(off + i)).to_f32();
                 }

@@ -2,16 +2,22 @@
 //!
 //! Keys and values are read where they lie in the pool (`[slot][kv_head][dim]`, a sequence's
 //! positions mapped to slots through its block table), never repeated per query head nor
-//! transposed; a sequence that grows gains blocks, and nothing is copied. A few queries (decode) run per (query, head) pair as
-//! dot products and `axpy`s; many queries (prefill) run per head as two GEMMs — scores, then
-//! probabilities times values — with the causal mask applied between them.
+//! transposed; a sequence that grows gains blocks, and nothing is copied. A few queries (decode,
+//! [`decode`]) split the positions over threads and stream each slot's heads together; many
+//! queries (prefill) run per head as two GEMMs — scores, then probabilities times values — with
+//! the causal mask applied between them. How a row is stored (f32, bf16, f16 or 8-bit blocks) is
+//! [`CachedRow`]'s business.
 
 use std::cell::RefCell;
 
 use rayon::prelude::*;
 
 use crate::parallel::SharedMut;
-use crate::{kv_q8, Element};
+
+mod cached;
+mod decode;
+
+pub use cached::CachedRow;
 
 /// From this many queries on, attention runs as GEMMs per head.
 const GEMM_QUERIES: usize = 8;
@@ -39,145 +45,6 @@ thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static KEYS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static VALUES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    static ROWS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
-}
-
-/// Positions widened at a time from 8-bit rows: a run of keys or values stays in the L1/L2 cache
-/// between its widening and its use.
-const RUN: usize = 64;
-
-/// How the pool stores a cached row of `d` values: as f32, bf16 or f16 elements, read in place,
-/// or as the bytes of [`kv_q8`]'s 8-bit rows, widened to f32 a run of positions at a time.
-pub trait CachedRow: Copy + Send + Sync + 'static {
-    /// Storage units one row of `d` values takes.
-    fn units(d: usize) -> usize;
-    /// `scores[h · len + t] = qs[h] · key(t)` for the rows at `offsets` (`len` of them), each of
-    /// `d` values.
-    fn scores(qs: &[&[f32]], pool: &[Self], offsets: &[usize], d: usize, scores: &mut [f32]);
-    /// `outs[h] = Σₜ probs[h][t] · value(t)`, the first `outs[h].len()` values of each row of `d`.
-    fn weighted_sum(
-        probs: &[&[f32]],
-        pool: &[Self],
-        offsets: &[usize],
-        d: usize,
-        outs: &mut [&mut [f32]],
-    );
-    /// The first `out.len()` values of the row of `d` at `offset`, as f32.
-    fn widen(pool: &[Self], offset: usize, d: usize, out: &mut [f32]);
-}
-
-impl<T: Element> CachedRow for T {
-    fn units(d: usize) -> usize {
-        d
-    }
-
-    fn scores(qs: &[&[f32]], pool: &[T], offsets: &[usize], d: usize, scores: &mut [f32]) {
-        let len = offsets.len();
-        let y = SharedMut::new(scores);
-        // SAFETY: `scores` is qs.len() × len and only this call writes it.
-        unsafe { crate::matmul::dots(qs, 0..len, |t| &pool[offsets[t]..offsets[t] + d], len, y) };
-    }
-
-    fn weighted_sum(
-        probs: &[&[f32]],
-        pool: &[T],
-        offsets: &[usize],
-        _d: usize,
-        outs: &mut [&mut [f32]],
-    ) {
-        let mut h = 0;
-        while h < probs.len() {
-            let c = (probs.len() - h).min(crate::simd::weighted_rows());
-            match (&probs[h..h + c], &mut outs[h..h + c]) {
-                ([p0, p1, p2, p3], [o0, o1, o2, o3]) => <T as Element>::weighted_sum(
-                    [p0, p1, p2, p3],
-                    pool,
-                    offsets,
-                    [&mut **o0, &mut **o1, &mut **o2, &mut **o3],
-                ),
-                ([p0, p1, p2], [o0, o1, o2]) => <T as Element>::weighted_sum(
-                    [p0, p1, p2],
-                    pool,
-                    offsets,
-                    [&mut **o0, &mut **o1, &mut **o2],
-                ),
-                ([p0, p1], [o0, o1]) => {
-                    <T as Element>::weighted_sum([p0, p1], pool, offsets, [&mut **o0, &mut **o1])
-                }
-                ([p0], [o0]) => <T as Element>::weighted_sum([p0], pool, offsets, [&mut **o0]),
-                _ => {}
-            }
-            h += c;
-        }
-    }
-
-    fn widen(pool: &[T], offset: usize, _d: usize, out: &mut [f32]) {
-        <T as Element>::widen(&pool[offset..offset + out.len()], out);
-    }
-}
-
-impl CachedRow for u8 {
-    fn units(d: usize) -> usize {
-        kv_q8::row_bytes(d)
-    }
-
-    fn scores(qs: &[&[f32]], pool: &[u8], offsets: &[usize], d: usize, scores: &mut [f32]) {
-        let (len, bytes) = (offsets.len(), kv_q8::row_bytes(d));
-        ROWS.with_borrow_mut(|(rows, _)| {
-            rows.resize(RUN * d, 0.0);
-            for first in (0..len).step_by(RUN) {
-                let run = &offsets[first..(first + RUN).min(len)];
-                for (&at, row) in run.iter().zip(rows.chunks_exact_mut(d)) {
-                    kv_q8::dequantize_row(&pool[at..at + bytes], d, row);
-                }
-                let y = SharedMut::new(&mut *scores);
-                let rows = &rows[..];
-                // SAFETY: columns first.. of the qs.len() × len scores, written by this call only.
-                unsafe {
-                    crate::matmul::dots(
-                        qs,
-                        first..first + run.len(),
-                        |t| &rows[(t - first) * d..(t - first + 1) * d],
-                        len,
-                        y,
-                    )
-                };
-            }
-        });
-    }
-
-    fn weighted_sum(
-        probs: &[&[f32]],
-        pool: &[u8],
-        offsets: &[usize],
-        d: usize,
-        outs: &mut [&mut [f32]],
-    ) {
-        let (len, bytes) = (offsets.len(), kv_q8::row_bytes(d));
-        let vd = outs.first().map_or(0, |o| o.len());
-        outs.iter_mut().for_each(|o| o.fill(0.0));
-        ROWS.with_borrow_mut(|(rows, partial)| {
-            rows.resize(RUN * vd, 0.0);
-            partial.resize(probs.len() * vd, 0.0);
-            let local: Vec<usize> = (0..RUN).map(|t| t * vd).collect();
-            for first in (0..len).step_by(RUN) {
-                let run = &offsets[first..(first + RUN).min(len)];
-                for (&at, row) in run.iter().zip(rows.chunks_exact_mut(vd)) {
-                    kv_q8::dequantize_row(&pool[at..at + bytes], d, row);
-                }
-                let ps: Vec<&[f32]> = probs.iter().map(|p| &p[first..first + run.len()]).collect();
-                let mut parts: Vec<&mut [f32]> = partial.chunks_exact_mut(vd).collect();
-                <f32 as CachedRow>::weighted_sum(&ps, rows, &local[..run.len()], vd, &mut parts);
-                for (o, p) in outs.iter_mut().zip(&parts) {
-                    o.iter_mut().zip(p.iter()).for_each(|(o, p)| *o += p);
-                }
-            }
-        });
-    }
-
-    fn widen(pool: &[u8], offset: usize, d: usize, out: &mut [f32]) {
-        kv_q8::dequantize_row(&pool[offset..offset + kv_q8::row_bytes(d)], d, out);
-    }
 }
 
 /// Where one sequence's keys and values lie in a paged pool: position `t` is at slot
@@ -255,7 +122,7 @@ pub fn paged_attention<T: CachedRow>(
         "a block lies outside the pool"
     );
     if seq < GEMM_QUERIES {
-        per_query(shape, q, kv, start, out);
+        decode::per_query(shape, q, kv, start, out);
     } else {
         per_head(shape, q, kv, start, seq, out);
     }
@@ -273,68 +140,6 @@ fn softmax(row: &mut [f32]) {
     for s in row.iter_mut() {
         *s *= inv;
     }
-}
-
-/// One task per (query, key/value head) — or per part of its group of query heads when there are
-/// fewer such pairs than threads (MLA decode: one key head for all query heads): the query heads
-/// that share a key/value head score every position in register tiles (each key read once for
-/// the whole group), then sum the value rows for several heads at once, their outputs held in
-/// registers across every position.
-fn per_query<T: CachedRow>(
-    shape: &AttentionShape,
-    q: &[f32],
-    kv: &PagedKv<'_, T>,
-    start: usize,
-    out: &mut [f32],
-) {
-    let (heads, kv_heads, d, vd) = (shape.heads, shape.kv_heads, shape.head_dim, shape.value_dim);
-    let groups = heads / kv_heads;
-    let pairs = out.len() / (groups * vd);
-    let parts = rayon::current_num_threads()
-        .div_ceil(pairs.max(1))
-        .clamp(1, groups);
-    let part = groups.div_ceil(parts);
-    // Query heads g·groups.. share key/value head g, so a group's outputs are contiguous.
-    out.par_chunks_mut(groups * vd)
-        .enumerate()
-        .for_each(|(index, o)| {
-            let (i, g) = (index / kv_heads, index % kv_heads);
-            o.par_chunks_mut(part * vd).enumerate().for_each(|(p, o)| {
-                let first = (i * heads + g * groups + p * part) * d;
-                let qs = &q[first..first + o.len() / vd * d];
-                query_group(shape, qs, kv, start + i + 1, g, o);
-            });
-        });
-}
-
-/// Attention of the query heads `qs` (`[n][head_dim]`), all reading key/value head `g`, over
-/// positions `0..len`; `o` is `[n][value_dim]`.
-fn query_group<T: CachedRow>(
-    shape: &AttentionShape,
-    qs: &[f32],
-    kv: &PagedKv<'_, T>,
-    len: usize,
-    g: usize,
-    o: &mut [f32],
-) {
-    let (d, vd) = (shape.head_dim, shape.value_dim);
-    let units = T::units(d);
-    let stride = shape.kv_heads * units;
-    let groups = qs.len() / d;
-    let qs: Vec<&[f32]> = qs.chunks_exact(d).collect();
-    let offsets: Vec<usize> = (0..len).map(|t| kv.slot(t, stride) + g * units).collect();
-    SCORES.with_borrow_mut(|scores| {
-        scores.clear();
-        scores.resize(groups * len, 0.0);
-        T::scores(&qs, kv.keys, &offsets, d, scores);
-        for p in scores.chunks_exact_mut(len) {
-            p.iter_mut().for_each(|s| *s *= shape.scale);
-            softmax(p);
-        }
-        let probs: Vec<&[f32]> = scores.chunks_exact(len).collect();
-        let mut outs: Vec<&mut [f32]> = o.chunks_exact_mut(vd).collect();
-        T::weighted_sum(&probs, kv.values, &offsets, d, &mut outs);
-    });
 }
 
 /// One head's keys or values as a contiguous f32 matrix `[len][take]`, the first `take` values
@@ -439,6 +244,7 @@ fn per_head<T: CachedRow>(
 mod tests {
     use super::*;
     use crate::test_data::data;
+    use crate::{kv_q8, Element};
     use half::bf16;
 
     /// `out = softmax(q kᵀ · scale + causal mask) v` for `seq` queries at positions
@@ -631,6 +437,22 @@ mod tests {
         }
     }
 
+    /// Each `d`-wide row of `q` rounded as the quantized products round activations: per block
+    /// of 32, to the nearest of 127 steps of the block's largest magnitude.
+    fn rounded(q: &[f32], d: usize) -> Vec<f32> {
+        let mut out = q.to_vec();
+        for block in out.chunks_mut(d).flat_map(|row| row.chunks_mut(32)) {
+            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            if amax > 0.0 {
+                let (inv, step) = (127.0 / amax, amax / 127.0);
+                block
+                    .iter_mut()
+                    .for_each(|v| *v = (*v * inv).round() * step);
+            }
+        }
+        out
+    }
+
     /// 8-bit rows: the kernel's result is attention over the rows' own (rounded) values, for
     /// decode and prefill, across several widening runs, through a scattered block table, at
     /// row widths of whole groups and of one odd group, and with values narrower than keys (MLA).
@@ -678,7 +500,13 @@ mod tests {
                 (bytes, read)
             };
             let ((kb, k), (vb, v)) = (pool(12), pool(13));
-            let expected = reference(&shape, &q, &k, &v, start);
+            // Decode scores 8-bit keys against the query rounded to 8-bit blocks as well.
+            let scored = if seq < GEMM_QUERIES {
+                rounded(&q, d)
+            } else {
+                q.clone()
+            };
+            let expected = reference(&shape, &scored, &k, &v, start);
             let kv = PagedKv {
                 keys: &kb[..],
                 values: &vb[..],

@@ -1,0 +1,244 @@
+//! How the pool stores a cached row, and the two sweeps a decode part makes over its positions:
+//! scores of the query heads against the key rows, then the value rows summed by probability.
+//! Both go run by run of [`RUN`] positions with every key/value head of a run before the next
+//! run, so a block's slots stream through the cache in order (head by head over all positions
+//! would read pieces of each slot a whole slot apart, which no prefetcher follows).
+
+use std::cell::RefCell;
+
+use crate::parallel::SharedMut;
+use crate::quant::{q8_0_dots, quantize_act32, Act32};
+use crate::{kv_q8, Element};
+
+/// Positions per run.
+const RUN: usize = 16;
+
+thread_local! {
+    /// A run's rows widened to f32.
+    static ROWS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The query heads rounded to 8-bit blocks, for 8-bit keys.
+    static QUERIES: RefCell<Vec<Act32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// How the pool stores a cached row of `d` values: as f32, bf16 or f16 elements, read in place,
+/// or as the bytes of [`kv_q8`]'s Q8_0 rows.
+///
+/// In both sweeps query head `h` reads key/value head `h / groups`, whose row for position `i`
+/// starts at `slots[i] + (h / groups) · units(d)`.
+pub trait CachedRow: Copy + Send + Sync + 'static {
+    /// Storage units one row of `d` values takes.
+    fn units(d: usize) -> usize;
+    /// `scores[h · n + i] = qs[h] · key(i)` for every query head and each of the `n` slots.
+    fn score_part(
+        qs: &[&[f32]],
+        groups: usize,
+        pool: &[Self],
+        slots: &[usize],
+        d: usize,
+        scores: &mut [f32],
+    );
+    /// `outs[h] += Σᵢ probs[h][i] · value(i)`, reading the first `outs[h].len()` values of each
+    /// row of `d`.
+    fn sum_part(
+        probs: &[&[f32]],
+        groups: usize,
+        pool: &[Self],
+        slots: &[usize],
+        d: usize,
+        outs: &mut [&mut [f32]],
+    );
+    /// The first `out.len()` values of the row of `d` at `offset`, as f32.
+    fn widen(pool: &[Self], offset: usize, d: usize, out: &mut [f32]);
+}
+
+/// Calls `f(g, first, offsets)` for every run of `slots` and every key/value head `g`, the
+/// offsets being the run's rows of head `g`.
+#[inline(always)]
+fn runs(slots: &[usize], heads: usize, units: usize, mut f: impl FnMut(usize, usize, &[usize])) {
+    let mut offsets = [0usize; RUN];
+    for (r, run) in slots.chunks(RUN).enumerate() {
+        for g in 0..heads {
+            for (o, s) in offsets.iter_mut().zip(run) {
+                *o = s + g * units;
+            }
+            f(g, r * RUN, &offsets[..run.len()]);
+        }
+    }
+}
+
+/// `outs[h] += Σᵢ probs[h][cols][i] · values[offsets[i]..]`, up to four heads per pass.
+fn weighted<T: Element>(
+    probs: &[&[f32]],
+    cols: std::ops::Range<usize>,
+    values: &[T],
+    offsets: &[usize],
+    outs: &mut [&mut [f32]],
+) {
+    let mut h = 0;
+    while h < probs.len() {
+        let c = (probs.len() - h).min(crate::simd::weighted_rows());
+        let p = |i: usize| &probs[h + i][cols.clone()];
+        match &mut outs[h..h + c] {
+            [o0, o1, o2, o3] => {
+                T::weighted_sum([p(0), p(1), p(2), p(3)], values, offsets, [o0, o1, o2, o3])
+            }
+            [o0, o1, o2] => T::weighted_sum([p(0), p(1), p(2)], values, offsets, [o0, o1, o2]),
+            [o0, o1] => T::weighted_sum([p(0), p(1)], values, offsets, [o0, o1]),
+            [o0] => T::weighted_sum([p(0)], values, offsets, [o0]),
+            _ => {}
+        }
+        h += c;
+    }
+}
+
+impl<T: Element> CachedRow for T {
+    fn units(d: usize) -> usize {
+        d
+    }
+
+    fn score_part(
+        qs: &[&[f32]],
+        groups: usize,
+        pool: &[T],
+        slots: &[usize],
+        d: usize,
+        scores: &mut [f32],
+    ) {
+        let n = slots.len();
+        assert!(
+            scores.len() >= qs.len() * n,
+            "scores for {} heads",
+            qs.len()
+        );
+        runs(slots, qs.len() / groups, d, |g, first, offsets| {
+            let row = |j: usize| &pool[offsets[j - first]..offsets[j - first] + d];
+            let y = SharedMut::new(&mut scores[g * groups * n..(g + 1) * groups * n]);
+            // SAFETY: `y` holds this head's groups × n scores; columns first.. are this run's.
+            unsafe {
+                crate::matmul::dots(
+                    &qs[g * groups..(g + 1) * groups],
+                    first..first + offsets.len(),
+                    row,
+                    n,
+                    y,
+                )
+            };
+        });
+    }
+
+    fn sum_part(
+        probs: &[&[f32]],
+        groups: usize,
+        pool: &[T],
+        slots: &[usize],
+        d: usize,
+        outs: &mut [&mut [f32]],
+    ) {
+        runs(slots, probs.len() / groups, d, |g, first, offsets| {
+            let heads = g * groups..(g + 1) * groups;
+            let cols = first..first + offsets.len();
+            weighted(&probs[heads.clone()], cols, pool, offsets, &mut outs[heads]);
+        });
+    }
+
+    fn widen(pool: &[T], offset: usize, _d: usize, out: &mut [f32]) {
+        T::widen(&pool[offset..offset + out.len()], out);
+    }
+}
+
+/// Heads `h..h + R`'s scores at column `col` of rows `n` wide.
+#[inline]
+fn put<const R: usize>(scores: &mut [f32], n: usize, col: usize, h: usize, v: [f32; R]) {
+    for (k, v) in v.into_iter().enumerate() {
+        scores[(h + k) * n + col] = v;
+    }
+}
+
+impl CachedRow for u8 {
+    fn units(d: usize) -> usize {
+        kv_q8::row_bytes(d)
+    }
+
+    /// The query heads rounded once to 8-bit blocks (zero-padded as the rows are), then integer
+    /// dot products with each key row, up to four heads per row read.
+    fn score_part(
+        qs: &[&[f32]],
+        groups: usize,
+        pool: &[u8],
+        slots: &[usize],
+        d: usize,
+        scores: &mut [f32],
+    ) {
+        let (n, units, blocks) = (slots.len(), kv_q8::row_bytes(d), d.div_ceil(kv_q8::BLOCK));
+        assert!(
+            scores.len() >= qs.len() * n,
+            "scores for {} heads",
+            qs.len()
+        );
+        QUERIES.with_borrow_mut(|acts| {
+            let mut padded = vec![0f32; blocks * kv_q8::BLOCK];
+            let mut all = Vec::with_capacity(qs.len() * blocks);
+            for q in qs {
+                padded[..d].copy_from_slice(&q[..d]);
+                quantize_act32(&padded, acts);
+                all.append(acts);
+            }
+            *acts = all;
+            let heads: Vec<&[Act32]> = acts.chunks_exact(blocks).collect();
+            runs(slots, qs.len() / groups, units, |g, first, offsets| {
+                for (i, &at) in offsets.iter().enumerate() {
+                    let (row, col) = (&pool[at..at + units], first + i);
+                    let mut h = g * groups;
+                    while h < (g + 1) * groups {
+                        let c = ((g + 1) * groups - h).min(4);
+                        let x = |k: usize| heads[h + k];
+                        match c {
+                            4 => put(scores, n, col, h, q8_0_dots(row, [x(0), x(1), x(2), x(3)])),
+                            3 => put(scores, n, col, h, q8_0_dots(row, [x(0), x(1), x(2)])),
+                            2 => put(scores, n, col, h, q8_0_dots(row, [x(0), x(1)])),
+                            _ => put(scores, n, col, h, q8_0_dots(row, [x(0)])),
+                        }
+                        h += c;
+                    }
+                }
+            });
+        });
+    }
+
+    /// Each run's value rows widened to f32, then summed as f32 rows are.
+    fn sum_part(
+        probs: &[&[f32]],
+        groups: usize,
+        pool: &[u8],
+        slots: &[usize],
+        d: usize,
+        outs: &mut [&mut [f32]],
+    ) {
+        let vd = outs.first().map_or(0, |o| o.len());
+        let local: [usize; RUN] = std::array::from_fn(|i| i * vd);
+        ROWS.with_borrow_mut(|rows| {
+            runs(
+                slots,
+                probs.len() / groups,
+                kv_q8::row_bytes(d),
+                |g, first, offsets| {
+                    rows.resize(offsets.len() * vd, 0.0);
+                    kv_q8::dequantize_rows(pool, offsets, d, vd, rows);
+                    let heads = g * groups..(g + 1) * groups;
+                    let cols = first..first + offsets.len();
+                    weighted(
+                        &probs[heads.clone()],
+                        cols,
+                        &rows[..],
+                        &local[..offsets.len()],
+                        &mut outs[heads],
+                    );
+                },
+            );
+        });
+    }
+
+    fn widen(pool: &[u8], offset: usize, d: usize, out: &mut [f32]) {
+        kv_q8::dequantize_row(&pool[offset..offset + kv_q8::row_bytes(d)], d, out);
+    }
+}
