@@ -198,6 +198,43 @@ pub(crate) fn quantized_linear(x: &Tensor, w: &QTensor) -> candle_core::Result<O
     projected(out, x, n).map(Some)
 }
 
+/// `silu(gate) · up` for `y` of shape `(.., 2·width)` holding `[gate | up]` in each row, in one
+/// pass, in `y`'s dtype (computed in f32, rounded once); `None` off the CPU.
+pub(crate) fn swiglu(y: &Tensor, width: usize) -> candle_core::Result<Option<Tensor>> {
+    use rayon::prelude::*;
+    if !supports(y) || width == 0 || y.dims().last() != Some(&(2 * width)) {
+        return Ok(None);
+    }
+    let y = y.contiguous()?;
+    let mut out = vec![0f32; y.elem_count() / 2];
+    fn run<T: Copy + Sync>(ys: &[T], width: usize, out: &mut [f32], f: impl Fn(T) -> f32 + Sync) {
+        out.par_chunks_mut(width)
+            .zip(ys.par_chunks(2 * width))
+            .for_each(|(o, y)| {
+                let (gate, up) = y.split_at(width);
+                for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
+                    let g = f(g);
+                    *o = g / (1.0 + (-g).exp()) * f(u);
+                }
+            });
+    }
+    let done = with_elements(&y, |e| match e {
+        Elements::F32(v) => run(v, width, &mut out, |x| x),
+        Elements::Bf16(v) => run(v, width, &mut out, bf16::to_f32),
+        Elements::F16(v) => run(v, width, &mut out, f16::to_f32),
+    });
+    if done.is_none() {
+        return Ok(None);
+    }
+    let mut dims = y.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = width;
+    }
+    Ok(Some(
+        Tensor::from_vec(out, dims, y.device())?.to_dtype(y.dtype())?,
+    ))
+}
+
 /// Causal attention of `q` `(seq, heads, head_dim)` at positions `start..` over one sequence's
 /// keys and values in the paged pool (`(slots, kv_heads, head_dim)` each, read through its block
 /// table); the result is `(seq, heads, head_dim)` in `q`'s dtype. `None` off the CPU.

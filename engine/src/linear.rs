@@ -152,6 +152,37 @@ impl Linear {
         })
     }
 
+    /// `self`'s outputs followed by `other`'s as one layer over the same input, so that one
+    /// product computes both (a gate and an up projection); `None` where they cannot share one
+    /// (biases, different dtypes or block formats, candle's blocks, or rows that end inside a
+    /// tile).
+    pub fn stacked(&self, other: &Self) -> candle_core::Result<Option<Self>> {
+        Ok(match (self, other) {
+            (Self::Dense(a), Self::Dense(b))
+                if a.bias().is_none()
+                    && b.bias().is_none()
+                    && a.weight().dtype() == b.weight().dtype() =>
+            {
+                let weight = Tensor::cat(&[a.weight(), b.weight()], 0)?;
+                Some(Self::Dense(candle_nn::Linear::new(weight, None)))
+            }
+            (
+                Self::Quantized {
+                    weight: QuantWeight::Tiles(a),
+                    bias: None,
+                },
+                Self::Quantized {
+                    weight: QuantWeight::Tiles(b),
+                    bias: None,
+                },
+            ) => a.stacked(b).map(|t| Self::Quantized {
+                weight: QuantWeight::Tiles(Arc::new(t)),
+                bias: None,
+            }),
+            _ => None,
+        })
+    }
+
     /// Whether the weights are block-quantized.
     pub fn is_quantized(&self) -> bool {
         matches!(self, Self::Quantized { .. })

@@ -128,9 +128,12 @@ fn f16_stays_nearer_f32() {
 //   glm4-moe-lite-grouped  Q8: agreement 0.887, |Δ| mean 0.060, max 0.80
 //   glm4-moe-lite-tiny     Q4: agreement 0.375, |Δ| mean 0.45,  max 1.34
 //   glm4-moe-lite-grouped  Q4: agreement 0.438, |Δ| mean 0.74,  max 3.94
-//   glm4-moe-lite-tiny   bf16: agreement 0.950, |Δ| mean 0.029, max 0.18
-//   glm4-moe-lite-grouped bf16: agreement 0.913, |Δ| mean 0.046, max 0.37
-// (bf16 also stores the latent cache in bf16.) Bounds ~30% outside, as above.
+//   glm4-moe-lite-tiny   bf16: agreement 0.950, |Δ| mean 0.039, max 0.66
+//   glm4-moe-lite-grouped bf16: agreement 0.913, |Δ| mean 0.048, max 0.36
+// (bf16 also stores the latent cache in bf16.) Bounds ~30% outside, as above. The tiny bf16 max is
+// a token moving expert: with the gate and up projections stacked and SwiGLU rounded once (not
+// after silu and again after the product) a different token sits on a routing edge; it was 0.18
+// (mean 0.029) before, and the f32 parity tests are unchanged.
 
 #[test]
 fn glm_quantized_and_bf16_stay_near_f32() {
@@ -147,7 +150,7 @@ fn glm_quantized_and_bf16_stay_near_f32() {
         );
         let (agree, mean, max) = compare_in::<Glm4MoeLite>(name, DType::BF16, Quantization::None);
         assert!(
-            agree >= 0.85 && mean < 0.065 && max < 0.6,
+            agree >= 0.85 && mean < 0.065 && max < 0.86,
             "{name} bf16: {agree} {mean} {max}"
         );
     }

@@ -4,7 +4,8 @@ length, same number of decode steps, same thread count. Prints one JSON line per
 decode tokens/s (llama-bench's mean over its repetitions, after a warmup run).
 
 Prefill is `-p PROMPT` on an empty cache; decode is `-n DECODE` with PROMPT tokens already in the
-cache (`-d PROMPT`), as transformers_bench.py decodes after its prompt. llama-bench feeds random
+cache (`-d PROMPT`), as transformers_bench.py decodes after its prompt, and `decode0_tps` on an
+empty cache; a dtype `KIND+kv8` runs KIND's weights with a Q8_0 KV cache (`-fa 1 -ctk q8_0 -ctv q8_0`). llama-bench feeds random
 token ids and does not sample, so decode is the forward passes alone; everything else is its default
 (an f16 KV cache, flash attention on auto).
 
@@ -115,14 +116,18 @@ def main():
     depth, streams = (int(sys.argv[7]), int(sys.argv[8])) if len(sys.argv) == 9 else (0, 1)
     src = llama_cpp_source(binary)
     for dtype in sys.argv[6].split(","):
-        if dtype not in DTYPES:
-            sys.exit(f"dtype {dtype!r}: one of {', '.join(DTYPES)}")
-        gguf = convert(checkpoint, src, dtype, binary)
+        # `KIND+kv8`: the same weights with an 8-bit (Q8_0) KV cache, which needs flash attention.
+        weights, _, cache = dtype.partition("+")
+        if weights not in DTYPES or cache not in ("", "kv8"):
+            sys.exit(f"dtype {dtype!r}: one of {', '.join(DTYPES)}, optionally with +kv8")
+        gguf = convert(checkpoint, src, weights, binary)
+        kv = ["-fa", 1, "-ctk", "q8_0", "-ctv", "q8_0"] if cache else []
         row = {"dtype": dtype}
-        row["prefill_tps"] = bench(binary, gguf, threads, ["-p", prompt, "-n", 0])
-        row["decode_tps"] = bench(binary, gguf, threads, ["-p", 0, "-n", steps, "-d", prompt])
+        row["prefill_tps"] = bench(binary, gguf, threads, ["-p", prompt, "-n", 0] + kv)
+        row["decode_tps"] = bench(binary, gguf, threads, ["-p", 0, "-n", steps, "-d", prompt] + kv)
+        row["decode0_tps"] = bench(binary, gguf, threads, ["-p", 0, "-n", steps] + kv)
         if depth > 0:
-            row["deep_decode_tps"] = bench(binary, gguf, threads, ["-p", 0, "-n", steps, "-d", depth])
+            row["deep_decode_tps"] = bench(binary, gguf, threads, ["-p", 0, "-n", steps, "-d", depth] + kv)
         if streams > 1:
             row["streams_decode_tps"] = batched(binary, gguf, threads, prompt, steps, streams)
         print(json.dumps(row), flush=True)

@@ -283,3 +283,79 @@ fn bench_profiles_a_gguf_model() {
     let parts = us("quantized_linear_us") + us("attention_us") + us("head_us") + us("other_us");
     assert!((parts - us("forward_us")).abs() <= 1.0, "{p}");
 }
+
+/// `pio bench --single-stream`: one request at a time through the confined worker — prefill of
+/// the prompt, decode at depth 0 and after the prompt — beside a streaming read and the decode
+/// limit the weights' bytes set, with the engine's profile of the run.
+#[test]
+fn bench_measures_a_single_stream_against_the_bandwidth_limit() {
+    if !confinement_available() {
+        return;
+    }
+    let lib = plugin_lib("pio_plugin_qwen3");
+    let dir = PluginDir::new();
+    let model = format!(
+        "path = \"{}\"\n",
+        repo_root().join("tests/fixtures/qwen3-tiny").display()
+    );
+    dir.write("qwen3.toml", &qwen3_manifest(&lib, "low", &model));
+    let args = [
+        "bench",
+        "qwen3-4b-instruct-2507",
+        "--plugins",
+        ".",
+        "--single-stream",
+        "--prompt-words",
+        "30",
+        "--output-tokens",
+        "6",
+        "--profile",
+        "--json",
+    ];
+    let out = pio(dir.path(), &args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let f: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let num = |v: &Value| v.as_f64().unwrap_or_else(|| panic!("a number in {f}"));
+    let ours = &f["pio"];
+    assert!(num(&ours["prompt_tokens"]) >= 30.0, "{f}");
+    for key in [
+        "prefill_tokens_per_s",
+        "decode_depth0_tokens_per_s",
+        "decode_depth_prompt_tokens_per_s",
+    ] {
+        assert!(num(&ours[key]) > 0.0, "{key}: {f}");
+    }
+    let (read, bytes) = (num(&f["streaming_read_gb_per_s"]), num(&f["weight_bytes"]));
+    assert!(read > 0.0 && bytes > 0.0, "{f}");
+    let limit = num(&f["decode_limit_tokens_per_s"]);
+    assert!((limit - read * 1e9 / bytes).abs() <= limit * 1e-9, "{f}");
+    // Warm-up, prefill, both decodes: every token went through the profiled forward passes.
+    assert!(
+        num(&f["profile"]["tokens"]) >= num(&ours["prompt_tokens"]) * 2.0 + 10.0,
+        "{f}"
+    );
+    assert!(f.get("llama_cpp").is_none(), "not asked for");
+    // Concurrency belongs to the other mode.
+    let out = pio(
+        dir.path(),
+        &[
+            "bench",
+            "qwen3-4b-instruct-2507",
+            "--plugins",
+            ".",
+            "--single-stream",
+            "--concurrency",
+            "4",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--concurrency"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

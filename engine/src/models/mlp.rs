@@ -1,18 +1,29 @@
 //! The SwiGLU feed-forward block every model family here uses: `down(silu(gate(x)) · up(x))`,
-//! as a dense layer, a routed expert or a shared expert.
+//! as a dense layer, a routed expert or a shared expert. Where the two input projections can
+//! share one layer (same storage, no bias) they are stacked into one, so the activations are
+//! read and quantized once, and SwiGLU runs as one pass over its output.
 
-use candle_core::{Module, Tensor};
+use candle_core::{Module, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::linear::{Linear, Quantization};
 use crate::Result;
 
+/// The gate and up projections.
+#[derive(Debug, Clone)]
+enum Input {
+    /// One layer: the gate's `width` outputs, then the up projection's.
+    Stacked(Linear),
+    /// Two layers.
+    Separate { gate: Linear, up: Linear },
+}
+
 /// One SwiGLU MLP.
 #[derive(Debug, Clone)]
 pub(crate) struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    input: Input,
     down_proj: Linear,
+    width: usize,
 }
 
 impl Mlp {
@@ -24,23 +35,101 @@ impl Mlp {
         q: Quantization,
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
+        let gate = Linear::load(hidden, width, false, q, vb.pp("gate_proj"))?;
+        let up = Linear::load(hidden, width, false, q, vb.pp("up_proj"))?;
+        let input = match gate.stacked(&up)? {
+            Some(both) => Input::Stacked(both),
+            None => Input::Separate { gate, up },
+        };
         Ok(Self {
-            gate_proj: Linear::load(hidden, width, false, q, vb.pp("gate_proj"))?,
-            up_proj: Linear::load(hidden, width, false, q, vb.pp("up_proj"))?,
+            input,
             down_proj: Linear::load(width, hidden, false, q, vb.pp("down_proj"))?,
+            width,
         })
     }
 
     /// Bytes its weights take.
     pub(crate) fn weight_bytes(&self) -> usize {
-        self.gate_proj.weight_bytes() + self.up_proj.weight_bytes() + self.down_proj.weight_bytes()
+        let input = match &self.input {
+            Input::Stacked(both) => both.weight_bytes(),
+            Input::Separate { gate, up } => gate.weight_bytes() + up.weight_bytes(),
+        };
+        input + self.down_proj.weight_bytes()
     }
 
     /// The block on rows `x` (`(…, hidden)`).
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        Ok(self
-            .down_proj
-            .forward(&(gate * self.up_proj.forward(x)?)?)?)
+        let inner = match &self.input {
+            Input::Stacked(both) => swiglu(&both.forward(x)?, self.width)?,
+            Input::Separate { gate, up } => {
+                (candle_nn::ops::silu(&gate.forward(x)?)? * up.forward(x)?)?
+            }
+        };
+        Ok(self.down_proj.forward(&inner)?)
+    }
+}
+
+/// `silu(gate) · up` of `y` = `(…, [gate | up])`, each `width` wide: one pass on the CPU.
+fn swiglu(y: &Tensor, width: usize) -> Result<Tensor> {
+    if let Some(out) = crate::cpu::swiglu(y, width)? {
+        return Ok(out);
+    }
+    let gate = y.narrow(D::Minus1, 0, width)?;
+    let up = y.narrow(D::Minus1, width, width)?;
+    Ok((candle_nn::ops::silu(&gate)? * up)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use std::collections::HashMap;
+
+    /// The stacked layer and the one-pass SwiGLU give the separate layers' result, dense and
+    /// quantized; rows that cannot stack stay separate and still compute the same.
+    #[test]
+    fn stacked_projections_compute_the_separate_block() {
+        let device = Device::Cpu;
+        for (q, width) in [
+            (Quantization::None, 48),
+            (Quantization::Q8, 48),
+            (Quantization::Q8, 40),
+            (Quantization::Q4, 64),
+        ] {
+            let hidden = 64;
+            let w = |r, c, s| {
+                Tensor::randn(0f32, 1.0, (r, c), &device)
+                    .unwrap()
+                    .affine(s, 0.0)
+                    .unwrap()
+            };
+            let tensors = HashMap::from([
+                ("gate_proj.weight".to_string(), w(width, hidden, 0.2)),
+                ("up_proj.weight".to_string(), w(width, hidden, 0.2)),
+                ("down_proj.weight".to_string(), w(hidden, width, 0.2)),
+            ]);
+            let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
+            let mlp = Mlp::load(hidden, width, q, vb.clone()).unwrap();
+            let stacked = matches!(mlp.input, Input::Stacked(_));
+            assert_eq!(
+                stacked,
+                q == Quantization::None || width % 16 == 0,
+                "{q:?} {width}"
+            );
+            let gate = Linear::load(hidden, width, false, q, vb.pp("gate_proj")).unwrap();
+            let up = Linear::load(hidden, width, false, q, vb.pp("up_proj")).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (3, hidden), &device).unwrap();
+            let inner = (candle_nn::ops::silu(&gate.forward(&x).unwrap()).unwrap()
+                * up.forward(&x).unwrap())
+            .unwrap();
+            let want = mlp.down_proj.forward(&inner).unwrap();
+            let got = mlp.forward(&x).unwrap();
+            let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(diff.to_scalar::<f32>().unwrap() < 1e-5, "{q:?} {width}");
+            assert_eq!(
+                mlp.weight_bytes(),
+                gate.weight_bytes() + up.weight_bytes() + mlp.down_proj.weight_bytes()
+            );
+        }
     }
 }

@@ -13,6 +13,7 @@ use pio_plugin_api::wire::{InferRequest, Prompt};
 mod constrained;
 mod llama_cpp;
 mod profile;
+mod single;
 use crate::cli_run::{prepare, start_loaded, Prepared, TierArgs};
 use crate::SearchArgs;
 
@@ -67,6 +68,11 @@ pub struct BenchArgs {
     /// the rest, per token (the model's `[model.options] profile`, set for this run).
     #[arg(long)]
     profile: bool,
+    /// Measure one request at a time instead: prefill of the prompt, decode from an empty cache
+    /// and decode after the prompt, beside the machine's memory bandwidth and the decode limit
+    /// it sets (with `--compare-llama-cpp`: llama.cpp's single sequence on the same file).
+    #[arg(long, conflicts_with_all = ["constrained", "concurrency", "requests", "shared_prefix"])]
+    single_stream: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -227,9 +233,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<u8> {
         (true, path) => Some(constrained::constraint(path.as_deref())?),
     };
     runtime.block_on(async move {
-        let (worker, _) = start_loaded(spec, config).await?;
+        let (worker, info) = start_loaded(spec, config).await?;
         // Warm-up: thread pools and buffers, with a prompt that shares nothing.
         one(&worker, request("Hello".into(), 2)).await?;
+        if args.single_stream {
+            let measured = single::run(&worker, &args).await;
+            worker.shutdown().await;
+            return single_stream(&args, measured?, info.weight_bytes);
+        }
         let worker = std::sync::Arc::new(worker);
         let (timings, wall) = workload(&worker, &args, None).await?;
         let mut figures = figures(&args, &timings, wall);
@@ -293,12 +304,7 @@ fn compare(
         .map(|t| f64::from(t.prompt_tokens))
         .sum::<f64>()
         / n;
-    let threads = args.llama_threads.unwrap_or_else(|| {
-        std::env::var("RAYON_NUM_THREADS")
-            .ok()
-            .and_then(|t| t.parse().ok())
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-    });
+    let threads = threads(args);
     let workload = llama_cpp::Workload {
         prompt: prompt.round() as u32,
         output: args.output_tokens,
@@ -310,6 +316,50 @@ fn compare(
         gguf,
         workload,
     )
+}
+
+/// Threads for llama.cpp and the streaming read: `--llama-threads`, else RAYON_NUM_THREADS (the
+/// plugin's), else the CPUs available.
+fn threads(args: &BenchArgs) -> usize {
+    args.llama_threads.unwrap_or_else(|| {
+        std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    })
+}
+
+/// Reports `--single-stream`: the figures, the bandwidth and limit, llama.cpp's when asked.
+fn single_stream(
+    args: &BenchArgs,
+    (ours, engine_profile): (single::Figures, Option<serde_json::Value>),
+    weight_bytes: Option<u64>,
+) -> anyhow::Result<u8> {
+    let threads = threads(args);
+    let bandwidth = single::streaming_read(single::READ_BYTES, threads);
+    let llama = match &args.compare_llama_cpp {
+        Some(gguf) => Some(single::llama(
+            &llama_cpp::binary(args.llama_batched_bench.as_ref()),
+            gguf,
+            ours.prompt_tokens,
+            args.output_tokens,
+            threads,
+        )?),
+        None => None,
+    };
+    let mut f = single::json(&ours, bandwidth, weight_bytes, llama.as_ref());
+    if args.profile {
+        f["profile"] = engine_profile.unwrap_or_default();
+    }
+    if args.json {
+        println!("{f}");
+    } else {
+        single::print(&f, threads);
+        if args.profile {
+            profile::print(f.get("profile").filter(|p| !p.is_null()));
+        }
+    }
+    Ok(0)
 }
 
 /// The run's figures, as `--json` prints them.

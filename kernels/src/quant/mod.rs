@@ -234,6 +234,15 @@ impl Activations for Act32 {
                     }
                 };
             }
+            if crate::simd::has_avx_vnni() {
+                // SAFETY: AVX2, FMA, F16C and AVX-VNNI are present; as above.
+                return unsafe {
+                    match q4 {
+                        true => packed_x86::q4_0_avx_vnni(tile, x),
+                        false => packed_x86::q8_0_avx_vnni(tile, x),
+                    }
+                };
+            }
             if crate::simd::has_avx2() {
                 // SAFETY: AVX2, FMA and F16C are present; as above.
                 return unsafe {
@@ -295,6 +304,15 @@ impl Activations for Act256 {
                     match q6k {
                         true => packed_x86::q6k_vnni(tile, x),
                         false => packed_x86::q4k_vnni(tile, x),
+                    }
+                };
+            }
+            if crate::simd::has_avx_vnni() {
+                // SAFETY: as for `Act32`.
+                return unsafe {
+                    match q6k {
+                        true => packed_x86::q6k_avx_vnni(tile, x),
+                        false => packed_x86::q4k_avx_vnni(tile, x),
                     }
                 };
             }

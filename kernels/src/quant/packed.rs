@@ -107,6 +107,21 @@ impl PackedMatrix {
         self.bytes.len()
     }
 
+    /// `self`'s rows followed by `other`'s as one matrix, so that one product computes both (a
+    /// gate and an up projection over the same activations); `None` unless both have the same
+    /// format and width and `self`'s rows fill whole tiles.
+    pub fn stacked(&self, other: &Self) -> Option<Self> {
+        let fits = self.format == other.format
+            && self.cols == other.cols
+            && self.rows.is_multiple_of(ROWS);
+        fits.then(|| Self {
+            format: self.format,
+            rows: self.rows + other.rows,
+            cols: self.cols,
+            bytes: [&self.bytes[..], &other.bytes[..]].concat(),
+        })
+    }
+
     /// Block columns per row.
     fn blocks(&self) -> usize {
         self.cols / self.format.block_values()

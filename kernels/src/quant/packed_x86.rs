@@ -293,219 +293,313 @@ unsafe fn bytes8(p: *const u8) -> __m256i {
     unsafe { _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.cast())) }
 }
 
-/// Unsigned bytes `u` · signed bytes `s` summed four at a time into 32-bit lanes.
-#[inline(always)]
-unsafe fn dot4(u: __m256i, s: __m256i) -> __m256i {
-    // SAFETY: the caller has AVX2.
-    unsafe { _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)) }
+/// Unsigned bytes · signed bytes summed four at a time into 32-bit lanes, on 256 bits.
+pub(crate) trait Dot4 {
+    /// `u · s`, four byte products per 32-bit lane.
+    unsafe fn dot4(u: __m256i, s: __m256i) -> __m256i;
 }
+
+/// AVX2: `vpmaddubsw` then `vpmaddwd` (the pairs' 16-bit sums never saturate here: every caller
+/// keeps one factor's magnitude within 127 or 128 and the other's within 127 or 63).
+pub(crate) struct Avx2;
+
+/// AVX-VNNI: `vpdpbusd` on 256 bits, one instruction.
+pub(crate) struct AvxVnni;
+
+impl Dot4 for Avx2 {
+    #[inline(always)]
+    unsafe fn dot4(u: __m256i, s: __m256i) -> __m256i {
+        // SAFETY: the caller has AVX2.
+        unsafe { _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)) }
+    }
+}
+
+impl Dot4 for AvxVnni {
+    #[inline(always)]
+    unsafe fn dot4(u: __m256i, s: __m256i) -> __m256i {
+        // SAFETY: the caller has AVX-VNNI.
+        unsafe { _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s) }
+    }
+}
+
+/// The AVX2 and AVX-VNNI entry points of a 256-bit tile kernel written once over [`Dot4`].
+macro_rules! entry_points {
+    ($body:ident, $act:ty, $avx2:ident, $vnni:ident) => {
+        /// The AVX2 instance.
+        ///
+        /// # Safety
+        /// AVX2, FMA and F16C; the tile and activations as for the VNNI kernels.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub(crate) unsafe fn $avx2<const R: usize>(
+            tile: &[u8],
+            x: [&[$act]; R],
+        ) -> [[f32; ROWS]; R] {
+            // SAFETY: as the caller promised.
+            unsafe { $body::<Avx2, R>(tile, x) }
+        }
+
+        /// The AVX-VNNI instance.
+        ///
+        /// # Safety
+        /// As the AVX2 instance, and AVX-VNNI.
+        #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+        pub(crate) unsafe fn $vnni<const R: usize>(
+            tile: &[u8],
+            x: [&[$act]; R],
+        ) -> [[f32; ROWS]; R] {
+            // SAFETY: as the caller promised.
+            unsafe { $body::<AvxVnni, R>(tile, x) }
+        }
+    };
+}
+
+entry_points!(q8_0_256, Act32, q8_0_avx2, q8_0_avx_vnni);
+entry_points!(q4_0_256, Act32, q4_0_avx2, q4_0_avx_vnni);
+entry_points!(q4k_256, Act256, q4k_avx2, q4k_avx_vnni);
+entry_points!(q6k_256, Act256, q6k_avx2, q6k_avx_vnni);
 
 /// 16 rows of Q8_0 tiles · R activation rows, as two halves of eight rows.
 ///
 /// # Safety
 /// AVX2, FMA and F16C; the tile and activations as for [`q8_0_vnni`].
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn q8_0_avx2<const R: usize>(tile: &[u8], x: [&[Act32]; R]) -> [[f32; ROWS]; R] {
-    let flip = _mm256_set1_epi8(-128);
-    let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    for (b, column) in tile.chunks_exact(tile_bytes(Format::Q8_0)).enumerate() {
-        let p = column.as_ptr();
-        let mut sums = [[_mm256_setzero_si256(); 2]; R];
-        for g in 0..8 {
-            for h in 0..2 {
-                // SAFETY: half h of group g is 32 bytes inside the column.
-                unsafe {
-                    let w = _mm256_xor_si256(
-                        _mm256_loadu_si256(p.add(32 + 64 * g + 32 * h).cast()),
-                        flip,
-                    );
-                    let aw = _mm256_sign_epi8(w, w);
-                    for r in 0..R {
-                        let xs = _mm256_set1_epi32(quad(x[r][b].qs.as_ptr().add(4 * g)));
-                        let d = dot4(aw, _mm256_sign_epi8(xs, w));
-                        sums[r][h] = _mm256_add_epi32(sums[r][h], d);
+// The inner blocks keep their own SAFETY notes; the outer one covers the intrinsics, whose
+// features the entry points enable.
+#[allow(unused_unsafe)]
+#[inline(always)]
+unsafe fn q8_0_256<D: Dot4, const R: usize>(tile: &[u8], x: [&[Act32]; R]) -> [[f32; ROWS]; R] {
+    // SAFETY: called only from the entry points, which enable AVX2, FMA and F16C (and AVX-VNNI
+    // for its instance).
+    unsafe {
+        let flip = _mm256_set1_epi8(-128);
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for (b, column) in tile.chunks_exact(tile_bytes(Format::Q8_0)).enumerate() {
+            let p = column.as_ptr();
+            let mut sums = [[_mm256_setzero_si256(); 2]; R];
+            for g in 0..8 {
+                for h in 0..2 {
+                    // SAFETY: half h of group g is 32 bytes inside the column.
+                    unsafe {
+                        let w = _mm256_xor_si256(
+                            _mm256_loadu_si256(p.add(32 + 64 * g + 32 * h).cast()),
+                            flip,
+                        );
+                        let aw = _mm256_sign_epi8(w, w);
+                        for r in 0..R {
+                            let xs = _mm256_set1_epi32(quad(x[r][b].qs.as_ptr().add(4 * g)));
+                            let d = D::dot4(aw, _mm256_sign_epi8(xs, w));
+                            sums[r][h] = _mm256_add_epi32(sums[r][h], d);
+                        }
                     }
                 }
             }
-        }
-        for h in 0..2 {
-            // SAFETY: the column starts with 16 f16 scales.
-            let d = unsafe { scales8(p.add(16 * h)) };
-            for r in 0..R {
-                let scale = _mm256_mul_ps(d, _mm256_set1_ps(x[r][b].d));
-                acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r][h]), scale, acc[r][h]);
+            for h in 0..2 {
+                // SAFETY: the column starts with 16 f16 scales.
+                let d = unsafe { scales8(p.add(16 * h)) };
+                for r in 0..R {
+                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(x[r][b].d));
+                    acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r][h]), scale, acc[r][h]);
+                }
             }
         }
+        store8(acc)
     }
-    store8(acc)
 }
 
 /// 16 rows of Q4_0 tiles · R activation rows, as two halves of eight rows.
 ///
 /// # Safety
-/// As [`q8_0_avx2`].
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn q4_0_avx2<const R: usize>(tile: &[u8], x: [&[Act32]; R]) -> [[f32; ROWS]; R] {
-    let low = _mm256_set1_epi8(0xF);
-    let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    for (b, column) in tile.chunks_exact(tile_bytes(Format::Q4_0)).enumerate() {
-        let p = column.as_ptr();
-        let mut sums = [[_mm256_setzero_si256(); 2]; R];
-        for g in 0..4 {
-            for h in 0..2 {
-                // SAFETY: half h of group g is 32 bytes inside the column.
-                unsafe {
-                    let raw = _mm256_loadu_si256(p.add(32 + 64 * g + 32 * h).cast());
-                    let lo = _mm256_and_si256(raw, low);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low);
-                    for r in 0..R {
-                        let xp = x[r][b].qs.as_ptr().add(8 * g);
-                        let a = dot4(lo, _mm256_set1_epi32(quad(xp)));
-                        let c = dot4(hi, _mm256_set1_epi32(quad(xp.add(4))));
-                        sums[r][h] = _mm256_add_epi32(sums[r][h], _mm256_add_epi32(a, c));
+/// As [`q8_0_256`].
+// The inner blocks keep their own SAFETY notes; the outer one covers the intrinsics, whose
+// features the entry points enable.
+#[allow(unused_unsafe)]
+#[inline(always)]
+unsafe fn q4_0_256<D: Dot4, const R: usize>(tile: &[u8], x: [&[Act32]; R]) -> [[f32; ROWS]; R] {
+    // SAFETY: called only from the entry points, which enable AVX2, FMA and F16C (and AVX-VNNI
+    // for its instance).
+    unsafe {
+        let low = _mm256_set1_epi8(0xF);
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for (b, column) in tile.chunks_exact(tile_bytes(Format::Q4_0)).enumerate() {
+            let p = column.as_ptr();
+            let mut sums = [[_mm256_setzero_si256(); 2]; R];
+            for g in 0..4 {
+                for h in 0..2 {
+                    // SAFETY: half h of group g is 32 bytes inside the column.
+                    unsafe {
+                        let raw = _mm256_loadu_si256(p.add(32 + 64 * g + 32 * h).cast());
+                        let lo = _mm256_and_si256(raw, low);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low);
+                        for r in 0..R {
+                            let xp = x[r][b].qs.as_ptr().add(8 * g);
+                            let a = D::dot4(lo, _mm256_set1_epi32(quad(xp)));
+                            let c = D::dot4(hi, _mm256_set1_epi32(quad(xp.add(4))));
+                            sums[r][h] = _mm256_add_epi32(sums[r][h], _mm256_add_epi32(a, c));
+                        }
                     }
                 }
             }
-        }
-        for h in 0..2 {
-            // SAFETY: the column starts with 16 f16 scales.
-            let d = unsafe { scales8(p.add(16 * h)) };
-            for r in 0..R {
-                let xb = &x[r][b];
-                let exact = _mm256_sub_epi32(sums[r][h], _mm256_set1_epi32(8 * xb.sum));
-                let scale = _mm256_mul_ps(d, _mm256_set1_ps(xb.d));
-                acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), scale, acc[r][h]);
+            for h in 0..2 {
+                // SAFETY: the column starts with 16 f16 scales.
+                let d = unsafe { scales8(p.add(16 * h)) };
+                for r in 0..R {
+                    let xb = &x[r][b];
+                    let exact = _mm256_sub_epi32(sums[r][h], _mm256_set1_epi32(8 * xb.sum));
+                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(xb.d));
+                    acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), scale, acc[r][h]);
+                }
             }
         }
+        store8(acc)
     }
-    store8(acc)
 }
 
 /// 16 rows of Q4_K tiles · R activation rows, as two halves of eight rows.
 ///
 /// # Safety
-/// As [`q8_0_avx2`].
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn q4k_avx2<const R: usize>(tile: &[u8], x: [&[Act256]; R]) -> [[f32; ROWS]; R] {
-    let low = _mm256_set1_epi8(0xF);
-    let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    for (b, column) in tile.chunks_exact(tile_bytes(Format::Q4K)).enumerate() {
-        let p = column.as_ptr();
-        for h in 0..2 {
-            let mut isum = [_mm256_setzero_si256(); R];
-            let mut imin = [_mm256_setzero_si256(); R];
-            for s in 0..8 {
-                let mut sub = [_mm256_setzero_si256(); R];
-                for pair in 0..4 {
-                    // SAFETY: as in `q4k_vnni`, for one half.
-                    unsafe {
-                        let raw =
-                            _mm256_loadu_si256(p.add(320 + 256 * s + 64 * pair + 32 * h).cast());
-                        let lo = _mm256_and_si256(raw, low);
-                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low);
-                        for r in 0..R {
-                            let xp = x[r][b].qs.as_ptr().add(32 * s + 8 * pair);
-                            let a = dot4(lo, _mm256_set1_epi32(quad(xp)));
-                            let c = dot4(hi, _mm256_set1_epi32(quad(xp.add(4))));
-                            sub[r] = _mm256_add_epi32(sub[r], _mm256_add_epi32(a, c));
+/// As [`q8_0_256`].
+// The inner blocks keep their own SAFETY notes; the outer one covers the intrinsics, whose
+// features the entry points enable.
+#[allow(unused_unsafe)]
+#[inline(always)]
+unsafe fn q4k_256<D: Dot4, const R: usize>(tile: &[u8], x: [&[Act256]; R]) -> [[f32; ROWS]; R] {
+    // SAFETY: called only from the entry points, which enable AVX2, FMA and F16C (and AVX-VNNI
+    // for its instance).
+    unsafe {
+        let low = _mm256_set1_epi8(0xF);
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for (b, column) in tile.chunks_exact(tile_bytes(Format::Q4K)).enumerate() {
+            let p = column.as_ptr();
+            for h in 0..2 {
+                let mut isum = [_mm256_setzero_si256(); R];
+                let mut imin = [_mm256_setzero_si256(); R];
+                for s in 0..8 {
+                    let mut sub = [_mm256_setzero_si256(); R];
+                    for pair in 0..4 {
+                        // SAFETY: as in `q4k_vnni`, for one half.
+                        unsafe {
+                            let raw = _mm256_loadu_si256(
+                                p.add(320 + 256 * s + 64 * pair + 32 * h).cast(),
+                            );
+                            let lo = _mm256_and_si256(raw, low);
+                            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low);
+                            for r in 0..R {
+                                let xp = x[r][b].qs.as_ptr().add(32 * s + 8 * pair);
+                                let a = D::dot4(lo, _mm256_set1_epi32(quad(xp)));
+                                let c = D::dot4(hi, _mm256_set1_epi32(quad(xp.add(4))));
+                                sub[r] = _mm256_add_epi32(sub[r], _mm256_add_epi32(a, c));
+                            }
                         }
                     }
+                    // SAFETY: this half's scales and mins of sub-block s are 8 bytes each.
+                    let (sc, mn) = unsafe {
+                        (
+                            bytes8(p.add(64 + 16 * s + 8 * h)),
+                            bytes8(p.add(192 + 16 * s + 8 * h)),
+                        )
+                    };
+                    for r in 0..R {
+                        let xb = &x[r][b];
+                        let bsum = i32::from(xb.sums[2 * s]) + i32::from(xb.sums[2 * s + 1]);
+                        isum[r] = _mm256_add_epi32(isum[r], _mm256_mullo_epi32(sub[r], sc));
+                        imin[r] = _mm256_add_epi32(
+                            imin[r],
+                            _mm256_mullo_epi32(mn, _mm256_set1_epi32(bsum)),
+                        );
+                    }
                 }
-                // SAFETY: this half's scales and mins of sub-block s are 8 bytes each.
-                let (sc, mn) = unsafe {
-                    (
-                        bytes8(p.add(64 + 16 * s + 8 * h)),
-                        bytes8(p.add(192 + 16 * s + 8 * h)),
-                    )
-                };
+                // SAFETY: the column starts with 16 f16 scales, then 16 f16 mins.
+                let (d, dmin) = unsafe { (scales8(p.add(16 * h)), scales8(p.add(32 + 16 * h))) };
                 for r in 0..R {
-                    let xb = &x[r][b];
-                    let bsum = i32::from(xb.sums[2 * s]) + i32::from(xb.sums[2 * s + 1]);
-                    isum[r] = _mm256_add_epi32(isum[r], _mm256_mullo_epi32(sub[r], sc));
-                    imin[r] =
-                        _mm256_add_epi32(imin[r], _mm256_mullo_epi32(mn, _mm256_set1_epi32(bsum)));
+                    let dx = _mm256_set1_ps(x[r][b].d);
+                    let a = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(isum[r]),
+                        _mm256_mul_ps(d, dx),
+                        acc[r][h],
+                    );
+                    acc[r][h] =
+                        _mm256_fnmadd_ps(_mm256_cvtepi32_ps(imin[r]), _mm256_mul_ps(dmin, dx), a);
                 }
-            }
-            // SAFETY: the column starts with 16 f16 scales, then 16 f16 mins.
-            let (d, dmin) = unsafe { (scales8(p.add(16 * h)), scales8(p.add(32 + 16 * h))) };
-            for r in 0..R {
-                let dx = _mm256_set1_ps(x[r][b].d);
-                let a =
-                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_mul_ps(d, dx), acc[r][h]);
-                acc[r][h] =
-                    _mm256_fnmadd_ps(_mm256_cvtepi32_ps(imin[r]), _mm256_mul_ps(dmin, dx), a);
             }
         }
+        store8(acc)
     }
-    store8(acc)
 }
 
 /// 16 rows of Q6_K tiles · R activation rows, as two halves of eight rows (see [`q6k_vnni`]).
 ///
 /// # Safety
-/// As [`q8_0_avx2`].
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn q6k_avx2<const R: usize>(tile: &[u8], x: [&[Act256]; R]) -> [[f32; ROWS]; R] {
-    let (low, top) = (_mm256_set1_epi8(0xF), _mm256_set1_epi8(0x30));
-    let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    for (b, column) in tile.chunks_exact(tile_bytes(Format::Q6K)).enumerate() {
-        let p = column.as_ptr();
-        for h in 0..2 {
-            let mut total = [_mm256_setzero_si256(); R];
-            let mut offset = [_mm256_setzero_si256(); R];
-            for j in 0..16 {
-                // SAFETY: as in `q6k_vnni`, for one half.
-                let w = unsafe {
-                    let (lo, hi) = (Q6K_LOW + 128 * j + 32 * h, Q6K_HIGH + 64 * j + 32 * h);
-                    let a = _mm256_loadu_si256(p.add(lo).cast());
-                    let c = _mm256_loadu_si256(p.add(lo + 64).cast());
-                    let t = _mm256_loadu_si256(p.add(hi).cast());
-                    [
-                        _mm256_or_si256(
-                            _mm256_and_si256(a, low),
-                            _mm256_and_si256(_mm256_slli_epi16::<4>(t), top),
-                        ),
-                        _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16::<4>(a), low),
-                            _mm256_and_si256(_mm256_slli_epi16::<2>(t), top),
-                        ),
-                        _mm256_or_si256(_mm256_and_si256(c, low), _mm256_and_si256(t, top)),
-                        _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16::<4>(c), low),
-                            _mm256_and_si256(_mm256_srli_epi16::<2>(t), top),
-                        ),
-                    ]
-                };
-                // SAFETY: this half's eight scales of sub-block j are bytes of the column.
-                let sc = unsafe {
-                    _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(Q6K_SCALES + 16 * j + 8 * h).cast()))
-                };
-                for r in 0..R {
-                    let xp = x[r][b].qs.as_ptr();
-                    // SAFETY: values 16j..16j + 16 of the activation block; 0..64 · −127..=127
-                    // summed in pairs stays inside `vpmaddubsw`'s 16 bits.
-                    let sub = unsafe {
-                        let q = |i: usize| _mm256_set1_epi32(quad(xp.add(16 * j + 4 * i)));
-                        _mm256_add_epi32(
-                            _mm256_add_epi32(dot4(w[0], q(0)), dot4(w[1], q(1))),
-                            _mm256_add_epi32(dot4(w[2], q(2)), dot4(w[3], q(3))),
-                        )
+/// As [`q8_0_256`].
+// The inner blocks keep their own SAFETY notes; the outer one covers the intrinsics, whose
+// features the entry points enable.
+#[allow(unused_unsafe)]
+#[inline(always)]
+unsafe fn q6k_256<D: Dot4, const R: usize>(tile: &[u8], x: [&[Act256]; R]) -> [[f32; ROWS]; R] {
+    // SAFETY: called only from the entry points, which enable AVX2, FMA and F16C (and AVX-VNNI
+    // for its instance).
+    unsafe {
+        let (low, top) = (_mm256_set1_epi8(0xF), _mm256_set1_epi8(0x30));
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for (b, column) in tile.chunks_exact(tile_bytes(Format::Q6K)).enumerate() {
+            let p = column.as_ptr();
+            for h in 0..2 {
+                let mut total = [_mm256_setzero_si256(); R];
+                let mut offset = [_mm256_setzero_si256(); R];
+                for j in 0..16 {
+                    // SAFETY: as in `q6k_vnni`, for one half.
+                    let w = unsafe {
+                        let (lo, hi) = (Q6K_LOW + 128 * j + 32 * h, Q6K_HIGH + 64 * j + 32 * h);
+                        let a = _mm256_loadu_si256(p.add(lo).cast());
+                        let c = _mm256_loadu_si256(p.add(lo + 64).cast());
+                        let t = _mm256_loadu_si256(p.add(hi).cast());
+                        [
+                            _mm256_or_si256(
+                                _mm256_and_si256(a, low),
+                                _mm256_and_si256(_mm256_slli_epi16::<4>(t), top),
+                            ),
+                            _mm256_or_si256(
+                                _mm256_and_si256(_mm256_srli_epi16::<4>(a), low),
+                                _mm256_and_si256(_mm256_slli_epi16::<2>(t), top),
+                            ),
+                            _mm256_or_si256(_mm256_and_si256(c, low), _mm256_and_si256(t, top)),
+                            _mm256_or_si256(
+                                _mm256_and_si256(_mm256_srli_epi16::<4>(c), low),
+                                _mm256_and_si256(_mm256_srli_epi16::<2>(t), top),
+                            ),
+                        ]
                     };
-                    total[r] = _mm256_add_epi32(total[r], _mm256_mullo_epi32(sub, sc));
-                    let bsum = _mm256_set1_epi32(i32::from(x[r][b].sums[j]));
-                    offset[r] = _mm256_add_epi32(offset[r], _mm256_mullo_epi32(sc, bsum));
+                    // SAFETY: this half's eight scales of sub-block j are bytes of the column.
+                    let sc = unsafe {
+                        _mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                            p.add(Q6K_SCALES + 16 * j + 8 * h).cast(),
+                        ))
+                    };
+                    for r in 0..R {
+                        let xp = x[r][b].qs.as_ptr();
+                        // SAFETY: values 16j..16j + 16 of the activation block; 0..64 · −127..=127
+                        // summed in pairs stays inside `vpmaddubsw`'s 16 bits.
+                        let sub = unsafe {
+                            let q = |i: usize| _mm256_set1_epi32(quad(xp.add(16 * j + 4 * i)));
+                            _mm256_add_epi32(
+                                _mm256_add_epi32(D::dot4(w[0], q(0)), D::dot4(w[1], q(1))),
+                                _mm256_add_epi32(D::dot4(w[2], q(2)), D::dot4(w[3], q(3))),
+                            )
+                        };
+                        total[r] = _mm256_add_epi32(total[r], _mm256_mullo_epi32(sub, sc));
+                        let bsum = _mm256_set1_epi32(i32::from(x[r][b].sums[j]));
+                        offset[r] = _mm256_add_epi32(offset[r], _mm256_mullo_epi32(sc, bsum));
+                    }
+                }
+                // SAFETY: the column starts with 16 f16 scales.
+                let d = unsafe { scales8(p.add(16 * h)) };
+                for r in 0..R {
+                    let exact = _mm256_sub_epi32(total[r], _mm256_slli_epi32::<5>(offset[r]));
+                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(x[r][b].d));
+                    acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), scale, acc[r][h]);
                 }
             }
-            // SAFETY: the column starts with 16 f16 scales.
-            let d = unsafe { scales8(p.add(16 * h)) };
-            for r in 0..R {
-                let exact = _mm256_sub_epi32(total[r], _mm256_slli_epi32::<5>(offset[r]));
-                let scale = _mm256_mul_ps(d, _mm256_set1_ps(x[r][b].d));
-                acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), scale, acc[r][h]);
-            }
         }
+        store8(acc)
     }
-    store8(acc)
 }
 
 /// Two eight-lane halves per activation row, as 16 floats.

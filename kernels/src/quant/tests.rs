@@ -122,11 +122,16 @@ fn every_kernel_path_matches_the_decoded_product_on_odd_shapes() {
 }
 
 /// Every kernel path this machine can run, whatever `PIO_KERNELS` caps the dispatch at
-/// (`Avx512` stands for the VNNI path).
+/// (`Avx512` stands for the AVX-512 VNNI path; `AvxVnni` has tile kernels only, its rows run as
+/// AVX2's).
 fn paths() -> Vec<crate::Level> {
     let mut p = vec![crate::Level::Portable];
     if crate::Level::detected() >= crate::Level::Avx2 {
         p.push(crate::Level::Avx2);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::Level::detected() >= crate::Level::Avx2 && is_x86_feature_detected!("avxvnni") {
+        p.push(crate::Level::AvxVnni);
     }
     #[cfg(target_arch = "x86_64")]
     if crate::Level::detected() >= crate::Level::Avx512
@@ -256,6 +261,72 @@ fn tiles_decode_to_the_blocks_they_were_packed_from() {
     }
 }
 
+/// Two matrices stacked multiply as both: the first's rows, then the second's (a 37-row second
+/// leaves a part tile at the end); stacking refuses mismatched formats, widths, and a first
+/// matrix whose rows end inside a tile.
+#[test]
+fn stacked_tiles_multiply_as_both_matrices() {
+    for format in FORMATS {
+        let k = 2 * format.block_values();
+        let (a, b) = (
+            random_blocks(format, 32, k, 1),
+            random_blocks(format, 37, k, 2),
+        );
+        let pa = PackedMatrix::pack(&QuantMatrix::new(format, &a, 32, k).expect("shape"));
+        let pb = PackedMatrix::pack(&QuantMatrix::new(format, &b, 37, k).expect("shape"));
+        let both = pa.stacked(&pb).expect("the first fills whole tiles");
+        assert_eq!((both.rows(), both.cols()), (69, k));
+        let x = data(3 * k, 5);
+        let (mut y, mut ya, mut yb) = (vec![0f32; 3 * 69], vec![0f32; 3 * 32], vec![0f32; 3 * 37]);
+        packed_matmul(&x, &both, 3, &mut y);
+        packed_matmul(&x, &pa, 3, &mut ya);
+        packed_matmul(&x, &pb, 3, &mut yb);
+        for r in 0..3 {
+            assert_eq!(
+                y[r * 69..r * 69 + 32],
+                ya[r * 32..(r + 1) * 32],
+                "{}",
+                format.name()
+            );
+            assert_eq!(
+                y[r * 69 + 32..(r + 1) * 69],
+                yb[r * 37..(r + 1) * 37],
+                "{}",
+                format.name()
+            );
+        }
+        assert!(pb.stacked(&pa).is_none(), "37 rows end inside a tile");
+    }
+    let q8 = PackedMatrix::pack(
+        &QuantMatrix::new(
+            Format::Q8_0,
+            &random_blocks(Format::Q8_0, 16, 64, 3),
+            16,
+            64,
+        )
+        .expect("shape"),
+    );
+    let q4 = PackedMatrix::pack(
+        &QuantMatrix::new(
+            Format::Q4_0,
+            &random_blocks(Format::Q4_0, 16, 64, 3),
+            16,
+            64,
+        )
+        .expect("shape"),
+    );
+    let wide = PackedMatrix::pack(
+        &QuantMatrix::new(
+            Format::Q8_0,
+            &random_blocks(Format::Q8_0, 16, 96, 3),
+            16,
+            96,
+        )
+        .expect("shape"),
+    );
+    assert!(q8.stacked(&q4).is_none() && q8.stacked(&wide).is_none());
+}
+
 #[test]
 fn every_tile_path_matches_the_decoded_product_on_odd_shapes() {
     for format in FORMATS {
@@ -333,8 +404,17 @@ fn tile_32(format: Format, tile: &[u8], x: [&[Act32]; 3], path: crate::Level) ->
                 }
             };
         }
-        // SAFETY: as above.
+        if path == crate::Level::AvxVnni {
+            // SAFETY: as above.
+            return unsafe {
+                match q4 {
+                    true => super::packed_x86::q4_0_avx_vnni(tile, x),
+                    false => super::packed_x86::q8_0_avx_vnni(tile, x),
+                }
+            };
+        }
         if path == crate::Level::Avx2 {
+            // SAFETY: as above.
             return unsafe {
                 match q4 {
                     true => super::packed_x86::q4_0_avx2(tile, x),
@@ -363,8 +443,17 @@ fn tile_256(format: Format, tile: &[u8], x: [&[Act256]; 3], path: crate::Level) 
                 }
             };
         }
-        // SAFETY: as above.
+        if path == crate::Level::AvxVnni {
+            // SAFETY: as above.
+            return unsafe {
+                match q6k {
+                    true => super::packed_x86::q6k_avx_vnni(tile, x),
+                    false => super::packed_x86::q4k_avx_vnni(tile, x),
+                }
+            };
+        }
         if path == crate::Level::Avx2 {
+            // SAFETY: as above.
             return unsafe {
                 match q6k {
                     true => super::packed_x86::q6k_avx2(tile, x),

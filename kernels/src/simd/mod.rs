@@ -58,14 +58,17 @@ pub(crate) mod portable {
 }
 
 /// The widest instruction set the kernels may use: what the CPU has, capped by the environment
-/// variable `PIO_KERNELS` (`portable`, `avx2` or `avx512`), so that every narrower path can be run
-/// and tested on a wider machine.
+/// variable `PIO_KERNELS` (`portable`, `avx2`, `avxvnni` or `avx512`), so that every narrower path
+/// can be run and tested on a wider machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
     /// Plain Rust, any CPU.
     Portable,
     /// AVX2 and FMA (and F16C for f16).
     Avx2,
+    /// AVX2 with AVX-VNNI (Alder Lake and later client CPUs, Zen 5): the quantized products'
+    /// integer dot products in one instruction (`vpdpbusd` on 256 bits).
+    AvxVnni,
     /// AVX-512F, on top of AVX2.
     Avx512,
 }
@@ -74,14 +77,17 @@ impl Level {
     /// The level in use: detected once, capped by `PIO_KERNELS`.
     pub fn current() -> Self {
         static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
-        *LEVEL.get_or_init(|| {
-            let cap = match std::env::var("PIO_KERNELS").as_deref() {
-                Ok("portable") => Level::Portable,
-                Ok("avx2") => Level::Avx2,
-                _ => Level::Avx512,
-            };
-            Self::detected().min(cap)
-        })
+        *LEVEL.get_or_init(|| Self::detected().min(Self::cap()))
+    }
+
+    /// The cap `PIO_KERNELS` sets (none: AVX-512).
+    fn cap() -> Self {
+        match std::env::var("PIO_KERNELS").as_deref() {
+            Ok("portable") => Level::Portable,
+            Ok("avx2") => Level::Avx2,
+            Ok("avxvnni") => Level::AvxVnni,
+            _ => Level::Avx512,
+        }
     }
 
     /// The widest level this CPU has.
@@ -93,6 +99,9 @@ impl Level {
                 && is_x86_feature_detected!("f16c");
             if avx2 && is_x86_feature_detected!("avx512f") {
                 return Level::Avx512;
+            }
+            if avx2 && is_x86_feature_detected!("avxvnni") {
+                return Level::AvxVnni;
             }
             if avx2 {
                 return Level::Avx2;
@@ -114,6 +123,16 @@ pub(crate) fn has_avx2() -> bool {
 #[inline]
 pub(crate) fn has_f16c() -> bool {
     has_avx2()
+}
+
+/// Whether the AVX-VNNI (256-bit) paths of the quantized products run: the level allows them and
+/// the CPU has AVX-VNNI (an AVX-512 machine may too; its VNNI paths are tried first).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(crate) fn has_avx_vnni() -> bool {
+    static AVX_VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    Level::current() >= Level::AvxVnni
+        && *AVX_VNNI.get_or_init(|| is_x86_feature_detected!("avxvnni"))
 }
 
 /// Whether the AVX-512 paths run.
@@ -168,16 +187,24 @@ mod vector;
 mod tests {
     use super::Level;
 
-    /// CI runs the suite with `PIO_KERNELS=avx2` and `=portable`: the cap must hold, or those
-    /// runs would test the widest path again.
+    /// CI runs the suite with `PIO_KERNELS` at `avx2`, `avxvnni` and `portable`: the cap must
+    /// hold, or those runs would test the widest path again.
     #[test]
     fn pio_kernels_caps_the_level() {
         let cap = match std::env::var("PIO_KERNELS").as_deref() {
             Ok("portable") => Level::Portable,
             Ok("avx2") => Level::Avx2,
+            Ok("avxvnni") => Level::AvxVnni,
             _ => Level::Avx512,
         };
         assert_eq!(Level::current(), Level::detected().min(cap));
         assert!(Level::current() <= cap);
+        #[cfg(target_arch = "x86_64")]
+        if Level::current() < Level::AvxVnni {
+            assert!(
+                !super::has_avx_vnni(),
+                "AVX-VNNI runs only from its level up"
+            );
+        }
     }
 }

@@ -116,7 +116,9 @@ fn measure(dir: &Path, mode: &str) {
     let (model, load_s) = common::load_timed::<Glm4MoeLite>(dir, mode);
     let loaded = common::rss();
     let sparse_layer = model.layer_weight_bytes().last().copied().unwrap_or(0);
-    let kv_per_token = model.kv_layout().bytes_per_token(DType::BF16);
+    let kv_per_token = model
+        .kv_layout()
+        .bytes_per_token(pio_engine::kv_pool::CacheType::Float(DType::BF16));
     let (prefill_tps, decode_tps) = prefill_then_decode(&model, &tokens(PROMPT, 13));
     let steady = common::rss();
     let (_, deep_decode_tps) = prefill_then_decode(&model, &tokens(DEPTH, 29));

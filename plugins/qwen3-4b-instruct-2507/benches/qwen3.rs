@@ -5,7 +5,9 @@
 //! a step reads over a streaming read's bandwidth, measured in the same run); llama.cpp's
 //! `llama-bench` on the same weights too when it is built (`PIO_LLAMA_BENCH` or
 //! `tests/bench/build_llama_cpp.sh`), q8 against its Q8_0 and q4 against its Q4_K_M — and PIO
-//! on those very GGUF files (`gguf-q8_0`, `gguf-q4_k_m`: the same bytes in both engines).
+//! on those very GGUF files (`gguf-q8_0`, `gguf-q4_k_m`: the same bytes in both engines), and the
+//! Q4_K_M file with an 8-bit KV cache in both (`gguf-q4_k_m+kv8`). Decode runs after the prompt
+//! (depth 512) and again from an empty cache (depth 0).
 //!
 //! Run: `cargo bench -p pio-plugin-qwen3 --bench qwen3` (needs python3 with
 //! `tests/fixtures/requirements.txt` installed). Each dtype runs in its own process so peak RSS
@@ -16,6 +18,7 @@ use std::time::Instant;
 
 use pio_engine::candle_core::{DType, Device};
 use pio_engine::checkpoint::Checkpoint;
+use pio_engine::kv_pool::CacheType;
 use pio_engine::single::SingleSequence;
 use pio_plugin_qwen3::model::Qwen3;
 
@@ -42,6 +45,11 @@ fn embedding_bytes(dtype: DType) -> usize {
 /// One mode (`f32`, `bf16`, `q8`, `q4`), in this process: prints a JSON line like the
 /// transformers script's, with the weight bytes one decode step reads.
 fn measure(dir: &Path, mode: &str) {
+    // `MODE+kv8`: MODE's weights with an 8-bit KV cache.
+    let (mode, cache) = match mode.strip_suffix("+kv8") {
+        Some(weights) => (weights, Some(CacheType::Q8_0)),
+        None => (mode, None),
+    };
     let dt = if mode == "f32" {
         DType::F32
     } else {
@@ -63,10 +71,29 @@ fn measure(dir: &Path, mode: &str) {
     let prompt: Vec<u32> = (0..PROMPT as u32)
         .map(|i| (i * 7919 + 13) % 151_936)
         .collect();
-    let mut seq = SingleSequence::new(&model, PROMPT + DECODE + 1).expect("pool");
+    let cache = cache.unwrap_or(CacheType::Float(dt));
+    let sequence = || SingleSequence::with_cache(&model, PROMPT + DECODE + 1, cache).expect("pool");
+    let mut seq = sequence();
     let t = Instant::now();
-    let mut logits = seq.forward(&model, &prompt).expect("prefill");
+    let logits = seq.forward(&model, &prompt).expect("prefill");
     let prefill_s = t.elapsed().as_secs_f64();
+    let decode_s = decode(&model, &mut seq, logits);
+    // The same steps from an empty cache: what attention over the cache costs is the difference.
+    let mut seq = sequence();
+    let logits = seq.forward(&model, &prompt[..1]).expect("first token");
+    let decode0_s = decode(&model, &mut seq, logits);
+    println!(
+        "{{\"dtype\": \"{mode}{}\", \"load_s\": {load_s}, \"prefill_tps\": {}, \"decode_tps\": {}, \"decode0_tps\": {}, \"peak_rss\": {}, \"step_bytes\": {step_bytes}}}",
+        if cache == CacheType::Q8_0 { "+kv8" } else { "" },
+        PROMPT as f64 / prefill_s,
+        DECODE as f64 / decode_s,
+        DECODE as f64 / decode0_s,
+        common::peak_rss()
+    );
+}
+
+/// Seconds of `DECODE` greedy steps after `logits`.
+fn decode(model: &Qwen3, seq: &mut SingleSequence, mut logits: Vec<f32>) -> f64 {
     let t = Instant::now();
     for _ in 0..DECODE {
         let next = logits
@@ -74,15 +101,9 @@ fn measure(dir: &Path, mode: &str) {
             .enumerate()
             .max_by(|a, b| a.1.total_cmp(b.1))
             .map_or(0, |(i, _)| i as u32);
-        logits = seq.forward(&model, &[next]).expect("decode");
+        logits = seq.forward(model, &[next]).expect("decode");
     }
-    let decode_s = t.elapsed().as_secs_f64();
-    println!(
-        "{{\"dtype\": \"{mode}\", \"load_s\": {load_s}, \"prefill_tps\": {}, \"decode_tps\": {}, \"peak_rss\": {}, \"step_bytes\": {step_bytes}}}",
-        PROMPT as f64 / prefill_s,
-        DECODE as f64 / decode_s,
-        common::peak_rss()
-    );
+    t.elapsed().as_secs_f64()
 }
 
 /// GB/s of a streaming read of 1 GiB over `THREADS` threads (the decode bandwidth limit).
@@ -146,7 +167,7 @@ fn main() {
             &bench,
             &dir,
             &common::Workload {
-                dtypes: "f32,bf16,q8_0,q4_k_m",
+                dtypes: "f32,bf16,q8_0,q4_k_m,q4_k_m+kv8",
                 ..work
             },
         ),
@@ -159,7 +180,11 @@ fn main() {
     };
     // After llama.cpp's side, which writes the GGUF files PIO then loads too.
     let mut modes = vec!["f32", "bf16", "q8", "q4"];
-    for (mode, kind) in [("gguf-q8_0", "q8_0"), ("gguf-q4_k_m", "q4_k_m")] {
+    for (mode, kind) in [
+        ("gguf-q8_0", "q8_0"),
+        ("gguf-q4_k_m", "q4_k_m"),
+        ("gguf-q4_k_m+kv8", "q4_k_m"),
+    ] {
         if common::gguf_path(&dir, kind).is_file() {
             modes.push(mode);
         }
@@ -169,8 +194,8 @@ fn main() {
         "Qwen3-0.6B shape, prompt {PROMPT} tokens, {DECODE} decode steps after it, {THREADS} threads; \
          streaming read {bandwidth:.1} GB/s"
     );
-    println!("| mode | engine | load (s) | prefill tok/s | decode tok/s | decode limit tok/s | of the limit | peak RSS (GiB) |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| mode | engine | load (s) | prefill tok/s | decode tok/s | decode limit tok/s | of the limit | decode at depth 0 | of the limit | peak RSS (GiB) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for ((_, ours), &mode) in pio.iter().zip(&modes) {
         let theirs = reference
             .iter()
@@ -192,12 +217,22 @@ fn main() {
                 }
             };
             let decode = common::field(line, "decode_tps");
+            let decode0 = common::field(line, "decode0_tps");
+            let share = |v: f64| {
+                if v.is_nan() {
+                    String::new()
+                } else {
+                    format!("{:.0}%", 100.0 * v / limit)
+                }
+            };
             println!(
-                "| {mode} | {name} | {} | {} | {} | {limit:.1} | {:.0}% | {} |",
+                "| {mode} | {name} | {} | {} | {} | {limit:.1} | {} | {} | {} | {} |",
                 cell("load_s", 1),
                 cell("prefill_tps", 1),
                 cell("decode_tps", 2),
-                100.0 * decode / limit,
+                share(decode),
+                cell("decode0_tps", 2),
+                share(decode0),
                 if line.contains("peak_rss") {
                     format!("{:.2}", common::gib(common::field(line, "peak_rss")))
                 } else {
@@ -206,10 +241,19 @@ fn main() {
             );
         }
         let ratio = |other: &str, line: &String| {
+            let ratio = |key: &str| {
+                let r = common::field(ours, key) / common::field(line, key);
+                if r.is_nan() {
+                    String::new()
+                } else {
+                    format!("{r:.2}x")
+                }
+            };
             println!(
-                "| {mode} | pio / {other} | | {:.2}x | {:.2}x | | | |",
-                common::field(ours, "prefill_tps") / common::field(line, "prefill_tps"),
-                common::field(ours, "decode_tps") / common::field(line, "decode_tps")
+                "| {mode} | pio / {other} | | {} | {} | | | {} | | |",
+                ratio("prefill_tps"),
+                ratio("decode_tps"),
+                ratio("decode0_tps")
             );
         };
         if let Some(t) = theirs {
