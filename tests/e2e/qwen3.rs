@@ -338,6 +338,10 @@ fn bench_measures_a_single_stream_against_the_bandwidth_limit() {
         num(&f["profile"]["tokens"]) >= num(&ours["prompt_tokens"]) * 2.0 + 10.0,
         "{f}"
     );
+    assert!(
+        num(&f["profile"]["other_us"]) >= 0.0,
+        "the rest is reported too: {f}"
+    );
     assert!(f.get("llama_cpp").is_none(), "not asked for");
     // Concurrency belongs to the other mode.
     let out = pio(

@@ -244,6 +244,19 @@ impl std::fmt::Debug for Engine {
     }
 }
 
+/// The engine's own thread pool, as wide as rayon's global one (`RAYON_NUM_THREADS`, else the
+/// CPUs the process may use). The engine loop runs on one of its threads, so the serial parts of
+/// a step (candle's element-wise ops, sampling) and the parallel kernels share those threads:
+/// with the loop on a thread of its own, three threads would be runnable on a two-CPU quota
+/// while the pool's idle workers spin, and the cgroup's CPU throttling halved decode.
+fn engine_threads() -> Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(rayon::current_num_threads())
+        .thread_name(|i| format!("pio-engine-{i}"))
+        .build()
+        .map_err(|e| EngineError::Internal(format!("cannot start the engine's threads: {e}")))
+}
+
 impl Engine {
     /// Starts serving `model`: allocates its KV pool and starts its thread.
     pub fn start<M: CausalLm>(
@@ -272,9 +285,10 @@ impl Engine {
         }
         let context = model.context_length();
         let worker = step::Worker::new(model, codec, pool, config, shared.clone());
+        let threads = engine_threads()?;
         let thread = std::thread::Builder::new()
             .name("pio-engine".into())
-            .spawn(move || worker.run())
+            .spawn(move || threads.install(|| worker.run()))
             .map_err(|e| EngineError::Internal(format!("cannot start the engine thread: {e}")))?;
         Ok(Self {
             shared,

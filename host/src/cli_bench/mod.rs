@@ -349,7 +349,7 @@ fn single_stream(
     };
     let mut f = single::json(&ours, bandwidth, weight_bytes, llama.as_ref());
     if args.profile {
-        f["profile"] = engine_profile.unwrap_or_default();
+        f["profile"] = profile::latest(engine_profile.iter()).unwrap_or_default();
     }
     if args.json {
         println!("{f}");

@@ -155,7 +155,7 @@ pub fn print(f: &serde_json::Value, threads: usize) {
     let num = |v: &serde_json::Value| v.as_f64();
     let limit = num(&f["decode_limit_tokens_per_s"]);
     println!(
-        "single stream, {threads} threads; streaming read {:.1} GB/s; weights {}: decode limit {}",
+        "single stream, {threads} threads; streaming read {:.1} GB/s; resident weights {}: decode limit {}",
         num(&f["streaming_read_gb_per_s"]).unwrap_or(0.0),
         f["weight_bytes"]
             .as_f64()
@@ -208,7 +208,8 @@ pub fn print(f: &serde_json::Value, threads: usize) {
         println!("{line}");
     }
     println!(
-        "(the limit is the weights' bytes over the streaming read; an untied embedding is read a row at a time, so it lies a little below the true one)"
+        "(the limit is the resident weights' bytes over the streaming read, a lower bound: an embedding read a row at a time \
+         — untied, or decoded beside a GGUF's quantized one — counts in full)"
     );
 }
 
