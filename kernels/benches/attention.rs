@@ -5,48 +5,16 @@
 //!
 //! Run: `cargo bench -p pio-kernels --bench attention` (`RAYON_NUM_THREADS` sets the threads).
 
-use std::time::Instant;
-
 use pio_kernels::{bf16, f16, kv_q8, paged_attention, AttentionShape, CachedRow, PagedKv};
-use rayon::prelude::*;
+
+mod common;
+use common::{seconds, streaming_read};
 
 const HEADS: usize = 16;
 const KV_HEADS: usize = 8;
 const D: usize = 128;
 const LAYERS: usize = 28;
 const BLOCK: usize = 16;
-
-fn seconds(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    let mut best = f64::MAX;
-    for _ in 0..3 {
-        let t = Instant::now();
-        for _ in 0..reps {
-            f();
-        }
-        best = best.min(t.elapsed().as_secs_f64() / reps as f64);
-    }
-    best
-}
-
-fn streaming_read(bytes: &[u8]) -> f64 {
-    let s = seconds(3, || {
-        let sum: u64 = bytes
-            .par_chunks(1 << 20)
-            .map(|c| {
-                let mut acc = [0u64; 8];
-                for line in c.chunks_exact(64) {
-                    for (a, w) in acc.iter_mut().zip(line.chunks_exact(8)) {
-                        *a = a.wrapping_add(u64::from_le_bytes(w.try_into().unwrap_or_default()));
-                    }
-                }
-                acc.iter().fold(0u64, |s, &a| s.wrapping_add(a))
-            })
-            .reduce(|| 0, u64::wrapping_add);
-        std::hint::black_box(sum);
-    });
-    bytes.len() as f64 / s / 1e9
-}
 
 fn values(n: usize, seed: u32) -> Vec<f32> {
     (0..n)
