@@ -11,11 +11,19 @@ use crate::Result;
 use super::Config;
 use crate::models::rotary::Angles;
 
+/// The query, key and value projections.
+#[derive(Debug, Clone)]
+enum Projections {
+    /// One layer (see [`Linear::stacked`]): queries, then keys, then values, so the activations
+    /// are read and quantized once.
+    Stacked(Linear),
+    /// Three layers (biases, or rows that end inside a tile).
+    Separate { q: Linear, k: Linear, v: Linear },
+}
+
 #[derive(Debug, Clone)]
 pub(super) struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv: Projections,
     o_proj: Linear,
     q_norm: RmsNorm,
     k_norm: RmsNorm,
@@ -26,19 +34,35 @@ pub(super) struct Attention {
 
 impl Attention {
     pub(super) fn weight_bytes(&self) -> usize {
-        [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
-            .iter()
-            .map(|l| l.weight_bytes())
-            .sum()
+        let qkv = match &self.qkv {
+            Projections::Stacked(l) => l.weight_bytes(),
+            Projections::Separate { q, k, v } => {
+                q.weight_bytes() + k.weight_bytes() + v.weight_bytes()
+            }
+        };
+        qkv + self.o_proj.weight_bytes()
     }
 
     pub(super) fn new(cfg: &Config, q: Quantization, vb: VarBuilder) -> candle_core::Result<Self> {
         let (h, kv, d) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
         let bias = cfg.attention_bias;
+        let q_proj = Linear::load(cfg.hidden_size, h * d, bias, q, vb.pp("q_proj"))?;
+        let k_proj = Linear::load(cfg.hidden_size, kv * d, bias, q, vb.pp("k_proj"))?;
+        let v_proj = Linear::load(cfg.hidden_size, kv * d, bias, q, vb.pp("v_proj"))?;
+        let stacked = match q_proj.stacked(&k_proj)? {
+            Some(qk) => qk.stacked(&v_proj)?,
+            None => None,
+        };
+        let qkv = match stacked {
+            Some(all) => Projections::Stacked(all),
+            None => Projections::Separate {
+                q: q_proj,
+                k: k_proj,
+                v: v_proj,
+            },
+        };
         Ok(Self {
-            q_proj: Linear::load(cfg.hidden_size, h * d, bias, q, vb.pp("q_proj"))?,
-            k_proj: Linear::load(cfg.hidden_size, kv * d, bias, q, vb.pp("k_proj"))?,
-            v_proj: Linear::load(cfg.hidden_size, kv * d, bias, q, vb.pp("v_proj"))?,
+            qkv,
             o_proj: Linear::load(h * d, cfg.hidden_size, bias, q, vb.pp("o_proj"))?,
             q_norm: rms_norm(d, cfg.rms_norm_eps, vb.pp("q_norm"))?,
             k_norm: rms_norm(d, cfg.rms_norm_eps, vb.pp("k_norm"))?,
@@ -62,10 +86,25 @@ impl Attention {
         let (_, rows, _) = x.dims3()?;
         // 1. Project into heads, position-major: (rows, heads, head_dim); per-head RMSNorm on
         //    queries and keys, then rotary positions.
+        let (q, k, v) = match &self.qkv {
+            Projections::Stacked(all) => {
+                let y = all.forward(x)?;
+                let (qn, kn) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+                (
+                    y.narrow(2, 0, qn)?,
+                    y.narrow(2, qn, kn)?,
+                    y.narrow(2, qn + kn, kn)?,
+                )
+            }
+            Projections::Separate { q, k, v } => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
+        };
+        // (A narrowed part of the stacked output is copied into its own tensor here.)
         let split = |t: Tensor, heads: usize| t.reshape((1, rows, heads, self.head_dim));
-        let q = split(self.q_proj.forward(x)?, self.heads)?;
-        let k = split(self.k_proj.forward(x)?, self.kv_heads)?;
-        let v = split(self.v_proj.forward(x)?, self.kv_heads)?;
+        let (q, k, v) = (
+            split(q, self.heads)?,
+            split(k, self.kv_heads)?,
+            split(v, self.kv_heads)?,
+        );
         let q = rotary.apply(&self.q_norm.forward(&q)?)?.squeeze(0)?;
         let k = rotary.apply(&self.k_norm.forward(&k)?)?.squeeze(0)?;
         let v = v.squeeze(0)?;
