@@ -13,6 +13,7 @@ use pio_plugin_api::wire::{InferRequest, Prompt};
 mod constrained;
 mod llama_cpp;
 mod profile;
+mod report;
 mod single;
 use crate::cli_run::{prepare, start_loaded, Prepared, TierArgs};
 use crate::SearchArgs;
@@ -239,7 +240,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<u8> {
         if args.single_stream {
             let measured = single::run(&worker, &args).await;
             worker.shutdown().await;
-            return single_stream(&args, measured?, info.weight_bytes);
+            return single::report(&args, measured?, info.weight_bytes);
         }
         let worker = std::sync::Arc::new(worker);
         let (timings, wall) = workload(&worker, &args, None).await?;
@@ -258,7 +259,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<u8> {
             Some(gguf) => Some(compare(&args, gguf, &timings)?),
             None => None,
         };
-        report(&args, figures, llama.as_deref());
+        report::print(&args, figures, llama.as_deref());
         Ok(0)
     })
 }
@@ -329,39 +330,6 @@ fn threads(args: &BenchArgs) -> usize {
     })
 }
 
-/// Reports `--single-stream`: the figures, the bandwidth and limit, llama.cpp's when asked.
-fn single_stream(
-    args: &BenchArgs,
-    (ours, engine_profile): (single::Figures, Option<serde_json::Value>),
-    weight_bytes: Option<u64>,
-) -> anyhow::Result<u8> {
-    let threads = threads(args);
-    let bandwidth = single::streaming_read(single::READ_BYTES, threads);
-    let llama = match &args.compare_llama_cpp {
-        Some(gguf) => Some(single::llama(
-            &llama_cpp::binary(args.llama_batched_bench.as_ref()),
-            gguf,
-            ours.prompt_tokens,
-            args.output_tokens,
-            threads,
-        )?),
-        None => None,
-    };
-    let mut f = single::json(&ours, bandwidth, weight_bytes, llama.as_ref());
-    if args.profile {
-        f["profile"] = profile::latest(engine_profile.iter()).unwrap_or_default();
-    }
-    if args.json {
-        println!("{f}");
-    } else {
-        single::print(&f, threads);
-        if args.profile {
-            profile::print(f.get("profile").filter(|p| !p.is_null()));
-        }
-    }
-    Ok(0)
-}
-
 /// The run's figures, as `--json` prints them.
 fn figures(args: &BenchArgs, timings: &[Timing], wall: Duration) -> serde_json::Value {
     let n = timings.len().max(1) as f64;
@@ -395,105 +363,6 @@ fn figures(args: &BenchArgs, timings: &[Timing], wall: Duration) -> serde_json::
         "itl_ms": p(&itl),
         "profile": profile::latest(timings.iter().filter_map(|t| t.profile.as_ref())),
     })
-}
-
-fn report(args: &BenchArgs, mut f: serde_json::Value, llama: Option<&[llama_cpp::Row]>) {
-    let num = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
-    if let Some(rows) = llama {
-        let ours = rows.iter().find(|r| r.pl as usize == args.concurrency);
-        f["llama_cpp"] = serde_json::json!(rows
-            .iter()
-            .map(
-                |r| serde_json::json!({"parallel": r.pl, "prompt": r.pp, "output": r.tg,
-                "prompt_tokens_per_s": r.speed_pp, "decode_tokens_per_s": r.speed_tg,
-                "total_tokens_per_s": r.speed})
-            )
-            .collect::<Vec<_>>());
-        if let Some(r) = ours {
-            f["ratio_decode"] =
-                serde_json::json!(f["decode_tokens_per_s"].as_f64().map(|d| d / r.speed_tg));
-            f["ratio_total"] = serde_json::json!(num(&f["total_tokens_per_s"]) / r.speed);
-        }
-    }
-    if args.json {
-        println!("{f}");
-        return;
-    }
-    println!(
-        "{} requests, {} at once: {:.0} prompt tokens each ({:.0} from the prefix cache), {} output tokens in {:.2} s",
-        f["requests"],
-        args.concurrency,
-        num(&f["prompt_tokens_mean"]),
-        num(&f["cached_tokens_mean"]),
-        f["output_tokens"],
-        num(&f["wall_s"])
-    );
-    println!(
-        "output throughput  {:>9.2} tokens/s",
-        num(&f["output_tokens_per_s"])
-    );
-    match f["decode_tokens_per_s"].as_f64() {
-        Some(v) => println!(
-            "decode throughput  {v:>9.2} tokens/s (all requests decoding: after the last first token, before the first end)"
-        ),
-        None => println!("decode throughput        n/a (the requests never all decoded at once)"),
-    }
-    println!(
-        "total throughput   {:>9.2} tokens/s (prompt tokens computed + output)",
-        num(&f["total_tokens_per_s"])
-    );
-    let kv = &f["kv_cache"];
-    if !kv.is_null() {
-        println!(
-            "KV cache           peak {} of {} blocks of {} tokens ({:.1} MiB at {} bytes a token); {} preemptions; {:.1} sequences per step",
-            kv["blocks_peak"],
-            kv["blocks_total"],
-            kv["block_size"],
-            num(&kv["peak_bytes"]) / f64::from(1 << 20),
-            kv["bytes_per_token"],
-            kv["preemptions"],
-            num(&kv["mean_batch"])
-        );
-    }
-    println!("                      p50       p90       p99");
-    for (name, key) in [("TTFT ms", "ttft_ms"), ("ITL ms", "itl_ms")] {
-        let v = &f[key];
-        println!(
-            "{name:<16} {:>9.1} {:>9.1} {:>9.1}",
-            num(&v["p50"]),
-            num(&v["p90"]),
-            num(&v["p99"])
-        );
-    }
-    if args.profile {
-        profile::print(f.get("profile").filter(|p| !p.is_null()));
-    }
-    if let Some(rows) = llama {
-        println!("llama.cpp (llama-batched-bench, same prompt and output lengths):");
-        println!("  parallel   prompt tok/s   decode tok/s   total tok/s");
-        for r in rows {
-            println!(
-                "  {:>8} {:>14.2} {:>14.2} {:>13.2}",
-                r.pl, r.speed_pp, r.speed_tg, r.speed
-            );
-        }
-        if f.get("ratio_total").is_some() {
-            let decode = f["ratio_decode"]
-                .as_f64()
-                .map_or("n/a".to_string(), |r| format!("{r:.2}x"));
-            println!(
-                "pio / llama.cpp at {} parallel: decode {decode}, total {:.2}x",
-                args.concurrency,
-                num(&f["ratio_total"])
-            );
-        }
-        if args.shared_prefix > 0.0 {
-            println!(
-                "note: llama-batched-bench computes every prompt in full; pio's total includes its prefix cache"
-            );
-        }
-    }
-    constrained::print(&f);
 }
 
 #[cfg(test)]

@@ -213,6 +213,39 @@ pub fn print(f: &serde_json::Value, threads: usize) {
     );
 }
 
+/// Reports `--single-stream`: the figures, the bandwidth and limit, llama.cpp's when asked.
+pub fn report(
+    args: &BenchArgs,
+    (ours, engine_profile): (Figures, Option<serde_json::Value>),
+    weight_bytes: Option<u64>,
+) -> anyhow::Result<u8> {
+    let threads = super::threads(args);
+    let bandwidth = streaming_read(READ_BYTES, threads);
+    let llama = match &args.compare_llama_cpp {
+        Some(gguf) => Some(llama(
+            &llama_cpp::binary(args.llama_batched_bench.as_ref()),
+            gguf,
+            ours.prompt_tokens,
+            args.output_tokens,
+            threads,
+        )?),
+        None => None,
+    };
+    let mut f = json(&ours, bandwidth, weight_bytes, llama.as_ref());
+    if args.profile {
+        f["profile"] = super::profile::latest(engine_profile.iter()).unwrap_or_default();
+    }
+    if args.json {
+        println!("{f}");
+    } else {
+        print(&f, threads);
+        if args.profile {
+            super::profile::print(f.get("profile").filter(|p| !p.is_null()));
+        }
+    }
+    Ok(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
