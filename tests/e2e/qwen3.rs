@@ -239,13 +239,7 @@ fn bench_profiles_a_gguf_model() {
     if !confinement_available() {
         return;
     }
-    let lib = plugin_lib("pio_plugin_qwen3");
-    let dir = PluginDir::new();
-    let model = format!(
-        "path = \"{}\"\n",
-        repo_root().join("tests/fixtures/qwen3-tiny").display()
-    );
-    dir.write("qwen3.toml", &qwen3_manifest(&lib, "low", &model));
+    let dir = tiny_qwen3_plugins();
     let gguf = repo_root().join("tests/fixtures/gguf/qwen3-wide.q4_k_m.gguf");
     let args = [
         "bench",
@@ -292,13 +286,7 @@ fn bench_measures_a_single_stream_against_the_bandwidth_limit() {
     if !confinement_available() {
         return;
     }
-    let lib = plugin_lib("pio_plugin_qwen3");
-    let dir = PluginDir::new();
-    let model = format!(
-        "path = \"{}\"\n",
-        repo_root().join("tests/fixtures/qwen3-tiny").display()
-    );
-    dir.write("qwen3.toml", &qwen3_manifest(&lib, "low", &model));
+    let dir = tiny_qwen3_plugins();
     let args = [
         "bench",
         "qwen3-4b-instruct-2507",
@@ -362,4 +350,18 @@ fn bench_measures_a_single_stream_against_the_bandwidth_limit() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A plugin folder with the qwen3 plugin at the `low` tier on the tiny fixture.
+fn tiny_qwen3_plugins() -> PluginDir {
+    let dir = PluginDir::new();
+    let model = format!(
+        "path = \"{}\"\n",
+        repo_root().join("tests/fixtures/qwen3-tiny").display()
+    );
+    dir.write(
+        "qwen3.toml",
+        &qwen3_manifest(&plugin_lib("pio_plugin_qwen3"), "low", &model),
+    );
+    dir
 }

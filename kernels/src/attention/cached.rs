@@ -16,8 +16,6 @@ const RUN: usize = 16;
 thread_local! {
     /// A run's rows widened to f32.
     static ROWS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    /// The query heads rounded to 8-bit blocks, for 8-bit keys.
-    static QUERIES: RefCell<Vec<Act32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// How the pool stores a cached row of `d` values: as f32, bf16 or f16 elements, read in place,
@@ -146,6 +144,19 @@ impl<T: Element> CachedRow for T {
     }
 }
 
+/// Each query head rounded to 8-bit blocks, zero-padded to whole blocks as the key rows are,
+/// one head after the other.
+fn rounded_queries(qs: &[&[f32]], d: usize) -> Vec<Act32> {
+    let mut padded = vec![0f32; d.next_multiple_of(kv_q8::BLOCK)];
+    let (mut all, mut one) = (Vec::new(), Vec::new());
+    for q in qs {
+        padded[..d].copy_from_slice(&q[..d]);
+        quantize_act32(&padded, &mut one);
+        all.append(&mut one);
+    }
+    all
+}
+
 /// Heads `h..h + R`'s scores at column `col` of rows `n` wide.
 #[inline]
 fn put<const R: usize>(scores: &mut [f32], n: usize, col: usize, h: usize, v: [f32; R]) {
@@ -175,33 +186,24 @@ impl CachedRow for u8 {
             "scores for {} heads",
             qs.len()
         );
-        QUERIES.with_borrow_mut(|acts| {
-            let mut padded = vec![0f32; blocks * kv_q8::BLOCK];
-            let mut all = Vec::with_capacity(qs.len() * blocks);
-            for q in qs {
-                padded[..d].copy_from_slice(&q[..d]);
-                quantize_act32(&padded, acts);
-                all.append(acts);
-            }
-            *acts = all;
-            let heads: Vec<&[Act32]> = acts.chunks_exact(blocks).collect();
-            runs(slots, qs.len() / groups, units, |g, first, offsets| {
-                for (i, &at) in offsets.iter().enumerate() {
-                    let (row, col) = (&pool[at..at + units], first + i);
-                    let mut h = g * groups;
-                    while h < (g + 1) * groups {
-                        let c = ((g + 1) * groups - h).min(4);
-                        let x = |k: usize| heads[h + k];
-                        match c {
-                            4 => put(scores, n, col, h, q8_0_dots(row, [x(0), x(1), x(2), x(3)])),
-                            3 => put(scores, n, col, h, q8_0_dots(row, [x(0), x(1), x(2)])),
-                            2 => put(scores, n, col, h, q8_0_dots(row, [x(0), x(1)])),
-                            _ => put(scores, n, col, h, q8_0_dots(row, [x(0)])),
-                        }
-                        h += c;
+        let acts = rounded_queries(qs, d);
+        let heads: Vec<&[Act32]> = acts.chunks_exact(blocks).collect();
+        runs(slots, qs.len() / groups, units, |g, first, offsets| {
+            for (i, &at) in offsets.iter().enumerate() {
+                let (row, col) = (&pool[at..at + units], first + i);
+                let mut h = g * groups;
+                while h < (g + 1) * groups {
+                    let c = ((g + 1) * groups - h).min(4);
+                    let x = |k: usize| heads[h + k];
+                    match c {
+                        4 => put(scores, n, col, h, q8_0_dots(row, [x(0), x(1), x(2), x(3)])),
+                        3 => put(scores, n, col, h, q8_0_dots(row, [x(0), x(1), x(2)])),
+                        2 => put(scores, n, col, h, q8_0_dots(row, [x(0), x(1)])),
+                        _ => put(scores, n, col, h, q8_0_dots(row, [x(0)])),
                     }
+                    h += c;
                 }
-            });
+            }
         });
     }
 
