@@ -26,7 +26,7 @@ bins=()
 for t in "${targets[@]}"; do bins+=(--bin "$t"); done
 # An explicit --target keeps the instrumentation out of build scripts and proc macros.
 triple=$(rustc -vV | sed -n 's/^host: //p')
-cargo build --release --quiet -p pio-fuzz --features libfuzzer --target "$triple" \
+cargo build --profile fuzz --quiet -p pio-fuzz --features libfuzzer --target "$triple" \
   --target-dir target/fuzz "${bins[@]}"
 
 status=0
@@ -34,7 +34,7 @@ for t in "${targets[@]}"; do
   mkdir -p "target/fuzz/corpus/$t" "fuzz/artifacts/$t"
   echo "== fuzz $t for ${seconds} s"
   log="target/fuzz/$t.log"
-  if ! "target/fuzz/$triple/release/$t" -seed="${FUZZ_SEED:-0}" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
+  if ! "target/fuzz/$triple/fuzz/$t" -seed="${FUZZ_SEED:-0}" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
       -malloc_limit_mb=1024 -max_len=65536 -print_final_stats=1 \
       -artifact_prefix="fuzz/artifacts/$t/" "target/fuzz/corpus/$t" "fuzz/corpus/$t" >"$log" 2>&1; then
     status=1

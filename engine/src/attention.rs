@@ -55,6 +55,10 @@ pub fn paged_batch(
     scale: f64,
 ) -> Result<Tensor> {
     let _timed = crate::profile::PROFILE.scope(crate::profile::Op::Attention);
+    #[cfg(feature = "cuda")]
+    if crate::cuda::takes(q, batch, keys, value_dim) {
+        return crate::cuda::paged_decode(q, batch, keys, values, (block_size, value_dim), scale);
+    }
     let mut outs = Vec::with_capacity(batch.seqs.len());
     let mut row = 0;
     for seq in &batch.seqs {

@@ -10,6 +10,8 @@ pub mod batch;
 pub mod chat;
 pub mod checkpoint;
 mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 pub mod generate;
 pub mod generation_config;

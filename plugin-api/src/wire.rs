@@ -315,6 +315,11 @@ pub struct ModelInfo {
     pub device: Option<String>,
     /// Bytes of weights resident after loading.
     pub weight_bytes: Option<u64>,
+    /// On a GPU, bytes of device memory the model holds (weights and KV pool); `None` on the CPU.
+    /// Added within 1.4 as an optional JSON field, as `reasoning_format` was within 1.2.
+    pub device_memory_bytes: Option<u64>,
+    /// The GPU memory cap the model was sized inside (`limits.gpu_memory`), when one was set.
+    pub device_memory_limit_bytes: Option<u64>,
     /// How the model writes tool calls in its output, for the host to parse them into the API's
     /// `tool_calls`: `hermes` (`<tool_call>{"name", "arguments"}</tool_call>`, Qwen3 instruct)
     /// or `qwen3_coder` (`<tool_call><function=NAME><parameter=P>...`). Since 1.2; also `glm47`

@@ -3,6 +3,7 @@
 benchmarks (not committed: generated on first use).
 
 Usage: make_checkpoint.py OUT_DIR qwen3-0.6b
+       make_checkpoint.py OUT_DIR qwen3-4b               (Qwen3-4B-Instruct-2507's shape: the GPU bench)
        make_checkpoint.py OUT_DIR qwen3-30b-a3b LAYERS   (the real widths and 128 experts, fewer layers)
        make_checkpoint.py OUT_DIR glm-4.7-flash LAYERS   (the real widths and 64 experts, fewer layers;
                                                           the GLM fixture's tokenizer and template)
@@ -65,6 +66,23 @@ if shape == "qwen3-0.6b":
         head_dim=128,
         max_position_embeddings=40960,
         rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        torch_dtype="bfloat16",
+    )
+    model = Qwen3ForCausalLM(config)
+elif shape == "qwen3-4b":
+    # Qwen3-4B-Instruct-2507's config.json: hidden 2560, 36 layers, 32/8 heads, intermediate 9728.
+    config = Qwen3Config(
+        vocab_size=151936,
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=262144,
+        rope_theta=5_000_000.0,
         rms_norm_eps=1e-6,
         tie_word_embeddings=True,
         torch_dtype="bfloat16",

@@ -1,6 +1,5 @@
 //! The engine settings a manifest may give under `[model.options]`, and the KV pool's size when
-//! it gives none: what the worker's memory limit leaves after the weights, or half the memory
-//! available at load.
+//! it gives none (see [`super::memory`]).
 
 use pio_plugin_api::PluginError;
 use serde_json::{Map, Value};
@@ -9,8 +8,7 @@ use crate::generate::CausalLm;
 use crate::kv_pool::CacheType;
 use crate::serving::EngineConfig;
 
-/// Memory kept free beside the weights and the pool (activations, tokenizer, allocator slack).
-const HEADROOM: u64 = 256 << 20;
+use super::memory::{pool_bytes, Memory};
 
 /// A byte count: a number, or a string with a K/M/G/T suffix (powers of 1024).
 fn bytes(key: &str, v: &Value) -> Result<u64, PluginError> {
@@ -55,38 +53,19 @@ fn count(key: &str, v: &Value) -> Result<usize, PluginError> {
         })
 }
 
-/// Bytes the operating system reports available now (`MemAvailable`), if it says.
-fn available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-/// The engine configuration for `model` from the manifest's options, the worker's memory limit
-/// and the weights' size.
+/// The engine configuration for `model` from the manifest's options, the memory that bounds the
+/// pool and the weights' size.
 pub(super) fn engine_config<M: CausalLm>(
     model: &M,
     options: &Map<String, Value>,
-    memory_limit: Option<u64>,
+    memory: Memory,
     weight_bytes: Option<u64>,
 ) -> Result<EngineConfig, PluginError> {
-    let pool_bytes = match options.get("kv_cache_bytes") {
-        Some(v) => bytes("kv_cache_bytes", v)?,
-        None => match memory_limit {
-            Some(limit) => {
-                let left = limit.saturating_sub(weight_bytes.unwrap_or(0) + HEADROOM);
-                if left == 0 {
-                    return Err(PluginError::invalid_config(format!(
-                        "the memory limit ({limit} bytes) leaves nothing for the KV cache beside the model's weights ({} bytes): raise limits.memory or quantize the model",
-                        weight_bytes.unwrap_or(0)
-                    )));
-                }
-                left
-            }
-            None => available_memory().map_or(1 << 30, |a| a / 2),
-        },
+    let requested = match options.get("kv_cache_bytes") {
+        Some(v) => Some(bytes("kv_cache_bytes", v)?),
+        None => None,
     };
+    let pool_bytes = pool_bytes(memory, weight_bytes.unwrap_or(0), requested)?;
     let kv_dtype = match options.get("kv_cache_dtype") {
         None => None,
         Some(v) => Some(v.as_str().and_then(CacheType::parse).ok_or_else(|| {
@@ -114,8 +93,14 @@ pub(super) fn engine_config<M: CausalLm>(
 
 #[cfg(test)]
 mod tests {
+    use super::super::memory::HOST_HEADROOM;
     use super::*;
     use serde_json::json;
+
+    const NO_LIMIT: Memory = Memory::Host {
+        limit: None,
+        available: None,
+    };
 
     #[test]
     fn byte_counts_take_numbers_and_suffixes() {
@@ -154,7 +139,7 @@ mod tests {
         let c = engine_config(
             &model,
             &options(json!({"kv_cache_bytes": "1M"})),
-            None,
+            NO_LIMIT,
             None,
         )
         .unwrap();
@@ -162,7 +147,7 @@ mod tests {
         let c = engine_config(
             &model,
             &options(json!({"kv_cache_bytes": "1M", "kv_cache_dtype": "bf16", "max_seqs": 3, "max_batch_tokens": 64, "prefix_cache": false})),
-            None,
+            NO_LIMIT,
             None,
         )
         .unwrap();
@@ -176,7 +161,7 @@ mod tests {
         let c = engine_config(
             &model,
             &options(json!({"kv_cache_bytes": "1M", "kv_cache_dtype": "q8_0"})),
-            None,
+            NO_LIMIT,
             None,
         )
         .unwrap();
@@ -191,21 +176,32 @@ mod tests {
         let c = engine_config(
             &model,
             &Map::new(),
-            Some(HEADROOM + 1000 + (8 << 20)),
+            Memory::Host {
+                limit: Some(HOST_HEADROOM + 1000 + (8 << 20)),
+                available: None,
+            },
             Some(1000),
         )
         .unwrap();
         assert_eq!(c.kv_blocks, (8 << 20) / (1536 * 16));
-        let e = engine_config(&model, &Map::new(), Some(HEADROOM), Some(1000))
-            .unwrap_err()
-            .to_string();
+        let e = engine_config(
+            &model,
+            &Map::new(),
+            Memory::Host {
+                limit: Some(HOST_HEADROOM),
+                available: None,
+            },
+            Some(1000),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("limits.memory"), "{e}");
         for (key, bad) in [
             ("kv_cache_dtype", json!("q4")),
             ("max_seqs", json!(0)),
             ("prefix_cache", json!("yes")),
         ] {
-            let e = engine_config(&model, &options(json!({ key: bad })), None, None)
+            let e = engine_config(&model, &options(json!({ key: bad })), NO_LIMIT, None)
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(key), "{e}");

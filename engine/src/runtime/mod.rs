@@ -27,6 +27,7 @@ use crate::text::TextCodec;
 use crate::EngineError;
 
 mod engine_config;
+mod memory;
 
 /// A model that loads from a checkpoint.
 pub trait LoadModel: CausalLm + Sized {
@@ -80,6 +81,7 @@ pub struct ModelRuntime<M> {
     tool_call_format: Option<&'static str>,
     reasoning_format: Option<&'static str>,
     memory_limit: Option<u64>,
+    gpu_memory_limit: Option<u64>,
     model: std::marker::PhantomData<fn() -> M>,
 }
 
@@ -92,6 +94,7 @@ impl<M> ModelRuntime<M> {
             tool_call_format,
             reasoning_format: None,
             memory_limit: None,
+            gpu_memory_limit: None,
             model: std::marker::PhantomData,
         }
     }
@@ -103,9 +106,11 @@ impl<M> ModelRuntime<M> {
         self
     }
 
-    /// Takes what the host says about the worker (its memory limit sizes the KV pool).
+    /// Takes what the host says about the worker: its memory limit sizes a KV pool in host
+    /// memory, its GPU memory cap holds the weights and a pool on a GPU.
     pub fn initialize(&mut self, host: &HostContext) {
         self.memory_limit = host.memory_limit_bytes;
+        self.gpu_memory_limit = host.gpu_memory_limit_bytes;
     }
 
     /// The engine's counters, once a model is loaded.
@@ -360,13 +365,19 @@ impl<M: LoadModel> ModelRuntime<M> {
             }
         }
         let weight_bytes = model.weight_bytes();
+        let memory = memory::Memory::measure(&device, self.memory_limit, self.gpu_memory_limit);
         let engine_config =
-            engine_config::engine_config(&model, &config.extra, self.memory_limit, weight_bytes)?;
+            engine_config::engine_config(&model, &config.extra, memory, weight_bytes)?;
+        // On a GPU, what the engine placed there (weights and pool) beside the cap it honours.
+        let device_memory_bytes = (!device.is_cpu())
+            .then(|| weight_bytes.unwrap_or(0) + engine_config.pool_bytes(&model));
         let info = ModelInfo {
             context_length: Some(model.context_length() as u32),
             dtype: Some(format!("{dtype:?}").to_lowercase()),
             device: Some(config.device.clone().unwrap_or_else(|| "cpu".into())),
             weight_bytes,
+            device_memory_bytes,
+            device_memory_limit_bytes: memory.device_limit(),
             tool_call_format: self.tool_call_format.map(str::to_string),
             reasoning_format: self.reasoning_format.map(str::to_string),
             token_bytes: None,

@@ -64,6 +64,12 @@ impl EngineConfig {
             ..base
         }
     }
+
+    /// Bytes of the pool this configuration gives `model`.
+    pub fn pool_bytes<M: CausalLm>(&self, model: &M) -> u64 {
+        let dtype = self.kv_dtype.unwrap_or(CacheType::Float(model.kv_dtype()));
+        (model.kv_layout().bytes_per_token(dtype) * self.block_size * self.kv_blocks) as u64
+    }
 }
 
 /// What a request's stream carries.

@@ -186,7 +186,7 @@ fn real_limit(bytes: u64) -> Option<f64> {
 }
 
 /// The per-model gauges: name, help, and the figure from a plugin's status.
-const GAUGES: [(&str, &str, Figure); 10] = [
+const GAUGES: [(&str, &str, Figure); 12] = [
     (
         "queue_depth",
         "Requests running or waiting per model",
@@ -206,6 +206,16 @@ const GAUGES: [(&str, &str, Figure); 10] = [
         "worker_memory_limit_bytes",
         "The worker's memory limit (cgroup)",
         |s| s.memory_limit_bytes.and_then(real_limit),
+    ),
+    (
+        "gpu_memory_bytes",
+        "GPU memory the model holds (weights and KV pool), as its engine sized them",
+        |s| s.gpu_memory_bytes.map(|b| b as f64),
+    ),
+    (
+        "gpu_memory_limit_bytes",
+        "The model's GPU memory cap (limits.gpu_memory)",
+        |s| s.gpu_memory_limit_bytes.map(|b| b as f64),
     ),
     (
         "engine_sequences_running",
@@ -303,5 +313,64 @@ impl Collector for WorkerCollector {
         let workers = self.0.lock().unwrap_or_else(|p| p.into_inner());
         encode_table(&mut encoder, MetricType::Gauge, &GAUGES, &workers)?;
         encode_table(&mut encoder, MetricType::Counter, &COUNTERS, &workers)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn status(name: &str, gpu: Option<(u64, u64)>) -> PluginStatus {
+        PluginStatus {
+            name: name.into(),
+            version: "0.1.0".into(),
+            state: "ready".into(),
+            manifest: PathBuf::new(),
+            tier_requested: "low".into(),
+            tier_applied: Some("low".into()),
+            pid: None,
+            restarts: 0,
+            requests: 0,
+            requests_in_flight: 0,
+            memory_bytes: None,
+            memory_limit_bytes: None,
+            cpu_seconds: None,
+            oom_kills: 0,
+            context_length: None,
+            weight_bytes: None,
+            gpu_memory_bytes: gpu.map(|g| g.0),
+            gpu_memory_limit_bytes: gpu.map(|g| g.1),
+            capabilities: Vec::new(),
+            reloading: false,
+            last_error: None,
+            engine: None,
+        }
+    }
+
+    #[test]
+    fn gpu_memory_is_reported_for_the_models_on_a_gpu_only() {
+        let text = Metrics::default().render(vec![
+            status("on-gpu", Some((3 << 30, 12 << 30))),
+            status("on-cpu", None),
+        ]);
+        assert!(
+            text.contains(&format!(
+                "pio_gpu_memory_bytes{{model=\"on-gpu\"}} {}",
+                3u64 << 30
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "pio_gpu_memory_limit_bytes{{model=\"on-gpu\"}} {}",
+                12u64 << 30
+            )),
+            "{text}"
+        );
+        assert!(
+            !text.contains("gpu_memory_bytes{model=\"on-cpu\"}"),
+            "{text}"
+        );
     }
 }

@@ -43,6 +43,10 @@ pub struct PluginStatus {
     pub context_length: Option<u32>,
     /// Bytes its weights take, as the plugin reports them.
     pub weight_bytes: Option<u64>,
+    /// GPU memory the model holds (weights and KV pool), as the plugin reports it.
+    pub gpu_memory_bytes: Option<u64>,
+    /// The GPU memory cap the model was sized inside.
+    pub gpu_memory_limit_bytes: Option<u64>,
     /// Capabilities the library declares.
     pub capabilities: Vec<String>,
     /// Whether a blue/green reload is under way.
@@ -73,6 +77,8 @@ impl PluginStatus {
             oom_kills: 0,
             context_length: None,
             weight_bytes: None,
+            gpu_memory_bytes: None,
+            gpu_memory_limit_bytes: None,
             capabilities: found.report.capabilities.names(),
             reloading,
             last_error,
@@ -106,6 +112,8 @@ impl PluginStatus {
         self.requests_in_flight = st.in_flight;
         self.context_length = d.info.context_length;
         self.weight_bytes = d.info.weight_bytes;
+        self.gpu_memory_bytes = d.info.device_memory_bytes;
+        self.gpu_memory_limit_bytes = d.info.device_memory_limit_bytes;
         self.engine = st.engine;
         if let Some(stats) = st.stats {
             self.memory_bytes = stats.memory_bytes;

@@ -1,0 +1,214 @@
+//! The engine's own GPU kernels (the `cuda` feature): decode attention that reads each sequence's
+//! keys and values through its block table in place, for every sequence of a batch in one launch.
+//! The source (`paged_attention.cu`) is compiled by NVRTC on first use, for the device at hand.
+
+use std::sync::OnceLock;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::cudarc::nvrtc;
+use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+use candle_core::{CpuStorage, CudaDevice, CudaStorage, Layout, Shape, Tensor};
+
+use crate::batch::Batch;
+use crate::Result;
+
+const SOURCE: &str = include_str!("paged_attention.cu");
+/// Warps per block, as the source's `WARPS`.
+const THREADS: u32 = 4 * 32;
+/// The source's `MAX_HEAD_DIM` and `MAX_V_PER_LANE × 32`.
+const MAX_HEAD_DIM: usize = 1024;
+const MAX_VALUE_DIM: usize = 512;
+
+/// The PTX, compiled once per process (or the compiler's message).
+fn ptx() -> candle_core::Result<&'static str> {
+    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    PTX.get_or_init(|| {
+        let opts = nvrtc::CompileOptions {
+            use_fast_math: Some(true),
+            name: Some("paged_attention.cu".into()),
+            ..Default::default()
+        };
+        nvrtc::compile_ptx_with_opts(SOURCE, opts)
+            .map(|p| p.to_src())
+            .map_err(|e| format!("compiling the paged attention kernel: {e:?}"))
+    })
+    .as_deref()
+    .map_err(|e| candle_core::Error::Msg(e.clone()))
+}
+
+/// Whether [`paged_decode`] takes this batch: one new query per sequence, the pool in the
+/// queries' dtype, head sizes the kernel holds.
+pub fn takes(q: &Tensor, batch: &Batch<'_>, keys: &Tensor, value_dim: usize) -> bool {
+    let fits = |(heads, kv_heads, dim): (usize, usize, usize)| {
+        kv_heads > 0 && heads % kv_heads == 0 && dim <= MAX_HEAD_DIM && value_dim <= MAX_VALUE_DIM
+    };
+    q.device().is_cuda()
+        && q.dtype() == keys.dtype()
+        && batch.seqs.iter().all(|s| s.tokens.len() == 1)
+        && matches!((q.dims3(), keys.dims3()), (Ok((_, h, d)), Ok((_, kvh, kd))) if d == kd && fits((h, kvh, d)))
+}
+
+/// Decode attention of `q` — `(seqs, heads, head_dim)`, one query per sequence of `batch` — over
+/// the pool's `keys` and `values` (`(slots, kv_heads, head_dim)`, the first `value_dim` of each
+/// value head read); the result is `(seqs, heads, value_dim)`. Check [`takes`] first.
+pub fn paged_decode(
+    q: &Tensor,
+    batch: &Batch<'_>,
+    keys: &Tensor,
+    values: &Tensor,
+    (block_size, value_dim): (usize, usize),
+    scale: f64,
+) -> Result<Tensor> {
+    let max_blocks = batch.seqs.iter().map(|s| s.blocks.len()).max().unwrap_or(1);
+    let mut tables = vec![0u32; batch.seqs.len() * max_blocks];
+    for (row, seq) in tables.chunks_exact_mut(max_blocks).zip(&batch.seqs) {
+        row[..seq.blocks.len()].copy_from_slice(seq.blocks);
+    }
+    let op = PagedDecode {
+        tables,
+        lens: batch.seqs.iter().map(|s| (s.start + 1) as u32).collect(),
+        max_blocks,
+        block_size,
+        value_dim,
+        scale: scale as f32,
+    };
+    Ok(q.contiguous()?
+        .apply_op3_no_bwd(&keys.contiguous()?, &values.contiguous()?, &op)?)
+}
+
+/// The launch's arguments that are not tensors.
+struct PagedDecode {
+    /// Every sequence's block table, padded to `max_blocks`.
+    tables: Vec<u32>,
+    /// Positions each sequence attends over (its new one included).
+    lens: Vec<u32>,
+    max_blocks: usize,
+    block_size: usize,
+    value_dim: usize,
+    scale: f32,
+}
+
+impl PagedDecode {
+    fn launch<T: DeviceRepr>(
+        &self,
+        dev: &CudaDevice,
+        kernel: &str,
+        [q, keys, values]: [CudaView<'_, T>; 3],
+        (seqs, heads, kv_heads, head_dim): (usize, usize, usize, usize),
+    ) -> candle_core::Result<CudaSlice<T>> {
+        let func = dev.get_or_load_custom_func(kernel, "pio_paged_attention", ptx()?)?;
+        let tables = dev.clone_htod(&self.tables)?;
+        let lens = dev.clone_htod(&self.lens)?;
+        // SAFETY: every element is written by the kernel (one block per sequence and head).
+        let out = unsafe { dev.alloc::<T>(seqs * heads * self.value_dim)? };
+        let ints = [
+            heads,
+            kv_heads,
+            head_dim,
+            self.value_dim,
+            self.block_size,
+            self.max_blocks,
+        ]
+        .map(|v| v as i32);
+        let mut b = func.builder();
+        b.arg(&out)
+            .arg(&q)
+            .arg(&keys)
+            .arg(&values)
+            .arg(&tables)
+            .arg(&lens);
+        for v in &ints {
+            b.arg(v);
+        }
+        b.arg(&self.scale);
+        let cfg = LaunchConfig {
+            grid_dim: (heads as u32, seqs as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match the kernel's signature; `takes` bounded the head sizes to
+        // the kernel's buffers and the block tables index blocks of this pool.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(out)
+    }
+}
+
+impl candle_core::CustomOp3 for PagedDecode {
+    fn name(&self) -> &'static str {
+        "pio-paged-decode"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("pio-paged-decode runs on a GPU; the CPU has its own kernels")
+    }
+
+    fn cuda_fwd(
+        &self,
+        q: &CudaStorage,
+        lq: &Layout,
+        k: &CudaStorage,
+        lk: &Layout,
+        v: &CudaStorage,
+        lv: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (seqs, heads, head_dim) = lq.shape().dims3()?;
+        let (_, kv_heads, _) = lk.shape().dims3()?;
+        let dims = (seqs, heads, kv_heads, head_dim);
+        let dev = q.device();
+        let layouts = [lq, lk, lv];
+        use CudaStorageSlice::{BF16, F16, F32};
+        let slice = match (&q.slice, &k.slice, &v.slice) {
+            (F32(q), F32(k), F32(v)) => {
+                F32(self.launch(dev, "paged_decode_f32", views([q, k, v], layouts)?, dims)?)
+            }
+            (BF16(q), BF16(k), BF16(v)) => {
+                BF16(self.launch(dev, "paged_decode_bf16", views([q, k, v], layouts)?, dims)?)
+            }
+            (F16(q), F16(k), F16(v)) => {
+                F16(self.launch(dev, "paged_decode_f16", views([q, k, v], layouts)?, dims)?)
+            }
+            _ => candle_core::bail!(
+                "pio-paged-decode: queries {:?} over a pool of {:?}",
+                q.dtype(),
+                k.dtype()
+            ),
+        };
+        let out = CudaStorage {
+            slice,
+            device: dev.clone(),
+        };
+        Ok((out, Shape::from((seqs, heads, self.value_dim))))
+    }
+}
+
+/// The parts of `slices` their contiguous `layouts` cover.
+fn views<'a, T>(
+    slices: [&'a CudaSlice<T>; 3],
+    layouts: [&Layout; 3],
+) -> candle_core::Result<[CudaView<'a, T>; 3]> {
+    let [(a, la), (b, lb), (c, lc)] = [
+        (slices[0], layouts[0]),
+        (slices[1], layouts[1]),
+        (slices[2], layouts[2]),
+    ];
+    Ok([view(a, la)?, view(b, lb)?, view(c, lc)?])
+}
+
+/// The part of `slice` a contiguous `layout` covers.
+fn view<'a, T>(slice: &'a CudaSlice<T>, layout: &Layout) -> candle_core::Result<CudaView<'a, T>> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(slice.slice(start..end)),
+        None => candle_core::bail!("pio-paged-decode takes contiguous tensors"),
+    }
+}

@@ -1,0 +1,117 @@
+// Decode attention over the paged KV pool, on the GPU: one new query per sequence, every sequence
+// of the batch in one launch, each reading its keys and values through its block table in place.
+// Compiled at run time by NVRTC (engine/src/cuda/mod.rs), so it includes no header: 16-bit types
+// are their raw bits, converted here.
+//
+// Grid: (query heads, sequences). Block: WARPS warps. Each warp walks every WARPS-th position of
+// its sequence with an online softmax (running maximum, running sum, unnormalized output), lanes
+// splitting the head's dimensions; the warps' partial results are merged at the end.
+
+#define WARPS 4
+#define LANES 32
+// Value dimensions per lane: value heads of up to 16 × 32 = 512 (MLA's latent cache).
+#define MAX_V_PER_LANE 16
+// Query (and key) head size the shared buffer holds: MLA's 512 + 64.
+#define MAX_HEAD_DIM 1024
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define NEG_INF __int_as_float(0xff800000)
+
+__device__ __forceinline__ float bf16_to_f32(u16 x) {
+  return __uint_as_float(((u32)x) << 16);
+}
+
+__device__ __forceinline__ float f16_to_f32(u16 x) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
+  return f;
+}
+
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+  u32 bits = __float_as_uint(f);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) {
+    return (u16)((bits >> 16) | 0x40u);  // NaN stays NaN
+  }
+  // Round to nearest, ties to even.
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return (u16)(bits >> 16);
+}
+
+__device__ __forceinline__ u16 f32_to_f16(float f) {
+  u16 h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int offset = LANES / 2; offset > 0; offset /= 2) {
+    v += __shfl_xor_sync(0xffffffffu, v, offset);
+  }
+  return v;
+}
+
+// The kernel body for element type T, read through TO_F32 and written through FROM_F32.
+#define PAGED_DECODE(NAME, T, TO_F32, FROM_F32)                                               \
+  extern "C" __global__ void NAME(                                                            \
+      T *out, const T *q, const T *keys, const T *values, const u32 *block_tables,           \
+      const u32 *lens, int heads, int kv_heads, int head_dim, int value_dim,                 \
+      int block_size, int max_blocks, float scale) {                                          \
+    const int head = blockIdx.x, seq = blockIdx.y;                                            \
+    const int warp = threadIdx.x / LANES, lane = threadIdx.x % LANES;                         \
+    const int kv_head = head / (heads / kv_heads);                                            \
+    const int len = (int)lens[seq];                                                           \
+    const u32 *table = block_tables + (u64)seq * max_blocks;                               \
+    __shared__ float query[MAX_HEAD_DIM];                                                     \
+    __shared__ float part_max[WARPS], part_sum[WARPS];                                        \
+    __shared__ float part_out[WARPS][MAX_V_PER_LANE * LANES];                                 \
+    const T *qh = q + ((u64)seq * heads + head) * head_dim;                                \
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) query[d] = TO_F32(qh[d]);       \
+    __syncthreads();                                                                          \
+    float m = NEG_INF, l = 0.f, acc[MAX_V_PER_LANE];                                        \
+    for (int i = 0; i < MAX_V_PER_LANE; i++) acc[i] = 0.f;                                    \
+    for (int pos = warp; pos < len; pos += WARPS) {                                           \
+      const u64 slot = (u64)table[pos / block_size] * block_size + pos % block_size;    \
+      const u64 row = (slot * kv_heads + kv_head) * head_dim;                              \
+      float s = 0.f;                                                                          \
+      for (int d = lane; d < head_dim; d += LANES) s += query[d] * TO_F32(keys[row + d]);     \
+      s = warp_sum(s) * scale;                                                                \
+      const float m_new = fmaxf(m, s);                                                        \
+      const float correction = __expf(m - m_new), p = __expf(s - m_new);                      \
+      l = l * correction + p;                                                                 \
+      for (int i = 0; i < MAX_V_PER_LANE; i++) {                                              \
+        const int d = lane + i * LANES;                                                       \
+        if (d < value_dim) acc[i] = acc[i] * correction + p * TO_F32(values[row + d]);        \
+      }                                                                                       \
+      m = m_new;                                                                              \
+    }                                                                                         \
+    if (lane == 0) {                                                                          \
+      part_max[warp] = m;                                                                     \
+      part_sum[warp] = l;                                                                     \
+    }                                                                                         \
+    for (int i = 0; i < MAX_V_PER_LANE; i++) {                                                \
+      const int d = lane + i * LANES;                                                         \
+      if (d < value_dim) part_out[warp][d] = acc[i];                                          \
+    }                                                                                         \
+    __syncthreads();                                                                          \
+    float top = NEG_INF;                                                                    \
+    for (int w = 0; w < WARPS; w++) top = fmaxf(top, part_max[w]);                            \
+    float total = 0.f;                                                                        \
+    for (int w = 0; w < WARPS; w++)                                                           \
+      if (part_sum[w] > 0.f) total += part_sum[w] * __expf(part_max[w] - top);                \
+    T *oh = out + ((u64)seq * heads + head) * value_dim;                                   \
+    for (int d = threadIdx.x; d < value_dim; d += blockDim.x) {                               \
+      float v = 0.f;                                                                          \
+      for (int w = 0; w < WARPS; w++)                                                         \
+        if (part_sum[w] > 0.f) v += part_out[w][d] * __expf(part_max[w] - top);               \
+      oh[d] = FROM_F32(v / total);                                                            \
+    }                                                                                         \
+  }
+
+#define IDENTITY(x) (x)
+
+PAGED_DECODE(paged_decode_f32, float, IDENTITY, IDENTITY)
+PAGED_DECODE(paged_decode_bf16, u16, bf16_to_f32, f32_to_bf16)
+PAGED_DECODE(paged_decode_f16, u16, f16_to_f32, f32_to_f16)

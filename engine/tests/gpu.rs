@@ -1,0 +1,248 @@
+//! The engine on a GPU (the `cuda` feature; tests/gpu/run.sh runs these on a machine with one):
+//! the fixtures' greedy tokens and top-5 log-probabilities as transformers wrote them, bf16 within
+//! the CPU's own bf16 error, a batch equal to each request alone, the paged decode kernel equal to
+//! candle's gather path, and the GPU memory cap. Without a device each test says so and passes.
+#![cfg(feature = "cuda")]
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use pio_engine::attention::{paged, paged_batch, PagedKv};
+use pio_engine::batch::{Batch, Positions, SeqStep};
+use pio_engine::candle_core::{DType, Device, Tensor};
+use pio_engine::checkpoint::Checkpoint;
+use pio_engine::generate::CausalLm;
+use pio_engine::linear::Quantization;
+use pio_engine::models::glm4_moe_lite::Glm4MoeLite;
+use pio_engine::models::qwen3::{Qwen3, Qwen3Moe};
+use pio_engine::runtime::{LoadModel, ModelRuntime};
+use pio_engine::serving::{Engine, EngineConfig};
+use pio_engine::text::TextCodec;
+use pio_plugin_api::sinks::NoProgress;
+use pio_plugin_api::wire::{HostContext, ModelConfig};
+use pio_plugin_api::{ErrorKind, Progress};
+
+/// The first GPU, or `None` after saying why the test does not run.
+fn gpu() -> Option<Device> {
+    match Device::new_cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("skipped: no CUDA device ({e})");
+            None
+        }
+    }
+}
+
+fn load_on<M: LoadModel>(name: &str, dtype: DType, device: &Device) -> M {
+    let checkpoint = Checkpoint::open(&fixtures().join(name)).unwrap();
+    M::load(
+        &checkpoint,
+        dtype,
+        Quantization::None,
+        device,
+        &mut |_, _| {},
+    )
+    .unwrap()
+}
+
+fn engine_on<M: LoadModel + CausalLm>(name: &str, device: &Device) -> Engine {
+    let checkpoint = Checkpoint::open(&fixtures().join(name)).unwrap();
+    let codec = TextCodec::load(&checkpoint).unwrap();
+    let model = load_on::<M>(name, DType::F32, device);
+    Engine::start(Arc::new(model), Arc::new(codec), EngineConfig::default()).unwrap()
+}
+
+fn f32_parity<M: LoadModel + CausalLm>(name: &str) {
+    let Some(device) = gpu() else { return };
+    let checkpoint = Checkpoint::open(&fixtures().join(name)).unwrap();
+    let engine = engine_on::<M>(name, &device);
+    for case in cases(&checkpoint, name) {
+        let (out, _) = run_alone(&engine, &case);
+        assert_eq!(out.len(), case.request.max_tokens);
+        assert_matches(&out, &case.golden);
+    }
+}
+
+#[test]
+fn qwen3_on_the_gpu_matches_transformers() {
+    f32_parity::<Qwen3>("qwen3-tiny");
+}
+
+#[test]
+fn qwen3_moe_on_the_gpu_matches_transformers() {
+    f32_parity::<Qwen3Moe>("qwen3-moe-tiny");
+}
+
+#[test]
+fn glm_on_the_gpu_matches_transformers() {
+    f32_parity::<Glm4MoeLite>("glm4-moe-lite-tiny");
+}
+
+/// Teacher-forced log-probabilities of fixture `name` in `dtype` on `device`.
+fn distributions_on<M: LoadModel + CausalLm>(
+    name: &str,
+    dtype: DType,
+    device: &Device,
+) -> Vec<Vec<f32>> {
+    let model = load_on::<M>(name, dtype, device);
+    let mut out = Vec::new();
+    for case in &golden(name) {
+        let mut seq =
+            pio_engine::single::SingleSequence::new(&model, model.context_length()).unwrap();
+        let mut logits = seq.forward(&model, &ids(&case["input_ids"])).unwrap();
+        for token in ids(&case["tokens"]) {
+            out.push(log_softmax(&logits));
+            logits = seq.forward(&model, &[token]).unwrap();
+        }
+    }
+    out
+}
+
+fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
+    logits.iter().map(|l| l - max - sum.ln()).collect()
+}
+
+#[test]
+fn bf16_on_the_gpu_errs_no_more_than_bf16_on_the_cpu() {
+    let Some(device) = gpu() else { return };
+    let reference = distributions_on::<Qwen3>("qwen3-tiny", DType::F32, &Device::Cpu);
+    let cpu = agreement(
+        &reference,
+        &distributions_on::<Qwen3>("qwen3-tiny", DType::BF16, &Device::Cpu),
+    );
+    let gpu = agreement(
+        &reference,
+        &distributions_on::<Qwen3>("qwen3-tiny", DType::BF16, &device),
+    );
+    eprintln!("bf16 against f32 (agreement, mean, max |Δ|): cpu {cpu:?}, gpu {gpu:?}");
+    // Both round the same weights to bf16; the GPU accumulates in another order (cuBLAS), so its
+    // error is of the CPU's size, not zero: within twice the CPU's, plus a small absolute slack.
+    assert!(gpu.0 >= cpu.0 - 0.05, "top-1 agreement {gpu:?} vs {cpu:?}");
+    assert!(gpu.1 <= 2.0 * cpu.1 + 0.01, "mean |Δ| {gpu:?} vs {cpu:?}");
+}
+
+#[test]
+fn a_batch_on_the_gpu_gives_each_request_its_own_tokens() {
+    let Some(device) = gpu() else { return };
+    let name = "qwen3-tiny";
+    let checkpoint = Checkpoint::open(&fixtures().join(name)).unwrap();
+    let engine = engine_on::<Qwen3>(name, &device);
+    let cases = cases(&checkpoint, name);
+    let streams: Vec<_> = cases
+        .iter()
+        .map(|c| engine.submit(c.request.clone()).unwrap())
+        .collect();
+    for (case, stream) in cases.iter().zip(streams) {
+        let (out, _) = collect(stream);
+        assert_matches(&out, &case.golden);
+    }
+    assert!(
+        engine.stats().batched_seqs > engine.stats().steps,
+        "the requests shared forward passes"
+    );
+}
+
+#[test]
+fn the_paged_decode_kernel_reads_blocks_as_the_gather_path_does() {
+    let Some(device) = gpu() else { return };
+    let (block_size, slots, kv_heads, heads, head_dim) = (16, 16 * 12, 2, 8, 64);
+    for (dtype, bound) in [(DType::F32, 1e-4), (DType::BF16, 2e-2)] {
+        let pool = |seed: f64| {
+            Tensor::randn(seed as f32, 1.0, (slots, kv_heads, head_dim), &device)
+                .and_then(|t| t.to_dtype(dtype))
+                .unwrap()
+        };
+        let (keys, values) = (pool(0.0), pool(0.5));
+        // Three sequences over scattered blocks, at lengths that end mid-block.
+        let tables: [Vec<u32>; 3] = [vec![3, 7, 1], vec![0], vec![11, 2, 9, 4, 5]];
+        let starts = [40usize, 4, 70];
+        let tokens = [[1u32], [2], [3]];
+        let batch = Batch {
+            seqs: (0..3)
+                .map(|i| SeqStep {
+                    tokens: &tokens[i],
+                    splices: &[],
+                    start: starts[i],
+                    positions: &Positions::Linear,
+                    blocks: &tables[i],
+                    logits: true,
+                })
+                .collect(),
+        };
+        let q = Tensor::randn(0f32, 1.0, (3, heads, head_dim), &device)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let fused = paged_batch(&q, &batch, &keys, &values, (block_size, head_dim), scale).unwrap();
+        for (i, seq) in batch.seqs.iter().enumerate() {
+            let kv = PagedKv {
+                keys: &keys,
+                values: &values,
+                value_dim: head_dim,
+                blocks: seq.blocks,
+                block_size,
+            };
+            let gathered = paged(&q.narrow(0, i, 1).unwrap(), &kv, seq.start, scale).unwrap();
+            let diff = (fused.narrow(0, i, 1).unwrap() - gathered)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < bound, "{dtype:?} sequence {i}: max |Δ| {diff}");
+        }
+    }
+}
+
+fn runtime_with_cap(cap: u64) -> (ModelRuntime<Qwen3>, ModelConfig) {
+    let mut runtime = ModelRuntime::<Qwen3>::new(None);
+    runtime.initialize(&HostContext {
+        gpu_memory_limit_bytes: Some(cap),
+        ..Default::default()
+    });
+    let config = ModelConfig {
+        model_path: Some(fixtures().join("qwen3-tiny")),
+        device: Some("cuda".into()),
+        ..Default::default()
+    };
+    (runtime, config)
+}
+
+#[test]
+fn the_gpu_memory_cap_refuses_a_model_that_does_not_fit_and_holds_one_that_does() {
+    if gpu().is_none() {
+        return;
+    }
+    let (mut runtime, config) = runtime_with_cap(64 << 10);
+    let e = runtime
+        .load_model(&config, &mut Progress::new(NoProgress::boxed()))
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::OUT_OF_MEMORY, "{e}");
+    assert!(
+        e.message.contains("limits.gpu_memory") && e.message.contains(&(64u64 << 10).to_string()),
+        "names the cap and its size: {e}"
+    );
+    let cap = 2u64 << 30;
+    let (mut runtime, config) = runtime_with_cap(cap);
+    let info = runtime
+        .load_model(&config, &mut Progress::new(NoProgress::boxed()))
+        .unwrap();
+    assert_eq!(info.device_memory_limit_bytes, Some(cap));
+    let used = info.device_memory_bytes.unwrap();
+    assert!(
+        used > info.weight_bytes.unwrap() && used <= cap,
+        "weights and pool inside the cap: {used} of {cap}"
+    );
+}
