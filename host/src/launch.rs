@@ -23,6 +23,11 @@ pub fn plan(
         tier: manifest.tier,
         limits: config.limits_for(&manifest.limits),
         pinned: manifest.sha256.is_some(),
+        gpu: manifest
+            .model
+            .device
+            .as_ref()
+            .and_then(|d| sandbox::gpu::ordinal(&d.0)),
     };
     sandbox::plan(subject, policy, host)
 }
@@ -164,6 +169,7 @@ mod tests {
                 tier: crate::sandbox::Tier::Low,
                 limits: Default::default(),
                 pinned: false,
+                gpu: None,
             },
             &Default::default(),
             &crate::sandbox::HostSupport::detect(),

@@ -32,6 +32,7 @@ fn spec(name: &str, crate_name: &str) -> WorkerSpec {
         tier: Tier::Low,
         limits,
         pinned: false,
+        gpu: None,
     };
     let plan = sandbox::plan(subject, &Policy::default(), &HostSupport::detect()).unwrap();
     WorkerSpec {

@@ -45,7 +45,16 @@ echo "== GPU tests"
 cargo test --release -p pio-engine --features pio-engine/cuda --test gpu -- --test-threads=1 --nocapture
 
 [ $bench = 1 ] || exit 0
-model=${PIO_GPU_BENCH_MODEL:-target/bench/qwen3-4b-random}
+# Workers run as an unprivileged uid with a cleared environment: what they read (library, model,
+# CUDA libraries) goes where any uid can read it, and the libraries where the loader looks.
+shared=/var/tmp/pio-gpu-bench
+mkdir -p "$shared" && chmod 755 "$shared"
+install -m 644 target/release/libpio_plugin_qwen3.so "$shared/"
+if [ -n "${CUDA_ROOT:-}" ] && [ -d "$CUDA_ROOT/lib" ] && [ "$(id -u)" = 0 ]; then
+  mkdir -p "$shared/cuda-lib" && cp -a "$CUDA_ROOT/lib/." "$shared/cuda-lib/" && chmod -R a+rX "$shared/cuda-lib"
+  echo "$shared/cuda-lib" >/etc/ld.so.conf.d/pio-gpu-bench.conf && ldconfig
+fi
+model=${PIO_GPU_BENCH_MODEL:-$shared/qwen3-4b-random}
 if [ ! -f "$model/config.json" ]; then
   if python3 -c "import torch, transformers" >/dev/null 2>&1; then
     python3 tests/bench/make_checkpoint.py "$model" qwen3-4b
@@ -65,7 +74,7 @@ mkdir -p "$manifests"
 cat >"$manifests/qwen3-gpu.toml" <<EOF
 name = "qwen3-gpu"
 version = "0.1.0"
-library = "$PWD/target/release/libpio_plugin_qwen3.so"
+library = "$shared/libpio_plugin_qwen3.so"
 api = "^1.1"
 tier = "low"
 

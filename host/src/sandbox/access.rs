@@ -36,11 +36,29 @@ const SYSTEM_READ: &[&str] = &[
     "/dev/zero",
 ];
 
-/// Paths the worker may read and execute: the system's and `visible` (library, model).
-pub fn read_paths(visible: &[PathBuf]) -> Vec<PathBuf> {
+/// Paths the worker may read and execute: the system's, `visible` (library, model), and with a
+/// GPU the driver's facts that exist here.
+pub fn read_paths(visible: &[PathBuf], gpu: Option<u32>) -> Vec<PathBuf> {
     let mut paths: Vec<PathBuf> = SYSTEM_READ.iter().map(PathBuf::from).collect();
     paths.extend(visible.iter().cloned());
+    if gpu.is_some() {
+        paths.extend(
+            super::gpu::DRIVER_READ
+                .iter()
+                .map(PathBuf::from)
+                .filter(|p| p.exists()),
+        );
+    }
     paths
+}
+
+/// The device nodes the worker may read, write and control (ioctl): its GPU's, those that exist.
+fn device_paths(gpu: Option<u32>) -> Vec<PathBuf> {
+    gpu.map(super::gpu::device_nodes)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| p.exists())
+        .collect()
 }
 
 /// Restricts the calling (single) thread and everything it starts; returns what the kernel
@@ -49,6 +67,7 @@ pub fn restrict(
     visible: &[PathBuf],
     writable: &[PathBuf],
     scratch: &Path,
+    gpu: Option<u32>,
 ) -> Result<String, ConfineError> {
     let status = Ruleset::default()
         .handle_access(AccessFs::from_all(TARGET))
@@ -60,7 +79,7 @@ pub fn restrict(
         .create()
         .map_err(fail)?
         .add_rules(path_beneath_rules(
-            read_paths(visible),
+            read_paths(visible, gpu),
             AccessFs::from_read(TARGET),
         ))
         .map_err(fail)?
@@ -71,6 +90,11 @@ pub fn restrict(
         .add_rules(path_beneath_rules(
             ["/dev/null"],
             AccessFs::ReadFile | AccessFs::WriteFile,
+        ))
+        .map_err(fail)?
+        .add_rules(path_beneath_rules(
+            device_paths(gpu),
+            AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::IoctlDev,
         ))
         .map_err(fail)?
         .restrict_self()

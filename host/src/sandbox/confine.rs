@@ -103,6 +103,7 @@ pub fn apply(plan: &Plan) -> Result<Vec<String>, ConfineError> {
                 &isolation.keep_visible,
                 &isolation.writable,
                 Path::new("/tmp"),
+                isolation.gpu,
             )?);
         }
         super::seccomp::apply(isolation.syscalls)?;

@@ -10,6 +10,7 @@
 mod access;
 pub mod cgroup;
 pub mod confine;
+pub mod gpu;
 mod namespaces;
 pub mod readable;
 mod seccomp;
@@ -161,6 +162,9 @@ pub struct Isolation {
     pub empty_root: bool,
     /// `maximum`: pin the worker to these CPUs (cgroup cpuset), e.g. "0-1".
     pub cpuset: Option<String>,
+    /// The GPU the worker may open (its nodes through Landlock and the devices cgroup at `high`).
+    #[serde(default)]
+    pub gpu: Option<u32>,
 }
 
 /// Scratch size when the manifest and the daemon set none.
@@ -189,6 +193,8 @@ pub struct Subject<'a> {
     pub limits: ResolvedLimits,
     /// Whether its manifest pins the library's sha256 (`maximum` requires it).
     pub pinned: bool,
+    /// The NVIDIA GPU its model runs on (`[model] device = "cuda[:N]"`), if any.
+    pub gpu: Option<u32>,
 }
 
 /// What each tier needs that this host (or the plugin) lacks; `None` when nothing is missing.
@@ -216,7 +222,8 @@ fn missing_for(tier: Tier, host: &HostSupport, subject: &Subject<'_>) -> Option<
     if tier >= Tier::Maximum && !subject.pinned {
         return Some("its manifest pins no sha256 of the library, which `maximum` requires".into());
     }
-    if tier >= Tier::Maximum && subject.limits.gpu_memory_bytes.is_some() {
+    if tier >= Tier::Maximum && (subject.limits.gpu_memory_bytes.is_some() || subject.gpu.is_some())
+    {
         return Some("GPU access at `maximum` needs a hardware-enforced cap (MIG or MPS), which PIO does not set up yet".into());
     }
     None
@@ -265,6 +272,7 @@ pub fn plan(subject: Subject<'_>, policy: &Policy, host: &HostSupport) -> Result
             devices: applied >= Tier::High,
             empty_root: applied >= Tier::Maximum,
             cpuset: (applied >= Tier::Maximum).then(|| format!("0-{}", cpus - 1)),
+            gpu: subject.gpu,
         }),
         no_network: applied == Tier::Low && limits.network == Some(false) && host.root,
         limits,
@@ -292,6 +300,7 @@ mod tests {
             tier,
             limits: ResolvedLimits::default(),
             pinned: true,
+            gpu: None,
         }
     }
 
@@ -388,5 +397,25 @@ mod tests {
         gpu.limits.gpu_memory_bytes = Some(1 << 30);
         let e = plan(gpu, &Policy::default(), &host(true, true)).unwrap_err();
         assert!(e.missing.contains("MIG"), "{e}");
+        // A model on a GPU without a cap is refused there too.
+        let on_gpu = Subject {
+            gpu: Some(0),
+            ..subject(Tier::Maximum)
+        };
+        let e = plan(on_gpu, &Policy::default(), &host(true, true)).unwrap_err();
+        assert!(e.missing.contains("MIG"), "{e}");
+    }
+
+    #[test]
+    fn high_lets_a_gpu_model_open_its_own_gpu() {
+        let on_gpu = Subject {
+            gpu: Some(1),
+            ..subject(Tier::High)
+        };
+        let p = plan(on_gpu, &Policy::default(), &host(true, true)).unwrap();
+        let isolation = p.isolation.unwrap();
+        assert_eq!((isolation.gpu, isolation.devices), (Some(1), true));
+        let p = plan(subject(Tier::High), &Policy::default(), &host(true, true)).unwrap();
+        assert_eq!(p.isolation.unwrap().gpu, None);
     }
 }

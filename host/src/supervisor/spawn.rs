@@ -107,6 +107,9 @@ pub(super) fn spawn(
         .env_clear()
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")
         .env("LANG", "C.UTF-8")
+        // CUDA numbers devices as the driver numbers their nodes, which the sandbox allows by
+        // number (`sandbox::gpu`).
+        .env("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -216,5 +219,12 @@ fn group_spec(plan: &Plan) -> crate::sandbox::cgroup::GroupSpec {
         limits: plan.limits.clone(),
         devices: plan.isolation.as_ref().is_some_and(|i| i.devices),
         cpuset: plan.isolation.as_ref().and_then(|i| i.cpuset.clone()),
+        extra_devices: match plan.isolation.as_ref().and_then(|i| i.gpu) {
+            Some(gpu) => crate::sandbox::gpu::cgroup_rules(
+                gpu,
+                &std::fs::read_to_string("/proc/devices").unwrap_or_default(),
+            ),
+            None => Vec::new(),
+        },
     }
 }

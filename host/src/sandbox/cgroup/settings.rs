@@ -31,6 +31,8 @@ pub struct GroupSpec {
     pub devices: bool,
     /// Pin to these CPUs, e.g. "0-1".
     pub cpuset: Option<String>,
+    /// Device rules allowed beside the harmless ones (a GPU's nodes, `sandbox::gpu`).
+    pub extra_devices: Vec<String>,
 }
 
 /// Character devices a confined worker may open: null, zero, full, random, urandom.
@@ -77,6 +79,13 @@ pub fn settings(version: Version, spec: &GroupSpec) -> Vec<Setting> {
         out.push(setting(Controller::Devices, "devices.deny", "a".into()));
         for device in ALLOWED_DEVICES {
             out.push(setting(Controller::Devices, "devices.allow", device.into()));
+        }
+        for device in &spec.extra_devices {
+            out.push(setting(
+                Controller::Devices,
+                "devices.allow",
+                device.clone(),
+            ));
         }
     }
     let quota = limits

@@ -78,6 +78,24 @@ fn devices_and_cpuset_for_the_upper_tiers() {
     assert!(!text(Version::V2).iter().any(|s| s.starts_with("Devices")));
 }
 
+#[test]
+fn a_gpu_worker_is_allowed_its_gpu_nodes_after_the_deny() {
+    let spec = GroupSpec {
+        devices: true,
+        extra_devices: crate::sandbox::gpu::cgroup_rules(0, "195 nvidia\n236 nvidia-uvm\n"),
+        ..GroupSpec::default()
+    };
+    let allowed: Vec<String> = settings(Version::V1, &spec)
+        .iter()
+        .filter(|s| s.file == "devices.allow")
+        .map(|s| s.value.clone())
+        .collect();
+    for rule in ["c 195:0 rwm", "c 195:255 rwm", "c 236:0 rwm", "c 1:3 rwm"] {
+        assert!(allowed.contains(&rule.to_string()), "{rule} in {allowed:?}");
+    }
+    assert!(!allowed.contains(&"c 195:1 rwm".to_string()));
+}
+
 /// A fake v2 tree in a temporary directory: the v2 path creates the group, enables the
 /// controllers in each ancestor and writes the limits where the kernel would read them.
 #[test]
