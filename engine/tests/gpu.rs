@@ -82,42 +82,26 @@ fn glm_on_the_gpu_matches_transformers() {
 }
 
 /// Teacher-forced log-probabilities of fixture `name` in `dtype` on `device`.
-fn distributions_on<M: LoadModel + CausalLm>(
+fn teacher_forced<M: LoadModel + CausalLm>(
     name: &str,
     dtype: DType,
     device: &Device,
 ) -> Vec<Vec<f32>> {
-    let model = load_on::<M>(name, dtype, device);
-    let mut out = Vec::new();
-    for case in &golden(name) {
-        let mut seq =
-            pio_engine::single::SingleSequence::new(&model, model.context_length()).unwrap();
-        let mut logits = seq.forward(&model, &ids(&case["input_ids"])).unwrap();
-        for token in ids(&case["tokens"]) {
-            out.push(log_softmax(&logits));
-            logits = seq.forward(&model, &[token]).unwrap();
-        }
-    }
-    out
-}
-
-fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
-    logits.iter().map(|l| l - max - sum.ln()).collect()
+    let path = fixtures().join(name);
+    common::distributions_on::<M>(&path, name, (dtype, Quantization::None, None), device)
 }
 
 #[test]
 fn bf16_on_the_gpu_errs_no_more_than_bf16_on_the_cpu() {
     let Some(device) = gpu() else { return };
-    let reference = distributions_on::<Qwen3>("qwen3-tiny", DType::F32, &Device::Cpu);
+    let reference = teacher_forced::<Qwen3>("qwen3-tiny", DType::F32, &Device::Cpu);
     let cpu = agreement(
         &reference,
-        &distributions_on::<Qwen3>("qwen3-tiny", DType::BF16, &Device::Cpu),
+        &teacher_forced::<Qwen3>("qwen3-tiny", DType::BF16, &Device::Cpu),
     );
     let gpu = agreement(
         &reference,
-        &distributions_on::<Qwen3>("qwen3-tiny", DType::BF16, &device),
+        &teacher_forced::<Qwen3>("qwen3-tiny", DType::BF16, &device),
     );
     eprintln!("bf16 against f32 (agreement, mean, max |Δ|): cpu {cpu:?}, gpu {gpu:?}");
     // Both round the same weights to bf16; the GPU accumulates in another order (cuBLAS), so its

@@ -54,38 +54,24 @@ out, shape = sys.argv[1], sys.argv[2]
 torch.manual_seed(0)
 # Initialising in bf16 keeps the 30B-shaped model's peak memory at its size.
 torch.set_default_dtype(torch.bfloat16)
-if shape == "qwen3-0.6b":
-    # hidden 1024, 28 layers, 16/8 heads, head_dim 128, intermediate 3072, vocab 151936
+# The dense Qwen3 shapes: what differs between their config.json files.
+DENSE = {
+    # hidden 1024, 28 layers, 16/8 heads, intermediate 3072
+    "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, max_position_embeddings=40960, rope_theta=1_000_000.0),
+    # Qwen3-4B-Instruct-2507: hidden 2560, 36 layers, 32/8 heads, intermediate 9728
+    "qwen3-4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                     num_attention_heads=32, max_position_embeddings=262144, rope_theta=5_000_000.0),
+}
+if shape in DENSE:
     config = Qwen3Config(
         vocab_size=151936,
-        hidden_size=1024,
-        intermediate_size=3072,
-        num_hidden_layers=28,
-        num_attention_heads=16,
         num_key_value_heads=8,
         head_dim=128,
-        max_position_embeddings=40960,
-        rope_theta=1_000_000.0,
         rms_norm_eps=1e-6,
         tie_word_embeddings=True,
         torch_dtype="bfloat16",
-    )
-    model = Qwen3ForCausalLM(config)
-elif shape == "qwen3-4b":
-    # Qwen3-4B-Instruct-2507's config.json: hidden 2560, 36 layers, 32/8 heads, intermediate 9728.
-    config = Qwen3Config(
-        vocab_size=151936,
-        hidden_size=2560,
-        intermediate_size=9728,
-        num_hidden_layers=36,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        max_position_embeddings=262144,
-        rope_theta=5_000_000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        torch_dtype="bfloat16",
+        **DENSE[shape],
     )
     model = Qwen3ForCausalLM(config)
 elif shape == "qwen3-30b-a3b":

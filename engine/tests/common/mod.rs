@@ -203,8 +203,18 @@ pub fn distributions_cached<M: LoadModel + CausalLm>(
     q: Quantization,
     cache: Option<CacheType>,
 ) -> Vec<Vec<f32>> {
+    distributions_on::<M>(path, cases, (dtype, q, cache), &Device::Cpu)
+}
+
+/// The same on `device`, the weights in `dtype` with `q` and the cache stored as `cache`.
+pub fn distributions_on<M: LoadModel + CausalLm>(
+    path: &Path,
+    cases: &str,
+    (dtype, q, cache): (DType, Quantization, Option<CacheType>),
+    device: &Device,
+) -> Vec<Vec<f32>> {
     let checkpoint = Checkpoint::open(path).unwrap();
-    let model = M::load(&checkpoint, dtype, q, &Device::Cpu, &mut |_, _| {}).unwrap();
+    let model = M::load(&checkpoint, dtype, q, device, &mut |_, _| {}).unwrap();
     let mut out = Vec::new();
     for case in &golden(cases) {
         let cache = cache.unwrap_or(CacheType::Float(model.kv_dtype()));

@@ -319,32 +319,14 @@ impl Collector for WorkerCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::PathBuf;
 
     fn status(name: &str, gpu: Option<(u64, u64)>) -> PluginStatus {
         PluginStatus {
             name: name.into(),
-            version: "0.1.0".into(),
             state: "ready".into(),
-            manifest: PathBuf::new(),
-            tier_requested: "low".into(),
-            tier_applied: Some("low".into()),
-            pid: None,
-            restarts: 0,
-            requests: 0,
-            requests_in_flight: 0,
-            memory_bytes: None,
-            memory_limit_bytes: None,
-            cpu_seconds: None,
-            oom_kills: 0,
-            context_length: None,
-            weight_bytes: None,
             gpu_memory_bytes: gpu.map(|g| g.0),
             gpu_memory_limit_bytes: gpu.map(|g| g.1),
-            capabilities: Vec::new(),
-            reloading: false,
-            last_error: None,
-            engine: None,
+            ..PluginStatus::default()
         }
     }
 

@@ -9,7 +9,7 @@ use super::hotplug::Found;
 use crate::supervisor::State;
 
 /// A plugin as `/v1/plugins` reports it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct PluginStatus {
     /// The plugin (the model's id in the API).
     pub name: String,
