@@ -55,14 +55,21 @@ pub fn paged_batch(
     scale: f64,
 ) -> Result<Tensor> {
     let _timed = crate::profile::PROFILE.scope(crate::profile::Op::Attention);
-    #[cfg(feature = "cuda")]
-    if crate::cuda::takes(q, batch, keys, value_dim) {
-        return crate::cuda::paged_decode(q, batch, keys, values, (block_size, value_dim), scale);
+    let decoded = decoded_on_gpu(q, batch, keys, values, (block_size, value_dim), scale)?;
+    if let Some((out, at)) = &decoded {
+        if at.iter().all(Option::is_some) {
+            return Ok(out.clone());
+        }
     }
     let mut outs = Vec::with_capacity(batch.seqs.len());
     let mut row = 0;
-    for seq in &batch.seqs {
+    for (i, seq) in batch.seqs.iter().enumerate() {
         let n = seq.tokens.len();
+        if let Some((out, Some(at))) = decoded.as_ref().map(|(out, at)| (out, at[i])) {
+            outs.push(out.narrow(0, at, 1)?);
+            row += n;
+            continue;
+        }
         let kv = PagedKv {
             keys,
             values,
@@ -78,6 +85,54 @@ pub fn paged_batch(
     } else {
         Tensor::cat(&outs, 0)?
     })
+}
+
+/// On a GPU, the sequences of `batch` that decode one token, all in one launch of the engine's
+/// kernel: their outputs, and where each sequence's row is among them (`None`: not decoding).
+#[cfg(feature = "cuda")]
+fn decoded_on_gpu(
+    q: &Tensor,
+    batch: &Batch<'_>,
+    keys: &Tensor,
+    values: &Tensor,
+    shape: (usize, usize),
+    scale: f64,
+) -> Result<Option<(Tensor, Vec<Option<usize>>)>> {
+    if !crate::cuda::takes(q, keys, values, shape) {
+        return Ok(None);
+    }
+    let (mut rows, mut seqs, mut at, mut row) = (Vec::new(), Vec::new(), Vec::new(), 0u32);
+    for seq in &batch.seqs {
+        at.push((seq.tokens.len() == 1).then(|| {
+            rows.push(row);
+            seqs.push(seq);
+            rows.len() - 1
+        }));
+        row += seq.tokens.len() as u32;
+    }
+    if seqs.is_empty() {
+        return Ok(None);
+    }
+    let q = if seqs.len() == batch.seqs.len() {
+        q.clone()
+    } else {
+        q.index_select(&Tensor::new(rows, q.device())?, 0)?
+    };
+    let out = crate::cuda::paged_decode(&q, &seqs, keys, values, shape, scale)?;
+    Ok(Some((out, at)))
+}
+
+/// Without the `cuda` feature nothing decodes on a GPU.
+#[cfg(not(feature = "cuda"))]
+fn decoded_on_gpu(
+    _: &Tensor,
+    _: &Batch<'_>,
+    _: &Tensor,
+    _: &Tensor,
+    _: (usize, usize),
+    _: f64,
+) -> Result<Option<(Tensor, Vec<Option<usize>>)>> {
+    Ok(None)
 }
 
 /// The same with candle's operations: the sequence's rows gathered, keys and values repeated per

@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{EngineError, Result};
 use crate::gguf::{self, GgufFile};
+use crate::linear::Quantization;
 use crate::quant_cache::QuantCache;
 
 /// An opened snapshot folder or GGUF file.
@@ -250,6 +251,32 @@ impl Checkpoint {
         }
         let backend: Box<dyn candle_nn::var_builder::SimpleBackend> = Box::new(backend);
         Ok(VarBuilder::from_backend(backend, dtype, device.clone()))
+    }
+
+    /// Bytes the weights take at least once loaded in `dtype` with `quantization`, from the files'
+    /// headers (nothing is read): every element at the smallest size any tensor could get (4 bits
+    /// for q4, 8 for q8, the dtype's otherwise; a GGUF's tensors as stored, or in `dtype` if
+    /// smaller). For refusing, before loading, a model that cannot fit a memory cap.
+    pub fn weight_bytes_at_least(&self, dtype: DType, quantization: Quantization) -> Result<u64> {
+        let element = dtype.size_in_bytes() as f64;
+        if let Some(g) = &self.gguf {
+            return Ok(g
+                .tensor_sizes()
+                .map(|(n, stored)| stored.min((n as f64 * element) as u64))
+                .sum());
+        }
+        let files = crate::weights::SafetensorsFiles::open(&self.weight_files()?).map_err(|e| {
+            EngineError::Weights {
+                dir: self.dir.clone(),
+                reason: format!("cannot read the safetensors files: {e}"),
+            }
+        })?;
+        let per_element = match quantization {
+            Quantization::None => element,
+            Quantization::Q8 => element.min(1.0),
+            Quantization::Q4 => element.min(0.5),
+        };
+        Ok((files.elements() as f64 * per_element) as u64)
     }
 
     /// The same checkpoint, its quantized linear weights kept in a cache in `dir` between starts

@@ -91,6 +91,14 @@ fn dtype_of(name: &str) -> Option<DType> {
 }
 
 impl SafetensorsFiles {
+    /// Elements in all the tensors.
+    pub fn elements(&self) -> u64 {
+        self.entries
+            .values()
+            .map(|e| e.shape.iter().product::<usize>() as u64)
+            .sum()
+    }
+
     /// Reads the headers of `paths`.
     pub fn open(paths: &[PathBuf]) -> candle_core::Result<Self> {
         let mut files = Vec::with_capacity(paths.len());

@@ -131,63 +131,126 @@ fn a_batch_on_the_gpu_gives_each_request_its_own_tokens() {
     );
 }
 
+/// One pool shape the kernel is checked on: `(kv_heads, heads, head_dim, value_dim)`, and whether
+/// the values are the keys themselves (MLA's latent cache).
+struct PoolCase {
+    dtype: DType,
+    heads: (usize, usize),
+    dims: (usize, usize),
+    values_are_keys: bool,
+    bound: f32,
+}
+
+/// The kernel's decode rows, in a batch that also holds a prompt chunk, against candle's gather
+/// path in f32 on the same (rounded) inputs.
+fn kernel_matches_gather(device: &Device, case: &PoolCase) {
+    let (block_size, slots) = (16, 16 * 12);
+    let ((kv_heads, heads), (head_dim, value_dim)) = (case.heads, case.dims);
+    let rounded = |t: Tensor| t.to_dtype(case.dtype).unwrap();
+    let keys = rounded(Tensor::randn(0f32, 1.0, (slots, kv_heads, head_dim), device).unwrap());
+    let values = if case.values_are_keys {
+        keys.clone()
+    } else {
+        rounded(Tensor::randn(0.5f32, 1.0, (slots, kv_heads, head_dim), device).unwrap())
+    };
+    // Decode rows at lengths that end mid-block, and at 1 and 3 positions (warps left idle);
+    // the third sequence is a 3-token prompt chunk, which the gather path takes.
+    let tables: [Vec<u32>; 5] = [
+        vec![3, 7, 1],
+        vec![0],
+        vec![6, 8],
+        vec![10],
+        vec![11, 2, 9, 4, 5],
+    ];
+    let starts = [40usize, 0, 5, 2, 70];
+    let tokens: [&[u32]; 5] = [&[1], &[2], &[3, 4, 5], &[6], &[7]];
+    let batch = Batch {
+        seqs: (0..5)
+            .map(|i| SeqStep {
+                tokens: tokens[i],
+                splices: &[],
+                start: starts[i],
+                positions: &Positions::Linear,
+                blocks: &tables[i],
+                logits: true,
+            })
+            .collect(),
+    };
+    let q = rounded(Tensor::randn(0f32, 1.0, (7, heads, head_dim), device).unwrap());
+    let shape = (block_size, value_dim);
+    assert!(
+        pio_engine::cuda::takes(&q, &keys, &values, shape),
+        "the kernel takes this pool"
+    );
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let fused = paged_batch(&q, &batch, &keys, &values, shape, scale).unwrap();
+    let widen = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    let (q32, k32, v32) = (widen(&q), widen(&keys), widen(&values));
+    let mut row = 0;
+    for (i, seq) in batch.seqs.iter().enumerate() {
+        let n = seq.tokens.len();
+        // Decode rows against f32; the prompt chunk took the gather path itself: identical.
+        let (q, keys, values, bound) = if n == 1 {
+            (&q32, &k32, &v32, case.bound)
+        } else {
+            (&q, &keys, &values, f32::MIN_POSITIVE)
+        };
+        let kv = PagedKv {
+            keys,
+            values,
+            value_dim,
+            blocks: seq.blocks,
+            block_size,
+        };
+        let reference =
+            widen(&paged(&q.narrow(0, row, n).unwrap(), &kv, seq.start, scale).unwrap());
+        let diff = (widen(&fused.narrow(0, row, n).unwrap()) - reference)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            diff < bound,
+            "{:?} sequence {i}: max |Δ| {diff}",
+            case.dtype
+        );
+        row += n;
+    }
+}
+
 #[test]
 fn the_paged_decode_kernel_reads_blocks_as_the_gather_path_does() {
     let Some(device) = gpu() else { return };
-    let (block_size, slots, kv_heads, heads, head_dim) = (16, 16 * 12, 2, 8, 64);
-    for (dtype, bound) in [(DType::F32, 1e-4), (DType::BF16, 2e-2)] {
-        let pool = |seed: f64| {
-            Tensor::randn(seed as f32, 1.0, (slots, kv_heads, head_dim), &device)
-                .and_then(|t| t.to_dtype(dtype))
-                .unwrap()
+    // f32 to rounding; bf16 and f16 outputs are rounded once from f32 (half an ulp of values
+    // of magnitude up to ~4: 2^-9·4 for bf16, 2^-12·4 for f16, with slack).
+    for (dtype, bound) in [
+        (DType::F32, 1e-4),
+        (DType::BF16, 1.6e-2),
+        (DType::F16, 2e-3),
+    ] {
+        let gqa = PoolCase {
+            dtype,
+            heads: (2, 8),
+            dims: (64, 64),
+            values_are_keys: false,
+            bound,
         };
-        let (keys, values) = (pool(0.0), pool(0.5));
-        // Three sequences over scattered blocks, at lengths that end mid-block.
-        let tables: [Vec<u32>; 3] = [vec![3, 7, 1], vec![0], vec![11, 2, 9, 4, 5]];
-        let starts = [40usize, 4, 70];
-        let tokens = [[1u32], [2], [3]];
-        let batch = Batch {
-            seqs: (0..3)
-                .map(|i| SeqStep {
-                    tokens: &tokens[i],
-                    splices: &[],
-                    start: starts[i],
-                    positions: &Positions::Linear,
-                    blocks: &tables[i],
-                    logits: true,
-                })
-                .collect(),
-        };
-        let q = Tensor::randn(0f32, 1.0, (3, heads, head_dim), &device)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap();
-        let scale = 1.0 / (head_dim as f64).sqrt();
-        let fused = paged_batch(&q, &batch, &keys, &values, (block_size, head_dim), scale).unwrap();
-        for (i, seq) in batch.seqs.iter().enumerate() {
-            let kv = PagedKv {
-                keys: &keys,
-                values: &values,
-                value_dim: head_dim,
-                blocks: seq.blocks,
-                block_size,
-            };
-            let gathered = paged(&q.narrow(0, i, 1).unwrap(), &kv, seq.start, scale).unwrap();
-            let diff = (fused.narrow(0, i, 1).unwrap() - gathered)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(diff < bound, "{dtype:?} sequence {i}: max |Δ| {diff}");
-        }
+        kernel_matches_gather(&device, &gqa);
     }
+    // GLM-4.7-Flash's latent cache: one 576-wide head of keys whose first 512 are the values.
+    let mla = PoolCase {
+        dtype: DType::F32,
+        heads: (1, 4),
+        dims: (576, 512),
+        values_are_keys: true,
+        bound: 1e-4,
+    };
+    kernel_matches_gather(&device, &mla);
 }
 
 fn runtime_with_cap(cap: u64) -> (ModelRuntime<Qwen3>, ModelConfig) {

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Compiles the engine's CUDA sources with NVRTC, as the engine does at run time, and fails on any
-error or warning: `nvrtc_check.py LIBNVRTC SOURCE... [--arch compute_XX]`. Needs no GPU."""
+"""Compiles the engine's CUDA sources with NVRTC, as the engine does at run time (NVRTC's default
+architecture, fast math), and fails on any error or warning:
+`nvrtc_check.py LIBNVRTC SOURCE... [--arch compute_XX]`. Needs no GPU."""
 import ctypes
 import sys
 
@@ -9,7 +10,7 @@ def compile_source(nvrtc, path, arch):
     src = open(path, "rb").read()
     prog = ctypes.c_void_p()
     check(nvrtc, nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src, path.encode(), 0, None, None), path)
-    opts = [f"--gpu-architecture={arch}".encode(), b"--use_fast_math"]
+    opts = [b"--use_fast_math"] + ([f"--gpu-architecture={arch}".encode()] if arch else [])
     arr = (ctypes.c_char_p * len(opts))(*opts)
     status = nvrtc.nvrtcCompileProgram(prog, len(opts), arr)
     size = ctypes.c_size_t()
@@ -20,7 +21,7 @@ def compile_source(nvrtc, path, arch):
     if status != 0 or "warning" in text:
         print(f"{path} ({arch}):\n{text}")
         return False
-    print(f"{path}: compiles with NVRTC for {arch}")
+    print(f"{path}: compiles with NVRTC for {arch or 'its default architecture'}")
     return True
 
 
@@ -32,7 +33,7 @@ def check(nvrtc, status, what):
 
 def main():
     args = sys.argv[1:]
-    arch = "compute_80"
+    arch = None
     if "--arch" in args:
         i = args.index("--arch")
         arch = args[i + 1]

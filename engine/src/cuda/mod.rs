@@ -12,8 +12,8 @@ use candle_core::cuda_backend::cudarc::nvrtc;
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{CpuStorage, CudaDevice, CudaStorage, Layout, Shape, Tensor};
 
-use crate::batch::Batch;
-use crate::Result;
+use crate::batch::SeqStep;
+use crate::{EngineError, Result};
 
 const SOURCE: &str = include_str!("paged_attention.cu");
 /// Warps per block, as the source's `WARPS`.
@@ -39,44 +39,75 @@ fn ptx() -> candle_core::Result<&'static str> {
     .map_err(|e| candle_core::Error::Msg(e.clone()))
 }
 
-/// Whether [`paged_decode`] takes this batch: one new query per sequence, the pool in the
-/// queries' dtype, head sizes the kernel holds.
-pub fn takes(q: &Tensor, batch: &Batch<'_>, keys: &Tensor, value_dim: usize) -> bool {
-    let fits = |(heads, kv_heads, dim): (usize, usize, usize)| {
-        kv_heads > 0 && heads % kv_heads == 0 && dim <= MAX_HEAD_DIM && value_dim <= MAX_VALUE_DIM
+/// Whether [`paged_decode`] can read this pool for these queries: on a GPU, one dtype, keys and
+/// values of one contiguous shape, head sizes the kernel's buffers hold.
+pub fn takes(
+    q: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    (block_size, value_dim): (usize, usize),
+) -> bool {
+    let shapes = match (q.dims3(), keys.dims3()) {
+        (Ok((_, heads, dim)), Ok((_, kv_heads, key_dim))) => Some((heads, kv_heads, dim, key_dim)),
+        _ => None,
     };
-    q.device().is_cuda()
+    let fits = shapes.is_some_and(|(heads, kv_heads, dim, key_dim)| {
+        dim == key_dim
+            && kv_heads > 0
+            && heads % kv_heads == 0
+            && dim <= MAX_HEAD_DIM
+            && (1..=dim.min(MAX_VALUE_DIM)).contains(&value_dim)
+    });
+    fits && block_size > 0
+        && q.device().is_cuda()
         && q.dtype() == keys.dtype()
-        && batch.seqs.iter().all(|s| s.tokens.len() == 1)
-        && matches!((q.dims3(), keys.dims3()), (Ok((_, h, d)), Ok((_, kvh, kd))) if d == kd && fits((h, kvh, d)))
+        && values.dtype() == keys.dtype()
+        && values.dims() == keys.dims()
+        && keys.is_contiguous()
+        && values.is_contiguous()
 }
 
-/// Decode attention of `q` — `(seqs, heads, head_dim)`, one query per sequence of `batch` — over
-/// the pool's `keys` and `values` (`(slots, kv_heads, head_dim)`, the first `value_dim` of each
-/// value head read); the result is `(seqs, heads, value_dim)`. Check [`takes`] first.
+/// Decode attention of `q` — `(seqs.len(), heads, head_dim)`, one query per sequence of `seqs` at
+/// its position `start` — over the pool's `keys` and `values` (`(slots, kv_heads, head_dim)`,
+/// the first `value_dim` of each value head read); the result is `(seqs.len(), heads,
+/// value_dim)`. Check [`takes`] first; a block table that does not cover its sequence, or names a
+/// block outside the pool, is an error here rather than a read out of bounds on the device.
 pub fn paged_decode(
     q: &Tensor,
-    batch: &Batch<'_>,
+    seqs: &[&SeqStep<'_>],
     keys: &Tensor,
     values: &Tensor,
     (block_size, value_dim): (usize, usize),
     scale: f64,
 ) -> Result<Tensor> {
-    let max_blocks = batch.seqs.iter().map(|s| s.blocks.len()).max().unwrap_or(1);
-    let mut tables = vec![0u32; batch.seqs.len() * max_blocks];
-    for (row, seq) in tables.chunks_exact_mut(max_blocks).zip(&batch.seqs) {
+    let pool_blocks = keys.dim(0)? / block_size;
+    let max_blocks = seqs
+        .iter()
+        .map(|s| s.blocks.len())
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let mut tables = vec![0u32; seqs.len() * max_blocks];
+    for (row, seq) in tables.chunks_exact_mut(max_blocks).zip(seqs) {
+        if seq.blocks.len() * block_size <= seq.start
+            || seq.blocks.iter().any(|&b| b as usize >= pool_blocks)
+        {
+            return Err(EngineError::Internal(format!(
+                "decode at position {} through a block table of {:?} (blocks of {block_size}, {pool_blocks} in the pool)",
+                seq.start, seq.blocks
+            )));
+        }
         row[..seq.blocks.len()].copy_from_slice(seq.blocks);
     }
     let op = PagedDecode {
         tables,
-        lens: batch.seqs.iter().map(|s| (s.start + 1) as u32).collect(),
+        lens: seqs.iter().map(|s| (s.start + 1) as u32).collect(),
         max_blocks,
         block_size,
         value_dim,
         scale: scale as f32,
     };
-    Ok(q.contiguous()?
-        .apply_op3_no_bwd(&keys.contiguous()?, &values.contiguous()?, &op)?)
+    Ok(q.contiguous()?.apply_op3_no_bwd(keys, values, &op)?)
 }
 
 /// The launch's arguments that are not tensors.

@@ -18,7 +18,7 @@ typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
-#define NEG_INF __int_as_float(0xff800000)
+#define NEG_INF __uint_as_float(0xff800000u)
 
 __device__ __forceinline__ float bf16_to_f32(u16 x) {
   return __uint_as_float(((u32)x) << 16);

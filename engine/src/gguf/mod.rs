@@ -136,6 +136,14 @@ impl GgufFile {
         Ok(())
     }
 
+    /// Its tensors' sizes: `(elements, bytes as stored)` each.
+    pub fn tensor_sizes(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.content
+            .tensor_infos
+            .values()
+            .map(|info| (info.shape.elem_count() as u64, tensor_bytes(info) as u64))
+    }
+
     /// The file.
     pub fn path(&self) -> &Path {
         &self.path

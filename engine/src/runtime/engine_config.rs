@@ -75,6 +75,16 @@ pub(super) fn engine_config<M: CausalLm>(
         })?),
     };
     let mut config = EngineConfig::with_pool_bytes(model, pool_bytes, kv_dtype);
+    // The pool has at least one block; on a GPU that block must fit inside the budget too.
+    if matches!(memory, Memory::Device { .. }) && config.pool_bytes(model) > pool_bytes {
+        return Err(PluginError::new(
+            pio_plugin_api::ErrorKind::OUT_OF_MEMORY,
+            format!(
+                "the GPU memory left for the KV cache ({pool_bytes} bytes) holds less than one block ({} bytes): raise limits.gpu_memory or kv_cache_bytes",
+                config.pool_bytes(model)
+            ),
+        ));
+    }
     if let Some(v) = options.get("max_seqs") {
         config.max_seqs = count("max_seqs", v)?;
     }
@@ -115,6 +125,40 @@ mod tests {
             "{err}"
         );
         assert!(bytes("k", &json!(-1)).is_err());
+    }
+
+    /// The bound a GPU cap is checked against before loading is not above what loading takes,
+    /// and near it: in f32, at q4, and for a GGUF file's stored blocks.
+    #[test]
+    fn the_weights_lower_bound_is_not_above_the_loaded_size_and_near_it() {
+        use crate::checkpoint::Checkpoint;
+        use crate::linear::Quantization;
+        use crate::models::qwen3::Qwen3;
+        use crate::runtime::LoadModel;
+        use candle_core::{DType, Device};
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+        for (path, q) in [
+            ("qwen3-tiny", Quantization::None),
+            ("qwen3-tiny", Quantization::Q4),
+            ("gguf/qwen3-wide.q4_k_m.gguf", Quantization::None),
+        ] {
+            let checkpoint = Checkpoint::open(&fixtures.join(path)).unwrap();
+            let bound = checkpoint.weight_bytes_at_least(DType::F32, q).unwrap();
+            let model = <Qwen3 as LoadModel>::load(
+                &checkpoint,
+                DType::F32,
+                q,
+                &Device::Cpu,
+                &mut |_, _| {},
+            )
+            .unwrap();
+            let loaded = LoadModel::weight_bytes(&model).unwrap();
+            // The models' own counts leave out the norms' few weights (0.3% of this fixture).
+            assert!(
+                bound <= loaded + loaded / 100 && bound * 3 >= loaded,
+                "{path} {q:?}: at least {bound}, loaded {loaded}"
+            );
+        }
     }
 
     #[test]

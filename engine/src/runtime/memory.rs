@@ -119,6 +119,30 @@ pub(super) fn pool_bytes(
     }
 }
 
+/// Before loading: whether weights of at least `at_least` bytes can fit `memory` (measured with
+/// nothing loaded) beside the activation headroom. Only a GPU is checked here: the host's limit
+/// is the cgroup's.
+pub(super) fn weights_fit(memory: Memory, at_least: u64) -> Result<(), PluginError> {
+    let Memory::Device { limit, free } = memory else {
+        return Ok(());
+    };
+    let free = free.map(|f| ((f as f64 * DEVICE_SHARE) as u64, "the device's free memory"));
+    let allowed = match (limit.map(|l| (l, "limits.gpu_memory")), free) {
+        (Some(l), Some(f)) => Some(if f.0 < l.0 { f } else { l }),
+        (l, f) => l.or(f),
+    };
+    match allowed {
+        Some((allowed, source)) if at_least + DEVICE_HEADROOM > allowed => Err(PluginError::new(
+            ErrorKind::OUT_OF_MEMORY,
+            format!(
+                "the model does not fit in GPU memory: its weights alone take at least {at_least} bytes (from the files' headers), and {DEVICE_HEADROOM} bytes go to activations, {} in all; {source} allows {allowed}. Raise limits.gpu_memory, or quantize the model (quantization = \"q8\" or \"q4\")",
+                at_least + DEVICE_HEADROOM
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// [`pool_bytes`] on a GPU, where nothing else enforces the cap: everything must fit inside it.
 fn device_pool_bytes(
     limit: Option<u64>,
@@ -219,6 +243,19 @@ mod tests {
         let e = pool_bytes(gpu, 4 * G, Some(4 * G)).unwrap_err();
         assert_eq!(e.kind, ErrorKind::OUT_OF_MEMORY);
         assert!(e.message.contains("kv_cache_bytes"), "{e}");
+        // Before loading: a lower bound over the cap refuses at once, naming both.
+        let e = weights_fit(gpu, 8 * G).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::OUT_OF_MEMORY);
+        assert!(e.message.contains(&(8 * G).to_string()), "{e}");
+        assert!(weights_fit(gpu, 6 * G).is_ok());
+        let host = Memory::Host {
+            limit: Some(1),
+            available: None,
+        };
+        assert!(
+            weights_fit(host, 8 * G).is_ok(),
+            "the host's limit is the cgroup's"
+        );
         // Neither a cap nor a free-memory figure: only an explicit size will do.
         let unknown = Memory::Device {
             limit: None,

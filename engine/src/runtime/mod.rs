@@ -343,6 +343,16 @@ impl<M: LoadModel> ModelRuntime<M> {
                 eprintln!("quantized weights from {}", cache.path().display());
             }
         }
+        if !device.is_cpu() {
+            // Refused before a byte reaches the device when even a lower bound cannot fit.
+            let at_least = checkpoint
+                .weight_bytes_at_least(dtype, quantization)
+                .map_err(plugin_error)?;
+            memory::weights_fit(
+                memory::Memory::measure(&device, self.memory_limit, self.gpu_memory_limit),
+                at_least,
+            )?;
+        }
         let model = M::load(
             &checkpoint,
             dtype,

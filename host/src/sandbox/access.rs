@@ -54,7 +54,7 @@ pub fn read_paths(visible: &[PathBuf], gpu: Option<u32>) -> Vec<PathBuf> {
 
 /// The device nodes the worker may read, write and control (ioctl): its GPU's, those that exist.
 fn device_paths(gpu: Option<u32>) -> Vec<PathBuf> {
-    gpu.map(super::gpu::device_nodes)
+    gpu.map(|ordinal| super::gpu::device_nodes(super::gpu::minor(ordinal)))
         .unwrap_or_default()
         .into_iter()
         .filter(|p| p.exists())

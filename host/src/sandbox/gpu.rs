@@ -18,13 +18,12 @@ pub const DRIVER_READ: &[&str] = &[
     "/sys/devices",
 ];
 
-/// The device nodes a worker on GPU `ordinal` opens (read, write and ioctl): its own node, the
-/// control node every process opens, and unified memory (`cudaMallocManaged`, and the runtime's
-/// own bookkeeping). The ordinal is the node's number: the host sets `CUDA_DEVICE_ORDER=PCI_BUS_ID`
-/// for the worker so CUDA counts devices in the same order as the driver numbers its nodes.
-pub fn device_nodes(ordinal: u32) -> Vec<PathBuf> {
+/// The device nodes a worker on the GPU whose node is `/dev/nvidia{minor}` opens (read, write
+/// and ioctl): its own node, the control node every process opens, and unified memory
+/// (`cudaMallocManaged`, and the runtime's own bookkeeping).
+pub fn device_nodes(minor: u32) -> Vec<PathBuf> {
     vec![
-        PathBuf::from(format!("/dev/nvidia{ordinal}")),
+        PathBuf::from(format!("/dev/nvidia{minor}")),
         PathBuf::from("/dev/nvidiactl"),
         PathBuf::from("/dev/nvidia-uvm"),
         PathBuf::from("/dev/nvidia-uvm-tools"),
@@ -34,9 +33,9 @@ pub fn device_nodes(ordinal: u32) -> Vec<PathBuf> {
 /// The devices cgroup (v1) rules that allow those nodes, given `/proc/devices` (where the
 /// unified-memory driver's major, assigned at load, is listed). Without `nvidia-uvm` listed only
 /// the fixed nodes are allowed (CUDA then fails to start, saying so, rather than getting more).
-pub fn cgroup_rules(ordinal: u32, proc_devices: &str) -> Vec<String> {
+pub fn cgroup_rules(minor: u32, proc_devices: &str) -> Vec<String> {
     let mut rules = vec![
-        format!("c {NVIDIA_MAJOR}:{ordinal} rwm"),
+        format!("c {NVIDIA_MAJOR}:{minor} rwm"),
         format!("c {NVIDIA_MAJOR}:{CONTROL_MINOR} rwm"),
     ];
     let uvm = proc_devices.lines().find_map(|line| {
@@ -49,6 +48,40 @@ pub fn cgroup_rules(ordinal: u32, proc_devices: &str) -> Vec<String> {
         rules.push(format!("c {major}:1 rwm"));
     }
     rules
+}
+
+/// The device minor (`/dev/nvidia{minor}`) of CUDA's device `ordinal`, from the driver's
+/// `information` file of each GPU: workers get `CUDA_DEVICE_ORDER=PCI_BUS_ID`, so CUDA's ordinals
+/// follow the bus addresses, while the driver numbers nodes in its own order. `None` when the
+/// files do not say (no driver, or fewer GPUs).
+pub fn minor_of(ordinal: u32, informations: &[String]) -> Option<u32> {
+    let mut gpus: Vec<(String, u32)> = informations
+        .iter()
+        .filter_map(|text| {
+            let field = |name: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(name)?.trim_start().strip_prefix(':'))
+                    .map(str::trim)
+            };
+            Some((
+                field("Bus Location")?.to_ascii_lowercase(),
+                field("Device Minor")?.parse().ok()?,
+            ))
+        })
+        .collect();
+    gpus.sort();
+    gpus.get(ordinal as usize).map(|g| g.1)
+}
+
+/// [`minor_of`] on this machine (`/proc/driver/nvidia/gpus/*/information`); the ordinal itself
+/// when the driver does not say.
+pub fn minor(ordinal: u32) -> u32 {
+    let informations: Vec<String> = std::fs::read_dir("/proc/driver/nvidia/gpus")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("information")).ok())
+        .collect();
+    minor_of(ordinal, &informations).unwrap_or(ordinal)
 }
 
 /// The GPU ordinal a `[model] device` names: `cuda` is 0, `cuda:N` is N, anything else none.
@@ -83,6 +116,24 @@ mod tests {
             cgroup_rules(0, "Character devices:\n195 nvidia\n"),
             ["c 195:0 rwm", "c 195:255 rwm"]
         );
+    }
+
+    #[test]
+    fn ordinals_follow_bus_addresses_and_minors_come_from_the_driver() {
+        let gpu = |bus: &str, minor: u32| {
+            format!("Model: \t\t NVIDIA H200\nIRQ:   \t\t 0\nGPU UUID: \t GPU-x\nBus Location: \t {bus}\nDevice Minor: \t {minor}\n")
+        };
+        // Listed in the driver's order; minors not in bus order.
+        let infos = [
+            gpu("0000:9A:00.0", 0),
+            gpu("0000:1b:00.0", 1),
+            gpu("0000:3b:00.0", 2),
+        ];
+        assert_eq!(minor_of(0, &infos), Some(1));
+        assert_eq!(minor_of(1, &infos), Some(2));
+        assert_eq!(minor_of(2, &infos), Some(0));
+        assert_eq!(minor_of(3, &infos), None);
+        assert_eq!(minor_of(0, &[]), None);
     }
 
     #[test]

@@ -221,7 +221,7 @@ fn group_spec(plan: &Plan) -> crate::sandbox::cgroup::GroupSpec {
         cpuset: plan.isolation.as_ref().and_then(|i| i.cpuset.clone()),
         extra_devices: match plan.isolation.as_ref().and_then(|i| i.gpu) {
             Some(gpu) => crate::sandbox::gpu::cgroup_rules(
-                gpu,
+                crate::sandbox::gpu::minor(gpu),
                 &std::fs::read_to_string("/proc/devices").unwrap_or_default(),
             ),
             None => Vec::new(),
