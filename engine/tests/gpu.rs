@@ -81,33 +81,49 @@ fn glm_on_the_gpu_matches_transformers() {
     f32_parity::<Glm4MoeLite>("glm4-moe-lite-tiny");
 }
 
-/// Teacher-forced log-probabilities of fixture `name` in `dtype` on `device`.
+/// Teacher-forced log-probabilities of fixture `name` in `dtype` with `q` on `device`.
 fn teacher_forced<M: LoadModel + CausalLm>(
     name: &str,
-    dtype: DType,
+    (dtype, q): (DType, Quantization),
     device: &Device,
 ) -> Vec<Vec<f32>> {
     let path = fixtures().join(name);
-    common::distributions_on::<M>(&path, name, (dtype, Quantization::None, None), device)
+    common::distributions_on::<M>(&path, name, (dtype, q, None), device)
+}
+
+/// `candidate`'s (agreement, mean, max |Δ|) against `reference` is of the size of `baseline`'s:
+/// the same weights rounded the same way, accumulated in another order on the GPU.
+fn errs_as_much_as(what: &str, baseline: (f32, f32, f32), candidate: (f32, f32, f32)) {
+    eprintln!("{what} against f32 (agreement, mean, max |Δ|): cpu {baseline:?}, gpu {candidate:?}");
+    assert!(
+        candidate.0 >= baseline.0 - 0.05,
+        "{what}: top-1 agreement {candidate:?} vs {baseline:?}"
+    );
+    assert!(
+        candidate.1 <= 2.0 * baseline.1 + 0.01,
+        "{what}: mean |Δ| {candidate:?} vs {baseline:?}"
+    );
 }
 
 #[test]
-fn bf16_on_the_gpu_errs_no_more_than_bf16_on_the_cpu() {
+fn bf16_and_quantized_weights_on_the_gpu_err_no_more_than_on_the_cpu() {
     let Some(device) = gpu() else { return };
-    let reference = teacher_forced::<Qwen3>("qwen3-tiny", DType::F32, &Device::Cpu);
-    let cpu = agreement(
-        &reference,
-        &teacher_forced::<Qwen3>("qwen3-tiny", DType::BF16, &Device::Cpu),
-    );
-    let gpu = agreement(
-        &reference,
-        &teacher_forced::<Qwen3>("qwen3-tiny", DType::BF16, &device),
-    );
-    eprintln!("bf16 against f32 (agreement, mean, max |Δ|): cpu {cpu:?}, gpu {gpu:?}");
-    // Both round the same weights to bf16; the GPU accumulates in another order (cuBLAS), so its
-    // error is of the CPU's size, not zero: within twice the CPU's, plus a small absolute slack.
-    assert!(gpu.0 >= cpu.0 - 0.05, "top-1 agreement {gpu:?} vs {cpu:?}");
-    assert!(gpu.1 <= 2.0 * cpu.1 + 0.01, "mean |Δ| {gpu:?} vs {cpu:?}");
+    let name = "qwen3-tiny";
+    let reference = teacher_forced::<Qwen3>(name, (DType::F32, Quantization::None), &Device::Cpu);
+    // bf16 through cuBLAS; q8 and q4 blocks through candle's CUDA kernels (activations
+    // quantized to 8 bits there too).
+    for (what, format) in [
+        ("bf16", (DType::BF16, Quantization::None)),
+        ("q8", (DType::F32, Quantization::Q8)),
+        ("q4", (DType::F32, Quantization::Q4)),
+    ] {
+        let cpu = agreement(
+            &reference,
+            &teacher_forced::<Qwen3>(name, format, &Device::Cpu),
+        );
+        let gpu = agreement(&reference, &teacher_forced::<Qwen3>(name, format, &device));
+        errs_as_much_as(what, cpu, gpu);
+    }
 }
 
 #[test]
