@@ -122,3 +122,23 @@ fn chat_template_renders_byte_identically() {
         assert_eq!(rendered, case["rendered"].as_str().unwrap(), "{case}");
     }
 }
+
+/// What a decode step reads from the weights: a tied model reads everything once (its head is
+/// the embedding); an untied one all but the embedding table; a sparse one only its routed
+/// experts' share (`pio bench --single-stream` sets the decode limit by it).
+#[test]
+fn a_decode_step_reads_the_head_and_the_routed_experts_share() {
+    use pio_engine::runtime::LoadModel;
+    let embed = 400 * 64 * 4;
+    let tied = common::load::<Qwen3>("qwen3-tiny");
+    assert_eq!(tied.step_bytes(), tied.weight_bytes());
+    let untied = common::load::<Qwen3>("qwen3-tiny-untied");
+    assert_eq!(untied.step_bytes(), untied.weight_bytes() - embed);
+    let moe = common::load::<Qwen3Moe>("qwen3-moe-tiny");
+    // Layers 0 and 2 are sparse: 8 experts of 3 × 64 × 48 f32 weights, 2 read per token.
+    let idle_experts = 2 * (8 - 2) * 3 * 64 * 48 * 4;
+    assert_eq!(
+        LoadModel::step_bytes(&moe),
+        Some((moe.inner().weight_bytes() - embed - idle_experts) as u64)
+    );
+}

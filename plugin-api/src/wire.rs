@@ -315,6 +315,10 @@ pub struct ModelInfo {
     pub device: Option<String>,
     /// Bytes of weights resident after loading.
     pub weight_bytes: Option<u64>,
+    /// Bytes one decode step reads from the weights (every layer's projections, the routed experts'
+    /// share, the output head; not the embedding table): the memory-bandwidth limit of decode is
+    /// the bandwidth over this. Added within 1.4 as an optional JSON field.
+    pub step_bytes: Option<u64>,
     /// On a GPU, bytes of device memory the model holds (weights and KV pool); `None` on the CPU.
     /// Added within 1.4 as an optional JSON field, as `reasoning_format` was within 1.2.
     pub device_memory_bytes: Option<u64>,

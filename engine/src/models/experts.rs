@@ -53,6 +53,11 @@ impl Experts {
     }
 
     /// Bytes their weights take.
+    /// Bytes one token reads: the share of `top_k` experts (all of them the same size).
+    pub(crate) fn step_bytes(&self, top_k: usize) -> usize {
+        self.weight_bytes() * top_k.min(self.len()) / self.len().max(1)
+    }
+
     pub(crate) fn weight_bytes(&self) -> usize {
         self.experts.iter().map(Mlp::weight_bytes).sum()
     }

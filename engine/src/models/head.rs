@@ -171,6 +171,11 @@ impl Head {
         })
     }
 
+    /// Bytes one token's logits read: the head's matrix (the embedding's, when they are one).
+    pub(crate) fn step_bytes(&self) -> usize {
+        self.lm_head.weight_bytes()
+    }
+
     /// Bytes of its own weights (none when it is the embedding).
     pub(crate) fn weight_bytes(&self) -> usize {
         if self.is_embedding {

@@ -46,6 +46,12 @@ pub trait LoadModel: CausalLm + Sized {
         None
     }
 
+    /// Bytes one decode step reads from its weights (the active experts' share, not the whole
+    /// embedding table), when it keeps count: what sets the memory-bandwidth limit of decode.
+    fn step_bytes(&self) -> Option<u64> {
+        None
+    }
+
     /// The engine's inputs for `prompt` and the images its messages carry (one placeholder
     /// token each, in order). A text model takes no images.
     fn prepare(
@@ -386,6 +392,7 @@ impl<M: LoadModel> ModelRuntime<M> {
             dtype: Some(format!("{dtype:?}").to_lowercase()),
             device: Some(config.device.clone().unwrap_or_else(|| "cpu".into())),
             weight_bytes,
+            step_bytes: model.step_bytes(),
             device_memory_bytes,
             device_memory_limit_bytes: memory.device_limit(),
             tool_call_format: self.tool_call_format.map(str::to_string),

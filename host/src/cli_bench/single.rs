@@ -126,10 +126,13 @@ pub fn llama(
 pub fn json(
     ours: &Figures,
     bandwidth: f64,
-    weight_bytes: Option<u64>,
+    (step_bytes, weight_bytes): (Option<u64>, Option<u64>),
     llama: Option<&Figures>,
 ) -> serde_json::Value {
-    let limit = weight_bytes.map(|b| bandwidth * 1e9 / b as f64);
+    // What one step reads when the model says; all its resident weights otherwise.
+    let limit = step_bytes
+        .or(weight_bytes)
+        .map(|b| bandwidth * 1e9 / b as f64);
     let side = |f: &Figures| {
         serde_json::json!({
             "prompt_tokens": f.prompt_tokens,
@@ -142,6 +145,7 @@ pub fn json(
         "pio": side(ours),
         "streaming_read_gb_per_s": bandwidth,
         "weight_bytes": weight_bytes,
+        "step_bytes": step_bytes,
         "decode_limit_tokens_per_s": limit,
     });
     if let Some(l) = llama {
@@ -154,15 +158,16 @@ pub fn json(
 pub fn print(f: &serde_json::Value, threads: usize) {
     let num = |v: &serde_json::Value| v.as_f64();
     let limit = num(&f["decode_limit_tokens_per_s"]);
+    let gib = |v: &serde_json::Value| {
+        v.as_f64().map_or("unknown".into(), |b| {
+            format!("{:.2} GiB", b / f64::from(1 << 30))
+        })
+    };
     println!(
-        "single stream, {threads} threads; streaming read {:.1} GB/s; resident weights {}: decode limit {}",
+        "single stream, {threads} threads; streaming read {:.1} GB/s; resident weights {}, read per token {}: decode limit {}",
         num(&f["streaming_read_gb_per_s"]).unwrap_or(0.0),
-        f["weight_bytes"]
-            .as_f64()
-            .map_or("unknown".into(), |b| format!(
-                "{:.2} GiB",
-                b / f64::from(1 << 30)
-            )),
+        gib(&f["weight_bytes"]),
+        gib(&f["step_bytes"]),
         limit.map_or("unknown".into(), |l| format!("{l:.1} tokens/s")),
     );
     let llama = f.get("llama_cpp");
@@ -208,8 +213,8 @@ pub fn print(f: &serde_json::Value, threads: usize) {
         println!("{line}");
     }
     println!(
-        "(the limit is the resident weights' bytes over the streaming read, a lower bound: an embedding read a row at a time \
-         — untied, or decoded beside a GGUF's quantized one — counts in full)"
+        "(the limit is the bytes a decode step reads from the weights — every layer, the routed experts' share, the output \
+         head — over the streaming read; attention over the cache and activations come on top)"
     );
 }
 
@@ -217,7 +222,7 @@ pub fn print(f: &serde_json::Value, threads: usize) {
 pub fn report(
     args: &BenchArgs,
     (ours, engine_profile): (Figures, Option<serde_json::Value>),
-    weight_bytes: Option<u64>,
+    bytes: (Option<u64>, Option<u64>),
 ) -> anyhow::Result<u8> {
     let threads = super::threads(args);
     let bandwidth = streaming_read(READ_BYTES, threads);
@@ -231,7 +236,7 @@ pub fn report(
         )?),
         None => None,
     };
-    let mut f = json(&ours, bandwidth, weight_bytes, llama.as_ref());
+    let mut f = json(&ours, bandwidth, bytes, llama.as_ref());
     if args.profile {
         f["profile"] = super::profile::latest(engine_profile.iter()).unwrap_or_default();
     }
@@ -263,7 +268,7 @@ mod tests {
     }
 
     #[test]
-    fn the_limit_is_the_bandwidth_over_the_weights() {
+    fn the_limit_is_the_bandwidth_over_the_bytes_a_step_reads() {
         let ours = Figures {
             prompt_tokens: 512,
             prefill: 200.0,
@@ -274,11 +279,14 @@ mod tests {
             decode_deep: Some(80.0),
             ..ours
         };
-        let f = json(&ours, 20.0, Some(400_000_000), Some(&theirs));
+        // A step's bytes when the model counts them, its resident weights otherwise.
+        let f = json(&ours, 20.0, (Some(200_000_000), Some(400_000_000)), None);
+        assert_eq!(f["decode_limit_tokens_per_s"], 100.0);
+        let f = json(&ours, 20.0, (None, Some(400_000_000)), Some(&theirs));
         assert_eq!(f["decode_limit_tokens_per_s"], 50.0);
         assert_eq!(f["pio"]["decode_depth_prompt_tokens_per_s"], 40.0);
         assert_eq!(f["llama_cpp"]["decode_depth_prompt_tokens_per_s"], 80.0);
-        let f = json(&ours, 20.0, None, None);
+        let f = json(&ours, 20.0, (None, None), None);
         assert!(f["decode_limit_tokens_per_s"].is_null() && f.get("llama_cpp").is_none());
     }
 

@@ -74,6 +74,15 @@ impl DecoderLayer {
             }
     }
 
+    /// Bytes one token reads from it: the attention and the experts it is routed to.
+    fn step_bytes(&self) -> usize {
+        self.self_attn.weight_bytes()
+            + match &self.mlp {
+                FeedForward::Dense(m) => m.weight_bytes(),
+                FeedForward::Sparse(m) => m.step_bytes(),
+            }
+    }
+
     /// The layer on `x`; a sparse layer also returns each row's chosen experts.
     fn forward(
         &self,
@@ -194,6 +203,15 @@ impl Glm4MoeLite {
             + self.head.weight_bytes()
     }
 
+    /// Bytes one decode step reads from the weights: the layers' share and the output head.
+    pub fn step_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(DecoderLayer::step_bytes)
+            .sum::<usize>()
+            + self.head.step_bytes()
+    }
+
     /// The forward pass, also returning each sparse layer's expert choices per row.
     pub fn forward_traced(
         &self,
@@ -275,5 +293,9 @@ impl crate::runtime::LoadModel for Glm4MoeLite {
 
     fn weight_bytes(&self) -> Option<u64> {
         Some(Glm4MoeLite::weight_bytes(self) as u64)
+    }
+
+    fn step_bytes(&self) -> Option<u64> {
+        Some(Glm4MoeLite::step_bytes(self) as u64)
     }
 }

@@ -120,6 +120,13 @@ impl SparseMoe {
         self.gate.elem_count() * 4 + self.experts.weight_bytes() + self.shared.weight_bytes()
     }
 
+    /// Bytes one token reads: the router, its `top_k` routed experts and the shared one.
+    pub(super) fn step_bytes(&self) -> usize {
+        self.gate.elem_count() * 4
+            + self.experts.step_bytes(self.routing.top_k)
+            + self.shared.weight_bytes()
+    }
+
     /// The block on `x` (`(1, rows, hidden)`); also returns each row's chosen experts.
     pub(super) fn forward(&self, x: &Tensor) -> Result<(Tensor, Vec<Choice>)> {
         let (b, seq, hidden) = x.dims3()?;

@@ -36,6 +36,13 @@ impl FeedForward {
         }
     }
 
+    fn step_bytes(&self) -> usize {
+        match self {
+            Self::Dense(mlp) => mlp.weight_bytes(),
+            Self::Sparse(moe) => moe.step_bytes(),
+        }
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Dense(mlp) => mlp.forward(x),
@@ -185,6 +192,11 @@ impl DecoderLayer {
         self.self_attn.weight_bytes() + self.mlp.weight_bytes()
     }
 
+    /// Bytes one token reads from it: the projections and the experts it is routed to.
+    pub(crate) fn step_bytes(&self) -> usize {
+        self.self_attn.weight_bytes() + self.mlp.step_bytes()
+    }
+
     /// (kv heads, head width).
     pub(crate) fn kv_shape(&self) -> (usize, usize) {
         (self.self_attn.kv_heads, self.self_attn.head_dim)
@@ -201,6 +213,16 @@ impl Qwen3 {
     pub fn weight_bytes(&self) -> usize {
         let embed = tensor_bytes(self.embed_tokens.embeddings());
         self.layer_weight_bytes().iter().sum::<usize>() + embed + self.head.weight_bytes()
+    }
+
+    /// Bytes one decode step reads from the weights: every layer's projections and routed
+    /// experts, and the output head (the embedding gives one row).
+    pub fn step_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(DecoderLayer::step_bytes)
+            .sum::<usize>()
+            + self.head.step_bytes()
     }
 }
 
@@ -258,6 +280,10 @@ impl crate::runtime::LoadModel for Qwen3 {
 
     fn weight_bytes(&self) -> Option<u64> {
         Some(Qwen3::weight_bytes(self) as u64)
+    }
+
+    fn step_bytes(&self) -> Option<u64> {
+        Some(Qwen3::step_bytes(self) as u64)
     }
 }
 
@@ -331,5 +357,9 @@ impl crate::runtime::LoadModel for Qwen3Moe {
 
     fn weight_bytes(&self) -> Option<u64> {
         Some(self.0.weight_bytes() as u64)
+    }
+
+    fn step_bytes(&self) -> Option<u64> {
+        Some(self.0.step_bytes() as u64)
     }
 }

@@ -48,6 +48,11 @@ impl SparseMoe {
         self.gate.weight_bytes() + self.experts.weight_bytes()
     }
 
+    /// Bytes one token reads: the router and its `top_k` experts.
+    pub(super) fn step_bytes(&self) -> usize {
+        self.gate.weight_bytes() + self.experts.step_bytes(self.top_k)
+    }
+
     /// Each token's chosen experts and their weights.
     fn route(&self, probs: &[Vec<f32>]) -> Vec<Choice> {
         let mut order: Vec<usize> = Vec::with_capacity(self.experts.len());

@@ -256,6 +256,16 @@ impl crate::runtime::LoadModel for Qwen3Vl {
         Some(Qwen3Vl::weight_bytes(self) as u64)
     }
 
+    fn step_bytes(&self) -> Option<u64> {
+        // A generated token runs the text model only; the vision tower ran at prefill.
+        let layers = self
+            .layers
+            .iter()
+            .map(DecoderLayer::step_bytes)
+            .sum::<usize>();
+        Some((layers + self.head.step_bytes()) as u64)
+    }
+
     fn prepare(
         &self,
         prompt: Vec<u32>,
