@@ -107,9 +107,7 @@ pub(super) fn spawn(
         .env_clear()
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")
         .env("LANG", "C.UTF-8")
-        // CUDA numbers devices as the driver numbers their nodes, which the sandbox allows by
-        // number (`sandbox::gpu`).
-        .env("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+        .envs(gpu_env(&spec.plan))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -213,6 +211,16 @@ pub(super) async fn handshake(
     }
 }
 
+/// The environment a worker confined to one GPU gets besides `PATH` and `LANG` (nothing for any
+/// other): CUDA counts devices by bus address, the order the sandbox finds the GPU's node in
+/// (`sandbox::gpu`).
+fn gpu_env(plan: &Plan) -> Vec<(&'static str, &'static str)> {
+    match plan.isolation.as_ref().and_then(|i| i.gpu) {
+        Some(_) => vec![("CUDA_DEVICE_ORDER", "PCI_BUS_ID")],
+        None => Vec::new(),
+    }
+}
+
 /// What the worker's cgroup enforces, from its plan.
 fn group_spec(plan: &Plan) -> crate::sandbox::cgroup::GroupSpec {
     crate::sandbox::cgroup::GroupSpec {
@@ -226,5 +234,39 @@ fn group_spec(plan: &Plan) -> crate::sandbox::cgroup::GroupSpec {
             ),
             None => Vec::new(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sandbox::{HostSupport, Policy, Subject, Tier};
+
+    fn plan_for(gpu: Option<u32>) -> Plan {
+        let host = HostSupport {
+            root: true,
+            cgroups: Some(crate::sandbox::cgroup::Version::V2),
+            seccomp: true,
+            user_namespaces: true,
+            landlock_abi: 6,
+        };
+        let subject = Subject {
+            plugin: "p",
+            tier: Tier::High,
+            limits: Default::default(),
+            pinned: false,
+            gpu,
+        };
+        crate::sandbox::plan(subject, &Policy::default(), &host).unwrap()
+    }
+
+    /// The hostile suite checks a CPU worker's environment is `PATH` and `LANG` only.
+    #[test]
+    fn only_a_gpu_worker_gets_the_cuda_device_order() {
+        assert!(gpu_env(&plan_for(None)).is_empty());
+        assert_eq!(
+            gpu_env(&plan_for(Some(1))),
+            [("CUDA_DEVICE_ORDER", "PCI_BUS_ID")]
+        );
     }
 }
