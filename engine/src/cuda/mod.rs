@@ -47,17 +47,16 @@ pub fn takes(
     values: &Tensor,
     (block_size, value_dim): (usize, usize),
 ) -> bool {
-    let shapes = match (q.dims3(), keys.dims3()) {
-        (Ok((_, heads, dim)), Ok((_, kv_heads, key_dim))) => Some((heads, kv_heads, dim, key_dim)),
-        _ => None,
+    let fits = match (q.dims3(), keys.dims3()) {
+        (Ok((_, heads, dim)), Ok((_, kv_heads, key_dim))) => {
+            dim == key_dim
+                && kv_heads > 0
+                && heads % kv_heads == 0
+                && dim <= MAX_HEAD_DIM
+                && (1..=dim.min(MAX_VALUE_DIM)).contains(&value_dim)
+        }
+        _ => false,
     };
-    let fits = shapes.is_some_and(|(heads, kv_heads, dim, key_dim)| {
-        dim == key_dim
-            && kv_heads > 0
-            && heads % kv_heads == 0
-            && dim <= MAX_HEAD_DIM
-            && (1..=dim.min(MAX_VALUE_DIM)).contains(&value_dim)
-    });
     fits && block_size > 0
         && q.device().is_cuda()
         && q.dtype() == keys.dtype()
@@ -228,11 +227,7 @@ fn views<'a, T>(
     slices: [&'a CudaSlice<T>; 3],
     layouts: [&Layout; 3],
 ) -> candle_core::Result<[CudaView<'a, T>; 3]> {
-    let [(a, la), (b, lb), (c, lc)] = [
-        (slices[0], layouts[0]),
-        (slices[1], layouts[1]),
-        (slices[2], layouts[2]),
-    ];
+    let ([a, b, c], [la, lb, lc]) = (slices, layouts);
     Ok([view(a, la)?, view(b, lb)?, view(c, lc)?])
 }
 
