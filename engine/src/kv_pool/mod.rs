@@ -367,7 +367,7 @@ mod tests {
     }
 
     /// 8-bit rows land in the block table's slots and read back within half a step of their
-    /// group's scale; a token takes 34 bytes per 32 values.
+    /// group's scale (and the f16 scale's rounding); a token takes 34 bytes per 32 values.
     #[test]
     fn eight_bit_rows_are_written_through_the_block_table() {
         let layout = TokenLayout::keys_values(1, 2, 64);
@@ -399,10 +399,10 @@ mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
-        assert!(
-            err.iter().all(|e| *e <= amax / 127.0 * 0.5 * 1.01),
-            "{err:?}"
-        );
+        // Half a step, plus the stored f16 scale's rounding (half an ulp, 2^-11 relative) times
+        // the largest step count, 127: ggml quantizes with the exact scale and stores it rounded.
+        let bound = (amax / 127.0 * 0.5 + amax * 2f32.powi(-11)) * 1.001;
+        assert!(err.iter().all(|e| *e <= bound), "bound {bound}: {err:?}");
         let untouched = values(&pool.layer(0)[0].narrow(0, 0, 4).unwrap(), 64).unwrap();
         assert_eq!(
             untouched
