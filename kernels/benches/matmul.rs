@@ -1,6 +1,8 @@
 //! Where streaming the weights stops beating the packed GEMM: `matmul` (which picks its path by
 //! the number of rows) against `matmul_rows` (always the GEMM) for 1 to 32 activation rows, on a
 //! Qwen3-0.6B-sized projection (1024 → 3072), f32 and bf16 weights, all threads of rayon's pool.
+//! From 48 rows bf16 weights take AMX tiles where the CPU has them (`PIO_KERNELS=avx512` turns
+//! them off): the right column is then the f32 GEMM they replace.
 //!
 //! Run: `cargo bench -p pio-kernels --bench matmul` (`RAYON_NUM_THREADS` sets the threads).
 
@@ -41,7 +43,10 @@ fn gflops(m: usize, mut f: impl FnMut()) -> f64 {
 fn run<T: Element>(name: &str, w: &[T]) {
     println!("{name} weights, {K} → {N}: GFLOP/s (matmul's choice | always GEMM)");
     for m in [1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 512] {
-        let x: Vec<f32> = (0..m * K).map(|i| (i % 13) as f32 * 0.01).collect();
+        // bf16 values, as a bf16 model's activations are (the AMX path takes only those).
+        let x: Vec<f32> = (0..m * K)
+            .map(|i| bf16::from_f32((i % 13) as f32 * 0.01).to_f32())
+            .collect();
         let mut out = vec![0f32; m * N];
         let chosen = gflops(m, || matmul(&x, w, m, K, N, &mut out));
         let gemm = gflops(m, || matmul_rows(&x, &Rows(w), m, K, N, &mut out));

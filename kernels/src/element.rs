@@ -30,6 +30,8 @@ pub trait Element: Copy + Send + Sync + 'static {
     fn widen(w: &[Self], out: &mut [f32]);
     /// The slice itself when it already holds f32 (no widening needed).
     fn as_f32(w: &[Self]) -> Option<&[f32]>;
+    /// The slice itself when it holds bf16 (the tile unit multiplies it in place).
+    fn as_bf16(w: &[Self]) -> Option<&[bf16]>;
     /// The portable dot product, for tests against the SIMD one.
     #[cfg(test)]
     fn portable_dot(x: &[f32], w: &[Self]) -> f32;
@@ -42,7 +44,7 @@ pub trait Element: Copy + Send + Sync + 'static {
 }
 
 macro_rules! element {
-    ($t:ty, $has:ident, $to_f32:expr, $as_f32:expr, $dot:ident, $tile:ident, $wsum:ident, $axpy:ident, $widen:ident) => {
+    ($t:ty, $has:ident, $to_f32:expr, $as_f32:expr, $as_bf16:expr, $dot:ident, $tile:ident, $wsum:ident, $axpy:ident, $widen:ident) => {
         impl Element for $t {
             #[inline]
             fn dot(x: &[f32], w: &[Self]) -> f32 {
@@ -123,6 +125,10 @@ macro_rules! element {
                 $as_f32(w)
             }
 
+            fn as_bf16(w: &[Self]) -> Option<&[bf16]> {
+                $as_bf16(w)
+            }
+
             #[cfg(test)]
             fn portable_dot(x: &[f32], w: &[Self]) -> f32 {
                 portable::dot(x, w, $to_f32)
@@ -158,6 +164,7 @@ element!(
     has_avx2,
     |v: f32| v,
     Some,
+    |_| None,
     dot_f32,
     tile_f32,
     wsum_f32,
@@ -169,6 +176,7 @@ element!(
     has_avx2,
     bf16::to_f32,
     |_| None,
+    Some,
     dot_bf16,
     tile_bf16,
     wsum_bf16,
@@ -179,6 +187,7 @@ element!(
     f16,
     has_f16c,
     f16::to_f32,
+    |_| None,
     |_| None,
     dot_f16,
     tile_f16,

@@ -14,6 +14,8 @@
 //! fallback that the tests check against the same reference. Work is split over rayon's global
 //! pool (the one candle uses), so `RAYON_NUM_THREADS` bounds both.
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 pub mod attention;
 mod element;
 pub mod kv_q8;

@@ -4,7 +4,8 @@
 //! weight row is streamed once, widened in registers and dotted with every activation row, the
 //! rows split over threads. Prefill multiplies hundreds of rows: the product is bound by
 //! arithmetic, so it runs a packed, cache-blocked GEMM (`matrixmultiply`) on column blocks of the
-//! output, one per thread, widening bf16/f16 weights block by block into a per-thread buffer.
+//! output, one per thread, widening bf16/f16 weights block by block into a per-thread buffer —
+//! or, for bf16 weights and activations on a CPU with AMX, on its tiles (`amx`).
 
 use std::cell::RefCell;
 
@@ -49,9 +50,19 @@ pub fn matmul<T: Element>(x: &[f32], w: &[T], m: usize, k: usize, n: usize, out:
         out.fill(0.0);
     } else if m < gemm_rows::<T>() {
         streamed(x, w, k, n, out);
-    } else {
+    } else if !on_tiles(x, w, m, k, n, out) {
         blocked(x, &Stored(w), m, k, n, out);
     }
+}
+
+/// The product on AMX tiles, where the CPU has them, the weights are bf16 and so is every
+/// activation (false: nothing written, the caller's GEMM runs).
+fn on_tiles<T: Element>(x: &[f32], w: &[T], m: usize, k: usize, n: usize, out: &mut [f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(w) = T::as_bf16(w) {
+        return crate::amx::matmul(x, w, m, k, n, out);
+    }
+    false
 }
 
 /// Each weight row read once for every activation row, in register tiles of up to four
@@ -260,6 +271,30 @@ mod tests {
     #[test]
     fn bf16_products_match_the_reference() {
         check::<bf16>(bf16::from_f32, bf16::to_f32);
+    }
+
+    /// bf16 weights with bf16 activations, as in a bf16 model: from 48 rows the product runs on
+    /// AMX tiles where the CPU has them, else the GEMM; either way the sums match.
+    #[test]
+    fn bf16_model_products_match_the_reference() {
+        for (m, k, n) in [(48, 64, 40), (100, 96, 33), (64, 40, 20)] {
+            let x: Vec<f32> = data(m * k, 1)
+                .into_iter()
+                .map(|v| bf16::from_f32(v).to_f32())
+                .collect();
+            let w: Vec<bf16> = data(n * k, 2).into_iter().map(bf16::from_f32).collect();
+            let mut out = vec![f32::NAN; m * n];
+            matmul(&x, &w, m, k, n, &mut out);
+            for i in 0..m {
+                for j in 0..n {
+                    let exact: f64 = (0..k)
+                        .map(|l| x[i * k + l] as f64 * w[j * k + l].to_f64())
+                        .sum();
+                    let got = out[i * n + j] as f64;
+                    assert!((got - exact).abs() < 1e-4, "({m}, {k}, {n}) at ({i}, {j})");
+                }
+            }
+        }
     }
 
     #[test]

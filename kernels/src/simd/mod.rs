@@ -58,7 +58,7 @@ pub(crate) mod portable {
 }
 
 /// The widest instruction set the kernels may use: what the CPU has, capped by the environment
-/// variable `PIO_KERNELS` (`portable`, `avx2`, `avxvnni` or `avx512`), so that every narrower path
+/// variable `PIO_KERNELS` (`portable`, `avx2`, `avxvnni`, `avx512` or `amx`), so that every narrower path
 /// can be run and tested on a wider machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
@@ -71,6 +71,9 @@ pub enum Level {
     AvxVnni,
     /// AVX-512F, on top of AVX2.
     Avx512,
+    /// AVX-512 with AMX-BF16 tiles (Sapphire Rapids and later) that the kernel lets this process
+    /// use: prefill's bf16 products on the tile unit.
+    Amx,
 }
 
 impl Level {
@@ -80,13 +83,14 @@ impl Level {
         *LEVEL.get_or_init(|| Self::detected().min(Self::cap()))
     }
 
-    /// The cap `PIO_KERNELS` sets (none: AVX-512).
+    /// The cap `PIO_KERNELS` sets (none: the widest).
     fn cap() -> Self {
         match std::env::var("PIO_KERNELS").as_deref() {
             Ok("portable") => Level::Portable,
             Ok("avx2") => Level::Avx2,
             Ok("avxvnni") => Level::AvxVnni,
-            _ => Level::Avx512,
+            Ok("avx512") => Level::Avx512,
+            _ => Level::Amx,
         }
     }
 
@@ -98,7 +102,11 @@ impl Level {
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c");
             if avx2 && is_x86_feature_detected!("avx512f") {
-                return Level::Avx512;
+                return if crate::amx::detected() {
+                    Level::Amx
+                } else {
+                    Level::Avx512
+                };
             }
             if avx2 && is_x86_feature_detected!("avxvnni") {
                 return Level::AvxVnni;
@@ -156,18 +164,20 @@ pub(crate) fn has_vnni() -> bool {
 
 /// Query heads per value sum at the level in use (four output vectors per head in registers).
 pub(crate) fn weighted_rows() -> usize {
-    match Level::current() {
-        Level::Avx512 => 4,
-        _ => 2,
+    if Level::current() >= Level::Avx512 {
+        4
+    } else {
+        2
     }
 }
 
 /// Weight rows per register tile at the level in use (what fits the registers beside four
 /// activation rows' accumulators: 16 ymm for AVX2, 32 zmm for AVX-512).
 pub(crate) fn tile_cols() -> usize {
-    match Level::current() {
-        Level::Avx512 => 4,
-        _ => 2,
+    if Level::current() >= Level::Avx512 {
+        4
+    } else {
+        2
     }
 }
 
@@ -187,15 +197,16 @@ mod vector;
 mod tests {
     use super::Level;
 
-    /// CI runs the suite with `PIO_KERNELS` at `avx2`, `avxvnni` and `portable`: the cap must
-    /// hold, or those runs would test the widest path again.
+    /// CI runs the suite with `PIO_KERNELS` at `avx512`, `avx2`, `avxvnni` and `portable`: the
+    /// cap must hold, or those runs would test the widest path again.
     #[test]
     fn pio_kernels_caps_the_level() {
         let cap = match std::env::var("PIO_KERNELS").as_deref() {
             Ok("portable") => Level::Portable,
             Ok("avx2") => Level::Avx2,
             Ok("avxvnni") => Level::AvxVnni,
-            _ => Level::Avx512,
+            Ok("avx512") => Level::Avx512,
+            _ => Level::Amx,
         };
         assert_eq!(Level::current(), Level::detected().min(cap));
         assert!(Level::current() <= cap);

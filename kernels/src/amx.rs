@@ -1,0 +1,307 @@
+//! `y = x Wᵀ` for bf16 weights on Intel AMX (Sapphire Rapids and later): prefill's products on the
+//! tile unit, which multiplies 16 × 32 bf16 by 32 × 16 bf16 into 16 × 16 f32 sums per
+//! instruction, an order of magnitude more arithmetic per cycle than AVX-512's FMA ports.
+//!
+//! The weight rows are the tiles' left operand as stored (16 rows × 32 values, each row the next
+//! `k` values of one output), so the weights are never repacked; the activations are rounded to
+//! bf16 and packed once per product into the right operand's pair layout. The product is taken
+//! only when that rounding is exact — every activation already a bf16, as in a bf16 model, whose
+//! hidden states transformers keeps in bf16 — so it changes nothing but the summation order. An
+//! f32 activation (the vision tower's) keeps the f32 GEMM.
+//!
+//! The tiles compute `(x Wᵀ)ᵀ` a 32 × 32 block at a time (two weight tiles by two activation
+//! tiles, four accumulators), written back transposed.
+
+use std::arch::asm;
+use std::cell::RefCell;
+use std::ops::Range;
+use std::sync::OnceLock;
+
+use half::bf16;
+use rayon::prelude::*;
+
+use crate::parallel::{ranges, SharedMut};
+
+/// Rows of a tile, and output rows or columns per accumulator.
+const ROWS: usize = 16;
+/// bf16 values per tile row (64 bytes): the depth one instruction sums over.
+const DEPTH: usize = 32;
+/// Outputs (and activation rows) per block: two tiles.
+const BLOCK: usize = 2 * ROWS;
+/// bf16 values in one packed activation tile.
+const TILE: usize = ROWS * DEPTH;
+
+/// Whether the CPU has AMX-BF16 and the kernel lets this process use the tile state (Linux asks
+/// each process to request it; detected once).
+pub(crate) fn detected() -> bool {
+    static AMX: OnceLock<bool> = OnceLock::new();
+    *AMX.get_or_init(|| cpu_has_amx() && tile_data_permitted())
+}
+
+/// CPUID leaf 7: AMX-BF16 (EDX bit 22) and AMX-TILE (bit 24).
+fn cpu_has_amx() -> bool {
+    let leaf = std::arch::x86_64::__cpuid_count(7, 0);
+    leaf.edx & (1 << 22) != 0 && leaf.edx & (1 << 24) != 0
+}
+
+/// Asks Linux for the tile data state (`ARCH_REQ_XCOMP_PERM`, `XFEATURE_XTILEDATA`); without it
+/// the first tile instruction kills the process. Granted to the whole process.
+fn tile_data_permitted() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: arch_prctl with integer arguments changes nothing but this permission.
+    unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        ) == 0
+    }
+}
+
+/// `out[m × n] = x[m × k] · w[n × k]ᵀ` on the tile unit, when the level allows it, `k` is a whole
+/// number of tile rows and every activation is a bf16; false (nothing written) otherwise.
+pub(crate) fn matmul(x: &[f32], w: &[bf16], m: usize, k: usize, n: usize, out: &mut [f32]) -> bool {
+    if crate::Level::current() < crate::Level::Amx || k % DEPTH != 0 || k == 0 {
+        return false;
+    }
+    let Some(packed) = pack(x, m, k) else {
+        return false;
+    };
+    // SAFETY: the level says the CPU has AMX and the permission was granted.
+    unsafe { run(&packed, w, m, k, n, out) };
+    true
+}
+
+/// The activations as the tiles' right operand: per block of 16 rows and 32 columns, 16 rows of
+/// value pairs (`[c / 2][row][c % 2]`), blocks row-block-major; rows padded with zeros to a whole
+/// [`BLOCK`]. None when a value is not a bf16 (its low 16 bits are not zero).
+fn pack(x: &[f32], m: usize, k: usize) -> Option<Vec<bf16>> {
+    let depth_blocks = k / DEPTH;
+    let row_blocks = m.div_ceil(BLOCK) * 2;
+    let mut packed = vec![bf16::ZERO; row_blocks * depth_blocks * TILE];
+    let exact = packed
+        .par_chunks_mut(depth_blocks * TILE)
+        .zip(x.par_chunks(ROWS * k))
+        .all(|(tiles, rows)| {
+            let mut exact = true;
+            for (i, row) in rows.chunks_exact(k).enumerate() {
+                for (c, &v) in row.iter().enumerate() {
+                    let bits = v.to_bits();
+                    exact &= bits & 0xffff == 0;
+                    let (block, within) = (c / DEPTH, c % DEPTH);
+                    tiles[block * TILE + (within / 2) * DEPTH + i * 2 + within % 2] =
+                        bf16::from_bits((bits >> 16) as u16);
+                }
+            }
+            exact
+        });
+    exact.then_some(packed)
+}
+
+/// The tile configuration: palette 1, all eight tiles 16 rows of 64 bytes.
+#[repr(C, align(64))]
+struct Config {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    bytes_per_row: [u16; 16],
+    rows: [u8; 16],
+}
+
+static CONFIG: Config = Config {
+    palette: 1,
+    start_row: 0,
+    reserved: [0; 14],
+    bytes_per_row: [64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
+    rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
+};
+
+thread_local! {
+    /// A pool thread's last block of weight rows, zero-padded to [`BLOCK`] rows (the output's
+    /// last columns when `n` is not a whole number of blocks).
+    static PADDED: RefCell<Vec<bf16>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The product over blocks of output columns, one range per pool thread.
+///
+/// # Safety
+/// The CPU has AMX-BF16 and the process may use the tile state; `packed` is [`pack`]'s layout of
+/// `m × k` activations with `k` a multiple of [`DEPTH`]; `w` is `n × k` and `out` `m × n`.
+unsafe fn run(packed: &[bf16], w: &[bf16], m: usize, k: usize, n: usize, out: &mut [f32]) {
+    assert_eq!(w.len(), n * k, "weights are not {n} × {k}");
+    assert_eq!(out.len(), m * n, "output is not {m} × {n}");
+    let y = SharedMut::new(out);
+    let parts = ranges(n, rayon::current_num_threads(), BLOCK, BLOCK);
+    parts.into_par_iter().for_each(|cols| {
+        PADDED.with_borrow_mut(|padded| {
+            // SAFETY: the caller's promises; this task alone writes columns `cols`.
+            unsafe { columns(packed, w, m, k, n, cols, padded, y) }
+        })
+    });
+}
+
+/// Columns `cols` of the output, a block of 32 weight rows at a time against every block of 32
+/// activation rows.
+///
+/// # Safety
+/// As [`run`]; nothing else writes the columns `cols` meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn columns(
+    packed: &[bf16],
+    w: &[bf16],
+    m: usize,
+    k: usize,
+    n: usize,
+    cols: Range<usize>,
+    padded: &mut Vec<bf16>,
+    y: SharedMut<f32>,
+) {
+    let depth_blocks = k / DEPTH;
+    let stride = k * 2;
+    let mut sums = [[0f32; ROWS * ROWS]; 4];
+    // SAFETY: the CPU has AMX (the caller's promise); the configuration is 64-byte aligned.
+    unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly)) };
+    for first in cols.clone().step_by(BLOCK) {
+        let outputs = (cols.end - first).min(BLOCK);
+        let rows: &[bf16] = if outputs == BLOCK {
+            &w[first * k..(first + BLOCK) * k]
+        } else {
+            padded.clear();
+            padded.extend_from_slice(&w[first * k..(first + outputs) * k]);
+            padded.resize(BLOCK * k, bf16::ZERO);
+            padded
+        };
+        for pair in 0..m.div_ceil(BLOCK) {
+            let lhs = [rows.as_ptr(), rows[ROWS * k..].as_ptr()];
+            let rhs = [2 * pair, 2 * pair + 1].map(|b| packed[b * depth_blocks * TILE..].as_ptr());
+            // SAFETY: every load reads 16 rows of 64 bytes inside `rows` (32 rows of k values)
+            // or inside one packed tile; tiles 0-3 are the accumulators, 4-7 the operands.
+            unsafe {
+                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack, nomem)
+                );
+                for d in 0..depth_blocks {
+                    asm!(
+                        "tileloadd tmm4, [{w0} + {stride} * 1]",
+                        "tileloadd tmm5, [{w1} + {stride} * 1]",
+                        "tileloadd tmm6, [{x0} + {row} * 1]",
+                        "tileloadd tmm7, [{x1} + {row} * 1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        w0 = in(reg) lhs[0].add(d * DEPTH),
+                        w1 = in(reg) lhs[1].add(d * DEPTH),
+                        x0 = in(reg) rhs[0].add(d * TILE),
+                        x1 = in(reg) rhs[1].add(d * TILE),
+                        stride = in(reg) stride,
+                        row = in(reg) DEPTH * 2,
+                        options(nostack, readonly)
+                    );
+                }
+                asm!(
+                    "tilestored [{s0} + {row} * 1], tmm0",
+                    "tilestored [{s1} + {row} * 1], tmm1",
+                    "tilestored [{s2} + {row} * 1], tmm2",
+                    "tilestored [{s3} + {row} * 1], tmm3",
+                    s0 = in(reg) sums[0].as_mut_ptr(),
+                    s1 = in(reg) sums[1].as_mut_ptr(),
+                    s2 = in(reg) sums[2].as_mut_ptr(),
+                    s3 = in(reg) sums[3].as_mut_ptr(),
+                    row = in(reg) ROWS * 4,
+                    options(nostack)
+                );
+            }
+            // Accumulator t holds outputs `first + 16·(t / 2) ..` (its rows) for activation
+            // rows `32·pair + 16·(t % 2) ..` (its columns).
+            for (t, sum) in sums.iter().enumerate() {
+                let (col0, row0) = (first + ROWS * (t / 2), BLOCK * pair + ROWS * (t % 2));
+                for (c, line) in sum.chunks_exact(ROWS).enumerate() {
+                    if col0 + c >= first + outputs {
+                        break;
+                    }
+                    for (r, &v) in line.iter().enumerate().take(m.saturating_sub(row0)) {
+                        // SAFETY: (row0 + r, col0 + c) lies inside the m × n output, in the
+                        // columns only this task writes.
+                        unsafe { *y.at((row0 + r) * n + col0 + c) = v };
+                    }
+                }
+            }
+        }
+    }
+    // SAFETY: as above; leaves the tile state unused again (the kernel then skips saving it).
+    unsafe { asm!("tilerelease", options(nostack, nomem)) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_data::data;
+
+    /// bf16 values, as a bf16 model's activations are.
+    fn bf16_values(n: usize, seed: u64) -> Vec<f32> {
+        data(n, seed)
+            .into_iter()
+            .map(|v| bf16::from_f32(v).to_f32())
+            .collect()
+    }
+
+    /// Against f32 sums of the same bf16 values, on shapes with partial blocks of rows and of
+    /// outputs, and one of each; skipped where the CPU has no AMX.
+    #[test]
+    fn tile_products_match_plain_sums() {
+        if crate::Level::current() < crate::Level::Amx {
+            eprintln!(
+                "no AMX at this level ({:?}): skipped",
+                crate::Level::current()
+            );
+            return;
+        }
+        for (m, k, n) in [
+            (1, 32, 1),
+            (17, 64, 33),
+            (64, 96, 100),
+            (50, 1024, 70),
+            (33, 32, 200),
+        ] {
+            let x = bf16_values(m * k, 1);
+            let w: Vec<bf16> = data(n * k, 2).into_iter().map(bf16::from_f32).collect();
+            let mut out = vec![f32::NAN; m * n];
+            assert!(matmul(&x, &w, m, k, n, &mut out), "{m} × {k} × {n}");
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f32 = (0..k).map(|c| x[i * k + c] * w[j * k + c].to_f32()).sum();
+                    let got = out[i * n + j];
+                    assert!(
+                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "{m}×{k}×{n} [{i},{j}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Activations that are not bf16, or a depth that is not whole tile rows, leave the product
+    /// to the f32 GEMM and write nothing.
+    #[test]
+    fn inexact_activations_and_odd_depths_are_declined() {
+        let (m, n) = (4, 8);
+        let w = vec![bf16::ONE; n * 64];
+        let mut out = vec![f32::NAN; m * n];
+        assert!(!matmul(&data(m * 64, 3), &w, m, 64, n, &mut out));
+        assert!(!matmul(
+            &bf16_values(m * 48, 3),
+            &w[..n * 48],
+            m,
+            48,
+            n,
+            &mut out
+        ));
+        assert!(out.iter().all(|v| v.is_nan()));
+    }
+}
