@@ -62,7 +62,7 @@ fn tile_data_permitted() -> bool {
 /// `out[m × n] = x[m × k] · w[n × k]ᵀ` on the tile unit, when the level allows it, `k` is a whole
 /// number of tile rows and every activation is a bf16; false (nothing written) otherwise.
 pub(crate) fn matmul(x: &[f32], w: &[bf16], m: usize, k: usize, n: usize, out: &mut [f32]) -> bool {
-    if crate::Level::current() < crate::Level::Amx || k % DEPTH != 0 || k == 0 {
+    if crate::Level::current() < crate::Level::Amx || k == 0 || !k.is_multiple_of(DEPTH) {
         return false;
     }
     let Some(packed) = pack(x, m, k) else {
