@@ -323,6 +323,7 @@ fn bench_measures_a_single_stream_against_the_bandwidth_limit() {
         read > 0.0 && bytes > 0.0 && bytes <= num(&f["weight_bytes"]),
         "{f}"
     );
+    assert_eq!(f["kernels"], pio_kernels::Level::detected().name(), "{f}");
     let limit = num(&f["decode_limit_tokens_per_s"]);
     assert!((limit - read * 1e9 / bytes).abs() <= limit * 1e-9, "{f}");
     // Warm-up, prefill, both decodes: every token went through the profiled forward passes.

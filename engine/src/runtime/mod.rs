@@ -395,6 +395,9 @@ impl<M: LoadModel> ModelRuntime<M> {
             step_bytes: model.step_bytes(),
             device_memory_bytes,
             device_memory_limit_bytes: memory.device_limit(),
+            kernels: device
+                .is_cpu()
+                .then(|| pio_kernels::Level::current().name().to_string()),
             tool_call_format: self.tool_call_format.map(str::to_string),
             reasoning_format: self.reasoning_format.map(str::to_string),
             token_bytes: None,

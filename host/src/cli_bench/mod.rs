@@ -240,7 +240,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<u8> {
         if args.single_stream {
             let measured = single::run(&worker, &args).await;
             worker.shutdown().await;
-            return single::report(&args, measured?, (info.step_bytes, info.weight_bytes));
+            return single::report(&args, measured?, &info);
         }
         let worker = std::sync::Arc::new(worker);
         let (timings, wall) = workload(&worker, &args, None).await?;

@@ -164,7 +164,8 @@ pub fn print(f: &serde_json::Value, threads: usize) {
         })
     };
     println!(
-        "single stream, {threads} threads; streaming read {:.1} GB/s; resident weights {}, read per token {}: decode limit {}",
+        "single stream, {threads} threads, {} kernels; streaming read {:.1} GB/s; resident weights {}, read per token {}: decode limit {}",
+        f["kernels"].as_str().unwrap_or("unknown"),
         num(&f["streaming_read_gb_per_s"]).unwrap_or(0.0),
         gib(&f["weight_bytes"]),
         gib(&f["step_bytes"]),
@@ -222,7 +223,7 @@ pub fn print(f: &serde_json::Value, threads: usize) {
 pub fn report(
     args: &BenchArgs,
     (ours, engine_profile): (Figures, Option<serde_json::Value>),
-    bytes: (Option<u64>, Option<u64>),
+    info: &pio_plugin_api::wire::ModelInfo,
 ) -> anyhow::Result<u8> {
     let threads = super::threads(args);
     let bandwidth = streaming_read(READ_BYTES, threads);
@@ -236,7 +237,13 @@ pub fn report(
         )?),
         None => None,
     };
-    let mut f = json(&ours, bandwidth, bytes, llama.as_ref());
+    let mut f = json(
+        &ours,
+        bandwidth,
+        (info.step_bytes, info.weight_bytes),
+        llama.as_ref(),
+    );
+    f["kernels"] = info.kernels.clone().into();
     if args.profile {
         f["profile"] = super::profile::latest(engine_profile.iter()).unwrap_or_default();
     }

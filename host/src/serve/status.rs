@@ -47,6 +47,8 @@ pub struct PluginStatus {
     pub gpu_memory_bytes: Option<u64>,
     /// The GPU memory cap the model was sized inside.
     pub gpu_memory_limit_bytes: Option<u64>,
+    /// On the CPU, the instruction set the model's kernels chose (`amx`, `avx512`, ...).
+    pub kernels: Option<String>,
     /// Capabilities the library declares.
     pub capabilities: Vec<String>,
     /// Whether a blue/green reload is under way.
@@ -79,6 +81,7 @@ impl PluginStatus {
             weight_bytes: None,
             gpu_memory_bytes: None,
             gpu_memory_limit_bytes: None,
+            kernels: None,
             capabilities: found.report.capabilities.names(),
             reloading,
             last_error,
@@ -114,6 +117,7 @@ impl PluginStatus {
         self.weight_bytes = d.info.weight_bytes;
         self.gpu_memory_bytes = d.info.device_memory_bytes;
         self.gpu_memory_limit_bytes = d.info.device_memory_limit_bytes;
+        self.kernels.clone_from(&d.info.kernels);
         self.engine = st.engine;
         if let Some(stats) = st.stats {
             self.memory_bytes = stats.memory_bytes;

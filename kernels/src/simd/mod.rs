@@ -85,12 +85,30 @@ impl Level {
 
     /// The cap `PIO_KERNELS` sets (none: the widest).
     fn cap() -> Self {
-        match std::env::var("PIO_KERNELS").as_deref() {
-            Ok("portable") => Level::Portable,
-            Ok("avx2") => Level::Avx2,
-            Ok("avxvnni") => Level::AvxVnni,
-            Ok("avx512") => Level::Avx512,
-            _ => Level::Amx,
+        let named = std::env::var("PIO_KERNELS");
+        Self::ALL
+            .into_iter()
+            .find(|l| named.as_deref() == Ok(l.name()))
+            .unwrap_or(Level::Amx)
+    }
+
+    /// Every level, narrowest first.
+    const ALL: [Level; 5] = [
+        Level::Portable,
+        Level::Avx2,
+        Level::AvxVnni,
+        Level::Avx512,
+        Level::Amx,
+    ];
+
+    /// Its name, as `PIO_KERNELS` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Portable => "portable",
+            Level::Avx2 => "avx2",
+            Level::AvxVnni => "avxvnni",
+            Level::Avx512 => "avx512",
+            Level::Amx => "amx",
         }
     }
 
