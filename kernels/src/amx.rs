@@ -157,9 +157,8 @@ unsafe fn columns(
     padded: &mut Vec<bf16>,
     y: SharedMut<f32>,
 ) {
-    let depth_blocks = k / DEPTH;
-    let stride = k * 2;
     let mut sums = [[0f32; ROWS * ROWS]; 4];
+    let mut pending = None;
     // SAFETY: the CPU has AMX (the caller's promise); the configuration is 64-byte aligned.
     unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly)) };
     for first in cols.clone().step_by(BLOCK) {
@@ -173,69 +172,135 @@ unsafe fn columns(
             padded
         };
         for pair in 0..m.div_ceil(BLOCK) {
-            let lhs = [rows.as_ptr(), rows[ROWS * k..].as_ptr()];
-            let rhs = [2 * pair, 2 * pair + 1].map(|b| packed[b * depth_blocks * TILE..].as_ptr());
-            // SAFETY: every load reads 16 rows of 64 bytes inside `rows` (32 rows of k values)
-            // or inside one packed tile; tiles 0-3 are the accumulators, 4-7 the operands.
-            unsafe {
-                asm!(
-                    "tilezero tmm0",
-                    "tilezero tmm1",
-                    "tilezero tmm2",
-                    "tilezero tmm3",
-                    options(nostack, nomem)
-                );
-                for d in 0..depth_blocks {
-                    asm!(
-                        "tileloadd tmm4, [{w0} + {stride} * 1]",
-                        "tileloadd tmm5, [{w1} + {stride} * 1]",
-                        "tileloadd tmm6, [{x0} + {row} * 1]",
-                        "tileloadd tmm7, [{x1} + {row} * 1]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tdpbf16ps tmm1, tmm4, tmm7",
-                        "tdpbf16ps tmm2, tmm5, tmm6",
-                        "tdpbf16ps tmm3, tmm5, tmm7",
-                        w0 = in(reg) lhs[0].add(d * DEPTH),
-                        w1 = in(reg) lhs[1].add(d * DEPTH),
-                        x0 = in(reg) rhs[0].add(d * TILE),
-                        x1 = in(reg) rhs[1].add(d * TILE),
-                        stride = in(reg) stride,
-                        row = in(reg) DEPTH * 2,
-                        options(nostack, readonly)
-                    );
-                }
-                asm!(
-                    "tilestored [{s0} + {row} * 1], tmm0",
-                    "tilestored [{s1} + {row} * 1], tmm1",
-                    "tilestored [{s2} + {row} * 1], tmm2",
-                    "tilestored [{s3} + {row} * 1], tmm3",
-                    s0 = in(reg) sums[0].as_mut_ptr(),
-                    s1 = in(reg) sums[1].as_mut_ptr(),
-                    s2 = in(reg) sums[2].as_mut_ptr(),
-                    s3 = in(reg) sums[3].as_mut_ptr(),
-                    row = in(reg) ROWS * 4,
-                    options(nostack)
-                );
+            let acts = &packed[2 * pair * (k / DEPTH) * TILE..];
+            // SAFETY: `rows` holds 32 rows of k values and `acts` two blocks of 16 packed
+            // rows (padded to whole blocks); the CPU has AMX.
+            unsafe { multiply(rows, acts, k) };
+            // The last block's sums leave while the tile unit computes this one's: reading
+            // them right after the tile stores would wait for the products to finish.
+            if let Some(block) = pending.take() {
+                // SAFETY: the block lies in the output's columns `cols` (the caller's promise).
+                unsafe { put_block(&sums, y, m, n, block) };
             }
-            // Accumulator t holds outputs `first + 16·(t / 2) ..` (its rows) for activation
-            // rows `32·pair + 16·(t % 2) ..` (its columns).
-            for (t, sum) in sums.iter().enumerate() {
-                let (col0, row0) = (first + ROWS * (t / 2), BLOCK * pair + ROWS * (t % 2));
-                for (c, line) in sum.chunks_exact(ROWS).enumerate() {
-                    if col0 + c >= first + outputs {
-                        break;
-                    }
-                    for (r, &v) in line.iter().enumerate().take(m.saturating_sub(row0)) {
-                        // SAFETY: (row0 + r, col0 + c) lies inside the m × n output, in the
-                        // columns only this task writes.
-                        unsafe { *y.at((row0 + r) * n + col0 + c) = v };
-                    }
-                }
-            }
+            // SAFETY: the CPU has AMX; `sums` holds four 16 × 16 f32 tiles.
+            unsafe { store(&mut sums) };
+            pending = Some((first, outputs, pair));
         }
+    }
+    if let Some(block) = pending {
+        // SAFETY: as above.
+        unsafe { put_block(&sums, y, m, n, block) };
     }
     // SAFETY: as above; leaves the tile state unused again (the kernel then skips saving it).
     unsafe { asm!("tilerelease", options(nostack, nomem)) };
+}
+
+/// Accumulators 0-3 = weight rows 0-15 and 16-31 of `rows` × activation blocks 0 and 1 of
+/// `acts`, over the whole depth `k`.
+///
+/// # Safety
+/// The CPU has AMX and the tiles are configured; `rows` holds 32 rows of `k` values and `acts`
+/// two packed blocks of 16 rows of depth `k`.
+unsafe fn multiply(rows: &[bf16], acts: &[bf16], k: usize) {
+    let depth_blocks = k / DEPTH;
+    let (w0, w1) = (rows.as_ptr(), rows[ROWS * k..].as_ptr());
+    let (x0, x1) = (acts.as_ptr(), acts[depth_blocks * TILE..].as_ptr());
+    // SAFETY: every load reads 16 rows of 64 bytes inside `rows` or one packed tile of `acts`;
+    // tiles 0-3 are the accumulators, 4-7 the operands.
+    unsafe {
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem)
+        );
+        for d in 0..depth_blocks {
+            asm!(
+                "tileloadd tmm4, [{w0} + {stride} * 1]",
+                "tileloadd tmm5, [{w1} + {stride} * 1]",
+                "tileloadd tmm6, [{x0} + {row} * 1]",
+                "tileloadd tmm7, [{x1} + {row} * 1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                w0 = in(reg) w0.add(d * DEPTH),
+                w1 = in(reg) w1.add(d * DEPTH),
+                x0 = in(reg) x0.add(d * TILE),
+                x1 = in(reg) x1.add(d * TILE),
+                stride = in(reg) k * 2,
+                row = in(reg) DEPTH * 2,
+                options(nostack, readonly)
+            );
+        }
+    }
+}
+
+/// Accumulators 0-3 into `sums`.
+///
+/// # Safety
+/// The CPU has AMX and the tiles are configured.
+unsafe fn store(sums: &mut [[f32; ROWS * ROWS]; 4]) {
+    let [s0, s1, s2, s3] = sums;
+    // SAFETY: each store writes 16 rows of 64 bytes: one array of `sums`.
+    unsafe {
+        asm!(
+            "tilestored [{s0} + {row} * 1], tmm0",
+            "tilestored [{s1} + {row} * 1], tmm1",
+            "tilestored [{s2} + {row} * 1], tmm2",
+            "tilestored [{s3} + {row} * 1], tmm3",
+            s0 = in(reg) s0.as_mut_ptr(),
+            s1 = in(reg) s1.as_mut_ptr(),
+            s2 = in(reg) s2.as_mut_ptr(),
+            s3 = in(reg) s3.as_mut_ptr(),
+            row = in(reg) ROWS * 4,
+            options(nostack)
+        );
+    }
+}
+
+/// The four accumulators of the block of outputs `first..first + outputs` by activation rows
+/// `32·pair..` into the output. Accumulator t holds outputs `first + 16·(t / 2) ..` (its rows)
+/// for activation rows `32·pair + 16·(t % 2) ..` (its columns).
+///
+/// # Safety
+/// The outputs lie inside the `m × n` output, in columns nothing else writes meanwhile.
+unsafe fn put_block(
+    sums: &[[f32; ROWS * ROWS]; 4],
+    y: SharedMut<f32>,
+    m: usize,
+    n: usize,
+    (first, outputs, pair): (usize, usize, usize),
+) {
+    for (t, sum) in sums.iter().enumerate() {
+        let (col0, row0) = (first + ROWS * (t / 2), BLOCK * pair + ROWS * (t % 2));
+        let cols = (first + outputs).saturating_sub(col0).min(ROWS);
+        let rows = m.saturating_sub(row0).min(ROWS);
+        // SAFETY: rows row0.. and columns col0.. of the output as far as they exist.
+        unsafe { put(sum, y, n, (row0, rows), (col0, cols)) };
+    }
+}
+
+/// One accumulator (16 outputs × 16 activation rows) into the row-major output, transposed an
+/// activation row at a time, so that each row's outputs leave in one contiguous store instead of
+/// 16 stores a whole output row apart (which cost as much as the products).
+///
+/// # Safety
+/// `rows` rows from `row0` and `cols ≤ 16` columns from `col0` lie inside the `· × n` output
+/// and nothing else writes them meanwhile.
+unsafe fn put(
+    sum: &[f32; ROWS * ROWS],
+    y: SharedMut<f32>,
+    n: usize,
+    (row0, rows): (usize, usize),
+    (col0, cols): (usize, usize),
+) {
+    for r in 0..rows {
+        let line: [f32; ROWS] = std::array::from_fn(|c| sum[c * ROWS + r]);
+        // SAFETY: the caller's promise.
+        unsafe { std::ptr::copy_nonoverlapping(line.as_ptr(), y.at((row0 + r) * n + col0), cols) };
+    }
 }
 
 #[cfg(test)]
