@@ -12,3 +12,15 @@ mod mlp;
 mod rotary;
 
 pub use rotary::RopeParameters;
+
+/// The residual stream plus a block's output: the engine's half-precision add on the CPU,
+/// candle's elsewhere.
+pub(crate) fn residual(
+    x: &candle_core::Tensor,
+    y: &candle_core::Tensor,
+) -> candle_core::Result<candle_core::Tensor> {
+    match crate::cpu::add(x, y)? {
+        Some(sum) => Ok(sum),
+        None => x + y,
+    }
+}

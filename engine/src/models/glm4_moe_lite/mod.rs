@@ -98,7 +98,7 @@ impl DecoderLayer {
             layer,
             step.form,
         )?;
-        let x = (x + attn)?;
+        let x = super::residual(x, &attn)?;
         let h = self.post_attention_layernorm.forward(&x)?;
         let (mlp, choices) = match &self.mlp {
             FeedForward::Dense(m) => (m.forward(&h)?, None),
@@ -107,7 +107,7 @@ impl DecoderLayer {
                 (y, Some(c))
             }
         };
-        Ok(((x + mlp)?, choices))
+        Ok((super::residual(&x, &mlp)?, choices))
     }
 }
 

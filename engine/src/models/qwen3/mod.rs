@@ -104,11 +104,11 @@ impl DecoderLayer {
             pool,
             layer,
         )?;
-        let x = (x + attn)?;
+        let x = super::residual(x, &attn)?;
         let mlp = self
             .mlp
             .forward(&self.post_attention_layernorm.forward(&x)?)?;
-        Ok((x + mlp)?)
+        Ok(super::residual(&x, &mlp)?)
     }
 }
 
