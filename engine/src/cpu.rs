@@ -233,6 +233,74 @@ pub(crate) fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Option<Tensor>>
     summed.flatten().flatten().transpose()
 }
 
+/// Rotary positions on `x` `(batch, seq, heads, head_dim)` with `cos`/`sin` `(seq, head_dim / 2)`
+/// (the first and second halves of each head rotated together), as candle's `rope_thd` computes
+/// them — each product and the sum rounded to the dtype, as transformers' ops in that dtype do —
+/// but split over positions (candle splits over the batch, which is one sequence here) and
+/// vectorizable. `None` off the CPU or in other layouts (candle's then runs).
+pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    use rayon::prelude::*;
+    let Ok((_, seq, heads, dim)) = x.dims4() else {
+        return Ok(None);
+    };
+    let half = dim / 2;
+    let same = |t: &Tensor| t.dtype() == x.dtype() && t.dims() == [seq, half];
+    if !supports(x) || dim % 2 != 0 || !same(cos) || !same(sin) {
+        return Ok(None);
+    }
+    let (x, cos, sin) = (x.contiguous()?, cos.contiguous()?, sin.contiguous()?);
+    fn rotate<T: Copy + Send + Sync>(
+        x: &[T],
+        (cos, sin): (&[T], &[T]),
+        (seq, heads, dim): (usize, usize, usize),
+        to: impl Fn(T) -> f32 + Sync,
+        from: impl Fn(f32) -> T + Sync,
+    ) -> Vec<T> {
+        let half = dim / 2;
+        let mut out = x.to_vec();
+        out.par_chunks_mut(heads * dim)
+            .zip(x.par_chunks(heads * dim))
+            .enumerate()
+            .for_each(|(row, (out, x))| {
+                let at = (row % seq) * half;
+                let (cos, sin) = (&cos[at..at + half], &sin[at..at + half]);
+                let round = |v: f32| to(from(v));
+                for (out, x) in out.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
+                    let (x1, x2) = x.split_at(half);
+                    let (o1, o2) = out.split_at_mut(half);
+                    for j in 0..half {
+                        let (a, b, c, s) = (to(x1[j]), to(x2[j]), to(cos[j]), to(sin[j]));
+                        o1[j] = from(round(a * c) - round(b * s));
+                        o2[j] = from(round(a * s) + round(b * c));
+                    }
+                }
+            });
+        out
+    }
+    let shape = (seq, heads, dim);
+    let (dims, device) = (x.dims(), x.device());
+    let rotated = with_elements(&x, |xs| {
+        with_elements(&cos, |cs| {
+            with_elements(&sin, |ss| match (xs, cs, ss) {
+                (Elements::F32(x), Elements::F32(c), Elements::F32(s)) => {
+                    let out = rotate(x, (c, s), shape, |v| v, |v| v);
+                    Some(Tensor::from_vec(out, dims, device))
+                }
+                (Elements::Bf16(x), Elements::Bf16(c), Elements::Bf16(s)) => {
+                    let out = rotate(x, (c, s), shape, bf16::to_f32, bf16::from_f32);
+                    Some(Tensor::from_vec(out, dims, device))
+                }
+                (Elements::F16(x), Elements::F16(c), Elements::F16(s)) => {
+                    let out = rotate(x, (c, s), shape, f16::to_f32, f16::from_f32);
+                    Some(Tensor::from_vec(out, dims, device))
+                }
+                _ => None,
+            })
+        })
+    });
+    rotated.flatten().flatten().flatten().transpose()
+}
+
 /// `silu(gate) · up` for `y` of shape `(.., 2·width)` holding `[gate | up]` in each row, in one
 /// pass, in `y`'s dtype (computed in f32, rounded once); `None` off the CPU.
 pub(crate) fn swiglu(y: &Tensor, width: usize) -> candle_core::Result<Option<Tensor>> {
@@ -519,6 +587,34 @@ mod tests {
                 .unwrap()
                 .is_none(),
             "shapes"
+        );
+    }
+
+    /// Rotary positions give candle's `rope_thd` bit for bit in f32, bf16 and f16, for one
+    /// sequence and a batch of two sharing the table.
+    #[test]
+    fn rotary_positions_are_candles() {
+        let device = Device::Cpu;
+        for (batch, seq, heads, dim) in [(1, 7, 3, 16), (2, 5, 2, 8), (1, 1, 4, 128)] {
+            let x = Tensor::randn(0f32, 3.0, (batch, seq, heads, dim), &device).unwrap();
+            let cos = Tensor::randn(0f32, 1.0, (seq, dim / 2), &device).unwrap();
+            let sin = Tensor::randn(0f32, 1.0, (seq, dim / 2), &device).unwrap();
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                let [x, cos, sin] = [&x, &cos, &sin].map(|t| t.to_dtype(dtype).unwrap());
+                let ours = rope(&x, &cos, &sin).unwrap().unwrap();
+                let theirs = crate::candle_nn::rotary_emb::rope_thd(&x, &cos, &sin).unwrap();
+                let values = |t: &Tensor| {
+                    let t = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+                    t.to_vec1::<f32>().unwrap()
+                };
+                assert_eq!(values(&ours), values(&theirs), "{dtype:?} {:?}", x.dims());
+            }
+        }
+        let x = Tensor::zeros((1, 2, 1, 8), DType::F32, &device).unwrap();
+        let table = Tensor::zeros((3, 4), DType::F32, &device).unwrap();
+        assert!(
+            rope(&x, &table, &table).unwrap().is_none(),
+            "a table of other positions"
         );
     }
 }

@@ -129,6 +129,9 @@ impl Rotary {
 impl Angles {
     /// Rotates `x` of shape (batch, seq, heads, head_dim).
     pub(crate) fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(rotated) = crate::cpu::rope(x, &self.cos, &self.sin)? {
+            return Ok(rotated);
+        }
         Ok(crate::candle_nn::rotary_emb::rope_thd(
             &x.contiguous()?,
             &self.cos,
