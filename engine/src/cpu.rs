@@ -245,7 +245,7 @@ pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Resul
     };
     let half = dim / 2;
     let same = |t: &Tensor| t.dtype() == x.dtype() && t.dims() == [seq, half];
-    if !supports(x) || dim % 2 != 0 || !same(cos) || !same(sin) {
+    if !supports(x) || heads * dim == 0 || dim % 2 != 0 || !same(cos) || !same(sin) {
         return Ok(None);
     }
     let (x, cos, sin) = (x.contiguous()?, cos.contiguous()?, sin.contiguous()?);

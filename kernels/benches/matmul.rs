@@ -1,7 +1,7 @@
 //! Where streaming the weights stops beating the packed GEMM: `matmul` (which picks its path by
 //! the number of rows) against `matmul_rows` (always the GEMM) for 1 to 32 activation rows, on a
 //! Qwen3-0.6B-sized projection (1024 → 3072), f32 and bf16 weights, all threads of rayon's pool.
-//! From 48 rows bf16 weights take AMX tiles where the CPU has them (`PIO_KERNELS=avx512` turns
+//! From 8 rows bf16 weights take AMX tiles where the CPU has them (`PIO_KERNELS=avx512` turns
 //! them off): the right column is then the f32 GEMM they replace.
 //!
 //! Run: `cargo bench -p pio-kernels --bench matmul` (`RAYON_NUM_THREADS` sets the threads).

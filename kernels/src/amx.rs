@@ -6,8 +6,9 @@
 //! `k` values of one output), so the weights are never repacked; the activations are rounded to
 //! bf16 and packed once per product into the right operand's pair layout. The product is taken
 //! only when that rounding is exact — every activation already a bf16, as in a bf16 model, whose
-//! hidden states transformers keeps in bf16 — so it changes nothing but the summation order. An
-//! f32 activation (the vision tower's) keeps the f32 GEMM.
+//! hidden states transformers keeps in bf16 — so it changes only what any GEMM may: the order
+//! and rounding of the f32 sums (the tile unit also flushes subnormals, values below ~1e-38, to
+//! zero). An f32 activation (the vision tower's) keeps the f32 GEMM.
 //!
 //! The tiles compute `(x Wᵀ)ᵀ` a 32 × 32 block at a time (two weight tiles by two activation
 //! tiles, four accumulators), written back transposed.
@@ -158,7 +159,6 @@ unsafe fn columns(
     y: SharedMut<f32>,
 ) {
     let mut sums = [[0f32; ROWS * ROWS]; 4];
-    let mut pending = None;
     // SAFETY: the CPU has AMX (the caller's promise); the configuration is 64-byte aligned.
     unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly)) };
     for first in cols.clone().step_by(BLOCK) {
@@ -174,87 +174,76 @@ unsafe fn columns(
         for pair in 0..m.div_ceil(BLOCK) {
             let acts = &packed[2 * pair * (k / DEPTH) * TILE..];
             // SAFETY: `rows` holds 32 rows of k values and `acts` two blocks of 16 packed
-            // rows (padded to whole blocks); the CPU has AMX.
-            unsafe { multiply(rows, acts, k) };
-            // The last block's sums leave while the tile unit computes this one's: reading
-            // them right after the tile stores would wait for the products to finish.
-            if let Some(block) = pending.take() {
-                // SAFETY: the block lies in the output's columns `cols` (the caller's promise).
-                unsafe { put_block(&sums, y, m, n, block) };
-            }
-            // SAFETY: the CPU has AMX; `sums` holds four 16 × 16 f32 tiles.
-            unsafe { store(&mut sums) };
-            pending = Some((first, outputs, pair));
+            // rows (padded to whole blocks); the CPU has AMX and the tiles are configured.
+            unsafe { multiply(rows, acts, k, &mut sums) };
+            // SAFETY: the block lies in the output's columns `cols` (the caller's promise).
+            unsafe { put_block(&sums, y, m, n, (first, outputs, pair)) };
         }
-    }
-    if let Some(block) = pending {
-        // SAFETY: as above.
-        unsafe { put_block(&sums, y, m, n, block) };
     }
     // SAFETY: as above; leaves the tile state unused again (the kernel then skips saving it).
     unsafe { asm!("tilerelease", options(nostack, nomem)) };
 }
 
-/// Accumulators 0-3 = weight rows 0-15 and 16-31 of `rows` × activation blocks 0 and 1 of
-/// `acts`, over the whole depth `k`.
+/// Weight rows 0-15 and 16-31 of `rows` × activation blocks 0 and 1 of `acts` over the whole
+/// depth `k`, into `sums` (accumulators 0-3 = (0, 0), (0, 1), (1, 0), (1, 1)). One asm block:
+/// the tile registers hold nothing across blocks that the compiler could not see.
 ///
 /// # Safety
-/// The CPU has AMX and the tiles are configured; `rows` holds 32 rows of `k` values and `acts`
-/// two packed blocks of 16 rows of depth `k`.
-unsafe fn multiply(rows: &[bf16], acts: &[bf16], k: usize) {
+/// The CPU has AMX and the tiles are configured; `k` is a positive multiple of [`DEPTH`];
+/// `rows` holds 32 rows of `k` values and `acts` two packed blocks of 16 rows of depth `k`.
+unsafe fn multiply(rows: &[bf16], acts: &[bf16], k: usize, sums: &mut [[f32; ROWS * ROWS]; 4]) {
     let depth_blocks = k / DEPTH;
     let (w0, w1) = (rows.as_ptr(), rows[ROWS * k..].as_ptr());
     let (x0, x1) = (acts.as_ptr(), acts[depth_blocks * TILE..].as_ptr());
-    // SAFETY: every load reads 16 rows of 64 bytes inside `rows` or one packed tile of `acts`;
-    // tiles 0-3 are the accumulators, 4-7 the operands.
+    let [s0, s1, s2, s3] = sums;
+    // SAFETY: every load reads 16 rows of 64 bytes inside `rows` (a row's next 32 values) or
+    // one packed tile of `acts`, `depth_blocks` ≥ 1 times; each store writes one array of
+    // `sums` (16 rows of 64 bytes). Tiles 0-3 accumulate, 4-7 hold the operands.
     unsafe {
         asm!(
             "tilezero tmm0",
             "tilezero tmm1",
             "tilezero tmm2",
             "tilezero tmm3",
-            options(nostack, nomem)
-        );
-        for d in 0..depth_blocks {
-            asm!(
-                "tileloadd tmm4, [{w0} + {stride} * 1]",
-                "tileloadd tmm5, [{w1} + {stride} * 1]",
-                "tileloadd tmm6, [{x0} + {row} * 1]",
-                "tileloadd tmm7, [{x1} + {row} * 1]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
-                w0 = in(reg) w0.add(d * DEPTH),
-                w1 = in(reg) w1.add(d * DEPTH),
-                x0 = in(reg) x0.add(d * TILE),
-                x1 = in(reg) x1.add(d * TILE),
-                stride = in(reg) k * 2,
-                row = in(reg) DEPTH * 2,
-                options(nostack, readonly)
-            );
-        }
-    }
-}
-
-/// Accumulators 0-3 into `sums`.
-///
-/// # Safety
-/// The CPU has AMX and the tiles are configured.
-unsafe fn store(sums: &mut [[f32; ROWS * ROWS]; 4]) {
-    let [s0, s1, s2, s3] = sums;
-    // SAFETY: each store writes 16 rows of 64 bytes: one array of `sums`.
-    unsafe {
-        asm!(
+            "2:",
+            "tileloadd tmm4, [{w0} + {stride} * 1]",
+            "tileloadd tmm5, [{w1} + {stride} * 1]",
+            "tileloadd tmm6, [{x0} + {row} * 1]",
+            "tileloadd tmm7, [{x1} + {row} * 1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            "add {w0}, 64",
+            "add {w1}, 64",
+            "add {x0}, 1024",
+            "add {x1}, 1024",
+            "dec {d}",
+            "jnz 2b",
             "tilestored [{s0} + {row} * 1], tmm0",
             "tilestored [{s1} + {row} * 1], tmm1",
             "tilestored [{s2} + {row} * 1], tmm2",
             "tilestored [{s3} + {row} * 1], tmm3",
+            w0 = inout(reg) w0 => _,
+            w1 = inout(reg) w1 => _,
+            x0 = inout(reg) x0 => _,
+            x1 = inout(reg) x1 => _,
+            d = inout(reg) depth_blocks => _,
+            stride = in(reg) k * 2,
+            // A packed tile's rows and an accumulator's rows are both 64 bytes.
+            row = in(reg) DEPTH * 2,
             s0 = in(reg) s0.as_mut_ptr(),
             s1 = in(reg) s1.as_mut_ptr(),
             s2 = in(reg) s2.as_mut_ptr(),
             s3 = in(reg) s3.as_mut_ptr(),
-            row = in(reg) ROWS * 4,
+            out("tmm0") _,
+            out("tmm1") _,
+            out("tmm2") _,
+            out("tmm3") _,
+            out("tmm4") _,
+            out("tmm5") _,
+            out("tmm6") _,
+            out("tmm7") _,
             options(nostack)
         );
     }
@@ -277,6 +266,10 @@ unsafe fn put_block(
         let (col0, row0) = (first + ROWS * (t / 2), BLOCK * pair + ROWS * (t % 2));
         let cols = (first + outputs).saturating_sub(col0).min(ROWS);
         let rows = m.saturating_sub(row0).min(ROWS);
+        if rows == 0 || cols == 0 {
+            // Padding only (not even a pointer into the output is formed).
+            continue;
+        }
         // SAFETY: rows row0.. and columns col0.. of the output as far as they exist.
         unsafe { put(sum, y, n, (row0, rows), (col0, cols)) };
     }

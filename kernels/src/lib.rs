@@ -14,7 +14,7 @@
 //! fallback that the tests check against the same reference. Work is split over rayon's global
 //! pool (the one candle uses), so `RAYON_NUM_THREADS` bounds both.
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod amx;
 pub mod attention;
 mod element;

@@ -66,10 +66,11 @@ pub fn matmul<T: Element>(x: &[f32], w: &[T], m: usize, k: usize, n: usize, out:
 /// The product on AMX tiles, where the CPU has them, the weights are bf16 and so is every
 /// activation (false: nothing written, the caller's GEMM runs).
 fn on_tiles<T: Element>(x: &[f32], w: &[T], m: usize, k: usize, n: usize, out: &mut [f32]) -> bool {
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     if let Some(w) = T::as_bf16(w) {
         return crate::amx::matmul(x, w, m, k, n, out);
     }
+    let _ = (x, w, m, k, n, out);
     false
 }
 

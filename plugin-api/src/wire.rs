@@ -324,8 +324,9 @@ pub struct ModelInfo {
     pub device_memory_bytes: Option<u64>,
     /// The GPU memory cap the model was sized inside (`limits.gpu_memory`), when one was set.
     pub device_memory_limit_bytes: Option<u64>,
-    /// On the CPU, the instruction set its kernels chose at run time (`amx`, `avx512`,
-    /// `avxvnni`, `avx2`, `portable`). Added within 1.4 as an optional JSON field.
+    /// On the CPU, the widest instruction set its kernels may use, chosen at run time (`amx`,
+    /// `avx512`, `avxvnni`, `avx2`, `portable`; `amx` means AVX-512 everywhere plus AMX tiles
+    /// for bf16 weights meeting bf16 activations). Added within 1.4 as an optional JSON field.
     pub kernels: Option<String>,
     /// How the model writes tool calls in its output, for the host to parse them into the API's
     /// `tool_calls`: `hermes` (`<tool_call>{"name", "arguments"}</tool_call>`, Qwen3 instruct)

@@ -164,8 +164,10 @@ pub fn print(f: &serde_json::Value, threads: usize) {
         })
     };
     println!(
-        "single stream, {threads} threads, {} kernels; streaming read {:.1} GB/s; resident weights {}, read per token {}: decode limit {}",
-        f["kernels"].as_str().unwrap_or("unknown"),
+        "single stream, {threads} threads{}; streaming read {:.1} GB/s; resident weights {}, read per token {}: decode limit {}",
+        f["kernels"]
+            .as_str()
+            .map_or(String::new(), |k| format!(", {k} kernels")),
         num(&f["streaming_read_gb_per_s"]).unwrap_or(0.0),
         gib(&f["weight_bytes"]),
         gib(&f["step_bytes"]),
