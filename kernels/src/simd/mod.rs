@@ -112,7 +112,8 @@ impl Level {
         }
     }
 
-    /// The widest level this CPU has.
+    /// The widest level this CPU has (on Linux, finding AMX asks for this process's permission
+    /// to use its tiles).
     pub fn detected() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
