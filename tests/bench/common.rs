@@ -139,9 +139,15 @@ pub fn gib(bytes: f64) -> f64 {
 }
 
 /// Loads the checkpoint in `dir` as `M` in bf16, its linear layers stored as `mode` says (`bf16`,
-/// `q8`, `q4`); returns it and the seconds loading took.
+/// `q8`, `q4`; `MODE+cache`: through the quantization cache in [`quantization_cache_dir`], as the
+/// daemon's `quantization_cache` does); returns it and the seconds loading took (writing the
+/// cache included).
 pub fn load_timed<M: pio_engine::runtime::LoadModel>(dir: &Path, mode: &str) -> (M, f64) {
     use pio_engine::linear::Quantization;
+    let (mode, cached) = match mode.strip_suffix("+cache") {
+        Some(mode) => (mode, true),
+        None => (mode, false),
+    };
     let quantization = match mode {
         "q8" => Quantization::Q8,
         "q4" => Quantization::Q4,
@@ -154,7 +160,14 @@ pub fn load_timed<M: pio_engine::runtime::LoadModel>(dir: &Path, mode: &str) -> 
         None => dir.to_owned(),
     };
     let t = std::time::Instant::now();
-    let checkpoint = pio_engine::checkpoint::Checkpoint::open(&path).expect("checkpoint");
+    let mut checkpoint = pio_engine::checkpoint::Checkpoint::open(&path).expect("checkpoint");
+    if cached {
+        let cache = quantization_cache_dir(dir);
+        std::fs::create_dir_all(&cache).expect("cache folder");
+        checkpoint = checkpoint
+            .with_quantization_cache(&cache, quantization.name())
+            .expect("quantization cache");
+    }
     let model = M::load(
         &checkpoint,
         pio_engine::candle_core::DType::BF16,
@@ -163,7 +176,17 @@ pub fn load_timed<M: pio_engine::runtime::LoadModel>(dir: &Path, mode: &str) -> 
         &mut |_, _| {},
     )
     .expect("load");
+    if let Some(cache) = checkpoint.quantization_cache() {
+        cache.finish().expect("write the quantization cache");
+    }
     (model, t.elapsed().as_secs_f64())
+}
+
+/// Where `MODE+cache` keeps `dir`'s quantized weights: `DIR.quantization-cache` beside it.
+pub fn quantization_cache_dir(dir: &Path) -> PathBuf {
+    let mut name = dir.as_os_str().to_owned();
+    name.push(".quantization-cache");
+    PathBuf::from(name)
 }
 
 /// The GGUF file of `kind` (`q8_0`, `q4_k_m`) that llama_cpp_bench.py converts `dir` to.

@@ -7,6 +7,11 @@
 //! Run: `cargo bench -p pio-plugin-qwen3-coder --bench moe` (python3 with
 //! `tests/fixtures/requirements.txt`; ~7 GB of disk and ~16 GB of memory at 4 layers). Each mode
 //! runs in its own process so its peak RSS is its own.
+//!
+//! `cargo bench -p pio-plugin-qwen3-coder --bench moe -- --second-start` measures the
+//! quantization cache instead: a first q4 start that quantizes and writes the cache, a second
+//! that reads it, and a plain read of the cache file's bytes, both from a cold page cache when
+//! run as root (the target: a second start within 2x of that read).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -74,6 +79,10 @@ fn main() {
     let dir = checkpoint_dir();
     let depth = common::bench_layers().to_string();
     common::ensure_checkpoint(&root(), &dir, &["qwen3-30b-a3b", &depth]);
+    if args.iter().any(|a| a == "--second-start") {
+        second_start(&dir);
+        return;
+    }
     let mut rows = common::measure_modes(&["bf16", "q8", "q4"], THREADS);
     let work = common::Workload {
         prompt: PROMPT,
@@ -124,4 +133,60 @@ fn main() {
             common::field(bf16, "decode_tps") / common::field(&theirs, "decode_tps"),
         );
     }
+}
+
+/// The q4 quantization cache's first and second start beside a cold read of the file it holds.
+fn second_start(dir: &Path) {
+    let cache = common::quantization_cache_dir(dir);
+    // The first start must make the cache, not find one from an earlier run.
+    let _ = std::fs::remove_dir_all(&cache);
+    let first = common::measure_modes(&["q4+cache"], THREADS);
+    let files: Vec<PathBuf> = std::fs::read_dir(&cache)
+        .expect("the first start wrote the cache folder")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+        .collect();
+    let bytes: u64 = files
+        .iter()
+        .map(|f| f.metadata().map_or(0, |m| m.len()))
+        .sum();
+    let cold = drop_page_cache();
+    let second = common::measure_modes(&["q4+cache"], THREADS);
+    drop_page_cache();
+    let t = Instant::now();
+    for file in &files {
+        read_through(file);
+    }
+    let read_s = t.elapsed().as_secs_f64();
+    let load = |rows: &[(&str, String)]| {
+        rows.first()
+            .map_or(f64::NAN, |(_, l)| common::field(l, "load_s"))
+    };
+    let (first_s, second_s) = (load(&first), load(&second));
+    println!(
+        "Qwen3-Coder-30B-A3B widths, {} of {FULL_DEPTH} layers, q4 with a quantization cache ({:.2} GiB), {THREADS} threads, page cache {}",
+        common::bench_layers(),
+        common::gib(bytes as f64),
+        if cold { "dropped before the second start and the read" } else { "warm (not root: could not drop it)" }
+    );
+    println!("| first start (quantize, write) s | second start (read the cache) s | reading the cache file s | second start / read |");
+    println!("|---|---|---|---|");
+    println!(
+        "| {first_s:.1} | {second_s:.1} | {read_s:.1} | {:.2}x |",
+        second_s / read_s
+    );
+}
+
+/// Drops the kernel's page cache (root only; the cache file is synced when written, so its
+/// pages are clean); whether it could.
+fn drop_page_cache() -> bool {
+    std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
+}
+
+/// Reads `file` to its end in 8 MiB pieces.
+fn read_through(file: &Path) {
+    use std::io::Read;
+    let mut f = std::fs::File::open(file).expect("open the cache file");
+    let mut buf = vec![0u8; 8 << 20];
+    while f.read(&mut buf).expect("read the cache file") > 0 {}
 }
