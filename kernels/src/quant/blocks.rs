@@ -206,9 +206,19 @@ fn quantize_block(x: &[f32], qs: &mut [i8]) -> f32 {
     }
     let inv = 127.0 / amax;
     for (q, &v) in qs.iter_mut().zip(x) {
-        *q = (v * inv).round() as i8;
+        *q = round_to_i8(v * inv);
     }
     amax / 127.0
+}
+
+/// `y.round()` (half away from zero) for |y| ≤ 127, in operations that vectorize on any x86-64
+/// (`f32::round` is a libm call per value there: ~4% of a quantized prefill). Truncation and the
+/// fraction it leaves are exact at these magnitudes.
+#[inline(always)]
+pub(crate) fn round_to_i8(y: f32) -> i8 {
+    let t = y as i32;
+    let fraction = y - t as f32;
+    (t + i32::from(fraction >= 0.5) - i32::from(fraction <= -0.5)) as i8
 }
 
 /// A row of activations in 32-value blocks (Q8_0 and Q4_0 weights).

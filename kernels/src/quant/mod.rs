@@ -165,15 +165,33 @@ pub fn packed_matmul(x: &[f32], w: &PackedMatrix, m: usize, out: &mut [f32]) {
     }
 }
 
-/// Every row of `x` (`k` wide) quantized into `acts`, one after the other.
-fn quantize_rows<A>(x: &[f32], k: usize, acts: &mut Vec<A>, quantize: fn(&[f32], &mut Vec<A>)) {
-    let mut row = Vec::new();
+/// Every row of `x` (`k` wide) quantized into `acts`, one after the other; a prompt's rows in
+/// parallel (on one thread a 512-row prompt spent ~20% of a Q4_K product here: the quant bench).
+fn quantize_rows<A: Send>(
+    x: &[f32],
+    k: usize,
+    acts: &mut Vec<A>,
+    quantize: fn(&[f32], &mut Vec<A>),
+) {
     acts.clear();
-    for x in x.chunks_exact(k) {
-        quantize(x, &mut row);
-        acts.append(&mut row);
+    if x.len() / k < PARALLEL_ROWS {
+        let mut row = Vec::new();
+        for x in x.chunks_exact(k) {
+            quantize(x, &mut row);
+            acts.append(&mut row);
+        }
+        return;
     }
+    // Rayon's collect keeps the rows in order.
+    acts.par_extend(x.par_chunks_exact(k).flat_map_iter(|x| {
+        let mut row = Vec::new();
+        quantize(x, &mut row);
+        row
+    }));
 }
+
+/// Rows from which activations are quantized in parallel.
+const PARALLEL_ROWS: usize = 8;
 
 /// Activation blocks that weight rows of some formats dot with.
 trait Activations: Sync + Sized {

@@ -468,3 +468,22 @@ fn tile_256(format: Format, tile: &[u8], x: [&[Act256]; 3], path: crate::Level) 
         false => super::packed::portable::q4k(tile, x),
     }
 }
+
+/// The activations' rounding is `f32::round` (half away from zero, as ggml's reference
+/// quantizer) on every magnitude it meets, ties and the floats next to them included.
+#[test]
+fn activation_rounding_is_round_half_away_from_zero() {
+    let mut values: Vec<f32> = (-254..=254).map(|i| i as f32 / 2.0).collect();
+    for v in values.clone() {
+        values.extend([v.next_up(), v.next_down()]);
+    }
+    values.extend(data(10_000, 9).iter().map(|v| v * 127.0));
+    for y in values.into_iter().filter(|y| y.abs() <= 127.0) {
+        assert_eq!(
+            super::blocks::round_to_i8(y),
+            y.round() as i8,
+            "{y} ({:#x})",
+            y.to_bits()
+        );
+    }
+}
