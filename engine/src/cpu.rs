@@ -49,6 +49,28 @@ pub(crate) fn packed(w: &QTensor) -> candle_core::Result<Option<PackedMatrix>> {
     Ok(Some(PackedMatrix::pack(&matrix)))
 }
 
+/// `n × k` weights of `dtype` as `blocks` holds them (a CPU tensor of their bytes), repacked
+/// into the kernels' tiles straight from those bytes; `None` where the kernels do not take
+/// them (the caller makes a `QTensor`).
+pub(crate) fn packed_bytes(
+    blocks: &Tensor,
+    dtype: GgmlDType,
+    (n, k): (usize, usize),
+) -> candle_core::Result<Option<PackedMatrix>> {
+    let Some(format) = kernel_format(dtype) else {
+        return Ok(None);
+    };
+    let (storage, layout) = blocks.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::U8(bytes)), Some((start, end))) =
+        (&*storage, layout.contiguous_offsets())
+    else {
+        return Ok(None);
+    };
+    let matrix =
+        QuantMatrix::new(format, &bytes[start..end], n, k).map_err(candle_core::Error::wrap)?;
+    Ok(Some(PackedMatrix::pack(&matrix)))
+}
+
 /// `x Wᵀ` for `w` in tiles: integer products for every row count (the tiles keep 16 rows'
 /// values in registers across four activation rows, which beats decoding to f32 for the GEMM
 /// even at 512 rows: see docs/decisions.md).

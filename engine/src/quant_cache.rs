@@ -13,7 +13,6 @@ use std::sync::Mutex;
 
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::Device;
 
 use crate::error::{EngineError, Result};
 
@@ -28,7 +27,8 @@ const KEY: &str = "pio.quantization_cache.key";
 pub struct QuantCache {
     path: PathBuf,
     key: String,
-    found: Option<Mutex<Found>>,
+    /// The valid cache file, read by position (so tensors load in parallel).
+    found: Option<Found>,
     made: Mutex<Made>,
 }
 
@@ -75,7 +75,7 @@ impl QuantCache {
     /// replaced).
     pub fn open(dir: &Path, stem: &str, key: &str) -> Self {
         let path = dir.join(format!("{stem}.gguf"));
-        let found = Self::read(&path, key).map(Mutex::new);
+        let found = Self::read(&path, key);
         Self {
             path,
             key: key.to_string(),
@@ -114,24 +114,29 @@ impl QuantCache {
         fits.then_some(Found { file, content })
     }
 
-    /// Tensor `name` from the found cache, when it holds it as `dtype` of `shape`.
-    pub(crate) fn get(&self, name: &str, dtype: GgmlDType, shape: &[usize]) -> Option<QTensor> {
-        let found = self.found.as_ref()?;
-        let mut found = found.lock().ok()?;
-        let Found { file, content } = &mut *found;
-        let tensor = match content.tensor_infos.get(name) {
-            Some(info) if info.ggml_dtype == dtype && info.shape.dims() == shape => info
-                .read(file, content.tensor_data_offset, &Device::Cpu)
-                .ok(),
+    /// The blocks of tensor `name` from the found cache, when it holds it as `dtype` of
+    /// `shape`: its bytes as stored, read in one call straight into the returned buffer (a
+    /// `QTensor` would copy them twice more on the way to the kernels' tiles).
+    pub(crate) fn get(&self, name: &str, dtype: GgmlDType, shape: &[usize]) -> Option<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let Found { file, content } = self.found.as_ref()?;
+        let bytes = match content.tensor_infos.get(name) {
+            Some(info) if info.ggml_dtype == dtype && info.shape.dims() == shape => {
+                let len = info.shape.elem_count() / dtype.block_size() * dtype.type_size();
+                let mut bytes = vec![0u8; len];
+                file.read_exact_at(&mut bytes, content.tensor_data_offset + info.offset)
+                    .ok()
+                    .map(|()| bytes)
+            }
             _ => None,
         };
         if let Ok(mut made) = self.made.lock() {
-            match tensor {
+            match bytes {
                 Some(_) => made.hits += 1,
                 None => made.missed = true,
             }
         }
-        tensor
+        bytes
     }
 
     /// Records `q`, just quantized as `name`, for the cache this load will write.

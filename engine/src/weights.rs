@@ -170,11 +170,42 @@ impl SafetensorsFiles {
             .bt()
         })?;
         let (path, file) = &self.files[entry.file];
-        let mut bytes = vec![0u8; entry.len];
-        file.read_exact_at(&mut bytes, entry.start)
-            .map_err(|e| bad(path, format!("reading {name}: {e}")))?;
-        Tensor::from_raw_buffer(&bytes, entry.dtype, &entry.shape, &Device::Cpu)
+        let read = |bytes: &mut [u8]| {
+            file.read_exact_at(bytes, entry.start)
+                .map_err(|e| bad(path, format!("reading {name}: {e}")))
+        };
+        // Straight into the tensor's own buffer: a byte buffer converted after would copy the
+        // tensor again (a second start from the quantization cache spends much of its time
+        // reading the dense embedding).
+        match entry.dtype {
+            DType::BF16 => typed::<pio_kernels::bf16>(entry.len, &entry.shape, read),
+            DType::F16 => typed::<pio_kernels::f16>(entry.len, &entry.shape, read),
+            DType::F32 => typed::<f32>(entry.len, &entry.shape, read),
+            dtype => {
+                let mut bytes = vec![0u8; entry.len];
+                read(&mut bytes)?;
+                Tensor::from_raw_buffer(&bytes, dtype, &entry.shape, &Device::Cpu)
+            }
+        }
     }
+}
+
+/// A CPU tensor of `shape` whose `len` bytes of `T` values `read` fills in place.
+fn typed<T: candle_core::WithDType>(
+    len: usize,
+    shape: &[usize],
+    read: impl FnOnce(&mut [u8]) -> candle_core::Result<()>,
+) -> candle_core::Result<Tensor> {
+    let size = std::mem::size_of::<T>();
+    if !len.is_multiple_of(size) {
+        candle_core::bail!("{len} bytes are not whole {size}-byte values");
+    }
+    let mut values = vec![T::zero(); len / size];
+    // SAFETY: the buffer holds exactly `len` initialized bytes, and every bit pattern is a
+    // valid `T` (f32, f16, bf16: plain floats).
+    let bytes = unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), len) };
+    read(bytes)?;
+    Tensor::from_vec(values, shape, &Device::Cpu)
 }
 
 /// Tensor `base` (`rows × cols`) as `format` blocks (their bytes, `U8`): from `cache` when it
@@ -187,25 +218,23 @@ pub(crate) fn quantized_blocks(
     read: impl FnOnce() -> candle_core::Result<Tensor>,
 ) -> candle_core::Result<Tensor> {
     let shape = [rows, cols];
-    let q = match cache.and_then(|c| c.get(base, format, &shape)) {
-        Some(q) => q,
-        None => {
-            let stored = read()?;
-            if stored.dims() != shape {
-                return Err(candle_core::Error::UnexpectedShape {
-                    msg: format!("shape mismatch for {base}"),
-                    expected: shape.as_slice().into(),
-                    got: stored.shape().clone(),
-                }
-                .bt());
-            }
-            let q = QTensor::quantize(&stored.to_dtype(DType::F32)?, format)?;
-            if let Some(cache) = cache {
-                cache.put(base, &q);
-            }
-            q
+    if let Some(bytes) = cache.and_then(|c| c.get(base, format, &shape)) {
+        let len = bytes.len();
+        return Tensor::from_vec(bytes, len, &Device::Cpu);
+    }
+    let stored = read()?;
+    if stored.dims() != shape {
+        return Err(candle_core::Error::UnexpectedShape {
+            msg: format!("shape mismatch for {base}"),
+            expected: shape.as_slice().into(),
+            got: stored.shape().clone(),
         }
-    };
+        .bt());
+    }
+    let q = QTensor::quantize(&stored.to_dtype(DType::F32)?, format)?;
+    if let Some(cache) = cache {
+        cache.put(base, &q);
+    }
     let bytes = q.data()?;
     Tensor::from_raw_buffer(&bytes, DType::U8, &[bytes.len()], &Device::Cpu)
 }
