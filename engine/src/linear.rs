@@ -87,10 +87,10 @@ impl Linear {
         quantization: Quantization,
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
-        if let Some(weight) = Self::stored_blocks(input, output, &vb)? {
+        if let Some((format, name)) = stored_format(input, output, &vb) {
             // A file that stores the weight quantized (a GGUF) decides its format.
             let bias = bias.then(|| vb.get(output, "bias")).transpose()?;
-            return Self::from_qtensor(weight, bias);
+            return Self::from_blocks(&vb, &name, format, (output, input), bias);
         }
         if quantization.format(input).is_none() {
             return candle_nn::linear_b(input, output, bias, vb).map(Self::Dense);
@@ -135,13 +135,9 @@ impl Linear {
         output: usize,
         vb: &VarBuilder,
     ) -> candle_core::Result<Option<QTensor>> {
-        for format in STORED_FORMATS {
-            let name = crate::weights::stored_name("weight", format, output, input);
-            if vb.contains_tensor(&name) {
-                return read_blocks(vb, &name, format, output, input).map(Some);
-            }
-        }
-        Ok(None)
+        stored_format(input, output, vb)
+            .map(|(format, name)| read_blocks(vb, &name, format, output, input))
+            .transpose()
     }
 
     /// A layer over `weight` (`output × input`), quantized as asked (a quantized layer holds its
@@ -222,6 +218,15 @@ impl Linear {
             },
         }
     }
+}
+
+/// The format `vb`'s file stores `weight` (`output × input`) in, when it stores it as blocks the
+/// kernels take, and the name `vb` hands those bytes out under.
+fn stored_format(input: usize, output: usize, vb: &VarBuilder) -> Option<(GgmlDType, String)> {
+    STORED_FORMATS.into_iter().find_map(|format| {
+        let name = crate::weights::stored_name("weight", format, output, input);
+        vb.contains_tensor(&name).then_some((format, name))
+    })
 }
 
 /// `output × input` weights in `format` blocks, which `vb` hands out as bytes under `name`.
