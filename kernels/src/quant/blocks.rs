@@ -211,11 +211,14 @@ fn quantize_block(x: &[f32], qs: &mut [i8]) -> f32 {
     amax / 127.0
 }
 
-/// `y.round()` (half away from zero) for |y| ≤ 127, in operations that vectorize on any x86-64
-/// (`f32::round` is a libm call per value there: ~4% of a quantized prefill). Truncation and the
-/// fraction it leaves are exact at these magnitudes.
+/// `y.round() as i8` (half away from zero, saturating, NaN to 0) for any `y`, in operations that
+/// vectorize on any x86-64 (`f32::round` is a libm call per value there: ~4% of a quantized
+/// prefill). Truncation and the fraction it leaves are exact once `y` is clamped to i8's range
+/// (an infinite `y`, from a block whose largest magnitude is too small for `127 / amax`, must
+/// not overflow).
 #[inline(always)]
 pub(crate) fn round_to_i8(y: f32) -> i8 {
+    let y = y.clamp(-128.0, 127.0);
     let t = y as i32;
     let fraction = y - t as f32;
     (t + i32::from(fraction >= 0.5) - i32::from(fraction <= -0.5)) as i8

@@ -469,8 +469,9 @@ fn tile_256(format: Format, tile: &[u8], x: [&[Act256]; 3], path: crate::Level) 
     }
 }
 
-/// The activations' rounding is `f32::round` (half away from zero, as ggml's reference
-/// quantizer) on every magnitude it meets, ties and the floats next to them included.
+/// The activations' rounding is `f32::round` then a saturating cast (half away from zero, as
+/// ggml's reference quantizer) on every magnitude it meets, ties and the floats next to them
+/// included, and beyond (an infinity where `127 / amax` overflows, NaN).
 #[test]
 fn activation_rounding_is_round_half_away_from_zero() {
     let mut values: Vec<f32> = (-254..=254).map(|i| i as f32 / 2.0).collect();
@@ -478,7 +479,8 @@ fn activation_rounding_is_round_half_away_from_zero() {
         values.extend([v.next_up(), v.next_down()]);
     }
     values.extend(data(10_000, 9).iter().map(|v| v * 127.0));
-    for y in values.into_iter().filter(|y| y.abs() <= 127.0) {
+    values.extend([f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 1e30, -1e30, 127.4, -127.6]);
+    for y in values {
         assert_eq!(
             super::blocks::round_to_i8(y),
             y.round() as i8,
