@@ -479,7 +479,15 @@ fn activation_rounding_is_round_half_away_from_zero() {
         values.extend([v.next_up(), v.next_down()]);
     }
     values.extend(data(10_000, 9).iter().map(|v| v * 127.0));
-    values.extend([f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 1e30, -1e30, 127.4, -127.6]);
+    values.extend([
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        1e30,
+        -1e30,
+        127.4,
+        -127.6,
+    ]);
     for y in values {
         assert_eq!(
             super::blocks::round_to_i8(y),
