@@ -44,9 +44,17 @@ pub(crate) fn packed(w: &QTensor) -> candle_core::Result<Option<PackedMatrix>> {
         return Ok(None);
     }
     let (n, k) = w.shape().dims2()?;
-    let bytes = w.data()?;
-    let matrix = QuantMatrix::new(format, &bytes, n, k).map_err(candle_core::Error::wrap)?;
-    Ok(Some(PackedMatrix::pack(&matrix)))
+    tiles(format, &w.data()?, (n, k)).map(Some)
+}
+
+/// `n × k` weights of `format` from their blocks' bytes, in the kernels' tiles.
+fn tiles(
+    format: Format,
+    bytes: &[u8],
+    (n, k): (usize, usize),
+) -> candle_core::Result<PackedMatrix> {
+    let matrix = QuantMatrix::new(format, bytes, n, k).map_err(candle_core::Error::wrap)?;
+    Ok(PackedMatrix::pack(&matrix))
 }
 
 /// `n × k` weights of `dtype` as `blocks` holds them (a CPU tensor of their bytes), repacked
@@ -66,9 +74,7 @@ pub(crate) fn packed_bytes(
     else {
         return Ok(None);
     };
-    let matrix =
-        QuantMatrix::new(format, &bytes[start..end], n, k).map_err(candle_core::Error::wrap)?;
-    Ok(Some(PackedMatrix::pack(&matrix)))
+    tiles(format, &bytes[start..end], (n, k)).map(Some)
 }
 
 /// `x Wᵀ` for `w` in tiles: integer products for every row count (the tiles keep 16 rows'

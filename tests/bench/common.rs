@@ -184,15 +184,18 @@ pub fn load_timed<M: pio_engine::runtime::LoadModel>(dir: &Path, mode: &str) -> 
 
 /// Where `MODE+cache` keeps `dir`'s quantized weights: `DIR.quantization-cache` beside it.
 pub fn quantization_cache_dir(dir: &Path) -> PathBuf {
-    let mut name = dir.as_os_str().to_owned();
-    name.push(".quantization-cache");
-    PathBuf::from(name)
+    beside(dir, ".quantization-cache")
 }
 
 /// The GGUF file of `kind` (`q8_0`, `q4_k_m`) that llama_cpp_bench.py converts `dir` to.
 pub fn gguf_path(dir: &Path, kind: &str) -> PathBuf {
+    beside(dir, &format!(".{kind}.gguf"))
+}
+
+/// `dir`'s path with `suffix` appended: a file or folder beside it.
+fn beside(dir: &Path, suffix: &str) -> PathBuf {
     let mut name = dir.as_os_str().to_owned();
-    name.push(format!(".{kind}.gguf"));
+    name.push(suffix);
     PathBuf::from(name)
 }
 
