@@ -128,6 +128,19 @@ impl Linear {
         Self::from_qtensor(qtensor(&raw, vb, format, output, input)?, bias)
     }
 
+    /// A layer over `weight` under `vb` (`output × input`, no bias) as its file stores it, when
+    /// it is stored quantized in a format the kernels take (a GGUF's tied output head); `None`
+    /// for weights stored as values.
+    pub fn stored(
+        input: usize,
+        output: usize,
+        vb: &VarBuilder,
+    ) -> candle_core::Result<Option<Self>> {
+        stored_format(input, output, vb)
+            .map(|(format, name)| Self::from_blocks(vb, &name, format, (output, input), None))
+            .transpose()
+    }
+
     /// `weight` under `vb` (`output × input`) as the blocks its file stores it in, when it is
     /// stored quantized in a format the kernels take; `None` for weights stored as values.
     pub fn stored_blocks(

@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 use pio_engine::candle_core::quantized::{GgmlDType, QTensor};
-use pio_engine::candle_core::{DType, Device};
+use pio_engine::candle_core::{DType, Device, Module};
 use pio_engine::chat::ChatTemplate;
 use pio_engine::checkpoint::Checkpoint;
 use pio_engine::generate::CausalLm;
@@ -127,6 +127,29 @@ fn quantized_tensors_are_used_as_stored() {
             .unwrap()
             .unwrap();
         assert_eq!(head.dtype(), head_format, "{file}");
+        // The layer over those bytes (packed into tiles without a QTensor between) computes what
+        // the stored blocks do; only the activations' 8-bit rounding stands between them.
+        let layer = Linear::stored(256, 400, &vb.pp("lm_head"))
+            .unwrap()
+            .unwrap();
+        assert!(layer.is_quantized(), "{file}");
+        let x = pio_engine::candle_core::Tensor::randn(0f32, 1., (3, 256), &Device::Cpu).unwrap();
+        let got = layer.forward(&x).unwrap();
+        let dense = head.dequantize(&Device::Cpu).unwrap();
+        let expected = x.matmul(&dense.t().unwrap()).unwrap();
+        let err = |t: &pio_engine::candle_core::Tensor| {
+            t.sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .sqrt()
+        };
+        let rel = err(&(got - &expected).unwrap()) / err(&expected);
+        assert!(rel < 0.02, "{file}: {rel}");
+        // Weights stored as values are not "stored quantized".
+        assert!(Linear::stored(256, 256, &exact.pp(at)).unwrap().is_none());
         let values = exact.get((256, 256), &format!("{at}.weight")).unwrap();
         let ours = QTensor::quantize(&values, want).unwrap();
         if want == GgmlDType::Q4K {

@@ -157,8 +157,8 @@ impl Head {
         let (vocab, hidden) = embed.embeddings().dims2()?;
         let lm_head = if tied {
             // An embedding stored quantized (a GGUF's) is the head as stored, as llama.cpp uses it.
-            match Linear::stored_blocks(hidden, vocab, embed_vb)? {
-                Some(blocks) => Linear::from_qtensor(blocks, None)?,
+            match Linear::stored(hidden, vocab, embed_vb)? {
+                Some(stored) => stored,
                 None => Linear::from_weight(embed.embeddings().clone(), None, head)?,
             }
         } else {
