@@ -4,10 +4,29 @@
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, DType, Storage, Tensor};
+
+use crate::batch::Batch;
+use crate::generate::CausalLm;
+use crate::kv_pool::KvPool;
 use pio_kernels::{
     bf16, dequantize, f16, matmul, matmul_rows, packed_matmul, paged_attention, quantized_matmul,
     AttentionShape, CachedRow, Format, PackedMatrix, PagedKv, QuantMatrix, WeightRows,
 };
+
+/// One forward pass of `model` over `batch`. On the CPU it runs on a thread of the current
+/// rayon pool with the pool kept awake through it ([`pio_kernels::keep_awake`]): called from a
+/// thread outside the pool, every product would also hand its work over and sleep until done.
+pub(crate) fn step<M: CausalLm + ?Sized>(
+    model: &M,
+    batch: &Batch<'_>,
+    pool: &mut KvPool,
+) -> crate::Result<Vec<Vec<f32>>> {
+    if model.device().is_cpu() {
+        pio_kernels::keep_awake(|| model.forward(batch, pool))
+    } else {
+        model.forward(batch, pool)
+    }
+}
 
 /// The kernels' block format for a candle quantized dtype; `None` for formats they lack.
 pub(crate) fn kernel_format(dtype: GgmlDType) -> Option<Format> {

@@ -71,7 +71,7 @@ impl SingleSequence {
                 logits: true,
             }],
         };
-        let mut logits = model.forward(&batch, &mut self.pool)?;
+        let mut logits = crate::cpu::step(model, &batch, &mut self.pool)?;
         self.len = end;
         logits
             .pop()

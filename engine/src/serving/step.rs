@@ -438,7 +438,10 @@ impl<M: CausalLm> Worker<M> {
             let profile = &crate::profile::PROFILE;
             profile.tokens(batch.seqs.iter().map(|s| s.tokens.len()).sum());
             let _timed = profile.scope(crate::profile::Op::Forward);
-            catch_unwind(AssertUnwindSafe(|| model.forward(&batch, pool))).unwrap_or_else(|p| {
+            catch_unwind(AssertUnwindSafe(|| {
+                crate::cpu::step(model.as_ref(), &batch, pool)
+            }))
+            .unwrap_or_else(|p| {
                 Err(EngineError::Internal(format!(
                     "the model panicked in a forward pass: {}",
                     panic_text(&*p)
