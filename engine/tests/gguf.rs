@@ -106,6 +106,17 @@ fn quantized_ggufs_stay_near_f32() {
     }
 }
 
+/// The Euclidean norm of all of `t`'s values.
+fn l2(t: &pio_engine::candle_core::Tensor) -> f32 {
+    t.sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .sqrt()
+}
+
 #[test]
 fn quantized_tensors_are_used_as_stored() {
     let snapshot = Checkpoint::open(&gguf("qwen3-wide")).unwrap();
@@ -137,16 +148,7 @@ fn quantized_tensors_are_used_as_stored() {
         let got = layer.forward(&x).unwrap();
         let dense = head.dequantize(&Device::Cpu).unwrap();
         let expected = x.matmul(&dense.t().unwrap()).unwrap();
-        let err = |t: &pio_engine::candle_core::Tensor| {
-            t.sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                .sqrt()
-        };
-        let rel = err(&(got - &expected).unwrap()) / err(&expected);
+        let rel = l2(&(got - &expected).unwrap()) / l2(&expected);
         assert!(rel < 0.02, "{file}: {rel}");
         // Weights stored as values are not "stored quantized".
         assert!(Linear::stored(256, 256, &exact.pp(at)).unwrap().is_none());
@@ -157,15 +159,7 @@ fn quantized_tensors_are_used_as_stored() {
             // engine's): other bytes, as close to the values.
             let error = |q: &QTensor| {
                 let d = (q.dequantize(&Device::Cpu).unwrap() - &values).unwrap();
-                let sq = |t: &pio_engine::candle_core::Tensor| {
-                    t.sqr()
-                        .unwrap()
-                        .sum_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap()
-                };
-                (sq(&d) / sq(&values)).sqrt()
+                l2(&d) / l2(&values)
             };
             let (theirs, mine) = (error(&blocks), error(&ours));
             assert!(theirs < 0.1 && theirs <= mine * 1.05, "{theirs} vs {mine}");
