@@ -219,7 +219,6 @@ pub(crate) unsafe fn q6k_vnni<const R: usize>(tile: &[u8], x: [&[Act256]; R]) ->
     for (b, column) in tile.chunks_exact(tile_bytes(Format::Q6K)).enumerate() {
         let p = column.as_ptr();
         let mut total = [_mm512_setzero_si512(); R];
-        let mut offset = [_mm512_setzero_si512(); R];
         for j in 0..16 {
             // SAFETY: sub-block j's low nibbles (two groups of 64 bytes) and top bits (64 bytes)
             // lie inside the column; an activation block holds 256 bytes.
@@ -268,15 +267,36 @@ pub(crate) unsafe fn q6k_vnni<const R: usize>(tile: &[u8], x: [&[Act256]; R]) ->
                 };
                 let sub = _mm512_add_epi32(e, o);
                 total[r] = _mm512_add_epi32(total[r], _mm512_mullo_epi32(sub, sc));
-                let bsum = _mm512_set1_epi32(i32::from(x[r][b].sums[j]));
-                offset[r] = _mm512_add_epi32(offset[r], _mm512_mullo_epi32(sc, bsum));
             }
+        }
+        // The values' offset of 32 leaves through `Σ_j scale_j · Σx_j`, two sub-blocks at a
+        // time: each lane holds a row's two signed scales as 16-bit halves, multiplied by the
+        // activations' two sums and added by one `vpdpwssd` (exact: |scale · sum| ≤ 2^18).
+        let mut pairs = [_mm512_setzero_si512(); 8];
+        for (q, pair) in pairs.iter_mut().enumerate() {
+            // SAFETY: sub-blocks 2q and 2q + 1's 16 scales each are bytes of the column.
+            let (even, odd) = unsafe {
+                let at = p.add(Q6K_SCALES + 32 * q);
+                (
+                    _mm512_cvtepi8_epi32(_mm_loadu_si128(at.cast())),
+                    _mm512_cvtepi8_epi32(_mm_loadu_si128(at.add(16).cast())),
+                )
+            };
+            *pair = _mm512_or_si512(
+                _mm512_and_si512(even, _mm512_set1_epi32(0xFFFF)),
+                _mm512_slli_epi32::<16>(odd),
+            );
         }
         // SAFETY: the column starts with 16 f16 scales.
         let d = unsafe { scales16(p) };
         for r in 0..R {
-            // The values' offset of 32 leaves through the block sums.
-            let exact = _mm512_sub_epi32(total[r], _mm512_slli_epi32::<5>(offset[r]));
+            let sums = &x[r][b].sums;
+            let mut offset = _mm512_setzero_si512();
+            for (q, &pair) in pairs.iter().enumerate() {
+                let both = (i32::from(sums[2 * q]) & 0xFFFF) | (i32::from(sums[2 * q + 1]) << 16);
+                offset = _mm512_dpwssd_epi32(offset, pair, _mm512_set1_epi32(both));
+            }
+            let exact = _mm512_sub_epi32(total[r], _mm512_slli_epi32::<5>(offset));
             let scale = _mm512_mul_ps(d, _mm512_set1_ps(x[r][b].d));
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), scale, acc[r]);
         }
