@@ -501,7 +501,6 @@ unsafe fn q4k_256<D: Dot4, const R: usize>(tile: &[u8], x: [&[Act256]; R]) -> [[
             let p = column.as_ptr();
             for h in 0..2 {
                 let mut isum = [_mm256_setzero_si256(); R];
-                let mut imin = [_mm256_setzero_si256(); R];
                 for s in 0..8 {
                     let mut sub = [_mm256_setzero_si256(); R];
                     for pair in 0..4 {
@@ -520,26 +519,29 @@ unsafe fn q4k_256<D: Dot4, const R: usize>(tile: &[u8], x: [&[Act256]; R]) -> [[
                             }
                         }
                     }
-                    // SAFETY: this half's scales and mins of sub-block s are 8 bytes each.
-                    let (sc, mn) = unsafe {
-                        (
-                            bytes8(p.add(64 + 16 * s + 8 * h)),
-                            bytes8(p.add(192 + 16 * s + 8 * h)),
-                        )
-                    };
+                    // SAFETY: this half's scales of sub-block s are 8 bytes.
+                    let sc = unsafe { bytes8(p.add(64 + 16 * s + 8 * h)) };
                     for r in 0..R {
-                        let xb = &x[r][b];
-                        let bsum = i32::from(xb.sums[2 * s]) + i32::from(xb.sums[2 * s + 1]);
                         isum[r] = _mm256_add_epi32(isum[r], _mm256_mullo_epi32(sub[r], sc));
-                        imin[r] = _mm256_add_epi32(
-                            imin[r],
-                            _mm256_mullo_epi32(mn, _mm256_set1_epi32(bsum)),
-                        );
                     }
                 }
+                // Σ min · Σx, two sub-blocks per `vpmaddwd` (see `q4k_vnni`).
+                let mins: [__m256i; 4] = std::array::from_fn(|q| {
+                    // SAFETY: this half's mins of sub-blocks 2q and 2q + 1 are 8 bytes each.
+                    let (even, odd) = unsafe {
+                        (
+                            bytes8(p.add(192 + 32 * q + 8 * h)),
+                            bytes8(p.add(208 + 32 * q + 8 * h)),
+                        )
+                    };
+                    halves(even, odd)
+                });
                 // SAFETY: the column starts with 16 f16 scales, then 16 f16 mins.
                 let (d, dmin) = unsafe { (scales8(p.add(16 * h)), scales8(p.add(32 + 16 * h))) };
                 for r in 0..R {
+                    let sums = &x[r][b].sums;
+                    let sum = |s: usize| sums[2 * s] + sums[2 * s + 1];
+                    let imin = pair_dots(&mins, |q| (sum(2 * q), sum(2 * q + 1)));
                     let dx = _mm256_set1_ps(x[r][b].d);
                     let a = _mm256_fmadd_ps(
                         _mm256_cvtepi32_ps(isum[r]),
@@ -547,7 +549,7 @@ unsafe fn q4k_256<D: Dot4, const R: usize>(tile: &[u8], x: [&[Act256]; R]) -> [[
                         acc[r][h],
                     );
                     acc[r][h] =
-                        _mm256_fnmadd_ps(_mm256_cvtepi32_ps(imin[r]), _mm256_mul_ps(dmin, dx), a);
+                        _mm256_fnmadd_ps(_mm256_cvtepi32_ps(imin), _mm256_mul_ps(dmin, dx), a);
                 }
             }
         }
@@ -573,7 +575,6 @@ unsafe fn q6k_256<D: Dot4, const R: usize>(tile: &[u8], x: [&[Act256]; R]) -> [[
             let p = column.as_ptr();
             for h in 0..2 {
                 let mut total = [_mm256_setzero_si256(); R];
-                let mut offset = [_mm256_setzero_si256(); R];
                 for j in 0..16 {
                     // SAFETY: as in `q6k_vnni`, for one half.
                     let w = unsafe {
@@ -615,14 +616,27 @@ unsafe fn q6k_256<D: Dot4, const R: usize>(tile: &[u8], x: [&[Act256]; R]) -> [[
                             )
                         };
                         total[r] = _mm256_add_epi32(total[r], _mm256_mullo_epi32(sub, sc));
-                        let bsum = _mm256_set1_epi32(i32::from(x[r][b].sums[j]));
-                        offset[r] = _mm256_add_epi32(offset[r], _mm256_mullo_epi32(sc, bsum));
                     }
                 }
+                // The offset of 32, two sub-blocks per `vpmaddwd` (see `q6k_vnni`).
+                let pairs: [__m256i; 8] = std::array::from_fn(|q| {
+                    // SAFETY: this half's eight scales of sub-blocks 2q and 2q + 1 are bytes of
+                    // the column.
+                    let at = unsafe { p.add(Q6K_SCALES + 32 * q + 8 * h) };
+                    let (even, odd) = unsafe {
+                        (
+                            _mm256_cvtepi8_epi32(_mm_loadl_epi64(at.cast())),
+                            _mm256_cvtepi8_epi32(_mm_loadl_epi64(at.add(16).cast())),
+                        )
+                    };
+                    halves(even, odd)
+                });
                 // SAFETY: the column starts with 16 f16 scales.
                 let d = unsafe { scales8(p.add(16 * h)) };
                 for r in 0..R {
-                    let exact = _mm256_sub_epi32(total[r], _mm256_slli_epi32::<5>(offset[r]));
+                    let sums = &x[r][b].sums;
+                    let offset = pair_dots(&pairs, |q| (sums[2 * q], sums[2 * q + 1]));
+                    let exact = _mm256_sub_epi32(total[r], _mm256_slli_epi32::<5>(offset));
                     let scale = _mm256_mul_ps(d, _mm256_set1_ps(x[r][b].d));
                     acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), scale, acc[r][h]);
                 }
@@ -630,6 +644,34 @@ unsafe fn q6k_256<D: Dot4, const R: usize>(tile: &[u8], x: [&[Act256]; R]) -> [[
         }
         store8(acc)
     }
+}
+
+/// Two vectors of 32-bit lanes (each value within 16 signed bits) as one of 16-bit pairs: `even`
+/// in each lane's low half, `odd` in its high half, for [`pair_dots`].
+#[inline(always)]
+fn halves(even: __m256i, odd: __m256i) -> __m256i {
+    // SAFETY: AVX2 is part of every caller's features.
+    unsafe {
+        _mm256_or_si256(
+            _mm256_and_si256(even, _mm256_set1_epi32(0xFFFF)),
+            _mm256_slli_epi32::<16>(odd),
+        )
+    }
+}
+
+/// `Σ_q even_q · a_q + odd_q · b_q` per lane, where `pairs[q]` holds the lanes' (even, odd)
+/// 16-bit pairs ([`halves`]) and `(a_q, b_q) = sums(q)`: one exact `vpmaddwd` per pair.
+#[inline(always)]
+fn pair_dots<const N: usize>(pairs: &[__m256i; N], sums: impl Fn(usize) -> (i16, i16)) -> __m256i {
+    // SAFETY: AVX2 is part of every caller's features.
+    let mut acc = unsafe { _mm256_setzero_si256() };
+    for (q, &pair) in pairs.iter().enumerate() {
+        let (a, b) = sums(q);
+        let both = i32::from(a as u16) | (i32::from(b) << 16);
+        // SAFETY: AVX2 is part of every caller's features.
+        acc = unsafe { _mm256_add_epi32(acc, _mm256_madd_epi16(pair, _mm256_set1_epi32(both))) };
+    }
+    acc
 }
 
 /// Two eight-lane halves per activation row, as 16 floats.
