@@ -19,7 +19,7 @@ mod portable;
 #[cfg(test)]
 mod tests;
 
-use std::cell::RefCell;
+use std::cell::Cell;
 
 use rayon::prelude::*;
 
@@ -106,9 +106,24 @@ impl<'a> QuantMatrix<'a> {
 }
 
 thread_local! {
-    /// The calling thread's quantized activations, kept between calls.
-    static ACT32: RefCell<Vec<Act32>> = const { RefCell::new(Vec::new()) };
-    static ACT256: RefCell<Vec<Act256>> = const { RefCell::new(Vec::new()) };
+    /// The calling thread's quantized activations, kept between calls. Taken out for the length
+    /// of a product rather than borrowed: while a product waits for its parallel parts, rayon may
+    /// run another job on the same thread (another caller's whole step, under
+    /// [`keep_awake`](crate::keep_awake)), and that job's product must find a buffer, not a
+    /// borrowed cell.
+    static ACT32: Cell<Vec<Act32>> = const { Cell::new(Vec::new()) };
+    static ACT256: Cell<Vec<Act256>> = const { Cell::new(Vec::new()) };
+}
+
+/// Runs `f` on the calling thread's buffer in `key`, taken out meanwhile (see `ACT32`).
+fn with_buffer<A: 'static, R>(
+    key: &'static std::thread::LocalKey<Cell<Vec<A>>>,
+    f: impl FnOnce(&mut Vec<A>) -> R,
+) -> R {
+    let mut buffer = key.take();
+    let result = f(&mut buffer);
+    key.set(buffer);
+    result
 }
 
 /// `out[m × n] = x[m × k] · Wᵀ` for `W` of `n × k` quantized values.
@@ -127,11 +142,11 @@ pub fn quantized_matmul(x: &[f32], w: &QuantMatrix<'_>, m: usize, out: &mut [f32
         return;
     }
     match w.format {
-        Format::Q8_0 | Format::Q4_0 => ACT32.with_borrow_mut(|acts| {
+        Format::Q8_0 | Format::Q4_0 => with_buffer(&ACT32, |acts| {
             quantize_rows(x, k, acts, quantize_act32);
             products(w, &acts.chunks_exact(k / 32).collect::<Vec<_>>(), out)
         }),
-        Format::Q4K | Format::Q6K => ACT256.with_borrow_mut(|acts| {
+        Format::Q4K | Format::Q6K => with_buffer(&ACT256, |acts| {
             quantize_rows(x, k, acts, quantize_act256);
             products(w, &acts.chunks_exact(k / 256).collect::<Vec<_>>(), out)
         }),
@@ -154,11 +169,11 @@ pub fn packed_matmul(x: &[f32], w: &PackedMatrix, m: usize, out: &mut [f32]) {
         return;
     }
     match w.format() {
-        Format::Q8_0 | Format::Q4_0 => ACT32.with_borrow_mut(|acts| {
+        Format::Q8_0 | Format::Q4_0 => with_buffer(&ACT32, |acts| {
             quantize_rows(x, k, acts, quantize_act32);
             tiles(w, &acts.chunks_exact(k / 32).collect::<Vec<_>>(), out)
         }),
-        _ => ACT256.with_borrow_mut(|acts| {
+        _ => with_buffer(&ACT256, |acts| {
             quantize_rows(x, k, acts, quantize_act256);
             tiles(w, &acts.chunks_exact(k / 256).collect::<Vec<_>>(), out)
         }),

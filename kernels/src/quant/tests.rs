@@ -497,3 +497,38 @@ fn activation_rounding_is_round_half_away_from_zero() {
         );
     }
 }
+
+#[test]
+fn products_nested_on_one_thread_each_get_their_own_activations() {
+    // Callers share a two-thread pool, each step kept awake: a thread whose product waits for
+    // its parallel parts may run another caller's whole step meanwhile, whose product needs the
+    // thread's activation buffer too (it was a borrowed cell: a panic on a pool thread).
+    let (n, k, m) = (64, 512, 9);
+    let bytes = random_blocks(Format::Q4K, n, k, 5);
+    let w = PackedMatrix::pack(&QuantMatrix::new(Format::Q4K, &bytes, n, k).expect("blocks"));
+    let x = data(m * k, 6);
+    let mut want = vec![0f32; m * n];
+    packed_matmul(&x, &w, m, &mut want);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .expect("pool");
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                for _ in 0..50 {
+                    let got = pool.install(|| {
+                        crate::keep_awake(|| {
+                            let mut out = vec![0f32; m * n];
+                            for _ in 0..4 {
+                                packed_matmul(&x, &w, m, &mut out);
+                            }
+                            out
+                        })
+                    });
+                    assert_eq!(got, want);
+                }
+            });
+        }
+    });
+}
