@@ -4,11 +4,20 @@
 //! From 8 rows bf16 weights take AMX tiles where the CPU has them (`PIO_KERNELS=avx512` turns
 //! them off): the right column is then the f32 GEMM they replace.
 //!
+//! First, decode from memory: one activation row against weights cycled through far more bytes
+//! than any cache holds, as GB/s of weights beside a plain streaming read of the same bytes.
+//!
 //! Run: `cargo bench -p pio-kernels --bench matmul` (`RAYON_NUM_THREADS` sets the threads).
 
 use std::time::Instant;
 
-use pio_kernels::{bf16, matmul, matmul_rows, Element, WeightRows};
+use pio_kernels::{bf16, keep_awake, matmul, matmul_rows, Element, WeightRows};
+
+mod common;
+use common::{seconds, streaming_read};
+
+/// Bytes of weights cycled through in decode (this machine's L3 is 260 MB, shared).
+const DECODE_BYTES: usize = 768 << 20;
 
 const K: usize = 1024;
 const N: usize = 3072;
@@ -54,7 +63,39 @@ fn run<T: Element>(name: &str, w: &[T]) {
     }
 }
 
+/// One activation row against `DECODE_BYTES` of `T` weights, matrix after matrix.
+fn decode<T: Element>(name: &str, value: impl Fn(usize) -> T) {
+    let size = std::mem::size_of::<T>();
+    let copies = DECODE_BYTES / (K * N * size);
+    let w: Vec<T> = (0..K * N * copies).map(value).collect();
+    // SAFETY: the elements are plain numbers; the read only sums their bytes.
+    let bytes = unsafe { std::slice::from_raw_parts(w.as_ptr().cast::<u8>(), w.len() * size) };
+    let read = streaming_read(bytes);
+    let x: Vec<f32> = (0..K).map(|i| (i % 13) as f32 * 0.01).collect();
+    let mut out = vec![0f32; N];
+    let mut next = 0;
+    // As the engine runs a decode step: on a pool thread, the others kept awake between products.
+    let s = keep_awake(|| {
+        seconds(copies, || {
+            let m = &w[(next % copies) * K * N..][..K * N];
+            matmul(&x, m, 1, K, N, &mut out);
+            next += 1;
+        })
+    });
+    let gbs = (K * N * size) as f64 / s / 1e9;
+    println!(
+        "{name} decode from memory: {gbs:>5.1} GB/s of weights = {:>3.0}% of a streaming read ({read:.1} GB/s)",
+        100.0 * gbs / read
+    );
+}
+
 fn main() {
+    println!("{K} → {N}, {} threads", rayon::current_num_threads());
+    decode("bf16", |i| bf16::from_f32(((i % 17) as f32 - 8.0) * 0.01));
+    decode("f32", |i| ((i % 17) as f32 - 8.0) * 0.01);
+    if std::env::args().any(|a| a == "--decode") {
+        return;
+    }
     let w: Vec<f32> = (0..K * N).map(|i| ((i % 17) as f32 - 8.0) * 0.01).collect();
     run("f32", &w);
     let w: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();

@@ -10,8 +10,13 @@ pub trait Element: Copy + Send + Sync + 'static {
     /// Σ xᵢ·wᵢ over the shorter of the two slices.
     fn dot(x: &[f32], w: &[Self]) -> f32;
     /// [`dot`](Self::dot) of every activation row of `x` with every weight row of `w`, each
-    /// loaded once (`R ≤ 4`, `C ≤ 3` keep the tile in registers).
-    fn tile<const R: usize, const C: usize>(x: [&[f32]; R], w: [&[Self]; C]) -> [[f32; C]; R];
+    /// loaded once (`R ≤ 4`, `C ≤ 3` keep the tile in registers), asking memory for `ahead`
+    /// bytes past each weight row's reads as they go (0: none; the SIMD paths only).
+    fn tile<const R: usize, const C: usize>(
+        x: [&[f32]; R],
+        w: [&[Self]; C],
+        ahead: usize,
+    ) -> [[f32; C]; R];
     /// `out[r] += Σₜ p[r][t] · values[offsets[t]..][..d]` (`d` = `out[r].len()`): attention's
     /// sum of value rows for R query heads, each row read once for all of them, added to what
     /// `out` holds (a decode task sums its positions run by run).
@@ -60,17 +65,19 @@ macro_rules! element {
             fn tile<const R: usize, const C: usize>(
                 x: [&[f32]; R],
                 w: [&[Self]; C],
+                ahead: usize,
             ) -> [[f32; C]; R] {
                 #[cfg(target_arch = "x86_64")]
                 if crate::simd::has_avx512() {
                     // SAFETY: the features were just checked.
-                    return unsafe { crate::simd::avx512::$tile(x, w) };
+                    return unsafe { crate::simd::avx512::$tile(x, w, ahead) };
                 }
                 #[cfg(target_arch = "x86_64")]
                 if crate::simd::$has() {
                     // SAFETY: the features were just checked.
-                    return unsafe { crate::simd::avx2::$tile(x, w) };
+                    return unsafe { crate::simd::avx2::$tile(x, w, ahead) };
                 }
+                let _ = ahead;
                 portable::tile(x, w, $to_f32)
             }
 
@@ -143,14 +150,15 @@ macro_rules! element {
                 let mut all = vec![portable::tile(x, w, $to_f32)];
                 #[cfg(target_arch = "x86_64")]
                 {
+                    use crate::matmul::PREFETCH;
                     use crate::simd::Level;
                     if Level::detected() >= Level::Avx2 {
                         // SAFETY: the CPU has the features.
-                        all.push(unsafe { crate::simd::avx2::$tile(x, w) });
+                        all.push(unsafe { crate::simd::avx2::$tile(x, w, PREFETCH) });
                     }
                     if Level::detected() >= Level::Avx512 {
                         // SAFETY: as above.
-                        all.push(unsafe { crate::simd::avx512::$tile(x, w) });
+                        all.push(unsafe { crate::simd::avx512::$tile(x, w, PREFETCH) });
                     }
                 }
                 all

@@ -119,6 +119,7 @@ impl<T: Element> CachedRow for T {
                     row,
                     n,
                     y,
+                    0,
                 )
             };
         });

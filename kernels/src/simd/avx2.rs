@@ -99,9 +99,10 @@ macro_rules! entry_points {
         pub(crate) unsafe fn $tile<const R: usize, const C: usize>(
             x: [&[f32]; R],
             w: [&[$t]; C],
+            ahead: usize,
         ) -> [[f32; C]; R] {
             // SAFETY: as above.
-            unsafe { vector::tile::<__m256, _, R, C>(x, w) }
+            unsafe { vector::tile::<__m256, _, R, C>(x, w, ahead) }
         }
         #[target_feature(enable = $features)]
         pub(crate) unsafe fn $wsum<const R: usize>(

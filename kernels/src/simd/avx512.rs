@@ -91,9 +91,10 @@ macro_rules! entry_points {
         pub(crate) unsafe fn $tile<const R: usize, const C: usize>(
             x: [&[f32]; R],
             w: [&[$t]; C],
+            ahead: usize,
         ) -> [[f32; C]; R] {
             // SAFETY: the caller checked AVX-512F.
-            unsafe { vector::tile::<__m512, _, R, C>(x, w) }
+            unsafe { vector::tile::<__m512, _, R, C>(x, w, ahead) }
         }
         #[target_feature(enable = "avx512f,avx2,fma,f16c")]
         pub(crate) unsafe fn $wsum<const R: usize>(

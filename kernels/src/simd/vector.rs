@@ -6,6 +6,8 @@
 //! Every function is `unsafe`: the CPU must have the features of the register type used, and the
 //! pointers derived from the slices must stay inside them, as each function's loops ensure.
 
+use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+
 /// A register of f32 lanes.
 pub(super) trait Vector: Copy {
     /// f32 lanes per register.
@@ -69,11 +71,31 @@ pub(super) unsafe fn dot<V: Vector, T: Widen<V>>(x: &[f32], w: &[T]) -> f32 {
 /// widened once for the `R` rows and each activation once for the `C` weight rows — `R·C` FMAs
 /// per `R + C` loads, so a batch of decode rows runs at the FMA peak rather than the load ports'.
 /// `R·C` accumulators plus `C + 1` loaded registers must fit the register file (AVX2: 16, so
-/// 4 × 2; AVX-512: 32, so 4 × 4), or the accumulators spill.
+/// 4 × 2; AVX-512: 32, so 4 × 4), or the accumulators spill. `ahead` bytes past each weight
+/// row's reads are requested from memory as they go (0: none; the check outside the loop, so
+/// attention's short rows pay nothing for it).
 #[inline(always)]
 pub(super) unsafe fn tile<V: Vector, T: Widen<V>, const R: usize, const C: usize>(
     x: [&[f32]; R],
     w: [&[T]; C],
+    ahead: usize,
+) -> [[f32; C]; R] {
+    // SAFETY: the caller's promises.
+    unsafe {
+        if ahead > 0 {
+            tile_ahead::<V, T, R, C, true>(x, w, ahead)
+        } else {
+            tile_ahead::<V, T, R, C, false>(x, w, 0)
+        }
+    }
+}
+
+/// [`tile`], prefetching or not.
+#[inline(always)]
+unsafe fn tile_ahead<V: Vector, T: Widen<V>, const R: usize, const C: usize, const AHEAD: bool>(
+    x: [&[f32]; R],
+    w: [&[T]; C],
+    ahead: usize,
 ) -> [[f32; C]; R] {
     let n = x
         .iter()
@@ -94,6 +116,10 @@ pub(super) unsafe fn tile<V: Vector, T: Widen<V>, const R: usize, const C: usize
             let mut wv = [V::zero(); C];
             for (v, &p) in wv.iter_mut().zip(&wp) {
                 *v = T::widen(p.add(i));
+                if AHEAD {
+                    // A hint: never faults, whatever the address.
+                    _mm_prefetch::<_MM_HINT_T0>(p.add(i).cast::<i8>().wrapping_add(ahead));
+                }
             }
             for (a, &p) in acc.iter_mut().zip(&xp) {
                 let xv = V::load(p.add(i));
