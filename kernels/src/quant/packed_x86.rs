@@ -15,6 +15,20 @@ use super::packed::{tile_bytes, Q6K_HIGH, Q6K_LOW, Q6K_SCALES, ROWS};
 /// How far ahead of the bytes in use the kernels ask for weights.
 const PREFETCH: usize = 4096;
 
+/// Asks memory for part `part` of `parts` of the `bytes` that start `PREFETCH` bytes past the
+/// tile column at `p`: called once per part as a column is read, it requests every line of the
+/// columns that follow once — their scales included — a few lines per call. The hardware
+/// prefetcher alone leaves a core waiting on memory; a hint, harmless past the end.
+#[inline(always)]
+unsafe fn ahead(p: *const u8, bytes: usize, part: usize, parts: usize) {
+    // One line more: a column need not start on a line.
+    let lines = bytes.div_ceil(64) + 1;
+    for l in lines * part / parts..lines * (part + 1) / parts {
+        // SAFETY: a prefetch never faults.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + 64 * l).cast()) };
+    }
+}
+
 /// Four activation bytes at `p` broadcast to every 32-bit lane.
 #[inline(always)]
 unsafe fn quad(p: *const i8) -> i32 {
@@ -154,6 +168,8 @@ pub(crate) unsafe fn q4k_vnni<const R: usize>(tile: &[u8], x: [&[Act256]; R]) ->
                     let at = 320 + 256 * s + 64 * pair;
                     // The hardware prefetcher alone leaves a core waiting on memory: ask for
                     // what comes 4 KiB on (the next tile columns; a hint, harmless past the end).
+                    // Only the lines this loop reads: covering the scales too (`ahead`) measured
+                    // ~5-10% slower here.
                     _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(at + PREFETCH).cast());
                     let raw = _mm512_loadu_si512(p.add(at).cast());
                     let lo = _mm512_and_si512(raw, low);
@@ -224,9 +240,7 @@ pub(crate) unsafe fn q6k_vnni<const R: usize>(tile: &[u8], x: [&[Act256]; R]) ->
             // lie inside the column; an activation block holds 256 bytes.
             let w = unsafe {
                 let (lo, hi) = (Q6K_LOW + 128 * j, Q6K_HIGH + 64 * j);
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(lo + PREFETCH).cast());
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(lo + 64 + PREFETCH).cast());
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(hi + PREFETCH).cast());
+                ahead(p, tile_bytes(Format::Q6K), j, 16);
                 let (a, c) = (
                     _mm512_loadu_si512(p.add(lo).cast()),
                     _mm512_loadu_si512(p.add(lo + 64).cast()),
@@ -409,6 +423,9 @@ unsafe fn q8_0_256<D: Dot4, const R: usize>(tile: &[u8], x: [&[Act32]; R]) -> [[
                 for h in 0..2 {
                     // SAFETY: half h of group g is 32 bytes inside the column.
                     unsafe {
+                        if h == 0 {
+                            ahead(p, tile_bytes(Format::Q8_0), g, 8);
+                        }
                         let w = _mm256_xor_si256(
                             _mm256_loadu_si256(p.add(32 + 64 * g + 32 * h).cast()),
                             flip,
@@ -456,6 +473,9 @@ unsafe fn q4_0_256<D: Dot4, const R: usize>(tile: &[u8], x: [&[Act32]; R]) -> [[
                 for h in 0..2 {
                     // SAFETY: half h of group g is 32 bytes inside the column.
                     unsafe {
+                        if h == 0 {
+                            ahead(p, tile_bytes(Format::Q4_0), g, 4);
+                        }
                         let raw = _mm256_loadu_si256(p.add(32 + 64 * g + 32 * h).cast());
                         let lo = _mm256_and_si256(raw, low);
                         let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low);
@@ -506,6 +526,9 @@ unsafe fn q4k_256<D: Dot4, const R: usize>(tile: &[u8], x: [&[Act256]; R]) -> [[
                     for pair in 0..4 {
                         // SAFETY: as in `q4k_vnni`, for one half.
                         unsafe {
+                            if h == 0 {
+                                ahead(p, tile_bytes(Format::Q4K), 4 * s + pair, 32);
+                            }
                             let raw = _mm256_loadu_si256(
                                 p.add(320 + 256 * s + 64 * pair + 32 * h).cast(),
                             );
@@ -578,6 +601,9 @@ unsafe fn q6k_256<D: Dot4, const R: usize>(tile: &[u8], x: [&[Act256]; R]) -> [[
                 for j in 0..16 {
                     // SAFETY: as in `q6k_vnni`, for one half.
                     let w = unsafe {
+                        if h == 0 {
+                            ahead(p, tile_bytes(Format::Q6K), j, 16);
+                        }
                         let (lo, hi) = (Q6K_LOW + 128 * j + 32 * h, Q6K_HIGH + 64 * j + 32 * h);
                         let a = _mm256_loadu_si256(p.add(lo).cast());
                         let c = _mm256_loadu_si256(p.add(lo + 64).cast());
