@@ -5,7 +5,8 @@
 //! them off): the right column is then the f32 GEMM they replace.
 //!
 //! First, decode from memory: one activation row against weights cycled through far more bytes
-//! than any cache holds, as GB/s of weights beside a plain streaming read of the same bytes.
+//! than any cache holds, as GB/s of weights beside a plain streaming read of the same bytes
+//! (`-- --decode` stops after it).
 //!
 //! Run: `cargo bench -p pio-kernels --bench matmul` (`RAYON_NUM_THREADS` sets the threads).
 

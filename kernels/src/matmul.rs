@@ -38,9 +38,10 @@ fn gemm_rows<T: Element>() -> usize {
 
 /// How far past each weight row's reads a streamed product asks memory for lines, in bytes.
 /// The hardware prefetcher alone leaves the core waiting on memory: bf16 decode from memory went
-/// from a median 14.0 to 17.7 GB/s with it (alternating runs of `cargo bench -p pio-kernels
-/// --bench matmul`; 1 KiB: 16.6, 2 KiB less still). A product's rows lie back to back, so past a
-/// row's end this reaches the rows that follow.
+/// from a median 14.0 to 17.7 GB/s with it (the matmul bench's decode line, each distance
+/// alternated with none inside one process, on the 2-vCPU AVX-512 Xeon; 1 KiB: 16.6, 2 KiB less
+/// still). A product's rows lie back to back, so past a row's end this reaches the rows that
+/// follow.
 pub(crate) const PREFETCH: usize = 512;
 
 /// Widened weights per GEMM block, in f32 elements (4 MiB: a block stays in the L3 cache).

@@ -119,6 +119,7 @@ impl<T: Element> CachedRow for T {
                     row,
                     n,
                     y,
+                    // No prefetch: a run's key rows are slots apart, not back to back.
                     0,
                 )
             };
