@@ -585,16 +585,19 @@ mod tests {
                 .unwrap()
                 .broadcast_matmul(&w.to_dtype(DType::F32).unwrap().t().unwrap())
                 .unwrap();
-            let diff = (ours.to_dtype(DType::F32).unwrap() - reference)
+            // Only the final rounding to bf16 differs: at most half a bf16 step (2⁻⁸ of the
+            // value; randn inputs give sums past 32, where a fixed bound flaked).
+            let excess = ((ours.to_dtype(DType::F32).unwrap() - &reference)
                 .unwrap()
                 .abs()
                 .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            // Only the final rounding to bf16 differs (8 bits of mantissa on values of ~10).
-            assert!(diff < 0.1, "{rows} rows: {diff}");
+                - (reference.abs().unwrap() * (1.0 / 256.0)).unwrap())
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+            assert!(excess < 1e-4, "{rows} rows: {excess} past half a bf16 step");
         }
     }
 

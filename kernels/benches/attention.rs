@@ -3,9 +3,13 @@
 //! step does, with the KV bytes it reads per second beside a streaming read of as many bytes.
 //! The 8-bit rows (`kv_cache_dtype = "q8_0"`) read about half of bf16's bytes.
 //!
-//! Run: `cargo bench -p pio-kernels --bench attention` (`RAYON_NUM_THREADS` sets the threads).
+//! Run: `cargo bench -p pio-kernels --bench attention` (`RAYON_NUM_THREADS` sets the threads);
+//! `-- --depth N` measures one depth only, `-- --cache bf16|f16|q8_0` one cached type. Each
+//! step runs under `keep_awake`, as the engine's do.
 
-use pio_kernels::{bf16, f16, kv_q8, paged_attention, AttentionShape, CachedRow, PagedKv};
+use pio_kernels::{
+    bf16, f16, keep_awake, kv_q8, paged_attention, AttentionShape, CachedRow, PagedKv,
+};
 
 mod common;
 use common::{seconds, streaming_read};
@@ -49,18 +53,30 @@ fn step<T: CachedRow>(depth: usize, store: impl Fn(&[f32]) -> Vec<T>) -> (f64, u
     let q = values(HEADS * D, 99);
     let mut out = vec![0f32; HEADS * D];
     let s = seconds(5, || {
-        for (k, v) in &layers {
-            let kv = PagedKv {
-                keys: k,
-                values: v,
-                blocks: &blocks,
-                block_size: BLOCK,
-            };
-            paged_attention(&shape, &q, &kv, depth, &mut out);
-        }
+        keep_awake(|| attend(&shape, &layers, &blocks, depth, &q, &mut out))
     });
     let bytes = LAYERS * 2 * len * KV_HEADS * T::units(D) * std::mem::size_of::<T>();
     (s, bytes)
+}
+
+/// One decode step's attention: the query over every layer's pool.
+fn attend<T: CachedRow>(
+    shape: &AttentionShape,
+    layers: &[(Vec<T>, Vec<T>)],
+    blocks: &[u32],
+    depth: usize,
+    q: &[f32],
+    out: &mut [f32],
+) {
+    for (k, v) in layers {
+        let kv = PagedKv {
+            keys: k,
+            values: v,
+            blocks,
+            block_size: BLOCK,
+        };
+        paged_attention(shape, q, &kv, depth, out);
+    }
 }
 
 fn main() {
@@ -73,21 +89,37 @@ fn main() {
         "{:>6} {:>6} {:>10} {:>9} {:>8} {:>9}",
         "depth", "cache", "ms/step", "MB/step", "GB/s", "vs bf16"
     );
-    for depth in [512, 2048, 8192] {
-        let bf = step(depth, |r| r.iter().map(|&v| bf16::from_f32(v)).collect());
-        let half = step(depth, |r| r.iter().map(|&v| f16::from_f32(v)).collect());
-        let q8 = step(depth, |r| {
-            let mut row = vec![0u8; kv_q8::row_bytes(r.len())];
-            kv_q8::quantize_row(r, &mut row);
-            row
-        });
-        for (name, (s, bytes)) in [("bf16", bf), ("f16", half), ("q8_0", q8)] {
+    let args: Vec<String> = std::env::args().collect();
+    let only = args
+        .iter()
+        .position(|a| a == "--depth")
+        .and_then(|i| args.get(i + 1)?.parse::<usize>().ok());
+    let cache = args
+        .iter()
+        .position(|a| a == "--cache")
+        .and_then(|i| args.get(i + 1).cloned());
+    for depth in only.map_or(vec![512, 2048, 8192], |d| vec![d]) {
+        let mut bf = None;
+        for name in ["bf16", "f16", "q8_0"] {
+            if cache.as_ref().is_some_and(|c| c != name) {
+                continue;
+            }
+            let (s, bytes) = match name {
+                "bf16" => step(depth, |r| r.iter().map(|&v| bf16::from_f32(v)).collect()),
+                "f16" => step(depth, |r| r.iter().map(|&v| f16::from_f32(v)).collect()),
+                _ => step(depth, |r| {
+                    let mut row = vec![0u8; kv_q8::row_bytes(r.len())];
+                    kv_q8::quantize_row(r, &mut row);
+                    row
+                }),
+            };
+            let base = *bf.get_or_insert(s);
             println!(
                 "{depth:>6} {name:>6} {:>10.3} {:>9.1} {:>8.1} {:>8.2}x",
                 s * 1e3,
                 bytes as f64 / 1e6,
                 bytes as f64 / s / 1e9,
-                bf.0 / s
+                base / s
             );
         }
     }

@@ -2,12 +2,12 @@
 //! scores of the query heads against the key rows, then the value rows summed by probability.
 //! Both go run by run of [`RUN`] positions with every key/value head of a run before the next
 //! run, so a block's slots stream through the cache in order (head by head over all positions
-//! would read pieces of each slot a whole slot apart, which no prefetcher follows).
+//! would read pieces of each slot a whole slot apart, which no prefetcher follows), and each
+//! run asks memory for the next one's rows as it goes.
 
 use std::cell::RefCell;
 
 use crate::parallel::SharedMut;
-use crate::quant::{q8_0_dots, quantize_act32, Act32};
 use crate::{kv_q8, Element};
 
 /// Positions per run.
@@ -50,18 +50,58 @@ pub trait CachedRow: Copy + Send + Sync + 'static {
 }
 
 /// Calls `f(g, first, offsets)` for every run of `slots` and every key/value head `g`, the
-/// offsets being the run's rows of head `g`.
+/// offsets being the run's rows of head `g` in `pool`. After each head's call it asks memory for
+/// that head's rows of the next run: a run's rows lie a slot apart, a stride the hardware
+/// prefetchers do not follow far enough ahead, so each sweep otherwise waits on every row.
 #[inline(always)]
-fn runs(slots: &[usize], heads: usize, units: usize, mut f: impl FnMut(usize, usize, &[usize])) {
+fn runs<P>(
+    slots: &[usize],
+    heads: usize,
+    units: usize,
+    pool: &[P],
+    mut f: impl FnMut(usize, usize, &[usize]),
+) {
     let mut offsets = [0usize; RUN];
+    let row_bytes = units * std::mem::size_of::<P>();
     for (r, run) in slots.chunks(RUN).enumerate() {
+        let next = slots.get((r + 1) * RUN..).unwrap_or_default();
+        let next = &next[..next.len().min(RUN)];
         for g in 0..heads {
             for (o, s) in offsets.iter_mut().zip(run) {
                 *o = s + g * units;
             }
             f(g, r * RUN, &offsets[..run.len()]);
+            for s in next {
+                crate::simd::prefetch(pool, s + g * units, row_bytes);
+            }
         }
     }
+}
+
+/// Scores of key/value head `g`'s query heads against a run's rows (`row(j)` for the run's
+/// columns `first..first + len` of rows `n` wide).
+#[inline(always)]
+fn score_run<'r, T: Element>(
+    qs: &[&[f32]],
+    groups: usize,
+    (g, first, len): (usize, usize, usize),
+    row: impl Fn(usize) -> &'r [T],
+    n: usize,
+    scores: &mut [f32],
+) {
+    let y = SharedMut::new(&mut scores[g * groups * n..(g + 1) * groups * n]);
+    // SAFETY: `y` holds this head's groups × n scores; columns first.. are this run's.
+    unsafe {
+        crate::matmul::dots(
+            &qs[g * groups..(g + 1) * groups],
+            first..first + len,
+            row,
+            n,
+            y,
+            // `runs` asks for the rows: they lie a slot apart, not back to back.
+            0,
+        )
+    };
 }
 
 /// `outs[h] += Σᵢ probs[h][cols][i] · values[offsets[i]..]`, up to four heads per pass.
@@ -108,21 +148,9 @@ impl<T: Element> CachedRow for T {
             "scores for {} heads",
             qs.len()
         );
-        runs(slots, qs.len() / groups, d, |g, first, offsets| {
+        runs(slots, qs.len() / groups, d, pool, |g, first, offsets| {
             let row = |j: usize| &pool[offsets[j - first]..offsets[j - first] + d];
-            let y = SharedMut::new(&mut scores[g * groups * n..(g + 1) * groups * n]);
-            // SAFETY: `y` holds this head's groups × n scores; columns first.. are this run's.
-            unsafe {
-                crate::matmul::dots(
-                    &qs[g * groups..(g + 1) * groups],
-                    first..first + offsets.len(),
-                    row,
-                    n,
-                    y,
-                    // No prefetch: a run's key rows are slots apart, not back to back.
-                    0,
-                )
-            };
+            score_run(qs, groups, (g, first, offsets.len()), row, n, scores);
         });
     }
 
@@ -134,7 +162,7 @@ impl<T: Element> CachedRow for T {
         d: usize,
         outs: &mut [&mut [f32]],
     ) {
-        runs(slots, probs.len() / groups, d, |g, first, offsets| {
+        runs(slots, probs.len() / groups, d, pool, |g, first, offsets| {
             let heads = g * groups..(g + 1) * groups;
             let cols = first..first + offsets.len();
             weighted(&probs[heads.clone()], cols, pool, offsets, &mut outs[heads]);
@@ -146,34 +174,15 @@ impl<T: Element> CachedRow for T {
     }
 }
 
-/// Each query head rounded to 8-bit blocks, zero-padded to whole blocks as the key rows are,
-/// one head after the other.
-fn rounded_queries(qs: &[&[f32]], d: usize) -> Vec<Act32> {
-    let mut padded = vec![0f32; d.next_multiple_of(kv_q8::BLOCK)];
-    let (mut all, mut one) = (Vec::new(), Vec::new());
-    for q in qs {
-        padded[..d].copy_from_slice(&q[..d]);
-        quantize_act32(&padded, &mut one);
-        all.append(&mut one);
-    }
-    all
-}
-
-/// Heads `h..h + R`'s scores at column `col` of rows `n` wide.
-#[inline]
-fn put<const R: usize>(scores: &mut [f32], n: usize, col: usize, h: usize, v: [f32; R]) {
-    for (k, v) in v.into_iter().enumerate() {
-        scores[(h + k) * n + col] = v;
-    }
-}
-
 impl CachedRow for u8 {
     fn units(d: usize) -> usize {
         kv_q8::row_bytes(d)
     }
 
-    /// The query heads rounded once to 8-bit blocks (zero-padded as the rows are), then integer
-    /// dot products with each key row, up to four heads per row read.
+    /// Each run's key rows widened to f32, then scored as f32 rows are: the f32 tiles take a
+    /// run's scores faster than integer dot products over rows this short (136 bytes), whose
+    /// fixed costs per row (block scales, a reduction per head) outweighed their narrower
+    /// arithmetic; and the queries keep their precision.
     fn score_part(
         qs: &[&[f32]],
         groups: usize,
@@ -182,30 +191,28 @@ impl CachedRow for u8 {
         d: usize,
         scores: &mut [f32],
     ) {
-        let (n, units, blocks) = (slots.len(), kv_q8::row_bytes(d), d.div_ceil(kv_q8::BLOCK));
+        let n = slots.len();
         assert!(
             scores.len() >= qs.len() * n,
             "scores for {} heads",
             qs.len()
         );
-        let acts = rounded_queries(qs, d);
-        let heads: Vec<&[Act32]> = acts.chunks_exact(blocks).collect();
-        runs(slots, qs.len() / groups, units, |g, first, offsets| {
-            for (i, &at) in offsets.iter().enumerate() {
-                let (row, col) = (&pool[at..at + units], first + i);
-                let mut h = g * groups;
-                while h < (g + 1) * groups {
-                    let c = ((g + 1) * groups - h).min(4);
-                    let x = |k: usize| heads[h + k];
-                    match c {
-                        4 => put(scores, n, col, h, q8_0_dots(row, [x(0), x(1), x(2), x(3)])),
-                        3 => put(scores, n, col, h, q8_0_dots(row, [x(0), x(1), x(2)])),
-                        2 => put(scores, n, col, h, q8_0_dots(row, [x(0), x(1)])),
-                        _ => put(scores, n, col, h, q8_0_dots(row, [x(0)])),
-                    }
-                    h += c;
-                }
-            }
+        let local: [usize; RUN] = std::array::from_fn(|i| i * d);
+        ROWS.with_borrow_mut(|rows| {
+            let units = kv_q8::row_bytes(d);
+            runs(
+                slots,
+                qs.len() / groups,
+                units,
+                pool,
+                |g, first, offsets| {
+                    rows.resize(offsets.len() * d, 0.0);
+                    kv_q8::dequantize_rows(pool, offsets, d, d, rows);
+                    let rows = &rows[..];
+                    let row = |j: usize| &rows[local[j - first]..local[j - first] + d];
+                    score_run(qs, groups, (g, first, offsets.len()), row, n, scores);
+                },
+            );
         });
     }
 
@@ -225,6 +232,7 @@ impl CachedRow for u8 {
                 slots,
                 probs.len() / groups,
                 kv_q8::row_bytes(d),
+                pool,
                 |g, first, offsets| {
                     rows.resize(offsets.len() * vd, 0.0);
                     kv_q8::dequantize_rows(pool, offsets, d, vd, rows);

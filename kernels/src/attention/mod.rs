@@ -437,22 +437,6 @@ mod tests {
         }
     }
 
-    /// Each `d`-wide row of `q` rounded as the quantized products round activations: per block
-    /// of 32, to the nearest of 127 steps of the block's largest magnitude.
-    fn rounded(q: &[f32], d: usize) -> Vec<f32> {
-        let mut out = q.to_vec();
-        for block in out.chunks_mut(d).flat_map(|row| row.chunks_mut(32)) {
-            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            if amax > 0.0 {
-                let (inv, step) = (127.0 / amax, amax / 127.0);
-                block
-                    .iter_mut()
-                    .for_each(|v| *v = (*v * inv).round() * step);
-            }
-        }
-        out
-    }
-
     /// 8-bit rows: the kernel's result is attention over the rows' own (rounded) values, for
     /// decode and prefill, across several widening runs, through a scattered block table, at
     /// row widths of whole groups and of one odd group, and with values narrower than keys (MLA).
@@ -500,13 +484,8 @@ mod tests {
                 (bytes, read)
             };
             let ((kb, k), (vb, v)) = (pool(12), pool(13));
-            // Decode scores 8-bit keys against the query rounded to 8-bit blocks as well.
-            let scored = if seq < GEMM_QUERIES {
-                rounded(&q, d)
-            } else {
-                q.clone()
-            };
-            let expected = reference(&shape, &scored, &k, &v, start);
+            // Decode and prefill both score the f32 queries against the keys as stored.
+            let expected = reference(&shape, &q, &k, &v, start);
             let kv = PagedKv {
                 keys: &kb[..],
                 values: &vb[..],

@@ -366,12 +366,6 @@ impl Activations for Act256 {
     }
 }
 
-/// One row of Q8_0 blocks against R rows of activation blocks (as many blocks each).
-#[inline]
-pub(crate) fn q8_0_dots<const R: usize>(row: &[u8], x: [&[Act32]; R]) -> [f32; R] {
-    Act32::dots(Format::Q8_0, row, x)
-}
-
 /// Each weight row against every activation row, the weight rows split over threads.
 fn products<A: Activations>(w: &QuantMatrix<'_>, xs: &[&[A]], out: &mut [f32]) {
     let n = w.rows;
