@@ -49,14 +49,15 @@ fn compare<M: LoadModel + CausalLm>(name: &str, cache: CacheType) -> (f32, f32, 
 // Measured (deterministic fixtures and rounding), 80 steps each:
 //   qwen3-tiny          f16: agreement 1.000, |Δ| mean 0.0005, max 0.0020
 //   qwen3-tiny         bf16: agreement 0.988, |Δ| mean 0.0042, max 0.018
-//   qwen3-tiny         q8_0: agreement 0.988, |Δ| mean 0.015,  max 0.068
+//   qwen3-tiny         q8_0: agreement 0.988, |Δ| mean 0.014,  max 0.053
 //   qwen3-moe-tiny     bf16: agreement 0.988, |Δ| mean 0.0044, max 0.15 (a token moved expert)
-//   qwen3-moe-tiny     q8_0: agreement 0.988, |Δ| mean 0.019,  max 0.38 (a token moved expert)
+//   qwen3-moe-tiny     q8_0: agreement 0.988, |Δ| mean 0.019,  max 0.37 (a token moved expert)
 //   glm4-moe-lite-tiny bf16: agreement 1.000, |Δ| mean 0.0066, max 0.16
-//   glm4-moe-lite-tiny q8_0: agreement 1.000, |Δ| mean 0.017,  max 0.16
-// q8_0 rounds each value to one of 255 steps of its 32-value block's largest magnitude, and
-// decode rounds the query the same way to score 8-bit keys with integer products (as llama.cpp
-// does for a Q8_0 cache): about 3x bf16's error (8 significant bits against each value's own
+//   glm4-moe-lite-tiny q8_0: agreement 1.000, |Δ| mean 0.014,  max 0.18
+// q8_0 rounds each value to one of 255 steps of its 32-value block's largest magnitude (decode
+// scores the f32 query against the keys widened from those steps; until 2026-12-04 it rounded
+// the query too, as llama.cpp does for a Q8_0 cache, and qwen3-tiny's mean was 0.015, max
+// 0.068): about 3x bf16's error (8 significant bits against each value's own
 // exponent), below the weights' own Q8 rounding (tests/quantized.rs: mean 0.033 on qwen3-tiny).
 // GLM caches one 48-wide latent per token (32 + 16 rotary), zero-padded to two blocks. Bounds sit ~30% outside
 // the measured figures (they are the same on the AVX-512, AVX2 and portable paths); a cache read

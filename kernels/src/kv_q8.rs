@@ -3,9 +3,9 @@
 //! quantizer writes — with a row of `d` values zero-padded to whole blocks. A row's leading
 //! values (MLA reads the latent part of its cached rows) are its leading blocks.
 //!
-//! Attention scores a run of key rows with the quantized products' integer dot products (the
-//! query rounded to 8-bit blocks once, as llama.cpp does for a Q8_0 cache) and sums value rows
-//! widened to f32 a run at a time.
+//! Attention widens a run of rows to f32 at a time, keys and values alike, and scores and sums
+//! them with the f32 kernels (integer dot products with the query rounded to 8-bit blocks, as
+//! llama.cpp scores a Q8_0 cache, were slower on rows this short: docs/decisions.md).
 
 use half::f16;
 
