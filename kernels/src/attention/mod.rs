@@ -400,6 +400,9 @@ mod tests {
         check(1, 0, 4, 2, 0);
         check(1, 37, 4, 2, 5);
         check(3, 10, 6, 3, 0);
+        // Positions split over several parts (and their merge), one part shorter.
+        check(1, 800, 4, 2, 0);
+        check(2, 555, 4, 1, 3);
     }
 
     #[test]
@@ -445,6 +448,7 @@ mod tests {
         let cases = [
             // (heads, kv_heads, d, vd, seq, start)
             (4, 2, 32, 32, 1, 150),
+            (4, 2, 32, 32, 1, 800),
             (4, 2, 64, 64, 3, 70),
             (4, 1, 48, 48, 20, 0),
             (4, 2, 32, 32, 12, 140),
