@@ -12,7 +12,7 @@ use pio_kernels::{
 };
 
 mod common;
-use common::{seconds, streaming_read};
+use common::{seconds, streaming_read, CYCLED};
 
 const HEADS: usize = 16;
 const KV_HEADS: usize = 8;
@@ -27,11 +27,6 @@ fn values(n: usize, seed: u32) -> Vec<f32> {
         })
         .collect()
 }
-
-/// Bytes of caches a step cycles through at least: more than the last-level cache (260 MiB on
-/// the 2-vCPU VMs, shared), so each step reads its cache from memory, as a model's step does
-/// once its weights have passed through the caches.
-const CYCLED: usize = 768 << 20;
 
 /// Seconds of one decode step's attention over `LAYERS` pools of `depth` positions, and the
 /// bytes of cache it reads; each step reads the next of as many copies as fill [`CYCLED`].
@@ -87,7 +82,26 @@ fn attend<T: CachedRow>(
     }
 }
 
+/// The cached types measured, as `--cache` names them.
+const CACHES: [&str; 3] = ["bf16", "f16", "q8_0"];
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let flag = |name: &str| {
+        let i = args.iter().position(|a| a == name)?;
+        Some(args.get(i + 1).cloned().unwrap_or_default())
+    };
+    let only = flag("--depth").map(|d| {
+        d.parse::<usize>().unwrap_or_else(|_| {
+            eprintln!("--depth {d:?}: expected a number of cached positions, such as 512");
+            std::process::exit(2)
+        })
+    });
+    let cache = flag("--cache");
+    if let Some(c) = cache.as_deref().filter(|c| !CACHES.contains(c)) {
+        eprintln!("--cache {c:?}: expected one of {CACHES:?}");
+        std::process::exit(2);
+    }
     let threads = rayon::current_num_threads();
     let read = streaming_read(&vec![1u8; 512 << 20]);
     println!(
@@ -97,18 +111,9 @@ fn main() {
         "{:>6} {:>6} {:>10} {:>9} {:>8} {:>9}",
         "depth", "cache", "ms/step", "MB/step", "GB/s", "vs bf16"
     );
-    let args: Vec<String> = std::env::args().collect();
-    let only = args
-        .iter()
-        .position(|a| a == "--depth")
-        .and_then(|i| args.get(i + 1)?.parse::<usize>().ok());
-    let cache = args
-        .iter()
-        .position(|a| a == "--cache")
-        .and_then(|i| args.get(i + 1).cloned());
     for depth in only.map_or(vec![512, 2048, 8192], |d| vec![d]) {
         let mut bf = None;
-        for name in ["bf16", "f16", "q8_0"] {
+        for name in CACHES {
             if cache.as_ref().is_some_and(|c| c != name) {
                 continue;
             }

@@ -15,10 +15,7 @@ use std::time::Instant;
 use pio_kernels::{bf16, keep_awake, matmul, matmul_rows, Element, WeightRows};
 
 mod common;
-use common::{seconds, streaming_read};
-
-/// Bytes of weights cycled through in decode (this machine's L3 is 260 MB, shared).
-const DECODE_BYTES: usize = 768 << 20;
+use common::{seconds, streaming_read, CYCLED};
 
 const K: usize = 1024;
 const N: usize = 3072;
@@ -64,10 +61,10 @@ fn run<T: Element>(name: &str, w: &[T]) {
     }
 }
 
-/// One activation row against `DECODE_BYTES` of `T` weights, matrix after matrix.
+/// One activation row against `CYCLED` of `T` weights, matrix after matrix.
 fn decode<T: Element>(name: &str, value: impl Fn(usize) -> T) {
     let size = std::mem::size_of::<T>();
-    let copies = DECODE_BYTES / (K * N * size);
+    let copies = CYCLED / (K * N * size);
     let w: Vec<T> = (0..K * N * copies).map(value).collect();
     // SAFETY: the elements are plain numbers; the read only sums their bytes.
     let bytes = unsafe { std::slice::from_raw_parts(w.as_ptr().cast::<u8>(), w.len() * size) };

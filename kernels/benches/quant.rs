@@ -12,14 +12,11 @@ use pio_kernels::{
 };
 
 mod common;
-use common::{seconds, streaming_read};
+use common::{seconds, streaming_read, CYCLED};
 
 /// Qwen3-0.6B's MLP projection shape.
 const K: usize = 1024;
 const N: usize = 3072;
-/// Bytes of weights cycled through in decode: far more than any cache (this machine's L3 is
-/// 260 MB, shared).
-const DECODE_BYTES: usize = 768 << 20;
 
 /// Blocks the GEMM path decodes itself.
 struct Decoded<'a>(Format, &'a [u8]);
@@ -43,7 +40,7 @@ fn main() {
     println!("{K} → {N}, {} threads", rayon::current_num_threads());
     for format in formats {
         let row = format.row_bytes(K).unwrap_or(0);
-        let copies = DECODE_BYTES / (row * N);
+        let copies = CYCLED / (row * N);
         let mut bytes: Vec<u8> = (0..row * N * copies).map(|_| random() as u8).collect();
         // Small finite scales where the format keeps them.
         for b in bytes.chunks_exact_mut(format.block_bytes()) {

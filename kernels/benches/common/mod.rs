@@ -4,6 +4,10 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 
+/// Bytes a bench cycles through to measure a read from memory: far more than any cache holds
+/// (the 2-vCPU VMs' last-level cache is 260 MB, shared), so no step finds its bytes cached.
+pub const CYCLED: usize = 768 << 20;
+
 /// Seconds per call of `f`, best of a few runs.
 pub fn seconds(reps: usize, mut f: impl FnMut()) -> f64 {
     f();

@@ -174,6 +174,32 @@ impl<T: Element> CachedRow for T {
     }
 }
 
+/// [`runs`] over 8-bit rows of `d` values, each run's rows widened first: `f(g, first, rows,
+/// local)` gets head `g`'s rows as f32, the first `take` values of each, at offsets `local`.
+fn widened_runs(
+    pool: &[u8],
+    slots: &[usize],
+    heads: usize,
+    d: usize,
+    take: usize,
+    mut f: impl FnMut(usize, usize, &[f32], &[usize]),
+) {
+    let local: [usize; RUN] = std::array::from_fn(|i| i * take);
+    ROWS.with_borrow_mut(|rows| {
+        runs(
+            slots,
+            heads,
+            kv_q8::row_bytes(d),
+            pool,
+            |g, first, offsets| {
+                rows.resize(offsets.len() * take, 0.0);
+                kv_q8::dequantize_rows(pool, offsets, d, take, rows);
+                f(g, first, &rows[..], &local[..offsets.len()]);
+            },
+        );
+    });
+}
+
 impl CachedRow for u8 {
     fn units(d: usize) -> usize {
         kv_q8::row_bytes(d)
@@ -197,23 +223,17 @@ impl CachedRow for u8 {
             "scores for {} heads",
             qs.len()
         );
-        let local: [usize; RUN] = std::array::from_fn(|i| i * d);
-        ROWS.with_borrow_mut(|rows| {
-            let units = kv_q8::row_bytes(d);
-            runs(
-                slots,
-                qs.len() / groups,
-                units,
-                pool,
-                |g, first, offsets| {
-                    rows.resize(offsets.len() * d, 0.0);
-                    kv_q8::dequantize_rows(pool, offsets, d, d, rows);
-                    let rows = &rows[..];
-                    let row = |j: usize| &rows[local[j - first]..local[j - first] + d];
-                    score_run(qs, groups, (g, first, offsets.len()), row, n, scores);
-                },
-            );
-        });
+        widened_runs(
+            pool,
+            slots,
+            qs.len() / groups,
+            d,
+            d,
+            |g, first, rows, local| {
+                let row = |j: usize| &rows[local[j - first]..local[j - first] + d];
+                score_run(qs, groups, (g, first, local.len()), row, n, scores);
+            },
+        );
     }
 
     /// Each run's value rows widened to f32, then summed as f32 rows are.
@@ -226,28 +246,18 @@ impl CachedRow for u8 {
         outs: &mut [&mut [f32]],
     ) {
         let vd = outs.first().map_or(0, |o| o.len());
-        let local: [usize; RUN] = std::array::from_fn(|i| i * vd);
-        ROWS.with_borrow_mut(|rows| {
-            runs(
-                slots,
-                probs.len() / groups,
-                kv_q8::row_bytes(d),
-                pool,
-                |g, first, offsets| {
-                    rows.resize(offsets.len() * vd, 0.0);
-                    kv_q8::dequantize_rows(pool, offsets, d, vd, rows);
-                    let heads = g * groups..(g + 1) * groups;
-                    let cols = first..first + offsets.len();
-                    weighted(
-                        &probs[heads.clone()],
-                        cols,
-                        &rows[..],
-                        &local[..offsets.len()],
-                        &mut outs[heads],
-                    );
-                },
-            );
-        });
+        widened_runs(
+            pool,
+            slots,
+            probs.len() / groups,
+            d,
+            vd,
+            |g, first, rows, local| {
+                let heads = g * groups..(g + 1) * groups;
+                let cols = first..first + local.len();
+                weighted(&probs[heads.clone()], cols, rows, local, &mut outs[heads]);
+            },
+        );
     }
 
     fn widen(pool: &[u8], offset: usize, d: usize, out: &mut [f32]) {

@@ -9,8 +9,9 @@ use rayon::prelude::*;
 use super::{AttentionShape, CachedRow, PagedKv, SCORES};
 
 /// Positions a task takes at least: fewer cost more in merging than they save, and each part's
-/// first run of rows comes unprefetched (256 against 64: depth 512 bf16 5.3 -> 4.6 ms per
-/// 28-layer step, q8_0 5.3 -> 4.8, alternating in-process in the attention bench; 2048 unchanged).
+/// first run of rows comes unprefetched (256 against 64 in the attention bench, alternating
+/// inside one process on the 2-vCPU AVX-512 Xeon: depth 512 bf16 5.3 -> 4.6 ms per 28-layer
+/// step, q8_0 5.3 -> 4.8; 2048 unchanged).
 const MIN_PART: usize = 256;
 
 /// `out` for each of the few queries in `q`, at positions `start..`.
