@@ -397,12 +397,25 @@ mod tests {
 
     #[test]
     fn decode_queries_match_the_reference() {
-        check(1, 0, 4, 2, 0);
-        check(1, 37, 4, 2, 5);
-        check(3, 10, 6, 3, 0);
-        // Positions split over several parts (and their merge), one part shorter.
-        check(1, 800, 4, 2, 0);
-        check(2, 555, 4, 1, 3);
+        // Pools of several widths: a short cache splits its key/value heads into groups (as
+        // many as idle threads, the last one smaller when they do not divide), a long one its
+        // positions, and both at once between.
+        for threads in [1, 2, 3, 8] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("a pool");
+            pool.install(|| {
+                check(1, 0, 4, 2, 0);
+                check(1, 37, 4, 2, 5);
+                check(3, 10, 6, 3, 0);
+                check(1, 40, 16, 8, 0);
+                // Positions split over several parts (and their merge), one part shorter.
+                check(1, 800, 4, 2, 0);
+                check(2, 555, 4, 1, 3);
+                check(1, 700, 16, 8, 0);
+            });
+        }
     }
 
     #[test]

@@ -19,8 +19,10 @@ use std::time::Instant;
 use pio_engine::candle_core::{DType, Device};
 use pio_engine::checkpoint::Checkpoint;
 use pio_engine::kv_pool::CacheType;
+use pio_engine::profile::{Op, PROFILE};
 use pio_engine::single::SingleSequence;
 use pio_plugin_qwen3::model::Qwen3;
+use serde_json::{Map, Value};
 
 const PROMPT: usize = 512;
 const DECODE: usize = 128;
@@ -44,7 +46,10 @@ fn embedding_bytes(dtype: DType) -> usize {
 
 /// One mode (`f32`, `bf16`, `q8`, `q4`), in this process: prints a JSON line like the
 /// transformers script's, with the weight bytes one decode step reads.
-fn measure(dir: &Path, mode: &str) {
+fn measure(dir: &Path, mode: &str, profiled: bool) {
+    if profiled {
+        PROFILE.enable();
+    }
     // `MODE+kv8`: MODE's weights with an 8-bit KV cache.
     let (mode, cache) = match mode.strip_suffix("+kv8") {
         Some(weights) => (weights, Some(CacheType::Q8_0)),
@@ -77,11 +82,19 @@ fn measure(dir: &Path, mode: &str) {
     let t = Instant::now();
     let logits = seq.forward(&model, &prompt).expect("prefill");
     let prefill_s = t.elapsed().as_secs_f64();
+    let before = profiled.then(|| PROFILE.snapshot()).flatten();
     let decode_s = decode(&model, &mut seq, logits);
+    let after = profiled.then(|| PROFILE.snapshot()).flatten();
     // The same steps from an empty cache: what attention over the cache costs is the difference.
     let mut seq = sequence();
     let logits = seq.forward(&model, &prompt[..1]).expect("first token");
+    let start = profiled.then(|| PROFILE.snapshot()).flatten();
     let decode0_s = decode(&model, &mut seq, logits);
+    let end = profiled.then(|| PROFILE.snapshot()).flatten();
+    if let (Some(before), Some(after), Some(start), Some(end)) = (before, after, start, end) {
+        print_profile(&format!("depth {PROMPT}"), &before, &after);
+        print_profile("depth 0", &start, &end);
+    }
     println!(
         "{{\"dtype\": \"{mode}{}\", \"load_s\": {load_s}, \"prefill_tps\": {}, \"decode_tps\": {}, \"decode0_tps\": {}, \"peak_rss\": {}, \"step_bytes\": {step_bytes}}}",
         if cache == CacheType::Q8_0 { "+kv8" } else { "" },
@@ -89,6 +102,24 @@ fn measure(dir: &Path, mode: &str) {
         DECODE as f64 / decode_s,
         DECODE as f64 / decode0_s,
         common::peak_rss()
+    );
+}
+
+/// Microseconds per decode step in each timed operation between two profile snapshots (stderr).
+fn print_profile(label: &str, from: &Map<String, Value>, to: &Map<String, Value>) {
+    let us = |key: &str| {
+        let at = |m: &Map<String, Value>| m.get(key).and_then(Value::as_f64).unwrap_or(0.0);
+        (at(to) - at(from)) / DECODE as f64
+    };
+    let timed: f64 = Op::ALL[1..].iter().map(|op| us(op.key())).sum();
+    let parts: Vec<String> = Op::ALL
+        .iter()
+        .map(|op| format!("{} {:.0}", op.key(), us(op.key())))
+        .collect();
+    eprintln!(
+        "profile, decode at {label}, µs per step: {}, other_us {:.0}",
+        parts.join(", "),
+        us(Op::Forward.key()) - timed
     );
 }
 
@@ -145,7 +176,8 @@ fn llama_dtype(mode: &str) -> &str {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--measure") {
-        measure(&checkpoint_dir(), &args[i + 1]);
+        let profiled = args.iter().any(|a| a == "--profile");
+        measure(&checkpoint_dir(), &args[i + 1], profiled);
         return;
     }
     let dir = checkpoint_dir();
