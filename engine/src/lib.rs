@@ -21,6 +21,7 @@ pub mod images;
 pub mod kv_pool;
 pub mod linear;
 pub mod models;
+pub mod norm;
 pub mod profile;
 pub mod quant_cache;
 pub mod runtime;

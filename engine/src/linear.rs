@@ -213,6 +213,17 @@ impl Linear {
         })
     }
 
+    /// The kernels' tiles, for a layer that holds them and no bias.
+    pub fn tiles(&self) -> Option<&PackedMatrix> {
+        match self {
+            Self::Quantized {
+                weight: QuantWeight::Tiles(t),
+                bias: None,
+            } => Some(t),
+            _ => None,
+        }
+    }
+
     /// Whether the weights are block-quantized.
     pub fn is_quantized(&self) -> bool {
         matches!(self, Self::Quantized { .. })

@@ -29,7 +29,10 @@ pub use element::Element;
 pub use half::{bf16, f16};
 pub use matmul::{matmul, matmul_rows, WeightRows};
 pub use parallel::keep_awake;
-pub use quant::{dequantize, packed_matmul, quantized_matmul, Format, PackedMatrix, QuantMatrix};
+pub use quant::{
+    dequantize, packed_matmul, quantized_matmul, Format, PackedMatrix, QuantMatrix, QuantizedRows,
+    RmsNormSpec,
+};
 pub use simd::Level;
 
 #[cfg(test)]

@@ -2,11 +2,12 @@
 //! and the final norm and output head, run only on the rows whose logits are wanted.
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{embedding, rms_norm, Embedding, RmsNorm, VarBuilder};
+use candle_nn::{embedding, Embedding, VarBuilder};
 
 use crate::batch::{Batch, Positions, SeqStep};
 use crate::checkpoint::Checkpoint;
 use crate::linear::{Linear, Quantization};
+use crate::norm::{forward_all, LinearInput, RmsNorm};
 use crate::{EngineError, Result};
 
 /// The sizes of a decoder-only stack's two ends.
@@ -62,7 +63,7 @@ pub(crate) fn load_stack<L>(
                 made
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let norm = rms_norm(ends.hidden, ends.eps, model.pp("norm"))?;
+        let norm = RmsNorm::load(ends.hidden, ends.eps, model.pp("norm"))?;
         let head = Head::load(
             norm,
             &embed_tokens,
@@ -202,7 +203,7 @@ impl Head {
         }
         let rows = Tensor::new(wanted, x.device())?;
         let last = x.index_select(&rows, 1)?;
-        let logits = self.lm_head.forward(&self.norm.forward(&last)?)?;
+        let [logits] = forward_all([&self.lm_head], LinearInput::Normed(&last, &self.norm))?;
         Ok(logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec2::<f32>()?)
     }
 }

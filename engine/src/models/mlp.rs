@@ -7,6 +7,7 @@ use candle_core::{Module, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::linear::{Linear, Quantization};
+use crate::norm::{forward_all, LinearInput};
 use crate::Result;
 
 /// The gate and up projections.
@@ -59,10 +60,19 @@ impl Mlp {
 
     /// The block on rows `x` (`(…, hidden)`).
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_input(LinearInput::Rows(x))
+    }
+
+    /// The block on `x`, normalized on its way in where it says so (see [`forward_all`]).
+    pub(crate) fn forward_input(&self, x: LinearInput<'_>) -> Result<Tensor> {
         let inner = match &self.input {
-            Input::Stacked(both) => swiglu(&both.forward(x)?, self.width)?,
+            Input::Stacked(both) => {
+                let [y] = forward_all([both], x)?;
+                swiglu(&y, self.width)?
+            }
             Input::Separate { gate, up } => {
-                (candle_nn::ops::silu(&gate.forward(x)?)? * up.forward(x)?)?
+                let [gate, up] = forward_all([gate, up], x)?;
+                (candle_nn::ops::silu(&gate)? * up)?
             }
         };
         Ok(self.down_proj.forward(&inner)?)

@@ -16,6 +16,7 @@ mod packed;
 #[cfg(target_arch = "x86_64")]
 mod packed_x86;
 mod portable;
+mod rows;
 #[cfg(test)]
 mod tests;
 
@@ -27,6 +28,7 @@ pub use blocks::{dequantize, Format};
 use blocks::{quantize_act256, Act256};
 pub(crate) use blocks::{quantize_act32, Act32};
 pub use packed::PackedMatrix;
+pub use rows::{QuantizedRows, RmsNormSpec};
 
 use crate::parallel::{ranges, SharedMut};
 

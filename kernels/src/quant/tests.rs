@@ -532,3 +532,85 @@ fn products_nested_on_one_thread_each_get_their_own_activations() {
         }
     });
 }
+
+/// Rows quantized once give every tiled product what quantizing per product gives, for one row
+/// and a prompt's (quantized in parallel); the rows refuse the other family's weights.
+#[test]
+fn rows_quantized_once_multiply_as_each_product_would() {
+    for format in FORMATS {
+        let (k, n) = (3 * 256, 37);
+        let bytes = random_blocks(format, n, k, 71);
+        let w = PackedMatrix::pack(&QuantMatrix::new(format, &bytes, n, k).expect("a shape"));
+        for m in [1, 9] {
+            let x = data(m * k, 72);
+            let (mut once, mut each) = (vec![0f32; m * n], vec![0f32; m * n]);
+            let rows = QuantizedRows::new(&x, k, format);
+            assert_eq!(rows.rows(), m);
+            rows.matmul(&w, &mut once);
+            packed_matmul(&x, &w, m, &mut each);
+            assert_eq!(once, each, "{} m={m}", format.name());
+            let other = if format.block_values() == 32 {
+                Format::Q4K
+            } else {
+                Format::Q8_0
+            };
+            assert!(rows.fits(format, k) && !rows.fits(other, k) && !rows.fits(format, 2 * k));
+        }
+    }
+}
+
+/// The normalized rows, as a model in f32 or bf16 computes them (candle's RMSNorm: the mean
+/// square summed in f32, the root and each step rounded to the dtype).
+fn rms_reference(x: &[f32], w: &[f32], eps: f32, bf16: bool) -> Vec<f32> {
+    let round = |v: f32| match bf16 {
+        true => half::bf16::from_f32(v).to_f32(),
+        false => v,
+    };
+    let k = w.len();
+    x.chunks_exact(k)
+        .flat_map(|row| {
+            let sum2: f32 = row.iter().map(|v| v * v).sum();
+            let m = round((sum2 / k as f32 + eps).sqrt());
+            row.iter()
+                .zip(w)
+                .map(move |(&v, &w)| round(round(v / m) * w))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The fused norm gives exactly the products of quantizing the normalized rows, in f32 and in
+/// bf16 arithmetic, for both activation layouts, one row and a prompt's.
+#[test]
+fn rms_normed_rows_equal_the_normalized_rows_quantized() {
+    let bf16 = |v: f32| half::bf16::from_f32(v).to_f32();
+    for format in [Format::Q8_0, Format::Q6K] {
+        let (k, n) = (512, 21);
+        let bytes = random_blocks(format, n, k, 81);
+        let w = PackedMatrix::pack(&QuantMatrix::new(format, &bytes, n, k).expect("a shape"));
+        for (m, in_bf16) in [(1, false), (1, true), (10, false), (10, true)] {
+            let round: fn(f32) -> f32 = if in_bf16 { bf16 } else { |v| v };
+            let x: Vec<f32> = data(m * k, 82).into_iter().map(round).collect();
+            let weight: Vec<f32> = data(k, 83).into_iter().map(|v| round(1.0 + v)).collect();
+            let spec = RmsNormSpec {
+                weight: &weight,
+                eps: 1e-6,
+                round,
+            };
+            let (mut fused, mut apart) = (vec![0f32; m * n], vec![0f32; m * n]);
+            QuantizedRows::rms_normed(&x, k, &spec, format).matmul(&w, &mut fused);
+            let normed = rms_reference(&x, &weight, 1e-6, in_bf16);
+            QuantizedRows::new(&normed, k, format).matmul(&w, &mut apart);
+            assert_eq!(fused, apart, "{} m={m} bf16={in_bf16}", format.name());
+        }
+    }
+}
+
+#[test]
+#[should_panic(expected = "quantized for another format")]
+fn rows_for_one_family_refuse_the_other() {
+    let bytes = random_blocks(Format::Q4K, 16, 256, 91);
+    let w = PackedMatrix::pack(&QuantMatrix::new(Format::Q4K, &bytes, 16, 256).expect("a shape"));
+    let mut out = vec![0f32; 16];
+    QuantizedRows::new(&data(256, 92), 256, Format::Q8_0).matmul(&w, &mut out);
+}

@@ -10,12 +10,13 @@
 //! into full keys and values on every step.
 
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{rms_norm, RmsNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::batch::Batch;
 use crate::kv_pool::KvPool;
 use crate::linear::{Linear, Quantization};
 use crate::models::rotary::Angles;
+use crate::norm::{forward_all, LinearInput, RmsNorm};
 use crate::Result;
 
 use super::Config;
@@ -111,7 +112,7 @@ impl Attention {
         let q_proj = match cfg.q_lora_rank {
             Some(q_rank) => QueryProj::LowRank {
                 a: Linear::load(hidden, q_rank, false, q, vb.pp("q_a_proj"))?,
-                norm: rms_norm(q_rank, LATENT_EPS, vb.pp("q_a_layernorm"))?,
+                norm: RmsNorm::load(q_rank, LATENT_EPS, vb.pp("q_a_layernorm"))?,
                 b: permuted(&vb.pp("q_b_proj"), h * qk, q_rank, qk, rope, q)?,
             },
             None => QueryProj::Full(permuted(&vb.pp("q_proj"), h * qk, hidden, qk, rope, q)?),
@@ -131,7 +132,7 @@ impl Attention {
         Ok(Self {
             q: q_proj,
             kv_a,
-            kv_norm: rms_norm(rank, LATENT_EPS, vb.pp("kv_a_layernorm"))?,
+            kv_norm: RmsNorm::load(rank, LATENT_EPS, vb.pp("kv_a_layernorm"))?,
             w_uk: per_head.narrow(1, 0, nope)?.contiguous()?,
             w_uv: per_head.narrow(1, nope, v)?.transpose(1, 2)?.contiguous()?,
             o_proj: Linear::load(h * v, hidden, false, q, vb.pp("o_proj"))?,
@@ -161,25 +162,32 @@ impl Attention {
     /// of `pool`'s layer `layer`; its queries attend over its own positions only.
     pub(super) fn forward(
         &self,
-        x: &Tensor,
+        x: LinearInput<'_>,
         rotary: &Angles,
         batch: &Batch<'_>,
         pool: &KvPool,
         layer: usize,
         form: MlaForm,
     ) -> Result<Tensor> {
-        let (_, rows, _) = x.dims3()?;
+        let (_, rows, _) = x.rows().dims3()?;
         let (h, nope, rope) = (self.heads, self.nope, self.rope);
-        // 1. Queries, position-major (rows, heads, nope + rope), their rotary part rotated.
-        let q = match &self.q {
-            QueryProj::LowRank { a, norm, b } => b.forward(&norm.forward(&a.forward(x)?)?)?,
-            QueryProj::Full(l) => l.forward(x)?,
+        // 1. Queries, position-major (rows, heads, nope + rope), their rotary part rotated; the
+        //    query and latent projections read the same input, quantized once.
+        let (q, ckv) = match &self.q {
+            QueryProj::LowRank { a, norm, b } => {
+                let [qa, ckv] = forward_all([a, &self.kv_a], x)?;
+                let [q] = forward_all([b], LinearInput::Normed(&qa, norm))?;
+                (q, ckv)
+            }
+            QueryProj::Full(l) => {
+                let [q, ckv] = forward_all([l, &self.kv_a], x)?;
+                (q, ckv)
+            }
         };
         let q = q.reshape((1, rows, h, nope + rope))?;
         let q_nope = q.narrow(3, 0, nope)?.squeeze(0)?;
         let q_rot = rotary.apply(&q.narrow(3, nope, rope)?)?.squeeze(0)?;
         // 2. What the cache keeps: the normalized latent and the rotated key, (rows, 1, rank + rope).
-        let ckv = self.kv_a.forward(x)?;
         let latent = self.kv_norm.forward(&ckv.narrow(2, 0, self.rank)?)?;
         let k_rot = rotary.apply(&ckv.narrow(2, self.rank, rope)?.unsqueeze(2)?)?;
         let cached = Tensor::cat(&[latent.unsqueeze(2)?, k_rot], 3)?.squeeze(0)?;

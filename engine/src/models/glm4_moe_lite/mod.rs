@@ -2,8 +2,8 @@
 //! multi-head latent attention whose cache keeps one compressed latent per token, dense SwiGLU
 //! layers first, then sparse layers of sigmoid-routed experts with a shared expert, an untied head.
 
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{rms_norm, Embedding, RmsNorm, VarBuilder};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Embedding, VarBuilder};
 
 use crate::batch::Batch;
 use crate::checkpoint::Checkpoint;
@@ -14,6 +14,7 @@ use crate::models::experts::Choice;
 use crate::models::head::{self, load_stack, tensor_bytes, Ends, Head, Stack};
 use crate::models::mlp::Mlp;
 use crate::models::rotary::{Angles, Rotary};
+use crate::norm::{LinearInput, RmsNorm};
 use crate::Result;
 
 mod attention;
@@ -57,7 +58,7 @@ impl DecoderLayer {
             )?),
             LayerKind::Sparse => FeedForward::Sparse(moe::SparseMoe::new(cfg, q, vb.pp("mlp"))?),
         };
-        let norm = |name: &str| rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp(name));
+        let norm = |name: &str| RmsNorm::load(cfg.hidden_size, cfg.rms_norm_eps, vb.pp(name));
         Ok(Self {
             input_layernorm: norm("input_layernorm")?,
             self_attn: Attention::new(cfg, q, vb.pp("self_attn"))?,
@@ -91,7 +92,7 @@ impl DecoderLayer {
         layer: usize,
     ) -> Result<(Tensor, Option<Vec<Choice>>)> {
         let attn = self.self_attn.forward(
-            &self.input_layernorm.forward(x)?,
+            LinearInput::Normed(x, &self.input_layernorm),
             step.angles,
             step.batch,
             step.pool,
@@ -99,11 +100,11 @@ impl DecoderLayer {
             step.form,
         )?;
         let x = super::residual(x, &attn)?;
-        let h = self.post_attention_layernorm.forward(&x)?;
+        let h = LinearInput::Normed(&x, &self.post_attention_layernorm);
         let (mlp, choices) = match &self.mlp {
-            FeedForward::Dense(m) => (m.forward(&h)?, None),
+            FeedForward::Dense(m) => (m.forward_input(h)?, None),
             FeedForward::Sparse(m) => {
-                let (y, c) = m.forward(&h)?;
+                let (y, c) = m.forward(&h.tensor()?)?;
                 (y, Some(c))
             }
         };

@@ -6,6 +6,7 @@ use crate::candle_core::{Module, Tensor};
 use crate::candle_nn::{rms_norm, RmsNorm, VarBuilder};
 use crate::kv_pool::KvPool;
 use crate::linear::{Linear, Quantization};
+use crate::norm::{forward_all, LinearInput};
 use crate::Result;
 
 use super::Config;
@@ -77,18 +78,18 @@ impl Attention {
     /// `layer`, then its queries attend over its own positions only.
     pub(super) fn forward(
         &self,
-        x: &Tensor,
+        x: LinearInput<'_>,
         rotary: &Angles,
         batch: &Batch<'_>,
         pool: &KvPool,
         layer: usize,
     ) -> Result<Tensor> {
-        let (_, rows, _) = x.dims3()?;
+        let (_, rows, _) = x.rows().dims3()?;
         // 1. Project into heads, position-major: (rows, heads, head_dim); per-head RMSNorm on
         //    queries and keys, then rotary positions.
         let (q, k, v) = match &self.qkv {
             Projections::Stacked(all) => {
-                let y = all.forward(x)?;
+                let [y] = forward_all([all], x)?;
                 let (qn, kn) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
                 (
                     y.narrow(2, 0, qn)?,
@@ -96,7 +97,10 @@ impl Attention {
                     y.narrow(2, qn + kn, kn)?,
                 )
             }
-            Projections::Separate { q, k, v } => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
+            Projections::Separate { q, k, v } => {
+                let [q, k, v] = forward_all([q, k, v], x)?;
+                (q, k, v)
+            }
         };
         // (A narrowed part of the stacked output is copied into its own tensor here.)
         let split = |t: Tensor, heads: usize| t.reshape((1, rows, heads, self.head_dim));

@@ -3,8 +3,8 @@
 //! MLP or (Qwen3-MoE) a sparse mixture of SwiGLU experts, tied or untied output embedding.
 
 use crate::batch::Batch;
-use crate::candle_core::{DType, Device, Module, Tensor};
-use crate::candle_nn::{rms_norm, Embedding, RmsNorm, VarBuilder};
+use crate::candle_core::{DType, Device, Tensor};
+use crate::candle_nn::{Embedding, VarBuilder};
 use crate::checkpoint::Checkpoint;
 use crate::generate::CausalLm;
 use crate::kv_pool::{KvPool, TokenLayout};
@@ -12,6 +12,7 @@ use crate::linear::Quantization;
 use crate::models::head::{self, load_stack, tensor_bytes, Head, Stack};
 use crate::models::mlp::Mlp;
 use crate::models::rotary::{Angles, Rotary};
+use crate::norm::{LinearInput, RmsNorm};
 use crate::Result;
 
 mod attention;
@@ -43,10 +44,10 @@ impl FeedForward {
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: LinearInput<'_>) -> Result<Tensor> {
         match self {
-            Self::Dense(mlp) => mlp.forward(x),
-            Self::Sparse(moe) => moe.forward(x),
+            Self::Dense(mlp) => mlp.forward_input(x),
+            Self::Sparse(moe) => moe.forward(&x.tensor()?),
         }
     }
 }
@@ -78,9 +79,13 @@ impl DecoderLayer {
             )?)
         };
         Ok(Self {
-            input_layernorm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
+            input_layernorm: RmsNorm::load(
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+                vb.pp("input_layernorm"),
+            )?,
             self_attn: Attention::new(cfg, q, vb.pp("self_attn"))?,
-            post_attention_layernorm: rms_norm(
+            post_attention_layernorm: RmsNorm::load(
                 cfg.hidden_size,
                 cfg.rms_norm_eps,
                 vb.pp("post_attention_layernorm"),
@@ -97,17 +102,14 @@ impl DecoderLayer {
         pool: &KvPool,
         layer: usize,
     ) -> Result<Tensor> {
-        let attn = self.self_attn.forward(
-            &self.input_layernorm.forward(x)?,
-            rotary,
-            batch,
-            pool,
-            layer,
-        )?;
+        // Each norm's output goes straight into the projections that read it (fused with their
+        // activation quantization where the weights are tiled).
+        let normed = LinearInput::Normed(x, &self.input_layernorm);
+        let attn = self.self_attn.forward(normed, rotary, batch, pool, layer)?;
         let x = super::residual(x, &attn)?;
         let mlp = self
             .mlp
-            .forward(&self.post_attention_layernorm.forward(&x)?)?;
+            .forward(LinearInput::Normed(&x, &self.post_attention_layernorm))?;
         Ok(super::residual(&x, &mlp)?)
     }
 }

@@ -5,6 +5,9 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 
+mod shared_input;
+pub(crate) use shared_input::{tiled_linears, Norm};
+
 use crate::batch::Batch;
 use crate::generate::CausalLm;
 use crate::kv_pool::KvPool;

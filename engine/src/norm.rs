@@ -1,0 +1,189 @@
+//! RMSNorm, and the rows it produces on their way into linear layers: where every layer that
+//! reads them holds the CPU kernels' tiles, the norm runs fused with their activation
+//! quantization — the normalized rows are never written out, converted and read back — and
+//! layers that could not stack into one matrix (a Q4_K_M file's Q6_K value projection beside
+//! Q4_K queries and keys) share one quantization of their input.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Module, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::linear::Linear;
+use crate::profile::{Op, PROFILE};
+
+/// `x / √(mean(x²) + eps) · weight` over the last dimension.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    norm: candle_nn::RmsNorm,
+    /// The weight widened to f32, for the fused path.
+    widened: Arc<[f32]>,
+    eps: f64,
+    dtype: DType,
+}
+
+impl RmsNorm {
+    /// Reads `weight` (`size` wide) under `vb`.
+    pub fn load(size: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Self> {
+        let weight = vb.get_with_hints(size, "weight", candle_nn::Init::Const(1.0))?;
+        let widened = weight.to_dtype(DType::F32)?.to_vec1::<f32>()?.into();
+        Ok(Self {
+            dtype: weight.dtype(),
+            norm: candle_nn::RmsNorm::new(weight, eps),
+            widened,
+            eps,
+        })
+    }
+
+    fn fused(&self) -> crate::cpu::Norm<'_> {
+        crate::cpu::Norm {
+            weight: &self.widened,
+            eps: self.eps as f32,
+            dtype: self.dtype,
+        }
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.norm.forward(x)
+    }
+}
+
+/// Rows on their way into linear layers: as they are, or still to be normalized.
+#[derive(Debug, Clone, Copy)]
+pub enum LinearInput<'a> {
+    /// The rows themselves.
+    Rows(&'a Tensor),
+    /// The rows normalized by the norm (computed by whoever reads them).
+    Normed(&'a Tensor, &'a RmsNorm),
+}
+
+impl LinearInput<'_> {
+    /// The rows before any norm (their shape is the input's).
+    pub fn rows(&self) -> &Tensor {
+        match self {
+            Self::Rows(x) | Self::Normed(x, _) => x,
+        }
+    }
+
+    /// The input as a tensor, normalized where asked.
+    pub fn tensor(&self) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Rows(x) => Ok((*x).clone()),
+            Self::Normed(x, norm) => norm.forward(x),
+        }
+    }
+}
+
+/// Each of `layers` applied to `input`, in order: on the CPU, when every layer holds tiles whose
+/// formats read the same activations, the input is quantized once for all (and normalized in
+/// the same pass); otherwise the normalized input is computed once and each layer runs on it.
+pub fn forward_all<const N: usize>(
+    layers: [&Linear; N],
+    input: LinearInput<'_>,
+) -> candle_core::Result<[Tensor; N]> {
+    let outputs = match fused(&layers, input)? {
+        Some(out) => out,
+        None => {
+            let x = input.tensor()?;
+            layers
+                .iter()
+                .map(|l| l.forward(&x))
+                .collect::<candle_core::Result<_>>()?
+        }
+    };
+    outputs.try_into().map_err(|out: Vec<Tensor>| {
+        candle_core::Error::Msg(format!("{N} linear layers gave {} outputs", out.len()))
+    })
+}
+
+/// The fused path of [`forward_all`]; `None` where it does not apply.
+fn fused(layers: &[&Linear], input: LinearInput<'_>) -> candle_core::Result<Option<Vec<Tensor>>> {
+    let Some(tiles) = layers.iter().map(|l| l.tiles()).collect::<Option<Vec<_>>>() else {
+        return Ok(None);
+    };
+    let _timed = PROFILE.scope(Op::QuantizedLinear);
+    let norm = match input {
+        LinearInput::Rows(_) => None,
+        LinearInput::Normed(_, norm) => Some(norm.fused()),
+    };
+    crate::cpu::tiled_linears(input.rows(), norm, &tiles)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::linear::Quantization;
+    use candle_core::Device;
+    use std::collections::HashMap;
+
+    fn norm(width: usize, dtype: DType) -> RmsNorm {
+        let w = (Tensor::randn(0f32, 0.2, width, &Device::Cpu).unwrap() + 1.0).unwrap();
+        let vb = VarBuilder::from_tensors(
+            HashMap::from([("weight".to_string(), w.to_dtype(dtype).unwrap())]),
+            dtype,
+            &Device::Cpu,
+        );
+        RmsNorm::load(width, 1e-6, vb).unwrap()
+    }
+
+    fn layer(input: usize, output: usize, q: Quantization, dtype: DType) -> Linear {
+        let w = Tensor::randn(0f32, 1.0, (output, input), &Device::Cpu).unwrap();
+        Linear::from_weight(w.to_dtype(dtype).unwrap(), None, q).unwrap()
+    }
+
+    /// The fused norm and the shared quantization give exactly what each layer gives on the
+    /// normalized rows, in f32 and bf16, for one row and a prompt's; layers of one activation
+    /// family (Q8_0 beside Q4_0) take the fused path, Q8_0 beside Q4_K falls back, and dense
+    /// layers too.
+    #[test]
+    fn shared_input_layers_compute_each_layer_on_the_normalized_rows() {
+        // (input width, the two layers' quantizations, whether they share one quantization):
+        // 160 wide, Q8 and Q4 are Q8_0 and Q4_0; 256 wide, Q4 is Q4_K.
+        let cases = [
+            (160, Quantization::Q8, Quantization::Q4, true),
+            (256, Quantization::Q8, Quantization::Q4, false),
+            (256, Quantization::Q4, Quantization::Q4, true),
+            (256, Quantization::None, Quantization::Q8, false),
+        ];
+        for dtype in [DType::F32, DType::BF16] {
+            for (k, qa, qb, shared) in cases {
+                let norm = norm(k, dtype);
+                // Outputs that end inside a tile, and one whole tile.
+                let (a, b) = (layer(k, 40, qa, dtype), layer(k, 16, qb, dtype));
+                for m in [1, 9] {
+                    let x = Tensor::randn(0f32, 1.0, (1, m, k), &Device::Cpu).unwrap();
+                    let x = x.to_dtype(dtype).unwrap();
+                    let [ya, yb] = forward_all([&a, &b], LinearInput::Normed(&x, &norm)).unwrap();
+                    let h = norm.forward(&x).unwrap();
+                    let what = format!("{qa:?}/{qb:?} {dtype:?} m={m}");
+                    for (got, l) in [(ya, &a), (yb, &b)] {
+                        let want = l.forward(&h).unwrap();
+                        assert_eq!(got.dims(), want.dims(), "{what}");
+                        let diff = (got.to_dtype(DType::F32).unwrap()
+                            - want.to_dtype(DType::F32).unwrap())
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
+                        assert_eq!(diff, 0.0, "{what}");
+                    }
+                    let tiles = [&a, &b].map(|l| l.tiles());
+                    let fused = match tiles {
+                        [Some(ta), Some(tb)] => {
+                            crate::cpu::tiled_linears(&x, Some(norm.fused()), &[ta, tb])
+                                .unwrap()
+                                .is_some()
+                        }
+                        _ => false,
+                    };
+                    assert_eq!(fused, shared, "{what}: fused path taken");
+                }
+            }
+        }
+    }
+}
