@@ -94,7 +94,9 @@ fn the_worker_runs_unprivileged_in_its_cgroup_with_nothing_inherited() {
     let mut cmd = Command::new(pio_bin());
     cmd.current_dir(dir.path())
         .args(["run", "hostile", "--plugins", ".", "--prompt", "status"])
-        .env("PIO_TEST_SECRET", "hunter2");
+        .env("PIO_TEST_SECRET", "hunter2")
+        // The one variable a worker inherits (the kernels' cap), absent here.
+        .env_remove("PIO_KERNELS");
     let leak_fd = std::os::fd::AsRawFd::as_raw_fd(&leak);
     // SAFETY: dup2 only, between fork and exec.
     unsafe {

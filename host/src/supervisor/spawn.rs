@@ -107,6 +107,7 @@ pub(super) fn spawn(
         .env_clear()
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")
         .env("LANG", "C.UTF-8")
+        .envs(inherited_env(|k| std::env::var_os(k)))
         .envs(gpu_env(&spec.plan))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -214,6 +215,18 @@ pub(super) async fn handshake(
 /// The environment a worker confined to one GPU gets besides `PATH` and `LANG` (nothing for any
 /// other): CUDA counts devices by bus address, the order the sandbox finds the GPU's node in
 /// (`sandbox::gpu`).
+/// The variables of the daemon's environment (read through `lookup`) that a worker, whose
+/// environment is otherwise cleared, gets too: the kernels' cap (`PIO_KERNELS`), so an operator's
+/// cap applies to the models, not only to the daemon process.
+fn inherited_env(
+    lookup: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Vec<(&'static str, std::ffi::OsString)> {
+    ["PIO_KERNELS"]
+        .into_iter()
+        .filter_map(|k| lookup(k).map(|v| (k, v)))
+        .collect()
+}
+
 fn gpu_env(plan: &Plan) -> Vec<(&'static str, &'static str)> {
     match plan.isolation.as_ref().and_then(|i| i.gpu) {
         Some(_) => vec![("CUDA_DEVICE_ORDER", "PCI_BUS_ID")],
@@ -258,6 +271,18 @@ mod tests {
             gpu,
         };
         crate::sandbox::plan(subject, &Policy::default(), &host).unwrap()
+    }
+
+    /// Only the kernels' cap passes from the daemon's environment, and only when set.
+    #[test]
+    fn a_worker_inherits_the_kernels_cap_and_nothing_else() {
+        let env = |k: &str| match k {
+            "PIO_KERNELS" => Some("avx2".into()),
+            "HOME" | "PIO_TEST_SECRET" => Some("x".into()),
+            _ => None,
+        };
+        assert_eq!(inherited_env(env), [("PIO_KERNELS", "avx2".into())]);
+        assert!(inherited_env(|_| None).is_empty());
     }
 
     /// The hostile suite checks a CPU worker's environment is `PATH` and `LANG` only.
