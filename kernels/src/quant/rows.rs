@@ -6,10 +6,7 @@
 use rayon::prelude::*;
 
 use super::blocks::{quantize_act256, quantize_act32, Act256, Act32, Format};
-use super::{tiles, PackedMatrix};
-
-/// Rows from which the fused norm runs in parallel (a prompt; decode's one row stays serial).
-const PARALLEL_ROWS: usize = 8;
+use super::{quantize_rows, tiles, PackedMatrix, PARALLEL_ROWS};
 
 /// The activations of `m` rows of `k` values, in the blocks one family of formats reads.
 #[derive(Debug, Clone)]
@@ -122,14 +119,17 @@ fn quantized<A: Send>(
     norm: Option<&RmsNormSpec<'_>>,
     quantize: fn(&[f32], &mut Vec<A>),
 ) -> Vec<A> {
+    let Some(norm) = norm else {
+        let mut acts = Vec::new();
+        quantize_rows(x, k, &mut acts, quantize);
+        return acts;
+    };
     let row = |x: &[f32]| {
         let mut out = Vec::with_capacity(k / block);
-        match norm {
-            Some(norm) => normed_row(x, (norm, block), quantize, &mut out),
-            None => quantize(x, &mut out),
-        }
+        normed_row(x, (norm, block), quantize, &mut out);
         out
     };
+    // The same split as `quantize_rows`: a prompt's rows in parallel, decode's one row serial.
     if x.len() / k < PARALLEL_ROWS {
         return x.chunks_exact(k).flat_map(row).collect();
     }
