@@ -17,6 +17,7 @@ Every file written is mode 0644.
 """
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -54,6 +55,9 @@ out, shape = sys.argv[1], sys.argv[2]
 torch.manual_seed(0)
 # Initialising in bf16 keeps the 30B-shaped model's peak memory at its size.
 torch.set_default_dtype(torch.bfloat16)
+# PIO_CHECKPOINT_DEVICE=cuda draws the weights on a GPU: seconds, where the 4B shape takes a minute
+# or more on CPUs (tests/gpu/check.sh).
+torch.set_default_device(os.environ.get("PIO_CHECKPOINT_DEVICE", "cpu"))
 # The dense Qwen3 shapes: what differs between their config.json files.
 DENSE = {
     # hidden 1024, 28 layers, 16/8 heads, intermediate 3072
