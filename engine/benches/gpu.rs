@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pio_engine::candle_core::{DType, Device, Tensor};
+use pio_engine::candle_core::{DType, Device, Storage, Tensor};
 use pio_engine::checkpoint::Checkpoint;
 use pio_engine::generate::Request;
 use pio_engine::linear::Quantization;
@@ -169,17 +169,25 @@ fn request(prompt: usize, tokens: usize, seed: u32) -> Request {
     }
 }
 
-/// Device-to-device copy bandwidth (bytes read plus written), over ten 2 GiB copies.
+/// Device-to-device copy bandwidth (bytes read plus written), over ten copies of 2 GiB into one
+/// buffer allocated beforehand (a fresh allocation per copy would be timed too).
 fn bandwidth(device: &Device) -> Result<f64, Error> {
     let bytes = 2usize << 30;
+    let cuda = device.as_cuda_device()?;
     // Random bits, not zeros: a copy of zeros could be served faster than real data.
     let src = Tensor::rand(0f32, 1.0, bytes / 4, device)?;
-    drop(src.copy()?);
+    let (storage, _) = src.storage_and_layout();
+    let Storage::Cuda(storage) = &*storage else {
+        return Err("the source tensor is not on the GPU".into());
+    };
+    let src = storage.as_cuda_slice::<f32>()?;
+    let mut dst = cuda.alloc_zeros::<f32>(bytes / 4)?;
+    cuda.memcpy_dtod(src, &mut dst)?;
     device.synchronize()?;
     let rounds = 10;
     let start = Instant::now();
     for _ in 0..rounds {
-        drop(src.copy()?);
+        cuda.memcpy_dtod(src, &mut dst)?;
     }
     device.synchronize()?;
     Ok((2 * bytes * rounds) as f64 / start.elapsed().as_secs_f64() / 1e9)

@@ -118,7 +118,8 @@ fn decoded_on_gpu(
     } else {
         q.index_select(&Tensor::new(rows, q.device())?, 0)?
     };
-    let out = crate::cuda::paged_decode(&q, &seqs, keys, values, shape, scale)?;
+    let out =
+        crate::cuda::paged_decode(&q, &seqs, keys, values, shape, scale, &batch.device_tables)?;
     Ok(Some((out, at)))
 }
 

@@ -77,9 +77,25 @@ pub struct SeqStep<'a> {
 pub struct Batch<'a> {
     /// The sequences.
     pub seqs: Vec<SeqStep<'a>>,
+    /// The decoding sequences' block tables on the GPU, uploaded by the first layer that reads
+    /// them: a copy from host memory waits for the device's queue, so once per step, not per layer.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) device_tables: std::sync::OnceLock<Tensor>,
+    /// The pool slots of every new row, on the GPU: uploaded by the first layer that writes.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) device_slots: std::sync::OnceLock<Tensor>,
 }
 
-impl Batch<'_> {
+impl<'a> Batch<'a> {
+    /// A forward pass over these sequences.
+    pub fn new(seqs: Vec<SeqStep<'a>>) -> Self {
+        Self {
+            seqs,
+            device_tables: std::sync::OnceLock::new(),
+            device_slots: std::sync::OnceLock::new(),
+        }
+    }
+
     /// New inputs over all sequences.
     pub fn rows(&self) -> usize {
         self.seqs.iter().map(|s| s.tokens.len()).sum()

@@ -61,16 +61,14 @@ impl SingleSequence {
             self.blocks.push(block);
         }
         let linear = Positions::Linear;
-        let batch = Batch {
-            seqs: vec![SeqStep {
-                tokens,
-                splices: &[],
-                start: self.len,
-                positions: &linear,
-                blocks: &self.blocks,
-                logits: true,
-            }],
-        };
+        let batch = Batch::new(vec![SeqStep {
+            tokens,
+            splices: &[],
+            start: self.len,
+            positions: &linear,
+            blocks: &self.blocks,
+            logits: true,
+        }]);
         let mut logits = crate::cpu::step(model, &batch, &mut self.pool)?;
         self.len = end;
         logits

@@ -54,16 +54,14 @@ fn choices(model: &Glm4MoeLite, prompt: &[u32]) -> Vec<Vec<Vec<usize>>> {
     };
     let mut pool = KvPool::new(model.kv_layout(), shape, &Device::Cpu).unwrap();
     let blocks: Vec<u32> = (0..shape.blocks as u32).collect();
-    let batch = Batch {
-        seqs: vec![SeqStep {
-            tokens: prompt,
-            splices: &[],
-            start: 0,
-            positions: &Positions::Linear,
-            blocks: &blocks,
-            logits: true,
-        }],
-    };
+    let batch = Batch::new(vec![SeqStep {
+        tokens: prompt,
+        splices: &[],
+        start: 0,
+        positions: &Positions::Linear,
+        blocks: &blocks,
+        logits: true,
+    }]);
     model.forward_traced(&batch, &mut pool).unwrap().1
 }
 

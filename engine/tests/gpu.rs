@@ -180,8 +180,8 @@ fn kernel_matches_gather(device: &Device, case: &PoolCase) {
     ];
     let starts = [40usize, 0, 5, 2, 70];
     let tokens: [&[u32]; 5] = [&[1], &[2], &[3, 4, 5], &[6], &[7]];
-    let batch = Batch {
-        seqs: (0..5)
+    let batch = Batch::new(
+        (0..5)
             .map(|i| SeqStep {
                 tokens: tokens[i],
                 splices: &[],
@@ -191,7 +191,7 @@ fn kernel_matches_gather(device: &Device, case: &PoolCase) {
                 logits: true,
             })
             .collect(),
-    };
+    );
     let q = rounded(Tensor::randn(0f32, 1.0, (7, heads, head_dim), device).unwrap());
     let shape = (block_size, value_dim);
     assert!(

@@ -46,8 +46,8 @@ pio_bench() {
   install -m 644 "$bins/libpio_plugin_qwen3.so" "$shared/"
   for tier in low high; do
     mkdir -p "$shared/manifests-$tier"
-    cat >"$shared/manifests-$tier/qwen3-gpu.toml" <<EOF
-name = "qwen3-gpu"
+    cat >"$shared/manifests-$tier/qwen3-4b-instruct-2507.toml" <<EOF
+name = "qwen3-4b-instruct-2507"
 version = "0.1.0"
 library = "$shared/libpio_plugin_qwen3.so"
 api = "^1.1"
@@ -63,7 +63,7 @@ dtype = "bf16"
 device = "cuda"
 EOF
   done
-  local pio=("$shared/pio" bench qwen3-gpu)
+  local pio=("$shared/pio" bench qwen3-4b-instruct-2507)
   step "worker (low): single stream, 512-word prompt, 128 tokens" 90 \
     "${pio[@]}" --plugins "$shared/manifests-low" --single-stream --output-tokens 128
   step "worker (low): 32 streams, 128-word prompts, 128 tokens each" 90 \

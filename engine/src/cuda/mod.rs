@@ -15,28 +15,40 @@ use candle_core::{CpuStorage, CudaDevice, CudaStorage, Layout, Shape, Tensor};
 use crate::batch::SeqStep;
 use crate::{EngineError, Result};
 
+mod kv_write;
+pub use kv_write::scatter_rows;
+
 const SOURCE: &str = include_str!("paged_attention.cu");
 /// Warps per block, as the source's `WARPS`.
-const THREADS: u32 = 4 * 32;
+const THREADS: u32 = 8 * 32;
 /// The source's `MAX_HEAD_DIM` and `MAX_V_PER_LANE × 32`.
 const MAX_HEAD_DIM: usize = 1024;
 const MAX_VALUE_DIM: usize = 512;
 
-/// The PTX, compiled once per process (or the compiler's message).
-fn ptx() -> candle_core::Result<&'static str> {
-    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-    PTX.get_or_init(|| {
+/// The PTX of `source`, compiled once per process into `cell` (or the compiler's message).
+fn compiled(
+    cell: &'static OnceLock<std::result::Result<String, String>>,
+    name: &str,
+    source: &str,
+) -> candle_core::Result<&'static str> {
+    cell.get_or_init(|| {
         let opts = nvrtc::CompileOptions {
             use_fast_math: Some(true),
-            name: Some("paged_attention.cu".into()),
+            name: Some(name.into()),
             ..Default::default()
         };
-        nvrtc::compile_ptx_with_opts(SOURCE, opts)
+        nvrtc::compile_ptx_with_opts(source, opts)
             .map(|p| p.to_src())
-            .map_err(|e| format!("compiling the paged attention kernel: {e:?}"))
+            .map_err(|e| format!("compiling {name}: {e:?}"))
     })
     .as_deref()
     .map_err(|e| candle_core::Error::Msg(e.clone()))
+}
+
+/// The paged attention kernel's PTX.
+fn ptx() -> candle_core::Result<&'static str> {
+    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    compiled(&PTX, "paged_attention.cu", SOURCE)
 }
 
 /// Whether [`paged_decode`] can read this pool for these queries: on a GPU, one dtype, keys and
@@ -70,7 +82,9 @@ pub fn takes(
 /// its position `start` — over the pool's `keys` and `values` (`(slots, kv_heads, head_dim)`,
 /// the first `value_dim` of each value head read); the result is `(seqs.len(), heads,
 /// value_dim)`. Check [`takes`] first; a block table that does not cover its sequence, or names a
-/// block outside the pool, is an error here rather than a read out of bounds on the device.
+/// block outside the pool, is an error here rather than a read out of bounds on the device. The
+/// tables go to the device once into `uploaded` and are read from there by later calls with the
+/// same `seqs` (the other layers of a step).
 pub fn paged_decode(
     q: &Tensor,
     seqs: &[&SeqStep<'_>],
@@ -78,6 +92,7 @@ pub fn paged_decode(
     values: &Tensor,
     (block_size, value_dim): (usize, usize),
     scale: f64,
+    uploaded: &OnceLock<Tensor>,
 ) -> Result<Tensor> {
     let pool_blocks = keys.dim(0)? / block_size;
     let max_blocks = seqs
@@ -98,9 +113,17 @@ pub fn paged_decode(
         }
         row[..seq.blocks.len()].copy_from_slice(seq.blocks);
     }
+    tables.extend(seqs.iter().map(|s| (s.start + 1) as u32));
+    let words = match uploaded.get() {
+        Some(words) if words.dims1()? == tables.len() => words.clone(),
+        _ => {
+            let words = Tensor::from_vec(tables, seqs.len() * (max_blocks + 1), q.device())?;
+            let _ = uploaded.set(words.clone());
+            words
+        }
+    };
     let op = PagedDecode {
-        tables,
-        lens: seqs.iter().map(|s| (s.start + 1) as u32).collect(),
+        words,
         max_blocks,
         block_size,
         value_dim,
@@ -111,10 +134,9 @@ pub fn paged_decode(
 
 /// The launch's arguments that are not tensors.
 struct PagedDecode {
-    /// Every sequence's block table, padded to `max_blocks`.
-    tables: Vec<u32>,
-    /// Positions each sequence attends over (its new one included).
-    lens: Vec<u32>,
+    /// On the device: every sequence's block table, padded to `max_blocks`, then the positions
+    /// each sequence attends over (its new one included).
+    words: Tensor,
     max_blocks: usize,
     block_size: usize,
     value_dim: usize,
@@ -130,8 +152,13 @@ impl PagedDecode {
         (seqs, heads, kv_heads, head_dim): (usize, usize, usize, usize),
     ) -> candle_core::Result<CudaSlice<T>> {
         let func = dev.get_or_load_custom_func(kernel, "pio_paged_attention", ptx()?)?;
-        let tables = dev.clone_htod(&self.tables)?;
-        let lens = dev.clone_htod(&self.lens)?;
+        let (storage, layout) = self.words.storage_and_layout();
+        let candle_core::Storage::Cuda(words) = &*storage else {
+            candle_core::bail!("pio-paged-decode: block tables off the GPU")
+        };
+        let words = view(words.as_cuda_slice::<u32>()?, layout)?;
+        let tables = words.slice(..seqs * self.max_blocks);
+        let lens = words.slice(seqs * self.max_blocks..);
         // SAFETY: every element is written by the kernel (one block per sequence and head).
         let out = unsafe { dev.alloc::<T>(seqs * heads * self.value_dim)? };
         let ints = [

@@ -231,6 +231,23 @@ impl KvPool {
         batch: &crate::batch::Batch<'_>,
         rows: &Tensor,
     ) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let CacheType::Float(dtype) = self.shape.storage {
+            let target = &self.layers[layer][vector];
+            if target.device().is_cuda() {
+                let slots = match batch.device_slots.get() {
+                    Some(slots) => slots.clone(),
+                    None => {
+                        let slots = row_slots(batch, self.shape.block_size, self.shape.blocks)?;
+                        let slots = Tensor::new(slots, target.device())?;
+                        let _ = batch.device_slots.set(slots.clone());
+                        slots
+                    }
+                };
+                let rows = rows.to_dtype(dtype)?.contiguous()?;
+                return crate::cuda::scatter_rows(target, &rows, &slots);
+            }
+        }
         let mut row = 0;
         for seq in &batch.seqs {
             let n = seq.tokens.len();
@@ -281,6 +298,31 @@ impl KvPool {
         }
         Ok(())
     }
+}
+
+/// The pool slot of every new row of `batch`, sequence after sequence: what
+/// [`KvPool::write_batch`] writes through the block tables, as one list (the GPU's one launch).
+pub fn row_slots(
+    batch: &crate::batch::Batch<'_>,
+    block_size: usize,
+    pool_blocks: usize,
+) -> Result<Vec<u32>> {
+    let mut slots = Vec::with_capacity(batch.rows());
+    for seq in &batch.seqs {
+        let end = seq.start + seq.tokens.len();
+        if seq.blocks.len() * block_size < end
+            || seq.blocks.iter().any(|&b| b as usize >= pool_blocks)
+        {
+            return Err(EngineError::Internal(format!(
+                "positions up to {end} written through a block table of {:?} (blocks of {block_size}, {pool_blocks} in the pool)",
+                seq.blocks
+            )));
+        }
+        slots.extend((seq.start..end).map(|pos| {
+            seq.blocks[pos / block_size] * block_size as u32 + (pos % block_size) as u32
+        }));
+    }
+    Ok(slots)
 }
 
 /// `(len, heads, dim)` values as 8-bit rows, `(len, heads, row bytes)`.
@@ -364,6 +406,57 @@ mod tests {
         assert_eq!(values[7][1][2], 35.0);
         assert_eq!(values[0][0][0], 0.0, "other slots untouched");
         assert!(pool.write(0, 0, &[3], 2, &rows).is_err(), "table too short");
+    }
+
+    /// The GPU's one-launch write lists each new row's slot as the CPU's per-block copies place it:
+    /// the pool after a batch's writes holds row i at `row_slots[i]`.
+    #[test]
+    fn row_slots_are_where_the_batch_writes_land() {
+        use crate::batch::{Batch, Positions, SeqStep};
+        let layout = TokenLayout::keys_values(1, 1, 2);
+        let shape = PoolShape {
+            block_size: 4,
+            blocks: 6,
+            storage: CacheType::Float(DType::F32),
+        };
+        let pool = KvPool::new(layout, shape, &Device::Cpu).unwrap();
+        let tables: [Vec<u32>; 3] = [vec![3, 1], vec![5], vec![0, 2, 4]];
+        let tokens: [&[u32]; 3] = [&[1; 6], &[2], &[3; 3]];
+        let starts = [2, 0, 7];
+        let batch = Batch::new(
+            (0..3)
+                .map(|i| SeqStep {
+                    tokens: tokens[i],
+                    splices: &[],
+                    start: starts[i],
+                    positions: &Positions::Linear,
+                    blocks: &tables[i],
+                    logits: true,
+                })
+                .collect(),
+        );
+        let rows = Tensor::arange(1f32, 21.0, &Device::Cpu)
+            .unwrap()
+            .reshape((10, 1, 2))
+            .unwrap();
+        pool.write_batch(0, 0, &batch, &rows).unwrap();
+        let slots = row_slots(&batch, 4, 6).unwrap();
+        assert_eq!(slots, [14, 15, 4, 5, 6, 7, 20, 11, 16, 17]);
+        let stored = pool.layer(0)[0]
+            .index_select(&Tensor::new(slots, &Device::Cpu).unwrap(), 0)
+            .unwrap();
+        assert_eq!(
+            stored.to_vec3::<f32>().unwrap(),
+            rows.to_vec3::<f32>().unwrap()
+        );
+        assert!(
+            row_slots(&batch, 4, 5).is_err(),
+            "block 5 is outside a 5-block pool"
+        );
+        assert!(
+            row_slots(&batch, 2, 6).is_err(),
+            "tables too short for blocks of 2"
+        );
     }
 
     /// 8-bit rows land in the block table's slots and read back within half a step of their

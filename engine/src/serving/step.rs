@@ -433,7 +433,7 @@ impl<M: CausalLm> Worker<M> {
                     })
                 })
                 .collect();
-            let batch = Batch { seqs: steps };
+            let batch = Batch::new(steps);
             let (model, pool) = (&self.model, &mut self.pool);
             let profile = &crate::profile::PROFILE;
             profile.tokens(batch.seqs.iter().map(|s| s.tokens.len()).sum());
