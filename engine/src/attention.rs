@@ -123,6 +123,23 @@ fn decoded_on_gpu(
     Ok(Some((out, at)))
 }
 
+/// Thread blocks a launch should have to keep a large GPU busy (an H200 has 132 multiprocessors).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const TARGET_BLOCKS: usize = 264;
+/// The fewest positions worth a share of their own (fewer, and the merge costs more than it saves).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const MIN_SHARE: usize = 64;
+
+/// On a GPU, how many shares to split each of `blocks` (sequence, head) pairs' positions into, the longest
+/// sequence attending over `longest`: enough for [`TARGET_BLOCKS`], each share at least
+/// [`MIN_SHARE`] positions long; 1 where the batch fills the GPU by itself.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn decode_splits(blocks: usize, longest: usize) -> usize {
+    (TARGET_BLOCKS / blocks.max(1))
+        .min(longest.div_ceil(MIN_SHARE))
+        .max(1)
+}
+
 /// Without the `cuda` feature nothing decodes on a GPU.
 #[cfg(not(feature = "cuda"))]
 fn decoded_on_gpu(
@@ -186,6 +203,31 @@ fn with_candle(q: &Tensor, kv: &PagedKv<'_>, start: usize, scale: f64) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A lone sequence's heads are split until the GPU has enough blocks, never into shares
+    /// shorter than the minimum; a batch that fills the GPU by itself is not split.
+    #[test]
+    fn decode_splits_fill_the_gpu_without_tiny_shares() {
+        assert_eq!(decode_splits(32, 1540), 8, "32 heads x 8 = 256 blocks");
+        assert_eq!(
+            decode_splits(32, 100),
+            2,
+            "100 positions: two shares of at least 64"
+        );
+        assert_eq!(decode_splits(32, 64), 1);
+        assert_eq!(decode_splits(32 * 32, 4000), 1, "32 sequences fill the GPU");
+        assert_eq!(decode_splits(0, 0), 1);
+        for blocks in 1..300 {
+            for longest in [1, 63, 65, 640, 100_000] {
+                let s = decode_splits(blocks, longest);
+                assert!(
+                    s >= 1 && (s == 1 || blocks * s <= TARGET_BLOCKS),
+                    "{blocks} {longest}"
+                );
+                assert!(s == 1 || longest.div_ceil(s) >= MIN_SHARE.min(longest) / 2);
+            }
+        }
+    }
     use crate::kv_pool::{CacheType, KvPool, PoolShape, TokenLayout};
     use candle_core::Device;
 

@@ -37,14 +37,14 @@ step() {
 }
 
 # The bench checkpoint through the daemon's worker, as an operator runs it: at `low`, and briefly at
-# `high` (Landlock's device rules, CUDA_DEVICE_ORDER). Workers run as an unprivileged uid: what they
+# `medium` and `high` (Landlock's device rules, CUDA_DEVICE_ORDER). Workers run as an unprivileged uid: what they
 # read goes where any uid can read it.
 pio_bench() {
   local model=$1 shared=/var/tmp/pio-gpu-bench tier
   mkdir -p "$shared" && chmod 755 "$shared"
   install -m 755 "$bins/pio" "$shared/pio"
   install -m 644 "$bins/libpio_plugin_qwen3.so" "$shared/"
-  for tier in low high; do
+  for tier in low medium high; do
     mkdir -p "$shared/manifests-$tier"
     cat >"$shared/manifests-$tier/qwen3-4b-instruct-2507.toml" <<EOF
 name = "qwen3-4b-instruct-2507"
@@ -68,6 +68,8 @@ EOF
     "${pio[@]}" --plugins "$shared/manifests-low" --single-stream --output-tokens 128
   step "worker (low): 32 streams, 128-word prompts, 128 tokens each" 90 \
     "${pio[@]}" --plugins "$shared/manifests-low" --concurrency 32 --requests 32 --prompt-words 128 --output-tokens 128
+  step "worker (medium): 4 streams" 60 \
+    "${pio[@]}" --plugins "$shared/manifests-medium" --concurrency 4 --requests 4 --prompt-words 32 --output-tokens 16
   step "worker (high): 4 streams" 60 \
     "${pio[@]}" --plugins "$shared/manifests-high" --concurrency 4 --requests 4 --prompt-words 32 --output-tokens 16
 }

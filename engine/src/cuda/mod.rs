@@ -122,8 +122,11 @@ pub fn paged_decode(
             words
         }
     };
+    let longest = seqs.iter().map(|s| s.start + 1).max().unwrap_or(1);
+    let (_, heads, _) = q.dims3()?;
     let op = PagedDecode {
         words,
+        splits: crate::attention::decode_splits(heads * seqs.len(), longest),
         max_blocks,
         block_size,
         value_dim,
@@ -137,6 +140,8 @@ struct PagedDecode {
     /// On the device: every sequence's block table, padded to `max_blocks`, then the positions
     /// each sequence attends over (its new one included).
     words: Tensor,
+    /// Shares each (sequence, head)'s positions are split into.
+    splits: usize,
     max_blocks: usize,
     block_size: usize,
     value_dim: usize,
@@ -159,8 +164,15 @@ impl PagedDecode {
         let words = view(words.as_cuda_slice::<u32>()?, layout)?;
         let tables = words.slice(..seqs * self.max_blocks);
         let lens = words.slice(seqs * self.max_blocks..);
-        // SAFETY: every element is written by the kernel (one block per sequence and head).
+        // SAFETY: every element is written by the kernel (one block per sequence and head), or
+        // with several shares by the merge; every share writes its part of `part`.
         let out = unsafe { dev.alloc::<T>(seqs * heads * self.value_dim)? };
+        let part_len = if self.splits > 1 {
+            seqs * heads * self.splits * (self.value_dim + 2)
+        } else {
+            1
+        };
+        let part = unsafe { dev.alloc::<f32>(part_len)? };
         let ints = [
             heads,
             kv_heads,
@@ -176,19 +188,37 @@ impl PagedDecode {
             .arg(&keys)
             .arg(&values)
             .arg(&tables)
-            .arg(&lens);
+            .arg(&lens)
+            .arg(&part);
         for v in &ints {
             b.arg(v);
         }
         b.arg(&self.scale);
         let cfg = LaunchConfig {
-            grid_dim: (heads as u32, seqs as u32, 1),
+            grid_dim: (heads as u32, seqs as u32, self.splits as u32),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: the arguments match the kernel's signature; `takes` bounded the head sizes to
         // the kernel's buffers and the block tables index blocks of this pool.
         unsafe { b.launch(cfg) }.w()?;
+        if self.splits > 1 {
+            let merge = format!("{kernel}_merge");
+            let func = dev.get_or_load_custom_func(&merge, "pio_paged_attention", ptx()?)?;
+            let ints = [heads, self.value_dim, self.splits].map(|v| v as i32);
+            let mut b = func.builder();
+            b.arg(&out).arg(&part);
+            for v in &ints {
+                b.arg(v);
+            }
+            let cfg = LaunchConfig {
+                grid_dim: (heads as u32, seqs as u32, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the merge's signature; `part` holds every share of every (sequence, head).
+            unsafe { b.launch(cfg) }.w()?;
+        }
         Ok(out)
     }
 }

@@ -3,7 +3,12 @@
 // Compiled at run time by NVRTC (engine/src/cuda/mod.rs), so it includes no header: 16-bit types
 // are their raw bits, converted here.
 //
-// Grid: (query heads, sequences). Block: WARPS warps. Each warp walks its sequence's positions
+// Grid: (query heads, sequences, splits). Block: WARPS warps. With one split a block writes the
+// head's output; with more, each block takes one contiguous share of the positions and writes its
+// running maximum, sum and unnormalized output to `part`, and a second launch (NAME_merge) weighs
+// the shares together, as flash-decoding does: a single sequence has only as many blocks as
+// query heads (32 of an H200's 132 multiprocessors for Qwen3-4B) without them.
+// Each warp walks its share of the positions
 // UNROLL at a time (every WARPS-th group of UNROLL) with an online softmax (running maximum,
 // running sum, unnormalized output), lanes splitting the head's dimensions; the warps' partial
 // results are merged at the end. The UNROLL positions' loads are independent, so a warp has that
@@ -63,12 +68,13 @@ __device__ __forceinline__ float warp_sum(float v) {
 #define PAGED_DECODE(NAME, T, TO_F32, FROM_F32)                                               \
   extern "C" __global__ void NAME(                                                            \
       T *out, const T *q, const T *keys, const T *values, const u32 *block_tables,           \
-      const u32 *lens, int heads, int kv_heads, int head_dim, int value_dim,                 \
+      const u32 *lens, float *part, int heads, int kv_heads, int head_dim, int value_dim,    \
       int block_size, int max_blocks, float scale) {                                          \
-    const int head = blockIdx.x, seq = blockIdx.y;                                            \
+    const int head = blockIdx.x, seq = blockIdx.y, split = blockIdx.z, splits = gridDim.z;  \
     const int warp = threadIdx.x / LANES, lane = threadIdx.x % LANES;                         \
     const int kv_head = head / (heads / kv_heads);                                            \
-    const int len = (int)lens[seq];                                                           \
+    const int len = (int)lens[seq], chunk = (len + splits - 1) / splits;                     \
+    const int begin = split * chunk, end = min(len, begin + chunk);                           \
     const u32 *table = block_tables + (u64)seq * max_blocks;                               \
     __shared__ float query[MAX_HEAD_DIM];                                                     \
     __shared__ float part_max[WARPS], part_sum[WARPS];                                        \
@@ -78,11 +84,11 @@ __device__ __forceinline__ float warp_sum(float v) {
     __syncthreads();                                                                          \
     float m = NEG_INF, l = 0.f, acc[MAX_V_PER_LANE];                                        \
     for (int i = 0; i < MAX_V_PER_LANE; i++) acc[i] = 0.f;                                    \
-    for (int base = warp * UNROLL; base < len; base += WARPS * UNROLL) {                      \
+    for (int base = begin + warp * UNROLL; base < end; base += WARPS * UNROLL) {              \
       u64 row[UNROLL];                                                                        \
       float s[UNROLL];                                                                        \
       for (int u = 0; u < UNROLL; u++) {                                                      \
-        const int pos = min(base + u, len - 1);                                               \
+        const int pos = min(base + u, end - 1);                                               \
         const u64 slot = (u64)table[pos / block_size] * block_size + pos % block_size;     \
         row[u] = (slot * kv_heads + kv_head) * head_dim;                                      \
         s[u] = 0.f;                                                                           \
@@ -93,7 +99,7 @@ __device__ __forceinline__ float warp_sum(float v) {
       }                                                                                       \
       float m_new = m;                                                                        \
       for (int u = 0; u < UNROLL; u++) {                                                      \
-        s[u] = base + u < len ? warp_sum(s[u]) * scale : NEG_INF;                             \
+        s[u] = base + u < end ? warp_sum(s[u]) * scale : NEG_INF;                             \
         m_new = fmaxf(m_new, s[u]);                                                           \
       }                                                                                       \
       const float correction = __expf(m - m_new);                                             \
@@ -127,11 +133,37 @@ __device__ __forceinline__ float warp_sum(float v) {
     float total = 0.f;                                                                        \
     for (int w = 0; w < WARPS; w++)                                                           \
       if (part_sum[w] > 0.f) total += part_sum[w] * __expf(part_max[w] - top);                \
+    float *ph = part + (((u64)seq * heads + head) * splits + split) * (value_dim + 2);        \
+    if (splits > 1 && threadIdx.x == 0) {                                                     \
+      ph[0] = top;                                                                            \
+      ph[1] = total;                                                                          \
+    }                                                                                         \
     T *oh = out + ((u64)seq * heads + head) * value_dim;                                   \
     for (int d = threadIdx.x; d < value_dim; d += blockDim.x) {                               \
       float v = 0.f;                                                                          \
       for (int w = 0; w < WARPS; w++)                                                         \
         if (part_sum[w] > 0.f) v += part_out[w][d] * __expf(part_max[w] - top);               \
+      if (splits > 1)                                                                         \
+        ph[2 + d] = v;                                                                        \
+      else                                                                                    \
+        oh[d] = FROM_F32(v / total);                                                          \
+    }                                                                                         \
+  }                                                                                           \
+                                                                                              \
+  extern "C" __global__ void NAME##_merge(T *out, const float *part, int heads, int value_dim, \
+                                          int splits) {                                       \
+    const int head = blockIdx.x, seq = blockIdx.y, stride = value_dim + 2;                    \
+    const float *ph = part + ((u64)seq * heads + head) * splits * stride;                   \
+    float top = NEG_INF, total = 0.f;                                                       \
+    for (int s = 0; s < splits; s++)                                                          \
+      if (ph[s * stride + 1] > 0.f) top = fmaxf(top, ph[s * stride]);                         \
+    for (int s = 0; s < splits; s++)                                                          \
+      if (ph[s * stride + 1] > 0.f) total += ph[s * stride + 1] * __expf(ph[s * stride] - top); \
+    T *oh = out + ((u64)seq * heads + head) * value_dim;                                   \
+    for (int d = threadIdx.x; d < value_dim; d += blockDim.x) {                               \
+      float v = 0.f;                                                                          \
+      for (int s = 0; s < splits; s++)                                                        \
+        if (ph[s * stride + 1] > 0.f) v += ph[s * stride + 2 + d] * __expf(ph[s * stride] - top); \
       oh[d] = FROM_F32(v / total);                                                            \
     }                                                                                         \
   }

@@ -125,14 +125,15 @@ pub fn llama(
 /// The figures as `--json` prints them: pio's, the limit's, and llama.cpp's when compared.
 pub fn json(
     ours: &Figures,
-    bandwidth: f64,
+    bandwidth: Option<f64>,
     (step_bytes, weight_bytes): (Option<u64>, Option<u64>),
     llama: Option<&Figures>,
 ) -> serde_json::Value {
     // What one step reads when the model says; all its resident weights otherwise.
     let limit = step_bytes
         .or(weight_bytes)
-        .map(|b| bandwidth * 1e9 / b as f64);
+        .zip(bandwidth)
+        .map(|(b, gb_per_s)| gb_per_s * 1e9 / b as f64);
     let side = |f: &Figures| {
         serde_json::json!({
             "prompt_tokens": f.prompt_tokens,
@@ -164,11 +165,13 @@ pub fn print(f: &serde_json::Value, threads: usize) {
         })
     };
     println!(
-        "single stream, {threads} threads{}; streaming read {:.1} GB/s; resident weights {}, read per token {}: decode limit {}",
+        "single stream, {threads} threads{}; {}; resident weights {}, read per token {}: decode limit {}",
         f["kernels"]
             .as_str()
             .map_or(String::new(), |k| format!(", {k} kernels")),
-        num(&f["streaming_read_gb_per_s"]).unwrap_or(0.0),
+        num(&f["streaming_read_gb_per_s"]).map_or("on a GPU (no host-memory limit)".into(), |b| {
+            format!("streaming read {b:.1} GB/s")
+        }),
         gib(&f["weight_bytes"]),
         gib(&f["step_bytes"]),
         limit.map_or("unknown".into(), |l| format!("{l:.1} tokens/s")),
@@ -228,7 +231,10 @@ pub fn report(
     info: &pio_plugin_api::wire::ModelInfo,
 ) -> anyhow::Result<u8> {
     let threads = super::threads(args);
-    let bandwidth = streaming_read(READ_BYTES, threads);
+    // A model on a GPU reads its weights from device memory: the host's streaming read bounds
+    // nothing there (engine/benches/gpu.rs measures the device's bandwidth).
+    let on_gpu = info.device_memory_bytes.is_some();
+    let bandwidth = (!on_gpu).then(|| streaming_read(READ_BYTES, threads));
     let llama = match &args.compare_llama_cpp {
         Some(gguf) => Some(llama(
             &llama_cpp::binary(args.llama_batched_bench.as_ref()),
@@ -289,14 +295,22 @@ mod tests {
             ..ours
         };
         // A step's bytes when the model counts them, its resident weights otherwise.
-        let f = json(&ours, 20.0, (Some(200_000_000), Some(400_000_000)), None);
+        let f = json(
+            &ours,
+            Some(20.0),
+            (Some(200_000_000), Some(400_000_000)),
+            None,
+        );
         assert_eq!(f["decode_limit_tokens_per_s"], 100.0);
-        let f = json(&ours, 20.0, (None, Some(400_000_000)), Some(&theirs));
+        let f = json(&ours, Some(20.0), (None, Some(400_000_000)), Some(&theirs));
         assert_eq!(f["decode_limit_tokens_per_s"], 50.0);
         assert_eq!(f["pio"]["decode_depth_prompt_tokens_per_s"], 40.0);
         assert_eq!(f["llama_cpp"]["decode_depth_prompt_tokens_per_s"], 80.0);
-        let f = json(&ours, 20.0, (None, None), None);
+        let f = json(&ours, Some(20.0), (None, None), None);
         assert!(f["decode_limit_tokens_per_s"].is_null() && f.get("llama_cpp").is_none());
+        // On a GPU no host bandwidth is measured, so no limit is claimed.
+        let f = json(&ours, None, (Some(200_000_000), None), None);
+        assert!(f["decode_limit_tokens_per_s"].is_null() && f["streaming_read_gb_per_s"].is_null());
     }
 
     #[test]
