@@ -52,6 +52,15 @@ pub fn read_paths(visible: &[PathBuf], gpu: Option<u32>) -> Vec<PathBuf> {
     paths
 }
 
+/// What a worker on a GPU may write of its own process's files: its threads' folder. CUDA names
+/// the helper threads it starts by writing their `comm`, and without that `cuInit` fails with
+/// `CUDA_ERROR_OPERATING_SYSTEM` (seen on an H200 at `high`, 2026-12-04). Opened by the worker
+/// itself, `/proc/self/task` is its own `/proc/<pid>/task`: no other process's files.
+pub fn own_thread_paths(gpu: Option<u32>) -> Vec<PathBuf> {
+    gpu.map(|_| vec![PathBuf::from("/proc/self/task")])
+        .unwrap_or_default()
+}
+
 /// The device nodes the worker may read, write and control (ioctl): its GPU's, those that exist.
 fn device_paths(gpu: Option<u32>) -> Vec<PathBuf> {
     gpu.map(|ordinal| super::gpu::device_nodes(super::gpu::minor(ordinal)))
@@ -93,6 +102,11 @@ pub fn restrict(
         ))
         .map_err(fail)?
         .add_rules(path_beneath_rules(
+            own_thread_paths(gpu),
+            AccessFs::ReadFile | AccessFs::ReadDir | AccessFs::WriteFile | AccessFs::Truncate,
+        ))
+        .map_err(fail)?
+        .add_rules(path_beneath_rules(
             device_paths(gpu),
             AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::IoctlDev,
         ))
@@ -103,5 +117,21 @@ pub fn restrict(
         RulesetStatus::FullyEnforced => Ok("landlock".into()),
         RulesetStatus::PartiallyEnforced => Ok("landlock (partially: older kernel ABI)".into()),
         RulesetStatus::NotEnforced => Err(fail("the kernel enforced none of the ruleset")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_gpu_worker_writes_its_own_thread_files() {
+        assert_eq!(
+            own_thread_paths(Some(0)),
+            [PathBuf::from("/proc/self/task")]
+        );
+        assert!(own_thread_paths(None).is_empty());
+        // Reading stays as it was: /proc is readable to every worker.
+        assert!(read_paths(&[], None).contains(&PathBuf::from("/proc")));
     }
 }
