@@ -1,7 +1,8 @@
 //! The engine on a GPU (the `cuda` feature; tests/gpu/run.sh runs these on a machine with one):
 //! the fixtures' greedy tokens and top-5 log-probabilities as transformers wrote them, bf16 within
-//! the CPU's own bf16 error, a batch equal to each request alone, the paged decode kernel equal to
-//! candle's gather path, and the GPU memory cap. Without a device each test says so and passes.
+//! the CPU's own bf16 error, a batch equal to each request alone, prefix caching and preemption,
+//! the paged decode kernel equal to candle's gather path, and the GPU memory cap. Without a
+//! device each test says so and passes.
 #![cfg(feature = "cuda")]
 #![allow(clippy::unwrap_used)]
 
@@ -145,6 +146,47 @@ fn a_batch_on_the_gpu_gives_each_request_its_own_tokens() {
         engine.stats().batched_seqs > engine.stats().steps,
         "the requests shared forward passes"
     );
+}
+
+/// Prefix caching and preemption as on the CPU (engine/tests/batching.rs): 30 blocks of 4 cannot
+/// hold the longest prompt three times over beside the others, so sequences are preempted while
+/// sharing cached blocks with those that keep running; every answer is still transformers'.
+#[test]
+fn prefix_caching_and_preemption_on_the_gpu_give_the_same_tokens() {
+    let Some(device) = gpu() else { return };
+    let name = "qwen3-tiny";
+    let checkpoint = Checkpoint::open(&fixtures().join(name)).unwrap();
+    let codec = TextCodec::load(&checkpoint).unwrap();
+    let model = load_on::<Qwen3>(name, DType::F32, &device);
+    let config = EngineConfig {
+        block_size: 4,
+        kv_blocks: 30,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::start(Arc::new(model), Arc::new(codec), config).unwrap();
+    let cases = cases(&checkpoint, name);
+    let longest = cases.iter().max_by_key(|c| c.request.prompt.len()).unwrap();
+    let load: Vec<&Case> = [longest, longest, longest]
+        .into_iter()
+        .chain(cases.iter())
+        .collect();
+    let streams: Vec<_> = load
+        .iter()
+        .map(|c| engine.submit(c.request.clone()).unwrap())
+        .collect();
+    std::thread::scope(|scope| {
+        let readers: Vec<_> = streams
+            .into_iter()
+            .map(|s| scope.spawn(move || collect(s)))
+            .collect();
+        for (case, reader) in load.iter().zip(readers) {
+            assert_matches(&reader.join().unwrap().0, &case.golden);
+        }
+    });
+    let stats = engine.stats();
+    assert!(stats.preemptions > 0, "the pool was too small: {stats:?}");
+    assert!(stats.prefix_hit_tokens > 0, "{stats:?}");
+    assert_eq!(stats.blocks_used, 0, "{stats:?}");
 }
 
 /// One pool shape the kernel is checked on: `(kv_heads, heads, head_dim, value_dim)`, and whether
