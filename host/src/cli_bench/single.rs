@@ -218,10 +218,12 @@ pub fn print(f: &serde_json::Value, threads: usize) {
         }
         println!("{line}");
     }
-    println!(
-        "(the limit is the bytes a decode step reads from the weights — every layer, the routed experts' share, the output \
-         head — over the streaming read; attention over the cache and activations come on top)"
-    );
+    if limit.is_some() {
+        println!(
+            "(the limit is the bytes a decode step reads from the weights — every layer, the routed experts' share, the output \
+             head — over the streaming read; attention over the cache and activations come on top)"
+        );
+    }
 }
 
 /// Reports `--single-stream`: the figures, the bandwidth and limit, llama.cpp's when asked.
