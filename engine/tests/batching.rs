@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{assert_matches, collect, engine_for, fixtures, golden, ids};
+use common::{assert_matches, collect, engine_for, fixtures, golden, ids, run_concurrently};
 use pio_engine::checkpoint::Checkpoint;
 use pio_engine::generate::{CausalLm, Emitted, Finish, Outcome, Request};
 use pio_engine::generation_config::GenerationConfig;
@@ -116,17 +116,7 @@ fn staggered_concurrent_requests_match_transformers_moe() {
 }
 
 fn run_all(engine: &Engine, cases: &[(Request, Value)]) -> Vec<(Vec<Emitted>, Outcome)> {
-    let streams: Vec<Stream> = cases
-        .iter()
-        .map(|(r, _)| engine.submit(r.clone()).unwrap())
-        .collect();
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = streams
-            .into_iter()
-            .map(|s| scope.spawn(move || collect(s)))
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    })
+    run_concurrently(engine, cases.iter().map(|(r, _)| r.clone()))
 }
 
 fn shared_prefix<M: LoadModel + CausalLm>(name: &str) {

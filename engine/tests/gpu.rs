@@ -170,19 +170,10 @@ fn prefix_caching_and_preemption_on_the_gpu_give_the_same_tokens() {
         .into_iter()
         .chain(cases.iter())
         .collect();
-    let streams: Vec<_> = load
-        .iter()
-        .map(|c| engine.submit(c.request.clone()).unwrap())
-        .collect();
-    std::thread::scope(|scope| {
-        let readers: Vec<_> = streams
-            .into_iter()
-            .map(|s| scope.spawn(move || collect(s)))
-            .collect();
-        for (case, reader) in load.iter().zip(readers) {
-            assert_matches(&reader.join().unwrap().0, &case.golden);
-        }
-    });
+    let results = run_concurrently(&engine, load.iter().map(|c| c.request.clone()));
+    for (case, (out, _)) in load.iter().zip(&results) {
+        assert_matches(out, &case.golden);
+    }
     let stats = engine.stats();
     assert!(stats.preemptions > 0, "the pool was too small: {stats:?}");
     assert!(stats.prefix_hit_tokens > 0, "{stats:?}");

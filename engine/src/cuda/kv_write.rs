@@ -58,24 +58,17 @@ impl ScatterRows {
         if n == 0 {
             return Ok(());
         }
-        let (Some((p0, p1)), Some((r0, r1))) = (
-            pool_layout.contiguous_offsets(),
-            rows_layout.contiguous_offsets(),
-        ) else {
-            candle_core::bail!("pio-scatter-rows takes contiguous tensors")
+        let Some((p0, p1)) = pool_layout.contiguous_offsets() else {
+            candle_core::bail!("pio-scatter-rows takes a contiguous pool")
         };
         let (storage, slots_layout) = self.slots.storage_and_layout();
         let Storage::Cuda(slots) = &*storage else {
             candle_core::bail!("pio-scatter-rows: slot numbers off the GPU")
         };
-        let slots = slots.as_cuda_slice::<u32>()?;
-        let slots = match slots_layout.contiguous_offsets() {
-            Some((s0, s1)) => slots.slice(s0..s1),
-            None => candle_core::bail!("pio-scatter-rows takes contiguous slot numbers"),
-        };
+        let slots = super::view(slots.as_cuda_slice::<u32>()?, slots_layout)?;
+        let rows = super::view(rows, rows_layout)?;
         let func = dev.get_or_load_custom_func(kernel, "pio_kv_write", ptx()?)?;
         let mut pool = pool.slice_mut(p0..p1);
-        let rows = rows.slice(r0..r1);
         let row_len = row_len as i32;
         let mut b = func.builder();
         b.arg(&mut pool).arg(&rows).arg(&slots).arg(&row_len);

@@ -292,6 +292,6 @@ fn views<'a, T>(
 fn view<'a, T>(slice: &'a CudaSlice<T>, layout: &Layout) -> candle_core::Result<CudaView<'a, T>> {
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(slice.slice(start..end)),
-        None => candle_core::bail!("pio-paged-decode takes contiguous tensors"),
+        None => candle_core::bail!("the engine's GPU kernels take contiguous tensors"),
     }
 }

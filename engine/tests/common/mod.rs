@@ -152,6 +152,25 @@ pub fn collect(stream: Stream) -> (Vec<Emitted>, Outcome) {
     }
 }
 
+/// Submits every request at once and reads all the streams concurrently: each one's tokens and
+/// outcome, in the order given.
+pub fn run_concurrently(
+    engine: &Engine,
+    requests: impl IntoIterator<Item = Request>,
+) -> Vec<(Vec<Emitted>, Outcome)> {
+    let streams: Vec<Stream> = requests
+        .into_iter()
+        .map(|r| engine.submit(r).unwrap())
+        .collect();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = streams
+            .into_iter()
+            .map(|s| scope.spawn(move || collect(s)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 /// Runs one case by itself.
 pub fn run_alone(engine: &Engine, case: &Case) -> (Vec<Emitted>, Outcome) {
     let mut out = Vec::new();
