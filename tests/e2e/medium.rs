@@ -140,6 +140,46 @@ fn mounts_namespaces_and_the_x32_abi_are_denied() {
     );
 }
 
+/// A refused call fails with EPERM, is named in the worker's log and in a failed request's error,
+/// and the handler that names it cannot be taken over (at `medium` and `high`).
+pub(crate) fn refused_calls_are_named(dir: &PluginDir) {
+    let ran = attack(dir, "ptrace 1");
+    assert!(
+        ran.stdout.contains("Operation not permitted"),
+        "{}",
+        ran.stdout
+    );
+    assert!(
+        ran.stderr
+            .contains("the sandbox refused system call ptrace (101); it failed with EPERM"),
+        "{}",
+        ran.stderr
+    );
+    let out = attack(dir, "sigsys").stdout;
+    assert!(
+        out.starts_with("sigaction denied: Operation not permitted")
+            && out.contains("; ptrace -1: Operation not permitted"),
+        "{out}"
+    );
+    let failed = run_in(dir, "hostile", "fail-after-ptrace", &[]);
+    assert!(
+        !failed.ok
+            && failed.stderr.contains(
+                "(the sandbox refused system calls (each failed with EPERM): ptrace (101) ×1;"
+            ),
+        "{}",
+        failed.stderr
+    );
+}
+
+#[test]
+fn refused_calls_are_named_at_medium() {
+    if !confinement_available() {
+        return;
+    }
+    refused_calls_are_named(&medium_dir());
+}
+
 #[test]
 fn deaths_are_still_reported_faithfully_through_the_pid_namespace() {
     if !confinement_available() {

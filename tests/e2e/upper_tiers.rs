@@ -5,7 +5,7 @@
 use std::os::unix::fs::PermissionsExt;
 
 use crate::daemon::Daemon;
-use crate::medium::{attack, tier_dir};
+use crate::medium::{attack, refused_calls_are_named, tier_dir};
 use crate::support::*;
 use crate::worker::{confinement_available, run_in};
 
@@ -53,6 +53,7 @@ fn high_maps_only_its_own_uid_and_filters_by_allow_list() {
         out.contains("Operation not permitted"),
         "no TCP sockets at all: {out}"
     );
+    refused_calls_are_named(&dir);
 }
 
 #[test]

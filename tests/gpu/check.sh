@@ -80,6 +80,10 @@ if ! nvidia-smi -L >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap,clocks.sm,clocks.mem --format=csv
 echo "CPU: $(nproc) cores; $(grep -m1 'model name' /proc/cpuinfo)"
+# Which GPU nodes this machine (or container) has, and the driver's list: the sandbox maps CUDA's
+# ordinal to a node from both (host/src/sandbox/gpu.rs).
+echo "nodes: $(ls -d /dev/nvidia* 2>/dev/null | tr '\n' ' ')"
+grep -h "Bus Location\|Device Minor" /proc/driver/nvidia/gpus/*/information 2>/dev/null | tr -s ' \t' ' '
 
 # The CUDA libraries the binaries link against (cuBLAS, cudart, cuRAND, NVRTC) and the driver's.
 libdirs=()

@@ -4,8 +4,9 @@ what the driver needs that the ruleset refuses, on a GPU machine with no strace 
 
     landlock_cuinit.py [PATH | w:PATH]...
 
-PATH adds a read rule, w:PATH full access. Prints `cuInit 0` when CUDA starts, 304
-(CUDA_ERROR_OPERATING_SYSTEM) when the ruleset stops it. On the lent H200 (2026-12-04): 304 with
+PATH adds a read rule, w:PATH full access. Prints each driver call's result: 0 when it works, 304
+(CUDA_ERROR_OPERATING_SYSTEM) when the ruleset stops it; a context is made too (cuInit alone
+need not open the GPU's node). On the lent H200 (2026-12-04): 304 with
 every path readable, 0 with `w:/proc/self/task` (CUDA names its threads through their `comm`).
 The product's ruleset now has that rule (`access::own_thread_paths`); its seccomp allow-list
 is not reproduced here."""
@@ -42,9 +43,18 @@ for a in sys.argv[1:]:
         rule(a[2:], ALL)
 rule("/tmp", ALL)
 rule("/dev/null", 2 | 4)
-for n in ["/dev/nvidia0", "/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"]:
+# Every GPU node there is (a container may hold /dev/nvidia5 alone), as the product grants its
+# GPU's node (host/src/sandbox/gpu.rs).
+gpus = sorted(n for n in os.listdir("/dev") if n.startswith("nvidia") and n[6:].isdigit())
+for n in ["/dev/" + g for g in gpus] + ["/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"]:
     rule(n, 2 | 4 | 32768)
 libc.prctl(38, 1, 0, 0, 0)
 assert libc.syscall(446, rs, 0) == 0, ctypes.get_errno()
 l = ctypes.CDLL("libcuda.so.1")
-print("abi", abi, "extra", sys.argv[1:] or "-", "cuInit", l.cuInit(0), flush=True)
+init = l.cuInit(0)
+# cuInit alone need not open the GPU's node: a context does (what the worker's first step makes).
+dev, ctx = ctypes.c_int(), ctypes.c_void_p()
+got = l.cuDeviceGet(ctypes.byref(dev), 0) if init == 0 else None
+retained = l.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev) if got == 0 else None
+print("abi", abi, "nodes", gpus, "extra", sys.argv[1:] or "-", "cuInit", init,
+      "cuDeviceGet", got, "cuDevicePrimaryCtxRetain", retained, flush=True)

@@ -52,9 +52,16 @@ pub fn cgroup_rules(minor: u32, proc_devices: &str) -> Vec<String> {
 
 /// The device minor (`/dev/nvidia{minor}`) of CUDA's device `ordinal`, from the driver's
 /// `information` file of each GPU: workers get `CUDA_DEVICE_ORDER=PCI_BUS_ID`, so CUDA's ordinals
-/// follow the bus addresses, while the driver numbers nodes in its own order. `None` when the
-/// files do not say (no driver, or fewer GPUs).
-pub fn minor_of(ordinal: u32, informations: &[String]) -> Option<u32> {
+/// follow the bus addresses, while the driver numbers nodes in its own order. Only GPUs whose
+/// node exists (`node_exists`) count, as they do for CUDA: in a container given one GPU of eight,
+/// `/dev` holds that GPU's node alone while a fresh `/proc` (the worker mounts one) lists all
+/// eight. When no listed GPU has a node, all count. `None` when the files do not say (no driver,
+/// or fewer GPUs).
+pub fn minor_of(
+    ordinal: u32,
+    informations: &[String],
+    node_exists: impl Fn(u32) -> bool,
+) -> Option<u32> {
     let mut gpus: Vec<(String, u32)> = informations
         .iter()
         .filter_map(|text| {
@@ -69,19 +76,23 @@ pub fn minor_of(ordinal: u32, informations: &[String]) -> Option<u32> {
             ))
         })
         .collect();
+    if gpus.iter().any(|g| node_exists(g.1)) {
+        gpus.retain(|g| node_exists(g.1));
+    }
     gpus.sort();
     gpus.get(ordinal as usize).map(|g| g.1)
 }
 
-/// [`minor_of`] on this machine (`/proc/driver/nvidia/gpus/*/information`); the ordinal itself
-/// when the driver does not say.
+/// [`minor_of`] on this machine (`/proc/driver/nvidia/gpus/*/information`, `/dev`); the ordinal
+/// itself when the driver does not say.
 pub fn minor(ordinal: u32) -> u32 {
     let informations: Vec<String> = std::fs::read_dir("/proc/driver/nvidia/gpus")
         .into_iter()
         .flatten()
         .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("information")).ok())
         .collect();
-    minor_of(ordinal, &informations).unwrap_or(ordinal)
+    let node_exists = |minor: u32| std::path::Path::new(&format!("/dev/nvidia{minor}")).exists();
+    minor_of(ordinal, &informations, node_exists).unwrap_or(ordinal)
 }
 
 /// The GPU ordinal a `[model] device` names: `cuda` is 0, `cuda:N` is N, anything else none.
@@ -129,11 +140,28 @@ mod tests {
             gpu("0000:1b:00.0", 1),
             gpu("0000:3b:00.0", 2),
         ];
-        assert_eq!(minor_of(0, &infos), Some(1));
-        assert_eq!(minor_of(1, &infos), Some(2));
-        assert_eq!(minor_of(2, &infos), Some(0));
-        assert_eq!(minor_of(3, &infos), None);
-        assert_eq!(minor_of(0, &[]), None);
+        let all = |_: u32| true;
+        assert_eq!(minor_of(0, &infos, all), Some(1));
+        assert_eq!(minor_of(1, &infos, all), Some(2));
+        assert_eq!(minor_of(2, &infos, all), Some(0));
+        assert_eq!(minor_of(3, &infos, all), None);
+        assert_eq!(minor_of(0, &[], all), None);
+        // Nodes nowhere (not created yet): the driver's list as it is.
+        assert_eq!(minor_of(0, &infos, |_| false), Some(1));
+    }
+
+    #[test]
+    fn in_a_container_only_gpus_with_a_node_have_ordinals() {
+        let gpu =
+            |bus: &str, minor: u32| format!("Bus Location: \t {bus}\nDevice Minor: \t {minor}\n");
+        // A fresh /proc lists the host's GPUs; the container's /dev has nodes 5 and 2 only.
+        let infos: Vec<String> = (0..8)
+            .map(|m| gpu(&format!("0000:{:02x}:00.0", 0x10 + m), m))
+            .collect();
+        let given = |minor: u32| minor == 5 || minor == 2;
+        assert_eq!(minor_of(0, &infos, given), Some(2));
+        assert_eq!(minor_of(1, &infos, given), Some(5));
+        assert_eq!(minor_of(2, &infos, given), None);
     }
 
     #[test]

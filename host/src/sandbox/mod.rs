@@ -13,6 +13,7 @@ pub mod confine;
 pub mod gpu;
 mod namespaces;
 pub mod readable;
+pub mod refusals;
 mod seccomp;
 
 use serde::{Deserialize, Serialize};
@@ -130,9 +131,9 @@ pub struct Plan {
 /// Which system calls a worker may make.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Syscalls {
-    /// Everything but a deny-list (EPERM).
+    /// Everything but a deny-list (EPERM, and named in the worker's log).
     DenyList,
-    /// Only an allow-list; anything else fails with EPERM.
+    /// Only an allow-list; anything else fails with EPERM (and is named in the worker's log).
     AllowList,
     /// Only an allow-list; anything else kills the worker.
     AllowListKill,

@@ -2,6 +2,8 @@
 //! (tracing other processes, mounting, new namespaces, kernel modules, BPF, keyrings, io_uring)
 //! fail with EPERM. `high`: an allow-list of what inference code uses (memory, files, threads,
 //! time, Unix sockets), anything else EPERM; `maximum`: the same list, anything else kills.
+//! At `medium` and `high` a refused call traps, and the worker's handler fails it with EPERM and
+//! names it (`refusals`); taking over SIGSYS is itself refused.
 //! Compiled by seccompiler, with a guard in front for the x32 ABI (the same architecture value,
 //! system-call numbers with bit 30 set), which rules keyed on x86_64 numbers would miss.
 
@@ -91,11 +93,11 @@ pub fn deny_list() -> Result<BpfProgram, ConfineError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(fail)?;
     rules.insert(libc::SYS_clone, clone_rules);
-    let program = compile(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EPERM as u32),
-    )?;
+    rules.insert(
+        libc::SYS_rt_sigaction,
+        vec![arg0_rule(SeccompCmpOp::Eq, libc::SIGSYS as u64)?],
+    );
+    let program = compile(rules, SeccompAction::Allow, SeccompAction::Trap)?;
     Ok([x32_guard(false), program].concat())
 }
 
@@ -169,7 +171,6 @@ const ALLOWED: &[i64] = &[
     libc::SYS_mbind,
     libc::SYS_get_mempolicy,
     libc::SYS_set_mempolicy,
-    libc::SYS_rt_sigaction,
     libc::SYS_rt_sigprocmask,
     libc::SYS_rt_sigreturn,
     libc::SYS_sigaltstack,
@@ -271,23 +272,32 @@ pub fn allow_list(kill: bool) -> Result<BpfProgram, ConfineError> {
     rules.insert(libc::SYS_clone, vec![no_namespaces]);
     // Sockets: Unix ones only (the IPC pattern); no network at all.
     for call in [libc::SYS_socket, libc::SYS_socketpair] {
-        let unix = SeccompCondition::new(
-            0,
-            SeccompCmpArgLen::Dword,
-            SeccompCmpOp::Eq,
-            libc::AF_UNIX as u64,
-        )
-        .and_then(|c| SeccompRule::new(vec![c]))
-        .map_err(fail)?;
-        rules.insert(call, vec![unix]);
+        rules.insert(
+            call,
+            vec![arg0_rule(SeccompCmpOp::Eq, libc::AF_UNIX as u64)?],
+        );
     }
+    // Signal handlers yes, but SIGSYS stays the refusal handler's where refusals trap.
+    let sigaction = if kill {
+        Vec::new()
+    } else {
+        vec![arg0_rule(SeccompCmpOp::Ne, libc::SIGSYS as u64)?]
+    };
+    rules.insert(libc::SYS_rt_sigaction, sigaction);
     let otherwise = if kill {
         SeccompAction::KillProcess
     } else {
-        SeccompAction::Errno(libc::EPERM as u32)
+        SeccompAction::Trap
     };
     let program = compile(rules, otherwise, SeccompAction::Allow)?;
     Ok([x32_guard(kill), program].concat())
+}
+
+/// A rule matching when the first argument (a 32-bit one) compares `op` to `value`.
+fn arg0_rule(op: SeccompCmpOp, value: u64) -> Result<SeccompRule, ConfineError> {
+    SeccompCondition::new(0, SeccompCmpArgLen::Dword, op, value)
+        .and_then(|c| SeccompRule::new(vec![c]))
+        .map_err(fail)
 }
 
 /// `clone3` passes its flags in memory a filter cannot read, so it is refused with ENOSYS, which
@@ -344,13 +354,17 @@ fn x32_guard(kill: bool) -> BpfProgram {
     ]
 }
 
-/// Installs the filter for `syscalls` on every thread of the process.
+/// Installs the filter for `syscalls` on every thread of the process (and, where refused calls
+/// trap, the handler that fails and names them first).
 pub fn apply(syscalls: super::Syscalls) -> Result<(), ConfineError> {
     let program = match syscalls {
         super::Syscalls::DenyList => deny_list()?,
         super::Syscalls::AllowList => allow_list(false)?,
         super::Syscalls::AllowListKill => allow_list(true)?,
     };
+    if syscalls != super::Syscalls::AllowListKill {
+        super::refusals::install()?;
+    }
     seccompiler::apply_filter_all_threads(&clone3_fallback()?).map_err(fail)?;
     seccompiler::apply_filter_all_threads(&program).map_err(fail)
 }
@@ -371,7 +385,7 @@ mod tests {
             let otherwise = if kill {
                 libc::SECCOMP_RET_KILL_PROCESS
             } else {
-                libc::SECCOMP_RET_ERRNO | libc::EPERM as u32
+                libc::SECCOMP_RET_TRAP
             };
             assert!(
                 program.iter().any(|i| i.code == 0x06 && i.k == otherwise),

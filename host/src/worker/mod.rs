@@ -14,7 +14,7 @@ use pio_plugin_api::{PluginBox, PluginLibrary, ProgressSink_TO, TD_Opaque, Token
 use crate::fault::Fault;
 use crate::probe::LibraryReport;
 use crate::protocol::{read_frame, FromWorker, ToWorker, WireError, PROTOCOL_VERSION};
-use crate::sandbox::confine;
+use crate::sandbox::{confine, refusals};
 
 mod sinks;
 use sinks::{Control, Outbox, WireProgress, WireSink};
@@ -25,9 +25,18 @@ pub const SOCKET_FD: RawFd = 3;
 fn fail_start(outbox: &Outbox, kind: Fault, message: String) -> i32 {
     let _ = writeln!(std::io::stderr(), "worker: {kind}: {message}");
     outbox.send(&FromWorker::StartFailed {
-        error: WireError::new(kind, message),
+        error: with_refusals(WireError::new(kind, message)),
     });
     1
+}
+
+/// `error`, naming the system calls the sandbox refused when there were any: the likeliest
+/// reason a plugin that works at a lower tier fails at this one.
+fn with_refusals(mut error: WireError) -> WireError {
+    if let Some(refused) = refusals::summary() {
+        error.message = format!("{} ({refused})", error.message);
+    }
+    error
 }
 
 /// The worker's main: serves the socket at `fd` until the host closes it. Returns the exit code.
@@ -150,7 +159,9 @@ impl Served {
         };
         match parsed(result, "model info") {
             Ok(info) => FromWorker::Loaded { info },
-            Err(error) => FromWorker::LoadFailed { error },
+            Err(error) => FromWorker::LoadFailed {
+                error: with_refusals(error),
+            },
         }
     }
 
@@ -177,6 +188,7 @@ impl Served {
         match parsed(result, "an outcome") {
             Ok(outcome) => FromWorker::Done { id, outcome },
             Err(error) => {
+                let error = with_refusals(error);
                 // The daemon forwards this line into its log, the request's id in it.
                 let rid = request.request_id.clone().unwrap_or_else(|| id.to_string());
                 let _ = writeln!(

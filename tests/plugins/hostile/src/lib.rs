@@ -252,6 +252,25 @@ fn attack(command: &str) -> Result<String, PluginError> {
                     format!("denied: {}", errno_text())
                 }
             }
+            // Takes SIGSYS over (ignored), then makes a call the filter refuses: with the
+            // takeover refused the call fails with EPERM; had it worked, the worker would die.
+            "sigsys" => {
+                let taken = if libc::signal(libc::SIGSYS, libc::SIG_IGN) == libc::SIG_ERR {
+                    format!("sigaction denied: {}", errno_text())
+                } else {
+                    "sigaction taken".into()
+                };
+                let r = libc::ptrace(libc::PTRACE_ATTACH, 1, 0usize, 0usize);
+                format!("{taken}; ptrace {r}: {}", errno_text())
+            }
+            // A refused call, then a failed request: the error should say what was refused.
+            "fail-after-ptrace" => {
+                libc::ptrace(libc::PTRACE_ATTACH, 1, 0usize, 0usize);
+                return Err(PluginError::internal(format!(
+                    "hostile gives up after ptrace ({})",
+                    errno_text()
+                )));
+            }
             "mount" => {
                 let (src, target, fstype) =
                     (c"none", CString::new(arg).unwrap_or_default(), c"tmpfs");
