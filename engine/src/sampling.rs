@@ -94,81 +94,102 @@ impl Sampler {
         generated: &[u32],
         allowed: Option<&SimpleVob>,
     ) -> Option<u32> {
-        let mut logits = match allowed {
-            None => logits.to_vec(),
-            // Copy only the allowed entries: a grammar's mask usually allows a few hundred of
-            // the vocabulary's 150k tokens.
-            Some(mask) => {
-                let mut kept = vec![f32::NEG_INFINITY; logits.len()];
-                mask.iter_set_entries(|id| {
-                    if let Some(&l) = logits.get(id) {
-                        kept[id] = l;
-                    }
-                });
-                kept
-            }
+        let adjusted;
+        let logits = if allowed.is_none() && !self.penalizes() {
+            logits
+        } else {
+            let mut copy = match allowed {
+                None => logits.to_vec(),
+                // Copy only the allowed entries: a grammar's mask usually allows a few hundred
+                // of the vocabulary's 150k tokens.
+                Some(mask) => {
+                    let mut kept = vec![f32::NEG_INFINITY; logits.len()];
+                    mask.iter_set_entries(|id| {
+                        if let Some(&l) = logits.get(id) {
+                            kept[id] = l;
+                        }
+                    });
+                    kept
+                }
+            };
+            self.apply_penalties(&mut copy, prompt, generated);
+            adjusted = copy;
+            &adjusted
         };
-        self.apply_penalties(&mut logits, prompt, generated);
         if self.params.is_greedy() {
-            let best = argmax(&logits);
+            let best = argmax(logits);
             return logits
                 .get(best as usize)
                 .is_some_and(|&l| l > f32::NEG_INFINITY)
                 .then_some(best);
         }
         let temperature = self.params.temperature.unwrap_or(1.0);
-        let mut candidates: Vec<(u32, f32)> = logits
+        let mut candidates: Vec<(u32, f64)> = logits
             .iter()
             .enumerate()
             .filter(|(_, &l)| l > f32::NEG_INFINITY)
-            .map(|(i, &l)| (i as u32, l / temperature))
+            .map(|(i, &l)| (i as u32, (l / temperature) as f64))
             .collect();
         if candidates.is_empty() {
             return None;
         }
-        candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if let Some(k) = self.params.top_k.filter(|&k| k > 0) {
-            candidates.truncate(k as usize);
-        }
-        let max = candidates.first().map_or(0.0, |c| c.1);
-        let mut probs: Vec<f64> = candidates
-            .iter()
-            .map(|c| ((c.1 - max) as f64).exp())
-            .collect();
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= total);
-        let mut keep = probs.len();
-        if let Some(p) = self.params.top_p.filter(|&p| p < 1.0) {
-            let mut mass = 0.0;
-            keep = probs
-                .iter()
-                .position(|&q| {
-                    mass += q;
-                    mass >= p as f64
-                })
-                .map_or(keep, |i| i + 1);
-        }
-        if let Some(min_p) = self.params.min_p.filter(|&m| m > 0.0) {
-            let floor = probs[0] * min_p as f64;
-            keep = keep.min(probs.iter().take_while(|&&q| q >= floor).count().max(1));
-        }
-        let total: f64 = probs[..keep].iter().sum();
-        let mut draw = self.rng.random::<f64>() * total;
-        for (i, &q) in probs[..keep].iter().enumerate() {
-            if draw < q {
-                return Some(candidates[i].0);
+            let k = k as usize;
+            if k < candidates.len() {
+                candidates.select_nth_unstable_by(k - 1, ranked);
+                candidates.truncate(k);
             }
-            draw -= q;
         }
-        Some(candidates[keep - 1].0)
+        // Scaled logits become weights (unnormalised probabilities; the best one's is exactly 1),
+        // in f32 (a draw needs no more), summed in f64.
+        let max = candidates
+            .iter()
+            .map(|c| c.1)
+            .fold(f64::NEG_INFINITY, f64::max);
+        candidates
+            .iter_mut()
+            .for_each(|c| c.1 = ((c.1 - max) as f32).exp() as f64);
+        let total: f64 = candidates.iter().map(|c| c.1).sum();
+        let keep = self.truncated(&mut candidates, total);
+        let kept = &candidates[..keep];
+        let mass: f64 = kept.iter().map(|c| c.1).sum();
+        Some(draw(kept, self.rng.random::<f64>() * mass))
+    }
+
+    /// Moves the candidates min-p and top-p keep to the front and says how many: the most likely
+    /// ones, at least one (`total`: all candidates' weights). Neither ranks the vocabulary: min-p
+    /// is a partition, top-p a weighted selection, both linear; the draw's order does not matter.
+    fn truncated(&self, candidates: &mut [(u32, f64)], total: f64) -> usize {
+        let mut keep = candidates.len();
+        if let Some(min_p) = self.params.min_p.filter(|&m| m > 0.0) {
+            keep = partition(candidates, |c| c.1 >= min_p as f64);
+            if keep == 0 {
+                candidates.select_nth_unstable_by(0, ranked);
+                keep = 1;
+            }
+        }
+        if let Some(p) = self.params.top_p.filter(|&p| p < 1.0) {
+            keep = nucleus(&mut candidates[..keep], p as f64 * total);
+        }
+        keep
+    }
+
+    /// The repetition penalty in effect (1 or below 0: none).
+    fn repetition_penalty(&self) -> Option<f32> {
+        self.params
+            .repetition_penalty
+            .filter(|&r| r != 1.0 && r > 0.0)
+    }
+
+    /// Whether any penalty changes the logits.
+    fn penalizes(&self) -> bool {
+        self.repetition_penalty().is_some()
+            || self.params.presence_penalty.is_some_and(|p| p != 0.0)
+            || self.params.frequency_penalty.is_some_and(|f| f != 0.0)
     }
 
     fn apply_penalties(&self, logits: &mut [f32], prompt: &[u32], generated: &[u32]) {
-        if let Some(r) = self
-            .params
-            .repetition_penalty
-            .filter(|&r| r != 1.0 && r > 0.0)
-        {
+        if let Some(r) = self.repetition_penalty() {
             let mut seen: Vec<u32> = prompt.iter().chain(generated).copied().collect();
             seen.sort_unstable();
             seen.dedup();
@@ -192,6 +213,56 @@ impl Sampler {
             }
         }
     }
+}
+
+/// The candidate whose share of the weights `at` falls in, walking `candidates` in their order
+/// (the last one if rounding leaves `at` past the end).
+fn draw(candidates: &[(u32, f64)], mut at: f64) -> u32 {
+    for &(id, w) in candidates {
+        if at < w {
+            return id;
+        }
+        at -= w;
+    }
+    candidates.last().map_or(0, |c| c.0)
+}
+
+/// Most likely first; ties: the lower token id first (a total order, so the sets below are unique).
+fn ranked(a: &(u32, f64), b: &(u32, f64)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0))
+}
+
+/// Moves the items `keep` accepts to the front; returns how many there are.
+fn partition(items: &mut [(u32, f64)], keep: impl Fn(&(u32, f64)) -> bool) -> usize {
+    let mut front = 0;
+    for i in 0..items.len() {
+        if keep(&items[i]) {
+            items.swap(front, i);
+            front += 1;
+        }
+    }
+    front
+}
+
+/// Moves the fewest most likely `items` whose weights reach `target` to the front and returns
+/// how many (all, if they never reach it): top-p's set, as a rank-ordered walk would find it, in
+/// expected linear time (a quickselect that halves by rank and keeps the half holding the
+/// boundary) where sorting 150k candidates took ~7 ms a row.
+fn nucleus(items: &mut [(u32, f64)], target: f64) -> usize {
+    // items[..lo] are in (their weights short of `target` by `need`); items[hi..] are out.
+    let (mut lo, mut hi, mut need) = (0, items.len(), target);
+    while hi - lo > 1 {
+        let half = (hi - lo) / 2;
+        items[lo..hi].select_nth_unstable_by(half, ranked);
+        let upper: f64 = items[lo..lo + half].iter().map(|c| c.1).sum();
+        if upper >= need {
+            hi = lo + half;
+        } else {
+            need -= upper;
+            lo += half;
+        }
+    }
+    hi
 }
 
 fn argmax(values: &[f32]) -> u32 {
@@ -250,6 +321,114 @@ mod tests {
             });
             assert!((0..50).all(|_| s.sample(&logits, &[], &[]) == 1));
         }
+    }
+
+    /// Top-p's set as a walk down the full ranking finds it.
+    fn nucleus_by_sorting(items: &[(u32, f64)], target: f64) -> Vec<u32> {
+        let mut sorted = items.to_vec();
+        sorted.sort_by(ranked);
+        let mut mass = 0.0;
+        let end = sorted
+            .iter()
+            .position(|c| {
+                mass += c.1;
+                mass >= target
+            })
+            .map_or(sorted.len(), |i| i + 1);
+        let mut ids: Vec<u32> = sorted[..end].iter().map(|c| c.0).collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    #[test]
+    fn the_nucleus_is_the_set_a_full_ranking_gives() {
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f64 / (1u64 << 53) as f64
+        };
+        for case in 0..300 {
+            let n = 1 + case % 97;
+            // Ties included: every third case draws weights from a handful of values.
+            let items: Vec<(u32, f64)> = (0..n as u32)
+                .map(|id| {
+                    let w = next();
+                    (
+                        id,
+                        if case % 3 == 0 {
+                            (w * 4.0).floor() / 4.0
+                        } else {
+                            w * w
+                        },
+                    )
+                })
+                .collect();
+            let total: f64 = items.iter().map(|c| c.1).sum();
+            for p in [0.0, 0.1, 0.5, 0.8, 0.95, 0.999] {
+                let mut got = items.clone();
+                let keep = nucleus(&mut got, p * total);
+                let mut ids: Vec<u32> = got[..keep].iter().map(|c| c.0).collect();
+                ids.sort_unstable();
+                assert_eq!(
+                    ids,
+                    nucleus_by_sorting(&items, p * total),
+                    "case {case}, p {p}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn draws_follow_the_truncated_distribution() {
+        // Probabilities 8:4:2:1:1 (of 16). top-p 0.7 keeps the first two (12/16 >= 0.7);
+        // min-p 0.2 keeps those at 8 × 0.2 = 1.6 or more: the first three.
+        let logits: Vec<f32> = [8.0f32, 4.0, 2.0, 1.0, 1.0]
+            .iter()
+            .map(|w| w.ln())
+            .collect();
+        let freq = |p: SamplingParams| {
+            let mut s = Sampler::new(SamplingParams {
+                temperature: Some(1.0),
+                seed: Some(3),
+                ..p
+            });
+            let mut counts = [0u32; 5];
+            for _ in 0..20_000 {
+                counts[s.sample(&logits, &[], &[]) as usize] += 1;
+            }
+            counts.map(|c| c as f64 / 20_000.0)
+        };
+        let close = |got: [f64; 5], want: [f64; 5]| {
+            got.iter().zip(want).all(|(g, w)| (g - w).abs() < 0.015)
+        };
+        let all = freq(SamplingParams::default());
+        assert!(close(all, [0.5, 0.25, 0.125, 0.0625, 0.0625]), "{all:?}");
+        let top_p = freq(params(|p| p.top_p = Some(0.7)));
+        assert!(
+            close(top_p, [2.0 / 3.0, 1.0 / 3.0, 0.0, 0.0, 0.0]),
+            "{top_p:?}"
+        );
+        let min_p = freq(params(|p| p.min_p = Some(0.2)));
+        assert!(
+            close(min_p, [8.0 / 14.0, 4.0 / 14.0, 2.0 / 14.0, 0.0, 0.0]),
+            "{min_p:?}"
+        );
+        let top_k = freq(params(|p| p.top_k = Some(3)));
+        assert!(
+            close(top_k, [8.0 / 14.0, 4.0 / 14.0, 2.0 / 14.0, 0.0, 0.0]),
+            "{top_k:?}"
+        );
+        // Both: the smaller set wins.
+        let both = freq(params(|p| {
+            p.min_p = Some(0.2);
+            p.top_p = Some(0.7);
+        }));
+        assert!(
+            close(both, [2.0 / 3.0, 1.0 / 3.0, 0.0, 0.0, 0.0]),
+            "{both:?}"
+        );
     }
 
     #[test]
