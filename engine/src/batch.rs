@@ -68,8 +68,29 @@ pub struct SeqStep<'a> {
     pub positions: &'a Positions,
     /// The sequence's block table, covering at least `start + tokens.len()` positions.
     pub blocks: &'a [BlockId],
-    /// Whether the last new input's logits are wanted (not for a middle chunk of a prompt).
-    pub logits: bool,
+    /// What is wanted of the last new input's output (nothing for a middle chunk of a prompt).
+    pub logits: Wanted,
+}
+
+/// What a sequence wants of a forward pass's output for its last new input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wanted {
+    /// Nothing (a middle chunk of a prompt).
+    Nothing,
+    /// Only the most likely token (greedy, with no penalty, grammar or log-probabilities to
+    /// read the row): on a GPU the arg-max is taken there and only its id comes back.
+    Best,
+    /// The whole row of logits.
+    Logits,
+}
+
+/// A sequence's output of a forward pass, as its [`Wanted`] asked.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// The most likely token (the lowest id among equals, as greedy sampling picks).
+    Best(u32),
+    /// The logits over the vocabulary.
+    Logits(Vec<f32>),
 }
 
 /// A forward pass's work: the sequences in the order their logits come back.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 
-use crate::batch::{Batch, Splice};
+use crate::batch::{Batch, Output, Splice};
 use crate::error::Result;
 use crate::kv_pool::{KvPool, TokenLayout};
 use crate::sampling::SamplingParams;
@@ -23,9 +23,9 @@ pub trait CausalLm: Send + Sync + 'static {
     fn device(&self) -> Device;
 
     /// Runs every sequence's new inputs, writing their cache entries into `pool` through their
-    /// block tables; returns the last new input's logits for each sequence with `logits` set, in
+    /// block tables; returns the last new input's output for each sequence that wants one, in
     /// batch order.
-    fn forward(&self, batch: &Batch<'_>, pool: &mut KvPool) -> Result<Vec<Vec<f32>>>;
+    fn forward(&self, batch: &Batch<'_>, pool: &mut KvPool) -> Result<Vec<Output>>;
 
     /// The longest sequence (prompt plus output) the model supports.
     fn context_length(&self) -> usize;

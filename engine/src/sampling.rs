@@ -181,6 +181,12 @@ impl Sampler {
             .filter(|&r| r != 1.0 && r > 0.0)
     }
 
+    /// Whether this sampler always takes the most likely token of the model's own logits (greedy,
+    /// no penalties): then the row itself need not be read, only its arg-max.
+    pub fn picks_best(&self) -> bool {
+        self.params.is_greedy() && !self.penalizes()
+    }
+
     /// Whether any penalty changes the logits.
     fn penalizes(&self) -> bool {
         self.repetition_penalty().is_some()
@@ -265,7 +271,8 @@ fn nucleus(items: &mut [(u32, f64)], target: f64) -> usize {
     hi
 }
 
-fn argmax(values: &[f32]) -> u32 {
+/// The index of the largest value, the first among equals.
+pub(crate) fn argmax(values: &[f32]) -> u32 {
     let mut best = 0;
     for (i, v) in values.iter().enumerate() {
         if *v > values[best] {

@@ -2,6 +2,7 @@
 //! time — what the old single-request loop did, now state that lives as long as the sequence and
 //! survives preemption (the tokens, the sampler's random state, the text held back).
 
+use crate::batch::{Output, Wanted};
 use crate::error::{EngineError, Result};
 use crate::generate::{Emitted, Finish, Request};
 use crate::guide::Guide;
@@ -72,14 +73,9 @@ impl Decoding {
         })
     }
 
-    /// Tokens generated so far.
-    pub fn generated(&self) -> &[u32] {
-        &self.generated
-    }
-
-    /// Samples the next token from `logits` (among those the grammar allows, if any) and works
-    /// out the text it releases.
-    pub fn accept(&mut self, logits: &[f32], codec: &TextCodec) -> Result<Accepted> {
+    /// Samples from `logits` among the tokens the grammar allows (all without one); what the
+    /// mask cost.
+    fn sample(&mut self, logits: &[f32]) -> Result<(u32, GuideTime)> {
         let asked = std::time::Instant::now();
         let allowed = (self.guide.as_mut())
             .and_then(|g| g.allowed(logits.len()))
@@ -100,14 +96,39 @@ impl Decoding {
                     "the output grammar allows no token this model can produce".into(),
                 )
             })?;
+        Ok((token, guided))
+    }
+
+    /// Tokens generated so far.
+    pub fn generated(&self) -> &[u32] {
+        &self.generated
+    }
+
+    /// What this sequence needs of a forward pass's output: the most likely token alone when it
+    /// decodes greedily with nothing else reading the row (no penalty, grammar or logprobs).
+    pub fn wants(&self) -> Wanted {
+        if self.sampler.picks_best() && self.guide.is_none() && self.logprobs.is_none() {
+            Wanted::Best
+        } else {
+            Wanted::Logits
+        }
+    }
+
+    /// Takes the next token from `output` (sampled from its logits, among those the grammar
+    /// allows, if any) and works out the text it releases.
+    pub fn accept(&mut self, output: &Output, codec: &TextCodec) -> Result<Accepted> {
+        let (token, guided) = match output {
+            Output::Best(token) => (*token, GuideTime::default()),
+            Output::Logits(logits) => self.sample(logits)?,
+        };
         self.generated.push(token);
         let is_eos = self.eos.contains(&token);
         let last = is_eos || self.generated.len() >= self.max_tokens;
         if let Some(guide) = self.guide.as_mut().filter(|_| !last) {
             guide.advance(token, codec);
         }
-        let (logprob, top) = match self.logprobs {
-            Some(k) => {
+        let (logprob, top) = match (self.logprobs, output) {
+            (Some(k), Output::Logits(logits)) => {
                 let lp = log_softmax(logits);
                 let top = top_k(&lp, k)
                     .into_iter()
@@ -115,7 +136,7 @@ impl Decoding {
                     .collect();
                 (Some(lp[token as usize]), top)
             }
-            None => (None, Vec::new()),
+            _ => (None, Vec::new()),
         };
         let mut text = String::new();
         let mut stopped = false;

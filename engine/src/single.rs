@@ -2,7 +2,7 @@
 //! tests that measure or inspect the model itself. Serving goes through
 //! [`Engine`](crate::serving::Engine); both run the same `forward`.
 
-use crate::batch::{Batch, Positions, SeqStep};
+use crate::batch::{Batch, Output, Positions, SeqStep, Wanted};
 use crate::generate::CausalLm;
 use crate::kv_pool::{BlockId, CacheType, KvPool, PoolShape};
 use crate::{EngineError, Result};
@@ -67,13 +67,14 @@ impl SingleSequence {
             start: self.len,
             positions: &linear,
             blocks: &self.blocks,
-            logits: true,
+            logits: Wanted::Logits,
         }]);
-        let mut logits = crate::cpu::step(model, &batch, &mut self.pool)?;
+        let mut outputs = crate::cpu::step(model, &batch, &mut self.pool)?;
         self.len = end;
-        logits
-            .pop()
-            .ok_or_else(|| EngineError::Internal("the model returned no logits".into()))
+        match outputs.pop() {
+            Some(Output::Logits(logits)) => Ok(logits),
+            _ => Err(EngineError::Internal("the model returned no logits".into())),
+        }
     }
 
     /// Runs `tokens` in chunks of `chunk`; returns the logits after the last one.

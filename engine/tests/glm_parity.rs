@@ -11,7 +11,7 @@
 mod common;
 
 use common::{check_checkpoint, fixtures, golden, ids};
-use pio_engine::batch::{Batch, Positions, SeqStep};
+use pio_engine::batch::{Batch, Positions, SeqStep, Wanted};
 use pio_engine::candle_core::{DType, Device};
 use pio_engine::checkpoint::Checkpoint;
 use pio_engine::generate::CausalLm;
@@ -60,7 +60,7 @@ fn choices(model: &Glm4MoeLite, prompt: &[u32]) -> Vec<Vec<Vec<usize>>> {
         start: 0,
         positions: &Positions::Linear,
         blocks: &blocks,
-        logits: true,
+        logits: Wanted::Logits,
     }]);
     model.forward_traced(&batch, &mut pool).unwrap().1
 }

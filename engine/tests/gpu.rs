@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use common::*;
 use pio_engine::attention::{paged, paged_batch, PagedKv};
-use pio_engine::batch::{Batch, Positions, SeqStep};
+use pio_engine::batch::{Batch, Positions, SeqStep, Wanted};
 use pio_engine::candle_core::{DType, Device, Tensor};
 use pio_engine::checkpoint::Checkpoint;
 use pio_engine::generate::CausalLm;
@@ -221,7 +221,7 @@ fn kernel_matches_gather(device: &Device, case: &PoolCase) {
                 start: starts[i],
                 positions: &Positions::Linear,
                 blocks: &tables[i],
-                logits: true,
+                logits: Wanted::Logits,
             })
             .collect(),
     );

@@ -23,7 +23,7 @@ pub(crate) fn step<M: CausalLm + ?Sized>(
     model: &M,
     batch: &Batch<'_>,
     pool: &mut KvPool,
-) -> crate::Result<Vec<Vec<f32>>> {
+) -> crate::Result<Vec<crate::batch::Output>> {
     if model.device().is_cpu() {
         pio_kernels::keep_awake(|| model.forward(batch, pool))
     } else {

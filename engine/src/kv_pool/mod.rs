@@ -412,7 +412,7 @@ mod tests {
     /// the pool after a batch's writes holds row i at `row_slots[i]`.
     #[test]
     fn row_slots_are_where_the_batch_writes_land() {
-        use crate::batch::{Batch, Positions, SeqStep};
+        use crate::batch::{Batch, Positions, SeqStep, Wanted};
         let layout = TokenLayout::keys_values(1, 1, 2);
         let shape = PoolShape {
             block_size: 4,
@@ -431,7 +431,7 @@ mod tests {
                     start: starts[i],
                     positions: &Positions::Linear,
                     blocks: &tables[i],
-                    logits: true,
+                    logits: Wanted::Logits,
                 })
                 .collect(),
         );

@@ -1,10 +1,10 @@
 //! What every causal LM here ends with and starts from: the checks a text-only batch must pass,
 //! and the final norm and output head, run only on the rows whose logits are wanted.
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{Device, Module, Tensor};
 use candle_nn::{embedding, Embedding, VarBuilder};
 
-use crate::batch::{Batch, Positions, SeqStep};
+use crate::batch::{Batch, Output, Positions, SeqStep, Wanted};
 use crate::checkpoint::Checkpoint;
 use crate::linear::{Linear, Quantization};
 use crate::norm::{forward_all, LinearInput, RmsNorm};
@@ -186,25 +186,26 @@ impl Head {
         }
     }
 
-    /// Logits of the last new row of each sequence of `batch` that wants them, in batch order;
-    /// `x` is `(1, rows, hidden)`. Only those rows go through the head.
-    pub(crate) fn logits(&self, x: &Tensor, batch: &Batch<'_>) -> Result<Vec<Vec<f32>>> {
+    /// The output of the last new row of each sequence of `batch` that wants one, in batch
+    /// order; `x` is `(1, rows, hidden)`. Only those rows go through the head.
+    pub(crate) fn logits(&self, x: &Tensor, batch: &Batch<'_>) -> Result<Vec<Output>> {
         let _timed = crate::profile::PROFILE.scope(crate::profile::Op::Head);
-        let mut wanted = Vec::new();
+        let (mut rows, mut wanted) = (Vec::new(), Vec::new());
         let mut end = 0u32;
         for seq in &batch.seqs {
             end += seq.tokens.len() as u32;
-            if seq.logits {
-                wanted.push(end - 1);
+            if seq.logits != Wanted::Nothing {
+                rows.push(end - 1);
+                wanted.push(seq.logits);
             }
         }
-        if wanted.is_empty() {
+        if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let rows = Tensor::new(wanted, x.device())?;
+        let rows = Tensor::new(rows, x.device())?;
         let last = x.index_select(&rows, 1)?;
         let [logits] = forward_all([&self.lm_head], LinearInput::Normed(&last, &self.norm))?;
-        Ok(logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+        super::outputs::outputs(&logits.squeeze(0)?, &wanted)
     }
 }
 

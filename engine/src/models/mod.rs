@@ -9,6 +9,7 @@ pub mod qwen3_vl;
 mod experts;
 mod head;
 mod mlp;
+mod outputs;
 mod rotary;
 
 pub use rotary::RopeParameters;

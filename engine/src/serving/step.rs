@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{finish_early, Arrival, EngineConfig, Event, Shared, Stats, PAUSE_BACKLOG};
-use crate::batch::{Batch, Positions, SeqStep, Splice};
+use crate::batch::{Batch, Output, Positions, SeqStep, Splice, Wanted};
 use crate::generate::{CausalLm, Finish, Media, Outcome};
 use crate::kv_pool::{BlockId, KvPool, PrefixHash};
 use crate::scheduler::{self, Limits, Plan, Running, Waiting};
@@ -429,7 +429,11 @@ impl<M: CausalLm> Worker<M> {
                         start: s.computed,
                         positions,
                         blocks: &s.blocks,
-                        logits: s.computed + n == s.tokens.len(),
+                        logits: if s.computed + n == s.tokens.len() {
+                            s.decoding.wants()
+                        } else {
+                            Wanted::Nothing
+                        },
                     })
                 })
                 .collect();
@@ -484,7 +488,7 @@ impl<M: CausalLm> Worker<M> {
     }
 
     /// Records what the step computed, caches newly full blocks, and samples where logits came.
-    fn advance(&mut self, order: &[(u64, usize)], logits: Vec<Vec<f32>>) {
+    fn advance(&mut self, order: &[(u64, usize)], logits: Vec<Output>) {
         let mut logits = logits.into_iter();
         let bs = self.pool.block_size();
         let mut finished = Vec::new();

@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
-use crate::batch::Batch;
+use crate::batch::{Batch, Output};
 use crate::checkpoint::Checkpoint;
 use crate::generate::CausalLm;
 use crate::kv_pool::{KvPool, TokenLayout};
@@ -218,7 +218,7 @@ impl Glm4MoeLite {
         &self,
         batch: &Batch<'_>,
         pool: &mut KvPool,
-    ) -> Result<(Vec<Vec<f32>>, ExpertTrace)> {
+    ) -> Result<(Vec<Output>, ExpertTrace)> {
         let mut trace = ExpertTrace::new();
         let logits = self.run(batch, pool, Some(&mut trace))?;
         Ok((logits, trace))
@@ -231,7 +231,7 @@ impl Glm4MoeLite {
         batch: &Batch<'_>,
         pool: &KvPool,
         mut trace: Option<&mut ExpertTrace>,
-    ) -> Result<Vec<Vec<f32>>> {
+    ) -> Result<Vec<Output>> {
         let positions = head::text_positions(batch, self.context, "GLM-4.7-Flash")?;
         let mut x = head::embed(&self.embed_tokens, batch, &self.device)?;
         let angles = self.rotary.angles(&positions)?;
@@ -272,7 +272,7 @@ impl CausalLm for Glm4MoeLite {
         self.device.clone()
     }
 
-    fn forward(&self, batch: &Batch<'_>, pool: &mut KvPool) -> Result<Vec<Vec<f32>>> {
+    fn forward(&self, batch: &Batch<'_>, pool: &mut KvPool) -> Result<Vec<Output>> {
         self.run(batch, pool, None)
     }
 

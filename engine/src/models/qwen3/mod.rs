@@ -2,7 +2,7 @@
 //! grouped-query attention with per-head RMSNorm on queries and keys, rotary positions, a SwiGLU
 //! MLP or (Qwen3-MoE) a sparse mixture of SwiGLU experts, tied or untied output embedding.
 
-use crate::batch::Batch;
+use crate::batch::{Batch, Output};
 use crate::candle_core::{DType, Device, Tensor};
 use crate::candle_nn::{Embedding, VarBuilder};
 use crate::checkpoint::Checkpoint;
@@ -246,7 +246,7 @@ impl CausalLm for Qwen3 {
         self.device.clone()
     }
 
-    fn forward(&self, batch: &Batch<'_>, pool: &mut KvPool) -> Result<Vec<Vec<f32>>> {
+    fn forward(&self, batch: &Batch<'_>, pool: &mut KvPool) -> Result<Vec<Output>> {
         let positions = head::text_positions(batch, self.context, "Qwen3")?;
         // Every sequence's new rows back to back: the projections read each weight once for all.
         let mut x = head::embed(&self.embed_tokens, batch, &self.device)?;
@@ -329,7 +329,7 @@ impl CausalLm for Qwen3Moe {
         self.0.device()
     }
 
-    fn forward(&self, batch: &Batch<'_>, pool: &mut KvPool) -> Result<Vec<Vec<f32>>> {
+    fn forward(&self, batch: &Batch<'_>, pool: &mut KvPool) -> Result<Vec<Output>> {
         self.0.forward(batch, pool)
     }
 

@@ -6,7 +6,7 @@
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use crate::batch::{Batch, Positions, Splice};
+use crate::batch::{Batch, Output, Positions, Splice};
 use crate::candle_core::{DType, Device};
 use crate::candle_nn::Embedding;
 use crate::checkpoint::Checkpoint;
@@ -215,7 +215,7 @@ impl CausalLm for Qwen3Vl {
         self.device.clone()
     }
 
-    fn forward(&self, batch: &Batch<'_>, pool: &mut KvPool) -> Result<Vec<Vec<f32>>> {
+    fn forward(&self, batch: &Batch<'_>, pool: &mut KvPool) -> Result<Vec<Output>> {
         let positions = self.positions(batch)?;
         let splices = splice_rows(batch);
         let mut x = head::embed(&self.embed_tokens, batch, &self.device)?;

@@ -1,0 +1,130 @@
+//! A forward pass's rows of logits turned into what each sequence wants: the whole row, or only
+//! its most likely token. On a GPU the arg-max is taken on the device, so a greedy sequence's
+//! step copies back 4 bytes rather than a row (151,936 floats for Qwen3: 32 greedy streams
+//! copied 19 MB a step and scanned it on the host, one row after another).
+
+use candle_core::{DType, Tensor, D};
+
+use crate::batch::{Output, Wanted};
+use crate::Result;
+
+/// `logits` (`(rows, vocab)`, one row per entry of `wanted`, none `Nothing`) as each wants it.
+pub(crate) fn outputs(logits: &Tensor, wanted: &[Wanted]) -> Result<Vec<Output>> {
+    let logits = logits.to_dtype(DType::F32)?;
+    if logits.device().is_cpu() {
+        // Already in host memory: a scan there is as cheap as anything.
+        let rows = logits.to_vec2::<f32>()?;
+        return Ok(rows
+            .into_iter()
+            .zip(wanted)
+            .map(|(row, w)| match w {
+                Wanted::Best => Output::Best(crate::sampling::argmax(&row)),
+                _ => Output::Logits(row),
+            })
+            .collect());
+    }
+    on_device(&logits, wanted)
+}
+
+/// [`outputs`] for logits in device memory: arg-maxes taken there, whole rows copied in one go.
+fn on_device(logits: &Tensor, wanted: &[Wanted]) -> Result<Vec<Output>> {
+    let pick = |kind: Wanted| -> Vec<u32> {
+        (0..wanted.len() as u32)
+            .filter(|&i| wanted[i as usize] == kind)
+            .collect()
+    };
+    let (best_rows, full_rows) = (pick(Wanted::Best), pick(Wanted::Logits));
+    let mut best = first_argmax(&rows_of(logits, best_rows, wanted.len())?)?.into_iter();
+    let mut full = match rows_of(logits, full_rows, wanted.len())? {
+        Some(t) => t.to_vec2::<f32>()?,
+        None => Vec::new(),
+    }
+    .into_iter();
+    wanted
+        .iter()
+        .map(|w| {
+            let out = match w {
+                Wanted::Best => best.next().map(Output::Best),
+                _ => full.next().map(Output::Logits),
+            };
+            out.ok_or_else(|| crate::EngineError::Internal("a logits row went missing".into()))
+        })
+        .collect()
+}
+
+/// The rows `rows` of `logits` (all `total` of them: no copy), or `None` for no rows.
+fn rows_of(logits: &Tensor, rows: Vec<u32>, total: usize) -> Result<Option<Tensor>> {
+    Ok(match rows.len() {
+        0 => None,
+        n if n == total => Some(logits.clone()),
+        _ => Some(logits.index_select(&Tensor::new(rows, logits.device())?, 0)?),
+    })
+}
+
+/// Each row's arg-max, the lowest index among equal maxima (as transformers' `argmax` and the
+/// sampler pick: candle's CUDA arg-max does not promise which), computed where the tensor lives:
+/// the row's maximum, where it is reached, and the first such place found as the largest
+/// `vocab - index` there. Exact in f32 for vocabularies under 2^24.
+pub(crate) fn first_argmax(logits: &Option<Tensor>) -> Result<Vec<u32>> {
+    let Some(logits) = logits else {
+        return Ok(Vec::new());
+    };
+    let vocab = logits.dim(D::Minus1)?;
+    let max = logits.max_keepdim(D::Minus1)?;
+    let at_max = logits.broadcast_eq(&max)?.to_dtype(DType::F32)?;
+    let from_end = Tensor::arange(0u32, vocab as u32, logits.device())?
+        .to_dtype(DType::F32)?
+        .affine(-1.0, vocab as f64)?;
+    let first = at_max.broadcast_mul(&from_end)?.max(D::Minus1)?;
+    let first = first.affine(-1.0, vocab as f64)?.to_dtype(DType::U32)?;
+    Ok(first.to_vec1::<u32>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn the_first_of_equal_maxima_wins_on_any_device_path() {
+        let rows = [
+            vec![0.5f32, 3.0, -1.0, 3.0, 2.0],
+            vec![7.0, 7.0, 7.0, 7.0, 7.0],
+            vec![-4.0, -3.0, -2.0, -1.0, -0.5],
+            vec![f32::NEG_INFINITY, -1e30, f32::NEG_INFINITY, -1e30, -2e30],
+        ];
+        let t = Tensor::new(rows.to_vec(), &Device::Cpu).unwrap();
+        assert_eq!(first_argmax(&Some(t)).unwrap(), [1, 0, 4, 1]);
+        for row in &rows {
+            let host = crate::sampling::argmax(row);
+            let one = Tensor::new(row.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            assert_eq!(first_argmax(&Some(one)).unwrap(), [host], "{row:?}");
+        }
+    }
+
+    #[test]
+    fn each_row_comes_back_as_it_was_wanted() {
+        let want = [Wanted::Best, Wanted::Logits, Wanted::Best];
+        let t = Tensor::new(
+            &[[1f32, 5.0, 2.0], [9.0, 0.0, 9.0], [0.0, 2.0, 2.0]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let expected = [
+            Output::Best(1),
+            Output::Logits(vec![9.0, 0.0, 9.0]),
+            Output::Best(1),
+        ];
+        // The host's path, and the device's path run on the host's tensors.
+        assert_eq!(outputs(&t, &want).unwrap(), expected);
+        assert_eq!(on_device(&t, &want).unwrap(), expected);
+        let all_best = [Wanted::Best; 3];
+        assert_eq!(
+            on_device(&t, &all_best).unwrap(),
+            [Output::Best(1), Output::Best(0), Output::Best(1)]
+        );
+    }
+}
