@@ -5,8 +5,10 @@
 //! failed" (CUDA_ERROR_OPERATING_SYSTEM), with nothing to say what the sandbox had refused.
 //!
 //! Only the worker installs this, after it is confined and before its plugin loads; the filters
-//! refuse `rt_sigaction` on SIGSYS afterwards, so a plugin cannot swap the handler out and turn a
-//! refusal into a crash.
+//! refuse setting SIGSYS's action afterwards (asking is allowed), so a plugin cannot swap the
+//! handler out and turn a refusal into a crash. One case still crashes where a plain errno rule
+//! would not: a thread that blocks SIGSYS (some libraries' helper threads block every signal)
+//! and makes a refused call is killed by the kernel with SIGSYS, which the host reports as such.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};

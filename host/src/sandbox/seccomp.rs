@@ -93,9 +93,19 @@ pub fn deny_list() -> Result<BpfProgram, ConfineError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(fail)?;
     rules.insert(libc::SYS_clone, clone_rules);
+    // Setting SIGSYS's action (asking what it is stays allowed).
+    let set_sigsys = [
+        condition(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            libc::SIGSYS as u64,
+        )?,
+        condition(1, SeccompCmpArgLen::Qword, SeccompCmpOp::Ne, 0)?,
+    ];
     rules.insert(
         libc::SYS_rt_sigaction,
-        vec![arg0_rule(SeccompCmpOp::Eq, libc::SIGSYS as u64)?],
+        vec![SeccompRule::new(set_sigsys.to_vec()).map_err(fail)?],
     );
     let program = compile(rules, SeccompAction::Allow, SeccompAction::Trap)?;
     Ok([x32_guard(false), program].concat())
@@ -277,11 +287,21 @@ pub fn allow_list(kill: bool) -> Result<BpfProgram, ConfineError> {
             vec![arg0_rule(SeccompCmpOp::Eq, libc::AF_UNIX as u64)?],
         );
     }
-    // Signal handlers yes, but SIGSYS stays the refusal handler's where refusals trap.
+    // Signal handlers yes, but SIGSYS stays the refusal handler's where refusals trap (asking
+    // what its action is stays allowed: a null new action).
     let sigaction = if kill {
         Vec::new()
     } else {
-        vec![arg0_rule(SeccompCmpOp::Ne, libc::SIGSYS as u64)?]
+        vec![
+            arg0_rule(SeccompCmpOp::Ne, libc::SIGSYS as u64)?,
+            SeccompRule::new(vec![condition(
+                1,
+                SeccompCmpArgLen::Qword,
+                SeccompCmpOp::Eq,
+                0,
+            )?])
+            .map_err(fail)?,
+        ]
     };
     rules.insert(libc::SYS_rt_sigaction, sigaction);
     let otherwise = if kill {
@@ -295,9 +315,17 @@ pub fn allow_list(kill: bool) -> Result<BpfProgram, ConfineError> {
 
 /// A rule matching when the first argument (a 32-bit one) compares `op` to `value`.
 fn arg0_rule(op: SeccompCmpOp, value: u64) -> Result<SeccompRule, ConfineError> {
-    SeccompCondition::new(0, SeccompCmpArgLen::Dword, op, value)
-        .and_then(|c| SeccompRule::new(vec![c]))
-        .map_err(fail)
+    SeccompRule::new(vec![condition(0, SeccompCmpArgLen::Dword, op, value)?]).map_err(fail)
+}
+
+/// Argument `index` (of `len`) compared `op` to `value`.
+fn condition(
+    index: u8,
+    len: SeccompCmpArgLen,
+    op: SeccompCmpOp,
+    value: u64,
+) -> Result<SeccompCondition, ConfineError> {
+    SeccompCondition::new(index, len, op, value).map_err(fail)
 }
 
 /// `clone3` passes its flags in memory a filter cannot read, so it is refused with ENOSYS, which

@@ -255,6 +255,10 @@ fn attack(command: &str) -> Result<String, PluginError> {
             // Takes SIGSYS over (ignored), then makes a call the filter refuses: with the
             // takeover refused the call fails with EPERM; had it worked, the worker would die.
             "sigsys" => {
+                let mut current: libc::sigaction = std::mem::zeroed();
+                if libc::sigaction(libc::SIGSYS, std::ptr::null(), &mut current) != 0 {
+                    return Ok(format!("asking SIGSYS's action failed: {}", errno_text()));
+                }
                 let taken = if libc::signal(libc::SIGSYS, libc::SIG_IGN) == libc::SIG_ERR {
                     format!("sigaction denied: {}", errno_text())
                 } else {
