@@ -89,7 +89,7 @@ pub fn death_reason(status: Option<std::process::ExitStatus>, stats: Option<&Sta
                 let name = nix::sys::signal::Signal::try_from(sig)
                     .map(|s| s.as_str().to_string())
                     .unwrap_or_else(|_| format!("signal {sig}"));
-                format!("was killed by {name}")
+                format!("was killed by {name}{}", signal_hint(sig))
             }
             _ => "ended".into(),
         },
@@ -116,5 +116,39 @@ pub(super) fn forward_output(
     }
     if let Some(err) = stderr {
         pump(name.to_string(), err);
+    }
+}
+
+/// What a killing signal says about the cause, where it says something the name does not.
+fn signal_hint(signal: i32) -> &'static str {
+    if signal == libc::SIGSYS {
+        // Only a seccomp filter sends it: the worker made a call its tier's filter kills for.
+        " (a system call its sandbox does not allow: anything off the allow-list at `maximum`, \
+         the 32-bit system-call entry at any confined tier, or at `medium`/`high` a refused call \
+         from a thread that blocks SIGSYS; the worker's log names the refused calls it could)"
+    } else {
+        ""
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    #[test]
+    fn a_seccomp_kill_says_what_it_means() {
+        let sys = death_reason(Some(std::process::ExitStatus::from_raw(libc::SIGSYS)), None);
+        assert!(
+            sys.starts_with("was killed by SIGSYS (a system call its sandbox"),
+            "{sys}"
+        );
+        let segv = death_reason(
+            Some(std::process::ExitStatus::from_raw(libc::SIGSEGV)),
+            None,
+        );
+        assert_eq!(segv, "was killed by SIGSEGV");
+        let code = death_reason(Some(std::process::ExitStatus::from_raw(3 << 8)), None);
+        assert_eq!(code, "exited with code 3");
     }
 }
