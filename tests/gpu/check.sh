@@ -68,10 +68,16 @@ EOF
     "${pio[@]}" --plugins "$shared/manifests-low" --single-stream --output-tokens 128
   step "worker (low): 32 streams, 128-word prompts, 128 tokens each" 90 \
     "${pio[@]}" --plugins "$shared/manifests-low" --concurrency 32 --requests 32 --prompt-words 128 --output-tokens 128
+  # The same, sampled as an API client that sets nothing is (the checkpoint's top-k/top-p).
+  step "worker (low): 32 streams sampled" 90 \
+    "${pio[@]}" --plugins "$shared/manifests-low" --concurrency 32 --requests 32 --prompt-words 128 --output-tokens 128 --sampled
   step "worker (medium): 4 streams" 60 \
     "${pio[@]}" --plugins "$shared/manifests-medium" --concurrency 4 --requests 4 --prompt-words 32 --output-tokens 16
   step "worker (high): 4 streams" 60 \
     "${pio[@]}" --plugins "$shared/manifests-high" --concurrency 4 --requests 4 --prompt-words 32 --output-tokens 16
+  # Diagnostic: Landlock as `high` sets it, then CUDA's start and a context, replayed with ctypes.
+  step "Landlock replay: cuInit and a context (diagnostic)" 30 \
+    python3 tests/gpu/landlock_cuinit.py w:/proc/self/task
 }
 
 if ! nvidia-smi -L >/dev/null 2>&1; then

@@ -32,9 +32,13 @@ pub struct BenchArgs {
     /// count, which is reported).
     #[arg(long, default_value_t = 512)]
     prompt_words: usize,
-    /// Tokens generated per request (greedy, no early stop).
+    /// Tokens generated per request (greedy unless `--sampled`, no early stop).
     #[arg(long, default_value_t = 128)]
     output_tokens: u32,
+    /// Sample with the model's generation defaults (its `generation_config.json`, the manifest's
+    /// `[model.generation]`) instead of decoding greedily: what a client that sets nothing gets.
+    #[arg(long, conflicts_with = "compare_llama_cpp")]
+    sampled: bool,
     /// Requests in flight at once.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
@@ -198,13 +202,15 @@ async fn one(worker: &Worker, request: InferRequest) -> anyhow::Result<Timing> {
     }
 }
 
-fn request(text: String, max_tokens: u32) -> InferRequest {
+/// A bench request: greedy, or (`sampled`) with the model's own sampling defaults.
+fn request(text: String, max_tokens: u32, sampled: bool) -> InferRequest {
     InferRequest {
         prompt: Prompt::Text(text),
         max_tokens: Some(max_tokens),
-        temperature: Some(0.0),
-        // Every request generates exactly `max_tokens`: no stop string, no penalty.
-        repetition_penalty: Some(1.0),
+        temperature: (!sampled).then_some(0.0),
+        // Every request generates exactly `max_tokens`: no stop string; no penalty unless the
+        // model's defaults (sampled) have one.
+        repetition_penalty: (!sampled).then_some(1.0),
         ..InferRequest::default()
     }
 }
@@ -236,7 +242,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<u8> {
     runtime.block_on(async move {
         let (worker, info) = start_loaded(spec, config).await?;
         // Warm-up: thread pools and buffers, with a prompt that shares nothing.
-        one(&worker, request("Hello".into(), 2)).await?;
+        one(&worker, request("Hello".into(), 2, false)).await?;
         if args.single_stream {
             let measured = single::run(&worker, &args).await;
             worker.shutdown().await;
@@ -280,7 +286,7 @@ async fn workload(
     while timings.len() < total {
         while running.len() < args.concurrency && next < total {
             let (w, text) = (worker.clone(), prompt(next, args.prompt_words, shared));
-            let mut r = request(text, args.output_tokens);
+            let mut r = request(text, args.output_tokens, args.sampled);
             r.constraint = constraint.clone();
             running.spawn(async move { one(&w, r).await });
             next += 1;
@@ -349,6 +355,7 @@ fn figures(args: &BenchArgs, timings: &[Timing], wall: Duration) -> serde_json::
         "plugin": args.name,
         "requests": timings.len(),
         "concurrency": args.concurrency,
+        "sampled": args.sampled,
         "prompt_tokens_mean": prompt as f64 / n,
         "cached_tokens_mean": cached as f64 / n,
         "output_tokens": completion,
@@ -401,6 +408,17 @@ mod tests {
         let a = timing(vec![at(0), at(10)]);
         let b = timing(vec![at(20), at(30)]);
         assert_eq!(steady_decode(&[a, b]), None);
+    }
+
+    #[test]
+    fn sampled_requests_leave_the_temperature_to_the_model() {
+        let greedy = request("a".into(), 4, false);
+        assert_eq!(greedy.temperature, Some(0.0));
+        let sampled = request("a".into(), 4, true);
+        assert_eq!(sampled.temperature, None);
+        assert_eq!(sampled.top_p, None);
+        assert_eq!(sampled.repetition_penalty, None);
+        assert_eq!(greedy.repetition_penalty, Some(1.0));
     }
 
     #[test]

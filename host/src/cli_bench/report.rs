@@ -26,13 +26,14 @@ pub(super) fn print(args: &BenchArgs, mut f: serde_json::Value, llama: Option<&[
         return;
     }
     println!(
-        "{} requests, {} at once: {:.0} prompt tokens each ({:.0} from the prefix cache), {} output tokens in {:.2} s",
+        "{} requests, {} at once: {:.0} prompt tokens each ({:.0} from the prefix cache), {} output tokens in {:.2} s{}",
         f["requests"],
         args.concurrency,
         num(&f["prompt_tokens_mean"]),
         num(&f["cached_tokens_mean"]),
         f["output_tokens"],
-        num(&f["wall_s"])
+        num(&f["wall_s"]),
+        if args.sampled { ", sampled with the model's defaults" } else { "" }
     );
     println!(
         "output throughput  {:>9.2} tokens/s",

@@ -45,11 +45,16 @@ pub async fn run(
     worker: &Worker,
     args: &BenchArgs,
 ) -> anyhow::Result<(Figures, Option<serde_json::Value>)> {
-    let prefill = one(worker, request(prompt(1, args.prompt_words, 0), 1)).await?;
-    let empty = one(worker, request(prompt(2, 1, 0), args.output_tokens)).await?;
+    let sampled = args.sampled;
+    let prefill = one(worker, request(prompt(1, args.prompt_words, 0), 1, sampled)).await?;
+    let empty = one(
+        worker,
+        request(prompt(2, 1, 0), args.output_tokens, sampled),
+    )
+    .await?;
     let deep = one(
         worker,
-        request(prompt(3, args.prompt_words, 0), args.output_tokens),
+        request(prompt(3, args.prompt_words, 0), args.output_tokens, sampled),
     )
     .await?;
     let figures = Figures {
