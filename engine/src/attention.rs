@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::batch::Batch;
+use crate::batch::{Batch, SeqStep};
 use crate::kv_pool::BlockId;
 use crate::{EngineError, Result};
 
@@ -140,6 +140,38 @@ pub(crate) fn decode_splits(blocks: usize, longest: usize) -> usize {
         .max(1)
 }
 
+/// What the decode kernel reads of `seqs`' block tables: each table padded to the longest's
+/// length, then every sequence's position count (its `start` + 1); and that padded length. A
+/// table that does not cover its sequence, or names a block outside the pool's `pool_blocks`,
+/// is an error here rather than a read out of bounds on the device.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn decode_tables(
+    seqs: &[&SeqStep<'_>],
+    block_size: usize,
+    pool_blocks: usize,
+) -> Result<(Vec<u32>, usize)> {
+    let width = seqs
+        .iter()
+        .map(|s| s.blocks.len())
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let mut words = vec![0u32; seqs.len() * width];
+    for (row, seq) in words.chunks_exact_mut(width).zip(seqs) {
+        if seq.blocks.len() * block_size <= seq.start
+            || seq.blocks.iter().any(|&b| b as usize >= pool_blocks)
+        {
+            return Err(EngineError::Internal(format!(
+                "decode at position {} through a block table of {:?} (blocks of {block_size}, {pool_blocks} in the pool)",
+                seq.start, seq.blocks
+            )));
+        }
+        row[..seq.blocks.len()].copy_from_slice(seq.blocks);
+    }
+    words.extend(seqs.iter().map(|s| (s.start + 1) as u32));
+    Ok((words, width))
+}
+
 /// Without the `cuda` feature nothing decodes on a GPU.
 #[cfg(not(feature = "cuda"))]
 fn decoded_on_gpu(
@@ -203,6 +235,26 @@ fn with_candle(q: &Tensor, kv: &PagedKv<'_>, start: usize, scale: f64) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decode_tables_pad_each_table_and_refuse_what_would_read_out_of_bounds() {
+        let step = |blocks: &'static [u32], start: usize| SeqStep {
+            tokens: &[1],
+            splices: &[],
+            start,
+            positions: &crate::batch::Positions::Linear,
+            blocks,
+            logits: crate::batch::Wanted::Best,
+        };
+        let (a, b) = (step(&[4, 7], 20), step(&[2], 3));
+        let (words, width) = decode_tables(&[&a, &b], 16, 8).unwrap();
+        assert_eq!(width, 2);
+        assert_eq!(words, [4, 7, 2, 0, 21, 4]);
+        // Position 32 needs a third block of 16; block 8 is past a pool of 8.
+        for bad in [step(&[4, 7], 32), step(&[8], 0)] {
+            assert!(decode_tables(&[&a, &bad], 16, 8).is_err());
+        }
+    }
 
     /// A lone sequence's heads are split until the GPU has enough blocks, never into shares
     /// shorter than the minimum; a batch that fills the GPU by itself is not split.

@@ -13,7 +13,7 @@ use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{CpuStorage, CudaDevice, CudaStorage, Layout, Shape, Tensor};
 
 use crate::batch::SeqStep;
-use crate::{EngineError, Result};
+use crate::Result;
 
 mod kv_write;
 pub use kv_write::scatter_rows;
@@ -94,29 +94,19 @@ pub fn paged_decode(
     scale: f64,
     uploaded: &OnceLock<Tensor>,
 ) -> Result<Tensor> {
-    let pool_blocks = keys.dim(0)? / block_size;
+    // Every layer of a step decodes the same sequences: the first builds, checks and uploads
+    // their tables, the others read them from the device.
     let max_blocks = seqs
         .iter()
         .map(|s| s.blocks.len())
         .max()
         .unwrap_or(1)
         .max(1);
-    let mut tables = vec![0u32; seqs.len() * max_blocks];
-    for (row, seq) in tables.chunks_exact_mut(max_blocks).zip(seqs) {
-        if seq.blocks.len() * block_size <= seq.start
-            || seq.blocks.iter().any(|&b| b as usize >= pool_blocks)
-        {
-            return Err(EngineError::Internal(format!(
-                "decode at position {} through a block table of {:?} (blocks of {block_size}, {pool_blocks} in the pool)",
-                seq.start, seq.blocks
-            )));
-        }
-        row[..seq.blocks.len()].copy_from_slice(seq.blocks);
-    }
-    tables.extend(seqs.iter().map(|s| (s.start + 1) as u32));
     let words = match uploaded.get() {
-        Some(words) if words.dims1()? == tables.len() => words.clone(),
+        Some(words) if words.dims1()? == seqs.len() * (max_blocks + 1) => words.clone(),
         _ => {
+            let pool_blocks = keys.dim(0)? / block_size;
+            let (tables, _) = crate::attention::decode_tables(seqs, block_size, pool_blocks)?;
             let words = Tensor::from_vec(tables, seqs.len() * (max_blocks + 1), q.device())?;
             let _ = uploaded.set(words.clone());
             words
