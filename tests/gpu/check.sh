@@ -64,10 +64,13 @@ device = "cuda"
 EOF
   done
   local pio=("$shared/pio" bench qwen3-4b-instruct-2507)
+  # --profile: on a GPU the layers' figures are launch times on the host; the head's includes the
+  # wait for the device (its output is read back), so forward vs the whole step shows what the
+  # host spends outside the model (sampling, bookkeeping).
   step "worker (low): single stream, 512-word prompt, 128 tokens" 90 \
-    "${pio[@]}" --plugins "$shared/manifests-low" --single-stream --output-tokens 128
+    "${pio[@]}" --plugins "$shared/manifests-low" --single-stream --output-tokens 128 --profile
   step "worker (low): 32 streams, 128-word prompts, 128 tokens each" 90 \
-    "${pio[@]}" --plugins "$shared/manifests-low" --concurrency 32 --requests 32 --prompt-words 128 --output-tokens 128
+    "${pio[@]}" --plugins "$shared/manifests-low" --concurrency 32 --requests 32 --prompt-words 128 --output-tokens 128 --profile
   # The same, sampled as an API client that sets nothing is (the checkpoint's top-k/top-p).
   step "worker (low): 32 streams sampled" 90 \
     "${pio[@]}" --plugins "$shared/manifests-low" --concurrency 32 --requests 32 --prompt-words 128 --output-tokens 128 --sampled
