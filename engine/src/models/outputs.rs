@@ -34,7 +34,11 @@ fn on_device(logits: &Tensor, wanted: &[Wanted]) -> Result<Vec<Output>> {
             .collect()
     };
     let (best_rows, full_rows) = (pick(Wanted::Best), pick(Wanted::Logits));
-    let mut best = first_argmax(&rows_of(logits, best_rows, wanted.len())?)?.into_iter();
+    let mut best = match rows_of(logits, best_rows, wanted.len())? {
+        Some(t) => first_argmax(&t)?,
+        None => Vec::new(),
+    }
+    .into_iter();
     let mut full = match rows_of(logits, full_rows, wanted.len())? {
         Some(t) => t.to_vec2::<f32>()?,
         None => Vec::new(),
@@ -65,10 +69,7 @@ fn rows_of(logits: &Tensor, rows: Vec<u32>, total: usize) -> Result<Option<Tenso
 /// sampler pick: candle's CUDA arg-max does not promise which), computed where the tensor lives:
 /// the row's maximum, where it is reached, and the first such place found as the largest
 /// `vocab - index` there. Exact in f32 for vocabularies under 2^24.
-pub(crate) fn first_argmax(logits: &Option<Tensor>) -> Result<Vec<u32>> {
-    let Some(logits) = logits else {
-        return Ok(Vec::new());
-    };
+fn first_argmax(logits: &Tensor) -> Result<Vec<u32>> {
     let vocab = logits.dim(D::Minus1)?;
     let max = logits.max_keepdim(D::Minus1)?;
     let at_max = logits.broadcast_eq(&max)?.to_dtype(DType::F32)?;
@@ -94,14 +95,14 @@ mod tests {
             vec![f32::NEG_INFINITY, -1e30, f32::NEG_INFINITY, -1e30, -2e30],
         ];
         let t = Tensor::new(rows.to_vec(), &Device::Cpu).unwrap();
-        assert_eq!(first_argmax(&Some(t)).unwrap(), [1, 0, 4, 1]);
+        assert_eq!(first_argmax(&t).unwrap(), [1, 0, 4, 1]);
         for row in &rows {
             let host = crate::sampling::argmax(row);
             let one = Tensor::new(row.as_slice(), &Device::Cpu)
                 .unwrap()
                 .unsqueeze(0)
                 .unwrap();
-            assert_eq!(first_argmax(&Some(one)).unwrap(), [host], "{row:?}");
+            assert_eq!(first_argmax(&one).unwrap(), [host], "{row:?}");
         }
     }
 
