@@ -54,11 +54,14 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
 
 /// The `k` highest entries of `values` as (index, value), best first (ties: lower index first).
 pub fn top_k(values: &[f32], k: usize) -> Vec<(u32, f32)> {
-    let mut idx: Vec<u32> = (0..values.len() as u32).collect();
-    let k = k.min(idx.len());
+    let k = k.min(values.len());
     if k == 0 {
         return Vec::new();
     }
+    if k <= SMALL_K {
+        return small_top_k(values, k);
+    }
+    let mut idx: Vec<u32> = (0..values.len() as u32).collect();
     idx.select_nth_unstable_by(k - 1, |&a, &b| {
         values[b as usize]
             .total_cmp(&values[a as usize])
@@ -66,6 +69,25 @@ pub fn top_k(values: &[f32], k: usize) -> Vec<(u32, f32)> {
     });
     let mut top: Vec<(u32, f32)> = idx[..k].iter().map(|&i| (i, values[i as usize])).collect();
     top.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    top
+}
+
+/// Up to this k, [`top_k`] keeps a sorted list of the best so far: one comparison rejects almost
+/// every entry, with no copy of the vocabulary.
+const SMALL_K: usize = 64;
+
+/// [`top_k`] for a small `k` (at most `values.len()`): a pass keeping the best `k` in order.
+fn small_top_k(values: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    for (i, &v) in values.iter().enumerate() {
+        // Later entries lose ties, so only a strictly larger value enters a full list.
+        if top.len() == k && v.total_cmp(&top[k - 1].1).is_le() {
+            continue;
+        }
+        let at = top.partition_point(|c| c.1.total_cmp(&v).is_ge());
+        top.insert(at, (i as u32, v));
+        top.truncate(k);
+    }
     top
 }
 
@@ -124,21 +146,23 @@ impl Sampler {
                 .then_some(best);
         }
         let temperature = self.params.temperature.unwrap_or(1.0);
-        let mut candidates: Vec<(u32, f64)> = logits
-            .iter()
-            .enumerate()
-            .filter(|(_, &l)| l > f32::NEG_INFINITY)
-            .map(|(i, &l)| (i as u32, (l / temperature) as f64))
-            .collect();
+        let scaled = |(i, l): (u32, f32)| (i, (l / temperature) as f64);
+        // Top-k first, on the logits themselves (the ranking is the same at any temperature).
+        let mut candidates: Vec<(u32, f64)> = match self.params.top_k.filter(|&k| k > 0) {
+            Some(k) => top_k(logits, k as usize)
+                .into_iter()
+                .filter(|&(_, l)| l > f32::NEG_INFINITY)
+                .map(scaled)
+                .collect(),
+            None => logits
+                .iter()
+                .enumerate()
+                .filter(|(_, &l)| l > f32::NEG_INFINITY)
+                .map(|(i, &l)| scaled((i as u32, l)))
+                .collect(),
+        };
         if candidates.is_empty() {
             return None;
-        }
-        if let Some(k) = self.params.top_k.filter(|&k| k > 0) {
-            let k = k as usize;
-            if k < candidates.len() {
-                candidates.select_nth_unstable_by(k - 1, ranked);
-                candidates.truncate(k);
-            }
         }
         // Scaled logits become weights (unnormalised probabilities; the best one's is exactly 1),
         // in f32 (a draw needs no more), summed in f64.
@@ -345,6 +369,23 @@ mod tests {
         let mut ids: Vec<u32> = sorted[..end].iter().map(|c| c.0).collect();
         ids.sort_unstable();
         ids
+    }
+
+    #[test]
+    fn small_and_large_top_k_agree_with_a_full_sort() {
+        let values: Vec<f32> = (0..500)
+            .map(|i| ((i * 37 % 101) as f32 * 0.25).sin())
+            .collect();
+        let mut sorted: Vec<(u32, f32)> = (0..500u32).map(|i| (i, values[i as usize])).collect();
+        sorted.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        for k in [1, 2, 20, SMALL_K, SMALL_K + 1, 499, 500, 900] {
+            assert_eq!(top_k(&values, k), sorted[..k.min(500)], "k = {k}");
+            assert_eq!(
+                small_top_k(&values, k.min(500)),
+                sorted[..k.min(500)],
+                "k = {k}"
+            );
+        }
     }
 
     #[test]
