@@ -140,6 +140,16 @@ pub(crate) fn decode_splits(blocks: usize, longest: usize) -> usize {
         .max(1)
 }
 
+/// The length every decoding sequence's block table is padded to: the longest's (at least 1).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn table_width(seqs: &[&SeqStep<'_>]) -> usize {
+    seqs.iter()
+        .map(|s| s.blocks.len())
+        .max()
+        .unwrap_or(1)
+        .max(1)
+}
+
 /// What the decode kernel reads of `seqs`' block tables: each table padded to the longest's
 /// length, then every sequence's position count (its `start` + 1); and that padded length. A
 /// table that does not cover its sequence, or names a block outside the pool's `pool_blocks`,
@@ -150,12 +160,7 @@ pub(crate) fn decode_tables(
     block_size: usize,
     pool_blocks: usize,
 ) -> Result<(Vec<u32>, usize)> {
-    let width = seqs
-        .iter()
-        .map(|s| s.blocks.len())
-        .max()
-        .unwrap_or(1)
-        .max(1);
+    let width = table_width(seqs);
     let mut words = vec![0u32; seqs.len() * width];
     for (row, seq) in words.chunks_exact_mut(width).zip(seqs) {
         if seq.blocks.len() * block_size <= seq.start

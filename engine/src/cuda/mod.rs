@@ -96,12 +96,7 @@ pub fn paged_decode(
 ) -> Result<Tensor> {
     // Every layer of a step decodes the same sequences: the first builds, checks and uploads
     // their tables, the others read them from the device.
-    let max_blocks = seqs
-        .iter()
-        .map(|s| s.blocks.len())
-        .max()
-        .unwrap_or(1)
-        .max(1);
+    let max_blocks = crate::attention::table_width(seqs);
     let words = match uploaded.get() {
         Some(words) if words.dims1()? == seqs.len() * (max_blocks + 1) => words.clone(),
         _ => {
