@@ -2,7 +2,9 @@
 //! (device-to-device copies of 2 GiB, read plus write) and the single-stream decode limit it sets
 //! for a checkpoint (its weights read once per token), then that checkpoint served in bf16 —
 //! one stream (512-token prompt, 128 tokens), 32 streams at once and 1 stream on the same
-//! workload (128-token prompts, 128 tokens each) — with each rate against the limit.
+//! workload (128-token prompts, 128 tokens each) — with each rate against the limit; last, the
+//! fused layer kernels against candle's separate operations (`PIO_GPU_KERNELS=candle`), alternated
+//! in the same run.
 //! `cargo bench -p pio-engine --features cuda --bench gpu -- [CHECKPOINT_DIR]` (tests/gpu/run.sh).
 
 use std::sync::Arc;
@@ -75,6 +77,35 @@ fn main() -> Result<(), Error> {
         many.decode_rate,
         engine.stats().steps,
         engine.stats().batched_seqs as f64 / engine.stats().steps.max(1) as f64
+    );
+    fused_against_separate(&engine)
+}
+
+/// Decode rates with the fused layer kernels and with candle's operations, two rounds of each
+/// alternated (lent machines drift), one stream and 32.
+fn fused_against_separate(engine: &Engine) -> Result<(), Error> {
+    use pio_engine::cuda::fused;
+    // [separate, fused] × [1 stream, 32 streams], averaged over the rounds.
+    let mut rates = [[0.0; 2]; 2];
+    for round in 0..2 {
+        for on in [false, true] {
+            fused::set_enabled(on);
+            let seed = 10 + 2 * round + u32::from(on);
+            rates[usize::from(on)][0] += run(engine, 1, 128, 128, seed)?.decode_rate / 2.0;
+            rates[usize::from(on)][1] += run(engine, 32, 128, 128, 100 + seed)?.decode_rate / 2.0;
+        }
+    }
+    fused::set_enabled(true);
+    let [separate, with] = rates;
+    println!(
+        "fused layer kernels vs candle's operations (2 rounds alternated, decode): 1 stream \
+         {:.1} vs {:.1} tokens/s = {:.2}x; 32 streams {:.0} vs {:.0} tokens/s = {:.2}x",
+        with[0],
+        separate[0],
+        with[0] / separate[0],
+        with[1],
+        separate[1],
+        with[1] / separate[1]
     );
     Ok(())
 }

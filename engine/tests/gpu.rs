@@ -1,8 +1,8 @@
 //! The engine on a GPU (the `cuda` feature; tests/gpu/run.sh runs these on a machine with one):
 //! the fixtures' greedy tokens and top-5 log-probabilities as transformers wrote them, bf16 within
 //! the CPU's own bf16 error, a batch equal to each request alone, prefix caching and preemption,
-//! the paged decode kernel equal to candle's gather path, and the GPU memory cap. Without a
-//! device each test says so and passes.
+//! the paged decode kernel equal to candle's gather path, the fused layer kernels equal to candle's
+//! operations, and the GPU memory cap. Without a device each test says so and passes.
 #![cfg(feature = "cuda")]
 #![allow(clippy::unwrap_used)]
 
@@ -124,6 +124,41 @@ fn bf16_and_quantized_weights_on_the_gpu_err_no_more_than_on_the_cpu() {
         );
         let gpu = agreement(&reference, &teacher_forced::<Qwen3>(name, format, &device));
         errs_as_much_as(what, cpu, gpu);
+    }
+}
+
+/// The fused layer kernels (`engine/src/cuda/fused.cu`: residual add with the next norm; the
+/// query/key norms, rotation and KV writes; SwiGLU) give what candle's separate operations give:
+/// in f32 the same distributions but for the order of a sum; in bf16 within one rounding of the
+/// 16-bit values (the kernels round where candle wrote an intermediate out). And they did run.
+#[test]
+fn the_fused_layer_kernels_give_what_candles_operations_give() {
+    use pio_engine::cuda::fused;
+    let Some(device) = gpu() else { return };
+    let name = "qwen3-tiny";
+    for (dtype, bound) in [(DType::F32, 1e-4), (DType::BF16, 0.02)] {
+        fused::set_enabled(false);
+        let before = fused::launches();
+        let separate = teacher_forced::<Qwen3>(name, (dtype, Quantization::None), &device);
+        assert_eq!(fused::launches(), before, "switched off, nothing fused ran");
+        fused::set_enabled(true);
+        let together = teacher_forced::<Qwen3>(name, (dtype, Quantization::None), &device);
+        assert!(
+            fused::launches() > before,
+            "{dtype:?}: the fused kernels ran"
+        );
+        let (agree, mean, max) = agreement(&separate, &together);
+        eprintln!("{dtype:?}: fused vs separate: agreement {agree}, mean |Δ| {mean}, max {max}");
+        assert!(
+            agree >= 0.95 && mean <= bound,
+            "{dtype:?}: {agree} {mean} {max}"
+        );
+        if dtype == DType::F32 {
+            assert!(
+                agree == 1.0 && max <= 10.0 * bound,
+                "f32: {agree} {mean} {max}"
+            );
+        }
     }
 }
 

@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
-"""Compiles the engine's CUDA sources with NVRTC, as the engine does at run time (NVRTC's default
-architecture, fast math), and fails on any error or warning:
-`nvrtc_check.py LIBNVRTC SOURCE... [--arch compute_XX]`. Needs no GPU."""
+"""Compiles the engine's CUDA sources with NVRTC, as the engine does at run time (behind the
+prelude every source gets, NVRTC's default architecture, fast math), and fails on any error or
+warning: `nvrtc_check.py LIBNVRTC SOURCE... [--prelude FILE] [--arch compute_XX]`. Needs no GPU."""
 import ctypes
 import sys
 
 
-def compile_source(nvrtc, path, arch):
-    src = open(path, "rb").read()
+def compile_source(nvrtc, path, arch, prelude):
+    src = prelude + b"\n" + open(path, "rb").read()
     prog = ctypes.c_void_p()
     check(nvrtc, nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src, path.encode(), 0, None, None), path)
     opts = [b"--use_fast_math"] + ([f"--gpu-architecture={arch}".encode()] if arch else [])
@@ -33,13 +33,17 @@ def check(nvrtc, status, what):
 
 def main():
     args = sys.argv[1:]
-    arch = None
+    arch, prelude = None, b""
     if "--arch" in args:
         i = args.index("--arch")
         arch = args[i + 1]
         del args[i : i + 2]
+    if "--prelude" in args:
+        i = args.index("--prelude")
+        prelude = open(args[i + 1], "rb").read()
+        del args[i : i + 2]
     nvrtc = ctypes.CDLL(args[0])
-    ok = all([compile_source(nvrtc, p, arch) for p in args[1:]])
+    ok = all([compile_source(nvrtc, p, arch, prelude) for p in args[1:]])
     sys.exit(0 if ok else 1)
 
 

@@ -1,6 +1,7 @@
 //! The engine's own GPU kernels (the `cuda` feature): decode attention that reads each sequence's
-//! keys and values through its block table in place, for every sequence of a batch in one launch.
-//! The source (`paged_attention.cu`) is compiled by NVRTC on first use, for the device at hand.
+//! keys and values through its block table in place, for every sequence of a batch in one launch;
+//! the KV pool's row writes; a decoder layer's small steps fused (`fused`). Each source is
+//! compiled by NVRTC on first use, for the device at hand, behind `common.cuh`.
 
 use std::sync::OnceLock;
 
@@ -15,9 +16,12 @@ use candle_core::{CpuStorage, CudaDevice, CudaStorage, Layout, Shape, Tensor};
 use crate::batch::SeqStep;
 use crate::Result;
 
+pub mod fused;
 mod kv_write;
 pub use kv_write::scatter_rows;
 
+/// What every source starts with.
+const COMMON: &str = include_str!("common.cuh");
 const SOURCE: &str = include_str!("paged_attention.cu");
 /// Warps per block, as the source's `WARPS`.
 const THREADS: u32 = 8 * 32;
@@ -25,7 +29,8 @@ const THREADS: u32 = 8 * 32;
 const MAX_HEAD_DIM: usize = 1024;
 const MAX_VALUE_DIM: usize = 512;
 
-/// The PTX of `source`, compiled once per process into `cell` (or the compiler's message).
+/// The PTX of `source` behind [`COMMON`], compiled once per process into `cell` (or the
+/// compiler's message).
 fn compiled(
     cell: &'static OnceLock<std::result::Result<String, String>>,
     name: &str,
@@ -37,7 +42,7 @@ fn compiled(
             name: Some(name.into()),
             ..Default::default()
         };
-        nvrtc::compile_ptx_with_opts(source, opts)
+        nvrtc::compile_ptx_with_opts(format!("{COMMON}\n{source}"), opts)
             .map(|p| p.to_src())
             .map_err(|e| format!("compiling {name}: {e:?}"))
     })

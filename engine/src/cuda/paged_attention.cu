@@ -1,7 +1,6 @@
 // Decode attention over the paged KV pool, on the GPU: one new query per sequence, every sequence
 // of the batch in one launch, each reading its keys and values through its block table in place.
-// Compiled at run time by NVRTC (engine/src/cuda/mod.rs), so it includes no header: 16-bit types
-// are their raw bits, converted here.
+// Compiled at run time by NVRTC behind common.cuh (engine/src/cuda/mod.rs).
 //
 // Grid: (query heads, sequences, splits). Block: WARPS warps. With one split a block writes the
 // head's output; with more, each block takes one contiguous share of the positions and writes its
@@ -19,50 +18,10 @@
 
 #define WARPS 8
 #define UNROLL 4
-#define LANES 32
 // Value dimensions per lane: value heads of up to 16 × 32 = 512 (MLA's latent cache).
 #define MAX_V_PER_LANE 16
 // Query (and key) head size the shared buffer holds: MLA's 512 + 64.
 #define MAX_HEAD_DIM 1024
-
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long long u64;
-
-#define NEG_INF __uint_as_float(0xff800000u)
-
-__device__ __forceinline__ float bf16_to_f32(u16 x) {
-  return __uint_as_float(((u32)x) << 16);
-}
-
-__device__ __forceinline__ float f16_to_f32(u16 x) {
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
-  return f;
-}
-
-__device__ __forceinline__ u16 f32_to_bf16(float f) {
-  u32 bits = __float_as_uint(f);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) {
-    return (u16)((bits >> 16) | 0x40u);  // NaN stays NaN
-  }
-  // Round to nearest, ties to even.
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return (u16)(bits >> 16);
-}
-
-__device__ __forceinline__ u16 f32_to_f16(float f) {
-  u16 h;
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-  return h;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int offset = LANES / 2; offset > 0; offset /= 2) {
-    v += __shfl_xor_sync(0xffffffffu, v, offset);
-  }
-  return v;
-}
 
 // The kernel body for element type T, read through TO_F32 and written through FROM_F32.
 #define PAGED_DECODE(NAME, T, TO_F32, FROM_F32)                                               \
@@ -167,8 +126,6 @@ __device__ __forceinline__ float warp_sum(float v) {
       oh[d] = FROM_F32(v / total);                                                            \
     }                                                                                         \
   }
-
-#define IDENTITY(x) (x)
 
 PAGED_DECODE(paged_decode_f32, float, IDENTITY, IDENTITY)
 PAGED_DECODE(paged_decode_bf16, u16, bf16_to_f32, f32_to_bf16)

@@ -222,6 +222,31 @@ impl KvPool {
         &self.layers[layer]
     }
 
+    /// A float pool on a GPU: the slot of every new row of `batch`, back to back, on the device —
+    /// computed, checked against the pool and uploaded once per step, then read by every layer.
+    /// `None` for a pool on the CPU or of 8-bit rows.
+    #[cfg(feature = "cuda")]
+    pub fn device_slots(&self, batch: &crate::batch::Batch<'_>) -> Result<Option<Tensor>> {
+        let Some(device) = self
+            .layers
+            .first()
+            .and_then(|l| l.first())
+            .map(Tensor::device)
+        else {
+            return Ok(None);
+        };
+        if !matches!(self.shape.storage, CacheType::Float(_)) || !device.is_cuda() {
+            return Ok(None);
+        }
+        if let Some(slots) = batch.device_slots.get() {
+            return Ok(Some(slots.clone()));
+        }
+        let slots = row_slots(batch, self.shape.block_size, self.shape.blocks)?;
+        let slots = Tensor::new(slots, device)?;
+        let _ = batch.device_slots.set(slots.clone());
+        Ok(Some(slots))
+    }
+
     /// Writes `rows` — every sequence of `batch`'s new rows back to back, `(rows, heads, dim)` —
     /// into vector `vector` of layer `layer`, each sequence's through its own block table.
     pub fn write_batch(
@@ -232,21 +257,10 @@ impl KvPool {
         rows: &Tensor,
     ) -> Result<()> {
         #[cfg(feature = "cuda")]
-        if let CacheType::Float(dtype) = self.shape.storage {
+        if let Some(slots) = self.device_slots(batch)? {
             let target = &self.layers[layer][vector];
-            if target.device().is_cuda() {
-                let slots = match batch.device_slots.get() {
-                    Some(slots) => slots.clone(),
-                    None => {
-                        let slots = row_slots(batch, self.shape.block_size, self.shape.blocks)?;
-                        let slots = Tensor::new(slots, target.device())?;
-                        let _ = batch.device_slots.set(slots.clone());
-                        slots
-                    }
-                };
-                let rows = rows.to_dtype(dtype)?.contiguous()?;
-                return crate::cuda::scatter_rows(target, &rows, &slots);
-            }
+            let rows = rows.to_dtype(target.dtype())?.contiguous()?;
+            return crate::cuda::scatter_rows(target, &rows, &slots);
         }
         let mut row = 0;
         for seq in &batch.seqs {

@@ -79,9 +79,14 @@ impl Mlp {
     }
 }
 
-/// `silu(gate) · up` of `y` = `(…, [gate | up])`, each `width` wide: one pass on the CPU.
+/// `silu(gate) · up` of `y` = `(…, [gate | up])`, each `width` wide: one pass on the CPU, one
+/// launch on a GPU.
 fn swiglu(y: &Tensor, width: usize) -> Result<Tensor> {
     if let Some(out) = crate::cpu::swiglu(y, width)? {
+        return Ok(out);
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(out) = crate::cuda::fused::swiglu(y, width)? {
         return Ok(out);
     }
     let gate = y.narrow(D::Minus1, 0, width)?;

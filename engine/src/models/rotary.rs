@@ -127,6 +127,12 @@ impl Rotary {
 }
 
 impl Angles {
+    /// The cos and sin tables, each (positions, head_dim / 2).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
+    }
+
     /// Rotates `x` of shape (batch, seq, heads, head_dim).
     pub(crate) fn apply(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(rotated) = crate::cpu::rope(x, &self.cos, &self.sin)? {

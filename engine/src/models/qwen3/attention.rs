@@ -86,35 +86,29 @@ impl Attention {
     ) -> Result<Tensor> {
         let (_, rows, _) = x.rows().dims3()?;
         // 1. Project into heads, position-major: (rows, heads, head_dim); per-head RMSNorm on
-        //    queries and keys, then rotary positions.
-        let (q, k, v) = match &self.qkv {
+        //    queries and keys, then rotary positions; keys and values into the pool.
+        let q = match &self.qkv {
             Projections::Stacked(all) => {
                 let [y] = forward_all([all], x)?;
-                let (qn, kn) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
-                (
-                    y.narrow(2, 0, qn)?,
-                    y.narrow(2, qn, kn)?,
-                    y.narrow(2, qn + kn, kn)?,
-                )
+                match self.inputs_fused(&y, rotary, batch, pool, layer)? {
+                    Some(q) => q,
+                    None => {
+                        let (qn, kn) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+                        let (q, k, v) = (
+                            y.narrow(2, 0, qn)?,
+                            y.narrow(2, qn, kn)?,
+                            y.narrow(2, qn + kn, kn)?,
+                        );
+                        self.inputs([q, k, v], rotary, batch, pool, layer)?
+                    }
+                }
             }
             Projections::Separate { q, k, v } => {
-                let [q, k, v] = forward_all([q, k, v], x)?;
-                (q, k, v)
+                let qkv = forward_all([q, k, v], x)?;
+                self.inputs(qkv, rotary, batch, pool, layer)?
             }
         };
-        // (A narrowed part of the stacked output is copied into its own tensor here.)
-        let split = |t: Tensor, heads: usize| t.reshape((1, rows, heads, self.head_dim));
-        let (q, k, v) = (
-            split(q, self.heads)?,
-            split(k, self.kv_heads)?,
-            split(v, self.kv_heads)?,
-        );
-        let q = rotary.apply(&self.q_norm.forward(&q)?)?.squeeze(0)?;
-        let k = rotary.apply(&self.k_norm.forward(&k)?)?.squeeze(0)?;
-        let v = v.squeeze(0)?;
-        // 2. Store every sequence's keys and values, then each attends over its own positions.
-        pool.write_batch(layer, 0, batch, &k)?;
-        pool.write_batch(layer, 1, batch, &v)?;
+        // 2. Each sequence attends over its own positions.
         let tensors = pool.layer(layer);
         let out = crate::attention::paged_batch(
             &q,
@@ -128,5 +122,76 @@ impl Attention {
         Ok(self
             .o_proj
             .forward(&out.reshape((1, rows, self.heads * self.head_dim))?)?)
+    }
+
+    /// The queries, `(rows, heads, head_dim)`, normalized and rotated, with the keys (the same)
+    /// and the values written into the pool: candle's operations, one by one.
+    fn inputs(
+        &self,
+        [q, k, v]: [Tensor; 3],
+        rotary: &Angles,
+        batch: &Batch<'_>,
+        pool: &KvPool,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let (_, rows, _) = q.dims3()?;
+        // (A narrowed part of the stacked output is copied into its own tensor here.)
+        let split = |t: Tensor, heads: usize| t.reshape((1, rows, heads, self.head_dim));
+        let (q, k, v) = (
+            split(q, self.heads)?,
+            split(k, self.kv_heads)?,
+            split(v, self.kv_heads)?,
+        );
+        let q = rotary.apply(&self.q_norm.forward(&q)?)?.squeeze(0)?;
+        let k = rotary.apply(&self.k_norm.forward(&k)?)?.squeeze(0)?;
+        pool.write_batch(layer, 0, batch, &k)?;
+        pool.write_batch(layer, 1, batch, &v.squeeze(0)?)?;
+        Ok(q)
+    }
+
+    /// [`Self::inputs`] from the stacked projection's output in one launch, on a GPU; `None` where
+    /// the fused kernel does not apply.
+    #[cfg(feature = "cuda")]
+    fn inputs_fused(
+        &self,
+        qkv: &Tensor,
+        rotary: &Angles,
+        batch: &Batch<'_>,
+        pool: &KvPool,
+        layer: usize,
+    ) -> Result<Option<Tensor>> {
+        let Some(slots) = pool.device_slots(batch)? else {
+            return Ok(None);
+        };
+        let [keys, values] = pool.layer(layer) else {
+            return Ok(None);
+        };
+        if self.q_norm.eps() != self.k_norm.eps() {
+            return Ok(None);
+        }
+        let (cos, sin) = rotary.tables();
+        let inputs = crate::cuda::fused::AttentionInputs {
+            q_norm: self.q_norm.weight(),
+            k_norm: self.k_norm.weight(),
+            eps: self.q_norm.eps(),
+            slots: &slots,
+            keys,
+            values,
+            shape: (self.heads, self.kv_heads, self.head_dim),
+        };
+        Ok(inputs.apply(qkv, cos, sin)?)
+    }
+
+    /// Off the GPU nothing is fused here.
+    #[cfg(not(feature = "cuda"))]
+    fn inputs_fused(
+        &self,
+        _: &Tensor,
+        _: &Angles,
+        _: &Batch<'_>,
+        _: &KvPool,
+        _: usize,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
     }
 }

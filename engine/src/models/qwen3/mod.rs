@@ -12,7 +12,7 @@ use crate::linear::Quantization;
 use crate::models::head::{self, load_stack, tensor_bytes, Head, Stack};
 use crate::models::mlp::Mlp;
 use crate::models::rotary::{Angles, Rotary};
-use crate::norm::{LinearInput, RmsNorm};
+use crate::norm::{LinearInput, Residual, RmsNorm};
 use crate::Result;
 
 mod attention;
@@ -94,23 +94,25 @@ impl DecoderLayer {
         })
     }
 
+    /// The layer on the residual stream `x`: attention and the feed-forward part each add
+    /// their output to it.
     pub(crate) fn forward(
         &self,
-        x: &Tensor,
+        x: &mut Residual,
         rotary: &Angles,
         batch: &Batch<'_>,
         pool: &KvPool,
         layer: usize,
-    ) -> Result<Tensor> {
+    ) -> Result<()> {
         // Each norm's output goes straight into the projections that read it (fused with their
-        // activation quantization where the weights are tiled).
-        let normed = LinearInput::Normed(x, &self.input_layernorm);
+        // activation quantization where the weights are tiled, with the residual add on a GPU).
+        let normed = x.normed(&self.input_layernorm)?;
         let attn = self.self_attn.forward(normed, rotary, batch, pool, layer)?;
-        let x = super::residual(x, &attn)?;
+        x.add(attn)?;
         let mlp = self
             .mlp
-            .forward(LinearInput::Normed(&x, &self.post_attention_layernorm))?;
-        Ok(super::residual(&x, &mlp)?)
+            .forward(x.normed(&self.post_attention_layernorm)?)?;
+        Ok(x.add(mlp)?)
     }
 }
 
@@ -249,12 +251,12 @@ impl CausalLm for Qwen3 {
     fn forward(&self, batch: &Batch<'_>, pool: &mut KvPool) -> Result<Vec<Output>> {
         let positions = head::text_positions(batch, self.context, "Qwen3")?;
         // Every sequence's new rows back to back: the projections read each weight once for all.
-        let mut x = head::embed(&self.embed_tokens, batch, &self.device)?;
+        let mut x = Residual::new(head::embed(&self.embed_tokens, batch, &self.device)?);
         let angles = self.rotary.angles(&positions)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &angles, batch, pool, i)?;
+            layer.forward(&mut x, &angles, batch, pool, i)?;
         }
-        self.head.logits(&x, batch)
+        self.head.logits(&x.into_rows()?, batch)
     }
 
     fn context_length(&self) -> usize {

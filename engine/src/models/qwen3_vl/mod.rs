@@ -17,6 +17,7 @@ use crate::linear::Quantization;
 use crate::models::head::{self, load_stack, tensor_bytes, Head, Stack};
 use crate::models::qwen3::DecoderLayer;
 use crate::models::rotary::Rotary;
+use crate::norm::Residual;
 use crate::{EngineError, Result};
 
 mod config;
@@ -222,18 +223,20 @@ impl CausalLm for Qwen3Vl {
         for &(row, s) in &splices {
             x = x.slice_scatter(&s.values.unsqueeze(0)?, 1, row)?;
         }
+        let mut x = Residual::new(x);
         let angles = self.rotary.angles_mrope(&positions, self.mrope_section)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &angles, batch, pool, i)?;
+            layer.forward(&mut x, &angles, batch, pool, i)?;
             // DeepStack: early vision features join the image rows after the first layers.
             for &(row, s) in &splices {
                 if let Some(deep) = s.deep.get(i) {
-                    let sum = (x.narrow(1, row, s.len())? + deep.unsqueeze(0)?)?;
-                    x = x.slice_scatter(&sum, 1, row)?;
+                    let rows = x.rows()?;
+                    let sum = (rows.narrow(1, row, s.len())? + deep.unsqueeze(0)?)?;
+                    x = Residual::new(rows.slice_scatter(&sum, 1, row)?);
                 }
             }
         }
-        self.head.logits(&x, batch)
+        self.head.logits(&x.into_rows()?, batch)
     }
 
     fn context_length(&self) -> usize {
