@@ -1,6 +1,8 @@
 //! The sampler's cost per row on a Qwen3-sized vocabulary (151,936 logits), for the settings the
 //! shipped models' generation configs ask for, beside a full sort of the candidates (what a
-//! sampler that ranks the whole vocabulary pays, as this one did before it ranked lazily).
+//! sampler that ranks the whole vocabulary pays, as this one did before it ranked lazily); then a
+//! step of 32 sampled rows taken in turn and spread over the threads, as the engine now takes
+//! them (`sequence::accept_all`).
 //! `cargo bench -p pio-engine --bench sampling`.
 
 use std::time::Instant;
@@ -104,4 +106,40 @@ fn main() {
             println!("  {name:<36} {us:>8.0} µs  ({:.1}x)", sort / us);
         }
     }
+    step_of_rows(&settings[1].1);
+}
+
+/// A step's 32 rows with `params`, each with its own sampler: in turn, then over rayon's threads.
+fn step_of_rows(params: &SamplingParams) {
+    use rayon::prelude::*;
+    const STEP: usize = 32;
+    let rows: Vec<Vec<f32>> = (0..STEP as u64).map(|s| logits(true, s + 7)).collect();
+    let mut samplers: Vec<Sampler> = (0..STEP).map(|_| Sampler::new(params.clone())).collect();
+    let time = |parallel: bool, samplers: &mut Vec<Sampler>| {
+        let start = Instant::now();
+        for _ in 0..10 {
+            let picks: Vec<u32> = if parallel {
+                samplers
+                    .par_iter_mut()
+                    .zip(&rows)
+                    .map(|(s, row)| s.sample(row, &[], &[]))
+                    .collect()
+            } else {
+                samplers
+                    .iter_mut()
+                    .zip(&rows)
+                    .map(|(s, row)| s.sample(row, &[], &[]))
+                    .collect()
+            };
+            std::hint::black_box(picks);
+        }
+        start.elapsed().as_secs_f64() * 1e3 / 10.0
+    };
+    let (serial, parallel) = (time(false, &mut samplers), time(true, &mut samplers));
+    println!(
+        "a step of {STEP} rows (qwen3 settings): in turn {serial:.2} ms, over {} threads \
+         {parallel:.2} ms ({:.1}x)",
+        rayon::current_num_threads(),
+        serial / parallel
+    );
 }

@@ -367,3 +367,45 @@ fn a_stream_nobody_reads_pauses_its_sequence_and_resumes_unchanged() {
     assert_eq!(ids(&resumed), ids(&alone), "pausing changed nothing");
     assert_eq!(when_idle(&engine).blocks_used, 0);
 }
+
+/// Seeded sampling in a batch gives each request the tokens it gets alone: eight sequences
+/// sampling in the same steps are sampled in parallel on the engine's threads, each with its own
+/// generator and its own row.
+#[test]
+fn seeded_sampled_requests_in_a_batch_give_what_each_gives_alone() {
+    let engine = engine_for::<Qwen3>("qwen3-tiny", EngineConfig::default());
+    let requests: Vec<Request> = (0..8u32)
+        .map(|i| Request {
+            prompt: (0..5 + i).map(|t| 3 + (t * 37 + i * 11) % 390).collect(),
+            sampling: SamplingParams {
+                temperature: Some(1.0),
+                top_p: Some(0.95),
+                seed: Some(u64::from(i)),
+                ..SamplingParams::default()
+            },
+            max_tokens: 24,
+            stop: Vec::new(),
+            eos: Vec::new(),
+            logprobs: (i % 2 == 0).then_some(2),
+            media: None,
+            constraint: None,
+        })
+        .collect();
+    let tokens = |out: &[Emitted]| out.iter().map(|e| e.token_id).collect::<Vec<_>>();
+    let alone: Vec<_> = requests
+        .iter()
+        .map(|r| tokens(&collect(engine.submit(r.clone()).unwrap()).0))
+        .collect();
+    let steps = when_idle(&engine).steps;
+    let together: Vec<_> = run_concurrently(&engine, requests.iter().cloned())
+        .iter()
+        .map(|(out, _)| tokens(out))
+        .collect();
+    assert_eq!(together, alone);
+    // The eight shared their steps (24 tokens each: far fewer than 8 × 24 steps).
+    assert!(
+        when_idle(&engine).steps - steps < 2 * 24,
+        "the requests ran together"
+    );
+    assert!(alone.iter().all(|t| t.len() == 24));
+}

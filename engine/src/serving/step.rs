@@ -1,6 +1,6 @@
 //! The engine thread: its sequences and one step of the loop.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
@@ -12,7 +12,7 @@ use crate::batch::{Batch, Output, Positions, SeqStep, Splice, Wanted};
 use crate::generate::{CausalLm, Finish, Media, Outcome};
 use crate::kv_pool::{BlockId, KvPool, PrefixHash};
 use crate::scheduler::{self, Limits, Plan, Running, Waiting};
-use crate::sequence::Decoding;
+use crate::sequence::{accept_all, Accepted, Decoding};
 use crate::text::TextCodec;
 use crate::EngineError;
 
@@ -489,34 +489,18 @@ impl<M: CausalLm> Worker<M> {
 
     /// Records what the step computed, caches newly full blocks, and samples where logits came.
     fn advance(&mut self, order: &[(u64, usize)], logits: Vec<Output>) {
-        let mut logits = logits.into_iter();
         let bs = self.pool.block_size();
         let mut finished = Vec::new();
-        for &(id, n) in order {
-            let Some(seq) = self.running.iter_mut().find(|s| s.id == id) else {
+        let outputs = self.record(order, logits, &mut finished);
+        let mut results = self.accept(outputs);
+        for &(id, _) in order {
+            let (Some(accepted), Some(seq)) = (
+                results.remove(&id),
+                self.running.iter_mut().find(|s| s.id == id),
+            ) else {
                 continue;
             };
-            seq.computed += n;
-            if self.config.prefix_cache {
-                while seq.registered < seq.computed / bs {
-                    let b = seq.registered;
-                    let parent = b.checked_sub(1).map(|p| seq.block_hashes[p]);
-                    let keys = &seq.keys()[b * bs..(b + 1) * bs];
-                    self.pool
-                        .allocator
-                        .cache(seq.blocks[b], parent, keys, seq.block_hashes[b]);
-                    seq.registered += 1;
-                }
-            }
-            if seq.computed < seq.tokens.len() {
-                continue;
-            }
-            let Some(row) = logits.next() else {
-                let why = "the model returned fewer logits than asked";
-                finished.push((id, Err(EngineError::Internal(why.into()))));
-                continue;
-            };
-            let accepted = match seq.decoding.accept(&row, &self.codec) {
+            let accepted = match accepted {
                 Ok(a) => a,
                 Err(e) => {
                     finished.push((id, Err(e)));
@@ -545,6 +529,63 @@ impl<M: CausalLm> Worker<M> {
                 self.outbox.push((seq.events, event));
             }
         }
+    }
+
+    /// Counts each sequence's computed tokens and caches its newly full blocks; the output of
+    /// each sequence whose inputs are all in, by id (one missing is an error in `finished`).
+    fn record(
+        &mut self,
+        order: &[(u64, usize)],
+        logits: Vec<Output>,
+        finished: &mut Vec<(u64, Result<Finish, EngineError>)>,
+    ) -> HashMap<u64, Output> {
+        let mut logits = logits.into_iter();
+        let bs = self.pool.block_size();
+        let mut outputs = HashMap::with_capacity(order.len());
+        for &(id, n) in order {
+            let Some(seq) = self.running.iter_mut().find(|s| s.id == id) else {
+                continue;
+            };
+            seq.computed += n;
+            if self.config.prefix_cache {
+                while seq.registered < seq.computed / bs {
+                    let b = seq.registered;
+                    let parent = b.checked_sub(1).map(|p| seq.block_hashes[p]);
+                    let keys = &seq.keys()[b * bs..(b + 1) * bs];
+                    self.pool
+                        .allocator
+                        .cache(seq.blocks[b], parent, keys, seq.block_hashes[b]);
+                    seq.registered += 1;
+                }
+            }
+            if seq.computed < seq.tokens.len() {
+                continue;
+            }
+            let Some(row) = logits.next() else {
+                let why = "the model returned fewer logits than asked";
+                finished.push((id, Err(EngineError::Internal(why.into()))));
+                continue;
+            };
+            outputs.insert(id, row);
+        }
+        outputs
+    }
+
+    /// Every output's token at once (in parallel where they scan the vocabulary), by id.
+    fn accept(
+        &mut self,
+        mut outputs: HashMap<u64, Output>,
+    ) -> HashMap<u64, crate::Result<Accepted>> {
+        let mut rows = Vec::with_capacity(outputs.len());
+        let mut ids = Vec::with_capacity(outputs.len());
+        for seq in self.running.iter_mut() {
+            if let Some(output) = outputs.remove(&seq.id) {
+                ids.push(seq.id);
+                rows.push((&mut seq.decoding, output));
+            }
+        }
+        let results = accept_all(&mut rows, &self.codec);
+        ids.into_iter().zip(results).collect()
     }
 
     fn publish(&mut self) {
