@@ -72,7 +72,11 @@ pub fn add_rms_norm(
         return Ok(None);
     }
     let (x, y) = (x.contiguous()?, y.contiguous()?);
-    let both = x.apply_op3_no_bwd(&y, &weight.contiguous()?, &AddRmsNorm { eps: eps as f32 })?;
+    let both = x.apply_op3_no_bwd(
+        &y,
+        &weight.contiguous()?,
+        &Gpu(AddRmsNorm { eps: eps as f32 }),
+    )?;
     Ok(Some((both.get(0)?, both.get(1)?)))
 }
 
@@ -80,7 +84,15 @@ struct AddRmsNorm {
     eps: f32,
 }
 
-impl AddRmsNorm {
+impl Launch<3> for AddRmsNorm {
+    const NAME: &'static str = "pio-add-rms-norm";
+
+    fn shape(&self, [x, ..]: [&Layout; 3]) -> Shape {
+        let mut dims = vec![2];
+        dims.extend_from_slice(x.dims());
+        Shape::from(dims)
+    }
+
     fn launch<T: CudaDType + DeviceRepr>(
         &self,
         [x, y, w]: [(&CudaStorage, &Layout); 3],
@@ -119,44 +131,6 @@ impl AddRmsNorm {
             LAUNCHES.fetch_add(1, Ordering::Relaxed);
         }
         Ok(T::wrap_cuda_slice(out, dev.clone()))
-    }
-}
-
-impl candle_core::CustomOp3 for AddRmsNorm {
-    fn name(&self) -> &'static str {
-        "pio-add-rms-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("pio-add-rms-norm runs on a GPU")
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        lx: &Layout,
-        y: &CudaStorage,
-        ly: &Layout,
-        w: &CudaStorage,
-        lw: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let operands = [(x, lx), (y, ly), (w, lw)];
-        let out = by_dtype(x.dtype(), |s| match s {
-            Suffix::F32 => self.launch::<f32>(operands, "f32"),
-            Suffix::Bf16 => self.launch::<bf16>(operands, "bf16"),
-            Suffix::F16 => self.launch::<f16>(operands, "f16"),
-        })?;
-        let mut dims = vec![2];
-        dims.extend_from_slice(lx.dims());
-        Ok((out, Shape::from(dims)))
     }
 }
 
@@ -217,9 +191,9 @@ impl AttentionInputs<'_> {
             values: self.values.clone(),
             shape: self.shape,
         };
-        let q = qkv
-            .contiguous()?
-            .apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &op)?;
+        let q =
+            qkv.contiguous()?
+                .apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &Gpu(op))?;
         Ok(Some(q))
     }
 }
@@ -235,7 +209,15 @@ struct AttentionInputsOp {
     shape: (usize, usize, usize),
 }
 
-impl AttentionInputsOp {
+impl Launch<3> for AttentionInputsOp {
+    const NAME: &'static str = "pio-attention-inputs";
+
+    fn shape(&self, [qkv, ..]: [&Layout; 3]) -> Shape {
+        let (heads, kv_heads, head_dim) = self.shape;
+        let rows = qkv.shape().elem_count() / ((heads + 2 * kv_heads) * head_dim);
+        Shape::from((rows, heads, head_dim))
+    }
+
     fn launch<T: CudaDType + DeviceRepr>(
         &self,
         [qkv, cos, sin]: [(&CudaStorage, &Layout); 3],
@@ -304,51 +286,15 @@ impl AttentionInputsOp {
     }
 }
 
-impl candle_core::CustomOp3 for AttentionInputsOp {
-    fn name(&self) -> &'static str {
-        "pio-attention-inputs"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("pio-attention-inputs runs on a GPU")
-    }
-
-    fn cuda_fwd(
-        &self,
-        qkv: &CudaStorage,
-        lq: &Layout,
-        cos: &CudaStorage,
-        lc: &Layout,
-        sin: &CudaStorage,
-        ls: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let operands = [(qkv, lq), (cos, lc), (sin, ls)];
-        let out = by_dtype(qkv.dtype(), |s| match s {
-            Suffix::F32 => self.launch::<f32>(operands, "f32"),
-            Suffix::Bf16 => self.launch::<bf16>(operands, "bf16"),
-            Suffix::F16 => self.launch::<f16>(operands, "f16"),
-        })?;
-        let (heads, kv_heads, head_dim) = self.shape;
-        let rows = lq.shape().elem_count() / ((heads + 2 * kv_heads) * head_dim);
-        Ok((out, Shape::from((rows, heads, head_dim))))
-    }
-}
-
 /// `silu(gate) · up` of `gate_up` = `(…, [gate | up])`, each `width` wide, in one launch.
 pub fn swiglu(gate_up: &Tensor, width: usize) -> Result<Option<Tensor>> {
     if !applies(gate_up) || gate_up.dims().last() != Some(&(2 * width)) || width == 0 {
         return Ok(None);
     }
     Ok(Some(
-        gate_up.contiguous()?.apply_op1_no_bwd(&Swiglu { width })?,
+        gate_up
+            .contiguous()?
+            .apply_op1_no_bwd(&Gpu(Swiglu { width }))?,
     ))
 }
 
@@ -356,10 +302,20 @@ struct Swiglu {
     width: usize,
 }
 
-impl Swiglu {
+impl Launch<1> for Swiglu {
+    const NAME: &'static str = "pio-swiglu";
+
+    fn shape(&self, [x]: [&Layout; 1]) -> Shape {
+        let mut dims = x.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = self.width;
+        }
+        Shape::from(dims)
+    }
+
     fn launch<T: CudaDType + DeviceRepr>(
         &self,
-        (x, layout): (&CudaStorage, &Layout),
+        [(x, layout)]: [(&CudaStorage, &Layout); 1],
         suffix: &str,
     ) -> Result<CudaStorage> {
         let dev = x.device();
@@ -387,46 +343,85 @@ impl Swiglu {
     }
 }
 
-impl candle_core::CustomOp1 for Swiglu {
+/// A fused kernel's launch over `N` tensors, for each element type it comes in.
+trait Launch<const N: usize> {
+    /// The operation's name in candle's errors.
+    const NAME: &'static str;
+
+    /// The output's shape for operands of these layouts.
+    fn shape(&self, layouts: [&Layout; N]) -> Shape;
+
+    /// The output, from the kernel for `T` (`suffix` its name's ending).
+    fn launch<T: CudaDType + DeviceRepr>(
+        &self,
+        operands: [(&CudaStorage, &Layout); N],
+        suffix: &str,
+    ) -> Result<CudaStorage>;
+}
+
+/// A [`Launch`] as candle's custom operation: GPU only, the kernel picked by the first operand's
+/// dtype.
+struct Gpu<O>(O);
+
+impl<O> Gpu<O> {
+    fn forward<const N: usize>(
+        &self,
+        operands: [(&CudaStorage, &Layout); N],
+    ) -> Result<(CudaStorage, Shape)>
+    where
+        O: Launch<N>,
+    {
+        let out = match operands[0].0.dtype() {
+            DType::F32 => self.0.launch::<f32>(operands, "f32")?,
+            DType::BF16 => self.0.launch::<bf16>(operands, "bf16")?,
+            DType::F16 => self.0.launch::<f16>(operands, "f16")?,
+            other => candle_core::bail!("{}: f32, bf16 or f16, not {other:?}", O::NAME),
+        };
+        Ok((out, self.0.shape(operands.map(|(_, l)| l))))
+    }
+}
+
+impl<O: Launch<1>> candle_core::CustomOp1 for Gpu<O> {
     fn name(&self) -> &'static str {
-        "pio-swiglu"
+        O::NAME
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("pio-swiglu runs on a GPU; the CPU has its own kernel")
+        candle_core::bail!("{} runs on a GPU", O::NAME)
     }
 
-    fn cuda_fwd(&self, x: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
-        let out = by_dtype(x.dtype(), |s| match s {
-            Suffix::F32 => self.launch::<f32>((x, layout), "f32"),
-            Suffix::Bf16 => self.launch::<bf16>((x, layout), "bf16"),
-            Suffix::F16 => self.launch::<f16>((x, layout), "f16"),
-        })?;
-        let mut dims = layout.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = self.width;
-        }
-        Ok((out, Shape::from(dims)))
+    fn cuda_fwd(&self, x: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.forward([(x, l)])
     }
 }
 
-/// The element types the kernels come in.
-enum Suffix {
-    F32,
-    Bf16,
-    F16,
-}
+impl<O: Launch<3>> candle_core::CustomOp3 for Gpu<O> {
+    fn name(&self) -> &'static str {
+        O::NAME
+    }
 
-/// `launch` for `dtype`'s kernels; an error for a dtype they do not come in.
-fn by_dtype(
-    dtype: DType,
-    launch: impl FnOnce(Suffix) -> Result<CudaStorage>,
-) -> Result<CudaStorage> {
-    match dtype {
-        DType::F32 => launch(Suffix::F32),
-        DType::BF16 => launch(Suffix::Bf16),
-        DType::F16 => launch(Suffix::F16),
-        other => candle_core::bail!("the fused kernels take f32, bf16 or f16, not {other:?}"),
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("{} runs on a GPU", O::NAME)
+    }
+
+    fn cuda_fwd(
+        &self,
+        a: &CudaStorage,
+        la: &Layout,
+        b: &CudaStorage,
+        lb: &Layout,
+        c: &CudaStorage,
+        lc: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.forward([(a, la), (b, lb), (c, lc)])
     }
 }
 
