@@ -2,7 +2,7 @@
 //! multi-head latent attention whose cache keeps one compressed latent per token, dense SwiGLU
 //! layers first, then sparse layers of sigmoid-routed experts with a shared expert, an untied head.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use candle_nn::{Embedding, VarBuilder};
 
 use crate::batch::{Batch, Output};
@@ -14,7 +14,7 @@ use crate::models::experts::Choice;
 use crate::models::head::{self, load_stack, tensor_bytes, Ends, Head, Stack};
 use crate::models::mlp::Mlp;
 use crate::models::rotary::{Angles, Rotary};
-use crate::norm::{LinearInput, RmsNorm};
+use crate::norm::{Residual, RmsNorm};
 use crate::Result;
 
 mod attention;
@@ -85,22 +85,24 @@ impl DecoderLayer {
     }
 
     /// The layer on `x`; a sparse layer also returns each row's chosen experts.
+    /// The layer on the residual stream `x` (attention and the feed-forward part each add their
+    /// output to it); a sparse layer's expert choices per row.
     fn forward(
         &self,
-        x: &Tensor,
+        x: &mut Residual,
         step: &Step<'_, '_>,
         layer: usize,
-    ) -> Result<(Tensor, Option<Vec<Choice>>)> {
+    ) -> Result<Option<Vec<Choice>>> {
         let attn = self.self_attn.forward(
-            LinearInput::Normed(x, &self.input_layernorm),
+            x.normed(&self.input_layernorm)?,
             step.angles,
             step.batch,
             step.pool,
             layer,
             step.form,
         )?;
-        let x = super::residual(x, &attn)?;
-        let h = LinearInput::Normed(&x, &self.post_attention_layernorm);
+        x.add(attn)?;
+        let h = x.normed(&self.post_attention_layernorm)?;
         let (mlp, choices) = match &self.mlp {
             FeedForward::Dense(m) => (m.forward_input(h)?, None),
             FeedForward::Sparse(m) => {
@@ -108,7 +110,8 @@ impl DecoderLayer {
                 (y, Some(c))
             }
         };
-        Ok((super::residual(&x, &mlp)?, choices))
+        x.add(mlp)?;
+        Ok(choices)
     }
 }
 
@@ -233,7 +236,7 @@ impl Glm4MoeLite {
         mut trace: Option<&mut ExpertTrace>,
     ) -> Result<Vec<Output>> {
         let positions = head::text_positions(batch, self.context, "GLM-4.7-Flash")?;
-        let mut x = head::embed(&self.embed_tokens, batch, &self.device)?;
+        let mut x = Residual::new(head::embed(&self.embed_tokens, batch, &self.device)?);
         let angles = self.rotary.angles(&positions)?;
         let step = Step {
             angles: &angles,
@@ -242,13 +245,12 @@ impl Glm4MoeLite {
             form: self.form,
         };
         for (i, layer) in self.layers.iter().enumerate() {
-            let (y, choices) = layer.forward(&x, &step, i)?;
-            x = y;
+            let choices = layer.forward(&mut x, &step, i)?;
             if let (Some(trace), Some(choices)) = (trace.as_deref_mut(), choices) {
                 trace.push(choices.into_iter().map(experts_of).collect());
             }
         }
-        self.head.logits(&x, batch)
+        self.head.logits(&x.into_rows()?, batch)
     }
 }
 
