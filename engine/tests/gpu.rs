@@ -1,8 +1,9 @@
 //! The engine on a GPU (the `cuda` feature; tests/gpu/run.sh runs these on a machine with one):
-//! the fixtures' greedy tokens and top-5 log-probabilities as transformers wrote them, bf16 within
-//! the CPU's own bf16 error, a batch equal to each request alone, prefix caching and preemption,
-//! the paged decode kernel equal to candle's gather path, the fused layer kernels equal to candle's
-//! operations, and the GPU memory cap. Without a device each test says so and passes.
+//! the fixtures' greedy tokens and top-5 log-probabilities as transformers wrote them (Qwen3-VL's
+//! images included), bf16 within the CPU's own bf16 error, a batch equal to each request alone,
+//! prefix caching and preemption, the paged decode kernel equal to candle's gather path, the fused
+//! layer kernels equal to candle's operations, and the GPU memory cap. Without a device each test
+//! says so and passes.
 #![cfg(feature = "cuda")]
 #![allow(clippy::unwrap_used)]
 
@@ -80,6 +81,25 @@ fn qwen3_moe_on_the_gpu_matches_transformers() {
 #[test]
 fn glm_on_the_gpu_matches_transformers() {
     f32_parity::<Glm4MoeLite>("glm4-moe-lite-tiny");
+}
+
+/// Qwen3-VL on the GPU: every golden case (no image, one, two in a message, images in two turns)
+/// alone and then batched gives transformers' tokens — the vision tower, DeepStack and M-RoPE
+/// positions on the device.
+#[test]
+fn qwen3_vl_on_the_gpu_matches_transformers() {
+    let Some(device) = gpu() else { return };
+    let f = common::vl::fixture_on(&device);
+    let cases: Vec<_> = common::vl::golden()["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (common::vl::request(&f, c), c.clone()))
+        .collect();
+    for case in &cases {
+        common::vl::run_all(&f, EngineConfig::default(), std::slice::from_ref(case));
+    }
+    common::vl::run_all(&f, EngineConfig::default(), &cases);
 }
 
 /// Teacher-forced log-probabilities of fixture `name` in `dtype` with `q` on `device`.

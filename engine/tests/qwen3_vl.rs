@@ -9,122 +9,16 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{assert_matches, collect, fixtures, ids};
+use common::vl::{fixture, golden, request, run_all, NAME};
+use common::{assert_matches, collect, fixtures};
 use pio_engine::candle_core::{DType, Device};
-use pio_engine::chat::ChatTemplate;
 use pio_engine::checkpoint::Checkpoint;
-use pio_engine::generate::{Outcome, Request};
-use pio_engine::generation_config::GenerationConfig;
+use pio_engine::generate::Request;
 use pio_engine::images::{decode, DecodeLimits};
 use pio_engine::linear::Quantization;
 use pio_engine::models::qwen3_vl::Qwen3Vl;
-use pio_engine::sampling::SamplingParams;
 use pio_engine::serving::{Engine, EngineConfig};
-use pio_engine::text::TextCodec;
 use serde_json::Value;
-
-const NAME: &str = "qwen3-vl-tiny";
-
-fn golden() -> Value {
-    let text = std::fs::read_to_string(fixtures().join("golden/qwen3-vl-tiny.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-struct Fixture {
-    model: Arc<Qwen3Vl>,
-    codec: Arc<TextCodec>,
-    template: ChatTemplate,
-    eos: Vec<u32>,
-}
-
-fn fixture() -> Fixture {
-    let checkpoint = Checkpoint::open(&fixtures().join(NAME)).unwrap();
-    Fixture {
-        model: Arc::new(common::load::<Qwen3Vl>(NAME)),
-        codec: Arc::new(TextCodec::load(&checkpoint).unwrap()),
-        template: ChatTemplate::load(&checkpoint).unwrap().unwrap(),
-        eos: GenerationConfig::load(&checkpoint).unwrap().eos_token_id,
-    }
-}
-
-/// A golden case's request, its prompt and positions checked against transformers'.
-fn request(f: &Fixture, case: &Value) -> Request {
-    let messages = case["messages"].as_array().unwrap();
-    let text = f
-        .template
-        .render(messages, None, true, &Default::default())
-        .unwrap();
-    assert_eq!(text, case["prompt"].as_str().unwrap(), "{}", case["name"]);
-    let images: Vec<_> = messages
-        .iter()
-        .filter_map(|m| m["content"].as_array())
-        .flatten()
-        .filter_map(|p| p["image"].as_str())
-        .map(|file| {
-            let bytes = std::fs::read(fixtures().join("images").join(file)).unwrap();
-            decode(&bytes, &DecodeLimits::default()).unwrap()
-        })
-        .collect();
-    let (prompt, media) = f
-        .model
-        .prepare(f.codec.encode(&text).unwrap(), &images)
-        .unwrap();
-    assert_eq!(
-        prompt,
-        ids(&case["input_ids"]),
-        "input ids of {}",
-        case["name"]
-    );
-    let want = case["position_ids"].as_array().unwrap();
-    if let Some(m) = &media {
-        for (i, p) in m.positions.iter().enumerate() {
-            for axis in 0..3 {
-                assert_eq!(
-                    u64::from(p[axis]),
-                    want[axis][i].as_u64().unwrap(),
-                    "{}: position {i} axis {axis}",
-                    case["name"]
-                );
-            }
-        }
-        assert_eq!(m.position_delta, case["rope_delta"].as_i64().unwrap());
-    } else {
-        assert_eq!(case["rope_delta"].as_i64().unwrap(), 0);
-    }
-    Request {
-        prompt,
-        sampling: SamplingParams::default(),
-        max_tokens: case["tokens"].as_array().unwrap().len(),
-        stop: Vec::new(),
-        eos: f.eos.clone(),
-        logprobs: Some(5),
-        media: media.map(Arc::new),
-        constraint: None,
-    }
-}
-
-fn run_all(f: &Fixture, config: EngineConfig, requests: &[(Request, Value)]) -> Vec<Outcome> {
-    let engine = Engine::start(f.model.clone(), f.codec.clone(), config).unwrap();
-    let streams: Vec<_> = requests
-        .iter()
-        .map(|(r, _)| engine.submit(r.clone()).unwrap())
-        .collect();
-    streams
-        .into_iter()
-        .zip(requests)
-        .map(|(s, (_, case))| {
-            let (out, outcome) = collect(s);
-            assert_eq!(
-                out.len(),
-                case["tokens"].as_array().unwrap().len(),
-                "{}",
-                case["name"]
-            );
-            assert_matches(&out, case);
-            outcome
-        })
-        .collect()
-}
 
 #[test]
 fn every_case_matches_transformers_alone_and_batched() {

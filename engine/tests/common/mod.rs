@@ -21,6 +21,8 @@ use pio_engine::single::SingleSequence;
 use pio_engine::text::TextCodec;
 use serde_json::Value;
 
+pub mod vl;
+
 /// tests/fixtures.
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
