@@ -167,6 +167,7 @@ impl AttentionInputs<'_> {
             .all(|t| t.dtype() == dtype);
         let fits = head_dim % 2 == 0
             && head_dim / 2 <= 1024
+            && rows <= MAX_GRID_Y
             && kv_heads > 0
             && qkv.dims().last() == Some(&((heads + 2 * kv_heads) * head_dim))
             && self.q_norm.dims() == [head_dim]
@@ -288,7 +289,12 @@ impl Launch<3> for AttentionInputsOp {
 
 /// `silu(gate) · up` of `gate_up` = `(…, [gate | up])`, each `width` wide, in one launch.
 pub fn swiglu(gate_up: &Tensor, width: usize) -> Result<Option<Tensor>> {
-    if !applies(gate_up) || gate_up.dims().last() != Some(&(2 * width)) || width == 0 {
+    let rows = gate_up.elem_count() / (2 * width).max(1);
+    if !applies(gate_up)
+        || gate_up.dims().last() != Some(&(2 * width))
+        || width == 0
+        || rows > MAX_GRID_Y
+    {
         return Ok(None);
     }
     Ok(Some(
@@ -424,6 +430,10 @@ impl<O: Launch<3>> candle_core::CustomOp3 for Gpu<O> {
         self.forward([(a, la), (b, lb), (c, lc)])
     }
 }
+
+/// A grid's most blocks along y (rows, in two of the kernels): longer prompt chunks take candle's
+/// operations.
+const MAX_GRID_Y: usize = 65_535;
 
 /// Threads for `work` items: whole warps, at least one, at most `max`.
 fn warps_for(work: usize, max: usize) -> u32 {
