@@ -49,7 +49,7 @@ pub fn launches() -> u64 {
     LAUNCHES.load(Ordering::Relaxed)
 }
 
-/// Whether the fused kernels can take tensors of `dtype` on `device`.
+/// Whether the fused kernels can take `t`: on a GPU, f32/bf16/f16, fusion switched on.
 fn applies(t: &Tensor) -> bool {
     t.device().is_cuda() && matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16) && enabled()
 }
