@@ -24,7 +24,7 @@ type Error = Box<dyn std::error::Error>;
 
 fn main() -> Result<(), Error> {
     let dir = std::env::args().skip(1).find(|a| !a.starts_with("--"));
-    let device = match Device::new_cuda(0) {
+    let device = match pio_engine::runtime::open_gpu(0) {
         Ok(d) => d,
         Err(e) => {
             println!("no CUDA device ({e}): nothing to measure");

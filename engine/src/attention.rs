@@ -45,7 +45,8 @@ pub fn paged(q: &Tensor, kv: &PagedKv<'_>, start: usize, scale: f64) -> Result<T
 /// [`paged`] for every sequence of `batch`: `q` holds their queries back to back,
 /// `(rows, heads, head_dim)`; each attends over its own blocks of the pool's `keys` and `values`
 /// (`(slots, kv_heads, head_dim)`, reading `value_dim` of each value head). The results come back
-/// to back, `(rows, heads, value_dim)`.
+/// to back, `(rows, heads, value_dim)`. On a GPU every row takes the engine's kernel in one launch
+/// (prompt chunks too, unless `PIO_GPU_KERNELS=candle` asks for candle's operations there).
 pub fn paged_batch(
     q: &Tensor,
     batch: &Batch<'_>,
@@ -55,8 +56,8 @@ pub fn paged_batch(
     scale: f64,
 ) -> Result<Tensor> {
     let _timed = crate::profile::PROFILE.scope(crate::profile::Op::Attention);
-    let decoded = decoded_on_gpu(q, batch, keys, values, (block_size, value_dim), scale)?;
-    if let Some((out, at)) = &decoded {
+    let on_gpu = attended_on_gpu(q, batch, keys, values, (block_size, value_dim), scale)?;
+    if let Some((out, at)) = &on_gpu {
         if at.iter().all(Option::is_some) {
             return Ok(out.clone());
         }
@@ -65,8 +66,8 @@ pub fn paged_batch(
     let mut row = 0;
     for (i, seq) in batch.seqs.iter().enumerate() {
         let n = seq.tokens.len();
-        if let Some((out, Some(at))) = decoded.as_ref().map(|(out, at)| (out, at[i])) {
-            outs.push(out.narrow(0, at, 1)?);
+        if let Some((out, Some(at))) = on_gpu.as_ref().map(|(out, at)| (out, at[i])) {
+            outs.push(out.narrow(0, at, n)?);
             row += n;
             continue;
         }
@@ -87,10 +88,11 @@ pub fn paged_batch(
     })
 }
 
-/// On a GPU, the sequences of `batch` that decode one token, all in one launch of the engine's
-/// kernel: their outputs, and where each sequence's row is among them (`None`: not decoding).
+/// On a GPU, the rows of `batch` the engine's kernel takes, all in one launch: every row, or with
+/// `PIO_GPU_KERNELS=candle` (or more rows than a grid holds) the decoding sequences' only; the
+/// outputs, and where each sequence's first row is among them (`None`: not taken).
 #[cfg(feature = "cuda")]
-fn decoded_on_gpu(
+fn attended_on_gpu(
     q: &Tensor,
     batch: &Batch<'_>,
     keys: &Tensor,
@@ -101,26 +103,39 @@ fn decoded_on_gpu(
     if !crate::cuda::takes(q, keys, values, shape) {
         return Ok(None);
     }
-    let (mut rows, mut seqs, mut at, mut row) = (Vec::new(), Vec::new(), Vec::new(), 0u32);
-    for seq in &batch.seqs {
-        at.push((seq.tokens.len() == 1).then(|| {
-            rows.push(row);
-            seqs.push(seq);
-            rows.len() - 1
-        }));
-        row += seq.tokens.len() as u32;
-    }
+    let prompts = crate::cuda::fused::enabled() && batch.rows() <= crate::cuda::MAX_GRID_Y;
+    let (taken, at) = gpu_rows(batch, prompts);
+    let seqs: Vec<&SeqStep<'_>> = (batch.seqs.iter().zip(&at))
+        .filter_map(|(seq, at)| at.map(|_| seq))
+        .collect();
     if seqs.is_empty() {
         return Ok(None);
     }
-    let q = if seqs.len() == batch.seqs.len() {
+    let q = if taken.len() == batch.rows() {
         q.clone()
     } else {
-        q.index_select(&Tensor::new(rows, q.device())?, 0)?
+        q.index_select(&Tensor::new(taken, q.device())?, 0)?
     };
     let out =
-        crate::cuda::paged_decode(&q, &seqs, keys, values, shape, scale, &batch.device_tables)?;
+        crate::cuda::paged_attention(&q, &seqs, keys, values, shape, scale, &batch.device_tables)?;
     Ok(Some((out, at)))
+}
+
+/// Which of `batch`'s rows the GPU kernel takes — every sequence's, or with `prompts` false only
+/// those of sequences decoding one token — as their indices into the step's rows, and where each
+/// sequence's first row lands among them (`None`: not taken).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn gpu_rows(batch: &Batch<'_>, prompts: bool) -> (Vec<u32>, Vec<Option<usize>>) {
+    let (mut taken, mut at, mut row) = (Vec::new(), Vec::new(), 0u32);
+    for seq in &batch.seqs {
+        let n = seq.tokens.len() as u32;
+        at.push((prompts || n == 1).then(|| {
+            taken.extend(row..row + n);
+            taken.len() - n as usize
+        }));
+        row += n;
+    }
+    (taken, at)
 }
 
 /// Thread blocks a launch should have to keep a large GPU busy (an H200 has 132 multiprocessors).
@@ -150,36 +165,42 @@ pub(crate) fn table_width(seqs: &[&SeqStep<'_>]) -> usize {
         .max(1)
 }
 
-/// What the decode kernel reads of `seqs`' block tables: each table padded to the longest's
-/// length, then every sequence's position count (its `start` + 1); and that padded length. A
-/// table that does not cover its sequence, or names a block outside the pool's `pool_blocks`,
-/// is an error here rather than a read out of bounds on the device.
+/// What the attention kernel reads for `seqs`' rows: each block table padded to the longest's
+/// length, then every row's position count (a sequence's rows at `start`, `start + 1`, … attend
+/// over `start + 1`, `start + 2`, … positions: the causal mask), then every row's sequence. A
+/// table that does not cover its sequence's rows, or names a block outside the pool's
+/// `pool_blocks`, is an error here rather than a read out of bounds on the device.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-pub(crate) fn decode_tables(
+pub(crate) fn row_tables(
     seqs: &[&SeqStep<'_>],
     block_size: usize,
     pool_blocks: usize,
-) -> Result<(Vec<u32>, usize)> {
+) -> Result<Vec<u32>> {
     let width = table_width(seqs);
     let mut words = vec![0u32; seqs.len() * width];
     for (row, seq) in words.chunks_exact_mut(width).zip(seqs) {
-        if seq.blocks.len() * block_size <= seq.start
+        let end = seq.start + seq.tokens.len();
+        if seq.blocks.len() * block_size < end
             || seq.blocks.iter().any(|&b| b as usize >= pool_blocks)
         {
             return Err(EngineError::Internal(format!(
-                "decode at position {} through a block table of {:?} (blocks of {block_size}, {pool_blocks} in the pool)",
+                "attention over positions {}..{end} through a block table of {:?} (blocks of {block_size}, {pool_blocks} in the pool)",
                 seq.start, seq.blocks
             )));
         }
         row[..seq.blocks.len()].copy_from_slice(seq.blocks);
     }
-    words.extend(seqs.iter().map(|s| (s.start + 1) as u32));
-    Ok((words, width))
+    let rows = |s: &&SeqStep<'_>| s.start + 1..s.start + s.tokens.len() + 1;
+    words.extend(seqs.iter().flat_map(rows).map(|len| len as u32));
+    for (i, seq) in seqs.iter().enumerate() {
+        words.extend(std::iter::repeat_n(i as u32, seq.tokens.len()));
+    }
+    Ok(words)
 }
 
-/// Without the `cuda` feature nothing decodes on a GPU.
+/// Without the `cuda` feature nothing runs on a GPU.
 #[cfg(not(feature = "cuda"))]
-fn decoded_on_gpu(
+fn attended_on_gpu(
     _: &Tensor,
     _: &Batch<'_>,
     _: &Tensor,
@@ -241,24 +262,52 @@ fn with_candle(q: &Tensor, kv: &PagedKv<'_>, start: usize, scale: f64) -> Result
 mod tests {
     use super::*;
 
-    #[test]
-    fn decode_tables_pad_each_table_and_refuse_what_would_read_out_of_bounds() {
-        let step = |blocks: &'static [u32], start: usize| SeqStep {
-            tokens: &[1],
+    fn step(tokens: &'static [u32], blocks: &'static [u32], start: usize) -> SeqStep<'static> {
+        SeqStep {
+            tokens,
             splices: &[],
             start,
             positions: &crate::batch::Positions::Linear,
             blocks,
             logits: crate::batch::Wanted::Best,
-        };
-        let (a, b) = (step(&[4, 7], 20), step(&[2], 3));
-        let (words, width) = decode_tables(&[&a, &b], 16, 8).unwrap();
-        assert_eq!(width, 2);
-        assert_eq!(words, [4, 7, 2, 0, 21, 4]);
-        // Position 32 needs a third block of 16; block 8 is past a pool of 8.
-        for bad in [step(&[4, 7], 32), step(&[8], 0)] {
-            assert!(decode_tables(&[&a, &bad], 16, 8).is_err());
         }
+    }
+
+    #[test]
+    fn row_tables_pad_each_table_give_each_row_its_length_and_refuse_what_would_read_out_of_bounds()
+    {
+        let (a, b) = (step(&[1], &[4, 7], 20), step(&[1, 2, 3], &[2], 3));
+        let words = row_tables(&[&a, &b], 16, 8).unwrap();
+        // Tables padded to 2; a's row over 21 positions, b's three over 4, 5, 6; their sequences.
+        assert_eq!(words, [4, 7, 2, 0, 21, 4, 5, 6, 0, 1, 1, 1]);
+        // Position 32 needs a third block of 16; so do rows 14..17 of a one-block chunk; block 8
+        // is past a pool of 8.
+        for bad in [
+            step(&[1], &[4, 7], 32),
+            step(&[1, 2, 3], &[2], 14),
+            step(&[1], &[8], 0),
+        ] {
+            assert!(row_tables(&[&a, &bad], 16, 8).is_err(), "{bad:?}");
+        }
+    }
+
+    /// Prompt chunks go to the kernel with the decode rows, or stay out of it, and each sequence's
+    /// rows are found where they landed.
+    #[test]
+    fn gpu_rows_take_every_row_or_only_the_decoding_ones() {
+        let seqs = vec![
+            step(&[1], &[0], 4),
+            step(&[1, 2, 3], &[1], 0),
+            step(&[1], &[2], 9),
+            step(&[1, 2], &[3], 5),
+        ];
+        let batch = Batch::new(seqs);
+        let (all, at) = gpu_rows(&batch, true);
+        assert_eq!(all, (0..7).collect::<Vec<u32>>());
+        assert_eq!(at, [Some(0), Some(1), Some(4), Some(5)]);
+        let (decoding, at) = gpu_rows(&batch, false);
+        assert_eq!(decoding, [0, 4]);
+        assert_eq!(at, [Some(0), None, Some(1), None]);
     }
 
     /// A lone sequence's heads are split until the GPU has enough blocks, never into shares

@@ -1,9 +1,9 @@
 //! The engine on a GPU (the `cuda` feature; tests/gpu/run.sh runs these on a machine with one):
 //! the fixtures' greedy tokens and top-5 log-probabilities as transformers wrote them (Qwen3-VL's
 //! images included), bf16 within the CPU's own bf16 error, a batch equal to each request alone,
-//! prefix caching and preemption, the paged decode kernel equal to candle's gather path, the fused
-//! layer kernels equal to candle's operations, and the GPU memory cap. Without a device each test
-//! says so and passes.
+//! prefix caching and preemption, the paged attention kernel equal to candle's gather path, the fused
+//! layer kernels equal to candle's operations, the GPU memory cap, and the device opened without
+//! per-buffer events. Without a device each test says so and passes.
 #![cfg(feature = "cuda")]
 #![allow(clippy::unwrap_used)]
 
@@ -29,7 +29,7 @@ use pio_plugin_api::{ErrorKind, Progress};
 
 /// The first GPU, or `None` after saying why the test does not run.
 fn gpu() -> Option<Device> {
-    match Device::new_cuda(0) {
+    match pio_engine::runtime::open_gpu(0) {
         Ok(d) => Some(d),
         Err(e) => {
             eprintln!("skipped: no CUDA device ({e})");
@@ -245,8 +245,9 @@ struct PoolCase {
     bound: f32,
 }
 
-/// The kernel's decode rows, in a batch that also holds a prompt chunk, against candle's gather
-/// path in f32 on the same (rounded) inputs.
+/// The kernel's rows, in a batch of decode rows and a prompt chunk, against candle's gather path
+/// in f32 on the same (rounded) inputs; with the engine's kernels switched off for prompts
+/// (`PIO_GPU_KERNELS=candle`) the chunk takes the gather path itself, and is identical to it.
 fn kernel_matches_gather(device: &Device, case: &PoolCase) {
     let (block_size, slots) = (16, 16 * 12);
     let ((kv_heads, heads), (head_dim, value_dim)) = (case.heads, case.dims);
@@ -258,18 +259,21 @@ fn kernel_matches_gather(device: &Device, case: &PoolCase) {
         rounded(Tensor::randn(0.5f32, 1.0, (slots, kv_heads, head_dim), device).unwrap())
     };
     // Decode rows at lengths that end mid-block, and at 1 and 3 positions (warps left idle);
-    // the third sequence is a 3-token prompt chunk, which the gather path takes.
-    let tables: [Vec<u32>; 5] = [
+    // the third sequence is a 3-token prompt chunk at positions 5..8, the last a 20-token one
+    // from position 0 across two blocks.
+    let tables: [Vec<u32>; 6] = [
         vec![3, 7, 1],
         vec![0],
         vec![6, 8],
         vec![10],
         vec![11, 2, 9, 4, 5],
+        vec![7, 3],
     ];
-    let starts = [40usize, 0, 5, 2, 70];
-    let tokens: [&[u32]; 5] = [&[1], &[2], &[3, 4, 5], &[6], &[7]];
+    let starts = [40usize, 0, 5, 2, 70, 0];
+    let chunk: Vec<u32> = (0..20).collect();
+    let tokens: [&[u32]; 6] = [&[1], &[2], &[3, 4, 5], &[6], &[7], &chunk];
     let batch = Batch::new(
-        (0..5)
+        (0..6)
             .map(|i| SeqStep {
                 tokens: tokens[i],
                 splices: &[],
@@ -280,55 +284,60 @@ fn kernel_matches_gather(device: &Device, case: &PoolCase) {
             })
             .collect(),
     );
-    let q = rounded(Tensor::randn(0f32, 1.0, (7, heads, head_dim), device).unwrap());
+    let rows = batch.rows();
+    let q = rounded(Tensor::randn(0f32, 1.0, (rows, heads, head_dim), device).unwrap());
     let shape = (block_size, value_dim);
     assert!(
         pio_engine::cuda::takes(&q, &keys, &values, shape),
         "the kernel takes this pool"
     );
     let scale = 1.0 / (head_dim as f64).sqrt();
-    let fused = paged_batch(&q, &batch, &keys, &values, shape, scale).unwrap();
     let widen = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
     let (q32, k32, v32) = (widen(&q), widen(&keys), widen(&values));
-    let mut row = 0;
-    for (i, seq) in batch.seqs.iter().enumerate() {
-        let n = seq.tokens.len();
-        // Decode rows against f32; the prompt chunk took the gather path itself: identical.
-        let (q, keys, values, bound) = if n == 1 {
-            (&q32, &k32, &v32, case.bound)
-        } else {
-            (&q, &keys, &values, f32::MIN_POSITIVE)
-        };
-        let kv = PagedKv {
-            keys,
-            values,
-            value_dim,
-            blocks: seq.blocks,
-            block_size,
-        };
-        let reference =
-            widen(&paged(&q.narrow(0, row, n).unwrap(), &kv, seq.start, scale).unwrap());
-        let diff = (widen(&fused.narrow(0, row, n).unwrap()) - reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(
-            diff < bound,
-            "{:?} sequence {i}: max |Δ| {diff}",
-            case.dtype
-        );
-        row += n;
+    for prompts_on_kernel in [true, false] {
+        pio_engine::cuda::fused::set_enabled(prompts_on_kernel);
+        let fused = paged_batch(&q, &batch, &keys, &values, shape, scale).unwrap();
+        pio_engine::cuda::fused::set_enabled(true);
+        let mut row = 0;
+        for (i, seq) in batch.seqs.iter().enumerate() {
+            let n = seq.tokens.len();
+            // The kernel's rows against f32; a chunk on the gather path is that path: identical.
+            let (q, keys, values, bound) = if n == 1 || prompts_on_kernel {
+                (&q32, &k32, &v32, case.bound)
+            } else {
+                (&q, &keys, &values, f32::MIN_POSITIVE)
+            };
+            let kv = PagedKv {
+                keys,
+                values,
+                value_dim,
+                blocks: seq.blocks,
+                block_size,
+            };
+            let reference =
+                widen(&paged(&q.narrow(0, row, n).unwrap(), &kv, seq.start, scale).unwrap());
+            let diff = (widen(&fused.narrow(0, row, n).unwrap()) - reference)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                diff < bound,
+                "{:?} sequence {i} (prompts on the kernel: {prompts_on_kernel}): max |Δ| {diff}",
+                case.dtype
+            );
+            row += n;
+        }
     }
 }
 
 #[test]
-fn the_paged_decode_kernel_reads_blocks_as_the_gather_path_does() {
+fn the_paged_attention_kernel_reads_blocks_as_the_gather_path_does() {
     let Some(device) = gpu() else { return };
     // f32 to rounding; bf16 and f16 outputs are rounded once from f32 (half an ulp of values
     // of magnitude up to ~4: 2^-9·4 for bf16, 2^-12·4 for f16, with slack).
@@ -396,4 +405,28 @@ fn the_gpu_memory_cap_refuses_a_model_that_does_not_fit_and_holds_one_that_does(
         used > info.weight_bytes.unwrap() && used <= cap,
         "weights and pool inside the cap: {used} of {cap}"
     );
+}
+
+/// A model's device (`device = "cuda"`) makes no CUDA events per buffer: the engine drives one
+/// stream, and two events made and destroyed with each of a step's buffers are host time a
+/// launch-bound step does not have.
+#[test]
+fn the_engine_opens_its_gpu_without_per_buffer_events() {
+    if gpu().is_none() {
+        return;
+    }
+    let config = ModelConfig {
+        device: Some("cuda:0".into()),
+        ..Default::default()
+    };
+    let device = pio_engine::runtime::device_of(&config).unwrap();
+    let Device::Cuda(gpu) = &device else {
+        panic!("cuda:0 opened {device:?}")
+    };
+    assert!(!gpu.is_event_tracking(), "event tracking is off");
+    // And a fresh candle device, for contrast, tracks: the switch is the engine's own.
+    let Device::Cuda(plain) = Device::new_cuda(0).unwrap() else {
+        unreachable!()
+    };
+    assert!(plain.is_event_tracking());
 }

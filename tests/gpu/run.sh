@@ -2,10 +2,10 @@
 # The GPU checks, as one script for a machine with an NVIDIA GPU and a Rust toolchain (sized for
 # under 10 minutes on one): builds the `cuda` feature (tests/gpu/pack.sh), then runs
 # tests/gpu/check.sh on what it built — the engine's GPU tests (parity with transformers' goldens
-# in f32, bf16 and q8/q4 against the CPU's own error, batched parity, the paged decode kernel
-# against candle's gather path, the memory cap), then a bench on a Qwen3-4B-shaped checkpoint in
-# bf16: in process and through the worker, one stream and 32 at once, beside the device's
-# memory-bandwidth limit.
+# in f32, bf16 and q8/q4 against the CPU's own error, batched parity, the paged attention
+# kernel against candle's gather path, the fused kernels, the memory cap), then a bench on a
+# Qwen3-4B-shaped checkpoint in bf16: in process and through the worker, one stream and 32 at
+# once, beside the device's memory-bandwidth limit.
 #
 #   tests/gpu/run.sh [--no-bench]
 #

@@ -203,7 +203,7 @@ pub fn device_of(config: &ModelConfig) -> Result<Device, PluginError> {
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(0);
-            Device::new_cuda(ordinal).map_err(|e| {
+            open_gpu(ordinal).map_err(|e| {
                 PluginError::unsupported(format!(
                     "device \"{cuda}\" is unavailable ({e}); build the plugin with the `cuda` feature on a machine with CUDA, or use device = \"cpu\""
                 ))
@@ -213,6 +213,22 @@ pub fn device_of(config: &ModelConfig) -> Result<Device, PluginError> {
             "unknown device \"{other}\""
         ))),
     }
+}
+
+/// GPU `ordinal` as the engine drives it: one stream, so without cudarc's per-buffer events.
+/// cudarc creates two CUDA events with every buffer and destroys them with it, to order uses
+/// across streams; candle's device uses one, where they are never recorded, yet a decode step
+/// allocates a buffer for nearly every one of its several hundred launches (about four driver
+/// calls each, on the host's side of a step that the host's launches bound).
+pub fn open_gpu(ordinal: usize) -> candle_core::Result<Device> {
+    let device = Device::new_cuda(ordinal)?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(gpu) = &device {
+        // SAFETY: the events order a buffer's uses across streams; nothing the engine drives
+        // makes a second stream, and this runs before anything is allocated on the device.
+        unsafe { gpu.disable_event_tracking() };
+    }
+    Ok(device)
 }
 
 /// The images of a chat's messages, decoded, in the order the chat template meets them (every

@@ -292,66 +292,74 @@ static void check_scatter_rows() {
   expect_close("scatter_rows", "u32", got, want, 0);
 }
 
-// ---- paged_decode: one query per sequence over its blocks, against softmax attention.
+// ---- paged_attention: every row of a step over its sequence's blocks, against causal softmax
+// attention. Sequences: a first decoded token, a prompt chunk continuing at position 5 (its rows
+// attend over 6..9 positions), a decode at position 13.
 
 template <class E>
-static void check_paged_decode(
+static void check_paged_attention(
     void (*kernel)(typename E::T *, const typename E::T *, const typename E::T *,
-                   const typename E::T *, const u32 *, const u32 *, float *, int, int, int, int,
-                   int, int, float),
+                   const typename E::T *, const u32 *, const u32 *, const u32 *, float *, int, int,
+                   int, int, int, int, float),
     void (*merge)(typename E::T *, const float *, int, int, int), int heads, int kv_heads,
     int head_dim, int value_dim, int splits) {
-  const int block_size = 4, seqs = 3, pool_blocks = 16;
-  const std::vector<int> lens = {1, 9, 14};
+  const int block_size = 4, pool_blocks = 16;
+  const std::vector<int> starts = {0, 5, 13}, counts = {1, 4, 1};
   // Each sequence's blocks, scattered over the pool.
   const std::vector<std::vector<u32>> tables = {{5}, {2, 9, 0}, {15, 3, 7, 11}};
+  const int seqs = (int)tables.size();
   int max_blocks = 0;
   for (auto &t : tables) max_blocks = std::max(max_blocks, (int)t.size());
-  std::vector<u32> block_tables(seqs * max_blocks, 0);
-  for (int s = 0; s < seqs; s++)
+  std::vector<u32> block_tables(seqs * max_blocks, 0), lens, row_seqs;
+  for (int s = 0; s < seqs; s++) {
     for (size_t b = 0; b < tables[s].size(); b++) block_tables[s * max_blocks + b] = tables[s][b];
-  std::vector<u32> lens_u(lens.begin(), lens.end());
-  auto q = random_values<E>(seqs * heads * head_dim, 1.f);
+    for (int i = 0; i < counts[s]; i++) {
+      lens.push_back((u32)(starts[s] + i + 1));
+      row_seqs.push_back((u32)s);
+    }
+  }
+  const int rows = (int)lens.size();
+  auto q = random_values<E>(rows * heads * head_dim, 1.f);
   auto keys = random_values<E>(pool_blocks * block_size * kv_heads * head_dim, 1.f);
   auto values = random_values<E>(pool_blocks * block_size * kv_heads * head_dim, 1.f);
-  std::vector<typename E::T> out(seqs * heads * value_dim);
-  std::vector<float> part(splits > 1 ? seqs * heads * splits * (value_dim + 2) : 1);
+  std::vector<typename E::T> out(rows * heads * value_dim);
+  std::vector<float> part(splits > 1 ? rows * heads * splits * (value_dim + 2) : 1);
   const float scale = 1.f / std::sqrt((float)head_dim);
-  launch({(unsigned)heads, (unsigned)seqs, (unsigned)splits}, 8 * 32, [&] {
-    kernel(out.data(), q.data(), keys.data(), values.data(), block_tables.data(), lens_u.data(),
-           part.data(), heads, kv_heads, head_dim, value_dim, block_size, max_blocks, scale);
+  launch({(unsigned)heads, (unsigned)rows, (unsigned)splits}, 8 * 32, [&] {
+    kernel(out.data(), q.data(), keys.data(), values.data(), block_tables.data(), lens.data(),
+           row_seqs.data(), part.data(), heads, kv_heads, head_dim, value_dim, block_size,
+           max_blocks, scale);
   });
   if (splits > 1)
-    launch({(unsigned)heads, (unsigned)seqs, 1}, 8 * 32,
+    launch({(unsigned)heads, (unsigned)rows, 1}, 8 * 32,
            [&] { merge(out.data(), part.data(), heads, value_dim, splits); });
   std::vector<double> want(out.size());
-  for (int s = 0; s < seqs; s++)
+  for (int r = 0; r < rows; r++)
     for (int h = 0; h < heads; h++) {
-      const int kv = h / (heads / kv_heads);
-      std::vector<double> score(lens[s]);
+      const auto &table = tables[row_seqs[r]];
+      const int kv = h / (heads / kv_heads), len = (int)lens[r];
+      auto slot = [&](int p) { return (size_t)table[p / block_size] * block_size + p % block_size; };
+      std::vector<double> score(len);
       double top = -INFINITY, total = 0;
-      for (int p = 0; p < lens[s]; p++) {
-        const size_t slot = (size_t)tables[s][p / block_size] * block_size + p % block_size;
+      for (int p = 0; p < len; p++) {
         double dot = 0;
         for (int d = 0; d < head_dim; d++)
-          dot += (double)E::get(q[(s * heads + h) * head_dim + d]) *
-                 E::get(keys[(slot * kv_heads + kv) * head_dim + d]);
+          dot += (double)E::get(q[(r * heads + h) * head_dim + d]) *
+                 E::get(keys[(slot(p) * kv_heads + kv) * head_dim + d]);
         score[p] = dot * scale;
         top = std::max(top, score[p]);
       }
       for (auto &x : score) total += (x = std::exp(x - top));
       for (int d = 0; d < value_dim; d++) {
         double v = 0;
-        for (int p = 0; p < lens[s]; p++) {
-          const size_t slot = (size_t)tables[s][p / block_size] * block_size + p % block_size;
-          v += score[p] * E::get(values[(slot * kv_heads + kv) * head_dim + d]);
-        }
-        want[(s * heads + h) * value_dim + d] = v / total;
+        for (int p = 0; p < len; p++)
+          v += score[p] * E::get(values[(slot(p) * kv_heads + kv) * head_dim + d]);
+        want[(r * heads + h) * value_dim + d] = v / total;
       }
     }
   char what[96];
-  std::snprintf(what, sizeof what, "paged_decode, %d/%d heads of %d (values %d), %d splits", heads,
-                kv_heads, head_dim, value_dim, splits);
+  std::snprintf(what, sizeof what, "paged_attention, %d/%d heads of %d (values %d), %d splits",
+                heads, kv_heads, head_dim, value_dim, splits);
   expect_close(what, E::name, widen<E>(out), want, std::max(E::tolerance, 1e-4));
 }
 
@@ -373,10 +381,11 @@ int main() {
 
   check_scatter_rows();
 
-  check_paged_decode<F32>(paged_decode_f32, paged_decode_f32_merge, 4, 2, 16, 16, 1);
-  check_paged_decode<F32>(paged_decode_f32, paged_decode_f32_merge, 4, 2, 64, 64, 3);
-  check_paged_decode<Bf16>(paged_decode_bf16, paged_decode_bf16_merge, 2, 1, 128, 128, 2);
-  check_paged_decode<F32>(paged_decode_f32, paged_decode_f32_merge, 2, 1, 80, 48, 2);
+  check_paged_attention<F32>(paged_attention_f32, paged_attention_f32_merge, 4, 2, 16, 16, 1);
+  check_paged_attention<F32>(paged_attention_f32, paged_attention_f32_merge, 4, 2, 64, 64, 3);
+  check_paged_attention<Bf16>(paged_attention_bf16, paged_attention_bf16_merge, 2, 1, 128, 128, 2);
+  check_paged_attention<F16>(paged_attention_f16, paged_attention_f16_merge, 2, 2, 64, 64, 1);
+  check_paged_attention<F32>(paged_attention_f32, paged_attention_f32_merge, 2, 1, 80, 48, 2);
 
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
