@@ -80,6 +80,9 @@ pub enum Wanted {
     /// Only the most likely token (greedy, with no penalty, grammar or log-probabilities to
     /// read the row): on a GPU the arg-max is taken there and only its id comes back.
     Best,
+    /// The row's `k` best entries (a sampler that draws among its top k and reads nothing else
+    /// of the row): on a GPU they are found there and only `k` pairs come back.
+    Top(u32),
     /// The whole row of logits.
     Logits,
 }
@@ -89,6 +92,9 @@ pub enum Wanted {
 pub enum Output {
     /// The most likely token (the lowest id among equals, as greedy sampling picks).
     Best(u32),
+    /// The best entries of the row, `(id, logit)`, best first, ties to the lower id (at least
+    /// the `k` that [`Wanted::Top`] asked for).
+    Top(Vec<(u32, f32)>),
     /// The logits over the vocabulary.
     Logits(Vec<f32>),
 }

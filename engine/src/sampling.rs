@@ -148,7 +148,7 @@ impl Sampler {
         let temperature = self.params.temperature.unwrap_or(1.0);
         let scaled = |(i, l): (u32, f32)| (i, (l / temperature) as f64);
         // Top-k first, on the logits themselves (the ranking is the same at any temperature).
-        let mut candidates: Vec<(u32, f64)> = match self.params.top_k.filter(|&k| k > 0) {
+        let candidates: Vec<(u32, f64)> = match self.params.top_k.filter(|&k| k > 0) {
             Some(k) => top_k(logits, k as usize)
                 .into_iter()
                 .filter(|&(_, l)| l > f32::NEG_INFINITY)
@@ -161,6 +161,34 @@ impl Sampler {
                 .map(|(i, &l)| scaled((i as u32, l)))
                 .collect(),
         };
+        self.draw_among(candidates)
+    }
+
+    /// The most tokens this sampler ever draws among, when that is decided by top-k before
+    /// anything else reads the row (sampled, with top-k, no penalty): then the row's `k` best are
+    /// all it needs ([`Self::sample_top`]), which a GPU finds where the logits are.
+    pub fn keeps_at_most(&self) -> Option<usize> {
+        let k = self.params.top_k.filter(|&k| k > 0)?;
+        (!self.params.is_greedy() && !self.penalizes()).then_some(k as usize)
+    }
+
+    /// [`Self::sample`] from a row's best entries — `(id, logit)`, best first, ties to the lower
+    /// id, at least [`Self::keeps_at_most`] of them (or the whole row) — rather than the row:
+    /// the same token, and the same generator state after, as the whole row gives.
+    pub fn sample_top(&mut self, best: &[(u32, f32)]) -> Option<u32> {
+        let k = self.keeps_at_most().unwrap_or(best.len()).min(best.len());
+        let temperature = self.params.temperature.unwrap_or(1.0);
+        let candidates = best[..k]
+            .iter()
+            .filter(|&&(_, l)| l > f32::NEG_INFINITY)
+            .map(|&(i, l)| (i, (l / temperature) as f64))
+            .collect();
+        self.draw_among(candidates)
+    }
+
+    /// A draw among `candidates` (`(id, logit / temperature)`, top-k applied): min-p and top-p,
+    /// then one number from the generator.
+    fn draw_among(&mut self, mut candidates: Vec<(u32, f64)>) -> Option<u32> {
         if candidates.is_empty() {
             return None;
         }
@@ -477,6 +505,57 @@ mod tests {
             close(both, [2.0 / 3.0, 1.0 / 3.0, 0.0, 0.0, 0.0]),
             "{both:?}"
         );
+    }
+
+    /// A sampler handed only the row's best entries (as a GPU's top-k gives them) draws what it
+    /// draws from the whole row, token for token, over many steps of one seeded generator: with
+    /// ties in the row, -inf entries, exactly k candidates and more than k.
+    #[test]
+    fn sampling_from_the_best_entries_draws_what_the_whole_row_draws() {
+        let mut row: Vec<f32> = (0..3000)
+            .map(|i| ((i * 7919) % 1000) as f32 / 97.0)
+            .collect();
+        row[17] = row[2017];
+        row[5] = f32::NEG_INFINITY;
+        for (k, top_p, min_p, more) in [
+            (1, None, None, 0),
+            (5, Some(0.9), None, 3),
+            (20, Some(0.8), Some(0.05), 44),
+            (64, None, Some(0.01), 0),
+            (40, Some(0.95), None, 24),
+        ] {
+            let sampling = SamplingParams {
+                temperature: Some(0.7),
+                top_k: Some(k),
+                top_p,
+                min_p,
+                seed: Some(k as u64),
+                ..SamplingParams::default()
+            };
+            let (mut whole, mut best) = (
+                Sampler::new(sampling.clone()),
+                Sampler::new(sampling.clone()),
+            );
+            assert_eq!(best.keeps_at_most(), Some(k as usize));
+            let entries = top_k(&row, k as usize + more);
+            for step in 0..200 {
+                let a = whole.sample(&row, &[], &[]);
+                let b = best.sample_top(&entries).unwrap();
+                assert_eq!(a, b, "k {k}, step {step}");
+            }
+        }
+        // Penalties read the whole row; an unbounded sampler needs it; greedy takes the arg-max.
+        for p in [
+            params(|p| {
+                p.temperature = Some(1.0);
+                p.top_k = Some(20);
+                p.repetition_penalty = Some(1.2);
+            }),
+            params(|p| p.temperature = Some(1.0)),
+            params(|p| p.top_k = Some(20)),
+        ] {
+            assert_eq!(Sampler::new(p.clone()).keeps_at_most(), None, "{p:?}");
+        }
     }
 
     #[test]

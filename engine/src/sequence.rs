@@ -104,13 +104,20 @@ impl Decoding {
         &self.generated
     }
 
-    /// What this sequence needs of a forward pass's output: the most likely token alone when it
-    /// decodes greedily with nothing else reading the row (no penalty, grammar or logprobs).
+    /// What this sequence needs of a forward pass's output, when nothing but its sampler reads
+    /// the row (no grammar or logprobs): the most likely token alone when it decodes greedily
+    /// with no penalty, the row's best few when it draws among its top k (at most
+    /// [`MAX_TOP_K`]); otherwise the whole row.
     pub fn wants(&self) -> Wanted {
-        if self.sampler.picks_best() && self.guide.is_none() && self.logprobs.is_none() {
-            Wanted::Best
-        } else {
-            Wanted::Logits
+        if self.guide.is_some() || self.logprobs.is_some() {
+            return Wanted::Logits;
+        }
+        if self.sampler.picks_best() {
+            return Wanted::Best;
+        }
+        match self.sampler.keeps_at_most() {
+            Some(k) if k <= MAX_TOP_K => Wanted::Top(k as u32),
+            _ => Wanted::Logits,
         }
     }
 
@@ -119,6 +126,12 @@ impl Decoding {
     pub fn accept(&mut self, output: &Output, codec: &TextCodec) -> Result<Accepted> {
         let (token, guided) = match output {
             Output::Best(token) => (*token, GuideTime::default()),
+            Output::Top(best) => {
+                let token = self.sampler.sample_top(best).ok_or_else(|| {
+                    EngineError::Internal("no finite logit among the row's best entries".into())
+                })?;
+                (token, GuideTime::default())
+            }
             Output::Logits(logits) => self.sample(logits)?,
         };
         self.generated.push(token);
@@ -174,6 +187,10 @@ impl Decoding {
     }
 }
 
+/// The largest top-k a sequence asks a forward pass for as the row's best entries
+/// ([`Wanted::Top`]) rather than the whole row: what the GPU's selection keeps per thread.
+pub const MAX_TOP_K: usize = 64;
+
 /// Rows at or above which [`accept_all`] spreads the work over the pool: below it, handing rows
 /// to other threads costs more than it saves.
 const PARALLEL_SCANS: usize = 4;
@@ -200,5 +217,83 @@ pub fn accept_all(
         rows.iter_mut()
             .map(|(decoding, output)| decoding.accept(output, codec))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::Checkpoint;
+    use crate::sampling::SamplingParams;
+
+    fn codec() -> TextCodec {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen3-tiny");
+        TextCodec::load(&Checkpoint::open(&dir).unwrap()).unwrap()
+    }
+
+    fn request(sampling: SamplingParams, logprobs: Option<usize>) -> Request {
+        Request {
+            prompt: vec![1, 2, 3],
+            sampling,
+            max_tokens: 50,
+            logprobs,
+            ..Request::default()
+        }
+    }
+
+    /// A top-k sampler asks for the row's best entries, and accepting them gives the tokens the
+    /// whole row gives; whatever else reads the row (log-probabilities, penalties, a k past
+    /// [`MAX_TOP_K`], no k) asks for the row.
+    #[test]
+    fn a_top_k_sampler_wants_the_best_entries_and_draws_from_them_what_the_row_gives() {
+        let codec = codec();
+        let sampling = |k: u32| SamplingParams {
+            temperature: Some(0.7),
+            top_k: Some(k),
+            top_p: Some(0.8),
+            seed: Some(11),
+            ..SamplingParams::default()
+        };
+        let mut by_top = Decoding::new(&request(sampling(20), None), 50).unwrap();
+        let mut by_row = Decoding::new(&request(sampling(20), None), 50).unwrap();
+        assert_eq!(by_top.wants(), Wanted::Top(20));
+        let vocab = 1000;
+        for step in 0..40u32 {
+            let row: Vec<f32> = (0..vocab)
+                .map(|i| ((i * 37 + step * 101) % 97) as f32 / 9.0)
+                .collect();
+            let best = Output::Top(crate::sampling::top_k(&row, 20));
+            let a = by_top.accept(&best, &codec).unwrap();
+            let b = by_row.accept(&Output::Logits(row), &codec).unwrap();
+            assert_eq!(a.emitted.token_id, b.emitted.token_id, "step {step}");
+        }
+        let penalized = SamplingParams {
+            repetition_penalty: Some(1.1),
+            ..sampling(20)
+        };
+        for (req, why) in [
+            (request(sampling(20), Some(2)), "logprobs"),
+            (request(penalized, None), "a penalty"),
+            (
+                request(sampling(MAX_TOP_K as u32 + 1), None),
+                "k over the most",
+            ),
+            (
+                request(
+                    SamplingParams {
+                        top_k: None,
+                        ..sampling(1)
+                    },
+                    None,
+                ),
+                "no k",
+            ),
+        ] {
+            let d = Decoding::new(&req, 50).unwrap();
+            assert_eq!(d.wants(), Wanted::Logits, "{why}");
+        }
+        let greedy = Decoding::new(&request(SamplingParams::default(), None), 50).unwrap();
+        assert_eq!(greedy.wants(), Wanted::Best);
     }
 }

@@ -1,9 +1,11 @@
 //! The engine on a GPU (the `cuda` feature; tests/gpu/run.sh runs these on a machine with one):
 //! the fixtures' greedy tokens and top-5 log-probabilities as transformers wrote them (Qwen3-VL's
 //! images included), bf16 within the CPU's own bf16 error, a batch equal to each request alone,
-//! prefix caching and preemption, the paged attention kernel equal to candle's gather path, the fused
-//! layer kernels equal to candle's operations, the GPU memory cap, and the device opened without
-//! per-buffer events. Without a device each test says so and passes.
+//! prefix caching and preemption, the paged attention kernel equal to candle's gather path, the
+//! fused layer kernels equal to candle's operations, the best entries for top-k samplers equal to
+//! the host's, the GPU memory cap, and the device opened without per-buffer events. Without a
+//! device each test says so and passes. Run them one at a time (`--test-threads=1`, as check.sh
+//! does): two of them switch the engine's kernels off and on for the whole process.
 #![cfg(feature = "cuda")]
 #![allow(clippy::unwrap_used)]
 
@@ -429,4 +431,40 @@ fn the_engine_opens_its_gpu_without_per_buffer_events() {
         unreachable!()
     };
     assert!(plain.is_event_tracking());
+}
+
+/// A top-k sampler's best entries found on the device are the host's `top_k` of the same rows,
+/// ids and logits exactly, ties to the lower id: planted ties within a row and across the
+/// kernel's thread lists, -inf, and rows asked for different k in one step.
+#[test]
+fn the_best_entries_found_on_the_gpu_are_the_hosts_top_k() {
+    let Some(device) = gpu() else { return };
+    let vocab = 151_936;
+    let mut rows: Vec<Vec<f32>> = (0..5)
+        .map(|r| {
+            (0..vocab)
+                .map(|i| ((i * 7919 + r * 31) % 4093) as f32 / 64.0)
+                .collect()
+        })
+        .collect();
+    rows[0][5] = 100.0;
+    rows[0][5 + 256] = 100.0;
+    rows[1][17] = f32::NEG_INFINITY;
+    rows[2][vocab - 1] = 200.0;
+    let flat: Vec<f32> = rows.concat();
+    let logits = Tensor::from_vec(flat, (rows.len(), vocab), &device).unwrap();
+    for k in [1, 20, 64] {
+        let found = pio_engine::cuda::top_k::best_entries(&logits, k)
+            .unwrap()
+            .expect("the kernel takes f32 rows on the GPU");
+        for (row, got) in rows.iter().zip(&found) {
+            assert_eq!(got, &pio_engine::sampling::top_k(row, k), "k {k}");
+        }
+    }
+    assert!(
+        pio_engine::cuda::top_k::best_entries(&logits, 65)
+            .unwrap()
+            .is_none(),
+        "over the kernel's 64, the rows are copied"
+    );
 }

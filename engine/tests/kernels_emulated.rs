@@ -1,7 +1,7 @@
 //! The engine's CUDA kernels checked without a GPU: `emulated/harness.cpp` compiles their sources
 //! as C++ (a block's threads as real threads, its barriers and warp shuffles emulated) and runs
 //! each against a plain reference — the fused layer kernels, the KV pool's row writes and paged
-//! attention (decode rows and prompt chunks), in f32, bf16 and f16. On a device, `gpu.rs` runs them for real.
+//! attention (decode rows and prompt chunks), in f32, bf16 and f16; each row's best logits. On a device, `gpu.rs` runs them for real.
 
 #![allow(clippy::unwrap_used)]
 
@@ -49,6 +49,7 @@ fn the_cuda_kernels_compute_their_references_when_emulated_on_the_cpu() {
         "swiglu",
         "scatter_rows",
         "paged_attention",
+        "top_k",
     ] {
         assert!(
             report.contains(&format!("ok   {kernel}")),

@@ -1,6 +1,7 @@
 //! The engine's own GPU kernels (the `cuda` feature): attention that reads each sequence's keys
 //! and values through its block table in place, for every row of a step in one launch (`paged`);
-//! the KV pool's row writes; a decoder layer's small steps fused (`fused`). Each source is
+//! the KV pool's row writes; a decoder layer's small steps fused (`fused`); each row's best
+//! logits for a top-k sampler (`top_k`). Each source is
 //! compiled by NVRTC on first use, for the device at hand, behind `common.cuh`.
 
 use std::sync::OnceLock;
@@ -11,6 +12,7 @@ pub mod fused;
 mod kv_write;
 mod launch;
 mod paged;
+pub mod top_k;
 pub use kv_write::scatter_rows;
 pub(crate) use launch::{view, MAX_GRID_Y};
 pub use paged::{paged_attention, takes};

@@ -1,7 +1,8 @@
-//! A forward pass's rows of logits turned into what each sequence wants: the whole row, or only
-//! its most likely token. On a GPU the arg-max is taken on the device, so a greedy sequence's
-//! step copies back 4 bytes rather than a row (151,936 floats for Qwen3: 32 greedy streams
-//! copied 19 MB a step and scanned it on the host, one row after another).
+//! A forward pass's rows of logits turned into what each sequence wants: the whole row, its best
+//! few entries, or only its most likely token. On a GPU the arg-max and the best entries are
+//! found on the device, so a greedy sequence's step copies back 4 bytes and a top-k sampler's
+//! k pairs rather than a row (151,936 floats for Qwen3: 32 streams copied 19 MB a step and
+//! scanned it on the host).
 
 use candle_core::{DType, Tensor, D};
 
@@ -12,7 +13,8 @@ use crate::Result;
 pub(crate) fn outputs(logits: &Tensor, wanted: &[Wanted]) -> Result<Vec<Output>> {
     let logits = logits.to_dtype(DType::F32)?;
     if logits.device().is_cpu() {
-        // Already in host memory: a scan there is as cheap as anything.
+        // Already in host memory: a scan there is as cheap as anything, and a top-k sampler's
+        // scan runs with the other rows' in parallel when it reads the row itself.
         let rows = logits.to_vec2::<f32>()?;
         return Ok(rows
             .into_iter()
@@ -26,20 +28,33 @@ pub(crate) fn outputs(logits: &Tensor, wanted: &[Wanted]) -> Result<Vec<Output>>
     on_device(&logits, wanted)
 }
 
-/// [`outputs`] for logits in device memory: arg-maxes taken there, whole rows copied in one go.
+/// [`outputs`] for logits in device memory: arg-maxes and best entries found there, whole rows
+/// copied in one go.
 fn on_device(logits: &Tensor, wanted: &[Wanted]) -> Result<Vec<Output>> {
-    let pick = |kind: Wanted| -> Vec<u32> {
+    let pick = |kind: fn(&Wanted) -> bool| -> Vec<u32> {
         (0..wanted.len() as u32)
-            .filter(|&i| wanted[i as usize] == kind)
+            .filter(|&i| kind(&wanted[i as usize]))
             .collect()
     };
-    let (best_rows, full_rows) = (pick(Wanted::Best), pick(Wanted::Logits));
-    let mut best = match rows_of(logits, best_rows, wanted.len())? {
+    let n = wanted.len();
+    let k = (wanted.iter())
+        .filter_map(|w| match w {
+            Wanted::Top(k) => Some(*k as usize),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0);
+    let mut best = match rows_of(logits, pick(|w| *w == Wanted::Best), n)? {
         Some(t) => first_argmax(&t)?,
         None => Vec::new(),
     }
     .into_iter();
-    let mut full = match rows_of(logits, full_rows, wanted.len())? {
+    let mut top = match rows_of(logits, pick(|w| matches!(w, Wanted::Top(_))), n)? {
+        Some(t) => best_entries(&t, k)?,
+        None => Vec::new(),
+    }
+    .into_iter();
+    let mut full = match rows_of(logits, pick(|w| *w == Wanted::Logits), n)? {
         Some(t) => t.to_vec2::<f32>()?,
         None => Vec::new(),
     }
@@ -49,11 +64,26 @@ fn on_device(logits: &Tensor, wanted: &[Wanted]) -> Result<Vec<Output>> {
         .map(|w| {
             let out = match w {
                 Wanted::Best => best.next().map(Output::Best),
+                Wanted::Top(_) => top.next().map(Output::Top),
                 _ => full.next().map(Output::Logits),
             };
             out.ok_or_else(|| crate::EngineError::Internal("a logits row went missing".into()))
         })
         .collect()
+}
+
+/// Each row's `k` best entries, best first, ties to the lower id: found on the GPU where its
+/// kernel takes them, else from the rows copied to the host.
+fn best_entries(logits: &Tensor, k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+    #[cfg(feature = "cuda")]
+    if let Some(found) = crate::cuda::top_k::best_entries(logits, k)? {
+        return Ok(found);
+    }
+    let rows = logits.to_vec2::<f32>()?;
+    Ok(rows
+        .iter()
+        .map(|row| crate::sampling::top_k(row, k))
+        .collect())
 }
 
 /// The rows `rows` of `logits` (all `total` of them: no copy), or `None` for no rows.
@@ -108,24 +138,46 @@ mod tests {
 
     #[test]
     fn each_row_comes_back_as_it_was_wanted() {
-        let want = [Wanted::Best, Wanted::Logits, Wanted::Best];
+        let want = [Wanted::Best, Wanted::Logits, Wanted::Top(2), Wanted::Best];
         let t = Tensor::new(
-            &[[1f32, 5.0, 2.0], [9.0, 0.0, 9.0], [0.0, 2.0, 2.0]],
+            &[
+                [1f32, 5.0, 2.0],
+                [9.0, 0.0, 9.0],
+                [0.0, 2.0, 2.0],
+                [0.0, 2.0, 2.0],
+            ],
             &Device::Cpu,
         )
         .unwrap();
-        let expected = [
-            Output::Best(1),
-            Output::Logits(vec![9.0, 0.0, 9.0]),
-            Output::Best(1),
-        ];
-        // The host's path, and the device's path run on the host's tensors.
-        assert_eq!(outputs(&t, &want).unwrap(), expected);
-        assert_eq!(on_device(&t, &want).unwrap(), expected);
-        let all_best = [Wanted::Best; 3];
+        // The host's path: a top-k sampler reads its row itself, on the engine's threads.
+        assert_eq!(
+            outputs(&t, &want).unwrap(),
+            [
+                Output::Best(1),
+                Output::Logits(vec![9.0, 0.0, 9.0]),
+                Output::Logits(vec![0.0, 2.0, 2.0]),
+                Output::Best(1),
+            ]
+        );
+        // The device's path, run on the host's tensors.
+        assert_eq!(
+            on_device(&t, &want).unwrap(),
+            [
+                Output::Best(1),
+                Output::Logits(vec![9.0, 0.0, 9.0]),
+                Output::Top(vec![(1, 2.0), (2, 2.0)]),
+                Output::Best(1),
+            ]
+        );
+        let all_best = [Wanted::Best; 4];
         assert_eq!(
             on_device(&t, &all_best).unwrap(),
-            [Output::Best(1), Output::Best(0), Output::Best(1)]
+            [
+                Output::Best(1),
+                Output::Best(0),
+                Output::Best(1),
+                Output::Best(1)
+            ]
         );
     }
 }

@@ -77,6 +77,7 @@ inline unsigned short f32_to_f16(float f) {
 #include "fused.cu"
 #include "kv_write.cu"
 #include "paged_attention.cu"
+#include "top_k.cu"
 
 // Runs `kernel` over `grid` blocks of `block` threads, one block at a time.
 static void launch(Dim3 grid, unsigned block, const std::function<void()> &kernel) {
@@ -363,6 +364,54 @@ static void check_paged_attention(
   expect_close(what, E::name, widen<E>(out), want, std::max(E::tolerance, 1e-4));
 }
 
+// ---- top_k: each row's k best (id, logit), best first, ties to the lower id, in the total order
+// of the floats (as Rust's f32::total_cmp). Rows with planted ties, -inf, -0/+0 and a NaN.
+
+static void check_top_k(int rows, int vocab, int k) {
+  std::mt19937 gen(rows * 1000 + k);
+  std::uniform_int_distribution<int> coarse(-300, 300);
+  std::vector<float> logits(rows * vocab);
+  // Coarse values: many exact ties.
+  for (auto &v : logits) v = coarse(gen) / 16.f;
+  for (int r = 0; r < rows; r++) {
+    float *x = logits.data() + r * vocab;
+    x[vocab - 1] = 90.f;  // last in the row
+    x[3] = x[vocab / 2] = 50.f;  // a tie between two threads' lists: the lower id first
+    // A tie for the best within one thread's list (ids 256 apart): the lower id first.
+    x[5] = 100.f;
+    if (vocab > 5 + 256) x[5 + 256] = 100.f;
+    x[7] = -INFINITY;
+    x[8] = -0.f;
+    x[9] = 0.f;
+    if (r == 1) x[11] = __uint_as_float(0x7fc00000u);  // NaN: above +inf in the total order
+  }
+  std::vector<u32> out(rows * 2 * k);
+  launch({(unsigned)rows, 1, 1}, 256,
+         [&] { top_k_f32(out.data(), logits.data(), vocab, k); });
+  auto key = [](float v) {
+    u32 b = __float_as_uint(v);
+    return (b & 0x80000000u) ? ~b : b | 0x80000000u;
+  };
+  std::vector<float> got, want;
+  for (int r = 0; r < rows; r++) {
+    const float *x = logits.data() + r * vocab;
+    std::vector<u32> order(vocab);
+    for (int i = 0; i < vocab; i++) order[i] = (u32)i;
+    std::stable_sort(order.begin(), order.end(),
+                     [&](u32 a, u32 b) { return key(x[a]) > key(x[b]); });
+    for (int j = 0; j < k; j++) {
+      got.push_back((float)out[r * 2 * k + j]);
+      want.push_back((float)order[j]);
+      const u32 bits = out[r * 2 * k + k + j];
+      got.push_back(bits == __float_as_uint(x[order[j]]) ? 1.f : 0.f);
+      want.push_back(1.f);
+    }
+  }
+  char what[64];
+  std::snprintf(what, sizeof what, "top_k, %d rows of %d, k %d (ids, logits)", rows, vocab, k);
+  expect_close(what, "f32", got, std::vector<double>(want.begin(), want.end()), 0);
+}
+
 int main() {
   check_add_rms_norm<F32>(add_rms_norm_f32, 3, 300, 320);
   check_add_rms_norm<F32>(add_rms_norm_f32, 2, 2560, 1024);
@@ -386,6 +435,11 @@ int main() {
   check_paged_attention<Bf16>(paged_attention_bf16, paged_attention_bf16_merge, 2, 1, 128, 128, 2);
   check_paged_attention<F16>(paged_attention_f16, paged_attention_f16_merge, 2, 2, 64, 64, 1);
   check_paged_attention<F32>(paged_attention_f32, paged_attention_f32_merge, 2, 1, 80, 48, 2);
+
+  check_top_k(3, 5000, 20);
+  check_top_k(2, 700, 64);
+  check_top_k(1, 300, 1);
+  check_top_k(2, 100, 64);  // fewer entries per thread than k: some lists stay empty
 
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
