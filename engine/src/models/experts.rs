@@ -76,17 +76,41 @@ impl Experts {
                 routed[e].1.push(w);
             }
         }
+        // Every expert's tokens and weights go to the device in one copy each, and each expert
+        // reads its part: on a GPU a copy from host memory waits for the device's queue, so one
+        // per expert would stall the queue before every expert after the first.
+        let spans: Vec<(usize, usize)> = routed
+            .iter()
+            .scan(0, |at, (tokens, _)| {
+                let span = (*at, tokens.len());
+                *at += tokens.len();
+                Some(span)
+            })
+            .collect();
+        let (tokens, weights): (Vec<u32>, Vec<f32>) = routed
+            .into_iter()
+            .flat_map(|(t, w)| t.into_iter().zip(w))
+            .unzip();
+        if tokens.is_empty() {
+            return Ok(xs.zeros_like()?);
+        }
+        let all_tokens = Tensor::new(tokens.as_slice(), xs.device())?;
+        let all_weights = Tensor::new(weights.as_slice(), xs.device())?.unsqueeze(1)?;
+        let all_weights = match weighting {
+            Weighting::ModelDtype => all_weights.to_dtype(xs.dtype())?,
+            Weighting::F32 => all_weights,
+        };
         let mut out = xs.zeros_like()?;
         // Ascending expert order, as transformers' eager loop adds them.
-        for (expert, (tokens, weights)) in self.experts.iter().zip(routed) {
-            if tokens.is_empty() {
+        for (expert, &(at, n)) in self.experts.iter().zip(&spans) {
+            if n == 0 {
                 continue;
             }
-            let index = Tensor::new(tokens.as_slice(), xs.device())?;
-            let weights = Tensor::new(weights.as_slice(), xs.device())?.unsqueeze(1)?;
+            let index = all_tokens.narrow(0, at, n)?;
+            let weights = all_weights.narrow(0, at, n)?;
             let y = expert.forward(&xs.index_select(&index, 0)?)?;
             let y = match weighting {
-                Weighting::ModelDtype => y.broadcast_mul(&weights.to_dtype(xs.dtype())?)?,
+                Weighting::ModelDtype => y.broadcast_mul(&weights)?,
                 Weighting::F32 => y
                     .to_dtype(DType::F32)?
                     .broadcast_mul(&weights)?
