@@ -150,35 +150,44 @@ fn bf16_and_quantized_weights_on_the_gpu_err_no_more_than_on_the_cpu() {
 }
 
 /// The fused layer kernels (`engine/src/cuda/fused.cu`: residual add with the next norm; the
-/// query/key norms, rotation and KV writes; SwiGLU) give what candle's separate operations give:
-/// in f32 the same distributions but for the order of a sum; in bf16 within one rounding of the
-/// 16-bit values (the kernels round where candle wrote an intermediate out). And they did run.
+/// query/key norms, rotation and KV writes; SwiGLU), the grouped routed experts
+/// (`experts.cu`) and prompt chunks on the attention kernel give what candle's separate
+/// operations give: in f32 the same distributions but for the order of a sum; in bf16 within one
+/// rounding of the 16-bit values (the kernels round where candle wrote an intermediate out). And
+/// they did run.
 #[test]
 fn the_fused_layer_kernels_give_what_candles_operations_give() {
-    use pio_engine::cuda::fused;
     let Some(device) = gpu() else { return };
-    let name = "qwen3-tiny";
+    fused_matches_separate::<Qwen3>("qwen3-tiny", &device);
+    fused_matches_separate::<Qwen3Moe>("qwen3-moe-tiny", &device);
+    fused_matches_separate::<Glm4MoeLite>("glm4-moe-lite-tiny", &device);
+}
+
+fn fused_matches_separate<M: LoadModel + CausalLm>(name: &str, device: &Device) {
+    use pio_engine::cuda::fused;
     for (dtype, bound) in [(DType::F32, 1e-4), (DType::BF16, 0.02)] {
         fused::set_enabled(false);
         let before = fused::launches();
-        let separate = teacher_forced::<Qwen3>(name, (dtype, Quantization::None), &device);
+        let separate = teacher_forced::<M>(name, (dtype, Quantization::None), device);
         assert_eq!(fused::launches(), before, "switched off, nothing fused ran");
         fused::set_enabled(true);
-        let together = teacher_forced::<Qwen3>(name, (dtype, Quantization::None), &device);
+        let together = teacher_forced::<M>(name, (dtype, Quantization::None), device);
         assert!(
             fused::launches() > before,
-            "{dtype:?}: the fused kernels ran"
+            "{name} {dtype:?}: the fused kernels ran"
         );
         let (agree, mean, max) = agreement(&separate, &together);
-        eprintln!("{dtype:?}: fused vs separate: agreement {agree}, mean |Δ| {mean}, max {max}");
+        eprintln!(
+            "{name} {dtype:?}: fused vs separate: agreement {agree}, mean |Δ| {mean}, max {max}"
+        );
         assert!(
             agree >= 0.95 && mean <= bound,
-            "{dtype:?}: {agree} {mean} {max}"
+            "{name} {dtype:?}: {agree} {mean} {max}"
         );
         if dtype == DType::F32 {
             assert!(
                 agree == 1.0 && max <= 10.0 * bound,
-                "f32: {agree} {mean} {max}"
+                "{name} f32: {agree} {mean} {max}"
             );
         }
     }

@@ -50,6 +50,7 @@ fn the_cuda_kernels_compute_their_references_when_emulated_on_the_cpu() {
         "scatter_rows",
         "paged_attention",
         "top_k",
+        "experts",
     ] {
         assert!(
             report.contains(&format!("ok   {kernel}")),

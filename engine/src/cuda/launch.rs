@@ -60,6 +60,32 @@ impl<O: Launch<1>> candle_core::CustomOp1 for Gpu<O> {
     }
 }
 
+impl<O: Launch<2>> candle_core::CustomOp2 for Gpu<O> {
+    fn name(&self) -> &'static str {
+        O::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("{} runs on a GPU", O::NAME)
+    }
+
+    fn cuda_fwd(
+        &self,
+        a: &CudaStorage,
+        la: &Layout,
+        b: &CudaStorage,
+        lb: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.forward([(a, la), (b, lb)])
+    }
+}
+
 impl<O: Launch<3>> candle_core::CustomOp3 for Gpu<O> {
     fn name(&self) -> &'static str {
         O::NAME

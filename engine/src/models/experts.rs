@@ -27,6 +27,10 @@ pub(crate) type Choice = Vec<(usize, f32)>;
 #[derive(Debug, Clone)]
 pub(crate) struct Experts {
     experts: Vec<Mlp>,
+    /// On a GPU, where the experts' weights lie, for the grouped kernels (`None` inside: they do
+    /// not apply); found at the first forward pass.
+    #[cfg(feature = "cuda")]
+    on_gpu: std::sync::OnceLock<Option<crate::cuda::experts::ExpertWeights>>,
 }
 
 impl Experts {
@@ -44,7 +48,11 @@ impl Experts {
             .into_par_iter()
             .map(|e| Mlp::load(hidden, width, q, vb.pp(e.to_string())))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Self { experts })
+        Ok(Self {
+            experts,
+            #[cfg(feature = "cuda")]
+            on_gpu: std::sync::OnceLock::new(),
+        })
     }
 
     /// How many experts there are.
@@ -69,6 +77,10 @@ impl Experts {
         choices: &[Choice],
         weighting: Weighting,
     ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(out) = self.forward_on_gpu(xs, choices, weighting)? {
+            return Ok(out);
+        }
         let mut routed = vec![(Vec::<u32>::new(), Vec::<f32>::new()); self.experts.len()];
         for (token, choice) in choices.iter().enumerate() {
             for &(e, w) in choice {
@@ -119,5 +131,121 @@ impl Experts {
             out = out.index_add(&index, &y, 0)?;
         }
         Ok(out)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Experts {
+    /// [`Self::forward`] in three launches on a GPU (`cuda/experts.cu`), unless the engine's
+    /// kernels are off (`PIO_GPU_KERNELS=candle`) or the experts are not plain values of `xs`'s
+    /// dtype (quantized experts take candle's path).
+    fn forward_on_gpu(
+        &self,
+        xs: &Tensor,
+        choices: &[Choice],
+        weighting: Weighting,
+    ) -> Result<Option<Tensor>> {
+        if !xs.device().is_cuda() || !crate::cuda::fused::enabled() {
+            return Ok(None);
+        }
+        let weights = match self.on_gpu.get() {
+            Some(found) => found,
+            None => {
+                let dense: Option<Vec<_>> = self.experts.iter().map(Mlp::dense_weights).collect();
+                let found = match dense {
+                    Some(dense) => crate::cuda::experts::ExpertWeights::new(&dense)?,
+                    None => None,
+                };
+                self.on_gpu.get_or_init(|| found)
+            }
+        };
+        let Some(weights) = weights else {
+            return Ok(None);
+        };
+        let (words, groups, pairs) = routing_words(choices, self.experts.len())?;
+        let weight_in_dtype = weighting == Weighting::ModelDtype;
+        crate::cuda::experts::forward(xs, weights, words, (groups, pairs), weight_in_dtype)
+    }
+}
+
+/// The step's routing as the GPU's expert kernels read it (`cuda/experts.cu`), for `choices`
+/// (each token's (expert, weight) pairs) over `experts` experts: the active experts ascending,
+/// where each one's pairs start, each pair's token (grouped by expert, tokens ascending within),
+/// where each token's pairs start, each token's pairs in ascending expert order, each pair's
+/// weight as f32 bits; and the counts of active experts and pairs.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn routing_words(
+    choices: &[Choice],
+    experts: usize,
+) -> Result<(Vec<u32>, usize, usize)> {
+    let mut by_expert = vec![Vec::<(u32, f32)>::new(); experts];
+    for (token, choice) in choices.iter().enumerate() {
+        for &(e, w) in choice {
+            let Some(pairs) = by_expert.get_mut(e) else {
+                return Err(crate::EngineError::Internal(format!(
+                    "token {token} routed to expert {e} of {experts}"
+                )));
+            };
+            pairs.push((token as u32, w));
+        }
+    }
+    let active: Vec<usize> = (0..experts).filter(|&e| !by_expert[e].is_empty()).collect();
+    let (groups, pairs) = (active.len(), choices.iter().map(Vec::len).sum::<usize>());
+    let mut words: Vec<u32> = active.iter().map(|&e| e as u32).collect();
+    let mut start = 0u32;
+    words.push(0);
+    for &e in &active {
+        start += by_expert[e].len() as u32;
+        words.push(start);
+    }
+    // Pair p is the p-th in expert order; each token's pairs in expert order follow from it.
+    let mut per_token = vec![Vec::<u32>::new(); choices.len()];
+    let mut weights = Vec::with_capacity(pairs);
+    for (p, &(token, w)) in active.iter().flat_map(|&e| &by_expert[e]).enumerate() {
+        words.push(token);
+        per_token[token as usize].push(p as u32);
+        weights.push(w.to_bits());
+    }
+    let mut start = 0u32;
+    words.push(0);
+    for pairs in &per_token {
+        start += pairs.len() as u32;
+        words.push(start);
+    }
+    words.extend(per_token.into_iter().flatten());
+    words.extend(weights);
+    Ok((words, groups, pairs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Experts 4, 1 and 3 active over three tokens: the tables the kernels walk, in the orders
+    /// the sums need (a token's experts ascending, whatever order the router listed them in).
+    #[test]
+    fn routing_words_group_pairs_by_expert_and_list_each_tokens_pairs_in_expert_order() {
+        let choices: Vec<Choice> = vec![
+            vec![(4, 0.5), (1, 0.25)],
+            vec![(3, 1.0)],
+            vec![(1, 0.75), (4, 0.125)],
+        ];
+        let (words, groups, pairs) = routing_words(&choices, 6).unwrap();
+        assert_eq!((groups, pairs), (3, 5));
+        let bits = |w: f32| w.to_bits();
+        // Pairs by expert: 1 ← tokens 0, 2 (pairs 0, 1); 3 ← token 1 (pair 2); 4 ← tokens 0, 2
+        // (pairs 3, 4).
+        let mut want = vec![1, 3, 4, 0, 2, 3, 5, 0, 2, 1, 0, 2];
+        want.extend([0, 2, 3, 5]); // each token's pairs start
+        want.extend([0, 3, 2, 1, 4]); // token 0: experts 1, 4; token 1: 3; token 2: 1, 4
+        want.extend([0.25, 0.75, 1.0, 0.5, 0.125].map(bits));
+        assert_eq!(words, want);
+        assert!(
+            routing_words(&[vec![(6, 1.0)]], 6).is_err(),
+            "expert past the layer"
+        );
+        let (none, groups, pairs) = routing_words(&[vec![], vec![]], 4).unwrap();
+        assert_eq!((groups, pairs), (0, 0));
+        assert_eq!(none, [0, 0, 0, 0]);
     }
 }

@@ -58,6 +58,20 @@ impl Mlp {
         input + self.down_proj.weight_bytes()
     }
 
+    /// The stacked gate/up weight (`(2·width, hidden)`) and the down weight (`(hidden, width)`)
+    /// when both are plain values with no bias (what the GPU's expert kernels read in place).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn dense_weights(&self) -> Option<(&Tensor, &Tensor)> {
+        match (&self.input, &self.down_proj) {
+            (Input::Stacked(Linear::Dense(both)), Linear::Dense(down))
+                if both.bias().is_none() && down.bias().is_none() =>
+            {
+                Some((both.weight(), down.weight()))
+            }
+            _ => None,
+        }
+    }
+
     /// The block on rows `x` (`(…, hidden)`).
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_input(LinearInput::Rows(x))

@@ -78,6 +78,7 @@ inline unsigned short f32_to_f16(float f) {
 #include "kv_write.cu"
 #include "paged_attention.cu"
 #include "top_k.cu"
+#include "experts.cu"
 
 // Runs `kernel` over `grid` blocks of `block` threads, one block at a time.
 static void launch(Dim3 grid, unsigned block, const std::function<void()> &kernel) {
@@ -412,6 +413,110 @@ static void check_top_k(int rows, int vocab, int k) {
   expect_close(what, "f32", got, std::vector<double>(want.begin(), want.end()), 0);
 }
 
+// ---- experts: routed experts over a step's routing words, against each pair's SwiGLU MLP and
+// the weighted sum in ascending expert order, rounded where candle's path rounds. Six experts of
+// which 1, 3 and 4 are active over three tokens, one expert holding more pairs than a CHUNK.
+
+template <class E>
+static void check_experts(
+    void (*gate_up_k)(typename E::T *, const typename E::T *, const u32 *, const u32 *, int, int,
+                      int),
+    void (*down_k)(float *, const typename E::T *, const u32 *, const u32 *, int, int, int),
+    void (*sum_k)(typename E::T *, const float *, const u32 *, int, int, int, int, int),
+    int hidden, int width, bool weight_in_dtype) {
+  using T = typename E::T;
+  const int experts = 6, tokens = 10;
+  std::vector<std::vector<T>> gate_up(experts), down(experts);
+  std::vector<u32> gate_up_table, down_table;
+  for (int e = 0; e < experts; e++) {
+    gate_up[e] = random_values<E>(2 * width * hidden, 0.2f);
+    down[e] = random_values<E>(hidden * width, 0.2f);
+    const u64 a = (u64)gate_up[e].data();
+    gate_up_table.insert(gate_up_table.end(), {(u32)a, (u32)(a >> 32)});
+    const u64 d = (u64)down[e].data();
+    down_table.insert(down_table.end(), {(u32)d, (u32)(d >> 32)});
+  }
+  auto x = random_values<E>(tokens * hidden, 1.f);
+  // Every token to expert 4 (10 pairs: two chunks), some to 1 and 3; listed in no order.
+  std::vector<std::vector<std::pair<int, float>>> choices(tokens);
+  for (int t = 0; t < tokens; t++) {
+    choices[t].push_back({4, 0.5f + 0.03f * t});
+    if (t % 2) choices[t].push_back({1, 0.3f});
+    if (t % 3 == 0) choices[t].insert(choices[t].begin(), {3, 0.2f - 0.01f * t});
+  }
+  // The routing words, as models::experts::routing_words lays them out.
+  std::vector<int> active;
+  std::vector<std::vector<std::pair<int, float>>> by_expert(experts);
+  for (int t = 0; t < tokens; t++)
+    for (auto [e, w] : choices[t]) by_expert[e].push_back({t, w});
+  for (int e = 0; e < experts; e++)
+    if (!by_expert[e].empty()) active.push_back(e);
+  std::vector<u32> words(active.begin(), active.end());
+  u32 start = 0;
+  words.push_back(0);
+  for (int e : active) words.push_back(start += by_expert[e].size());
+  std::vector<std::vector<u32>> per_token(tokens);
+  std::vector<u32> weights;
+  std::vector<std::pair<int, int>> pair_of;  // (expert, token)
+  for (int e : active)
+    for (auto [t, w] : by_expert[e]) {
+      per_token[t].push_back((u32)pair_of.size());
+      words.push_back((u32)t);
+      weights.push_back(__float_as_uint(w));
+      pair_of.push_back({e, t});
+    }
+  start = 0;
+  words.push_back(0);
+  for (auto &p : per_token) words.push_back(start += p.size());
+  for (auto &p : per_token) words.insert(words.end(), p.begin(), p.end());
+  words.insert(words.end(), weights.begin(), weights.end());
+  const int groups = (int)active.size(), pairs = (int)pair_of.size();
+
+  std::vector<T> h(pairs * width), out(tokens * hidden);
+  std::vector<float> y(pairs * hidden);
+  launch({(unsigned)((width + 7) / 8), (unsigned)groups, 1}, 8 * 32, [&] {
+    gate_up_k(h.data(), x.data(), gate_up_table.data(), words.data(), groups, hidden, width);
+  });
+  launch({(unsigned)((hidden + 7) / 8), (unsigned)groups, 1}, 8 * 32, [&] {
+    down_k(y.data(), h.data(), down_table.data(), words.data(), groups, hidden, width);
+  });
+  launch({(unsigned)tokens, 1, 1}, 128, [&] {
+    sum_k(out.data(), y.data(), words.data(), groups, pairs, tokens, hidden, weight_in_dtype);
+  });
+
+  auto round = [](double v) { return (double)E::get(E::put((float)v)); };
+  std::vector<double> want(tokens * hidden);
+  for (int t = 0; t < tokens; t++) {
+    std::vector<double> acc(hidden, 0.0);
+    auto mine = choices[t];
+    std::sort(mine.begin(), mine.end());
+    for (auto [e, w] : mine) {
+      std::vector<double> inner(width);
+      for (int j = 0; j < width; j++) {
+        double g = 0, u = 0;
+        for (int d = 0; d < hidden; d++) {
+          const double xv = E::get(x[t * hidden + d]);
+          g += E::get(gate_up[e][j * hidden + d]) * xv;
+          u += E::get(gate_up[e][(width + j) * hidden + d]) * xv;
+        }
+        g = round(g), u = round(u);
+        inner[j] = round(g / (1 + std::exp(-g)) * u);
+      }
+      const double weight = weight_in_dtype ? round(w) : (double)w;
+      for (int i = 0; i < hidden; i++) {
+        double v = 0;
+        for (int d = 0; d < width; d++) v += E::get(down[e][i * width + d]) * inner[d];
+        acc[i] = round(acc[i] + round(round(v) * weight));
+      }
+    }
+    for (int i = 0; i < hidden; i++) want[t * hidden + i] = acc[i];
+  }
+  char what[96];
+  std::snprintf(what, sizeof what, "experts, hidden %d, width %d, %d pairs, weight %s", hidden,
+                width, pairs, weight_in_dtype ? "in the dtype" : "in f32");
+  expect_close(what, E::name, widen<E>(out), want, std::max(E::tolerance, 1e-4));
+}
+
 int main() {
   check_add_rms_norm<F32>(add_rms_norm_f32, 3, 300, 320);
   check_add_rms_norm<F32>(add_rms_norm_f32, 2, 2560, 1024);
@@ -435,6 +540,11 @@ int main() {
   check_paged_attention<Bf16>(paged_attention_bf16, paged_attention_bf16_merge, 2, 1, 128, 128, 2);
   check_paged_attention<F16>(paged_attention_f16, paged_attention_f16_merge, 2, 2, 64, 64, 1);
   check_paged_attention<F32>(paged_attention_f32, paged_attention_f32_merge, 2, 1, 80, 48, 2);
+
+  check_experts<F32>(experts_gate_up_f32, experts_down_f32, experts_sum_f32, 64, 48, true);
+  check_experts<Bf16>(experts_gate_up_bf16, experts_down_bf16, experts_sum_bf16, 96, 40, true);
+  check_experts<Bf16>(experts_gate_up_bf16, experts_down_bf16, experts_sum_bf16, 64, 32, false);
+  check_experts<F16>(experts_gate_up_f16, experts_down_f16, experts_sum_f16, 40, 24, true);
 
   check_top_k(3, 5000, 20);
   check_top_k(2, 700, 64);
