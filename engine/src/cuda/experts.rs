@@ -130,15 +130,15 @@ pub fn forward(
     let words = Tensor::from_vec(words, len, xs.device())?;
     let xs = xs.contiguous()?;
     let stage = |stage: Stage| {
-        Gpu(Stage2 {
+        Gpu(ExpertStage {
             stage,
             words: words.clone(),
             weights: weights.clone(),
             counts: (groups, pairs),
         })
     };
-    let h = xs.apply_op2_no_bwd(&xs, &stage(Stage::GateUp))?;
-    let y = h.apply_op2_no_bwd(&h, &stage(Stage::Down))?;
+    let h = xs.apply_op1_no_bwd(&stage(Stage::GateUp))?;
+    let y = h.apply_op1_no_bwd(&stage(Stage::Down))?;
     let out = xs.apply_op2_no_bwd(&y, &stage(Stage::Sum { weight_in_dtype }))?;
     Ok(Some(out))
 }
@@ -155,36 +155,62 @@ enum Stage {
     Sum { weight_in_dtype: bool },
 }
 
-/// A stage's launch; its operands are (the model-dtype tensor that picks the kernel, the input).
-struct Stage2 {
+/// A stage's launch: the gate/up and down stages over their input alone; the sum over `xs` (its
+/// dtype picks the kernel, its shape the output's) and the down stage's f32 output.
+struct ExpertStage {
     stage: Stage,
     words: Tensor,
     weights: ExpertWeights,
     counts: (usize, usize),
 }
 
-impl Launch<2> for Stage2 {
+impl Launch<1> for ExpertStage {
     const NAME: &'static str = "pio-experts";
 
-    fn shape(&self, [first, _]: [&Layout; 2]) -> Shape {
+    fn shape(&self, _: [&Layout; 1]) -> Shape {
         let (_, pairs) = self.counts;
-        let w = &self.weights;
         match self.stage {
-            Stage::GateUp => Shape::from((pairs, w.width)),
-            Stage::Down => Shape::from((pairs, w.hidden)),
-            Stage::Sum { .. } => first.shape().clone(),
+            Stage::GateUp => Shape::from((pairs, self.weights.width)),
+            _ => Shape::from((pairs, self.weights.hidden)),
         }
     }
 
     fn launch<T: CudaDType + DeviceRepr>(
         &self,
-        [(first, first_layout), (input, input_layout)]: [(&CudaStorage, &Layout); 2],
+        [input]: [(&CudaStorage, &Layout); 1],
         suffix: &str,
     ) -> candle_core::Result<CudaStorage> {
-        let dev = first.device().clone();
+        self.run::<T>(input, 0, suffix)
+    }
+}
+
+impl Launch<2> for ExpertStage {
+    const NAME: &'static str = "pio-experts";
+
+    fn shape(&self, [xs, _]: [&Layout; 2]) -> Shape {
+        xs.shape().clone()
+    }
+
+    fn launch<T: CudaDType + DeviceRepr>(
+        &self,
+        [(_, xs), y]: [(&CudaStorage, &Layout); 2],
+        suffix: &str,
+    ) -> candle_core::Result<CudaStorage> {
+        self.run::<T>(y, xs.dims()[0], suffix)
+    }
+}
+
+impl ExpertStage {
+    /// The stage's launch on `input` (`tokens`: the sum's row count).
+    fn run<T: CudaDType + DeviceRepr>(
+        &self,
+        (input, input_layout): (&CudaStorage, &Layout),
+        tokens: usize,
+        suffix: &str,
+    ) -> candle_core::Result<CudaStorage> {
+        let dev = input.device().clone();
         let (groups, pairs) = self.counts;
         let (hidden, width) = (self.weights.hidden, self.weights.width);
-        let tokens = first_layout.dims()[0];
         // The routing and the address tables, read in place under their storage's lock.
         let held = [&self.words, &self.weights.gate_up, &self.weights.down]
             .map(Tensor::storage_and_layout);
