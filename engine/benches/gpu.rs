@@ -3,8 +3,8 @@
 //! for a checkpoint (its weights read once per token), then that checkpoint served in bf16 —
 //! one stream (512-token prompt, 128 tokens), 32 streams at once and 1 stream on the same
 //! workload (128-token prompts, 128 tokens each) — with each rate against the limit; last, the
-//! fused layer kernels against candle's separate operations (`PIO_GPU_KERNELS=candle`), alternated
-//! in the same run.
+//! engine's kernels against candle's operations (`PIO_GPU_KERNELS=candle`) and against cuBLAS's
+//! projections (`PIO_GPU_GEMV=cublas`), alternated in the same run.
 //! `cargo bench -p pio-engine --features cuda --bench gpu -- [CHECKPOINT_DIR]` (tests/gpu/run.sh).
 
 use std::sync::Arc;
@@ -81,32 +81,46 @@ fn main() -> Result<(), Error> {
     fused_against_separate(&engine)
 }
 
-/// Decode rates with the fused layer kernels and with candle's operations, two rounds of each
-/// alternated (lent machines drift), one stream and 32.
+/// Rates with candle's operations, with the engine's kernels but cuBLAS's projections, and with
+/// every kernel, two rounds of each alternated (lent machines drift): one stream's decode and
+/// 32 streams' decode and overall (their prompts included).
 fn fused_against_separate(engine: &Engine) -> Result<(), Error> {
-    use pio_engine::cuda::fused;
-    // [separate, fused] × [1 stream, 32 streams], averaged over the rounds.
-    let mut rates = [[0.0; 2]; 2];
+    use pio_engine::cuda::{fused, gemv};
+    let arms = [
+        ("candle", false, false),
+        ("kernels, cuBLAS", true, false),
+        ("all kernels", true, true),
+    ];
+    // Per arm: [1 stream decode, 32 streams decode, 32 streams overall], averaged over rounds.
+    let mut rates = [[0.0; 3]; 3];
     for round in 0..2 {
-        for on in [false, true] {
-            fused::set_enabled(on);
-            let seed = 10 + 2 * round + u32::from(on);
-            rates[usize::from(on)][0] += run(engine, 1, 128, 128, seed)?.decode_rate / 2.0;
-            rates[usize::from(on)][1] += run(engine, 32, 128, 128, 100 + seed)?.decode_rate / 2.0;
+        for (arm, &(_, kernels, projections)) in arms.iter().enumerate() {
+            fused::set_enabled(kernels);
+            gemv::set_enabled(projections);
+            let seed = 10 + 3 * round + arm as u32;
+            let many = run(engine, 32, 128, 128, 100 + seed)?;
+            rates[arm][0] += run(engine, 1, 128, 128, seed)?.decode_rate / 2.0;
+            rates[arm][1] += many.decode_rate / 2.0;
+            rates[arm][2] += many.overall_rate / 2.0;
         }
     }
     fused::set_enabled(true);
-    let [separate, with] = rates;
+    gemv::set_enabled(true);
     println!(
-        "fused layer kernels vs candle's operations (2 rounds alternated, decode): 1 stream \
-         {:.1} vs {:.1} tokens/s = {:.2}x; 32 streams {:.0} vs {:.0} tokens/s = {:.2}x",
-        with[0],
-        separate[0],
-        with[0] / separate[0],
-        with[1],
-        separate[1],
-        with[1] / separate[1]
+        "the engine's GPU kernels against candle's operations (2 rounds alternated; tokens/s):"
     );
+    let base = rates[0];
+    for ((name, ..), r) in arms.iter().zip(rates) {
+        println!(
+            "  {name:>16}: 1 stream decode {:.1} ({:.2}x); 32 streams decode {:.0} ({:.2}x), overall {:.0} ({:.2}x)",
+            r[0],
+            r[0] / base[0],
+            r[1],
+            r[1] / base[1],
+            r[2],
+            r[2] / base[2]
+        );
+    }
     Ok(())
 }
 

@@ -307,11 +307,16 @@ impl Module for Linear {
         match self {
             Self::Dense(l) => {
                 // The engine's own kernels on the CPU (candle has no bf16 matrix kernel and a
-                // slow matrix-vector product); candle elsewhere.
-                let Some(y) = crate::cpu::linear(x, l.weight())? else {
-                    return l.forward(x);
-                };
-                with_bias(y, l.bias())
+                // slow matrix-vector product), and on a GPU for a decode step's few rows;
+                // candle elsewhere.
+                if let Some(y) = crate::cpu::linear(x, l.weight())? {
+                    return with_bias(y, l.bias());
+                }
+                #[cfg(feature = "cuda")]
+                if let Some(y) = crate::cuda::gemv::linear(x, l.weight())? {
+                    return with_bias(y, l.bias());
+                }
+                l.forward(x)
             }
             Self::Quantized {
                 weight: QuantWeight::Tiles(tiles),

@@ -2,8 +2,8 @@
 //! the fixtures' greedy tokens and top-5 log-probabilities as transformers wrote them (Qwen3-VL's
 //! images included), bf16 within the CPU's own bf16 error, a batch equal to each request alone,
 //! prefix caching and preemption, the paged attention kernel equal to candle's gather path, the
-//! fused layer kernels equal to candle's operations, the best entries for top-k samplers equal to
-//! the host's, the GPU memory cap, and the device opened without per-buffer events. Without a
+//! fused layer kernels equal to candle's operations, the few-row projection kernel equal to
+//! cuBLAS's, the best entries for top-k samplers equal to the host's, the GPU memory cap, and the device opened without per-buffer events. Without a
 //! device each test says so and passes. Run them one at a time (`--test-threads=1`, as check.sh
 //! does): two of them switch the engine's kernels off and on for the whole process.
 #![cfg(feature = "cuda")]
@@ -476,4 +476,43 @@ fn the_best_entries_found_on_the_gpu_are_the_hosts_top_k() {
             .is_none(),
         "over the kernel's 64, the rows are copied"
     );
+}
+
+/// The few-row projection kernel (`gemv.cu`) gives cuBLAS's product through candle: in f32 but
+/// for the order of the sums; in bf16 and f16 within a rounding of outputs of magnitude up to
+/// ~4 (each side rounds its own f32 sum once). Nine rows are past it.
+#[test]
+fn the_gemv_kernel_gives_cublas_products() {
+    let Some(device) = gpu() else { return };
+    let (n, k) = (6144, 2560);
+    for (dtype, bound) in [(DType::F32, 1e-4), (DType::BF16, 4e-2), (DType::F16, 5e-3)] {
+        let w = Tensor::randn(0f32, 0.02, (n, k), &device)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        for rows in [1, 3, 8] {
+            let x = Tensor::randn(0f32, 1.0, (1, rows, k), &device)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let got = pio_engine::cuda::gemv::linear(&x, &w)
+                .unwrap()
+                .expect("the kernel takes a few rows");
+            let want = x.broadcast_matmul(&w.t().unwrap()).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let diff = (got.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < bound, "{dtype:?}, {rows} rows: max |Δ| {diff}");
+        }
+        let nine = Tensor::zeros((9, k), dtype, &device).unwrap();
+        assert!(pio_engine::cuda::gemv::linear(&nine, &w).unwrap().is_none());
+    }
 }

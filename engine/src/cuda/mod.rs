@@ -1,8 +1,8 @@
 //! The engine's own GPU kernels (the `cuda` feature): attention that reads each sequence's keys
 //! and values through its block table in place, for every row of a step in one launch (`paged`);
 //! the KV pool's row writes; a decoder layer's small steps fused (`fused`); a sparse layer's
-//! routed experts in three launches (`experts`); each row's best logits for a top-k sampler
-//! (`top_k`). Each source is
+//! routed experts in three launches (`experts`); a decode step's projections (`gemv`); each
+//! row's best logits for a top-k sampler (`top_k`). Each source is
 //! compiled by NVRTC on first use, for the device at hand, behind `common.cuh`.
 
 use std::sync::OnceLock;
@@ -11,6 +11,7 @@ use candle_core::cuda_backend::cudarc::nvrtc;
 
 pub mod experts;
 pub mod fused;
+pub mod gemv;
 mod kv_write;
 mod launch;
 mod paged;

@@ -73,12 +73,17 @@ inline unsigned short f32_to_f16(float f) {
   return x;
 }
 
+struct uint4 {
+  unsigned x, y, z, w;
+};
+
 #include "common.cuh"
 #include "fused.cu"
 #include "kv_write.cu"
 #include "paged_attention.cu"
 #include "top_k.cu"
 #include "experts.cu"
+#include "gemv.cu"
 
 // Runs `kernel` over `grid` blocks of `block` threads, one block at a time.
 static void launch(Dim3 grid, unsigned block, const std::function<void()> &kernel) {
@@ -517,6 +522,29 @@ static void check_experts(
   expect_close(what, E::name, widen<E>(out), want, std::max(E::tolerance, 1e-4));
 }
 
+// ---- gemv: y = x · Wᵀ for a few rows of x, against the products in double.
+
+template <class E>
+static void check_gemv(void (*kernel)(typename E::T *, const typename E::T *,
+                                      const typename E::T *, int, int, int),
+                       int rows, int n, int k) {
+  auto x = random_values<E>(rows * k, 1.f);
+  auto w = random_values<E>(n * k, 0.1f);
+  std::vector<typename E::T> y(rows * n);
+  launch({(unsigned)((n + 7) / 8), 1, 1}, 8 * 32,
+         [&] { kernel(y.data(), x.data(), w.data(), rows, n, k); });
+  std::vector<double> want(rows * n);
+  for (int r = 0; r < rows; r++)
+    for (int j = 0; j < n; j++) {
+      double s = 0;
+      for (int d = 0; d < k; d++) s += (double)E::get(x[r * k + d]) * E::get(w[j * k + d]);
+      want[r * n + j] = s;
+    }
+  char what[64];
+  std::snprintf(what, sizeof what, "gemv, %d rows, %d × %d", rows, n, k);
+  expect_close(what, E::name, widen<E>(y), want, E::tolerance);
+}
+
 int main() {
   check_add_rms_norm<F32>(add_rms_norm_f32, 3, 300, 320);
   check_add_rms_norm<F32>(add_rms_norm_f32, 2, 2560, 1024);
@@ -545,6 +573,11 @@ int main() {
   check_experts<Bf16>(experts_gate_up_bf16, experts_down_bf16, experts_sum_bf16, 96, 40, true);
   check_experts<Bf16>(experts_gate_up_bf16, experts_down_bf16, experts_sum_bf16, 64, 32, false);
   check_experts<F16>(experts_gate_up_f16, experts_down_f16, experts_sum_f16, 40, 24, true);
+
+  check_gemv<F32>(gemv_f32, 1, 20, 264);
+  check_gemv<Bf16>(gemv_bf16, 3, 17, 512);
+  check_gemv<Bf16>(gemv_bf16, 8, 9, 64);
+  check_gemv<F16>(gemv_f16, 5, 12, 776);
 
   check_top_k(3, 5000, 20);
   check_top_k(2, 700, 64);
