@@ -51,6 +51,7 @@ fn the_cuda_kernels_compute_their_references_when_emulated_on_the_cpu() {
         "paged_attention",
         "top_k",
         "experts",
+        "route_words",
         "gemv",
     ] {
         assert!(

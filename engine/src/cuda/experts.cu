@@ -19,6 +19,8 @@
 //   1. h[p] = silu(gate_e · x_t) · (up_e · x_t) for every pair (grid: output rows, experts)
 //   2. y[p] = down_e · h[p] (grid: output rows, experts), kept in f32 after rounding
 //   3. out[t] = the token's y[p] · weight, added in ascending expert order (grid: tokens)
+// A router whose choice is each token's k most probable experts (Qwen3-MoE) builds the words on
+// the device too (route_words), so that a layer needs no copy to the host and back.
 
 #define EXPERT_WARPS 8
 // Pairs a warp carries at once: each weight row is read once per CHUNK pairs of its expert.
@@ -106,3 +108,54 @@ __device__ __forceinline__ float silu(float x) { return x / (1.f + __expf(-x)); 
 EXPERTS(f32, float, IDENTITY, IDENTITY, IDENTITY)
 EXPERTS(bf16, u16, bf16_to_f32, f32_to_bf16, ROUND_BF16)
 EXPERTS(f16, u16, f16_to_f32, f32_to_f16, ROUND_F16)
+
+// The routing words for `tokens` tokens each routed to its k most probable experts, from `best`
+// (per token: k expert ids, then their probabilities' bits, best first, ties to the lower id, as
+// top_k.cu writes them), with every one of the `experts` experts a group (those no token chose
+// have no pairs): G = experts, P = tokens·k. The weights are the probabilities, divided by their
+// sum over the k (summed best first, as the host's router does) when `normalize`.
+// One block, a thread per expert (blockDim.x >= experts, at most 1024).
+extern "C" __global__ void route_words(u32 *words, const u32 *best, int tokens, int k,
+                                       int experts, int normalize) {
+  const int e = threadIdx.x, pairs = tokens * k;
+  u32 *group_start = words + experts, *pair_token = words + 2 * experts + 1;
+  u32 *token_start = pair_token + pairs, *token_pair = token_start + tokens + 1;
+  u32 *pair_weight = token_pair + pairs;
+  __shared__ u32 counts[1024];
+  if (e < experts) {
+    u32 c = 0;
+    for (int t = 0; t < tokens; t++)
+      for (int s = 0; s < k; s++) c += best[(u64)t * 2 * k + s] == (u32)e;
+    counts[e] = c;
+    words[e] = (u32)e;
+  }
+  for (int t = threadIdx.x; t <= tokens; t += blockDim.x) token_start[t] = (u32)(t * k);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    u32 at = 0;
+    group_start[0] = 0;
+    for (int g = 0; g < experts; g++) group_start[g + 1] = at += counts[g];
+  }
+  __syncthreads();
+  if (e >= experts) return;
+  u32 p = group_start[e];
+  for (int t = 0; t < tokens; t++) {
+    const u32 *row = best + (u64)t * 2 * k;
+    for (int s = 0; s < k; s++) {
+      if (row[s] != (u32)e) continue;
+      float sum = 1.f;
+      if (normalize) {
+        sum = 0.f;
+        for (int i = 0; i < k; i++) sum += __uint_as_float(row[k + i]);
+      }
+      // A token's pairs in ascending expert order: this one's place among its k ids.
+      int rank = 0;
+      for (int i = 0; i < k; i++) rank += row[i] < (u32)e;
+      pair_token[p] = (u32)t;
+      token_pair[t * k + rank] = p;
+      // Correctly rounded, as the host divides, whatever the compiler's fast-math options.
+      pair_weight[p] = __float_as_uint(__fdiv_rn(__uint_as_float(row[k + s]), sum));
+      p++;
+    }
+  }
+}

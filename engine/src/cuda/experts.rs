@@ -31,6 +31,7 @@ pub struct ExpertWeights {
     gate_up: Tensor,
     /// The same for its down weight.
     down: Tensor,
+    experts: usize,
     hidden: usize,
     width: usize,
     dtype: DType,
@@ -76,6 +77,7 @@ impl ExpertWeights {
         Ok(Some(Self {
             gate_up: table(experts.iter().map(|e| e.0).collect())?,
             down: table(experts.iter().map(|e| e.1).collect())?,
+            experts: experts.len(),
             hidden,
             width,
             dtype,
@@ -128,19 +130,113 @@ pub fn forward(
     }
     let len = words.len();
     let words = Tensor::from_vec(words, len, xs.device())?;
+    stages(xs, weights, &words, (groups, pairs), weight_in_dtype).map(Some)
+}
+
+/// [`forward`] for a router that sends each token to its `k` most probable experts (`probs`,
+/// `(tokens, experts)` f32 on the GPU), weights renormalized over the k when `normalize`: the
+/// choice and the routing words made on the device (`top_k.cu`, `route_words`), so the layer
+/// copies nothing to the host and back. `None` where the kernels do not take it.
+pub fn forward_routed(
+    xs: &Tensor,
+    weights: &ExpertWeights,
+    probs: &Tensor,
+    (k, normalize): (usize, bool),
+    weight_in_dtype: bool,
+) -> Result<Option<Tensor>> {
+    let (Ok((tokens, hidden)), Ok((rows, experts))) = (xs.dims2(), probs.dims2()) else {
+        return Ok(None);
+    };
+    if !xs.device().is_cuda()
+        || xs.dtype() != weights.dtype
+        || hidden != weights.hidden
+        || rows != tokens
+        || experts != weights.experts
+        || experts > MAX_EXPERTS
+    {
+        return Ok(None);
+    }
+    let Some(best) = super::top_k::on_device(probs, k)? else {
+        return Ok(None);
+    };
+    let route = Route {
+        tokens,
+        k,
+        experts,
+        normalize,
+    };
+    let words = best.apply_op1_no_bwd(&Gpu(route))?;
+    stages(xs, weights, &words, (experts, tokens * k), weight_in_dtype).map(Some)
+}
+
+/// The three stages over routing `words` already on the device.
+fn stages(
+    xs: &Tensor,
+    weights: &ExpertWeights,
+    words: &Tensor,
+    counts: (usize, usize),
+    weight_in_dtype: bool,
+) -> Result<Tensor> {
     let xs = xs.contiguous()?;
     let stage = |stage: Stage| {
         Gpu(ExpertStage {
             stage,
             words: words.clone(),
             weights: weights.clone(),
-            counts: (groups, pairs),
+            counts,
         })
     };
     let h = xs.apply_op1_no_bwd(&stage(Stage::GateUp))?;
     let y = h.apply_op1_no_bwd(&stage(Stage::Down))?;
-    let out = xs.apply_op2_no_bwd(&y, &stage(Stage::Sum { weight_in_dtype }))?;
-    Ok(Some(out))
+    Ok(xs.apply_op2_no_bwd(&y, &stage(Stage::Sum { weight_in_dtype }))?)
+}
+
+/// The most experts `route_words` takes (a thread each in one block).
+const MAX_EXPERTS: usize = 1024;
+
+/// `route_words`' launch: its operand is `top_k.cu`'s `(tokens, 2k)` output.
+struct Route {
+    tokens: usize,
+    k: usize,
+    experts: usize,
+    normalize: bool,
+}
+
+impl Launch<1> for Route {
+    const NAME: &'static str = "pio-route-words";
+
+    fn shape(&self, _: [&Layout; 1]) -> Shape {
+        let pairs = self.tokens * self.k;
+        Shape::from(2 * self.experts + 1 + 3 * pairs + self.tokens + 1)
+    }
+
+    fn launch<T: CudaDType + DeviceRepr>(
+        &self,
+        [(best, layout)]: [(&CudaStorage, &Layout); 1],
+        _: &str,
+    ) -> candle_core::Result<CudaStorage> {
+        let dev = best.device();
+        let best = view(best.as_cuda_slice::<u32>()?, layout)?;
+        let len = self.shape([layout]).elem_count();
+        // SAFETY: every word is written: the experts, their starts, and each token's k pairs.
+        let words = unsafe { dev.alloc::<u32>(len)? };
+        let func = dev.get_or_load_custom_func("route_words", "pio_experts", ptx()?)?;
+        let ints = [self.tokens, self.k, self.experts, self.normalize as usize].map(|v| v as i32);
+        let mut b = func.builder();
+        b.arg(&words).arg(&best);
+        for v in &ints {
+            b.arg(v);
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (super::launch::warps_for(self.experts, MAX_EXPERTS), 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the kernel's signature; `best` holds k distinct expert ids below `experts` per
+        // token (top_k.cu over `experts` columns), a thread per expert.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(<u32 as CudaDType>::wrap_cuda_slice(words, dev.clone()))
+    }
 }
 
 /// Which of the three launches.

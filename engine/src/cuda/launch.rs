@@ -40,7 +40,8 @@ impl<O> Gpu<O> {
             DType::F32 => self.0.launch::<f32>(operands, "f32")?,
             DType::BF16 => self.0.launch::<bf16>(operands, "bf16")?,
             DType::F16 => self.0.launch::<f16>(operands, "f16")?,
-            other => candle_core::bail!("{}: f32, bf16 or f16, not {other:?}", O::NAME),
+            DType::U32 => self.0.launch::<u32>(operands, "u32")?,
+            other => candle_core::bail!("{}: f32, bf16, f16 or u32, not {other:?}", O::NAME),
         };
         Ok((out, self.0.shape(operands.map(|(_, l)| l))))
     }

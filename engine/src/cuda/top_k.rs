@@ -30,6 +30,27 @@ pub type Best = Vec<(u32, f32)>;
 /// first, ties to the lower id (the host's `sampling::top_k` order); `None` where the kernel does
 /// not apply (off the GPU, another dtype, `k` of 0 or over its 64, or over the vocabulary).
 pub fn best_entries(logits: &Tensor, k: usize) -> Result<Option<Vec<Best>>> {
+    let Some(found) = on_device(logits, k)? else {
+        return Ok(None);
+    };
+    Ok(Some(
+        found
+            .to_vec2::<u32>()?
+            .iter()
+            .map(|row| {
+                let (ids, bits) = row.split_at(k);
+                ids.iter()
+                    .zip(bits)
+                    .map(|(&id, &b)| (id, f32::from_bits(b)))
+                    .collect()
+            })
+            .collect(),
+    ))
+}
+
+/// [`best_entries`] left on the device: `(rows, 2k)` u32, each row's k ids then the k values'
+/// bits; `None` where the kernel does not apply.
+pub fn on_device(logits: &Tensor, k: usize) -> Result<Option<Tensor>> {
     let Ok((rows, vocab)) = logits.dims2() else {
         return Ok(None);
     };
@@ -41,21 +62,8 @@ pub fn best_entries(logits: &Tensor, k: usize) -> Result<Option<Vec<Best>>> {
     {
         return Ok(None);
     }
-    let found = logits
-        .contiguous()?
-        .apply_op1_no_bwd(&Gpu(TopK { k }))?
-        .to_vec2::<u32>()?;
     Ok(Some(
-        found
-            .iter()
-            .map(|row| {
-                let (ids, bits) = row.split_at(k);
-                ids.iter()
-                    .zip(bits)
-                    .map(|(&id, &b)| (id, f32::from_bits(b)))
-                    .collect()
-            })
-            .collect(),
+        logits.contiguous()?.apply_op1_no_bwd(&Gpu(TopK { k }))?,
     ))
 }
 

@@ -136,19 +136,47 @@ impl Experts {
 
 #[cfg(feature = "cuda")]
 impl Experts {
-    /// [`Self::forward`] in three launches on a GPU (`cuda/experts.cu`), unless the engine's
-    /// kernels are off (`PIO_GPU_KERNELS=candle`) or the experts are not plain values of `xs`'s
-    /// dtype (quantized experts take candle's path).
+    /// [`Self::forward`] in three launches on a GPU (`cuda/experts.cu`), where
+    /// [`Self::gpu_weights`] finds the experts' weights.
     fn forward_on_gpu(
         &self,
         xs: &Tensor,
         choices: &[Choice],
         weighting: Weighting,
     ) -> Result<Option<Tensor>> {
+        let Some(weights) = self.gpu_weights(xs)? else {
+            return Ok(None);
+        };
+        let (words, groups, pairs) = routing_words(choices, self.experts.len())?;
+        let weight_in_dtype = weighting == Weighting::ModelDtype;
+        crate::cuda::experts::forward(xs, weights, words, (groups, pairs), weight_in_dtype)
+    }
+
+    /// [`Self::forward`] for rows each routed to its `k` most probable experts of `probs`
+    /// (`(tokens, experts)` f32; weights renormalized over the k when `normalize`), on a GPU with
+    /// the choice made there too: nothing copied to the host and back. `None` where it does not
+    /// apply (the caller then routes on the host).
+    pub(crate) fn forward_routed_on_gpu(
+        &self,
+        xs: &Tensor,
+        probs: &Tensor,
+        (k, normalize): (usize, bool),
+        weighting: Weighting,
+    ) -> Result<Option<Tensor>> {
+        let Some(weights) = self.gpu_weights(xs)? else {
+            return Ok(None);
+        };
+        let weight_in_dtype = weighting == Weighting::ModelDtype;
+        crate::cuda::experts::forward_routed(xs, weights, probs, (k, normalize), weight_in_dtype)
+    }
+
+    /// Where the experts' weights lie for the GPU's kernels, when they take `xs`: on a GPU, the
+    /// engine's kernels on, the experts plain values (quantized ones take candle's path).
+    fn gpu_weights(&self, xs: &Tensor) -> Result<Option<&crate::cuda::experts::ExpertWeights>> {
         if !xs.device().is_cuda() || !crate::cuda::fused::enabled() {
             return Ok(None);
         }
-        let weights = match self.on_gpu.get() {
+        let found = match self.on_gpu.get() {
             Some(found) => found,
             None => {
                 let dense: Option<Vec<_>> = self.experts.iter().map(Mlp::dense_weights).collect();
@@ -159,12 +187,21 @@ impl Experts {
                 self.on_gpu.get_or_init(|| found)
             }
         };
-        let Some(weights) = weights else {
-            return Ok(None);
-        };
-        let (words, groups, pairs) = routing_words(choices, self.experts.len())?;
-        let weight_in_dtype = weighting == Weighting::ModelDtype;
-        crate::cuda::experts::forward(xs, weights, words, (groups, pairs), weight_in_dtype)
+        Ok(found.as_ref())
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+impl Experts {
+    /// Without the `cuda` feature the router's choice is always the host's.
+    pub(crate) fn forward_routed_on_gpu(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: (usize, bool),
+        _: Weighting,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
     }
 }
 

@@ -57,6 +57,7 @@ inline unsigned __float_as_uint(float f) {
   return u;
 }
 inline float __expf(float x) { return std::exp(x); }
+inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 using std::max;
 using std::min;
@@ -545,6 +546,69 @@ static void check_gemv(void (*kernel)(typename E::T *, const typename E::T *,
   expect_close(what, E::name, widen<E>(y), want, E::tolerance);
 }
 
+// ---- route_words: the routing words of each token's k best experts (top_k.cu's output), every
+// expert a group, against the layout built here from the same choices.
+
+static void check_route_words(int tokens, int k, int experts, bool normalize) {
+  std::mt19937 gen(tokens * 100 + k);
+  std::vector<u32> best(tokens * 2 * k);
+  std::vector<std::vector<std::pair<u32, float>>> chosen(tokens);
+  for (int t = 0; t < tokens; t++) {
+    // k distinct experts, best first, with made-up descending probabilities.
+    std::vector<u32> ids(experts);
+    for (int e = 0; e < experts; e++) ids[e] = (u32)e;
+    std::shuffle(ids.begin(), ids.end(), gen);
+    float p = 0.5f;
+    for (int s = 0; s < k; s++) {
+      chosen[t].push_back({ids[s], p});
+      best[t * 2 * k + s] = ids[s];
+      best[t * 2 * k + k + s] = __float_as_uint(p);
+      p *= 0.61f;
+    }
+  }
+  const int pairs = tokens * k;
+  std::vector<u32> words(2 * experts + 1 + 3 * pairs + tokens + 1, 0xdeadbeefu);
+  launch({1, 1, 1}, (unsigned)((experts + 31) / 32 * 32),
+         [&] { route_words(words.data(), best.data(), tokens, k, experts, normalize); });
+  // The layout: experts, their starts, pairs' tokens by expert, token starts, each token's pairs
+  // by ascending expert, weights.
+  std::vector<u32> want;
+  for (int e = 0; e < experts; e++) want.push_back((u32)e);
+  std::vector<std::vector<std::pair<int, float>>> by_expert(experts);
+  for (int t = 0; t < tokens; t++) {
+    float sum = 0.f;
+    for (auto [e, p] : chosen[t]) sum += p;
+    for (auto [e, p] : chosen[t]) by_expert[e].push_back({t, normalize ? p / sum : p});
+  }
+  u32 at = 0;
+  want.push_back(0);
+  for (auto &pairs_of : by_expert) want.push_back(at += pairs_of.size());
+  std::vector<std::vector<std::pair<u32, u32>>> per_token(tokens);  // (expert, pair)
+  std::vector<u32> weights;
+  u32 pair = 0;
+  for (int e = 0; e < experts; e++)
+    for (auto [t, w] : by_expert[e]) {
+      want.push_back((u32)t);
+      per_token[t].push_back({(u32)e, pair++});
+      weights.push_back(__float_as_uint(w));
+    }
+  for (int t = 0; t <= tokens; t++) want.push_back((u32)(t * k));
+  for (auto &mine : per_token) {
+    std::sort(mine.begin(), mine.end());
+    for (auto [e, p] : mine) want.push_back(p);
+  }
+  want.insert(want.end(), weights.begin(), weights.end());
+  std::vector<float> got_f, want_f;
+  for (size_t i = 0; i < want.size(); i++) {
+    got_f.push_back(words[i] == want[i] ? 1.f : 0.f);
+    want_f.push_back(1.f);
+  }
+  char what[96];
+  std::snprintf(what, sizeof what, "route_words, %d tokens, k %d of %d experts%s", tokens, k,
+                experts, normalize ? ", renormalized" : "");
+  expect_close(what, "u32", got_f, std::vector<double>(want_f.begin(), want_f.end()), 0);
+}
+
 int main() {
   check_add_rms_norm<F32>(add_rms_norm_f32, 3, 300, 320);
   check_add_rms_norm<F32>(add_rms_norm_f32, 2, 2560, 1024);
@@ -573,6 +637,10 @@ int main() {
   check_experts<Bf16>(experts_gate_up_bf16, experts_down_bf16, experts_sum_bf16, 96, 40, true);
   check_experts<Bf16>(experts_gate_up_bf16, experts_down_bf16, experts_sum_bf16, 64, 32, false);
   check_experts<F16>(experts_gate_up_f16, experts_down_f16, experts_sum_f16, 40, 24, true);
+
+  check_route_words(6, 3, 10, true);
+  check_route_words(1, 8, 128, true);
+  check_route_words(9, 2, 40, false);
 
   check_gemv<F32>(gemv_f32, 1, 20, 264);
   check_gemv<Bf16>(gemv_bf16, 3, 17, 512);

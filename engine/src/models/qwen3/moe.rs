@@ -78,7 +78,15 @@ impl SparseMoe {
         let (b, seq, hidden) = x.dims3()?;
         let xs = x.reshape((b * seq, hidden))?;
         let logits = self.gate.forward(&xs)?.to_dtype(DType::F32)?;
-        let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
+        let probs = candle_nn::ops::softmax_last_dim(&logits)?;
+        let routing = (self.top_k, self.norm_topk_prob);
+        if let Some(out) =
+            self.experts
+                .forward_routed_on_gpu(&xs, &probs, routing, Weighting::ModelDtype)?
+        {
+            return Ok(out.reshape((b, seq, hidden))?);
+        }
+        let probs = probs.to_vec2::<f32>()?;
         let out = self
             .experts
             .forward(&xs, &self.route(&probs), Weighting::ModelDtype)?;
