@@ -111,34 +111,44 @@ EXPERTS(f16, u16, f16_to_f32, f32_to_f16, ROUND_F16)
 
 // The routing words for `tokens` tokens each routed to its k most probable experts, from `best`
 // (per token: k expert ids, then their probabilities' bits, best first, ties to the lower id, as
-// top_k.cu writes them), with every one of the `experts` experts a group (those no token chose
-// have no pairs): G = experts, P = tokens·k. The weights are the probabilities, divided by their
-// sum over the k (summed best first, as the host's router does) when `normalize`.
+// top_k.cu writes them): G = min(experts, tokens·k) group slots — the active experts ascending,
+// then empty slots (expert 0, no pairs) — so that the stages' grids hold no more groups than can
+// be active; P = tokens·k. The weights are the probabilities, divided by their sum over the k
+// (summed best first, as the host's router does) when `normalize`.
 // One block, a thread per expert (blockDim.x >= experts, at most 1024).
 extern "C" __global__ void route_words(u32 *words, const u32 *best, int tokens, int k,
                                        int experts, int normalize) {
-  const int e = threadIdx.x, pairs = tokens * k;
-  u32 *group_start = words + experts, *pair_token = words + 2 * experts + 1;
+  const int e = threadIdx.x, pairs = tokens * k, groups = min(experts, pairs);
+  u32 *group_start = words + groups, *pair_token = words + 2 * groups + 1;
   u32 *token_start = pair_token + pairs, *token_pair = token_start + tokens + 1;
   u32 *pair_weight = token_pair + pairs;
-  __shared__ u32 counts[1024];
+  __shared__ u32 counts[1024], starts[1024];
   if (e < experts) {
     u32 c = 0;
     for (int t = 0; t < tokens; t++)
       for (int s = 0; s < k; s++) c += best[(u64)t * 2 * k + s] == (u32)e;
     counts[e] = c;
-    words[e] = (u32)e;
   }
   for (int t = threadIdx.x; t <= tokens; t += blockDim.x) token_start[t] = (u32)(t * k);
   __syncthreads();
   if (threadIdx.x == 0) {
     u32 at = 0;
+    int g = 0;
     group_start[0] = 0;
-    for (int g = 0; g < experts; g++) group_start[g + 1] = at += counts[g];
+    for (int x = 0; x < experts; x++) {
+      starts[x] = at;
+      if (counts[x] == 0) continue;
+      words[g] = (u32)x;
+      group_start[++g] = at += counts[x];
+    }
+    for (; g < groups; g++) {
+      words[g] = 0;
+      group_start[g + 1] = at;
+    }
   }
   __syncthreads();
   if (e >= experts) return;
-  u32 p = group_start[e];
+  u32 p = starts[e];
   for (int t = 0; t < tokens; t++) {
     const u32 *row = best + (u64)t * 2 * k;
     for (int s = 0; s < k; s++) {

@@ -165,8 +165,16 @@ pub fn forward_routed(
         experts,
         normalize,
     };
-    let words = best.apply_op1_no_bwd(&Gpu(route))?;
-    stages(xs, weights, &words, (experts, tokens * k), weight_in_dtype).map(Some)
+    let words = best.apply_op1_no_bwd(&Gpu(route.clone()))?;
+    let pairs = tokens * k;
+    stages(
+        xs,
+        weights,
+        &words,
+        (route.groups(), pairs),
+        weight_in_dtype,
+    )
+    .map(Some)
 }
 
 /// The three stages over routing `words` already on the device.
@@ -195,6 +203,7 @@ fn stages(
 const MAX_EXPERTS: usize = 1024;
 
 /// `route_words`' launch: its operand is `top_k.cu`'s `(tokens, 2k)` output.
+#[derive(Clone)]
 struct Route {
     tokens: usize,
     k: usize,
@@ -202,12 +211,19 @@ struct Route {
     normalize: bool,
 }
 
+impl Route {
+    /// The group slots the words hold: no more than there are experts, or pairs to give them.
+    fn groups(&self) -> usize {
+        self.experts.min(self.tokens * self.k)
+    }
+}
+
 impl Launch<1> for Route {
     const NAME: &'static str = "pio-route-words";
 
     fn shape(&self, _: [&Layout; 1]) -> Shape {
         let pairs = self.tokens * self.k;
-        Shape::from(2 * self.experts + 1 + 3 * pairs + self.tokens + 1)
+        Shape::from(2 * self.groups() + 1 + 3 * pairs + self.tokens + 1)
     }
 
     fn launch<T: CudaDType + DeviceRepr>(

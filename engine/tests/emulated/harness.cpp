@@ -566,23 +566,30 @@ static void check_route_words(int tokens, int k, int experts, bool normalize) {
       p *= 0.61f;
     }
   }
-  const int pairs = tokens * k;
-  std::vector<u32> words(2 * experts + 1 + 3 * pairs + tokens + 1, 0xdeadbeefu);
+  const int pairs = tokens * k, groups = std::min(experts, pairs);
+  std::vector<u32> words(2 * groups + 1 + 3 * pairs + tokens + 1, 0xdeadbeefu);
   launch({1, 1, 1}, (unsigned)((experts + 31) / 32 * 32),
          [&] { route_words(words.data(), best.data(), tokens, k, experts, normalize); });
-  // The layout: experts, their starts, pairs' tokens by expert, token starts, each token's pairs
-  // by ascending expert, weights.
-  std::vector<u32> want;
-  for (int e = 0; e < experts; e++) want.push_back((u32)e);
+  // The layout: the active experts then empty slots, their starts, pairs' tokens by expert,
+  // token starts, each token's pairs by ascending expert, weights.
   std::vector<std::vector<std::pair<int, float>>> by_expert(experts);
   for (int t = 0; t < tokens; t++) {
     float sum = 0.f;
     for (auto [e, p] : chosen[t]) sum += p;
     for (auto [e, p] : chosen[t]) by_expert[e].push_back({t, normalize ? p / sum : p});
   }
+  std::vector<u32> want, starts{0};
   u32 at = 0;
-  want.push_back(0);
-  for (auto &pairs_of : by_expert) want.push_back(at += pairs_of.size());
+  for (int e = 0; e < experts; e++)
+    if (!by_expert[e].empty()) {
+      want.push_back((u32)e);
+      starts.push_back(at += by_expert[e].size());
+    }
+  while ((int)want.size() < groups) {
+    want.push_back(0);
+    starts.push_back(at);
+  }
+  want.insert(want.end(), starts.begin(), starts.end());
   std::vector<std::vector<std::pair<u32, u32>>> per_token(tokens);  // (expert, pair)
   std::vector<u32> weights;
   u32 pair = 0;
