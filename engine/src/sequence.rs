@@ -223,14 +223,8 @@ pub fn accept_all(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checkpoint::Checkpoint;
     use crate::sampling::SamplingParams;
-
-    fn codec() -> TextCodec {
-        let dir =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen3-tiny");
-        TextCodec::load(&Checkpoint::open(&dir).unwrap()).unwrap()
-    }
+    use crate::text::fixture_codec as codec;
 
     fn request(sampling: SamplingParams, logprobs: Option<usize>) -> Request {
         Request {

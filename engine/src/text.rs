@@ -196,15 +196,16 @@ impl StreamDecoder {
     }
 }
 
+/// The tiny Qwen3 fixture's codec, for unit tests.
+#[cfg(test)]
+pub(crate) fn fixture_codec() -> TextCodec {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen3-tiny");
+    TextCodec::load(&Checkpoint::open(&dir).unwrap()).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn qwen3_codec() -> TextCodec {
-        let dir =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen3-tiny");
-        TextCodec::load(&Checkpoint::open(&dir).unwrap()).unwrap()
-    }
 
     #[test]
     fn gpt2_byte_level_letters_read_back_as_their_bytes() {
@@ -219,7 +220,7 @@ mod tests {
 
     #[test]
     fn token_bytes_rebuild_text_whose_characters_span_tokens() {
-        let codec = qwen3_codec();
+        let codec = fixture_codec();
         for text in [
             "中文的测试 🙂🎉",
             "naïve café — ok",

@@ -327,16 +327,7 @@ fn kernel_matches_gather(device: &Device, case: &PoolCase) {
             };
             let reference =
                 widen(&paged(&q.narrow(0, row, n).unwrap(), &kv, seq.start, scale).unwrap());
-            let diff = (widen(&fused.narrow(0, row, n).unwrap()) - reference)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs_diff(&fused.narrow(0, row, n).unwrap(), &reference);
             assert!(
                 diff < bound,
                 "{:?} sequence {i} (prompts on the kernel: {prompts_on_kernel}): max |Δ| {diff}",
@@ -500,19 +491,25 @@ fn the_gemv_kernel_gives_cublas_products() {
                 .expect("the kernel takes a few rows");
             let want = x.broadcast_matmul(&w.t().unwrap()).unwrap();
             assert_eq!(got.dims(), want.dims());
-            let diff = (got.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs_diff(&got, &want);
             assert!(diff < bound, "{dtype:?}, {rows} rows: max |Δ| {diff}");
         }
         let nine = Tensor::zeros((9, k), dtype, &device).unwrap();
         assert!(pio_engine::cuda::gemv::linear(&nine, &w).unwrap().is_none());
     }
+}
+
+/// The largest |a - b| over two tensors of one shape, compared in f32.
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let widen = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    (widen(a) - widen(b))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
