@@ -121,15 +121,25 @@ fn attended_on_gpu(
     Ok(Some((out, at)))
 }
 
-/// Which of `batch`'s rows the GPU kernel takes — every sequence's, or with `prompts` false only
-/// those of sequences decoding one token — as their indices into the step's rows, and where each
-/// sequence's first row lands among them (`None`: not taken).
+/// The most query-position pairs (rows × positions read by the last) a prompt chunk may have
+/// and still take the GPU kernel: its rows re-read the sequence's keys once per row and head
+/// (from cache), which beats candle's per-sequence launches for the short chunks of many
+/// prompts at once, not a long chunk deep into a long prompt (where cuBLAS's products win). A
+/// first estimate (the default 256-token chunk of a fresh prompt qualifies); the GPU bench's
+/// A/B is where to tune it.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const MAX_KERNEL_CHUNK_PAIRS: usize = 1 << 16;
+
+/// Which of `batch`'s rows the GPU kernel takes — every decoding sequence's one row, and with
+/// `prompts` each prompt chunk within [`MAX_KERNEL_CHUNK_PAIRS`] — as their indices into the
+/// step's rows, and where each sequence's first row lands among them (`None`: not taken).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) fn gpu_rows(batch: &Batch<'_>, prompts: bool) -> (Vec<u32>, Vec<Option<usize>>) {
     let (mut taken, mut at, mut row) = (Vec::new(), Vec::new(), 0u32);
     for seq in &batch.seqs {
         let n = seq.tokens.len() as u32;
-        at.push((prompts || n == 1).then(|| {
+        let chunk_fits = n as usize * (seq.start + n as usize) <= MAX_KERNEL_CHUNK_PAIRS;
+        at.push((n == 1 || (prompts && chunk_fits)).then(|| {
             taken.extend(row..row + n);
             taken.len() - n as usize
         }));
@@ -291,23 +301,27 @@ mod tests {
         }
     }
 
-    /// Prompt chunks go to the kernel with the decode rows, or stay out of it, and each sequence's
-    /// rows are found where they landed.
+    /// Prompt chunks go to the kernel with the decode rows (the short ones), or stay out of it,
+    /// and each sequence's rows are found where they landed.
     #[test]
-    fn gpu_rows_take_every_row_or_only_the_decoding_ones() {
+    fn gpu_rows_take_decode_rows_and_short_enough_prompt_chunks() {
+        // A 2-row chunk at position 2^16 - 2 reads 2^16 positions with its last row: 2^17 pairs,
+        // past the kernel's share; decode rows go at any depth.
         let seqs = vec![
             step(&[1], &[0], 4),
             step(&[1, 2, 3], &[1], 0),
             step(&[1], &[2], 9),
             step(&[1, 2], &[3], 5),
+            step(&[1, 2], &[4], (1 << 16) - 2),
+            step(&[1], &[5], 1 << 20),
         ];
         let batch = Batch::new(seqs);
         let (all, at) = gpu_rows(&batch, true);
-        assert_eq!(all, (0..7).collect::<Vec<u32>>());
-        assert_eq!(at, [Some(0), Some(1), Some(4), Some(5)]);
+        assert_eq!(all, [0, 1, 2, 3, 4, 5, 6, 9]);
+        assert_eq!(at, [Some(0), Some(1), Some(4), Some(5), None, Some(7)]);
         let (decoding, at) = gpu_rows(&batch, false);
-        assert_eq!(decoding, [0, 4]);
-        assert_eq!(at, [Some(0), None, Some(1), None]);
+        assert_eq!(decoding, [0, 4, 9]);
+        assert_eq!(at, [Some(0), None, Some(1), None, None, Some(2)]);
     }
 
     /// A lone sequence's heads are split until the GPU has enough blocks, never into shares

@@ -104,11 +104,11 @@ pub enum Output {
 pub struct Batch<'a> {
     /// The sequences.
     pub seqs: Vec<SeqStep<'a>>,
-    /// The attention kernel's block tables and row lengths on the GPU, uploaded by the first
-    /// layer that reads them: a copy from host memory waits for the device's queue, so once per
-    /// step, not per layer.
+    /// The attention kernel's block tables and row lengths on the GPU, with how many sequences
+    /// and rows they were built for, uploaded by the first layer that reads them: a copy from
+    /// host memory waits for the device's queue, so once per step, not per layer.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    pub(crate) device_tables: std::sync::OnceLock<Tensor>,
+    pub(crate) device_tables: std::sync::OnceLock<((usize, usize), Tensor)>,
     /// The pool slots of every new row, on the GPU: uploaded by the first layer that writes.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) device_slots: std::sync::OnceLock<Tensor>,

@@ -35,13 +35,16 @@ pub struct ExpertWeights {
     hidden: usize,
     width: usize,
     dtype: DType,
+    /// The weights themselves (handles on their storage), so that the addresses stay theirs for
+    /// as long as the table lives.
+    _held: Vec<Tensor>,
 }
 
 impl ExpertWeights {
     /// The table for experts given as (stacked gate/up weight `(2·width, hidden)`, down weight
     /// `(hidden, width)`), all of one float dtype on one GPU; `None` where the kernels do not
-    /// apply (off the GPU, mixed shapes or dtypes, a non-contiguous weight). The weights must
-    /// outlive the table (the caller holds both).
+    /// apply (off the GPU, mixed shapes or dtypes, a non-contiguous weight). The table holds the
+    /// tensors too, so their storage outlives it.
     pub fn new(experts: &[(&Tensor, &Tensor)]) -> Result<Option<Self>> {
         let Some(&(first, _)) = experts.first() else {
             return Ok(None);
@@ -78,6 +81,10 @@ impl ExpertWeights {
             gate_up: table(experts.iter().map(|e| e.0).collect())?,
             down: table(experts.iter().map(|e| e.1).collect())?,
             experts: experts.len(),
+            _held: experts
+                .iter()
+                .flat_map(|(a, b)| [(*a).clone(), (*b).clone()])
+                .collect(),
             hidden,
             width,
             dtype,
@@ -119,7 +126,11 @@ pub fn forward(
     let Ok((tokens, hidden)) = xs.dims2() else {
         return Ok(None);
     };
-    if !xs.device().is_cuda() || xs.dtype() != weights.dtype || hidden != weights.hidden {
+    if !xs.device().is_cuda()
+        || xs.dtype() != weights.dtype
+        || hidden != weights.hidden
+        || tokens > MAX_TOKENS
+    {
         return Ok(None);
     }
     if words.len() != 2 * groups + 1 + 3 * pairs + tokens + 1 {
@@ -153,6 +164,7 @@ pub fn forward_routed(
         || rows != tokens
         || experts != weights.experts
         || experts > MAX_EXPERTS
+        || tokens > MAX_TOKENS
     {
         return Ok(None);
     }
@@ -201,6 +213,12 @@ fn stages(
 
 /// The most experts `route_words` takes (a thread each in one block).
 const MAX_EXPERTS: usize = 1024;
+
+/// The most rows the kernels take at once: their per-pair buffers grow with the rows (a 1,024-row
+/// chunk of Qwen3-Coder: 8,192 pairs, 64 MB of f32 down outputs), and each expert's weights are
+/// re-read once per 8 of its pairs; a longer prompt chunk takes candle's per-expert products
+/// (the engine's default step holds 256 tokens).
+const MAX_TOKENS: usize = 1024;
 
 /// `route_words`' launch: its operand is `top_k.cu`'s `(tokens, 2k)` output.
 #[derive(Clone)]

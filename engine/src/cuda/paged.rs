@@ -67,7 +67,7 @@ pub fn paged_attention(
     values: &Tensor,
     (block_size, value_dim): (usize, usize),
     scale: f64,
-    uploaded: &OnceLock<Tensor>,
+    uploaded: &OnceLock<((usize, usize), Tensor)>,
 ) -> Result<Tensor> {
     let (rows, heads, _) = q.dims3()?;
     if rows != seqs.iter().map(|s| s.tokens.len()).sum::<usize>() || rows > MAX_GRID_Y {
@@ -79,14 +79,17 @@ pub fn paged_attention(
     // Every layer of a step attends for the same rows: the first builds, checks and uploads
     // their tables, the others read them from the device.
     let max_blocks = crate::attention::table_width(seqs);
+    // Keyed by the sequences and rows taken: a call taking other rows of the step (not the
+    // engine's, which takes the same at every layer) builds its own.
+    let key = (seqs.len(), rows);
     let words = match uploaded.get() {
-        Some(words) if words.dims1()? == seqs.len() * max_blocks + 2 * rows => words.clone(),
+        Some((taken, words)) if *taken == key => words.clone(),
         _ => {
             let pool_blocks = keys.dim(0)? / block_size;
             let tables = crate::attention::row_tables(seqs, block_size, pool_blocks)?;
             let len = tables.len();
             let words = Tensor::from_vec(tables, len, q.device())?;
-            let _ = uploaded.set(words.clone());
+            let _ = uploaded.set((key, words.clone()));
             words
         }
     };
