@@ -158,14 +158,23 @@ fn bf16_and_quantized_weights_on_the_gpu_err_no_more_than_on_the_cpu() {
 #[test]
 fn the_fused_layer_kernels_give_what_candles_operations_give() {
     let Some(device) = gpu() else { return };
-    fused_matches_separate::<Qwen3>("qwen3-tiny", &device);
-    fused_matches_separate::<Qwen3Moe>("qwen3-moe-tiny", &device);
-    fused_matches_separate::<Glm4MoeLite>("glm4-moe-lite-tiny", &device);
+    let both = [(DType::F32, 1e-4), (DType::BF16, 0.02)];
+    fused_matches_separate::<Qwen3>("qwen3-tiny", &device, &both);
+    // The sparse models in f32 only: in bf16 a rounding's difference can flip a near-tied
+    // router's choice, which moves that position's distribution by more than a rounding (the
+    // emulated harness checks the expert kernels' bf16 arithmetic itself).
+    let f32_only = [(DType::F32, 1e-4)];
+    fused_matches_separate::<Qwen3Moe>("qwen3-moe-tiny", &device, &f32_only);
+    fused_matches_separate::<Glm4MoeLite>("glm4-moe-lite-tiny", &device, &f32_only);
 }
 
-fn fused_matches_separate<M: LoadModel + CausalLm>(name: &str, device: &Device) {
+fn fused_matches_separate<M: LoadModel + CausalLm>(
+    name: &str,
+    device: &Device,
+    dtypes: &[(DType, f32)],
+) {
     use pio_engine::cuda::fused;
-    for (dtype, bound) in [(DType::F32, 1e-4), (DType::BF16, 0.02)] {
+    for &(dtype, bound) in dtypes {
         fused::set_enabled(false);
         let before = fused::launches();
         let separate = teacher_forced::<M>(name, (dtype, Quantization::None), device);
