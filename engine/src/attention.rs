@@ -45,8 +45,9 @@ pub fn paged(q: &Tensor, kv: &PagedKv<'_>, start: usize, scale: f64) -> Result<T
 /// [`paged`] for every sequence of `batch`: `q` holds their queries back to back,
 /// `(rows, heads, head_dim)`; each attends over its own blocks of the pool's `keys` and `values`
 /// (`(slots, kv_heads, head_dim)`, reading `value_dim` of each value head). The results come back
-/// to back, `(rows, heads, value_dim)`. On a GPU every row takes the engine's kernel in one launch
-/// (prompt chunks too, unless `PIO_GPU_KERNELS=candle` asks for candle's operations there).
+/// to back, `(rows, heads, value_dim)`. On a GPU the decode rows and the short prompt chunks
+/// (`gpu_rows`) take the engine's kernel in one launch; longer chunks, and every chunk with
+/// `PIO_GPU_KERNELS=candle`, take candle's operations per sequence.
 pub fn paged_batch(
     q: &Tensor,
     batch: &Batch<'_>,

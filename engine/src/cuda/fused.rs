@@ -25,7 +25,9 @@ fn ptx() -> Result<&'static str> {
 /// 0: not read yet; 1: on; 2: off.
 static ENABLED: AtomicU8 = AtomicU8::new(0);
 
-/// Whether the fused kernels run: yes unless `PIO_GPU_KERNELS=candle` (candle's separate
+/// Whether the fused kernels run — and with them the engine's other kernels that have a candle
+/// equivalent (prompt chunks' attention, the routed experts, few-row projections; decode
+/// attention, the arg-max and top-k always run): yes unless `PIO_GPU_KERNELS=candle` (candle's
 /// operations, to compare or to rule the kernels out) or [`set_enabled`] said otherwise.
 pub fn enabled() -> bool {
     match ENABLED.load(Ordering::Relaxed) {

@@ -1,8 +1,8 @@
 //! The engine's own GPU kernels (the `cuda` feature): attention that reads each sequence's keys
-//! and values through its block table in place, for every row of a step in one launch (`paged`);
-//! the KV pool's row writes; a decoder layer's small steps fused (`fused`); a sparse layer's
-//! routed experts in three launches (`experts`); a decode step's projections (`gemv`); each
-//! row's best logits for a top-k sampler (`top_k`). Each source is
+//! and values through its block table in place, for a step's decode rows and short prompt chunks
+//! in one launch (`paged`); the KV pool's row writes; a decoder layer's small steps fused
+//! (`fused`); a sparse layer's routed experts in three launches (`experts`); a decode step's
+//! projections (`gemv`); each row's best logits for a top-k sampler (`top_k`). Each source is
 //! compiled by NVRTC on first use, for the device at hand, behind `common.cuh`.
 
 use std::sync::OnceLock;
