@@ -141,7 +141,7 @@ fn mounts_namespaces_and_the_x32_abi_are_denied() {
 }
 
 /// A refused call fails with EPERM, is named in the worker's log and in a failed request's error,
-/// and the handler that names it cannot be taken over (at `medium` and `high`).
+/// from any thread: one with SIGSYS ignored, one blocking every signal (at `medium` and `high`).
 pub(crate) fn refused_calls_are_named(dir: &PluginDir) {
     let ran = attack(dir, "ptrace 1");
     assert!(
@@ -157,9 +157,21 @@ pub(crate) fn refused_calls_are_named(dir: &PluginDir) {
     );
     let out = attack(dir, "sigsys").stdout;
     assert!(
-        out.starts_with("sigaction denied: Operation not permitted")
-            && out.contains("; ptrace -1: Operation not permitted"),
+        out.starts_with("sigaction taken; ptrace -1: Operation not permitted"),
         "{out}"
+    );
+    let ran = attack(dir, "blocked-ptrace");
+    assert!(
+        ran.stdout
+            .starts_with("ptrace with every signal blocked -1: Operation not permitted"),
+        "{}",
+        ran.stdout
+    );
+    assert!(
+        ran.stderr
+            .contains("the sandbox refused system call ptrace (101); it failed with EPERM"),
+        "{}",
+        ran.stderr
     );
     let failed = run_in(dir, "hostile", "fail-after-ptrace", &[]);
     assert!(

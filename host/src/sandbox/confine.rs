@@ -66,8 +66,9 @@ pub fn apply(plan: &Plan) -> Result<Vec<String>, ConfineError> {
         )?;
         applied.push("no network".into());
     }
+    let mut handoff = None;
     if let Some(isolation) = &plan.isolation {
-        super::namespaces::enter(isolation, plan.drop_to)?;
+        handoff = Some(super::namespaces::enter(isolation, plan.drop_to)?);
         applied.push("namespaces(mnt,pid,net,ipc,uts)".into());
         applied.push(format!(
             "read-only root, scratch tmpfs {} bytes",
@@ -106,8 +107,9 @@ pub fn apply(plan: &Plan) -> Result<Vec<String>, ConfineError> {
                 isolation.gpu,
             )?);
         }
-        super::seccomp::apply(isolation.syscalls)?;
-        applied.push(format!("seccomp {:?}", isolation.syscalls));
+        if let Some(handoff) = handoff {
+            applied.push(super::seccomp::apply(isolation.syscalls, handoff)?);
+        }
     }
     Ok(applied)
 }

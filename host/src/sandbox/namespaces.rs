@@ -13,6 +13,7 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 
 use super::confine::ConfineError;
+use super::refusals::{self, Handoff};
 use super::Isolation;
 
 fn fail(step: &'static str, e: impl std::fmt::Display) -> ConfineError {
@@ -23,8 +24,9 @@ fn fail(step: &'static str, e: impl std::fmt::Display) -> ConfineError {
 }
 
 /// Enters new mount, pid, net, ipc and uts namespaces and builds the private file-system view;
-/// returns only in the process that goes on to load the plugin.
-pub fn enter(isolation: &Isolation, owner: Option<(u32, u32)>) -> Result<(), ConfineError> {
+/// returns only in the process that goes on to load the plugin, with its end of the channel to
+/// the reaper, which answers the calls its filter will refuse (`refusals`).
+pub fn enter(isolation: &Isolation, owner: Option<(u32, u32)>) -> Result<Handoff, ConfineError> {
     let flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWNET
@@ -38,14 +40,20 @@ pub fn enter(isolation: &Isolation, owner: Option<(u32, u32)>) -> Result<(), Con
     }
     // Now pid 1 of the new namespace: reap, and let pid 2 do the work.
     set_pdeathsig()?;
+    let (handoff, answerer) = refusals::channel()?;
     // SAFETY: still single-threaded.
     match unsafe { fork() }.map_err(|e| fail("fork the worker", e))? {
-        ForkResult::Parent { child } => mirror_exit(child, true),
-        ForkResult::Child => {}
+        ForkResult::Parent { child } => {
+            drop(handoff);
+            answerer.spawn();
+            mirror_exit(child, true)
+        }
+        ForkResult::Child => drop(answerer),
     }
     set_pdeathsig()?;
     let _ = nix::unistd::sethostname("pio-worker");
-    build_view(isolation, owner)
+    build_view(isolation, owner)?;
+    Ok(handoff)
 }
 
 /// Enters a new user namespace mapping only the caller's own (already unprivileged) uid and gid:

@@ -1,43 +1,87 @@
-//! The system calls a worker's filter refused. A refused call traps (SIGSYS) rather than failing
-//! silently: the handler fails it with EPERM, as a plain errno rule would, names it once on the
-//! worker's stderr (which the daemon forwards to its log) and counts it, so that a plugin failing
-//! on a refused call says which one. Without this a GPU driver at `high` reported only "OS call
-//! failed" (CUDA_ERROR_OPERATING_SYSTEM), with nothing to say what the sandbox had refused.
+//! The system calls a worker's filter refused. At `medium` and `high` a refused call goes to the
+//! filter's listener (seccomp user notification), which the worker's reaper answers: pid 1 of the
+//! worker's namespaces, outside the filter, living exactly as long as the worker. It fails the
+//! call with EPERM, as a plain errno rule would, names it once on stderr (the daemon's log) and
+//! counts it in a page shared with the worker, so that a plugin failing on a refused call says
+//! which one. Without this a GPU driver at `high` reported only "OS call failed"
+//! (CUDA_ERROR_OPERATING_SYSTEM), with nothing to say what the sandbox had refused.
 //!
-//! Only the worker installs this, after it is confined and before its plugin loads; the filters
-//! refuse setting SIGSYS's action afterwards (asking is allowed), so a plugin cannot swap the
-//! handler out and turn a refusal into a crash. One case still crashes where a plain errno rule
-//! would not: a thread that blocks SIGSYS (some libraries' helper threads block every signal)
-//! and makes a refused call is killed by the kernel with SIGSYS, which the host reports as such.
+//! Why the reaper and not a SIGSYS handler in the worker: a thread that blocks SIGSYS (helper
+//! threads that block every signal, CUDA's among them) would be killed by the kernel on a trapped
+//! call, and a handler in the worker's memory is the plugin's to disturb. The reaper answers
+//! every thread alike, only ever with EPERM (it never lets a call through), and reads nothing of
+//! the worker's memory but the shared counts, which a plugin can at worst garble for itself.
+//! On a kernel without user notification (before 5.0) refused calls fail with EPERM unnamed.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+use std::io::Write as _;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, Ordering};
 
 use super::confine::ConfineError;
 
 /// Distinct calls remembered; past that, refusals still fail with EPERM but go unnamed.
 const SLOTS: usize = 32;
 const EMPTY: i32 = -1;
-static CALLS: [AtomicI32; SLOTS] = [const { AtomicI32::new(EMPTY) }; SLOTS];
-static COUNTS: [AtomicU32; SLOTS] = [const { AtomicU32::new(0) }; SLOTS];
 
-/// Counts a refusal of call `nr`; true the first time that call is seen. Lock-free, so the signal
-/// handler may call it whatever the interrupted thread was doing.
-fn record(nr: i32) -> bool {
-    for (call, count) in CALLS.iter().zip(&COUNTS) {
-        match call.compare_exchange(EMPTY, nr, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => {
-                count.fetch_add(1, Ordering::Relaxed);
-                return true;
-            }
-            Err(seen) if seen == nr => {
-                count.fetch_add(1, Ordering::Relaxed);
-                return false;
-            }
-            Err(_) => {}
+/// Refused calls and how often each was refused, in the order first refused.
+#[repr(C)]
+struct Table {
+    calls: [AtomicI32; SLOTS],
+    counts: [AtomicU32; SLOTS],
+}
+
+impl Table {
+    const fn new() -> Self {
+        Self {
+            calls: [const { AtomicI32::new(EMPTY) }; SLOTS],
+            counts: [const { AtomicU32::new(0) }; SLOTS],
         }
     }
-    false
+
+    /// Counts a refusal of call `nr`; true the first time that call is seen. Lock-free: the
+    /// worker reads the shared table while the reaper writes it.
+    fn record(&self, nr: i32) -> bool {
+        for (call, count) in self.calls.iter().zip(&self.counts) {
+            match call.compare_exchange(EMPTY, nr, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    count.fetch_add(1, Ordering::Relaxed);
+                    return true;
+                }
+                Err(seen) if seen == nr => {
+                    count.fetch_add(1, Ordering::Relaxed);
+                    return false;
+                }
+                Err(_) => {}
+            }
+        }
+        false
+    }
+
+    /// Each refused call with its count, in the order first refused.
+    fn refused(&self) -> Vec<(i32, u32)> {
+        self.calls
+            .iter()
+            .zip(&self.counts)
+            .map(|(c, n)| (c.load(Ordering::Acquire), n.load(Ordering::Relaxed)))
+            .take_while(|(c, _)| *c != EMPTY)
+            .collect()
+    }
+}
+
+/// This process's own table, used until `channel` maps the shared one.
+static LOCAL: Table = Table::new();
+/// The table shared by the worker and its reaper (null until `channel`).
+static SHARED: AtomicPtr<Table> = AtomicPtr::new(std::ptr::null_mut());
+
+fn table() -> &'static Table {
+    let shared = SHARED.load(Ordering::Acquire);
+    if shared.is_null() {
+        &LOCAL
+    } else {
+        // SAFETY: set once by `channel` to a mapping of a `Table` that is never unmapped.
+        unsafe { &*shared }
+    }
 }
 
 /// The name of x86_64 system call `nr` ("unknown" for a number the table lacks).
@@ -46,16 +90,6 @@ fn name(nr: i32) -> &'static str {
         .ok()
         .and_then(syscalls::Sysno::new)
         .map_or("unknown", |s| s.name())
-}
-
-/// Each refused call with its count, in the order first refused.
-fn refused() -> Vec<(i32, u32)> {
-    CALLS
-        .iter()
-        .zip(&COUNTS)
-        .map(|(c, n)| (c.load(Ordering::Acquire), n.load(Ordering::Relaxed)))
-        .take_while(|(c, _)| *c != EMPTY)
-        .collect()
 }
 
 /// `calls` (number, times refused) as one clause for an error message.
@@ -72,82 +106,197 @@ fn describe(calls: &[(i32, u32)]) -> String {
 /// What this worker's filter has refused so far, as a clause to add to an error; `None` when
 /// nothing was refused (or no filter is installed).
 pub fn summary() -> Option<String> {
-    let calls = refused();
+    let calls = table().refused();
     (!calls.is_empty()).then(|| describe(&calls))
 }
 
-/// A fixed buffer the handler formats into: no allocation inside a signal handler.
-struct Line {
-    bytes: [u8; 160],
-    len: usize,
+fn fail(what: &str, e: impl std::fmt::Display) -> ConfineError {
+    ConfineError {
+        step: "seccomp",
+        reason: format!("{what}: {e}"),
+    }
 }
 
-impl std::fmt::Write for Line {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        let end = (self.len + s.len()).min(self.bytes.len());
-        self.bytes[self.len..end].copy_from_slice(&s.as_bytes()[..end - self.len]);
-        self.len = end;
+/// The worker's end of the channel: hands the filter's listener to the reaper.
+pub struct Handoff(OwnedFd);
+
+/// The reaper's end: answers refused calls once the listener arrives.
+pub struct Answerer(OwnedFd);
+
+/// Maps the shared table and opens the channel between the worker and its reaper; called in
+/// the process that is about to fork into the two (still single-threaded).
+pub fn channel() -> Result<(Handoff, Answerer), ConfineError> {
+    // SAFETY: an anonymous shared mapping of one Table, initialized before anything reads it;
+    // fork keeps it shared between the reaper and the worker.
+    unsafe {
+        let page = libc::mmap(
+            std::ptr::null_mut(),
+            std::mem::size_of::<Table>(),
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        if page == libc::MAP_FAILED {
+            return Err(fail("sharing the refusal counts", last_error()));
+        }
+        let page = page.cast::<Table>();
+        page.write(Table::new());
+        SHARED.store(page, Ordering::Release);
+    }
+    let mut fds = [0; 2];
+    // SAFETY: socketpair writes two descriptors into `fds`, which are then owned here.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if r != 0 {
+        return Err(fail("a channel to the reaper", last_error()));
+    }
+    // SAFETY: both descriptors were just created and nothing else owns them.
+    let (worker, reaper) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    Ok((Handoff(worker), Answerer(reaper)))
+}
+
+fn last_error() -> std::io::Error {
+    std::io::Error::last_os_error()
+}
+
+impl Handoff {
+    /// Sends the filter's `listener` to the reaper; the worker keeps no copy of either.
+    pub fn send(self, listener: OwnedFd) -> Result<(), ConfineError> {
+        let fd: RawFd = listener.as_raw_fd();
+        let mut byte = [0u8; 1];
+        let mut iov = libc::iovec {
+            iov_base: byte.as_mut_ptr().cast(),
+            iov_len: 1,
+        };
+        // SAFETY: CMSG_SPACE for one descriptor; the control buffer outlives the sendmsg call
+        // and is filled through the CMSG macros within its length.
+        let r = unsafe {
+            let space = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize;
+            let mut control = vec![0u8; space];
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = space;
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
+            libc::CMSG_DATA(cmsg).cast::<RawFd>().write_unaligned(fd);
+            libc::sendmsg(self.0.as_raw_fd(), &msg, 0)
+        };
+        if r != 1 {
+            return Err(fail("handing the listener to the reaper", last_error()));
+        }
         Ok(())
     }
 }
 
-/// The SIGSYS payload (`siginfo_t._sifields._sigsys` on 64-bit Linux), which the libc crate
-/// does not expose.
-#[repr(C)]
-struct SigsysInfo {
-    signo: i32,
-    errno: i32,
-    code: i32,
-    _pad: i32,
-    call_addr: *mut libc::c_void,
-    syscall: i32,
-    arch: u32,
+impl Answerer {
+    /// Answers refused calls on a thread of the reaper, from the listener the worker sends,
+    /// until the worker is gone. Returns at once; a worker that sends nothing (no listener on
+    /// this kernel, or `maximum`, whose refusals kill) closes the channel and the thread ends.
+    pub fn spawn(self) {
+        let _ = std::thread::Builder::new()
+            .name("refusals".into())
+            .spawn(move || {
+                if let Some(listener) = self.receive() {
+                    answer(&listener);
+                }
+            });
+    }
+
+    /// The listener, once the worker has installed its filter; `None` if it sent none.
+    fn receive(&self) -> Option<OwnedFd> {
+        let mut byte = [0u8; 1];
+        let mut iov = libc::iovec {
+            iov_base: byte.as_mut_ptr().cast(),
+            iov_len: 1,
+        };
+        // SAFETY: as in `send`; a received descriptor is taken into an OwnedFd exactly once.
+        unsafe {
+            let space = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize;
+            let mut control = vec![0u8; space];
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = space;
+            loop {
+                let r = libc::recvmsg(self.0.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
+                if r < 0 && last_error().kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                if r <= 0 {
+                    return None;
+                }
+                break;
+            }
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            if cmsg.is_null()
+                || (*cmsg).cmsg_level != libc::SOL_SOCKET
+                || (*cmsg).cmsg_type != libc::SCM_RIGHTS
+            {
+                return None;
+            }
+            let fd = libc::CMSG_DATA(cmsg).cast::<RawFd>().read_unaligned();
+            Some(OwnedFd::from_raw_fd(fd))
+        }
+    }
 }
 
-extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
-    // SAFETY: the kernel passes a valid siginfo (SIGSYS layout, SA_SIGINFO) and ucontext; errno
-    // is saved and restored so the interrupted code sees only the call's own result.
-    unsafe {
-        let saved = *libc::__errno_location();
-        let nr = (*info.cast::<SigsysInfo>()).syscall;
-        if record(nr) {
-            let mut line = Line {
-                bytes: [0; 160],
-                len: 0,
-            };
-            let _ = writeln!(
-                line,
-                "worker: the sandbox refused system call {} ({nr}); it failed with EPERM",
+/// Names each refused call (once) and counts it, then fails it with EPERM. Returns when the
+/// listener fails; dropping it then makes the kernel fail further refused calls (ENOSYS) rather
+/// than leave them waiting.
+fn answer(listener: &OwnedFd) {
+    // The log's "first time" is decided here, in memory the worker cannot reach.
+    let named = Table::new();
+    loop {
+        // SAFETY: an all-zero seccomp_notif, as RECV requires, filled by the kernel.
+        let mut notice: libc::seccomp_notif = unsafe { std::mem::zeroed() };
+        // SAFETY: RECV writes one seccomp_notif into `notice`.
+        let r = unsafe {
+            libc::ioctl(
+                listener.as_raw_fd(),
+                libc::SECCOMP_IOCTL_NOTIF_RECV,
+                &mut notice,
+            )
+        };
+        if r != 0 {
+            match last_error().raw_os_error() {
+                // Interrupted, or the caller was gone before its call was read.
+                Some(libc::EINTR) | Some(libc::ENOENT) => continue,
+                _ => return,
+            }
+        }
+        let nr = notice.data.nr;
+        if named.record(nr) {
+            // One write, so the line cannot interleave with the worker's own.
+            let line = format!(
+                "worker: the sandbox refused system call {} ({nr}); it failed with EPERM\n",
                 name(nr)
             );
-            libc::write(2, line.bytes.as_ptr().cast(), line.len);
+            let _ = std::io::stderr().write_all(line.as_bytes());
         }
-        let context = context.cast::<libc::ucontext_t>();
-        (*context).uc_mcontext.gregs[libc::REG_RAX as usize] = -(libc::EPERM as i64);
-        *libc::__errno_location() = saved;
+        // Counted before the answer, so the worker's error for the failed call can name it.
+        table().record(nr);
+        let reply = libc::seccomp_notif_resp {
+            id: notice.id,
+            val: 0,
+            error: -libc::EPERM,
+            flags: 0,
+        };
+        // SAFETY: SEND reads one seccomp_notif_resp. ENOENT (the caller gave up on a signal or
+        // died) needs nothing further.
+        unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_SEND, &reply) };
     }
-}
-
-/// Installs the handler that turns a trapped call into EPERM and a record (before the filter).
-pub fn install() -> Result<(), ConfineError> {
-    // SAFETY: a zeroed sigaction with a valid handler, an empty mask and SA_SIGINFO.
-    let r = unsafe {
-        let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = on_sigsys as *const () as usize;
-        action.sa_flags = libc::SA_SIGINFO;
-        libc::sigemptyset(&mut action.sa_mask);
-        libc::sigaction(libc::SIGSYS, &action, std::ptr::null_mut())
-    };
-    if r != 0 {
-        return Err(ConfineError {
-            step: "seccomp",
-            reason: format!(
-                "installing the SIGSYS handler: {}",
-                std::io::Error::last_os_error()
-            ),
-        });
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -156,22 +305,25 @@ mod tests {
 
     #[test]
     fn refusals_are_counted_per_call_and_named_in_order() {
-        assert!(record(101));
-        assert!(!record(101));
-        assert!(record(165));
-        assert_eq!(refused()[..2], [(101, 2), (165, 1)]);
-        let text = summary().unwrap();
+        let table = Table::new();
+        assert!(table.record(101));
+        assert!(!table.record(101));
+        assert!(table.record(165));
+        assert_eq!(table.refused(), [(101, 2), (165, 1)]);
+        let text = describe(&table.refused());
         assert!(text.contains("ptrace (101) ×2, mount (165) ×1;"), "{text}");
         assert_eq!(name(100_000), "unknown");
     }
 
     #[test]
-    fn the_handlers_line_is_cut_at_its_buffer_not_overrun() {
-        let mut line = Line {
-            bytes: [0; 160],
-            len: 0,
-        };
-        let _ = write!(line, "{}", "x".repeat(200));
-        assert_eq!(line.len, 160);
+    fn a_full_table_still_counts_what_it_holds() {
+        let table = Table::new();
+        for nr in 0..SLOTS as i32 {
+            assert!(table.record(nr));
+        }
+        assert!(!table.record(999));
+        assert!(!table.record(3));
+        assert_eq!(table.refused().len(), SLOTS);
+        assert_eq!(table.refused()[3], (3, 2));
     }
 }

@@ -2,8 +2,8 @@
 //! (tracing other processes, mounting, new namespaces, kernel modules, BPF, keyrings, io_uring)
 //! fail with EPERM. `high`: an allow-list of what inference code uses (memory, files, threads,
 //! time, Unix sockets), anything else EPERM; `maximum`: the same list, anything else kills.
-//! At `medium` and `high` a refused call traps, and the worker's handler fails it with EPERM and
-//! names it (`refusals`); taking over SIGSYS is itself refused.
+//! At `medium` and `high` a refused call goes to the worker's reaper, which fails it with EPERM
+//! and names it (`refusals`).
 //! Compiled by seccompiler, with a guard in front for the x32 ABI (the same architecture value,
 //! system-call numbers with bit 30 set), which rules keyed on x86_64 numbers would miss.
 
@@ -14,7 +14,11 @@ use seccompiler::{
     SeccompFilter, SeccompRule, TargetArch,
 };
 
+use std::io::Write as _;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
 use super::confine::ConfineError;
+use super::refusals::Handoff;
 
 /// System calls denied outright.
 const DENIED: &[i64] = &[
@@ -67,6 +71,10 @@ const NAMESPACE_FLAGS: [i32; 7] = [
 
 const X32_SYSCALL_BIT: u32 = 0x4000_0000;
 
+/// What the compiled programs return for a refused call, until `refusing` sets the real answer
+/// (seccompiler has no action for user notification, so `Trap` stands in for it).
+const REFUSE: SeccompAction = SeccompAction::Trap;
+
 fn fail(e: impl std::fmt::Display) -> ConfineError {
     ConfineError {
         step: "seccomp",
@@ -93,21 +101,7 @@ pub fn deny_list() -> Result<BpfProgram, ConfineError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(fail)?;
     rules.insert(libc::SYS_clone, clone_rules);
-    // Setting SIGSYS's action (asking what it is stays allowed).
-    let set_sigsys = [
-        condition(
-            0,
-            SeccompCmpArgLen::Dword,
-            SeccompCmpOp::Eq,
-            libc::SIGSYS as u64,
-        )?,
-        condition(1, SeccompCmpArgLen::Qword, SeccompCmpOp::Ne, 0)?,
-    ];
-    rules.insert(
-        libc::SYS_rt_sigaction,
-        vec![SeccompRule::new(set_sigsys.to_vec()).map_err(fail)?],
-    );
-    let program = compile(rules, SeccompAction::Allow, SeccompAction::Trap)?;
+    let program = compile(rules, SeccompAction::Allow, REFUSE)?;
     Ok([x32_guard(false), program].concat())
 }
 
@@ -181,6 +175,7 @@ const ALLOWED: &[i64] = &[
     libc::SYS_mbind,
     libc::SYS_get_mempolicy,
     libc::SYS_set_mempolicy,
+    libc::SYS_rt_sigaction,
     libc::SYS_rt_sigprocmask,
     libc::SYS_rt_sigreturn,
     libc::SYS_sigaltstack,
@@ -287,27 +282,10 @@ pub fn allow_list(kill: bool) -> Result<BpfProgram, ConfineError> {
             vec![arg0_rule(SeccompCmpOp::Eq, libc::AF_UNIX as u64)?],
         );
     }
-    // Signal handlers yes, but SIGSYS stays the refusal handler's where refusals trap (asking
-    // what its action is stays allowed: a null new action).
-    let sigaction = if kill {
-        Vec::new()
-    } else {
-        vec![
-            arg0_rule(SeccompCmpOp::Ne, libc::SIGSYS as u64)?,
-            SeccompRule::new(vec![condition(
-                1,
-                SeccompCmpArgLen::Qword,
-                SeccompCmpOp::Eq,
-                0,
-            )?])
-            .map_err(fail)?,
-        ]
-    };
-    rules.insert(libc::SYS_rt_sigaction, sigaction);
     let otherwise = if kill {
         SeccompAction::KillProcess
     } else {
-        SeccompAction::Trap
+        REFUSE
     };
     let program = compile(rules, otherwise, SeccompAction::Allow)?;
     Ok([x32_guard(kill), program].concat())
@@ -382,19 +360,87 @@ fn x32_guard(kill: bool) -> BpfProgram {
     ]
 }
 
-/// Installs the filter for `syscalls` on every thread of the process (and, where refused calls
-/// trap, the handler that fails and names them first).
-pub fn apply(syscalls: super::Syscalls) -> Result<(), ConfineError> {
+/// `program` with each refusal (`REFUSE`) answered by `action` instead.
+fn refusing(program: &BpfProgram, action: u32) -> BpfProgram {
+    const BPF_RET_K: u16 = 0x06;
+    program
+        .iter()
+        .map(|i| {
+            let refusal = i.code == BPF_RET_K && i.k == libc::SECCOMP_RET_TRAP;
+            sock_filter {
+                k: if refusal { action } else { i.k },
+                ..i.clone()
+            }
+        })
+        .collect()
+}
+
+/// Installs `program` on every thread with a listener for its refusals; `None` where the kernel
+/// cannot (no user notification, or none together with thread sync: before Linux 5.7).
+fn install_with_listener(program: &BpfProgram) -> Result<Option<OwnedFd>, ConfineError> {
+    const TSYNC_ESRCH: libc::c_ulong = 1 << 4;
+    let mut filter: Vec<libc::sock_filter> = program
+        .iter()
+        .map(|i| libc::sock_filter {
+            code: i.code,
+            jt: i.jt,
+            jf: i.jf,
+            k: i.k,
+        })
+        .collect();
+    let fprog = libc::sock_fprog {
+        len: u16::try_from(filter.len()).map_err(fail)?,
+        filter: filter.as_mut_ptr(),
+    };
+    let flags = libc::SECCOMP_FILTER_FLAG_NEW_LISTENER
+        | libc::SECCOMP_FILTER_FLAG_TSYNC as libc::c_ulong
+        | TSYNC_ESRCH;
+    // SAFETY: seccomp reads the program through `fprog`, which outlives the call; a
+    // non-negative result is a new descriptor owned here.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            flags,
+            &fprog as *const libc::sock_fprog,
+        )
+    };
+    if r >= 0 {
+        // SAFETY: as above.
+        return Ok(Some(unsafe { OwnedFd::from_raw_fd(r as RawFd) }));
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EINVAL) => Ok(None),
+        _ => Err(fail(format!("installing the filter: {e}"))),
+    }
+}
+
+/// Installs the filter for `syscalls` on every thread of the process; at `medium` and `high` its
+/// listener goes to the reaper through `handoff`. Returns what was applied, in words.
+pub fn apply(syscalls: super::Syscalls, handoff: Handoff) -> Result<String, ConfineError> {
+    seccompiler::apply_filter_all_threads(&clone3_fallback()?).map_err(fail)?;
     let program = match syscalls {
+        super::Syscalls::AllowListKill => {
+            seccompiler::apply_filter_all_threads(&allow_list(true)?).map_err(fail)?;
+            return Ok(format!("seccomp {syscalls:?}"));
+        }
         super::Syscalls::DenyList => deny_list()?,
         super::Syscalls::AllowList => allow_list(false)?,
-        super::Syscalls::AllowListKill => allow_list(true)?,
     };
-    if syscalls != super::Syscalls::AllowListKill {
-        super::refusals::install()?;
+    if let Some(listener) =
+        install_with_listener(&refusing(&program, libc::SECCOMP_RET_USER_NOTIF))?
+    {
+        handoff.send(listener)?;
+        return Ok(format!("seccomp {syscalls:?}, refusals named"));
     }
-    seccompiler::apply_filter_all_threads(&clone3_fallback()?).map_err(fail)?;
-    seccompiler::apply_filter_all_threads(&program).map_err(fail)
+    let errno = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+    seccompiler::apply_filter_all_threads(&refusing(&program, errno)).map_err(fail)?;
+    let _ = writeln!(
+        std::io::stderr(),
+        "worker: this kernel cannot hand refused system calls to the reaper (seccomp user notification with thread sync needs Linux 5.7): they fail with EPERM unnamed"
+    );
+    Ok(format!("seccomp {syscalls:?}, refusals unnamed"))
 }
 
 #[cfg(test)]
@@ -418,6 +464,15 @@ mod tests {
             assert!(
                 program.iter().any(|i| i.code == 0x06 && i.k == otherwise),
                 "kill = {kill}"
+            );
+            let notify = refusing(&program, libc::SECCOMP_RET_USER_NOTIF);
+            assert_eq!(notify.len(), program.len());
+            assert!(notify.iter().all(|i| i.k != libc::SECCOMP_RET_TRAP));
+            assert_eq!(
+                notify
+                    .iter()
+                    .any(|i| i.code == 0x06 && i.k == libc::SECCOMP_RET_USER_NOTIF),
+                !kill
             );
         }
     }

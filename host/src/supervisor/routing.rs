@@ -124,8 +124,8 @@ fn signal_hint(signal: i32) -> &'static str {
     if signal == libc::SIGSYS {
         // Only a seccomp filter sends it: the worker made a call its tier's filter kills for.
         " (a system call its sandbox does not allow: anything off the allow-list at `maximum`, \
-         the 32-bit system-call entry at any confined tier, or at `medium`/`high` a refused call \
-         from a thread that blocks SIGSYS; the worker's log names the refused calls it could)"
+         or the 32-bit system-call entry at any confined tier; at `medium` and `high` refused \
+         calls fail with EPERM instead, named in the worker's log)"
     } else {
         ""
     }

@@ -252,8 +252,8 @@ fn attack(command: &str) -> Result<String, PluginError> {
                     format!("denied: {}", errno_text())
                 }
             }
-            // Takes SIGSYS over (ignored), then makes a call the filter refuses: with the
-            // takeover refused the call fails with EPERM; had it worked, the worker would die.
+            // Takes SIGSYS over (ignored), then makes a call the filter refuses: it still fails
+            // with EPERM (a refusal that trapped into a handler here would now be lost).
             "sigsys" => {
                 let mut current: libc::sigaction = std::mem::zeroed();
                 if libc::sigaction(libc::SIGSYS, std::ptr::null(), &mut current) != 0 {
@@ -267,6 +267,17 @@ fn attack(command: &str) -> Result<String, PluginError> {
                 let r = libc::ptrace(libc::PTRACE_ATTACH, 1, 0usize, 0usize);
                 format!("{taken}; ptrace {r}: {}", errno_text())
             }
+            // A refused call from a thread that blocks every signal, as libraries' helper
+            // threads do: a refusal by SIGSYS would kill the worker; it should fail with EPERM.
+            "blocked-ptrace" => std::thread::spawn(|| {
+                let mut all: libc::sigset_t = std::mem::zeroed();
+                libc::sigfillset(&mut all);
+                libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
+                let r = libc::ptrace(libc::PTRACE_ATTACH, 1, 0usize, 0usize);
+                format!("ptrace with every signal blocked {r}: {}", errno_text())
+            })
+            .join()
+            .unwrap_or_else(|_| "the thread panicked".into()),
             // A refused call, then a failed request: the error should say what was refused.
             "fail-after-ptrace" => {
                 libc::ptrace(libc::PTRACE_ATTACH, 1, 0usize, 0usize);
