@@ -170,33 +170,40 @@ impl Handoff {
     /// Sends the filter's `listener` to the reaper; the worker keeps no copy of either.
     pub fn send(self, listener: OwnedFd) -> Result<(), ConfineError> {
         let fd: RawFd = listener.as_raw_fd();
-        let mut byte = [0u8; 1];
-        let mut iov = libc::iovec {
-            iov_base: byte.as_mut_ptr().cast(),
-            iov_len: 1,
-        };
-        // SAFETY: CMSG_SPACE for one descriptor; the control buffer outlives the sendmsg call
-        // and is filled through the CMSG macros within its length.
-        let r = unsafe {
-            let space = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize;
-            let mut control = vec![0u8; space];
-            let mut msg: libc::msghdr = std::mem::zeroed();
-            msg.msg_iov = &mut iov;
-            msg.msg_iovlen = 1;
-            msg.msg_control = control.as_mut_ptr().cast();
-            msg.msg_controllen = space;
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        // SAFETY: the message has room for one descriptor's header, filled through the CMSG
+        // macros within its control buffer.
+        let r = with_fd_message(|msg| unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(msg);
             (*cmsg).cmsg_level = libc::SOL_SOCKET;
             (*cmsg).cmsg_type = libc::SCM_RIGHTS;
             (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
             libc::CMSG_DATA(cmsg).cast::<RawFd>().write_unaligned(fd);
-            libc::sendmsg(self.0.as_raw_fd(), &msg, 0)
-        };
+            libc::sendmsg(self.0.as_raw_fd(), msg, 0)
+        });
         if r != 1 {
             return Err(fail("handing the listener to the reaper", last_error()));
         }
         Ok(())
     }
+}
+
+/// Calls `f` with a one-byte message whose control buffer holds one descriptor's header.
+fn with_fd_message<R>(f: impl FnOnce(&mut libc::msghdr) -> R) -> R {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: CMSG_SPACE is arithmetic on a constant.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+    let mut control = vec![0u8; space];
+    // SAFETY: msghdr is plain data; all-zero is its empty value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    f(&mut msg)
 }
 
 impl Answerer {
@@ -215,22 +222,11 @@ impl Answerer {
 
     /// The listener, once the worker has installed its filter; `None` if it sent none.
     fn receive(&self) -> Option<OwnedFd> {
-        let mut byte = [0u8; 1];
-        let mut iov = libc::iovec {
-            iov_base: byte.as_mut_ptr().cast(),
-            iov_len: 1,
-        };
-        // SAFETY: as in `send`; a received descriptor is taken into an OwnedFd exactly once.
-        unsafe {
-            let space = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize;
-            let mut control = vec![0u8; space];
-            let mut msg: libc::msghdr = std::mem::zeroed();
-            msg.msg_iov = &mut iov;
-            msg.msg_iovlen = 1;
-            msg.msg_control = control.as_mut_ptr().cast();
-            msg.msg_controllen = space;
+        // SAFETY: recvmsg fills the message's buffers within their lengths; a received
+        // descriptor is taken into an OwnedFd exactly once.
+        with_fd_message(|msg| unsafe {
             loop {
-                let r = libc::recvmsg(self.0.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
+                let r = libc::recvmsg(self.0.as_raw_fd(), msg, libc::MSG_CMSG_CLOEXEC);
                 if r < 0 && last_error().kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
@@ -239,7 +235,7 @@ impl Answerer {
                 }
                 break;
             }
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            let cmsg = libc::CMSG_FIRSTHDR(msg);
             if cmsg.is_null()
                 || (*cmsg).cmsg_level != libc::SOL_SOCKET
                 || (*cmsg).cmsg_type != libc::SCM_RIGHTS
@@ -248,7 +244,7 @@ impl Answerer {
             }
             let fd = libc::CMSG_DATA(cmsg).cast::<RawFd>().read_unaligned();
             Some(OwnedFd::from_raw_fd(fd))
-        }
+        })
     }
 }
 
