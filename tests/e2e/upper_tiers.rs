@@ -151,6 +151,22 @@ fn maximum_kills_on_any_call_off_the_allow_list() {
 }
 
 #[test]
+fn a_sleep_interrupted_by_a_stop_resumes_at_every_tier() {
+    if !confinement_available() {
+        return;
+    }
+    for tier in ["medium", "high", "maximum"] {
+        let ran = run_in(&tier_dir(tier), "hostile", "stop-continue", &[]);
+        assert!(
+            ran.ok && ran.stdout.starts_with("nanosleep 0: slept"),
+            "{tier}: {}{}",
+            ran.stdout,
+            ran.stderr
+        );
+    }
+}
+
+#[test]
 fn a_request_stuck_in_a_loop_hits_the_watchdog() {
     if !confinement_available() {
         return;

@@ -178,6 +178,9 @@ const ALLOWED: &[i64] = &[
     libc::SYS_rt_sigaction,
     libc::SYS_rt_sigprocmask,
     libc::SYS_rt_sigreturn,
+    // How the kernel resumes a sleep (nanosleep, a futex or poll with a timeout) that a stop
+    // interrupted: Ctrl-Z and `fg`, a frozen cgroup, SIGSTOP/SIGCONT.
+    libc::SYS_restart_syscall,
     libc::SYS_sigaltstack,
     libc::SYS_rt_sigtimedwait,
     libc::SYS_kill,

@@ -180,6 +180,48 @@ fn double_fork() -> String {
     }
 }
 
+/// Stops this process for a moment while a thread sleeps, as Ctrl-Z and `fg` or a frozen cgroup
+/// do: the sleep resumes through `restart_syscall`, which a filter must let through.
+fn stop_and_continue() -> String {
+    let sleeper = std::thread::spawn(|| {
+        let t = libc::timespec {
+            tv_sec: 1,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid timespec; no remainder wanted.
+        let r = unsafe { libc::nanosleep(&t, std::ptr::null_mut()) };
+        let how = if r == 0 { "slept".into() } else { errno_text() };
+        format!("nanosleep {r}: {how}")
+    });
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    // SAFETY: the child only calls async-signal-safe functions before exiting.
+    unsafe {
+        match libc::fork() {
+            0 => {
+                // Continues the parent whenever its stop has landed (a SIGCONT to a running
+                // process does nothing).
+                let tick = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 100_000_000,
+                };
+                for _ in 0..10 {
+                    libc::nanosleep(&tick, std::ptr::null_mut());
+                    libc::kill(libc::getppid(), libc::SIGCONT);
+                }
+                libc::_exit(0);
+            }
+            -1 => return format!("fork failed: {}", errno_text()),
+            child => {
+                libc::kill(libc::getpid(), libc::SIGSTOP);
+                libc::waitpid(child, std::ptr::null_mut(), 0);
+            }
+        }
+    }
+    sleeper
+        .join()
+        .unwrap_or_else(|_| "the sleeper panicked".into())
+}
+
 fn attack(command: &str) -> Result<String, PluginError> {
     let mut words = command.split_whitespace();
     let verb = words.next().unwrap_or("");
@@ -198,6 +240,7 @@ fn attack(command: &str) -> Result<String, PluginError> {
             "exit" => std::process::exit(3),
             "panic" => panic!("hostile plugin panics on request"),
             "fork-bomb" => fork_bomb(),
+            "stop-continue" => stop_and_continue(),
             "spin" => spin(arg.parse().unwrap_or(1.0)),
             "freeze" => loop {
                 // Stopped again whenever something resumes it (the kernel sends SIGCONT to a
