@@ -151,6 +151,22 @@ fn maximum_kills_on_any_call_off_the_allow_list() {
 }
 
 #[test]
+fn the_reaper_answering_refusals_holds_no_privilege() {
+    if !confinement_available() {
+        return;
+    }
+    for tier in ["medium", "high"] {
+        let out = attack(&tier_dir(tier), "reaper").stdout;
+        assert!(
+            out.starts_with(
+                "capeff=0000000000000000 capprm=0000000000000000 fds=Permission denied"
+            ),
+            "{tier}: {out}"
+        );
+    }
+}
+
+#[test]
 fn a_sleep_interrupted_by_a_stop_resumes_at_every_tier() {
     if !confinement_available() {
         return;

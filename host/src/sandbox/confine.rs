@@ -68,7 +68,7 @@ pub fn apply(plan: &Plan) -> Result<Vec<String>, ConfineError> {
     }
     let mut handoff = None;
     if let Some(isolation) = &plan.isolation {
-        handoff = Some(super::namespaces::enter(isolation, plan.drop_to)?);
+        handoff = super::namespaces::enter(isolation, plan.drop_to)?;
         applied.push("namespaces(mnt,pid,net,ipc,uts)".into());
         applied.push(format!(
             "read-only root, scratch tmpfs {} bytes",
@@ -107,16 +107,14 @@ pub fn apply(plan: &Plan) -> Result<Vec<String>, ConfineError> {
                 isolation.gpu,
             )?);
         }
-        if let Some(handoff) = handoff {
-            applied.push(super::seccomp::apply(isolation.syscalls, handoff)?);
-        }
+        applied.push(super::seccomp::apply(isolation.syscalls, handoff)?);
     }
     Ok(applied)
 }
 
 /// Empties every capability set of the calling thread (inside a new user namespace its creator
 /// holds them all).
-fn clear_capabilities() -> Result<(), ConfineError> {
+pub(super) fn clear_capabilities() -> Result<(), ConfineError> {
     drop_bounding_capabilities()?;
     #[repr(C)]
     struct Header {

@@ -14,7 +14,7 @@ use nix::unistd::{fork, ForkResult, Pid};
 
 use super::confine::ConfineError;
 use super::refusals::{self, Handoff};
-use super::Isolation;
+use super::{Isolation, Syscalls};
 
 fn fail(step: &'static str, e: impl std::fmt::Display) -> ConfineError {
     ConfineError {
@@ -26,7 +26,10 @@ fn fail(step: &'static str, e: impl std::fmt::Display) -> ConfineError {
 /// Enters new mount, pid, net, ipc and uts namespaces and builds the private file-system view;
 /// returns only in the process that goes on to load the plugin, with its end of the channel to
 /// the reaper, which answers the calls its filter will refuse (`refusals`).
-pub fn enter(isolation: &Isolation, owner: Option<(u32, u32)>) -> Result<Handoff, ConfineError> {
+pub fn enter(
+    isolation: &Isolation,
+    owner: Option<(u32, u32)>,
+) -> Result<Option<Handoff>, ConfineError> {
     let flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWNET
@@ -40,20 +43,27 @@ pub fn enter(isolation: &Isolation, owner: Option<(u32, u32)>) -> Result<Handoff
     }
     // Now pid 1 of the new namespace: reap, and let pid 2 do the work.
     set_pdeathsig()?;
-    let (handoff, answerer) = refusals::channel()?;
+    // Where refusals kill (`maximum`) there is nothing to answer.
+    let channel = match isolation.syscalls {
+        Syscalls::AllowListKill => None,
+        _ => Some(refusals::channel()?),
+    };
     // SAFETY: still single-threaded.
     match unsafe { fork() }.map_err(|e| fail("fork the worker", e))? {
         ForkResult::Parent { child } => {
-            drop(handoff);
-            answerer.spawn();
+            if let Some((handoff, answerer)) = channel {
+                drop(handoff);
+                answerer.spawn();
+            }
+            unprivileged_reaper();
             mirror_exit(child, true)
         }
-        ForkResult::Child => drop(answerer),
+        ForkResult::Child => {}
     }
     set_pdeathsig()?;
     let _ = nix::unistd::sethostname("pio-worker");
     build_view(isolation, owner)?;
-    Ok(handoff)
+    Ok(channel.map(|(handoff, _)| handoff))
 }
 
 /// Enters a new user namespace mapping only the caller's own (already unprivileged) uid and gid:
@@ -71,6 +81,21 @@ pub fn enter_user_namespace() -> Result<(), ConfineError> {
     write("uid_map", format!("{uid} {uid} 1"))?;
     write("gid_map", format!("{gid} {gid} 1"))?;
     nix::sys::prctl::set_dumpable(false).map_err(|e| fail("user namespace", e))
+}
+
+/// The reaper reaps and answers refusals, which take no privilege: it keeps none (and cannot be
+/// traced or have its memory read), so the process holding the filter's listener offers the
+/// worker nothing to take over. Failing that, it ends, taking the worker with it.
+fn unprivileged_reaper() {
+    let dropped = nix::sys::prctl::set_dumpable(false)
+        .map_err(|e| fail("the reaper's privileges", e))
+        .and_then(|()| super::confine::clear_capabilities());
+    if let Err(e) = dropped {
+        let _ =
+            std::io::Write::write_all(&mut std::io::stderr(), format!("worker: {e}\n").as_bytes());
+        // SAFETY: ends the process without running destructors of the forked image.
+        unsafe { libc::_exit(1) }
+    }
 }
 
 fn set_pdeathsig() -> Result<(), ConfineError> {

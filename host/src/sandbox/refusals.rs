@@ -11,7 +11,10 @@
 //! call, and a handler in the worker's memory is the plugin's to disturb. The reaper answers
 //! every thread alike, only ever with EPERM (it never lets a call through), and reads nothing of
 //! the worker's memory but the shared counts, which a plugin can at worst garble for itself.
-//! On a kernel without user notification (before 5.0) refused calls fail with EPERM unnamed.
+//! Where the listener cannot be installed (before Linux 5.7, which allows it with thread sync,
+//! or under a container manager's filter that already has one) refused calls fail with EPERM
+//! unnamed. Should the reaper's thread die, the kernel fails them with ENOSYS, unnamed; it
+//! counts against the plugin's pids limit like any thread.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -167,7 +170,8 @@ fn last_error() -> std::io::Error {
 }
 
 impl Handoff {
-    /// Sends the filter's `listener` to the reaper; the worker keeps no copy of either.
+    /// Sends the filter's `listener` to the reaper and waits for it to be taken; the worker
+    /// keeps no copy of either.
     pub fn send(self, listener: OwnedFd) -> Result<(), ConfineError> {
         let fd: RawFd = listener.as_raw_fd();
         // SAFETY: the message has room for one descriptor's header, filled through the CMSG
@@ -183,7 +187,23 @@ impl Handoff {
         if r != 1 {
             return Err(fail("handing the listener to the reaper", last_error()));
         }
-        Ok(())
+        drop(listener);
+        let mut taken = [0u8; 1];
+        loop {
+            // SAFETY: reads at most one byte into `taken`.
+            let r = unsafe { libc::recv(self.0.as_raw_fd(), taken.as_mut_ptr().cast(), 1, 0) };
+            if r < 0 && last_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            if r == 1 {
+                return Ok(());
+            }
+            // Without its answering thread refused calls would fail with ENOSYS, unnamed.
+            return Err(fail(
+                "the reaper did not take the filter's listener",
+                "its thread did not start (is the plugin's pids limit too low?)",
+            ));
+        }
     }
 }
 
@@ -196,7 +216,9 @@ fn with_fd_message<R>(f: impl FnOnce(&mut libc::msghdr) -> R) -> R {
     };
     // SAFETY: CMSG_SPACE is arithmetic on a constant.
     let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
-    let mut control = vec![0u8; space];
+    // u64s: a control header must be aligned as one.
+    let mut control = [0u64; 8];
+    assert!(space <= std::mem::size_of_val(&control));
     // SAFETY: msghdr is plain data; all-zero is its empty value.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
@@ -209,15 +231,28 @@ fn with_fd_message<R>(f: impl FnOnce(&mut libc::msghdr) -> R) -> R {
 impl Answerer {
     /// Answers refused calls on a thread of the reaper, from the listener the worker sends,
     /// until the worker is gone. Returns at once; a worker that sends nothing (no listener on
-    /// this kernel, or `maximum`, whose refusals kill) closes the channel and the thread ends.
+    /// this kernel) closes the channel and the thread ends.
     pub fn spawn(self) {
-        let _ = std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("refusals".into())
             .spawn(move || {
                 if let Some(listener) = self.receive() {
+                    // SAFETY: sends one byte; MSG_NOSIGNAL, should the worker be gone.
+                    unsafe {
+                        libc::send(
+                            self.0.as_raw_fd(),
+                            [1u8].as_ptr().cast(),
+                            1,
+                            libc::MSG_NOSIGNAL,
+                        )
+                    };
                     answer(&listener);
                 }
             });
+        if let Err(e) = spawned {
+            let line = format!("worker: the reaper cannot answer refused system calls: {e}\n");
+            let _ = std::io::stderr().write_all(line.as_bytes());
+        }
     }
 
     /// The listener, once the worker has installed its filter; `None` if it sent none.

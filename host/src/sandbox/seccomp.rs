@@ -25,6 +25,10 @@ const DENIED: &[i64] = &[
     libc::SYS_ptrace,
     libc::SYS_process_vm_readv,
     libc::SYS_process_vm_writev,
+    // Other processes' descriptors and memory (the reaper holds the filter's listener).
+    libc::SYS_pidfd_getfd,
+    libc::SYS_kcmp,
+    libc::SYS_process_madvise,
     libc::SYS_mount,
     libc::SYS_umount2,
     libc::SYS_pivot_root,
@@ -379,9 +383,9 @@ fn refusing(program: &BpfProgram, action: u32) -> BpfProgram {
 }
 
 /// Installs `program` on every thread with a listener for its refusals; `None` where the kernel
-/// cannot (no user notification, or none together with thread sync: before Linux 5.7).
+/// cannot (no user notification, or none together with thread sync: before Linux 5.7; or a
+/// listener already installed above the worker).
 fn install_with_listener(program: &BpfProgram) -> Result<Option<OwnedFd>, ConfineError> {
-    const TSYNC_ESRCH: libc::c_ulong = 1 << 4;
     let mut filter: Vec<libc::sock_filter> = program
         .iter()
         .map(|i| libc::sock_filter {
@@ -397,7 +401,7 @@ fn install_with_listener(program: &BpfProgram) -> Result<Option<OwnedFd>, Confin
     };
     let flags = libc::SECCOMP_FILTER_FLAG_NEW_LISTENER
         | libc::SECCOMP_FILTER_FLAG_TSYNC as libc::c_ulong
-        | TSYNC_ESRCH;
+        | libc::SECCOMP_FILTER_FLAG_TSYNC_ESRCH;
     // SAFETY: seccomp reads the program through `fprog`, which outlives the call; a
     // non-negative result is a new descriptor owned here.
     let r = unsafe {
@@ -414,14 +418,16 @@ fn install_with_listener(program: &BpfProgram) -> Result<Option<OwnedFd>, Confin
     }
     let e = std::io::Error::last_os_error();
     match e.raw_os_error() {
-        Some(libc::EINVAL) => Ok(None),
+        // No user notification on this kernel; or a listener exists already (a container
+        // manager's filter with one), and a process may have only one.
+        Some(libc::EINVAL) | Some(libc::EBUSY) => Ok(None),
         _ => Err(fail(format!("installing the filter: {e}"))),
     }
 }
 
 /// Installs the filter for `syscalls` on every thread of the process; at `medium` and `high` its
 /// listener goes to the reaper through `handoff`. Returns what was applied, in words.
-pub fn apply(syscalls: super::Syscalls, handoff: Handoff) -> Result<String, ConfineError> {
+pub fn apply(syscalls: super::Syscalls, handoff: Option<Handoff>) -> Result<String, ConfineError> {
     seccompiler::apply_filter_all_threads(&clone3_fallback()?).map_err(fail)?;
     let program = match syscalls {
         super::Syscalls::AllowListKill => {
@@ -431,17 +437,21 @@ pub fn apply(syscalls: super::Syscalls, handoff: Handoff) -> Result<String, Conf
         super::Syscalls::DenyList => deny_list()?,
         super::Syscalls::AllowList => allow_list(false)?,
     };
-    if let Some(listener) =
-        install_with_listener(&refusing(&program, libc::SECCOMP_RET_USER_NOTIF))?
-    {
-        handoff.send(listener)?;
-        return Ok(format!("seccomp {syscalls:?}, refusals named"));
+    if let Some(handoff) = handoff {
+        let notify = refusing(&program, libc::SECCOMP_RET_USER_NOTIF);
+        if let Some(listener) = install_with_listener(&notify)? {
+            // Until the reaper holds the listener, a refused call would wait on this very
+            // thread for ever: only sendmsg, recvmsg and close run in between, allowed at
+            // every tier.
+            handoff.send(listener)?;
+            return Ok(format!("seccomp {syscalls:?}, refusals named"));
+        }
     }
     let errno = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
     seccompiler::apply_filter_all_threads(&refusing(&program, errno)).map_err(fail)?;
     let _ = writeln!(
         std::io::stderr(),
-        "worker: this kernel cannot hand refused system calls to the reaper (seccomp user notification with thread sync needs Linux 5.7): they fail with EPERM unnamed"
+        "worker: refused system calls fail with EPERM unnamed here (naming them takes seccomp user notification with thread sync, Linux 5.7, and no listener installed above the worker)"
     );
     Ok(format!("seccomp {syscalls:?}, refusals unnamed"))
 }

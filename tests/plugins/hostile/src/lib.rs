@@ -38,13 +38,7 @@ fn errno_text() -> String {
 
 fn status() -> String {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |k: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(k))
-            .map(|v| v.split_whitespace().next().unwrap_or("").to_string())
-            .unwrap_or_default()
-    };
+    let field = |k: &str| status_field(&status, k);
     let fds: Vec<String> = std::fs::read_dir("/proc/self/fd")
         .map(|d| {
             d.filter_map(|e| e.ok())
@@ -180,6 +174,28 @@ fn double_fork() -> String {
     }
 }
 
+/// The first word after `key` in a `/proc/<pid>/status` text ("" when absent).
+fn status_field(status: &str, key: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// What pid 1 of the worker's namespace (the reaper, which answers refused calls) holds.
+fn reaper() -> String {
+    let status = std::fs::read_to_string("/proc/1/status").unwrap_or_default();
+    let field = |k: &str| status_field(&status, k);
+    let fds = std::fs::read_dir("/proc/1/fd").map_or_else(|e| e.to_string(), |_| "open".into());
+    format!(
+        "capeff={} capprm={} fds={fds}",
+        field("CapEff:"),
+        field("CapPrm:")
+    )
+}
+
 /// Stops this process for a moment while a thread sleeps, as Ctrl-Z and `fg` or a frozen cgroup
 /// do: the sleep resumes through `restart_syscall`, which a filter must let through.
 fn stop_and_continue() -> String {
@@ -241,6 +257,7 @@ fn attack(command: &str) -> Result<String, PluginError> {
             "panic" => panic!("hostile plugin panics on request"),
             "fork-bomb" => fork_bomb(),
             "stop-continue" => stop_and_continue(),
+            "reaper" => reaper(),
             "spin" => spin(arg.parse().unwrap_or(1.0)),
             "freeze" => loop {
                 // Stopped again whenever something resumes it (the kernel sends SIGCONT to a
