@@ -4,27 +4,46 @@ use super::{constrained, llama_cpp, profile, BenchArgs};
 
 /// Prints the run's figures `f`, with llama.cpp's `llama` rows and ratios when compared.
 pub(super) fn print(args: &BenchArgs, mut f: serde_json::Value, llama: Option<&[llama_cpp::Row]>) {
-    let num = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
     if let Some(rows) = llama {
-        let ours = rows.iter().find(|r| r.pl as usize == args.concurrency);
-        f["llama_cpp"] = serde_json::json!(rows
-            .iter()
-            .map(
-                |r| serde_json::json!({"parallel": r.pl, "prompt": r.pp, "output": r.tg,
-                "prompt_tokens_per_s": r.speed_pp, "decode_tokens_per_s": r.speed_tg,
-                "total_tokens_per_s": r.speed})
-            )
-            .collect::<Vec<_>>());
-        if let Some(r) = ours {
-            f["ratio_decode"] =
-                serde_json::json!(f["decode_tokens_per_s"].as_f64().map(|d| d / r.speed_tg));
-            f["ratio_total"] = serde_json::json!(num(&f["total_tokens_per_s"]) / r.speed);
-        }
+        add_llama(args, &mut f, rows);
     }
     if args.json {
         println!("{f}");
         return;
     }
+    print_ours(args, &f);
+    if args.profile {
+        profile::print(f.get("profile").filter(|p| !p.is_null()));
+    }
+    if let Some(rows) = llama {
+        print_llama(args, &f, rows);
+    }
+    constrained::print(&f);
+}
+
+fn num(v: &serde_json::Value) -> f64 {
+    v.as_f64().unwrap_or(0.0)
+}
+
+/// llama.cpp's `rows` into `f`, with the ratios at this run's concurrency.
+fn add_llama(args: &BenchArgs, f: &mut serde_json::Value, rows: &[llama_cpp::Row]) {
+    f["llama_cpp"] = serde_json::json!(rows
+        .iter()
+        .map(
+            |r| serde_json::json!({"parallel": r.pl, "prompt": r.pp, "output": r.tg,
+            "prompt_tokens_per_s": r.speed_pp, "decode_tokens_per_s": r.speed_tg,
+            "total_tokens_per_s": r.speed})
+        )
+        .collect::<Vec<_>>());
+    if let Some(r) = rows.iter().find(|r| r.pl as usize == args.concurrency) {
+        f["ratio_decode"] =
+            serde_json::json!(f["decode_tokens_per_s"].as_f64().map(|d| d / r.speed_tg));
+        f["ratio_total"] = serde_json::json!(num(&f["total_tokens_per_s"]) / r.speed);
+    }
+}
+
+/// PIO's own figures: throughputs, the KV cache, latency percentiles.
+fn print_ours(args: &BenchArgs, f: &serde_json::Value) {
     println!(
         "{} requests, {} at once: {:.0} prompt tokens each ({:.0} from the prefix cache), {} output tokens in {:.2} s{}",
         f["requests"],
@@ -72,33 +91,31 @@ pub(super) fn print(args: &BenchArgs, mut f: serde_json::Value, llama: Option<&[
             num(&v["p99"])
         );
     }
-    if args.profile {
-        profile::print(f.get("profile").filter(|p| !p.is_null()));
+}
+
+/// llama.cpp's rows and the ratios.
+fn print_llama(args: &BenchArgs, f: &serde_json::Value, rows: &[llama_cpp::Row]) {
+    println!("llama.cpp (llama-batched-bench, same prompt and output lengths):");
+    println!("  parallel   prompt tok/s   decode tok/s   total tok/s");
+    for r in rows {
+        println!(
+            "  {:>8} {:>14.2} {:>14.2} {:>13.2}",
+            r.pl, r.speed_pp, r.speed_tg, r.speed
+        );
     }
-    if let Some(rows) = llama {
-        println!("llama.cpp (llama-batched-bench, same prompt and output lengths):");
-        println!("  parallel   prompt tok/s   decode tok/s   total tok/s");
-        for r in rows {
-            println!(
-                "  {:>8} {:>14.2} {:>14.2} {:>13.2}",
-                r.pl, r.speed_pp, r.speed_tg, r.speed
-            );
-        }
-        if f.get("ratio_total").is_some() {
-            let decode = f["ratio_decode"]
-                .as_f64()
-                .map_or("n/a".to_string(), |r| format!("{r:.2}x"));
-            println!(
-                "pio / llama.cpp at {} parallel: decode {decode}, total {:.2}x",
-                args.concurrency,
-                num(&f["ratio_total"])
-            );
-        }
-        if args.shared_prefix > 0.0 {
-            println!(
-                "note: llama-batched-bench computes every prompt in full; pio's total includes its prefix cache"
-            );
-        }
+    if f.get("ratio_total").is_some() {
+        let decode = f["ratio_decode"]
+            .as_f64()
+            .map_or("n/a".to_string(), |r| format!("{r:.2}x"));
+        println!(
+            "pio / llama.cpp at {} parallel: decode {decode}, total {:.2}x",
+            args.concurrency,
+            num(&f["ratio_total"])
+        );
     }
-    constrained::print(&f);
+    if args.shared_prefix > 0.0 {
+        println!(
+            "note: llama-batched-bench computes every prompt in full; pio's total includes its prefix cache"
+        );
+    }
 }

@@ -31,6 +31,53 @@ const MAX_OPEN_FILES: u64 = 4096;
 
 /// Applies `plan` to the calling process; returns the names of the mechanisms applied.
 pub fn apply(plan: &Plan) -> Result<Vec<String>, ConfineError> {
+    let mut applied = process_limits(plan)?;
+    if plan.no_network {
+        step(
+            "empty network namespace",
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET),
+        )?;
+        applied.push("no network".into());
+    }
+    let mut handoff = None;
+    if let Some(isolation) = &plan.isolation {
+        handoff = super::namespaces::enter(isolation, plan.drop_to)?;
+        applied.push("namespaces(mnt,pid,net,ipc,uts)".into());
+        applied.push(format!(
+            "read-only root, scratch tmpfs {} bytes",
+            isolation.scratch_bytes
+        ));
+        drop_bounding_capabilities()?;
+        applied.push("capabilities dropped".into());
+    }
+    if let Some((uid, gid)) = plan.drop_to {
+        switch_user(uid, gid)?;
+        applied.push(format!("uid={uid}"));
+    }
+    if plan.isolation.as_ref().is_some_and(|i| i.user_namespace) {
+        super::namespaces::enter_user_namespace()?;
+        clear_capabilities()?;
+        applied.push("user namespace".into());
+    }
+    step("no_new_privs", nix::sys::prctl::set_no_new_privs())?;
+    applied.push("no_new_privs".into());
+    if let Some(isolation) = &plan.isolation {
+        if isolation.landlock {
+            applied.push(super::access::restrict(
+                &isolation.keep_visible,
+                &isolation.writable,
+                Path::new("/tmp"),
+                isolation.gpu,
+            )?);
+        }
+        applied.push(super::seccomp::apply(isolation.syscalls, handoff)?);
+    }
+    Ok(applied)
+}
+
+/// What every tier sets first: death with the daemon, no core dumps, the open-file limit and,
+/// with a scratch size, the file-size limit.
+fn process_limits(plan: &Plan) -> Result<Vec<String>, ConfineError> {
     let mut applied = Vec::new();
     step(
         "exit with the daemon",
@@ -59,57 +106,23 @@ pub fn apply(plan: &Plan) -> Result<Vec<String>, ConfineError> {
         )?;
         applied.push(format!("rlimit_fsize={bytes}"));
     }
-    if plan.no_network {
-        step(
-            "empty network namespace",
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET),
-        )?;
-        applied.push("no network".into());
-    }
-    let mut handoff = None;
-    if let Some(isolation) = &plan.isolation {
-        handoff = super::namespaces::enter(isolation, plan.drop_to)?;
-        applied.push("namespaces(mnt,pid,net,ipc,uts)".into());
-        applied.push(format!(
-            "read-only root, scratch tmpfs {} bytes",
-            isolation.scratch_bytes
-        ));
-        drop_bounding_capabilities()?;
-        applied.push("capabilities dropped".into());
-    }
-    if let Some((uid, gid)) = plan.drop_to {
-        let (uid, gid) = (Uid::from_raw(uid), Gid::from_raw(gid));
-        step("drop supplementary groups", nix::unistd::setgroups(&[]))?;
-        step("switch gid", nix::unistd::setresgid(gid, gid, gid))?;
-        step("switch uid", nix::unistd::setresuid(uid, uid, uid))?;
-        // Proves the switch cannot be undone.
-        if nix::unistd::setuid(Uid::from_raw(0)).is_ok() {
-            return Err(ConfineError {
-                step: "switch uid",
-                reason: "the worker could regain root after dropping it".into(),
-            });
-        }
-        applied.push(format!("uid={uid}"));
-    }
-    if plan.isolation.as_ref().is_some_and(|i| i.user_namespace) {
-        super::namespaces::enter_user_namespace()?;
-        clear_capabilities()?;
-        applied.push("user namespace".into());
-    }
-    step("no_new_privs", nix::sys::prctl::set_no_new_privs())?;
-    applied.push("no_new_privs".into());
-    if let Some(isolation) = &plan.isolation {
-        if isolation.landlock {
-            applied.push(super::access::restrict(
-                &isolation.keep_visible,
-                &isolation.writable,
-                Path::new("/tmp"),
-                isolation.gpu,
-            )?);
-        }
-        applied.push(super::seccomp::apply(isolation.syscalls, handoff)?);
-    }
     Ok(applied)
+}
+
+/// Switches to `uid`/`gid` with no supplementary groups, for good.
+fn switch_user(uid: u32, gid: u32) -> Result<(), ConfineError> {
+    let (uid, gid) = (Uid::from_raw(uid), Gid::from_raw(gid));
+    step("drop supplementary groups", nix::unistd::setgroups(&[]))?;
+    step("switch gid", nix::unistd::setresgid(gid, gid, gid))?;
+    step("switch uid", nix::unistd::setresuid(uid, uid, uid))?;
+    // Proves the switch cannot be undone.
+    if nix::unistd::setuid(Uid::from_raw(0)).is_ok() {
+        return Err(ConfineError {
+            step: "switch uid",
+            reason: "the worker could regain root after dropping it".into(),
+        });
+    }
+    Ok(())
 }
 
 /// Empties every capability set of the calling thread (inside a new user namespace its creator
