@@ -7,7 +7,7 @@
 //! (CUDA_ERROR_OPERATING_SYSTEM), with nothing to say what the sandbox had refused.
 //!
 //! Why the reaper and not a SIGSYS handler in the worker: a thread that blocks SIGSYS (helper
-//! threads that block every signal, CUDA's among them) would be killed by the kernel on a trapped
+//! threads that block every signal, as GPU drivers' may) would be killed by the kernel on a trapped
 //! call, and a handler in the worker's memory is the plugin's to disturb. The reaper answers
 //! every thread alike, only ever with EPERM (it never lets a call through), and reads nothing of
 //! the worker's memory but the shared counts, which a plugin can at worst garble for itself.
@@ -17,8 +17,9 @@
 //! counts against the plugin's pids limit like any thread.
 
 use std::fmt::Write as _;
-use std::io::Write as _;
+use std::io::{Read as _, Write as _};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, Ordering};
 
 use super::confine::ConfineError;
@@ -72,19 +73,12 @@ impl Table {
     }
 }
 
-/// This process's own table, used until `channel` maps the shared one.
-static LOCAL: Table = Table::new();
-/// The table shared by the worker and its reaper (null until `channel`).
+/// The table shared by the worker and its reaper (null until `channel`: no filter that names).
 static SHARED: AtomicPtr<Table> = AtomicPtr::new(std::ptr::null_mut());
 
-fn table() -> &'static Table {
-    let shared = SHARED.load(Ordering::Acquire);
-    if shared.is_null() {
-        &LOCAL
-    } else {
-        // SAFETY: set once by `channel` to a mapping of a `Table` that is never unmapped.
-        unsafe { &*shared }
-    }
+fn shared() -> Option<&'static Table> {
+    // SAFETY: set once by `channel` to a mapping of a `Table` that is never unmapped.
+    unsafe { SHARED.load(Ordering::Acquire).as_ref() }
 }
 
 /// The name of x86_64 system call `nr` ("unknown" for a number the table lacks).
@@ -109,7 +103,7 @@ fn describe(calls: &[(i32, u32)]) -> String {
 /// What this worker's filter has refused so far, as a clause to add to an error; `None` when
 /// nothing was refused (or no filter is installed).
 pub fn summary() -> Option<String> {
-    let calls = table().refused();
+    let calls = shared()?.refused();
     (!calls.is_empty()).then(|| describe(&calls))
 }
 
@@ -121,10 +115,10 @@ fn fail(what: &str, e: impl std::fmt::Display) -> ConfineError {
 }
 
 /// The worker's end of the channel: hands the filter's listener to the reaper.
-pub struct Handoff(OwnedFd);
+pub struct Handoff(UnixStream);
 
 /// The reaper's end: answers refused calls once the listener arrives.
-pub struct Answerer(OwnedFd);
+pub struct Answerer(UnixStream);
 
 /// Maps the shared table and opens the channel between the worker and its reaper; called in
 /// the process that is about to fork into the two (still single-threaded).
@@ -147,21 +141,7 @@ pub fn channel() -> Result<(Handoff, Answerer), ConfineError> {
         page.write(Table::new());
         SHARED.store(page, Ordering::Release);
     }
-    let mut fds = [0; 2];
-    // SAFETY: socketpair writes two descriptors into `fds`, which are then owned here.
-    let r = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    if r != 0 {
-        return Err(fail("a channel to the reaper", last_error()));
-    }
-    // SAFETY: both descriptors were just created and nothing else owns them.
-    let (worker, reaper) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (worker, reaper) = UnixStream::pair().map_err(|e| fail("a channel to the reaper", e))?;
     Ok((Handoff(worker), Answerer(reaper)))
 }
 
@@ -188,22 +168,13 @@ impl Handoff {
             return Err(fail("handing the listener to the reaper", last_error()));
         }
         drop(listener);
-        let mut taken = [0u8; 1];
-        loop {
-            // SAFETY: reads at most one byte into `taken`.
-            let r = unsafe { libc::recv(self.0.as_raw_fd(), taken.as_mut_ptr().cast(), 1, 0) };
-            if r < 0 && last_error().kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            if r == 1 {
-                return Ok(());
-            }
-            // Without its answering thread refused calls would fail with ENOSYS, unnamed.
-            return Err(fail(
+        // Without its answering thread refused calls would fail with ENOSYS, unnamed.
+        (&self.0).read_exact(&mut [0u8; 1]).map_err(|e| {
+            fail(
                 "the reaper did not take the filter's listener",
-                "its thread did not start (is the plugin's pids limit too low?)",
-            ));
-        }
+                format!("{e}: its thread did not start (is the plugin's pids limit too low?)"),
+            )
+        })
     }
 }
 
@@ -317,7 +288,9 @@ fn answer(listener: &OwnedFd) {
             let _ = std::io::stderr().write_all(line.as_bytes());
         }
         // Counted before the answer, so the worker's error for the failed call can name it.
-        table().record(nr);
+        if let Some(shared) = shared() {
+            shared.record(nr);
+        }
         let reply = libc::seccomp_notif_resp {
             id: notice.id,
             val: 0,
