@@ -222,3 +222,119 @@ fn the_32_bit_system_call_entry_is_killed() {
     assert!(!ran.ok);
     assert!(ran.stderr.contains("killed by SIGSYS"), "{}", ran.stderr);
 }
+
+/// Runs `pio args` in `dir` under a seccomp filter with a listener of its own, as a container
+/// manager's seccomp agent would install above the daemon: the filter sends `acct` (which nothing
+/// here calls) to a listener the daemon inherits and keeps open, so its workers can install none.
+fn run_under_a_listener(dir: &PluginDir, args: &[&str]) -> Ran {
+    use std::os::unix::process::CommandExt;
+    // Load the call's number; `acct` goes to the listener, everything else is allowed.
+    let code = |class: u32, op: u32, mode: u32| (class | op | mode) as u16;
+    let mut filter = [
+        libc::sock_filter {
+            code: code(libc::BPF_LD, libc::BPF_W, libc::BPF_ABS),
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        libc::sock_filter {
+            code: code(libc::BPF_JMP, libc::BPF_JEQ, libc::BPF_K),
+            jt: 0,
+            jf: 1,
+            k: libc::SYS_acct as u32,
+        },
+        libc::sock_filter {
+            code: code(libc::BPF_RET, libc::BPF_K, 0),
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_USER_NOTIF,
+        },
+        libc::sock_filter {
+            code: code(libc::BPF_RET, libc::BPF_K, 0),
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ALLOW,
+        },
+    ];
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_mut_ptr(),
+    };
+    let prog_addr = &prog as *const libc::sock_fprog as usize;
+    let mut command = std::process::Command::new(pio_bin());
+    command.current_dir(dir.path()).args(args);
+    // SAFETY: between fork and exec only two system calls run, on memory that outlives them
+    // (`prog` and `filter` live until `output` returns).
+    unsafe {
+        command.pre_exec(move || {
+            let fd = libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
+                prog_addr as *const libc::sock_fprog,
+            );
+            // The listener is close-on-exec; the daemon must hold it, or the kernel drops it.
+            if fd < 0 || libc::fcntl(fd as i32, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = command.output().expect("run pio under a listener");
+    let _ = &prog;
+    Ran {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Under a listener installed above the worker (one process may have only one), refused calls
+/// fall back to failing with EPERM, unnamed, at `medium` and `high`: the worker lives on, also
+/// when the refused call comes from a thread blocking every signal, and its log says why.
+#[test]
+fn refusals_fall_back_to_eperm_under_a_listener_above_the_worker() {
+    if !confinement_available() {
+        return;
+    }
+    for tier in ["medium", "high"] {
+        let dir = tier_dir(tier);
+        for (what, answer) in [
+            ("ptrace 1", "denied: Operation not permitted"),
+            (
+                "blocked-ptrace",
+                "ptrace with every signal blocked -1: Operation not permitted",
+            ),
+        ] {
+            let args = ["run", "hostile", "--plugins", ".", "--prompt", what];
+            let ran = run_under_a_listener(&dir, &args);
+            assert!(ran.ok, "{tier} {what}: {}", ran.stderr);
+            assert!(
+                ran.stdout.starts_with(answer),
+                "{tier} {what}: {}",
+                ran.stdout
+            );
+            assert!(
+                ran.stderr
+                    .contains("refused system calls fail with EPERM unnamed here")
+                    && !ran.stderr.contains("the sandbox refused system call"),
+                "{tier} {what}: {}",
+                ran.stderr
+            );
+        }
+        let args = [
+            "run",
+            "hostile",
+            "--plugins",
+            ".",
+            "--prompt",
+            "fail-after-ptrace",
+        ];
+        let failed = run_under_a_listener(&dir, &args);
+        assert!(
+            !failed.ok && !failed.stderr.contains("the sandbox refused system calls"),
+            "{tier}: {}",
+            failed.stderr
+        );
+    }
+}
