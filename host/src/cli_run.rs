@@ -152,7 +152,7 @@ fn request(
     capabilities: Capabilities,
     config: &pio_host::config::Config,
 ) -> anyhow::Result<Parsed> {
-    use serde_json::{json, Value};
+    use serde_json::json;
     let mut body = json!({
         "model": args.name,
         "max_tokens": args.max_tokens,
@@ -163,9 +163,40 @@ fn request(
         "repetition_penalty": args.repetition_penalty,
         "stop": args.stop,
     });
-    let messages = match (&args.prompt, &args.messages) {
+    let endpoint = match messages(args, &mut body)? {
+        Some(messages) => {
+            body["messages"] = json!(messages);
+            chat_fields(args, &mut body)?;
+            Endpoint::Chat
+        }
+        None => {
+            body["logprobs"] = json!(args.logprobs);
+            Endpoint::Completions
+        }
+    };
+    structure_fields(args, &mut body)?;
+    // Null fields are flags not given.
+    if let Some(fields) = body.as_object_mut() {
+        fields.retain(|_, v| !v.is_null());
+    }
+    let limits = Limits {
+        max_tokens: config.server.max_tokens_limit,
+        image_root: Some(PathBuf::from("/")),
+    };
+    openai::parse(&body, endpoint, capabilities, &limits)
+        .map_err(|e| anyhow::anyhow!("{}", e.message))
+}
+
+/// The chat messages the flags amount to, or `None` for a completion (the prompt then goes into
+/// `body`): a prompt with images becomes one user message with image parts.
+fn messages(
+    args: &RunArgs,
+    body: &mut serde_json::Value,
+) -> anyhow::Result<Option<Vec<serde_json::Value>>> {
+    use serde_json::json;
+    Ok(match (&args.prompt, &args.messages) {
         (Some(text), _) if !args.images.is_empty() => {
-            let mut content: Vec<Value> = args
+            let mut content: Vec<_> = args
                 .images
                 .iter()
                 .map(
@@ -185,34 +216,38 @@ fn request(
             "{\"role\", \"content\"} objects",
         )?),
         (None, None) => bail!("give --prompt TEXT or --messages FILE_OR_JSON"),
-    };
-    let endpoint = if let Some(messages) = messages {
-        body["messages"] = json!(messages);
-        if let Some(k) = args.logprobs {
-            body["logprobs"] = json!(true);
-            body["top_logprobs"] = json!(k);
-        }
-        if let Some(t) = &args.tools {
-            body["tools"] = json!(json_array(
-                "--tools",
-                t,
-                "{\"type\": \"function\", \"function\": {...}} objects",
-            )?);
-        }
-        if let Some(k) = &args.chat_template_kwargs {
-            body["chat_template_kwargs"] = serde_json::from_str(k).context(
-                "--chat-template-kwargs must be a JSON object, e.g. '{\"enable_thinking\": false}'",
-            )?;
-        }
-        Endpoint::Chat
-    } else {
-        body["logprobs"] = json!(args.logprobs);
-        Endpoint::Completions
-    };
+    })
+}
+
+/// The flags only a chat takes: logprobs in its shape, tools, template arguments.
+fn chat_fields(args: &RunArgs, body: &mut serde_json::Value) -> anyhow::Result<()> {
+    use serde_json::json;
+    if let Some(k) = args.logprobs {
+        body["logprobs"] = json!(true);
+        body["top_logprobs"] = json!(k);
+    }
+    if let Some(t) = &args.tools {
+        body["tools"] = json!(json_array(
+            "--tools",
+            t,
+            "{\"type\": \"function\", \"function\": {...}} objects",
+        )?);
+    }
+    if let Some(k) = &args.chat_template_kwargs {
+        body["chat_template_kwargs"] = serde_json::from_str(k).context(
+            "--chat-template-kwargs must be a JSON object, e.g. '{\"enable_thinking\": false}'",
+        )?;
+    }
+    Ok(())
+}
+
+/// The output structure flags: a JSON schema or a grammar, read from their files.
+fn structure_fields(args: &RunArgs, body: &mut serde_json::Value) -> anyhow::Result<()> {
+    use serde_json::json;
     if let Some(path) = &args.json_schema {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read --json-schema {}", path.display()))?;
-        let schema: Value = serde_json::from_str(&text)
+        let schema: serde_json::Value = serde_json::from_str(&text)
             .with_context(|| format!("--json-schema {}: not JSON", path.display()))?;
         body["response_format"] = json!({"type": "json_schema",
             "json_schema": {"name": "output", "schema": schema, "strict": true}});
@@ -221,16 +256,7 @@ fn request(
         body["guided_grammar"] = json!(std::fs::read_to_string(path)
             .with_context(|| format!("cannot read --grammar {}", path.display()))?);
     }
-    // Null fields are flags not given.
-    if let Some(fields) = body.as_object_mut() {
-        fields.retain(|_, v| !v.is_null());
-    }
-    let limits = Limits {
-        max_tokens: config.server.max_tokens_limit,
-        image_root: Some(PathBuf::from("/")),
-    };
-    openai::parse(&body, endpoint, capabilities, &limits)
-        .map_err(|e| anyhow::anyhow!("{}", e.message))
+    Ok(())
 }
 
 /// The plugin request, with the grammar its output structure takes for the loaded model.
@@ -276,32 +302,7 @@ pub(crate) fn prepare(
         .filter(|c| c.manifest.as_ref().is_some_and(|m| m.name == name))
         .collect();
     let Some(chosen) = named.iter().find(|c| matches!(c.status, Status::Ready)) else {
-        if let Some(Status::Failed(e)) = named.first().map(|c| &c.status) {
-            bail!("plugin {name} cannot run: {e}");
-        }
-        // A manifest that does not parse has no name: its error may be the one wanted.
-        let broken: Vec<String> = candidates
-            .iter()
-            .filter(|c| c.manifest.is_none())
-            .filter_map(|c| match &c.status {
-                Status::Failed(e) => Some(format!("\n  {e}")),
-                _ => None,
-            })
-            .collect();
-        bail!(
-            "no plugin named {name} in {}; `pio list` shows what is there{}",
-            search
-                .plugin_dirs
-                .iter()
-                .map(|d| d.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-            if broken.is_empty() {
-                String::new()
-            } else {
-                format!("\nmanifests that failed to parse:{}", broken.concat())
-            }
-        );
+        return Err(not_found(name, &named, &candidates, &search));
     };
     let (Some(manifest), Some(library), Some(report)) =
         (&chosen.manifest, &chosen.library, &chosen.report)
@@ -329,6 +330,41 @@ pub(crate) fn prepare(
         config,
         spec,
     })
+}
+
+/// Why no plugin `name` can run: its own failure if one by that name was found, else what is
+/// in the search path, with the manifests that did not parse (one of them may be the one wanted).
+fn not_found(
+    name: &str,
+    named: &[&discovery::Candidate],
+    candidates: &[discovery::Candidate],
+    search: &discovery::SearchPaths,
+) -> anyhow::Error {
+    if let Some(Status::Failed(e)) = named.first().map(|c| &c.status) {
+        return anyhow::anyhow!("plugin {name} cannot run: {e}");
+    }
+    let broken: Vec<String> = candidates
+        .iter()
+        .filter(|c| c.manifest.is_none())
+        .filter_map(|c| match &c.status {
+            Status::Failed(e) => Some(format!("\n  {e}")),
+            _ => None,
+        })
+        .collect();
+    anyhow::anyhow!(
+        "no plugin named {name} in {}; `pio list` shows what is there{}",
+        search
+            .plugin_dirs
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        if broken.is_empty() {
+            String::new()
+        } else {
+            format!("\nmanifests that failed to parse:{}", broken.concat())
+        }
+    )
 }
 
 /// Runs `pio run`; returns the process exit code.

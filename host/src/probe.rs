@@ -224,24 +224,34 @@ impl Prober {
         };
         let stdout = stdout.join().unwrap_or_default();
         let stderr = stderr.join().unwrap_or_default();
-        let line = stdout.lines().rev().find(|l| l.starts_with('{'));
-        match line.map(serde_json::from_str::<ProbeLine>) {
-            Some(Ok(ProbeLine::Ok(report))) if status.success() => Ok(report),
-            Some(Ok(ProbeLine::Error {
-                kind,
-                message,
-                detail,
-            })) => Err(ProbeError::Refused {
-                kind,
-                message,
-                detail,
-            }),
-            _ => Err(ProbeError::Crashed {
-                library: library.to_owned(),
-                how: describe_status(&status),
-                stderr: tail(&stderr),
-            }),
-        }
+        outcome(library, &status, &stdout, &stderr)
+    }
+}
+
+/// What the probe child's last JSON line and exit status say about `library`.
+fn outcome(
+    library: &Path,
+    status: &std::process::ExitStatus,
+    stdout: &str,
+    stderr: &str,
+) -> Result<LibraryReport, ProbeError> {
+    let line = stdout.lines().rev().find(|l| l.starts_with('{'));
+    match line.map(serde_json::from_str::<ProbeLine>) {
+        Some(Ok(ProbeLine::Ok(report))) if status.success() => Ok(report),
+        Some(Ok(ProbeLine::Error {
+            kind,
+            message,
+            detail,
+        })) => Err(ProbeError::Refused {
+            kind,
+            message,
+            detail,
+        }),
+        _ => Err(ProbeError::Crashed {
+            library: library.to_owned(),
+            how: describe_status(status),
+            stderr: tail(stderr),
+        }),
     }
 }
 

@@ -160,10 +160,8 @@ pub fn json(
     out
 }
 
-/// The table.
-pub fn print(f: &serde_json::Value, threads: usize) {
-    let num = |v: &serde_json::Value| v.as_f64();
-    let limit = num(&f["decode_limit_tokens_per_s"]);
+/// The table's first line: threads, kernels, the read bandwidth, the bytes and the limit.
+fn print_heading(f: &serde_json::Value, threads: usize, limit: Option<f64>) {
     let gib = |v: &serde_json::Value| {
         v.as_f64().map_or("unknown".into(), |b| {
             format!("{:.2} GiB", b / f64::from(1 << 30))
@@ -174,13 +172,22 @@ pub fn print(f: &serde_json::Value, threads: usize) {
         f["kernels"]
             .as_str()
             .map_or(String::new(), |k| format!(", {k} kernels")),
-        num(&f["streaming_read_gb_per_s"]).map_or("on a GPU (no host-memory limit)".into(), |b| {
-            format!("streaming read {b:.1} GB/s")
-        }),
+        f["streaming_read_gb_per_s"]
+            .as_f64()
+            .map_or("on a GPU (no host-memory limit)".into(), |b| {
+                format!("streaming read {b:.1} GB/s")
+            }),
         gib(&f["weight_bytes"]),
         gib(&f["step_bytes"]),
         limit.map_or("unknown".into(), |l| format!("{l:.1} tokens/s")),
     );
+}
+
+/// The table.
+pub fn print(f: &serde_json::Value, threads: usize) {
+    let num = |v: &serde_json::Value| v.as_f64();
+    let limit = num(&f["decode_limit_tokens_per_s"]);
+    print_heading(f, threads, limit);
     let llama = f.get("llama_cpp");
     println!(
         "                          pio tok/s   of the limit{}",

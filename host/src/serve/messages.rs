@@ -106,18 +106,7 @@ fn check_part(
 /// A `data:` URL for the image at `url`, which is one already or names a file under the root.
 fn image_data_url(url: &str, at: &str, image_root: Option<&Path>) -> Result<String, ApiError> {
     if let Some(rest) = url.strip_prefix("data:") {
-        let (meta, payload) = rest.split_once(',').unwrap_or((rest, ""));
-        if !meta.starts_with("image/") || !meta.ends_with(";base64") {
-            return Err(ApiError::bad_field(
-                at,
-                format!("`{at}` must be a base64 image data URL (data:image/png;base64,...)"),
-            ));
-        }
-        base64::engine::general_purpose::STANDARD
-            .decode(payload)
-            .map_err(|e| {
-                ApiError::bad_field(at, format!("`{at}`: the base64 data is invalid: {e}"))
-            })?;
+        checked_data_url(rest, at)?;
         return Ok(url.to_string());
     }
     if url.starts_with("http://") || url.starts_with("https://") {
@@ -148,30 +137,48 @@ fn image_data_url(url: &str, at: &str, image_root: Option<&Path>) -> Result<Stri
     let bytes = std::fs::read(&file).map_err(|e| {
         ApiError::bad_field(at, format!("`{at}`: cannot read {}: {e}", file.display()))
     })?;
-    let mime = match file
+    let mime = image_mime(&file, at)?;
+    Ok(format!(
+        "data:{mime};base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    ))
+}
+
+/// Checks the part of a `data:` URL after the scheme: an image type and valid base64.
+fn checked_data_url(rest: &str, at: &str) -> Result<(), ApiError> {
+    let (meta, payload) = rest.split_once(',').unwrap_or((rest, ""));
+    if !meta.starts_with("image/") || !meta.ends_with(";base64") {
+        return Err(ApiError::bad_field(
+            at,
+            format!("`{at}` must be a base64 image data URL (data:image/png;base64,...)"),
+        ));
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(payload)
+        .map_err(|e| ApiError::bad_field(at, format!("`{at}`: the base64 data is invalid: {e}")))?;
+    Ok(())
+}
+
+/// The MIME type of an image file, by its extension (the decoder checks the content).
+fn image_mime(file: &Path, at: &str) -> Result<&'static str, ApiError> {
+    match file
         .extension()
         .and_then(|x| x.to_str())
         .map(str::to_ascii_lowercase)
         .as_deref()
     {
-        Some("png") => "image/png",
-        Some("jpg" | "jpeg") => "image/jpeg",
-        Some("gif") => "image/gif",
-        Some("webp") => "image/webp",
-        _ => {
-            return Err(ApiError::bad_field(
-                at,
-                format!(
-                    "`{at}`: {} is not a PNG, JPEG, GIF or WebP file",
-                    file.display()
-                ),
-            ))
-        }
-    };
-    Ok(format!(
-        "data:{mime};base64,{}",
-        base64::engine::general_purpose::STANDARD.encode(bytes)
-    ))
+        Some("png") => Ok("image/png"),
+        Some("jpg" | "jpeg") => Ok("image/jpeg"),
+        Some("gif") => Ok("image/gif"),
+        Some("webp") => Ok("image/webp"),
+        _ => Err(ApiError::bad_field(
+            at,
+            format!(
+                "`{at}`: {} is not a PNG, JPEG, GIF or WebP file",
+                file.display()
+            ),
+        )),
+    }
 }
 
 #[cfg(test)]

@@ -301,28 +301,53 @@ async fn monitor(
             s.state = State::Restarting;
         }
         tracing::warn!(plugin = %spec.name, "{reason}; restarting in {backoff:?}");
+        let restart = Restart {
+            spec: &spec,
+            config: &config,
+            policy: &policy,
+            shared: &shared,
+        };
+        if !restart.until_up(&mut crashes, &mut backoff).await {
+            return;
+        }
+    }
+}
+
+/// What restarting a plugin's worker takes.
+struct Restart<'a> {
+    spec: &'a WorkerSpec,
+    config: &'a ModelConfig,
+    policy: &'a RestartPolicy,
+    shared: &'a Arc<Mutex<Shared>>,
+}
+
+impl Restart<'_> {
+    /// Starts a new worker after each backoff (doubling up to the policy's most) until one
+    /// loads; false when monitoring ends instead: the plugin was stopped meanwhile, or too
+    /// many starts failed and it is quarantined.
+    async fn until_up(&self, crashes: &mut VecDeque<Instant>, backoff: &mut Duration) -> bool {
         loop {
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(policy.max_backoff);
-            match start_and_load(&spec, &config).await {
+            tokio::time::sleep(*backoff).await;
+            *backoff = (*backoff * 2).min(self.policy.max_backoff);
+            match start_and_load(self.spec, self.config).await {
                 Ok((worker, _)) => {
-                    let mut s = lock(&shared);
+                    let mut s = lock(self.shared);
                     if s.state == State::Stopped {
                         worker.kill();
-                        return;
+                        return false;
                     }
                     s.worker = Some(Arc::new(worker));
                     s.state = State::Ready;
                     s.restarts += 1;
-                    break;
+                    return true;
                 }
                 Err(e) => {
                     crashes.push_back(Instant::now());
-                    let mut s = lock(&shared);
+                    let mut s = lock(self.shared);
                     s.last_error = Some(e.to_string());
-                    if crashes.len() > policy.max_crashes {
+                    if crashes.len() > self.policy.max_crashes {
                         s.state = State::Quarantined(format!("restarting failed: {e}"));
-                        return;
+                        return false;
                     }
                 }
             }

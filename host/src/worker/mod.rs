@@ -39,6 +39,36 @@ fn with_refusals(mut error: WireError) -> WireError {
     error
 }
 
+/// The first frame, which must be `Start` in this build's protocol: what to load, how to confine.
+fn read_start(
+    reader: &mut UnixStream,
+) -> Result<
+    (
+        std::path::PathBuf,
+        crate::sandbox::Plan,
+        pio_plugin_api::wire::HostContext,
+    ),
+    (Fault, String),
+> {
+    match read_frame::<ToWorker>(reader) {
+        Ok(Some(ToWorker::Start {
+            protocol,
+            library,
+            plan,
+            host_context,
+        })) => {
+            if protocol != PROTOCOL_VERSION {
+                return Err((Fault::Protocol, format!(
+                    "host speaks worker protocol {protocol}, this worker {PROTOCOL_VERSION}; host and worker must be the same pio build"
+                )));
+            }
+            Ok((library, plan, host_context))
+        }
+        Ok(_) => Err((Fault::Protocol, "expected Start as the first frame".into())),
+        Err(e) => Err((Fault::Protocol, e.to_string())),
+    }
+}
+
 /// The worker's main: serves the socket at `fd` until the host closes it. Returns the exit code.
 pub fn run(fd: RawFd) -> i32 {
     // Whatever the daemon's process had open without CLOEXEC stops here: the worker keeps its
@@ -54,29 +84,9 @@ pub fn run(fd: RawFd) -> i32 {
     let outbox = Outbox(Arc::new(Mutex::new(write_half)));
     let mut reader = stream;
 
-    let (library, plan, host_context) = match read_frame::<ToWorker>(&mut reader) {
-        Ok(Some(ToWorker::Start {
-            protocol,
-            library,
-            plan,
-            host_context,
-        })) => {
-            if protocol != PROTOCOL_VERSION {
-                let message = format!(
-                    "host speaks worker protocol {protocol}, this worker {PROTOCOL_VERSION}; host and worker must be the same pio build"
-                );
-                return fail_start(&outbox, Fault::Protocol, message);
-            }
-            (library, plan, host_context)
-        }
-        Ok(_) => {
-            return fail_start(
-                &outbox,
-                Fault::Protocol,
-                "expected Start as the first frame".into(),
-            )
-        }
-        Err(e) => return fail_start(&outbox, Fault::Protocol, e.to_string()),
+    let (library, plan, host_context) = match read_start(&mut reader) {
+        Ok(start) => start,
+        Err((kind, message)) => return fail_start(&outbox, kind, message),
     };
 
     let applied = match confine::apply(&plan) {

@@ -198,58 +198,8 @@ impl Cgroup {
             SEQUENCE.fetch_add(1, Ordering::Relaxed)
         );
         let group = match version {
-            Version::V1 => {
-                let dir = |c: &str| root.join(c).join("pio").join(&leaf);
-                let unified_root = root.join("unified");
-                let unified = unified_root
-                    .join("cgroup.procs")
-                    .is_file()
-                    .then(|| unified_root.join("pio").join(&leaf));
-                if spec.cpuset.is_some() {
-                    inherit_cpuset(&root.join("cpuset"))?;
-                }
-                Self {
-                    version,
-                    memory: dir("memory"),
-                    cpu: dir("cpu"),
-                    pids: dir("pids"),
-                    devices: spec.devices.then(|| dir("devices")),
-                    cpuset: spec.cpuset.is_some().then(|| dir("cpuset")),
-                    cpuacct: (!root.join("cpu/cpuacct.usage").exists()
-                        && root.join("cpuacct/cpuacct.usage").exists())
-                    .then(|| dir("cpuacct")),
-                    unified,
-                }
-            }
-            Version::V2 => {
-                let parent = root.join("pio");
-                io(&parent, "create", std::fs::create_dir_all(&parent))?;
-                let controllers = if spec.cpuset.is_some() {
-                    "+memory +cpu +pids +cpuset"
-                } else {
-                    "+memory +cpu +pids"
-                };
-                // Controllers must be enabled in every ancestor for the leaf to get them.
-                for dir in [root, parent.as_path()] {
-                    let file = dir.join("cgroup.subtree_control");
-                    io(
-                        &file,
-                        "enable controllers",
-                        std::fs::write(&file, controllers),
-                    )?;
-                }
-                let dir = parent.join(&leaf);
-                Self {
-                    version,
-                    memory: dir.clone(),
-                    cpu: dir.clone(),
-                    pids: dir.clone(),
-                    devices: None,
-                    cpuset: spec.cpuset.is_some().then(|| dir.clone()),
-                    cpuacct: None,
-                    unified: Some(dir),
-                }
-            }
+            Version::V1 => Self::v1_dirs(root, &leaf, spec)?,
+            Version::V2 => Self::v2_dirs(root, &leaf, spec)?,
         };
         for dir in group.dirs() {
             io(dir, "create", std::fs::create_dir_all(dir))?;
@@ -268,6 +218,63 @@ impl Cgroup {
             io(&file, "write limit", std::fs::write(&file, value))?;
         }
         Ok(group)
+    }
+
+    /// Where the leaf `leaf` lives in each v1 hierarchy it needs (and in the unified one, for
+    /// its statistics, where mounted beside them).
+    fn v1_dirs(root: &Path, leaf: &str, spec: &GroupSpec) -> Result<Self, CgroupError> {
+        let dir = |c: &str| root.join(c).join("pio").join(leaf);
+        let unified_root = root.join("unified");
+        let unified = unified_root
+            .join("cgroup.procs")
+            .is_file()
+            .then(|| unified_root.join("pio").join(leaf));
+        if spec.cpuset.is_some() {
+            inherit_cpuset(&root.join("cpuset"))?;
+        }
+        Ok(Self {
+            version: Version::V1,
+            memory: dir("memory"),
+            cpu: dir("cpu"),
+            pids: dir("pids"),
+            devices: spec.devices.then(|| dir("devices")),
+            cpuset: spec.cpuset.is_some().then(|| dir("cpuset")),
+            cpuacct: (!root.join("cpu/cpuacct.usage").exists()
+                && root.join("cpuacct/cpuacct.usage").exists())
+            .then(|| dir("cpuacct")),
+            unified,
+        })
+    }
+
+    /// The leaf `leaf` in the v2 tree, with the controllers it needs enabled above it.
+    fn v2_dirs(root: &Path, leaf: &str, spec: &GroupSpec) -> Result<Self, CgroupError> {
+        let parent = root.join("pio");
+        io(&parent, "create", std::fs::create_dir_all(&parent))?;
+        let controllers = if spec.cpuset.is_some() {
+            "+memory +cpu +pids +cpuset"
+        } else {
+            "+memory +cpu +pids"
+        };
+        // Controllers must be enabled in every ancestor for the leaf to get them.
+        for dir in [root, parent.as_path()] {
+            let file = dir.join("cgroup.subtree_control");
+            io(
+                &file,
+                "enable controllers",
+                std::fs::write(&file, controllers),
+            )?;
+        }
+        let dir = parent.join(leaf);
+        Ok(Self {
+            version: Version::V2,
+            memory: dir.clone(),
+            cpu: dir.clone(),
+            pids: dir.clone(),
+            devices: None,
+            cpuset: spec.cpuset.is_some().then(|| dir.clone()),
+            cpuacct: None,
+            unified: Some(dir),
+        })
     }
 
     fn dir_of(&self, c: Controller) -> &Path {

@@ -92,58 +92,61 @@ pub fn settings(version: Version, spec: &GroupSpec) -> Vec<Setting> {
         .cpus
         .map(|cpus| ((cpus * CPU_PERIOD_US as f64).round() as u64).max(1000));
     match version {
-        Version::V1 => {
-            if let Some(bytes) = limits.memory_bytes {
-                out.push(setting(
-                    Controller::Memory,
-                    "memory.limit_in_bytes",
-                    bytes.to_string(),
-                ));
-                // memsw = memory + swap: equal to the memory limit means no swap on top.
-                out.push(Setting {
-                    optional: true,
-                    ..setting(
-                        Controller::Memory,
-                        "memory.memsw.limit_in_bytes",
-                        bytes.to_string(),
-                    )
-                });
-            }
-            if let Some(quota) = quota {
-                out.push(setting(
-                    Controller::Cpu,
-                    "cpu.cfs_period_us",
-                    CPU_PERIOD_US.to_string(),
-                ));
-                out.push(setting(
-                    Controller::Cpu,
-                    "cpu.cfs_quota_us",
-                    quota.to_string(),
-                ));
-            }
-            if let Some(pids) = limits.pids {
-                out.push(setting(Controller::Pids, "pids.max", pids.to_string()));
-            }
-        }
-        Version::V2 => {
-            if let Some(bytes) = limits.memory_bytes {
-                out.push(setting(Controller::Memory, "memory.max", bytes.to_string()));
-                out.push(Setting {
-                    optional: true,
-                    ..setting(Controller::Memory, "memory.swap.max", "0".into())
-                });
-            }
-            if let Some(quota) = quota {
-                out.push(setting(
-                    Controller::Cpu,
-                    "cpu.max",
-                    format!("{quota} {CPU_PERIOD_US}"),
-                ));
-            }
-            if let Some(pids) = limits.pids {
-                out.push(setting(Controller::Pids, "pids.max", pids.to_string()));
-            }
-        }
+        Version::V1 => v1_limits(&mut out, limits.memory_bytes, quota),
+        Version::V2 => v2_limits(&mut out, limits.memory_bytes, quota),
+    }
+    if let Some(pids) = limits.pids {
+        out.push(setting(Controller::Pids, "pids.max", pids.to_string()));
     }
     out
+}
+
+/// Memory (without swap on top) and CPU quota in cgroup v1's files.
+fn v1_limits(out: &mut Vec<Setting>, memory_bytes: Option<u64>, quota: Option<u64>) {
+    if let Some(bytes) = memory_bytes {
+        out.push(setting(
+            Controller::Memory,
+            "memory.limit_in_bytes",
+            bytes.to_string(),
+        ));
+        // memsw = memory + swap: equal to the memory limit means no swap on top.
+        out.push(Setting {
+            optional: true,
+            ..setting(
+                Controller::Memory,
+                "memory.memsw.limit_in_bytes",
+                bytes.to_string(),
+            )
+        });
+    }
+    if let Some(quota) = quota {
+        out.push(setting(
+            Controller::Cpu,
+            "cpu.cfs_period_us",
+            CPU_PERIOD_US.to_string(),
+        ));
+        out.push(setting(
+            Controller::Cpu,
+            "cpu.cfs_quota_us",
+            quota.to_string(),
+        ));
+    }
+}
+
+/// Memory (no swap) and CPU quota in cgroup v2's files.
+fn v2_limits(out: &mut Vec<Setting>, memory_bytes: Option<u64>, quota: Option<u64>) {
+    if let Some(bytes) = memory_bytes {
+        out.push(setting(Controller::Memory, "memory.max", bytes.to_string()));
+        out.push(Setting {
+            optional: true,
+            ..setting(Controller::Memory, "memory.swap.max", "0".into())
+        });
+    }
+    if let Some(quota) = quota {
+        out.push(setting(
+            Controller::Cpu,
+            "cpu.max",
+            format!("{quota} {CPU_PERIOD_US}"),
+        ));
+    }
 }
