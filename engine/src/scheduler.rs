@@ -108,7 +108,7 @@ pub fn schedule(state: &State<'_>) -> Plan {
     let Limits {
         block_size: bs,
         token_budget,
-        max_seqs,
+        ..
     } = state.limits;
     let mut plan = Plan::default();
     let mut budget = token_budget;
@@ -157,8 +157,17 @@ pub fn schedule(state: &State<'_>) -> Plan {
     if !plan.preempt.is_empty() {
         return plan;
     }
-    for (seqs, w) in (kept.len()..).zip(state.waiting) {
-        if seqs >= max_seqs || budget == 0 {
+    admit(state, kept.len(), (free, budget), &mut plan);
+    plan
+}
+
+/// Admits waiting sequences in queue order beside the `running` ones kept, while a sequence
+/// slot, the token budget and the free blocks last (`room`: free blocks, budget).
+fn admit(state: &State<'_>, running: usize, room: (usize, usize), plan: &mut Plan) {
+    let (mut free, mut budget) = room;
+    let bs = state.limits.block_size;
+    for (seqs, w) in (running..).zip(state.waiting) {
+        if seqs >= state.limits.max_seqs || budget == 0 {
             break;
         }
         // Cached blocks that running sequences hold cost nothing; idle cached ones are counted
@@ -179,7 +188,6 @@ pub fn schedule(state: &State<'_>) -> Plan {
             new_blocks: blocks_for(w.cached + tokens, bs) - w.cached / bs,
         });
     }
-    plan
 }
 
 #[cfg(test)]

@@ -403,8 +403,36 @@ pub(crate) fn attention(
         return Ok(None);
     }
     let (seq, heads, head_dim) = q.dims3()?;
+    let kv_heads = checked_pool(q, kv, start)?;
+    let shape = AttentionShape {
+        heads,
+        kv_heads,
+        head_dim,
+        value_dim: kv.value_dim,
+        scale,
+    };
+    let qf = activations(q)?;
+    let mut out = vec![0f32; seq * heads * kv.value_dim];
+    if !with_f32(&qf, |qs| attend_into(&shape, qs, kv, start, &mut out)) {
+        return Ok(None);
+    }
+    Ok(Some(
+        Tensor::from_vec(out, (seq, heads, kv.value_dim), q.device())?.to_dtype(q.dtype())?,
+    ))
+}
+
+/// The pool's key/value heads, once its shapes are checked against `q`'s: head sizes match,
+/// query heads are a multiple of key/value heads, the block table covers every position
+/// `..start + seq` and stays inside the pool.
+fn checked_pool(
+    q: &Tensor,
+    kv: &crate::attention::PagedKv<'_>,
+    start: usize,
+) -> candle_core::Result<usize> {
+    let (keys, values) = (kv.keys, kv.values);
+    let (seq, heads, head_dim) = q.dims3()?;
     let (slots, kv_heads, key_units) = keys.dims3()?;
-    let units = match eight_bit {
+    let units = match keys.dtype() == DType::U8 {
         true => pio_kernels::kv_q8::row_bytes(head_dim),
         false => head_dim,
     };
@@ -430,15 +458,18 @@ pub(crate) fn attention(
             values.dims()
         );
     }
-    let shape = AttentionShape {
-        heads,
-        kv_heads,
-        head_dim,
-        value_dim: kv.value_dim,
-        scale,
-    };
-    let qf = activations(q)?;
-    let mut out = vec![0f32; seq * heads * kv.value_dim];
+    Ok(kv_heads)
+}
+
+/// Paged attention of the queries `qs` into `out`, over the pool in whichever element type it
+/// holds (8-bit rows, f32, bf16, f16); false if its storage is none of them.
+fn attend_into(
+    shape: &AttentionShape,
+    qs: &[f32],
+    kv: &crate::attention::PagedKv<'_>,
+    start: usize,
+    out: &mut [f32],
+) -> bool {
     fn run<T: CachedRow>(
         shape: &AttentionShape,
         (qs, keys, values): (&[f32], &[T], &[T]),
@@ -455,37 +486,23 @@ pub(crate) fn attention(
         paged_attention(shape, qs, &view, start, out);
         true
     }
-    let done = with_f32(&qf, |qs| {
-        if eight_bit {
-            return with_bytes(keys, |k| {
-                with_bytes(values, |v| run(&shape, (qs, k, v), kv, start, &mut out))
-                    .unwrap_or(false)
-            })
-            .unwrap_or(false);
-        }
-        with_elements(keys, |ks| {
-            with_elements(values, |vs| match (ks, vs) {
-                (Elements::F32(k), Elements::F32(v)) => {
-                    run(&shape, (qs, k, v), kv, start, &mut out)
-                }
-                (Elements::Bf16(k), Elements::Bf16(v)) => {
-                    run(&shape, (qs, k, v), kv, start, &mut out)
-                }
-                (Elements::F16(k), Elements::F16(v)) => {
-                    run(&shape, (qs, k, v), kv, start, &mut out)
-                }
-                _ => false,
-            })
-            .unwrap_or(false)
+    let (keys, values) = (kv.keys, kv.values);
+    if keys.dtype() == DType::U8 {
+        return with_bytes(keys, |k| {
+            with_bytes(values, |v| run(shape, (qs, k, v), kv, start, out)).unwrap_or(false)
+        })
+        .unwrap_or(false);
+    }
+    with_elements(keys, |ks| {
+        with_elements(values, |vs| match (ks, vs) {
+            (Elements::F32(k), Elements::F32(v)) => run(shape, (qs, k, v), kv, start, out),
+            (Elements::Bf16(k), Elements::Bf16(v)) => run(shape, (qs, k, v), kv, start, out),
+            (Elements::F16(k), Elements::F16(v)) => run(shape, (qs, k, v), kv, start, out),
+            _ => false,
         })
         .unwrap_or(false)
-    });
-    if !done {
-        return Ok(None);
-    }
-    Ok(Some(
-        Tensor::from_vec(out, (seq, heads, kv.value_dim), q.device())?.to_dtype(q.dtype())?,
-    ))
+    })
+    .unwrap_or(false)
 }
 
 /// Calls `f` on the bytes of `t` when it is a contiguous CPU tensor of bytes (the 8-bit KV

@@ -49,6 +49,25 @@ pub(crate) fn hf_config(file: &GgufFile) -> Result<Value> {
     cfg.insert("head_dim".into(), json!(head_dim.unwrap_or(hidden / heads)));
     let ffn = file.uint(&key("feed_forward_length"))?.unwrap_or(0);
     cfg.insert("intermediate_size".into(), json!(ffn));
+    optional_fields(file, arch, &mut cfg)?;
+    cfg.insert(
+        "tie_word_embeddings".into(),
+        json!(!file.has_tensor("output.weight")),
+    );
+    cfg.insert(
+        "attention_bias".into(),
+        json!(file.has_tensor("blk.0.attn_q.bias")),
+    );
+    if sparse {
+        experts(file, arch, layers, &mut cfg)?;
+    }
+    Ok(Value::Object(cfg))
+}
+
+/// The fields transformers defaults when the file has no key for them: context, norm epsilon,
+/// rotary base and scaling.
+fn optional_fields(file: &GgufFile, arch: &str, cfg: &mut Map<String, Value>) -> Result<()> {
+    let key = |k: &str| format!("{arch}.{k}");
     if let Some(n) = file.uint(&key("context_length"))? {
         cfg.insert("max_position_embeddings".into(), json!(n));
     }
@@ -62,31 +81,28 @@ pub(crate) fn hf_config(file: &GgufFile) -> Result<Value> {
     if let Some(scaling) = rope_scaling(file, arch)? {
         cfg.insert("rope_scaling".into(), scaling);
     }
+    Ok(())
+}
+
+/// A sparse model's experts: how many, how many a token takes, their width, and the layers
+/// without a router (dense).
+fn experts(file: &GgufFile, arch: &str, layers: u64, cfg: &mut Map<String, Value>) -> Result<()> {
+    let need = |k: &str| file.required_uint(&format!("{arch}.{k}"));
+    cfg.insert("num_experts".into(), json!(need("expert_count")?));
     cfg.insert(
-        "tie_word_embeddings".into(),
-        json!(!file.has_tensor("output.weight")),
+        "num_experts_per_tok".into(),
+        json!(need("expert_used_count")?),
     );
-    cfg.insert(
-        "attention_bias".into(),
-        json!(file.has_tensor("blk.0.attn_q.bias")),
-    );
-    if sparse {
-        cfg.insert("num_experts".into(), json!(need("expert_count")?));
-        cfg.insert(
-            "num_experts_per_tok".into(),
-            json!(need("expert_used_count")?),
-        );
-        let width = need("expert_feed_forward_length")?;
-        cfg.insert("moe_intermediate_size".into(), json!(width));
-        // llama.cpp renormalizes the chosen experts' weights for qwen3moe, as Qwen3 MoE
-        // checkpoints ask (`norm_topk_prob`); the file has no key for it.
-        cfg.insert("norm_topk_prob".into(), json!(true));
-        let dense: Vec<u64> = (0..layers)
-            .filter(|i| !file.has_tensor(&format!("blk.{i}.ffn_gate_inp.weight")))
-            .collect();
-        cfg.insert("mlp_only_layers".into(), json!(dense));
-    }
-    Ok(Value::Object(cfg))
+    let width = need("expert_feed_forward_length")?;
+    cfg.insert("moe_intermediate_size".into(), json!(width));
+    // llama.cpp renormalizes the chosen experts' weights for qwen3moe, as Qwen3 MoE
+    // checkpoints ask (`norm_topk_prob`); the file has no key for it.
+    cfg.insert("norm_topk_prob".into(), json!(true));
+    let dense: Vec<u64> = (0..layers)
+        .filter(|i| !file.has_tensor(&format!("blk.{i}.ffn_gate_inp.weight")))
+        .collect();
+    cfg.insert("mlp_only_layers".into(), json!(dense));
+    Ok(())
 }
 
 /// The vocabulary's size: the embedding's rows (the token list may be shorter when a converter

@@ -68,20 +68,7 @@ pub(crate) fn tokenizer(file: &GgufFile) -> Result<tokenizers::Tokenizer> {
     let merges = file
         .array("tokenizer.ggml.merges", text, "strings")?
         .unwrap_or_default();
-    let mut vocab = Map::new();
-    let mut added = Vec::new();
-    for (id, token) in tokens.iter().enumerate() {
-        match types.get(id).copied() {
-            // Rows a converter padded the embedding with: no text maps to them.
-            Some(UNUSED) => continue,
-            Some(kind @ (CONTROL | USER_DEFINED)) => added.push(json!({
-                "id": id, "content": token, "single_word": false, "lstrip": false,
-                "rstrip": false, "normalized": false, "special": kind == CONTROL,
-            })),
-            _ => {}
-        }
-        vocab.insert(token.clone(), json!(id));
-    }
+    let (vocab, added) = vocab_and_added(&tokens, &types);
     let byte_level = json!({
         "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false,
     });
@@ -110,6 +97,26 @@ pub(crate) fn tokenizer(file: &GgufFile) -> Result<tokenizers::Tokenizer> {
             format!("not a usable vocabulary: {e}"),
         )
     })
+}
+
+/// The BPE vocabulary (token → id) and the added tokens (control ones special), from the token
+/// list and its types; rows a converter padded the embedding with are left out of both.
+fn vocab_and_added(tokens: &[String], types: &[i64]) -> (Map<String, Value>, Vec<Value>) {
+    let mut vocab = Map::new();
+    let mut added = Vec::new();
+    for (id, token) in tokens.iter().enumerate() {
+        match types.get(id).copied() {
+            // Rows a converter padded the embedding with: no text maps to them.
+            Some(UNUSED) => continue,
+            Some(kind @ (CONTROL | USER_DEFINED)) => added.push(json!({
+                "id": id, "content": token, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": kind == CONTROL,
+            })),
+            _ => {}
+        }
+        vocab.insert(token.clone(), json!(id));
+    }
+    (vocab, added)
 }
 
 /// The token text of id `key`'s value, if the file names one.

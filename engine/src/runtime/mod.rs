@@ -329,6 +329,56 @@ fn token_of(t: Emitted) -> GeneratedToken {
     }
 }
 
+/// The checkpoint at the config's model path, with its quantization cache where one is set.
+fn open_checkpoint(
+    config: &ModelConfig,
+    quantization: Quantization,
+) -> Result<Checkpoint, PluginError> {
+    let path = config.model_path.clone().unwrap_or_default();
+    let mut checkpoint = Checkpoint::open(&path).map_err(plugin_error)?;
+    if let Some(dir) = quantization_cache_of(config, quantization)? {
+        checkpoint = checkpoint
+            .with_quantization_cache(&dir, quantization.name())
+            .map_err(plugin_error)?;
+        if let Some(cache) = checkpoint.quantization_cache().filter(|c| c.found()) {
+            eprintln!("quantized weights from {}", cache.path().display());
+        }
+    }
+    Ok(checkpoint)
+}
+
+/// The plugin's outcome of a finished generation over `prompt_tokens`: its finish, usage and
+/// timings (with the profile, when enabled); a cancelled one is an error.
+fn outcome_of(
+    outcome: &crate::generate::Outcome,
+    prompt_tokens: u32,
+) -> Result<InferOutcome, PluginError> {
+    let finish_reason = match outcome.finish {
+        Finish::Stop => FinishReason::Stop,
+        Finish::Length => FinishReason::Length,
+        Finish::Cancelled => return Err(PluginError::cancelled("request cancelled")),
+    };
+    let mut result = InferOutcome {
+        finish_reason,
+        usage: Usage {
+            prompt_tokens,
+            completion_tokens: outcome.completion_tokens as u32,
+            cached_tokens: outcome.cached_tokens as u32,
+        },
+        ..Default::default()
+    };
+    result
+        .timings
+        .insert("prompt_ms".into(), outcome.prompt_ms.into());
+    result
+        .timings
+        .insert("decode_ms".into(), outcome.decode_ms.into());
+    if let Some(profile) = crate::profile::PROFILE.snapshot() {
+        result.timings.insert("profile".into(), profile.into());
+    }
+    Ok(result)
+}
+
 impl<M: LoadModel> ModelRuntime<M> {
     /// Checks what this runtime can honour: the dtype, the quantization, a model path.
     pub fn supports_config(&self, config: &ModelConfig) -> Result<(), PluginError> {
@@ -353,33 +403,62 @@ impl<M: LoadModel> ModelRuntime<M> {
             crate::profile::PROFILE.enable();
         }
         let (dtype, device) = (dtype_of(config)?, device_of(config)?);
-        let path = config.model_path.clone().unwrap_or_default();
-        let mut checkpoint = Checkpoint::open(&path).map_err(plugin_error)?;
-        let mut cancelled = false;
         let quantization = quantization_of(config)?;
-        if let Some(dir) = quantization_cache_of(config, quantization)? {
-            checkpoint = checkpoint
-                .with_quantization_cache(&dir, quantization.name())
-                .map_err(plugin_error)?;
-            if let Some(cache) = checkpoint.quantization_cache().filter(|c| c.found()) {
-                eprintln!("quantized weights from {}", cache.path().display());
-            }
-        }
+        let checkpoint = open_checkpoint(config, quantization)?;
+        let model = self.load_weights(&checkpoint, (dtype, quantization), &device, progress)?;
+        let weight_bytes = model.weight_bytes();
+        let memory = memory::Memory::measure(&device, self.memory_limit, self.gpu_memory_limit);
+        let engine_config =
+            engine_config::engine_config(&model, &config.extra, memory, weight_bytes)?;
+        let codec = Arc::new(TextCodec::load(&checkpoint).map_err(plugin_error)?);
+        let info = ModelInfo {
+            // On a GPU, what the engine placed there (weights and pool) beside the cap it honours.
+            device_memory_bytes: (!device.is_cpu())
+                .then(|| weight_bytes.unwrap_or(0) + engine_config.pool_bytes(&model)),
+            device_memory_limit_bytes: memory.device_limit(),
+            ..self.model_info(&model, config, dtype, &codec)
+        };
+        let model = Arc::new(model);
+        let engine =
+            Engine::start(model.clone(), codec.clone(), engine_config).map_err(plugin_error)?;
+        let generation = GenerationConfig::load(&checkpoint).map_err(plugin_error)?;
+        self.loaded = Some(Loaded {
+            model,
+            grammars: Grammars::new(codec.clone(), generation.eos_token_id.clone()),
+            codec,
+            template: ChatTemplate::load(&checkpoint).map_err(plugin_error)?,
+            generation,
+            defaults: config.generation.clone(),
+            engine,
+        });
+        Ok(info)
+    }
+
+    /// The model's weights from `checkpoint`, refused up front on a GPU when even a lower
+    /// bound of their size cannot fit; progress goes to `progress`, which may cancel.
+    fn load_weights(
+        &self,
+        checkpoint: &Checkpoint,
+        (dtype, quantization): (DType, Quantization),
+        device: &Device,
+        progress: &mut Progress,
+    ) -> Result<M, PluginError> {
         if !device.is_cpu() {
             // Refused before a byte reaches the device when even a lower bound cannot fit.
             let at_least = checkpoint
                 .weight_bytes_at_least(dtype, quantization)
                 .map_err(plugin_error)?;
             memory::weights_fit(
-                memory::Memory::measure(&device, self.memory_limit, self.gpu_memory_limit),
+                memory::Memory::measure(device, self.memory_limit, self.gpu_memory_limit),
                 at_least,
             )?;
         }
+        let mut cancelled = false;
         let model = M::load(
-            &checkpoint,
+            checkpoint,
             dtype,
             quantization,
-            &device,
+            device,
             &mut |done, total| {
                 cancelled |= progress.report("weights", done as u64, total as u64) == Flow::Stop;
             },
@@ -396,49 +475,35 @@ impl<M: LoadModel> ModelRuntime<M> {
                 Err(e) => eprintln!("warning: {e}"),
             }
         }
-        let weight_bytes = model.weight_bytes();
-        let memory = memory::Memory::measure(&device, self.memory_limit, self.gpu_memory_limit);
-        let engine_config =
-            engine_config::engine_config(&model, &config.extra, memory, weight_bytes)?;
-        // On a GPU, what the engine placed there (weights and pool) beside the cap it honours.
-        let device_memory_bytes = (!device.is_cpu())
-            .then(|| weight_bytes.unwrap_or(0) + engine_config.pool_bytes(&model));
-        let info = ModelInfo {
+        Ok(model)
+    }
+
+    /// What the host is told about the loaded `model` (device memory apart).
+    fn model_info(
+        &self,
+        model: &M,
+        config: &ModelConfig,
+        dtype: DType,
+        codec: &TextCodec,
+    ) -> ModelInfo {
+        ModelInfo {
             context_length: Some(model.context_length() as u32),
             dtype: Some(format!("{dtype:?}").to_lowercase()),
             device: Some(config.device.clone().unwrap_or_else(|| "cpu".into())),
-            weight_bytes,
+            weight_bytes: model.weight_bytes(),
             step_bytes: model.step_bytes(),
-            device_memory_bytes,
-            device_memory_limit_bytes: memory.device_limit(),
-            kernels: device
+            device_memory_bytes: None,
+            device_memory_limit_bytes: None,
+            kernels: model
+                .device()
                 .is_cpu()
                 .then(|| pio_kernels::Level::current().name().to_string()),
             tool_call_format: self.tool_call_format.map(str::to_string),
             reasoning_format: self.reasoning_format.map(str::to_string),
-            token_bytes: None,
-        };
-        let codec = Arc::new(TextCodec::load(&checkpoint).map_err(plugin_error)?);
-        let info = ModelInfo {
             token_bytes: Some(TokenBytes::encode(
                 (0..codec.id_bound()).map(|id| codec.token_bytes(id)),
             )),
-            ..info
-        };
-        let model = Arc::new(model);
-        let engine =
-            Engine::start(model.clone(), codec.clone(), engine_config).map_err(plugin_error)?;
-        let generation = GenerationConfig::load(&checkpoint).map_err(plugin_error)?;
-        self.loaded = Some(Loaded {
-            model,
-            grammars: Grammars::new(codec.clone(), generation.eos_token_id.clone()),
-            codec,
-            template: ChatTemplate::load(&checkpoint).map_err(plugin_error)?,
-            generation,
-            defaults: config.generation.clone(),
-            engine,
-        });
-        Ok(info)
+        }
     }
 
     /// Runs one request, streaming its tokens into `sink`.
@@ -489,29 +554,7 @@ impl<M: LoadModel> ModelRuntime<M> {
             .engine
             .generate_until(engine_request, &mut emit, &cancelled)
             .map_err(plugin_error)?;
-        let finish_reason = match outcome.finish {
-            Finish::Stop => FinishReason::Stop,
-            Finish::Length => FinishReason::Length,
-            Finish::Cancelled => return Err(PluginError::cancelled("request cancelled")),
-        };
-        let mut result = InferOutcome {
-            finish_reason,
-            usage: Usage {
-                prompt_tokens,
-                completion_tokens: outcome.completion_tokens as u32,
-                cached_tokens: outcome.cached_tokens as u32,
-            },
-            ..Default::default()
-        };
-        result
-            .timings
-            .insert("prompt_ms".into(), outcome.prompt_ms.into());
-        result
-            .timings
-            .insert("decode_ms".into(), outcome.decode_ms.into());
-        if let Some(profile) = crate::profile::PROFILE.snapshot() {
-            result.timings.insert("profile".into(), profile.into());
-        }
+        let mut result = outcome_of(&outcome, prompt_tokens)?;
         result.engine = Some(loaded.engine.stats().to_wire());
         Ok(result)
     }

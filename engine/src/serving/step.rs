@@ -377,34 +377,7 @@ impl<M: CausalLm> Worker<M> {
     }
 
     fn run_batch(&mut self, plan: &Plan) {
-        // Blocks first; then the batch in plan order.
-        let mut order = Vec::with_capacity(plan.work.len());
-        for w in &plan.work {
-            let Some(i) = self.running.iter().position(|s| s.id == w.id) else {
-                continue;
-            };
-            let bs = self.pool.block_size();
-            let end = self.running[i].computed + w.tokens;
-            while self.running[i].blocks.len() * bs < end {
-                match self.pool.allocator.allocate() {
-                    Some(b) => self.running[i].blocks.push(b),
-                    None => break,
-                }
-            }
-            // Fewer blocks than planned (the plan is an estimate of what the pool gives): run
-            // what fits, or wait for blocks like a preempted sequence — never fail.
-            let room = (self.running[i].blocks.len() * bs).saturating_sub(self.running[i].computed);
-            let tokens = w.tokens.min(room);
-            if tokens == 0 {
-                let mut seq = self.running.remove(i);
-                self.release(&mut seq);
-                self.stats.preemptions += 1;
-                let at = self.waiting.partition_point(|x| x.id < seq.id);
-                self.waiting.insert(at, seq);
-                continue;
-            }
-            order.push((w.id, tokens));
-        }
+        let order = self.grow(plan);
         self.stats.blocks_peak = self.stats.blocks_peak.max(self.pool.allocator.in_use());
         let inputs = match self.step_inputs(&order) {
             Ok(inputs) => inputs,
@@ -417,60 +390,102 @@ impl<M: CausalLm> Worker<M> {
                 return;
             }
         };
-        let result = {
-            let steps: Vec<SeqStep<'_>> = order
-                .iter()
-                .zip(&inputs)
-                .filter_map(|((id, n), (positions, splices))| {
-                    let s = self.running.iter().find(|s| s.id == *id)?;
-                    Some(SeqStep {
-                        tokens: &s.tokens[s.computed..s.computed + n],
-                        splices,
-                        start: s.computed,
-                        positions,
-                        blocks: &s.blocks,
-                        logits: if s.computed + n == s.tokens.len() {
-                            s.decoding.wants()
-                        } else {
-                            Wanted::Nothing
-                        },
-                    })
-                })
-                .collect();
-            let batch = Batch::new(steps);
-            let (model, pool) = (&self.model, &mut self.pool);
-            let profile = &crate::profile::PROFILE;
-            profile.tokens(batch.seqs.iter().map(|s| s.tokens.len()).sum());
-            let _timed = profile.scope(crate::profile::Op::Forward);
-            catch_unwind(AssertUnwindSafe(|| {
-                crate::cpu::step(model.as_ref(), &batch, pool)
-            }))
-            .unwrap_or_else(|p| {
-                Err(EngineError::Internal(format!(
-                    "the model panicked in a forward pass: {}",
-                    panic_text(&*p)
-                )))
-            })
-        };
+        let result = self.forward(&order, &inputs);
         self.stats.steps += 1;
         self.stats.batched_seqs += order.len() as u64;
         self.stats.last_batch = order.len();
         match result {
             Ok(logits) => self.advance(&order, logits),
-            Err(e) => {
-                for (id, _) in &order {
-                    if let Some(i) = self.running.iter().position(|s| s.id == *id) {
-                        let mut seq = self.running.remove(i);
-                        self.release(&mut seq);
-                        self.outbox.push((seq.events, Event::Failed(e.duplicate())));
-                    }
+            Err(e) => self.fail(&order, &e),
+        }
+    }
+
+    /// Gives each planned sequence the blocks its tokens need; returns the batch in plan order,
+    /// `(id, tokens)`. Fewer blocks than planned (the plan is an estimate of what the pool
+    /// gives): a sequence runs what fits, or waits for blocks like a preempted one — never fails.
+    fn grow(&mut self, plan: &Plan) -> Vec<(u64, usize)> {
+        let mut order = Vec::with_capacity(plan.work.len());
+        let bs = self.pool.block_size();
+        for w in &plan.work {
+            let Some(i) = self.running.iter().position(|s| s.id == w.id) else {
+                continue;
+            };
+            let end = self.running[i].computed + w.tokens;
+            while self.running[i].blocks.len() * bs < end {
+                match self.pool.allocator.allocate() {
+                    Some(b) => self.running[i].blocks.push(b),
+                    None => break,
                 }
+            }
+            let room = (self.running[i].blocks.len() * bs).saturating_sub(self.running[i].computed);
+            let tokens = w.tokens.min(room);
+            if tokens == 0 {
+                let mut seq = self.running.remove(i);
+                self.release(&mut seq);
+                self.stats.preemptions += 1;
+                let at = self.waiting.partition_point(|x| x.id < seq.id);
+                self.waiting.insert(at, seq);
+                continue;
+            }
+            order.push((w.id, tokens));
+        }
+        order
+    }
+
+    /// One forward pass over the batch `order` with its `inputs`; a panic in the model becomes
+    /// an error of the step (its sequences fail, the engine goes on).
+    fn forward(
+        &mut self,
+        order: &[(u64, usize)],
+        inputs: &[StepInput],
+    ) -> crate::Result<Vec<Output>> {
+        let steps: Vec<SeqStep<'_>> = order
+            .iter()
+            .zip(inputs)
+            .filter_map(|((id, n), (positions, splices))| {
+                let s = self.running.iter().find(|s| s.id == *id)?;
+                Some(SeqStep {
+                    tokens: &s.tokens[s.computed..s.computed + n],
+                    splices,
+                    start: s.computed,
+                    positions,
+                    blocks: &s.blocks,
+                    logits: if s.computed + n == s.tokens.len() {
+                        s.decoding.wants()
+                    } else {
+                        Wanted::Nothing
+                    },
+                })
+            })
+            .collect();
+        let batch = Batch::new(steps);
+        let (model, pool) = (&self.model, &mut self.pool);
+        let profile = &crate::profile::PROFILE;
+        profile.tokens(batch.seqs.iter().map(|s| s.tokens.len()).sum());
+        let _timed = profile.scope(crate::profile::Op::Forward);
+        catch_unwind(AssertUnwindSafe(|| {
+            crate::cpu::step(model.as_ref(), &batch, pool)
+        }))
+        .unwrap_or_else(|p| {
+            Err(EngineError::Internal(format!(
+                "the model panicked in a forward pass: {}",
+                panic_text(&*p)
+            )))
+        })
+    }
+
+    /// Ends the sequences of `order` that are still running with `error`, freeing their blocks.
+    fn fail(&mut self, order: &[(u64, usize)], error: &EngineError) {
+        for (id, _) in order {
+            if let Some(i) = self.running.iter().position(|s| s.id == *id) {
+                let mut seq = self.running.remove(i);
+                self.release(&mut seq);
+                self.outbox
+                    .push((seq.events, Event::Failed(error.duplicate())));
             }
         }
     }
 
-    /// Each sequence's positions and spliced embeddings for the inputs it runs this step, in
-    /// `order`; a sequence whose media cannot be cut is returned with the reason.
     fn step_inputs(&self, order: &[(u64, usize)]) -> Result<Vec<StepInput>, (u64, EngineError)> {
         order
             .iter()

@@ -177,6 +177,37 @@ impl Config {
         }
     }
 
+    /// What is wrong with the grouped top-k routing's numbers, if anything: the field and why.
+    fn routing_fault(&self) -> Option<(&'static str, String)> {
+        let (experts, groups) = (self.n_routed_experts, self.n_group);
+        if groups == 0 || !experts.is_multiple_of(groups) || experts / groups < 2 {
+            return Some((
+                "n_group",
+                format!("expected a divisor of n_routed_experts = {experts} leaving at least 2 experts per group, found {groups}"),
+            ));
+        }
+        if self.topk_group == 0 || self.topk_group > groups {
+            return Some((
+                "topk_group",
+                format!(
+                    "expected 1 to n_group = {groups}, found {}",
+                    self.topk_group
+                ),
+            ));
+        }
+        let reachable = self.topk_group * experts / groups;
+        if self.num_experts_per_tok == 0 || self.num_experts_per_tok > reachable {
+            return Some((
+                "num_experts_per_tok",
+                format!(
+                    "expected 1 to {reachable} (the experts of topk_group groups), found {}",
+                    self.num_experts_per_tok
+                ),
+            ));
+        }
+        None
+    }
+
     /// Checks what the model needs to be well formed.
     pub(crate) fn validate(&self, checkpoint: &Checkpoint) -> Result<()> {
         let bad = |field: &str, reason: String| self.bad(checkpoint, field, reason);
@@ -199,31 +230,8 @@ impl Config {
                     .into(),
             ));
         }
-        let (experts, groups) = (self.n_routed_experts, self.n_group);
-        if groups == 0 || !experts.is_multiple_of(groups) || experts / groups < 2 {
-            return Err(bad(
-                "n_group",
-                format!("expected a divisor of n_routed_experts = {experts} leaving at least 2 experts per group, found {groups}"),
-            ));
-        }
-        if self.topk_group == 0 || self.topk_group > groups {
-            return Err(bad(
-                "topk_group",
-                format!(
-                    "expected 1 to n_group = {groups}, found {}",
-                    self.topk_group
-                ),
-            ));
-        }
-        let reachable = self.topk_group * experts / groups;
-        if self.num_experts_per_tok == 0 || self.num_experts_per_tok > reachable {
-            return Err(bad(
-                "num_experts_per_tok",
-                format!(
-                    "expected 1 to {reachable} (the experts of topk_group groups), found {}",
-                    self.num_experts_per_tok
-                ),
-            ));
+        if let Some((field, reason)) = self.routing_fault() {
+            return Err(bad(field, reason));
         }
         if self.layer_kinds().len() != self.num_hidden_layers {
             return Err(bad(

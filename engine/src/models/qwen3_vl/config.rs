@@ -113,71 +113,8 @@ impl Config {
         }
         let rope: TextRope =
             serde_json::from_value(raw.text_config).map_err(|e| parse("text_config", e))?;
-        let section = rope
-            .rope_parameters
-            .or(rope.rope_scaling)
-            .and_then(|r| r.mrope_section)
-            .ok_or_else(|| {
-                bad(
-                    "text_config.rope_scaling.mrope_section",
-                    "expected the three M-RoPE sections (e.g. [24, 20, 20])".into(),
-                )
-            })?;
-        let half = text.head_dim() / 2;
-        let mrope_section: [usize; 3] = match section[..] {
-            [t, h, w] if t + h + w == half => [t, h, w],
-            _ => {
-                return Err(bad(
-                    "text_config.rope_scaling.mrope_section",
-                    format!(
-                    "expected three sections summing to head_dim / 2 = {half}, found {section:?}"
-                ),
-                ))
-            }
-        };
-        let v = &raw.vision_config;
-        if v.num_heads == 0 || !v.hidden_size.is_multiple_of(v.num_heads) {
-            return Err(bad(
-                "vision_config.num_heads",
-                format!("must divide hidden_size = {}", v.hidden_size),
-            ));
-        }
-        let side = (v.num_position_embeddings as f64).sqrt() as usize;
-        if side * side != v.num_position_embeddings || side < 2 {
-            return Err(bad(
-                "vision_config.num_position_embeddings",
-                format!(
-                    "expected a square grid, found {}",
-                    v.num_position_embeddings
-                ),
-            ));
-        }
-        if v.out_hidden_size != text.hidden_size {
-            return Err(bad(
-                "vision_config.out_hidden_size",
-                format!(
-                    "expected the text width {}, found {}",
-                    text.hidden_size, v.out_hidden_size
-                ),
-            ));
-        }
-        if v.deepstack_visual_indexes.iter().any(|&i| i >= v.depth)
-            || v.deepstack_visual_indexes.len() > text.num_hidden_layers
-        {
-            return Err(bad(
-                "vision_config.deepstack_visual_indexes",
-                format!(
-                    "expected block indexes below depth = {} and no more than the text layers",
-                    v.depth
-                ),
-            ));
-        }
-        if v.hidden_act != "gelu_pytorch_tanh" {
-            return Err(bad(
-                "vision_config.hidden_act",
-                format!("expected \"gelu_pytorch_tanh\", found \"{}\"", v.hidden_act),
-            ));
-        }
+        let mrope_section = mrope_section(rope, text.head_dim() / 2).map_err(|(f, r)| bad(f, r))?;
+        raw.vision_config.check(&text).map_err(|(f, r)| bad(f, r))?;
         text.validate(checkpoint)?;
         Ok(Self {
             text,
@@ -186,5 +123,85 @@ impl Config {
             image_token_id: raw.image_token_id,
             vision_start_token_id: raw.vision_start_token_id,
         })
+    }
+}
+
+/// The three M-RoPE sections (temporal, height, width), which share `half` = `head_dim / 2`
+/// frequencies; or the field at fault and why.
+fn mrope_section(
+    rope: TextRope,
+    half: usize,
+) -> std::result::Result<[usize; 3], (&'static str, String)> {
+    const FIELD: &str = "text_config.rope_scaling.mrope_section";
+    let section = rope
+        .rope_parameters
+        .or(rope.rope_scaling)
+        .and_then(|r| r.mrope_section)
+        .ok_or((
+            FIELD,
+            "expected the three M-RoPE sections (e.g. [24, 20, 20])".to_string(),
+        ))?;
+    match section[..] {
+        [t, h, w] if t + h + w == half => Ok([t, h, w]),
+        _ => Err((
+            FIELD,
+            format!("expected three sections summing to head_dim / 2 = {half}, found {section:?}"),
+        )),
+    }
+}
+
+impl VisionConfig {
+    /// Checks the tower against itself and the text model it feeds; or the field at fault
+    /// and why.
+    fn check(&self, text: &qwen3::Config) -> std::result::Result<(), (&'static str, String)> {
+        if self.num_heads == 0 || !self.hidden_size.is_multiple_of(self.num_heads) {
+            return Err((
+                "vision_config.num_heads",
+                format!("must divide hidden_size = {}", self.hidden_size),
+            ));
+        }
+        let side = (self.num_position_embeddings as f64).sqrt() as usize;
+        if side * side != self.num_position_embeddings || side < 2 {
+            return Err((
+                "vision_config.num_position_embeddings",
+                format!(
+                    "expected a square grid, found {}",
+                    self.num_position_embeddings
+                ),
+            ));
+        }
+        if self.out_hidden_size != text.hidden_size {
+            return Err((
+                "vision_config.out_hidden_size",
+                format!(
+                    "expected the text width {}, found {}",
+                    text.hidden_size, self.out_hidden_size
+                ),
+            ));
+        }
+        if self
+            .deepstack_visual_indexes
+            .iter()
+            .any(|&i| i >= self.depth)
+            || self.deepstack_visual_indexes.len() > text.num_hidden_layers
+        {
+            return Err((
+                "vision_config.deepstack_visual_indexes",
+                format!(
+                    "expected block indexes below depth = {} and no more than the text layers",
+                    self.depth
+                ),
+            ));
+        }
+        if self.hidden_act != "gelu_pytorch_tanh" {
+            return Err((
+                "vision_config.hidden_act",
+                format!(
+                    "expected \"gelu_pytorch_tanh\", found \"{}\"",
+                    self.hidden_act
+                ),
+            ));
+        }
+        Ok(())
     }
 }
