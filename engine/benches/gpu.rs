@@ -85,7 +85,7 @@ fn main() -> Result<(), Error> {
 /// every kernel, two rounds of each alternated (lent machines drift): one stream's decode and
 /// 32 streams' decode and overall (their prompts included).
 fn fused_against_separate(engine: &Engine) -> Result<(), Error> {
-    use pio_engine::cuda::{fused, gemv};
+    use pio_engine::cuda::{gemv, KERNELS};
     let arms = [
         ("candle", false, false),
         ("kernels, cuBLAS", true, false),
@@ -95,8 +95,8 @@ fn fused_against_separate(engine: &Engine) -> Result<(), Error> {
     let mut rates = [[0.0; 3]; 3];
     for round in 0..2 {
         for (arm, &(_, kernels, projections)) in arms.iter().enumerate() {
-            fused::set_enabled(kernels);
-            gemv::set_enabled(projections);
+            KERNELS.set(kernels);
+            gemv::GEMV.set(projections);
             let seed = 10 + 3 * round + arm as u32;
             let many = run(engine, 32, 128, 128, 100 + seed)?;
             rates[arm][0] += run(engine, 1, 128, 128, seed)?.decode_rate / 2.0;
@@ -104,8 +104,8 @@ fn fused_against_separate(engine: &Engine) -> Result<(), Error> {
             rates[arm][2] += many.overall_rate / 2.0;
         }
     }
-    fused::set_enabled(true);
-    gemv::set_enabled(true);
+    KERNELS.set(true);
+    gemv::GEMV.set(true);
     println!(
         "the engine's GPU kernels against candle's operations (2 rounds alternated; tokens/s):"
     );

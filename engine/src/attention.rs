@@ -104,7 +104,7 @@ fn attended_on_gpu(
     if !crate::cuda::takes(q, keys, values, shape) {
         return Ok(None);
     }
-    let prompts = crate::cuda::fused::enabled() && batch.rows() <= crate::cuda::MAX_GRID_Y;
+    let prompts = crate::cuda::KERNELS.on() && batch.rows() <= crate::cuda::MAX_GRID_Y;
     let (taken, at) = gpu_rows(batch, prompts);
     let seqs: Vec<&SeqStep<'_>> = (batch.seqs.iter().zip(&at))
         .filter_map(|(seq, at)| at.map(|_| seq))

@@ -175,11 +175,11 @@ fn fused_matches_separate<M: LoadModel + CausalLm>(
 ) {
     use pio_engine::cuda::fused;
     for &(dtype, bound) in dtypes {
-        fused::set_enabled(false);
+        pio_engine::cuda::KERNELS.set(false);
         let before = fused::launches();
         let separate = teacher_forced::<M>(name, (dtype, Quantization::None), device);
         assert_eq!(fused::launches(), before, "switched off, nothing fused ran");
-        fused::set_enabled(true);
+        pio_engine::cuda::KERNELS.set(true);
         let together = teacher_forced::<M>(name, (dtype, Quantization::None), device);
         assert!(
             fused::launches() > before,
@@ -315,9 +315,9 @@ fn kernel_matches_gather(device: &Device, case: &PoolCase) {
     let widen = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
     let (q32, k32, v32) = (widen(&q), widen(&keys), widen(&values));
     for prompts_on_kernel in [true, false] {
-        pio_engine::cuda::fused::set_enabled(prompts_on_kernel);
+        pio_engine::cuda::KERNELS.set(prompts_on_kernel);
         let fused = paged_batch(&q, &batch, &keys, &values, shape, scale).unwrap();
-        pio_engine::cuda::fused::set_enabled(true);
+        pio_engine::cuda::KERNELS.set(true);
         let mut row = 0;
         for (i, seq) in batch.seqs.iter().enumerate() {
             let n = seq.tokens.len();

@@ -1,9 +1,9 @@
 //! A decoder layer's small steps in one launch each (`fused.cu`): on a GPU a decode step is bound
 //! by the launches the host makes, not by the device, so every launch saved is time saved. Each
 //! function returns `None` where its kernel does not apply (off the GPU, an unsupported dtype or
-//! shape, or fusion switched off), and the caller then runs candle's separate operations.
+//! shape, or the kernels switched off: [`super::KERNELS`]), and the caller then runs candle's separate operations.
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
@@ -22,29 +22,6 @@ fn ptx() -> Result<&'static str> {
     super::compiled(&PTX, "fused.cu", SOURCE)
 }
 
-/// 0: not read yet; 1: on; 2: off.
-static ENABLED: AtomicU8 = AtomicU8::new(0);
-
-/// Whether the fused kernels run — and with them the engine's other kernels that have a candle
-/// equivalent (prompt chunks' attention, the routed experts, few-row projections; decode
-/// attention, the arg-max and top-k always run): yes unless `PIO_GPU_KERNELS=candle` (candle's
-/// operations, to compare or to rule the kernels out) or [`set_enabled`] said otherwise.
-pub fn enabled() -> bool {
-    match ENABLED.load(Ordering::Relaxed) {
-        0 => {
-            let on = std::env::var("PIO_GPU_KERNELS").map_or(true, |v| v != "candle");
-            ENABLED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
-            on
-        }
-        state => state == 1,
-    }
-}
-
-/// Switches the fused kernels on or off for the whole process (the GPU bench times both).
-pub fn set_enabled(on: bool) {
-    ENABLED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
-}
-
 static LAUNCHES: AtomicU64 = AtomicU64::new(0);
 
 /// How many fused kernels this process has launched (a test's proof that they ran).
@@ -54,7 +31,9 @@ pub fn launches() -> u64 {
 
 /// Whether the fused kernels can take `t`: on a GPU, f32/bf16/f16, fusion switched on.
 fn applies(t: &Tensor) -> bool {
-    t.device().is_cuda() && matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16) && enabled()
+    t.device().is_cuda()
+        && matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        && super::KERNELS.on()
 }
 
 /// `(x + y, rms_norm(x + y) · weight)` over the last dimension, in one launch: a residual add and

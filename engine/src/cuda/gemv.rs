@@ -1,7 +1,6 @@
 //! A projection of a decode step's few rows on the GPU (`gemv.cu`): `x · Wᵀ` for at most eight
 //! rows of `x`, one launch reading the weights once, in place of cuBLAS's general product.
 
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
@@ -21,26 +20,13 @@ fn ptx() -> Result<&'static str> {
     super::compiled(&PTX, "gemv.cu", SOURCE)
 }
 
-/// 0: not read yet; 1: on; 2: off.
-static ENABLED: AtomicU8 = AtomicU8::new(0);
+/// Few-row projections on this kernel rather than cuBLAS: on unless `PIO_GPU_GEMV=cublas` (and
+/// only while [`super::KERNELS`] is on).
+pub static GEMV: super::Switch = super::Switch::new("PIO_GPU_GEMV", "cublas");
 
-/// Whether few-row projections take this kernel: yes unless `PIO_GPU_GEMV=cublas`, the engine's
-/// kernels are off (`PIO_GPU_KERNELS=candle`), or [`set_enabled`] said otherwise.
+/// Whether few-row projections take this kernel.
 pub fn enabled() -> bool {
-    let on = match ENABLED.load(Ordering::Relaxed) {
-        0 => {
-            let on = std::env::var("PIO_GPU_GEMV").map_or(true, |v| v != "cublas");
-            ENABLED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
-            on
-        }
-        state => state == 1,
-    };
-    on && super::fused::enabled()
-}
-
-/// Switches this kernel on or off for the whole process (the GPU bench times both).
-pub fn set_enabled(on: bool) {
-    ENABLED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    GEMV.on() && super::KERNELS.on()
 }
 
 /// `x · wᵀ` — `x` `(…, k)`, `w` `(n, k)`, one float dtype on a GPU — when `x` has at most eight

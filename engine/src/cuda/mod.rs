@@ -15,10 +15,18 @@ pub mod gemv;
 mod kv_write;
 mod launch;
 mod paged;
+mod switch;
 pub mod top_k;
 pub use kv_write::scatter_rows;
 pub(crate) use launch::{view, MAX_GRID_Y};
 pub use paged::{paged_attention, takes};
+pub use switch::Switch;
+
+/// The engine's kernels wherever candle has an equivalent: the fused layer steps, prompt chunks'
+/// attention, the routed experts, few-row projections (decode attention, the KV writes, the
+/// arg-max and top-k always run). On unless `PIO_GPU_KERNELS=candle`: candle's operations, to
+/// compare or to rule the kernels out.
+pub static KERNELS: Switch = Switch::new("PIO_GPU_KERNELS", "candle");
 
 /// What every source starts with.
 const COMMON: &str = include_str!("common.cuh");

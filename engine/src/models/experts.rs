@@ -173,7 +173,7 @@ impl Experts {
     /// Where the experts' weights lie for the GPU's kernels, when they take `xs`: on a GPU, the
     /// engine's kernels on, the experts plain values (quantized ones take candle's path).
     fn gpu_weights(&self, xs: &Tensor) -> Result<Option<&crate::cuda::experts::ExpertWeights>> {
-        if !xs.device().is_cuda() || !crate::cuda::fused::enabled() {
+        if !xs.device().is_cuda() || !crate::cuda::KERNELS.on() {
             return Ok(None);
         }
         let found = match self.on_gpu.get() {
