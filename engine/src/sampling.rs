@@ -41,15 +41,12 @@ pub struct Sampler {
     rng: StdRng,
 }
 
-/// Log-softmax of `logits`, computed in f64.
-pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
-    let log_sum = sum.ln() + max;
-    logits
-        .iter()
-        .map(|&l| (l as f64 - log_sum) as f32)
-        .collect()
+/// `log Σ e^l` over `logits`, in f64: a token's log-probability is its logit minus this. The
+/// exponentials go through the kernels (eight at a time where the CPU has AVX2): a full row of
+/// a 151,936-token vocabulary for every token of a request that asks for logprobs.
+pub fn log_sum_exp(logits: &[f32]) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    pio_kernels::exp::sum_exp(logits, max).ln() + f64::from(max)
 }
 
 /// The `k` highest entries of `values` as (index, value), best first (ties: lower index first).
@@ -580,12 +577,27 @@ mod tests {
     }
 
     #[test]
-    fn log_softmax_normalizes_and_top_k_orders() {
-        let lp = log_softmax(&[1.0, 2.0, 3.0]);
-        let total: f32 = lp.iter().map(|v| v.exp()).sum();
+    fn log_sum_exp_normalizes_and_top_k_orders() {
+        // A vocabulary-sized row, its log-probabilities against f64 throughout.
+        let logits: Vec<f32> = (0..151_936)
+            .map(|i| ((i as f32) * 0.618).sin() * 12.0)
+            .collect();
+        let lse = log_sum_exp(&logits);
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let exact = logits
+            .iter()
+            .map(|&l| (l as f64 - max).exp())
+            .sum::<f64>()
+            .ln()
+            + max;
+        assert!((lse - exact).abs() < 1e-6, "{lse} vs {exact}");
+        let total: f64 = logits.iter().map(|&l| (l as f64 - lse).exp()).sum();
         assert!((total - 1.0).abs() < 1e-6);
         assert_eq!(
-            top_k(&lp, 2).iter().map(|t| t.0).collect::<Vec<_>>(),
+            top_k(&[1.0, 2.0, 3.0], 2)
+                .iter()
+                .map(|t| t.0)
+                .collect::<Vec<_>>(),
             [2, 1]
         );
     }

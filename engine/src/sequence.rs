@@ -6,7 +6,7 @@ use crate::batch::{Output, Wanted};
 use crate::error::{EngineError, Result};
 use crate::generate::{Emitted, Finish, Request};
 use crate::guide::Guide;
-use crate::sampling::{log_softmax, top_k, Sampler};
+use crate::sampling::{log_sum_exp, top_k, Sampler};
 use crate::stop::StopMatcher;
 use crate::text::{StreamDecoder, TextCodec};
 
@@ -142,12 +142,14 @@ impl Decoding {
         }
         let (logprob, top) = match (self.logprobs, output) {
             (Some(k), Output::Logits(logits)) => {
-                let lp = log_softmax(logits);
-                let top = top_k(&lp, k)
+                // Log-probabilities rank as the logits do: only the k + 1 reported are computed.
+                let lse = log_sum_exp(logits);
+                let lp = |l: f32| (f64::from(l) - lse) as f32;
+                let top = top_k(logits, k)
                     .into_iter()
-                    .map(|(id, l)| (id, codec.decode(&[id]), l))
+                    .map(|(id, l)| (id, codec.decode(&[id]), lp(l)))
                     .collect();
-                (Some(lp[token as usize]), top)
+                (Some(lp(logits[token as usize])), top)
             }
             _ => (None, Vec::new()),
         };

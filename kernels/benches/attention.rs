@@ -5,7 +5,8 @@
 //!
 //! Run: `cargo bench -p pio-kernels --bench attention` (`RAYON_NUM_THREADS` sets the threads);
 //! `-- --depth N` measures one depth only, `-- --cache bf16|f16|q8_0` one cached type. Each
-//! step runs under `keep_awake`, as the engine's do.
+//! step runs under `keep_awake`, as the engine's do. Last, the softmax's exponentials alone:
+//! the kernels' against libm's, in the same run.
 
 use pio_kernels::{
     bf16, f16, keep_awake, kv_q8, paged_attention, AttentionShape, CachedRow, PagedKv,
@@ -136,4 +137,35 @@ fn main() {
             );
         }
     }
+    exponentials();
+}
+
+/// The softmax's exponentials alone, one thread, in the same run: the kernels' (`exp_shifted`,
+/// at the level in use) against libm's scalar `expf`, as the attention kernels took before, over
+/// one decode step's scores at depth 8192 (16 heads).
+fn exponentials() {
+    let scores: Vec<f32> = values(HEADS * 8192, 7).iter().map(|x| 8.0 * x).collect();
+    let mut row = scores.clone();
+    let mut sink = 0.0;
+    let libm = seconds(20, || {
+        row.copy_from_slice(&scores);
+        for x in row.iter_mut() {
+            *x = (*x - 8.0).exp();
+            sink += *x;
+        }
+    });
+    let ours = seconds(20, || {
+        row.copy_from_slice(&scores);
+        sink += pio_kernels::exp::exp_shifted(&mut row, 8.0);
+    });
+    let per = |s: f64| s / scores.len() as f64 * 1e9;
+    println!(
+        "softmax exponentials ({} scores, one thread): libm {:.2} ns each, kernels ({}) {:.2} ns each: {:.1}x{}",
+        scores.len(),
+        per(libm),
+        pio_kernels::Level::current().name(),
+        per(ours),
+        libm / ours,
+        if sink.is_nan() { " (NaN)" } else { "" }
+    );
 }

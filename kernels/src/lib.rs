@@ -18,6 +18,7 @@
 mod amx;
 pub mod attention;
 mod element;
+pub mod exp;
 pub mod kv_q8;
 pub mod matmul;
 mod parallel;

@@ -100,10 +100,7 @@ fn part<T: CachedRow>(
         for ((row, m), l) in scores.chunks_exact_mut(n).zip(&mut max).zip(&mut sum) {
             row.iter_mut().for_each(|s| *s *= shape.scale);
             *m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            for s in row.iter_mut() {
-                *s = (*s - *m).exp();
-                *l += *s;
-            }
+            *l = crate::exp::exp_shifted(row, *m);
         }
         let mut acc = vec![0f32; heads * vd];
         let probs: Vec<&[f32]> = scores.chunks_exact(n).collect();

@@ -131,12 +131,7 @@ pub fn paged_attention<T: CachedRow>(
 /// Softmax over `row`, in place, in f32.
 fn softmax(row: &mut [f32]) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for s in row.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
-    let inv = 1.0 / sum;
+    let inv = 1.0 / crate::exp::exp_shifted(row, max);
     for s in row.iter_mut() {
         *s *= inv;
     }
