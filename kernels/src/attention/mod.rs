@@ -163,76 +163,93 @@ fn per_head<T: CachedRow>(
     seq: usize,
     out: &mut [f32],
 ) {
-    let (heads, kv_heads, d, vd) = (shape.heads, shape.kv_heads, shape.head_dim, shape.value_dim);
-    let groups = heads / kv_heads;
-    let len = start + seq;
-    let (q_stride, out_stride) = ((heads * d) as isize, (heads * vd) as isize);
     let y = SharedMut::new(out);
-    (0..heads).into_par_iter().for_each(|head| {
-        let offset = (head / groups) * T::units(d);
+    (0..shape.heads).into_par_iter().for_each(|head| {
         KEYS.with_borrow_mut(|kbuf| {
             VALUES.with_borrow_mut(|vbuf| {
                 SCORES.with_borrow_mut(|scores| {
-                    let stride = kv_heads * T::units(d);
-                    let keys = head_matrix(kv, kv.keys, len, stride, offset, (d, d), kbuf);
-                    let values = head_matrix(kv, kv.values, len, stride, offset, (d, vd), vbuf);
-                    let (ks, vs) = (d as isize, vd as isize);
-                    let slice = (SCORE_ELEMENTS / len).clamp(1, seq);
-                    for first in (0..seq).step_by(slice) {
-                        let rows = slice.min(seq - first);
-                        // Only positions up to the slice's last query are visible to it.
-                        let cols = start + first + rows;
-                        scores.resize(rows * cols, 0.0);
-                        let qp = q[(first * heads + head) * d..].as_ptr();
-                        // SAFETY: the views and strides stay inside q, keys, values and the
-                        // scores buffer; this task alone writes columns head·vd.. of `out`.
-                        unsafe {
-                            matrixmultiply::sgemm(
-                                rows,
-                                d,
-                                cols,
-                                shape.scale,
-                                qp,
-                                q_stride,
-                                1,
-                                keys.as_ptr(),
-                                1,
-                                ks,
-                                0.0,
-                                scores.as_mut_ptr(),
-                                cols as isize,
-                                1,
-                            );
-                        }
-                        for (i, row) in scores.chunks_exact_mut(cols).enumerate() {
-                            let visible = start + first + i + 1;
-                            softmax(&mut row[..visible]);
-                            row[visible..].fill(0.0);
-                        }
-                        // SAFETY: as above.
-                        unsafe {
-                            matrixmultiply::sgemm(
-                                rows,
-                                cols,
-                                vd,
-                                1.0,
-                                scores.as_ptr(),
-                                cols as isize,
-                                1,
-                                values.as_ptr(),
-                                vs,
-                                1,
-                                0.0,
-                                y.at((first * heads + head) * vd),
-                                out_stride,
-                                1,
-                            );
-                        }
-                    }
+                    // SAFETY: this task alone writes head `head`'s columns of `out`.
+                    unsafe { one_head(shape, (q, kv), (start, seq), head, (kbuf, vbuf, scores), y) }
                 })
             })
         });
     });
+}
+
+/// One query head of [`per_head`]: its key/value head gathered into `kbuf` and `vbuf`, then
+/// the queries a slice of rows at a time (scores `q·Kᵀ`, causal softmax, times `V`), written
+/// to columns `head·vd..` of every row of the output `y`.
+///
+/// # Safety
+/// `y` points at the `(seq, heads, value_dim)` output, and no other task writes this head's
+/// columns.
+unsafe fn one_head<T: CachedRow>(
+    shape: &AttentionShape,
+    (q, kv): (&[f32], &PagedKv<'_, T>),
+    (start, seq): (usize, usize),
+    head: usize,
+    (kbuf, vbuf, scores): (&mut Vec<f32>, &mut Vec<f32>, &mut Vec<f32>),
+    y: SharedMut<f32>,
+) {
+    let (heads, kv_heads, d, vd) = (shape.heads, shape.kv_heads, shape.head_dim, shape.value_dim);
+    let len = start + seq;
+    let (q_stride, out_stride) = ((heads * d) as isize, (heads * vd) as isize);
+    let offset = (head / (heads / kv_heads)) * T::units(d);
+    let stride = kv_heads * T::units(d);
+    let keys = head_matrix(kv, kv.keys, len, stride, offset, (d, d), kbuf);
+    let values = head_matrix(kv, kv.values, len, stride, offset, (d, vd), vbuf);
+    let (ks, vs) = (d as isize, vd as isize);
+    let slice = (SCORE_ELEMENTS / len).clamp(1, seq);
+    for first in (0..seq).step_by(slice) {
+        let rows = slice.min(seq - first);
+        // Only positions up to the slice's last query are visible to it.
+        let cols = start + first + rows;
+        scores.resize(rows * cols, 0.0);
+        let qp = q[(first * heads + head) * d..].as_ptr();
+        // SAFETY: the views and strides stay inside q, keys, values and the scores buffer.
+        unsafe {
+            matrixmultiply::sgemm(
+                rows,
+                d,
+                cols,
+                shape.scale,
+                qp,
+                q_stride,
+                1,
+                keys.as_ptr(),
+                1,
+                ks,
+                0.0,
+                scores.as_mut_ptr(),
+                cols as isize,
+                1,
+            );
+        }
+        for (i, row) in scores.chunks_exact_mut(cols).enumerate() {
+            let visible = start + first + i + 1;
+            softmax(&mut row[..visible]);
+            row[visible..].fill(0.0);
+        }
+        // SAFETY: as above; the caller has this head's columns of `y` to itself.
+        unsafe {
+            matrixmultiply::sgemm(
+                rows,
+                cols,
+                vd,
+                1.0,
+                scores.as_ptr(),
+                cols as isize,
+                1,
+                values.as_ptr(),
+                vs,
+                1,
+                0.0,
+                y.at((first * heads + head) * vd),
+                out_stride,
+                1,
+            );
+        }
+    }
 }
 
 #[cfg(test)]
