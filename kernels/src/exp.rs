@@ -92,17 +92,9 @@ mod avx2 {
         let tail = chunks.into_remainder();
         let mut sum = horizontal(acc);
         if !tail.is_empty() {
-            let mut buf = [0f32; 8];
-            buf[..tail.len()].copy_from_slice(tail);
-            // SAFETY: `buf` holds 8 floats.
-            let e = exp8(_mm256_sub_ps(
-                unsafe { _mm256_loadu_ps(buf.as_ptr()) },
-                shift,
-            ));
-            // SAFETY: as above, writable.
-            unsafe { _mm256_storeu_ps(buf.as_mut_ptr(), e) };
-            tail.copy_from_slice(&buf[..tail.len()]);
-            sum += buf[..tail.len()].iter().sum::<f32>();
+            let e = exp_tail(tail, shift);
+            tail.copy_from_slice(&e[..tail.len()]);
+            sum += e[..tail.len()].iter().sum::<f32>();
         }
         sum
     }
@@ -124,6 +116,15 @@ mod avx2 {
         let mut lanes = [0f64; 4];
         // SAFETY: `lanes` holds 4 doubles.
         unsafe { _mm256_storeu_pd(lanes.as_mut_ptr(), _mm256_add_pd(lo, hi)) };
+        let e = exp_tail(tail, shift);
+        let tail_sum: f64 = e[..tail.len()].iter().map(|&e| f64::from(e)).sum();
+        lanes.iter().sum::<f64>() + tail_sum
+    }
+
+    /// The exponentials of a tail shorter than a vector (each less `shift`), through a
+    /// zero-padded copy; only the tail's first entries mean anything.
+    #[target_feature(enable = "avx2,fma")]
+    fn exp_tail(tail: &[f32], shift: __m256) -> [f32; 8] {
         let mut buf = [0f32; 8];
         buf[..tail.len()].copy_from_slice(tail);
         // SAFETY: `buf` holds 8 floats.
@@ -133,8 +134,7 @@ mod avx2 {
         ));
         // SAFETY: as above, writable.
         unsafe { _mm256_storeu_ps(buf.as_mut_ptr(), e) };
-        let tail_sum: f64 = buf[..tail.len()].iter().map(|&e| f64::from(e)).sum();
-        lanes.iter().sum::<f64>() + tail_sum
+        buf
     }
 
     #[target_feature(enable = "avx2,fma")]
