@@ -377,6 +377,7 @@ impl<M: CausalLm> Worker<M> {
     }
 
     fn run_batch(&mut self, plan: &Plan) {
+        // Blocks first; then the batch in plan order.
         let order = self.grow(plan);
         self.stats.blocks_peak = self.stats.blocks_peak.max(self.pool.allocator.in_use());
         let inputs = match self.step_inputs(&order) {
@@ -486,6 +487,8 @@ impl<M: CausalLm> Worker<M> {
         }
     }
 
+    /// Each sequence's positions and spliced embeddings for the inputs it runs this step, in
+    /// `order`; a sequence whose media cannot be cut is returned with the reason.
     fn step_inputs(&self, order: &[(u64, usize)]) -> Result<Vec<StepInput>, (u64, EngineError)> {
         order
             .iter()

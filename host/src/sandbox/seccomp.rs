@@ -382,10 +382,12 @@ fn refusing(program: &BpfProgram, action: u32) -> BpfProgram {
         .collect()
 }
 
-/// Installs `program` on every thread with a listener for its refusals; `None` where the kernel
+/// Installs `program` on every thread with a listener for its refusals; or, where the kernel
 /// cannot (no user notification, or none together with thread sync: before Linux 5.7; or a
-/// listener already installed above the worker).
-fn install_with_listener(program: &BpfProgram) -> Result<Option<OwnedFd>, ConfineError> {
+/// listener already installed above the worker), why not, in words for the log.
+fn install_with_listener(
+    program: &BpfProgram,
+) -> Result<Result<OwnedFd, &'static str>, ConfineError> {
     let mut filter: Vec<libc::sock_filter> = program
         .iter()
         .map(|i| libc::sock_filter {
@@ -414,13 +416,17 @@ fn install_with_listener(program: &BpfProgram) -> Result<Option<OwnedFd>, Confin
     };
     if r >= 0 {
         // SAFETY: as above.
-        return Ok(Some(unsafe { OwnedFd::from_raw_fd(r as RawFd) }));
+        return Ok(Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) }));
     }
     let e = std::io::Error::last_os_error();
     match e.raw_os_error() {
-        // No user notification on this kernel; or a listener exists already (a container
-        // manager's filter with one), and a process may have only one.
-        Some(libc::EINVAL) | Some(libc::EBUSY) => Ok(None),
+        Some(libc::EINVAL) => Ok(Err(
+            "naming them takes seccomp user notification with thread sync, Linux 5.7",
+        )),
+        // A process may have only one listener above it.
+        Some(libc::EBUSY) => Ok(Err(
+            "a seccomp listener is already installed above the worker (a container manager's seccomp agent, say), and a process may have only one",
+        )),
         _ => Err(fail(format!("installing the filter: {e}"))),
     }
 }
@@ -437,21 +443,27 @@ pub fn apply(syscalls: super::Syscalls, handoff: Option<Handoff>) -> Result<Stri
         super::Syscalls::DenyList => deny_list()?,
         super::Syscalls::AllowList => allow_list(false)?,
     };
-    if let Some(handoff) = handoff {
-        let notify = refusing(&program, libc::SECCOMP_RET_USER_NOTIF);
-        if let Some(listener) = install_with_listener(&notify)? {
-            // Until the reaper holds the listener, a refused call would wait on this very
-            // thread for ever: only sendmsg, recvmsg and close run in between, allowed at
-            // every tier.
-            handoff.send(listener)?;
-            return Ok(format!("seccomp {syscalls:?}, refusals named"));
+    let why = match handoff {
+        Some(handoff) => {
+            let notify = refusing(&program, libc::SECCOMP_RET_USER_NOTIF);
+            match install_with_listener(&notify)? {
+                Ok(listener) => {
+                    // Until the reaper holds the listener, a refused call would wait on this
+                    // very thread for ever: only sendmsg, recvmsg and close run in between,
+                    // allowed at every tier.
+                    handoff.send(listener)?;
+                    return Ok(format!("seccomp {syscalls:?}, refusals named"));
+                }
+                Err(why) => why,
+            }
         }
-    }
+        None => "no reaper answers for this worker",
+    };
     let errno = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
     seccompiler::apply_filter_all_threads(&refusing(&program, errno)).map_err(fail)?;
     let _ = writeln!(
         std::io::stderr(),
-        "worker: refused system calls fail with EPERM unnamed here (naming them takes seccomp user notification with thread sync, Linux 5.7, and no listener installed above the worker)"
+        "worker: refused system calls fail with EPERM unnamed here: {why}"
     );
     Ok(format!("seccomp {syscalls:?}, refusals unnamed"))
 }
