@@ -286,11 +286,7 @@ fn run_under_a_listener(dir: &PluginDir, args: &[&str]) -> Option<Ran> {
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return None,
         Err(e) => panic!("run pio under a listener: {e}"),
     };
-    Some(Ran {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    })
+    Some(out.into())
 }
 
 /// Under a listener installed above the worker (one process may have only one), refused calls

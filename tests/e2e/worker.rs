@@ -39,15 +39,20 @@ pub(crate) struct Ran {
     pub(crate) stderr: String,
 }
 
+impl From<std::process::Output> for Ran {
+    fn from(out: std::process::Output) -> Self {
+        Ran {
+            ok: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
 pub(crate) fn run_in(dir: &PluginDir, name: &str, prompt: &str, extra: &[&str]) -> Ran {
     let mut args = vec!["run", name, "--plugins", ".", "--prompt", prompt];
     args.extend_from_slice(extra);
-    let out = pio(dir.path(), &args);
-    Ran {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    pio(dir.path(), &args).into()
 }
 
 fn attack(dir: &PluginDir, what: &str) -> Ran {
