@@ -35,6 +35,8 @@ pub fn sum_exp(values: &[f32], max: f32) -> f64 {
 mod avx2 {
     use std::arch::x86_64::*;
 
+    use crate::simd::vector::Vector;
+
     /// About ln of the smallest normal f32: below, the power of two below would underflow.
     const LOWEST: f32 = -87.336_55;
     /// The largest input whose `n` (127) still makes a finite power of two; above, +∞ (libm's
@@ -94,7 +96,8 @@ mod avx2 {
             acc = _mm256_add_ps(acc, e);
         }
         let tail = chunks.into_remainder();
-        let mut sum = horizontal(acc);
+        // SAFETY: the caller has AVX2 (this function's contract).
+        let mut sum = unsafe { Vector::sum(acc) };
         if !tail.is_empty() {
             let e = exp_tail(tail, shift);
             tail.copy_from_slice(&e[..tail.len()]);
@@ -139,13 +142,6 @@ mod avx2 {
         // SAFETY: as above, writable.
         unsafe { _mm256_storeu_ps(buf.as_mut_ptr(), e) };
         buf
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    fn horizontal(v: __m256) -> f32 {
-        let pair = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let pair = _mm_add_ps(pair, _mm_movehl_ps(pair, pair));
-        _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps::<1>(pair, pair)))
     }
 }
 

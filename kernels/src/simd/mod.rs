@@ -219,7 +219,7 @@ pub(crate) mod avx512;
 
 /// The SIMD algorithms, written once over the register type.
 #[cfg(target_arch = "x86_64")]
-mod vector;
+pub(crate) mod vector;
 
 /// Asks memory for the `bytes` of `pool` from element `at` on, every cache line of them (a hint:
 /// it never faults, wherever it points; nothing off x86).

@@ -9,7 +9,7 @@
 use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
 
 /// A register of f32 lanes.
-pub(super) trait Vector: Copy {
+pub(crate) trait Vector: Copy {
     /// f32 lanes per register.
     const LANES: usize;
     /// All lanes zero.
