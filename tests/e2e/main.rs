@@ -8,6 +8,7 @@ mod backpressure;
 mod bad_input;
 mod batching;
 mod daemon;
+mod devices;
 mod discovery;
 mod faults;
 mod glm;

@@ -61,22 +61,15 @@ pub fn own_thread_paths(gpu: Option<u32>) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-/// The device nodes the worker may read, write and control (ioctl): its GPU's, those that exist.
-fn device_paths(gpu: Option<u32>) -> Vec<PathBuf> {
-    gpu.map(|ordinal| super::gpu::device_nodes(super::gpu::minor(ordinal)))
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|p| p.exists())
-        .collect()
-}
-
 /// Restricts the calling (single) thread and everything it starts; returns what the kernel
-/// enforced ("fully" or "partially", on kernels with an older Landlock ABI).
+/// enforced ("fully" or "partially", on kernels with an older Landlock ABI). `devices`: the
+/// granted GPU's nodes, which it may read, write and control (ioctl).
 pub fn restrict(
     visible: &[PathBuf],
     writable: &[PathBuf],
     scratch: &Path,
     gpu: Option<u32>,
+    devices: &[PathBuf],
 ) -> Result<String, ConfineError> {
     let status = Ruleset::default()
         .handle_access(AccessFs::from_all(TARGET))
@@ -107,7 +100,7 @@ pub fn restrict(
         ))
         .map_err(fail)?
         .add_rules(path_beneath_rules(
-            device_paths(gpu),
+            devices,
             AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::IoctlDev,
         ))
         .map_err(fail)?

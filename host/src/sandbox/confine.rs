@@ -2,7 +2,7 @@
 //! single-threaded and before it loads the plugin library, so no plugin code ever runs
 //! unconfined. The host has already placed it in its cgroup.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::sys::resource::{setrlimit, Resource};
 use nix::unistd::{Gid, Uid};
@@ -40,8 +40,15 @@ pub fn apply(plan: &Plan) -> Result<Vec<String>, ConfineError> {
         applied.push("no network".into());
     }
     let mut handoff = None;
+    // Resolved while the host's /dev and /proc are in view (the worker's own /dev holds one GPU).
+    let gpu_nodes: Vec<PathBuf> = plan
+        .isolation
+        .as_ref()
+        .and_then(|i| i.gpu)
+        .map(super::gpu::present_nodes)
+        .unwrap_or_default();
     if let Some(isolation) = &plan.isolation {
-        handoff = super::namespaces::enter(isolation, plan.drop_to)?;
+        handoff = super::namespaces::enter(isolation, plan.drop_to, &gpu_nodes)?;
         applied.push("namespaces(mnt,pid,net,ipc,uts)".into());
         applied.push(format!(
             "read-only root, scratch tmpfs {} bytes",
@@ -68,6 +75,7 @@ pub fn apply(plan: &Plan) -> Result<Vec<String>, ConfineError> {
                 &isolation.writable,
                 Path::new("/tmp"),
                 isolation.gpu,
+                &gpu_nodes,
             )?);
         }
         applied.push(super::seccomp::apply(isolation.syscalls, handoff)?);

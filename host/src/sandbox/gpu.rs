@@ -95,6 +95,26 @@ pub fn minor(ordinal: u32) -> u32 {
     minor_of(ordinal, &informations, node_exists).unwrap_or(ordinal)
 }
 
+/// The nodes of CUDA's device `ordinal` that exist here ([`device_nodes`] of its [`minor`]).
+/// Resolved before the worker's own `/dev` replaces the host's: inside it the other GPUs' nodes
+/// are gone, and with them what maps an ordinal to its node.
+pub fn present_nodes(ordinal: u32) -> Vec<PathBuf> {
+    device_nodes(minor(ordinal))
+        .into_iter()
+        .filter(|p| p.exists())
+        .collect()
+}
+
+/// The device a plugin is told to use inside a worker whose `/dev` holds one GPU's nodes: CUDA
+/// counts only the GPUs whose nodes it finds, so that GPU is device 0 there, whatever its
+/// ordinal outside (as in a container given one GPU). Other devices pass unchanged.
+pub fn inside_one_gpu(device: Option<String>) -> Option<String> {
+    match device {
+        Some(d) if ordinal(&d).is_some() => Some("cuda:0".into()),
+        other => other,
+    }
+}
+
 /// The GPU ordinal a `[model] device` names: `cuda` is 0, `cuda:N` is N, anything else none.
 pub fn ordinal(device: &str) -> Option<u32> {
     match device {
@@ -106,6 +126,18 @@ pub fn ordinal(device: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inside_a_one_gpu_view_every_cuda_device_is_device_0() {
+        for outside in ["cuda", "cuda:0", "cuda:3"] {
+            assert_eq!(
+                inside_one_gpu(Some(outside.into())).as_deref(),
+                Some("cuda:0")
+            );
+        }
+        assert_eq!(inside_one_gpu(Some("cpu".into())).as_deref(), Some("cpu"));
+        assert_eq!(inside_one_gpu(None), None);
+    }
 
     #[test]
     fn a_worker_gets_its_own_gpu_node_and_the_shared_ones_only() {

@@ -10,6 +10,7 @@
 mod access;
 pub mod cgroup;
 pub mod confine;
+mod dev;
 pub mod gpu;
 mod namespaces;
 pub mod readable;

@@ -5,7 +5,7 @@
 //! worker (pid 2) and mirrors its exit. The reaper exists because the kernel ignores default-
 //! action signals a namespace's pid 1 sends itself (`abort()` would not end a pid-1 worker).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, MsFlags};
 use nix::sched::{unshare, CloneFlags};
@@ -13,10 +13,11 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 
 use super::confine::ConfineError;
+use super::dev::{self, Devices};
 use super::refusals::{self, Handoff};
 use super::{Isolation, Syscalls};
 
-fn fail(step: &'static str, e: impl std::fmt::Display) -> ConfineError {
+pub(super) fn fail(step: &'static str, e: impl std::fmt::Display) -> ConfineError {
     ConfineError {
         step,
         reason: e.to_string(),
@@ -25,10 +26,12 @@ fn fail(step: &'static str, e: impl std::fmt::Display) -> ConfineError {
 
 /// Enters new mount, pid, net, ipc and uts namespaces and builds the private file-system view;
 /// returns only in the process that goes on to load the plugin, with its end of the channel to
-/// the reaper, which answers the calls its filter will refuse (`refusals`).
+/// the reaper, which answers the calls its filter will refuse (`refusals`). `gpu_nodes`: the
+/// granted GPU's nodes, resolved on the host's view (`gpu::present_nodes`).
 pub fn enter(
     isolation: &Isolation,
     owner: Option<(u32, u32)>,
+    gpu_nodes: &[PathBuf],
 ) -> Result<Option<Handoff>, ConfineError> {
     let flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID
@@ -62,7 +65,7 @@ pub fn enter(
     }
     set_pdeathsig()?;
     let _ = nix::unistd::sethostname("pio-worker");
-    build_view(isolation, owner)?;
+    build_view(isolation, owner, gpu_nodes)?;
     Ok(channel.map(|(handoff, _)| handoff))
 }
 
@@ -142,8 +145,12 @@ fn reraise(signal: i32) -> ! {
 }
 
 /// Private propagation, a fresh `/proc` for the pid namespace, a size-capped tmpfs at `/tmp`,
-/// and every other mount read-only.
-fn build_view(isolation: &Isolation, owner: Option<(u32, u32)>) -> Result<(), ConfineError> {
+/// the worker's own `/dev` (`dev`), and every other mount read-only.
+fn build_view(
+    isolation: &Isolation,
+    owner: Option<(u32, u32)>,
+    gpu_nodes: &[PathBuf],
+) -> Result<(), ConfineError> {
     let none: Option<&str> = None;
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
         .map_err(|e| fail("make mounts private", e))?;
@@ -160,12 +167,15 @@ fn build_view(isolation: &Isolation, owner: Option<(u32, u32)>) -> Result<(), Co
         .iter()
         .map(|p| open_path(p).map(|fd| (p.clone(), fd)))
         .collect::<Result<Vec<_>, _>>()?;
+    let devices = Devices::open(&dev::nodes(gpu_nodes))?;
     if isolation.empty_root {
-        build_empty_root(isolation, owner, &sources, &writable)?;
+        build_empty_root(isolation, owner, &devices, &sources, &writable)?;
     } else {
         mount_scratch(Path::new("/tmp"), isolation.scratch_bytes, owner)?;
+        devices.mount_at(Path::new("/dev"))?;
+        // What the two fresh mounts hid is bound back on top.
         for (path, fd) in &sources {
-            if path.starts_with("/tmp") {
+            if path.starts_with("/tmp") || path.starts_with("/dev") {
                 bind(fd, path)?;
             }
         }
@@ -209,7 +219,7 @@ fn build_view(isolation: &Isolation, owner: Option<(u32, u32)>) -> Result<(), Co
     Ok(())
 }
 
-fn open_path(path: &Path) -> Result<std::os::fd::OwnedFd, ConfineError> {
+pub(super) fn open_path(path: &Path) -> Result<std::os::fd::OwnedFd, ConfineError> {
     nix::fcntl::open(
         path,
         nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC,
@@ -219,7 +229,7 @@ fn open_path(path: &Path) -> Result<std::os::fd::OwnedFd, ConfineError> {
 }
 
 /// Bind-mounts what `source` refers to at `target`, creating the mount point.
-fn bind(source: &std::os::fd::OwnedFd, target: &Path) -> Result<(), ConfineError> {
+pub(super) fn bind(source: &std::os::fd::OwnedFd, target: &Path) -> Result<(), ConfineError> {
     let error = |e: &dyn std::fmt::Display| {
         fail("keep a path visible", format!("{}: {e}", target.display()))
     };
@@ -259,13 +269,14 @@ fn mount_scratch(at: &Path, bytes: u64, owner: Option<(u32, u32)>) -> Result<(),
     .map_err(|e| fail("mount the scratch tmpfs", e))
 }
 
-/// `maximum`: a new root holding only the library, the model, a fresh /proc, the harmless
-/// devices and the scratch; the host's file system is detached entirely.
+/// `maximum`: a new root holding only the library, the model, a fresh /proc, the worker's
+/// `/dev` and the scratch; the host's file system is detached entirely.
 fn build_empty_root(
     isolation: &Isolation,
     owner: Option<(u32, u32)>,
-    sources: &[(std::path::PathBuf, std::os::fd::OwnedFd)],
-    writable: &[(std::path::PathBuf, std::os::fd::OwnedFd)],
+    devices: &Devices,
+    sources: &[(PathBuf, std::os::fd::OwnedFd)],
+    writable: &[(PathBuf, std::os::fd::OwnedFd)],
 ) -> Result<(), ConfineError> {
     let none: Option<&str> = None;
     let root = Path::new("/tmp");
@@ -278,10 +289,7 @@ fn build_empty_root(
     )
     .map_err(|e| fail("mount the new root", e))?;
     let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
-    for device in ["null", "zero", "full", "random", "urandom"] {
-        let host = Path::new("/dev").join(device);
-        bind(&open_path(&host)?, &inside(&host))?;
-    }
+    devices.mount_at(&inside(Path::new("/dev")))?;
     let proc_dir = root.join("proc");
     std::fs::create_dir_all(&proc_dir).map_err(|e| fail("mount /proc", e))?;
     let safe = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;

@@ -121,7 +121,9 @@ pub fn run(fd: RawFd) -> i32 {
     if !outbox.send(&ready) {
         return 0;
     }
-    serve(reader, outbox, plugin)
+    // From `medium` up the worker's /dev holds its GPU's nodes alone (`sandbox::dev`).
+    let one_gpu = plan.isolation.as_ref().is_some_and(|i| i.gpu.is_some());
+    serve(reader, outbox, plugin, one_gpu)
 }
 
 /// What every request thread of the worker shares.
@@ -130,6 +132,8 @@ struct Served {
     outbox: Outbox,
     /// Running requests' cancel flags and flow-control windows.
     controls: Mutex<HashMap<u64, Arc<Control>>>,
+    /// Whether the worker sees one GPU only, which CUDA then numbers 0 (`gpu::inside_one_gpu`).
+    one_gpu: bool,
 }
 
 /// A plugin result's JSON parsed into `T`, or an internal error saying `what` was malformed.
@@ -159,7 +163,11 @@ impl Served {
     }
 
     fn load(&self, config: &pio_plugin_api::wire::ModelConfig) -> FromWorker {
-        let json = serde_json::to_string(config).unwrap_or_else(|_| "{}".into());
+        let mut config = config.clone();
+        if self.one_gpu {
+            config.device = crate::sandbox::gpu::inside_one_gpu(config.device);
+        }
+        let json = serde_json::to_string(&config).unwrap_or_else(|_| "{}".into());
         let progress = ProgressSink_TO::from_value(WireProgress(self.outbox.clone()), TD_Opaque);
         let result = match self.plugin.write() {
             Ok(mut p) => p.load_model(json.as_str().into(), progress).into_result(),
@@ -247,11 +255,12 @@ fn run_on_thread(
     }
 }
 
-fn serve(mut reader: UnixStream, outbox: Outbox, plugin: PluginBox) -> i32 {
+fn serve(mut reader: UnixStream, outbox: Outbox, plugin: PluginBox, one_gpu: bool) -> i32 {
     let served = Arc::new(Served {
         plugin: RwLock::new(plugin),
         outbox,
         controls: Mutex::default(),
+        one_gpu,
     });
     loop {
         let message = match read_frame::<ToWorker>(&mut reader) {

@@ -15,7 +15,11 @@ use pio_plugin_api::{
 };
 
 /// The hostile plugin.
-pub struct Hostile;
+#[derive(Default)]
+pub struct Hostile {
+    /// The device its model config named at load.
+    device: Option<String>,
+}
 
 const CTOR_DIR: &str = "/tmp/pio-hostile-ctor";
 
@@ -268,6 +272,16 @@ fn attack(command: &str) -> Result<String, PluginError> {
             "loop" => loop {
                 std::hint::spin_loop();
             },
+            "list" => match std::fs::read_dir(arg) {
+                Ok(entries) => {
+                    let mut names: Vec<String> = entries
+                        .filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+                        .collect();
+                    names.sort();
+                    format!("listed {}", names.join(" "))
+                }
+                Err(e) => format!("denied: {e}"),
+            },
             "read" => match std::fs::read(arg) {
                 Ok(bytes) => format!("read {} bytes", bytes.len()),
                 Err(e) => format!("denied: {e}"),
@@ -470,14 +484,19 @@ impl PluginImpl for Hostile {
     const CAPABILITIES: Capabilities = Capabilities::TEXT;
 
     fn new() -> Result<Self, PluginError> {
-        Ok(Hostile)
+        Ok(Hostile::default())
     }
 
     fn supports_config(&self, _: &ModelConfig) -> Result<(), PluginError> {
         Ok(())
     }
 
-    fn load_model(&mut self, _: ModelConfig, _: &mut Progress) -> Result<ModelInfo, PluginError> {
+    fn load_model(
+        &mut self,
+        config: ModelConfig,
+        _: &mut Progress,
+    ) -> Result<ModelInfo, PluginError> {
+        self.device = config.device;
         Ok(ModelInfo::default())
     }
 
@@ -487,7 +506,11 @@ impl PluginImpl for Hostile {
                 "hostile takes a text prompt naming an attack",
             ));
         };
-        let text = attack(command)?;
+        let text = match command.as_str() {
+            // Which device the host told it to load on.
+            "device" => format!("device {}", self.device.as_deref().unwrap_or("none")),
+            _ => attack(command)?,
+        };
         sink.emit(GeneratedToken {
             token_id: 0,
             text: text.into(),
