@@ -5,8 +5,8 @@
 //!
 //! Run: `cargo bench -p pio-kernels --bench attention` (`RAYON_NUM_THREADS` sets the threads);
 //! `-- --depth N` measures one depth only, `-- --cache bf16|f16|q8_0` one cached type. Each
-//! step runs under `keep_awake`, as the engine's do. Last, the softmax's exponentials alone:
-//! the kernels' against libm's, in the same run.
+//! step runs under `keep_awake`, as the engine's do. Last, the softmax's exponentials alone, and
+//! SwiGLU's SiLU (the same exponential), the kernels' against libm's, in the same run.
 
 use pio_kernels::{
     bf16, f16, keep_awake, kv_q8, paged_attention, AttentionShape, CachedRow, PagedKv,
@@ -138,6 +138,7 @@ fn main() {
         }
     }
     exponentials();
+    silu();
 }
 
 /// The softmax's exponentials alone, one thread, in the same run: the kernels' (`exp_shifted`,
@@ -167,5 +168,34 @@ fn exponentials() {
         per(ours),
         libm / ours,
         if sink.is_nan() { " (NaN)" } else { "" }
+    );
+}
+
+/// SwiGLU's SiLU alone, one thread, in the same run: the kernels' (`exp::silu`) against the
+/// scalar `x / (1 + e^−x)` the engine took before, over a 512-token prefill chunk of Qwen3-0.6B's
+/// gate (512 × 3072 values; one such chunk per layer).
+fn silu() {
+    let gate: Vec<f32> = values(512 * 3072, 11).iter().map(|x| 6.0 * x).collect();
+    let mut row = gate.clone();
+    let libm = seconds(10, || {
+        row.copy_from_slice(&gate);
+        for x in row.iter_mut() {
+            *x /= 1.0 + (-*x).exp();
+        }
+    });
+    let before = row.iter().sum::<f32>();
+    let ours = seconds(10, || {
+        row.copy_from_slice(&gate);
+        pio_kernels::exp::silu(&mut row);
+    });
+    let per = |s: f64| s / gate.len() as f64 * 1e9;
+    println!(
+        "SwiGLU's SiLU ({} values, one thread): libm {:.2} ns each, kernels ({}) {:.2} ns each: {:.1}x (sums {before:.3} and {:.3})",
+        gate.len(),
+        per(libm),
+        pio_kernels::Level::current().name(),
+        per(ours),
+        libm / ours,
+        row.iter().sum::<f32>()
     );
 }

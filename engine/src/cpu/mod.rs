@@ -365,9 +365,12 @@ pub(crate) fn swiglu(y: &Tensor, width: usize) -> candle_core::Result<Option<Ten
             .zip(ys.par_chunks(2 * width))
             .for_each(|(o, y)| {
                 let (gate, up) = y.split_at(width);
-                for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
-                    let g = f(g);
-                    *o = g / (1.0 + (-g).exp()) * f(u);
+                for (o, &g) in o.iter_mut().zip(gate) {
+                    *o = f(g);
+                }
+                pio_kernels::exp::silu(o);
+                for (o, &u) in o.iter_mut().zip(up) {
+                    *o *= f(u);
                 }
             });
     }
