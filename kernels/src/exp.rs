@@ -155,27 +155,27 @@ mod avx2 {
         }
         let tail = chunks.into_remainder();
         if !tail.is_empty() {
-            let mut buf = [0f32; 8];
-            buf[..tail.len()].copy_from_slice(tail);
-            // SAFETY: `buf` holds 8 floats.
-            unsafe { _mm256_storeu_ps(buf.as_mut_ptr(), silu8(_mm256_loadu_ps(buf.as_ptr()))) };
-            tail.copy_from_slice(&buf[..tail.len()]);
+            let done = padded(tail, silu8);
+            tail.copy_from_slice(&done[..tail.len()]);
         }
     }
 
-    /// The exponentials of a tail shorter than a vector (each less `shift`), through a
-    /// zero-padded copy; only the tail's first entries mean anything.
+    /// The exponentials of a tail shorter than a vector (each less `shift`); only the tail's
+    /// first entries mean anything.
     #[target_feature(enable = "avx2,fma")]
     fn exp_tail(tail: &[f32], shift: __m256) -> [f32; 8] {
+        padded(tail, |x| exp8(_mm256_sub_ps(x, shift)))
+    }
+
+    /// `f` on a tail shorter than a vector, through a zero-padded copy; only the tail's first
+    /// entries mean anything.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn padded(tail: &[f32], f: impl Fn(__m256) -> __m256) -> [f32; 8] {
         let mut buf = [0f32; 8];
         buf[..tail.len()].copy_from_slice(tail);
-        // SAFETY: `buf` holds 8 floats.
-        let e = exp8(_mm256_sub_ps(
-            unsafe { _mm256_loadu_ps(buf.as_ptr()) },
-            shift,
-        ));
-        // SAFETY: as above, writable.
-        unsafe { _mm256_storeu_ps(buf.as_mut_ptr(), e) };
+        // SAFETY: `buf` holds 8 floats, readable and writable.
+        unsafe { _mm256_storeu_ps(buf.as_mut_ptr(), f(_mm256_loadu_ps(buf.as_ptr()))) };
         buf
     }
 }

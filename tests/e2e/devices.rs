@@ -1,9 +1,11 @@
 //! The worker's own `/dev` from `medium` up: the harmless devices and its GPU's nodes, nothing
-//! else of the host's. The GPU case runs without a GPU: pio runs with `/dev` replaced by one
-//! holding fake NVIDIA nodes (the driver's numbers, no driver behind them), so a node the worker
-//! may open answers "no such device" and one it may not does not exist for it.
+//! else of the host's, and no device node anywhere else it can open. The GPU case runs without a
+//! GPU: pio runs with `/dev` replaced by one holding fake NVIDIA nodes (the driver's numbers, no
+//! driver behind them) and the driver's list of GPUs faked too, so a node the worker may open
+//! answers "no such device" and one it may not does not exist for it.
 
 use std::ffi::CString;
+use std::os::unix::fs::PermissionsExt;
 
 use crate::medium::{attack, tier_dir};
 use crate::support::*;
@@ -30,22 +32,90 @@ fn a_worker_finds_the_harmless_devices_only() {
     // `high` and `maximum` hide the listing (Landlock); each name is tried instead.
     for tier in ["medium", "high", "maximum"] {
         let dir = tier_dir(tier);
-        let out = attack(&dir, "write /dev/null").stdout;
-        assert_eq!(out.trim(), "wrote", "{tier}");
+        let run = |what: &str| attack(&dir, what).stdout.trim().to_string();
+        assert_eq!(run("write /dev/null"), "wrote", "{tier}");
+        for device in ["zero", "random", "urandom", "full"] {
+            assert_eq!(
+                run(&format!("peek /dev/{device}")),
+                "peeked 8 bytes",
+                "{tier}"
+            );
+        }
+        assert!(run("write /dev/full").contains("No space left"), "{tier}");
+        let made = run("write /dev/new-node");
+        assert!(made.starts_with("denied:"), "{tier}: {made}");
         assert_eq!(
-            attack(&dir, "read /dev/stdin").stdout.trim(),
+            run("read /dev/stdin"),
             "read 0 bytes",
             "{tier}: the links lead to the worker's own descriptors"
         );
         if let Some(node) = host_only_node() {
-            let out = attack(&dir, &format!("read {node}")).stdout;
+            let out = run(&format!("read {node}"));
             assert!(out.contains("No such file"), "{tier}: {node}: {out}");
         }
     }
 }
 
-/// The fake `/dev`: the harmless devices (the kernel's numbers) and NVIDIA nodes for GPUs 0
-/// and 1 and the control node.
+/// A device node elsewhere on the host's tree (here in the model folder, as in a container's
+/// root file system) does not open: every mount the worker reaches is `nodev`.
+#[test]
+fn device_nodes_outside_the_workers_dev_do_not_open() {
+    if !confinement_available() {
+        return;
+    }
+    for tier in ["medium", "high"] {
+        let dir = tier_dir(tier);
+        let node = dir.path().join("model/zero");
+        let path = CString::new(node.to_str().unwrap()).unwrap();
+        // SAFETY: a plain system call on a NUL-terminated path.
+        let made = unsafe { libc::mknod(path.as_ptr(), libc::S_IFCHR, libc::makedev(1, 5)) };
+        assert_eq!(made, 0, "mknod: {}", std::io::Error::last_os_error());
+        std::fs::set_permissions(&node, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let opens = std::fs::File::open(&node)
+            .and_then(|mut f| std::io::Read::read(&mut f, &mut [0u8; 8]))
+            .is_ok();
+        if !opens {
+            eprintln!("skipped: {} is on a nodev mount here", node.display());
+            return;
+        }
+        let out = attack(&dir, &format!("peek {}", node.display())).stdout;
+        assert!(out.contains("Permission denied"), "{tier}: {out}");
+    }
+}
+
+/// A model kept under `/dev/shm` (a tmpfs of its own, hidden by the worker's `/dev`) is bound
+/// back, read-only.
+#[test]
+fn a_model_under_dev_shm_stays_readable() {
+    if !confinement_available() {
+        return;
+    }
+    let Ok(shm) = tempfile::tempdir_in("/dev/shm") else {
+        eprintln!("skipped: no /dev/shm here");
+        return;
+    };
+    std::fs::set_permissions(shm.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(shm.path().join("config.json"), "{}").unwrap();
+    for tier in ["medium", "high"] {
+        let dir = tier_dir(tier);
+        let text = std::fs::read_to_string(dir.path().join("hostile.toml")).unwrap();
+        let moved = text.replace("path = \"model\"", &format!("path = {:?}", shm.path()));
+        dir.write("hostile.toml", &moved);
+        let run = |what: &str| attack(&dir, what).stdout.trim().to_string();
+        let config = shm.path().join("config.json");
+        assert_eq!(
+            run(&format!("read {}", config.display())),
+            "read 2 bytes",
+            "{tier}"
+        );
+        let out = run(&format!("write {}/new", shm.path().display()));
+        assert!(out.starts_with("denied:"), "{tier}: {out}");
+    }
+}
+
+/// The fake `/dev`: the harmless devices (the kernel's numbers), NVIDIA nodes for the GPUs
+/// whose minors are 0 and 1, the control node and unified memory's (its major is the driver's
+/// choice; no driver answers at any).
 const FAKE_DEV: &[(&str, u32, u32)] = &[
     ("null", 1, 3),
     ("zero", 1, 5),
@@ -55,48 +125,68 @@ const FAKE_DEV: &[(&str, u32, u32)] = &[
     ("nvidia0", 195, 0),
     ("nvidia1", 195, 1),
     ("nvidiactl", 195, 255),
+    ("nvidia-uvm", 510, 0),
 ];
 
-/// Runs `pio args` in `dir` in a mount namespace of its own whose `/dev` is [`FAKE_DEV`].
+/// The fake driver's list: the GPU on the later bus has minor 0, so CUDA's `cuda:1` (ordinals
+/// follow the bus) is `/dev/nvidia0`.
+const FAKE_GPUS: &[(&str, u32)] = &[("0000:01:00.0", 1), ("0000:02:00.0", 0)];
+
+/// Runs `pio args` in `dir` in a mount namespace of its own whose `/dev` is [`FAKE_DEV`] and
+/// whose `/proc/driver/nvidia/gpus` lists [`FAKE_GPUS`].
 fn run_with_fake_gpus(dir: &PluginDir, args: &[&str]) -> Ran {
     use std::os::unix::process::CommandExt;
+    let c = |s: String| CString::new(s).unwrap();
     let nodes: Vec<(CString, libc::dev_t)> = FAKE_DEV
         .iter()
-        .map(|&(name, major, minor)| {
-            let path = CString::new(format!("/dev/{name}")).unwrap();
-            (path, libc::makedev(major, minor))
-        })
+        .map(|&(name, major, minor)| (c(format!("/dev/{name}")), libc::makedev(major, minor)))
         .collect();
+    let mut folders = vec![
+        c("/proc/driver/nvidia".into()),
+        c("/proc/driver/nvidia/gpus".into()),
+    ];
+    let mut files = Vec::new();
+    for (bus, minor) in FAKE_GPUS {
+        let gpu = format!("/proc/driver/nvidia/gpus/{bus}");
+        folders.push(c(gpu.clone()));
+        let text = format!("Model: \t\t Fake\nBus Location: \t {bus}\nDevice Minor: \t {minor}\n");
+        files.push((c(format!("{gpu}/information")), text.into_bytes()));
+    }
     let mut command = std::process::Command::new(pio_bin());
     command.current_dir(dir.path()).args(args);
     // SAFETY: between fork and exec only system calls run, on memory made before the fork that
-    // outlives them (`nodes` lives until `output` returns).
+    // outlives them (the vectors live until `output` returns).
     unsafe {
         command.pre_exec(move || {
             let none = std::ptr::null();
             let check = |r: libc::c_int| match r {
-                0 => Ok(()),
+                r if r >= 0 => Ok(r),
                 _ => Err(std::io::Error::last_os_error()),
             };
+            libc::umask(0);
             check(libc::unshare(libc::CLONE_NEWNS))?;
-            let root = c"/".as_ptr();
-            check(libc::mount(
-                none,
-                root,
-                none,
-                libc::MS_REC | libc::MS_PRIVATE,
-                none.cast(),
-            ))?;
-            let (tmpfs, dev) = (c"tmpfs".as_ptr(), c"/dev".as_ptr());
-            check(libc::mount(
-                tmpfs,
-                dev,
-                tmpfs,
-                libc::MS_NOSUID,
-                c"mode=0755".as_ptr().cast(),
-            ))?;
+            let flags = libc::MS_REC | libc::MS_PRIVATE;
+            check(libc::mount(none, c"/".as_ptr(), none, flags, none.cast()))?;
+            let tmpfs = c"tmpfs".as_ptr();
+            for at in [c"/dev".as_ptr(), c"/proc/driver".as_ptr()] {
+                let options = c"mode=0755".as_ptr().cast();
+                check(libc::mount(tmpfs, at, tmpfs, libc::MS_NOSUID, options))?;
+            }
             for (path, number) in &nodes {
                 check(libc::mknod(path.as_ptr(), libc::S_IFCHR | 0o666, *number))?;
+            }
+            for folder in &folders {
+                check(libc::mkdir(folder.as_ptr(), 0o755))?;
+            }
+            for (path, text) in &files {
+                let fd = check(libc::open(
+                    path.as_ptr(),
+                    libc::O_CREAT | libc::O_WRONLY,
+                    0o644,
+                ))?;
+                let written = libc::write(fd, text.as_ptr().cast(), text.len());
+                libc::close(fd);
+                check(written as libc::c_int)?;
             }
             Ok(())
         });
@@ -104,8 +194,18 @@ fn run_with_fake_gpus(dir: &PluginDir, args: &[&str]) -> Ran {
     command.output().expect("run pio with fake GPUs").into()
 }
 
-/// A worker on GPU 1 at `medium` and `high` finds that GPU's node and the control node, not
-/// GPU 0's, and is told to load on device 0: the only GPU CUDA will count there.
+/// A plugin directory with the hostile plugin at `tier` on `device`.
+fn gpu_dir(tier: &str, device: &str) -> PluginDir {
+    let dir = tier_dir(tier);
+    let text = std::fs::read_to_string(dir.path().join("hostile.toml")).unwrap();
+    dir.write("hostile.toml", &format!("{text}device = \"{device}\"\n"));
+    dir
+}
+
+/// A worker on `cuda:1` at `medium` and `high` finds that GPU's node (by the driver's list, as
+/// the host sees it), the control and unified-memory nodes, not the other GPU's, and is told to
+/// load on device 0: the only GPU CUDA will count there. A GPU this host lacks is refused,
+/// naming its node.
 #[test]
 fn a_gpu_worker_finds_its_own_gpu_nodes_only() {
     if !confinement_available() {
@@ -116,29 +216,34 @@ fn a_gpu_worker_finds_its_own_gpu_nodes_only() {
         return;
     }
     for tier in ["medium", "high"] {
-        let dir = tier_dir(tier);
-        let text = std::fs::read_to_string(dir.path().join("hostile.toml")).unwrap();
-        dir.write("hostile.toml", &format!("{text}device = \"cuda:1\"\n"));
+        let dir = gpu_dir(tier, "cuda:1");
         let run = |what: &str| {
-            let ran = run_with_fake_gpus(
-                &dir,
-                &["run", "hostile", "--plugins", ".", "--prompt", what],
-            );
+            let args = ["run", "hostile", "--plugins", ".", "--prompt", what];
+            let ran = run_with_fake_gpus(&dir, &args);
             assert!(ran.ok, "{tier}: {what}: {}", ran.stderr);
             ran.stdout.trim().to_string()
         };
         if tier == "medium" {
+            let listed = run("list /dev");
             assert_eq!(
-                run("list /dev"),
-                "listed fd full null nvidia1 nvidiactl random stderr stdin stdout urandom zero"
+                listed,
+                "listed fd full null nvidia-uvm nvidia0 nvidiactl random stderr stdin stdout urandom zero"
             );
         }
-        for node in ["/dev/nvidia1", "/dev/nvidiactl"] {
-            let out = run(&format!("read {node}"));
+        for node in ["/dev/nvidia0", "/dev/nvidiactl"] {
+            let out = run(&format!("peek {node}"));
             assert!(out.contains("No such device"), "{tier}: {node}: {out}");
         }
-        let out = run("read /dev/nvidia0");
+        let out = run("peek /dev/nvidia1");
         assert!(out.contains("No such file"), "{tier}: {out}");
         assert_eq!(run("device"), "device cuda:0", "{tier}");
+        let args = ["run", "hostile", "--plugins", ".", "--prompt", "device"];
+        let absent = run_with_fake_gpus(&gpu_dir(tier, "cuda:5"), &args);
+        assert!(!absent.ok, "{tier}: {}", absent.stdout);
+        assert!(
+            absent.stderr.contains("`cuda:5` needs /dev/nvidia5"),
+            "{tier}: {}",
+            absent.stderr
+        );
     }
 }

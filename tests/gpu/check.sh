@@ -37,7 +37,8 @@ step() {
 }
 
 # The bench checkpoint through the daemon's worker, as an operator runs it: at `low`, and briefly at
-# `medium` and `high` (Landlock's device rules, CUDA_DEVICE_ORDER). Workers run as an unprivileged uid: what they
+# `medium` and `high` (the worker's own /dev holding the GPU's nodes, the plugin told `cuda:0`;
+# Landlock's device rules). Workers run as an unprivileged uid: what they
 # read goes where any uid can read it.
 pio_bench() {
   local model=$1 shared=/var/tmp/pio-gpu-bench tier

@@ -32,8 +32,6 @@ const SYSTEM_READ: &[&str] = &[
     "/proc",
     "/sys/devices/system/cpu",
     "/sys/fs/cgroup",
-    "/dev/urandom",
-    "/dev/zero",
 ];
 
 /// Paths the worker may read and execute: the system's, `visible` (library, model), and with a
@@ -90,7 +88,9 @@ pub fn restrict(
         .add_rules(path_beneath_rules(writable, AccessFs::from_all(TARGET)))
         .map_err(fail)?
         .add_rules(path_beneath_rules(
-            ["/dev/null"],
+            super::dev::HARMLESS
+                .iter()
+                .map(|d| Path::new("/dev").join(d)),
             AccessFs::ReadFile | AccessFs::WriteFile,
         ))
         .map_err(fail)?

@@ -41,12 +41,13 @@ pub fn apply(plan: &Plan) -> Result<Vec<String>, ConfineError> {
     }
     let mut handoff = None;
     // Resolved while the host's /dev and /proc are in view (the worker's own /dev holds one GPU).
-    let gpu_nodes: Vec<PathBuf> = plan
-        .isolation
-        .as_ref()
-        .and_then(|i| i.gpu)
-        .map(super::gpu::present_nodes)
-        .unwrap_or_default();
+    let gpu_nodes: Vec<PathBuf> = match plan.isolation.as_ref().and_then(|i| i.gpu) {
+        Some(ordinal) => step(
+            "find the GPU's device nodes",
+            super::gpu::present_nodes(ordinal),
+        )?,
+        None => Vec::new(),
+    };
     if let Some(isolation) = &plan.isolation {
         handoff = super::namespaces::enter(isolation, plan.drop_to, &gpu_nodes)?;
         applied.push("namespaces(mnt,pid,net,ipc,uts)".into());

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use nix::mount::{mount, MsFlags};
 
 use super::confine::ConfineError;
-use super::namespaces::{bind, fail, open_path};
+use super::namespaces::{bind, fail, open_all};
 
 /// The devices every worker gets (by name under `/dev`).
 pub const HARMLESS: &[&str] = &["null", "zero", "full", "random", "urandom"];
@@ -38,11 +38,7 @@ pub struct Devices(Vec<(PathBuf, OwnedFd)>);
 impl Devices {
     /// Opens (`O_PATH`) each of `nodes`; one missing fails the worker, naming it.
     pub fn open(nodes: &[PathBuf]) -> Result<Self, ConfineError> {
-        let handles = nodes
-            .iter()
-            .map(|p| open_path(p).map(|fd| (p.clone(), fd)))
-            .collect::<Result<_, _>>()?;
-        Ok(Devices(handles))
+        Ok(Devices(open_all(nodes)?))
     }
 
     /// Mounts a fresh tmpfs at `at` holding these devices, each at its path under `/dev`, and
@@ -61,7 +57,13 @@ impl Devices {
         .map_err(|e| fail(step, e))?;
         // Each node is a bind mount of its own, so the tmpfs's `nodev` does not reach it.
         for (path, fd) in &self.0 {
-            bind(fd, &at.join(path.strip_prefix("/dev").unwrap_or(path)))?;
+            let name = path.strip_prefix("/dev").map_err(|_| {
+                fail(
+                    step,
+                    format!("{}: a device node outside /dev", path.display()),
+                )
+            })?;
+            bind(fd, &at.join(name))?;
         }
         for (name, target) in LINKS {
             std::os::unix::fs::symlink(target, at.join(name))

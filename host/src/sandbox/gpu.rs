@@ -95,14 +95,40 @@ pub fn minor(ordinal: u32) -> u32 {
     minor_of(ordinal, &informations, node_exists).unwrap_or(ordinal)
 }
 
-/// The nodes of CUDA's device `ordinal` that exist here ([`device_nodes`] of its [`minor`]).
-/// Resolved before the worker's own `/dev` replaces the host's: inside it the other GPUs' nodes
-/// are gone, and with them what maps an ordinal to its node.
-pub fn present_nodes(ordinal: u32) -> Vec<PathBuf> {
-    device_nodes(minor(ordinal))
-        .into_iter()
-        .filter(|p| p.exists())
-        .collect()
+/// The nodes of CUDA's device `ordinal` a confined worker gets ([`device_nodes`] of its
+/// [`minor`]), resolved before the worker's own `/dev` replaces the host's: inside it the other
+/// GPUs' nodes are gone, and with them what maps an ordinal to its node. Its own node, the
+/// control node and unified memory's must exist (CUDA cannot start without them).
+pub fn present_nodes(ordinal: u32) -> Result<Vec<PathBuf>, String> {
+    nodes_that_exist(ordinal, minor(ordinal), |p| p.exists())
+}
+
+/// [`present_nodes`] given the GPU's minor and what exists.
+fn nodes_that_exist(
+    ordinal: u32,
+    minor: u32,
+    exists: impl Fn(&std::path::Path) -> bool,
+) -> Result<Vec<PathBuf>, String> {
+    let nodes = device_nodes(minor);
+    let missing = |node: &PathBuf, what: &str| {
+        format!(
+            "`cuda:{ordinal}` needs {}, which does not exist on this host: {what}",
+            node.display()
+        )
+    };
+    if !exists(&nodes[0]) {
+        return Err(missing(&nodes[0], "check that `nvidia-smi` lists the GPU and that the manifest's `[model] device` names one of this host's GPUs"));
+    }
+    if !exists(&nodes[1]) {
+        return Err(missing(
+            &nodes[1],
+            "load the NVIDIA driver (`nvidia-smi` creates it)",
+        ));
+    }
+    if !exists(&nodes[2]) {
+        return Err(missing(&nodes[2], "load the unified-memory driver as root before starting workers (`nvidia-modprobe -u -c 0`)"));
+    }
+    Ok(nodes.into_iter().filter(|p| exists(p)).collect())
 }
 
 /// The device a plugin is told to use inside a worker whose `/dev` holds one GPU's nodes: CUDA
@@ -126,6 +152,27 @@ pub fn ordinal(device: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_gpu_without_its_nodes_is_refused_naming_the_missing_one() {
+        let exists = |have: &'static [&'static str]| {
+            move |p: &std::path::Path| have.iter().any(|h| p == std::path::Path::new(h))
+        };
+        let all: &[&str] = &["/dev/nvidia3", "/dev/nvidiactl", "/dev/nvidia-uvm"];
+        assert_eq!(nodes_that_exist(1, 3, exists(all)).unwrap().len(), 3);
+        let e = nodes_that_exist(5, 5, exists(all)).unwrap_err();
+        assert!(
+            e.contains("`cuda:5` needs /dev/nvidia5") && e.contains("nvidia-smi"),
+            "{e}"
+        );
+        let e = nodes_that_exist(1, 3, exists(&["/dev/nvidia3", "/dev/nvidiactl"])).unwrap_err();
+        assert!(
+            e.contains("/dev/nvidia-uvm") && e.contains("nvidia-modprobe -u"),
+            "{e}"
+        );
+        let e = nodes_that_exist(1, 3, exists(&["/dev/nvidia3"])).unwrap_err();
+        assert!(e.contains("/dev/nvidiactl"), "{e}");
+    }
 
     #[test]
     fn inside_a_one_gpu_view_every_cuda_device_is_device_0() {

@@ -15,6 +15,7 @@ pub mod gpu;
 mod namespaces;
 pub mod readable;
 pub mod refusals;
+mod remount;
 mod seccomp;
 
 use serde::{Deserialize, Serialize};
@@ -164,7 +165,8 @@ pub struct Isolation {
     pub empty_root: bool,
     /// `maximum`: pin the worker to these CPUs (cgroup cpuset), e.g. "0-1".
     pub cpuset: Option<String>,
-    /// The GPU the worker may open (its nodes through Landlock and the devices cgroup at `high`).
+    /// The GPU the worker may open: its nodes alone in the worker's `/dev` (`dev`), also
+    /// through Landlock and the devices cgroup at `high`; inside, CUDA numbers it 0.
     #[serde(default)]
     pub gpu: Option<u32>,
 }

@@ -5,6 +5,7 @@
 //! worker (pid 2) and mirrors its exit. The reaper exists because the kernel ignores default-
 //! action signals a namespace's pid 1 sends itself (`abort()` would not end a pid-1 worker).
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, MsFlags};
@@ -15,6 +16,7 @@ use nix::unistd::{fork, ForkResult, Pid};
 use super::confine::ConfineError;
 use super::dev::{self, Devices};
 use super::refusals::{self, Handoff};
+use super::remount;
 use super::{Isolation, Syscalls};
 
 pub(super) fn fail(step: &'static str, e: impl std::fmt::Display) -> ConfineError {
@@ -145,7 +147,7 @@ fn reraise(signal: i32) -> ! {
 }
 
 /// Private propagation, a fresh `/proc` for the pid namespace, a size-capped tmpfs at `/tmp`,
-/// the worker's own `/dev` (`dev`), and every other mount read-only.
+/// the worker's own `/dev` (`dev`), and every other mount read-only and `nodev` (`remount`).
 fn build_view(
     isolation: &Isolation,
     owner: Option<(u32, u32)>,
@@ -157,69 +159,53 @@ fn build_view(
     let safe = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount(Some("proc"), "/proc", Some("proc"), safe, none).map_err(|e| fail("mount /proc", e))?;
     // Handles on what must stay reachable, taken before anything is mounted over it.
-    let sources = isolation
-        .keep_visible
-        .iter()
-        .map(|p| open_path(p).map(|fd| (p.clone(), fd)))
-        .collect::<Result<Vec<_>, _>>()?;
-    let writable = isolation
-        .writable
-        .iter()
-        .map(|p| open_path(p).map(|fd| (p.clone(), fd)))
-        .collect::<Result<Vec<_>, _>>()?;
-    let devices = Devices::open(&dev::nodes(gpu_nodes))?;
+    let sources = open_all(&isolation.keep_visible)?;
+    let writable = open_all(&isolation.writable)?;
+    let device_nodes = dev::nodes(gpu_nodes);
+    let devices = Devices::open(&device_nodes)?;
     if isolation.empty_root {
         build_empty_root(isolation, owner, &devices, &sources, &writable)?;
     } else {
-        mount_scratch(Path::new("/tmp"), isolation.scratch_bytes, owner)?;
-        devices.mount_at(Path::new("/dev"))?;
-        // What the two fresh mounts hid is bound back on top.
-        for (path, fd) in &sources {
-            if path.starts_with("/tmp") || path.starts_with("/dev") {
-                bind(fd, path)?;
-            }
-        }
-        // Each writable folder becomes a mount point of its own, which the read-only pass
-        // below leaves alone.
-        for (path, fd) in &writable {
-            bind(fd, path)?;
-        }
+        build_host_view(isolation, owner, &devices, &sources, &writable)?;
     }
     drop(sources);
     drop(writable);
-    let mountinfo =
-        std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| fail("read mountinfo", e))?;
-    for (point, options) in mount_points(&mountinfo) {
-        if point == "/tmp"
-            || point == "/proc"
-            || point.starts_with("/proc/")
-            || isolation.writable.iter().any(|w| Path::new(&point) == w)
-        {
-            // The scratch and the writable folders stay writable; /proc is the fresh one (its
-            // old submounts are hidden).
-            continue;
+    remount::read_only_pass(&isolation.writable, &device_nodes)
+}
+
+/// `medium` and `high`: the host's tree, with the scratch and the worker's `/dev` on top and
+/// what they hid bound back.
+fn build_host_view(
+    isolation: &Isolation,
+    owner: Option<(u32, u32)>,
+    devices: &Devices,
+    sources: &[(PathBuf, OwnedFd)],
+    writable: &[(PathBuf, OwnedFd)],
+) -> Result<(), ConfineError> {
+    mount_scratch(Path::new("/tmp"), isolation.scratch_bytes, owner)?;
+    devices.mount_at(Path::new("/dev"))?;
+    for (path, fd) in sources {
+        if path.starts_with("/tmp") || path.starts_with("/dev") {
+            bind(fd, path)?;
         }
-        let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;
-        for (name, flag) in [
-            ("nosuid", MsFlags::MS_NOSUID),
-            ("nodev", MsFlags::MS_NODEV),
-            ("noexec", MsFlags::MS_NOEXEC),
-        ] {
-            if options.split(',').any(|o| o == name) {
-                flags |= flag;
-            }
-        }
-        match mount(none, Path::new(&point), none, flags, none) {
-            Ok(()) => {}
-            // Shadowed by a later mount on a parent: not reachable from the worker.
-            Err(nix::errno::Errno::ENOENT) => {}
-            Err(e) => return Err(fail("remount read-only", format!("{point}: {e}"))),
-        }
+    }
+    // Each writable folder becomes a mount point of its own, which the read-only pass leaves
+    // writable.
+    for (path, fd) in writable {
+        bind(fd, path)?;
     }
     Ok(())
 }
 
-pub(super) fn open_path(path: &Path) -> Result<std::os::fd::OwnedFd, ConfineError> {
+/// `O_PATH` handles on `paths`, each with its path; one missing fails the worker, naming it.
+pub(super) fn open_all(paths: &[PathBuf]) -> Result<Vec<(PathBuf, OwnedFd)>, ConfineError> {
+    paths
+        .iter()
+        .map(|p| open_path(p).map(|fd| (p.clone(), fd)))
+        .collect()
+}
+
+fn open_path(path: &Path) -> Result<OwnedFd, ConfineError> {
     nix::fcntl::open(
         path,
         nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC,
@@ -229,7 +215,7 @@ pub(super) fn open_path(path: &Path) -> Result<std::os::fd::OwnedFd, ConfineErro
 }
 
 /// Bind-mounts what `source` refers to at `target`, creating the mount point.
-pub(super) fn bind(source: &std::os::fd::OwnedFd, target: &Path) -> Result<(), ConfineError> {
+pub(super) fn bind(source: &OwnedFd, target: &Path) -> Result<(), ConfineError> {
     let error = |e: &dyn std::fmt::Display| {
         fail("keep a path visible", format!("{}: {e}", target.display()))
     };
@@ -275,8 +261,8 @@ fn build_empty_root(
     isolation: &Isolation,
     owner: Option<(u32, u32)>,
     devices: &Devices,
-    sources: &[(PathBuf, std::os::fd::OwnedFd)],
-    writable: &[(PathBuf, std::os::fd::OwnedFd)],
+    sources: &[(PathBuf, OwnedFd)],
+    writable: &[(PathBuf, OwnedFd)],
 ) -> Result<(), ConfineError> {
     let none: Option<&str> = None;
     let root = Path::new("/tmp");
@@ -308,54 +294,4 @@ fn build_empty_root(
     nix::mount::umount2("/.old", nix::mount::MntFlags::MNT_DETACH)
         .map_err(|e| fail("detach the host root", e))?;
     std::fs::remove_dir("/.old").map_err(|e| fail("detach the host root", e))
-}
-
-/// (mount point, per-mount options) of each line of `/proc/self/mountinfo`, octal escapes decoded.
-fn mount_points(mountinfo: &str) -> Vec<(String, String)> {
-    mountinfo
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split(' ');
-            let point = fields.nth(4)?;
-            let options = fields.next()?;
-            Some((unescape(point), options.to_string()))
-        })
-        .collect()
-}
-
-fn unescape(field: &str) -> String {
-    let mut out = String::new();
-    let mut chars = field.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\\' {
-            let code: String = chars.by_ref().take(3).collect();
-            if let Ok(byte) = u8::from_str_radix(&code, 8) {
-                out.push(byte as char);
-                continue;
-            }
-            out.push('\\');
-            out.push_str(&code);
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mountinfo_lines_give_points_and_options() {
-        let info = "22 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n\
-                    30 22 0:5 / /dev/my\\040disk rw,nosuid,noexec shared:2 - devtmpfs udev rw\n";
-        assert_eq!(
-            mount_points(info),
-            [
-                ("/".to_string(), "rw,relatime".to_string()),
-                ("/dev/my disk".to_string(), "rw,nosuid,noexec".to_string())
-            ]
-        );
-    }
 }

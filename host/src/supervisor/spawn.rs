@@ -212,9 +212,6 @@ pub(super) async fn handshake(
     }
 }
 
-/// The environment a worker confined to one GPU gets besides `PATH` and `LANG` (nothing for any
-/// other): CUDA counts devices by bus address, the order the sandbox finds the GPU's node in
-/// (`sandbox::gpu`).
 /// The variables of the daemon's environment (read through `lookup`) that a worker, whose
 /// environment is otherwise cleared, gets too: the kernels' cap (`PIO_KERNELS`), so an operator's
 /// cap applies to the models, not only to the daemon process.
@@ -227,6 +224,9 @@ fn inherited_env(
         .collect()
 }
 
+/// The environment a worker confined to one GPU gets besides `PATH` and `LANG` (nothing for any
+/// other): CUDA counts devices by bus address, the order the sandbox maps `cuda:N` to a node in
+/// (`sandbox::gpu`); inside the worker's own `/dev` that GPU is the only one.
 fn gpu_env(plan: &Plan) -> Vec<(&'static str, &'static str)> {
     match plan.isolation.as_ref().and_then(|i| i.gpu) {
         Some(_) => vec![("CUDA_DEVICE_ORDER", "PCI_BUS_ID")],

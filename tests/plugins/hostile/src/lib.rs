@@ -282,6 +282,7 @@ fn attack(command: &str) -> Result<String, PluginError> {
                 }
                 Err(e) => format!("denied: {e}"),
             },
+            "peek" => peek(arg),
             "read" => match std::fs::read(arg) {
                 Ok(bytes) => format!("read {} bytes", bytes.len()),
                 Err(e) => format!("denied: {e}"),
@@ -526,6 +527,16 @@ impl PluginImpl for Hostile {
 }
 
 export_plugin!(Hostile);
+
+/// Reads at most 8 bytes of `path` (a device that never ends, such as `/dev/zero`, included).
+fn peek(path: &str) -> String {
+    use std::io::Read;
+    let mut buf = [0u8; 8];
+    match std::fs::File::open(path).and_then(|mut f| f.read(&mut buf)) {
+        Ok(n) => format!("peeked {n} bytes"),
+        Err(e) => format!("denied: {e}"),
+    }
+}
 
 /// Writes `path` until the file system refuses, then says how far it got and why.
 fn fill(path: &str) -> String {

@@ -1,0 +1,180 @@
+//! The last step of a worker's view: every mount it can reach becomes read-only and `nodev`,
+//! but for its scratch and `/proc` (its own mounts, made so), the writable folders (writable,
+//! still `nodev`) and its device nodes (which must open). A read-only mount does not stop a
+//! device node from being opened for writing; `nodev` does, wherever a node sits on the host's
+//! tree (a container's root file system, a build chroot with the host's `/dev` bound in).
+
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::mount::{mount, MsFlags};
+
+use super::confine::ConfineError;
+use super::namespaces::fail;
+
+/// One line of `/proc/self/mountinfo`.
+#[derive(Debug, PartialEq)]
+struct Mount {
+    /// Its mount ID.
+    id: u64,
+    /// Where it is mounted (octal escapes decoded).
+    point: String,
+    /// Its per-mount options (`rw,nosuid,…`).
+    options: String,
+}
+
+/// Remounts every mount in this namespace as [`flags_for`] says; `writable`: the folders that
+/// stay writable; `devices`: the worker's device nodes.
+pub(super) fn read_only_pass(
+    writable: &[PathBuf],
+    devices: &[PathBuf],
+) -> Result<(), ConfineError> {
+    let mountinfo =
+        std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| fail("read mountinfo", e))?;
+    let none: Option<&str> = None;
+    for m in mounts(&mountinfo) {
+        if m.point == "/tmp" || m.point == "/proc" || m.point.starts_with("/proc/") {
+            continue;
+        }
+        let path = Path::new(&m.point);
+        // A mount another one covers (the host's /dev under the worker's own) is out of reach;
+        // the covering one has its own line.
+        let current = mount_id(path);
+        if current.is_some_and(|id| id != m.id) {
+            continue;
+        }
+        let flags = flags_for(
+            &m.options,
+            writable.contains(&path.to_path_buf()),
+            devices.contains(&path.to_path_buf()),
+        );
+        match mount(none, path, none, flags, none) {
+            Ok(()) => {}
+            // Covered, and the path is gone (ENOENT) or, where the kernel cannot say which
+            // mount a path is on (before Linux 5.8), a plain folder of the covering mount.
+            Err(Errno::ENOENT) => {}
+            Err(Errno::EINVAL) if current.is_none() => {}
+            Err(e) => return Err(fail("remount read-only", format!("{}: {e}", m.point))),
+        }
+    }
+    Ok(())
+}
+
+/// The flags a mount with `options` is remounted with: read-only unless `writable`, `nodev`
+/// unless it is one of the worker's device nodes, `nosuid` always; `noexec` and `nodev` kept
+/// where the mount had them.
+fn flags_for(options: &str, writable: bool, device: bool) -> MsFlags {
+    let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID;
+    if !writable {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    let has = |name: &str| options.split(',').any(|o| o == name);
+    if !device || has("nodev") {
+        flags |= MsFlags::MS_NODEV;
+    }
+    if has("noexec") {
+        flags |= MsFlags::MS_NOEXEC;
+    }
+    flags
+}
+
+/// The ID of the mount `path` is on (`statx`), `None` where the kernel does not say.
+fn mount_id(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let name = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: a zeroed statx is a valid value of the plain C struct.
+    let mut out: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: `name` is NUL-terminated and `out` is writable; both outlive the call.
+    let r = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            name.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW | libc::AT_STATX_DONT_SYNC,
+            libc::STATX_MNT_ID,
+            &mut out,
+        )
+    };
+    (r == 0 && out.stx_mask & libc::STATX_MNT_ID != 0).then_some(out.stx_mnt_id)
+}
+
+/// The lines of `/proc/self/mountinfo`.
+fn mounts(mountinfo: &str) -> Vec<Mount> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(' ');
+            let id = fields.next()?.parse().ok()?;
+            let point = fields.nth(3)?;
+            let options = fields.next()?;
+            Some(Mount {
+                id,
+                point: unescape(point),
+                options: options.to_string(),
+            })
+        })
+        .collect()
+}
+
+fn unescape(field: &str) -> String {
+    let mut out = String::new();
+    let mut chars = field.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            let code: String = chars.by_ref().take(3).collect();
+            if let Ok(byte) = u8::from_str_radix(&code, 8) {
+                out.push(byte as char);
+                continue;
+            }
+            out.push('\\');
+            out.push_str(&code);
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_lines_give_ids_points_and_options() {
+        let info = "22 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n\
+                    30 22 0:5 / /dev/my\\040disk rw,nosuid,noexec shared:2 - devtmpfs udev rw\n";
+        let m = mounts(info);
+        assert_eq!(
+            (m[0].id, m[0].point.as_str(), m[0].options.as_str()),
+            (22, "/", "rw,relatime")
+        );
+        assert_eq!(
+            (m[1].id, m[1].point.as_str(), m[1].options.as_str()),
+            (30, "/dev/my disk", "rw,nosuid,noexec")
+        );
+    }
+
+    #[test]
+    fn everything_is_read_only_and_nodev_but_what_must_not_be() {
+        let f = |o, w, d| flags_for(o, w, d);
+        let ro_nodev = MsFlags::MS_RDONLY | MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
+        assert!(f("rw,relatime", false, false).contains(ro_nodev));
+        // A writable folder stays writable, but no device opens through it.
+        let w = f("rw", true, false);
+        assert!(w.contains(MsFlags::MS_NODEV) && !w.contains(MsFlags::MS_RDONLY));
+        // The worker's own device nodes must open.
+        let d = f("rw,nosuid", false, true);
+        assert!(d.contains(MsFlags::MS_RDONLY) && !d.contains(MsFlags::MS_NODEV));
+        // What the mount had is kept (a kernel refuses to clear a locked flag).
+        assert!(f("ro,nodev,noexec", false, true).contains(MsFlags::MS_NODEV | MsFlags::MS_NOEXEC));
+        assert!(!f("rw", false, false).contains(MsFlags::MS_NOEXEC));
+    }
+
+    #[test]
+    fn a_mount_is_found_by_its_id() {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let root = mounts(&info).into_iter().rfind(|m| m.point == "/").unwrap();
+        if let Some(id) = mount_id(Path::new("/")) {
+            assert_eq!(id, root.id);
+        }
+    }
+}
