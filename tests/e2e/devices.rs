@@ -50,7 +50,7 @@ fn a_worker_finds_the_harmless_devices_only() {
             "{tier}: the links lead to the worker's own descriptors"
         );
         if let Some(node) = host_only_node() {
-            let out = run(&format!("read {node}"));
+            let out = run(&format!("peek {node}"));
             assert!(out.contains("No such file"), "{tier}: {node}: {out}");
         }
     }
@@ -76,7 +76,7 @@ fn device_nodes_outside_the_workers_dev_do_not_open() {
             .is_ok();
         if !opens {
             eprintln!("skipped: {} is on a nodev mount here", node.display());
-            return;
+            continue;
         }
         let out = attack(&dir, &format!("peek {}", node.display())).stdout;
         assert!(out.contains("Permission denied"), "{tier}: {out}");
@@ -94,7 +94,8 @@ fn a_model_under_dev_shm_stays_readable() {
         eprintln!("skipped: no /dev/shm here");
         return;
     };
-    std::fs::set_permissions(shm.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Writable by anyone on the host: only the worker's read-only view refuses a write.
+    std::fs::set_permissions(shm.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
     std::fs::write(shm.path().join("config.json"), "{}").unwrap();
     for tier in ["medium", "high"] {
         let dir = tier_dir(tier);
@@ -109,8 +110,45 @@ fn a_model_under_dev_shm_stays_readable() {
             "{tier}"
         );
         let out = run(&format!("write {}/new", shm.path().display()));
-        assert!(out.starts_with("denied:"), "{tier}: {out}");
+        let refusal = if tier == "medium" {
+            "Read-only file system"
+        } else {
+            "denied:"
+        };
+        assert!(out.contains(refusal), "{tier}: {out}");
     }
+}
+
+/// Started from a folder the view covers (here in the host's `/dev/shm`, writable by anyone),
+/// the worker cannot write there through a relative path: it works from `/`.
+#[test]
+fn the_working_directory_is_left_behind() {
+    if !confinement_available() {
+        return;
+    }
+    let Ok(cwd) = tempfile::tempdir_in("/dev/shm") else {
+        eprintln!("skipped: no /dev/shm here");
+        return;
+    };
+    std::fs::set_permissions(cwd.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let dir = tier_dir("medium");
+    let plugins = dir.path().to_str().unwrap();
+    let args = [
+        "run",
+        "hostile",
+        "--plugins",
+        plugins,
+        "--prompt",
+        "write stray-file",
+    ];
+    let ran: Ran = pio(cwd.path(), &args).into();
+    assert!(ran.ok, "{}", ran.stderr);
+    assert!(
+        ran.stdout.contains("Read-only file system"),
+        "{}",
+        ran.stdout
+    );
+    assert!(!cwd.path().join("stray-file").exists());
 }
 
 /// The fake `/dev`: the harmless devices (the kernel's numbers), NVIDIA nodes for the GPUs
@@ -163,7 +201,8 @@ fn run_with_fake_gpus(dir: &PluginDir, args: &[&str]) -> Ran {
                 r if r >= 0 => Ok(r),
                 _ => Err(std::io::Error::last_os_error()),
             };
-            libc::umask(0);
+            // The nodes' modes as given; pio gets the umask it had.
+            let umask = libc::umask(0);
             check(libc::unshare(libc::CLONE_NEWNS))?;
             let flags = libc::MS_REC | libc::MS_PRIVATE;
             check(libc::mount(none, c"/".as_ptr(), none, flags, none.cast()))?;
@@ -188,6 +227,7 @@ fn run_with_fake_gpus(dir: &PluginDir, args: &[&str]) -> Ran {
                 libc::close(fd);
                 check(written as libc::c_int)?;
             }
+            libc::umask(umask);
             Ok(())
         });
     }
@@ -204,8 +244,8 @@ fn gpu_dir(tier: &str, device: &str) -> PluginDir {
 
 /// A worker on `cuda:1` at `medium` and `high` finds that GPU's node (by the driver's list, as
 /// the host sees it), the control and unified-memory nodes, not the other GPU's, and is told to
-/// load on device 0: the only GPU CUDA will count there. A GPU this host lacks is refused,
-/// naming its node.
+/// load on device 0: the only GPU CUDA will count there. A GPU the driver does not list is
+/// refused, saying how many it lists.
 #[test]
 fn a_gpu_worker_finds_its_own_gpu_nodes_only() {
     if !confinement_available() {
@@ -241,7 +281,9 @@ fn a_gpu_worker_finds_its_own_gpu_nodes_only() {
         let absent = run_with_fake_gpus(&gpu_dir(tier, "cuda:5"), &args);
         assert!(!absent.ok, "{tier}: {}", absent.stdout);
         assert!(
-            absent.stderr.contains("`cuda:5` needs /dev/nvidia5"),
+            absent
+                .stderr
+                .contains("`cuda:5` names no GPU on this host: the driver lists 2"),
             "{tier}: {}",
             absent.stderr
         );

@@ -1,6 +1,7 @@
 //! What a confined worker needs to use one NVIDIA GPU, and nothing of the others: its device
 //! node, the driver's control and unified-memory nodes, and the driver facts CUDA reads at start.
-//! Pure functions of the ordinal (and `/proc/devices`), so the plan is tested without a GPU.
+//! Pure functions of the ordinal and the driver's files ([`minor_of`], [`cgroup_rules`]), so the
+//! plan is tested without a GPU; [`minor`] and [`present_nodes`] read this machine's.
 
 use std::path::PathBuf;
 
@@ -84,15 +85,24 @@ pub fn minor_of(
 }
 
 /// [`minor_of`] on this machine (`/proc/driver/nvidia/gpus/*/information`, `/dev`); the ordinal
-/// itself when the driver does not say.
-pub fn minor(ordinal: u32) -> u32 {
+/// itself when the driver lists no GPU; an error when it lists GPUs and `ordinal` names none of
+/// them (a guess would hand the worker another GPU, perhaps another plugin's).
+pub fn minor(ordinal: u32) -> Result<u32, String> {
     let informations: Vec<String> = std::fs::read_dir("/proc/driver/nvidia/gpus")
         .into_iter()
         .flatten()
         .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("information")).ok())
         .collect();
     let node_exists = |minor: u32| std::path::Path::new(&format!("/dev/nvidia{minor}")).exists();
-    minor_of(ordinal, &informations, node_exists).unwrap_or(ordinal)
+    if informations.is_empty() {
+        return Ok(ordinal);
+    }
+    minor_of(ordinal, &informations, node_exists).ok_or_else(|| {
+        format!(
+            "`cuda:{ordinal}` names no GPU on this host: the driver lists {} in /proc/driver/nvidia/gpus (counting those whose /dev node exists, by bus address); name one of them (`nvidia-smi -L`)",
+            informations.len()
+        )
+    })
 }
 
 /// The nodes of CUDA's device `ordinal` a confined worker gets ([`device_nodes`] of its
@@ -100,7 +110,7 @@ pub fn minor(ordinal: u32) -> u32 {
 /// GPUs' nodes are gone, and with them what maps an ordinal to its node. Its own node, the
 /// control node and unified memory's must exist (CUDA cannot start without them).
 pub fn present_nodes(ordinal: u32) -> Result<Vec<PathBuf>, String> {
-    nodes_that_exist(ordinal, minor(ordinal), |p| p.exists())
+    nodes_that_exist(ordinal, minor(ordinal)?, |p| p.exists())
 }
 
 /// [`present_nodes`] given the GPU's minor and what exists.

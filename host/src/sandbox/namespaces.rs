@@ -158,6 +158,7 @@ fn build_view(
         .map_err(|e| fail("make mounts private", e))?;
     let safe = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount(Some("proc"), "/proc", Some("proc"), safe, none).map_err(|e| fail("mount /proc", e))?;
+    refuse_replaced(isolation)?;
     // Handles on what must stay reachable, taken before anything is mounted over it.
     let sources = open_all(&isolation.keep_visible)?;
     let writable = open_all(&isolation.writable)?;
@@ -193,6 +194,28 @@ fn build_host_view(
     // writable.
     for (path, fd) in writable {
         bind(fd, path)?;
+    }
+    // The inherited working directory may sit on a mount the view covers (the host's /tmp or
+    // /dev/shm), which the read-only pass cannot reach: relative paths would lead there.
+    nix::unistd::chdir("/").map_err(|e| fail("leave the working directory", e))
+}
+
+/// The folders the worker's view replaces whole (`/`, `/tmp`, `/proc`, `/dev`) cannot be kept
+/// visible or writable: bound back over the fresh mount, they would hide it, and the read-only
+/// pass leaves the scratch and `/proc` alone by path.
+fn refuse_replaced(isolation: &Isolation) -> Result<(), ConfineError> {
+    let replaced = ["/", "/tmp", "/proc", "/dev"].map(Path::new);
+    for path in isolation.keep_visible.iter().chain(&isolation.writable) {
+        if replaced.contains(&path.as_path()) {
+            return Err(fail(
+                "keep a path visible",
+                format!(
+                    "{}: a model or cache folder cannot be {} itself at `medium` and above (the worker gets its own); move it into a folder of its own",
+                    path.display(),
+                    path.display()
+                ),
+            ));
+        }
     }
     Ok(())
 }
@@ -294,4 +317,33 @@ fn build_empty_root(
     nix::mount::umount2("/.old", nix::mount::MntFlags::MNT_DETACH)
         .map_err(|e| fail("detach the host root", e))?;
     std::fs::remove_dir("/.old").map_err(|e| fail("detach the host root", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sandbox::Syscalls;
+
+    #[test]
+    fn folders_the_view_replaces_cannot_be_kept() {
+        let isolation = |keep: &str| Isolation {
+            scratch_bytes: 1 << 20,
+            keep_visible: vec![PathBuf::from(keep)],
+            writable: Vec::new(),
+            syscalls: Syscalls::DenyList,
+            user_namespace: false,
+            landlock: false,
+            devices: false,
+            empty_root: false,
+            cpuset: None,
+            gpu: None,
+        };
+        for replaced in ["/", "/tmp", "/proc", "/dev"] {
+            let e = refuse_replaced(&isolation(replaced)).unwrap_err();
+            assert!(e.reason.contains("cannot be"), "{replaced}: {e}");
+        }
+        for kept in ["/tmp/model", "/dev/shm/model", "/srv/model"] {
+            assert!(refuse_replaced(&isolation(kept)).is_ok(), "{kept}");
+        }
+    }
 }

@@ -31,24 +31,26 @@ pub(super) fn read_only_pass(
 ) -> Result<(), ConfineError> {
     let mountinfo =
         std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| fail("read mountinfo", e))?;
+    let listed = mounts(&mountinfo);
+    root_is_listed(&listed)?;
     let none: Option<&str> = None;
-    for m in mounts(&mountinfo) {
+    for m in listed {
         if m.point == "/tmp" || m.point == "/proc" || m.point.starts_with("/proc/") {
             continue;
         }
-        let path = Path::new(&m.point);
+        let path = PathBuf::from(&m.point);
         // A mount another one covers (the host's /dev under the worker's own) is out of reach;
         // the covering one has its own line.
-        let current = mount_id(path);
+        let current = mount_id(&path);
         if current.is_some_and(|id| id != m.id) {
             continue;
         }
         let flags = flags_for(
             &m.options,
-            writable.contains(&path.to_path_buf()),
-            devices.contains(&path.to_path_buf()),
+            writable.contains(&path),
+            devices.contains(&path),
         );
-        match mount(none, path, none, flags, none) {
+        match mount(none, &path, none, flags, none) {
             Ok(()) => {}
             // Covered, and the path is gone (ENOENT) or, where the kernel cannot say which
             // mount a path is on (before Linux 5.8), a plain folder of the covering mount.
@@ -60,20 +62,42 @@ pub(super) fn read_only_pass(
     Ok(())
 }
 
+/// Fails where the root's own mount is not among `listed`: in a chroot, mountinfo leaves out the
+/// mount the root sits in, which the pass would then leave writable.
+fn root_is_listed(listed: &[Mount]) -> Result<(), ConfineError> {
+    let listed = match mount_id(Path::new("/")) {
+        Some(root) => listed.iter().any(|m| m.id == root),
+        None => listed.iter().any(|m| m.point == "/"),
+    };
+    if listed {
+        return Ok(());
+    }
+    Err(fail(
+        "remount read-only",
+        "the root is not a mount of its own (does the daemon run in a chroot?), so it cannot be made read-only; run the daemon where / is a mount (on the host, or in a container)",
+    ))
+}
+
 /// The flags a mount with `options` is remounted with: read-only unless `writable`, `nodev`
-/// unless it is one of the worker's device nodes, `nosuid` always; `noexec` and `nodev` kept
-/// where the mount had them.
+/// unless it is one of the worker's device nodes, `nosuid` always; what the mount had of `ro`,
+/// `nodev`, `noexec` and `nosymfollow` kept (a remount clears what it does not name, and a
+/// kernel refuses to clear a locked flag).
 fn flags_for(options: &str, writable: bool, device: bool) -> MsFlags {
+    let has = |name: &str| options.split(',').any(|o| o == name);
     let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID;
-    if !writable {
+    if !writable || has("ro") {
         flags |= MsFlags::MS_RDONLY;
     }
-    let has = |name: &str| options.split(',').any(|o| o == name);
     if !device || has("nodev") {
         flags |= MsFlags::MS_NODEV;
     }
     if has("noexec") {
         flags |= MsFlags::MS_NOEXEC;
+    }
+    if has("nosymfollow") {
+        // MS_NOSYMFOLLOW (Linux 5.10), which neither nix nor libc names yet; only a kernel that
+        // lists it has it.
+        flags |= MsFlags::from_bits_retain(256);
     }
     flags
 }
@@ -89,7 +113,7 @@ fn mount_id(path: &Path) -> Option<u64> {
         libc::statx(
             libc::AT_FDCWD,
             name.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW | libc::AT_STATX_DONT_SYNC,
+            libc::AT_SYMLINK_NOFOLLOW | libc::AT_NO_AUTOMOUNT | libc::AT_STATX_DONT_SYNC,
             libc::STATX_MNT_ID,
             &mut out,
         )
@@ -167,14 +191,24 @@ mod tests {
         // What the mount had is kept (a kernel refuses to clear a locked flag).
         assert!(f("ro,nodev,noexec", false, true).contains(MsFlags::MS_NODEV | MsFlags::MS_NOEXEC));
         assert!(!f("rw", false, false).contains(MsFlags::MS_NOEXEC));
+        let ro = f("ro", true, false);
+        assert!(
+            ro.contains(MsFlags::MS_RDONLY),
+            "a read-only source stays so"
+        );
+        assert_ne!(f("rw,nosymfollow", false, false).bits() & 256, 0);
+        assert_eq!(f("rw", false, false).bits() & 256, 0);
     }
 
     #[test]
     fn a_mount_is_found_by_its_id() {
         let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        let root = mounts(&info).into_iter().rfind(|m| m.point == "/").unwrap();
-        if let Some(id) = mount_id(Path::new("/")) {
-            assert_eq!(id, root.id);
-        }
+        let (Some(id), Some(root)) = (
+            mount_id(Path::new("/")),
+            mounts(&info).into_iter().rfind(|m| m.point == "/"),
+        ) else {
+            return; // Before Linux 5.8, or in a chroot.
+        };
+        assert_eq!(id, root.id);
     }
 }

@@ -240,11 +240,14 @@ fn group_spec(plan: &Plan) -> crate::sandbox::cgroup::GroupSpec {
         limits: plan.limits.clone(),
         devices: plan.isolation.as_ref().is_some_and(|i| i.devices),
         cpuset: plan.isolation.as_ref().and_then(|i| i.cpuset.clone()),
+        // A GPU that maps to no node gets no rules: the worker refuses to start, saying why.
         extra_devices: match plan.isolation.as_ref().and_then(|i| i.gpu) {
-            Some(gpu) => crate::sandbox::gpu::cgroup_rules(
-                crate::sandbox::gpu::minor(gpu),
-                &std::fs::read_to_string("/proc/devices").unwrap_or_default(),
-            ),
+            Some(gpu) => crate::sandbox::gpu::minor(gpu)
+                .map(|minor| {
+                    let devices = std::fs::read_to_string("/proc/devices").unwrap_or_default();
+                    crate::sandbox::gpu::cgroup_rules(minor, &devices)
+                })
+                .unwrap_or_default(),
             None => Vec::new(),
         },
     }

@@ -528,11 +528,17 @@ impl PluginImpl for Hostile {
 
 export_plugin!(Hostile);
 
-/// Reads at most 8 bytes of `path` (a device that never ends, such as `/dev/zero`, included).
+/// Reads at most 8 bytes of `path` without waiting (a device that never ends, such as
+/// `/dev/zero`, or one with nothing to say, such as `/dev/ptmx`, included).
 fn peek(path: &str) -> String {
     use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
     let mut buf = [0u8; 8];
-    match std::fs::File::open(path).and_then(|mut f| f.read(&mut buf)) {
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path);
+    match opened.and_then(|mut f| f.read(&mut buf)) {
         Ok(n) => format!("peeked {n} bytes"),
         Err(e) => format!("denied: {e}"),
     }
