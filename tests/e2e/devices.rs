@@ -245,7 +245,7 @@ fn gpu_dir(tier: &str, device: &str) -> PluginDir {
 /// A worker on `cuda:1` at `medium` and `high` finds that GPU's node (by the driver's list, as
 /// the host sees it), the control and unified-memory nodes, not the other GPU's, and is told to
 /// load on device 0: the only GPU CUDA will count there. A GPU the driver does not list is
-/// refused, saying how many it lists.
+/// refused, saying how many CUDA counts.
 #[test]
 fn a_gpu_worker_finds_its_own_gpu_nodes_only() {
     if !confinement_available() {
@@ -283,7 +283,7 @@ fn a_gpu_worker_finds_its_own_gpu_nodes_only() {
         assert!(
             absent
                 .stderr
-                .contains("`cuda:5` names no GPU on this host: the driver lists 2"),
+                .contains("`cuda:5` names no GPU on this host: CUDA counts 2 here"),
             "{tier}: {}",
             absent.stderr
         );

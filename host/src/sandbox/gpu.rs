@@ -63,6 +63,13 @@ pub fn minor_of(
     informations: &[String],
     node_exists: impl Fn(u32) -> bool,
 ) -> Option<u32> {
+    counted(informations, node_exists)
+        .get(ordinal as usize)
+        .copied()
+}
+
+/// The minors of the GPUs CUDA counts, in its order (see [`minor_of`]).
+fn counted(informations: &[String], node_exists: impl Fn(u32) -> bool) -> Vec<u32> {
     let mut gpus: Vec<(String, u32)> = informations
         .iter()
         .filter_map(|text| {
@@ -81,7 +88,7 @@ pub fn minor_of(
         gpus.retain(|g| node_exists(g.1));
     }
     gpus.sort();
-    gpus.get(ordinal as usize).map(|g| g.1)
+    gpus.into_iter().map(|g| g.1).collect()
 }
 
 /// [`minor_of`] on this machine (`/proc/driver/nvidia/gpus/*/information`, `/dev`); the ordinal
@@ -97,12 +104,18 @@ pub fn minor(ordinal: u32) -> Result<u32, String> {
     if informations.is_empty() {
         return Ok(ordinal);
     }
-    minor_of(ordinal, &informations, node_exists).ok_or_else(|| {
-        format!(
-            "`cuda:{ordinal}` names no GPU on this host: the driver lists {} in /proc/driver/nvidia/gpus (counting those whose /dev node exists, by bus address); name one of them (`nvidia-smi -L`)",
-            informations.len()
-        )
-    })
+    let gpus = counted(&informations, node_exists);
+    match gpus.get(ordinal as usize) {
+        Some(&minor) => Ok(minor),
+        None if gpus.is_empty() => Err(format!(
+            "`cuda:{ordinal}`: the driver's GPU list (/proc/driver/nvidia/gpus/*/information) names no bus location and device minor PIO can read; report it with that file"
+        )),
+        None => Err(format!(
+            "`cuda:{ordinal}` names no GPU on this host: CUDA counts {} here (by bus address, those whose /dev node exists); name one of cuda:0 to cuda:{} (`nvidia-smi -L`)",
+            gpus.len(),
+            gpus.len() - 1
+        )),
+    }
 }
 
 /// The nodes of CUDA's device `ordinal` a confined worker gets ([`device_nodes`] of its

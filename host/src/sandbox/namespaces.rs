@@ -41,6 +41,10 @@ pub fn enter(
         | CloneFlags::CLONE_NEWIPC
         | CloneFlags::CLONE_NEWUTS;
     unshare(flags).map_err(|e| fail("unshare namespaces", e))?;
+    // The inherited working directory may sit on a mount the view covers (the host's /tmp or
+    // /dev/shm), which the read-only pass cannot reach: relative paths would lead there. Left
+    // before the forks, so the reaper holds none either.
+    nix::unistd::chdir("/").map_err(|e| fail("leave the working directory", e))?;
     // SAFETY: the worker is still single-threaded here.
     match unsafe { fork() }.map_err(|e| fail("fork into the pid namespace", e))? {
         ForkResult::Parent { child } => mirror_exit(child, false),
@@ -195,9 +199,7 @@ fn build_host_view(
     for (path, fd) in writable {
         bind(fd, path)?;
     }
-    // The inherited working directory may sit on a mount the view covers (the host's /tmp or
-    // /dev/shm), which the read-only pass cannot reach: relative paths would lead there.
-    nix::unistd::chdir("/").map_err(|e| fail("leave the working directory", e))
+    Ok(())
 }
 
 /// The folders the worker's view replaces whole (`/`, `/tmp`, `/proc`, `/dev`) cannot be kept
@@ -322,7 +324,6 @@ fn build_empty_root(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sandbox::Syscalls;
 
     #[test]
     fn folders_the_view_replaces_cannot_be_kept() {

@@ -95,9 +95,8 @@ fn flags_for(options: &str, writable: bool, device: bool) -> MsFlags {
         flags |= MsFlags::MS_NOEXEC;
     }
     if has("nosymfollow") {
-        // MS_NOSYMFOLLOW (Linux 5.10), which neither nix nor libc names yet; only a kernel that
-        // lists it has it.
-        flags |= MsFlags::from_bits_retain(256);
+        // Linux 5.10's flag, which nix does not name; only a kernel that lists it gets it.
+        flags |= MsFlags::from_bits_retain(libc::MS_NOSYMFOLLOW);
     }
     flags
 }
@@ -196,8 +195,11 @@ mod tests {
             ro.contains(MsFlags::MS_RDONLY),
             "a read-only source stays so"
         );
-        assert_ne!(f("rw,nosymfollow", false, false).bits() & 256, 0);
-        assert_eq!(f("rw", false, false).bits() & 256, 0);
+        assert_ne!(
+            f("rw,nosymfollow", false, false).bits() & libc::MS_NOSYMFOLLOW,
+            0
+        );
+        assert_eq!(f("rw", false, false).bits() & libc::MS_NOSYMFOLLOW, 0);
     }
 
     #[test]

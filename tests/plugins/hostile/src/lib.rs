@@ -538,7 +538,22 @@ fn peek(path: &str) -> String {
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(path);
-    match opened.and_then(|mut f| f.read(&mut buf)) {
+    // A device with nothing yet (an unseeded /dev/random) gets two seconds to say something.
+    let mut read = |f: &mut std::fs::File| match f.read(&mut buf) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            use std::os::fd::AsRawFd;
+            let mut ready = libc::pollfd {
+                fd: f.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, for the call's length.
+            unsafe { libc::poll(&mut ready, 1, 2000) };
+            f.read(&mut buf)
+        }
+        other => other,
+    };
+    match opened.and_then(|mut f| read(&mut f)) {
         Ok(n) => format!("peeked {n} bytes"),
         Err(e) => format!("denied: {e}"),
     }
