@@ -14,6 +14,23 @@ use crate::worker::{confinement_available, Ran};
 /// What a worker without a GPU finds in its `/dev`.
 const HARMLESS: &str = "fd full null random stderr stdin stdout urandom zero";
 
+/// A folder in the host's `/dev/shm` (a mount the worker's `/dev` covers), writable by anyone
+/// there, so that only the worker's view refuses a write; `None` without `/dev/shm`.
+fn shared_memory_dir() -> Option<tempfile::TempDir> {
+    let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
+        eprintln!("skipped: no /dev/shm here");
+        return None;
+    };
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    Some(dir)
+}
+
+/// Rewrites the hostile plugin's manifest in `dir` through `change`.
+fn edit_manifest(dir: &PluginDir, change: impl FnOnce(&str) -> String) {
+    let text = std::fs::read_to_string(dir.path().join("hostile.toml")).unwrap();
+    dir.write("hostile.toml", &change(&text));
+}
+
 /// A world-openable node of the host's `/dev` that no worker needs, if this host has one.
 fn host_only_node() -> Option<&'static str> {
     ["/dev/ptmx", "/dev/tty", "/dev/fuse", "/dev/net/tun"]
@@ -90,18 +107,15 @@ fn a_model_under_dev_shm_stays_readable() {
     if !confinement_available() {
         return;
     }
-    let Ok(shm) = tempfile::tempdir_in("/dev/shm") else {
-        eprintln!("skipped: no /dev/shm here");
+    let Some(shm) = shared_memory_dir() else {
         return;
     };
-    // Writable by anyone on the host: only the worker's read-only view refuses a write.
-    std::fs::set_permissions(shm.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
     std::fs::write(shm.path().join("config.json"), "{}").unwrap();
     for tier in ["medium", "high"] {
         let dir = tier_dir(tier);
-        let text = std::fs::read_to_string(dir.path().join("hostile.toml")).unwrap();
-        let moved = text.replace("path = \"model\"", &format!("path = {:?}", shm.path()));
-        dir.write("hostile.toml", &moved);
+        edit_manifest(&dir, |text| {
+            text.replace("path = \"model\"", &format!("path = {:?}", shm.path()))
+        });
         let run = |what: &str| attack(&dir, what).stdout.trim().to_string();
         let config = shm.path().join("config.json");
         assert_eq!(
@@ -126,11 +140,9 @@ fn the_working_directory_is_left_behind() {
     if !confinement_available() {
         return;
     }
-    let Ok(cwd) = tempfile::tempdir_in("/dev/shm") else {
-        eprintln!("skipped: no /dev/shm here");
+    let Some(cwd) = shared_memory_dir() else {
         return;
     };
-    std::fs::set_permissions(cwd.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
     let dir = tier_dir("medium");
     let plugins = dir.path().to_str().unwrap();
     let args = [
@@ -237,8 +249,7 @@ fn run_with_fake_gpus(dir: &PluginDir, args: &[&str]) -> Ran {
 /// A plugin directory with the hostile plugin at `tier` on `device`.
 fn gpu_dir(tier: &str, device: &str) -> PluginDir {
     let dir = tier_dir(tier);
-    let text = std::fs::read_to_string(dir.path().join("hostile.toml")).unwrap();
-    dir.write("hostile.toml", &format!("{text}device = \"{device}\"\n"));
+    edit_manifest(&dir, |text| format!("{text}device = \"{device}\"\n"));
     dir
 }
 

@@ -36,10 +36,10 @@ const SYSTEM_READ: &[&str] = &[
 
 /// Paths the worker may read and execute: the system's, `visible` (library, model), and with a
 /// GPU the driver's facts that exist here.
-pub fn read_paths(visible: &[PathBuf], gpu: Option<u32>) -> Vec<PathBuf> {
+pub fn read_paths(visible: &[PathBuf], gpu: bool) -> Vec<PathBuf> {
     let mut paths: Vec<PathBuf> = SYSTEM_READ.iter().map(PathBuf::from).collect();
     paths.extend(visible.iter().cloned());
-    if gpu.is_some() {
+    if gpu {
         paths.extend(
             super::gpu::DRIVER_READ
                 .iter()
@@ -54,21 +54,24 @@ pub fn read_paths(visible: &[PathBuf], gpu: Option<u32>) -> Vec<PathBuf> {
 /// the helper threads it starts by writing their `comm`, and without that `cuInit` fails with
 /// `CUDA_ERROR_OPERATING_SYSTEM` (seen on an H200 at `high`, 2026-12-04). Opened by the worker
 /// itself, `/proc/self/task` is its own `/proc/<pid>/task`: no other process's files.
-pub fn own_thread_paths(gpu: Option<u32>) -> Vec<PathBuf> {
-    gpu.map(|_| vec![PathBuf::from("/proc/self/task")])
-        .unwrap_or_default()
+pub fn own_thread_paths(gpu: bool) -> Vec<PathBuf> {
+    if gpu {
+        vec![PathBuf::from("/proc/self/task")]
+    } else {
+        Vec::new()
+    }
 }
 
 /// Restricts the calling (single) thread and everything it starts; returns what the kernel
 /// enforced ("fully" or "partially", on kernels with an older Landlock ABI). `devices`: the
-/// granted GPU's nodes, which it may read, write and control (ioctl).
+/// granted GPU's nodes (none without a GPU), which it may read, write and control (ioctl).
 pub fn restrict(
     visible: &[PathBuf],
     writable: &[PathBuf],
     scratch: &Path,
-    gpu: Option<u32>,
     devices: &[PathBuf],
 ) -> Result<String, ConfineError> {
+    let gpu = !devices.is_empty();
     let status = Ruleset::default()
         .handle_access(AccessFs::from_all(TARGET))
         .map_err(fail)?
@@ -119,12 +122,9 @@ mod tests {
 
     #[test]
     fn only_a_gpu_worker_writes_its_own_thread_files() {
-        assert_eq!(
-            own_thread_paths(Some(0)),
-            [PathBuf::from("/proc/self/task")]
-        );
-        assert!(own_thread_paths(None).is_empty());
+        assert_eq!(own_thread_paths(true), [PathBuf::from("/proc/self/task")]);
+        assert!(own_thread_paths(false).is_empty());
         // Reading stays as it was: /proc is readable to every worker.
-        assert!(read_paths(&[], None).contains(&PathBuf::from("/proc")));
+        assert!(read_paths(&[], false).contains(&PathBuf::from("/proc")));
     }
 }

@@ -75,7 +75,6 @@ pub fn apply(plan: &Plan) -> Result<Vec<String>, ConfineError> {
                 &isolation.keep_visible,
                 &isolation.writable,
                 Path::new("/tmp"),
-                isolation.gpu,
                 &gpu_nodes,
             )?);
         }

@@ -133,23 +133,17 @@ fn nodes_that_exist(
     exists: impl Fn(&std::path::Path) -> bool,
 ) -> Result<Vec<PathBuf>, String> {
     let nodes = device_nodes(minor);
-    let missing = |node: &PathBuf, what: &str| {
-        format!(
+    // What creates each required node, in `device_nodes`' order; the rest are optional.
+    let required = [
+        "check that `nvidia-smi` lists the GPU and that the manifest's `[model] device` names one of this host's GPUs",
+        "load the NVIDIA driver (`nvidia-smi` creates it)",
+        "load the unified-memory driver as root before starting workers (`nvidia-modprobe -u -c 0`)",
+    ];
+    if let Some((node, what)) = nodes.iter().zip(required).find(|(n, _)| !exists(n)) {
+        return Err(format!(
             "`cuda:{ordinal}` needs {}, which does not exist on this host: {what}",
             node.display()
-        )
-    };
-    if !exists(&nodes[0]) {
-        return Err(missing(&nodes[0], "check that `nvidia-smi` lists the GPU and that the manifest's `[model] device` names one of this host's GPUs"));
-    }
-    if !exists(&nodes[1]) {
-        return Err(missing(
-            &nodes[1],
-            "load the NVIDIA driver (`nvidia-smi` creates it)",
         ));
-    }
-    if !exists(&nodes[2]) {
-        return Err(missing(&nodes[2], "load the unified-memory driver as root before starting workers (`nvidia-modprobe -u -c 0`)"));
     }
     Ok(nodes.into_iter().filter(|p| exists(p)).collect())
 }

@@ -13,7 +13,6 @@ use super::confine::ConfineError;
 use super::namespaces::fail;
 
 /// One line of `/proc/self/mountinfo`.
-#[derive(Debug, PartialEq)]
 struct Mount {
     /// Its mount ID.
     id: u64,
@@ -65,11 +64,11 @@ pub(super) fn read_only_pass(
 /// Fails where the root's own mount is not among `listed`: in a chroot, mountinfo leaves out the
 /// mount the root sits in, which the pass would then leave writable.
 fn root_is_listed(listed: &[Mount]) -> Result<(), ConfineError> {
-    let listed = match mount_id(Path::new("/")) {
+    let found = match mount_id(Path::new("/")) {
         Some(root) => listed.iter().any(|m| m.id == root),
         None => listed.iter().any(|m| m.point == "/"),
     };
-    if listed {
+    if found {
         return Ok(());
     }
     Err(fail(

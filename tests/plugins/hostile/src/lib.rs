@@ -272,16 +272,7 @@ fn attack(command: &str) -> Result<String, PluginError> {
             "loop" => loop {
                 std::hint::spin_loop();
             },
-            "list" => match std::fs::read_dir(arg) {
-                Ok(entries) => {
-                    let mut names: Vec<String> = entries
-                        .filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
-                        .collect();
-                    names.sort();
-                    format!("listed {}", names.join(" "))
-                }
-                Err(e) => format!("denied: {e}"),
-            },
+            "list" => list(arg),
             "peek" => peek(arg),
             "read" => match std::fs::read(arg) {
                 Ok(bytes) => format!("read {} bytes", bytes.len()),
@@ -527,6 +518,20 @@ impl PluginImpl for Hostile {
 }
 
 export_plugin!(Hostile);
+
+/// The names in folder `path`, sorted.
+fn list(path: &str) -> String {
+    match std::fs::read_dir(path) {
+        Ok(entries) => {
+            let mut names: Vec<String> = entries
+                .filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+                .collect();
+            names.sort();
+            format!("listed {}", names.join(" "))
+        }
+        Err(e) => format!("denied: {e}"),
+    }
+}
 
 /// Reads at most 8 bytes of `path` without waiting (a device that never ends, such as
 /// `/dev/zero`, or one with nothing to say, such as `/dev/ptmx`, included).
