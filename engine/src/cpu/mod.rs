@@ -524,12 +524,27 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// Standard normal values from a fixed seed (Box–Muller): every run sees the same draw, so
+    /// a bound near the quantization's own error cannot fail on an unlucky one.
+    fn normal(shape: (usize, usize), seed: u64) -> Tensor {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(seed);
+        let values: Vec<f32> = (0..shape.0 * shape.1)
+            .map(|_| {
+                let u = rng.random::<f64>().max(f64::MIN_POSITIVE);
+                let angle = std::f64::consts::TAU * rng.random::<f64>();
+                ((-2.0 * u.ln()).sqrt() * angle.cos()) as f32
+            })
+            .collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    }
+
     /// The kernels read candle's (ggml's) blocks byte for byte: the same values decoded, for
     /// every format both know, and the integer products within the activations' 8-bit rounding.
     /// The 8-bit KV cache's rows are ggml's Q8_0 blocks byte for byte too.
     #[test]
     fn the_kernels_read_ggml_blocks_as_ggml_does() {
-        let rows = Tensor::randn(0f32, 1.0, (5, 128), &Device::Cpu).unwrap();
+        let rows = normal((5, 128), 1);
         let ggml = QTensor::quantize(&rows, GgmlDType::Q8_0).unwrap();
         let mut ours = vec![0u8; 5 * pio_kernels::kv_q8::row_bytes(128)];
         let values = rows.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -540,8 +555,10 @@ mod tests {
 
         let device = Device::Cpu;
         let (n, k) = (24, 512);
-        let w = Tensor::randn(0f32, 1.0, (n, k), &device).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (3, k), &device).unwrap();
+        // Seeded: over 40 seeds Q4K's error ran 0.0053-0.0090 (median 0.0071), but one unseeded
+        // CI draw gave 0.0103.
+        let w = normal((n, k), 2);
+        let x = normal((3, k), 3);
         for dtype in [
             GgmlDType::Q8_0,
             GgmlDType::Q4_0,
