@@ -185,7 +185,6 @@ const FAKE_GPUS: &[(&str, u32)] = &[("0000:01:00.0", 1), ("0000:02:00.0", 0)];
 /// Runs `pio args` in `dir` in a mount namespace of its own whose `/dev` is [`FAKE_DEV`] and
 /// whose `/proc/driver/nvidia/gpus` lists [`FAKE_GPUS`].
 fn run_with_fake_gpus(dir: &PluginDir, args: &[&str]) -> Ran {
-    use std::os::unix::process::CommandExt;
     let c = |s: String| CString::new(s).unwrap();
     let nodes: Vec<(CString, libc::dev_t)> = FAKE_DEV
         .iter()
@@ -202,48 +201,34 @@ fn run_with_fake_gpus(dir: &PluginDir, args: &[&str]) -> Ran {
         let text = format!("Model: \t\t Fake\nBus Location: \t {bus}\nDevice Minor: \t {minor}\n");
         files.push((c(format!("{gpu}/information")), text.into_bytes()));
     }
-    let mut command = std::process::Command::new(pio_bin());
-    command.current_dir(dir.path()).args(args);
-    // SAFETY: between fork and exec only system calls run, on memory made before the fork that
-    // outlives them (the vectors live until `output` returns).
-    unsafe {
-        command.pre_exec(move || {
-            let none = std::ptr::null();
-            let check = |r: libc::c_int| match r {
-                r if r >= 0 => Ok(r),
-                _ => Err(std::io::Error::last_os_error()),
-            };
+    pio_in_own_mounts(dir.path(), args, move || {
+        // SAFETY: plain system calls on NUL-terminated paths and buffers that live here.
+        unsafe {
             // The nodes' modes as given; pio gets the umask it had.
             let umask = libc::umask(0);
-            check(libc::unshare(libc::CLONE_NEWNS))?;
-            let flags = libc::MS_REC | libc::MS_PRIVATE;
-            check(libc::mount(none, c"/".as_ptr(), none, flags, none.cast()))?;
             let tmpfs = c"tmpfs".as_ptr();
             for at in [c"/dev".as_ptr(), c"/proc/driver".as_ptr()] {
                 let options = c"mode=0755".as_ptr().cast();
-                check(libc::mount(tmpfs, at, tmpfs, libc::MS_NOSUID, options))?;
+                os(libc::mount(tmpfs, at, tmpfs, libc::MS_NOSUID, options))?;
             }
             for (path, number) in &nodes {
-                check(libc::mknod(path.as_ptr(), libc::S_IFCHR | 0o666, *number))?;
+                os(libc::mknod(path.as_ptr(), libc::S_IFCHR | 0o666, *number))?;
             }
             for folder in &folders {
-                check(libc::mkdir(folder.as_ptr(), 0o755))?;
+                os(libc::mkdir(folder.as_ptr(), 0o755))?;
             }
             for (path, text) in &files {
-                let fd = check(libc::open(
-                    path.as_ptr(),
-                    libc::O_CREAT | libc::O_WRONLY,
-                    0o644,
-                ))?;
+                let flags = libc::O_CREAT | libc::O_WRONLY;
+                let fd = os(libc::open(path.as_ptr(), flags, 0o644))?;
                 let written = libc::write(fd, text.as_ptr().cast(), text.len());
                 libc::close(fd);
-                check(written as libc::c_int)?;
+                os(written as libc::c_int)?;
             }
             libc::umask(umask);
-            Ok(())
-        });
-    }
-    command.output().expect("run pio with fake GPUs").into()
+        }
+        Ok(())
+    })
+    .into()
 }
 
 /// A plugin directory with the hostile plugin at `tier` on `device`.

@@ -96,6 +96,50 @@ fn the_file_system_is_read_only_but_for_the_scratch() {
     );
 }
 
+/// A mount whose path is not UTF-8 (a Linux path is any bytes) neither fails the start nor is
+/// passed over: pio runs with a tmpfs, writable by anyone, at `/mnt/caf\xff`, which the worker
+/// reaches through a link with a plain name and finds read-only.
+#[test]
+fn a_mount_whose_path_is_not_utf8_is_made_read_only() {
+    if !confinement_available() {
+        return;
+    }
+    if !std::path::Path::new("/mnt").is_dir() {
+        eprintln!("skipped: no /mnt here");
+        return;
+    }
+    let dir = medium_dir();
+    let args = ["run", "hostile", "--plugins", ".", "--prompt"];
+    let args = [&args[..], &["write /mnt/link/new"]].concat();
+    let ran: Ran = pio_in_own_mounts(dir.path(), &args, || {
+        let tmpfs = c"tmpfs".as_ptr();
+        let mode = |m: &'static std::ffi::CStr| m.as_ptr().cast();
+        // SAFETY: plain system calls on NUL-terminated literals.
+        unsafe {
+            // Over the host's /mnt, so nothing is made there.
+            os(libc::mount(
+                tmpfs,
+                c"/mnt".as_ptr(),
+                tmpfs,
+                0,
+                mode(c"mode=0755"),
+            ))?;
+            os(libc::mkdir(c"/mnt/caf\xff".as_ptr(), 0o755))?;
+            let point = c"/mnt/caf\xff".as_ptr();
+            os(libc::mount(tmpfs, point, tmpfs, 0, mode(c"mode=0777")))?;
+            os(libc::symlink(c"caf\xff".as_ptr(), c"/mnt/link".as_ptr()))?;
+        }
+        Ok(())
+    })
+    .into();
+    assert!(ran.ok, "{}", ran.stderr);
+    assert!(
+        ran.stdout.contains("Read-only file system"),
+        "{}",
+        ran.stdout
+    );
+}
+
 #[test]
 fn the_daemon_is_out_of_sight_and_reach() {
     if !confinement_available() {

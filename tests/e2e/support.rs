@@ -130,3 +130,38 @@ pub fn sha256_of(path: &Path) -> String {
         .expect("sha256sum");
     String::from_utf8_lossy(&out.stdout)[..64].to_string()
 }
+
+/// A libc call's result as an `io::Result`: negative is the thread's last OS error.
+pub fn os(r: libc::c_int) -> std::io::Result<libc::c_int> {
+    if r >= 0 {
+        Ok(r)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Runs `pio args` from `cwd` in a mount namespace of its own, private all through, after
+/// `setup` has changed its mounts there; the host's mounts stay as they were.
+///
+/// `setup` runs between fork and exec: system calls only, on memory it owns.
+pub fn pio_in_own_mounts(
+    cwd: &Path,
+    args: &[&str],
+    mut setup: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static,
+) -> Output {
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new(pio_bin());
+    command.current_dir(cwd).args(args);
+    // SAFETY: between fork and exec only system calls run, on memory made before the fork
+    // that outlives them (`setup` owns what it uses).
+    unsafe {
+        command.pre_exec(move || {
+            let none = std::ptr::null();
+            os(libc::unshare(libc::CLONE_NEWNS))?;
+            let flags = libc::MS_REC | libc::MS_PRIVATE;
+            os(libc::mount(none, c"/".as_ptr(), none, flags, none.cast()))?;
+            setup()
+        });
+    }
+    command.output().expect("run pio in a mount namespace")
+}

@@ -4,6 +4,8 @@
 //! device node from being opened for writing; `nodev` does, wherever a node sits on the host's
 //! tree (a container's root file system, a build chroot with the host's `/dev` bound in).
 
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -16,8 +18,8 @@ use super::namespaces::fail;
 struct Mount {
     /// Its mount ID.
     id: u64,
-    /// Where it is mounted (octal escapes decoded).
-    point: String,
+    /// Where it is mounted (octal escapes decoded; any bytes, as a path may hold).
+    point: PathBuf,
     /// Its per-mount options (`rw,nosuid,…`).
     options: String,
 }
@@ -28,16 +30,17 @@ pub(super) fn read_only_pass(
     writable: &[PathBuf],
     devices: &[PathBuf],
 ) -> Result<(), ConfineError> {
-    let mountinfo =
-        std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| fail("read mountinfo", e))?;
+    // Bytes, not text: a mount point need not be UTF-8, and one such mount anywhere on the host
+    // must neither fail the start nor be passed over.
+    let mountinfo = std::fs::read("/proc/self/mountinfo").map_err(|e| fail("read mountinfo", e))?;
     let listed = mounts(&mountinfo);
     root_is_listed(&listed)?;
     let none: Option<&str> = None;
     for m in listed {
-        if m.point == "/tmp" || m.point == "/proc" || m.point.starts_with("/proc/") {
+        if m.point == Path::new("/tmp") || m.point.starts_with("/proc") {
             continue;
         }
-        let path = PathBuf::from(&m.point);
+        let path = m.point;
         // A mount another one covers (the host's /dev under the worker's own) is out of reach;
         // the covering one has its own line.
         let current = mount_id(&path);
@@ -55,7 +58,10 @@ pub(super) fn read_only_pass(
             // mount a path is on (before Linux 5.8), a plain folder of the covering mount.
             Err(Errno::ENOENT) => {}
             Err(Errno::EINVAL) if current.is_none() => {}
-            Err(e) => return Err(fail("remount read-only", format!("{}: {e}", m.point))),
+            Err(e) => {
+                let reason = format!("{}: {e}", path.display());
+                return Err(fail("remount read-only", reason));
+            }
         }
     }
     Ok(())
@@ -66,7 +72,7 @@ pub(super) fn read_only_pass(
 fn root_is_listed(listed: &[Mount]) -> Result<(), ConfineError> {
     let found = match mount_id(Path::new("/")) {
         Some(root) => listed.iter().any(|m| m.id == root),
-        None => listed.iter().any(|m| m.point == "/"),
+        None => listed.iter().any(|m| m.point == Path::new("/")),
     };
     if found {
         return Ok(());
@@ -120,59 +126,88 @@ fn mount_id(path: &Path) -> Option<u64> {
 }
 
 /// The lines of `/proc/self/mountinfo`.
-fn mounts(mountinfo: &str) -> Vec<Mount> {
+fn mounts(mountinfo: &[u8]) -> Vec<Mount> {
     mountinfo
-        .lines()
+        .split(|&b| b == b'\n')
         .filter_map(|line| {
-            let mut fields = line.split(' ');
-            let id = fields.next()?.parse().ok()?;
+            let mut fields = line.split(|&b| b == b' ');
+            let id = std::str::from_utf8(fields.next()?).ok()?.parse().ok()?;
             let point = fields.nth(3)?;
-            let options = fields.next()?;
+            let options = std::str::from_utf8(fields.next()?).ok()?;
             Some(Mount {
                 id,
-                point: unescape(point),
+                point: PathBuf::from(OsString::from_vec(unescape(point))),
                 options: options.to_string(),
             })
         })
         .collect()
 }
 
-fn unescape(field: &str) -> String {
-    let mut out = String::new();
-    let mut chars = field.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\\' {
-            let code: String = chars.by_ref().take(3).collect();
-            if let Ok(byte) = u8::from_str_radix(&code, 8) {
-                out.push(byte as char);
+/// `field` with the kernel's escapes (`\ooo`, three octal digits, for a space, tab, newline or
+/// backslash) decoded; every other byte is the path's own.
+fn unescape(field: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(field.len());
+    let mut rest = field;
+    while let Some((&first, tail)) = rest.split_first() {
+        if first == b'\\' {
+            if let Some(byte) = tail.get(..3).and_then(octal_byte) {
+                out.push(byte);
+                rest = &tail[3..];
                 continue;
             }
-            out.push('\\');
-            out.push_str(&code);
-        } else {
-            out.push(c);
         }
+        out.push(first);
+        rest = tail;
     }
     out
 }
 
+/// The byte three octal digits name, `None` where they are not three octal digits under 0o400.
+fn octal_byte(digits: &[u8]) -> Option<u8> {
+    digits.iter().try_fold(0u8, |value, &d| {
+        let digit = d.checked_sub(b'0').filter(|&v| v < 8)?;
+        value.checked_mul(8)?.checked_add(digit)
+    })
+}
+
 #[cfg(test)]
 mod tests {
+    use std::os::unix::ffi::OsStrExt;
+
     use super::*;
 
     #[test]
     fn mountinfo_lines_give_ids_points_and_options() {
-        let info = "22 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n\
-                    30 22 0:5 / /dev/my\\040disk rw,nosuid,noexec shared:2 - devtmpfs udev rw\n";
+        let info = b"22 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n\
+                     30 22 0:5 / /dev/my\\040disk rw,nosuid,noexec shared:2 - devtmpfs udev rw\n\
+                     31 22 0:6 / /srv/caf\xff\\134x rw shared:3 - tmpfs tmpfs rw\n";
         let m = mounts(info);
-        assert_eq!(
-            (m[0].id, m[0].point.as_str(), m[0].options.as_str()),
-            (22, "/", "rw,relatime")
-        );
-        assert_eq!(
-            (m[1].id, m[1].point.as_str(), m[1].options.as_str()),
-            (30, "/dev/my disk", "rw,nosuid,noexec")
-        );
+        let line = |i: usize| {
+            (
+                m[i].id,
+                m[i].point.as_os_str().as_bytes(),
+                m[i].options.as_str(),
+            )
+        };
+        assert_eq!(line(0), (22, &b"/"[..], "rw,relatime"));
+        assert_eq!(line(1), (30, &b"/dev/my disk"[..], "rw,nosuid,noexec"));
+        // A point that is not UTF-8 keeps its bytes (a backslash arrives escaped).
+        assert_eq!(line(2), (31, &b"/srv/caf\xff\\x"[..], "rw"));
+    }
+
+    #[test]
+    fn only_the_kernels_escapes_are_decoded() {
+        let cases: [(&[u8], &[u8]); 6] = [
+            (b"a\\011b\\012c", b"a\tb\nc"),
+            (b"caf\xc3\xa9", b"caf\xc3\xa9"),
+            (b"\\777", b"\\777"),
+            (b"\\08x", b"\\08x"),
+            (b"end\\04", b"end\\04"),
+            (b"\\", b"\\"),
+        ];
+        for (field, path) in cases {
+            assert_eq!(unescape(field), path, "{}", field.escape_ascii());
+        }
     }
 
     #[test]
@@ -203,10 +238,12 @@ mod tests {
 
     #[test]
     fn a_mount_is_found_by_its_id() {
-        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let info = std::fs::read("/proc/self/mountinfo").unwrap();
         let (Some(id), Some(root)) = (
             mount_id(Path::new("/")),
-            mounts(&info).into_iter().rfind(|m| m.point == "/"),
+            mounts(&info)
+                .into_iter()
+                .rfind(|m| m.point == Path::new("/")),
         ) else {
             return; // Before Linux 5.8, or in a chroot.
         };
