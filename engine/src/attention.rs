@@ -272,6 +272,7 @@ fn with_candle(q: &Tensor, kv: &PagedKv<'_>, start: usize, scale: f64) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::normal;
 
     fn step(tokens: &'static [u32], blocks: &'static [u32], start: usize) -> SeqStep<'static> {
         SeqStep {
@@ -374,9 +375,10 @@ mod tests {
         let blocks = [5, 2, 7, 0, 3, 6];
         let mut start = 0;
         for seq in [12, 1, 1, 9] {
-            let q = Tensor::randn(0f32, 1.0, (seq, heads, d), &device).unwrap();
-            let k = Tensor::randn(0f32, 1.0, (seq, kv_heads, d), &device).unwrap();
-            let v = Tensor::randn(0f32, 1.0, (seq, kv_heads, d), &device).unwrap();
+            let seed = 3 * start as u64;
+            let q = normal(0.0, 1.0, (seq, heads, d), &device, seed);
+            let k = normal(0.0, 1.0, (seq, kv_heads, d), &device, seed + 1);
+            let v = normal(0.0, 1.0, (seq, kv_heads, d), &device, seed + 2);
             pool.write(0, 0, &blocks, start, &k).unwrap();
             pool.write(0, 1, &blocks, start, &v).unwrap();
             let kv = PagedKv {

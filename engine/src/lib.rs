@@ -31,6 +31,8 @@ pub mod sequence;
 pub mod serving;
 pub mod single;
 pub mod stop;
+#[cfg(test)]
+mod testing;
 pub mod text;
 pub mod weights;
 

@@ -344,13 +344,14 @@ impl Module for Linear {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::normal;
     use candle_core::Device;
     use std::collections::HashMap;
 
     fn relative_error(q: Quantization, input: usize) -> f32 {
         let device = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (64, input), &device).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (3, input), &device).unwrap();
+        let w = normal(0.0, 1.0, (64, input), &device, 1);
+        let x = normal(0.0, 1.0, (3, input), &device, 2);
         let vb = VarBuilder::from_tensors(
             HashMap::from([("weight".to_string(), w.clone())]),
             DType::F32,
@@ -391,7 +392,7 @@ mod tests {
             (Quantization::Q4, 256, 144),
             (Quantization::Q4, 96, 18 * 3),
         ] {
-            let w = Tensor::randn(0f32, 1.0, (32, width), &device).unwrap();
+            let w = normal(0.0, 1.0, (32, width), &device, width as u64);
             let layer = Linear::from_weight(w, None, q).unwrap();
             assert!(
                 matches!(
@@ -436,11 +437,11 @@ mod tests {
     #[test]
     fn quantized_products_keep_no_second_copy_of_the_weight() {
         let device = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (8192, 4096), &device).unwrap();
+        let w = normal(0.0, 1.0, (8192, 4096), &device, 3);
         let layer = Linear::from_weight(w, None, Quantization::Q4).unwrap();
         let blocks = layer.weight_bytes();
         assert!(blocks >= 18 << 20, "{blocks}");
-        let x = Tensor::randn(0f32, 1.0, (1, 1, 4096), &device).unwrap();
+        let x = normal(0.0, 1.0, (1, 1, 4096), &device, 4);
         let before = resident_bytes();
         for _ in 0..3 {
             layer.forward(&x).unwrap();

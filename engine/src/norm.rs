@@ -189,11 +189,12 @@ fn fused(layers: &[&Linear], input: LinearInput<'_>) -> candle_core::Result<Opti
 mod tests {
     use super::*;
     use crate::linear::Quantization;
+    use crate::testing::normal;
     use candle_core::Device;
     use std::collections::HashMap;
 
     fn norm(width: usize, dtype: DType) -> RmsNorm {
-        let w = (Tensor::randn(0f32, 0.2, width, &Device::Cpu).unwrap() + 1.0).unwrap();
+        let w = normal(1.0, 0.2, width, &Device::Cpu, 1);
         let vb = VarBuilder::from_tensors(
             HashMap::from([("weight".to_string(), w.to_dtype(dtype).unwrap())]),
             dtype,
@@ -203,7 +204,7 @@ mod tests {
     }
 
     fn layer(input: usize, output: usize, q: Quantization, dtype: DType) -> Linear {
-        let w = Tensor::randn(0f32, 1.0, (output, input), &Device::Cpu).unwrap();
+        let w = normal(0.0, 1.0, (output, input), &Device::Cpu, output as u64);
         Linear::from_weight(w.to_dtype(dtype).unwrap(), None, q).unwrap()
     }
 
@@ -227,7 +228,7 @@ mod tests {
                 // Outputs that end inside a tile, and one whole tile.
                 let (a, b) = (layer(k, 40, qa, dtype), layer(k, 16, qb, dtype));
                 for m in [1, 9] {
-                    let x = Tensor::randn(0f32, 1.0, (1, m, k), &Device::Cpu).unwrap();
+                    let x = normal(0.0, 1.0, (1, m, k), &Device::Cpu, m as u64);
                     let x = x.to_dtype(dtype).unwrap();
                     let [ya, yb] = forward_all([&a, &b], LinearInput::Normed(&x, &norm)).unwrap();
                     let h = norm.forward(&x).unwrap();
@@ -261,8 +262,8 @@ mod tests {
     #[test]
     fn the_residual_stream_adds_each_output_once_before_whoever_reads_it() {
         let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let rand = || Tensor::randn(0f32, 1.0, (1, 3, 8), &Device::Cpu).unwrap();
-        let (x, a, b, c) = (rand(), rand(), rand(), rand());
+        let rand = |seed| normal(0.0, 1.0, (1, 3, 8), &Device::Cpu, seed);
+        let (x, a, b, c) = (rand(1), rand(2), rand(3), rand(4));
         let norm = norm(8, DType::F32);
         let mut stream = Residual::new(x.clone());
         match stream.normed(&norm).unwrap() {

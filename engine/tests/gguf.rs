@@ -144,7 +144,7 @@ fn quantized_tensors_are_used_as_stored() {
             .unwrap()
             .unwrap();
         assert!(layer.is_quantized(), "{file}");
-        let x = pio_engine::candle_core::Tensor::randn(0f32, 1., (3, 256), &Device::Cpu).unwrap();
+        let x = common::testing::normal(0.0, 1.0, (3, 256), &Device::Cpu, 1);
         let got = layer.forward(&x).unwrap();
         let dense = head.dequantize(&Device::Cpu).unwrap();
         let expected = x.matmul(&dense.t().unwrap()).unwrap();

@@ -13,6 +13,7 @@ mod common;
 
 use std::sync::Arc;
 
+use common::testing::normal;
 use common::*;
 use pio_engine::attention::{paged, paged_batch, PagedKv};
 use pio_engine::batch::{Batch, Positions, SeqStep, Wanted};
@@ -272,11 +273,11 @@ fn kernel_matches_gather(device: &Device, case: &PoolCase) {
     let (block_size, slots) = (16, 16 * 12);
     let ((kv_heads, heads), (head_dim, value_dim)) = (case.heads, case.dims);
     let rounded = |t: Tensor| t.to_dtype(case.dtype).unwrap();
-    let keys = rounded(Tensor::randn(0f32, 1.0, (slots, kv_heads, head_dim), device).unwrap());
+    let keys = rounded(normal(0.0, 1.0, (slots, kv_heads, head_dim), device, 1));
     let values = if case.values_are_keys {
         keys.clone()
     } else {
-        rounded(Tensor::randn(0.5f32, 1.0, (slots, kv_heads, head_dim), device).unwrap())
+        rounded(normal(0.5, 1.0, (slots, kv_heads, head_dim), device, 2))
     };
     // Decode rows at lengths that end mid-block, and at 1 and 3 positions (warps left idle);
     // the third sequence is a 3-token prompt chunk at positions 5..8, the last a 20-token one
@@ -305,7 +306,7 @@ fn kernel_matches_gather(device: &Device, case: &PoolCase) {
             .collect(),
     );
     let rows = batch.rows();
-    let q = rounded(Tensor::randn(0f32, 1.0, (rows, heads, head_dim), device).unwrap());
+    let q = rounded(normal(0.0, 1.0, (rows, heads, head_dim), device, 3));
     let shape = (block_size, value_dim);
     assert!(
         pio_engine::cuda::takes(&q, &keys, &values, shape),
@@ -486,13 +487,11 @@ fn the_gemv_kernel_gives_cublas_products() {
     let Some(device) = gpu() else { return };
     let (n, k) = (6144, 2560);
     for (dtype, bound) in [(DType::F32, 1e-4), (DType::BF16, 4e-2), (DType::F16, 5e-3)] {
-        let w = Tensor::randn(0f32, 0.02, (n, k), &device)
-            .unwrap()
+        let w = normal(0.0, 0.02, (n, k), &device, 1)
             .to_dtype(dtype)
             .unwrap();
         for rows in [1, 3, 8] {
-            let x = Tensor::randn(0f32, 1.0, (1, rows, k), &device)
-                .unwrap()
+            let x = normal(0.0, 1.0, (1, rows, k), &device, rows as u64)
                 .to_dtype(dtype)
                 .unwrap();
             let got = pio_engine::cuda::gemv::linear(&x, &w)

@@ -522,29 +522,15 @@ fn with_bytes<R>(t: &Tensor, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::normal;
     use candle_core::Device;
-
-    /// Standard normal values from a fixed seed (Box–Muller): every run sees the same draw, so
-    /// a bound near the quantization's own error cannot fail on an unlucky one.
-    fn normal(shape: (usize, usize), seed: u64) -> Tensor {
-        use rand::{rngs::StdRng, Rng, SeedableRng};
-        let mut rng = StdRng::seed_from_u64(seed);
-        let values: Vec<f32> = (0..shape.0 * shape.1)
-            .map(|_| {
-                let u = rng.random::<f64>().max(f64::MIN_POSITIVE);
-                let angle = std::f64::consts::TAU * rng.random::<f64>();
-                ((-2.0 * u.ln()).sqrt() * angle.cos()) as f32
-            })
-            .collect();
-        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
-    }
 
     /// The kernels read candle's (ggml's) blocks byte for byte: the same values decoded, for
     /// every format both know, and the integer products within the activations' 8-bit rounding.
     /// The 8-bit KV cache's rows are ggml's Q8_0 blocks byte for byte too.
     #[test]
     fn the_kernels_read_ggml_blocks_as_ggml_does() {
-        let rows = normal((5, 128), 1);
+        let rows = normal(0.0, 1.0, (5, 128), &Device::Cpu, 1);
         let ggml = QTensor::quantize(&rows, GgmlDType::Q8_0).unwrap();
         let mut ours = vec![0u8; 5 * pio_kernels::kv_q8::row_bytes(128)];
         let values = rows.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -557,8 +543,8 @@ mod tests {
         let (n, k) = (24, 512);
         // Seeded: over 40 seeds Q4K's error ran 0.0053-0.0090 (median 0.0071), but one unseeded
         // CI draw gave 0.0103.
-        let w = normal((n, k), 2);
-        let x = normal((3, k), 3);
+        let w = normal(0.0, 1.0, (n, k), &device, 2);
+        let x = normal(0.0, 1.0, (3, k), &device, 3);
         for dtype in [
             GgmlDType::Q8_0,
             GgmlDType::Q4_0,
@@ -612,8 +598,8 @@ mod tests {
     #[test]
     fn bf16_linear_matches_candle() {
         let device = Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (1, 7, 64), &device).unwrap();
-        let w = Tensor::randn(0f32, 1.0, (40, 64), &device).unwrap();
+        let x = normal(0.0, 1.0, (1, 7, 64), &device, 1);
+        let w = normal(0.0, 1.0, (40, 64), &device, 2);
         for rows in [1, 7] {
             let x = x.narrow(1, 0, rows).unwrap().to_dtype(DType::BF16).unwrap();
             let w = w.to_dtype(DType::BF16).unwrap();
@@ -647,8 +633,8 @@ mod tests {
     #[test]
     fn half_precision_sums_are_candles() {
         let device = Device::Cpu;
-        let a = Tensor::randn(0f32, 4.0, (3, 40_000), &device).unwrap();
-        let b = Tensor::randn(0f32, 1.0, (3, 40_000), &device).unwrap();
+        let a = normal(0.0, 4.0, (3, 40_000), &device, 1);
+        let b = normal(0.0, 1.0, (3, 40_000), &device, 2);
         for dtype in [DType::BF16, DType::F16] {
             let (a, b) = (a.to_dtype(dtype).unwrap(), b.to_dtype(dtype).unwrap());
             let ours = add(&a, &b).unwrap().unwrap();
@@ -686,9 +672,10 @@ mod tests {
     fn rotary_positions_are_candles() {
         let device = Device::Cpu;
         for (batch, seq, heads, dim) in [(1, 7, 3, 16), (2, 5, 2, 8), (1, 1, 4, 128)] {
-            let x = Tensor::randn(0f32, 3.0, (batch, seq, heads, dim), &device).unwrap();
-            let cos = Tensor::randn(0f32, 1.0, (seq, dim / 2), &device).unwrap();
-            let sin = Tensor::randn(0f32, 1.0, (seq, dim / 2), &device).unwrap();
+            let seed = 3 * dim as u64;
+            let x = normal(0.0, 3.0, (batch, seq, heads, dim), &device, seed);
+            let cos = normal(0.0, 1.0, (seq, dim / 2), &device, seed + 1);
+            let sin = normal(0.0, 1.0, (seq, dim / 2), &device, seed + 2);
             for dtype in [DType::F32, DType::BF16, DType::F16] {
                 let [x, cos, sin] = [&x, &cos, &sin].map(|t| t.to_dtype(dtype).unwrap());
                 let ours = rope(&x, &cos, &sin).unwrap().unwrap();

@@ -485,7 +485,7 @@ mod tests {
             storage: CacheType::Q8_0,
         };
         let pool = KvPool::new(layout, shape, &Device::Cpu).unwrap();
-        let rows = Tensor::randn(0f32, 1.0, (6, 2, 64), &Device::Cpu).unwrap();
+        let rows = crate::testing::normal(0.0, 1.0, (6, 2, 64), &Device::Cpu, 1);
         pool.write(0, 0, &[3, 1], 2, &rows).unwrap();
         let stored = values(&pool.layer(0)[0], 64).unwrap();
         let slots: Vec<u32> = vec![14, 15, 4, 5, 6, 7];

@@ -111,6 +111,7 @@ fn swiglu(y: &Tensor, width: usize) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::normal;
     use candle_core::{DType, Device};
     use std::collections::HashMap;
 
@@ -126,16 +127,11 @@ mod tests {
             (Quantization::Q4, 64),
         ] {
             let hidden = 64;
-            let w = |r, c, s| {
-                Tensor::randn(0f32, 1.0, (r, c), &device)
-                    .unwrap()
-                    .affine(s, 0.0)
-                    .unwrap()
-            };
+            let w = |r, c, seed| normal(0.0, 0.2, (r, c), &device, seed);
             let tensors = HashMap::from([
-                ("gate_proj.weight".to_string(), w(width, hidden, 0.2)),
-                ("up_proj.weight".to_string(), w(width, hidden, 0.2)),
-                ("down_proj.weight".to_string(), w(hidden, width, 0.2)),
+                ("gate_proj.weight".to_string(), w(width, hidden, 1)),
+                ("up_proj.weight".to_string(), w(width, hidden, 2)),
+                ("down_proj.weight".to_string(), w(hidden, width, 3)),
             ]);
             let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
             let mlp = Mlp::load(hidden, width, q, vb.clone()).unwrap();
@@ -147,7 +143,7 @@ mod tests {
             );
             let gate = Linear::load(hidden, width, false, q, vb.pp("gate_proj")).unwrap();
             let up = Linear::load(hidden, width, false, q, vb.pp("up_proj")).unwrap();
-            let x = Tensor::randn(0f32, 1.0, (3, hidden), &device).unwrap();
+            let x = normal(0.0, 1.0, (3, hidden), &device, 4);
             let inner = (candle_nn::ops::silu(&gate.forward(&x).unwrap()).unwrap()
                 * up.forward(&x).unwrap())
             .unwrap();

@@ -23,6 +23,9 @@ use serde_json::Value;
 
 pub mod vl;
 
+#[path = "../../src/testing.rs"]
+pub mod testing;
+
 /// tests/fixtures.
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
