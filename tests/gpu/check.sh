@@ -4,7 +4,7 @@
 #
 #   tests/gpu/check.sh BIN_DIR [--no-bench]
 #
-# BIN_DIR holds `pio`, `libpio_plugin_qwen3.so`, `gpu-tests` (engine/tests/gpu.rs), `gpu-bench`
+# BIN_DIR holds `pio`, `libpio_plugin_qwen3.so`, `libpio_test_plugin_hostile.so`, `gpu-tests` (engine/tests/gpu.rs), `gpu-bench`
 # (engine/benches/gpu.rs) and `build-root` (the checkout they were built in: the tests find the
 # fixtures there, so it is linked to this checkout when it does not exist here). Each step runs
 # under a time limit and a failed one does not stop the next; the exit status says whether all
@@ -84,6 +84,38 @@ EOF
     python3 tests/gpu/landlock_cuinit.py w:/proc/self/task
 }
 
+# A confined GPU worker's own /dev on the real driver, through the hostile test plugin: at `medium`
+# the harmless devices and one GPU's nodes (its own, the control node, unified memory's), nothing
+# else; at `medium` and `high` the plugin is told `cuda:0`, the only GPU CUDA counts there.
+worker_dev() {
+  local shared=/var/tmp/pio-gpu-dev tier said listed
+  local harmless='fd|full|null|random|stderr|stdin|stdout|urandom|zero'
+  mkdir -p "$shared/model" && echo '{}' >"$shared/model/config.json"
+  install -m 644 "$bins/libpio_test_plugin_hostile.so" "$shared/"
+  chmod -R a+rX "$shared"
+  for tier in high medium; do
+    cat >"$shared/hostile.toml" <<EOF
+name = "hostile"
+version = "0.1.0"
+library = "$shared/libpio_test_plugin_hostile.so"
+api = "^1.0"
+tier = "$tier"
+
+[model]
+path = "$shared/model"
+device = "cuda:${PIO_GPU_ORDINAL:-0}"
+EOF
+    said=$("$bins/pio" run hostile --plugins "$shared" --prompt device) || return 1
+    echo "$tier: $said"
+    [ "$said" = "device cuda:0" ] || return 1
+  done
+  # Left at `medium`, where Landlock does not hide the listing.
+  listed=$("$bins/pio" run hostile --plugins "$shared" --prompt "list /dev") || return 1
+  echo "medium's /dev: $listed"
+  echo "$listed" | grep -Eqx "listed (($harmless|nvidia[0-9]+|nvidiactl|nvidia-uvm|nvidia-uvm-tools) ?)+" &&
+    [ "$(echo "$listed" | grep -Eo 'nvidia[0-9]+' | wc -l)" = 1 ]
+}
+
 if ! nvidia-smi -L >/dev/null 2>&1; then
   echo "no NVIDIA GPU here (nvidia-smi -L fails): nothing to check"
   exit 0
@@ -126,6 +158,7 @@ if [ $bench = 1 ] && [ ! -f "$model/config.json" ]; then
 fi
 
 step "GPU tests (engine/tests/gpu.rs)" 150 "$bins/gpu-tests" --test-threads=1 --nocapture
+step "a confined GPU worker's /dev" 30 worker_dev
 
 if [ $bench = 1 ]; then
   if [ -n "${drawing:-}" ]; then

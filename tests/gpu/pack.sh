@@ -29,11 +29,14 @@ print([m["executable"] for m in msgs
 }
 
 cargo build "${cuda[@]}" -p pio-host -p pio-plugin-qwen3
+# The hostile test plugin shows a confined GPU worker's /dev on a real driver (check.sh).
+cargo build --release -p pio-test-plugin-hostile
 tests=$(built test "${cuda[@]}" -p pio-engine --test gpu)
 bench=$(built bench --features pio-engine/cuda -p pio-engine --bench gpu)
 
 rm -rf "$dir" && mkdir -p "$dir"
-cp "$target/release/pio" "$target/release/libpio_plugin_qwen3.so" "$dir/"
+cp "$target/release/pio" "$target/release/libpio_plugin_qwen3.so" \
+  "$target/release/libpio_test_plugin_hostile.so" "$dir/"
 cp "$tests" "$dir/gpu-tests"
 cp "$bench" "$dir/gpu-bench"
 strip --strip-debug "$dir"/*
