@@ -158,7 +158,9 @@ if [ $bench = 1 ] && [ ! -f "$model/config.json" ]; then
 fi
 
 step "GPU tests (engine/tests/gpu.rs)" 150 "$bins/gpu-tests" --test-threads=1 --nocapture
-step "a confined GPU worker's /dev" 30 worker_dev
+# `timeout` runs programs: the function goes through a shell that inherits it.
+export -f worker_dev
+step "a confined GPU worker's /dev" 30 env bins="$bins" bash -c worker_dev
 
 if [ $bench = 1 ]; then
   if [ -n "${drawing:-}" ]; then
