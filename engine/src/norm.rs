@@ -194,7 +194,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn norm(width: usize, dtype: DType) -> RmsNorm {
-        let w = normal(1.0, 0.2, width, &Device::Cpu, 1);
+        let w = normal(1.0, 0.2, width, &Device::Cpu, 1000);
         let vb = VarBuilder::from_tensors(
             HashMap::from([("weight".to_string(), w.to_dtype(dtype).unwrap())]),
             dtype,

@@ -215,9 +215,10 @@ fn run_with_fake_gpus(dir: &PluginDir, args: &[&str]) -> Ran {
         let text = format!("Model: \t\t Fake\nBus Location: \t {bus}\nDevice Minor: \t {minor}\n");
         files.push((c(format!("{gpu}/information")), text.into_bytes()));
     }
-    pio_in_own_mounts(dir.path(), args, move || {
-        // SAFETY: plain system calls on NUL-terminated paths and buffers that live here.
-        unsafe {
+    // SAFETY: `setup` makes system calls only, on NUL-terminated paths and buffers made before
+    // the fork and moved into it.
+    let ran = unsafe {
+        pio_in_own_mounts(dir.path(), args, move || {
             // The nodes' modes as given; pio gets the umask it had.
             let umask = libc::umask(0);
             let tmpfs = c"tmpfs".as_ptr();
@@ -239,10 +240,10 @@ fn run_with_fake_gpus(dir: &PluginDir, args: &[&str]) -> Ran {
                 os(written as libc::c_int)?;
             }
             libc::umask(umask);
-        }
-        Ok(())
-    })
-    .into()
+            Ok(())
+        })
+    };
+    ran.into()
 }
 
 /// A plugin directory with the hostile plugin at `tier` on `device`.

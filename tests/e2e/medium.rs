@@ -111,11 +111,11 @@ fn a_mount_whose_path_is_not_utf8_is_made_read_only() {
     let dir = medium_dir();
     let args = ["run", "hostile", "--plugins", ".", "--prompt"];
     let args = [&args[..], &["write /mnt/link/new"]].concat();
-    let ran: Ran = pio_in_own_mounts(dir.path(), &args, || {
-        let tmpfs = c"tmpfs".as_ptr();
-        let mode = |m: &'static std::ffi::CStr| m.as_ptr().cast();
-        // SAFETY: plain system calls on NUL-terminated literals.
-        unsafe {
+    // SAFETY: `setup` makes system calls only, on NUL-terminated literals.
+    let ran = unsafe {
+        pio_in_own_mounts(dir.path(), &args, || {
+            let tmpfs = c"tmpfs".as_ptr();
+            let mode = |m: &'static std::ffi::CStr| m.as_ptr().cast();
             // Over the host's /mnt, so nothing is made there.
             os(libc::mount(
                 tmpfs,
@@ -128,10 +128,10 @@ fn a_mount_whose_path_is_not_utf8_is_made_read_only() {
             let point = c"/mnt/caf\xff".as_ptr();
             os(libc::mount(tmpfs, point, tmpfs, 0, mode(c"mode=0777")))?;
             os(libc::symlink(c"caf\xff".as_ptr(), c"/mnt/link".as_ptr()))?;
-        }
-        Ok(())
-    })
-    .into();
+            Ok(())
+        })
+    };
+    let ran: Ran = ran.into();
     assert!(ran.ok, "{}", ran.stderr);
     assert!(
         ran.stdout.contains("Read-only file system"),

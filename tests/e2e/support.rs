@@ -143,8 +143,11 @@ pub fn os(r: libc::c_int) -> std::io::Result<libc::c_int> {
 /// Runs `pio args` from `cwd` in a mount namespace of its own, private all through, after
 /// `setup` has changed its mounts there; the host's mounts stay as they were.
 ///
-/// `setup` runs between fork and exec: system calls only, on memory it owns.
-pub fn pio_in_own_mounts(
+/// # Safety
+///
+/// `setup` runs between fork and exec in a copy of a multithreaded process: it may make system
+/// calls only, on memory it owns (no allocation, no locks).
+pub unsafe fn pio_in_own_mounts(
     cwd: &Path,
     args: &[&str],
     mut setup: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static,
@@ -152,8 +155,8 @@ pub fn pio_in_own_mounts(
     use std::os::unix::process::CommandExt;
     let mut command = Command::new(pio_bin());
     command.current_dir(cwd).args(args);
-    // SAFETY: between fork and exec only system calls run, on memory made before the fork
-    // that outlives them (`setup` owns what it uses).
+    // SAFETY: between fork and exec only system calls run (the caller's promise for `setup`),
+    // on memory made before the fork that outlives them (`setup` owns what it uses).
     unsafe {
         command.pre_exec(move || {
             let none = std::ptr::null();
