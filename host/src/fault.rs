@@ -30,6 +30,8 @@ pub enum Fault {
     NotReady,
     /// plugin-api: a deadline passed.
     Timeout,
+    /// plugin-api: the plugin panicked; its worker is restarted, since its state is suspect.
+    Panicked,
     /// Host: the sandbox could not be prepared (cgroup, runtime folder, socket).
     Sandbox,
     /// Host: the worker process could not be started.
@@ -72,6 +74,7 @@ impl Fault {
             Internal => "internal",
             NotReady => "not_ready",
             Timeout => "timeout",
+            Panicked => "panicked",
             Sandbox => "sandbox",
             Spawn => "spawn",
             Protocol => "protocol",
@@ -102,6 +105,7 @@ impl From<ErrorKind> for Fault {
             ErrorKind::CANCELLED => Self::Cancelled,
             ErrorKind::NOT_READY => Self::NotReady,
             ErrorKind::TIMEOUT => Self::Timeout,
+            ErrorKind::PANICKED => Self::Panicked,
             _ => Self::Internal,
         }
     }
@@ -117,7 +121,7 @@ impl fmt::Display for Fault {
 mod tests {
     use super::*;
 
-    const ALL: [Fault; 22] = [
+    const ALL: [Fault; 23] = [
         Fault::InvalidConfig,
         Fault::InvalidInput,
         Fault::ModelFiles,
@@ -127,6 +131,7 @@ mod tests {
         Fault::Internal,
         Fault::NotReady,
         Fault::Timeout,
+        Fault::Panicked,
         Fault::Sandbox,
         Fault::Spawn,
         Fault::Protocol,
@@ -153,7 +158,7 @@ mod tests {
 
     #[test]
     fn plugin_kinds_keep_their_names_and_unknown_ones_are_internal() {
-        for n in 1..=9 {
+        for n in 1..=10 {
             let kind = ErrorKind(n);
             assert_eq!(Fault::from(kind).name(), kind.name());
         }

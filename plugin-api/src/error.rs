@@ -25,12 +25,16 @@ impl ErrorKind {
     pub const UNSUPPORTED: Self = Self(5);
     /// The host cancelled the operation.
     pub const CANCELLED: Self = Self(6);
-    /// A bug or an unexpected state inside the plugin, including a caught panic.
+    /// A bug or an unexpected state inside the plugin (a caught panic is [`Self::PANICKED`]
+    /// since 1.5).
     pub const INTERNAL: Self = Self(7);
     /// A call came in the wrong order (e.g. `infer` before `load_model`).
     pub const NOT_READY: Self = Self(8);
     /// An operation ran past a deadline the plugin enforces itself (added in plugin-api 1.1).
     pub const TIMEOUT: Self = Self(9);
+    /// The plugin panicked (caught at the boundary): its state can no longer be trusted, so every
+    /// later call fails the same way until the host restarts its worker (added in plugin-api 1.5).
+    pub const PANICKED: Self = Self(10);
 
     /// The kind's stable, machine-readable name (`invalid_config`, `model_files`, ...).
     pub fn name(self) -> std::borrow::Cow<'static, str> {
@@ -44,6 +48,7 @@ impl ErrorKind {
             Self::INTERNAL => "internal",
             Self::NOT_READY => "not_ready",
             Self::TIMEOUT => "timeout",
+            Self::PANICKED => "panicked",
             Self(other) => return format!("unknown({other})").into(),
         };
         known.into()

@@ -15,7 +15,7 @@ use crate::abi::{
     Capabilities, Flow, GeneratedToken, Plugin, PluginBox, PluginInfo, PluginMod, PluginModRef,
     Plugin_TO, ProgressSinkBox, TokenSinkBox,
 };
-use crate::error::PluginError;
+use crate::error::{ErrorKind, PluginError};
 use crate::wire::{HostContext, InferOutcome, InferRequest, ModelConfig, ModelInfo};
 
 /// What a plugin author implements; [`crate::export_plugin!`] does the rest.
@@ -120,7 +120,10 @@ fn panic_error(plugin: &str, what: &str, payload: &(dyn std::any::Any + Send)) -
         .map(|s| (*s).to_string())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "non-string panic payload".to_string());
-    PluginError::internal(format!("plugin {plugin} panicked in `{what}`: {message}"))
+    PluginError::new(
+        ErrorKind::PANICKED,
+        format!("plugin {plugin} panicked in `{what}`: {message}"),
+    )
 }
 
 fn parse<T: DeserializeOwned>(what: &str, json: RStr<'_>) -> Result<T, PluginError> {
@@ -187,9 +190,10 @@ fn guarded_call<T>(
     f: impl FnOnce() -> Result<T, PluginError>,
 ) -> RResult<T, PluginError> {
     if poisoned.load(Ordering::Acquire) {
-        return RResult::RErr(PluginError::internal(format!(
-            "plugin {plugin} panicked earlier and must be restarted before `{what}`"
-        )));
+        return RResult::RErr(PluginError::new(
+            ErrorKind::PANICKED,
+            format!("plugin {plugin} panicked earlier and must be restarted before `{what}`"),
+        ));
     }
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(result) => result.into(),
@@ -303,7 +307,7 @@ mod tests {
         let e = plugin
             .infer(request("boom").as_str().into(), sink.boxed())
             .unwrap_err();
-        assert_eq!(e.kind, ErrorKind::INTERNAL);
+        assert_eq!(e.kind, ErrorKind::PANICKED);
         assert!(
             e.message
                 .contains("panicked in `infer`: touchy does not like"),
@@ -314,6 +318,7 @@ mod tests {
             .infer(request("hi").as_str().into(), sink.boxed())
             .unwrap_err();
         assert!(e.message.contains("must be restarted"), "{e}");
+        assert_eq!(e.kind, ErrorKind::PANICKED);
         let e = plugin.cleanup().unwrap_err();
         assert!(e.message.contains("must be restarted"), "{e}");
     }

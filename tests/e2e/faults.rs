@@ -160,3 +160,44 @@ fn a_library_replaced_while_it_loads_runs_the_copy_and_the_broken_one_is_refused
     let (status, r) = complete(&d, "echo", "hello");
     assert_eq!((status, text(&r).as_str()), (200, "hell"), "{r}");
 }
+
+/// A plugin that panicked is not trusted again: the request fails saying so, its worker is
+/// replaced as after a crash, and the model serves once more (before, every later request failed
+/// "must be restarted" while the plugin looked ready).
+#[test]
+fn a_plugin_that_panicked_gets_a_new_worker() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = PluginDir::new();
+    dir.copy_lib("pio_test_plugin_hostile", "libhostile.so");
+    dir.write(
+        "hostile.toml",
+        &manifest("hostile", "0.1.0", "libhostile.so", ""),
+    );
+    let d = Daemon::start(
+        dir,
+        "[server]\nwarmup = false\n[supervisor]\nrestart_backoff_ms = 100\n",
+    );
+    d.wait_ready();
+    let (status, r) = complete(&d, "hostile", "panic");
+    assert_eq!(status, 500, "{r}");
+    let message = r["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("plugin hostile panicked in `infer`: hostile plugin panics on request")
+            && message.contains("its worker is being restarted"),
+        "{message}"
+    );
+    d.wait_for(20, "the restart", |d| {
+        d.plugin("hostile")["restarts"] == 1 && d.plugin("hostile")["state"] == "ready"
+    });
+    assert!(
+        d.plugin("hostile")["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("panicked")),
+        "{}",
+        d.plugin("hostile")
+    );
+    let (status, r) = complete(&d, "hostile", "status");
+    assert_eq!(status, 200, "served again after the restart: {r}");
+}

@@ -193,7 +193,7 @@ fn a_panic_is_an_error_not_a_crash() {
     assert!(!ran.ok);
     assert!(
         ran.stderr.contains(
-            "error: internal: plugin hostile panicked in `infer`: hostile plugin panics on request"
+            "error: panicked: plugin hostile panicked in `infer`: hostile plugin panics on request"
         ),
         "{}",
         ran.stderr

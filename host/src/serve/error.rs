@@ -165,7 +165,7 @@ pub fn answer(kind: Fault) -> (StatusCode, &'static str, Option<u64>) {
             (StatusCode::SERVICE_UNAVAILABLE, "out_of_resources", Some(2))
         }
         InvalidConfig | ModelFiles | Cancelled | Internal | Sandbox | Spawn | Protocol
-        | Confine | Load | Construct | Initialize | WorkerDied | Unresponsive => {
+        | Confine | Load | Construct | Initialize | WorkerDied | Unresponsive | Panicked => {
             (StatusCode::INTERNAL_SERVER_ERROR, "plugin_error", None)
         }
     }
