@@ -92,8 +92,8 @@ pub struct RunArgs {
     /// Load the plugin into this process, unconfined: for debugging a plugin only.
     #[arg(long)]
     in_process: bool,
-    /// Stop the request after this many seconds (default: the config's
-    /// `supervisor.request_timeout_secs`, 600).
+    /// Stop the request after this many seconds, 0 for no limit (default: the config's
+    /// `supervisor.request_timeout_secs`, 600; `maximum` always has one).
     #[arg(long, value_name = "SECONDS")]
     timeout: Option<u64>,
 }
@@ -386,11 +386,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         return in_process(&library, &config, &parsed, args.json);
     }
     let maximum = spec.plan.applied == Tier::Maximum;
-    let timeout = args
-        .timeout
-        .map(std::time::Duration::from_secs)
-        .or(settings.restart_policy().request_timeout)
-        .or(maximum.then_some(pio_host::supervisor::supervised::MAXIMUM_WATCHDOG));
+    // 0 is no limit, as in the config (where `maximum`'s watchdog still holds).
+    let timeout = match args.timeout {
+        Some(0) => None,
+        Some(secs) => Some(std::time::Duration::from_secs(secs)),
+        None => settings.restart_policy().request_timeout,
+    }
+    .or(maximum.then_some(pio_host::supervisor::supervised::MAXIMUM_WATCHDOG));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

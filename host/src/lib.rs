@@ -14,6 +14,7 @@ pub mod names;
 pub mod probe;
 pub mod protocol;
 pub mod report;
+pub mod sampling;
 pub mod sandbox;
 pub mod serve;
 pub mod supervisor;

@@ -44,12 +44,15 @@ impl fmt::Display for Tier {
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Memory (RAM, no swap) the worker may use.
+    #[serde(default, deserialize_with = "more_than_none")]
     pub memory: Option<ByteSize>,
     /// CPU cores' worth of time per period (e.g. 1.5).
     pub cpus: Option<PositiveF64>,
     /// Processes and threads the worker may have.
+    #[serde(default, deserialize_with = "more_than_none")]
     pub pids: Option<u32>,
     /// GPU memory the plugin's allocator may take.
+    #[serde(default, deserialize_with = "more_than_none")]
     pub gpu_memory: Option<ByteSize>,
     /// Size of the worker's private scratch directory (its disk allowance).
     pub scratch: Option<ByteSize>,
@@ -78,12 +81,60 @@ pub struct ModelSection {
     /// A folder the quantized weights are kept in between starts (created for the worker and
     /// writable to it); relative paths are relative to the manifest's folder.
     pub quantization_cache: Option<PathBuf>,
-    /// Generation defaults (override the model's `generation_config.json`).
-    #[serde(default)]
+    /// Generation defaults (override the model's `generation_config.json`), each held to what a
+    /// request may ask.
+    #[serde(default, deserialize_with = "checked_generation")]
     pub generation: pio_plugin_api::wire::GenerationDefaults,
     /// Plugin-specific settings, passed to the plugin untouched.
     #[serde(default)]
     pub options: toml::Table,
+}
+
+/// `[model.generation]`, refused where a default is outside what a request may ask (a
+/// `max_tokens` of 0 would end every request at once, a negative temperature fail each one).
+fn checked_generation<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<pio_plugin_api::wire::GenerationDefaults, D::Error> {
+    let defaults = pio_plugin_api::wire::GenerationDefaults::deserialize(d)?;
+    match crate::sampling::defaults_problem(&defaults) {
+        Some(problem) => Err(serde::de::Error::custom(format!(
+            "[model.generation]: {problem}"
+        ))),
+        None => Ok(defaults),
+    }
+}
+
+/// A limit that must be more than nothing: a worker given none of it could never start.
+fn more_than_none<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + NoneOf,
+{
+    let value = T::deserialize(d)?;
+    if value.is_none_of() {
+        return Err(serde::de::Error::custom(
+            "must be more than 0 (no worker could start with none); leave it out for the daemon's default",
+        ));
+    }
+    Ok(Some(value))
+}
+
+/// A quantity that can be zero.
+trait NoneOf {
+    /// Whether it is zero.
+    fn is_none_of(&self) -> bool;
+}
+
+impl NoneOf for ByteSize {
+    fn is_none_of(&self) -> bool {
+        self.0 == 0
+    }
+}
+
+impl NoneOf for u32 {
+    fn is_none_of(&self) -> bool {
+        *self == 0
+    }
 }
 
 /// A compute device name, checked for shape.

@@ -115,6 +115,48 @@ fn bad_values_name_what_was_expected() {
     assert!(e.contains("temprature"), "{e}");
 }
 
+/// A limit of nothing and a default no request may ask for are refused when the manifest is
+/// read (by `pio check` too), naming the file, the line and the key.
+#[test]
+fn limits_of_nothing_and_out_of_range_defaults_are_refused() {
+    for (limit, line) in [
+        ("memory = \"0\"", "6:10"),
+        ("memory = 0", "6:10"),
+        ("pids = 0", "6:8"),
+        ("gpu_memory = \"0GiB\"", "6:14"),
+    ] {
+        let e = parse_err(&format!("{MINIMAL}[limits]\n{limit}\n"));
+        let key = limit.split(' ').next().unwrap();
+        assert!(
+            e.contains("plugins/x.toml") && e.contains(line) && e.contains(&format!("`{key}`")),
+            "{limit}: {e}"
+        );
+        assert!(e.contains("must be more than 0"), "{limit}: {e}");
+    }
+    assert!(parse(&format!("{MINIMAL}[limits]\nscratch = 0\n")).is_ok());
+    for (default, says) in [
+        ("max_tokens = 0", "`max_tokens` must be at least 1"),
+        (
+            "temperature = -3",
+            "`temperature` must be between 0 and 2, found -3",
+        ),
+        ("top_p = 7", "`top_p` must be between 0 and 1"),
+        ("top_p = 0", "`top_p` must be greater than 0"),
+        ("repetition_penalty = 0", "`repetition_penalty`"),
+        ("min_p = 1.5", "`min_p`"),
+    ] {
+        let e = parse_err(&format!("{MINIMAL}[model.generation]\n{default}\n"));
+        assert!(
+            e.contains("plugins/x.toml") && e.contains("[model.generation]") && e.contains(says),
+            "{default}: {e}"
+        );
+    }
+    let ok = parse(&format!(
+        "{MINIMAL}[model.generation]\ntemperature = 0\nmax_tokens = 1\n"
+    ));
+    assert!(ok.is_ok(), "{:?}", ok.err());
+}
+
 #[test]
 fn missing_required_keys_are_named() {
     let e = parse_err("name = \"x\"\nversion = \"0.1.0\"\napi = \"^1\"\n");

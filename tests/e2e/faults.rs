@@ -201,3 +201,37 @@ fn a_plugin_that_panicked_gets_a_new_worker() {
     let (status, r) = complete(&d, "hostile", "status");
     assert_eq!(status, 200, "served again after the restart: {r}");
 }
+
+/// A worker killed at its memory limit is counted after its restart, by the status API and the
+/// metrics: each worker's cgroup (and its counter) goes with it.
+#[test]
+fn oom_kills_are_counted_across_restarts() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(
+        tier_dir("low"),
+        "[server]\nwarmup = false\n[supervisor]\nrestart_backoff_ms = 100\n",
+    );
+    d.wait_ready();
+    let (status, r) = complete(&d, "hostile", "alloc 200");
+    assert_eq!(status, 500, "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("memory limit 64 MiB reached")),
+        "{r}"
+    );
+    d.wait_for(20, "the restart", |d| {
+        d.plugin("hostile")["restarts"] == 1 && d.plugin("hostile")["state"] == "ready"
+    });
+    assert_eq!(
+        d.plugin("hostile")["oom_kills"],
+        1,
+        "{}",
+        d.plugin("hostile")
+    );
+    let series = "pio_worker_oom_kills_total{model=\"hostile\"}";
+    assert_eq!(d.metric(series), Some(1.0), "{}", d.get_text("/metrics"));
+    assert_eq!(complete(&d, "hostile", "status").0, 200);
+}

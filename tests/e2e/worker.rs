@@ -200,6 +200,28 @@ fn a_panic_is_an_error_not_a_crash() {
     );
 }
 
+/// `pio run --timeout N` stops a request running past N seconds; 0 is no limit, as in the
+/// config (it stopped every request at once before).
+#[test]
+fn a_timeout_of_zero_is_no_limit() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = hostile_dir();
+    let ran = run_in(&dir, "hostile", "spin 1.5", &["--timeout", "1"]);
+    assert!(
+        !ran.ok && ran.stderr.contains("ran past its 1 s deadline"),
+        "{}",
+        ran.stderr
+    );
+    let ran = run_in(&dir, "hostile", "spin 1.5", &["--timeout", "0"]);
+    assert!(
+        ran.ok && ran.stdout.contains("wall_seconds=1.5"),
+        "{}",
+        ran.stderr
+    );
+}
+
 #[test]
 fn a_fork_bomb_hits_the_pids_limit() {
     if !confinement_available() {

@@ -264,12 +264,12 @@ const COUNTERS: [(&str, &str, Figure); 6] = [
     ),
     (
         "worker_oom_kills",
-        "OOM kills in the worker's cgroup",
+        "OOM kills in the model's workers' cgroups since it loaded",
         |s| Some(s.oom_kills as f64),
     ),
     (
         "worker_cpu_seconds",
-        "CPU time used by the worker (cgroup)",
+        "CPU time used by the model's workers since it loaded (cgroups)",
         |s| s.cpu_seconds,
     ),
     (

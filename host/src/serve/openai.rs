@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 
 use super::error::ApiError;
 use super::structure::{self, forced_calls, tool_choice, Structure, ToolChoice};
+use crate::sampling::Range;
 
 /// Which endpoint a request came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,13 +172,11 @@ pub fn model_of(body: &Value) -> Result<String, ApiError> {
     }
 }
 
-fn check_range(name: &str, v: Option<f32>, lo: f32, hi: f32) -> Result<(), ApiError> {
-    match v {
-        Some(x) if !(lo..=hi).contains(&x) || x.is_nan() => Err(ApiError::bad_field(
-            name,
-            format!("`{name}` must be between {lo} and {hi}, found {x}"),
-        )),
-        _ => Ok(()),
+/// `v` held to `range`; out of it, a 400 naming the field.
+fn check_range(range: Range, v: Option<f32>) -> Result<(), ApiError> {
+    match range.problem(v) {
+        Some(problem) => Err(ApiError::bad_field(range.name, problem)),
+        None => Ok(()),
     }
 }
 
@@ -253,18 +252,13 @@ pub fn parse(
 
 /// The sampling fields both endpoints share, checked, as the start of the plugin request.
 fn sampling(c: &Common) -> Result<InferRequest, ApiError> {
-    check_range("temperature", c.temperature, 0.0, 2.0)?;
-    check_range("top_p", c.top_p, 0.0, 1.0)?;
-    check_range("min_p", c.min_p, 0.0, 1.0)?;
-    check_range("presence_penalty", c.presence_penalty, -2.0, 2.0)?;
-    check_range("frequency_penalty", c.frequency_penalty, -2.0, 2.0)?;
-    check_range("repetition_penalty", c.repetition_penalty, 0.01, 10.0)?;
-    if c.top_p == Some(0.0) {
-        return Err(ApiError::bad_field(
-            "top_p",
-            "`top_p` must be greater than 0",
-        ));
-    }
+    use crate::sampling::*;
+    check_range(TEMPERATURE, c.temperature)?;
+    check_range(TOP_P, c.top_p)?;
+    check_range(MIN_P, c.min_p)?;
+    check_range(PRESENCE_PENALTY, c.presence_penalty)?;
+    check_range(FREQUENCY_PENALTY, c.frequency_penalty)?;
+    check_range(REPETITION_PENALTY, c.repetition_penalty)?;
     if c.n.is_some_and(|n| n != 1) {
         return Err(unsupported("n", "must be 1: this server generates one choice per request; send several requests instead"));
     }

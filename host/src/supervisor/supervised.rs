@@ -82,7 +82,8 @@ pub struct Status {
     pub tier: String,
     /// The last failure, in words.
     pub last_error: Option<String>,
-    /// Cgroup figures of the current worker.
+    /// Cgroup figures: memory the current worker's, OOM kills and CPU time every worker's since
+    /// the plugin was loaded (a restart's fresh cgroup starts its counters at 0).
     pub stats: Option<Stats>,
     /// Requests its worker is running (cancelled ones until the worker confirms).
     pub in_flight: usize,
@@ -97,6 +98,38 @@ pub(super) struct Shared {
     last_error: Option<String>,
     /// The model engine's figures as the last request ended.
     engine: Option<EngineStats>,
+    /// What the workers before the current one used.
+    retired: Retired,
+}
+
+/// What a plugin's past workers used, kept for its status: the counters a cgroup keeps go with
+/// it, and each restart brings a fresh one, so OOM kills (the usual cause of a restart) would
+/// never show.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Retired {
+    oom_kills: u64,
+    cpu_usec: u64,
+}
+
+impl Retired {
+    /// Counts in a worker's last figures.
+    fn add(&mut self, last: Option<&Stats>) {
+        if let Some(s) = last {
+            self.oom_kills += s.oom_kills;
+            self.cpu_usec += s.cpu_usec.unwrap_or(0);
+        }
+    }
+
+    /// `current` (the live worker's figures, if any) with the past workers' counted in.
+    fn counted_into(self, current: Option<Stats>) -> Option<Stats> {
+        if self == Self::default() {
+            return current;
+        }
+        let mut stats = current.unwrap_or_default();
+        stats.oom_kills += self.oom_kills;
+        stats.cpu_usec = Some(stats.cpu_usec.unwrap_or(0) + self.cpu_usec);
+        Some(stats)
+    }
 }
 
 impl Shared {
@@ -155,6 +188,7 @@ impl Supervised {
             restarts: 0,
             last_error: None,
             engine: None,
+            retired: Retired::default(),
         }));
         let (stop, stop_rx) = watch::channel(false);
         let this = Self {
@@ -219,7 +253,9 @@ impl Supervised {
             restarts: shared.restarts,
             tier: self.tier.clone(),
             last_error: shared.last_error.clone(),
-            stats: shared.worker.as_ref().and_then(|w| w.stats()),
+            stats: shared
+                .retired
+                .counted_into(shared.worker.as_ref().and_then(|w| w.stats())),
             in_flight: shared.worker.as_ref().map_or(0, |w| w.in_flight()),
             engine: shared.engine,
         }
@@ -278,6 +314,8 @@ async fn monitor(
         if *stop.borrow() {
             return;
         }
+        // Its cgroup stays until the last handle goes: its final counters are still there.
+        let last = worker.stats();
         let now = Instant::now();
         crashes.push_back(now);
         while crashes
@@ -289,6 +327,7 @@ async fn monitor(
         {
             let mut s = lock(&shared);
             s.worker = None;
+            s.retired.add(last.as_ref());
             s.last_error = Some(reason.clone());
             if crashes.len() > policy.max_crashes {
                 s.state = State::Quarantined(format!(
@@ -370,5 +409,39 @@ async fn watch_health(worker: &Worker, policy: &RestartPolicy) -> String {
                 policy.health_deadline
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn past_workers_counters_are_kept_across_restarts() {
+        let killed = Stats {
+            memory_bytes: Some(60 << 20),
+            oom_kills: 1,
+            cpu_usec: Some(2_000_000),
+            ..Stats::default()
+        };
+        let mut retired = Retired::default();
+        assert_eq!(retired.counted_into(None), None, "no cgroups, no figures");
+        retired.add(Some(&killed));
+        retired.add(None);
+        retired.add(Some(&killed));
+        let live = Stats {
+            memory_bytes: Some(10 << 20),
+            oom_kills: 0,
+            cpu_usec: Some(500_000),
+            ..Stats::default()
+        };
+        let now = retired.counted_into(Some(live)).unwrap();
+        assert_eq!(
+            (now.memory_bytes, now.oom_kills, now.cpu_usec),
+            (Some(10 << 20), 2, Some(4_500_000)),
+            "memory is the live worker's; the counters are everyone's"
+        );
+        let between = retired.counted_into(None).unwrap();
+        assert_eq!((between.memory_bytes, between.oom_kills), (None, 2));
     }
 }
