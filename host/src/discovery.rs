@@ -283,12 +283,17 @@ fn find_library(
             names.push(written.with_file_name(platform));
         }
     }
-    let manifest_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let mut dirs = vec![manifest_dir];
+    // A bare file name's parent is "", which the error would print as nothing.
+    let folder_of = |p: &Path| match p.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut dirs = vec![folder_of(path)];
     dirs.extend(search.library_dirs.iter().cloned());
     dirs.extend(search.exe_dir.iter().cloned());
     if written.is_absolute() {
-        dirs = vec![PathBuf::new()];
+        // Joined to an absolute name, the folder drops out; it is still the one looked in.
+        dirs = vec![folder_of(written)];
     }
     for dir in &dirs {
         for name in &names {

@@ -98,3 +98,24 @@ fn a_pinned_digest_is_compared_to_the_file() {
         Status::Failed(CheckError::Sha256Mismatch { .. })
     ));
 }
+
+/// The error says every folder it looked in, the manifest's own as `.` when its path is a bare
+/// file name, and an absolute library's folder.
+#[test]
+fn a_missing_library_names_the_folders_looked_in() {
+    let search = SearchPaths {
+        library_dirs: vec![PathBuf::from("/opt/pio/lib")],
+        ..SearchPaths::default()
+    };
+    let looked_in = |library: &str| {
+        let text =
+            format!("name = \"x\"\nversion = \"0.1.0\"\nlibrary = \"{library}\"\napi = \"^1\"\n");
+        let manifest = Manifest::parse(Path::new("x.toml"), &text).unwrap();
+        match find_library(Path::new("x.toml"), &text, &manifest, &search) {
+            Err(CheckError::LibraryNotFound { searched, .. }) => searched,
+            other => panic!("{library}: {other:?}"),
+        }
+    };
+    assert_eq!(looked_in("libmissing-pio-test.so"), "., /opt/pio/lib");
+    assert_eq!(looked_in("/nonexistent/pio/libx.so"), "/nonexistent/pio");
+}

@@ -142,7 +142,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             ExitCode::from(2)
         }
     }
@@ -296,4 +296,51 @@ fn check(path: &Path, library_dirs: Vec<PathBuf>, json: bool) -> anyhow::Result<
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// `e` and its causes, joined by ": " as anyhow's `{:#}` does, less each cause that the text
+/// already says: a library error may name its source in its own message (what to do next
+/// follows it), and printing the source again repeated it.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let said = cause.to_string();
+        if text.contains(&said) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&said);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot listen on {addr}: {source}; pick another address")]
+    struct Listen {
+        addr: String,
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn a_cause_the_message_already_gives_is_not_repeated() {
+        let source = std::io::Error::new(std::io::ErrorKind::AddrInUse, "Address already in use");
+        let listen = Listen {
+            addr: "127.0.0.1:8080".into(),
+            source,
+        };
+        let e = anyhow::Error::new(listen).context("cannot start the daemon");
+        assert_eq!(
+            error_chain(&e),
+            "cannot start the daemon: cannot listen on 127.0.0.1:8080: Address already in use; pick another address"
+        );
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let e = anyhow::Error::new(io).context("reading x.toml");
+        assert_eq!(error_chain(&e), "reading x.toml: No such file");
+    }
 }
