@@ -64,10 +64,11 @@ pub struct RunArgs {
     #[arg(long)]
     max_tokens: Option<u32>,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long)]
+    // Negative numbers are values here, so the range check (not the parser) answers them.
+    #[arg(long, allow_negative_numbers = true)]
     temperature: Option<f32>,
     /// Nucleus sampling mass.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     top_p: Option<f32>,
     /// Keep only the k most likely tokens.
     #[arg(long)]
@@ -76,13 +77,13 @@ pub struct RunArgs {
     #[arg(long)]
     seed: Option<u64>,
     /// Penalty on tokens already seen (1: none; default: the model's generation config).
-    #[arg(long, value_name = "P")]
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
     repetition_penalty: Option<f32>,
     /// Stop before this string (repeatable).
     #[arg(long = "stop", value_name = "TEXT")]
     stop: Vec<String>,
-    /// Report each token's logprob and this many alternatives.
-    #[arg(long, value_name = "K")]
+    /// Report each token's logprob and this many alternatives (in the `--json` lines).
+    #[arg(long, value_name = "K", requires = "json")]
     logprobs: Option<u32>,
     /// Print one JSON object per token, then a summary line.
     #[arg(long)]
@@ -132,9 +133,10 @@ pub(crate) fn parse_tier(s: &str) -> Result<Tier, String> {
     }
 }
 
-/// A JSON array given inline or as a file.
+/// A JSON array given inline or as a file (inline JSON of another shape is refused as such,
+/// not looked for as a file).
 fn json_array(flag: &str, value: &str, what: &str) -> anyhow::Result<Vec<serde_json::Value>> {
-    let text = if value.trim_start().starts_with('[') {
+    let text = if value.trim_start().starts_with(['[', '{']) {
         value.to_string()
     } else {
         std::fs::read_to_string(value)

@@ -226,8 +226,8 @@ fn every_bad_input_gets_a_prompt_openai_4xx_and_the_daemon_keeps_serving() {
         ("wrong method on models", b"DELETE /v1/models HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer user\r\n\r\n".to_vec(), 405),
         ("no key", b"GET /v1/models HTTP/1.1\r\nHost: pio\r\n\r\n".to_vec(), 401),
         ("wrong key", b"GET /v1/models HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer nope\r\n\r\n".to_vec(), 401),
-        ("a user key on an admin route", b"GET /v1/plugins HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer user\r\n\r\n".to_vec(), 401),
-        ("a user key on an admin action", b"POST /v1/plugins/echo/unload HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer user\r\nContent-Length: 0\r\n\r\n".to_vec(), 401),
+        ("a user key on an admin route", b"GET /v1/plugins HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer user\r\n\r\n".to_vec(), 403),
+        ("a user key on an admin action", b"POST /v1/plugins/echo/unload HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer user\r\nContent-Length: 0\r\n\r\n".to_vec(), 403),
         ("an admin action on no plugin", b"POST /v1/plugins/nothing/unload HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer admin\r\nContent-Length: 0\r\n\r\n".to_vec(), 404),
         ("an unknown admin action", b"POST /v1/plugins/echo/explode HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer admin\r\nContent-Length: 0\r\n\r\n".to_vec(), 404),
         ("a body longer than announced", b"POST /v1/completions HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer user\r\nContent-Length: 5\r\n\r\n{\"model\": \"echo\", \"prompt\": \"x\"}".to_vec(), 400),
@@ -304,10 +304,14 @@ fn pio_run_refuses_what_the_api_refuses_in_the_same_words() {
     let d = Daemon::start(echo_dir(""), "");
     d.wait_ready();
     let dir = echo_dir("");
-    let cases: [(&[&str], Value); 5] = [
+    let cases: [(&[&str], Value); 6] = [
         (
             &["--prompt", "hi", "--temperature", "3"],
             json!({"prompt": "hi", "temperature": 3.0}),
+        ),
+        (
+            &["--prompt", "hi", "--temperature", "-1"],
+            json!({"prompt": "hi", "temperature": -1.0}),
         ),
         (
             &["--prompt", "hi", "--max-tokens", "0"],
@@ -318,7 +322,7 @@ fn pio_run_refuses_what_the_api_refuses_in_the_same_words() {
             json!({"prompt": "hi", "stop": [""]}),
         ),
         (
-            &["--prompt", "hi", "--logprobs", "9"],
+            &["--prompt", "hi", "--json", "--logprobs", "9"],
             json!({"prompt": "hi", "logprobs": 9}),
         ),
         (
@@ -344,6 +348,20 @@ fn pio_run_refuses_what_the_api_refuses_in_the_same_words() {
         assert!(
             stderr.contains(message),
             "{flags:?}: the API says {message:?}, pio run: {stderr}"
+        );
+    }
+    // What only the command line can get wrong is named as such.
+    for (flags, says) in [
+        (&["--messages", "{}"][..], "--messages must be a JSON array"),
+        (&["--prompt", "hi", "--logprobs", "2"][..], "--json"),
+    ] {
+        let mut args = vec!["run", "echo", "--plugins", "."];
+        args.extend_from_slice(flags);
+        let out = pio(dir.path(), &args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(says),
+            "{flags:?}: {stderr}"
         );
     }
 }

@@ -329,12 +329,19 @@ fn keys_guard_the_api_and_admin_keys_the_admin_api() {
     );
     assert_eq!(d.get_as("/v1/models", None).0, 401);
     assert_eq!(d.get_as("/v1/models", Some("user-key")).0, 200);
-    assert_eq!(d.get_as("/v1/plugins", Some("user-key")).0, 401);
+    // A user key is known, but does not open the admin API: forbidden, not unauthenticated.
+    let (status, r) = d.get_as("/v1/plugins", Some("user-key"));
+    assert_eq!(
+        (status, r["error"]["type"].as_str()),
+        (403, Some("permission_error")),
+        "{r}"
+    );
+    assert_eq!(d.get_as("/v1/plugins", Some("wrong")).0, 401);
     assert_eq!(d.get_as("/v1/plugins", Some("admin-key")).0, 200);
     assert_eq!(
         d.post_raw("/v1/plugins/echo/reload", "", Some("user-key"))
             .0,
-        401
+        403
     );
     assert_eq!(d.get("/health").0, 200);
 }
@@ -697,7 +704,8 @@ fn metrics_need_a_key_off_loopback_or_once_metrics_keys_are_set() {
         "[server]\nmetrics_keys = [\"scrape\"]\nadmin_keys = [\"root\"]\napi_keys = [\"user\"]\n",
     );
     assert_eq!(keyed.get("/metrics").0, 401);
-    assert_eq!(keyed.get_as("/metrics", Some("user")).0, 401);
+    assert_eq!(keyed.get_as("/metrics", Some("user")).0, 403);
+    assert_eq!(keyed.get_as("/metrics", Some("guess")).0, 401);
     assert_eq!(keyed.get_as("/metrics", Some("scrape")).0, 200);
     assert_eq!(keyed.get_as("/metrics", Some("root")).0, 200);
     let public = Daemon::start_with(echo_dir(""), "", &["--listen", "0.0.0.0:0"]);

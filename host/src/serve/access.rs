@@ -38,8 +38,27 @@ pub fn need(path: &str, server: &ServerSection, loopback: bool) -> Need {
     }
 }
 
-/// Whether `given` satisfies `need`; otherwise the message the client gets (naming what to do).
-pub fn check(need: Need, given: Option<&str>, server: &ServerSection) -> Result<(), String> {
+/// Why a request was turned away.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// No key, or one this server does not know (401).
+    Unauthenticated(String),
+    /// A key this server knows, of a kind that does not open this path (403).
+    Forbidden(String),
+}
+
+impl Refusal {
+    /// The message the client gets (naming what to do).
+    pub fn message(&self) -> &str {
+        match self {
+            Self::Unauthenticated(m) | Self::Forbidden(m) => m,
+        }
+    }
+}
+
+/// Whether `given` satisfies `need`; otherwise why not, in words naming what to do.
+pub fn check(need: Need, given: Option<&str>, server: &ServerSection) -> Result<(), Refusal> {
+    let unauthenticated = |m: &str| Err(Refusal::Unauthenticated(m.into()));
     let keys: Vec<&String> = match need {
         Need::Open => return Ok(()),
         Need::User => server.api_keys.iter().chain(&server.admin_keys).collect(),
@@ -51,10 +70,10 @@ pub fn check(need: Need, given: Option<&str>, server: &ServerSection) -> Result<
             .collect(),
     };
     if need == Need::Metrics && keys.is_empty() {
-        return Err("/metrics is open only when the daemon listens on loopback; set server.metrics_keys (or admin keys) and scrape with `Authorization: Bearer KEY`".into());
+        return unauthenticated("/metrics is open only when the daemon listens on loopback; set server.metrics_keys (or admin keys) and scrape with `Authorization: Bearer KEY`");
     }
     let Some(given) = given else {
-        return Err("this server needs an API key: send `Authorization: Bearer KEY`".into());
+        return unauthenticated("this server needs an API key: send `Authorization: Bearer KEY`");
     };
     if keys.iter().any(|k| same(k, given)) {
         return Ok(());
@@ -64,9 +83,15 @@ pub fn check(need: Need, given: Option<&str>, server: &ServerSection) -> Result<
         Need::Metrics => "a metrics key (server.metrics_keys) or an admin key",
         _ => "a key from server.api_keys",
     };
-    Err(format!(
-        "the API key is not valid here: this path needs {what}"
-    ))
+    let known = (server.api_keys.iter())
+        .chain(&server.admin_keys)
+        .chain(&server.metrics_keys)
+        .any(|k| same(k, given));
+    let message = format!("the API key is not valid here: this path needs {what}");
+    Err(match known {
+        true => Refusal::Forbidden(message),
+        false => Refusal::Unauthenticated(message),
+    })
 }
 
 /// Constant-time comparison, so a key cannot be guessed byte by byte from response times.
@@ -98,12 +123,15 @@ mod tests {
         assert_eq!(need("/metrics", &none, true), Need::Open);
         assert_eq!(need("/metrics", &none, false), Need::Metrics);
         let e = check(Need::Metrics, None, &none).unwrap_err();
-        assert!(e.contains("server.metrics_keys"), "{e}");
+        assert!(e.message().contains("server.metrics_keys"), "{e:?}");
         let keyed = server(&[], &["root"], &["scrape"]);
         assert_eq!(need("/metrics", &keyed, true), Need::Metrics);
         assert!(check(Need::Metrics, Some("scrape"), &keyed).is_ok());
         assert!(check(Need::Metrics, Some("root"), &keyed).is_ok());
-        assert!(check(Need::Metrics, Some("user"), &keyed).is_err());
+        assert!(matches!(
+            check(Need::Metrics, Some("user"), &keyed),
+            Err(Refusal::Unauthenticated(_))
+        ));
     }
 
     #[test]
@@ -114,9 +142,19 @@ mod tests {
         assert_eq!(need("/health", &s, false), Need::Open);
         assert!(check(Need::User, Some("user"), &s).is_ok());
         assert!(check(Need::User, Some("root"), &s).is_ok());
+        // A key the server knows but that does not open the path: forbidden, not unknown.
         let e = check(Need::Admin, Some("user"), &s).unwrap_err();
-        assert!(e.contains("admin key"), "{e}");
-        assert!(check(Need::User, None, &s).unwrap_err().contains("Bearer"));
+        assert!(
+            matches!(&e, Refusal::Forbidden(m) if m.contains("admin key")),
+            "{e:?}"
+        );
+        let e = check(Need::Admin, Some("guess"), &s).unwrap_err();
+        assert!(matches!(e, Refusal::Unauthenticated(_)), "{e:?}");
+        let e = check(Need::User, None, &s).unwrap_err();
+        assert!(
+            matches!(&e, Refusal::Unauthenticated(m) if m.contains("Bearer")),
+            "{e:?}"
+        );
         let open = server(&[], &[], &[]);
         assert_eq!(need("/v1/plugins", &open, false), Need::Open);
         assert_eq!(need("/v1/models", &open, false), Need::Open);

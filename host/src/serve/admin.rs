@@ -16,7 +16,8 @@ fn model_object(s: &super::models::PluginStatus) -> Value {
     json!({
         "id": s.name,
         "object": "model",
-        "created": 0,
+        // As vLLM does: the answer's own time (what a model was built at is not known here).
+        "created": super::responses::unix_now(),
         "owned_by": "pio",
         "pio": {
             "version": s.version,

@@ -53,6 +53,11 @@ impl ApiError {
         Self::new(StatusCode::UNAUTHORIZED, "invalid_api_key", message)
     }
 
+    /// 403: a known key that does not open this path.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "permission_denied", message)
+    }
+
     /// 404 for a model or plugin nobody here serves.
     pub fn unknown_model(name: &str) -> Self {
         Self {

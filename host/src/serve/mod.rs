@@ -92,7 +92,10 @@ async fn authorize(State(app): State<Arc<App>>, request: Request, next: Next) ->
         .map(str::trim);
     match access::check(need, given, server) {
         Ok(()) => next.run(request).await,
-        Err(message) => ApiError::unauthorized(message).into_response(),
+        Err(access::Refusal::Unauthenticated(message)) => {
+            ApiError::unauthorized(message).into_response()
+        }
+        Err(access::Refusal::Forbidden(message)) => ApiError::forbidden(message).into_response(),
     }
 }
 

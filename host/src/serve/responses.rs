@@ -48,12 +48,17 @@ fn usage(u: Usage) -> Value {
     })
 }
 
+/// Seconds since the Unix epoch: OpenAI's `created`.
+pub(super) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 impl Reply {
     /// A response to a request for `model` at `endpoint`.
     pub fn new(model: &str, endpoint: Endpoint, logprobs: LogprobsFormat) -> Self {
-        let created = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let created = unix_now();
         let prefix = match endpoint {
             Endpoint::Chat => "chatcmpl",
             Endpoint::Completions => "cmpl",
