@@ -52,6 +52,11 @@ pub enum EngineError {
     /// The engine itself failed (a bug or a panic inside a forward pass).
     #[error("{0}")]
     Internal(String),
+    /// The engine's thread ended on a panic outside a forward pass: nothing runs again until the
+    /// model is loaded anew, which the host does by restarting the worker (plugin-api's
+    /// `PANICKED`).
+    #[error("{0}")]
+    Stopped(String),
 }
 
 impl EngineError {
@@ -61,6 +66,7 @@ impl EngineError {
         match self {
             Self::InvalidInput(m) => Self::InvalidInput(m.clone()),
             Self::Unsupported(m) => Self::Unsupported(m.clone()),
+            Self::Stopped(m) => Self::Stopped(m.clone()),
             other => Self::Internal(other.to_string()),
         }
     }
@@ -68,3 +74,21 @@ impl EngineError {
 
 /// Shorthand.
 pub type Result<T> = std::result::Result<T, EngineError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pio_plugin_api::ErrorKind;
+
+    /// A stopped engine thread reaches the host as a panic, which restarts the worker; a
+    /// failure the engine survives stays internal, and each sequence of a failed batch gets the
+    /// same kind.
+    #[test]
+    fn a_stopped_engine_is_a_panic_to_the_host() {
+        let stopped = EngineError::Stopped("the engine failed (boom); reload the model".into());
+        let kind = |e: EngineError| crate::runtime::plugin_error(e).kind;
+        assert_eq!(kind(stopped.duplicate()), ErrorKind::PANICKED);
+        assert_eq!(kind(EngineError::Internal("x".into())), ErrorKind::INTERNAL);
+        assert!(matches!(stopped.duplicate(), EngineError::Stopped(m) if m.contains("boom")));
+    }
+}

@@ -305,7 +305,7 @@ fn error_chain(e: &anyhow::Error) -> String {
     let mut text = String::new();
     for cause in e.chain() {
         let said = cause.to_string();
-        if text.contains(&said) {
+        if says(&text, &said) {
             continue;
         }
         if !text.is_empty() {
@@ -314,6 +314,19 @@ fn error_chain(e: &anyhow::Error) -> String {
         text.push_str(&said);
     }
     text
+}
+
+/// Whether `text` holds `part` as one of its clauses: at the start or after ": ", and followed by
+/// the end, ";", ":" or ",", so that a short cause ("timed out") is not dropped for a word that
+/// merely appears.
+fn says(text: &str, part: &str) -> bool {
+    !part.is_empty()
+        && text.match_indices(part).any(|(at, _)| {
+            let before = &text[..at];
+            let after = &text[at + part.len()..];
+            (before.is_empty() || before.ends_with(": "))
+                && (after.is_empty() || after.starts_with([';', ':', ',']))
+        })
 }
 
 #[cfg(test)]
@@ -342,5 +355,12 @@ mod tests {
         let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
         let e = anyhow::Error::new(io).context("reading x.toml");
         assert_eq!(error_chain(&e), "reading x.toml: No such file");
+        // A cause that only appears inside another clause is still given.
+        let io = std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out");
+        let e = anyhow::Error::new(io).context("the probe of libx.so timed out waiting");
+        assert_eq!(
+            error_chain(&e),
+            "the probe of libx.so timed out waiting: timed out"
+        );
     }
 }

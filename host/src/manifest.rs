@@ -113,7 +113,7 @@ where
     let value = T::deserialize(d)?;
     if value.is_none_of() {
         return Err(serde::de::Error::custom(
-            "must be more than 0 (no worker could start with none); leave it out for the daemon's default",
+            "must be more than 0 (no worker could start with none); leave it out for the default",
         ));
     }
     Ok(Some(value))

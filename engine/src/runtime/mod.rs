@@ -135,6 +135,7 @@ pub fn plugin_error(e: EngineError) -> PluginError {
         EngineError::InvalidInput(_) => ErrorKind::INVALID_INPUT,
         EngineError::Unsupported(_) => ErrorKind::UNSUPPORTED,
         EngineError::Compute(_) | EngineError::Internal(_) => ErrorKind::INTERNAL,
+        EngineError::Stopped(_) => ErrorKind::PANICKED,
     };
     PluginError::new(kind, e.to_string())
 }

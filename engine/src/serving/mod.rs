@@ -307,7 +307,7 @@ impl Engine {
     /// Enqueues `request`; its tokens come on the returned stream.
     pub fn submit(&self, request: Request) -> Result<Stream> {
         if self.thread.as_ref().is_none_or(JoinHandle::is_finished) {
-            return Err(EngineError::Internal(
+            return Err(EngineError::Stopped(
                 "the model's engine thread has stopped (a bug: see the worker's log); reload the model".into(),
             ));
         }
@@ -393,7 +393,7 @@ impl Engine {
                     // The thread fails every request it knows of as it ends; one that raced
                     // its end would otherwise wait forever.
                     if self.thread.as_ref().is_none_or(JoinHandle::is_finished) {
-                        return Err(EngineError::Internal(
+                        return Err(EngineError::Stopped(
                             "the model's engine thread has stopped; reload the model".into(),
                         ));
                     }

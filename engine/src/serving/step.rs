@@ -142,7 +142,7 @@ impl<M: CausalLm> Worker<M> {
     /// forward pass (which has its own guard) ends the thread the same way, with every request
     /// told why, never left waiting.
     pub(super) fn run(mut self) {
-        let why = loop {
+        let (why, panicked) = loop {
             let step = catch_unwind(AssertUnwindSafe(|| {
                 if !self.take_arrivals() {
                     return false;
@@ -161,9 +161,10 @@ impl<M: CausalLm> Worker<M> {
             }
             match step {
                 Ok(true) => continue,
-                Ok(false) => break "the model was unloaded while the request ran".to_string(),
+                Ok(false) => break ("the model was unloaded while the request ran".into(), false),
                 Err(p) => {
-                    break format!("the engine failed ({}); reload the model", panic_text(&*p))
+                    let why = format!("the engine failed ({}); reload the model", panic_text(&*p));
+                    break (why, true);
                 }
             }
         };
@@ -181,7 +182,11 @@ impl<M: CausalLm> Worker<M> {
             .map(|s| s.events)
             .chain(queued.into_iter().map(|a| a.events));
         for to in events {
-            let _ = to.send(Event::Failed(EngineError::Internal(why.clone())));
+            let error = match panicked {
+                true => EngineError::Stopped(why.clone()),
+                false => EngineError::Internal(why.clone()),
+            };
+            let _ = to.send(Event::Failed(error));
         }
     }
 

@@ -69,8 +69,18 @@ pub fn check(need: Need, given: Option<&str>, server: &ServerSection) -> Result<
             .chain(&server.admin_keys)
             .collect(),
     };
+    let known = |given: &str| {
+        (server.api_keys.iter())
+            .chain(&server.admin_keys)
+            .chain(&server.metrics_keys)
+            .any(|k| same(k, given))
+    };
     if need == Need::Metrics && keys.is_empty() {
-        return unauthenticated("/metrics is open only when the daemon listens on loopback; set server.metrics_keys (or admin keys) and scrape with `Authorization: Bearer KEY`");
+        let message = "/metrics is open only when the daemon listens on loopback; set server.metrics_keys (or admin keys) and scrape with `Authorization: Bearer KEY`".to_string();
+        return Err(match given.is_some_and(known) {
+            true => Refusal::Forbidden(message),
+            false => Refusal::Unauthenticated(message),
+        });
     }
     let Some(given) = given else {
         return unauthenticated("this server needs an API key: send `Authorization: Bearer KEY`");
@@ -83,12 +93,8 @@ pub fn check(need: Need, given: Option<&str>, server: &ServerSection) -> Result<
         Need::Metrics => "a metrics key (server.metrics_keys) or an admin key",
         _ => "a key from server.api_keys",
     };
-    let known = (server.api_keys.iter())
-        .chain(&server.admin_keys)
-        .chain(&server.metrics_keys)
-        .any(|k| same(k, given));
     let message = format!("the API key is not valid here: this path needs {what}");
-    Err(match known {
+    Err(match known(given) {
         true => Refusal::Forbidden(message),
         false => Refusal::Unauthenticated(message),
     })
@@ -124,6 +130,9 @@ mod tests {
         assert_eq!(need("/metrics", &none, false), Need::Metrics);
         let e = check(Need::Metrics, None, &none).unwrap_err();
         assert!(e.message().contains("server.metrics_keys"), "{e:?}");
+        let users_only = server(&["user"], &[], &[]);
+        let e = check(Need::Metrics, Some("user"), &users_only).unwrap_err();
+        assert!(matches!(e, Refusal::Forbidden(_)), "a known key: {e:?}");
         let keyed = server(&[], &["root"], &["scrape"]);
         assert_eq!(need("/metrics", &keyed, true), Need::Metrics);
         assert!(check(Need::Metrics, Some("scrape"), &keyed).is_ok());

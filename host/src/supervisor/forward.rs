@@ -54,22 +54,18 @@ impl Forward {
     }
 
     /// `event`, with a worker's death marked as a restart and the engine's figures kept. A
-    /// plugin that panicked fails every later call (its state is suspect): its worker is
-    /// replaced, as after a crash, and requests running beside this one fail as they would then.
+    /// plugin that panicked has its worker stopped by the traffic task (`Routes::dispatch`) and
+    /// replaced, as after a crash; requests running beside this one fail as they would then.
     fn noted(&self, event: Event) -> Event {
         match event {
             Event::Failed(e) if e.kind == Fault::WorkerDied => Event::Failed(WireError {
                 message: format!("{}; restarting", e.message),
                 ..e
             }),
-            Event::Failed(e) if e.kind == Fault::Panicked => {
-                self.worker
-                    .kill_because(format!("was stopped: {}", e.message));
-                Event::Failed(WireError {
-                    message: format!("{}; its worker is being restarted", e.message),
-                    ..e
-                })
-            }
+            Event::Failed(e) if e.kind == Fault::Panicked => Event::Failed(WireError {
+                message: format!("{}; its worker is being restarted", e.message),
+                ..e
+            }),
             Event::Done(outcome) => {
                 if let Some(figures) = outcome.engine {
                     lock(&self.shared).keep_newest(figures);

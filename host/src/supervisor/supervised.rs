@@ -108,7 +108,8 @@ pub(super) struct Shared {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(super) struct Retired {
     oom_kills: u64,
-    cpu_usec: u64,
+    /// `None` until a worker reports CPU time (cgroup v1 without CPU accounting never does).
+    cpu_usec: Option<u64>,
 }
 
 impl Retired {
@@ -116,7 +117,9 @@ impl Retired {
     fn add(&mut self, last: Option<&Stats>) {
         if let Some(s) = last {
             self.oom_kills += s.oom_kills;
-            self.cpu_usec += s.cpu_usec.unwrap_or(0);
+            if let Some(used) = s.cpu_usec {
+                self.cpu_usec = Some(self.cpu_usec.unwrap_or(0) + used);
+            }
         }
     }
 
@@ -127,7 +130,9 @@ impl Retired {
         }
         let mut stats = current.unwrap_or_default();
         stats.oom_kills += self.oom_kills;
-        stats.cpu_usec = Some(stats.cpu_usec.unwrap_or(0) + self.cpu_usec);
+        if let Some(past) = self.cpu_usec {
+            stats.cpu_usec = Some(stats.cpu_usec.unwrap_or(0) + past);
+        }
         Some(stats)
     }
 }
@@ -155,16 +160,21 @@ fn lock(m: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A worker that failed to start or load, with what its cgroup counted (a worker killed at
+/// its memory limit while loading counts as an OOM kill).
+type FailedStart = (WorkerError, Option<Stats>);
+
 async fn start_and_load(
     spec: &WorkerSpec,
     config: &ModelConfig,
-) -> Result<(Worker, ModelInfo), WorkerError> {
-    let worker = Worker::start(spec.clone()).await?;
+) -> Result<(Worker, ModelInfo), FailedStart> {
+    let worker = Worker::start(spec.clone()).await.map_err(|e| (e, None))?;
     match worker.load(config.clone(), |_, _, _| {}).await {
         Ok(info) => Ok((worker, info)),
         Err(e) => {
             worker.shutdown().await;
-            Err(e)
+            // The cgroup lives as long as the handle: its final counters are still there.
+            Err((e, worker.stats()))
         }
     }
 }
@@ -181,7 +191,7 @@ impl Supervised {
         if spec.plan.applied == crate::sandbox::Tier::Maximum && policy.request_timeout.is_none() {
             policy.request_timeout = Some(MAXIMUM_WATCHDOG);
         }
-        let (worker, info) = start_and_load(&spec, &config).await?;
+        let (worker, info) = start_and_load(&spec, &config).await.map_err(|(e, _)| e)?;
         let shared = Arc::new(Mutex::new(Shared {
             worker: Some(Arc::new(worker)),
             state: State::Ready,
@@ -380,9 +390,10 @@ impl Restart<'_> {
                     s.restarts += 1;
                     return true;
                 }
-                Err(e) => {
+                Err((e, last)) => {
                     crashes.push_back(Instant::now());
                     let mut s = lock(self.shared);
+                    s.retired.add(last.as_ref());
                     s.last_error = Some(e.to_string());
                     if crashes.len() > self.policy.max_crashes {
                         s.state = State::Quarantined(format!("restarting failed: {e}"));
@@ -443,5 +454,13 @@ mod tests {
         );
         let between = retired.counted_into(None).unwrap();
         assert_eq!((between.memory_bytes, between.oom_kills), (None, 2));
+        // Without CPU accounting no CPU time is made up.
+        let mut no_cpu = Retired::default();
+        no_cpu.add(Some(&Stats {
+            oom_kills: 1,
+            cpu_usec: None,
+            ..Stats::default()
+        }));
+        assert_eq!(no_cpu.counted_into(None).unwrap().cpu_usec, None);
     }
 }

@@ -118,12 +118,19 @@ impl Routes {
         }
     }
 
-    /// Sends `frame` where it belongs.
-    pub(super) fn dispatch(&mut self, frame: FromWorker) {
+    /// Sends `frame` where it belongs; `Some(why)` when the worker must go: its plugin panicked,
+    /// so its state is suspect and every later call would fail (whether or not anyone still
+    /// reads this request's answer).
+    pub(super) fn dispatch(&mut self, frame: FromWorker) -> Option<String> {
         let w = &mut self.waiters;
         match frame {
             FromWorker::Token { id, token } => self.deliver(id, Event::Token(token), false),
             FromWorker::Done { id, outcome } => self.deliver(id, Event::Done(outcome), true),
+            FromWorker::Failed { id, error } if error.kind == Fault::Panicked => {
+                let why = format!("was stopped: {}", error.message);
+                self.deliver(id, Event::Failed(error), true);
+                return Some(why);
+            }
             FromWorker::Failed { id, error } => self.deliver(id, Event::Failed(error), true),
             FromWorker::Ready { .. } => {
                 if let Some(tx) = w.start.take() {
@@ -161,6 +168,7 @@ impl Routes {
                 }
             }
         }
+        None
     }
 
     /// Fails everyone still waiting with `message` (the worker died).
@@ -228,7 +236,11 @@ pub(super) fn start(
                 biased;
                 Some(command) = command_rx.recv() => routes.command(command),
                 frame = frames.recv() => match frame {
-                    Some(Ok(frame)) => routes.dispatch(frame),
+                    Some(Ok(frame)) => {
+                        if let Some(why) = routes.dispatch(frame) {
+                            break Some(why);
+                        }
+                    }
                     Some(Err(ending)) => break ending,
                     None => break None,
                 },
@@ -290,6 +302,35 @@ mod tests {
             Some(ToWorker::Credit { id: 7, tokens }) => assert_eq!(tokens, WINDOW / 2),
             other => panic!("expected a credit, got {other:?}"),
         }
+    }
+
+    /// A panic stops the worker whether or not the request's reader is still there (a
+    /// client gone meanwhile would otherwise leave the plugin poisoned for the next one).
+    #[tokio::test]
+    async fn a_panicked_plugin_stops_its_worker_with_or_without_a_reader() {
+        let panicked = |id| FromWorker::Failed {
+            id,
+            error: WireError::new(Fault::Panicked, "plugin p panicked in `infer`: boom"),
+        };
+        let (outbox, _frames) = mpsc::unbounded_channel();
+        let (mut events, tx) = Events::new(5, outbox);
+        let mut routes = Routes::default();
+        routes.command(Command::Request(5, tx));
+        let why = routes.dispatch(panicked(5));
+        assert_eq!(
+            why.as_deref(),
+            Some("was stopped: plugin p panicked in `infer`: boom")
+        );
+        assert!(matches!(events.recv().await, Some(Event::Failed(e)) if e.kind == Fault::Panicked));
+        assert!(
+            routes.dispatch(panicked(6)).is_some(),
+            "nobody reads request 6"
+        );
+        let failed = FromWorker::Failed {
+            id: 7,
+            error: WireError::new(Fault::Internal, "a plain failure"),
+        };
+        assert_eq!(routes.dispatch(failed), None);
     }
 
     #[tokio::test]
