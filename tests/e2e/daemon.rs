@@ -32,6 +32,17 @@ pub fn echo_dir(extra: &str) -> PluginDir {
     dir
 }
 
+/// A daemon, ready, serving the hostile test plugin at `low` (its test limits), with no warm-up
+/// and restarts after 100 ms: for the faults that end a worker.
+pub fn restarting_hostile() -> Daemon {
+    let d = Daemon::start(
+        crate::medium::tier_dir("low"),
+        "[server]\nwarmup = false\n[supervisor]\nrestart_backoff_ms = 100\n",
+    );
+    d.wait_ready();
+    d
+}
+
 /// [`echo_dir`] plus the qwen3 plugin serving the tiny checkpoint in f32, with `options` (TOML
 /// lines) under `[model.options]` when there are any.
 pub fn qwen_dir(options: &str) -> PluginDir {
@@ -275,6 +286,14 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Waits (20 s at most) until `model` has had its `n`th restart and serves again.
+    pub fn wait_restarts(&self, model: &str, n: u32) {
+        self.wait_for(20, "the restart", |d| {
+            let p = d.plugin(model);
+            p["restarts"] == n && p["state"] == "ready"
+        });
     }
 
     /// Waits until `/ready` answers 200.

@@ -169,17 +169,7 @@ fn a_plugin_that_panicked_gets_a_new_worker() {
     if !confinement_available() {
         return;
     }
-    let dir = PluginDir::new();
-    dir.copy_lib("pio_test_plugin_hostile", "libhostile.so");
-    dir.write(
-        "hostile.toml",
-        &manifest("hostile", "0.1.0", "libhostile.so", ""),
-    );
-    let d = Daemon::start(
-        dir,
-        "[server]\nwarmup = false\n[supervisor]\nrestart_backoff_ms = 100\n",
-    );
-    d.wait_ready();
+    let d = restarting_hostile();
     let (status, r) = complete(&d, "hostile", "panic");
     assert_eq!(status, 500, "{r}");
     let message = r["error"]["message"].as_str().unwrap_or_default();
@@ -188,9 +178,7 @@ fn a_plugin_that_panicked_gets_a_new_worker() {
             && message.contains("its worker is being restarted"),
         "{message}"
     );
-    d.wait_for(20, "the restart", |d| {
-        d.plugin("hostile")["restarts"] == 1 && d.plugin("hostile")["state"] == "ready"
-    });
+    d.wait_restarts("hostile", 1);
     assert!(
         d.plugin("hostile")["last_error"]
             .as_str()
@@ -209,11 +197,7 @@ fn oom_kills_are_counted_across_restarts() {
     if !confinement_available() {
         return;
     }
-    let d = Daemon::start(
-        tier_dir("low"),
-        "[server]\nwarmup = false\n[supervisor]\nrestart_backoff_ms = 100\n",
-    );
-    d.wait_ready();
+    let d = restarting_hostile();
     let (status, r) = complete(&d, "hostile", "alloc 200");
     assert_eq!(status, 500, "{r}");
     assert!(
@@ -222,9 +206,7 @@ fn oom_kills_are_counted_across_restarts() {
             .is_some_and(|m| m.contains("memory limit 64 MiB reached")),
         "{r}"
     );
-    d.wait_for(20, "the restart", |d| {
-        d.plugin("hostile")["restarts"] == 1 && d.plugin("hostile")["state"] == "ready"
-    });
+    d.wait_restarts("hostile", 1);
     assert_eq!(
         d.plugin("hostile")["oom_kills"],
         1,

@@ -372,17 +372,7 @@ fn a_full_queue_gets_429_and_a_crashing_plugin_500_with_the_reason() {
         "the running request finished: {text}"
     );
 
-    let dir = PluginDir::new();
-    dir.copy_lib("pio_test_plugin_hostile", "libhostile.so");
-    dir.write(
-        "hostile.toml",
-        &manifest("hostile", "0.1.0", "libhostile.so", ""),
-    );
-    let h = Daemon::start(
-        dir,
-        "[server]\nwarmup = false\n[supervisor]\nrestart_backoff_ms = 100\n",
-    );
-    h.wait_ready();
+    let h = restarting_hostile();
     let (status, r) = h.post(
         "/v1/completions",
         &json!({"model": "hostile", "prompt": "segfault"}),
@@ -393,9 +383,7 @@ fn a_full_queue_gets_429_and_a_crashing_plugin_500_with_the_reason() {
         message.contains("SIGSEGV"),
         "the reason is given: {message}"
     );
-    h.wait_for(20, "the restart", |h| {
-        h.plugin("hostile")["restarts"] == 1 && h.plugin("hostile")["state"] == "ready"
-    });
+    h.wait_restarts("hostile", 1);
     let (status, r) = h.post(
         "/v1/completions",
         &json!({"model": "hostile", "prompt": "status"}),
