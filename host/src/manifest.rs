@@ -108,33 +108,15 @@ fn checked_generation<'de, D: Deserializer<'de>>(
 fn more_than_none<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
 where
     D: Deserializer<'de>,
-    T: Deserialize<'de> + NoneOf,
+    T: Deserialize<'de> + Copy + Into<u64>,
 {
     let value = T::deserialize(d)?;
-    if value.is_none_of() {
+    if value.into() == 0 {
         return Err(serde::de::Error::custom(
             "must be more than 0 (no worker could start with none); leave it out for the default",
         ));
     }
     Ok(Some(value))
-}
-
-/// A quantity that can be zero.
-trait NoneOf {
-    /// Whether it is zero.
-    fn is_none_of(&self) -> bool;
-}
-
-impl NoneOf for ByteSize {
-    fn is_none_of(&self) -> bool {
-        self.0 == 0
-    }
-}
-
-impl NoneOf for u32 {
-    fn is_none_of(&self) -> bool {
-        *self == 0
-    }
 }
 
 /// A compute device name, checked for shape.

@@ -55,10 +55,15 @@ impl Range {
     }
 }
 
+/// What is wrong with a `max_tokens` (0 would end the request before its first token).
+pub fn max_tokens_problem(value: Option<u32>) -> Option<&'static str> {
+    (value == Some(0)).then_some("`max_tokens` must be at least 1")
+}
+
 /// What is wrong with generation defaults, if anything: each held to what a request may ask.
 pub fn defaults_problem(g: &GenerationDefaults) -> Option<String> {
-    if g.max_tokens == Some(0) {
-        return Some("`max_tokens` must be at least 1".into());
+    if let Some(problem) = max_tokens_problem(g.max_tokens) {
+        return Some(problem.into());
     }
     [
         TEMPERATURE.problem(g.temperature),

@@ -8,6 +8,12 @@ use serde::{Deserialize, Deserializer};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ByteSize(pub u64);
 
+impl From<ByteSize> for u64 {
+    fn from(size: ByteSize) -> u64 {
+        size.0
+    }
+}
+
 impl ByteSize {
     /// Parses `"16GiB"`, `"512 MiB"`, `"1.5G"`, `"100MB"`, `"4096"`. `K/M/G/T` and `KiB`.. are powers
     /// of 1024, `KB/MB/GB/TB` powers of 1000.

@@ -161,6 +161,16 @@ fn a_library_replaced_while_it_loads_runs_the_copy_and_the_broken_one_is_refused
     assert_eq!((status, text(&r).as_str()), (200, "hell"), "{r}");
 }
 
+/// Asks the hostile plugin for `prompt`, which must end in a 500 whose message says each of
+/// `says`, then waits for the worker's first restart.
+fn fails_then_restarts(d: &Daemon, prompt: &str, says: &[&str]) {
+    let (status, r) = complete(d, "hostile", prompt);
+    assert_eq!(status, 500, "{r}");
+    let message = r["error"]["message"].as_str().unwrap_or_default();
+    assert!(says.iter().all(|s| message.contains(s)), "{message}");
+    d.wait_restarts("hostile", 1);
+}
+
 /// A plugin that panicked is not trusted again: the request fails saying so, its worker is
 /// replaced as after a crash, and the model serves once more (before, every later request failed
 /// "must be restarted" while the plugin looked ready).
@@ -170,15 +180,14 @@ fn a_plugin_that_panicked_gets_a_new_worker() {
         return;
     }
     let d = restarting_hostile();
-    let (status, r) = complete(&d, "hostile", "panic");
-    assert_eq!(status, 500, "{r}");
-    let message = r["error"]["message"].as_str().unwrap_or_default();
-    assert!(
-        message.contains("plugin hostile panicked in `infer`: hostile plugin panics on request")
-            && message.contains("its worker is being restarted"),
-        "{message}"
+    fails_then_restarts(
+        &d,
+        "panic",
+        &[
+            "plugin hostile panicked in `infer`: hostile plugin panics on request",
+            "its worker is being restarted",
+        ],
     );
-    d.wait_restarts("hostile", 1);
     assert!(
         d.plugin("hostile")["last_error"]
             .as_str()
@@ -198,15 +207,7 @@ fn oom_kills_are_counted_across_restarts() {
         return;
     }
     let d = restarting_hostile();
-    let (status, r) = complete(&d, "hostile", "alloc 200");
-    assert_eq!(status, 500, "{r}");
-    assert!(
-        r["error"]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("memory limit 64 MiB reached")),
-        "{r}"
-    );
-    d.wait_restarts("hostile", 1);
+    fails_then_restarts(&d, "alloc 200", &["memory limit 64 MiB reached"]);
     assert_eq!(
         d.plugin("hostile")["oom_kills"],
         1,

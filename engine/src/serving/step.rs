@@ -181,12 +181,12 @@ impl<M: CausalLm> Worker<M> {
             .chain(self.waiting.drain(..))
             .map(|s| s.events)
             .chain(queued.into_iter().map(|a| a.events));
+        let failure = match panicked {
+            true => EngineError::Stopped,
+            false => EngineError::Internal,
+        };
         for to in events {
-            let error = match panicked {
-                true => EngineError::Stopped(why.clone()),
-                false => EngineError::Internal(why.clone()),
-            };
-            let _ = to.send(Event::Failed(error));
+            let _ = to.send(Event::Failed(failure(why.clone())));
         }
     }
 

@@ -48,6 +48,14 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// `message` for a request whose key is `known` to this server (403) or not (401).
+    fn for_key(known: bool, message: String) -> Self {
+        match known {
+            true => Self::Forbidden(message),
+            false => Self::Unauthenticated(message),
+        }
+    }
+
     /// The message the client gets (naming what to do).
     pub fn message(&self) -> &str {
         match self {
@@ -58,7 +66,6 @@ impl Refusal {
 
 /// Whether `given` satisfies `need`; otherwise why not, in words naming what to do.
 pub fn check(need: Need, given: Option<&str>, server: &ServerSection) -> Result<(), Refusal> {
-    let unauthenticated = |m: &str| Err(Refusal::Unauthenticated(m.into()));
     let keys: Vec<&String> = match need {
         Need::Open => return Ok(()),
         Need::User => server.api_keys.iter().chain(&server.admin_keys).collect(),
@@ -77,13 +84,11 @@ pub fn check(need: Need, given: Option<&str>, server: &ServerSection) -> Result<
     };
     if need == Need::Metrics && keys.is_empty() {
         let message = "/metrics is open only when the daemon listens on loopback; set server.metrics_keys (or admin keys) and scrape with `Authorization: Bearer KEY`".to_string();
-        return Err(match given.is_some_and(known) {
-            true => Refusal::Forbidden(message),
-            false => Refusal::Unauthenticated(message),
-        });
+        return Err(Refusal::for_key(given.is_some_and(known), message));
     }
     let Some(given) = given else {
-        return unauthenticated("this server needs an API key: send `Authorization: Bearer KEY`");
+        let message = "this server needs an API key: send `Authorization: Bearer KEY`";
+        return Err(Refusal::Unauthenticated(message.into()));
     };
     if keys.iter().any(|k| same(k, given)) {
         return Ok(());
@@ -94,10 +99,7 @@ pub fn check(need: Need, given: Option<&str>, server: &ServerSection) -> Result<
         _ => "a key from server.api_keys",
     };
     let message = format!("the API key is not valid here: this path needs {what}");
-    Err(match known(given) {
-        true => Refusal::Forbidden(message),
-        false => Refusal::Unauthenticated(message),
-    })
+    Err(Refusal::for_key(known(given), message))
 }
 
 /// Constant-time comparison, so a key cannot be guessed byte by byte from response times.

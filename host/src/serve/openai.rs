@@ -303,12 +303,11 @@ fn sampling(c: &Common) -> Result<InferRequest, ApiError> {
 
 /// The request's token limit: at least 1, at most `server.max_tokens_limit` (also the default).
 fn token_limit(asked: Option<u32>, limits: &Limits) -> Result<Option<u32>, ApiError> {
+    if let Some(problem) = crate::sampling::max_tokens_problem(asked) {
+        return Err(ApiError::bad_field("max_tokens", problem));
+    }
     let cap = (limits.max_tokens > 0).then_some(limits.max_tokens);
     match (asked, cap) {
-        (Some(0), _) => Err(ApiError::bad_field(
-            "max_tokens",
-            "`max_tokens` must be at least 1",
-        )),
         (Some(m), Some(cap)) if m > cap => Err(ApiError::bad_field(
             "max_tokens",
             format!(
