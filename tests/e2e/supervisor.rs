@@ -166,6 +166,52 @@ fn a_plugin_that_keeps_crashing_is_quarantined() {
 }
 
 #[test]
+fn a_plugin_stopped_while_its_worker_restarts_loads_nothing_more() {
+    if !available() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let marker = dir.path().join("loaded");
+    let mut spec = spec("hostile", "pio_test_plugin_hostile");
+    spec.write_paths.push(dir.path().to_path_buf());
+    let mut config = ModelConfig::default();
+    config.extra.insert("load_delay_ms".into(), 1500.into());
+    // Closing the socket would not end it: the host must kill what it abandons.
+    config.extra.insert("exit_hangs".into(), true.into());
+    config.extra.insert(
+        "loaded_marker".into(),
+        marker.to_str().unwrap().to_owned().into(),
+    );
+    runtime().block_on(async {
+        let (plugin, _) = Supervised::start(spec, config, fast_policy())
+            .await
+            .unwrap();
+        std::fs::remove_file(&marker).expect("the first load wrote its marker");
+        assert!(complete(&plugin, "abort").await.is_err());
+        for _ in 0..200 {
+            if plugin.status().state == State::Restarting {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(plugin.status().state, State::Restarting);
+        // Past the backoff: the new worker is loading.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        plugin.stop().await;
+        // Longer than the rest of that load would take.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert!(
+            !marker.exists(),
+            "a worker went on loading the model after the plugin was stopped"
+        );
+        let status = plugin.status();
+        assert_eq!((status.state, status.restarts), (State::Stopped, 0));
+    });
+}
+
+#[test]
 fn a_request_stuck_in_a_loop_times_out_and_its_worker_is_replaced() {
     if !available() {
         return;

@@ -356,7 +356,10 @@ async fn monitor(
             policy: &policy,
             shared: &shared,
         };
-        if !restart.until_up(&mut crashes, &mut backoff).await {
+        if !restart
+            .until_up(&mut crashes, &mut backoff, &mut stop)
+            .await
+        {
             return;
         }
     }
@@ -372,13 +375,25 @@ struct Restart<'a> {
 
 impl Restart<'_> {
     /// Starts a new worker after each backoff (doubling up to the policy's most) until one
-    /// loads; false when monitoring ends instead: the plugin was stopped meanwhile, or too
-    /// many starts failed and it is quarantined.
-    async fn until_up(&self, crashes: &mut VecDeque<Instant>, backoff: &mut Duration) -> bool {
+    /// loads; false when monitoring ends instead: the plugin was stopped meanwhile (a start
+    /// under way is abandoned, its worker killed), or too many starts failed and it is
+    /// quarantined.
+    async fn until_up(
+        &self,
+        crashes: &mut VecDeque<Instant>,
+        backoff: &mut Duration,
+        stop: &mut watch::Receiver<bool>,
+    ) -> bool {
         loop {
-            tokio::time::sleep(*backoff).await;
+            let started = tokio::select! {
+                started = async {
+                    tokio::time::sleep(*backoff).await;
+                    start_and_load(self.spec, self.config).await
+                } => started,
+                _ = stopped(stop) => return false,
+            };
             *backoff = (*backoff * 2).min(self.policy.max_backoff);
-            match start_and_load(self.spec, self.config).await {
+            match started {
                 Ok((worker, _)) => {
                     let mut s = lock(self.shared);
                     if s.state == State::Stopped {
