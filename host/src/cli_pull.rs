@@ -277,11 +277,10 @@ fn manifest_path(
     };
     let (path, elsewhere) = match &chosen.manifest {
         Some((path, manifest)) if manifest.name == name && in_dir(path)? => {
-            let model = manifest
-                .model
-                .path
-                .as_ref()
-                .map(|p| path.parent().map_or(p.clone(), |d| d.join(p)));
+            let model = manifest.model.path.as_ref().map(|p| {
+                path.parent()
+                    .map_or(p.get_ref().clone(), |d| d.join(p.get_ref()))
+            });
             let same = model.and_then(|m| std::path::absolute(m).ok()).as_deref() == Some(dest);
             (path.clone(), !same)
         }

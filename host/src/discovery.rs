@@ -82,6 +82,20 @@ pub enum CheckError {
         /// The host's plugin-api version.
         host: String,
     },
+    /// The manifest's model (a snapshot folder or a GGUF file) is not there.
+    #[error("{manifest}:{line}:{column}: model {path} {problem}; put the snapshot there (`pio pull` downloads one) or fix `[model] path`")]
+    ModelMissing {
+        /// The manifest.
+        manifest: PathBuf,
+        /// Where `path` is written.
+        line: usize,
+        /// Column of `path`'s value.
+        column: usize,
+        /// The model, joined to the manifest's folder.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// Loading the library failed (see [`ProbeError`]).
     #[error("{0}")]
     Probe(#[from] ProbeError),
@@ -124,6 +138,7 @@ impl CheckError {
             Self::Sha256Mismatch { .. } => "sha256_mismatch",
             Self::ReadLibrary { .. } => "read_library",
             Self::ApiRequirement { .. } => "api_requirement",
+            Self::ModelMissing { .. } => "model_missing",
             Self::Probe(p) => p.kind(),
             Self::Identity { .. } => "identity",
             Self::Duplicate { .. } => "duplicate",
@@ -258,7 +273,34 @@ fn check_manifest(
             host: host.to_string(),
         });
     }
+    check_model_path(path, text, manifest)?;
     Ok(library)
+}
+
+/// The `[model] path` names something that is there (a snapshot folder, or a GGUF file; which
+/// the plugin takes is its own check at load): a snapshot not yet downloaded is caught by
+/// `pio check` and at discovery, before any worker starts to load it.
+fn check_model_path(path: &Path, text: &str, manifest: &Manifest) -> Result<(), CheckError> {
+    let Some(written) = &manifest.model.path else {
+        return Ok(());
+    };
+    let model = path
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join(written.get_ref());
+    let problem = match std::fs::metadata(&model) {
+        Ok(_) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "does not exist".to_string(),
+        Err(e) => format!("cannot be read ({e})"),
+    };
+    let (line, column) = line_column(text, written.span().start);
+    Err(CheckError::ModelMissing {
+        manifest: path.to_owned(),
+        line,
+        column,
+        path: model,
+        problem,
+    })
 }
 
 /// Resolves the manifest's `library`: absolute as is; otherwise next to the manifest, then in each

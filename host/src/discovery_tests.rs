@@ -119,3 +119,46 @@ fn a_missing_library_names_the_folders_looked_in() {
     assert_eq!(looked_in("libmissing-pio-test.so"), "., /opt/pio/lib");
     assert_eq!(looked_in("/nonexistent/pio/libx.so"), "/nonexistent/pio");
 }
+
+/// A model path that is not there fails the check with where `path` is written; a folder or a
+/// file (a GGUF model) that is there, relative to the manifest's folder, passes.
+#[test]
+fn the_model_must_be_there() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("libx.so"), b"abc").unwrap();
+    std::fs::create_dir(dir.path().join("snapshot")).unwrap();
+    std::fs::write(dir.path().join("model.gguf"), b"").unwrap();
+    let manifest = dir.path().join("x.toml");
+    let status_with = |path: &str| {
+        let text = format!(
+            "name = \"x\"\nversion = \"0.1.0\"\nlibrary = \"libx.so\"\napi = \"^1\"\n\
+             [model]\npath = \"{path}\"\n"
+        );
+        std::fs::write(&manifest, text).unwrap();
+        check_static(&manifest, &SearchPaths::default()).status
+    };
+    assert!(matches!(status_with("snapshot"), Status::Ready));
+    assert!(matches!(status_with("model.gguf"), Status::Ready));
+    let Status::Failed(e) = status_with("snapshots") else {
+        panic!("a missing model passed");
+    };
+    assert!(
+        matches!(
+            e,
+            CheckError::ModelMissing {
+                line: 6,
+                column: 8,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let message = e.to_string();
+    assert!(
+        message.contains(&format!(
+            "model {} does not exist",
+            dir.path().join("snapshots").display()
+        )) && message.contains("fix `[model] path`"),
+        "{message}"
+    );
+}

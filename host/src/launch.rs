@@ -50,7 +50,7 @@ pub fn model_config(manifest: &Manifest, manifest_path: &Path) -> ModelConfig {
         extra.insert(CACHE_KEY.into(), dir.into());
     }
     ModelConfig {
-        model_path: m.path.as_ref().map(|p| resolved(&base.join(p))),
+        model_path: m.path.as_ref().map(|p| resolved(&base.join(p.get_ref()))),
         dtype: m.dtype.map(|d| d.name().to_string()),
         device: m.device.as_ref().map(|d| d.0.clone()),
         quantization: m.quantization.map(|q| q.name().to_string()),

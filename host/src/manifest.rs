@@ -71,7 +71,7 @@ pub use pio_plugin_api::wire::WeightQuantization as Quantization;
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
     /// Hugging Face snapshot folder; relative paths are relative to the manifest's folder.
-    pub path: Option<PathBuf>,
+    pub path: Option<Spanned<PathBuf>>,
     /// Data type.
     pub dtype: Option<Dtype>,
     /// `cpu`, `cuda` or `cuda:N`.
