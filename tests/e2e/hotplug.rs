@@ -133,6 +133,49 @@ fn plugins_are_dropped_in_replaced_and_removed_while_requests_run() {
     assert!(ok.load(Ordering::Acquire) >= 6);
 }
 
+/// A manifest dropped in before its model is reported, keeps the daemon ready, and loads once the
+/// model is there.
+#[test]
+fn a_plugin_dropped_in_before_its_model_loads_when_the_model_arrives() {
+    if !confinement_available() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let d = Daemon::start(PluginDir::new(), "");
+    d.wait_ready();
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    d.dir.copy_lib("pio_plugin_echo", "libecho.so");
+    d.dir.write(
+        "echo.toml",
+        &manifest("echo", "0.1.0", "libecho.so", "[model]\npath = \"later\"\n"),
+    );
+    let error = |d: &Daemon| {
+        d.get("/v1/plugins").1["errors"].as_array().and_then(|e| {
+            e.iter()
+                .find(|x| {
+                    x["manifest"]
+                        .as_str()
+                        .is_some_and(|m| m.ends_with("echo.toml"))
+                })
+                .map(|x| x["error"].as_str().unwrap_or_default().to_string())
+        })
+    };
+    d.wait_for(20, "the missing model to be reported", |d| {
+        error(d).is_some()
+    });
+    let why = error(&d).unwrap();
+    assert!(why.contains("later does not exist"), "{why}");
+    assert_eq!(
+        d.get("/ready").0,
+        200,
+        "a drop-in without its model took the daemon out"
+    );
+
+    std::fs::create_dir(d.dir.path().join("later")).unwrap();
+    d.wait_for(30, "echo to load", |d| d.plugin("echo")["state"] == "ready");
+    assert_eq!(error(&d), None);
+}
+
 #[test]
 fn a_client_that_disconnects_cancels_its_generation() {
     if !confinement_available() {
