@@ -40,9 +40,12 @@ pub enum EngineError {
         /// Which tensor, and expected versus found.
         reason: String,
     },
-    /// A request the model cannot serve (e.g. a prompt longer than the context).
+    /// A request the model cannot serve (an empty prompt, an image it cannot read).
     #[error("{0}")]
     InvalidInput(String),
+    /// A prompt that does not fit the context or the KV cache: the client has to shorten it.
+    #[error("{0}")]
+    ContextLength(String),
     /// Something the engine does not support yet.
     #[error("{0}")]
     Unsupported(String),
@@ -65,6 +68,7 @@ impl EngineError {
     pub fn duplicate(&self) -> Self {
         match self {
             Self::InvalidInput(m) => Self::InvalidInput(m.clone()),
+            Self::ContextLength(m) => Self::ContextLength(m.clone()),
             Self::Unsupported(m) => Self::Unsupported(m.clone()),
             Self::Stopped(m) => Self::Stopped(m.clone()),
             other => Self::Internal(other.to_string()),
@@ -90,5 +94,15 @@ mod tests {
         assert_eq!(kind(stopped.duplicate()), ErrorKind::PANICKED);
         assert_eq!(kind(EngineError::Internal("x".into())), ErrorKind::INTERNAL);
         assert!(matches!(stopped.duplicate(), EngineError::Stopped(m) if m.contains("boom")));
+    }
+
+    /// A prompt past the context keeps its own kind through a failed batch, so the host can
+    /// answer OpenAI's `context_length_exceeded`.
+    #[test]
+    fn a_prompt_past_the_context_keeps_its_kind() {
+        let long = EngineError::ContextLength("the prompt is 300 tokens".into());
+        let failed = crate::runtime::plugin_error(long.duplicate());
+        assert_eq!(failed.kind, ErrorKind::CONTEXT_LENGTH);
+        assert!(failed.message.contains("300 tokens"));
     }
 }

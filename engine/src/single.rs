@@ -53,7 +53,7 @@ impl SingleSequence {
         let end = self.len + tokens.len();
         while self.blocks.len() * BLOCK < end {
             let block = self.pool.allocator.allocate().ok_or_else(|| {
-                EngineError::InvalidInput(format!(
+                EngineError::ContextLength(format!(
                     "the sequence would reach {end} positions; it was made for {}",
                     self.pool.shape().blocks * BLOCK
                 ))

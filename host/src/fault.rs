@@ -32,6 +32,8 @@ pub enum Fault {
     Timeout,
     /// plugin-api: the plugin panicked; its worker is restarted, since its state is suspect.
     Panicked,
+    /// plugin-api: the input does not fit the model's context.
+    ContextLength,
     /// Host: the sandbox could not be prepared (cgroup, runtime folder, socket).
     Sandbox,
     /// Host: the worker process could not be started.
@@ -75,6 +77,7 @@ impl Fault {
             NotReady => "not_ready",
             Timeout => "timeout",
             Panicked => "panicked",
+            ContextLength => "context_length",
             Sandbox => "sandbox",
             Spawn => "spawn",
             Protocol => "protocol",
@@ -106,6 +109,7 @@ impl From<ErrorKind> for Fault {
             ErrorKind::NOT_READY => Self::NotReady,
             ErrorKind::TIMEOUT => Self::Timeout,
             ErrorKind::PANICKED => Self::Panicked,
+            ErrorKind::CONTEXT_LENGTH => Self::ContextLength,
             _ => Self::Internal,
         }
     }
@@ -121,7 +125,7 @@ impl fmt::Display for Fault {
 mod tests {
     use super::*;
 
-    const ALL: [Fault; 23] = [
+    const ALL: [Fault; 24] = [
         Fault::InvalidConfig,
         Fault::InvalidInput,
         Fault::ModelFiles,
@@ -132,6 +136,7 @@ mod tests {
         Fault::NotReady,
         Fault::Timeout,
         Fault::Panicked,
+        Fault::ContextLength,
         Fault::Sandbox,
         Fault::Spawn,
         Fault::Protocol,
@@ -158,7 +163,7 @@ mod tests {
 
     #[test]
     fn plugin_kinds_keep_their_names_and_unknown_ones_are_internal() {
-        for n in 1..=10 {
+        for n in 1..=11 {
             let kind = ErrorKind(n);
             assert_eq!(Fault::from(kind).name(), kind.name());
         }

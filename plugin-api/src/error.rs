@@ -15,7 +15,8 @@ pub struct ErrorKind(pub u32);
 impl ErrorKind {
     /// A configuration (host, model or request defaults) was malformed or out of range.
     pub const INVALID_CONFIG: Self = Self(1);
-    /// A request was malformed or asked for something impossible (e.g. a prompt longer than the context).
+    /// A request was malformed or asked for something impossible (a prompt longer than the
+    /// context is [`Self::CONTEXT_LENGTH`] since 1.6).
     pub const INVALID_INPUT: Self = Self(2);
     /// Model files are missing, unreadable, corrupt or of the wrong shape.
     pub const MODEL_FILES: Self = Self(3);
@@ -35,6 +36,9 @@ impl ErrorKind {
     /// The plugin panicked (caught at the boundary): its state can no longer be trusted, so every
     /// later call fails the same way until the host restarts its worker (added in plugin-api 1.5).
     pub const PANICKED: Self = Self(10);
+    /// The input does not fit the model's context (or its KV cache): the client has to shorten
+    /// it, and OpenAI clients recognize the host's answer as such (added in plugin-api 1.6).
+    pub const CONTEXT_LENGTH: Self = Self(11);
 
     /// The kind's stable, machine-readable name (`invalid_config`, `model_files`, ...).
     pub fn name(self) -> std::borrow::Cow<'static, str> {
@@ -49,6 +53,7 @@ impl ErrorKind {
             Self::NOT_READY => "not_ready",
             Self::TIMEOUT => "timeout",
             Self::PANICKED => "panicked",
+            Self::CONTEXT_LENGTH => "context_length",
             Self(other) => return format!("unknown({other})").into(),
         };
         known.into()
@@ -94,6 +99,11 @@ impl PluginError {
     /// An [`ErrorKind::INVALID_INPUT`] error.
     pub fn invalid_input(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::INVALID_INPUT, message)
+    }
+
+    /// An [`ErrorKind::CONTEXT_LENGTH`] error.
+    pub fn context_length(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::CONTEXT_LENGTH, message)
     }
 
     /// An [`ErrorKind::MODEL_FILES`] error.

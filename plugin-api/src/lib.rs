@@ -17,7 +17,8 @@
 //! History: 1.0.0 — first release. 1.1.0 — `ErrorKind::TIMEOUT`. 1.2.0 —
 //! `ModelInfo::tool_call_format`. 1.3.0 — `ModelInfo::token_bytes` (every token's raw bytes). 1.4.0 —
 //! `InferRequest::constraint` and `Capabilities::STRUCTURED_OUTPUT` (grammar-constrained output). 1.5.0 —
-//! `ErrorKind::PANICKED` (a caught panic, after which the host restarts the worker).
+//! `ErrorKind::PANICKED` (a caught panic, after which the host restarts the worker). 1.6.0 —
+//! `ErrorKind::CONTEXT_LENGTH` (an input longer than the model's context).
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 

@@ -289,14 +289,33 @@ fn errors_have_the_openai_shape_the_right_status_and_the_field() {
         "{r}"
     );
 
-    // The plugin's own refusal (echo's context is 4096 characters) is a 400 too, streamed or not.
+    // The plugin's own refusal (echo's context is 4096 characters) is a 400 too, streamed or not,
+    // with OpenAI's code and the prompt's field, which clients act on.
+    let past_context = |r: &Value| (r["error"]["code"].clone(), r["error"]["param"].clone());
     let long = json!({"model": "echo", "prompt": "y".repeat(5000)});
     let (status, r) = d.post("/v1/completions", &long);
     assert_eq!(status, 400, "{r}");
+    assert_eq!(
+        past_context(&r),
+        (json!("context_length_exceeded"), json!("prompt"))
+    );
+    let (status, r) = d.post("/v1/chat/completions", &chat("echo", &"y".repeat(5000)));
+    assert_eq!(status, 400, "{r}");
+    assert_eq!(
+        past_context(&r),
+        (json!("context_length_exceeded"), json!("messages"))
+    );
     let mut streamed = long.clone();
     streamed["stream"] = json!(true);
-    let refused = d.try_stream("/v1/completions", &streamed).err();
-    assert_eq!(refused.map(|(s, _)| s), Some(400));
+    let Err((status, body)) = d.try_stream("/v1/completions", &streamed) else {
+        panic!("a streamed prompt past the context was taken");
+    };
+    assert_eq!(status, 400, "{body}");
+    let r: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        past_context(&r),
+        (json!("context_length_exceeded"), json!("prompt"))
+    );
 }
 
 #[test]

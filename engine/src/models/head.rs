@@ -111,7 +111,7 @@ pub(crate) fn extent(seq: &SeqStep<'_>, context: usize) -> Result<usize> {
         ));
     }
     if end > context {
-        return Err(EngineError::InvalidInput(format!(
+        return Err(EngineError::ContextLength(format!(
             "the sequence would reach {end} tokens; the context is {context}"
         )));
     }

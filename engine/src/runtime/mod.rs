@@ -133,6 +133,7 @@ pub fn plugin_error(e: EngineError) -> PluginError {
         | EngineError::BadField { .. }
         | EngineError::Weights { .. } => ErrorKind::MODEL_FILES,
         EngineError::InvalidInput(_) => ErrorKind::INVALID_INPUT,
+        EngineError::ContextLength(_) => ErrorKind::CONTEXT_LENGTH,
         EngineError::Unsupported(_) => ErrorKind::UNSUPPORTED,
         EngineError::Compute(_) | EngineError::Internal(_) => ErrorKind::INTERNAL,
         EngineError::Stopped(_) => ErrorKind::PANICKED,

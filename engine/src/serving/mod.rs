@@ -316,13 +316,13 @@ impl Engine {
             return Err(EngineError::InvalidInput("the prompt is empty".into()));
         }
         if prompt >= self.context {
-            return Err(EngineError::InvalidInput(format!(
+            return Err(EngineError::ContextLength(format!(
                 "the prompt is {prompt} tokens; this model's context is {} tokens, leaving no room to generate: shorten the prompt",
                 self.context
             )));
         }
         if prompt >= self.capacity {
-            return Err(EngineError::InvalidInput(format!(
+            return Err(EngineError::ContextLength(format!(
                 "the prompt is {prompt} tokens; the KV cache holds {} tokens in all: shorten the prompt or give the model more KV cache memory (kv_cache_bytes)",
                 self.capacity
             )));

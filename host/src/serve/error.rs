@@ -5,6 +5,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use super::openai::Endpoint;
 use crate::fault::Fault;
 use crate::protocol::WireError;
 
@@ -159,6 +160,8 @@ pub fn answer(kind: Fault) -> (StatusCode, &'static str, Option<u64>) {
     use Fault::*;
     match kind {
         InvalidInput => (StatusCode::BAD_REQUEST, "invalid_request", None),
+        // OpenAI's code, which clients act on (trim the conversation and retry).
+        ContextLength => (StatusCode::BAD_REQUEST, "context_length_exceeded", None),
         Unsupported => (StatusCode::BAD_REQUEST, "unsupported", None),
         NotReady | Restarting | Quarantined | Stopped => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -183,6 +186,18 @@ impl From<WireError> for ApiError {
         Self {
             retry_after,
             ..Self::new(status, code, e.message)
+        }
+    }
+}
+
+impl ApiError {
+    /// A plugin's failure of a request to `endpoint`: an input past the context names the
+    /// endpoint's prompt field as `param`, as OpenAI does.
+    pub fn of_request(e: WireError, endpoint: Endpoint) -> Self {
+        let param = (e.kind == Fault::ContextLength).then(|| endpoint.prompt_field().to_string());
+        Self {
+            param,
+            ..Self::from(e)
         }
     }
 }

@@ -128,7 +128,7 @@ async fn start(
         .deployment()
         .supervised
         .infer(parsed.request.clone())
-        .map_err(|e| ApiError::from(e.0))?;
+        .map_err(|e| ApiError::of_request(e.0, endpoint))?;
     Ok((parsed, lease, events))
 }
 
@@ -188,7 +188,7 @@ async fn collect(
                 );
                 return Json(body).into_response();
             }
-            Event::Failed(e) => return ApiError::from(e).into_response(),
+            Event::Failed(e) => return ApiError::of_request(e, parsed.endpoint).into_response(),
         }
     }
     ApiError::internal("the worker ended the request without an answer").into_response()

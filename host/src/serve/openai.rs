@@ -28,6 +28,14 @@ impl Endpoint {
             Self::Completions => "completions",
         }
     }
+
+    /// The request field holding the prompt.
+    pub fn prompt_field(self) -> &'static str {
+        match self {
+            Self::Chat => "messages",
+            Self::Completions => "prompt",
+        }
+    }
 }
 
 /// Fields both endpoints share. Unknown fields are ignored, as OpenAI's own server does with

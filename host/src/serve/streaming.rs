@@ -38,7 +38,7 @@ pub(super) async fn stream(
     // A request that fails before its first token (a prompt too long, say) gets a real status.
     let first = events.recv().await;
     if let Some(Event::Failed(e)) = first {
-        let e = ApiError::from(e);
+        let e = ApiError::of_request(e, parsed.endpoint);
         app.metrics
             .request(&parsed.model, parsed.endpoint.label(), e.status.as_u16());
         return e.into_response();
@@ -220,7 +220,7 @@ async fn pump(
                 }
                 return 200;
             }
-            Some(Event::Failed(e)) => ApiError::from(e),
+            Some(Event::Failed(e)) => ApiError::of_request(e, parsed.endpoint),
             None => ApiError::internal("the worker ended the request without an answer"),
         };
         tracing::warn!(model = %parsed.model, "stream failed midway: {}", e.message);

@@ -99,10 +99,15 @@ impl PluginImpl for Echo {
         let text = prompt_text(&request.prompt)?;
         let prompt: Vec<char> = text.chars().collect();
         if prompt.len() > CONTEXT_LENGTH as usize {
-            return Err(PluginError::invalid_input(format!(
+            let message = format!(
                 "prompt is {} characters; echo's context is {CONTEXT_LENGTH}",
                 prompt.len()
-            )));
+            );
+            // Its own kind since plugin-api 1.6; the older copies say invalid input.
+            #[cfg(not(feature = "frozen-api"))]
+            return Err(PluginError::context_length(message));
+            #[cfg(feature = "frozen-api")]
+            return Err(PluginError::invalid_input(message));
         }
         // Echo knows its whole output up front, so a stop string is simply cut off before it is
         // reached; a model would hold back text that might begin one (see engine's StopMatcher).

@@ -142,7 +142,7 @@ fn a_prompt_longer_than_the_context_is_refused() {
         ..Request::default()
     };
     let e = model.generate(r, &mut |_| true).unwrap_err();
-    assert!(matches!(e, EngineError::InvalidInput(_)));
+    assert!(matches!(e, EngineError::ContextLength(_)));
     assert!(
         e.to_string().contains("300 tokens") && e.to_string().contains("256"),
         "{e}"
