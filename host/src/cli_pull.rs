@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use pio_host::discovery::{self, Candidate, SearchPaths, Status};
+use pio_host::discovery::{self, Candidate, SearchPaths};
 use pio_host::hub::{Hub, RemoteFile};
 use pio_host::manifest::{Manifest, Tier};
 use pio_host::probe::{LibraryReport, Prober};
@@ -206,7 +206,8 @@ fn serving(
 ) -> anyhow::Result<Chosen> {
     let ready = candidates
         .iter()
-        .filter(|c| matches!(c.status, Status::Ready))
+        // The pull brings the model: a manifest waiting for one counts.
+        .filter(|c| c.ready_given_a_model())
         .filter_map(|c| {
             Some((
                 c,

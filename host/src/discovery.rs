@@ -175,6 +175,17 @@ pub struct Candidate {
     pub status: Status,
 }
 
+impl Candidate {
+    /// Whether it passed every check but its model's being there: a caller that brings its own
+    /// model (`pio run --model-path`, `pio pull`) can still use it.
+    pub fn ready_given_a_model(&self) -> bool {
+        matches!(
+            self.status,
+            Status::Ready | Status::Failed(CheckError::ModelMissing { .. })
+        )
+    }
+}
+
 /// A plugin directory that cannot be scanned.
 #[derive(Debug, thiserror::Error)]
 #[error("plugin directory {dir}: {reason}; create it or pass another --plugins")]
@@ -232,12 +243,18 @@ pub fn check_static(manifest_path: &Path, search: &SearchPaths) -> Candidate {
     };
     match Manifest::parse(manifest_path, &text) {
         Ok(manifest) => {
-            let result = check_manifest(manifest_path, &text, &manifest, search);
-            candidate.manifest = Some(manifest);
-            match result {
-                Ok(library) => candidate.library = Some(library),
+            match check_manifest(manifest_path, &text, &manifest, search) {
+                Ok(library) => {
+                    candidate.library = Some(library);
+                    // Last, and the library is still probed: a caller that brings its own model
+                    // can use the plugin (`Candidate::ready_given_a_model`).
+                    if let Err(e) = check_model_path(manifest_path, &text, &manifest) {
+                        candidate.status = Status::Failed(e);
+                    }
+                }
                 Err(e) => candidate.status = Status::Failed(e),
             }
+            candidate.manifest = Some(manifest);
         }
         Err(e) => candidate.status = Status::Failed(CheckError::Manifest(e.to_string())),
     }
@@ -273,7 +290,6 @@ fn check_manifest(
             host: host.to_string(),
         });
     }
-    check_model_path(path, text, manifest)?;
     Ok(library)
 }
 
@@ -385,9 +401,11 @@ pub fn sha256_file(path: &Path) -> Result<String, CheckError> {
 /// Loads the candidate's library in a child process and checks it reports the manifest's name
 /// and version.
 pub fn check_library(candidate: &mut Candidate, prober: &Prober) {
-    let (Some(manifest), Some(library), Status::Ready) =
-        (&candidate.manifest, &candidate.library, &candidate.status)
-    else {
+    let (Some(manifest), Some(library), true) = (
+        &candidate.manifest,
+        &candidate.library,
+        candidate.ready_given_a_model(),
+    ) else {
         return;
     };
     let result = prober
@@ -419,6 +437,7 @@ pub fn check_library(candidate: &mut Candidate, prober: &Prober) {
             }
             Ok(report)
         });
+    // A library's failure outranks a missing model's.
     match result {
         Ok(report) => candidate.report = Some(report),
         Err(e) => candidate.status = Status::Failed(e),

@@ -129,16 +129,20 @@ fn the_model_must_be_there() {
     std::fs::create_dir(dir.path().join("snapshot")).unwrap();
     std::fs::write(dir.path().join("model.gguf"), b"").unwrap();
     let manifest = dir.path().join("x.toml");
-    let status_with = |path: &str| {
+    let checked = |path: &str| {
         let text = format!(
             "name = \"x\"\nversion = \"0.1.0\"\nlibrary = \"libx.so\"\napi = \"^1\"\n\
              [model]\npath = \"{path}\"\n"
         );
         std::fs::write(&manifest, text).unwrap();
-        check_static(&manifest, &SearchPaths::default()).status
+        check_static(&manifest, &SearchPaths::default())
     };
+    let status_with = |path: &str| checked(path).status;
     assert!(matches!(status_with("snapshot"), Status::Ready));
     assert!(matches!(status_with("model.gguf"), Status::Ready));
+    // The library is still found (and then probed): `--model-path` can bring the model.
+    let missing = checked("snapshots");
+    assert!(missing.ready_given_a_model() && missing.library.is_some());
     let Status::Failed(e) = status_with("snapshots") else {
         panic!("a missing model passed");
     };

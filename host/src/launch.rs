@@ -63,8 +63,8 @@ pub fn model_config(manifest: &Manifest, manifest_path: &Path) -> ModelConfig {
 pub const CACHE_KEY: &str = "quantization_cache";
 
 /// `path` absolute with every `..` and symlink resolved; when it does not exist (yet: a cache
-/// folder the host will create, or a missing model for the plugin to report), the part that
-/// exists resolved and the rest appended with `.` and `..` taken as written.
+/// folder the host will create, or a missing `--model-path` for the plugin to report), the part
+/// that exists resolved and the rest appended with `.` and `..` taken as written.
 pub fn resolved(path: &Path) -> std::path::PathBuf {
     if let Ok(real) = std::fs::canonicalize(path) {
         return real;

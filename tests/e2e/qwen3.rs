@@ -378,3 +378,50 @@ fn tiny_qwen3_plugins() -> PluginDir {
     );
     dir
 }
+
+/// A manifest whose model is not there fails its check, yet `--model-path` brings a model of its
+/// own: `pio run` serves it.
+#[test]
+fn model_path_runs_a_plugin_whose_manifest_model_is_missing() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = PluginDir::new();
+    dir.write(
+        "qwen3.toml",
+        &qwen3_manifest(
+            &plugin_lib("pio_plugin_qwen3"),
+            "low",
+            "path = \"not-downloaded\"\n",
+        ),
+    );
+    let run = |extra: &[&str]| {
+        let args = [
+            &[
+                "run",
+                "qwen3-4b-instruct-2507",
+                "--plugins",
+                ".",
+                "--prompt",
+                "Hi",
+                "--max-tokens",
+                "2",
+            ][..],
+            extra,
+        ]
+        .concat();
+        pio(dir.path(), &args)
+    };
+    let out = run(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("not-downloaded does not exist"), "{err}");
+    let fixture = repo_root().join("tests/fixtures/qwen3-tiny");
+    let out = run(&["--model-path", fixture.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.stdout.is_empty());
+}

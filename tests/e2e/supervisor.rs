@@ -188,17 +188,19 @@ fn a_plugin_stopped_while_its_worker_restarts_loads_nothing_more() {
         let (plugin, _) = Supervised::start(spec, config, fast_policy())
             .await
             .unwrap();
+        let begun = dir.path().join("loaded.begun");
         std::fs::remove_file(&marker).expect("the first load wrote its marker");
+        std::fs::remove_file(&begun).expect("the first load marked its start");
         assert!(complete(&plugin, "abort").await.is_err());
-        for _ in 0..200 {
-            if plugin.status().state == State::Restarting {
+        // The new worker is loading.
+        for _ in 0..500 {
+            if begun.exists() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        assert!(begun.exists(), "no new worker began to load");
         assert_eq!(plugin.status().state, State::Restarting);
-        // Past the backoff: the new worker is loading.
-        tokio::time::sleep(Duration::from_millis(400)).await;
         plugin.stop().await;
         // Longer than the rest of that load would take.
         tokio::time::sleep(Duration::from_millis(2500)).await;

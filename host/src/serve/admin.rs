@@ -10,6 +10,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
+use super::models::PluginStatus;
 use super::App;
 
 fn model_object(s: &super::models::PluginStatus) -> Value {
@@ -97,12 +98,29 @@ pub async fn health() -> Json<Value> {
 /// `/ready` and systemd's readiness report.
 pub fn is_ready(app: &App) -> bool {
     let (plugins, _) = app.models.statuses();
-    let config = app.models.config();
-    !app.draining.load(Ordering::Acquire)
+    !app.draining.load(Ordering::Acquire) && preloads_ready(&app.models.config().server, &plugins)
+}
+
+/// Whether every model `server.preload` asks for is ready: each one found that it matches, and
+/// each name it spells out found at all (a model whose manifest fails its checks, its model not
+/// there say, keeps a pod out of rotation when it is named; `"*"` waits only for what was found).
+fn preloads_ready(server: &crate::config::ServerSection, plugins: &[PluginStatus]) -> bool {
+    missing_preloads(server, plugins).next().is_none()
         && plugins
             .iter()
-            .filter(|p| config.server.preloads(&p.name))
+            .filter(|p| server.preloads(&p.name))
             .all(|p| p.state == "ready")
+}
+
+/// The names `server.preload` spells out that no checked manifest serves.
+fn missing_preloads<'a>(
+    server: &'a crate::config::ServerSection,
+    plugins: &'a [PluginStatus],
+) -> impl Iterator<Item = &'a String> {
+    server
+        .preload
+        .iter()
+        .filter(|n| *n != "*" && !plugins.iter().any(|p| &p.name == *n))
 }
 
 /// `GET /ready`: 200 when every preloaded model is loaded and has produced a token (warm-up),
@@ -111,9 +129,12 @@ pub async fn ready(State(app): State<Arc<App>>) -> Response {
     let (plugins, _) = app.models.statuses();
     let draining = app.draining.load(Ordering::Acquire);
     let ready = is_ready(&app);
+    let config = app.models.config();
+    let missing = missing_preloads(&config.server, &plugins).map(|n| (n.clone(), json!("missing")));
     let models: serde_json::Map<String, Value> = plugins
         .iter()
         .map(|p| (p.name.clone(), json!(p.state)))
+        .chain(missing)
         .collect();
     let status = if ready {
         StatusCode::OK
@@ -139,4 +160,41 @@ pub async fn metrics(State(app): State<Arc<App>>) -> Response {
         text,
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ServerSection;
+
+    fn plugin(name: &str, state: &str) -> PluginStatus {
+        PluginStatus {
+            name: name.into(),
+            state: state.into(),
+            ..PluginStatus::default()
+        }
+    }
+
+    #[test]
+    fn a_named_preload_must_be_found_and_ready() {
+        let server = |preload: &[&str]| ServerSection {
+            preload: preload.iter().map(|s| s.to_string()).collect(),
+            ..ServerSection::default()
+        };
+        let found = [plugin("echo", "ready"), plugin("qwen", "loading")];
+        assert!(!preloads_ready(&server(&["*"]), &found));
+        assert!(preloads_ready(&server(&["echo"]), &found));
+        assert!(
+            !preloads_ready(&server(&["echo", "glm"]), &found),
+            "glm was never found"
+        );
+        let named = server(&["*", "echo", "glm"]);
+        let missing: Vec<_> = missing_preloads(&named, &found).collect();
+        assert_eq!(missing, ["glm"]);
+        assert!(preloads_ready(&server(&["*"]), &found[..1]));
+        assert!(
+            preloads_ready(&server(&[]), &found),
+            "nothing preloaded, nothing awaited"
+        );
+    }
 }

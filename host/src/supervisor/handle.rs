@@ -77,17 +77,6 @@ pub struct Worker {
     next_id: AtomicU64,
 }
 
-/// A handle nobody holds leaves no process behind: a start or a load abandoned midway (the
-/// plugin stopped while it restarted) kills the worker it began.
-impl Drop for Worker {
-    fn drop(&mut self) {
-        // Once reaped its pid may belong to another process.
-        if self.exit.borrow().is_none() {
-            self.kill();
-        }
-    }
-}
-
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Worker")

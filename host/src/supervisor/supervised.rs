@@ -271,7 +271,8 @@ impl Supervised {
         }
     }
 
-    /// Stops the plugin for good: no restart, the worker and its cgroup removed.
+    /// Stops the plugin for good: no restart, the worker and its cgroup removed (a restart under
+    /// way is abandoned as the monitor sees the stop, and the worker it began is killed).
     pub async fn stop(&self) {
         let _ = self.stop.send(true);
         let worker = {

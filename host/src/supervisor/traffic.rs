@@ -234,7 +234,13 @@ pub(super) fn start(
             // Commands first: a waiter is always registered before its frame can arrive.
             tokio::select! {
                 biased;
-                Some(command) = command_rx.recv() => routes.command(command),
+                command = command_rx.recv() => match command {
+                    Some(command) => routes.command(command),
+                    // Nothing in the host holds the worker any more (a start or a load abandoned
+                    // midway, as when its plugin is stopped while it restarts): it must not live
+                    // on, loading a model nobody will use, even if its exit hangs.
+                    None => break Some("was stopped: nothing in the host holds it any more".into()),
+                },
                 frame = frames.recv() => match frame {
                     Some(Ok(frame)) => {
                         if let Some(why) = routes.dispatch(frame) {

@@ -489,10 +489,13 @@ impl PluginImpl for Hostile {
         _: &mut Progress,
     ) -> Result<ModelInfo, PluginError> {
         self.device = config.device;
-        // A slow load, and a file written once it is over: how the tests watch a worker that
-        // was stopped while it loaded.
+        // How the tests watch a worker that was stopped while it loaded: a slow load with a file
+        // written as it begins and one as it ends, and an exit that never ends by itself.
+        let marker = config.extra.get("loaded_marker").and_then(|v| v.as_str());
+        if let Some(path) = marker {
+            let _ = std::fs::write(format!("{path}.begun"), b"loading");
+        }
         if config.extra.get("exit_hangs").and_then(|v| v.as_bool()) == Some(true) {
-            // A worker that never ends by itself, even when the host closes its socket.
             extern "C" fn hang() {
                 loop {
                     std::thread::sleep(Duration::from_secs(1));
@@ -504,7 +507,7 @@ impl PluginImpl for Hostile {
         if let Some(ms) = config.extra.get("load_delay_ms").and_then(|v| v.as_u64()) {
             std::thread::sleep(Duration::from_millis(ms));
         }
-        if let Some(path) = config.extra.get("loaded_marker").and_then(|v| v.as_str()) {
+        if let Some(path) = marker {
             let _ = std::fs::write(path, b"loaded");
         }
         Ok(ModelInfo::default())
