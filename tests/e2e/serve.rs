@@ -591,6 +591,23 @@ fn models_load_on_demand_within_the_cap_and_unload_when_idle() {
     });
 }
 
+/// A preloaded model that idled out keeps the replica ready: a load balancer must still send it
+/// the request that loads it again.
+#[test]
+fn a_model_unloaded_when_idle_keeps_the_replica_ready() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(echo_dir(""), "[server]\nkeep_alive_secs = 1\n");
+    d.wait_ready();
+    d.wait_for(15, "the idle unload", |d| {
+        d.plugin("echo")["state"] == "unloaded"
+    });
+    let (status, ready) = d.get("/ready");
+    assert_eq!(status, 200, "{ready}");
+    assert_eq!(d.post("/v1/chat/completions", &chat("echo", "hi")).0, 200);
+}
+
 #[test]
 fn metrics_and_readiness_tell_the_truth() {
     if !confinement_available() {

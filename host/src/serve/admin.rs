@@ -101,15 +101,17 @@ pub fn is_ready(app: &App) -> bool {
     !app.draining.load(Ordering::Acquire) && preloads_ready(&app.models.config().server, &plugins)
 }
 
-/// Whether every model `server.preload` asks for is ready: each one found that it matches, and
-/// each name it spells out found at all (a model whose manifest fails its checks, its model not
-/// there say, keeps a pod out of rotation when it is named; `"*"` waits only for what was found).
+/// Whether every model `server.preload` asks for can serve: each one found that it matches is
+/// ready, or was unloaded on purpose and comes back on its next request (`load_on_demand`: a
+/// replica whose models idled out must stay in rotation to get that request); and each name it
+/// spells out is found at all (a model whose manifest fails its checks, its model not there say,
+/// keeps a pod out of rotation when it is named; `"*"` waits only for what was found).
 fn preloads_ready(server: &crate::config::ServerSection, plugins: &[PluginStatus]) -> bool {
     missing_preloads(server, plugins).next().is_none()
         && plugins
             .iter()
             .filter(|p| server.preloads(&p.name))
-            .all(|p| p.state == "ready")
+            .all(|p| p.state == "ready" || (p.parked && server.load_on_demand))
 }
 
 /// The names `server.preload` spells out that no checked manifest serves.
@@ -195,6 +197,24 @@ mod tests {
         assert!(
             preloads_ready(&server(&[]), &found),
             "nothing preloaded, nothing awaited"
+        );
+    }
+
+    #[test]
+    fn a_model_unloaded_on_purpose_keeps_the_replica_ready_while_it_loads_on_demand() {
+        let mut on_demand = ServerSection::default();
+        assert!(on_demand.load_on_demand, "the default");
+        let idle = PluginStatus {
+            parked: true,
+            ..plugin("echo", "unloaded")
+        };
+        assert!(preloads_ready(&on_demand, std::slice::from_ref(&idle)));
+        // Never loaded yet (the start, a failed load): not ready.
+        assert!(!preloads_ready(&on_demand, &[plugin("echo", "unloaded")]));
+        on_demand.load_on_demand = false;
+        assert!(
+            !preloads_ready(&on_demand, &[idle]),
+            "nothing would load it"
         );
     }
 }

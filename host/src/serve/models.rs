@@ -59,6 +59,8 @@ struct Entry {
     /// When loading last failed: on-demand loads wait out [`LOAD_RETRY`] after it.
     failed_at: Option<Instant>,
     reloading: bool,
+    /// Unloaded on purpose since it last loaded (see `PluginStatus::parked`).
+    parked: bool,
 }
 
 #[derive(Default)]
@@ -144,6 +146,7 @@ impl Inner {
                             last_error: None,
                             failed_at: None,
                             reloading: false,
+                            parked: false,
                         },
                     );
                 }
@@ -323,6 +326,7 @@ impl Models {
         let (tx, rx) = watch::channel(None);
         if let Some(entry) = inner.entries.get_mut(name) {
             entry.slot = Slot::Loading(rx.clone());
+            entry.parked = false;
             let found = entry.found.clone();
             let this = self.clone();
             tokio::spawn(async move {
@@ -400,7 +404,7 @@ impl Models {
                 )));
             };
             tracing::info!(plugin = %name, "unloading the least recently used model to make room for {loading}");
-            take_deployment(&mut inner, &name)
+            park(&mut inner, &name)
         };
         if let Some(d) = victim {
             d.drain_and_stop(self.drain_timeout()).await;
@@ -418,7 +422,7 @@ impl Models {
                     "plugin {name} is loading; unload it once it has loaded"
                 )));
             }
-            take_deployment(&mut inner, name)
+            park(&mut inner, name)
         };
         if let Some(d) = taken {
             let cut = d.drain_and_stop(self.drain_timeout()).await;
@@ -535,10 +539,22 @@ impl Models {
 fn status_of(e: &Entry) -> PluginStatus {
     let base = PluginStatus::new(&e.found, e.last_error.clone(), e.reloading);
     match &e.slot {
-        Slot::Unloaded => base,
+        Slot::Unloaded => PluginStatus {
+            parked: e.parked,
+            ..base
+        },
         Slot::Loading(_) => base.loading(),
         Slot::Loaded(d) => base.serving(d),
     }
+}
+
+/// Takes `name`'s deployment to unload it on purpose, marking it parked.
+fn park(inner: &mut Inner, name: &str) -> Option<Arc<Deployment>> {
+    let taken = take_deployment(inner, name)?;
+    if let Some(entry) = inner.entries.get_mut(name) {
+        entry.parked = true;
+    }
+    Some(taken)
 }
 
 fn take_deployment(inner: &mut Inner, name: &str) -> Option<Arc<Deployment>> {

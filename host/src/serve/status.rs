@@ -57,6 +57,10 @@ pub struct PluginStatus {
     pub last_error: Option<String>,
     /// The model engine's batching and KV-cache figures as its last request ended.
     pub engine: Option<pio_plugin_api::wire::EngineStats>,
+    /// Unloaded on purpose (idle past `keep_alive_secs`, evicted by `max_loaded_models`, or by
+    /// the admin API), not for want of loading: with `load_on_demand` it still serves.
+    #[serde(skip)]
+    pub parked: bool,
 }
 
 impl PluginStatus {
@@ -86,6 +90,7 @@ impl PluginStatus {
             reloading,
             last_error,
             engine: None,
+            parked: false,
         }
     }
 
