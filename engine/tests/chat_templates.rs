@@ -56,3 +56,60 @@ fn glm_4_7_flash_template_matches_transformers() {
 fn qwen3_vl_template_matches_transformers() {
     check("qwen3-vl-2b-instruct");
 }
+
+/// Every shipped template, and the qwen3 fixture's (Qwen3-4B-Instruct-2507's own), renders a
+/// conversation whose contents are lists of one text part as it renders the same strings, for
+/// every role: Qwen3's templates write nothing for a list and Qwen3-Coder's fails on one, so the
+/// text is joined for them.
+#[test]
+fn content_sent_as_text_parts_renders_as_the_same_strings() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    let mut templates: Vec<(String, ChatTemplate)> = [
+        "qwen3-coder-30b-a3b-instruct",
+        "glm-4.7-flash",
+        "qwen3-vl-2b-instruct",
+    ]
+    .iter()
+    .map(|name| {
+        let path = root.join(format!("golden/chat-template-{name}.json"));
+        let golden: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let text = |v: &Value| v.as_str().map(str::to_string);
+        let t = ChatTemplate::new(
+            golden["template"].as_str().unwrap(),
+            text(&golden["bos_token"]),
+            text(&golden["eos_token"]),
+        );
+        (name.to_string(), t)
+    })
+    .collect();
+    let qwen3 = std::fs::read_to_string(root.join("qwen3-tiny/chat_template.jinja")).unwrap();
+    templates.push(("qwen3-tiny".into(), ChatTemplate::new(qwen3, None, None)));
+    let call = serde_json::json!([{"id": "call_1", "type": "function",
+        "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]);
+    let conversation = |parts: bool| {
+        let content = |s: &str| {
+            if parts {
+                serde_json::json!([{"type": "text", "text": s}])
+            } else {
+                Value::String(s.into())
+            }
+        };
+        vec![
+            serde_json::json!({"role": "system", "content": content("Be brief.")}),
+            serde_json::json!({"role": "user", "content": content("Weather in Paris?")}),
+            serde_json::json!({"role": "assistant", "content": content("Checking."), "tool_calls": call}),
+            serde_json::json!({"role": "tool", "tool_call_id": "call_1", "content": content("Sunny, 21 C")}),
+            serde_json::json!({"role": "user", "content": content("Thanks")}),
+        ]
+    };
+    for (name, template) in &templates {
+        let render = |messages: &[Value]| {
+            template
+                .render(messages, None, true, &serde_json::Map::new())
+                .unwrap_or_else(|e| panic!("{name}: {e}"))
+        };
+        let as_strings = render(&conversation(false));
+        assert!(as_strings.contains("Sunny, 21 C"), "{name}: {as_strings}");
+        assert_eq!(render(&conversation(true)), as_strings, "{name}");
+    }
+}

@@ -10,12 +10,18 @@ use serde_json::{Map, Value as Json};
 use crate::checkpoint::Checkpoint;
 use crate::error::{EngineError, Result};
 
+mod parts;
+
 /// A model's chat template and the special tokens it may refer to.
 #[derive(Debug, Clone)]
 pub struct ChatTemplate {
     source: String,
     bos_token: Option<String>,
     eos_token: Option<String>,
+    /// The roles whose `content` sent as a list of text parts it does not write as it writes
+    /// the same text sent as a string (Qwen3's own templates: every role; GLM's: `tool`): their
+    /// text parts are joined into one string first.
+    joins: Vec<&'static str>,
 }
 
 /// A token written in `tokenizer_config.json` as a string or as `{"content": ...}`.
@@ -34,11 +40,14 @@ impl ChatTemplate {
         bos_token: Option<String>,
         eos_token: Option<String>,
     ) -> Self {
-        Self {
+        let mut template = Self {
             source: source.into(),
             bos_token,
             eos_token,
-        }
+            joins: Vec::new(),
+        };
+        template.joins = parts::roles_to_join(&template);
+        template
     }
 
     /// The snapshot's template: `tokenizer_config.json`'s `chat_template` (a string, or a list of
@@ -120,6 +129,27 @@ impl ChatTemplate {
     /// Renders `messages` (OpenAI-style JSON objects) with optional `tools`, the generation
     /// prompt if asked, and `extra` variables such as `enable_thinking`.
     pub fn render(
+        &self,
+        messages: &[Json],
+        tools: Option<&[Json]>,
+        add_generation_prompt: bool,
+        extra: &Map<String, Json>,
+    ) -> Result<String> {
+        if self.joins.is_empty() {
+            return self.render_as_sent(messages, tools, add_generation_prompt, extra);
+        }
+        let joined: Vec<Json> = messages
+            .iter()
+            .map(|m| match m.get("role").and_then(Json::as_str) {
+                Some(role) if self.joins.contains(&role) => parts::with_text_joined(m),
+                _ => m.clone(),
+            })
+            .collect();
+        self.render_as_sent(&joined, tools, add_generation_prompt, extra)
+    }
+
+    /// Renders `messages` as they are.
+    fn render_as_sent(
         &self,
         messages: &[Json],
         tools: Option<&[Json]>,
