@@ -103,6 +103,13 @@ pub fn check(need: Need, given: Option<&str>, server: &ServerSection) -> Result<
 }
 
 /// Constant-time comparison, so a key cannot be guessed byte by byte from response times.
+/// The key in an `Authorization` value: its scheme is `Bearer` in any case (RFC 7235 makes
+/// schemes case-insensitive; some clients send `bearer`), the key after any whitespace.
+pub fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, key) = value.trim_start().split_once([' ', '\t'])?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+}
+
 fn same(a: &str, b: &str) -> bool {
     a.len() == b.len()
         && a.bytes()
@@ -114,6 +121,16 @@ fn same(a: &str, b: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_read_in_any_case() {
+        for value in ["Bearer k1", "bearer k1", "BEARER  k1 ", " Bearer\tk1"] {
+            assert_eq!(bearer_token(value), Some("k1"), "{value:?}");
+        }
+        assert_eq!(bearer_token("Basic k1"), None);
+        assert_eq!(bearer_token("Bearerk1"), None);
+        assert_eq!(bearer_token("k1"), None);
+    }
 
     fn server(api: &[&str], admin: &[&str], metrics: &[&str]) -> ServerSection {
         let keys = |k: &[&str]| k.iter().map(|s| s.to_string()).collect();

@@ -88,8 +88,7 @@ async fn authorize(State(app): State<Arc<App>>, request: Request, next: Next) ->
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(access::bearer_token);
     match access::check(need, given, server) {
         Ok(()) => next.run(request).await,
         Err(access::Refusal::Unauthenticated(message)) => {
