@@ -87,14 +87,22 @@ impl Grammars {
                     .unwrap_or_default(),
                 _ => String::new(),
             };
-            EngineError::InvalidInput(format!("{what} cannot be used: {e}{at}"))
+            EngineError::InvalidInput(format!(
+                "{what} cannot be used: {}{at}",
+                first_line(&e.to_string())
+            ))
         };
         let parser = self
             .factory()?
             .create_parser(grammar)
             .map_err(|e| refused(&e))?;
-        let matcher = Matcher::new(Ok(parser));
+        let mut matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
+            return Err(refused(&e));
+        }
+        // A grammar that parses can still be one no output can follow (`start: start`, a lexer
+        // too large): its first mask says so, here, before the request is taken.
+        if let Err(e) = matcher.compute_mask_or_eos() {
             return Err(refused(&e));
         }
         Ok(Compiled {
@@ -106,6 +114,15 @@ impl Grammars {
                 .map(|a| a.as_bytes().to_vec())
                 .filter(|a| !a.is_empty()),
         })
+    }
+}
+
+/// An error's first line, at most 300 characters: llguidance follows some with its whole state.
+fn first_line(e: &str) -> String {
+    let line = e.lines().next().unwrap_or_default();
+    match line.char_indices().nth(300) {
+        Some((end, _)) => format!("{}…", &line[..end]),
+        None => line.to_string(),
     }
 }
 
@@ -279,8 +296,10 @@ impl Guide {
                 self.last_compute = took;
                 Ok(mask)
             }
-            Ok(Err(e)) => Err(EngineError::Internal(format!(
-                "the output grammar failed: {e}"
+            // What the client's grammar asked proved too much for it midway.
+            Ok(Err(e)) => Err(EngineError::InvalidInput(format!(
+                "the output grammar cannot be followed further: {}; simplify it",
+                first_line(&e)
             ))),
             Err(_) => Err(EngineError::Internal(
                 "the output grammar's thread ended".into(),

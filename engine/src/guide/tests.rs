@@ -210,7 +210,44 @@ fn bad_schemas_and_grammars_are_refused_with_the_reason() {
     };
     let e = g.compile(&lark).unwrap_err().to_string();
     assert!(e.contains("grammar") && e.contains("missing_rule"), "{e}");
+    // A grammar that parses but that no output can follow is refused before any request runs.
+    let endless = Constraint {
+        grammar: Grammar::Lark("start: start".into()),
+        after: None,
+    };
+    let e = g.compile(&endless).unwrap_err();
+    assert!(matches!(e, EngineError::InvalidInput(_)), "{e:?}");
+    assert!(e.to_string().contains("grammar cannot be used"), "{e}");
     let none = Grammars::new(grammars("qwen3-tiny", vec![]).0, vec![]);
     let e = none.compile(&schema(json!({}))).unwrap_err().to_string();
     assert!(e.contains("eos_token_id"), "{e}");
+}
+
+/// A grammar that proves too much for the matcher midway (a recursion it cannot unroll) fails the
+/// sequence as the client's input, in a line.
+#[test]
+fn a_grammar_too_much_for_the_matcher_midway_is_the_clients_input() {
+    let (codec, g) = grammars("qwen3-tiny", vec![2, 0]);
+    let lark = Constraint {
+        grammar: Grammar::Lark("start: \"a\" start".into()),
+        after: None,
+    };
+    let mut guide = Guide::start(g.compile(&lark).unwrap()).unwrap();
+    let vocab = codec.id_bound() as usize + 7;
+    let e = (0..5)
+        .find_map(|_| match guide.allowed(vocab)? {
+            Ok(mask) => {
+                let token = (0..vocab as u32).find(|&t| mask.is_allowed(t))?;
+                guide.advance(token, &codec);
+                None
+            }
+            Err(e) => Some(e),
+        })
+        .expect("the matcher gave up");
+    assert!(matches!(e, EngineError::InvalidInput(_)), "{e:?}");
+    let e = e.to_string();
+    assert!(
+        e.contains("grammar") && !e.contains('\n') && e.len() < 400,
+        "{e}"
+    );
 }
