@@ -201,6 +201,22 @@ fn a_client_that_disconnects_cancels_its_generation() {
             .any(|l| l == "pio_requests_total{model=\"echo\",endpoint=\"chat\",status=\"499\"} 1"),
         "{metrics}"
     );
+    // The tokens it got before the client left count, as its latencies do.
+    let value = |name: &str| {
+        let prefix = format!("{name}{{model=\"echo\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix)?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{name} in {metrics}"))
+    };
+    let generated = value("pio_generated_tokens_total");
+    assert!(generated >= 2.0, "{metrics}");
+    assert_eq!(
+        generated,
+        value("pio_time_to_first_token_seconds_count")
+            + value("pio_inter_token_latency_seconds_count"),
+        "{metrics}"
+    );
 }
 
 #[test]

@@ -132,22 +132,57 @@ async fn start(
     Ok((parsed, lease, events))
 }
 
-/// Latency bookkeeping of one request.
-pub(super) struct Timing {
-    pub(super) started: Instant,
-    pub(super) last: Option<Instant>,
+/// Latency and token bookkeeping of one request. Its tokens are counted from its usage when it
+/// ends; one cut off before (the client gone: its future dropped) counts the tokens it received,
+/// so the token counters agree with the latency histograms (its prompt's tokens, which only
+/// the end reports, are not known).
+pub(super) struct Timing<'a> {
+    app: &'a App,
+    model: &'a str,
+    started: Instant,
+    last: Option<Instant>,
+    generated: u32,
+    ended: bool,
 }
 
-impl Timing {
-    pub(super) fn token(&mut self, app: &App, model: &str) {
+impl<'a> Timing<'a> {
+    /// A request for `model` that `started`.
+    pub(super) fn new(app: &'a App, model: &'a str, started: Instant) -> Self {
+        Self {
+            app,
+            model,
+            started,
+            last: None,
+            generated: 0,
+            ended: false,
+        }
+    }
+
+    /// A token arrived.
+    pub(super) fn token(&mut self) {
         let now = Instant::now();
+        let metrics = &self.app.metrics;
         match self.last {
-            None => app
-                .metrics
-                .first_token(model, (now - self.started).as_secs_f64()),
-            Some(prev) => app.metrics.inter_token(model, (now - prev).as_secs_f64()),
+            None => metrics.first_token(self.model, (now - self.started).as_secs_f64()),
+            Some(prev) => metrics.inter_token(self.model, (now - prev).as_secs_f64()),
         }
         self.last = Some(now);
+        self.generated += 1;
+    }
+
+    /// The request ended with `usage`.
+    pub(super) fn ended(&mut self, usage: &pio_plugin_api::wire::Usage) {
+        let metrics = &self.app.metrics;
+        metrics.tokens(self.model, usage.prompt_tokens, usage.completion_tokens);
+        self.ended = true;
+    }
+}
+
+impl Drop for Timing<'_> {
+    fn drop(&mut self) {
+        if !self.ended && self.generated > 0 {
+            self.app.metrics.tokens(self.model, 0, self.generated);
+        }
     }
 }
 
@@ -159,24 +194,17 @@ async fn collect(
     parsing: Parsing,
 ) -> Response {
     let mut tokens: Vec<TokenFrame> = Vec::new();
-    let mut timing = Timing {
-        started,
-        last: None,
-    };
+    let mut timing = Timing::new(app, &parsed.model, started);
     let mut reply = Reply::new(&parsed.model, parsed.endpoint, parsed.logprobs)
         .with_tokens(parsing.tokens.clone());
     while let Some(event) = events.recv().await {
         match event {
             Event::Token(t) => {
-                timing.token(app, &parsed.model);
+                timing.token();
                 tokens.push(t);
             }
             Event::Done(outcome) => {
-                app.metrics.tokens(
-                    &parsed.model,
-                    outcome.usage.prompt_tokens,
-                    outcome.usage.completion_tokens,
-                );
+                timing.ended(&outcome.usage);
                 let text: String = tokens.iter().map(|t| t.text.as_str()).collect();
                 let (reasoning, extracted) = parsing.split(text, offered(parsed));
                 let body = reply.complete(

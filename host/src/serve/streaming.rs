@@ -184,10 +184,7 @@ async fn pump(
         stall: std::time::Duration::from_secs(stall),
     };
     let mut chunks = Chunks::new(parsed, parsing);
-    let mut timing = Timing {
-        started,
-        last: None,
-    };
+    let mut timing = Timing::new(app, &parsed.model, started);
     let mut out = chunks.opening();
     loop {
         for v in out.drain(..) {
@@ -205,14 +202,12 @@ async fn pump(
         };
         let e = match event {
             Some(Event::Token(t)) => {
-                timing.token(app, &parsed.model);
+                timing.token();
                 out.extend(chunks.token(&t));
                 continue;
             }
             Some(Event::Done(outcome)) => {
-                let u = &outcome.usage;
-                app.metrics
-                    .tokens(&parsed.model, u.prompt_tokens, u.completion_tokens);
+                timing.ended(&outcome.usage);
                 for v in &chunks.finish(&outcome) {
                     if outlet.send(v).await.is_err() {
                         return CLIENT_GONE;
