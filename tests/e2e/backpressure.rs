@@ -152,3 +152,29 @@ fn a_whole_answer_whose_client_leaves_is_counted_and_its_generation_stopped() {
         left.elapsed()
     );
 }
+
+/// More requests at once than the worker's pids limit has threads for wait for a thread instead
+/// of failing: every one is answered.
+#[test]
+fn requests_past_the_workers_thread_limit_wait_for_a_thread() {
+    if !confinement_available() {
+        return;
+    }
+    let extra = "[limits]\npids = 12\n[model.options]\ndelay_ms = 20\n";
+    let d = std::sync::Arc::new(Daemon::start(echo_dir(extra), ""));
+    d.wait_ready();
+    let clients: Vec<_> = (0..30)
+        .map(|i| {
+            let d = d.clone();
+            std::thread::spawn(move || {
+                let body = json!({"model": "echo", "messages": [
+                    {"role": "user", "content": format!("request {i}")}]});
+                d.post("/v1/chat/completions", &body)
+            })
+        })
+        .collect();
+    for client in clients {
+        let (status, r) = client.join().unwrap();
+        assert_eq!(status, 200, "{r}");
+    }
+}

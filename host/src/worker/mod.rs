@@ -17,7 +17,9 @@ use crate::protocol::{read_frame, FromWorker, ToWorker, WireError, PROTOCOL_VERS
 use crate::sandbox::{confine, refusals};
 
 mod sinks;
+mod threads;
 use sinks::{Control, Outbox, WireProgress, WireSink};
+use threads::{Job, Threads};
 
 /// The fd number the host puts the worker's socket at.
 pub const SOCKET_FD: RawFd = 3;
@@ -134,6 +136,8 @@ struct Served {
     controls: Mutex<HashMap<u64, Arc<Control>>>,
     /// Whether the worker sees one GPU only, which CUDA then numbers 0 (`gpu::inside_one_gpu`).
     one_gpu: bool,
+    /// The threads loads, unloads and requests run on.
+    threads: Threads,
 }
 
 /// A plugin result's JSON parsed into `T`, or an internal error saying `what` was malformed.
@@ -229,30 +233,25 @@ impl Served {
     }
 }
 
-/// Runs `job` on a thread of its own and sends its reply. When no thread can be had (the pids
-/// limit is reached, say by a plugin's runaway forks) the host gets `refusal` instead of the
-/// worker going down.
+/// Runs `job` on a thread (see [`Threads`]: past the pids limit it waits for a running one)
+/// and sends its reply. When no thread can be had and none runs (a plugin's runaway forks took
+/// every pid, say) the host gets `refusal` instead of the worker going down.
 fn run_on_thread(
     served: &Arc<Served>,
-    refusal: impl FnOnce(&Served, WireError) -> FromWorker,
+    refusal: impl FnOnce(&Served, WireError) -> FromWorker + Send + 'static,
     job: impl FnOnce(&Served) -> FromWorker + Send + 'static,
 ) {
-    let shared = served.clone();
-    let spawned = std::thread::Builder::new().spawn(move || {
-        let reply = job(&shared);
-        shared.outbox.send(&reply);
+    let (ran, refused) = (served.clone(), served.clone());
+    served.threads.run(Job {
+        run: Box::new(move || {
+            let reply = job(&ran);
+            ran.outbox.send(&reply);
+        }),
+        refuse: Box::new(move |why| {
+            let reply = refusal(&refused, WireError::new(Fault::OutOfResources, why));
+            refused.outbox.send(&reply);
+        }),
     });
-    if let Err(e) = spawned {
-        served.outbox.send(&refusal(
-            served,
-            WireError::new(
-                Fault::OutOfResources,
-                format!(
-                    "the worker cannot start a thread ({e}); its pids limit is probably reached"
-                ),
-            ),
-        ));
-    }
 }
 
 fn serve(mut reader: UnixStream, outbox: Outbox, plugin: PluginBox, one_gpu: bool) -> i32 {
@@ -261,6 +260,7 @@ fn serve(mut reader: UnixStream, outbox: Outbox, plugin: PluginBox, one_gpu: boo
         outbox,
         controls: Mutex::default(),
         one_gpu,
+        threads: Threads::default(),
     });
     loop {
         let message = match read_frame::<ToWorker>(&mut reader) {
