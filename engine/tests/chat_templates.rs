@@ -111,5 +111,9 @@ fn content_sent_as_text_parts_renders_as_the_same_strings() {
         let as_strings = render(&conversation(false));
         assert!(as_strings.contains("Sunny, 21 C"), "{name}: {as_strings}");
         assert_eq!(render(&conversation(true)), as_strings, "{name}");
+        // A `developer` message (OpenAI's newer `system`) is written, not left out.
+        let mut developer = conversation(true);
+        developer[0]["role"] = Value::String("developer".into());
+        assert!(render(&developer).contains("Be brief."), "{name}");
     }
 }

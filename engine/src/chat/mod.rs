@@ -10,7 +10,7 @@ use serde_json::{Map, Value as Json};
 use crate::checkpoint::Checkpoint;
 use crate::error::{EngineError, Result};
 
-mod parts;
+mod probes;
 
 /// A model's chat template and the special tokens it may refer to.
 #[derive(Debug, Clone)]
@@ -22,6 +22,9 @@ pub struct ChatTemplate {
     /// the same text sent as a string (Qwen3's own templates: every role; GLM's: `tool`): their
     /// text parts are joined into one string first.
     joins: Vec<&'static str>,
+    /// Whether it leaves out a `developer` message (OpenAI's newer name for `system`), as
+    /// Qwen3's do, so such messages are rendered as `system` ones.
+    drops_developer: bool,
 }
 
 /// A token written in `tokenizer_config.json` as a string or as `{"content": ...}`.
@@ -45,8 +48,10 @@ impl ChatTemplate {
             bos_token,
             eos_token,
             joins: Vec::new(),
+            drops_developer: false,
         };
-        template.joins = parts::roles_to_join(&template);
+        template.joins = probes::roles_to_join(&template);
+        template.drops_developer = probes::drops_developer(&template);
         template
     }
 
@@ -135,17 +140,32 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         extra: &Map<String, Json>,
     ) -> Result<String> {
-        if self.joins.is_empty() {
+        let developer = messages
+            .iter()
+            .any(|m| m.get("role").and_then(Json::as_str) == Some("developer"));
+        if self.joins.is_empty() && !developer {
             return self.render_as_sent(messages, tools, add_generation_prompt, extra);
         }
-        let joined: Vec<Json> = messages
-            .iter()
-            .map(|m| match m.get("role").and_then(Json::as_str) {
-                Some(role) if self.joins.contains(&role) => parts::with_text_joined(m),
-                _ => m.clone(),
-            })
-            .collect();
-        self.render_as_sent(&joined, tools, add_generation_prompt, extra)
+        let adapted: Vec<Json> = messages.iter().map(|m| self.adapted(m)).collect();
+        self.render_as_sent(&adapted, tools, add_generation_prompt, extra)
+    }
+
+    /// `message` in a form this template writes: a `developer` message as `system`, if the
+    /// template would leave it out; text parts joined, for roles it writes lists of otherwise
+    /// (and for `developer`, which the probes do not cover: the string is the form every
+    /// template takes).
+    fn adapted(&self, message: &Json) -> Json {
+        let mut message = message.clone();
+        let developer = message.get("role").and_then(Json::as_str) == Some("developer");
+        if developer && self.drops_developer {
+            message["role"] = Json::String("system".into());
+        }
+        match message.get("role").and_then(Json::as_str) {
+            Some(role) if role == "developer" || self.joins.contains(&role) => {
+                probes::with_text_joined(&message)
+            }
+            _ => message,
+        }
     }
 
     /// Renders `messages` as they are.

@@ -1,9 +1,12 @@
-//! A message's `content` sent as a list of parts (`[{"type": "text", "text": ...}]`), which
+//! What a chat template writes, probed once when it is made, and messages adapted to it.
+//!
+//! A message's `content` may come as a list of parts (`[{"type": "text", "text": ...}]`), which
 //! OpenAI's API allows for every role and clients send as a matter of course. Some templates
 //! write such a list as they write the same text sent as a string (Qwen3-VL's); others write
 //! nothing for it (Qwen3's), fail on it (Qwen3-Coder's), or write its Python form (GLM's, for a
-//! tool result). Which roles a template writes lists for is probed once, when it is made; for the
-//! others, text parts are joined into one string, as vLLM does for templates that take strings.
+//! tool result). For the roles a template does not write lists for, text parts are joined into
+//! one string, as vLLM does for templates that take strings. And a `developer` message (OpenAI's
+//! newer name for `system`) that a template would leave out goes to it as `system`.
 
 use serde_json::{json, Map, Value as Json};
 
@@ -51,6 +54,21 @@ pub(super) fn roles_to_join(template: &ChatTemplate) -> Vec<&'static str> {
         .filter(|role| render(&probe(Some(role))).as_ref() != Some(&as_strings))
         .collect()
 }
+
+/// Whether `template` leaves out a `developer` message's text (or fails on one), which then
+/// goes to it as a `system` message.
+pub(super) fn drops_developer(template: &ChatTemplate) -> bool {
+    let messages = [
+        json!({"role": "developer", "content": PROBE}),
+        json!({"role": "user", "content": "Probe?"}),
+    ];
+    !template
+        .render_as_sent(&messages, None, true, &Map::new())
+        .is_ok_and(|text| text.contains(PROBE))
+}
+
+/// Text no chat would hold, to see whether a template writes a message.
+const PROBE: &str = "pio-probe-8f3c1e";
 
 /// `message` with a `content` list made only of text parts joined into one string, a line
 /// between parts (vLLM's separator); anything else (a string, an image part) as it is.
@@ -117,5 +135,23 @@ mod tests {
             ["system"],
             "it fails on a list of the first message's"
         );
+    }
+
+    #[test]
+    fn a_developer_message_a_template_leaves_out_goes_to_it_as_system() {
+        let messages = [
+            json!({"role": "developer", "content": "Be brief."}),
+            json!({"role": "user", "content": "Hi"}),
+        ];
+        let render = |source: &str| {
+            ChatTemplate::new(source, None, None)
+                .render(&messages, None, false, &Map::new())
+                .unwrap()
+        };
+        let knows_system = "{% for m in messages %}{% if m.role in ['system', 'user'] %}\
+            <{{ m.role }}>{{ m.content }}{% endif %}{% endfor %}";
+        assert_eq!(render(knows_system), "<system>Be brief.<user>Hi");
+        let knows_developer = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}";
+        assert_eq!(render(knows_developer), "<developer>Be brief.<user>Hi");
     }
 }
