@@ -208,6 +208,7 @@ fn request(prompt: usize, tokens: usize, seed: u32) -> Request {
         max_tokens: tokens,
         stop: Vec::new(),
         eos: Vec::new(),
+        min_tokens: 0,
         logprobs: None,
         media: None,
         constraint: None,

@@ -42,8 +42,10 @@ pub struct Request {
     pub max_tokens: usize,
     /// Stop before these strings.
     pub stop: Vec<String>,
-    /// End-of-sequence ids.
+    /// End-of-sequence ids (none: the sequence runs to `max_tokens`, vLLM's `ignore_eos`).
     pub eos: Vec<u32>,
+    /// Tokens generated before an end-of-sequence id may be (vLLM's `min_tokens`).
+    pub min_tokens: usize,
     /// Report the chosen token's logprob and this many alternatives.
     pub logprobs: Option<usize>,
     /// Images (or other inputs) beside the prompt's tokens.

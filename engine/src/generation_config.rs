@@ -44,6 +44,16 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Ve
 }
 
 impl GenerationConfig {
+    /// The ids that end `request`'s sequence: none when it asks to run to `max_tokens`
+    /// (`ignore_eos`).
+    pub fn end_ids(&self, request: &pio_plugin_api::wire::InferRequest) -> Vec<u32> {
+        if request.ignore_eos {
+            Vec::new()
+        } else {
+            self.eos_token_id.clone()
+        }
+    }
+
     /// Loads the snapshot's `generation_config.json`, or the empty defaults when there is none.
     pub fn load(checkpoint: &Checkpoint) -> Result<Self> {
         Ok(checkpoint
@@ -63,5 +73,17 @@ mod tests {
         let many: GenerationConfig =
             serde_json::from_str(r#"{"eos_token_id": [2, 0], "top_k": 20}"#).unwrap();
         assert_eq!((many.eos_token_id, many.top_k), (vec![2, 0], Some(20)));
+    }
+
+    #[test]
+    fn ignore_eos_leaves_no_end_ids() {
+        let config = GenerationConfig {
+            eos_token_id: vec![2, 0],
+            ..GenerationConfig::default()
+        };
+        let mut request = pio_plugin_api::wire::InferRequest::default();
+        assert_eq!(config.end_ids(&request), [2, 0]);
+        request.ignore_eos = true;
+        assert!(config.end_ids(&request).is_empty());
     }
 }

@@ -17,6 +17,8 @@ pub struct Decoding {
     generated: Vec<u32>,
     max_tokens: usize,
     eos: Vec<u32>,
+    /// Until this many tokens are out, end-of-sequence ids are barred.
+    min_tokens: usize,
     logprobs: Option<usize>,
     sampler: Sampler,
     decoder: StreamDecoder,
@@ -65,6 +67,7 @@ impl Decoding {
             generated: Vec::new(),
             max_tokens,
             eos: request.eos.clone(),
+            min_tokens: request.min_tokens,
             logprobs: request.logprobs,
             sampler: Sampler::new(request.sampling.clone()),
             decoder: StreamDecoder::new(),
@@ -76,6 +79,19 @@ impl Decoding {
     /// Samples from `logits` among the tokens the grammar allows (all without one); what the
     /// mask cost.
     fn sample(&mut self, logits: &[f32]) -> Result<(u32, GuideTime)> {
+        let barred;
+        let logits = if self.bars_eos() {
+            let mut copy = logits.to_vec();
+            for &e in &self.eos {
+                if let Some(l) = copy.get_mut(e as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+            barred = copy;
+            &barred[..]
+        } else {
+            logits
+        };
         let asked = std::time::Instant::now();
         let allowed = (self.guide.as_mut())
             .and_then(|g| g.allowed(logits.len()))
@@ -99,6 +115,11 @@ impl Decoding {
         Ok((token, guided))
     }
 
+    /// Whether end-of-sequence ids are barred from the next token (`min_tokens` not reached).
+    fn bars_eos(&self) -> bool {
+        self.generated.len() < self.min_tokens && !self.eos.is_empty()
+    }
+
     /// Tokens generated so far.
     pub fn generated(&self) -> &[u32] {
         &self.generated
@@ -109,7 +130,7 @@ impl Decoding {
     /// with no penalty, the row's best few when it draws among its top k (at most
     /// [`MAX_TOP_K`]); otherwise the whole row.
     pub fn wants(&self) -> Wanted {
-        if self.guide.is_some() || self.logprobs.is_some() {
+        if self.guide.is_some() || self.logprobs.is_some() || self.bars_eos() {
             return Wanted::Logits;
         }
         if self.sampler.picks_best() {
@@ -291,5 +312,30 @@ mod tests {
         }
         let greedy = Decoding::new(&request(SamplingParams::default(), None), 50).unwrap();
         assert_eq!(greedy.wants(), Wanted::Best);
+    }
+
+    /// Until `min_tokens` are out, the end-of-sequence id is never drawn, however likely, and
+    /// the sequence asks for whole rows to bar it; then it ends the sequence as always.
+    #[test]
+    fn min_tokens_bars_the_end_of_sequence_until_reached() {
+        let codec = codec();
+        let eos = 5u32;
+        let r = Request {
+            eos: vec![eos],
+            min_tokens: 2,
+            ..request(SamplingParams::default(), None)
+        };
+        let mut d = Decoding::new(&r, 50).unwrap();
+        let mut logits = vec![0.0f32; 64];
+        logits[eos as usize] = 10.0;
+        logits[9] = 5.0;
+        for _ in 0..2 {
+            assert_eq!(d.wants(), Wanted::Logits);
+            let a = d.accept(&Output::Logits(logits.clone()), &codec).unwrap();
+            assert_eq!((a.emitted.token_id, a.finish), (9, None));
+        }
+        assert_eq!(d.wants(), Wanted::Best, "nothing to bar any more");
+        let a = d.accept(&Output::Logits(logits), &codec).unwrap();
+        assert_eq!((a.emitted.token_id, a.finish), (eos, Some(Finish::Stop)));
     }
 }

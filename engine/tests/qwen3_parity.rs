@@ -74,6 +74,7 @@ fn a_prompt_longer_than_the_moe_context_is_refused() {
         max_tokens: 4,
         stop: Vec::new(),
         eos: Vec::new(),
+        min_tokens: 0,
         logprobs: None,
         media: None,
         constraint: None,

@@ -190,6 +190,12 @@ pub struct InferRequest {
     /// What the output must match (added in 1.4; sent only to plugins with
     /// `Capabilities::STRUCTURED_OUTPUT`).
     pub constraint: Option<Constraint>,
+    /// Tokens to generate before the end of sequence may come (vLLM's `min_tokens`; added in
+    /// 1.6, older plugins ignore it).
+    pub min_tokens: Option<u32>,
+    /// Generate past the end of sequence, to `max_tokens` (vLLM's `ignore_eos`, for benchmarks
+    /// of a fixed output length; added in 1.6, older plugins ignore it).
+    pub ignore_eos: bool,
 }
 
 /// A grammar the output must match, checked token by token as it is generated.

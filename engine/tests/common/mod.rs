@@ -133,6 +133,7 @@ pub fn cases(checkpoint: &Checkpoint, name: &str) -> Vec<Case> {
                 max_tokens: case["tokens"].as_array().unwrap().len(),
                 stop: Vec::new(),
                 eos: eos.clone(),
+                min_tokens: 0,
                 logprobs: Some(5),
                 media: None,
                 constraint: None,

@@ -110,6 +110,7 @@ pub fn request(f: &Fixture, case: &Value) -> Request {
         max_tokens: case["tokens"].as_array().unwrap().len(),
         stop: Vec::new(),
         eos: f.eos.clone(),
+        min_tokens: 0,
         logprobs: Some(5),
         media: media.map(Arc::new),
         constraint: None,

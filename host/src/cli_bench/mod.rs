@@ -208,9 +208,12 @@ fn request(text: String, max_tokens: u32, sampled: bool) -> InferRequest {
         prompt: Prompt::Text(text),
         max_tokens: Some(max_tokens),
         temperature: (!sampled).then_some(0.0),
-        // Every request generates exactly `max_tokens`: no stop string; no penalty unless the
-        // model's defaults (sampled) have one.
+        // Every request generates exactly `max_tokens`: no stop string, the end of sequence
+        // ignored (as vLLM's benchmarks do; a real model's answer would end early otherwise,
+        // a plugin built before plugin-api 1.6 still ends there); no penalty unless the model's
+        // defaults (sampled) have one.
         repetition_penalty: (!sampled).then_some(1.0),
+        ignore_eos: true,
         ..InferRequest::default()
     }
 }

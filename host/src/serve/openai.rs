@@ -57,6 +57,10 @@ struct Common {
     repetition_penalty: Option<f32>,
     n: Option<u32>,
     logit_bias: Option<Map<String, Value>>,
+    /// vLLM's: tokens before the end of sequence may come.
+    min_tokens: Option<u32>,
+    /// vLLM's: generate to `max_tokens` whatever the model says.
+    ignore_eos: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -243,7 +247,21 @@ pub fn parse(
             &format!("are not supported by model `{}`", c.model),
         ));
     }
+    if request.ignore_eos && structure.is_some() {
+        return Err(unsupported(
+            "ignore_eos",
+            "cannot be used with structured output, which ends where its grammar does; drop one",
+        ));
+    }
     request.max_tokens = token_limit(max_tokens, limits)?;
+    if let (Some(min), Some(max)) = (request.min_tokens, max_tokens) {
+        if min > max {
+            return Err(ApiError::bad_field(
+                "min_tokens",
+                format!("`min_tokens` ({min}) must not exceed `max_tokens` ({max})"),
+            ));
+        }
+    }
     Ok(Parsed {
         model: c.model,
         endpoint,
@@ -305,6 +323,8 @@ fn sampling(c: &Common) -> Result<InferRequest, ApiError> {
         // Clients send signed seeds; the bits are what matter for reproducibility.
         seed: c.seed.map(|s| s as u64),
         stop,
+        min_tokens: c.min_tokens.filter(|&m| m > 0),
+        ignore_eos: c.ignore_eos.unwrap_or(false),
         ..InferRequest::default()
     })
 }

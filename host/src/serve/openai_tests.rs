@@ -214,3 +214,26 @@ fn tool_choice_forces_calls_to_offered_tools_on_models_that_constrain_output() {
         })
     ));
 }
+
+#[test]
+fn vllm_min_tokens_and_ignore_eos_reach_the_plugin_checked() {
+    let parse_completion = |extra: Value| {
+        let mut body = json!({"model": "m", "prompt": "hi", "max_tokens": 8});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let caps = caps(&["text", "structured_output"]);
+        parse(&body, Endpoint::Completions, caps, &Limits::default())
+    };
+    let p = parse_completion(json!({"min_tokens": 3, "ignore_eos": true})).unwrap();
+    assert_eq!(
+        (p.request.min_tokens, p.request.ignore_eos),
+        (Some(3), true)
+    );
+    let p = parse_completion(json!({})).unwrap();
+    assert_eq!((p.request.min_tokens, p.request.ignore_eos), (None, false));
+    let e = parse_completion(json!({"min_tokens": 9})).unwrap_err();
+    assert_eq!(e.param.as_deref(), Some("min_tokens"), "{e}");
+    let e = parse_completion(json!({"ignore_eos": true, "guided_regex": "a+"})).unwrap_err();
+    assert_eq!(e.param.as_deref(), Some("ignore_eos"), "{e}");
+}
