@@ -63,27 +63,7 @@ fn qwen3_vl_template_matches_transformers() {
 /// text is joined for them.
 #[test]
 fn content_sent_as_text_parts_renders_as_the_same_strings() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
-    let mut templates: Vec<(String, ChatTemplate)> = [
-        "qwen3-coder-30b-a3b-instruct",
-        "glm-4.7-flash",
-        "qwen3-vl-2b-instruct",
-    ]
-    .iter()
-    .map(|name| {
-        let path = root.join(format!("golden/chat-template-{name}.json"));
-        let golden: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-        let text = |v: &Value| v.as_str().map(str::to_string);
-        let t = ChatTemplate::new(
-            golden["template"].as_str().unwrap(),
-            text(&golden["bos_token"]),
-            text(&golden["eos_token"]),
-        );
-        (name.to_string(), t)
-    })
-    .collect();
-    let qwen3 = std::fs::read_to_string(root.join("qwen3-tiny/chat_template.jinja")).unwrap();
-    templates.push(("qwen3-tiny".into(), ChatTemplate::new(qwen3, None, None)));
+    let templates = shipped_templates();
     let call = serde_json::json!([{"id": "call_1", "type": "function",
         "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]);
     let conversation = |parts: bool| {
@@ -116,4 +96,53 @@ fn content_sent_as_text_parts_renders_as_the_same_strings() {
         developer[0]["role"] = Value::String("developer".into());
         assert!(render(&developer).contains("Be brief."), "{name}");
     }
+}
+
+/// Every shipped model's template, and the qwen3 fixture's (Qwen3-4B-Instruct-2507's own).
+fn shipped_templates() -> Vec<(String, ChatTemplate)> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    let mut templates: Vec<(String, ChatTemplate)> = [
+        "qwen3-coder-30b-a3b-instruct",
+        "glm-4.7-flash",
+        "qwen3-vl-2b-instruct",
+    ]
+    .iter()
+    .map(|name| {
+        let path = root.join(format!("golden/chat-template-{name}.json"));
+        let golden: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let text = |v: &Value| v.as_str().map(str::to_string);
+        let t = ChatTemplate::new(
+            golden["template"].as_str().unwrap(),
+            text(&golden["bos_token"]),
+            text(&golden["eos_token"]),
+        );
+        (name.to_string(), t)
+    })
+    .collect();
+    let qwen3 = std::fs::read_to_string(root.join("qwen3-tiny/chat_template.jinja")).unwrap();
+    templates.push(("qwen3-tiny".into(), ChatTemplate::new(qwen3, None, None)));
+    templates
+}
+
+/// `continue_final_message`: the chat ends right after the final (assistant) message's text, as
+/// the whole render begins, so the model goes on with that message instead of a new turn.
+#[test]
+fn a_final_message_is_continued_where_its_text_ends() {
+    let messages = [
+        serde_json::json!({"role": "user", "content": "Name a colour."}),
+        serde_json::json!({"role": "assistant", "content": "The colour is"}),
+    ];
+    let none = serde_json::Map::new();
+    for (name, template) in shipped_templates() {
+        let continued = template
+            .render_continuing(&messages, None, &none)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let closed = template.render(&messages, None, false, &none).unwrap();
+        assert!(continued.ends_with("The colour is"), "{name}: {continued}");
+        // What the template writes after the message (an end of turn; GLM's writes none).
+        assert!(closed.starts_with(&continued), "{name}: {closed}");
+    }
+    let (_, template) = &shipped_templates()[0];
+    let empty = [serde_json::json!({"role": "assistant", "content": " "})];
+    assert!(template.render_continuing(&empty, None, &none).is_err());
 }

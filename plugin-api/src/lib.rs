@@ -18,8 +18,9 @@
 //! `ModelInfo::tool_call_format`. 1.3.0 — `ModelInfo::token_bytes` (every token's raw bytes). 1.4.0 —
 //! `InferRequest::constraint` and `Capabilities::STRUCTURED_OUTPUT` (grammar-constrained output). 1.5.0 —
 //! `ErrorKind::PANICKED` (a caught panic, after which the host restarts the worker). 1.6.0 —
-//! `ErrorKind::CONTEXT_LENGTH` (an input longer than the model's context), `InferRequest::min_tokens`
-//! and `InferRequest::ignore_eos`.
+//! `ErrorKind::CONTEXT_LENGTH` (an input longer than the model's context), `InferRequest::min_tokens`,
+//! `InferRequest::ignore_eos`, `InferRequest::add_generation_prompt` and
+//! `InferRequest::continue_final_message`.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 

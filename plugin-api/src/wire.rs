@@ -196,6 +196,11 @@ pub struct InferRequest {
     /// Generate past the end of sequence, to `max_tokens` (vLLM's `ignore_eos`, for benchmarks
     /// of a fixed output length; added in 1.6, older plugins ignore it).
     pub ignore_eos: bool,
+    /// Chats: whether the template opens the assistant's turn (`None`: yes). Added in 1.6.
+    pub add_generation_prompt: Option<bool>,
+    /// Chats: the output continues the final message (an assistant turn the client began)
+    /// instead of starting a new one, as transformers' `continue_final_message`. Added in 1.6.
+    pub continue_final_message: bool,
 }
 
 /// A grammar the output must match, checked token by token as it is generated.

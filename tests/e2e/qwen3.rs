@@ -425,3 +425,33 @@ fn model_path_runs_a_plugin_whose_manifest_model_is_missing() {
     );
     assert!(!out.stdout.is_empty());
 }
+
+/// vLLM's `continue_final_message` and `add_generation_prompt` shape the prompt the model gets:
+/// a continued assistant message is neither closed nor followed by a new turn.
+#[test]
+fn a_chat_continues_its_final_message_when_asked() {
+    if !confinement_available() {
+        return;
+    }
+    let d = crate::daemon::Daemon::start(tiny_qwen3_plugins(), "");
+    d.wait_ready();
+    let prompt_tokens = |extra: Value| {
+        let mut body = serde_json::json!({
+            "model": "qwen3-4b-instruct-2507", "max_tokens": 1,
+            "messages": [{"role": "user", "content": "Name a colour."},
+                         {"role": "assistant", "content": "The colour is"}]});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let (status, r) = d.post("/v1/chat/completions", &body);
+        assert_eq!(status, 200, "{r}");
+        r["usage"]["prompt_tokens"].as_u64().unwrap()
+    };
+    let new_turn = prompt_tokens(serde_json::json!({}));
+    let closed = prompt_tokens(serde_json::json!({"add_generation_prompt": false}));
+    let continued = prompt_tokens(serde_json::json!({"continue_final_message": true}));
+    assert!(
+        continued < closed && closed < new_turn,
+        "{continued} {closed} {new_turn}"
+    );
+}

@@ -150,6 +150,34 @@ impl ChatTemplate {
         self.render_as_sent(&adapted, tools, add_generation_prompt, extra)
     }
 
+    /// Renders `messages` so that the output continues the final one (transformers'
+    /// `continue_final_message`): without the generation prompt, cut right after the final
+    /// message's text (its last text part), stripped as templates write it.
+    pub fn render_continuing(
+        &self,
+        messages: &[Json],
+        tools: Option<&[Json]>,
+        extra: &Map<String, Json>,
+    ) -> Result<String> {
+        let last = messages.last().and_then(|m| match m.get("content") {
+            Some(Json::String(s)) => Some(s.as_str()),
+            Some(Json::Array(parts)) => parts.iter().rev().find_map(|p| p.get("text")?.as_str()),
+            _ => None,
+        });
+        let Some(last) = last.map(str::trim).filter(|t| !t.is_empty()) else {
+            return Err(EngineError::InvalidInput(
+                "continue_final_message needs a final message with text to continue".into(),
+            ));
+        };
+        let rendered = self.render(messages, tools, false, extra)?;
+        let Some(at) = rendered.rfind(last) else {
+            return Err(EngineError::InvalidInput(
+                "continue_final_message: the chat template does not write the final message's text as sent, so it cannot be continued".into(),
+            ));
+        };
+        Ok(rendered[..at + last.len()].to_string())
+    }
+
     /// `message` in a form this template writes: a `developer` message as `system`, if the
     /// template would leave it out; text parts joined, for roles it writes lists of otherwise
     /// (and for `developer`, which the probes do not cover: the string is the form every
@@ -416,82 +444,4 @@ fn strftime_now(format: String) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn render(source: &str, message: &str) -> String {
-        let m: Json = serde_json::from_str(message).unwrap();
-        ChatTemplate::new(source, None, None)
-            .render(&[m], None, false, &Map::new())
-            .unwrap()
-    }
-
-    #[test]
-    fn tojson_spaces_like_python_and_keeps_unicode_and_order() {
-        let m = r#"{"name": "f", "arguments": {"city": "Zürich", "n": [1, 2.5]}}"#;
-        assert_eq!(render("{{ messages[0] | tojson }}", m), m);
-        let indented = render("{{ messages[0] | tojson(indent=2) }}", m);
-        assert!(
-            indented.starts_with("{\n  \"name\": \"f\",\n  \"arguments\": {\n    \"city\""),
-            "{indented}"
-        );
-        let ascii = render(
-            "{{ messages[0] | tojson(ensure_ascii=True, sort_keys=True) }}",
-            m,
-        );
-        assert_eq!(
-            ascii,
-            r#"{"arguments": {"city": "Z\u00fcrich", "n": [1, 2.5]}, "name": "f"}"#
-        );
-        let compact = render("{{ messages[0] | tojson(separators=(',', ':')) }}", m);
-        assert_eq!(
-            compact,
-            r#"{"name":"f","arguments":{"city":"Zürich","n":[1,2.5]}}"#
-        );
-    }
-
-    #[test]
-    fn none_is_not_iterable_as_in_jinja2() {
-        let t = ChatTemplate::new(
-            "{{ tools is iterable }} {{ messages is iterable }}",
-            None,
-            None,
-        );
-        assert_eq!(
-            t.render(&[], None, false, &Map::new()).unwrap(),
-            "False True",
-            "rendered as Jinja2 renders Python booleans"
-        );
-    }
-
-    #[test]
-    fn raise_exception_fails_the_render_with_its_message() {
-        let t = ChatTemplate::new("{{ raise_exception('no system messages') }}", None, None);
-        let e = t.render(&[], None, false, &Map::new()).unwrap_err();
-        assert!(e.to_string().contains("no system messages"), "{e}");
-    }
-
-    #[test]
-    fn strftime_now_formats_dates() {
-        let s = strftime_now("%d %b %Y".into());
-        assert_eq!(s.len(), 11, "{s}");
-    }
-
-    #[test]
-    fn tool_call_arguments_sent_as_json_text_reach_the_template_as_objects() {
-        let t = ChatTemplate::new(
-            "{% for m in messages %}{% for tc in m.tool_calls %}{% for k, v in tc.function.arguments.items() %}{{ k }}={{ v }};{% endfor %}{% endfor %}{% endfor %}",
-            None,
-            None,
-        );
-        let messages = [
-            serde_json::json!({"role": "assistant", "content": null, "tool_calls": [
-                {"type": "function", "function": {"name": "f", "arguments": "{\"city\": \"Paris\", \"n\": 2}"}}
-            ]}),
-        ];
-        assert_eq!(
-            t.render(&messages, None, false, &Map::new()).unwrap(),
-            "city=Paris;n=2;"
-        );
-    }
-}
+mod tests;

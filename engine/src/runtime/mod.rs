@@ -277,14 +277,14 @@ impl<M> Loaded<M> {
                         "this checkpoint has no chat template; send a raw text prompt",
                     )
                 })?;
-                template
-                    .render(
-                        messages,
-                        request.tools.as_deref(),
-                        true,
-                        &request.chat_template_kwargs,
-                    )
-                    .map_err(plugin_error)?
+                let (tools, kwargs) = (request.tools.as_deref(), &request.chat_template_kwargs);
+                let rendered = if request.continue_final_message {
+                    template.render_continuing(messages, tools, kwargs)
+                } else {
+                    let open = request.add_generation_prompt.unwrap_or(true);
+                    template.render(messages, tools, open, kwargs)
+                };
+                rendered.map_err(plugin_error)?
             }
         };
         self.codec.encode(&text).map_err(plugin_error)

@@ -85,6 +85,10 @@ struct ChatFields {
     tool_choice: Option<Value>,
     parallel_tool_calls: Option<bool>,
     chat_template_kwargs: Option<Map<String, Value>>,
+    /// vLLM's: whether the template opens the assistant's turn.
+    add_generation_prompt: Option<bool>,
+    /// vLLM's: the output continues the final (assistant) message.
+    continue_final_message: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -378,6 +382,14 @@ fn chat(
     let forced = forced_calls(&choice, tools.as_deref(), f.parallel_tool_calls)?;
     request.tools = tools.filter(|_| choice != ToolChoice::None);
     request.chat_template_kwargs = f.chat_template_kwargs.unwrap_or_default();
+    request.continue_final_message = f.continue_final_message.unwrap_or(false);
+    request.add_generation_prompt = f.add_generation_prompt;
+    if request.continue_final_message && f.add_generation_prompt == Some(true) {
+        return Err(ApiError::bad_field(
+            "continue_final_message",
+            "`continue_final_message` continues the last message, `add_generation_prompt` opens a new one: set one of them",
+        ));
+    }
     let logprobs = match (f.logprobs.unwrap_or(false), f.top_logprobs) {
         (false, Some(_)) => Err(ApiError::bad_field(
             "top_logprobs",

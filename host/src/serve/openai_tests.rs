@@ -237,3 +237,32 @@ fn vllm_min_tokens_and_ignore_eos_reach_the_plugin_checked() {
     let e = parse_completion(json!({"ignore_eos": true, "guided_regex": "a+"})).unwrap_err();
     assert_eq!(e.param.as_deref(), Some("ignore_eos"), "{e}");
 }
+
+#[test]
+fn a_chat_can_continue_its_final_message_or_leave_the_turn_closed() {
+    let chat = |extra: Value| {
+        let mut body = json!({"model": "m", "messages": [
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hel"}]});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        parse(&body, Endpoint::Chat, caps(&["chat"]), &Limits::default())
+    };
+    let r = chat(json!({"continue_final_message": true}))
+        .unwrap()
+        .request;
+    assert_eq!(
+        (r.continue_final_message, r.add_generation_prompt),
+        (true, None)
+    );
+    let r = chat(json!({"add_generation_prompt": false}))
+        .unwrap()
+        .request;
+    assert_eq!(
+        (r.continue_final_message, r.add_generation_prompt),
+        (false, Some(false))
+    );
+    let both = json!({"continue_final_message": true, "add_generation_prompt": true});
+    let e = chat(both).unwrap_err();
+    assert_eq!(e.param.as_deref(), Some("continue_final_message"), "{e}");
+}
