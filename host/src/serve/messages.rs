@@ -81,13 +81,15 @@ fn check_part(
                 ));
             }
             let url = match part.get("image_url") {
-                Some(Value::String(u)) => u.clone(),
-                Some(v) => v
-                    .get("url")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_string(),
-                None => String::new(),
+                Some(Value::String(u)) => Some(u.clone()),
+                Some(v) => v.get("url").and_then(Value::as_str).map(str::to_string),
+                None => None,
+            };
+            let Some(url) = url.filter(|u| !u.is_empty()) else {
+                return Err(ApiError::bad_field(
+                    format!("{at}.image_url.url"),
+                    format!("`{at}.image_url.url` is required: a data: URL (or a file under server.image_root)"),
+                ));
             };
             let data = image_data_url(&url, &format!("{at}.image_url.url"), image_root)?;
             part["image_url"] = serde_json::json!({"url": data});
@@ -213,6 +215,17 @@ mod tests {
             Some("messages[0].content[0].image_url.url")
         );
         assert!(check(Vec::new(), false, None).is_err());
+        let e = check(
+            vec![json!({"role": "user", "content": [{"type": "image_url"}]})],
+            true,
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.param.as_deref(),
+            Some("messages[0].content[0].image_url.url")
+        );
+        assert!(e.message.contains("is required"), "{}", e.message);
     }
 
     #[test]

@@ -157,7 +157,15 @@ impl Limits {
 pub(super) fn field<T: DeserializeOwned>(body: &Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(body).map_err(|e| {
         let path = e.path().to_string();
-        ApiError::bad_field(path.clone(), format!("`{path}`: {}", e.inner()))
+        let inner = e.inner().to_string();
+        // A field missing from the body is named by serde at the root (`.`): name the field.
+        let missing = (inner.strip_prefix("missing field `"))
+            .and_then(|rest| rest.split('`').next())
+            .filter(|_| path == ".");
+        match missing {
+            Some(name) => ApiError::bad_field(name, format!("`{name}` is required")),
+            None => ApiError::bad_field(path.clone(), format!("`{path}`: {inner}")),
+        }
     })
 }
 

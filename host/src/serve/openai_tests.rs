@@ -266,3 +266,21 @@ fn a_chat_can_continue_its_final_message_or_leave_the_turn_closed() {
     let e = chat(both).unwrap_err();
     assert_eq!(e.param.as_deref(), Some("continue_final_message"), "{e}");
 }
+
+#[test]
+fn a_missing_field_is_named() {
+    let body = json!({"model": "m"});
+    let e = parse(
+        &body,
+        Endpoint::Completions,
+        caps(&["text"]),
+        &Limits::default(),
+    )
+    .unwrap_err();
+    assert_eq!(
+        (e.param.as_deref(), e.message.as_str()),
+        (Some("prompt"), "`prompt` is required")
+    );
+    let e = parse(&body, Endpoint::Chat, caps(&["chat"]), &Limits::default()).unwrap_err();
+    assert_eq!(e.param.as_deref(), Some("messages"), "{e}");
+}

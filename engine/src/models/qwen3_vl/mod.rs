@@ -134,7 +134,7 @@ impl Qwen3Vl {
         let pads = prompt.iter().filter(|&&t| t == self.image_token).count();
         if pads != images.len() {
             return Err(EngineError::InvalidInput(format!(
-                "the prompt has {pads} image placeholders for {} images; send images as image parts of a message, not as placeholder text",
+                "the chat template wrote {pads} image placeholders for {} images: send images as image parts of user (or tool) messages, which the template places (it leaves out those of system and assistant messages), not as placeholder text",
                 images.len()
             )));
         }
