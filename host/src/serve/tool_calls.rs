@@ -85,8 +85,11 @@ pub fn extract(format: Format, text: &str, tools: &[Value]) -> Extracted {
         out.content.push_str(&rest[..start]);
         let after = &rest[start + OPEN.len()..];
         let Some(end) = after.find(CLOSE) else {
-            // Unterminated: the model stopped mid-call; the text is the answer.
-            out.content.push_str(&rest[start..]);
+            // Unterminated: the model stopped mid-call. Alone, the text is the answer; after
+            // whole calls it is a call cut off, whose markup is no answer (vLLM drops it too).
+            if out.calls.is_empty() {
+                out.content.push_str(&rest[start..]);
+            }
             rest = "";
             break;
         };
@@ -286,6 +289,14 @@ mod tests {
             let e = extract(Format::Hermes, text, &[]);
             assert_eq!((e.content.as_str(), e.calls.len()), (text, 0), "{text}");
         }
+    }
+
+    /// A call cut off (by `max_tokens`) after whole ones is dropped, not left in the content.
+    #[test]
+    fn a_call_cut_off_after_whole_ones_is_dropped() {
+        let text = "<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n</tool_call>\n<tool_call>\n{\"arguments\": {\"city\": \"Pa";
+        let e = extract(Format::Hermes, text, &[]);
+        assert_eq!((e.content.as_str(), e.calls.len()), ("", 1));
     }
 
     #[test]
