@@ -9,7 +9,8 @@ use std::path::PathBuf;
 use pio_engine::chat::ChatTemplate;
 use serde_json::Value;
 
-fn check(name: &str) {
+/// The golden file of model `name`'s template, and the template it holds.
+fn golden(name: &str) -> (Value, ChatTemplate) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/fixtures/golden")
         .join(format!("chat-template-{name}.json"));
@@ -20,6 +21,11 @@ fn check(name: &str) {
         text(&golden["bos_token"]),
         text(&golden["eos_token"]),
     );
+    (golden, template)
+}
+
+fn check(name: &str) {
+    let (golden, template) = golden(name);
     let cases = golden["cases"].as_array().unwrap();
     assert!(cases.len() >= 5, "{name}: too few cases");
     for case in cases {
@@ -107,17 +113,7 @@ fn shipped_templates() -> Vec<(String, ChatTemplate)> {
         "qwen3-vl-2b-instruct",
     ]
     .iter()
-    .map(|name| {
-        let path = root.join(format!("golden/chat-template-{name}.json"));
-        let golden: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-        let text = |v: &Value| v.as_str().map(str::to_string);
-        let t = ChatTemplate::new(
-            golden["template"].as_str().unwrap(),
-            text(&golden["bos_token"]),
-            text(&golden["eos_token"]),
-        );
-        (name.to_string(), t)
-    })
+    .map(|name| (name.to_string(), golden(name).1))
     .collect();
     let qwen3 = std::fs::read_to_string(root.join("qwen3-tiny/chat_template.jinja")).unwrap();
     templates.push(("qwen3-tiny".into(), ChatTemplate::new(qwen3, None, None)));
