@@ -207,6 +207,7 @@ fn request(prompt: usize, tokens: usize, seed: u32) -> Request {
         sampling: SamplingParams::default(),
         max_tokens: tokens,
         stop: Vec::new(),
+        include_stop: false,
         eos: Vec::new(),
         min_tokens: 0,
         logprobs: None,

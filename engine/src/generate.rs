@@ -42,6 +42,8 @@ pub struct Request {
     pub max_tokens: usize,
     /// Stop before these strings.
     pub stop: Vec<String>,
+    /// End the output with the stop string found, rather than before it.
+    pub include_stop: bool,
     /// End-of-sequence ids (none: the sequence runs to `max_tokens`, vLLM's `ignore_eos`).
     pub eos: Vec<u32>,
     /// Tokens generated before an end-of-sequence id may be (vLLM's `min_tokens`).

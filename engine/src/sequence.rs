@@ -71,7 +71,7 @@ impl Decoding {
             logprobs: request.logprobs,
             sampler: Sampler::new(request.sampling.clone()),
             decoder: StreamDecoder::new(),
-            stops: StopMatcher::new(request.stop.iter().cloned()),
+            stops: StopMatcher::new(request.stop.iter().cloned()).keeping(request.include_stop),
             guide,
         })
     }

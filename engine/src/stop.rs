@@ -16,6 +16,9 @@ pub struct Step {
 pub struct StopMatcher {
     stops: Vec<String>,
     held: String,
+    /// Whether the stop string that ends the output is part of it (vLLM's
+    /// `include_stop_str_in_output`).
+    keep: bool,
 }
 
 impl StopMatcher {
@@ -28,19 +31,27 @@ impl StopMatcher {
                 .filter(|s: &String| !s.is_empty())
                 .collect(),
             held: String::new(),
+            keep: false,
         }
+    }
+
+    /// The same matcher, ending the output with the stop string it found when `keep`.
+    pub fn keeping(self, keep: bool) -> Self {
+        Self { keep, ..self }
     }
 
     /// Feeds the next piece of generated text.
     pub fn push(&mut self, text: &str) -> Step {
         self.held.push_str(text);
+        // The earliest stop string; of those starting there, the longest.
         let first_stop = self
             .stops
             .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
+            .filter_map(|s| Some((self.held.find(s.as_str())?, std::cmp::Reverse(s.len()))))
             .min();
-        if let Some(at) = first_stop {
-            let emit = self.held[..at].to_string();
+        if let Some((at, std::cmp::Reverse(len))) = first_stop {
+            let end = if self.keep { at + len } else { at };
+            let emit = self.held[..end].to_string();
             self.held.clear();
             return Step {
                 emit,
@@ -93,6 +104,14 @@ mod tests {
         }
         out.push_str(&m.finish());
         (out, false)
+    }
+
+    #[test]
+    fn a_stop_string_kept_in_the_output_ends_it() {
+        let mut m = StopMatcher::new(["STOP", "ST"]).keeping(true);
+        assert_eq!(m.push("say S").emit, "say ");
+        let last = m.push("TOP and more");
+        assert_eq!((last.emit.as_str(), last.stopped), ("STOP", true));
     }
 
     #[test]

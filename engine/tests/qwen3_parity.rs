@@ -73,6 +73,7 @@ fn a_prompt_longer_than_the_moe_context_is_refused() {
         sampling: SamplingParams::default(),
         max_tokens: 4,
         stop: Vec::new(),
+        include_stop: false,
         eos: Vec::new(),
         min_tokens: 0,
         logprobs: None,

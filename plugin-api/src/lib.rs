@@ -19,8 +19,8 @@
 //! `InferRequest::constraint` and `Capabilities::STRUCTURED_OUTPUT` (grammar-constrained output). 1.5.0 —
 //! `ErrorKind::PANICKED` (a caught panic, after which the host restarts the worker). 1.6.0 —
 //! `ErrorKind::CONTEXT_LENGTH` (an input longer than the model's context), `InferRequest::min_tokens`,
-//! `InferRequest::ignore_eos`, `InferRequest::add_generation_prompt` and
-//! `InferRequest::continue_final_message`.
+//! `InferRequest::ignore_eos`, `InferRequest::add_generation_prompt`,
+//! `InferRequest::continue_final_message` and `InferRequest::include_stop_str_in_output`.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 

@@ -201,6 +201,9 @@ pub struct InferRequest {
     /// Chats: the output continues the final message (an assistant turn the client began)
     /// instead of starting a new one, as transformers' `continue_final_message`. Added in 1.6.
     pub continue_final_message: bool,
+    /// The stop string that ends the output is part of it (vLLM's
+    /// `include_stop_str_in_output`). Added in 1.6.
+    pub include_stop_str_in_output: bool,
 }
 
 /// A grammar the output must match, checked token by token as it is generated.

@@ -455,3 +455,33 @@ fn a_chat_continues_its_final_message_when_asked() {
         "{continued} {closed} {new_turn}"
     );
 }
+
+/// vLLM's `include_stop_str_in_output`: the stop string found ends the text instead of being cut.
+#[test]
+fn a_stop_string_can_end_the_text() {
+    if !confinement_available() {
+        return;
+    }
+    let d = crate::daemon::Daemon::start(tiny_qwen3_plugins(), "");
+    d.wait_ready();
+    let text = |extra: Value| {
+        let mut body = serde_json::json!({
+            "model": "qwen3-4b-instruct-2507", "prompt": "Hello world",
+            "max_tokens": 12, "temperature": 0});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let (status, r) = d.post("/v1/completions", &body);
+        assert_eq!(status, 200, "{r}");
+        r["choices"][0]["text"].as_str().unwrap().to_string()
+    };
+    let whole = text(serde_json::json!({}));
+    let chars: Vec<char> = whole.chars().collect();
+    assert!(chars.len() >= 6, "{whole:?}");
+    let stop: String = chars[3..5].iter().collect();
+    let at = whole.find(&stop).unwrap();
+    let cut = text(serde_json::json!({"stop": [stop]}));
+    assert_eq!(cut, whole[..at]);
+    let kept = text(serde_json::json!({"stop": [stop], "include_stop_str_in_output": true}));
+    assert_eq!(kept, whole[..at + stop.len()]);
+}

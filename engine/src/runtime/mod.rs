@@ -542,6 +542,7 @@ impl<M: LoadModel> ModelRuntime<M> {
             sampling: loaded.sampling(request),
             max_tokens,
             stop: request.stop.clone(),
+            include_stop: request.include_stop_str_in_output,
             eos: loaded.generation.end_ids(request),
             min_tokens: request.min_tokens.unwrap_or(0) as usize,
             logprobs: request.logprobs.map(|k| k as usize),

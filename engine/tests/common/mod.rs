@@ -132,6 +132,7 @@ pub fn cases(checkpoint: &Checkpoint, name: &str) -> Vec<Case> {
                 sampling: SamplingParams::default(),
                 max_tokens: case["tokens"].as_array().unwrap().len(),
                 stop: Vec::new(),
+                include_stop: false,
                 eos: eos.clone(),
                 min_tokens: 0,
                 logprobs: Some(5),

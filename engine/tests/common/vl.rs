@@ -109,6 +109,7 @@ pub fn request(f: &Fixture, case: &Value) -> Request {
         sampling: SamplingParams::default(),
         max_tokens: case["tokens"].as_array().unwrap().len(),
         stop: Vec::new(),
+        include_stop: false,
         eos: f.eos.clone(),
         min_tokens: 0,
         logprobs: Some(5),

@@ -61,6 +61,8 @@ struct Common {
     min_tokens: Option<u32>,
     /// vLLM's: generate to `max_tokens` whatever the model says.
     ignore_eos: Option<bool>,
+    /// vLLM's: the stop string found ends the output.
+    include_stop_str_in_output: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -337,6 +339,7 @@ fn sampling(c: &Common) -> Result<InferRequest, ApiError> {
         stop,
         min_tokens: c.min_tokens.filter(|&m| m > 0),
         ignore_eos: c.ignore_eos.unwrap_or(false),
+        include_stop_str_in_output: c.include_stop_str_in_output.unwrap_or(false),
         ..InferRequest::default()
     })
 }

@@ -284,3 +284,17 @@ fn a_missing_field_is_named() {
     let e = parse(&body, Endpoint::Chat, caps(&["chat"]), &Limits::default()).unwrap_err();
     assert_eq!(e.param.as_deref(), Some("messages"), "{e}");
 }
+
+#[test]
+fn the_stop_string_can_end_the_output() {
+    let body =
+        json!({"model": "m", "prompt": "hi", "stop": ["\n"], "include_stop_str_in_output": true});
+    let p = parse(
+        &body,
+        Endpoint::Completions,
+        caps(&["text"]),
+        &Limits::default(),
+    )
+    .unwrap();
+    assert!(p.request.include_stop_str_in_output);
+}
