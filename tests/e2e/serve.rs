@@ -843,3 +843,41 @@ fn logprob_bytes_are_each_tokens_own_even_inside_a_character() {
         "{r}"
     );
 }
+
+/// A request past its deadline is cancelled and answered 504; the worker, which honoured the
+/// cancel, keeps serving the rest (with a batching engine, replacing it would fail every request
+/// beside the late one).
+#[test]
+fn a_request_past_its_deadline_is_cancelled_without_replacing_the_worker() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(
+        echo_dir("[model.options]\ndelay_ms = 100\n"),
+        "[supervisor]\nrequest_timeout_secs = 1\n",
+    );
+    d.wait_ready();
+    let pid = d.plugin("echo")["pid"].clone();
+    let (status, r) = d.post("/v1/chat/completions", &chat("echo", &"x".repeat(50)));
+    assert_eq!(
+        (status, r["error"]["code"].as_str()),
+        (504, Some("timeout")),
+        "{r}"
+    );
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("was cancelled"),
+        "{r}"
+    );
+    // Past the grace a worker that ignored the cancel would have had.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let echo = d.plugin("echo");
+    assert_eq!(
+        (&echo["pid"], &echo["restarts"]),
+        (&pid, &json!(0)),
+        "{echo}"
+    );
+    assert_eq!(d.post("/v1/chat/completions", &chat("echo", "hi")).0, 200);
+}

@@ -11,9 +11,15 @@ use super::supervised::{err, Shared};
 use crate::fault::Fault;
 use crate::protocol::WireError;
 
+/// How long a request cancelled at its deadline has to end before its worker is replaced (at
+/// most the deadline itself).
+const GRACE: Duration = Duration::from_secs(5);
+
 /// Carries one request's events from its worker to its caller: under the request deadline
-/// (past it, the worker is replaced: a plugin stuck in a loop never sees a cancel), cancelling
-/// in the worker when the caller goes away, keeping the engine's newest figures.
+/// (past it, the request is cancelled, and the worker replaced only if the request does not end
+/// within [`GRACE`]: a plugin stuck in a loop never sees a cancel, while a batching engine's
+/// other requests must not fail with a late one), cancelling in the worker when the caller goes
+/// away, keeping the engine's newest figures.
 pub(super) struct Forward {
     pub(super) name: String,
     pub(super) timeout: Option<Duration>,
@@ -33,7 +39,7 @@ impl Forward {
             let event = match next {
                 Ok(Some(event)) => self.noted(event),
                 Ok(None) => return,
-                Err(_) => return self.past_deadline(&tx).await,
+                Err(_) => return self.past_deadline(&mut events, &tx).await,
             };
             let last = !matches!(event, Event::Token(_));
             let waited = tokio::time::Instant::now();
@@ -76,15 +82,29 @@ impl Forward {
         }
     }
 
-    async fn past_deadline(&self, tx: &mpsc::Sender<Event>) {
-        let secs = self.timeout.map_or(0, |t| t.as_secs_f64().ceil() as u64);
-        self.worker.kill_because(format!(
-            "was stopped: a request ran past its {secs} s deadline"
-        ));
+    async fn past_deadline(&self, events: &mut Events, tx: &mpsc::Sender<Event>) {
+        let timeout = self.timeout.unwrap_or(GRACE);
+        let secs = timeout.as_secs_f64().ceil() as u64;
         let message = format!(
-            "request to {} ran past its {secs} s deadline; its worker is being restarted",
+            "request to {} ran past its {secs} s deadline (supervisor.request_timeout_secs) and was cancelled",
             self.name
         );
         let _ = tx.send(Event::Failed(err(Fault::Timeout, message).0)).await;
+        self.worker.cancel(self.id);
+        let ended = async {
+            while let Some(event) = events.recv().await {
+                if !matches!(event, Event::Token(_)) {
+                    return;
+                }
+            }
+        };
+        if tokio::time::timeout(GRACE.min(timeout), ended)
+            .await
+            .is_err()
+        {
+            self.worker.kill_because(format!(
+                "was stopped: a request ran past its {secs} s deadline and did not end when cancelled"
+            ));
+        }
     }
 }
