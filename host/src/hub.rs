@@ -139,9 +139,16 @@ fn sha256_of(path: &Path) -> Result<String, HubError> {
     Ok(format!("{:x}", hasher.finalize()))
 }
 
+/// How long the Hub has to take a connection and to start an answer, unless
+/// `HF_HUB_DOWNLOAD_TIMEOUT` says otherwise (huggingface_hub's default).
+const DEFAULT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Hub {
     /// The Hub `HF_ENDPOINT` names (default huggingface.co), as `HF_TOKEN` (or
-    /// `HUGGING_FACE_HUB_TOKEN`) if set.
+    /// `HUGGING_FACE_HUB_TOKEN`) if set, waiting for a connection and for an answer's headers
+    /// as long as `HF_HUB_DOWNLOAD_TIMEOUT` says (seconds; huggingface_hub's variable and its
+    /// default of 10), so a mirror or proxy that takes the connection and never answers fails
+    /// the pull instead of hanging it.
     pub fn from_env() -> Self {
         let endpoint =
             std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into());
@@ -149,15 +156,22 @@ impl Hub {
             .or_else(|_| std::env::var("HUGGING_FACE_HUB_TOKEN"))
             .ok()
             .filter(|t| !t.is_empty());
-        Self::new(&endpoint, token)
+        let wait = std::env::var("HF_HUB_DOWNLOAD_TIMEOUT")
+            .ok()
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .map_or(DEFAULT_WAIT, std::time::Duration::from_secs_f64);
+        Self::new(&endpoint, token, wait)
     }
 
-    /// A client of the Hub at `endpoint`.
-    pub fn new(endpoint: &str, token: Option<String>) -> Self {
+    /// A client of the Hub at `endpoint`, waiting `wait` for a connection and for each
+    /// answer's headers.
+    pub fn new(endpoint: &str, token: Option<String>, wait: std::time::Duration) -> Self {
         let agent = ureq::Agent::new_with_config(
             ureq::Agent::config_builder()
                 .http_status_as_error(false)
-                .timeout_connect(Some(std::time::Duration::from_secs(30)))
+                .timeout_connect(Some(wait))
+                .timeout_recv_response(Some(wait))
                 .timeout_recv_body(Some(std::time::Duration::from_secs(120)))
                 .user_agent(concat!("pio/", env!("CARGO_PKG_VERSION")))
                 .build(),

@@ -299,3 +299,36 @@ fn a_first_pull_needs_no_manifest() {
         assert!(run.status.success(), "{name}: {}", stderr(&run));
     }
 }
+
+/// A mirror that takes the connection and never answers fails the pull after
+/// `HF_HUB_DOWNLOAD_TIMEOUT`, saying where it waited, instead of hanging it.
+#[test]
+fn a_hub_that_never_answers_fails_the_pull_in_time() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", silent.local_addr().unwrap());
+    let dir = open_dir();
+    let mut child = Command::new(pio_bin())
+        .current_dir(dir.path())
+        .args(["pull", "tiny/qwen3"])
+        .env("HF_ENDPOINT", &endpoint)
+        .env("HF_HUB_DOWNLOAD_TIMEOUT", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run pio pull");
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > std::time::Duration::from_secs(20) {
+            child.kill().unwrap();
+            panic!("pio pull still waited on a silent hub after 20 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&endpoint) && err.contains("HF_ENDPOINT"),
+        "{err}"
+    );
+    drop(silent);
+}
