@@ -107,10 +107,15 @@ impl Decoding {
         let token = self
             .sampler
             .sample_from(logits, &self.prompt, &self.generated, allowed.as_ref())
-            .ok_or_else(|| {
-                EngineError::Internal(
+            .ok_or_else(|| match allowed {
+                Some(_) => EngineError::Internal(
                     "the output grammar allows no token this model can produce".into(),
-                )
+                ),
+                // Every logit NaN or infinite: the weights (or a quantized cache) are broken,
+                // or the computation overflowed its dtype.
+                None => EngineError::Internal(
+                    "the model computed no finite logit (NaN or infinite scores): its weights or its quantization cache may be corrupt (delete the cache to rebuild it), or the dtype overflowed (try bf16 or f32)".into(),
+                ),
             })?;
         Ok((token, guided))
     }
@@ -337,5 +342,20 @@ mod tests {
         assert_eq!(d.wants(), Wanted::Best, "nothing to bar any more");
         let a = d.accept(&Output::Logits(logits), &codec).unwrap();
         assert_eq!((a.emitted.token_id, a.finish), (eos, Some(Finish::Stop)));
+    }
+
+    /// Scores that are all NaN are named as the model's fault, not a grammar's.
+    #[test]
+    fn no_finite_logit_is_named_as_such() {
+        let codec = codec();
+        let mut d = Decoding::new(&request(SamplingParams::default(), None), 50).unwrap();
+        let e = d
+            .accept(&Output::Logits(vec![f32::NAN; 64]), &codec)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("no finite logit") && !e.contains("grammar"),
+            "{e}"
+        );
     }
 }
