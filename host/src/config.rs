@@ -13,6 +13,43 @@ use crate::supervisor::RestartPolicy;
 use crate::tomlfile::TomlError;
 use crate::units::ByteSize;
 
+/// A setting 0 would make useless (every request refused, every worker quarantined).
+fn not_zero<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default + PartialEq,
+{
+    let value = T::deserialize(d)?;
+    if value == T::default() {
+        return Err(serde::de::Error::custom(
+            "must be more than 0 (with 0 nothing could be served); leave it out for the default",
+        ));
+    }
+    Ok(value)
+}
+
+/// [`not_zero`] for a size.
+fn not_zero_bytes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
+    let value = ByteSize::deserialize(d)?;
+    if value.0 == 0 {
+        return Err(serde::de::Error::custom(
+            "must be more than 0 bytes (every request would be too large); leave it out for the default",
+        ));
+    }
+    Ok(value)
+}
+
+/// A worker uid or gid other than root's: workers run unprivileged.
+fn unprivileged<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let id = u32::deserialize(d)?;
+    if id == 0 {
+        return Err(serde::de::Error::custom(
+            "must not be 0 (root): workers run unprivileged; use an unused id (default 65534, nobody)",
+        ));
+    }
+    Ok(id)
+}
+
 /// The whole file.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -41,8 +78,10 @@ pub struct SandboxSection {
     /// (default `false`: refuse it).
     pub allow_downgrade: bool,
     /// The uid workers run as (default 65534, `nobody`).
+    #[serde(deserialize_with = "unprivileged")]
     pub worker_uid: u32,
     /// The gid workers run as (default 65534).
+    #[serde(deserialize_with = "unprivileged")]
     pub worker_gid: u32,
 }
 
@@ -66,8 +105,10 @@ pub struct SupervisorSection {
     /// `maximum` always has one). Default 600.
     pub request_timeout_secs: u64,
     /// Seconds between health checks (default 5).
+    #[serde(deserialize_with = "not_zero")]
     pub health_interval_secs: u64,
     /// Seconds a worker has to answer a health check (default 5).
+    #[serde(deserialize_with = "not_zero")]
     pub health_deadline_secs: u64,
     /// More failures than this within `crash_window_secs` quarantine a plugin (default 5).
     pub max_crashes: usize,
@@ -121,18 +162,22 @@ pub struct ServerSection {
     /// daemon listens on a loopback address, and needs an admin key otherwise (default empty).
     pub metrics_keys: Vec<String>,
     /// Largest request body (default `16MiB`).
+    #[serde(deserialize_with = "not_zero_bytes")]
     pub max_body_size: ByteSize,
     /// The most tokens one request may ask for (default 0: up to the model's context).
     pub max_tokens_limit: u32,
     /// Requests per model running or waiting at once; more get 429 (default 64).
+    #[serde(deserialize_with = "not_zero")]
     pub queue_depth: usize,
     /// A streaming client that takes no data for this many seconds while the stream's buffer is
     /// full is cut off, and its generation stopped (default 30).
     pub stall_timeout_secs: u64,
     /// Seconds a client may take to send a request's head (and an idle keep-alive connection
     /// may wait); then the connection is closed (default 30).
+    #[serde(deserialize_with = "not_zero")]
     pub header_timeout_secs: u64,
     /// Seconds a client may take to send a request's body; then it gets a 408 (default 30).
+    #[serde(deserialize_with = "not_zero")]
     pub body_timeout_secs: u64,
     /// Each connection's kernel send buffer (`SO_SNDBUF`; default: the kernel's autotuning, up
     /// to `net.ipv4.tcp_wmem`'s maximum, often 4 MiB). A small one bounds what a client that
@@ -326,5 +371,31 @@ mod tests {
         );
         let e = parse("[supervisor]\nmax_crashes = \"many\"\n").unwrap_err();
         assert!(e.message.contains("`max_crashes`"), "{e}");
+    }
+
+    /// Values that would make the server useless are refused where they are written.
+    #[test]
+    fn settings_that_would_serve_nothing_are_refused() {
+        for (text, key) in [
+            ("[server]\nqueue_depth = 0\n", "queue_depth"),
+            ("[server]\nmax_body_size = \"0\"\n", "max_body_size"),
+            ("[server]\nheader_timeout_secs = 0\n", "header_timeout_secs"),
+            ("[server]\nbody_timeout_secs = 0\n", "body_timeout_secs"),
+            (
+                "[supervisor]\nhealth_deadline_secs = 0\n",
+                "health_deadline_secs",
+            ),
+            (
+                "[supervisor]\nhealth_interval_secs = 0\n",
+                "health_interval_secs",
+            ),
+            ("[sandbox]\nworker_uid = 0\n", "worker_uid"),
+            ("[sandbox]\nworker_gid = 0\n", "worker_gid"),
+        ] {
+            let e = parse(text).unwrap_err();
+            assert_eq!(e.line, 2, "{text}: {e}");
+            assert!(e.message.contains(key) && e.message.contains("0"), "{e}");
+        }
+        assert!(parse("[server]\nqueue_depth = 1\n").is_ok());
     }
 }

@@ -202,6 +202,13 @@ impl Models {
     pub fn preload_now(self: &Arc<Self>) {
         let config = self.config();
         let mut inner = lock(&self.inner);
+        for name in &config.server.preload {
+            if name != "*" && !inner.entries.contains_key(name) {
+                tracing::warn!(
+                    "server.preload names {name}, which no manifest that passed its checks serves: `pio list` shows them; /ready waits for it"
+                );
+            }
+        }
         let names: Vec<String> = inner
             .entries
             .iter()
