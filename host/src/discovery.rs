@@ -96,6 +96,17 @@ pub enum CheckError {
         /// What is wrong with it.
         problem: String,
     },
+    /// The plugin cannot be confined as its manifest asks on this host (a `maximum` tier with no
+    /// sha256 pin, a mechanism the kernel lacks); found by `pio check`, which plans its worker.
+    #[error("{manifest}: cannot run at tier {tier}: {reason}")]
+    Confinement {
+        /// The manifest.
+        manifest: PathBuf,
+        /// The tier it asks for.
+        tier: String,
+        /// Why not.
+        reason: String,
+    },
     /// Loading the library failed (see [`ProbeError`]).
     #[error("{0}")]
     Probe(#[from] ProbeError),
@@ -139,6 +150,7 @@ impl CheckError {
             Self::ReadLibrary { .. } => "read_library",
             Self::ApiRequirement { .. } => "api_requirement",
             Self::ModelMissing { .. } => "model_missing",
+            Self::Confinement { .. } => "confinement",
             Self::Probe(p) => p.kind(),
             Self::Identity { .. } => "identity",
             Self::Duplicate { .. } => "duplicate",

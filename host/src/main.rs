@@ -250,6 +250,7 @@ fn check(path: &Path, library_dirs: Vec<PathBuf>, json: bool) -> anyhow::Result<
         let search = search_paths(Vec::new(), library_dirs);
         let mut candidate = discovery::check_static(path, &search);
         discovery::check_library(&mut candidate, &prober);
+        check_confinement(&mut candidate);
         candidate
     } else {
         let mut candidate = Candidate {
@@ -296,6 +297,29 @@ fn check(path: &Path, library_dirs: Vec<PathBuf>, json: bool) -> anyhow::Result<
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Plans the worker of a `candidate` that passed (with the default policy, on this host), so
+/// `pio check` fails a manifest the daemon would refuse to start.
+fn check_confinement(candidate: &mut Candidate) {
+    let (Status::Ready, Some(manifest)) = (&candidate.status, &candidate.manifest) else {
+        return;
+    };
+    let config = Config::default();
+    // Not root, this host is not the daemon's: only the manifest's own reasons count.
+    let detected = pio_host::sandbox::HostSupport::detect();
+    let host = if detected.root {
+        detected
+    } else {
+        pio_host::sandbox::HostSupport::complete()
+    };
+    if let Err(e) = pio_host::launch::plan(manifest, &config, &config.policy(), &host) {
+        candidate.status = Status::Failed(discovery::CheckError::Confinement {
+            manifest: candidate.manifest_path.clone(),
+            tier: manifest.tier.to_string(),
+            reason: e.to_string(),
+        });
+    }
 }
 
 /// `e` and its causes, joined by ": " as anyhow's `{:#}` does, less each cause that the text

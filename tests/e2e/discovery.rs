@@ -353,3 +353,29 @@ fn a_library_is_found_next_to_the_pio_executable() {
         bin.path().join("libpio_plugin_echo.so").to_str().unwrap()
     );
 }
+
+/// `pio check` plans the worker too: a `maximum` manifest that pins no sha256, which the daemon
+/// would refuse to start, fails the check saying why.
+#[test]
+fn check_fails_a_manifest_its_tier_refuses() {
+    let dir = PluginDir::new();
+    dir.copy_lib("pio_plugin_echo", "libecho.so");
+    let text =
+        manifest("echo", "0.1.0", "libecho.so", "").replace("tier = \"low\"", "tier = \"maximum\"");
+    let path = dir.write("echo.toml", &text);
+    let (ok, v) = check_json(&path);
+    assert!(!ok, "{v:#}");
+    assert_eq!(v["error_kind"], "confinement", "{v:#}");
+    assert!(v["error"].as_str().unwrap().contains("sha256"), "{v:#}");
+    let pinned = text.replace(
+        "tier = \"maximum\"",
+        &format!(
+            "tier = \"maximum\"\nsha256 = \"{}\"",
+            sha256_of(&dir.path().join("libecho.so"))
+        ),
+    );
+    dir.write("echo.toml", &pinned);
+    let (ok, v) = check_json(&path);
+    // Where the host cannot confine at `maximum` at all, that is the reason instead.
+    assert!(ok || v["error_kind"] == "confinement", "{v:#}");
+}

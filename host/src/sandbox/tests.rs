@@ -4,9 +4,7 @@ fn host(root: bool, cgroups: bool) -> HostSupport {
     HostSupport {
         root,
         cgroups: cgroups.then_some(cgroup::Version::V2),
-        seccomp: true,
-        user_namespaces: true,
-        landlock_abi: 6,
+        ..HostSupport::complete()
     }
 }
 
