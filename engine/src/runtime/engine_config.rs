@@ -53,6 +53,30 @@ fn count(key: &str, v: &Value) -> Result<usize, PluginError> {
         })
 }
 
+/// Every `[model.options]` key the engine reads (the host adds `quantization_cache` from
+/// `[model]`, `pio bench --profile` adds `profile`).
+const OPTIONS: [&str; 7] = [
+    "kv_cache_bytes",
+    "kv_cache_dtype",
+    "max_seqs",
+    "max_batch_tokens",
+    "prefix_cache",
+    "profile",
+    "quantization_cache",
+];
+
+/// A key of `options` the engine does not read, named with the ones it does: a typo would
+/// otherwise leave a setting at its default without a word.
+fn unknown_option(options: &Map<String, Value>) -> Result<(), PluginError> {
+    match options.keys().find(|k| !OPTIONS.contains(&k.as_str())) {
+        None => Ok(()),
+        Some(key) => Err(PluginError::invalid_config(format!(
+            "[model.options] {key} is not a setting of this engine; it reads {}",
+            OPTIONS[..5].join(", ")
+        ))),
+    }
+}
+
 /// The engine configuration for `model` from the manifest's options, the memory that bounds the
 /// pool and the weights' size.
 pub(super) fn engine_config<M: CausalLm>(
@@ -61,6 +85,7 @@ pub(super) fn engine_config<M: CausalLm>(
     memory: Memory,
     weight_bytes: Option<u64>,
 ) -> Result<EngineConfig, PluginError> {
+    unknown_option(options)?;
     let requested = match options.get("kv_cache_bytes") {
         Some(v) => Some(bytes("kv_cache_bytes", v)?),
         None => None,
@@ -250,5 +275,21 @@ mod tests {
                 .to_string();
             assert!(e.contains(key), "{e}");
         }
+    }
+
+    #[test]
+    fn an_option_the_engine_does_not_read_is_refused_by_name() {
+        let options = |json: Value| json.as_object().unwrap().clone();
+        assert!(unknown_option(&options(
+            serde_json::json!({"kv_cache_bytes": "1G", "max_seqs": 4})
+        ))
+        .is_ok());
+        let e = unknown_option(&options(serde_json::json!({"kv_cahce_bytes": 5}))).unwrap_err();
+        assert_eq!(e.kind, pio_plugin_api::ErrorKind::INVALID_CONFIG);
+        assert!(
+            e.message.contains("kv_cahce_bytes") && e.message.contains("kv_cache_bytes"),
+            "{}",
+            e.message
+        );
     }
 }
