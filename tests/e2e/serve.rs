@@ -881,3 +881,54 @@ fn a_request_past_its_deadline_is_cancelled_without_replacing_the_worker() {
     );
     assert_eq!(d.post("/v1/chat/completions", &chat("echo", "hi")).0, 200);
 }
+
+/// With more preloaded models than `max_loaded_models`, the daemon preloads what the cap holds
+/// and is ready; a request for another model waits for the busy one to go idle, then is served.
+#[test]
+fn a_cap_below_the_preloaded_models_still_serves_them_all() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = echo_dir("[model.options]\ndelay_ms = 50\n");
+    dir.copy_lib("pio_test_plugin_hostile", "libhostile.so");
+    dir.write(
+        "hostile.toml",
+        &manifest("hostile", "0.1.0", "libhostile.so", ""),
+    );
+    let config = "[server]\nmax_loaded_models = 1\nwarmup = false\n";
+    let d = std::sync::Arc::new(Daemon::start(dir, config));
+    d.wait_ready();
+    // Whichever was preloaded, ask the other while the first streams for about a second.
+    let loaded = if d.plugin("echo")["state"] == "ready" {
+        "echo"
+    } else {
+        "hostile"
+    };
+    let (first, other) = if loaded == "echo" {
+        (
+            chat("echo", &"x".repeat(20)),
+            json!({"model": "hostile", "prompt": "status"}),
+        )
+    } else {
+        (
+            json!({"model": "hostile", "prompt": "spin 1"}),
+            chat("echo", "hi"),
+        )
+    };
+    let path_of = |body: &Value| {
+        if body.get("messages").is_some() {
+            "/v1/chat/completions"
+        } else {
+            "/v1/completions"
+        }
+    };
+    let busy = {
+        let d = d.clone();
+        let first = first.clone();
+        std::thread::spawn(move || d.post(path_of(&first), &first))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (status, r) = d.post(path_of(&other), &other);
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(busy.join().unwrap().0, 200);
+}

@@ -61,6 +61,9 @@ struct Entry {
     reloading: bool,
     /// Unloaded on purpose since it last loaded (see `PluginStatus::parked`).
     parked: bool,
+    /// Loading with its place under `max_loaded_models` secured (so two loads waiting for room
+    /// never wait for each other, and never both take the last place).
+    holds_room: bool,
 }
 
 #[derive(Default)]
@@ -147,6 +150,7 @@ impl Inner {
                             failed_at: None,
                             reloading: false,
                             parked: false,
+                            holds_room: false,
                         },
                     );
                 }
@@ -215,8 +219,27 @@ impl Models {
             .filter(|(n, e)| matches!(e.slot, Slot::Unloaded) && config.server.preloads(n))
             .map(|(n, _)| n.clone())
             .collect();
-        for name in names {
-            self.begin_load(&mut inner, &name);
+        self.preload(&mut inner, &names, config.server.max_loaded_models);
+    }
+
+    /// Starts loading `names`, no more than `cap` holds beside what is loaded (0: no cap); the
+    /// rest wait for their first request, parked (so `/ready` does not wait for them).
+    fn preload(self: &Arc<Self>, inner: &mut Inner, names: &[String], cap: usize) {
+        let held = (inner.entries.values())
+            .filter(|e| !matches!(e.slot, Slot::Unloaded))
+            .count();
+        let room = if cap == 0 {
+            usize::MAX
+        } else {
+            cap.saturating_sub(held)
+        };
+        for (i, name) in names.iter().enumerate() {
+            if i < room {
+                self.begin_load(inner, name);
+            } else if let Some(entry) = inner.entries.get_mut(name) {
+                tracing::info!(plugin = %name, "not preloaded: server.max_loaded_models = {cap} are loaded; it loads on its first request");
+                entry.parked = true;
+            }
         }
     }
 
@@ -236,9 +259,8 @@ impl Models {
             let mut inner = lock(&self.inner);
             let changes = inner.merge(found, broken, preload);
             // Loading from this moment, so `/ready` never sees a preloaded plugin as idle.
-            for name in &changes.load {
-                self.begin_load(&mut inner, name);
-            }
+            let cap = self.config().server.max_loaded_models;
+            self.preload(&mut inner, &changes.load, cap);
             let unload: Vec<_> = changes
                 .gone
                 .into_iter()
@@ -334,15 +356,23 @@ impl Models {
         if let Some(entry) = inner.entries.get_mut(name) {
             entry.slot = Slot::Loading(rx.clone());
             entry.parked = false;
+            entry.holds_room = false;
             let found = entry.found.clone();
             let this = self.clone();
             tokio::spawn(async move {
+                // No room (every loaded model busy past the wait) is not the plugin's failure:
+                // the next request tries again at once.
                 let result = match this.make_room(&found.manifest.name).await {
-                    Ok(()) => deploy(&this.setup, &this.config(), &found).await,
-                    Err(e) => Err(e),
+                    Ok(()) => {
+                        (deploy(&this.setup, &this.config(), &found).await).map_err(|e| (e, true))
+                    }
+                    Err(e) => Err((e, false)),
                 };
                 let outcome = {
                     let mut inner = lock(&this.inner);
+                    if let Some(entry) = inner.entries.get_mut(&found.manifest.name) {
+                        entry.holds_room = false;
+                    }
                     match (inner.entries.get_mut(&found.manifest.name), result) {
                         (Some(entry), Ok(d)) => {
                             entry.slot = Slot::Loaded(Arc::new(d));
@@ -350,15 +380,17 @@ impl Models {
                             entry.failed_at = None;
                             Ok(None)
                         }
-                        (Some(entry), Err(e)) => {
+                        (Some(entry), Err((e, failed))) => {
                             entry.slot = Slot::Unloaded;
-                            entry.last_error = Some(e.message.clone());
-                            entry.failed_at = Some(Instant::now());
+                            if failed {
+                                entry.last_error = Some(e.message.clone());
+                                entry.failed_at = Some(Instant::now());
+                            }
                             Err(e)
                         }
                         // Removed while it loaded.
                         (None, Ok(d)) => Ok(Some(d)),
-                        (None, Err(e)) => Err(e),
+                        (None, Err((e, _))) => Err(e),
                     }
                 };
                 let sent = match outcome {
@@ -381,21 +413,51 @@ impl Models {
         rx
     }
 
-    /// Unloads the least recently used idle model when loading another would pass the cap.
+    /// Unloads the least recently used idle model when loading another would pass the cap;
+    /// while every loaded model is busy, waits (up to `load_wait_secs`) for one to go idle.
     async fn make_room(&self, loading: &str) -> Result<(), ApiError> {
-        let cap = self.config().server.max_loaded_models;
-        if cap == 0 {
-            return Ok(());
+        let server = self.config().server.clone();
+        let deadline = Instant::now() + Duration::from_secs(server.load_wait_secs);
+        loop {
+            match self.room(loading, server.max_loaded_models) {
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!("{}", e.message);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e),
+                Ok(Some(victim)) => {
+                    victim.drain_and_stop(self.drain_timeout()).await;
+                    return Ok(());
+                }
+                Ok(None) => return Ok(()),
+            }
         }
-        let victim = {
+    }
+
+    /// Room for `loading` under `cap`: none needed (`None`), the idle model taken out to make
+    /// it, or an error when every loaded model is busy.
+    fn room(&self, loading: &str, cap: usize) -> Result<Option<Arc<Deployment>>, ApiError> {
+        if cap == 0 {
+            return Ok(None);
+        }
+        {
             let mut inner = lock(&self.inner);
-            let busy = inner
-                .entries
-                .iter()
-                .filter(|(n, e)| n.as_str() != loading && !matches!(e.slot, Slot::Unloaded))
+            let busy = (inner.entries.iter())
+                .filter(|(n, _)| n.as_str() != loading)
+                .filter(|(_, e)| match e.slot {
+                    Slot::Loaded(_) => true,
+                    Slot::Loading(_) => e.holds_room,
+                    Slot::Unloaded => false,
+                })
                 .count();
+            let take_place = |inner: &mut Inner| {
+                if let Some(entry) = inner.entries.get_mut(loading) {
+                    entry.holds_room = true;
+                }
+            };
             if busy < cap {
-                return Ok(());
+                take_place(&mut inner);
+                return Ok(None);
             }
             let lru = inner
                 .entries
@@ -411,12 +473,10 @@ impl Models {
                 )));
             };
             tracing::info!(plugin = %name, "unloading the least recently used model to make room for {loading}");
-            park(&mut inner, &name)
-        };
-        if let Some(d) = victim {
-            d.drain_and_stop(self.drain_timeout()).await;
+            let victim = park(&mut inner, &name);
+            take_place(&mut inner);
+            Ok(victim)
         }
-        Ok(())
     }
 
     /// Unloads `name`, letting its requests finish (up to the drain timeout).
