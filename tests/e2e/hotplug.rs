@@ -303,3 +303,30 @@ fn sigterm_lets_requests_finish_then_stops_workers_and_removes_cgroups() {
     );
     assert!(d.logs().contains("SIGTERM: draining"), "{}", d.logs());
 }
+
+/// A second SIGTERM during the drain stops the requests still running at once instead of
+/// waiting out `drain_timeout_secs`.
+#[test]
+fn a_second_sigterm_ends_the_drain_at_once() {
+    if !confinement_available() {
+        return;
+    }
+    let mut d = Daemon::start(
+        echo_dir("[model.options]\ndelay_ms = 100\n"),
+        "[server]\ndrain_timeout_secs = 60\n",
+    );
+    d.wait_ready();
+    // 300 tokens at 100 ms: half a minute if nobody stops it.
+    let events = d.stream("/v1/chat/completions", &stream_request(&"y".repeat(300)));
+    d.wait_for(5, "the request to run", |d| {
+        d.plugin("echo")["requests"] == 1
+    });
+    d.terminate();
+    std::thread::sleep(Duration::from_millis(500));
+    let started = std::time::Instant::now();
+    d.terminate();
+    d.wait_exit(15);
+    assert!(started.elapsed() < Duration::from_secs(15));
+    assert!(d.logs().contains("a second SIGTERM came"), "{}", d.logs());
+    drop(events);
+}

@@ -249,11 +249,16 @@ pub async fn serve(setup: Setup) -> Result<(), ServeError> {
         rules,
         draining(app, stop_tx, systemd),
     );
-    tokio::select! {
-        () = http => {}
-        () = drain_deadline(&models, stop_rx) => tracing::warn!("the drain deadline passed with requests still running; stopping them"),
-    }
-    models.stop_all().await;
+    // Past the deadline (or at a second signal) what still runs is stopped at once, not drained
+    // for another deadline.
+    let grace = tokio::select! {
+        () = http => Duration::from_secs(models.config().server.drain_timeout_secs),
+        why = drain_deadline(&models, stop_rx) => {
+            tracing::warn!("{why} with requests still running; stopping them");
+            Duration::ZERO
+        }
+    };
+    models.stop_all(grace).await;
     let _ = std::fs::remove_dir_all(&runtime_dir);
     tracing::info!("stopped");
     Ok(())
@@ -318,11 +323,19 @@ async fn draining(
     let _ = stop.send(true);
 }
 
-/// Resolves `server.drain_timeout_secs` (as in force then) after draining began.
-async fn drain_deadline(models: &Models, mut stop: tokio::sync::watch::Receiver<bool>) {
+/// Resolves `server.drain_timeout_secs` (as in force then) after draining began, or at a
+/// second SIGTERM or SIGINT (an operator's second Ctrl-C stops at once, as uvicorn's and
+/// llama-server's do); says which.
+async fn drain_deadline(
+    models: &Models,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> &'static str {
     let _ = stop.wait_for(|s| *s).await;
     let secs = models.config().server.drain_timeout_secs;
-    tokio::time::sleep(Duration::from_secs(secs)).await;
+    tokio::select! {
+        () = tokio::time::sleep(Duration::from_secs(secs)) => "the drain deadline passed",
+        why = shutdown_signal() => if why == "SIGTERM" { "a second SIGTERM came" } else { "a second SIGINT came" },
+    }
 }
 
 async fn shutdown_signal() -> &'static str {

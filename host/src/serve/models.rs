@@ -547,8 +547,8 @@ impl Models {
         Ok(())
     }
 
-    /// Drains and stops every model (shutdown).
-    pub async fn stop_all(&self) {
+    /// Drains (for at most `grace`) and stops every model (shutdown).
+    pub async fn stop_all(&self, grace: Duration) {
         let all: Vec<_> = {
             let mut inner = lock(&self.inner);
             let names: Vec<String> = inner.entries.keys().cloned().collect();
@@ -557,8 +557,7 @@ impl Models {
                 .filter_map(|n| take_deployment(&mut inner, n))
                 .collect()
         };
-        let deadline = self.drain_timeout();
-        futures_util::future::join_all(all.iter().map(|d| d.drain_and_stop(deadline))).await;
+        futures_util::future::join_all(all.iter().map(|d| d.drain_and_stop(grace))).await;
     }
 
     /// Unloads models idle longer than `keep_alive`.
