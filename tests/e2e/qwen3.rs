@@ -426,26 +426,31 @@ fn model_path_runs_a_plugin_whose_manifest_model_is_missing() {
     assert!(!out.stdout.is_empty());
 }
 
-/// vLLM's `continue_final_message` and `add_generation_prompt` shape the prompt the model gets:
-/// a continued assistant message is neither closed nor followed by a new turn.
+/// vLLM's request extras on the real engine: `continue_final_message` and
+/// `add_generation_prompt` shape the prompt (a continued assistant message is neither closed nor
+/// followed by a new turn), and `include_stop_str_in_output` ends the text with the stop string
+/// found instead of cutting it.
 #[test]
-fn a_chat_continues_its_final_message_when_asked() {
+fn vllm_request_extras_shape_the_prompt_and_the_text() {
     if !confinement_available() {
         return;
     }
     let d = crate::daemon::Daemon::start(tiny_qwen3_plugins(), "");
     d.wait_ready();
-    let prompt_tokens = |extra: Value| {
-        let mut body = serde_json::json!({
-            "model": "qwen3-4b-instruct-2507", "max_tokens": 1,
-            "messages": [{"role": "user", "content": "Name a colour."},
-                         {"role": "assistant", "content": "The colour is"}]});
-        body.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
-        let (status, r) = d.post("/v1/chat/completions", &body);
+    let post = |path: &str, body: Value, extra: Value| {
+        let body = merged(body, extra);
+        let (status, r) = d.post(path, &body);
         assert_eq!(status, 200, "{r}");
-        r["usage"]["prompt_tokens"].as_u64().unwrap()
+        r
+    };
+    let chat = serde_json::json!({
+        "model": "qwen3-4b-instruct-2507", "max_tokens": 1,
+        "messages": [{"role": "user", "content": "Name a colour."},
+                     {"role": "assistant", "content": "The colour is"}]});
+    let prompt_tokens = |extra: Value| {
+        post("/v1/chat/completions", chat.clone(), extra)["usage"]["prompt_tokens"]
+            .as_u64()
+            .unwrap()
     };
     let new_turn = prompt_tokens(serde_json::json!({}));
     let closed = prompt_tokens(serde_json::json!({"add_generation_prompt": false}));
@@ -454,26 +459,15 @@ fn a_chat_continues_its_final_message_when_asked() {
         continued < closed && closed < new_turn,
         "{continued} {closed} {new_turn}"
     );
-}
 
-/// vLLM's `include_stop_str_in_output`: the stop string found ends the text instead of being cut.
-#[test]
-fn a_stop_string_can_end_the_text() {
-    if !confinement_available() {
-        return;
-    }
-    let d = crate::daemon::Daemon::start(tiny_qwen3_plugins(), "");
-    d.wait_ready();
+    let completion = serde_json::json!({
+        "model": "qwen3-4b-instruct-2507", "prompt": "Hello world",
+        "max_tokens": 12, "temperature": 0});
     let text = |extra: Value| {
-        let mut body = serde_json::json!({
-            "model": "qwen3-4b-instruct-2507", "prompt": "Hello world",
-            "max_tokens": 12, "temperature": 0});
-        body.as_object_mut()
+        post("/v1/completions", completion.clone(), extra)["choices"][0]["text"]
+            .as_str()
             .unwrap()
-            .extend(extra.as_object().unwrap().clone());
-        let (status, r) = d.post("/v1/completions", &body);
-        assert_eq!(status, 200, "{r}");
-        r["choices"][0]["text"].as_str().unwrap().to_string()
+            .to_string()
     };
     let whole = text(serde_json::json!({}));
     let chars: Vec<char> = whole.chars().collect();

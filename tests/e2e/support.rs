@@ -168,3 +168,11 @@ pub unsafe fn pio_in_own_mounts(
     }
     command.output().expect("run pio in a mount namespace")
 }
+
+/// `base` (a JSON object) with `extra`'s fields added or replaced.
+pub fn merged(mut base: serde_json::Value, extra: serde_json::Value) -> serde_json::Value {
+    if let (Some(b), Some(e)) = (base.as_object_mut(), extra.as_object()) {
+        b.extend(e.clone());
+    }
+    base
+}

@@ -2,6 +2,14 @@
 use super::*;
 use serde_json::json;
 
+/// `body` with `extra`'s fields added.
+fn with(mut body: Value, extra: Value) -> Value {
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        b.extend(e.clone());
+    }
+    body
+}
+
 fn caps(names: &[&str]) -> Capabilities {
     names.iter().fold(Capabilities::empty(), |c, n| {
         c.union(Capabilities::from_name(n).unwrap())
@@ -124,11 +132,10 @@ fn tool_choice_forces_calls_to_offered_tools_on_models_that_constrain_output() {
         {"type": "function", "function": {"name": "b"}},
     ]);
     let chat = |extra: serde_json::Value| {
-        let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
-        body.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
-        body
+        with(
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}]}),
+            extra,
+        )
     };
     let all = caps(&["chat", "tools", "structured_output"]);
     let parsed = |extra| parse(&chat(extra), Endpoint::Chat, all, &Limits::default());
@@ -218,10 +225,10 @@ fn tool_choice_forces_calls_to_offered_tools_on_models_that_constrain_output() {
 #[test]
 fn vllm_min_tokens_and_ignore_eos_reach_the_plugin_checked() {
     let parse_completion = |extra: Value| {
-        let mut body = json!({"model": "m", "prompt": "hi", "max_tokens": 8});
-        body.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
+        let body = with(
+            json!({"model": "m", "prompt": "hi", "max_tokens": 8}),
+            extra,
+        );
         let caps = caps(&["text", "structured_output"]);
         parse(&body, Endpoint::Completions, caps, &Limits::default())
     };
@@ -241,11 +248,11 @@ fn vllm_min_tokens_and_ignore_eos_reach_the_plugin_checked() {
 #[test]
 fn a_chat_can_continue_its_final_message_or_leave_the_turn_closed() {
     let chat = |extra: Value| {
-        let mut body = json!({"model": "m", "messages": [
-            {"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hel"}]});
-        body.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
+        let body = with(
+            json!({"model": "m", "messages": [
+                {"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hel"}]}),
+            extra,
+        );
         parse(&body, Endpoint::Chat, caps(&["chat"]), &Limits::default())
     };
     let r = chat(json!({"continue_final_message": true}))
