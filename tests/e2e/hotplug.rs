@@ -305,19 +305,24 @@ fn sigterm_lets_requests_finish_then_stops_workers_and_removes_cgroups() {
 }
 
 /// A second SIGTERM during the drain stops the requests still running at once instead of
-/// waiting out `drain_timeout_secs`.
+/// waiting out `drain_timeout_secs`; they are told the model was stopped (503: another replica
+/// may serve them), not that its worker crashed.
 #[test]
 fn a_second_sigterm_ends_the_drain_at_once() {
     if !confinement_available() {
         return;
     }
-    let mut d = Daemon::start(
+    let d = Arc::new(Daemon::start(
         echo_dir("[model.options]\ndelay_ms = 100\n"),
         "[server]\ndrain_timeout_secs = 60\n",
-    );
+    ));
     d.wait_ready();
     // 300 tokens at 100 ms: half a minute if nobody stops it.
-    let events = d.stream("/v1/chat/completions", &stream_request(&"y".repeat(300)));
+    let body = json!({"model": "echo", "messages": [{"role": "user", "content": "y".repeat(300)}]});
+    let running = {
+        let d = d.clone();
+        std::thread::spawn(move || d.post("/v1/chat/completions", &body))
+    };
     d.wait_for(5, "the request to run", |d| {
         d.plugin("echo")["requests"] == 1
     });
@@ -325,8 +330,21 @@ fn a_second_sigterm_ends_the_drain_at_once() {
     std::thread::sleep(Duration::from_millis(500));
     let started = std::time::Instant::now();
     d.terminate();
+    let (status, r) = running.join().unwrap();
+    let mut d = Arc::try_unwrap(d).ok().expect("the client thread is done");
     d.wait_exit(15);
     assert!(started.elapsed() < Duration::from_secs(15));
     assert!(d.logs().contains("a second SIGTERM came"), "{}", d.logs());
-    drop(events);
+    assert_eq!(
+        (status, r["error"]["code"].as_str()),
+        (503, Some("model_unavailable")),
+        "{r}"
+    );
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("was stopped"),
+        "{r}"
+    );
 }

@@ -64,6 +64,19 @@ impl Forward {
     /// replaced, as after a crash; requests running beside this one fail as they would then.
     fn noted(&self, event: Event) -> Event {
         match event {
+            // Stopped on purpose (unloaded, replaced, the daemon shutting down): no restart
+            // follows, and another replica or a retry may serve it.
+            Event::Failed(e)
+                if e.kind == Fault::WorkerDied && lock(&self.shared).stopped() =>
+            {
+                Event::Failed(WireError {
+                    kind: Fault::Stopped,
+                    message: format!(
+                        "model {} was stopped (unloaded, replaced, or the daemon is shutting down) before the request ended",
+                        self.name
+                    ),
+                })
+            }
             Event::Failed(e) if e.kind == Fault::WorkerDied => Event::Failed(WireError {
                 message: format!("{}; restarting", e.message),
                 ..e

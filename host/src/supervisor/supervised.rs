@@ -138,6 +138,11 @@ impl Retired {
 }
 
 impl Shared {
+    /// Whether the plugin was stopped on purpose (no restart follows).
+    pub(super) fn stopped(&self) -> bool {
+        self.state == State::Stopped
+    }
+
     /// Keeps `figures` if they are the newest seen: concurrent requests end in any order, and
     /// the counters never go back.
     pub(super) fn keep_newest(&mut self, figures: EngineStats) {
