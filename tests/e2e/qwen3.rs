@@ -479,3 +479,28 @@ fn vllm_request_extras_shape_the_prompt_and_the_text() {
     let kept = text(serde_json::json!({"stop": [stop], "include_stop_str_in_output": true}));
     assert_eq!(kept, whole[..at + stop.len()]);
 }
+
+/// `pio bench` refuses a workload with nothing to measure, and one whose prompts pass the
+/// model's context says which flag fits it.
+#[test]
+fn bench_says_what_to_change_when_the_workload_cannot_run() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = tiny_qwen3_plugins();
+    let bench = |extra: &[&str]| {
+        let args = [
+            &["bench", "qwen3-4b-instruct-2507", "--plugins", "."][..],
+            extra,
+        ]
+        .concat();
+        let out = pio(dir.path(), &args);
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let err = bench(&["--requests", "0"]);
+    assert!(err.contains("nothing to measure"), "{err}");
+    // 512 words are more tokens than the tiny model's 256.
+    let err = bench(&["--output-tokens", "2", "--concurrency", "1"]);
+    assert!(err.contains("--prompt-words"), "{err}");
+}

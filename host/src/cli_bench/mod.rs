@@ -196,6 +196,10 @@ async fn one(worker: &Worker, request: InferRequest) -> anyhow::Result<Timing> {
                 timing.profile = outcome.timings.get("profile").cloned();
                 return Ok(timing);
             }
+            Some(Event::Failed(e)) if e.kind == pio_host::fault::Fault::ContextLength => bail!(
+                "a request failed: {}; a smaller --prompt-words (or --output-tokens) fits",
+                e.message
+            ),
             Some(Event::Failed(e)) => bail!("a request failed: {}", e.message),
             None => bail!("the worker went away: {}", worker.exited().await),
         }
@@ -222,6 +226,11 @@ fn request(text: String, max_tokens: u32, sampled: bool) -> InferRequest {
 pub fn run(args: BenchArgs) -> anyhow::Result<u8> {
     if args.concurrency == 0 || !(0.0..=1.0).contains(&args.shared_prefix) {
         bail!("--concurrency must be at least 1 and --shared-prefix between 0 and 1");
+    }
+    if args.requests == Some(0) || args.output_tokens == 0 {
+        bail!(
+            "--requests and --output-tokens must be at least 1: there would be nothing to measure"
+        );
     }
     let Prepared {
         mut config, spec, ..
