@@ -299,20 +299,16 @@ fn check(path: &Path, library_dirs: Vec<PathBuf>, json: bool) -> anyhow::Result<
     })
 }
 
-/// Plans the worker of a `candidate` that passed (with the default policy, on this host), so
-/// `pio check` fails a manifest the daemon would refuse to start.
+/// Plans the worker of a `candidate` that passed, on a host with every mechanism, so `pio check`
+/// fails a manifest the daemon would refuse to start whatever its host (`maximum` with no pin).
 fn check_confinement(candidate: &mut Candidate) {
     let (Status::Ready, Some(manifest)) = (&candidate.status, &candidate.manifest) else {
         return;
     };
     let config = Config::default();
-    // Not root, this host is not the daemon's: only the manifest's own reasons count.
-    let detected = pio_host::sandbox::HostSupport::detect();
-    let host = if detected.root {
-        detected
-    } else {
-        pio_host::sandbox::HostSupport::complete()
-    };
+    // Only the manifest's own reasons: the daemon's host and its configuration (a stricter
+    // `min_tier`, `allow_downgrade`) may differ from where the check runs.
+    let host = pio_host::sandbox::HostSupport::complete();
     if let Err(e) = pio_host::launch::plan(manifest, &config, &config.policy(), &host) {
         candidate.status = Status::Failed(discovery::CheckError::Confinement {
             manifest: candidate.manifest_path.clone(),

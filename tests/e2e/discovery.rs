@@ -376,6 +376,5 @@ fn check_fails_a_manifest_its_tier_refuses() {
     );
     dir.write("echo.toml", &pinned);
     let (ok, v) = check_json(&path);
-    // Where the host cannot confine at `maximum` at all, that is the reason instead.
-    assert!(ok || v["error_kind"] == "confinement", "{v:#}");
+    assert!(ok, "{v:#}");
 }

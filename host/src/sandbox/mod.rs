@@ -57,7 +57,7 @@ pub struct HostSupport {
 
 impl HostSupport {
     /// A host with every mechanism: what a plugin may still be refused for comes from its
-    /// manifest alone (`pio check` run where the daemon's own host cannot be seen, not as root).
+    /// manifest alone (what `pio check` reports, wherever it runs).
     pub fn complete() -> Self {
         Self {
             root: true,

@@ -103,7 +103,8 @@ pub fn is_ready(app: &App) -> bool {
 
 /// Whether every model `server.preload` asks for can serve: each one found that it matches is
 /// ready, or was unloaded on purpose and comes back on its next request (`load_on_demand`: a
-/// replica whose models idled out must stay in rotation to get that request); and each name it
+/// replica whose models idled out must stay in rotation to get that request, also while that
+/// model loads again), or was left unloaded because `max_loaded_models` was full; and each name it
 /// spells out is found at all (a model whose manifest fails its checks, its model not there say,
 /// keeps a pod out of rotation when it is named; `"*"` waits only for what was found).
 fn preloads_ready(server: &crate::config::ServerSection, plugins: &[PluginStatus]) -> bool {
@@ -111,7 +112,7 @@ fn preloads_ready(server: &crate::config::ServerSection, plugins: &[PluginStatus
         && plugins
             .iter()
             .filter(|p| server.preloads(&p.name))
-            .all(|p| p.state == "ready" || (p.parked && server.load_on_demand))
+            .all(|p| p.state == "ready" || (p.parked && server.load_on_demand) || p.over_cap)
 }
 
 /// The names `server.preload` spells out that no checked manifest serves.
@@ -209,6 +210,12 @@ mod tests {
             ..plugin("echo", "unloaded")
         };
         assert!(preloads_ready(&on_demand, std::slice::from_ref(&idle)));
+        // Loading again on a request: still in rotation.
+        let reloading = PluginStatus {
+            parked: true,
+            ..plugin("echo", "loading")
+        };
+        assert!(preloads_ready(&on_demand, &[reloading]));
         // Never loaded yet (the start, a failed load): not ready.
         assert!(!preloads_ready(&on_demand, &[plugin("echo", "unloaded")]));
         on_demand.load_on_demand = false;
@@ -216,5 +223,11 @@ mod tests {
             !preloads_ready(&on_demand, &[idle]),
             "nothing would load it"
         );
+        // Left out at start by the cap: the operator's choice, ready either way.
+        let over_cap = PluginStatus {
+            over_cap: true,
+            ..plugin("echo", "unloaded")
+        };
+        assert!(preloads_ready(&on_demand, &[over_cap]));
     }
 }

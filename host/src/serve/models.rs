@@ -59,8 +59,11 @@ struct Entry {
     /// When loading last failed: on-demand loads wait out [`LOAD_RETRY`] after it.
     failed_at: Option<Instant>,
     reloading: bool,
-    /// Unloaded on purpose since it last loaded (see `PluginStatus::parked`).
+    /// Unloaded on purpose since it last loaded (see `PluginStatus::parked`); kept while it
+    /// loads again, until that load succeeds.
     parked: bool,
+    /// Preloaded, but not loaded at start because `max_loaded_models` was full.
+    over_cap: bool,
     /// Loading with its place under `max_loaded_models` secured (so two loads waiting for room
     /// never wait for each other, and never both take the last place).
     holds_room: bool,
@@ -150,6 +153,7 @@ impl Inner {
                             failed_at: None,
                             reloading: false,
                             parked: false,
+                            over_cap: false,
                             holds_room: false,
                         },
                     );
@@ -237,8 +241,8 @@ impl Models {
             if i < room {
                 self.begin_load(inner, name);
             } else if let Some(entry) = inner.entries.get_mut(name) {
-                tracing::info!(plugin = %name, "not preloaded: server.max_loaded_models = {cap} are loaded; it loads on its first request");
-                entry.parked = true;
+                tracing::info!(plugin = %name, "not preloaded: server.max_loaded_models = {cap} are loaded; it loads on its first request (or POST /v1/plugins/{name}/load)");
+                entry.over_cap = true;
             }
         }
     }
@@ -355,7 +359,6 @@ impl Models {
         let (tx, rx) = watch::channel(None);
         if let Some(entry) = inner.entries.get_mut(name) {
             entry.slot = Slot::Loading(rx.clone());
-            entry.parked = false;
             entry.holds_room = false;
             let found = entry.found.clone();
             let this = self.clone();
@@ -376,6 +379,8 @@ impl Models {
                     match (inner.entries.get_mut(&found.manifest.name), result) {
                         (Some(entry), Ok(d)) => {
                             entry.slot = Slot::Loaded(Arc::new(d));
+                            entry.parked = false;
+                            entry.over_cap = false;
                             entry.last_error = None;
                             entry.failed_at = None;
                             Ok(None)
@@ -604,11 +609,13 @@ impl Models {
 
 fn status_of(e: &Entry) -> PluginStatus {
     let base = PluginStatus::new(&e.found, e.last_error.clone(), e.reloading);
+    let base = PluginStatus {
+        parked: e.parked,
+        over_cap: e.over_cap,
+        ..base
+    };
     match &e.slot {
-        Slot::Unloaded => PluginStatus {
-            parked: e.parked,
-            ..base
-        },
+        Slot::Unloaded => base,
         Slot::Loading(_) => base.loading(),
         Slot::Loaded(d) => base.serving(d),
     }

@@ -261,11 +261,18 @@ pub fn parse(
             &format!("are not supported by model `{}`", c.model),
         ));
     }
-    if request.ignore_eos && structure.is_some() {
-        return Err(unsupported(
-            "ignore_eos",
-            "cannot be used with structured output, which ends where its grammar does; drop one",
-        ));
+    if structure.is_some() {
+        let field = if request.ignore_eos {
+            Some("ignore_eos")
+        } else {
+            request.min_tokens.map(|_| "min_tokens")
+        };
+        if let Some(field) = field {
+            return Err(unsupported(
+                field,
+                "cannot be used with structured output, which ends where its grammar does; drop one",
+            ));
+        }
     }
     request.max_tokens = token_limit(max_tokens, limits)?;
     if let (Some(min), Some(max)) = (request.min_tokens, max_tokens) {

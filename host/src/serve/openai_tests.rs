@@ -243,6 +243,8 @@ fn vllm_min_tokens_and_ignore_eos_reach_the_plugin_checked() {
     assert_eq!(e.param.as_deref(), Some("min_tokens"), "{e}");
     let e = parse_completion(json!({"ignore_eos": true, "guided_regex": "a+"})).unwrap_err();
     assert_eq!(e.param.as_deref(), Some("ignore_eos"), "{e}");
+    let e = parse_completion(json!({"min_tokens": 2, "guided_regex": "a+"})).unwrap_err();
+    assert_eq!(e.param.as_deref(), Some("min_tokens"), "{e}");
 }
 
 #[test]

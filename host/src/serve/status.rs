@@ -61,6 +61,10 @@ pub struct PluginStatus {
     /// the admin API), not for want of loading: with `load_on_demand` it still serves.
     #[serde(skip)]
     pub parked: bool,
+    /// Preloaded but left unloaded at start because `max_loaded_models` was full: counted as
+    /// ready, since the operator's cap is why.
+    #[serde(skip)]
+    pub over_cap: bool,
 }
 
 impl PluginStatus {
@@ -91,6 +95,7 @@ impl PluginStatus {
             last_error,
             engine: None,
             parked: false,
+            over_cap: false,
         }
     }
 

@@ -102,7 +102,6 @@ impl Forward {
             "request to {} ran past its {secs} s deadline (supervisor.request_timeout_secs) and was cancelled",
             self.name
         );
-        let _ = tx.send(Event::Failed(err(Fault::Timeout, message).0)).await;
         self.worker.cancel(self.id);
         let ended = async {
             while let Some(event) = events.recv().await {
@@ -111,10 +110,10 @@ impl Forward {
                 }
             }
         };
-        if tokio::time::timeout(GRACE.min(timeout), ended)
-            .await
-            .is_err()
-        {
+        // The grace runs while the caller is told: a stalled client must not delay it.
+        let told = tx.send(Event::Failed(err(Fault::Timeout, message).0));
+        let (_, ended) = tokio::join!(told, tokio::time::timeout(GRACE.min(timeout), ended));
+        if ended.is_err() {
             self.worker.kill_because(format!(
                 "was stopped: a request ran past its {secs} s deadline and did not end when cancelled"
             ));

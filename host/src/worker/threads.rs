@@ -83,7 +83,9 @@ fn drain(queue: &Mutex<Queue>) {
                 }
             }
         };
-        (job.run)();
+        // A job that panics must not take its thread's count with it: later jobs would wait
+        // for a thread that is gone.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job.run));
     }
 }
 
