@@ -304,11 +304,11 @@ pub(crate) fn prepare(
         .filter(|c| c.manifest.as_ref().is_some_and(|m| m.name == name))
         .collect();
     // With a model of its own, a plugin whose manifest's model is missing runs too.
-    let usable = |c: &&&discovery::Candidate| match model_path {
+    let usable = |c: &discovery::Candidate| match model_path {
         Some(_) => c.ready_given_a_model() && c.report.is_some(),
         None => matches!(c.status, Status::Ready),
     };
-    let Some(chosen) = named.iter().find(usable) else {
+    let Some(chosen) = named.iter().find(|c| usable(c)) else {
         return Err(not_found(name, &named, &candidates, &search));
     };
     let (Some(manifest), Some(library), Some(report)) =

@@ -28,17 +28,6 @@ where
     Ok(value)
 }
 
-/// [`not_zero`] for a size.
-fn not_zero_bytes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
-    let value = ByteSize::deserialize(d)?;
-    if value.0 == 0 {
-        return Err(serde::de::Error::custom(
-            "must be more than 0 bytes (every request would be too large); leave it out for the default",
-        ));
-    }
-    Ok(value)
-}
-
 /// A worker uid or gid other than root's: workers run unprivileged.
 fn unprivileged<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     let id = u32::deserialize(d)?;
@@ -162,7 +151,7 @@ pub struct ServerSection {
     /// daemon listens on a loopback address, and needs an admin key otherwise (default empty).
     pub metrics_keys: Vec<String>,
     /// Largest request body (default `16MiB`).
-    #[serde(deserialize_with = "not_zero_bytes")]
+    #[serde(deserialize_with = "not_zero")]
     pub max_body_size: ByteSize,
     /// The most tokens one request may ask for (default 0: up to the model's context).
     pub max_tokens_limit: u32,

@@ -53,26 +53,28 @@ fn count(key: &str, v: &Value) -> Result<usize, PluginError> {
         })
 }
 
-/// Every `[model.options]` key the engine reads (the host adds `quantization_cache` from
-/// `[model]`, `pio bench --profile` adds `profile`).
-const OPTIONS: [&str; 7] = [
+/// The `[model.options]` settings the engine reads.
+const SETTINGS: [&str; 5] = [
     "kv_cache_bytes",
     "kv_cache_dtype",
     "max_seqs",
     "max_batch_tokens",
     "prefix_cache",
-    "profile",
-    "quantization_cache",
 ];
+
+/// Keys the host adds beside them: `quantization_cache` from `[model]`, `profile` for
+/// `pio bench --profile`.
+const ADDED: [&str; 2] = ["profile", "quantization_cache"];
 
 /// A key of `options` the engine does not read, named with the ones it does: a typo would
 /// otherwise leave a setting at its default without a word.
 fn unknown_option(options: &Map<String, Value>) -> Result<(), PluginError> {
-    match options.keys().find(|k| !OPTIONS.contains(&k.as_str())) {
+    let known = |k: &str| SETTINGS.contains(&k) || ADDED.contains(&k);
+    match options.keys().find(|k| !known(k)) {
         None => Ok(()),
         Some(key) => Err(PluginError::invalid_config(format!(
             "[model.options] {key} is not a setting of this engine; it reads {}",
-            OPTIONS[..5].join(", ")
+            SETTINGS.join(", ")
         ))),
     }
 }

@@ -445,43 +445,41 @@ impl Models {
         if cap == 0 {
             return Ok(None);
         }
-        {
-            let mut inner = lock(&self.inner);
-            let busy = (inner.entries.iter())
-                .filter(|(n, _)| n.as_str() != loading)
-                .filter(|(_, e)| match e.slot {
-                    Slot::Loaded(_) => true,
-                    Slot::Loading(_) => e.holds_room,
-                    Slot::Unloaded => false,
-                })
-                .count();
-            let take_place = |inner: &mut Inner| {
-                if let Some(entry) = inner.entries.get_mut(loading) {
-                    entry.holds_room = true;
-                }
-            };
-            if busy < cap {
-                take_place(&mut inner);
-                return Ok(None);
+        let mut inner = lock(&self.inner);
+        let busy = (inner.entries.iter())
+            .filter(|(n, _)| n.as_str() != loading)
+            .filter(|(_, e)| match e.slot {
+                Slot::Loaded(_) => true,
+                Slot::Loading(_) => e.holds_room,
+                Slot::Unloaded => false,
+            })
+            .count();
+        let take_place = |inner: &mut Inner| {
+            if let Some(entry) = inner.entries.get_mut(loading) {
+                entry.holds_room = true;
             }
-            let lru = inner
-                .entries
-                .iter()
-                .filter_map(|(n, e)| match &e.slot {
-                    Slot::Loaded(d) => d.idle_for().map(|idle| (idle, n.clone())),
-                    _ => None,
-                })
-                .max();
-            let Some((_, name)) = lru else {
-                return Err(ApiError::unavailable(format!(
-                    "{busy} models are loaded (server.max_loaded_models = {cap}) and all are busy; retry later"
-                )));
-            };
-            tracing::info!(plugin = %name, "unloading the least recently used model to make room for {loading}");
-            let victim = park(&mut inner, &name);
+        };
+        if busy < cap {
             take_place(&mut inner);
-            Ok(victim)
+            return Ok(None);
         }
+        let lru = inner
+            .entries
+            .iter()
+            .filter_map(|(n, e)| match &e.slot {
+                Slot::Loaded(d) => d.idle_for().map(|idle| (idle, n.clone())),
+                _ => None,
+            })
+            .max();
+        let Some((_, name)) = lru else {
+            return Err(ApiError::unavailable(format!(
+                "{busy} models are loaded (server.max_loaded_models = {cap}) and all are busy; retry later"
+            )));
+        };
+        tracing::info!(plugin = %name, "unloading the least recently used model to make room for {loading}");
+        let victim = park(&mut inner, &name);
+        take_place(&mut inner);
+        Ok(victim)
     }
 
     /// Unloads `name`, letting its requests finish (up to the drain timeout).
