@@ -140,9 +140,7 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         extra: &Map<String, Json>,
     ) -> Result<String> {
-        let developer = messages
-            .iter()
-            .any(|m| m.get("role").and_then(Json::as_str) == Some("developer"));
+        let developer = messages.iter().any(|m| role_of(m) == Some("developer"));
         if self.joins.is_empty() && !developer {
             return self.render_as_sent(messages, tools, add_generation_prompt, extra);
         }
@@ -184,11 +182,10 @@ impl ChatTemplate {
     /// template takes).
     fn adapted(&self, message: &Json) -> Json {
         let mut message = message.clone();
-        let developer = message.get("role").and_then(Json::as_str) == Some("developer");
-        if developer && self.drops_developer {
+        if role_of(&message) == Some("developer") && self.drops_developer {
             message["role"] = Json::String("system".into());
         }
-        match message.get("role").and_then(Json::as_str) {
+        match role_of(&message) {
             Some(role) if role == "developer" || self.joins.contains(&role) => {
                 probes::with_text_joined(&message)
             }
@@ -233,6 +230,11 @@ impl ChatTemplate {
             .render(Value::from(minijinja::value::Serde(&context)))
             .map_err(|e| EngineError::InvalidInput(format!("cannot render the chat: {e:#}")))
     }
+}
+
+/// A message's `role`.
+fn role_of(message: &Json) -> Option<&str> {
+    message.get("role").and_then(Json::as_str)
 }
 
 /// `message` with each tool call's `arguments` as a JSON object where the client sent it as the
