@@ -27,7 +27,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// List the plugins found in the plugin directories, with their status or error.
+    /// List the plugins found in the plugin directories, with their status or error; exits 1
+    /// when a manifest fails its checks (or, with `--start`, a worker fails to start).
     List {
         #[command(flatten)]
         search: SearchArgs,
@@ -230,7 +231,16 @@ fn list(
             print!("{}", cli_list::table(started));
         }
     }
-    Ok(ExitCode::SUCCESS)
+    // Scripts and deploy checks (`pio list && systemctl reload`) read the status, as `pio check`'s.
+    let failed = candidates
+        .iter()
+        .any(|c| matches!(c.status, Status::Failed(_)))
+        || started.iter().flatten().any(|s| s.outcome.is_err());
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn display_dirs(dirs: &[PathBuf]) -> String {

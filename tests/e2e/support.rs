@@ -80,15 +80,24 @@ impl PluginDir {
         path
     }
 
-    /// `pio list --json --plugins <this dir>`, parsed.
+    /// `pio list --json --plugins <this dir>`, parsed; its exit status is checked to say whether
+    /// a manifest failed.
     pub fn list(&self) -> Vec<serde_json::Value> {
         let out = pio(self.path(), &["list", "--json", "--plugins", "."]);
-        assert!(
-            out.status.success(),
-            "pio list failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let rows: Vec<serde_json::Value> =
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+                panic!(
+                    "pio list --json printed no JSON ({e}): {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            });
+        let failed = rows.iter().any(|r| r["status"] == "error");
+        assert_eq!(
+            out.status.code(),
+            Some(if failed { 1 } else { 0 }),
+            "pio list's exit status against its rows: {rows:#?}"
         );
-        serde_json::from_slice(&out.stdout).expect("pio list --json prints JSON")
+        rows
     }
 }
 

@@ -474,6 +474,8 @@ fn list_start_reports_each_worker_from_its_cgroup() {
         text.contains("failed to start") && text.contains("pins no sha256"),
         "{text}"
     );
+    // The manifest passed its checks; the worker's failure alone fails the command.
+    assert_eq!(out.status.code(), Some(1), "{text}");
 }
 
 #[test]
