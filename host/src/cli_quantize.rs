@@ -43,6 +43,18 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<u8> {
         bail!("{name} keeps no quantized weights: set [model] quantization_cache to a folder in its manifest");
     };
     let dir = PathBuf::from(dir);
+    // A folder that exists is used as the operator made it (the worker creates a missing one,
+    // owned by its user); one the worker cannot write would only be warned about after minutes
+    // of quantizing.
+    if let Some((uid, gid)) = spec.plan.drop_to.filter(|_| dir.is_dir()) {
+        if !pio_host::sandbox::readable::writable_folder(&dir, uid, gid) {
+            bail!(
+                "{name}: the worker runs as uid {uid}, gid {gid} (sandbox.worker_uid, sandbox.worker_gid) and cannot write the quantization_cache folder {}: give it that user (chown {uid}:{gid} {}) or remove it so that the worker creates it",
+                dir.display(),
+                dir.display()
+            );
+        }
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -675,6 +675,61 @@ fn paths_the_worker_user_cannot_read_are_named_with_the_uid_and_the_fix() {
     );
 }
 
+/// `pio quantize` into an existing folder the worker's user cannot write stops before loading,
+/// naming the folder, the uid and the fix (the engine would only warn after quantizing); given
+/// to that user, the same folder takes the cache.
+#[test]
+fn quantize_refuses_a_cache_folder_the_worker_user_cannot_write() {
+    use std::os::unix::fs::PermissionsExt;
+    if !confinement_available() {
+        return;
+    }
+    let dir = PluginDir::new();
+    let cache = dir.path().join("cache");
+    std::fs::create_dir(&cache).unwrap();
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let lib = plugin_lib("pio_plugin_qwen3");
+    let extra = format!(
+        "[model]\npath = \"{}\"\nquantization = \"q8\"\nquantization_cache = \"cache\"\n",
+        repo_root().join("tests/fixtures/qwen3-tiny").display()
+    );
+    dir.write(
+        "qwen3.toml",
+        &manifest(
+            "qwen3-4b-instruct-2507",
+            "0.1.0",
+            lib.to_str().unwrap(),
+            &extra,
+        )
+        .replace("^1.0", "^1.1"),
+    );
+    let quantize = || {
+        pio(
+            dir.path(),
+            &["quantize", "qwen3-4b-instruct-2507", "--plugins", "."],
+        )
+    };
+    let out = quantize();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("uid 65534")
+            && err.contains("chown 65534:65534")
+            && err.contains(&cache.display().to_string()),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 0);
+
+    std::os::unix::fs::chown(&cache, Some(65534), Some(65534)).unwrap();
+    let out = quantize();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 1);
+}
+
 /// The probe runs as the configured worker user (`sandbox.worker_uid`), like the workers: a
 /// plugin folder only that user can read is ready for it, and named as unreadable for the
 /// default user.

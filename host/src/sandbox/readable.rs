@@ -95,6 +95,16 @@ pub fn unreadable_tree(path: &Path, uid: u32, gid: u32, reach: Reach) -> Option<
         .find_map(|e| unreadable(&e.path(), uid, gid, Reach::Mounted))
 }
 
+/// Whether `uid:gid` may create files in the existing folder `dir` (enter every folder on the
+/// way, write and enter `dir`), from the mode bits.
+pub fn writable_folder(dir: &Path, uid: u32, gid: u32) -> bool {
+    if unreadable(dir, uid, gid, Reach::Host).is_some() {
+        return false;
+    }
+    std::fs::metadata(dir)
+        .is_ok_and(|m| m.is_dir() && bits(m.mode(), m.uid(), m.gid(), uid, gid) & 0o3 == 0o3)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,5 +153,28 @@ mod tests {
         chmod(&folder.join("model.safetensors"), 0o600);
         let blocked = unreadable_tree(&folder, nobody.0, nobody.1, Reach::Host).unwrap();
         assert!(blocked.path.ends_with("model.safetensors"));
+    }
+
+    #[test]
+    fn a_folder_is_writable_to_its_owner_or_a_class_with_write_and_enter() {
+        let tmp = tempfile::tempdir().unwrap();
+        chmod(tmp.path(), 0o755);
+        let cache = tmp.path().join("cache");
+        std::fs::create_dir(&cache).unwrap();
+        let owner = std::fs::metadata(&cache).unwrap().uid();
+        let other = if owner == 4321 { 4322 } else { 4321 };
+        chmod(&cache, 0o755);
+        assert!(!writable_folder(&cache, other, other));
+        assert!(writable_folder(&cache, 0, 0));
+        chmod(&cache, 0o777);
+        assert!(writable_folder(&cache, other, other));
+        // Writable but not enterable, or under a folder it cannot enter.
+        chmod(&cache, 0o776);
+        assert!(!writable_folder(&cache, other, other));
+        chmod(&cache, 0o777);
+        chmod(tmp.path(), 0o700);
+        assert!(!writable_folder(&cache, other, other));
+        chmod(tmp.path(), 0o755);
+        assert!(!writable_folder(&tmp.path().join("absent"), other, other));
     }
 }
