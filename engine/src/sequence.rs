@@ -7,7 +7,7 @@ use crate::error::{EngineError, Result};
 use crate::generate::{Emitted, Finish, Request};
 use crate::guide::Guide;
 use crate::sampling::{log_sum_exp, top_k, Sampler};
-use crate::stop::StopMatcher;
+use crate::stop::{Step, StopMatcher};
 use crate::text::{StreamDecoder, TextCodec};
 
 /// Turns a sequence's logits into tokens and text.
@@ -120,6 +120,19 @@ impl Decoding {
         Ok((token, guided))
     }
 
+    /// Feeds `text` to the stop strings, which end the output only once `min_tokens` are out
+    /// (counting this token), as vLLM's stop checker does.
+    fn stop_check(&mut self, text: &str) -> Step {
+        if self.generated.len() < self.min_tokens {
+            Step {
+                emit: self.stops.pass(text),
+                stopped: false,
+            }
+        } else {
+            self.stops.push(text)
+        }
+    }
+
     /// Whether end-of-sequence ids are barred from the next token (`min_tokens` not reached).
     fn bars_eos(&self) -> bool {
         self.generated.len() < self.min_tokens && !self.eos.is_empty()
@@ -182,13 +195,15 @@ impl Decoding {
         let mut text = String::new();
         let mut stopped = false;
         if !is_eos {
-            let step = self.stops.push(&self.decoder.push(codec, token));
+            let piece = self.decoder.push(codec, token);
+            let step = self.stop_check(&piece);
             text = step.emit;
             stopped = step.stopped;
         }
         if last && !stopped {
             // Nothing follows: release what was held for a possible stop string or character.
-            let tail = self.stops.push(&self.decoder.finish(codec));
+            let piece = self.decoder.finish(codec);
+            let tail = self.stop_check(&piece);
             text.push_str(&tail.emit);
             stopped = tail.stopped;
             if !stopped {
@@ -342,6 +357,34 @@ mod tests {
         assert_eq!(d.wants(), Wanted::Best, "nothing to bar any more");
         let a = d.accept(&Output::Logits(logits), &codec).unwrap();
         assert_eq!((a.emitted.token_id, a.finish), (eos, Some(Finish::Stop)));
+    }
+
+    /// A stop string before `min_tokens` is output as text; the one completed by the
+    /// `min_tokens`-th token ends the sequence (vLLM's order).
+    #[test]
+    fn min_tokens_lets_stop_strings_end_the_output_only_once_reached() {
+        let codec = codec();
+        let word = codec.decode(&[9]);
+        let r = Request {
+            stop: vec![word.clone()],
+            min_tokens: 3,
+            ..request(SamplingParams::default(), None)
+        };
+        let mut d = Decoding::new(&r, 50).unwrap();
+        for _ in 0..2 {
+            let a = d.accept(&Output::Best(9), &codec).unwrap();
+            assert_eq!((a.emitted.text.as_str(), a.finish), (word.as_str(), None));
+        }
+        let a = d.accept(&Output::Best(9), &codec).unwrap();
+        assert_eq!(
+            (a.emitted.text.as_str(), a.finish),
+            ("", Some(Finish::Stop))
+        );
+        // Without min_tokens the first one stops.
+        let r = Request { min_tokens: 0, ..r };
+        let mut d = Decoding::new(&r, 50).unwrap();
+        let a = d.accept(&Output::Best(9), &codec).unwrap();
+        assert_eq!(a.finish, Some(Finish::Stop));
     }
 
     /// Scores that are all NaN are named as the model's fault, not a grammar's.

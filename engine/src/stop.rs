@@ -67,6 +67,15 @@ impl StopMatcher {
         }
     }
 
+    /// Feeds a piece that may not end the output (vLLM's `min_tokens` not reached): a stop
+    /// string in it is output as text; only its end that may begin one is held back, so a stop
+    /// string completed by a later piece still ends the output.
+    pub fn pass(&mut self, text: &str) -> String {
+        self.held.push_str(text);
+        let keep = self.longest_stop_prefix_suffix();
+        self.held.drain(..self.held.len() - keep).collect()
+    }
+
     /// Generation ended for another reason: releases whatever was held back.
     pub fn finish(&mut self) -> String {
         std::mem::take(&mut self.held)
@@ -104,6 +113,14 @@ mod tests {
         }
         out.push_str(&m.finish());
         (out, false)
+    }
+
+    #[test]
+    fn a_stop_string_passed_is_text_and_one_completed_later_still_stops() {
+        let mut m = StopMatcher::new(["STOP"]);
+        assert_eq!(m.pass("a STOP b ST"), "a STOP b ");
+        let last = m.push("OP c");
+        assert_eq!((last.emit.as_str(), last.stopped), ("", true));
     }
 
     #[test]
