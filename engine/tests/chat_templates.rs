@@ -37,9 +37,12 @@ fn check(name: &str) {
             .cloned()
             .unwrap_or_default();
         let add = case["add_generation_prompt"].as_bool().unwrap();
-        let rendered = template
-            .render(messages, tools.as_deref(), add, &kwargs)
-            .unwrap();
+        let rendered = if case["continue_final_message"] == true {
+            template.render_continuing(messages, tools.as_deref(), &kwargs)
+        } else {
+            template.render(messages, tools.as_deref(), add, &kwargs)
+        }
+        .unwrap();
         assert_eq!(
             rendered,
             case["rendered"].as_str().unwrap(),
@@ -138,7 +141,15 @@ fn a_final_message_is_continued_where_its_text_ends() {
         // What the template writes after the message (an end of turn; GLM's writes none).
         assert!(closed.starts_with(&continued), "{name}: {closed}");
     }
+    // A final message without text has nothing to continue; a blank one continues (as in
+    // transformers).
     let (_, template) = &shipped_templates()[0];
-    let empty = [serde_json::json!({"role": "assistant", "content": " "})];
-    assert!(template.render_continuing(&empty, None, &none).is_err());
+    let image = [serde_json::json!({"role": "assistant", "content": [{"type": "image"}]})];
+    let e = template
+        .render_continuing(&image, None, &none)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("needs a final message with text"), "{e}");
+    let blank = [serde_json::json!({"role": "assistant", "content": " "})];
+    assert!(template.render_continuing(&blank, None, &none).is_ok());
 }

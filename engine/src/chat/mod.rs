@@ -149,31 +149,44 @@ impl ChatTemplate {
     }
 
     /// Renders `messages` so that the output continues the final one (transformers'
-    /// `continue_final_message`): without the generation prompt, cut right after the final
-    /// message's text (its last text part), stripped as templates write it.
+    /// `continue_final_message`): without the generation prompt, cut where the final message's
+    /// text (its last text part) ends. As transformers does, a tag is written after the text and
+    /// the render cut at it, not the text searched for (a template may repeat or rewrite it);
+    /// the text's trailing whitespace stays where the template kept the tag's.
     pub fn render_continuing(
         &self,
         messages: &[Json],
         tools: Option<&[Json]>,
         extra: &Map<String, Json>,
     ) -> Result<String> {
-        let last = messages.last().and_then(|m| match m.get("content") {
-            Some(Json::String(s)) => Some(s.as_str()),
-            Some(Json::Array(parts)) => parts.iter().rev().find_map(|p| p.get("text")?.as_str()),
-            _ => None,
-        });
-        let Some(last) = last.map(str::trim).filter(|t| !t.is_empty()) else {
-            return Err(EngineError::InvalidInput(
-                "continue_final_message needs a final message with text to continue".into(),
-            ));
-        };
-        let rendered = self.render(messages, tools, false, extra)?;
-        let Some(at) = rendered.rfind(last) else {
+        const TAG: &str = "CONTINUE_FINAL_MESSAGE_TAG ";
+        let mut messages = messages.to_vec();
+        let text = messages
+            .last_mut()
+            .and_then(|m| match m.get_mut("content")? {
+                Json::Array(parts) => parts.iter_mut().rev().find_map(|p| p.get_mut("text")),
+                text => Some(text),
+            });
+        match text {
+            Some(Json::String(text)) => text.push_str(TAG),
+            _ => {
+                return Err(EngineError::InvalidInput(
+                    "continue_final_message needs a final message with text to continue".into(),
+                ))
+            }
+        }
+        let rendered = self.render(&messages, tools, false, extra)?;
+        let Some(at) = rendered.rfind(TAG.trim_end()) else {
             return Err(EngineError::InvalidInput(
                 "continue_final_message: the chat template does not write the final message's text as sent, so it cannot be continued".into(),
             ));
         };
-        Ok(rendered[..at + last.len()].to_string())
+        let before = &rendered[..at];
+        Ok(if rendered[at..].starts_with(TAG) {
+            before.to_string()
+        } else {
+            before.trim_end().to_string()
+        })
     }
 
     /// `message` in a form this template writes: a `developer` message as `system`, if the
