@@ -172,6 +172,8 @@ impl Hub {
                 .http_status_as_error(false)
                 .timeout_connect(Some(wait))
                 .timeout_recv_response(Some(wait))
+                // A total for one response's body, not an idle limit: `download` asks again
+                // for the rest when it passes, so this bounds a stalled connection only.
                 .timeout_recv_body(Some(std::time::Duration::from_secs(120)))
                 .user_agent(concat!("pio/", env!("CARGO_PKG_VERSION")))
                 .build(),
@@ -268,7 +270,6 @@ impl Hub {
             std::fs::create_dir_all(dir).map_err(io(dir))?;
         }
         let partial = PathBuf::from(format!("{}.incomplete", dest.display()));
-        let have = std::fs::metadata(&partial).map_or(0, |m| m.len());
         let url = format!(
             "{}/{}/resolve/{}/{}",
             self.endpoint,
@@ -276,34 +277,28 @@ impl Hub {
             encode_path(commit),
             encode_path(&file.name)
         );
-        let mut response = self.get(&url, have)?;
-        // 206: the rest of the file; 200: all of it (the server ignored the range).
-        let resumed = have > 0 && response.status().as_u16() == 206;
-        let mut out = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .append(resumed)
-            .truncate(!resumed)
-            .open(&partial)
-            .map_err(io(&partial))?;
-        let mut done = if resumed { have } else { 0 };
-        progress(done, file.size);
-        let mut body = response.body_mut().with_config().limit(u64::MAX).reader();
-        let mut buf = vec![0u8; 1 << 16];
+        // A connection that breaks off (or reaches the body's time limit, a total in ureq) is
+        // asked again for the rest at once: a large shard on a slow link takes several. Only
+        // tries that bring nothing count against the limit.
+        let mut fruitless = 0;
         loop {
-            let n = body.read(&mut buf).map_err(|e| HubError::Transport {
-                url: url.clone(),
-                reason: format!("the download broke off after {done} bytes ({e}); run `pio pull` again to resume"),
-            })?;
-            if n == 0 {
-                break;
+            let before = size_of(&partial);
+            match self.receive(&url, file, &partial, progress) {
+                Ok(()) => break,
+                Err(e @ HubError::Transport { .. }) => {
+                    fruitless = if size_of(&partial) > before {
+                        0
+                    } else {
+                        fruitless + 1
+                    };
+                    if fruitless >= FRUITLESS_TRIES {
+                        return Err(e);
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(500 * fruitless));
+                }
+                Err(e) => return Err(e),
             }
-            out.write_all(&buf[..n]).map_err(io(&partial))?;
-            done += n as u64;
-            progress(done, file.size);
         }
-        out.sync_all().map_err(io(&partial))?;
-        drop(out);
         if let Some((found, expected)) = matches(file, &partial)? {
             let _ = std::fs::remove_file(&partial);
             return Err(HubError::Mismatch {
@@ -314,6 +309,53 @@ impl Hub {
         }
         std::fs::rename(&partial, dest).map_err(io(dest))
     }
+
+    /// One request for what `partial` lacks of `url`, appended to it (all of it, written
+    /// afresh, where the server ignores the range).
+    fn receive(
+        &self,
+        url: &str,
+        file: &RemoteFile,
+        partial: &Path,
+        progress: &mut dyn FnMut(u64, Option<u64>),
+    ) -> Result<(), HubError> {
+        let have = size_of(partial);
+        let mut response = self.get(url, have)?;
+        // 206: the rest of the file; 200: all of it.
+        let resumed = have > 0 && response.status().as_u16() == 206;
+        let mut out = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(resumed)
+            .truncate(!resumed)
+            .open(partial)
+            .map_err(io(partial))?;
+        let mut done = if resumed { have } else { 0 };
+        progress(done, file.size);
+        let mut body = response.body_mut().with_config().limit(u64::MAX).reader();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = body.read(&mut buf).map_err(|e| HubError::Transport {
+                url: url.to_string(),
+                reason: format!("the download broke off after {done} bytes ({e}), {FRUITLESS_TRIES} tries in a row brought nothing more; run `pio pull` again to resume"),
+            })?;
+            if n == 0 {
+                break;
+            }
+            out.write_all(&buf[..n]).map_err(io(partial))?;
+            done += n as u64;
+            progress(done, file.size);
+        }
+        out.sync_all().map_err(io(partial))
+    }
+}
+
+/// Requests in a row that may bring no byte of a file before its download fails.
+const FRUITLESS_TRIES: u64 = 3;
+
+/// The size of `path`, 0 when absent.
+fn size_of(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
 }
 
 /// How `path` differs from what the Hub lists for `file` (found, expected), if it does.

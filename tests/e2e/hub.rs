@@ -20,8 +20,9 @@ use sha2::{Digest, Sha256};
 pub struct Script {
     /// Repositories (`owner/name`) and the folders they serve.
     pub repos: HashMap<String, PathBuf>,
-    /// The next download of this file stops after this many bytes.
-    pub cut: Option<(String, usize)>,
+    /// The next downloads of these files stop after these many bytes, one download each, in
+    /// order.
+    pub cuts: std::collections::VecDeque<(String, usize)>,
     /// Downloads of this file arrive with a byte changed.
     pub corrupt: Option<String>,
     /// Each download's file and `Range` header.
@@ -108,12 +109,12 @@ async fn resolve(
         None => (StatusCode::OK, bytes),
     };
     let length = body.len();
-    let cut = match &s.cut {
+    let cut = match s.cuts.front() {
         Some((f, n)) if *f == file => Some(*n),
         _ => None,
     };
     let mut response = if let Some(n) = cut {
-        s.cut = None;
+        s.cuts.pop_front();
         // The promised length, then a broken stream after `n` bytes.
         let head = body[..n].to_vec();
         use futures_util::StreamExt;

@@ -41,13 +41,18 @@ fn a_pulled_snapshot_resumes_checks_and_serves() {
     }
     let fixture = repo_root().join("tests/fixtures/qwen3-tiny");
     let hub = FakeHub::start(&[("tiny/qwen3", fixture.clone())]);
-    hub.script.lock().unwrap().cut = Some(("model-00001-of-00005.safetensors".into(), 4000));
+    let shard = "model-00001-of-00005.safetensors";
+    // The first connection breaks off after 4000 bytes, the next three bring nothing.
+    hub.script.lock().unwrap().cuts = [(shard, 4000), (shard, 0), (shard, 0), (shard, 0)]
+        .map(|(f, n)| (f.to_string(), n))
+        .into();
     let plugins = qwen_dir("");
     let models = open_dir();
     let m = models.path().to_str().unwrap();
     let dir = plugins.path().to_str().unwrap();
 
-    // The weights break off after 4000 bytes: the run fails, saying how to go on.
+    // The weights break off after 4000 bytes and three tries in a row bring no more: the run
+    // fails, saying how to go on.
     let first = pull(
         &hub,
         plugins.path(),
@@ -64,8 +69,10 @@ fn a_pulled_snapshot_resumes_checks_and_serves() {
         .join("tiny/qwen3/model-00001-of-00005.safetensors.incomplete");
     assert_eq!(std::fs::metadata(&partial).unwrap().len(), 4000);
 
-    // Again: the download resumes at byte 4000; the plugin's manifest here points at the
-    // fixture, so only --force moves it to the snapshot.
+    // Again: the download resumes at byte 4000 (and, broken off after 2000 more bytes, asks for
+    // the rest at once); the plugin's manifest here points at the fixture, so only --force
+    // moves it to the snapshot.
+    hub.script.lock().unwrap().cuts = [(shard.to_string(), 2000)].into();
     let refused = pull(
         &hub,
         plugins.path(),
@@ -95,7 +102,18 @@ fn a_pulled_snapshot_resumes_checks_and_serves() {
             .filter(|(f, _)| f == "model-00001-of-00005.safetensors")
             .map(|(_, r)| r.clone())
             .collect();
-        assert_eq!(ranges, [None, Some("bytes=4000-".to_string())]);
+        let from = |n: u32| Some(format!("bytes={n}-"));
+        assert_eq!(
+            ranges,
+            [
+                None,
+                from(4000),
+                from(4000),
+                from(4000),
+                from(4000),
+                from(6000)
+            ]
+        );
         assert!(s.auth.iter().all(|a| a == "Bearer hf_secret") && !s.auth.is_empty());
     }
     let snapshot = models.path().join("tiny/qwen3");
