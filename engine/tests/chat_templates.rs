@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::path::PathBuf;
 
 use pio_engine::chat::ChatTemplate;
@@ -29,20 +31,7 @@ fn check(name: &str) {
     let cases = golden["cases"].as_array().unwrap();
     assert!(cases.len() >= 5, "{name}: too few cases");
     for case in cases {
-        let messages = case["messages"].as_array().unwrap();
-        let tools = case.get("tools").map(|t| t.as_array().unwrap().clone());
-        let kwargs = case
-            .get("kwargs")
-            .and_then(Value::as_object)
-            .cloned()
-            .unwrap_or_default();
-        let add = case["add_generation_prompt"].as_bool().unwrap();
-        let rendered = if case["continue_final_message"] == true {
-            template.render_continuing(messages, tools.as_deref(), &kwargs)
-        } else {
-            template.render(messages, tools.as_deref(), add, &kwargs)
-        }
-        .unwrap();
+        let rendered = common::render_case(&template, case);
         assert_eq!(
             rendered,
             case["rendered"].as_str().unwrap(),

@@ -15,7 +15,6 @@ use pio_engine::models::qwen3::{Qwen3, Qwen3Moe};
 use pio_engine::sampling::SamplingParams;
 use pio_engine::serving::EngineConfig;
 use pio_engine::single::SingleSequence;
-use serde_json::Value;
 
 #[test]
 fn tied_embeddings_sharded_checkpoint_matches_transformers() {
@@ -106,20 +105,7 @@ fn chat_template_renders_byte_identically() {
     let checkpoint = Checkpoint::open(&fixtures().join("qwen3-tiny")).unwrap();
     let template = ChatTemplate::load(&checkpoint).unwrap().unwrap();
     for case in golden("qwen3-chat-template") {
-        let messages = case["messages"].as_array().unwrap();
-        let tools = case.get("tools").map(|t| t.as_array().unwrap().clone());
-        let kwargs = case
-            .get("kwargs")
-            .and_then(Value::as_object)
-            .cloned()
-            .unwrap_or_default();
-        let add = case["add_generation_prompt"].as_bool().unwrap();
-        let rendered = if case["continue_final_message"] == true {
-            template.render_continuing(messages, tools.as_deref(), &kwargs)
-        } else {
-            template.render(messages, tools.as_deref(), add, &kwargs)
-        }
-        .unwrap();
+        let rendered = common::render_case(&template, &case);
         assert_eq!(rendered, case["rendered"].as_str().unwrap(), "{case}");
     }
 }

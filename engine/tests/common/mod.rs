@@ -26,6 +26,25 @@ pub mod vl;
 #[path = "../../src/testing.rs"]
 pub mod testing;
 
+/// What `template` renders for a golden chat-template case of `tests/fixtures/generate.py`
+/// (its messages, tools, variables, and generation prompt or continued final message).
+pub fn render_case(template: &ChatTemplate, case: &Value) -> String {
+    let messages = case["messages"].as_array().unwrap();
+    let tools = case.get("tools").map(|t| t.as_array().unwrap().clone());
+    let kwargs = case
+        .get("kwargs")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    let add = case["add_generation_prompt"].as_bool().unwrap();
+    if case["continue_final_message"] == true {
+        template.render_continuing(messages, tools.as_deref(), &kwargs)
+    } else {
+        template.render(messages, tools.as_deref(), add, &kwargs)
+    }
+    .unwrap_or_else(|e| panic!("{e}: {case}"))
+}
+
 /// tests/fixtures.
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
