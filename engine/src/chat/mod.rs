@@ -241,8 +241,23 @@ impl ChatTemplate {
             .map_err(|e| EngineError::InvalidInput(format!("chat template: {e:#}")))?;
         template
             .render(Value::from(minijinja::value::Serde(&context)))
-            .map_err(|e| EngineError::InvalidInput(format!("cannot render the chat: {e:#}")))
+            .map_err(|e| {
+                EngineError::InvalidInput(format!("cannot render the chat: {}", brief(&e)))
+            })
     }
+}
+
+/// A template error and its causes on one line, without minijinja's debug dump (`{:#}` adds the
+/// template's source around the line and every variable in scope: the whole conversation).
+fn brief(e: &minijinja::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 /// A message's `role`.

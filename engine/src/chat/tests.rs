@@ -52,6 +52,32 @@ fn raise_exception_fails_the_render_with_its_message() {
     assert!(e.to_string().contains("no system messages"), "{e}");
 }
 
+/// A failing render says what failed on one line, not minijinja's debug dump of the template
+/// and every variable in scope (the whole conversation, several KB in an API error).
+#[test]
+fn a_render_error_is_one_line_without_the_conversation() {
+    let t = ChatTemplate::new(
+        "{% for m in messages %}{{ m.content + 1 }}{% endfor %}",
+        None,
+        None,
+    );
+    let secret = "a long conversation ".repeat(20);
+    let e = t
+        .render(
+            &[serde_json::json!({"role": "user", "content": secret})],
+            None,
+            false,
+            &Map::new(),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("cannot render the chat: "), "{e}");
+    assert!(
+        !e.contains('\n') && !e.contains("a long conversation"),
+        "{e}"
+    );
+}
+
 #[test]
 fn strftime_now_formats_dates() {
     let s = strftime_now("%d %b %Y".into());

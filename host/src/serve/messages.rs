@@ -11,7 +11,8 @@ use super::error::ApiError;
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 
 /// Checks `messages`; returns them with image files (under `image_root`, a canonical path)
-/// inlined as `data:` URLs.
+/// inlined as `data:` URLs, an assistant's absent or null content as `""` and text-like parts
+/// as text, as vLLM hands them to templates (a template would write null as `None`).
 pub fn check(
     messages: Vec<Value>,
     vision: bool,
@@ -42,7 +43,9 @@ pub fn check(
             ));
         }
         match m.get_mut("content") {
-            None | Some(Value::Null) if role == "assistant" => {}
+            None | Some(Value::Null) if role == "assistant" => {
+                m["content"] = Value::String(String::new());
+            }
             Some(Value::String(_)) => {}
             Some(Value::Array(parts)) => {
                 for (j, part) in parts.iter_mut().enumerate() {
@@ -67,6 +70,22 @@ fn check_part(
     vision: bool,
     image_root: Option<&Path>,
 ) -> Result<(), ApiError> {
+    // The SDK's other text parts: an assistant's refusal, the Responses API's input and output
+    // text (vLLM reads each as text).
+    let field = match part.get("type").and_then(Value::as_str) {
+        Some("refusal") => Some("refusal"),
+        Some("input_text" | "output_text") => Some("text"),
+        _ => None,
+    };
+    if let Some(field) = field {
+        let Some(text) = part.get(field).and_then(Value::as_str) else {
+            return Err(ApiError::bad_field(
+                format!("{at}.{field}"),
+                format!("`{at}.{field}` must be a string"),
+            ));
+        };
+        *part = serde_json::json!({"type": "text", "text": text});
+    }
     match part.get("type").and_then(Value::as_str) {
         Some("text") if part.get("text").is_some_and(Value::is_string) => Ok(()),
         Some("text") => Err(ApiError::bad_field(
@@ -98,7 +117,7 @@ fn check_part(
         other => Err(ApiError::bad_field(
             format!("{at}.type"),
             format!(
-                "`{at}.type` must be \"text\" or \"image_url\", found {}",
+                "`{at}.type` must be \"text\" (or \"refusal\", \"input_text\", \"output_text\") or \"image_url\", found {}",
                 other.map_or("nothing".into(), |t| format!("\"{t}\""))
             ),
         )),
@@ -108,8 +127,11 @@ fn check_part(
 /// A `data:` URL for the image at `url`, which is one already or names a file under the root.
 fn image_data_url(url: &str, at: &str, image_root: Option<&Path>) -> Result<String, ApiError> {
     if let Some(rest) = url.strip_prefix("data:") {
-        checked_data_url(rest, at)?;
-        return Ok(url.to_string());
+        // MIME-style base64 (Python's `encodebytes`) breaks lines; decoders after this one
+        // take the plain form.
+        let rest: String = rest.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+        checked_data_url(&rest, at)?;
+        return Ok(format!("data:{rest}"));
     }
     if url.starts_with("http://") || url.starts_with("https://") {
         return Err(ApiError::bad_field(
@@ -233,9 +255,40 @@ mod tests {
         let m = vec![
             json!({"role": "system", "content": "be brief"}),
             json!({"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}),
-            json!({"role": "assistant", "content": null, "tool_calls": []}),
+            json!({"role": "assistant", "content": "", "tool_calls": []}),
         ];
         assert_eq!(check(m.clone(), true, None).unwrap(), m);
+    }
+
+    /// What vLLM hands templates: an assistant's null or absent content as "", a refusal and
+    /// the Responses API's text parts as text, base64 with line breaks joined.
+    #[test]
+    fn null_content_text_like_parts_and_broken_base64_are_normalised() {
+        let m = vec![
+            json!({"role": "user", "content": [{"type": "input_text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA\nAA\n"}}]}),
+            json!({"role": "assistant", "content": null, "tool_calls": []}),
+            json!({"role": "assistant"}),
+            json!({"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}, {"type": "output_text", "text": "ok"}]}),
+        ];
+        let out = check(m, true, None).unwrap();
+        assert_eq!(out[0]["content"][0], json!({"type": "text", "text": "hi"}));
+        assert_eq!(
+            out[0]["content"][1]["image_url"]["url"],
+            "data:image/png;base64,AAAA"
+        );
+        assert_eq!(out[1]["content"], "");
+        assert_eq!(out[2]["content"], "");
+        assert_eq!(
+            out[3]["content"],
+            json!([{"type": "text", "text": "no"}, {"type": "text", "text": "ok"}])
+        );
+        let e = check(
+            vec![json!({"role": "assistant", "content": [{"type": "refusal"}]})],
+            false,
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[0].content[0].refusal"));
     }
 
     #[test]
