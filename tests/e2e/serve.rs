@@ -72,6 +72,13 @@ fn chat_and_completions_answer_in_openai_shapes() {
     assert_eq!(finish["finish_reason"], "stop");
 }
 
+/// `req` asking for a stream.
+fn with_stream(req: &Value) -> Value {
+    let mut req = req.clone();
+    req["stream"] = json!(true);
+    req
+}
+
 #[test]
 fn tool_calls_in_the_output_become_tool_calls_in_the_api() {
     if !confinement_available() {
@@ -123,6 +130,32 @@ fn tool_calls_in_the_output_become_tool_calls_in_the_api() {
         chunks.last().unwrap()["choices"][0]["finish_reason"],
         "tool_calls"
     );
+
+    // Two calls: both, unless `parallel_tool_calls` is false (the first alone, streamed or not).
+    let second = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>";
+    let mut req = chat("echo", &format!("{call}{second}"));
+    req["tools"] = tools.clone();
+    let cities = |req: &Value| -> Vec<String> {
+        let streamed: Vec<Value> = d
+            .stream("/v1/chat/completions", &with_stream(req))
+            .filter(|e| e != "[DONE]")
+            .map(|e| serde_json::from_str(&e).unwrap())
+            .collect();
+        let (_, r) = d.post("/v1/chat/completions", req);
+        let whole = r["choices"][0]["message"]["tool_calls"].clone();
+        let delta = streamed
+            .iter()
+            .find_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array().cloned())
+            .unwrap();
+        assert_eq!(whole.as_array().unwrap().len(), delta.len(), "{r}");
+        delta
+            .iter()
+            .map(|c| c["function"]["arguments"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(cities(&req).len(), 2);
+    req["parallel_tool_calls"] = json!(false);
+    assert_eq!(cities(&req), ["{\"city\":\"Paris\"}"]);
 
     // Without tools offered, or with a malformed call, it is all text.
     let (_, r) = d.post("/v1/chat/completions", &chat("echo", call));

@@ -58,7 +58,9 @@ async fn serve(
                 parsed.endpoint == Endpoint::Chat,
                 &lease.deployment().info,
             );
-            let tools = tools.with_tokens(lease.deployment().tokens.clone());
+            let tools = tools
+                .with_tokens(lease.deployment().tokens.clone())
+                .with_single_call(parsed.single_call);
             if parsed.stream {
                 streaming::stream(app, parsed, lease, events, started, tools).await
             } else {

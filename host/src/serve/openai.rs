@@ -131,6 +131,9 @@ pub struct Parsed {
     pub request: InferRequest,
     /// The output structure asked for.
     pub structure: Option<Structure>,
+    /// At most one tool call is returned (`parallel_tool_calls: false`), as vLLM and OpenAI do
+    /// whatever the model wrote.
+    pub single_call: bool,
 }
 
 /// What the server allows.
@@ -283,10 +286,17 @@ pub fn parse(
             ));
         }
     }
+    let stream = c.stream.unwrap_or(false);
+    if c.stream_options.is_some() && !stream {
+        return Err(ApiError::bad_field(
+            "stream_options",
+            "`stream_options` applies to streamed answers only: set `stream: true` or drop it",
+        ));
+    }
     Ok(Parsed {
         model: c.model,
         endpoint,
-        stream: c.stream.unwrap_or(false),
+        stream,
         include_usage: c
             .stream_options
             .and_then(|o| o.include_usage)
@@ -294,6 +304,8 @@ pub fn parse(
         logprobs,
         request,
         structure,
+        single_call: endpoint == Endpoint::Chat
+            && body.get("parallel_tool_calls") == Some(&Value::Bool(false)),
     })
 }
 

@@ -46,6 +46,25 @@ fn chat_fields_map_onto_the_plugin_request() {
     assert_eq!(r.chat_template_kwargs["enable_thinking"], json!(false));
     assert!(p.stream && p.include_usage && p.logprobs == LogprobsFormat::Chat);
     assert!(matches!(&r.prompt, Prompt::Messages(m) if m.len() == 1));
+    assert!(!p.single_call);
+
+    // Usage options on an answer that is not streamed are a mistake, as OpenAI and vLLM say.
+    let e = parse(
+        &with(body.clone(), json!({"stream": false})),
+        Endpoint::Chat,
+        caps(&["chat", "logprobs"]),
+        &Limits::default(),
+    )
+    .unwrap_err();
+    assert_eq!(e.param.as_deref(), Some("stream_options"));
+    let p = parse(
+        &with(body, json!({"parallel_tool_calls": false})),
+        Endpoint::Chat,
+        caps(&["chat", "logprobs"]),
+        &Limits::default(),
+    )
+    .unwrap();
+    assert!(p.single_call);
 }
 
 #[test]

@@ -17,6 +17,8 @@ pub struct Parsing {
     pub reasoning: Option<bool>,
     /// The model's token table, for logprobs' `bytes`.
     pub tokens: Option<Arc<TokenTable>>,
+    /// Only the first tool call counts (`parallel_tool_calls: false`).
+    pub single_call: bool,
 }
 
 impl Parsing {
@@ -37,7 +39,31 @@ impl Parsing {
             tools,
             reasoning,
             tokens: None,
+            single_call: false,
         }
+    }
+
+    /// Keeps only the first tool call of an output when `single`.
+    pub fn with_single_call(self, single: bool) -> Self {
+        Self {
+            single_call: single,
+            ..self
+        }
+    }
+
+    /// The calls to the `offered` tools in `text` (the first alone, if only one counts) and
+    /// the content around them.
+    pub fn extract(
+        &self,
+        format: tool_calls::Format,
+        text: &str,
+        offered: &[Value],
+    ) -> tool_calls::Extracted {
+        let mut extracted = tool_calls::extract(format, text, offered);
+        if self.single_call {
+            extracted.calls.truncate(1);
+        }
+        extracted
     }
 
     /// Reports logprobs' `bytes` from `tokens`.
@@ -60,7 +86,7 @@ impl Parsing {
             None => (None, text),
         };
         let extracted = match self.tools {
-            Some(format) => tool_calls::extract(format, &content, offered),
+            Some(format) => self.extract(format, &content, offered),
             None => tool_calls::Extracted {
                 content,
                 calls: Vec::new(),
@@ -113,5 +139,22 @@ mod tests {
         let plain = Parsing::of(&request, true, &ModelInfo::default());
         let (r, e) = plain.split("a</think>b".into(), &[]);
         assert_eq!((r, e.content.as_str()), (None, "a</think>b"));
+    }
+
+    /// `parallel_tool_calls: false`: the first of the calls the model wrote, alone.
+    #[test]
+    fn a_single_call_keeps_the_first() {
+        let tools = vec![json!({"type": "function", "function": {"name": "f", "parameters": {}}})];
+        let request = InferRequest {
+            tools: Some(tools.clone()),
+            ..InferRequest::default()
+        };
+        let text = "</think><tool_call>f<arg_key>x</arg_key><arg_value>1</arg_value></tool_call><tool_call>f<arg_key>x</arg_key><arg_value>2</arg_value></tool_call>";
+        let both = Parsing::of(&request, true, &glm());
+        assert_eq!(both.split(text.into(), &tools).1.calls.len(), 2);
+        let one = both.with_single_call(true);
+        let calls = one.split(text.into(), &tools).1.calls;
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].arguments, "{\"x\":1}");
     }
 }

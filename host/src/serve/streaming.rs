@@ -18,7 +18,7 @@ use super::openai::{LogprobsFormat, Parsed};
 use super::output::Parsing;
 use super::reasoning::Splitter;
 use super::responses::Reply;
-use super::tool_calls::{self, StreamFilter};
+use super::tool_calls::StreamFilter;
 use super::App;
 use crate::protocol::TokenFrame;
 use crate::supervisor::Event;
@@ -91,19 +91,19 @@ struct Chunks<'a> {
     reply: Reply,
     filter: Option<StreamFilter>,
     splitter: Option<Splitter>,
-    tools: Option<tool_calls::Format>,
+    parsing: Parsing,
 }
 
 impl<'a> Chunks<'a> {
     fn new(parsed: &'a Parsed, parsing: Parsing) -> Self {
-        let reply =
-            Reply::new(&parsed.model, parsed.endpoint, parsed.logprobs).with_tokens(parsing.tokens);
+        let reply = Reply::new(&parsed.model, parsed.endpoint, parsed.logprobs)
+            .with_tokens(parsing.tokens.clone());
         Self {
             parsed,
             reply,
             filter: parsing.tools.map(|_| StreamFilter::default()),
             splitter: parsing.reasoning.map(Splitter::new),
-            tools: parsing.tools,
+            parsing,
         }
     }
 
@@ -149,9 +149,9 @@ impl<'a> Chunks<'a> {
             out.push(self.reply.content_chunk(&said, usage));
         }
         let mut called = false;
-        if let (Some(mut f), Some(format)) = (self.filter.take(), self.tools) {
+        if let (Some(mut f), Some(format)) = (self.filter.take(), self.parsing.tools) {
             let rest = f.push(&said) + &f.finish();
-            let held = tool_calls::extract(format, &rest, offered(self.parsed));
+            let held = self.parsing.extract(format, &rest, offered(self.parsed));
             if !held.content.is_empty() {
                 out.push(self.reply.content_chunk(&held.content, usage));
             }
