@@ -39,6 +39,29 @@ struct Fields {
     guided_regex: Option<String>,
     guided_grammar: Option<String>,
     guided_choice: Option<Vec<String>>,
+    /// vLLM's current spelling of the `guided_*` fields, in one object.
+    structured_outputs: Option<StructuredOutputs>,
+}
+
+/// vLLM's `structured_outputs` (its options of how whitespace is drawn are not read).
+#[derive(Debug, Deserialize)]
+struct StructuredOutputs {
+    json: Option<Value>,
+    regex: Option<String>,
+    choice: Option<Vec<String>>,
+    grammar: Option<String>,
+    json_object: Option<bool>,
+    structural_tag: Option<Value>,
+}
+
+/// The four kinds of guided output, and the names a request gives them.
+struct Guided {
+    json: Option<Value>,
+    regex: Option<String>,
+    grammar: Option<String>,
+    choice: Option<Vec<String>>,
+    /// The fields' names for errors, in that order.
+    names: [&'static str; 4],
 }
 
 fn bad(field: &str, message: impl Into<String>) -> ApiError {
@@ -55,31 +78,49 @@ pub fn requested(body: &Value) -> Result<Option<Structure>, ApiError> {
             asked.push(("response_format", g));
         }
     }
-    if let Some(v) = f.guided_json {
-        let schema = match v {
-            Value::String(s) => serde_json::from_str(&s)
-                .map_err(|e| bad("guided_json", format!("`guided_json` is not JSON: {e}")))?,
-            v => v,
-        };
-        asked.push((
-            "guided_json",
-            Grammar::JsonSchema(checked_schema("guided_json", schema)?),
-        ));
-    }
-    if let Some(rx) = f.guided_regex {
-        asked.push((
-            "guided_regex",
-            Grammar::Regex(non_empty("guided_regex", rx)?),
-        ));
-    }
-    if let Some(lark) = f.guided_grammar {
-        asked.push((
-            "guided_grammar",
-            Grammar::Lark(non_empty("guided_grammar", lark)?),
-        ));
-    }
-    if let Some(choices) = f.guided_choice {
-        asked.push(("guided_choice", Grammar::Lark(choice_grammar(&choices)?)));
+    guided(
+        &mut asked,
+        Guided {
+            json: f.guided_json,
+            regex: f.guided_regex,
+            grammar: f.guided_grammar,
+            choice: f.guided_choice,
+            names: [
+                "guided_json",
+                "guided_regex",
+                "guided_grammar",
+                "guided_choice",
+            ],
+        },
+    )?;
+    if let Some(so) = f.structured_outputs {
+        if so.structural_tag.is_some() {
+            return Err(bad(
+                "structured_outputs.structural_tag",
+                "`structured_outputs.structural_tag` is not supported: use json, regex, choice or grammar",
+            ));
+        }
+        if so.json_object == Some(true) {
+            asked.push((
+                "structured_outputs.json_object",
+                Grammar::JsonSchema(json!({"type": "object"})),
+            ));
+        }
+        guided(
+            &mut asked,
+            Guided {
+                json: so.json,
+                regex: so.regex,
+                grammar: so.grammar,
+                choice: so.choice,
+                names: [
+                    "structured_outputs.json",
+                    "structured_outputs.regex",
+                    "structured_outputs.grammar",
+                    "structured_outputs.choice",
+                ],
+            },
+        )?;
     }
     if asked.len() > 1 {
         let names: Vec<&str> = asked.iter().map(|(n, _)| *n).collect();
@@ -94,6 +135,35 @@ pub fn requested(body: &Value) -> Result<Option<Structure>, ApiError> {
     Ok(asked
         .pop()
         .map(|(field, grammar)| Structure::Grammar { grammar, field }))
+}
+
+/// The grammars `g` asks for, added to `asked` under their field names.
+fn guided(asked: &mut Vec<(&'static str, Grammar)>, g: Guided) -> Result<(), ApiError> {
+    let [json_name, regex_name, grammar_name, choice_name] = g.names;
+    if let Some(v) = g.json {
+        let schema = match v {
+            Value::String(s) => serde_json::from_str(&s)
+                .map_err(|e| bad(json_name, format!("`{json_name}` is not JSON: {e}")))?,
+            v => v,
+        };
+        asked.push((
+            json_name,
+            Grammar::JsonSchema(checked_schema(json_name, schema)?),
+        ));
+    }
+    if let Some(rx) = g.regex {
+        asked.push((regex_name, Grammar::Regex(non_empty(regex_name, rx)?)));
+    }
+    if let Some(lark) = g.grammar {
+        asked.push((grammar_name, Grammar::Lark(non_empty(grammar_name, lark)?)));
+    }
+    if let Some(choices) = g.choice {
+        asked.push((
+            choice_name,
+            Grammar::Lark(choice_grammar(choice_name, &choices)?),
+        ));
+    }
+    Ok(())
 }
 
 fn non_empty(field: &str, s: String) -> Result<String, ApiError> {
@@ -148,12 +218,12 @@ fn response_format(format: &Value) -> Result<Option<Grammar>, ApiError> {
     }
 }
 
-/// `guided_choice`: exactly one of the strings.
-fn choice_grammar(choices: &[String]) -> Result<String, ApiError> {
+/// `guided_choice` (named `field`): exactly one of the strings.
+fn choice_grammar(field: &str, choices: &[String]) -> Result<String, ApiError> {
     if choices.is_empty() || choices.iter().any(String::is_empty) {
         return Err(bad(
-            "guided_choice",
-            "`guided_choice` must be a non-empty list of non-empty strings",
+            field,
+            format!("`{field}` must be a non-empty list of non-empty strings"),
         ));
     }
     let alternatives: Vec<String> = choices.iter().map(|c| tool_grammar::literal(c)).collect();
@@ -304,6 +374,40 @@ mod tests {
         );
     }
 
+    /// vLLM's `structured_outputs` asks for what its `guided_*` fields ask for.
+    #[test]
+    fn structured_outputs_ask_what_the_guided_fields_ask() {
+        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        for (old, new) in [
+            (
+                json!({"guided_choice": ["yes", "no"]}),
+                json!({"choice": ["yes", "no"]}),
+            ),
+            (
+                json!({"guided_regex": "[a-z]+"}),
+                json!({"regex": "[a-z]+"}),
+            ),
+            (json!({"guided_json": schema}), json!({"json": schema})),
+            (
+                json!({"guided_grammar": "start: \"x\""}),
+                json!({"grammar": "start: \"x\""}),
+            ),
+            (
+                json!({"response_format": {"type": "json_object"}}),
+                json!({"json_object": true}),
+            ),
+        ] {
+            let grammar = |s: Option<Structure>| match s {
+                Some(Structure::Grammar { grammar, .. }) => grammar,
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(
+                grammar(grammar_of(old).unwrap()),
+                grammar(grammar_of(json!({ "structured_outputs": new })).unwrap())
+            );
+        }
+    }
+
     #[test]
     fn malformed_requests_name_the_field() {
         for (body, param) in [
@@ -327,6 +431,18 @@ mod tests {
             (
                 json!({"guided_regex": "a", "response_format": {"type": "json_object"}}),
                 "guided_regex",
+            ),
+            (
+                json!({"structured_outputs": {"choice": []}}),
+                "structured_outputs.choice",
+            ),
+            (
+                json!({"structured_outputs": {"structural_tag": "{}"}}),
+                "structured_outputs.structural_tag",
+            ),
+            (
+                json!({"guided_regex": "a", "structured_outputs": {"regex": "b"}}),
+                "structured_outputs.regex",
             ),
         ] {
             let e = grammar_of(body.clone()).unwrap_err();
