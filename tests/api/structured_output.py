@@ -7,6 +7,7 @@ glm-4.7-flash (glm47, which thinks first). Random weights make the free choices 
 every constrained output below must parse and validate whatever the model prefers.
 """
 
+import enum
 import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -174,6 +175,40 @@ for model in (QWEN, CODER, GLM):
                 if tc.function and tc.function.name:
                     names.append(tc.function.name)
     assert names == ["get_weather"] and finish == "tool_calls", (model, names, finish)
+
+# pydantic's tools (`openai.pydantic_function_tool`) name their enums and nested models through
+# `$defs` and write optional fields as unions: a forced call holds to them in every markup, and
+# its arguments come back as the types the schema says.
+class Color(str, enum.Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+class Addr(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    street: str = pydantic.Field(max_length=12)
+
+
+class Paint(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    color: Color
+    addr: Addr
+    coats: Optional[int] = pydantic.Field(ge=1, le=3)
+
+
+PAINT = openai.pydantic_function_tool(Paint)
+assert "$defs" in PAINT["function"]["parameters"], PAINT
+for model in (QWEN, CODER, GLM):
+    extra = NO_THINKING if model == GLM else {}
+    for seed in (1, 2):
+        r = client.chat.completions.create(model=model, messages=TOOL_ASK, tools=[PAINT], max_tokens=400, seed=seed,
+                                           temperature=1.0, extra_body=extra,
+                                           tool_choice={"type": "function", "function": {"name": "Paint"}})
+        assert r.choices[0].finish_reason == "tool_calls", (model, r)
+        (call,) = r.choices[0].message.tool_calls
+        args = json.loads(call.function.arguments)
+        jsonschema.validate(args, PAINT["function"]["parameters"])
+        Paint.model_validate(args)
 
 # A thinking model reasons freely first (but may not end there): the grammar starts after
 # `</think>`. Whether random weights close the reasoning within the budget is chance.

@@ -4,6 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::tool_grammar;
 use serde_json::{json, Map, Value};
 
 const OPEN: &str = "<tool_call>";
@@ -128,7 +129,7 @@ fn parse_body(format: Format, body: &str, tools: &[Value]) -> Option<Call> {
                 .strip_prefix("<function=")?
                 .strip_suffix("</function>")?;
             let (name, mut params) = inner.split_once('>')?;
-            let schema = properties_of(tools, name.trim());
+            let schema = parameters_of(tools, name.trim());
             let mut arguments = Map::new();
             while let Some(open) = params.find("<parameter=") {
                 let after = &params[open + "<parameter=".len()..];
@@ -138,12 +139,8 @@ fn parse_body(format: Format, body: &str, tools: &[Value]) -> Option<Call> {
                     .strip_prefix('\n')
                     .unwrap_or(&value_and_rest[..end]);
                 let raw = raw.strip_suffix('\n').unwrap_or(raw);
-                let kind = schema
-                    .as_ref()
-                    .and_then(|s| s.get(key.trim()))
-                    .and_then(|p| p.get("type"))
-                    .and_then(Value::as_str);
-                arguments.insert(key.trim().to_string(), typed(raw, kind));
+                let bare = schema.is_none_or(|s| s.bare_string(key.trim()));
+                arguments.insert(key.trim().to_string(), typed(raw, bare));
                 params = &value_and_rest[end + "</parameter>".len()..];
             }
             if !params.trim().is_empty() {
@@ -164,7 +161,7 @@ fn glm_call(body: &str, tools: &[Value]) -> Option<Call> {
     if name.is_empty() || name.contains('<') {
         return None;
     }
-    let schema = properties_of(tools, name);
+    let schema = parameters_of(tools, name);
     let mut arguments = Map::new();
     loop {
         rest = rest.trim_start();
@@ -175,16 +172,12 @@ fn glm_call(body: &str, tools: &[Value]) -> Option<Call> {
         let (key, after) = after.split_once("</arg_key>")?;
         let after = after.trim_start().strip_prefix("<arg_value>")?;
         let (raw, after) = after.split_once("</arg_value>")?;
-        let kind = schema
-            .as_ref()
-            .and_then(|s| s.get(key.trim()))
-            .and_then(|p| p.get("type"))
-            .and_then(Value::as_str);
-        let value = match kind {
-            Some("string") => Value::String(raw.to_string()),
-            _ => {
-                serde_json::from_str(raw.trim()).unwrap_or_else(|_| Value::String(raw.to_string()))
-            }
+        // vLLM's GLM parser: text for a string parameter, else JSON if it parses.
+        let string = schema.is_some_and(|s| s.type_of(key.trim()) == Some("string"));
+        let value = if string {
+            Value::String(raw.to_string())
+        } else {
+            serde_json::from_str(raw.trim()).unwrap_or_else(|_| Value::String(raw.to_string()))
         };
         arguments.insert(key.trim().to_string(), value);
         rest = after;
@@ -192,26 +185,43 @@ fn glm_call(body: &str, tools: &[Value]) -> Option<Call> {
     Some(call(name, &Value::Object(arguments)))
 }
 
-/// The `properties` of tool `name`'s parameter schema.
-fn properties_of(tools: &[Value], name: &str) -> Option<Map<String, Value>> {
+/// Tool `name`'s parameter schema.
+fn parameters_of<'a>(tools: &'a [Value], name: &str) -> Option<Parameters<'a>> {
     tools
         .iter()
         .find(|t| t["function"]["name"] == name)
-        .and_then(|t| {
-            t["function"]["parameters"]["properties"]
-                .as_object()
-                .cloned()
-        })
+        .map(|t| Parameters(&t["function"]["parameters"]))
 }
 
-/// A parameter's text as the JSON type its schema declares (a string when it does not parse).
-fn typed(raw: &str, kind: Option<&str>) -> Value {
-    let parsed = match kind {
-        Some("integer" | "number" | "boolean" | "object" | "array" | "null") => {
-            serde_json::from_str::<Value>(raw.trim()).ok()
-        }
-        _ => None,
-    };
+/// A tool's parameter schema, read for how each parameter's value is written.
+#[derive(Clone, Copy)]
+struct Parameters<'a>(&'a Value);
+
+impl Parameters<'_> {
+    /// Parameter `key`'s schema, its references followed.
+    fn of(&self, key: &str) -> Option<&Value> {
+        let schema = self.0.get("properties")?.get(key)?;
+        Some(tool_grammar::resolved(schema, self.0))
+    }
+
+    /// Whether `key`'s value is written as bare text (as the grammar writes it); an unknown
+    /// parameter is.
+    fn bare_string(&self, key: &str) -> bool {
+        self.of(key).is_none_or(tool_grammar::is_bare_string)
+    }
+
+    /// `key`'s declared type, when it is one name.
+    fn type_of(&self, key: &str) -> Option<&str> {
+        self.of(key)?.get("type")?.as_str()
+    }
+}
+
+/// A parameter's text: itself when written bare, else the JSON it holds (the text when it does
+/// not parse).
+fn typed(raw: &str, bare: bool) -> Value {
+    let parsed = (!bare)
+        .then(|| serde_json::from_str::<Value>(raw.trim()).ok())
+        .flatten();
     parsed.unwrap_or_else(|| Value::String(raw.to_string()))
 }
 
@@ -312,6 +322,28 @@ mod tests {
         assert_eq!(args["days"], "3");
         let broken = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</function>\n</tool_call>";
         assert_eq!(extract(Format::Qwen3Coder, broken, &[]).calls.len(), 0);
+    }
+
+    /// Values are read back as the grammar writes them: through a `$ref` to a string enum as
+    /// text, a union as JSON.
+    #[test]
+    fn parameters_behind_references_and_unions_are_read_as_written() {
+        let tools = vec![
+            json!({"type": "function", "function": {"name": "paint", "parameters": {
+            "$defs": {"Color": {"enum": ["red", "7"], "type": "string"}},
+            "type": "object",
+            "properties": {"color": {"$ref": "#/$defs/Color"},
+                           "n": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
+                           "m": {"type": ["integer", "null"]}}}}}),
+        ];
+        let text = "<tool_call>\n<function=paint>\n<parameter=color>\n7\n</parameter>\n<parameter=n>\n5\n</parameter>\n<parameter=m>\nnull\n</parameter>\n</function>\n</tool_call>";
+        let e = extract(Format::Qwen3Coder, text, &tools);
+        let args: Value = serde_json::from_str(&e.calls[0].arguments).unwrap();
+        assert_eq!(args, json!({"color": "7", "n": 5, "m": null}));
+        let text = "<tool_call>paint<arg_key>color</arg_key><arg_value>7</arg_value><arg_key>n</arg_key><arg_value>5</arg_value></tool_call>";
+        let e = extract(Format::Glm47, text, &tools);
+        let args: Value = serde_json::from_str(&e.calls[0].arguments).unwrap();
+        assert_eq!(args, json!({"color": "7", "n": 5}));
     }
 
     #[test]

@@ -38,14 +38,47 @@ fn tools_of<'a>(tools: &'a [Value], only: Option<&str>) -> Vec<Tool<'a>> {
         .filter_map(|t| {
             let f = t.get("function")?;
             let name = f.get("name")?.as_str()?;
-            let parameters = f
-                .get("parameters")
-                .cloned()
-                .unwrap_or_else(|| json!({"type": "object", "properties": {}}));
+            // OpenAI: a function without `parameters` takes none.
+            let parameters = f.get("parameters").cloned().unwrap_or_else(
+                || json!({"type": "object", "properties": {}, "additionalProperties": false}),
+            );
             Some(Tool { name, parameters })
         })
         .filter(|t| only.is_none_or(|o| o == t.name))
         .collect()
+}
+
+/// `schema` with the `$ref`s at its top followed to what they name in `root` (the tool's
+/// parameter schema: `#/$defs/N`, `#/definitions/N`), as pydantic's schemas refer to enums and
+/// nested models.
+pub(super) fn resolved<'a>(mut schema: &'a Value, root: &'a Value) -> &'a Value {
+    // A bound, for references that go round in a circle.
+    for _ in 0..16 {
+        let target = schema
+            .get("$ref")
+            .and_then(Value::as_str)
+            .and_then(|r| r.strip_prefix('#'))
+            .and_then(|pointer| root.pointer(pointer));
+        match target {
+            Some(t) => schema = t,
+            None => break,
+        }
+    }
+    schema
+}
+
+/// A parameter's schema standing alone (each is embedded as its own `%json`), with the
+/// definitions of the tool's schema its references may name.
+fn standalone(schema: &Value, root: &Value) -> Value {
+    let mut schema = schema.clone();
+    if let Value::Object(map) = &mut schema {
+        for key in ["$defs", "definitions"] {
+            if let Some(defs) = root.get(key) {
+                map.entry(key).or_insert_with(|| defs.clone());
+            }
+        }
+    }
+    schema
 }
 
 /// The grammar of one call (or, with `parallel`, of one or more) to `only` or any of `tools`.
@@ -64,26 +97,24 @@ pub fn lark(format: Format, tools: &[Value], only: Option<&str>, parallel: bool)
     start + &body
 }
 
-/// `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`.
+/// `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`: the envelope as text laid out
+/// as `json.dumps` writes it, the arguments a schema of their own (so that its `$ref`s resolve
+/// against its own root).
 fn hermes(tools: &[Tool<'_>]) -> String {
-    let calls: Vec<Value> = tools
-        .iter()
-        .map(|t| {
-            json!({
-                "type": "object",
-                "properties": {"name": {"const": t.name}, "arguments": t.parameters},
-                "required": ["name", "arguments"],
-                "additionalProperties": false,
-            })
-        })
-        .collect();
-    let schema = match <[Value; 1]>::try_from(calls) {
-        Ok([one]) => one,
-        Err(calls) => json!({"anyOf": calls}),
-    };
+    let mut rules = String::new();
+    let mut functions = Vec::new();
+    for (i, tool) in tools.iter().enumerate() {
+        let head = format!("{{\"name\": {}, \"arguments\": ", Value::from(tool.name));
+        rules += &format!(
+            "f{i}: {} {} \"}}\"\n",
+            literal(&head),
+            embedded(&tool.parameters)
+        );
+        functions.push(format!("f{i}"));
+    }
     format!(
-        "call: <tool_call> \"\\n\" {} \"\\n\" </tool_call>\n",
-        embedded(&schema)
+        "call: <tool_call> \"\\n\" ({}) \"\\n\" </tool_call>\n{rules}",
+        functions.join(" | ")
     )
 }
 
@@ -104,13 +135,26 @@ fn parameters(schema: &Value) -> Vec<(String, Value, bool)> {
         .collect()
 }
 
-/// How a bare (unquoted) parameter value is written: as JSON, unless its schema says string
-/// (the parsers read it back the same way).
-fn is_bare_string(schema: &Value) -> bool {
-    !matches!(
-        schema.get("type").and_then(Value::as_str),
-        Some("integer" | "number" | "boolean" | "object" | "array" | "null")
-    )
+/// Whether a parameter's value is written bare (unquoted text) in the XML-like markups: when its
+/// schema (references followed) says string, or nothing of its type at all; otherwise it is
+/// JSON (a union such as `anyOf` or `["integer", "null"]` included). The parsers read values
+/// back by the same rule.
+pub(super) fn is_bare_string(schema: &Value) -> bool {
+    match schema.get("type") {
+        Some(Value::String(t)) => t == "string",
+        Some(Value::Array(types)) => types.len() == 1 && types[0] == "string",
+        Some(_) => false,
+        None => {
+            let composite = ["anyOf", "oneOf", "allOf", "const", "$ref"]
+                .iter()
+                .any(|k| schema.get(k).is_some());
+            let strings = schema
+                .get("enum")
+                .and_then(Value::as_array)
+                .is_none_or(|e| e.iter().all(Value::is_string));
+            !composite && strings
+        }
+    }
 }
 
 /// A bare string value: one of its `enum`, or text of its length bounds; then `end` (a literal
@@ -148,11 +192,13 @@ fn qwen3_coder(tools: &[Tool<'_>]) -> String {
         for (j, (key, schema, required)) in parameters(&tool.parameters).into_iter().enumerate() {
             let (p, v) = (format!("p{i}_{j}"), format!("v{i}_{j}"));
             let open = literal(&format!("<parameter={key}>\n"));
-            if is_bare_string(&schema) {
+            let schema = resolved(&schema, &tool.parameters);
+            if is_bare_string(schema) {
                 rules += &format!("{p}: {open} {v} \"\\n\"\n");
-                rules += &bare_string(&v, &schema, Some(&literal("\n</parameter>")));
+                rules += &bare_string(&v, schema, Some(&literal("\n</parameter>")));
             } else {
-                rules += &format!("{p}: {open} {} \"\\n</parameter>\\n\"\n", embedded(&schema));
+                let json = embedded(&standalone(schema, &tool.parameters));
+                rules += &format!("{p}: {open} {json} \"\\n</parameter>\\n\"\n");
             }
             parts.push(if required { p } else { format!("{p}?") });
         }
@@ -174,11 +220,12 @@ fn glm(tools: &[Tool<'_>]) -> String {
         let mut parts = vec![literal(tool.name)];
         for (j, (key, schema, required)) in parameters(&tool.parameters).into_iter().enumerate() {
             let (p, v) = (format!("p{i}_{j}"), format!("v{i}_{j}"));
-            let value = if is_bare_string(&schema) {
-                rules += &bare_string(&v, &schema, None);
+            let schema = resolved(&schema, &tool.parameters);
+            let value = if is_bare_string(schema) {
+                rules += &bare_string(&v, schema, None);
                 v
             } else {
-                embedded(&schema)
+                embedded(&standalone(schema, &tool.parameters))
             };
             rules += &format!(
                 "{p}: <arg_key> {} </arg_key> <arg_value> {value} </arg_value>\n",
@@ -214,21 +261,23 @@ mod tests {
     fn hermes_calls_are_one_json_object_naming_the_tool() {
         let g = lark(Format::Hermes, &tools(), None, true);
         assert!(g.starts_with("start: call (\"\\n\" call)*\n"), "{g}");
-        assert!(g.contains("call: <tool_call> \"\\n\" %json {"), "{g}");
         assert!(
-            g.contains(r#""anyOf":"#) && g.contains(r#"{"const":"get_weather"}"#),
+            g.contains("call: <tool_call> \"\\n\" (f0 | f1) \"\\n\" </tool_call>"),
+            "{g}"
+        );
+        assert!(
+            g.contains(r#"f0: "{\"name\": \"get_weather\", \"arguments\": " %json {"#),
             "{g}"
         );
         let one = lark(Format::Hermes, &tools(), Some("ping"), false);
+        assert!(one.starts_with("start: call\n"), "{one}");
         assert!(
-            one.starts_with("start: call\n") && !one.contains("anyOf"),
-            "{one}"
-        );
-        assert!(
-            one.contains(r#""const":"ping""#) && !one.contains("get_weather"),
+            one.contains(r#"\"ping\""#) && !one.contains("get_weather"),
             "{one}"
         );
         assert!(one.contains(r#""x-guidance""#), "the JSON layout: {one}");
+        // No parameters: none may be written.
+        assert!(one.contains(r#""additionalProperties":false"#), "{one}");
     }
 
     #[test]
@@ -264,6 +313,52 @@ mod tests {
         assert!(g.contains(r#"v0_0: ("Paris" | "Oslo") "#), "{g}");
         assert!(g.contains(r#"v0_2: /(?s:.{0,20})/"#), "{g}");
         assert!(g.contains(r#"f1: "ping""#), "{g}");
+    }
+
+    /// pydantic's schema of `Paint(color: Color, addr: Addr, n: Optional[int])`: an enum and a
+    /// nested model behind `$ref`s, a union.
+    fn paint() -> Vec<Value> {
+        vec![
+            json!({"type": "function", "function": {"name": "paint", "parameters": {
+            "$defs": {
+                "Color": {"enum": ["red", "blue"], "title": "Color", "type": "string"},
+                "Addr": {"type": "object", "properties": {"street": {"type": "string"}},
+                         "required": ["street"], "additionalProperties": false}},
+            "type": "object",
+            "properties": {"color": {"$ref": "#/$defs/Color"}, "addr": {"$ref": "#/$defs/Addr"},
+                           "n": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
+                           "m": {"type": ["integer", "null"]}},
+            "required": ["color", "addr", "n", "m"]}}}),
+        ]
+    }
+
+    /// References resolve in every markup: hermes embeds the arguments' schema whole, with its
+    /// `$defs` at its root; the XML-like markups follow a parameter's reference (an enum
+    /// becomes its alternatives) and embed the others with the definitions beside them; unions
+    /// are JSON, not free text.
+    #[test]
+    fn references_and_unions_hold_in_every_markup() {
+        let g = lark(Format::Hermes, &paint(), None, false);
+        assert!(g.contains(r#"%json {"$defs":{"#), "{g}");
+        for format in [Format::Qwen3Coder, Format::Glm47] {
+            let g = lark(format, &paint(), None, false);
+            // In the schema's order, not the alphabet's.
+            let color = g.lines().find(|l| l.starts_with("p0_0")).unwrap();
+            assert!(
+                color.contains("parameter=color") || color.contains(r#""color""#),
+                "{g}"
+            );
+            assert!(g.contains(r#"v0_0: ("red" | "blue")"#), "{g}");
+            let addr = g.lines().find(|l| l.starts_with("p0_1")).unwrap();
+            assert!(
+                addr.contains(r#""$defs":{"#) && addr.contains(r#""street""#),
+                "{addr}"
+            );
+            for p in ["p0_2", "p0_3"] {
+                let line = g.lines().find(|l| l.starts_with(p)).unwrap();
+                assert!(line.contains("%json"), "a union is JSON: {line}");
+            }
+        }
     }
 
     #[test]
