@@ -34,7 +34,7 @@ impl Parsing {
             .then_some(info.reasoning_format.as_deref())
             .flatten()
             .and_then(reasoning::Format::from_name)
-            .map(|_| reasoning::starts_thinking(&request.chat_template_kwargs));
+            .map(|_| reasoning::starts_thinking(request));
         Self {
             tools,
             reasoning,

@@ -25,10 +25,15 @@ impl Format {
     }
 }
 
-/// Whether a chat request's output starts inside the reasoning block: thinking is on unless the
-/// request's `chat_template_kwargs` turn `enable_thinking` off (the templates' shared switch).
-pub fn starts_thinking(kwargs: &serde_json::Map<String, serde_json::Value>) -> bool {
-    kwargs.get("enable_thinking").and_then(|v| v.as_bool()) != Some(false)
+/// Whether a chat request's output starts inside the reasoning block: only when the template
+/// opens the assistant's turn (a continued final message goes on with its text, which the
+/// templates write after the reasoning), and thinking is on unless `chat_template_kwargs` turn
+/// `enable_thinking` off (the templates' shared switch).
+pub fn starts_thinking(request: &pio_plugin_api::wire::InferRequest) -> bool {
+    let opens_a_turn =
+        !request.continue_final_message && request.add_generation_prompt != Some(false);
+    let switch = request.chat_template_kwargs.get("enable_thinking");
+    opens_a_turn && switch.and_then(|v| v.as_bool()) != Some(false)
 }
 
 /// A completion split in two.
@@ -215,12 +220,27 @@ mod tests {
     }
 
     #[test]
-    fn thinking_follows_the_template_switch() {
-        let mut kwargs = serde_json::Map::new();
-        assert!(starts_thinking(&kwargs));
-        kwargs.insert("enable_thinking".into(), false.into());
-        assert!(!starts_thinking(&kwargs));
-        kwargs.insert("enable_thinking".into(), true.into());
-        assert!(starts_thinking(&kwargs));
+    fn thinking_follows_the_template_switch_and_the_turn() {
+        use pio_plugin_api::wire::InferRequest;
+        let mut r = InferRequest::default();
+        assert!(starts_thinking(&r));
+        r.chat_template_kwargs
+            .insert("enable_thinking".into(), false.into());
+        assert!(!starts_thinking(&r));
+        r.chat_template_kwargs
+            .insert("enable_thinking".into(), true.into());
+        assert!(starts_thinking(&r));
+        // No turn opened, or the final message continued: the output is that message's text.
+        let continued = InferRequest {
+            continue_final_message: true,
+            add_generation_prompt: Some(false),
+            ..r.clone()
+        };
+        assert!(!starts_thinking(&continued));
+        let closed = InferRequest {
+            add_generation_prompt: Some(false),
+            ..r
+        };
+        assert!(!starts_thinking(&closed));
     }
 }
