@@ -157,10 +157,17 @@ fn tool_calls_in_the_output_become_tool_calls_in_the_api() {
     req["parallel_tool_calls"] = json!(false);
     assert_eq!(cities(&req), ["{\"city\":\"Paris\"}"]);
 
-    // Without tools offered, or with a malformed call, it is all text.
+    // Without tools offered, with `tool_choice: "none"` (the tools still shown), or with a
+    // malformed call, it is all text.
     let (_, r) = d.post("/v1/chat/completions", &chat("echo", call));
     assert_eq!(r["choices"][0]["message"]["content"], call);
     assert!(r["choices"][0]["message"].get("tool_calls").is_none());
+    let mut none = chat("echo", call);
+    none["tools"] = tools.clone();
+    none["tool_choice"] = json!("none");
+    let (_, r) = d.post("/v1/chat/completions", &none);
+    assert_eq!(r["choices"][0]["message"]["content"], call, "{r}");
+    assert_eq!(r["choices"][0]["finish_reason"], "stop");
     let broken = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {oops}\n</tool_call>";
     let mut req = chat("echo", broken);
     req["tools"] = tools;

@@ -60,7 +60,8 @@ async fn serve(
             );
             let tools = tools
                 .with_tokens(lease.deployment().tokens.clone())
-                .with_single_call(parsed.single_call);
+                .with_single_call(parsed.single_call)
+                .with_calls_parsed(parsed.calls_parsed);
             if parsed.stream {
                 streaming::stream(app, parsed, lease, events, started, tools).await
             } else {

@@ -134,6 +134,9 @@ pub struct Parsed {
     /// At most one tool call is returned (`parallel_tool_calls: false`), as vLLM and OpenAI do
     /// whatever the model wrote.
     pub single_call: bool,
+    /// Tool calls in the output are taken out as `tool_calls` (not with `tool_choice: "none"`,
+    /// where the tools are still shown to the model, as vLLM does, and the output is all text).
+    pub calls_parsed: bool,
 }
 
 /// What the server allows.
@@ -225,11 +228,13 @@ pub fn parse(
     let mut request = sampling(&c)?;
     let mut max_tokens = c.max_tokens;
     let mut structure = structure::requested(body)?;
+    let mut calls_parsed = false;
     let logprobs = match endpoint {
         Endpoint::Chat => {
             let f: ChatFields = field(body)?;
             max_tokens = f.max_completion_tokens.or(max_tokens);
-            let (logprobs, forced) = chat(f, &mut request, &c.model, capabilities, limits)?;
+            let (logprobs, forced, parsed) = chat(f, &mut request, &c.model, capabilities, limits)?;
+            calls_parsed = parsed;
             if let Some(forced) = forced {
                 if let Some(Structure::Grammar { field, .. }) = &structure {
                     return Err(unsupported(
@@ -306,6 +311,7 @@ pub fn parse(
         structure,
         single_call: endpoint == Endpoint::Chat
             && body.get("parallel_tool_calls") == Some(&Value::Bool(false)),
+        calls_parsed,
     })
 }
 
@@ -389,7 +395,7 @@ fn chat(
     model: &str,
     capabilities: Capabilities,
     limits: &Limits,
-) -> Result<(LogprobsFormat, Option<Structure>), ApiError> {
+) -> Result<(LogprobsFormat, Option<Structure>, bool), ApiError> {
     let has = |cap: Capabilities| capabilities.contains(cap);
     request.prompt = Prompt::Messages(super::messages::check(
         f.messages,
@@ -410,7 +416,10 @@ fn chat(
         }
     }
     let forced = forced_calls(&choice, tools.as_deref(), f.parallel_tool_calls)?;
-    request.tools = tools.filter(|_| choice != ToolChoice::None);
+    // With `none` the tools are still shown (vLLM's default: the prompt, and so its cached
+    // prefix, stays the same across an agent's turns), to a model that takes them.
+    let calls_parsed = choice != ToolChoice::None;
+    request.tools = tools.filter(|_| calls_parsed || has(Capabilities::TOOLS));
     request.chat_template_kwargs = f.chat_template_kwargs.unwrap_or_default();
     request.continue_final_message = f.continue_final_message.unwrap_or(false);
     request.add_generation_prompt = f.add_generation_prompt;
@@ -431,7 +440,7 @@ fn chat(
             Ok(LogprobsFormat::Chat)
         }
     }?;
-    Ok((logprobs, forced))
+    Ok((logprobs, forced, calls_parsed))
 }
 
 /// Each tool is `{"type": "function", "function": {"name": …, "parameters": {…}?}}`, with a

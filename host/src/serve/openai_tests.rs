@@ -186,8 +186,9 @@ fn tool_choice_forces_calls_to_offered_tools_on_models_that_constrain_output() {
         })
     );
     assert_eq!(parsed(json!({"tools": tools})).unwrap().structure, None);
+    // `none`: the tools are shown, no call is forced or taken out.
     let none = parsed(json!({"tools": tools, "tool_choice": "none"})).unwrap();
-    assert!(none.structure.is_none() && none.request.tools.is_none());
+    assert!(none.structure.is_none() && none.request.tools.is_some() && !none.calls_parsed);
     for (extra, param, needle) in [
         (
             json!({"tool_choice": "required"}),

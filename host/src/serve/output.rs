@@ -43,6 +43,14 @@ impl Parsing {
         }
     }
 
+    /// Takes no tool calls out of the output unless `parsed` (`tool_choice: "none"`).
+    pub fn with_calls_parsed(self, parsed: bool) -> Self {
+        Self {
+            tools: self.tools.filter(|_| parsed),
+            ..self
+        }
+    }
+
     /// Keeps only the first tool call of an output when `single`.
     pub fn with_single_call(self, single: bool) -> Self {
         Self {
