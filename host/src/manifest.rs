@@ -104,6 +104,22 @@ fn checked_generation<'de, D: Deserializer<'de>>(
     }
 }
 
+/// A name that goes into URLs, cgroup and file names and log lines as it is: 1 to 64 letters,
+/// digits, `_`, `-` and `.`, beginning with a letter or digit (no path, no `..`).
+fn plain_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?;
+    if crate::names::is_plain(&s) && s.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return Ok(s);
+    }
+    Err(serde::de::Error::custom(format!(
+        "expected 1 to 64 letters, digits, `_`, `-` or `.`, beginning with a letter or digit (the name is used in URLs, cgroups and logs), found {s:?}; e.g. \"qwen3-4b-instruct-2507\""
+    )))
+}
+
+fn some_plain_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    plain_name(d).map(Some)
+}
+
 /// A limit that must be more than nothing: a worker given none of it could never start.
 fn more_than_none<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
 where
@@ -180,9 +196,10 @@ impl<'de> Deserialize<'de> for Sha256Hex {
 pub struct Manifest {
     /// The name the model is served and run under; the library must report it, unless
     /// `plugin` names what it reports (one plugin serving several models).
+    #[serde(deserialize_with = "plain_name")]
     pub name: String,
     /// The plugin's own name, as the library reports it, when `name` is another.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "some_plain_name")]
     pub plugin: Option<String>,
     /// The plugin's version; must equal what the library reports.
     pub version: semver::Version,

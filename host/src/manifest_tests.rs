@@ -115,6 +115,26 @@ fn bad_values_name_what_was_expected() {
     assert!(e.contains("temprature"), "{e}");
 }
 
+/// A name goes into URLs, cgroup paths and log lines as it is: one that could climb out of a
+/// folder, nest one, or break a line is refused where it is written.
+#[test]
+fn names_that_are_not_plain_are_refused() {
+    for bad in ["../../h", "Qwen/echo", "a\nb", "", ".hidden", "sp ace"] {
+        let text = MINIMAL.replace("name = \"x\"", &format!("name = {bad:?}"));
+        let e = parse_err(&text);
+        assert!(
+            e.contains("1:8") && e.contains("letters, digits"),
+            "{bad:?}: {e}"
+        );
+        let text = format!("{MINIMAL}plugin = {bad:?}\n");
+        assert!(parse_err(&text).contains("letters, digits"), "{bad:?}");
+    }
+    for good in ["qwen3-4b-instruct-2507", "Qwen3.5_big", "x"] {
+        let text = MINIMAL.replace("name = \"x\"", &format!("name = {good:?}"));
+        assert_eq!(parse(&text).unwrap().name, good);
+    }
+}
+
 /// A limit of nothing and a default no request may ask for are refused when the manifest is
 /// read (by `pio check` too), naming the file, the line and the key.
 #[test]

@@ -221,7 +221,10 @@ impl Worker {
     pub fn kill(&self) {
         if let Some(cg) = &self.cgroup {
             cg.kill_all();
-        } else {
+        }
+        // The worker itself too, whatever became of its group; not once it is reaped (its pid
+        // may be another process's by then).
+        if self.exit.borrow().is_none() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(self.pid as i32),
                 nix::sys::signal::Signal::SIGKILL,

@@ -192,6 +192,18 @@ impl Cgroup {
         name: &str,
         spec: &GroupSpec,
     ) -> Result<Self, CgroupError> {
+        // Manifests' names are plain already; a name from elsewhere still makes one folder
+        // beside the others, never a path out of the hierarchy.
+        let name: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
         let leaf = format!(
             "{name}-{}-{}",
             std::process::id(),

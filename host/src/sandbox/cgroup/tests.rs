@@ -119,6 +119,16 @@ fn v2_group_creation_writes_the_planned_files() {
     assert_eq!(enabled, "+memory +cpu +pids");
     // A plain directory cannot be removed while it holds files; the real kernel files vanish.
     std::mem::forget(group);
+
+    // A name with a path in it makes one folder beside the others, not one elsewhere.
+    let group = Cgroup::create_at(root.path(), Version::V2, "../../h/x", &spec()).unwrap();
+    let dir = group.memory_dir().to_path_buf();
+    assert_eq!(
+        dir.parent(),
+        Some(root.path().join("pio").as_path()),
+        "{dir:?}"
+    );
+    std::mem::forget(group);
 }
 
 /// On a machine with a writable hierarchy (root; CI): a real group, a real process in it, limits
