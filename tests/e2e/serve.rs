@@ -755,7 +755,8 @@ fn the_next_start_cleans_what_a_killed_daemon_left() {
 }
 
 /// `/metrics` is open on a loopback listen, needs a metrics or admin key once metrics keys are
-/// configured, and off loopback is closed until a key is configured (saying which).
+/// configured, and off loopback is closed until a key is configured (saying which); so is the
+/// admin API.
 #[test]
 fn metrics_need_a_key_off_loopback_or_once_metrics_keys_are_set() {
     if !confinement_available() {
@@ -782,6 +783,16 @@ fn metrics_need_a_key_off_loopback_or_once_metrics_keys_are_set() {
         "{body}"
     );
     assert_eq!(public.get("/health").0, 200);
+    let (status, body) = public.post("/v1/plugins/echo/unload", &serde_json::json!({}));
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("server.admin_keys")),
+        "{body}"
+    );
+    assert_eq!(public.get("/v1/plugins").0, 401);
+    assert_eq!(open.get("/v1/plugins").0, 200);
 }
 
 /// Every response carries an `x-request-id` (the client's when it is a sane token, else a new

@@ -17,10 +17,12 @@ pub enum Need {
 }
 
 /// What `path` needs under `server`'s keys; `loopback`: the daemon listens on a loopback
-/// address only, where `/metrics` stays open unless metrics keys are configured.
+/// address only, where `/metrics` stays open unless metrics keys are configured, and the admin
+/// API unless any key is (off loopback both need a key: a published port must not let anyone
+/// unload the models).
 pub fn need(path: &str, server: &ServerSection, loopback: bool) -> Need {
     if path.starts_with("/v1/plugins") {
-        if server.api_keys.is_empty() && server.admin_keys.is_empty() {
+        if server.api_keys.is_empty() && server.admin_keys.is_empty() && loopback {
             Need::Open
         } else {
             Need::Admin
@@ -84,6 +86,10 @@ pub fn check(need: Need, given: Option<&str>, server: &ServerSection) -> Result<
     };
     if need == Need::Metrics && keys.is_empty() {
         let message = "/metrics is open only when the daemon listens on loopback; set server.metrics_keys (or admin keys) and scrape with `Authorization: Bearer KEY`".to_string();
+        return Err(Refusal::for_key(given.is_some_and(known), message));
+    }
+    if need == Need::Admin && keys.is_empty() {
+        let message = "the admin API (/v1/plugins) is open only when the daemon listens on loopback and has no keys; set server.admin_keys and call it with `Authorization: Bearer KEY`".to_string();
         return Err(Refusal::for_key(given.is_some_and(known), message));
     }
     let Some(given) = given else {
@@ -184,7 +190,23 @@ mod tests {
             "{e:?}"
         );
         let open = server(&[], &[], &[]);
-        assert_eq!(need("/v1/plugins", &open, false), Need::Open);
+        assert_eq!(need("/v1/plugins", &open, true), Need::Open);
         assert_eq!(need("/v1/models", &open, false), Need::Open);
+    }
+
+    /// Off loopback the admin API needs an admin key even when no key is configured at all
+    /// (the message says which setting opens it).
+    #[test]
+    fn the_admin_api_is_closed_off_loopback_without_admin_keys() {
+        let open = server(&[], &[], &[]);
+        assert_eq!(need("/v1/plugins/echo/unload", &open, false), Need::Admin);
+        let e = check(Need::Admin, None, &open).unwrap_err();
+        assert!(
+            matches!(&e, Refusal::Unauthenticated(m) if m.contains("server.admin_keys") && m.contains("loopback")),
+            "{e:?}"
+        );
+        let keyed = server(&[], &["root"], &[]);
+        assert_eq!(need("/v1/plugins", &keyed, false), Need::Admin);
+        assert!(check(Need::Admin, Some("root"), &keyed).is_ok());
     }
 }
