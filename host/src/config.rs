@@ -273,13 +273,14 @@ impl Config {
         }
     }
 
-    /// `manifest`'s limits, each unset one taken from this file's defaults.
+    /// `manifest`'s limits, each unset one taken from this file's defaults (processes and
+    /// threads from [`DEFAULT_PIDS`] when neither sets them).
     pub fn limits_for(&self, manifest: &Limits) -> ResolvedLimits {
         let d = &self.limits;
         ResolvedLimits {
             memory_bytes: manifest.memory.or(d.memory).map(|b| b.0),
             cpus: manifest.cpus.or(d.cpus).map(|c| c.0),
-            pids: manifest.pids.or(d.pids),
+            pids: manifest.pids.or(d.pids).or(Some(DEFAULT_PIDS)),
             gpu_memory_bytes: manifest.gpu_memory.or(d.gpu_memory).map(|b| b.0),
             scratch_bytes: manifest.scratch.or(d.scratch).map(|b| b.0),
             network: manifest.network.or(d.network),
@@ -301,6 +302,10 @@ impl Config {
         }
     }
 }
+
+/// A worker's processes and threads when no manifest or configuration sets them: far more
+/// than an engine runs (a thread per core, a few per request), and a bound on a fork bomb.
+pub const DEFAULT_PIDS: u32 = 4096;
 
 #[cfg(test)]
 mod tests {
@@ -332,6 +337,12 @@ mod tests {
         let l = c.limits_for(&manifest);
         assert_eq!((l.memory_bytes, l.pids), (Some(1 << 30), Some(100)));
         assert_eq!(c.policy().min_tier, Tier::High);
+        // Set nowhere: no memory or CPU bound, the process bound.
+        let l = Config::default().limits_for(&Limits::default());
+        assert_eq!(
+            (l.memory_bytes, l.cpus, l.pids),
+            (None, None, Some(DEFAULT_PIDS))
+        );
     }
 
     #[test]
