@@ -764,6 +764,21 @@ fn metrics_need_a_key_off_loopback_or_once_metrics_keys_are_set() {
     }
     let open = Daemon::start(echo_dir(""), "");
     assert_eq!(open.get("/metrics").0, 200);
+    // The classic text format unless the scraper asks for OpenMetrics (Prometheus does).
+    let content_type = |accept: Option<&str>| {
+        let mut req = ureq::get(format!("{}/metrics", open.base));
+        if let Some(a) = accept {
+            req = req.header("Accept", a);
+        }
+        let response = req.call().unwrap();
+        let ct = response.headers().get("content-type").unwrap();
+        ct.to_str().unwrap().to_string()
+    };
+    assert!(content_type(None).starts_with("text/plain; version=0.0.4"));
+    assert!(
+        content_type(Some("application/openmetrics-text;version=1.0.0"))
+            .starts_with("application/openmetrics-text")
+    );
     let keyed = Daemon::start(
         echo_dir(""),
         "[server]\nmetrics_keys = [\"scrape\"]\nadmin_keys = [\"root\"]\napi_keys = [\"user\"]\n",

@@ -151,18 +151,13 @@ pub async fn ready(State(app): State<Arc<App>>) -> Response {
         .into_response()
 }
 
-/// `GET /metrics`: Prometheus text.
-pub async fn metrics(State(app): State<Arc<App>>) -> Response {
+/// `GET /metrics`: Prometheus text, in the format the scraper's `Accept` asks for.
+pub async fn metrics(State(app): State<Arc<App>>, headers: axum::http::HeaderMap) -> Response {
     let (plugins, _) = app.models.statuses();
-    let text = app.metrics.render(plugins);
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        text,
-    )
-        .into_response()
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = super::metrics::Format::accepted(accept);
+    let text = app.metrics.render(plugins, format);
+    ([(header::CONTENT_TYPE, format.content_type())], text).into_response()
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! `GET /metrics`: Prometheus text. Request counters and latency histograms are recorded as
+//! `GET /metrics`: Prometheus' text formats (OpenMetrics when asked for, else 0.0.4). Request counters and latency histograms are recorded as
 //! requests run; worker figures (queue depth, restarts, OOM kills, memory, CPU) are read from the
 //! supervisors and cgroups at scrape time.
 
@@ -149,15 +149,72 @@ impl Metrics {
             .observe(seconds);
     }
 
-    /// The text exposition, with `workers` as the current worker figures.
-    pub fn render(&self, workers: Vec<PluginStatus>) -> String {
+    /// The exposition in `format`, with `workers` as the current worker figures.
+    pub fn render(&self, workers: Vec<PluginStatus>, format: Format) -> String {
         *self.workers.lock().unwrap_or_else(|p| p.into_inner()) = workers;
         let mut text = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
             tracing::error!("cannot encode metrics: {e}");
         }
-        text
+        match format {
+            Format::OpenMetrics => text,
+            Format::Text => text_004(&text),
+        }
     }
+}
+
+/// The two expositions Prometheus scrapers read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics 1.0, for a scraper that asks for it (Prometheus does).
+    OpenMetrics,
+    /// The classic text format 0.0.4, for everything else (`curl`, `promtool check metrics`,
+    /// older agents), as Prometheus' own client libraries answer.
+    Text,
+}
+
+impl Format {
+    /// The format a request's `Accept` header asks for.
+    pub fn accepted(accept: Option<&str>) -> Self {
+        match accept {
+            Some(a) if a.contains("application/openmetrics-text") => Self::OpenMetrics,
+            _ => Self::Text,
+        }
+    }
+
+    /// Its `Content-Type`.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Self::Text => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+}
+
+/// OpenMetrics text as the 0.0.4 format writes it: a counter family is described under its
+/// samples' name (`_total`), and there are no `# UNIT` or `# EOF` lines.
+fn text_004(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let described = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| Some((p, line.strip_prefix(p)?.split_once(' ')?)));
+        match described {
+            Some((prefix, (name, rest))) if counters.contains(name) => {
+                out.push_str(&format!("{prefix}{name}_total {rest}"));
+            }
+            _ => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 #[derive(Debug)]
@@ -330,12 +387,45 @@ mod tests {
         }
     }
 
+    /// Without an `Accept` asking for OpenMetrics the classic format comes: counters described
+    /// under their `_total` name (what promtool and the text parsers match), no `# EOF`.
+    #[test]
+    fn the_classic_text_format_unless_openmetrics_is_asked_for() {
+        let m = Metrics::default();
+        m.request("echo", "chat", 200);
+        let asked = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5";
+        assert_eq!(Format::accepted(Some(asked)), Format::OpenMetrics);
+        assert_eq!(Format::accepted(Some("*/*")), Format::Text);
+        assert_eq!(Format::accepted(None), Format::Text);
+        let open = m.render(vec![status("echo", None)], Format::OpenMetrics);
+        assert!(open.contains("# TYPE pio_requests counter") && open.ends_with("# EOF\n"));
+        let text = m.render(vec![status("echo", None)], Format::Text);
+        assert!(text.contains("# TYPE pio_requests_total counter"), "{text}");
+        assert!(
+            text.contains("# HELP pio_requests_total API requests"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE pio_worker_restarts_total counter"),
+            "{text}"
+        );
+        assert!(text.contains("pio_requests_total{model=\"echo\""), "{text}");
+        assert!(text.contains("# TYPE pio_queue_depth gauge"), "{text}");
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT"),
+            "{text}"
+        );
+    }
+
     #[test]
     fn gpu_memory_is_reported_for_the_models_on_a_gpu_only() {
-        let text = Metrics::default().render(vec![
-            status("on-gpu", Some((3 << 30, 12 << 30))),
-            status("on-cpu", None),
-        ]);
+        let text = Metrics::default().render(
+            vec![
+                status("on-gpu", Some((3 << 30, 12 << 30))),
+                status("on-cpu", None),
+            ],
+            Format::Text,
+        );
         assert!(
             text.contains(&format!(
                 "pio_gpu_memory_bytes{{model=\"on-gpu\"}} {}",
