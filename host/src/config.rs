@@ -180,6 +180,11 @@ pub struct ServerSection {
     pub watch: bool,
     /// Generate one token after loading before a model counts as ready (default `true`).
     pub warmup: bool,
+    /// `/ready` (and systemd's readiness) waits for every preloaded model to serve (default
+    /// `true`); `false`: ready while the daemon serves, whatever its models' states (Triton's
+    /// `--strict-readiness=false`), so one quarantined or failed model does not take the
+    /// replica out of rotation for the others.
+    pub strict_readiness: bool,
     /// Image content parts may name files under this directory (default: none, only `data:`
     /// URLs are accepted).
     pub image_root: Option<PathBuf>,
@@ -207,6 +212,7 @@ impl Default for ServerSection {
             listen: "127.0.0.1:8080".into(),
             preload: vec!["*".into()],
             load_on_demand: true,
+            strict_readiness: true,
             load_wait_secs: 60,
             keep_alive_secs: 0,
             max_loaded_models: 0,

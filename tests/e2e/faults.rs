@@ -218,3 +218,90 @@ fn oom_kills_are_counted_across_restarts() {
     assert_eq!(d.metric(series), Some(1.0), "{}", d.get_text("/metrics"));
     assert_eq!(complete(&d, "hostile", "status").0, 200);
 }
+
+/// A quarantined model stays quarantined until an operator loads it: `POST .../load` starts a
+/// fresh worker (not a 200 that changes nothing). With `strict_readiness = false` the replica
+/// stays ready meanwhile; strict, the quarantine takes it out of rotation.
+#[test]
+fn an_operators_load_ends_a_quarantine() {
+    if !confinement_available() {
+        return;
+    }
+    for strict in [true, false] {
+        let d = Daemon::start(
+            crate::medium::tier_dir("low"),
+            &format!("[server]\nwarmup = false\nstrict_readiness = {strict}\n[supervisor]\nrestart_backoff_ms = 100\nmax_crashes = 1\n"),
+        );
+        d.wait_ready();
+        for _ in 0..2 {
+            assert_eq!(complete(&d, "hostile", "abort").0, 500);
+            d.wait_for(20, "a restart or the quarantine", |d| {
+                matches!(
+                    d.plugin("hostile")["state"].as_str(),
+                    Some("ready" | "quarantined")
+                )
+            });
+        }
+        assert_eq!(d.plugin("hostile")["state"], "quarantined");
+        assert_eq!(d.get("/ready").0, if strict { 503 } else { 200 });
+        let (status, r) = d.post("/v1/plugins/hostile/load", &json!({}));
+        assert_eq!(status, 200, "{r}");
+        assert_eq!(r["plugin"]["state"], "ready", "{r}");
+        assert_eq!(complete(&d, "hostile", "status").0, 200);
+        assert_eq!(d.get("/ready").0, 200);
+    }
+}
+
+/// A preload whose load failed (its model folder incomplete) is tried again on its own, with a
+/// backoff: a replica it keeps out of rotation gets no request that would load it. Meanwhile
+/// its state says `failed`, with why.
+#[test]
+fn a_failed_preload_is_loaded_again_once_its_model_is_whole() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = PluginDir::new();
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    let fixture = repo_root().join("tests/fixtures/qwen3-tiny");
+    for entry in std::fs::read_dir(&fixture).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap() != "tokenizer.json" {
+            std::fs::copy(&path, model.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    open_to_workers(dir.path());
+    let library = plugin_lib("pio_plugin_qwen3");
+    let extra = format!("[model]\npath = \"{}\"\ndtype = \"f32\"\n", model.display());
+    dir.write(
+        "qwen3.toml",
+        &manifest(
+            "qwen3-4b-instruct-2507",
+            "0.1.0",
+            library.to_str().unwrap(),
+            &extra,
+        )
+        .replace("^1.0", "^1.1"),
+    );
+    let d = Daemon::start(dir, "[server]\nwarmup = false\n");
+    d.wait_for(30, "the failed load", |d| {
+        d.plugin("qwen3-4b-instruct-2507")["state"] == "failed"
+    });
+    let p = d.plugin("qwen3-4b-instruct-2507");
+    assert!(
+        p["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("tokenizer")),
+        "{p}"
+    );
+    assert_eq!(d.get("/ready").0, 503);
+    std::fs::copy(fixture.join("tokenizer.json"), model.join("tokenizer.json")).unwrap();
+    std::fs::set_permissions(
+        model.join("tokenizer.json"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    // The first retry comes 10 s after the failure.
+    d.wait_for(30, "the retried load", |d| d.get("/ready").0 == 200);
+    assert_eq!(d.plugin("qwen3-4b-instruct-2507")["state"], "ready");
+}

@@ -519,7 +519,7 @@ fn a_plugin_that_fails_to_load_says_why_and_is_not_restarted_per_request() {
         d.plugin("echo")["last_error"].is_string()
     });
     let echo = d.plugin("echo");
-    assert_eq!(echo["state"], "unloaded");
+    assert_eq!(echo["state"], "failed");
     assert!(
         echo["last_error"]
             .as_str()

@@ -98,7 +98,9 @@ pub async fn health() -> Json<Value> {
 /// `/ready` and systemd's readiness report.
 pub fn is_ready(app: &App) -> bool {
     let (plugins, _) = app.models.statuses();
-    !app.draining.load(Ordering::Acquire) && preloads_ready(&app.models.config().server, &plugins)
+    let server = &app.models.config().server;
+    !app.draining.load(Ordering::Acquire)
+        && (!server.strict_readiness || preloads_ready(server, &plugins))
 }
 
 /// Whether every model `server.preload` asks for can serve: each one found that it matches is

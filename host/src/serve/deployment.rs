@@ -103,6 +103,11 @@ impl Deployment {
         }
     }
 
+    /// Whether its worker is quarantined (failed too often; only an operator's load ends it).
+    pub fn quarantined(&self) -> bool {
+        matches!(self.supervised.status().state, State::Quarantined(_))
+    }
+
     /// Takes a lease, unless `depth` requests already hold one or the worker cannot serve.
     pub fn lease(self: &Arc<Self>, depth: usize) -> Result<Lease, Refusal> {
         match self.supervised.status().state {

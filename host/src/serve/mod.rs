@@ -265,7 +265,7 @@ pub async fn serve(setup: Setup) -> Result<(), ServeError> {
 }
 
 /// The daemon's background tasks: SIGHUP reloads, hot plug (the watcher is returned: dropping it
-/// stops it) and unloading idle models.
+/// stops it), loading again preloads that failed, and unloading idle models.
 fn background(
     models: &Arc<Models>,
     server: &crate::config::ServerSection,
@@ -281,6 +281,15 @@ fn background(
         None => {
             tokio::spawn(reload::without_a_file());
         }
+    }
+    {
+        let models = models.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                models.retry_failed_preloads();
+            }
+        });
     }
     if server.keep_alive_secs > 0 {
         let (models, keep) = (models.clone(), Duration::from_secs(server.keep_alive_secs));

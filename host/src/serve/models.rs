@@ -46,6 +46,12 @@ type LoadResult = Option<Result<(), ApiError>>;
 /// How long after a failed load requests get its error instead of starting another load.
 const LOAD_RETRY: Duration = Duration::from_secs(10);
 
+/// How long a preload waits after `failures` failed loads in a row before it is tried again.
+fn retry_backoff(failures: u32) -> Duration {
+    let doubled = LOAD_RETRY.saturating_mul(1 << failures.saturating_sub(1).min(5));
+    doubled.min(Duration::from_secs(300))
+}
+
 enum Slot {
     Unloaded,
     Loading(watch::Receiver<LoadResult>),
@@ -58,6 +64,8 @@ struct Entry {
     last_error: Option<String>,
     /// When loading last failed: on-demand loads wait out [`LOAD_RETRY`] after it.
     failed_at: Option<Instant>,
+    /// Loads failed in a row (a preload is tried again after a backoff that grows with them).
+    failures: u32,
     reloading: bool,
     /// Unloaded on purpose since it last loaded (see `PluginStatus::parked`); kept while it
     /// loads again, until that load succeeds.
@@ -151,6 +159,7 @@ impl Inner {
                             slot: Slot::Unloaded,
                             last_error: None,
                             failed_at: None,
+                            failures: 0,
                             reloading: false,
                             parked: false,
                             over_cap: false,
@@ -347,12 +356,21 @@ impl Models {
             let mut inner = lock(&self.inner);
             let entry = inner.entry(name)?;
             match &entry.slot {
+                // An operator's load is how a quarantine ends: a fresh worker, blue/green.
+                Slot::Loaded(d) if d.quarantined() => None,
                 Slot::Loaded(_) => return Ok(()),
-                Slot::Loading(rx) => rx.clone(),
-                Slot::Unloaded => self.begin_load(&mut inner, name),
+                Slot::Loading(rx) => Some(rx.clone()),
+                Slot::Unloaded => Some(self.begin_load(&mut inner, name)),
             }
         };
-        finished(wait).await
+        match wait {
+            Some(wait) => finished(wait).await,
+            None => {
+                tracing::info!(plugin = %name, "loading afresh: it was quarantined");
+                // Boxed: a reload of a model not loaded loads it.
+                Box::pin(self.reload(name)).await
+            }
+        }
     }
 
     fn begin_load(self: &Arc<Self>, inner: &mut Inner, name: &str) -> watch::Receiver<LoadResult> {
@@ -383,6 +401,7 @@ impl Models {
                             entry.over_cap = false;
                             entry.last_error = None;
                             entry.failed_at = None;
+                            entry.failures = 0;
                             Ok(None)
                         }
                         (Some(entry), Err((e, failed))) => {
@@ -390,6 +409,7 @@ impl Models {
                             if failed {
                                 entry.last_error = Some(e.message.clone());
                                 entry.failed_at = Some(Instant::now());
+                                entry.failures = entry.failures.saturating_add(1);
                             }
                             Err(e)
                         }
@@ -564,6 +584,32 @@ impl Models {
     }
 
     /// Unloads models idle longer than `keep_alive`.
+    /// Loads again each preloaded model whose last load failed, once its backoff passed
+    /// ([`LOAD_RETRY`] doubling with each failure in a row, up to 5 minutes): a replica kept out
+    /// of rotation by it gets no request that would load it on demand (a model folder that
+    /// arrives late, a GPU that frees up).
+    pub fn retry_failed_preloads(self: &Arc<Self>) {
+        let config = self.config();
+        let mut inner = lock(&self.inner);
+        let due: Vec<String> = inner
+            .entries
+            .iter()
+            .filter(|(name, e)| {
+                let backoff = retry_backoff(e.failures);
+                matches!(e.slot, Slot::Unloaded)
+                    && !e.parked
+                    && !e.over_cap
+                    && config.server.preloads(name)
+                    && e.failed_at.is_some_and(|t| t.elapsed() >= backoff)
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in due {
+            tracing::info!(plugin = %name, "loading again: its last load failed");
+            self.begin_load(&mut inner, &name);
+        }
+    }
+
     pub async fn unload_idle(&self, keep_alive: Duration) {
         let idle: Vec<String> = {
             let inner = lock(&self.inner);
@@ -613,6 +659,7 @@ fn status_of(e: &Entry) -> PluginStatus {
         ..base
     };
     match &e.slot {
+        Slot::Unloaded if e.failed_at.is_some() => base.failed(),
         Slot::Unloaded => base,
         Slot::Loading(_) => base.loading(),
         Slot::Loaded(d) => base.serving(d),

@@ -32,6 +32,7 @@ pub fn merge(running: &Config, before: &Config, file: &Config) -> (Config, Vec<&
     s.body_timeout_secs = f.body_timeout_secs;
     s.drain_timeout_secs = f.drain_timeout_secs;
     s.warmup = f.warmup;
+    s.strict_readiness = f.strict_readiness;
     s.image_root = f.image_root.clone();
 
     let (b, f) = (before, file);

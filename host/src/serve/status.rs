@@ -99,6 +99,14 @@ impl PluginStatus {
         }
     }
 
+    /// Not loaded because its last load failed (`last_error` says why).
+    pub(super) fn failed(self) -> Self {
+        Self {
+            state: "failed".into(),
+            ..self
+        }
+    }
+
     /// While its first worker loads.
     pub(super) fn loading(self) -> Self {
         Self {
