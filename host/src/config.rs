@@ -104,8 +104,10 @@ pub struct SupervisorSection {
     /// See `max_crashes` (default 300).
     pub crash_window_secs: u64,
     /// First wait before a restart, doubling per failure (default 500 ms).
+    #[serde(deserialize_with = "not_zero")]
     pub restart_backoff_ms: u64,
     /// The longest wait between restarts (default 30 000 ms).
+    #[serde(deserialize_with = "not_zero")]
     pub max_restart_backoff_ms: u64,
 }
 
@@ -160,6 +162,7 @@ pub struct ServerSection {
     pub queue_depth: usize,
     /// A streaming client that takes no data for this many seconds while the stream's buffer is
     /// full is cut off, and its generation stopped (default 30).
+    #[serde(deserialize_with = "not_zero")]
     pub stall_timeout_secs: u64,
     /// Seconds a client may take to send a request's head (and an idle keep-alive connection
     /// may wait); then the connection is closed (default 30).
@@ -257,16 +260,65 @@ pub enum ConfigError {
     /// Syntax, an unknown key or a bad value.
     #[error("{0}")]
     Parse(#[from] TomlError),
+    /// Values that parse but do not go together.
+    #[error("{path}: {problem}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, naming the keys.
+        problem: String,
+    },
 }
 
 impl Config {
     /// Reads and parses `path`.
+    /// Reads and parses `path`; the folders it names, when relative, are relative to it (as
+    /// a manifest's paths are to the manifest: under systemd the working directory is `/`).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Ok(crate::tomlfile::parse(path, &text)?)
+        let mut config: Self = crate::tomlfile::parse(path, &text)?;
+        if let Some(problem) = config.problem() {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                problem,
+            });
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        let beside = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        config.plugin_dirs.iter_mut().for_each(beside);
+        config.library_dirs.iter_mut().for_each(beside);
+        config.server.image_root.iter_mut().for_each(beside);
+        config.server.runtime_dir.iter_mut().for_each(beside);
+        Ok(config)
+    }
+
+    /// What is wrong with settings that parse one by one but not together.
+    fn problem(&self) -> Option<String> {
+        let s = &self.supervisor;
+        if s.restart_backoff_ms > s.max_restart_backoff_ms {
+            return Some(format!(
+                "supervisor.restart_backoff_ms ({}) is more than supervisor.max_restart_backoff_ms ({}): the first wait cannot pass the longest",
+                s.restart_backoff_ms, s.max_restart_backoff_ms
+            ));
+        }
+        let server = &self.server;
+        let keys = [
+            ("server.api_keys", &server.api_keys),
+            ("server.admin_keys", &server.admin_keys),
+            ("server.metrics_keys", &server.metrics_keys),
+        ];
+        keys.into_iter().find_map(|(name, keys)| {
+            keys.iter()
+                .any(|k| k.trim().is_empty() || k.chars().any(char::is_whitespace))
+                .then(|| format!("{name} holds an empty key or one with whitespace: a bearer key is one token, e.g. from `openssl rand -hex 32`"))
+        })
     }
 
     /// The sandbox policy it sets.
@@ -330,6 +382,42 @@ mod tests {
             c.restart_policy().max_crashes,
             RestartPolicy::default().max_crashes
         );
+    }
+
+    /// Settings that parse alone but not together, or keys no client could send, are refused
+    /// naming the file and the keys; relative folders are the file's.
+    #[test]
+    fn settings_are_checked_together_and_folders_are_the_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pio.toml");
+        let load = |text: &str| {
+            std::fs::write(&file, text).unwrap();
+            Config::load(&file)
+        };
+        let e = load("[supervisor]\nrestart_backoff_ms = 60000\nmax_restart_backoff_ms = 10\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("pio.toml") && e.contains("max_restart_backoff_ms"),
+            "{e}"
+        );
+        let e = load("[server]\napi_keys = [\"\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("server.api_keys"), "{e}");
+        for zero in [
+            "[supervisor]\nrestart_backoff_ms = 0\n",
+            "[server]\nstall_timeout_secs = 0\n",
+        ] {
+            assert!(load(zero).is_err(), "{zero}");
+        }
+        let c = load("plugin_dirs = [\"plugins.d\", \"/abs\"]\n[server]\nimage_root = \"img\"\n")
+            .unwrap();
+        assert_eq!(
+            c.plugin_dirs,
+            [dir.path().join("plugins.d"), PathBuf::from("/abs")]
+        );
+        assert_eq!(c.server.image_root, Some(dir.path().join("img")));
     }
 
     #[test]
