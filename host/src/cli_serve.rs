@@ -35,6 +35,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     init_logging(config.server.log_format);
     let policy = args.tiers.policy(config.policy());
+    let own_runtime_dir = config.server.runtime_dir.is_none();
     let runtime_dir = match config.server.runtime_dir.clone() {
         Some(dir) => dir,
         None => {
@@ -71,6 +72,11 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(pio_host::serve::serve(setup))?;
+    // The folder made for this process goes too (its libraries' copies went with the daemon);
+    // a configured one is the operator's.
+    if own_runtime_dir {
+        let _ = std::fs::remove_dir(&runtime_dir);
+    }
     Ok(())
 }
 

@@ -748,10 +748,16 @@ fn the_next_start_cleans_what_a_killed_daemon_left() {
     assert!(!groups().is_empty(), "the worker runs in its cgroup");
     drop(first); // SIGKILL
     assert!(runtime.is_dir(), "a killed daemon cleans nothing");
-    let second = Daemon::start(echo_dir(""), "");
+    let mut second = Daemon::start(echo_dir(""), "");
     second.wait_ready();
     assert!(!runtime.exists(), "the next start removed {runtime:?}");
     assert_eq!(groups(), Vec::<std::path::PathBuf>::new());
+    // A clean stop leaves nothing for the next start to remove.
+    let own = std::env::temp_dir().join(format!("pio-serve-{}", second.pid()));
+    assert!(own.is_dir());
+    second.terminate();
+    assert!(second.wait_exit(30).success());
+    assert!(!own.exists(), "{own:?} left behind");
 }
 
 /// `/metrics` is open on a loopback listen, needs a metrics or admin key once metrics keys are
