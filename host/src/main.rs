@@ -49,6 +49,10 @@ enum Command {
         /// Directories a manifest's library is also looked up in.
         #[arg(long = "library-dir", value_name = "DIR")]
         library_dirs: Vec<PathBuf>,
+        /// The daemon's configuration file: its `library_dirs` are searched too (after
+        /// `--library-dir`) and its `sandbox.worker_uid`/`worker_gid` probe the library.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -126,8 +130,9 @@ fn main() -> ExitCode {
         Command::Check {
             path,
             library_dirs,
+            config,
             json,
-        } => check(&path, library_dirs, json),
+        } => check(&path, library_dirs, config.as_deref(), json),
         Command::Run(args) => cli_run::run(args).map(ExitCode::from),
         Command::Bench(args) => cli_bench::run(args).map(ExitCode::from),
         Command::Pull(args) => cli_pull::run(args).map(ExitCode::from),
@@ -248,13 +253,31 @@ fn display_dirs(dirs: &[PathBuf]) -> String {
     names.join(", ")
 }
 
-fn check(path: &Path, library_dirs: Vec<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
-    anyhow::ensure!(
-        path.exists(),
-        "{}: no such file; pass a plugin manifest (.toml) or a plugin library",
-        path.display()
-    );
-    let prober = prober(&pio_host::config::Config::default())?;
+fn check(
+    path: &Path,
+    mut library_dirs: Vec<PathBuf>,
+    config: Option<&Path>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    if !path.exists() {
+        let why = format!(
+            "{}: no such file; pass a plugin manifest (.toml) or a plugin library",
+            path.display()
+        );
+        if json {
+            // Scripts reading stdout get JSON here too.
+            let value = serde_json::json!({"manifest": path, "status": "error", "error_kind": "not_found", "error": why});
+            println!("{}", serde_json::to_string_pretty(&value)?);
+            return Ok(ExitCode::FAILURE);
+        }
+        anyhow::bail!(why);
+    }
+    let config = match config {
+        Some(file) => Config::load(file)?,
+        None => Config::default(),
+    };
+    library_dirs.extend(config.library_dirs.iter().cloned());
+    let prober = prober(&config)?;
     let is_manifest = path.extension().is_some_and(|x| x == "toml");
     let candidate = if is_manifest {
         let search = search_paths(Vec::new(), library_dirs);

@@ -378,3 +378,41 @@ fn check_fails_a_manifest_its_tier_refuses() {
     let (ok, v) = check_json(&path);
     assert!(ok, "{v:#}");
 }
+
+/// `pio check --config FILE` looks the library up in the daemon's `library_dirs` as the daemon
+/// does (a container's manifests name bare libraries installed elsewhere); a missing path in
+/// `--json` mode is JSON too.
+#[test]
+fn check_reads_the_daemons_library_dirs_and_answers_json_for_a_missing_file() {
+    let libs = PluginDir::new();
+    libs.copy_lib("pio_plugin_echo", "libecho.so");
+    let dir = PluginDir::new();
+    let path = dir.write("echo.toml", &manifest("echo", "0.1.0", "libecho.so", ""));
+    let (ok, v) = check_json(&path);
+    assert!(!ok && v["error_kind"] == "library_not_found", "{v:#}");
+    let config = dir.write(
+        "pio.toml",
+        &format!("library_dirs = [\"{}\"]\n", libs.path().display()),
+    );
+    let out = pio(
+        dir.path(),
+        &[
+            "check",
+            "--json",
+            "--config",
+            config.to_str().unwrap(),
+            path.to_str().unwrap(),
+        ],
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(out.status.success(), "{v:#}");
+    assert_eq!(v["status"], "ready", "{v:#}");
+
+    let out = pio(dir.path(), &["check", "--json", "nope.toml"]);
+    assert!(!out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["error"].as_str().unwrap().contains("no such file"),
+        "{v:#}"
+    );
+}
