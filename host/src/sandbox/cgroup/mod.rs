@@ -56,6 +56,39 @@ pub struct CgroupError {
     pub source: std::io::Error,
 }
 
+/// The leaf the processes of a v2 cgroup namespace's root move to (see [`evacuate`]).
+pub const DAEMON_LEAF: &str = "pio-daemon";
+
+/// Moves every process of the v2 cgroup `dir` into `dir/`[`DAEMON_LEAF`], one `cgroup.procs`
+/// write per process (the kernel's rule); a process that exits meanwhile is skipped, one
+/// started meanwhile is caught by another pass.
+fn evacuate(dir: &Path) -> Result<(), CgroupError> {
+    use std::io::Write;
+    let home = dir.join(DAEMON_LEAF);
+    io(&home, "create", std::fs::create_dir_all(&home))?;
+    let target = home.join("cgroup.procs");
+    for _ in 0..3 {
+        let procs = dir.join("cgroup.procs");
+        let listed = io(&procs, "read", std::fs::read_to_string(&procs))?;
+        let pids: Vec<&str> = listed.split_whitespace().collect();
+        if pids.is_empty() {
+            break;
+        }
+        for pid in pids {
+            let mut file = io(
+                &target,
+                "open",
+                std::fs::OpenOptions::new().append(true).open(&target),
+            )?;
+            match file.write_all(format!("{pid}\n").as_bytes()) {
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+                r => io(&target, "move a process into", r)?,
+            }
+        }
+    }
+    Ok(())
+}
+
 fn io<T>(path: &Path, action: &'static str, r: std::io::Result<T>) -> Result<T, CgroupError> {
     r.map_err(|source| CgroupError {
         path: path.to_owned(),
@@ -270,11 +303,18 @@ impl Cgroup {
         // Controllers must be enabled in every ancestor for the leaf to get them.
         for dir in [root, parent.as_path()] {
             let file = dir.join("cgroup.subtree_control");
-            io(
-                &file,
-                "enable controllers",
-                std::fs::write(&file, controllers),
-            )?;
+            let written = match std::fs::write(&file, controllers) {
+                // A cgroup holding processes cannot hand controllers down (v2's "no internal
+                // processes" rule). The real root is exempt, a container's cgroup namespace
+                // root is not: its processes (the daemon, an init) move to a leaf of their own
+                // first, as Docker-in-Docker does.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && dir == root => {
+                    evacuate(root)?;
+                    std::fs::write(&file, controllers)
+                }
+                other => other,
+            };
+            io(&file, "enable controllers", written)?;
         }
         let dir = parent.join(leaf);
         Ok(Self {

@@ -131,6 +131,21 @@ fn v2_group_creation_writes_the_planned_files() {
     std::mem::forget(group);
 }
 
+/// The processes of a cgroup namespace's root are moved to a leaf of their own, one write each
+/// (what lets the root hand controllers down in a container on cgroup v2).
+#[test]
+fn a_namespace_roots_processes_move_to_their_own_leaf() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("cgroup.procs"), "12\n34\n").unwrap();
+    std::fs::create_dir(root.path().join(DAEMON_LEAF)).unwrap();
+    std::fs::write(root.path().join(DAEMON_LEAF).join("cgroup.procs"), "").unwrap();
+    evacuate(root.path()).unwrap();
+    let moved =
+        std::fs::read_to_string(root.path().join(DAEMON_LEAF).join("cgroup.procs")).unwrap();
+    // A plain file keeps its list, so every pass moves both again.
+    assert!(moved.starts_with("12\n34\n"), "{moved:?}");
+}
+
 /// On a machine with a writable hierarchy (root; CI): a real group, a real process in it, limits
 /// read back from the kernel, then everything killed and removed.
 #[test]
