@@ -52,11 +52,10 @@ fn wanted(name: &str) -> bool {
 
 /// A served model's name: what clients put in `model`.
 fn parse_name(s: &str) -> Result<String, String> {
-    pio_host::names::is_plain(s)
+    use pio_host::names::{is_model_name, MODEL_NAME_RULE};
+    is_model_name(s)
         .then(|| s.to_string())
-        .ok_or_else(|| {
-            format!("\"{s}\" is not a model name: 1 to 64 letters, digits, `-`, `_` or `.`")
-        })
+        .ok_or_else(|| format!("\"{s}\" is not a model name: {MODEL_NAME_RULE}"))
 }
 
 /// `owner/name[@revision]`, checked.
@@ -313,6 +312,10 @@ fn write_manifest(
     } = pulled;
     let report = &chosen.report;
     let name = args.name.as_deref().unwrap_or(&report.name);
+    // A library's own name becomes a file name and a manifest's `name`: held to the same rule.
+    if let Err(e) = parse_name(name) {
+        bail!("the plugin reports {e}; pass --name to serve the model under one");
+    }
     let path = manifest_path(chosen, name, dir, dest, args.force)?;
     if path.exists() {
         std::fs::copy(&path, path.with_extension("toml.bak"))

@@ -108,11 +108,12 @@ fn checked_generation<'de, D: Deserializer<'de>>(
 /// digits, `_`, `-` and `.`, beginning with a letter or digit (no path, no `..`).
 fn plain_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     let s = String::deserialize(d)?;
-    if crate::names::is_plain(&s) && s.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+    if crate::names::is_model_name(&s) {
         return Ok(s);
     }
     Err(serde::de::Error::custom(format!(
-        "expected 1 to 64 letters, digits, `_`, `-` or `.`, beginning with a letter or digit (the name is used in URLs, cgroups and logs), found {s:?}; e.g. \"qwen3-4b-instruct-2507\""
+        "expected {} (the name is used in URLs, cgroups and logs), found {s:?}; e.g. \"qwen3-4b-instruct-2507\"",
+        crate::names::MODEL_NAME_RULE
     )))
 }
 

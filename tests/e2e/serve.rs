@@ -543,6 +543,10 @@ fn a_plugin_that_fails_to_load_says_why_and_is_not_restarted_per_request() {
         d.plugin("echo")["pid"].is_null(),
         "no worker was started for the request"
     );
+    // An operator's unload ends its tries: unloaded on purpose, it no longer holds /ready back.
+    assert_eq!(d.post("/v1/plugins/echo/unload", &json!({})).0, 200);
+    assert_eq!(d.plugin("echo")["state"], "unloaded");
+    assert_eq!(d.get("/ready").0, 200);
 }
 
 fn process_exists(pid: &Value) -> bool {

@@ -238,6 +238,9 @@ pub async fn serve(setup: Setup) -> Result<(), ServeError> {
         .map(|a| a.to_string())
         .unwrap_or_else(|_| server.listen.clone());
     tracing::info!("listening on http://{local}");
+    if !loopback && server.admin_keys.is_empty() {
+        tracing::warn!("the admin API (/v1/plugins, and the web page's status view) is closed: off loopback it needs server.admin_keys");
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let rules = listen::ConnectionRules {
         header_timeout: Duration::from_secs(server.header_timeout_secs.max(1)),

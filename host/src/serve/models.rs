@@ -90,6 +90,8 @@ pub struct Models {
     /// The configuration in force: the setup's, replaced on each `SIGHUP` reload.
     config: std::sync::RwLock<Arc<Config>>,
     inner: Mutex<Inner>,
+    /// Set by [`Models::stop_all`]: a load that ends after it is stopped, not kept.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
@@ -172,6 +174,12 @@ impl Inner {
                     e.found = f;
                     if matches!(e.slot, Slot::Loaded(_)) {
                         changes.reload.push(name);
+                    } else if e.failed_at.take().is_some() {
+                        // A fix of what failed to load is tried at once, not after the backoff.
+                        e.failures = 0;
+                        if preload(&name) {
+                            changes.load.push(name);
+                        }
                     }
                 }
                 Some(_) => {}
@@ -194,6 +202,7 @@ impl Models {
             config: std::sync::RwLock::new(Arc::new(setup.config.clone())),
             setup,
             inner: Mutex::default(),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -389,13 +398,14 @@ impl Models {
                     }
                     Err(e) => Err((e, false)),
                 };
+                let stopping = this.stopping.load(std::sync::atomic::Ordering::Acquire);
                 let outcome = {
                     let mut inner = lock(&this.inner);
                     if let Some(entry) = inner.entries.get_mut(&found.manifest.name) {
                         entry.holds_room = false;
                     }
                     match (inner.entries.get_mut(&found.manifest.name), result) {
-                        (Some(entry), Ok(d)) => {
+                        (Some(entry), Ok(d)) if !stopping => {
                             entry.slot = Slot::Loaded(Arc::new(d));
                             entry.parked = false;
                             entry.over_cap = false;
@@ -413,15 +423,23 @@ impl Models {
                             }
                             Err(e)
                         }
-                        // Removed while it loaded.
-                        (None, Ok(d)) => Ok(Some(d)),
+                        // Removed while it loaded, or the daemon is stopping: nothing keeps it.
+                        (entry, Ok(d)) => {
+                            if let Some(entry) = entry {
+                                entry.slot = Slot::Unloaded;
+                            }
+                            Ok(Some(d))
+                        }
                         (None, Err((e, _))) => Err(e),
                     }
                 };
                 let sent = match outcome {
                     Ok(Some(orphan)) => {
                         orphan.supervised.stop().await;
-                        Err(ApiError::unknown_model(&found.manifest.name))
+                        Err(match stopping {
+                            true => ApiError::unavailable("the daemon is stopping".to_string()),
+                            false => ApiError::unknown_model(&found.manifest.name),
+                        })
                     }
                     Ok(None) => {
                         tracing::info!(plugin = %found.manifest.name, "model loaded");
@@ -512,6 +530,13 @@ impl Models {
                     "plugin {name} is loading; unload it once it has loaded"
                 )));
             }
+            if matches!(entry.slot, Slot::Unloaded) {
+                // An operator's unload of a model that failed to load: no more tries of its own.
+                let entry = inner.entry_mut(name)?;
+                entry.parked = true;
+                entry.failed_at = None;
+                entry.failures = 0;
+            }
             park(&mut inner, name)
         };
         if let Some(d) = taken {
@@ -572,6 +597,8 @@ impl Models {
 
     /// Drains (for at most `grace`) and stops every model (shutdown).
     pub async fn stop_all(&self, grace: Duration) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Release);
         let all: Vec<_> = {
             let mut inner = lock(&self.inner);
             let names: Vec<String> = inner.entries.keys().cloned().collect();
@@ -583,14 +610,24 @@ impl Models {
         futures_util::future::join_all(all.iter().map(|d| d.drain_and_stop(grace))).await;
     }
 
-    /// Unloads models idle longer than `keep_alive`.
     /// Loads again each preloaded model whose last load failed, once its backoff passed
     /// ([`LOAD_RETRY`] doubling with each failure in a row, up to 5 minutes): a replica kept out
     /// of rotation by it gets no request that would load it on demand (a model folder that
-    /// arrives late, a GPU that frees up).
+    /// arrives late, a GPU that frees up). Not while the daemon stops, and not at the cost of a
+    /// loaded model when `max_loaded_models` is reached.
     pub fn retry_failed_preloads(self: &Arc<Self>) {
+        if self.stopping.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         let config = self.config();
         let mut inner = lock(&self.inner);
+        let cap = config.server.max_loaded_models;
+        let held = (inner.entries.values())
+            .filter(|e| !matches!(e.slot, Slot::Unloaded))
+            .count();
+        if cap > 0 && held >= cap {
+            return;
+        }
         let due: Vec<String> = inner
             .entries
             .iter()
@@ -610,6 +647,7 @@ impl Models {
         }
     }
 
+    /// Unloads models idle longer than `keep_alive`.
     pub async fn unload_idle(&self, keep_alive: Duration) {
         let idle: Vec<String> = {
             let inner = lock(&self.inner);

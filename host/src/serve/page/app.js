@@ -20,7 +20,9 @@ function notice(text) {
 async function api(path, options = {}) {
   const response = await fetch(path, { ...options, headers: headers() });
   if (response.status === 401) {
-    notice("This server needs a key: enter it at the top right.");
+    // The server's words say which key opens the path (off loopback the admin API has none
+    // until admin keys are configured).
+    notice("This server needs a key (" + (await errorText(response)) + "): enter it at the top right.");
     throw new Error("unauthorized");
   }
   return response;
