@@ -16,6 +16,9 @@ pub struct Step {
 pub struct StopMatcher {
     stops: Vec<String>,
     held: String,
+    /// Bytes at the start of `held` that came while stops could not end the output
+    /// ([`StopMatcher::pass`]): a stop string lying wholly within them does not count later.
+    passed: usize,
     /// Whether the stop string that ends the output is part of it (vLLM's
     /// `include_stop_str_in_output`).
     keep: bool,
@@ -31,6 +34,7 @@ impl StopMatcher {
                 .filter(|s: &String| !s.is_empty())
                 .collect(),
             held: String::new(),
+            passed: 0,
             keep: false,
         }
     }
@@ -43,11 +47,17 @@ impl StopMatcher {
     /// Feeds the next piece of generated text.
     pub fn push(&mut self, text: &str) -> Step {
         self.held.push_str(text);
-        // The earliest stop string; of those starting there, the longest.
+        let passed = std::mem::take(&mut self.passed);
+        // The earliest stop string that ends in new text; of those starting there, the longest.
         let first_stop = self
             .stops
             .iter()
-            .filter_map(|s| Some((self.held.find(s.as_str())?, std::cmp::Reverse(s.len()))))
+            .filter_map(|s| {
+                let at = (self.held.match_indices(s.as_str()))
+                    .map(|(at, _)| at)
+                    .find(|at| at + s.len() > passed)?;
+                Some((at, std::cmp::Reverse(s.len())))
+            })
             .min();
         if let Some((at, std::cmp::Reverse(len))) = first_stop {
             let end = if self.keep { at + len } else { at };
@@ -73,7 +83,9 @@ impl StopMatcher {
     pub fn pass(&mut self, text: &str) -> String {
         self.held.push_str(text);
         let keep = self.longest_stop_prefix_suffix();
-        self.held.drain(..self.held.len() - keep).collect()
+        let out = self.held.drain(..self.held.len() - keep).collect();
+        self.passed = self.held.len();
+        out
     }
 
     /// Generation ended for another reason: releases whatever was held back.
@@ -121,6 +133,20 @@ mod tests {
         assert_eq!(m.pass("a STOP b ST"), "a STOP b ");
         let last = m.push("OP c");
         assert_eq!((last.emit.as_str(), last.stopped), ("", true));
+    }
+
+    /// A stop string passed whole (held only because it begins a longer one) does not end the
+    /// output later; the longer one completed later does.
+    #[test]
+    fn a_passed_stop_string_held_as_the_start_of_another_does_not_count() {
+        let mut m = StopMatcher::new(["ST", "STOP"]);
+        assert_eq!(m.pass("a ST"), "a ");
+        let step = m.push("x");
+        assert_eq!((step.emit.as_str(), step.stopped), ("STx", false));
+        let mut m = StopMatcher::new(["ST", "STOP"]);
+        assert_eq!(m.pass("a ST"), "a ");
+        let step = m.push("OP");
+        assert_eq!((step.emit.as_str(), step.stopped), ("", true));
     }
 
     #[test]

@@ -22,7 +22,7 @@ where
     let value = T::deserialize(d)?;
     if value == T::default() {
         return Err(serde::de::Error::custom(
-            "must be more than 0 (with 0 nothing could be served); leave it out for the default",
+            "must be more than 0; leave it out for the default",
         ));
     }
     Ok(value)
@@ -271,7 +271,6 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// Reads and parses `path`.
     /// Reads and parses `path`; the folders it names, when relative, are relative to it (as
     /// a manifest's paths are to the manifest: under systemd the working directory is `/`).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -289,7 +288,18 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         let beside = |p: &mut PathBuf| {
             if p.is_relative() {
-                *p = base.join(&*p);
+                let joined = base.join(&*p);
+                // Before, relative folders were the working directory's: say so where that
+                // still finds one and the file's folder does not.
+                if !joined.exists() && p.exists() {
+                    tracing::warn!(
+                        "{}: {} is relative to the configuration file's folder ({}), not to the working directory, where it exists; write it as an absolute path",
+                        path.display(),
+                        p.display(),
+                        joined.display()
+                    );
+                }
+                *p = joined;
             }
         };
         config.plugin_dirs.iter_mut().for_each(beside);

@@ -176,6 +176,14 @@ for model in (QWEN, CODER, GLM):
                     names.append(tc.function.name)
     assert names == ["get_weather"] and finish == "tool_calls", (model, names, finish)
 
+# `tool_choice: "none"` still shows the tools to the model (vLLM's default: the prompt, and so its
+# cached prefix, is the same as with `auto`), and takes no call out of the output.
+bare = client.chat.completions.create(model=QWEN, messages=TOOL_ASK, max_tokens=1)
+shown = client.chat.completions.create(model=QWEN, messages=TOOL_ASK, tools=TOOLS, tool_choice="none", max_tokens=1)
+auto = client.chat.completions.create(model=QWEN, messages=TOOL_ASK, tools=TOOLS, max_tokens=1)
+assert shown.usage.prompt_tokens == auto.usage.prompt_tokens > bare.usage.prompt_tokens, (bare.usage, shown.usage)
+assert not shown.choices[0].message.tool_calls, shown
+
 # pydantic's tools (`openai.pydantic_function_tool`) name their enums and nested models through
 # `$defs` and write optional fields as unions: a forced call holds to them in every markup, and
 # its arguments come back as the types the schema says.

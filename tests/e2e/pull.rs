@@ -72,7 +72,11 @@ fn a_pulled_snapshot_resumes_checks_and_serves() {
     // Again: the download resumes at byte 4000 (and, broken off after 2000 more bytes, asks for
     // the rest at once); the plugin's manifest here points at the fixture, so only --force
     // moves it to the snapshot.
-    hub.script.lock().unwrap().cuts = [(shard.to_string(), 2000)].into();
+    // Then the rest arrives whole but the connection breaks after its last byte: nothing is
+    // asked for past the end.
+    let size = std::fs::metadata(fixture.join(shard)).unwrap().len() as usize;
+    hub.script.lock().unwrap().cuts =
+        [(shard.to_string(), 2000), (shard.to_string(), size - 6000)].into();
     let refused = pull(
         &hub,
         plugins.path(),

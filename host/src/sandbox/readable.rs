@@ -96,9 +96,9 @@ pub fn unreadable_tree(path: &Path, uid: u32, gid: u32, reach: Reach) -> Option<
 }
 
 /// Whether `uid:gid` may create files in the existing folder `dir` (enter every folder on the
-/// way, write and enter `dir`), from the mode bits.
-pub fn writable_folder(dir: &Path, uid: u32, gid: u32) -> bool {
-    if unreadable(dir, uid, gid, Reach::Host).is_some() {
+/// way, as `reach` says, write and enter `dir`), from the mode bits (an ACL is not read).
+pub fn writable_folder(dir: &Path, uid: u32, gid: u32, reach: Reach) -> bool {
+    if unreadable(dir, uid, gid, reach).is_some() {
         return false;
     }
     std::fs::metadata(dir)
@@ -164,17 +164,24 @@ mod tests {
         let owner = std::fs::metadata(&cache).unwrap().uid();
         let other = if owner == 4321 { 4322 } else { 4321 };
         chmod(&cache, 0o755);
-        assert!(!writable_folder(&cache, other, other));
-        assert!(writable_folder(&cache, 0, 0));
+        assert!(!writable_folder(&cache, other, other, Reach::Host));
+        assert!(writable_folder(&cache, 0, 0, Reach::Host));
         chmod(&cache, 0o777);
-        assert!(writable_folder(&cache, other, other));
+        assert!(writable_folder(&cache, other, other, Reach::Host));
         // Writable but not enterable, or under a folder it cannot enter.
         chmod(&cache, 0o776);
-        assert!(!writable_folder(&cache, other, other));
+        assert!(!writable_folder(&cache, other, other, Reach::Host));
         chmod(&cache, 0o777);
         chmod(tmp.path(), 0o700);
-        assert!(!writable_folder(&cache, other, other));
+        assert!(!writable_folder(&cache, other, other, Reach::Host));
+        // Mounted into an empty root, the folder above is not on the way.
+        assert!(writable_folder(&cache, other, other, Reach::Mounted));
         chmod(tmp.path(), 0o755);
-        assert!(!writable_folder(&tmp.path().join("absent"), other, other));
+        assert!(!writable_folder(
+            &tmp.path().join("absent"),
+            other,
+            other,
+            Reach::Host
+        ));
     }
 }

@@ -235,7 +235,7 @@ fn choice_grammar(field: &str, choices: &[String]) -> Result<String, ApiError> {
 pub enum ToolChoice {
     /// The model decides.
     Auto,
-    /// No tools: they are not shown to the model.
+    /// No call: the tools are still shown, but the output is all text.
     None,
     /// At least one call, to any tool.
     Required,

@@ -172,8 +172,9 @@ fn glm_call(body: &str, tools: &[Value]) -> Option<Call> {
         let (key, after) = after.split_once("</arg_key>")?;
         let after = after.trim_start().strip_prefix("<arg_value>")?;
         let (raw, after) = after.split_once("</arg_value>")?;
-        // vLLM's GLM parser: text for a string parameter, else JSON if it parses.
-        let string = schema.is_some_and(|s| s.type_of(key.trim()) == Some("string"));
+        // vLLM's GLM parser: text for a string parameter (declared so, or a string enum the
+        // grammar writes bare), else JSON if it parses.
+        let string = schema.is_some_and(|s| s.declares_string(key.trim()));
         let value = if string {
             Value::String(raw.to_string())
         } else {
@@ -198,9 +199,10 @@ fn parameters_of<'a>(tools: &'a [Value], name: &str) -> Option<Parameters<'a>> {
 struct Parameters<'a>(&'a Value);
 
 impl Parameters<'_> {
-    /// Parameter `key`'s schema, its references followed.
+    /// Parameter `key`'s schema, its references followed (the parameters' own too).
     fn of(&self, key: &str) -> Option<&Value> {
-        let schema = self.0.get("properties")?.get(key)?;
+        let root = tool_grammar::resolved(self.0, self.0);
+        let schema = root.get("properties")?.get(key)?;
         Some(tool_grammar::resolved(schema, self.0))
     }
 
@@ -210,9 +212,12 @@ impl Parameters<'_> {
         self.of(key).is_none_or(tool_grammar::is_bare_string)
     }
 
-    /// `key`'s declared type, when it is one name.
-    fn type_of(&self, key: &str) -> Option<&str> {
-        self.of(key)?.get("type")?.as_str()
+    /// Whether `key`'s schema says string: its type, or an enum of strings (what the grammar
+    /// writes bare); a parameter that says nothing is not.
+    fn declares_string(&self, key: &str) -> bool {
+        self.of(key).is_some_and(|p| {
+            (p.get("type").is_some() || p.get("enum").is_some()) && tool_grammar::is_bare_string(p)
+        })
     }
 }
 
@@ -344,6 +349,14 @@ mod tests {
         let e = extract(Format::Glm47, text, &tools);
         let args: Value = serde_json::from_str(&e.calls[0].arguments).unwrap();
         assert_eq!(args, json!({"color": "7", "n": 5}));
+        // A string enum without a type is written bare, so it is read back as text.
+        let untyped = vec![
+            json!({"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"c": {"enum": ["1", "2"]}}}}}),
+        ];
+        let text = "<tool_call>f<arg_key>c</arg_key><arg_value>1</arg_value></tool_call>";
+        let e = extract(Format::Glm47, text, &untyped);
+        assert_eq!(e.calls[0].arguments, "{\"c\":\"1\"}");
     }
 
     #[test]

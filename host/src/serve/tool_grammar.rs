@@ -118,8 +118,10 @@ fn hermes(tools: &[Tool<'_>]) -> String {
     )
 }
 
-/// A parameter's properties, in schema order, with whether each is required.
+/// A parameter's properties, in schema order, with whether each is required (a schema that is
+/// itself a reference read where it points).
 fn parameters(schema: &Value) -> Vec<(String, Value, bool)> {
+    let schema = resolved(schema, schema);
     let required: Vec<&str> = schema
         .get("required")
         .and_then(Value::as_array)
