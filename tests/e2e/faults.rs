@@ -217,6 +217,15 @@ fn oom_kills_are_counted_across_restarts() {
     let series = "pio_worker_oom_kills_total{model=\"hostile\"}";
     assert_eq!(d.metric(series), Some(1.0), "{}", d.get_text("/metrics"));
     assert_eq!(complete(&d, "hostile", "status").0, 200);
+    // A reload (a new deployment) and an unload keep the daemon's counters: they never go back.
+    assert_eq!(d.post("/v1/plugins/hostile/reload", &json!({})).0, 200);
+    assert_eq!(d.plugin("hostile")["oom_kills"], 0, "the new worker's own");
+    assert_eq!(d.metric(series), Some(1.0), "{}", d.get_text("/metrics"));
+    let restarts = "pio_worker_restarts_total{model=\"hostile\"}";
+    assert_eq!(d.metric(restarts), Some(1.0));
+    assert_eq!(d.post("/v1/plugins/hostile/unload", &json!({})).0, 200);
+    assert_eq!(d.metric(series), Some(1.0), "{}", d.get_text("/metrics"));
+    assert_eq!(d.metric(restarts), Some(1.0));
 }
 
 /// A quarantined model stays quarantined until an operator loads it: `POST .../load` starts a

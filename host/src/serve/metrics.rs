@@ -316,18 +316,21 @@ const GAUGES: [(&str, &str, Figure); 12] = [
 const COUNTERS: [(&str, &str, Figure); 6] = [
     (
         "worker_restarts",
-        "Worker restarts since the model loaded",
-        |s| Some(f64::from(s.restarts)),
+        "Worker restarts since the daemon started",
+        |s| Some((u64::from(s.restarts) + s.earlier.restarts) as f64),
     ),
     (
         "worker_oom_kills",
-        "OOM kills in the model's workers' cgroups since it loaded",
-        |s| Some(s.oom_kills as f64),
+        "OOM kills in the model's workers' cgroups since the daemon started",
+        |s| Some((s.oom_kills + s.earlier.oom_kills) as f64),
     ),
     (
         "worker_cpu_seconds",
-        "CPU time used by the model's workers since it loaded (cgroups)",
-        |s| s.cpu_seconds,
+        "CPU time used by the model's workers since the daemon started (cgroups)",
+        |s| match (s.cpu_seconds, s.earlier.cpu_seconds) {
+            (None, e) if e == 0.0 => None,
+            (now, e) => Some(now.unwrap_or(0.0) + e),
+        },
     ),
     (
         "engine_preemptions",

@@ -16,6 +16,7 @@ use super::error::ApiError;
 use super::hotplug::{scan, Found};
 use super::library::LibraryStore;
 pub use super::status::PluginStatus;
+use super::status::Counted;
 use crate::config::Config;
 use crate::discovery::{self, SearchPaths};
 use crate::probe::Prober;
@@ -72,6 +73,8 @@ struct Entry {
     parked: bool,
     /// Preloaded, but not loaded at start because `max_loaded_models` was full.
     over_cap: bool,
+    /// The counters of deployments gone by (see `PluginStatus::earlier`).
+    earlier: Counted,
     /// Loading with its place under `max_loaded_models` secured (so two loads waiting for room
     /// never wait for each other, and never both take the last place).
     holds_room: bool,
@@ -166,6 +169,7 @@ impl Inner {
                             parked: false,
                             over_cap: false,
                             holds_room: false,
+                            earlier: Counted::default(),
                         },
                     );
                 }
@@ -579,7 +583,11 @@ impl Models {
             match result {
                 Ok(new) => {
                     entry.last_error = None;
-                    std::mem::replace(&mut entry.slot, Slot::Loaded(Arc::new(new)))
+                    let old = std::mem::replace(&mut entry.slot, Slot::Loaded(Arc::new(new)));
+                    if let Slot::Loaded(d) = &old {
+                        retire(entry, d);
+                    }
+                    old
                 }
                 Err(e) => {
                     tracing::error!(plugin = %name, "reload failed, the old version keeps serving: {}", e.message);
@@ -694,6 +702,7 @@ fn status_of(e: &Entry) -> PluginStatus {
     let base = PluginStatus {
         parked: e.parked,
         over_cap: e.over_cap,
+        earlier: e.earlier,
         ..base
     };
     match &e.slot {
@@ -713,10 +722,19 @@ fn park(inner: &mut Inner, name: &str) -> Option<Arc<Deployment>> {
     Some(taken)
 }
 
+/// Counts `d`'s counters into `entry`'s earlier ones, as `d` leaves it.
+fn retire(entry: &mut Entry, d: &Deployment) {
+    let last = PluginStatus::new(&entry.found, None, false).serving(d);
+    entry.earlier = entry.earlier.plus(&last);
+}
+
 fn take_deployment(inner: &mut Inner, name: &str) -> Option<Arc<Deployment>> {
     let entry = inner.entries.get_mut(name)?;
     match std::mem::replace(&mut entry.slot, Slot::Unloaded) {
-        Slot::Loaded(d) => Some(d),
+        Slot::Loaded(d) => {
+            retire(entry, &d);
+            Some(d)
+        }
         other => {
             entry.slot = other;
             None

@@ -8,6 +8,29 @@ use super::deployment::Deployment;
 use super::hotplug::Found;
 use crate::supervisor::State;
 
+/// A model's counters of workers gone by (replaced by a reload, unloaded): the metrics add them,
+/// so that `/metrics` counters never go back within the daemon's life.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Counted {
+    /// Worker restarts.
+    pub restarts: u64,
+    /// OOM kills.
+    pub oom_kills: u64,
+    /// CPU seconds.
+    pub cpu_seconds: f64,
+}
+
+impl Counted {
+    /// These counts with `status`'s own added.
+    pub fn plus(self, status: &PluginStatus) -> Self {
+        Self {
+            restarts: self.restarts + u64::from(status.restarts),
+            oom_kills: self.oom_kills + status.oom_kills,
+            cpu_seconds: self.cpu_seconds + status.cpu_seconds.unwrap_or(0.0),
+        }
+    }
+}
+
 /// A plugin as `/v1/plugins` reports it.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct PluginStatus {
@@ -65,6 +88,10 @@ pub struct PluginStatus {
     /// ready, since the operator's cap is why.
     #[serde(skip)]
     pub over_cap: bool,
+    /// The counters of its workers before the current deployment (the figures above are the
+    /// current one's, since it loaded).
+    #[serde(skip)]
+    pub earlier: Counted,
 }
 
 impl PluginStatus {
@@ -96,6 +123,7 @@ impl PluginStatus {
             engine: None,
             parked: false,
             over_cap: false,
+            earlier: Counted::default(),
         }
     }
 
