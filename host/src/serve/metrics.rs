@@ -328,7 +328,7 @@ const COUNTERS: [(&str, &str, Figure); 6] = [
         "worker_cpu_seconds",
         "CPU time used by the model's workers since the daemon started (cgroups)",
         |s| match (s.cpu_seconds, s.earlier.cpu_seconds) {
-            (None, e) if e == 0.0 => None,
+            (None, 0.0) => None,
             (now, e) => Some(now.unwrap_or(0.0) + e),
         },
     ),
