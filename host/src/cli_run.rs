@@ -407,20 +407,52 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     runtime.block_on(stream(spec, config, parsed, args.json, timeout))
 }
 
-/// Starts the worker of `spec` and loads `config` into it, with a progress bar.
+/// Starts the worker of `spec` and loads `config` into it, with a progress bar. SIGINT or
+/// SIGTERM during the load stops the worker (a 60 GB model would go on loading for minutes) and
+/// fails.
 pub(crate) async fn start_loaded(
     spec: WorkerSpec,
     config: pio_plugin_api::wire::ModelConfig,
 ) -> anyhow::Result<(Worker, ModelInfo)> {
     let progress = LoadProgress::new(&spec.name);
+    let mut stop = StopSignals::new()?;
     let worker = Worker::start(spec).await?;
-    let loaded = worker
-        .load(config, |stage, done, total| {
-            progress.update(stage, done, total)
-        })
-        .await;
+    let loaded = tokio::select! {
+        loaded = worker.load(config, |stage, done, total| progress.update(stage, done, total)) => loaded,
+        why = stop.recv() => {
+            progress.finish();
+            worker.shutdown().await;
+            bail!("{why} while the model loaded: the worker was stopped");
+        }
+    };
     progress.finish();
     Ok((worker, loaded?))
+}
+
+/// SIGINT and SIGTERM, watched from when this is made (a stream made anew on each wait
+/// misses a signal that comes between two waits).
+pub(crate) struct StopSignals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Starts watching.
+    pub(crate) fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt()).context("cannot watch for SIGINT")?,
+            terminate: signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?,
+        })
+    }
+
+    /// The next signal, named.
+    pub(crate) async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.interrupt.recv() => "interrupted (SIGINT)",
+            _ = self.terminate.recv() => "stopped (SIGTERM)",
+        }
+    }
 }
 
 async fn stream(
@@ -442,16 +474,15 @@ async fn stream(
     let (id, mut events) = worker.infer(request)?;
     let deadline = tokio::time::sleep(timeout.unwrap_or(std::time::Duration::MAX / 4));
     tokio::pin!(deadline);
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot watch for SIGTERM")?;
+    let mut signals = StopSignals::new()?;
     let code = loop {
         let event = tokio::select! {
             e = events.recv() => e,
-            _ = tokio::signal::ctrl_c() => {
+            _ = signals.interrupt.recv() => {
                 worker.cancel(id);
                 continue;
             }
-            _ = terminate.recv() => {
+            _ = signals.terminate.recv() => {
                 // Stopped from outside: the worker and its cgroup go with us.
                 worker.kill_because("was stopped: pio run received SIGTERM".into());
                 continue;

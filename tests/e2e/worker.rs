@@ -766,3 +766,75 @@ fn the_probe_runs_as_the_configured_worker_user() {
     let text = list(&[]);
     assert!(text.contains("uid 65534"), "{text}");
 }
+
+/// Ctrl-C while `pio run` loads the model, or while `pio bench` runs, stops the worker and its
+/// cgroup with the command (before, the worker loaded on, unconfined by any parent, and its
+/// group stayed until the next `pio` started).
+#[test]
+fn an_interrupted_run_or_bench_stops_its_worker() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = crate::daemon::echo_dir("[model.options]\nload_delay_ms = 4000\n");
+    let groups = |pid: u32| -> usize {
+        std::fs::read_dir("/sys/fs/cgroup/memory/pio")
+            .into_iter()
+            .chain(std::fs::read_dir("/sys/fs/cgroup/pio"))
+            .flatten()
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .contains(&format!("-{pid}-"))
+            })
+            .count()
+    };
+    let interrupt_after = |args: &[&str], secs: f64| {
+        let child = Command::new(pio_bin())
+            .current_dir(dir.path())
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_secs_f64(secs));
+        assert_eq!(groups(child.id()), 1, "the worker runs in its group");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        )
+        .unwrap();
+        let pid = child.id();
+        let out = child.wait_with_output().unwrap();
+        (pid, out)
+    };
+    let (pid, out) = interrupt_after(&["run", "echo", "--plugins", ".", "--prompt", "hi"], 1.5);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("interrupted (SIGINT) while the model loaded"),
+        "{err}"
+    );
+    assert_eq!(groups(pid), 0, "{err}");
+
+    // Loaded after 4 s, then measuring a long while.
+    let (pid, out) = interrupt_after(
+        &[
+            "bench",
+            "echo",
+            "--plugins",
+            ".",
+            "--requests",
+            "100000",
+            "--concurrency",
+            "2",
+        ],
+        6.0,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("interrupted (SIGINT): the run was abandoned"),
+        "{err}"
+    );
+    assert_eq!(groups(pid), 0, "{err}");
+}

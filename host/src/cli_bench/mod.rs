@@ -253,33 +253,50 @@ pub fn run(args: BenchArgs) -> anyhow::Result<u8> {
     };
     runtime.block_on(async move {
         let (worker, info) = start_loaded(spec, config).await?;
-        // Warm-up: thread pools and buffers, with a prompt that shares nothing.
-        one(&worker, request("Hello".into(), 2, false)).await?;
-        if args.single_stream {
-            let measured = single::run(&worker, &args).await;
-            worker.shutdown().await;
-            return single::report(&args, measured?, &info);
-        }
         let worker = std::sync::Arc::new(worker);
-        let (timings, wall) = workload(&worker, &args, None).await?;
-        let mut figures = figures(&args, &timings, wall);
+        // Ctrl-C mid-run stops the worker (its cgroup goes with it) instead of leaving both.
+        let mut signals = crate::cli_run::StopSignals::new()?;
+        let result = tokio::select! {
+            r = measure(&worker, &info, &args, constraint) => r,
+            why = signals.recv() => Err(anyhow::anyhow!("{why}: the run was abandoned and the worker stopped")),
+        };
+        worker.shutdown().await;
+        result
+    })
+}
+
+/// The warm-up and the measured runs on a loaded `worker`; prints the report.
+async fn measure(
+    worker: &std::sync::Arc<Worker>,
+    info: &pio_plugin_api::wire::ModelInfo,
+    args: &BenchArgs,
+    constraint: Option<pio_plugin_api::wire::Constraint>,
+) -> anyhow::Result<u8> {
+    {
+        // Warm-up: thread pools and buffers, with a prompt that shares nothing.
+        one(worker, request("Hello".into(), 2, false)).await?;
+        if args.single_stream {
+            let measured = single::run(worker, args).await;
+            return single::report(args, measured?, info);
+        }
+        let (timings, wall) = workload(worker, args, None).await?;
+        let mut figures = figures(args, &timings, wall);
         if let Some(c) = constraint {
             // Free, constrained, free again: the overheads compare against both free runs'
             // mean, so a machine that drifts during the run does not pass for a cost.
-            let (timings, wall) = workload(&worker, &args, Some(c)).await?;
-            let constrained_figures = self::figures(&args, &timings, wall);
-            let (timings, wall) = workload(&worker, &args, None).await?;
-            let again = self::figures(&args, &timings, wall);
+            let (timings, wall) = workload(worker, args, Some(c)).await?;
+            let constrained_figures = self::figures(args, &timings, wall);
+            let (timings, wall) = workload(worker, args, None).await?;
+            let again = self::figures(args, &timings, wall);
             constrained::add(&mut figures, constrained_figures, &again);
         }
-        worker.shutdown().await;
         let llama = match &args.compare_llama_cpp {
-            Some(gguf) => Some(compare(&args, gguf, &timings)?),
+            Some(gguf) => Some(compare(args, gguf, &timings)?),
             None => None,
         };
-        report::print(&args, figures, llama.as_deref());
+        report::print(args, figures, llama.as_deref());
         Ok(0)
-    })
+    }
 }
 
 /// Runs the workload (every request's output held to `constraint`, if given); the requests'
