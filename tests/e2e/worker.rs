@@ -838,3 +838,17 @@ fn an_interrupted_run_or_bench_stops_its_worker() {
     );
     assert_eq!(groups(pid), 0, "{err}");
 }
+
+/// `pio bench --constrained` on a plugin without structured output is refused, as the API
+/// refuses the constraint (it printed "constrained" figures of free output).
+#[test]
+fn bench_refuses_constraints_a_plugin_cannot_hold() {
+    let dir = crate::daemon::echo_dir("");
+    let out = pio(
+        dir.path(),
+        &["bench", "echo", "--plugins", ".", "--constrained"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("structured_output"), "{err}");
+}

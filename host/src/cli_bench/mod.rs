@@ -233,7 +233,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<u8> {
         );
     }
     let Prepared {
-        mut config, spec, ..
+        mut config,
+        spec,
+        capabilities,
+        ..
     } = prepare(
         &args.name,
         &args.search,
@@ -251,6 +254,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<u8> {
         (false, _) => None,
         (true, path) => Some(constrained::constraint(path.as_deref())?),
     };
+    if constraint.is_some()
+        && !capabilities.contains(pio_plugin_api::Capabilities::STRUCTURED_OUTPUT)
+    {
+        bail!(
+            "--constrained needs constrained output, which {} does not declare (capability structured_output)",
+            args.name
+        );
+    }
     runtime.block_on(async move {
         let (worker, info) = start_loaded(spec, config).await?;
         let worker = std::sync::Arc::new(worker);
