@@ -315,6 +315,11 @@ pub fn parse(
     })
 }
 
+/// The most `stop` strings a request may give.
+const MAX_STOPS: usize = 64;
+/// The longest `stop` string, in bytes.
+const MAX_STOP_BYTES: usize = 1024;
+
 /// The sampling fields both endpoints share, checked, as the start of the plugin request.
 fn sampling(c: &Common) -> Result<InferRequest, ApiError> {
     use crate::sampling::*;
@@ -349,6 +354,16 @@ fn sampling(c: &Common) -> Result<InferRequest, ApiError> {
         return Err(ApiError::bad_field(
             "stop",
             "`stop` strings must not be empty",
+        ));
+    }
+    // Every generated token is matched against each (the cost falls on the batch the request
+    // shares), so the list is bounded: OpenAI allows 4, vLLM sets no bound.
+    if stop.len() > MAX_STOPS || stop.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::bad_field(
+            "stop",
+            format!(
+                "`stop` takes at most {MAX_STOPS} strings of at most {MAX_STOP_BYTES} bytes each"
+            ),
         ));
     }
     Ok(InferRequest {

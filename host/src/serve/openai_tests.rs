@@ -48,6 +48,18 @@ fn chat_fields_map_onto_the_plugin_request() {
     assert!(matches!(&r.prompt, Prompt::Messages(m) if m.len() == 1));
     assert!(!p.single_call);
 
+    // Stop strings are bounded in number and length (each is matched against every token).
+    for stop in [json!(vec!["x"; 65]), json!(["y".repeat(1025)])] {
+        let e = parse(
+            &with(body.clone(), json!({ "stop": stop })),
+            Endpoint::Chat,
+            caps(&["chat", "logprobs"]),
+            &Limits::default(),
+        )
+        .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("stop"));
+    }
+
     // Usage options on an answer that is not streamed are a mistake, as OpenAI and vLLM say.
     let e = parse(
         &with(body.clone(), json!({"stream": false})),
