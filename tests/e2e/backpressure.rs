@@ -153,6 +153,38 @@ fn a_whole_answer_whose_client_leaves_is_counted_and_its_generation_stopped() {
     );
 }
 
+/// A stream whose client leaves before its first token is counted as gone too (its handler
+/// was dropped before the stream's own task, which records, existed).
+#[test]
+fn a_stream_left_before_its_first_token_is_counted() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(echo_dir("[model.options]\ndelay_ms = 3000\n"), "");
+    d.wait_ready();
+    let body =
+        json!({"model": "echo", "prompt": "zz", "max_tokens": 2, "stream": true}).to_string();
+    let mut client = std::net::TcpStream::connect(d.addr()).expect("connect");
+    write!(
+        client,
+        "POST /v1/completions HTTP/1.1\r\nHost: pio\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send the request");
+    let busy = || d.plugin("echo")["requests_in_flight"] == 1;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !busy() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(busy(), "the request reached the worker");
+    drop(client);
+    let gone = "pio_requests_total{model=\"echo\",endpoint=\"completions\",status=\"499\"}";
+    while d.metric(gone).is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(d.metric(gone), Some(1.0), "{}", d.get_text("/metrics"));
+}
+
 /// More requests at once than the worker's pids limit has threads for wait for a thread instead
 /// of failing: every one is answered.
 #[test]

@@ -48,9 +48,16 @@ async fn serve(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let started = Instant::now();
-    // Only served models become metric labels: clients cannot grow the label set at will.
-    let mut label = String::new();
-    let result = start(&app, endpoint, id, body, &mut label).await;
+    // Recorded however the handler ends, a client gone mid-way included (while its model loads,
+    // say); only served models become metric labels: clients cannot grow the label set at will.
+    let mut recorded = Recorded {
+        app: &app,
+        model: String::new(),
+        endpoint,
+        status: CLIENT_GONE,
+        armed: true,
+    };
+    let result = start(&app, endpoint, id, body, &mut recorded.model).await;
     match result {
         Ok((parsed, lease, events)) => {
             let tools = Parsing::of(
@@ -63,27 +70,20 @@ async fn serve(
                 .with_single_call(parsed.single_call)
                 .with_calls_parsed(parsed.calls_parsed);
             if parsed.stream {
-                streaming::stream(app, parsed, lease, events, started, tools).await
+                let app = app.clone();
+                streaming::stream(app, parsed, lease, events, started, tools, &mut recorded).await
             } else {
-                // Dropped with the handler when the client disconnects: recorded as a stream's.
-                let mut outcome = Recorded {
-                    app: &app,
-                    model: &label,
-                    endpoint,
-                    status: CLIENT_GONE,
-                };
                 let response = collect(&app, &parsed, events, started, tools).await;
                 drop(lease);
-                outcome.status = response.status().as_u16();
+                recorded.status = response.status().as_u16();
                 response
             }
         }
         Err(e) => {
             if e.status.is_server_error() || e.status.as_u16() == 429 {
-                tracing::warn!(model = %label, status = e.status.as_u16(), "{}", e.message);
+                tracing::warn!(model = %recorded.model, status = e.status.as_u16(), "{}", e.message);
             }
-            app.metrics
-                .request(&label, endpoint.label(), e.status.as_u16());
+            recorded.status = e.status.as_u16();
             e.into_response()
         }
     }
@@ -234,19 +234,25 @@ pub(super) fn offered(parsed: &Parsed) -> &[Value] {
 /// convention).
 pub(super) const CLIENT_GONE: u16 = 499;
 
-/// Records a whole (non-streamed) request's status when dropped: the answer's, or
-/// [`CLIENT_GONE`] when the client left first and the handler was dropped mid-way.
-struct Recorded<'a> {
+/// Records a request's status when dropped: the answer's, or [`CLIENT_GONE`] when the client
+/// left first and the handler was dropped mid-way; not once disarmed (a stream's own task
+/// records it).
+pub(super) struct Recorded<'a> {
     app: &'a App,
-    model: &'a str,
+    model: String,
     endpoint: Endpoint,
-    status: u16,
+    /// The status to record.
+    pub(super) status: u16,
+    /// Whether dropping it records.
+    pub(super) armed: bool,
 }
 
 impl Drop for Recorded<'_> {
     fn drop(&mut self) {
-        self.app
-            .metrics
-            .request(self.model, self.endpoint.label(), self.status);
+        if self.armed {
+            self.app
+                .metrics
+                .request(&self.model, self.endpoint.label(), self.status);
+        }
     }
 }

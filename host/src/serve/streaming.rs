@@ -1,7 +1,7 @@
 //! A streamed answer: server-sent events from a request's events, through a small buffer that
 //! cuts off a client that stops reading.
 
-use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use super::deployment::Lease;
 use super::error::ApiError;
-use super::inference::{offered, Timing, CLIENT_GONE};
+use super::inference::{offered, Recorded, Timing, CLIENT_GONE};
 use super::openai::{LogprobsFormat, Parsed};
 use super::output::Parsing;
 use super::reasoning::Splitter;
@@ -23,7 +23,10 @@ use super::App;
 use crate::protocol::TokenFrame;
 use crate::supervisor::Event;
 
-fn sse(value: &Value) -> Result<SseEvent, Infallible> {
+/// One item of the response body: an event, or the error that aborts the connection.
+type Chunk = Result<SseEvent, std::io::Error>;
+
+fn sse(value: &Value) -> Chunk {
     Ok(SseEvent::default().data(value.to_string()))
 }
 
@@ -34,51 +37,87 @@ pub(super) async fn stream(
     mut events: mpsc::Receiver<Event>,
     started: Instant,
     parsing: Parsing,
+    recorded: &mut Recorded<'_>,
 ) -> Response {
-    // A request that fails before its first token (a prompt too long, say) gets a real status.
+    // A request that fails before its first token (a prompt too long, say) gets a real status;
+    // one whose client leaves before it is recorded as gone by `recorded`.
     let first = events.recv().await;
     if let Some(Event::Failed(e)) = first {
         let e = ApiError::of_request(e, parsed.endpoint);
-        app.metrics
-            .request(&parsed.model, parsed.endpoint.label(), e.status.as_u16());
+        recorded.status = e.status.as_u16();
         return e.into_response();
     }
-    let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
+    // From here the stream's task records it.
+    recorded.armed = false;
+    let (tx, rx) = mpsc::channel::<Chunk>(64);
+    let cut = Arc::new(AtomicBool::new(false));
+    let cut_by_pump = cut.clone();
     tokio::spawn(async move {
         // Held until the stream ends, so a drain waits for it.
         let _lease = lease;
         let status = pump(&app, &parsed, first, events, &tx, started, parsing).await;
+        if status == STALLED {
+            cut_by_pump.store(true, Ordering::Release);
+        }
+        let status = if status == STALLED {
+            CLIENT_GONE
+        } else {
+            status
+        };
         if status != CLIENT_GONE {
             let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
         }
         app.metrics
             .request(&parsed.model, parsed.endpoint.label(), status);
     });
-    Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx))
+    Sse::new(body(rx, cut))
         .keep_alive(KeepAlive::default())
         .into_response()
 }
+
+/// The response body: the chunks sent, then, if the stream was cut off, an error, so that the
+/// connection is aborted rather than ended as if the answer were whole (a client that stopped
+/// reading a while must not take a truncated answer for a complete one).
+fn body(
+    rx: mpsc::Receiver<Chunk>,
+    cut: Arc<AtomicBool>,
+) -> impl futures_util::Stream<Item = Chunk> + Send + 'static {
+    use futures_util::StreamExt;
+    let end = futures_util::stream::once(async move { cut.load(Ordering::Acquire) }).filter_map(
+        |cut| async move {
+            cut.then(|| {
+                Err(std::io::Error::other(
+                    "cut off: the client stopped reading (server.stall_timeout_secs)",
+                ))
+            })
+        },
+    );
+    tokio_stream::wrappers::ReceiverStream::new(rx).chain(end)
+}
+
+/// What [`pump`] returns for a client cut off for not reading (recorded as gone).
+const STALLED: u16 = 0;
 
 /// The stream's way to its client: a small buffer, and a client that leaves it full for
 /// `stall` is cut off (dropping the events then cancels the generation in the worker), so a
 /// client that stops reading never makes the daemon hold a whole generation.
 struct Outlet<'a> {
-    tx: &'a mpsc::Sender<Result<SseEvent, Infallible>>,
+    tx: &'a mpsc::Sender<Chunk>,
     stall: std::time::Duration,
 }
 
 impl Outlet<'_> {
-    /// Sends `v`; `Err` when the client is gone or stalled.
-    async fn send(&self, v: &Value) -> Result<(), ()> {
+    /// Sends `v`; `Err` with the status to record when the client is gone or stalled.
+    async fn send(&self, v: &Value) -> Result<(), u16> {
         match tokio::time::timeout(self.stall, self.tx.send(sse(v))).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(()),
+            Ok(Err(_)) => Err(CLIENT_GONE),
             Err(_) => {
                 tracing::warn!(
                     "the client stopped reading its stream for {} s (server.stall_timeout_secs): cut off, generation stopped",
                     self.stall.as_secs()
                 );
-                Err(())
+                Err(STALLED)
             }
         }
     }
@@ -174,7 +213,7 @@ async fn pump(
     parsed: &Parsed,
     mut first: Option<Event>,
     mut events: mpsc::Receiver<Event>,
-    tx: &mpsc::Sender<Result<SseEvent, Infallible>>,
+    tx: &mpsc::Sender<Chunk>,
     started: Instant,
     parsing: Parsing,
 ) -> u16 {
@@ -188,8 +227,8 @@ async fn pump(
     let mut out = chunks.opening();
     loop {
         for v in out.drain(..) {
-            if outlet.send(&v).await.is_err() {
-                return CLIENT_GONE;
+            if let Err(status) = outlet.send(&v).await {
+                return status;
             }
         }
         let event = match first.take() {
@@ -209,8 +248,8 @@ async fn pump(
             Some(Event::Done(outcome)) => {
                 timing.ended(&outcome.usage);
                 for v in &chunks.finish(&outcome) {
-                    if outlet.send(v).await.is_err() {
-                        return CLIENT_GONE;
+                    if let Err(status) = outlet.send(v).await {
+                        return status;
                     }
                 }
                 return 200;
@@ -240,12 +279,27 @@ mod tests {
         assert!(outlet.send(&chunk).await.is_ok());
         assert!(outlet.send(&chunk).await.is_ok());
         let started = Instant::now();
-        assert!(outlet.send(&chunk).await.is_err());
+        assert_eq!(outlet.send(&chunk).await, Err(STALLED));
         assert!(started.elapsed() >= std::time::Duration::from_millis(200));
         // A reader frees room: sending works again; a client gone fails at once.
         rx.recv().await;
         assert!(outlet.send(&chunk).await.is_ok());
         drop(rx);
-        assert!(outlet.send(&chunk).await.is_err());
+        assert_eq!(outlet.send(&chunk).await, Err(CLIENT_GONE));
+    }
+
+    /// A body cut off ends in an error (the connection is aborted); a whole one ends cleanly.
+    #[tokio::test]
+    async fn a_cut_off_body_ends_in_an_error() {
+        use futures_util::StreamExt;
+        for cut in [false, true] {
+            let (tx, rx) = mpsc::channel(4);
+            tx.send(sse(&serde_json::json!({"x": 1}))).await.unwrap();
+            drop(tx);
+            let items: Vec<Chunk> = body(rx, Arc::new(AtomicBool::new(cut))).collect().await;
+            assert_eq!(items.len(), if cut { 2 } else { 1 });
+            assert!(items[0].is_ok());
+            assert_eq!(items.last().unwrap().is_err(), cut);
+        }
     }
 }
