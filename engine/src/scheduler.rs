@@ -127,12 +127,23 @@ pub fn schedule(state: &State<'_>) -> Plan {
             continue;
         }
         let need = |n: usize| blocks_for(s.computed + n, bs).saturating_sub(s.blocks);
-        // Preempt newer sequences until this one's next token fits.
-        while need(1) > free && kept.len() > i + 1 {
-            if let Some(victim) = kept.pop() {
-                free += victim.own_blocks;
-                plan.preempt.push(victim.id);
-            }
+        // Preempt until this one's next token fits: paused sequences first, whatever their age
+        // (their clients stopped reading; holding their blocks would starve those that read),
+        // then newer ones.
+        while need(1) > free {
+            let victim = match kept.iter().rposition(|k| k.paused) {
+                Some(j) => {
+                    if j < i {
+                        i -= 1;
+                    }
+                    Some(kept.remove(j))
+                }
+                None if kept.len() > i + 1 => kept.pop(),
+                None => None,
+            };
+            let Some(victim) = victim else { break };
+            free += victim.own_blocks;
+            plan.preempt.push(victim.id);
         }
         if need(1) > free {
             // The newest sequence itself cannot grow: it waits for blocks to come back.
@@ -414,5 +425,22 @@ mod tests {
         );
         let alone = plan(&[paused], &[], 10, LIMITS);
         assert!(alone.is_idle(), "{alone:?}");
+    }
+
+    /// When blocks run out, a paused sequence (its client stopped reading) yields before any
+    /// that runs, older than they or not.
+    #[test]
+    fn a_paused_sequence_yields_its_blocks_first() {
+        let paused = Running {
+            paused: true,
+            ..run(1, 9, 8)
+        };
+        let p = plan(&[paused, run(2, 9, 8), run(3, 9, 8)], &[], 1, LIMITS);
+        assert_eq!(p.preempt, vec![1], "{p:?}");
+        assert_eq!(
+            p.work.iter().map(|w| w.id).collect::<Vec<_>>(),
+            vec![2, 3],
+            "{p:?}"
+        );
     }
 }
