@@ -10,7 +10,8 @@
 //! change). Waiting requests join in arrival order while budget, sequence slots and blocks last,
 //! and none joins in a step that had to preempt. A sequence whose reader has fallen behind is
 //! paused: it keeps its place and blocks but computes nothing, so a client that stops reading
-//! stops its generation instead of filling a buffer.
+//! stops its generation instead of filling a buffer; when blocks run out, paused sequences are
+//! preempted first, so stalled clients never starve those that read.
 
 /// A running sequence, as the scheduler sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
