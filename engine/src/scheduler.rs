@@ -45,6 +45,9 @@ pub struct Waiting {
     /// Of the cached prefix's blocks, those running sequences hold: sharing them takes no free
     /// block (the others are idle in the cache and count as free until taken).
     pub cached_held: usize,
+    /// Its reader has fallen behind (a paused sequence preempted): it is not admitted until
+    /// the reader catches up, so that it does not take blocks only to yield them again.
+    pub paused: bool,
 }
 
 /// The engine's limits.
@@ -178,10 +181,12 @@ pub fn schedule(state: &State<'_>) -> Plan {
 fn admit(state: &State<'_>, running: usize, room: (usize, usize), plan: &mut Plan) {
     let (mut free, mut budget) = room;
     let bs = state.limits.block_size;
-    for (seqs, w) in (running..).zip(state.waiting) {
+    let mut seqs = running;
+    for w in state.waiting.iter().filter(|w| !w.paused) {
         if seqs >= state.limits.max_seqs || budget == 0 {
             break;
         }
+        seqs += 1;
         // Cached blocks that running sequences hold cost nothing; idle cached ones are counted
         // (they are part of `free` until taken). The first chunk shrinks to the free blocks; the
         // queue is never jumped.
@@ -229,6 +234,7 @@ mod tests {
             tokens,
             cached: 0,
             cached_held: 0,
+            paused: false,
         }
     }
 
@@ -355,10 +361,9 @@ mod tests {
         // A 40-token prompt whose first 32 tokens (8 blocks) other running sequences hold: with
         // 2 free blocks it still joins.
         let w = Waiting {
-            id: 9,
-            tokens: 40,
             cached: 32,
             cached_held: 8,
+            ..wait(9, 40)
         };
         let p = plan(&[], &[w], 2, LIMITS);
         assert_eq!(p.admit, vec![9]);
@@ -381,10 +386,8 @@ mod tests {
     #[test]
     fn a_cached_prefix_is_not_recomputed() {
         let w = Waiting {
-            id: 1,
-            tokens: 10,
             cached: 8,
-            cached_held: 0,
+            ..wait(1, 10)
         };
         let p = plan(&[], &[w], 100, LIMITS);
         assert_eq!(
@@ -443,5 +446,12 @@ mod tests {
             vec![2, 3],
             "{p:?}"
         );
+        // Back in the queue, still unread: newer requests join, it does not.
+        let stalled = Waiting {
+            paused: true,
+            ..wait(1, 9)
+        };
+        let p = plan(&[], &[stalled, wait(4, 4)], 10, LIMITS);
+        assert_eq!(p.admit, vec![4], "{p:?}");
     }
 }

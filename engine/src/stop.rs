@@ -69,8 +69,11 @@ impl StopMatcher {
             };
         }
         let keep = self.longest_stop_prefix_suffix();
-        let emit = self.held[..self.held.len() - keep].to_string();
-        self.held.drain(..self.held.len() - keep);
+        let dropped = self.held.len() - keep;
+        let emit = self.held[..dropped].to_string();
+        self.held.drain(..dropped);
+        // What is still held of the passed text stays passed.
+        self.passed = passed.saturating_sub(dropped);
         Step {
             emit,
             stopped: false,
@@ -147,6 +150,12 @@ mod tests {
         assert_eq!(m.pass("a ST"), "a ");
         let step = m.push("OP");
         assert_eq!((step.emit.as_str(), step.stopped), ("", true));
+        // Held over several pieces, the passed one still does not count.
+        let mut m = StopMatcher::new(["ST", "STOP"]);
+        assert_eq!(m.pass("a ST"), "a ");
+        assert_eq!(m.push("O"), Step::default());
+        let step = m.push("x");
+        assert_eq!((step.emit.as_str(), step.stopped), ("STOx", false));
     }
 
     #[test]

@@ -313,8 +313,8 @@ fn write_manifest(
     let report = &chosen.report;
     let name = args.name.as_deref().unwrap_or(&report.name);
     // A library's own name becomes a file name and a manifest's `name`: held to the same rule.
-    if let Err(e) = parse_name(name) {
-        bail!("the plugin reports {e}; pass --name to serve the model under one");
+    if let Err(e) = parse_name(&report.name) {
+        bail!("the plugin reports a name no manifest can hold ({e}): use a build of the plugin that reports a plain name");
     }
     let path = manifest_path(chosen, name, dir, dest, args.force)?;
     if path.exists() {

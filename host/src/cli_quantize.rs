@@ -68,7 +68,8 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<u8> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let (worker, _) = start_loaded(spec, config).await?;
+        let mut signals = crate::cli_run::StopSignals::new()?;
+        let (worker, _) = start_loaded(spec, config, &mut signals).await?;
         worker.shutdown().await;
         anyhow::Ok(())
     })?;

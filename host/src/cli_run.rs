@@ -413,9 +413,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
 pub(crate) async fn start_loaded(
     spec: WorkerSpec,
     config: pio_plugin_api::wire::ModelConfig,
+    stop: &mut StopSignals,
 ) -> anyhow::Result<(Worker, ModelInfo)> {
     let progress = LoadProgress::new(&spec.name);
-    let mut stop = StopSignals::new()?;
     let worker = Worker::start(spec).await?;
     let loaded = tokio::select! {
         loaded = worker.load(config, |stage, done, total| progress.update(stage, done, total)) => loaded,
@@ -462,7 +462,8 @@ async fn stream(
     json: bool,
     timeout: Option<std::time::Duration>,
 ) -> anyhow::Result<u8> {
-    let (worker, info) = start_loaded(spec, config).await?;
+    let mut signals = StopSignals::new()?;
+    let (worker, info) = start_loaded(spec, config, &mut signals).await?;
     let request = match constrained(&parsed, &info) {
         Ok(r) => r,
         Err(e) => {
@@ -474,7 +475,6 @@ async fn stream(
     let (id, mut events) = worker.infer(request)?;
     let deadline = tokio::time::sleep(timeout.unwrap_or(std::time::Duration::MAX / 4));
     tokio::pin!(deadline);
-    let mut signals = StopSignals::new()?;
     let code = loop {
         let event = tokio::select! {
             e = events.recv() => e,

@@ -325,6 +325,7 @@ impl<M: CausalLm> Worker<M> {
                         .iter()
                         .filter(|&&b| self.pool.allocator.holders(b) > 0)
                         .count(),
+                    paused: s.paused(),
                 }
             })
             .collect();

@@ -263,32 +263,52 @@ pub fn run(args: BenchArgs) -> anyhow::Result<u8> {
         );
     }
     runtime.block_on(async move {
-        let (worker, info) = start_loaded(spec, config).await?;
-        let worker = std::sync::Arc::new(worker);
-        // Ctrl-C mid-run stops the worker (its cgroup goes with it) instead of leaving both.
+        // Ctrl-C from the start stops the worker (its cgroup goes with it) instead of leaving
+        // both: during the load, then through the runs.
         let mut signals = crate::cli_run::StopSignals::new()?;
+        let (worker, info) = start_loaded(spec, config, &mut signals).await?;
+        let worker = std::sync::Arc::new(worker);
         let result = tokio::select! {
             r = measure(&worker, &info, &args, constraint) => r,
             why = signals.recv() => Err(anyhow::anyhow!("{why}: the run was abandoned and the worker stopped")),
         };
         worker.shutdown().await;
-        result
+        // llama.cpp's turn comes with the worker gone: not two models in memory at once.
+        match result? {
+            Measured::Reported(code) => Ok(code),
+            Measured::Workload(figures, timings) => {
+                let llama = match &args.compare_llama_cpp {
+                    Some(gguf) => Some(compare(&args, gguf, &timings)?),
+                    None => None,
+                };
+                report::print(&args, figures, llama.as_deref());
+                Ok(0)
+            }
+        }
     })
 }
 
-/// The warm-up and the measured runs on a loaded `worker`; prints the report.
+/// What the measured runs gave.
+enum Measured {
+    /// The single-stream report, printed; the exit code.
+    Reported(u8),
+    /// The workload's figures and its requests' timings, to print beside llama.cpp's.
+    Workload(serde_json::Value, Vec<Timing>),
+}
+
+/// The warm-up and the measured runs on a loaded `worker`.
 async fn measure(
     worker: &std::sync::Arc<Worker>,
     info: &pio_plugin_api::wire::ModelInfo,
     args: &BenchArgs,
     constraint: Option<pio_plugin_api::wire::Constraint>,
-) -> anyhow::Result<u8> {
+) -> anyhow::Result<Measured> {
     {
         // Warm-up: thread pools and buffers, with a prompt that shares nothing.
         one(worker, request("Hello".into(), 2, false)).await?;
         if args.single_stream {
             let measured = single::run(worker, args).await;
-            return single::report(args, measured?, info);
+            return single::report(args, measured?, info).map(Measured::Reported);
         }
         let (timings, wall) = workload(worker, args, None).await?;
         let mut figures = figures(args, &timings, wall);
@@ -301,12 +321,7 @@ async fn measure(
             let again = self::figures(args, &timings, wall);
             constrained::add(&mut figures, constrained_figures, &again);
         }
-        let llama = match &args.compare_llama_cpp {
-            Some(gguf) => Some(compare(args, gguf, &timings)?),
-            None => None,
-        };
-        report::print(args, figures, llama.as_deref());
-        Ok(0)
+        Ok(Measured::Workload(figures, timings))
     }
 }
 

@@ -178,7 +178,7 @@ impl Inner {
                     e.found = f;
                     if matches!(e.slot, Slot::Loaded(_)) {
                         changes.reload.push(name);
-                    } else if e.failed_at.take().is_some() {
+                    } else if matches!(e.slot, Slot::Unloaded) && e.failed_at.take().is_some() {
                         // A fix of what failed to load is tried at once, not after the backoff.
                         e.failures = 0;
                         if preload(&name) {
@@ -402,13 +402,15 @@ impl Models {
                     }
                     Err(e) => Err((e, false)),
                 };
-                let stopping = this.stopping.load(std::sync::atomic::Ordering::Acquire);
-                let outcome = {
+                let (stopping, outcome) = {
                     let mut inner = lock(&this.inner);
+                    // Read under the lock `stop_all` sets it under: a load that ends after it is
+                    // stopped, never left behind.
+                    let stopping = this.stopping.load(std::sync::atomic::Ordering::Acquire);
                     if let Some(entry) = inner.entries.get_mut(&found.manifest.name) {
                         entry.holds_room = false;
                     }
-                    match (inner.entries.get_mut(&found.manifest.name), result) {
+                    let outcome = match (inner.entries.get_mut(&found.manifest.name), result) {
                         (Some(entry), Ok(d)) if !stopping => {
                             entry.slot = Slot::Loaded(Arc::new(d));
                             entry.parked = false;
@@ -435,7 +437,8 @@ impl Models {
                             Ok(Some(d))
                         }
                         (None, Err((e, _))) => Err(e),
-                    }
+                    };
+                    (stopping, outcome)
                 };
                 let sent = match outcome {
                     Ok(Some(orphan)) => {
@@ -576,24 +579,34 @@ impl Models {
             return self.load(name).await;
         };
         let result = deploy(&self.setup, &self.config(), &found).await;
-        let old = {
+        // `Err`: the new worker, not kept because the daemon stops (the old one is being stopped).
+        let swapped = {
             let mut inner = lock(&self.inner);
+            let stopping = self.stopping.load(std::sync::atomic::Ordering::Acquire);
             let entry = inner.entry_mut(name)?;
             entry.reloading = false;
             match result {
+                Ok(new) if stopping => Err(new),
                 Ok(new) => {
                     entry.last_error = None;
                     let old = std::mem::replace(&mut entry.slot, Slot::Loaded(Arc::new(new)));
                     if let Slot::Loaded(d) = &old {
                         retire(entry, d);
                     }
-                    old
+                    Ok(old)
                 }
                 Err(e) => {
                     tracing::error!(plugin = %name, "reload failed, the old version keeps serving: {}", e.message);
                     entry.last_error = Some(e.message.clone());
                     return Err(e);
                 }
+            }
+        };
+        let old = match swapped {
+            Ok(old) => old,
+            Err(new) => {
+                new.supervised.stop().await;
+                return Err(ApiError::unavailable("the daemon is stopping".to_string()));
             }
         };
         tracing::info!(plugin = %name, "reloaded; draining the old worker");
@@ -605,10 +618,11 @@ impl Models {
 
     /// Drains (for at most `grace`) and stops every model (shutdown).
     pub async fn stop_all(&self, grace: Duration) {
-        self.stopping
-            .store(true, std::sync::atomic::Ordering::Release);
         let all: Vec<_> = {
             let mut inner = lock(&self.inner);
+            // Under the lock a finishing load reads it under (see `begin_load`).
+            self.stopping
+                .store(true, std::sync::atomic::Ordering::Release);
             let names: Vec<String> = inner.entries.keys().cloned().collect();
             names
                 .iter()
@@ -633,9 +647,12 @@ impl Models {
         let held = (inner.entries.values())
             .filter(|e| !matches!(e.slot, Slot::Unloaded))
             .count();
-        if cap > 0 && held >= cap {
-            return;
-        }
+        // Retries take free places only: making room would unload a model that works.
+        let room = if cap == 0 {
+            usize::MAX
+        } else {
+            cap.saturating_sub(held)
+        };
         let due: Vec<String> = inner
             .entries
             .iter()
@@ -648,6 +665,7 @@ impl Models {
                     && e.failed_at.is_some_and(|t| t.elapsed() >= backoff)
             })
             .map(|(n, _)| n.clone())
+            .take(room)
             .collect();
         for name in due {
             tracing::info!(plugin = %name, "loading again: its last load failed");

@@ -219,11 +219,11 @@ impl Worker {
 
     /// Kills the worker and everything it started (its cgroup is removed once it is reaped).
     pub fn kill(&self) {
-        // Not the pid as well: between the reap and `exit` being set it may be another
-        // process's. Groups are named from plain names, so killing the group reaches it.
+        // Not the pid as well, and not once reaped: then it may be another process's. Groups
+        // are named from plain names, so killing the group reaches it.
         if let Some(cg) = &self.cgroup {
             cg.kill_all();
-        } else {
+        } else if self.exit.borrow().is_none() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(self.pid as i32),
                 nix::sys::signal::Signal::SIGKILL,
