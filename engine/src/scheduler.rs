@@ -181,12 +181,10 @@ pub fn schedule(state: &State<'_>) -> Plan {
 fn admit(state: &State<'_>, running: usize, room: (usize, usize), plan: &mut Plan) {
     let (mut free, mut budget) = room;
     let bs = state.limits.block_size;
-    let mut seqs = running;
-    for w in state.waiting.iter().filter(|w| !w.paused) {
+    for (seqs, w) in (running..).zip(state.waiting.iter().filter(|w| !w.paused)) {
         if seqs >= state.limits.max_seqs || budget == 0 {
             break;
         }
-        seqs += 1;
         // Cached blocks that running sequences hold cost nothing; idle cached ones are counted
         // (they are part of `free` until taken). The first chunk shrinks to the free blocks; the
         // queue is never jumped.
