@@ -6,7 +6,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use serde_json::{json, Value};
 use socket2::{Domain, Socket, Type};
 
 use crate::daemon::*;
@@ -116,6 +116,29 @@ fn a_client_that_stops_reading_pauses_its_generation_and_the_daemon_holds_nothin
     );
 }
 
+/// Sends a completion `body` to `d` over a raw connection and waits (at most 10 s, the deadline
+/// returned) until echo's worker runs it; the connection, to drop, and a check of that.
+fn completion_in_the_worker<'a>(
+    d: &'a Daemon,
+    body: &Value,
+) -> (std::net::TcpStream, impl Fn() -> bool + 'a, Instant) {
+    let body = body.to_string();
+    let mut client = std::net::TcpStream::connect(d.addr()).expect("connect");
+    write!(
+        client,
+        "POST /v1/completions HTTP/1.1\r\nHost: pio\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send the request");
+    let busy = move || d.plugin("echo")["requests_in_flight"] == 1;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !busy() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(busy(), "the request reached the worker");
+    (client, busy, deadline)
+}
+
 #[test]
 fn a_whole_answer_whose_client_leaves_is_counted_and_its_generation_stopped() {
     if !confinement_available() {
@@ -124,20 +147,8 @@ fn a_whole_answer_whose_client_leaves_is_counted_and_its_generation_stopped() {
     // 200 tokens at 20 ms: four seconds, unless the client's leaving stops it.
     let d = Daemon::start(echo_dir("[model.options]\ndelay_ms = 20\n"), "");
     d.wait_ready();
-    let body = json!({"model": "echo", "prompt": "z".repeat(200), "max_tokens": 200}).to_string();
-    let mut client = std::net::TcpStream::connect(d.addr()).expect("connect");
-    write!(
-        client,
-        "POST /v1/completions HTTP/1.1\r\nHost: pio\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("send the request");
-    let busy = || d.plugin("echo")["requests_in_flight"] == 1;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !busy() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(busy(), "the request reached the worker");
+    let body = json!({"model": "echo", "prompt": "z".repeat(200), "max_tokens": 200});
+    let (client, busy, deadline) = completion_in_the_worker(&d, &body);
     let left = Instant::now();
     drop(client);
     let gone = "pio_requests_total{model=\"echo\",endpoint=\"completions\",status=\"499\"}";
@@ -162,21 +173,8 @@ fn a_stream_left_before_its_first_token_is_counted() {
     }
     let d = Daemon::start(echo_dir("[model.options]\ndelay_ms = 3000\n"), "");
     d.wait_ready();
-    let body =
-        json!({"model": "echo", "prompt": "zz", "max_tokens": 2, "stream": true}).to_string();
-    let mut client = std::net::TcpStream::connect(d.addr()).expect("connect");
-    write!(
-        client,
-        "POST /v1/completions HTTP/1.1\r\nHost: pio\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("send the request");
-    let busy = || d.plugin("echo")["requests_in_flight"] == 1;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !busy() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(busy(), "the request reached the worker");
+    let body = json!({"model": "echo", "prompt": "zz", "max_tokens": 2, "stream": true});
+    let (client, _, deadline) = completion_in_the_worker(&d, &body);
     drop(client);
     let gone = "pio_requests_total{model=\"echo\",endpoint=\"completions\",status=\"499\"}";
     while d.metric(gone).is_none() && Instant::now() < deadline {
