@@ -102,6 +102,19 @@ fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
 }
 
 impl Inner {
+    /// Models that may still load beside those loaded or loading, under a cap of `cap` (0: no
+    /// cap).
+    fn free_places(&self, cap: usize) -> usize {
+        let held = (self.entries.values())
+            .filter(|e| !matches!(e.slot, Slot::Unloaded))
+            .count();
+        if cap == 0 {
+            usize::MAX
+        } else {
+            cap.saturating_sub(held)
+        }
+    }
+
     /// `name`'s entry, or the API's 404.
     fn entry(&self, name: &str) -> Result<&Entry, ApiError> {
         self.entries
@@ -251,14 +264,7 @@ impl Models {
     /// Starts loading `names`, no more than `cap` holds beside what is loaded (0: no cap); the
     /// rest wait for their first request, parked (so `/ready` does not wait for them).
     fn preload(self: &Arc<Self>, inner: &mut Inner, names: &[String], cap: usize) {
-        let held = (inner.entries.values())
-            .filter(|e| !matches!(e.slot, Slot::Unloaded))
-            .count();
-        let room = if cap == 0 {
-            usize::MAX
-        } else {
-            cap.saturating_sub(held)
-        };
+        let room = inner.free_places(cap);
         for (i, name) in names.iter().enumerate() {
             if i < room {
                 self.begin_load(inner, name);
@@ -643,16 +649,8 @@ impl Models {
         }
         let config = self.config();
         let mut inner = lock(&self.inner);
-        let cap = config.server.max_loaded_models;
-        let held = (inner.entries.values())
-            .filter(|e| !matches!(e.slot, Slot::Unloaded))
-            .count();
         // Retries take free places only: making room would unload a model that works.
-        let room = if cap == 0 {
-            usize::MAX
-        } else {
-            cap.saturating_sub(held)
-        };
+        let room = inner.free_places(config.server.max_loaded_models);
         let due: Vec<String> = inner
             .entries
             .iter()
