@@ -4,6 +4,7 @@
 
 pub mod access;
 pub mod admin;
+mod book;
 pub mod deployment;
 pub mod error;
 pub mod hotplug;

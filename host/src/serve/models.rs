@@ -2,20 +2,22 @@
 //! which are loaded, loading on demand and on command, blue/green reloads, idle unloading and the
 //! cap on loaded models.
 
-use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pio_plugin_api::Capabilities;
 
 use tokio::sync::watch;
 
+use super::book::{
+    lock, park, retire, retry_backoff, status_of, take_deployment, Inner, LoadResult, Slot,
+    LOAD_RETRY,
+};
 use super::deployment::{deploy, Deployment, Lease, Refusal};
 use super::error::ApiError;
-use super::hotplug::{scan, Found};
+use super::hotplug::scan;
 use super::library::LibraryStore;
-use super::status::Counted;
 pub use super::status::PluginStatus;
 use crate::config::Config;
 use crate::discovery::{self, SearchPaths};
@@ -42,51 +44,6 @@ pub struct Setup {
     pub systemd: Option<Arc<super::systemd::Notifier>>,
 }
 
-type LoadResult = Option<Result<(), ApiError>>;
-
-/// How long after a failed load requests get its error instead of starting another load.
-const LOAD_RETRY: Duration = Duration::from_secs(10);
-
-/// How long a preload waits after `failures` failed loads in a row before it is tried again.
-fn retry_backoff(failures: u32) -> Duration {
-    let doubled = LOAD_RETRY.saturating_mul(1 << failures.saturating_sub(1).min(5));
-    doubled.min(Duration::from_secs(300))
-}
-
-enum Slot {
-    Unloaded,
-    Loading(watch::Receiver<LoadResult>),
-    Loaded(Arc<Deployment>),
-}
-
-struct Entry {
-    found: Found,
-    slot: Slot,
-    last_error: Option<String>,
-    /// When loading last failed: on-demand loads wait out [`LOAD_RETRY`] after it.
-    failed_at: Option<Instant>,
-    /// Loads failed in a row (a preload is tried again after a backoff that grows with them).
-    failures: u32,
-    reloading: bool,
-    /// Unloaded on purpose since it last loaded (see `PluginStatus::parked`); kept while it
-    /// loads again, until that load succeeds.
-    parked: bool,
-    /// Preloaded, but not loaded at start because `max_loaded_models` was full.
-    over_cap: bool,
-    /// The counters of deployments gone by (see `PluginStatus::earlier`).
-    earlier: Counted,
-    /// Loading with its place under `max_loaded_models` secured (so two loads waiting for room
-    /// never wait for each other, and never both take the last place).
-    holds_room: bool,
-}
-
-#[derive(Default)]
-struct Inner {
-    entries: BTreeMap<String, Entry>,
-    /// Manifests that failed their checks, with why.
-    broken: BTreeMap<PathBuf, String>,
-}
-
 /// The daemon's models.
 pub struct Models {
     setup: Setup,
@@ -95,121 +52,6 @@ pub struct Models {
     inner: Mutex<Inner>,
     /// Set by [`Models::stop_all`]: a load that ends after it is stopped, not kept.
     stopping: std::sync::atomic::AtomicBool,
-}
-
-fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl Inner {
-    /// Models that may still load beside those loaded or loading, under a cap of `cap` (0: no
-    /// cap).
-    fn free_places(&self, cap: usize) -> usize {
-        let held = (self.entries.values())
-            .filter(|e| !matches!(e.slot, Slot::Unloaded))
-            .count();
-        if cap == 0 {
-            usize::MAX
-        } else {
-            cap.saturating_sub(held)
-        }
-    }
-
-    /// `name`'s entry, or the API's 404.
-    fn entry(&self, name: &str) -> Result<&Entry, ApiError> {
-        self.entries
-            .get(name)
-            .ok_or_else(|| ApiError::unknown_model(name))
-    }
-
-    /// `name`'s entry to change, or the API's 404.
-    fn entry_mut(&mut self, name: &str) -> Result<&mut Entry, ApiError> {
-        self.entries
-            .get_mut(name)
-            .ok_or_else(|| ApiError::unknown_model(name))
-    }
-}
-
-/// What a scan changes: plugins to load, to reload blue/green, and gone ones to drain.
-#[derive(Debug, Default, PartialEq)]
-struct Changes {
-    load: Vec<String>,
-    reload: Vec<String>,
-    gone: Vec<String>,
-}
-
-impl Inner {
-    /// Takes a scan's result in: new plugins added (to load when `preload` says so), changed
-    /// ones updated (to reload when loaded), the broken recorded (a broken replacement leaves
-    /// the version being served alone); what no longer appears is gone.
-    fn merge(
-        &mut self,
-        found: Vec<Found>,
-        broken: Vec<(PathBuf, String)>,
-        preload: impl Fn(&str) -> bool,
-    ) -> Changes {
-        let mut changes = Changes::default();
-        let mut seen: HashSet<String> = HashSet::new();
-        for (path, why) in &broken {
-            tracing::warn!(manifest = %path.display(), "plugin not served: {why}");
-            if let Some((name, _)) = self
-                .entries
-                .iter()
-                .find(|(_, e)| &e.found.manifest_path == path)
-            {
-                seen.insert(name.clone());
-            }
-        }
-        self.broken = broken.into_iter().collect();
-        for f in found {
-            let name = f.manifest.name.clone();
-            seen.insert(name.clone());
-            match self.entries.get_mut(&name) {
-                None => {
-                    tracing::info!(plugin = %name, version = %f.manifest.version, "plugin found");
-                    if preload(&name) {
-                        changes.load.push(name.clone());
-                    }
-                    self.entries.insert(
-                        name,
-                        Entry {
-                            found: f,
-                            slot: Slot::Unloaded,
-                            last_error: None,
-                            failed_at: None,
-                            failures: 0,
-                            reloading: false,
-                            parked: false,
-                            over_cap: false,
-                            holds_room: false,
-                            earlier: Counted::default(),
-                        },
-                    );
-                }
-                Some(e) if e.found.fingerprint != f.fingerprint => {
-                    tracing::info!(plugin = %name, version = %f.manifest.version, "plugin changed");
-                    e.found = f;
-                    if matches!(e.slot, Slot::Loaded(_)) {
-                        changes.reload.push(name);
-                    } else if matches!(e.slot, Slot::Unloaded) && e.failed_at.take().is_some() {
-                        // A fix of what failed to load is tried at once, not after the backoff.
-                        e.failures = 0;
-                        if preload(&name) {
-                            changes.load.push(name);
-                        }
-                    }
-                }
-                Some(_) => {}
-            }
-        }
-        changes.gone = self
-            .entries
-            .keys()
-            .filter(|n| !seen.contains(*n))
-            .cloned()
-            .collect();
-        changes
-    }
 }
 
 impl Models {
@@ -710,51 +552,6 @@ impl Models {
             .entries
             .get(name)
             .map(|e| e.found.report.capabilities)
-    }
-}
-
-fn status_of(e: &Entry) -> PluginStatus {
-    let base = PluginStatus::new(&e.found, e.last_error.clone(), e.reloading);
-    let base = PluginStatus {
-        parked: e.parked,
-        over_cap: e.over_cap,
-        earlier: e.earlier,
-        ..base
-    };
-    match &e.slot {
-        Slot::Unloaded if e.failed_at.is_some() => base.failed(),
-        Slot::Unloaded => base,
-        Slot::Loading(_) => base.loading(),
-        Slot::Loaded(d) => base.serving(d),
-    }
-}
-
-/// Takes `name`'s deployment to unload it on purpose, marking it parked.
-fn park(inner: &mut Inner, name: &str) -> Option<Arc<Deployment>> {
-    let taken = take_deployment(inner, name)?;
-    if let Some(entry) = inner.entries.get_mut(name) {
-        entry.parked = true;
-    }
-    Some(taken)
-}
-
-/// Counts `d`'s counters into `entry`'s earlier ones, as `d` leaves it.
-fn retire(entry: &mut Entry, d: &Deployment) {
-    let last = PluginStatus::new(&entry.found, None, false).serving(d);
-    entry.earlier = entry.earlier.plus(&last);
-}
-
-fn take_deployment(inner: &mut Inner, name: &str) -> Option<Arc<Deployment>> {
-    let entry = inner.entries.get_mut(name)?;
-    match std::mem::replace(&mut entry.slot, Slot::Unloaded) {
-        Slot::Loaded(d) => {
-            retire(entry, &d);
-            Some(d)
-        }
-        other => {
-            entry.slot = other;
-            None
-        }
     }
 }
 

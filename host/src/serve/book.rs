@@ -1,0 +1,247 @@
+//! The book of the models the daemon serves: each plugin found, where its deployment stands
+//! (unloaded, loading, loaded), what failed and what it counted, and how a scan's result is
+//! taken in. Plain data under `Models`' lock; the lifecycle that acts on it is in `models`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use super::deployment::Deployment;
+use super::error::ApiError;
+use super::hotplug::Found;
+use super::status::{Counted, PluginStatus};
+
+pub(super) type LoadResult = Option<Result<(), ApiError>>;
+
+/// How long after a failed load requests get its error instead of starting another load.
+pub(super) const LOAD_RETRY: Duration = Duration::from_secs(10);
+
+/// How long a preload waits after `failures` failed loads in a row before it is tried again.
+pub(super) fn retry_backoff(failures: u32) -> Duration {
+    let doubled = LOAD_RETRY.saturating_mul(1 << failures.saturating_sub(1).min(5));
+    doubled.min(Duration::from_secs(300))
+}
+
+/// Where a model's deployment stands.
+pub(super) enum Slot {
+    /// None running.
+    Unloaded,
+    /// Loading; the receiver says how it ended.
+    Loading(watch::Receiver<LoadResult>),
+    /// Serving.
+    Loaded(Arc<Deployment>),
+}
+
+/// One plugin the daemon knows, and what became of it.
+pub(super) struct Entry {
+    pub(super) found: Found,
+    pub(super) slot: Slot,
+    pub(super) last_error: Option<String>,
+    /// When loading last failed: on-demand loads wait out [`LOAD_RETRY`] after it.
+    pub(super) failed_at: Option<Instant>,
+    /// Loads failed in a row (a preload is tried again after a backoff that grows with them).
+    pub(super) failures: u32,
+    pub(super) reloading: bool,
+    /// Unloaded on purpose since it last loaded (see `PluginStatus::parked`); kept while it
+    /// loads again, until that load succeeds.
+    pub(super) parked: bool,
+    /// Preloaded, but not loaded at start because `max_loaded_models` was full.
+    pub(super) over_cap: bool,
+    /// The counters of deployments gone by (see `PluginStatus::earlier`).
+    pub(super) earlier: Counted,
+    /// Loading with its place under `max_loaded_models` secured (so two loads waiting for room
+    /// never wait for each other, and never both take the last place).
+    pub(super) holds_room: bool,
+}
+
+impl Entry {
+    /// `found`, just found: unloaded, nothing failed or counted yet.
+    fn new(found: Found) -> Self {
+        Self {
+            found,
+            slot: Slot::Unloaded,
+            last_error: None,
+            failed_at: None,
+            failures: 0,
+            reloading: false,
+            parked: false,
+            over_cap: false,
+            earlier: Counted::default(),
+            holds_room: false,
+        }
+    }
+}
+
+/// Every plugin known, by name, and the manifests that failed their checks.
+#[derive(Default)]
+pub(super) struct Inner {
+    pub(super) entries: BTreeMap<String, Entry>,
+    /// Manifests that failed their checks, with why.
+    pub(super) broken: BTreeMap<PathBuf, String>,
+}
+
+/// The book, whatever a panic left it as.
+pub(super) fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Inner {
+    /// Models that may still load beside those loaded or loading, under a cap of `cap` (0: no
+    /// cap).
+    pub(super) fn free_places(&self, cap: usize) -> usize {
+        let held = (self.entries.values())
+            .filter(|e| !matches!(e.slot, Slot::Unloaded))
+            .count();
+        if cap == 0 {
+            usize::MAX
+        } else {
+            cap.saturating_sub(held)
+        }
+    }
+
+    /// `name`'s entry, or the API's 404.
+    pub(super) fn entry(&self, name: &str) -> Result<&Entry, ApiError> {
+        self.entries
+            .get(name)
+            .ok_or_else(|| ApiError::unknown_model(name))
+    }
+
+    /// `name`'s entry to change, or the API's 404.
+    pub(super) fn entry_mut(&mut self, name: &str) -> Result<&mut Entry, ApiError> {
+        self.entries
+            .get_mut(name)
+            .ok_or_else(|| ApiError::unknown_model(name))
+    }
+}
+
+/// What a scan changes: plugins to load, to reload blue/green, and gone ones to drain.
+#[derive(Debug, Default, PartialEq)]
+pub(super) struct Changes {
+    pub(super) load: Vec<String>,
+    pub(super) reload: Vec<String>,
+    pub(super) gone: Vec<String>,
+}
+
+impl Inner {
+    /// Takes a scan's result in: new plugins added (to load when `preload` says so), changed
+    /// ones updated (to reload when loaded), the broken recorded (a broken replacement leaves
+    /// the version being served alone); what no longer appears is gone.
+    pub(super) fn merge(
+        &mut self,
+        found: Vec<Found>,
+        broken: Vec<(PathBuf, String)>,
+        preload: impl Fn(&str) -> bool,
+    ) -> Changes {
+        let mut changes = Changes::default();
+        let mut seen: HashSet<String> = HashSet::new();
+        for (path, why) in &broken {
+            tracing::warn!(manifest = %path.display(), "plugin not served: {why}");
+            if let Some((name, _)) = self
+                .entries
+                .iter()
+                .find(|(_, e)| &e.found.manifest_path == path)
+            {
+                seen.insert(name.clone());
+            }
+        }
+        self.broken = broken.into_iter().collect();
+        for f in found {
+            let name = f.manifest.name.clone();
+            seen.insert(name.clone());
+            match self.entries.get_mut(&name) {
+                None => {
+                    tracing::info!(plugin = %name, version = %f.manifest.version, "plugin found");
+                    if preload(&name) {
+                        changes.load.push(name.clone());
+                    }
+                    self.entries.insert(name, Entry::new(f));
+                }
+                Some(e) if e.found.fingerprint != f.fingerprint => {
+                    tracing::info!(plugin = %name, version = %f.manifest.version, "plugin changed");
+                    e.found = f;
+                    if matches!(e.slot, Slot::Loaded(_)) {
+                        changes.reload.push(name);
+                    } else if matches!(e.slot, Slot::Unloaded) && e.failed_at.take().is_some() {
+                        // A fix of what failed to load is tried at once, not after the backoff.
+                        e.failures = 0;
+                        if preload(&name) {
+                            changes.load.push(name);
+                        }
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        changes.gone = self
+            .entries
+            .keys()
+            .filter(|n| !seen.contains(*n))
+            .cloned()
+            .collect();
+        changes
+    }
+}
+
+/// `e` as `/v1/plugins` reports it.
+pub(super) fn status_of(e: &Entry) -> PluginStatus {
+    let base = PluginStatus::new(&e.found, e.last_error.clone(), e.reloading);
+    let base = PluginStatus {
+        parked: e.parked,
+        over_cap: e.over_cap,
+        earlier: e.earlier,
+        ..base
+    };
+    match &e.slot {
+        Slot::Unloaded if e.failed_at.is_some() => base.failed(),
+        Slot::Unloaded => base,
+        Slot::Loading(_) => base.loading(),
+        Slot::Loaded(d) => base.serving(d),
+    }
+}
+
+/// Takes `name`'s deployment to unload it on purpose, marking it parked.
+pub(super) fn park(inner: &mut Inner, name: &str) -> Option<Arc<Deployment>> {
+    let taken = take_deployment(inner, name)?;
+    if let Some(entry) = inner.entries.get_mut(name) {
+        entry.parked = true;
+    }
+    Some(taken)
+}
+
+/// Counts `d`'s counters into `entry`'s earlier ones, as `d` leaves it.
+pub(super) fn retire(entry: &mut Entry, d: &Deployment) {
+    let last = PluginStatus::new(&entry.found, None, false).serving(d);
+    entry.earlier = entry.earlier.plus(&last);
+}
+
+/// Takes `name`'s deployment out of the book, its counters kept.
+pub(super) fn take_deployment(inner: &mut Inner, name: &str) -> Option<Arc<Deployment>> {
+    let entry = inner.entries.get_mut(name)?;
+    match std::mem::replace(&mut entry.slot, Slot::Unloaded) {
+        Slot::Loaded(d) => {
+            retire(entry, &d);
+            Some(d)
+        }
+        other => {
+            entry.slot = other;
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failed preload is tried again after 10 s, then after twice as long each time, up to
+    /// five minutes.
+    #[test]
+    fn the_retry_backoff_doubles_up_to_five_minutes() {
+        let secs: Vec<u64> = (1..=8).map(|n| retry_backoff(n).as_secs()).collect();
+        assert_eq!(secs, [10, 20, 40, 80, 160, 300, 300, 300]);
+        assert_eq!(retry_backoff(0), LOAD_RETRY);
+    }
+}
