@@ -55,20 +55,16 @@ pub(super) async fn stream(
     tokio::spawn(async move {
         // Held until the stream ends, so a drain waits for it.
         let _lease = lease;
-        let status = pump(&app, &parsed, first, events, &tx, started, parsing).await;
-        if status == STALLED {
-            cut_by_pump.store(true, Ordering::Release);
-        }
-        let status = if status == STALLED {
-            CLIENT_GONE
-        } else {
-            status
-        };
-        if status != CLIENT_GONE {
-            let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
+        let ended = pump(&app, &parsed, first, events, &tx, started, parsing).await;
+        match ended {
+            Ended::Answered(_) => {
+                let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
+            }
+            Ended::Stalled => cut_by_pump.store(true, Ordering::Release),
+            Ended::Left => {}
         }
         app.metrics
-            .request(&parsed.model, parsed.endpoint.label(), status);
+            .request(&parsed.model, parsed.endpoint.label(), ended.status());
     });
     Sse::new(body(rx, cut))
         .keep_alive(KeepAlive::default())
@@ -95,8 +91,26 @@ fn body(
     tokio_stream::wrappers::ReceiverStream::new(rx).chain(end)
 }
 
-/// What [`pump`] returns for a client cut off for not reading (recorded as gone).
-const STALLED: u16 = 0;
+/// How a stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// With an answer or an error event: its status.
+    Answered(u16),
+    /// The client went away.
+    Left,
+    /// The client stopped reading and was cut off.
+    Stalled,
+}
+
+impl Ended {
+    /// The status recorded (a client gone or cut off counts as [`CLIENT_GONE`]).
+    fn status(self) -> u16 {
+        match self {
+            Self::Answered(status) => status,
+            Self::Left | Self::Stalled => CLIENT_GONE,
+        }
+    }
+}
 
 /// The stream's way to its client: a small buffer, and a client that leaves it full for
 /// `stall` is cut off (dropping the events then cancels the generation in the worker), so a
@@ -107,17 +121,17 @@ struct Outlet<'a> {
 }
 
 impl Outlet<'_> {
-    /// Sends `v`; `Err` with the status to record when the client is gone or stalled.
-    async fn send(&self, v: &Value) -> Result<(), u16> {
+    /// Sends `v`; `Err` with how the stream ends when the client is gone or stalled.
+    async fn send(&self, v: &Value) -> Result<(), Ended> {
         match tokio::time::timeout(self.stall, self.tx.send(sse(v))).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(CLIENT_GONE),
+            Ok(Err(_)) => Err(Ended::Left),
             Err(_) => {
                 tracing::warn!(
                     "the client stopped reading its stream for {} s (server.stall_timeout_secs): cut off, generation stopped",
                     self.stall.as_secs()
                 );
-                Err(STALLED)
+                Err(Ended::Stalled)
             }
         }
     }
@@ -207,7 +221,7 @@ impl<'a> Chunks<'a> {
     }
 }
 
-/// Sends the stream's chunks; returns the status to record.
+/// Sends the stream's chunks; returns how the stream ended.
 async fn pump(
     app: &App,
     parsed: &Parsed,
@@ -216,7 +230,7 @@ async fn pump(
     tx: &mpsc::Sender<Chunk>,
     started: Instant,
     parsing: Parsing,
-) -> u16 {
+) -> Ended {
     let stall = app.models.config().server.stall_timeout_secs.max(1);
     let outlet = Outlet {
         tx,
@@ -227,8 +241,8 @@ async fn pump(
     let mut out = chunks.opening();
     loop {
         for v in out.drain(..) {
-            if let Err(status) = outlet.send(&v).await {
-                return status;
+            if let Err(ended) = outlet.send(&v).await {
+                return ended;
             }
         }
         let event = match first.take() {
@@ -236,7 +250,7 @@ async fn pump(
             None => tokio::select! {
                 e = events.recv() => e,
                 // The client went away: dropping `events` cancels the request in the worker.
-                () = tx.closed() => return CLIENT_GONE,
+                () = tx.closed() => return Ended::Left,
             },
         };
         let e = match event {
@@ -248,18 +262,18 @@ async fn pump(
             Some(Event::Done(outcome)) => {
                 timing.ended(&outcome.usage);
                 for v in &chunks.finish(&outcome) {
-                    if let Err(status) = outlet.send(v).await {
-                        return status;
+                    if let Err(ended) = outlet.send(v).await {
+                        return ended;
                     }
                 }
-                return 200;
+                return Ended::Answered(200);
             }
             Some(Event::Failed(e)) => ApiError::of_request(e, parsed.endpoint),
             None => ApiError::internal("the worker ended the request without an answer"),
         };
         tracing::warn!(model = %parsed.model, "stream failed midway: {}", e.message);
         let _ = tx.send(sse(&e.body())).await;
-        return e.status.as_u16();
+        return Ended::Answered(e.status.as_u16());
     }
 }
 
@@ -279,13 +293,13 @@ mod tests {
         assert!(outlet.send(&chunk).await.is_ok());
         assert!(outlet.send(&chunk).await.is_ok());
         let started = Instant::now();
-        assert_eq!(outlet.send(&chunk).await, Err(STALLED));
+        assert_eq!(outlet.send(&chunk).await, Err(Ended::Stalled));
         assert!(started.elapsed() >= std::time::Duration::from_millis(200));
         // A reader frees room: sending works again; a client gone fails at once.
         rx.recv().await;
         assert!(outlet.send(&chunk).await.is_ok());
         drop(rx);
-        assert_eq!(outlet.send(&chunk).await, Err(CLIENT_GONE));
+        assert_eq!(outlet.send(&chunk).await, Err(Ended::Left));
     }
 
     /// A body cut off ends in an error (the connection is aborted); a whole one ends cleanly.
