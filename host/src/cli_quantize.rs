@@ -49,13 +49,7 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<u8> {
     if let Some((uid, gid)) = spec.plan.drop_to.filter(|_| dir.is_dir()) {
         use pio_host::sandbox::readable::{writable_folder, Reach};
         // At `maximum` the folder is mounted into an empty root: the folders above do not count.
-        let empty_root = spec.plan.isolation.as_ref().is_some_and(|i| i.empty_root);
-        let reach = if empty_root {
-            Reach::Mounted
-        } else {
-            Reach::Host
-        };
-        if !writable_folder(&dir, uid, gid, reach) {
+        if !writable_folder(&dir, uid, gid, Reach::of(&spec.plan)) {
             bail!(
                 "{name}: the worker runs as uid {uid}, gid {gid} (sandbox.worker_uid, sandbox.worker_gid) and cannot write the quantization_cache folder {}: give it that user (chown {uid}:{gid} {}) or remove it so that the worker creates it",
                 dir.display(),

@@ -57,6 +57,16 @@ pub enum Reach {
     Mounted,
 }
 
+impl Reach {
+    /// How the worker `plan` confines reaches the paths it is given.
+    pub fn of(plan: &super::Plan) -> Self {
+        match plan.isolation.as_ref().is_some_and(|i| i.empty_root) {
+            true => Self::Mounted,
+            false => Self::Host,
+        }
+    }
+}
+
 /// The first thing on the way to `path` that `uid:gid` cannot get through, or `None` when it can
 /// read `path` (a folder: list and enter it). Paths that do not exist are left to the caller's
 /// own error.

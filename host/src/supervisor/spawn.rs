@@ -26,12 +26,7 @@ pub(super) fn readable_to_worker(spec: &WorkerSpec) -> Result<(), WorkerError> {
         return Ok(());
     };
     use crate::sandbox::readable::{unreadable, unreadable_tree, Reach};
-    let empty_root = spec.plan.isolation.as_ref().is_some_and(|i| i.empty_root);
-    let reach = if empty_root {
-        Reach::Mounted
-    } else {
-        Reach::Host
-    };
+    let reach = Reach::of(&spec.plan);
     let library = std::iter::once(&spec.library)
         .filter_map(|l| unreadable(l, uid, gid, reach).map(|b| (l, b)));
     let model = spec
