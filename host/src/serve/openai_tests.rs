@@ -48,34 +48,25 @@ fn chat_fields_map_onto_the_plugin_request() {
     assert!(matches!(&r.prompt, Prompt::Messages(m) if m.len() == 1));
     assert!(!p.single_call);
 
-    // Stop strings are bounded in number and length (each is matched against every token).
-    for stop in [json!(vec!["x"; 65]), json!(["y".repeat(1025)])] {
-        let e = parse(
-            &with(body.clone(), json!({ "stop": stop })),
+    // The same request with `extra`'s fields.
+    let varied = |extra: Value| {
+        parse(
+            &with(body.clone(), extra),
             Endpoint::Chat,
             caps(&["chat", "logprobs"]),
             &Limits::default(),
         )
-        .unwrap_err();
+    };
+    // Stop strings are bounded in number and length (each is matched against every token).
+    for stop in [json!(vec!["x"; 65]), json!(["y".repeat(1025)])] {
+        let e = varied(json!({ "stop": stop })).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("stop"));
     }
 
     // Usage options on an answer that is not streamed are a mistake, as OpenAI and vLLM say.
-    let e = parse(
-        &with(body.clone(), json!({"stream": false})),
-        Endpoint::Chat,
-        caps(&["chat", "logprobs"]),
-        &Limits::default(),
-    )
-    .unwrap_err();
+    let e = varied(json!({"stream": false})).unwrap_err();
     assert_eq!(e.param.as_deref(), Some("stream_options"));
-    let p = parse(
-        &with(body, json!({"parallel_tool_calls": false})),
-        Endpoint::Chat,
-        caps(&["chat", "logprobs"]),
-        &Limits::default(),
-    )
-    .unwrap();
+    let p = varied(json!({"parallel_tool_calls": false})).unwrap();
     assert!(p.single_call);
 }
 
