@@ -208,3 +208,67 @@ fn requests_past_the_workers_thread_limit_wait_for_a_thread() {
         assert_eq!(status, 200, "{r}");
     }
 }
+
+/// Opens a chat stream of `tokens` tokens (with logprobs: a few hundred bytes each) over a
+/// connection with a small receive window.
+fn long_stream(d: &Daemon, tokens: usize) -> Socket {
+    let body = json!({"model": "echo", "max_tokens": tokens, "stream": true, "logprobs": true,
+                      "messages": [{"role": "user", "content": "x".repeat(tokens)}]})
+    .to_string();
+    let mut client = small_window_connection(d.addr());
+    write!(
+        client,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: pio\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send the request");
+    client
+}
+
+/// The stall timeout counts from the client's last read as the kernel sees it: a client that
+/// reads 2 KB a second keeps its stream (the daemon's writes wake only when half its 32 KB
+/// socket buffer has drained, some 8 s apart at that pace, twice the stall timeout), while one
+/// that reads nothing is cut off and its generation stopped.
+#[test]
+fn a_slow_reader_keeps_its_stream_and_a_stalled_one_is_cut_off() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(
+        echo_dir("[model.options]\ndelay_ms = 1\n"),
+        "[server]\nstall_timeout_secs = 4\nsend_buffer = \"16KiB\"\n",
+    );
+    d.wait_ready();
+    let stalled = long_stream(&d, 4000);
+    let slow = long_stream(&d, 4000);
+    let reading = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let reader = std::thread::spawn({
+        let reading = reading.clone();
+        move || {
+            use std::io::Read;
+            let mut slow = std::net::TcpStream::from(slow);
+            let mut taken = 0;
+            let mut buf = [0u8; 256];
+            while reading.load(std::sync::atomic::Ordering::Relaxed) {
+                match slow.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => taken += n,
+                }
+                std::thread::sleep(Duration::from_millis(125));
+            }
+            (slow, taken)
+        }
+    });
+    // Four stall timeouts.
+    std::thread::sleep(Duration::from_secs(16));
+    let gone = "pio_requests_total{model=\"echo\",endpoint=\"chat\",status=\"499\"}";
+    let cut = d.metric(gone);
+    let in_flight = d.plugin("echo")["requests_in_flight"].clone();
+    reading.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (slow, taken) = reader.join().unwrap();
+    eprintln!("the slow client read {taken} bytes");
+    assert_eq!(cut, Some(1.0), "only the stalled stream was cut off");
+    assert_eq!(in_flight, 1, "the slow reader's generation goes on");
+    assert!(taken > 16 << 10, "the slow client read all along: {taken} bytes");
+    drop((slow, stalled));
+}

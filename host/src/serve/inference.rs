@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 
 use super::deployment::Lease;
 use super::error::ApiError;
+use super::link::Link;
 use super::openai::{self, Endpoint, Parsed};
 use super::output::Parsing;
 use super::responses::Reply;
@@ -27,24 +28,27 @@ use crate::supervisor::Event;
 pub async fn chat(
     State(app): State<Arc<App>>,
     Extension(id): Extension<RequestId>,
+    link: Option<Extension<Link>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    serve(app, Endpoint::Chat, id, body).await
+    serve(app, Endpoint::Chat, id, link.map(|l| l.0), body).await
 }
 
 /// `POST /v1/completions`.
 pub async fn completions(
     State(app): State<Arc<App>>,
     Extension(id): Extension<RequestId>,
+    link: Option<Extension<Link>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    serve(app, Endpoint::Completions, id, body).await
+    serve(app, Endpoint::Completions, id, link.map(|l| l.0), body).await
 }
 
 async fn serve(
     app: Arc<App>,
     endpoint: Endpoint,
     id: RequestId,
+    link: Option<Link>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let started = Instant::now();
@@ -71,7 +75,8 @@ async fn serve(
                 .with_calls_parsed(parsed.calls_parsed);
             if parsed.stream {
                 let app = app.clone();
-                streaming::stream(app, parsed, lease, events, started, tools, &mut recorded).await
+                let client = streaming::Client { started, link };
+                streaming::stream(app, parsed, lease, events, client, tools, &mut recorded).await
             } else {
                 let response = collect(&app, &parsed, events, started, tools).await;
                 drop(lease);

@@ -13,6 +13,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 
+use super::link::Linked;
 use crate::units::ByteSize;
 
 /// How connections are served.
@@ -56,7 +57,7 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         configure(&tcp, rules);
-        let service = TowerToHyperService::new(router.clone());
+        let router = router.clone();
         let (builder, watcher) = (builder.clone(), graceful.watcher());
         let first_byte = rules.header_timeout;
         tokio::spawn(async move {
@@ -67,7 +68,16 @@ pub async fn serve(
                 Ok(Ok(n)) if n > 0 => {}
                 _ => return,
             }
-            let connection = builder.serve_connection(TokioIo::new(tcp), service);
+            let (io, link) = Linked::new(tcp);
+            let service = tower::ServiceExt::map_request(
+                router,
+                move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                    request.extensions_mut().insert(link.clone());
+                    request
+                },
+            );
+            let service = TowerToHyperService::new(service);
+            let connection = builder.serve_connection(TokioIo::new(io), service);
             if let Err(e) = watcher.watch(connection).await {
                 tracing::debug!("connection ended: {e}");
             }

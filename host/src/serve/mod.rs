@@ -10,6 +10,7 @@ pub mod error;
 pub mod hotplug;
 pub mod inference;
 pub mod library;
+pub mod link;
 pub mod listen;
 pub mod messages;
 pub mod metrics;

@@ -1,9 +1,9 @@
 //! A streamed answer: server-sent events from a request's events, through a small buffer that
 //! cuts off a client that stops reading.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use super::deployment::Lease;
 use super::error::ApiError;
 use super::inference::{offered, Recorded, Timing, CLIENT_GONE};
+use super::link::Link;
 use super::openai::{LogprobsFormat, Parsed};
 use super::output::Parsing;
 use super::reasoning::Splitter;
@@ -22,6 +23,12 @@ use super::tool_calls::StreamFilter;
 use super::App;
 use crate::protocol::TokenFrame;
 use crate::supervisor::Event;
+
+/// Who a stream answers: when they asked, and their connection where the listener tells it.
+pub(super) struct Client {
+    pub started: Instant,
+    pub link: Option<Link>,
+}
 
 /// One item of the response body: an event, or the error that aborts the connection.
 type Chunk = Result<SseEvent, std::io::Error>;
@@ -35,10 +42,11 @@ pub(super) async fn stream(
     parsed: Parsed,
     lease: Lease,
     mut events: mpsc::Receiver<Event>,
-    started: Instant,
+    client: Client,
     parsing: Parsing,
     recorded: &mut Recorded<'_>,
 ) -> Response {
+    let Client { started, link } = client;
     // A request that fails before its first token (a prompt too long, say) gets a real status;
     // one whose client leaves before it is recorded as gone by `recorded`.
     let first = events.recv().await;
@@ -52,33 +60,74 @@ pub(super) async fn stream(
     let (tx, rx) = mpsc::channel::<Chunk>(64);
     let cut = Arc::new(AtomicBool::new(false));
     let cut_by_pump = cut.clone();
+    let reads = Arc::new(Reads::new());
+    let read_by_pump = reads.clone();
     tokio::spawn(async move {
         // Held until the stream ends, so a drain waits for it.
         let _lease = lease;
-        let ended = pump(&app, &parsed, first, events, &tx, started, parsing).await;
-        match ended {
-            Ended::Answered(_) => {
-                let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
+        let stall = app.models.config().server.stall_timeout_secs.max(1);
+        let outlet = Outlet {
+            tx: &tx,
+            stall: Duration::from_secs(stall),
+            reads: &read_by_pump,
+            link: link.as_ref(),
+        };
+        let mut ended = pump(&app, &parsed, first, events, &outlet, started, parsing).await;
+        if let Ended::Answered(_) = ended {
+            if let Err(gone) = outlet.put(Ok(SseEvent::default().data("[DONE]"))).await {
+                ended = gone;
             }
-            Ended::Stalled => cut_by_pump.store(true, Ordering::Release),
-            Ended::Left => {}
+        }
+        if ended == Ended::Stalled {
+            cut_by_pump.store(true, Ordering::Release);
         }
         app.metrics
             .request(&parsed.model, parsed.endpoint.label(), ended.status());
     });
-    Sse::new(body(rx, cut))
+    Sse::new(body(rx, cut, reads))
         .keep_alive(KeepAlive::default())
         .into_response()
 }
 
-/// The response body: the chunks sent, then, if the stream was cut off, an error, so that the
-/// connection is aborted rather than ended as if the answer were whole (a client that stopped
-/// reading a while must not take a truncated answer for a complete one).
+/// When the connection last took a chunk: what the stall timeout is measured from, so that a
+/// client reading slowly but steadily (a slow link) is never taken for one that stopped.
+struct Reads {
+    opened: Instant,
+    /// Milliseconds from `opened` to the last chunk taken.
+    last_ms: AtomicU64,
+}
+
+impl Reads {
+    fn new() -> Self {
+        Self {
+            opened: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn taken(&self) {
+        let ms = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// How long since the connection last took a chunk (or since the stream opened).
+    fn idle(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.opened.elapsed().saturating_sub(last)
+    }
+}
+
+/// The response body: the chunks sent, each noted in `reads` as the connection takes it, then,
+/// if the stream was cut off, an error, so that the connection is aborted rather than ended as
+/// if the answer were whole (a client that stopped reading a while must not take a truncated
+/// answer for a complete one).
 fn body(
     rx: mpsc::Receiver<Chunk>,
     cut: Arc<AtomicBool>,
+    reads: Arc<Reads>,
 ) -> impl futures_util::Stream<Item = Chunk> + Send + 'static {
     use futures_util::StreamExt;
+    let taken = tokio_stream::wrappers::ReceiverStream::new(rx).inspect(move |_| reads.taken());
     let end = futures_util::stream::once(async move { cut.load(Ordering::Acquire) }).filter_map(
         |cut| async move {
             cut.then(|| {
@@ -88,7 +137,7 @@ fn body(
             })
         },
     );
-    tokio_stream::wrappers::ReceiverStream::new(rx).chain(end)
+    taken.chain(end)
 }
 
 /// How a stream ended.
@@ -112,26 +161,52 @@ impl Ended {
     }
 }
 
-/// The stream's way to its client: a small buffer, and a client that leaves it full for
-/// `stall` is cut off (dropping the events then cancels the generation in the worker), so a
-/// client that stops reading never makes the daemon hold a whole generation.
+/// The stream's way to its client: a small buffer, and a client that leaves it full while
+/// taking nothing (neither a chunk from the buffer nor bytes from the socket) for `stall` is
+/// cut off (dropping the events then cancels the generation in the
+/// worker), so a client that stops reading never makes the daemon hold a whole generation.
 struct Outlet<'a> {
     tx: &'a mpsc::Sender<Chunk>,
-    stall: std::time::Duration,
+    stall: Duration,
+    reads: &'a Reads,
+    /// The connection, where the listener tells it (not in in-process tests).
+    link: Option<&'a Link>,
 }
 
 impl Outlet<'_> {
     /// Sends `v`; `Err` with how the stream ends when the client is gone or stalled.
     async fn send(&self, v: &Value) -> Result<(), Ended> {
-        match tokio::time::timeout(self.stall, self.tx.send(sse(v))).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(Ended::Left),
-            Err(_) => {
+        self.put(sse(v)).await
+    }
+
+    /// Sends `chunk`, as [`Outlet::send`].
+    async fn put(&self, chunk: Chunk) -> Result<(), Ended> {
+        // The kernel's queue is looked at a few times within the timeout: a client that
+        // acknowledged data between two looks is reading, though slower than tokens come.
+        let look = (self.stall / 4).max(Duration::from_millis(10));
+        let mut queued = None;
+        loop {
+            let left = self.stall.saturating_sub(self.reads.idle());
+            if left.is_zero() {
                 tracing::warn!(
-                    "the client stopped reading its stream for {} s (server.stall_timeout_secs): cut off, generation stopped",
+                    "the client read nothing of its stream for {} s (server.stall_timeout_secs): cut off, generation stopped",
                     self.stall.as_secs()
                 );
-                Err(Ended::Stalled)
+                return Err(Ended::Stalled);
+            }
+            match tokio::time::timeout(left.min(look), self.tx.reserve()).await {
+                Ok(Ok(permit)) => {
+                    permit.send(chunk);
+                    return Ok(());
+                }
+                Ok(Err(_)) => return Err(Ended::Left),
+                Err(_) => {
+                    let now = self.link.and_then(Link::unacknowledged);
+                    if matches!((queued, now), (Some(before), Some(now)) if now < before) {
+                        self.reads.taken();
+                    }
+                    queued = now;
+                }
             }
         }
     }
@@ -227,15 +302,11 @@ async fn pump(
     parsed: &Parsed,
     mut first: Option<Event>,
     mut events: mpsc::Receiver<Event>,
-    tx: &mpsc::Sender<Chunk>,
+    outlet: &Outlet<'_>,
     started: Instant,
     parsing: Parsing,
 ) -> Ended {
-    let stall = app.models.config().server.stall_timeout_secs.max(1);
-    let outlet = Outlet {
-        tx,
-        stall: std::time::Duration::from_secs(stall),
-    };
+    let tx = outlet.tx;
     let mut chunks = Chunks::new(parsed, parsing);
     let mut timing = Timing::new(app, &parsed.model, started);
     let mut out = chunks.opening();
@@ -272,8 +343,10 @@ async fn pump(
             None => ApiError::internal("the worker ended the request without an answer"),
         };
         tracing::warn!(model = %parsed.model, "stream failed midway: {}", e.message);
-        let _ = tx.send(sse(&e.body())).await;
-        return Ended::Answered(e.status.as_u16());
+        return match outlet.send(&e.body()).await {
+            Ok(()) => Ended::Answered(e.status.as_u16()),
+            Err(ended) => ended,
+        };
     }
 }
 
@@ -284,9 +357,12 @@ mod tests {
     #[tokio::test]
     async fn a_stream_whose_client_stops_reading_is_cut_after_the_stall_timeout() {
         let (tx, mut rx) = mpsc::channel(2);
+        let reads = Reads::new();
         let outlet = Outlet {
             tx: &tx,
-            stall: std::time::Duration::from_millis(200),
+            stall: Duration::from_millis(200),
+            reads: &reads,
+            link: None,
         };
         let chunk = serde_json::json!({"x": 1});
         // The buffer takes two chunks; the third waits for a reader that never comes.
@@ -294,12 +370,50 @@ mod tests {
         assert!(outlet.send(&chunk).await.is_ok());
         let started = Instant::now();
         assert_eq!(outlet.send(&chunk).await, Err(Ended::Stalled));
-        assert!(started.elapsed() >= std::time::Duration::from_millis(200));
+        assert!(started.elapsed() >= Duration::from_millis(150));
         // A reader frees room: sending works again; a client gone fails at once.
         rx.recv().await;
+        reads.taken();
         assert!(outlet.send(&chunk).await.is_ok());
         drop(rx);
         assert_eq!(outlet.send(&chunk).await, Err(Ended::Left));
+    }
+
+    /// A client that reads steadily but slower than the tokens come keeps the buffer full for
+    /// far longer than the stall timeout, and is not cut off: the timeout counts from its last
+    /// read, not from when the buffer filled.
+    #[tokio::test]
+    async fn a_slow_but_steady_reader_is_not_cut_off() {
+        use futures_util::StreamExt;
+        let (tx, rx) = mpsc::channel(2);
+        let reads = Arc::new(Reads::new());
+        let stall = Duration::from_millis(300);
+        let reader = tokio::spawn({
+            let mut body = Box::pin(body(rx, Arc::new(AtomicBool::new(false)), reads.clone()));
+            async move {
+                let mut taken = 0;
+                // One chunk every 100 ms: a third of the stall timeout.
+                while body.next().await.is_some() {
+                    taken += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                taken
+            }
+        });
+        let outlet = Outlet {
+            tx: &tx,
+            stall,
+            reads: &reads,
+            link: None,
+        };
+        let started = Instant::now();
+        for _ in 0..15 {
+            assert_eq!(outlet.send(&serde_json::json!({"x": 1})).await, Ok(()));
+        }
+        // The buffer was full for over a second: four stall timeouts.
+        assert!(started.elapsed() >= Duration::from_millis(1200));
+        drop(tx);
+        assert_eq!(reader.await.unwrap(), 15);
     }
 
     /// A body cut off ends in an error (the connection is aborted); a whole one ends cleanly.
@@ -310,7 +424,10 @@ mod tests {
             let (tx, rx) = mpsc::channel(4);
             tx.send(sse(&serde_json::json!({"x": 1}))).await.unwrap();
             drop(tx);
-            let items: Vec<Chunk> = body(rx, Arc::new(AtomicBool::new(cut))).collect().await;
+            let items: Vec<Chunk> =
+                body(rx, Arc::new(AtomicBool::new(cut)), Arc::new(Reads::new()))
+                    .collect()
+                    .await;
             assert_eq!(items.len(), if cut { 2 } else { 1 });
             assert!(items[0].is_ok());
             assert_eq!(items.last().unwrap().is_err(), cut);
