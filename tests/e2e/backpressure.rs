@@ -269,6 +269,40 @@ fn a_slow_reader_keeps_its_stream_and_a_stalled_one_is_cut_off() {
     eprintln!("the slow client read {taken} bytes");
     assert_eq!(cut, Some(1.0), "only the stalled stream was cut off");
     assert_eq!(in_flight, 1, "the slow reader's generation goes on");
-    assert!(taken > 16 << 10, "the slow client read all along: {taken} bytes");
+    assert!(
+        taken > 16 << 10,
+        "the slow client read all along: {taken} bytes"
+    );
     drop((slow, stalled));
+}
+
+/// A client that leaves while its request prefills (no token yet, nothing to fail to send)
+/// stops the request in the worker at once, streaming or not: a long prompt's prefill is not
+/// run to its end for nobody.
+#[test]
+fn a_client_gone_during_the_prefill_stops_it_in_the_worker() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(echo_dir("[model.options]\nprefill_ms = 8000\n"), "");
+    d.wait_ready();
+    for stream in [false, true] {
+        let body = json!({"model": "echo", "prompt": "zz", "max_tokens": 2, "stream": stream});
+        let (client, busy, _) = completion_in_the_worker(&d, &body);
+        let left = Instant::now();
+        drop(client);
+        while busy() && left.elapsed() < Duration::from_secs(6) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(
+            !busy(),
+            "stream {stream}: the worker stopped the prefill when the client left: {}",
+            d.plugin("echo")
+        );
+        assert!(
+            left.elapsed() < Duration::from_secs(3),
+            "stream {stream}: stopped at once, not at the prefill's end: {:?}",
+            left.elapsed()
+        );
+    }
 }

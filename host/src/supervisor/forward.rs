@@ -32,9 +32,20 @@ impl Forward {
     pub(super) async fn run(self, mut events: Events, tx: mpsc::Sender<Event>) {
         let mut deadline = self.timeout.map(|t| tokio::time::Instant::now() + t);
         loop {
-            let next = match deadline {
-                Some(d) => tokio::time::timeout_at(d, events.recv()).await,
-                None => Ok(events.recv().await),
+            let next = async {
+                match deadline {
+                    Some(d) => tokio::time::timeout_at(d, events.recv()).await,
+                    None => Ok(events.recv().await),
+                }
+            };
+            // A caller gone while nothing comes (a long prefill, a wait for a place in the
+            // batch) stops the request at once, not at its next token or its deadline.
+            let next = tokio::select! {
+                next = next => next,
+                () = tx.closed() => {
+                    self.worker.cancel(self.id);
+                    return;
+                }
             };
             let event = match next {
                 Ok(Some(event)) => self.noted(event),

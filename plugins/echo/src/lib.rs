@@ -14,9 +14,18 @@ use pio_plugin_api::{
     RVec, Sink,
 };
 
-/// The echo plugin's state: the per-token delay once "loaded", `None` before.
+/// The echo plugin's state: its pace once "loaded", `None` before.
 pub struct Echo {
-    delay: Option<Duration>,
+    pace: Option<Pace>,
+}
+
+/// How slowly echo answers, to imitate a model.
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    /// Before each token (`delay_ms`).
+    token: Duration,
+    /// Before the first token, as a long prompt's prefill would (`prefill_ms`).
+    prefill: Duration,
 }
 
 /// The longest context echo accepts, in characters.
@@ -34,7 +43,7 @@ impl PluginImpl for Echo {
         .union(Capabilities::LOGPROBS);
 
     fn new() -> Result<Self, PluginError> {
-        Ok(Self { delay: None })
+        Ok(Self { pace: None })
     }
 
     fn supports_config(&self, config: &ModelConfig) -> Result<(), PluginError> {
@@ -47,6 +56,7 @@ impl PluginImpl for Echo {
             }
         }
         delay_of(config, "delay_ms")?;
+        delay_of(config, "prefill_ms")?;
         for key in ["tool_call_format", "reasoning_format"] {
             format_of(config, key)?;
         }
@@ -68,7 +78,10 @@ impl PluginImpl for Echo {
                 return Err(PluginError::cancelled("loading was cancelled"));
             }
         }
-        self.delay = Some(delay_of(&config, "delay_ms")?);
+        self.pace = Some(Pace {
+            token: delay_of(&config, "delay_ms")?,
+            prefill: delay_of(&config, "prefill_ms")?,
+        });
         // `..default()` is a no-op for the frozen plugin-api copies, and fills newer fields.
         #[allow(unused_mut, clippy::needless_update)]
         let mut info = ModelInfo {
@@ -92,8 +105,8 @@ impl PluginImpl for Echo {
     }
 
     fn infer(&self, request: InferRequest, sink: &mut Sink) -> Result<InferOutcome, PluginError> {
-        let delay = self
-            .delay
+        let pace = self
+            .pace
             .ok_or_else(|| PluginError::not_ready("echo: infer called before load_model"))?;
         let started = Instant::now();
         let text = prompt_text(&request.prompt)?;
@@ -125,11 +138,19 @@ impl PluginImpl for Echo {
         } else {
             (end, FinishReason::Stop)
         };
+        // A prefill emits nothing for a while, and a model polls for a cancel meanwhile.
+        let prefilled = Instant::now() + pace.prefill;
+        while Instant::now() < prefilled {
+            if sink.is_cancelled() {
+                return Err(PluginError::cancelled("echo: request cancelled"));
+            }
+            std::thread::sleep(Duration::from_millis(10).min(pace.prefill));
+        }
         for &ch in &prompt[..count] {
             if sink.is_cancelled() {
                 return Err(PluginError::cancelled("echo: request cancelled"));
             }
-            std::thread::sleep(delay);
+            std::thread::sleep(pace.token);
             let token = GeneratedToken {
                 token_id: u32::from(ch),
                 text: RString::from(ch.to_string()),
@@ -161,13 +182,13 @@ impl PluginImpl for Echo {
     }
 
     fn cleanup(&mut self) -> Result<(), PluginError> {
-        self.delay = None;
+        self.pace = None;
         Ok(())
     }
 }
 
-/// A plugin-specific config key in milliseconds: `delay_ms` pauses before each token and
-/// `load_delay_ms` while loading, to imitate a slow model.
+/// A plugin-specific config key in milliseconds: `delay_ms` pauses before each token,
+/// `prefill_ms` before the first one and `load_delay_ms` while loading, to imitate a slow model.
 fn delay_of(config: &ModelConfig, key: &str) -> Result<Duration, PluginError> {
     match config.extra.get(key) {
         None => Ok(Duration::ZERO),
