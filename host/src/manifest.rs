@@ -86,8 +86,38 @@ pub struct ModelSection {
     #[serde(default, deserialize_with = "checked_generation")]
     pub generation: pio_plugin_api::wire::GenerationDefaults,
     /// Plugin-specific settings, passed to the plugin untouched.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "plugin_options")]
     pub options: toml::Table,
+}
+
+/// The keys of the config a plugin gets beside its options (which are flattened in with them):
+/// an option by one of these names would collide with the `[model]` key.
+const MODEL_KEYS: [&str; 6] = [
+    "model_path",
+    "dtype",
+    "device",
+    "quantization",
+    "generation",
+    crate::launch::CACHE_KEY,
+];
+
+/// `[model.options]`, refused where a key is one of the `[model]` table's own: the plugin gets
+/// both in one object, and a worker handed the same key twice could not start.
+fn plugin_options<'de, D: Deserializer<'de>>(d: D) -> Result<toml::Table, D::Error> {
+    let options = toml::Table::deserialize(d)?;
+    match MODEL_KEYS.iter().find(|k| options.contains_key(**k)) {
+        Some(key) => {
+            let hint = match *key {
+                "model_path" => "`path`".to_string(),
+                "generation" => "the `[model.generation]` table".to_string(),
+                other => format!("`{other}`"),
+            };
+            Err(serde::de::Error::custom(format!(
+                "`{key}` is a key of the config every plugin gets, not a plugin option: set it in `[model]` as {hint}"
+            )))
+        }
+        None => Ok(options),
+    }
 }
 
 /// `[model.generation]`, refused where a default is outside what a request may ask (a

@@ -180,7 +180,9 @@ fn limits_of_nothing_and_out_of_range_defaults_are_refused() {
 #[test]
 fn missing_required_keys_are_named() {
     let e = parse_err("name = \"x\"\nversion = \"0.1.0\"\napi = \"^1\"\n");
-    assert!(e.contains("library"), "{e}");
+    assert!(e.contains("missing field `library`"), "{e}");
+    // Not blamed on the key of the line the table starts at.
+    assert!(!e.contains("`name`"), "{e}");
 }
 
 #[test]
@@ -192,4 +194,25 @@ fn tiers_are_ordered_by_confinement() {
 fn line_column_counts_from_one() {
     assert_eq!(line_column("ab\ncd", 0), (1, 1));
     assert_eq!(line_column("ab\ncd", 4), (2, 2));
+}
+
+/// Options are flattened into the config beside the `[model]` keys: one by a `[model]` key's
+/// name would reach the worker twice (and stop it), so it is refused, pointing to its place.
+#[test]
+fn plugin_options_named_like_model_keys_are_refused() {
+    for (key, hint) in [
+        ("dtype = \"f32\"", "in `[model]` as `dtype`"),
+        ("device = \"cpu\"", "`device`"),
+        ("model_path = \"/m\"", "as `path`"),
+        ("generation = 1", "`[model.generation]`"),
+        ("quantization_cache = \"c\"", "`quantization_cache`"),
+    ] {
+        let e = parse_err(&format!("{MINIMAL}[model.options]\n{key}\n"));
+        assert!(
+            e.contains("plugins/x.toml") && e.contains("not a plugin option") && e.contains(hint),
+            "{key}: {e}"
+        );
+    }
+    let ok = parse(&format!("{MINIMAL}[model.options]\ndtype_hint = 1\n"));
+    assert!(ok.is_ok(), "{:?}", ok.err());
 }

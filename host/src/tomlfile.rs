@@ -25,8 +25,12 @@ pub fn parse<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, TomlErro
         let start = e.span().map_or(0, |s| s.start);
         let (line, column) = line_column(text, start);
         let mut message = e.message().trim().to_string();
-        // Value errors from serde don't say which key they are about; the line does.
-        if let Some(key) = key_at(text, start).filter(|k| !message.contains(&format!("`{k}`"))) {
+        // Value errors from serde don't say which key they are about; the line does. A missing
+        // key is placed at its table's first line, whose key is another one.
+        let about_a_value = !message.starts_with("missing field");
+        if let Some(key) = key_at(text, start)
+            .filter(|k| about_a_value && !message.contains(&format!("`{k}`")))
+        {
             message = format!("`{key}`: {message}");
         }
         TomlError {
