@@ -286,14 +286,17 @@ fn check(
         check_confinement(&mut candidate);
         candidate
     } else {
+        // Absolute, so that a bare `libx.so` is this file and not a name for the system's
+        // library search.
+        let library = pio_host::launch::resolved(path);
         let mut candidate = Candidate {
             manifest_path: PathBuf::new(),
             manifest: None,
-            library: Some(path.to_owned()),
+            library: Some(library.clone()),
             report: None,
             status: Status::Ready,
         };
-        match prober.probe(path) {
+        match prober.probe(&library) {
             Ok(r) => candidate.report = Some(r),
             Err(e) => candidate.status = Status::Failed(e.into()),
         }

@@ -86,6 +86,25 @@ fn a_good_library_reports_what_it_is() {
     );
 }
 
+/// A library named bare, in the current folder, is that file (as for any command-line path),
+/// not a name for the system's library search.
+#[test]
+fn a_library_named_bare_in_the_current_folder_is_that_file() {
+    let lib = plugin_lib("pio_plugin_echo");
+    let out = pio(
+        lib.parent().unwrap(),
+        &["check", lib.file_name().unwrap().to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("ok: echo"), "{said}");
+    assert!(said.contains(&format!("library: {}", lib.display())), "{said}");
+}
+
 #[test]
 fn a_plugin_built_against_an_older_minor_loads() {
     let (ok, v) = check_json(&plugin_lib("pio_test_plugin_old_minor"));
