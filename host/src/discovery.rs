@@ -69,7 +69,7 @@ pub enum CheckError {
         reason: String,
     },
     /// The host's plugin-api does not meet the manifest's `api` requirement.
-    #[error("{manifest}:{line}:{column}: the plugin requires plugin-api {required}, but this host has plugin-api {host}; upgrade PIO, or use a plugin build for plugin-api {host}")]
+    #[error("{manifest}:{line}:{column}: the manifest requires plugin-api {required}, but this host has plugin-api {host}; for a plugin built against a newer plugin-api, upgrade PIO or use a build for {host}; for a library built against {host} or older, fix the manifest (`api = \"^{host}\"`; `pio check` on the library says what it was built against)")]
     ApiRequirement {
         /// The manifest.
         manifest: PathBuf,
@@ -312,10 +312,13 @@ fn check_model_path(path: &Path, text: &str, manifest: &Manifest) -> Result<(), 
     let Some(written) = &manifest.model.path else {
         return Ok(());
     };
-    let model = path
-        .parent()
-        .unwrap_or(Path::new("."))
-        .join(written.get_ref());
+    // In full: the manifest's own path may be relative, or a bare file name.
+    let model = crate::launch::resolved(
+        &path
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(written.get_ref()),
+    );
     let problem = match std::fs::metadata(&model) {
         Ok(_) => return Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => "does not exist".to_string(),

@@ -99,6 +99,26 @@ fn a_pinned_digest_is_compared_to_the_file() {
     ));
 }
 
+/// A manifest asking for a newer plugin-api than the host's says both ways out: a newer PIO, or
+/// a fixed `api` for a library built against this one.
+#[test]
+fn an_api_requirement_the_host_cannot_meet_says_both_ways_out() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("libx.so"), b"abc").unwrap();
+    let manifest = dir.path().join("x.toml");
+    let text = "name = \"x\"\nversion = \"0.1.0\"\nlibrary = \"libx.so\"\napi = \"^1.99\"\n";
+    std::fs::write(&manifest, text).unwrap();
+    let c = check_static(&manifest, &SearchPaths::default());
+    let Status::Failed(e @ CheckError::ApiRequirement { .. }) = &c.status else {
+        panic!("{:?}", c.status);
+    };
+    let host = host_api_version();
+    let e = e.to_string();
+    assert!(e.contains("x.toml:4:7") && e.contains("^1.99"), "{e}");
+    assert!(e.contains("upgrade PIO"), "{e}");
+    assert!(e.contains(&format!("fix the manifest (`api = \"^{host}\"`")), "{e}");
+}
+
 /// The error says every folder it looked in, the manifest's own as `.` when its path is a bare
 /// file name, and an absolute library's folder.
 #[test]
@@ -163,6 +183,24 @@ fn the_model_must_be_there() {
             "model {} does not exist",
             dir.path().join("snapshots").display()
         )) && message.contains("fix `[model] path`"),
+        "{message}"
+    );
+    // A manifest named by a relative path (as `pio check x.toml` does) still says where the
+    // model was looked for in full.
+    let up: PathBuf = std::env::current_dir()
+        .unwrap()
+        .components()
+        .skip(1)
+        .map(|_| "..")
+        .collect();
+    let relative = up.join(manifest.strip_prefix("/").unwrap());
+    let Status::Failed(e) = check_static(&relative, &SearchPaths::default()).status else {
+        panic!("a missing model passed");
+    };
+    let message = e.to_string();
+    let full = dir.path().canonicalize().unwrap().join("snapshots");
+    assert!(
+        message.contains(&format!("model {} does not exist", full.display())),
         "{message}"
     );
 }
