@@ -6,6 +6,7 @@ use std::path::Path;
 use pio_plugin_api::wire::{HostContext, ModelConfig};
 
 use crate::config::Config;
+use crate::discovery::{Candidate, CheckError, Status};
 use crate::manifest::Manifest;
 use crate::sandbox::{self, HostSupport, Plan, PlanError, Policy};
 use crate::supervisor::WorkerSpec;
@@ -30,6 +31,26 @@ pub fn plan(
             .and_then(|d| sandbox::gpu::ordinal(&d.0)),
     };
     sandbox::plan(subject, policy, host)
+}
+
+/// Plans the worker of a `candidate` that passed, on a host with every mechanism, so that
+/// `pio check` and `pio list` fail a manifest the daemon would refuse to start whatever its host
+/// (`maximum` with no pin).
+pub fn check_confinement(candidate: &mut Candidate) {
+    let (Status::Ready, Some(manifest)) = (&candidate.status, &candidate.manifest) else {
+        return;
+    };
+    let config = Config::default();
+    // Only the manifest's own reasons: the daemon's host and its configuration (a stricter
+    // `min_tier`, `allow_downgrade`) may differ from where the check runs.
+    let host = HostSupport::complete();
+    if let Err(e) = plan(manifest, &config, &config.policy(), &host) {
+        candidate.status = Status::Failed(CheckError::Confinement {
+            manifest: candidate.manifest_path.clone(),
+            tier: manifest.tier.to_string(),
+            reason: e.to_string(),
+        });
+    }
 }
 
 /// The model config the plugin gets: the manifest's `[model]`, its path resolved once against the

@@ -203,7 +203,11 @@ fn list(
     start: Option<cli_run::TierArgs>,
 ) -> anyhow::Result<ExitCode> {
     let Settings { config, search } = settings(&args)?;
-    let candidates = discovery::discover(&search, &prober(&config)?)?;
+    let mut candidates = discovery::discover(&search, &prober(&config)?)?;
+    // As `pio check` does: a manifest the daemon would refuse to start on any host fails here.
+    candidates
+        .iter_mut()
+        .for_each(pio_host::launch::check_confinement);
     let started = match &start {
         Some(tiers) => Some(cli_list::start_all(
             &candidates,
@@ -283,7 +287,7 @@ fn check(
         let search = search_paths(Vec::new(), library_dirs);
         let mut candidate = discovery::check_static(path, &search);
         discovery::check_library(&mut candidate, &prober);
-        check_confinement(&mut candidate);
+        pio_host::launch::check_confinement(&mut candidate);
         candidate
     } else {
         // Absolute, so that a bare `libx.so` is this file and not a name for the system's
@@ -333,25 +337,6 @@ fn check(
     } else {
         ExitCode::SUCCESS
     })
-}
-
-/// Plans the worker of a `candidate` that passed, on a host with every mechanism, so `pio check`
-/// fails a manifest the daemon would refuse to start whatever its host (`maximum` with no pin).
-fn check_confinement(candidate: &mut Candidate) {
-    let (Status::Ready, Some(manifest)) = (&candidate.status, &candidate.manifest) else {
-        return;
-    };
-    let config = Config::default();
-    // Only the manifest's own reasons: the daemon's host and its configuration (a stricter
-    // `min_tier`, `allow_downgrade`) may differ from where the check runs.
-    let host = pio_host::sandbox::HostSupport::complete();
-    if let Err(e) = pio_host::launch::plan(manifest, &config, &config.policy(), &host) {
-        candidate.status = Status::Failed(discovery::CheckError::Confinement {
-            manifest: candidate.manifest_path.clone(),
-            tier: manifest.tier.to_string(),
-            reason: e.to_string(),
-        });
-    }
 }
 
 /// `e` and its causes, joined by ": " as anyhow's `{:#}` does, less each cause that the text

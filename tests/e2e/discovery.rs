@@ -373,8 +373,8 @@ fn a_library_is_found_next_to_the_pio_executable() {
     );
 }
 
-/// `pio check` plans the worker too: a `maximum` manifest that pins no sha256, which the daemon
-/// would refuse to start, fails the check saying why.
+/// `pio check` and `pio list` plan the worker too: a `maximum` manifest that pins no sha256,
+/// which the daemon would refuse to start, fails the check saying why.
 #[test]
 fn check_fails_a_manifest_its_tier_refuses() {
     let dir = PluginDir::new();
@@ -386,6 +386,11 @@ fn check_fails_a_manifest_its_tier_refuses() {
     assert!(!ok, "{v:#}");
     assert_eq!(v["error_kind"], "confinement", "{v:#}");
     assert!(v["error"].as_str().unwrap().contains("sha256"), "{v:#}");
+    let plugins = dir.path().to_str().unwrap();
+    let out = pio(&repo_root(), &["list", "--json", "--plugins", plugins]);
+    assert!(!out.status.success(), "pio list fails as pio check does");
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(error_of(row(&rows, "echo.toml")).contains("sha256"), "{rows:#?}");
     let pinned = text.replace(
         "tier = \"maximum\"",
         &format!(
