@@ -116,7 +116,10 @@ fn an_api_requirement_the_host_cannot_meet_says_both_ways_out() {
     let e = e.to_string();
     assert!(e.contains("x.toml:4:7") && e.contains("^1.99"), "{e}");
     assert!(e.contains("upgrade PIO"), "{e}");
-    assert!(e.contains(&format!("fix the manifest (`api = \"^{host}\"`")), "{e}");
+    assert!(
+        e.contains(&format!("fix the manifest (`api = \"^{host}\"`")),
+        "{e}"
+    );
 }
 
 /// The error says every folder it looked in, the manifest's own as `.` when its path is a bare

@@ -28,8 +28,8 @@ pub fn parse<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, TomlErro
         // Value errors from serde don't say which key they are about; the line does. A missing
         // key is placed at its table's first line, whose key is another one.
         let about_a_value = !message.starts_with("missing field");
-        if let Some(key) = key_at(text, start)
-            .filter(|k| about_a_value && !message.contains(&format!("`{k}`")))
+        if let Some(key) =
+            key_at(text, start).filter(|k| about_a_value && !message.contains(&format!("`{k}`")))
         {
             message = format!("`{key}`: {message}");
         }

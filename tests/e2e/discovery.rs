@@ -102,7 +102,10 @@ fn a_library_named_bare_in_the_current_folder_is_that_file() {
     );
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.contains("ok: echo"), "{said}");
-    assert!(said.contains(&format!("library: {}", lib.display())), "{said}");
+    assert!(
+        said.contains(&format!("library: {}", lib.display())),
+        "{said}"
+    );
 }
 
 #[test]
@@ -390,7 +393,10 @@ fn check_fails_a_manifest_its_tier_refuses() {
     let out = pio(&repo_root(), &["list", "--json", "--plugins", plugins]);
     assert!(!out.status.success(), "pio list fails as pio check does");
     let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(error_of(row(&rows, "echo.toml")).contains("sha256"), "{rows:#?}");
+    assert!(
+        error_of(row(&rows, "echo.toml")).contains("sha256"),
+        "{rows:#?}"
+    );
     let pinned = text.replace(
         "tier = \"maximum\"",
         &format!(

@@ -225,6 +225,23 @@ pub fn parse(
 ) -> Result<Parsed, ApiError> {
     let c: Common = field(body)?;
     let has = |cap: Capabilities| capabilities.contains(cap);
+    // A plugin that declares no chat gets no messages (it would take them for a prompt it
+    // cannot read), and one that declares no text completion no raw prompt.
+    match endpoint {
+        Endpoint::Chat if !has(Capabilities::CHAT) => {
+            return Err(unsupported(
+                "messages",
+                &format!("cannot be sent to model `{}`, which declares no chat capability; send a `prompt` to /v1/completions", c.model),
+            ))
+        }
+        Endpoint::Completions if !has(Capabilities::TEXT) => {
+            return Err(unsupported(
+                "prompt",
+                &format!("cannot be sent to model `{}`, which declares no text completion capability; send `messages` to /v1/chat/completions", c.model),
+            ))
+        }
+        _ => {}
+    }
     let mut request = sampling(&c)?;
     let mut max_tokens = c.max_tokens;
     let mut structure = structure::requested(body)?;

@@ -118,7 +118,7 @@ fn completion_prompts_and_limits() {
     let p = parse(
         &json!({"model": "m", "prompt": ["one"]}),
         Endpoint::Completions,
-        Capabilities::empty(),
+        caps(&["text"]),
         &limits,
     )
     .unwrap();
@@ -142,7 +142,8 @@ fn completion_prompts_and_limits() {
         ),
         (json!({"model": "m", "prompt": "x", "top_k": -5}), "top_k"),
     ] {
-        let e = parse(&body, Endpoint::Completions, caps(&["logprobs"]), &limits).unwrap_err();
+        let text = caps(&["text", "logprobs"]);
+        let e = parse(&body, Endpoint::Completions, text, &limits).unwrap_err();
         assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
     }
 }
@@ -329,4 +330,21 @@ fn the_stop_string_can_end_the_output() {
     )
     .unwrap();
     assert!(p.request.include_stop_str_in_output);
+}
+
+/// Each endpoint needs its capability: messages go only to a plugin that declares chat, a raw
+/// prompt only to one that declares text completion; the error says where to go instead.
+#[test]
+fn each_endpoint_needs_its_capability() {
+    let limits = Limits::default();
+    let chat = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    let completion = json!({"model": "m", "prompt": "hi"});
+    let e = parse(&chat, Endpoint::Chat, caps(&["text"]), &limits).unwrap_err();
+    assert_eq!(e.param.as_deref(), Some("messages"));
+    assert!(e.message.contains("/v1/completions"), "{}", e.message);
+    let e = parse(&completion, Endpoint::Completions, caps(&["chat"]), &limits).unwrap_err();
+    assert_eq!(e.param.as_deref(), Some("prompt"));
+    assert!(e.message.contains("/v1/chat/completions"), "{}", e.message);
+    assert!(parse(&chat, Endpoint::Chat, caps(&["chat"]), &limits).is_ok());
+    assert!(parse(&completion, Endpoint::Completions, caps(&["text"]), &limits).is_ok());
 }
