@@ -212,21 +212,39 @@ fn format_of(config: &ModelConfig, key: &str) -> Result<Option<String>, PluginEr
     }
 }
 
-/// Raw text as is; chat messages as their `content` strings joined by newlines.
+/// Raw text as is; chat messages as their contents joined by newlines (a content given as parts
+/// is its text parts, joined).
 fn prompt_text(prompt: &Prompt) -> Result<String, PluginError> {
     match prompt {
         Prompt::Text(text) => Ok(text.clone()),
         Prompt::Messages(messages) => {
-            let mut parts = Vec::with_capacity(messages.len());
+            let mut said = Vec::with_capacity(messages.len());
             for (i, m) in messages.iter().enumerate() {
-                let content = m.get("content").and_then(|c| c.as_str()).ok_or_else(|| {
-                    PluginError::invalid_input(format!("messages[{i}].content: expected a string"))
-                })?;
-                parts.push(content);
+                said.push(content_text(m.get("content")).ok_or_else(|| {
+                    PluginError::invalid_input(format!(
+                        "messages[{i}].content: expected a string or text parts (echo reads no images)"
+                    ))
+                })?);
             }
-            Ok(parts.join("\n"))
+            Ok(said.join("\n"))
         }
     }
+}
+
+/// A message's content as text: a string, or a list of `{"type": "text", "text": ...}` parts.
+fn content_text(content: Option<&pio_plugin_api::serde_json::Value>) -> Option<String> {
+    let content = content?;
+    if let Some(text) = content.as_str() {
+        return Some(text.to_string());
+    }
+    content
+        .as_array()?
+        .iter()
+        .map(|part| match part.get("type")?.as_str()? {
+            "text" => part.get("text")?.as_str(),
+            _ => None,
+        })
+        .collect()
 }
 
 export_plugin!(Echo);
@@ -323,6 +341,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(sink.text(), "a\nb");
+        let sink = CollectSink::new();
+        let parts = serde_json::json!([{"type": "text", "text": "c"}, {"type": "text", "text": "d"}]);
+        let messages = serde_json::json!([{"role": "user", "content": parts}]);
+        run(
+            &plugin,
+            serde_json::json!({"prompt": {"messages": messages}}),
+            &sink,
+        )
+        .unwrap();
+        assert_eq!(sink.text(), "cd", "text parts are read");
         let e = run(
             &plugin,
             serde_json::json!({"prompt": {"messages": [{"role": "user"}]}}),
