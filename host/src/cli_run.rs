@@ -419,10 +419,10 @@ pub(crate) async fn start_loaded(
     let worker = Worker::start(spec).await?;
     let loaded = tokio::select! {
         loaded = worker.load(config, |stage, done, total| progress.update(stage, done, total)) => loaded,
-        why = stop.recv() => {
+        by = stop.recv() => {
             progress.finish();
             worker.shutdown().await;
-            bail!("{why} while the model loaded: the worker was stopped");
+            return Err(Halted::new(by, format!("{by} while the model loaded: the worker was stopped")).into());
         }
     };
     progress.finish();
@@ -446,12 +446,28 @@ impl StopSignals {
         })
     }
 
-    /// The next signal, named.
-    pub(crate) async fn recv(&mut self) -> &'static str {
+    /// The next signal.
+    pub(crate) async fn recv(&mut self) -> Stopped {
         tokio::select! {
-            _ = self.interrupt.recv() => "interrupted (SIGINT)",
-            _ = self.terminate.recv() => "stopped (SIGTERM)",
+            _ = self.interrupt.recv() => Stopped::Interrupted,
+            _ = self.terminate.recv() => Stopped::Terminated,
         }
+    }
+}
+
+/// A command stopped before its end (a signal, a deadline): what it says, and the exit status
+/// a shell expects of it.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub(crate) struct Halted {
+    /// Why.
+    pub by: Stopped,
+    message: String,
+}
+
+impl Halted {
+    pub(crate) fn new(by: Stopped, message: String) -> Self {
+        Self { by, message }
     }
 }
 
@@ -475,44 +491,92 @@ async fn stream(
     let (id, mut events) = worker.infer(request)?;
     let deadline = tokio::time::sleep(timeout.unwrap_or(std::time::Duration::MAX / 4));
     tokio::pin!(deadline);
+    let mut stopped: Option<Stopped> = None;
     let code = loop {
         let event = tokio::select! {
             e = events.recv() => e,
             _ = signals.interrupt.recv() => {
                 worker.cancel(id);
+                stopped.get_or_insert(Stopped::Interrupted);
                 continue;
             }
             _ = signals.terminate.recv() => {
                 // Stopped from outside: the worker and its cgroup go with us.
                 worker.kill_because("was stopped: pio run received SIGTERM".into());
+                stopped = Some(Stopped::Terminated);
                 continue;
             }
             _ = &mut deadline, if timeout.is_some() => {
                 let secs = timeout.map_or(0, |t| t.as_secs());
-                // A plugin stuck in a loop never sees a cancel: stop its worker.
-                worker.kill_because(format!("was stopped: the request ran past its {secs} s deadline"));
-                deadline.as_mut().reset(tokio::time::Instant::now() + std::time::Duration::from_secs(3600));
-                continue;
+                printer.failed(&format!(
+                    "timeout: the request ran past its {secs} s deadline (--timeout) and was cancelled"
+                ));
+                stopped = Some(Stopped::PastDeadline);
+                // As the daemon does: cancel, and stop the worker only if the request does not
+                // end within the grace (a plugin stuck in a loop never sees a cancel).
+                worker.cancel(id);
+                let ended = async {
+                    while let Some(Event::Token(_)) = events.recv().await {}
+                };
+                if tokio::time::timeout(DEADLINE_GRACE, ended).await.is_err() {
+                    eprintln!("the request did not end when cancelled: its worker is stopped");
+                    worker.kill_because(format!("was stopped: the request ran past its {secs} s deadline and did not end when cancelled"));
+                }
+                break 1;
             }
         };
-        match event {
-            Some(Event::Token(t)) => printer.token(&t)?,
+        let failure = match event {
+            Some(Event::Token(t)) => {
+                printer.token(&t)?;
+                continue;
+            }
             Some(Event::Done(outcome)) => {
                 printer.done(&outcome)?;
                 break 0;
             }
-            Some(Event::Failed(e)) => {
-                printer.failed(&e);
-                break 1;
-            }
-            None => {
-                printer.failed(&worker.exited().await);
-                break 1;
-            }
-        }
+            Some(Event::Failed(e)) => e.to_string(),
+            None => worker.exited().await.to_string(),
+        };
+        printer.failed(&failure);
+        break 1;
     };
     worker.shutdown().await;
-    Ok(code)
+    Ok(stopped.map_or(code, Stopped::exit_code))
+}
+
+/// How long a request cancelled at its deadline has to end before its worker is stopped.
+const DEADLINE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Why a command stopped its work before the end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stopped {
+    /// SIGINT (Ctrl-C).
+    Interrupted,
+    /// SIGTERM.
+    Terminated,
+    /// `--timeout`.
+    PastDeadline,
+}
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Interrupted => "interrupted (SIGINT)",
+            Self::Terminated => "stopped (SIGTERM)",
+            Self::PastDeadline => "past its deadline (--timeout)",
+        })
+    }
+}
+
+impl Stopped {
+    /// The exit status, as shells and `timeout(1)` have it: 128 + the signal, 124 for a deadline.
+    pub(crate) fn exit_code(self) -> u8 {
+        match self {
+            Self::Interrupted => 130,
+            Self::Terminated => 143,
+            Self::PastDeadline => 124,
+        }
+    }
 }
 
 /// Prints tokens as a plugin loaded in this process produces them.

@@ -149,7 +149,9 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", error_chain(&e));
-            ExitCode::from(2)
+            // Stopped by a signal: the status a shell expects (130 for Ctrl-C).
+            let halted = e.downcast_ref::<cli_run::Halted>();
+            ExitCode::from(halted.map_or(2, |h| h.by.exit_code()))
         }
     }
 }

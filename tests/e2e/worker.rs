@@ -35,6 +35,8 @@ fn hostile_dir() -> PluginDir {
 
 pub(crate) struct Ran {
     pub(crate) ok: bool,
+    /// The exit status (`None`: killed by a signal).
+    pub(crate) code: Option<i32>,
     pub(crate) stdout: String,
     pub(crate) stderr: String,
 }
@@ -43,6 +45,7 @@ impl From<std::process::Output> for Ran {
     fn from(out: std::process::Output) -> Self {
         Ran {
             ok: out.status.success(),
+            code: out.status.code(),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         }
@@ -210,10 +213,12 @@ fn a_timeout_of_zero_is_no_limit() {
     let dir = hostile_dir();
     let ran = run_in(&dir, "hostile", "spin 1.5", &["--timeout", "1"]);
     assert!(
-        !ran.ok && ran.stderr.contains("ran past its 1 s deadline"),
+        ran.stderr
+            .contains("timeout: the request ran past its 1 s deadline (--timeout)"),
         "{}",
         ran.stderr
     );
+    assert_eq!(ran.code, Some(124), "timeout(1)'s status: {}", ran.stderr);
     let ran = run_in(&dir, "hostile", "spin 1.5", &["--timeout", "0"]);
     assert!(
         ran.ok && ran.stdout.contains("wall_seconds=1.5"),
@@ -775,7 +780,7 @@ fn an_interrupted_run_or_bench_stops_its_worker() {
     if !confinement_available() {
         return;
     }
-    let dir = crate::daemon::echo_dir("[model.options]\nload_delay_ms = 4000\n");
+    let dir = crate::daemon::echo_dir("[model.options]\nload_delay_ms = 4000\ndelay_ms = 50\n");
     let groups = |pid: u32| -> usize {
         std::fs::read_dir("/sys/fs/cgroup/memory/pio")
             .into_iter()
@@ -810,12 +815,35 @@ fn an_interrupted_run_or_bench_stops_its_worker() {
     };
     let (pid, out) = interrupt_after(&["run", "echo", "--plugins", ".", "--prompt", "hi"], 1.5);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "a shell's status for Ctrl-C: {err}"
+    );
     assert!(
         err.contains("interrupted (SIGINT) while the model loaded"),
         "{err}"
     );
     assert_eq!(groups(pid), 0, "{err}");
+
+    // Loaded after 4 s, then 400 tokens at 50 ms.
+    let long = "x".repeat(400);
+    let (_, out) = interrupt_after(
+        &[
+            "run",
+            "echo",
+            "--plugins",
+            ".",
+            "--prompt",
+            &long,
+            "--timeout",
+            "0",
+        ],
+        6.0,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("cancelled"), "{err}");
 
     // Loaded after 4 s, then measuring a long while.
     let (pid, out) = interrupt_after(
@@ -836,6 +864,7 @@ fn an_interrupted_run_or_bench_stops_its_worker() {
         err.contains("interrupted (SIGINT): the run was abandoned"),
         "{err}"
     );
+    assert_eq!(out.status.code(), Some(130), "{err}");
     assert_eq!(groups(pid), 0, "{err}");
 }
 

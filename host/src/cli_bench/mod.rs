@@ -270,7 +270,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<u8> {
         let worker = std::sync::Arc::new(worker);
         let result = tokio::select! {
             r = measure(&worker, &info, &args, constraint) => r,
-            why = signals.recv() => Err(anyhow::anyhow!("{why}: the run was abandoned and the worker stopped")),
+            by = signals.recv() => Err(crate::cli_run::Halted::new(by, format!("{by}: the run was abandoned and the worker stopped")).into()),
         };
         worker.shutdown().await;
         // llama.cpp's turn comes with the worker gone: not two models in memory at once.

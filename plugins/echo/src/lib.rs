@@ -342,7 +342,8 @@ mod tests {
         .unwrap();
         assert_eq!(sink.text(), "a\nb");
         let sink = CollectSink::new();
-        let parts = serde_json::json!([{"type": "text", "text": "c"}, {"type": "text", "text": "d"}]);
+        let parts =
+            serde_json::json!([{"type": "text", "text": "c"}, {"type": "text", "text": "d"}]);
         let messages = serde_json::json!([{"role": "user", "content": parts}]);
         run(
             &plugin,
