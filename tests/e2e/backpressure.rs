@@ -306,3 +306,53 @@ fn a_client_gone_during_the_prefill_stops_it_in_the_worker() {
         );
     }
 }
+
+/// A stream's headers do not wait for its first token: during a long prefill the client (and
+/// any proxy's idle timeout) has its 200 and `text/event-stream` within a second or so, and
+/// the tokens follow when they come.
+#[test]
+fn a_streams_headers_come_before_a_long_prefill_ends() {
+    use std::io::Read;
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(echo_dir("[model.options]\nprefill_ms = 4000\n"), "");
+    d.wait_ready();
+    let body = json!({"model": "echo", "prompt": "abc", "max_tokens": 3, "stream": true})
+        .to_string();
+    let mut client = std::net::TcpStream::connect(d.addr()).expect("connect");
+    let asked = Instant::now();
+    write!(
+        client,
+        "POST /v1/completions HTTP/1.1\r\nHost: pio\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send the request");
+    client
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut headers_at = None;
+    while !String::from_utf8_lossy(&got).contains("[DONE]") {
+        let n = client.read(&mut buf).expect("read the stream");
+        assert!(n > 0, "the stream ended early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+        if headers_at.is_none() && got.windows(4).any(|w| w == b"\r\n\r\n") {
+            headers_at = Some(asked.elapsed());
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    let headers_at = headers_at.unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("text/event-stream"), "{text}");
+    assert!(
+        headers_at < Duration::from_millis(2500),
+        "headers after {headers_at:?}, before the 4 s prefill ended"
+    );
+    assert!(
+        asked.elapsed() >= Duration::from_secs(4),
+        "the tokens came after the prefill"
+    );
+    assert!(text.contains("\"text\":\"a\""), "{text}");
+}

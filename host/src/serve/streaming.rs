@@ -30,6 +30,9 @@ pub(super) struct Client {
     pub link: Option<Link>,
 }
 
+/// How long a stream's headers wait for its first event (a failure in it gets a real status).
+const HEADERS_WITHIN: Duration = Duration::from_secs(1);
+
 /// One item of the response body: an event, or the error that aborts the connection.
 type Chunk = Result<SseEvent, std::io::Error>;
 
@@ -47,14 +50,21 @@ pub(super) async fn stream(
     recorded: &mut Recorded<'_>,
 ) -> Response {
     let Client { started, link } = client;
-    // A request that fails before its first token (a prompt too long, say) gets a real status;
-    // one whose client leaves before it is recorded as gone by `recorded`.
-    let first = events.recv().await;
-    if let Some(Event::Failed(e)) = first {
-        let e = ApiError::of_request(e, parsed.endpoint);
-        recorded.status = e.status.as_u16();
-        return e.into_response();
-    }
+    // A request that fails at once (a prompt too long, say) gets a real status; one whose
+    // client leaves before it is recorded as gone by `recorded`. The headers go out when the
+    // first event comes or after `HEADERS_WITHIN`, whichever is first: a long prefill or a wait
+    // for a place in the batch must not leave a client (or a proxy's idle timeout) without an
+    // answer, and keep-alive comments flow from then on.
+    let first = match tokio::time::timeout(HEADERS_WITHIN, events.recv()).await {
+        Ok(Some(Event::Failed(e))) => {
+            let e = ApiError::of_request(e, parsed.endpoint);
+            recorded.status = e.status.as_u16();
+            return e.into_response();
+        }
+        Ok(first) => first,
+        // Not yet: the pump waits for it.
+        Err(_) => None,
+    };
     // From here the stream's task records it.
     recorded.armed = false;
     let (tx, rx) = mpsc::channel::<Chunk>(64);
