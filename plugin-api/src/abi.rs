@@ -77,7 +77,7 @@ impl Capabilities {
         names
     }
 
-    /// Parses a flag name as written in manifests and printed by `pio list`.
+    /// Parses a flag name as `pio list`, `/v1/plugins` and `pio check --json` print it.
     pub fn from_name(name: &str) -> Option<Self> {
         Self::NAMES
             .iter()

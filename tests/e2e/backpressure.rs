@@ -318,8 +318,8 @@ fn a_streams_headers_come_before_a_long_prefill_ends() {
     }
     let d = Daemon::start(echo_dir("[model.options]\nprefill_ms = 4000\n"), "");
     d.wait_ready();
-    let body = json!({"model": "echo", "prompt": "abc", "max_tokens": 3, "stream": true})
-        .to_string();
+    let body =
+        json!({"model": "echo", "prompt": "abc", "max_tokens": 3, "stream": true}).to_string();
     let mut client = std::net::TcpStream::connect(d.addr()).expect("connect");
     let asked = Instant::now();
     write!(
@@ -336,7 +336,11 @@ fn a_streams_headers_come_before_a_long_prefill_ends() {
     let mut headers_at = None;
     while !String::from_utf8_lossy(&got).contains("[DONE]") {
         let n = client.read(&mut buf).expect("read the stream");
-        assert!(n > 0, "the stream ended early: {}", String::from_utf8_lossy(&got));
+        assert!(
+            n > 0,
+            "the stream ended early: {}",
+            String::from_utf8_lossy(&got)
+        );
         got.extend_from_slice(&buf[..n]);
         if headers_at.is_none() && got.windows(4).any(|w| w == b"\r\n\r\n") {
             headers_at = Some(asked.elapsed());

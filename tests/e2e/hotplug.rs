@@ -348,3 +348,50 @@ fn a_second_sigterm_ends_the_drain_at_once() {
         "{r}"
     );
 }
+
+/// A served version whose files break goes on serving (its worker runs a private copy), and an
+/// older version left superseded beside it does not take its place unasked: the break is
+/// listed, nothing else changes, and a fix reloads it.
+#[test]
+fn a_broken_update_keeps_the_served_version_instead_of_an_older_one() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = PluginDir::new();
+    // The echo template built against plugin-api 1.0 reports version 0.0.9.
+    dir.copy_lib("pio_test_plugin_old_minor", "libold.so");
+    dir.write("old.toml", &manifest("echo", "0.0.9", "libold.so", ""));
+    let library = dir.copy_lib("pio_plugin_echo", "libecho.so");
+    dir.write("echo.toml", &manifest("echo", "0.1.0", "libecho.so", ""));
+    let d = Daemon::start(dir, "");
+    d.wait_ready();
+    let served = d.plugin("echo");
+    assert_eq!(served["version"], "0.1.0", "{served}");
+
+    let good = std::fs::read(&library).expect("read library");
+    std::fs::write(&library, b"not a library").expect("break the library");
+    d.wait_for(20, "the broken update to be reported", |d| {
+        d.get("/v1/plugins").1["errors"]
+            .as_array()
+            .is_some_and(|e| !e.is_empty())
+    });
+    // Another settle's worth: a switch would have begun by now.
+    std::thread::sleep(Duration::from_secs(2));
+    let now = d.plugin("echo");
+    assert_eq!(now["version"], "0.1.0", "{now}");
+    assert_eq!(now["pid"], served["pid"], "the same worker serves: {now}");
+    assert_eq!(now["reloading"], false, "{now}");
+    let asked = json!({"model": "echo", "messages": [{"role": "user", "content": "still here"}]});
+    let (status, r) = d.post("/v1/chat/completions", &asked);
+    assert_eq!(status, 200, "{r}");
+
+    // Fixed (a new build): reloaded blue/green, still 0.1.0.
+    let mut fixed = good;
+    fixed.extend_from_slice(b"\0a new build");
+    std::fs::write(&library, fixed).expect("fix the library");
+    d.wait_for(30, "the fixed build to load", |d| {
+        let p = d.plugin("echo");
+        p["pid"] != served["pid"] && p["state"] == "ready" && p["reloading"] == false
+    });
+    assert_eq!(d.plugin("echo")["version"], "0.1.0");
+}

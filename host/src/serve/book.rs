@@ -137,14 +137,21 @@ impl Inner {
     ) -> Changes {
         let mut changes = Changes::default();
         let mut seen: HashSet<String> = HashSet::new();
+        // Names whose loaded version's own files broke: that version goes on serving (its
+        // worker runs a private copy of the library), and no other version of the name, an
+        // older one left superseded, takes its place unasked.
+        let mut held: HashSet<String> = HashSet::new();
         for (path, why) in &broken {
             tracing::warn!(manifest = %path.display(), "plugin not served: {why}");
-            if let Some((name, _)) = self
+            if let Some((name, e)) = self
                 .entries
                 .iter()
                 .find(|(_, e)| &e.found.manifest_path == path)
             {
                 seen.insert(name.clone());
+                if !matches!(e.slot, Slot::Unloaded) {
+                    held.insert(name.clone());
+                }
             }
         }
         self.broken = broken.into_iter().collect();
@@ -158,6 +165,14 @@ impl Inner {
                         changes.load.push(name.clone());
                     }
                     self.entries.insert(name, Entry::new(f));
+                }
+                Some(e) if held.contains(&name) && e.found.manifest_path != f.manifest_path => {
+                    tracing::warn!(
+                        plugin = %name,
+                        "version {} goes on serving: its files fail their checks (see `errors` in /v1/plugins), and version {} found beside it is not switched to; fix the files, or remove its manifest to serve the other",
+                        e.found.manifest.version,
+                        f.manifest.version
+                    );
                 }
                 Some(e) if e.found.fingerprint != f.fingerprint => {
                     tracing::info!(plugin = %name, version = %f.manifest.version, "plugin changed");
