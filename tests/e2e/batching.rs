@@ -193,7 +193,22 @@ fn a_kv_pool_too_small_for_the_load_runs_full_and_every_answer_stays_exact() {
     for (i, r) in post_all(&d, &requests).iter().enumerate() {
         assert_matches(r, &cases[i % cases.len()], 16);
     }
-    let engine = &d.plugin("qwen3-4b-instruct-2507")["engine"];
+    let plugin = d.plugin("qwen3-4b-instruct-2507");
+    assert_eq!(
+        plugin["context_length"], 128,
+        "the context served is the pool's, shorter than the model's: {plugin}"
+    );
+    assert!(
+        d.logs().contains("the KV pool holds 128 positions"),
+        "{}",
+        d.logs()
+    );
+    let models = d.get("/v1/models").1;
+    let qwen = models["data"]
+        .as_array()
+        .and_then(|d| d.iter().find(|m| m["id"] == "qwen3-4b-instruct-2507"));
+    assert_eq!(qwen.unwrap()["max_model_len"], 128, "{models}");
+    let engine = &plugin["engine"];
     // The pool ran full. Whether the engine preempted a running sequence or held the next one
     // back depends on how the requests' arrivals interleave with the steps (CI saw both); the
     // engine's own tests force preemption deterministically.

@@ -381,6 +381,18 @@ fn outcome_of(
     Ok(result)
 }
 
+/// The longest sequence `engine` serves: the model's context, or its KV pool's size when that
+/// is smaller (said on stderr, which the worker's log keeps, with what to do).
+fn served_context(engine: &Engine) -> usize {
+    let (context, pool) = (engine.context_length(), engine.capacity());
+    if pool < context {
+        eprintln!(
+            "warning: the KV pool holds {pool} positions, fewer than the model's context of {context}: each request (prompt and output) is held to {pool} tokens; raise kv_cache_bytes or the worker's memory limit to serve the whole context"
+        );
+    }
+    context.min(pool)
+}
+
 impl<M: LoadModel> ModelRuntime<M> {
     /// Checks what this runtime can honour: the dtype, the quantization, a model path.
     pub fn supports_config(&self, config: &ModelConfig) -> Result<(), PluginError> {
@@ -423,6 +435,12 @@ impl<M: LoadModel> ModelRuntime<M> {
         let model = Arc::new(model);
         let engine =
             Engine::start(model.clone(), codec.clone(), engine_config).map_err(plugin_error)?;
+        // A pool shorter than the context holds each request to the pool: the host is told the
+        // length it can serve (vLLM's `max_model_len` cut to its KV cache), and the log why.
+        let info = ModelInfo {
+            context_length: Some(served_context(&engine) as u32),
+            ..info
+        };
         let generation = GenerationConfig::load(&checkpoint).map_err(plugin_error)?;
         self.loaded = Some(Loaded {
             model,

@@ -418,6 +418,11 @@ impl Engine {
     pub fn context_length(&self) -> usize {
         self.context
     }
+
+    /// How many positions the KV pool holds in all: the longest sequence it can hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
 }
 
 impl Drop for Engine {
