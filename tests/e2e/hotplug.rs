@@ -395,3 +395,41 @@ fn a_broken_update_keeps_the_served_version_instead_of_an_older_one() {
     });
     assert_eq!(d.plugin("echo")["version"], "0.1.0");
 }
+
+/// With hot plug off, an admin reload runs the files as they are now (not as last checked):
+/// a changed manifest's limits apply, and files that fail their checks are refused with why
+/// while the running version serves on.
+#[test]
+fn an_admin_reload_checks_the_files_again() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = PluginDir::new();
+    dir.copy_lib("pio_plugin_echo", "libecho.so");
+    let with_memory = |m: &str| {
+        let limits = format!("[limits]\nmemory = \"{m}\"\n");
+        manifest("echo", "0.1.0", "libecho.so", &limits)
+    };
+    dir.write("echo.toml", &with_memory("64MiB"));
+    let d = Daemon::start(dir, "[server]\nwatch = false\n");
+    d.wait_ready();
+    assert_eq!(d.plugin("echo")["memory_limit_bytes"], 64 << 20);
+
+    d.dir.write("echo.toml", &with_memory("96MiB"));
+    let (status, r) = d.post("/v1/plugins/echo/reload", &json!({}));
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(d.plugin("echo")["memory_limit_bytes"], 96 << 20);
+    let served = d.plugin("echo");
+
+    d.dir.write("echo.toml", "name = \"echo\"\n");
+    let (status, r) = d.post("/v1/plugins/echo/reload", &json!({}));
+    assert_eq!(status, 409, "{r}");
+    let message = r["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("fails its checks") && message.contains("missing field"),
+        "{r}"
+    );
+    let now = d.plugin("echo");
+    assert_eq!(now["pid"], served["pid"], "the running worker serves on: {now}");
+    assert_eq!(now["state"], "ready", "{now}");
+}

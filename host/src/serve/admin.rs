@@ -74,6 +74,15 @@ pub async fn plugin_action(
     State(app): State<Arc<App>>,
     Path((name, action)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
+    // The files as they are now, for what starts a worker (hot plug may be off).
+    let afresh = match action.as_str() {
+        "reload" => true,
+        "load" => app.models.loads_afresh(&name)?,
+        _ => false,
+    };
+    if afresh {
+        app.models.recheck(&name).await?;
+    }
     match action.as_str() {
         "load" => app.models.load(&name).await?,
         "unload" => app.models.unload(&name).await?,

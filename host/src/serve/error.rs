@@ -127,6 +127,11 @@ impl ApiError {
         }
     }
 
+    /// 409: the server's own files are in a state that refuses what was asked.
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "conflict", message)
+    }
+
     /// 500: the plugin failed, with its reason.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "plugin_error", message)

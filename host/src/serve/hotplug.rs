@@ -70,29 +70,51 @@ pub(super) fn scan(search: &SearchPaths, prober: &Prober) -> Result<Scan, discov
     let mut found = Vec::new();
     let mut broken = Vec::new();
     for c in discovery::discover(search, prober)? {
-        match (c.status, c.manifest, c.library, c.report) {
-            (Status::Ready, Some(manifest), Some(library), Some(report)) => {
-                let fingerprint = match (std::fs::read(&c.manifest_path), std::fs::read(&library)) {
-                    (Ok(m), Ok(l)) => super::library::sha256_hex(&[m, l].concat()),
-                    (Err(e), _) | (_, Err(e)) => {
-                        broken.push((
-                            c.manifest_path,
-                            format!("cannot read the plugin's files: {e}"),
-                        ));
-                        continue;
-                    }
-                };
-                found.push(Found {
-                    manifest,
-                    manifest_path: c.manifest_path,
-                    library,
-                    report,
-                    fingerprint,
-                });
-            }
-            (Status::Failed(e), ..) => broken.push((c.manifest_path, e.to_string())),
-            _ => {}
+        match found_of(c) {
+            Some(Ok(f)) => found.push(f),
+            Some(Err(b)) => broken.push(b),
+            None => {}
         }
     }
     Ok((found, broken))
+}
+
+/// The manifest at `path` checked again, alone, as a scan checks it (blocking): what it serves
+/// now, or why it cannot.
+pub(super) fn check_one(
+    path: &std::path::Path,
+    search: &SearchPaths,
+    prober: &Prober,
+) -> Result<Found, String> {
+    let mut c = discovery::check_static(path, search);
+    discovery::check_library(&mut c, prober);
+    match found_of(c) {
+        Some(result) => result.map_err(|(_, why)| why),
+        None => Err(format!("{}: not served", path.display())),
+    }
+}
+
+/// A checked candidate as the daemon takes it: served (with its files' fingerprint), broken
+/// (its manifest and why), or neither (superseded).
+fn found_of(c: discovery::Candidate) -> Option<Result<Found, (PathBuf, String)>> {
+    match (c.status, c.manifest, c.library, c.report) {
+        (Status::Ready, Some(manifest), Some(library), Some(report)) => {
+            let fingerprint = match (std::fs::read(&c.manifest_path), std::fs::read(&library)) {
+                (Ok(m), Ok(l)) => super::library::sha256_hex(&[m, l].concat()),
+                (Err(e), _) | (_, Err(e)) => {
+                    let why = format!("cannot read the plugin's files: {e}");
+                    return Some(Err((c.manifest_path, why)));
+                }
+            };
+            Some(Ok(Found {
+                manifest,
+                manifest_path: c.manifest_path,
+                library,
+                report,
+                fingerprint,
+            }))
+        }
+        (Status::Failed(e), ..) => Some(Err((c.manifest_path, e.to_string()))),
+        _ => None,
+    }
 }

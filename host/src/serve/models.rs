@@ -16,7 +16,7 @@ use super::book::{
 };
 use super::deployment::{deploy, Deployment, Lease, Refusal};
 use super::error::ApiError;
-use super::hotplug::scan;
+use super::hotplug::{check_one, scan};
 use super::library::LibraryStore;
 pub use super::status::PluginStatus;
 use crate::config::Config;
@@ -117,13 +117,53 @@ impl Models {
         }
     }
 
+    /// Whether a load of `name` would start a worker (it is not loaded, or quarantined): then
+    /// an admin load checks its files again first.
+    pub fn loads_afresh(&self, name: &str) -> Result<bool, ApiError> {
+        Ok(match &lock(&self.inner).entry(name)?.slot {
+            Slot::Loaded(d) => d.quarantined(),
+            Slot::Loading(_) => false,
+            Slot::Unloaded => true,
+        })
+    }
+
+    /// Probes libraries as the workers' user.
+    fn prober(&self) -> Prober {
+        Prober::new(self.setup.exe.clone())
+            .with_user(self.setup.policy.worker_uid, self.setup.policy.worker_gid)
+    }
+
+    /// Checks `name`'s manifest and library again and takes them in, so that an admin load or
+    /// reload runs the files as they are now, not as last checked (with `watch = false` nothing
+    /// else sees them change). Files that fail their checks are refused with why (409), and
+    /// what is served stays.
+    pub async fn recheck(&self, name: &str) -> Result<(), ApiError> {
+        let path = lock(&self.inner).entry(name)?.found.manifest_path.clone();
+        let (search, prober) = (self.setup.search.clone(), self.prober());
+        let checked = tokio::task::spawn_blocking(move || check_one(&path, &search, &prober))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let found = checked.map_err(|why| {
+            ApiError::conflict(format!(
+                "plugin {name} fails its checks: {why}; fix its files and ask again"
+            ))
+        })?;
+        if found.manifest.name != name {
+            return Err(ApiError::conflict(format!(
+                "{} now names plugin {}: not taken as {name}'s; a rescan serves it under its new name",
+                found.manifest_path.display(),
+                found.manifest.name
+            )));
+        }
+        lock(&self.inner).entry_mut(name)?.found = found;
+        Ok(())
+    }
+
     /// Scans the plugin directories and brings the served set in line: new plugins are added
     /// (and loaded when preloaded), changed ones reloaded blue/green, removed ones drained and
     /// unloaded. A manifest that fails its checks is reported and changes nothing else.
     pub async fn rescan(self: &Arc<Self>) -> Result<(), discovery::ScanError> {
-        let search = self.setup.search.clone();
-        let prober = Prober::new(self.setup.exe.clone())
-            .with_user(self.setup.policy.worker_uid, self.setup.policy.worker_gid);
+        let (search, prober) = (self.setup.search.clone(), self.prober());
         let found = tokio::task::spawn_blocking(move || scan(&search, &prober))
             .await
             .unwrap_or_else(|e| Ok((Vec::new(), vec![(PathBuf::new(), e.to_string())])))?;
