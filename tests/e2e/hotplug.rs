@@ -430,6 +430,9 @@ fn an_admin_reload_checks_the_files_again() {
         "{r}"
     );
     let now = d.plugin("echo");
-    assert_eq!(now["pid"], served["pid"], "the running worker serves on: {now}");
+    assert_eq!(
+        now["pid"], served["pid"],
+        "the running worker serves on: {now}"
+    );
     assert_eq!(now["state"], "ready", "{now}");
 }

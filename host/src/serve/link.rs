@@ -1,7 +1,7 @@
-//! A connection's link to its client as the kernel sees it: how many bytes it still holds
-//! unacknowledged. A stream judges a stalled client by it, because tokio wakes a writer only
-//! when a good part of the send buffer has drained: a client reading slowly but steadily can go
-//! seconds between two writes while acknowledging data all along.
+//! A connection's link to its client as the kernel sees it: how many bytes the client has
+//! acknowledged. A stream judges a stalled client by it, because tokio wakes a writer only when a
+//! good part of the send buffer has drained: a client reading slowly but steadily can go seconds
+//! between two writes while acknowledging data all along.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
@@ -21,16 +21,29 @@ pub struct Link {
 }
 
 impl Link {
-    /// Bytes written to the connection that its client has not acknowledged yet; `None` once
-    /// the connection closed (or where the kernel cannot say).
-    pub fn unacknowledged(&self) -> Option<u64> {
+    /// Bytes the client has acknowledged so far (it only grows, and only as the client reads
+    /// once its receive window is full); `None` once the connection closed, or where the kernel
+    /// does not say (before Linux 4.1).
+    pub fn acknowledged(&self) -> Option<u64> {
         let fd = self.fd.lock().ok()?;
         let fd = (*fd)?;
-        let mut queued: libc::c_int = 0;
+        // SAFETY: all zeros is a valid `tcp_info` (plain integers).
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
         // SAFETY: `fd` is open while the lock is held (`Linked` clears it under the same lock
-        // before the socket closes), and TIOCOUTQ (SIOCOUTQ for sockets) writes one int.
-        let ok = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) } == 0;
-        ok.then(|| u64::try_from(queued).unwrap_or(0))
+        // before the socket closes); the kernel writes at most `len` bytes into `info`.
+        let ok = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                std::ptr::addr_of_mut!(info).cast(),
+                &mut len,
+            )
+        } == 0;
+        // An older kernel's shorter struct ends before the field.
+        let reaches = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8;
+        (ok && len as usize >= reaches).then_some(info.tcpi_bytes_acked)
     }
 }
 
@@ -110,8 +123,8 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// What the link reports follows the client's reading: data sits unacknowledged while the
-    /// client's window is full, drains as it reads, and nothing is reported once closed.
+    /// What the link reports follows the client's reading: nothing more is acknowledged while
+    /// the client's window is full, more as it reads, and nothing is reported once closed.
     #[tokio::test]
     async fn the_link_sees_a_client_read_and_a_connection_close() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -126,7 +139,7 @@ mod tests {
             .unwrap();
         let mut client = client.await.unwrap();
         let (mut linked, link) = Linked::new(tcp);
-        assert_eq!(link.unacknowledged(), Some(0));
+        let at_first = link.acknowledged().unwrap();
         // Write until the kernel takes no more: the client reads nothing meanwhile.
         let block = vec![7u8; 4096];
         let mut sent = 0;
@@ -137,21 +150,35 @@ mod tests {
                 _ => break,
             }
         }
-        let full = link.unacknowledged().unwrap();
-        assert!(full > 0, "{sent} bytes written, none held");
-        // The client reads all: the queue drains.
+        let full = link.acknowledged().unwrap();
+        assert!(full > at_first, "the client's window took some");
+        assert!(
+            full < (at_first + sent as u64),
+            "{sent} bytes written, all acknowledged"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!(
+            link.acknowledged().unwrap(),
+            full,
+            "nothing more while the client waits"
+        );
+        // The client reads all: the rest is acknowledged.
         let mut got = vec![0u8; sent];
         client.read_exact(&mut got).await.unwrap();
-        let mut drained = full;
+        let mut now = full;
         for _ in 0..100 {
-            drained = link.unacknowledged().unwrap();
-            if drained < full {
+            now = link.acknowledged().unwrap();
+            if now == at_first + sent as u64 {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        assert!(drained < full, "{full} bytes stayed unacknowledged");
+        assert_eq!(
+            now,
+            at_first + sent as u64,
+            "every byte read was acknowledged"
+        );
         drop(linked);
-        assert_eq!(link.unacknowledged(), None);
+        assert_eq!(link.acknowledged(), None);
     }
 }

@@ -72,7 +72,11 @@ pub async fn serve(
             let service = tower::ServiceExt::map_request(
                 router,
                 move |mut request: axum::http::Request<hyper::body::Incoming>| {
-                    request.extensions_mut().insert(link.clone());
+                    // HTTP/2 carries many streams on one connection: the bytes its client
+                    // acknowledges say nothing of one stream's reader.
+                    if request.version() <= axum::http::Version::HTTP_11 {
+                        request.extensions_mut().insert(link.clone());
+                    }
                     request
                 },
             );

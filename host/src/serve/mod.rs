@@ -16,6 +16,7 @@ pub mod messages;
 pub mod metrics;
 pub mod models;
 pub mod openai;
+mod outlet;
 pub mod output;
 pub mod page;
 pub mod reasoning;
