@@ -351,7 +351,8 @@ fn a_second_sigterm_ends_the_drain_at_once() {
 
 /// A served version whose files break goes on serving (its worker runs a private copy), and an
 /// older version left superseded beside it does not take its place unasked: the break is
-/// listed, nothing else changes, and a fix reloads it.
+/// listed and nothing else changes. Once it is unloaded, the older version loads instead of the
+/// broken files; a fix brings the newer one back.
 #[test]
 fn a_broken_update_keeps_the_served_version_instead_of_an_older_one() {
     if !confinement_available() {
@@ -385,15 +386,21 @@ fn a_broken_update_keeps_the_served_version_instead_of_an_older_one() {
     let (status, r) = d.post("/v1/chat/completions", &asked);
     assert_eq!(status, 200, "{r}");
 
-    // Fixed (a new build): reloaded blue/green, still 0.1.0.
+    // Once nothing of 0.1.0 runs any more, the next load serves what is there: 0.0.9, not the
+    // broken files.
+    assert_eq!(d.post("/v1/plugins/echo/unload", &json!({})).0, 200);
+    let (status, r) = d.post("/v1/chat/completions", &asked);
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(d.plugin("echo")["version"], "0.0.9");
+
+    // Fixed (a new build): 0.1.0 again, blue/green.
     let mut fixed = good;
     fixed.extend_from_slice(b"\0a new build");
     std::fs::write(&library, fixed).expect("fix the library");
     d.wait_for(30, "the fixed build to load", |d| {
         let p = d.plugin("echo");
-        p["pid"] != served["pid"] && p["state"] == "ready" && p["reloading"] == false
+        p["version"] == "0.1.0" && p["state"] == "ready" && p["reloading"] == false
     });
-    assert_eq!(d.plugin("echo")["version"], "0.1.0");
 }
 
 /// With hot plug off, an admin reload runs the files as they are now (not as last checked):

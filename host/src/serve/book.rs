@@ -55,6 +55,9 @@ pub(super) struct Entry {
     /// Loading with its place under `max_loaded_models` secured (so two loads waiting for room
     /// never wait for each other, and never both take the last place).
     pub(super) holds_room: bool,
+    /// While the loaded version's own files fail their checks: the older version found beside
+    /// it, which a fresh load (after an unload, say) serves instead of the broken files.
+    pub(super) fallback: Option<Found>,
 }
 
 impl Entry {
@@ -71,6 +74,7 @@ impl Entry {
             over_cap: false,
             earlier: Counted::default(),
             holds_room: false,
+            fallback: None,
         }
     }
 }
@@ -136,25 +140,7 @@ impl Inner {
         preload: impl Fn(&str) -> bool,
     ) -> Changes {
         let mut changes = Changes::default();
-        let mut seen: HashSet<String> = HashSet::new();
-        // Names whose loaded version's own files broke: that version goes on serving (its
-        // worker runs a private copy of the library), and no other version of the name, an
-        // older one left superseded, takes its place unasked.
-        let mut held: HashSet<String> = HashSet::new();
-        for (path, why) in &broken {
-            tracing::warn!(manifest = %path.display(), "plugin not served: {why}");
-            if let Some((name, e)) = self
-                .entries
-                .iter()
-                .find(|(_, e)| &e.found.manifest_path == path)
-            {
-                seen.insert(name.clone());
-                if !matches!(e.slot, Slot::Unloaded) {
-                    held.insert(name.clone());
-                }
-            }
-        }
-        self.broken = broken.into_iter().collect();
+        let (mut seen, held) = self.take_broken(broken);
         for f in found {
             let name = f.manifest.name.clone();
             seen.insert(name.clone());
@@ -166,13 +152,16 @@ impl Inner {
                     }
                     self.entries.insert(name, Entry::new(f));
                 }
-                Some(e) if held.contains(&name) && e.found.manifest_path != f.manifest_path => {
+                Some(e)
+                    if held.contains(&name) && f.manifest.version < e.found.manifest.version =>
+                {
                     tracing::warn!(
                         plugin = %name,
-                        "version {} goes on serving: its files fail their checks (see `errors` in /v1/plugins), and version {} found beside it is not switched to; fix the files, or remove its manifest to serve the other",
+                        "version {} goes on serving: its files fail their checks (see `errors` in /v1/plugins); the older {} found beside it is not switched to while it runs; fix the files, or remove its manifest to serve the older one",
                         e.found.manifest.version,
                         f.manifest.version
                     );
+                    e.fallback = Some(f);
                 }
                 Some(e) if e.found.fingerprint != f.fingerprint => {
                     tracing::info!(plugin = %name, version = %f.manifest.version, "plugin changed");
@@ -197,6 +186,36 @@ impl Inner {
             .cloned()
             .collect();
         changes
+    }
+
+    /// Records a scan's `broken` manifests: the names whose entries they are (still known,
+    /// not gone), and of those the loaded ones, whose version goes on serving (its worker runs
+    /// a private copy of the library) rather than an older one left superseded taking its
+    /// place unasked.
+    fn take_broken(
+        &mut self,
+        broken: Vec<(PathBuf, String)>,
+    ) -> (HashSet<String>, HashSet<String>) {
+        let (mut seen, mut held) = (HashSet::new(), HashSet::new());
+        for e in self.entries.values_mut() {
+            e.fallback = None;
+        }
+        for (path, why) in &broken {
+            tracing::warn!(manifest = %path.display(), "plugin not served: {why}");
+            let Some((name, e)) = self
+                .entries
+                .iter()
+                .find(|(_, e)| &e.found.manifest_path == path)
+            else {
+                continue;
+            };
+            seen.insert(name.clone());
+            if matches!(e.slot, Slot::Loaded(_)) {
+                held.insert(name.clone());
+            }
+        }
+        self.broken = broken.into_iter().collect();
+        (seen, held)
     }
 }
 

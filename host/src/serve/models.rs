@@ -138,7 +138,15 @@ impl Models {
     /// else sees them change). Files that fail their checks are refused with why (409), and
     /// what is served stays.
     pub async fn recheck(&self, name: &str) -> Result<(), ApiError> {
-        let path = lock(&self.inner).entry(name)?.found.manifest_path.clone();
+        let path = {
+            let inner = lock(&self.inner);
+            let entry = inner.entry(name)?;
+            // Unloaded with its own files broken: what a load would serve is the fallback.
+            match (&entry.slot, &entry.fallback) {
+                (Slot::Unloaded, Some(older)) => older.manifest_path.clone(),
+                _ => entry.found.manifest_path.clone(),
+            }
+        };
         let (search, prober) = (self.setup.search.clone(), self.prober());
         let checked = tokio::task::spawn_blocking(move || check_one(&path, &search, &prober))
             .await
@@ -155,7 +163,16 @@ impl Models {
                 found.manifest.name
             )));
         }
-        lock(&self.inner).entry_mut(name)?.found = found;
+        let mut inner = lock(&self.inner);
+        let entry = inner.entry_mut(name)?;
+        if entry
+            .fallback
+            .as_ref()
+            .is_some_and(|f| f.manifest_path == found.manifest_path)
+        {
+            entry.fallback = None;
+        }
+        entry.found = found;
         Ok(())
     }
 
@@ -279,6 +296,11 @@ impl Models {
         if let Some(entry) = inner.entries.get_mut(name) {
             entry.slot = Slot::Loading(rx.clone());
             entry.holds_room = false;
+            if let Some(older) = entry.fallback.take() {
+                // Its own files are broken and nothing of it runs any more.
+                tracing::warn!(plugin = %name, "version {} fails its checks: loading {} found beside it", entry.found.manifest.version, older.manifest.version);
+                entry.found = older;
+            }
             let found = entry.found.clone();
             let this = self.clone();
             tokio::spawn(async move {
