@@ -69,7 +69,7 @@ pub enum CheckError {
         reason: String,
     },
     /// The host's plugin-api does not meet the manifest's `api` requirement.
-    #[error("{manifest}:{line}:{column}: the manifest requires plugin-api {required}, but this host has plugin-api {host}; for a plugin built against a newer plugin-api, upgrade PIO or use a build for {host}; for a library built against {host} or older, fix the manifest (`api = \"^{host}\"`; `pio check` on the library says what it was built against)")]
+    #[error("{manifest}:{line}:{column}: the manifest requires plugin-api {required}, but this host has plugin-api {host}; for a plugin built against a newer plugin-api, upgrade PIO or use a build for {host}; for a library built against {host} or older, fix the manifest's `api` to the plugin-api it was built against (`pio check` on the library says which, e.g. `api = \"^1.0\"`)")]
     ApiRequirement {
         /// The manifest.
         manifest: PathBuf,
