@@ -466,6 +466,7 @@ pub(crate) struct Halted {
 }
 
 impl Halted {
+    /// Stopped `by`, saying `message`.
     pub(crate) fn new(by: Stopped, message: String) -> Self {
         Self { by, message }
     }
@@ -495,15 +496,8 @@ async fn stream(
     let code = loop {
         let event = tokio::select! {
             e = events.recv() => e,
-            _ = signals.interrupt.recv() => {
-                worker.cancel(id);
-                stopped.get_or_insert(Stopped::Interrupted);
-                continue;
-            }
-            _ = signals.terminate.recv() => {
-                // Stopped from outside: the worker and its cgroup go with us.
-                worker.kill_because("was stopped: pio run received SIGTERM".into());
-                stopped = Some(Stopped::Terminated);
+            by = signals.recv() => {
+                stop(&worker, id, &mut stopped, by);
                 continue;
             }
             _ = &mut deadline, if timeout.is_some() => {
@@ -512,15 +506,8 @@ async fn stream(
                     "timeout: the request ran past its {secs} s deadline (--timeout) and was cancelled"
                 ));
                 stopped = Some(Stopped::PastDeadline);
-                // As the daemon does: cancel, and stop the worker only if the request does not
-                // end within the grace (a plugin stuck in a loop never sees a cancel).
-                worker.cancel(id);
-                let ended = async {
-                    while let Some(Event::Token(_)) = events.recv().await {}
-                };
-                if tokio::time::timeout(DEADLINE_GRACE, ended).await.is_err() {
-                    eprintln!("the request did not end when cancelled: its worker is stopped");
-                    worker.kill_because(format!("was stopped: the request ran past its {secs} s deadline and did not end when cancelled"));
+                if let Some(by) = past_deadline(&worker, id, &mut events, &mut signals, secs).await {
+                    stopped = Some(by);
                 }
                 break 1;
             }
@@ -542,6 +529,46 @@ async fn stream(
     };
     worker.shutdown().await;
     Ok(stopped.map_or(code, Stopped::exit_code))
+}
+
+/// What a signal does to a running request: a first Ctrl-C cancels it (the plugin stops at its
+/// next token); a second one, or SIGTERM, stops the worker at once (a plugin stuck in a loop
+/// never sees a cancel, and the worker's cgroup goes with us).
+fn stop(worker: &Worker, id: u64, stopped: &mut Option<Stopped>, by: Stopped) {
+    let again = stopped.replace(by).is_some();
+    match by {
+        Stopped::Interrupted if !again => worker.cancel(id),
+        _ => worker.kill_because(format!("was stopped: pio run was {by}")),
+    }
+}
+
+/// A request past its deadline, as the daemon treats one: cancelled, and its worker stopped
+/// only if it does not end within [`DEADLINE_GRACE`] (a plugin stuck in a loop never sees a
+/// cancel) or a signal comes meanwhile, which is returned.
+async fn past_deadline(
+    worker: &Worker,
+    id: u64,
+    events: &mut pio_host::supervisor::Events,
+    signals: &mut StopSignals,
+    secs: u64,
+) -> Option<Stopped> {
+    worker.cancel(id);
+    let ended = async { while let Some(Event::Token(_)) = events.recv().await {} };
+    tokio::select! {
+        ended = tokio::time::timeout(DEADLINE_GRACE, ended) => {
+            if ended.is_err() {
+                eprintln!("the request did not end when cancelled: its worker is stopped");
+                worker.kill_because(format!(
+                    "was stopped: the request ran past its {secs} s deadline and did not end when cancelled"
+                ));
+            }
+            None
+        }
+        by = signals.recv() => {
+            worker.kill_because(format!("was stopped: pio run was {by}"));
+            Some(by)
+        }
+    }
 }
 
 /// How long a request cancelled at its deadline has to end before its worker is stopped.

@@ -772,6 +772,56 @@ fn the_probe_runs_as_the_configured_worker_user() {
     assert!(text.contains("uid 65534"), "{text}");
 }
 
+/// A first Ctrl-C cancels a running request; a plugin stuck in a loop never sees it, and a
+/// second one stops its worker at once: `pio run` ends with a shell's status for Ctrl-C.
+#[test]
+fn a_second_ctrl_c_stops_a_request_that_ignores_the_first() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = hostile_dir();
+    let child = Command::new(pio_bin())
+        .current_dir(dir.path())
+        .args([
+            "run",
+            "hostile",
+            "--plugins",
+            ".",
+            "--prompt",
+            "loop",
+            "--timeout",
+            "0",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let interrupt = || nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    interrupt();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let running = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+    assert!(
+        matches!(running, Ok(nix::sys::wait::WaitStatus::StillAlive)),
+        "the loop ignored the cancel: {running:?}"
+    );
+    interrupt();
+    let mut child = child;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let ended = child.try_wait().unwrap();
+    if ended.is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(ended.is_some(), "the second Ctrl-C stopped it: {err}");
+    assert_eq!(out.status.code(), Some(130), "{err}");
+}
+
 /// Ctrl-C while `pio run` loads the model, or while `pio bench` runs, stops the worker and its
 /// cgroup with the command (before, the worker loaded on, unconfined by any parent, and its
 /// group stayed until the next `pio` started).
