@@ -61,6 +61,20 @@ pub(super) struct Entry {
 }
 
 impl Entry {
+    /// Before a fresh load: the older version to serve instead of the loaded one's broken
+    /// files, once nothing of that one runs any more.
+    pub(super) fn fall_back(&mut self) {
+        if let Some(older) = self.fallback.take() {
+            tracing::warn!(
+                plugin = %older.manifest.name,
+                "version {} fails its checks: loading {} found beside it",
+                self.found.manifest.version,
+                older.manifest.version
+            );
+            self.found = older;
+        }
+    }
+
     /// `found`, just found: unloaded, nothing failed or counted yet.
     fn new(found: Found) -> Self {
         Self {

@@ -296,11 +296,7 @@ impl Models {
         if let Some(entry) = inner.entries.get_mut(name) {
             entry.slot = Slot::Loading(rx.clone());
             entry.holds_room = false;
-            if let Some(older) = entry.fallback.take() {
-                // Its own files are broken and nothing of it runs any more.
-                tracing::warn!(plugin = %name, "version {} fails its checks: loading {} found beside it", entry.found.manifest.version, older.manifest.version);
-                entry.found = older;
-            }
+            entry.fall_back();
             let found = entry.found.clone();
             let this = self.clone();
             tokio::spawn(async move {

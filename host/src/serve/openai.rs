@@ -216,6 +216,41 @@ fn unsupported(name: &str, why: &str) -> ApiError {
     ApiError::bad_field(name, format!("`{name}` {why}"))
 }
 
+/// A plugin that declares no chat gets no messages (it would take them for a prompt it cannot
+/// read), and one that declares no text completion no raw prompt.
+fn endpoint_allowed(
+    endpoint: Endpoint,
+    capabilities: Capabilities,
+    model: &str,
+) -> Result<(), ApiError> {
+    let (needs, field, instead) = match endpoint {
+        Endpoint::Chat => (
+            Capabilities::CHAT,
+            "messages",
+            "send a `prompt` to /v1/completions",
+        ),
+        Endpoint::Completions => (
+            Capabilities::TEXT,
+            "prompt",
+            "send `messages` to /v1/chat/completions",
+        ),
+    };
+    if capabilities.contains(needs) {
+        return Ok(());
+    }
+    let kind = if endpoint == Endpoint::Chat {
+        "chat"
+    } else {
+        "text completion"
+    };
+    Err(unsupported(
+        field,
+        &format!(
+            "cannot be sent to model `{model}`, which declares no {kind} capability; {instead}"
+        ),
+    ))
+}
+
 /// Checks `body` for `endpoint` and builds the plugin request. `capabilities` are the model's.
 pub fn parse(
     body: &Value,
@@ -225,23 +260,7 @@ pub fn parse(
 ) -> Result<Parsed, ApiError> {
     let c: Common = field(body)?;
     let has = |cap: Capabilities| capabilities.contains(cap);
-    // A plugin that declares no chat gets no messages (it would take them for a prompt it
-    // cannot read), and one that declares no text completion no raw prompt.
-    match endpoint {
-        Endpoint::Chat if !has(Capabilities::CHAT) => {
-            return Err(unsupported(
-                "messages",
-                &format!("cannot be sent to model `{}`, which declares no chat capability; send a `prompt` to /v1/completions", c.model),
-            ))
-        }
-        Endpoint::Completions if !has(Capabilities::TEXT) => {
-            return Err(unsupported(
-                "prompt",
-                &format!("cannot be sent to model `{}`, which declares no text completion capability; send `messages` to /v1/chat/completions", c.model),
-            ))
-        }
-        _ => {}
-    }
+    endpoint_allowed(endpoint, capabilities, &c.model)?;
     let mut request = sampling(&c)?;
     let mut max_tokens = c.max_tokens;
     let mut structure = structure::requested(body)?;

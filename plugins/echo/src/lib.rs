@@ -138,14 +138,7 @@ impl PluginImpl for Echo {
         } else {
             (end, FinishReason::Stop)
         };
-        // A prefill emits nothing for a while, and a model polls for a cancel meanwhile.
-        let prefilled = Instant::now() + pace.prefill;
-        while Instant::now() < prefilled {
-            if sink.is_cancelled() {
-                return Err(PluginError::cancelled("echo: request cancelled"));
-            }
-            std::thread::sleep(Duration::from_millis(10).min(pace.prefill));
-        }
+        prefill(pace.prefill, sink)?;
         for &ch in &prompt[..count] {
             if sink.is_cancelled() {
                 return Err(PluginError::cancelled("echo: request cancelled"));
@@ -185,6 +178,18 @@ impl PluginImpl for Echo {
         self.pace = None;
         Ok(())
     }
+}
+
+/// Waits `time` as a prefill would: emitting nothing, polling for a cancel meanwhile.
+fn prefill(time: Duration, sink: &mut Sink) -> Result<(), PluginError> {
+    let done = Instant::now() + time;
+    while Instant::now() < done {
+        if sink.is_cancelled() {
+            return Err(PluginError::cancelled("echo: request cancelled"));
+        }
+        std::thread::sleep(Duration::from_millis(10).min(time));
+    }
+    Ok(())
 }
 
 /// A plugin-specific config key in milliseconds: `delay_ms` pauses before each token,
