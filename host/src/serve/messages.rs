@@ -145,18 +145,36 @@ fn image_data_url(url: &str, at: &str, image_root: Option<&Path>) -> Result<Stri
     let Some(root) = image_root else {
         return Err(ApiError::bad_field(at, format!("`{at}`: image files are not allowed (no server.image_root is configured); send a data: URL")));
     };
-    let inside = std::fs::canonicalize(path)
-        .ok()
-        .filter(|p| p.starts_with(root));
-    let Some(file) = inside else {
-        return Err(ApiError::bad_field(
-            at,
-            format!(
-                "`{at}`: {} is not a file under the image root {}",
-                path.display(),
-                root.display()
-            ),
-        ));
+    let file = match std::fs::canonicalize(path) {
+        Ok(file) if file.starts_with(root) => file,
+        Ok(_) => {
+            return Err(ApiError::bad_field(
+                at,
+                format!(
+                    "`{at}`: {} is not a file under the image root {}",
+                    path.display(),
+                    root.display()
+                ),
+            ))
+        }
+        // Said as it is where the path names a place under the root ("not under the root" for
+        // a file that is not there misled); elsewhere it says nothing of what exists there.
+        Err(e) if lexically(path).starts_with(root) => {
+            return Err(ApiError::bad_field(
+                at,
+                format!("`{at}`: cannot open {}: {e}", path.display()),
+            ))
+        }
+        Err(_) => {
+            return Err(ApiError::bad_field(
+                at,
+                format!(
+                    "`{at}`: {} is not a file under the image root {}",
+                    path.display(),
+                    root.display()
+                ),
+            ))
+        }
     };
     let bytes = std::fs::read(&file).map_err(|e| {
         ApiError::bad_field(at, format!("`{at}`: cannot read {}: {e}", file.display()))
@@ -166,6 +184,22 @@ fn image_data_url(url: &str, at: &str, image_root: Option<&Path>) -> Result<Stri
         "data:{mime};base64,{}",
         base64::engine::general_purpose::STANDARD.encode(bytes)
     ))
+}
+
+/// `path` with `.` and `..` taken as written, touching no file.
+fn lexically(path: &Path) -> std::path::PathBuf {
+    use std::path::Component;
+    let mut out = std::path::PathBuf::new();
+    for part in path.components() {
+        match part {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// Checks the part of a `data:` URL after the scheme: an image type and valid base64.
@@ -315,5 +349,20 @@ mod tests {
         );
         let e = check(part(&root.path().join("a.png")), true, None).unwrap_err();
         assert!(e.message.contains("no server.image_root"), "{}", e.message);
+        // A missing file under the root is said to be missing; elsewhere, through `..` too,
+        // nothing tells a client what exists.
+        let e = check(part(&canonical.join("gone.png")), true, Some(&canonical)).unwrap_err();
+        assert!(
+            e.message.contains("cannot open") && e.message.contains("gone.png"),
+            "{}",
+            e.message
+        );
+        let around = canonical.join("../nothing-here.png");
+        let e = check(part(&around), true, Some(&canonical)).unwrap_err();
+        assert!(
+            e.message.contains("not a file under the image root"),
+            "{}",
+            e.message
+        );
     }
 }
