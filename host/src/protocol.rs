@@ -15,6 +15,10 @@ use crate::sandbox::Plan;
 /// Version of this protocol; both sides must speak the same.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// The `Ready` feature of a worker whose plugin answers `stats_only` requests (plugin-api 1.7):
+/// the host may send it [`ToWorker::Stats`].
+pub const STATS: &str = "stats";
+
 /// Frames larger than this are refused: a worker cannot make the host allocate without bound.
 pub const MAX_FRAME: usize = 16 << 20;
 
@@ -129,6 +133,11 @@ pub enum ToWorker {
         /// Echoed back.
         nonce: u64,
     },
+    /// The engine's figures now (only to a worker whose `Ready` lists [`STATS`]).
+    Stats {
+        /// Echoed back.
+        nonce: u64,
+    },
     /// Release the model.
     Unload,
 }
@@ -197,6 +206,13 @@ pub enum FromWorker {
     Pong {
         /// The ping's nonce.
         nonce: u64,
+    },
+    /// Reply to `Stats`.
+    Stats {
+        /// The ask's nonce.
+        nonce: u64,
+        /// The figures (`None`: the plugin has no engine, or could not say).
+        engine: Option<pio_plugin_api::wire::EngineStats>,
     },
     /// The model was released.
     Unloaded,

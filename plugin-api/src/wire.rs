@@ -204,6 +204,11 @@ pub struct InferRequest {
     /// The stop string that ends the output is part of it (vLLM's
     /// `include_stop_str_in_output`). Added in 1.6.
     pub include_stop_str_in_output: bool,
+    /// Generate nothing: answer at once with the engine's figures as they are now
+    /// (`InferOutcome::engine`, `None` for a plugin without an engine), which the host asks for
+    /// every health interval to keep its gauges live. Added in 1.7: the host sends it only to
+    /// plugins built against 1.7 or later, and each of them must answer it so.
+    pub stats_only: bool,
 }
 
 /// A grammar the output must match, checked token by token as it is generated.

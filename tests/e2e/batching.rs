@@ -220,3 +220,29 @@ fn a_kv_pool_too_small_for_the_load_runs_full_and_every_answer_stays_exact() {
         "the pool is what kv_cache_bytes asked: {engine}"
     );
 }
+
+/// The engine's gauges are live: a request cut off midway reports no figures of its own, yet
+/// within a health check or two `/v1/plugins` shows the forward passes it ran (they were as of
+/// the last finished request, the warm-up here, before plugin-api 1.7's `stats_only`).
+#[test]
+fn the_engine_figures_follow_the_engine_between_requests() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(qwen_dir(""), "[supervisor]\nhealth_interval_secs = 1\n");
+    d.wait_ready();
+    let steps = |d: &Daemon| {
+        d.plugin("qwen3-4b-instruct-2507")["engine"]["steps"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    // Settled: the warm-up's figures, then the first checks'.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let before = steps(&d);
+    let body = json!({"model": "qwen3-4b-instruct-2507", "prompt": "hello", "max_tokens": 200,
+                      "stream": true, "ignore_eos": true});
+    let mut events = d.try_stream("/v1/completions", &body).unwrap();
+    assert!(events.next().is_some(), "the stream began");
+    drop(events);
+    d.wait_for(10, "the cut-off request's passes to show", |d| steps(d) > before);
+}

@@ -536,6 +536,12 @@ impl<M: LoadModel> ModelRuntime<M> {
             .loaded
             .as_ref()
             .ok_or_else(|| PluginError::not_ready("infer called before load_model"))?;
+        if request.stats_only {
+            return Ok(InferOutcome {
+                engine: Some(loaded.engine.stats().to_wire()),
+                ..InferOutcome::default()
+            });
+        }
         // A grammar that cannot be used is refused before any model work.
         let constraint = request
             .constraint

@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pio_plugin_api::wire::{HostContext, InferOutcome, InferRequest, ModelConfig, ModelInfo};
+use pio_plugin_api::wire::{
+    EngineStats, HostContext, InferOutcome, InferRequest, ModelConfig, ModelInfo,
+};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::routing::{Events, LoadEvent, WINDOW};
@@ -68,6 +70,8 @@ pub struct Worker {
     pid: u32,
     plugin: LibraryReport,
     applied: Vec<String>,
+    /// Whether it answers [`Worker::engine_stats`] asks.
+    answers_stats: bool,
     plan: Plan,
     outbox: mpsc::UnboundedSender<Vec<u8>>,
     /// The task that owns the worker's traffic (which request a frame belongs to, who waits).
@@ -102,12 +106,13 @@ impl Worker {
         let traffic = traffic::start(spec.name.clone(), read_half, child, cgroup.clone(), exit_tx);
         let (start_tx, start_rx) = oneshot::channel();
         traffic.ask(Command::Start(start_tx));
-        let (plugin, applied) = handshake(&spec, &outbox, start_rx).await?;
+        let hello = handshake(&spec, &outbox, start_rx).await?;
         Ok(Worker {
             name: spec.name,
             pid,
-            plugin,
-            applied,
+            plugin: hello.plugin,
+            applied: hello.applied,
+            answers_stats: hello.stats,
             plan: spec.plan,
             outbox,
             traffic,
@@ -199,6 +204,19 @@ impl Worker {
                 ),
             )),
         }
+    }
+
+    /// The engine's figures as they are now, within `deadline`; `None` from a plugin built
+    /// before plugin-api 1.7, one without an engine, or one too busy to say.
+    pub async fn engine_stats(&self, deadline: Duration) -> Option<EngineStats> {
+        if !self.answers_stats {
+            return None;
+        }
+        let nonce = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.ask(Command::Stats(nonce, tx)).ok()?;
+        self.send(&ToWorker::Stats { nonce }).ok()?;
+        tokio::time::timeout(deadline, rx).await.ok()?.ok()?
     }
 
     /// Releases the model (waits for requests in flight, which hold the plugin).

@@ -159,13 +159,23 @@ pub(super) fn connect(
     Ok((read_half, outbox))
 }
 
+/// What a worker's `Ready` said.
+pub(super) struct Handshake {
+    /// What the library is.
+    pub(super) plugin: LibraryReport,
+    /// Mechanisms the worker applied to itself.
+    pub(super) applied: Vec<String>,
+    /// Whether it answers `Stats` (its plugin was built against plugin-api 1.7 or later).
+    pub(super) stats: bool,
+}
+
 /// Sends `Start` (the plan, with the library and model kept visible) and waits for the worker
 /// to report itself confined and its plugin constructed.
 pub(super) async fn handshake(
     spec: &WorkerSpec,
     outbox: &mpsc::UnboundedSender<Vec<u8>>,
     reply: oneshot::Receiver<Result<FromWorker, WireError>>,
-) -> Result<(LibraryReport, Vec<String>), WorkerError> {
+) -> Result<Handshake, WorkerError> {
     let mut plan = spec.plan.clone();
     if let Some(isolation) = &mut plan.isolation {
         isolation.keep_visible.push(spec.library.clone());
@@ -197,8 +207,12 @@ pub(super) async fn handshake(
             protocol,
             plugin,
             applied,
-            ..
-        } if protocol == PROTOCOL_VERSION => Ok((plugin, applied)),
+            features,
+        } if protocol == PROTOCOL_VERSION => Ok(Handshake {
+            plugin,
+            applied,
+            stats: features.iter().any(|f| f == crate::protocol::STATS),
+        }),
         FromWorker::StartFailed { error } => Err(WorkerError(error)),
         other => Err(WorkerError::new(
             Fault::Protocol,

@@ -321,7 +321,7 @@ async fn monitor(
         };
         let reason = tokio::select! {
             why = worker.exited() => why,
-            why = watch_health(&worker, &policy) => {
+            why = watch_health(&worker, &policy, &shared) => {
                 worker.kill_because(why);
                 worker.exited().await
             }
@@ -431,8 +431,13 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// Resolves only when the worker fails a health check; yields why.
-async fn watch_health(worker: &Worker, policy: &RestartPolicy) -> String {
+/// Resolves only when the worker fails a health check; yields why. Each check also asks for
+/// the engine's figures, so the gauges are live rather than as of the last finished request.
+async fn watch_health(
+    worker: &Worker,
+    policy: &RestartPolicy,
+    shared: &Arc<Mutex<Shared>>,
+) -> String {
     loop {
         tokio::time::sleep(policy.health_interval).await;
         if worker.ping(policy.health_deadline).await.is_err() {
@@ -440,6 +445,9 @@ async fn watch_health(worker: &Worker, policy: &RestartPolicy) -> String {
                 "was stopped: it did not answer a health check within {:?}",
                 policy.health_deadline
             );
+        }
+        if let Some(figures) = worker.engine_stats(policy.health_deadline).await {
+            lock(shared).keep_newest(figures);
         }
     }
 }

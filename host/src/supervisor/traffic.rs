@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use pio_plugin_api::wire::EngineStats;
 use tokio::net::unix::OwnedReadHalf;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -33,6 +34,8 @@ pub(super) enum Command {
     Unload(oneshot::Sender<()>),
     /// Signal the pong for this nonce here.
     Ping(u64, oneshot::Sender<()>),
+    /// Route the engine's figures for this nonce here.
+    Stats(u64, oneshot::Sender<Option<EngineStats>>),
     /// The host is killing the worker, for this reason (reported instead of the signal).
     KillReason(String),
 }
@@ -63,6 +66,7 @@ struct Waiters {
     load: Option<mpsc::UnboundedSender<LoadEvent>>,
     unload: Option<oneshot::Sender<()>>,
     pongs: HashMap<u64, oneshot::Sender<()>>,
+    stats: HashMap<u64, oneshot::Sender<Option<EngineStats>>>,
 }
 
 /// Everything the traffic task owns.
@@ -88,6 +92,9 @@ impl Routes {
             Command::Unload(tx) => self.waiters.unload = Some(tx),
             Command::Ping(nonce, tx) => {
                 self.waiters.pongs.insert(nonce, tx);
+            }
+            Command::Stats(nonce, tx) => {
+                self.waiters.stats.insert(nonce, tx);
             }
             Command::KillReason(why) => {
                 self.kill_reason.get_or_insert(why);
@@ -160,6 +167,11 @@ impl Routes {
             FromWorker::Pong { nonce } => {
                 if let Some(tx) = w.pongs.remove(&nonce) {
                     let _ = tx.send(());
+                }
+            }
+            FromWorker::Stats { nonce, engine } => {
+                if let Some(tx) = w.stats.remove(&nonce) {
+                    let _ = tx.send(engine);
                 }
             }
             FromWorker::Unloaded => {

@@ -118,7 +118,11 @@ pub fn run(fd: RawFd) -> i32 {
             capabilities: info.capabilities,
         },
         applied,
-        features: Vec::new(),
+        // Asked only of plugins that know to answer without generating.
+        features: (lib.built_with() >= STATS_SINCE)
+            .then(|| crate::protocol::STATS.to_string())
+            .into_iter()
+            .collect(),
     };
     if !outbox.send(&ready) {
         return 0;
@@ -127,6 +131,13 @@ pub fn run(fd: RawFd) -> i32 {
     let one_gpu = plan.isolation.as_ref().is_some_and(|i| i.gpu.is_some());
     serve(reader, outbox, plugin, one_gpu)
 }
+
+/// The plugin-api that brought `InferRequest::stats_only`.
+const STATS_SINCE: pio_plugin_api::ApiVersion = pio_plugin_api::ApiVersion {
+    major: 1,
+    minor: 7,
+    patch: 0,
+};
 
 /// What every request thread of the worker shares.
 struct Served {
@@ -223,6 +234,27 @@ impl Served {
         }
     }
 
+    /// The engine's figures, from a `stats_only` request (which generates nothing).
+    fn stats(&self, nonce: u64) -> FromWorker {
+        let request = pio_plugin_api::wire::InferRequest {
+            stats_only: true,
+            ..Default::default()
+        };
+        let json = serde_json::to_string(&request).unwrap_or_else(|_| "{}".into());
+        let sink = pio_plugin_api::sinks::CollectSink::new();
+        // Not while a load or an unload holds the plugin: asked again at the next check.
+        let engine = match self.plugin.try_read() {
+            Ok(p) => parsed::<pio_plugin_api::wire::InferOutcome>(
+                p.infer(json.as_str().into(), sink.boxed()).into_result(),
+                "an outcome",
+            )
+            .ok()
+            .and_then(|o| o.engine),
+            Err(_) => None,
+        };
+        FromWorker::Stats { nonce, engine }
+    }
+
     fn unload(&self) -> FromWorker {
         if let Ok(mut p) = self.plugin.write() {
             if let Err(e) = p.cleanup().into_result() {
@@ -279,6 +311,14 @@ fn serve(mut reader: UnixStream, outbox: Outbox, plugin: PluginBox, one_gpu: boo
             ToWorker::Ping { nonce } => {
                 served.outbox.send(&FromWorker::Pong { nonce });
             }
+            ToWorker::Stats { nonce } => run_on_thread(
+                &served,
+                move |_, _| FromWorker::Stats {
+                    nonce,
+                    engine: None,
+                },
+                move |s| s.stats(nonce),
+            ),
             ToWorker::Cancel { id } => {
                 if let Some(control) = served.control(id) {
                     control.cancel();
