@@ -244,5 +244,36 @@ fn the_engine_figures_follow_the_engine_between_requests() {
     let mut events = d.try_stream("/v1/completions", &body).unwrap();
     assert!(events.next().is_some(), "the stream began");
     drop(events);
-    d.wait_for(10, "the cut-off request's passes to show", |d| steps(d) > before);
+    d.wait_for(10, "the cut-off request's passes to show", |d| {
+        steps(d) > before
+    });
+}
+
+/// A restarted worker's engine counts from nothing, and its figures replace the dead one's
+/// (they were ignored for having run fewer passes).
+#[test]
+fn a_restarted_workers_engine_figures_replace_the_old_ones() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(qwen_dir(""), "[supervisor]\nhealth_interval_secs = 1\n");
+    d.wait_ready();
+    let name = "qwen3-4b-instruct-2507";
+    let body = json!({"model": name, "prompt": "hello", "max_tokens": 40, "ignore_eos": true});
+    for _ in 0..3 {
+        assert_eq!(d.post("/v1/completions", &body).0, 200);
+    }
+    let before = d.plugin(name);
+    let steps = |p: &Value| p["engine"]["steps"].as_u64().unwrap_or(0);
+    assert!(steps(&before) >= 120, "{before}");
+    let pid = before["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    d.wait_for(30, "the restart and the new engine's figures", |d| {
+        let p = d.plugin(name);
+        p["pid"] != before["pid"] && p["state"] == "ready" && steps(&p) < steps(&before)
+    });
 }

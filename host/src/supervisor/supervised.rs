@@ -343,6 +343,9 @@ async fn monitor(
         {
             let mut s = lock(&shared);
             s.worker = None;
+            // The next worker's engine counts from nothing: its figures must not be taken
+            // for older ones than these.
+            s.engine = None;
             s.retired.add(last.as_ref());
             s.last_error = Some(reason.clone());
             if crashes.len() > policy.max_crashes {
