@@ -250,7 +250,8 @@ fn the_engine_figures_follow_the_engine_between_requests() {
 }
 
 /// A restarted worker's engine counts from nothing, and its figures replace the dead one's
-/// (they were ignored for having run fewer passes).
+/// (they were ignored for having run fewer passes), while `/metrics`' engine counters go on from
+/// where they were across the restart and a reload (a drop reads as a reset to Prometheus).
 #[test]
 fn a_restarted_workers_engine_figures_replace_the_old_ones() {
     if !confinement_available() {
@@ -267,6 +268,12 @@ fn a_restarted_workers_engine_figures_replace_the_old_ones() {
     let steps = |p: &Value| p["engine"]["steps"].as_u64().unwrap_or(0);
     assert!(steps(&before) >= 120, "{before}");
     let pid = before["pid"].as_i64().unwrap() as i32;
+    let total = |d: &Daemon| {
+        d.metric("pio_engine_steps_total{model=\"qwen3-4b-instruct-2507\"}")
+            .unwrap_or(0.0)
+    };
+    let counted = total(&d);
+    assert!(counted >= steps(&before) as f64, "{counted}");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,
@@ -276,4 +283,20 @@ fn a_restarted_workers_engine_figures_replace_the_old_ones() {
         let p = d.plugin(name);
         p["pid"] != before["pid"] && p["state"] == "ready" && steps(&p) < steps(&before)
     });
+    // Never back; and on from there once the new engine runs (its figures come with the
+    // request's end).
+    let after_restart = total(&d);
+    assert!(after_restart >= counted, "{counted} -> {after_restart}");
+    assert_eq!(d.post("/v1/completions", &body).0, 200);
+    assert!(total(&d) > after_restart);
+    let after_restart = total(&d);
+    let reloaded = d.post(&format!("/v1/plugins/{name}/reload"), &json!({}));
+    assert_eq!(reloaded.0, 200);
+    let after_reload = total(&d);
+    assert!(
+        after_reload >= after_restart,
+        "{after_restart} -> {after_reload}"
+    );
+    assert_eq!(d.post("/v1/completions", &body).0, 200);
+    assert!(total(&d) > after_reload);
 }

@@ -14,6 +14,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use super::models::PluginStatus;
+use crate::supervisor::EngineCounts;
 
 /// A request's labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -335,19 +336,25 @@ const COUNTERS: [(&str, &str, Figure); 6] = [
     (
         "engine_preemptions",
         "Sequences preempted for want of KV blocks (recomputed later)",
-        |s| s.engine.map(|e| e.preemptions as f64),
+        |s| engine_count(s, |c| c.preemptions),
     ),
     (
         "engine_steps",
         "Forward passes the model's engine ran",
-        |s| s.engine.map(|e| e.steps as f64),
+        |s| engine_count(s, |c| c.steps),
     ),
     (
         "engine_prefix_cache_hit_tokens",
         "Prompt tokens served from the prefix cache",
-        |s| s.engine.map(|e| e.prefix_hit_tokens as f64),
+        |s| engine_count(s, |c| c.prefix_hit_tokens),
     ),
 ];
+
+/// An engine counter summed over every worker since the daemon started, as the worker counters
+/// are: it never goes back across restarts, reloads and unloads.
+fn engine_count(s: &PluginStatus, count: fn(EngineCounts) -> u64) -> Option<f64> {
+    EngineCounts::sum(s.engine_counts, s.earlier.engine).map(|c| count(c) as f64)
+}
 
 /// One family per table row, one sample per model that has the figure.
 fn encode_table(

@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use super::deployment::Deployment;
 use super::hotplug::Found;
-use crate::supervisor::State;
+use crate::supervisor::{EngineCounts, State};
 
 /// A model's counters of workers gone by (replaced by a reload, unloaded): the metrics add them,
 /// so that `/metrics` counters never go back within the daemon's life.
@@ -18,6 +18,8 @@ pub struct Counted {
     pub oom_kills: u64,
     /// CPU seconds.
     pub cpu_seconds: f64,
+    /// The engines' counters.
+    pub engine: Option<EngineCounts>,
 }
 
 impl Counted {
@@ -27,6 +29,7 @@ impl Counted {
             restarts: self.restarts + u64::from(status.restarts),
             oom_kills: self.oom_kills + status.oom_kills,
             cpu_seconds: self.cpu_seconds + status.cpu_seconds.unwrap_or(0.0),
+            engine: EngineCounts::sum(self.engine, status.engine_counts),
         }
     }
 }
@@ -92,6 +95,9 @@ pub struct PluginStatus {
     /// current one's, since it loaded).
     #[serde(skip)]
     pub earlier: Counted,
+    /// The current deployment's engine counters over its workers (for `/metrics`).
+    #[serde(skip)]
+    pub engine_counts: Option<EngineCounts>,
 }
 
 impl PluginStatus {
@@ -124,6 +130,7 @@ impl PluginStatus {
             parked: false,
             over_cap: false,
             earlier: Counted::default(),
+            engine_counts: None,
         }
     }
 
@@ -165,6 +172,7 @@ impl PluginStatus {
         self.gpu_memory_limit_bytes = d.info.device_memory_limit_bytes;
         self.kernels.clone_from(&d.info.kernels);
         self.engine = st.engine;
+        self.engine_counts = st.engine_counts;
         if let Some(stats) = st.stats {
             self.memory_bytes = stats.memory_bytes;
             // v1 reports "no limit" as a huge number.

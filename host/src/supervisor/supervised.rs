@@ -11,6 +11,7 @@ use pio_plugin_api::wire::{EngineStats, InferRequest, ModelConfig, ModelInfo};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
+use super::engine_counts::EngineCounts;
 use super::forward::Forward;
 use super::handle::{Event, Worker, WorkerError, WorkerSpec};
 use crate::fault::Fault;
@@ -89,6 +90,8 @@ pub struct Status {
     pub in_flight: usize,
     /// The model engine's figures as its last request ended (plugins that batch).
     pub engine: Option<EngineStats>,
+    /// The engine's counters over every worker since the plugin was loaded.
+    pub engine_counts: Option<EngineCounts>,
 }
 
 pub(super) struct Shared {
@@ -110,6 +113,8 @@ pub(super) struct Retired {
     oom_kills: u64,
     /// `None` until a worker reports CPU time (cgroup v1 without CPU accounting never does).
     cpu_usec: Option<u64>,
+    /// The past workers' engines' counters (`None` until one reported).
+    engine: Option<EngineCounts>,
 }
 
 impl Retired {
@@ -125,7 +130,7 @@ impl Retired {
 
     /// `current` (the live worker's figures, if any) with the past workers' counted in.
     fn counted_into(self, current: Option<Stats>) -> Option<Stats> {
-        if self == Self::default() {
+        if (self.oom_kills, self.cpu_usec) == (0, None) {
             return current;
         }
         let mut stats = current.unwrap_or_default();
@@ -273,6 +278,10 @@ impl Supervised {
                 .counted_into(shared.worker.as_ref().and_then(|w| w.stats())),
             in_flight: shared.worker.as_ref().map_or(0, |w| w.in_flight()),
             engine: shared.engine,
+            engine_counts: EngineCounts::sum(
+                shared.retired.engine,
+                shared.engine.as_ref().map(EngineCounts::of),
+            ),
         }
     }
 
@@ -344,8 +353,9 @@ async fn monitor(
             let mut s = lock(&shared);
             s.worker = None;
             // The next worker's engine counts from nothing: its figures must not be taken
-            // for older ones than these.
-            s.engine = None;
+            // for older ones than these, and the counters so far are kept.
+            let engine = s.engine.take().map(|e| EngineCounts::of(&e));
+            s.retired.engine = EngineCounts::sum(s.retired.engine, engine);
             s.retired.add(last.as_ref());
             s.last_error = Some(reason.clone());
             if crashes.len() > policy.max_crashes {
