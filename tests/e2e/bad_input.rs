@@ -258,6 +258,21 @@ fn every_bad_input_gets_a_prompt_openai_4xx_and_the_daemon_keeps_serving() {
     );
     assert_eq!(status, 408);
 
+    // A body announced past the limit is refused at once: neither read nor waited for.
+    let started = Instant::now();
+    let (status, body) = raw(
+        &d,
+        b"POST /v1/completions HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer user\r\nContent-Length: 20000000\r\n\r\n{\"model\"",
+        Duration::ZERO,
+    )
+    .expect("an answer to a body announced past the limit");
+    assert_eq!(status, 413, "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+
     // Idle connections and half-sent heads hold nothing: others are served meanwhile, and the
     // daemon closes them after server.header_timeout_secs.
     let mut idle: Vec<TcpStream> = (0..40)

@@ -106,6 +106,14 @@ async fn authorize(State(app): State<Arc<App>>, request: Request, next: Next) ->
 /// holding a handler forever.
 async fn read_body(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
     let (parts, body) = request.into_parts();
+    // A body announced past the limit is refused at once, not read (or waited for) first.
+    let announced = parts
+        .headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > app.max_body) {
+        return ApiError::too_large(app.max_body).into_response();
+    }
     let limit = usize::try_from(app.max_body).unwrap_or(usize::MAX);
     let secs = app.models.config().server.body_timeout_secs.max(1);
     let read = axum::body::to_bytes(body, limit);

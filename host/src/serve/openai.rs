@@ -38,6 +38,22 @@ impl Endpoint {
     }
 }
 
+/// A seed as clients send it, signed or not (vLLM takes -2^63 to 2^64 - 1): its 64 bits, which
+/// are what reproducibility needs.
+fn seed_bits<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    n.as_u64()
+        .or_else(|| n.as_i64().map(|s| s as u64))
+        .map(Some)
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "must be a whole number from -2^63 to 2^64 - 1, found {n}"
+            ))
+        })
+}
+
 /// Fields both endpoints share. Unknown fields are ignored, as OpenAI's own server does with
 /// fields it does not use.
 #[derive(Debug, Deserialize)]
@@ -50,7 +66,8 @@ struct Common {
     top_p: Option<f32>,
     top_k: Option<i64>,
     min_p: Option<f32>,
-    seed: Option<i64>,
+    #[serde(default, deserialize_with = "seed_bits")]
+    seed: Option<u64>,
     stop: Option<Stop>,
     presence_penalty: Option<f32>,
     frequency_penalty: Option<f32>,
@@ -410,8 +427,7 @@ fn sampling(c: &Common) -> Result<InferRequest, ApiError> {
         repetition_penalty: c.repetition_penalty,
         presence_penalty: c.presence_penalty,
         frequency_penalty: c.frequency_penalty,
-        // Clients send signed seeds; the bits are what matter for reproducibility.
-        seed: c.seed.map(|s| s as u64),
+        seed: c.seed,
         stop,
         min_tokens: c.min_tokens.filter(|&m| m > 0),
         ignore_eos: c.ignore_eos.unwrap_or(false),

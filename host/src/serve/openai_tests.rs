@@ -348,3 +348,30 @@ fn each_endpoint_needs_its_capability() {
     assert!(parse(&chat, Endpoint::Chat, caps(&["chat"]), &limits).is_ok());
     assert!(parse(&completion, Endpoint::Completions, caps(&["text"]), &limits).is_ok());
 }
+
+/// Seeds are taken signed or not, as vLLM takes them (-2^63 to 2^64 - 1), as their 64 bits; past
+/// that range, or a fraction, is refused saying the range.
+#[test]
+fn seeds_signed_or_not_are_their_bits() {
+    let limits = Limits::default();
+    let seeded = |seed: Value| {
+        let body = json!({"model": "m", "prompt": "x", "seed": seed});
+        parse(&body, Endpoint::Completions, caps(&["text"]), &limits)
+    };
+    assert_eq!(seeded(json!(-1)).unwrap().request.seed, Some(u64::MAX));
+    assert_eq!(
+        seeded(json!(u64::MAX)).unwrap().request.seed,
+        Some(u64::MAX)
+    );
+    assert_eq!(seeded(json!(7)).unwrap().request.seed, Some(7));
+    assert_eq!(seeded(Value::Null).unwrap().request.seed, None);
+    for bad in [json!(18446744073709551616.0), json!(1.5)] {
+        let e = seeded(bad.clone()).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("seed"), "{bad}: {}", e.message);
+        assert!(
+            e.message.contains("-2^63 to 2^64 - 1"),
+            "{bad}: {}",
+            e.message
+        );
+    }
+}
