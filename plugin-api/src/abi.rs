@@ -36,14 +36,19 @@ impl Capabilities {
     /// constraint only to a plugin that sets this: an older one would ignore the field and
     /// return unconstrained text.
     pub const STRUCTURED_OUTPUT: Self = Self(1 << 5);
+    /// Answers an `InferRequest` whose `stats_only` is set at once, with its engine's figures
+    /// and generating nothing (since 1.7). The host asks only plugins that set this: one built
+    /// against 1.7 without knowing the field would run the empty request as a generation.
+    pub const ENGINE_STATS: Self = Self(1 << 6);
 
-    const NAMES: [(Self, &'static str); 6] = [
+    const NAMES: [(Self, &'static str); 7] = [
         (Self::TEXT, "text"),
         (Self::CHAT, "chat"),
         (Self::TOOLS, "tools"),
         (Self::VISION, "vision"),
         (Self::LOGPROBS, "logprobs"),
         (Self::STRUCTURED_OUTPUT, "structured_output"),
+        (Self::ENGINE_STATS, "engine_stats"),
     ];
 
     /// The empty set.

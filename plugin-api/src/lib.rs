@@ -21,7 +21,8 @@
 //! `ErrorKind::CONTEXT_LENGTH` (an input longer than the model's context), `InferRequest::min_tokens`,
 //! `InferRequest::ignore_eos`, `InferRequest::add_generation_prompt`,
 //! `InferRequest::continue_final_message` and `InferRequest::include_stop_str_in_output`. 1.7.0 —
-//! `InferRequest::stats_only` (the engine's figures at any time, for live gauges).
+//! `InferRequest::stats_only` and `Capabilities::ENGINE_STATS` (the engine's figures at any
+//! time, for live gauges).
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 

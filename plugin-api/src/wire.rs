@@ -205,9 +205,9 @@ pub struct InferRequest {
     /// `include_stop_str_in_output`). Added in 1.6.
     pub include_stop_str_in_output: bool,
     /// Generate nothing: answer at once with the engine's figures as they are now
-    /// (`InferOutcome::engine`, `None` for a plugin without an engine), which the host asks for
-    /// every health interval to keep its gauges live. Added in 1.7: the host sends it only to
-    /// plugins built against 1.7 or later, and each of them must answer it so.
+    /// (`InferOutcome::engine`), which the host asks for every health interval to keep its
+    /// gauges live. Added in 1.7, and sent only to plugins that declare
+    /// `Capabilities::ENGINE_STATS`.
     pub stats_only: bool,
 }
 

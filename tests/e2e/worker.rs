@@ -798,7 +798,8 @@ fn a_second_ctrl_c_stops_a_request_that_ignores_the_first() {
         .unwrap();
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let interrupt = || nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
-    std::thread::sleep(std::time::Duration::from_secs(2));
+    // Loaded (hostile loads at once) and looping, well before this.
+    std::thread::sleep(std::time::Duration::from_secs(3));
     interrupt();
     std::thread::sleep(std::time::Duration::from_secs(1));
     let running = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG));

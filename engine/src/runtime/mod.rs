@@ -625,7 +625,9 @@ macro_rules! text_model_plugin {
             const NAME: &'static str = $name;
             const VERSION: &'static str = env!("CARGO_PKG_VERSION");
             const FAMILY: &'static str = $family;
-            const CAPABILITIES: $crate::plugin_api::Capabilities = $caps;
+            // Every model on the engine answers `stats_only` asks (live gauges).
+            const CAPABILITIES: $crate::plugin_api::Capabilities =
+                $caps.union($crate::plugin_api::Capabilities::ENGINE_STATS);
 
             fn new() -> Result<Self, $crate::plugin_api::PluginError> {
                 Ok(Self(

@@ -157,9 +157,10 @@ fn image_data_url(url: &str, at: &str, image_root: Option<&Path>) -> Result<Stri
                 ),
             ))
         }
-        // Said as it is where the path names a place under the root ("not under the root" for
-        // a file that is not there misled); elsewhere it says nothing of what exists there.
-        Err(e) if lexically(path).starts_with(root) => {
+        // Said as it is where the file's folder is under the root ("not under the root" for a
+        // file that is not there misled); elsewhere, through `..` or a link out of the root,
+        // it says nothing of what exists there.
+        Err(e) if folder_under(path, root) => {
             return Err(ApiError::bad_field(
                 at,
                 format!("`{at}`: cannot open {}: {e}", path.display()),
@@ -186,20 +187,11 @@ fn image_data_url(url: &str, at: &str, image_root: Option<&Path>) -> Result<Stri
     ))
 }
 
-/// `path` with `.` and `..` taken as written, touching no file.
-fn lexically(path: &Path) -> std::path::PathBuf {
-    use std::path::Component;
-    let mut out = std::path::PathBuf::new();
-    for part in path.components() {
-        match part {
-            Component::ParentDir => {
-                out.pop();
-            }
-            Component::CurDir => {}
-            other => out.push(other),
-        }
-    }
-    out
+/// Whether `path`'s folder, links resolved, lies under `root`.
+fn folder_under(path: &Path, root: &Path) -> bool {
+    path.parent()
+        .and_then(|folder| std::fs::canonicalize(folder).ok())
+        .is_some_and(|folder| folder.starts_with(root))
 }
 
 /// Checks the part of a `data:` URL after the scheme: an image type and valid base64.
@@ -357,12 +349,17 @@ mod tests {
             "{}",
             e.message
         );
-        let around = canonical.join("../nothing-here.png");
-        let e = check(part(&around), true, Some(&canonical)).unwrap_err();
-        assert!(
-            e.message.contains("not a file under the image root"),
-            "{}",
-            e.message
-        );
+        std::os::unix::fs::symlink(outside.path(), root.path().join("out")).unwrap();
+        for around in [
+            canonical.join("../nothing-here.png"),
+            canonical.join("out/nothing-here.png"),
+        ] {
+            let e = check(part(&around), true, Some(&canonical)).unwrap_err();
+            assert!(
+                e.message.contains("not a file under the image root"),
+                "{}",
+                e.message
+            );
+        }
     }
 }

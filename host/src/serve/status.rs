@@ -81,7 +81,8 @@ pub struct PluginStatus {
     pub reloading: bool,
     /// The last failure, in words.
     pub last_error: Option<String>,
-    /// The model engine's batching and KV-cache figures as its last request ended.
+    /// The model engine's batching and KV-cache figures, as of the last health check or
+    /// request end.
     pub engine: Option<pio_plugin_api::wire::EngineStats>,
     /// Unloaded on purpose (idle past `keep_alive_secs`, evicted by `max_loaded_models`, or by
     /// the admin API), not for want of loading: with `load_on_demand` it still serves.

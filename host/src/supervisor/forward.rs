@@ -98,7 +98,7 @@ impl Forward {
             }),
             Event::Done(outcome) => {
                 if let Some(figures) = outcome.engine {
-                    lock(&self.shared).keep_newest(figures);
+                    lock(&self.shared).keep_newest(&self.worker, figures);
                 }
                 Event::Done(outcome)
             }

@@ -216,7 +216,13 @@ impl Worker {
         let (tx, rx) = oneshot::channel();
         self.ask(Command::Stats(nonce, tx)).ok()?;
         self.send(&ToWorker::Stats { nonce }).ok()?;
-        tokio::time::timeout(deadline, rx).await.ok()?.ok()?
+        match tokio::time::timeout(deadline, rx).await {
+            Ok(answer) => answer.ok()?,
+            Err(_) => {
+                let _ = self.traffic.ask(Command::ForgetStats(nonce));
+                None
+            }
+        }
     }
 
     /// Releases the model (waits for requests in flight, which hold the plugin).

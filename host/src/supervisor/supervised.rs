@@ -88,7 +88,7 @@ pub struct Status {
     pub stats: Option<Stats>,
     /// Requests its worker is running (cancelled ones until the worker confirms).
     pub in_flight: usize,
-    /// The model engine's figures as its last request ended (plugins that batch).
+    /// The current worker's engine figures, as of the last health check or request end.
     pub engine: Option<EngineStats>,
     /// The engine's counters over every worker since the plugin was loaded.
     pub engine_counts: Option<EngineCounts>,
@@ -99,7 +99,7 @@ pub(super) struct Shared {
     state: State,
     restarts: u32,
     last_error: Option<String>,
-    /// The model engine's figures as the last request ended.
+    /// The current worker's engine figures, as of the last health check or request end.
     engine: Option<EngineStats>,
     /// What the workers before the current one used.
     retired: Retired,
@@ -148,10 +148,12 @@ impl Shared {
         self.state == State::Stopped
     }
 
-    /// Keeps `figures` if they are the newest seen: concurrent requests end in any order, and
-    /// the counters never go back.
-    pub(super) fn keep_newest(&mut self, figures: EngineStats) {
-        if self.engine.is_none_or(|e| e.steps <= figures.steps) {
+    /// Keeps `figures`, from worker `from`, if they are the newest seen: concurrent requests end
+    /// in any order, and the counters never go back. A dead worker's late figures (a request's
+    /// end its slow client had not taken yet) are not the current engine's: dropped.
+    pub(super) fn keep_newest(&mut self, from: &Arc<Worker>, figures: EngineStats) {
+        let current = self.worker.as_ref().is_some_and(|w| Arc::ptr_eq(w, from));
+        if current && self.engine.is_none_or(|e| e.steps <= figures.steps) {
             self.engine = Some(figures);
         }
     }
@@ -444,13 +446,15 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// Resolves only when the worker fails a health check; yields why. Each check also asks for
-/// the engine's figures, so the gauges are live rather than as of the last finished request.
+/// Resolves only when the worker fails a health check; yields why. Each check also asks, on the
+/// side, for the engine's figures, so the gauges are live rather than as of the last finished
+/// request (at most one ask at a time: a slow answer must not delay the next check).
 async fn watch_health(
-    worker: &Worker,
+    worker: &Arc<Worker>,
     policy: &RestartPolicy,
     shared: &Arc<Mutex<Shared>>,
 ) -> String {
+    let asking = Arc::new(std::sync::atomic::AtomicBool::new(false));
     loop {
         tokio::time::sleep(policy.health_interval).await;
         if worker.ping(policy.health_deadline).await.is_err() {
@@ -459,8 +463,15 @@ async fn watch_health(
                 policy.health_deadline
             );
         }
-        if let Some(figures) = worker.engine_stats(policy.health_deadline).await {
-            lock(shared).keep_newest(figures);
+        if !asking.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            let (worker, shared, asking) = (worker.clone(), shared.clone(), asking.clone());
+            let deadline = policy.health_deadline;
+            tokio::spawn(async move {
+                if let Some(figures) = worker.engine_stats(deadline).await {
+                    lock(&shared).keep_newest(&worker, figures);
+                }
+                asking.store(false, std::sync::atomic::Ordering::Release);
+            });
         }
     }
 }

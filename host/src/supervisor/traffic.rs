@@ -36,6 +36,8 @@ pub(super) enum Command {
     Ping(u64, oneshot::Sender<()>),
     /// Route the engine's figures for this nonce here.
     Stats(u64, oneshot::Sender<Option<EngineStats>>),
+    /// The ask for this nonce timed out: forget its waiter.
+    ForgetStats(u64),
     /// The host is killing the worker, for this reason (reported instead of the signal).
     KillReason(String),
 }
@@ -95,6 +97,9 @@ impl Routes {
             }
             Command::Stats(nonce, tx) => {
                 self.waiters.stats.insert(nonce, tx);
+            }
+            Command::ForgetStats(nonce) => {
+                self.waiters.stats.remove(&nonce);
             }
             Command::KillReason(why) => {
                 self.kill_reason.get_or_insert(why);

@@ -118,11 +118,7 @@ pub fn run(fd: RawFd) -> i32 {
             capabilities: info.capabilities,
         },
         applied,
-        // Asked only of plugins that know to answer without generating.
-        features: (lib.built_with() >= STATS_SINCE)
-            .then(|| crate::protocol::STATS.to_string())
-            .into_iter()
-            .collect(),
+        features: features(info.capabilities),
     };
     if !outbox.send(&ready) {
         return 0;
@@ -132,12 +128,16 @@ pub fn run(fd: RawFd) -> i32 {
     serve(reader, outbox, plugin, one_gpu)
 }
 
-/// The plugin-api that brought `InferRequest::stats_only`.
-const STATS_SINCE: pio_plugin_api::ApiVersion = pio_plugin_api::ApiVersion {
-    major: 1,
-    minor: 7,
-    patch: 0,
-};
+/// The optional additions this worker's plugin allows: `stats` asks only of a plugin that
+/// declares it answers them (one built against 1.7 without knowing the field would run the
+/// empty request as a generation).
+fn features(capabilities: pio_plugin_api::Capabilities) -> Vec<String> {
+    capabilities
+        .contains(pio_plugin_api::Capabilities::ENGINE_STATS)
+        .then(|| crate::protocol::STATS.to_string())
+        .into_iter()
+        .collect()
+}
 
 /// What every request thread of the worker shares.
 struct Served {
@@ -236,8 +236,10 @@ impl Served {
 
     /// The engine's figures, from a `stats_only` request (which generates nothing).
     fn stats(&self, nonce: u64) -> FromWorker {
+        // One token at most, should a plugin take it for a generation after all.
         let request = pio_plugin_api::wire::InferRequest {
             stats_only: true,
+            max_tokens: Some(1),
             ..Default::default()
         };
         let json = serde_json::to_string(&request).unwrap_or_else(|_| "{}".into());
@@ -355,5 +357,22 @@ fn serve(mut reader: UnixStream, outbox: Outbox, plugin: PluginBox, one_gpu: boo
             }
             ToWorker::Unload => run_on_thread(&served, |_, _| FromWorker::Unloaded, Served::unload),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use pio_plugin_api::Capabilities;
+
+    /// Stats are asked only of a plugin that declares it answers them: not of one built against
+    /// an older plugin-api, nor of one built against 1.7 that never opted in.
+    #[test]
+    fn only_a_plugin_that_opts_in_is_asked_for_stats() {
+        let text = Capabilities::TEXT.union(Capabilities::CHAT);
+        assert!(super::features(text).is_empty());
+        assert_eq!(
+            super::features(text.union(Capabilities::ENGINE_STATS)),
+            vec![crate::protocol::STATS.to_string()]
+        );
     }
 }
