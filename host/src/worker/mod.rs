@@ -288,6 +288,28 @@ fn run_on_thread(
     });
 }
 
+/// Runs request `id` on a thread, its control (cancel flag, flow-control window) registered.
+fn start_request(
+    served: &Arc<Served>,
+    id: u64,
+    request: pio_plugin_api::wire::InferRequest,
+    window: Option<u32>,
+) {
+    let control = Arc::new(Control::with_window(window));
+    if let Ok(mut c) = served.controls.lock() {
+        c.insert(id, control.clone());
+    }
+    run_on_thread(
+        served,
+        // Never started: its control would otherwise stay behind.
+        move |s, error| {
+            s.forget(id);
+            FromWorker::Failed { id, error }
+        },
+        move |s| s.infer(id, &request, control),
+    );
+}
+
 fn serve(mut reader: UnixStream, outbox: Outbox, plugin: PluginBox, one_gpu: bool) -> i32 {
     let served = Arc::new(Served {
         plugin: RwLock::new(plugin),
@@ -340,21 +362,7 @@ fn serve(mut reader: UnixStream, outbox: Outbox, plugin: PluginBox, one_gpu: boo
                 id,
                 request,
                 window,
-            } => {
-                let control = Arc::new(Control::with_window(window));
-                if let Ok(mut c) = served.controls.lock() {
-                    c.insert(id, control.clone());
-                }
-                run_on_thread(
-                    &served,
-                    // Never started: its control would otherwise stay behind.
-                    move |s, error| {
-                        s.forget(id);
-                        FromWorker::Failed { id, error }
-                    },
-                    move |s| s.infer(id, &request, control),
-                );
-            }
+            } => start_request(&served, id, request, window),
             ToWorker::Unload => run_on_thread(&served, |_, _| FromWorker::Unloaded, Served::unload),
         }
     }
