@@ -118,6 +118,23 @@ impl AsyncWrite for Linked {
     }
 }
 
+/// A loopback connection with small buffers on both ends (set before the handshake, so that
+/// they fill at once): the server's side linked, and the client's.
+#[cfg(test)]
+pub(crate) async fn small_buffered_connection() -> (Linked, Link, TcpStream) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let client = tokio::spawn(async move { socket.connect(addr).await.unwrap() });
+    let (tcp, _) = listener.accept().await.unwrap();
+    socket2::SockRef::from(&tcp)
+        .set_send_buffer_size(8192)
+        .unwrap();
+    let (linked, link) = Linked::new(tcp);
+    (linked, link, client.await.unwrap())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,18 +144,7 @@ mod tests {
     /// the client's window is full, more as it reads, and nothing is reported once closed.
     #[tokio::test]
     async fn the_link_sees_a_client_read_and_a_connection_close() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        // Small buffers on both ends, set before the handshake, so that they fill at once.
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(4096).unwrap();
-        let client = tokio::spawn(async move { socket.connect(addr).await.unwrap() });
-        let (tcp, _) = listener.accept().await.unwrap();
-        socket2::SockRef::from(&tcp)
-            .set_send_buffer_size(8192)
-            .unwrap();
-        let mut client = client.await.unwrap();
-        let (mut linked, link) = Linked::new(tcp);
+        let (mut linked, link, mut client) = small_buffered_connection().await;
         let at_first = link.acknowledged().unwrap();
         // Write until the kernel takes no more: the client reads nothing meanwhile.
         let block = vec![7u8; 4096];

@@ -1,5 +1,5 @@
 use super::*;
-use crate::serve::link::Linked;
+use crate::serve::link::small_buffered_connection;
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -68,17 +68,7 @@ async fn a_slow_but_steady_reader_is_not_cut_off() {
 /// buffer for longer than the stall timeout; once it stops, it is cut off.
 #[tokio::test]
 async fn a_client_acknowledging_bytes_is_reading() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let connecting = tokio::spawn(async move { socket.connect(addr).await.unwrap() });
-    let (tcp, _) = listener.accept().await.unwrap();
-    socket2::SockRef::from(&tcp)
-        .set_send_buffer_size(8192)
-        .unwrap();
-    let mut client = connecting.await.unwrap();
-    let (mut linked, link) = Linked::new(tcp);
+    let (mut linked, link, mut client) = small_buffered_connection().await;
     let writer = tokio::spawn(async move {
         let block = [7u8; 4096];
         while linked.write_all(&block).await.is_ok() {}
