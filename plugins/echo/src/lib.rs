@@ -108,11 +108,6 @@ impl PluginImpl for Echo {
         let pace = self
             .pace
             .ok_or_else(|| PluginError::not_ready("echo: infer called before load_model"))?;
-        // The host's ask for engine figures (plugin-api 1.7): echo has no engine.
-        #[cfg(not(feature = "frozen-api"))]
-        if request.stats_only {
-            return Ok(InferOutcome::default());
-        }
         let started = Instant::now();
         let text = prompt_text(&request.prompt)?;
         let prompt: Vec<char> = text.chars().collect();

@@ -514,10 +514,6 @@ impl PluginImpl for Hostile {
     }
 
     fn infer(&self, request: InferRequest, sink: &mut Sink) -> Result<InferOutcome, PluginError> {
-        // The host's ask for engine figures (plugin-api 1.7) attacks nothing.
-        if request.stats_only {
-            return Ok(InferOutcome::default());
-        }
         let Prompt::Text(command) = &request.prompt else {
             return Err(PluginError::invalid_input(
                 "hostile takes a text prompt naming an attack",
