@@ -51,18 +51,7 @@ fn a_client_that_stops_reading_pauses_its_generation_and_the_daemon_holds_nothin
     let before = rss_bytes(d.pid());
     let base = d.metric(forwarded).unwrap_or(0.0);
 
-    let body = json!({"model": "echo", "max_tokens": 4000, "stream": true, "logprobs": true,
-                      "messages": [{"role": "user", "content": "x".repeat(4000)}]})
-    .to_string();
-    let mut client = small_window_connection(d.addr());
-    write!(
-        client,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        d.addr(),
-        body.len()
-    )
-    .expect("send the request");
-
+    let client = long_stream(&d, 4000);
     std::thread::sleep(Duration::from_secs(5));
     let early = d.metric(forwarded).unwrap_or(0.0) - base;
     std::thread::sleep(Duration::from_secs(10));
@@ -124,12 +113,7 @@ fn completion_in_the_worker<'a>(
 ) -> (std::net::TcpStream, impl Fn() -> bool + 'a, Instant) {
     let body = body.to_string();
     let mut client = std::net::TcpStream::connect(d.addr()).expect("connect");
-    write!(
-        client,
-        "POST /v1/completions HTTP/1.1\r\nHost: pio\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("send the request");
+    send(&mut client, "/v1/completions", &body);
     let busy = move || d.plugin("echo")["requests_in_flight"] == 1;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !busy() && Instant::now() < deadline {
@@ -209,6 +193,16 @@ fn requests_past_the_workers_thread_limit_wait_for_a_thread() {
     }
 }
 
+/// Writes a POST of `body` to `path` on a raw connection.
+fn send(client: &mut impl Write, path: &str, body: &str) {
+    write!(
+        client,
+        "POST {path} HTTP/1.1\r\nHost: pio\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send the request");
+}
+
 /// Opens a chat stream of `tokens` tokens (with logprobs: a few hundred bytes each) over a
 /// connection with a small receive window.
 fn long_stream(d: &Daemon, tokens: usize) -> Socket {
@@ -216,12 +210,7 @@ fn long_stream(d: &Daemon, tokens: usize) -> Socket {
                       "messages": [{"role": "user", "content": "x".repeat(tokens)}]})
     .to_string();
     let mut client = small_window_connection(d.addr());
-    write!(
-        client,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: pio\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("send the request");
+    send(&mut client, "/v1/chat/completions", &body);
     client
 }
 
@@ -322,12 +311,7 @@ fn a_streams_headers_come_before_a_long_prefill_ends() {
         json!({"model": "echo", "prompt": "abc", "max_tokens": 3, "stream": true}).to_string();
     let mut client = std::net::TcpStream::connect(d.addr()).expect("connect");
     let asked = Instant::now();
-    write!(
-        client,
-        "POST /v1/completions HTTP/1.1\r\nHost: pio\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("send the request");
+    send(&mut client, "/v1/completions", &body);
     client
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
