@@ -411,14 +411,9 @@ fn an_admin_reload_checks_the_files_again() {
     if !confinement_available() {
         return;
     }
-    let dir = PluginDir::new();
-    dir.copy_lib("pio_plugin_echo", "libecho.so");
-    let with_memory = |m: &str| {
-        let limits = format!("[limits]\nmemory = \"{m}\"\n");
-        manifest("echo", "0.1.0", "libecho.so", &limits)
-    };
-    dir.write("echo.toml", &with_memory("64MiB"));
-    let d = Daemon::start(dir, "[server]\nwatch = false\n");
+    let limits = |m: &str| format!("[limits]\nmemory = \"{m}\"\n");
+    let with_memory = |m: &str| manifest("echo", "0.1.0", "libecho.so", &limits(m));
+    let d = Daemon::start(echo_dir(&limits("64MiB")), "[server]\nwatch = false\n");
     d.wait_ready();
     assert_eq!(d.plugin("echo")["memory_limit_bytes"], 64 << 20);
 
