@@ -185,8 +185,14 @@ fn request(
         max_tokens: config.server.max_tokens_limit,
         image_root: Some(PathBuf::from("/")),
     };
-    openai::parse(&body, endpoint, capabilities, &limits)
-        .map_err(|e| anyhow::anyhow!("{}", e.message))
+    let mut parsed = openai::parse(&body, endpoint, capabilities, &limits)
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    // A prompt typed here runs to the context's end, as llama.cpp's CLI does: the API's 16
+    // tokens for a completion are OpenAI's clients' expectation, not a terminal user's.
+    if args.max_tokens.is_none() {
+        parsed.request.max_tokens = (limits.max_tokens > 0).then_some(limits.max_tokens);
+    }
+    Ok(parsed)
 }
 
 /// The chat messages the flags amount to, or `None` for a completion (the prompt then goes into

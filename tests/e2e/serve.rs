@@ -50,6 +50,16 @@ fn chat_and_completions_answer_in_openai_shapes() {
     );
     assert_eq!(r["choices"][0]["logprobs"]["text_offset"], json!([0, 1, 2]));
 
+    // A completion left without `max_tokens` stops at OpenAI's 16; a chat runs on.
+    let long = "abcdefghij".repeat(3);
+    let (status, r) = d.post("/v1/completions", &json!({"model": "echo", "prompt": long}));
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["choices"][0]["text"], long[..16]);
+    assert_eq!(r["choices"][0]["finish_reason"], "length");
+    let (status, r) = d.post("/v1/chat/completions", &chat("echo", &long));
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["choices"][0]["message"]["content"], long);
+
     let mut req = chat("echo", "hello");
     req["stream"] = json!(true);
     req["stream_options"] = json!({"include_usage": true});

@@ -335,12 +335,18 @@ pub fn parse(
             ));
         }
     }
-    request.max_tokens = token_limit(max_tokens, limits)?;
-    if let (Some(min), Some(max)) = (request.min_tokens, max_tokens) {
+    let default = (endpoint == Endpoint::Completions).then_some(COMPLETIONS_MAX_TOKENS);
+    request.max_tokens = token_limit(max_tokens, default, limits)?;
+    if let (Some(min), Some(max)) = (request.min_tokens, request.max_tokens) {
         if min > max {
+            let why = if max_tokens.is_none() {
+                ", the default: set `max_tokens`"
+            } else {
+                ""
+            };
             return Err(ApiError::bad_field(
                 "min_tokens",
-                format!("`min_tokens` ({min}) must not exceed `max_tokens` ({max})"),
+                format!("`min_tokens` ({min}) must not exceed `max_tokens` ({max}{why})"),
             ));
         }
     }
@@ -436,8 +442,17 @@ fn sampling(c: &Common) -> Result<InferRequest, ApiError> {
     })
 }
 
-/// The request's token limit: at least 1, at most `server.max_tokens_limit` (also the default).
-fn token_limit(asked: Option<u32>, limits: &Limits) -> Result<Option<u32>, ApiError> {
+/// What `/v1/completions` generates when `max_tokens` is left out: OpenAI's and vLLM's default
+/// for the legacy endpoint (chats run to the end of the context, as theirs do).
+pub const COMPLETIONS_MAX_TOKENS: u32 = 16;
+
+/// The request's token limit: at least 1, at most `server.max_tokens_limit`; when not asked, the
+/// endpoint's `default` (held to that limit), else the limit.
+fn token_limit(
+    asked: Option<u32>,
+    default: Option<u32>,
+    limits: &Limits,
+) -> Result<Option<u32>, ApiError> {
     if let Some(problem) = crate::sampling::max_tokens_problem(asked) {
         return Err(ApiError::bad_field("max_tokens", problem));
     }
@@ -449,7 +464,10 @@ fn token_limit(asked: Option<u32>, limits: &Limits) -> Result<Option<u32>, ApiEr
                 "`max_tokens` is {m}; this server allows at most {cap} (server.max_tokens_limit)"
             ),
         )),
-        (asked, cap) => Ok(asked.or(cap)),
+        (asked, cap) => {
+            let default = default.map(|d| cap.map_or(d, |c| c.min(d)));
+            Ok(asked.or(default).or(cap))
+        }
     }
 }
 

@@ -123,7 +123,38 @@ fn completion_prompts_and_limits() {
     )
     .unwrap();
     assert_eq!(p.request.prompt, Prompt::Text("one".into()));
-    assert_eq!(p.request.max_tokens, Some(50), "the cap is the default");
+    assert_eq!(
+        p.request.max_tokens,
+        Some(COMPLETIONS_MAX_TOKENS),
+        "completions default to OpenAI's 16, inside the cap"
+    );
+    let chat = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    let p = parse(&chat, Endpoint::Chat, caps(&["chat"]), &limits).unwrap();
+    assert_eq!(
+        p.request.max_tokens,
+        Some(50),
+        "the cap is a chat's default"
+    );
+    let p = parse(&chat, Endpoint::Chat, caps(&["chat"]), &Limits::default()).unwrap();
+    assert_eq!(
+        p.request.max_tokens, None,
+        "no cap: a chat runs to the context"
+    );
+    let small = Limits {
+        max_tokens: 10,
+        image_root: None,
+    };
+    let prompt = json!({"model": "m", "prompt": "x"});
+    let p = parse(&prompt, Endpoint::Completions, caps(&["text"]), &small).unwrap();
+    assert_eq!(
+        p.request.max_tokens,
+        Some(10),
+        "the default is held to the cap"
+    );
+    let min = json!({"model": "m", "prompt": "x", "min_tokens": 20});
+    let e = parse(&min, Endpoint::Completions, caps(&["text"]), &limits).unwrap_err();
+    assert_eq!(e.param.as_deref(), Some("min_tokens"), "{}", e.message);
+    assert!(e.message.contains("the default"), "{}", e.message);
     for (body, param) in [
         (json!({"model": "m", "prompt": [1, 2, 3]}), "prompt"),
         (json!({"model": "m", "prompt": ["a", "b"]}), "prompt"),
