@@ -65,10 +65,10 @@ pub struct RunArgs {
     max_tokens: Option<u32>,
     /// Sampling temperature; 0 is greedy.
     // Negative numbers are values here, so the range check (not the parser) answers them.
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_negative_numbers = true, value_parser = finite)]
     temperature: Option<f32>,
     /// Nucleus sampling mass.
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_negative_numbers = true, value_parser = finite)]
     top_p: Option<f32>,
     /// Keep only the k most likely tokens.
     #[arg(long)]
@@ -77,7 +77,7 @@ pub struct RunArgs {
     #[arg(long)]
     seed: Option<u64>,
     /// Penalty on tokens already seen (1: none; default: the model's generation config).
-    #[arg(long, value_name = "P", allow_negative_numbers = true)]
+    #[arg(long, value_name = "P", allow_negative_numbers = true, value_parser = finite)]
     repetition_penalty: Option<f32>,
     /// Stop before this string (repeatable).
     #[arg(long = "stop", value_name = "TEXT")]
@@ -193,6 +193,16 @@ fn request(
         parsed.request.max_tokens = (limits.max_tokens > 0).then_some(limits.max_tokens);
     }
     Ok(parsed)
+}
+
+/// A number that JSON can carry: NaN and infinity would reach the request as `null`, the
+/// model's default, as if the flag were not given.
+fn finite(text: &str) -> Result<f32, String> {
+    match text.parse::<f32>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        Ok(_) => Err("must be a finite number".into()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// The chat messages the flags amount to, or `None` for a completion (the prompt then goes into

@@ -101,7 +101,8 @@ pub struct SupervisorSection {
     pub health_deadline_secs: u64,
     /// More failures than this within `crash_window_secs` quarantine a plugin (default 5).
     pub max_crashes: usize,
-    /// See `max_crashes` (default 300).
+    /// See `max_crashes` (default 300; 0 would never quarantine).
+    #[serde(deserialize_with = "not_zero")]
     pub crash_window_secs: u64,
     /// First wait before a restart, doubling per failure (default 500 ms).
     #[serde(deserialize_with = "not_zero")]
@@ -493,6 +494,7 @@ mod tests {
                 "[supervisor]\nhealth_interval_secs = 0\n",
                 "health_interval_secs",
             ),
+            ("[supervisor]\ncrash_window_secs = 0\n", "crash_window_secs"),
             ("[sandbox]\nworker_uid = 0\n", "worker_uid"),
             ("[sandbox]\nworker_gid = 0\n", "worker_gid"),
         ] {

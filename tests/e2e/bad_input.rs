@@ -369,6 +369,13 @@ fn pio_run_refuses_what_the_api_refuses_in_the_same_words() {
     for (flags, says) in [
         (&["--messages", "{}"][..], "--messages must be a JSON array"),
         (&["--prompt", "hi", "--logprobs", "2"][..], "--json"),
+        // JSON has no NaN: it would arrive as null, the model's default.
+        (&["--prompt", "hi", "--temperature", "nan"][..], "finite"),
+        (&["--prompt", "hi", "--top-p", "inf"][..], "finite"),
+        (
+            &["--prompt", "hi", "--repetition-penalty", "NaN"][..],
+            "finite",
+        ),
     ] {
         let mut args = vec!["run", "echo", "--plugins", "."];
         args.extend_from_slice(flags);

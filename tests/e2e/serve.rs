@@ -714,6 +714,28 @@ fn metrics_and_readiness_tell_the_truth() {
     );
 }
 
+/// A name in `server.preload` that no manifest serves keeps `/ready` at 503, and the log says why
+/// from the start (a typo used to show only in `/ready`'s body).
+#[test]
+fn a_preload_no_manifest_serves_is_named_in_the_log() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(echo_dir(""), "[server]\npreload = [\"nosuch\", \"echo\"]\n");
+    d.wait_for(20, "echo loaded", |d| d.plugin("echo")["state"] == "ready");
+    let (status, ready) = d.get("/ready");
+    assert_eq!(
+        (status, &ready["models"]["nosuch"]),
+        (503, &json!("missing"))
+    );
+    let logs = d.logs();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("WARN") && l.contains("server.preload names nosuch")),
+        "{logs}"
+    );
+}
+
 /// The official `openai` Python package against the daemon, and the raw bodies validated against
 /// OpenAI's published schemas (CI installs both packages; elsewhere the test is skipped when they
 /// are missing).

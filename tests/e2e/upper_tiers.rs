@@ -266,7 +266,8 @@ fn a_gguf_file_is_served_at_every_tier_as_its_snapshot_is() {
 
 /// The quantization cache folder of the manifest is created for the confined worker, writable to
 /// it alone among the host's folders: `pio quantize` (or a first start) writes the cache there,
-/// later starts read their weights from it, at `high` and `maximum`.
+/// later starts read their weights from it, at `high` and `maximum`; the cache file may be larger
+/// than the scratch (whose size is otherwise every file's limit).
 #[test]
 fn a_confined_worker_keeps_its_quantization_cache_between_starts() {
     if !confinement_available() {
@@ -280,7 +281,7 @@ fn a_confined_worker_keeps_its_quantization_cache_between_starts() {
         let cache = work.path().join(format!("cache-{tier}"));
         let dir = PluginDir::new();
         let extra = format!(
-            "sha256 = \"{}\"\n[limits]\nmemory = \"2GiB\"\ncpus = 2\n[model]\npath = \"{}\"\nquantization = \"q4\"\nquantization_cache = \"{}\"\n",
+            "sha256 = \"{}\"\n[limits]\nmemory = \"2GiB\"\ncpus = 2\nscratch = \"64KiB\"\n[model]\npath = \"{}\"\nquantization = \"q4\"\nquantization_cache = \"{}\"\n",
             sha256_of(&lib),
             repo_root().join("tests/fixtures/qwen3-moe-tiny").display(),
             cache.display()

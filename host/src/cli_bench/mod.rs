@@ -222,16 +222,36 @@ fn request(text: String, max_tokens: u32, sampled: bool) -> InferRequest {
     }
 }
 
-/// Runs `pio bench`.
-pub fn run(args: BenchArgs) -> anyhow::Result<u8> {
-    if args.concurrency == 0 || !(0.0..=1.0).contains(&args.shared_prefix) {
-        bail!("--concurrency must be at least 1 and --shared-prefix between 0 and 1");
+/// Refuses flags that measure nothing, naming the flag; holds the concurrency to the requests,
+/// so the report says how many really ran at once.
+fn check(args: &mut BenchArgs) -> anyhow::Result<()> {
+    if args.concurrency == 0 {
+        bail!("--concurrency must be at least 1");
     }
-    if args.requests == Some(0) || args.output_tokens == 0 {
+    if !(0.0..=1.0).contains(&args.shared_prefix) {
         bail!(
-            "--requests and --output-tokens must be at least 1: there would be nothing to measure"
+            "--shared-prefix must be between 0 and 1 (a fraction of the prompt), found {}",
+            args.shared_prefix
         );
     }
+    for (flag, value) in [
+        ("--requests", args.requests.unwrap_or(1)),
+        ("--output-tokens", args.output_tokens as usize),
+        ("--prompt-words", args.prompt_words),
+    ] {
+        if value == 0 {
+            bail!("{flag} must be at least 1: there would be nothing to measure");
+        }
+    }
+    if let Some(requests) = args.requests {
+        args.concurrency = args.concurrency.min(requests);
+    }
+    Ok(())
+}
+
+/// Runs `pio bench`.
+pub fn run(mut args: BenchArgs) -> anyhow::Result<u8> {
+    check(&mut args)?;
     let Prepared {
         mut config,
         spec,
@@ -428,8 +448,51 @@ fn figures(args: &BenchArgs, timings: &[Timing], wall: Duration) -> serde_json::
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    fn args(flags: &[&str]) -> BenchArgs {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            bench: BenchArgs,
+        }
+        let argv = [&["pio", "echo", "--plugins", "."][..], flags].concat();
+        <Cli as clap::Parser>::try_parse_from(argv).unwrap().bench
+    }
+
+    #[test]
+    fn flags_that_measure_nothing_are_named_and_concurrency_is_held_to_the_requests() {
+        for (flags, says) in [
+            (
+                &["--concurrency", "0"][..],
+                "--concurrency must be at least 1",
+            ),
+            (
+                &["--shared-prefix", "1.5"],
+                "--shared-prefix must be between 0 and 1",
+            ),
+            (&["--requests", "0"], "--requests must be at least 1"),
+            (
+                &["--prompt-words", "0"],
+                "--prompt-words must be at least 1",
+            ),
+            (
+                &["--output-tokens", "0"],
+                "--output-tokens must be at least 1",
+            ),
+        ] {
+            let e = check(&mut args(flags)).unwrap_err().to_string();
+            assert!(e.contains(says), "{flags:?}: {e}");
+        }
+        let mut a = args(&["--concurrency", "4", "--requests", "2"]);
+        check(&mut a).unwrap();
+        assert_eq!(a.concurrency, 2, "2 requests never run 4 at once");
+        let mut a = args(&["--concurrency", "4"]);
+        check(&mut a).unwrap();
+        assert_eq!(a.concurrency, 4);
+    }
 
     #[test]
     fn prompts_share_exactly_the_asked_prefix() {

@@ -268,8 +268,7 @@ pub(super) fn bind(source: &OwnedFd, target: &Path) -> Result<(), ConfineError> 
 
 /// A size-capped tmpfs at `at`, owned by the worker's uid.
 fn mount_scratch(at: &Path, bytes: u64, owner: Option<(u32, u32)>) -> Result<(), ConfineError> {
-    let (uid, gid) = owner.unwrap_or((0, 0));
-    let options = format!("size={bytes},mode=0700,uid={uid},gid={gid}");
+    let options = scratch_options(bytes, owner.unwrap_or((0, 0)));
     mount(
         Some("tmpfs"),
         at,
@@ -278,6 +277,14 @@ fn mount_scratch(at: &Path, bytes: u64, owner: Option<(u32, u32)>) -> Result<(),
         Some(options.as_str()),
     )
     .map_err(|e| fail("mount the scratch tmpfs", e))
+}
+
+/// The scratch tmpfs's options. tmpfs reads `size=0` as no limit at all, so a scratch of 0 is
+/// mounted at its least, one page (the file-size limit of 0 still stops every write, and
+/// folders bound inside it still find room for their mount points).
+fn scratch_options(bytes: u64, (uid, gid): (u32, u32)) -> String {
+    let size = bytes.max(1);
+    format!("size={size},mode=0700,uid={uid},gid={gid}")
 }
 
 /// `maximum`: a new root holding only the library, the model, a fresh /proc, the worker's
@@ -346,5 +353,13 @@ mod tests {
         for kept in ["/tmp/model", "/dev/shm/model", "/srv/model"] {
             assert!(refuse_replaced(&isolation(kept)).is_ok(), "{kept}");
         }
+    }
+
+    /// tmpfs takes `size=0` for no limit: a scratch of 0 must not become an unbounded one.
+    #[test]
+    fn a_scratch_of_nothing_is_not_unbounded() {
+        let options = scratch_options(0, (65534, 65534));
+        assert_eq!(options, "size=1,mode=0700,uid=65534,gid=65534");
+        assert!(scratch_options(1 << 20, (1, 2)).starts_with("size=1048576,"));
     }
 }

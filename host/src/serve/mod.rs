@@ -232,6 +232,7 @@ pub async fn serve(setup: Setup) -> Result<(), ServeError> {
     let systemd = setup.systemd.clone();
     let models = Models::new(setup);
     models.rescan().await?;
+    models.warn_missing_preloads();
     let app = Arc::new(App {
         models: models.clone(),
         metrics: metrics::Metrics::default(),

@@ -85,15 +85,9 @@ impl Models {
 
     /// Starts loading every unloaded plugin the configuration in force preloads.
     pub fn preload_now(self: &Arc<Self>) {
+        self.warn_missing_preloads();
         let config = self.config();
         let mut inner = lock(&self.inner);
-        for name in &config.server.preload {
-            if name != "*" && !inner.entries.contains_key(name) {
-                tracing::warn!(
-                    "server.preload names {name}, which no manifest that passed its checks serves: `pio list` shows them; /ready waits for it"
-                );
-            }
-        }
         let names: Vec<String> = inner
             .entries
             .iter()
@@ -101,6 +95,20 @@ impl Models {
             .map(|(n, _)| n.clone())
             .collect();
         self.preload(&mut inner, &names, config.server.max_loaded_models);
+    }
+
+    /// Warns of each name in `server.preload` that no manifest serves (a typo would otherwise
+    /// show only as a `/ready` that never turns 200).
+    pub fn warn_missing_preloads(&self) {
+        let config = self.config();
+        let inner = lock(&self.inner);
+        for name in &config.server.preload {
+            if name != "*" && !inner.entries.contains_key(name) {
+                tracing::warn!(
+                    "server.preload names {name}, which no manifest that passed its checks serves: `pio list` shows them; /ready waits for it"
+                );
+            }
+        }
     }
 
     /// Starts loading `names`, no more than `cap` holds beside what is loaded (0: no cap); the

@@ -177,7 +177,7 @@ impl PluginStatus {
         if let Some(stats) = st.stats {
             self.memory_bytes = stats.memory_bytes;
             // v1 reports "no limit" as a huge number.
-            self.memory_limit_bytes = stats.memory_limit_bytes.filter(|b| *b < 1 << 60);
+            self.memory_limit_bytes = stats.memory_limit_bytes;
             self.cpu_seconds = stats.cpu_usec.map(|u| u as f64 / 1e6);
             self.oom_kills = stats.oom_kills;
         }

@@ -177,6 +177,12 @@ pub(super) async fn handshake(
     reply: oneshot::Receiver<Result<FromWorker, WireError>>,
 ) -> Result<Handshake, WorkerError> {
     let mut plan = spec.plan.clone();
+    // The file-size limit is per file and for every file: a folder the worker is given to write
+    // (a quantization cache, as large as the quantized weights) lifts it, and the scratch
+    // tmpfs (medium and above) still bounds the scratch.
+    if !spec.write_paths.is_empty() {
+        plan.limits.scratch_bytes = None;
+    }
     if let Some(isolation) = &mut plan.isolation {
         isolation.keep_visible.push(spec.library.clone());
         isolation

@@ -361,11 +361,12 @@ async fn monitor(
             s.retired.add(last.as_ref());
             s.last_error = Some(reason.clone());
             if crashes.len() > policy.max_crashes {
-                s.state = State::Quarantined(format!(
-                    "{} failures within {} s, the last: {reason}; fix the plugin, then reload it",
+                let why = format!(
+                    "{} failures within {} s, the last: {reason}",
                     crashes.len(),
                     policy.window.as_secs()
-                ));
+                );
+                quarantine(&mut s, &spec.name, why);
                 return;
             }
             s.state = State::Restarting;
@@ -384,6 +385,18 @@ async fn monitor(
             return;
         }
     }
+}
+
+/// Takes the plugin out of service for `why`, saying so in the log: an operator reading it is
+/// the one who can end it.
+fn quarantine(s: &mut Shared, name: &str, why: String) {
+    tracing::error!(
+        plugin = %name,
+        "quarantined, requests get 503 until an operator loads it again (fix the plugin, then POST /v1/plugins/{name}/load): {why}"
+    );
+    s.state = State::Quarantined(format!(
+        "{why}; fix the plugin, then load it again (POST /v1/plugins/{name}/load)"
+    ));
 }
 
 /// What restarting a plugin's worker takes.
@@ -432,9 +445,10 @@ impl Restart<'_> {
                     s.retired.add(last.as_ref());
                     s.last_error = Some(e.to_string());
                     if crashes.len() > self.policy.max_crashes {
-                        s.state = State::Quarantined(format!("restarting failed: {e}"));
+                        quarantine(&mut s, &self.spec.name, format!("restarting failed: {e}"));
                         return false;
                     }
+                    tracing::warn!(plugin = %self.spec.name, "restarting failed: {e}; trying again in {backoff:?}");
                 }
             }
         }

@@ -418,7 +418,7 @@ impl Cgroup {
         match self.version {
             Version::V1 => Stats {
                 memory_bytes: num(&self.memory, "memory.usage_in_bytes"),
-                memory_limit_bytes: num(&self.memory, "memory.limit_in_bytes"),
+                memory_limit_bytes: v1_limit(num(&self.memory, "memory.limit_in_bytes")),
                 oom_kills: field(read(&self.memory, "memory.oom_control"), "oom_kill ")
                     .unwrap_or(0),
                 pids: num(&self.pids, "pids.current"),
@@ -434,6 +434,12 @@ impl Cgroup {
             },
         }
     }
+}
+
+/// A v1 memory limit, `None` when unlimited: v1 writes no limit as the largest page-aligned
+/// 63-bit number (v2 writes `max`, which does not parse).
+fn v1_limit(bytes: Option<u64>) -> Option<u64> {
+    bytes.filter(|&b| b < 1 << 60)
 }
 
 impl Drop for Cgroup {

@@ -185,3 +185,11 @@ fn groups_of_a_dead_pio_are_reaped_and_live_ones_kept() {
     assert!(!pio.join("echo-4194305-0").exists());
     assert!(pio.join("not-a-pio-group").exists());
 }
+
+/// v1 writes "no limit" as a number (9223372036854771712): it reads as none, not as 8 EiB.
+#[test]
+fn an_unlimited_v1_memory_limit_reads_as_none() {
+    assert_eq!(v1_limit(Some(9_223_372_036_854_771_712)), None);
+    assert_eq!(v1_limit(Some(256 << 20)), Some(256 << 20));
+    assert_eq!(v1_limit(None), None);
+}
