@@ -96,6 +96,15 @@ pub enum CheckError {
         /// What is wrong with it.
         problem: String,
     },
+    /// The manifest's model is there but the workers' user cannot read it (a weight file left
+    /// 0600 by the tool that wrote it): found before a worker starts to load it.
+    #[error("{manifest}: {message}")]
+    ModelUnreadable {
+        /// The manifest.
+        manifest: PathBuf,
+        /// The path, the uid and the fix.
+        message: String,
+    },
     /// The plugin cannot be confined as its manifest asks on this host (a `maximum` tier with no
     /// sha256 pin, a mechanism the kernel lacks); found by `pio check`, which plans its worker.
     #[error("{manifest}: cannot run at tier {tier}: {reason}")]
@@ -150,6 +159,7 @@ impl CheckError {
             Self::ReadLibrary { .. } => "read_library",
             Self::ApiRequirement { .. } => "api_requirement",
             Self::ModelMissing { .. } => "model_missing",
+            Self::ModelUnreadable { .. } => "model_unreadable",
             Self::Confinement { .. } => "confinement",
             Self::Probe(p) => p.kind(),
             Self::Identity { .. } => "identity",
@@ -193,7 +203,10 @@ impl Candidate {
     pub fn ready_given_a_model(&self) -> bool {
         matches!(
             self.status,
-            Status::Ready | Status::Failed(CheckError::ModelMissing { .. })
+            Status::Ready
+                | Status::Failed(
+                    CheckError::ModelMissing { .. } | CheckError::ModelUnreadable { .. }
+                )
         )
     }
 }
@@ -309,16 +322,9 @@ fn check_manifest(
 /// the plugin takes is its own check at load): a snapshot not yet downloaded is caught by
 /// `pio check` and at discovery, before any worker starts to load it.
 fn check_model_path(path: &Path, text: &str, manifest: &Manifest) -> Result<(), CheckError> {
-    let Some(written) = &manifest.model.path else {
+    let (Some(written), Some(model)) = (&manifest.model.path, model_path(path, manifest)) else {
         return Ok(());
     };
-    // In full: the manifest's own path may be relative, or a bare file name.
-    let model = crate::launch::resolved(
-        &path
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join(written.get_ref()),
-    );
     let problem = match std::fs::metadata(&model) {
         Ok(_) => return Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => "does not exist".to_string(),
@@ -332,6 +338,43 @@ fn check_model_path(path: &Path, text: &str, manifest: &Manifest) -> Result<(), 
         path: model,
         problem,
     })
+}
+
+/// The `[model] path` of the manifest at `path`, in full: it may be relative to the manifest's
+/// folder, or a bare file name.
+fn model_path(path: &Path, manifest: &Manifest) -> Option<PathBuf> {
+    let written = manifest.model.path.as_ref()?;
+    Some(crate::launch::resolved(
+        &path
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(written.get_ref()),
+    ))
+}
+
+/// The model, when there, is readable to the user `prober`'s probes (and the workers) run as:
+/// the folder, every folder above it, each file in it.
+fn check_model_readable(
+    path: &Path,
+    manifest: &Manifest,
+    prober: &Prober,
+) -> Result<(), CheckError> {
+    use crate::sandbox::readable::{unreadable_tree, Reach};
+    let (Some(model), Some((uid, gid))) = (model_path(path, manifest), prober.drop_to()) else {
+        return Ok(());
+    };
+    // At `maximum` the model is mounted into an empty root: the folders above do not count.
+    let reach = match manifest.tier {
+        crate::sandbox::Tier::Maximum => Reach::Mounted,
+        _ => Reach::Host,
+    };
+    match unreadable_tree(&model, uid, gid, reach) {
+        Some(blocked) => Err(CheckError::ModelUnreadable {
+            manifest: path.to_owned(),
+            message: blocked.message(&format!("model {}", model.display()), uid, gid),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Resolves the manifest's `library`: absolute as is; otherwise next to the manifest, then in each
@@ -456,6 +499,11 @@ pub fn check_library(candidate: &mut Candidate, prober: &Prober) {
     match result {
         Ok(report) => candidate.report = Some(report),
         Err(e) => candidate.status = Status::Failed(e),
+    }
+    if matches!(candidate.status, Status::Ready) {
+        if let Err(e) = check_model_readable(&candidate.manifest_path, manifest, prober) {
+            candidate.status = Status::Failed(e);
+        }
     }
 }
 

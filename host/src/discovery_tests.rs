@@ -206,3 +206,41 @@ fn the_model_must_be_there() {
         "{message}"
     );
 }
+
+/// A model the workers' user cannot read (a weight file left 0600) fails the check naming the
+/// file and the fix, not a load later; the library is still usable with another model.
+#[test]
+fn the_model_must_be_readable_to_the_workers() {
+    use std::os::unix::fs::PermissionsExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: only root drops the probes and workers to another user");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mode = |p: &Path, m| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m));
+    mode(dir.path(), 0o755).unwrap();
+    let snapshot = dir.path().join("snapshot");
+    std::fs::create_dir(&snapshot).unwrap();
+    let shard = snapshot.join("model-00002-of-00002.safetensors");
+    std::fs::write(&shard, b"x").unwrap();
+    mode(&shard, 0o600).unwrap();
+    let manifest = dir.path().join("x.toml");
+    std::fs::write(
+        &manifest,
+        "name = \"x\"\nversion = \"0.1.0\"\nlibrary = \"libx.so\"\napi = \"^1\"\n[model]\npath = \"snapshot\"\n",
+    )
+    .unwrap();
+    let parsed = Manifest::parse(&manifest, &std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    let prober = Prober::new(PathBuf::from("/nonexistent")).with_user(65534, 65534);
+    let e = check_model_readable(&manifest, &parsed, &prober).unwrap_err();
+    assert_eq!(e.kind(), "model_unreadable");
+    let message = e.to_string();
+    assert!(
+        message.contains(&shard.display().to_string())
+            && message.contains("uid 65534")
+            && message.contains("chmod o+r"),
+        "{message}"
+    );
+    mode(&shard, 0o644).unwrap();
+    assert!(check_model_readable(&manifest, &parsed, &prober).is_ok());
+}

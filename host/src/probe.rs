@@ -170,6 +170,11 @@ impl Prober {
         self
     }
 
+    /// The user the probes (and the workers) drop to, when this process can drop to one.
+    pub fn drop_to(&self) -> Option<(u32, u32)> {
+        probe_plan(self.user).drop_to
+    }
+
     /// Loads `library` in a child process and reports what it is.
     pub fn probe(&self, library: &Path) -> Result<LibraryReport, ProbeError> {
         #[cfg(target_os = "linux")]

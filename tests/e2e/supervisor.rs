@@ -161,7 +161,7 @@ fn a_plugin_that_keeps_crashing_is_quarantined() {
         );
         let e = plugin.infer(text("status")).unwrap_err();
         assert_eq!(e.0.kind, Fault::Quarantined);
-        assert!(e.0.message.contains("reload"), "{e}");
+        assert!(e.0.message.contains("/v1/plugins/hostile/load"), "{e}");
     });
 }
 
