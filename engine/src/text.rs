@@ -12,6 +12,8 @@ pub struct TextCodec {
     /// Added tokens by id, with whether each is a control token (see [`Self::control_ids`]);
     /// the tokenizer hands out a fresh copy of its map per call.
     added: std::collections::HashMap<u32, (String, bool)>,
+    /// The added tokens marked `special`, sorted.
+    special: Vec<u32>,
 }
 
 impl std::fmt::Debug for TextCodec {
@@ -31,8 +33,13 @@ impl TextCodec {
             tokenizer.get_decoder(),
             Some(tokenizers::DecoderWrapper::ByteLevel(_))
         );
-        let added = tokenizer
-            .get_added_tokens_decoder()
+        let decoder = tokenizer.get_added_tokens_decoder();
+        let mut special: Vec<u32> = (decoder.iter())
+            .filter(|(_, t)| t.special)
+            .map(|(&id, _)| id)
+            .collect();
+        special.sort_unstable();
+        let added = decoder
             .into_iter()
             .map(|(id, t)| {
                 let control = t.special || (t.content.starts_with('<') && t.content.ends_with('>'));
@@ -43,6 +50,7 @@ impl TextCodec {
             tokenizer,
             byte_level,
             added,
+            special,
         })
     }
 
@@ -90,6 +98,12 @@ impl TextCodec {
             .collect();
         ids.sort_unstable();
         ids
+    }
+
+    /// The added tokens the tokenizer marks `special` (what transformers' `skip_special_tokens`
+    /// leaves out), sorted.
+    pub fn special_ids(&self) -> &[u32] {
+        &self.special
     }
 
     /// Token ids of `text`; special tokens written in the text (`<|im_start|>`) are recognized.
@@ -236,5 +250,18 @@ mod tests {
                 .any(|&id| std::str::from_utf8(&codec.token_bytes(id)).is_err()),
             "some token holds part of a character: {ids:?}"
         );
+    }
+
+    /// The special tokens are the tokenizer's `special` added tokens, as transformers'
+    /// `skip_special_tokens` reads them: not ordinary vocabulary.
+    #[test]
+    fn special_tokens_are_the_tokenizers_marked_ones() {
+        let codec = fixture_codec();
+        let special = codec.special_ids();
+        let end = codec.token_id("<|im_end|>").unwrap();
+        assert!(special.contains(&end), "{special:?}");
+        let hello = codec.encode("hello").unwrap();
+        assert!(hello.iter().all(|id| !special.contains(id)), "{hello:?}");
+        assert!(special.windows(2).all(|w| w[0] < w[1]), "sorted");
     }
 }

@@ -363,6 +363,13 @@ pub struct ModelInfo {
     /// at load. `None`: the host falls back to each token's text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_bytes: Option<TokenBytes>,
+    /// The tokenizer's special tokens (its added tokens marked `special`: `<|im_end|>`,
+    /// `<|endoftext|>` ...), which the host leaves out of the text unless a request sets
+    /// `skip_special_tokens: false`, as vLLM does; markup the host parses (`<think>`,
+    /// `<tool_call>`) is kept while it parses it. Added in 1.8 as an optional JSON field;
+    /// `None`: nothing is left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub special_token_ids: Option<Vec<u32>>,
 }
 
 /// The vocabulary's raw bytes, compactly: standard base64 of every token's bytes concatenated in

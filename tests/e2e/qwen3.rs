@@ -478,6 +478,47 @@ fn vllm_request_extras_shape_the_prompt_and_the_text() {
     assert_eq!(cut, whole[..at]);
     let kept = text(serde_json::json!({"stop": [stop], "include_stop_str_in_output": true}));
     assert_eq!(kept, whole[..at + stop.len()]);
+
+    // `skip_special_tokens` (default true): a special token the sampler drew (`ignore_eos`
+    // lets it go on past `<|im_end|>`) leaves the text, not the token count or the logprobs.
+    let sampled = serde_json::json!({
+        "model": "qwen3-4b-instruct-2507", "prompt": "Hi", "max_tokens": 200,
+        "temperature": 2, "seed": 1, "ignore_eos": true, "logprobs": 0});
+    let raw = post(
+        "/v1/completions",
+        sampled.clone(),
+        serde_json::json!({"skip_special_tokens": false}),
+    );
+    let skipped = post("/v1/completions", sampled, serde_json::json!({}));
+    let tokenizer: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("tests/fixtures/qwen3-tiny/tokenizer.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let specials: Vec<&str> = tokenizer["added_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["special"] == true)
+        .map(|t| t["content"].as_str().unwrap())
+        .collect();
+    let (raw_text, text) = (
+        raw["choices"][0]["text"].as_str().unwrap(),
+        skipped["choices"][0]["text"].as_str().unwrap(),
+    );
+    assert!(
+        specials.iter().any(|s| raw_text.contains(s)),
+        "the seeded run draws a special token: {raw_text:?}"
+    );
+    let without = specials
+        .iter()
+        .fold(raw_text.to_string(), |t, s| t.replace(s, ""));
+    assert_eq!(text, without);
+    assert_eq!(raw["usage"], skipped["usage"]);
+    assert_eq!(
+        raw["choices"][0]["logprobs"]["token_logprobs"],
+        skipped["choices"][0]["logprobs"]["token_logprobs"]
+    );
 }
 
 /// `pio bench` refuses a workload with nothing to measure, and one whose prompts pass the

@@ -523,6 +523,7 @@ impl<M: LoadModel> ModelRuntime<M> {
             token_bytes: Some(TokenBytes::encode(
                 (0..codec.id_bound()).map(|id| codec.token_bytes(id)),
             )),
+            special_token_ids: Some(codec.special_ids().to_vec()),
         }
     }
 

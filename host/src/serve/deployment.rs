@@ -27,6 +27,8 @@ pub struct Deployment {
     pub info: ModelInfo,
     /// Every token's raw bytes, when the plugin sent them (logprobs' `bytes`).
     pub tokens: Option<Arc<TokenTable>>,
+    /// The model's special tokens (taken out of `info`), left out of the text by default.
+    pub special: Option<Arc<std::collections::HashSet<u32>>>,
     /// The library copy this deployment runs (deleted when the last deployment using it goes).
     pub library: Arc<super::library::LibraryCopy>,
     /// The plugin's version.
@@ -90,10 +92,13 @@ impl Deployment {
                 None
             }
         });
+        let special =
+            (info.special_token_ids.take()).map(|ids| Arc::new(ids.into_iter().collect()));
         Self {
             supervised,
             info,
             tokens,
+            special,
             library,
             version,
             leases: AtomicUsize::new(0),

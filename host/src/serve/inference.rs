@@ -71,6 +71,10 @@ async fn serve(
             );
             let tools = tools
                 .with_tokens(lease.deployment().tokens.clone())
+                .with_special(
+                    lease.deployment().special.clone(),
+                    parsed.skip_special_tokens,
+                )
                 .with_single_call(parsed.single_call)
                 .with_calls_parsed(parsed.calls_parsed);
             if parsed.stream {
@@ -209,7 +213,7 @@ async fn collect(
         match event {
             Event::Token(t) => {
                 timing.token();
-                tokens.push(t);
+                tokens.push(parsing.shown(t));
             }
             Event::Done(outcome) => {
                 timing.ended(&outcome.usage);

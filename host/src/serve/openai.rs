@@ -80,11 +80,19 @@ struct Common {
     ignore_eos: Option<bool>,
     /// vLLM's: the stop string found ends the output.
     include_stop_str_in_output: Option<bool>,
+    /// vLLM's: special tokens are left out of the text (default true).
+    skip_special_tokens: Option<bool>,
+    /// vLLM's, not supported: refused rather than ignored, as each changes the answer.
+    stop_token_ids: Option<Vec<Value>>,
+    prompt_logprobs: Option<Value>,
+    use_beam_search: Option<bool>,
+    best_of: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
 struct StreamOptions {
     include_usage: Option<bool>,
+    continuous_usage_stats: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -116,7 +124,6 @@ struct CompletionFields {
     logprobs: Option<u32>,
     echo: Option<bool>,
     suffix: Option<String>,
-    best_of: Option<u32>,
 }
 
 /// How logprobs are to be reported.
@@ -154,6 +161,9 @@ pub struct Parsed {
     /// Tool calls in the output are taken out as `tool_calls` (not with `tool_choice: "none"`,
     /// where the tools are still shown to the model, as vLLM does, and the output is all text).
     pub calls_parsed: bool,
+    /// The model's special tokens are left out of the text (vLLM's `skip_special_tokens`,
+    /// default true).
+    pub skip_special_tokens: bool,
 }
 
 /// What the server allows.
@@ -371,6 +381,7 @@ pub fn parse(
         single_call: endpoint == Endpoint::Chat
             && body.get("parallel_tool_calls") == Some(&Value::Bool(false)),
         calls_parsed,
+        skip_special_tokens: c.skip_special_tokens.unwrap_or(true),
     })
 }
 
@@ -394,6 +405,7 @@ fn sampling(c: &Common) -> Result<InferRequest, ApiError> {
     if c.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
         return Err(unsupported("logit_bias", "is not supported; remove it"));
     }
+    unsupported_extras(c)?;
     let top_k = match c.top_k {
         None | Some(0) | Some(-1) => None,
         Some(k) if k > 0 => Some(u32::try_from(k).unwrap_or(u32::MAX)),
@@ -445,6 +457,43 @@ fn sampling(c: &Common) -> Result<InferRequest, ApiError> {
 /// What `/v1/completions` generates when `max_tokens` is left out: OpenAI's and vLLM's default
 /// for the legacy endpoint (chats run to the end of the context, as theirs do).
 pub const COMPLETIONS_MAX_TOKENS: u32 = 16;
+
+/// vLLM's fields this server does not implement, each of which would change the answer: a 400
+/// naming it, rather than an answer the client takes for what it asked.
+fn unsupported_extras(c: &Common) -> Result<(), ApiError> {
+    if c.best_of.is_some_and(|b| b != 1) {
+        return Err(unsupported("best_of", "must be 1"));
+    }
+    if c.stop_token_ids.as_ref().is_some_and(|ids| !ids.is_empty()) {
+        return Err(unsupported(
+            "stop_token_ids",
+            "is not supported; use `stop` with the tokens' text",
+        ));
+    }
+    if c.prompt_logprobs.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(unsupported(
+            "prompt_logprobs",
+            "is not supported; remove it",
+        ));
+    }
+    if c.use_beam_search == Some(true) {
+        return Err(unsupported(
+            "use_beam_search",
+            "is not supported; remove it",
+        ));
+    }
+    if c.stream_options
+        .as_ref()
+        .and_then(|o| o.continuous_usage_stats)
+        == Some(true)
+    {
+        return Err(unsupported(
+            "stream_options.continuous_usage_stats",
+            "is not supported: `include_usage` gives the usage in a last chunk",
+        ));
+    }
+    Ok(())
+}
 
 /// The request's token limit: at least 1, at most `server.max_tokens_limit`; when not asked, the
 /// endpoint's `default` (held to that limit), else the limit.
@@ -577,9 +626,6 @@ fn completion(f: CompletionFields, request: &mut InferRequest) -> Result<Logprob
     }
     if f.suffix.is_some_and(|s| !s.is_empty()) {
         return Err(unsupported("suffix", "is not supported"));
-    }
-    if f.best_of.is_some_and(|b| b != 1) {
-        return Err(unsupported("best_of", "must be 1"));
     }
     Ok(match f.logprobs {
         None => LogprobsFormat::None,

@@ -406,3 +406,54 @@ fn seeds_signed_or_not_are_their_bits() {
         );
     }
 }
+
+/// vLLM's fields that would change the answer and are not implemented get a 400 naming them,
+/// on both endpoints; `skip_special_tokens` defaults to true.
+#[test]
+fn unimplemented_vllm_fields_are_refused_by_name() {
+    let chat = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    let prompt = json!({"model": "m", "prompt": "hi"});
+    for (extra, param) in [
+        (json!({"best_of": 2}), "best_of"),
+        (json!({"stop_token_ids": [2]}), "stop_token_ids"),
+        (json!({"prompt_logprobs": 1}), "prompt_logprobs"),
+        (json!({"use_beam_search": true}), "use_beam_search"),
+        (
+            json!({"stream": true, "stream_options": {"continuous_usage_stats": true}}),
+            "stream_options.continuous_usage_stats",
+        ),
+    ] {
+        for (base, endpoint, cap) in [
+            (&chat, Endpoint::Chat, "chat"),
+            (&prompt, Endpoint::Completions, "text"),
+        ] {
+            let mut body = base.clone();
+            for (k, v) in extra.as_object().unwrap() {
+                body[k] = v.clone();
+            }
+            let e = parse(&body, endpoint, caps(&[cap]), &Limits::default()).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
+        }
+    }
+    let mut harmless = chat.clone();
+    harmless["best_of"] = json!(1);
+    harmless["stop_token_ids"] = json!([]);
+    harmless["prompt_logprobs"] = Value::Null;
+    let p = parse(
+        &harmless,
+        Endpoint::Chat,
+        caps(&["chat"]),
+        &Limits::default(),
+    )
+    .unwrap();
+    assert!(p.skip_special_tokens, "vLLM's default");
+    harmless["skip_special_tokens"] = json!(false);
+    let p = parse(
+        &harmless,
+        Endpoint::Chat,
+        caps(&["chat"]),
+        &Limits::default(),
+    )
+    .unwrap();
+    assert!(!p.skip_special_tokens);
+}

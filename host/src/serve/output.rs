@@ -1,9 +1,12 @@
 //! What is taken out of a completion's text before it is returned: reasoning and tool calls, each
 //! in the model's own markup (named in its `ModelInfo`). The API and `pio run --json` share it.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use pio_plugin_api::wire::{InferRequest, ModelInfo, TokenTable};
+
+use crate::protocol::TokenFrame;
 use serde_json::Value;
 
 use super::{reasoning, tool_calls};
@@ -19,6 +22,8 @@ pub struct Parsing {
     pub tokens: Option<Arc<TokenTable>>,
     /// Only the first tool call counts (`parallel_tool_calls: false`).
     pub single_call: bool,
+    /// The model's special tokens, to leave out of the text (`None`: all are shown).
+    pub special: Option<Arc<HashSet<u32>>>,
 }
 
 impl Parsing {
@@ -40,6 +45,7 @@ impl Parsing {
             reasoning,
             tokens: None,
             single_call: false,
+            special: None,
         }
     }
 
@@ -72,6 +78,48 @@ impl Parsing {
             extracted.calls.truncate(1);
         }
         extracted
+    }
+
+    /// Leaves the `special` tokens out of the text when `skip` (vLLM's `skip_special_tokens`).
+    pub fn with_special(self, special: Option<Arc<HashSet<u32>>>, skip: bool) -> Self {
+        Self {
+            special: special.filter(|_| skip),
+            ..self
+        }
+    }
+
+    /// `token` as the client sees it: a special token's text left out, unless it is markup
+    /// this request's parsers read (`<think>` while reasoning is split off, `<tool_call>` while
+    /// calls are taken out), which they remove themselves.
+    pub fn shown(&self, mut token: TokenFrame) -> TokenFrame {
+        let Some(special) = &self.special else {
+            return token;
+        };
+        if !special.contains(&token.token_id) || self.parses(&token.text) {
+            return token;
+        }
+        // Only the token's own text goes: bytes of a character it completes stay.
+        let own = (self.tokens.as_deref())
+            .and_then(|t| t.get(token.token_id))
+            .and_then(|b| std::str::from_utf8(b).ok());
+        match own {
+            Some(own) if token.text.ends_with(own) => {
+                token.text.truncate(token.text.len() - own.len());
+            }
+            _ => token.text.clear(),
+        }
+        token
+    }
+
+    /// Whether `text` is markup one of this request's parsers reads.
+    fn parses(&self, text: &str) -> bool {
+        let tools = self.tools.map_or(&[][..], tool_calls::Format::markers);
+        let thinking = if self.reasoning.is_some() {
+            &reasoning::MARKERS[..]
+        } else {
+            &[]
+        };
+        tools.iter().chain(thinking).any(|m| *m == text)
     }
 
     /// Reports logprobs' `bytes` from `tokens`.
@@ -107,6 +155,7 @@ impl Parsing {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pio_plugin_api::wire::TokenBytes;
     use serde_json::json;
 
     fn glm() -> ModelInfo {
@@ -147,6 +196,59 @@ mod tests {
         let plain = Parsing::of(&request, true, &ModelInfo::default());
         let (r, e) = plain.split("a</think>b".into(), &[]);
         assert_eq!((r, e.content.as_str()), (None, "a</think>b"));
+    }
+
+    /// vLLM's `skip_special_tokens`: a special token's text is left out (the bytes of a character
+    /// it came with stay), unless the request's parsers read it or the client asks for it.
+    #[test]
+    fn special_tokens_leave_the_text_unless_parsed_or_asked_for() {
+        let frame = |id: u32, text: &str| TokenFrame {
+            token_id: id,
+            text: text.into(),
+            logprob: Some(-0.5),
+            top_logprobs: Vec::new(),
+        };
+        let special = Some(Arc::new(HashSet::from([7, 8, 9])));
+        let table = TokenBytes::encode((0..10).map(|id| match id {
+            7 => "<|endoftext|>".to_string(),
+            8 => "<think>".into(),
+            9 => "<tool_call>".into(),
+            _ => format!("w{id}"),
+        }))
+        .table()
+        .unwrap();
+        let plain = Parsing::of(&InferRequest::default(), false, &glm())
+            .with_tokens(Some(Arc::new(table)))
+            .with_special(special.clone(), true);
+        let shown = |p: &Parsing, id, text| p.shown(frame(id, text)).text;
+        assert_eq!(shown(&plain, 7, "<|endoftext|>"), "");
+        assert_eq!(
+            shown(&plain, 7, "é<|endoftext|>"),
+            "é",
+            "a held character stays"
+        );
+        assert_eq!(shown(&plain, 3, "w3"), "w3", "ordinary tokens stay");
+        assert_eq!(
+            shown(&plain, 8, "<think>"),
+            "",
+            "a completion parses no reasoning"
+        );
+        assert_eq!(plain.shown(frame(7, "<|endoftext|>")).logprob, Some(-0.5));
+        let tools = vec![json!({"type": "function", "function": {"name": "f", "parameters": {}}})];
+        let request = InferRequest {
+            tools: Some(tools),
+            ..InferRequest::default()
+        };
+        let chat = Parsing::of(&request, true, &glm()).with_special(special.clone(), true);
+        assert_eq!(
+            shown(&chat, 8, "<think>"),
+            "<think>",
+            "the reasoning parser reads it"
+        );
+        assert_eq!(shown(&chat, 9, "<tool_call>"), "<tool_call>");
+        assert_eq!(shown(&chat, 7, "<|endoftext|>"), "");
+        let kept = Parsing::of(&request, true, &glm()).with_special(special, false);
+        assert_eq!(shown(&kept, 7, "<|endoftext|>"), "<|endoftext|>");
     }
 
     /// `parallel_tool_calls: false`: the first of the calls the model wrote, alone.

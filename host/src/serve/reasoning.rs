@@ -6,6 +6,8 @@
 const OPEN: &str = "<think>";
 /// The marker that ends the reasoning block.
 pub const CLOSE: &str = "</think>";
+/// The markup the reasoning parser reads.
+pub const MARKERS: [&str; 2] = [OPEN, CLOSE];
 
 /// How a model marks its reasoning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

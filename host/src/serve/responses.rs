@@ -138,9 +138,7 @@ impl Reply {
                 json!({
                     "tokens": tokens.iter().map(|t| t.text.clone()).collect::<Vec<_>>(),
                     "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
-                    "top_logprobs": tokens.iter().map(|t| {
-                        t.top_logprobs.iter().map(|(_, text, lp)| (text.clone(), json!(lp))).collect::<serde_json::Map<_, _>>()
-                    }).collect::<Vec<_>>(),
+                    "top_logprobs": tokens.iter().map(legacy_top).collect::<Vec<_>>(),
                     "text_offset": offsets,
                 })
             }
@@ -288,5 +286,46 @@ impl Reply {
         let mut body = self.envelope(true, json!([]));
         body["usage"] = usage(outcome.usage);
         body
+    }
+}
+
+/// A token's legacy `top_logprobs`: its alternatives by text, the sampled token always among
+/// them (OpenAI: "up to logprobs+1 elements"), and where two alternatives read the same (pieces
+/// of one character both read U+FFFD) the likelier one, which comes first.
+fn legacy_top(t: &TokenFrame) -> serde_json::Map<String, Value> {
+    let mut top = serde_json::Map::new();
+    for (_, text, lp) in &t.top_logprobs {
+        top.entry(text.clone()).or_insert(json!(lp));
+    }
+    let sampled = t.top_logprobs.iter().any(|(id, ..)| *id == t.token_id);
+    if let (false, Some(lp)) = (sampled, t.logprob) {
+        top.entry(t.text.clone()).or_insert(json!(lp));
+    }
+    top
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sampled token is among a legacy entry's alternatives even when it was not among the
+    /// likeliest, and two alternatives reading the same keep the likelier's logprob.
+    #[test]
+    fn legacy_top_logprobs_hold_the_sampled_token() {
+        let t = TokenFrame {
+            token_id: 9,
+            text: "x".into(),
+            logprob: Some(-4.0),
+            top_logprobs: vec![(1, "\u{FFFD}".into(), -2.5), (2, "\u{FFFD}".into(), -2.7)],
+        };
+        let top = legacy_top(&t);
+        assert_eq!(top.len(), 2, "{top:?}");
+        assert_eq!(top["\u{FFFD}"], json!(-2.5));
+        assert_eq!(top["x"], json!(-4.0));
+        let among = TokenFrame {
+            token_id: 1,
+            ..t.clone()
+        };
+        assert_eq!(legacy_top(&among).len(), 1, "already there: not twice");
     }
 }

@@ -115,7 +115,8 @@ impl<'a> Chunks<'a> {
     }
 
     /// The chunk for token `t`, if it shows anything (text, reasoning, or logprobs asked for).
-    fn token(&mut self, t: &TokenFrame) -> Option<Value> {
+    fn token(&mut self, t: TokenFrame) -> Option<Value> {
+        let t = &self.parsing.shown(t);
         let (thought, said) = match self.splitter.as_mut() {
             Some(s) => s.push(&t.text),
             None => (String::new(), t.text.clone()),
@@ -198,7 +199,7 @@ async fn pump(
         let e = match event {
             Some(Event::Token(t)) => {
                 timing.token();
-                out.extend(chunks.token(&t));
+                out.extend(chunks.token(t));
                 continue;
             }
             Some(Event::Done(outcome)) => {

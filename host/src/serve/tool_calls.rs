@@ -24,6 +24,21 @@ pub enum Format {
 }
 
 impl Format {
+    /// The markup tokens the parser reads (kept in the text it parses, special or not).
+    pub fn markers(self) -> &'static [&'static str] {
+        match self {
+            Self::Hermes | Self::Qwen3Coder => &[OPEN, CLOSE],
+            Self::Glm47 => &[
+                OPEN,
+                CLOSE,
+                "<arg_key>",
+                "</arg_key>",
+                "<arg_value>",
+                "</arg_value>",
+            ],
+        }
+    }
+
     /// The format a plugin names, if this host knows it.
     pub fn from_name(name: &str) -> Option<Self> {
         match name {

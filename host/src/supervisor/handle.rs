@@ -157,7 +157,7 @@ impl Worker {
         while let Some(event) = rx.recv().await {
             match event {
                 LoadEvent::Progress(stage, done, total) => progress(&stage, done, total),
-                LoadEvent::Loaded(info) => return Ok(info),
+                LoadEvent::Loaded(info) => return Ok(*info),
                 LoadEvent::Failed(e) => return Err(WorkerError(e)),
             }
         }

@@ -63,7 +63,7 @@ impl Events {
 
 pub(super) enum LoadEvent {
     Progress(String, u64, u64),
-    Loaded(ModelInfo),
+    Loaded(Box<ModelInfo>),
     Failed(WireError),
 }
 

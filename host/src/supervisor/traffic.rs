@@ -161,7 +161,7 @@ impl Routes {
             }
             FromWorker::Loaded { info } => {
                 if let Some(tx) = w.load.take() {
-                    let _ = tx.send(LoadEvent::Loaded(info));
+                    let _ = tx.send(LoadEvent::Loaded(Box::new(info)));
                 }
             }
             FromWorker::LoadFailed { error } => {
