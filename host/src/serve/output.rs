@@ -95,18 +95,21 @@ impl Parsing {
         let Some(special) = &self.special else {
             return token;
         };
-        if !special.contains(&token.token_id) || self.parses(&token.text) {
+        if !special.contains(&token.token_id) {
             return token;
         }
-        // Only the token's own text goes: bytes of a character it completes stay.
+        // The token's own text, after any bytes of a character left unfinished before it (which
+        // the decoder releases with it, and which stay).
         let own = (self.tokens.as_deref())
             .and_then(|t| t.get(token.token_id))
-            .and_then(|b| std::str::from_utf8(b).ok());
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .filter(|own| token.text.ends_with(own));
+        if self.parses(own.unwrap_or(&token.text)) {
+            return token;
+        }
         match own {
-            Some(own) if token.text.ends_with(own) => {
-                token.text.truncate(token.text.len() - own.len());
-            }
-            _ => token.text.clear(),
+            Some(own) => token.text.truncate(token.text.len() - own.len()),
+            None => token.text.clear(),
         }
         token
     }
@@ -246,6 +249,14 @@ mod tests {
             "the reasoning parser reads it"
         );
         assert_eq!(shown(&chat, 9, "<tool_call>"), "<tool_call>");
+        let p = Parsing::of(&request, true, &glm())
+            .with_tokens(plain.tokens.clone())
+            .with_special(special.clone(), true);
+        assert_eq!(
+            shown(&p, 8, "\u{FFFD}<think>"),
+            "\u{FFFD}<think>",
+            "after a held byte too"
+        );
         assert_eq!(shown(&chat, 7, "<|endoftext|>"), "");
         let kept = Parsing::of(&request, true, &glm()).with_special(special, false);
         assert_eq!(shown(&kept, 7, "<|endoftext|>"), "<|endoftext|>");
