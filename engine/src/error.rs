@@ -46,6 +46,9 @@ pub enum EngineError {
     /// A prompt that does not fit the context or the KV cache: the client has to shorten it.
     #[error("{0}")]
     ContextLength(String),
+    /// An output constraint (schema, regex, grammar) the guide cannot compile or follow.
+    #[error("{0}")]
+    Constraint(String),
     /// Something the engine does not support yet.
     #[error("{0}")]
     Unsupported(String),
@@ -69,6 +72,7 @@ impl EngineError {
         match self {
             Self::InvalidInput(m) => Self::InvalidInput(m.clone()),
             Self::ContextLength(m) => Self::ContextLength(m.clone()),
+            Self::Constraint(m) => Self::Constraint(m.clone()),
             Self::Unsupported(m) => Self::Unsupported(m.clone()),
             Self::Stopped(m) => Self::Stopped(m.clone()),
             other => Self::Internal(other.to_string()),

@@ -34,6 +34,8 @@ pub enum Fault {
     Panicked,
     /// plugin-api: the input does not fit the model's context.
     ContextLength,
+    /// plugin-api: the request's output constraint cannot be used.
+    Constraint,
     /// Host: the sandbox could not be prepared (cgroup, runtime folder, socket).
     Sandbox,
     /// Host: the worker process could not be started.
@@ -78,6 +80,7 @@ impl Fault {
             Timeout => "timeout",
             Panicked => "panicked",
             ContextLength => "context_length",
+            Constraint => "constraint",
             Sandbox => "sandbox",
             Spawn => "spawn",
             Protocol => "protocol",
@@ -110,6 +113,7 @@ impl From<ErrorKind> for Fault {
             ErrorKind::TIMEOUT => Self::Timeout,
             ErrorKind::PANICKED => Self::Panicked,
             ErrorKind::CONTEXT_LENGTH => Self::ContextLength,
+            ErrorKind::CONSTRAINT => Self::Constraint,
             _ => Self::Internal,
         }
     }
@@ -125,7 +129,7 @@ impl fmt::Display for Fault {
 mod tests {
     use super::*;
 
-    const ALL: [Fault; 24] = [
+    const ALL: [Fault; 25] = [
         Fault::InvalidConfig,
         Fault::InvalidInput,
         Fault::ModelFiles,
@@ -137,6 +141,7 @@ mod tests {
         Fault::Timeout,
         Fault::Panicked,
         Fault::ContextLength,
+        Fault::Constraint,
         Fault::Sandbox,
         Fault::Spawn,
         Fault::Protocol,

@@ -39,6 +39,9 @@ impl ErrorKind {
     /// The input does not fit the model's context (or its KV cache): the client has to shorten
     /// it, and OpenAI clients recognize the host's answer as such (added in plugin-api 1.6).
     pub const CONTEXT_LENGTH: Self = Self(11);
+    /// The request's output constraint (a JSON schema, regex or grammar) cannot be used: the
+    /// client has to fix it, and the host names the field it came from (added in 1.8).
+    pub const CONSTRAINT: Self = Self(12);
 
     /// The kind's stable, machine-readable name (`invalid_config`, `model_files`, ...).
     pub fn name(self) -> std::borrow::Cow<'static, str> {
@@ -54,6 +57,7 @@ impl ErrorKind {
             Self::TIMEOUT => "timeout",
             Self::PANICKED => "panicked",
             Self::CONTEXT_LENGTH => "context_length",
+            Self::CONSTRAINT => "constraint",
             Self(other) => return format!("unknown({other})").into(),
         };
         known.into()
@@ -104,6 +108,11 @@ impl PluginError {
     /// An [`ErrorKind::CONTEXT_LENGTH`] error.
     pub fn context_length(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::CONTEXT_LENGTH, message)
+    }
+
+    /// An [`ErrorKind::CONSTRAINT`] error.
+    pub fn constraint(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::CONSTRAINT, message)
     }
 
     /// An [`ErrorKind::MODEL_FILES`] error.

@@ -23,7 +23,8 @@
 //! `InferRequest::continue_final_message` and `InferRequest::include_stop_str_in_output`. 1.7.0 —
 //! `InferRequest::stats_only` and `Capabilities::ENGINE_STATS` (the engine's figures at any
 //! time, for live gauges). 1.8.0 — `ModelInfo::special_token_ids` (the tokenizer's special
-//! tokens, which the host leaves out of the text as vLLM's `skip_special_tokens` does).
+//! tokens, which the host leaves out of the text as vLLM's `skip_special_tokens` does) and
+//! `ErrorKind::CONSTRAINT` (an output constraint the plugin cannot use).
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 

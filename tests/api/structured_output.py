@@ -237,21 +237,23 @@ for seed in range(4):
 
 
 # Errors: 400s naming the problem, before any model work.
-def refused(status, needle, **kwargs):
+def refused(status, needle, param=None, **kwargs):
     try:
         client.chat.completions.create(**{"model": QWEN, "messages": ASK, "max_tokens": 5, **kwargs})
     except openai.APIStatusError as e:
         assert e.status_code == status and needle in e.message, (e.status_code, e.message, needle)
+        assert param is None or e.param == param, (e.param, param, e.message)
         return
     raise AssertionError(f"accepted: {kwargs}")
 
 
-refused(400, "uniqueItems", response_format=response_format("u", {"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}))
+refused(400, "uniqueItems", param="response_format", response_format=response_format("u", {"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}))
 refused(400, "/properties/tags", response_format=response_format("u", {"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}))
 refused(400, "uniqueItems", stream=True, response_format=response_format("u", {"type": "array", "uniqueItems": True}))
 refused(400, "Unknown format", response_format=response_format("f", {"type": "string", "format": "bogus"}))
 refused(400, "response_format.type", response_format={"type": "xml"})
-refused(400, "regex", extra_body={"guided_regex": "(unclosed"})
+refused(400, "unclosed group", param="guided_regex", extra_body={"guided_regex": "(unclosed"})
+refused(400, "bogus", param="tools", tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "bogus"}}}}}], tool_choice="required")
 refused(400, "one output constraint", extra_body={"guided_regex": "a", "guided_choice": ["a"]})
 refused(400, "not among the `tools`", tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}})
 refused(400, "no `tools`", tool_choice="required")

@@ -87,9 +87,10 @@ impl Grammars {
                     .unwrap_or_default(),
                 _ => String::new(),
             };
-            EngineError::InvalidInput(format!(
+            let lark = matches!(constraint.grammar, Grammar::Lark(_));
+            EngineError::Constraint(format!(
                 "{what} cannot be used: {}{at}",
-                first_line(&e.to_string())
+                reason(&e.to_string(), lark)
             ))
         };
         let parser = self
@@ -115,6 +116,34 @@ impl Grammars {
                 .filter(|a| !a.is_empty()),
         })
     }
+}
+
+/// Why llguidance refused a constraint, in a line: its first, without the position in the grammar
+/// it made from a schema or a regex (`at 1(8): `, which the client never wrote), and when that
+/// line only introduces the reason (a regex's `regex parse error:`), the reason's own line.
+fn reason(e: &str, lark: bool) -> String {
+    let mut line = first_line(e);
+    if !lark {
+        if let Some(rest) = strip_position(&line) {
+            line = rest.to_string();
+        }
+    }
+    if line.ends_with(':') {
+        if let Some(why) = e.lines().map(str::trim).find(|l| l.starts_with("error:")) {
+            line = format!(
+                "{line} {}",
+                first_line(why.trim_start_matches("error:").trim())
+            );
+        }
+    }
+    line
+}
+
+/// `rest` of `at LINE(COLUMN): rest`.
+fn strip_position(line: &str) -> Option<&str> {
+    let (at, rest) = line.split_once("): ")?;
+    let digits = at.strip_prefix("at ")?.replace('(', "");
+    digits.chars().all(|c| c.is_ascii_digit()).then_some(rest)
 }
 
 /// An error's first line, at most 300 characters: llguidance follows some with its whole state.
@@ -297,7 +326,7 @@ impl Guide {
                 Ok(mask)
             }
             // What the client's grammar asked proved too much for it midway.
-            Ok(Err(e)) => Err(EngineError::InvalidInput(format!(
+            Ok(Err(e)) => Err(EngineError::Constraint(format!(
                 "the output grammar cannot be followed further: {}; simplify it",
                 first_line(&e)
             ))),

@@ -202,8 +202,13 @@ fn bad_schemas_and_grammars_are_refused_with_the_reason() {
         grammar: Grammar::Regex("(unclosed".into()),
         after: None,
     };
-    let e = g.compile(&rx).unwrap_err().to_string();
-    assert!(e.contains("regex"), "{e}");
+    let e = g.compile(&rx).unwrap_err();
+    assert!(matches!(e, EngineError::Constraint(_)), "{e:?}");
+    let e = e.to_string();
+    assert!(
+        e.contains("regex") && e.contains("unclosed group") && !e.contains("at 1("),
+        "the reason, not a position in a grammar the client never wrote: {e}"
+    );
     let lark = Constraint {
         grammar: Grammar::Lark("start: missing_rule".into()),
         after: None,
@@ -216,7 +221,7 @@ fn bad_schemas_and_grammars_are_refused_with_the_reason() {
         after: None,
     };
     let e = g.compile(&endless).unwrap_err();
-    assert!(matches!(e, EngineError::InvalidInput(_)), "{e:?}");
+    assert!(matches!(e, EngineError::Constraint(_)), "{e:?}");
     assert!(e.to_string().contains("grammar cannot be used"), "{e}");
     let none = Grammars::new(grammars("qwen3-tiny", vec![]).0, vec![]);
     let e = none.compile(&schema(json!({}))).unwrap_err().to_string();
@@ -244,7 +249,7 @@ fn a_grammar_too_much_for_the_matcher_midway_is_the_clients_input() {
             Err(e) => Some(e),
         })
         .expect("the matcher gave up");
-    assert!(matches!(e, EngineError::InvalidInput(_)), "{e:?}");
+    assert!(matches!(e, EngineError::Constraint(_)), "{e:?}");
     let e = e.to_string();
     assert!(
         e.contains("grammar") && !e.contains('\n') && e.len() < 400,

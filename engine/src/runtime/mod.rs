@@ -134,6 +134,7 @@ pub fn plugin_error(e: EngineError) -> PluginError {
         | EngineError::Weights { .. } => ErrorKind::MODEL_FILES,
         EngineError::InvalidInput(_) => ErrorKind::INVALID_INPUT,
         EngineError::ContextLength(_) => ErrorKind::CONTEXT_LENGTH,
+        EngineError::Constraint(_) => ErrorKind::CONSTRAINT,
         EngineError::Unsupported(_) => ErrorKind::UNSUPPORTED,
         EngineError::Compute(_) | EngineError::Internal(_) => ErrorKind::INTERNAL,
         EngineError::Stopped(_) => ErrorKind::PANICKED,

@@ -5,7 +5,8 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use super::openai::Endpoint;
+use super::openai::Parsed;
+use super::structure::Structure;
 use crate::fault::Fault;
 use crate::protocol::WireError;
 
@@ -164,7 +165,7 @@ impl ApiError {
 pub fn answer(kind: Fault) -> (StatusCode, &'static str, Option<u64>) {
     use Fault::*;
     match kind {
-        InvalidInput => (StatusCode::BAD_REQUEST, "invalid_request", None),
+        InvalidInput | Constraint => (StatusCode::BAD_REQUEST, "invalid_request", None),
         // OpenAI's code, which clients act on (trim the conversation and retry).
         ContextLength => (StatusCode::BAD_REQUEST, "context_length_exceeded", None),
         Unsupported => (StatusCode::BAD_REQUEST, "unsupported", None),
@@ -196,12 +197,16 @@ impl From<WireError> for ApiError {
 }
 
 impl ApiError {
-    /// A plugin's failure of a request to `endpoint`: an input past the context names the
-    /// endpoint's prompt field as `param`, as OpenAI does.
-    pub fn of_request(e: WireError, endpoint: Endpoint) -> Self {
-        let param = (e.kind == Fault::ContextLength).then(|| endpoint.prompt_field().to_string());
+    /// A plugin's failure of `parsed`: an input past the context names the endpoint's prompt
+    /// field as `param`, as OpenAI does, and a constraint the field it came from.
+    pub fn of_request(e: WireError, parsed: &Parsed) -> Self {
+        let param = match e.kind {
+            Fault::ContextLength => Some(parsed.endpoint.prompt_field()),
+            Fault::Constraint => parsed.structure.as_ref().map(Structure::field),
+            _ => None,
+        };
         Self {
-            param,
+            param: param.map(str::to_string),
             ..Self::from(e)
         }
     }

@@ -140,7 +140,7 @@ async fn start(
         .deployment()
         .supervised
         .infer(parsed.request.clone())
-        .map_err(|e| ApiError::of_request(e.0, endpoint))?;
+        .map_err(|e| ApiError::of_request(e.0, &parsed))?;
     Ok((parsed, lease, events))
 }
 
@@ -228,7 +228,7 @@ async fn collect(
                 );
                 return Json(body).into_response();
             }
-            Event::Failed(e) => return ApiError::of_request(e, parsed.endpoint).into_response(),
+            Event::Failed(e) => return ApiError::of_request(e, parsed).into_response(),
         }
     }
     ApiError::internal("the worker ended the request without an answer").into_response()

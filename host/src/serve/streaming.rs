@@ -52,7 +52,7 @@ pub(super) async fn stream(
     // answer, and keep-alive comments flow from then on.
     let first = match tokio::time::timeout(HEADERS_WITHIN, events.recv()).await {
         Ok(Some(Event::Failed(e))) => {
-            let e = ApiError::of_request(e, parsed.endpoint);
+            let e = ApiError::of_request(e, &parsed);
             recorded.status = e.status.as_u16();
             return e.into_response();
         }
@@ -211,7 +211,7 @@ async fn pump(
                 }
                 return Ended::Answered(200);
             }
-            Some(Event::Failed(e)) => ApiError::of_request(e, parsed.endpoint),
+            Some(Event::Failed(e)) => ApiError::of_request(e, parsed),
             None => ApiError::internal("the worker ended the request without an answer"),
         };
         tracing::warn!(model = %parsed.model, "stream failed midway: {}", e.message);

@@ -29,6 +29,17 @@ pub enum Structure {
     },
 }
 
+impl Structure {
+    /// The request field a problem with this structure is the client's to fix in (a forced
+    /// call's grammar comes from the tools' parameter schemas).
+    pub fn field(&self) -> &'static str {
+        match self {
+            Self::Grammar { field, .. } => field,
+            Self::ToolCalls { .. } => "tools",
+        }
+    }
+}
+
 /// The fields that ask for a grammar. vLLM's names for the extensions: OpenAI clients pass them
 /// in `extra_body` unchanged between vLLM and PIO, and `guided_grammar` there is a Lark
 /// grammar too (llama.cpp's `grammar` is GBNF, which this server does not read).
