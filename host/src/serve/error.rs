@@ -45,6 +45,18 @@ impl ApiError {
         }
     }
 
+    /// The same error blamed on `field`, which the client wrote for the field it names (vLLM's
+    /// and OpenAI's `max_completion_tokens` for `max_tokens`).
+    pub fn for_field(mut self, field: &str) -> Self {
+        if let Some(param) = self.param.take() {
+            self.message = self
+                .message
+                .replace(&format!("`{param}`"), &format!("`{field}`"));
+            self.param = Some(field.to_string());
+        }
+        self
+    }
+
     /// 400 with no single field to blame.
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)

@@ -199,8 +199,31 @@ pub(super) fn field<T: DeserializeOwned>(body: &Value) -> Result<T, ApiError> {
             .filter(|_| path == ".");
         match missing {
             Some(name) => ApiError::bad_field(name, format!("`{name}` is required")),
-            None => ApiError::bad_field(path.clone(), format!("`{path}`: {inner}")),
+            None => ApiError::bad_field(path.clone(), format!("`{path}`: {}", plain(&inner))),
         }
+    })
+}
+
+/// serde's message in the API's words: JSON types, not Rust's (`u32`, `untagged enum Stop`).
+fn plain(inner: &str) -> String {
+    const WORDS: [(&str, &str); 8] = [
+        (
+            "data did not match any variant of untagged enum Stop",
+            "expected a string or a list of strings",
+        ),
+        (
+            "expected u32",
+            "expected a whole number from 0 to 4294967295",
+        ),
+        ("expected u64", "expected a whole number from 0 to 2^64 - 1"),
+        ("expected i64", "expected a whole number"),
+        ("expected usize", "expected a whole number of 0 or more"),
+        ("expected f32", "expected a number"),
+        ("expected f64", "expected a number"),
+        ("expected a sequence", "expected a list"),
+    ];
+    WORDS.iter().fold(inner.to_string(), |text, (rust, json)| {
+        text.replace(rust, json)
     })
 }
 
@@ -290,11 +313,15 @@ pub fn parse(
     endpoint_allowed(endpoint, capabilities, &c.model)?;
     let mut request = sampling(&c)?;
     let mut max_tokens = c.max_tokens;
+    let mut max_field = "max_tokens";
     let mut structure = structure::requested(body)?;
     let mut calls_parsed = false;
     let logprobs = match endpoint {
         Endpoint::Chat => {
             let f: ChatFields = field(body)?;
+            if f.max_completion_tokens.is_some() {
+                max_field = "max_completion_tokens";
+            }
             max_tokens = f.max_completion_tokens.or(max_tokens);
             let (logprobs, forced, parsed) = chat(f, &mut request, &c.model, capabilities, limits)?;
             calls_parsed = parsed;
@@ -346,7 +373,8 @@ pub fn parse(
         }
     }
     let default = (endpoint == Endpoint::Completions).then_some(COMPLETIONS_MAX_TOKENS);
-    request.max_tokens = token_limit(max_tokens, default, limits)?;
+    request.max_tokens =
+        token_limit(max_tokens, default, limits).map_err(|e| e.for_field(max_field))?;
     if let (Some(min), Some(max)) = (request.min_tokens, request.max_tokens) {
         if min > max {
             let why = if max_tokens.is_none() {
@@ -539,6 +567,14 @@ fn chat(
     // Checked with or without tools: a client's mistake should not pass only because it
     // sent no tools this time.
     let choice = tool_choice(f.tool_choice.as_ref())?;
+    // "auto" written with no `tools` at all is a mistake, as vLLM and OpenAI answer it ("none"
+    // needs nothing; "required" and a name are refused below, naming what is missing).
+    if f.tool_choice.is_some() && choice == ToolChoice::Auto && f.tools.is_none() {
+        return Err(ApiError::bad_field(
+            "tool_choice",
+            "`tool_choice` is only allowed with `tools`: give the tools or drop it",
+        ));
+    }
     let tools = f.tools.filter(|t| !t.is_empty());
     if let Some(tools) = &tools {
         check_tools(tools)?;
@@ -656,10 +692,10 @@ fn completion_prompt(prompt: &Value) -> Result<String, ApiError> {
             "prompt",
             "must be one string: several prompts per request are not supported",
         )),
-        _ => Err(unsupported(
-            "prompt",
-            "must be a string (token arrays are not supported)",
-        )),
+        Value::Array(items) if items.iter().all(|i| i.is_number() || i.is_array()) => Err(
+            unsupported("prompt", "must be a string: token arrays are not supported"),
+        ),
+        _ => Err(ApiError::bad_field("prompt", "`prompt` must be a string")),
     }
 }
 

@@ -221,6 +221,9 @@ fn tool_choice_forces_calls_to_offered_tools_on_models_that_constrain_output() {
         })
     );
     assert_eq!(parsed(json!({"tools": tools})).unwrap().structure, None);
+    // "auto" with an empty list, or "none" with no tools, asks nothing wrong.
+    assert!(parsed(json!({"tools": [], "tool_choice": "auto"})).is_ok());
+    assert!(parsed(json!({"tool_choice": "none"})).is_ok());
     // `none`: the tools are shown, no call is forced or taken out.
     let none = parsed(json!({"tools": tools, "tool_choice": "none"})).unwrap();
     assert!(none.structure.is_none() && none.request.tools.is_some() && !none.calls_parsed);
@@ -229,6 +232,11 @@ fn tool_choice_forces_calls_to_offered_tools_on_models_that_constrain_output() {
             json!({"tool_choice": "required"}),
             "tool_choice",
             "no `tools`",
+        ),
+        (
+            json!({"tool_choice": "auto"}),
+            "tool_choice",
+            "only allowed with `tools`",
         ),
         (
             json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "z"}}}),
@@ -456,4 +464,55 @@ fn unimplemented_vllm_fields_are_refused_by_name() {
     )
     .unwrap();
     assert!(!p.skip_special_tokens);
+}
+
+/// Type errors speak JSON, not Rust; a limit given as `max_completion_tokens` is blamed on it;
+/// a prompt of the wrong type is not called a token array.
+#[test]
+fn errors_name_the_field_the_client_wrote_in_its_words() {
+    let chat = |extra: Value| {
+        let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        parse(&body, Endpoint::Chat, caps(&["chat"]), &Limits::default()).unwrap_err()
+    };
+    let e = chat(json!({"max_completion_tokens": 0}));
+    assert_eq!(
+        e.param.as_deref(),
+        Some("max_completion_tokens"),
+        "{}",
+        e.message
+    );
+    assert!(
+        e.message.contains("`max_completion_tokens`"),
+        "{}",
+        e.message
+    );
+    let e = chat(json!({"stop": 5}));
+    assert!(
+        e.message.contains("a string or a list of strings"),
+        "{}",
+        e.message
+    );
+    let e = chat(json!({"max_tokens": "many"}));
+    assert!(
+        e.message.contains("a whole number") && !e.message.contains("u32"),
+        "{}",
+        e.message
+    );
+    let e = chat(json!({"temperature": "hot"}));
+    assert!(!e.message.contains("f32"), "{}", e.message);
+    let prompt = |p: Value| {
+        let body = json!({"model": "m", "prompt": p});
+        parse(
+            &body,
+            Endpoint::Completions,
+            caps(&["text"]),
+            &Limits::default(),
+        )
+        .unwrap_err()
+    };
+    assert!(!prompt(Value::Null).message.contains("token"));
+    assert!(prompt(json!([1, 2])).message.contains("token arrays"));
 }

@@ -123,14 +123,18 @@ impl PluginImpl for Echo {
             return Err(PluginError::invalid_input(message));
         }
         // Echo knows its whole output up front, so a stop string is simply cut off before it is
-        // reached; a model would hold back text that might begin one (see engine's StopMatcher).
+        // reached (or after it, when the request keeps it); a model would hold back text that
+        // might begin one (see engine's StopMatcher). The earliest wins, the longest there.
         let stop_at = request
             .stop
             .iter()
             .filter(|s| !s.is_empty())
-            .filter_map(|s| text.find(s.as_str()))
-            .min()
-            .map(|byte| text[..byte].chars().count());
+            .filter_map(|s| text.find(s.as_str()).map(|at| (at, s.len())))
+            .min_by_key(|&(at, len)| (at, std::cmp::Reverse(len)))
+            .map(|(at, len)| {
+                let end = if keeps_stop(&request) { at + len } else { at };
+                text[..end].chars().count()
+            });
         let max_tokens = request.max_tokens.unwrap_or(CONTEXT_LENGTH) as usize;
         let end = stop_at.unwrap_or(prompt.len());
         let (count, finish) = if max_tokens < end {
@@ -177,6 +181,18 @@ impl PluginImpl for Echo {
     fn cleanup(&mut self) -> Result<(), PluginError> {
         self.pace = None;
         Ok(())
+    }
+}
+
+/// Whether the stop string found stays in the output (`include_stop_str_in_output`, a
+/// plugin-api 1.6 field the older copies lack).
+fn keeps_stop(request: &InferRequest) -> bool {
+    #[cfg(not(feature = "frozen-api"))]
+    return request.include_stop_str_in_output;
+    #[cfg(feature = "frozen-api")]
+    {
+        let _ = request;
+        false
     }
 }
 
@@ -332,6 +348,19 @@ mod tests {
             (sink.text().as_str(), out.finish_reason),
             ("say ", FinishReason::Stop)
         );
+
+        // Unless the request keeps it (vLLM's include_stop_str_in_output).
+        #[cfg(not(feature = "frozen-api"))]
+        {
+            let sink = CollectSink::new();
+            let body = serde_json::json!({"prompt": {"text": "say STOP now"}, "stop": ["ST", "STOP"],
+                "include_stop_str_in_output": true});
+            let out = run(&plugin, body, &sink).unwrap();
+            assert_eq!(
+                (sink.text().as_str(), out.finish_reason),
+                ("say STOP", FinishReason::Stop)
+            );
+        }
     }
 
     #[test]
