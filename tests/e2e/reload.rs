@@ -91,6 +91,19 @@ fn sighup_reloads_keys_and_limits_keeps_requests_and_refuses_a_bad_file() {
     });
     assert_eq!(ask("new", 10).0, 200, "max_tokens_limit is back to none");
     assert_eq!(d.get("/health").0, 200, "still listening where it was");
+
+    // Back to the values in force: nothing waits for a restart any more.
+    let reloads = |d: &Daemon| d.logs().matches("configuration reloaded").count();
+    let before = reloads(&d);
+    std::fs::write(d.config_path(), "[server]\napi_keys = [\"new\"]\n").unwrap();
+    hangup(&d);
+    eventually("the file is read again", &d, || reloads(&d) > before);
+    assert_eq!(
+        d.logs().matches("server.listen changed").count(),
+        1,
+        "the file matches what runs: {}",
+        d.logs()
+    );
 }
 
 /// Started without `--config`, the daemon has nothing to reload: SIGHUP is logged, and it

@@ -12,9 +12,9 @@ use crate::config::Config;
 use super::models::Models;
 
 /// The configuration to run with after a reload, and the keys whose change waits for a restart.
-/// `running` is what the daemon runs with (flags applied), `before` the file as last read, `file`
-/// the file as read now.
-pub fn merge(running: &Config, before: &Config, file: &Config) -> (Config, Vec<&'static str>) {
+/// `running` is what the daemon runs with (flags applied), `started` the file as read at start
+/// (whose restart-only keys are the ones in force), `file` the file as read now.
+pub fn merge(running: &Config, started: &Config, file: &Config) -> (Config, Vec<&'static str>) {
     let mut next = running.clone();
     next.limits = file.limits.clone();
     next.supervisor = file.supervisor.clone();
@@ -35,7 +35,7 @@ pub fn merge(running: &Config, before: &Config, file: &Config) -> (Config, Vec<&
     s.strict_readiness = f.strict_readiness;
     s.image_root = f.image_root.clone();
 
-    let (b, f) = (before, file);
+    let (b, f) = (started, file);
     let fixed = [
         ("plugin_dirs", b.plugin_dirs != f.plugin_dirs),
         ("library_dirs", b.library_dirs != f.library_dirs),
@@ -75,7 +75,7 @@ pub fn merge(running: &Config, before: &Config, file: &Config) -> (Config, Vec<&
 pub async fn on_sighup(
     models: Arc<Models>,
     path: PathBuf,
-    mut before: Config,
+    started: Config,
     systemd: Option<Arc<super::systemd::Notifier>>,
 ) {
     use tokio::signal::unix::{signal, SignalKind};
@@ -102,16 +102,15 @@ pub async fn on_sighup(
                 continue;
             }
         };
-        let (next, restart) = merge(&models.config(), &before, &file);
+        let (next, restart) = merge(&models.config(), &started, &file);
         if !restart.is_empty() {
             tracing::warn!(
-                "SIGHUP: {} changed in {} but only take effect on restart; kept as they were",
+                "SIGHUP: {} changed in {} but take effect only on a restart; kept as they were",
                 restart.join(", "),
                 path.display()
             );
         }
         models.set_config(next);
-        before = file;
         tracing::info!(config = %path.display(), "SIGHUP: configuration reloaded");
         models.preload_now();
         if let Some(n) = systemd {
