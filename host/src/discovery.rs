@@ -105,6 +105,16 @@ pub enum CheckError {
         /// The path, the uid and the fix.
         message: String,
     },
+    /// The plugin refuses the manifest's `[model]` (asked in the probe, as a load would).
+    #[error("{manifest}: the plugin refuses its [model]: {message}; fix the manifest")]
+    ModelConfig {
+        /// The manifest.
+        manifest: PathBuf,
+        /// The plugin's error kind (`invalid_config`, `unsupported` ...).
+        kind: String,
+        /// The plugin's reason.
+        message: String,
+    },
     /// The plugin cannot be confined as its manifest asks on this host (a `maximum` tier with no
     /// sha256 pin, a mechanism the kernel lacks); found by `pio check`, which plans its worker.
     #[error("{manifest}: cannot run at tier {tier}: {reason}")]
@@ -160,6 +170,7 @@ impl CheckError {
             Self::ApiRequirement { .. } => "api_requirement",
             Self::ModelMissing { .. } => "model_missing",
             Self::ModelUnreadable { .. } => "model_unreadable",
+            Self::ModelConfig { kind, .. } => kind,
             Self::Confinement { .. } => "confinement",
             Self::Probe(p) => p.kind(),
             Self::Identity { .. } => "identity",
@@ -353,7 +364,7 @@ fn model_path(path: &Path, manifest: &Manifest) -> Option<PathBuf> {
 }
 
 /// The model, when there, is readable to the user `prober`'s probes (and the workers) run as:
-/// the folder, every folder above it, each file in it.
+/// the folder and each file directly in it.
 fn check_model_readable(
     path: &Path,
     manifest: &Manifest,
@@ -363,12 +374,10 @@ fn check_model_readable(
     let (Some(model), Some((uid, gid))) = (model_path(path, manifest), prober.drop_to()) else {
         return Ok(());
     };
-    // At `maximum` the model is mounted into an empty root: the folders above do not count.
-    let reach = match manifest.tier {
-        crate::sandbox::Tier::Maximum => Reach::Mounted,
-        _ => Reach::Host,
-    };
-    match unreadable_tree(&model, uid, gid, reach) {
+    // The folders above count below `maximum`, whose empty root mounts the model alone; the
+    // tier applied is known only at start (`min_tier`), where the worker's own check sees
+    // them: here the model folder and its files, which every tier reads.
+    match unreadable_tree(&model, uid, gid, Reach::Mounted) {
         Some(blocked) => Err(CheckError::ModelUnreadable {
             manifest: path.to_owned(),
             message: blocked.message(&format!("model {}", model.display()), uid, gid),
@@ -466,9 +475,17 @@ pub fn check_library(candidate: &mut Candidate, prober: &Prober) {
     ) else {
         return;
     };
+    let config = crate::launch::model_config(manifest, &candidate.manifest_path);
     let result = prober
-        .probe(library)
-        .map_err(CheckError::from)
+        .probe_for(library, Some(&config))
+        .map_err(|e| match e {
+            ProbeError::ConfigRefused { kind, message } => CheckError::ModelConfig {
+                manifest: candidate.manifest_path.clone(),
+                kind,
+                message,
+            },
+            e => CheckError::from(e),
+        })
         .and_then(|report| {
             let identity = |field, in_manifest: String, in_library: &str| CheckError::Identity {
                 manifest: candidate.manifest_path.clone(),

@@ -76,6 +76,10 @@ enum Command {
         /// The gid to run as when started as root.
         #[arg(long, default_value_t = 65534)]
         gid: u32,
+        /// Read a manifest's model config (JSON) from stdin, and ask the plugin whether it
+        /// supports it.
+        #[arg(long)]
+        model_config_on_stdin: bool,
         /// The library.
         library: PathBuf,
     },
@@ -138,8 +142,18 @@ fn main() -> ExitCode {
         Command::Pull(args) => cli_pull::run(args).map(ExitCode::from),
         Command::Quantize(args) => cli_quantize::run(args).map(ExitCode::from),
         Command::Serve(args) => cli_serve::serve(args).map(|()| ExitCode::SUCCESS),
-        Command::Probe { uid, gid, library } => {
-            return ExitCode::from(probe::run_child(&library, (uid, gid)) as u8)
+        Command::Probe {
+            uid,
+            gid,
+            model_config_on_stdin,
+            library,
+        } => {
+            let config = model_config_on_stdin.then(|| {
+                let mut text = String::new();
+                let _ = std::io::Read::read_to_string(&mut std::io::stdin(), &mut text);
+                text
+            });
+            return ExitCode::from(probe::run_child(&library, (uid, gid), config.as_deref()) as u8);
         }
         Command::Worker => {
             return ExitCode::from(pio_host::worker::run(pio_host::worker::SOCKET_FD) as u8)

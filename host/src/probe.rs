@@ -58,6 +58,11 @@ mod capability_names {
 #[serde(rename_all = "snake_case")]
 enum ProbeLine {
     Ok(LibraryReport),
+    /// The library loaded, and its plugin refused the model config it was asked about.
+    ConfigRefused {
+        kind: String,
+        message: String,
+    },
     Error {
         kind: String,
         message: String,
@@ -114,6 +119,15 @@ pub enum ProbeError {
         /// What to change.
         message: String,
     },
+    /// The plugin refused the manifest's `[model]` (`kind`: its error kind, `invalid_config` or
+    /// `unsupported` mostly), or could not be made to ask.
+    #[error("{message}")]
+    ConfigRefused {
+        /// The plugin's error kind.
+        kind: String,
+        /// The plugin's reason.
+        message: String,
+    },
     /// The probe process could not be started.
     #[error("cannot start `{exe} probe`: {reason}")]
     Spawn {
@@ -128,7 +142,7 @@ impl ProbeError {
     /// A short machine-readable name of the failure.
     pub fn kind(&self) -> &str {
         match self {
-            Self::Refused { kind, .. } => kind,
+            Self::Refused { kind, .. } | Self::ConfigRefused { kind, .. } => kind,
             Self::Crashed { .. } => "crashed",
             Self::Timeout { .. } => "timeout",
             Self::Malformed { .. } => "malformed",
@@ -177,6 +191,17 @@ impl Prober {
 
     /// Loads `library` in a child process and reports what it is.
     pub fn probe(&self, library: &Path) -> Result<LibraryReport, ProbeError> {
+        self.probe_for(library, None)
+    }
+
+    /// [`Self::probe`], and asks the plugin whether it supports `config` (a manifest's
+    /// `[model]`: an option it does not read, a dtype or quantization it cannot load), so the
+    /// check finds what a load would refuse.
+    pub fn probe_for(
+        &self,
+        library: &Path,
+        config: Option<&pio_plugin_api::wire::ModelConfig>,
+    ) -> Result<LibraryReport, ProbeError> {
         #[cfg(target_os = "linux")]
         crate::elf::check_shared_object(library).map_err(|reason| ProbeError::Malformed {
             library: library.to_owned(),
@@ -194,18 +219,28 @@ impl Prober {
                 });
             }
         }
-        let mut child = Command::new(&self.exe)
-            .arg("probe")
-            .args([
-                "--uid",
-                &self.user.0.to_string(),
-                "--gid",
-                &self.user.1.to_string(),
-            ])
+        let mut command = Command::new(&self.exe);
+        command.arg("probe").args([
+            "--uid",
+            &self.user.0.to_string(),
+            "--gid",
+            &self.user.1.to_string(),
+        ]);
+        // The config goes on stdin, not in argv, which every user can read (`ps`): its options
+        // may hold secrets.
+        let json = config.map(|c| serde_json::to_string(c).unwrap_or_else(|_| "{}".into()));
+        if json.is_some() {
+            command.arg("--model-config-on-stdin");
+        }
+        let mut child = command
             .arg(library)
-            // The child inherits nothing of ours: no secrets in the environment, no stdin.
+            // The child inherits nothing of ours: no secrets in the environment.
             .env_clear()
-            .stdin(Stdio::null())
+            .stdin(if json.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -213,6 +248,13 @@ impl Prober {
                 exe: self.exe.clone(),
                 reason: e.to_string(),
             })?;
+        if let (Some(json), Some(mut stdin)) = (json, child.stdin.take()) {
+            // A child that exits without reading is its own failure, reported below.
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let _ = stdin.write_all(json.as_bytes());
+            });
+        }
         // Drain both pipes on threads so a chatty child cannot block on a full pipe.
         let stdout = drain(child.stdout.take());
         let stderr = drain(child.stderr.take());
@@ -243,6 +285,9 @@ fn outcome(
     let line = stdout.lines().rev().find(|l| l.starts_with('{'));
     match line.map(serde_json::from_str::<ProbeLine>) {
         Some(Ok(ProbeLine::Ok(report))) if status.success() => Ok(report),
+        Some(Ok(ProbeLine::ConfigRefused { kind, message })) => {
+            Err(ProbeError::ConfigRefused { kind, message })
+        }
         Some(Ok(ProbeLine::Error {
             kind,
             message,
@@ -307,9 +352,38 @@ fn probe_plan(user: (u32, u32)) -> Plan {
     }
 }
 
+/// The plugin's answer to `config`, constructed and initialized as a worker would make it, when
+/// it refuses (or cannot be made).
+fn config_refused(lib: &PluginLibrary, config: &str) -> Option<ProbeLine> {
+    // A plugin that cannot be made is the library's failure, not the manifest's.
+    let broken = |kind: &str, message: String| ProbeLine::Error {
+        kind: kind.into(),
+        message,
+        detail: None,
+    };
+    let mut plugin = match lib.instantiate() {
+        Ok(p) => p,
+        Err(e) => {
+            let message = format!("the plugin's constructor failed: {e}");
+            return Some(broken("construct", message));
+        }
+    };
+    let context = serde_json::to_string(&pio_plugin_api::wire::HostContext::default())
+        .unwrap_or_else(|_| "{}".into());
+    if let Err(e) = plugin.initialize(context.as_str().into()).into_result() {
+        let message = format!("the plugin's initialize failed: {e}");
+        return Some(broken("initialize", message));
+    }
+    let e = plugin.supports_config(config.into()).into_result().err()?;
+    Some(ProbeLine::ConfigRefused {
+        kind: e.kind.name().into(),
+        message: e.message.to_string(),
+    })
+}
+
 /// The child's side: drops to `user` (when root), loads `library` and prints one JSON line.
 /// Returns the process exit code.
-pub fn run_child(library: &Path, user: (u32, u32)) -> i32 {
+pub fn run_child(library: &Path, user: (u32, u32), model_config: Option<&str>) -> i32 {
     // SAFETY: closes inherited descriptors this process does not use; nothing else runs yet.
     unsafe { libc::close_range(3, u32::MAX, 0) };
     if let Err(e) = confine::apply(&probe_plan(user)) {
@@ -324,13 +398,17 @@ pub fn run_child(library: &Path, user: (u32, u32)) -> i32 {
     let line = match PluginLibrary::load(library) {
         Ok(lib) => {
             let info = lib.info();
-            ProbeLine::Ok(LibraryReport {
+            let report = LibraryReport {
                 api_version: lib.built_with().to_string(),
                 name: info.name.to_string(),
                 version: info.version.to_string(),
                 family: info.family.to_string(),
                 capabilities: info.capabilities,
-            })
+            };
+            match model_config.map(|c| config_refused(&lib, c)) {
+                Some(Some(refused)) => refused,
+                _ => ProbeLine::Ok(report),
+            }
         }
         Err(e) => {
             let kind = match &e {

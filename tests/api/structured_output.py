@@ -253,7 +253,7 @@ refused(400, "uniqueItems", stream=True, response_format=response_format("u", {"
 refused(400, "Unknown format", response_format=response_format("f", {"type": "string", "format": "bogus"}))
 refused(400, "response_format.type", response_format={"type": "xml"})
 refused(400, "unclosed group", param="guided_regex", extra_body={"guided_regex": "(unclosed"})
-refused(400, "bogus", param="tools", tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "bogus"}}}}}], tool_choice="required")
+refused(400, "a tool's `parameters` cannot be used", param="tools", tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "bogus"}}}}}], tool_choice="required")
 refused(400, "one output constraint", extra_body={"guided_regex": "a", "guided_choice": ["a"]})
 refused(400, "not among the `tools`", tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}})
 refused(400, "no `tools`", tool_choice="required")

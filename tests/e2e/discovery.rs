@@ -409,6 +409,49 @@ fn check_fails_a_manifest_its_tier_refuses() {
     assert!(ok, "{v:#}");
 }
 
+/// The plugin is asked whether it supports the manifest's `[model]`, as a load would: a
+/// setting it refuses (an option it does not read, a quantization echo has no weights for) fails
+/// `pio check` and `pio list` with the plugin's reason, not the first load.
+#[test]
+fn check_asks_the_plugin_about_the_manifests_model() {
+    let dir = PluginDir::new();
+    dir.copy_lib("pio_plugin_echo", "libecho.so");
+    let text = manifest(
+        "echo",
+        "0.1.0",
+        "libecho.so",
+        "[model]\nquantization = \"q4\"\n",
+    );
+    let path = dir.write("echo.toml", &text);
+    let (ok, v) = check_json(&path);
+    assert!(!ok, "{v:#}");
+    assert_eq!(v["error_kind"], "unsupported", "{v:#}");
+    let error = v["error"].as_str().unwrap();
+    assert!(
+        error.contains("echo.toml") && error.contains("no weights to quantize"),
+        "{v:#}"
+    );
+    let plugins = dir.path().to_str().unwrap();
+    let out = pio(&repo_root(), &["list", "--json", "--plugins", plugins]);
+    assert!(!out.status.success(), "pio list fails as pio check does");
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        error_of(row(&rows, "echo.toml")).contains("no weights"),
+        "{rows:#?}"
+    );
+    dir.write(
+        "echo.toml",
+        &manifest(
+            "echo",
+            "0.1.0",
+            "libecho.so",
+            "[model.options]\ndelay_ms = 1\n",
+        ),
+    );
+    let (ok, v) = check_json(&path);
+    assert!(ok, "{v:#}");
+}
+
 /// `pio check --config FILE` looks the library up in the daemon's `library_dirs` as the daemon
 /// does (a container's manifests name bare libraries installed elsewhere); a missing path in
 /// `--json` mode is JSON too.

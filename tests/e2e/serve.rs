@@ -524,7 +524,10 @@ fn a_plugin_that_fails_to_load_says_why_and_is_not_restarted_per_request() {
     if !confinement_available() {
         return;
     }
-    let d = Daemon::start(echo_dir("[model.options]\ndelay_ms = \"slow\"\n"), "");
+    let d = Daemon::start(
+        echo_dir("[model.options]\nload_error = \"the weights are damaged\"\n"),
+        "",
+    );
     d.wait_for(20, "the failed load", |d| {
         d.plugin("echo")["last_error"].is_string()
     });
@@ -534,7 +537,7 @@ fn a_plugin_that_fails_to_load_says_why_and_is_not_restarted_per_request() {
         echo["last_error"]
             .as_str()
             .unwrap_or_default()
-            .contains("`delay_ms` must be a whole number"),
+            .contains("the weights are damaged"),
         "{echo}"
     );
     assert_eq!(
@@ -546,7 +549,7 @@ fn a_plugin_that_fails_to_load_says_why_and_is_not_restarted_per_request() {
     assert_eq!(status, 500, "{r}");
     let message = r["error"]["message"].as_str().unwrap_or_default();
     assert!(
-        message.contains("delay_ms") && message.contains("retries after"),
+        message.contains("the weights are damaged") && message.contains("retries after"),
         "{message}"
     );
     assert!(

@@ -79,6 +79,52 @@ fn unknown_option(options: &Map<String, Value>) -> Result<(), PluginError> {
     }
 }
 
+/// The `[model.options]` the engine reads, checked: what a load uses, and what
+/// `supports_config` (and so `pio check`) refuses before any weight is read.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(super) struct Options {
+    kv_cache_bytes: Option<u64>,
+    kv_dtype: Option<CacheType>,
+    max_seqs: Option<usize>,
+    max_batch_tokens: Option<usize>,
+    prefix_cache: Option<bool>,
+}
+
+impl Options {
+    /// `options` checked: no unknown key, each value of its type.
+    pub(super) fn parse(options: &Map<String, Value>) -> Result<Self, PluginError> {
+        unknown_option(options)?;
+        let get = |key| options.get(key);
+        Ok(Self {
+            kv_cache_bytes: get("kv_cache_bytes")
+                .map(|v| bytes("kv_cache_bytes", v))
+                .transpose()?,
+            kv_dtype: get("kv_cache_dtype").map(cache_type).transpose()?,
+            max_seqs: get("max_seqs").map(|v| count("max_seqs", v)).transpose()?,
+            max_batch_tokens: get("max_batch_tokens")
+                .map(|v| count("max_batch_tokens", v))
+                .transpose()?,
+            prefix_cache: get("prefix_cache")
+                .map(|v| {
+                    v.as_bool().ok_or_else(|| {
+                        PluginError::invalid_config(format!(
+                            "[model.options] prefix_cache = {v}: expected true or false"
+                        ))
+                    })
+                })
+                .transpose()?,
+        })
+    }
+}
+
+fn cache_type(v: &Value) -> Result<CacheType, PluginError> {
+    v.as_str().and_then(CacheType::parse).ok_or_else(|| {
+        PluginError::invalid_config(format!(
+            "[model.options] kv_cache_dtype = {v}: expected \"f32\", \"bf16\", \"f16\" or \"q8_0\""
+        ))
+    })
+}
+
 /// The engine configuration for `model` from the manifest's options, the memory that bounds the
 /// pool and the weights' size.
 pub(super) fn engine_config<M: CausalLm>(
@@ -87,21 +133,9 @@ pub(super) fn engine_config<M: CausalLm>(
     memory: Memory,
     weight_bytes: Option<u64>,
 ) -> Result<EngineConfig, PluginError> {
-    unknown_option(options)?;
-    let requested = match options.get("kv_cache_bytes") {
-        Some(v) => Some(bytes("kv_cache_bytes", v)?),
-        None => None,
-    };
-    let pool_bytes = pool_bytes(memory, weight_bytes.unwrap_or(0), requested)?;
-    let kv_dtype = match options.get("kv_cache_dtype") {
-        None => None,
-        Some(v) => Some(v.as_str().and_then(CacheType::parse).ok_or_else(|| {
-            PluginError::invalid_config(format!(
-                "[model.options] kv_cache_dtype = {v}: expected \"f32\", \"bf16\", \"f16\" or \"q8_0\""
-            ))
-        })?),
-    };
-    let mut config = EngineConfig::with_pool_bytes(model, pool_bytes, kv_dtype);
+    let o = Options::parse(options)?;
+    let pool_bytes = pool_bytes(memory, weight_bytes.unwrap_or(0), o.kv_cache_bytes)?;
+    let mut config = EngineConfig::with_pool_bytes(model, pool_bytes, o.kv_dtype);
     // The pool has at least one block; on a GPU that block must fit inside the budget too.
     if matches!(memory, Memory::Device { .. }) && config.pool_bytes(model) > pool_bytes {
         return Err(PluginError::new(
@@ -112,19 +146,9 @@ pub(super) fn engine_config<M: CausalLm>(
             ),
         ));
     }
-    if let Some(v) = options.get("max_seqs") {
-        config.max_seqs = count("max_seqs", v)?;
-    }
-    if let Some(v) = options.get("max_batch_tokens") {
-        config.token_budget = count("max_batch_tokens", v)?;
-    }
-    if let Some(v) = options.get("prefix_cache") {
-        config.prefix_cache = v.as_bool().ok_or_else(|| {
-            PluginError::invalid_config(format!(
-                "[model.options] prefix_cache = {v}: expected true or false"
-            ))
-        })?;
-    }
+    config.max_seqs = o.max_seqs.unwrap_or(config.max_seqs);
+    config.token_budget = o.max_batch_tokens.unwrap_or(config.token_budget);
+    config.prefix_cache = o.prefix_cache.unwrap_or(config.prefix_cache);
     Ok(config)
 }
 
@@ -293,5 +317,36 @@ mod tests {
             "{}",
             e.message
         );
+    }
+
+    /// The options are checked whole, without a model: what `supports_config` (and `pio check`)
+    /// refuses before a load.
+    #[test]
+    fn options_parse_without_a_model() {
+        let options = |json: Value| json.as_object().unwrap().clone();
+        let o = Options::parse(&options(serde_json::json!(
+            {"kv_cache_bytes": "1G", "max_seqs": 4, "prefix_cache": false, "quantization_cache": "/c"}
+        )))
+        .unwrap();
+        assert_eq!(
+            (o.kv_cache_bytes, o.max_seqs, o.prefix_cache),
+            (Some(1 << 30), Some(4), Some(false))
+        );
+        for (bad, key) in [
+            (serde_json::json!({"max_seqs": 0}), "max_seqs"),
+            (
+                serde_json::json!({"kv_cache_dtype": "f8"}),
+                "kv_cache_dtype",
+            ),
+            (serde_json::json!({"prefix_cache": "yes"}), "prefix_cache"),
+            (
+                serde_json::json!({"kv_cache_bytes": "lots"}),
+                "kv_cache_bytes",
+            ),
+            (serde_json::json!({"kv_cahce_bytes": 5}), "kv_cahce_bytes"),
+        ] {
+            let e = Options::parse(&options(bad)).unwrap_err();
+            assert!(e.message.contains(key), "{}", e.message);
+        }
     }
 }

@@ -395,15 +395,13 @@ fn served_context(engine: &Engine) -> usize {
 }
 
 impl<M: LoadModel> ModelRuntime<M> {
-    /// Checks what this runtime can honour: the dtype, the quantization, a model path.
+    /// Checks what this runtime can honour: the dtype, the quantization, the engine's
+    /// `[model.options]` (the model path is the load's to check: `pio run --model-path` brings
+    /// one to a manifest without).
     pub fn supports_config(&self, config: &ModelConfig) -> Result<(), PluginError> {
         dtype_of(config)?;
         quantization_of(config)?;
-        if config.model_path.is_none() {
-            return Err(PluginError::invalid_config(
-                "no model path: set [model] path in the manifest to a Hugging Face snapshot folder or a .gguf file",
-            ));
-        }
+        engine_config::Options::parse(&config.extra)?;
         Ok(())
     }
 
@@ -414,6 +412,11 @@ impl<M: LoadModel> ModelRuntime<M> {
         progress: &mut Progress,
     ) -> Result<ModelInfo, PluginError> {
         self.supports_config(config)?;
+        if config.model_path.is_none() {
+            return Err(PluginError::invalid_config(
+                "no model path: set [model] path in the manifest to a Hugging Face snapshot folder or a .gguf file",
+            ));
+        }
         if profile_of(config)? {
             crate::profile::PROFILE.enable();
         }

@@ -33,6 +33,9 @@ pub struct Deployment {
     pub library: Arc<super::library::LibraryCopy>,
     /// The plugin's version.
     pub version: String,
+    /// The manifest's `[model.generation] max_tokens`: a request that names none gets it, not
+    /// the API's own default.
+    pub default_max_tokens: Option<u32>,
     leases: AtomicUsize,
     idle: Notify,
     last_used: Mutex<Instant>,
@@ -101,6 +104,7 @@ impl Deployment {
             special,
             library,
             version,
+            default_max_tokens: None,
             leases: AtomicUsize::new(0),
             idle: Notify::new(),
             last_used: Mutex::new(Instant::now()),
@@ -224,12 +228,10 @@ pub(super) async fn deploy(
             )));
         }
     }
-    Ok(Deployment::new(
-        supervised,
-        info,
-        found.manifest.version.to_string(),
-        copy,
-    ))
+    let mut deployment =
+        Deployment::new(supervised, info, found.manifest.version.to_string(), copy);
+    deployment.default_max_tokens = found.manifest.model.generation.max_tokens;
+    Ok(deployment)
 }
 
 /// One short generation: a model counts as ready only once it has produced a token.

@@ -217,10 +217,38 @@ impl ApiError {
             Fault::Constraint => parsed.structure.as_ref().map(Structure::field),
             _ => None,
         };
+        let mut e = e;
+        if let (Fault::Constraint, Some(field)) = (e.kind, param) {
+            e.message = constraint_message(&e.message, field);
+        }
         Self {
             param: param.map(str::to_string),
             ..Self::from(e)
         }
+    }
+}
+
+/// A constraint's failure as the client can act on it: a position is only meaningful in a
+/// grammar the client wrote (`guided_grammar`); the others (a forced call's, `guided_choice`'s)
+/// are made by the host from the client's tools or choices.
+fn constraint_message(message: &str, field: &str) -> String {
+    if field == "guided_grammar" {
+        return message.to_string();
+    }
+    let (what, rest) = message.split_once(": ").unwrap_or(("", message));
+    let rest = match rest.split_once("): ") {
+        Some((at, after)) if at.starts_with("at ") => after,
+        _ => rest,
+    };
+    let what = match field {
+        "tools" => "a tool's `parameters` cannot be used",
+        "guided_choice" => "the choices cannot be used",
+        _ => what,
+    };
+    if what.is_empty() {
+        rest.to_string()
+    } else {
+        format!("{what}: {rest}")
     }
 }
 
@@ -238,5 +266,26 @@ impl IntoResponse for ApiError {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Positions are kept only in a grammar the client wrote; a forced call's failure names the
+    /// tools' parameters, not a grammar.
+    #[test]
+    fn a_constraints_failure_speaks_of_what_the_client_wrote() {
+        let engine = "the grammar cannot be used: at 3(5): failed to compile JSON schema: bogus";
+        assert_eq!(
+            constraint_message(engine, "tools"),
+            "a tool's `parameters` cannot be used: failed to compile JSON schema: bogus"
+        );
+        assert_eq!(constraint_message(engine, "guided_grammar"), engine);
+        assert_eq!(
+            constraint_message("the regex cannot be used: unclosed group", "guided_regex"),
+            "the regex cannot be used: unclosed group"
+        );
     }
 }

@@ -125,6 +125,9 @@ async fn start(
     let mut parsed = openai::parse(&value, endpoint, capabilities, &limits)?;
     parsed.request.request_id = Some(id.0);
     let lease = app.models.acquire(&model).await?;
+    if let Some(default) = lease.deployment().default_max_tokens {
+        openai::operators_default(&mut parsed, default, &limits);
+    }
     if let Some(s) = &parsed.structure {
         let info = &lease.deployment().info;
         let chat = endpoint == Endpoint::Chat;

@@ -164,6 +164,17 @@ pub struct Parsed {
     /// The model's special tokens are left out of the text (vLLM's `skip_special_tokens`,
     /// default true).
     pub skip_special_tokens: bool,
+    /// The client named a token limit (`max_tokens` or `max_completion_tokens`).
+    pub max_tokens_asked: bool,
+}
+
+/// A request that names no token limit gets the operator's `default` (the manifest's
+/// `[model.generation] max_tokens`) rather than the API's, still held to the server's limit.
+pub fn operators_default(parsed: &mut Parsed, default: u32, limits: &Limits) {
+    if !parsed.max_tokens_asked {
+        let cap = (limits.max_tokens > 0).then_some(limits.max_tokens);
+        parsed.request.max_tokens = Some(cap.map_or(default, |c| c.min(default)));
+    }
 }
 
 /// What the server allows.
@@ -378,7 +389,7 @@ pub fn parse(
     if let (Some(min), Some(max)) = (request.min_tokens, request.max_tokens) {
         if min > max {
             let why = if max_tokens.is_none() {
-                ", the default: set `max_tokens`"
+                ", the default when `max_tokens` is left out"
             } else {
                 ""
             };
@@ -410,6 +421,7 @@ pub fn parse(
             && body.get("parallel_tool_calls") == Some(&Value::Bool(false)),
         calls_parsed,
         skip_special_tokens: c.skip_special_tokens.unwrap_or(true),
+        max_tokens_asked: max_tokens.is_some(),
     })
 }
 

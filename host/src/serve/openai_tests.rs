@@ -516,3 +516,23 @@ fn errors_name_the_field_the_client_wrote_in_its_words() {
     assert!(!prompt(Value::Null).message.contains("token"));
     assert!(prompt(json!([1, 2])).message.contains("token arrays"));
 }
+
+/// The manifest's generation default replaces the API's 16 (and a chat's run to the context) for
+/// a request that names no limit, held to the server's limit; a limit the client named stays.
+#[test]
+fn the_operators_default_beats_the_apis() {
+    let limits = Limits {
+        max_tokens: 50,
+        image_root: None,
+    };
+    let parsed =
+        |body: Value| parse(&body, Endpoint::Completions, caps(&["text"]), &limits).unwrap();
+    let mut p = parsed(json!({"model": "m", "prompt": "x"}));
+    operators_default(&mut p, 40, &limits);
+    assert_eq!(p.request.max_tokens, Some(40));
+    operators_default(&mut p, 400, &limits);
+    assert_eq!(p.request.max_tokens, Some(50), "held to the server's limit");
+    let mut p = parsed(json!({"model": "m", "prompt": "x", "max_tokens": 3}));
+    operators_default(&mut p, 40, &limits);
+    assert_eq!(p.request.max_tokens, Some(3), "the client's own limit");
+}

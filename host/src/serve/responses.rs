@@ -138,7 +138,7 @@ impl Reply {
                 json!({
                     "tokens": tokens.iter().map(|t| t.text.clone()).collect::<Vec<_>>(),
                     "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
-                    "top_logprobs": tokens.iter().map(legacy_top).collect::<Vec<_>>(),
+                    "top_logprobs": tokens.iter().map(|t| legacy_top(t, self.tokens.as_deref())).collect::<Vec<_>>(),
                     "text_offset": offsets,
                 })
             }
@@ -290,16 +290,22 @@ impl Reply {
 }
 
 /// A token's legacy `top_logprobs`: its alternatives by text, the sampled token always among
-/// them (OpenAI: "up to logprobs+1 elements"), and where two alternatives read the same (pieces
-/// of one character both read U+FFFD) the likelier one, which comes first.
-fn legacy_top(t: &TokenFrame) -> serde_json::Map<String, Value> {
+/// them (OpenAI: "up to logprobs+1 elements") under its own text as the alternatives are (from
+/// `table`; the streamed text may hold a character's earlier bytes, or be left out), and where
+/// two alternatives read the same (pieces of one character both read U+FFFD) the likelier one,
+/// which comes first.
+fn legacy_top(t: &TokenFrame, table: Option<&TokenTable>) -> serde_json::Map<String, Value> {
     let mut top = serde_json::Map::new();
     for (_, text, lp) in &t.top_logprobs {
         top.entry(text.clone()).or_insert(json!(lp));
     }
     let sampled = t.top_logprobs.iter().any(|(id, ..)| *id == t.token_id);
     if let (false, Some(lp)) = (sampled, t.logprob) {
-        top.entry(t.text.clone()).or_insert(json!(lp));
+        let own = (table.and_then(|table| table.get(t.token_id))).map_or_else(
+            || t.text.clone(),
+            |b| String::from_utf8_lossy(b).into_owned(),
+        );
+        top.entry(own).or_insert(json!(lp));
     }
     top
 }
@@ -318,7 +324,7 @@ mod tests {
             logprob: Some(-4.0),
             top_logprobs: vec![(1, "\u{FFFD}".into(), -2.5), (2, "\u{FFFD}".into(), -2.7)],
         };
-        let top = legacy_top(&t);
+        let top = legacy_top(&t, None);
         assert_eq!(top.len(), 2, "{top:?}");
         assert_eq!(top["\u{FFFD}"], json!(-2.5));
         assert_eq!(top["x"], json!(-4.0));
@@ -326,6 +332,23 @@ mod tests {
             token_id: 1,
             ..t.clone()
         };
-        assert_eq!(legacy_top(&among).len(), 1, "already there: not twice");
+        assert_eq!(
+            legacy_top(&among, None).len(),
+            1,
+            "already there: not twice"
+        );
+        let table = pio_plugin_api::wire::TokenBytes::encode((0..10).map(|id| format!("t{id}")))
+            .table()
+            .unwrap();
+        let held = TokenFrame {
+            text: String::new(),
+            ..t.clone()
+        };
+        let top = legacy_top(&held, Some(&table));
+        assert_eq!(
+            top["t9"],
+            json!(-4.0),
+            "its own text, not the streamed one: {top:?}"
+        );
     }
 }

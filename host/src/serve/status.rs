@@ -176,7 +176,6 @@ impl PluginStatus {
         self.engine_counts = st.engine_counts;
         if let Some(stats) = st.stats {
             self.memory_bytes = stats.memory_bytes;
-            // v1 reports "no limit" as a huge number.
             self.memory_limit_bytes = stats.memory_limit_bytes;
             self.cpu_seconds = stats.cpu_usec.map(|u| u as f64 / 1e6);
             self.oom_kills = stats.oom_kills;

@@ -57,7 +57,7 @@ impl PluginImpl for Echo {
         }
         delay_of(config, "delay_ms")?;
         delay_of(config, "prefill_ms")?;
-        for key in ["tool_call_format", "reasoning_format"] {
+        for key in ["tool_call_format", "reasoning_format", "load_error"] {
             format_of(config, key)?;
         }
         delay_of(config, "load_delay_ms").map(|_| ())
@@ -69,6 +69,10 @@ impl PluginImpl for Echo {
         progress: &mut Progress,
     ) -> Result<ModelInfo, PluginError> {
         self.supports_config(&config)?;
+        // `load_error` imitates a model whose files prove broken only once they are read.
+        if let Some(why) = format_of(&config, "load_error")? {
+            return Err(PluginError::model_files(format!("echo: {why}")));
+        }
         // `load_delay_ms` imitates a model whose weights take a while to load.
         let load_delay = delay_of(&config, "load_delay_ms")?;
         const STEPS: u64 = 10;
