@@ -88,7 +88,11 @@ pub fn run(args: PullArgs) -> anyhow::Result<u8> {
     let dest = std::path::absolute(args.models.join(&repo))
         .with_context(|| format!("cannot use {}", args.models.display()))?;
     eprintln!("{repo}@{} → {}", &snapshot.commit, dest.display());
-    download_all(&hub, &repo, &snapshot.commit, &files, &dest)?;
+    // The config first: which plugin serves it, and whether its manifest may be written, are
+    // known before gigabytes of weights are fetched.
+    let (config_file, rest): (Vec<&RemoteFile>, Vec<&RemoteFile>) =
+        files.iter().partition(|f| f.name == "config.json");
+    download_all(&hub, &repo, &snapshot.commit, &config_file, &dest)?;
     let pulled = Pulled::read(dest, repo, snapshot.commit.clone())?;
     let dir = search
         .plugin_dirs
@@ -98,6 +102,9 @@ pub fn run(args: PullArgs) -> anyhow::Result<u8> {
     let prober = prober(&config)?;
     let candidates = discovery::discover(&search, &prober)?;
     let chosen = serving(&candidates, &search, &prober, &pulled.architecture)?;
+    let name = manifest_name(&args, &chosen)?;
+    manifest_path(&chosen, name, dir, &pulled.dest, args.force)?;
+    download_all(&hub, &pulled.repo, &pulled.commit, &rest, &pulled.dest)?;
     let path = write_manifest(&args, &chosen, dir, &pulled)?;
     eprintln!(
         "wrote {} (plugin {}); `pio serve --plugins {}` serves it",
@@ -311,16 +318,8 @@ fn write_manifest(
         dest, repo, commit, ..
     } = pulled;
     let report = &chosen.report;
-    let name = args.name.as_deref().unwrap_or(&report.name);
-    // A library's own name becomes a file name and a manifest's `name`: held to the same rule.
-    if let Err(e) = parse_name(&report.name) {
-        bail!("the plugin reports a name no manifest can hold ({e}): use a build of the plugin that reports a plain name");
-    }
+    let name = manifest_name(args, chosen)?;
     let path = manifest_path(chosen, name, dir, dest, args.force)?;
-    if path.exists() {
-        std::fs::copy(&path, path.with_extension("toml.bak"))
-            .with_context(|| format!("cannot back up {}", path.display()))?;
-    }
     let api = semver::Version::parse(&report.api_version).map_or_else(
         |_| report.api_version.clone(),
         |v| format!("^{}.{}", v.major, v.minor),
@@ -362,8 +361,24 @@ fn write_manifest(
         "# Written by `pio pull {repo}` ({commit}).\n{}",
         toml::to_string(&table)?
     );
+    // The one replaced is kept, unless it says the same (a second pull of the same snapshot).
+    let old = std::fs::read_to_string(&path).ok();
+    if old.as_ref().is_some_and(|old| *old != text) {
+        std::fs::copy(&path, path.with_extension("toml.bak"))
+            .with_context(|| format!("cannot back up {}", path.display()))?;
+    }
     std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(path)
+}
+
+/// The name the manifest serves the model under: `--name`, else the plugin's own (held to the
+/// rule a manifest's `name` is, since it also becomes a file name).
+fn manifest_name<'a>(args: &'a PullArgs, chosen: &'a Chosen) -> anyhow::Result<&'a str> {
+    let report = &chosen.report;
+    if let Err(e) = parse_name(&report.name) {
+        bail!("the plugin reports a name no manifest can hold ({e}): use a build of the plugin that reports a plain name");
+    }
+    Ok(args.name.as_deref().unwrap_or(&report.name))
 }
 
 #[cfg(test)]

@@ -52,11 +52,11 @@ fn a_pulled_snapshot_resumes_checks_and_serves() {
     let dir = plugins.path().to_str().unwrap();
 
     // The weights break off after 4000 bytes and three tries in a row bring no more: the run
-    // fails, saying how to go on.
+    // fails, saying how to go on (with --force: the plugin's manifest here points elsewhere).
     let first = pull(
         &hub,
         plugins.path(),
-        &["tiny/qwen3", "--plugins", dir, "--models", m],
+        &["tiny/qwen3", "--plugins", dir, "--models", m, "--force"],
     );
     assert!(!first.status.success(), "{}", stderr(&first));
     assert!(
@@ -77,12 +77,22 @@ fn a_pulled_snapshot_resumes_checks_and_serves() {
     let size = std::fs::metadata(fixture.join(shard)).unwrap().len() as usize;
     hub.script.lock().unwrap().cuts =
         [(shard.to_string(), 2000), (shard.to_string(), size - 6000)].into();
+    let fetched_before = hub.script.lock().unwrap().downloads.len();
     let refused = pull(
         &hub,
         plugins.path(),
         &["tiny/qwen3", "--plugins", dir, "--models", m],
     );
     assert!(stderr(&refused).contains("--force"), "{}", stderr(&refused));
+    {
+        // Refused before the weights: only the config was needed to know.
+        let s = hub.script.lock().unwrap();
+        let fetched: Vec<&str> = s.downloads[fetched_before..]
+            .iter()
+            .map(|(f, _)| f.as_str())
+            .collect();
+        assert!(fetched.iter().all(|f| *f == "config.json"), "{fetched:?}");
+    }
     let second = pull(
         &hub,
         plugins.path(),
@@ -203,7 +213,7 @@ fn corrupted_downloads_unknown_architectures_and_missing_repositories_are_refuse
     let out = pull(
         &hub,
         plugins.path(),
-        &["tiny/qwen3", "--plugins", dir, "--models", m],
+        &["tiny/qwen3", "--plugins", dir, "--models", m, "--force"],
     );
     let e = stderr(&out);
     assert!(
