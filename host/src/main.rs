@@ -1,5 +1,6 @@
 //! `pio`: the command-line front of the PIO host.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -161,13 +162,26 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        // The reader of the output went away (`pio run ... | head`): quietly, with the status a
+        // shell gives a command SIGPIPE ended, as `cat` would.
+        Err(e) if broken_pipe(&e) => ExitCode::from(141),
         Err(e) => {
-            eprintln!("error: {}", error_chain(&e));
+            // Not eprintln!: a closed stderr must not turn an error into a panic.
+            let _ = writeln!(std::io::stderr(), "error: {}", error_chain(&e));
             // Stopped by a signal: the status a shell expects (130 for Ctrl-C).
             let halted = e.downcast_ref::<cli_run::Halted>();
             ExitCode::from(halted.map_or(2, |h| h.by.exit_code()))
         }
     }
+}
+
+/// Whether `e` is a write to a pipe whose reader is gone.
+fn broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 pub(crate) fn search_paths(plugin_dirs: Vec<PathBuf>, library_dirs: Vec<PathBuf>) -> SearchPaths {
