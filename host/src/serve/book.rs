@@ -214,8 +214,10 @@ impl Inner {
         for e in self.entries.values_mut() {
             e.fallback = None;
         }
-        for (path, why) in &broken {
+        for (path, why) in newly_broken(&self.broken, &broken) {
             tracing::warn!(manifest = %path.display(), "plugin not served: {why}");
+        }
+        for (path, _) in &broken {
             let Some((name, e)) = self
                 .entries
                 .iter()
@@ -231,6 +233,17 @@ impl Inner {
         self.broken = broken.into_iter().collect();
         (seen, held)
     }
+}
+
+/// The failures in `now` not already reported, as they are, in `before`: a rescan finds a broken
+/// manifest again every few seconds, and the log says so once (and again when why changes).
+fn newly_broken<'a>(
+    before: &BTreeMap<PathBuf, String>,
+    now: &'a [(PathBuf, String)],
+) -> Vec<&'a (PathBuf, String)> {
+    now.iter()
+        .filter(|(path, why)| before.get(path) != Some(why))
+        .collect()
 }
 
 /// `e` as `/v1/plugins` reports it.
@@ -283,6 +296,20 @@ pub(super) fn take_deployment(inner: &mut Inner, name: &str) -> Option<Arc<Deplo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A manifest that stays broken is reported once, and again when why changes.
+    #[test]
+    fn a_broken_manifest_is_reported_once_per_reason() {
+        let bad = |why: &str| (PathBuf::from("/p/x.toml"), why.to_string());
+        let now = [bad("no library")];
+        assert_eq!(newly_broken(&BTreeMap::new(), &now).len(), 1);
+        let before: BTreeMap<_, _> = now.iter().cloned().collect();
+        assert!(
+            newly_broken(&before, &now).is_empty(),
+            "the same failure again"
+        );
+        assert_eq!(newly_broken(&before, &[bad("bad sha256")]).len(), 1);
+    }
 
     /// A failed preload is tried again after 10 s, then after twice as long each time, up to
     /// five minutes.
