@@ -92,10 +92,11 @@ impl TokenPrinter {
 
     /// The end of a failed generation.
     pub fn failed(&mut self, error: &dyn std::fmt::Display) {
+        // Not println!/eprintln!: a closed stdout or stderr must not turn a failure into a panic.
         if !self.json {
-            println!();
+            let _ = writeln!(std::io::stdout());
         }
-        eprintln!("error: {error}");
+        let _ = writeln!(std::io::stderr(), "error: {error}");
     }
 }
 

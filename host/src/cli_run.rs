@@ -530,11 +530,15 @@ async fn stream(
         };
         let failure = match event {
             Some(Event::Token(t)) => {
-                printer.token(&t)?;
+                if let Err(e) = printer.token(&t) {
+                    return output_closed(&worker, e).await;
+                }
                 continue;
             }
             Some(Event::Done(outcome)) => {
-                printer.done(&outcome)?;
+                if let Err(e) = printer.done(&outcome) {
+                    return output_closed(&worker, e).await;
+                }
                 break 0;
             }
             Some(Event::Failed(e)) => e.to_string(),
@@ -546,6 +550,18 @@ async fn stream(
     worker.shutdown().await;
     Ok(stopped.map_or(code, Stopped::exit_code))
 }
+
+/// The output's reader is gone: nobody reads the rest, so the worker (and its cgroup) goes now.
+async fn output_closed(worker: &Worker, e: std::io::Error) -> anyhow::Result<u8> {
+    worker.shutdown().await;
+    Err(OutputClosed(e).into())
+}
+
+/// Writing the output failed (its reader went away, `pio run ... | head`): `main` exits as a
+/// command SIGPIPE ended, without a message.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write the output: {0}")]
+pub struct OutputClosed(#[source] pub std::io::Error);
 
 /// What a signal does to a running request: a first Ctrl-C cancels it (the plugin stops at its
 /// next token); a second one, or SIGTERM, stops the worker at once (a plugin stuck in a loop

@@ -466,7 +466,8 @@ pub fn sha256_file(path: &Path) -> Result<String, CheckError> {
 }
 
 /// Loads the candidate's library in a child process and checks it reports the manifest's name
-/// and version.
+/// and version, then that its plugin supports the manifest's `[model]` (`supports_config`) and
+/// that the workers' user can read the model.
 pub fn check_library(candidate: &mut Candidate, prober: &Prober) {
     let (Some(manifest), Some(library), true) = (
         &candidate.manifest,
@@ -476,16 +477,25 @@ pub fn check_library(candidate: &mut Candidate, prober: &Prober) {
         return;
     };
     let config = crate::launch::model_config(manifest, &candidate.manifest_path);
-    let result = prober
-        .probe_for(library, Some(&config))
-        .map_err(|e| match e {
-            ProbeError::ConfigRefused { kind, message } => CheckError::ModelConfig {
+    // The plugin's word on the config counts once the library is the manifest's plugin: a
+    // wrong library is named as such, not by what it makes of another plugin's options.
+    let mut refused = None;
+    let result = match prober.probe_for(library, Some(&config)) {
+        Err(ProbeError::ConfigRefused {
+            report,
+            kind,
+            message,
+        }) => {
+            refused = Some(CheckError::ModelConfig {
                 manifest: candidate.manifest_path.clone(),
                 kind,
                 message,
-            },
-            e => CheckError::from(e),
-        })
+            });
+            Ok(*report)
+        }
+        other => other.map_err(CheckError::from),
+    };
+    let result = result
         .and_then(|report| {
             let identity = |field, in_manifest: String, in_library: &str| CheckError::Identity {
                 manifest: candidate.manifest_path.clone(),
@@ -511,7 +521,8 @@ pub fn check_library(candidate: &mut Candidate, prober: &Prober) {
                 ));
             }
             Ok(report)
-        });
+        })
+        .and_then(|report| refused.map_or(Ok(report), Err));
     // A library's failure outranks a missing model's.
     match result {
         Ok(report) => candidate.report = Some(report),

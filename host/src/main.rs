@@ -175,13 +175,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// Whether `e` is a write to a pipe whose reader is gone.
+/// Whether `e` is `pio run`'s output written to a pipe whose reader is gone (not any broken
+/// pipe: a download's is an error to report).
 fn broken_pipe(e: &anyhow::Error) -> bool {
-    e.chain().any(|cause| {
-        cause
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-    })
+    e.downcast_ref::<cli_run::OutputClosed>()
+        .is_some_and(|c| c.0.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
 pub(crate) fn search_paths(plugin_dirs: Vec<PathBuf>, library_dirs: Vec<PathBuf>) -> SearchPaths {

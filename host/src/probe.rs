@@ -58,8 +58,10 @@ mod capability_names {
 #[serde(rename_all = "snake_case")]
 enum ProbeLine {
     Ok(LibraryReport),
-    /// The library loaded, and its plugin refused the model config it was asked about.
+    /// The library loaded (`report`), and its plugin refused the model config it was asked
+    /// about.
     ConfigRefused {
+        report: LibraryReport,
         kind: String,
         message: String,
     },
@@ -119,10 +121,13 @@ pub enum ProbeError {
         /// What to change.
         message: String,
     },
-    /// The plugin refused the manifest's `[model]` (`kind`: its error kind, `invalid_config` or
-    /// `unsupported` mostly), or could not be made to ask.
+    /// The library loaded and reported itself (`report`, whose identity the caller checks
+    /// first), but its plugin refused the manifest's `[model]` (`kind`: its error kind,
+    /// `invalid_config` or `unsupported` mostly).
     #[error("{message}")]
     ConfigRefused {
+        /// What the library reported.
+        report: Box<LibraryReport>,
         /// The plugin's error kind.
         kind: String,
         /// The plugin's reason.
@@ -285,9 +290,15 @@ fn outcome(
     let line = stdout.lines().rev().find(|l| l.starts_with('{'));
     match line.map(serde_json::from_str::<ProbeLine>) {
         Some(Ok(ProbeLine::Ok(report))) if status.success() => Ok(report),
-        Some(Ok(ProbeLine::ConfigRefused { kind, message })) => {
-            Err(ProbeError::ConfigRefused { kind, message })
-        }
+        Some(Ok(ProbeLine::ConfigRefused {
+            report,
+            kind,
+            message,
+        })) => Err(ProbeError::ConfigRefused {
+            report: Box::new(report),
+            kind,
+            message,
+        }),
         Some(Ok(ProbeLine::Error {
             kind,
             message,
@@ -352,9 +363,14 @@ fn probe_plan(user: (u32, u32)) -> Plan {
     }
 }
 
-/// The plugin's answer to `config`, constructed and initialized as a worker would make it, when
-/// it refuses (or cannot be made).
-fn config_refused(lib: &PluginLibrary, config: &str) -> Option<ProbeLine> {
+/// The plugin's answer to `config`, constructed and initialized as a worker confined as the
+/// probe is would make it, when it refuses (or cannot be made: the library's failure).
+fn config_refused(
+    lib: &PluginLibrary,
+    config: &str,
+    report: &LibraryReport,
+    user: (u32, u32),
+) -> Option<ProbeLine> {
     // A plugin that cannot be made is the library's failure, not the manifest's.
     let broken = |kind: &str, message: String| ProbeLine::Error {
         kind: kind.into(),
@@ -368,7 +384,8 @@ fn config_refused(lib: &PluginLibrary, config: &str) -> Option<ProbeLine> {
             return Some(broken("construct", message));
         }
     };
-    let context = serde_json::to_string(&pio_plugin_api::wire::HostContext::default())
+    // The context of a worker confined as the probe is (`low`, no limits).
+    let context = serde_json::to_string(&crate::launch::host_context(&probe_plan(user)))
         .unwrap_or_else(|_| "{}".into());
     if let Err(e) = plugin.initialize(context.as_str().into()).into_result() {
         let message = format!("the plugin's initialize failed: {e}");
@@ -376,6 +393,7 @@ fn config_refused(lib: &PluginLibrary, config: &str) -> Option<ProbeLine> {
     }
     let e = plugin.supports_config(config.into()).into_result().err()?;
     Some(ProbeLine::ConfigRefused {
+        report: report.clone(),
         kind: e.kind.name().into(),
         message: e.message.to_string(),
     })
@@ -405,9 +423,9 @@ pub fn run_child(library: &Path, user: (u32, u32), model_config: Option<&str>) -
                 family: info.family.to_string(),
                 capabilities: info.capabilities,
             };
-            match model_config.map(|c| config_refused(&lib, c)) {
-                Some(Some(refused)) => refused,
-                _ => ProbeLine::Ok(report),
+            match model_config.and_then(|c| config_refused(&lib, c, &report, user)) {
+                Some(refused) => refused,
+                None => ProbeLine::Ok(report),
             }
         }
         Err(e) => {

@@ -439,6 +439,16 @@ fn check_asks_the_plugin_about_the_manifests_model() {
         error_of(row(&rows, "echo.toml")).contains("no weights"),
         "{rows:#?}"
     );
+    // A library that is not the manifest's plugin is named as such first.
+    let other = manifest(
+        "other",
+        "0.1.0",
+        "libecho.so",
+        "[model]\nquantization = \"q4\"\n",
+    );
+    dir.write("echo.toml", &other);
+    let (ok, v) = check_json(&path);
+    assert!(!ok && v["error_kind"] == "identity", "{v:#}");
     dir.write(
         "echo.toml",
         &manifest(

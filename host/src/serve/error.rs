@@ -236,8 +236,13 @@ fn constraint_message(message: &str, field: &str) -> String {
         return message.to_string();
     }
     let (what, rest) = message.split_once(": ").unwrap_or(("", message));
+    // `at LINE(COLUMN): ` exactly, not any reason that starts with "at".
+    let position = |at: &str| {
+        at.strip_prefix("at ")
+            .is_some_and(|p| p.replace('(', "").chars().all(|c| c.is_ascii_digit()))
+    };
     let rest = match rest.split_once("): ") {
-        Some((at, after)) if at.starts_with("at ") => after,
+        Some((at, after)) if position(at) => after,
         _ => rest,
     };
     let what = match field {
@@ -287,5 +292,7 @@ mod tests {
             constraint_message("the regex cannot be used: unclosed group", "guided_regex"),
             "the regex cannot be used: unclosed group"
         );
+        let reason = "the JSON schema cannot be used: at least one of (a, b): none given";
+        assert_eq!(constraint_message(reason, "response_format"), reason);
     }
 }

@@ -125,9 +125,7 @@ async fn start(
     let mut parsed = openai::parse(&value, endpoint, capabilities, &limits)?;
     parsed.request.request_id = Some(id.0);
     let lease = app.models.acquire(&model).await?;
-    if let Some(default) = lease.deployment().default_max_tokens {
-        openai::operators_default(&mut parsed, default, &limits);
-    }
+    openai::default_limit(&mut parsed, lease.deployment().default_max_tokens, &limits)?;
     if let Some(s) = &parsed.structure {
         let info = &lease.deployment().info;
         let chat = endpoint == Endpoint::Chat;

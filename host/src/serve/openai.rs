@@ -168,12 +168,39 @@ pub struct Parsed {
     pub max_tokens_asked: bool,
 }
 
-/// A request that names no token limit gets the operator's `default` (the manifest's
-/// `[model.generation] max_tokens`) rather than the API's, still held to the server's limit.
-pub fn operators_default(parsed: &mut Parsed, default: u32, limits: &Limits) {
-    if !parsed.max_tokens_asked {
+/// The token limit of a request that names none, once its model is known: the operator's
+/// `default` (the manifest's `[model.generation] max_tokens`) when there is one, rather than the
+/// API's, still held to the server's limit; `min_tokens` is then checked against it.
+pub fn default_limit(
+    parsed: &mut Parsed,
+    default: Option<u32>,
+    limits: &Limits,
+) -> Result<(), ApiError> {
+    if parsed.max_tokens_asked {
+        return Ok(());
+    }
+    if let Some(default) = default {
         let cap = (limits.max_tokens > 0).then_some(limits.max_tokens);
         parsed.request.max_tokens = Some(cap.map_or(default, |c| c.min(default)));
+    }
+    min_within_max(&parsed.request, false)
+}
+
+/// `min_tokens` no more than the limit; `asked`: the client named the limit.
+fn min_within_max(request: &InferRequest, asked: bool) -> Result<(), ApiError> {
+    match (request.min_tokens, request.max_tokens) {
+        (Some(min), Some(max)) if min > max => {
+            let why = if asked {
+                ""
+            } else {
+                ", the default when `max_tokens` is left out"
+            };
+            Err(ApiError::bad_field(
+                "min_tokens",
+                format!("`min_tokens` ({min}) must not exceed `max_tokens` ({max}{why})"),
+            ))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -386,18 +413,10 @@ pub fn parse(
     let default = (endpoint == Endpoint::Completions).then_some(COMPLETIONS_MAX_TOKENS);
     request.max_tokens =
         token_limit(max_tokens, default, limits).map_err(|e| e.for_field(max_field))?;
-    if let (Some(min), Some(max)) = (request.min_tokens, request.max_tokens) {
-        if min > max {
-            let why = if max_tokens.is_none() {
-                ", the default when `max_tokens` is left out"
-            } else {
-                ""
-            };
-            return Err(ApiError::bad_field(
-                "min_tokens",
-                format!("`min_tokens` ({min}) must not exceed `max_tokens` ({max}{why})"),
-            ));
-        }
+    // Against a limit the client named; a default is only known once the model is
+    // (`default_limit`).
+    if max_tokens.is_some() {
+        min_within_max(&request, true)?;
     }
     let stream = c.stream.unwrap_or(false);
     if c.stream_options.is_some() && !stream {

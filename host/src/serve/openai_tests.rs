@@ -152,9 +152,12 @@ fn completion_prompts_and_limits() {
         "the default is held to the cap"
     );
     let min = json!({"model": "m", "prompt": "x", "min_tokens": 20});
-    let e = parse(&min, Endpoint::Completions, caps(&["text"]), &limits).unwrap_err();
+    let mut p = parse(&min, Endpoint::Completions, caps(&["text"]), &limits).unwrap();
+    let e = default_limit(&mut p, None, &limits).unwrap_err();
     assert_eq!(e.param.as_deref(), Some("min_tokens"), "{}", e.message);
     assert!(e.message.contains("the default"), "{}", e.message);
+    let mut p = parse(&min, Endpoint::Completions, caps(&["text"]), &limits).unwrap();
+    default_limit(&mut p, Some(40), &limits).expect("the operator's 40 leaves room for 20");
     for (body, param) in [
         (json!({"model": "m", "prompt": [1, 2, 3]}), "prompt"),
         (json!({"model": "m", "prompt": ["a", "b"]}), "prompt"),
@@ -528,11 +531,17 @@ fn the_operators_default_beats_the_apis() {
     let parsed =
         |body: Value| parse(&body, Endpoint::Completions, caps(&["text"]), &limits).unwrap();
     let mut p = parsed(json!({"model": "m", "prompt": "x"}));
-    operators_default(&mut p, 40, &limits);
+    default_limit(&mut p, Some(40), &limits).unwrap();
     assert_eq!(p.request.max_tokens, Some(40));
-    operators_default(&mut p, 400, &limits);
+    default_limit(&mut p, Some(400), &limits).unwrap();
     assert_eq!(p.request.max_tokens, Some(50), "held to the server's limit");
     let mut p = parsed(json!({"model": "m", "prompt": "x", "max_tokens": 3}));
-    operators_default(&mut p, 40, &limits);
+    default_limit(&mut p, Some(40), &limits).unwrap();
     assert_eq!(p.request.max_tokens, Some(3), "the client's own limit");
+    // A chat whose operator's default is below its min_tokens is refused, not sent on.
+    let chat =
+        json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "min_tokens": 100});
+    let mut p = parse(&chat, Endpoint::Chat, caps(&["chat"]), &Limits::default()).unwrap();
+    let e = default_limit(&mut p, Some(50), &Limits::default()).unwrap_err();
+    assert_eq!(e.param.as_deref(), Some("min_tokens"), "{}", e.message);
 }

@@ -57,7 +57,7 @@ impl PluginImpl for Echo {
         }
         delay_of(config, "delay_ms")?;
         delay_of(config, "prefill_ms")?;
-        for key in ["tool_call_format", "reasoning_format", "load_error"] {
+        for key in ["tool_call_format", "reasoning_format"] {
             format_of(config, key)?;
         }
         delay_of(config, "load_delay_ms").map(|_| ())
@@ -70,7 +70,8 @@ impl PluginImpl for Echo {
     ) -> Result<ModelInfo, PluginError> {
         self.supports_config(&config)?;
         // `load_error` imitates a model whose files prove broken only once they are read.
-        if let Some(why) = format_of(&config, "load_error")? {
+        if let Some(why) = config.extra.get("load_error") {
+            let why = why.as_str().map_or_else(|| why.to_string(), str::to_string);
             return Err(PluginError::model_files(format!("echo: {why}")));
         }
         // `load_delay_ms` imitates a model whose weights take a while to load.
