@@ -79,7 +79,7 @@ fn repo_and_revision(arg: &str) -> anyhow::Result<(String, String)> {
 pub fn run(args: PullArgs) -> anyhow::Result<u8> {
     let (repo, revision) = repo_and_revision(&args.repo)?;
     let crate::Settings { config, search } = crate::settings(&args.search)?;
-    let hub = Hub::from_env();
+    let hub = Hub::from_env()?;
     let snapshot = hub.snapshot(&repo, &revision)?;
     let files: Vec<&RemoteFile> = snapshot.files.iter().filter(|f| wanted(&f.name)).collect();
     if !files.iter().any(|f| f.name == "config.json") {

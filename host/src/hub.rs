@@ -74,6 +74,12 @@ pub enum HubError {
         /// Why.
         source: std::io::Error,
     },
+    /// `HF_HUB_DOWNLOAD_TIMEOUT` is not a number of seconds.
+    #[error("HF_HUB_DOWNLOAD_TIMEOUT={value}: expected seconds to wait, more than 0 (e.g. 10); fix or unset it")]
+    Wait {
+        /// The variable's value.
+        value: String,
+    },
     /// A download that is not the file the Hub lists.
     #[error("{file}: {found}, but the Hub lists {expected}; the partial download was removed, run `pio pull` again")]
     Mismatch {
@@ -143,25 +149,35 @@ fn sha256_of(path: &Path) -> Result<String, HubError> {
 /// `HF_HUB_DOWNLOAD_TIMEOUT` says otherwise (huggingface_hub's default).
 const DEFAULT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The wait `HF_HUB_DOWNLOAD_TIMEOUT` (`value`) asks for, [`DEFAULT_WAIT`] when unset; a value
+/// that is not seconds is refused rather than silently replaced.
+fn wait_of(value: Option<&str>) -> Result<std::time::Duration, HubError> {
+    let Some(value) = value.filter(|v| !v.trim().is_empty()) else {
+        return Ok(DEFAULT_WAIT);
+    };
+    (value.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map(std::time::Duration::from_secs_f64)
+        .ok_or_else(|| HubError::Wait {
+            value: value.to_string(),
+        })
+}
+
 impl Hub {
     /// The Hub `HF_ENDPOINT` names (default huggingface.co), as `HF_TOKEN` (or
     /// `HUGGING_FACE_HUB_TOKEN`) if set, waiting for a connection and for an answer's headers
     /// as long as `HF_HUB_DOWNLOAD_TIMEOUT` says (seconds; huggingface_hub's variable and its
     /// default of 10), so a mirror or proxy that takes the connection and never answers fails
     /// the pull instead of hanging it.
-    pub fn from_env() -> Self {
+    pub fn from_env() -> Result<Self, HubError> {
         let endpoint =
             std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into());
         let token = std::env::var("HF_TOKEN")
             .or_else(|_| std::env::var("HUGGING_FACE_HUB_TOKEN"))
             .ok()
             .filter(|t| !t.is_empty());
-        let wait = std::env::var("HF_HUB_DOWNLOAD_TIMEOUT")
-            .ok()
-            .and_then(|s| s.trim().parse::<f64>().ok())
-            .filter(|s| s.is_finite() && *s > 0.0)
-            .map_or(DEFAULT_WAIT, std::time::Duration::from_secs_f64);
-        Self::new(&endpoint, token, wait)
+        let wait = wait_of(std::env::var("HF_HUB_DOWNLOAD_TIMEOUT").ok().as_deref())?;
+        Ok(Self::new(&endpoint, token, wait))
     }
 
     /// A client of the Hub at `endpoint`, waiting `wait` for a connection and for each
@@ -383,6 +399,23 @@ fn matches(file: &RemoteFile, path: &Path) -> Result<Option<(String, String)>, H
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An unusable `HF_HUB_DOWNLOAD_TIMEOUT` is refused, naming it, not replaced by the default.
+    #[test]
+    fn the_download_wait_is_seconds_or_refused() {
+        assert_eq!(wait_of(None).unwrap(), DEFAULT_WAIT);
+        assert_eq!(
+            wait_of(Some("2.5")).unwrap(),
+            std::time::Duration::from_millis(2500)
+        );
+        for bad in ["abc", "0", "-3", "inf"] {
+            let e = wait_of(Some(bad)).unwrap_err().to_string();
+            assert!(
+                e.contains("HF_HUB_DOWNLOAD_TIMEOUT") && e.contains(bad),
+                "{e}"
+            );
+        }
+    }
 
     #[test]
     fn paths_are_encoded_but_keep_their_slashes() {

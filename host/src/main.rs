@@ -63,6 +63,9 @@ enum Command {
     /// Measure a plugin under concurrent load: throughput, TTFT and inter-token latency.
     Bench(cli_bench::BenchArgs),
     /// Download a Hugging Face snapshot and write a manifest for the plugin that serves it.
+    ///
+    /// Environment: HF_TOKEN (gated and private repositories), HF_ENDPOINT (a mirror),
+    /// HF_HUB_DOWNLOAD_TIMEOUT (seconds to wait for a connection and each answer; 10).
     Pull(cli_pull::PullArgs),
     /// Quantize a plugin's model ahead of time into its manifest's `quantization_cache`.
     Quantize(cli_quantize::QuantizeArgs),

@@ -316,6 +316,16 @@ enum Measured {
     Workload(serde_json::Value, Vec<Timing>),
 }
 
+/// How many `timings` generated fewer than `asked` tokens (with `ignore_eos`, only the context
+/// ends one early), and the fewest any did.
+fn shortfall(asked: u32, timings: &[Timing]) -> Option<(usize, u32)> {
+    let short: Vec<u32> = (timings.iter())
+        .map(|t| t.completion_tokens)
+        .filter(|&n| n < asked)
+        .collect();
+    Some((short.len(), *short.iter().min()?))
+}
+
 /// The warm-up and the measured runs on a loaded `worker`.
 async fn measure(
     worker: &std::sync::Arc<Worker>,
@@ -331,6 +341,14 @@ async fn measure(
             return single::report(args, measured?, info).map(Measured::Reported);
         }
         let (timings, wall) = workload(worker, args, None).await?;
+        if let Some((short, least)) = shortfall(args.output_tokens, &timings) {
+            let context = info.context_length.map_or("its".into(), |c| c.to_string());
+            eprintln!(
+                "warning: {short} of {} requests stopped before --output-tokens {} (the shortest at {least}): prompt and output pass the model's context of {context} tokens; lower --prompt-words or --output-tokens to measure what was asked",
+                timings.len(),
+                args.output_tokens
+            );
+        }
         let mut figures = figures(args, &timings, wall);
         if let Some(c) = constraint {
             // Free, constrained, free again: the overheads compare against both free runs'
@@ -492,6 +510,19 @@ mod tests {
         let mut a = args(&["--concurrency", "4"]);
         check(&mut a).unwrap();
         assert_eq!(a.concurrency, 4);
+    }
+
+    #[test]
+    fn requests_cut_short_by_the_context_are_counted() {
+        let timing = |n| Timing {
+            completion_tokens: n,
+            ..Timing::default()
+        };
+        assert_eq!(shortfall(8, &[timing(8), timing(8)]), None);
+        assert_eq!(
+            shortfall(8, &[timing(8), timing(5), timing(3)]),
+            Some((2, 3))
+        );
     }
 
     #[test]
