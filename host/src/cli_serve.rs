@@ -19,7 +19,7 @@ pub struct ServeArgs {
     #[command(flatten)]
     search: SearchArgs,
     /// Address and port to listen on (default: the config's `server.listen`, 127.0.0.1:8080).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = listen_address)]
     listen: Option<String>,
     #[command(flatten)]
     tiers: TierArgs,
@@ -91,4 +91,12 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+/// `--listen` checked as the configuration's `listen` is.
+fn listen_address(addr: &str) -> Result<String, String> {
+    match pio_host::config::listen_problem(addr) {
+        Some(problem) => Err(problem),
+        None => Ok(addr.to_string()),
+    }
 }

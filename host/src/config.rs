@@ -28,6 +28,29 @@ where
     Ok(value)
 }
 
+/// Why `addr` cannot be listened on, if it cannot: `HOST:PORT` (an IP address, `[v6]`, or a name
+/// such as `localhost`) with a port from 0 to 65535; checked where it is written, not at bind.
+pub fn listen_problem(addr: &str) -> Option<String> {
+    let valid = addr.rsplit_once(':').is_some_and(|(host, port)| {
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        !host.is_empty() && !host.contains(char::is_whitespace) && port.parse::<u16>().is_ok()
+    });
+    (!valid).then(|| {
+        format!("`{addr}` is not an address to listen on: expected HOST:PORT, e.g. 127.0.0.1:8080, 0.0.0.0:8080 or [::1]:8080")
+    })
+}
+
+fn listen_address<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let addr = String::deserialize(d)?;
+    match listen_problem(&addr) {
+        Some(problem) => Err(serde::de::Error::custom(problem)),
+        None => Ok(addr),
+    }
+}
+
 /// A worker uid or gid other than root's: workers run unprivileged.
 fn unprivileged<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     let id = u32::deserialize(d)?;
@@ -132,6 +155,7 @@ impl Default for SupervisorSection {
 #[serde(default, deny_unknown_fields)]
 pub struct ServerSection {
     /// Address and port to listen on (default `127.0.0.1:8080`).
+    #[serde(deserialize_with = "listen_address")]
     pub listen: String,
     /// Plugins loaded at start and when dropped in, by name; `"*"` is every plugin (default
     /// `["*"]`). Others load on their first request.
@@ -497,10 +521,20 @@ mod tests {
             ("[supervisor]\ncrash_window_secs = 0\n", "crash_window_secs"),
             ("[sandbox]\nworker_uid = 0\n", "worker_uid"),
             ("[sandbox]\nworker_gid = 0\n", "worker_gid"),
+            ("[server]\nlisten = \"localhost\"\n", "listen"),
+            ("[server]\nlisten = \"0.0.0.0:99999\"\n", "listen"),
         ] {
             let e = parse(text).unwrap_err();
             assert_eq!(e.line, 2, "{text}: {e}");
             assert!(e.message.contains(key) && e.message.contains("0"), "{e}");
+        }
+        for good in [
+            "127.0.0.1:8080",
+            "localhost:9000",
+            "[::1]:8080",
+            "0.0.0.0:0",
+        ] {
+            assert_eq!(listen_problem(good), None, "{good}");
         }
         assert!(parse("[server]\nqueue_depth = 1\n").is_ok());
     }
