@@ -438,10 +438,7 @@ fn unimplemented_vllm_fields_are_refused_by_name() {
             (&chat, Endpoint::Chat, "chat"),
             (&prompt, Endpoint::Completions, "text"),
         ] {
-            let mut body = base.clone();
-            for (k, v) in extra.as_object().unwrap() {
-                body[k] = v.clone();
-            }
+            let body = with(base.clone(), extra.clone());
             let e = parse(&body, endpoint, caps(&[cap]), &Limits::default()).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
         }
@@ -474,11 +471,14 @@ fn unimplemented_vllm_fields_are_refused_by_name() {
 #[test]
 fn errors_name_the_field_the_client_wrote_in_its_words() {
     let chat = |extra: Value| {
-        let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
-        for (k, v) in extra.as_object().unwrap() {
-            body[k] = v.clone();
-        }
-        parse(&body, Endpoint::Chat, caps(&["chat"]), &Limits::default()).unwrap_err()
+        let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+        parse(
+            &with(body, extra),
+            Endpoint::Chat,
+            caps(&["chat"]),
+            &Limits::default(),
+        )
+        .unwrap_err()
     };
     let e = chat(json!({"max_completion_tokens": 0}));
     assert_eq!(
