@@ -319,11 +319,10 @@ enum Measured {
 /// How many `timings` generated fewer than `asked` tokens (with `ignore_eos`, only the context
 /// ends one early), and the fewest any did.
 fn shortfall(asked: u32, timings: &[Timing]) -> Option<(usize, u32)> {
-    let short: Vec<u32> = (timings.iter())
+    let short = (timings.iter())
         .map(|t| t.completion_tokens)
-        .filter(|&n| n < asked)
-        .collect();
-    Some((short.len(), *short.iter().min()?))
+        .filter(|&n| n < asked);
+    Some((short.clone().count(), short.min()?))
 }
 
 /// The warm-up and the measured runs on a loaded `worker`.
