@@ -2,6 +2,7 @@
 //! weights load (on a terminal only).
 
 use std::io::{IsTerminal, Write};
+use std::sync::Arc;
 
 use pio_host::protocol::TokenFrame;
 use pio_host::serve::output::Parsing;
@@ -14,6 +15,8 @@ pub struct TokenPrinter {
     index: usize,
     /// For a chat in JSON: how to parse the output, the tools offered, the text so far.
     chat: Option<(Parsing, Vec<Value>, String)>,
+    /// In text: the special tokens left out (`--special` keeps them), as llama.cpp's CLI does.
+    text: Option<Parsing>,
 }
 
 impl TokenPrinter {
@@ -23,13 +26,24 @@ impl TokenPrinter {
             json,
             index: 0,
             chat: None,
+            text: None,
         }
     }
 
     /// In JSON, a chat's summary line also carries the `message` as the API returns it:
     /// `content`, and `reasoning_content` and `tool_calls` when the model (`info`) marks them.
-    pub fn parsing(mut self, request: &InferRequest, info: &ModelInfo) -> Self {
-        if self.json && matches!(request.prompt, Prompt::Messages(_)) {
+    /// In text, the model's special tokens are left out unless `special`, except the markup
+    /// that shows where reasoning or a tool call starts and ends.
+    pub fn parsing(mut self, request: &InferRequest, info: &ModelInfo, special: bool) -> Self {
+        let chat = matches!(request.prompt, Prompt::Messages(_));
+        if !self.json {
+            let ids = info.special_token_ids.clone();
+            let tokens = info.token_bytes.as_ref().and_then(|t| t.table().ok());
+            let parsing = Parsing::of(request, chat, info)
+                .with_tokens(tokens.map(Arc::new))
+                .with_special(ids.map(|ids| Arc::new(ids.into_iter().collect())), !special);
+            self.text = Some(parsing);
+        } else if chat {
             let parsing = Parsing::of(request, true, info);
             self.chat = Some((
                 parsing,
@@ -56,7 +70,10 @@ impl TokenPrinter {
                 text.push_str(&t.text);
             }
         } else {
-            write!(out, "{}", t.text)?;
+            match &self.text {
+                Some(parsing) => write!(out, "{}", parsing.shown(t.clone()).text)?,
+                None => write!(out, "{}", t.text)?,
+            }
         }
         self.index += 1;
         out.flush()
@@ -75,12 +92,7 @@ impl TokenPrinter {
                     message["reasoning_content"] = json!(r);
                 }
                 if !extracted.calls.is_empty() {
-                    message["tool_calls"] = extracted
-                        .calls
-                        .iter()
-                        .enumerate()
-                        .map(|(i, c)| c.to_json(i))
-                        .collect();
+                    message["tool_calls"] = extracted.calls.iter().map(|c| c.to_json()).collect();
                 }
                 line["message"] = message;
             }

@@ -88,6 +88,10 @@ pub struct RunArgs {
     /// Print one JSON object per token, then a summary line.
     #[arg(long)]
     json: bool,
+    /// Print the model's special tokens (`<|im_end|>`, ...) in the text; by default they are
+    /// left out, but for the markers of reasoning and tool calls. `--json` always shows them.
+    #[arg(long, conflicts_with = "json")]
+    special: bool,
     #[command(flatten)]
     tiers: TierArgs,
     /// Load the plugin into this process, unconfined: for debugging a plugin only.
@@ -406,7 +410,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     )?;
     let parsed = request(&args, capabilities, &settings)?;
     if args.in_process {
-        return in_process(&library, &config, &parsed, args.json);
+        return in_process(&library, &config, &parsed, args.json, args.special);
     }
     let maximum = spec.plan.applied == Tier::Maximum;
     // 0 is no limit, as in the config (where `maximum`'s watchdog still holds).
@@ -420,7 +424,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(stream(spec, config, parsed, args.json, timeout))
+    runtime.block_on(stream(
+        spec,
+        config,
+        parsed,
+        (args.json, args.special),
+        timeout,
+    ))
 }
 
 /// Starts the worker of `spec` and loads `config` into it, with a progress bar. SIGINT or
@@ -492,7 +502,7 @@ async fn stream(
     spec: WorkerSpec,
     config: pio_plugin_api::wire::ModelConfig,
     parsed: Parsed,
-    json: bool,
+    (json, special): (bool, bool),
     timeout: Option<std::time::Duration>,
 ) -> anyhow::Result<u8> {
     let mut signals = StopSignals::new()?;
@@ -504,7 +514,7 @@ async fn stream(
             return Err(e);
         }
     };
-    let mut printer = TokenPrinter::new(json).parsing(&request, &info);
+    let mut printer = TokenPrinter::new(json).parsing(&request, &info, special);
     let (id, mut events) = worker.infer(request)?;
     let deadline = tokio::time::sleep(timeout.unwrap_or(std::time::Duration::MAX / 4));
     tokio::pin!(deadline);
@@ -668,6 +678,7 @@ fn in_process(
     config: &pio_plugin_api::wire::ModelConfig,
     parsed: &Parsed,
     json: bool,
+    special: bool,
 ) -> anyhow::Result<u8> {
     eprintln!(
         "warning: --in-process runs the plugin's code inside pio, unconfined: for debugging only"
@@ -685,8 +696,10 @@ fn in_process(
         .into_result();
     progress.finish();
     let info: ModelInfo = serde_json::from_str(&loaded?)?;
-    let request = serde_json::to_string(&constrained(parsed, &info)?)?;
-    let sink = TokenSink_TO::from_value(PrintSink(TokenPrinter::new(json)), TD_Opaque);
+    let request = constrained(parsed, &info)?;
+    let printer = TokenPrinter::new(json).parsing(&request, &info, special);
+    let request = serde_json::to_string(&request)?;
+    let sink = TokenSink_TO::from_value(PrintSink(printer), TD_Opaque);
     match plugin.infer(request.as_str().into(), sink).into_result() {
         Ok(outcome) => {
             let outcome: pio_plugin_api::wire::InferOutcome = serde_json::from_str(&outcome)?;

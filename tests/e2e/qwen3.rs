@@ -426,6 +426,62 @@ fn model_path_runs_a_plugin_whose_manifest_model_is_missing() {
     assert!(!out.stdout.is_empty());
 }
 
+/// `pio run`'s text leaves the model's special tokens out, as llama.cpp's CLI does (the tiny
+/// model draws `<think>`, special in its tokenizer, after "The"); `--special` prints them, and
+/// `--json` always shows each token as it is.
+#[test]
+fn pio_run_text_leaves_special_tokens_out_unless_asked() {
+    if !confinement_available() {
+        return;
+    }
+    let deps = deps_dir();
+    let text = |extra: &[&str]| {
+        let args = [
+            &[
+                "run",
+                "qwen3-4b-instruct-2507",
+                "--library-dir",
+                deps.to_str().unwrap(),
+                "--prompt",
+                "The",
+                "--temperature",
+                "0",
+                "--max-tokens",
+                "40",
+            ][..],
+            extra,
+        ]
+        .concat();
+        let out = pio(&repo_root(), &args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let out = run_plugin("qwen3-4b-instruct-2507", &["--prompt", "The"], 40);
+    let lines: Vec<Value> = (String::from_utf8_lossy(&out.stdout).lines())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let tokens: Vec<(u64, &str)> = lines
+        .iter()
+        .filter_map(|l| Some((l["token_id"].as_u64()?, l["text"].as_str()?)))
+        .collect();
+    let special = 7; // `<think>`
+    assert!(
+        tokens.iter().any(|(id, _)| *id == special),
+        "the greedy run draws <think>: {tokens:?}"
+    );
+    let all: String = tokens.iter().map(|(_, t)| *t).collect();
+    let shown: String = (tokens.iter())
+        .filter(|(id, _)| *id != special)
+        .map(|(_, t)| *t)
+        .collect();
+    assert_eq!(text(&[]), format!("{shown}\n"));
+    assert_eq!(text(&["--special"]), format!("{all}\n"));
+}
+
 /// vLLM's request extras on the real engine: `continue_final_message` and
 /// `add_generation_prompt` shape the prompt (a continued assistant message is neither closed nor
 /// followed by a new turn), and `include_stop_str_in_output` ends the text with the stop string

@@ -118,6 +118,10 @@ fn tool_calls_in_the_output_become_tool_calls_in_the_api() {
     assert!(calls[0]["id"]
         .as_str()
         .is_some_and(|id| id.starts_with("call_")));
+    // A message's calls are OpenAI's `ChatCompletionMessageToolCall`: `index` is the stream's.
+    let mut keys: Vec<&String> = calls[0].as_object().unwrap().keys().collect();
+    keys.sort();
+    assert_eq!(keys, ["function", "id", "type"], "{r}");
 
     // Streamed: the markup never reaches the client as text; the call comes as a delta.
     req["stream"] = json!(true);
@@ -136,6 +140,7 @@ fn tool_calls_in_the_output_become_tool_calls_in_the_api() {
         .find_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array())
         .expect("a tool_calls delta");
     assert_eq!(delta[0]["function"]["name"], "get_weather");
+    assert_eq!(delta[0]["index"], 0);
     assert_eq!(
         chunks.last().unwrap()["choices"][0]["finish_reason"],
         "tool_calls"

@@ -168,11 +168,7 @@ impl Reply {
                     if content.is_empty() {
                         message["content"] = Value::Null;
                     }
-                    message["tool_calls"] = calls
-                        .iter()
-                        .enumerate()
-                        .map(|(i, c)| c.to_json(i))
-                        .collect();
+                    message["tool_calls"] = calls.iter().map(Call::to_json).collect();
                 }
                 json!({"index": 0, "message": message, "logprobs": logprobs, "finish_reason": reason})
             }
@@ -265,7 +261,7 @@ impl Reply {
         let calls: Vec<Value> = calls
             .iter()
             .enumerate()
-            .map(|(i, c)| c.to_json(i))
+            .map(|(i, c)| c.to_delta(i))
             .collect();
         self.chunk(
             json!({"tool_calls": calls}),

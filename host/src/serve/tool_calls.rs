@@ -62,14 +62,20 @@ pub struct Call {
 }
 
 impl Call {
-    /// The API's `tool_calls[]` entry.
-    pub fn to_json(&self, index: usize) -> Value {
+    /// A message's `tool_calls[]` entry (OpenAI's `ChatCompletionMessageToolCall`: no index).
+    pub fn to_json(&self) -> Value {
         json!({
-            "index": index,
             "id": self.id,
             "type": "function",
             "function": {"name": self.name, "arguments": self.arguments},
         })
+    }
+
+    /// A stream delta's `tool_calls[]` entry, which clients assemble by `index`.
+    pub fn to_delta(&self, index: usize) -> Value {
+        let mut entry = self.to_json();
+        entry["index"] = index.into();
+        entry
     }
 }
 
