@@ -3,8 +3,12 @@
 //! take to read. The cache is one GGUF file per checkpoint folder and quantization, holding a key
 //! over what it was made from (the config, each weight file's name, size and modification time,
 //! the quantization); a file whose key differs (stale), whose tensors do not fit it (truncated) or
-//! that cannot be parsed is not used, and is replaced by the next complete load. Tensors are written as they are quantized into a data file beside it, so no second copy
-//! is held in memory; the GGUF is assembled, synced and renamed into place once loading is done.
+//! that cannot be parsed is not used, and is replaced by the next complete load. Each tensor
+//! carries a CRC-32 of its bytes: one damaged in place (a bad disk, a stray write) is quantized
+//! again from the checkpoint instead of loading as garbage, and the file is removed for the next
+//! start to rebuild. Tensors are written as they are quantized into a data file beside it, so no
+//! second copy is held in memory; the GGUF is assembled, synced and renamed into place once
+//! loading is done.
 
 use std::fs::File;
 use std::io::{BufWriter, Seek, Write};
@@ -21,6 +25,11 @@ const ALIGNMENT: u64 = 32;
 
 /// The metadata key holding the cache key.
 const KEY: &str = "pio.quantization_cache.key";
+
+/// The metadata key holding tensor `name`'s CRC-32.
+fn check_key(name: &str) -> String {
+    format!("pio.quantization_cache.crc32.{name}")
+}
 
 /// A checkpoint's quantization cache: read when a valid one exists, written otherwise.
 #[derive(Debug)]
@@ -46,6 +55,8 @@ struct Made {
     offset: u64,
     /// A tensor the found cache lacked: it does not match this checkpoint after all.
     missed: bool,
+    /// Tensors of the found cache whose bytes failed their checksum.
+    damaged: Vec<String>,
     hits: usize,
     error: Option<String>,
 }
@@ -56,6 +67,7 @@ struct Entry {
     dtype: GgmlDType,
     shape: Vec<usize>,
     offset: u64,
+    crc32: u32,
 }
 
 /// 64-bit FNV-1a: a stable hash (std's is not promised to stay the same across releases).
@@ -99,7 +111,8 @@ impl QuantCache {
         self.found.is_some()
     }
 
-    /// `path` when it is a cache for `key` whose every tensor fits in the file.
+    /// `path` when it is a cache for `key` whose every tensor fits in the file and has its
+    /// checksum (a cache written before checksums were is rebuilt).
     fn read(path: &Path, key: &str) -> Option<Found> {
         let mut file = File::open(path).ok()?;
         let len = file.metadata().ok()?.len();
@@ -111,6 +124,9 @@ impl QuantCache {
             let bytes = t.shape.elem_count() / t.ggml_dtype.block_size() * t.ggml_dtype.type_size();
             content.tensor_data_offset + t.offset + bytes as u64 <= len
         });
+        let checked =
+            (content.tensor_infos.keys()).all(|name| stored_crc32(&content, name).is_some());
+        let fits = fits && checked;
         fits.then_some(Found { file, content })
     }
 
@@ -130,13 +146,17 @@ impl QuantCache {
             }
             _ => None,
         };
+        let intact = bytes
+            .as_ref()
+            .map(|b| stored_crc32(content, name) == Some(crc32fast::hash(b)));
         if let Ok(mut made) = self.made.lock() {
-            match bytes {
-                Some(_) => made.hits += 1,
+            match intact {
+                Some(true) => made.hits += 1,
+                Some(false) => made.damaged.push(name.to_string()),
                 None => made.missed = true,
             }
         }
-        bytes
+        bytes.filter(|_| intact == Some(true))
     }
 
     /// Records `q`, just quantized as `name`, for the cache this load will write.
@@ -181,6 +201,7 @@ impl QuantCache {
             dtype: q.dtype(),
             shape: q.shape().dims().to_vec(),
             offset: made.offset + padding,
+            crc32: crc32fast::hash(&bytes),
         });
         made.offset += padding + bytes.len() as u64;
         Ok(())
@@ -193,12 +214,26 @@ impl QuantCache {
     }
 
     /// Once loading is done: writes the cache when this load made one (returns its path), removes
-    /// a found cache that lacked a tensor. Errors name the file; the model is loaded either way.
+    /// a found cache that lacked a tensor or held a damaged one. Errors name the file; the model
+    /// is loaded either way.
     pub fn finish(&self) -> Result<Option<PathBuf>> {
         let mut made = self
             .made
             .lock()
             .map_err(|_| self.error("a loading thread panicked"))?;
+        if !made.damaged.is_empty() {
+            let _ = std::fs::remove_file(&self.path);
+            return Err(EngineError::BadFile {
+                path: self.path.clone(),
+                reason: format!(
+                    "{} tensor(s) of the quantization cache failed their checksum (first: {}); \
+                     they were quantized again from the checkpoint and the file was removed, so \
+                     the next start rebuilds it (check the disk it is on)",
+                    made.damaged.len(),
+                    made.damaged[0]
+                ),
+            });
+        }
         if made.missed {
             // Stale in a way the key did not catch: the next start rebuilds it.
             let _ = std::fs::remove_file(&self.path);
@@ -255,10 +290,15 @@ fn write_header(w: &mut impl Write, key: &str, entries: &[Entry]) -> std::io::Re
     h.extend(0x4655_4747u32.to_le_bytes());
     h.extend(3u32.to_le_bytes());
     h.extend((entries.len() as u64).to_le_bytes());
-    h.extend(1u64.to_le_bytes());
+    h.extend((1 + entries.len() as u64).to_le_bytes());
     string(&mut h, KEY);
     h.extend(8u32.to_le_bytes()); // GGUF's string type
     string(&mut h, key);
+    for e in entries {
+        string(&mut h, &check_key(&e.name));
+        h.extend(4u32.to_le_bytes()); // GGUF's uint32 type
+        h.extend(e.crc32.to_le_bytes());
+    }
     for e in entries {
         string(&mut h, &e.name);
         h.extend((e.shape.len() as u32).to_le_bytes());
@@ -271,6 +311,11 @@ fn write_header(w: &mut impl Write, key: &str, entries: &[Entry]) -> std::io::Re
     }
     h.resize((h.len() as u64).next_multiple_of(ALIGNMENT) as usize, 0);
     w.write_all(&h)
+}
+
+/// The CRC-32 the cache holds for tensor `name`.
+fn stored_crc32(content: &Content, name: &str) -> Option<u32> {
+    content.metadata.get(&check_key(name))?.to_u32().ok()
 }
 
 /// ggml's type number for `dtype`.

@@ -1,5 +1,6 @@
 //! The quantization cache: a second load reads every quantized weight from the file the first
-//! wrote and gives the same logits; a stale or truncated file is not used and is rebuilt; a folder
+//! wrote and gives the same logits; a stale or truncated file is not used and is rebuilt, a
+//! damaged one is caught by its checksums; a folder
 //! that cannot be written leaves the model loaded and names the file.
 
 #![allow(clippy::unwrap_used)]
@@ -85,6 +86,24 @@ fn a_second_load_reads_the_cache_and_a_stale_or_truncated_one_is_rebuilt() {
     assert_eq!(cache.finish().unwrap(), Some(file.clone()));
     assert_eq!(std::fs::metadata(&file).unwrap().len(), size);
     assert_eq!(third, first);
+
+    // Damaged in place (same size, a byte of the last tensor changed): that tensor is quantized
+    // again, the load says so, and the file goes for the next start to rebuild.
+    let mut bytes = std::fs::read(&file).unwrap();
+    let at = bytes.len() - 50;
+    bytes[at] ^= 0x5A;
+    std::fs::write(&file, &bytes).unwrap();
+    let (damaged, checkpoint) = load(&dir, &cache_dir);
+    let cache = checkpoint.quantization_cache().unwrap();
+    assert!(cache.found(), "the file itself reads as a cache");
+    assert_eq!(damaged, first, "the damaged tensor is quantized again");
+    let e = cache.finish().unwrap_err().to_string();
+    assert!(e.contains("checksum") && e.contains("rebuilds"), "{e}");
+    assert!(!file.exists(), "a damaged cache is removed");
+    let (_, checkpoint) = load(&dir, &cache_dir);
+    let cache = checkpoint.quantization_cache().unwrap();
+    assert!(!cache.found());
+    assert_eq!(cache.finish().unwrap(), Some(file.clone()), "and rebuilt");
 
     // Stale: the weights changed after the cache was made.
     let weights = dir.join("model-00003-of-00005.safetensors");
