@@ -356,6 +356,26 @@ impl Config {
         })
     }
 
+    /// The folders this file names that cannot be opened (a typo, or one not yet made), each
+    /// with its key and the reason: worth a warning at start, where they would otherwise be
+    /// found only as plugins not served or image files refused.
+    pub fn unreadable_folders(&self) -> Vec<String> {
+        let named = (self.plugin_dirs.iter().map(|d| ("plugin_dirs", d)))
+            .chain(self.library_dirs.iter().map(|d| ("library_dirs", d)))
+            .chain(
+                self.server
+                    .image_root
+                    .iter()
+                    .map(|d| ("server.image_root", d)),
+            );
+        named
+            .filter_map(|(key, dir)| {
+                let e = std::fs::read_dir(dir).err()?;
+                Some(format!("{key}: {} cannot be opened ({e})", dir.display()))
+            })
+            .collect()
+    }
+
     /// The sandbox policy it sets.
     pub fn policy(&self) -> Policy {
         Policy {
@@ -500,6 +520,31 @@ mod tests {
         );
         let e = parse("[supervisor]\nmax_crashes = \"many\"\n").unwrap_err();
         assert!(e.message.contains("`max_crashes`"), "{e}");
+    }
+
+    /// Folders named but not there are listed with their keys, for a warning at start.
+    #[test]
+    fn folders_that_cannot_be_opened_are_named_with_their_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pio.toml");
+        std::fs::create_dir(dir.path().join("plugins")).unwrap();
+        std::fs::write(
+            &path,
+            "plugin_dirs = [\"plugins\", \"plugnis\"]\nlibrary_dirs = [\"libs\"]\n[server]\nimage_root = \"images\"\n",
+        )
+        .unwrap();
+        let found = Config::load(&path).unwrap().unreadable_folders();
+        assert_eq!(found.len(), 3, "{found:?}");
+        for (line, want) in
+            found
+                .iter()
+                .zip(["plugin_dirs: ", "library_dirs: ", "server.image_root: "])
+        {
+            assert!(line.starts_with(want), "{line}");
+        }
+        assert!(found[0].contains("plugnis") && !found.iter().any(|l| l.contains("plugins ")));
+        std::fs::create_dir(dir.path().join("images")).unwrap();
+        assert_eq!(Config::load(&path).unwrap().unreadable_folders().len(), 2);
     }
 
     /// Values that would make the server useless are refused where they are written.

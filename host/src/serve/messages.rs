@@ -145,6 +145,16 @@ fn image_data_url(url: &str, at: &str, image_root: Option<&Path>) -> Result<Stri
     let Some(root) = image_root else {
         return Err(ApiError::bad_field(at, format!("`{at}`: image files are not allowed (no server.image_root is configured); send a data: URL")));
     };
+    if let Err(e) = std::fs::read_dir(root) {
+        // The operator's mistake, said as such (not as the client's file being outside it).
+        return Err(ApiError::bad_field(
+            at,
+            format!(
+                "`{at}`: the server's image_root {} cannot be opened ({e}), so no image file can be read; send a data: URL, or ask the server's operator to fix server.image_root",
+                root.display()
+            ),
+        ));
+    }
     let file = match std::fs::canonicalize(path) {
         Ok(file) if file.starts_with(root) => file,
         // Said as it is where the file's folder is under the root ("not under the root" for a
@@ -331,6 +341,16 @@ mod tests {
         );
         let e = check(part(&root.path().join("a.png")), true, None).unwrap_err();
         assert!(e.message.contains("no server.image_root"), "{}", e.message);
+        // A root that is not there (a typo in the config) is named as the server's problem.
+        let missing = canonical.join("no-such-root");
+        let e = check(part(&root.path().join("a.png")), true, Some(&missing)).unwrap_err();
+        assert!(
+            e.message.contains("image_root")
+                && e.message.contains("no-such-root")
+                && e.message.contains("operator"),
+            "{}",
+            e.message
+        );
         // A missing file under the root is said to be missing; elsewhere, through `..` too,
         // nothing tells a client what exists.
         let e = check(part(&canonical.join("gone.png")), true, Some(&canonical)).unwrap_err();

@@ -233,6 +233,9 @@ pub async fn serve(setup: Setup) -> Result<(), ServeError> {
     let models = Models::new(setup);
     models.rescan().await?;
     models.warn_missing_preloads();
+    for problem in models.config().unreadable_folders() {
+        tracing::warn!("{problem}: create it or correct the configuration");
+    }
     let app = Arc::new(App {
         models: models.clone(),
         metrics: metrics::Metrics::default(),

@@ -209,7 +209,8 @@ fn min_within_max(request: &InferRequest, asked: bool) -> Result<(), ApiError> {
 pub struct Limits {
     /// The most tokens a request may ask for (0: no cap).
     pub max_tokens: u32,
-    /// Image parts may name files under this (canonical) directory.
+    /// Image parts may name files under this directory (canonical, or as written when it
+    /// cannot be opened, which each such request is then told).
     pub image_root: Option<std::path::PathBuf>,
 }
 
@@ -218,10 +219,8 @@ impl Limits {
     pub fn of(server: &crate::config::ServerSection) -> Self {
         Self {
             max_tokens: server.max_tokens_limit,
-            image_root: server
-                .image_root
-                .as_ref()
-                .and_then(|r| std::fs::canonicalize(r).ok()),
+            image_root: (server.image_root.as_ref())
+                .map(|r| std::fs::canonicalize(r).unwrap_or_else(|_| r.clone())),
         }
     }
 }
