@@ -110,6 +110,32 @@ fn placeholders_and_images_must_agree() {
     assert!(e.contains("1 image placeholders for 0 images"), "{e}");
 }
 
+/// `/tokenize`'s ids come from the images' sizes alone: the same as the vision tower's inputs,
+/// for images of several sizes and shapes in one prompt.
+#[test]
+fn token_ids_without_the_vision_tower_are_the_prepared_prompt() {
+    let f = fixture();
+    let ids = f
+        .codec
+        .encode("a<|vision_start|><|image_pad|><|vision_end|>b<|vision_start|><|image_pad|><|vision_end|>c")
+        .unwrap();
+    for pair in [["small.png", "wide.png"], ["large.png", "photo.jpg"]] {
+        let images: Vec<_> = pair
+            .iter()
+            .map(|name| {
+                let bytes = std::fs::read(fixtures().join("images").join(name)).unwrap();
+                decode(&bytes, &DecodeLimits::default()).unwrap()
+            })
+            .collect();
+        let (prepared, _) = f.model.prepare(ids.clone(), &images).unwrap();
+        let counted = f.model.token_ids(ids.clone(), &images).unwrap();
+        assert!(prepared.len() > ids.len(), "{pair:?}");
+        assert_eq!(counted, prepared, "{pair:?}");
+    }
+    let e = f.model.token_ids(ids, &[]).unwrap_err().to_string();
+    assert!(e.contains("2 image placeholders for 0 images"), "{e}");
+}
+
 /// A copy of the fixture with `edit` applied to its config.json.
 fn broken(edit: impl Fn(&mut Value), drop: Option<&str>) -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();

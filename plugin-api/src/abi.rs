@@ -40,8 +40,12 @@ impl Capabilities {
     /// and generating nothing (since 1.7). The host asks only plugins that set this: one built
     /// against 1.7 without knowing the field would run the empty request as a generation.
     pub const ENGINE_STATS: Self = Self(1 << 6);
+    /// Answers an `InferRequest` whose `tokenize_only` is set with the prompt's token ids
+    /// (`InferOutcome::prompt_token_ids`), generating nothing (since 1.9). The host asks only
+    /// plugins that set this, for the API's `/tokenize`.
+    pub const TOKENIZE: Self = Self(1 << 7);
 
-    const NAMES: [(Self, &'static str); 7] = [
+    const NAMES: [(Self, &'static str); 8] = [
         (Self::TEXT, "text"),
         (Self::CHAT, "chat"),
         (Self::TOOLS, "tools"),
@@ -49,6 +53,7 @@ impl Capabilities {
         (Self::LOGPROBS, "logprobs"),
         (Self::STRUCTURED_OUTPUT, "structured_output"),
         (Self::ENGINE_STATS, "engine_stats"),
+        (Self::TOKENIZE, "tokenize"),
     ];
 
     /// The empty set.

@@ -24,7 +24,9 @@
 //! `InferRequest::stats_only` and `Capabilities::ENGINE_STATS` (the engine's figures at any
 //! time, for live gauges). 1.8.0 — `ModelInfo::special_token_ids` (the tokenizer's special
 //! tokens, which the host leaves out of the text as vLLM's `skip_special_tokens` does) and
-//! `ErrorKind::CONSTRAINT` (an output constraint the plugin cannot use).
+//! `ErrorKind::CONSTRAINT` (an output constraint the plugin cannot use). 1.9.0 —
+//! `InferRequest::tokenize_only`, `InferOutcome::prompt_token_ids` and `Capabilities::TOKENIZE`
+//! (the prompt's token ids without generating, for the API's `/tokenize`).
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 

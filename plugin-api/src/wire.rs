@@ -209,6 +209,11 @@ pub struct InferRequest {
     /// gauges live. Added in 1.7, and sent only to plugins that declare
     /// `Capabilities::ENGINE_STATS`.
     pub stats_only: bool,
+    /// Generate nothing: answer with the prompt's token ids as the model would run them (chat
+    /// template applied, images expanded) in `InferOutcome::prompt_token_ids`, and their number
+    /// in `usage.prompt_tokens`. Added in 1.9, and sent only to plugins that declare
+    /// `Capabilities::TOKENIZE`.
+    pub tokenize_only: bool,
 }
 
 /// A grammar the output must match, checked token by token as it is generated.
@@ -283,6 +288,9 @@ pub struct InferOutcome {
     pub timings: serde_json::Map<String, serde_json::Value>,
     /// The model engine's figures as this request ended, for plugins that batch.
     pub engine: Option<EngineStats>,
+    /// The prompt's token ids, answering `InferRequest::tokenize_only` (added in 1.9).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_token_ids: Option<Vec<u32>>,
 }
 
 /// A batching engine's gauges and counters (counters since the model loaded).

@@ -198,6 +198,11 @@ fn the_chat_api_takes_images_and_refuses_bad_ones() {
             assert!(cached * 2 > prompt_tokens, "{r}");
         }
     }
+    // `/tokenize` counts the image's tokens from its size: transformers' input ids, exactly.
+    let (status, r) = d.post("/tokenize", &body);
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["tokens"], one["input_ids"], "{r}");
+    assert_eq!(r["count"], prompt_tokens);
     // A file under the image root works like the data URL.
     let root = repo_root().join("tests/fixtures/images/rgb.png");
     let (status, r) = d.post(

@@ -908,6 +908,84 @@ fn request_ids_come_back_and_reach_the_worker_log() {
     assert!(r.headers().contains_key("x-request-id"));
 }
 
+/// vLLM's `/tokenize` and `/detokenize`: a raw prompt's ids are transformers' (the golden's),
+/// a chat's are those its generation runs (its usage counts them), ids come back as the text,
+/// and a plugin that does not declare the capability, or an id outside the vocabulary, is
+/// refused by name.
+#[test]
+fn tokenize_gives_the_ids_a_generation_runs_and_detokenize_reverses_them() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(qwen_dir(""), "");
+    d.wait_ready();
+    let golden: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("tests/fixtures/golden/qwen3-tiny.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let case = &golden[0];
+    let model = "qwen3-4b-instruct-2507";
+    let (status, r) = d.post(
+        "/tokenize",
+        &json!({"model": model, "prompt": case["prompt"], "return_token_strs": true}),
+    );
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["tokens"], case["input_ids"], "{r}");
+    assert_eq!(r["count"], case["input_ids"].as_array().unwrap().len());
+    assert!(r["max_model_len"].as_u64().is_some_and(|n| n > 0), "{r}");
+    let strs: String = (r["token_strs"].as_array().unwrap().iter())
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    assert_eq!(strs, case["prompt"].as_str().unwrap());
+    let (status, back) = d.post(
+        "/detokenize",
+        &json!({"model": model, "tokens": r["tokens"]}),
+    );
+    assert_eq!(status, 200, "{back}");
+    assert_eq!(back["prompt"], case["prompt"]);
+
+    // A chat: the template's tokens, as many as its generation's usage counts.
+    let mut req = chat(model, "写一首诗 🙂");
+    let (status, t) = d.post("/tokenize", &req);
+    assert_eq!(status, 200, "{t}");
+    req["max_tokens"] = json!(1);
+    let (_, g) = d.post("/v1/chat/completions", &req);
+    assert_eq!(t["count"], g["usage"]["prompt_tokens"], "{t} {g}");
+    let detokenized = |tokens: &Value| -> String {
+        let (status, r) = d.post("/detokenize", &json!({"model": model, "tokens": tokens}));
+        assert_eq!(status, 200, "{r}");
+        r["prompt"].as_str().unwrap().to_string()
+    };
+    let text = detokenized(&t["tokens"]);
+    assert!(
+        text.starts_with("<|im_start|>") && text.contains("写一首诗 🙂"),
+        "{text}"
+    );
+    // Tools go through the template too; counting is not held to the context.
+    req["tools"] = json!([{"type": "function", "function": {"name": "lookup", "parameters": {}}}]);
+    let (status, with_tools) = d.post("/tokenize", &req);
+    assert_eq!(status, 200, "{with_tools}");
+    let count = |v: &Value| v["count"].as_u64().unwrap();
+    assert!(count(&with_tools) > count(&t) + 20, "{with_tools}");
+    assert!(detokenized(&with_tools["tokens"]).contains("\"lookup\""));
+
+    let (status, e) = d.post(
+        "/detokenize",
+        &json!({"model": model, "tokens": [1, 99999999]}),
+    );
+    assert_eq!(status, 400, "{e}");
+    assert_eq!(e["error"]["param"], "tokens[1]");
+    let (status, e) = d.post("/tokenize", &json!({"model": "echo", "prompt": "hi"}));
+    assert_eq!(status, 400, "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("tokenize"),
+        "{e}"
+    );
+    let (status, _) = d.post("/tokenize", &json!({"model": "nope", "prompt": "hi"}));
+    assert_eq!(status, 404);
+}
+
 #[test]
 fn logprob_bytes_are_each_tokens_own_even_inside_a_character() {
     if !confinement_available() {

@@ -67,6 +67,16 @@ pub trait LoadModel: CausalLm + Sized {
             ))
         }
     }
+
+    /// The token ids [`LoadModel::prepare`] gives, without the work its media take (a vision
+    /// tower): what `/tokenize` answers.
+    fn token_ids(
+        &self,
+        prompt: Vec<u32>,
+        images: &[crate::images::RgbImage],
+    ) -> crate::Result<Vec<u32>> {
+        self.prepare(prompt, images).map(|(ids, _)| ids)
+    }
 }
 
 /// A loaded model and everything needed to talk to it.
@@ -555,6 +565,19 @@ impl<M: LoadModel> ModelRuntime<M> {
             .transpose()
             .map_err(plugin_error)?;
         let images = message_images(&request.prompt)?;
+        if request.tokenize_only {
+            let ids = (loaded.model)
+                .token_ids(loaded.prompt_ids(request)?, &images)
+                .map_err(plugin_error)?;
+            return Ok(InferOutcome {
+                usage: Usage {
+                    prompt_tokens: ids.len() as u32,
+                    ..Usage::default()
+                },
+                prompt_token_ids: Some(ids),
+                ..InferOutcome::default()
+            });
+        }
         let (prompt, media) = loaded
             .model
             .prepare(loaded.prompt_ids(request)?, &images)
@@ -630,9 +653,10 @@ macro_rules! text_model_plugin {
             const NAME: &'static str = $name;
             const VERSION: &'static str = env!("CARGO_PKG_VERSION");
             const FAMILY: &'static str = $family;
-            // Every model on the engine answers `stats_only` asks (live gauges).
-            const CAPABILITIES: $crate::plugin_api::Capabilities =
-                $caps.union($crate::plugin_api::Capabilities::ENGINE_STATS);
+            // Every model on the engine answers `stats_only` (live gauges) and `tokenize_only`.
+            const CAPABILITIES: $crate::plugin_api::Capabilities = $caps
+                .union($crate::plugin_api::Capabilities::ENGINE_STATS)
+                .union($crate::plugin_api::Capabilities::TOKENIZE);
 
             fn new() -> Result<Self, $crate::plugin_api::PluginError> {
                 Ok(Self(

@@ -16,6 +16,9 @@ pub enum Need {
     Metrics,
 }
 
+/// vLLM's token routes, outside `/v1/` yet served by the models as the API is.
+const TOKENS: [&str; 2] = ["/tokenize", "/detokenize"];
+
 /// What `path` needs under `server`'s keys; `loopback`: the daemon listens on a loopback
 /// address only, where `/metrics` stays open unless metrics keys are configured, and the admin
 /// API unless any key is (off loopback both need a key: a published port must not let anyone
@@ -33,7 +36,7 @@ pub fn need(path: &str, server: &ServerSection, loopback: bool) -> Need {
         } else {
             Need::Metrics
         }
-    } else if path.starts_with("/v1/") && !server.api_keys.is_empty() {
+    } else if (path.starts_with("/v1/") || TOKENS.contains(&path)) && !server.api_keys.is_empty() {
         Need::User
     } else {
         Need::Open
@@ -172,6 +175,8 @@ mod tests {
     fn user_keys_never_open_the_admin_api() {
         let s = server(&["user"], &["root"], &[]);
         assert_eq!(need("/v1/chat/completions", &s, true), Need::User);
+        assert_eq!(need("/tokenize", &s, true), Need::User);
+        assert_eq!(need("/detokenize", &s, false), Need::User);
         assert_eq!(need("/v1/plugins/echo/reload", &s, true), Need::Admin);
         assert_eq!(need("/health", &s, false), Need::Open);
         assert!(check(Need::User, Some("user"), &s).is_ok());

@@ -107,14 +107,7 @@ async fn start(
     body: Result<Bytes, BytesRejection>,
     label: &mut String,
 ) -> Result<Running, ApiError> {
-    let bytes = body.map_err(|r| {
-        if r.status().as_u16() == 413 {
-            ApiError::too_large(app.max_body)
-        } else {
-            ApiError::bad_request(r.body_text())
-        }
-    })?;
-    let value = openai::body_json(&bytes)?;
+    let value = body_of(app, body)?;
     let model = openai::model_of(&value)?;
     let capabilities = app
         .models
@@ -143,6 +136,18 @@ async fn start(
         .infer(parsed.request.clone())
         .map_err(|e| ApiError::of_request(e.0, &parsed))?;
     Ok((parsed, lease, events))
+}
+
+/// A request's body as JSON: one too large, unreadable or not JSON is a 4xx saying so.
+pub(super) fn body_of(app: &App, body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
+    let bytes = body.map_err(|r| {
+        if r.status().as_u16() == 413 {
+            ApiError::too_large(app.max_body)
+        } else {
+            ApiError::bad_request(r.body_text())
+        }
+    })?;
+    openai::body_json(&bytes)
 }
 
 /// Latency and token bookkeeping of one request. Its tokens are counted from its usage when it

@@ -26,6 +26,7 @@ pub mod status;
 mod streaming;
 pub mod structure;
 pub mod systemd;
+pub mod tokenize;
 pub mod tool_calls;
 pub mod tool_grammar;
 
@@ -196,6 +197,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/models/{id}", get(admin::model))
         .route("/v1/chat/completions", post(inference::chat))
         .route("/v1/completions", post(inference::completions))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         .route("/v1/plugins", get(admin::plugins))
         .route("/v1/plugins/{name}/{action}", post(admin::plugin_action))
         .route("/health", get(admin::health))

@@ -131,13 +131,7 @@ impl Qwen3Vl {
         prompt: Vec<u32>,
         images: &[RgbImage],
     ) -> Result<(Vec<u32>, Option<Media>)> {
-        let pads = prompt.iter().filter(|&&t| t == self.image_token).count();
-        if pads != images.len() {
-            return Err(EngineError::InvalidInput(format!(
-                "the chat template wrote {pads} image placeholders for {} images: send images as image parts of user (or tool) messages, which the template places (it leaves out those of system and assistant messages), not as placeholder text",
-                images.len()
-            )));
-        }
+        self.check_placeholders(&prompt, images)?;
         if images.is_empty() {
             return Ok((prompt, None));
         }
@@ -159,6 +153,41 @@ impl Qwen3Vl {
             .collect::<Result<Vec<_>>>()?;
         let (prompt, media) = expand(&prompt, self.image_token, inputs);
         Ok((prompt, Some(media)))
+    }
+
+    /// The token ids [`Qwen3Vl::prepare`] gives for `prompt` and `images`, from the images'
+    /// sizes alone (no vision tower run): what `/tokenize` counts.
+    pub fn token_ids(&self, prompt: Vec<u32>, images: &[RgbImage]) -> Result<Vec<u32>> {
+        self.check_placeholders(&prompt, images)?;
+        let (p, m) = (self.processor.patch_size, self.processor.merge_size);
+        let mut counts = Vec::with_capacity(images.len());
+        for image in images {
+            let (h, w) = self.processor.target_size(image.height, image.width)?;
+            counts.push((h as usize / p) * (w as usize / p) / (m * m));
+        }
+        let mut counts = counts.into_iter();
+        let mut out = Vec::with_capacity(prompt.len());
+        for id in prompt {
+            let n = if id == self.image_token {
+                counts.next().unwrap_or(1)
+            } else {
+                1
+            };
+            out.extend(std::iter::repeat_n(id, n));
+        }
+        Ok(out)
+    }
+
+    /// One placeholder per image, or an error saying where images go.
+    fn check_placeholders(&self, prompt: &[u32], images: &[RgbImage]) -> Result<()> {
+        let pads = prompt.iter().filter(|&&t| t == self.image_token).count();
+        if pads != images.len() {
+            return Err(EngineError::InvalidInput(format!(
+                "the chat template wrote {pads} image placeholders for {} images: send images as image parts of user (or tool) messages, which the template places (it leaves out those of system and assistant messages), not as placeholder text",
+                images.len()
+            )));
+        }
+        Ok(())
     }
 
     /// Every new row's (temporal, height, width) position, checking the batch's shape.
@@ -276,5 +305,9 @@ impl crate::runtime::LoadModel for Qwen3Vl {
     ) -> Result<(Vec<u32>, Option<Arc<Media>>)> {
         let (prompt, media) = Qwen3Vl::prepare(self, prompt, images)?;
         Ok((prompt, media.map(Arc::new)))
+    }
+
+    fn token_ids(&self, prompt: Vec<u32>, images: &[RgbImage]) -> Result<Vec<u32>> {
+        Qwen3Vl::token_ids(self, prompt, images)
     }
 }

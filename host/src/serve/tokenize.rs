@@ -1,0 +1,175 @@
+//! `POST /tokenize` and `POST /detokenize`, as vLLM serves them: a prompt's token ids exactly as
+//! a generation request would run them (the chat template applied, each image's tokens counted),
+//! so clients can count and budget tokens; and token ids back to text.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::{Extension, Json};
+use pio_plugin_api::wire::{InferOutcome, TokenTable};
+use pio_plugin_api::Capabilities;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::deployment::Lease;
+use super::error::ApiError;
+use super::openai::{self, Endpoint};
+use super::{App, RequestId};
+use crate::supervisor::Event;
+
+/// The fields of a tokenize request beside the prompt (which is read as the generation
+/// endpoints read it).
+#[derive(Deserialize)]
+struct Extras {
+    /// Also each token's text. (vLLM's `add_special_tokens` is accepted and has no effect: the
+    /// ids are always those a generation runs.)
+    #[serde(default)]
+    return_token_strs: Option<bool>,
+}
+
+/// `POST /tokenize`: `{model, prompt}` or `{model, messages, tools?, add_generation_prompt?,
+/// continue_final_message?, chat_template_kwargs?}` → `{count, max_model_len, tokens}`.
+pub async fn tokenize(
+    State(app): State<Arc<App>>,
+    Extension(id): Extension<RequestId>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let (model, value) = model_and_body(&app, body)?;
+    let capabilities = app
+        .models
+        .capabilities(&model)
+        .ok_or_else(|| ApiError::unknown_model(&model))?;
+    if !capabilities.contains(Capabilities::TOKENIZE) {
+        return Err(ApiError::bad_request(format!(
+            "model `{model}`'s plugin does not tokenize for clients (it would declare plugin-api 1.9's `tokenize` capability); `usage.prompt_tokens` of a generation counts its prompt"
+        )));
+    }
+    let extras: Extras = openai::field(&value)?;
+    let endpoint = if value.get("messages").is_some() {
+        Endpoint::Chat
+    } else {
+        Endpoint::Completions
+    };
+    let limits = openai::Limits::of(&app.models.config().server);
+    let mut parsed = openai::parse(&value, endpoint, capabilities, &limits)?;
+    parsed.request.request_id = Some(id.0);
+    parsed.request.tokenize_only = true;
+    let lease = app.models.acquire(&model).await?;
+    let mut events = lease
+        .deployment()
+        .supervised
+        .infer(parsed.request.clone())
+        .map_err(|e| ApiError::of_request(e.0, &parsed))?;
+    let outcome = loop {
+        match events.recv().await {
+            Some(Event::Done(outcome)) => break outcome,
+            Some(Event::Failed(e)) => return Err(ApiError::of_request(e, &parsed)),
+            // A plugin that generates instead of answering is not what it declared.
+            Some(Event::Token(_)) => continue,
+            None => {
+                return Err(ApiError::internal(
+                    "the worker ended the request without an answer",
+                ))
+            }
+        }
+    };
+    Ok(Json(answer(&lease, outcome, extras.return_token_strs)?))
+}
+
+/// The body of a tokenize answer.
+fn answer(lease: &Lease, outcome: InferOutcome, strs: Option<bool>) -> Result<Value, ApiError> {
+    let tokens = outcome.prompt_token_ids.ok_or_else(|| {
+        ApiError::internal("the plugin answered a tokenize request without token ids")
+    })?;
+    let deployment = lease.deployment();
+    let mut body = json!({
+        "count": tokens.len(),
+        "max_model_len": deployment.info.context_length,
+        "tokens": tokens,
+    });
+    if strs == Some(true) {
+        let table = table(lease)?;
+        let strs: Vec<String> = (tokens.iter())
+            .map(|&t| String::from_utf8_lossy(table.get(t).unwrap_or_default()).into_owned())
+            .collect();
+        body["token_strs"] = json!(strs);
+    }
+    Ok(body)
+}
+
+/// The model's token table, which both endpoints need to speak of tokens as text.
+fn table(lease: &Lease) -> Result<&TokenTable, ApiError> {
+    lease.deployment().tokens.as_deref().ok_or_else(|| {
+        ApiError::bad_request("this model's plugin reports no token table, so its tokens cannot be turned into text here")
+    })
+}
+
+#[derive(Deserialize)]
+struct Detokenize {
+    tokens: Vec<u32>,
+}
+
+/// `POST /detokenize`: `{model, tokens}` → `{prompt}`, the tokens' bytes read as UTF-8 (special
+/// tokens included, as vLLM's does).
+pub async fn detokenize(
+    State(app): State<Arc<App>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let (model, value) = model_and_body(&app, body)?;
+    let request: Detokenize = openai::field(&value)?;
+    let lease = app.models.acquire(&model).await?;
+    let table = table(&lease)?;
+    Ok(Json(json!({"prompt": text_of(table, &request.tokens)?})))
+}
+
+/// The text of `tokens`, or a 400 naming the first that is not in `table`.
+fn text_of(table: &TokenTable, tokens: &[u32]) -> Result<String, ApiError> {
+    let mut bytes = Vec::new();
+    for (i, &t) in tokens.iter().enumerate() {
+        let Some(b) = table.get(t) else {
+            let at = format!("tokens[{i}]");
+            return Err(ApiError::bad_field(
+                at.clone(),
+                format!("`{at}`: {t} is not a token id of this model's vocabulary"),
+            ));
+        };
+        bytes.extend_from_slice(b);
+    }
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// The body as JSON and the model it names.
+fn model_and_body(
+    app: &App,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(String, Value), ApiError> {
+    let value = super::inference::body_of(app, body)?;
+    Ok((openai::model_of(&value)?, value))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use pio_plugin_api::wire::TokenBytes;
+
+    #[test]
+    fn ids_become_their_bytes_and_an_unknown_id_is_named() {
+        let table = TokenBytes::encode([
+            b"Hel".to_vec(),
+            b"lo".to_vec(),
+            vec![0xE2, 0x82],
+            vec![0xAC],
+        ])
+        .table()
+        .unwrap();
+        assert_eq!(text_of(&table, &[0, 1]).unwrap(), "Hello");
+        // A character split over two tokens comes back whole.
+        assert_eq!(text_of(&table, &[2, 3]).unwrap(), "€");
+        let e = text_of(&table, &[0, 9]).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("tokens[1]"));
+        assert!(e.message.contains("9 is not a token id"), "{}", e.message);
+    }
+}
