@@ -298,7 +298,7 @@ fn errors_have_the_openai_shape_the_right_status_and_the_field() {
         body
     };
     bad(with("temperature", json!(5)), "temperature");
-    bad(with("n", json!(2)), "n");
+    bad(with("n", json!(0)), "n");
     bad(with("max_tokens", json!(1000)), "max_tokens");
     bad(with("top_logprobs", json!(3)), "top_logprobs");
     let mut required = with(
@@ -984,6 +984,104 @@ fn tokenize_gives_the_ids_a_generation_runs_and_detokenize_reverses_them() {
     );
     let (status, _) = d.post("/tokenize", &json!({"model": "nope", "prompt": "hi"}));
     assert_eq!(status, 404);
+}
+
+/// `n` choices: each a sequence of its own, choice `i` of a seeded request is the single
+/// request seeded `seed + i`; the usage counts the prompt once and every completion; streamed,
+/// each choice's deltas carry its index and the usage comes once, after the last finish.
+#[test]
+fn n_choices_are_each_their_own_seeded_sample_streamed_or_not() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(qwen_dir(""), "");
+    d.wait_ready();
+    let model = "qwen3-4b-instruct-2507";
+    for endpoint in ["/v1/chat/completions", "/v1/completions"] {
+        let chat_endpoint = endpoint.contains("chat");
+        let text_of = |choice: &Value| -> String {
+            let text = if chat_endpoint {
+                &choice["message"]["content"]
+            } else {
+                &choice["text"]
+            };
+            text.as_str().unwrap().to_string()
+        };
+        let mut req = if chat_endpoint {
+            chat(model, "Tell me a story")
+        } else {
+            json!({"model": model, "prompt": "Once upon a time"})
+        };
+        req["max_tokens"] = json!(12);
+        req["temperature"] = json!(1.5);
+        req["seed"] = json!(7);
+        let singles: Vec<Value> = (0..3)
+            .map(|i| {
+                let mut one = req.clone();
+                one["seed"] = json!(7 + i);
+                let (status, r) = d.post(endpoint, &one);
+                assert_eq!(status, 200, "{r}");
+                r
+            })
+            .collect();
+        req["n"] = json!(3);
+        let (status, r) = d.post(endpoint, &req);
+        assert_eq!(status, 200, "{r}");
+        let choices = r["choices"].as_array().unwrap();
+        assert_eq!(choices.len(), 3, "{r}");
+        for (i, (choice, single)) in choices.iter().zip(&singles).enumerate() {
+            assert_eq!(choice["index"], i, "{r}");
+            assert_eq!(
+                text_of(choice),
+                text_of(&single["choices"][0]),
+                "choice {i}"
+            );
+        }
+        let texts: std::collections::HashSet<String> = choices.iter().map(text_of).collect();
+        assert!(
+            texts.len() > 1,
+            "seeded differently, the samples differ: {r}"
+        );
+        let completion: u64 = (singles.iter())
+            .map(|s| s["usage"]["completion_tokens"].as_u64().unwrap())
+            .sum();
+        assert_eq!(r["usage"]["completion_tokens"], completion, "{r}");
+        assert_eq!(
+            r["usage"]["prompt_tokens"],
+            singles[0]["usage"]["prompt_tokens"]
+        );
+
+        // Streamed: the same texts by index, a finish for each, the usage once at the end.
+        req["stream"] = json!(true);
+        req["stream_options"] = json!({"include_usage": true});
+        let chunks: Vec<Value> = d
+            .stream(endpoint, &req)
+            .filter(|e| e != "[DONE]")
+            .map(|e| serde_json::from_str(&e).unwrap())
+            .collect();
+        let mut streamed = vec![String::new(); 3];
+        let mut finishes = 0;
+        for c in &chunks {
+            assert_eq!(c["id"], chunks[0]["id"], "one id for every choice");
+            let Some(choice) = c["choices"].get(0) else {
+                continue;
+            };
+            let i = choice["index"].as_u64().unwrap() as usize;
+            let piece = if chat_endpoint {
+                &choice["delta"]["content"]
+            } else {
+                &choice["text"]
+            };
+            streamed[i].push_str(piece.as_str().unwrap_or_default());
+            finishes += usize::from(!choice["finish_reason"].is_null());
+        }
+        let whole: Vec<String> = choices.iter().map(text_of).collect();
+        assert_eq!(streamed, whole);
+        assert_eq!(finishes, 3);
+        let last = chunks.last().unwrap();
+        assert_eq!(last["choices"], json!([]));
+        assert_eq!(last["usage"], r["usage"], "{last}");
+    }
 }
 
 #[test]

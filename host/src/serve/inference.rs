@@ -19,10 +19,11 @@ use super::error::ApiError;
 use super::link::Link;
 use super::openai::{self, Endpoint, Parsed};
 use super::output::Parsing;
-use super::responses::Reply;
+use super::responses::{merged_usage, Reply};
 use super::{streaming, structure, App, RequestId};
 use crate::protocol::TokenFrame;
 use crate::supervisor::Event;
+use pio_plugin_api::wire::Usage;
 
 /// `POST /v1/chat/completions`.
 pub async fn chat(
@@ -98,7 +99,9 @@ async fn serve(
     }
 }
 
-type Running = (Parsed, Lease, mpsc::Receiver<Event>);
+/// A request started: its choices' events, one receiver each (dropping one cancels that
+/// choice in the worker).
+type Running = (Parsed, Lease, Vec<mpsc::Receiver<Event>>);
 
 async fn start(
     app: &App,
@@ -130,12 +133,14 @@ async fn start(
             info,
         )?);
     }
-    let events = lease
-        .deployment()
-        .supervised
-        .infer(parsed.request.clone())
+    // Each choice is a sequence of its own in the batch; the prompt's blocks, cached by the
+    // first, are shared by the rest.
+    let supervised = &lease.deployment().supervised;
+    let choices = (0..parsed.n)
+        .map(|i| supervised.infer(parsed.choice(i)))
+        .collect::<Result<Vec<_>, _>>()
         .map_err(|e| ApiError::of_request(e.0, &parsed))?;
-    Ok((parsed, lease, events))
+    Ok((parsed, lease, choices))
 }
 
 /// A request's body as JSON: one too large, unreadable or not JSON is a 4xx saying so.
@@ -207,14 +212,39 @@ impl Drop for Timing<'_> {
 async fn collect(
     app: &App,
     parsed: &Parsed,
-    mut events: mpsc::Receiver<Event>,
+    choices: Vec<mpsc::Receiver<Event>>,
     started: Instant,
     parsing: Parsing,
 ) -> Response {
+    let reply = Reply::new(&parsed.model, parsed.endpoint, parsed.logprobs)
+        .with_tokens(parsing.tokens.clone());
+    // The first failure answers, and drops the other choices (cancelling them).
+    let each = choices.into_iter().enumerate().map(|(i, events)| {
+        let reply = reply.for_choice(i);
+        collect_choice(app, parsed, events, started, &parsing, reply, i == 0)
+    });
+    match futures_util::future::try_join_all(each).await {
+        Ok(done) => {
+            let (choices, usages): (Vec<Value>, Vec<_>) = done.into_iter().unzip();
+            Json(reply.whole(choices, merged_usage(usages))).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// One choice of a whole answer, and its usage; `first`: its prompt tokens are the request's
+/// (the others' are the same prompt, counted once).
+async fn collect_choice(
+    app: &App,
+    parsed: &Parsed,
+    mut events: mpsc::Receiver<Event>,
+    started: Instant,
+    parsing: &Parsing,
+    mut reply: Reply,
+    first: bool,
+) -> Result<(Value, Usage), ApiError> {
     let mut tokens: Vec<TokenFrame> = Vec::new();
     let mut timing = Timing::new(app, &parsed.model, started);
-    let mut reply = Reply::new(&parsed.model, parsed.endpoint, parsed.logprobs)
-        .with_tokens(parsing.tokens.clone());
     while let Some(event) = events.recv().await {
         match event {
             Event::Token(t) => {
@@ -222,22 +252,33 @@ async fn collect(
                 tokens.push(parsing.shown(t));
             }
             Event::Done(outcome) => {
-                timing.ended(&outcome.usage);
+                timing.ended(&counted(outcome.usage, first));
                 let text: String = tokens.iter().map(|t| t.text.as_str()).collect();
                 let (reasoning, extracted) = parsing.split(text, offered(parsed));
-                let body = reply.complete(
+                let choice = reply.choice(
                     &tokens,
                     reasoning.as_deref(),
                     &extracted.content,
                     &extracted.calls,
                     &outcome,
                 );
-                return Json(body).into_response();
+                return Ok((choice, outcome.usage));
             }
-            Event::Failed(e) => return ApiError::of_request(e, parsed).into_response(),
+            Event::Failed(e) => return Err(ApiError::of_request(e, parsed)),
         }
     }
-    ApiError::internal("the worker ended the request without an answer").into_response()
+    Err(ApiError::internal(
+        "the worker ended the request without an answer",
+    ))
+}
+
+/// `usage` as the metrics count it for one of a request's choices: the prompt once, with the
+/// first.
+pub(super) fn counted(usage: Usage, first: bool) -> Usage {
+    Usage {
+        prompt_tokens: if first { usage.prompt_tokens } else { 0 },
+        ..usage
+    }
 }
 
 /// The tools the request offered.

@@ -166,6 +166,18 @@ pub struct Parsed {
     pub skip_special_tokens: bool,
     /// The client named a token limit (`max_tokens` or `max_completion_tokens`).
     pub max_tokens_asked: bool,
+    /// Choices to generate (`n`), each its own sequence in the batch.
+    pub n: usize,
+}
+
+impl Parsed {
+    /// The plugin request of choice `index`: a seeded request's choices take successive seeds,
+    /// so they differ as vLLM's do and each is reproducible.
+    pub fn choice(&self, index: usize) -> InferRequest {
+        let mut request = self.request.clone();
+        request.seed = (request.seed).map(|s| s.wrapping_add(index as u64));
+        request
+    }
 }
 
 /// The token limit of a request that names none, once its model is known: the operator's
@@ -440,8 +452,12 @@ pub fn parse(
         calls_parsed,
         skip_special_tokens: c.skip_special_tokens.unwrap_or(true),
         max_tokens_asked: max_tokens.is_some(),
+        n: c.n.map_or(1, |n| n as usize),
     })
 }
+
+/// The most choices a request may ask for (OpenAI's bound).
+pub const MAX_N: u32 = 128;
 
 /// The most `stop` strings a request may give.
 const MAX_STOPS: usize = 64;
@@ -457,8 +473,11 @@ fn sampling(c: &Common) -> Result<InferRequest, ApiError> {
     check_range(PRESENCE_PENALTY, c.presence_penalty)?;
     check_range(FREQUENCY_PENALTY, c.frequency_penalty)?;
     check_range(REPETITION_PENALTY, c.repetition_penalty)?;
-    if c.n.is_some_and(|n| n != 1) {
-        return Err(unsupported("n", "must be 1: this server generates one choice per request; send several requests instead"));
+    if c.n.is_some_and(|n| n == 0 || n > MAX_N) {
+        return Err(ApiError::bad_field(
+            "n",
+            format!("`n` (the choices to generate) must be from 1 to {MAX_N}"),
+        ));
     }
     if c.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
         return Err(unsupported("logit_bias", "is not supported; remove it"));

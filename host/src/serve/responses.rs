@@ -26,6 +26,8 @@ pub struct Reply {
     offset: usize,
     /// The model's token table, for logprobs' `bytes`.
     tokens: Option<Arc<TokenTable>>,
+    /// Which of the request's choices (`n`) this one builds.
+    index: usize,
 }
 
 fn finish(reason: FinishReason, called: bool) -> &'static str {
@@ -39,7 +41,18 @@ fn finish(reason: FinishReason, called: bool) -> &'static str {
     }
 }
 
-fn usage(u: Usage) -> Value {
+/// The usage of a request's choices together: the prompt counted once, as OpenAI and vLLM do,
+/// and every choice's completion.
+pub fn merged_usage(each: impl IntoIterator<Item = Usage>) -> Usage {
+    let mut each = each.into_iter();
+    let mut total = each.next().unwrap_or_default();
+    for u in each {
+        total.completion_tokens += u.completion_tokens;
+    }
+    total
+}
+
+fn usage_json(u: Usage) -> Value {
     json!({
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
@@ -75,6 +88,16 @@ impl Reply {
             logprobs,
             offset: 0,
             tokens: None,
+            index: 0,
+        }
+    }
+
+    /// The same response's choice `index` (one `id` for all of a request's choices).
+    pub fn for_choice(&self, index: usize) -> Self {
+        Self {
+            index,
+            offset: 0,
+            ..self.clone()
         }
     }
 
@@ -145,9 +168,16 @@ impl Reply {
         }
     }
 
-    /// The whole (non-streamed) response: `content` is the text with any `reasoning` and tool
-    /// `calls` taken out.
-    pub fn complete(
+    /// The whole (non-streamed) response of a request's `choices` and their `usage`.
+    pub fn whole(&self, choices: Vec<Value>, usage: Usage) -> Value {
+        let mut body = self.envelope(false, Value::Array(choices));
+        body["usage"] = usage_json(usage);
+        body
+    }
+
+    /// This choice of a whole (non-streamed) response: `content` is the text with any
+    /// `reasoning` and tool `calls` taken out.
+    pub fn choice(
         &mut self,
         tokens: &[TokenFrame],
         reasoning: Option<&str>,
@@ -155,9 +185,10 @@ impl Reply {
         calls: &[Call],
         outcome: &InferOutcome,
     ) -> Value {
+        let index = self.index;
         let logprobs = self.logprobs_of(tokens);
         let reason = finish(outcome.finish_reason, !calls.is_empty());
-        let choice = match self.endpoint {
+        match self.endpoint {
             Endpoint::Chat => {
                 // `refusal` is required (nullable) in OpenAI's message schema; PIO never refuses.
                 let mut message = json!({"role": "assistant", "content": content, "refusal": null});
@@ -170,18 +201,15 @@ impl Reply {
                     }
                     message["tool_calls"] = calls.iter().map(Call::to_json).collect();
                 }
-                json!({"index": 0, "message": message, "logprobs": logprobs, "finish_reason": reason})
+                json!({"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason})
             }
             Endpoint::Completions => json!({
-                "index": 0,
+                "index": index,
                 "text": content,
                 "logprobs": logprobs,
                 "finish_reason": reason,
             }),
-        };
-        let mut body = self.envelope(false, json!([choice]));
-        body["usage"] = usage(outcome.usage);
-        body
+        }
     }
 
     fn chunk(
@@ -191,12 +219,13 @@ impl Reply {
         finish_reason: Option<&str>,
         include_usage: bool,
     ) -> Value {
+        let index = self.index;
         let choice = match self.endpoint {
             Endpoint::Chat => {
-                json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason})
+                json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason})
             }
             Endpoint::Completions => json!({
-                "index": 0,
+                "index": index,
                 "text": delta.get("content").cloned().unwrap_or(json!("")),
                 "logprobs": logprobs,
                 "finish_reason": finish_reason,
@@ -278,9 +307,9 @@ impl Reply {
     }
 
     /// The last chunk when `stream_options.include_usage` is set: no choices, the usage.
-    pub fn usage_chunk(&self, outcome: &InferOutcome) -> Value {
+    pub fn usage_chunk(&self, usage: Usage) -> Value {
         let mut body = self.envelope(true, json!([]));
-        body["usage"] = usage(outcome.usage);
+        body["usage"] = usage_json(usage);
         body
     }
 }

@@ -6,19 +6,22 @@ use std::time::{Duration, Instant};
 
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use pio_plugin_api::wire::InferOutcome;
+use futures_util::stream::{BoxStream, SelectAll};
+use futures_util::StreamExt;
+use pio_plugin_api::wire::{InferOutcome, Usage};
 use serde_json::Value;
 use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 
 use super::deployment::Lease;
 use super::error::ApiError;
-use super::inference::{offered, Recorded, Timing};
+use super::inference::{counted, offered, Recorded, Timing};
 use super::link::Link;
 use super::openai::{LogprobsFormat, Parsed};
 use super::outlet::{Ended, Outlet};
 use super::output::Parsing;
 use super::reasoning::Splitter;
-use super::responses::Reply;
+use super::responses::{merged_usage, Reply};
 use super::tool_calls::StreamFilter;
 use super::App;
 use crate::protocol::TokenFrame;
@@ -35,23 +38,38 @@ pub(super) struct Client {
 /// How long a stream's headers wait for its first event (a failure in it gets a real status).
 const HEADERS_WITHIN: Duration = Duration::from_secs(1);
 
+/// A request's choices' events, each tagged with its choice; `None` once a choice's events
+/// end (after its answer, or instead of one).
+type Tagged = SelectAll<BoxStream<'static, (usize, Option<Event>)>>;
+
+fn tagged(choices: Vec<mpsc::Receiver<Event>>) -> Tagged {
+    futures_util::stream::select_all(choices.into_iter().enumerate().map(|(i, events)| {
+        ReceiverStream::new(events)
+            .map(Some)
+            .chain(futures_util::stream::once(async { None }))
+            .map(move |e| (i, e))
+            .boxed()
+    }))
+}
+
 pub(super) async fn stream(
     app: Arc<App>,
     parsed: Parsed,
     lease: Lease,
-    mut events: mpsc::Receiver<Event>,
+    choices: Vec<mpsc::Receiver<Event>>,
     client: Client,
     parsing: Parsing,
     recorded: &mut Recorded<'_>,
 ) -> Response {
+    let mut events = tagged(choices);
     let Client { started, link } = client;
     // A request that fails at once (a prompt too long, say) gets a real status; one whose
     // client leaves before it is recorded as gone by `recorded`. The headers go out when the
     // first event comes or after `HEADERS_WITHIN`, whichever is first: a long prefill or a wait
     // for a place in the batch must not leave a client (or a proxy's idle timeout) without an
     // answer, and keep-alive comments flow from then on.
-    let first = match tokio::time::timeout(HEADERS_WITHIN, events.recv()).await {
-        Ok(Some(Event::Failed(e))) => {
+    let first = match tokio::time::timeout(HEADERS_WITHIN, events.next()).await {
+        Ok(Some((_, Some(Event::Failed(e))))) => {
             let e = ApiError::of_request(e, &parsed);
             recorded.status = e.status.as_u16();
             return e.into_response();
@@ -84,8 +102,8 @@ pub(super) async fn stream(
         .into_response()
 }
 
-/// What a stream sends, chunk by chunk: reasoning split from content, tool calls held back and
-/// turned into a `tool_calls` delta, logprobs, the finish and usage chunks.
+/// What a stream sends for one choice, chunk by chunk: reasoning split from content, tool calls
+/// held back and turned into a `tool_calls` delta, logprobs, the finish chunk.
 struct Chunks<'a> {
     parsed: &'a Parsed,
     reply: Reply,
@@ -95,9 +113,7 @@ struct Chunks<'a> {
 }
 
 impl<'a> Chunks<'a> {
-    fn new(parsed: &'a Parsed, parsing: Parsing) -> Self {
-        let reply = Reply::new(&parsed.model, parsed.endpoint, parsed.logprobs)
-            .with_tokens(parsing.tokens.clone());
+    fn new(parsed: &'a Parsed, parsing: Parsing, reply: Reply) -> Self {
         Self {
             parsed,
             reply,
@@ -134,7 +150,7 @@ impl<'a> Chunks<'a> {
         })
     }
 
-    /// The last chunks: what was held back, the calls, the finish and the usage.
+    /// The last chunks: what was held back, the calls, the finish.
     fn finish(&mut self, outcome: &InferOutcome) -> Vec<Value> {
         let usage = self.parsed.include_usage;
         let mut out = Vec::new();
@@ -162,57 +178,72 @@ impl<'a> Chunks<'a> {
             }
         }
         out.push(self.reply.finish_chunk(outcome, called, usage));
-        if usage {
-            out.push(self.reply.usage_chunk(outcome));
-        }
         out
     }
 }
 
-/// Sends the stream's chunks; returns how the stream ended.
+/// Sends the stream's chunks, every choice's as its tokens come, and the usage of all once the
+/// last has finished; returns how the stream ended.
 async fn pump(
     app: &App,
     parsed: &Parsed,
-    mut first: Option<Event>,
-    mut events: mpsc::Receiver<Event>,
+    mut first: Option<(usize, Option<Event>)>,
+    mut events: Tagged,
     outlet: &Outlet,
     started: Instant,
     parsing: Parsing,
 ) -> Ended {
-    let mut chunks = Chunks::new(parsed, parsing);
-    let mut timing = Timing::new(app, &parsed.model, started);
-    let mut out = chunks.opening();
+    let reply = Reply::new(&parsed.model, parsed.endpoint, parsed.logprobs)
+        .with_tokens(parsing.tokens.clone());
+    let mut chunks: Vec<Chunks> = (0..parsed.n)
+        .map(|i| Chunks::new(parsed, parsing.clone(), reply.for_choice(i)))
+        .collect();
+    let mut timings: Vec<Timing> = (0..parsed.n)
+        .map(|_| Timing::new(app, &parsed.model, started))
+        .collect();
+    let mut usages: Vec<Option<Usage>> = vec![None; parsed.n];
+    let mut out: Vec<Value> = chunks.iter_mut().flat_map(Chunks::opening).collect();
     loop {
         for v in out.drain(..) {
             if let Err(ended) = outlet.send(&v).await {
                 return ended;
             }
         }
+        if usages.iter().all(Option::is_some) {
+            if parsed.include_usage {
+                let usage = merged_usage(usages.iter().flatten().copied());
+                if let Err(ended) = outlet.send(&reply.usage_chunk(usage)).await {
+                    return ended;
+                }
+            }
+            return Ended::Answered(200);
+        }
         let event = match first.take() {
             Some(e) => Some(e),
             None => tokio::select! {
-                e = events.recv() => e,
+                e = events.next() => e,
                 // The client went away: dropping `events` cancels the request in the worker.
                 () = outlet.closed() => return Ended::Left,
             },
         };
         let e = match event {
-            Some(Event::Token(t)) => {
-                timing.token();
-                out.extend(chunks.token(t));
+            Some((i, Some(Event::Token(t)))) => {
+                timings[i].token();
+                out.extend(chunks[i].token(t));
                 continue;
             }
-            Some(Event::Done(outcome)) => {
-                timing.ended(&outcome.usage);
-                for v in &chunks.finish(&outcome) {
-                    if let Err(ended) = outlet.send(v).await {
-                        return ended;
-                    }
-                }
-                return Ended::Answered(200);
+            Some((i, Some(Event::Done(outcome)))) => {
+                timings[i].ended(&counted(outcome.usage, i == 0));
+                out.extend(chunks[i].finish(&outcome));
+                usages[i] = Some(outcome.usage);
+                continue;
             }
-            Some(Event::Failed(e)) => ApiError::of_request(e, parsed),
-            None => ApiError::internal("the worker ended the request without an answer"),
+            // A choice's events end after its answer.
+            Some((i, None)) if usages[i].is_some() => continue,
+            Some((_, Some(Event::Failed(e)))) => ApiError::of_request(e, parsed),
+            Some((_, None)) | None => {
+                ApiError::internal("the worker ended the request without an answer")
+            }
         };
         tracing::warn!(model = %parsed.model, "stream failed midway: {}", e.message);
         return match outlet.send(&e.body()).await {
