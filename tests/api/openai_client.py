@@ -105,6 +105,11 @@ a, b = (
     for _ in range(2)
 )
 assert a == b, (a, b)
+# `n` choices: indexed, the prompt counted once in the usage.
+r = client.chat.completions.create(model=QWEN, messages=messages, max_tokens=4, temperature=1.0, seed=3, n=2)
+assert [c.index for c in r.choices] == [0, 1], r
+assert r.usage.prompt_tokens == whole.usage.prompt_tokens, r
+assert 2 <= r.usage.completion_tokens <= 8, r
 r = client.chat.completions.create(
     model=QWEN, messages=messages, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3
 )
@@ -134,6 +139,7 @@ chat_bodies = [
     {"model": "echo", "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 2},
     {"model": "echo", "messages": [{"role": "user", "content": call}], "tools": tools},
     {"model": QWEN, "messages": messages, "max_tokens": 3, "logprobs": True, "top_logprobs": 1},
+    {"model": QWEN, "messages": messages, "max_tokens": 3, "n": 2},
 ]
 for body in chat_bodies:
     validate("CreateChatCompletionResponse", json.loads(raw("/chat/completions", body)))
