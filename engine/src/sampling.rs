@@ -25,6 +25,8 @@ pub struct SamplingParams {
     pub frequency_penalty: Option<f32>,
     /// Makes sampling reproducible.
     pub seed: Option<u64>,
+    /// Added to these tokens' logits before the penalties (OpenAI's `logit_bias`).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl SamplingParams {
@@ -236,14 +238,22 @@ impl Sampler {
         self.params.is_greedy() && !self.penalizes()
     }
 
-    /// Whether any penalty changes the logits.
+    /// Whether any penalty (or a bias) changes the logits.
     fn penalizes(&self) -> bool {
-        self.repetition_penalty().is_some()
+        !self.params.logit_bias.is_empty()
+            || self.repetition_penalty().is_some()
             || self.params.presence_penalty.is_some_and(|p| p != 0.0)
             || self.params.frequency_penalty.is_some_and(|f| f != 0.0)
     }
 
     fn apply_penalties(&self, logits: &mut [f32], prompt: &[u32], generated: &[u32]) {
+        // The bias first, as vLLM applies it (a logits processor, before the penalties). A
+        // masked-out token stays out.
+        for &(id, bias) in &self.params.logit_bias {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l += bias;
+            }
+        }
         if let Some(r) = self.repetition_penalty() {
             let mut seen: Vec<u32> = prompt.iter().chain(generated).copied().collect();
             seen.sort_unstable();
@@ -564,6 +574,34 @@ mod tests {
             p.seed = Some(3);
         }));
         assert!((0..50).all(|_| s.sample(&[0.0, 4.0], &[], &[]) == 1));
+    }
+
+    /// A bias moves greedy and sampled choices alike: -100 bans the best token, +100 raises
+    /// an unlikely one to the top.
+    #[test]
+    fn logit_bias_bans_and_lifts_tokens() {
+        let logits = [0.0, 5.0, 1.0, 2.0];
+        let biased = |bias: Vec<(u32, f32)>, temperature: f32| {
+            let mut s = Sampler::new(params(|p| {
+                p.logit_bias = bias.clone();
+                p.temperature = Some(temperature);
+                p.seed = Some(1);
+            }));
+            s.sample(&logits, &[], &[])
+        };
+        assert_eq!(biased(vec![], 0.0), 1);
+        assert_eq!(biased(vec![(1, -100.0)], 0.0), 3);
+        assert_eq!(biased(vec![(0, 100.0)], 0.0), 0);
+        for seed_run in 0..20 {
+            let mut s = Sampler::new(params(|p| {
+                p.logit_bias = vec![(1, -100.0), (3, -100.0), (2, -100.0)];
+                p.temperature = Some(1.0);
+                p.seed = Some(seed_run);
+            }));
+            assert_eq!(s.sample(&logits, &[], &[]), 0, "the only token left");
+        }
+        // An id past the vocabulary is ignored here (the runtime refuses it first).
+        assert_eq!(biased(vec![(99, 100.0)], 0.0), 1);
     }
 
     #[test]

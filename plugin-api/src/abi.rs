@@ -44,8 +44,11 @@ impl Capabilities {
     /// (`InferOutcome::prompt_token_ids`), generating nothing (since 1.9). The host asks only
     /// plugins that set this, for the API's `/tokenize`.
     pub const TOKENIZE: Self = Self(1 << 7);
+    /// Adds `InferRequest::logit_bias` to the logits before sampling (since 1.9). The host
+    /// sends a bias only to plugins that set this: an older one would ignore it.
+    pub const LOGIT_BIAS: Self = Self(1 << 8);
 
-    const NAMES: [(Self, &'static str); 8] = [
+    const NAMES: [(Self, &'static str); 9] = [
         (Self::TEXT, "text"),
         (Self::CHAT, "chat"),
         (Self::TOOLS, "tools"),
@@ -54,6 +57,7 @@ impl Capabilities {
         (Self::STRUCTURED_OUTPUT, "structured_output"),
         (Self::ENGINE_STATS, "engine_stats"),
         (Self::TOKENIZE, "tokenize"),
+        (Self::LOGIT_BIAS, "logit_bias"),
     ];
 
     /// The empty set.

@@ -26,7 +26,8 @@
 //! tokens, which the host leaves out of the text as vLLM's `skip_special_tokens` does) and
 //! `ErrorKind::CONSTRAINT` (an output constraint the plugin cannot use). 1.9.0 —
 //! `InferRequest::tokenize_only`, `InferOutcome::prompt_token_ids` and `Capabilities::TOKENIZE`
-//! (the prompt's token ids without generating, for the API's `/tokenize`).
+//! (the prompt's token ids without generating, for the API's `/tokenize`);
+//! `InferRequest::logit_bias` and `Capabilities::LOGIT_BIAS`.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 

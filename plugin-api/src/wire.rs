@@ -214,6 +214,12 @@ pub struct InferRequest {
     /// in `usage.prompt_tokens`. Added in 1.9, and sent only to plugins that declare
     /// `Capabilities::TOKENIZE`.
     pub tokenize_only: bool,
+    /// `(token id, bias)` pairs, each id once, added to those tokens' logits before sampling
+    /// (OpenAI's `logit_bias`, each bias in [-100, 100]: -100 bans a token, 100 all but forces
+    /// it). Pairs, not a JSON object, so the ids stay numbers through any serde format. Added in
+    /// 1.9, and sent only to plugins that declare `Capabilities::LOGIT_BIAS`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 /// A grammar the output must match, checked token by token as it is generated.

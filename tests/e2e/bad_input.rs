@@ -124,6 +124,8 @@ fn bad_fields() -> Vec<(&'static str, &'static str, Value)> {
         ("n", json!(-1)),
         ("logit_bias", json!({"1": 5})),
         ("logit_bias", json!("x")),
+        ("logit_bias", json!({"x": 5})),
+        ("logit_bias", json!({"1": 500})),
     ];
     let chat: Vec<(&str, Value)> = vec![
         ("messages", json!([])),

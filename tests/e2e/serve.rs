@@ -1084,6 +1084,54 @@ fn n_choices_are_each_their_own_seeded_sample_streamed_or_not() {
     }
 }
 
+/// OpenAI's `logit_bias` reaches the sampler: -100 bans the greedy choice, +100 makes a token
+/// the choice at every step; an id outside the vocabulary is a 400 naming the field.
+#[test]
+fn logit_bias_bans_and_forces_tokens() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(qwen_dir(""), "");
+    d.wait_ready();
+    let model = "qwen3-4b-instruct-2507";
+    let golden: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("tests/fixtures/golden/qwen3-tiny.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    // transformers' greedy tokens after the golden prompt.
+    let case = &golden[0];
+    let first = case["tokens"][0].as_u64().unwrap();
+    let second = case["tokens"][1].as_u64().unwrap();
+    let run = |bias: Value| -> Value {
+        let body = json!({"model": model, "prompt": case["prompt"], "max_tokens": 6,
+            "temperature": 0, "logprobs": 0, "logit_bias": bias});
+        let (status, r) = d.post("/v1/completions", &body);
+        assert_eq!(status, 200, "{r}");
+        r["choices"][0].clone()
+    };
+    let text_of = |ids: Vec<u64>| -> Value {
+        d.post("/detokenize", &json!({"model": model, "tokens": ids}))
+            .1["prompt"]
+            .clone()
+    };
+    let plain = run(json!({}));
+    assert_eq!(plain["logprobs"]["tokens"][0], text_of(vec![first]));
+    let banned = run(json!({first.to_string(): -100}));
+    assert_ne!(
+        banned["logprobs"]["tokens"][0], plain["logprobs"]["tokens"][0],
+        "{banned}"
+    );
+    let forced = run(json!({second.to_string(): 100}));
+    assert_eq!(forced["text"], text_of(vec![second; 6]), "{forced}");
+    let (status, e) = d.post(
+        "/v1/completions",
+        &json!({"model": model, "prompt": "Hi", "logit_bias": {"99999999": 1}}),
+    );
+    assert_eq!(status, 400, "{e}");
+    assert_eq!(e["error"]["param"], "logit_bias");
+}
+
 #[test]
 fn logprob_bytes_are_each_tokens_own_even_inside_a_character() {
     if !confinement_available() {

@@ -321,6 +321,7 @@ impl<M> Loaded<M> {
             presence_penalty: r.presence_penalty,
             frequency_penalty: r.frequency_penalty,
             seed: r.seed,
+            logit_bias: r.logit_bias.clone(),
         }
     }
 }
@@ -557,6 +558,18 @@ impl<M: LoadModel> ModelRuntime<M> {
                 ..InferOutcome::default()
             });
         }
+        let vocabulary = loaded.codec.id_bound();
+        if let Some(id) = request
+            .logit_bias
+            .iter()
+            .map(|&(id, _)| id)
+            .find(|&id| id >= vocabulary)
+        {
+            return Err(PluginError::invalid_input(format!(
+                "logit_bias: token {id} is not in the vocabulary (ids 0 to {})",
+                vocabulary - 1
+            )));
+        }
         // A grammar that cannot be used is refused before any model work.
         let constraint = request
             .constraint
@@ -653,10 +666,12 @@ macro_rules! text_model_plugin {
             const NAME: &'static str = $name;
             const VERSION: &'static str = env!("CARGO_PKG_VERSION");
             const FAMILY: &'static str = $family;
-            // Every model on the engine answers `stats_only` (live gauges) and `tokenize_only`.
+            // Every model on the engine answers `stats_only` (live gauges) and `tokenize_only`,
+            // and samples with a `logit_bias`.
             const CAPABILITIES: $crate::plugin_api::Capabilities = $caps
                 .union($crate::plugin_api::Capabilities::ENGINE_STATS)
-                .union($crate::plugin_api::Capabilities::TOKENIZE);
+                .union($crate::plugin_api::Capabilities::TOKENIZE)
+                .union($crate::plugin_api::Capabilities::LOGIT_BIAS);
 
             fn new() -> Result<Self, $crate::plugin_api::PluginError> {
                 Ok(Self(

@@ -122,6 +122,15 @@ async fn start(
     parsed.request.request_id = Some(id.0);
     let lease = app.models.acquire(&model).await?;
     openai::default_limit(&mut parsed, lease.deployment().default_max_tokens, &limits)?;
+    if let Some(table) = &lease.deployment().tokens {
+        let bias = &parsed.request.logit_bias;
+        if let Some((id, _)) = bias.iter().find(|(id, _)| table.get(*id).is_none()) {
+            return Err(ApiError::bad_field(
+                "logit_bias",
+                format!("`logit_bias`: token {id} is not in model `{model}`'s vocabulary"),
+            ));
+        }
+    }
     if let Some(s) = &parsed.structure {
         let info = &lease.deployment().info;
         let chat = endpoint == Endpoint::Chat;

@@ -402,6 +402,15 @@ pub fn parse(
             ));
         }
     }
+    if !request.logit_bias.is_empty() && !has(Capabilities::LOGIT_BIAS) {
+        return Err(unsupported(
+            "logit_bias",
+            &format!(
+                "is not supported by model `{}` (its plugin does not declare plugin-api 1.9's `logit_bias`)",
+                c.model
+            ),
+        ));
+    }
     if logprobs != LogprobsFormat::None && !has(Capabilities::LOGPROBS) {
         return Err(unsupported(
             "logprobs",
@@ -479,9 +488,7 @@ fn sampling(c: &Common) -> Result<InferRequest, ApiError> {
             format!("`n` (the choices to generate) must be from 1 to {MAX_N}"),
         ));
     }
-    if c.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
-        return Err(unsupported("logit_bias", "is not supported; remove it"));
-    }
+    let logit_bias = logit_bias(c.logit_bias.as_ref())?;
     unsupported_extras(c)?;
     let top_k = match c.top_k {
         None | Some(0) | Some(-1) => None,
@@ -527,8 +534,35 @@ fn sampling(c: &Common) -> Result<InferRequest, ApiError> {
         min_tokens: c.min_tokens.filter(|&m| m > 0),
         ignore_eos: c.ignore_eos.unwrap_or(false),
         include_stop_str_in_output: c.include_stop_str_in_output.unwrap_or(false),
+        logit_bias,
         ..InferRequest::default()
     })
+}
+
+/// OpenAI's `logit_bias`: token ids (as the JSON object's keys) to a bias in [-100, 100].
+fn logit_bias(bias: Option<&Map<String, Value>>) -> Result<Vec<(u32, f32)>, ApiError> {
+    // Ids in order, each once ("7" and "07" are one token: the last written counts).
+    let mut out = std::collections::BTreeMap::new();
+    for (key, value) in bias.into_iter().flatten() {
+        let at = format!("logit_bias.{key}");
+        let id: u32 = key.parse().map_err(|_| {
+            ApiError::bad_field(
+                "logit_bias",
+                format!("`logit_bias` keys are token ids (whole numbers written as strings), found \"{key}\""),
+            )
+        })?;
+        let bias = value
+            .as_f64()
+            .filter(|b| (-100.0..=100.0).contains(b))
+            .ok_or_else(|| {
+                ApiError::bad_field(
+                    "logit_bias",
+                    format!("`{at}` must be a number from -100 to 100, found {value}"),
+                )
+            })?;
+        out.insert(id, bias as f32);
+    }
+    Ok(out.into_iter().collect())
 }
 
 /// What `/v1/completions` generates when `max_tokens` is left out: OpenAI's and vLLM's default
