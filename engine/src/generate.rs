@@ -46,7 +46,10 @@ pub struct Request {
     pub include_stop: bool,
     /// End-of-sequence ids (none: the sequence runs to `max_tokens`, vLLM's `ignore_eos`).
     pub eos: Vec<u32>,
-    /// Tokens generated before an end-of-sequence id may be (vLLM's `min_tokens`).
+    /// Ids that end the output after them, their text kept (vLLM's `stop_token_ids`).
+    pub stop_ids: Vec<u32>,
+    /// Tokens generated before an end-of-sequence id (or a stop id) may be (vLLM's
+    /// `min_tokens`).
     pub min_tokens: usize,
     /// Report the chosen token's logprob and this many alternatives.
     pub logprobs: Option<usize>,

@@ -17,7 +17,9 @@ pub struct Decoding {
     generated: Vec<u32>,
     max_tokens: usize,
     eos: Vec<u32>,
-    /// Until this many tokens are out, end-of-sequence ids are barred.
+    /// Ids that end the output after them (their text kept).
+    stop_ids: Vec<u32>,
+    /// Until this many tokens are out, end-of-sequence and stop ids are barred.
     min_tokens: usize,
     logprobs: Option<usize>,
     sampler: Sampler,
@@ -67,6 +69,7 @@ impl Decoding {
             generated: Vec::new(),
             max_tokens,
             eos: request.eos.clone(),
+            stop_ids: request.stop_ids.clone(),
             min_tokens: request.min_tokens,
             logprobs: request.logprobs,
             sampler: Sampler::new(request.sampling.clone()),
@@ -82,7 +85,7 @@ impl Decoding {
         let barred;
         let logits = if self.bars_eos() {
             let mut copy = logits.to_vec();
-            for &e in &self.eos {
+            for &e in self.eos.iter().chain(&self.stop_ids) {
                 if let Some(l) = copy.get_mut(e as usize) {
                     *l = f32::NEG_INFINITY;
                 }
@@ -133,9 +136,10 @@ impl Decoding {
         }
     }
 
-    /// Whether end-of-sequence ids are barred from the next token (`min_tokens` not reached).
+    /// Whether end-of-sequence and stop ids are barred from the next token (`min_tokens` not
+    /// reached).
     fn bars_eos(&self) -> bool {
-        self.generated.len() < self.min_tokens && !self.eos.is_empty()
+        self.generated.len() < self.min_tokens && !(self.eos.is_empty() && self.stop_ids.is_empty())
     }
 
     /// Tokens generated so far.
@@ -175,7 +179,8 @@ impl Decoding {
         };
         self.generated.push(token);
         let is_eos = self.eos.contains(&token);
-        let last = is_eos || self.generated.len() >= self.max_tokens;
+        let stop_id = !is_eos && self.stop_ids.contains(&token);
+        let last = is_eos || stop_id || self.generated.len() >= self.max_tokens;
         if let Some(guide) = self.guide.as_mut().filter(|_| !last) {
             guide.advance(token, codec);
         }
@@ -210,7 +215,7 @@ impl Decoding {
                 text.push_str(&self.stops.finish());
             }
         }
-        let finish = if is_eos || stopped {
+        let finish = if is_eos || stop_id || stopped {
             Some(Finish::Stop)
         } else if last {
             Some(Finish::Length)
@@ -385,6 +390,29 @@ mod tests {
         let mut d = Decoding::new(&r, 50).unwrap();
         let a = d.accept(&Output::Best(9), &codec).unwrap();
         assert_eq!(a.finish, Some(Finish::Stop));
+    }
+
+    /// A stop id ends the output after it, its text kept (vLLM's `stop_token_ids`), and is
+    /// barred like the end of sequence until `min_tokens` are out.
+    #[test]
+    fn a_stop_id_ends_the_output_keeping_its_text() {
+        let codec = codec();
+        let stop = 9u32;
+        let r = Request {
+            stop_ids: vec![stop],
+            min_tokens: 1,
+            ..request(SamplingParams::default(), None)
+        };
+        let mut d = Decoding::new(&r, 50).unwrap();
+        let mut logits = vec![0.0f32; 64];
+        logits[stop as usize] = 10.0;
+        logits[7] = 5.0;
+        assert_eq!(d.wants(), Wanted::Logits);
+        let a = d.accept(&Output::Logits(logits.clone()), &codec).unwrap();
+        assert_eq!((a.emitted.token_id, a.finish), (7, None), "barred first");
+        let a = d.accept(&Output::Logits(logits), &codec).unwrap();
+        assert_eq!((a.emitted.token_id, a.finish), (stop, Some(Finish::Stop)));
+        assert_eq!(a.emitted.text, codec.decode(&[stop]));
     }
 
     /// Scores that are all NaN are named as the model's fault, not a grammar's.

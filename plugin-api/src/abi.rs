@@ -47,8 +47,11 @@ impl Capabilities {
     /// Adds `InferRequest::logit_bias` to the logits before sampling (since 1.9). The host
     /// sends a bias only to plugins that set this: an older one would ignore it.
     pub const LOGIT_BIAS: Self = Self(1 << 8);
+    /// Ends the output after a token of `InferRequest::stop_token_ids` (since 1.9). The host
+    /// sends them only to plugins that set this: an older one would run past them.
+    pub const STOP_TOKEN_IDS: Self = Self(1 << 9);
 
-    const NAMES: [(Self, &'static str); 9] = [
+    const NAMES: [(Self, &'static str); 10] = [
         (Self::TEXT, "text"),
         (Self::CHAT, "chat"),
         (Self::TOOLS, "tools"),
@@ -58,6 +61,7 @@ impl Capabilities {
         (Self::ENGINE_STATS, "engine_stats"),
         (Self::TOKENIZE, "tokenize"),
         (Self::LOGIT_BIAS, "logit_bias"),
+        (Self::STOP_TOKEN_IDS, "stop_token_ids"),
     ];
 
     /// The empty set.

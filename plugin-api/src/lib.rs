@@ -27,7 +27,8 @@
 //! `ErrorKind::CONSTRAINT` (an output constraint the plugin cannot use). 1.9.0 —
 //! `InferRequest::tokenize_only`, `InferOutcome::prompt_token_ids` and `Capabilities::TOKENIZE`
 //! (the prompt's token ids without generating, for the API's `/tokenize`);
-//! `InferRequest::logit_bias` and `Capabilities::LOGIT_BIAS`.
+//! `InferRequest::logit_bias` and `Capabilities::LOGIT_BIAS`; `InferRequest::stop_token_ids` and
+//! `Capabilities::STOP_TOKEN_IDS`.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 

@@ -220,6 +220,11 @@ pub struct InferRequest {
     /// 1.9, and sent only to plugins that declare `Capabilities::LOGIT_BIAS`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub logit_bias: Vec<(u32, f32)>,
+    /// The output ends after any of these tokens, which stays part of it (vLLM's
+    /// `stop_token_ids`; like the end of sequence, barred until `min_tokens`). Added in 1.9,
+    /// and sent only to plugins that declare `Capabilities::STOP_TOKEN_IDS`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stop_token_ids: Vec<u32>,
 }
 
 /// A grammar the output must match, checked token by token as it is generated.

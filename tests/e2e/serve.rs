@@ -1085,9 +1085,10 @@ fn n_choices_are_each_their_own_seeded_sample_streamed_or_not() {
 }
 
 /// OpenAI's `logit_bias` reaches the sampler: -100 bans the greedy choice, +100 makes a token
-/// the choice at every step; an id outside the vocabulary is a 400 naming the field.
+/// the choice at every step; vLLM's `stop_token_ids` end the output after the token; an id
+/// outside the vocabulary is a 400 naming the field.
 #[test]
-fn logit_bias_bans_and_forces_tokens() {
+fn logit_bias_and_stop_token_ids_steer_the_real_sampler() {
     if !confinement_available() {
         return;
     }
@@ -1130,6 +1131,21 @@ fn logit_bias_bans_and_forces_tokens() {
     );
     assert_eq!(status, 400, "{e}");
     assert_eq!(e["error"]["param"], "logit_bias");
+
+    // vLLM's `stop_token_ids`: the output ends after the token, which it keeps.
+    let body = json!({"model": model, "prompt": case["prompt"], "max_tokens": 6,
+        "temperature": 0, "stop_token_ids": [second]});
+    let (status, r) = d.post("/v1/completions", &body);
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["choices"][0]["text"], text_of(vec![first, second]), "{r}");
+    assert_eq!(r["choices"][0]["finish_reason"], "stop");
+    assert_eq!(r["usage"]["completion_tokens"], 2);
+    let (status, e) = d.post(
+        "/v1/completions",
+        &json!({"model": model, "prompt": "Hi", "stop_token_ids": [99999999]}),
+    );
+    assert_eq!(status, 400, "{e}");
+    assert_eq!(e["error"]["param"], "stop_token_ids");
 }
 
 #[test]

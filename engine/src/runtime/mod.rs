@@ -559,16 +559,21 @@ impl<M: LoadModel> ModelRuntime<M> {
             });
         }
         let vocabulary = loaded.codec.id_bound();
-        if let Some(id) = request
-            .logit_bias
-            .iter()
-            .map(|&(id, _)| id)
-            .find(|&id| id >= vocabulary)
-        {
-            return Err(PluginError::invalid_input(format!(
-                "logit_bias: token {id} is not in the vocabulary (ids 0 to {})",
-                vocabulary - 1
-            )));
+        let named = [
+            (
+                "logit_bias",
+                request.logit_bias.iter().map(|&(id, _)| id).collect(),
+            ),
+            ("stop_token_ids", request.stop_token_ids.clone()),
+        ];
+        for (field, ids) in named {
+            let ids: Vec<u32> = ids;
+            if let Some(id) = ids.into_iter().find(|&id| id >= vocabulary) {
+                return Err(PluginError::invalid_input(format!(
+                    "{field}: token {id} is not in the vocabulary (ids 0 to {})",
+                    vocabulary - 1
+                )));
+            }
         }
         // A grammar that cannot be used is refused before any model work.
         let constraint = request
@@ -609,6 +614,7 @@ impl<M: LoadModel> ModelRuntime<M> {
             stop: request.stop.clone(),
             include_stop: request.include_stop_str_in_output,
             eos: loaded.generation.end_ids(request),
+            stop_ids: request.stop_token_ids.clone(),
             min_tokens: request.min_tokens.unwrap_or(0) as usize,
             logprobs: request.logprobs.map(|k| k as usize),
             media,
@@ -667,11 +673,12 @@ macro_rules! text_model_plugin {
             const VERSION: &'static str = env!("CARGO_PKG_VERSION");
             const FAMILY: &'static str = $family;
             // Every model on the engine answers `stats_only` (live gauges) and `tokenize_only`,
-            // and samples with a `logit_bias`.
+            // samples with a `logit_bias` and stops at `stop_token_ids`.
             const CAPABILITIES: $crate::plugin_api::Capabilities = $caps
                 .union($crate::plugin_api::Capabilities::ENGINE_STATS)
                 .union($crate::plugin_api::Capabilities::TOKENIZE)
-                .union($crate::plugin_api::Capabilities::LOGIT_BIAS);
+                .union($crate::plugin_api::Capabilities::LOGIT_BIAS)
+                .union($crate::plugin_api::Capabilities::STOP_TOKEN_IDS);
 
             fn new() -> Result<Self, $crate::plugin_api::PluginError> {
                 Ok(Self(

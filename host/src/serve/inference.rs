@@ -123,12 +123,16 @@ async fn start(
     let lease = app.models.acquire(&model).await?;
     openai::default_limit(&mut parsed, lease.deployment().default_max_tokens, &limits)?;
     if let Some(table) = &lease.deployment().tokens {
-        let bias = &parsed.request.logit_bias;
-        if let Some((id, _)) = bias.iter().find(|(id, _)| table.get(*id).is_none()) {
-            return Err(ApiError::bad_field(
-                "logit_bias",
-                format!("`logit_bias`: token {id} is not in model `{model}`'s vocabulary"),
-            ));
+        let r = &parsed.request;
+        let named = (r.logit_bias.iter().map(|&(id, _)| ("logit_bias", id)))
+            .chain(r.stop_token_ids.iter().map(|&id| ("stop_token_ids", id)));
+        for (field, id) in named {
+            if table.get(id).is_none() {
+                return Err(ApiError::bad_field(
+                    field,
+                    format!("`{field}`: token {id} is not in model `{model}`'s vocabulary"),
+                ));
+            }
         }
     }
     if let Some(s) = &parsed.structure {

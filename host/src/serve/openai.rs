@@ -82,8 +82,9 @@ struct Common {
     include_stop_str_in_output: Option<bool>,
     /// vLLM's: special tokens are left out of the text (default true).
     skip_special_tokens: Option<bool>,
+    /// vLLM's: the output ends after any of these tokens.
+    stop_token_ids: Option<Vec<u32>>,
     /// vLLM's, not supported: refused rather than ignored, as each changes the answer.
-    stop_token_ids: Option<Vec<Value>>,
     prompt_logprobs: Option<Value>,
     use_beam_search: Option<bool>,
     best_of: Option<u32>,
@@ -402,11 +403,23 @@ pub fn parse(
             ));
         }
     }
-    if !request.logit_bias.is_empty() && !has(Capabilities::LOGIT_BIAS) {
-        return Err(unsupported(
+    let needs = [
+        (
             "logit_bias",
+            !request.logit_bias.is_empty(),
+            Capabilities::LOGIT_BIAS,
+        ),
+        (
+            "stop_token_ids",
+            !request.stop_token_ids.is_empty(),
+            Capabilities::STOP_TOKEN_IDS,
+        ),
+    ];
+    if let Some((field, ..)) = needs.iter().find(|(_, asked, cap)| *asked && !has(*cap)) {
+        return Err(unsupported(
+            field,
             &format!(
-                "is not supported by model `{}` (its plugin does not declare plugin-api 1.9's `logit_bias`)",
+                "is not supported by model `{}` (its plugin does not declare plugin-api 1.9's `{field}` capability)",
                 c.model
             ),
         ));
@@ -535,6 +548,7 @@ fn sampling(c: &Common) -> Result<InferRequest, ApiError> {
         ignore_eos: c.ignore_eos.unwrap_or(false),
         include_stop_str_in_output: c.include_stop_str_in_output.unwrap_or(false),
         logit_bias,
+        stop_token_ids: c.stop_token_ids.clone().unwrap_or_default(),
         ..InferRequest::default()
     })
 }
@@ -574,12 +588,6 @@ pub const COMPLETIONS_MAX_TOKENS: u32 = 16;
 fn unsupported_extras(c: &Common) -> Result<(), ApiError> {
     if c.best_of.is_some_and(|b| b != 1) {
         return Err(unsupported("best_of", "must be 1"));
-    }
-    if c.stop_token_ids.as_ref().is_some_and(|ids| !ids.is_empty()) {
-        return Err(unsupported(
-            "stop_token_ids",
-            "is not supported; use `stop` with the tokens' text",
-        ));
     }
     if c.prompt_logprobs.as_ref().is_some_and(|v| !v.is_null()) {
         return Err(unsupported(

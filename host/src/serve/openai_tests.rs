@@ -426,7 +426,6 @@ fn unimplemented_vllm_fields_are_refused_by_name() {
     let prompt = json!({"model": "m", "prompt": "hi"});
     for (extra, param) in [
         (json!({"best_of": 2}), "best_of"),
-        (json!({"stop_token_ids": [2]}), "stop_token_ids"),
         (json!({"prompt_logprobs": 1}), "prompt_logprobs"),
         (json!({"use_beam_search": true}), "use_beam_search"),
         (
@@ -544,4 +543,34 @@ fn the_operators_default_beats_the_apis() {
     let mut p = parse(&chat, Endpoint::Chat, caps(&["chat"]), &Limits::default()).unwrap();
     let e = default_limit(&mut p, Some(50), &Limits::default()).unwrap_err();
     assert_eq!(e.param.as_deref(), Some("min_tokens"), "{}", e.message);
+}
+
+/// `logit_bias` and `stop_token_ids` reach the plugin request of a plugin that declares them
+/// (ids in order, each once), are refused by name for one that does not, and are checked.
+#[test]
+fn logit_bias_and_stop_token_ids_go_to_plugins_that_take_them() {
+    let body = json!({"model": "m", "prompt": "hi", "logit_bias": {"7": -100, "3": 2.5},
+        "stop_token_ids": [4, 5]});
+    let all = caps(&["text", "logit_bias", "stop_token_ids"]);
+    let p = parse(&body, Endpoint::Completions, all, &Limits::default()).unwrap();
+    assert_eq!(p.request.logit_bias, vec![(3, 2.5), (7, -100.0)]);
+    assert_eq!(p.request.stop_token_ids, vec![4, 5]);
+    for (without, param) in [
+        ("stop_token_ids", "logit_bias"),
+        ("logit_bias", "stop_token_ids"),
+    ] {
+        let e = parse(
+            &body,
+            Endpoint::Completions,
+            caps(&["text", without]),
+            &Limits::default(),
+        )
+        .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some(param), "{}", e.message);
+    }
+    for bad in [json!({"x": 1}), json!({"1": 101}), json!({"1": "a"})] {
+        let body = json!({"model": "m", "prompt": "hi", "logit_bias": bad});
+        let e = parse(&body, Endpoint::Completions, all, &Limits::default()).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("logit_bias"), "{}", e.message);
+    }
 }
