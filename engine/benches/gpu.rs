@@ -209,6 +209,7 @@ fn request(prompt: usize, tokens: usize, seed: u32) -> Request {
         stop: Vec::new(),
         include_stop: false,
         eos: Vec::new(),
+        stop_ids: Vec::new(),
         min_tokens: 0,
         logprobs: None,
         media: None,

@@ -74,6 +74,7 @@ fn a_prompt_longer_than_the_moe_context_is_refused() {
         stop: Vec::new(),
         include_stop: false,
         eos: Vec::new(),
+        stop_ids: Vec::new(),
         min_tokens: 0,
         logprobs: None,
         media: None,

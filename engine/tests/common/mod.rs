@@ -153,6 +153,7 @@ pub fn cases(checkpoint: &Checkpoint, name: &str) -> Vec<Case> {
                 stop: Vec::new(),
                 include_stop: false,
                 eos: eos.clone(),
+                stop_ids: Vec::new(),
                 min_tokens: 0,
                 logprobs: Some(5),
                 media: None,

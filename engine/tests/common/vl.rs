@@ -111,6 +111,7 @@ pub fn request(f: &Fixture, case: &Value) -> Request {
         stop: Vec::new(),
         include_stop: false,
         eos: f.eos.clone(),
+        stop_ids: Vec::new(),
         min_tokens: 0,
         logprobs: Some(5),
         media: media.map(Arc::new),
