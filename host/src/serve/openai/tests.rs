@@ -1,5 +1,6 @@
 //! Unit tests of request parsing.
 use super::*;
+use pio_plugin_api::wire::Prompt;
 use serde_json::json;
 
 /// `body` with `extra`'s fields added.

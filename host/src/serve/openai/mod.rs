@@ -1,0 +1,402 @@
+//! OpenAI request bodies: parsed with the failing field named, checked against what the model
+//! can do and the server's limits, and turned into the plugin's [`InferRequest`].
+
+use pio_plugin_api::wire::InferRequest;
+use pio_plugin_api::Capabilities;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::error::ApiError;
+use super::structure::{self, Structure};
+
+mod endpoints;
+mod limits;
+mod sampling;
+
+use endpoints::{chat, completion, ChatFields};
+pub use limits::{default_limit, Limits, COMPLETIONS_MAX_TOKENS};
+use limits::{min_within_max, token_limit};
+use sampling::sampling;
+pub use sampling::MAX_N;
+
+/// Which endpoint a request came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/v1/chat/completions`.
+    Chat,
+    /// `/v1/completions`.
+    Completions,
+}
+
+impl Endpoint {
+    /// The metrics label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Chat => "chat",
+            Self::Completions => "completions",
+        }
+    }
+
+    /// The request field holding the prompt.
+    pub fn prompt_field(self) -> &'static str {
+        match self {
+            Self::Chat => "messages",
+            Self::Completions => "prompt",
+        }
+    }
+}
+
+/// A seed as clients send it, signed or not (vLLM takes -2^63 to 2^64 - 1): its 64 bits, which
+/// are what reproducibility needs.
+fn seed_bits<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    n.as_u64()
+        .or_else(|| n.as_i64().map(|s| s as u64))
+        .map(Some)
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "must be a whole number from -2^63 to 2^64 - 1, found {n}"
+            ))
+        })
+}
+
+/// Fields both endpoints share. Unknown fields are ignored, as OpenAI's own server does with
+/// fields it does not use.
+#[derive(Debug, Deserialize)]
+struct Common {
+    model: String,
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+    max_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<i64>,
+    min_p: Option<f32>,
+    #[serde(default, deserialize_with = "seed_bits")]
+    seed: Option<u64>,
+    stop: Option<Stop>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    repetition_penalty: Option<f32>,
+    n: Option<u32>,
+    logit_bias: Option<Map<String, Value>>,
+    /// vLLM's: tokens before the end of sequence may come.
+    min_tokens: Option<u32>,
+    /// vLLM's: generate to `max_tokens` whatever the model says.
+    ignore_eos: Option<bool>,
+    /// vLLM's: the stop string found ends the output.
+    include_stop_str_in_output: Option<bool>,
+    /// vLLM's: special tokens are left out of the text (default true).
+    skip_special_tokens: Option<bool>,
+    /// vLLM's: the output ends after any of these tokens.
+    stop_token_ids: Option<Vec<u32>>,
+    /// vLLM's, not supported: refused rather than ignored, as each changes the answer.
+    prompt_logprobs: Option<Value>,
+    use_beam_search: Option<bool>,
+    best_of: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamOptions {
+    include_usage: Option<bool>,
+    continuous_usage_stats: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// How logprobs are to be reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogprobsFormat {
+    /// Not asked for.
+    None,
+    /// Chat: `choices[].logprobs.content[]`.
+    Chat,
+    /// Completions: `choices[].logprobs.{tokens, token_logprobs, top_logprobs, text_offset}`.
+    Legacy,
+}
+
+/// A checked request.
+#[derive(Debug, Clone)]
+pub struct Parsed {
+    /// The model asked for.
+    pub model: String,
+    /// Which endpoint.
+    pub endpoint: Endpoint,
+    /// Server-sent events instead of one JSON body.
+    pub stream: bool,
+    /// A last stream chunk carrying `usage`.
+    pub include_usage: bool,
+    /// How to report logprobs.
+    pub logprobs: LogprobsFormat,
+    /// What the plugin gets (its `constraint` is set from `structure` once the model's
+    /// markup is known: [`structure::constraint`]).
+    pub request: InferRequest,
+    /// The output structure asked for.
+    pub structure: Option<Structure>,
+    /// At most one tool call is returned (`parallel_tool_calls: false`), as vLLM and OpenAI do
+    /// whatever the model wrote.
+    pub single_call: bool,
+    /// Tool calls in the output are taken out as `tool_calls` (not with `tool_choice: "none"`,
+    /// where the tools are still shown to the model, as vLLM does, and the output is all text).
+    pub calls_parsed: bool,
+    /// The model's special tokens are left out of the text (vLLM's `skip_special_tokens`,
+    /// default true).
+    pub skip_special_tokens: bool,
+    /// The client named a token limit (`max_tokens` or `max_completion_tokens`).
+    pub max_tokens_asked: bool,
+    /// Choices to generate (`n`), each its own sequence in the batch.
+    pub n: usize,
+}
+
+impl Parsed {
+    /// The plugin request of choice `index`: a seeded request's choices take successive seeds,
+    /// so they differ as vLLM's do and each is reproducible.
+    pub fn choice(&self, index: usize) -> InferRequest {
+        let mut request = self.request.clone();
+        request.seed = (request.seed).map(|s| s.wrapping_add(index as u64));
+        request
+    }
+}
+
+/// `body` read as `T`; a field that does not fit is a 400 naming its path.
+pub(super) fn field<T: DeserializeOwned>(body: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(body).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.inner().to_string();
+        // A field missing from the body is named by serde at the root (`.`): name the field.
+        let missing = (inner.strip_prefix("missing field `"))
+            .and_then(|rest| rest.split('`').next())
+            .filter(|_| path == ".");
+        match missing {
+            Some(name) => ApiError::bad_field(name, format!("`{name}` is required")),
+            None => ApiError::bad_field(path.clone(), format!("`{path}`: {}", plain(&inner))),
+        }
+    })
+}
+
+/// serde's message in the API's words: JSON types, not Rust's (`u32`, `untagged enum Stop`).
+fn plain(inner: &str) -> String {
+    const WORDS: [(&str, &str); 8] = [
+        (
+            "data did not match any variant of untagged enum Stop",
+            "expected a string or a list of strings",
+        ),
+        (
+            "expected u32",
+            "expected a whole number from 0 to 4294967295",
+        ),
+        ("expected u64", "expected a whole number from 0 to 2^64 - 1"),
+        ("expected i64", "expected a whole number"),
+        ("expected usize", "expected a whole number of 0 or more"),
+        ("expected f32", "expected a number"),
+        ("expected f64", "expected a number"),
+        ("expected a sequence", "expected a list"),
+    ];
+    WORDS.iter().fold(inner.to_string(), |text, (rust, json)| {
+        text.replace(rust, json)
+    })
+}
+
+/// Parses the JSON body (syntax errors name line and column).
+pub fn body_json(bytes: &[u8]) -> Result<Value, ApiError> {
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(ApiError::bad_request(
+            "the request body must be a JSON object",
+        ));
+    }
+    Ok(value)
+}
+
+/// The `model` field alone (to look the model up before the rest is checked).
+pub fn model_of(body: &Value) -> Result<String, ApiError> {
+    match body.get("model") {
+        Some(Value::String(m)) if !m.is_empty() => Ok(m.clone()),
+        Some(_) => Err(ApiError::bad_field(
+            "model",
+            "`model` must be a non-empty string",
+        )),
+        None => Err(ApiError::bad_field(
+            "model",
+            "`model` is required; GET /v1/models lists the models served",
+        )),
+    }
+}
+
+fn unsupported(name: &str, why: &str) -> ApiError {
+    ApiError::bad_field(name, format!("`{name}` {why}"))
+}
+
+/// A plugin that declares no chat gets no messages (it would take them for a prompt it cannot
+/// read), and one that declares no text completion no raw prompt.
+fn endpoint_allowed(
+    endpoint: Endpoint,
+    capabilities: Capabilities,
+    model: &str,
+) -> Result<(), ApiError> {
+    let (needs, field, instead) = match endpoint {
+        Endpoint::Chat => (
+            Capabilities::CHAT,
+            "messages",
+            "send a `prompt` to /v1/completions",
+        ),
+        Endpoint::Completions => (
+            Capabilities::TEXT,
+            "prompt",
+            "send `messages` to /v1/chat/completions",
+        ),
+    };
+    if capabilities.contains(needs) {
+        return Ok(());
+    }
+    let kind = if endpoint == Endpoint::Chat {
+        "chat"
+    } else {
+        "text completion"
+    };
+    Err(unsupported(
+        field,
+        &format!(
+            "cannot be sent to model `{model}`, which declares no {kind} capability; {instead}"
+        ),
+    ))
+}
+
+/// Checks `body` for `endpoint` and builds the plugin request. `capabilities` are the model's.
+pub fn parse(
+    body: &Value,
+    endpoint: Endpoint,
+    capabilities: Capabilities,
+    limits: &Limits,
+) -> Result<Parsed, ApiError> {
+    let c: Common = field(body)?;
+    let has = |cap: Capabilities| capabilities.contains(cap);
+    endpoint_allowed(endpoint, capabilities, &c.model)?;
+    let mut request = sampling(&c)?;
+    let mut max_tokens = c.max_tokens;
+    let mut max_field = "max_tokens";
+    let mut structure = structure::requested(body)?;
+    let mut calls_parsed = false;
+    let logprobs = match endpoint {
+        Endpoint::Chat => {
+            let f: ChatFields = field(body)?;
+            if f.max_completion_tokens.is_some() {
+                max_field = "max_completion_tokens";
+            }
+            max_tokens = f.max_completion_tokens.or(max_tokens);
+            let (logprobs, forced, parsed) = chat(f, &mut request, &c.model, capabilities, limits)?;
+            calls_parsed = parsed;
+            if let Some(forced) = forced {
+                if let Some(Structure::Grammar { field, .. }) = &structure {
+                    return Err(unsupported(
+                        "tool_choice",
+                        &format!("cannot force a tool call and `{field}` at once; drop one"),
+                    ));
+                }
+                structure = Some(forced);
+            }
+            logprobs
+        }
+        Endpoint::Completions => completion(field(body)?, &mut request)?,
+    };
+    if let Some(s) = &structure {
+        if !has(Capabilities::STRUCTURED_OUTPUT) {
+            let field = match s {
+                Structure::Grammar { field, .. } => field,
+                Structure::ToolCalls { .. } => "tool_choice",
+            };
+            return Err(unsupported(
+                field,
+                &format!(
+                    "needs constrained output, which model `{}` does not declare",
+                    c.model
+                ),
+            ));
+        }
+    }
+    let needs = [
+        (
+            "logit_bias",
+            !request.logit_bias.is_empty(),
+            Capabilities::LOGIT_BIAS,
+        ),
+        (
+            "stop_token_ids",
+            !request.stop_token_ids.is_empty(),
+            Capabilities::STOP_TOKEN_IDS,
+        ),
+    ];
+    if let Some((field, ..)) = needs.iter().find(|(_, asked, cap)| *asked && !has(*cap)) {
+        return Err(unsupported(
+            field,
+            &format!(
+                "is not supported by model `{}` (its plugin does not declare plugin-api 1.9's `{field}` capability)",
+                c.model
+            ),
+        ));
+    }
+    if logprobs != LogprobsFormat::None && !has(Capabilities::LOGPROBS) {
+        return Err(unsupported(
+            "logprobs",
+            &format!("are not supported by model `{}`", c.model),
+        ));
+    }
+    if structure.is_some() {
+        let field = if request.ignore_eos {
+            Some("ignore_eos")
+        } else {
+            request.min_tokens.map(|_| "min_tokens")
+        };
+        if let Some(field) = field {
+            return Err(unsupported(
+                field,
+                "cannot be used with structured output, which ends where its grammar does; drop one",
+            ));
+        }
+    }
+    let default = (endpoint == Endpoint::Completions).then_some(COMPLETIONS_MAX_TOKENS);
+    request.max_tokens =
+        token_limit(max_tokens, default, limits).map_err(|e| e.for_field(max_field))?;
+    // Against a limit the client named; a default is only known once the model is
+    // (`default_limit`).
+    if max_tokens.is_some() {
+        min_within_max(&request, true)?;
+    }
+    let stream = c.stream.unwrap_or(false);
+    if c.stream_options.is_some() && !stream {
+        return Err(ApiError::bad_field(
+            "stream_options",
+            "`stream_options` applies to streamed answers only: set `stream: true` or drop it",
+        ));
+    }
+    Ok(Parsed {
+        model: c.model,
+        endpoint,
+        stream,
+        include_usage: c
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false),
+        logprobs,
+        request,
+        structure,
+        single_call: endpoint == Endpoint::Chat
+            && body.get("parallel_tool_calls") == Some(&Value::Bool(false)),
+        calls_parsed,
+        skip_special_tokens: c.skip_special_tokens.unwrap_or(true),
+        max_tokens_asked: max_tokens.is_some(),
+        n: c.n.map_or(1, |n| n as usize),
+    })
+}
+
+#[cfg(test)]
+mod tests;
