@@ -44,7 +44,7 @@ impl fmt::Display for Tier {
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Memory (RAM, no swap) the worker may use.
-    #[serde(default, deserialize_with = "more_than_none")]
+    #[serde(default, deserialize_with = "enough_to_start")]
     pub memory: Option<ByteSize>,
     /// CPU cores' worth of time per period (e.g. 1.5).
     pub cpus: Option<PositiveF64>,
@@ -162,6 +162,23 @@ where
         return Err(serde::de::Error::custom(
             "must be more than 0 (no worker could start with none); leave it out for the default",
         ));
+    }
+    Ok(Some(value))
+}
+
+/// The least memory a worker can start in: the `pio` process itself, its async runtime and the
+/// plugin's library mapped in, before any model.
+pub const MIN_WORKER_MEMORY: u64 = 16 << 20;
+
+/// A memory limit no worker could start under is refused where it is written (it would otherwise
+/// show as a worker killed at start, over and over).
+fn enough_to_start<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ByteSize>, D::Error> {
+    let value = ByteSize::deserialize(d)?;
+    if value.0 < MIN_WORKER_MEMORY {
+        return Err(serde::de::Error::custom(format!(
+            "must be at least 16MiB (found {} bytes): a worker needs that much to start, before its model; leave it out for the default",
+            value.0
+        )));
     }
     Ok(Some(value))
 }

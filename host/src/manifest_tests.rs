@@ -151,8 +151,20 @@ fn limits_of_nothing_and_out_of_range_defaults_are_refused() {
             e.contains("plugins/x.toml") && e.contains(line) && e.contains(&format!("`{key}`")),
             "{limit}: {e}"
         );
-        assert!(e.contains("must be more than 0"), "{limit}: {e}");
+        let says = if key == "memory" {
+            "must be at least 16MiB"
+        } else {
+            "must be more than 0"
+        };
+        assert!(e.contains(says), "{limit}: {e}");
     }
+    // Memory no worker could start in.
+    let e = parse_err(&format!("{MINIMAL}[limits]\nmemory = \"1KiB\"\n"));
+    assert!(
+        e.contains("6:10") && e.contains("at least 16MiB") && e.contains("1024 bytes"),
+        "{e}"
+    );
+    assert!(parse(&format!("{MINIMAL}[limits]\nmemory = \"16MiB\"\n")).is_ok());
     assert!(parse(&format!("{MINIMAL}[limits]\nscratch = 0\n")).is_ok());
     for (default, says) in [
         ("max_tokens = 0", "`max_tokens` must be at least 1"),
