@@ -17,8 +17,10 @@ pub struct Decoding {
     generated: Vec<u32>,
     max_tokens: usize,
     eos: Vec<u32>,
-    /// Ids that end the output after them (their text kept).
+    /// Ids that end the output with them.
     stop_ids: Vec<u32>,
+    /// The text of what ended the output is part of it (a stop id's, as a stop string's).
+    include_stop: bool,
     /// Until this many tokens are out, end-of-sequence and stop ids are barred.
     min_tokens: usize,
     logprobs: Option<usize>,
@@ -70,6 +72,7 @@ impl Decoding {
             max_tokens,
             eos: request.eos.clone(),
             stop_ids: request.stop_ids.clone(),
+            include_stop: request.include_stop,
             min_tokens: request.min_tokens,
             logprobs: request.logprobs,
             sampler: Sampler::new(request.sampling.clone()),
@@ -199,7 +202,9 @@ impl Decoding {
         };
         let mut text = String::new();
         let mut stopped = false;
-        if !is_eos {
+        // A stop id's text is left out unless the stop is to be included, as vLLM's detokenizer
+        // leaves it out; the end of sequence's never shows.
+        if !is_eos && (!stop_id || self.include_stop) {
             let piece = self.decoder.push(codec, token);
             let step = self.stop_check(&piece);
             text = step.emit;
@@ -392,10 +397,11 @@ mod tests {
         assert_eq!(a.finish, Some(Finish::Stop));
     }
 
-    /// A stop id ends the output after it, its text kept (vLLM's `stop_token_ids`), and is
-    /// barred like the end of sequence until `min_tokens` are out.
+    /// A stop id ends the output, its text left out unless the stop is included (vLLM's
+    /// `stop_token_ids` and `include_stop_str_in_output`), and is barred like the end of
+    /// sequence until `min_tokens` are out.
     #[test]
-    fn a_stop_id_ends_the_output_keeping_its_text() {
+    fn a_stop_id_ends_the_output_its_text_shown_only_if_included() {
         let codec = codec();
         let stop = 9u32;
         let r = Request {
@@ -410,6 +416,15 @@ mod tests {
         assert_eq!(d.wants(), Wanted::Logits);
         let a = d.accept(&Output::Logits(logits.clone()), &codec).unwrap();
         assert_eq!((a.emitted.token_id, a.finish), (7, None), "barred first");
+        let a = d.accept(&Output::Logits(logits.clone()), &codec).unwrap();
+        assert_eq!((a.emitted.token_id, a.finish), (stop, Some(Finish::Stop)));
+        assert_eq!(a.emitted.text, "");
+        let included = Request {
+            include_stop: true,
+            min_tokens: 0,
+            ..r
+        };
+        let mut d = Decoding::new(&included, 50).unwrap();
         let a = d.accept(&Output::Logits(logits), &codec).unwrap();
         assert_eq!((a.emitted.token_id, a.finish), (stop, Some(Finish::Stop)));
         assert_eq!(a.emitted.text, codec.decode(&[stop]));

@@ -9,6 +9,15 @@ use pio_host::serve::output::Parsing;
 use pio_plugin_api::wire::{InferOutcome, InferRequest, ModelInfo, Prompt};
 use serde_json::{json, Value};
 
+/// How `pio run` shows its output.
+#[derive(Debug, Clone, Copy)]
+pub struct Shown {
+    /// One JSON object per token, then a summary line.
+    pub json: bool,
+    /// The model's special tokens stay in the text.
+    pub special: bool,
+}
+
 /// Writes tokens to stdout as they arrive.
 pub struct TokenPrinter {
     json: bool,

@@ -13,7 +13,7 @@ use pio_host::serve::structure;
 use pio_host::supervisor::{Event, Worker, WorkerSpec};
 use pio_plugin_api::wire::{InferRequest, ModelInfo};
 
-use crate::cli_print::{LoadProgress, TokenPrinter};
+use crate::cli_print::{LoadProgress, Shown, TokenPrinter};
 use crate::{prober, SearchArgs};
 use pio_host::protocol::TokenFrame;
 use pio_plugin_api::{
@@ -101,6 +101,16 @@ pub struct RunArgs {
     /// `supervisor.request_timeout_secs`, 600; `maximum` always has one).
     #[arg(long, value_name = "SECONDS")]
     timeout: Option<u64>,
+}
+
+impl RunArgs {
+    /// How the output is shown.
+    fn shown(&self) -> Shown {
+        Shown {
+            json: self.json,
+            special: self.special,
+        }
+    }
 }
 
 /// The sandbox flags shared by `pio run` and `pio list --start`.
@@ -410,7 +420,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     )?;
     let parsed = request(&args, capabilities, &settings)?;
     if args.in_process {
-        return in_process(&library, &config, &parsed, args.json, args.special);
+        return in_process(&library, &config, &parsed, args.shown());
     }
     let maximum = spec.plan.applied == Tier::Maximum;
     // 0 is no limit, as in the config (where `maximum`'s watchdog still holds).
@@ -424,13 +434,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(stream(
-        spec,
-        config,
-        parsed,
-        (args.json, args.special),
-        timeout,
-    ))
+    runtime.block_on(stream(spec, config, parsed, args.shown(), timeout))
 }
 
 /// Starts the worker of `spec` and loads `config` into it, with a progress bar. SIGINT or
@@ -502,7 +506,7 @@ async fn stream(
     spec: WorkerSpec,
     config: pio_plugin_api::wire::ModelConfig,
     parsed: Parsed,
-    (json, special): (bool, bool),
+    shown: Shown,
     timeout: Option<std::time::Duration>,
 ) -> anyhow::Result<u8> {
     let mut signals = StopSignals::new()?;
@@ -514,7 +518,7 @@ async fn stream(
             return Err(e);
         }
     };
-    let mut printer = TokenPrinter::new(json).parsing(&request, &info, special);
+    let mut printer = TokenPrinter::new(shown.json).parsing(&request, &info, shown.special);
     let (id, mut events) = worker.infer(request)?;
     let deadline = tokio::time::sleep(timeout.unwrap_or(std::time::Duration::MAX / 4));
     tokio::pin!(deadline);
@@ -677,9 +681,9 @@ fn in_process(
     library: &std::path::Path,
     config: &pio_plugin_api::wire::ModelConfig,
     parsed: &Parsed,
-    json: bool,
-    special: bool,
+    shown: Shown,
 ) -> anyhow::Result<u8> {
+    let json = shown.json;
     eprintln!(
         "warning: --in-process runs the plugin's code inside pio, unconfined: for debugging only"
     );
@@ -697,7 +701,7 @@ fn in_process(
     progress.finish();
     let info: ModelInfo = serde_json::from_str(&loaded?)?;
     let request = constrained(parsed, &info)?;
-    let printer = TokenPrinter::new(json).parsing(&request, &info, special);
+    let printer = TokenPrinter::new(json).parsing(&request, &info, shown.special);
     let request = serde_json::to_string(&request)?;
     let sink = TokenSink_TO::from_value(PrintSink(printer), TD_Opaque);
     match plugin.infer(request.as_str().into(), sink).into_result() {

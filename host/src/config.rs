@@ -182,7 +182,8 @@ pub struct ServerSection {
     pub max_body_size: ByteSize,
     /// The most tokens one request may ask for (default 0: up to the model's context).
     pub max_tokens_limit: u32,
-    /// Requests per model running or waiting at once; more get 429 (default 64).
+    /// Requests per model running or waiting at once (one with `n` choices counts `n`); more get
+    /// 429 (default 64).
     #[serde(deserialize_with = "not_zero")]
     pub queue_depth: usize,
     /// A streaming client that takes no data for this many seconds while the stream's buffer is
@@ -356,26 +357,6 @@ impl Config {
         })
     }
 
-    /// The folders this file names that cannot be opened (a typo, or one not yet made), each
-    /// with its key and the reason: worth a warning at start, where they would otherwise be
-    /// found only as plugins not served or image files refused.
-    pub fn unreadable_folders(&self) -> Vec<String> {
-        let named = (self.plugin_dirs.iter().map(|d| ("plugin_dirs", d)))
-            .chain(self.library_dirs.iter().map(|d| ("library_dirs", d)))
-            .chain(
-                self.server
-                    .image_root
-                    .iter()
-                    .map(|d| ("server.image_root", d)),
-            );
-        named
-            .filter_map(|(key, dir)| {
-                let e = std::fs::read_dir(dir).err()?;
-                Some(format!("{key}: {} cannot be opened ({e})", dir.display()))
-            })
-            .collect()
-    }
-
     /// The sandbox policy it sets.
     pub fn policy(&self) -> Policy {
         Policy {
@@ -419,6 +400,26 @@ impl Config {
 /// A worker's processes and threads when no manifest or configuration sets them: far more
 /// than an engine runs (a thread per core, a few per request), and a bound on a fork bomb.
 pub const DEFAULT_PIDS: u32 = 4096;
+
+/// Of the `named` folders (a setting's key, the folder), those that cannot be used, each said
+/// with its key and the reason: worth a warning at start, where they would otherwise be found
+/// only as plugins not served or image files refused (a typo, or a folder not yet made).
+pub fn unusable_folders<'a>(named: impl IntoIterator<Item = (&'a str, &'a Path)>) -> Vec<String> {
+    named
+        .into_iter()
+        .filter_map(|(key, dir)| {
+            let problem = match std::fs::metadata(dir) {
+                Ok(m) if m.is_dir() => return None,
+                Ok(_) => "it is not a folder".to_string(),
+                Err(e) => e.to_string(),
+            };
+            Some(format!(
+                "{key}: {} cannot be used ({problem})",
+                dir.display()
+            ))
+        })
+        .collect()
+}
 
 #[cfg(test)]
 mod tests {
@@ -522,29 +523,25 @@ mod tests {
         assert!(e.message.contains("`max_crashes`"), "{e}");
     }
 
-    /// Folders named but not there are listed with their keys, for a warning at start.
+    /// Folders named but not there (or not folders) are listed with their keys.
     #[test]
-    fn folders_that_cannot_be_opened_are_named_with_their_keys() {
+    fn folders_that_cannot_be_used_are_named_with_their_keys() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("pio.toml");
-        std::fs::create_dir(dir.path().join("plugins")).unwrap();
-        std::fs::write(
-            &path,
-            "plugin_dirs = [\"plugins\", \"plugnis\"]\nlibrary_dirs = [\"libs\"]\n[server]\nimage_root = \"images\"\n",
-        )
-        .unwrap();
-        let found = Config::load(&path).unwrap().unreadable_folders();
-        assert_eq!(found.len(), 3, "{found:?}");
-        for (line, want) in
-            found
-                .iter()
-                .zip(["plugin_dirs: ", "library_dirs: ", "server.image_root: "])
-        {
-            assert!(line.starts_with(want), "{line}");
-        }
-        assert!(found[0].contains("plugnis") && !found.iter().any(|l| l.contains("plugins ")));
-        std::fs::create_dir(dir.path().join("images")).unwrap();
-        assert_eq!(Config::load(&path).unwrap().unreadable_folders().len(), 2);
+        let (plugins, typo, file) = (
+            dir.path().join("plugins"),
+            dir.path().join("plugnis"),
+            dir.path().join("file"),
+        );
+        std::fs::create_dir(&plugins).unwrap();
+        std::fs::write(&file, b"").unwrap();
+        let found = unusable_folders([
+            ("plugin_dirs", plugins.as_path()),
+            ("plugin_dirs", typo.as_path()),
+            ("server.image_root", file.as_path()),
+        ]);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found[0].starts_with("plugin_dirs: ") && found[0].contains("plugnis"));
+        assert!(found[1].starts_with("server.image_root: ") && found[1].contains("not a folder"));
     }
 
     /// Values that would make the server useless are refused where they are written.

@@ -148,6 +148,50 @@ fn a_whole_answer_whose_client_leaves_is_counted_and_its_generation_stopped() {
     );
 }
 
+/// A client that leaves a request of `n` choices stops every choice in the worker, streamed or
+/// not; `n` takes as many places of the queue, so one past `queue_depth` is refused.
+#[test]
+fn every_choice_stops_when_the_client_leaves() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(
+        echo_dir("[model.options]\ndelay_ms = 20\n"),
+        "[server]\nqueue_depth = 4\n",
+    );
+    d.wait_ready();
+    let in_flight = || d.plugin("echo")["requests_in_flight"].as_u64().unwrap_or(0);
+    for stream in [false, true] {
+        let body = json!({"model": "echo", "prompt": "z".repeat(200), "max_tokens": 200,
+            "n": 3, "stream": stream})
+        .to_string();
+        let mut client = std::net::TcpStream::connect(d.addr()).expect("connect");
+        send(&mut client, "/v1/completions", &body);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while in_flight() < 3 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(in_flight(), 3, "stream {stream}: every choice runs");
+        let left = Instant::now();
+        drop(client);
+        while in_flight() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(in_flight(), 0, "stream {stream}: every choice stopped");
+        assert!(
+            left.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            left.elapsed()
+        );
+    }
+    let (status, e) = d.post(
+        "/v1/completions",
+        &json!({"model": "echo", "prompt": "hi", "n": 5}),
+    );
+    assert_eq!(status, 400, "{e}");
+    assert_eq!(e["error"]["param"], "n");
+}
+
 /// A stream whose client leaves before its first token is counted as gone too (its handler
 /// was dropped before the stream's own task, which records, existed).
 #[test]

@@ -1132,14 +1132,18 @@ fn logit_bias_and_stop_token_ids_steer_the_real_sampler() {
     assert_eq!(status, 400, "{e}");
     assert_eq!(e["error"]["param"], "logit_bias");
 
-    // vLLM's `stop_token_ids`: the output ends after the token, which it keeps.
-    let body = json!({"model": model, "prompt": case["prompt"], "max_tokens": 6,
+    // vLLM's `stop_token_ids`: the output ends with the token, counted, its text shown only
+    // with `include_stop_str_in_output`.
+    let mut body = json!({"model": model, "prompt": case["prompt"], "max_tokens": 6,
         "temperature": 0, "stop_token_ids": [second]});
     let (status, r) = d.post("/v1/completions", &body);
     assert_eq!(status, 200, "{r}");
-    assert_eq!(r["choices"][0]["text"], text_of(vec![first, second]), "{r}");
+    assert_eq!(r["choices"][0]["text"], text_of(vec![first]), "{r}");
     assert_eq!(r["choices"][0]["finish_reason"], "stop");
     assert_eq!(r["usage"]["completion_tokens"], 2);
+    body["include_stop_str_in_output"] = json!(true);
+    let (_, r) = d.post("/v1/completions", &body);
+    assert_eq!(r["choices"][0]["text"], text_of(vec![first, second]), "{r}");
     let (status, e) = d.post(
         "/v1/completions",
         &json!({"model": model, "prompt": "Hi", "stop_token_ids": [99999999]}),

@@ -278,7 +278,7 @@ fn message_images(prompt: &Prompt) -> Result<Vec<crate::images::RgbImage>, Plugi
     Ok(images)
 }
 
-impl<M> Loaded<M> {
+impl<M: LoadModel> Loaded<M> {
     fn prompt_ids(&self, request: &InferRequest) -> Result<Vec<u32>, PluginError> {
         let text = match &request.prompt {
             Prompt::Text(text) => text.clone(),
@@ -299,6 +299,48 @@ impl<M> Loaded<M> {
             }
         };
         self.codec.encode(&text).map_err(plugin_error)
+    }
+
+    /// The answer to a `tokenize_only` request: the prompt's ids as [`Self::engine_request`]
+    /// would run them, images counted from their sizes.
+    fn tokenized(
+        &self,
+        request: &InferRequest,
+        images: &[crate::images::RgbImage],
+    ) -> Result<InferOutcome, PluginError> {
+        let ids = (self.model)
+            .token_ids(self.prompt_ids(request)?, images)
+            .map_err(plugin_error)?;
+        Ok(InferOutcome {
+            usage: Usage {
+                prompt_tokens: ids.len() as u32,
+                ..Usage::default()
+            },
+            prompt_token_ids: Some(ids),
+            ..InferOutcome::default()
+        })
+    }
+
+    /// The engine's request for `request` over `prompt` (its media and constraint left to the
+    /// caller).
+    fn engine_request(&self, request: &InferRequest, prompt: Vec<u32>) -> Request {
+        let max_tokens = (request.max_tokens)
+            .or(self.defaults.max_tokens)
+            .or(self.generation.max_new_tokens)
+            .map_or(self.engine.context_length(), |m| m as usize);
+        Request {
+            prompt,
+            sampling: self.sampling(request),
+            max_tokens,
+            stop: request.stop.clone(),
+            include_stop: request.include_stop_str_in_output,
+            eos: self.generation.end_ids(request),
+            stop_ids: request.stop_token_ids.clone(),
+            min_tokens: request.min_tokens.unwrap_or(0) as usize,
+            logprobs: request.logprobs.map(|k| k as usize),
+            media: None,
+            constraint: None,
+        }
     }
 
     /// Request values first, then the manifest's defaults, then the checkpoint's.
@@ -323,6 +365,22 @@ impl<M> Loaded<M> {
             seed: r.seed,
             logit_bias: r.logit_bias.clone(),
         }
+    }
+}
+
+/// Every token id `request` names is in the vocabulary of `vocabulary` ids.
+fn known_ids(request: &InferRequest, vocabulary: u32) -> Result<(), PluginError> {
+    let biased = request.logit_bias.iter().map(|&(id, _)| ("logit_bias", id));
+    let stops = request
+        .stop_token_ids
+        .iter()
+        .map(|&id| ("stop_token_ids", id));
+    match biased.chain(stops).find(|&(_, id)| id >= vocabulary) {
+        Some((field, id)) => Err(PluginError::invalid_input(format!(
+            "{field}: token {id} is not in the vocabulary (ids 0 to {})",
+            vocabulary.saturating_sub(1)
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -558,23 +616,7 @@ impl<M: LoadModel> ModelRuntime<M> {
                 ..InferOutcome::default()
             });
         }
-        let vocabulary = loaded.codec.id_bound();
-        let named = [
-            (
-                "logit_bias",
-                request.logit_bias.iter().map(|&(id, _)| id).collect(),
-            ),
-            ("stop_token_ids", request.stop_token_ids.clone()),
-        ];
-        for (field, ids) in named {
-            let ids: Vec<u32> = ids;
-            if let Some(id) = ids.into_iter().find(|&id| id >= vocabulary) {
-                return Err(PluginError::invalid_input(format!(
-                    "{field}: token {id} is not in the vocabulary (ids 0 to {})",
-                    vocabulary - 1
-                )));
-            }
-        }
+        known_ids(request, loaded.codec.id_bound())?;
         // A grammar that cannot be used is refused before any model work.
         let constraint = request
             .constraint
@@ -584,42 +626,16 @@ impl<M: LoadModel> ModelRuntime<M> {
             .map_err(plugin_error)?;
         let images = message_images(&request.prompt)?;
         if request.tokenize_only {
-            let ids = (loaded.model)
-                .token_ids(loaded.prompt_ids(request)?, &images)
-                .map_err(plugin_error)?;
-            return Ok(InferOutcome {
-                usage: Usage {
-                    prompt_tokens: ids.len() as u32,
-                    ..Usage::default()
-                },
-                prompt_token_ids: Some(ids),
-                ..InferOutcome::default()
-            });
+            return loaded.tokenized(request, &images);
         }
         let (prompt, media) = loaded
             .model
             .prepare(loaded.prompt_ids(request)?, &images)
             .map_err(plugin_error)?;
         let prompt_tokens = prompt.len() as u32;
-        let context = loaded.engine.context_length();
-        let max_tokens = request
-            .max_tokens
-            .or(loaded.defaults.max_tokens)
-            .or(loaded.generation.max_new_tokens)
-            .map_or(context, |m| m as usize);
-        let engine_request = Request {
-            prompt,
-            sampling: loaded.sampling(request),
-            max_tokens,
-            stop: request.stop.clone(),
-            include_stop: request.include_stop_str_in_output,
-            eos: loaded.generation.end_ids(request),
-            stop_ids: request.stop_token_ids.clone(),
-            min_tokens: request.min_tokens.unwrap_or(0) as usize,
-            logprobs: request.logprobs.map(|k| k as usize),
-            media,
-            constraint,
-        };
+        let mut engine_request = loaded.engine_request(request, prompt);
+        engine_request.media = media;
+        engine_request.constraint = constraint;
         // The sink is polled between tokens too: a request cancelled while it waits or
         // prefills stops at once, not at its first token.
         let sink = std::cell::RefCell::new(sink);

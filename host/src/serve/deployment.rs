@@ -51,9 +51,10 @@ impl std::fmt::Debug for Deployment {
     }
 }
 
-/// A request's hold on a deployment: while any exists the deployment is not stopped.
+/// A request's hold on a deployment, weighing as many places of its queue as the sequences it
+/// runs (`n` choices): while any exists the deployment is not stopped.
 #[derive(Debug)]
-pub struct Lease(Arc<Deployment>);
+pub struct Lease(Arc<Deployment>, usize);
 
 impl Lease {
     /// The deployment held.
@@ -65,7 +66,7 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         *self.0.last_used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
-        if self.0.leases.fetch_sub(1, Ordering::AcqRel) == 1 {
+        if self.0.leases.fetch_sub(self.1, Ordering::AcqRel) == self.1 {
             self.0.idle.notify_waiters();
         }
     }
@@ -118,7 +119,7 @@ impl Deployment {
     }
 
     /// Takes a lease, unless `depth` requests already hold one or the worker cannot serve.
-    pub fn lease(self: &Arc<Self>, depth: usize) -> Result<Lease, Refusal> {
+    pub fn lease(self: &Arc<Self>, depth: usize, weight: usize) -> Result<Lease, Refusal> {
         match self.supervised.status().state {
             State::Ready => {}
             State::Restarting => {
@@ -135,10 +136,10 @@ impl Deployment {
         let taken = self
             .leases
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < depth).then_some(n + 1)
+                (n + weight <= depth).then_some(n + weight)
             });
         match taken {
-            Ok(_) => Ok(Lease(self.clone())),
+            Ok(_) => Ok(Lease(self.clone(), weight)),
             Err(_) => Err(Refusal::Full),
         }
     }

@@ -123,7 +123,7 @@ impl ApiError {
             ..Self::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "queue_full",
-                format!("model `{model}` already has {depth} requests running or waiting (server.queue_depth); retry later"),
+                format!("model `{model}` already has {depth} requests (or choices of them) running or waiting (server.queue_depth); retry later"),
             )
         }
     }

@@ -120,7 +120,15 @@ async fn start(
     let limits = openai::Limits::of(&app.models.config().server);
     let mut parsed = openai::parse(&value, endpoint, capabilities, &limits)?;
     parsed.request.request_id = Some(id.0);
-    let lease = app.models.acquire(&model).await?;
+    // Each choice takes a place of the queue: a request's `n` cannot be a way past it.
+    let depth = app.models.config().server.queue_depth;
+    if parsed.n > depth {
+        return Err(ApiError::bad_field(
+            "n",
+            format!("`n` ({}) is more than this server's server.queue_depth ({depth}): each choice takes a place of the model's queue", parsed.n),
+        ));
+    }
+    let lease = app.models.acquire_places(&model, parsed.n).await?;
     openai::default_limit(&mut parsed, lease.deployment().default_max_tokens, &limits)?;
     if let Some(table) = &lease.deployment().tokens {
         let r = &parsed.request;
@@ -146,8 +154,8 @@ async fn start(
             info,
         )?);
     }
-    // Each choice is a sequence of its own in the batch; the prompt's blocks, cached by the
-    // first, are shared by the rest.
+    // Each choice is a sequence of its own in the batch (admitted together, each computes the
+    // prompt: the prefix cache holds a block only once it is computed).
     let supervised = &lease.deployment().supervised;
     let choices = (0..parsed.n)
         .map(|i| supervised.infer(parsed.choice(i)))
@@ -179,6 +187,9 @@ pub(super) struct Timing<'a> {
     last: Option<Instant>,
     generated: u32,
     ended: bool,
+    /// Whether its tokens feed the latency histograms: a request's first choice's do, so that
+    /// the histograms count requests, whatever their `n`.
+    timed: bool,
 }
 
 impl<'a> Timing<'a> {
@@ -191,6 +202,15 @@ impl<'a> Timing<'a> {
             last: None,
             generated: 0,
             ended: false,
+            timed: true,
+        }
+    }
+
+    /// The same, for choice `index` of a request: only the first choice's latencies count.
+    pub(super) fn of_choice(self, index: usize) -> Self {
+        Self {
+            timed: index == 0,
+            ..self
         }
     }
 
@@ -199,6 +219,7 @@ impl<'a> Timing<'a> {
         let now = Instant::now();
         let metrics = &self.app.metrics;
         match self.last {
+            _ if !self.timed => {}
             None => metrics.first_token(self.model, (now - self.started).as_secs_f64()),
             Some(prev) => metrics.inter_token(self.model, (now - prev).as_secs_f64()),
         }
@@ -257,7 +278,7 @@ async fn collect_choice(
     first: bool,
 ) -> Result<(Value, Usage), ApiError> {
     let mut tokens: Vec<TokenFrame> = Vec::new();
-    let mut timing = Timing::new(app, &parsed.model, started);
+    let mut timing = Timing::new(app, &parsed.model, started).of_choice(usize::from(!first));
     while let Some(event) = events.recv().await {
         match event {
             Event::Token(t) => {

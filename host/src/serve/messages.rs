@@ -145,12 +145,18 @@ fn image_data_url(url: &str, at: &str, image_root: Option<&Path>) -> Result<Stri
     let Some(root) = image_root else {
         return Err(ApiError::bad_field(at, format!("`{at}`: image files are not allowed (no server.image_root is configured); send a data: URL")));
     };
-    if let Err(e) = std::fs::read_dir(root) {
-        // The operator's mistake, said as such (not as the client's file being outside it).
+    // The operator's mistake, said as such (not as the client's file being outside it). Only
+    // that it is a folder: one the daemon may search but not list still serves its files.
+    let problem = match std::fs::metadata(root) {
+        Ok(m) if m.is_dir() => None,
+        Ok(_) => Some("it is not a folder".to_string()),
+        Err(e) => Some(e.to_string()),
+    };
+    if let Some(problem) = problem {
         return Err(ApiError::bad_field(
             at,
             format!(
-                "`{at}`: the server's image_root {} cannot be opened ({e}), so no image file can be read; send a data: URL, or ask the server's operator to fix server.image_root",
+                "`{at}`: the server's image_root {} cannot be used ({problem}), so no image file can be read; send a data: URL, or ask the server's operator to fix server.image_root",
                 root.display()
             ),
         ));

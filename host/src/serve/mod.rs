@@ -233,12 +233,26 @@ pub async fn serve(setup: Setup) -> Result<(), ServeError> {
     });
     let loopback = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
     let systemd = setup.systemd.clone();
+    // The folders in force, flags applied (`--plugins` replaces the file's).
+    let named = (setup
+        .search
+        .plugin_dirs
+        .iter()
+        .map(|d| ("plugin_dirs", d.as_path())))
+    .chain(
+        setup
+            .search
+            .library_dirs
+            .iter()
+            .map(|d| ("library_dirs", d.as_path())),
+    )
+    .chain((setup.config.server.image_root.iter()).map(|d| ("server.image_root", d.as_path())));
+    for problem in crate::config::unusable_folders(named) {
+        tracing::warn!("{problem}: create it or correct the configuration (or the flag)");
+    }
     let models = Models::new(setup);
     models.rescan().await?;
     models.warn_missing_preloads();
-    for problem in models.config().unreadable_folders() {
-        tracing::warn!("{problem}: create it or correct the configuration");
-    }
     let app = Arc::new(App {
         models: models.clone(),
         metrics: metrics::Metrics::default(),

@@ -228,6 +228,16 @@ impl Models {
 
     /// A lease on `name`'s deployment for one request, loading it first when allowed.
     pub async fn acquire(self: &Arc<Self>, name: &str) -> Result<Lease, ApiError> {
+        self.acquire_places(name, 1).await
+    }
+
+    /// A lease on `name`'s deployment for a request of `places` sequences (`n` choices), each
+    /// a place of `server.queue_depth`, loading it first when allowed.
+    pub async fn acquire_places(
+        self: &Arc<Self>,
+        name: &str,
+        places: usize,
+    ) -> Result<Lease, ApiError> {
         let config = self.config();
         let server = &config.server;
         for _ in 0..3 {
@@ -236,7 +246,7 @@ impl Models {
                 let entry = inner.entry(name)?;
                 match &entry.slot {
                     Slot::Loaded(d) => {
-                        return d.lease(server.queue_depth).map_err(|r| match r {
+                        return d.lease(server.queue_depth, places).map_err(|r| match r {
                             Refusal::Full => ApiError::queue_full(name, server.queue_depth),
                             Refusal::Unavailable(why) => ApiError::unavailable(format!(
                                 "model `{name}` cannot serve now: {why}"
@@ -618,6 +628,18 @@ impl Models {
             .entries
             .get(name)
             .map(|e| e.found.report.capabilities)
+    }
+
+    /// The token table of `name` when it is loaded (`Some(None)`: loaded, but its plugin
+    /// reports none), without taking a place of its queue.
+    pub fn loaded_tokens(
+        &self,
+        name: &str,
+    ) -> Option<Option<Arc<pio_plugin_api::wire::TokenTable>>> {
+        match &lock(&self.inner).entries.get(name)?.slot {
+            Slot::Loaded(d) => Some(d.tokens.clone()),
+            _ => None,
+        }
     }
 }
 

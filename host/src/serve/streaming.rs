@@ -199,7 +199,7 @@ async fn pump(
         .map(|i| Chunks::new(parsed, parsing.clone(), reply.for_choice(i)))
         .collect();
     let mut timings: Vec<Timing> = (0..parsed.n)
-        .map(|_| Timing::new(app, &parsed.model, started))
+        .map(|i| Timing::new(app, &parsed.model, started).of_choice(i))
         .collect();
     let mut usages: Vec<Option<Usage>> = vec![None; parsed.n];
     let mut out: Vec<Value> = chunks.iter_mut().flat_map(Chunks::opening).collect();

@@ -62,17 +62,20 @@ pub async fn tokenize(
         .supervised
         .infer(parsed.request.clone())
         .map_err(|e| ApiError::of_request(e.0, &parsed))?;
-    let outcome = loop {
-        match events.recv().await {
-            Some(Event::Done(outcome)) => break outcome,
-            Some(Event::Failed(e)) => return Err(ApiError::of_request(e, &parsed)),
-            // A plugin that generates instead of answering is not what it declared.
-            Some(Event::Token(_)) => continue,
-            None => {
-                return Err(ApiError::internal(
-                    "the worker ended the request without an answer",
-                ))
-            }
+    let outcome = match events.recv().await {
+        Some(Event::Done(outcome)) => outcome,
+        Some(Event::Failed(e)) => return Err(ApiError::of_request(e, &parsed)),
+        // A plugin that generates instead of answering is not what it declared; dropping the
+        // events stops it.
+        Some(Event::Token(_)) => {
+            return Err(ApiError::internal(format!(
+                "model `{model}`'s plugin generated tokens for a tokenize request, which it declares it answers without generating: a bug of the plugin"
+            )))
+        }
+        None => {
+            return Err(ApiError::internal(
+                "the worker ended the request without an answer",
+            ))
         }
     };
     Ok(Json(answer(&lease, outcome, extras.return_token_strs)?))
@@ -88,9 +91,10 @@ fn answer(lease: &Lease, outcome: InferOutcome, strs: Option<bool>) -> Result<Va
         "count": tokens.len(),
         "max_model_len": deployment.info.context_length,
         "tokens": tokens,
+        "token_strs": Value::Null,
     });
     if strs == Some(true) {
-        let table = table(lease)?;
+        let table = lease.deployment().tokens.as_deref().ok_or_else(no_table)?;
         let strs: Vec<String> = (tokens.iter())
             .map(|&t| String::from_utf8_lossy(table.get(t).unwrap_or_default()).into_owned())
             .collect();
@@ -99,11 +103,11 @@ fn answer(lease: &Lease, outcome: InferOutcome, strs: Option<bool>) -> Result<Va
     Ok(body)
 }
 
-/// The model's token table, which both endpoints need to speak of tokens as text.
-fn table(lease: &Lease) -> Result<&TokenTable, ApiError> {
-    lease.deployment().tokens.as_deref().ok_or_else(|| {
-        ApiError::bad_request("this model's plugin reports no token table, so its tokens cannot be turned into text here")
-    })
+/// Why a model's tokens cannot be spoken of as text.
+fn no_table() -> ApiError {
+    ApiError::bad_request(
+        "this model's plugin reports no token table, so its tokens cannot be turned into text here",
+    )
 }
 
 #[derive(Deserialize)]
@@ -112,16 +116,26 @@ struct Detokenize {
 }
 
 /// `POST /detokenize`: `{model, tokens}` → `{prompt}`, the tokens' bytes read as UTF-8 (special
-/// tokens included, as vLLM's does).
+/// tokens included, as vLLM's does). A lookup in the host's table: a loaded model's place in its
+/// queue is not taken; one not loaded is loaded first.
 pub async fn detokenize(
     State(app): State<Arc<App>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let (model, value) = model_and_body(&app, body)?;
     let request: Detokenize = openai::field(&value)?;
-    let lease = app.models.acquire(&model).await?;
-    let table = table(&lease)?;
-    Ok(Json(json!({"prompt": text_of(table, &request.tokens)?})))
+    let table = match app.models.loaded_tokens(&model) {
+        Some(table) => table,
+        None => app
+            .models
+            .acquire(&model)
+            .await?
+            .deployment()
+            .tokens
+            .clone(),
+    };
+    let table = table.ok_or_else(no_table)?;
+    Ok(Json(json!({"prompt": text_of(&table, &request.tokens)?})))
 }
 
 /// The text of `tokens`, or a 400 naming the first that is not in `table`.

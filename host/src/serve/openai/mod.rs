@@ -279,7 +279,6 @@ pub fn parse(
     limits: &Limits,
 ) -> Result<Parsed, ApiError> {
     let c: Common = field(body)?;
-    let has = |cap: Capabilities| capabilities.contains(cap);
     endpoint_allowed(endpoint, capabilities, &c.model)?;
     let mut request = sampling(&c)?;
     let mut max_tokens = c.max_tokens;
@@ -308,8 +307,50 @@ pub fn parse(
         }
         Endpoint::Completions => completion(field(body)?, &mut request)?,
     };
-    if let Some(s) = &structure {
-        if !has(Capabilities::STRUCTURED_OUTPUT) {
+    capable(
+        &c.model,
+        capabilities,
+        &request,
+        structure.as_ref(),
+        logprobs,
+    )?;
+    let default = (endpoint == Endpoint::Completions).then_some(COMPLETIONS_MAX_TOKENS);
+    request.max_tokens =
+        token_limit(max_tokens, default, limits).map_err(|e| e.for_field(max_field))?;
+    // Against a limit the client named; a default is only known once the model is
+    // (`default_limit`).
+    if max_tokens.is_some() {
+        min_within_max(&request, true)?;
+    }
+    let (stream, include_usage) = streaming(&c)?;
+    Ok(Parsed {
+        model: c.model,
+        endpoint,
+        stream,
+        include_usage,
+        logprobs,
+        request,
+        structure,
+        single_call: endpoint == Endpoint::Chat
+            && body.get("parallel_tool_calls") == Some(&Value::Bool(false)),
+        calls_parsed,
+        skip_special_tokens: c.skip_special_tokens.unwrap_or(true),
+        max_tokens_asked: max_tokens.is_some(),
+        n: c.n.map_or(1, |n| n as usize),
+    })
+}
+
+/// What the request asks of the model that it must declare: constrained output, a logit bias,
+/// stop ids, logprobs; and what structured output cannot go with.
+fn capable(
+    model: &str,
+    capabilities: Capabilities,
+    request: &InferRequest,
+    structure: Option<&Structure>,
+    logprobs: LogprobsFormat,
+) -> Result<(), ApiError> {
+    if let Some(s) = structure {
+        if !capabilities.contains(Capabilities::STRUCTURED_OUTPUT) {
             let field = match s {
                 Structure::Grammar { field, .. } => field,
                 Structure::ToolCalls { .. } => "tool_choice",
@@ -318,7 +359,7 @@ pub fn parse(
                 field,
                 &format!(
                     "needs constrained output, which model `{}` does not declare",
-                    c.model
+                    model
                 ),
             ));
         }
@@ -335,19 +376,22 @@ pub fn parse(
             Capabilities::STOP_TOKEN_IDS,
         ),
     ];
-    if let Some((field, ..)) = needs.iter().find(|(_, asked, cap)| *asked && !has(*cap)) {
+    if let Some((field, ..)) = needs
+        .iter()
+        .find(|(_, asked, cap)| *asked && !capabilities.contains(*cap))
+    {
         return Err(unsupported(
             field,
             &format!(
                 "is not supported by model `{}` (its plugin does not declare plugin-api 1.9's `{field}` capability)",
-                c.model
+                model
             ),
         ));
     }
-    if logprobs != LogprobsFormat::None && !has(Capabilities::LOGPROBS) {
+    if logprobs != LogprobsFormat::None && !capabilities.contains(Capabilities::LOGPROBS) {
         return Err(unsupported(
             "logprobs",
-            &format!("are not supported by model `{}`", c.model),
+            &format!("are not supported by model `{}`", model),
         ));
     }
     if structure.is_some() {
@@ -363,14 +407,11 @@ pub fn parse(
             ));
         }
     }
-    let default = (endpoint == Endpoint::Completions).then_some(COMPLETIONS_MAX_TOKENS);
-    request.max_tokens =
-        token_limit(max_tokens, default, limits).map_err(|e| e.for_field(max_field))?;
-    // Against a limit the client named; a default is only known once the model is
-    // (`default_limit`).
-    if max_tokens.is_some() {
-        min_within_max(&request, true)?;
-    }
+    Ok(())
+}
+
+/// `stream`, and `stream_options.include_usage`, which only a stream may carry.
+fn streaming(c: &Common) -> Result<(bool, bool), ApiError> {
     let stream = c.stream.unwrap_or(false);
     if c.stream_options.is_some() && !stream {
         return Err(ApiError::bad_field(
@@ -378,24 +419,8 @@ pub fn parse(
             "`stream_options` applies to streamed answers only: set `stream: true` or drop it",
         ));
     }
-    Ok(Parsed {
-        model: c.model,
-        endpoint,
-        stream,
-        include_usage: c
-            .stream_options
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false),
-        logprobs,
-        request,
-        structure,
-        single_call: endpoint == Endpoint::Chat
-            && body.get("parallel_tool_calls") == Some(&Value::Bool(false)),
-        calls_parsed,
-        skip_special_tokens: c.skip_special_tokens.unwrap_or(true),
-        max_tokens_asked: max_tokens.is_some(),
-        n: c.n.map_or(1, |n| n as usize),
-    })
+    let usage = c.stream_options.as_ref().and_then(|o| o.include_usage);
+    Ok((stream, usage.unwrap_or(false)))
 }
 
 #[cfg(test)]

@@ -86,9 +86,26 @@ pub(super) fn sampling(c: &Common) -> Result<InferRequest, ApiError> {
         ignore_eos: c.ignore_eos.unwrap_or(false),
         include_stop_str_in_output: c.include_stop_str_in_output.unwrap_or(false),
         logit_bias,
-        stop_token_ids: c.stop_token_ids.clone().unwrap_or_default(),
+        stop_token_ids: stop_token_ids(c.stop_token_ids.as_deref())?,
         ..InferRequest::default()
     })
+}
+
+/// The most `stop_token_ids` a request may give (each generated token is looked up in them).
+const MAX_STOP_IDS: usize = 1024;
+
+/// vLLM's `stop_token_ids`, each once, in order.
+fn stop_token_ids(ids: Option<&[u32]>) -> Result<Vec<u32>, ApiError> {
+    let mut ids = ids.unwrap_or_default().to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.len() > MAX_STOP_IDS {
+        return Err(ApiError::bad_field(
+            "stop_token_ids",
+            format!("`stop_token_ids` takes at most {MAX_STOP_IDS} distinct ids"),
+        ));
+    }
+    Ok(ids)
 }
 
 /// OpenAI's `logit_bias`: token ids (as the JSON object's keys) to a bias in [-100, 100].

@@ -569,6 +569,13 @@ fn logit_bias_and_stop_token_ids_go_to_plugins_that_take_them() {
         .unwrap_err();
         assert_eq!(e.param.as_deref(), Some(param), "{}", e.message);
     }
+    let many: Vec<u32> = (0..1025).collect();
+    let body = json!({"model": "m", "prompt": "hi", "stop_token_ids": many});
+    let e = parse(&body, Endpoint::Completions, all, &Limits::default()).unwrap_err();
+    assert_eq!(e.param.as_deref(), Some("stop_token_ids"), "{}", e.message);
+    let repeated = json!({"model": "m", "prompt": "hi", "stop_token_ids": [9, 2, 9]});
+    let p = parse(&repeated, Endpoint::Completions, all, &Limits::default()).unwrap();
+    assert_eq!(p.request.stop_token_ids, vec![2, 9]);
     for bad in [json!({"x": 1}), json!({"1": 101}), json!({"1": "a"})] {
         let body = json!({"model": "m", "prompt": "hi", "logit_bias": bad});
         let e = parse(&body, Endpoint::Completions, all, &Limits::default()).unwrap_err();
