@@ -55,17 +55,15 @@ pub fn split(text: &str, thinking: bool) -> Split {
     reasoning.push_str(&r);
     content.push_str(&c);
     Split {
-        reasoning: (!reasoning.trim().is_empty()).then(|| reasoning.trim().to_string()),
-        content: if reasoning.is_empty() {
-            content
-        } else {
-            content.trim_start().to_string()
-        },
+        reasoning: (!reasoning.is_empty()).then_some(reasoning),
+        content,
     }
 }
 
 /// Splits a completion as it streams: each piece of text goes to the reasoning or the content as
-/// soon as no marker can still be forming at its end.
+/// soon as no marker can still be forming at its end. The whitespace around the reasoning, and
+/// before the answer that follows it, is left out (the templates write `<think>\n…\n</think>\n\n`),
+/// streamed or not alike.
 #[derive(Debug, Clone)]
 pub struct Splitter {
     thinking: bool,
@@ -73,6 +71,12 @@ pub struct Splitter {
     held: String,
     /// Whether any content was released yet (a `<think>` is a marker only before the answer).
     answered: bool,
+    /// Whitespace at the end of the reasoning so far: released only if more reasoning follows.
+    reasoning_space: String,
+    /// Whether any reasoning was released (whitespace before it is left out).
+    reasoned: bool,
+    /// A reasoning block closed and no answer came yet: whitespace is left out.
+    after_block: bool,
 }
 
 impl Splitter {
@@ -82,11 +86,55 @@ impl Splitter {
             thinking,
             held: String::new(),
             answered: false,
+            reasoning_space: String::new(),
+            reasoned: false,
+            after_block: false,
         }
     }
 
     /// Feeds `text`; returns the (reasoning, content) it releases.
     pub fn push(&mut self, text: &str) -> (String, String) {
+        let (reasoning, content) = self.split_off(text);
+        self.trimmed(reasoning, content)
+    }
+
+    /// Releases what was held at the end of the output.
+    pub fn finish(&mut self) -> (String, String) {
+        let rest = std::mem::take(&mut self.held);
+        if self.thinking {
+            self.trimmed(rest, String::new())
+        } else {
+            self.trimmed(String::new(), rest)
+        }
+    }
+
+    /// The released pieces without the whitespace around the reasoning and before the answer.
+    fn trimmed(&mut self, reasoning: String, content: String) -> (String, String) {
+        let reasoning = if self.reasoned {
+            reasoning.as_str()
+        } else {
+            reasoning.trim_start()
+        };
+        let mut shown = String::new();
+        if !reasoning.is_empty() {
+            let all = std::mem::take(&mut self.reasoning_space) + reasoning;
+            let kept = all.trim_end();
+            self.reasoned |= !kept.is_empty();
+            shown = kept.to_string();
+            self.reasoning_space = all[kept.len()..].to_string();
+        }
+        let content = if self.after_block {
+            let rest = content.trim_start();
+            self.after_block = rest.is_empty();
+            rest.to_string()
+        } else {
+            content
+        };
+        (shown, content)
+    }
+
+    /// The (reasoning, content) `text` releases, as the model wrote them.
+    fn split_off(&mut self, text: &str) -> (String, String) {
         self.held.push_str(text);
         let (mut reasoning, mut content) = (String::new(), String::new());
         loop {
@@ -116,6 +164,7 @@ impl Splitter {
                     if !self.thinking {
                         // One closing marker ends the reasoning for good.
                         self.answered = true;
+                        self.after_block = true;
                     }
                 }
                 None => {
@@ -133,16 +182,6 @@ impl Splitter {
                     return (reasoning, content);
                 }
             }
-        }
-    }
-
-    /// Releases what was held at the end of the output.
-    pub fn finish(&mut self) -> (String, String) {
-        let rest = std::mem::take(&mut self.held);
-        if self.thinking {
-            (rest, String::new())
-        } else {
-            (String::new(), rest)
         }
     }
 }
@@ -216,9 +255,46 @@ mod tests {
             let (a, b) = s.finish();
             r.push_str(&a);
             c.push_str(&b);
-            assert_eq!(r, "Plan: add.\n", "cut at {cut}");
-            assert_eq!(c, "\n\nIt is 4 <b>.", "cut at {cut}");
+            // The whitespace around the reasoning is left out, streamed as whole.
+            assert_eq!(r, "Plan: add.", "cut at {cut}");
+            assert_eq!(c, "It is 4 <b>.", "cut at {cut}");
+            let whole = split(text, true);
+            assert_eq!(
+                (whole.reasoning.as_deref(), whole.content.as_str()),
+                (Some(r.as_str()), c.as_str())
+            );
         }
+    }
+
+    /// Streamed a character at a time, the pieces join to what the whole answer's split gives:
+    /// whitespace inside the reasoning kept, around it and before the answer left out.
+    #[test]
+    fn streamed_and_whole_agree_on_whitespace() {
+        for (text, thinking) in [
+            ("\n  a \n\n b \n</think>\n ans \n", true),
+            ("<think>\n x\n</think>\n\n y", false),
+            ("\n</think>\n\nonly the answer", true),
+            ("  plain answer  ", false),
+        ] {
+            let mut s = Splitter::new(thinking);
+            let (mut r, mut c) = (String::new(), String::new());
+            for ch in text.chars() {
+                let (a, b) = s.push(&ch.to_string());
+                r.push_str(&a);
+                c.push_str(&b);
+            }
+            let (a, b) = s.finish();
+            r.push_str(&a);
+            c.push_str(&b);
+            let whole = split(text, thinking);
+            assert_eq!(whole.reasoning.clone().unwrap_or_default(), r, "{text:?}");
+            assert_eq!(whole.content, c, "{text:?}");
+        }
+        let s = split("\n  a \n\n b \n</think>\n ans \n", true);
+        assert_eq!(
+            (s.reasoning.as_deref(), s.content.as_str()),
+            (Some("a \n\n b"), "ans \n")
+        );
     }
 
     #[test]

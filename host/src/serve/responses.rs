@@ -30,8 +30,11 @@ pub struct Reply {
     index: usize,
 }
 
+/// The API's finish reason: `tool_calls` when calls were taken out, unless the output was cut
+/// by `max_tokens` — a call may be cut off with it, and `length` is how a client learns its
+/// output is incomplete (OpenAI's and, for forced calls, vLLM's).
 fn finish(reason: FinishReason, called: bool) -> &'static str {
-    if called {
+    if called && reason != FinishReason::Length {
         return "tool_calls";
     }
     match reason {
