@@ -1006,6 +1006,14 @@ fn tokenize_gives_the_ids_a_generation_runs_and_detokenize_reverses_them() {
     );
     let (status, _) = d.post("/tokenize", &json!({"model": "nope", "prompt": "hi"}));
     assert_eq!(status, 404);
+    let both =
+        json!({"model": model, "prompt": "hi", "messages": [{"role": "user", "content": "hi"}]});
+    let (status, e) = d.post("/tokenize", &both);
+    assert_eq!(
+        (status, &e["error"]["param"]),
+        (400, &json!("prompt")),
+        "{e}"
+    );
 }
 
 /// `n` choices: each a sequence of its own, choice `i` of a seeded request is the single

@@ -99,17 +99,23 @@ impl Parsing {
             return token;
         }
         // The token's own text, after any bytes of a character left unfinished before it (which
-        // the decoder releases with it, and which stay).
+        // the decoder releases with it, and which stay). A frame without it (the end of
+        // sequence, a stop id: the engine never writes their text) holds only such bytes.
         let own = (self.tokens.as_deref())
             .and_then(|t| t.get(token.token_id))
-            .and_then(|b| std::str::from_utf8(b).ok())
-            .filter(|own| token.text.ends_with(own));
-        if self.parses(own.unwrap_or(&token.text)) {
-            return token;
-        }
+            .map(|b| {
+                std::str::from_utf8(b)
+                    .ok()
+                    .filter(|own| token.text.ends_with(own))
+            });
         match own {
-            Some(own) => token.text.truncate(token.text.len() - own.len()),
-            None => token.text.clear(),
+            Some(Some(own)) if !self.parses(own) => {
+                token.text.truncate(token.text.len() - own.len());
+            }
+            Some(_) => {}
+            // No table: the frame's text is taken for the token's own.
+            None if !self.parses(&token.text) => token.text.clear(),
+            None => {}
         }
         token
     }
@@ -229,6 +235,11 @@ mod tests {
             shown(&plain, 7, "é<|endoftext|>"),
             "é",
             "a held character stays"
+        );
+        assert_eq!(
+            shown(&plain, 7, "é"),
+            "é",
+            "an end of sequence, whose text the engine never writes, keeps the held bytes"
         );
         assert_eq!(shown(&plain, 3, "w3"), "w3", "ordinary tokens stay");
         assert_eq!(

@@ -161,8 +161,11 @@ impl Reply {
                     offsets.push(self.offset);
                     self.offset += t.text.chars().count();
                 }
+                // Each token's own string (as its alternatives are keyed, so a client can tell
+                // whether it was the likeliest); the offsets follow the text as released.
+                let table = self.tokens.as_deref();
                 json!({
-                    "tokens": tokens.iter().map(|t| t.text.clone()).collect::<Vec<_>>(),
+                    "tokens": tokens.iter().map(|t| own_text(t, table)).collect::<Vec<_>>(),
                     "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
                     "top_logprobs": tokens.iter().map(|t| legacy_top(t, self.tokens.as_deref())).collect::<Vec<_>>(),
                     "text_offset": offsets,
@@ -329,18 +332,46 @@ fn legacy_top(t: &TokenFrame, table: Option<&TokenTable>) -> serde_json::Map<Str
     }
     let sampled = t.top_logprobs.iter().any(|(id, ..)| *id == t.token_id);
     if let (false, Some(lp)) = (sampled, t.logprob) {
-        let own = (table.and_then(|table| table.get(t.token_id))).map_or_else(
-            || t.text.clone(),
-            |b| String::from_utf8_lossy(b).into_owned(),
-        );
-        top.entry(own).or_insert(json!(lp));
+        top.entry(own_text(t, table)).or_insert(json!(lp));
     }
     top
+}
+
+/// Token `t`'s own text, from `table` (lossily, as its alternatives read), else as streamed.
+fn own_text(t: &TokenFrame, table: Option<&TokenTable>) -> String {
+    (table.and_then(|table| table.get(t.token_id))).map_or_else(
+        || t.text.clone(),
+        |b| String::from_utf8_lossy(b).into_owned(),
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A legacy entry's `tokens` are each token's own string (a special token left out of the
+    /// text, a byte released with the next token), as its alternatives are keyed.
+    #[test]
+    fn legacy_tokens_are_each_tokens_own() {
+        let table = pio_plugin_api::wire::TokenBytes::encode([
+            b"<s>".to_vec(),
+            vec![0xC3],
+            vec![0xA9, b'x'],
+        ])
+        .table()
+        .unwrap();
+        let mut reply = Reply::new("m", Endpoint::Completions, LogprobsFormat::Legacy)
+            .with_tokens(Some(Arc::new(table)));
+        let frame = |id: u32, text: &str| TokenFrame {
+            token_id: id,
+            text: text.into(),
+            logprob: Some(-1.0),
+            top_logprobs: vec![(id, String::new(), -1.0)],
+        };
+        let lp = reply.logprobs_of(&[frame(0, ""), frame(1, ""), frame(2, "éx")]);
+        assert_eq!(lp["tokens"], json!(["<s>", "\u{FFFD}", "\u{FFFD}x"]));
+        assert_eq!(lp["text_offset"], json!([0, 0, 0]), "the text's offsets");
+    }
 
     /// The sampled token is among a legacy entry's alternatives even when it was not among the
     /// likeliest, and two alternatives reading the same keep the likelier's logprob.

@@ -47,6 +47,12 @@ pub async fn tokenize(
         )));
     }
     let extras: Extras = openai::field(&value)?;
+    if value.get("messages").is_some() && value.get("prompt").is_some() {
+        return Err(ApiError::bad_field(
+            "prompt",
+            "send either `prompt` (raw text) or `messages` (a chat), not both",
+        ));
+    }
     let endpoint = if value.get("messages").is_some() {
         Endpoint::Chat
     } else {

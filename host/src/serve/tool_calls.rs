@@ -107,9 +107,13 @@ pub fn extract(format: Format, text: &str, tools: &[Value]) -> Extracted {
         out.content.push_str(&rest[..start]);
         let after = &rest[start + OPEN.len()..];
         let Some(end) = after.find(CLOSE) else {
-            // Unterminated: the model stopped mid-call. Alone, the text is the answer; after
-            // whole calls it is a call cut off, whose markup is no answer (vLLM drops it too).
-            if out.calls.is_empty() {
+            // Unterminated. A whole call whose closing tag was cut off (a client's stop string
+            // `</tool_call>`, say) is still a call, as vLLM's parsers read it. Otherwise the
+            // model stopped mid-call: alone, the text is the answer; after whole calls it is a
+            // call cut off, whose markup is no answer (vLLM drops it too).
+            if let Some(c) = parse_body(format, after, tools) {
+                out.calls.push(c);
+            } else if out.calls.is_empty() {
                 out.content.push_str(&rest[start..]);
             }
             rest = "";
@@ -319,7 +323,7 @@ mod tests {
     fn malformed_calls_stay_in_the_text() {
         for text in [
             "<tool_call>\n{\"name\": \"f\", \"arguments\": {oops}}\n</tool_call>",
-            "<tool_call>\n{\"name\": \"f\", \"arguments\": {}}",
+            "<tool_call>\n{\"name\": \"f\", \"arguments\": {",
             "<tool_call>{\"arguments\": {}}</tool_call>",
         ] {
             let e = extract(Format::Hermes, text, &[]);
@@ -333,6 +337,37 @@ mod tests {
         let text = "<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n</tool_call>\n<tool_call>\n{\"arguments\": {\"city\": \"Pa";
         let e = extract(Format::Hermes, text, &[]);
         assert_eq!((e.content.as_str(), e.calls.len()), ("", 1));
+    }
+
+    /// A whole call whose closing tag was cut off (a stop string `</tool_call>`) is a call, in
+    /// every format, as vLLM's parsers read it; a call cut inside stays text when alone.
+    #[test]
+    fn a_whole_call_without_its_closing_tag_is_a_call() {
+        for (format, text) in [
+            (
+                Format::Hermes,
+                "Sure.\n<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1}}\n",
+            ),
+            (
+                Format::Qwen3Coder,
+                "Sure.\n<tool_call>\n<function=f>\n<parameter=a>\n1\n</parameter>\n</function>\n",
+            ),
+            (
+                Format::Glm47,
+                "Sure.\n<tool_call>f<arg_key>a</arg_key><arg_value>1</arg_value>",
+            ),
+        ] {
+            let e = extract(format, text, &[]);
+            assert_eq!(
+                (e.content.as_str(), e.calls.len()),
+                ("Sure.", 1),
+                "{format:?}"
+            );
+            assert_eq!(e.calls[0].name, "f");
+        }
+        let cut = "<tool_call>\n{\"name\": \"f\", \"argu";
+        let e = extract(Format::Hermes, cut, &[]);
+        assert_eq!((e.content.as_str(), e.calls.len()), (cut, 0));
     }
 
     #[test]

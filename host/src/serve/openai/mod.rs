@@ -97,6 +97,9 @@ struct Common {
     prompt_logprobs: Option<Value>,
     use_beam_search: Option<bool>,
     best_of: Option<u32>,
+    chat_template: Option<Value>,
+    mm_processor_kwargs: Option<Value>,
+    return_tokens_as_token_ids: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -152,6 +152,27 @@ fn unsupported_extras(c: &Common) -> Result<(), ApiError> {
             "is not supported; remove it",
         ));
     }
+    // vLLM refuses a client's template unless its operator trusts them; here the model's own
+    // (the checkpoint's, or the manifest's) is the only one.
+    if c.chat_template.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(unsupported(
+            "chat_template",
+            "is not supported: the model's own template is used (an operator can set another in the checkpoint's tokenizer_config.json); remove it",
+        ));
+    }
+    let set = |v: &Value| !(v.is_null() || v.as_object().is_some_and(|o| o.is_empty()));
+    if c.mm_processor_kwargs.as_ref().is_some_and(set) {
+        return Err(unsupported(
+            "mm_processor_kwargs",
+            "is not supported: images are processed as the checkpoint's preprocessor_config.json says; remove it",
+        ));
+    }
+    if c.return_tokens_as_token_ids == Some(true) {
+        return Err(unsupported(
+            "return_tokens_as_token_ids",
+            "is not supported: logprobs name tokens by their text (and, in chats, their bytes)",
+        ));
+    }
     if c.stream_options
         .as_ref()
         .and_then(|o| o.continuous_usage_stats)

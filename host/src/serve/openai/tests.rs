@@ -429,6 +429,15 @@ fn unimplemented_vllm_fields_are_refused_by_name() {
         (json!({"best_of": 2}), "best_of"),
         (json!({"prompt_logprobs": 1}), "prompt_logprobs"),
         (json!({"use_beam_search": true}), "use_beam_search"),
+        (json!({"chat_template": "{{ messages }}"}), "chat_template"),
+        (
+            json!({"mm_processor_kwargs": {"max_pixels": 4}}),
+            "mm_processor_kwargs",
+        ),
+        (
+            json!({"return_tokens_as_token_ids": true}),
+            "return_tokens_as_token_ids",
+        ),
         (
             json!({"stream": true, "stream_options": {"continuous_usage_stats": true}}),
             "stream_options.continuous_usage_stats",
