@@ -81,7 +81,7 @@ struct Common {
     presence_penalty: Option<f32>,
     frequency_penalty: Option<f32>,
     repetition_penalty: Option<f32>,
-    n: Option<u32>,
+    n: Option<i64>,
     logit_bias: Option<Map<String, Value>>,
     /// vLLM's: tokens before the end of sequence may come.
     min_tokens: Option<u32>,
@@ -339,7 +339,7 @@ pub fn parse(
         calls_parsed,
         skip_special_tokens: c.skip_special_tokens.unwrap_or(true),
         max_tokens_asked: max_tokens.is_some(),
-        n: c.n.map_or(1, |n| n as usize),
+        n: c.n.map_or(1, |n| usize::try_from(n).unwrap_or(1)),
     })
 }
 

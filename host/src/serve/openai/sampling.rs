@@ -33,7 +33,7 @@ pub(super) fn sampling(c: &Common) -> Result<InferRequest, ApiError> {
     check_range(PRESENCE_PENALTY, c.presence_penalty)?;
     check_range(FREQUENCY_PENALTY, c.frequency_penalty)?;
     check_range(REPETITION_PENALTY, c.repetition_penalty)?;
-    if c.n.is_some_and(|n| n == 0 || n > MAX_N) {
+    if c.n.is_some_and(|n| !(1..=i64::from(MAX_N)).contains(&n)) {
         return Err(ApiError::bad_field(
             "n",
             format!("`n` (the choices to generate) must be from 1 to {MAX_N}"),

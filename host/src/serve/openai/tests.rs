@@ -578,6 +578,11 @@ fn logit_bias_and_stop_token_ids_go_to_plugins_that_take_them() {
         .unwrap_err();
         assert_eq!(e.param.as_deref(), Some(param), "{}", e.message);
     }
+    for n in [json!(-1), json!(0), json!(129)] {
+        let body = json!({"model": "m", "prompt": "hi", "n": n});
+        let e = parse(&body, Endpoint::Completions, all, &Limits::default()).unwrap_err();
+        assert!(e.message.contains("from 1 to 128"), "{n}: {}", e.message);
+    }
     let many: Vec<u32> = (0..1025).collect();
     let body = json!({"model": "m", "prompt": "hi", "stop_token_ids": many});
     let e = parse(&body, Endpoint::Completions, all, &Limits::default()).unwrap_err();
