@@ -237,6 +237,16 @@ fn the_chat_api_takes_images_and_refuses_bad_ones() {
         assert_eq!(status, 400, "{reason}: {r}");
         let message = r["error"]["message"].as_str().unwrap();
         assert!(message.contains(reason), "{reason}: {message}");
+        // The part is named as `param`, whether the host or the worker's decoder found the
+        // fault (the processor's size checks name no part).
+        if !reason.contains("ratio") {
+            assert!(
+                r["error"]["param"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with("messages[0].content[0]")),
+                "{reason}: {r}"
+            );
+        }
     }
     let (status, r) = d.post("/v1/chat/completions", &body);
     assert_eq!(status, 200, "still serving after the bad images: {r}");

@@ -6,7 +6,6 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::openai::Parsed;
-use super::structure::Structure;
 use crate::fault::Fault;
 use crate::protocol::WireError;
 
@@ -210,22 +209,42 @@ impl From<WireError> for ApiError {
 
 impl ApiError {
     /// A plugin's failure of `parsed`: an input past the context names the endpoint's prompt
-    /// field as `param`, as OpenAI does, and a constraint the field it came from.
+    /// field as `param`, as OpenAI does, a constraint the field it came from, and an input error
+    /// the field its message starts with.
     pub fn of_request(e: WireError, parsed: &Parsed) -> Self {
         let param = match e.kind {
-            Fault::ContextLength => Some(parsed.endpoint.prompt_field()),
-            Fault::Constraint => parsed.structure.as_ref().map(Structure::field),
+            Fault::ContextLength => Some(parsed.endpoint.prompt_field().to_string()),
+            Fault::Constraint => parsed.structure.as_ref().map(|s| s.field().to_string()),
+            Fault::InvalidInput => field_named(&e.message).map(str::to_string),
             _ => None,
         };
         let mut e = e;
-        if let (Fault::Constraint, Some(field)) = (e.kind, param) {
+        if let (Fault::Constraint, Some(field)) = (e.kind, param.as_deref()) {
             e.message = constraint_message(&e.message, field);
         }
         Self {
-            param: param.map(str::to_string),
+            param,
             ..Self::from(e)
         }
     }
+}
+
+/// The request field an input error names first (`messages[0].content[1]: …`, as the engine
+/// writes them), when it is one a client sends.
+fn field_named(message: &str) -> Option<&str> {
+    const FIELDS: [&str; 5] = [
+        "messages",
+        "prompt",
+        "logit_bias",
+        "stop_token_ids",
+        "tools",
+    ];
+    let (path, _) = message.split_once(": ")?;
+    let root = path.split(['.', '[']).next()?;
+    let plain = path
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_.[]".contains(c));
+    (plain && FIELDS.contains(&root)).then_some(path)
 }
 
 /// A constraint's failure as the client can act on it: a position is only meaningful in a
@@ -277,6 +296,26 @@ impl IntoResponse for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An input error's message names the field a client sent first; other words are no field.
+    #[test]
+    fn input_errors_name_the_field_their_message_starts_with() {
+        for (message, field) in [
+            (
+                "messages[0].content[1]: the image is empty",
+                Some("messages[0].content[1]"),
+            ),
+            (
+                "logit_bias: token 9 is not in the vocabulary (ids 0 to 8)",
+                Some("logit_bias"),
+            ),
+            ("cannot tokenize the prompt: bad", None),
+            ("Messages: x", None),
+            ("worker: x", None),
+        ] {
+            assert_eq!(field_named(message), field, "{message}");
+        }
+    }
 
     /// Positions are kept only in a grammar the client wrote; a forced call's failure names the
     /// tools' parameters, not a grammar.
