@@ -202,9 +202,10 @@ impl Decoding {
         };
         let mut text = String::new();
         let mut stopped = false;
-        // A stop id's text is left out unless the stop is to be included, as vLLM's detokenizer
-        // leaves it out; the end of sequence's never shows.
-        if !is_eos && (!stop_id || self.include_stop) {
+        // The text of the token that ended the output (the end of sequence, a stop id) is left
+        // out unless the stop is to be included, as vLLM's detokenizer does; a special one is
+        // then still left out by the host unless `skip_special_tokens` is off.
+        if !(is_eos || stop_id) || self.include_stop {
             let piece = self.decoder.push(codec, token);
             let step = self.stop_check(&piece);
             text = step.emit;
@@ -422,12 +423,29 @@ mod tests {
         let included = Request {
             include_stop: true,
             min_tokens: 0,
+            eos: vec![7],
             ..r
         };
         let mut d = Decoding::new(&included, 50).unwrap();
         let a = d.accept(&Output::Logits(logits), &codec).unwrap();
         assert_eq!((a.emitted.token_id, a.finish), (stop, Some(Finish::Stop)));
         assert_eq!(a.emitted.text, codec.decode(&[stop]));
+        // The end of sequence's text too, when the stop is included.
+        let mut d = Decoding::new(&included, 50).unwrap();
+        let a = d.accept(&Output::Best(7), &codec).unwrap();
+        assert_eq!(
+            (a.emitted.text.as_str(), a.finish),
+            (codec.decode(&[7]).as_str(), Some(Finish::Stop))
+        );
+        let mut d = Decoding::new(
+            &Request {
+                include_stop: false,
+                ..included
+            },
+            50,
+        )
+        .unwrap();
+        assert_eq!(d.accept(&Output::Best(7), &codec).unwrap().emitted.text, "");
     }
 
     /// Scores that are all NaN are named as the model's fault, not a grammar's.
