@@ -408,17 +408,23 @@ pub fn unusable_folders<'a>(named: impl IntoIterator<Item = (&'a str, &'a Path)>
     named
         .into_iter()
         .filter_map(|(key, dir)| {
-            let problem = match std::fs::metadata(dir) {
-                Ok(m) if m.is_dir() => return None,
-                Ok(_) => "it is not a folder".to_string(),
-                Err(e) => e.to_string(),
-            };
+            let problem = folder_problem(dir)?;
             Some(format!(
                 "{key}: {} cannot be used ({problem})",
                 dir.display()
             ))
         })
         .collect()
+}
+
+/// Why `dir` is not a folder one can use (missing, not a folder, unreadable), if it is not.
+/// Only that it is a folder: one the daemon may search but not list still serves its files.
+pub fn folder_problem(dir: &Path) -> Option<String> {
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => None,
+        Ok(_) => Some("it is not a folder".to_string()),
+        Err(e) => Some(e.to_string()),
+    }
 }
 
 #[cfg(test)]

@@ -941,11 +941,7 @@ fn tokenize_gives_the_ids_a_generation_runs_and_detokenize_reverses_them() {
     }
     let d = Daemon::start(qwen_dir(""), "");
     d.wait_ready();
-    let golden: Value = serde_json::from_str(
-        &std::fs::read_to_string(repo_root().join("tests/fixtures/golden/qwen3-tiny.json"))
-            .unwrap(),
-    )
-    .unwrap();
+    let golden = crate::qwen3::golden_of("qwen3-tiny");
     let case = &golden[0];
     let model = "qwen3-4b-instruct-2507";
     let (status, r) = d.post(
@@ -1125,11 +1121,7 @@ fn logit_bias_and_stop_token_ids_steer_the_real_sampler() {
     let d = Daemon::start(qwen_dir(""), "");
     d.wait_ready();
     let model = "qwen3-4b-instruct-2507";
-    let golden: Value = serde_json::from_str(
-        &std::fs::read_to_string(repo_root().join("tests/fixtures/golden/qwen3-tiny.json"))
-            .unwrap(),
-    )
-    .unwrap();
+    let golden = crate::qwen3::golden_of("qwen3-tiny");
     // transformers' greedy tokens after the golden prompt.
     let case = &golden[0];
     let first = case["tokens"][0].as_u64().unwrap();

@@ -130,19 +130,6 @@ async fn start(
     }
     let lease = app.models.acquire_places(&model, parsed.n).await?;
     openai::default_limit(&mut parsed, lease.deployment().default_max_tokens, &limits)?;
-    if let Some(table) = &lease.deployment().tokens {
-        let r = &parsed.request;
-        let named = (r.logit_bias.iter().map(|&(id, _)| ("logit_bias", id)))
-            .chain(r.stop_token_ids.iter().map(|&id| ("stop_token_ids", id)));
-        for (field, id) in named {
-            if table.get(id).is_none() {
-                return Err(ApiError::bad_field(
-                    field,
-                    format!("`{field}`: token {id} is not in model `{model}`'s vocabulary"),
-                ));
-            }
-        }
-    }
     if let Some(s) = &parsed.structure {
         let info = &lease.deployment().info;
         let chat = endpoint == Endpoint::Chat;
@@ -254,8 +241,15 @@ async fn collect(
         .with_tokens(parsing.tokens.clone());
     // The first failure answers, and drops the other choices (cancelling them).
     let each = choices.into_iter().enumerate().map(|(i, events)| {
-        let reply = reply.for_choice(i);
-        collect_choice(app, parsed, events, started, &parsing, reply, i == 0)
+        collect_choice(
+            app,
+            parsed,
+            events,
+            started,
+            &parsing,
+            reply.for_choice(i),
+            i,
+        )
     });
     match futures_util::future::try_join_all(each).await {
         Ok(done) => {
@@ -266,8 +260,7 @@ async fn collect(
     }
 }
 
-/// One choice of a whole answer, and its usage; `first`: its prompt tokens are the request's
-/// (the others' are the same prompt, counted once).
+/// Choice `index` of a whole answer, and its usage.
 async fn collect_choice(
     app: &App,
     parsed: &Parsed,
@@ -275,10 +268,10 @@ async fn collect_choice(
     started: Instant,
     parsing: &Parsing,
     mut reply: Reply,
-    first: bool,
+    index: usize,
 ) -> Result<(Value, Usage), ApiError> {
     let mut tokens: Vec<TokenFrame> = Vec::new();
-    let mut timing = Timing::new(app, &parsed.model, started).of_choice(usize::from(!first));
+    let mut timing = Timing::new(app, &parsed.model, started).of_choice(index);
     while let Some(event) = events.recv().await {
         match event {
             Event::Token(t) => {
@@ -286,7 +279,7 @@ async fn collect_choice(
                 tokens.push(parsing.shown(t));
             }
             Event::Done(outcome) => {
-                timing.ended(&counted(outcome.usage, first));
+                timing.ended(&counted(outcome.usage, index));
                 let text: String = tokens.iter().map(|t| t.text.as_str()).collect();
                 let (reasoning, extracted) = parsing.split(text, offered(parsed));
                 let choice = reply.choice(
@@ -306,11 +299,11 @@ async fn collect_choice(
     ))
 }
 
-/// `usage` as the metrics count it for one of a request's choices: the prompt once, with the
-/// first.
-pub(super) fn counted(usage: Usage, first: bool) -> Usage {
+/// `usage` as the metrics count it for choice `index` of a request: the prompt once, with the
+/// first (the others ran the same prompt).
+pub(super) fn counted(usage: Usage, index: usize) -> Usage {
     Usage {
-        prompt_tokens: if first { usage.prompt_tokens } else { 0 },
+        prompt_tokens: if index == 0 { usage.prompt_tokens } else { 0 },
         ..usage
     }
 }

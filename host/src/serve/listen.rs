@@ -96,27 +96,13 @@ pub async fn serve(
 /// stream before the daemon's writes block: its generation never paused and it was never cut
 /// off (the stall timeout counts only once writes block). Data in flight is still bounded by the
 /// client's window alone, so throughput is untouched.
-const NOT_SENT_LOW_WATER: libc::c_int = 16 << 10;
+const NOT_SENT_LOW_WATER: u32 = 16 << 10;
 
 fn configure(tcp: &TcpStream, rules: ConnectionRules) {
     // Tokens are small writes that should leave at once, not wait for Nagle.
     let _ = tcp.set_nodelay(true);
-    let value = NOT_SENT_LOW_WATER;
-    // SAFETY: `tcp` is an open socket; the kernel reads one int from `value`.
-    let set = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(tcp),
-            libc::IPPROTO_TCP,
-            libc::TCP_NOTSENT_LOWAT,
-            std::ptr::addr_of!(value).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if set != 0 {
-        tracing::debug!(
-            "cannot bound a connection's unsent bytes (TCP_NOTSENT_LOWAT): {}",
-            std::io::Error::last_os_error()
-        );
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_notsent_lowat(NOT_SENT_LOW_WATER) {
+        tracing::debug!("cannot bound a connection's unsent bytes (TCP_NOTSENT_LOWAT): {e}");
     }
     if let Some(bytes) = rules.send_buffer {
         let size = usize::try_from(bytes.0).unwrap_or(usize::MAX);

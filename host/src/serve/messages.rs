@@ -145,14 +145,8 @@ fn image_data_url(url: &str, at: &str, image_root: Option<&Path>) -> Result<Stri
     let Some(root) = image_root else {
         return Err(ApiError::bad_field(at, format!("`{at}`: image files are not allowed (no server.image_root is configured); send a data: URL")));
     };
-    // The operator's mistake, said as such (not as the client's file being outside it). Only
-    // that it is a folder: one the daemon may search but not list still serves its files.
-    let problem = match std::fs::metadata(root) {
-        Ok(m) if m.is_dir() => None,
-        Ok(_) => Some("it is not a folder".to_string()),
-        Err(e) => Some(e.to_string()),
-    };
-    if let Some(problem) = problem {
+    // The operator's mistake, said as such (not as the client's file being outside it).
+    if let Some(problem) = crate::config::folder_problem(root) {
         return Err(ApiError::bad_field(
             at,
             format!(

@@ -233,7 +233,7 @@ async fn pump(
                 continue;
             }
             Some((i, Some(Event::Done(outcome)))) => {
-                timings[i].ended(&counted(outcome.usage, i == 0));
+                timings[i].ended(&counted(outcome.usage, i));
                 out.extend(chunks[i].finish(&outcome));
                 usages[i] = Some(outcome.usage);
                 continue;

@@ -137,51 +137,46 @@ fn logit_bias(bias: Option<&Map<String, Value>>) -> Result<Vec<(u32, f32)>, ApiE
 /// vLLM's fields this server does not implement, each of which would change the answer: a 400
 /// naming it, rather than an answer the client takes for what it asked.
 fn unsupported_extras(c: &Common) -> Result<(), ApiError> {
-    if c.best_of.is_some_and(|b| b != 1) {
-        return Err(unsupported("best_of", "must be 1"));
-    }
-    if c.prompt_logprobs.as_ref().is_some_and(|v| !v.is_null()) {
-        return Err(unsupported(
-            "prompt_logprobs",
-            "is not supported; remove it",
-        ));
-    }
-    if c.use_beam_search == Some(true) {
-        return Err(unsupported(
-            "use_beam_search",
-            "is not supported; remove it",
-        ));
-    }
-    // vLLM refuses a client's template unless its operator trusts them; here the model's own
-    // (the checkpoint's, or the manifest's) is the only one.
-    if c.chat_template.as_ref().is_some_and(|v| !v.is_null()) {
-        return Err(unsupported(
+    let given = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
+    let set = |v: &Option<Value>| {
+        given(v)
+            && v.as_ref()
+                .and_then(Value::as_object)
+                .is_none_or(|o| !o.is_empty())
+    };
+    let continuous = c
+        .stream_options
+        .as_ref()
+        .and_then(|o| o.continuous_usage_stats);
+    let refused = [
+        (c.best_of.is_some_and(|b| b != 1), "best_of", "must be 1"),
+        (given(&c.prompt_logprobs), "prompt_logprobs", "is not supported; remove it"),
+        (c.use_beam_search == Some(true), "use_beam_search", "is not supported; remove it"),
+        // vLLM refuses a client's template unless its operator trusts them; here the model's
+        // own (the checkpoint's, or the manifest's) is the only one.
+        (
+            given(&c.chat_template),
             "chat_template",
             "is not supported: the model's own template is used (an operator can set another in the checkpoint's tokenizer_config.json); remove it",
-        ));
-    }
-    let set = |v: &Value| !(v.is_null() || v.as_object().is_some_and(|o| o.is_empty()));
-    if c.mm_processor_kwargs.as_ref().is_some_and(set) {
-        return Err(unsupported(
+        ),
+        (
+            set(&c.mm_processor_kwargs),
             "mm_processor_kwargs",
             "is not supported: images are processed as the checkpoint's preprocessor_config.json says; remove it",
-        ));
-    }
-    if c.return_tokens_as_token_ids == Some(true) {
-        return Err(unsupported(
+        ),
+        (
+            c.return_tokens_as_token_ids == Some(true),
             "return_tokens_as_token_ids",
             "is not supported: logprobs name tokens by their text (and, in chats, their bytes)",
-        ));
-    }
-    if c.stream_options
-        .as_ref()
-        .and_then(|o| o.continuous_usage_stats)
-        == Some(true)
-    {
-        return Err(unsupported(
+        ),
+        (
+            continuous == Some(true),
             "stream_options.continuous_usage_stats",
             "is not supported: `include_usage` gives the usage in a last chunk",
-        ));
+        ),
+    ];
+    match refused.into_iter().find(|(asked, ..)| *asked) {
+        Some((_, field, why)) => Err(unsupported(field, why)),
+        None => Ok(()),
     }
-    Ok(())
 }
