@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use socket2::{Domain, Socket, Type};
 
 use crate::daemon::*;
+use crate::support::read_through_signals;
 use crate::worker::confinement_available;
 
 /// The daemon's resident memory, from /proc.
@@ -286,12 +287,11 @@ fn slow_and_stalled(buffer: &str) {
     let reader = std::thread::spawn({
         let reading = reading.clone();
         move || {
-            use std::io::Read;
             let mut slow = std::net::TcpStream::from(slow);
             let mut taken = 0;
             let mut buf = [0u8; 256];
             while reading.load(std::sync::atomic::Ordering::Relaxed) {
-                match slow.read(&mut buf) {
+                match crate::support::read_through_signals(&mut slow, &mut buf) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => taken += n,
                 }
@@ -360,7 +360,6 @@ fn a_client_gone_during_the_prefill_stops_it_in_the_worker() {
 /// the tokens follow when they come.
 #[test]
 fn a_streams_headers_come_before_a_long_prefill_ends() {
-    use std::io::Read;
     if !confinement_available() {
         return;
     }
@@ -378,7 +377,7 @@ fn a_streams_headers_come_before_a_long_prefill_ends() {
     let mut buf = [0u8; 4096];
     let mut headers_at = None;
     while !String::from_utf8_lossy(&got).contains("[DONE]") {
-        let n = client.read(&mut buf).expect("read the stream");
+        let n = read_through_signals(&mut client, &mut buf).expect("read the stream");
         assert!(
             n > 0,
             "the stream ended early: {}",

@@ -4,14 +4,14 @@
 //! in OpenAI's error shape (a connection that never sends a request is closed), and the daemon
 //! keeps serving.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use crate::daemon::*;
-use crate::support::pio;
+use crate::support::{pio, read_through_signals};
 use crate::worker::confinement_available;
 
 const CONFIG: &str = "[server]\napi_keys = [\"user\"]\nadmin_keys = [\"admin\"]\n\
@@ -27,7 +27,7 @@ fn raw(d: &Daemon, request: &[u8], linger: Duration) -> Option<(u16, String)> {
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
-        match s.read(&mut buf) {
+        match read_through_signals(&mut s, &mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
                 out.extend_from_slice(&buf[..n]);
@@ -292,7 +292,7 @@ fn every_bad_input_gets_a_prompt_openai_4xx_and_the_daemon_keeps_serving() {
     kept.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut buf = [0u8; 1024];
     assert!(
-        kept.read(&mut buf).unwrap() > 0,
+        read_through_signals(&mut kept, &mut buf).unwrap() > 0,
         "the first request is answered"
     );
     idle.push(kept);
@@ -303,7 +303,7 @@ fn every_bad_input_gets_a_prompt_openai_4xx_and_the_daemon_keeps_serving() {
     for (i, s) in idle.iter_mut().enumerate() {
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut buf = [0u8; 1024];
-        let read = s.read(&mut buf);
+        let read = read_through_signals(s, &mut buf);
         let closed = match &read {
             Ok(0) => true,
             Ok(n) => String::from_utf8_lossy(&buf[..*n]).starts_with("HTTP/1.1 408"),

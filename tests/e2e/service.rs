@@ -13,9 +13,12 @@ use crate::worker::confinement_available;
 fn next(socket: &UnixDatagram, pings: &mut usize) -> String {
     let mut buf = [0u8; 512];
     loop {
-        let len = socket
-            .recv(&mut buf)
-            .expect("a notification within a minute");
+        // A receive with a timeout is not restarted after a signal handler runs, even with
+        // SA_RESTART (signal(7)), and this process has handlers (tokio's SIGCHLD): try again.
+        let len = match socket.recv(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            got => got.expect("a notification within a minute"),
+        };
         let msg = String::from_utf8_lossy(&buf[..len]).to_string();
         if msg == "WATCHDOG=1" {
             *pings += 1;

@@ -132,6 +132,21 @@ pub fn qwen3_manifest(lib: &Path, tier: &str, model: &str) -> String {
 }
 
 /// The lowercase hex SHA-256 of a file, by `sha256sum`.
+/// `read` that tries again when a signal interrupts it: a read with a timeout is not restarted
+/// after a handler runs (signal(7)), and this process has tokio's SIGCHLD handler, which any
+/// daemon the other tests stop sets off.
+pub fn read_through_signals(
+    from: &mut impl std::io::Read,
+    buf: &mut [u8],
+) -> std::io::Result<usize> {
+    loop {
+        match from.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            got => return got,
+        }
+    }
+}
+
 pub fn sha256_of(path: &Path) -> String {
     let out = Command::new("sha256sum")
         .arg(path)
