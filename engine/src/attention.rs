@@ -282,6 +282,7 @@ mod tests {
             positions: &crate::batch::Positions::Linear,
             blocks,
             logits: crate::batch::Wanted::Best,
+            score: None,
         }
     }
 

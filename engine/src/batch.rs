@@ -70,6 +70,8 @@ pub struct SeqStep<'a> {
     pub blocks: &'a [BlockId],
     /// What is wanted of the last new input's output (nothing for a middle chunk of a prompt).
     pub logits: Wanted,
+    /// New rows whose next prompt token to score (a request for the prompt's logprobs).
+    pub score: Option<crate::scoring::ScoreRows<'a>>,
 }
 
 /// What a sequence wants of a forward pass's output for its last new input.

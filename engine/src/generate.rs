@@ -53,6 +53,8 @@ pub struct Request {
     pub min_tokens: usize,
     /// Report the chosen token's logprob and this many alternatives.
     pub logprobs: Option<usize>,
+    /// Score the prompt's tokens after the first, with this many alternatives each.
+    pub prompt_logprobs: Option<usize>,
     /// Images (or other inputs) beside the prompt's tokens.
     pub media: Option<Arc<Media>>,
     /// The grammar the output must match (see [`crate::guide::Grammars::compile`]).
@@ -139,4 +141,6 @@ pub struct Outcome {
     pub prompt_ms: f64,
     /// Decoding time, milliseconds.
     pub decode_ms: f64,
+    /// The prompt's scores, when the request asked for them (its tokens after the first).
+    pub prompt_logprobs: Option<Vec<crate::scoring::PromptScore>>,
 }

@@ -27,6 +27,7 @@ pub mod quant_cache;
 pub mod runtime;
 pub mod sampling;
 pub mod scheduler;
+pub mod scoring;
 pub mod sequence;
 pub mod serving;
 pub mod single;

@@ -68,6 +68,7 @@ impl SingleSequence {
             positions: &linear,
             blocks: &self.blocks,
             logits: Wanted::Logits,
+            score: None,
         }]);
         let mut outputs = crate::cpu::step(model, &batch, &mut self.pool)?;
         self.len = end;

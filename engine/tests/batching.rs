@@ -37,6 +37,7 @@ fn cases(name: &str, lengths: &[usize]) -> Vec<(Request, Value)> {
                 stop_ids: Vec::new(),
                 min_tokens: 0,
                 logprobs: Some(5),
+                prompt_logprobs: None,
                 media: None,
                 constraint: None,
             };
@@ -393,6 +394,7 @@ fn seeded_sampled_requests_in_a_batch_give_what_each_gives_alone() {
             stop_ids: Vec::new(),
             min_tokens: 0,
             logprobs: (i % 2 == 0).then_some(2),
+            prompt_logprobs: None,
             media: None,
             constraint: None,
         })

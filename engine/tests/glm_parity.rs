@@ -61,6 +61,7 @@ fn choices(model: &Glm4MoeLite, prompt: &[u32]) -> Vec<Vec<Vec<usize>>> {
         positions: &Positions::Linear,
         blocks: &blocks,
         logits: Wanted::Logits,
+        score: None,
     }]);
     model.forward_traced(&batch, &mut pool).unwrap().1
 }

@@ -302,6 +302,7 @@ fn kernel_matches_gather(device: &Device, case: &PoolCase) {
                 positions: &Positions::Linear,
                 blocks: &tables[i],
                 logits: Wanted::Logits,
+                score: None,
             })
             .collect(),
     );

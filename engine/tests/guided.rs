@@ -53,6 +53,7 @@ fn constrained_and_free_sequences_share_steps_and_each_gets_its_own() {
             max_tokens: case["tokens"].as_array().unwrap().len(),
             eos: eos.clone(),
             logprobs: Some(5),
+            prompt_logprobs: None,
             ..Request::default()
         })
         .collect();
@@ -67,6 +68,7 @@ fn constrained_and_free_sequences_share_steps_and_each_gets_its_own() {
             max_tokens: 200,
             eos: eos.clone(),
             logprobs: Some(5),
+            prompt_logprobs: None,
             constraint: Some(grammars.compile(&constraint).unwrap()),
             ..Request::default()
         })

@@ -77,6 +77,7 @@ fn a_prompt_longer_than_the_moe_context_is_refused() {
         stop_ids: Vec::new(),
         min_tokens: 0,
         logprobs: None,
+        prompt_logprobs: None,
         media: None,
         constraint: None,
     };

@@ -51,7 +51,15 @@ impl Capabilities {
     /// sends them only to plugins that set this: an older one would run past them.
     pub const STOP_TOKEN_IDS: Self = Self(1 << 9);
 
-    const NAMES: [(Self, &'static str); 10] = [
+    /// Scores the prompt on request (`InferRequest::prompt_logprobs`, since 1.10): each prompt
+    /// token's logprob, rank and best alternatives in `InferOutcome::prompt_logprobs`. The host
+    /// asks only plugins that set this: an older one would ignore the field.
+    pub const PROMPT_LOGPROBS: Self = Self(1 << 10);
+    /// Takes a prompt of token ids (`Prompt::Tokens`, since 1.10), run as given. The host sends
+    /// one only to plugins that set this: an older one cannot read the variant.
+    pub const TOKEN_PROMPTS: Self = Self(1 << 11);
+
+    const NAMES: [(Self, &'static str); 12] = [
         (Self::TEXT, "text"),
         (Self::CHAT, "chat"),
         (Self::TOOLS, "tools"),
@@ -62,6 +70,8 @@ impl Capabilities {
         (Self::TOKENIZE, "tokenize"),
         (Self::LOGIT_BIAS, "logit_bias"),
         (Self::STOP_TOKEN_IDS, "stop_token_ids"),
+        (Self::PROMPT_LOGPROBS, "prompt_logprobs"),
+        (Self::TOKEN_PROMPTS, "token_prompts"),
     ];
 
     /// The empty set.

@@ -28,7 +28,10 @@
 //! `InferRequest::tokenize_only`, `InferOutcome::prompt_token_ids` and `Capabilities::TOKENIZE`
 //! (the prompt's token ids without generating, for the API's `/tokenize`);
 //! `InferRequest::logit_bias` and `Capabilities::LOGIT_BIAS`; `InferRequest::stop_token_ids` and
-//! `Capabilities::STOP_TOKEN_IDS`.
+//! `Capabilities::STOP_TOKEN_IDS`. 1.10.0 — `InferRequest::prompt_logprobs`,
+//! `InferOutcome::prompt_logprobs` and `Capabilities::PROMPT_LOGPROBS` (the prompt's tokens
+//! scored, for OpenAI's `echo` with `logprobs` and vLLM's `prompt_logprobs`); `Prompt::Tokens`
+//! and `Capabilities::TOKEN_PROMPTS` (a prompt of token ids).
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 

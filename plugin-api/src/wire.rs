@@ -144,6 +144,9 @@ pub enum Prompt {
     Text(String),
     /// OpenAI-style chat messages, rendered with the model's chat template.
     Messages(Vec<serde_json::Value>),
+    /// Token ids, run as given (no template, no special tokens added). Added in 1.10, and sent
+    /// only to plugins that declare `Capabilities::TOKEN_PROMPTS`.
+    Tokens(Vec<u32>),
 }
 
 impl Default for Prompt {
@@ -225,6 +228,26 @@ pub struct InferRequest {
     /// and sent only to plugins that declare `Capabilities::STOP_TOKEN_IDS`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub stop_token_ids: Vec<u32>,
+    /// Score the prompt: every prompt token after the first gets its logprob, its rank and this
+    /// many best alternatives, in `InferOutcome::prompt_logprobs` (vLLM's `prompt_logprobs`;
+    /// what OpenAI's `echo` with `logprobs` reports). Added in 1.10, and sent only to plugins
+    /// that declare `Capabilities::PROMPT_LOGPROBS`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<u32>,
+}
+
+/// One prompt token's score under the tokens before it (`InferRequest::prompt_logprobs`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PromptLogprob {
+    /// The prompt token.
+    pub token_id: u32,
+    /// Its natural log-probability (the raw distribution: no temperature or penalty).
+    pub logprob: f32,
+    /// 1 + the number of tokens more likely than it (vLLM's rank).
+    pub rank: u32,
+    /// The most likely tokens there, `(id, logprob)`, best first.
+    pub top: Vec<(u32, f32)>,
 }
 
 /// A grammar the output must match, checked token by token as it is generated.
@@ -302,6 +325,10 @@ pub struct InferOutcome {
     /// The prompt's token ids, answering `InferRequest::tokenize_only` (added in 1.9).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_token_ids: Option<Vec<u32>>,
+    /// The scores of the prompt's tokens after the first, in order, answering
+    /// `InferRequest::prompt_logprobs` (added in 1.10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<Vec<PromptLogprob>>,
 }
 
 /// A batching engine's gauges and counters (counters since the model loaded).

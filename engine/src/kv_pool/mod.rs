@@ -446,6 +446,7 @@ mod tests {
                     positions: &Positions::Linear,
                     blocks: &tables[i],
                     logits: Wanted::Logits,
+                    score: None,
                 })
                 .collect(),
         );

@@ -1,7 +1,7 @@
 //! What every causal LM here ends with and starts from: the checks a text-only batch must pass,
 //! and the final norm and output head, run only on the rows whose logits are wanted.
 
-use candle_core::{Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, Embedding, VarBuilder};
 
 use crate::batch::{Batch, Output, Positions, SeqStep, Wanted};
@@ -199,13 +199,49 @@ impl Head {
                 wanted.push(seq.logits);
             }
         }
+        self.score(x, batch)?;
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let rows = Tensor::new(rows, x.device())?;
-        let last = x.index_select(&rows, 1)?;
-        let [logits] = forward_all([&self.lm_head], LinearInput::Normed(&last, &self.norm))?;
+        let [logits] = self.rows_logits(x, rows)?;
         super::outputs::outputs(&logits.squeeze(0)?, &wanted)
+    }
+
+    /// `x`'s rows `rows` through the norm and the head: `(1, rows, vocab)`.
+    fn rows_logits(&self, x: &Tensor, rows: Vec<u32>) -> Result<[Tensor; 1]> {
+        let rows = Tensor::new(rows, x.device())?;
+        let picked = x.index_select(&rows, 1)?;
+        Ok(forward_all(
+            [&self.lm_head],
+            LinearInput::Normed(&picked, &self.norm),
+        )?)
+    }
+
+    /// Scores the rows of `batch`'s sequences that ask for it ([`SeqStep::score`]), a few rows
+    /// of logits at a time: a whole chunk's would be rows × vocabulary floats (300 MB for 512
+    /// rows of Qwen3's).
+    fn score(&self, x: &Tensor, batch: &Batch<'_>) -> Result<()> {
+        const ROWS_AT_ONCE: usize = 32;
+        let mut base = 0usize;
+        for seq in &batch.seqs {
+            if let Some(ask) = &seq.score {
+                for (i, next) in ask.next.chunks(ROWS_AT_ONCE).enumerate() {
+                    let first = base + ask.first + i * ROWS_AT_ONCE;
+                    let rows = (first..first + next.len()).map(|r| r as u32).collect();
+                    let [logits] = self.rows_logits(x, rows)?;
+                    let logits = logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                    let scored = logits
+                        .iter()
+                        .zip(next)
+                        .map(|(row, &t)| crate::scoring::score(row, t, ask.top));
+                    let mut into = (ask.into.lock())
+                        .map_err(|_| EngineError::Internal("prompt scores poisoned".into()))?;
+                    into.extend(scored);
+                }
+            }
+            base += seq.tokens.len();
+        }
+        Ok(())
     }
 }
 

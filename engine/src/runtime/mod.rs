@@ -9,7 +9,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device};
 use pio_plugin_api::wire::{
     FinishReason, FloatType, GenerationDefaults, HostContext, InferOutcome, InferRequest,
-    ModelConfig, ModelInfo, Prompt, TokenBytes, Usage, WeightQuantization,
+    ModelConfig, ModelInfo, Prompt, PromptLogprob, TokenBytes, Usage, WeightQuantization,
 };
 use pio_plugin_api::{
     ErrorKind, Flow, GeneratedToken, PluginError, Progress, RString, RVec, Sink, TopLogprob,
@@ -281,6 +281,7 @@ fn message_images(prompt: &Prompt) -> Result<Vec<crate::images::RgbImage>, Plugi
 impl<M: LoadModel> Loaded<M> {
     fn prompt_ids(&self, request: &InferRequest) -> Result<Vec<u32>, PluginError> {
         let text = match &request.prompt {
+            Prompt::Tokens(ids) => return Ok(ids.clone()),
             Prompt::Text(text) => text.clone(),
             Prompt::Messages(messages) => {
                 let template = self.template.as_ref().ok_or_else(|| {
@@ -338,6 +339,7 @@ impl<M: LoadModel> Loaded<M> {
             stop_ids: request.stop_token_ids.clone(),
             min_tokens: request.min_tokens.unwrap_or(0) as usize,
             logprobs: request.logprobs.map(|k| k as usize),
+            prompt_logprobs: request.prompt_logprobs.map(|k| k as usize),
             media: None,
             constraint: None,
         }
@@ -375,7 +377,16 @@ fn known_ids(request: &InferRequest, vocabulary: u32) -> Result<(), PluginError>
         .stop_token_ids
         .iter()
         .map(|&id| ("stop_token_ids", id));
-    match biased.chain(stops).find(|&(_, id)| id >= vocabulary) {
+    let prompt = match &request.prompt {
+        Prompt::Tokens(ids) => ids.as_slice(),
+        _ => &[],
+    };
+    let prompt = prompt.iter().map(|&id| ("prompt", id));
+    match biased
+        .chain(stops)
+        .chain(prompt)
+        .find(|&(_, id)| id >= vocabulary)
+    {
         Some((field, id)) => Err(PluginError::invalid_input(format!(
             "{field}: token {id} is not in the vocabulary (ids 0 to {})",
             vocabulary.saturating_sub(1)
@@ -445,6 +456,17 @@ fn outcome_of(
     result
         .timings
         .insert("decode_ms".into(), outcome.decode_ms.into());
+    result.prompt_logprobs = (outcome.prompt_logprobs.as_ref()).map(|scores| {
+        scores
+            .iter()
+            .map(|s| PromptLogprob {
+                token_id: s.token_id,
+                logprob: s.logprob,
+                rank: s.rank,
+                top: s.top.clone(),
+            })
+            .collect()
+    });
     if let Some(profile) = crate::profile::PROFILE.snapshot() {
         result.timings.insert("profile".into(), profile.into());
     }
@@ -689,12 +711,15 @@ macro_rules! text_model_plugin {
             const VERSION: &'static str = env!("CARGO_PKG_VERSION");
             const FAMILY: &'static str = $family;
             // Every model on the engine answers `stats_only` (live gauges) and `tokenize_only`,
-            // samples with a `logit_bias` and stops at `stop_token_ids`.
+            // samples with a `logit_bias`, stops at `stop_token_ids`, scores prompts and takes
+            // token-id prompts.
             const CAPABILITIES: $crate::plugin_api::Capabilities = $caps
                 .union($crate::plugin_api::Capabilities::ENGINE_STATS)
                 .union($crate::plugin_api::Capabilities::TOKENIZE)
                 .union($crate::plugin_api::Capabilities::LOGIT_BIAS)
-                .union($crate::plugin_api::Capabilities::STOP_TOKEN_IDS);
+                .union($crate::plugin_api::Capabilities::STOP_TOKEN_IDS)
+                .union($crate::plugin_api::Capabilities::PROMPT_LOGPROBS)
+                .union($crate::plugin_api::Capabilities::TOKEN_PROMPTS);
 
             fn new() -> Result<Self, $crate::plugin_api::PluginError> {
                 Ok(Self(

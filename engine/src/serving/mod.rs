@@ -445,5 +445,6 @@ fn finish_early(events: &Sender<Event>, finish: Finish) {
         cached_tokens: 0,
         prompt_ms: 0.0,
         decode_ms: 0.0,
+        prompt_logprobs: None,
     }));
 }

@@ -12,6 +12,7 @@ use crate::batch::{Batch, Output, Positions, SeqStep, Splice, Wanted};
 use crate::generate::{CausalLm, Finish, Media, Outcome};
 use crate::kv_pool::{BlockId, KvPool, PrefixHash};
 use crate::scheduler::{self, Limits, Plan, Running, Waiting};
+use crate::scoring::PromptScores;
 use crate::sequence::{accept_all, Accepted, Decoding};
 use crate::text::TextCodec;
 use crate::EngineError;
@@ -54,6 +55,8 @@ struct Seq {
     cached_tokens: Option<usize>,
     arrived: Instant,
     first_token: Option<Instant>,
+    /// The prompt's scores, when the request asked for them.
+    scores: Option<PromptScores>,
 }
 
 impl Seq {
@@ -93,6 +96,7 @@ impl Seq {
             cached_tokens: self.cached_tokens.unwrap_or(0),
             prompt_ms: (first - self.arrived).as_secs_f64() * 1e3,
             decode_ms: (now - first).as_secs_f64() * 1e3,
+            prompt_logprobs: self.scores.as_ref().map(PromptScores::taken),
         }
     }
 }
@@ -254,6 +258,8 @@ impl<M: CausalLm> Worker<M> {
                 cached_tokens: None,
                 arrived: Instant::now(),
                 first_token: None,
+                scores: (a.request.prompt_logprobs)
+                    .map(|top| PromptScores::new(a.request.prompt.len(), top)),
             });
         }
         true
@@ -285,7 +291,8 @@ impl<M: CausalLm> Worker<M> {
     /// The cached full blocks a waiting sequence can start from (always leaving its last token
     /// to compute, whose logits it needs).
     fn cached_prefix(&self, seq: &Seq) -> Vec<BlockId> {
-        if !self.config.prefix_cache {
+        // Rows served from the cache produce no logits to score the prompt with.
+        if !self.config.prefix_cache || seq.scores.as_ref().is_some_and(PromptScores::incomplete) {
             return Vec::new();
         }
         let usable = (seq.tokens.len() - 1) / self.pool.block_size();
@@ -462,6 +469,7 @@ impl<M: CausalLm> Worker<M> {
                     } else {
                         Wanted::Nothing
                     },
+                    score: (s.scores.as_ref()).and_then(|sc| sc.rows(&s.tokens, s.computed, *n)),
                 })
             })
             .collect();

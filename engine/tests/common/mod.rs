@@ -156,6 +156,7 @@ pub fn cases(checkpoint: &Checkpoint, name: &str) -> Vec<Case> {
                 stop_ids: Vec::new(),
                 min_tokens: 0,
                 logprobs: Some(5),
+                prompt_logprobs: None,
                 media: None,
                 constraint: None,
             };

@@ -114,6 +114,7 @@ pub fn request(f: &Fixture, case: &Value) -> Request {
         stop_ids: Vec::new(),
         min_tokens: 0,
         logprobs: Some(5),
+        prompt_logprobs: None,
         media: media.map(Arc::new),
         constraint: None,
     }
