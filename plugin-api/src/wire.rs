@@ -322,7 +322,8 @@ pub struct InferOutcome {
     pub timings: serde_json::Map<String, serde_json::Value>,
     /// The model engine's figures as this request ended, for plugins that batch.
     pub engine: Option<EngineStats>,
-    /// The prompt's token ids, answering `InferRequest::tokenize_only` (added in 1.9).
+    /// The prompt's token ids, answering `InferRequest::tokenize_only` (added in 1.9) and, with
+    /// the scores, `InferRequest::prompt_logprobs` (1.10).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_token_ids: Option<Vec<u32>>,
     /// The scores of the prompt's tokens after the first, in order, answering

@@ -16,6 +16,7 @@ mod hotplug;
 mod hub;
 mod medium;
 mod page;
+mod prompt_scores;
 mod pull;
 mod qwen3;
 mod qwen3_vl;

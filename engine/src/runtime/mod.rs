@@ -655,6 +655,8 @@ impl<M: LoadModel> ModelRuntime<M> {
             .prepare(loaded.prompt_ids(request)?, &images)
             .map_err(plugin_error)?;
         let prompt_tokens = prompt.len() as u32;
+        // Scores come with the ids they score (a client that sent text has no ids).
+        let scored_ids = request.prompt_logprobs.map(|_| prompt.clone());
         let mut engine_request = loaded.engine_request(request, prompt);
         engine_request.media = media;
         engine_request.constraint = constraint;
@@ -668,6 +670,7 @@ impl<M: LoadModel> ModelRuntime<M> {
             .generate_until(engine_request, &mut emit, &cancelled)
             .map_err(plugin_error)?;
         let mut result = outcome_of(&outcome, prompt_tokens)?;
+        result.prompt_token_ids = scored_ids;
         result.engine = Some(loaded.engine.stats().to_wire());
         Ok(result)
     }

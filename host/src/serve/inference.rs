@@ -237,8 +237,7 @@ async fn collect(
     started: Instant,
     parsing: Parsing,
 ) -> Response {
-    let reply = Reply::new(&parsed.model, parsed.endpoint, parsed.logprobs)
-        .with_tokens(parsing.tokens.clone());
+    let reply = reply_of(parsed, &parsing);
     // The first failure answers, and drops the other choices (cancelling them).
     let each = choices.into_iter().enumerate().map(|(i, events)| {
         collect_choice(
@@ -258,6 +257,16 @@ async fn collect(
         }
         Err(e) => e.into_response(),
     }
+}
+
+/// The bodies' builder for `parsed`: its logprobs read with the model's token table, the
+/// prompt shown as it asks (an echoed prompt of token ids read from the table).
+pub(super) fn reply_of(parsed: &Parsed, parsing: &Parsing) -> Reply {
+    let table = parsing.tokens.as_deref();
+    let prompt = super::echo::prompt_text(&parsed.request.prompt, table);
+    Reply::new(&parsed.model, parsed.endpoint, parsed.logprobs)
+        .with_tokens(parsing.tokens.clone())
+        .with_prompt(parsed.shown, &prompt)
 }
 
 /// Choice `index` of a whole answer, and its usage.

@@ -6,6 +6,7 @@ pub mod access;
 pub mod admin;
 mod book;
 pub mod deployment;
+pub mod echo;
 pub mod error;
 pub mod hotplug;
 pub mod inference;

@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use pio_plugin_api::wire::{FinishReason, InferOutcome, TokenTable, Usage};
 use serde_json::{json, Value};
 
-use super::openai::{Endpoint, LogprobsFormat};
+use super::openai::{Endpoint, LogprobsFormat, PromptShown};
 use super::tool_calls::Call;
 use crate::protocol::TokenFrame;
 
@@ -28,6 +28,9 @@ pub struct Reply {
     tokens: Option<Arc<TokenTable>>,
     /// Which of the request's choices (`n`) this one builds.
     index: usize,
+    /// What of the prompt it shows, and the prompt's text when echoed.
+    shown: PromptShown,
+    echo: Option<String>,
 }
 
 /// The API's finish reason: `tool_calls` when calls were taken out, unless the output was cut
@@ -92,7 +95,16 @@ impl Reply {
             offset: 0,
             tokens: None,
             index: 0,
+            shown: PromptShown::default(),
+            echo: None,
         }
+    }
+
+    /// Shows what `shown` asks of the prompt, whose text is `text` (completions' `echo`).
+    pub fn with_prompt(mut self, shown: PromptShown, text: &str) -> Self {
+        self.shown = shown;
+        self.echo = (shown.echo && self.endpoint == Endpoint::Completions).then(|| text.into());
+        self
     }
 
     /// The same response's choice `index` (one `id` for all of a request's choices).
@@ -167,16 +179,32 @@ impl Reply {
                 json!({
                     "tokens": tokens.iter().map(|t| own_text(t, table)).collect::<Vec<_>>(),
                     "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
-                    "top_logprobs": tokens.iter().map(|t| legacy_top(t, self.tokens.as_deref())).collect::<Vec<_>>(),
+                    // The first echoed prompt token has no score: `null`, as OpenAI's.
+                    "top_logprobs": tokens.iter().map(|t| match t.logprob {
+                        None => Value::Null,
+                        Some(_) => Value::Object(legacy_top(t, self.tokens.as_deref())),
+                    }).collect::<Vec<_>>(),
                     "text_offset": offsets,
                 })
             }
         }
     }
 
-    /// The whole (non-streamed) response of a request's `choices` and their `usage`.
-    pub fn whole(&self, choices: Vec<Value>, usage: Usage) -> Value {
+    /// The whole (non-streamed) response of a request's `choices` and their `usage`. A chat's
+    /// `prompt_logprobs` are the response's, as vLLM's (taken from the choices, which carry
+    /// them until here).
+    pub fn whole(&self, mut choices: Vec<Value>, usage: Usage) -> Value {
+        let prompt = match self.endpoint {
+            Endpoint::Chat => choices
+                .iter_mut()
+                .filter_map(|c| c.as_object_mut()?.remove("prompt_logprobs"))
+                .next(),
+            Endpoint::Completions => None,
+        };
         let mut body = self.envelope(false, Value::Array(choices));
+        if let Some(prompt) = prompt {
+            body["prompt_logprobs"] = prompt;
+        }
         body["usage"] = usage_json(usage);
         body
     }
@@ -192,8 +220,35 @@ impl Reply {
         outcome: &InferOutcome,
     ) -> Value {
         let index = self.index;
-        let logprobs = self.logprobs_of(tokens);
+        let table = self.tokens.clone();
+        let echoed = (self.echo.is_some() && self.logprobs == LogprobsFormat::Legacy)
+            .then(|| super::echo::prompt_frames(outcome, table.as_deref()))
+            .flatten();
+        let logprobs = match echoed {
+            Some(mut frames) => {
+                frames.extend_from_slice(tokens);
+                self.logprobs_of(&frames)
+            }
+            None => self.logprobs_of(tokens),
+        };
         let reason = finish(outcome.finish_reason, !calls.is_empty());
+        let mut choice = self.choice_body(index, logprobs, reason, reasoning, content, calls);
+        if self.shown.logprobs {
+            choice["prompt_logprobs"] =
+                super::echo::vllm_prompt_logprobs(outcome, table.as_deref());
+        }
+        choice
+    }
+
+    fn choice_body(
+        &self,
+        index: usize,
+        logprobs: Value,
+        reason: &str,
+        reasoning: Option<&str>,
+        content: &str,
+        calls: &[Call],
+    ) -> Value {
         match self.endpoint {
             Endpoint::Chat => {
                 // `refusal` is required (nullable) in OpenAI's message schema; PIO never refuses.
@@ -211,7 +266,7 @@ impl Reply {
             }
             Endpoint::Completions => json!({
                 "index": index,
-                "text": content,
+                "text": format!("{}{content}", self.echo.as_deref().unwrap_or_default()),
                 "logprobs": logprobs,
                 "finish_reason": reason,
             }),
@@ -244,16 +299,15 @@ impl Reply {
         body
     }
 
-    /// The stream's first chunk (chat: the assistant role), if the endpoint has one.
+    /// The stream's first chunk (chat: the assistant role; completions: the echoed prompt),
+    /// if it has one.
     pub fn opening_chunk(&self, include_usage: bool) -> Option<Value> {
-        (self.endpoint == Endpoint::Chat).then(|| {
-            self.chunk(
-                json!({"role": "assistant", "content": ""}),
-                Value::Null,
-                None,
-                include_usage,
-            )
-        })
+        let delta = match (self.endpoint, &self.echo) {
+            (Endpoint::Chat, _) => json!({"role": "assistant", "content": ""}),
+            (Endpoint::Completions, Some(echo)) => json!({"content": echo}),
+            (Endpoint::Completions, None) => return None,
+        };
+        Some(self.chunk(delta, Value::Null, None, include_usage))
     }
 
     /// A chunk carrying one token, whose text released now is `reasoning` and `content` (less

@@ -193,8 +193,7 @@ async fn pump(
     started: Instant,
     parsing: Parsing,
 ) -> Ended {
-    let reply = Reply::new(&parsed.model, parsed.endpoint, parsed.logprobs)
-        .with_tokens(parsing.tokens.clone());
+    let reply = super::inference::reply_of(parsed, &parsing);
     let mut chunks: Vec<Chunks> = (0..parsed.n)
         .map(|i| Chunks::new(parsed, parsing.clone(), reply.for_choice(i)))
         .collect();

@@ -254,6 +254,12 @@ fn prompt_text(prompt: &Prompt) -> Result<String, PluginError> {
             }
             Ok(said.join("\n"))
         }
+        // Token ids (`TOKEN_PROMPTS`, not declared: the host never sends them); the frozen
+        // 1.0 copy has no such variant.
+        #[allow(unreachable_patterns)]
+        _ => Err(PluginError::unsupported(
+            "echo takes text or chat prompts, not token ids",
+        )),
     }
 }
 

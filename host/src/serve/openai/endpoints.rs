@@ -136,28 +136,24 @@ fn check_tools(tools: &[Value]) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// The completions endpoint's own fields into `request`; returns how logprobs are reported.
+/// The completions endpoint's own fields into `request`; returns how logprobs are reported
+/// and whether the prompt is echoed.
 pub(super) fn completion(
     f: CompletionFields,
     request: &mut InferRequest,
-) -> Result<LogprobsFormat, ApiError> {
-    request.prompt = Prompt::Text(completion_prompt(&f.prompt)?);
-    if f.echo == Some(true) {
-        return Err(unsupported(
-            "echo",
-            "is not supported; the prompt is known to the client",
-        ));
-    }
+) -> Result<(LogprobsFormat, bool), ApiError> {
+    request.prompt = completion_prompt(&f.prompt)?;
     if f.suffix.is_some_and(|s| !s.is_empty()) {
         return Err(unsupported("suffix", "is not supported"));
     }
-    Ok(match f.logprobs {
+    let logprobs = match f.logprobs {
         None => LogprobsFormat::None,
         Some(k) => {
             request.logprobs = Some(check_top("logprobs", k, 5)?);
             LogprobsFormat::Legacy
         }
-    })
+    };
+    Ok((logprobs, f.echo == Some(true)))
 }
 
 fn check_top(name: &str, k: u32, max: u32) -> Result<u32, ApiError> {
@@ -170,19 +166,47 @@ fn check_top(name: &str, k: u32, max: u32) -> Result<u32, ApiError> {
     Ok(k)
 }
 
-fn completion_prompt(prompt: &Value) -> Result<String, ApiError> {
-    match prompt {
-        Value::String(s) => Ok(s.clone()),
-        Value::Array(items) if items.len() == 1 && items[0].is_string() => {
-            Ok(items[0].as_str().unwrap_or_default().to_string())
-        }
-        Value::Array(items) if items.iter().all(Value::is_string) => Err(unsupported(
+/// The prompt: a string, or token ids (`[1, 2]`), or a list of one of either.
+fn completion_prompt(prompt: &Value) -> Result<Prompt, ApiError> {
+    let several = || {
+        unsupported(
             "prompt",
-            "must be one string: several prompts per request are not supported",
+            "must be one prompt: several prompts per request are not supported; send one request each",
+        )
+    };
+    match prompt {
+        Value::String(s) => Ok(Prompt::Text(s.clone())),
+        Value::Array(items) if items.len() == 1 && !items[0].is_number() => {
+            completion_prompt(&items[0]).map_err(|e| match e.param.as_deref() {
+                Some("prompt") => e.for_field("prompt[0]"),
+                _ => e,
+            })
+        }
+        Value::Array(items) if items.iter().any(|i| i.is_string() || i.is_array()) => {
+            Err(several())
+        }
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_number) => items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                (v.as_u64().and_then(|t| u32::try_from(t).ok())).ok_or_else(|| {
+                    ApiError::bad_field(
+                        format!("prompt[{i}]"),
+                        format!(
+                            "`prompt[{i}]` must be a token id (a whole number from 0), found {v}"
+                        ),
+                    )
+                })
+            })
+            .collect::<Result<Vec<u32>, _>>()
+            .map(Prompt::Tokens),
+        Value::Array(items) if items.is_empty() => Err(ApiError::bad_field(
+            "prompt",
+            "`prompt` must not be empty: give a string or token ids",
         )),
-        Value::Array(items) if items.iter().all(|i| i.is_number() || i.is_array()) => Err(
-            unsupported("prompt", "must be a string: token arrays are not supported"),
-        ),
-        _ => Err(ApiError::bad_field("prompt", "`prompt` must be a string")),
+        _ => Err(ApiError::bad_field(
+            "prompt",
+            "`prompt` must be a string or a list of token ids",
+        )),
     }
 }

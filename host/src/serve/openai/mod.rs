@@ -1,7 +1,7 @@
 //! OpenAI request bodies: parsed with the failing field named, checked against what the model
 //! can do and the server's limits, and turned into the plugin's [`InferRequest`].
 
-use pio_plugin_api::wire::InferRequest;
+use pio_plugin_api::wire::{InferRequest, Prompt};
 use pio_plugin_api::Capabilities;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -93,8 +93,9 @@ struct Common {
     skip_special_tokens: Option<bool>,
     /// vLLM's: the output ends after any of these tokens.
     stop_token_ids: Option<Vec<u32>>,
-    /// vLLM's, not supported: refused rather than ignored, as each changes the answer.
+    /// vLLM's: the prompt's tokens scored, this many alternatives each.
     prompt_logprobs: Option<Value>,
+    /// vLLM's, not supported: refused rather than ignored, as each changes the answer.
     use_beam_search: Option<bool>,
     best_of: Option<u32>,
     chat_template: Option<Value>,
@@ -157,6 +158,66 @@ pub struct Parsed {
     pub max_tokens_asked: bool,
     /// Choices to generate (`n`), each its own sequence in the batch.
     pub n: usize,
+    /// What of the prompt the answer shows.
+    pub shown: PromptShown,
+}
+
+/// What of the prompt an answer shows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PromptShown {
+    /// Completions' `echo`: the prompt's text before the output's (and, with `logprobs`, its
+    /// tokens first in the logprobs).
+    pub echo: bool,
+    /// vLLM's `prompt_logprobs` field was asked for.
+    pub logprobs: bool,
+}
+
+/// The most alternatives `prompt_logprobs` takes (vLLM's default `max_logprobs`).
+const MAX_PROMPT_LOGPROBS: i64 = 20;
+
+/// vLLM's `prompt_logprobs`: `None` when absent or null, else the alternatives per token.
+fn prompt_logprobs(c: &Common) -> Result<Option<u32>, ApiError> {
+    let field = "prompt_logprobs";
+    match c.prompt_logprobs.as_ref() {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => match v.as_i64() {
+            Some(k @ 0..=MAX_PROMPT_LOGPROBS) => Ok(Some(k as u32)),
+            Some(-1) => Err(unsupported(
+                field,
+                &format!("-1 (the whole vocabulary) is not supported; ask for at most {MAX_PROMPT_LOGPROBS}"),
+            )),
+            _ => Err(ApiError::bad_field(
+                field,
+                format!("`{field}` must be a whole number from 0 to {MAX_PROMPT_LOGPROBS}, found {v}"),
+            )),
+        },
+    }
+}
+
+/// What of the prompt the request asks to see, into `request.prompt_logprobs` (the most
+/// alternatives either asks for); a stream cannot carry scores, which come at the end.
+fn shown(c: &Common, echo: bool, request: &mut InferRequest) -> Result<PromptShown, ApiError> {
+    let field = prompt_logprobs(c)?;
+    let stream = c.stream == Some(true);
+    if stream && field.is_some() {
+        return Err(unsupported(
+            "prompt_logprobs",
+            "is not available with `stream: true` (as in vLLM); ask without streaming",
+        ));
+    }
+    // Completions' `echo` with `logprobs` shows the prompt's tokens with as many alternatives.
+    let echoed_scores = request.logprobs.filter(|_| echo);
+    if stream && echoed_scores.is_some() {
+        return Err(unsupported(
+            "echo",
+            "with `logprobs` is not available with `stream: true`: the prompt's scores come with the end of its run; ask without streaming",
+        ));
+    }
+    request.prompt_logprobs = field.max(echoed_scores);
+    Ok(PromptShown {
+        echo,
+        logprobs: field.is_some(),
+    })
 }
 
 impl Parsed {
@@ -288,6 +349,7 @@ pub fn parse(
     let mut max_field = "max_tokens";
     let mut structure = structure::requested(body)?;
     let mut calls_parsed = false;
+    let mut echo = false;
     let logprobs = match endpoint {
         Endpoint::Chat => {
             let f: ChatFields = field(body)?;
@@ -308,14 +370,20 @@ pub fn parse(
             }
             logprobs
         }
-        Endpoint::Completions => completion(field(body)?, &mut request)?,
+        Endpoint::Completions => {
+            let (logprobs, asked) = completion(field(body)?, &mut request)?;
+            echo = asked;
+            logprobs
+        }
     };
+    let shown = shown(&c, echo, &mut request)?;
     capable(
         &c.model,
         capabilities,
         &request,
         structure.as_ref(),
         logprobs,
+        shown,
     )?;
     let default = (endpoint == Endpoint::Completions).then_some(COMPLETIONS_MAX_TOKENS);
     request.max_tokens =
@@ -340,6 +408,7 @@ pub fn parse(
         skip_special_tokens: c.skip_special_tokens.unwrap_or(true),
         max_tokens_asked: max_tokens.is_some(),
         n: c.n.map_or(1, |n| usize::try_from(n).unwrap_or(1)),
+        shown,
     })
 }
 
@@ -351,6 +420,7 @@ fn capable(
     request: &InferRequest,
     structure: Option<&Structure>,
     logprobs: LogprobsFormat,
+    shown: PromptShown,
 ) -> Result<(), ApiError> {
     if let Some(s) = structure {
         if !capabilities.contains(Capabilities::STRUCTURED_OUTPUT) {
@@ -367,27 +437,50 @@ fn capable(
             ));
         }
     }
+    let scores_field = if shown.logprobs {
+        "prompt_logprobs"
+    } else {
+        "echo"
+    };
+    // (field, asked, capability, its name, the plugin-api that brought it)
     let needs = [
         (
             "logit_bias",
             !request.logit_bias.is_empty(),
             Capabilities::LOGIT_BIAS,
+            "logit_bias",
+            "1.9",
         ),
         (
             "stop_token_ids",
             !request.stop_token_ids.is_empty(),
             Capabilities::STOP_TOKEN_IDS,
+            "stop_token_ids",
+            "1.9",
+        ),
+        (
+            scores_field,
+            request.prompt_logprobs.is_some(),
+            Capabilities::PROMPT_LOGPROBS,
+            "prompt_logprobs",
+            "1.10",
+        ),
+        (
+            "prompt",
+            matches!(request.prompt, Prompt::Tokens(_)),
+            Capabilities::TOKEN_PROMPTS,
+            "token_prompts",
+            "1.10",
         ),
     ];
-    if let Some((field, ..)) = needs
+    if let Some((field, _, _, name, version)) = needs
         .iter()
-        .find(|(_, asked, cap)| *asked && !capabilities.contains(*cap))
+        .find(|(_, asked, cap, ..)| *asked && !capabilities.contains(*cap))
     {
         return Err(unsupported(
             field,
             &format!(
-                "is not supported by model `{}` (its plugin does not declare plugin-api 1.9's `{field}` capability)",
-                model
+                "is not supported by model `{model}` (its plugin does not declare plugin-api {version}'s `{name}` capability)"
             ),
         ));
     }

@@ -150,7 +150,6 @@ fn unsupported_extras(c: &Common) -> Result<(), ApiError> {
         .and_then(|o| o.continuous_usage_stats);
     let refused = [
         (c.best_of.is_some_and(|b| b != 1), "best_of", "must be 1"),
-        (given(&c.prompt_logprobs), "prompt_logprobs", "is not supported; remove it"),
         (c.use_beam_search == Some(true), "use_beam_search", "is not supported; remove it"),
         // vLLM refuses a client's template unless its operator trusts them; here the model's
         // own (the checkpoint's, or the manifest's) is the only one.

@@ -162,7 +162,6 @@ fn completion_prompts_and_limits() {
     for (body, param) in [
         (json!({"model": "m", "prompt": [1, 2, 3]}), "prompt"),
         (json!({"model": "m", "prompt": ["a", "b"]}), "prompt"),
-        (json!({"model": "m", "prompt": "x", "echo": true}), "echo"),
         (
             json!({"model": "m", "prompt": "x", "max_tokens": 51}),
             "max_tokens",
@@ -525,8 +524,10 @@ fn errors_name_the_field_the_client_wrote_in_its_words() {
         )
         .unwrap_err()
     };
-    assert!(!prompt(Value::Null).message.contains("token"));
-    assert!(prompt(json!([1, 2])).message.contains("token arrays"));
+    assert!(prompt(Value::Null)
+        .message
+        .contains("a string or a list of token ids"));
+    assert!(prompt(json!([1, 2])).message.contains("`token_prompts`"));
 }
 
 /// The manifest's generation default replaces the API's 16 (and a chat's run to the context) for
@@ -595,4 +596,93 @@ fn logit_bias_and_stop_token_ids_go_to_plugins_that_take_them() {
         let e = parse(&body, Endpoint::Completions, all, &Limits::default()).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("logit_bias"), "{}", e.message);
     }
+}
+
+/// Completions take token ids and echo the prompt; both endpoints take vLLM's
+/// `prompt_logprobs`, which a stream cannot carry (its scores come at the end).
+#[test]
+fn token_prompts_echo_and_prompt_logprobs() {
+    let all = caps(&[
+        "text",
+        "chat",
+        "logprobs",
+        "prompt_logprobs",
+        "token_prompts",
+    ]);
+    let completion = |extra: Value| {
+        let body = with(json!({"model": "m", "prompt": "hi"}), extra);
+        parse(&body, Endpoint::Completions, all, &Limits::default())
+    };
+    for ids in [json!([5, 6]), json!([[5, 6]])] {
+        let p = completion(json!({"prompt": ids})).unwrap();
+        assert_eq!(p.request.prompt, Prompt::Tokens(vec![5, 6]), "{ids}");
+    }
+    let p = completion(json!({"prompt": ["hi"]})).unwrap();
+    assert_eq!(p.request.prompt, Prompt::Text("hi".into()));
+    let p = completion(json!({"echo": true, "logprobs": 2})).unwrap();
+    assert_eq!(
+        p.request.prompt_logprobs,
+        Some(2),
+        "echo scores with logprobs' k"
+    );
+    assert!(p.shown.echo && !p.shown.logprobs);
+    let p = completion(json!({"echo": true, "stream": true})).unwrap();
+    assert_eq!(p.request.prompt_logprobs, None, "echo alone scores nothing");
+    assert!(p.shown.echo);
+    let both = json!({"echo": true, "logprobs": 1, "prompt_logprobs": 3});
+    let p = completion(both).unwrap();
+    assert_eq!(p.request.prompt_logprobs, Some(3), "the most either asks");
+    assert!(p.shown.echo && p.shown.logprobs);
+    let chat =
+        json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "prompt_logprobs": 0});
+    let p = parse(&chat, Endpoint::Chat, all, &Limits::default()).unwrap();
+    assert_eq!(p.request.prompt_logprobs, Some(0));
+    assert!(p.shown.logprobs && !p.shown.echo);
+    for (extra, param, words) in [
+        (json!({"prompt": [1, -2]}), "prompt[1]", "token id"),
+        (json!({"prompt": []}), "prompt", "must not be empty"),
+        (json!({"prompt": [[1], [2]]}), "prompt", "several prompts"),
+        (json!({"prompt_logprobs": 21}), "prompt_logprobs", "0 to 20"),
+        (
+            json!({"prompt_logprobs": -1}),
+            "prompt_logprobs",
+            "whole vocabulary",
+        ),
+        (
+            json!({"prompt_logprobs": 1, "stream": true}),
+            "prompt_logprobs",
+            "stream",
+        ),
+        (
+            json!({"echo": true, "logprobs": 1, "stream": true}),
+            "echo",
+            "stream",
+        ),
+    ] {
+        let e = completion(extra.clone()).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some(param), "{extra}: {}", e.message);
+        assert!(e.message.contains(words), "{extra}: {}", e.message);
+    }
+    // A plugin that does not declare scoring or token prompts gets neither.
+    let older = caps(&["text", "logprobs"]);
+    for (extra, param, capability) in [
+        (
+            json!({"echo": true, "logprobs": 1}),
+            "echo",
+            "`prompt_logprobs`",
+        ),
+        (
+            json!({"prompt_logprobs": 1}),
+            "prompt_logprobs",
+            "`prompt_logprobs`",
+        ),
+        (json!({"prompt": [1, 2]}), "prompt", "`token_prompts`"),
+    ] {
+        let body = with(json!({"model": "m", "prompt": "hi"}), extra.clone());
+        let e = parse(&body, Endpoint::Completions, older, &Limits::default()).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some(param), "{extra}: {}", e.message);
+        assert!(e.message.contains(capability), "{extra}: {}", e.message);
+    }
+    let echo = with(json!({"model": "m", "prompt": "hi"}), json!({"echo": true}));
+    assert!(parse(&echo, Endpoint::Completions, older, &Limits::default()).is_ok());
 }

@@ -1,0 +1,146 @@
+//! The prompt in an answer, through the daemon and a confined worker: completions' `echo` (with
+//! `logprobs`, the prompt's tokens scored as lm-eval's loglikelihood tasks read them), prompts
+//! of token ids, and vLLM's `prompt_logprobs` on both endpoints, against the scores transformers
+//! gives the tiny checkpoint (tests/fixtures/prompt_logprobs.py).
+
+use serde_json::{json, Value};
+
+use crate::daemon::{qwen_dir, Daemon};
+use crate::support::repo_root;
+use crate::worker::confinement_available;
+
+const MODEL: &str = "qwen3-4b-instruct-2507";
+/// The engine's bound against transformers (engine/tests/prompt_logprobs.rs says why).
+const CLOSE: f64 = 2e-3;
+
+fn goldens() -> Vec<Value> {
+    let path = repo_root().join("tests/fixtures/golden/prompt-logprobs.json");
+    let all: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    all["qwen3-tiny"].as_array().unwrap().clone()
+}
+
+fn close(got: &Value, want: &Value) -> bool {
+    (got.as_f64().unwrap() - want.as_f64().unwrap()).abs() < CLOSE
+}
+
+/// `echo` with `logprobs`, as lm-eval asks (token ids, one token generated): the prompt's
+/// tokens come first, the first with `null`s, the rest scored as transformers scores them; the
+/// text is the prompt's and the output's, the offsets run on through both.
+fn assert_echoed(d: &Daemon, case: &Value) {
+    let ids = case["input_ids"].as_array().unwrap();
+    let body = json!({"model": MODEL, "prompt": ids, "echo": true, "logprobs": 5,
+        "max_tokens": 1, "temperature": 0});
+    let (status, r) = d.post("/v1/completions", &body);
+    assert_eq!(status, 200, "{r}");
+    let prompt = case["prompt"].as_str().unwrap();
+    let choice = &r["choices"][0];
+    let text = choice["text"].as_str().unwrap();
+    assert!(text.starts_with(prompt) && text.len() > prompt.len(), "{r}");
+    let lp = &choice["logprobs"];
+    let token_logprobs = lp["token_logprobs"].as_array().unwrap();
+    assert_eq!(token_logprobs.len(), ids.len() + 1, "{lp}");
+    assert_eq!(token_logprobs[0], Value::Null);
+    assert_eq!(lp["top_logprobs"][0], Value::Null);
+    for (i, score) in case["scores"].as_array().unwrap().iter().enumerate() {
+        assert!(
+            close(&token_logprobs[i + 1], &score["logprob"]),
+            "{i}: {lp}"
+        );
+        let top = lp["top_logprobs"][i + 1].as_object().unwrap();
+        let best = top
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        assert!(
+            close(&json!(best), &score["top5"]["logprobs"][0]),
+            "{i}: {top:?}"
+        );
+    }
+    let offsets = lp["text_offset"].as_array().unwrap();
+    assert_eq!(offsets[0], 0);
+    assert_eq!(
+        offsets[ids.len()],
+        prompt.chars().count(),
+        "the output's token follows"
+    );
+    assert_eq!(r["usage"]["prompt_tokens"], ids.len(), "{r}");
+}
+
+#[test]
+fn echo_and_prompt_logprobs_show_the_prompt_as_transformers_scores_it() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(qwen_dir(""), "");
+    d.wait_ready();
+    let cases = goldens();
+    for case in &cases {
+        assert_echoed(&d, case);
+    }
+    // vLLM's `prompt_logprobs`, a text prompt: ranked entries keyed by id.
+    let case = &cases[3];
+    let body = json!({"model": MODEL, "prompt": case["prompt"], "prompt_logprobs": 2,
+        "max_tokens": 1});
+    let (status, r) = d.post("/v1/completions", &body);
+    assert_eq!(status, 200, "{r}");
+    let rows = r["choices"][0]["prompt_logprobs"].as_array().unwrap();
+    assert_eq!(rows[0], Value::Null);
+    assert_eq!(
+        rows.len(),
+        case["input_ids"].as_array().unwrap().len(),
+        "{r}"
+    );
+    for (row, score) in rows[1..].iter().zip(case["scores"].as_array().unwrap()) {
+        let own = &row[score["id"].to_string()];
+        assert!(close(&own["logprob"], &score["logprob"]), "{row}");
+        assert_eq!(own["rank"], score["rank"], "{row}");
+        let best = &row[score["top5"]["ids"][0].to_string()];
+        assert_eq!(best["rank"], 1, "{row}");
+        assert!(
+            row.as_object().unwrap().len() <= 3,
+            "the token and 2 more: {row}"
+        );
+    }
+    assert!(r["choices"][0]["text"]
+        .as_str()
+        .is_some_and(|t| !t.starts_with("The quick")));
+
+    // A chat's are the response's, one per templated prompt token.
+    let chat = json!({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
+        "prompt_logprobs": 0, "max_tokens": 1});
+    let (status, r) = d.post("/v1/chat/completions", &chat);
+    assert_eq!(status, 200, "{r}");
+    let rows = r["prompt_logprobs"].as_array().unwrap();
+    assert_eq!(
+        rows.len() as u64,
+        r["usage"]["prompt_tokens"].as_u64().unwrap()
+    );
+    assert!(r["choices"][0].get("prompt_logprobs").is_none(), "{r}");
+    assert!(rows[1].as_object().unwrap().len() <= 2, "{}", rows[1]);
+
+    // Echo alone, streamed: the prompt comes first.
+    let body = json!({"model": MODEL, "prompt": "Hello world", "echo": true,
+        "max_tokens": 2, "stream": true});
+    let first = d.stream("/v1/completions", &body).next().unwrap();
+    let first: Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(first["choices"][0]["text"], "Hello world", "{first}");
+
+    // A token id outside the vocabulary is named.
+    let bad = json!({"model": MODEL, "prompt": [1, 99999999], "max_tokens": 1});
+    let (status, e) = d.post("/v1/completions", &bad);
+    assert_eq!(
+        (status, &e["error"]["param"]),
+        (400, &json!("prompt")),
+        "{e}"
+    );
+    // The echo plugin declares neither.
+    let (status, e) = d.post(
+        "/v1/completions",
+        &json!({"model": "echo", "prompt": "hi", "prompt_logprobs": 1}),
+    );
+    assert_eq!(
+        (status, &e["error"]["param"]),
+        (400, &json!("prompt_logprobs")),
+        "{e}"
+    );
+}
