@@ -212,6 +212,7 @@ fn request(prompt: usize, tokens: usize, seed: u32) -> Request {
         stop_ids: Vec::new(),
         min_tokens: 0,
         logprobs: None,
+        prompt_logprobs: None,
         media: None,
         constraint: None,
     }

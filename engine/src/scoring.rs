@@ -19,18 +19,28 @@ pub struct PromptScore {
     pub top: Vec<(u32, f32)>,
 }
 
-/// Scores `next` (the token that followed) with `row`, the logits that predicted it.
+/// What a log-probability that is not a number reads as (vLLM's clamp): JSON has no -inf, and
+/// a client summing scores gets a very unlikely prompt rather than an error.
+pub const FLOOR: f32 = -9999.0;
+
+/// Scores `next` (the token that followed) with `row`, the logits that predicted it. Its rank
+/// counts the tokens at least as likely, itself included (vLLM's: tied tokens share the lower
+/// place).
 pub fn score(row: &[f32], next: u32, top: usize) -> PromptScore {
     let total = log_sum_exp(row);
+    let logprob = |l: f32| match (f64::from(l) - total) as f32 {
+        v if v.is_finite() => v,
+        _ => FLOOR,
+    };
     let logit = row.get(next as usize).copied().unwrap_or(f32::NEG_INFINITY);
-    let above = row.iter().filter(|&&l| l > logit).count();
+    let at_least = row.iter().filter(|&&l| l >= logit).count();
     PromptScore {
         token_id: next,
-        logprob: (f64::from(logit) - total) as f32,
-        rank: above as u32 + 1,
+        logprob: logprob(logit),
+        rank: at_least.max(1) as u32,
         top: top_k(row, top)
             .into_iter()
-            .map(|(id, l)| (id, (f64::from(l) - total) as f32))
+            .map(|(id, l)| (id, logprob(l)))
             .collect(),
     }
 }
@@ -110,8 +120,23 @@ mod tests {
         assert_eq!(s.rank, 3, "two tokens are likelier");
         assert_eq!(s.top.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 3]);
         assert!((f64::from(s.top[0].1) - (3.0 - total)).abs() < 1e-6);
-        assert_eq!(score(&row, 1, 0).rank, 1, "a tie with the best is rank 1");
+        assert_eq!(
+            score(&row, 1, 0).rank,
+            2,
+            "tied for the best: both at place 2"
+        );
+        assert_eq!(score(&row, 0, 0).rank, 4);
         assert!(score(&row, 1, 0).top.is_empty());
+    }
+
+    #[test]
+    fn scores_that_are_not_numbers_read_as_the_floor() {
+        let row = [f32::NEG_INFINITY, 0.0, f32::NEG_INFINITY];
+        let s = score(&row, 0, 3);
+        assert_eq!((s.logprob, s.rank), (FLOOR, 3));
+        assert_eq!(s.top[0], (1, 0.0));
+        assert_eq!(s.top[2].1, FLOOR);
+        assert_eq!(score(&[f32::NAN, 1.0], 0, 0).logprob, FLOOR);
     }
 
     #[test]

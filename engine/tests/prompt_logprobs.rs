@@ -99,6 +99,11 @@ fn chunked_beside_each_other<M: LoadModel + CausalLm>(name: &str) {
         stats.prefix_hit_tokens == 0,
         "scored prompts skip the cache: {stats:?}"
     );
+    let unscored: usize = cases.iter().map(|c| ids(&c["input_ids"]).len()).sum();
+    assert_eq!(
+        stats.prefix_lookup_tokens, unscored as u64,
+        "only the unscored runs looked: {stats:?}"
+    );
 }
 
 #[test]

@@ -105,17 +105,48 @@ fn echo_and_prompt_logprobs_show_the_prompt_as_transformers_scores_it() {
         .as_str()
         .is_some_and(|t| !t.starts_with("The quick")));
 
-    // A chat's are the response's, one per templated prompt token.
+    // Both asked: each shows its own number of alternatives.
+    let body = json!({"model": MODEL, "prompt": case["prompt"], "echo": true, "logprobs": 1,
+        "prompt_logprobs": 3, "max_tokens": 1});
+    let (status, r) = d.post("/v1/completions", &body);
+    assert_eq!(status, 200, "{r}");
+    let choice = &r["choices"][0];
+    for i in 1..rows.len() {
+        let echoed = choice["logprobs"]["top_logprobs"][i]
+            .as_object()
+            .unwrap()
+            .len();
+        assert!(
+            (1..=2).contains(&echoed),
+            "logprobs 1, and the token: {choice}"
+        );
+        let row = choice["prompt_logprobs"][i].as_object().unwrap().len();
+        assert!(
+            (3..=4).contains(&row),
+            "prompt_logprobs 3, and the token: {choice}"
+        );
+    }
+
+    // `max_tokens: 0` with echo: the prompt alone, scored.
+    let body = json!({"model": MODEL, "prompt": case["prompt"], "echo": true, "logprobs": 0,
+        "max_tokens": 0});
+    let (status, r) = d.post("/v1/completions", &body);
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["choices"][0]["text"], case["prompt"], "{r}");
+    let lp = &r["choices"][0]["logprobs"]["token_logprobs"];
+    assert_eq!(lp.as_array().unwrap().len(), rows.len(), "{r}");
+
+    // A chat's are the response's, one per templated prompt token, whatever `n`.
     let chat = json!({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
-        "prompt_logprobs": 0, "max_tokens": 1});
+        "prompt_logprobs": 0, "max_tokens": 1, "n": 2});
     let (status, r) = d.post("/v1/chat/completions", &chat);
     assert_eq!(status, 200, "{r}");
     let rows = r["prompt_logprobs"].as_array().unwrap();
-    assert_eq!(
-        rows.len() as u64,
-        r["usage"]["prompt_tokens"].as_u64().unwrap()
-    );
-    assert!(r["choices"][0].get("prompt_logprobs").is_none(), "{r}");
+    let prompt_tokens = r["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(rows.len() as u64, prompt_tokens);
+    for choice in r["choices"].as_array().unwrap() {
+        assert!(choice.get("prompt_logprobs").is_none(), "{r}");
+    }
     assert!(rows[1].as_object().unwrap().len() <= 2, "{}", rows[1]);
 
     // Echo alone, streamed: the prompt comes first.

@@ -131,7 +131,6 @@ pub fn qwen3_manifest(lib: &Path, tier: &str, model: &str) -> String {
     .replace("tier = \"low\"", &format!("tier = \"{tier}\""))
 }
 
-/// The lowercase hex SHA-256 of a file, by `sha256sum`.
 /// `read` that tries again when a signal interrupts it: a read with a timeout is not restarted
 /// after a handler runs (signal(7)), and this process has tokio's SIGCHLD handler, which any
 /// daemon the other tests stop sets off.
@@ -147,6 +146,7 @@ pub fn read_through_signals(
     }
 }
 
+/// The lowercase hex SHA-256 of a file, by `sha256sum`.
 pub fn sha256_of(path: &Path) -> String {
     let out = Command::new("sha256sum")
         .arg(path)

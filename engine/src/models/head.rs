@@ -3,6 +3,7 @@
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, Embedding, VarBuilder};
+use rayon::prelude::*;
 
 use crate::batch::{Batch, Output, Positions, SeqStep, Wanted};
 use crate::checkpoint::Checkpoint;
@@ -230,10 +231,10 @@ impl Head {
                     let rows = (first..first + next.len()).map(|r| r as u32).collect();
                     let [logits] = self.rows_logits(x, rows)?;
                     let logits = logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-                    let scored = logits
-                        .iter()
-                        .zip(next)
-                        .map(|(row, &t)| crate::scoring::score(row, t, ask.top));
+                    // Three passes over the vocabulary per row (sum, rank, best): in parallel.
+                    let scored: Vec<_> = (logits.par_iter().zip(next))
+                        .map(|(row, &t)| crate::scoring::score(row, t, ask.top))
+                        .collect();
                     let mut into = (ask.into.lock())
                         .map_err(|_| EngineError::Internal("prompt scores poisoned".into()))?;
                     into.extend(scored);

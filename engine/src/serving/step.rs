@@ -376,8 +376,11 @@ impl<M: CausalLm> Worker<M> {
             seq.registered = found.len();
             seq.blocks = found;
             if seq.cached_tokens.is_none() {
-                self.stats.prefix_lookup_tokens += seq.tokens.len() as u64;
-                self.stats.prefix_hit_tokens += seq.computed as u64;
+                // A prompt to score does not look in the cache: not a lookup that missed.
+                if !seq.scores.as_ref().is_some_and(PromptScores::incomplete) {
+                    self.stats.prefix_lookup_tokens += seq.tokens.len() as u64;
+                    self.stats.prefix_hit_tokens += seq.computed as u64;
+                }
                 seq.cached_tokens = Some(seq.computed);
             }
             let at = self.running.partition_point(|r| r.id < seq.id);

@@ -31,12 +31,28 @@ pub fn prompt_text(prompt: &Prompt, table: Option<&TokenTable>) -> String {
     }
 }
 
+/// Whether `outcome` scores every prompt token after the first, as asked: a plugin that
+/// answered otherwise would have a client read a partial sum as the prompt's likelihood.
+pub fn scores_complete(outcome: &InferOutcome) -> Result<(), String> {
+    let ids = outcome.prompt_token_ids.as_ref().map(Vec::len);
+    let scores = outcome.prompt_logprobs.as_ref().map(Vec::len);
+    match (ids, scores) {
+        (Some(ids), Some(scores)) if scores + 1 == ids => Ok(()),
+        (ids, scores) => Err(format!(
+            "the plugin answered {} prompt scores for {} prompt tokens (one score per token after the first was asked for)",
+            scores.map_or("no".into(), |n| n.to_string()),
+            ids.map_or("unsaid".into(), |n| n.to_string()),
+        )),
+    }
+}
+
 /// The prompt's tokens as legacy logprobs' frames: each with the text it releases (a character
 /// split across tokens comes whole with its last piece, as generated text does), its score and
-/// its alternatives; the first has none. `None` when the outcome carries no scores.
+/// its `top` best alternatives; the first has none. `None` when the outcome carries no scores.
 pub fn prompt_frames(
     outcome: &InferOutcome,
     table: Option<&TokenTable>,
+    top: usize,
 ) -> Option<Vec<TokenFrame>> {
     let ids = outcome.prompt_token_ids.as_ref()?;
     let scores = outcome.prompt_logprobs.as_ref()?;
@@ -51,7 +67,7 @@ pub fn prompt_frames(
             text,
             logprob: score.map(|s| s.logprob),
             top_logprobs: score.map_or_else(Vec::new, |s| {
-                (s.top.iter())
+                (s.top.iter().take(top))
                     .map(|&(id, lp)| (id, text_of(table, id), lp))
                     .collect()
             }),
@@ -73,9 +89,13 @@ fn released(held: &mut Vec<u8>, last: bool) -> String {
 }
 
 /// vLLM's `prompt_logprobs`: `null` for the first prompt token, then for each token an object
-/// keyed by token id holding the token itself and its best alternatives. `Null` when the
+/// keyed by token id holding the token itself and its `top` best alternatives. `Null` when the
 /// outcome carries no scores.
-pub fn vllm_prompt_logprobs(outcome: &InferOutcome, table: Option<&TokenTable>) -> Value {
+pub fn vllm_prompt_logprobs(
+    outcome: &InferOutcome,
+    table: Option<&TokenTable>,
+    top: usize,
+) -> Value {
     let Some(scores) = &outcome.prompt_logprobs else {
         return Value::Null;
     };
@@ -83,7 +103,7 @@ pub fn vllm_prompt_logprobs(outcome: &InferOutcome, table: Option<&TokenTable>) 
     let rows = scores.iter().map(|s: &PromptLogprob| {
         let mut row = Map::new();
         row.insert(s.token_id.to_string(), entry(s.token_id, s.logprob, s.rank));
-        for (i, &(id, lp)) in s.top.iter().enumerate() {
+        for (i, &(id, lp)) in s.top.iter().take(top).enumerate() {
             row.entry(id.to_string())
                 .or_insert_with(|| entry(id, lp, i as u32 + 1));
         }
@@ -124,7 +144,7 @@ mod tests {
     #[test]
     fn frames_release_whole_characters_and_the_first_token_has_no_score() {
         let table = table();
-        let frames = prompt_frames(&outcome(), Some(&table)).unwrap();
+        let frames = prompt_frames(&outcome(), Some(&table), 2).unwrap();
         let texts: Vec<&str> = frames.iter().map(|f| f.text.as_str()).collect();
         assert_eq!(texts, ["a", "", "é", " b"]);
         let logprobs: Vec<Option<f32>> = frames.iter().map(|f| f.logprob).collect();
@@ -135,13 +155,26 @@ mod tests {
             prompt_logprobs: None,
             ..outcome()
         };
-        assert!(prompt_frames(&unscored, Some(&table)).is_none());
+        assert!(prompt_frames(&unscored, Some(&table), 2).is_none());
+        assert!(scores_complete(&unscored).is_err());
+        assert!(scores_complete(&outcome()).is_ok());
+        let mut short = outcome();
+        short.prompt_logprobs.as_mut().unwrap().pop();
+        assert!(scores_complete(&short)
+            .unwrap_err()
+            .contains("2 prompt scores for 4"));
+        let fewer = prompt_frames(&outcome(), Some(&table), 1).unwrap();
+        assert_eq!(
+            fewer[1].top_logprobs.len(),
+            1,
+            "each answer shows its own number"
+        );
     }
 
     #[test]
     fn vllm_rows_hold_the_token_and_its_alternatives_by_id() {
         let table = table();
-        let v = vllm_prompt_logprobs(&outcome(), Some(&table));
+        let v = vllm_prompt_logprobs(&outcome(), Some(&table), 2);
         assert_eq!(v[0], Value::Null, "the first token has no score");
         assert_eq!(v.as_array().unwrap().len(), 4);
         assert_eq!(
@@ -154,8 +187,10 @@ mod tests {
         assert_eq!(v[2].as_object().unwrap().len(), 2);
         assert_eq!(v[2]["2"]["rank"], 1);
         assert_eq!(
-            vllm_prompt_logprobs(&InferOutcome::default(), None),
+            vllm_prompt_logprobs(&InferOutcome::default(), None, 2),
             Value::Null
         );
+        let none = vllm_prompt_logprobs(&outcome(), Some(&table), 0);
+        assert_eq!(none[1].as_object().unwrap().len(), 1, "the token alone");
     }
 }

@@ -263,7 +263,11 @@ async fn collect(
 /// prompt shown as it asks (an echoed prompt of token ids read from the table).
 pub(super) fn reply_of(parsed: &Parsed, parsing: &Parsing) -> Reply {
     let table = parsing.tokens.as_deref();
-    let prompt = super::echo::prompt_text(&parsed.request.prompt, table);
+    let prompt = if parsed.shown.echo {
+        super::echo::prompt_text(&parsed.request.prompt, table)
+    } else {
+        String::new()
+    };
     Reply::new(&parsed.model, parsed.endpoint, parsed.logprobs)
         .with_tokens(parsing.tokens.clone())
         .with_prompt(parsed.shown, &prompt)
@@ -289,6 +293,12 @@ async fn collect_choice(
             }
             Event::Done(outcome) => {
                 timing.ended(&counted(outcome.usage, index));
+                if parsed.request.prompt_logprobs.is_some() {
+                    super::echo::scores_complete(&outcome).map_err(|why| {
+                        ApiError::internal(format!("model `{}`: {why}", parsed.model))
+                    })?;
+                }
+                parsed.shown_tokens(&mut tokens);
                 let text: String = tokens.iter().map(|t| t.text.as_str()).collect();
                 let (reasoning, extracted) = parsing.split(text, offered(parsed));
                 let choice = reply.choice(

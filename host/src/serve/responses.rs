@@ -195,10 +195,12 @@ impl Reply {
     /// them until here).
     pub fn whole(&self, mut choices: Vec<Value>, usage: Usage) -> Value {
         let prompt = match self.endpoint {
-            Endpoint::Chat => choices
-                .iter_mut()
-                .filter_map(|c| c.as_object_mut()?.remove("prompt_logprobs"))
-                .next(),
+            Endpoint::Chat => {
+                let each: Vec<Value> = (choices.iter_mut())
+                    .filter_map(|c| c.as_object_mut()?.remove("prompt_logprobs"))
+                    .collect();
+                each.into_iter().next()
+            }
             Endpoint::Completions => None,
         };
         let mut body = self.envelope(false, Value::Array(choices));
@@ -221,9 +223,9 @@ impl Reply {
     ) -> Value {
         let index = self.index;
         let table = self.tokens.clone();
-        let echoed = (self.echo.is_some() && self.logprobs == LogprobsFormat::Legacy)
-            .then(|| super::echo::prompt_frames(outcome, table.as_deref()))
-            .flatten();
+        let echoed = (self.shown.echo_top)
+            .filter(|_| self.echo.is_some() && self.logprobs == LogprobsFormat::Legacy)
+            .and_then(|k| super::echo::prompt_frames(outcome, table.as_deref(), k as usize));
         let logprobs = match echoed {
             Some(mut frames) => {
                 frames.extend_from_slice(tokens);
@@ -233,9 +235,9 @@ impl Reply {
         };
         let reason = finish(outcome.finish_reason, !calls.is_empty());
         let mut choice = self.choice_body(index, logprobs, reason, reasoning, content, calls);
-        if self.shown.logprobs {
+        if let Some(k) = self.shown.logprobs {
             choice["prompt_logprobs"] =
-                super::echo::vllm_prompt_logprobs(outcome, table.as_deref());
+                super::echo::vllm_prompt_logprobs(outcome, table.as_deref(), k as usize);
         }
         choice
     }

@@ -132,6 +132,9 @@ impl<'a> Chunks<'a> {
 
     /// The chunk for token `t`, if it shows anything (text, reasoning, or logprobs asked for).
     fn token(&mut self, t: TokenFrame) -> Option<Value> {
+        if self.parsed.shown.echo_only {
+            return None;
+        }
         let t = &self.parsing.shown(t);
         let (thought, said) = match self.splitter.as_mut() {
             Some(s) => s.push(&t.text),

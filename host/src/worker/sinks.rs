@@ -1,26 +1,58 @@
 //! Where a worker's plugin reports to: the socket's write half, shared by every thread, and the
 //! per-request token sink that honours the host's cancel and its flow-control window.
 
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use pio_plugin_api::{Flow, GeneratedToken, ProgressSink, RStr, TokenSink};
 
-use crate::protocol::{write_frame, FromWorker, TokenFrame};
+use crate::fault::Fault;
+use crate::protocol::{encode, FrameError, FromWorker, TokenFrame, WireError, MAX_FRAME};
 
 /// The socket's write half, shared by every thread that reports.
 #[derive(Clone)]
 pub(super) struct Outbox(pub(super) Arc<Mutex<UnixStream>>);
 
 impl Outbox {
-    /// Sends one frame; false when the host is gone.
+    /// Sends one frame; false when the host is gone. A request's frame that cannot be sent (an
+    /// answer over the frame limit: a long prompt's scores, say) fails the request instead, so
+    /// that its client is told rather than left waiting for its deadline.
     pub(super) fn send(&self, message: &FromWorker) -> bool {
+        let frame = match encode(message) {
+            Ok(frame) => frame,
+            Err(e) => match unsendable(message, &e).map(|failed| encode(&failed)) {
+                Some(Ok(frame)) => frame,
+                _ => return false,
+            },
+        };
         match self.0.lock() {
-            Ok(mut stream) => write_frame(&mut *stream, message).is_ok(),
+            Ok(mut stream) => stream
+                .write_all(&frame)
+                .and_then(|()| stream.flush())
+                .is_ok(),
             Err(_) => false,
         }
     }
+}
+
+/// The failure that replaces request `message`'s frame, which `e` kept from being sent.
+fn unsendable(message: &FromWorker, e: &FrameError) -> Option<FromWorker> {
+    let id = match message {
+        FromWorker::Done { id, .. } | FromWorker::Token { id, .. } => *id,
+        _ => return None,
+    };
+    let why = match e {
+        FrameError::TooLarge(bytes) => format!(
+            "the answer takes {bytes} bytes, more than the {MAX_FRAME} a worker's frame may carry: ask for fewer logprobs alternatives or score a shorter prompt"
+        ),
+        other => format!("the answer could not be sent: {other}"),
+    };
+    Some(FromWorker::Failed {
+        id,
+        error: WireError::new(Fault::InvalidInput, why),
+    })
 }
 
 /// The host's say over one running request: whether it is cancelled, and how many more tokens
@@ -174,6 +206,35 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         control.cancel();
         assert!(!waiter.join().unwrap());
+    }
+
+    #[test]
+    fn an_answer_over_the_frame_limit_fails_its_request_instead() {
+        let (host, worker) = UnixStream::pair().unwrap();
+        let outbox = Outbox(Arc::new(Mutex::new(worker)));
+        let mut outcome = pio_plugin_api::wire::InferOutcome::default();
+        let score = pio_plugin_api::wire::PromptLogprob {
+            top: vec![(1, -1.5); 20],
+            ..Default::default()
+        };
+        outcome.prompt_logprobs = Some(vec![score; 100_000]);
+        // Read beside the send: a frame sent whole would otherwise fill the socket and block.
+        let reader = std::thread::spawn(move || {
+            let mut host = host;
+            crate::protocol::read_frame::<FromWorker>(&mut host)
+        });
+        assert!(outbox.send(&FromWorker::Done { id: 7, outcome }));
+        match reader.join().unwrap().unwrap().unwrap() {
+            FromWorker::Failed { id, error } => {
+                assert_eq!((id, error.kind), (7, Fault::InvalidInput));
+                assert!(
+                    error.message.contains("fewer logprobs"),
+                    "{}",
+                    error.message
+                );
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -13,12 +13,15 @@ use super::structure::{self, Structure};
 mod endpoints;
 mod limits;
 mod sampling;
+mod shown;
 
 use endpoints::{chat, completion, ChatFields};
 pub use limits::{default_limit, Limits, COMPLETIONS_MAX_TOKENS};
 use limits::{min_within_max, token_limit};
 use sampling::sampling;
 pub use sampling::MAX_N;
+use shown::shown;
+pub use shown::PromptShown;
 
 /// Which endpoint a request came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,65 +165,15 @@ pub struct Parsed {
     pub shown: PromptShown,
 }
 
-/// What of the prompt an answer shows.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PromptShown {
-    /// Completions' `echo`: the prompt's text before the output's (and, with `logprobs`, its
-    /// tokens first in the logprobs).
-    pub echo: bool,
-    /// vLLM's `prompt_logprobs` field was asked for.
-    pub logprobs: bool,
-}
-
-/// The most alternatives `prompt_logprobs` takes (vLLM's default `max_logprobs`).
-const MAX_PROMPT_LOGPROBS: i64 = 20;
-
-/// vLLM's `prompt_logprobs`: `None` when absent or null, else the alternatives per token.
-fn prompt_logprobs(c: &Common) -> Result<Option<u32>, ApiError> {
-    let field = "prompt_logprobs";
-    match c.prompt_logprobs.as_ref() {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => match v.as_i64() {
-            Some(k @ 0..=MAX_PROMPT_LOGPROBS) => Ok(Some(k as u32)),
-            Some(-1) => Err(unsupported(
-                field,
-                &format!("-1 (the whole vocabulary) is not supported; ask for at most {MAX_PROMPT_LOGPROBS}"),
-            )),
-            _ => Err(ApiError::bad_field(
-                field,
-                format!("`{field}` must be a whole number from 0 to {MAX_PROMPT_LOGPROBS}, found {v}"),
-            )),
-        },
-    }
-}
-
-/// What of the prompt the request asks to see, into `request.prompt_logprobs` (the most
-/// alternatives either asks for); a stream cannot carry scores, which come at the end.
-fn shown(c: &Common, echo: bool, request: &mut InferRequest) -> Result<PromptShown, ApiError> {
-    let field = prompt_logprobs(c)?;
-    let stream = c.stream == Some(true);
-    if stream && field.is_some() {
-        return Err(unsupported(
-            "prompt_logprobs",
-            "is not available with `stream: true` (as in vLLM); ask without streaming",
-        ));
-    }
-    // Completions' `echo` with `logprobs` shows the prompt's tokens with as many alternatives.
-    let echoed_scores = request.logprobs.filter(|_| echo);
-    if stream && echoed_scores.is_some() {
-        return Err(unsupported(
-            "echo",
-            "with `logprobs` is not available with `stream: true`: the prompt's scores come with the end of its run; ask without streaming",
-        ));
-    }
-    request.prompt_logprobs = field.max(echoed_scores);
-    Ok(PromptShown {
-        echo,
-        logprobs: field.is_some(),
-    })
-}
-
 impl Parsed {
+    /// What a choice's answer shows of `tokens`, the tokens it generated: none where only the
+    /// prompt is echoed (`echo` with `max_tokens: 0`).
+    pub fn shown_tokens<T>(&self, tokens: &mut Vec<T>) {
+        if self.shown.echo_only {
+            tokens.clear();
+        }
+    }
+
     /// The plugin request of choice `index`: a seeded request's choices take successive seeds,
     /// so they differ as vLLM's do and each is reproducible.
     pub fn choice(&self, index: usize) -> InferRequest {
@@ -376,7 +329,11 @@ pub fn parse(
             logprobs
         }
     };
-    let shown = shown(&c, echo, &mut request)?;
+    let mut shown = shown(&c, echo, &mut request)?;
+    if shown.echo && max_tokens == Some(0) {
+        shown.echo_only = true;
+        max_tokens = Some(1);
+    }
     capable(
         &c.model,
         capabilities,
@@ -437,7 +394,7 @@ fn capable(
             ));
         }
     }
-    let scores_field = if shown.logprobs {
+    let scores_field = if shown.logprobs.is_some() {
         "prompt_logprobs"
     } else {
         "echo"

@@ -625,19 +625,28 @@ fn token_prompts_echo_and_prompt_logprobs() {
         Some(2),
         "echo scores with logprobs' k"
     );
-    assert!(p.shown.echo && !p.shown.logprobs);
+    assert!(p.shown.echo && p.shown.logprobs.is_none());
+    assert_eq!(p.shown.echo_top, Some(2));
+    let p = completion(json!({"echo": true, "max_tokens": 0})).unwrap();
+    assert!(
+        p.shown.echo_only,
+        "echo alone, as OpenAI's old scoring asks"
+    );
+    assert_eq!(p.request.max_tokens, Some(1), "one token run and left out");
+    let e = completion(json!({"max_tokens": 0})).unwrap_err();
+    assert_eq!(e.param.as_deref(), Some("max_tokens"), "{}", e.message);
     let p = completion(json!({"echo": true, "stream": true})).unwrap();
     assert_eq!(p.request.prompt_logprobs, None, "echo alone scores nothing");
     assert!(p.shown.echo);
     let both = json!({"echo": true, "logprobs": 1, "prompt_logprobs": 3});
     let p = completion(both).unwrap();
     assert_eq!(p.request.prompt_logprobs, Some(3), "the most either asks");
-    assert!(p.shown.echo && p.shown.logprobs);
+    assert_eq!((p.shown.echo_top, p.shown.logprobs), (Some(1), Some(3)));
     let chat =
         json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "prompt_logprobs": 0});
     let p = parse(&chat, Endpoint::Chat, all, &Limits::default()).unwrap();
     assert_eq!(p.request.prompt_logprobs, Some(0));
-    assert!(p.shown.logprobs && !p.shown.echo);
+    assert!(p.shown.logprobs == Some(0) && !p.shown.echo);
     for (extra, param, words) in [
         (json!({"prompt": [1, -2]}), "prompt[1]", "token id"),
         (json!({"prompt": []}), "prompt", "must not be empty"),
