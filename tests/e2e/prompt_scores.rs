@@ -175,3 +175,79 @@ fn echo_and_prompt_logprobs_show_the_prompt_as_transformers_scores_it() {
         "{e}"
     );
 }
+
+/// Several prompts in one request (lm-eval's batches): `n` choices each, numbered prompt by
+/// prompt, each echoing and scoring its own prompt; the usage counts each prompt once; streamed,
+/// every choice's chunks name it; and all the choices together take places of the queue.
+#[test]
+fn several_prompts_in_one_request_each_get_their_choices() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(qwen_dir(""), "");
+    d.wait_ready();
+    let cases = goldens();
+    let (a, b) = (&cases[0], &cases[2]);
+    let body = json!({"model": MODEL, "prompt": [a["input_ids"], b["prompt"]], "n": 2,
+        "echo": true, "logprobs": 1, "max_tokens": 3, "ignore_eos": true, "temperature": 0});
+    let (status, r) = d.post("/v1/completions", &body);
+    assert_eq!(status, 200, "{r}");
+    let choices = r["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 4, "{r}");
+    for (i, choice) in choices.iter().enumerate() {
+        assert_eq!(choice["index"], i, "{r}");
+        let case = if i < 2 { a } else { b };
+        let text = choice["text"].as_str().unwrap();
+        assert!(
+            text.starts_with(case["prompt"].as_str().unwrap()),
+            "{i}: {text}"
+        );
+        let lp = choice["logprobs"]["token_logprobs"].as_array().unwrap();
+        let scores = case["scores"].as_array().unwrap();
+        assert_eq!(
+            lp.len(),
+            scores.len() + 1 + 3,
+            "{i}: the prompt's and 3 more"
+        );
+        assert!(close(&lp[1], &scores[0]["logprob"]), "{i}: {}", lp[1]);
+    }
+    assert_eq!(choices[0]["text"], choices[1]["text"], "greedy: the same");
+    let prompt_tokens = cases[0]["input_ids"].as_array().unwrap().len()
+        + cases[2]["input_ids"].as_array().unwrap().len();
+    assert_eq!(r["usage"]["prompt_tokens"], prompt_tokens, "{r}");
+    assert_eq!(r["usage"]["completion_tokens"], 12, "{r}");
+
+    let body = json!({"model": MODEL, "prompt": ["Hello", "world"], "max_tokens": 2,
+        "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true}});
+    let mut seen = std::collections::BTreeSet::new();
+    let mut usage = Value::Null;
+    for event in d.stream("/v1/completions", &body) {
+        if event == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(&event).unwrap();
+        if let Some(choice) = v["choices"].get(0) {
+            seen.insert(choice["index"].as_u64().unwrap());
+        }
+        if !v["usage"].is_null() {
+            usage = v["usage"].clone();
+        }
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), [0, 1]);
+    assert_eq!(usage["completion_tokens"], 4, "{usage}");
+
+    let many = json!({"model": MODEL, "prompt": ["a", "b"], "n": 40, "max_tokens": 1});
+    let (status, e) = d.post("/v1/completions", &many);
+    assert_eq!(
+        (status, &e["error"]["param"]),
+        (400, &json!("prompt")),
+        "{e}"
+    );
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("queue_depth"),
+        "{e}"
+    );
+}

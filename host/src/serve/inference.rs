@@ -120,15 +120,24 @@ async fn start(
     let limits = openai::Limits::of(&app.models.config().server);
     let mut parsed = openai::parse(&value, endpoint, capabilities, &limits)?;
     parsed.request.request_id = Some(id.0);
-    // Each choice takes a place of the queue: a request's `n` cannot be a way past it.
+    // Each choice takes a place of the queue: a request's `n` (or its prompts) cannot be a way
+    // past it.
     let depth = app.models.config().server.queue_depth;
-    if parsed.n > depth {
+    let choices = parsed.choices();
+    if choices > depth {
+        let (field, what) = match parsed.other_prompts.len() {
+            0 => ("n", format!("`n` ({choices})")),
+            more => (
+                "prompt",
+                format!("{} prompts times `n` ({})", more + 1, parsed.n),
+            ),
+        };
         return Err(ApiError::bad_field(
-            "n",
-            format!("`n` ({}) is more than this server's server.queue_depth ({depth}): each choice takes a place of the model's queue", parsed.n),
+            field,
+            format!("{what} is more than this server's server.queue_depth ({depth}): each choice takes a place of the model's queue"),
         ));
     }
-    let lease = app.models.acquire_places(&model, parsed.n).await?;
+    let lease = app.models.acquire_places(&model, choices).await?;
     openai::default_limit(&mut parsed, lease.deployment().default_max_tokens, &limits)?;
     if let Some(s) = &parsed.structure {
         let info = &lease.deployment().info;
@@ -144,7 +153,7 @@ async fn start(
     // Each choice is a sequence of its own in the batch (admitted together, each computes the
     // prompt: the prefix cache holds a block only once it is computed).
     let supervised = &lease.deployment().supervised;
-    let choices = (0..parsed.n)
+    let choices = (0..choices)
         .map(|i| supervised.infer(parsed.choice(i)))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| ApiError::of_request(e.0, &parsed))?;
@@ -253,6 +262,8 @@ async fn collect(
     match futures_util::future::try_join_all(each).await {
         Ok(done) => {
             let (choices, usages): (Vec<Value>, Vec<_>) = done.into_iter().unzip();
+            let usages =
+                (usages.into_iter().enumerate()).map(|(i, u)| (parsed.counts_prompt(i), u));
             Json(reply.whole(choices, merged_usage(usages))).into_response()
         }
         Err(e) => e.into_response(),
@@ -263,14 +274,15 @@ async fn collect(
 /// prompt shown as it asks (an echoed prompt of token ids read from the table).
 pub(super) fn reply_of(parsed: &Parsed, parsing: &Parsing) -> Reply {
     let table = parsing.tokens.as_deref();
-    let prompt = if parsed.shown.echo {
-        super::echo::prompt_text(&parsed.request.prompt, table)
-    } else {
-        String::new()
+    let texts = match parsed.shown.echo {
+        true => (parsed.prompts())
+            .map(|p| super::echo::prompt_text(p, table))
+            .collect(),
+        false => Vec::new(),
     };
     Reply::new(&parsed.model, parsed.endpoint, parsed.logprobs)
         .with_tokens(parsing.tokens.clone())
-        .with_prompt(parsed.shown, &prompt)
+        .with_prompts(parsed.shown, texts, parsed.n)
 }
 
 /// Choice `index` of a whole answer, and its usage.
@@ -292,7 +304,7 @@ async fn collect_choice(
                 tokens.push(parsing.shown(t));
             }
             Event::Done(outcome) => {
-                timing.ended(&counted(outcome.usage, index));
+                timing.ended(&counted(outcome.usage, parsed.counts_prompt(index)));
                 if parsed.request.prompt_logprobs.is_some() {
                     super::echo::scores_complete(&outcome).map_err(|why| {
                         ApiError::internal(format!("model `{}`: {why}", parsed.model))
@@ -318,11 +330,15 @@ async fn collect_choice(
     ))
 }
 
-/// `usage` as the metrics count it for choice `index` of a request: the prompt once, with the
-/// first (the others ran the same prompt).
-pub(super) fn counted(usage: Usage, index: usize) -> Usage {
+/// `usage` as the metrics count it for a choice: each prompt once, with the first of its
+/// choices (`counts_prompt`; the others ran the same prompt).
+pub(super) fn counted(usage: Usage, counts_prompt: bool) -> Usage {
     Usage {
-        prompt_tokens: if index == 0 { usage.prompt_tokens } else { 0 },
+        prompt_tokens: if counts_prompt {
+            usage.prompt_tokens
+        } else {
+            0
+        },
         ..usage
     }
 }

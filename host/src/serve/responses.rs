@@ -31,6 +31,9 @@ pub struct Reply {
     /// What of the prompt it shows, and the prompt's text when echoed.
     shown: PromptShown,
     echo: Option<String>,
+    /// Each prompt's text, when echoed, and the choices each prompt has (`n`).
+    echoes: Arc<Vec<String>>,
+    per_prompt: usize,
 }
 
 /// The API's finish reason: `tool_calls` when calls were taken out, unless the output was cut
@@ -47,12 +50,16 @@ fn finish(reason: FinishReason, called: bool) -> &'static str {
     }
 }
 
-/// The usage of a request's choices together: the prompt counted once, as OpenAI and vLLM do,
-/// and every choice's completion.
-pub fn merged_usage(each: impl IntoIterator<Item = Usage>) -> Usage {
-    let mut each = each.into_iter();
-    let mut total = each.next().unwrap_or_default();
-    for u in each {
+/// The usage of a request's choices together, each given with whether it counts its prompt:
+/// each prompt once (with the first of its choices), as OpenAI and vLLM do, and every choice's
+/// completion.
+pub fn merged_usage(each: impl IntoIterator<Item = (bool, Usage)>) -> Usage {
+    let mut total = Usage::default();
+    for (counts_prompt, u) in each {
+        if counts_prompt {
+            total.prompt_tokens += u.prompt_tokens;
+            total.cached_tokens += u.cached_tokens;
+        }
         total.completion_tokens += u.completion_tokens;
     }
     total
@@ -97,21 +104,29 @@ impl Reply {
             index: 0,
             shown: PromptShown::default(),
             echo: None,
+            echoes: Arc::default(),
+            per_prompt: 1,
         }
     }
 
-    /// Shows what `shown` asks of the prompt, whose text is `text` (completions' `echo`).
-    pub fn with_prompt(mut self, shown: PromptShown, text: &str) -> Self {
+    /// Shows what `shown` asks of the prompts, whose texts are `texts` (completions' `echo`),
+    /// each run as `n` choices.
+    pub fn with_prompts(mut self, shown: PromptShown, texts: Vec<String>, n: usize) -> Self {
         self.shown = shown;
-        self.echo = (shown.echo && self.endpoint == Endpoint::Completions).then(|| text.into());
-        self
+        self.echoes = Arc::new(texts);
+        self.per_prompt = n.max(1);
+        self.for_choice(self.index)
     }
 
     /// The same response's choice `index` (one `id` for all of a request's choices).
     pub fn for_choice(&self, index: usize) -> Self {
+        let echoed = self.shown.echo && self.endpoint == Endpoint::Completions;
         Self {
             index,
             offset: 0,
+            echo: (self.echoes.get(index / self.per_prompt))
+                .filter(|_| echoed)
+                .cloned(),
             ..self.clone()
         }
     }

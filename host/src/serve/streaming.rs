@@ -197,13 +197,14 @@ async fn pump(
     parsing: Parsing,
 ) -> Ended {
     let reply = super::inference::reply_of(parsed, &parsing);
-    let mut chunks: Vec<Chunks> = (0..parsed.n)
+    let choices = parsed.choices();
+    let mut chunks: Vec<Chunks> = (0..choices)
         .map(|i| Chunks::new(parsed, parsing.clone(), reply.for_choice(i)))
         .collect();
-    let mut timings: Vec<Timing> = (0..parsed.n)
+    let mut timings: Vec<Timing> = (0..choices)
         .map(|i| Timing::new(app, &parsed.model, started).of_choice(i))
         .collect();
-    let mut usages: Vec<Option<Usage>> = vec![None; parsed.n];
+    let mut usages: Vec<Option<Usage>> = vec![None; choices];
     let mut out: Vec<Value> = chunks.iter_mut().flat_map(Chunks::opening).collect();
     loop {
         for v in out.drain(..) {
@@ -213,7 +214,9 @@ async fn pump(
         }
         if usages.iter().all(Option::is_some) {
             if parsed.include_usage {
-                let usage = merged_usage(usages.iter().flatten().copied());
+                let each = (usages.iter().enumerate())
+                    .filter_map(|(i, u)| Some((parsed.counts_prompt(i), (*u)?)));
+                let usage = merged_usage(each);
                 if let Err(ended) = outlet.send(&reply.usage_chunk(usage)).await {
                     return ended;
                 }
@@ -235,7 +238,7 @@ async fn pump(
                 continue;
             }
             Some((i, Some(Event::Done(outcome)))) => {
-                timings[i].ended(&counted(outcome.usage, i));
+                timings[i].ended(&counted(outcome.usage, parsed.counts_prompt(i)));
                 out.extend(chunks[i].finish(&outcome));
                 usages[i] = Some(outcome.usage);
                 continue;

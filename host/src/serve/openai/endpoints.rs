@@ -136,13 +136,16 @@ fn check_tools(tools: &[Value]) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// The completions endpoint's own fields into `request`; returns how logprobs are reported
-/// and whether the prompt is echoed.
+/// The completions endpoint's own fields into `request` (its first prompt; the others into
+/// `others`); returns how logprobs are reported and whether the prompt is echoed.
 pub(super) fn completion(
     f: CompletionFields,
     request: &mut InferRequest,
+    others: &mut Vec<Prompt>,
 ) -> Result<(LogprobsFormat, bool), ApiError> {
-    request.prompt = completion_prompt(&f.prompt)?;
+    let mut prompts = completion_prompts(&f.prompt)?.into_iter();
+    request.prompt = prompts.next().unwrap_or_default();
+    others.extend(prompts);
     if f.suffix.is_some_and(|s| !s.is_empty()) {
         return Err(unsupported("suffix", "is not supported"));
     }
@@ -166,47 +169,49 @@ fn check_top(name: &str, k: u32, max: u32) -> Result<u32, ApiError> {
     Ok(k)
 }
 
-/// The prompt: a string, or token ids (`[1, 2]`), or a list of one of either.
-fn completion_prompt(prompt: &Value) -> Result<Prompt, ApiError> {
-    let several = || {
-        unsupported(
-            "prompt",
-            "must be one prompt: several prompts per request are not supported; send one request each",
-        )
-    };
+/// The prompts: a string, token ids (`[1, 2]`), or a list of strings or of token-id lists
+/// (several prompts, each run as its own choices).
+fn completion_prompts(prompt: &Value) -> Result<Vec<Prompt>, ApiError> {
     match prompt {
-        Value::String(s) => Ok(Prompt::Text(s.clone())),
-        Value::Array(items) if items.len() == 1 && !items[0].is_number() => {
-            completion_prompt(&items[0]).map_err(|e| match e.param.as_deref() {
-                Some("prompt") => e.for_field("prompt[0]"),
-                _ => e,
-            })
-        }
-        Value::Array(items) if items.iter().any(|i| i.is_string() || i.is_array()) => {
-            Err(several())
-        }
-        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_number) => items
+        Value::Array(items) if !items.is_empty() && items.iter().all(|i| !i.is_number()) => items
             .iter()
             .enumerate()
-            .map(|(i, v)| {
-                (v.as_u64().and_then(|t| u32::try_from(t).ok())).ok_or_else(|| {
-                    ApiError::bad_field(
-                        format!("prompt[{i}]"),
-                        format!(
-                            "`prompt[{i}]` must be a token id (a whole number from 0), found {v}"
-                        ),
-                    )
-                })
+            .map(|(i, item)| match item {
+                Value::String(s) => Ok(Prompt::Text(s.clone())),
+                Value::Array(ids) => token_ids(ids, &format!("prompt[{i}]")),
+                _ => Err(ApiError::bad_field(
+                    format!("prompt[{i}]"),
+                    format!("`prompt[{i}]` must be a string or a list of token ids"),
+                )),
             })
-            .collect::<Result<Vec<u32>, _>>()
-            .map(Prompt::Tokens),
-        Value::Array(items) if items.is_empty() => Err(ApiError::bad_field(
-            "prompt",
-            "`prompt` must not be empty: give a string or token ids",
-        )),
+            .collect(),
+        Value::String(s) => Ok(vec![Prompt::Text(s.clone())]),
+        Value::Array(ids) => Ok(vec![token_ids(ids, "prompt")?]),
         _ => Err(ApiError::bad_field(
             "prompt",
-            "`prompt` must be a string or a list of token ids",
+            "`prompt` must be a string, a list of token ids, or a list of either (several prompts)",
         )),
     }
+}
+
+/// One prompt of token ids, `at` naming it in errors.
+fn token_ids(ids: &[Value], at: &str) -> Result<Prompt, ApiError> {
+    if ids.is_empty() {
+        return Err(ApiError::bad_field(
+            at,
+            format!("`{at}` must not be empty: give a string or token ids"),
+        ));
+    }
+    ids.iter()
+        .enumerate()
+        .map(|(i, v)| {
+            (v.as_u64().and_then(|t| u32::try_from(t).ok())).ok_or_else(|| {
+                ApiError::bad_field(
+                    format!("{at}[{i}]"),
+                    format!("`{at}[{i}]` must be a token id (a whole number from 0), found {v}"),
+                )
+            })
+        })
+        .collect::<Result<Vec<u32>, _>>()
+        .map(Prompt::Tokens)
 }

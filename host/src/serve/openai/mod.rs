@@ -163,6 +163,9 @@ pub struct Parsed {
     pub n: usize,
     /// What of the prompt the answer shows.
     pub shown: PromptShown,
+    /// A completion's prompts after the first (`request.prompt`), each run as `n` choices of its
+    /// own, numbered after the previous prompt's (vLLM's and OpenAI's order).
+    pub other_prompts: Vec<Prompt>,
 }
 
 impl Parsed {
@@ -178,8 +181,26 @@ impl Parsed {
     /// so they differ as vLLM's do and each is reproducible.
     pub fn choice(&self, index: usize) -> InferRequest {
         let mut request = self.request.clone();
-        request.seed = (request.seed).map(|s| s.wrapping_add(index as u64));
+        if let Some(other) = (index / self.n).checked_sub(1) {
+            request.prompt = self.other_prompts[other].clone();
+        }
+        request.seed = (request.seed).map(|s| s.wrapping_add((index % self.n) as u64));
         request
+    }
+
+    /// The prompts (a completion may send several).
+    pub fn prompts(&self) -> impl Iterator<Item = &Prompt> {
+        std::iter::once(&self.request.prompt).chain(&self.other_prompts)
+    }
+
+    /// The choices to run: `n` for each prompt.
+    pub fn choices(&self) -> usize {
+        self.n * (1 + self.other_prompts.len())
+    }
+
+    /// Whether choice `index` is the first of its prompt (whose usage counts the prompt).
+    pub fn counts_prompt(&self, index: usize) -> bool {
+        index.is_multiple_of(self.n)
     }
 }
 
@@ -303,6 +324,7 @@ pub fn parse(
     let mut structure = structure::requested(body)?;
     let mut calls_parsed = false;
     let mut echo = false;
+    let mut other_prompts = Vec::new();
     let logprobs = match endpoint {
         Endpoint::Chat => {
             let f: ChatFields = field(body)?;
@@ -324,7 +346,7 @@ pub fn parse(
             logprobs
         }
         Endpoint::Completions => {
-            let (logprobs, asked) = completion(field(body)?, &mut request)?;
+            let (logprobs, asked) = completion(field(body)?, &mut request, &mut other_prompts)?;
             echo = asked;
             logprobs
         }
@@ -341,6 +363,7 @@ pub fn parse(
         structure.as_ref(),
         logprobs,
         shown,
+        &other_prompts,
     )?;
     let default = (endpoint == Endpoint::Completions).then_some(COMPLETIONS_MAX_TOKENS);
     request.max_tokens =
@@ -366,6 +389,7 @@ pub fn parse(
         max_tokens_asked: max_tokens.is_some(),
         n: c.n.map_or(1, |n| usize::try_from(n).unwrap_or(1)),
         shown,
+        other_prompts,
     })
 }
 
@@ -378,6 +402,7 @@ fn capable(
     structure: Option<&Structure>,
     logprobs: LogprobsFormat,
     shown: PromptShown,
+    other_prompts: &[Prompt],
 ) -> Result<(), ApiError> {
     if let Some(s) = structure {
         if !capabilities.contains(Capabilities::STRUCTURED_OUTPUT) {
@@ -424,7 +449,8 @@ fn capable(
         ),
         (
             "prompt",
-            matches!(request.prompt, Prompt::Tokens(_)),
+            (std::iter::once(&request.prompt).chain(other_prompts))
+                .any(|p| matches!(p, Prompt::Tokens(_))),
             Capabilities::TOKEN_PROMPTS,
             "token_prompts",
             "1.10",

@@ -161,7 +161,7 @@ fn completion_prompts_and_limits() {
     default_limit(&mut p, Some(40), &limits).expect("the operator's 40 leaves room for 20");
     for (body, param) in [
         (json!({"model": "m", "prompt": [1, 2, 3]}), "prompt"),
-        (json!({"model": "m", "prompt": ["a", "b"]}), "prompt"),
+        (json!({"model": "m", "prompt": ["a", 7]}), "prompt[0]"),
         (
             json!({"model": "m", "prompt": "x", "max_tokens": 51}),
             "max_tokens",
@@ -526,7 +526,7 @@ fn errors_name_the_field_the_client_wrote_in_its_words() {
     };
     assert!(prompt(Value::Null)
         .message
-        .contains("a string or a list of token ids"));
+        .contains("a string, a list of token ids, or a list of either"));
     assert!(prompt(json!([1, 2])).message.contains("`token_prompts`"));
 }
 
@@ -619,6 +619,22 @@ fn token_prompts_echo_and_prompt_logprobs() {
     }
     let p = completion(json!({"prompt": ["hi"]})).unwrap();
     assert_eq!(p.request.prompt, Prompt::Text("hi".into()));
+    // Several prompts: `n` choices each, numbered prompt by prompt; the seeds start again.
+    let p = completion(json!({"prompt": ["a", [7, 8], "c"], "n": 2, "seed": 5})).unwrap();
+    assert_eq!(p.choices(), 6);
+    let prompts: Vec<Prompt> = (0..6).map(|i| p.choice(i).prompt).collect();
+    let (a, ids, c) = (
+        Prompt::Text("a".into()),
+        Prompt::Tokens(vec![7, 8]),
+        Prompt::Text("c".into()),
+    );
+    assert_eq!(prompts, [a.clone(), a, ids.clone(), ids, c.clone(), c]);
+    let seeds: Vec<Option<u64>> = (0..6).map(|i| p.choice(i).seed).collect();
+    assert_eq!(
+        seeds,
+        [Some(5), Some(6), Some(5), Some(6), Some(5), Some(6)]
+    );
+    assert!(p.counts_prompt(2) && !p.counts_prompt(3));
     let p = completion(json!({"echo": true, "logprobs": 2})).unwrap();
     assert_eq!(
         p.request.prompt_logprobs,
@@ -650,7 +666,12 @@ fn token_prompts_echo_and_prompt_logprobs() {
     for (extra, param, words) in [
         (json!({"prompt": [1, -2]}), "prompt[1]", "token id"),
         (json!({"prompt": []}), "prompt", "must not be empty"),
-        (json!({"prompt": [[1], [2]]}), "prompt", "several prompts"),
+        (
+            json!({"prompt": [[1], []]}),
+            "prompt[1]",
+            "must not be empty",
+        ),
+        (json!({"prompt": [1, "a"]}), "prompt[1]", "token id"),
         (json!({"prompt_logprobs": 21}), "prompt_logprobs", "0 to 20"),
         (
             json!({"prompt_logprobs": -1}),
