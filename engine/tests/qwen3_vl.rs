@@ -107,7 +107,10 @@ fn placeholders_and_images_must_agree() {
         .encode("<|vision_start|><|image_pad|><|vision_end|>hi")
         .unwrap();
     let e = f.model.prepare(ids, &[]).unwrap_err().to_string();
-    assert!(e.contains("1 image placeholders for 0 images"), "{e}");
+    assert!(
+        e.contains("1 image placeholders (token") && e.contains("for 0 images"),
+        "{e}"
+    );
 }
 
 /// `/tokenize`'s ids come from the images' sizes alone: the same as the vision tower's inputs,
@@ -133,7 +136,10 @@ fn token_ids_without_the_vision_tower_are_the_prepared_prompt() {
         assert_eq!(counted, prepared, "{pair:?}");
     }
     let e = f.model.token_ids(ids, &[]).unwrap_err().to_string();
-    assert!(e.contains("2 image placeholders for 0 images"), "{e}");
+    assert!(
+        e.contains("2 image placeholders (token") && e.contains("for 0 images"),
+        "{e}"
+    );
 }
 
 /// A copy of the fixture with `edit` applied to its config.json.

@@ -183,7 +183,8 @@ impl Qwen3Vl {
         let pads = prompt.iter().filter(|&&t| t == self.image_token).count();
         if pads != images.len() {
             return Err(EngineError::InvalidInput(format!(
-                "the chat template wrote {pads} image placeholders for {} images: send images as image parts of user (or tool) messages, which the template places (it leaves out those of system and assistant messages), not as placeholder text",
+                "the prompt holds {pads} image placeholders (token {}) for {} images: send images as image parts of user (or tool) messages, which the chat template places (it leaves out those of system and assistant messages), not as placeholder text or token ids",
+                self.image_token,
                 images.len()
             )));
         }
