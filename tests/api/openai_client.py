@@ -153,4 +153,31 @@ models = json.loads(urllib.request.urlopen(urllib.request.Request(
     base.rstrip("/") + "/models", headers={"authorization": f"Bearer {key}"})).read())
 validate("ListModelsResponse", models)
 
+# Scoring a continuation as lm-eval's loglikelihood does: token ids (two prompts in one
+# request), `echo` with `logprobs`, one token generated and dropped. The continuation's score is
+# the sum of its tokens' `token_logprobs`; the first prompt token's is null.
+root = base.rstrip("/").removesuffix("/v1")
+tokenize = urllib.request.Request(
+    root + "/tokenize",
+    data=json.dumps({"model": QWEN, "prompt": "The cat sat on the mat"}).encode(),
+    headers={"content-type": "application/json", "authorization": f"Bearer {key}"},
+)
+ids = json.loads(urllib.request.urlopen(tokenize).read())["tokens"]
+r = client.completions.create(
+    model=QWEN, prompt=[ids, ids[:3]], echo=True, logprobs=1, max_tokens=1, temperature=0
+)
+assert [c.index for c in r.choices] == [0, 1], r
+lp = r.choices[0].logprobs
+assert len(lp.token_logprobs) == len(ids) + 1 and lp.token_logprobs[0] is None, lp
+assert lp.top_logprobs[0] is None and all(v <= 0 for v in lp.token_logprobs[1:]), lp
+assert r.choices[0].text.startswith("The cat sat on the mat"), r
+shorter = r.choices[1].logprobs.token_logprobs
+assert all(abs(a - b) < 1e-4 for a, b in zip(shorter[1:3], lp.token_logprobs[1:3])), (shorter, lp)
+assert r.usage.prompt_tokens == len(ids) + 3, r
+# vLLM's `prompt_logprobs` comes through the client as an extra field.
+r = client.completions.create(model=QWEN, prompt=ids, max_tokens=1, extra_body={"prompt_logprobs": 2})
+rows = r.choices[0].model_extra["prompt_logprobs"]
+assert rows[0] is None and len(rows) == len(ids), rows
+assert abs(rows[1][str(ids[1])]["logprob"] - lp.token_logprobs[1]) < 1e-4, (rows[1], lp)
+
 print("openai client: all checks passed")
