@@ -11,7 +11,11 @@
 //! and none joins in a step that had to preempt. A sequence whose reader has fallen behind is
 //! paused: it keeps its place and blocks but computes nothing, so a client that stops reading
 //! stops its generation instead of filling a buffer; when blocks run out, paused sequences are
-//! preempted first, so stalled clients never starve those that read.
+//! preempted first, so stalled clients never starve those that read. A waiting request whose
+//! prompt continues past its cached prefix into a block a running sequence is computing right
+//! now (`n` choices of one prompt, clients sharing a system prompt, arriving together) waits for
+//! it to land in the prefix cache rather than compute it a second time; the requests behind it
+//! may join meanwhile.
 
 /// A running sequence, as the scheduler sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +52,9 @@ pub struct Waiting {
     /// Its reader has fallen behind (a paused sequence preempted): it is not admitted until
     /// the reader catches up, so that it does not take blocks only to yield them again.
     pub paused: bool,
+    /// The next block of its prompt past `cached` is being computed by a running sequence: it
+    /// is not admitted until that block is in the prefix cache.
+    pub prefix_pending: bool,
 }
 
 /// The engine's limits.
@@ -181,7 +188,11 @@ pub fn schedule(state: &State<'_>) -> Plan {
 fn admit(state: &State<'_>, running: usize, room: (usize, usize), plan: &mut Plan) {
     let (mut free, mut budget) = room;
     let bs = state.limits.block_size;
-    for (seqs, w) in (running..).zip(state.waiting.iter().filter(|w| !w.paused)) {
+    let ready = state
+        .waiting
+        .iter()
+        .filter(|w| !w.paused && !w.prefix_pending);
+    for (seqs, w) in (running..).zip(ready) {
         if seqs >= state.limits.max_seqs || budget == 0 {
             break;
         }
@@ -233,6 +244,7 @@ mod tests {
             cached: 0,
             cached_held: 0,
             paused: false,
+            prefix_pending: false,
         }
     }
 
@@ -451,5 +463,17 @@ mod tests {
         };
         let p = plan(&[], &[stalled, wait(4, 4)], 10, LIMITS);
         assert_eq!(p.admit, vec![4], "{p:?}");
+    }
+
+    #[test]
+    fn a_prompt_whose_prefix_is_being_computed_waits_for_the_cache() {
+        let pending = Waiting {
+            prefix_pending: true,
+            ..wait(2, 40)
+        };
+        let p = plan(&[run(1, 40, 32)], &[pending, wait(3, 4)], 100, LIMITS);
+        assert_eq!(p.admit, vec![3], "the ones behind it join: {p:?}");
+        let ids: Vec<u64> = p.work.iter().map(|w| w.id).collect();
+        assert_eq!(ids, [1, 3], "{p:?}");
     }
 }

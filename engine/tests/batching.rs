@@ -233,6 +233,32 @@ fn preemption_with_shared_cached_prefixes_still_gives_the_right_tokens() {
 }
 
 #[test]
+fn the_same_prompt_arriving_together_is_computed_once() {
+    // Four copies of the longest prompt at once (as `n` choices arrive): one computes it, the
+    // others wait for its blocks to land in the prefix cache and take them from there.
+    let name = "qwen3-tiny";
+    let engine = engine_for::<Qwen3>(name, small_blocks(200));
+    let cases = cases(name, &[16]);
+    let longest = cases
+        .iter()
+        .max_by_key(|(r, _)| r.prompt.len())
+        .unwrap()
+        .clone();
+    let load = vec![longest.clone(); 4];
+    let results = run_all(&engine, &load);
+    for ((request, golden), (out, _)) in load.iter().zip(&results) {
+        assert_answers(out, golden, request.max_tokens);
+    }
+    let shared = (longest.0.prompt.len() - 1) / 4 * 4;
+    let stats = when_idle(&engine);
+    assert_eq!(
+        stats.prefix_hit_tokens,
+        3 * shared as u64,
+        "three took the first's blocks: {stats:?}"
+    );
+}
+
+#[test]
 fn cancelling_one_stream_leaves_the_others_unchanged() {
     let name = "qwen3-tiny";
     let engine = engine_for::<Qwen3>(name, small_blocks(256));

@@ -301,6 +301,23 @@ impl<M: CausalLm> Worker<M> {
             .lookup(seq.keys(), &seq.block_hashes[..usable])
     }
 
+    /// Whether block `next` of the `i`th waiting sequence's prompt (the first past its cached
+    /// prefix) is being computed by a running sequence, or will be by one ahead of it in the
+    /// queue, to land in the prefix cache within a few steps.
+    fn prefix_pending(&self, i: usize, next: usize) -> bool {
+        let seq = &self.waiting[i];
+        let usable = (seq.tokens.len() - 1) / self.pool.block_size();
+        let scoring = seq.scores.as_ref().is_some_and(PromptScores::incomplete);
+        if next >= usable || !self.config.prefix_cache || scoring {
+            return false;
+        }
+        // Equal chain hashes mean equal prefixes up to that block.
+        let hash = Some(&seq.block_hashes[next]);
+        let computes =
+            |s: &Seq| s.registered <= next && !s.paused() && s.block_hashes.get(next) == hash;
+        self.running.iter().any(computes) || self.waiting.iter().take(i).any(computes)
+    }
+
     fn plan(&self) -> Plan {
         let running: Vec<Running> = self
             .running
@@ -319,10 +336,8 @@ impl<M: CausalLm> Worker<M> {
             })
             .collect();
         let bs = self.pool.block_size();
-        let waiting: Vec<Waiting> = self
-            .waiting
-            .iter()
-            .map(|s| {
+        let waiting: Vec<Waiting> = (self.waiting.iter().enumerate())
+            .map(|(i, s)| {
                 let found = self.cached_prefix(s);
                 Waiting {
                     id: s.id,
@@ -333,6 +348,7 @@ impl<M: CausalLm> Worker<M> {
                         .filter(|&&b| self.pool.allocator.holders(b) > 0)
                         .count(),
                     paused: s.paused(),
+                    prefix_pending: self.prefix_pending(i, found.len()),
                 }
             })
             .collect();

@@ -150,8 +150,8 @@ async fn start(
             info,
         )?);
     }
-    // Each choice is a sequence of its own in the batch (admitted together, each computes the
-    // prompt: the prefix cache holds a block only once it is computed).
+    // Each choice is a sequence of its own in the batch (the engine computes a prompt shared
+    // by choices arriving together once; the others take its blocks from the prefix cache).
     let supervised = &lease.deployment().supervised;
     let choices = (0..choices)
         .map(|i| supervised.infer(parsed.choice(i)))
