@@ -23,7 +23,7 @@ use super::responses::{merged_usage, Reply};
 use super::{streaming, structure, App, RequestId};
 use crate::protocol::TokenFrame;
 use crate::supervisor::Event;
-use pio_plugin_api::wire::Usage;
+use pio_plugin_api::wire::{InferOutcome, Usage};
 
 /// `POST /v1/chat/completions`.
 pub async fn chat(
@@ -248,26 +248,49 @@ async fn collect(
 ) -> Response {
     let reply = reply_of(parsed, &parsing);
     // The first failure answers, and drops the other choices (cancelling them).
-    let each = choices.into_iter().enumerate().map(|(i, events)| {
-        collect_choice(
-            app,
-            parsed,
-            events,
-            started,
-            &parsing,
-            reply.for_choice(i),
-            i,
-        )
-    });
-    match futures_util::future::try_join_all(each).await {
-        Ok(done) => {
-            let (choices, usages): (Vec<Value>, Vec<_>) = done.into_iter().unzip();
-            let usages =
-                (usages.into_iter().enumerate()).map(|(i, u)| (parsed.counts_prompt(i), u));
-            Json(reply.whole(choices, merged_usage(usages))).into_response()
+    let each = (choices.into_iter().enumerate())
+        .map(|(i, events)| collect_choice(app, parsed, events, started, &parsing, i));
+    let mut done = match futures_util::future::try_join_all(each).await {
+        Ok(done) => done,
+        Err(e) => return e.into_response(),
+    };
+    // A prompt is scored once, by its first choice: the others show its scores.
+    for i in 0..done.len() {
+        let first = i - i % parsed.n;
+        if first != i && parsed.request.prompt_logprobs.is_some() {
+            done[i].1.prompt_logprobs = done[first].1.prompt_logprobs.clone();
+            done[i].1.prompt_token_ids = done[first].1.prompt_token_ids.clone();
         }
-        Err(e) => e.into_response(),
     }
+    let usages = (done.iter().enumerate()).map(|(i, d)| (parsed.counts_prompt(i), d.1.usage));
+    let usage = merged_usage(usages);
+    let choices = (done.into_iter().enumerate())
+        .map(|(i, (tokens, outcome))| {
+            answer(parsed, &parsing, reply.for_choice(i), tokens, &outcome)
+        })
+        .collect();
+    Json(reply.whole(choices, usage)).into_response()
+}
+
+/// A choice's body from its `tokens` and `outcome`: reasoning and tool calls taken out of the
+/// text as the request asks.
+fn answer(
+    parsed: &Parsed,
+    parsing: &Parsing,
+    mut reply: Reply,
+    mut tokens: Vec<TokenFrame>,
+    outcome: &InferOutcome,
+) -> Value {
+    parsed.shown_tokens(&mut tokens);
+    let text: String = tokens.iter().map(|t| t.text.as_str()).collect();
+    let (reasoning, extracted) = parsing.split(text, offered(parsed));
+    reply.choice(
+        &tokens,
+        reasoning.as_deref(),
+        &extracted.content,
+        &extracted.calls,
+        outcome,
+    )
 }
 
 /// The bodies' builder for `parsed`: its logprobs read with the model's token table, the
@@ -285,16 +308,16 @@ pub(super) fn reply_of(parsed: &Parsed, parsing: &Parsing) -> Reply {
         .with_prompts(parsed.shown, texts, parsed.n)
 }
 
-/// Choice `index` of a whole answer, and its usage.
+/// Choice `index` of a whole answer: its tokens (as shown) and its outcome, its scores checked
+/// where it was asked for them.
 async fn collect_choice(
     app: &App,
     parsed: &Parsed,
     mut events: mpsc::Receiver<Event>,
     started: Instant,
     parsing: &Parsing,
-    mut reply: Reply,
     index: usize,
-) -> Result<(Value, Usage), ApiError> {
+) -> Result<(Vec<TokenFrame>, InferOutcome), ApiError> {
     let mut tokens: Vec<TokenFrame> = Vec::new();
     let mut timing = Timing::new(app, &parsed.model, started).of_choice(index);
     while let Some(event) = events.recv().await {
@@ -305,22 +328,12 @@ async fn collect_choice(
             }
             Event::Done(outcome) => {
                 timing.ended(&counted(outcome.usage, parsed.counts_prompt(index)));
-                if parsed.request.prompt_logprobs.is_some() {
+                if parsed.request.prompt_logprobs.is_some() && parsed.counts_prompt(index) {
                     super::echo::scores_complete(&outcome).map_err(|why| {
                         ApiError::internal(format!("model `{}`: {why}", parsed.model))
                     })?;
                 }
-                parsed.shown_tokens(&mut tokens);
-                let text: String = tokens.iter().map(|t| t.text.as_str()).collect();
-                let (reasoning, extracted) = parsing.split(text, offered(parsed));
-                let choice = reply.choice(
-                    &tokens,
-                    reasoning.as_deref(),
-                    &extracted.content,
-                    &extracted.calls,
-                    &outcome,
-                );
-                return Ok((choice, outcome.usage));
+                return Ok((tokens, outcome));
             }
             Event::Failed(e) => return Err(ApiError::of_request(e, parsed)),
         }

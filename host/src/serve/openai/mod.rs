@@ -185,6 +185,11 @@ impl Parsed {
             request.prompt = self.other_prompts[other].clone();
         }
         request.seed = (request.seed).map(|s| s.wrapping_add((index % self.n) as u64));
+        // A prompt is scored once, by its first choice (the others show its scores), so the
+        // others can take its blocks from the prefix cache.
+        if !self.counts_prompt(index) {
+            request.prompt_logprobs = None;
+        }
         request
     }
 

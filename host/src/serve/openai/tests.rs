@@ -635,6 +635,13 @@ fn token_prompts_echo_and_prompt_logprobs() {
         [Some(5), Some(6), Some(5), Some(6), Some(5), Some(6)]
     );
     assert!(p.counts_prompt(2) && !p.counts_prompt(3));
+    let scored = completion(json!({"prompt": ["a", "b"], "n": 2, "prompt_logprobs": 1})).unwrap();
+    let asks: Vec<Option<u32>> = (0..4).map(|i| scored.choice(i).prompt_logprobs).collect();
+    assert_eq!(
+        asks,
+        [Some(1), None, Some(1), None],
+        "each prompt scored once"
+    );
     let p = completion(json!({"echo": true, "logprobs": 2})).unwrap();
     assert_eq!(
         p.request.prompt_logprobs,
