@@ -208,6 +208,9 @@ fn a_kv_pool_too_small_for_the_load_runs_full_and_every_answer_stays_exact() {
         .as_array()
         .and_then(|d| d.iter().find(|m| m["id"] == "qwen3-4b-instruct-2507"));
     assert_eq!(qwen.unwrap()["max_model_len"], 128, "{models}");
+    // vLLM's card fields: what it was served as, and no parent (not an adapter).
+    assert_eq!(qwen.unwrap()["root"], "qwen3-4b-instruct-2507", "{models}");
+    assert!(qwen.unwrap()["parent"].is_null(), "{models}");
     let engine = &plugin["engine"];
     // The pool ran full. Whether the engine preempted a running sequence or held the next one
     // back depends on how the requests' arrivals interleave with the steps (CI saw both); the

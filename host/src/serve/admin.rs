@@ -20,6 +20,10 @@ fn model_object(s: &super::models::PluginStatus) -> Value {
         // As vLLM does: the answer's own time (what a model was built at is not known here).
         "created": super::responses::unix_now(),
         "owned_by": "pio",
+        // vLLM's: what the model was served from (the name here: the operator's paths stay
+        // private) and the base of an adapter (none).
+        "root": s.name,
+        "parent": null,
         // vLLM's field, which clients size their requests by (null until the model loaded).
         "max_model_len": s.context_length,
         "pio": {

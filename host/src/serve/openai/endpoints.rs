@@ -23,6 +23,9 @@ pub(super) struct ChatFields {
     add_generation_prompt: Option<bool>,
     /// vLLM's: the output continues the final (assistant) message.
     continue_final_message: Option<bool>,
+    /// OpenAI's deprecated forms of `tools` and `tool_choice`: refused, naming what to send.
+    functions: Option<Value>,
+    function_call: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -44,6 +47,18 @@ pub(super) fn chat(
     limits: &Limits,
 ) -> Result<(LogprobsFormat, Option<Structure>, bool), ApiError> {
     let has = |cap: Capabilities| capabilities.contains(cap);
+    let deprecated = [
+        ("functions", &f.functions, "tools"),
+        ("function_call", &f.function_call, "tool_choice"),
+    ];
+    for (field, given, instead) in deprecated {
+        if given.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(unsupported(
+                field,
+                &format!("is OpenAI's deprecated form of `{instead}`, which this server takes instead: send `{instead}` (each function as `{{\"type\": \"function\", \"function\": {{...}}}}`)"),
+            ));
+        }
+    }
     request.prompt = Prompt::Messages(crate::serve::messages::check(
         f.messages,
         has(Capabilities::VISION),

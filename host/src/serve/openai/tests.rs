@@ -723,3 +723,35 @@ fn token_prompts_echo_and_prompt_logprobs() {
     let echo = with(json!({"model": "m", "prompt": "hi"}), json!({"echo": true}));
     assert!(parse(&echo, Endpoint::Completions, older, &Limits::default()).is_ok());
 }
+
+/// OpenAI's deprecated `functions` and `function_call` are refused by name, saying what to send
+/// instead (ignored, the model would answer without the functions it was given).
+#[test]
+fn deprecated_functions_are_refused_naming_tools() {
+    let chat = json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
+    for (extra, param, instead) in [
+        (
+            json!({"functions": [{"name": "f"}]}),
+            "functions",
+            "`tools`",
+        ),
+        (
+            json!({"function_call": "auto"}),
+            "function_call",
+            "`tool_choice`",
+        ),
+    ] {
+        let body = with(chat.clone(), extra);
+        let e = parse(
+            &body,
+            Endpoint::Chat,
+            caps(&["chat", "tools"]),
+            &Limits::default(),
+        )
+        .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some(param), "{}", e.message);
+        assert!(e.message.contains(instead), "{}", e.message);
+    }
+    let body = with(chat, json!({"functions": null}));
+    assert!(parse(&body, Endpoint::Chat, caps(&["chat"]), &Limits::default()).is_ok());
+}
