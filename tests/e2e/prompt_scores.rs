@@ -236,6 +236,20 @@ fn several_prompts_in_one_request_each_get_their_choices() {
     assert_eq!(seen.into_iter().collect::<Vec<_>>(), [0, 1]);
     assert_eq!(usage["completion_tokens"], 4, "{usage}");
 
+    // An error the worker finds names the prompt it is about.
+    let bad = json!({"model": MODEL, "prompt": [[1, 2], [1, 99999999]], "max_tokens": 1});
+    let (status, e) = d.post("/v1/completions", &bad);
+    assert_eq!(
+        (status, &e["error"]["param"]),
+        (400, &json!("prompt[1]")),
+        "{e}"
+    );
+    let message = e["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("prompt[1]: ") && message.contains("99999999"),
+        "{e}"
+    );
+
     let many = json!({"model": MODEL, "prompt": ["a", "b"], "n": 40, "max_tokens": 1});
     let (status, e) = d.post("/v1/completions", &many);
     assert_eq!(

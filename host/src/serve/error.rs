@@ -229,6 +229,32 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// [`ApiError::of_request`] for choice `index`: in a request of several prompts, the error
+    /// says which prompt it is about (`prompt[p]`), so a client that batched them knows which
+    /// to fix.
+    pub fn of_choice(e: WireError, parsed: &Parsed, index: usize) -> Self {
+        let mut error = Self::of_request(e, parsed);
+        if parsed.other_prompts.is_empty() {
+            return error;
+        }
+        let at = format!("prompt[{}]", index / parsed.n.max(1));
+        error.message = format!("{at}: {}", error.message);
+        let about_prompt = match error.param.as_deref() {
+            Some(p) => p.starts_with("prompt"),
+            None => true,
+        };
+        if about_prompt && error.status.is_client_error() {
+            let rest = (error.param.as_deref())
+                .and_then(|p| p.strip_prefix("prompt"))
+                .unwrap_or_default()
+                .to_string();
+            error.param = Some(format!("{at}{rest}"));
+        }
+        error
+    }
+}
+
 /// The request field an input error names first (`messages[0].content[1]: …`, as the engine
 /// writes them), when it is one a client sends.
 fn field_named(message: &str) -> Option<&str> {

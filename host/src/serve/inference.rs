@@ -335,7 +335,7 @@ async fn collect_choice(
                 }
                 return Ok((tokens, outcome));
             }
-            Event::Failed(e) => return Err(ApiError::of_request(e, parsed)),
+            Event::Failed(e) => return Err(ApiError::of_choice(e, parsed, index)),
         }
     }
     Err(ApiError::internal(

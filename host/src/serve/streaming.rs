@@ -69,8 +69,8 @@ pub(super) async fn stream(
     // for a place in the batch must not leave a client (or a proxy's idle timeout) without an
     // answer, and keep-alive comments flow from then on.
     let first = match tokio::time::timeout(HEADERS_WITHIN, events.next()).await {
-        Ok(Some((_, Some(Event::Failed(e))))) => {
-            let e = ApiError::of_request(e, &parsed);
+        Ok(Some((i, Some(Event::Failed(e))))) => {
+            let e = ApiError::of_choice(e, &parsed, i);
             recorded.status = e.status.as_u16();
             return e.into_response();
         }
@@ -245,7 +245,7 @@ async fn pump(
             }
             // A choice's events end after its answer.
             Some((i, None)) if usages[i].is_some() => continue,
-            Some((_, Some(Event::Failed(e)))) => ApiError::of_request(e, parsed),
+            Some((i, Some(Event::Failed(e)))) => ApiError::of_choice(e, parsed, i),
             Some((_, None)) | None => {
                 ApiError::internal("the worker ended the request without an answer")
             }

@@ -26,6 +26,8 @@ pub(super) struct ChatFields {
     /// OpenAI's deprecated forms of `tools` and `tool_choice`: refused, naming what to send.
     functions: Option<Value>,
     function_call: Option<Value>,
+    /// vLLM's chat `echo` (the last message, when the assistant's, before the output): refused.
+    echo: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -51,6 +53,12 @@ pub(super) fn chat(
         ("functions", &f.functions, "tools"),
         ("function_call", &f.function_call, "tool_choice"),
     ];
+    if f.echo == Some(true) {
+        return Err(unsupported(
+            "echo",
+            "is not supported on chats (vLLM's puts the last message, when the assistant's, before the output): the client has that message; with /v1/completions, `echo` repeats a prompt",
+        ));
+    }
     for (field, given, instead) in deprecated {
         if given.as_ref().is_some_and(|v| !v.is_null()) {
             return Err(unsupported(

@@ -358,6 +358,12 @@ pub fn parse(
     };
     let mut shown = shown(&c, echo, &mut request)?;
     if shown.echo && max_tokens == Some(0) {
+        if let Some(min) = request.min_tokens.filter(|&m| m > 0) {
+            return Err(ApiError::bad_field(
+                "min_tokens",
+                format!("`min_tokens` ({min}) must not exceed `max_tokens` (0)"),
+            ));
+        }
         shown.echo_only = true;
         max_tokens = Some(1);
     }

@@ -658,6 +658,13 @@ fn token_prompts_echo_and_prompt_logprobs() {
     assert_eq!(p.request.max_tokens, Some(1), "one token run and left out");
     let e = completion(json!({"max_tokens": 0})).unwrap_err();
     assert_eq!(e.param.as_deref(), Some("max_tokens"), "{}", e.message);
+    let e = completion(json!({"echo": true, "max_tokens": 0, "min_tokens": 3})).unwrap_err();
+    assert_eq!(e.param.as_deref(), Some("min_tokens"), "{}", e.message);
+    assert!(
+        e.message.contains("`max_tokens` (0)"),
+        "the client's own 0: {}",
+        e.message
+    );
     let p = completion(json!({"echo": true, "stream": true})).unwrap();
     assert_eq!(p.request.prompt_logprobs, None, "echo alone scores nothing");
     assert!(p.shown.echo);
@@ -752,6 +759,19 @@ fn deprecated_functions_are_refused_naming_tools() {
         assert_eq!(e.param.as_deref(), Some(param), "{}", e.message);
         assert!(e.message.contains(instead), "{}", e.message);
     }
-    let body = with(chat, json!({"functions": null}));
+    let e = parse(
+        &with(chat.clone(), json!({"echo": true})),
+        Endpoint::Chat,
+        caps(&["chat"]),
+        &Limits::default(),
+    )
+    .unwrap_err();
+    assert_eq!(
+        e.param.as_deref(),
+        Some("echo"),
+        "vLLM's chat echo: {}",
+        e.message
+    );
+    let body = with(chat, json!({"functions": null, "echo": false}));
     assert!(parse(&body, Endpoint::Chat, caps(&["chat"]), &Limits::default()).is_ok());
 }
