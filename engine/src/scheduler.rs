@@ -12,10 +12,11 @@
 //! paused: it keeps its place and blocks but computes nothing, so a client that stops reading
 //! stops its generation instead of filling a buffer; when blocks run out, paused sequences are
 //! preempted first, so stalled clients never starve those that read. A waiting request whose
-//! prompt continues past its cached prefix into a block a running sequence is computing right
-//! now (`n` choices of one prompt, clients sharing a system prompt, arriving together) waits for
-//! it to land in the prefix cache rather than compute it a second time; the requests behind it
-//! may join meanwhile.
+//! prompt continues past its cached prefix into a block a running sequence (or one ahead of it
+//! in the queue) is about to compute (`n` choices of one prompt, clients sharing a system
+//! prompt, arriving together) waits for it to land in the prefix cache rather than compute it a
+//! second time; it keeps its place (a slot and blocks set aside), and the requests behind it
+//! join in what is left.
 
 /// A running sequence, as the scheduler sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,8 +53,9 @@ pub struct Waiting {
     /// Its reader has fallen behind (a paused sequence preempted): it is not admitted until
     /// the reader catches up, so that it does not take blocks only to yield them again.
     pub paused: bool,
-    /// The next block of its prompt past `cached` is being computed by a running sequence: it
-    /// is not admitted until that block is in the prefix cache.
+    /// The next block of its prompt past `cached` is about to be computed by a running sequence
+    /// or one ahead of it in the queue: it is not admitted until that block is in the prefix
+    /// cache, but keeps its place.
     pub prefix_pending: bool,
 }
 
@@ -184,15 +186,14 @@ pub fn schedule(state: &State<'_>) -> Plan {
 }
 
 /// Admits waiting sequences in queue order beside the `running` ones kept, while a sequence
-/// slot, the token budget and the free blocks last (`room`: free blocks, budget).
+/// slot, the token budget and the free blocks last (`room`: free blocks, budget). One held for
+/// a prefix being computed keeps its place: its slot and blocks are set aside, and those
+/// behind it join only in what is left.
 fn admit(state: &State<'_>, running: usize, room: (usize, usize), plan: &mut Plan) {
     let (mut free, mut budget) = room;
     let bs = state.limits.block_size;
-    let ready = state
-        .waiting
-        .iter()
-        .filter(|w| !w.paused && !w.prefix_pending);
-    for (seqs, w) in (running..).zip(ready) {
+    let unpaused = state.waiting.iter().filter(|w| !w.paused);
+    for (seqs, w) in (running..).zip(unpaused) {
         if seqs >= state.limits.max_seqs || budget == 0 {
             break;
         }
@@ -206,6 +207,9 @@ fn admit(state: &State<'_>, running: usize, room: (usize, usize), plan: &mut Pla
         }
         let cost = blocks_for(w.cached + tokens, bs) - w.cached_held;
         free -= cost;
+        if w.prefix_pending {
+            continue;
+        }
         budget -= tokens;
         plan.admit.push(w.id);
         plan.work.push(Work {
@@ -475,5 +479,14 @@ mod tests {
         assert_eq!(p.admit, vec![3], "the ones behind it join: {p:?}");
         let ids: Vec<u64> = p.work.iter().map(|w| w.id).collect();
         assert_eq!(ids, [1, 3], "{p:?}");
+        // It keeps its place: a slot and its blocks are set aside for it.
+        let two = Limits {
+            max_seqs: 2,
+            ..LIMITS
+        };
+        let p = plan(&[run(1, 40, 32)], &[pending, wait(3, 4)], 100, two);
+        assert!(p.admit.is_empty(), "no slot behind it: {p:?}");
+        let p = plan(&[run(1, 40, 32)], &[pending, wait(3, 4)], 4, LIMITS);
+        assert!(p.admit.is_empty(), "its blocks are kept for it: {p:?}");
     }
 }

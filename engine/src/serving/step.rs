@@ -311,11 +311,18 @@ impl<M: CausalLm> Worker<M> {
         if next >= usable || !self.config.prefix_cache || scoring {
             return false;
         }
-        // Equal chain hashes mean equal prefixes up to that block.
+        // Equal chain hashes mean equal prefixes up to that block. A running sequence computes
+        // it next if it has registered every block before it (one behind, a scored prompt
+        // recomputing from the start, say, is not waited for); one ahead in the queue starts
+        // where this one would, unless it is a scored prompt, which starts from the beginning.
         let hash = Some(&seq.block_hashes[next]);
-        let computes =
-            |s: &Seq| s.registered <= next && !s.paused() && s.block_hashes.get(next) == hash;
-        self.running.iter().any(computes) || self.waiting.iter().take(i).any(computes)
+        let running =
+            |s: &Seq| s.block_hashes.get(next) == hash && s.registered == next && !s.paused();
+        let ahead = |s: &Seq| {
+            let scoring = s.scores.as_ref().is_some_and(PromptScores::incomplete);
+            s.block_hashes.get(next) == hash && (next == 0 || !scoring) && !s.paused()
+        };
+        self.running.iter().any(running) || self.waiting.iter().take(i).any(ahead)
     }
 
     fn plan(&self) -> Plan {

@@ -238,19 +238,14 @@ impl ApiError {
         if parsed.other_prompts.is_empty() {
             return error;
         }
-        let at = format!("prompt[{}]", index / parsed.n.max(1));
-        error.message = format!("{at}: {}", error.message);
-        let about_prompt = match error.param.as_deref() {
-            Some(p) => p.starts_with("prompt"),
-            None => true,
+        // Only an error about the prompt: one about the whole request (a `logit_bias` id, an
+        // unsupported field) is every choice's, whichever failed first.
+        let Some(rest) = (error.param.as_deref()).and_then(|p| p.strip_prefix("prompt")) else {
+            return error;
         };
-        if about_prompt && error.status.is_client_error() {
-            let rest = (error.param.as_deref())
-                .and_then(|p| p.strip_prefix("prompt"))
-                .unwrap_or_default()
-                .to_string();
-            error.param = Some(format!("{at}{rest}"));
-        }
+        let at = format!("prompt[{}]", index / parsed.n.max(1));
+        error.param = Some(format!("{at}{rest}"));
+        error.message = format!("{at}: {}", error.message);
         error
     }
 }

@@ -775,3 +775,50 @@ fn deprecated_functions_are_refused_naming_tools() {
     let body = with(chat, json!({"functions": null, "echo": false}));
     assert!(parse(&body, Endpoint::Chat, caps(&["chat"]), &Limits::default()).is_ok());
 }
+
+/// In a request of several prompts, an error about a prompt names it; one about the whole
+/// request (a `logit_bias` id) is left as it is, whichever choice failed first.
+#[test]
+fn errors_name_the_prompt_they_are_about() {
+    use crate::fault::Fault;
+    use crate::protocol::WireError;
+    use crate::serve::error::ApiError;
+    let body = json!({"model": "m", "prompt": ["a", "b"], "n": 2});
+    let p = parse(
+        &body,
+        Endpoint::Completions,
+        caps(&["text"]),
+        &Limits::default(),
+    )
+    .unwrap();
+    let vocab = WireError::new(
+        Fault::InvalidInput,
+        "prompt: token 9 is not in the vocabulary",
+    );
+    let e = ApiError::of_choice(vocab.clone(), &p, 3);
+    assert_eq!(e.param.as_deref(), Some("prompt[1]"), "{}", e.message);
+    assert!(
+        e.message.starts_with("prompt[1]: prompt: token 9"),
+        "{}",
+        e.message
+    );
+    let bias = WireError::new(
+        Fault::InvalidInput,
+        "logit_bias: token 9 is not in the vocabulary",
+    );
+    let e = ApiError::of_choice(bias, &p, 3);
+    assert_eq!(e.param.as_deref(), Some("logit_bias"), "{}", e.message);
+    assert!(e.message.starts_with("logit_bias"), "{}", e.message);
+    let one = json!({"model": "m", "prompt": "a"});
+    let p = parse(
+        &one,
+        Endpoint::Completions,
+        caps(&["text"]),
+        &Limits::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        ApiError::of_choice(vocab, &p, 0).param.as_deref(),
+        Some("prompt")
+    );
+}
