@@ -13,13 +13,6 @@ fn golden() -> Vec<Value> {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-/// The qwen3 plugin on the tiny checkpoint, `options` under `[model.options]`, ready.
-fn qwen_daemon(options: &str) -> Daemon {
-    let d = Daemon::start(qwen_dir(options), "");
-    d.wait_ready();
-    d
-}
-
 /// Every request at once, each on its own connection; the replies in request order, all 200.
 fn post_all(d: &Daemon, requests: &[(&'static str, Value)]) -> Vec<Value> {
     std::thread::scope(|scope| {

@@ -65,6 +65,13 @@ pub fn qwen_dir(options: &str) -> PluginDir {
     dir
 }
 
+/// A daemon serving [`qwen_dir`] with `options` (and echo), ready.
+pub fn qwen_daemon(options: &str) -> Daemon {
+    let d = Daemon::start(qwen_dir(options), "");
+    d.wait_ready();
+    d
+}
+
 impl Daemon {
     /// Starts `pio serve` over `dir` with `config` (TOML), and waits until it listens.
     pub fn start(dir: PluginDir, config: &str) -> Daemon {

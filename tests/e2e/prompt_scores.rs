@@ -5,7 +5,7 @@
 
 use serde_json::{json, Value};
 
-use crate::daemon::{qwen_dir, Daemon};
+use crate::daemon::{qwen_daemon, Daemon};
 use crate::support::repo_root;
 use crate::worker::confinement_available;
 
@@ -71,8 +71,7 @@ fn echo_and_prompt_logprobs_show_the_prompt_as_transformers_scores_it() {
     if !confinement_available() {
         return;
     }
-    let d = Daemon::start(qwen_dir(""), "");
-    d.wait_ready();
+    let d = qwen_daemon("");
     let cases = goldens();
     for case in &cases {
         assert_echoed(&d, case);
@@ -184,8 +183,7 @@ fn several_prompts_in_one_request_each_get_their_choices() {
     if !confinement_available() {
         return;
     }
-    let d = Daemon::start(qwen_dir(""), "");
-    d.wait_ready();
+    let d = qwen_daemon("");
     let cases = goldens();
     let (a, b) = (&cases[0], &cases[2]);
     let body = json!({"model": MODEL, "prompt": [a["input_ids"], b["prompt"]], "n": 2,

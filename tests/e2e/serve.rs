@@ -939,8 +939,7 @@ fn tokenize_gives_the_ids_a_generation_runs_and_detokenize_reverses_them() {
     if !confinement_available() {
         return;
     }
-    let d = Daemon::start(qwen_dir(""), "");
-    d.wait_ready();
+    let d = qwen_daemon("");
     let golden = crate::qwen3::golden_of("qwen3-tiny");
     let case = &golden[0];
     let model = "qwen3-4b-instruct-2507";
@@ -1020,8 +1019,7 @@ fn n_choices_are_each_their_own_seeded_sample_streamed_or_not() {
     if !confinement_available() {
         return;
     }
-    let d = Daemon::start(qwen_dir(""), "");
-    d.wait_ready();
+    let d = qwen_daemon("");
     let model = "qwen3-4b-instruct-2507";
     for endpoint in ["/v1/chat/completions", "/v1/completions"] {
         let chat_endpoint = endpoint.contains("chat");
@@ -1118,8 +1116,7 @@ fn logit_bias_and_stop_token_ids_steer_the_real_sampler() {
     if !confinement_available() {
         return;
     }
-    let d = Daemon::start(qwen_dir(""), "");
-    d.wait_ready();
+    let d = qwen_daemon("");
     let model = "qwen3-4b-instruct-2507";
     let golden = crate::qwen3::golden_of("qwen3-tiny");
     // transformers' greedy tokens after the golden prompt.
@@ -1179,8 +1176,7 @@ fn logprob_bytes_are_each_tokens_own_even_inside_a_character() {
     if !confinement_available() {
         return;
     }
-    let d = Daemon::start(qwen_dir(""), "");
-    d.wait_ready();
+    let d = qwen_daemon("");
     let mut req = chat("qwen3-4b-instruct-2507", "写一首关于大海的诗 🙂");
     req["max_tokens"] = json!(24);
     req["temperature"] = json!(0);

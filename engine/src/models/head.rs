@@ -204,18 +204,16 @@ impl Head {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let [logits] = self.rows_logits(x, rows)?;
+        let logits = self.rows_logits(x, rows)?;
         super::outputs::outputs(&logits.squeeze(0)?, &wanted)
     }
 
     /// `x`'s rows `rows` through the norm and the head: `(1, rows, vocab)`.
-    fn rows_logits(&self, x: &Tensor, rows: Vec<u32>) -> Result<[Tensor; 1]> {
+    fn rows_logits(&self, x: &Tensor, rows: Vec<u32>) -> Result<Tensor> {
         let rows = Tensor::new(rows, x.device())?;
         let picked = x.index_select(&rows, 1)?;
-        Ok(forward_all(
-            [&self.lm_head],
-            LinearInput::Normed(&picked, &self.norm),
-        )?)
+        let [logits] = forward_all([&self.lm_head], LinearInput::Normed(&picked, &self.norm))?;
+        Ok(logits)
     }
 
     /// Scores the rows of `batch`'s sequences that ask for it ([`SeqStep::score`]), a few rows
@@ -229,8 +227,11 @@ impl Head {
                 for (i, next) in ask.next.chunks(ROWS_AT_ONCE).enumerate() {
                     let first = base + ask.first + i * ROWS_AT_ONCE;
                     let rows = (first..first + next.len()).map(|r| r as u32).collect();
-                    let [logits] = self.rows_logits(x, rows)?;
-                    let logits = logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                    let logits = (self
+                        .rows_logits(x, rows)?
+                        .squeeze(0)?
+                        .to_dtype(DType::F32)?)
+                    .to_vec2::<f32>()?;
                     // Three passes over the vocabulary per row (sum, rank, best): in parallel.
                     let scored: Vec<_> = (logits.par_iter().zip(next))
                         .map(|(row, &t)| crate::scoring::score(row, t, ask.top))

@@ -73,6 +73,18 @@ impl Seq {
         }
     }
 
+    /// Whether its prompt has rows still to score (then it cannot start from the prefix cache,
+    /// whose rows produce no logits, and recomputes from the start).
+    fn scoring(&self) -> bool {
+        self.scores.as_ref().is_some_and(PromptScores::incomplete)
+    }
+
+    /// Its full blocks the prefix cache may serve: all but the one holding its last token, whose
+    /// logits it needs.
+    fn cacheable_blocks(&self, block_size: usize) -> usize {
+        (self.tokens.len() - 1) / block_size
+    }
+
     /// What the prefix cache hashes and compares: the tokens, or their image-aware keys.
     fn keys(&self) -> &[u32] {
         self.image_keys.as_deref().unwrap_or(&self.tokens)
@@ -291,11 +303,10 @@ impl<M: CausalLm> Worker<M> {
     /// The cached full blocks a waiting sequence can start from (always leaving its last token
     /// to compute, whose logits it needs).
     fn cached_prefix(&self, seq: &Seq) -> Vec<BlockId> {
-        // Rows served from the cache produce no logits to score the prompt with.
-        if !self.config.prefix_cache || seq.scores.as_ref().is_some_and(PromptScores::incomplete) {
+        if !self.config.prefix_cache || seq.scoring() {
             return Vec::new();
         }
-        let usable = (seq.tokens.len() - 1) / self.pool.block_size();
+        let usable = seq.cacheable_blocks(self.pool.block_size());
         self.pool
             .allocator
             .lookup(seq.keys(), &seq.block_hashes[..usable])
@@ -306,9 +317,8 @@ impl<M: CausalLm> Worker<M> {
     /// queue, to land in the prefix cache within a few steps.
     fn prefix_pending(&self, i: usize, next: usize) -> bool {
         let seq = &self.waiting[i];
-        let usable = (seq.tokens.len() - 1) / self.pool.block_size();
-        let scoring = seq.scores.as_ref().is_some_and(PromptScores::incomplete);
-        if next >= usable || !self.config.prefix_cache || scoring {
+        let usable = seq.cacheable_blocks(self.pool.block_size());
+        if next >= usable || !self.config.prefix_cache || seq.scoring() {
             return false;
         }
         // Equal chain hashes mean equal prefixes up to that block. A running sequence computes
@@ -319,8 +329,7 @@ impl<M: CausalLm> Worker<M> {
         let running =
             |s: &Seq| s.block_hashes.get(next) == hash && s.registered == next && !s.paused();
         let ahead = |s: &Seq| {
-            let scoring = s.scores.as_ref().is_some_and(PromptScores::incomplete);
-            s.block_hashes.get(next) == hash && (next == 0 || !scoring) && !s.paused()
+            s.block_hashes.get(next) == hash && (next == 0 || !s.scoring()) && !s.paused()
         };
         self.running.iter().any(running) || self.waiting.iter().take(i).any(ahead)
     }
@@ -400,7 +409,7 @@ impl<M: CausalLm> Worker<M> {
             seq.blocks = found;
             if seq.cached_tokens.is_none() {
                 // A prompt to score does not look in the cache: not a lookup that missed.
-                if !seq.scores.as_ref().is_some_and(PromptScores::incomplete) {
+                if !seq.scoring() {
                     self.stats.prefix_lookup_tokens += seq.tokens.len() as u64;
                     self.stats.prefix_hit_tokens += seq.computed as u64;
                 }

@@ -9,10 +9,9 @@ use serde_json::{json, Map, Value};
 use crate::protocol::TokenFrame;
 
 /// Token `id`'s text, read lossily (a token holding part of a character reads U+FFFD).
-fn text_of(table: Option<&TokenTable>, id: u32) -> String {
-    table
-        .and_then(|t| t.get(id))
-        .map_or_else(String::new, |b| String::from_utf8_lossy(b).into_owned())
+pub(super) fn token_text(table: Option<&TokenTable>, id: u32) -> Option<String> {
+    let bytes = table?.get(id)?;
+    Some(String::from_utf8_lossy(bytes).into_owned())
 }
 
 /// The prompt's text as completions' `echo` shows it: as the client sent it, or its token ids
@@ -20,12 +19,9 @@ fn text_of(table: Option<&TokenTable>, id: u32) -> String {
 pub fn prompt_text(prompt: &Prompt, table: Option<&TokenTable>) -> String {
     match prompt {
         Prompt::Text(text) => text.clone(),
+        // An id outside the table fails the request in the plugin before any answer.
         Prompt::Tokens(ids) => {
-            let bytes: Vec<u8> = (ids.iter())
-                .flat_map(|&id| table.and_then(|t| t.get(id)).unwrap_or_default())
-                .copied()
-                .collect();
-            String::from_utf8_lossy(&bytes).into_owned()
+            (table.and_then(|t| super::tokenize::text_of(t, ids).ok())).unwrap_or_default()
         }
         Prompt::Messages(_) => String::new(),
     }
@@ -68,7 +64,7 @@ pub fn prompt_frames(
             logprob: score.map(|s| s.logprob),
             top_logprobs: score.map_or_else(Vec::new, |s| {
                 (s.top.iter().take(top))
-                    .map(|&(id, lp)| (id, text_of(table, id), lp))
+                    .map(|&(id, lp)| (id, token_text(table, id).unwrap_or_default(), lp))
                     .collect()
             }),
         });
@@ -99,7 +95,10 @@ pub fn vllm_prompt_logprobs(
     let Some(scores) = &outcome.prompt_logprobs else {
         return Value::Null;
     };
-    let entry = |id: u32, logprob: f32, rank: u32| json!({"logprob": logprob, "rank": rank, "decoded_token": text_of(table, id)});
+    let entry = |id: u32, logprob: f32, rank: u32| {
+        let decoded = token_text(table, id).unwrap_or_default();
+        json!({"logprob": logprob, "rank": rank, "decoded_token": decoded})
+    };
     let rows = scores.iter().map(|s: &PromptLogprob| {
         let mut row = Map::new();
         row.insert(s.token_id.to_string(), entry(s.token_id, s.logprob, s.rank));

@@ -28,9 +28,8 @@ pub struct Reply {
     tokens: Option<Arc<TokenTable>>,
     /// Which of the request's choices (`n`) this one builds.
     index: usize,
-    /// What of the prompt it shows, and the prompt's text when echoed.
+    /// What of the prompt it shows.
     shown: PromptShown,
-    echo: Option<String>,
     /// Each prompt's text, when echoed, and the choices each prompt has (`n`).
     echoes: Arc<Vec<String>>,
     per_prompt: usize,
@@ -103,7 +102,6 @@ impl Reply {
             tokens: None,
             index: 0,
             shown: PromptShown::default(),
-            echo: None,
             echoes: Arc::default(),
             per_prompt: 1,
         }
@@ -115,20 +113,23 @@ impl Reply {
         self.shown = shown;
         self.echoes = Arc::new(texts);
         self.per_prompt = n.max(1);
-        self.for_choice(self.index)
+        self
     }
 
     /// The same response's choice `index` (one `id` for all of a request's choices).
     pub fn for_choice(&self, index: usize) -> Self {
-        let echoed = self.shown.echo && self.endpoint == Endpoint::Completions;
         Self {
             index,
             offset: 0,
-            echo: (self.echoes.get(index / self.per_prompt))
-                .filter(|_| echoed)
-                .cloned(),
             ..self.clone()
         }
+    }
+
+    /// This choice's prompt text, when the answer echoes it (completions' `echo`).
+    fn echo(&self) -> Option<&str> {
+        let echoed = self.shown.echo && self.endpoint == Endpoint::Completions;
+        let text = self.echoes.get(self.index / self.per_prompt);
+        text.filter(|_| echoed).map(String::as_str)
     }
 
     /// Reports logprobs' `bytes` from the model's token table.
@@ -239,7 +240,7 @@ impl Reply {
         let index = self.index;
         let table = self.tokens.clone();
         let echoed = (self.shown.echo_top)
-            .filter(|_| self.echo.is_some() && self.logprobs == LogprobsFormat::Legacy)
+            .filter(|_| self.echo().is_some() && self.logprobs == LogprobsFormat::Legacy)
             .and_then(|k| super::echo::prompt_frames(outcome, table.as_deref(), k as usize));
         let logprobs = match echoed {
             Some(mut frames) => {
@@ -283,7 +284,7 @@ impl Reply {
             }
             Endpoint::Completions => json!({
                 "index": index,
-                "text": format!("{}{content}", self.echo.as_deref().unwrap_or_default()),
+                "text": format!("{}{content}", self.echo().unwrap_or_default()),
                 "logprobs": logprobs,
                 "finish_reason": reason,
             }),
@@ -319,7 +320,7 @@ impl Reply {
     /// The stream's first chunk (chat: the assistant role; completions: the echoed prompt),
     /// if it has one.
     pub fn opening_chunk(&self, include_usage: bool) -> Option<Value> {
-        let delta = match (self.endpoint, &self.echo) {
+        let delta = match (self.endpoint, self.echo()) {
             (Endpoint::Chat, _) => json!({"role": "assistant", "content": ""}),
             (Endpoint::Completions, Some(echo)) => json!({"content": echo}),
             (Endpoint::Completions, None) => return None,
@@ -410,10 +411,7 @@ fn legacy_top(t: &TokenFrame, table: Option<&TokenTable>) -> serde_json::Map<Str
 
 /// Token `t`'s own text, from `table` (lossily, as its alternatives read), else as streamed.
 fn own_text(t: &TokenFrame, table: Option<&TokenTable>) -> String {
-    (table.and_then(|table| table.get(t.token_id))).map_or_else(
-        || t.text.clone(),
-        |b| String::from_utf8_lossy(b).into_owned(),
-    )
+    super::echo::token_text(table, t.token_id).unwrap_or_else(|| t.text.clone())
 }
 
 #[cfg(test)]

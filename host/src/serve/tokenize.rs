@@ -145,7 +145,7 @@ pub async fn detokenize(
 }
 
 /// The text of `tokens`, or a 400 naming the first that is not in `table`.
-fn text_of(table: &TokenTable, tokens: &[u32]) -> Result<String, ApiError> {
+pub(super) fn text_of(table: &TokenTable, tokens: &[u32]) -> Result<String, ApiError> {
     let mut bytes = Vec::new();
     for (i, &t) in tokens.iter().enumerate() {
         let Some(b) = table.get(t) else {

@@ -1,7 +1,6 @@
 //! Where a worker's plugin reports to: the socket's write half, shared by every thread, and the
 //! per-request token sink that honours the host's cancel and its flow-control window.
 
-use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -9,7 +8,7 @@ use std::time::Duration;
 use pio_plugin_api::{Flow, GeneratedToken, ProgressSink, RStr, TokenSink};
 
 use crate::fault::Fault;
-use crate::protocol::{encode, FrameError, FromWorker, TokenFrame, WireError, MAX_FRAME};
+use crate::protocol::{write_frame, FrameError, FromWorker, TokenFrame, WireError, MAX_FRAME};
 
 /// The socket's write half, shared by every thread that reports.
 #[derive(Clone)]
@@ -20,19 +19,15 @@ impl Outbox {
     /// answer over the frame limit: a long prompt's scores, say) fails the request instead, so
     /// that its client is told rather than left waiting for its deadline.
     pub(super) fn send(&self, message: &FromWorker) -> bool {
-        let frame = match encode(message) {
-            Ok(frame) => frame,
-            Err(e) => match unsendable(message, &e).map(|failed| encode(&failed)) {
-                Some(Ok(frame)) => frame,
-                _ => return false,
-            },
+        let Ok(mut stream) = self.0.lock() else {
+            return false;
         };
-        match self.0.lock() {
-            Ok(mut stream) => stream
-                .write_all(&frame)
-                .and_then(|()| stream.flush())
-                .is_ok(),
-            Err(_) => false,
+        // A frame that cannot be encoded is refused before anything is written.
+        match write_frame(&mut *stream, message) {
+            Ok(()) => true,
+            Err(FrameError::Io(_)) => false,
+            Err(e) => unsendable(message, &e)
+                .is_some_and(|failed| write_frame(&mut *stream, &failed).is_ok()),
         }
     }
 }

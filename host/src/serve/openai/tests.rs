@@ -11,6 +11,13 @@ fn with(mut body: Value, extra: Value) -> Value {
     body
 }
 
+/// Asserts `got` is a refusal naming `param`, its message holding `words`.
+fn assert_refused(got: Result<Parsed, ApiError>, param: &str, words: &str) {
+    let e = got.unwrap_err();
+    assert_eq!(e.param.as_deref(), Some(param), "{}", e.message);
+    assert!(e.message.contains(words), "{param}: {}", e.message);
+}
+
 fn caps(names: &[&str]) -> Capabilities {
     names.iter().fold(Capabilities::empty(), |c, n| {
         c.union(Capabilities::from_name(n).unwrap())
@@ -658,13 +665,8 @@ fn token_prompts_echo_and_prompt_logprobs() {
     assert_eq!(p.request.max_tokens, Some(1), "one token run and left out");
     let e = completion(json!({"max_tokens": 0})).unwrap_err();
     assert_eq!(e.param.as_deref(), Some("max_tokens"), "{}", e.message);
-    let e = completion(json!({"echo": true, "max_tokens": 0, "min_tokens": 3})).unwrap_err();
-    assert_eq!(e.param.as_deref(), Some("min_tokens"), "{}", e.message);
-    assert!(
-        e.message.contains("`max_tokens` (0)"),
-        "the client's own 0: {}",
-        e.message
-    );
+    let asked = completion(json!({"echo": true, "max_tokens": 0, "min_tokens": 3}));
+    assert_refused(asked, "min_tokens", "`max_tokens` (0)");
     let p = completion(json!({"echo": true, "stream": true})).unwrap();
     assert_eq!(p.request.prompt_logprobs, None, "echo alone scores nothing");
     assert!(p.shown.echo);
@@ -703,9 +705,7 @@ fn token_prompts_echo_and_prompt_logprobs() {
             "stream",
         ),
     ] {
-        let e = completion(extra.clone()).unwrap_err();
-        assert_eq!(e.param.as_deref(), Some(param), "{extra}: {}", e.message);
-        assert!(e.message.contains(words), "{extra}: {}", e.message);
+        assert_refused(completion(extra), param, words);
     }
     // A plugin that does not declare scoring or token prompts gets neither.
     let older = caps(&["text", "logprobs"]);
@@ -722,10 +722,9 @@ fn token_prompts_echo_and_prompt_logprobs() {
         ),
         (json!({"prompt": [1, 2]}), "prompt", "`token_prompts`"),
     ] {
-        let body = with(json!({"model": "m", "prompt": "hi"}), extra.clone());
-        let e = parse(&body, Endpoint::Completions, older, &Limits::default()).unwrap_err();
-        assert_eq!(e.param.as_deref(), Some(param), "{extra}: {}", e.message);
-        assert!(e.message.contains(capability), "{extra}: {}", e.message);
+        let body = with(json!({"model": "m", "prompt": "hi"}), extra);
+        let got = parse(&body, Endpoint::Completions, older, &Limits::default());
+        assert_refused(got, param, capability);
     }
     let echo = with(json!({"model": "m", "prompt": "hi"}), json!({"echo": true}));
     assert!(parse(&echo, Endpoint::Completions, older, &Limits::default()).is_ok());
@@ -735,45 +734,31 @@ fn token_prompts_echo_and_prompt_logprobs() {
 /// instead (ignored, the model would answer without the functions it was given).
 #[test]
 fn deprecated_functions_are_refused_naming_tools() {
-    let chat = json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
-    for (extra, param, instead) in [
-        (
-            json!({"functions": [{"name": "f"}]}),
-            "functions",
-            "`tools`",
-        ),
-        (
-            json!({"function_call": "auto"}),
-            "function_call",
-            "`tool_choice`",
-        ),
-    ] {
-        let body = with(chat.clone(), extra);
-        let e = parse(
+    let chat = |extra: Value| {
+        let body = with(
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}]}),
+            extra,
+        );
+        parse(
             &body,
             Endpoint::Chat,
             caps(&["chat", "tools"]),
             &Limits::default(),
         )
-        .unwrap_err();
-        assert_eq!(e.param.as_deref(), Some(param), "{}", e.message);
-        assert!(e.message.contains(instead), "{}", e.message);
-    }
-    let e = parse(
-        &with(chat.clone(), json!({"echo": true})),
-        Endpoint::Chat,
-        caps(&["chat"]),
-        &Limits::default(),
-    )
-    .unwrap_err();
-    assert_eq!(
-        e.param.as_deref(),
-        Some("echo"),
-        "vLLM's chat echo: {}",
-        e.message
+    };
+    assert_refused(
+        chat(json!({"functions": [{"name": "f"}]})),
+        "functions",
+        "`tools`",
     );
-    let body = with(chat, json!({"functions": null, "echo": false}));
-    assert!(parse(&body, Endpoint::Chat, caps(&["chat"]), &Limits::default()).is_ok());
+    assert_refused(
+        chat(json!({"function_call": "auto"})),
+        "function_call",
+        "`tool_choice`",
+    );
+    // vLLM's chat echo.
+    assert_refused(chat(json!({"echo": true})), "echo", "echo");
+    assert!(chat(json!({"functions": null, "echo": false})).is_ok());
 }
 
 /// In a request of several prompts, an error about a prompt names it; one about the whole
