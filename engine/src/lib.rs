@@ -35,6 +35,7 @@ pub mod stop;
 #[cfg(test)]
 mod testing;
 pub mod text;
+pub mod tokenizer_info;
 pub mod weights;
 
 pub use candle_core;

@@ -61,10 +61,10 @@ pub fn frames(data: &[u8]) {
 /// An OpenAI request body through the daemon's parsing and checks, for both endpoints and a
 /// model that can do everything.
 pub fn openai(data: &[u8]) {
-    let Ok(body) = openai::body_json(data) else {
+    let Ok(mut body) = openai::body_json(data) else {
         return;
     };
-    let _ = openai::model_of(&body);
+    let _ = openai::model_of(&mut body, &["a".to_string(), "b".to_string()]);
     let all = [
         Capabilities::TEXT,
         Capabilities::CHAT,

@@ -31,7 +31,8 @@
 //! `Capabilities::STOP_TOKEN_IDS`. 1.10.0 — `InferRequest::prompt_logprobs`,
 //! `InferOutcome::prompt_logprobs` and `Capabilities::PROMPT_LOGPROBS` (the prompt's tokens
 //! scored, for OpenAI's `echo` with `logprobs` and vLLM's `prompt_logprobs`); `Prompt::Tokens`
-//! and `Capabilities::TOKEN_PROMPTS` (a prompt of token ids).
+//! and `Capabilities::TOKEN_PROMPTS` (a prompt of token ids). 1.11.0 —
+//! `ModelInfo::tokenizer_info` (the tokenizer's settings, for the API's `/tokenizer_info`).
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 

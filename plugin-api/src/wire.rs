@@ -417,6 +417,13 @@ pub struct ModelInfo {
     /// `None`: nothing is left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub special_token_ids: Option<Vec<u32>>,
+    /// The tokenizer's settings, for vLLM's `GET /tokenizer_info` (which lm-eval's remote
+    /// tokenizer reads): `tokenizer_config.json`'s fields with file paths left out and special
+    /// tokens as their text, `chat_template` the template the plugin renders, and
+    /// `tokenizer_class`. Added in 1.11 as an optional JSON field; `None`: the host answers that
+    /// the plugin reports none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer_info: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// The vocabulary's raw bytes, compactly: standard base64 of every token's bytes concatenated in

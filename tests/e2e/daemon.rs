@@ -47,6 +47,13 @@ pub fn restarting_hostile() -> Daemon {
 /// lines) under `[model.options]` when there are any.
 pub fn qwen_dir(options: &str) -> PluginDir {
     let dir = echo_dir("");
+    add_qwen(&dir, options);
+    dir
+}
+
+/// Writes into `dir` the manifest of the qwen3 plugin serving the tiny checkpoint in f32, with
+/// `options` (TOML lines) under `[model.options]` when there are any.
+pub fn add_qwen(dir: &PluginDir, options: &str) {
     let qwen = repo_root().join("tests/fixtures/qwen3-tiny");
     let library = plugin_lib("pio_plugin_qwen3");
     let mut model = format!("[model]\npath = \"{}\"\ndtype = \"f32\"\n", qwen.display());
@@ -62,7 +69,6 @@ pub fn qwen_dir(options: &str) -> PluginDir {
             &model,
         ),
     );
-    dir
 }
 
 /// A daemon serving [`qwen_dir`] with `options` (and echo), ready.

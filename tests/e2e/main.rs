@@ -21,6 +21,7 @@ mod pull;
 mod qwen3;
 mod qwen3_vl;
 mod reload;
+mod remote_tokenizer;
 mod serve;
 mod service;
 mod structured;

@@ -300,7 +300,7 @@ fn a_first_pull_needs_no_manifest() {
         "name = \"qwen3-coder-30b\"",
         "quantization = \"q8\"",
         "tier = \"low\"",
-        "api = \"^1.10\"",
+        "api = \"^1.11\"",
     ] {
         assert!(manifest.contains(line), "{line} in:\n{manifest}");
     }

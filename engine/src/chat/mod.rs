@@ -28,7 +28,7 @@ pub struct ChatTemplate {
 }
 
 /// A token written in `tokenizer_config.json` as a string or as `{"content": ...}`.
-fn token_text(value: Option<&Json>) -> Option<String> {
+pub(crate) fn token_text(value: Option<&Json>) -> Option<String> {
     match value? {
         Json::String(s) => Some(s.clone()),
         Json::Object(o) => o.get("content").and_then(Json::as_str).map(str::to_string),
@@ -112,6 +112,11 @@ impl ChatTemplate {
             reason: format!("the template does not parse: {e:#}"),
         })?;
         Ok(Some(template))
+    }
+
+    /// The template's Jinja source, as the model's files give it.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     fn environment(&self) -> std::result::Result<Environment<'static>, Error> {

@@ -24,6 +24,7 @@ use crate::linear::Quantization;
 use crate::sampling::SamplingParams;
 use crate::serving::{Engine, Stats};
 use crate::text::TextCodec;
+use crate::tokenizer_info::tokenizer_info;
 use crate::EngineError;
 
 mod engine_config;
@@ -537,11 +538,18 @@ impl<M: LoadModel> ModelRuntime<M> {
             ..info
         };
         let generation = GenerationConfig::load(&checkpoint).map_err(plugin_error)?;
+        let template = ChatTemplate::load(&checkpoint).map_err(plugin_error)?;
+        let info = ModelInfo {
+            tokenizer_info: Some(
+                tokenizer_info(&checkpoint, template.as_ref()).map_err(plugin_error)?,
+            ),
+            ..info
+        };
         self.loaded = Some(Loaded {
             model,
             grammars: Grammars::new(codec.clone(), generation.eos_token_id.clone()),
             codec,
-            template: ChatTemplate::load(&checkpoint).map_err(plugin_error)?,
+            template,
             generation,
             defaults: config.generation.clone(),
             engine,
@@ -619,6 +627,7 @@ impl<M: LoadModel> ModelRuntime<M> {
                 (0..codec.id_bound()).map(|id| codec.token_bytes(id)),
             )),
             special_token_ids: Some(codec.special_ids().to_vec()),
+            tokenizer_info: None,
         }
     }
 

@@ -17,7 +17,7 @@ pub enum Need {
 }
 
 /// vLLM's token routes, outside `/v1/` yet served by the models as the API is.
-const TOKENS: [&str; 2] = ["/tokenize", "/detokenize"];
+const TOKENS: [&str; 3] = ["/tokenize", "/detokenize", "/tokenizer_info"];
 
 /// What `path` needs under `server`'s keys; `loopback`: the daemon listens on a loopback
 /// address only, where `/metrics` stays open unless metrics keys are configured, and the admin
@@ -177,6 +177,7 @@ mod tests {
         assert_eq!(need("/v1/chat/completions", &s, true), Need::User);
         assert_eq!(need("/tokenize", &s, true), Need::User);
         assert_eq!(need("/detokenize", &s, false), Need::User);
+        assert_eq!(need("/tokenizer_info", &s, false), Need::User);
         assert_eq!(need("/v1/plugins/echo/reload", &s, true), Need::Admin);
         assert_eq!(need("/health", &s, false), Need::Open);
         assert!(check(Need::User, Some("user"), &s).is_ok());

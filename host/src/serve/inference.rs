@@ -110,8 +110,8 @@ async fn start(
     body: Result<Bytes, BytesRejection>,
     label: &mut String,
 ) -> Result<Running, ApiError> {
-    let value = body_of(app, body)?;
-    let model = openai::model_of(&value)?;
+    let mut value = body_of(app, body)?;
+    let model = openai::model_of(&mut value, &app.models.names())?;
     let capabilities = app
         .models
         .capabilities(&model)

@@ -200,6 +200,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/completions", post(inference::completions))
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
+        .route("/tokenizer_info", get(tokenize::tokenizer_info))
         .route("/v1/plugins", get(admin::plugins))
         .route("/v1/plugins/{name}/{action}", post(admin::plugin_action))
         .route("/health", get(admin::health))

@@ -630,16 +630,17 @@ impl Models {
             .map(|e| e.found.report.capabilities)
     }
 
-    /// The token table of `name` when it is loaded (`Some(None)`: loaded, but its plugin
-    /// reports none), without taking a place of its queue.
-    pub fn loaded_tokens(
-        &self,
-        name: &str,
-    ) -> Option<Option<Arc<pio_plugin_api::wire::TokenTable>>> {
+    /// `name`'s deployment when it is loaded, without taking a place of its queue.
+    pub fn loaded(&self, name: &str) -> Option<Arc<Deployment>> {
         match &lock(&self.inner).entries.get(name)?.slot {
-            Slot::Loaded(d) => Some(d.tokens.clone()),
+            Slot::Loaded(d) => Some(d.clone()),
             _ => None,
         }
+    }
+
+    /// The names of the models served, loaded or not, in name order.
+    pub fn names(&self) -> Vec<String> {
+        lock(&self.inner).entries.keys().cloned().collect()
     }
 }
 

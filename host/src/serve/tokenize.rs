@@ -1,19 +1,20 @@
 //! `POST /tokenize` and `POST /detokenize`, as vLLM serves them: a prompt's token ids exactly as
 //! a generation request would run them (the chat template applied, each image's tokens counted),
-//! so clients can count and budget tokens; and token ids back to text.
+//! so clients can count and budget tokens; token ids back to text; and `GET /tokenizer_info`,
+//! the tokenizer's settings. Each takes `model` or, when the server serves one, none.
 
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::{Extension, Json};
 use pio_plugin_api::wire::{InferOutcome, TokenTable};
 use pio_plugin_api::Capabilities;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::deployment::Lease;
+use super::deployment::{Deployment, Lease};
 use super::error::ApiError;
 use super::openai::{self, Endpoint};
 use super::{App, RequestId};
@@ -130,18 +131,50 @@ pub async fn detokenize(
 ) -> Result<Json<Value>, ApiError> {
     let (model, value) = model_and_body(&app, body)?;
     let request: Detokenize = openai::field(&value)?;
-    let table = match app.models.loaded_tokens(&model) {
-        Some(table) => table,
-        None => app
-            .models
-            .acquire(&model)
-            .await?
-            .deployment()
-            .tokens
-            .clone(),
-    };
+    let table = with_deployment(&app, &model, |d| d.tokens.clone()).await?;
     let table = table.ok_or_else(no_table)?;
     Ok(Json(json!({"prompt": text_of(&table, &request.tokens)?})))
+}
+
+/// The query of `GET /tokenizer_info`.
+#[derive(Deserialize)]
+pub struct InfoQuery {
+    /// The model; may be left out when the server serves one.
+    model: Option<String>,
+}
+
+/// `GET /tokenizer_info[?model=NAME]`: the model's tokenizer settings as vLLM reports them
+/// (`tokenizer_config.json`'s fields, `eos_token`, `chat_template`, `tokenizer_class`), which
+/// lm-eval's remote tokenizer reads. Loads the model when it is not loaded, taking no place of
+/// its queue.
+pub async fn tokenizer_info(
+    State(app): State<Arc<App>>,
+    Query(query): Query<InfoQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let model = match query.model {
+        Some(m) => m,
+        None => openai::sole_model(&app.models.names())?,
+    };
+    let info = with_deployment(&app, &model, |d| d.info.tokenizer_info.clone()).await?;
+    let info = info.ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "model `{model}`'s plugin reports no tokenizer settings (plugin-api 1.11's `ModelInfo::tokenizer_info`); `/tokenize` and `/detokenize` still work where it declares them"
+        ))
+    })?;
+    Ok(Json(Value::Object(info)))
+}
+
+/// `f` of `model`'s deployment: the loaded one without taking a place of its queue, else one
+/// loaded for this.
+async fn with_deployment<T>(
+    app: &Arc<App>,
+    model: &str,
+    f: impl FnOnce(&Deployment) -> T,
+) -> Result<T, ApiError> {
+    if let Some(deployment) = app.models.loaded(model) {
+        return Ok(f(&deployment));
+    }
+    Ok(f(app.models.acquire(model).await?.deployment()))
 }
 
 /// The text of `tokens`, or a 400 naming the first that is not in `table`.
@@ -165,8 +198,8 @@ fn model_and_body(
     app: &App,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(String, Value), ApiError> {
-    let value = super::inference::body_of(app, body)?;
-    Ok((openai::model_of(&value)?, value))
+    let mut value = super::inference::body_of(app, body)?;
+    Ok((openai::model_of(&mut value, &app.models.names())?, value))
 }
 
 #[cfg(test)]

@@ -260,17 +260,41 @@ pub fn body_json(bytes: &[u8]) -> Result<Value, ApiError> {
     Ok(value)
 }
 
-/// The `model` field alone (to look the model up before the rest is checked).
-pub fn model_of(body: &Value) -> Result<String, ApiError> {
+/// The `model` field alone (to look the model up before the rest is checked); left out, the
+/// only model `served`, which is then written into `body` for the parse.
+pub fn model_of(body: &mut Value, served: &[String]) -> Result<String, ApiError> {
     match body.get("model") {
         Some(Value::String(m)) if !m.is_empty() => Ok(m.clone()),
         Some(_) => Err(ApiError::bad_field(
             "model",
             "`model` must be a non-empty string",
         )),
-        None => Err(ApiError::bad_field(
+        None => {
+            let model = sole_model(served)?;
+            if let Some(fields) = body.as_object_mut() {
+                fields.insert("model".into(), model.clone().into());
+            }
+            Ok(model)
+        }
+    }
+}
+
+/// The model a request that names none means: the only one `served`, as vLLM and llama.cpp
+/// (one model per server) take it; with several, naming one is required.
+pub fn sole_model(served: &[String]) -> Result<String, ApiError> {
+    match served {
+        [only] => Ok(only.clone()),
+        [] => Err(ApiError::bad_field(
             "model",
-            "`model` is required; GET /v1/models lists the models served",
+            "`model` is required, and no model is served here: put a plugin's manifest in the plugins folder",
+        )),
+        several => Err(ApiError::bad_field(
+            "model",
+            format!(
+                "`model` is required: this server serves {} models ({}); GET /v1/models lists them",
+                several.len(),
+                several.join(", ")
+            ),
         )),
     }
 }
