@@ -127,15 +127,21 @@ impl Decoding {
     }
 
     /// Feeds `text` to the stop strings, which end the output only once `min_tokens` are out
-    /// (counting this token), as vLLM's stop checker does.
-    fn stop_check(&mut self, text: &str) -> Step {
-        if self.generated.len() < self.min_tokens {
-            Step {
+    /// (counting this token), as vLLM's stop checker does; a `special` token's text is not held
+    /// back (the host finds it by the token's id, in that token's frame).
+    fn stop_check(&mut self, text: &str, special: bool) -> Step {
+        let passing = self.generated.len() < self.min_tokens;
+        match (passing, special) {
+            (true, false) => Step {
                 emit: self.stops.pass(text),
                 stopped: false,
-            }
-        } else {
-            self.stops.push(text)
+            },
+            (true, true) => Step {
+                emit: self.stops.pass_whole(text),
+                stopped: false,
+            },
+            (false, false) => self.stops.push(text),
+            (false, true) => self.stops.push_whole(text),
         }
     }
 
@@ -207,14 +213,15 @@ impl Decoding {
         // then still left out by the host unless `skip_special_tokens` is off.
         if !(is_eos || stop_id) || self.include_stop {
             let piece = self.decoder.push(codec, token);
-            let step = self.stop_check(&piece);
+            let special = codec.special_ids().binary_search(&token).is_ok();
+            let step = self.stop_check(&piece, special);
             text = step.emit;
             stopped = step.stopped;
         }
         if last && !stopped {
             // Nothing follows: release what was held for a possible stop string or character.
             let piece = self.decoder.finish(codec);
-            let tail = self.stop_check(&piece);
+            let tail = self.stop_check(&piece, false);
             text.push_str(&tail.emit);
             stopped = tail.stopped;
             if !stopped {
@@ -368,6 +375,25 @@ mod tests {
         assert_eq!(d.wants(), Wanted::Best, "nothing to bar any more");
         let a = d.accept(&Output::Logits(logits), &codec).unwrap();
         assert_eq!((a.emitted.token_id, a.finish), (eos, Some(Finish::Stop)));
+    }
+
+    /// A special token's text comes whole in its own token's output, where the host finds it by
+    /// the id, even when a stop string begins with its end (`>`): held back, it would reach the
+    /// host with the next, ordinary token and be shown.
+    #[test]
+    fn a_special_tokens_text_comes_with_it_whole() {
+        let codec = codec();
+        let start = codec.token_id("<|im_start|>").unwrap();
+        let word = codec.encode(" x").unwrap()[0];
+        let r = Request {
+            stop: vec![">>".into()],
+            ..request(SamplingParams::default(), None)
+        };
+        let mut d = Decoding::new(&r, 50).unwrap();
+        let a = d.accept(&Output::Best(start), &codec).unwrap();
+        assert_eq!((a.emitted.text.as_str(), a.finish), ("<|im_start|>", None));
+        let a = d.accept(&Output::Best(word), &codec).unwrap();
+        assert_eq!(a.emitted.text, codec.decode(&[word]));
     }
 
     /// A stop string before `min_tokens` is output as text; the one completed by the

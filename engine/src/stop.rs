@@ -91,6 +91,33 @@ impl StopMatcher {
         out
     }
 
+    /// Feeds a special token's text (after any bytes of a character it finished), which the
+    /// host may leave out of the text by the token's id: none of it is held back, so it reaches
+    /// the host in its own token's frame, never in a later one. A stop string completed within
+    /// it still ends the output; one that would run on past it is not looked for (vLLM, which
+    /// leaves special tokens out of the text it matches, never sees either).
+    pub fn push_whole(&mut self, text: &str) -> Step {
+        let mut step = self.push(text);
+        if !step.stopped {
+            step.emit.push_str(&self.release());
+        }
+        step
+    }
+
+    /// [`StopMatcher::pass`] for a special token's text, none of it held back (as
+    /// [`StopMatcher::push_whole`]).
+    pub fn pass_whole(&mut self, text: &str) -> String {
+        let mut out = self.pass(text);
+        out.push_str(&self.release());
+        out
+    }
+
+    /// Everything held, released; nothing of it stays passed.
+    fn release(&mut self) -> String {
+        self.passed = 0;
+        std::mem::take(&mut self.held)
+    }
+
     /// Generation ended for another reason: releases whatever was held back.
     pub fn finish(&mut self) -> String {
         std::mem::take(&mut self.held)
@@ -128,6 +155,26 @@ mod tests {
         }
         out.push_str(&m.finish());
         (out, false)
+    }
+
+    /// A special token's text is released whole in its own step, with what was held before
+    /// it; a stop string within it still stops, one running past it is not looked for.
+    #[test]
+    fn a_special_tokens_text_is_never_held_back() {
+        let mut m = StopMatcher::new([">>>", "<|x|>"]);
+        assert_eq!(m.push("a >").emit, "a ");
+        let whole = m.push_whole("<|y|>");
+        assert_eq!((whole.emit.as_str(), whole.stopped), ("><|y|>", false));
+        // Its `>` began no stop: the next `>>` is text.
+        assert_eq!(m.push(">>").emit, "");
+        assert_eq!(m.finish(), ">>");
+        let mut m = StopMatcher::new([">>>", "<|x|>"]);
+        let stop = m.push_whole("<|x|>");
+        assert_eq!((stop.emit.as_str(), stop.stopped), ("", true));
+        // Before min_tokens, the same: nothing held, nothing left passed.
+        let mut m = StopMatcher::new([">>>"]);
+        assert_eq!(m.pass_whole("<|y|>"), "<|y|>");
+        assert!(m.push(">>>").stopped);
     }
 
     #[test]
