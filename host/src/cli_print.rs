@@ -26,6 +26,9 @@ pub struct TokenPrinter {
     chat: Option<(Parsing, Vec<Value>, String)>,
     /// In text: the special tokens left out (`--special` keeps them), as llama.cpp's CLI does.
     text: Option<Parsing>,
+    /// Text goes to a terminal, which must not take control characters from the model
+    /// (escape sequences that retitle, recolour or rewrite the screen) for its own.
+    terminal: bool,
 }
 
 impl TokenPrinter {
@@ -36,6 +39,7 @@ impl TokenPrinter {
             index: 0,
             chat: None,
             text: None,
+            terminal: !json && std::io::stdout().is_terminal(),
         }
     }
 
@@ -79,9 +83,13 @@ impl TokenPrinter {
                 text.push_str(&t.text);
             }
         } else {
-            match &self.text {
-                Some(parsing) => write!(out, "{}", parsing.shown(t.clone()).text)?,
-                None => write!(out, "{}", t.text)?,
+            let text = match &self.text {
+                Some(parsing) => parsing.shown(t.clone()).text,
+                None => t.text.clone(),
+            };
+            match self.terminal {
+                true => write!(out, "{}", visible(&text))?,
+                false => write!(out, "{text}")?,
             }
         }
         self.index += 1;
@@ -121,6 +129,24 @@ impl TokenPrinter {
     }
 }
 
+/// `text` with its control characters written out (`\x1b`, `\u{9b}`) where a terminal would
+/// act on them; newlines, tabs and carriage returns stay as they are.
+fn visible(text: &str) -> std::borrow::Cow<'_, str> {
+    let acts = |c: char| c.is_control() && !matches!(c, '\n' | '\t' | '\r');
+    if !text.chars().any(acts) {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            c if !acts(c) => out.push(c),
+            c if (c as u32) < 0x80 => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+        }
+    }
+    out.into()
+}
+
 /// A progress bar for model loading, shown only when stderr is a terminal.
 #[derive(Clone)]
 pub struct LoadProgress {
@@ -156,5 +182,20 @@ impl LoadProgress {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_written_out_for_a_terminal() {
+        assert_eq!(visible("plain 中文\n\tline\r\n"), "plain 中文\n\tline\r\n");
+        // An escape sequence retitling the terminal, a bell, a DEL and a C1 CSI.
+        assert_eq!(
+            visible("a\u{1b}]0;owned\u{7}b\u{7f}\u{9b}2J"),
+            "a\\x1b]0;owned\\x07b\\x7f\\u{9b}2J"
+        );
     }
 }
