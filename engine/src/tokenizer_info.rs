@@ -46,6 +46,14 @@ fn cleaned(mut config: Map<String, Value>, template: Option<&str>) -> Map<String
         let text = token_text(config.get(&key)).map_or(Value::Null, Value::String);
         config.insert(key, text);
     }
+    // vLLM lists the added tokens' texts by id; the flags beside each are the tokenizer's.
+    if let Some(Value::Object(added)) = config.get_mut("added_tokens_decoder") {
+        for token in added.values_mut() {
+            if let Some(text) = token.get("content").and_then(Value::as_str) {
+                *token = Value::String(text.to_string());
+            }
+        }
+    }
     match template {
         Some(source) => config.insert("chat_template".into(), source.into()),
         // A list of named templates, or a template the model does not use, is not one a client
@@ -77,6 +85,7 @@ mod tests {
             "eos_token": {"content": "<|im_end|>", "lstrip": false, "__type": "AddedToken"},
             "bos_token": null,
             "pad_token": "<|endoftext|>",
+            "added_tokens_decoder": {"151643": {"content": "<|endoftext|>", "special": true}},
             "chat_template": [{"name": "default", "template": "{{ x }}"}],
             "model_max_length": 131072,
         }));
@@ -87,6 +96,7 @@ mod tests {
         assert_eq!(info["eos_token"], "<|im_end|>");
         assert_eq!(info["bos_token"], Value::Null);
         assert_eq!(info["pad_token"], "<|endoftext|>");
+        assert_eq!(info["added_tokens_decoder"]["151643"], "<|endoftext|>");
         assert_eq!(info["chat_template"], "{{ messages }}");
         assert_eq!(info["model_max_length"], 131072);
         assert_eq!(info["tokenizer_class"], DEFAULT_CLASS);

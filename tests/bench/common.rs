@@ -56,7 +56,7 @@ pub fn ensure_checkpoint(root: &Path, dir: &Path, shape: &[&str]) {
 }
 
 /// Runs one of the reference scripts in tests/bench/ with `args`: its JSON lines.
-fn reference_script(root: &Path, script: &str, args: &[String]) -> Vec<String> {
+pub fn reference_script(root: &Path, script: &str, args: &[String]) -> Vec<String> {
     let out = Command::new("python3")
         .arg(root.join("tests/bench").join(script))
         .args(args)

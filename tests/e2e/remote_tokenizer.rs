@@ -63,7 +63,8 @@ fn a_lone_model_serves_lm_evals_remote_tokenizer() {
     let (status, back) = d.post("/detokenize", &json!({"tokens": t["tokens"]}));
     assert_eq!((status, &back["prompt"]), (200, &json!("Hello world")));
 
-    let body = json!({"prompt": t["tokens"], "max_tokens": 2, "temperature": 0});
+    // lm-eval given no model name sends `"model": null`.
+    let body = json!({"model": null, "prompt": t["tokens"], "max_tokens": 2, "temperature": 0});
     let (status, r) = d.post("/v1/completions", &body);
     assert_eq!(status, 200, "{r}");
     assert_eq!(r["model"], MODEL, "{r}");
@@ -110,4 +111,13 @@ fn with_several_models_tokenizer_info_and_generations_need_model() {
         (404, &json!("model")),
         "{e}"
     );
+    // A query the route cannot read is the API's JSON error, as every other.
+    for bad in ["?model=a&model=b", "?model="] {
+        let (status, e) = d.get(&format!("/tokenizer_info{bad}"));
+        assert_eq!(
+            (status, &e["error"]["param"]),
+            (400, &json!("model")),
+            "{bad}: {e}"
+        );
+    }
 }

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Query, State};
 use axum::{Extension, Json};
 use pio_plugin_api::wire::{InferOutcome, TokenTable};
@@ -149,9 +149,21 @@ pub struct InfoQuery {
 /// its queue.
 pub async fn tokenizer_info(
     State(app): State<Arc<App>>,
-    Query(query): Query<InfoQuery>,
+    query: Result<Query<InfoQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query.map_err(|e| {
+        ApiError::bad_field(
+            "model",
+            format!("the query must be `?model=NAME` at most once: {e}"),
+        )
+    })?;
     let model = match query.model {
+        Some(m) if m.is_empty() => {
+            return Err(ApiError::bad_field(
+                "model",
+                "`model` must be a non-empty string",
+            ))
+        }
         Some(m) => m,
         None => openai::sole_model(&app.models.names())?,
     };

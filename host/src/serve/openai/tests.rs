@@ -827,6 +827,10 @@ fn model_may_be_left_out_only_when_one_is_served() {
         &Limits::default(),
     )
     .unwrap();
+    // `null` is taken as left out (lm-eval sends it; vLLM accepts it).
+    let mut null = json!({"model": null, "prompt": "a"});
+    assert_eq!(model_of(&mut null, &names(&["m"])).unwrap(), "m");
+    assert_eq!(null["model"], "m");
     // A named model is taken as named, even one not served (the lookup answers 404).
     let mut named = json!({"model": "x", "prompt": "a"});
     assert_eq!(model_of(&mut named, &names(&["m"])).unwrap(), "x");
