@@ -9,7 +9,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use pio_host::discovery::{self, Candidate, SearchPaths};
 use pio_host::hub::{Hub, RemoteFile};
 use pio_host::manifest::{Manifest, Tier};
-use pio_host::probe::{LibraryReport, Prober};
+use pio_host::probe::{LibraryReport, ProbeError, Prober};
 use pio_plugin_api::wire::WeightQuantization;
 
 use crate::cli_run::parse_tier;
@@ -103,9 +103,11 @@ pub fn run(args: PullArgs) -> anyhow::Result<u8> {
     let candidates = discovery::discover(&search, &prober)?;
     let chosen = serving(&candidates, &search, &prober, &pulled.architecture)?;
     let name = manifest_name(&args, &chosen)?;
-    manifest_path(&chosen, name, dir, &pulled.dest, args.force)?;
+    let path = manifest_path(&chosen, name, dir, &pulled.dest, args.force)?;
+    let text = manifest_text(&args, &chosen, &pulled)?;
+    check_config(&prober, &chosen, &path, &text)?;
     download_all(&hub, &pulled.repo, &pulled.commit, &rest, &pulled.dest)?;
-    let path = write_manifest(&args, &chosen, dir, &pulled)?;
+    write_manifest(&path, &text)?;
     eprintln!(
         "wrote {} (plugin {}); `pio serve --plugins {}` serves it",
         path.display(),
@@ -307,19 +309,31 @@ fn manifest_path(
     Ok(path)
 }
 
-/// A manifest for `chosen` over the `pulled` snapshot, written into `dir`; its path.
-fn write_manifest(
-    args: &PullArgs,
-    chosen: &Chosen,
-    dir: &Path,
-    pulled: &Pulled,
-) -> anyhow::Result<PathBuf> {
+/// The plugin's word on the manifest about to be written (`supports_config`: a quantization or
+/// an option it does not have), asked before the weights are fetched rather than at the first
+/// load after them.
+fn check_config(prober: &Prober, chosen: &Chosen, path: &Path, text: &str) -> anyhow::Result<()> {
+    let manifest = Manifest::parse(path, text)
+        .with_context(|| format!("the manifest for {} does not parse", path.display()))?;
+    let config = pio_host::launch::model_config(&manifest, path);
+    match prober.probe_for(&chosen.library, Some(&config)) {
+        Err(ProbeError::ConfigRefused { message, .. }) => bail!(
+            "plugin {} refuses this model's settings: {message}; only config.json was downloaded",
+            chosen.report.name
+        ),
+        // The library answered the same probe a moment ago: any other failure is the load's
+        // to report.
+        _ => Ok(()),
+    }
+}
+
+/// The manifest for `chosen` over the `pulled` snapshot.
+fn manifest_text(args: &PullArgs, chosen: &Chosen, pulled: &Pulled) -> anyhow::Result<String> {
     let Pulled {
         dest, repo, commit, ..
     } = pulled;
     let report = &chosen.report;
     let name = manifest_name(args, chosen)?;
-    let path = manifest_path(chosen, name, dir, dest, args.force)?;
     let api = semver::Version::parse(&report.api_version).map_or_else(
         |_| report.api_version.clone(),
         |v| format!("^{}.{}", v.major, v.minor),
@@ -357,18 +371,21 @@ fn write_manifest(
         table.insert("limits".into(), limits);
     }
     table.insert("model".into(), model.into());
-    let text = format!(
+    Ok(format!(
         "# Written by `pio pull {repo}` ({commit}).\n{}",
         toml::to_string(&table)?
-    );
+    ))
+}
+
+/// Writes the manifest `text` at `path`.
+fn write_manifest(path: &Path, text: &str) -> anyhow::Result<()> {
     // The one replaced is kept, unless it says the same (a second pull of the same snapshot).
-    let old = std::fs::read_to_string(&path).ok();
+    let old = std::fs::read_to_string(path).ok();
     if old.as_ref().is_some_and(|old| *old != text) {
-        std::fs::copy(&path, path.with_extension("toml.bak"))
+        std::fs::copy(path, path.with_extension("toml.bak"))
             .with_context(|| format!("cannot back up {}", path.display()))?;
     }
-    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(path)
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// The name the manifest serves the model under: `--name`, else the plugin's own (held to the

@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use crate::daemon::qwen_dir;
+use crate::daemon::{echo_dir, qwen_dir};
 use crate::hub::FakeHub;
 use crate::support::{pio_bin, plugin_lib, repo_root};
 use crate::worker::confinement_available;
@@ -254,6 +254,63 @@ fn corrupted_downloads_unknown_architectures_and_missing_repositories_are_refuse
     );
     let out = pull(&hub, plugins.path(), &["not-a-repo", "--plugins", dir]);
     assert!(stderr(&out).contains("OWNER/NAME"), "{}", stderr(&out));
+}
+
+/// The plugin is asked about the manifest it will get (`supports_config`) before the weights
+/// are fetched: a quantization it does not have fails the pull with its words, having
+/// downloaded only `config.json`, and no manifest is written.
+#[test]
+fn a_setting_the_plugin_refuses_fails_before_the_weights_are_fetched() {
+    if !confinement_available() {
+        return;
+    }
+    // A snapshot whose architecture the echo plugin (family `echo`) serves.
+    let snapshot = tempfile::tempdir().unwrap();
+    let fixture = repo_root().join("tests/fixtures/qwen3-tiny");
+    for entry in std::fs::read_dir(&fixture).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, snapshot.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let config = snapshot.path().join("config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("Qwen3ForCausalLM", "echo")).unwrap();
+    let hub = FakeHub::start(&[("tiny/echo", snapshot.path().to_path_buf())]);
+    let plugins = echo_dir("");
+    let models = open_dir();
+    let (dir, m) = (
+        plugins.path().to_str().unwrap(),
+        models.path().to_str().unwrap(),
+    );
+    let args = [
+        "tiny/echo",
+        "--plugins",
+        dir,
+        "--models",
+        m,
+        "--name",
+        "pulled",
+    ];
+    let out = pull(
+        &hub,
+        plugins.path(),
+        &[&args[..], &["--quantization", "q4"]].concat(),
+    );
+    let e = stderr(&out);
+    assert!(!out.status.success(), "{e}");
+    assert!(
+        e.contains("refuses") && e.contains("no weights to quantize"),
+        "{e}"
+    );
+    let fetched: Vec<_> = std::fs::read_dir(models.path().join("tiny/echo"))
+        .unwrap()
+        .map(|f| f.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(fetched, ["config.json"], "only the config");
+    assert!(!plugins.path().join("pulled.toml").exists());
+    // Without it the same pull goes through.
+    let out = pull(&hub, plugins.path(), &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(plugins.path().join("pulled.toml").exists());
 }
 
 /// Into an empty plugin directory: the plugin is found by probing the libraries in a library
