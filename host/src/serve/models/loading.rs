@@ -1,291 +1,19 @@
-//! The models the daemon serves: which plugins exist (from discovery, kept current by hot plug),
-//! which are loaded, loading on demand and on command, blue/green reloads, idle unloading and the
-//! cap on loaded models.
+//! Loading and unloading: on demand and on command, the cap on loaded models, blue/green
+//! reloads, idle unloading, retries of failed preloads, and the stop of every deployment.
 
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use pio_plugin_api::Capabilities;
 
 use tokio::sync::watch;
 
-use super::book::{
-    lock, park, retire, retry_backoff, status_of, take_deployment, Inner, LoadResult, Slot,
-    LOAD_RETRY,
+use super::Models;
+use crate::serve::book::{
+    lock, park, retire, retry_backoff, take_deployment, Inner, LoadResult, Slot,
 };
-use super::deployment::{deploy, Deployment, Lease, Refusal};
-use super::error::ApiError;
-use super::hotplug::{check_one, scan};
-use super::library::LibraryStore;
-pub use super::status::PluginStatus;
-use crate::config::Config;
-use crate::discovery::{self, SearchPaths};
-use crate::probe::Prober;
-use crate::sandbox::Policy;
-
-/// Everything fixed for the daemon's lifetime that loading a plugin needs.
-#[derive(Debug)]
-pub struct Setup {
-    /// The configuration, flags applied, as the daemon started (see [`Models::config`] for the
-    /// one in force).
-    pub config: Config,
-    /// The file it came from, re-read on `SIGHUP`.
-    pub config_path: Option<PathBuf>,
-    /// Where plugins are looked for.
-    pub search: SearchPaths,
-    /// The sandbox policy, flags applied.
-    pub policy: Policy,
-    /// The `pio` executable (probes and workers).
-    pub exe: PathBuf,
-    /// The library copies workers run.
-    pub store: LibraryStore,
-    /// systemd's notification socket, when systemd started the daemon (`Type=notify`).
-    pub systemd: Option<Arc<super::systemd::Notifier>>,
-}
-
-/// The daemon's models.
-pub struct Models {
-    setup: Setup,
-    /// The configuration in force: the setup's, replaced on each `SIGHUP` reload.
-    config: std::sync::RwLock<Arc<Config>>,
-    inner: Mutex<Inner>,
-    /// Set by [`Models::stop_all`]: a load that ends after it is stopped, not kept.
-    stopping: std::sync::atomic::AtomicBool,
-}
+use crate::serve::deployment::{deploy, Deployment};
+use crate::serve::error::ApiError;
 
 impl Models {
-    /// No models yet; [`Models::rescan`] finds them.
-    pub fn new(setup: Setup) -> Arc<Self> {
-        Arc::new(Self {
-            config: std::sync::RwLock::new(Arc::new(setup.config.clone())),
-            setup,
-            inner: Mutex::default(),
-            stopping: std::sync::atomic::AtomicBool::new(false),
-        })
-    }
-
-    /// The setup it runs with.
-    pub fn setup(&self) -> &Setup {
-        &self.setup
-    }
-
-    /// The configuration in force.
-    pub fn config(&self) -> Arc<Config> {
-        self.config
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Puts `config` in force; requests already running keep what they started with.
-    pub fn set_config(&self, config: Config) {
-        *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
-    }
-
-    /// Starts loading every unloaded plugin the configuration in force preloads.
-    pub fn preload_now(self: &Arc<Self>) {
-        self.warn_missing_preloads();
-        let config = self.config();
-        let mut inner = lock(&self.inner);
-        let names: Vec<String> = inner
-            .entries
-            .iter()
-            .filter(|(n, e)| matches!(e.slot, Slot::Unloaded) && config.server.preloads(n))
-            .map(|(n, _)| n.clone())
-            .collect();
-        self.preload(&mut inner, &names, config.server.max_loaded_models);
-    }
-
-    /// Warns of each name in `server.preload` that no manifest serves (a typo would otherwise
-    /// show only as a `/ready` that never turns 200).
-    pub fn warn_missing_preloads(&self) {
-        let config = self.config();
-        let inner = lock(&self.inner);
-        for name in &config.server.preload {
-            if name != "*" && !inner.entries.contains_key(name) {
-                tracing::warn!(
-                    "server.preload names {name}, which no manifest that passed its checks serves: `pio list` shows them; /ready waits for it"
-                );
-            }
-        }
-    }
-
-    /// Starts loading `names`, no more than `cap` holds beside what is loaded (0: no cap); the
-    /// rest wait for their first request, parked (so `/ready` does not wait for them).
-    fn preload(self: &Arc<Self>, inner: &mut Inner, names: &[String], cap: usize) {
-        let room = inner.free_places(cap);
-        for (i, name) in names.iter().enumerate() {
-            if i < room {
-                self.begin_load(inner, name);
-            } else if let Some(entry) = inner.entries.get_mut(name) {
-                tracing::info!(plugin = %name, "not preloaded: server.max_loaded_models = {cap} are loaded; it loads on its first request (or POST /v1/plugins/{name}/load)");
-                entry.over_cap = true;
-            }
-        }
-    }
-
-    /// Whether a load of `name` would start a worker (it is not loaded, or quarantined): then
-    /// an admin load checks its files again first.
-    pub fn loads_afresh(&self, name: &str) -> Result<bool, ApiError> {
-        Ok(match &lock(&self.inner).entry(name)?.slot {
-            Slot::Loaded(d) => d.quarantined(),
-            Slot::Loading(_) => false,
-            Slot::Unloaded => true,
-        })
-    }
-
-    /// Probes libraries as the workers' user.
-    fn prober(&self) -> Prober {
-        Prober::new(self.setup.exe.clone())
-            .with_user(self.setup.policy.worker_uid, self.setup.policy.worker_gid)
-    }
-
-    /// Checks `name`'s manifest and library again and takes them in, so that an admin load or
-    /// reload runs the files as they are now, not as last checked (with `watch = false` nothing
-    /// else sees them change). Files that fail their checks are refused with why (409), and
-    /// what is served stays.
-    pub async fn recheck(&self, name: &str) -> Result<(), ApiError> {
-        let path = {
-            let inner = lock(&self.inner);
-            let entry = inner.entry(name)?;
-            // Unloaded with its own files broken: what a load would serve is the fallback.
-            match (&entry.slot, &entry.fallback) {
-                (Slot::Unloaded, Some(older)) => older.manifest_path.clone(),
-                _ => entry.found.manifest_path.clone(),
-            }
-        };
-        let (search, prober) = (self.setup.search.clone(), self.prober());
-        let checked = tokio::task::spawn_blocking(move || check_one(&path, &search, &prober))
-            .await
-            .map_err(|e| ApiError::internal(e.to_string()))?;
-        let found = checked.map_err(|why| {
-            ApiError::conflict(format!(
-                "plugin {name} fails its checks: {why}; fix its files and ask again"
-            ))
-        })?;
-        if found.manifest.name != name {
-            return Err(ApiError::conflict(format!(
-                "{} now names plugin {}: not taken as {name}'s; a rescan serves it under its new name",
-                found.manifest_path.display(),
-                found.manifest.name
-            )));
-        }
-        let mut inner = lock(&self.inner);
-        let entry = inner.entry_mut(name)?;
-        if entry
-            .fallback
-            .as_ref()
-            .is_some_and(|f| f.manifest_path == found.manifest_path)
-        {
-            entry.fallback = None;
-        }
-        entry.found = found;
-        Ok(())
-    }
-
-    /// Scans the plugin directories and brings the served set in line: new plugins are added
-    /// (and loaded when preloaded), changed ones reloaded blue/green, removed ones drained and
-    /// unloaded. A manifest that fails its checks is reported and changes nothing else.
-    pub async fn rescan(self: &Arc<Self>) -> Result<(), discovery::ScanError> {
-        let (search, prober) = (self.setup.search.clone(), self.prober());
-        let found = tokio::task::spawn_blocking(move || scan(&search, &prober))
-            .await
-            .unwrap_or_else(|e| Ok((Vec::new(), vec![(PathBuf::new(), e.to_string())])))?;
-        let (found, broken) = found;
-        let preload = |name: &str| self.config().server.preloads(name);
-        let (reload, unload) = {
-            let mut inner = lock(&self.inner);
-            let changes = inner.merge(found, broken, preload);
-            // Loading from this moment, so `/ready` never sees a preloaded plugin as idle.
-            let cap = self.config().server.max_loaded_models;
-            self.preload(&mut inner, &changes.load, cap);
-            let unload: Vec<_> = changes
-                .gone
-                .into_iter()
-                .map(|name| {
-                    // Out of the map at once: new requests get 404 instead of loading it again.
-                    let deployment = take_deployment(&mut inner, &name);
-                    inner.entries.remove(&name);
-                    (name, deployment)
-                })
-                .collect();
-            (changes.reload, unload)
-        };
-        for name in reload {
-            let this = self.clone();
-            tokio::spawn(async move { this.reload(&name).await });
-        }
-        for (name, deployment) in unload {
-            tracing::info!(plugin = %name, "plugin removed; draining and unloading it");
-            if let Some(d) = deployment {
-                let deadline = self.drain_timeout();
-                tokio::spawn(async move { d.drain_and_stop(deadline).await });
-            }
-        }
-        Ok(())
-    }
-
-    /// A lease on `name`'s deployment for one request, loading it first when allowed.
-    pub async fn acquire(self: &Arc<Self>, name: &str) -> Result<Lease, ApiError> {
-        self.acquire_places(name, 1).await
-    }
-
-    /// A lease on `name`'s deployment for a request of `places` sequences (`n` choices), each
-    /// a place of `server.queue_depth`, loading it first when allowed.
-    pub async fn acquire_places(
-        self: &Arc<Self>,
-        name: &str,
-        places: usize,
-    ) -> Result<Lease, ApiError> {
-        let config = self.config();
-        let server = &config.server;
-        for _ in 0..3 {
-            let wait = {
-                let mut inner = lock(&self.inner);
-                let entry = inner.entry(name)?;
-                match &entry.slot {
-                    Slot::Loaded(d) => {
-                        return d.lease(server.queue_depth, places).map_err(|r| match r {
-                            Refusal::Full => ApiError::queue_full(name, server.queue_depth),
-                            Refusal::Unavailable(why) => ApiError::unavailable(format!(
-                                "model `{name}` cannot serve now: {why}"
-                            )),
-                        })
-                    }
-                    Slot::Loading(rx) => rx.clone(),
-                    Slot::Unloaded if entry.failed_at.is_some_and(|t| t.elapsed() < LOAD_RETRY) => {
-                        // A plugin that just failed to load is not started again per request.
-                        let why = entry.last_error.clone().unwrap_or_default();
-                        return Err(ApiError::internal(format!(
-                            "{why} (on-demand loading retries after {} s; POST /v1/plugins/{name}/load to retry now)",
-                            LOAD_RETRY.as_secs()
-                        )));
-                    }
-                    Slot::Unloaded if server.load_on_demand => self.begin_load(&mut inner, name),
-                    Slot::Unloaded => {
-                        return Err(ApiError::unavailable(format!(
-                        "model `{name}` is not loaded; load it with POST /v1/plugins/{name}/load"
-                    )))
-                    }
-                }
-            };
-            let deadline = Duration::from_secs(server.load_wait_secs);
-            match tokio::time::timeout(deadline, finished(wait)).await {
-                Ok(Ok(())) => continue,
-                Ok(Err(e)) => return Err(e),
-                Err(_) => {
-                    return Err(ApiError::unavailable(format!(
-                        "model `{name}` is still loading; retry shortly"
-                    )))
-                }
-            }
-        }
-        Err(ApiError::unavailable(format!(
-            "model `{name}` was unloaded while the request waited for it; retry"
-        )))
-    }
-
     /// Loads `name` unless it is loaded; waits until it is.
     pub async fn load(self: &Arc<Self>, name: &str) -> Result<(), ApiError> {
         let wait = {
@@ -309,7 +37,11 @@ impl Models {
         }
     }
 
-    fn begin_load(self: &Arc<Self>, inner: &mut Inner, name: &str) -> watch::Receiver<LoadResult> {
+    pub(super) fn begin_load(
+        self: &Arc<Self>,
+        inner: &mut Inner,
+        name: &str,
+    ) -> watch::Receiver<LoadResult> {
         let (tx, rx) = watch::channel(None);
         if let Some(entry) = inner.entries.get_mut(name) {
             entry.slot = Slot::Loading(rx.clone());
@@ -605,46 +337,10 @@ impl Models {
             let _ = self.unload(&name).await;
         }
     }
-
-    fn drain_timeout(&self) -> Duration {
-        Duration::from_secs(self.config().server.drain_timeout_secs)
-    }
-
-    /// Every plugin with where it stands, and the manifests that failed their checks.
-    pub fn statuses(&self) -> (Vec<PluginStatus>, Vec<(PathBuf, String)>) {
-        let inner = lock(&self.inner);
-        let plugins = inner.entries.values().map(status_of).collect();
-        let broken = inner
-            .broken
-            .iter()
-            .map(|(p, w)| (p.clone(), w.clone()))
-            .collect();
-        (plugins, broken)
-    }
-
-    /// Capabilities `name` declares, or `None` if nobody serves it.
-    pub fn capabilities(&self, name: &str) -> Option<Capabilities> {
-        lock(&self.inner)
-            .entries
-            .get(name)
-            .map(|e| e.found.report.capabilities)
-    }
-
-    /// `name`'s deployment when it is loaded, without taking a place of its queue.
-    pub fn loaded(&self, name: &str) -> Option<Arc<Deployment>> {
-        match &lock(&self.inner).entries.get(name)?.slot {
-            Slot::Loaded(d) => Some(d.clone()),
-            _ => None,
-        }
-    }
-
-    /// The names of the models served, loaded or not, in name order.
-    pub fn names(&self) -> Vec<String> {
-        lock(&self.inner).entries.keys().cloned().collect()
-    }
 }
 
-async fn finished(mut rx: watch::Receiver<LoadResult>) -> Result<(), ApiError> {
+/// Waits for a load to end: its result.
+pub(super) async fn finished(mut rx: watch::Receiver<LoadResult>) -> Result<(), ApiError> {
     match rx.wait_for(Option::is_some).await {
         Ok(v) => v.clone().unwrap_or(Ok(())),
         Err(_) => Err(ApiError::internal("the load was abandoned")),
