@@ -3,9 +3,8 @@
 //! (a plugin stuck in a loop cannot be cancelled), and a plugin that keeps crashing is
 //! quarantined. Requests in flight when a worker dies get an error saying how it died.
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pio_plugin_api::wire::{EngineStats, InferRequest, ModelConfig, ModelInfo};
 use serde::Serialize;
@@ -13,10 +12,14 @@ use tokio::sync::{mpsc, watch};
 
 use super::engine_counts::EngineCounts;
 use super::forward::Forward;
+
 use super::handle::{Event, Worker, WorkerError, WorkerSpec};
 use crate::fault::Fault;
 use crate::protocol::WireError;
 use crate::sandbox::cgroup::Stats;
+
+mod monitor;
+use monitor::monitor;
 
 /// The request deadline `maximum` imposes when the operator sets none.
 pub const MAXIMUM_WATCHDOG: Duration = Duration::from_secs(600);
@@ -314,180 +317,6 @@ impl Drop for Supervised {
 
 pub(super) fn err(kind: Fault, message: String) -> WorkerError {
     WorkerError(WireError::new(kind, message))
-}
-
-/// Watches the current worker; replaces it when it dies or stops answering.
-async fn monitor(
-    spec: WorkerSpec,
-    config: ModelConfig,
-    policy: RestartPolicy,
-    shared: Arc<Mutex<Shared>>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut crashes: VecDeque<Instant> = VecDeque::new();
-    let mut backoff = policy.initial_backoff;
-    loop {
-        let Some(worker) = lock(&shared).worker.clone() else {
-            return;
-        };
-        let reason = tokio::select! {
-            why = worker.exited() => why,
-            why = watch_health(&worker, &policy, &shared) => {
-                worker.kill_because(why);
-                worker.exited().await
-            }
-            _ = stopped(&mut stop) => return,
-        };
-        if *stop.borrow() {
-            return;
-        }
-        // Its cgroup stays until the last handle goes: its final counters are still there.
-        let last = worker.stats();
-        let now = Instant::now();
-        crashes.push_back(now);
-        while crashes
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > policy.window)
-        {
-            crashes.pop_front();
-        }
-        {
-            let mut s = lock(&shared);
-            s.worker = None;
-            // The next worker's engine counts from nothing: its figures must not be taken
-            // for older ones than these, and the counters so far are kept.
-            let engine = s.engine.take().map(|e| EngineCounts::of(&e));
-            s.retired.engine = EngineCounts::sum(s.retired.engine, engine);
-            s.retired.add(last.as_ref());
-            s.last_error = Some(reason.clone());
-            if crashes.len() > policy.max_crashes {
-                let why = format!(
-                    "{} failures within {} s, the last: {reason}",
-                    crashes.len(),
-                    policy.window.as_secs()
-                );
-                quarantine(&mut s, &spec.name, why);
-                return;
-            }
-            s.state = State::Restarting;
-        }
-        tracing::warn!(plugin = %spec.name, "{reason}; restarting in {backoff:?}");
-        let restart = Restart {
-            spec: &spec,
-            config: &config,
-            policy: &policy,
-            shared: &shared,
-        };
-        if !restart
-            .until_up(&mut crashes, &mut backoff, &mut stop)
-            .await
-        {
-            return;
-        }
-    }
-}
-
-/// Takes the plugin out of service for `why`, saying so in the log: an operator reading it is
-/// the one who can end it.
-fn quarantine(s: &mut Shared, name: &str, why: String) {
-    tracing::error!(
-        plugin = %name,
-        "quarantined, requests get 503 until an operator loads it again (fix the plugin, then POST /v1/plugins/{name}/load): {why}"
-    );
-    s.state = State::Quarantined(format!(
-        "{why}; fix the plugin, then load it again (POST /v1/plugins/{name}/load)"
-    ));
-}
-
-/// What restarting a plugin's worker takes.
-struct Restart<'a> {
-    spec: &'a WorkerSpec,
-    config: &'a ModelConfig,
-    policy: &'a RestartPolicy,
-    shared: &'a Arc<Mutex<Shared>>,
-}
-
-impl Restart<'_> {
-    /// Starts a new worker after each backoff (doubling up to the policy's most) until one
-    /// loads; false when monitoring ends instead: the plugin was stopped meanwhile (a start
-    /// under way is abandoned, its worker killed), or too many starts failed and it is
-    /// quarantined.
-    async fn until_up(
-        &self,
-        crashes: &mut VecDeque<Instant>,
-        backoff: &mut Duration,
-        stop: &mut watch::Receiver<bool>,
-    ) -> bool {
-        loop {
-            let started = tokio::select! {
-                started = async {
-                    tokio::time::sleep(*backoff).await;
-                    start_and_load(self.spec, self.config).await
-                } => started,
-                _ = stopped(stop) => return false,
-            };
-            *backoff = (*backoff * 2).min(self.policy.max_backoff);
-            match started {
-                Ok((worker, _)) => {
-                    let mut s = lock(self.shared);
-                    if s.state == State::Stopped {
-                        worker.kill();
-                        return false;
-                    }
-                    s.worker = Some(Arc::new(worker));
-                    s.state = State::Ready;
-                    s.restarts += 1;
-                    return true;
-                }
-                Err((e, last)) => {
-                    crashes.push_back(Instant::now());
-                    let mut s = lock(self.shared);
-                    s.retired.add(last.as_ref());
-                    s.last_error = Some(e.to_string());
-                    if crashes.len() > self.policy.max_crashes {
-                        quarantine(&mut s, &self.spec.name, format!("restarting failed: {e}"));
-                        return false;
-                    }
-                    tracing::warn!(plugin = %self.spec.name, "restarting failed: {e}; trying again in {backoff:?}");
-                }
-            }
-        }
-    }
-}
-
-/// Resolves once the plugin is stopped on purpose.
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
-}
-
-/// Resolves only when the worker fails a health check; yields why. Each check also asks, on the
-/// side, for the engine's figures, so the gauges are live rather than as of the last finished
-/// request (at most one ask at a time: a slow answer must not delay the next check).
-async fn watch_health(
-    worker: &Arc<Worker>,
-    policy: &RestartPolicy,
-    shared: &Arc<Mutex<Shared>>,
-) -> String {
-    let asking = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    loop {
-        tokio::time::sleep(policy.health_interval).await;
-        if worker.ping(policy.health_deadline).await.is_err() {
-            return format!(
-                "was stopped: it did not answer a health check within {:?}",
-                policy.health_deadline
-            );
-        }
-        if !asking.swap(true, std::sync::atomic::Ordering::AcqRel) {
-            let (worker, shared, asking) = (worker.clone(), shared.clone(), asking.clone());
-            let deadline = policy.health_deadline;
-            tokio::spawn(async move {
-                if let Some(figures) = worker.engine_stats(deadline).await {
-                    lock(&shared).keep_newest(&worker, figures);
-                }
-                asking.store(false, std::sync::atomic::Ordering::Release);
-            });
-        }
-    }
 }
 
 #[cfg(test)]
