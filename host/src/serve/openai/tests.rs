@@ -18,6 +18,15 @@ fn assert_refused(got: Result<Parsed, ApiError>, param: &str, words: &str) {
     assert!(e.message.contains(words), "{param}: {}", e.message);
 }
 
+/// `body` parsed for `endpoint` under the default limits.
+fn parse_default(
+    body: &Value,
+    endpoint: Endpoint,
+    capabilities: Capabilities,
+) -> Result<Parsed, ApiError> {
+    parse(body, endpoint, capabilities, &Limits::default())
+}
+
 fn caps(names: &[&str]) -> Capabilities {
     names.iter().fold(Capabilities::empty(), |c, n| {
         c.union(Capabilities::from_name(n).unwrap())
@@ -34,13 +43,7 @@ fn chat_fields_map_onto_the_plugin_request() {
         "chat_template_kwargs": {"enable_thinking": false}, "stream": true,
         "stream_options": {"include_usage": true},
     });
-    let p = parse(
-        &body,
-        Endpoint::Chat,
-        caps(&["chat", "logprobs"]),
-        &Limits::default(),
-    )
-    .unwrap();
+    let p = parse_default(&body, Endpoint::Chat, caps(&["chat", "logprobs"])).unwrap();
     let r = &p.request;
     assert_eq!(
         (r.max_tokens, r.temperature, r.top_p, r.top_k),
@@ -83,37 +86,13 @@ fn tools_follow_tool_choice_and_the_capability() {
     let tools = json!([{"type": "function", "function": {"name": "f"}}]);
     let body = |choice: Value| json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": tools, "tool_choice": choice});
     let with_tools = caps(&["chat", "tools"]);
-    let p = parse(
-        &body(json!("auto")),
-        Endpoint::Chat,
-        with_tools,
-        &Limits::default(),
-    )
-    .unwrap();
+    let p = parse_default(&body(json!("auto")), Endpoint::Chat, with_tools).unwrap();
     assert_eq!(p.request.tools.map(|t| t.len()), Some(1));
-    let p = parse(
-        &body(json!("none")),
-        Endpoint::Chat,
-        caps(&["chat"]),
-        &Limits::default(),
-    )
-    .unwrap();
+    let p = parse_default(&body(json!("none")), Endpoint::Chat, caps(&["chat"])).unwrap();
     assert_eq!(p.request.tools, None);
-    let e = parse(
-        &body(json!("required")),
-        Endpoint::Chat,
-        with_tools,
-        &Limits::default(),
-    )
-    .unwrap_err();
+    let e = parse_default(&body(json!("required")), Endpoint::Chat, with_tools).unwrap_err();
     assert_eq!(e.param.as_deref(), Some("tool_choice"));
-    let e = parse(
-        &body(json!("auto")),
-        Endpoint::Chat,
-        caps(&["chat"]),
-        &Limits::default(),
-    )
-    .unwrap_err();
+    let e = parse_default(&body(json!("auto")), Endpoint::Chat, caps(&["chat"])).unwrap_err();
     assert_eq!(e.param.as_deref(), Some("tools"));
 }
 
@@ -143,7 +122,7 @@ fn completion_prompts_and_limits() {
         Some(50),
         "the cap is a chat's default"
     );
-    let p = parse(&chat, Endpoint::Chat, caps(&["chat"]), &Limits::default()).unwrap();
+    let p = parse_default(&chat, Endpoint::Chat, caps(&["chat"])).unwrap();
     assert_eq!(
         p.request.max_tokens, None,
         "no cap: a chat runs to the context"
@@ -202,7 +181,7 @@ fn tool_choice_forces_calls_to_offered_tools_on_models_that_constrain_output() {
         )
     };
     let all = caps(&["chat", "tools", "structured_output"]);
-    let parsed = |extra| parse(&chat(extra), Endpoint::Chat, all, &Limits::default());
+    let parsed = |extra| parse_default(&chat(extra), Endpoint::Chat, all);
     let p = parsed(json!({"tools": tools, "tool_choice": "required"})).unwrap();
     assert_eq!(
         p.structure,
@@ -269,21 +248,19 @@ fn tool_choice_forces_calls_to_offered_tools_on_models_that_constrain_output() {
         assert!(e.message.contains(needle), "{}", e.message);
     }
     let plain = caps(&["chat", "tools"]);
-    let e = parse(
+    let e = parse_default(
         &chat(json!({"response_format": {"type": "json_object"}})),
         Endpoint::Chat,
         plain,
-        &Limits::default(),
     )
     .unwrap_err();
     assert_eq!(e.param.as_deref(), Some("response_format"));
     assert!(e.message.contains("does not declare"), "{}", e.message);
     let completion = json!({"model": "m", "prompt": "x", "guided_regex": "[0-9]+"});
-    let p = parse(
+    let p = parse_default(
         &completion,
         Endpoint::Completions,
         caps(&["text", "structured_output"]),
-        &Limits::default(),
     )
     .unwrap();
     assert!(matches!(
@@ -303,7 +280,7 @@ fn vllm_min_tokens_and_ignore_eos_reach_the_plugin_checked() {
             extra,
         );
         let caps = caps(&["text", "structured_output"]);
-        parse(&body, Endpoint::Completions, caps, &Limits::default())
+        parse_default(&body, Endpoint::Completions, caps)
     };
     let p = parse_completion(json!({"min_tokens": 3, "ignore_eos": true})).unwrap();
     assert_eq!(
@@ -328,7 +305,7 @@ fn a_chat_can_continue_its_final_message_or_leave_the_turn_closed() {
                 {"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hel"}]}),
             extra,
         );
-        parse(&body, Endpoint::Chat, caps(&["chat"]), &Limits::default())
+        parse_default(&body, Endpoint::Chat, caps(&["chat"]))
     };
     let r = chat(json!({"continue_final_message": true}))
         .unwrap()
@@ -352,18 +329,12 @@ fn a_chat_can_continue_its_final_message_or_leave_the_turn_closed() {
 #[test]
 fn a_missing_field_is_named() {
     let body = json!({"model": "m"});
-    let e = parse(
-        &body,
-        Endpoint::Completions,
-        caps(&["text"]),
-        &Limits::default(),
-    )
-    .unwrap_err();
+    let e = parse_default(&body, Endpoint::Completions, caps(&["text"])).unwrap_err();
     assert_eq!(
         (e.param.as_deref(), e.message.as_str()),
         (Some("prompt"), "`prompt` is required")
     );
-    let e = parse(&body, Endpoint::Chat, caps(&["chat"]), &Limits::default()).unwrap_err();
+    let e = parse_default(&body, Endpoint::Chat, caps(&["chat"])).unwrap_err();
     assert_eq!(e.param.as_deref(), Some("messages"), "{e}");
 }
 
@@ -371,13 +342,7 @@ fn a_missing_field_is_named() {
 fn the_stop_string_can_end_the_output() {
     let body =
         json!({"model": "m", "prompt": "hi", "stop": ["\n"], "include_stop_str_in_output": true});
-    let p = parse(
-        &body,
-        Endpoint::Completions,
-        caps(&["text"]),
-        &Limits::default(),
-    )
-    .unwrap();
+    let p = parse_default(&body, Endpoint::Completions, caps(&["text"])).unwrap();
     assert!(p.request.include_stop_str_in_output);
 }
 
@@ -462,22 +427,10 @@ fn unimplemented_vllm_fields_are_refused_by_name() {
     harmless["best_of"] = json!(1);
     harmless["stop_token_ids"] = json!([]);
     harmless["prompt_logprobs"] = Value::Null;
-    let p = parse(
-        &harmless,
-        Endpoint::Chat,
-        caps(&["chat"]),
-        &Limits::default(),
-    )
-    .unwrap();
+    let p = parse_default(&harmless, Endpoint::Chat, caps(&["chat"])).unwrap();
     assert!(p.skip_special_tokens, "vLLM's default");
     harmless["skip_special_tokens"] = json!(false);
-    let p = parse(
-        &harmless,
-        Endpoint::Chat,
-        caps(&["chat"]),
-        &Limits::default(),
-    )
-    .unwrap();
+    let p = parse_default(&harmless, Endpoint::Chat, caps(&["chat"])).unwrap();
     assert!(!p.skip_special_tokens);
 }
 
@@ -523,13 +476,7 @@ fn errors_name_the_field_the_client_wrote_in_its_words() {
     assert!(!e.message.contains("f32"), "{}", e.message);
     let prompt = |p: Value| {
         let body = json!({"model": "m", "prompt": p});
-        parse(
-            &body,
-            Endpoint::Completions,
-            caps(&["text"]),
-            &Limits::default(),
-        )
-        .unwrap_err()
+        parse_default(&body, Endpoint::Completions, caps(&["text"])).unwrap_err()
     };
     assert!(prompt(Value::Null)
         .message
@@ -558,7 +505,7 @@ fn the_operators_default_beats_the_apis() {
     // A chat whose operator's default is below its min_tokens is refused, not sent on.
     let chat =
         json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "min_tokens": 100});
-    let mut p = parse(&chat, Endpoint::Chat, caps(&["chat"]), &Limits::default()).unwrap();
+    let mut p = parse_default(&chat, Endpoint::Chat, caps(&["chat"])).unwrap();
     let e = default_limit(&mut p, Some(50), &Limits::default()).unwrap_err();
     assert_eq!(e.param.as_deref(), Some("min_tokens"), "{}", e.message);
 }
@@ -570,37 +517,31 @@ fn logit_bias_and_stop_token_ids_go_to_plugins_that_take_them() {
     let body = json!({"model": "m", "prompt": "hi", "logit_bias": {"7": -100, "3": 2.5},
         "stop_token_ids": [4, 5]});
     let all = caps(&["text", "logit_bias", "stop_token_ids"]);
-    let p = parse(&body, Endpoint::Completions, all, &Limits::default()).unwrap();
+    let p = parse_default(&body, Endpoint::Completions, all).unwrap();
     assert_eq!(p.request.logit_bias, vec![(3, 2.5), (7, -100.0)]);
     assert_eq!(p.request.stop_token_ids, vec![4, 5]);
     for (without, param) in [
         ("stop_token_ids", "logit_bias"),
         ("logit_bias", "stop_token_ids"),
     ] {
-        let e = parse(
-            &body,
-            Endpoint::Completions,
-            caps(&["text", without]),
-            &Limits::default(),
-        )
-        .unwrap_err();
+        let e = parse_default(&body, Endpoint::Completions, caps(&["text", without])).unwrap_err();
         assert_eq!(e.param.as_deref(), Some(param), "{}", e.message);
     }
     for n in [json!(-1), json!(0), json!(129)] {
         let body = json!({"model": "m", "prompt": "hi", "n": n});
-        let e = parse(&body, Endpoint::Completions, all, &Limits::default()).unwrap_err();
+        let e = parse_default(&body, Endpoint::Completions, all).unwrap_err();
         assert!(e.message.contains("from 1 to 128"), "{n}: {}", e.message);
     }
     let many: Vec<u32> = (0..1025).collect();
     let body = json!({"model": "m", "prompt": "hi", "stop_token_ids": many});
-    let e = parse(&body, Endpoint::Completions, all, &Limits::default()).unwrap_err();
+    let e = parse_default(&body, Endpoint::Completions, all).unwrap_err();
     assert_eq!(e.param.as_deref(), Some("stop_token_ids"), "{}", e.message);
     let repeated = json!({"model": "m", "prompt": "hi", "stop_token_ids": [9, 2, 9]});
-    let p = parse(&repeated, Endpoint::Completions, all, &Limits::default()).unwrap();
+    let p = parse_default(&repeated, Endpoint::Completions, all).unwrap();
     assert_eq!(p.request.stop_token_ids, vec![2, 9]);
     for bad in [json!({"x": 1}), json!({"1": 101}), json!({"1": "a"})] {
         let body = json!({"model": "m", "prompt": "hi", "logit_bias": bad});
-        let e = parse(&body, Endpoint::Completions, all, &Limits::default()).unwrap_err();
+        let e = parse_default(&body, Endpoint::Completions, all).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("logit_bias"), "{}", e.message);
     }
 }
@@ -618,7 +559,7 @@ fn token_prompts_echo_and_prompt_logprobs() {
     ]);
     let completion = |extra: Value| {
         let body = with(json!({"model": "m", "prompt": "hi"}), extra);
-        parse(&body, Endpoint::Completions, all, &Limits::default())
+        parse_default(&body, Endpoint::Completions, all)
     };
     for ids in [json!([5, 6]), json!([[5, 6]])] {
         let p = completion(json!({"prompt": ids})).unwrap();
@@ -676,7 +617,7 @@ fn token_prompts_echo_and_prompt_logprobs() {
     assert_eq!((p.shown.echo_top, p.shown.logprobs), (Some(1), Some(3)));
     let chat =
         json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "prompt_logprobs": 0});
-    let p = parse(&chat, Endpoint::Chat, all, &Limits::default()).unwrap();
+    let p = parse_default(&chat, Endpoint::Chat, all).unwrap();
     assert_eq!(p.request.prompt_logprobs, Some(0));
     assert!(p.shown.logprobs == Some(0) && !p.shown.echo);
     for (extra, param, words) in [
@@ -723,11 +664,11 @@ fn token_prompts_echo_and_prompt_logprobs() {
         (json!({"prompt": [1, 2]}), "prompt", "`token_prompts`"),
     ] {
         let body = with(json!({"model": "m", "prompt": "hi"}), extra);
-        let got = parse(&body, Endpoint::Completions, older, &Limits::default());
+        let got = parse_default(&body, Endpoint::Completions, older);
         assert_refused(got, param, capability);
     }
     let echo = with(json!({"model": "m", "prompt": "hi"}), json!({"echo": true}));
-    assert!(parse(&echo, Endpoint::Completions, older, &Limits::default()).is_ok());
+    assert!(parse_default(&echo, Endpoint::Completions, older).is_ok());
 }
 
 /// OpenAI's deprecated `functions` and `function_call` are refused by name, saying what to send
@@ -739,12 +680,7 @@ fn deprecated_functions_are_refused_naming_tools() {
             json!({"model": "m", "messages": [{"role": "user", "content": "x"}]}),
             extra,
         );
-        parse(
-            &body,
-            Endpoint::Chat,
-            caps(&["chat", "tools"]),
-            &Limits::default(),
-        )
+        parse_default(&body, Endpoint::Chat, caps(&["chat", "tools"]))
     };
     assert_refused(
         chat(json!({"functions": [{"name": "f"}]})),
@@ -769,13 +705,7 @@ fn errors_name_the_prompt_they_are_about() {
     use crate::protocol::WireError;
     use crate::serve::error::ApiError;
     let body = json!({"model": "m", "prompt": ["a", "b"], "n": 2});
-    let p = parse(
-        &body,
-        Endpoint::Completions,
-        caps(&["text"]),
-        &Limits::default(),
-    )
-    .unwrap();
+    let p = parse_default(&body, Endpoint::Completions, caps(&["text"])).unwrap();
     let vocab = WireError::new(
         Fault::InvalidInput,
         "prompt: token 9 is not in the vocabulary",
@@ -795,13 +725,7 @@ fn errors_name_the_prompt_they_are_about() {
     assert_eq!(e.param.as_deref(), Some("logit_bias"), "{}", e.message);
     assert!(e.message.starts_with("logit_bias"), "{}", e.message);
     let one = json!({"model": "m", "prompt": "a"});
-    let p = parse(
-        &one,
-        Endpoint::Completions,
-        caps(&["text"]),
-        &Limits::default(),
-    )
-    .unwrap();
+    let p = parse_default(&one, Endpoint::Completions, caps(&["text"])).unwrap();
     assert_eq!(
         ApiError::of_choice(vocab, &p, 0).param.as_deref(),
         Some("prompt")
@@ -820,13 +744,7 @@ fn model_may_be_left_out_only_when_one_is_served() {
     assert_eq!(model_of(&mut unnamed, &names(&["m"])).unwrap(), "m");
     // Written in, so that the parse finds it.
     assert_eq!(unnamed["model"], "m");
-    parse(
-        &unnamed,
-        Endpoint::Completions,
-        caps(&["text"]),
-        &Limits::default(),
-    )
-    .unwrap();
+    parse_default(&unnamed, Endpoint::Completions, caps(&["text"])).unwrap();
     // `null` is taken as left out (lm-eval sends it; vLLM accepts it).
     let mut null = json!({"model": null, "prompt": "a"});
     assert_eq!(model_of(&mut null, &names(&["m"])).unwrap(), "m");
