@@ -43,6 +43,15 @@ pub enum EngineError {
     /// A request the model cannot serve (an empty prompt, an image it cannot read).
     #[error("{0}")]
     InvalidInput(String),
+    /// The request's image `index` (in the order its messages hold them) that the model's
+    /// processor cannot take; the plugin side names the message part it came in.
+    #[error("image {}: {error}", index + 1)]
+    Image {
+        /// Its place among the request's images.
+        index: usize,
+        /// Why.
+        error: crate::images::ImageError,
+    },
     /// A prompt that does not fit the context or the KV cache: the client has to shorten it.
     #[error("{0}")]
     ContextLength(String),

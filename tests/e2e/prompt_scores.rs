@@ -248,6 +248,17 @@ fn several_prompts_in_one_request_each_get_their_choices() {
         "{e}"
     );
 
+    // So does an empty one (the engine's check), alone or among others.
+    for (prompt, param) in [(json!(""), "prompt"), (json!(["a", ""]), "prompt[1]")] {
+        let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 1});
+        let (status, e) = d.post("/v1/completions", &body);
+        assert_eq!((status, &e["error"]["param"]), (400, &json!(param)), "{e}");
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains("empty"),
+            "{e}"
+        );
+    }
+
     let many = json!({"model": MODEL, "prompt": ["a", "b"], "n": 40, "max_tokens": 1});
     let (status, e) = d.post("/v1/completions", &many);
     assert_eq!(

@@ -237,15 +237,17 @@ fn the_chat_api_takes_images_and_refuses_bad_ones() {
         assert_eq!(status, 400, "{reason}: {r}");
         let message = r["error"]["message"].as_str().unwrap();
         assert!(message.contains(reason), "{reason}: {message}");
-        // The part is named as `param`, whether the host or the worker's decoder found the
-        // fault (the processor's size checks name no part).
-        if !reason.contains("ratio") {
-            assert!(
-                r["error"]["param"]
-                    .as_str()
-                    .is_some_and(|p| p.starts_with("messages[0].content[0]")),
-                "{reason}: {r}"
-            );
+        // The part is named as `param`, whether the host, the worker's decoder or the
+        // model's processor (the sides' ratio) found the fault.
+        let named = |r: &Value| {
+            (r["error"]["param"].as_str()).is_some_and(|p| p.starts_with("messages[0].content[0]"))
+        };
+        assert!(named(&r), "{reason}: {r}");
+        if reason.contains("ratio") {
+            // Counting its tokens meets the processor's check too.
+            let (status, r) = d.post("/tokenize", &chat(&url, "hi", 4));
+            assert_eq!(status, 400, "{r}");
+            assert!(named(&r), "/tokenize: {r}");
         }
     }
     let (status, r) = d.post("/v1/chat/completions", &body);

@@ -143,7 +143,7 @@ pub fn plugin_error(e: EngineError) -> PluginError {
         | EngineError::BadFile { .. }
         | EngineError::BadField { .. }
         | EngineError::Weights { .. } => ErrorKind::MODEL_FILES,
-        EngineError::InvalidInput(_) => ErrorKind::INVALID_INPUT,
+        EngineError::InvalidInput(_) | EngineError::Image { .. } => ErrorKind::INVALID_INPUT,
         EngineError::ContextLength(_) => ErrorKind::CONTEXT_LENGTH,
         EngineError::Constraint(_) => ErrorKind::CONSTRAINT,
         EngineError::Unsupported(_) => ErrorKind::UNSUPPORTED,
@@ -247,12 +247,12 @@ pub fn open_gpu(ordinal: usize) -> candle_core::Result<Device> {
 
 /// The images of a chat's messages, decoded, in the order the chat template meets them (every
 /// `image_url` or `image` part); an image that cannot be used names its message and part.
-fn message_images(prompt: &Prompt) -> Result<Vec<crate::images::RgbImage>, PluginError> {
+fn message_images(prompt: &Prompt) -> Result<MessageImages, PluginError> {
     use crate::images::{data_url_bytes, decode, DecodeLimits};
+    let mut images = MessageImages::default();
     let Prompt::Messages(messages) = prompt else {
-        return Ok(Vec::new());
+        return Ok(images);
     };
-    let mut images = Vec::new();
     for (i, message) in messages.iter().enumerate() {
         let Some(parts) = message.get("content").and_then(|c| c.as_array()) else {
             continue;
@@ -273,10 +273,31 @@ fn message_images(prompt: &Prompt) -> Result<Vec<crate::images::RgbImage>, Plugi
             let image = data_url_bytes(url)
                 .and_then(|bytes| decode(&bytes, &DecodeLimits::default()))
                 .map_err(|e| PluginError::invalid_input(format!("{at}: {e}")))?;
-            images.push(image);
+            images.images.push(image);
+            images.places.push(at);
         }
     }
     Ok(images)
+}
+
+/// A chat's images, decoded, and the message part each came in (`messages[i].content[j]`).
+#[derive(Default)]
+struct MessageImages {
+    images: Vec<crate::images::RgbImage>,
+    places: Vec<String>,
+}
+
+impl MessageImages {
+    /// `e` as the client can act on it: an image the model's processor refused (its sides'
+    /// ratio, say) is named by the message part it came in.
+    fn error(&self, e: EngineError) -> PluginError {
+        match e {
+            EngineError::Image { index, error } if index < self.places.len() => {
+                PluginError::invalid_input(format!("{}: {error}", self.places[index]))
+            }
+            e => plugin_error(e),
+        }
+    }
 }
 
 impl<M: LoadModel> Loaded<M> {
@@ -308,11 +329,11 @@ impl<M: LoadModel> Loaded<M> {
     fn tokenized(
         &self,
         request: &InferRequest,
-        images: &[crate::images::RgbImage],
+        images: &MessageImages,
     ) -> Result<InferOutcome, PluginError> {
         let ids = (self.model)
-            .token_ids(self.prompt_ids(request)?, images)
-            .map_err(plugin_error)?;
+            .token_ids(self.prompt_ids(request)?, &images.images)
+            .map_err(|e| images.error(e))?;
         Ok(InferOutcome {
             usage: Usage {
                 prompt_tokens: ids.len() as u32,
@@ -661,8 +682,8 @@ impl<M: LoadModel> ModelRuntime<M> {
         }
         let (prompt, media) = loaded
             .model
-            .prepare(loaded.prompt_ids(request)?, &images)
-            .map_err(plugin_error)?;
+            .prepare(loaded.prompt_ids(request)?, &images.images)
+            .map_err(|e| images.error(e))?;
         let prompt_tokens = prompt.len() as u32;
         // Scores come with the ids they score (a client that sent text has no ids).
         let scored_ids = request.prompt_logprobs.map(|_| prompt.clone());

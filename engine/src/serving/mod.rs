@@ -313,7 +313,9 @@ impl Engine {
         }
         let prompt = request.prompt.len();
         if prompt == 0 {
-            return Err(EngineError::InvalidInput("the prompt is empty".into()));
+            return Err(EngineError::InvalidInput(
+                "prompt: empty, but a prompt needs at least one token".into(),
+            ));
         }
         if prompt >= self.context {
             return Err(EngineError::ContextLength(format!(

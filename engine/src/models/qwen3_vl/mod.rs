@@ -138,8 +138,10 @@ impl Qwen3Vl {
         let merge = self.processor.merge_size;
         let inputs = images
             .iter()
-            .map(|image| {
-                let patches = self.processor.patches(image)?;
+            .enumerate()
+            .map(|(index, image)| {
+                let patches = (self.processor.patches(image))
+                    .map_err(|error| EngineError::Image { index, error })?;
                 let mut h = std::collections::hash_map::DefaultHasher::new();
                 patches.grid.hash(&mut h);
                 patches.values.iter().for_each(|v| v.to_bits().hash(&mut h));
@@ -161,8 +163,9 @@ impl Qwen3Vl {
         self.check_placeholders(&prompt, images)?;
         let (p, m) = (self.processor.patch_size, self.processor.merge_size);
         let mut counts = Vec::with_capacity(images.len());
-        for image in images {
-            let (h, w) = self.processor.target_size(image.height, image.width)?;
+        for (index, image) in images.iter().enumerate() {
+            let (h, w) = (self.processor.target_size(image.height, image.width))
+                .map_err(|error| EngineError::Image { index, error })?;
             counts.push((h as usize / p) * (w as usize / p) / (m * m));
         }
         let mut counts = counts.into_iter();
