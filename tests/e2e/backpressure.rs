@@ -402,3 +402,44 @@ fn a_streams_headers_come_before_a_long_prefill_ends() {
     );
     assert!(text.contains("\"text\":\"a\""), "{text}");
 }
+
+/// A model that waits for room under `max_loaded_models` (the one loaded is busy) is not said to
+/// be loading: the 503 names the cap, and the load goes through once the other is idle.
+#[test]
+fn a_load_waiting_for_room_says_so() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = echo_dir("");
+    dir.copy_lib("pio_test_plugin_hostile", "libhostile.so");
+    dir.write(
+        "hostile.toml",
+        &crate::support::manifest("hostile", "0.1.0", "libhostile.so", ""),
+    );
+    let config =
+        "[server]\npreload = []\nmax_loaded_models = 1\nload_wait_secs = 1\nwarmup = false\n";
+    let d = std::sync::Arc::new(Daemon::start(dir, config));
+    let busy = {
+        let d = d.clone();
+        std::thread::spawn(move || {
+            d.post(
+                "/v1/completions",
+                &json!({"model": "hostile", "prompt": "spin 4"}),
+            )
+        })
+    };
+    d.wait_for(15, "hostile busy", |d| {
+        d.plugin("hostile")["state"] == "ready"
+    });
+    let hi = json!({"model": "echo", "messages": [{"role": "user", "content": "hi"}]});
+    let (status, e) = d.post("/v1/chat/completions", &hi);
+    assert_eq!(status, 503, "{e}");
+    let message = e["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("waits for room") && message.contains("max_loaded_models (1)"),
+        "{e}"
+    );
+    assert_eq!(busy.join().unwrap().0, 200);
+    let (status, r) = d.post("/v1/chat/completions", &hi);
+    assert_eq!(status, 200, "{r}");
+}

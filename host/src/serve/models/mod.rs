@@ -273,16 +273,26 @@ impl Models {
             match tokio::time::timeout(deadline, finished(wait)).await {
                 Ok(Ok(())) => continue,
                 Ok(Err(e)) => return Err(e),
-                Err(_) => {
-                    return Err(ApiError::unavailable(format!(
-                        "model `{name}` is still loading; retry shortly"
-                    )))
-                }
+                Err(_) => return Err(self.still_waiting(name, server.max_loaded_models)),
             }
         }
         Err(ApiError::unavailable(format!(
             "model `{name}` was unloaded while the request waited for it; retry"
         )))
+    }
+
+    /// Why a request gave up waiting for `name` to load: the load itself, or the room it waits
+    /// for under `cap` (every loaded model busy), which nothing on the model's side will end.
+    fn still_waiting(&self, name: &str, cap: usize) -> ApiError {
+        let for_room = lock(&self.inner)
+            .entries
+            .get(name)
+            .is_some_and(|e| cap > 0 && matches!(e.slot, Slot::Loading(_)) && !e.holds_room);
+        ApiError::unavailable(if for_room {
+            format!("model `{name}` waits for room to load: the models loaded fill server.max_loaded_models ({cap}) and all are busy; retry shortly")
+        } else {
+            format!("model `{name}` is still loading; retry shortly")
+        })
     }
 
     fn drain_timeout(&self) -> Duration {
