@@ -94,8 +94,8 @@ impl StopMatcher {
     /// Feeds a special token's text (after any bytes of a character it finished), which the
     /// host may leave out of the text by the token's id: none of it is held back, so it reaches
     /// the host in its own token's frame, never in a later one. A stop string completed within
-    /// it still ends the output; one that would run on past it is not looked for (vLLM, which
-    /// leaves special tokens out of the text it matches, never sees either).
+    /// it still ends the output; one that would run on past it is not looked for (the README
+    /// says how this differs from vLLM, which matches on text without special tokens).
     pub fn push_whole(&mut self, text: &str) -> Step {
         let mut step = self.push(text);
         if !step.stopped {

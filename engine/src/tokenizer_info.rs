@@ -7,13 +7,14 @@ use crate::chat::{token_text, ChatTemplate};
 use crate::checkpoint::Checkpoint;
 use crate::error::Result;
 
-/// Fields naming files on the machine that loaded the model: nothing a client can use.
-const FILE_FIELDS: [&str; 4] = [
-    "vocab_file",
-    "merges_file",
-    "tokenizer_file",
-    "name_or_path",
-];
+/// A field naming a path on the machine that loaded (or converted) the model: nothing a client
+/// can use, and nothing to show it (`vocab_file`, `special_tokens_map_file`, `name_or_path`).
+fn names_a_path(field: &str) -> bool {
+    field.ends_with("_file") || field == "name_or_path"
+}
+
+/// Lists of special tokens, each written as its text or as `{"content": ...}`.
+const TOKEN_LISTS: [&str; 2] = ["additional_special_tokens", "extra_special_tokens"];
 
 /// The class transformers loads a `tokenizer.json`-only folder as, for configs that name none.
 const DEFAULT_CLASS: &str = "PreTrainedTokenizerFast";
@@ -33,9 +34,7 @@ pub fn tokenizer_info(
 
 /// `config` as a client reads it (see [`tokenizer_info`]).
 fn cleaned(mut config: Map<String, Value>, template: Option<&str>) -> Map<String, Value> {
-    for field in FILE_FIELDS {
-        config.remove(field);
-    }
+    config.retain(|field, _| !names_a_path(field));
     // transformers writes special tokens as `{"content": ..., "lstrip": ...}` objects in older
     // configs; clients read `eos_token` as the token's text.
     let named: Vec<String> = (config.keys())
@@ -45,6 +44,13 @@ fn cleaned(mut config: Map<String, Value>, template: Option<&str>) -> Map<String
     for key in named {
         let text = token_text(config.get(&key)).map_or(Value::Null, Value::String);
         config.insert(key, text);
+    }
+    for list in TOKEN_LISTS {
+        if let Some(Value::Array(tokens)) = config.get_mut(list) {
+            for token in tokens.iter_mut().filter(|t| t.is_object()) {
+                *token = token_text(Some(token)).map_or(Value::Null, Value::String);
+            }
+        }
     }
     // vLLM lists the added tokens' texts by id; the flags beside each are the tokenizer's.
     if let Some(Value::Object(added)) = config.get_mut("added_tokens_decoder") {
@@ -81,7 +87,9 @@ mod tests {
         let config = map(json!({
             "vocab_file": "/models/x/vocab.json",
             "merges_file": "/models/x/merges.txt",
+            "special_tokens_map_file": "/home/someone/x/special_tokens_map.json",
             "name_or_path": "/models/x",
+            "additional_special_tokens": [{"content": "<|im_start|>"}, "<|im_end|>"],
             "eos_token": {"content": "<|im_end|>", "lstrip": false, "__type": "AddedToken"},
             "bos_token": null,
             "pad_token": "<|endoftext|>",
@@ -90,13 +98,20 @@ mod tests {
             "model_max_length": 131072,
         }));
         let info = cleaned(config, Some("{{ messages }}"));
-        for gone in ["vocab_file", "merges_file", "name_or_path"] {
+        for gone in [
+            "vocab_file",
+            "merges_file",
+            "special_tokens_map_file",
+            "name_or_path",
+        ] {
             assert!(!info.contains_key(gone), "{gone} kept: {info:?}");
         }
         assert_eq!(info["eos_token"], "<|im_end|>");
         assert_eq!(info["bos_token"], Value::Null);
         assert_eq!(info["pad_token"], "<|endoftext|>");
         assert_eq!(info["added_tokens_decoder"]["151643"], "<|endoftext|>");
+        let listed = json!(["<|im_start|>", "<|im_end|>"]);
+        assert_eq!(info["additional_special_tokens"], listed);
         assert_eq!(info["chat_template"], "{{ messages }}");
         assert_eq!(info["model_max_length"], 131072);
         assert_eq!(info["tokenizer_class"], DEFAULT_CLASS);

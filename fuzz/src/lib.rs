@@ -64,7 +64,7 @@ pub fn openai(data: &[u8]) {
     let Ok(mut body) = openai::body_json(data) else {
         return;
     };
-    let _ = openai::model_of(&mut body, &["a".to_string(), "b".to_string()]);
+    let _ = openai::model_of(&mut body, || vec!["a".to_string(), "b".to_string()]);
     let all = [
         Capabilities::TEXT,
         Capabilities::CHAT,

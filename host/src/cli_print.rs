@@ -129,10 +129,12 @@ impl TokenPrinter {
     }
 }
 
-/// `text` with its control characters written out (`\x1b`, `\u{9b}`) where a terminal would
-/// act on them; newlines, tabs and carriage returns stay as they are.
+/// `text` with the characters a terminal would act on written out (`\x1b`, `\u{9b}`): control
+/// characters, and the bidirectional overrides that reorder what is shown. Newlines, tabs and
+/// carriage returns (Windows line ends) stay as they are.
 fn visible(text: &str) -> std::borrow::Cow<'_, str> {
-    let acts = |c: char| c.is_control() && !matches!(c, '\n' | '\t' | '\r');
+    let bidi = |c: char| matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    let acts = |c: char| (c.is_control() && !matches!(c, '\n' | '\t' | '\r')) || bidi(c);
     if !text.chars().any(acts) {
         return text.into();
     }
@@ -197,5 +199,7 @@ mod tests {
             visible("a\u{1b}]0;owned\u{7}b\u{7f}\u{9b}2J"),
             "a\\x1b]0;owned\\x07b\\x7f\\u{9b}2J"
         );
+        // A right-to-left override, which would show the text after it reversed.
+        assert_eq!(visible("ab\u{202e}cd"), "ab\\u{202e}cd");
     }
 }

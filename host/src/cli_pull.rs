@@ -317,13 +317,17 @@ fn check_config(prober: &Prober, chosen: &Chosen, path: &Path, text: &str) -> an
         .with_context(|| format!("the manifest for {} does not parse", path.display()))?;
     let config = pio_host::launch::model_config(&manifest, path);
     match prober.probe_for(&chosen.library, Some(&config)) {
+        Ok(_) => Ok(()),
         Err(ProbeError::ConfigRefused { message, .. }) => bail!(
             "plugin {} refuses this model's settings: {message}; only config.json was downloaded",
             chosen.report.name
         ),
-        // The library answered the same probe a moment ago: any other failure is the load's
-        // to report.
-        _ => Ok(()),
+        // The library answered a plain probe a moment ago: failing on this config (crashing,
+        // hanging in `supports_config`) is what the weights would meet too.
+        Err(e) => Err(anyhow::Error::new(e).context(format!(
+            "plugin {} failed when asked about this model's settings; only config.json was downloaded",
+            chosen.report.name
+        ))),
     }
 }
 

@@ -203,7 +203,9 @@ pub trait Plugin: Send + Sync {
     fn initialize(&mut self, host_context: RStr<'_>) -> RResult<(), PluginError>;
 
     /// Whether the plugin can load a model with this config (`wire::ModelConfig` as JSON);
-    /// `Err` carries the reason (usually `unsupported` or `invalid_config`).
+    /// `Err` carries the reason (usually `unsupported` or `invalid_config`). A check of the
+    /// settings alone: the model's files may not be there yet (`pio pull` asks before it
+    /// fetches the weights), and loading reports what is wrong with them.
     fn supports_config(&self, model_config: RStr<'_>) -> RResult<(), PluginError>;
 
     /// Loads the model (`wire::ModelConfig` as JSON); returns `wire::ModelInfo` as JSON.

@@ -39,7 +39,9 @@ pub trait PluginImpl: Sized + Send + Sync + 'static {
         Ok(())
     }
 
-    /// Whether `config` is something this plugin can load; the error says why not.
+    /// Whether `config` is something this plugin can load; the error says why not. Judge the
+    /// settings alone: the model's files may not be there yet (`pio pull` asks before it
+    /// fetches the weights).
     fn supports_config(&self, config: &ModelConfig) -> Result<(), PluginError>;
 
     /// Loads the model, reporting progress as it goes.

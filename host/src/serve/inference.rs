@@ -111,7 +111,7 @@ async fn start(
     label: &mut String,
 ) -> Result<Running, ApiError> {
     let mut value = body_of(app, body)?;
-    let model = openai::model_of(&mut value, &app.models.names())?;
+    let model = openai::model_of(&mut value, || app.models.names())?;
     let capabilities = app
         .models
         .capabilities(&model)

@@ -145,8 +145,8 @@ pub struct InfoQuery {
 
 /// `GET /tokenizer_info[?model=NAME]`: the model's tokenizer settings as vLLM reports them
 /// (`tokenizer_config.json`'s fields, `eos_token`, `chat_template`, `tokenizer_class`), which
-/// lm-eval's remote tokenizer reads. Loads the model when it is not loaded, taking no place of
-/// its queue.
+/// lm-eval's remote tokenizer reads. A loaded model answers without taking a place of its
+/// queue; one not loaded is loaded first (as a request for it would be).
 pub async fn tokenizer_info(
     State(app): State<Arc<App>>,
     query: Result<Query<InfoQuery>, QueryRejection>,
@@ -211,7 +211,7 @@ fn model_and_body(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(String, Value), ApiError> {
     let mut value = super::inference::body_of(app, body)?;
-    Ok((openai::model_of(&mut value, &app.models.names())?, value))
+    Ok((openai::model_of(&mut value, || app.models.names())?, value))
 }
 
 #[cfg(test)]

@@ -261,13 +261,16 @@ pub fn body_json(bytes: &[u8]) -> Result<Value, ApiError> {
 }
 
 /// The `model` field alone (to look the model up before the rest is checked); left out (or
-/// `null`, as lm-eval sends it when given no name, and vLLM takes it), the only model `served`,
-/// which is then written into `body` for the parse.
-pub fn model_of(body: &mut Value, served: &[String]) -> Result<String, ApiError> {
+/// `null`, as lm-eval sends it when given no name, and vLLM takes it), the only model of those
+/// `served` lists (asked only then), which is then written into `body` for the parse.
+pub fn model_of(
+    body: &mut Value,
+    served: impl FnOnce() -> Vec<String>,
+) -> Result<String, ApiError> {
     match body.get("model") {
         Some(Value::String(m)) if !m.is_empty() => Ok(m.clone()),
         Some(Value::Null) | None => {
-            let model = sole_model(served)?;
+            let model = sole_model(&served())?;
             if let Some(fields) = body.as_object_mut() {
                 fields.insert("model".into(), model.clone().into());
             }

@@ -736,22 +736,22 @@ fn errors_name_the_prompt_they_are_about() {
 fn model_may_be_left_out_only_when_one_is_served() {
     let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let mut unnamed = json!({"prompt": "a"});
-    let e = model_of(&mut unnamed, &names(&["a", "b"])).unwrap_err();
+    let e = model_of(&mut unnamed, || names(&["a", "b"])).unwrap_err();
     assert_eq!(e.param.as_deref(), Some("model"));
     assert!(e.message.contains("2 models (a, b)"), "{}", e.message);
-    let e = model_of(&mut unnamed, &[]).unwrap_err();
+    let e = model_of(&mut unnamed, Vec::new).unwrap_err();
     assert!(e.message.contains("no model is served"), "{}", e.message);
-    assert_eq!(model_of(&mut unnamed, &names(&["m"])).unwrap(), "m");
+    assert_eq!(model_of(&mut unnamed, || names(&["m"])).unwrap(), "m");
     // Written in, so that the parse finds it.
     assert_eq!(unnamed["model"], "m");
     parse_default(&unnamed, Endpoint::Completions, caps(&["text"])).unwrap();
     // `null` is taken as left out (lm-eval sends it; vLLM accepts it).
     let mut null = json!({"model": null, "prompt": "a"});
-    assert_eq!(model_of(&mut null, &names(&["m"])).unwrap(), "m");
+    assert_eq!(model_of(&mut null, || names(&["m"])).unwrap(), "m");
     assert_eq!(null["model"], "m");
     // A named model is taken as named, even one not served (the lookup answers 404).
     let mut named = json!({"model": "x", "prompt": "a"});
-    assert_eq!(model_of(&mut named, &names(&["m"])).unwrap(), "x");
-    let e = model_of(&mut json!({"model": ""}), &names(&["m"])).unwrap_err();
+    assert_eq!(model_of(&mut named, || names(&["m"])).unwrap(), "x");
+    let e = model_of(&mut json!({"model": ""}), || names(&["m"])).unwrap_err();
     assert!(e.message.contains("non-empty"), "{}", e.message);
 }
