@@ -274,10 +274,13 @@ impl Reply {
                 if let Some(reasoning) = reasoning {
                     message["reasoning_content"] = json!(reasoning);
                 }
+                // No answer beside calls or reasoning is `null`, as vLLM writes it (and OpenAI,
+                // for calls).
+                let other = !calls.is_empty() || reasoning.is_some_and(|r| !r.is_empty());
+                if content.is_empty() && other {
+                    message["content"] = Value::Null;
+                }
                 if !calls.is_empty() {
-                    if content.is_empty() {
-                        message["content"] = Value::Null;
-                    }
                     message["tool_calls"] = calls.iter().map(Call::to_json).collect();
                 }
                 json!({"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason})
@@ -440,6 +443,20 @@ mod tests {
         let lp = reply.logprobs_of(&[frame(0, ""), frame(1, ""), frame(2, "éx")]);
         assert_eq!(lp["tokens"], json!(["<s>", "\u{FFFD}", "\u{FFFD}x"]));
         assert_eq!(lp["text_offset"], json!([0, 0, 0]), "the text's offsets");
+    }
+
+    /// A chat message with no answer beside its reasoning or calls has `content: null`, as
+    /// vLLM writes it; an empty answer alone stays "".
+    #[test]
+    fn an_empty_answer_beside_reasoning_or_calls_is_null() {
+        let reply = Reply::new("m", Endpoint::Chat, LogprobsFormat::None);
+        let body = |reasoning: Option<&str>| {
+            reply.choice_body(0, Value::Null, "length", reasoning, "", &[])["message"]["content"]
+                .clone()
+        };
+        assert_eq!(body(Some("thinking")), Value::Null);
+        assert_eq!(body(None), json!(""));
+        assert_eq!(body(Some("")), json!(""));
     }
 
     /// The sampled token is among a legacy entry's alternatives even when it was not among the

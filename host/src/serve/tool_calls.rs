@@ -100,7 +100,24 @@ pub struct Extracted {
 }
 
 /// Splits `text` into content and calls; `tools` (the request's) type Qwen3-Coder's parameters.
+/// What comes before the first call is content as written (as vLLM's parsers keep it, and as
+/// streaming has sent it by the time the call starts); around and after calls, the content is
+/// trimmed.
 pub fn extract(format: Format, text: &str, tools: &[Value]) -> Extracted {
+    let Some(first) = text.find(OPEN) else {
+        return Extracted {
+            content: text.to_string(),
+            calls: Vec::new(),
+        };
+    };
+    let (before, markup) = text.split_at(first);
+    let mut out = extract_calls(format, markup, tools);
+    out.content.insert_str(0, before);
+    out
+}
+
+/// [`extract`] of `text` from its first call on.
+fn extract_calls(format: Format, text: &str, tools: &[Value]) -> Extracted {
     let mut out = Extracted::default();
     let mut rest = text;
     while let Some(start) = rest.find(OPEN) {
@@ -309,8 +326,23 @@ mod tests {
     fn hermes_calls_are_extracted_and_the_rest_is_content() {
         let text = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call>";
         let e = extract(Format::Hermes, text, &[]);
-        assert_eq!(e.content, "Let me check.");
+        // The text before the first call as written (streaming has sent it so).
+        assert_eq!(e.content, "Let me check.\n");
         assert_eq!(e.calls.len(), 2);
+        // Text after a call is content too, trimmed; joined to what came before as streaming
+        // joins it.
+        let around = "before <tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n</tool_call> after";
+        let joined = extract(Format::Hermes, around, &[]);
+        assert_eq!(
+            (joined.content.as_str(), joined.calls.len()),
+            ("before after", 1)
+        );
+        let mut filter = StreamFilter::default();
+        let mut streamed: String = (around.split_inclusive(' '))
+            .map(|p| filter.push(p))
+            .collect();
+        streamed.push_str(&extract(Format::Hermes, &filter.finish(), &[]).content);
+        assert_eq!(streamed, joined.content);
         assert_eq!(
             (e.calls[0].name.as_str(), e.calls[0].arguments.as_str()),
             ("get_weather", "{\"city\":\"Paris\"}")
@@ -360,7 +392,7 @@ mod tests {
             let e = extract(format, text, &[]);
             assert_eq!(
                 (e.content.as_str(), e.calls.len()),
-                ("Sure.", 1),
+                ("Sure.\n", 1),
                 "{format:?}"
             );
             assert_eq!(e.calls[0].name, "f");
