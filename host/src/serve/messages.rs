@@ -59,9 +59,56 @@ pub fn check(
                 ))
             }
         }
+        check_tool_calls(&mut m, &at)?;
         out.push(m);
     }
     Ok(out)
+}
+
+/// An assistant message's earlier tool calls: each call's `arguments`, JSON text as OpenAI's API
+/// carries it, must hold an object — templates iterate over it (GLM's `.items()`), and vLLM
+/// parses it before rendering too; a bad one is named here, not by the template's error.
+fn check_tool_calls(message: &mut Value, at: &str) -> Result<(), ApiError> {
+    let Some(Value::Array(calls)) = message.get_mut("tool_calls") else {
+        return Ok(());
+    };
+    for (j, call) in calls.iter_mut().enumerate() {
+        let (arguments, field) = match call.get("function") {
+            Some(_) => (
+                call["function"].get_mut("arguments"),
+                format!("{at}.tool_calls[{j}].function.arguments"),
+            ),
+            None => (
+                call.get_mut("arguments"),
+                format!("{at}.tool_calls[{j}].arguments"),
+            ),
+        };
+        let Some(arguments) = arguments else {
+            continue;
+        };
+        let object = match arguments {
+            // A call without arguments, written "" or null (some clients do): none, as vLLM
+            // reads it.
+            Value::Null => {
+                *arguments = Value::String("{}".into());
+                true
+            }
+            Value::String(text) if text.trim().is_empty() => {
+                *arguments = Value::String("{}".into());
+                true
+            }
+            Value::String(text) => serde_json::from_str::<Value>(text).is_ok_and(|v| v.is_object()),
+            Value::Object(_) => true,
+            _ => false,
+        };
+        if !object {
+            return Err(ApiError::bad_field(
+                field.clone(),
+                format!("`{field}` must be a JSON object, as text: the `arguments` string of the call the model wrote"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn check_part(
@@ -235,6 +282,34 @@ fn image_mime(file: &Path, at: &str) -> Result<&'static str, ApiError> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// An earlier call's `arguments` must hold a JSON object (as text, or as an object); one
+    /// that does not is named, not left to the chat template's error.
+    #[test]
+    fn a_calls_arguments_must_hold_an_object() {
+        let history = |arguments: Value| {
+            vec![
+                json!({"role": "user", "content": "weather?"}),
+                json!({"role": "assistant", "content": null, "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+                    {"id": "call_2", "type": "function", "function": {"name": "f", "arguments": arguments}},
+                ]}),
+            ]
+        };
+        for good in [json!("{\"city\": \"Paris\"}"), json!({"city": "Paris"})] {
+            assert!(check(history(good), false, None).is_ok());
+        }
+        // None written as "" or null: `{}`, which every template can iterate.
+        for none in [json!(""), Value::Null] {
+            let checked = check(history(none), false, None).unwrap();
+            assert_eq!(checked[1]["tool_calls"][1]["function"]["arguments"], "{}");
+        }
+        for bad in [json!("not json"), json!("[1, 2]"), json!(5)] {
+            let e = check(history(bad.clone()), false, None).unwrap_err();
+            let at = "messages[1].tool_calls[1].function.arguments";
+            assert_eq!(e.param.as_deref(), Some(at), "{bad}: {}", e.message);
+        }
+    }
 
     #[test]
     fn bad_roles_and_parts_are_named() {
