@@ -100,7 +100,11 @@ fn with_several_models_tokenizer_info_and_generations_need_model() {
     assert_eq!(status, 200, "{info}");
     assert_eq!(info["eos_token"], "<|im_end|>");
     let (status, e) = d.get("/tokenizer_info?model=echo");
-    assert_eq!(status, 400, "{e}");
+    assert_eq!(
+        (status, &e["error"]["param"]),
+        (400, &json!("model")),
+        "{e}"
+    );
     let message = e["error"]["message"].as_str().unwrap();
     assert!(message.contains("no tokenizer settings"), "{e}");
     let (status, e) = d.get("/tokenizer_info?model=nope");

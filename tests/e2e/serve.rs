@@ -997,7 +997,11 @@ fn tokenize_gives_the_ids_a_generation_runs_and_detokenize_reverses_them() {
     assert_eq!(status, 400, "{e}");
     assert_eq!(e["error"]["param"], "tokens[1]");
     let (status, e) = d.post("/tokenize", &json!({"model": "echo", "prompt": "hi"}));
-    assert_eq!(status, 400, "{e}");
+    assert_eq!(
+        (status, &e["error"]["param"]),
+        (400, &json!("model")),
+        "{e}"
+    );
     assert!(
         e["error"]["message"].as_str().unwrap().contains("tokenize"),
         "{e}"

@@ -43,7 +43,7 @@ pub async fn tokenize(
         .capabilities(&model)
         .ok_or_else(|| ApiError::unknown_model(&model))?;
     if !capabilities.contains(Capabilities::TOKENIZE) {
-        return Err(ApiError::bad_request(format!(
+        return Err(ApiError::bad_field("model", format!(
             "model `{model}`'s plugin does not tokenize for clients (it would declare plugin-api 1.9's `tokenize` capability); `usage.prompt_tokens` of a generation counts its prompt"
         )));
     }
@@ -112,7 +112,8 @@ fn answer(lease: &Lease, outcome: InferOutcome, strs: Option<bool>) -> Result<Va
 
 /// Why a model's tokens cannot be spoken of as text.
 fn no_table() -> ApiError {
-    ApiError::bad_request(
+    ApiError::bad_field(
+        "model",
         "this model's plugin reports no token table, so its tokens cannot be turned into text here",
     )
 }
@@ -169,7 +170,7 @@ pub async fn tokenizer_info(
     };
     let info = with_deployment(&app, &model, |d| d.info.tokenizer_info.clone()).await?;
     let info = info.ok_or_else(|| {
-        ApiError::bad_request(format!(
+        ApiError::bad_field("model", format!(
             "model `{model}`'s plugin reports no tokenizer settings (plugin-api 1.11's `ModelInfo::tokenizer_info`); `/tokenize` and `/detokenize` still work where it declares them"
         ))
     })?;
