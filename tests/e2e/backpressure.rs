@@ -417,14 +417,14 @@ fn a_load_waiting_for_room_says_so() {
         &crate::support::manifest("hostile", "0.1.0", "libhostile.so", ""),
     );
     let config =
-        "[server]\npreload = []\nmax_loaded_models = 1\nload_wait_secs = 1\nwarmup = false\n";
+        "[server]\npreload = []\nmax_loaded_models = 1\nload_wait_secs = 2\nwarmup = false\n";
     let d = std::sync::Arc::new(Daemon::start(dir, config));
     let busy = {
         let d = d.clone();
         std::thread::spawn(move || {
             d.post(
                 "/v1/completions",
-                &json!({"model": "hostile", "prompt": "spin 4"}),
+                &json!({"model": "hostile", "prompt": "spin 5"}),
             )
         })
     };
@@ -432,7 +432,16 @@ fn a_load_waiting_for_room_says_so() {
         d.plugin("hostile")["state"] == "ready"
     });
     let hi = json!({"model": "echo", "messages": [{"role": "user", "content": "hi"}]});
-    let (status, e) = d.post("/v1/chat/completions", &hi);
+    let waiting = {
+        let (d, hi) = (d.clone(), hi.clone());
+        std::thread::spawn(move || d.post("/v1/chat/completions", &hi))
+    };
+    // Meanwhile /v1/plugins says what the load waits for.
+    d.wait_for(5, "the load waiting for room", |d| {
+        d.plugin("echo")["waiting_for_room"] == json!(true)
+    });
+    assert_eq!(d.plugin("echo")["state"], "loading");
+    let (status, e) = waiting.join().unwrap();
     assert_eq!(status, 503, "{e}");
     let message = e["error"]["message"].as_str().unwrap();
     assert!(

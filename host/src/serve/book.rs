@@ -247,7 +247,8 @@ fn newly_broken<'a>(
 }
 
 /// `e` as `/v1/plugins` reports it.
-pub(super) fn status_of(e: &Entry) -> PluginStatus {
+/// `e`'s status, under a cap of `cap` loaded models (0: none).
+pub(super) fn status_of(e: &Entry, cap: usize) -> PluginStatus {
     let base = PluginStatus::new(&e.found, e.last_error.clone(), e.reloading);
     let base = PluginStatus {
         parked: e.parked,
@@ -258,7 +259,10 @@ pub(super) fn status_of(e: &Entry) -> PluginStatus {
     match &e.slot {
         Slot::Unloaded if e.failed_at.is_some() => base.failed(),
         Slot::Unloaded => base,
-        Slot::Loading(_) => base.loading(),
+        Slot::Loading(_) => PluginStatus {
+            waiting_for_room: cap > 0 && !e.holds_room,
+            ..base.loading()
+        },
         Slot::Loaded(d) => base.serving(d),
     }
 }

@@ -88,6 +88,10 @@ pub struct PluginStatus {
     /// the admin API), not for want of loading: with `load_on_demand` it still serves.
     #[serde(skip)]
     pub parked: bool,
+    /// Loading, but waiting for room under `server.max_loaded_models`: every model loaded is
+    /// busy (shown only when true).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub waiting_for_room: bool,
     /// Preloaded but left unloaded at start because `max_loaded_models` was full: counted as
     /// ready, since the operator's cap is why.
     #[serde(skip)]
@@ -129,6 +133,7 @@ impl PluginStatus {
             last_error,
             engine: None,
             parked: false,
+            waiting_for_room: false,
             over_cap: false,
             earlier: Counted::default(),
             engine_counts: None,

@@ -301,8 +301,9 @@ impl Models {
 
     /// Every plugin with where it stands, and the manifests that failed their checks.
     pub fn statuses(&self) -> (Vec<PluginStatus>, Vec<(PathBuf, String)>) {
+        let cap = self.config().server.max_loaded_models;
         let inner = lock(&self.inner);
-        let plugins = inner.entries.values().map(status_of).collect();
+        let plugins = inner.entries.values().map(|e| status_of(e, cap)).collect();
         let broken = inner
             .broken
             .iter()
