@@ -130,7 +130,7 @@ pub enum CheckError {
     #[error("{0}")]
     Probe(#[from] ProbeError),
     /// The library is a different plugin, or another version, than its manifest says.
-    #[error("{manifest}: the manifest says {field} \"{in_manifest}\", but {library} reports \"{in_library}\"; fix the manifest or ship the matching library")]
+    #[error("{manifest}: the manifest says {field} \"{in_manifest}\", but {library} reports \"{in_library}\"; {}", identity_fix(.field, .in_library))]
     Identity {
         /// The manifest.
         manifest: PathBuf,
@@ -157,6 +157,16 @@ pub enum CheckError {
         /// The version both claim.
         version: String,
     },
+}
+
+/// What to do about a manifest whose `field` does not match its library's report.
+fn identity_fix(field: &str, in_library: &str) -> String {
+    match field {
+        "name" => format!(
+            "to serve the plugin under this name, keep `name` and add `plugin = \"{in_library}\"`; else fix the manifest or ship the matching library"
+        ),
+        _ => "fix the manifest or ship the matching library".into(),
+    }
 }
 
 impl CheckError {

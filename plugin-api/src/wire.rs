@@ -44,7 +44,8 @@ pub struct GenerationDefaults {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ModelConfig {
-    /// The Hugging Face snapshot folder (`config.json`, safetensors, tokenizer files).
+    /// The Hugging Face snapshot folder (`config.json`, safetensors, tokenizer files), or a
+    /// `.gguf` file.
     pub model_path: Option<PathBuf>,
     /// Weight and activation dtype: `f32`, `bf16` or `f16`.
     pub dtype: Option<String>,
@@ -54,7 +55,9 @@ pub struct ModelConfig {
     pub quantization: Option<String>,
     /// Generation defaults that override the model's own `generation_config.json`.
     pub generation: GenerationDefaults,
-    /// Plugin-specific keys, passed through untouched.
+    /// Plugin-specific keys, passed through untouched: the manifest's `[model.options]`, and the
+    /// `[model]` keys the host passes on beside them (`quantization_cache`, as an absolute path;
+    /// `profile`, set by `pio bench --profile`).
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
@@ -183,7 +186,8 @@ pub struct InferRequest {
     pub frequency_penalty: Option<f32>,
     /// Seed for reproducible sampling.
     pub seed: Option<u64>,
-    /// Generation stops before any of these strings; they are not part of the output.
+    /// Generation stops at any of these strings (the plugin applies them: the host does not);
+    /// they are not part of the output unless `include_stop_str_in_output`.
     pub stop: Vec<String>,
     /// Report the chosen token's logprob and this many top alternatives (0: the chosen one only).
     pub logprobs: Option<u32>,

@@ -288,6 +288,8 @@ fn each_failure_is_reported_and_the_rest_still_load() {
         e.contains("name \"echo-two\"") && e.contains("reports \"echo\""),
         "{e}"
     );
+    // The key that serves a plugin under another name is named.
+    assert!(e.contains("plugin = \"echo\""), "{e}");
     assert_eq!(row(&rows, "alias.toml")["status"], "ready");
     let e = error_of(row(&rows, "wrong-plugin.toml"));
     assert!(

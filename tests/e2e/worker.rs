@@ -92,6 +92,24 @@ fn echo_streams_through_a_worker_as_json_lines() {
     assert_eq!(lines[4]["usage"]["prompt_tokens"], 5);
 }
 
+/// Without `--max-tokens`, `pio run` sends the manifest's `[model.generation] max_tokens`, as
+/// the daemon does (echo itself ignores the generation defaults), and the flag wins.
+#[test]
+fn pio_run_sends_the_manifests_max_tokens() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = PluginDir::new();
+    dir.copy_lib("pio_plugin_echo", "libecho.so");
+    let extra = "[model.generation]\nmax_tokens = 3\n";
+    dir.write("echo.toml", &manifest("echo", "0.1.0", "libecho.so", extra));
+    let ran = run_in(&dir, "echo", "hello world", &[]);
+    assert!(ran.ok, "{}", ran.stderr);
+    assert_eq!(ran.stdout.trim_end(), "hel");
+    let ran = run_in(&dir, "echo", "hello world", &["--max-tokens", "5"]);
+    assert_eq!(ran.stdout.trim_end(), "hello");
+}
+
 #[test]
 fn the_worker_runs_unprivileged_in_its_cgroup_with_nothing_inherited() {
     if !confinement_available() {

@@ -268,7 +268,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         &args.tiers,
         args.model_path.as_ref(),
     )?;
-    let parsed = request::request(&args, capabilities, &settings)?;
+    let parsed = request::request(&args, capabilities, &settings, config.generation.max_tokens)?;
     if args.in_process {
         return in_process(&library, &config, &parsed, args.shown());
     }

@@ -31,6 +31,7 @@ pub(super) fn request(
     args: &RunArgs,
     capabilities: Capabilities,
     config: &pio_host::config::Config,
+    default_max_tokens: Option<u32>,
 ) -> anyhow::Result<Parsed> {
     use serde_json::json;
     let mut body = json!({
@@ -65,10 +66,16 @@ pub(super) fn request(
     };
     let mut parsed = openai::parse(&body, endpoint, capabilities, &limits)
         .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-    // A prompt typed here runs to the context's end, as llama.cpp's CLI does: the API's 16
-    // tokens for a completion are OpenAI's clients' expectation, not a terminal user's.
+    // Without the flag: the manifest's `[model.generation] max_tokens`, as the daemon sends it;
+    // else a prompt typed here runs to the context's end, as llama.cpp's CLI does (the API's 16
+    // tokens for a completion are OpenAI's clients' expectation, not a terminal user's). Both
+    // held to `server.max_tokens_limit`.
     if args.max_tokens.is_none() {
-        parsed.request.max_tokens = (limits.max_tokens > 0).then_some(limits.max_tokens);
+        let cap = (limits.max_tokens > 0).then_some(limits.max_tokens);
+        parsed.request.max_tokens = match default_max_tokens {
+            Some(default) => Some(cap.map_or(default, |c| c.min(default))),
+            None => cap,
+        };
     }
     Ok(parsed)
 }

@@ -114,7 +114,7 @@ fn answer(lease: &Lease, outcome: InferOutcome, strs: Option<bool>) -> Result<Va
 fn no_table() -> ApiError {
     ApiError::bad_field(
         "model",
-        "this model's plugin reports no token table, so its tokens cannot be turned into text here",
+        "this model's plugin reports no token table (plugin-api 1.3's `ModelInfo::token_bytes`), so its tokens cannot be turned into text here",
     )
 }
 
@@ -171,7 +171,7 @@ pub async fn tokenizer_info(
     let info = with_deployment(&app, &model, |d| d.info.tokenizer_info.clone()).await?;
     let info = info.ok_or_else(|| {
         ApiError::bad_field("model", format!(
-            "model `{model}`'s plugin reports no tokenizer settings (plugin-api 1.11's `ModelInfo::tokenizer_info`); `/tokenize` and `/detokenize` still work where it declares them"
+            "model `{model}`'s plugin reports no tokenizer settings (plugin-api 1.11's `ModelInfo::tokenizer_info`); `/tokenize` still works where it declares `tokenize`, `/detokenize` where it reports its token table (`ModelInfo::token_bytes`)"
         ))
     })?;
     Ok(Json(Value::Object(info)))

@@ -7,7 +7,8 @@
 //! the ratios; the scored rate over the unscored one is what scoring costs each engine.
 //!
 //! Run: `cargo bench -p pio-plugin-qwen3 --bench scoring` (needs python3 with
-//! `tests/fixtures/requirements.txt` installed). Each dtype runs in its own process.
+//! `tests/fixtures/requirements.txt` installed). Each dtype runs in its own process; the bench
+//! binary run by hand as `--measure MODE --profile` also prints where a prefill's time goes.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use std::time::Instant;
 use pio_engine::candle_core::{DType, Device};
 use pio_engine::checkpoint::Checkpoint;
 use pio_engine::generate::Request;
+use pio_engine::profile::{Op, PROFILE};
 use pio_engine::serving::{Engine, EngineConfig};
 use pio_engine::text::TextCodec;
 use pio_plugin_qwen3::model::Qwen3;
@@ -65,8 +67,12 @@ fn fastest(engine: &Engine, scored: bool, first: u32) -> f64 {
         .fold(f64::MAX, f64::min)
 }
 
-/// One dtype, in this process: prints a JSON line like the reference script's.
-fn measure(mode: &str) {
+/// One dtype, in this process: prints a JSON line like the reference script's; with `profiled`,
+/// where an unscored prefill's time goes (stderr).
+fn measure(mode: &str, profiled: bool) {
+    if profiled {
+        PROFILE.enable();
+    }
     let dir = checkpoint_dir();
     let model = if mode == "f32" {
         let checkpoint = Checkpoint::open(&dir).expect("checkpoint");
@@ -85,7 +91,25 @@ fn measure(mode: &str) {
     let engine = Engine::start(Arc::new(model), Arc::new(codec), config).expect("engine");
     // A first run warms the pool and the kernels' buffers.
     fastest(&engine, false, 100);
+    let before = PROFILE.snapshot();
     let plain = fastest(&engine, false, 0);
+    if let (Some(from), Some(to)) = (before, PROFILE.snapshot()) {
+        let ms = |key: &str| {
+            let at = |m: &serde_json::Map<String, serde_json::Value>| {
+                m.get(key)
+                    .and_then(serde_json::Value::as_f64)
+                    .unwrap_or(0.0)
+            };
+            (at(&to) - at(&from)) / 1e3 / ROUNDS as f64
+        };
+        let parts: Vec<String> = (Op::ALL.iter())
+            .map(|op| format!("{} {:.0}", op.key(), ms(op.key())))
+            .collect();
+        eprintln!(
+            "profile, {mode} prefill of {PROMPT} tokens, ms per run: {}",
+            parts.join(", ")
+        );
+    }
     let scored = fastest(&engine, true, 10);
     println!(
         "{{\"dtype\": \"{mode}\", \"prefill_tps\": {}, \"scoring_tps\": {}}}",
@@ -97,7 +121,7 @@ fn measure(mode: &str) {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--measure") {
-        measure(&args[i + 1]);
+        measure(&args[i + 1], args.iter().any(|a| a == "--profile"));
         return;
     }
     let dir = checkpoint_dir();
