@@ -147,6 +147,11 @@ fn a_whole_answer_whose_client_leaves_is_counted_and_its_generation_stopped() {
         "stopped when the client left, not at the end: {:?}",
         left.elapsed()
     );
+    // The worker's log line says the request ended, not that it failed.
+    d.wait_for(5, "the worker's line", |d| d.logs().contains("cancelled"));
+    let logs = d.logs();
+    let line = logs.lines().find(|l| l.contains("cancelled")).unwrap();
+    assert!(line.contains("ended") && !line.contains("failed"), "{line}");
 }
 
 /// A client that leaves a request of `n` choices stops every choice in the worker, streamed or

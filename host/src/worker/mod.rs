@@ -224,9 +224,14 @@ impl Served {
                 let error = with_refusals(error);
                 // The daemon forwards this line into its log, the request's id in it.
                 let rid = request.request_id.clone().unwrap_or_else(|| id.to_string());
+                // A cancelled request (its client went away, or asked) did not fail.
+                let ended = match error.kind {
+                    crate::fault::Fault::Cancelled => "ended",
+                    _ => "failed",
+                };
                 let _ = writeln!(
                     std::io::stderr(),
-                    "worker: request {rid} failed: {}",
+                    "worker: request {rid} {ended}: {}",
                     error.message
                 );
                 FromWorker::Failed { id, error }
