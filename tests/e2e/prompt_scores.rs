@@ -175,6 +175,68 @@ fn echo_and_prompt_logprobs_show_the_prompt_as_transformers_scores_it() {
     );
 }
 
+/// `echo` with `logprobs`, streamed (vLLM streams it): each choice's first chunk is its prompt
+/// with the scores transformers gives it, and the whole stream's logprobs are the unstreamed
+/// answer's — scores, tokens and offsets running on — for several prompts and `n`.
+#[test]
+fn echo_with_logprobs_streams_the_prompt_scored_first() {
+    if !confinement_available() {
+        return;
+    }
+    let d = qwen_daemon("");
+    let cases = goldens();
+    let ids: Vec<&Value> = cases.iter().take(2).map(|c| &c["input_ids"]).collect();
+    let body = json!({"model": MODEL, "prompt": ids, "echo": true, "logprobs": 2,
+        "max_tokens": 3, "temperature": 0, "n": 2, "ignore_eos": true});
+    let (status, whole) = d.post("/v1/completions", &body);
+    assert_eq!(status, 200, "{whole}");
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let mut text = vec![String::new(); 4];
+    let mut logprobs: Vec<Vec<Value>> = vec![Vec::new(); 4];
+    let mut offsets: Vec<Vec<Value>> = vec![Vec::new(); 4];
+    for event in d.stream("/v1/completions", &streamed) {
+        if event == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(&event).unwrap();
+        let choice = &v["choices"][0];
+        let i = choice["index"].as_u64().unwrap() as usize;
+        if text[i].is_empty() {
+            // The first chunk: the prompt and its scores, the first token's `null`.
+            let prompt = cases[i / 2]["prompt"].as_str().unwrap();
+            assert_eq!(choice["text"], prompt, "{v}");
+            let scored = &choice["logprobs"]["token_logprobs"];
+            assert_eq!(scored[0], Value::Null, "{v}");
+            let scores = cases[i / 2]["scores"].as_array().unwrap();
+            for (j, score) in scores.iter().enumerate() {
+                assert!(close(&scored[j + 1], &score["logprob"]), "{j}: {v}");
+            }
+        }
+        text[i].push_str(choice["text"].as_str().unwrap());
+        if let Some(lp) = choice["logprobs"].as_object() {
+            logprobs[i].extend(lp["token_logprobs"].as_array().unwrap().iter().cloned());
+            offsets[i].extend(lp["text_offset"].as_array().unwrap().iter().cloned());
+        }
+    }
+    for (i, choice) in whole["choices"].as_array().unwrap().iter().enumerate() {
+        let i = choice["index"].as_u64().unwrap() as usize;
+        assert_eq!(text[i], choice["text"].as_str().unwrap(), "choice {i}");
+        let want = choice["logprobs"]["token_logprobs"].as_array().unwrap();
+        assert_eq!(logprobs[i].len(), want.len(), "choice {i}");
+        for (got, want) in logprobs[i].iter().zip(want) {
+            assert!(
+                got == want || close(got, want),
+                "choice {i}: {got} vs {want}"
+            );
+        }
+        assert_eq!(
+            &offsets[i],
+            choice["logprobs"]["text_offset"].as_array().unwrap()
+        );
+    }
+}
+
 /// Several prompts in one request (lm-eval's batches): `n` choices each, numbered prompt by
 /// prompt, each echoing and scoring its own prompt; the usage counts each prompt once; streamed,
 /// every choice's chunks name it; and all the choices together take places of the queue.

@@ -33,6 +33,8 @@ pub struct Reply {
     /// Each prompt's text, when echoed, and the choices each prompt has (`n`).
     echoes: Arc<Vec<String>>,
     per_prompt: usize,
+    /// Each prompt's scoring run, when scored apart for a stream (its opening chunk shows them).
+    scores_apart: Arc<Vec<InferOutcome>>,
 }
 
 /// The API's finish reason: `tool_calls` when calls were taken out, unless the output was cut
@@ -104,6 +106,7 @@ impl Reply {
             shown: PromptShown::default(),
             echoes: Arc::default(),
             per_prompt: 1,
+            scores_apart: Arc::default(),
         }
     }
 
@@ -113,6 +116,12 @@ impl Reply {
         self.shown = shown;
         self.echoes = Arc::new(texts);
         self.per_prompt = n.max(1);
+        self
+    }
+
+    /// Shows `outcomes`, each prompt's scoring run, in a stream's opening chunk.
+    pub fn with_scores_apart(mut self, outcomes: Vec<InferOutcome>) -> Self {
+        self.scores_apart = Arc::new(outcomes);
         self
     }
 
@@ -320,15 +329,24 @@ impl Reply {
         body
     }
 
-    /// The stream's first chunk (chat: the assistant role; completions: the echoed prompt),
-    /// if it has one.
-    pub fn opening_chunk(&self, include_usage: bool) -> Option<Value> {
+    /// The stream's first chunk (chat: the assistant role; completions: the echoed prompt, with
+    /// its scores when they were scored apart), if it has one.
+    pub fn opening_chunk(&mut self, include_usage: bool) -> Option<Value> {
         let delta = match (self.endpoint, self.echo()) {
             (Endpoint::Chat, _) => json!({"role": "assistant", "content": ""}),
             (Endpoint::Completions, Some(echo)) => json!({"content": echo}),
             (Endpoint::Completions, None) => return None,
         };
-        Some(self.chunk(delta, Value::Null, None, include_usage))
+        let scored = (self.shown.echo_top)
+            .zip(self.scores_apart.get(self.index / self.per_prompt).cloned())
+            .and_then(|(k, outcome)| {
+                super::echo::prompt_frames(&outcome, self.tokens.as_deref(), k as usize)
+            });
+        let logprobs = match scored {
+            Some(frames) => self.logprobs_of(&frames),
+            None => Value::Null,
+        };
+        Some(self.chunk(delta, logprobs, None, include_usage))
     }
 
     /// A chunk carrying one token, whose text released now is `reasoning` and `content` (less

@@ -166,6 +166,9 @@ pub struct Parsed {
     /// A completion's prompts after the first (`request.prompt`), each run as `n` choices of its
     /// own, numbered after the previous prompt's (vLLM's and OpenAI's order).
     pub other_prompts: Vec<Prompt>,
+    /// Each prompt's scoring run, when they are scored apart ([`PromptShown::scored_apart`]):
+    /// filled once the model is leased, before the stream's own runs start.
+    pub scores_apart: Vec<pio_plugin_api::wire::InferOutcome>,
 }
 
 impl Parsed {
@@ -429,6 +432,7 @@ pub fn parse(
         n: c.n.map_or(1, |n| usize::try_from(n).unwrap_or(1)),
         shown,
         other_prompts,
+        scores_apart: Vec::new(),
     })
 }
 
@@ -481,7 +485,7 @@ fn capable(
         ),
         (
             scores_field,
-            request.prompt_logprobs.is_some(),
+            request.prompt_logprobs.is_some() || shown.scored_apart,
             Capabilities::PROMPT_LOGPROBS,
             "prompt_logprobs",
             "1.10",

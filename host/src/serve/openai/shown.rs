@@ -19,6 +19,10 @@ pub struct PromptShown {
     /// `echo` with `max_tokens: 0` (OpenAI's old way to score a prompt, which vLLM keeps): one
     /// token is generated and left out, the answer is the prompt alone.
     pub echo_only: bool,
+    /// `echo` with `logprobs` on a stream: the prompts are scored by requests of their own
+    /// before the stream starts (its first chunk carries the scores), and the stream's own
+    /// requests are not scored.
+    pub scored_apart: bool,
 }
 
 /// The most alternatives `prompt_logprobs` takes (vLLM's default `max_logprobs`).
@@ -44,8 +48,8 @@ fn prompt_logprobs(c: &Common) -> Result<Option<u32>, ApiError> {
 }
 
 /// What of the prompt the request asks to see, into `request.prompt_logprobs` (the most
-/// alternatives either asks for; each answer shows its own number); a stream cannot carry
-/// scores, which come at the end.
+/// alternatives either asks for; each answer shows its own number). vLLM's `prompt_logprobs`
+/// is refused on a stream, as vLLM does; `echo` with `logprobs` on one is scored apart, first.
 pub(super) fn shown(
     c: &Common,
     echo: bool,
@@ -60,17 +64,14 @@ pub(super) fn shown(
         ));
     }
     let echo_top = request.logprobs.filter(|_| echo);
-    if stream && echo_top.is_some() {
-        return Err(unsupported(
-            "echo",
-            "with `logprobs` is not available with `stream: true`: the prompt's scores come with the end of its run; ask without streaming",
-        ));
-    }
-    request.prompt_logprobs = field.max(echo_top);
+    // Scores come with the end of a run: a stream gets them from runs of their own, before it.
+    let scored_apart = stream && echo_top.is_some();
+    request.prompt_logprobs = field.max(echo_top).filter(|_| !scored_apart);
     Ok(PromptShown {
         echo,
         echo_top,
         logprobs: field,
         echo_only: false,
+        scored_apart,
     })
 }

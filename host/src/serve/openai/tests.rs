@@ -640,19 +640,24 @@ fn token_prompts_echo_and_prompt_logprobs() {
             "prompt_logprobs",
             "stream",
         ),
-        (
-            json!({"echo": true, "logprobs": 1, "stream": true}),
-            "echo",
-            "stream",
-        ),
     ] {
         assert_refused(completion(extra), param, words);
     }
+    // `echo` with `logprobs` on a stream: the prompts scored apart, first; the stream's own
+    // runs unscored.
+    let p = completion(json!({"echo": true, "logprobs": 2, "stream": true})).unwrap();
+    assert!(p.shown.scored_apart && p.shown.echo_top == Some(2));
+    assert_eq!(p.request.prompt_logprobs, None);
     // A plugin that does not declare scoring or token prompts gets neither.
     let older = caps(&["text", "logprobs"]);
     for (extra, param, capability) in [
         (
             json!({"echo": true, "logprobs": 1}),
+            "echo",
+            "`prompt_logprobs`",
+        ),
+        (
+            json!({"echo": true, "logprobs": 1, "stream": true}),
             "echo",
             "`prompt_logprobs`",
         ),
