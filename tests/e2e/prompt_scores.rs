@@ -219,7 +219,7 @@ fn echo_with_logprobs_streams_the_prompt_scored_first() {
             offsets[i].extend(lp["text_offset"].as_array().unwrap().iter().cloned());
         }
     }
-    for (i, choice) in whole["choices"].as_array().unwrap().iter().enumerate() {
+    for choice in whole["choices"].as_array().unwrap() {
         let i = choice["index"].as_u64().unwrap() as usize;
         assert_eq!(text[i], choice["text"].as_str().unwrap(), "choice {i}");
         let want = choice["logprobs"]["token_logprobs"].as_array().unwrap();
