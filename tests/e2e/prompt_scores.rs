@@ -185,13 +185,19 @@ fn echo_with_logprobs_streams_the_prompt_scored_first() {
     }
     let d = qwen_daemon("");
     let cases = goldens();
-    let ids: Vec<&Value> = cases.iter().take(2).map(|c| &c["input_ids"]).collect();
+    // A prompt with characters split across tokens, and one of several KV blocks (the
+    // stream's runs take them from the cache the scoring run filled).
+    let cases = [cases[2].clone(), cases[3].clone()];
+    let ids: Vec<&Value> = cases.iter().map(|c| &c["input_ids"]).collect();
     let body = json!({"model": MODEL, "prompt": ids, "echo": true, "logprobs": 2,
         "max_tokens": 3, "temperature": 0, "n": 2, "ignore_eos": true});
     let (status, whole) = d.post("/v1/completions", &body);
     assert_eq!(status, 200, "{whole}");
     let mut streamed = body.clone();
     streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let mut tokens: Vec<Vec<Value>> = vec![Vec::new(); 4];
+    let mut usage = Value::Null;
     let mut text = vec![String::new(); 4];
     let mut logprobs: Vec<Vec<Value>> = vec![Vec::new(); 4];
     let mut offsets: Vec<Vec<Value>> = vec![Vec::new(); 4];
@@ -200,6 +206,10 @@ fn echo_with_logprobs_streams_the_prompt_scored_first() {
             break;
         }
         let v: Value = serde_json::from_str(&event).unwrap();
+        if v["choices"].as_array().is_some_and(Vec::is_empty) {
+            usage = v["usage"].clone();
+            continue;
+        }
         let choice = &v["choices"][0];
         let i = choice["index"].as_u64().unwrap() as usize;
         if text[i].is_empty() {
@@ -217,7 +227,12 @@ fn echo_with_logprobs_streams_the_prompt_scored_first() {
         if let Some(lp) = choice["logprobs"].as_object() {
             logprobs[i].extend(lp["token_logprobs"].as_array().unwrap().iter().cloned());
             offsets[i].extend(lp["text_offset"].as_array().unwrap().iter().cloned());
+            tokens[i].extend(lp["tokens"].as_array().unwrap().iter().cloned());
         }
+    }
+    // The scoring runs count nothing: the usage is the whole answer's.
+    for key in ["prompt_tokens", "completion_tokens"] {
+        assert_eq!(usage[key], whole["usage"][key], "{usage}");
     }
     for choice in whole["choices"].as_array().unwrap() {
         let i = choice["index"].as_u64().unwrap() as usize;
@@ -234,6 +249,7 @@ fn echo_with_logprobs_streams_the_prompt_scored_first() {
             &offsets[i],
             choice["logprobs"]["text_offset"].as_array().unwrap()
         );
+        assert_eq!(&tokens[i], choice["logprobs"]["tokens"].as_array().unwrap());
     }
 }
 

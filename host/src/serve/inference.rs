@@ -153,52 +153,31 @@ async fn start(
     // Each choice is a sequence of its own in the batch (the engine computes a prompt shared
     // by choices arriving together once; the others take its blocks from the prefix cache).
     let supervised = &lease.deployment().supervised;
-    if parsed.shown.scored_apart {
-        parsed.scores_apart = scored_apart(supervised, &parsed).await?;
-    }
-    let choices = (0..choices)
-        .map(|i| supervised.infer(parsed.choice(i)))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ApiError::of_request(e.0, &parsed))?;
-    Ok((parsed, lease, choices))
+    // Prompts scored apart for a stream run first, one each; the stream launches its choices
+    // once they are scored (`streaming::pump`).
+    let runs = match parsed.shown.scored_apart {
+        true => (0..=parsed.other_prompts.len())
+            .map(|p| supervised.infer(scoring_run(&parsed, p)))
+            .collect::<Result<Vec<_>, _>>(),
+        false => (0..choices)
+            .map(|i| supervised.infer(parsed.choice(i)))
+            .collect::<Result<Vec<_>, _>>(),
+    };
+    let runs = runs.map_err(|e| ApiError::of_request(e.0, &parsed))?;
+    Ok((parsed, lease, runs))
 }
 
-/// Each prompt scored by a run of its own, one token long, for a stream whose first chunk
-/// shows the scores (which come with the end of a run). Its blocks stay in the prefix cache,
-/// so the stream's own runs do not compute the prompt again.
-async fn scored_apart(
-    supervised: &crate::supervisor::Supervised,
-    parsed: &Parsed,
-) -> Result<Vec<pio_plugin_api::wire::InferOutcome>, ApiError> {
-    let mut outcomes = Vec::new();
-    for p in 0..=parsed.other_prompts.len() {
-        let index = p * parsed.n;
-        let mut request = parsed.choice(index);
-        request.prompt_logprobs = parsed.shown.echo_top;
-        request.max_tokens = Some(1);
-        request.min_tokens = None;
-        request.logprobs = None;
-        request.constraint = None;
-        let mut events = supervised
-            .infer(request)
-            .map_err(|e| ApiError::of_choice(e.0, parsed, index))?;
-        let outcome = loop {
-            match events.recv().await {
-                Some(Event::Token(_)) => {}
-                Some(Event::Done(outcome)) => break outcome,
-                Some(Event::Failed(e)) => return Err(ApiError::of_choice(e, parsed, index)),
-                None => {
-                    return Err(ApiError::internal(
-                        "the worker ended the scoring run without an answer",
-                    ))
-                }
-            }
-        };
-        super::echo::scores_complete(&outcome)
-            .map_err(|why| ApiError::internal(format!("model `{}`: {why}", parsed.model)))?;
-        outcomes.push(outcome);
-    }
-    Ok(outcomes)
+/// The run that scores prompt `p` apart, for a stream whose first chunk shows the scores (which
+/// come with the end of a run): one token long, its output unscored and unconstrained. Its
+/// blocks stay in the prefix cache, so the stream's own runs do not compute the prompt again.
+pub(super) fn scoring_run(parsed: &Parsed, p: usize) -> pio_plugin_api::wire::InferRequest {
+    let mut request = parsed.choice(p * parsed.n);
+    request.prompt_logprobs = parsed.shown.echo_top;
+    request.max_tokens = Some(1);
+    request.min_tokens = None;
+    request.logprobs = None;
+    request.constraint = None;
+    request
 }
 
 /// A request's body as JSON: one too large, unreadable or not JSON is a 4xx saying so.
@@ -347,7 +326,6 @@ pub(super) fn reply_of(parsed: &Parsed, parsing: &Parsing) -> Reply {
     Reply::new(&parsed.model, parsed.endpoint, parsed.logprobs)
         .with_tokens(parsing.tokens.clone())
         .with_prompts(parsed.shown, texts, parsed.n)
-        .with_scores_apart(parsed.scores_apart.clone())
 }
 
 /// Choice `index` of a whole answer: its tokens (as shown) and its outcome, its scores checked

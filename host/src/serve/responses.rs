@@ -120,8 +120,8 @@ impl Reply {
     }
 
     /// Shows `outcomes`, each prompt's scoring run, in a stream's opening chunk.
-    pub fn with_scores_apart(mut self, outcomes: Vec<InferOutcome>) -> Self {
-        self.scores_apart = Arc::new(outcomes);
+    pub fn with_scores_apart(mut self, outcomes: Arc<Vec<InferOutcome>>) -> Self {
+        self.scores_apart = outcomes;
         self
     }
 
@@ -338,9 +338,9 @@ impl Reply {
             (Endpoint::Completions, None) => return None,
         };
         let scored = (self.shown.echo_top)
-            .zip(self.scores_apart.get(self.index / self.per_prompt).cloned())
+            .zip(self.scores_apart.get(self.index / self.per_prompt))
             .and_then(|(k, outcome)| {
-                super::echo::prompt_frames(&outcome, self.tokens.as_deref(), k as usize)
+                super::echo::prompt_frames(outcome, self.tokens.as_deref(), k as usize)
             });
         let logprobs = match scored {
             Some(frames) => self.logprobs_of(&frames),

@@ -70,7 +70,7 @@ pub(super) async fn stream(
     // answer, and keep-alive comments flow from then on.
     let first = match tokio::time::timeout(HEADERS_WITHIN, events.next()).await {
         Ok(Some((i, Some(Event::Failed(e))))) => {
-            let e = ApiError::of_choice(e, &parsed, i);
+            let e = ApiError::of_choice(e, &parsed, choice_of(&parsed, i));
             recorded.status = e.status.as_u16();
             return e.into_response();
         }
@@ -83,9 +83,15 @@ pub(super) async fn stream(
     let stall = Duration::from_secs(app.models.config().server.stall_timeout_secs.max(1));
     let (outlet, body) = Outlet::open(64, stall, link);
     tokio::spawn(async move {
-        // Held until the stream ends, so a drain waits for it.
-        let _lease = lease;
-        let mut ended = pump(&app, &parsed, first, events, &outlet, started, parsing).await;
+        // The lease is this task's until the stream ends, so a drain waits for it.
+        let stream = Pumped {
+            app: &app,
+            parsed: &parsed,
+            lease: &lease,
+            outlet: &outlet,
+            started,
+        };
+        let mut ended = stream.pump(first, events, parsing).await;
         if let Ended::Answered(_) = ended {
             if let Err(gone) = outlet.put(Ok(SseEvent::default().data("[DONE]"))).await {
                 ended = gone;
@@ -185,6 +191,121 @@ impl<'a> Chunks<'a> {
     }
 }
 
+/// The choice an event of the stream's runs is about: run `i`, or, while prompts are scored
+/// apart (one run each), the first choice of prompt `i`.
+fn choice_of(parsed: &Parsed, i: usize) -> usize {
+    match parsed.shown.scored_apart {
+        true => i * parsed.n,
+        false => i,
+    }
+}
+
+/// What a stream's task sends through: the request, its lease (held until the stream ends, so
+/// a drain waits for it) and its client's outlet.
+struct Pumped<'a> {
+    app: &'a App,
+    parsed: &'a Parsed,
+    lease: &'a Lease,
+    outlet: &'a Outlet,
+    started: Instant,
+}
+
+impl Pumped<'_> {
+    /// [`pump`] of the stream, its prompts first scored apart where the request asks
+    /// ([`PromptShown::scored_apart`]): `events` are then the scoring runs', and the choices
+    /// start once every prompt is scored.
+    async fn pump(
+        &self,
+        first: Option<(usize, Option<Event>)>,
+        mut events: Tagged,
+        parsing: Parsing,
+    ) -> Ended {
+        let parsed = self.parsed;
+        let mut reply = super::inference::reply_of(parsed, &parsing);
+        let mut first = first;
+        if parsed.shown.scored_apart {
+            let outcomes = match self.scored(first.take(), &mut events).await {
+                Ok(outcomes) => outcomes,
+                Err(e) => return self.failed(e).await,
+            };
+            reply = reply.with_scores_apart(Arc::new(outcomes));
+            let supervised = &self.lease.deployment().supervised;
+            let runs = (0..parsed.choices())
+                .map(|i| supervised.infer(parsed.choice(i)))
+                .collect::<Result<Vec<_>, _>>();
+            events = match runs {
+                Ok(runs) => tagged(runs),
+                Err(e) => return self.failed(Ok(ApiError::of_request(e.0, parsed))).await,
+            };
+        }
+        pump(
+            self.app,
+            parsed,
+            first,
+            events,
+            self.outlet,
+            self.started,
+            (reply, parsing),
+        )
+        .await
+    }
+
+    /// Each prompt's scoring run's outcome, in prompt order; `Err(Ok(e))` when a run failed,
+    /// `Err(Err(ended))` when the client left.
+    async fn scored(
+        &self,
+        mut first: Option<(usize, Option<Event>)>,
+        events: &mut Tagged,
+    ) -> Result<Vec<InferOutcome>, Result<ApiError, Ended>> {
+        let parsed = self.parsed;
+        let mut outcomes: Vec<Option<InferOutcome>> = vec![None; parsed.other_prompts.len() + 1];
+        while outcomes.iter().any(Option::is_none) {
+            let event = match first.take() {
+                Some(e) => Some(e),
+                None => tokio::select! {
+                    e = events.next() => e,
+                    () = self.outlet.closed() => return Err(Err(Ended::Left)),
+                },
+            };
+            match event {
+                Some((_, Some(Event::Token(_)))) => {}
+                Some((p, Some(Event::Done(outcome)))) => {
+                    super::echo::scores_complete(&outcome).map_err(|why| {
+                        Ok(ApiError::internal(format!(
+                            "model `{}`: {why}",
+                            parsed.model
+                        )))
+                    })?;
+                    outcomes[p] = Some(outcome);
+                }
+                Some((p, Some(Event::Failed(e)))) => {
+                    return Err(Ok(ApiError::of_choice(e, parsed, choice_of(parsed, p))))
+                }
+                Some((p, None)) if outcomes[p].is_some() => {}
+                Some((_, None)) | None => {
+                    return Err(Ok(ApiError::internal(
+                        "the worker ended a scoring run without an answer",
+                    )))
+                }
+            }
+        }
+        Ok(outcomes.into_iter().flatten().collect())
+    }
+
+    /// Sends `e` as the stream's last event (a failure past its headers), or says the client left.
+    async fn failed(&self, e: Result<ApiError, Ended>) -> Ended {
+        let e = match e {
+            Ok(e) => e,
+            Err(ended) => return ended,
+        };
+        tracing::warn!(model = %self.parsed.model, "stream failed midway: {}", e.message);
+        match self.outlet.send(&e.body()).await {
+            Ok(()) => Ended::Answered(e.status.as_u16()),
+            Err(ended) => ended,
+        }
+    }
+}
+
 /// Sends the stream's chunks, every choice's as its tokens come, and the usage of all once the
 /// last has finished; returns how the stream ended.
 async fn pump(
@@ -194,9 +315,8 @@ async fn pump(
     mut events: Tagged,
     outlet: &Outlet,
     started: Instant,
-    parsing: Parsing,
+    (reply, parsing): (Reply, Parsing),
 ) -> Ended {
-    let reply = super::inference::reply_of(parsed, &parsing);
     let choices = parsed.choices();
     let mut chunks: Vec<Chunks> = (0..choices)
         .map(|i| Chunks::new(parsed, parsing.clone(), reply.for_choice(i)))

@@ -166,9 +166,6 @@ pub struct Parsed {
     /// A completion's prompts after the first (`request.prompt`), each run as `n` choices of its
     /// own, numbered after the previous prompt's (vLLM's and OpenAI's order).
     pub other_prompts: Vec<Prompt>,
-    /// Each prompt's scoring run, when they are scored apart ([`PromptShown::scored_apart`]):
-    /// filled once the model is leased, before the stream's own runs start.
-    pub scores_apart: Vec<pio_plugin_api::wire::InferOutcome>,
 }
 
 impl Parsed {
@@ -432,7 +429,6 @@ pub fn parse(
         n: c.n.map_or(1, |n| usize::try_from(n).unwrap_or(1)),
         shown,
         other_prompts,
-        scores_apart: Vec::new(),
     })
 }
 
