@@ -174,6 +174,16 @@ assert r.choices[0].text.startswith("The cat sat on the mat"), r
 shorter = r.choices[1].logprobs.token_logprobs
 assert all(abs(a - b) < 1e-4 for a, b in zip(shorter[1:3], lp.token_logprobs[1:3])), (shorter, lp)
 assert r.usage.prompt_tokens == len(ids) + 3, r
+# Streamed, as vLLM streams it: the first chunk is the prompt with its scores.
+chunks = list(client.completions.create(
+    model=QWEN, prompt=ids, echo=True, logprobs=1, max_tokens=2, temperature=0, stream=True
+))
+first = chunks[0].choices[0]
+assert first.text == "The cat sat on the mat", first
+assert first.logprobs.token_logprobs[0] is None, first.logprobs
+streamed = first.logprobs.token_logprobs[1:]
+assert len(streamed) == len(ids) - 1, first.logprobs
+assert all(abs(a - b) < 1e-4 for a, b in zip(streamed, lp.token_logprobs[1:])), (streamed, lp)
 # vLLM's `prompt_logprobs` comes through the client as an extra field.
 r = client.completions.create(model=QWEN, prompt=ids, max_tokens=1, extra_body={"prompt_logprobs": 2})
 rows = r.choices[0].model_extra["prompt_logprobs"]
