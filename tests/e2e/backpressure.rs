@@ -415,12 +415,7 @@ fn a_load_waiting_for_room_says_so() {
     if !confinement_available() {
         return;
     }
-    let dir = echo_dir("");
-    dir.copy_lib("pio_test_plugin_hostile", "libhostile.so");
-    dir.write(
-        "hostile.toml",
-        &crate::support::manifest("hostile", "0.1.0", "libhostile.so", ""),
-    );
+    let dir = echo_and_hostile_dir();
     let config =
         "[server]\npreload = []\nmax_loaded_models = 1\nload_wait_secs = 2\nwarmup = false\n";
     let d = std::sync::Arc::new(Daemon::start(dir, config));

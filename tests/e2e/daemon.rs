@@ -32,6 +32,17 @@ pub fn echo_dir(extra: &str) -> PluginDir {
     dir
 }
 
+/// [`echo_dir`] plus the hostile test plugin (`hostile`), at the manifests' default tier.
+pub fn echo_and_hostile_dir() -> PluginDir {
+    let dir = echo_dir("");
+    dir.copy_lib("pio_test_plugin_hostile", "libhostile.so");
+    dir.write(
+        "hostile.toml",
+        &manifest("hostile", "0.1.0", "libhostile.so", ""),
+    );
+    dir
+}
+
 /// A daemon, ready, serving the hostile test plugin at `low` (its test limits), with no warm-up
 /// and restarts after 100 ms: for the faults that end a worker.
 pub fn restarting_hostile() -> Daemon {

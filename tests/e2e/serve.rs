@@ -651,12 +651,7 @@ fn models_load_on_demand_within_the_cap_and_unload_when_idle() {
     if !confinement_available() {
         return;
     }
-    let dir = echo_dir("");
-    dir.copy_lib("pio_test_plugin_hostile", "libhostile.so");
-    dir.write(
-        "hostile.toml",
-        &manifest("hostile", "0.1.0", "libhostile.so", ""),
-    );
+    let dir = echo_and_hostile_dir();
     let config =
         "[server]\npreload = []\nmax_loaded_models = 1\nkeep_alive_secs = 2\nwarmup = false\n";
     let d = Daemon::start(dir, config);

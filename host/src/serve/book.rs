@@ -61,6 +61,12 @@ pub(super) struct Entry {
 }
 
 impl Entry {
+    /// Loading, but still waiting for its place under a cap of `cap` loaded models (0: none),
+    /// every loaded model busy.
+    pub(super) fn waiting_for_room(&self, cap: usize) -> bool {
+        cap > 0 && matches!(self.slot, Slot::Loading(_)) && !self.holds_room
+    }
+
     /// Before a fresh load: the older version to serve instead of the loaded one's broken
     /// files, once nothing of that one runs any more.
     pub(super) fn fall_back(&mut self) {
@@ -260,7 +266,7 @@ pub(super) fn status_of(e: &Entry, cap: usize) -> PluginStatus {
         Slot::Unloaded if e.failed_at.is_some() => base.failed(),
         Slot::Unloaded => base,
         Slot::Loading(_) => PluginStatus {
-            waiting_for_room: cap > 0 && !e.holds_room,
+            waiting_for_room: e.waiting_for_room(cap),
             ..base.loading()
         },
         Slot::Loaded(d) => base.serving(d),

@@ -287,7 +287,7 @@ impl Models {
         let for_room = lock(&self.inner)
             .entries
             .get(name)
-            .is_some_and(|e| cap > 0 && matches!(e.slot, Slot::Loading(_)) && !e.holds_room);
+            .is_some_and(|e| e.waiting_for_room(cap));
         ApiError::unavailable(if for_room {
             format!("model `{name}` waits for room to load: the models loaded fill server.max_loaded_models ({cap}) and all are busy; retry shortly")
         } else {
