@@ -23,8 +23,8 @@ if [ ! -x "$root/bin/nvcc" ] || [ ! -e "$root/include/crt/host_config.h" ] || [ 
   echo "installing the CUDA toolkit wheels into $prefix" >&2
   # pip --target does not merge into an existing `nvidia` folder: start from an empty one.
   rm -rf "$prefix"
-  pip3 install -q --no-deps --target "$prefix" "${wheels[@]}" >&2 2>/dev/null \
-    || pip3 install -q --no-deps --break-system-packages --target "$prefix" "${wheels[@]}" >&2
+  pip3 install -q --no-deps --no-cache-dir --target "$prefix" "${wheels[@]}" >&2 2>/dev/null \
+    || pip3 install -q --no-deps --no-cache-dir --break-system-packages --target "$prefix" "${wheels[@]}" >&2
   echo "${wheels[*]}" >"$prefix/.pins"
 fi
 
