@@ -8,6 +8,8 @@
 //! than any cache holds, as GB/s of weights beside a plain streaming read of the same bytes
 //! (`-- --decode` stops after it).
 //!
+//! Last, a prompt's products at larger shapes (`-- --prefill` runs only those).
+//!
 //! Run: `cargo bench -p pio-kernels --bench matmul` (`RAYON_NUM_THREADS` sets the threads).
 
 use std::time::Instant;
@@ -87,7 +89,31 @@ fn decode<T: Element>(name: &str, value: impl Fn(usize) -> T) {
     );
 }
 
+/// A prompt's products on bf16 weights (the AMX path where the CPU has it): Qwen3-0.6B's and
+/// Qwen3-4B's MLP shapes at 512 rows, whose weight panels outgrow L1 and whose activations
+/// outgrow L2 at the larger depths.
+fn prefill() {
+    let m = 512;
+    println!("bf16 prefill, {m} rows: GFLOP/s (matmul's choice | always GEMM)");
+    for (k, n) in [(1024, 3072), (3072, 1024), (2560, 9728), (9728, 2560)] {
+        let w: Vec<bf16> = (0..k * n)
+            .map(|i| bf16::from_f32(((i % 17) as f32 - 8.0) * 0.01))
+            .collect();
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| bf16::from_f32((i % 13) as f32 * 0.01).to_f32())
+            .collect();
+        let mut out = vec![0f32; m * n];
+        let flop = 2.0 * (m * k * n) as f64;
+        let chosen = flop / seconds(3, || matmul(&x, &w, m, k, n, &mut out)) / 1e9;
+        let gemm = flop / seconds(1, || matmul_rows(&x, &Rows(&w), m, k, n, &mut out)) / 1e9;
+        println!("  {k:>5} → {n:>5}: {chosen:>7.1} | {gemm:>7.1}");
+    }
+}
+
 fn main() {
+    if std::env::args().any(|a| a == "--prefill") {
+        return prefill();
+    }
     println!("{K} → {N}, {} threads", rayon::current_num_threads());
     decode("bf16", |i| bf16::from_f32(((i % 17) as f32 - 8.0) * 0.01));
     decode("f32", |i| ((i % 17) as f32 - 8.0) * 0.01);
@@ -98,4 +124,5 @@ fn main() {
     run("f32", &w);
     let w: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
     run("bf16", &w);
+    prefill();
 }
