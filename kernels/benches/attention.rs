@@ -5,8 +5,9 @@
 //!
 //! Run: `cargo bench -p pio-kernels --bench attention` (`RAYON_NUM_THREADS` sets the threads);
 //! `-- --depth N` measures one depth only, `-- --cache bf16|f16|q8_0` one cached type. Each
-//! step runs under `keep_awake`, as the engine's do. Last, the softmax's exponentials alone, and
-//! SwiGLU's SiLU (the same exponential), the kernels' against libm's, in the same run.
+//! step runs under `keep_awake`, as the engine's do. Then one layer's prefill attention (512 new
+//! queries; `-- --prefill N` measures only that, for N queries). Last, the softmax's exponentials
+//! alone, and SwiGLU's SiLU (the same exponential), the kernels' against libm's, in the same run.
 
 use pio_kernels::{
     bf16, f16, keep_awake, kv_q8, paged_attention, AttentionShape, CachedRow, PagedKv,
@@ -83,6 +84,44 @@ fn attend<T: CachedRow>(
     }
 }
 
+/// One layer's prefill attention: `seq` new queries at position 0 over a bf16 cache, as a fresh
+/// prompt's chunk runs, in ms and in GFLOP/s of the causal work (the half of the scores and of
+/// their products with the values that the mask leaves).
+fn prefill(seq: usize) {
+    let shape = AttentionShape {
+        heads: HEADS,
+        kv_heads: KV_HEADS,
+        head_dim: D,
+        value_dim: D,
+        scale: 1.0 / (D as f32).sqrt(),
+    };
+    let blocks: Vec<u32> = (0..seq.div_ceil(BLOCK) as u32).collect();
+    let slots = blocks.len() * BLOCK;
+    let kv = |seed| -> Vec<bf16> {
+        let x = values(slots * KV_HEADS * D, seed);
+        x.iter().map(|&v| bf16::from_f32(v)).collect()
+    };
+    let (k, v) = (kv(1), kv(2));
+    let q: Vec<f32> = values(seq * HEADS * D, 3)
+        .iter()
+        .map(|&x| bf16::from_f32(x).to_f32())
+        .collect();
+    let mut out = vec![0f32; seq * HEADS * D];
+    let kv = PagedKv {
+        keys: &k,
+        values: &v,
+        blocks: &blocks,
+        block_size: BLOCK,
+    };
+    let s = seconds(3, || paged_attention(&shape, &q, &kv, 0, &mut out));
+    let flop = 4.0 * (HEADS * D) as f64 * (seq * (seq + 1) / 2) as f64;
+    println!(
+        "prefill attention, {seq} queries at position 0, bf16 cache: {:.2} ms per layer, {:.1} GFLOP/s of causal work",
+        s * 1e3,
+        flop / s / 1e9
+    );
+}
+
 /// The cached types measured, as `--cache` names them.
 const CACHES: [&str; 3] = ["bf16", "f16", "q8_0"];
 
@@ -102,6 +141,9 @@ fn main() {
     if let Some(c) = cache.as_deref().filter(|c| !CACHES.contains(c)) {
         eprintln!("--cache {c:?}: expected one of {CACHES:?}");
         std::process::exit(2);
+    }
+    if let Some(seq) = flag("--prefill") {
+        return prefill(seq.parse().unwrap_or(512));
     }
     let threads = rayon::current_num_threads();
     let read = streaming_read(&vec![1u8; 512 << 20]);
@@ -137,6 +179,7 @@ fn main() {
             );
         }
     }
+    prefill(512);
     exponentials();
     silu();
 }

@@ -25,6 +25,10 @@ const GEMM_QUERIES: usize = 8;
 /// Scores per GEMM pass, in f32 elements: long contexts take the queries in slices.
 const SCORE_ELEMENTS: usize = 1 << 22;
 
+/// Queries per GEMM pass at most: each slice scores only the positions its last query sees, so
+/// the masked triangle costs about `CAUSAL_ROWS / 2` columns per query instead of half of them.
+const CAUSAL_ROWS: usize = 64;
+
 /// The sizes of an attention call.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AttentionShape {
@@ -199,7 +203,7 @@ unsafe fn one_head<T: CachedRow>(
     let keys = head_matrix(kv, kv.keys, len, stride, offset, (d, d), kbuf);
     let values = head_matrix(kv, kv.values, len, stride, offset, (d, vd), vbuf);
     let (ks, vs) = (d as isize, vd as isize);
-    let slice = (SCORE_ELEMENTS / len).clamp(1, seq);
+    let slice = (SCORE_ELEMENTS / len).clamp(1, seq).min(CAUSAL_ROWS);
     for first in (0..seq).step_by(slice) {
         let rows = slice.min(seq - first);
         // Only positions up to the slice's last query are visible to it.
@@ -435,6 +439,8 @@ mod tests {
         check(20, 0, 4, 2, 0);
         check(33, 12, 4, 1, 7);
         check(9, 0, 2, 2, 0);
+        // Several slices of queries, the last one short, each scoring only what it sees.
+        check(2 * CAUSAL_ROWS + 22, 5, 2, 1, 3);
     }
 
     /// MLA's absorbed form: one key head shared by every query head, the values the keys' leading
