@@ -144,7 +144,5 @@ pub(crate) fn swiglu(y: &Tensor, width: usize) -> candle_core::Result<Option<Ten
     if let Some(last) = dims.last_mut() {
         *last = width;
     }
-    Ok(Some(
-        Tensor::from_vec(out, dims, y.device())?.to_dtype(y.dtype())?,
-    ))
+    Ok(Some(super::in_dtype(out, &dims, y.dtype())?))
 }

@@ -64,19 +64,39 @@ pub(crate) fn supports(t: &Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16)
 }
 
-/// `x` as contiguous f32 (activations are small next to the weights they meet).
+/// `x` as contiguous f32 (activations are small next to the weights they meet), widened over
+/// the pool ([`pio_kernels::convert`]).
 fn activations(x: &Tensor) -> candle_core::Result<Tensor> {
-    x.to_dtype(DType::F32)?.contiguous()
+    let widened = with_elements(x, |xs| match xs {
+        Elements::F32(_) => None,
+        Elements::Bf16(xs) => Some(pio_kernels::convert::widened(xs)),
+        Elements::F16(xs) => Some(pio_kernels::convert::widened(xs)),
+    });
+    match widened.flatten() {
+        Some(v) => Tensor::from_vec(v, x.dims(), x.device()),
+        None => x.to_dtype(DType::F32)?.contiguous(),
+    }
+}
+
+/// f32 results `out` as a tensor of shape `dims` in `dtype` on the CPU, rounded over the pool
+/// ([`pio_kernels::convert`]) for bf16 and f16.
+fn in_dtype(out: Vec<f32>, dims: &[usize], dtype: DType) -> candle_core::Result<Tensor> {
+    let cpu = &candle_core::Device::Cpu;
+    match dtype {
+        DType::BF16 => Tensor::from_vec(pio_kernels::convert::to_bf16(&out), dims, cpu),
+        DType::F16 => Tensor::from_vec(pio_kernels::convert::to_f16(&out), dims, cpu),
+        _ => Tensor::from_vec(out, dims, cpu)?.to_dtype(dtype),
+    }
 }
 
 /// The product of `x` `(.., k)` with `n` outputs, computed into `out`, as a tensor like `x`:
-/// shape `(.., n)`, `x`'s dtype and device.
+/// shape `(.., n)`, `x`'s dtype (on the CPU, where the kernels run).
 fn projected(out: Vec<f32>, x: &Tensor, n: usize) -> candle_core::Result<Tensor> {
     let mut dims = x.dims().to_vec();
     if let Some(last) = dims.last_mut() {
         *last = n;
     }
-    Tensor::from_vec(out, dims, x.device())?.to_dtype(x.dtype())
+    in_dtype(out, &dims, x.dtype())
 }
 
 /// Calls `f` on the f32 elements of `xf` (from [`activations`]); `false` when it cannot.

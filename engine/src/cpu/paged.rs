@@ -4,7 +4,7 @@
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 use pio_kernels::{paged_attention, AttentionShape, CachedRow, PagedKv};
 
-use super::{activations, supports, with_elements, with_f32, Elements};
+use super::{activations, in_dtype, supports, with_elements, with_f32, Elements};
 
 /// Causal attention of `q` `(seq, heads, head_dim)` at positions `start..` over one sequence's
 /// keys and values in the paged pool (`(slots, kv_heads, head_dim)` each, read through its block
@@ -34,9 +34,7 @@ pub(crate) fn attention(
     if !with_f32(&qf, |qs| attend_into(&shape, qs, kv, start, &mut out)) {
         return Ok(None);
     }
-    Ok(Some(
-        Tensor::from_vec(out, (seq, heads, kv.value_dim), q.device())?.to_dtype(q.dtype())?,
-    ))
+    Ok(Some(in_dtype(out, &[seq, heads, kv.value_dim], q.dtype())?))
 }
 
 /// The pool's key/value heads, once its shapes are checked against `q`'s: head sizes match,
