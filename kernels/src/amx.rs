@@ -162,7 +162,10 @@ unsafe fn columns(
     padded: &mut Vec<bf16>,
     y: SharedMut<f32>,
 ) {
-    let mut sums = [[0f32; ROWS * ROWS]; 4];
+    // Two sets: a block's sums leave while the tiles work on the next block's (the stores come
+    // after the next block's tile instructions, which the core runs ahead of, not after the
+    // products they wait for).
+    let mut sums = [[[0f32; ROWS * ROWS]; 4]; 2];
     // SAFETY: the CPU has AMX (the caller's promise); the configuration is 64-byte aligned.
     unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly)) };
     for first in cols.clone().step_by(BLOCK) {
@@ -175,13 +178,22 @@ unsafe fn columns(
             padded.resize(BLOCK * k, bf16::ZERO);
             padded
         };
-        for pair in 0..m.div_ceil(BLOCK) {
+        let pairs = m.div_ceil(BLOCK);
+        for pair in 0..pairs {
             let acts = &packed[2 * pair * (k / DEPTH) * TILE..];
+            let [a, b] = &mut sums;
+            let (now, before) = if pair % 2 == 0 { (a, &*b) } else { (b, &*a) };
             // SAFETY: `rows` holds 32 rows of k values and `acts` two blocks of 16 packed
             // rows (padded to whole blocks); the CPU has AMX and the tiles are configured.
-            unsafe { multiply(rows, acts, k, &mut sums) };
-            // SAFETY: the block lies in the output's columns `cols` (the caller's promise).
-            unsafe { put_block(&sums, y, m, n, (first, outputs, pair)) };
+            unsafe { multiply(rows, acts, k, now) };
+            if pair > 0 {
+                // SAFETY: the block lies in the output's columns `cols` (the caller's promise).
+                unsafe { put_block(before, y, m, n, (first, outputs, pair - 1)) };
+            }
+            if pair + 1 == pairs {
+                // SAFETY: as above.
+                unsafe { put_block(now, y, m, n, (first, outputs, pair)) };
+            }
         }
     }
     // SAFETY: as above; leaves the tile state unused again (the kernel then skips saving it).
@@ -373,6 +385,8 @@ mod tests {
             (64, 96, 100),
             (50, 1024, 70),
             (33, 32, 200),
+            // Three blocks of rows: the sums' two sets each taken more than once.
+            (70, 64, 40),
         ] {
             let x = bf16_values(m * k, 1);
             let w: Vec<bf16> = data(n * k, 2).into_iter().map(bf16::from_f32).collect();
