@@ -35,6 +35,16 @@ impl RmsNorm {
         })
     }
 
+    /// The weight, as stored.
+    pub fn weight(&self) -> &Tensor {
+        self.norm.weight()
+    }
+
+    /// Added to the mean square.
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
     /// `(x + y, norm(x + y))` in one launch on a GPU; `None` elsewhere.
     #[cfg(feature = "cuda")]
     fn add_normed(&self, x: &Tensor, y: &Tensor) -> candle_core::Result<Option<(Tensor, Tensor)>> {
@@ -58,6 +68,11 @@ impl RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if x.dtype() == self.dtype {
+            if let Some(y) = crate::cpu::rms_norm(x, &self.widened, self.eps as f32)? {
+                return Ok(y);
+            }
+        }
         self.norm.forward(x)
     }
 }

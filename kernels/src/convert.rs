@@ -76,14 +76,19 @@ unsafe fn round_bf16_avx2(x: &[f32], out: &mut [bf16]) {
 #[inline(always)]
 fn rounded_bf16(x: &[f32], out: &mut [bf16]) {
     for (o, &v) in out.iter_mut().zip(x) {
-        let bits = v.to_bits();
-        let half_unit = bits & 0x8000 != 0;
-        let above_tie = bits & 0x17fff != 0;
-        let rounded = (bits >> 16) + u32::from(half_unit && above_tie);
-        let nan = bits & 0x7fff_ffff > 0x7f80_0000;
-        let kept = if nan { (bits >> 16) | 0x40 } else { rounded };
-        *o = bf16::from_bits(kept as u16);
+        *o = bf16::from_bits(bf16_bits(v));
     }
+}
+
+/// `bf16::from_f32(v)`'s bits, without branches.
+#[inline(always)]
+pub(crate) fn bf16_bits(v: f32) -> u16 {
+    let bits = v.to_bits();
+    let half_unit = bits & 0x8000 != 0;
+    let above_tie = bits & 0x17fff != 0;
+    let rounded = (bits >> 16) + u32::from(half_unit && above_tie);
+    let nan = bits & 0x7fff_ffff > 0x7f80_0000;
+    (if nan { (bits >> 16) | 0x40 } else { rounded }) as u16
 }
 
 #[cfg(test)]

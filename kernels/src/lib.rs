@@ -9,7 +9,7 @@
 //!   pool read through a sequence's block table, without copying or repeating keys and values;
 //!   decode splits the positions over threads (flash-decoding); the pool holds f32, bf16, f16 or
 //!   the Q8_0 rows of [`kv_q8`].
-//! - [`convert`]: whole activations between f32 and bf16 or f16.
+//! - [`convert`]: whole activations between f32 and bf16 or f16; [`norm`]: RMSNorm as candle's.
 //!
 //! SIMD paths (AVX2 + FMA, F16C for f16) are chosen at run time; every kernel has a portable
 //! fallback that the tests check against the same reference. Work is split over rayon's global
@@ -23,6 +23,7 @@ mod element;
 pub mod exp;
 pub mod kv_q8;
 pub mod matmul;
+pub mod norm;
 mod parallel;
 pub mod quant;
 mod simd;

@@ -146,3 +146,29 @@ pub(crate) fn swiglu(y: &Tensor, width: usize) -> candle_core::Result<Option<Ten
     }
     Ok(Some(super::in_dtype(out, &dims, y.dtype())?))
 }
+
+/// RMSNorm of `x` over its last dimension with `weight` (widened to f32) in `x`'s dtype, as
+/// candle's computes it, bit for bit ([`pio_kernels::norm`]); `None` off the CPU or for a
+/// dtype, width or layout the kernel does not take.
+pub(crate) fn rms_norm(
+    x: &Tensor,
+    weight: &[f32],
+    eps: f32,
+) -> candle_core::Result<Option<Tensor>> {
+    use pio_kernels::norm::{rms_norm, Rounding};
+    if !supports(x) || !x.is_contiguous() || x.dims().last() != Some(&weight.len()) {
+        return Ok(None);
+    }
+    fn run<T: Rounding>(x: &[T], weight: &[f32], eps: f32) -> Vec<T> {
+        let mut out = vec![T::store(0.0); x.len()];
+        rms_norm(x, weight, eps, &mut out);
+        out
+    }
+    let cpu = &candle_core::Device::Cpu;
+    with_elements(x, |e| match e {
+        Elements::F32(v) => Tensor::from_vec(run(v, weight, eps), x.dims(), cpu),
+        Elements::Bf16(v) => Tensor::from_vec(run(v, weight, eps), x.dims(), cpu),
+        Elements::F16(v) => Tensor::from_vec(run(v, weight, eps), x.dims(), cpu),
+    })
+    .transpose()
+}

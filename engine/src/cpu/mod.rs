@@ -11,7 +11,7 @@ mod shared_input;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use elementwise::{add, rope, swiglu};
+pub(crate) use elementwise::{add, rms_norm, rope, swiglu};
 pub(crate) use paged::attention;
 pub(crate) use products::{linear, packed, packed_bytes, quantized_linear, tiled_linear};
 pub(crate) use shared_input::{tiled_linears, Norm};

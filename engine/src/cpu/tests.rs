@@ -174,3 +174,38 @@ fn rotary_positions_are_candles() {
         "a table of other positions"
     );
 }
+
+/// RMSNorm gives candle's bit for bit in f32, bf16 and f16, for a few rows (which candle runs on
+/// one thread) and many (split over the pool), at a model's width and a head's; a weight of
+/// another width, or a strided input, is left to candle.
+#[test]
+fn rms_norm_is_candles() {
+    let device = Device::Cpu;
+    for (rows, width) in [(3, 1024), (300, 128), (40, 2560)] {
+        let x = normal(0.0, 3.0, (rows, width), &device, 7);
+        let w = normal(1.0, 0.2, width, &device, 8);
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let (x, w) = (x.to_dtype(dtype).unwrap(), w.to_dtype(dtype).unwrap());
+            let widened = w.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+            let ours = rms_norm(&x, &widened, 1e-6).unwrap().unwrap();
+            let theirs = candle_nn::ops::rms_norm(&x, &w, 1e-6).unwrap();
+            assert_eq!(ours.dtype(), dtype);
+            let values = |t: &Tensor| {
+                t.to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            assert_eq!(values(&ours), values(&theirs), "{rows} × {width} {dtype:?}");
+        }
+    }
+    let x = normal(0.0, 1.0, (8, 16), &device, 9);
+    assert!(rms_norm(&x, &[1.0; 8], 1e-6).unwrap().is_none(), "width");
+    let strided = x.t().unwrap();
+    assert!(
+        rms_norm(&strided, &[1.0; 8], 1e-6).unwrap().is_none(),
+        "layout"
+    );
+}

@@ -3,9 +3,10 @@
 
 use crate::batch::Batch;
 use crate::candle_core::{Module, Tensor};
-use crate::candle_nn::{rms_norm, RmsNorm, VarBuilder};
+use crate::candle_nn::VarBuilder;
 use crate::kv_pool::KvPool;
 use crate::linear::{Linear, Quantization};
+use crate::norm::RmsNorm;
 use crate::norm::{forward_all, LinearInput};
 use crate::Result;
 
@@ -65,8 +66,8 @@ impl Attention {
         Ok(Self {
             qkv,
             o_proj: Linear::load(h * d, cfg.hidden_size, bias, q, vb.pp("o_proj"))?,
-            q_norm: rms_norm(d, cfg.rms_norm_eps, vb.pp("q_norm"))?,
-            k_norm: rms_norm(d, cfg.rms_norm_eps, vb.pp("k_norm"))?,
+            q_norm: RmsNorm::load(d, cfg.rms_norm_eps, vb.pp("q_norm"))?,
+            k_norm: RmsNorm::load(d, cfg.rms_norm_eps, vb.pp("k_norm"))?,
             heads: h,
             kv_heads: kv,
             head_dim: d,
