@@ -89,13 +89,19 @@ fn decode<T: Element>(name: &str, value: impl Fn(usize) -> T) {
     );
 }
 
-/// A prompt's products on bf16 weights (the AMX path where the CPU has it): Qwen3-0.6B's and
-/// Qwen3-4B's MLP shapes at 512 rows, whose weight panels outgrow L1 and whose activations
-/// outgrow L2 at the larger depths.
+/// Qwen3-0.6B's and Qwen3-4B's MLP shapes, `(k, n)`.
+const PREFILL_SHAPES: [(usize, usize); 4] =
+    [(1024, 3072), (3072, 1024), (2560, 9728), (9728, 2560)];
+
+/// A prompt's products on bf16 weights (the AMX path where the CPU has it) at 512 rows, whose
+/// weight panels outgrow L1 and whose activations outgrow L2 at the larger depths; beside them
+/// PyTorch's bf16 `linear` on the same shapes in the same run (`tests/bench/torch_linear.py`),
+/// where python3 has torch.
 fn prefill() {
     let m = 512;
-    println!("bf16 prefill, {m} rows: GFLOP/s (matmul's choice | always GEMM)");
-    for (k, n) in [(1024, 3072), (3072, 1024), (2560, 9728), (9728, 2560)] {
+    let torch = torch_linear(m);
+    println!("bf16 prefill, {m} rows: GFLOP/s (matmul's choice | always GEMM | PyTorch's linear)");
+    for (i, &(k, n)) in PREFILL_SHAPES.iter().enumerate() {
         let w: Vec<bf16> = (0..k * n)
             .map(|i| bf16::from_f32(((i % 17) as f32 - 8.0) * 0.01))
             .collect();
@@ -106,8 +112,40 @@ fn prefill() {
         let flop = 2.0 * (m * k * n) as f64;
         let chosen = flop / seconds(3, || matmul(&x, &w, m, k, n, &mut out)) / 1e9;
         let gemm = flop / seconds(1, || matmul_rows(&x, &Rows(&w), m, k, n, &mut out)) / 1e9;
-        println!("  {k:>5} → {n:>5}: {chosen:>7.1} | {gemm:>7.1}");
+        let reference = torch.get(i).map_or("-".to_string(), |g| format!("{g:.1}"));
+        println!("  {k:>5} → {n:>5}: {chosen:>7.1} | {gemm:>7.1} | {reference:>7}");
     }
+}
+
+/// PyTorch's GFLOP/s for [`PREFILL_SHAPES`] at `m` rows on as many threads as rayon's pool;
+/// empty (and a note) where python3 or torch is missing.
+fn torch_linear(m: usize) -> Vec<f64> {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/bench/torch_linear.py"
+    );
+    let shapes = PREFILL_SHAPES.iter().map(|(k, n)| format!("{k}:{n}"));
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg(rayon::current_num_threads().to_string())
+        .arg(m.to_string())
+        .args(shapes)
+        .stderr(std::process::Stdio::null())
+        .output();
+    let figures: Vec<f64> = out
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter_map(|l| l.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    if figures.is_empty() {
+        println!("(no PyTorch figures: pip install -r tests/fixtures/requirements.txt)");
+    }
+    figures
 }
 
 fn main() {
