@@ -275,6 +275,7 @@ unsafe fn multiply(rows: &[bf16], acts: &[bf16], k: usize, sums: &mut [[f32; ROW
 /// # Safety
 /// The CPU has AMX (and so AVX-512F); the outputs lie inside the `m × n` output, in columns
 /// nothing else writes meanwhile.
+#[target_feature(enable = "avx512f")]
 unsafe fn put_block(
     sums: &[[f32; ROWS * ROWS]; 4],
     y: SharedMut<f32>,
@@ -387,6 +388,10 @@ mod tests {
             (33, 32, 200),
             // Three blocks of rows: the sums' two sets each taken more than once.
             (70, 64, 40),
+            // A last block of 20 outputs (the second accumulators' lines partial), and of
+            // exactly 16 (the second accumulators padding only).
+            (40, 64, 52),
+            (5, 32, 48),
         ] {
             let x = bf16_values(m * k, 1);
             let w: Vec<bf16> = data(n * k, 2).into_iter().map(bf16::from_f32).collect();
@@ -401,6 +406,31 @@ mod tests {
                         "{m}×{k}×{n} [{i},{j}]: {got} vs {want}"
                     );
                 }
+            }
+        }
+    }
+
+    /// The register transposition, on any CPU with AVX-512F (AMX or not).
+    #[test]
+    fn accumulators_transpose_in_registers() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            eprintln!("no AVX-512F: skipped");
+            return;
+        }
+        use std::arch::x86_64::{_mm512_loadu_ps, _mm512_storeu_ps};
+        let block: Vec<f32> = (0..ROWS * ROWS).map(|i| i as f32).collect();
+        let mut out = vec![0f32; ROWS * ROWS];
+        // SAFETY: the CPU has AVX-512F; every load and store is one line of 16 inside the
+        // vectors.
+        unsafe {
+            let lines = std::array::from_fn(|i| _mm512_loadu_ps(block[ROWS * i..].as_ptr()));
+            for (i, line) in transposed(lines).iter().enumerate() {
+                _mm512_storeu_ps(out[ROWS * i..].as_mut_ptr(), *line);
+            }
+        }
+        for r in 0..ROWS {
+            for c in 0..ROWS {
+                assert_eq!(out[r * ROWS + c], block[c * ROWS + r], "[{r}][{c}]");
             }
         }
     }

@@ -148,7 +148,8 @@ pub(crate) fn swiglu(y: &Tensor, width: usize) -> candle_core::Result<Option<Ten
 }
 
 /// RMSNorm of `x` over its last dimension with `weight` (widened to f32) in `x`'s dtype, as
-/// candle's computes it, bit for bit ([`pio_kernels::norm`]); `None` off the CPU or for a
+/// candle's computes it, bit for bit ([`pio_kernels::norm`]) when the weight is stored in `x`'s
+/// dtype (the caller's to check: the widened values do not say); `None` off the CPU or for a
 /// dtype, width or layout the kernel does not take.
 pub(crate) fn rms_norm(
     x: &Tensor,
@@ -156,7 +157,8 @@ pub(crate) fn rms_norm(
     eps: f32,
 ) -> candle_core::Result<Option<Tensor>> {
     use pio_kernels::norm::{rms_norm, Rounding};
-    if !supports(x) || !x.is_contiguous() || x.dims().last() != Some(&weight.len()) {
+    let fits = !weight.is_empty() && x.dims().last() == Some(&weight.len());
+    if !supports(x) || !x.is_contiguous() || !fits {
         return Ok(None);
     }
     fn run<T: Rounding>(x: &[T], weight: &[f32], eps: f32) -> Vec<T> {

@@ -190,15 +190,16 @@ fn rms_norm_is_candles() {
             let ours = rms_norm(&x, &widened, 1e-6).unwrap().unwrap();
             let theirs = candle_nn::ops::rms_norm(&x, &w, 1e-6).unwrap();
             assert_eq!(ours.dtype(), dtype);
-            let values = |t: &Tensor| {
-                t.to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
+            let bits = |t: &Tensor| -> Vec<u32> {
+                let values = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+                values
                     .to_vec1::<f32>()
                     .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect()
             };
-            assert_eq!(values(&ours), values(&theirs), "{rows} × {width} {dtype:?}");
+            assert_eq!(bits(&ours), bits(&theirs), "{rows} × {width} {dtype:?}");
         }
     }
     let x = normal(0.0, 1.0, (8, 16), &device, 9);
@@ -208,4 +209,6 @@ fn rms_norm_is_candles() {
         rms_norm(&strided, &[1.0; 8], 1e-6).unwrap().is_none(),
         "layout"
     );
+    let empty = Tensor::zeros((2, 0), DType::F32, &device).unwrap();
+    assert!(rms_norm(&empty, &[], 1e-6).unwrap().is_none(), "no width");
 }

@@ -22,7 +22,8 @@ pub use cached::CachedRow;
 /// From this many queries on, attention runs as GEMMs per head.
 const GEMM_QUERIES: usize = 8;
 
-/// Scores per GEMM pass, in f32 elements: long contexts take the queries in slices.
+/// Scores per GEMM pass at most, in f32 elements: very long contexts take fewer queries per
+/// pass than [`CAUSAL_ROWS`].
 const SCORE_ELEMENTS: usize = 1 << 22;
 
 /// Queries per GEMM pass at most: each slice scores only the positions its last query sees, so
