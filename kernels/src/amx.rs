@@ -62,46 +62,75 @@ fn tile_data_permitted() -> bool {
     }
 }
 
+/// Whether the tile unit runs here (the level allows it) and takes products of depth `k`.
+pub(crate) fn takes(k: usize) -> bool {
+    crate::Level::current() >= crate::Level::Amx && k > 0 && k.is_multiple_of(DEPTH)
+}
+
+/// Where a product runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Split {
+    /// Over rayon's pool.
+    Pool,
+    /// On the calling thread alone: for a caller inside a pool task that holds thread-local
+    /// buffers, which a nested parallel call could re-enter by running another of its tasks
+    /// while it waits.
+    Here,
+}
+
 /// `out[m × n] = x[m × k] · w[n × k]ᵀ` on the tile unit, when the level allows it, `k` is a whole
 /// number of tile rows and every activation is a bf16; false (nothing written) otherwise.
-pub(crate) fn matmul(x: &[f32], w: &[bf16], m: usize, k: usize, n: usize, out: &mut [f32]) -> bool {
-    if crate::Level::current() < crate::Level::Amx || k == 0 || !k.is_multiple_of(DEPTH) {
+pub(crate) fn matmul(
+    x: &[f32],
+    w: &[bf16],
+    (m, k, n): (usize, usize, usize),
+    out: &mut [f32],
+    split: Split,
+) -> bool {
+    if !takes(k) {
         return false;
     }
-    let Some(packed) = pack(x, m, k) else {
+    let Some(packed) = pack(x, m, k, split) else {
         return false;
     };
     // SAFETY: the level says the CPU has AMX and the permission was granted.
-    unsafe { run(&packed, w, m, k, n, out) };
+    unsafe { run(&packed, w, m, k, n, out, split) };
     true
 }
 
 /// The activations as the tiles' right operand: per block of 16 rows and 32 columns, 16 rows of
 /// value pairs (`[c / 2][row][c % 2]`), blocks row-block-major; rows padded with zeros to a whole
 /// [`BLOCK`]. None when a value is not a bf16 (its low 16 bits are not zero).
-fn pack(x: &[f32], m: usize, k: usize) -> Option<Vec<bf16>> {
+fn pack(x: &[f32], m: usize, k: usize, split: Split) -> Option<Vec<bf16>> {
     let depth_blocks = k / DEPTH;
     let row_blocks = m.div_ceil(BLOCK) * 2;
     let mut packed = vec![bf16::ZERO; row_blocks * depth_blocks * TILE];
-    let exact = packed
-        .par_chunks_mut(depth_blocks * TILE)
-        .zip(x.par_chunks(ROWS * k))
-        .all(|(tiles, rows)| {
-            let mut low = 0;
-            for (i, row) in rows.chunks_exact(k).enumerate() {
-                // A pair of values at a time: a tile row holds the two side by side.
-                for (p, pair) in row.chunks_exact(2).enumerate() {
-                    let (a, b) = (pair[0].to_bits(), pair[1].to_bits());
-                    low |= (a | b) & 0xffff;
-                    let (block, within) = (p / (DEPTH / 2), p % (DEPTH / 2));
-                    let at = block * TILE + within * DEPTH + i * 2;
-                    tiles[at] = bf16::from_bits((a >> 16) as u16);
-                    tiles[at + 1] = bf16::from_bits((b >> 16) as u16);
-                }
-            }
-            low == 0
-        });
+    let (size, rows) = (depth_blocks * TILE, ROWS * k);
+    let exact = match split {
+        Split::Pool => (packed.par_chunks_mut(size).zip(x.par_chunks(rows)))
+            .all(|(tiles, rows)| pack_rows(rows, k, tiles)),
+        Split::Here => (packed.chunks_mut(size).zip(x.chunks(rows)))
+            .all(|(tiles, rows)| pack_rows(rows, k, tiles)),
+    };
     exact.then_some(packed)
+}
+
+/// Up to 16 rows of `k` activations into their tiles' pair layout; whether every value was a
+/// bf16.
+fn pack_rows(rows: &[f32], k: usize, tiles: &mut [bf16]) -> bool {
+    let mut low = 0;
+    for (i, row) in rows.chunks_exact(k).enumerate() {
+        // A pair of values at a time: a tile row holds the two side by side.
+        for (p, pair) in row.chunks_exact(2).enumerate() {
+            let (a, b) = (pair[0].to_bits(), pair[1].to_bits());
+            low |= (a | b) & 0xffff;
+            let (block, within) = (p / (DEPTH / 2), p % (DEPTH / 2));
+            let at = block * TILE + within * DEPTH + i * 2;
+            tiles[at] = bf16::from_bits((a >> 16) as u16);
+            tiles[at + 1] = bf16::from_bits((b >> 16) as u16);
+        }
+    }
+    low == 0
 }
 
 /// The tile configuration: palette 1, all eight tiles 16 rows of 64 bytes.
@@ -133,17 +162,30 @@ thread_local! {
 /// # Safety
 /// The CPU has AMX-BF16 and the process may use the tile state; `packed` is [`pack`]'s layout of
 /// `m × k` activations with `k` a multiple of [`DEPTH`]; `w` is `n × k` and `out` `m × n`.
-unsafe fn run(packed: &[bf16], w: &[bf16], m: usize, k: usize, n: usize, out: &mut [f32]) {
+unsafe fn run(
+    packed: &[bf16],
+    w: &[bf16],
+    m: usize,
+    k: usize,
+    n: usize,
+    out: &mut [f32],
+    split: Split,
+) {
     assert_eq!(w.len(), n * k, "weights are not {n} × {k}");
     assert_eq!(out.len(), m * n, "output is not {m} × {n}");
     let y = SharedMut::new(out);
-    let parts = ranges(n, rayon::current_num_threads(), BLOCK, BLOCK);
-    parts.into_par_iter().for_each(|cols| {
+    let part = |cols: Range<usize>| {
         PADDED.with_borrow_mut(|padded| {
             // SAFETY: the caller's promises; this task alone writes columns `cols`.
             unsafe { columns(packed, w, m, k, n, cols, padded, y) }
         })
-    });
+    };
+    match split {
+        Split::Pool => ranges(n, rayon::current_num_threads(), BLOCK, BLOCK)
+            .into_par_iter()
+            .for_each(part),
+        Split::Here => part(0..n),
+    }
 }
 
 /// Columns `cols` of the output, a block of 32 weight rows at a time against every block of 32
@@ -395,16 +437,21 @@ mod tests {
         ] {
             let x = bf16_values(m * k, 1);
             let w: Vec<bf16> = data(n * k, 2).into_iter().map(bf16::from_f32).collect();
-            let mut out = vec![f32::NAN; m * n];
-            assert!(matmul(&x, &w, m, k, n, &mut out), "{m} × {k} × {n}");
-            for i in 0..m {
-                for j in 0..n {
-                    let want: f32 = (0..k).map(|c| x[i * k + c] * w[j * k + c].to_f32()).sum();
-                    let got = out[i * n + j];
-                    assert!(
-                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                        "{m}×{k}×{n} [{i},{j}]: {got} vs {want}"
-                    );
+            for split in [Split::Pool, Split::Here] {
+                let mut out = vec![f32::NAN; m * n];
+                assert!(
+                    matmul(&x, &w, (m, k, n), &mut out, split),
+                    "{m} × {k} × {n}"
+                );
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f32 = (0..k).map(|c| x[i * k + c] * w[j * k + c].to_f32()).sum();
+                        let got = out[i * n + j];
+                        assert!(
+                            (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                            "{m}×{k}×{n} {split:?} [{i},{j}]: {got} vs {want}"
+                        );
+                    }
                 }
             }
         }
@@ -442,15 +489,10 @@ mod tests {
         let (m, n) = (4, 8);
         let w = vec![bf16::ONE; n * 64];
         let mut out = vec![f32::NAN; m * n];
-        assert!(!matmul(&data(m * 64, 3), &w, m, 64, n, &mut out));
-        assert!(!matmul(
-            &bf16_values(m * 48, 3),
-            &w[..n * 48],
-            m,
-            48,
-            n,
-            &mut out
-        ));
+        let pool = Split::Pool;
+        assert!(!matmul(&data(m * 64, 3), &w, (m, 64, n), &mut out, pool));
+        let odd = bf16_values(m * 48, 3);
+        assert!(!matmul(&odd, &w[..n * 48], (m, 48, n), &mut out, pool));
         assert!(out.iter().all(|v| v.is_nan()));
     }
 }

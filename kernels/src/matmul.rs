@@ -76,7 +76,7 @@ pub fn matmul<T: Element>(x: &[f32], w: &[T], m: usize, k: usize, n: usize, out:
 fn on_tiles<T: Element>(x: &[f32], w: &[T], m: usize, k: usize, n: usize, out: &mut [f32]) -> bool {
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     if let Some(w) = T::as_bf16(w) {
-        return crate::amx::matmul(x, w, m, k, n, out);
+        return crate::amx::matmul(x, w, (m, k, n), out, crate::amx::Split::Pool);
     }
     let _ = (x, w, m, k, n, out);
     false

@@ -47,6 +47,9 @@ pub trait CachedRow: Copy + Send + Sync + 'static {
     );
     /// The first `out.len()` values of the row of `d` at `offset`, as f32.
     fn widen(pool: &[Self], offset: usize, d: usize, out: &mut [f32]);
+    /// The row of `d` values at `offset` as stored, when the pool stores bf16 (the tile unit
+    /// multiplies it as it is); `None` otherwise.
+    fn bf16_row(pool: &[Self], offset: usize, d: usize) -> Option<&[half::bf16]>;
 }
 
 /// Calls `f(g, first, offsets)` for every run of `slots` and every key/value head `g`, the
@@ -172,6 +175,10 @@ impl<T: Element> CachedRow for T {
     fn widen(pool: &[T], offset: usize, _d: usize, out: &mut [f32]) {
         T::widen(&pool[offset..offset + out.len()], out);
     }
+
+    fn bf16_row(pool: &[T], offset: usize, d: usize) -> Option<&[half::bf16]> {
+        T::as_bf16(&pool[offset..offset + d])
+    }
 }
 
 /// [`runs`] over 8-bit rows of `d` values, each run's rows widened first: `f(g, first, rows,
@@ -262,5 +269,9 @@ impl CachedRow for u8 {
 
     fn widen(pool: &[u8], offset: usize, d: usize, out: &mut [f32]) {
         kv_q8::dequantize_row(&pool[offset..offset + kv_q8::row_bytes(d)], d, out);
+    }
+
+    fn bf16_row(_: &[u8], _: usize, _: usize) -> Option<&[half::bf16]> {
+        None
     }
 }

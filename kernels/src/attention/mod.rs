@@ -16,6 +16,7 @@ use crate::parallel::SharedMut;
 
 mod cached;
 mod decode;
+mod tiled;
 
 pub use cached::CachedRow;
 
@@ -48,8 +49,28 @@ pub struct AttentionShape {
 
 thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    static KEYS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    static VALUES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// A prefill task's gathered head: its keys and values widened, or its keys as stored for
+    /// the tiles, and its queries for them.
+    static HEAD: RefCell<Head> = const { RefCell::new(Head::new()) };
+}
+
+/// The buffers one prefill head gathers into.
+struct Head {
+    keys: Vec<f32>,
+    values: Vec<f32>,
+    tile_keys: Vec<half::bf16>,
+    queries: Vec<f32>,
+}
+
+impl Head {
+    const fn new() -> Self {
+        Self {
+            keys: Vec::new(),
+            values: Vec::new(),
+            tile_keys: Vec::new(),
+            queries: Vec::new(),
+        }
+    }
 }
 
 /// Where one sequence's keys and values lie in a paged pool: position `t` is at slot
@@ -170,20 +191,19 @@ fn per_head<T: CachedRow>(
 ) {
     let y = SharedMut::new(out);
     (0..shape.heads).into_par_iter().for_each(|head| {
-        KEYS.with_borrow_mut(|kbuf| {
-            VALUES.with_borrow_mut(|vbuf| {
-                SCORES.with_borrow_mut(|scores| {
-                    // SAFETY: this task alone writes head `head`'s columns of `out`.
-                    unsafe { one_head(shape, (q, kv), (start, seq), head, (kbuf, vbuf, scores), y) }
-                })
+        HEAD.with_borrow_mut(|bufs| {
+            SCORES.with_borrow_mut(|scores| {
+                // SAFETY: this task alone writes head `head`'s columns of `out`.
+                unsafe { one_head(shape, (q, kv), (start, seq), head, (bufs, scores), y) }
             })
         });
     });
 }
 
-/// One query head of [`per_head`]: its key/value head gathered into `kbuf` and `vbuf`, then
-/// the queries a slice of rows at a time (scores `q·Kᵀ`, causal softmax, times `V`), written
-/// to columns `head·vd..` of every row of the output `y`.
+/// One query head of [`per_head`]: its key/value head gathered into `bufs`, then the queries
+/// a slice of rows at a time (scores `q·Kᵀ`, causal softmax, times `V`), written to columns
+/// `head·vd..` of every row of the output `y`. The scores take the tiles where they can
+/// ([`tiled`]), else the f32 GEMM.
 ///
 /// # Safety
 /// `y` points at the `(seq, heads, value_dim)` output, and no other task writes this head's
@@ -193,45 +213,58 @@ unsafe fn one_head<T: CachedRow>(
     (q, kv): (&[f32], &PagedKv<'_, T>),
     (start, seq): (usize, usize),
     head: usize,
-    (kbuf, vbuf, scores): (&mut Vec<f32>, &mut Vec<f32>, &mut Vec<f32>),
+    (bufs, scores): (&mut Head, &mut Vec<f32>),
     y: SharedMut<f32>,
 ) {
     let (heads, kv_heads, d, vd) = (shape.heads, shape.kv_heads, shape.head_dim, shape.value_dim);
     let len = start + seq;
-    let (q_stride, out_stride) = ((heads * d) as isize, (heads * vd) as isize);
+    let query = |i: usize| &q[(i * heads + head) * d..][..d];
     let offset = (head / (heads / kv_heads)) * T::units(d);
     let stride = kv_heads * T::units(d);
-    let keys = head_matrix(kv, kv.keys, len, stride, offset, (d, d), kbuf);
-    let values = head_matrix(kv, kv.values, len, stride, offset, (d, vd), vbuf);
-    let (ks, vs) = (d as isize, vd as isize);
+    let exact = || (0..seq).all(|i| tiled::exact(query(i)));
+    let tile_keys = tiled::keys(kv, (len, stride, offset, d), exact, &mut bufs.tile_keys);
+    let keys = match tile_keys {
+        Some(_) => &[][..],
+        None => head_matrix(kv, kv.keys, len, stride, offset, (d, d), &mut bufs.keys),
+    };
+    let values = head_matrix(
+        kv,
+        kv.values,
+        len,
+        stride,
+        offset,
+        (d, vd),
+        &mut bufs.values,
+    );
     let slice = (SCORE_ELEMENTS / len).clamp(1, seq).min(CAUSAL_ROWS);
     for first in (0..seq).step_by(slice) {
         let rows = slice.min(seq - first);
         // Only positions up to the slice's last query are visible to it.
         let cols = start + first + rows;
         scores.resize(rows * cols, 0.0);
-        let qp = q[(first * heads + head) * d..].as_ptr();
-        // SAFETY: the views and strides stay inside q, keys, values and the scores buffer.
-        unsafe {
-            matrixmultiply::sgemm(
-                rows,
-                d,
-                cols,
-                shape.scale,
-                qp,
-                q_stride,
-                1,
-                keys.as_ptr(),
-                1,
-                ks,
-                0.0,
-                scores.as_mut_ptr(),
-                cols as isize,
-                1,
-            );
+        let shape_here = (rows, d, cols);
+        let queries = &mut bufs.queries;
+        let on_tiles = tile_keys
+            .is_some_and(|k| tiled::scores(|i| query(first + i), shape_here, k, queries, scores));
+        if !on_tiles {
+            // The tiles declined after all (they take whatever they were offered): the keys
+            // as stored, widened.
+            let widened: Vec<f32>;
+            let keys = match tile_keys {
+                Some(k) => {
+                    widened = k.iter().map(|v| v.to_f32()).collect();
+                    &widened[..]
+                }
+                None => keys,
+            };
+            // SAFETY: the views stay inside q, keys and the scores buffer.
+            unsafe { score_gemm(shape, (q, head, first), keys, shape_here, scores) };
         }
         for (i, row) in scores.chunks_exact_mut(cols).enumerate() {
             let visible = start + first + i + 1;
+            if on_tiles {
+                row[..visible].iter_mut().for_each(|s| *s *= shape.scale);
+            }
             softmax(&mut row[..visible]);
             row[visible..].fill(0.0);
         }
@@ -246,14 +279,48 @@ unsafe fn one_head<T: CachedRow>(
                 cols as isize,
                 1,
                 values.as_ptr(),
-                vs,
+                vd as isize,
                 1,
                 0.0,
                 y.at((first * heads + head) * vd),
-                out_stride,
+                (heads * vd) as isize,
                 1,
             );
         }
+    }
+}
+
+/// `scores[rows × cols] = scale · Q Kᵀ` on the f32 GEMM, for the `rows` queries of head `head`
+/// from `first` (rows `heads · d` apart in `q`) and the first `cols` of `keys` (`[·][d]`).
+///
+/// # Safety
+/// The queries, the keys' first `cols` rows and `rows × cols` scores lie inside the slices.
+unsafe fn score_gemm(
+    shape: &AttentionShape,
+    (q, head, first): (&[f32], usize, usize),
+    keys: &[f32],
+    (rows, d, cols): (usize, usize, usize),
+    scores: &mut [f32],
+) {
+    let qp = q[(first * shape.heads + head) * d..].as_ptr();
+    // SAFETY: the caller's promise.
+    unsafe {
+        matrixmultiply::sgemm(
+            rows,
+            d,
+            cols,
+            shape.scale,
+            qp,
+            (shape.heads * d) as isize,
+            1,
+            keys.as_ptr(),
+            1,
+            d as isize,
+            0.0,
+            scores.as_mut_ptr(),
+            cols as isize,
+            1,
+        );
     }
 }
 
@@ -286,6 +353,17 @@ mod tests {
             block_size: len,
         };
         paged_attention(shape, q, &kv, start, out);
+    }
+
+    /// Grouped-query attention's shape: values as wide as keys.
+    fn gqa(heads: usize, kv_heads: usize, d: usize, scale: f32) -> AttentionShape {
+        AttentionShape {
+            heads,
+            kv_heads,
+            head_dim: d,
+            value_dim: d,
+            scale,
+        }
     }
 
     /// Attention written out in f64, the way transformers' eager path computes it.
@@ -321,13 +399,7 @@ mod tests {
 
     fn check(seq: usize, start: usize, heads: usize, kv_heads: usize, extra: usize) {
         let d = 16;
-        let shape = AttentionShape {
-            heads,
-            kv_heads,
-            head_dim: d,
-            value_dim: d,
-            scale: 0.25,
-        };
+        let shape = gqa(heads, kv_heads, d, 0.25);
         let len = start + seq + extra;
         let q = data(seq * heads * d, 1);
         let k = data(len * kv_heads * d, 2);
@@ -358,13 +430,7 @@ mod tests {
     /// The same sequence scattered over a pool in shuffled blocks gives the contiguous result.
     fn check_paged(seq: usize, start: usize, block_size: usize) {
         let (heads, kv_heads, d) = (4, 2, 8);
-        let shape = AttentionShape {
-            heads,
-            kv_heads,
-            head_dim: d,
-            value_dim: d,
-            scale: 0.3,
-        };
+        let shape = gqa(heads, kv_heads, d, 0.3);
         let len = start + seq;
         let stride = kv_heads * d;
         let q = data(seq * heads * d, 4);
@@ -442,6 +508,35 @@ mod tests {
         check(9, 0, 2, 2, 0);
         // Several slices of queries, the last one short, each scoring only what it sees.
         check(2 * CAUSAL_ROWS + 22, 5, 2, 1, 3);
+    }
+
+    /// A bf16 model's prefill: bf16 queries over a bf16 pool, heads a whole number of tile rows
+    /// deep, so the scores take the AMX tiles where the CPU has them (the f32 GEMM elsewhere),
+    /// over several slices of queries after cached positions; and f32 queries over the same
+    /// pool, which the tiles decline.
+    #[test]
+    fn bf16_queries_over_a_bf16_pool_match_the_reference() {
+        let (heads, kv_heads, d) = (4, 2, 64);
+        let shape = gqa(heads, kv_heads, d, 0.125);
+        let (seq, start) = (CAUSAL_ROWS + 30, 9);
+        let len = start + seq;
+        let round = |x: Vec<f32>| -> Vec<bf16> { x.into_iter().map(bf16::from_f32).collect() };
+        let (k, v) = (
+            round(data(len * kv_heads * d, 2)),
+            round(data(len * kv_heads * d, 3)),
+        );
+        let widen = |x: &[bf16]| -> Vec<f32> { x.iter().map(|v| v.to_f32()).collect() };
+        for q in [
+            crate::test_data::bf16_values(seq * heads * d, 1),
+            data(seq * heads * d, 1),
+        ] {
+            let expected = reference(&shape, &q, &widen(&k), &widen(&v), start);
+            let mut out = vec![f32::NAN; q.len()];
+            causal_attention(&shape, &q, &k, &v, start, &mut out);
+            for (i, (a, b)) in out.iter().zip(&expected).enumerate() {
+                assert!((*a as f64 - b).abs() < 1e-5, "[{i}] {a} vs {b}");
+            }
+        }
     }
 
     /// MLA's absorbed form: one key head shared by every query head, the values the keys' leading
