@@ -6,7 +6,7 @@
 //! [`decode`]) split the positions over threads and stream each slot's heads together; many
 //! queries (prefill) run per head as two GEMMs — scores, then probabilities times values — with
 //! the causal mask applied between them, a slice of queries at a time that scores only the
-//! positions it sees; the scores take the AMX tiles where both sides are bf16 values ([`tiled`]).
+//! positions it sees; the scores take the AMX tiles where both sides are bf16 values (`tiled`).
 //! How a row is stored (f32, bf16, f16 or 8-bit blocks) is [`CachedRow`]'s business.
 
 use std::cell::RefCell;
