@@ -527,16 +527,48 @@ mod tests {
             round(data(len * kv_heads * d, 3)),
         );
         let widen = |x: &[bf16]| -> Vec<f32> { x.iter().map(|v| v.to_f32()).collect() };
-        for q in [
-            crate::test_data::bf16_values(seq * heads * d, 1),
-            data(seq * heads * d, 1),
-        ] {
+        let exact = crate::test_data::bf16_values(seq * heads * d, 1);
+        for q in [exact.clone(), data(seq * heads * d, 1)] {
             let expected = reference(&shape, &q, &widen(&k), &widen(&v), start);
             let mut out = vec![f32::NAN; q.len()];
             causal_attention(&shape, &q, &k, &v, start, &mut out);
             for (i, (a, b)) in out.iter().zip(&expected).enumerate() {
                 assert!((*a as f64 - b).abs() < 1e-5, "[{i}] {a} vs {b}");
             }
+        }
+        // Where the tiles run, the bf16 queries took them: the second key/value head gathered
+        // as stored, and a slice's scores computed on them.
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if crate::amx::takes(d) {
+            let kv = PagedKv {
+                keys: &k[..],
+                values: &v[..],
+                blocks: &[0],
+                block_size: len,
+            };
+            let mut buf = Vec::new();
+            let keys = tiled::keys(&kv, (len, kv_heads * d, d, d), || true, &mut buf);
+            let want: Vec<bf16> = k.chunks(d).skip(1).step_by(2).flatten().copied().collect();
+            assert_eq!(keys, Some(&want[..]));
+            let (rows, cols) = (3, 5);
+            let (mut qbuf, mut scores) = (Vec::new(), vec![f32::NAN; rows * cols]);
+            let query = |i: usize| &exact[i * d..(i + 1) * d];
+            let on_tiles = tiled::scores(query, (rows, d, cols), &want, &mut qbuf, &mut scores);
+            assert!(on_tiles, "the tiles declined bf16 queries");
+            let dot = |i: usize, j: usize| -> f32 {
+                let key = &want[j * d..(j + 1) * d];
+                query(i).iter().zip(key).map(|(q, k)| q * k.to_f32()).sum()
+            };
+            for (n, s) in scores.iter().enumerate() {
+                let (i, j) = (n / cols, n % cols);
+                assert!(
+                    (s - dot(i, j)).abs() < 1e-4,
+                    "[{i},{j}] {s} vs {}",
+                    dot(i, j)
+                );
+            }
+        } else {
+            eprintln!("no AMX at this level: the tiles' own checks skipped");
         }
     }
 
