@@ -30,16 +30,19 @@ fn values(n: usize, seed: u32) -> Vec<f32> {
         .collect()
 }
 
+/// Qwen3-0.6B's attention: 16 query heads over 8 key/value heads of 128.
+const SHAPE: AttentionShape = AttentionShape {
+    heads: HEADS,
+    kv_heads: KV_HEADS,
+    head_dim: D,
+    value_dim: D,
+    scale: 0.088_388_35, // 1/√128
+};
+
 /// Seconds of one decode step's attention over `LAYERS` pools of `depth` positions, and the
 /// bytes of cache it reads; each step reads the next of as many copies as fill [`CYCLED`].
 fn step<T: CachedRow>(depth: usize, store: impl Fn(&[f32]) -> Vec<T>) -> (f64, usize) {
-    let shape = AttentionShape {
-        heads: HEADS,
-        kv_heads: KV_HEADS,
-        head_dim: D,
-        value_dim: D,
-        scale: 1.0 / (D as f32).sqrt(),
-    };
+    let shape = SHAPE;
     let len = depth + 1;
     let blocks: Vec<u32> = (0..len.div_ceil(BLOCK) as u32).collect();
     let slots = blocks.len() * BLOCK;
@@ -88,13 +91,7 @@ fn attend<T: CachedRow>(
 /// prompt's chunk runs, in ms and in GFLOP/s of the causal work (the half of the scores and of
 /// their products with the values that the mask leaves).
 fn prefill(seq: usize) {
-    let shape = AttentionShape {
-        heads: HEADS,
-        kv_heads: KV_HEADS,
-        head_dim: D,
-        value_dim: D,
-        scale: 1.0 / (D as f32).sqrt(),
-    };
+    let shape = SHAPE;
     let blocks: Vec<u32> = (0..seq.div_ceil(BLOCK) as u32).collect();
     let slots = blocks.len() * BLOCK;
     let kv = |seed| -> Vec<bf16> {

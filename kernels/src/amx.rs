@@ -14,11 +14,10 @@
 //! tiles, four accumulators), written back transposed.
 
 use std::arch::asm;
+use std::arch::x86_64::__m512;
 use std::cell::RefCell;
 use std::ops::Range;
 use std::sync::OnceLock;
-
-use std::arch::x86_64::__m512;
 
 use half::bf16;
 use rayon::prelude::*;

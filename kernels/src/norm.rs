@@ -89,14 +89,13 @@ unsafe fn row_avx512<T: Rounding>(x: &[T], weight: &[f32], eps: f32, out: &mut [
 #[inline(always)]
 fn normed<T: Rounding>(x: &[T], weight: &[f32], eps: f32, out: &mut [T]) {
     let mut wide = [0f32; 256];
-    // In order, one value after another, as candle's row sums: the same sum to the bit.
     let mut sum2 = 0f32;
     for chunk in x.chunks(wide.len()) {
         let wide = &mut wide[..chunk.len()];
         T::widen(chunk, wide);
-        sum2 = wide.iter().fold(sum2, |s, v| s + v * v);
+        sum2 = add_squares(sum2, wide);
     }
-    let m = T::round((sum2 / x.len() as f32 + eps).sqrt());
+    let m = divisor(sum2, x.len(), eps, T::round);
     for ((o, x), w) in out
         .chunks_mut(wide.len())
         .zip(x.chunks(wide.len()))
@@ -105,9 +104,29 @@ fn normed<T: Rounding>(x: &[T], weight: &[f32], eps: f32, out: &mut [T]) {
         let wide = &mut wide[..x.len()];
         T::widen(x, wide);
         for ((o, &v), &w) in o.iter_mut().zip(wide.iter()).zip(w) {
-            *o = T::store(T::round(T::round(v / m) * w));
+            *o = T::store(value(v, m, w, T::round));
         }
     }
+}
+
+/// `sum2` plus the squares of `x`, in order, one value after another, as candle's row sums: the
+/// same sum to the bit (this norm's and the fused one on quantized paths, `quant::rows`).
+#[inline(always)]
+pub(crate) fn add_squares(sum2: f32, x: &[f32]) -> f32 {
+    x.iter().fold(sum2, |s, v| s + v * v)
+}
+
+/// What a row of `k` values whose squares sum to `sum2` is divided by: `round(√(sum2/k + eps))`.
+#[inline(always)]
+pub(crate) fn divisor(sum2: f32, k: usize, eps: f32, round: impl Fn(f32) -> f32) -> f32 {
+    round((sum2 / k as f32 + eps).sqrt())
+}
+
+/// One value normalized by the divisor `m` and scaled by its weight `w`, each step rounded:
+/// `round(round(v / m) · w)`.
+#[inline(always)]
+pub(crate) fn value(v: f32, m: f32, w: f32, round: impl Fn(f32) -> f32) -> f32 {
+    round(round(v / m) * w)
 }
 
 #[cfg(test)]

@@ -145,15 +145,15 @@ fn normed_row<A>(
     quantize: fn(&[f32], &mut Vec<A>),
     out: &mut Vec<A>,
 ) {
+    use crate::norm::{add_squares, divisor, value};
     let round = norm.round;
-    // Summed in order, as candle's row does: the same rounding, so the same values.
-    let sum2: f32 = x.iter().map(|v| v * v).sum();
-    let m = round((sum2 / x.len() as f32 + norm.eps).sqrt());
+    // The unfused norm's arithmetic (`crate::norm`): the same rounding, so the same values.
+    let m = divisor(add_squares(0.0, x), x.len(), norm.eps, round);
     let mut block = [0f32; 256];
     let mut one = Vec::with_capacity(1);
     for (x, w) in x.chunks_exact(size).zip(norm.weight.chunks_exact(size)) {
         for ((b, &v), &w) in block.iter_mut().zip(x).zip(w) {
-            *b = round(round(v / m) * w);
+            *b = value(v, m, w, round);
         }
         quantize(&block[..size], &mut one);
         out.append(&mut one);
