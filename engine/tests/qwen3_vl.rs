@@ -9,7 +9,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::vl::{fixture, golden, request, run_all, NAME};
+use common::vl::{fixture, fixture_in, golden, request, run_all, NAME};
 use common::{assert_matches, collect, fixtures};
 use pio_engine::candle_core::{DType, Device};
 use pio_engine::checkpoint::Checkpoint;
@@ -97,6 +97,50 @@ fn the_same_image_twice_hits_the_prefix_cache_and_another_image_does_not() {
     let (_, outcome) = collect(engine.submit(request).unwrap());
     let first_image_token = first.prompt.iter().position(|&t| t == 11).unwrap();
     assert!(outcome.cached_tokens <= first_image_token, "{outcome:?}");
+}
+
+/// A bf16 checkpoint's tower (its products' inputs rounded to bf16, as transformers' bf16 tower
+/// has them, on the AMX tiles where the CPU has them) stays within bf16's error of the f32
+/// tower on the same weights: the image's tokens and every DeepStack feature.
+#[test]
+fn a_bf16_tower_is_the_f32_tower_within_bf16_error() {
+    let bytes = std::fs::read(fixtures().join("images/photo.jpg")).unwrap();
+    let image = decode(&bytes, &DecodeLimits::default()).unwrap();
+    let encode = |dtype| {
+        let f = fixture_in(dtype, &Device::Cpu);
+        let patches = f.model.processor().patches(&image).unwrap();
+        let e = f.model.vision().encode(&patches).unwrap();
+        let f32 = |t: &pio_engine::candle_core::Tensor| {
+            t.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        std::iter::once(&e.embeddings)
+            .chain(&e.deepstack)
+            .map(f32)
+            .collect::<Vec<_>>()
+    };
+    let (exact, bf16) = (encode(DType::F32), encode(DType::BF16));
+    assert_eq!(exact.len(), bf16.len());
+    for (i, (a, b)) in exact.iter().zip(&bf16).enumerate() {
+        assert_eq!(a.len(), b.len());
+        let top = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        // bf16 keeps 8 bits: each rounding is within 2^-9 relative, and a few dozen of them
+        // (weights, each product's inputs, the output) compound along the tower: 0.5–0.75% of
+        // the largest value here, bounded at 2% (a wrong head or value row gives over 50%).
+        assert!(
+            worst <= 0.02 * top,
+            "feature {i}: {worst} against values up to {top}"
+        );
+        assert!(
+            worst > 0.0,
+            "feature {i}: the bf16 tower computed nothing in bf16"
+        );
+    }
 }
 
 #[test]

@@ -29,6 +29,48 @@ pub fn to_bf16(x: &[f32]) -> Vec<bf16> {
     out
 }
 
+/// Each value of `x` rounded to bf16 in place and kept as f32 (the low 16 bits cleared after
+/// rounding, as `bf16::from_f32(v).to_f32()`), split over the pool: a bf16 model's inputs to a
+/// product, computed in f32 around it, as its bf16 products see them.
+pub fn round_to_bf16_values(x: &mut [f32]) {
+    x.par_chunks_mut(CHUNK).for_each(round_bf16_values);
+}
+
+/// [`rounded_bf16_values`] compiled for the widest vectors the level allows.
+fn round_bf16_values(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::simd::has_avx512() {
+            // SAFETY: the level says the CPU has AVX-512F.
+            return unsafe { round_bf16_values_avx512(x) };
+        }
+        if crate::simd::has_avx2() {
+            // SAFETY: the level says the CPU has AVX2.
+            return unsafe { round_bf16_values_avx2(x) };
+        }
+    }
+    rounded_bf16_values(x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn round_bf16_values_avx512(x: &mut [f32]) {
+    rounded_bf16_values(x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn round_bf16_values_avx2(x: &mut [f32]) {
+    rounded_bf16_values(x)
+}
+
+#[inline(always)]
+fn rounded_bf16_values(x: &mut [f32]) {
+    for v in x.iter_mut() {
+        *v = f32::from_bits(u32::from(bf16_bits(*v)) << 16);
+    }
+}
+
 /// `x` rounded to f16 (as `f16::from_f32`; F16C's conversion where the CPU has it), split over
 /// the pool.
 pub fn to_f16(x: &[f32]) -> Vec<f16> {
@@ -130,6 +172,17 @@ mod tests {
                 g.to_bits(),
                 bf16::from_f32(*v).to_bits(),
                 "{:#010x}",
+                v.to_bits()
+            );
+        }
+        // Rounded in place, as f32: the same bits in the upper half, zeros below.
+        let mut kept = x.clone();
+        round_to_bf16_values(&mut kept);
+        for ((v, g), k) in x.iter().zip(&got).zip(&kept) {
+            assert_eq!(
+                k.to_bits(),
+                u32::from(g.to_bits()) << 16,
+                "{:#010x} in place",
                 v.to_bits()
             );
         }

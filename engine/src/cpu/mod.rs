@@ -5,6 +5,7 @@
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 
 mod elementwise;
+pub(crate) mod encoder;
 mod paged;
 mod products;
 mod shared_input;

@@ -44,10 +44,15 @@ pub fn fixture() -> Fixture {
 
 /// The checkpoint in f32 on `device`.
 pub fn fixture_on(device: &Device) -> Fixture {
+    fixture_in(DType::F32, device)
+}
+
+/// The checkpoint in `dtype` on `device`.
+pub fn fixture_in(dtype: DType, device: &Device) -> Fixture {
     let checkpoint = Checkpoint::open(&fixtures().join(NAME)).unwrap();
     let model = <Qwen3Vl as LoadModel>::load(
         &checkpoint,
-        DType::F32,
+        dtype,
         Quantization::None,
         device,
         &mut |_, _| {},

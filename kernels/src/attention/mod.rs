@@ -17,9 +17,11 @@ use crate::parallel::SharedMut;
 
 mod cached;
 mod decode;
+mod full;
 mod tiled;
 
 pub use cached::CachedRow;
+pub use full::full_attention;
 
 /// From this many queries on, attention runs as GEMMs per head.
 const GEMM_QUERIES: usize = 8;
@@ -70,6 +72,33 @@ impl Head {
             values: Vec::new(),
             tile_keys: Vec::new(),
             queries: Vec::new(),
+        }
+    }
+}
+
+/// Which positions a prefill call's queries see.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mask {
+    /// Query `i` of the call sees positions `..= start + i`: a decoder's new tokens.
+    Causal { start: usize },
+    /// Every query sees all `len` positions: an encoder's, as a vision tower's patches.
+    Full { len: usize },
+}
+
+impl Mask {
+    /// Positions the keys span for `seq` queries.
+    fn len(self, seq: usize) -> usize {
+        match self {
+            Self::Causal { start } => start + seq,
+            Self::Full { len } => len,
+        }
+    }
+
+    /// Positions query `i` of the call sees (the first that many).
+    fn seen(self, i: usize) -> usize {
+        match self {
+            Self::Causal { start } => start + i + 1,
+            Self::Full { len } => len,
         }
     }
 }
@@ -151,7 +180,7 @@ pub fn paged_attention<T: CachedRow>(
     if seq < GEMM_QUERIES {
         decode::per_query(shape, q, kv, start, out);
     } else {
-        per_head(shape, q, kv, start, seq, out);
+        per_head(shape, q, kv, Mask::Causal { start }, out);
     }
 }
 
@@ -182,27 +211,28 @@ fn head_matrix<'a, T: CachedRow>(
     buf
 }
 
+/// Prefill's attention, each query head a pool task: `q` holds `seq` rows of `heads · d`.
 fn per_head<T: CachedRow>(
     shape: &AttentionShape,
     q: &[f32],
     kv: &PagedKv<'_, T>,
-    start: usize,
-    seq: usize,
+    mask: Mask,
     out: &mut [f32],
 ) {
+    let seq = q.len() / (shape.heads * shape.head_dim);
     let y = SharedMut::new(out);
     (0..shape.heads).into_par_iter().for_each(|head| {
         HEAD.with_borrow_mut(|bufs| {
             SCORES.with_borrow_mut(|scores| {
                 // SAFETY: this task alone writes head `head`'s columns of `out`.
-                unsafe { one_head(shape, (q, kv), (start, seq), head, (bufs, scores), y) }
+                unsafe { one_head(shape, (q, kv), (mask, seq), head, (bufs, scores), y) }
             })
         });
     });
 }
 
 /// One query head of [`per_head`]: its key/value head gathered into `bufs`, then the queries
-/// a slice of rows at a time (scores `q·Kᵀ`, causal softmax, times `V`), written to columns
+/// a slice of rows at a time (scores `q·Kᵀ`, masked softmax, times `V`), written to columns
 /// `head·vd..` of every row of the output `y`. The scores take the tiles where they can
 /// ([`tiled`]), else the f32 GEMM.
 ///
@@ -212,13 +242,13 @@ fn per_head<T: CachedRow>(
 unsafe fn one_head<T: CachedRow>(
     shape: &AttentionShape,
     (q, kv): (&[f32], &PagedKv<'_, T>),
-    (start, seq): (usize, usize),
+    (mask, seq): (Mask, usize),
     head: usize,
     (bufs, scores): (&mut Head, &mut Vec<f32>),
     y: SharedMut<f32>,
 ) {
     let (heads, kv_heads, d, vd) = (shape.heads, shape.kv_heads, shape.head_dim, shape.value_dim);
-    let len = start + seq;
+    let len = mask.len(seq);
     let query = |i: usize| &q[(i * heads + head) * d..][..d];
     let offset = (head / (heads / kv_heads)) * T::units(d);
     let stride = kv_heads * T::units(d);
@@ -241,7 +271,7 @@ unsafe fn one_head<T: CachedRow>(
     for first in (0..seq).step_by(slice) {
         let rows = slice.min(seq - first);
         // Only positions up to the slice's last query are visible to it.
-        let cols = start + first + rows;
+        let cols = mask.seen(first + rows - 1);
         scores.resize(rows * cols, 0.0);
         let shape_here = (rows, d, cols);
         let queries = &mut bufs.queries;
@@ -262,7 +292,7 @@ unsafe fn one_head<T: CachedRow>(
             unsafe { score_gemm(shape, (q, head, first), keys, shape_here, scores) };
         }
         for (i, row) in scores.chunks_exact_mut(cols).enumerate() {
-            let visible = start + first + i + 1;
+            let visible = mask.seen(first + i);
             if on_tiles {
                 row[..visible].iter_mut().for_each(|s| *s *= shape.scale);
             }
@@ -367,15 +397,24 @@ mod tests {
         }
     }
 
-    /// Attention written out in f64, the way transformers' eager path computes it.
+    /// Causal attention written out in f64, the way transformers' eager path computes it.
     fn reference(s: &AttentionShape, q: &[f32], k: &[f32], v: &[f32], start: usize) -> Vec<f64> {
+        masked_reference(s, (q, k, v), |i| start + i + 1)
+    }
+
+    /// Attention in f64 where query `i` sees the first `seen(i)` positions.
+    pub(super) fn masked_reference(
+        s: &AttentionShape,
+        (q, k, v): (&[f32], &[f32], &[f32]),
+        seen: impl Fn(usize) -> usize,
+    ) -> Vec<f64> {
         let (h, kvh, d, vd) = (s.heads, s.kv_heads, s.head_dim, s.value_dim);
         let seq = q.len() / (h * d);
         let mut out = vec![0.0; seq * h * vd];
         for i in 0..seq {
             for head in 0..h {
                 let g = head / (h / kvh);
-                let scores: Vec<f64> = (0..=start + i)
+                let scores: Vec<f64> = (0..seen(i))
                     .map(|t| {
                         (0..d)
                             .map(|x| {

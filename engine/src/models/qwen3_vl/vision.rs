@@ -13,9 +13,31 @@ use crate::Result;
 
 const EPS: f64 = 1e-6;
 
-// The tower computes in f32 over weights kept in the checkpoint's dtype: the engine's products
-// widen bf16 weights as they go, while candle's elementwise bf16 operations (bias, residual, GELU)
-// took a third of a bf16 tower's time. Norms and biases, which are small, are held in f32.
+// The tower computes in f32 over weights kept in the checkpoint's dtype: candle's elementwise
+// bf16 operations (bias, residual, GELU) took a third of a bf16 tower's time. Norms and biases,
+// which are small, are held in f32. A bf16 checkpoint's products take their inputs rounded to
+// bf16, as transformers' bf16 tower computes them (its activations are bf16 throughout): the
+// kernels then multiply on the AMX tiles where the CPU has them, several times the f32 GEMM's
+// rate, and attention's scores likewise.
+
+/// Whether products take bf16 inputs: a bf16 checkpoint's tower.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Precision {
+    bf16: bool,
+}
+
+impl Precision {
+    /// `x` as this precision's products take it: rounded to bf16 values on the CPU for a bf16
+    /// checkpoint; as it is otherwise.
+    fn input(self, x: Tensor) -> Result<Tensor> {
+        if self.bf16 {
+            if let Some(rounded) = crate::cpu::encoder::bf16_values(&x)? {
+                return Ok(rounded);
+            }
+        }
+        Ok(x)
+    }
+}
 
 fn norm(size: usize, vb: VarBuilder) -> candle_core::Result<LayerNorm> {
     layer_norm(
@@ -60,39 +82,59 @@ impl Block {
     }
 
     /// `x` is one image's patches `(n, hidden)`; it attends over all of them, not causally.
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, p: Precision) -> Result<Tensor> {
         let (n, hidden) = x.dims2()?;
         let hd = hidden / self.heads;
         let qkv = self
             .qkv
-            .forward(&self.norm1.forward(x)?)?
+            .forward(&p.input(self.norm1.forward(x)?)?)?
             .reshape((1, n, 3, self.heads, hd))?;
         let rotate = |t: Tensor| -> Result<Tensor> {
-            Ok(candle_nn::rotary_emb::rope_thd(&t.contiguous()?, cos, sin)?)
+            let t = t.contiguous()?;
+            let rotated = match crate::cpu::rope(&t, cos, sin)? {
+                Some(r) => r,
+                None => candle_nn::rotary_emb::rope_thd(&t, cos, sin)?,
+            };
+            Ok(rotated.squeeze(0)?)
         };
         let q = rotate(qkv.narrow(2, 0, 1)?.squeeze(2)?)?;
         let k = rotate(qkv.narrow(2, 1, 1)?.squeeze(2)?)?;
-        let v = qkv.narrow(2, 2, 1)?.squeeze(2)?;
+        let v = qkv.narrow(2, 2, 1)?.squeeze(2)?.squeeze(0)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        // Heads on their own threads, as many at a time as there are threads: a 1280x720 image
-        // has 3520 patches, and all 16 heads' scores at once would take 800 MB.
-        use rayon::prelude::*;
-        let heads = (0..self.heads)
-            .into_par_iter()
-            .map(|h| -> candle_core::Result<Tensor> {
-                let head = |t: &Tensor| t.narrow(2, h, 1)?.squeeze(2)?.squeeze(0)?.contiguous();
-                let (q, k, v) = (head(&q)?, head(&k)?, head(&v)?);
-                let scores = (q.matmul(&k.t()?)? * scale)?;
-                candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let attn = Tensor::cat(&heads, D::Minus1)?;
-        let x = (x + self.proj.forward(&attn)?)?;
-        let mlp = self
-            .fc2
-            .forward(&self.fc1.forward(&self.norm2.forward(&x)?)?.gelu()?)?;
-        Ok((x + mlp)?)
+        let attn = match crate::cpu::encoder::attention((&q, &k, &v), scale, p.bf16)? {
+            Some(a) => a,
+            None => per_head_attention((&q, &k, &v), scale)?,
+        };
+        let x = (x + self.proj.forward(&p.input(attn)?)?)?;
+        let hidden = gelu(&self.fc1.forward(&p.input(self.norm2.forward(&x)?)?)?)?;
+        let hidden = p.input(hidden)?;
+        Ok((&x + self.fc2.forward(&hidden)?)?)
     }
+}
+
+/// GELU's tanh approximation (the config's `gelu_pytorch_tanh`): the kernels' on the CPU.
+fn gelu(x: &Tensor) -> Result<Tensor> {
+    match crate::cpu::encoder::gelu_tanh(x)? {
+        Some(y) => Ok(y),
+        None => Ok(x.gelu()?),
+    }
+}
+
+/// Attention over all patches with candle, off the CPU: `q`, `k`, `v` `(n, heads, head_dim)`.
+/// Heads on their own threads, as many at a time as there are threads: a 1280x720 image has
+/// 3520 patches, and all 16 heads' scores at once would take 800 MB.
+fn per_head_attention((q, k, v): (&Tensor, &Tensor, &Tensor), scale: f64) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let heads = (0..q.dim(1)?)
+        .into_par_iter()
+        .map(|h| -> candle_core::Result<Tensor> {
+            let head = |t: &Tensor| t.narrow(1, h, 1)?.squeeze(1)?.contiguous();
+            let (q, k, v) = (head(q)?, head(k)?, head(v)?);
+            let scores = (q.matmul(&k.t()?)? * scale)?;
+            candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&heads, D::Minus1)?)
 }
 
 /// Folds each 2 × 2 block of patches (consecutive rows) into one token: norm before the fold
@@ -124,7 +166,7 @@ impl Merger {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, p: Precision) -> Result<Tensor> {
         let (n, hidden) = x.dims2()?;
         let folded = if self.norm_after_fold {
             self.norm
@@ -134,7 +176,8 @@ impl Merger {
                 .forward(x)?
                 .reshape((n / self.fold, hidden * self.fold))?
         };
-        Ok(self.fc2.forward(&self.fc1.forward(&folded)?.gelu_erf()?)?)
+        let hidden = self.fc1.forward(&p.input(folded)?)?.gelu_erf()?;
+        Ok(self.fc2.forward(&p.input(hidden)?)?)
     }
 }
 
@@ -299,21 +342,100 @@ impl VisionTower {
             .flat_map(|_| merge_block_cells(gh, gw, self.cfg.spatial_merge_size))
             .collect();
         let pos = self.positions(&cells, gh, gw)?;
-        let mut x = (self.patch_embed.forward(&pixels)? + pos)?;
+        let p = Precision {
+            bf16: self.dtype == DType::BF16,
+        };
+        let mut x = (self.patch_embed.forward(&p.input(pixels)?)? + pos)?;
         let (cos, sin) = self.rotary(&cells)?;
         let mut deepstack = Vec::with_capacity(self.deepstack.len());
         for (i, block) in self.blocks.iter().enumerate() {
-            x = block.forward(&x, &cos, &sin)?;
+            x = block.forward(&x, &cos, &sin, p)?;
             for (at, merger) in &self.deepstack {
                 if *at == i {
-                    deepstack.push(merger.forward(&x)?.to_dtype(self.dtype)?);
+                    deepstack.push(merger.forward(&x, p)?.to_dtype(self.dtype)?);
                 }
             }
         }
         // The text model's dtype for what joins it.
         Ok(Encoded {
-            embeddings: self.merger.forward(&x)?.to_dtype(self.dtype)?,
+            embeddings: self.merger.forward(&x, p)?.to_dtype(self.dtype)?,
             deepstack,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random(seed: u64, shape: (usize, usize, usize)) -> Tensor {
+        let device = Device::Cpu;
+        let n = shape.0 * shape.1 * shape.2;
+        let v: Vec<f32> = (0..n as u64)
+            .map(|i| {
+                let x = (i + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15 ^ seed) >> 40;
+                x as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &device).unwrap()
+    }
+
+    fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// The kernels' attention over all patches is candle's per-head softmax(q kᵀ) v: in f32, and
+    /// with `bf16` on the inputs rounded to bf16 (heads 64 deep, which the AMX tiles take where
+    /// the CPU has them; more patches than one slice of queries).
+    #[test]
+    fn the_kernels_attention_is_candles_per_head_attention() {
+        let shape = (150, 3, 64);
+        let (q, k, v) = (random(1, shape), random(2, shape), random(3, shape));
+        let scale = 0.125;
+        let expected = per_head_attention((&q, &k, &v), scale).unwrap();
+        let got = crate::cpu::encoder::attention((&q, &k, &v), scale, false)
+            .unwrap()
+            .expect("the kernels take f32 on the CPU");
+        assert!(max_difference(&got, &expected) < 1e-5);
+        let rounded = |t: &Tensor| crate::cpu::encoder::bf16_values(t).unwrap().unwrap();
+        let (qr, kr, vr) = (rounded(&q), rounded(&k), rounded(&v));
+        assert!(max_difference(&qr, &q) > 0.0, "nothing was rounded");
+        let expected = per_head_attention((&qr, &kr, &vr), scale).unwrap();
+        let got = crate::cpu::encoder::attention((&q, &k, &v), scale, true)
+            .unwrap()
+            .unwrap();
+        assert!(max_difference(&got, &expected) < 1e-5);
+    }
+
+    /// The kernels' GELU is candle's within f32 rounding.
+    #[test]
+    fn the_kernels_gelu_is_candles() {
+        let x = (random(5, (64, 33, 3)) * 3.0).unwrap();
+        let got = gelu(&x).unwrap();
+        assert!(max_difference(&got, &x.gelu().unwrap()) < 2e-6);
+        assert!(max_difference(&got, &x) > 0.1, "nothing was computed");
+    }
+
+    /// Rounded values are bf16's: converting to bf16 and back changes none of them.
+    #[test]
+    fn bf16_inputs_are_bf16_values() {
+        let x = random(4, (7, 5, 3));
+        let r = crate::cpu::encoder::bf16_values(&x).unwrap().unwrap();
+        let back = r
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        assert_eq!(max_difference(&r, &back), 0.0);
+        assert!(max_difference(&r, &x) < 2.0 * 2f32.powi(-8));
     }
 }

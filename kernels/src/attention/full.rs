@@ -1,0 +1,134 @@
+//! Attention without a mask, every query over every key: an encoder's, as a vision tower's
+//! patches attend within their image. It runs as prefill's does (per head, a slice of queries at
+//! a time, scores on the AMX tiles where both sides are bf16 values), so no head's whole
+//! `seq × len` score matrix ever exists: for a 1280 × 720 image's 3,520 patches that is 50 MB per
+//! head, written and read back three times over when each step is its own tensor.
+
+use super::{per_head, AttentionShape, CachedRow, Mask, PagedKv};
+
+/// `out = softmax(q kᵀ · scale) v`, every query seeing all `len` keys and values.
+///
+/// `q` is `[seq][heads][head_dim]`; `keys` and `values` are `[len][kv_heads][·]` rows of
+/// `CachedRow::units(head_dim)` (values read their first `value_dim`); `out` is
+/// `[seq][heads][value_dim]`. Query head `h` reads key/value head `h / (heads / kv_heads)`.
+///
+/// # Panics
+/// When the slices do not match the shape or hold no keys (a caller bug, not an input error).
+pub fn full_attention<T: CachedRow>(
+    shape: &AttentionShape,
+    q: &[f32],
+    keys: &[T],
+    values: &[T],
+    out: &mut [f32],
+) {
+    let AttentionShape {
+        heads,
+        kv_heads,
+        head_dim: d,
+        value_dim: vd,
+        ..
+    } = *shape;
+    assert!(
+        kv_heads > 0 && heads.is_multiple_of(kv_heads),
+        "{heads} heads over {kv_heads} kv heads"
+    );
+    assert!(
+        d > 0 && q.len().is_multiple_of(heads * d),
+        "queries are not [seq][{heads}][{d}]"
+    );
+    assert!(vd > 0 && vd <= d, "values of {vd} per head of {d}");
+    let seq = q.len() / (heads * d);
+    assert_eq!(
+        out.len(),
+        seq * heads * vd,
+        "output is not [seq][{heads}][{vd}]"
+    );
+    let stride = kv_heads * T::units(d);
+    let len = keys.len() / stride;
+    assert!(
+        len > 0 && keys.len() == len * stride && values.len() == keys.len(),
+        "keys and values are not the same [len][{kv_heads}][{d}] rows"
+    );
+    if seq == 0 {
+        return;
+    }
+    // One block holding every position: the paged machinery reads it as laid out.
+    let kv = PagedKv {
+        keys,
+        values,
+        blocks: &[0],
+        block_size: len,
+    };
+    per_head(shape, q, &kv, Mask::Full { len }, out);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::masked_reference;
+    use super::*;
+    use crate::test_data::data;
+    use half::bf16;
+
+    fn shape(heads: usize, kv_heads: usize, d: usize) -> AttentionShape {
+        AttentionShape {
+            heads,
+            kv_heads,
+            head_dim: d,
+            value_dim: d,
+            scale: 1.0 / (d as f32).sqrt(),
+        }
+    }
+
+    fn assert_close(out: &[f32], expected: &[f64], what: &str) {
+        for (i, (a, b)) in out.iter().zip(expected).enumerate() {
+            assert!((*a as f64 - b).abs() < 2e-5, "{what}: [{i}] {a} vs {b}");
+        }
+    }
+
+    /// f32 rows, against the reference with every position seen; query slices and key counts
+    /// that are not whole slices or tiles, more keys than queries and fewer.
+    #[test]
+    fn every_query_sees_every_key() {
+        for (seq, len, heads, kv_heads) in
+            [(1, 1, 2, 2), (5, 9, 4, 2), (70, 70, 2, 1), (130, 41, 2, 2)]
+        {
+            let s = shape(heads, kv_heads, 16);
+            let q = data(seq * heads * 16, 1);
+            let k = data(len * kv_heads * 16, 2);
+            let v = data(len * kv_heads * 16, 3);
+            let mut out = vec![f32::NAN; q.len()];
+            full_attention(&s, &q, &k, &v, &mut out);
+            let expected = masked_reference(&s, (&q, &k, &v), |_| len);
+            assert_close(&out, &expected, &format!("seq {seq} len {len}"));
+        }
+    }
+
+    /// bf16 keys and values with bf16 queries at a depth the AMX tiles take (where the CPU has
+    /// them, the scores run there), and f32 queries over the same rows (the f32 GEMM).
+    #[test]
+    fn bf16_rows_match_the_reference_on_either_product() {
+        let (seq, len, heads, d) = (100, 77, 2, 64);
+        let s = shape(heads, heads, d);
+        let round = |x: Vec<f32>| -> Vec<bf16> { x.into_iter().map(bf16::from_f32).collect() };
+        let widen = |x: &[bf16]| -> Vec<f32> { x.iter().map(|v| v.to_f32()).collect() };
+        let (k, v) = (
+            round(data(len * heads * d, 5)),
+            round(data(len * heads * d, 6)),
+        );
+        let exact_q = crate::test_data::bf16_values(seq * heads * d, 4);
+        for q in [exact_q, data(seq * heads * d, 4)] {
+            let mut out = vec![f32::NAN; q.len()];
+            full_attention(&s, &q, &k, &v, &mut out);
+            let expected = masked_reference(&s, (&q, &widen(&k), &widen(&v)), |_| len);
+            assert_close(&out, &expected, "bf16 rows");
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "keys and values are not the same")]
+    fn no_keys_is_a_caller_bug() {
+        let s = shape(2, 2, 16);
+        let mut out = vec![0.0; 32];
+        full_attention::<f32>(&s, &data(32, 1), &[], &[], &mut out);
+    }
+}
