@@ -86,15 +86,36 @@ pub(crate) fn matmul(
     out: &mut [f32],
     split: Split,
 ) -> bool {
-    if !takes(k) {
-        return false;
-    }
-    let Some(packed) = pack(x, m, k, split) else {
+    let Some(packed) = Packed::new(x, (m, k), split) else {
         return false;
     };
-    // SAFETY: the level says the CPU has AMX and the permission was granted.
-    unsafe { run(&packed, w, m, k, n, out, split) };
+    packed.times(w, n, out, split);
     true
+}
+
+/// Activations packed once for the tiles, for several products against different weights.
+pub(crate) struct Packed {
+    tiles: Vec<bf16>,
+    m: usize,
+    k: usize,
+}
+
+impl Packed {
+    /// `x` (`m × k`) packed, when the level allows the tiles, `k` is a whole number of tile rows
+    /// and every value is a bf16; `None` otherwise.
+    pub(crate) fn new(x: &[f32], (m, k): (usize, usize), split: Split) -> Option<Self> {
+        if !takes(k) {
+            return None;
+        }
+        let tiles = pack(x, m, k, split)?;
+        Some(Self { tiles, m, k })
+    }
+
+    /// `out[m × n] = x · w[n × k]ᵀ`.
+    pub(crate) fn times(&self, w: &[bf16], n: usize, out: &mut [f32], split: Split) {
+        // SAFETY: `new` checked the level (AMX, permission granted) and packed `m × k`.
+        unsafe { run(&self.tiles, w, self.m, self.k, n, out, split) };
+    }
 }
 
 /// The activations as the tiles' right operand: per block of 16 rows and 32 columns, 16 rows of

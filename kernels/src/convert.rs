@@ -83,7 +83,7 @@ pub fn to_f16(x: &[f32]) -> Vec<f16> {
 }
 
 /// [`rounded_bf16`] compiled for the widest vectors the level allows.
-fn round_bf16(x: &[f32], out: &mut [bf16]) {
+pub(crate) fn round_bf16(x: &[f32], out: &mut [bf16]) {
     #[cfg(target_arch = "x86_64")]
     {
         if crate::simd::has_avx512() {

@@ -28,7 +28,9 @@ mod parallel;
 pub mod quant;
 mod simd;
 
-pub use attention::{full_attention, paged_attention, AttentionShape, CachedRow, PagedKv};
+pub use attention::{
+    full_attention, paged_attention, AttentionShape, CachedRow, PagedKv, Probabilities,
+};
 pub use element::Element;
 pub use half::{bf16, f16};
 pub use matmul::{matmul, matmul_rows, WeightRows};

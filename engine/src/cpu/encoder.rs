@@ -3,7 +3,7 @@
 //! tiles.
 
 use candle_core::{DType, Tensor};
-use pio_kernels::{full_attention, AttentionShape};
+use pio_kernels::{full_attention, AttentionShape, Probabilities};
 
 use super::{supports, with_elements, Elements};
 
@@ -46,8 +46,9 @@ pub(crate) fn gelu_tanh(x: &Tensor) -> candle_core::Result<Option<Tensor>> {
 /// `softmax(q kᵀ · scale) v` per head, every query over every key, for f32 `q`, `k`, `v` of
 /// shape `(n, heads, head_dim)` (a head's keys and values for each query head): the output
 /// `(n, heads · head_dim)` in f32. With `bf16` the three are first rounded to bf16, as a bf16
-/// model holds them, so that the scores take the AMX tiles. `None` off the CPU or for other
-/// shapes or dtypes (the caller computes it with candle).
+/// model holds them, and so are the probabilities before they weigh the values, as PyTorch's
+/// bf16 attention on the CPU rounds them: both products then take the AMX tiles. `None` off the
+/// CPU or for other shapes or dtypes (the caller computes it with candle).
 pub(crate) fn attention(
     (q, k, v): (&Tensor, &Tensor, &Tensor),
     scale: f64,
@@ -74,9 +75,10 @@ pub(crate) fn attention(
     if bf16 {
         use pio_kernels::convert::{round_to_bf16_values, to_bf16};
         round_to_bf16_values(&mut qs);
-        full_attention(&shape, &qs, &to_bf16(&ks), &to_bf16(&vs), &mut out);
+        let (ks, vs) = (to_bf16(&ks), to_bf16(&vs));
+        full_attention(&shape, &qs, &ks, &vs, Probabilities::Bf16, &mut out);
     } else {
-        full_attention(&shape, &qs, &ks, &vs, &mut out);
+        full_attention(&shape, &qs, &ks, &vs, Probabilities::Exact, &mut out);
     }
     Tensor::from_vec(out, (n, heads * d), q.device()).map(Some)
 }

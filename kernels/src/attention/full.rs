@@ -4,9 +4,10 @@
 //! `seq × len` score matrix ever exists: for a 1280 × 720 image's 3,520 patches that is 50 MB per
 //! head, written and read back three times over when each step is its own tensor.
 
-use super::{per_head, AttentionShape, CachedRow, Mask, PagedKv};
+use super::{per_head, AttentionShape, CachedRow, Mask, PagedKv, Probabilities};
 
-/// `out = softmax(q kᵀ · scale) v`, every query seeing all `len` keys and values.
+/// `out = softmax(q kᵀ · scale) v`, every query seeing all `len` keys and values, the
+/// probabilities multiplying the values as `probabilities` says.
 ///
 /// `q` is `[seq][heads][head_dim]`; `keys` and `values` are `[len][kv_heads][·]` rows of
 /// `CachedRow::units(head_dim)` (values read their first `value_dim`); `out` is
@@ -19,6 +20,7 @@ pub fn full_attention<T: CachedRow>(
     q: &[f32],
     keys: &[T],
     values: &[T],
+    probabilities: Probabilities,
     out: &mut [f32],
 ) {
     let AttentionShape {
@@ -59,7 +61,7 @@ pub fn full_attention<T: CachedRow>(
         blocks: &[0],
         block_size: len,
     };
-    per_head(shape, q, &kv, Mask::Full { len }, out);
+    per_head(shape, q, &kv, (Mask::Full { len }, probabilities), out);
 }
 
 #[cfg(test)]
@@ -97,7 +99,7 @@ mod tests {
             let k = data(len * kv_heads * 16, 2);
             let v = data(len * kv_heads * 16, 3);
             let mut out = vec![f32::NAN; q.len()];
-            full_attention(&s, &q, &k, &v, &mut out);
+            full_attention(&s, &q, &k, &v, Probabilities::Exact, &mut out);
             let expected = masked_reference(&s, (&q, &k, &v), |_| len);
             assert_close(&out, &expected, &format!("seq {seq} len {len}"));
         }
@@ -118,10 +120,45 @@ mod tests {
         let exact_q = crate::test_data::bf16_values(seq * heads * d, 4);
         for q in [exact_q, data(seq * heads * d, 4)] {
             let mut out = vec![f32::NAN; q.len()];
-            full_attention(&s, &q, &k, &v, &mut out);
+            full_attention(&s, &q, &k, &v, Probabilities::Exact, &mut out);
             let expected = masked_reference(&s, (&q, &widen(&k), &widen(&v)), |_| len);
             assert_close(&out, &expected, "bf16 rows");
         }
+    }
+
+    /// Probabilities rounded to bf16 (an encoder whose reference rounds them): within the
+    /// rounding's bound of the exact attention (each probability moves by at most 2⁻⁹ of itself,
+    /// so an output by at most 2⁻⁹ of the largest value), over several slices of queries, key
+    /// counts that are not a whole tile deep, and grouped heads. Where the tiles run, they took
+    /// the product (the result is not the f32 one); elsewhere the probabilities stay exact.
+    #[test]
+    fn bf16_probabilities_stay_within_their_rounding() {
+        let (seq, len, heads, kv_heads, d) = (100, 77, 4, 2, 64);
+        let s = shape(heads, kv_heads, d);
+        let round = |x: Vec<f32>| -> Vec<bf16> { x.into_iter().map(bf16::from_f32).collect() };
+        let widen = |x: &[bf16]| -> Vec<f32> { x.iter().map(|v| v.to_f32()).collect() };
+        let k = round(data(len * kv_heads * d, 8));
+        let v = round(data(len * kv_heads * d, 9));
+        let q = crate::test_data::bf16_values(seq * heads * d, 7);
+        let (mut exact, mut rounded) = (vec![f32::NAN; q.len()], vec![f32::NAN; q.len()]);
+        full_attention(&s, &q, &k, &v, Probabilities::Exact, &mut exact);
+        full_attention(&s, &q, &k, &v, Probabilities::Bf16, &mut rounded);
+        let expected = masked_reference(&s, (&q, &widen(&k), &widen(&v)), |_| len);
+        assert_close(&exact, &expected, "exact probabilities");
+        let top = widen(&v).iter().fold(0f32, |m, x| m.max(x.abs()));
+        for (i, (a, b)) in rounded.iter().zip(&expected).enumerate() {
+            let bound = top as f64 / 512.0 + 2e-5;
+            assert!((*a as f64 - b).abs() <= bound, "[{i}] {a} vs {b}");
+        }
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if crate::amx::takes(d) {
+            assert_ne!(rounded, exact, "the tiles did not take the probabilities");
+            return;
+        }
+        assert_eq!(
+            rounded, exact,
+            "without the tiles the probabilities stay exact"
+        );
     }
 
     #[test]
@@ -129,6 +166,6 @@ mod tests {
     fn no_keys_is_a_caller_bug() {
         let s = shape(2, 2, 16);
         let mut out = vec![0.0; 32];
-        full_attention::<f32>(&s, &data(32, 1), &[], &[], &mut out);
+        full_attention::<f32>(&s, &data(32, 1), &[], &[], Probabilities::Exact, &mut out);
     }
 }

@@ -63,6 +63,11 @@ struct Head {
     values: Vec<f32>,
     tile_keys: Vec<half::bf16>,
     queries: Vec<f32>,
+    /// [`Probabilities::Bf16`]'s values transposed before they are packed, a slice's rounded
+    /// probabilities, and its product (transposed) before it is written out.
+    tile_values: Vec<f32>,
+    probabilities: Vec<half::bf16>,
+    weighted: Vec<f32>,
 }
 
 impl Head {
@@ -72,8 +77,22 @@ impl Head {
             values: Vec::new(),
             tile_keys: Vec::new(),
             queries: Vec::new(),
+            tile_values: Vec::new(),
+            probabilities: Vec::new(),
+            weighted: Vec::new(),
         }
     }
+}
+
+/// How attention's probabilities multiply the values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probabilities {
+    /// In f32, as softmax left them.
+    Exact,
+    /// Rounded to bf16 first, as PyTorch's bf16 attention on the CPU rounds them before its
+    /// second product: with bf16 queries over bf16 keys and values, that product then takes the
+    /// AMX tiles too. For a bf16 model whose reference computes so.
+    Bf16,
 }
 
 /// Which positions a prefill call's queries see.
@@ -180,17 +199,44 @@ pub fn paged_attention<T: CachedRow>(
     if seq < GEMM_QUERIES {
         decode::per_query(shape, q, kv, start, out);
     } else {
-        per_head(shape, q, kv, Mask::Causal { start }, out);
+        per_head(
+            shape,
+            q,
+            kv,
+            (Mask::Causal { start }, Probabilities::Exact),
+            out,
+        );
     }
 }
 
 /// Softmax over `row`, in place, in f32.
 fn softmax(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = row_max(row);
     let inv = 1.0 / crate::exp::exp_shifted(row, max);
     for s in row.iter_mut() {
         *s *= inv;
     }
+}
+
+/// The largest value of `row` (NaNs ignored, as `f32::max` does; −∞ when empty or all NaN),
+/// over independent lanes: a fold through `f32::max` is one dependent chain that does not
+/// vectorize, and took most of a long row's softmax.
+fn row_max(row: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            if v > *m {
+                *m = v;
+            }
+        }
+    }
+    let tail = chunks.remainder().iter().copied();
+    lanes
+        .into_iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, f32::max)
 }
 
 /// One head's keys or values as a contiguous f32 matrix `[len][take]`, the first `take` values
@@ -216,7 +262,7 @@ fn per_head<T: CachedRow>(
     shape: &AttentionShape,
     q: &[f32],
     kv: &PagedKv<'_, T>,
-    mask: Mask,
+    (mask, probabilities): (Mask, Probabilities),
     out: &mut [f32],
 ) {
     let seq = q.len() / (shape.heads * shape.head_dim);
@@ -225,7 +271,16 @@ fn per_head<T: CachedRow>(
         HEAD.with_borrow_mut(|bufs| {
             SCORES.with_borrow_mut(|scores| {
                 // SAFETY: this task alone writes head `head`'s columns of `out`.
-                unsafe { one_head(shape, (q, kv), (mask, seq), head, (bufs, scores), y) }
+                unsafe {
+                    one_head(
+                        shape,
+                        (q, kv),
+                        (mask, probabilities, seq),
+                        head,
+                        (bufs, scores),
+                        y,
+                    )
+                }
             })
         });
     });
@@ -242,7 +297,7 @@ fn per_head<T: CachedRow>(
 unsafe fn one_head<T: CachedRow>(
     shape: &AttentionShape,
     (q, kv): (&[f32], &PagedKv<'_, T>),
-    (mask, seq): (Mask, usize),
+    (mask, probabilities, seq): (Mask, Probabilities, usize),
     head: usize,
     (bufs, scores): (&mut Head, &mut Vec<f32>),
     y: SharedMut<f32>,
@@ -257,6 +312,13 @@ unsafe fn one_head<T: CachedRow>(
     let keys = match tile_keys {
         Some(_) => &[][..],
         None => head_matrix(kv, kv.keys, len, stride, offset, (d, d), &mut bufs.keys),
+    };
+    let tile_values = match probabilities {
+        Probabilities::Bf16 if tile_keys.is_some() => {
+            let at = (len, stride, offset, vd);
+            tiled::values_packed(kv, at, &mut bufs.tile_values)
+        }
+        _ => None,
     };
     let values = head_matrix(
         kv,
@@ -299,25 +361,69 @@ unsafe fn one_head<T: CachedRow>(
             softmax(&mut row[..visible]);
             row[visible..].fill(0.0);
         }
-        // SAFETY: as above; the caller has this head's columns of `y` to itself.
+        let out = (first * heads + head) * vd;
+        // The packed values span every position: a slice that sees them all (no mask) only.
+        let tiles = (tile_values.as_ref())
+            .filter(|_| cols == len)
+            .map(|v| (v, &mut bufs.probabilities, &mut bufs.weighted));
+        // SAFETY: the caller has this head's columns of `y` to itself.
         unsafe {
-            matrixmultiply::sgemm(
-                rows,
-                cols,
-                vd,
-                1.0,
-                scores.as_ptr(),
-                cols as isize,
-                1,
-                values.as_ptr(),
-                vd as isize,
-                1,
-                0.0,
-                y.at((first * heads + head) * vd),
-                (heads * vd) as isize,
-                1,
-            );
+            weigh(
+                scores,
+                values,
+                tiles,
+                (rows, cols, vd),
+                y,
+                (out, heads * vd),
+            )
+        };
+    }
+}
+
+/// `y[rows × vd] = P · V` for a slice's probabilities `probs` (`rows × cols`) and values
+/// (`[cols][vd]` f32), written from `y`'s offset `at` with rows `row_stride` apart: on the tiles
+/// with the probabilities rounded to bf16 where `tiles` holds the values packed for them (all
+/// `cols`) and buffers, the f32 GEMM otherwise.
+///
+/// # Safety
+/// `y`'s `rows` rows of `vd` from `at` lie inside it, and nothing else writes them meanwhile.
+unsafe fn weigh(
+    probs: &[f32],
+    values: &[f32],
+    tiles: Option<(&tiled::PackedValues, &mut Vec<half::bf16>, &mut Vec<f32>)>,
+    (rows, cols, vd): (usize, usize, usize),
+    y: SharedMut<f32>,
+    (at, row_stride): (usize, usize),
+) {
+    if let Some((packed, pbuf, out)) = tiles {
+        out.resize(rows * vd, 0.0);
+        tiled::weighted(probs, (rows, cols), packed, pbuf, out);
+        for (x, column) in out.chunks_exact(rows).enumerate() {
+            for (i, &v) in column.iter().enumerate() {
+                // SAFETY: the caller's promise.
+                unsafe { *y.at(at + i * row_stride + x) = v };
+            }
         }
+        return;
+    }
+    // SAFETY: the views stay inside probs and values; the caller's promise for `y`.
+    unsafe {
+        matrixmultiply::sgemm(
+            rows,
+            cols,
+            vd,
+            1.0,
+            probs.as_ptr(),
+            cols as isize,
+            1,
+            values.as_ptr(),
+            vd as isize,
+            1,
+            0.0,
+            y.at(at),
+            row_stride as isize,
+            1,
+        );
     }
 }
 
@@ -384,6 +490,21 @@ mod tests {
             block_size: len,
         };
         paged_attention(shape, q, &kv, start, out);
+    }
+
+    /// The lanes' maximum is the fold's, NaNs ignored, for lengths around the lane count.
+    #[test]
+    fn row_max_is_the_largest_value() {
+        for n in [0, 1, 15, 16, 17, 40, 1000] {
+            let mut row = data(n, 9);
+            if n > 3 {
+                row[n / 2] = f32::NAN;
+                row[n - 1] = 7.5;
+            }
+            let want = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(row_max(&row), want, "{n}");
+        }
+        assert!(row_max(&[f32::NAN; 20]) == f32::NEG_INFINITY);
     }
 
     /// Grouped-query attention's shape: values as wide as keys.

@@ -9,6 +9,9 @@
 //! process so its peak RSS is its own. llama.cpp is not compared yet: `tests/bench/build_llama_cpp.sh`
 //! does not build its multimodal tool (`llama-mtmd-cli`), which also needs the vision tower
 //! converted to a separate GGUF (`--mmproj`).
+//!
+//! `-- --tower N` runs only PIO's vision tower on the 1280×720 photo N times, printing each
+//! time: a run to profile (`perf record`) with nothing else in it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -129,11 +132,30 @@ fn measure(dir: &Path) {
     );
 }
 
+/// The vision tower alone on the large photo, `times` times.
+fn tower(dir: &Path, times: usize) {
+    let (model, _) = common::load_timed::<Qwen3Vl>(dir, "bf16");
+    let bytes = std::fs::read(dir.join(IMAGES[1])).expect("bench image");
+    let image = decode(&bytes, &DecodeLimits::default()).expect("decode");
+    let patches = model.processor().patches(&image).expect("patches");
+    for _ in 0..times {
+        let t = Instant::now();
+        model.vision().encode(&patches).expect("vision");
+        println!("vision tower, {}: {:.0} ms", IMAGES[1], ms(t));
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let dir = checkpoint_dir();
     if args.iter().any(|a| a == "--measure") {
         measure(&dir);
+        return;
+    }
+    if let Some(at) = args.iter().position(|a| a == "--tower") {
+        let times = args.get(at + 1).and_then(|n| n.parse().ok()).unwrap_or(1);
+        common::ensure_checkpoint(&root(), &dir, &["qwen3-vl-2b"]);
+        tower(&dir, times);
         return;
     }
     common::ensure_checkpoint(&root(), &dir, &["qwen3-vl-2b"]);

@@ -414,7 +414,8 @@ mod tests {
 
     /// The kernels' attention over all patches is candle's per-head softmax(q kᵀ) v: in f32, and
     /// with `bf16` on the inputs rounded to bf16 (heads 64 deep, which the AMX tiles take where
-    /// the CPU has them; more patches than one slice of queries).
+    /// the CPU has them; more patches than one slice of queries), the probabilities' rounding
+    /// moving each output by at most 2⁻⁹ of the largest value.
     #[test]
     fn the_kernels_attention_is_candles_per_head_attention() {
         let shape = (150, 3, 64);
@@ -432,7 +433,9 @@ mod tests {
         let got = crate::cpu::encoder::attention((&q, &k, &v), scale, true)
             .unwrap()
             .unwrap();
-        assert!(max_difference(&got, &expected) < 1e-5);
+        let top = vr.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        let bound = top.to_scalar::<f32>().unwrap() / 512.0 + 1e-5;
+        assert!(max_difference(&got, &expected) <= bound);
     }
 
     /// The kernels' GELU is candle's within f32 rounding.
