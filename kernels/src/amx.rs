@@ -8,7 +8,8 @@
 //! only when that rounding is exact — every activation already a bf16, as in a bf16 model, whose
 //! hidden states transformers keeps in bf16 — so it changes only what any GEMM may: the order
 //! and rounding of the f32 sums (the tile unit also flushes subnormals, values below ~1e-38, to
-//! zero). An f32 activation (the vision tower's) keeps the f32 GEMM.
+//! zero). An f32 activation keeps the f32 GEMM (a bf16 vision tower rounds its inputs first, as
+//! transformers' bf16 tower has them).
 //!
 //! The tiles compute `(x Wᵀ)ᵀ` a 32 × 32 block at a time (two weight tiles by two activation
 //! tiles, four accumulators), written back transposed.
