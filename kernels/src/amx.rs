@@ -3,8 +3,9 @@
 //! instruction, an order of magnitude more arithmetic per cycle than AVX-512's FMA ports.
 //!
 //! The weight rows are the tiles' left operand as stored (16 rows × 32 values, each row the next
-//! `k` values of one output), so the weights are never repacked; the activations are rounded to
-//! bf16 and packed once per product into the right operand's pair layout. The product is taken
+//! `k` values of one output), so the weights are never repacked; the activations are packed as
+//! bf16 into the right operand's pair layout, once per product or once for several ([`Packed`]).
+//! The product is taken
 //! only when that rounding is exact — every activation already a bf16, as in a bf16 model, whose
 //! hidden states transformers keeps in bf16 — so it changes only what any GEMM may: the order
 //! and rounding of the f32 sums (the tile unit also flushes subnormals, values below ~1e-38, to

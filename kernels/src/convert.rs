@@ -36,8 +36,10 @@ pub fn round_to_bf16_values(x: &mut [f32]) {
     x.par_chunks_mut(CHUNK).for_each(round_bf16_values);
 }
 
-/// [`rounded_bf16_values`] compiled for the widest vectors the level allows.
-fn round_bf16_values(x: &mut [f32]) {
+/// [`round_to_bf16_values`] on the calling thread alone (for a pool task that holds
+/// thread-local buffers, which a parallel call could re-enter), compiled for the widest vectors
+/// the level allows.
+pub(crate) fn round_bf16_values(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if crate::simd::has_avx512() {

@@ -1,16 +1,22 @@
 //! Exponentials over a row, for softmax: attention's scores and the logprobs' normalizer. A
 //! decode step at depth takes one `exp` per cached position, head and layer, and libm's scalar
-//! `expf` cost about a tenth of decode attention's time; the AVX2 path evaluates eight at once
-//! with the same range reduction and polynomial as Cephes' `expf` (relative error below 2.4e-7,
-//! about 2 ulp), the portable path calls libm.
+//! `expf` cost about a tenth of decode attention's time; the vector paths (AVX-512's 16 lanes,
+//! AVX2's 8) evaluate them with the same range reduction and polynomial as Cephes' `expf`
+//! (relative error below 2.4e-7, about 2 ulp), the portable path calls libm.
 
 /// `row[i] = e^(row[i] − max)` for every entry; returns their sum (accumulated in f32). `max`
 /// is the row's maximum, as softmax has it (a shifted entry above 88.37 gives +∞).
 pub fn exp_shifted(row: &mut [f32], max: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if crate::simd::has_avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (checked above).
-        return unsafe { avx2::exp_shifted(row, max) };
+    {
+        if crate::simd::has_avx512() {
+            // SAFETY: the CPU has AVX-512F (checked above).
+            return unsafe { wide::exp_shifted(row, max) };
+        }
+        if crate::simd::has_avx2() {
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            return unsafe { avx2::exp_shifted(row, max) };
+        }
     }
     let mut sum = 0.0;
     for x in row.iter_mut() {
@@ -35,9 +41,15 @@ pub fn sum_exp(values: &[f32], max: f32) -> f64 {
 /// exponential: a prefill chunk takes one per intermediate value, layer and token.
 pub fn silu(row: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if crate::simd::has_avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (checked above).
-        return unsafe { avx2::silu(row) };
+    {
+        if crate::simd::has_avx512() {
+            // SAFETY: the CPU has AVX-512F (checked above).
+            return unsafe { wide::silu(row) };
+        }
+        if crate::simd::has_avx2() {
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            return unsafe { avx2::silu(row) };
+        }
     }
     for x in row.iter_mut() {
         *x /= 1.0 + (-*x).exp();
@@ -51,9 +63,15 @@ pub fn silu(row: &mut [f32]) {
 /// thread, that was a tenth of a 1280 × 720 image's encoding.
 pub fn gelu_tanh(row: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if crate::simd::has_avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (checked above).
-        return unsafe { avx2::gelu_tanh(row) };
+    {
+        if crate::simd::has_avx512() {
+            // SAFETY: the CPU has AVX-512F (checked above).
+            return unsafe { wide::gelu_tanh(row) };
+        }
+        if crate::simd::has_avx2() {
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            return unsafe { avx2::gelu_tanh(row) };
+        }
     }
     for x in row.iter_mut() {
         *x /= 1.0 + (-2.0 * GELU_SCALE * (*x + GELU_CUBIC * *x * *x * *x)).exp();
@@ -65,8 +83,10 @@ const GELU_SCALE: f32 = 0.797_884_6;
 /// The approximation's cubic coefficient.
 const GELU_CUBIC: f32 = 0.044_715;
 
+/// The exponential and the maps through it once, over a register type ([`lanes::Lanes`]), each
+/// instantiated inside a `#[target_feature]` entry point (`avx2`, `wide`).
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+mod lanes {
     use std::arch::x86_64::*;
 
     use crate::simd::vector::Vector;
@@ -77,67 +97,248 @@ mod avx2 {
     /// is finite up to 88.72, but softmax never gets there: its inputs are at most 0).
     const HIGHEST: f32 = 88.376_26;
 
+    /// What the exponential needs of a register beyond [`Vector`]. Every method requires the
+    /// register's instruction set, as `Vector`'s do.
+    pub(super) trait Lanes: Vector {
+        unsafe fn sub(a: Self, b: Self) -> Self;
+        unsafe fn mul(a: Self, b: Self) -> Self;
+        unsafe fn div(a: Self, b: Self) -> Self;
+        /// `c − a·b`, fused.
+        unsafe fn fnma(a: Self, b: Self, c: Self) -> Self;
+        /// Lane-wise minimum; a NaN in `b` is kept.
+        unsafe fn min(a: Self, b: Self) -> Self;
+        /// Lane-wise maximum; a NaN in `b` is kept.
+        unsafe fn max(a: Self, b: Self) -> Self;
+        /// Each lane to the nearest integer, ties to even.
+        unsafe fn round(self) -> Self;
+        /// `e_r · 2^n` for integer-valued `n` in [−126, 127], built in the exponent bits.
+        unsafe fn scale2(e_r: Self, n: Self) -> Self;
+        /// `e`, but 0 where `given` is below [`LOWEST`] and +∞ where it is above [`HIGHEST`]
+        /// (a NaN passes).
+        unsafe fn ends(e: Self, given: Self) -> Self;
+    }
+
+    // SAFETY (every method below): the caller has AVX2 and FMA.
+    impl Lanes for __m256 {
+        #[inline(always)]
+        unsafe fn sub(a: Self, b: Self) -> Self {
+            unsafe { _mm256_sub_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn mul(a: Self, b: Self) -> Self {
+            unsafe { _mm256_mul_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn div(a: Self, b: Self) -> Self {
+            unsafe { _mm256_div_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn fnma(a: Self, b: Self, c: Self) -> Self {
+            unsafe { _mm256_fnmadd_ps(a, b, c) }
+        }
+        #[inline(always)]
+        unsafe fn min(a: Self, b: Self) -> Self {
+            unsafe { _mm256_min_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn max(a: Self, b: Self) -> Self {
+            unsafe { _mm256_max_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn round(self) -> Self {
+            unsafe { _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(self) }
+        }
+        #[inline(always)]
+        unsafe fn scale2(e_r: Self, n: Self) -> Self {
+            unsafe {
+                let biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+                _mm256_mul_ps(e_r, _mm256_castsi256_ps(_mm256_slli_epi32::<23>(biased)))
+            }
+        }
+        #[inline(always)]
+        unsafe fn ends(e: Self, given: Self) -> Self {
+            unsafe {
+                let kept = _mm256_cmp_ps::<_CMP_NLT_UQ>(given, _mm256_set1_ps(LOWEST));
+                let e = _mm256_and_ps(e, kept);
+                let over = _mm256_cmp_ps::<_CMP_GT_OQ>(given, _mm256_set1_ps(HIGHEST));
+                _mm256_blendv_ps(e, _mm256_set1_ps(f32::INFINITY), over)
+            }
+        }
+    }
+
+    // SAFETY (every method below): the caller has AVX-512F.
+    impl Lanes for __m512 {
+        #[inline(always)]
+        unsafe fn sub(a: Self, b: Self) -> Self {
+            unsafe { _mm512_sub_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn mul(a: Self, b: Self) -> Self {
+            unsafe { _mm512_mul_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn div(a: Self, b: Self) -> Self {
+            unsafe { _mm512_div_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn fnma(a: Self, b: Self, c: Self) -> Self {
+            unsafe { _mm512_fnmadd_ps(a, b, c) }
+        }
+        #[inline(always)]
+        unsafe fn min(a: Self, b: Self) -> Self {
+            unsafe { _mm512_min_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn max(a: Self, b: Self) -> Self {
+            unsafe { _mm512_max_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn round(self) -> Self {
+            unsafe {
+                _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(self)
+            }
+        }
+        #[inline(always)]
+        unsafe fn scale2(e_r: Self, n: Self) -> Self {
+            unsafe {
+                let biased = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
+                _mm512_mul_ps(e_r, _mm512_castsi512_ps(_mm512_slli_epi32::<23>(biased)))
+            }
+        }
+        #[inline(always)]
+        unsafe fn ends(e: Self, given: Self) -> Self {
+            unsafe {
+                let kept = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(given, _mm512_set1_ps(LOWEST));
+                let e = _mm512_maskz_mov_ps(kept, e);
+                let over = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(given, _mm512_set1_ps(HIGHEST));
+                _mm512_mask_blend_ps(over, e, _mm512_set1_ps(f32::INFINITY))
+            }
+        }
+    }
+
     /// `e^x` in each lane: `x = n·ln 2 + r`, `|r| ≤ ln 2 / 2`, with ln 2 in two parts so `r` is
     /// exact; `e^r` by Cephes' degree-6 polynomial; `2^n` built in the exponent bits. A NaN
     /// stays NaN (the clamps keep their second operand's NaN); below the range it is 0.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn exp8(given: __m256) -> __m256 {
-        let x = _mm256_min_ps(_mm256_set1_ps(HIGHEST), given);
-        let x = _mm256_max_ps(_mm256_set1_ps(LOWEST), x);
-        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-        );
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            0.166_666_65,
-            0.5,
-        ] {
-            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    #[inline(always)]
+    pub(super) unsafe fn exp<V: Lanes>(given: V) -> V {
+        // SAFETY: the caller's instruction set.
+        unsafe {
+            let x = V::min(V::splat(HIGHEST), given);
+            let x = V::max(V::splat(LOWEST), x);
+            let n = V::mul(x, V::splat(std::f32::consts::LOG2_E)).round();
+            let r = V::fnma(n, V::splat(0.693_359_4), x);
+            let r = V::fnma(n, V::splat(-2.121_944_4e-4), r);
+            let mut p = V::splat(1.987_569_1e-4);
+            for c in [
+                1.398_199_9e-3,
+                8.333_452e-3,
+                4.166_579_6e-2,
+                0.166_666_65,
+                0.5,
+            ] {
+                p = V::fma(p, r, V::splat(c));
+            }
+            let e_r = V::add(V::fma(p, V::mul(r, r), r), V::splat(1.0));
+            // n ∈ [−126, 127] after the clamps: n + 127 is a valid biased exponent.
+            V::ends(V::scale2(e_r, n), given)
         }
-        let r2 = _mm256_mul_ps(r, r);
-        let e_r = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
-        // n ∈ [−126, 127] after the clamps: n + 127 is a valid biased exponent.
-        let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-            _mm256_cvtps_epi32(n),
-            _mm256_set1_epi32(127),
-        ));
-        let e = _mm256_mul_ps(e_r, _mm256_castsi256_ps(bits));
-        // Below the range (a masked score's −∞ among them) it is 0, as libm's is; NaN passes.
-        let kept = _mm256_cmp_ps::<_CMP_NLT_UQ>(given, _mm256_set1_ps(LOWEST));
-        let e = _mm256_and_ps(e, kept);
-        let over = _mm256_cmp_ps::<_CMP_GT_OQ>(given, _mm256_set1_ps(HIGHEST));
-        _mm256_blendv_ps(e, _mm256_set1_ps(f32::INFINITY), over)
     }
 
-    /// [`super::exp_shifted`] eight lanes at a time; the tail through a zero-padded vector.
+    /// [`super::exp_shifted`] a register at a time; the tail through a zero-padded register.
+    #[inline(always)]
+    pub(super) unsafe fn exp_shifted<V: Lanes>(row: &mut [f32], max: f32) -> f32 {
+        // SAFETY: the caller's instruction set; every load and store is of a whole chunk.
+        unsafe {
+            let shift = V::splat(max);
+            let mut acc = V::zero();
+            let mut chunks = row.chunks_exact_mut(V::LANES);
+            for c in &mut chunks {
+                let e = exp(V::sub(V::load(c.as_ptr()), shift));
+                e.store(c.as_mut_ptr());
+                acc = V::add(acc, e);
+            }
+            let tail = chunks.into_remainder();
+            let mut sum = acc.sum();
+            if !tail.is_empty() {
+                let e = padded(tail, |x: V| exp(V::sub(x, shift)));
+                tail.copy_from_slice(&e[..tail.len()]);
+                sum += e[..tail.len()].iter().sum::<f32>();
+            }
+            sum
+        }
+    }
+
+    /// `f` on every entry of `row`, in place, a register at a time.
+    #[inline(always)]
+    pub(super) unsafe fn map<V: Lanes>(row: &mut [f32], f: impl Fn(V) -> V) {
+        // SAFETY: the caller's instruction set; every load and store is of a whole chunk.
+        unsafe {
+            let mut chunks = row.chunks_exact_mut(V::LANES);
+            for c in &mut chunks {
+                f(V::load(c.as_ptr())).store(c.as_mut_ptr());
+            }
+            let tail = chunks.into_remainder();
+            if !tail.is_empty() {
+                let done = padded(tail, f);
+                tail.copy_from_slice(&done[..tail.len()]);
+            }
+        }
+    }
+
+    /// `x / (1 + e^−x)`.
+    #[inline(always)]
+    pub(super) unsafe fn silu<V: Lanes>(x: V) -> V {
+        // SAFETY: the caller's instruction set.
+        unsafe { V::div(x, V::add(V::splat(1.0), exp(V::sub(V::zero(), x)))) }
+    }
+
+    /// `x / (1 + e^(−2u))`, `u = √(2/π)(x + 0.044715x³)`.
+    #[inline(always)]
+    pub(super) unsafe fn gelu_tanh<V: Lanes>(x: V) -> V {
+        // SAFETY: the caller's instruction set.
+        unsafe {
+            let x3 = V::mul(V::mul(x, x), x);
+            let inner = V::fma(V::splat(super::GELU_CUBIC), x3, x);
+            let minus_2u = V::mul(V::splat(-2.0 * super::GELU_SCALE), inner);
+            V::div(x, V::add(V::splat(1.0), exp(minus_2u)))
+        }
+    }
+
+    /// `f` on a tail shorter than a register, through a zero-padded copy; only the tail's first
+    /// entries mean anything.
+    #[inline(always)]
+    pub(super) unsafe fn padded<V: Lanes>(tail: &[f32], f: impl Fn(V) -> V) -> [f32; 16] {
+        let mut buf = [0f32; 16];
+        buf[..tail.len()].copy_from_slice(tail);
+        // SAFETY: `buf` holds 16 floats, at least a register's worth.
+        unsafe { f(V::load(buf.as_ptr())).store(buf.as_mut_ptr()) };
+        buf
+    }
+}
+
+/// The AVX2 instances (8 lanes), and the f64 sum of exponentials.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::lanes::{self, exp, padded};
+
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn exp_shifted(row: &mut [f32], max: f32) -> f32 {
-        let shift = _mm256_set1_ps(max);
-        let mut acc = _mm256_setzero_ps();
-        let mut chunks = row.chunks_exact_mut(8);
-        for c in &mut chunks {
-            // SAFETY: `c` holds 8 floats.
-            let x = unsafe { _mm256_loadu_ps(c.as_ptr()) };
-            let e = exp8(_mm256_sub_ps(x, shift));
-            // SAFETY: as above, writable.
-            unsafe { _mm256_storeu_ps(c.as_mut_ptr(), e) };
-            acc = _mm256_add_ps(acc, e);
-        }
-        let tail = chunks.into_remainder();
-        // SAFETY: the caller has AVX2 (this function's contract).
-        let mut sum = unsafe { Vector::sum(acc) };
-        if !tail.is_empty() {
-            let e = exp_tail(tail, shift);
-            tail.copy_from_slice(&e[..tail.len()]);
-            sum += e[..tail.len()].iter().sum::<f32>();
-        }
-        sum
+        // SAFETY: this function's features.
+        unsafe { lanes::exp_shifted::<__m256>(row, max) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn silu(row: &mut [f32]) {
+        // SAFETY: this function's features.
+        unsafe { lanes::map::<__m256>(row, |x| lanes::silu(x)) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn gelu_tanh(row: &mut [f32]) {
+        // SAFETY: this function's features.
+        unsafe { lanes::map::<__m256>(row, |x| lanes::gelu_tanh(x)) }
     }
 
     /// [`super::sum_exp`] eight lanes at a time, each vector of exponentials widened to f64
@@ -149,76 +350,44 @@ mod avx2 {
         let chunks = values.chunks_exact(8);
         let tail = chunks.remainder();
         for c in chunks {
-            // SAFETY: `c` holds 8 floats.
-            let e = exp8(_mm256_sub_ps(unsafe { _mm256_loadu_ps(c.as_ptr()) }, shift));
+            // SAFETY: `c` holds 8 floats; this function's features.
+            let e = unsafe { exp(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), shift)) };
             lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
             hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(e)));
         }
         let mut lanes = [0f64; 4];
         // SAFETY: `lanes` holds 4 doubles.
         unsafe { _mm256_storeu_pd(lanes.as_mut_ptr(), _mm256_add_pd(lo, hi)) };
-        let e = exp_tail(tail, shift);
+        // SAFETY: this function's features.
+        let e = unsafe { padded(tail, |x: __m256| exp(_mm256_sub_ps(x, shift))) };
         let tail_sum: f64 = e[..tail.len()].iter().map(|&e| f64::from(e)).sum();
         lanes.iter().sum::<f64>() + tail_sum
     }
+}
 
-    /// [`super::silu`] eight lanes at a time; the tail through a zero-padded vector.
-    #[target_feature(enable = "avx2,fma")]
+/// The AVX-512F instances (16 lanes).
+#[cfg(target_arch = "x86_64")]
+mod wide {
+    use std::arch::x86_64::__m512;
+
+    use super::lanes;
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn exp_shifted(row: &mut [f32], max: f32) -> f32 {
+        // SAFETY: this function's features.
+        unsafe { lanes::exp_shifted::<__m512>(row, max) }
+    }
+
+    #[target_feature(enable = "avx512f")]
     pub(super) fn silu(row: &mut [f32]) {
-        let silu8 = |x: __m256| {
-            let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
-            _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0), e))
-        };
-        let mut chunks = row.chunks_exact_mut(8);
-        for c in &mut chunks {
-            // SAFETY: `c` holds 8 floats, readable and writable.
-            unsafe { _mm256_storeu_ps(c.as_mut_ptr(), silu8(_mm256_loadu_ps(c.as_ptr()))) };
-        }
-        let tail = chunks.into_remainder();
-        if !tail.is_empty() {
-            let done = padded(tail, silu8);
-            tail.copy_from_slice(&done[..tail.len()]);
-        }
+        // SAFETY: this function's features.
+        unsafe { lanes::map::<__m512>(row, |x| lanes::silu(x)) }
     }
 
-    /// [`super::gelu_tanh`] eight lanes at a time; the tail through a zero-padded vector.
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx512f")]
     pub(super) fn gelu_tanh(row: &mut [f32]) {
-        let gelu8 = |x: __m256| {
-            let x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
-            let inner = _mm256_fmadd_ps(_mm256_set1_ps(super::GELU_CUBIC), x3, x);
-            let minus_2u = _mm256_mul_ps(_mm256_set1_ps(-2.0 * super::GELU_SCALE), inner);
-            _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0), exp8(minus_2u)))
-        };
-        let mut chunks = row.chunks_exact_mut(8);
-        for c in &mut chunks {
-            // SAFETY: `c` holds 8 floats, readable and writable.
-            unsafe { _mm256_storeu_ps(c.as_mut_ptr(), gelu8(_mm256_loadu_ps(c.as_ptr()))) };
-        }
-        let tail = chunks.into_remainder();
-        if !tail.is_empty() {
-            let done = padded(tail, gelu8);
-            tail.copy_from_slice(&done[..tail.len()]);
-        }
-    }
-
-    /// The exponentials of a tail shorter than a vector (each less `shift`); only the tail's
-    /// first entries mean anything.
-    #[target_feature(enable = "avx2,fma")]
-    fn exp_tail(tail: &[f32], shift: __m256) -> [f32; 8] {
-        padded(tail, |x| exp8(_mm256_sub_ps(x, shift)))
-    }
-
-    /// `f` on a tail shorter than a vector, through a zero-padded copy; only the tail's first
-    /// entries mean anything.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn padded(tail: &[f32], f: impl Fn(__m256) -> __m256) -> [f32; 8] {
-        let mut buf = [0f32; 8];
-        buf[..tail.len()].copy_from_slice(tail);
-        // SAFETY: `buf` holds 8 floats, readable and writable.
-        unsafe { _mm256_storeu_ps(buf.as_mut_ptr(), f(_mm256_loadu_ps(buf.as_ptr()))) };
-        buf
+        // SAFETY: this function's features.
+        unsafe { lanes::map::<__m512>(row, |x| lanes::gelu_tanh(x)) }
     }
 }
 

@@ -57,7 +57,7 @@ pub(crate) fn attention(
     let Ok((n, heads, d)) = q.dims3() else {
         return Ok(None);
     };
-    if n == 0 || k.dims() != q.dims() || v.dims() != q.dims() {
+    if n * heads * d == 0 || k.dims() != q.dims() || v.dims() != q.dims() {
         return Ok(None);
     }
     let (Some(mut qs), Some(ks), Some(vs)) = (f32_values(q)?, f32_values(k)?, f32_values(v)?)

@@ -129,8 +129,9 @@ mod tests {
     /// Probabilities rounded to bf16 (an encoder whose reference rounds them): within the
     /// rounding's bound of the exact attention (each probability moves by at most 2⁻⁹ of itself,
     /// so an output by at most 2⁻⁹ of the largest value), over several slices of queries, key
-    /// counts that are not a whole tile deep, and grouped heads. Where the tiles run, they took
-    /// the product (the result is not the f32 one); elsewhere the probabilities stay exact.
+    /// counts that are not a whole tile deep, and grouped heads, on the tiles or not. Where the
+    /// tiles run, their product of a second key/value head's packed values (zeros past the
+    /// keys) with rounded probabilities is the exact one.
     #[test]
     fn bf16_probabilities_stay_within_their_rounding() {
         let (seq, len, heads, kv_heads, d) = (100, 77, 4, 2, 64);
@@ -150,15 +151,36 @@ mod tests {
             let bound = top as f64 / 512.0 + 2e-5;
             assert!((*a as f64 - b).abs() <= bound, "[{i}] {a} vs {b}");
         }
+        assert_ne!(rounded, exact, "the probabilities were not rounded");
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         if crate::amx::takes(d) {
-            assert_ne!(rounded, exact, "the tiles did not take the probabilities");
-            return;
+            use super::super::tiled;
+            let kv = PagedKv {
+                keys: &k[..],
+                values: &v[..],
+                blocks: &[0],
+                block_size: len,
+            };
+            let mut buf = Vec::new();
+            let packed = tiled::values_packed(&kv, (len, kv_heads * d, d, d), &mut buf)
+                .expect("the tiles declined bf16 values");
+            let rows = 3;
+            let probs = data(rows * len, 11);
+            let (mut pbuf, mut out) = (Vec::new(), vec![f32::NAN; d * rows]);
+            tiled::weighted(&probs, (rows, len), &packed, &mut pbuf, &mut out);
+            for x in 0..d {
+                for i in 0..rows {
+                    let want: f64 = (0..len)
+                        .map(|t| {
+                            let p = bf16::from_f32(probs[i * len + t]).to_f64();
+                            p * v[(t * kv_heads + 1) * d + x].to_f64()
+                        })
+                        .sum();
+                    let got = out[x * rows + i] as f64;
+                    assert!((got - want).abs() < 1e-4, "[{x}, {i}] {got} vs {want}");
+                }
+            }
         }
-        assert_eq!(
-            rounded, exact,
-            "without the tiles the probabilities stay exact"
-        );
     }
 
     #[test]

@@ -1,12 +1,14 @@
-//! Causal grouped-query attention of new queries over a paged, position-major KV cache.
+//! Grouped-query attention of new queries over a paged, position-major KV cache: causal for a
+//! decoder's tokens ([`paged_attention`]), without a mask for an encoder's ([`full_attention`]).
 //!
 //! Keys and values are read where they lie in the pool (`[slot][kv_head][dim]`, a sequence's
 //! positions mapped to slots through its block table), never repeated per query head nor
 //! transposed; a sequence that grows gains blocks, and nothing is copied. A few queries (decode,
 //! [`decode`]) split the positions over threads and stream each slot's heads together; many
 //! queries (prefill) run per head as two GEMMs — scores, then probabilities times values — with
-//! the causal mask applied between them, a slice of queries at a time that scores only the
-//! positions it sees; the scores take the AMX tiles where both sides are bf16 values (`tiled`).
+//! the mask applied between them, a slice of queries at a time that scores only the positions it
+//! sees; the scores take the AMX tiles where both sides are bf16 values (`tiled`), and so does
+//! the second product where the caller asks for bf16 probabilities without a mask.
 //! How a row is stored (f32, bf16, f16 or 8-bit blocks) is [`CachedRow`]'s business.
 
 use std::cell::RefCell;
@@ -91,7 +93,9 @@ pub enum Probabilities {
     Exact,
     /// Rounded to bf16 first, as PyTorch's bf16 attention on the CPU rounds them before its
     /// second product: with bf16 queries over bf16 keys and values, that product then takes the
-    /// AMX tiles too. For a bf16 model whose reference computes so.
+    /// AMX tiles too (the f32 GEMM over the rounded values elsewhere, so the result does not
+    /// depend on the CPU beyond the order of sums). For a bf16 model whose reference computes
+    /// so; attention without a mask only ([`full_attention`]).
     Bf16,
 }
 
@@ -289,7 +293,7 @@ fn per_head<T: CachedRow>(
 /// One query head of [`per_head`]: its key/value head gathered into `bufs`, then the queries
 /// a slice of rows at a time (scores `q·Kᵀ`, masked softmax, times `V`), written to columns
 /// `head·vd..` of every row of the output `y`. The scores take the tiles where they can
-/// ([`tiled`]), else the f32 GEMM.
+/// ([`tiled`]), else the f32 GEMM; so does the second product under [`Probabilities::Bf16`].
 ///
 /// # Safety
 /// `y` points at the `(seq, heads, value_dim)` output, and no other task writes this head's
@@ -313,6 +317,10 @@ unsafe fn one_head<T: CachedRow>(
         Some(_) => &[][..],
         None => head_matrix(kv, kv.keys, len, stride, offset, (d, d), &mut bufs.keys),
     };
+    debug_assert!(
+        probabilities == Probabilities::Exact || matches!(mask, Mask::Full { .. }),
+        "bf16 probabilities under a causal mask"
+    );
     let tile_values = match probabilities {
         Probabilities::Bf16 if tile_keys.is_some() => {
             let at = (len, stride, offset, vd);
@@ -366,6 +374,10 @@ unsafe fn one_head<T: CachedRow>(
         let tiles = (tile_values.as_ref())
             .filter(|_| cols == len)
             .map(|v| (v, &mut bufs.probabilities, &mut bufs.weighted));
+        if tiles.is_none() && probabilities == Probabilities::Bf16 {
+            // On this thread: this task holds the thread-local buffers.
+            crate::convert::round_bf16_values(scores);
+        }
         // SAFETY: the caller has this head's columns of `y` to itself.
         unsafe {
             weigh(
@@ -498,8 +510,11 @@ mod tests {
         for n in [0, 1, 15, 16, 17, 40, 1000] {
             let mut row = data(n, 9);
             if n > 3 {
+                // The largest in a middle lane chunk where there is one, NaN beside it, and
+                // the second largest in the tail.
                 row[n / 2] = f32::NAN;
-                row[n - 1] = 7.5;
+                row[20.min(n - 2)] = 7.5;
+                row[n - 1] = 6.0;
             }
             let want = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             assert_eq!(row_max(&row), want, "{n}");

@@ -217,7 +217,7 @@ pub struct VisionTower {
     merger: Merger,
     deepstack: Vec<(usize, Merger)>,
     inv_freq: Vec<f32>,
-    mlp_rows: usize,
+    precision: Precision,
     cfg: VisionConfig,
     dtype: DType,
     device: Device,
@@ -271,7 +271,10 @@ impl VisionTower {
             merger,
             deepstack,
             inv_freq,
-            mlp_rows: MLP_ROWS,
+            precision: Precision {
+                bf16: vb.dtype() == DType::BF16,
+                mlp_rows: MLP_ROWS,
+            },
             cfg: cfg.clone(),
             dtype: vb.dtype(),
             device: vb.device().clone(),
@@ -360,10 +363,7 @@ impl VisionTower {
             .flat_map(|_| merge_block_cells(gh, gw, self.cfg.spatial_merge_size))
             .collect();
         let pos = self.positions(&cells, gh, gw)?;
-        let p = Precision {
-            bf16: self.dtype == DType::BF16,
-            mlp_rows: self.mlp_rows,
-        };
+        let p = self.precision;
         let mut x = (self.patch_embed.forward(&p.input(pixels)?)? + pos)?;
         let (cos, sin) = self.rotary(&cells)?;
         let mut deepstack = Vec::with_capacity(self.deepstack.len());
@@ -448,9 +448,10 @@ mod tests {
     }
 
     /// The MLP a few rows at a time gives what it gives over all rows at once, the last slice
-    /// short, on the tiny checkpoint in f32 and bf16.
+    /// short, on the tiny checkpoint in f32 and bf16; and a bf16 checkpoint rounds its
+    /// products' inputs.
     #[test]
-    fn mlp_slices_change_nothing() {
+    fn mlp_slices_change_nothing_and_bf16_rounds_inputs() {
         use crate::checkpoint::Checkpoint;
         use crate::linear::Quantization;
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -469,10 +470,21 @@ mod tests {
             .unwrap();
             let patches = model.processor().patches(&image).unwrap();
             let all = model.vision().encode(&patches).unwrap();
+            // A bf16 checkpoint's tower rounds its product inputs: without, it computes
+            // something else (an f32 one never rounds).
+            assert_eq!(model.vision().precision.bf16, dtype == DType::BF16);
+            if dtype == DType::BF16 {
+                let mut unrounded = model.vision().clone();
+                unrounded.precision.bf16 = false;
+                let other = unrounded.encode(&patches).unwrap();
+                let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+                let d = max_difference(&f32(&all.embeddings), &f32(&other.embeddings));
+                assert!(d > 0.0, "the bf16 tower did not round its inputs");
+            }
             let mut sliced = model.vision().clone();
-            sliced.mlp_rows = 5;
+            sliced.precision.mlp_rows = 5;
             let rows = patches.grid.iter().product::<usize>();
-            assert!(rows > 2 * sliced.mlp_rows && rows % 5 != 0, "{rows} rows");
+            assert!(rows > 10 && rows % 5 != 0, "{rows} rows");
             let got = sliced.encode(&patches).unwrap();
             let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
             for (a, b) in std::iter::once((&all.embeddings, &got.embeddings))
