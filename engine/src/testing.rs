@@ -22,3 +22,22 @@ pub fn normal(mean: f32, std: f32, shape: impl Into<Shape>, device: &Device, see
     values.truncate(shape.elem_count());
     Tensor::from_vec(values, shape, device).expect("a tensor of the values drawn")
 }
+
+/// A tensor's values widened to f32, flattened in order.
+pub fn f32_values(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(candle_core::DType::F32)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f32>())
+        .expect("the tensor's values as f32")
+}
+
+/// The largest |a − b| over two tensors of one shape, compared in f32.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let widen = |t: &Tensor| t.to_dtype(candle_core::DType::F32).expect("widened to f32");
+    (widen(a) - widen(b))
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("two tensors of one shape")
+}

@@ -13,7 +13,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::testing::normal;
+use common::testing::{max_abs_diff, normal};
 use common::*;
 use pio_engine::attention::{paged, paged_batch, PagedKv};
 use pio_engine::batch::{Batch, Positions, SeqStep, Wanted};
@@ -506,19 +506,4 @@ fn the_gemv_kernel_gives_cublas_products() {
         let nine = Tensor::zeros((9, k), dtype, &device).unwrap();
         assert!(pio_engine::cuda::gemv::linear(&nine, &w).unwrap().is_none());
     }
-}
-
-/// The largest |a - b| over two tensors of one shape, compared in f32.
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let widen = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-    (widen(a) - widen(b))
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }

@@ -110,17 +110,9 @@ fn a_bf16_tower_is_the_f32_tower_within_bf16_error() {
         let f = fixture_in(dtype, &Device::Cpu);
         let patches = f.model.processor().patches(&image).unwrap();
         let e = f.model.vision().encode(&patches).unwrap();
-        let f32 = |t: &pio_engine::candle_core::Tensor| {
-            t.to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        };
         std::iter::once(&e.embeddings)
             .chain(&e.deepstack)
-            .map(f32)
+            .map(common::testing::f32_values)
             .collect::<Vec<_>>()
     };
     let (exact, bf16) = (encode(DType::F32), encode(DType::BF16));

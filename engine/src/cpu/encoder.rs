@@ -5,7 +5,7 @@
 use candle_core::{DType, Tensor};
 use pio_kernels::{full_attention, AttentionShape, Probabilities};
 
-use super::{supports, with_elements, Elements};
+use super::{supports, with_elements, with_f32, Elements};
 
 /// `x`'s f32 values, contiguous, copied out; `None` off the CPU or in another dtype.
 fn f32_values(x: &Tensor) -> candle_core::Result<Option<Vec<f32>>> {
@@ -60,10 +60,12 @@ pub(crate) fn attention(
     if n * heads * d == 0 || k.dims() != q.dims() || v.dims() != q.dims() {
         return Ok(None);
     }
-    let (Some(mut qs), Some(ks), Some(vs)) = (f32_values(q)?, f32_values(k)?, f32_values(v)?)
-    else {
+    // The queries are copied (a bf16 model's are rounded in place); keys and values are read
+    // where they lie, or rounded straight from there.
+    let Some(mut qs) = f32_values(q)? else {
         return Ok(None);
     };
+    let (k, v) = (k.contiguous()?, v.contiguous()?);
     let shape = AttentionShape {
         heads,
         kv_heads: heads,
@@ -72,13 +74,21 @@ pub(crate) fn attention(
         scale: scale as f32,
     };
     let mut out = vec![0f32; n * heads * d];
-    if bf16 {
-        use pio_kernels::convert::{round_to_bf16_values, to_bf16};
-        round_to_bf16_values(&mut qs);
-        let (ks, vs) = (to_bf16(&ks), to_bf16(&vs));
-        full_attention(&shape, &qs, &ks, &vs, Probabilities::Bf16, &mut out);
-    } else {
-        full_attention(&shape, &qs, &ks, &vs, Probabilities::Exact, &mut out);
+    let done = with_f32(&k, |ks| {
+        with_f32(&v, |vs| {
+            if bf16 {
+                use pio_kernels::convert::{round_to_bf16_values, to_bf16};
+                round_to_bf16_values(&mut qs);
+                let (ks, vs) = (to_bf16(ks), to_bf16(vs));
+                full_attention(&shape, &qs, &ks, &vs, Probabilities::Bf16, &mut out);
+            } else {
+                full_attention(&shape, &qs, ks, vs, Probabilities::Exact, &mut out);
+            }
+            true
+        })
+    });
+    if !done {
+        return Ok(None);
     }
     Tensor::from_vec(out, (n, heads * d), q.device()).map(Some)
 }

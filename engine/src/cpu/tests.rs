@@ -1,6 +1,6 @@
 use super::products::kernel_format;
 use super::*;
-use crate::testing::normal;
+use crate::testing::{f32_values, normal};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
 use pio_kernels::dequantize;
@@ -120,14 +120,7 @@ fn half_precision_sums_are_candles() {
         let ours = add(&a, &b).unwrap().unwrap();
         let theirs = (&a + &b).unwrap();
         assert_eq!(ours.dims(), theirs.dims());
-        let bits = |t: &Tensor| {
-            t.to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        };
+        let bits = f32_values;
         assert_eq!(bits(&ours), bits(&theirs), "{dtype:?}");
         let (at, bt) = (a.t().unwrap(), b.t().unwrap());
         assert_eq!(

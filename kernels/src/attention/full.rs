@@ -23,28 +23,8 @@ pub fn full_attention<T: CachedRow>(
     probabilities: Probabilities,
     out: &mut [f32],
 ) {
-    let AttentionShape {
-        heads,
-        kv_heads,
-        head_dim: d,
-        value_dim: vd,
-        ..
-    } = *shape;
-    assert!(
-        kv_heads > 0 && heads.is_multiple_of(kv_heads),
-        "{heads} heads over {kv_heads} kv heads"
-    );
-    assert!(
-        d > 0 && q.len().is_multiple_of(heads * d),
-        "queries are not [seq][{heads}][{d}]"
-    );
-    assert!(vd > 0 && vd <= d, "values of {vd} per head of {d}");
-    let seq = q.len() / (heads * d);
-    assert_eq!(
-        out.len(),
-        seq * heads * vd,
-        "output is not [seq][{heads}][{vd}]"
-    );
+    let seq = shape.queries(q.len(), out.len());
+    let (kv_heads, d) = (shape.kv_heads, shape.head_dim);
     let stride = kv_heads * T::units(d);
     let len = keys.len() / stride;
     assert!(

@@ -99,6 +99,39 @@ pub enum Probabilities {
     Bf16,
 }
 
+impl AttentionShape {
+    /// The queries in `q_len` values, checked against the shape and an output of `out_len`.
+    ///
+    /// # Panics
+    /// When the heads do not group, a dimension is zero or the lengths do not match (a caller
+    /// bug).
+    fn queries(&self, q_len: usize, out_len: usize) -> usize {
+        let Self {
+            heads,
+            kv_heads,
+            head_dim: d,
+            value_dim: vd,
+            ..
+        } = *self;
+        assert!(
+            kv_heads > 0 && heads.is_multiple_of(kv_heads),
+            "{heads} heads over {kv_heads} kv heads"
+        );
+        assert!(
+            d > 0 && q_len.is_multiple_of(heads * d),
+            "queries are not [seq][{heads}][{d}]"
+        );
+        assert!(vd > 0 && vd <= d, "values of {vd} per head of {d}");
+        let seq = q_len / (heads * d);
+        assert_eq!(
+            out_len,
+            seq * heads * vd,
+            "output is not [seq][{heads}][{vd}]"
+        );
+        seq
+    }
+}
+
 /// Which positions a prefill call's queries see.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Mask {
@@ -165,29 +198,8 @@ pub fn paged_attention<T: CachedRow>(
     start: usize,
     out: &mut [f32],
 ) {
-    let AttentionShape {
-        heads,
-        kv_heads,
-        head_dim: d,
-        value_dim: vd,
-        ..
-    } = *shape;
-    assert!(
-        kv_heads > 0 && heads.is_multiple_of(kv_heads),
-        "{heads} heads over {kv_heads} kv heads"
-    );
-    assert!(
-        d > 0 && q.len().is_multiple_of(heads * d),
-        "queries are not [seq][{heads}][{d}]"
-    );
-    let seq = q.len() / (heads * d);
-    assert!(vd > 0 && vd <= d, "values of {vd} per head of {d}");
-    assert_eq!(
-        out.len(),
-        seq * heads * vd,
-        "output is not [seq][{heads}][{vd}]"
-    );
-    let stride = kv_heads * T::units(d);
+    let seq = shape.queries(q.len(), out.len());
+    let stride = shape.kv_heads * T::units(shape.head_dim);
     let len = start + seq;
     assert!(
         kv.block_size > 0 && kv.blocks.len() * kv.block_size >= len,
@@ -328,15 +340,19 @@ unsafe fn one_head<T: CachedRow>(
         }
         _ => None,
     };
-    let values = head_matrix(
-        kv,
-        kv.values,
-        len,
-        stride,
-        offset,
-        (d, vd),
-        &mut bufs.values,
-    );
+    // The packed values replace the f32 ones: a head packs them or gathers these, not both.
+    let values = match tile_values {
+        Some(_) => &[][..],
+        None => head_matrix(
+            kv,
+            kv.values,
+            len,
+            stride,
+            offset,
+            (d, vd),
+            &mut bufs.values,
+        ),
+    };
     let slice = (SCORE_ELEMENTS / len).clamp(1, seq).min(CAUSAL_ROWS);
     for first in (0..seq).step_by(slice) {
         let rows = slice.min(seq - first);
@@ -370,10 +386,13 @@ unsafe fn one_head<T: CachedRow>(
             row[visible..].fill(0.0);
         }
         let out = (first * heads + head) * vd;
-        // The packed values span every position: a slice that sees them all (no mask) only.
-        let tiles = (tile_values.as_ref())
-            .filter(|_| cols == len)
-            .map(|v| (v, &mut bufs.probabilities, &mut bufs.weighted));
+        // The packed values span every position, as every slice without a mask sees them.
+        assert!(
+            tile_values.is_none() || cols == len,
+            "packed values under a mask"
+        );
+        let tiles =
+            (tile_values.as_ref()).map(|v| (v, &mut bufs.probabilities, &mut bufs.weighted));
         if tiles.is_none() && probabilities == Probabilities::Bf16 {
             // On this thread: this task holds the thread-local buffers.
             crate::convert::round_bf16_values(scores);

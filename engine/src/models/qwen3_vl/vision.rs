@@ -217,6 +217,7 @@ pub struct VisionTower {
     merger: Merger,
     deepstack: Vec<(usize, Merger)>,
     inv_freq: Vec<f32>,
+    /// From the checkpoint's dtype at load; a field so that tests can vary it.
     precision: Precision,
     cfg: VisionConfig,
     dtype: DType,
@@ -386,30 +387,11 @@ impl VisionTower {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{f32_values, max_abs_diff, normal};
 
-    fn random(seed: u64, shape: (usize, usize, usize)) -> Tensor {
-        let device = Device::Cpu;
-        let n = shape.0 * shape.1 * shape.2;
-        let v: Vec<f32> = (0..n as u64)
-            .map(|i| {
-                let x = (i + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15 ^ seed) >> 40;
-                x as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &device).unwrap()
-    }
-
-    fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+    /// The largest magnitude among a tensor's values.
+    fn top(t: &Tensor) -> f32 {
+        f32_values(t).iter().fold(0f32, |m, v| m.max(v.abs()))
     }
 
     /// The kernels' attention over all patches is candle's per-head softmax(q kᵀ) v: in f32, and
@@ -419,32 +401,32 @@ mod tests {
     #[test]
     fn the_kernels_attention_is_candles_per_head_attention() {
         let shape = (150, 3, 64);
-        let (q, k, v) = (random(1, shape), random(2, shape), random(3, shape));
+        let random = |seed| normal(0.0, 1.0, shape, &Device::Cpu, seed);
+        let (q, k, v) = (random(1), random(2), random(3));
         let scale = 0.125;
         let expected = per_head_attention((&q, &k, &v), scale).unwrap();
         let got = crate::cpu::encoder::attention((&q, &k, &v), scale, false)
             .unwrap()
             .expect("the kernels take f32 on the CPU");
-        assert!(max_difference(&got, &expected) < 1e-5);
+        assert!(max_abs_diff(&got, &expected) < 1e-5);
         let rounded = |t: &Tensor| crate::cpu::encoder::bf16_values(t).unwrap().unwrap();
         let (qr, kr, vr) = (rounded(&q), rounded(&k), rounded(&v));
-        assert!(max_difference(&qr, &q) > 0.0, "nothing was rounded");
+        assert!(max_abs_diff(&qr, &q) > 0.0, "nothing was rounded");
         let expected = per_head_attention((&qr, &kr, &vr), scale).unwrap();
         let got = crate::cpu::encoder::attention((&q, &k, &v), scale, true)
             .unwrap()
             .unwrap();
-        let top = vr.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-        let bound = top.to_scalar::<f32>().unwrap() / 512.0 + 1e-5;
-        assert!(max_difference(&got, &expected) <= bound);
+        let bound = top(&vr) / 512.0 + 1e-5;
+        assert!(max_abs_diff(&got, &expected) <= bound);
     }
 
     /// The kernels' GELU is candle's within f32 rounding.
     #[test]
     fn the_kernels_gelu_is_candles() {
-        let x = (random(5, (64, 33, 3)) * 3.0).unwrap();
+        let x = normal(0.0, 1.5, (64, 33, 3), &Device::Cpu, 5);
         let got = gelu(&x).unwrap();
-        assert!(max_difference(&got, &x.gelu().unwrap()) < 2e-6);
-        assert!(max_difference(&got, &x) > 0.1, "nothing was computed");
+        assert!(max_abs_diff(&got, &x.gelu().unwrap()) < 2e-6);
+        assert!(max_abs_diff(&got, &x) > 0.1, "nothing was computed");
     }
 
     /// The MLP a few rows at a time gives what it gives over all rows at once, the last slice
@@ -477,8 +459,7 @@ mod tests {
                 let mut unrounded = model.vision().clone();
                 unrounded.precision.bf16 = false;
                 let other = unrounded.encode(&patches).unwrap();
-                let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-                let d = max_difference(&f32(&all.embeddings), &f32(&other.embeddings));
+                let d = max_abs_diff(&all.embeddings, &other.embeddings);
                 assert!(d > 0.0, "the bf16 tower did not round its inputs");
             }
             let mut sliced = model.vision().clone();
@@ -486,7 +467,6 @@ mod tests {
             let rows = patches.grid.iter().product::<usize>();
             assert!(rows > 10 && rows % 5 != 0, "{rows} rows");
             let got = sliced.encode(&patches).unwrap();
-            let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
             for (a, b) in std::iter::once((&all.embeddings, &got.embeddings))
                 .chain(all.deepstack.iter().zip(&got.deepstack))
             {
@@ -494,13 +474,11 @@ mod tests {
                 // take the tiles) and sum in another order: f32 rounding, which in bf16 can
                 // flip a product input's rounding by one step. A slice lost or repeated
                 // would move rows by their whole size.
-                let (a, b) = (f32(a), f32(b));
-                let top = a.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
                 let bound = match dtype {
                     DType::F32 => 2e-5,
-                    _ => top.to_scalar::<f32>().unwrap() / 128.0,
+                    _ => top(a) / 128.0,
                 };
-                let d = max_difference(&a, &b);
+                let d = max_abs_diff(a, b);
                 assert!(d <= bound, "{dtype:?}: {d}");
             }
         }
@@ -509,14 +487,14 @@ mod tests {
     /// Rounded values are bf16's: converting to bf16 and back changes none of them.
     #[test]
     fn bf16_inputs_are_bf16_values() {
-        let x = random(4, (7, 5, 3));
+        let x = normal(0.0, 0.5, (7, 5, 3), &Device::Cpu, 4);
         let r = crate::cpu::encoder::bf16_values(&x).unwrap().unwrap();
         let back = r
             .to_dtype(DType::BF16)
             .unwrap()
             .to_dtype(DType::F32)
             .unwrap();
-        assert_eq!(max_difference(&r, &back), 0.0);
-        assert!(max_difference(&r, &x) < 2.0 * 2f32.powi(-8));
+        assert_eq!(max_abs_diff(&r, &back), 0.0);
+        assert!(max_abs_diff(&r, &x) < 2.0 * 2f32.powi(-8));
     }
 }
