@@ -26,6 +26,8 @@ pub struct Checkpoint {
     /// folder may hold anything (other models' files among them).
     companions: bool,
     cache: Option<Arc<QuantCache>>,
+    /// Whether safetensors files are mapped in place (see [`crate::mapping`]).
+    mapped: bool,
 }
 
 fn read(path: &Path, hint: &'static str) -> Result<String> {
@@ -64,6 +66,7 @@ impl Checkpoint {
                 dir,
                 companions,
                 cache: None,
+                mapped: true,
             });
         }
         if !path.is_dir() {
@@ -77,6 +80,7 @@ impl Checkpoint {
             gguf: None,
             companions: true,
             cache: None,
+            mapped: true,
         };
         if !this.path("config.json").is_file() {
             return Err(EngineError::MissingFile {
@@ -232,8 +236,9 @@ impl Checkpoint {
         })
     }
 
-    /// The weights, each tensor read from its file when taken and converted to `dtype` on
-    /// `device` (see [`crate::weights`] for why not a memory map).
+    /// The weights, each tensor taken from its file when asked for and converted to `dtype` on
+    /// `device`: in place where the file is mapped and the tensor stored as `dtype`, read
+    /// otherwise (see [`crate::weights`]).
     pub fn weights(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
         if let Some(g) = &self.gguf {
             let backend = gguf::tensors::GgufTensors::new(g.clone(), self.cache.clone());
@@ -248,6 +253,9 @@ impl Checkpoint {
             })?;
         if let Some(cache) = &self.cache {
             backend = backend.with_cache(cache.clone());
+        }
+        if self.mapped {
+            backend = backend.mapped();
         }
         let backend: Box<dyn candle_nn::var_builder::SimpleBackend> = Box::new(backend);
         Ok(VarBuilder::from_backend(backend, dtype, device.clone()))
@@ -277,6 +285,12 @@ impl Checkpoint {
             Quantization::Q4 => element.min(0.5),
         };
         Ok((files.elements() as f64 * per_element) as u64)
+    }
+
+    /// The same checkpoint with its safetensors files mapped in place (the default) or every
+    /// tensor read into memory of its own (`[model.options] mmap = false`).
+    pub fn with_mapping(self, mapped: bool) -> Self {
+        Self { mapped, ..self }
     }
 
     /// The same checkpoint, its quantized linear weights kept in a cache in `dir` between starts

@@ -20,6 +20,7 @@ pub mod guide;
 pub mod images;
 pub mod kv_pool;
 pub mod linear;
+pub mod mapping;
 pub mod models;
 pub mod norm;
 pub mod profile;
@@ -37,6 +38,11 @@ mod testing;
 pub mod text;
 pub mod tokenizer_info;
 pub mod weights;
+
+/// Lets candle's tensors own checkpoint pages mapped in place (see [`mapping`]). A crate linking
+/// the engine cannot declare another global allocator.
+#[global_allocator]
+static ALLOCATOR: mapping::Allocator = mapping::Allocator;
 
 pub use candle_core;
 pub use candle_nn;

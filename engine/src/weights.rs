@@ -1,8 +1,9 @@
-//! Safetensors read tensor by tensor with positioned reads instead of a memory map: pages of a
-//! mapped checkpoint count as resident once touched, so loading (and quantizing) a 61 GB model
-//! through a map shows a peak near the file size, while reading each tensor into its own buffer
-//! keeps the peak at the loaded size plus one tensor. The file pages land in the page cache,
-//! which is not the process's memory.
+//! Safetensors read tensor by tensor. A tensor the model takes as stored (a bf16 checkpoint
+//! loaded in bf16) is the file's pages mapped in place ([`crate::mapping`]): nothing is copied,
+//! and the page cache holds the only copy. Every other tensor (converted to another dtype, or
+//! quantized) is read with positioned reads into its own buffer: pages of a mapped checkpoint
+//! count as resident once touched, so quantizing a 61 GB model through a map showed a peak near
+//! the file size, while reading each tensor keeps the peak at the loaded size plus one tensor.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -17,6 +18,7 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use serde::Deserialize;
 
+use crate::mapping::{MappedFile, Plain};
 use crate::quant_cache::QuantCache;
 
 /// Where one tensor's bytes are.
@@ -42,6 +44,8 @@ pub struct SafetensorsFiles {
     files: Vec<(PathBuf, File)>,
     entries: HashMap<String, Entry>,
     cache: Option<Arc<QuantCache>>,
+    /// Each file mapped, by index ([`Self::mapped`]); empty: every tensor is read.
+    maps: Vec<Option<MappedFile>>,
 }
 
 /// The name under which a linear layer asks for tensor `name` (`rows × cols`) quantized to
@@ -151,7 +155,42 @@ impl SafetensorsFiles {
             files,
             entries,
             cache: None,
+            maps: Vec::new(),
         })
+    }
+
+    /// The same files, mapped: a tensor taken in its stored dtype then shares the file's pages
+    /// (a file that cannot be mapped is read as before).
+    pub fn mapped(self) -> Self {
+        let maps = (self.files.iter())
+            .map(|(_, file)| {
+                let len = file.metadata().ok()?.len();
+                MappedFile::map(file, usize::try_from(len).ok()?)
+            })
+            .collect();
+        Self { maps, ..self }
+    }
+
+    /// Tensor `name` as the file's own pages, when it is stored as `dtype` (f32, bf16 or f16)
+    /// and its file is mapped; `None` otherwise (it is read instead).
+    fn in_place(&self, name: &str, dtype: DType) -> Option<Tensor> {
+        let entry = self.entries.get(name).filter(|e| e.dtype == dtype)?;
+        let map = self.maps.get(entry.file)?.as_ref()?;
+        let offset = usize::try_from(entry.start).ok()?;
+        fn tensor<T: Plain + candle_core::WithDType>(
+            map: &MappedFile,
+            offset: usize,
+            entry: &Entry,
+        ) -> Option<Tensor> {
+            let values = map.values::<T>(offset, entry.len / std::mem::size_of::<T>())?;
+            Tensor::from_vec(values, entry.shape.as_slice(), &Device::Cpu).ok()
+        }
+        match dtype {
+            DType::BF16 => tensor::<pio_kernels::bf16>(map, offset, entry),
+            DType::F16 => tensor::<pio_kernels::f16>(map, offset, entry),
+            DType::F32 => tensor::<f32>(map, offset, entry),
+            _ => None,
+        }
     }
 
     /// The same files, quantized tensors kept in (or read from) `cache`.
@@ -270,6 +309,9 @@ impl SimpleBackend for SafetensorsFiles {
             return quantized_blocks(self.cache.as_deref(), base, format, (rows, cols), read)?
                 .to_device(dev);
         }
+        if let Some(tensor) = self.in_place(name, dtype) {
+            return tensor.to_device(dev);
+        }
         self.read(name)?.to_dtype(dtype)?.to_device(dev)
     }
 
@@ -284,6 +326,7 @@ impl SimpleBackend for SafetensorsFiles {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::CpuStorage;
 
     #[test]
     fn tensors_read_back_and_damage_is_named() {
@@ -331,5 +374,62 @@ mod tests {
             "{e}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_tensor_taken_as_stored_is_the_files_pages_and_others_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        let a = Tensor::arange(0f32, 4096.0, &Device::Cpu)
+            .unwrap()
+            .reshape((64, 64))
+            .unwrap();
+        let b = (a.clone() * 0.25).unwrap().to_dtype(DType::BF16).unwrap();
+        let tensors = HashMap::from([("a".to_string(), a.clone()), ("b".to_string(), b.clone())]);
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        let storage_of = |t: &Tensor| -> bool {
+            let (storage, _) = t.storage_and_layout();
+            match &*storage {
+                candle_core::Storage::Cpu(CpuStorage::F32(v)) => {
+                    crate::mapping::is_mapped(v.as_ptr())
+                }
+                candle_core::Storage::Cpu(CpuStorage::BF16(v)) => {
+                    crate::mapping::is_mapped(v.as_ptr())
+                }
+                _ => false,
+            }
+        };
+        let read = SafetensorsFiles::open(std::slice::from_ref(&path)).unwrap();
+        let mapped = SafetensorsFiles::open(std::slice::from_ref(&path))
+            .unwrap()
+            .mapped();
+        for (name, want) in [("a", &a), ("b", &b)] {
+            let dtype = want.dtype();
+            let kept = mapped.get_unchecked(name, dtype, &Device::Cpu).unwrap();
+            assert!(storage_of(&kept), "{name} as stored is mapped");
+            let copied = read.get_unchecked(name, dtype, &Device::Cpu).unwrap();
+            assert!(!storage_of(&copied), "{name} without the map is read");
+            let (kept, copied) = (
+                kept.to_dtype(DType::F32).unwrap(),
+                copied.to_dtype(DType::F32).unwrap(),
+            );
+            assert_eq!(
+                kept.to_vec2::<f32>().unwrap(),
+                want.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap()
+            );
+            assert_eq!(
+                copied.to_vec2::<f32>().unwrap(),
+                kept.to_vec2::<f32>().unwrap()
+            );
+        }
+        let widened = mapped.get_unchecked("b", DType::F32, &Device::Cpu).unwrap();
+        assert!(
+            !storage_of(&widened),
+            "a converted tensor is read, not mapped"
+        );
+        assert_eq!(
+            widened.to_vec2::<f32>().unwrap(),
+            b.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap()
+        );
     }
 }

@@ -144,6 +144,11 @@ pub fn gib(bytes: f64) -> f64 {
 /// cache included).
 pub fn load_timed<M: pio_engine::runtime::LoadModel>(dir: &Path, mode: &str) -> (M, f64) {
     use pio_engine::linear::Quantization;
+    // `MODE+read`: every tensor read into memory of its own, none mapped (`mmap = false`).
+    let (mode, read) = match mode.strip_suffix("+read") {
+        Some(mode) => (mode, true),
+        None => (mode, false),
+    };
     let (mode, cached) = match mode.strip_suffix("+cache") {
         Some(mode) => (mode, true),
         None => (mode, false),
@@ -160,7 +165,9 @@ pub fn load_timed<M: pio_engine::runtime::LoadModel>(dir: &Path, mode: &str) -> 
         None => dir.to_owned(),
     };
     let t = std::time::Instant::now();
-    let mut checkpoint = pio_engine::checkpoint::Checkpoint::open(&path).expect("checkpoint");
+    let mut checkpoint = pio_engine::checkpoint::Checkpoint::open(&path)
+        .expect("checkpoint")
+        .with_mapping(!read);
     if cached {
         let cache = quantization_cache_dir(dir);
         std::fs::create_dir_all(&cache).expect("cache folder");

@@ -71,11 +71,9 @@ fn a_full_scratch_is_an_error_for_the_plugin_and_the_worker_serves_on() {
     assert_eq!(d.plugin("hostile")["restarts"], 0);
 }
 
-#[test]
-fn a_model_truncated_under_a_loaded_model_fails_its_reload_and_the_old_one_serves() {
-    if !confinement_available() {
-        return;
-    }
+/// A daemon serving the tiny Qwen3 from a copy of its files (`options` under `[model.options]`),
+/// and the shard that the tests truncate.
+fn qwen3_from_a_copy(options: &str) -> (Daemon, std::path::PathBuf) {
     let dir = PluginDir::new();
     let model = dir.path().join("model");
     std::fs::create_dir(&model).unwrap();
@@ -88,23 +86,32 @@ fn a_model_truncated_under_a_loaded_model_fails_its_reload_and_the_old_one_serve
         "qwen3-4b-instruct-2507",
         "0.1.0",
         &library.display().to_string(),
-        "[model]\npath = \"model\"\ndtype = \"f32\"\n",
+        &format!("[model]\npath = \"model\"\ndtype = \"f32\"\n[model.options]\n{options}"),
     );
     dir.write("qwen3.toml", &text_of_manifest);
     open_to_workers(dir.path());
     let d = Daemon::start(dir, "[server]\nwatch = false\n");
     d.wait_ready();
+    (d, model.join("model-00003-of-00005.safetensors"))
+}
+
+fn truncate(shard: &std::path::Path) {
+    let file = std::fs::OpenOptions::new().write(true).open(shard).unwrap();
+    file.set_len(1000).unwrap();
+}
+
+/// With `mmap = false` every weight is the worker's own copy: the file can change under it.
+#[test]
+fn a_model_truncated_under_a_loaded_model_fails_its_reload_and_the_old_one_serves() {
+    if !confinement_available() {
+        return;
+    }
+    let (d, shard) = qwen3_from_a_copy("mmap = false\n");
     let name = "qwen3-4b-instruct-2507";
     let (status, before) = complete(&d, name, "hello");
     assert_eq!(status, 200, "{before}");
 
-    let shard = model.join("model-00003-of-00005.safetensors");
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&shard)
-        .unwrap();
-    file.set_len(1000).unwrap();
-    drop(file);
+    truncate(&shard);
     let (status, r) = complete(&d, name, "hello");
     assert_eq!(
         (status, text(&r)),
@@ -126,6 +133,34 @@ fn a_model_truncated_under_a_loaded_model_fails_its_reload_and_the_old_one_serve
         "the old version keeps serving: {r}"
     );
     assert_eq!(d.plugin(name)["state"], "ready");
+}
+
+/// Mapped weights (the default) are the file's pages: a file truncated in place takes the
+/// worker down at its next read (SIGBUS), which must cost the request an error, not the daemon,
+/// and its restart names the damaged file.
+#[test]
+fn a_mapped_model_truncated_in_place_fails_its_request_and_names_the_file() {
+    if !confinement_available() {
+        return;
+    }
+    let (d, shard) = qwen3_from_a_copy("");
+    let name = "qwen3-4b-instruct-2507";
+    let (status, before) = complete(&d, name, "hello");
+    assert_eq!(status, 200, "{before}");
+
+    truncate(&shard);
+    let (status, r) = complete(&d, name, "hello");
+    assert!(
+        status >= 500,
+        "the request fails with an error: {status} {r}"
+    );
+    let (status, _) = d.get("/v1/models");
+    assert_eq!(status, 200, "the daemon serves on");
+    d.wait_for(30, "the restart's error naming the file", |d| {
+        d.plugin(name)["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("model-00003-of-00005.safetensors"))
+    });
 }
 
 #[test]

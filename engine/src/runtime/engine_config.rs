@@ -54,12 +54,13 @@ fn count(key: &str, v: &Value) -> Result<usize, PluginError> {
 }
 
 /// The `[model.options]` settings the engine reads.
-const SETTINGS: [&str; 5] = [
+const SETTINGS: [&str; 6] = [
     "kv_cache_bytes",
     "kv_cache_dtype",
     "max_seqs",
     "max_batch_tokens",
     "prefix_cache",
+    "mmap",
 ];
 
 /// Keys the host adds beside them: `quantization_cache` from `[model]`, `profile` for
@@ -88,6 +89,7 @@ pub(super) struct Options {
     max_seqs: Option<usize>,
     max_batch_tokens: Option<usize>,
     prefix_cache: Option<bool>,
+    mmap: Option<bool>,
 }
 
 impl Options {
@@ -105,16 +107,24 @@ impl Options {
                 .map(|v| count("max_batch_tokens", v))
                 .transpose()?,
             prefix_cache: get("prefix_cache")
-                .map(|v| {
-                    v.as_bool().ok_or_else(|| {
-                        PluginError::invalid_config(format!(
-                            "[model.options] prefix_cache = {v}: expected true or false"
-                        ))
-                    })
-                })
+                .map(|v| switch("prefix_cache", v))
                 .transpose()?,
+            mmap: get("mmap").map(|v| switch("mmap", v)).transpose()?,
         })
     }
+
+    /// Whether the checkpoint's files are mapped in place (the default).
+    pub(super) fn mmap(&self) -> bool {
+        self.mmap.unwrap_or(true)
+    }
+}
+
+fn switch(key: &str, v: &Value) -> Result<bool, PluginError> {
+    v.as_bool().ok_or_else(|| {
+        PluginError::invalid_config(format!(
+            "[model.options] {key} = {v}: expected true or false"
+        ))
+    })
 }
 
 fn cache_type(v: &Value) -> Result<CacheType, PluginError> {
@@ -332,6 +342,9 @@ mod tests {
             (o.kv_cache_bytes, o.max_seqs, o.prefix_cache),
             (Some(1 << 30), Some(4), Some(false))
         );
+        assert!(o.mmap(), "checkpoints are mapped unless asked not to be");
+        let o = Options::parse(&options(serde_json::json!({"mmap": false}))).unwrap();
+        assert!(!o.mmap());
         for (bad, key) in [
             (serde_json::json!({"max_seqs": 0}), "max_seqs"),
             (
@@ -339,6 +352,7 @@ mod tests {
                 "kv_cache_dtype",
             ),
             (serde_json::json!({"prefix_cache": "yes"}), "prefix_cache"),
+            (serde_json::json!({"mmap": 0}), "mmap"),
             (
                 serde_json::json!({"kv_cache_bytes": "lots"}),
                 "kv_cache_bytes",

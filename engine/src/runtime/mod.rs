@@ -440,7 +440,10 @@ fn open_checkpoint(
     quantization: Quantization,
 ) -> Result<Checkpoint, PluginError> {
     let path = config.model_path.clone().unwrap_or_default();
-    let mut checkpoint = Checkpoint::open(&path).map_err(plugin_error)?;
+    let mmap = engine_config::Options::parse(&config.extra)?.mmap();
+    let mut checkpoint = Checkpoint::open(&path)
+        .map_err(plugin_error)?
+        .with_mapping(mmap);
     if let Some(dir) = quantization_cache_of(config, quantization)? {
         checkpoint = checkpoint
             .with_quantization_cache(&dir, quantization.name())

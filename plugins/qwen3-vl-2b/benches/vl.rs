@@ -12,6 +12,9 @@
 //!
 //! `-- --tower N` runs only PIO's vision tower on the 1280×720 photo N times, printing each
 //! time: a run to profile (`perf record`) with nothing else in it.
+//!
+//! `-- --load MODE` only loads the model (`bf16`, or `bf16+read` with no file mapped), printing
+//! the time and memory: run each in turn to compare.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -116,8 +119,8 @@ fn measure_image(model: &Arc<Qwen3Vl>, engine: &Engine, dir: &Path, file: &str) 
 }
 
 /// PIO in this process: one line per image, then load time and memory.
-fn measure(dir: &Path) {
-    let (model, load_s) = common::load_timed::<Qwen3Vl>(dir, "bf16");
+fn measure(dir: &Path, mode: &str) {
+    let (model, load_s) = common::load_timed::<Qwen3Vl>(dir, mode);
     let model = Arc::new(model);
     let codec = TextCodec::load(&Checkpoint::open(dir).expect("checkpoint")).expect("tokenizer");
     let engine =
@@ -148,8 +151,19 @@ fn tower(dir: &Path, times: usize) {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let dir = checkpoint_dir();
-    if args.iter().any(|a| a == "--measure") {
-        measure(&dir);
+    if let Some(at) = args.iter().position(|a| a == "--measure") {
+        measure(&dir, args.get(at + 1).map_or("bf16", String::as_str));
+        return;
+    }
+    if let Some(at) = args.iter().position(|a| a == "--load") {
+        common::ensure_checkpoint(&root(), &dir, &["qwen3-vl-2b"]);
+        let mode = args.get(at + 1).map_or("bf16", String::as_str);
+        let (_model, load_s) = common::load_timed::<Qwen3Vl>(&dir, mode);
+        println!(
+            "{mode}: load {load_s:.2} s, peak RSS {:.2} GiB, RSS {:.2} GiB",
+            common::peak_rss() as f64 / (1u64 << 30) as f64,
+            common::rss() as f64 / (1u64 << 30) as f64
+        );
         return;
     }
     if let Some(at) = args.iter().position(|a| a == "--tower") {
