@@ -182,6 +182,33 @@ impl Linear {
         })
     }
 
+    /// Layers `first` and `second` under `vb` (`rows.0` and `rows.1` outputs over `input`, no
+    /// bias) as one stacked layer over their file's pages, where the checkpoint keeps the two
+    /// weights back to back in one mapped file (see [`crate::weights::joined_name`]) and they are
+    /// not quantized; `None` otherwise (load each and [`Self::stacked`] them, a copy).
+    pub fn joined(
+        input: usize,
+        rows: (usize, usize),
+        (first, second): (&str, &str),
+        quantization: Quantization,
+        vb: &VarBuilder,
+    ) -> candle_core::Result<Option<Self>> {
+        if quantization.format(input).is_some() {
+            return Ok(None);
+        }
+        let full = |name: &str| match vb.prefix() {
+            p if p.is_empty() => format!("{name}.weight"),
+            p => format!("{p}.{name}.weight"),
+        };
+        let name = crate::weights::joined_name(&full(first), &full(second));
+        let root = vb.root();
+        if !root.contains_tensor(&name) {
+            return Ok(None);
+        }
+        let weight = root.get((rows.0 + rows.1, input), &name)?;
+        Ok(Some(Self::Dense(candle_nn::Linear::new(weight, None))))
+    }
+
     /// `self`'s outputs followed by `other`'s as one layer over the same input, so that one
     /// product computes both (a gate and an up projection); `None` where they cannot share one
     /// (biases, different dtypes or block formats, candle's blocks, or rows that end inside a

@@ -14,12 +14,18 @@
 //! never grown).
 //!
 //! Files are mapped privately: a write to a weight (candle never writes one in place) would copy
-//! its page, never reach the file. A file truncated while mapped makes a read of its lost pages
-//! a SIGBUS — the worker dies and is restarted, as after any crash — so checkpoints are replaced
-//! by renaming a new file over them, as `pio pull` does. `[model.options] mmap = false` reads
-//! every tensor into memory of its own instead.
+//! its page, never reach the file. But the file's changes reach the mapping: one truncated while
+//! mapped makes a read of its lost pages a SIGBUS (the worker dies and is restarted, as after any
+//! crash), and one rewritten in place at the same length serves the new values, or a mix of old
+//! and new, without a word. So checkpoints are replaced by renaming a new file over them, as
+//! `pio pull` does; `[model.options] mmap = false` reads every tensor into memory of its own.
+//!
+//! A range whose mapping fails is never handed out again (an older kernel may have unmapped it
+//! first, and the heap may have moved in): freeing a pointer the reservation holds but no tensor
+//! claims is the system's.
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -33,8 +39,27 @@ const RESERVED: usize = 1 << 40;
 /// Mappings start on 2 MiB boundaries, where the page cache's large folios can be mapped whole.
 const ALIGN: usize = 2 << 20;
 
-/// Pages, for the range a tensor's prefetch covers.
-const PAGE: usize = 4096;
+/// The page size (4 KiB on x86-64, up to 64 KiB on some arm64 kernels).
+fn page() -> usize {
+    static PAGE: AtomicUsize = AtomicUsize::new(0);
+    match PAGE.load(Ordering::Relaxed) {
+        0 => {
+            // SAFETY: sysconf reads a constant of the system.
+            let size = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(0);
+            let size = if size.is_power_of_two() { size } else { 4096 };
+            PAGE.store(size, Ordering::Relaxed);
+            size
+        }
+        size => size,
+    }
+}
+
+thread_local! {
+    /// Whether this thread holds the bookkeeping's lock: what it frees then is the bookkeeping's
+    /// own heap memory (which may lie in a lost range), never a tensor, and must not take the
+    /// lock again.
+    static BOOKKEEPING: Cell<bool> = const { Cell::new(false) };
+}
 
 /// The reservation's first address, set once; 0 until a file is first mapped.
 static BASE: AtomicUsize = AtomicUsize::new(0);
@@ -94,9 +119,33 @@ pub(crate) struct MappedFile {
     len: usize,
 }
 
-fn space() -> MutexGuard<'static, Option<Space>> {
+/// The bookkeeping, locked; frees on this thread meanwhile are the heap's.
+struct Locked(MutexGuard<'static, Option<Space>>);
+
+impl Drop for Locked {
+    fn drop(&mut self) {
+        BOOKKEEPING.with(|b| b.set(false));
+    }
+}
+
+impl std::ops::Deref for Locked {
+    type Target = Option<Space>;
+    fn deref(&self) -> &Option<Space> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Locked {
+    fn deref_mut(&mut self) -> &mut Option<Space> {
+        &mut self.0
+    }
+}
+
+fn space() -> Locked {
     // A panic cannot leave the maps half-updated in a way that matters more than the panic.
-    SPACE.lock().unwrap_or_else(|e| e.into_inner())
+    let guard = SPACE.lock().unwrap_or_else(|e| e.into_inner());
+    BOOKKEEPING.with(|b| b.set(true));
+    Locked(guard)
 }
 
 /// Whether `ptr` lies in the reservation (a mapped tensor, not a heap allocation).
@@ -162,28 +211,32 @@ impl Space {
 }
 
 /// Ends the claim of the tensor at `ptr` (`file`: of the [`MappedFile`] at `ptr`) on its
-/// mapping. A tensor's own pages are unmapped at once (a layer that stacks two weights into a
-/// new one leaves the originals' pages resident otherwise, counted in the worker's memory); the
-/// last claim returns the range to the reservation (mapped over with nothing, in one call, so
-/// that no other mapping can take it meanwhile).
-fn release(ptr: usize, file: bool) {
+/// mapping; false where no tensor lies at `ptr` (heap memory in a lost range: the caller frees
+/// it). A tensor's own pages are dropped at once (a layer that stacks two weights into a new one
+/// leaves the originals' pages resident otherwise, counted in the worker's memory); the last
+/// claim returns the range to the reservation (mapped over with nothing, in one call, so that no
+/// other mapping can take it meanwhile).
+fn release(ptr: usize, file: bool) -> bool {
     let mut guard = space();
     let Some(space) = guard.as_mut() else {
-        return;
+        return false;
     };
     let Some((&start, region)) = space.mapped.range_mut(..=ptr).next_back() else {
-        return;
+        return false;
     };
     if ptr >= start + region.size {
-        return;
+        return false;
     }
     match file {
         true => region.open = false,
         false => {
+            let Some(&bytes) = region.claimed.get(&ptr) else {
+                return false;
+            };
             region.live = region.live.saturating_sub(1);
-            let bytes = region.claimed.get(&ptr).copied().unwrap_or(0);
             // Only whole pages: the ones at its ends may hold a neighbour's values.
-            let (first, end) = (ptr.next_multiple_of(PAGE), (ptr + bytes) / PAGE * PAGE);
+            let page = page();
+            let (first, end) = (ptr.next_multiple_of(page), (ptr + bytes) / page * page);
             if end > first {
                 // SAFETY: pages of this mapping that only the freed tensor was given; a private
                 // file mapping reads the file again where they are touched.
@@ -194,7 +247,7 @@ fn release(ptr: usize, file: bool) {
         }
     }
     if region.open || region.live > 0 {
-        return;
+        return true;
     }
     let size = region.size;
     space.mapped.remove(&start);
@@ -209,10 +262,11 @@ fn release(ptr: usize, file: bool) {
             0,
         )
     };
-    // A failed remap leaves the file mapped: its range is not handed out again.
+    // A failed remap may leave the file mapped or a hole: the range is lost, never reused.
     if nothing != libc::MAP_FAILED {
         space.give(start, size);
     }
+    true
 }
 
 impl MappedFile {
@@ -227,19 +281,21 @@ impl MappedFile {
         let space = reservation(&mut guard)?;
         let start = space.take(size)?;
         // SAFETY: `start..start + size` is a free range of the reservation, which this module
-        // alone maps over.
+        // alone maps over. Without a reservation of memory: pages are written only by accident
+        // (a write copies one), and a charge of the file's size could fail a large file where
+        // overcommit is strict.
         let at = unsafe {
             libc::mmap(
                 start as *mut libc::c_void,
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_FIXED,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
                 file.as_raw_fd(),
                 0,
             )
         };
         if at == libc::MAP_FAILED {
-            space.give(start, size);
+            // Lost: a kernel before 6.12 unmapped the range before it failed some mappings.
             return None;
         }
         let region = Region {
@@ -254,8 +310,9 @@ impl MappedFile {
 
     /// The `count` values of `T` at byte `offset` of the file as a `Vec` that shares the file's
     /// pages, faulted in now (a load does the reading, not the first request); `None` where they
-    /// are not inside the file, not aligned for `T`, overlap ones handed out before, or cannot be read
-    /// (the caller reads them from the file, which names the error).
+    /// are not inside the file, not aligned for `T`, overlap ones handed out before, or cannot be
+    /// read (the caller reads them from the file, which names the error; before Linux 5.14,
+    /// which lacks the prefetch, a read error is a SIGBUS when the values are first used).
     pub(crate) fn values<T: Plain>(&self, offset: usize, count: usize) -> Option<Vec<T>> {
         let bytes = count.checked_mul(std::mem::size_of::<T>())?;
         if offset.checked_add(bytes)? > self.len {
@@ -275,7 +332,7 @@ impl MappedFile {
         if !claimed {
             return None;
         }
-        let first = ptr - ptr % PAGE;
+        let first = ptr - ptr % page();
         // SAFETY: advice over pages of this mapping; it reads the file, changes nothing.
         let populated = unsafe {
             libc::madvise(
@@ -292,6 +349,9 @@ impl MappedFile {
         // SAFETY: `count` values of `T` lie at `ptr`, aligned, inside a private mapping (every
         // bit pattern is a `T`, writes copy the page) that no other `Vec` was given; the
         // allocator owns the reservation, and freeing the `Vec` (through it) ends the claim.
+        // (`from_raw_parts` asks for memory from the global allocator's `alloc`: this memory
+        // is the global allocator's without passing through `alloc`, which the compiler cannot
+        // see and Miri cannot check.)
         Some(unsafe { Vec::from_raw_parts(ptr as *mut T, count, count) })
     }
 }
@@ -303,8 +363,8 @@ impl Drop for MappedFile {
 }
 
 // SAFETY: every call outside the reservation is the system allocator's, with the caller's
-// promises passed on; inside it, `dealloc` and `realloc` see only pointers `MappedFile::values`
-// handed out (nothing else allocates there), and end each one's claim once.
+// promises passed on; inside it, a pointer a tensor claims is one `MappedFile::values` handed
+// out, and its claim ends once; any other is the heap's (in a lost range) and goes to it.
 unsafe impl GlobalAlloc for Allocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: the caller's promises.
@@ -317,15 +377,15 @@ unsafe impl GlobalAlloc for Allocator {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        if reserved(ptr) {
-            return release(ptr as usize, false);
+        if tensor(ptr) && release(ptr as usize, false) {
+            return;
         }
         // SAFETY: a heap allocation, with the caller's promises.
         unsafe { System.dealloc(ptr, layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if !reserved(ptr) {
+        if !tensor(ptr) || !claimed(ptr as usize) {
             // SAFETY: a heap allocation, with the caller's promises.
             return unsafe { System.realloc(ptr, layout, new_size) };
         }
@@ -339,6 +399,21 @@ unsafe impl GlobalAlloc for Allocator {
         }
         moved
     }
+}
+
+/// Whether `ptr` may be a tensor's: it lies in the reservation and this thread is not freeing
+/// the bookkeeping's own memory.
+fn tensor(ptr: *const u8) -> bool {
+    reserved(ptr) && !BOOKKEEPING.with(Cell::get)
+}
+
+/// Whether a tensor's claim starts at `ptr`.
+fn claimed(ptr: usize) -> bool {
+    let guard = space();
+    let region = guard
+        .as_ref()
+        .and_then(|s| s.mapped.range(..=ptr).next_back());
+    region.is_some_and(|(_, r)| r.claimed.contains_key(&ptr))
 }
 
 /// Whether `ptr` lies in a mapped file (for tests that a tensor was mapped, not copied).
@@ -382,12 +457,28 @@ mod tests {
         assert!(is_mapped(a.as_ptr()) && is_mapped(b.as_ptr()));
         assert_eq!(a, values[100..200]);
         assert_eq!(b, values[..100]);
+        assert!(!release(start + 4, false), "no tensor starts there");
         drop(map);
         assert!(is_live(start), "tensors keep their file mapped");
         drop(a);
         assert!(is_live(start));
         drop(b);
         assert!(!is_live(start), "the last tensor freed unmaps the file");
+    }
+
+    #[test]
+    fn a_file_mapped_after_another_is_gone_reads_its_own_values() {
+        for round in 0..3 {
+            let values: Vec<f32> = (0..5000).map(|i| (i * (round + 2)) as f32).collect();
+            let (_dir, file) = file_of(&values);
+            let map = MappedFile::map(&file, values.len() * 4).unwrap();
+            let start = map.start;
+            let tensor = map.values::<f32>(0, values.len()).unwrap();
+            drop(map);
+            assert_eq!(tensor, values, "round {round}");
+            drop(tensor);
+            assert!(!is_live(start));
+        }
     }
 
     #[test]
@@ -412,10 +503,10 @@ mod tests {
             map.values::<f32>(8, 4).is_none(),
             "no two tensors share memory"
         );
-        let at = written.as_ptr();
         drop(written);
-        // SAFETY: the freed tensor's page is still mapped (the file is).
-        let now = unsafe { at.add(3).read_volatile() };
+        // SAFETY: the freed tensor's first page is still mapped (its file is), at the mapping's
+        // start; read through the mapping, not through the freed `Vec`.
+        let now = unsafe { (map.start as *const f32).add(3).read_volatile() };
         assert_eq!(
             now, 3.0,
             "a freed tensor's pages are dropped, its writes with them"

@@ -62,6 +62,19 @@ pub fn stored_name(name: &str, format: GgmlDType, rows: usize, cols: usize) -> S
     format!("{}#stored", quantized_name(name, format, rows, cols))
 }
 
+/// The name under which a layer asks for two weights, `first` then `second` (full names, the same
+/// columns), as one tensor of both's rows: served only where they lie back to back in one mapped
+/// file in one dtype (a gate and an up projection, which a file sorted by name keeps adjacent),
+/// so a stacked layer is the file's pages too instead of a concatenated copy.
+pub fn joined_name(first: &str, second: &str) -> String {
+    format!("{first}#then#{second}")
+}
+
+/// The two names of a [`joined_name`].
+fn parse_joined(name: &str) -> Option<(&str, &str)> {
+    name.split_once("#then#")
+}
+
 /// `(name, format, rows, cols)` of a [`quantized_name`].
 pub(crate) fn parse_quantized(name: &str) -> Option<(&str, GgmlDType, usize, usize)> {
     let (rest, dims) = name.rsplit_once('#')?;
@@ -171,10 +184,12 @@ impl SafetensorsFiles {
         Self { maps, ..self }
     }
 
-    /// Tensor `name` as the file's own pages, when it is stored as `dtype` (f32, bf16 or f16)
-    /// and its file is mapped; `None` otherwise (it is read instead).
-    fn in_place(&self, name: &str, dtype: DType) -> Option<Tensor> {
-        let entry = self.entries.get(name).filter(|e| e.dtype == dtype)?;
+    /// The tensor at `entry` as the file's own pages, when it is stored as `dtype` (f32, bf16 or
+    /// f16) and its file is mapped; `None` otherwise (it is read instead).
+    fn in_place(&self, entry: &Entry, dtype: DType) -> Option<Tensor> {
+        if entry.dtype != dtype {
+            return None;
+        }
         let map = self.maps.get(entry.file)?.as_ref()?;
         let offset = usize::try_from(entry.start).ok()?;
         fn tensor<T: Plain + candle_core::WithDType>(
@@ -190,6 +205,37 @@ impl SafetensorsFiles {
             DType::F16 => tensor::<pio_kernels::f16>(map, offset, entry),
             DType::F32 => tensor::<f32>(map, offset, entry),
             _ => None,
+        }
+    }
+
+    /// The [`joined_name`] `first` then `second` as one entry: both matrices of the same columns
+    /// and dtype, back to back in one mapped file; `None` otherwise.
+    fn joined(&self, first: &str, second: &str) -> Option<Entry> {
+        let (a, b) = (self.entries.get(first)?, self.entries.get(second)?);
+        let cols = match (a.shape.as_slice(), b.shape.as_slice()) {
+            ([_, x], [_, y]) if x == y => *x,
+            _ => return None,
+        };
+        let adjacent = a.file == b.file && a.dtype == b.dtype && a.start + a.len as u64 == b.start;
+        (adjacent && matches!(self.maps.get(a.file), Some(Some(_)))).then(|| Entry {
+            shape: vec![a.shape[0] + b.shape[0], cols],
+            len: a.len + b.len,
+            ..a.clone()
+        })
+    }
+
+    /// A [`joined_name`]'s tensor: in place where the file is mapped and it is stored as
+    /// `dtype`, else both read and concatenated.
+    fn get_joined(&self, first: &str, second: &str, dtype: DType) -> candle_core::Result<Tensor> {
+        let Some(entry) = self.joined(first, second) else {
+            return Err(candle_core::Error::CannotFindTensor {
+                path: joined_name(first, second),
+            }
+            .bt());
+        };
+        match self.in_place(&entry, dtype) {
+            Some(tensor) => Ok(tensor),
+            None => Tensor::cat(&[self.read(first)?, self.read(second)?], 0)?.to_dtype(dtype),
         }
     }
 
@@ -304,18 +350,24 @@ impl SimpleBackend for SafetensorsFiles {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        if let Some((first, second)) = parse_joined(name) {
+            return self.get_joined(first, second, dtype)?.to_device(dev);
+        }
         if let Some((base, format, rows, cols)) = parse_quantized(name) {
             let read = || self.read(base);
             return quantized_blocks(self.cache.as_deref(), base, format, (rows, cols), read)?
                 .to_device(dev);
         }
-        if let Some(tensor) = self.in_place(name, dtype) {
+        if let Some(tensor) = self.entries.get(name).and_then(|e| self.in_place(e, dtype)) {
             return tensor.to_device(dev);
         }
         self.read(name)?.to_dtype(dtype)?.to_device(dev)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
+        if let Some((first, second)) = parse_joined(name) {
+            return self.joined(first, second).is_some();
+        }
         match parse_quantized(name) {
             Some((base, ..)) => self.entries.contains_key(base),
             None => self.entries.contains_key(name),
@@ -422,6 +474,12 @@ mod tests {
                 kept.to_vec2::<f32>().unwrap()
             );
         }
+        let again = mapped.get_unchecked("a", DType::F32, &Device::Cpu).unwrap();
+        assert!(
+            !storage_of(&again),
+            "a tensor asked for twice (tied) is read the second time"
+        );
+        assert_eq!(again.to_vec2::<f32>().unwrap(), a.to_vec2::<f32>().unwrap());
         let widened = mapped.get_unchecked("b", DType::F32, &Device::Cpu).unwrap();
         assert!(
             !storage_of(&widened),
@@ -431,5 +489,79 @@ mod tests {
             widened.to_vec2::<f32>().unwrap(),
             b.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap()
         );
+    }
+
+    #[test]
+    fn two_weights_back_to_back_are_one_mapped_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        let matrix = |rows: usize, cols: usize, scale: f32| {
+            let n = (rows * cols) as f32;
+            (Tensor::arange(0f32, n, &Device::Cpu).unwrap() * scale as f64)
+                .unwrap()
+                .reshape((rows, cols))
+                .unwrap()
+        };
+        // Written sorted by name: gate, up, v, zz back to back.
+        let (gate, up, v, zz) = (
+            matrix(3, 4, 1.0),
+            matrix(2, 4, -0.5),
+            matrix(2, 4, 2.0),
+            matrix(2, 5, 3.0),
+        );
+        let tensors = HashMap::from([
+            ("l.gate.weight".to_string(), gate.clone()),
+            ("l.up.weight".to_string(), up.clone()),
+            ("l.v.weight".to_string(), v),
+            ("l.zz.weight".to_string(), zz),
+        ]);
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        let files = SafetensorsFiles::open(std::slice::from_ref(&path)).unwrap();
+        let joined = joined_name("l.gate.weight", "l.up.weight");
+        assert!(
+            !files.contains_tensor(&joined),
+            "without a map a joined tensor would be a copy"
+        );
+        let files = files.mapped();
+        assert!(files.contains_tensor(&joined));
+        for (a, b) in [("l.gate", "l.v"), ("l.up", "l.gate"), ("l.v", "l.zz")] {
+            let name = joined_name(&format!("{a}.weight"), &format!("{b}.weight"));
+            assert!(
+                !files.contains_tensor(&name),
+                "{name}: not back to back, in order, alike"
+            );
+        }
+        let want = Tensor::cat(&[&gate, &up], 0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let both = files
+            .get(
+                (5, 4).into(),
+                &joined,
+                Default::default(),
+                DType::F32,
+                &Device::Cpu,
+            )
+            .unwrap();
+        let (storage, _) = both.storage_and_layout();
+        let candle_core::Storage::Cpu(CpuStorage::F32(values)) = &*storage else {
+            panic!("an f32 CPU tensor")
+        };
+        assert!(
+            crate::mapping::is_mapped(values.as_ptr()),
+            "the file's pages"
+        );
+        drop(storage);
+        assert_eq!(both.to_vec2::<f32>().unwrap(), want);
+        let narrow = files
+            .get_unchecked(&joined, DType::BF16, &Device::Cpu)
+            .unwrap();
+        let narrow = narrow
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(narrow, want, "converted: read and concatenated");
     }
 }

@@ -36,11 +36,17 @@ impl Mlp {
         q: Quantization,
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
-        let gate = Linear::load(hidden, width, false, q, vb.pp("gate_proj"))?;
-        let up = Linear::load(hidden, width, false, q, vb.pp("up_proj"))?;
-        let input = match gate.stacked(&up)? {
+        let names = ("gate_proj", "up_proj");
+        let input = match Linear::joined(hidden, (width, width), names, q, &vb)? {
             Some(both) => Input::Stacked(both),
-            None => Input::Separate { gate, up },
+            None => {
+                let gate = Linear::load(hidden, width, false, q, vb.pp(names.0))?;
+                let up = Linear::load(hidden, width, false, q, vb.pp(names.1))?;
+                match gate.stacked(&up)? {
+                    Some(both) => Input::Stacked(both),
+                    None => Input::Separate { gate, up },
+                }
+            }
         };
         Ok(Self {
             input,
@@ -114,6 +120,45 @@ mod tests {
     use crate::testing::normal;
     use candle_core::{DType, Device};
     use std::collections::HashMap;
+
+    /// A checkpoint that keeps `gate_proj` and `up_proj` back to back (as files sorted by name
+    /// do) serves the stacked layer from its own pages, and it computes what the stacked copy
+    /// of a read checkpoint computes.
+    #[test]
+    fn gate_and_up_back_to_back_stack_without_a_copy() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen3-tiny");
+        let (hidden, width) = (64, 160);
+        let load = |mapped: bool| {
+            let checkpoint = crate::checkpoint::Checkpoint::open(&dir)
+                .unwrap()
+                .with_mapping(mapped);
+            let vb = checkpoint.weights(DType::F32, &Device::Cpu).unwrap();
+            Mlp::load(
+                hidden,
+                width,
+                Quantization::None,
+                vb.pp("model.layers.0.mlp"),
+            )
+            .unwrap()
+        };
+        let is_mapped = |mlp: &Mlp| {
+            let (both, _) = mlp.dense_weights().expect("a stacked dense layer");
+            let (storage, _) = both.storage_and_layout();
+            match &*storage {
+                candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
+                    crate::mapping::is_mapped(v.as_ptr())
+                }
+                _ => false,
+            }
+        };
+        let (mapped, read) = (load(true), load(false));
+        assert!(is_mapped(&mapped), "the file's pages");
+        assert!(!is_mapped(&read), "a concatenated copy");
+        let x = normal(0.0, 1.0, (3, hidden), &Device::Cpu, 7);
+        let (a, b) = (mapped.forward(&x).unwrap(), read.forward(&x).unwrap());
+        assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
+    }
 
     /// The stacked layer and the one-pass SwiGLU give the separate layers' result, dense and
     /// quantized; rows that cannot stack stay separate and still compute the same.
