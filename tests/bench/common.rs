@@ -189,6 +189,18 @@ pub fn load_timed<M: pio_engine::runtime::LoadModel>(dir: &Path, mode: &str) -> 
     (model, t.elapsed().as_secs_f64())
 }
 
+/// Loads `dir` in `mode` (see [`load_timed`]) and prints the time and memory: a bench's
+/// `--load MODE`, run once per mode in turn to compare them.
+pub fn print_load<M: pio_engine::runtime::LoadModel>(dir: &Path, mode: &str) {
+    let (_model, load_s) = load_timed::<M>(dir, mode);
+    let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
+    println!(
+        "{mode}: load {load_s:.2} s, peak RSS {:.2} GiB, RSS {:.2} GiB",
+        gib(peak_rss()),
+        gib(rss())
+    );
+}
+
 /// Where `MODE+cache` keeps `dir`'s quantized weights: `DIR.quantization-cache` beside it.
 pub fn quantization_cache_dir(dir: &Path) -> PathBuf {
     beside(dir, ".quantization-cache")

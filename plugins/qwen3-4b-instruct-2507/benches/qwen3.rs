@@ -11,7 +11,8 @@
 //!
 //! Run: `cargo bench -p pio-plugin-qwen3 --bench qwen3` (needs python3 with
 //! `tests/fixtures/requirements.txt` installed). Each dtype runs in its own process so peak RSS
-//! is its own.
+//! is its own. `-- --load MODE` only loads the model (`bf16`, or `bf16+read` with no file
+//! mapped), printing the time and memory: run each in turn to compare.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -190,6 +191,10 @@ fn main() {
     }
     let dir = checkpoint_dir();
     common::ensure_checkpoint(&root(), &dir, &["qwen3-0.6b"]);
+    if let Some(i) = args.iter().position(|a| a == "--load") {
+        common::print_load::<Qwen3>(&dir, args.get(i + 1).map_or("bf16", String::as_str));
+        return;
+    }
     let bandwidth = streaming_read();
     let work = common::Workload {
         prompt: PROMPT,

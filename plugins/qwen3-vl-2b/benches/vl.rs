@@ -157,13 +157,7 @@ fn main() {
     }
     if let Some(at) = args.iter().position(|a| a == "--load") {
         common::ensure_checkpoint(&root(), &dir, &["qwen3-vl-2b"]);
-        let mode = args.get(at + 1).map_or("bf16", String::as_str);
-        let (_model, load_s) = common::load_timed::<Qwen3Vl>(&dir, mode);
-        println!(
-            "{mode}: load {load_s:.2} s, peak RSS {:.2} GiB, RSS {:.2} GiB",
-            common::peak_rss() as f64 / (1u64 << 30) as f64,
-            common::rss() as f64 / (1u64 << 30) as f64
-        );
+        common::print_load::<Qwen3Vl>(&dir, args.get(at + 1).map_or("bf16", String::as_str));
         return;
     }
     if let Some(at) = args.iter().position(|a| a == "--tower") {
