@@ -108,6 +108,7 @@ impl Region {
 
 /// Element types a tensor may be mapped as: every bit pattern is a value.
 pub(crate) trait Plain: Copy {}
+impl Plain for u8 {}
 impl Plain for f32 {}
 impl Plain for pio_kernels::bf16 {}
 impl Plain for pio_kernels::f16 {}

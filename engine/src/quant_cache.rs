@@ -45,6 +45,8 @@ pub struct QuantCache {
 struct Found {
     file: File,
     content: Content,
+    /// The file mapped, so a hit is its pages rather than a copy (`None`: read instead).
+    map: Option<crate::mapping::MappedFile>,
 }
 
 /// What this load quantized, written to the data file as it came.
@@ -127,22 +129,30 @@ impl QuantCache {
         let checked =
             (content.tensor_infos.keys()).all(|name| stored_crc32(&content, name).is_some());
         let fits = fits && checked;
-        fits.then_some(Found { file, content })
+        let map = usize::try_from(len)
+            .ok()
+            .and_then(|len| crate::mapping::MappedFile::map(&file, len));
+        fits.then_some(Found { file, content, map })
     }
 
     /// The blocks of tensor `name` from the found cache, when it holds it as `dtype` of
-    /// `shape`: its bytes as stored, read in one call straight into the returned buffer (a
-    /// `QTensor` would copy them twice more on the way to the kernels' tiles).
+    /// `shape`: its bytes as stored, the mapped file's own pages where it maps (the kernels' tiles
+    /// are packed from them, and freeing them drops the pages), else read in one call straight
+    /// into the returned buffer (a `QTensor` would copy them twice more on the way to the tiles).
     pub(crate) fn get(&self, name: &str, dtype: GgmlDType, shape: &[usize]) -> Option<Vec<u8>> {
         use std::os::unix::fs::FileExt;
-        let Found { file, content } = self.found.as_ref()?;
+        let Found { file, content, map } = self.found.as_ref()?;
         let bytes = match content.tensor_infos.get(name) {
             Some(info) if info.ggml_dtype == dtype && info.shape.dims() == shape => {
                 let len = info.shape.elem_count() / dtype.block_size() * dtype.type_size();
-                let mut bytes = vec![0u8; len];
-                file.read_exact_at(&mut bytes, content.tensor_data_offset + info.offset)
-                    .ok()
-                    .map(|()| bytes)
+                let at = content.tensor_data_offset + info.offset;
+                let mapped = (map.as_ref())
+                    .zip(usize::try_from(at).ok())
+                    .and_then(|(map, at)| map.values::<u8>(at, len));
+                mapped.or_else(|| {
+                    let mut bytes = vec![0u8; len];
+                    file.read_exact_at(&mut bytes, at).ok().map(|()| bytes)
+                })
             }
             _ => None,
         };
@@ -330,5 +340,29 @@ fn ggml_type(dtype: GgmlDType) -> u32 {
         GgmlDType::BF16 => 30,
         // Linear layers quantize to the formats above only.
         _ => u32::MAX,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    /// A hit is the cache file's own pages (the tiles are packed from them), and the same
+    /// blocks the load put there.
+    #[test]
+    fn a_hit_is_the_mapped_files_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let values: Vec<f32> = (0..64 * 256).map(|i| (i % 97) as f32 * 0.01).collect();
+        let w = Tensor::from_vec(values, (64, 256), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let first = QuantCache::open(dir.path(), "model", "key");
+        first.put("w", &q);
+        first.finish().unwrap().expect("written");
+        let second = QuantCache::open(dir.path(), "model", "key");
+        let hit = second.get("w", GgmlDType::Q8_0, &[64, 256]).expect("a hit");
+        assert!(crate::mapping::is_mapped(hit.as_ptr()), "the file's pages");
+        assert_eq!(hit, q.data().unwrap().to_vec());
+        assert_eq!(second.hits(), 1);
     }
 }
