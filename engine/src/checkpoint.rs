@@ -288,7 +288,8 @@ impl Checkpoint {
     }
 
     /// The same checkpoint with its safetensors files mapped in place (the default) or every
-    /// tensor read into memory of its own (`[model.options] mmap = false`).
+    /// tensor read into memory of its own (`[model.options] mmap = false`); before
+    /// [`Self::with_quantization_cache`], which maps its file likewise.
     pub fn with_mapping(self, mapped: bool) -> Self {
         Self { mapped, ..self }
     }
@@ -325,7 +326,7 @@ impl Checkpoint {
             .map_or("model".into(), |n| n.to_string_lossy());
         let at = crate::quant_cache::fnv1a(&[folder.as_os_str().as_encoded_bytes()]);
         let stem = format!("{name}-{quantization}-{:08x}", at as u32);
-        self.cache = Some(Arc::new(QuantCache::open(dir, &stem, &key)));
+        self.cache = Some(Arc::new(QuantCache::open(dir, &stem, &key, self.mapped)));
         Ok(self)
     }
 

@@ -86,10 +86,10 @@ pub(crate) fn fnv1a(parts: &[&[u8]]) -> u64 {
 
 impl QuantCache {
     /// The cache file `{stem}.gguf` in `dir`, read if it is valid for `key` (else it will be
-    /// replaced).
-    pub fn open(dir: &Path, stem: &str, key: &str) -> Self {
+    /// replaced); `mapped`: its hits are the file's pages (see [`crate::mapping`]), else copies.
+    pub fn open(dir: &Path, stem: &str, key: &str, mapped: bool) -> Self {
         let path = dir.join(format!("{stem}.gguf"));
-        let found = Self::read(&path, key);
+        let found = Self::read(&path, key, mapped);
         Self {
             path,
             key: key.to_string(),
@@ -115,7 +115,7 @@ impl QuantCache {
 
     /// `path` when it is a cache for `key` whose every tensor fits in the file and has its
     /// checksum (a cache written before checksums were is rebuilt).
-    fn read(path: &Path, key: &str) -> Option<Found> {
+    fn read(path: &Path, key: &str, mapped: bool) -> Option<Found> {
         let mut file = File::open(path).ok()?;
         let len = file.metadata().ok()?.len();
         let content = Content::read(&mut file).ok()?;
@@ -131,6 +131,7 @@ impl QuantCache {
         let fits = fits && checked;
         let map = usize::try_from(len)
             .ok()
+            .filter(|_| mapped)
             .and_then(|len| crate::mapping::MappedFile::map(&file, len));
         fits.then_some(Found { file, content, map })
     }
@@ -356,13 +357,20 @@ mod tests {
         let values: Vec<f32> = (0..64 * 256).map(|i| (i % 97) as f32 * 0.01).collect();
         let w = Tensor::from_vec(values, (64, 256), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
-        let first = QuantCache::open(dir.path(), "model", "key");
+        let first = QuantCache::open(dir.path(), "model", "key", true);
         first.put("w", &q);
         first.finish().unwrap().expect("written");
-        let second = QuantCache::open(dir.path(), "model", "key");
+        let second = QuantCache::open(dir.path(), "model", "key", true);
         let hit = second.get("w", GgmlDType::Q8_0, &[64, 256]).expect("a hit");
         assert!(crate::mapping::is_mapped(hit.as_ptr()), "the file's pages");
         assert_eq!(hit, q.data().unwrap().to_vec());
         assert_eq!(second.hits(), 1);
+        let read = QuantCache::open(dir.path(), "model", "key", false);
+        let copy = read.get("w", GgmlDType::Q8_0, &[64, 256]).expect("a hit");
+        assert!(
+            !crate::mapping::is_mapped(copy.as_ptr()),
+            "mmap = false: a copy"
+        );
+        assert_eq!(copy, hit);
     }
 }
