@@ -183,7 +183,7 @@ impl Linear {
     }
 
     /// Layers `first` and `second` under `vb` (`rows.0` and `rows.1` outputs over `input`, no
-    /// bias) as one stacked layer over their file's pages, where the checkpoint keeps the two
+    /// bias; joined only where the two are equal) as one stacked layer over their file's pages, where the checkpoint keeps the two
     /// weights back to back in one mapped file (see [`crate::weights::joined_name`]) and they are
     /// not quantized; `None` otherwise (load each and [`Self::stacked`] them, a copy).
     pub fn joined(
@@ -193,7 +193,8 @@ impl Linear {
         quantization: Quantization,
         vb: &VarBuilder,
     ) -> candle_core::Result<Option<Self>> {
-        if quantization.format(input).is_some() {
+        // Two weights of one shape: the file is asked for their sum of rows only.
+        if quantization.format(input).is_some() || rows.0 != rows.1 {
             return Ok(None);
         }
         let full = |name: &str| match vb.prefix() {

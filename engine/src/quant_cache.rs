@@ -129,11 +129,14 @@ impl QuantCache {
         let checked =
             (content.tensor_infos.keys()).all(|name| stored_crc32(&content, name).is_some());
         let fits = fits && checked;
+        if !fits {
+            return None;
+        }
         let map = usize::try_from(len)
             .ok()
             .filter(|_| mapped)
             .and_then(|len| crate::mapping::MappedFile::map(&file, len));
-        fits.then_some(Found { file, content, map })
+        Some(Found { file, content, map })
     }
 
     /// The blocks of tensor `name` from the found cache, when it holds it as `dtype` of

@@ -62,8 +62,8 @@ pub fn stored_name(name: &str, format: GgmlDType, rows: usize, cols: usize) -> S
     format!("{}#stored", quantized_name(name, format, rows, cols))
 }
 
-/// The name under which a layer asks for two weights, `first` then `second` (full names, the same
-/// columns), as one tensor of both's rows: served only where they lie back to back in one mapped
+/// The name under which a layer asks for two weights of one shape, `first` then `second` (full
+/// names), as one tensor of both's rows: served only where they lie back to back in one mapped
 /// file in one dtype (a gate and an up projection, which a file sorted by name keeps adjacent),
 /// so a stacked layer is the file's pages too instead of a concatenated copy.
 pub fn joined_name(first: &str, second: &str) -> String {
@@ -71,7 +71,7 @@ pub fn joined_name(first: &str, second: &str) -> String {
 }
 
 /// The two names of a [`joined_name`].
-fn parse_joined(name: &str) -> Option<(&str, &str)> {
+pub(crate) fn parse_joined(name: &str) -> Option<(&str, &str)> {
     name.split_once("#then#")
 }
 
@@ -213,7 +213,7 @@ impl SafetensorsFiles {
     fn joined(&self, first: &str, second: &str) -> Option<Entry> {
         let (a, b) = (self.entries.get(first)?, self.entries.get(second)?);
         let cols = match (a.shape.as_slice(), b.shape.as_slice()) {
-            ([_, x], [_, y]) if x == y => *x,
+            ([r, x], [s, y]) if x == y && r == s => *x,
             _ => return None,
         };
         let adjacent = a.file == b.file && a.dtype == b.dtype && a.start + a.len as u64 == b.start;
@@ -350,7 +350,8 @@ impl SimpleBackend for SafetensorsFiles {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        if let Some((first, second)) = parse_joined(name) {
+        let joined = parse_joined(name).filter(|_| !self.entries.contains_key(name));
+        if let Some((first, second)) = joined {
             return self.get_joined(first, second, dtype)?.to_device(dev);
         }
         if let Some((base, format, rows, cols)) = parse_quantized(name) {
@@ -365,6 +366,9 @@ impl SimpleBackend for SafetensorsFiles {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
+        if self.entries.contains_key(name) {
+            return true;
+        }
         if let Some((first, second)) = parse_joined(name) {
             return self.joined(first, second).is_some();
         }
@@ -502,18 +506,14 @@ mod tests {
                 .reshape((rows, cols))
                 .unwrap()
         };
-        // Written sorted by name: gate, up, v, zz back to back.
-        let (gate, up, v, zz) = (
-            matrix(3, 4, 1.0),
-            matrix(2, 4, -0.5),
-            matrix(2, 4, 2.0),
-            matrix(2, 5, 3.0),
-        );
+        // Written sorted by name: gate, up, up2, v, zz back to back.
+        let (gate, up) = (matrix(3, 4, 1.0), matrix(3, 4, -0.5));
         let tensors = HashMap::from([
             ("l.gate.weight".to_string(), gate.clone()),
             ("l.up.weight".to_string(), up.clone()),
-            ("l.v.weight".to_string(), v),
-            ("l.zz.weight".to_string(), zz),
+            ("l.up2.weight".to_string(), matrix(2, 4, 0.5)),
+            ("l.v.weight".to_string(), matrix(2, 4, 2.0)),
+            ("l.zz.weight".to_string(), matrix(2, 5, 3.0)),
         ]);
         candle_core::safetensors::save(&tensors, &path).unwrap();
         let files = SafetensorsFiles::open(std::slice::from_ref(&path)).unwrap();
@@ -524,7 +524,12 @@ mod tests {
         );
         let files = files.mapped();
         assert!(files.contains_tensor(&joined));
-        for (a, b) in [("l.gate", "l.v"), ("l.up", "l.gate"), ("l.v", "l.zz")] {
+        for (a, b) in [
+            ("l.gate", "l.v"),
+            ("l.up", "l.gate"),
+            ("l.up", "l.up2"),
+            ("l.v", "l.zz"),
+        ] {
             let name = joined_name(&format!("{a}.weight"), &format!("{b}.weight"));
             assert!(
                 !files.contains_tensor(&name),
@@ -537,7 +542,7 @@ mod tests {
             .unwrap();
         let both = files
             .get(
-                (5, 4).into(),
+                (6, 4).into(),
                 &joined,
                 Default::default(),
                 DType::F32,
