@@ -183,9 +183,10 @@ impl Linear {
     }
 
     /// Layers `first` and `second` under `vb` (`rows.0` and `rows.1` outputs over `input`, no
-    /// bias; joined only where the two are equal) as one stacked layer over their file's pages, where the checkpoint keeps the two
-    /// weights back to back in one mapped file (see [`crate::weights::joined_name`]) and they are
-    /// not quantized; `None` otherwise (load each and [`Self::stacked`] them, a copy).
+    /// bias) as one stacked layer over their file's pages, where the two are of one shape, the
+    /// checkpoint keeps them back to back in one mapped file (see
+    /// [`crate::weights::joined_name`]) and they are not quantized; `None` otherwise (load each
+    /// and [`Self::stacked`] them, a copy).
     pub fn joined(
         input: usize,
         rows: (usize, usize),
