@@ -202,7 +202,7 @@ impl Linear {
             p if p.is_empty() => format!("{name}.weight"),
             p => format!("{p}.{name}.weight"),
         };
-        let name = crate::weights::joined_name(&full(first), &full(second));
+        let name = crate::weights::joined_name(&full(first), &full(second), rows.0);
         let root = vb.root();
         if !root.contains_tensor(&name) {
             return Ok(None);

@@ -62,17 +62,21 @@ pub fn stored_name(name: &str, format: GgmlDType, rows: usize, cols: usize) -> S
     format!("{}#stored", quantized_name(name, format, rows, cols))
 }
 
-/// The name under which a layer asks for two weights of one shape, `first` then `second` (full
-/// names), as one tensor of both's rows: served only where they lie back to back in one mapped
-/// file in one dtype (a gate and an up projection, which a file sorted by name keeps adjacent),
-/// so a stacked layer is the file's pages too instead of a concatenated copy.
-pub fn joined_name(first: &str, second: &str) -> String {
-    format!("{first}#then#{second}")
+/// The name under which a layer asks for two weights of `rows` rows each, `first` then `second`
+/// (full names), as one tensor of both's rows: served only where they lie back to back in one
+/// mapped file in one dtype, each of the rows asked (a gate and an up projection, which a file
+/// sorted by name keeps adjacent), so a stacked layer is the file's pages too instead of a
+/// concatenated copy. Weights of other shapes are not served so: loaded one by one, each
+/// names its own mismatch.
+pub fn joined_name(first: &str, second: &str, rows: usize) -> String {
+    format!("{first}#then#{second}#rows#{rows}")
 }
 
-/// The two names of a [`joined_name`].
-pub(crate) fn parse_joined(name: &str) -> Option<(&str, &str)> {
-    name.split_once("#then#")
+/// The two names and the rows of a [`joined_name`].
+pub(crate) fn parse_joined(name: &str) -> Option<(&str, &str, usize)> {
+    let (first, rest) = name.split_once("#then#")?;
+    let (second, rows) = rest.rsplit_once("#rows#")?;
+    Some((first, second, rows.parse().ok()?))
 }
 
 /// `(name, format, rows, cols)` of a [`quantized_name`].
@@ -210,10 +214,10 @@ impl SafetensorsFiles {
 
     /// The [`joined_name`] `first` then `second` as one entry: both matrices of the same columns
     /// and dtype, back to back in one mapped file; `None` otherwise.
-    fn joined(&self, first: &str, second: &str) -> Option<Entry> {
+    fn joined(&self, (first, second, rows): (&str, &str, usize)) -> Option<Entry> {
         let (a, b) = (self.entries.get(first)?, self.entries.get(second)?);
         let cols = match (a.shape.as_slice(), b.shape.as_slice()) {
-            ([r, x], [s, y]) if x == y && r == s => *x,
+            ([r, x], [s, y]) if x == y && *r == rows && *s == rows => *x,
             _ => return None,
         };
         let adjacent = a.file == b.file && a.dtype == b.dtype && a.start + a.len as u64 == b.start;
@@ -226,10 +230,14 @@ impl SafetensorsFiles {
 
     /// A [`joined_name`]'s tensor: in place where the file is mapped and it is stored as
     /// `dtype`, else both read and concatenated.
-    fn get_joined(&self, first: &str, second: &str, dtype: DType) -> candle_core::Result<Tensor> {
-        let Some(entry) = self.joined(first, second) else {
+    fn get_joined(
+        &self,
+        (first, second, rows): (&str, &str, usize),
+        dtype: DType,
+    ) -> candle_core::Result<Tensor> {
+        let Some(entry) = self.joined((first, second, rows)) else {
             return Err(candle_core::Error::CannotFindTensor {
-                path: joined_name(first, second),
+                path: joined_name(first, second, rows),
             }
             .bt());
         };
@@ -351,8 +359,8 @@ impl SimpleBackend for SafetensorsFiles {
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let joined = parse_joined(name).filter(|_| !self.entries.contains_key(name));
-        if let Some((first, second)) = joined {
-            return self.get_joined(first, second, dtype)?.to_device(dev);
+        if let Some(joined) = joined {
+            return self.get_joined(joined, dtype)?.to_device(dev);
         }
         if let Some((base, format, rows, cols)) = parse_quantized(name) {
             let read = || self.read(base);
@@ -369,8 +377,8 @@ impl SimpleBackend for SafetensorsFiles {
         if self.entries.contains_key(name) {
             return true;
         }
-        if let Some((first, second)) = parse_joined(name) {
-            return self.joined(first, second).is_some();
+        if let Some(joined) = parse_joined(name) {
+            return self.joined(joined).is_some();
         }
         match parse_quantized(name) {
             Some((base, ..)) => self.entries.contains_key(base),
@@ -517,23 +525,24 @@ mod tests {
         ]);
         candle_core::safetensors::save(&tensors, &path).unwrap();
         let files = SafetensorsFiles::open(std::slice::from_ref(&path)).unwrap();
-        let joined = joined_name("l.gate.weight", "l.up.weight");
+        let joined = joined_name("l.gate.weight", "l.up.weight", 3);
         assert!(
             !files.contains_tensor(&joined),
             "without a map a joined tensor would be a copy"
         );
         let files = files.mapped();
         assert!(files.contains_tensor(&joined));
-        for (a, b) in [
-            ("l.gate", "l.v"),
-            ("l.up", "l.gate"),
-            ("l.up", "l.up2"),
-            ("l.v", "l.zz"),
+        for (a, b, rows) in [
+            ("l.gate", "l.v", 3),
+            ("l.up", "l.gate", 3),
+            ("l.up", "l.up2", 3),
+            ("l.v", "l.zz", 2),
+            ("l.gate", "l.up", 2),
         ] {
-            let name = joined_name(&format!("{a}.weight"), &format!("{b}.weight"));
+            let name = joined_name(&format!("{a}.weight"), &format!("{b}.weight"), rows);
             assert!(
                 !files.contains_tensor(&name),
-                "{name}: not back to back, in order, alike"
+                "{name}: not back to back, in order, of the rows asked and one shape"
             );
         }
         let want = Tensor::cat(&[&gate, &up], 0)
