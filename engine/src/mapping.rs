@@ -155,26 +155,28 @@ fn reserved(ptr: *const u8) -> bool {
     base != 0 && (ptr as usize).wrapping_sub(base) < RESERVED
 }
 
+/// `size` bytes of address space with no memory behind them (`PROT_NONE`, no commit charge), at
+/// `at` (replacing what is mapped there) or where the kernel chooses; `None` where it fails.
+///
+/// # Safety
+/// Nothing may refer to what is mapped at `at..at + size`.
+unsafe fn address_space(at: Option<usize>, size: usize) -> Option<usize> {
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    let (addr, flags) = match at {
+        Some(at) => (at as *mut libc::c_void, flags | libc::MAP_FIXED),
+        None => (std::ptr::null_mut(), flags),
+    };
+    // SAFETY: an anonymous mapping; the caller vouches for what it replaces.
+    let got = unsafe { libc::mmap(addr, size, libc::PROT_NONE, flags, -1, 0) };
+    (got != libc::MAP_FAILED).then_some(got as usize)
+}
+
 /// The reservation, made on first use; `None` where the address space cannot be had (then
 /// nothing is mapped and tensors are read as before).
 fn reservation(space: &mut Option<Space>) -> Option<&mut Space> {
     if space.is_none() {
-        // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing; it touches
-        // nothing that exists.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                RESERVED,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return None;
-        }
-        let base = base as usize;
+        // SAFETY: at an address of the kernel's choosing, it touches nothing that exists.
+        let base = unsafe { address_space(None, RESERVED) }?;
         let first = base.next_multiple_of(ALIGN);
         BASE.store(base, Ordering::Relaxed);
         *space = Some(Space {
@@ -252,19 +254,9 @@ fn release(ptr: usize, file: bool) -> bool {
     }
     let size = region.size;
     space.mapped.remove(&start);
-    // SAFETY: the range is this module's and nothing refers to it any more.
-    let nothing = unsafe {
-        libc::mmap(
-            start as *mut libc::c_void,
-            size,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
-            -1,
-            0,
-        )
-    };
     // A failed remap may leave the file mapped or a hole: the range is lost, never reused.
-    if nothing != libc::MAP_FAILED {
+    // SAFETY: the range is this module's and nothing refers to it any more.
+    if unsafe { address_space(Some(start), size) }.is_some() {
         space.give(start, size);
     }
     true
@@ -421,6 +413,19 @@ fn claimed(ptr: usize) -> bool {
 #[cfg(test)]
 pub(crate) fn is_mapped<T>(ptr: *const T) -> bool {
     reserved(ptr.cast())
+}
+
+/// Whether `t`'s values lie in a mapped file (a CPU tensor of f32, bf16 or f16).
+#[cfg(test)]
+pub(crate) fn holds_mapped(t: &candle_core::Tensor) -> bool {
+    use candle_core::{CpuStorage, Storage};
+    let (storage, _) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => is_mapped(v.as_ptr()),
+        Storage::Cpu(CpuStorage::BF16(v)) => is_mapped(v.as_ptr()),
+        Storage::Cpu(CpuStorage::F16(v)) => is_mapped(v.as_ptr()),
+        _ => false,
+    }
 }
 
 /// Whether the mapping that starts at `start` is still mapped.

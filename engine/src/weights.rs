@@ -390,7 +390,6 @@ impl SimpleBackend for SafetensorsFiles {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::CpuStorage;
 
     #[test]
     fn tensors_read_back_and_damage_is_named() {
@@ -451,18 +450,7 @@ mod tests {
         let b = (a.clone() * 0.25).unwrap().to_dtype(DType::BF16).unwrap();
         let tensors = HashMap::from([("a".to_string(), a.clone()), ("b".to_string(), b.clone())]);
         candle_core::safetensors::save(&tensors, &path).unwrap();
-        let storage_of = |t: &Tensor| -> bool {
-            let (storage, _) = t.storage_and_layout();
-            match &*storage {
-                candle_core::Storage::Cpu(CpuStorage::F32(v)) => {
-                    crate::mapping::is_mapped(v.as_ptr())
-                }
-                candle_core::Storage::Cpu(CpuStorage::BF16(v)) => {
-                    crate::mapping::is_mapped(v.as_ptr())
-                }
-                _ => false,
-            }
-        };
+        let storage_of = crate::mapping::holds_mapped;
         let read = SafetensorsFiles::open(std::slice::from_ref(&path)).unwrap();
         let mapped = SafetensorsFiles::open(std::slice::from_ref(&path))
             .unwrap()
@@ -558,15 +546,7 @@ mod tests {
                 &Device::Cpu,
             )
             .unwrap();
-        let (storage, _) = both.storage_and_layout();
-        let candle_core::Storage::Cpu(CpuStorage::F32(values)) = &*storage else {
-            panic!("an f32 CPU tensor")
-        };
-        assert!(
-            crate::mapping::is_mapped(values.as_ptr()),
-            "the file's pages"
-        );
-        drop(storage);
+        assert!(crate::mapping::holds_mapped(&both), "the file's pages");
         assert_eq!(both.to_vec2::<f32>().unwrap(), want);
         let narrow = files
             .get_unchecked(&joined, DType::BF16, &Device::Cpu)

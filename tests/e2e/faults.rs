@@ -71,9 +71,11 @@ fn a_full_scratch_is_an_error_for_the_plugin_and_the_worker_serves_on() {
     assert_eq!(d.plugin("hostile")["restarts"], 0);
 }
 
-/// A daemon serving the tiny Qwen3 from a copy of its files (`options` under `[model.options]`),
-/// and the shard that the tests truncate.
-fn qwen3_from_a_copy(options: &str) -> (Daemon, std::path::PathBuf) {
+const TRUNCATED: &str = "qwen3-4b-instruct-2507";
+
+/// A daemon serving the tiny Qwen3 ([`TRUNCATED`]) from a copy of its files (`options` under
+/// `[model.options]`), the shard that the tests truncate, and its answer to "hello" before.
+fn qwen3_from_a_copy(options: &str) -> (Daemon, std::path::PathBuf, Value) {
     let dir = PluginDir::new();
     let model = dir.path().join("model");
     std::fs::create_dir(&model).unwrap();
@@ -92,7 +94,9 @@ fn qwen3_from_a_copy(options: &str) -> (Daemon, std::path::PathBuf) {
     open_to_workers(dir.path());
     let d = Daemon::start(dir, "[server]\nwatch = false\n");
     d.wait_ready();
-    (d, model.join("model-00003-of-00005.safetensors"))
+    let (status, before) = complete(&d, TRUNCATED, "hello");
+    assert_eq!(status, 200, "{before}");
+    (d, model.join("model-00003-of-00005.safetensors"), before)
 }
 
 fn truncate(shard: &std::path::Path) {
@@ -106,10 +110,8 @@ fn a_model_truncated_under_a_loaded_model_fails_its_reload_and_the_old_one_serve
     if !confinement_available() {
         return;
     }
-    let (d, shard) = qwen3_from_a_copy("mmap = false\n");
-    let name = "qwen3-4b-instruct-2507";
-    let (status, before) = complete(&d, name, "hello");
-    assert_eq!(status, 200, "{before}");
+    let (d, shard, before) = qwen3_from_a_copy("mmap = false\n");
+    let name = TRUNCATED;
 
     truncate(&shard);
     let (status, r) = complete(&d, name, "hello");
@@ -143,10 +145,8 @@ fn a_mapped_model_truncated_in_place_fails_its_request_and_names_the_file() {
     if !confinement_available() {
         return;
     }
-    let (d, shard) = qwen3_from_a_copy("");
-    let name = "qwen3-4b-instruct-2507";
-    let (status, before) = complete(&d, name, "hello");
-    assert_eq!(status, 200, "{before}");
+    let (d, shard, _) = qwen3_from_a_copy("");
+    let name = TRUNCATED;
 
     truncate(&shard);
     let (status, r) = complete(&d, name, "hello");

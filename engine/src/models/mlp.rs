@@ -144,13 +144,7 @@ mod tests {
         };
         let is_mapped = |mlp: &Mlp| {
             let (both, _) = mlp.dense_weights().expect("a stacked dense layer");
-            let (storage, _) = both.storage_and_layout();
-            match &*storage {
-                candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
-                    crate::mapping::is_mapped(v.as_ptr())
-                }
-                _ => false,
-            }
+            crate::mapping::holds_mapped(both)
         };
         let (mapped, read) = (load(true), load(false));
         assert!(is_mapped(&mapped), "the file's pages");
