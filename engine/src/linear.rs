@@ -60,6 +60,10 @@ const STORED_FORMATS: [GgmlDType; 4] = [
 pub enum Linear {
     /// Weights in the model dtype.
     Dense(candle_nn::Linear),
+    /// The weights of several bias-free layers over one input, in the model dtype, each kept as
+    /// loaded (a mapped checkpoint's own pages) and multiplied as one stacked layer, outputs in
+    /// order: see [`Self::stacked`]. CPU tensors only.
+    DenseStack(Vec<Tensor>),
     /// Block-quantized weights.
     Quantized {
         /// The weight.
@@ -182,49 +186,24 @@ impl Linear {
         })
     }
 
-    /// Layers `first` and `second` under `vb` (`rows.0` and `rows.1` outputs over `input`, no
-    /// bias) as one stacked layer over their file's pages, where the two are of one shape, the
-    /// checkpoint keeps them back to back in one mapped file (see
-    /// [`crate::weights::joined_name`]) and they are not quantized; `None` otherwise (load each
-    /// and [`Self::stacked`] them, a copy).
-    pub fn joined(
-        input: usize,
-        rows: (usize, usize),
-        (first, second): (&str, &str),
-        quantization: Quantization,
-        vb: &VarBuilder,
-    ) -> candle_core::Result<Option<Self>> {
-        // Two weights of one shape: the file is asked for their sum of rows only.
-        if quantization.format(input).is_some() || rows.0 != rows.1 {
-            return Ok(None);
-        }
-        let full = |name: &str| match vb.prefix() {
-            p if p.is_empty() => format!("{name}.weight"),
-            p => format!("{p}.{name}.weight"),
-        };
-        let name = crate::weights::joined_name(&full(first), &full(second), rows.0);
-        let root = vb.root();
-        if !root.contains_tensor(&name) {
-            return Ok(None);
-        }
-        let weight = root.get((rows.0 + rows.1, input), &name)?;
-        Ok(Some(Self::Dense(candle_nn::Linear::new(weight, None))))
-    }
-
     /// `self`'s outputs followed by `other`'s as one layer over the same input, so that one
     /// product computes both (a gate and an up projection); `None` where they cannot share one
     /// (biases, different dtypes or block formats, candle's blocks, or rows that end inside a
-    /// tile).
+    /// tile). Dense weights on the CPU are not copied together (the kernels multiply the parts
+    /// where they lie, see [`Self::DenseStack`]); elsewhere they are concatenated.
     pub fn stacked(&self, other: &Self) -> candle_core::Result<Option<Self>> {
-        Ok(match (self, other) {
-            (Self::Dense(a), Self::Dense(b))
-                if a.bias().is_none()
-                    && b.bias().is_none()
-                    && a.weight().dtype() == b.weight().dtype() =>
-            {
-                let weight = Tensor::cat(&[a.weight(), b.weight()], 0)?;
-                Some(Self::Dense(candle_nn::Linear::new(weight, None)))
+        if let (Some(a), Some(b)) = (self.dense_parts(), other.dense_parts()) {
+            if a[0].dtype() != b[0].dtype() {
+                return Ok(None);
             }
+            let parts: Vec<Tensor> = a.into_iter().chain(b).cloned().collect();
+            if parts.iter().all(|w| w.device().is_cpu()) {
+                return Ok(Some(Self::DenseStack(parts)));
+            }
+            let weight = Tensor::cat(&parts, 0)?;
+            return Ok(Some(Self::Dense(candle_nn::Linear::new(weight, None))));
+        }
+        Ok(match (self, other) {
             (
                 Self::Quantized {
                     weight: QuantWeight::Tiles(a),
@@ -240,6 +219,15 @@ impl Linear {
             }),
             _ => None,
         })
+    }
+
+    /// The dense weights, part by part, of a layer with no bias; `None` for quantized layers.
+    fn dense_parts(&self) -> Option<Vec<&Tensor>> {
+        match self {
+            Self::Dense(l) if l.bias().is_none() => Some(vec![l.weight()]),
+            Self::DenseStack(parts) => Some(parts.iter().collect()),
+            _ => None,
+        }
     }
 
     /// The kernels' tiles, for a layer that holds them and no bias.
@@ -262,6 +250,10 @@ impl Linear {
     pub fn weight_bytes(&self) -> usize {
         match self {
             Self::Dense(l) => l.weight().elem_count() * l.weight().dtype().size_in_bytes(),
+            Self::DenseStack(parts) => parts
+                .iter()
+                .map(|w| w.elem_count() * w.dtype().size_in_bytes())
+                .sum(),
             Self::Quantized { weight, .. } => match weight {
                 QuantWeight::Tiles(t) => t.size_in_bytes(),
                 QuantWeight::Blocks(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
@@ -329,7 +321,7 @@ fn with_bias(y: Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let op = match self {
-            Self::Dense(_) => crate::profile::Op::DenseLinear,
+            Self::Dense(_) | Self::DenseStack(_) => crate::profile::Op::DenseLinear,
             Self::Quantized { .. } => crate::profile::Op::QuantizedLinear,
         };
         let _timed = crate::profile::PROFILE.scope(op);
@@ -346,6 +338,14 @@ impl Module for Linear {
                     return with_bias(y, l.bias());
                 }
                 l.forward(x)
+            }
+            Self::DenseStack(parts) => {
+                let parts: Vec<&Tensor> = parts.iter().collect();
+                if let Some(y) = crate::cpu::linear_stacked(x, &parts)? {
+                    return Ok(y);
+                }
+                // Not reached for CPU tensors of a dtype the kernels take; candle otherwise.
+                candle_nn::Linear::new(Tensor::cat(&parts, 0)?, None).forward(x)
             }
             Self::Quantized {
                 weight: QuantWeight::Tiles(tiles),
@@ -438,6 +438,42 @@ mod tests {
                 bytes >= 32 * blocks && bytes <= 32 * blocks * 21 / 20,
                 "{q:?}: {bytes}"
             );
+        }
+    }
+
+    /// Dense layers stacked on the CPU keep their own tensors (no copy) and compute what the
+    /// concatenated weights compute, bit for bit, for decode's rows and prefill's.
+    #[test]
+    fn stacked_dense_layers_keep_their_tensors_and_compute_the_copy() {
+        let device = Device::Cpu;
+        for dtype in [DType::F32, DType::BF16] {
+            let w = |rows, seed| {
+                normal(0.0, 1.0, (rows, 64), &device, seed)
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            let layer = |w: &Tensor| Linear::Dense(candle_nn::Linear::new(w.clone(), None));
+            let (a, b, c) = (w(48, 1), w(20, 2), w(20, 3));
+            let stack = layer(&a).stacked(&layer(&b)).unwrap().unwrap();
+            let stack = stack.stacked(&layer(&c)).unwrap().unwrap();
+            let Linear::DenseStack(parts) = &stack else {
+                panic!("{dtype:?}: copied into {stack:?}");
+            };
+            let ids: Vec<_> = parts.iter().map(Tensor::id).collect();
+            assert_eq!(ids, [a.id(), b.id(), c.id()], "{dtype:?}");
+            assert_eq!(stack.weight_bytes(), 88 * 64 * dtype.size_in_bytes());
+            let copy = layer(&Tensor::cat(&[&a, &b, &c], 0).unwrap());
+            for rows in [1, 40] {
+                let x = normal(0.0, 1.0, (1, rows, 64), &device, 9)
+                    .to_dtype(dtype)
+                    .unwrap();
+                let bits = |l: &Linear| {
+                    let y = l.forward(&x).unwrap().to_dtype(DType::F32).unwrap();
+                    let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    y.into_iter().map(f32::to_bits).collect::<Vec<_>>()
+                };
+                assert_eq!(bits(&stack), bits(&copy), "{dtype:?}, {rows} rows");
+            }
         }
     }
 

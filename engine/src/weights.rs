@@ -62,23 +62,6 @@ pub fn stored_name(name: &str, format: GgmlDType, rows: usize, cols: usize) -> S
     format!("{}#stored", quantized_name(name, format, rows, cols))
 }
 
-/// The name under which a layer asks for two weights of `rows` rows each, `first` then `second`
-/// (full names), as one tensor of both's rows: served only where they lie back to back in one
-/// mapped file in one dtype, each of the rows asked (a gate and an up projection, which a file
-/// sorted by name keeps adjacent), so a stacked layer is the file's pages too instead of a
-/// concatenated copy. Weights of other shapes are not served so: loaded one by one, each
-/// names its own mismatch.
-pub fn joined_name(first: &str, second: &str, rows: usize) -> String {
-    format!("{first}#then#{second}#rows#{rows}")
-}
-
-/// The two names and the rows of a [`joined_name`].
-pub(crate) fn parse_joined(name: &str) -> Option<(&str, &str, usize)> {
-    let (first, rest) = name.split_once("#then#")?;
-    let (second, rows) = rest.rsplit_once("#rows#")?;
-    Some((first, second, rows.parse().ok()?))
-}
-
 /// `(name, format, rows, cols)` of a [`quantized_name`].
 pub(crate) fn parse_quantized(name: &str) -> Option<(&str, GgmlDType, usize, usize)> {
     let (rest, dims) = name.rsplit_once('#')?;
@@ -212,41 +195,6 @@ impl SafetensorsFiles {
         }
     }
 
-    /// The [`joined_name`] `first` then `second` as one entry: both matrices of the same columns
-    /// and dtype, back to back in one mapped file; `None` otherwise.
-    fn joined(&self, (first, second, rows): (&str, &str, usize)) -> Option<Entry> {
-        let (a, b) = (self.entries.get(first)?, self.entries.get(second)?);
-        let cols = match (a.shape.as_slice(), b.shape.as_slice()) {
-            ([r, x], [s, y]) if x == y && *r == rows && *s == rows => *x,
-            _ => return None,
-        };
-        let adjacent = a.file == b.file && a.dtype == b.dtype && a.start + a.len as u64 == b.start;
-        (adjacent && matches!(self.maps.get(a.file), Some(Some(_)))).then(|| Entry {
-            shape: vec![a.shape[0] + b.shape[0], cols],
-            len: a.len + b.len,
-            ..a.clone()
-        })
-    }
-
-    /// A [`joined_name`]'s tensor: in place where the file is mapped and it is stored as
-    /// `dtype`, else both read and concatenated.
-    fn get_joined(
-        &self,
-        (first, second, rows): (&str, &str, usize),
-        dtype: DType,
-    ) -> candle_core::Result<Tensor> {
-        let Some(entry) = self.joined((first, second, rows)) else {
-            return Err(candle_core::Error::CannotFindTensor {
-                path: joined_name(first, second, rows),
-            }
-            .bt());
-        };
-        match self.in_place(&entry, dtype) {
-            Some(tensor) => Ok(tensor),
-            None => Tensor::cat(&[self.read(first)?, self.read(second)?], 0)?.to_dtype(dtype),
-        }
-    }
-
     /// The same files, quantized tensors kept in (or read from) `cache`.
     pub fn with_cache(self, cache: Arc<QuantCache>) -> Self {
         Self {
@@ -358,10 +306,6 @@ impl SimpleBackend for SafetensorsFiles {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let joined = parse_joined(name).filter(|_| !self.entries.contains_key(name));
-        if let Some(joined) = joined {
-            return self.get_joined(joined, dtype)?.to_device(dev);
-        }
         if let Some((base, format, rows, cols)) = parse_quantized(name) {
             let read = || self.read(base);
             return quantized_blocks(self.cache.as_deref(), base, format, (rows, cols), read)?
@@ -376,9 +320,6 @@ impl SimpleBackend for SafetensorsFiles {
     fn contains_tensor(&self, name: &str) -> bool {
         if self.entries.contains_key(name) {
             return true;
-        }
-        if let Some(joined) = parse_joined(name) {
-            return self.joined(joined).is_some();
         }
         match parse_quantized(name) {
             Some((base, ..)) => self.entries.contains_key(base),
@@ -489,73 +430,5 @@ mod tests {
             widened.to_vec2::<f32>().unwrap(),
             b.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap()
         );
-    }
-
-    #[test]
-    fn two_weights_back_to_back_are_one_mapped_tensor() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("model.safetensors");
-        let matrix = |rows: usize, cols: usize, scale: f32| {
-            let n = (rows * cols) as f32;
-            (Tensor::arange(0f32, n, &Device::Cpu).unwrap() * scale as f64)
-                .unwrap()
-                .reshape((rows, cols))
-                .unwrap()
-        };
-        // Written sorted by name: gate, up, up2, v, zz back to back.
-        let (gate, up) = (matrix(3, 4, 1.0), matrix(3, 4, -0.5));
-        let tensors = HashMap::from([
-            ("l.gate.weight".to_string(), gate.clone()),
-            ("l.up.weight".to_string(), up.clone()),
-            ("l.up2.weight".to_string(), matrix(2, 4, 0.5)),
-            ("l.v.weight".to_string(), matrix(2, 4, 2.0)),
-            ("l.zz.weight".to_string(), matrix(2, 5, 3.0)),
-        ]);
-        candle_core::safetensors::save(&tensors, &path).unwrap();
-        let files = SafetensorsFiles::open(std::slice::from_ref(&path)).unwrap();
-        let joined = joined_name("l.gate.weight", "l.up.weight", 3);
-        assert!(
-            !files.contains_tensor(&joined),
-            "without a map a joined tensor would be a copy"
-        );
-        let files = files.mapped();
-        assert!(files.contains_tensor(&joined));
-        for (a, b, rows) in [
-            ("l.gate", "l.v", 3),
-            ("l.up", "l.gate", 3),
-            ("l.up", "l.up2", 3),
-            ("l.v", "l.zz", 2),
-            ("l.gate", "l.up", 2),
-        ] {
-            let name = joined_name(&format!("{a}.weight"), &format!("{b}.weight"), rows);
-            assert!(
-                !files.contains_tensor(&name),
-                "{name}: not back to back, in order, of the rows asked and one shape"
-            );
-        }
-        let want = Tensor::cat(&[&gate, &up], 0)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        let both = files
-            .get(
-                (6, 4).into(),
-                &joined,
-                Default::default(),
-                DType::F32,
-                &Device::Cpu,
-            )
-            .unwrap();
-        assert!(crate::mapping::holds_mapped(&both), "the file's pages");
-        assert_eq!(both.to_vec2::<f32>().unwrap(), want);
-        let narrow = files
-            .get_unchecked(&joined, DType::BF16, &Device::Cpu)
-            .unwrap();
-        let narrow = narrow
-            .to_dtype(DType::F32)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        assert_eq!(narrow, want, "converted: read and concatenated");
     }
 }

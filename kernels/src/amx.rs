@@ -25,6 +25,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use crate::parallel::{ranges, SharedMut};
+use crate::stacked::StackedRows;
 
 /// Rows of a tile, and output rows or columns per accumulator.
 const ROWS: usize = 16;
@@ -83,7 +84,7 @@ pub(crate) enum Split {
 /// number of tile rows and every activation is a bf16; false (nothing written) otherwise.
 pub(crate) fn matmul(
     x: &[f32],
-    w: &[bf16],
+    w: StackedRows<'_, bf16>,
     (m, k, n): (usize, usize, usize),
     out: &mut [f32],
     split: Split,
@@ -91,7 +92,7 @@ pub(crate) fn matmul(
     let Some(packed) = Packed::new(x, (m, k), split) else {
         return false;
     };
-    packed.times(w, n, out, split);
+    packed.times_stacked(w, n, out, split);
     true
 }
 
@@ -115,6 +116,18 @@ impl Packed {
 
     /// `out[m × n] = x · w[n × k]ᵀ`.
     pub(crate) fn times(&self, w: &[bf16], n: usize, out: &mut [f32], split: Split) {
+        let w = StackedRows::new(std::slice::from_ref(&w), self.k);
+        self.times_stacked(w, n, out, split);
+    }
+
+    /// `out[m × n] = x · wᵀ` for `n` rows stacked from parts.
+    pub(crate) fn times_stacked(
+        &self,
+        w: StackedRows<'_, bf16>,
+        n: usize,
+        out: &mut [f32],
+        split: Split,
+    ) {
         // SAFETY: `new` checked the level (AMX, permission granted) and packed `m × k`.
         unsafe { run(&self.tiles, w, self.m, self.k, n, out, split) };
     }
@@ -186,14 +199,14 @@ thread_local! {
 /// `m × k` activations with `k` a multiple of [`DEPTH`]; `w` is `n × k` and `out` `m × n`.
 unsafe fn run(
     packed: &[bf16],
-    w: &[bf16],
+    w: StackedRows<'_, bf16>,
     m: usize,
     k: usize,
     n: usize,
     out: &mut [f32],
     split: Split,
 ) {
-    assert_eq!(w.len(), n * k, "weights are not {n} × {k}");
+    assert!(w.k() == k && w.rows() == n, "weights are not {n} × {k}");
     assert_eq!(out.len(), m * n, "output is not {m} × {n}");
     let y = SharedMut::new(out);
     let part = |cols: Range<usize>| {
@@ -218,7 +231,7 @@ unsafe fn run(
 #[allow(clippy::too_many_arguments)]
 unsafe fn columns(
     packed: &[bf16],
-    w: &[bf16],
+    w: StackedRows<'_, bf16>,
     m: usize,
     k: usize,
     n: usize,
@@ -234,13 +247,16 @@ unsafe fn columns(
     unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly)) };
     for first in cols.clone().step_by(BLOCK) {
         let outputs = (cols.end - first).min(BLOCK);
-        let rows: &[bf16] = if outputs == BLOCK {
-            &w[first * k..(first + BLOCK) * k]
-        } else {
-            padded.clear();
-            padded.extend_from_slice(&w[first * k..(first + outputs) * k]);
-            padded.resize(BLOCK * k, bf16::ZERO);
-            padded
+        let block = first..first + outputs;
+        let rows: &[bf16] = match w.contiguous(block.clone()) {
+            Some(rows) if outputs == BLOCK => rows,
+            // A block past the last whole one, or one across two parts of a stack.
+            _ => {
+                padded.clear();
+                w.pieces(block).for_each(|p| padded.extend_from_slice(p));
+                padded.resize(BLOCK * k, bf16::ZERO);
+                padded
+            }
         };
         let pairs = m.div_ceil(BLOCK);
         for pair in 0..pairs {
@@ -459,10 +475,11 @@ mod tests {
         ] {
             let x = bf16_values(m * k, 1);
             let w: Vec<bf16> = data(n * k, 2).into_iter().map(bf16::from_f32).collect();
+            let parts = [&w[..]];
             for split in [Split::Pool, Split::Here] {
                 let mut out = vec![f32::NAN; m * n];
                 assert!(
-                    matmul(&x, &w, (m, k, n), &mut out, split),
+                    matmul(&x, StackedRows::new(&parts, k), (m, k, n), &mut out, split),
                     "{m} × {k} × {n}"
                 );
                 for i in 0..m {
@@ -512,9 +529,11 @@ mod tests {
         let w = vec![bf16::ONE; n * 64];
         let mut out = vec![f32::NAN; m * n];
         let pool = Split::Pool;
-        assert!(!matmul(&data(m * 64, 3), &w, (m, 64, n), &mut out, pool));
+        let (all, narrow) = ([&w[..]], [&w[..n * 48]]);
+        let (all, narrow) = (StackedRows::new(&all, 64), StackedRows::new(&narrow, 48));
+        assert!(!matmul(&data(m * 64, 3), all, (m, 64, n), &mut out, pool));
         let odd = bf16_values(m * 48, 3);
-        assert!(!matmul(&odd, &w[..n * 48], (m, 48, n), &mut out, pool));
+        assert!(!matmul(&odd, narrow, (m, 48, n), &mut out, pool));
         assert!(out.iter().all(|v| v.is_nan()));
     }
 }

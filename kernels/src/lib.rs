@@ -27,19 +27,21 @@ pub mod norm;
 mod parallel;
 pub mod quant;
 mod simd;
+pub mod stacked;
 
 pub use attention::{
     full_attention, paged_attention, AttentionShape, CachedRow, PagedKv, Probabilities,
 };
 pub use element::Element;
 pub use half::{bf16, f16};
-pub use matmul::{matmul, matmul_rows, WeightRows};
+pub use matmul::{matmul, matmul_rows, matmul_stacked, WeightRows};
 pub use parallel::keep_awake;
 pub use quant::{
     dequantize, packed_matmul, quantized_matmul, Format, PackedMatrix, QuantMatrix, QuantizedRows,
     RmsNormSpec,
 };
 pub use simd::Level;
+pub use stacked::StackedRows;
 
 #[cfg(test)]
 mod test_data {

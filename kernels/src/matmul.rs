@@ -12,6 +12,7 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use crate::parallel::{ranges, SharedMut};
+use crate::stacked::StackedRows;
 use crate::Element;
 
 /// From this many activation rows on, the packed GEMM beats streaming f32 weights once for all
@@ -52,8 +53,26 @@ const BLOCK_ELEMENTS: usize = 1 << 20;
 /// # Panics
 /// When a slice's length does not match the dimensions (a caller bug, not an input error).
 pub fn matmul<T: Element>(x: &[f32], w: &[T], m: usize, k: usize, n: usize, out: &mut [f32]) {
+    matmul_stacked(x, std::slice::from_ref(&w), m, k, n, out);
+}
+
+/// [`matmul`] for weights stacked from `parts` (row-major, `k` wide, part 0's rows first, `n`
+/// rows in all) that lie apart in memory: the same sums, bit for bit, as over the parts copied
+/// together.
+///
+/// # Panics
+/// When a slice's length does not match the dimensions (a caller bug, not an input error).
+pub fn matmul_stacked<T: Element>(
+    x: &[f32],
+    parts: &[&[T]],
+    m: usize,
+    k: usize,
+    n: usize,
+    out: &mut [f32],
+) {
     assert_eq!(x.len(), m * k, "activations are not {m} × {k}");
-    assert_eq!(w.len(), n * k, "weights are not {n} × {k}");
+    let values: usize = parts.iter().map(|p| p.len()).sum();
+    assert_eq!(values, n * k, "weights are not {n} × {k}");
     assert_eq!(out.len(), m * n, "output is not {m} × {n}");
     if m == 0 || n == 0 {
         return;
@@ -61,11 +80,12 @@ pub fn matmul<T: Element>(x: &[f32], w: &[T], m: usize, k: usize, n: usize, out:
     if k == 0 {
         return out.fill(0.0);
     }
-    if m >= AMX_ROWS && on_tiles(x, w, m, k, n, out) {
+    let w = StackedRows::new(parts, k);
+    if m >= AMX_ROWS && on_tiles(x, w, m, out) {
         return;
     }
     if m < gemm_rows::<T>() {
-        streamed(x, w, k, n, out);
+        streamed(x, w, n, out);
     } else {
         blocked(x, &Stored(w), m, k, n, out);
     }
@@ -73,34 +93,31 @@ pub fn matmul<T: Element>(x: &[f32], w: &[T], m: usize, k: usize, n: usize, out:
 
 /// The product on AMX tiles, where the CPU has them, the weights are bf16 and so is every
 /// activation (false: nothing written, the caller's GEMM runs).
-fn on_tiles<T: Element>(x: &[f32], w: &[T], m: usize, k: usize, n: usize, out: &mut [f32]) -> bool {
+fn on_tiles<T: Element>(x: &[f32], w: StackedRows<'_, T>, m: usize, out: &mut [f32]) -> bool {
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-    if let Some(w) = T::as_bf16(w) {
-        return crate::amx::matmul(x, w, (m, k, n), out, crate::amx::Split::Pool);
+    {
+        let parts: Option<Vec<&[crate::bf16]>> = w.parts().iter().map(|p| T::as_bf16(p)).collect();
+        if let Some(parts) = parts {
+            let (k, n) = (w.k(), w.rows());
+            let w = StackedRows::new(&parts, k);
+            return crate::amx::matmul(x, w, (m, k, n), out, crate::amx::Split::Pool);
+        }
     }
-    let _ = (x, w, m, k, n, out);
+    let _ = (x, w, m, out);
     false
 }
 
 /// Each weight row read once for every activation row, in register tiles of up to four
 /// activation rows by two (AVX2) or four (AVX-512) weight rows: each weight widened once per four
 /// rows, each activation loaded once per tile.
-fn streamed<T: Element>(x: &[f32], w: &[T], k: usize, n: usize, out: &mut [f32]) {
+fn streamed<T: Element>(x: &[f32], w: StackedRows<'_, T>, n: usize, out: &mut [f32]) {
+    let k = w.k();
     let parts = ranges(n, rayon::current_num_threads() * 4, 64, 4);
     let y = SharedMut::new(out);
     let xs: Vec<&[f32]> = x.chunks_exact(k).collect();
     parts.into_par_iter().for_each(|cols| {
         // SAFETY: this task alone writes columns `cols` of the m × n output.
-        unsafe {
-            dots(
-                &xs,
-                cols.clone(),
-                |j| &w[j * k..(j + 1) * k],
-                n,
-                y,
-                PREFETCH,
-            )
-        };
+        unsafe { dots(&xs, cols.clone(), |j| w.row(j), n, y, PREFETCH) };
     });
 }
 
@@ -187,15 +204,23 @@ pub trait WeightRows: Sync {
 }
 
 /// Weights in a float storage type.
-struct Stored<'a, T>(&'a [T]);
+struct Stored<'a, T>(StackedRows<'a, T>);
 
 impl<T: Element> WeightRows for Stored<'_, T> {
     fn as_f32(&self) -> Option<&[f32]> {
-        T::as_f32(self.0)
+        match self.0.parts() {
+            [one] => T::as_f32(one),
+            _ => None,
+        }
     }
 
     fn widen_rows(&self, rows: std::ops::Range<usize>, k: usize, out: &mut [f32]) {
-        T::widen(&self.0[rows.start * k..rows.end * k], out);
+        let mut at = 0;
+        for piece in self.0.pieces(rows) {
+            T::widen(piece, &mut out[at..at + piece.len()]);
+            at += piece.len();
+        }
+        debug_assert_eq!(at, out.len(), "rows of {k} values");
     }
 }
 
@@ -327,6 +352,39 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Weights stacked from parts lying apart give the parts-copied-together sums bit for bit,
+    /// on every path (streamed, the GEMM, AMX tiles where the CPU has them: the activations are
+    /// bf16 values), with parts that end inside a tile block and an empty one.
+    fn stacked_check<T: Element>(from: fn(f32) -> T) {
+        let (k, rows) = (64, [20, 0, 44, 36, 32]);
+        let n: usize = rows.iter().sum();
+        let w: Vec<T> = data(n * k, 2).into_iter().map(from).collect();
+        let mut first = 0;
+        let parts: Vec<Vec<T>> = rows
+            .iter()
+            .map(|r| {
+                first += r;
+                w[(first - r) * k..first * k].to_vec()
+            })
+            .collect();
+        let parts: Vec<&[T]> = parts.iter().map(Vec::as_slice).collect();
+        for m in [1, 5, 8, 33, 100] {
+            let x = crate::test_data::bf16_values(m * k, 1);
+            let (mut want, mut got) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
+            matmul(&x, &w, m, k, n, &mut want);
+            matmul_stacked(&x, &parts, m, k, n, &mut got);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{m} rows");
+        }
+    }
+
+    #[test]
+    fn stacked_parts_give_the_copied_stacks_sums() {
+        stacked_check::<f32>(|v| v);
+        stacked_check::<bf16>(bf16::from_f32);
+        stacked_check::<f16>(f16::from_f32);
     }
 
     #[test]

@@ -14,7 +14,9 @@ mod tests;
 
 pub(crate) use elementwise::{add, rms_norm, rope, swiglu};
 pub(crate) use paged::attention;
-pub(crate) use products::{linear, packed, packed_bytes, quantized_linear, tiled_linear};
+pub(crate) use products::{
+    linear, linear_stacked, packed, packed_bytes, quantized_linear, tiled_linear,
+};
 pub(crate) use shared_input::{tiled_linears, Norm};
 
 use crate::batch::Batch;
@@ -48,16 +50,50 @@ enum Elements<'a> {
 /// kernels take; `None` otherwise (the caller falls back to candle).
 fn with_elements<R>(t: &Tensor, f: impl FnOnce(Elements<'_>) -> R) -> Option<R> {
     let (storage, layout) = t.storage_and_layout();
+    Some(f(elements(&storage, layout)?))
+}
+
+/// The elements `layout` places in `storage`, when they are contiguous on the CPU in a float
+/// dtype the kernels take.
+fn elements<'a>(storage: &'a Storage, layout: &candle_core::Layout) -> Option<Elements<'a>> {
     let (start, end) = layout.contiguous_offsets()?;
-    let Storage::Cpu(cpu) = &*storage else {
+    let Storage::Cpu(cpu) = storage else {
         return None;
     };
-    Some(f(match cpu {
+    Some(match cpu {
         CpuStorage::F32(v) => Elements::F32(&v[start..end]),
         CpuStorage::BF16(v) => Elements::Bf16(&v[start..end]),
         CpuStorage::F16(v) => Elements::F16(&v[start..end]),
         _ => return None,
-    }))
+    })
+}
+
+/// Several tensors' elements, as stored, all of one dtype.
+enum Stack<'a> {
+    F32(Vec<&'a [f32]>),
+    Bf16(Vec<&'a [bf16]>),
+    F16(Vec<&'a [f16]>),
+}
+
+/// Calls `f` on the elements of every tensor of `ts` when each is a contiguous CPU tensor and
+/// all are of one float dtype the kernels take; `None` otherwise.
+fn with_stack<R>(ts: &[&Tensor], f: impl FnOnce(Stack<'_>) -> R) -> Option<R> {
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut stack = match ts.first()?.dtype() {
+        DType::F32 => Stack::F32(Vec::new()),
+        DType::BF16 => Stack::Bf16(Vec::new()),
+        DType::F16 => Stack::F16(Vec::new()),
+        _ => return None,
+    };
+    for (storage, layout) in &guards {
+        match (&mut stack, elements(storage, layout)?) {
+            (Stack::F32(v), Elements::F32(e)) => v.push(e),
+            (Stack::Bf16(v), Elements::Bf16(e)) => v.push(e),
+            (Stack::F16(v), Elements::F16(e)) => v.push(e),
+            _ => return None,
+        }
+    }
+    Some(f(stack))
 }
 
 /// Whether the kernels can take this tensor (CPU, float dtype the kernels know).

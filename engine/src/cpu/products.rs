@@ -4,11 +4,11 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, Storage, Tensor};
 use pio_kernels::{
-    dequantize, matmul, matmul_rows, packed_matmul, quantized_matmul, Format, PackedMatrix,
+    dequantize, matmul_rows, matmul_stacked, packed_matmul, quantized_matmul, Format, PackedMatrix,
     QuantMatrix, WeightRows,
 };
 
-use super::{activations, projected, supports, with_elements, with_f32, Elements};
+use super::{activations, projected, supports, with_f32, with_stack, Stack};
 
 /// The kernels' block format for a candle quantized dtype; `None` for formats they lack.
 pub(crate) fn kernel_format(dtype: GgmlDType) -> Option<Format> {
@@ -105,22 +105,36 @@ pub(crate) fn tiled_linear(x: &Tensor, w: &PackedMatrix) -> candle_core::Result<
 /// `x Wᵀ` for `x` of shape `(.., k)` and `w` of shape `(n, k)`, in `x`'s dtype; `None` when the
 /// tensors are not on the CPU or not in a dtype the kernels take.
 pub(crate) fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    if !supports(x) || !supports(w) || !w.is_contiguous() {
+    linear_stacked(x, &[w])
+}
+
+/// [`linear`] for the weights `parts` stacked (each `(n_i, k)`, outputs in order) without
+/// copying them together: the output is `(.., Σ n_i)`, the same values as over the copy.
+pub(crate) fn linear_stacked(x: &Tensor, parts: &[&Tensor]) -> candle_core::Result<Option<Tensor>> {
+    if !supports(x) || !parts.iter().all(|w| supports(w) && w.is_contiguous()) {
         return Ok(None);
     }
-    let (n, k) = w.dims2()?;
-    if x.dims().last() != Some(&k) {
+    let mut n = 0;
+    let mut k = None;
+    for w in parts {
+        let (rows, cols) = w.dims2()?;
+        if k.is_some_and(|k| k != cols) {
+            return Ok(None);
+        }
+        (n, k) = (n + rows, Some(cols));
+    }
+    let Some(k) = k.filter(|&k| x.dims().last() == Some(&k)) else {
         // candle's product reports the mismatch with both shapes.
         return Ok(None);
-    }
+    };
     let xf = activations(x)?;
     let m = xf.elem_count() / k.max(1);
     let mut out = vec![0f32; m * n];
     let done = with_f32(&xf, |xs| {
-        with_elements(w, |ws| match ws {
-            Elements::F32(ws) => matmul(xs, ws, m, k, n, &mut out),
-            Elements::Bf16(ws) => matmul(xs, ws, m, k, n, &mut out),
-            Elements::F16(ws) => matmul(xs, ws, m, k, n, &mut out),
+        with_stack(parts, |ws| match ws {
+            Stack::F32(ws) => matmul_stacked(xs, &ws, m, k, n, &mut out),
+            Stack::Bf16(ws) => matmul_stacked(xs, &ws, m, k, n, &mut out),
+            Stack::F16(ws) => matmul_stacked(xs, &ws, m, k, n, &mut out),
         })
         .is_some()
     });

@@ -167,10 +167,6 @@ impl SimpleBackend for GgufTensors {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        // Two weights as one are the safetensors files' (pages mapped in place), never a GGUF's.
-        if crate::weights::parse_joined(name).is_some() {
-            return false;
-        }
         if let Some(asked) = name.strip_suffix("#stored") {
             return parse_quantized(asked).is_some_and(|(base, format, rows, cols)| {
                 self.is_stored_as(base, format, rows, cols)

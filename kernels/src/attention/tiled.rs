@@ -137,6 +137,10 @@ fn on_tiles(d: usize) -> bool {
 /// buffers, which a parallel product could re-enter (rayon runs other tasks while it waits).
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 fn product(x: &[f32], w: &[bf16], shape: (usize, usize, usize), out: &mut [f32]) -> bool {
+    if !crate::amx::takes(shape.1) {
+        return false;
+    }
+    let w = crate::StackedRows::new(std::slice::from_ref(&w), shape.1);
     crate::amx::matmul(x, w, shape, out, crate::amx::Split::Here)
 }
 

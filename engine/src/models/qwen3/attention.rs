@@ -196,3 +196,41 @@ impl Attention {
         Ok(None)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    /// The stacked query, key and value projections of a mapped checkpoint are the file's own
+    /// pages: files sorted by name keep `k_proj, o_proj, q_proj, v_proj`, so they could not be
+    /// served as one tensor, and before the kernels multiplied parts they were copied together.
+    #[test]
+    fn queries_keys_and_values_stay_the_files_pages() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen3-tiny");
+        let checkpoint = crate::checkpoint::Checkpoint::open(&dir).unwrap();
+        let cfg: Config = checkpoint.config().unwrap();
+        let vb = checkpoint.weights(DType::F32, &Device::Cpu).unwrap();
+        let layer = vb.pp("model.layers.0.self_attn");
+        let attention = Attention::new(&cfg, Quantization::None, layer).unwrap();
+        let Projections::Stacked(Linear::DenseStack(parts)) = &attention.qkv else {
+            panic!("not one stack of the three tensors: {:?}", attention.qkv);
+        };
+        assert_eq!(parts.len(), 3);
+        for (part, rows) in
+            parts
+                .iter()
+                .zip([cfg.num_attention_heads, cfg.kv_heads(), cfg.kv_heads()])
+        {
+            assert_eq!(
+                part.dims2().unwrap(),
+                (rows * cfg.head_dim(), cfg.hidden_size)
+            );
+            assert!(
+                crate::mapping::holds_mapped(part),
+                "a copy, not the file's pages"
+            );
+        }
+    }
+}
