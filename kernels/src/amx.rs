@@ -249,7 +249,10 @@ unsafe fn columns(
     // Two sets: a block's sums leave while the tiles work on the next block's (the stores come
     // after the next block's tile instructions, which the core runs ahead of, not after the
     // products they wait for).
-    let mut sums = [Sums([[0f32; ROWS * ROWS]; 4]), Sums([[0f32; ROWS * ROWS]; 4])];
+    let mut sums = [
+        Sums([[0f32; ROWS * ROWS]; 4]),
+        Sums([[0f32; ROWS * ROWS]; 4]),
+    ];
     // SAFETY: the CPU has AMX (the caller's promise); the configuration is 64-byte aligned.
     unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly)) };
     for first in cols.clone().step_by(BLOCK) {
