@@ -151,3 +151,36 @@ fn sighup_without_a_config_file_changes_nothing_and_stops_nothing() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A reload's supervision reaches the plugin already serving, not only workers started after
+/// it: a request deadline set by SIGHUP cancels the next long request on the worker that was
+/// running before (under the old 600 s it would run its 5 s to the end).
+#[test]
+fn sighup_puts_a_new_request_deadline_on_the_serving_worker() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(
+        echo_dir("[model.options]\ndelay_ms = 100\n"),
+        "[supervisor]\nrequest_timeout_secs = 600\n",
+    );
+    d.wait_ready();
+    let pid = d.plugin("echo")["pid"].clone();
+    let reloads = |d: &Daemon| d.logs().matches("configuration reloaded").count();
+    let before = reloads(&d);
+    std::fs::write(d.config_path(), "[supervisor]\nrequest_timeout_secs = 1\n").unwrap();
+    hangup(&d);
+    eventually("the file is read again", &d, || reloads(&d) > before);
+    let body = json!({"model": "echo", "messages": [{"role": "user", "content": "x".repeat(50)}]});
+    let (status, r) = d.post("/v1/chat/completions", &body);
+    assert_eq!(
+        (status, r["error"]["code"].as_str()),
+        (504, Some("timeout")),
+        "{r}"
+    );
+    assert_eq!(
+        d.plugin("echo")["pid"],
+        pid,
+        "the worker from before the reload"
+    );
+}

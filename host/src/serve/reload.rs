@@ -1,6 +1,6 @@
 //! `SIGHUP`: the daemon reads its configuration file again and applies what can change while it
-//! runs — keys, request limits, loading, supervision and plugin limits (the last two for workers
-//! started from then on) — without dropping a request. A file that does not parse is refused with
+//! runs — keys, request limits, loading, supervision (for plugins already serving too) and plugin
+//! limits (for workers started from then on) — without dropping a request. A file that does not parse is refused with
 //! the reason and the running configuration kept; keys that only a restart can change (listen
 //! address, plugin directories, sandbox policy, …) are named in a warning and keep their values.
 

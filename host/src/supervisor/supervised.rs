@@ -165,10 +165,19 @@ impl Shared {
 /// A supervised plugin.
 pub struct Supervised {
     name: String,
-    tier: String,
-    policy: RestartPolicy,
+    tier: crate::sandbox::Tier,
+    /// The policy in force: a reload replaces it, and the monitor and new requests read it.
+    policy: watch::Sender<RestartPolicy>,
     shared: Arc<Mutex<Shared>>,
     stop: watch::Sender<bool>,
+}
+
+/// `policy` as a plugin of `tier` runs with: `maximum` always has a per-request watchdog.
+fn in_force(mut policy: RestartPolicy, tier: crate::sandbox::Tier) -> RestartPolicy {
+    if tier == crate::sandbox::Tier::Maximum && policy.request_timeout.is_none() {
+        policy.request_timeout = Some(MAXIMUM_WATCHDOG);
+    }
+    policy
 }
 
 fn lock(m: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
@@ -200,12 +209,10 @@ impl Supervised {
     pub async fn start(
         spec: WorkerSpec,
         config: ModelConfig,
-        mut policy: RestartPolicy,
+        policy: RestartPolicy,
     ) -> Result<(Self, ModelInfo), WorkerError> {
-        // `maximum` always runs with a per-request watchdog.
-        if spec.plan.applied == crate::sandbox::Tier::Maximum && policy.request_timeout.is_none() {
-            policy.request_timeout = Some(MAXIMUM_WATCHDOG);
-        }
+        let tier = spec.plan.applied;
+        let (policy, policy_rx) = watch::channel(in_force(policy, tier));
         let (worker, info) = start_and_load(&spec, &config).await.map_err(|(e, _)| e)?;
         let shared = Arc::new(Mutex::new(Shared {
             worker: Some(Arc::new(worker)),
@@ -218,13 +225,20 @@ impl Supervised {
         let (stop, stop_rx) = watch::channel(false);
         let this = Self {
             name: spec.name.clone(),
-            tier: spec.plan.applied.to_string(),
-            policy: policy.clone(),
+            tier,
+            policy,
             shared: shared.clone(),
             stop,
         };
-        tokio::spawn(monitor(spec, config, policy, shared, stop_rx));
+        tokio::spawn(monitor(spec, config, policy_rx, shared, stop_rx));
         Ok((this, info))
+    }
+
+    /// Puts `policy` in force for this plugin from now on, as a configuration reload does: the
+    /// deadline of requests started after it, the next health check, the next restart's backoff
+    /// and crash count (a request already running keeps the deadline it started with).
+    pub fn set_policy(&self, policy: RestartPolicy) {
+        self.policy.send_replace(in_force(policy, self.tier));
     }
 
     /// Starts a request. Fails at once, saying why, while the plugin is restarting or
@@ -236,7 +250,7 @@ impl Supervised {
         let (tx, rx) = mpsc::channel(4);
         let forward = Forward {
             name: self.name.clone(),
-            timeout: self.policy.request_timeout,
+            timeout: self.policy.borrow().request_timeout,
             shared: self.shared.clone(),
             worker,
             id,
@@ -276,7 +290,7 @@ impl Supervised {
             state: shared.state.clone(),
             pid: shared.worker.as_ref().map(|w| w.pid()),
             restarts: shared.restarts,
-            tier: self.tier.clone(),
+            tier: self.tier.to_string(),
             last_error: shared.last_error.clone(),
             stats: shared
                 .retired
@@ -322,6 +336,27 @@ pub(super) fn err(kind: Fault, message: String) -> WorkerError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sandbox::Tier;
+
+    #[test]
+    fn maximum_always_runs_with_a_request_deadline() {
+        let none = RestartPolicy {
+            request_timeout: None,
+            ..RestartPolicy::default()
+        };
+        let deadline =
+            |policy: &RestartPolicy, tier| in_force(policy.clone(), tier).request_timeout;
+        assert_eq!(deadline(&none, Tier::Maximum), Some(MAXIMUM_WATCHDOG));
+        assert_eq!(deadline(&none, Tier::High), None);
+        let short = RestartPolicy {
+            request_timeout: Some(Duration::from_secs(3)),
+            ..none
+        };
+        assert_eq!(
+            deadline(&short, Tier::Maximum),
+            Some(Duration::from_secs(3))
+        );
+    }
 
     #[test]
     fn past_workers_counters_are_kept_across_restarts() {

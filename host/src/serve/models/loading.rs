@@ -68,6 +68,8 @@ impl Models {
                     }
                     let outcome = match (inner.entries.get_mut(&found.manifest.name), result) {
                         (Some(entry), Ok(d)) if !stopping => {
+                            // A reload while it loaded: the supervision in force now.
+                            d.supervised.set_policy(this.config().restart_policy());
                             entry.slot = Slot::Loaded(Arc::new(d));
                             entry.parked = false;
                             entry.over_cap = false;

@@ -79,7 +79,15 @@ impl Models {
 
     /// Puts `config` in force; requests already running keep what they started with.
     pub fn set_config(&self, config: Config) {
+        let policy = config.restart_policy();
         *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+        // Supervision reaches the plugins already serving too (a load that ends after this
+        // takes the configuration in force then: see `loading`).
+        for entry in lock(&self.inner).entries.values() {
+            if let Slot::Loaded(d) = &entry.slot {
+                d.supervised.set_policy(policy.clone());
+            }
+        }
     }
 
     /// Starts loading every unloaded plugin the configuration in force preloads.

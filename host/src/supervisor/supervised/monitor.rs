@@ -16,19 +16,19 @@ use crate::supervisor::handle::{Worker, WorkerSpec};
 pub(super) async fn monitor(
     spec: WorkerSpec,
     config: ModelConfig,
-    policy: RestartPolicy,
+    policies: watch::Receiver<RestartPolicy>,
     shared: Arc<Mutex<Shared>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut crashes: VecDeque<Instant> = VecDeque::new();
-    let mut backoff = policy.initial_backoff;
+    let mut backoff = policies.borrow().initial_backoff;
     loop {
         let Some(worker) = lock(&shared).worker.clone() else {
             return;
         };
         let reason = tokio::select! {
             why = worker.exited() => why,
-            why = watch_health(&worker, &policy, &shared) => {
+            why = watch_health(&worker, &policies, &shared) => {
                 worker.kill_because(why);
                 worker.exited().await
             }
@@ -37,6 +37,12 @@ pub(super) async fn monitor(
         if *stop.borrow() {
             return;
         }
+        // As a reload left it: the crash window and count, the backoff's bounds.
+        let policy = policies.borrow().clone();
+        backoff = backoff.clamp(
+            policy.initial_backoff,
+            policy.max_backoff.max(policy.initial_backoff),
+        );
         // Its cgroup stays until the last handle goes: its final counters are still there.
         let last = worker.stats();
         let now = Instant::now();
@@ -161,11 +167,13 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 /// request (at most one ask at a time: a slow answer must not delay the next check).
 async fn watch_health(
     worker: &Arc<Worker>,
-    policy: &RestartPolicy,
+    policies: &watch::Receiver<RestartPolicy>,
     shared: &Arc<Mutex<Shared>>,
 ) -> String {
     let asking = Arc::new(std::sync::atomic::AtomicBool::new(false));
     loop {
+        // Read at each check: a reload's interval and deadline apply from the next one.
+        let policy = policies.borrow().clone();
         tokio::time::sleep(policy.health_interval).await;
         if worker.ping(policy.health_deadline).await.is_err() {
             return format!(
