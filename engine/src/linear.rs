@@ -330,8 +330,12 @@ impl Module for Linear {
                 // The engine's own kernels on the CPU (candle has no bf16 matrix kernel and a
                 // slow matrix-vector product), and on a GPU for a decode step's few rows;
                 // candle elsewhere.
-                if let Some(y) = crate::cpu::linear(x, l.weight())? {
-                    return with_bias(y, l.bias());
+                let y = match l.bias() {
+                    Some(b) => crate::cpu::biased_linear(x, l.weight(), b)?,
+                    None => crate::cpu::linear(x, l.weight())?,
+                };
+                if let Some(y) = y {
+                    return Ok(y);
                 }
                 #[cfg(feature = "cuda")]
                 if let Some(y) = crate::cuda::gemv::linear(x, l.weight())? {
@@ -473,6 +477,37 @@ mod tests {
                     y.into_iter().map(f32::to_bits).collect::<Vec<_>>()
                 };
                 assert_eq!(bits(&stack), bits(&copy), "{dtype:?}, {rows} rows");
+            }
+        }
+    }
+
+    /// A bias added into the product's output (f32) or after it (bf16) gives what adding it to
+    /// the product's tensor gives, bit for bit.
+    #[test]
+    fn biased_layers_add_their_bias_exactly() {
+        let device = Device::Cpu;
+        for dtype in [DType::F32, DType::BF16] {
+            let w = normal(0.0, 1.0, (24, 64), &device, 1)
+                .to_dtype(dtype)
+                .unwrap();
+            let b = normal(0.0, 1.0, 24, &device, 2).to_dtype(dtype).unwrap();
+            let biased = Linear::Dense(candle_nn::Linear::new(w.clone(), Some(b.clone())));
+            let plain = Linear::Dense(candle_nn::Linear::new(w, None));
+            for rows in [1, 40] {
+                let x = normal(0.0, 1.0, (1, rows, 64), &device, 3)
+                    .to_dtype(dtype)
+                    .unwrap();
+                let want = plain.forward(&x).unwrap().broadcast_add(&b).unwrap();
+                let bits = |y: Tensor| {
+                    let y = y.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+                    let y = y.to_vec1::<f32>().unwrap();
+                    y.into_iter().map(f32::to_bits).collect::<Vec<_>>()
+                };
+                assert_eq!(
+                    bits(biased.forward(&x).unwrap()),
+                    bits(want),
+                    "{dtype:?}, {rows} rows"
+                );
             }
         }
     }

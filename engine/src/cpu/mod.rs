@@ -15,7 +15,7 @@ mod tests;
 pub(crate) use elementwise::{add, rms_norm, rope, swiglu};
 pub(crate) use paged::attention;
 pub(crate) use products::{
-    linear, linear_stacked, packed, packed_bytes, quantized_linear, tiled_linear,
+    biased_linear, linear, linear_stacked, packed, packed_bytes, quantized_linear, tiled_linear,
 };
 pub(crate) use shared_input::{tiled_linears, Norm};
 

@@ -2,13 +2,15 @@
 //! stored (integer dot products) or repacked into the kernels' tiles.
 
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{CpuStorage, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Storage, Tensor};
 use pio_kernels::{
     dequantize, matmul_rows, matmul_stacked, packed_matmul, quantized_matmul, Format, PackedMatrix,
     QuantMatrix, WeightRows,
 };
 
-use super::{activations, projected, supports, with_f32, with_stack, Stack};
+use super::{
+    activations, projected, supports, with_elements, with_f32, with_stack, Elements, Stack,
+};
 
 /// The kernels' block format for a candle quantized dtype; `None` for formats they lack.
 pub(crate) fn kernel_format(dtype: GgmlDType) -> Option<Format> {
@@ -108,9 +110,48 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tenso
     linear_stacked(x, &[w])
 }
 
+/// [`linear`] plus `bias` on every row. Where `x` and `bias` are f32 (a vision tower's layers)
+/// the bias is added into the product's output over the pool: the same sums as adding it after,
+/// without candle's second pass writing a fresh tensor. Elsewhere candle adds it (a narrower
+/// output is rounded first, as before).
+pub(crate) fn biased_linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: &Tensor,
+) -> candle_core::Result<Option<Tensor>> {
+    let n = w.dims2()?.0;
+    let fused = x.dtype() == DType::F32 && bias.dims() == [n] && supports(w);
+    let added = fused
+        .then(|| {
+            with_elements(bias, |b| match b {
+                Elements::F32(b) => product(x, &[w], Some(b)),
+                _ => Ok(None),
+            })
+        })
+        .flatten()
+        .transpose()?
+        .flatten();
+    if let Some(y) = added {
+        return Ok(Some(y));
+    }
+    match linear(x, w)? {
+        Some(y) => y.broadcast_add(bias).map(Some),
+        None => Ok(None),
+    }
+}
+
 /// [`linear`] for the weights `parts` stacked (each `(n_i, k)`, outputs in order) without
 /// copying them together: the output is `(.., Σ n_i)`, the same values as over the copy.
 pub(crate) fn linear_stacked(x: &Tensor, parts: &[&Tensor]) -> candle_core::Result<Option<Tensor>> {
+    product(x, parts, None)
+}
+
+/// `x · [parts]ᵀ`, plus `bias` (one value per output) on every row where given.
+fn product(
+    x: &Tensor,
+    parts: &[&Tensor],
+    bias: Option<&[f32]>,
+) -> candle_core::Result<Option<Tensor>> {
     if !supports(x) || !parts.iter().all(|w| supports(w) && w.is_contiguous()) {
         return Ok(None);
     }
@@ -141,7 +182,24 @@ pub(crate) fn linear_stacked(x: &Tensor, parts: &[&Tensor]) -> candle_core::Resu
     if !done {
         return Ok(None);
     }
+    if let Some(bias) = bias.filter(|b| b.len() == n) {
+        add_rows(&mut out, bias);
+    }
     projected(out, x, n).map(Some)
+}
+
+/// `bias` added to each row of `out` (rows `bias.len()` wide), a few hundred rows per task.
+fn add_rows(out: &mut [f32], bias: &[f32]) {
+    use rayon::prelude::*;
+    let rows = (1 << 16) / bias.len().max(1) + 1;
+    out.par_chunks_mut(rows * bias.len().max(1))
+        .for_each(|block| {
+            for row in block.chunks_exact_mut(bias.len()) {
+                for (y, b) in row.iter_mut().zip(bias) {
+                    *y += b;
+                }
+            }
+        });
 }
 
 /// Rows of blocks, decoded by the kernels.
