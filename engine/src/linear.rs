@@ -193,7 +193,7 @@ impl Linear {
     /// where they lie, see [`Self::DenseStack`]); elsewhere they are concatenated.
     pub fn stacked(&self, other: &Self) -> candle_core::Result<Option<Self>> {
         if let (Some(a), Some(b)) = (self.dense_parts(), other.dense_parts()) {
-            if a[0].dtype() != b[0].dtype() {
+            if a[0].dtype() != b[0].dtype() || a[0].dim(1)? != b[0].dim(1)? {
                 return Ok(None);
             }
             let parts: Vec<Tensor> = a.into_iter().chain(b).cloned().collect();

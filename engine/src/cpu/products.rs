@@ -182,13 +182,14 @@ fn product(
     if !done {
         return Ok(None);
     }
-    if let Some(bias) = bias.filter(|b| b.len() == n) {
+    if let Some(bias) = bias {
+        debug_assert_eq!(bias.len(), n, "a bias per output");
         add_rows(&mut out, bias);
     }
     projected(out, x, n).map(Some)
 }
 
-/// `bias` added to each row of `out` (rows `bias.len()` wide), a few hundred rows per task.
+/// `bias` added to each row of `out` (rows `bias.len()` wide), about 64K values per task.
 fn add_rows(out: &mut [f32], bias: &[f32]) {
     use rayon::prelude::*;
     let rows = (1 << 16) / bias.len().max(1) + 1;
