@@ -39,10 +39,6 @@ pub(super) async fn monitor(
         }
         // As a reload left it: the crash window and count, the backoff's bounds.
         let policy = policies.borrow().clone();
-        backoff = backoff.clamp(
-            policy.initial_backoff,
-            policy.max_backoff.max(policy.initial_backoff),
-        );
         // Its cgroup stays until the last handle goes: its final counters are still there.
         let last = worker.stats();
         let now = Instant::now();
@@ -53,6 +49,7 @@ pub(super) async fn monitor(
         {
             crashes.pop_front();
         }
+        backoff = first_wait(backoff, crashes.len(), &policy);
         {
             let mut s = lock(&shared);
             s.worker = None;
@@ -87,6 +84,21 @@ pub(super) async fn monitor(
             return;
         }
     }
+}
+
+/// The wait before restarting after a crash, `crashes` of them within the policy's window (this
+/// one included), `doubled` the wait the last restarts reached: a crash with none before it in
+/// the window starts again from the initial wait, so a plugin that crashed a few times over days
+/// is not kept down for the longest wait each time; otherwise the doubled wait, within the
+/// policy's bounds (a reload may have moved them).
+fn first_wait(doubled: Duration, crashes: usize, policy: &RestartPolicy) -> Duration {
+    if crashes <= 1 {
+        return policy.initial_backoff;
+    }
+    doubled.clamp(
+        policy.initial_backoff,
+        policy.max_backoff.max(policy.initial_backoff),
+    )
 }
 
 /// Takes the plugin out of service for `why`, saying so in the log: an operator reading it is
@@ -191,5 +203,28 @@ async fn watch_health(
                 asking.store(false, std::sync::atomic::Ordering::Release);
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lone_crash_waits_the_initial_backoff_and_a_run_of_them_the_doubled_one() {
+        let policy = RestartPolicy::default();
+        let (initial, most) = (policy.initial_backoff, policy.max_backoff);
+        assert_eq!(
+            first_wait(most, 1, &policy),
+            initial,
+            "none before it in the window"
+        );
+        assert_eq!(first_wait(4 * initial, 3, &policy), 4 * initial);
+        assert_eq!(first_wait(10 * most, 3, &policy), most, "within the bounds");
+        let reloaded = RestartPolicy {
+            initial_backoff: Duration::from_secs(2),
+            ..policy
+        };
+        assert_eq!(first_wait(initial, 2, &reloaded), Duration::from_secs(2));
     }
 }
