@@ -3,6 +3,8 @@
 //! - [`matmul`]: `y = x Wᵀ` for weights stored as f32, bf16 or f16 and f32 activations. A few
 //!   rows (decode) stream the weights once through SIMD dot products, converting in registers;
 //!   many rows (prefill) go through a packed, cache-blocked GEMM (`matrixmultiply`).
+//!   [`matmul_stacked`] takes the weights as parts lying apart ([`StackedRows`]: a layer stacked
+//!   from several checkpoint tensors, multiplied without copying them together).
 //! - [`quant`]: the same for weights in ggml's block formats (Q8_0, Q4_0, Q4_K, Q6_K), with the
 //!   activations quantized to 8 bits once per product and integer dot products.
 //! - [`attention`]: causal grouped-query attention of new queries over a paged, position-major KV
