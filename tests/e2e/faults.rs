@@ -283,13 +283,15 @@ fn an_operators_load_ends_a_quarantine() {
         d.wait_for(20, "the quarantine", |d| {
             d.plugin("hostile")["state"] == "quarantined"
         });
-        let logs = d.logs();
-        assert!(
-            logs.lines().any(|l| l.contains("ERROR")
-                && l.contains("quarantined")
-                && l.contains("/v1/plugins/hostile/load")),
-            "the quarantine is in the log, with the way out: {logs}"
-        );
+        // The log reaches the test through a pipe and a reader thread, after the state the API
+        // shows: waited for, not read once.
+        d.wait_for(10, "the quarantine in the log, with the way out", |d| {
+            d.logs().lines().any(|l| {
+                l.contains("ERROR")
+                    && l.contains("quarantined")
+                    && l.contains("/v1/plugins/hostile/load")
+            })
+        });
         assert_eq!(d.get("/ready").0, if strict { 503 } else { 200 });
         let (status, r) = d.post("/v1/plugins/hostile/load", &json!({}));
         assert_eq!(status, 200, "{r}");
