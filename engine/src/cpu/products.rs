@@ -119,25 +119,16 @@ pub(crate) fn biased_linear(
     w: &Tensor,
     bias: &Tensor,
 ) -> candle_core::Result<Option<Tensor>> {
-    let n = w.dims2()?.0;
-    let fused = x.dtype() == DType::F32 && bias.dims() == [n] && supports(w);
-    let added = fused
-        .then(|| {
-            with_elements(bias, |b| match b {
-                Elements::F32(b) => product(x, &[w], Some(b)),
-                _ => Ok(None),
-            })
-        })
-        .flatten()
-        .transpose()?
-        .flatten();
-    if let Some(y) = added {
-        return Ok(Some(y));
+    if x.dtype() == DType::F32 && bias.dims() == [w.dims2()?.0] {
+        let fused = with_elements(bias, |b| match b {
+            Elements::F32(b) => product(x, &[w], Some(b)),
+            _ => Ok(None),
+        });
+        if let Some(y) = fused.transpose()?.flatten() {
+            return Ok(Some(y));
+        }
     }
-    match linear(x, w)? {
-        Some(y) => y.broadcast_add(bias).map(Some),
-        None => Ok(None),
-    }
+    linear(x, w)?.map(|y| y.broadcast_add(bias)).transpose()
 }
 
 /// [`linear`] for the weights `parts` stacked (each `(n_i, k)`, outputs in order) without
