@@ -391,3 +391,67 @@ fn pio_run_refuses_what_the_api_refuses_in_the_same_words() {
         );
     }
 }
+
+/// Writes all of `request` before reading, as Python's `requests` does, and returns what came
+/// back: the write must finish (the daemon reads the body it refuses) and the answer must arrive
+/// whole, not lost to a reset.
+fn send_all_then_read(d: &Daemon, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(d.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request)
+        .expect("the daemon stopped reading a refused body: the client's write broke");
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match read_through_signals(&mut s, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) => panic!(
+                "the answer was lost: {e} after {:?}",
+                String::from_utf8_lossy(&out)
+            ),
+        }
+    }
+    String::from_utf8_lossy(&out).to_string()
+}
+
+#[test]
+fn a_client_that_sends_a_whole_large_body_before_reading_gets_the_413() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(echo_dir(""), CONFIG);
+    d.wait_ready();
+    // Far more than the kernel's socket buffers hold on either side.
+    let big = vec![b' '; 32 << 20];
+    let announced = post("/v1/completions", &big, "");
+    let mut chunked = b"POST /v1/completions HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer user\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for piece in big.chunks(1 << 20) {
+        chunked.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+        chunked.extend_from_slice(piece);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    for (what, request) in [("announced", announced), ("chunked", chunked)] {
+        let text = send_all_then_read(&d, &request);
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .unwrap_or_else(|| panic!("{what}: no answer: {text:?}"));
+        assert!(head.starts_with("HTTP/1.1 413"), "{what}: {head}");
+        assert!(
+            head.to_ascii_lowercase().contains("connection: close"),
+            "{what}: {head}"
+        );
+        let body: Value = serde_json::from_str(body).unwrap();
+        assert_openai_4xx(what, 413, &body);
+    }
+    assert_eq!(
+        d.post_raw(
+            "/v1/completions",
+            &base("/v1/completions").to_string(),
+            Some("user")
+        )
+        .0,
+        200
+    );
+}

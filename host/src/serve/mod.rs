@@ -4,6 +4,7 @@
 
 pub mod access;
 pub mod admin;
+mod body;
 mod book;
 pub mod deployment;
 pub mod echo;
@@ -103,42 +104,6 @@ async fn authorize(State(app): State<Arc<App>>, request: Request, next: Next) ->
     }
 }
 
-/// Reads the whole body before any handler runs, within `server.body_timeout_secs` and the body
-/// limit: a client that announces a body and sends it slowly, or never, gets a 408 instead of
-/// holding a handler forever.
-async fn read_body(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
-    let (parts, body) = request.into_parts();
-    // A body announced past the limit is refused at once, not read (or waited for) first.
-    let announced = parts
-        .headers
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if announced.is_some_and(|n| n > app.max_body) {
-        return ApiError::too_large(app.max_body).into_response();
-    }
-    let limit = usize::try_from(app.max_body).unwrap_or(usize::MAX);
-    let secs = app.models.config().server.body_timeout_secs.max(1);
-    let read = axum::body::to_bytes(body, limit);
-    match tokio::time::timeout(Duration::from_secs(secs), read).await {
-        Ok(Ok(bytes)) => {
-            next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
-                .await
-        }
-        Ok(Err(e)) => {
-            let too_large = e
-                .into_inner()
-                .downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some();
-            if too_large {
-                ApiError::too_large(app.max_body).into_response()
-            } else {
-                ApiError::bad_request("the request body could not be read: the client sent less than it announced or broke the framing").into_response()
-            }
-        }
-        Err(_) => ApiError::body_timeout(secs).into_response(),
-    }
-}
-
 async fn wrong_method(request: Request) -> ApiError {
     ApiError::method_not_allowed(request.method(), request.uri().path())
 }
@@ -211,7 +176,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/ui/style.css", get(page::style))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
-        .layer(axum::middleware::from_fn_with_state(app.clone(), read_body))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            body::read_body,
+        ))
         .layer(axum::middleware::from_fn_with_state(app.clone(), authorize))
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn(request_id))

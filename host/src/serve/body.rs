@@ -1,0 +1,101 @@
+//! The request body, read whole before any handler runs: within `server.max_body_size` and
+//! `server.body_timeout_secs`, and refused with a lingering close when it is too large.
+//!
+//! A client that writes all of its body before it reads (Python's `requests` and `httpx` do) would
+//! otherwise lose the 413: a socket closed with unread bytes in its receive queue sends a reset,
+//! and the reset discards the answer waiting in the client's queue. So the refused body is read
+//! and thrown away, for at most the body timeout, while the answer goes out (nginx's lingering
+//! close); the answer says `Connection: close`, and the connection ends once the body does.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, Version};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
+
+use super::error::ApiError;
+use super::App;
+
+/// How reading a body ended short of its bytes.
+#[derive(Debug)]
+enum Unread {
+    /// It passed the limit; the rest of it is still to come.
+    TooLarge(Body),
+    /// The client broke the framing or sent less than it announced.
+    Broken,
+}
+
+/// Reads the whole body before any handler runs, within `server.body_timeout_secs` and the body
+/// limit: a client that announces a body and sends it slowly, or never, gets a 408 instead of
+/// holding a handler forever.
+pub(super) async fn read_body(
+    State(app): State<Arc<App>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let secs = app.models.config().server.body_timeout_secs.max(1);
+    let linger = Duration::from_secs(secs);
+    // A body announced past the limit is refused at once, not read (or waited for) first.
+    let announced = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > app.max_body) {
+        return refuse_too_large(&app, parts.version, body, linger);
+    }
+    let limit = usize::try_from(app.max_body).unwrap_or(usize::MAX);
+    let started = tokio::time::Instant::now();
+    match tokio::time::timeout(linger, read_within(body, limit)).await {
+        Ok(Ok(bytes)) => next.run(Request::from_parts(parts, Body::from(bytes))).await,
+        Ok(Err(Unread::TooLarge(rest))) => {
+            refuse_too_large(&app, parts.version, rest, linger.saturating_sub(started.elapsed()))
+        }
+        Ok(Err(Unread::Broken)) => ApiError::bad_request(
+            "the request body could not be read: the client sent less than it announced or broke the framing",
+        )
+        .into_response(),
+        Err(_) => ApiError::body_timeout(secs).into_response(),
+    }
+}
+
+/// The body's bytes, or why they are not all here: past `limit`, the body is handed back unread.
+async fn read_within(mut body: Body, limit: usize) -> Result<Bytes, Unread> {
+    let mut bytes = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| Unread::Broken)?;
+        // Trailers carry nothing a handler reads.
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if data.len() > limit - bytes.len() {
+            return Err(Unread::TooLarge(body));
+        }
+        bytes.extend_from_slice(&data);
+    }
+    Ok(Bytes::from(bytes))
+}
+
+/// The 413, with the rest of the body read and dropped behind it for at most `linger`.
+fn refuse_too_large(app: &App, version: Version, rest: Body, linger: Duration) -> Response {
+    tokio::spawn(async move {
+        let discard = async {
+            let mut rest = rest;
+            while let Some(Ok(_)) = rest.frame().await {}
+        };
+        // Past the linger the body is dropped, and hyper closes the connection with it.
+        let _ = tokio::time::timeout(linger, discard).await;
+    });
+    let mut response = ApiError::too_large(app.max_body).into_response();
+    // HTTP/2 refuses one stream, not the connection, and has no `Connection` header.
+    if version <= Version::HTTP_11 {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
