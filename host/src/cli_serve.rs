@@ -30,6 +30,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // First, while this process has one thread: it takes the variables out of the environment.
     let systemd = pio_host::serve::systemd::Notifier::from_env().map(std::sync::Arc::new);
     let crate::Settings { mut config, search } = crate::settings(&args.search)?;
+    let config_file = (args.search.config.clone()).map(|path| (path, config.clone()));
     if let Some(listen) = args.listen {
         config.server.listen = listen;
     }
@@ -60,7 +61,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         std::env::current_exe().context("cannot find the running `pio` executable")?;
     let setup = Setup {
         config,
-        config_path: args.search.config.clone(),
+        config_file,
         search,
         policy,
         exe,

@@ -197,10 +197,7 @@ pub async fn serve(setup: Setup) -> Result<(), ServeError> {
             source,
         })?;
     let runtime_dir = setup.store.dir().to_path_buf();
-    let reload = setup.config_path.clone().map(|path| {
-        let before = crate::config::Config::load(&path).unwrap_or_else(|_| setup.config.clone());
-        (path, before)
-    });
+    let reload = setup.config_file.clone();
     let loopback = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
     let systemd = setup.systemd.clone();
     // The folders in force, flags applied (`--plugins` replaces the file's).

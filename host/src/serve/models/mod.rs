@@ -29,8 +29,9 @@ pub struct Setup {
     /// The configuration, flags applied, as the daemon started (see [`Models::config`] for the
     /// one in force).
     pub config: Config,
-    /// The file it came from, re-read on `SIGHUP`.
-    pub config_path: Option<PathBuf>,
+    /// The file it came from, re-read on `SIGHUP`, with what it said at start (before flags): a
+    /// reload compares its restart-only keys with that reading, not a second one.
+    pub config_file: Option<(PathBuf, Config)>,
     /// Where plugins are looked for.
     pub search: SearchPaths,
     /// The sandbox policy, flags applied.
