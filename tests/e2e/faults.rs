@@ -354,3 +354,48 @@ fn a_failed_preload_is_loaded_again_once_its_model_is_whole() {
     d.wait_for(30, "the retried load", |d| d.get("/ready").0 == 200);
     assert_eq!(d.plugin("qwen3-4b-instruct-2507")["state"], "ready");
 }
+
+/// A worker that dies while its version drains (replaced here) is not restarted: nothing new is
+/// sent to it, so a restart would load a model only to stop it. Its request is told so, not
+/// "restarting", and the new version serves on without a restart of its own.
+#[test]
+fn a_draining_worker_that_dies_is_not_restarted() {
+    if !confinement_available() {
+        return;
+    }
+    let d = restarting_hostile();
+    let old = d.plugin("hostile")["pid"].clone();
+    let old_pid = old.as_i64().expect("a worker pid") as i32;
+    std::thread::scope(|s| {
+        let running = s.spawn(|| complete(&d, "hostile", "spin 60"));
+        d.wait_for(10, "the request to run", |d| {
+            d.plugin("hostile")["requests_in_flight"] == 1
+        });
+        let reload = s.spawn(|| d.post("/v1/plugins/hostile/reload", &json!({})));
+        d.wait_for(20, "the new version to serve", |d| {
+            d.plugin("hostile")["pid"] != old
+        });
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(old_pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let (status, r) = running.join().unwrap();
+        assert_eq!(status, 500, "{r}");
+        let message = r["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("killed by SIGKILL")
+                && message.contains("not restarted")
+                && !message.contains("restarting"),
+            "{message}"
+        );
+        let (status, r) = reload.join().unwrap();
+        assert_eq!(status, 200, "{r}");
+    });
+    let logs = d.logs();
+    assert!(logs.contains("not restarted, as it was draining"), "{logs}");
+    assert!(!logs.contains("restarting in"), "{logs}");
+    let now = d.plugin("hostile");
+    assert_eq!(now["restarts"], 0, "{now}");
+    assert_eq!(complete(&d, "hostile", "status").0, 200);
+}

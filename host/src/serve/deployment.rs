@@ -167,6 +167,7 @@ impl Deployment {
     /// Waits until no request holds it, at most `deadline`; then stops its worker. Returns how
     /// many requests were still running when the deadline cut them off.
     pub async fn drain_and_stop(&self, deadline: Duration) -> usize {
+        self.supervised.begin_drain();
         let wait = async {
             loop {
                 let idle = self.idle.notified();

@@ -89,11 +89,15 @@ impl Forward {
                 })
             }
             Event::Failed(e) if e.kind == Fault::WorkerDied => Event::Failed(WireError {
-                message: format!("{}; restarting", e.message),
+                message: format!("{}; {}", e.message, self.after_death("restarting")),
                 ..e
             }),
             Event::Failed(e) if e.kind == Fault::Panicked => Event::Failed(WireError {
-                message: format!("{}; its worker is being restarted", e.message),
+                message: format!(
+                    "{}; {}",
+                    e.message,
+                    self.after_death("its worker is being restarted")
+                ),
                 ..e
             }),
             Event::Done(outcome) => {
@@ -103,6 +107,15 @@ impl Forward {
                 Event::Done(outcome)
             }
             other => other,
+        }
+    }
+
+    /// What follows a worker's death: `restart` in words, or none while the plugin drains.
+    fn after_death<'a>(&self, restart: &'a str) -> &'a str {
+        if lock(&self.shared).draining() {
+            "not restarted, as this version of the plugin was draining to stop (replaced, unloaded, or the daemon stopping)"
+        } else {
+            restart
         }
     }
 

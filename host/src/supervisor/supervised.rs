@@ -106,6 +106,9 @@ pub(super) struct Shared {
     engine: Option<EngineStats>,
     /// What the workers before the current one used.
     retired: Retired,
+    /// Set once the plugin drains before it stops (replaced, unloaded, the daemon stopping): a
+    /// worker that dies then is not replaced, as nothing new will be sent to it.
+    draining: bool,
 }
 
 /// What a plugin's past workers used, kept for its status: the counters a cgroup keeps go with
@@ -149,6 +152,11 @@ impl Shared {
     /// Whether the plugin was stopped on purpose (no restart follows).
     pub(super) fn stopped(&self) -> bool {
         self.state == State::Stopped
+    }
+
+    /// Whether a worker that dies now is left dead: the plugin is draining to stop.
+    pub(super) fn draining(&self) -> bool {
+        self.draining
     }
 
     /// Keeps `figures`, from worker `from`, if they are the newest seen: concurrent requests end
@@ -221,6 +229,7 @@ impl Supervised {
             last_error: None,
             engine: None,
             retired: Retired::default(),
+            draining: false,
         }));
         let (stop, stop_rx) = watch::channel(false);
         let this = Self {
@@ -239,6 +248,12 @@ impl Supervised {
     /// and crash count (a request already running keeps the deadline it started with).
     pub fn set_policy(&self, policy: RestartPolicy) {
         self.policy.send_replace(in_force(policy, self.tier));
+    }
+
+    /// Marks the plugin as draining before it stops: its worker, should it die now, is not
+    /// replaced (the requests it ran are told so, and a later one is told to retry).
+    pub fn begin_drain(&self) {
+        lock(&self.shared).draining = true;
     }
 
     /// Starts a request. Fails at once, saying why, while the plugin is restarting or
@@ -271,6 +286,13 @@ impl Supervised {
             (State::Stopped, _) => Err(err(
                 Fault::Stopped,
                 format!("plugin {} is stopped", self.name),
+            )),
+            _ if shared.draining => Err(err(
+                Fault::Stopped,
+                format!(
+                    "plugin {} was being replaced or unloaded when its worker ended; retry",
+                    self.name
+                ),
             )),
             _ => Err(err(
                 Fault::Restarting,

@@ -59,6 +59,10 @@ pub(super) async fn monitor(
             s.retired.engine = EngineCounts::sum(s.retired.engine, engine);
             s.retired.add(last.as_ref());
             s.last_error = Some(reason.clone());
+            if s.draining() {
+                tracing::warn!(plugin = %spec.name, "{reason}; not restarted, as it was draining to stop (replaced, unloaded, or the daemon stopping)");
+                return;
+            }
             if crashes.len() > policy.max_crashes {
                 let why = format!(
                     "{} failures within {} s, the last: {reason}",
