@@ -74,6 +74,12 @@ fn post(path: &str, body: &[u8], extra: &str) -> Vec<u8> {
     r
 }
 
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
 /// A 4xx in OpenAI's error shape.
 fn assert_openai_4xx(what: &str, status: u16, body: &Value) {
     assert!((400..500).contains(&status), "{what}: got {status}: {body}");
@@ -235,6 +241,9 @@ fn every_bad_input_gets_a_prompt_openai_4xx_and_the_daemon_keeps_serving() {
         ("an admin action on no plugin", b"POST /v1/plugins/nothing/unload HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer admin\r\nContent-Length: 0\r\n\r\n".to_vec(), 404),
         ("an unknown admin action", b"POST /v1/plugins/echo/explode HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer admin\r\nContent-Length: 0\r\n\r\n".to_vec(), 404),
         ("a body longer than announced", b"POST /v1/completions HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer user\r\nContent-Length: 5\r\n\r\n{\"model\": \"echo\", \"prompt\": \"x\"}".to_vec(), 400),
+        ("a body in a coding not read", post("/v1/completions", b"{}", "Content-Encoding: br\r\n"), 415),
+        ("gzip that is not gzip", post("/v1/completions", b"{\"model\": \"echo\"}", "Content-Encoding: gzip\r\n"), 400),
+        ("gzip past the limit once inflated", post("/v1/completions", &gzip(&vec![b' '; 1 << 20]), "Content-Encoding: gzip\r\n"), 413),
         ("bad chunked framing", b"POST /v1/completions HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer user\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n".to_vec(), 400),
     ];
     for (what, request, expected) in cases {
@@ -247,6 +256,20 @@ fn every_bad_input_gets_a_prompt_openai_4xx_and_the_daemon_keeps_serving() {
         assert_openai_4xx(what, status, &body);
         assert!(started.elapsed() < Duration::from_secs(2), "{what}: slow");
     }
+
+    // A compressed body is read as what it decodes to.
+    let body = base("/v1/completions").to_string();
+    let (status, answer) = raw(
+        &d,
+        &post(
+            "/v1/completions",
+            &gzip(body.as_bytes()),
+            "Content-Encoding: gzip\r\n",
+        ),
+        Duration::ZERO,
+    )
+    .expect("an answer to a gzip body");
+    assert_eq!(status, 200, "{answer}");
 
     // A body announced and never sent: a 408 once server.body_timeout_secs passes.
     let (status, body) = raw(

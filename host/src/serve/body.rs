@@ -1,5 +1,6 @@
 //! The request body, read whole before any handler runs: within `server.max_body_size` and
-//! `server.body_timeout_secs`, and refused with a lingering close when it is too large.
+//! `server.body_timeout_secs`, its content coding undone ([`super::encoding`]), and refused with
+//! a lingering close when it is too large or in a coding this server does not read.
 //!
 //! A client that writes all of its body before it reads (Python's `requests` and `httpx` do) would
 //! otherwise lose the 413: a socket closed with unread bytes in its receive queue sends a reset,
@@ -17,6 +18,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 
+use super::encoding;
 use super::error::ApiError;
 use super::App;
 
@@ -46,14 +48,40 @@ pub(super) async fn read_body(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if announced.is_some_and(|n| n > app.max_body) {
-        return refuse_too_large(&app, parts.version, body, linger);
+        let refusal = ApiError::too_large(app.max_body);
+        return refuse(refusal, parts.version, body, linger);
     }
+    let codings = match encoding::codings(&parts.headers) {
+        Ok(codings) => codings,
+        Err(e) => return refuse(ApiError::undecodable(&e), parts.version, body, linger),
+    };
     let limit = usize::try_from(app.max_body).unwrap_or(usize::MAX);
     let started = tokio::time::Instant::now();
     match tokio::time::timeout(linger, read_within(body, limit)).await {
-        Ok(Ok(bytes)) => next.run(Request::from_parts(parts, Body::from(bytes))).await,
+        Ok(Ok(bytes)) if codings.is_empty() => {
+            next.run(Request::from_parts(parts, Body::from(bytes))).await
+        }
+        Ok(Ok(bytes)) => {
+            // Inflating megabytes is CPU work: off the threads that serve connections.
+            let decoded = tokio::task::spawn_blocking(move || {
+                encoding::decode(bytes.into(), &codings, limit)
+            })
+            .await;
+            match decoded {
+                Ok(Ok(decoded)) => {
+                    let mut parts = parts;
+                    parts.headers.remove(header::CONTENT_ENCODING);
+                    parts.headers.insert(header::CONTENT_LENGTH, decoded.len().into());
+                    next.run(Request::from_parts(parts, Body::from(decoded))).await
+                }
+                Ok(Err(e)) => ApiError::undecodable(&e).into_response(),
+                Err(e) => ApiError::internal(format!("decoding the request body failed: {e}"))
+                    .into_response(),
+            }
+        }
         Ok(Err(Unread::TooLarge(rest))) => {
-            refuse_too_large(&app, parts.version, rest, linger.saturating_sub(started.elapsed()))
+            let refusal = ApiError::too_large(app.max_body);
+            refuse(refusal, parts.version, rest, linger.saturating_sub(started.elapsed()))
         }
         Ok(Err(Unread::Broken)) => ApiError::bad_request(
             "the request body could not be read: the client sent less than it announced or broke the framing",
@@ -80,8 +108,8 @@ async fn read_within(mut body: Body, limit: usize) -> Result<Bytes, Unread> {
     Ok(Bytes::from(bytes))
 }
 
-/// The 413, with the rest of the body read and dropped behind it for at most `linger`.
-fn refuse_too_large(app: &App, version: Version, rest: Body, linger: Duration) -> Response {
+/// `refusal`, with the rest of the body read and dropped behind it for at most `linger`.
+fn refuse(refusal: ApiError, version: Version, rest: Body, linger: Duration) -> Response {
     tokio::spawn(async move {
         let discard = async {
             let mut rest = rest;
@@ -90,7 +118,7 @@ fn refuse_too_large(app: &App, version: Version, rest: Body, linger: Duration) -
         // Past the linger the body is dropped, and hyper closes the connection with it.
         let _ = tokio::time::timeout(linger, discard).await;
     });
-    let mut response = ApiError::too_large(app.max_body).into_response();
+    let mut response = refusal.into_response();
     // HTTP/2 refuses one stream, not the connection, and has no `Connection` header.
     if version <= Version::HTTP_11 {
         response

@@ -115,6 +115,20 @@ impl ApiError {
         )
     }
 
+    /// 413 or 415 or 400: a body whose content coding cannot be undone within the limit.
+    pub fn undecodable(e: &super::encoding::DecodeError) -> Self {
+        use super::encoding::DecodeError;
+        let (status, code) = match e {
+            DecodeError::Unsupported(_) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_content_encoding",
+            ),
+            DecodeError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "request_too_large"),
+            DecodeError::Corrupt { .. } => (StatusCode::BAD_REQUEST, "invalid_request"),
+        };
+        Self::new(status, code, e.to_string())
+    }
+
     /// 429.
     pub fn queue_full(model: &str, depth: usize) -> Self {
         Self {
@@ -152,7 +166,7 @@ impl ApiError {
     /// The OpenAI `type` for this status.
     fn kind(&self) -> &'static str {
         match self.status.as_u16() {
-            400 | 404 | 405 | 408 | 413 => "invalid_request_error",
+            400 | 404 | 405 | 408 | 413 | 415 => "invalid_request_error",
             401 => "authentication_error",
             403 => "permission_error",
             429 => "rate_limit_error",

@@ -8,6 +8,7 @@ mod body;
 mod book;
 pub mod deployment;
 pub mod echo;
+pub mod encoding;
 pub mod error;
 pub mod hotplug;
 pub mod inference;
