@@ -349,16 +349,19 @@ fn tail(stderr: &str) -> String {
 
 /// The confinement every probe gets before it loads a library (whose constructors run at load):
 /// the base of the `low` tier without a cgroup — the workers' unprivileged `user` when started as
-/// root, no_new_privs, no core dumps.
+/// root, no_new_privs, no core dumps — and, as root can make one, an empty network namespace:
+/// reading what a library is needs no network, and the probe runs before any tier applies (a
+/// `maximum` manifest's library included).
 fn probe_plan(user: (u32, u32)) -> Plan {
+    let root = nix::unistd::geteuid().is_root();
     Plan {
         requested: Tier::Low,
         applied: Tier::Low,
         downgrade_reason: None,
-        drop_to: nix::unistd::geteuid().is_root().then_some(user),
+        drop_to: root.then_some(user),
         limits: ResolvedLimits::default(),
         cgroup: false,
-        no_network: false,
+        no_network: root,
         isolation: None,
     }
 }

@@ -454,6 +454,30 @@ fn at_low_the_network_is_open() {
     assert_eq!(ran.stdout.trim(), "connected", "{}", ran.stderr);
 }
 
+/// A library probe runs plugin code (constructors, `supports_config`) for any manifest, `maximum`
+/// ones included, before any tier applies: it gets no network.
+#[test]
+fn a_library_probe_has_no_network() {
+    if !confinement_available() {
+        return;
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let dir = PluginDir::new();
+    dir.copy_lib("pio_test_plugin_hostile", "libhostile.so");
+    let options = format!("[model.options]\nprobe_connect = {port}\n");
+    let path = dir.write(
+        "hostile.toml",
+        &manifest("hostile", "0.1.0", "libhostile.so", &options),
+    );
+    let out = pio(dir.path(), &["check", path.to_str().unwrap()]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    listener.set_nonblocking(true).unwrap();
+    assert!(listener.accept().is_err(), "the probe connected: {text}");
+}
+
 #[test]
 fn list_start_reports_each_worker_from_its_cgroup() {
     if !confinement_available() {

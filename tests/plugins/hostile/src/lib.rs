@@ -479,7 +479,15 @@ impl PluginImpl for Hostile {
         Ok(Hostile::default())
     }
 
-    fn supports_config(&self, _: &ModelConfig) -> Result<(), PluginError> {
+    fn supports_config(&self, config: &ModelConfig) -> Result<(), PluginError> {
+        // How the tests see what a library probe can reach: asked to, it connects to a local
+        // port, and a connection that goes through refuses the config, saying so.
+        if let Some(port) = config.extra.get("probe_connect").and_then(|v| v.as_u64()) {
+            let port = u16::try_from(port).unwrap_or(1);
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Err(PluginError::invalid_config("the probe reached the network"));
+            }
+        }
         Ok(())
     }
 
