@@ -8,7 +8,8 @@
 //! than any cache holds, as GB/s of weights beside a plain streaming read of the same bytes
 //! (`-- --decode` stops after it).
 //!
-//! Last, a prompt's products at larger shapes (`-- --prefill` runs only those).
+//! Last, a prompt's products at larger shapes (`-- --prefill` runs only those; `--rows N` sets
+//! the prompt's length, 512 by default).
 //!
 //! Run: `cargo bench -p pio-kernels --bench matmul` (`RAYON_NUM_THREADS` sets the threads).
 
@@ -98,7 +99,11 @@ const PREFILL_SHAPES: [(usize, usize); 4] =
 /// PyTorch's bf16 `linear` on the same shapes in the same run (`tests/bench/torch_linear.py`),
 /// where python3 has torch.
 fn prefill() {
-    let m = 512;
+    // `--rows N`: another prompt length (a vision tower's 1280×720 image is 3,520 patches).
+    let args: Vec<String> = std::env::args().collect();
+    let m = (args.iter().position(|a| a == "--rows"))
+        .and_then(|i| args.get(i + 1)?.parse().ok())
+        .unwrap_or(512);
     let torch = torch_linear(m);
     println!("bf16 prefill, {m} rows: GFLOP/s (matmul's choice | always GEMM | PyTorch's linear)");
     for (i, &(k, n)) in PREFILL_SHAPES.iter().enumerate() {
