@@ -300,6 +300,27 @@ fn every_bad_input_gets_a_prompt_openai_4xx_and_the_daemon_keeps_serving() {
         started.elapsed()
     );
 
+    // One that waits for `100 Continue` has sent nothing to drain: its 413 is the first line it
+    // reads, and the connection closes behind it at once rather than waiting out the body
+    // timeout for a body that will not come.
+    let mut s = TcpStream::connect(d.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer user\r\nExpect: 100-continue\r\nContent-Length: 20000000\r\n\r\n")
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n @ 1..) = read_through_signals(&mut s, &mut buf) {
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let answer = String::from_utf8_lossy(&answer).to_string();
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "held open for {:?}",
+        started.elapsed()
+    );
+
     // Idle connections and half-sent heads hold nothing: others are served meanwhile, and the
     // daemon closes them after server.header_timeout_secs.
     let mut idle: Vec<TcpStream> = (0..40)

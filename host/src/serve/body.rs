@@ -47,13 +47,18 @@ pub(super) async fn read_body(
         .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    // A client that waits for `100 Continue` has sent no body to drain; reading it would have
+    // hyper invite the body the answer refuses.
+    let waits = (parts.headers.get(header::EXPECT))
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let at_once = if waits { Duration::ZERO } else { linger };
     if announced.is_some_and(|n| n > app.max_body) {
         let refusal = ApiError::too_large(app.max_body);
-        return refuse(refusal, parts.version, body, linger);
+        return refuse(refusal, parts.version, body, at_once);
     }
     let codings = match encoding::codings(&parts.headers) {
         Ok(codings) => codings,
-        Err(e) => return refuse(ApiError::undecodable(&e), parts.version, body, linger),
+        Err(e) => return refuse(ApiError::undecodable(&e), parts.version, body, at_once),
     };
     let limit = usize::try_from(app.max_body).unwrap_or(usize::MAX);
     let started = tokio::time::Instant::now();
@@ -108,16 +113,14 @@ async fn read_within(mut body: Body, limit: usize) -> Result<Bytes, Unread> {
     Ok(Bytes::from(bytes))
 }
 
-/// `refusal`, with the rest of the body read and dropped behind it for at most `linger`.
+/// `refusal`, with the rest of the body read and dropped behind it for at most `linger` (zero:
+/// not read at all).
 fn refuse(refusal: ApiError, version: Version, rest: Body, linger: Duration) -> Response {
-    tokio::spawn(async move {
-        let discard = async {
-            let mut rest = rest;
-            while let Some(Ok(_)) = rest.frame().await {}
-        };
-        // Past the linger the body is dropped, and hyper closes the connection with it.
-        let _ = tokio::time::timeout(linger, discard).await;
-    });
+    if linger.is_zero() {
+        drop(rest);
+    } else {
+        tokio::spawn(drain(rest, linger));
+    }
     let mut response = refusal.into_response();
     // HTTP/2 refuses one stream, not the connection, and has no `Connection` header.
     if version <= Version::HTTP_11 {
@@ -126,4 +129,11 @@ fn refuse(refusal: ApiError, version: Version, rest: Body, linger: Duration) -> 
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     response
+}
+
+/// Reads and drops `rest` for at most `linger`; past it the body is dropped, and hyper closes the
+/// connection with it.
+async fn drain(mut rest: Body, linger: Duration) {
+    let discard = async { while let Some(Ok(_)) = rest.frame().await {} };
+    let _ = tokio::time::timeout(linger, discard).await;
 }
