@@ -13,7 +13,8 @@
 //! transformers' bf16 tower has them).
 //!
 //! The tiles compute `(x Wᵀ)ᵀ` a 32 × 32 block at a time (two weight tiles by two activation
-//! tiles, four accumulators), written back transposed.
+//! tiles, four accumulators), written back transposed — or as they are, for a caller that wants
+//! `W xᵀ` (attention's probabilities times its values: [`Packed::transposed_into`]).
 
 use std::arch::asm;
 use std::arch::x86_64::__m512;
@@ -114,10 +115,25 @@ impl Packed {
         Some(Self { tiles, m, k })
     }
 
-    /// `out[m × n] = x · w[n × k]ᵀ`.
-    pub(crate) fn times(&self, w: &[bf16], n: usize, out: &mut [f32], split: Split) {
-        let w = StackedRows::new(std::slice::from_ref(&w), self.k);
-        self.times_stacked(w, n, out, split);
+    /// `x` (`m × k`, bf16 already) packed, when the level allows the tiles and `k` is a whole
+    /// number of tile rows; `None` otherwise. On the calling thread.
+    pub(crate) fn from_bf16(x: &[bf16], (m, k): (usize, usize)) -> Option<Self> {
+        if !takes(k) {
+            return None;
+        }
+        assert_eq!(x.len(), m * k, "activations are not {m} × {k}");
+        let depth_blocks = k / DEPTH;
+        let mut tiles = vec![bf16::ZERO; m.div_ceil(BLOCK) * 2 * depth_blocks * TILE];
+        let (size, rows) = (depth_blocks * TILE, ROWS * k);
+        for (tiles, rows) in tiles.chunks_mut(size).zip(x.chunks(rows)) {
+            for (i, row) in rows.chunks_exact(k).enumerate() {
+                for (p, pair) in row.chunks_exact(2).enumerate() {
+                    let at = p / (DEPTH / 2) * TILE + p % (DEPTH / 2) * DEPTH + i * 2;
+                    tiles[at..at + 2].copy_from_slice(pair);
+                }
+            }
+        }
+        Some(Self { tiles, m, k })
     }
 
     /// `out[m × n] = x · wᵀ` for `n` rows stacked from parts.
@@ -128,9 +144,50 @@ impl Packed {
         out: &mut [f32],
         split: Split,
     ) {
-        // SAFETY: `new` checked the level (AMX, permission granted) and packed `m × k`.
+        assert_eq!(out.len(), self.m * n, "output is not {} × {n}", self.m);
+        let out = Out::Product(SharedMut::new(out), n);
+        // SAFETY: `new` checked the level (AMX, permission granted) and packed `m × k`; `out`
+        // is `m × n` and this call's alone.
         unsafe { run(&self.tiles, w, self.m, self.k, n, out, split) };
     }
+
+    /// `y[at + j·stride + i] = (w · xᵀ)[j][i]` for the `n` rows `j` of `w` and the first `m`
+    /// rows `i` of `x` (at most all): the product transposed, as the tiles hold it, so nothing
+    /// is transposed on the way out; written into rows `stride` apart (a head's columns of a
+    /// wider output, say).
+    ///
+    /// # Safety
+    /// Rows `at + j·stride`, `j < n`, of `m` values each lie inside `y`, and nothing else
+    /// writes them meanwhile.
+    pub(crate) unsafe fn transposed_into(
+        &self,
+        (w, n): (&[bf16], usize),
+        m: usize,
+        y: SharedMut<f32>,
+        (at, stride): (usize, usize),
+        split: Split,
+    ) {
+        assert!(m <= self.m, "{m} rows of {} packed", self.m);
+        let w = StackedRows::new(std::slice::from_ref(&w), self.k);
+        let out = Out::Transposed(y, at, stride);
+        // SAFETY: as `times_stacked` (the first `m` rows' blocks are a prefix of the packed
+        // ones); the caller's promise for `y`.
+        unsafe { run(&self.tiles, w, m, self.k, n, out, split) };
+    }
+
+    /// The rows packed.
+    pub(crate) fn rows(&self) -> usize {
+        self.m
+    }
+}
+
+/// Where a product's sums go.
+#[derive(Clone, Copy)]
+enum Out {
+    /// `x · wᵀ`, row-major `m × n` (the second field): the accumulators transposed on their way.
+    Product(SharedMut<f32>, usize),
+    /// `w · xᵀ` as the accumulators hold it: row `j` from the second field, rows the third apart.
+    Transposed(SharedMut<f32>, usize, usize),
 }
 
 /// The activations as the tiles' right operand: per block of 16 rows and 32 columns, 16 rows of
@@ -196,23 +253,22 @@ thread_local! {
 ///
 /// # Safety
 /// The CPU has AMX-BF16 and the process may use the tile state; `packed` is [`pack`]'s layout of
-/// `m × k` activations with `k` a multiple of [`DEPTH`]; `w` is `n × k` and `out` `m × n`.
+/// `m × k` activations with `k` a multiple of [`DEPTH`]; `w` is `n × k`; `out` holds the `m × n`
+/// sums where it says, and nothing else writes there meanwhile.
 unsafe fn run(
     packed: &[bf16],
     w: StackedRows<'_, bf16>,
     m: usize,
     k: usize,
     n: usize,
-    out: &mut [f32],
+    out: Out,
     split: Split,
 ) {
     assert!(w.k() == k && w.rows() == n, "weights are not {n} × {k}");
-    assert_eq!(out.len(), m * n, "output is not {m} × {n}");
-    let y = SharedMut::new(out);
     let part = |cols: Range<usize>| {
         PADDED.with_borrow_mut(|padded| {
             // SAFETY: the caller's promises; this task alone writes columns `cols`.
-            unsafe { columns(packed, w, m, k, n, cols, padded, y) }
+            unsafe { columns(packed, w, (m, k), cols, padded, out) }
         })
     };
     match split {
@@ -252,16 +308,13 @@ struct Sums([[f32; ROWS * ROWS]; 4]);
 ///
 /// # Safety
 /// As [`run`]; nothing else writes the columns `cols` meanwhile.
-#[allow(clippy::too_many_arguments)]
 unsafe fn columns(
     packed: &[bf16],
     w: StackedRows<'_, bf16>,
-    m: usize,
-    k: usize,
-    n: usize,
+    (m, k): (usize, usize),
     cols: Range<usize>,
     padded: &mut Vec<bf16>,
-    y: SharedMut<f32>,
+    y: Out,
 ) {
     // Two sets: a block's sums leave while the tiles work on the next block's (the stores come
     // after the next block's tile instructions, which the core runs ahead of, not after the
@@ -296,11 +349,11 @@ unsafe fn columns(
                 if pair > pairs.start {
                     // SAFETY: the block lies in the output's columns `cols` (the caller's
                     // promise).
-                    unsafe { put_block(before, y, m, n, (first, outputs, pair - 1)) };
+                    unsafe { put_block(before, y, m, (first, outputs, pair - 1)) };
                 }
                 if pair + 1 == pairs.end {
                     // SAFETY: as above.
-                    unsafe { put_block(now, y, m, n, (first, outputs, pair)) };
+                    unsafe { put_block(now, y, m, (first, outputs, pair)) };
                 }
             }
         }
@@ -387,9 +440,8 @@ unsafe fn multiply(rows: &[bf16], acts: &[bf16], k: usize, sums: &mut [[f32; ROW
 #[target_feature(enable = "avx512f")]
 unsafe fn put_block(
     sums: &[[f32; ROWS * ROWS]; 4],
-    y: SharedMut<f32>,
+    y: Out,
     m: usize,
-    n: usize,
     (first, outputs, pair): (usize, usize, usize),
 ) {
     for (t, sum) in sums.iter().enumerate() {
@@ -400,9 +452,41 @@ unsafe fn put_block(
             // Padding only (not even a pointer into the output is formed).
             continue;
         }
-        // SAFETY: rows row0.. and columns col0.. of the output as far as they exist; the CPU
-        // has AVX-512F (the caller's promise).
-        unsafe { put(sum, y, n, (row0, rows), (col0, cols)) };
+        match y {
+            // SAFETY: rows row0.. and columns col0.. of the output as far as they exist; the
+            // CPU has AVX-512F (the caller's promise).
+            Out::Product(y, n) => unsafe { put(sum, y, n, (row0, rows), (col0, cols)) },
+            // SAFETY: as above, in the transposed output's rows col0.. and columns row0...
+            Out::Transposed(y, at, stride) => unsafe {
+                put_as_held(sum, y, (at, stride), (col0, cols), (row0, rows))
+            },
+        }
+    }
+}
+
+/// One accumulator as it is held — line `r` is output row `row0 + r`, its 16 values columns
+/// `col0..` — into rows `stride` apart from `at`: a store per line, masked to `cols`.
+///
+/// # Safety
+/// The CPU has AVX-512F; `rows ≤ 16` rows `at + (row0 + r)·stride`, `cols ≤ 16` values from
+/// `col0` each, lie inside `y` and nothing else writes them meanwhile.
+#[target_feature(enable = "avx512f")]
+unsafe fn put_as_held(
+    sum: &[f32; ROWS * ROWS],
+    y: SharedMut<f32>,
+    (at, stride): (usize, usize),
+    (row0, rows): (usize, usize),
+    (col0, cols): (usize, usize),
+) {
+    use std::arch::x86_64::{__mmask16, _mm512_loadu_ps, _mm512_mask_storeu_ps};
+    let mask = (((1u32 << cols) - 1) & 0xffff) as __mmask16;
+    for r in 0..rows {
+        // SAFETY: `sum` holds 16 lines of 16; the caller's promise for the store, which the mask
+        // keeps to `cols` values.
+        unsafe {
+            let line = _mm512_loadu_ps(sum[ROWS * r..].as_ptr());
+            _mm512_mask_storeu_ps(y.at(at + (row0 + r) * stride + col0), mask, line);
+        }
     }
 }
 

@@ -144,22 +144,31 @@ mod tests {
             let mut buf = Vec::new();
             let packed = tiled::values_packed(&kv, (len, kv_heads * d, d, d), &mut buf)
                 .expect("the tiles declined bf16 values");
-            let rows = 3;
+            // Rows a wider output's `stride` apart from `at`, partial blocks of rows included;
+            // what lies between them is left alone.
+            let (rows, at, stride) = (20, 3, d + 7);
             let probs = data(rows * len, 11);
-            let (mut pbuf, mut out) = (Vec::new(), vec![f32::NAN; d * rows]);
-            tiled::weighted(&probs, (rows, len), &packed, &mut pbuf, &mut out);
-            for x in 0..d {
-                for i in 0..rows {
+            let (mut pbuf, mut out) = (Vec::new(), vec![f32::NAN; at + rows * stride]);
+            let y = crate::parallel::SharedMut::new(&mut out);
+            // SAFETY: `rows` rows of `d` from `at`, `stride` apart, lie inside `out`.
+            unsafe { tiled::weighted(&probs, (rows, len), &packed, &mut pbuf, y, (at, stride)) };
+            for i in 0..rows {
+                for x in 0..stride {
+                    let got = out[at + i * stride + x] as f64;
+                    if x >= d {
+                        assert!(got.is_nan(), "[{i}, {x}] written: {got}");
+                        continue;
+                    }
                     let want: f64 = (0..len)
                         .map(|t| {
                             let p = bf16::from_f32(probs[i * len + t]).to_f64();
                             p * v[(t * kv_heads + 1) * d + x].to_f64()
                         })
                         .sum();
-                    let got = out[x * rows + i] as f64;
-                    assert!((got - want).abs() < 1e-4, "[{x}, {i}] {got} vs {want}");
+                    assert!((got - want).abs() < 1e-4, "[{i}, {x}] {got} vs {want}");
                 }
             }
+            assert!(out[..at].iter().all(|v| v.is_nan()));
         }
     }
 

@@ -64,12 +64,11 @@ struct Head {
     keys: Vec<f32>,
     values: Vec<f32>,
     tile_keys: Vec<half::bf16>,
-    queries: Vec<f32>,
-    /// [`Probabilities::Bf16`]'s values transposed before they are packed, a slice's rounded
-    /// probabilities, and its product (transposed) before it is written out.
+    queries: Vec<half::bf16>,
+    /// [`Probabilities::Bf16`]'s values transposed before they are packed, and a slice's
+    /// rounded probabilities.
     tile_values: Vec<f32>,
     probabilities: Vec<half::bf16>,
-    weighted: Vec<f32>,
 }
 
 impl Head {
@@ -81,7 +80,6 @@ impl Head {
             queries: Vec::new(),
             tile_values: Vec::new(),
             probabilities: Vec::new(),
-            weighted: Vec::new(),
         }
     }
 }
@@ -360,22 +358,17 @@ unsafe fn one_head<T: CachedRow>(
         let cols = mask.seen(first + rows - 1);
         scores.resize(rows * cols, 0.0);
         let shape_here = (rows, d, cols);
-        let queries = &mut bufs.queries;
-        let on_tiles = tile_keys
-            .is_some_and(|k| tiled::scores(|i| query(first + i), shape_here, k, queries, scores));
-        if !on_tiles {
-            // The tiles declined after all (they take whatever they were offered): the keys
-            // as stored, widened.
-            let widened: Vec<f32>;
-            let keys = match tile_keys {
-                Some(k) => {
-                    widened = k.iter().map(|v| v.to_f32()).collect();
-                    &widened[..]
-                }
-                None => keys,
-            };
+        let on_tiles = tile_keys.is_some();
+        match &tile_keys {
+            Some(k) => tiled::scores(
+                |i| query(first + i),
+                shape_here,
+                k,
+                &mut bufs.queries,
+                scores,
+            ),
             // SAFETY: the views stay inside q, keys and the scores buffer.
-            unsafe { score_gemm(shape, (q, head, first), keys, shape_here, scores) };
+            None => unsafe { score_gemm(shape, (q, head, first), keys, shape_here, scores) },
         }
         for (i, row) in scores.chunks_exact_mut(cols).enumerate() {
             let visible = mask.seen(first + i);
@@ -391,8 +384,7 @@ unsafe fn one_head<T: CachedRow>(
             tile_values.is_none() || cols == len,
             "packed values under a mask"
         );
-        let tiles =
-            (tile_values.as_ref()).map(|v| (v, &mut bufs.probabilities, &mut bufs.weighted));
+        let tiles = (tile_values.as_ref()).map(|v| (v, &mut bufs.probabilities));
         if tiles.is_none() && probabilities == Probabilities::Bf16 {
             // On this thread: this task holds the thread-local buffers.
             crate::convert::round_bf16_values(scores);
@@ -421,20 +413,14 @@ unsafe fn one_head<T: CachedRow>(
 unsafe fn weigh(
     probs: &[f32],
     values: &[f32],
-    tiles: Option<(&tiled::PackedValues, &mut Vec<half::bf16>, &mut Vec<f32>)>,
+    tiles: Option<(&tiled::PackedValues, &mut Vec<half::bf16>)>,
     (rows, cols, vd): (usize, usize, usize),
     y: SharedMut<f32>,
     (at, row_stride): (usize, usize),
 ) {
-    if let Some((packed, pbuf, out)) = tiles {
-        out.resize(rows * vd, 0.0);
-        tiled::weighted(probs, (rows, cols), packed, pbuf, out);
-        for (x, column) in out.chunks_exact(rows).enumerate() {
-            for (i, &v) in column.iter().enumerate() {
-                // SAFETY: the caller's promise.
-                unsafe { *y.at(at + i * row_stride + x) = v };
-            }
-        }
+    if let Some((packed, pbuf)) = tiles {
+        // SAFETY: the caller's promise.
+        unsafe { tiled::weighted(probs, (rows, cols), packed, pbuf, y, (at, row_stride)) };
         return;
     }
     // SAFETY: the views stay inside probs and values; the caller's promise for `y`.
@@ -741,14 +727,16 @@ mod tests {
                 block_size: len,
             };
             let mut buf = Vec::new();
-            let keys = tiled::keys(&kv, (len, kv_heads * d, d, d), || true, &mut buf);
+            let keys = tiled::keys(&kv, (len, kv_heads * d, d, d), || true, &mut buf)
+                .expect("the tiles declined bf16 keys");
             let want: Vec<bf16> = k.chunks(d).skip(1).step_by(2).flatten().copied().collect();
-            assert_eq!(keys, Some(&want[..]));
-            let (rows, cols) = (3, 5);
+            assert_eq!(buf, want, "the second head's keys, as stored");
+            assert_eq!(keys.rows(), len);
+            // Fewer keys than packed (a causal slice's), blocks of both partial.
+            let (rows, cols) = (20, 40);
             let (mut qbuf, mut scores) = (Vec::new(), vec![f32::NAN; rows * cols]);
             let query = |i: usize| &exact[i * d..(i + 1) * d];
-            let on_tiles = tiled::scores(query, (rows, d, cols), &want, &mut qbuf, &mut scores);
-            assert!(on_tiles, "the tiles declined bf16 queries");
+            tiled::scores(query, (rows, d, cols), &keys, &mut qbuf, &mut scores);
             let dot = |i: usize, j: usize| -> f32 {
                 let key = &want[j * d..(j + 1) * d];
                 query(i).iter().zip(key).map(|(q, k)| q * k.to_f32()).sum()

@@ -4,20 +4,25 @@
 //! order. The probabilities times the values stay on the f32 GEMM unless the caller asked for
 //! them rounded to bf16 ([`super::Probabilities::Bf16`], an encoder whose reference rounds
 //! them so): otherwise they are not bf16 values, and rounding them would change the result.
+//!
+//! In both products the head's keys or values are packed once as the tiles' activations and
+//! each slice's queries or probabilities are the weights, taken as they lie: the tiles then hold
+//! `Q · Kᵀ` and `P · V` as they are wanted, and the sums leave without a transposition.
 
 use half::bf16;
 
 use super::{CachedRow, PagedKv};
+use crate::parallel::SharedMut;
 
-/// One head's `len` keys as stored, `[len][d]`, gathered through the block table into `buf`,
-/// when the tiles run here for depth `d`, the pool holds bf16 and `queries_exact` says every
-/// query of the head is a bf16 value; `None` otherwise (nothing gathered).
-pub(super) fn keys<'a, T: CachedRow>(
+/// One head's `len` keys as stored, `[len][d]`, gathered through the block table into `buf` and
+/// packed for the tiles, when the tiles run here for depth `d`, the pool holds bf16 and
+/// `queries_exact` says every query of the head is a bf16 value; `None` otherwise.
+pub(super) fn keys<T: CachedRow>(
     kv: &PagedKv<'_, T>,
     (len, stride, offset, d): (usize, usize, usize, usize),
     queries_exact: impl FnOnce() -> bool,
-    buf: &'a mut Vec<bf16>,
-) -> Option<&'a [bf16]> {
+    buf: &mut Vec<bf16>,
+) -> Option<PackedKeys> {
     if !on_tiles(d) || T::bf16_row(kv.keys, 0, 0).is_none() || !queries_exact() {
         return None;
     }
@@ -25,24 +30,29 @@ pub(super) fn keys<'a, T: CachedRow>(
     for t in 0..len {
         buf.extend_from_slice(T::bf16_row(kv.keys, kv.slot(t, stride) + offset, d)?);
     }
-    Some(buf)
+    pack_bf16(buf, (len, d))
 }
 
 /// `scores[rows × cols] = Q · Kᵀ` (unscaled) for the queries `query(i)`, `i < rows`, each `d`
-/// wide, against the first `cols` of `keys`, gathering the queries into `qbuf`; false (nothing
-/// written) when the tiles decline.
+/// wide and every one a bf16 value ([`keys`] checked), against the first `cols` of `keys`, the
+/// queries gathered as bf16 into `qbuf`.
 pub(super) fn scores<'q>(
     query: impl Fn(usize) -> &'q [f32],
     (rows, d, cols): (usize, usize, usize),
-    keys: &[bf16],
-    qbuf: &mut Vec<f32>,
+    keys: &PackedKeys,
+    qbuf: &mut Vec<bf16>,
     scores: &mut [f32],
-) -> bool {
+) {
+    assert_eq!(scores.len(), rows * cols, "scores are not {rows} × {cols}");
     qbuf.clear();
     for i in 0..rows {
-        qbuf.extend_from_slice(query(i));
+        // Exact: each value's low half is zero.
+        let bits = query(i)[..d].iter().map(|v| (v.to_bits() >> 16) as u16);
+        qbuf.extend(bits.map(bf16::from_bits));
     }
-    product(qbuf, &keys[..cols * d], (rows, d, cols), scores)
+    let y = SharedMut::new(scores);
+    // SAFETY: `rows` rows of `cols` scores lie inside `scores`, this call's alone.
+    unsafe { times(keys, (qbuf, rows), cols, y, (0, cols)) };
 }
 
 /// One head's `len` values transposed and packed for the tiles (`vd` rows of `len` rounded up
@@ -69,14 +79,20 @@ pub(super) fn values_packed<T: CachedRow>(
     pack(buf, (vd, depth))
 }
 
-/// `out[vd × rows] = (P · V)ᵀ` for probabilities `probs` (`rows × cols`) rounded to bf16 and
-/// values from [`values_packed`] (`cols` of them), the rounded rows gathered into `pbuf`.
-pub(super) fn weighted(
+/// `y[at + i·stride ..][..vd] = (P · V)[i]` for probabilities `probs` (`rows × cols`) rounded to
+/// bf16 and values from [`values_packed`] (`cols` of them), the rounded rows gathered into
+/// `pbuf`.
+///
+/// # Safety
+/// Rows `at + i·stride`, `i < rows`, of `vd` values each lie inside `y`, and nothing else writes
+/// them meanwhile.
+pub(super) unsafe fn weighted(
     probs: &[f32],
     (rows, cols): (usize, usize),
     values: &PackedValues,
     pbuf: &mut Vec<bf16>,
-    out: &mut [f32],
+    y: SharedMut<f32>,
+    out: (usize, usize),
 ) {
     let depth = padded_depth(cols);
     // Every value is written: the row, then its padding (no zeroing pass before).
@@ -86,7 +102,8 @@ pub(super) fn weighted(
         crate::convert::round_bf16(src, row);
         pad.fill(bf16::ZERO);
     }
-    times(values, pbuf, rows, out);
+    // SAFETY: the caller's promise.
+    unsafe { times(values, (pbuf, rows), packed_rows(values), y, out) };
 }
 
 /// `len` rounded up to a whole number of the tiles' depth (32 pairs of bf16).
@@ -94,7 +111,7 @@ fn padded_depth(len: usize) -> usize {
     len.next_multiple_of(32)
 }
 
-/// A head's values packed for the tiles.
+/// A head's values (or keys) packed for the tiles.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 pub(super) type PackedValues = crate::amx::Packed;
 
@@ -102,15 +119,43 @@ pub(super) type PackedValues = crate::amx::Packed;
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
 pub(super) enum PackedValues {}
 
-/// On this thread alone, as [`product`].
+/// A head's keys packed for the tiles, as its values are.
+pub(super) type PackedKeys = PackedValues;
+
+/// On this thread alone, as [`times`].
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 fn pack(x: &[f32], shape: (usize, usize)) -> Option<PackedValues> {
     crate::amx::Packed::new(x, shape, crate::amx::Split::Here)
 }
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-fn times(values: &PackedValues, w: &[bf16], n: usize, out: &mut [f32]) {
-    values.times(w, n, out, crate::amx::Split::Here)
+fn pack_bf16(x: &[bf16], shape: (usize, usize)) -> Option<PackedKeys> {
+    crate::amx::Packed::from_bf16(x, shape)
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn packed_rows(x: &PackedValues) -> usize {
+    x.rows()
+}
+
+/// `y[at + j·stride + i] = (w · xᵀ)[j][i]` for the `n` rows `j` of `w` (`(w, n)`) and the first
+/// `m` packed rows `i` of `x`, on this thread alone: the caller is a pool task holding the
+/// attention's thread-local buffers, which a parallel product could re-enter (rayon runs other
+/// tasks while it waits).
+///
+/// # Safety
+/// Rows `at + j·stride`, `j < n`, of `m` values each lie inside `y`, and nothing else writes
+/// them meanwhile.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+unsafe fn times(
+    x: &PackedValues,
+    w: (&[bf16], usize),
+    m: usize,
+    y: SharedMut<f32>,
+    out: (usize, usize),
+) {
+    // SAFETY: the caller's promise.
+    unsafe { x.transposed_into(w, m, y, out, crate::amx::Split::Here) }
 }
 
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
@@ -119,8 +164,24 @@ fn pack(_: &[f32], _: (usize, usize)) -> Option<PackedValues> {
 }
 
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-fn times(values: &PackedValues, _: &[bf16], _: usize, _: &mut [f32]) {
-    match *values {}
+fn pack_bf16(_: &[bf16], _: (usize, usize)) -> Option<PackedKeys> {
+    None
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn packed_rows(x: &PackedValues) -> usize {
+    match *x {}
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+unsafe fn times(
+    x: &PackedValues,
+    _: (&[bf16], usize),
+    _: usize,
+    _: SharedMut<f32>,
+    _: (usize, usize),
+) {
+    match *x {}
 }
 
 /// Whether every value is a bf16 value.
@@ -133,23 +194,7 @@ fn on_tiles(d: usize) -> bool {
     crate::amx::takes(d)
 }
 
-/// On this thread alone: the caller is a pool task holding the attention's thread-local
-/// buffers, which a parallel product could re-enter (rayon runs other tasks while it waits).
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-fn product(x: &[f32], w: &[bf16], shape: (usize, usize, usize), out: &mut [f32]) -> bool {
-    if !crate::amx::takes(shape.1) {
-        return false;
-    }
-    let w = crate::StackedRows::new(std::slice::from_ref(&w), shape.1);
-    crate::amx::matmul(x, w, shape, out, crate::amx::Split::Here)
-}
-
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
 fn on_tiles(_: usize) -> bool {
-    false
-}
-
-#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-fn product(_: &[f32], _: &[bf16], _: (usize, usize, usize), _: &mut [f32]) -> bool {
     false
 }
