@@ -210,6 +210,60 @@ fn pack(x: &[f32], m: usize, k: usize, split: Split) -> Option<Vec<bf16>> {
 /// Up to 16 rows of `k` activations into their tiles' pair layout; whether every value was a
 /// bf16.
 fn pack_rows(rows: &[f32], k: usize, tiles: &mut [bf16]) -> bool {
+    if std::arch::is_x86_feature_detected!("avx512bw") {
+        // SAFETY: the CPU has AVX-512F and BW (every CPU with AMX has both).
+        return unsafe { pack_rows_avx512(rows, k, tiles) };
+    }
+    pack_rows_scalar(rows, k, tiles)
+}
+
+/// [`pack_rows`] on vector registers: per depth block, each row's 32 values become 16 pairs (the
+/// high halves, which hold a bf16 value exactly) in one register, and the 16 rows' registers,
+/// transposed as 32-bit lanes, are the tile's 16 lines of pairs.
+///
+/// # Safety
+/// The CPU has AVX-512F and AVX-512BW.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn pack_rows_avx512(rows: &[f32], k: usize, tiles: &mut [bf16]) -> bool {
+    use std::arch::x86_64::{
+        _mm512_and_si512, _mm512_castsi512_ps, _mm512_loadu_si512, _mm512_or_si512,
+        _mm512_permutex2var_epi16, _mm512_set1_epi32, _mm512_setzero_ps, _mm512_setzero_si512,
+        _mm512_storeu_ps, _mm512_test_epi32_mask,
+    };
+    let count = rows.len() / k;
+    assert!(count <= ROWS && tiles.len() >= k / DEPTH * TILE);
+    // Lane j takes 16-bit lane 2j + 1 of the two sources together: value j's high half.
+    let odd = std::array::from_fn::<i16, 32, _>(|j| 2 * j as i16 + 1);
+    // SAFETY: 64 bytes read from a 64-byte array.
+    let high = unsafe { _mm512_loadu_si512(odd.as_ptr().cast()) };
+    let low_half = _mm512_set1_epi32(0xffff);
+    let mut low = _mm512_setzero_si512();
+    for block in 0..k / DEPTH {
+        let mut lines = [_mm512_setzero_ps(); ROWS];
+        for (i, line) in lines.iter_mut().enumerate().take(count) {
+            let at = i * k + block * DEPTH;
+            let values = &rows[at..at + DEPTH];
+            // SAFETY: two loads of 16 values inside `values`.
+            let (a, b) = unsafe {
+                (
+                    _mm512_loadu_si512(values.as_ptr().cast()),
+                    _mm512_loadu_si512(values[ROWS..].as_ptr().cast()),
+                )
+            };
+            low = _mm512_or_si512(low, _mm512_and_si512(_mm512_or_si512(a, b), low_half));
+            *line = _mm512_castsi512_ps(_mm512_permutex2var_epi16(a, high, b));
+        }
+        let out = &mut tiles[block * TILE..(block + 1) * TILE];
+        for (p, line) in transposed(lines).into_iter().enumerate() {
+            // SAFETY: one line of 32 bf16 (64 bytes) inside the block's tile.
+            unsafe { _mm512_storeu_ps(out[p * DEPTH..(p + 1) * DEPTH].as_mut_ptr().cast(), line) };
+        }
+    }
+    _mm512_test_epi32_mask(low, low) == 0
+}
+
+/// [`pack_rows`] a value at a time.
+fn pack_rows_scalar(rows: &[f32], k: usize, tiles: &mut [bf16]) -> bool {
     let mut low = 0;
     for (i, row) in rows.chunks_exact(k).enumerate() {
         // A pair of values at a time: a tile row holds the two side by side.
@@ -609,6 +663,30 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// The vector packing writes what the scalar one does, and finds an inexact value as it does.
+    #[test]
+    fn vector_packing_is_the_scalar_packing() {
+        if !std::arch::is_x86_feature_detected!("avx512bw") {
+            eprintln!("no AVX-512BW: skipped");
+            return;
+        }
+        for (count, k) in [(1, 32), (16, 32), (5, 96), (16, 128), (11, 64)] {
+            let mut x = bf16_values(count * k, 4);
+            let depth = k / DEPTH * TILE;
+            let (mut scalar, mut vector) = (vec![bf16::ZERO; depth], vec![bf16::ZERO; depth]);
+            assert!(pack_rows_scalar(&x, k, &mut scalar));
+            // SAFETY: checked above.
+            assert!(unsafe { pack_rows_avx512(&x, k, &mut vector) });
+            assert_eq!(vector, scalar, "{count} × {k}");
+            x[count * k - 1] += 1e-3;
+            // SAFETY: as above.
+            assert!(
+                !unsafe { pack_rows_avx512(&x, k, &mut vector) },
+                "{count} × {k}"
+            );
         }
     }
 
