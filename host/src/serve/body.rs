@@ -67,21 +67,10 @@ pub(super) async fn read_body(
             next.run(Request::from_parts(parts, Body::from(bytes))).await
         }
         Ok(Ok(bytes)) => {
-            // Inflating megabytes is CPU work: off the threads that serve connections.
-            let decoded = tokio::task::spawn_blocking(move || {
-                encoding::decode(bytes.into(), &codings, limit)
-            })
-            .await;
-            match decoded {
-                Ok(Ok(decoded)) => {
-                    let mut parts = parts;
-                    parts.headers.remove(header::CONTENT_ENCODING);
-                    parts.headers.insert(header::CONTENT_LENGTH, decoded.len().into());
-                    next.run(Request::from_parts(parts, Body::from(decoded))).await
-                }
-                Ok(Err(e)) => ApiError::undecodable(&e).into_response(),
-                Err(e) => ApiError::internal(format!("decoding the request body failed: {e}"))
-                    .into_response(),
+            let mut parts = parts;
+            match decode(&mut parts, bytes, codings, limit).await {
+                Ok(body) => next.run(Request::from_parts(parts, body)).await,
+                Err(refusal) => refusal.into_response(),
             }
         }
         Ok(Err(Unread::TooLarge(rest))) => {
@@ -94,6 +83,26 @@ pub(super) async fn read_body(
         .into_response(),
         Err(_) => ApiError::body_timeout(secs).into_response(),
     }
+}
+
+/// The body `bytes` with `codings` undone, and the headers in `parts` saying so.
+async fn decode(
+    parts: &mut axum::http::request::Parts,
+    bytes: Bytes,
+    codings: Vec<encoding::Coding>,
+    limit: usize,
+) -> Result<Body, ApiError> {
+    // Inflating megabytes is CPU work: off the threads that serve connections.
+    let decoded =
+        tokio::task::spawn_blocking(move || encoding::decode(bytes.into(), &codings, limit))
+            .await
+            .map_err(|e| ApiError::internal(format!("decoding the request body failed: {e}")))?
+            .map_err(|e| ApiError::undecodable(&e))?;
+    parts.headers.remove(header::CONTENT_ENCODING);
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, decoded.len().into());
+    Ok(Body::from(decoded))
 }
 
 /// The body's bytes, or why they are not all here: past `limit`, the body is handed back unread.
