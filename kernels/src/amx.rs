@@ -14,7 +14,8 @@
 //!
 //! The tiles compute `(x Wᵀ)ᵀ` a 32 × 32 block at a time (two weight tiles by two activation
 //! tiles, four accumulators), written back transposed — or as they are, for a caller that wants
-//! `W xᵀ` (attention's probabilities times its values: [`Packed::transposed_into`]).
+//! `W xᵀ` (attention's scores and its probabilities times its values:
+//! [`Packed::transposed_into`]).
 
 use std::arch::asm;
 use std::arch::x86_64::__m512;
@@ -211,7 +212,7 @@ fn pack(x: &[f32], m: usize, k: usize, split: Split) -> Option<Vec<bf16>> {
 /// bf16.
 fn pack_rows(rows: &[f32], k: usize, tiles: &mut [bf16]) -> bool {
     if std::arch::is_x86_feature_detected!("avx512bw") {
-        // SAFETY: the CPU has AVX-512F and BW (every CPU with AMX has both).
+        // SAFETY: AVX-512BW detected just above (and with it AVX-512F).
         return unsafe { pack_rows_avx512(rows, k, tiles) };
     }
     pack_rows_scalar(rows, k, tiles)
