@@ -123,13 +123,11 @@ impl Packed {
             return None;
         }
         assert_eq!(x.len(), m * k, "activations are not {m} × {k}");
-        let depth_blocks = k / DEPTH;
-        let mut tiles = vec![bf16::ZERO; m.div_ceil(BLOCK) * 2 * depth_blocks * TILE];
-        let (size, rows) = (depth_blocks * TILE, ROWS * k);
-        for (tiles, rows) in tiles.chunks_mut(size).zip(x.chunks(rows)) {
+        let mut tiles = vec![bf16::ZERO; packed_len(m, k)];
+        for (tiles, rows) in tiles.chunks_mut(k / DEPTH * TILE).zip(x.chunks(ROWS * k)) {
             for (i, row) in rows.chunks_exact(k).enumerate() {
                 for (p, pair) in row.chunks_exact(2).enumerate() {
-                    let at = p / (DEPTH / 2) * TILE + p % (DEPTH / 2) * DEPTH + i * 2;
+                    let at = pair_at(p, i);
                     tiles[at..at + 2].copy_from_slice(pair);
                 }
             }
@@ -195,10 +193,8 @@ enum Out {
 /// value pairs (`[c / 2][row][c % 2]`), blocks row-block-major; rows padded with zeros to a whole
 /// [`BLOCK`]. None when a value is not a bf16 (its low 16 bits are not zero).
 fn pack(x: &[f32], m: usize, k: usize, split: Split) -> Option<Vec<bf16>> {
-    let depth_blocks = k / DEPTH;
-    let row_blocks = m.div_ceil(BLOCK) * 2;
-    let mut packed = vec![bf16::ZERO; row_blocks * depth_blocks * TILE];
-    let (size, rows) = (depth_blocks * TILE, ROWS * k);
+    let mut packed = vec![bf16::ZERO; packed_len(m, k)];
+    let (size, rows) = (k / DEPTH * TILE, ROWS * k);
     let exact = match split {
         Split::Pool => (packed.par_chunks_mut(size).zip(x.par_chunks(rows)))
             .all(|(tiles, rows)| pack_rows(rows, k, tiles)),
@@ -206,6 +202,17 @@ fn pack(x: &[f32], m: usize, k: usize, split: Split) -> Option<Vec<bf16>> {
             .all(|(tiles, rows)| pack_rows(rows, k, tiles)),
     };
     exact.then_some(packed)
+}
+
+/// The packed length of `m × k` activations: rows padded to whole blocks of [`BLOCK`].
+fn packed_len(m: usize, k: usize) -> usize {
+    m.div_ceil(BLOCK) * 2 * (k / DEPTH) * TILE
+}
+
+/// Where pair `p` of row `i` (of 16) lies in its rows' packed tiles: tile `p / 16`, line
+/// `p % 16`, the row's two values side by side.
+fn pair_at(p: usize, i: usize) -> usize {
+    p / (DEPTH / 2) * TILE + p % (DEPTH / 2) * DEPTH + i * 2
 }
 
 /// Up to 16 rows of `k` activations into their tiles' pair layout; whether every value was a
@@ -271,8 +278,7 @@ fn pack_rows_scalar(rows: &[f32], k: usize, tiles: &mut [bf16]) -> bool {
         for (p, pair) in row.chunks_exact(2).enumerate() {
             let (a, b) = (pair[0].to_bits(), pair[1].to_bits());
             low |= (a | b) & 0xffff;
-            let (block, within) = (p / (DEPTH / 2), p % (DEPTH / 2));
-            let at = block * TILE + within * DEPTH + i * 2;
+            let at = pair_at(p, i);
             tiles[at] = bf16::from_bits((a >> 16) as u16);
             tiles[at + 1] = bf16::from_bits((b >> 16) as u16);
         }

@@ -24,11 +24,16 @@ pub(crate) const LIMITS: &str =
     "[limits]\nmemory = \"64MiB\"\npids = 16\ncpus = 0.5\nscratch = \"1MiB\"\n";
 
 fn hostile_dir() -> PluginDir {
+    hostile_dir_with(LIMITS)
+}
+
+/// The hostile plugin with `extra` (TOML lines) in its manifest, `hostile.toml`.
+fn hostile_dir_with(extra: &str) -> PluginDir {
     let dir = PluginDir::new();
     dir.copy_lib("pio_test_plugin_hostile", "libhostile.so");
     dir.write(
         "hostile.toml",
-        &manifest("hostile", "0.1.0", "libhostile.so", LIMITS),
+        &manifest("hostile", "0.1.0", "libhostile.so", extra),
     );
     dir
 }
@@ -463,13 +468,8 @@ fn a_library_probe_has_no_network() {
     }
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let dir = PluginDir::new();
-    dir.copy_lib("pio_test_plugin_hostile", "libhostile.so");
-    let options = format!("[model.options]\nprobe_connect = {port}\n");
-    let path = dir.write(
-        "hostile.toml",
-        &manifest("hostile", "0.1.0", "libhostile.so", &options),
-    );
+    let dir = hostile_dir_with(&format!("[model.options]\nprobe_connect = {port}\n"));
+    let path = dir.path().join("hostile.toml");
     let out = pio(dir.path(), &["check", path.to_str().unwrap()]);
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
@@ -554,17 +554,7 @@ fn network_false_closes_the_network_at_low() {
     }
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let dir = PluginDir::new();
-    dir.copy_lib("pio_test_plugin_hostile", "libhostile.so");
-    dir.write(
-        "hostile.toml",
-        &manifest(
-            "hostile",
-            "0.1.0",
-            "libhostile.so",
-            "[limits]\nnetwork = false\n",
-        ),
-    );
+    let dir = hostile_dir_with("[limits]\nnetwork = false\n");
     let out = attack(&dir, &format!("connect {port}"));
     assert!(
         out.stdout.contains("Network is unreachable"),

@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 
 use super::handle::{Event, Worker};
 use super::routing::{lock, Events};
-use super::supervised::{err, Shared};
+use super::supervised::{err, Shared, NOT_RESTARTED};
 use crate::fault::Fault;
 use crate::protocol::WireError;
 
@@ -113,7 +113,7 @@ impl Forward {
     /// What follows a worker's death: `restart` in words, or none while the plugin drains.
     fn after_death<'a>(&self, restart: &'a str) -> &'a str {
         if lock(&self.shared).draining() {
-            "not restarted, as this version of the plugin was draining to stop (replaced, unloaded, or the daemon stopping)"
+            NOT_RESTARTED
         } else {
             restart
         }

@@ -21,6 +21,10 @@ use crate::sandbox::cgroup::Stats;
 mod monitor;
 use monitor::monitor;
 
+/// What follows a worker's death while its plugin drains to stop.
+pub(super) const NOT_RESTARTED: &str =
+    "not restarted, as it was draining to stop (replaced, unloaded, or the daemon stopping)";
+
 /// The request deadline `maximum` imposes when the operator sets none.
 pub const MAXIMUM_WATCHDOG: Duration = Duration::from_secs(600);
 

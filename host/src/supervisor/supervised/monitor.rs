@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use pio_plugin_api::wire::ModelConfig;
 use tokio::sync::watch;
 
-use super::{lock, start_and_load, RestartPolicy, Shared, State};
+use super::{lock, start_and_load, RestartPolicy, Shared, State, NOT_RESTARTED};
 use crate::supervisor::engine_counts::EngineCounts;
 use crate::supervisor::handle::{Worker, WorkerSpec};
 
@@ -60,7 +60,7 @@ pub(super) async fn monitor(
             s.retired.add(last.as_ref());
             s.last_error = Some(reason.clone());
             if s.draining() {
-                tracing::warn!(plugin = %spec.name, "{reason}; not restarted, as it was draining to stop (replaced, unloaded, or the daemon stopping)");
+                tracing::warn!(plugin = %spec.name, "{reason}; {NOT_RESTARTED}");
                 return;
             }
             if crashes.len() > policy.max_crashes {
