@@ -392,8 +392,11 @@ fn a_draining_worker_that_dies_is_not_restarted() {
         let (status, r) = reload.join().unwrap();
         assert_eq!(status, 200, "{r}");
     });
+    // The line reaches the test through a pipe after the request's answer: waited for.
+    d.wait_for(10, "the death during the drain in the log", |d| {
+        d.logs().contains("not restarted, as it was draining")
+    });
     let logs = d.logs();
-    assert!(logs.contains("not restarted, as it was draining"), "{logs}");
     assert!(!logs.contains("restarting in"), "{logs}");
     let now = d.plugin("hostile");
     assert_eq!(now["restarts"], 0, "{now}");
