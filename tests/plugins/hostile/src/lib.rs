@@ -83,13 +83,25 @@ fn status() -> String {
 
 /// Starts 8 threads and reports each thread's seccomp mode.
 fn threads_status() -> String {
+    // The 8 threads wait at a barrier, not on a timer, so a slow machine can't let them end
+    // before their status is read.
+    let done = std::sync::Arc::new(std::sync::Barrier::new(9));
     let handles: Vec<_> = (0..8)
-        .map(|_| std::thread::spawn(|| std::thread::sleep(Duration::from_millis(300))))
+        .map(|_| {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                done.wait();
+            })
+        })
         .collect();
     let mut modes = Vec::new();
     if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
         for task in tasks.filter_map(|t| t.ok()) {
-            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            // A thread of the worker's own that ended after the listing has no status left to
+            // read; a thread that is gone runs nothing unfiltered, so it is not counted.
+            let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+                continue;
+            };
             let mode = status
                 .lines()
                 .find_map(|l| l.strip_prefix("Seccomp:"))
@@ -98,6 +110,7 @@ fn threads_status() -> String {
             modes.push(mode);
         }
     }
+    done.wait();
     for h in handles {
         let _ = h.join();
     }
