@@ -402,3 +402,62 @@ fn a_draining_worker_that_dies_is_not_restarted() {
     assert_eq!(now["restarts"], 0, "{now}");
     assert_eq!(complete(&d, "hostile", "status").0, 200);
 }
+
+/// What an old version uses while it drains after a reload is counted: `/metrics`' CPU time is
+/// taken when its worker has stopped, not at the swap, and `/v1/plugins` shows it draining.
+#[test]
+fn a_reloads_old_version_is_counted_until_it_stopped() {
+    if !confinement_available() {
+        return;
+    }
+    let d = restarting_hostile();
+    let old = d.plugin("hostile")["pid"].clone();
+    let series = "pio_worker_cpu_seconds_total{model=\"hostile\"}";
+    let worker_said = std::thread::scope(|s| {
+        let running = s.spawn(|| complete(&d, "hostile", "spin 3"));
+        d.wait_for(10, "the request to run", |d| {
+            d.plugin("hostile")["requests_in_flight"] == 1
+        });
+        let reload = s.spawn(|| d.post("/v1/plugins/hostile/reload", &json!({})));
+        d.wait_for(20, "the new version to serve", |d| {
+            d.plugin("hostile")["pid"] != old
+        });
+        assert_eq!(
+            d.plugin("hostile")["draining"],
+            1,
+            "{}",
+            d.plugin("hostile")
+        );
+        let (status, r) = running.join().unwrap();
+        assert_eq!(status, 200, "{r}");
+        assert_eq!(
+            reload.join().unwrap().0,
+            200,
+            "the reload ends with the drain"
+        );
+        r["choices"][0]["text"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    });
+    assert_eq!(
+        d.plugin("hostile")["draining"],
+        0,
+        "{}",
+        d.plugin("hostile")
+    );
+    // The worker's own user CPU time for the spin; its cgroup counted at least that.
+    let spun: f64 = worker_said
+        .split("cpu_seconds=")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no cpu_seconds in {worker_said:?}"));
+    let counted = d
+        .metric(series)
+        .unwrap_or_else(|| panic!("no {series}: {}", d.get_text("/metrics")));
+    assert!(
+        counted >= spun * 0.95,
+        "{series} = {counted}, below the {spun} s the old worker spun"
+    );
+}

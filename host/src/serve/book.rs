@@ -52,6 +52,9 @@ pub(super) struct Entry {
     pub(super) over_cap: bool,
     /// The counters of deployments gone by (see `PluginStatus::earlier`).
     pub(super) earlier: Counted,
+    /// Deployments taken out (a reload's old one, an unload's) that still drain: their counters
+    /// are counted live, and into `earlier` once they stopped (see [`drained`]).
+    pub(super) draining: Vec<Arc<Deployment>>,
     /// Loading with its place under `max_loaded_models` secured (so two loads waiting for room
     /// never wait for each other, and never both take the last place).
     pub(super) holds_room: bool,
@@ -93,6 +96,7 @@ impl Entry {
             parked: false,
             over_cap: false,
             earlier: Counted::default(),
+            draining: Vec::new(),
             holds_room: false,
             fallback: None,
         }
@@ -259,7 +263,8 @@ pub(super) fn status_of(e: &Entry, cap: usize) -> PluginStatus {
     let base = PluginStatus {
         parked: e.parked,
         over_cap: e.over_cap,
-        earlier: e.earlier,
+        earlier: (e.draining.iter()).fold(e.earlier, |sum, d| sum.plus(&counters_of(e, d))),
+        draining: e.draining.len(),
         ..base
     };
     match &e.slot {
@@ -282,10 +287,27 @@ pub(super) fn park(inner: &mut Inner, name: &str) -> Option<Arc<Deployment>> {
     Some(taken)
 }
 
-/// Counts `d`'s counters into `entry`'s earlier ones, as `d` leaves it.
-pub(super) fn retire(entry: &mut Entry, d: &Deployment) {
-    let last = PluginStatus::new(&entry.found, None, false).serving(d);
-    entry.earlier = entry.earlier.plus(&last);
+/// `d`'s counters, as a deployment of `entry`.
+fn counters_of(entry: &Entry, d: &Deployment) -> PluginStatus {
+    PluginStatus::new(&entry.found, None, false).serving(d)
+}
+
+/// Keeps `d`, as it leaves `entry`'s slot, among the deployments that drain: its counters go on
+/// counting until it stopped.
+pub(super) fn retire(entry: &mut Entry, d: &Arc<Deployment>) {
+    entry.draining.push(d.clone());
+}
+
+/// Counts `d`, drained and stopped, into `name`'s earlier counters (nothing when `name` is gone
+/// from the book, its counters with it).
+pub(super) fn drained(inner: &mut Inner, name: &str, d: &Arc<Deployment>) {
+    let Some(entry) = inner.entries.get_mut(name) else {
+        return;
+    };
+    if let Some(at) = entry.draining.iter().position(|x| Arc::ptr_eq(x, d)) {
+        entry.draining.swap_remove(at);
+        entry.earlier = entry.earlier.plus(&counters_of(entry, d));
+    }
 }
 
 /// Takes `name`'s deployment out of the book, its counters kept.

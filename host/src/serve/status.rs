@@ -100,6 +100,8 @@ pub struct PluginStatus {
     /// current one's, since it loaded).
     #[serde(skip)]
     pub earlier: Counted,
+    /// Earlier deployments (a reload's old version, an unload's) still finishing their requests.
+    pub draining: usize,
     /// The current deployment's engine counters over its workers (for `/metrics`).
     #[serde(skip)]
     pub engine_counts: Option<EngineCounts>,
@@ -136,6 +138,7 @@ impl PluginStatus {
             waiting_for_room: false,
             over_cap: false,
             earlier: Counted::default(),
+            draining: 0,
             engine_counts: None,
         }
     }

@@ -163,6 +163,14 @@ impl Shared {
         self.draining
     }
 
+    /// Counts the figures of the worker that just ended (`last`: its cgroup's final ones) into
+    /// the past workers'; the next one counts from nothing.
+    pub(super) fn count_out(&mut self, last: Option<&Stats>) {
+        let engine = self.engine.take().map(|e| EngineCounts::of(&e));
+        self.retired.engine = EngineCounts::sum(self.retired.engine, engine);
+        self.retired.add(last);
+    }
+
     /// Keeps `figures`, from worker `from`, if they are the newest seen: concurrent requests end
     /// in any order, and the counters never go back. A dead worker's late figures (a request's
     /// end its slow client had not taken yet) are not the current engine's: dropped.
@@ -342,6 +350,10 @@ impl Supervised {
         if let Some(w) = worker {
             w.kill();
             w.exited().await;
+            // Counted as a dead worker's are, so a stopped plugin's status keeps what its last
+            // worker used (a drained deployment's counters are taken after its stop).
+            let last = w.stats();
+            lock(&self.shared).count_out(last.as_ref());
         }
     }
 }

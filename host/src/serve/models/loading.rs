@@ -8,7 +8,7 @@ use tokio::sync::watch;
 
 use super::Models;
 use crate::serve::book::{
-    lock, park, retire, retry_backoff, take_deployment, Inner, LoadResult, Slot,
+    drained, lock, park, retire, retry_backoff, take_deployment, Inner, LoadResult, Slot,
 };
 use crate::serve::deployment::{deploy, Deployment};
 use crate::serve::error::ApiError;
@@ -133,8 +133,9 @@ impl Models {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(e) => return Err(e),
-                Ok(Some(victim)) => {
-                    victim.drain_and_stop(self.drain_timeout()).await;
+                Ok(Some((name, victim))) => {
+                    self.drain_retired(&name, victim, self.drain_timeout())
+                        .await;
                     return Ok(());
                 }
                 Ok(None) => return Ok(()),
@@ -144,7 +145,11 @@ impl Models {
 
     /// Room for `loading` under `cap`: none needed (`None`), the idle model taken out to make
     /// it, or an error when every loaded model is busy.
-    fn room(&self, loading: &str, cap: usize) -> Result<Option<Arc<Deployment>>, ApiError> {
+    fn room(
+        &self,
+        loading: &str,
+        cap: usize,
+    ) -> Result<Option<(String, Arc<Deployment>)>, ApiError> {
         if cap == 0 {
             return Ok(None);
         }
@@ -182,7 +187,7 @@ impl Models {
         tracing::info!(plugin = %name, "unloading the least recently used model to make room for {loading}");
         let victim = park(&mut inner, &name);
         take_place(&mut inner);
-        Ok(victim)
+        Ok(victim.map(|d| (name, d)))
     }
 
     /// Unloads `name`, letting its requests finish (up to the drain timeout).
@@ -205,7 +210,7 @@ impl Models {
             park(&mut inner, name)
         };
         if let Some(d) = taken {
-            let cut = d.drain_and_stop(self.drain_timeout()).await;
+            let cut = self.drain_retired(name, d, self.drain_timeout()).await;
             if cut > 0 {
                 tracing::warn!(plugin = %name, "{cut} requests were still running at the drain deadline");
             }
@@ -269,9 +274,22 @@ impl Models {
         };
         tracing::info!(plugin = %name, "reloaded; draining the old worker");
         if let Slot::Loaded(old) = old {
-            old.drain_and_stop(self.drain_timeout()).await;
+            self.drain_retired(name, old, self.drain_timeout()).await;
         }
         Ok(())
+    }
+
+    /// Drains `d`, taken out of `name`'s slot, for at most `deadline`, stops it, and counts it
+    /// into `name`'s earlier counters. Returns how many requests the deadline cut off.
+    pub(super) async fn drain_retired(
+        &self,
+        name: &str,
+        d: Arc<Deployment>,
+        deadline: Duration,
+    ) -> usize {
+        let cut = d.drain_and_stop(deadline).await;
+        drained(&mut lock(&self.inner), name, &d);
+        cut
     }
 
     /// Drains (for at most `grace`) and stops every model (shutdown).

@@ -228,6 +228,7 @@ impl Models {
             tracing::info!(plugin = %name, "plugin removed; draining and unloading it");
             if let Some(d) = deployment {
                 let deadline = self.drain_timeout();
+                // Its entry is gone, its counters with it: nothing to count the drain into.
                 tokio::spawn(async move { d.drain_and_stop(deadline).await });
             }
         }

@@ -9,7 +9,6 @@ use pio_plugin_api::wire::ModelConfig;
 use tokio::sync::watch;
 
 use super::{lock, start_and_load, RestartPolicy, Shared, State, NOT_RESTARTED};
-use crate::supervisor::engine_counts::EngineCounts;
 use crate::supervisor::handle::{Worker, WorkerSpec};
 
 /// Watches the current worker; replaces it when it dies or stops answering.
@@ -52,12 +51,12 @@ pub(super) async fn monitor(
         backoff = first_wait(backoff, crashes.len(), &policy);
         {
             let mut s = lock(&shared);
+            if s.stopped() {
+                // `stop` took this worker and counts it out itself.
+                return;
+            }
             s.worker = None;
-            // The next worker's engine counts from nothing: its figures must not be taken
-            // for older ones than these, and the counters so far are kept.
-            let engine = s.engine.take().map(|e| EngineCounts::of(&e));
-            s.retired.engine = EngineCounts::sum(s.retired.engine, engine);
-            s.retired.add(last.as_ref());
+            s.count_out(last.as_ref());
             s.last_error = Some(reason.clone());
             if s.draining() {
                 tracing::warn!(plugin = %spec.name, "{reason}; {NOT_RESTARTED}");
