@@ -499,3 +499,41 @@ fn a_client_that_sends_a_whole_large_body_before_reading_gets_the_413() {
         200
     );
 }
+
+/// A refused body's drain ends when its client pauses (5 s without a byte, as nginx's
+/// `lingering_timeout`), not only at `server.body_timeout_secs`: a client that announced a large
+/// body and then stopped holds no connection for the whole body timeout.
+#[test]
+fn a_refused_body_that_stops_coming_frees_its_connection() {
+    if !confinement_available() {
+        return;
+    }
+    let config = "[server]\nmax_body_size = \"64KiB\"\nbody_timeout_secs = 60\n";
+    let d = Daemon::start(echo_dir(""), config);
+    d.wait_ready();
+    let mut s = TcpStream::connect(d.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: pio\r\nContent-Length: 20000000\r\n\r\n")
+        .unwrap();
+    s.write_all(&[b' '; 4096]).unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match read_through_signals(&mut s, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(e) => panic!(
+                "the connection stayed open: {e} after {:?}",
+                started.elapsed()
+            ),
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer).to_string();
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "held open for {:?} with no bytes coming",
+        started.elapsed()
+    );
+}

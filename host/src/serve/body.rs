@@ -140,9 +140,16 @@ fn refuse(refusal: ApiError, version: Version, rest: Body, linger: Duration) -> 
     response
 }
 
-/// Reads and drops `rest` for at most `linger`; past it the body is dropped, and hyper closes the
-/// connection with it.
+/// How long a refused body's drain waits for its next bytes (nginx's `lingering_timeout`): a
+/// client that stopped sending holds its connection no longer than this, whatever the body
+/// timeout.
+const LINGER_IDLE: Duration = Duration::from_secs(5);
+
+/// Reads and drops `rest` for at most `linger`, and while its bytes keep coming (a pause of
+/// [`LINGER_IDLE`] ends it); then the body is dropped, and hyper closes the connection with it.
 async fn drain(mut rest: Body, linger: Duration) {
-    let discard = async { while let Some(Ok(_)) = rest.frame().await {} };
+    let discard = async {
+        while let Ok(Some(Ok(_))) = tokio::time::timeout(LINGER_IDLE, rest.frame()).await {}
+    };
     let _ = tokio::time::timeout(linger, discard).await;
 }
