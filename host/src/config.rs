@@ -204,6 +204,9 @@ pub struct ServerSection {
     pub send_buffer: Option<ByteSize>,
     /// Seconds in-flight requests get to finish on shutdown, unload or reload (default 30).
     pub drain_timeout_secs: u64,
+    /// How a reload (a changed plugin, `POST .../reload`, an operator's load of a quarantined
+    /// model) replaces a running worker (default `auto`).
+    pub reload_strategy: ReloadStrategy,
     /// Watch the plugin directories and load, reload or unload plugins as files change
     /// (default `true`).
     pub watch: bool,
@@ -222,6 +225,32 @@ pub struct ServerSection {
     pub runtime_dir: Option<PathBuf>,
     /// `text` or `json` (one JSON object per line) logs on stderr (default `text`).
     pub log_format: LogFormat,
+}
+
+/// How a reload replaces a running model's worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReloadStrategy {
+    /// Blue/green while the host's available memory holds a second copy of what the running
+    /// worker uses, else recreate.
+    #[default]
+    Auto,
+    /// The new worker loads and warms up beside the old one, which serves meanwhile: no
+    /// request waits, but both are in memory at once.
+    BlueGreen,
+    /// The old worker drains and stops first, then the new one loads; requests that arrive
+    /// meanwhile wait for it as for any load (`load_wait_secs`).
+    Recreate,
+}
+
+impl std::fmt::Display for ReloadStrategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::BlueGreen => "blue-green",
+            Self::Recreate => "recreate",
+        })
+    }
 }
 
 /// How the daemon writes its log.
@@ -256,6 +285,7 @@ impl Default for ServerSection {
             body_timeout_secs: 30,
             send_buffer: None,
             drain_timeout_secs: 30,
+            reload_strategy: ReloadStrategy::Auto,
             watch: true,
             warmup: true,
             image_root: None,
@@ -527,6 +557,17 @@ mod tests {
         );
         let e = parse("[supervisor]\nmax_crashes = \"many\"\n").unwrap_err();
         assert!(e.message.contains("`max_crashes`"), "{e}");
+        // A strategy not known is named, with the ones that are.
+        let e = parse("[server]\nreload_strategy = \"rolling\"\n").unwrap_err();
+        assert!(
+            e.to_string().starts_with("pio.toml:2:")
+                && e.message.contains("rolling")
+                && e.message.contains("blue-green")
+                && e.message.contains("recreate"),
+            "{e}"
+        );
+        let c = parse("[server]\nreload_strategy = \"blue-green\"\n").unwrap();
+        assert_eq!(c.server.reload_strategy, ReloadStrategy::BlueGreen);
     }
 
     /// Folders named but not there (or not folders) are listed with their keys.

@@ -461,3 +461,56 @@ fn a_reloads_old_version_is_counted_until_it_stopped() {
         "{series} = {counted}, below the {spun} s the old worker spun"
     );
 }
+
+/// `server.reload_strategy = "recreate"`: the old worker finishes its request and stops before
+/// the new one starts (never two in memory); a request that arrives meanwhile waits for the new
+/// one, as for any load, and is served by it.
+#[test]
+fn a_recreating_reload_stops_the_old_worker_before_the_new_one_starts() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(
+        crate::medium::tier_dir("low"),
+        "[server]\nwarmup = false\nreload_strategy = \"recreate\"\n",
+    );
+    d.wait_ready();
+    let old = d.plugin("hostile")["pid"].clone();
+    let old_pid = old.as_i64().expect("a worker pid") as i32;
+    let alive = |pid: i32| std::path::Path::new(&format!("/proc/{pid}")).exists();
+    std::thread::scope(|s| {
+        let running = s.spawn(|| complete(&d, "hostile", "spin 2"));
+        d.wait_for(10, "the request to run", |d| {
+            d.plugin("hostile")["requests_in_flight"] == 1
+        });
+        let reload = s.spawn(|| d.post("/v1/plugins/hostile/reload", &json!({})));
+        d.wait_for(10, "the old version to drain", |d| {
+            d.plugin("hostile")["draining"] == 1
+        });
+        let status = d.plugin("hostile");
+        assert_eq!(status["state"], "loading", "{status}");
+        assert!(alive(old_pid), "the old worker finishes its request first");
+        // Sent while the old one drains: waits for the new worker.
+        let waiting = s.spawn(|| complete(&d, "hostile", "status"));
+        let (status, r) = running.join().unwrap();
+        assert_eq!(
+            status, 200,
+            "the request in flight finished on the old worker: {r}"
+        );
+        d.wait_for(20, "the new worker", |d| {
+            let pid = &d.plugin("hostile")["pid"];
+            !pid.is_null() && *pid != old
+        });
+        assert!(
+            !alive(old_pid),
+            "the old worker was gone before the new one started"
+        );
+        assert_eq!(reload.join().unwrap().0, 200);
+        let (status, r) = waiting.join().unwrap();
+        assert_eq!(status, 200, "{r}");
+    });
+    d.wait_for(10, "the recreate in the log", |d| {
+        d.logs()
+            .contains("reloading by recreating it (server.reload_strategy = recreate)")
+    });
+}

@@ -60,12 +60,12 @@ impl Experts {
         self.experts.len()
     }
 
-    /// Bytes their weights take.
     /// Bytes one token reads: the share of `top_k` experts (all of them the same size).
     pub(crate) fn step_bytes(&self, top_k: usize) -> usize {
         self.weight_bytes() * top_k.min(self.len()) / self.len().max(1)
     }
 
+    /// Bytes their weights take.
     pub(crate) fn weight_bytes(&self) -> usize {
         self.experts.iter().map(Mlp::weight_bytes).sum()
     }

@@ -31,6 +31,7 @@ pub fn merge(running: &Config, started: &Config, file: &Config) -> (Config, Vec<
     s.stall_timeout_secs = f.stall_timeout_secs;
     s.body_timeout_secs = f.body_timeout_secs;
     s.drain_timeout_secs = f.drain_timeout_secs;
+    s.reload_strategy = f.reload_strategy;
     s.warmup = f.warmup;
     s.strict_readiness = f.strict_readiness;
     s.image_root = f.image_root.clone();

@@ -1,5 +1,5 @@
-//! Loading and unloading: on demand and on command, the cap on loaded models, blue/green
-//! reloads, idle unloading, retries of failed preloads, and the stop of every deployment.
+//! Loading and unloading: on demand and on command, the cap on loaded models, idle unloading,
+//! retries of failed preloads, and the stop of every deployment.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,7 +8,7 @@ use tokio::sync::watch;
 
 use super::Models;
 use crate::serve::book::{
-    drained, lock, park, retire, retry_backoff, take_deployment, Inner, LoadResult, Slot,
+    drained, lock, park, retry_backoff, take_deployment, Inner, LoadResult, Slot,
 };
 use crate::serve::deployment::{deploy, Deployment};
 use crate::serve::error::ApiError;
@@ -42,6 +42,17 @@ impl Models {
         inner: &mut Inner,
         name: &str,
     ) -> watch::Receiver<LoadResult> {
+        self.begin_load_after(inner, name, None)
+    }
+
+    /// [`Self::begin_load`], once `before` (the deployment a recreating reload replaces, taken
+    /// out of the slot) has drained and stopped.
+    pub(super) fn begin_load_after(
+        self: &Arc<Self>,
+        inner: &mut Inner,
+        name: &str,
+        before: Option<Arc<Deployment>>,
+    ) -> watch::Receiver<LoadResult> {
         let (tx, rx) = watch::channel(None);
         if let Some(entry) = inner.entries.get_mut(name) {
             entry.slot = Slot::Loading(rx.clone());
@@ -50,6 +61,13 @@ impl Models {
             let found = entry.found.clone();
             let this = self.clone();
             tokio::spawn(async move {
+                if let Some(old) = before {
+                    let name = &found.manifest.name;
+                    let cut = this.drain_retired(name, old, this.drain_timeout()).await;
+                    if cut > 0 {
+                        tracing::warn!(plugin = %name, "{cut} requests were still running at the drain deadline");
+                    }
+                }
                 // No room (every loaded model busy past the wait) is not the plugin's failure:
                 // the next request tries again at once.
                 let result = match this.make_room(&found.manifest.name).await {
@@ -215,66 +233,6 @@ impl Models {
                 tracing::warn!(plugin = %name, "{cut} requests were still running at the drain deadline");
             }
             tracing::info!(plugin = %name, "model unloaded");
-        }
-        Ok(())
-    }
-
-    /// Replaces `name`'s worker with a fresh one (blue/green): the new one loads and warms up
-    /// while the old one serves; then traffic moves and the old one drains.
-    pub async fn reload(self: &Arc<Self>, name: &str) -> Result<(), ApiError> {
-        let found = {
-            let mut inner = lock(&self.inner);
-            let entry = inner.entry_mut(name)?;
-            match entry.slot {
-                Slot::Loaded(_) if !entry.reloading => {
-                    entry.reloading = true;
-                    Some(entry.found.clone())
-                }
-                Slot::Loaded(_) => {
-                    return Err(ApiError::unavailable(format!(
-                        "plugin {name} is already reloading"
-                    )))
-                }
-                _ => None,
-            }
-        };
-        let Some(found) = found else {
-            return self.load(name).await;
-        };
-        let result = deploy(&self.setup, &self.config(), &found).await;
-        // `Err`: the new worker, not kept because the daemon stops (the old one is being stopped).
-        let swapped = {
-            let mut inner = lock(&self.inner);
-            let stopping = self.stopping.load(std::sync::atomic::Ordering::Acquire);
-            let entry = inner.entry_mut(name)?;
-            entry.reloading = false;
-            match result {
-                Ok(new) if stopping => Err(new),
-                Ok(new) => {
-                    entry.last_error = None;
-                    let old = std::mem::replace(&mut entry.slot, Slot::Loaded(Arc::new(new)));
-                    if let Slot::Loaded(d) = &old {
-                        retire(entry, d);
-                    }
-                    Ok(old)
-                }
-                Err(e) => {
-                    tracing::error!(plugin = %name, "reload failed, the old version keeps serving: {}", e.message);
-                    entry.last_error = Some(e.message.clone());
-                    return Err(e);
-                }
-            }
-        };
-        let old = match swapped {
-            Ok(old) => old,
-            Err(new) => {
-                new.supervised.stop().await;
-                return Err(ApiError::unavailable("the daemon is stopping".to_string()));
-            }
-        };
-        tracing::info!(plugin = %name, "reloaded; draining the old worker");
-        if let Slot::Loaded(old) = old {
-            self.drain_retired(name, old, self.drain_timeout()).await;
         }
         Ok(())
     }

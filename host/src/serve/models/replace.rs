@@ -1,0 +1,186 @@
+//! Reloads: a running model's worker replaced by a fresh one (a changed plugin, `POST
+//! .../reload`, an operator's load of a quarantined model), blue/green when the host has the
+//! memory for two, else by recreating it.
+
+use std::sync::Arc;
+
+use super::loading::finished;
+use super::Models;
+use crate::config::ReloadStrategy;
+use crate::serve::book::{lock, retire, take_deployment, LoadResult, Slot};
+use crate::serve::deployment::deploy;
+use crate::serve::error::ApiError;
+use crate::serve::hotplug::Found;
+
+/// How one reload goes.
+enum Plan {
+    /// Nothing loaded: a plain load.
+    Load,
+    /// Beside the running worker.
+    BlueGreen(Box<Found>),
+    /// After it: the load under way.
+    Recreate(tokio::sync::watch::Receiver<LoadResult>),
+}
+
+impl Models {
+    /// Replaces `name`'s worker with a fresh one, blue/green or by recreating it as
+    /// `server.reload_strategy` says (see [`side_by_side`]); a model not loaded is loaded.
+    pub async fn reload(self: &Arc<Self>, name: &str) -> Result<(), ApiError> {
+        let strategy = self.config().server.reload_strategy;
+        let plan = {
+            let mut inner = lock(&self.inner);
+            let entry = inner.entry_mut(name)?;
+            match &entry.slot {
+                Slot::Loaded(_) if entry.reloading => {
+                    return Err(ApiError::unavailable(format!(
+                        "plugin {name} is already reloading"
+                    )))
+                }
+                Slot::Loaded(d) => {
+                    let in_use = d.supervised.status().stats.and_then(|s| s.memory_bytes);
+                    let available = memory_available();
+                    if side_by_side(strategy, available, in_use) {
+                        entry.reloading = true;
+                        Plan::BlueGreen(Box::new(entry.found.clone()))
+                    } else {
+                        tracing::info!(
+                            plugin = %name,
+                            "reloading by recreating it (server.reload_strategy = {strategy}): the old worker drains and stops first{}",
+                            why_recreate(strategy, available, in_use)
+                        );
+                        let old = take_deployment(&mut inner, name);
+                        Plan::Recreate(self.begin_load_after(&mut inner, name, old))
+                    }
+                }
+                _ => Plan::Load,
+            }
+        };
+        match plan {
+            Plan::Load => self.load(name).await,
+            Plan::Recreate(loaded) => finished(loaded).await,
+            Plan::BlueGreen(found) => self.blue_green(name, *found).await,
+        }
+    }
+
+    /// The new worker loads and warms up while the old one serves; then traffic moves and the
+    /// old one drains.
+    async fn blue_green(self: &Arc<Self>, name: &str, found: Found) -> Result<(), ApiError> {
+        let result = deploy(&self.setup, &self.config(), &found).await;
+        // `Err`: the new worker, not kept because the daemon stops (the old one is being stopped).
+        let swapped = {
+            let mut inner = lock(&self.inner);
+            let stopping = self.stopping.load(std::sync::atomic::Ordering::Acquire);
+            let entry = inner.entry_mut(name)?;
+            entry.reloading = false;
+            match result {
+                Ok(new) if stopping => Err(new),
+                Ok(new) => {
+                    entry.last_error = None;
+                    let old = std::mem::replace(&mut entry.slot, Slot::Loaded(Arc::new(new)));
+                    if let Slot::Loaded(d) = &old {
+                        retire(entry, d);
+                    }
+                    Ok(old)
+                }
+                Err(e) => {
+                    tracing::error!(plugin = %name, "reload failed, the old version keeps serving: {}", e.message);
+                    entry.last_error = Some(e.message.clone());
+                    return Err(e);
+                }
+            }
+        };
+        let old = match swapped {
+            Ok(old) => old,
+            Err(new) => {
+                new.supervised.stop().await;
+                return Err(ApiError::unavailable("the daemon is stopping".to_string()));
+            }
+        };
+        tracing::info!(plugin = %name, "reloaded; draining the old worker");
+        if let Slot::Loaded(old) = old {
+            self.drain_retired(name, old, self.drain_timeout()).await;
+        }
+        Ok(())
+    }
+}
+
+/// Whether a reload may load the new worker beside the running one: always for `blue-green`,
+/// never for `recreate`; for `auto`, while the host's `available` memory holds what the running
+/// worker uses (`in_use`, both bytes) and a quarter more. Unknown figures (no memory cgroup, no
+/// `/proc/meminfo`) allow it, as before strategies existed.
+pub(crate) fn side_by_side(
+    strategy: ReloadStrategy,
+    available: Option<u64>,
+    in_use: Option<u64>,
+) -> bool {
+    match (strategy, available, in_use) {
+        (ReloadStrategy::BlueGreen, ..) => true,
+        (ReloadStrategy::Recreate, ..) => false,
+        (ReloadStrategy::Auto, Some(available), Some(used)) => {
+            available >= used.saturating_add(used / 4)
+        }
+        (ReloadStrategy::Auto, ..) => true,
+    }
+}
+
+/// Why `auto` recreated, for the log ("" when the strategy said so).
+fn why_recreate(strategy: ReloadStrategy, available: Option<u64>, in_use: Option<u64>) -> String {
+    match (strategy, available, in_use) {
+        (ReloadStrategy::Auto, Some(available), Some(used)) => format!(
+            ": the host has {} MiB available and the running worker uses {} MiB (server.reload_strategy = \"blue-green\" loads beside it anyway)",
+            available >> 20,
+            used >> 20
+        ),
+        _ => String::new(),
+    }
+}
+
+/// The host's `MemAvailable` in bytes, from `/proc/meminfo`.
+fn memory_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    meminfo_available(&text)
+}
+
+/// `MemAvailable` of a `/proc/meminfo` text, in bytes.
+fn meminfo_available(text: &str) -> Option<u64> {
+    let line = text.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?;
+    let kib: u64 = line.trim().strip_suffix("kB")?.trim().parse().ok()?;
+    Some(kib << 10)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The forced strategies ignore the figures; `auto` loads beside the running worker only
+    /// while the host holds its use and a quarter more, and when it cannot tell.
+    #[test]
+    fn auto_loads_beside_the_running_worker_only_with_room_for_it() {
+        use ReloadStrategy::*;
+        let gib = 1u64 << 30;
+        for (available, in_use) in [(Some(64 * gib), Some(gib)), (Some(gib), Some(16 * gib))] {
+            assert!(side_by_side(BlueGreen, available, in_use));
+            assert!(!side_by_side(Recreate, available, in_use));
+        }
+        assert!(side_by_side(Auto, Some(20 * gib), Some(16 * gib)));
+        assert!(!side_by_side(Auto, Some(19 * gib), Some(16 * gib)));
+        assert!(!side_by_side(Auto, Some(8 * gib), Some(16 * gib)));
+        assert!(side_by_side(Auto, None, Some(16 * gib)));
+        assert!(side_by_side(Auto, Some(gib), None));
+        let why = why_recreate(Auto, Some(8 * gib), Some(16 * gib));
+        assert!(
+            why.contains("8192 MiB available") && why.contains("16384 MiB"),
+            "{why}"
+        );
+        assert_eq!(why_recreate(Recreate, Some(gib), Some(gib)), "");
+    }
+
+    #[test]
+    fn mem_available_is_read_in_bytes() {
+        let text =
+            "MemTotal:       24576000 kB\nMemFree:         1000 kB\nMemAvailable:   20000000 kB\n";
+        assert_eq!(meminfo_available(text), Some(20_000_000 << 10));
+        assert_eq!(meminfo_available("MemTotal: 1 kB\n"), None);
+        assert!(memory_available().is_some(), "this Linux has /proc/meminfo");
+    }
+}
