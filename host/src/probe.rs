@@ -12,7 +12,7 @@ use pio_plugin_api::{Capabilities, LoadError, PluginLibrary};
 use serde::{Deserialize, Serialize};
 use wait_timeout::ChildExt;
 
-use crate::sandbox::{confine, Plan, Policy, ResolvedLimits, Tier};
+use crate::sandbox::{confine, NetworkCut, Plan, Policy, ResolvedLimits, Tier};
 
 /// What a library says about itself, once every load-time check passed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -349,9 +349,10 @@ fn tail(stderr: &str) -> String {
 
 /// The confinement every probe gets before it loads a library (whose constructors run at load):
 /// the base of the `low` tier without a cgroup — the workers' unprivileged `user` when started as
-/// root, no_new_privs, no core dumps — and, as root can make one, an empty network namespace:
+/// root, no_new_privs, no core dumps — and an empty network namespace:
 /// reading what a library is needs no network, and the probe runs before any tier applies (a
-/// `maximum` manifest's library included).
+/// `maximum` manifest's library included). Not as root, the namespace is made inside a user
+/// namespace of its own where the kernel allows that, and the network stays where it does not.
 fn probe_plan(user: (u32, u32)) -> Plan {
     let root = nix::unistd::geteuid().is_root();
     Plan {
@@ -361,7 +362,7 @@ fn probe_plan(user: (u32, u32)) -> Plan {
         drop_to: root.then_some(user),
         limits: ResolvedLimits::default(),
         cgroup: false,
-        no_network: root,
+        network: NetworkCut::WherePossible,
         isolation: None,
     }
 }

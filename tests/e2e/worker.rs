@@ -478,6 +478,46 @@ fn a_library_probe_has_no_network() {
     assert!(listener.accept().is_err(), "the probe connected: {text}");
 }
 
+/// Started by a user other than root, the probe cuts its network inside a user namespace of its
+/// own (where the kernel lets unprivileged users make one, as here).
+#[test]
+fn an_unprivileged_users_library_probe_has_no_network() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if !confinement_available() {
+        return;
+    }
+    let nobody = |program: &str| {
+        let mut c = std::process::Command::new(program);
+        c.uid(65534).gid(65534);
+        c
+    };
+    let userns = nobody("unshare").args(["--user", "--net", "true"]).status();
+    if !userns.is_ok_and(|s| s.success()) {
+        eprintln!("skipped: this kernel lets no unprivileged user make a user namespace");
+        return;
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let dir = hostile_dir_with(&format!("[model.options]\nprobe_connect = {port}\n"));
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = dir.path().join("hostile.toml");
+    let out = nobody(pio_bin().to_str().unwrap())
+        .current_dir(dir.path())
+        .args(["check", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    listener.set_nonblocking(true).unwrap();
+    assert!(listener.accept().is_err(), "the probe connected: {text}");
+}
+
 #[test]
 fn list_start_reports_each_worker_from_its_cgroup() {
     if !confinement_available() {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use nix::sys::resource::{setrlimit, Resource};
 use nix::unistd::{Gid, Uid};
 
-use super::Plan;
+use super::{NetworkCut, Plan};
 
 /// A confinement step that failed; the worker refuses to load the plugin.
 #[derive(Debug, thiserror::Error)]
@@ -26,18 +26,40 @@ fn step<T, E: std::fmt::Display>(name: &'static str, r: Result<T, E>) -> Result<
     })
 }
 
+fn cut_network() -> nix::Result<()> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+}
+
+/// An empty network namespace for a process that is not root, made inside a user namespace of
+/// its own (where the kernel lets unprivileged users make one), whose capabilities it then
+/// drops; what was applied, or why the network stays.
+fn cut_network_unprivileged() -> String {
+    let cut = super::namespaces::enter_user_namespace()
+        .and_then(|()| step("empty network namespace", cut_network()));
+    // Capabilities held in the new user namespace (even where the cut failed) go at once.
+    let dropped = clear_capabilities();
+    match (cut, dropped) {
+        (Ok(()), Ok(())) => "no network (own user namespace)".into(),
+        (Ok(()), Err(e)) => format!("no network, but its user namespace's capabilities stay: {e}"),
+        (Err(e), _) => format!("network kept: {e}"),
+    }
+}
+
 /// The most file descriptors a worker may hold (weights are few large mmaps, sockets are one).
 const MAX_OPEN_FILES: u64 = 4096;
 
 /// Applies `plan` to the calling process; returns the names of the mechanisms applied.
 pub fn apply(plan: &Plan) -> Result<Vec<String>, ConfineError> {
     let mut applied = process_limits(plan)?;
-    if plan.no_network {
-        step(
-            "empty network namespace",
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET),
-        )?;
-        applied.push("no network".into());
+    match plan.network {
+        NetworkCut::Kept => {}
+        NetworkCut::WherePossible if !nix::unistd::geteuid().is_root() => {
+            applied.push(cut_network_unprivileged());
+        }
+        NetworkCut::Required | NetworkCut::WherePossible => {
+            step("empty network namespace", cut_network())?;
+            applied.push("no network".into());
+        }
     }
     let mut handoff = None;
     // Resolved while the host's /dev and /proc are in view (the worker's own /dev holds one GPU).

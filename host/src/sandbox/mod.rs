@@ -135,11 +135,24 @@ pub struct Plan {
     pub limits: ResolvedLimits,
     /// Put the worker in its own cgroup with the limits.
     pub cgroup: bool,
-    /// `low` with `network = false`: an empty network namespace (above `low`, isolation has one).
-    pub no_network: bool,
+    /// Whether the worker leaves the host's network for an empty namespace of its own (above
+    /// `low`, isolation always gives it one).
+    pub network: NetworkCut,
     /// `medium` and up: namespaces, a private read-only view of the file system with a
     /// size-capped scratch, no capabilities, seccomp.
     pub isolation: Option<Isolation>,
+}
+
+/// Whether a process's network is cut: moved into an empty network namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NetworkCut {
+    /// The host's network stays (`low`'s default).
+    Kept,
+    /// Cut, or the process does not start (`low` with `network = false`, as root).
+    Required,
+    /// Cut where the kernel lets this user make the namespace — inside a user namespace of its
+    /// own when not root — else kept (a library probe started by an unprivileged user).
+    WherePossible,
 }
 
 /// Which system calls a worker may make.
@@ -290,7 +303,10 @@ pub fn plan(subject: Subject<'_>, policy: &Policy, host: &HostSupport) -> Result
             cpuset: (applied >= Tier::Maximum).then(|| format!("0-{}", cpus - 1)),
             gpu: subject.gpu,
         }),
-        no_network: applied == Tier::Low && limits.network == Some(false) && host.root,
+        network: match applied == Tier::Low && limits.network == Some(false) && host.root {
+            true => NetworkCut::Required,
+            false => NetworkCut::Kept,
+        },
         limits,
         cgroup: host.root && host.cgroups.is_some(),
     })

@@ -82,16 +82,18 @@ fn a_missing_mechanism_refuses_unless_downgrade_is_allowed() {
 #[test]
 fn network_is_open_only_at_low_and_can_be_closed_there() {
     let mut s = subject(Tier::Low);
-    assert!(
-        !plan(s.clone(), &Policy::default(), &host(true, true))
-            .unwrap()
-            .no_network
-    );
-    s.limits.network = Some(false);
-    assert!(
+    assert_eq!(
         plan(s.clone(), &Policy::default(), &host(true, true))
             .unwrap()
-            .no_network
+            .network,
+        NetworkCut::Kept
+    );
+    s.limits.network = Some(false);
+    assert_eq!(
+        plan(s.clone(), &Policy::default(), &host(true, true))
+            .unwrap()
+            .network,
+        NetworkCut::Required
     );
     let mut s = subject(Tier::Medium);
     s.limits.network = Some(true);
