@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{engine_for, fixtures, ids, run_concurrently};
+use common::{assert_prompt_scores, engine_for, ids, run_concurrently};
 use pio_engine::generate::{CausalLm, Request};
 use pio_engine::models::glm4_moe_lite::Glm4MoeLite;
 use pio_engine::models::qwen3::{Qwen3, Qwen3Moe};
@@ -18,13 +18,9 @@ use pio_engine::scoring::PromptScore;
 use pio_engine::serving::{Engine, EngineConfig};
 use serde_json::Value;
 
-const CLOSE: f32 = 2e-3;
-
 /// Transformers' prompt scores for checkpoint `name`.
 fn goldens(name: &str) -> Vec<Value> {
-    let path = fixtures().join("golden/prompt-logprobs.json");
-    let all: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    all[name].as_array().unwrap().clone()
+    common::prompt_score_goldens(name)
 }
 
 /// A greedy request for one token, scoring its prompt with `top` alternatives.
@@ -34,32 +30,6 @@ fn request(case: &Value, top: Option<usize>) -> Request {
         max_tokens: 1,
         prompt_logprobs: top,
         ..Request::default()
-    }
-}
-
-fn assert_scores(got: &[PromptScore], case: &Value) {
-    let want = case["scores"].as_array().unwrap();
-    let prompt = &case["prompt"];
-    assert_eq!(
-        got.len(),
-        want.len(),
-        "one score per token after the first: {prompt}"
-    );
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let at = format!("{prompt} token {}", i + 1);
-        assert_eq!(g.token_id as u64, w["id"].as_u64().unwrap(), "{at}");
-        let logprob = w["logprob"].as_f64().unwrap() as f32;
-        assert!(
-            (g.logprob - logprob).abs() < CLOSE,
-            "{at}: {} vs {logprob}",
-            g.logprob
-        );
-        assert_eq!(g.rank as u64, w["rank"].as_u64().unwrap(), "{at}");
-        let top_ids: Vec<u32> = g.top.iter().map(|t| t.0).collect();
-        assert_eq!(top_ids, ids(&w["top5"]["ids"]), "{at}");
-        for (t, lp) in g.top.iter().zip(w["top5"]["logprobs"].as_array().unwrap()) {
-            assert!((t.1 - lp.as_f64().unwrap() as f32).abs() < CLOSE, "{at}");
-        }
     }
 }
 
@@ -92,7 +62,7 @@ fn chunked_beside_each_other<M: LoadModel + CausalLm>(name: &str) {
         assert!(outcome.prompt_logprobs.is_none(), "none asked for");
     }
     for (got, case) in scored(&engine, &cases, 1).iter().zip(&cases) {
-        assert_scores(got, case);
+        assert_prompt_scores(got, case);
     }
     let stats = engine.stats();
     assert!(
@@ -137,7 +107,7 @@ fn preempted_sequences_score_each_token_once() {
     let mut load = vec![cases[3].clone(), cases[3].clone(), cases[3].clone()];
     load.extend(cases[..3].iter().cloned());
     for (got, case) in scored(&engine, &load, 16).iter().zip(&load) {
-        assert_scores(got, case);
+        assert_prompt_scores(got, case);
     }
     let stats = engine.stats();
     assert!(

@@ -231,3 +231,48 @@ fn impossible_configs_are_refused_naming_the_file_and_field() {
     );
     assert!(e.contains("Qwen3VLForConditionalGeneration"), "{e}");
 }
+
+/// Prompt scores (vLLM's `prompt_logprobs`) of prompts with images in them against transformers'
+/// (tests/fixtures/prompt_logprobs.py): each case alone, then all of them at once prefilled in
+/// chunks of 5 tokens, so images cut across chunks and KV blocks while their rows are scored.
+#[test]
+fn prompt_scores_with_images_match_transformers() {
+    let f = fixture();
+    let scores = common::prompt_score_goldens(NAME);
+    let cases = golden()["cases"].as_array().unwrap().clone();
+    assert_eq!(scores.len(), cases.len(), "one scored prompt per case");
+    let requests: Vec<Request> = cases
+        .iter()
+        .zip(&scores)
+        .map(|(case, want)| {
+            assert_eq!(case["name"], want["prompt"]);
+            Request {
+                max_tokens: 1,
+                logprobs: None,
+                prompt_logprobs: Some(5),
+                ..request(&f, case)
+            }
+        })
+        .collect();
+    let chunked = EngineConfig {
+        block_size: 4,
+        token_budget: 5,
+        ..EngineConfig::default()
+    };
+    for (config, together) in [(EngineConfig::default(), false), (chunked, true)] {
+        let engine = Engine::start(f.model.clone(), f.codec.clone(), config).unwrap();
+        let outcomes = match together {
+            true => common::run_concurrently(&engine, requests.iter().cloned()),
+            false => (requests.iter().cloned())
+                .map(|r| common::collect(engine.submit(r).unwrap()))
+                .collect(),
+        };
+        for ((_, outcome), want) in outcomes.iter().zip(&scores) {
+            let got = outcome
+                .prompt_logprobs
+                .as_ref()
+                .expect("the scores asked for");
+            common::assert_prompt_scores(got, want);
+        }
+    }
+}

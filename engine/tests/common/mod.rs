@@ -16,6 +16,7 @@ use pio_engine::kv_pool::CacheType;
 use pio_engine::linear::Quantization;
 use pio_engine::runtime::LoadModel;
 use pio_engine::sampling::SamplingParams;
+use pio_engine::scoring::PromptScore;
 use pio_engine::serving::{Engine, EngineConfig, Event, Stream};
 use pio_engine::single::SingleSequence;
 use pio_engine::text::TextCodec;
@@ -176,6 +177,53 @@ pub fn collect(stream: Stream) -> (Vec<Emitted>, Outcome) {
             Event::Token(t) => out.push(t),
             Event::Done(o) => return (out, o),
             Event::Failed(e) => panic!("request failed: {e}"),
+        }
+    }
+}
+
+/// Transformers' prompt scores for checkpoint `name` (tests/fixtures/prompt_logprobs.py).
+pub fn prompt_score_goldens(name: &str) -> Vec<Value> {
+    let path = fixtures().join("golden/prompt-logprobs.json");
+    let all: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    all[name].as_array().unwrap().clone()
+}
+
+/// Prompt scores against transformers': every token's logprob and top 5 within 2e-3 (the bound
+/// of the generation goldens: f32 sums in another order than torch's), its rank exactly — or,
+/// where the golden gives `ranks`, within them (the ranks it would take were every entry within
+/// 1e-4 of its logprob on either side of it).
+pub fn assert_prompt_scores(got: &[PromptScore], case: &Value) {
+    const CLOSE: f32 = 2e-3;
+    let want = case["scores"].as_array().unwrap();
+    let prompt = &case["prompt"];
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "one score per token after the first: {prompt}"
+    );
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let at = format!("{prompt} token {}", i + 1);
+        assert_eq!(g.token_id as u64, w["id"].as_u64().unwrap(), "{at}");
+        let logprob = w["logprob"].as_f64().unwrap() as f32;
+        assert!(
+            (g.logprob - logprob).abs() < CLOSE,
+            "{at}: {} vs {logprob}",
+            g.logprob
+        );
+        let rank = w["rank"].as_u64().unwrap();
+        let (low, high) = match w["ranks"].as_array() {
+            Some(r) => (r[0].as_u64().unwrap(), r[1].as_u64().unwrap()),
+            None => (rank, rank),
+        };
+        assert!(
+            (low..=high).contains(&(g.rank as u64)),
+            "{at}: rank {} where transformers' is {rank} (within {low}..={high})",
+            g.rank
+        );
+        let top_ids: Vec<u32> = g.top.iter().map(|t| t.0).collect();
+        assert_eq!(top_ids, ids(&w["top5"]["ids"]), "{at}");
+        for (t, lp) in g.top.iter().zip(w["top5"]["logprobs"].as_array().unwrap()) {
+            assert!((t.1 - lp.as_f64().unwrap() as f32).abs() < CLOSE, "{at}");
         }
     }
 }
