@@ -69,7 +69,9 @@ impl Sink {
         Self { inner }
     }
 
-    /// Sends one token; on `Flow::Stop` the plugin stops generating and returns `cancelled`.
+    /// Sends one token. On `Flow::Stop` the host no longer wants the request (its client left,
+    /// or it was cancelled): the plugin stops generating and returns
+    /// `Err(PluginError::cancelled(..))`, which the worker counts as ended, not failed.
     pub fn emit(&mut self, token: GeneratedToken) -> Flow {
         self.inner.emit(token)
     }
