@@ -1,6 +1,6 @@
 //! Whether the unprivileged user a worker (or a probe) runs as can read a path: every folder on
-//! the way must let it enter, the file itself let it read. Checked from the mode bits before the
-//! process starts, so an operator whose plugin or model folder is private to root is told which
+//! the way must let it enter, the file itself let it read. Checked from the mode bits (or the POSIX
+//! access ACL, where a path has one) before the process starts, so an operator whose plugin or model folder is private to root is told which
 //! path, which uid and what to change, instead of a loader's "permission denied" from inside a
 //! confined process.
 
@@ -19,15 +19,18 @@ pub struct Blocked {
 impl Blocked {
     /// The message for `uid:gid`, naming the setting the uid comes from.
     pub fn message(&self, what: &str, uid: u32, gid: u32) -> String {
-        let (lack, fix) = if self.folder_on_the_way {
-            ("enter", "chmod o+x")
+        let (lack, fix, acl) = if self.folder_on_the_way {
+            ("enter", "chmod o+x", "x")
         } else {
-            ("read", "chmod o+r (o+rx for a folder)")
+            (
+                "read",
+                "chmod o+r (o+rx for a folder)",
+                "r (rx for a folder)",
+            )
         };
+        let path = self.path.display();
         format!(
-            "{what}: the worker runs as uid {uid}, gid {gid} (sandbox.worker_uid, sandbox.worker_gid) and cannot {lack} {}: make it and every folder above it readable to that user (e.g. {fix} {})",
-            self.path.display(),
-            self.path.display()
+            "{what}: the worker runs as uid {uid}, gid {gid} (sandbox.worker_uid, sandbox.worker_gid) and cannot {lack} {path}: make it and every folder above it readable to that user (e.g. {fix} {path}, or for that user alone setfacl -m u:{uid}:{acl} {path})"
         )
     }
 }
@@ -45,6 +48,81 @@ fn bits(mode: u32, owner: u32, group: u32, uid: u32, gid: u32) -> u32 {
     } else {
         mode & 0o7
     }
+}
+
+/// The permission bits that apply to `uid:gid` for the file `path` with metadata `meta`: its
+/// POSIX access ACL's where it has one (`setfacl -m u:65534:rx`, say, grants what the mode bits
+/// alone would not show), else its mode's.
+fn granted(path: &Path, meta: &std::fs::Metadata, uid: u32, gid: u32) -> u32 {
+    let (owner, group) = (meta.uid(), meta.gid());
+    match access_acl(path) {
+        Some(acl) if uid != 0 => acl_bits(&acl, owner, group, uid, gid)
+            .unwrap_or_else(|| bits(meta.mode(), owner, group, uid, gid)),
+        _ => bits(meta.mode(), owner, group, uid, gid),
+    }
+}
+
+/// The raw `system.posix_acl_access` attribute of `path`, when it has one.
+fn access_acl(path: &Path) -> Option<Vec<u8>> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let name = c"system.posix_acl_access";
+    let mut buf = vec![0u8; 1024];
+    // SAFETY: both names are NUL-terminated; the kernel writes at most `buf.len()` bytes.
+    let n = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    let n = usize::try_from(n).ok()?;
+    buf.truncate(n);
+    Some(buf)
+}
+
+/// The bits a POSIX access ACL in Linux's attribute layout (version 2, then 8-byte entries: tag,
+/// permissions, id) gives `uid:gid` on a file owned by `owner:group`, as acl(5)'s access check
+/// goes: the owner's entry, else a named user's (within the mask), else the matching group
+/// entries' together (within the mask; a match that grants nothing denies), else other's. `None`
+/// for an attribute that does not parse.
+fn acl_bits(acl: &[u8], owner: u32, group: u32, uid: u32, gid: u32) -> Option<u32> {
+    const USER_OBJ: u16 = 0x01;
+    const USER: u16 = 0x02;
+    const GROUP_OBJ: u16 = 0x04;
+    const GROUP: u16 = 0x08;
+    const MASK: u16 = 0x10;
+    const OTHER: u16 = 0x20;
+    let (version, entries) = acl.split_first_chunk::<4>()?;
+    if u32::from_le_bytes(*version) != 2 || entries.len() % 8 != 0 {
+        return None;
+    }
+    let entries: Vec<(u16, u32, u32)> = entries
+        .chunks_exact(8)
+        .map(|e| {
+            let tag = u16::from_le_bytes([e[0], e[1]]);
+            let perm = u32::from(u16::from_le_bytes([e[2], e[3]]) & 0o7);
+            (tag, perm, u32::from_le_bytes([e[4], e[5], e[6], e[7]]))
+        })
+        .collect();
+    let find = |want: u16| entries.iter().find(|e| e.0 == want).map(|e| e.1);
+    let mask = find(MASK).unwrap_or(0o7);
+    if uid == owner {
+        return find(USER_OBJ);
+    }
+    if let Some(e) = entries.iter().find(|e| e.0 == USER && e.2 == uid) {
+        return Some(e.1 & mask);
+    }
+    let groups: Vec<u32> = entries
+        .iter()
+        .filter(|e| (e.0 == GROUP_OBJ && gid == group) || (e.0 == GROUP && e.2 == gid))
+        .map(|e| e.1)
+        .collect();
+    if !groups.is_empty() {
+        return Some(groups.iter().fold(0, |all, p| all | p) & mask);
+    }
+    find(OTHER)
 }
 
 /// Whether the folders above a path count: not for a worker whose root is empty but for the
@@ -78,7 +156,7 @@ pub fn unreadable(path: &Path, uid: u32, gid: u32, reach: Reach) -> Option<Block
     };
     for folder in ancestors.into_iter().rev() {
         let meta = std::fs::metadata(folder).ok()?;
-        if bits(meta.mode(), meta.uid(), meta.gid(), uid, gid) & 0o1 == 0 {
+        if granted(folder, &meta, uid, gid) & 0o1 == 0 {
             return Some(Blocked {
                 path: folder.to_path_buf(),
                 folder_on_the_way: true,
@@ -87,7 +165,7 @@ pub fn unreadable(path: &Path, uid: u32, gid: u32, reach: Reach) -> Option<Block
     }
     let meta = std::fs::metadata(&path).ok()?;
     let need = if meta.is_dir() { 0o5 } else { 0o4 };
-    (bits(meta.mode(), meta.uid(), meta.gid(), uid, gid) & need != need).then_some(Blocked {
+    (granted(&path, &meta, uid, gid) & need != need).then_some(Blocked {
         path,
         folder_on_the_way: false,
     })
@@ -106,13 +184,12 @@ pub fn unreadable_tree(path: &Path, uid: u32, gid: u32, reach: Reach) -> Option<
 }
 
 /// Whether `uid:gid` may create files in the existing folder `dir` (enter every folder on the
-/// way, as `reach` says, write and enter `dir`), from the mode bits (an ACL is not read).
+/// way, as `reach` says, write and enter `dir`), from the mode bits or the ACL.
 pub fn writable_folder(dir: &Path, uid: u32, gid: u32, reach: Reach) -> bool {
     if unreadable(dir, uid, gid, reach).is_some() {
         return false;
     }
-    std::fs::metadata(dir)
-        .is_ok_and(|m| m.is_dir() && bits(m.mode(), m.uid(), m.gid(), uid, gid) & 0o3 == 0o3)
+    std::fs::metadata(dir).is_ok_and(|m| m.is_dir() && granted(dir, &m, uid, gid) & 0o3 == 0o3)
 }
 
 #[cfg(test)]
@@ -163,6 +240,93 @@ mod tests {
         chmod(&folder.join("model.safetensors"), 0o600);
         let blocked = unreadable_tree(&folder, nobody.0, nobody.1, Reach::Host).unwrap();
         assert!(blocked.path.ends_with("model.safetensors"));
+    }
+
+    /// An ACL's attribute: version 2, then (tag, permissions, id) entries.
+    fn acl(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+        let mut out = 2u32.to_le_bytes().to_vec();
+        for (tag, perm, id) in entries {
+            out.extend_from_slice(&tag.to_le_bytes());
+            out.extend_from_slice(&perm.to_le_bytes());
+            out.extend_from_slice(&id.to_le_bytes());
+        }
+        out
+    }
+
+    const ANY: u32 = u32::MAX;
+
+    /// acl(5)'s access check: owner, named user within the mask, matching groups within the
+    /// mask (a match that grants nothing denies), other.
+    #[test]
+    fn an_acl_grants_as_acl5_checks() {
+        let (owner, group) = (0, 0);
+        let entries = acl(&[
+            (0x01, 0o7, ANY),
+            (0x02, 0o7, 65534),
+            (0x02, 0o5, 1000),
+            (0x04, 0o0, ANY),
+            (0x08, 0o5, 2000),
+            (0x08, 0o0, 3000),
+            (0x10, 0o5, ANY),
+            (0x20, 0o4, ANY),
+        ]);
+        let bits_for = |uid, gid| acl_bits(&entries, owner, group, uid, gid).unwrap();
+        assert_eq!(bits_for(65534, 65534), 0o5, "a named user, within the mask");
+        assert_eq!(bits_for(1000, 1000), 0o5);
+        assert_eq!(bits_for(4000, 2000), 0o5, "a named group");
+        assert_eq!(bits_for(4000, 3000), 0o0, "a group that matches denies");
+        assert_eq!(bits_for(4000, 0), 0o0, "the owning group's entry");
+        assert_eq!(bits_for(4000, 4000), 0o4, "other");
+        assert_eq!(acl_bits(&entries, 7, 7, 7, 7), Some(0o7), "the owner");
+        assert_eq!(acl_bits(&[1, 0, 0, 0], 0, 0, 1, 1), None, "version 1");
+        assert_eq!(acl_bits(&entries[..10], 0, 0, 1, 1), None, "cut short");
+    }
+
+    /// A folder closed to others by its mode but opened to the worker's uid by an ACL lets it in
+    /// (here, where the file system keeps ACLs).
+    #[test]
+    fn an_acl_opens_what_the_mode_closes() {
+        let tmp = tempfile::tempdir().unwrap();
+        chmod(tmp.path(), 0o755);
+        let folder = tmp.path().join("models");
+        std::fs::create_dir(&folder).unwrap();
+        std::fs::write(folder.join("w"), b"w").unwrap();
+        chmod(&folder.join("w"), 0o644);
+        chmod(&folder, 0o750);
+        let nobody = (65534, 65534);
+        assert!(unreadable(&folder, nobody.0, nobody.1, Reach::Host).is_some());
+        let entries = acl(&[
+            (0x01, 0o7, ANY),
+            (0x02, 0o5, 65534),
+            (0x04, 0o5, ANY),
+            (0x10, 0o5, ANY),
+            (0x20, 0o0, ANY),
+        ]);
+        let path = std::ffi::CString::new(folder.to_str().unwrap()).unwrap();
+        let name = c"system.posix_acl_access";
+        // SAFETY: NUL-terminated names; the value is `entries.len()` bytes.
+        let set = unsafe {
+            libc::setxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                entries.as_ptr().cast(),
+                entries.len(),
+                0,
+            )
+        };
+        if set != 0 {
+            eprintln!("skipped: this file system keeps no ACLs");
+            return;
+        }
+        assert_eq!(unreadable(&folder, nobody.0, nobody.1, Reach::Host), None);
+        assert_eq!(
+            unreadable_tree(&folder, nobody.0, nobody.1, Reach::Host),
+            None
+        );
+        assert!(
+            unreadable(&folder, 4321, 4321, Reach::Host).is_some(),
+            "others still not"
+        );
     }
 
     #[test]
