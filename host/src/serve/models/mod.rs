@@ -20,6 +20,7 @@ use crate::probe::Prober;
 use crate::sandbox::Policy;
 
 mod loading;
+mod memory;
 mod replace;
 
 use loading::finished;

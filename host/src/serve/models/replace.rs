@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use super::loading::finished;
+use super::memory::memory_available;
 use super::Models;
 use crate::config::ReloadStrategy;
 use crate::serve::book::{lock, retire, take_deployment, LoadResult, Slot};
@@ -105,7 +106,8 @@ impl Models {
 }
 
 /// Whether a reload may load the new worker beside the running one: always for `blue-green`,
-/// never for `recreate`; for `auto`, while the host's `available` memory holds what the running
+/// never for `recreate`; for `auto`, while the `available` memory (the host's, within a
+/// container's limit: [`memory_available`]) holds what the running
 /// worker uses (`in_use`, both bytes) and a quarter more. Unknown figures (no memory cgroup, no
 /// `/proc/meminfo`) allow it, as before strategies existed.
 pub(crate) fn side_by_side(
@@ -127,7 +129,7 @@ pub(crate) fn side_by_side(
 fn why_recreate(strategy: ReloadStrategy, available: Option<u64>, in_use: Option<u64>) -> String {
     match (strategy, available, in_use) {
         (ReloadStrategy::Auto, Some(available), Some(used)) => format!(
-            ": the host has {} MiB available and the running worker uses {} MiB (server.reload_strategy = \"blue-green\" loads beside it anyway)",
+            ": {} MiB are available (the host's, within its container's limit) and the running worker uses {} MiB (server.reload_strategy = \"blue-green\" loads beside it anyway)",
             available >> 20,
             used >> 20
         ),
@@ -135,25 +137,12 @@ fn why_recreate(strategy: ReloadStrategy, available: Option<u64>, in_use: Option
     }
 }
 
-/// The host's `MemAvailable` in bytes, from `/proc/meminfo`.
-fn memory_available() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    meminfo_available(&text)
-}
-
-/// `MemAvailable` of a `/proc/meminfo` text, in bytes.
-fn meminfo_available(text: &str) -> Option<u64> {
-    let line = text.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?;
-    let kib: u64 = line.trim().strip_suffix("kB")?.trim().parse().ok()?;
-    Some(kib << 10)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// The forced strategies ignore the figures; `auto` loads beside the running worker only
-    /// while the host holds its use and a quarter more, and when it cannot tell.
+    /// while the memory available holds its use and a quarter more, and when it cannot tell.
     #[test]
     fn auto_loads_beside_the_running_worker_only_with_room_for_it() {
         use ReloadStrategy::*;
@@ -169,18 +158,9 @@ mod tests {
         assert!(side_by_side(Auto, Some(gib), None));
         let why = why_recreate(Auto, Some(8 * gib), Some(16 * gib));
         assert!(
-            why.contains("8192 MiB available") && why.contains("16384 MiB"),
+            why.contains("8192 MiB are available") && why.contains("16384 MiB"),
             "{why}"
         );
         assert_eq!(why_recreate(Recreate, Some(gib), Some(gib)), "");
-    }
-
-    #[test]
-    fn mem_available_is_read_in_bytes() {
-        let text =
-            "MemTotal:       24576000 kB\nMemFree:         1000 kB\nMemAvailable:   20000000 kB\n";
-        assert_eq!(meminfo_available(text), Some(20_000_000 << 10));
-        assert_eq!(meminfo_available("MemTotal: 1 kB\n"), None);
-        assert!(memory_available().is_some(), "this Linux has /proc/meminfo");
     }
 }
