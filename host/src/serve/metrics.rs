@@ -244,7 +244,7 @@ fn real_limit(bytes: u64) -> Option<f64> {
 }
 
 /// The per-model gauges: name, help, and the figure from a plugin's status.
-const GAUGES: [(&str, &str, Figure); 12] = [
+const GAUGES: [(&str, &str, Figure); 13] = [
     (
         "queue_depth",
         "Requests running or waiting per model",
@@ -254,6 +254,11 @@ const GAUGES: [(&str, &str, Figure); 12] = [
         "model_ready",
         "1 when the model is loaded and serving",
         |s| Some(f64::from(u8::from(s.state == "ready"))),
+    ),
+    (
+        "model_draining",
+        "Earlier deployments of the model (a reload's, an unload's) still finishing their requests",
+        |s| Some(s.draining as f64),
     ),
     (
         "worker_memory_bytes",
