@@ -55,24 +55,29 @@ fn bits(mode: u32, owner: u32, group: u32, uid: u32, gid: u32) -> u32 {
 /// alone would not show), else its mode's.
 fn granted(path: &Path, meta: &std::fs::Metadata, uid: u32, gid: u32) -> u32 {
     let (owner, group) = (meta.uid(), meta.gid());
-    match access_acl(path) {
-        Some(acl) if uid != 0 => acl_bits(&acl, owner, group, uid, gid)
-            .unwrap_or_else(|| bits(meta.mode(), owner, group, uid, gid)),
-        _ => bits(meta.mode(), owner, group, uid, gid),
+    let mode = || bits(meta.mode(), owner, group, uid, gid);
+    if uid == 0 {
+        return mode();
     }
+    access_acl(path)
+        .and_then(|acl| acl_bits(&acl, owner, group, uid, gid))
+        .unwrap_or_else(mode)
 }
 
-/// The raw `system.posix_acl_access` attribute of `path`, when it has one.
+/// The extended attribute that holds a path's POSIX access ACL.
+const ACCESS_ACL: &std::ffi::CStr = c"system.posix_acl_access";
+
+/// The raw access ACL of `path`, when it has one (of up to 127 entries; a longer one is left to
+/// the mode bits).
 fn access_acl(path: &Path) -> Option<Vec<u8>> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    let name = c"system.posix_acl_access";
     let mut buf = vec![0u8; 1024];
     // SAFETY: both names are NUL-terminated; the kernel writes at most `buf.len()` bytes.
     let n = unsafe {
         libc::getxattr(
             path.as_ptr(),
-            name.as_ptr(),
+            ACCESS_ACL.as_ptr(),
             buf.as_mut_ptr().cast(),
             buf.len(),
         )
@@ -303,12 +308,11 @@ mod tests {
             (0x20, 0o0, ANY),
         ]);
         let path = std::ffi::CString::new(folder.to_str().unwrap()).unwrap();
-        let name = c"system.posix_acl_access";
         // SAFETY: NUL-terminated names; the value is `entries.len()` bytes.
         let set = unsafe {
             libc::setxattr(
                 path.as_ptr(),
-                name.as_ptr(),
+                ACCESS_ACL.as_ptr(),
                 entries.as_ptr().cast(),
                 entries.len(),
                 0,

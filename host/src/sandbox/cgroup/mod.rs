@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
+pub mod headroom;
 mod settings;
 
 pub use settings::{settings, Controller, GroupSpec, Setting};

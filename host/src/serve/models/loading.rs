@@ -64,9 +64,7 @@ impl Models {
                 if let Some(old) = before {
                     let name = &found.manifest.name;
                     let cut = this.drain_retired(name, old, this.drain_timeout()).await;
-                    if cut > 0 {
-                        tracing::warn!(plugin = %name, "{cut} requests were still running at the drain deadline");
-                    }
+                    warn_cut(name, cut);
                 }
                 // No room (every loaded model busy past the wait) is not the plugin's failure:
                 // the next request tries again at once.
@@ -229,9 +227,7 @@ impl Models {
         };
         if let Some(d) = taken {
             let cut = self.drain_retired(name, d, self.drain_timeout()).await;
-            if cut > 0 {
-                tracing::warn!(plugin = %name, "{cut} requests were still running at the drain deadline");
-            }
+            warn_cut(name, cut);
             tracing::info!(plugin = %name, "model unloaded");
         }
         Ok(())
@@ -314,6 +310,13 @@ impl Models {
             tracing::info!(plugin = %name, "unloading after {} s idle (server.keep_alive_secs)", keep_alive.as_secs());
             let _ = self.unload(&name).await;
         }
+    }
+}
+
+/// Logs the `cut` requests of `name` a drain's deadline cut off, if any.
+fn warn_cut(name: &str, cut: usize) {
+    if cut > 0 {
+        tracing::warn!(plugin = %name, "{cut} requests were still running at the drain deadline");
     }
 }
 

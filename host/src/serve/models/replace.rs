@@ -28,6 +28,11 @@ impl Models {
     /// `server.reload_strategy` says (see [`side_by_side`]); a model not loaded is loaded.
     pub async fn reload(self: &Arc<Self>, name: &str) -> Result<(), ApiError> {
         let strategy = self.config().server.reload_strategy;
+        // Files read before the book's lock is taken, and only where they decide.
+        let available = match strategy {
+            ReloadStrategy::Auto => memory_available(),
+            _ => None,
+        };
         let plan = {
             let mut inner = lock(&self.inner);
             let entry = inner.entry_mut(name)?;
@@ -39,7 +44,6 @@ impl Models {
                 }
                 Slot::Loaded(d) => {
                     let in_use = d.supervised.status().stats.and_then(|s| s.memory_bytes);
-                    let available = memory_available();
                     if side_by_side(strategy, available, in_use) {
                         entry.reloading = true;
                         Plan::BlueGreen(Box::new(entry.found.clone()))
