@@ -308,11 +308,7 @@ fn every_bad_input_gets_a_prompt_openai_4xx_and_the_daemon_keeps_serving() {
     s.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer user\r\nExpect: 100-continue\r\nContent-Length: 20000000\r\n\r\n")
         .unwrap();
     let started = Instant::now();
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 4096];
-    while let Ok(n @ 1..) = read_through_signals(&mut s, &mut buf) {
-        answer.extend_from_slice(&buf[..n]);
-    }
+    let answer = read_until_closed(&mut s).unwrap_or_else(|(_, got)| got);
     let answer = String::from_utf8_lossy(&answer).to_string();
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer:?}");
     assert!(
@@ -444,19 +440,27 @@ fn send_all_then_read(d: &Daemon, request: &[u8]) -> String {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(request)
         .expect("the daemon stopped reading a refused body: the client's write broke");
+    let out = read_until_closed(&mut s).unwrap_or_else(|(e, out)| {
+        panic!(
+            "the answer was lost: {e} after {:?}",
+            String::from_utf8_lossy(&out)
+        )
+    });
+    String::from_utf8_lossy(&out).to_string()
+}
+
+/// What `s` reads until the daemon closes it; or the error that stopped the reading (a read
+/// timeout, a reset), with what came before it.
+fn read_until_closed(s: &mut TcpStream) -> Result<Vec<u8>, (std::io::Error, Vec<u8>)> {
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
-        match read_through_signals(&mut s, &mut buf) {
-            Ok(0) => break,
+        match read_through_signals(s, &mut buf) {
+            Ok(0) => return Ok(out),
             Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) => panic!(
-                "the answer was lost: {e} after {:?}",
-                String::from_utf8_lossy(&out)
-            ),
+            Err(e) => return Err((e, out)),
         }
     }
-    String::from_utf8_lossy(&out).to_string()
 }
 
 #[test]
@@ -517,18 +521,12 @@ fn a_refused_body_that_stops_coming_frees_its_connection() {
         .unwrap();
     s.write_all(&[b' '; 4096]).unwrap();
     let started = Instant::now();
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match read_through_signals(&mut s, &mut buf) {
-            Ok(0) => break,
-            Ok(n) => answer.extend_from_slice(&buf[..n]),
-            Err(e) => panic!(
-                "the connection stayed open: {e} after {:?}",
-                started.elapsed()
-            ),
-        }
-    }
+    let answer = read_until_closed(&mut s).unwrap_or_else(|(e, _)| {
+        panic!(
+            "the connection stayed open: {e} after {:?}",
+            started.elapsed()
+        )
+    });
     let answer = String::from_utf8_lossy(&answer).to_string();
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer:?}");
     assert!(

@@ -3,7 +3,6 @@
 //! clear error or a clean restart; the daemon and the model already serving carry on.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -11,7 +10,7 @@ use serde_json::{json, Value};
 use crate::daemon::*;
 use crate::medium::tier_dir;
 use crate::support::*;
-use crate::worker::confinement_available;
+use crate::worker::{confinement_available, spun_cpu_seconds};
 
 fn complete(d: &Daemon, model: &str, prompt: &str) -> (u16, Value) {
     d.post(
@@ -25,19 +24,6 @@ fn text(r: &Value) -> String {
         .as_str()
         .unwrap_or_default()
         .to_string()
-}
-
-/// Makes `dir` and everything in it readable to the workers' unprivileged user.
-fn open_to_workers(dir: &Path) {
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            open_to_workers(&path);
-        } else {
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        }
-    }
 }
 
 #[test]
@@ -355,6 +341,24 @@ fn a_failed_preload_is_loaded_again_once_its_model_is_whole() {
     assert_eq!(d.plugin("qwen3-4b-instruct-2507")["state"], "ready");
 }
 
+/// A thread that ends with an HTTP answer (status and body).
+type Answer<'scope> = std::thread::ScopedJoinHandle<'scope, (u16, Value)>;
+
+/// Starts `command` on the hostile plugin in `s` and, once it runs, a reload of the plugin: the
+/// threads that hold the request's answer and the reload's.
+fn reload_while_running<'scope>(
+    s: &'scope std::thread::Scope<'scope, '_>,
+    d: &'scope Daemon,
+    command: &'scope str,
+) -> (Answer<'scope>, Answer<'scope>) {
+    let running = s.spawn(move || complete(d, "hostile", command));
+    d.wait_for(10, "the request to run", |d| {
+        d.plugin("hostile")["requests_in_flight"] == 1
+    });
+    let reload = s.spawn(move || d.post("/v1/plugins/hostile/reload", &json!({})));
+    (running, reload)
+}
+
 /// A worker that dies while its version drains (replaced here) is not restarted: nothing new is
 /// sent to it, so a restart would load a model only to stop it. Its request is told so, not
 /// "restarting", and the new version serves on without a restart of its own.
@@ -367,11 +371,7 @@ fn a_draining_worker_that_dies_is_not_restarted() {
     let old = d.plugin("hostile")["pid"].clone();
     let old_pid = old.as_i64().expect("a worker pid") as i32;
     std::thread::scope(|s| {
-        let running = s.spawn(|| complete(&d, "hostile", "spin 60"));
-        d.wait_for(10, "the request to run", |d| {
-            d.plugin("hostile")["requests_in_flight"] == 1
-        });
-        let reload = s.spawn(|| d.post("/v1/plugins/hostile/reload", &json!({})));
+        let (running, reload) = reload_while_running(s, &d, "spin 60");
         d.wait_for(20, "the new version to serve", |d| {
             d.plugin("hostile")["pid"] != old
         });
@@ -414,11 +414,7 @@ fn a_reloads_old_version_is_counted_until_it_stopped() {
     let old = d.plugin("hostile")["pid"].clone();
     let series = "pio_worker_cpu_seconds_total{model=\"hostile\"}";
     let worker_said = std::thread::scope(|s| {
-        let running = s.spawn(|| complete(&d, "hostile", "spin 3"));
-        d.wait_for(10, "the request to run", |d| {
-            d.plugin("hostile")["requests_in_flight"] == 1
-        });
-        let reload = s.spawn(|| d.post("/v1/plugins/hostile/reload", &json!({})));
+        let (running, reload) = reload_while_running(s, &d, "spin 3");
         d.wait_for(20, "the new version to serve", |d| {
             d.plugin("hostile")["pid"] != old
         });
@@ -435,10 +431,7 @@ fn a_reloads_old_version_is_counted_until_it_stopped() {
             200,
             "the reload ends with the drain"
         );
-        r["choices"][0]["text"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
+        text(&r)
     });
     assert_eq!(
         d.plugin("hostile")["draining"],
@@ -447,12 +440,7 @@ fn a_reloads_old_version_is_counted_until_it_stopped() {
         d.plugin("hostile")
     );
     // The worker's own user CPU time for the spin; its cgroup counted at least that.
-    let spun: f64 = worker_said
-        .split("cpu_seconds=")
-        .nth(1)
-        .and_then(|t| t.split(' ').next())
-        .and_then(|t| t.parse().ok())
-        .unwrap_or_else(|| panic!("no cpu_seconds in {worker_said:?}"));
+    let spun = spun_cpu_seconds(&worker_said);
     let counted = d
         .metric(series)
         .unwrap_or_else(|| panic!("no {series}: {}", d.get_text("/metrics")));
@@ -471,7 +459,7 @@ fn a_recreating_reload_stops_the_old_worker_before_the_new_one_starts() {
         return;
     }
     let d = Daemon::start(
-        crate::medium::tier_dir("low"),
+        tier_dir("low"),
         "[server]\nwarmup = false\nreload_strategy = \"recreate\"\n",
     );
     d.wait_ready();
@@ -479,11 +467,7 @@ fn a_recreating_reload_stops_the_old_worker_before_the_new_one_starts() {
     let old_pid = old.as_i64().expect("a worker pid") as i32;
     let alive = |pid: i32| std::path::Path::new(&format!("/proc/{pid}")).exists();
     std::thread::scope(|s| {
-        let running = s.spawn(|| complete(&d, "hostile", "spin 2"));
-        d.wait_for(10, "the request to run", |d| {
-            d.plugin("hostile")["requests_in_flight"] == 1
-        });
-        let reload = s.spawn(|| d.post("/v1/plugins/hostile/reload", &json!({})));
+        let (running, reload) = reload_while_running(s, &d, "spin 2");
         d.wait_for(10, "the old version to drain", |d| {
             d.plugin("hostile")["draining"] == 1
         });

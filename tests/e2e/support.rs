@@ -200,3 +200,17 @@ pub fn merged(mut base: serde_json::Value, extra: serde_json::Value) -> serde_js
     }
     base
 }
+
+/// Makes `dir` and everything in it readable to the workers' unprivileged user.
+pub fn open_to_workers(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            open_to_workers(&path);
+        } else {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+    }
+}

@@ -317,6 +317,15 @@ fn writes_stop_at_the_file_size_limit() {
     );
 }
 
+/// The user CPU time the hostile plugin's `spin` says its process used.
+pub(crate) fn spun_cpu_seconds(said: &str) -> f64 {
+    said.split("cpu_seconds=")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no cpu_seconds in {said:?}"))
+}
+
 #[test]
 fn cpu_time_follows_the_quota() {
     if !confinement_available() {
@@ -324,16 +333,7 @@ fn cpu_time_follows_the_quota() {
     }
     // 2 s of spinning at 0.5 CPU gets about 1 s of CPU time.
     let ran = attack(&hostile_dir(), "spin 2");
-    let cpu: f64 = ran
-        .stdout
-        .split("cpu_seconds=")
-        .nth(1)
-        .unwrap()
-        .split(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let cpu = spun_cpu_seconds(&ran.stdout);
     // The quota is a ceiling; a loaded machine may give less, never more.
     assert!((0.2..=1.4).contains(&cpu), "{}", ran.stdout);
 }
@@ -482,7 +482,6 @@ fn a_library_probe_has_no_network() {
 /// own (where the kernel lets unprivileged users make one, as here).
 #[test]
 fn an_unprivileged_users_library_probe_has_no_network() {
-    use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::CommandExt;
     if !confinement_available() {
         return;
@@ -500,11 +499,7 @@ fn an_unprivileged_users_library_probe_has_no_network() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let dir = hostile_dir_with(&format!("[model.options]\nprobe_connect = {port}\n"));
-    for entry in std::fs::read_dir(dir.path()).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-    }
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    open_to_workers(dir.path());
     let path = dir.path().join("hostile.toml");
     let out = nobody(pio_bin().to_str().unwrap())
         .current_dir(dir.path())
