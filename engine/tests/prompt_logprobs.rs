@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{assert_prompt_scores, engine_for, ids, run_concurrently};
+use common::{assert_prompt_scores, engine_for, ids, prompt_score_goldens, run_concurrently};
 use pio_engine::generate::{CausalLm, Request};
 use pio_engine::models::glm4_moe_lite::Glm4MoeLite;
 use pio_engine::models::qwen3::{Qwen3, Qwen3Moe};
@@ -17,11 +17,6 @@ use pio_engine::runtime::LoadModel;
 use pio_engine::scoring::PromptScore;
 use pio_engine::serving::{Engine, EngineConfig};
 use serde_json::Value;
-
-/// Transformers' prompt scores for checkpoint `name`.
-fn goldens(name: &str) -> Vec<Value> {
-    common::prompt_score_goldens(name)
-}
 
 /// A greedy request for one token, scoring its prompt with `top` alternatives.
 fn request(case: &Value, top: Option<usize>) -> Request {
@@ -57,7 +52,7 @@ fn chunked_beside_each_other<M: LoadModel + CausalLm>(name: &str) {
         ..EngineConfig::default()
     };
     let engine = engine_for::<M>(name, config);
-    let cases = goldens(name);
+    let cases = prompt_score_goldens(name);
     for (_, outcome) in run_concurrently(&engine, cases.iter().map(|c| request(c, None))) {
         assert!(outcome.prompt_logprobs.is_none(), "none asked for");
     }
@@ -103,7 +98,7 @@ fn preempted_sequences_score_each_token_once() {
         ..EngineConfig::default()
     };
     let engine = engine_for::<Qwen3>(name, config);
-    let cases = goldens(name);
+    let cases = prompt_score_goldens(name);
     let mut load = vec![cases[3].clone(), cases[3].clone(), cases[3].clone()];
     load.extend(cases[..3].iter().cloned());
     for (got, case) in scored(&engine, &load, 16).iter().zip(&load) {

@@ -261,11 +261,12 @@ fn prompt_scores_with_images_match_transformers() {
     };
     for (config, together) in [(EngineConfig::default(), false), (chunked, true)] {
         let engine = Engine::start(f.model.clone(), f.codec.clone(), config).unwrap();
-        let outcomes = match together {
-            true => common::run_concurrently(&engine, requests.iter().cloned()),
-            false => (requests.iter().cloned())
+        let outcomes = if together {
+            common::run_concurrently(&engine, requests.iter().cloned())
+        } else {
+            (requests.iter().cloned())
                 .map(|r| common::collect(engine.submit(r).unwrap()))
-                .collect(),
+                .collect()
         };
         for ((_, outcome), want) in outcomes.iter().zip(&scores) {
             let got = outcome
