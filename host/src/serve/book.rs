@@ -256,8 +256,7 @@ fn newly_broken<'a>(
         .collect()
 }
 
-/// `e` as `/v1/plugins` reports it.
-/// `e`'s status, under a cap of `cap` loaded models (0: none).
+/// `e`'s status as `/v1/plugins` reports it, under a cap of `cap` loaded models (0: none).
 pub(super) fn status_of(e: &Entry, cap: usize) -> PluginStatus {
     let base = PluginStatus::new(&e.found, e.last_error.clone(), e.reloading);
     let base = PluginStatus {
@@ -292,9 +291,12 @@ fn counters_of(entry: &Entry, d: &Deployment) -> PluginStatus {
     PluginStatus::new(&entry.found, None, false).serving(d)
 }
 
-/// Keeps `d`, as it leaves `entry`'s slot, among the deployments that drain: its counters go on
-/// counting until it stopped.
+/// Keeps `d`, as it leaves `entry`'s slot, among the deployments that drain (its counters go on
+/// counting until it stopped), and marks its worker draining.
 pub(super) fn retire(entry: &mut Entry, d: &Arc<Deployment>) {
+    // Marked here, with the swap, not when the drain task first runs: a worker that dies in
+    // between would otherwise be restarted, loading a model only to stop it.
+    d.supervised.begin_drain();
     entry.draining.push(d.clone());
 }
 
