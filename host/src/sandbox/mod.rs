@@ -17,6 +17,7 @@ pub mod readable;
 pub mod refusals;
 mod remount;
 mod seccomp;
+mod xattr;
 
 use serde::{Deserialize, Serialize};
 

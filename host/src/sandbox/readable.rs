@@ -70,21 +70,7 @@ const ACCESS_ACL: &std::ffi::CStr = c"system.posix_acl_access";
 /// The raw access ACL of `path`, when it has one (of up to 127 entries; a longer one is left to
 /// the mode bits).
 fn access_acl(path: &Path) -> Option<Vec<u8>> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    let mut buf = vec![0u8; 1024];
-    // SAFETY: both names are NUL-terminated; the kernel writes at most `buf.len()` bytes.
-    let n = unsafe {
-        libc::getxattr(
-            path.as_ptr(),
-            ACCESS_ACL.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    let n = usize::try_from(n).ok()?;
-    buf.truncate(n);
-    Some(buf)
+    super::xattr::get(path, ACCESS_ACL, 1024)
 }
 
 /// The bits a POSIX access ACL in Linux's attribute layout (version 2, then 8-byte entries: tag,
@@ -307,18 +293,8 @@ mod tests {
             (0x10, 0o5, ANY),
             (0x20, 0o0, ANY),
         ]);
-        let path = std::ffi::CString::new(folder.to_str().unwrap()).unwrap();
-        // SAFETY: NUL-terminated names; the value is `entries.len()` bytes.
-        let set = unsafe {
-            libc::setxattr(
-                path.as_ptr(),
-                ACCESS_ACL.as_ptr(),
-                entries.as_ptr().cast(),
-                entries.len(),
-                0,
-            )
-        };
-        if set != 0 {
+        let set = super::super::xattr::set(&folder, ACCESS_ACL, &entries);
+        if set.is_err() {
             eprintln!("skipped: this file system keeps no ACLs");
             return;
         }

@@ -3,11 +3,13 @@
 
 use std::path::Path;
 
-use super::{v1_limit, ROOT};
+use super::delegation::base;
+use super::v1_limit;
 
-/// What the limit of the cgroup tree at `/sys/fs/cgroup` leaves, in bytes (see [`headroom_at`]).
+/// What the limit of the cgroup tree the workers' groups are made in leaves (`/sys/fs/cgroup`,
+/// or a delegated service's own group), in bytes (see [`headroom_at`]).
 pub fn headroom() -> Option<u64> {
-    headroom_at(Path::new(ROOT))
+    headroom_at(base())
 }
 
 /// What the limit of the cgroup tree at `root` leaves (v2: `memory.max`; v1: the memory

@@ -4,13 +4,16 @@
 //!
 //! On v1 hybrids the empty unified tree (`/sys/fs/cgroup/unified`) is used too: its
 //! `cgroup.kill` removes every process of the worker, including double-forked escapees, in one
-//! write. Groups live under `<hierarchy>/pio/` and are removed when the [`Cgroup`] is dropped.
+//! write. Groups live under `<hierarchy>/pio/` — on v2, under the daemon's own cgroup instead
+//! where systemd delegated it (`Delegate=yes`, [`delegation`]) — and are removed when the
+//! [`Cgroup`] is dropped.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
+mod delegation;
 pub mod headroom;
 mod settings;
 
@@ -135,7 +138,7 @@ static SEQUENCE: AtomicU64 = AtomicU64::new(0);
 /// say): any `pio/<name>-<pid>-<n>` whose `pid` is no longer running has its processes killed
 /// and its directories removed. Returns how many groups were removed.
 pub fn reap_stale(version: Version) -> usize {
-    reap_stale_at(Path::new(ROOT), version)
+    reap_stale_at(delegation::base(), version)
 }
 
 fn reap_stale_at(root: &Path, version: Version) -> usize {
@@ -217,7 +220,7 @@ fn parent_mems(dir: &Path) -> String {
 impl Cgroup {
     /// Creates `pio/<name>-<daemon pid>-<n>` enforcing `spec`.
     pub fn create(version: Version, name: &str, spec: &GroupSpec) -> Result<Self, CgroupError> {
-        Self::create_at(Path::new(ROOT), version, name, spec)
+        Self::create_at(delegation::base(), version, name, spec)
     }
 
     fn create_at(
