@@ -40,7 +40,9 @@ pub mod tokenizer_info;
 pub mod weights;
 
 /// Lets candle's tensors own checkpoint pages mapped in place (see [`mapping`]). A crate linking
-/// the engine cannot declare another global allocator.
+/// the engine with its default features cannot declare another global allocator; without
+/// `mapped-weights` it may, and checkpoints are read instead.
+#[cfg(feature = "mapped-weights")]
 #[global_allocator]
 static ALLOCATOR: mapping::Allocator = mapping::Allocator;
 

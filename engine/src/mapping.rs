@@ -5,13 +5,13 @@
 //! takes a fraction of that, and workers serving the same files share one copy.
 //!
 //! candle's CPU tensors own a `Vec`, which their drop hands to the global allocator, and candle
-//! has no borrowed storage. So the engine is the global allocator of whatever links it
-//! ([`Allocator`]): the system's, except inside one range of address space reserved for mapped
-//! files. A `Vec` over a mapped tensor is, to Rust, an allocation of this allocator, and each
-//! byte of a file is handed out once (a tensor asked for again, a tied embedding, is read into
-//! memory of its own), so no two `Vec`s share memory and none sees another's writes; the mapping
-//! goes when its file and its last tensor have. Growing one copies it out first (weights are
-//! never grown).
+//! has no borrowed storage. So the engine is the global allocator of whatever links it with its
+//! default feature `mapped-weights` ([`Allocator`]; without the feature nothing is mapped): the
+//! system's, except inside one range of address space reserved for mapped files. A `Vec` over a
+//! mapped tensor is, to Rust, an allocation of this allocator, and each byte of a file is handed
+//! out once (a tensor asked for again, a tied embedding, is read into memory of its own), so no
+//! two `Vec`s share memory and none sees another's writes; the mapping goes when its file and its
+//! last tensor have. Growing one copies it out first (weights are never grown).
 //!
 //! Files are mapped privately: a write to a weight (candle never writes one in place) would copy
 //! its page, never reach the file. But the file's changes reach the mapping: one truncated while
@@ -266,7 +266,9 @@ impl MappedFile {
     /// The first `len` bytes of `file` (its length), mapped; `None` where they cannot be (no
     /// address space, a file that cannot be mapped): the caller reads the file instead.
     pub(crate) fn map(file: &File, len: usize) -> Option<Self> {
-        if len == 0 {
+        // Without the feature this module's allocator is not the global one: a `Vec` over
+        // mapped pages would be freed by another allocator.
+        if len == 0 || !cfg!(feature = "mapped-weights") {
             return None;
         }
         let size = len.checked_next_multiple_of(ALIGN)?;
