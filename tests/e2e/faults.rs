@@ -498,3 +498,43 @@ fn a_recreating_reload_stops_the_old_worker_before_the_new_one_starts() {
             .contains("reloading by recreating it (server.reload_strategy = recreate)")
     });
 }
+
+/// An admin action outlives its client: a reload whose caller hangs up while the old version
+/// drains still stops the old worker and ends (a dropped request would leave the old worker
+/// running, listed as draining, forever), and the next reload is not refused as "already
+/// reloading".
+#[test]
+fn a_reload_whose_client_hangs_up_still_stops_the_old_worker() {
+    use std::io::Write;
+    if !confinement_available() {
+        return;
+    }
+    let d = restarting_hostile();
+    let old = d.plugin("hostile")["pid"].clone();
+    let old_pid = old.as_i64().expect("a worker pid") as i32;
+    std::thread::scope(|s| {
+        let running = s.spawn(|| complete(&d, "hostile", "spin 3"));
+        d.wait_for(10, "the request to run", |d| {
+            d.plugin("hostile")["requests_in_flight"] == 1
+        });
+        let mut client = std::net::TcpStream::connect(d.addr()).expect("connect");
+        let request = "POST /v1/plugins/hostile/reload HTTP/1.1\r\nhost: pio\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+        client.write_all(request.as_bytes()).unwrap();
+        d.wait_for(20, "the new version to serve", |d| {
+            d.plugin("hostile")["pid"] != old
+        });
+        // Gone while the old version drains.
+        drop(client);
+        let (status, r) = running.join().unwrap();
+        assert_eq!(status, 200, "{r}");
+    });
+    d.wait_for(10, "the old worker to stop", |d| {
+        d.plugin("hostile")["draining"] == 0
+    });
+    assert!(
+        !std::path::Path::new(&format!("/proc/{old_pid}")).exists(),
+        "the old worker {old_pid} still runs"
+    );
+    let (status, r) = d.post("/v1/plugins/hostile/reload", &json!({}));
+    assert_eq!(status, 200, "{r}");
+}

@@ -87,16 +87,23 @@ pub async fn plugin_action(
     if afresh {
         app.models.recheck(&name).await?;
     }
-    match action.as_str() {
-        "load" => app.models.load(&name).await?,
-        "unload" => app.models.unload(&name).await?,
-        "reload" => app.models.reload(&name).await?,
+    let models = app.models.clone();
+    let target = name.clone();
+    let run = match action.as_str() {
+        "load" => tokio::spawn(async move { models.load(&target).await }),
+        "unload" => tokio::spawn(async move { models.unload(&target).await }),
+        "reload" => tokio::spawn(async move { models.reload(&target).await }),
         other => {
             return Err(ApiError::not_found(format!(
                 "unknown action `{other}`; use load, unload or reload"
             )))
         }
-    }
+    };
+    // A task of its own, which a client that hangs up does not cancel: a reload or unload
+    // dropped midway would leave the old worker running and listed as draining (or a reload
+    // marked under way) for good.
+    run.await
+        .map_err(|e| ApiError::internal(format!("the {action} of {name} failed: {e}")))??;
     let (plugins, _) = app.models.statuses();
     let status = plugins.into_iter().find(|p| p.name == name);
     Ok(Json(

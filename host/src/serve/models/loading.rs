@@ -206,7 +206,9 @@ impl Models {
         Ok(victim.map(|d| (name, d)))
     }
 
-    /// Unloads `name`, letting its requests finish (up to the drain timeout).
+    /// Unloads `name`, letting its requests finish (up to the drain timeout). Not cancel-safe:
+    /// dropped during the drain, it leaves the worker running; callers spawn it or run it to
+    /// its end.
     pub async fn unload(&self, name: &str) -> Result<(), ApiError> {
         let taken = {
             let mut inner = lock(&self.inner);

@@ -25,7 +25,8 @@ enum Plan {
 
 impl Models {
     /// Replaces `name`'s worker with a fresh one, blue/green or by recreating it as
-    /// `server.reload_strategy` says (see [`side_by_side`]); a model not loaded is loaded.
+    /// `server.reload_strategy` says (see [`side_by_side`]); a model not loaded is loaded. Not
+    /// cancel-safe: dropped midway, it leaves a worker running; callers spawn it.
     pub async fn reload(self: &Arc<Self>, name: &str) -> Result<(), ApiError> {
         let strategy = self.config().server.reload_strategy;
         // Files read before the book's lock is taken, and only where they decide.
