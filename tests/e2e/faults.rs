@@ -538,3 +538,33 @@ fn a_reload_whose_client_hangs_up_still_stops_the_old_worker() {
     let (status, r) = d.post("/v1/plugins/hostile/reload", &json!({}));
     assert_eq!(status, 200, "{r}");
 }
+
+/// A model is not taken out while it reloads: an operator's unload is refused, saying why, and
+/// the reload ends with its new worker serving (before, the unload won, and the reload then put
+/// its new worker back into the emptied slot: loaded while listed as unloaded on purpose, and
+/// past `max_loaded_models` when an eviction had made the room for another model).
+#[test]
+fn an_unload_during_a_reload_is_refused_and_the_reload_ends_serving() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(echo_dir("[model.options]\nload_delay_ms = 1500\n"), "");
+    d.wait_ready();
+    let old = d.plugin("echo")["pid"].clone();
+    std::thread::scope(|s| {
+        let reload = s.spawn(|| d.post("/v1/plugins/echo/reload", &json!({})));
+        d.wait_for(10, "the reload to start", |d| {
+            d.plugin("echo")["reloading"] == true
+        });
+        let (status, r) = d.post("/v1/plugins/echo/unload", &json!({}));
+        assert_eq!(status, 503, "{r}");
+        let message = r["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("is reloading"), "{message}");
+        let (status, r) = reload.join().unwrap();
+        assert_eq!(status, 200, "{r}");
+    });
+    let now = d.plugin("echo");
+    assert_eq!(now["state"], "ready", "{now}");
+    assert_ne!(now["pid"], old, "{now}");
+    assert_eq!(complete(&d, "echo", "hello").0, 200);
+}

@@ -191,7 +191,8 @@ impl Models {
             .entries
             .iter()
             .filter_map(|(n, e)| match &e.slot {
-                Slot::Loaded(d) => d.idle_for().map(|idle| (idle, n.clone())),
+                // A model reloading is not idle: its new worker is on the way.
+                Slot::Loaded(d) if !e.reloading => d.idle_for().map(|idle| (idle, n.clone())),
                 _ => None,
             })
             .max();
@@ -210,6 +211,16 @@ impl Models {
     /// dropped during the drain, it leaves the worker running; callers spawn it or run it to
     /// its end.
     pub async fn unload(&self, name: &str) -> Result<(), ApiError> {
+        self.unload_if(name, |_| true).await
+    }
+
+    /// [`Self::unload`] when `still`, asked under the book's lock, says so of the deployment
+    /// (`Ok` and nothing done otherwise): for a decision taken earlier, such as idleness.
+    async fn unload_if(
+        &self,
+        name: &str,
+        still: impl FnOnce(&Deployment) -> bool,
+    ) -> Result<(), ApiError> {
         let taken = {
             let mut inner = lock(&self.inner);
             let entry = inner.entry(name)?;
@@ -217,6 +228,14 @@ impl Models {
                 return Err(ApiError::unavailable(format!(
                     "plugin {name} is loading; unload it once it has loaded"
                 )));
+            }
+            if entry.reloading {
+                return Err(ApiError::unavailable(format!(
+                    "plugin {name} is reloading; unload it once it has reloaded"
+                )));
+            }
+            if matches!(&entry.slot, Slot::Loaded(d) if !still(d)) {
+                return Ok(());
             }
             if matches!(entry.slot, Slot::Unloaded) {
                 // An operator's unload of a model that failed to load: no more tries of its own.
@@ -304,13 +323,20 @@ impl Models {
             inner
                 .entries
                 .iter()
-                .filter(|(_, e)| matches!(&e.slot, Slot::Loaded(d) if d.idle_for().is_some_and(|t| t >= keep_alive)))
+                .filter(|(_, e)| matches!(&e.slot, Slot::Loaded(d) if !e.reloading && is_idle(d, keep_alive)))
                 .map(|(n, _)| n.clone())
                 .collect()
         };
         for name in idle {
-            tracing::info!(plugin = %name, "unloading after {} s idle (server.keep_alive_secs)", keep_alive.as_secs());
-            let _ = self.unload(&name).await;
+            // Asked again under the lock: an earlier model's drain may have let a request in.
+            let idle = |d: &Deployment| {
+                let idle = is_idle(d, keep_alive);
+                if idle {
+                    tracing::info!(plugin = %name, "unloading after {} s idle (server.keep_alive_secs)", keep_alive.as_secs());
+                }
+                idle
+            };
+            let _ = self.unload_if(&name, idle).await;
         }
     }
 }
@@ -328,4 +354,9 @@ pub(super) async fn finished(mut rx: watch::Receiver<LoadResult>) -> Result<(), 
         Ok(v) => v.clone().unwrap_or(Ok(())),
         Err(_) => Err(ApiError::internal("the load was abandoned")),
     }
+}
+
+/// Whether `d` has served nothing for `keep_alive`.
+fn is_idle(d: &Deployment, keep_alive: Duration) -> bool {
+    d.idle_for().is_some_and(|t| t >= keep_alive)
 }

@@ -17,8 +17,8 @@ use crate::serve::hotplug::Found;
 enum Plan {
     /// Nothing loaded: a plain load.
     Load,
-    /// Beside the running worker.
-    BlueGreen(Box<Found>),
+    /// Beside the running worker (the deployment it replaces).
+    BlueGreen(Box<Found>, Arc<crate::serve::deployment::Deployment>),
     /// After it: the load under way.
     Recreate(tokio::sync::watch::Receiver<LoadResult>),
 }
@@ -47,7 +47,7 @@ impl Models {
                     let in_use = d.supervised.status().stats.and_then(|s| s.memory_bytes);
                     if side_by_side(strategy, available, in_use) {
                         entry.reloading = true;
-                        Plan::BlueGreen(Box::new(entry.found.clone()))
+                        Plan::BlueGreen(Box::new(entry.found.clone()), d.clone())
                     } else {
                         tracing::info!(
                             plugin = %name,
@@ -64,23 +64,36 @@ impl Models {
         match plan {
             Plan::Load => self.load(name).await,
             Plan::Recreate(loaded) => finished(loaded).await,
-            Plan::BlueGreen(found) => self.blue_green(name, *found).await,
+            Plan::BlueGreen(found, old) => self.blue_green(name, *found, old).await,
         }
     }
 
-    /// The new worker loads and warms up while the old one serves; then traffic moves and the
-    /// old one drains.
-    async fn blue_green(self: &Arc<Self>, name: &str, found: Found) -> Result<(), ApiError> {
+    /// The new worker loads and warms up while `old` serves; then traffic moves and `old`
+    /// drains. The swap happens only if `old` still holds the slot: nothing else takes a model
+    /// out while it reloads, and should that change, the new worker is not put back over it.
+    async fn blue_green(
+        self: &Arc<Self>,
+        name: &str,
+        found: Found,
+        old: Arc<crate::serve::deployment::Deployment>,
+    ) -> Result<(), ApiError> {
         let result = deploy(&self.setup, &self.config(), &found).await;
-        // `Err`: the new worker, not kept because the daemon stops (the old one is being stopped).
+        // `Err`: the new worker, not kept (the daemon stops, or `old` left the slot), and why.
         let swapped = {
             let mut inner = lock(&self.inner);
             let stopping = self.stopping.load(std::sync::atomic::Ordering::Acquire);
             let entry = inner.entry_mut(name)?;
             entry.reloading = false;
+            let replaced = matches!(&entry.slot, Slot::Loaded(d) if Arc::ptr_eq(d, &old));
             match result {
-                Ok(new) if stopping => Err(new),
+                Ok(new) if stopping => Err((new, "the daemon is stopping".to_string())),
+                Ok(new) if !replaced => Err((
+                    new,
+                    format!("plugin {name} left its slot during the reload (unloaded or loaded anew); the new worker is stopped"),
+                )),
                 Ok(new) => {
+                    // A SIGHUP during the load: the supervision in force now.
+                    new.supervised.set_policy(self.config().restart_policy());
                     entry.last_error = None;
                     let old = std::mem::replace(&mut entry.slot, Slot::Loaded(Arc::new(new)));
                     if let Slot::Loaded(d) = &old {
@@ -97,9 +110,9 @@ impl Models {
         };
         let old = match swapped {
             Ok(old) => old,
-            Err(new) => {
+            Err((new, why)) => {
                 new.supervised.stop().await;
-                return Err(ApiError::unavailable("the daemon is stopping".to_string()));
+                return Err(ApiError::unavailable(why));
             }
         };
         tracing::info!(plugin = %name, "reloaded; draining the old worker");
