@@ -438,3 +438,57 @@ fn an_admin_reload_checks_the_files_again() {
     );
     assert_eq!(now["state"], "ready", "{now}");
 }
+
+/// A change that arrives while the model reloads for an earlier one is not lost: the reload
+/// under way loads what it started with, then the newest files are loaded (before, the rescan
+/// recorded the change, its own reload was refused as "already reloading", and the older
+/// files served for good). Each version of the manifest sets another default `max_tokens`,
+/// which echo's answer shows.
+#[test]
+fn a_change_during_a_reload_is_loaded_after_it() {
+    if !confinement_available() {
+        return;
+    }
+    let echo = |max_tokens: u32| {
+        let extra = format!(
+            "[model.options]\nload_delay_ms = 2000\n[model.generation]\nmax_tokens = {max_tokens}\n"
+        );
+        manifest("echo", "0.1.0", "libecho.so", &extra)
+    };
+    let answer = |d: &Daemon| {
+        let (_, r) = d.post(
+            "/v1/completions",
+            &json!({"model": "echo", "prompt": "hello world", "temperature": 0}),
+        );
+        r["choices"][0]["text"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let dir = PluginDir::new();
+    dir.copy_lib("pio_plugin_echo", "libecho.so");
+    dir.write("echo.toml", &echo(1));
+    let d = Daemon::start(dir, "");
+    d.wait_ready();
+    assert_eq!(answer(&d), "h");
+    d.dir.write("echo.toml", &echo(2));
+    d.wait_for(20, "the reload for the first change to start", |d| {
+        d.plugin("echo")["reloading"] == true
+    });
+    d.dir.write("echo.toml", &echo(3));
+    d.wait_for(30, "the second change to serve", |d| answer(d) == "hel");
+    // The same while it loads: unloaded on purpose, then loaded again with a change under way.
+    assert_eq!(d.post("/v1/plugins/echo/unload", &json!({})).0, 200);
+    let load = std::thread::scope(|s| {
+        let load = s.spawn(|| d.post("/v1/plugins/echo/load", &json!({})));
+        d.wait_for(20, "the load to start", |d| {
+            d.plugin("echo")["state"] == "loading"
+        });
+        d.dir.write("echo.toml", &echo(4));
+        load.join().unwrap()
+    });
+    assert_eq!(load.0, 200, "{}", load.1);
+    d.wait_for(30, "the change made while it loaded to serve", |d| {
+        answer(d) == "hell"
+    });
+}

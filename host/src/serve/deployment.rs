@@ -36,6 +36,9 @@ pub struct Deployment {
     /// The manifest's `[model.generation] max_tokens`: a request that names none gets it, not
     /// the API's own default.
     pub default_max_tokens: Option<u32>,
+    /// The fingerprint of the manifest and library it was made from (hot plug's), to tell
+    /// whether the files changed while it loaded.
+    pub fingerprint: String,
     leases: AtomicUsize,
     idle: Notify,
     last_used: Mutex<Instant>,
@@ -106,6 +109,7 @@ impl Deployment {
             library,
             version,
             default_max_tokens: None,
+            fingerprint: String::new(),
             leases: AtomicUsize::new(0),
             idle: Notify::new(),
             last_used: Mutex::new(Instant::now()),
@@ -233,6 +237,7 @@ pub(super) async fn deploy(
     let mut deployment =
         Deployment::new(supervised, info, found.manifest.version.to_string(), copy);
     deployment.default_max_tokens = found.manifest.model.generation.max_tokens;
+    deployment.fingerprint = found.fingerprint.clone();
     Ok(deployment)
 }
 

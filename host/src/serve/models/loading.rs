@@ -74,6 +74,7 @@ impl Models {
                     }
                     Err(e) => Err((e, false)),
                 };
+                let mut changed = false;
                 let (stopping, outcome) = {
                     let mut inner = lock(&this.inner);
                     // Read under the lock `stop_all` sets it under: a load that ends after it is
@@ -86,6 +87,7 @@ impl Models {
                         (Some(entry), Ok(d)) if !stopping => {
                             // A reload while it loaded: the supervision in force now.
                             d.supervised.set_policy(this.config().restart_policy());
+                            changed = entry.found.fingerprint != d.fingerprint;
                             entry.slot = Slot::Loaded(Arc::new(d));
                             entry.parked = false;
                             entry.over_cap = false;
@@ -124,6 +126,9 @@ impl Models {
                     }
                     Ok(None) => {
                         tracing::info!(plugin = %found.manifest.name, "model loaded");
+                        if changed {
+                            this.catch_up(&found.manifest.name);
+                        }
                         Ok(())
                     }
                     Err(e) => {

@@ -223,8 +223,8 @@ impl Models {
             (changes.reload, unload)
         };
         for name in reload {
-            let this = self.clone();
-            tokio::spawn(async move { this.reload(&name).await });
+            // One refused as already reloading is caught up when that reload ends.
+            self.spawn_reload(&name);
         }
         for (name, deployment) in unload {
             tracing::info!(plugin = %name, "plugin removed; draining and unloading it");

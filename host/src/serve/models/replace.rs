@@ -79,6 +79,7 @@ impl Models {
     ) -> Result<(), ApiError> {
         let result = deploy(&self.setup, &self.config(), &found).await;
         // `Err`: the new worker, not kept (the daemon stops, or `old` left the slot), and why.
+        let mut changed = false;
         let swapped = {
             let mut inner = lock(&self.inner);
             let stopping = self.stopping.load(std::sync::atomic::Ordering::Acquire);
@@ -94,6 +95,7 @@ impl Models {
                 Ok(new) => {
                     // A SIGHUP during the load: the supervision in force now.
                     new.supervised.set_policy(self.config().restart_policy());
+                    changed = entry.found.fingerprint != new.fingerprint;
                     entry.last_error = None;
                     let old = std::mem::replace(&mut entry.slot, Slot::Loaded(Arc::new(new)));
                     if let Slot::Loaded(d) = &old {
@@ -116,10 +118,32 @@ impl Models {
             }
         };
         tracing::info!(plugin = %name, "reloaded; draining the old worker");
+        if changed {
+            self.catch_up(name);
+        }
         if let Slot::Loaded(old) = old {
             self.drain_retired(name, old, self.drain_timeout()).await;
         }
         Ok(())
+    }
+}
+
+impl Models {
+    /// Reloads `name` once more: its files changed while it loaded or reloaded, which a rescan
+    /// records but a load under way cannot take (it loads what it started with).
+    pub(super) fn catch_up(self: &Arc<Self>, name: &str) {
+        tracing::info!(plugin = %name, "its files changed while it loaded: reloading it again");
+        self.spawn_reload(name);
+    }
+
+    /// Reloads `name` in a task of its own (see [`Self::reload`]), logging a refusal or failure.
+    pub(super) fn spawn_reload(self: &Arc<Self>, name: &str) {
+        let (this, name) = (self.clone(), name.to_string());
+        tokio::spawn(async move {
+            if let Err(e) = this.reload(&name).await {
+                tracing::warn!(plugin = %name, "reload not done: {}", e.message);
+            }
+        });
     }
 }
 
