@@ -11,7 +11,8 @@
 //! and none joins in a step that had to preempt. A sequence whose reader has fallen behind is
 //! paused: it keeps its place and blocks but computes nothing, so a client that stops reading
 //! stops its generation instead of filling a buffer; when blocks run out, paused sequences are
-//! preempted first, so stalled clients never starve those that read. A waiting request whose
+//! preempted first, and a waiting request that finds every slot or block held by paused ones is
+//! made room for by preempting them, so stalled clients never starve those that read. A waiting request whose
 //! prompt continues past its cached prefix into a block a running sequence (or one ahead of it
 //! in the queue) is about to compute (`n` choices of one prompt, clients sharing a system
 //! prompt, arriving together) waits for it to land in the prefix cache rather than compute it a
@@ -178,11 +179,40 @@ pub fn schedule(state: &State<'_>) -> Plan {
         });
         i += 1;
     }
-    if !plan.preempt.is_empty() {
+    if !plan.preempt.is_empty() || yield_paused(state, &mut kept, free, &mut plan) {
         return plan;
     }
     admit(state, kept.len(), (free, budget), &mut plan);
     plan
+}
+
+/// Preempts paused sequences, newest first, when the first waiting request that reads cannot
+/// join for want of a sequence slot or of a block for its first chunk, and the paused ones'
+/// slots and blocks would let it: stalled readers never keep out one that reads. Whether it
+/// preempted (then nothing joins this step; the request does in the next).
+fn yield_paused(state: &State<'_>, kept: &mut Vec<Running>, free: usize, plan: &mut Plan) -> bool {
+    let Some(w) = state.waiting.iter().find(|w| !w.paused) else {
+        return false;
+    };
+    let bs = state.limits.block_size;
+    let blocked = |seqs: usize, free: usize| {
+        seqs >= state.limits.max_seqs || (free + w.cached_held) * bs <= w.cached
+    };
+    let paused = kept.iter().filter(|k| k.paused);
+    let (count, blocks) = paused.fold((0, 0), |(n, b), k| (n + 1, b + k.own_blocks));
+    if !blocked(kept.len(), free) || blocked(kept.len() - count, free + blocks) {
+        return false;
+    }
+    let mut free = free;
+    while blocked(kept.len(), free) {
+        let Some(j) = kept.iter().rposition(|k| k.paused) else {
+            break;
+        };
+        let victim = kept.remove(j);
+        free += victim.own_blocks;
+        plan.preempt.push(victim.id);
+    }
+    true
 }
 
 /// Admits waiting sequences in queue order beside the `running` ones kept, while a sequence
@@ -467,6 +497,47 @@ mod tests {
         };
         let p = plan(&[], &[stalled, wait(4, 4)], 10, LIMITS);
         assert_eq!(p.admit, vec![4], "{p:?}");
+    }
+
+    /// Paused sequences that hold every free block, or every sequence slot, give them up to a
+    /// request that reads, newest first and only as many as it takes; not for a request that
+    /// would not fit even then, nor for one whose own reader stalled.
+    #[test]
+    fn paused_sequences_make_room_for_a_request_that_reads() {
+        // 29 of 30 tokens computed: 8 blocks each, all 16 of the pool.
+        let paused = |id| Running {
+            paused: true,
+            ..run(id, 30, 29)
+        };
+        let p = plan(&[paused(1), paused(2)], &[wait(3, 5)], 0, LIMITS);
+        assert_eq!(p.preempt, vec![2], "{p:?}");
+        assert!(p.admit.is_empty() && p.work.is_empty(), "{p:?}");
+        let p = plan(&[paused(1)], &[wait(3, 5)], 8, LIMITS);
+        assert_eq!((p.preempt.len(), p.admit.clone()), (0, vec![3]), "{p:?}");
+        // Every slot taken by a paused sequence, the pool nearly empty.
+        let two = Limits {
+            max_seqs: 2,
+            ..LIMITS
+        };
+        let p = plan(&[paused(1), paused(2)], &[wait(3, 5)], 100, two);
+        assert_eq!(p.preempt, vec![2], "{p:?}");
+        // Room already: nobody is preempted.
+        let p = plan(&[paused(1), paused(2)], &[wait(3, 5)], 4, LIMITS);
+        assert_eq!((p.preempt.len(), p.admit.clone()), (0, vec![3]), "{p:?}");
+        // A request whose reader stalled too, and one that would not fit even then.
+        let stalled = Waiting {
+            paused: true,
+            ..wait(3, 5)
+        };
+        let p = plan(&[paused(1), paused(2)], &[stalled], 0, LIMITS);
+        assert!(p.preempt.is_empty(), "{p:?}");
+        let mostly_cached = Waiting {
+            cached: 80,
+            cached_held: 0,
+            ..wait(3, 90)
+        };
+        let p = plan(&[paused(1), paused(2)], &[mostly_cached], 0, LIMITS);
+        assert!(p.preempt.is_empty(), "{p:?}");
     }
 
     #[test]

@@ -398,6 +398,49 @@ fn a_stream_nobody_reads_pauses_its_sequence_and_resumes_unchanged() {
     assert_eq!(when_idle(&engine).blocks_used, 0);
 }
 
+/// Stalled readers never keep out one that reads: with every sequence slot held by a paused
+/// stream, a new request is served (the paused one is preempted and recomputed later), and the
+/// paused stream, read at last, gives what it gives alone.
+#[test]
+fn a_paused_stream_holding_the_only_slot_yields_it_to_a_new_request() {
+    use pio_engine::serving::PAUSE_BACKLOG;
+    let config = EngineConfig {
+        max_seqs: 1,
+        ..small_blocks(256)
+    };
+    let engine = engine_for::<Qwen3>("qwen3-tiny", config);
+    let request = Request {
+        prompt: (0..12).map(|i| 20 + i * 7).collect(),
+        max_tokens: 3 * PAUSE_BACKLOG,
+        ..Request::default()
+    };
+    let (alone, _) = collect(engine.submit(request.clone()).unwrap());
+    let unread = engine.submit(request.clone()).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while unread.unread() < PAUSE_BACKLOG && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let short = Request {
+        max_tokens: 4,
+        ..request.clone()
+    };
+    let other = engine.submit(short).unwrap();
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done.send(collect(other)));
+    let (out, outcome) = result
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the new request is served beside a paused stream holding the only slot");
+    assert_eq!((out.len(), outcome.finish), (4, Finish::Length));
+    let (resumed, _) = collect(unread);
+    let ids = |v: &[Emitted]| v.iter().map(|e| e.token_id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(&resumed),
+        ids(&alone),
+        "preempting the paused stream changed nothing"
+    );
+    assert_eq!(when_idle(&engine).blocks_used, 0);
+}
+
 /// Seeded sampling in a batch gives each request the tokens it gets alone: eight sequences
 /// sampling in the same steps are sampled in parallel on the engine's threads, each with its own
 /// generator and its own row.
