@@ -568,3 +568,41 @@ fn an_unload_during_a_reload_is_refused_and_the_reload_ends_serving() {
     assert_ne!(now["pid"], old, "{now}");
     assert_eq!(complete(&d, "echo", "hello").0, 200);
 }
+
+/// A worker that dies while a process it started holds its socket (a fork keeps every
+/// descriptor) is seen dead at once, not at the next health check: its request fails saying
+/// how it ended, what it started is killed with it, and it is restarted. Health checks are a
+/// minute apart here, so only the exit itself can tell the host in time.
+#[test]
+fn a_worker_whose_child_holds_its_socket_is_seen_dead_at_once() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(
+        tier_dir("low"),
+        "[server]\nwarmup = false\n[supervisor]\nrestart_backoff_ms = 100\nhealth_interval_secs = 60\n",
+    );
+    d.wait_ready();
+    let (status, r) = complete(&d, "hostile", "double-fork");
+    assert_eq!(status, 200, "{r}");
+    let grandchild: i32 = text(&r)
+        .trim()
+        .strip_prefix("grandchild=")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{r}"));
+    let started = Instant::now();
+    let (status, r) = complete(&d, "hostile", "exit");
+    assert_eq!(status, 500, "{r}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the death was seen after {:?} (health checks are 60 s apart)",
+        started.elapsed()
+    );
+    let message = r["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("exit"), "{message}");
+    d.wait_for(10, "the grandchild to be killed", |_| {
+        !std::path::Path::new(&format!("/proc/{grandchild}")).exists()
+    });
+    d.wait_restarts("hostile", 1);
+    assert_eq!(complete(&d, "hostile", "status").0, 200);
+}

@@ -231,6 +231,26 @@ fn read_frames(mut read_half: OwnedReadHalf) -> mpsc::Receiver<Result<FromWorker
     rx
 }
 
+/// Routes the frames a worker that has exited wrote before it did (its last tokens, its final
+/// answer), until none has come for a moment; `Some` when one broke the protocol.
+async fn last_frames(
+    frames: &mut mpsc::Receiver<Result<FromWorker, Ending>>,
+    routes: &mut Routes,
+) -> Ending {
+    let quiet = std::time::Duration::from_millis(100);
+    while let Ok(Some(frame)) = tokio::time::timeout(quiet, frames.recv()).await {
+        match frame {
+            Ok(frame) => {
+                if let Some(why) = routes.dispatch(frame) {
+                    return Some(why);
+                }
+            }
+            Err(ending) => return ending,
+        }
+    }
+    None
+}
+
 /// Starts the traffic task of the worker `child` named `name`; its exit message goes to `exit`.
 pub(super) fn start(
     name: String,
@@ -246,6 +266,7 @@ pub(super) fn start(
         in_flight: routes.in_flight.clone(),
     };
     let mut frames = read_frames(read_half);
+    let child_pid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
     tokio::spawn(async move {
         let ending = loop {
             // Commands first: a waiter is always registered before its frame can arrive.
@@ -267,12 +288,25 @@ pub(super) fn start(
                     Some(Err(ending)) => break ending,
                     None => break None,
                 },
+                // Dead with its socket still open: a process it started holds the socket (a
+                // fork keeps every descriptor), so no end of the socket would ever come.
+                _ = child.wait() => break last_frames(&mut frames, &mut routes).await,
             }
         };
         if ending.is_some() {
             let _ = child.start_kill();
         }
         let status = child.wait().await.ok();
+        // What it started dies with it: in its cgroup, or (none, as when not root) in the
+        // process group it leads (`setsid`), which outlives it while a member lives.
+        match &cgroup {
+            Some(cg) => cg.kill_all(),
+            None => {
+                if let Some(pid) = child_pid {
+                    let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+                }
+            }
+        }
         let stats = cgroup.as_ref().map(|c| c.stats());
         while let Ok(command) = command_rx.try_recv() {
             routes.command(command);

@@ -77,6 +77,10 @@ pub fn run(fd: RawFd) -> i32 {
     // stdio and its socket only.
     // SAFETY: closes descriptors this process does not use; nothing else is running yet.
     unsafe { libc::close_range(fd as u32 + 1, u32::MAX, 0) };
+    // A program the plugin runs does not inherit the socket (the host's dup2 cleared the flag):
+    // holding it, it would keep the host from seeing this worker's end.
+    // SAFETY: sets a flag on this process's own descriptor.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     // SAFETY: the host hands the worker its end of a socketpair at this fd and nothing else
     // owns it in this process.
     let stream = unsafe { UnixStream::from_raw_fd(fd) };
