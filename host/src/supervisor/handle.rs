@@ -272,6 +272,11 @@ impl Worker {
         reason
     }
 
+    /// How the worker ended, once it has (`None` while it runs).
+    pub fn ended(&self) -> Option<String> {
+        self.exit.borrow().clone()
+    }
+
     fn exit_reason(&self) -> String {
         self.exit
             .borrow()

@@ -342,12 +342,17 @@ impl Supervised {
     /// way is abandoned as the monitor sees the stop, and the worker it began is killed).
     pub async fn stop(&self) {
         let _ = self.stop.send(true);
-        let worker = {
+        let (worker, draining) = {
             let mut shared = lock(&self.shared);
             shared.state = State::Stopped;
-            shared.worker.take()
+            (shared.worker.take(), shared.draining())
         };
         if let Some(w) = worker {
+            // Dead on its own before this stop took it: the monitor, which would have said so,
+            // finds it taken and says nothing.
+            if let Some(reason) = w.ended().filter(|_| draining) {
+                tracing::warn!(plugin = %self.name, "{reason}; {NOT_RESTARTED}");
+            }
             w.kill();
             w.exited().await;
             // Counted as a dead worker's are, so a stopped plugin's status keeps what its last
