@@ -1301,3 +1301,37 @@ fn a_cap_below_the_preloaded_models_still_serves_them_all() {
         "echo, unloaded to make room, still counts"
     );
 }
+
+/// A plugin built against plugin-api 1.0 has no field for what 1.6 added: a chat that asks it to
+/// continue the final message, or to ignore the end of sequence, is refused naming the field,
+/// not answered as if it had not asked; a plain chat is served.
+#[test]
+fn a_plugin_built_before_a_field_refuses_it_by_name() {
+    if !crate::worker::confinement_available() {
+        return;
+    }
+    let dir = PluginDir::new();
+    dir.copy_lib("pio_test_plugin_old_minor", "libold.so");
+    dir.write("old.toml", &manifest("echo", "0.0.9", "libold.so", ""));
+    let d = Daemon::start(dir, "[server]\nwarmup = false\n");
+    d.wait_ready();
+    let chat = |extra: Value| {
+        let mut body = json!({"model": "echo", "messages": [
+            {"role": "user", "content": "Write a haiku"},
+            {"role": "assistant", "content": "Autumn moon"}
+        ]});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        d.post("/v1/chat/completions", &body)
+    };
+    for field in ["continue_final_message", "ignore_eos"] {
+        let (status, r) = chat(json!({ field: true }));
+        assert_eq!(status, 400, "{r}");
+        assert_eq!(r["error"]["param"], field, "{r}");
+        let message = r["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("plugin-api 1.0"), "{message}");
+    }
+    let (status, r) = chat(json!({}));
+    assert_eq!(status, 200, "{r}");
+}

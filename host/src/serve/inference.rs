@@ -119,6 +119,9 @@ async fn start(
     label.clone_from(&model);
     let limits = openai::Limits::of(&app.models.config().server);
     let mut parsed = openai::parse(&value, endpoint, capabilities, &limits)?;
+    if let Some(api) = app.models.plugin_api(&model) {
+        openai::older_plugin(&parsed.request, &model, &api)?;
+    }
     parsed.request.request_id = Some(id.0);
     // Each choice takes a place of the queue: a request's `n` (or its prompts) cannot be a way
     // past it.

@@ -332,6 +332,14 @@ impl Models {
             .map(|e| e.found.report.capabilities)
     }
 
+    /// The plugin-api version `name`'s library was built against.
+    pub fn plugin_api(&self, name: &str) -> Option<String> {
+        lock(&self.inner)
+            .entries
+            .get(name)
+            .map(|e| e.found.report.api_version.clone())
+    }
+
     /// `name`'s deployment when it is loaded, without taking a place of its queue.
     pub fn loaded(&self, name: &str) -> Option<Arc<Deployment>> {
         match &lock(&self.inner).entries.get(name)?.slot {

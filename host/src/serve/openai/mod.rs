@@ -528,6 +528,39 @@ fn capable(
     Ok(())
 }
 
+/// Refuses (400, naming the field) what `request` asks that a plugin built against plugin-api
+/// `api` (older than 1.6) would drop without a word: its `InferRequest` has no such field, so
+/// the client would get an answer that ignores it. Capabilities cover the later additions.
+pub fn older_plugin(request: &InferRequest, model: &str, api: &str) -> Result<(), ApiError> {
+    let mut parts = api.split('.').map(|p| p.parse::<u32>().ok());
+    let (Some(Some(major)), Some(Some(minor))) = (parts.next(), parts.next()) else {
+        return Ok(());
+    };
+    if (major, minor) >= (1, 6) {
+        return Ok(());
+    }
+    let asked = [
+        ("min_tokens", request.min_tokens.is_some_and(|m| m > 0)),
+        ("ignore_eos", request.ignore_eos),
+        (
+            "include_stop_str_in_output",
+            request.include_stop_str_in_output,
+        ),
+        (
+            "add_generation_prompt",
+            request.add_generation_prompt == Some(false),
+        ),
+        ("continue_final_message", request.continue_final_message),
+    ];
+    match asked.iter().find(|(_, asked)| *asked) {
+        Some((field, _)) => Err(unsupported(
+            field,
+            &format!("is not supported by model `{model}`: its plugin was built against plugin-api {api}, and the field came with 1.6 (an older plugin would ignore it)"),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// `stream`, and `stream_options.include_usage`, which only a stream may carry.
 fn streaming(c: &Common) -> Result<(bool, bool), ApiError> {
     let stream = c.stream.unwrap_or(false);

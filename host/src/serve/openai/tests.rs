@@ -760,3 +760,44 @@ fn model_may_be_left_out_only_when_one_is_served() {
     let e = model_of(&mut json!({"model": ""}), || names(&["m"])).unwrap_err();
     assert!(e.message.contains("non-empty"), "{}", e.message);
 }
+
+/// A plugin built against plugin-api 1.0–1.5 has no field for what 1.6 added: a request that
+/// asks for one is refused naming it, not answered as if it had not asked; 1.6 and later, and a
+/// request that asks for none, pass.
+#[test]
+fn fields_an_older_plugin_would_drop_are_refused() {
+    let asked = |f: &dyn Fn(&mut InferRequest)| {
+        let mut r = InferRequest::default();
+        f(&mut r);
+        r
+    };
+    let cases: [(&str, InferRequest); 5] = [
+        ("min_tokens", asked(&|r| r.min_tokens = Some(3))),
+        ("ignore_eos", asked(&|r| r.ignore_eos = true)),
+        (
+            "include_stop_str_in_output",
+            asked(&|r| r.include_stop_str_in_output = true),
+        ),
+        (
+            "add_generation_prompt",
+            asked(&|r| r.add_generation_prompt = Some(false)),
+        ),
+        (
+            "continue_final_message",
+            asked(&|r| r.continue_final_message = true),
+        ),
+    ];
+    for (field, request) in &cases {
+        let e = older_plugin(request, "m", "1.5.2").unwrap_err();
+        assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST, "{field}");
+        assert!(
+            e.message.contains(field) && e.message.contains("1.5.2"),
+            "{field}: {}",
+            e.message
+        );
+        assert!(older_plugin(request, "m", "1.6.0").is_ok(), "{field}");
+        assert!(older_plugin(request, "m", "1.11.0").is_ok(), "{field}");
+    }
+    let plain = asked(&|r| r.add_generation_prompt = Some(true));
+    assert!(older_plugin(&plain, "m", "1.0.0").is_ok());
+}
