@@ -133,6 +133,9 @@ pub struct SupervisorSection {
     /// The longest wait between restarts (default 30 000 ms).
     #[serde(deserialize_with = "not_zero")]
     pub max_restart_backoff_ms: u64,
+    /// Seconds a worker has to start and load its model, at a load and at each restart, before
+    /// it is stopped and its start counts as failed (0: no limit). Default 1800.
+    pub load_timeout_secs: u64,
 }
 
 impl Default for SupervisorSection {
@@ -146,6 +149,7 @@ impl Default for SupervisorSection {
             crash_window_secs: r.window.as_secs(),
             restart_backoff_ms: r.initial_backoff.as_millis() as u64,
             max_restart_backoff_ms: r.max_backoff.as_millis() as u64,
+            load_timeout_secs: r.load_timeout.map_or(0, |t| t.as_secs()),
         }
     }
 }
@@ -423,6 +427,8 @@ impl Config {
                 .then(|| Duration::from_secs(s.request_timeout_secs)),
             health_interval: Duration::from_secs(s.health_interval_secs),
             health_deadline: Duration::from_secs(s.health_deadline_secs),
+            load_timeout: (s.load_timeout_secs > 0)
+                .then(|| Duration::from_secs(s.load_timeout_secs)),
         }
     }
 }
@@ -470,10 +476,11 @@ mod tests {
         let c = parse("").unwrap();
         assert_eq!(c, Config::default());
         assert_eq!(c.policy(), Policy::default());
-        assert_eq!(
-            c.restart_policy().max_crashes,
-            RestartPolicy::default().max_crashes
-        );
+        assert_eq!(c.restart_policy(), RestartPolicy::default());
+        // 0 is no limit, as for the request deadline.
+        let c = parse("[supervisor]\nload_timeout_secs = 0\nrequest_timeout_secs = 0\n").unwrap();
+        assert_eq!(c.restart_policy().load_timeout, None);
+        assert_eq!(c.restart_policy().request_timeout, None);
     }
 
     /// Settings that parse alone but not together, or keys no client could send, are refused

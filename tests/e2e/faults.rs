@@ -606,3 +606,30 @@ fn a_worker_whose_child_holds_its_socket_is_seen_dead_at_once() {
     d.wait_restarts("hostile", 1);
     assert_eq!(complete(&d, "hostile", "status").0, 200);
 }
+
+/// A load that hangs does not hang the model: past `supervisor.load_timeout_secs` the worker is
+/// stopped, and the load fails saying which setting to raise (a restart's load is bounded the
+/// same way, and counts toward quarantine).
+#[test]
+fn a_load_past_its_timeout_fails_naming_the_setting() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(
+        echo_dir("[model.options]\nload_delay_ms = 30000\n"),
+        "[server]\nwarmup = false\n[supervisor]\nload_timeout_secs = 1\n",
+    );
+    d.wait_for(20, "the load to fail", |d| {
+        d.plugin("echo")["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("load_timeout_secs"))
+    });
+    let now = d.plugin("echo");
+    assert_ne!(now["state"], "ready", "{now}");
+    assert!(now["pid"].is_null(), "its worker was stopped: {now}");
+    let (status, r) = d.post(
+        "/v1/completions",
+        &json!({"model": "echo", "prompt": "hi", "max_tokens": 2}),
+    );
+    assert_ne!(status, 200, "{r}");
+}

@@ -56,6 +56,7 @@ fn fast_policy() -> RestartPolicy {
         request_timeout: Some(Duration::from_secs(4)),
         health_interval: Duration::from_millis(300),
         health_deadline: Duration::from_secs(2),
+        load_timeout: Some(Duration::from_secs(60)),
     }
 }
 

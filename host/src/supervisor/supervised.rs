@@ -29,7 +29,7 @@ pub(super) const NOT_RESTARTED: &str =
 pub const MAXIMUM_WATCHDOG: Duration = Duration::from_secs(600);
 
 /// When to restart, when to give up, and the deadlines.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RestartPolicy {
     /// Wait before the first restart; doubles on each crash in a row.
     pub initial_backoff: Duration,
@@ -45,6 +45,9 @@ pub struct RestartPolicy {
     pub health_interval: Duration,
     /// A worker that does not answer a health check within this is restarted.
     pub health_deadline: Duration,
+    /// A worker not started and loaded within this is stopped, and its start counts as failed
+    /// (a hung load: a wedged GPU, a stalled network mount); `None`: no limit.
+    pub load_timeout: Option<Duration>,
 }
 
 impl Default for RestartPolicy {
@@ -57,6 +60,7 @@ impl Default for RestartPolicy {
             request_timeout: Some(Duration::from_secs(600)),
             health_interval: Duration::from_secs(5),
             health_deadline: Duration::from_secs(5),
+            load_timeout: Some(Duration::from_secs(1800)),
         }
     }
 }
@@ -211,9 +215,32 @@ type FailedStart = (WorkerError, Option<Stats>);
 async fn start_and_load(
     spec: &WorkerSpec,
     config: &ModelConfig,
+    limit: Option<Duration>,
 ) -> Result<(Worker, ModelInfo), FailedStart> {
-    let worker = Worker::start(spec.clone()).await.map_err(|e| (e, None))?;
-    match worker.load(config.clone(), |_, _, _| {}).await {
+    let deadline = limit.map(|l| tokio::time::Instant::now() + l);
+    let within = |deadline| async move {
+        match deadline {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    let late = || {
+        let secs = limit.map_or(0, |l| l.as_secs());
+        err(
+            Fault::Timeout,
+            format!("{} did not start and load its model within {secs} s (supervisor.load_timeout_secs), and was stopped; raise the setting for a model this slow to load", spec.name),
+        )
+    };
+    // Dropped unfinished, a start kills its worker.
+    let worker = tokio::select! {
+        started = Worker::start(spec.clone()) => started.map_err(|e| (e, None))?,
+        _ = within(deadline) => return Err((late(), None)),
+    };
+    let loaded = tokio::select! {
+        loaded = worker.load(config.clone(), |_, _, _| {}) => loaded,
+        _ = within(deadline) => Err(late()),
+    };
+    match loaded {
         Ok(info) => Ok((worker, info)),
         Err(e) => {
             worker.shutdown().await;
@@ -233,7 +260,8 @@ impl Supervised {
     ) -> Result<(Self, ModelInfo), WorkerError> {
         let tier = spec.plan.applied;
         let (policy, policy_rx) = watch::channel(in_force(policy, tier));
-        let (worker, info) = start_and_load(&spec, &config).await.map_err(|(e, _)| e)?;
+        let limit = policy.borrow().load_timeout;
+        let (worker, info) = (start_and_load(&spec, &config, limit).await).map_err(|(e, _)| e)?;
         let shared = Arc::new(Mutex::new(Shared {
             worker: Some(Arc::new(worker)),
             state: State::Ready,
