@@ -251,6 +251,16 @@ impl Hub {
                 url: url.clone(),
                 reason: e.to_string(),
             })?;
+        // It goes into download URLs and into the manifest a pull writes: a commit id only.
+        if !is_commit(&listing.sha) {
+            return Err(HubError::Listing {
+                url,
+                reason: format!(
+                    "its commit {:?} is not a commit id (40 hexadecimal digits)",
+                    listing.sha
+                ),
+            });
+        }
         let files = listing
             .siblings
             .into_iter()
@@ -394,6 +404,11 @@ fn matches(file: &RemoteFile, path: &Path) -> Result<Option<(String, String)>, H
         }
     }
     Ok(None)
+}
+
+/// Whether `sha` is a git commit id as the Hub gives it: 40 hexadecimal digits.
+fn is_commit(sha: &str) -> bool {
+    sha.len() == 40 && sha.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 #[cfg(test)]

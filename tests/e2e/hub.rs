@@ -29,6 +29,8 @@ pub struct Script {
     pub downloads: Vec<(String, Option<String>)>,
     /// The `Authorization` headers seen.
     pub auth: Vec<String>,
+    /// The commit the listing gives instead of a real one.
+    pub commit: Option<String>,
 }
 
 /// The server, running until dropped.
@@ -58,7 +60,8 @@ fn listing(script: &Script, repo: &str) -> Option<serde_json::Value> {
         }
         siblings.push(s);
     }
-    Some(json!({"id": repo, "sha": COMMIT, "siblings": siblings}))
+    let commit = script.commit.as_deref().unwrap_or(COMMIT);
+    Some(json!({"id": repo, "sha": commit, "siblings": siblings}))
 }
 
 async fn model(

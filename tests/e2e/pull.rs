@@ -254,6 +254,29 @@ fn corrupted_downloads_unknown_architectures_and_missing_repositories_are_refuse
     );
     let out = pull(&hub, plugins.path(), &["not-a-repo", "--plugins", dir]);
     assert!(stderr(&out).contains("OWNER/NAME"), "{}", stderr(&out));
+
+    // A listing's commit goes into URLs and the manifest written: one that is not a commit id
+    // (here, one that would add TOML lines to the manifest) is refused before anything is.
+    hub.script.lock().unwrap().commit = Some("0\n[limits]\nmemory = \"1TiB\"\n#".into());
+    let fresh = open_dir();
+    let out = pull(
+        &hub,
+        plugins.path(),
+        &[
+            "tiny/qwen3",
+            "--plugins",
+            dir,
+            "--models",
+            fresh.path().to_str().unwrap(),
+            "--force",
+        ],
+    );
+    let e = stderr(&out);
+    assert!(
+        !out.status.success() && e.contains("not a commit id"),
+        "{e}"
+    );
+    assert!(!fresh.path().join("tiny/qwen3/config.json").exists(), "{e}");
 }
 
 /// The plugin is asked about the manifest it will get (`supports_config`) before the weights
