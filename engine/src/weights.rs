@@ -134,10 +134,14 @@ impl SafetensorsFiles {
                     )
                 })?;
                 let [start, end] = h.data_offsets;
-                let expected = h.shape.iter().product::<usize>() * dtype.size_in_bytes();
-                if end < start || (end - start) as usize != expected || base + end > file_len {
+                // Checked: a hostile header's sizes must not wrap around into a small number.
+                let expected = (h.shape.iter())
+                    .try_fold(dtype.size_in_bytes(), |n, &d| n.checked_mul(d))
+                    .filter(|&n| end.checked_sub(start) == u64::try_from(n).ok())
+                    .filter(|_| base.checked_add(end).is_some_and(|e| e <= file_len));
+                let Some(expected) = expected else {
                     return Err(bad(path, format!("tensor {name}: its data offsets {start}..{end} do not fit its shape {:?} or the file", h.shape)));
-                }
+                };
                 entries.insert(
                     name,
                     Entry {
@@ -369,6 +373,23 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("shape mismatch for a"), "{e}");
         assert!(files.get_unchecked("c", DType::F32, &Device::Cpu).is_err());
+        // Sizes that wrap around: a shape of 2^60 f32 values whose end offset, added to the
+        // header's length, overflows to a small number.
+        let mut hostile = Vec::new();
+        let header = format!(
+            r#"{{"x":{{"dtype":"F32","shape":[{}],"data_offsets":[{},{}]}}}}"#,
+            1u64 << 60,
+            u64::MAX - (1 << 62) - 63,
+            u64::MAX - 63,
+        );
+        let header = format!("{header:<64}");
+        hostile.extend_from_slice(&(header.len() as u64).to_le_bytes());
+        hostile.extend_from_slice(header.as_bytes());
+        hostile.extend_from_slice(&[0; 64]);
+        let wraps = dir.join("wraps.safetensors");
+        std::fs::write(&wraps, &hostile).unwrap();
+        let e = SafetensorsFiles::open(std::slice::from_ref(&wraps)).unwrap_err();
+        assert!(e.to_string().contains("do not fit"), "{e}");
         // Truncated: the header promises more data than the file holds.
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();

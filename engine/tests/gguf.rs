@@ -204,6 +204,23 @@ fn what_cannot_be_read_is_refused_by_name() {
     std::fs::write(&cut, &bytes[..bytes.len() - 1000]).unwrap();
     let e = load(&cut);
     assert!(e.contains("cut.gguf") && e.contains("truncated"), "{e}");
+    // A tensor whose offset, added to where the data begins, wraps around: refused, not read.
+    let name = b"token_embd.weight";
+    let at = (bytes.windows(name.len()))
+        .position(|w| w == name)
+        .expect("the embedding's tensor info")
+        + name.len();
+    let dims = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+    let offset = at + 4 + 8 * dims + 4;
+    let mut wraps = bytes.clone();
+    wraps[offset..offset + 8].copy_from_slice(&(u64::MAX - 10).to_le_bytes());
+    let wrapped = dir.path().join("wraps.gguf");
+    std::fs::write(&wrapped, &wraps).unwrap();
+    let e = load(&wrapped);
+    assert!(
+        e.contains("wraps.gguf") && e.contains("token_embd.weight") && e.contains("overflow"),
+        "{e}"
+    );
     let e = load(&gguf("qwen3-wide/config.json"));
     assert!(e.contains("not a GGUF file"), "{e}");
     // A folder holding one GGUF serves it; two are ambiguous.

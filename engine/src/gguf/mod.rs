@@ -122,7 +122,20 @@ impl GgufFile {
     fn check_extent(&self) -> Result<()> {
         let len = self.file.metadata().map(|m| m.len()).unwrap_or(0);
         for (name, info) in &self.content.tensor_infos {
-            let end = self.content.tensor_data_offset + info.offset + tensor_bytes(info) as u64;
+            // Checked: a hostile file's sizes must not wrap around into a small number.
+            let end = (self.content.tensor_data_offset.checked_add(info.offset))
+                .zip(tensor_bytes(info))
+                .and_then(|(at, bytes)| at.checked_add(u64::try_from(bytes).ok()?));
+            let Some(end) = end else {
+                return Err(EngineError::BadFile {
+                    path: self.path.clone(),
+                    reason: format!(
+                        "tensor {name}'s offset ({}) and shape {:?} overflow: the file is damaged, download it again",
+                        info.offset,
+                        info.shape.dims()
+                    ),
+                });
+            };
             if end > len {
                 return Err(EngineError::BadFile {
                     path: self.path.clone(),
@@ -141,7 +154,11 @@ impl GgufFile {
         self.content
             .tensor_infos
             .values()
-            .map(|info| (info.shape.elem_count() as u64, tensor_bytes(info) as u64))
+            // Every size was checked at open.
+            .map(|info| {
+                let bytes = tensor_bytes(info).unwrap_or(usize::MAX);
+                (info.shape.elem_count() as u64, bytes as u64)
+            })
     }
 
     /// The file.
@@ -251,8 +268,11 @@ impl GgufFile {
 }
 
 /// Bytes of a tensor as stored.
-fn tensor_bytes(info: &candle_core::quantized::gguf_file::TensorInfo) -> usize {
-    stored_bytes(info.ggml_dtype, info.shape.elem_count())
+/// The bytes `info`'s tensor takes; `None` when its shape's size overflows.
+fn tensor_bytes(info: &candle_core::quantized::gguf_file::TensorInfo) -> Option<usize> {
+    let values = (info.shape.dims().iter()).try_fold(1usize, |n, &d| n.checked_mul(d))?;
+    Some(values / info.ggml_dtype.block_size())
+        .and_then(|b| b.checked_mul(info.ggml_dtype.type_size()))
 }
 
 /// Bytes `values` values take stored as `format`.
