@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use pio_host::discovery::{self, Candidate, SearchPaths};
-use pio_host::hub::{Hub, RemoteFile};
+use pio_host::hub::{record, Hub, RemoteFile};
 use pio_host::manifest::{Manifest, Tier};
 use pio_host::probe::{LibraryReport, ProbeError, Prober};
 use pio_plugin_api::wire::WeightQuantization;
@@ -88,6 +88,15 @@ pub fn run(args: PullArgs) -> anyhow::Result<u8> {
     let dest = std::path::absolute(args.models.join(&repo))
         .with_context(|| format!("cannot use {}", args.models.display()))?;
     eprintln!("{repo}@{} → {}", &snapshot.commit, dest.display());
+    let names: Vec<&str> = files.iter().map(|f| f.name.as_str()).collect();
+    let gone = record::prune(&dest, &snapshot, &names)?;
+    if !gone.is_empty() {
+        eprintln!(
+            "{} held another commit: fetching again or removing {}",
+            dest.display(),
+            gone.join(", ")
+        );
+    }
     // The config first: which plugin serves it, and whether its manifest may be written, are
     // known before gigabytes of weights are fetched.
     let (config_file, rest): (Vec<&RemoteFile>, Vec<&RemoteFile>) =
@@ -107,6 +116,7 @@ pub fn run(args: PullArgs) -> anyhow::Result<u8> {
     let text = manifest_text(&args, &chosen, &pulled)?;
     check_config(&prober, &chosen, &path, &text)?;
     download_all(&hub, &pulled.repo, &pulled.commit, &rest, &pulled.dest)?;
+    record::finish(&pulled.dest, &snapshot, &names)?;
     write_manifest(&path, &text)?;
     eprintln!(
         "wrote {} (plugin {}); `pio serve --plugins {}` serves it",

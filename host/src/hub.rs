@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+pub mod record;
+
 /// Where the Hub is and who asks.
 #[derive(Debug, Clone)]
 pub struct Hub {

@@ -444,3 +444,61 @@ fn a_hub_that_never_answers_fails_the_pull_in_time() {
     );
     drop(silent);
 }
+
+/// Pulling another commit into the same folder: the files the Hub gives no checksum for are
+/// fetched again (a changed `generation_config.json` of the same size was kept before), the
+/// files the new commit no longer has are removed, and the weights, whose SHA-256 still
+/// matches, are not fetched again.
+#[test]
+fn another_commit_replaces_what_changed_and_removes_what_is_gone() {
+    if !confinement_available() {
+        return;
+    }
+    let served = tempfile::tempdir().unwrap();
+    let fixture = repo_root().join("tests/fixtures/qwen3-tiny");
+    for entry in std::fs::read_dir(&fixture).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, served.path().join(path.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(served.path().join("notes.txt"), "only in the first commit").unwrap();
+    let hub = FakeHub::start(&[("tiny/qwen3", served.path().to_path_buf())]);
+    let plugins = qwen_dir("");
+    let models = open_dir();
+    let (m, dir) = (
+        models.path().to_str().unwrap(),
+        plugins.path().to_str().unwrap(),
+    );
+    let args = ["tiny/qwen3", "--plugins", dir, "--models", m, "--force"];
+    let first = pull(&hub, plugins.path(), &args);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let pulled = models.path().join("tiny/qwen3");
+    assert!(pulled.join("notes.txt").is_file());
+
+    let generation = served.path().join("generation_config.json");
+    let text = std::fs::read_to_string(&generation).unwrap();
+    let changed = text.replace("\"temperature\": 0.7", "\"temperature\": 0.9");
+    assert_eq!(
+        changed.len(),
+        text.len(),
+        "the same size: only a checksum would tell"
+    );
+    std::fs::write(&generation, &changed).unwrap();
+    std::fs::remove_file(served.path().join("notes.txt")).unwrap();
+    hub.script.lock().unwrap().commit = Some("f".repeat(40));
+    let before = hub.script.lock().unwrap().downloads.len();
+    let second = pull(&hub, plugins.path(), &args);
+    assert!(second.status.success(), "{}", stderr(&second));
+    assert_eq!(
+        std::fs::read_to_string(pulled.join("generation_config.json")).unwrap(),
+        changed
+    );
+    assert!(!pulled.join("notes.txt").exists(), "{}", stderr(&second));
+    let fetched: Vec<String> = hub.script.lock().unwrap().downloads[before..]
+        .iter()
+        .map(|(f, _)| f.clone())
+        .collect();
+    assert!(
+        fetched.iter().all(|f| !f.ends_with(".safetensors")),
+        "weights fetched again: {fetched:?}"
+    );
+}
