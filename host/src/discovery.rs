@@ -216,6 +216,10 @@ pub struct Candidate {
     pub report: Option<LibraryReport>,
     /// The verdict.
     pub status: Status,
+    /// SHA-256 over the manifest text that was parsed and the library's bytes as they were
+    /// before the probe: a change made during the checks yields another one, so the next scan
+    /// checks again (hot plug compares them).
+    pub fingerprint: Option<String>,
 }
 
 impl Candidate {
@@ -275,6 +279,7 @@ pub fn check_static(manifest_path: &Path, search: &SearchPaths) -> Candidate {
         library: None,
         report: None,
         status: Status::Ready,
+        fingerprint: None,
     };
     let text = match std::fs::read_to_string(manifest_path) {
         Ok(text) => text,
@@ -291,6 +296,7 @@ pub fn check_static(manifest_path: &Path, search: &SearchPaths) -> Candidate {
         Ok(manifest) => {
             match check_manifest(manifest_path, &text, &manifest, search) {
                 Ok(library) => {
+                    candidate.fingerprint = fingerprint(&text, &library);
                     candidate.library = Some(library);
                     // Last, and the library is still probed: a caller that brings its own model
                     // can use the plugin (`Candidate::ready_given_a_model`).
@@ -450,6 +456,22 @@ fn find_library(
             .collect::<Vec<_>>()
             .join(", "),
     })
+}
+
+/// SHA-256 over `text` and then `library`'s bytes, in hex; `None` when the library cannot be
+/// read.
+fn fingerprint(text: &str, library: &Path) -> Option<String> {
+    let bytes = std::fs::read(library).ok()?;
+    let mut hasher = Sha256::new();
+    hasher.update(text.as_bytes());
+    hasher.update(&bytes);
+    Some(
+        hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
 }
 
 /// The lowercase hex SHA-256 of a file.

@@ -9,6 +9,7 @@ fn candidate(file: &str, name: &str, version: &str) -> Candidate {
         library: Some(PathBuf::from("l.so")),
         report: None,
         status: Status::Ready,
+        fingerprint: None,
     }
 }
 
@@ -97,6 +98,29 @@ fn a_pinned_digest_is_compared_to_the_file() {
         c.status,
         Status::Failed(CheckError::Sha256Mismatch { .. })
     ));
+}
+
+/// The fingerprint is of the manifest text that was parsed and of the library as it was then:
+/// the candidate says what it checked, whatever the files say by the time hot plug compares.
+#[test]
+fn the_fingerprint_is_of_what_was_checked() {
+    use sha2::{Digest, Sha256};
+    let dir = tempfile::tempdir().unwrap();
+    let library = dir.path().join("libx.so");
+    std::fs::write(&library, b"abc").unwrap();
+    let manifest = dir.path().join("x.toml");
+    let text = "name = \"x\"\nversion = \"0.1.0\"\nlibrary = \"libx.so\"\napi = \"^1\"\n";
+    std::fs::write(&manifest, text).unwrap();
+    let checked = check_static(&manifest, &SearchPaths::default());
+    let hex = |b: &[u8]| -> String { b.iter().map(|x| format!("{x:02x}")).collect() };
+    let expected = hex(&Sha256::digest([text.as_bytes(), b"abc"].concat()));
+    assert_eq!(checked.fingerprint.as_deref(), Some(expected.as_str()));
+    // Edited after the check: the next check's fingerprint differs from the one kept.
+    std::fs::write(&manifest, format!("{text}tier = \"maximum\"\n")).unwrap();
+    std::fs::write(&library, b"abd").unwrap();
+    let again = check_static(&manifest, &SearchPaths::default());
+    assert_ne!(again.fingerprint, checked.fingerprint);
+    assert_eq!(checked.fingerprint.as_deref(), Some(expected.as_str()));
 }
 
 /// A manifest asking for a newer plugin-api than the host's says both ways out: a newer PIO, or

@@ -330,6 +330,7 @@ fn check(
             library: Some(library.clone()),
             report: None,
             status: Status::Ready,
+            fingerprint: None,
         };
         match prober.probe(&library) {
             Ok(r) => candidate.report = Some(r),

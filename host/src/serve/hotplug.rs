@@ -99,12 +99,11 @@ pub(super) fn check_one(
 fn found_of(c: discovery::Candidate) -> Option<Result<Found, (PathBuf, String)>> {
     match (c.status, c.manifest, c.library, c.report) {
         (Status::Ready, Some(manifest), Some(library), Some(report)) => {
-            let fingerprint = match (std::fs::read(&c.manifest_path), std::fs::read(&library)) {
-                (Ok(m), Ok(l)) => super::library::sha256_hex(&[m, l].concat()),
-                (Err(e), _) | (_, Err(e)) => {
-                    let why = format!("cannot read the plugin's files: {e}");
-                    return Some(Err((c.manifest_path, why)));
-                }
+            // Of the files as they were checked, not as they are now: a change made during the
+            // checks must look like one to the next scan.
+            let Some(fingerprint) = c.fingerprint else {
+                let why = format!("cannot read the plugin's library {}", library.display());
+                return Some(Err((c.manifest_path, why)));
             };
             Some(Ok(Found {
                 manifest,
