@@ -50,6 +50,9 @@ fn wanted(name: &str) -> bool {
     top && kind
 }
 
+/// The largest `config.json` a pull fetches.
+const CONFIG_MOST: u64 = 16 << 20;
+
 /// A served model's name: what clients put in `model`.
 fn parse_name(s: &str) -> Result<String, String> {
     use pio_host::names::{is_model_name, MODEL_NAME_RULE};
@@ -82,8 +85,14 @@ pub fn run(args: PullArgs) -> anyhow::Result<u8> {
     let hub = Hub::from_env()?;
     let snapshot = hub.snapshot(&repo, &revision)?;
     let files: Vec<&RemoteFile> = snapshot.files.iter().filter(|f| wanted(&f.name)).collect();
-    if !files.iter().any(|f| f.name == "config.json") {
-        bail!("{repo}@{revision} has no config.json: not a transformers checkpoint a plugin can serve");
+    match files.iter().find(|f| f.name == "config.json") {
+        None => bail!("{repo}@{revision} has no config.json: not a transformers checkpoint a plugin can serve"),
+        // Read whole to pick the plugin before anything else is fetched: a model's is kilobytes.
+        Some(f) if f.size.is_some_and(|s| s > CONFIG_MOST) => bail!(
+            "{repo}@{revision}'s config.json is {} bytes: not a model's configuration (those are kilobytes); check the repository",
+            f.size.unwrap_or_default()
+        ),
+        Some(_) => {}
     }
     let dest = std::path::absolute(args.models.join(&repo))
         .with_context(|| format!("cannot use {}", args.models.display()))?;

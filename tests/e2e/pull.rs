@@ -502,3 +502,32 @@ fn another_commit_replaces_what_changed_and_removes_what_is_gone() {
         "weights fetched again: {fetched:?}"
     );
 }
+
+/// A `config.json` far larger than any model's is refused by its listed size, before it is
+/// fetched and read whole.
+#[test]
+fn an_oversized_config_is_refused_before_it_is_fetched() {
+    let served = tempfile::tempdir().unwrap();
+    let config = vec![b' '; 17 << 20];
+    std::fs::write(served.path().join("config.json"), config).unwrap();
+    let hub = FakeHub::start(&[("huge/config", served.path().to_path_buf())]);
+    let plugins = qwen_dir("");
+    let models = open_dir();
+    let out = pull(
+        &hub,
+        plugins.path(),
+        &[
+            "huge/config",
+            "--plugins",
+            plugins.path().to_str().unwrap(),
+            "--models",
+            models.path().to_str().unwrap(),
+        ],
+    );
+    let e = stderr(&out);
+    assert!(
+        !out.status.success() && e.contains("not a model's configuration"),
+        "{e}"
+    );
+    assert!(hub.script.lock().unwrap().downloads.is_empty(), "{e}");
+}
