@@ -174,7 +174,8 @@ pub struct InferRequest {
     pub temperature: Option<f32>,
     /// Nucleus sampling mass.
     pub top_p: Option<f32>,
-    /// Keep only the k most likely tokens.
+    /// Keep only the k most likely tokens; 0: no cut-off, over any default the plugin has (the
+    /// host sends 0 for the API's 0 and -1).
     pub top_k: Option<u32>,
     /// Drop tokens less likely than `min_p` times the most likely one.
     pub min_p: Option<f32>,

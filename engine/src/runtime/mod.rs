@@ -369,26 +369,7 @@ impl<M: LoadModel> Loaded<M> {
 
     /// Request values first, then the manifest's defaults, then the checkpoint's.
     fn sampling(&self, r: &InferRequest) -> SamplingParams {
-        let (d, g) = (&self.defaults, &self.generation);
-        let sampled = g.do_sample.unwrap_or(true);
-        let temperature =
-            r.temperature
-                .or(d.temperature)
-                .or(if sampled { g.temperature } else { Some(0.0) });
-        SamplingParams {
-            temperature,
-            top_k: r.top_k.or(d.top_k).or(g.top_k),
-            top_p: r.top_p.or(d.top_p).or(g.top_p),
-            min_p: r.min_p.or(d.min_p).or(g.min_p),
-            repetition_penalty: r
-                .repetition_penalty
-                .or(d.repetition_penalty)
-                .or(g.repetition_penalty),
-            presence_penalty: r.presence_penalty,
-            frequency_penalty: r.frequency_penalty,
-            seed: r.seed,
-            logit_bias: r.logit_bias.clone(),
-        }
+        self.generation.sampling(r, &self.defaults)
     }
 }
 

@@ -42,7 +42,9 @@ pub(super) fn sampling(c: &Common) -> Result<InferRequest, ApiError> {
     let logit_bias = logit_bias(c.logit_bias.as_ref())?;
     unsupported_extras(c)?;
     let top_k = match c.top_k {
-        None | Some(0) | Some(-1) => None,
+        None => None,
+        // No cut-off, over the model's default one too (vLLM's -1).
+        Some(0) | Some(-1) => Some(0),
         Some(k) if k > 0 => Some(u32::try_from(k).unwrap_or(u32::MAX)),
         Some(k) => {
             return Err(ApiError::bad_field(

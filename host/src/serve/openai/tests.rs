@@ -47,7 +47,8 @@ fn chat_fields_map_onto_the_plugin_request() {
     let r = &p.request;
     assert_eq!(
         (r.max_tokens, r.temperature, r.top_p, r.top_k),
-        (Some(7), Some(0.5), Some(0.9), None)
+        (Some(7), Some(0.5), Some(0.9), Some(0)),
+        "-1: no cut-off, the model's default one included"
     );
     assert_eq!(
         (r.min_p, r.seed, r.logprobs),
