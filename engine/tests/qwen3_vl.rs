@@ -230,6 +230,25 @@ fn impossible_configs_are_refused_naming_the_file_and_field() {
         None,
     );
     assert!(e.contains("Qwen3VLForConditionalGeneration"), "{e}");
+    // No heads: refused by name before the head width (hidden / heads) is worked out.
+    let (_d, e) = broken(
+        |c| {
+            c["text_config"]["num_attention_heads"] = 0.into();
+            c["text_config"]["head_dim"] = serde_json::Value::Null;
+        },
+        None,
+    );
+    assert!(
+        e.contains("`num_attention_heads`") && e.contains("at least 1"),
+        "{e}"
+    );
+    let (_d, e) = broken(
+        |c| c["text_config"]["max_position_embeddings"] = 0.into(),
+        None,
+    );
+    assert!(e.contains("`max_position_embeddings`"), "{e}");
+    let (_d, e) = broken(|c| c["text_config"]["rope_theta"] = 0.into(), None);
+    assert!(e.contains("`rope_theta`") && e.contains("positive"), "{e}");
 }
 
 /// Prompt scores (vLLM's `prompt_logprobs`) of prompts with images in them against transformers'

@@ -14,6 +14,17 @@ mod rotary;
 
 pub use rotary::RopeParameters;
 
+/// Why `max_position_embeddings` cannot be a context length (`None`: it can): 0 refuses every
+/// prompt, blaming the client, and past `u32::MAX` the pool's sizing overflows.
+pub(crate) fn context_fault(context: usize) -> Option<String> {
+    (!(1..=u32::MAX as usize).contains(&context)).then(|| {
+        format!(
+            "expected the context length, from 1 to {}, found {context}",
+            u32::MAX
+        )
+    })
+}
+
 /// The residual stream plus a block's output: the engine's half-precision add on the CPU,
 /// candle's elsewhere.
 pub(crate) fn residual(

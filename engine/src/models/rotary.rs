@@ -44,6 +44,17 @@ pub(crate) fn rope_base(
             })
         }
     };
+    // Zero, negative or not a number, either turns every angle into NaN: output without sense
+    // and without an error.
+    for (field, value) in [("rope_theta", theta), ("rope_scaling.factor", scale)] {
+        if !(value.is_finite() && value > 0.0) {
+            return Err(EngineError::BadField {
+                path: checkpoint.config_path(),
+                field: field.into(),
+                reason: format!("expected a positive number, found {value}"),
+            });
+        }
+    }
     Ok((theta, scale))
 }
 

@@ -211,6 +211,8 @@ impl Config {
     /// Checks what the model needs to be well formed.
     pub(crate) fn validate(&self, checkpoint: &Checkpoint) -> Result<()> {
         let bad = |field: &str, reason: String| self.bad(checkpoint, field, reason);
+        crate::models::context_fault(self.max_position_embeddings)
+            .map_or(Ok(()), |why| Err(bad("max_position_embeddings", why)))?;
         for (field, value, expected) in [
             ("hidden_act", Some(&self.hidden_act), "silu"),
             ("topk_method", self.topk_method.as_ref(), "noaux_tc"),
@@ -327,5 +329,23 @@ mod tests {
         let (checkpoint, cfg) = with(|j| j["partial_rotary_factor"] = 0.5.into());
         let e = cfg.rope(&checkpoint).unwrap_err().to_string();
         assert!(e.contains("partial_rotary_factor"), "{e}");
+        for context in [0u64, 1 << 40] {
+            let (checkpoint, cfg) = with(|j| j["max_position_embeddings"] = context.into());
+            let e = cfg.validate(&checkpoint).unwrap_err().to_string();
+            assert!(e.contains("`max_position_embeddings`"), "{context}: {e}");
+        }
+        // A base or scale that would make every angle NaN.
+        for theta in [0.0, -10000.0] {
+            let (checkpoint, cfg) = with(|j| j["rope_theta"] = theta.into());
+            let e = cfg.rope(&checkpoint).unwrap_err().to_string();
+            assert!(e.contains("`rope_theta`") && e.contains("positive"), "{e}");
+        }
+        let (checkpoint, cfg) = with(|j| {
+            let linear = serde_json::json!({"rope_type": "linear", "factor": 0.0});
+            j["rope_scaling"] = linear.clone();
+            j["rope_parameters"] = linear;
+        });
+        let e = cfg.rope(&checkpoint).unwrap_err().to_string();
+        assert!(e.contains("`rope_scaling.factor`"), "{e}");
     }
 }

@@ -147,9 +147,15 @@ impl Config {
                 format!("expected \"silu\", found \"{}\"", self.hidden_act),
             ));
         }
-        if self.num_attention_heads == 0
-            || !self.num_attention_heads.is_multiple_of(self.kv_heads())
-        {
+        if self.num_attention_heads == 0 {
+            return Err(bad(
+                "num_attention_heads",
+                "expected at least 1, found 0".into(),
+            ));
+        }
+        crate::models::context_fault(self.max_position_embeddings)
+            .map_or(Ok(()), |why| Err(bad("max_position_embeddings", why)))?;
+        if self.kv_heads() == 0 || !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
             return Err(bad(
                 "num_key_value_heads",
                 format!(

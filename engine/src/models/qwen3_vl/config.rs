@@ -111,11 +111,12 @@ impl Config {
         if let Some(tied) = raw.tie_word_embeddings {
             text.tie_word_embeddings = tied;
         }
+        // First: the head width below divides by the head count it checks.
+        text.validate(checkpoint)?;
         let rope: TextRope =
             serde_json::from_value(raw.text_config).map_err(|e| parse("text_config", e))?;
         let mrope_section = mrope_section(rope, text.head_dim() / 2).map_err(|(f, r)| bad(f, r))?;
         raw.vision_config.check(&text).map_err(|(f, r)| bad(f, r))?;
-        text.validate(checkpoint)?;
         Ok(Self {
             text,
             mrope_section,
