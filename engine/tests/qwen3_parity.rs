@@ -131,3 +131,61 @@ fn a_decode_step_reads_the_head_and_the_routed_experts_share() {
         Some((moe.inner().weight_bytes() - embed - idle_experts) as u64)
     );
 }
+
+/// A tokenizer with ids past the model's vocabulary, or an end-of-sequence id past it, is
+/// refused at load naming the file: such an id would reach the embedding (an index error naming
+/// nothing on the CPU, a device assert on a GPU) or could never end an answer.
+#[test]
+fn ids_past_the_vocabulary_are_refused_at_load_naming_the_file() {
+    use pio_engine::runtime::ModelRuntime;
+    use pio_plugin_api::sinks::NoProgress;
+    use pio_plugin_api::wire::ModelConfig;
+    use pio_plugin_api::{ErrorKind, Progress};
+    let load = |edit: &dyn Fn(&std::path::Path)| {
+        let dir = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(fixtures().join("qwen3-tiny")).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+        }
+        edit(dir.path());
+        let mut runtime = ModelRuntime::<Qwen3>::new(None);
+        let config = ModelConfig {
+            model_path: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        };
+        runtime
+            .load_model(&config, &mut Progress::new(NoProgress::boxed()))
+            .map(|_| ())
+    };
+    load(&|_| {}).expect("the fixture loads");
+    let edit_json = |path: &std::path::Path, edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        edit(&mut json);
+        std::fs::write(path, json.to_string()).unwrap();
+    };
+    let e = load(&|dir| {
+        edit_json(&dir.join("generation_config.json"), &|j| {
+            j["eos_token_id"] = serde_json::json!([2, 400])
+        })
+    })
+    .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::MODEL_FILES, "{e}");
+    assert!(
+        e.message.contains("generation_config.json") && e.message.contains("eos_token_id"),
+        "{e}"
+    );
+    let e = load(&|dir| {
+        edit_json(&dir.join("tokenizer.json"), &|j| {
+            let extra = serde_json::json!({"id": 450, "content": "<|far|>", "single_word": false,
+                "lstrip": false, "rstrip": false, "normalized": false, "special": true});
+            j["added_tokens"].as_array_mut().unwrap().push(extra);
+        })
+    })
+    .unwrap_err();
+    // The tokenizers library numbers an added token past its vocabulary: 400, one past the model.
+    assert!(
+        e.message.contains("tokenizer.json") && e.message.contains("token id 400"),
+        "{e}"
+    );
+}

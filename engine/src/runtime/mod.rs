@@ -47,6 +47,12 @@ pub trait LoadModel: CausalLm + Sized {
         None
     }
 
+    /// The token ids it takes (its input embedding's rows), when it says: the tokenizer's and
+    /// the end-of-sequence ids are checked against it at load.
+    fn vocab_size(&self) -> Option<usize> {
+        None
+    }
+
     /// Bytes one decode step reads from its weights (the active experts' share, not the whole
     /// embedding table), when it keeps count: what sets the memory-bandwidth limit of decode.
     fn step_bytes(&self) -> Option<u64> {
@@ -373,6 +379,48 @@ impl<M: LoadModel> Loaded<M> {
     }
 }
 
+/// Refuses a tokenizer or an end-of-sequence id past the model's `vocab` embedding rows: such
+/// an id would reach the embedding (an index error naming no file on the CPU, a device assert
+/// that breaks the context on a GPU) or could never be sampled (every answer would run to
+/// `max_tokens`).
+fn vocab_fault(
+    checkpoint: &Checkpoint,
+    codec: &TextCodec,
+    generation: &GenerationConfig,
+    vocab: usize,
+) -> crate::Result<()> {
+    if let Some(&id) = generation
+        .eos_token_id
+        .iter()
+        .find(|&&id| id as usize >= vocab)
+    {
+        return Err(EngineError::BadField {
+            path: checkpoint
+                .companion("generation_config.json")
+                .unwrap_or_else(|| checkpoint.config_path()),
+            field: "eos_token_id".into(),
+            reason: format!(
+                "expected ids below the vocabulary's {vocab}, found {id}: it could never end an answer"
+            ),
+        });
+    }
+    let bound = codec.id_bound() as usize;
+    if bound > vocab {
+        let path = checkpoint
+            .companion("tokenizer.json")
+            .unwrap_or_else(|| checkpoint.config_path());
+        return Err(EngineError::BadFile {
+            path,
+            reason: format!(
+                "the tokenizer has token id {} but the model takes ids 0 to {} ({vocab} rows of `model.embed_tokens`, config.json's vocab_size): the tokenizer is not this model's",
+                bound - 1,
+                vocab - 1
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Every token id `request` names is in the vocabulary of `vocabulary` ids.
 fn known_ids(request: &InferRequest, vocabulary: u32) -> Result<(), PluginError> {
     let biased = request.logit_bias.iter().map(|&(id, _)| ("logit_bias", id));
@@ -543,6 +591,9 @@ impl<M: LoadModel> ModelRuntime<M> {
             ..info
         };
         let generation = GenerationConfig::load(&checkpoint).map_err(plugin_error)?;
+        if let Some(vocab) = model.vocab_size() {
+            vocab_fault(&checkpoint, &codec, &generation, vocab).map_err(plugin_error)?;
+        }
         let template = ChatTemplate::load(&checkpoint).map_err(plugin_error)?;
         let info = ModelInfo {
             tokenizer_info: Some(

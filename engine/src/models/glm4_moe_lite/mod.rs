@@ -298,6 +298,10 @@ impl crate::runtime::LoadModel for Glm4MoeLite {
         Some(Glm4MoeLite::weight_bytes(self) as u64)
     }
 
+    fn vocab_size(&self) -> Option<usize> {
+        Some(self.embed_tokens.embeddings().dims()[0])
+    }
+
     fn step_bytes(&self) -> Option<u64> {
         Some(Glm4MoeLite::step_bytes(self) as u64)
     }

@@ -286,6 +286,10 @@ impl crate::runtime::LoadModel for Qwen3 {
         Some(Qwen3::weight_bytes(self) as u64)
     }
 
+    fn vocab_size(&self) -> Option<usize> {
+        Some(self.embed_tokens.embeddings().dims()[0])
+    }
+
     fn step_bytes(&self) -> Option<u64> {
         Some(Qwen3::step_bytes(self) as u64)
     }
@@ -361,6 +365,10 @@ impl crate::runtime::LoadModel for Qwen3Moe {
 
     fn weight_bytes(&self) -> Option<u64> {
         Some(self.0.weight_bytes() as u64)
+    }
+
+    fn vocab_size(&self) -> Option<usize> {
+        Some(self.0.embed_tokens.embeddings().dims()[0])
     }
 
     fn step_bytes(&self) -> Option<u64> {

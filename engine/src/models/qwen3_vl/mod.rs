@@ -292,6 +292,10 @@ impl crate::runtime::LoadModel for Qwen3Vl {
         Some(Qwen3Vl::weight_bytes(self) as u64)
     }
 
+    fn vocab_size(&self) -> Option<usize> {
+        Some(self.embed_tokens.embeddings().dims()[0])
+    }
+
     fn step_bytes(&self) -> Option<u64> {
         // A generated token runs the text model only; the vision tower ran at prefill.
         let layers = self
