@@ -65,10 +65,7 @@ fn qwen3_from_a_copy(options: &str) -> (Daemon, std::path::PathBuf, Value) {
     let dir = PluginDir::new();
     let model = dir.path().join("model");
     std::fs::create_dir(&model).unwrap();
-    for entry in std::fs::read_dir(repo_root().join("tests/fixtures/qwen3-tiny")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
-    }
+    copy_fixture("qwen3-tiny", &model);
     let library = plugin_lib("pio_plugin_qwen3");
     let text_of_manifest = manifest(
         "qwen3-4b-instruct-2507",

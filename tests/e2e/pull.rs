@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 
 use crate::daemon::{echo_dir, qwen_dir};
 use crate::hub::FakeHub;
-use crate::support::{pio_bin, plugin_lib, repo_root};
+use crate::support::{copy_fixture, pio_bin, plugin_lib, repo_root};
 use crate::worker::confinement_available;
 
 fn pull(hub: &FakeHub, cwd: &Path, args: &[&str]) -> Output {
@@ -189,10 +189,7 @@ fn corrupted_downloads_unknown_architectures_and_missing_repositories_are_refuse
     }
     let fixture = repo_root().join("tests/fixtures/qwen3-tiny");
     let llama = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(&fixture).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, llama.path().join(path.file_name().unwrap())).unwrap();
-    }
+    copy_fixture("qwen3-tiny", llama.path());
     let config = llama.path().join("config.json");
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(
@@ -289,11 +286,7 @@ fn a_setting_the_plugin_refuses_fails_before_the_weights_are_fetched() {
     }
     // A snapshot whose architecture the echo plugin (family `echo`) serves.
     let snapshot = tempfile::tempdir().unwrap();
-    let fixture = repo_root().join("tests/fixtures/qwen3-tiny");
-    for entry in std::fs::read_dir(&fixture).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, snapshot.path().join(path.file_name().unwrap())).unwrap();
-    }
+    copy_fixture("qwen3-tiny", snapshot.path());
     let config = snapshot.path().join("config.json");
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, text.replace("Qwen3ForCausalLM", "echo")).unwrap();
@@ -455,11 +448,7 @@ fn another_commit_replaces_what_changed_and_removes_what_is_gone() {
         return;
     }
     let served = tempfile::tempdir().unwrap();
-    let fixture = repo_root().join("tests/fixtures/qwen3-tiny");
-    for entry in std::fs::read_dir(&fixture).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, served.path().join(path.file_name().unwrap())).unwrap();
-    }
+    copy_fixture("qwen3-tiny", served.path());
     std::fs::write(served.path().join("notes.txt"), "only in the first commit").unwrap();
     let hub = FakeHub::start(&[("tiny/qwen3", served.path().to_path_buf())]);
     let plugins = qwen_dir("");

@@ -39,6 +39,14 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Copies the files of the fixture checkpoint `tests/fixtures/{name}` into `into` (which exists).
+pub fn copy_fixture(name: &str, into: &Path) {
+    for entry in std::fs::read_dir(repo_root().join("tests/fixtures").join(name)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), into.join(entry.file_name())).unwrap();
+    }
+}
+
 /// Runs `pio` with `args` from `cwd`.
 pub fn pio(cwd: &Path, args: &[&str]) -> Output {
     Command::new(pio_bin())
