@@ -461,27 +461,24 @@ fn find_library(
 /// SHA-256 over `text` and then `library`'s bytes, in hex; `None` when the library cannot be
 /// read.
 fn fingerprint(text: &str, library: &Path) -> Option<String> {
-    let bytes = std::fs::read(library).ok()?;
     let mut hasher = Sha256::new();
     hasher.update(text.as_bytes());
-    hasher.update(&bytes);
-    Some(
-        hasher
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect(),
-    )
+    hash_file(hasher, library).ok()
 }
 
 /// The lowercase hex SHA-256 of a file.
 pub fn sha256_file(path: &Path) -> Result<String, CheckError> {
+    hash_file(Sha256::new(), path)
+}
+
+/// `hasher` fed with the bytes of the file at `path`, read in pieces (libraries are 100 MB
+/// with debug info), as lowercase hex.
+fn hash_file(mut hasher: Sha256, path: &Path) -> Result<String, CheckError> {
     let read_error = |e: std::io::Error| CheckError::ReadLibrary {
         library: path.to_owned(),
         reason: e.to_string(),
     };
     let mut file = std::fs::File::open(path).map_err(read_error)?;
-    let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
         let n = file.read(&mut buf).map_err(read_error)?;
