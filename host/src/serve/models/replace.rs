@@ -9,7 +9,7 @@ use super::memory::memory_available;
 use super::Models;
 use crate::config::ReloadStrategy;
 use crate::serve::book::{lock, retire, take_deployment, LoadResult, Slot};
-use crate::serve::deployment::deploy;
+use crate::serve::deployment::{deploy, Deployment};
 use crate::serve::error::ApiError;
 use crate::serve::hotplug::Found;
 
@@ -18,7 +18,7 @@ enum Plan {
     /// Nothing loaded: a plain load.
     Load,
     /// Beside the running worker (the deployment it replaces).
-    BlueGreen(Box<Found>, Arc<crate::serve::deployment::Deployment>),
+    BlueGreen(Box<Found>, Arc<Deployment>),
     /// After it: the load under way.
     Recreate(tokio::sync::watch::Receiver<LoadResult>),
 }
@@ -75,7 +75,7 @@ impl Models {
         self: &Arc<Self>,
         name: &str,
         found: Found,
-        old: Arc<crate::serve::deployment::Deployment>,
+        old: Arc<Deployment>,
     ) -> Result<(), ApiError> {
         let result = deploy(&self.setup, &self.config(), &found).await;
         // `Err`: the new worker, not kept (the daemon stops, or `old` left the slot), and why.
