@@ -249,6 +249,18 @@ fn impossible_configs_are_refused_naming_the_file_and_field() {
     assert!(e.contains("`max_position_embeddings`"), "{e}");
     let (_d, e) = broken(|c| c["text_config"]["rope_theta"] = 0.into(), None);
     assert!(e.contains("`rope_theta`") && e.contains("positive"), "{e}");
+    // shortest_edge 4096 pixels of 32 × 32 make every image at least 4 tokens: a context of 4
+    // holds none, refused at load instead of at each image after the resize.
+    let (_d, e) = broken(
+        |c| c["text_config"]["max_position_embeddings"] = 4.into(),
+        None,
+    );
+    assert!(
+        e.contains("preprocessor_config.json")
+            && e.contains("min_pixels")
+            && e.contains("context of 4"),
+        "{e}"
+    );
 }
 
 /// Prompt scores (vLLM's `prompt_logprobs`) of prompts with images in them against transformers'

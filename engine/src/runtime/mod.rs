@@ -715,9 +715,18 @@ impl<M: LoadModel> ModelRuntime<M> {
         if request.tokenize_only {
             return loaded.tokenized(request, &images);
         }
+        let prompt = loaded.prompt_ids(request)?;
+        if !images.images.is_empty() {
+            // The images' token counts come from their sizes alone: a prompt too long for the
+            // context is refused before the vision tower spends minutes on it.
+            let ids = (loaded.model)
+                .token_ids(prompt.clone(), &images.images)
+                .map_err(|e| images.error(e))?;
+            loaded.engine.admits(ids.len()).map_err(plugin_error)?;
+        }
         let (prompt, media) = loaded
             .model
-            .prepare(loaded.prompt_ids(request)?, &images.images)
+            .prepare(prompt, &images.images)
             .map_err(|e| images.error(e))?;
         let prompt_tokens = prompt.len() as u32;
         // Scores come with the ids they score (a client that sent text has no ids).

@@ -304,14 +304,10 @@ impl Engine {
         })
     }
 
-    /// Enqueues `request`; its tokens come on the returned stream.
-    pub fn submit(&self, request: Request) -> Result<Stream> {
-        if self.thread.as_ref().is_none_or(JoinHandle::is_finished) {
-            return Err(EngineError::Stopped(
-                "the model's engine thread has stopped (a bug: see the worker's log); reload the model".into(),
-            ));
-        }
-        let prompt = request.prompt.len();
+    /// Whether a prompt of `prompt` tokens leaves room to generate: in the context and in the KV
+    /// cache. `submit` asks it; so does a caller about to do costly work for a prompt whose
+    /// length it already knows (a vision tower), so that a prompt refused anyway costs nothing.
+    pub fn admits(&self, prompt: usize) -> Result<()> {
         if prompt == 0 {
             return Err(EngineError::InvalidInput(
                 "prompt: empty, but a prompt needs at least one token".into(),
@@ -329,6 +325,18 @@ impl Engine {
                 self.capacity
             )));
         }
+        Ok(())
+    }
+
+    /// Enqueues `request`; its tokens come on the returned stream.
+    pub fn submit(&self, request: Request) -> Result<Stream> {
+        if self.thread.as_ref().is_none_or(JoinHandle::is_finished) {
+            return Err(EngineError::Stopped(
+                "the model's engine thread has stopped (a bug: see the worker's log); reload the model".into(),
+            ));
+        }
+        let prompt = request.prompt.len();
+        self.admits(prompt)?;
         let max_tokens = request
             .max_tokens
             .min(self.context - prompt)

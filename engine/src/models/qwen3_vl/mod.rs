@@ -70,6 +70,7 @@ impl Qwen3Vl {
             });
         }
         let text = &cfg.text;
+        check_min_pixels(checkpoint, &processor, text.max_position_embeddings)?;
         let (theta, scale) = text.rope(checkpoint)?;
         let vb = checkpoint.weights(dtype, device)?;
         let ends = text.ends();
@@ -222,6 +223,24 @@ impl Qwen3Vl {
         }
         Ok(out)
     }
+}
+
+/// Refuses a `min_pixels` whose smallest image alone fills the context: every image, however
+/// small, is scaled up to it, and the resize would allocate for it before any length check.
+fn check_min_pixels(checkpoint: &Checkpoint, processor: &Processor, context: usize) -> Result<()> {
+    let factor = (processor.patch_size * processor.merge_size) as u64;
+    let tokens = processor.min_pixels / (factor * factor);
+    if tokens >= context as u64 {
+        return Err(EngineError::BadField {
+            path: checkpoint.path("preprocessor_config.json"),
+            field: "min_pixels".into(),
+            reason: format!(
+                "{} pixels make every image at least {tokens} tokens, no fewer than the model's context of {context} tokens (config.json's max_position_embeddings): expected a minimum an image fits the context with, such as 65536",
+                processor.min_pixels
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Every splice of `batch` with the row it starts at among the batch's new rows.
