@@ -36,8 +36,12 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     init_logging(config.server.log_format);
     let policy = args.tiers.policy(config.policy());
-    let own_runtime_dir = config.server.runtime_dir.is_none();
-    let runtime_dir = match config.server.runtime_dir.clone() {
+    // systemd's RuntimeDirectory= (the shipped unit's /run/pio) is private to the daemon.
+    let systemd_dir = std::env::var_os("RUNTIME_DIRECTORY")
+        .and_then(|v| std::env::split_paths(&v).next())
+        .filter(|d| d.is_absolute());
+    let own_runtime_dir = config.server.runtime_dir.is_none() && systemd_dir.is_none();
+    let runtime_dir = match config.server.runtime_dir.clone().or(systemd_dir) {
         Some(dir) => dir,
         None => {
             let temp = std::env::temp_dir();
@@ -48,7 +52,8 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     "removed the runtime folders of daemons no longer running"
                 );
             }
-            pio_host::serve::library::default_runtime_dir(&temp, std::process::id())
+            pio_host::serve::library::create_default_runtime_dir(&temp, std::process::id())
+                .context("cannot make the daemon's runtime folder")?
         }
     };
     let store = LibraryStore::create(runtime_dir.join("libs")).with_context(|| {

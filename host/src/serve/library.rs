@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 
@@ -43,9 +43,14 @@ fn lock(live: &Live) -> std::sync::MutexGuard<'_, HashMap<String, Weak<LibraryCo
 }
 
 impl LibraryStore {
-    /// Creates `dir` (readable by the workers' unprivileged user).
+    /// Creates `dir` (readable by the workers' unprivileged user). Refused where another user
+    /// could swap what the workers load: `dir` or its parent a symlink, owned by someone other
+    /// than this process (or root), or writable by others.
     pub fn create(dir: PathBuf) -> std::io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
+        for folder in [dir.parent().unwrap_or(&dir), dir.as_path()] {
+            trusted_folder(folder)?;
+        }
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
         Ok(Self {
             dir,
@@ -70,7 +75,14 @@ impl LibraryStore {
         let path = self.dir.join(format!("{sha}.so"));
         // Written under a temporary name and renamed: a copy is never seen half-written.
         let partial = self.dir.join(format!(".{sha}.partial"));
-        let mut f = std::fs::File::create(&partial)?;
+        // A leftover of a crash is removed, and the new file is never opened through a link.
+        let _ = std::fs::remove_file(&partial);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&partial)?;
         f.write_all(&bytes)?;
         f.sync_all()?;
         std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o644))?;
@@ -89,6 +101,54 @@ impl LibraryStore {
 /// `pio-serve-<pid>` in `temp`.
 pub fn default_runtime_dir(temp: &Path, pid: u32) -> PathBuf {
     temp.join(format!("pio-serve-{pid}"))
+}
+
+/// Makes [`default_runtime_dir`] afresh, mode 0755. A shared temp folder lets anyone create the
+/// name first: a folder there owned by another user (or a link) is refused, and one of this
+/// user's own (a reused pid's) is emptied and made again.
+pub fn create_default_runtime_dir(temp: &Path, pid: u32) -> std::io::Result<PathBuf> {
+    let dir = default_runtime_dir(temp, pid);
+    if let Ok(meta) = std::fs::symlink_metadata(&dir) {
+        if meta.is_dir() && meta.uid() == nix::unistd::geteuid().as_raw() {
+            std::fs::remove_dir_all(&dir)?;
+        } else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} already exists and is not this user's own folder (someone may be trying to plant libraries): remove it, or set server.runtime_dir",
+                    dir.display()
+                ),
+            ));
+        }
+    }
+    std::fs::DirBuilder::new().mode(0o755).create(&dir)?;
+    Ok(dir)
+}
+
+/// `folder` is no link, belongs to this user or root, and only its owner may write to it (or
+/// it is sticky, like /tmp, so that no one else can rename what is in it).
+fn trusted_folder(folder: &Path) -> std::io::Result<()> {
+    let meta = std::fs::symlink_metadata(folder)?;
+    let me = nix::unistd::geteuid().as_raw();
+    let problem = if !meta.is_dir() {
+        Some("is not a folder (a link?)")
+    } else if meta.uid() != me && meta.uid() != 0 {
+        Some("belongs to another user")
+    } else if meta.mode() & 0o022 != 0 && meta.mode() & 0o1000 == 0 {
+        Some("can be written by other users")
+    } else {
+        None
+    };
+    match problem {
+        Some(problem) => Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{} {problem}, so another user could replace the libraries workers load: use a folder only this user can write",
+                folder.display()
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Removes the default runtime folders in `temp` of daemons no longer running (killed with
@@ -161,5 +221,55 @@ mod tests {
         assert!(path.is_file(), "still held");
         drop(again);
         assert!(!path.exists() && second.path.is_file());
+    }
+
+    /// Tests run as root: another user's folder is made by chown to `nobody`.
+    fn as_nobody(path: &Path) {
+        std::os::unix::fs::chown(path, Some(65534), Some(65534)).unwrap();
+    }
+
+    #[test]
+    fn a_runtime_folder_someone_else_planted_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pid = 4_999_998;
+        let planted = default_runtime_dir(tmp.path(), pid);
+        std::fs::create_dir_all(planted.join("libs")).unwrap();
+        as_nobody(&planted);
+        as_nobody(&planted.join("libs"));
+        let e = create_default_runtime_dir(tmp.path(), pid).unwrap_err();
+        assert!(e.to_string().contains("server.runtime_dir"), "{e}");
+        // Even if asked to use it, the store refuses a folder another user can change.
+        let e = LibraryStore::create(planted.join("libs")).unwrap_err();
+        assert!(e.to_string().contains("belongs to another user"), "{e}");
+        // A link in its place is refused too.
+        let link = default_runtime_dir(tmp.path(), pid + 1);
+        std::os::unix::fs::symlink(tmp.path(), &link).unwrap();
+        assert!(create_default_runtime_dir(tmp.path(), pid + 1).is_err());
+        // This user's own leftover (a reused pid) is made afresh.
+        let own = default_runtime_dir(tmp.path(), pid + 2);
+        std::fs::create_dir_all(own.join("libs")).unwrap();
+        std::fs::write(own.join("libs/old.so"), b"x").unwrap();
+        let dir = create_default_runtime_dir(tmp.path(), pid + 2).unwrap();
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        let writable = tmp.path().join("open");
+        std::fs::create_dir(&writable).unwrap();
+        std::fs::set_permissions(&writable, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = LibraryStore::create(writable.join("libs")).unwrap_err();
+        assert!(e.to_string().contains("written by other users"), "{e}");
+    }
+
+    #[test]
+    fn a_copy_is_never_written_through_a_link() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = LibraryStore::create(tmp.path().join("libs")).unwrap();
+        let victim = tmp.path().join("victim");
+        std::fs::write(&victim, b"keep").unwrap();
+        let partial = store.dir().join(format!(".{}.partial", sha256_hex(b"x")));
+        std::os::unix::fs::symlink(&victim, &partial).unwrap();
+        let original = tmp.path().join("libx.so");
+        std::fs::write(&original, b"x").unwrap();
+        let copy = store.snapshot(&original).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        assert_eq!(std::fs::read(&copy.path).unwrap(), b"x");
     }
 }
