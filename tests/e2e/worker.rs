@@ -1026,3 +1026,52 @@ fn bench_refuses_constraints_a_plugin_cannot_hold() {
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("structured_output"), "{err}");
 }
+
+/// A `low` worker dies with the process that started it, even one that cannot notice its socket
+/// close (stopped here; stuck in a driver's exit in life): its death signal is set again after
+/// the uid switch, which clears it.
+#[test]
+fn a_busy_low_worker_dies_with_its_daemon() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = hostile_dir();
+    let mut child = Command::new(pio_bin())
+        .current_dir(dir.path())
+        .args(["run", "hostile", "--plugins", ".", "--prompt", "freeze"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let group = format!("pio/hostile-{}-0/cgroup.procs", child.id());
+    let procs = ["/sys/fs/cgroup/memory", "/sys/fs/cgroup"]
+        .map(|root| std::path::Path::new(root).join(&group));
+    let workers = || -> Vec<i32> {
+        let read = |p: &std::path::PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+        let text = procs.iter().map(read).find(|t| !t.is_empty());
+        text.unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.parse().ok())
+            .collect()
+    };
+    let until = |done: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !done() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        done()
+    };
+    assert!(until(&|| !workers().is_empty()), "no worker in {procs:?}");
+    // Stopped in its request by now.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let survived = !until(&|| workers().is_empty());
+    for pid in workers() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    assert!(!survived, "the worker outlived its daemon");
+}

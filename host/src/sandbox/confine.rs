@@ -80,6 +80,8 @@ pub fn apply(plan: &Plan) -> Result<Vec<String>, ConfineError> {
         drop_bounding_capabilities()?;
         applied.push("capabilities dropped".into());
     }
+    // Who the worker dies with, before credentials change (which clears the death signal).
+    let parent = nix::unistd::getppid();
     if let Some((uid, gid)) = plan.drop_to {
         switch_user(uid, gid)?;
         applied.push(format!("uid={uid}"));
@@ -89,6 +91,7 @@ pub fn apply(plan: &Plan) -> Result<Vec<String>, ConfineError> {
         clear_capabilities()?;
         applied.push("user namespace".into());
     }
+    rearm_parent_death(parent)?;
     step("no_new_privs", nix::sys::prctl::set_no_new_privs())?;
     applied.push("no_new_privs".into());
     if let Some(isolation) = &plan.isolation {
@@ -137,6 +140,19 @@ fn process_limits(plan: &Plan) -> Result<Vec<String>, ConfineError> {
         applied.push(format!("rlimit_fsize={bytes}"));
     }
     Ok(applied)
+}
+
+/// Sets the death signal again: the kernel clears it when the uid or the user namespace
+/// changes. A parent that died in between is not waited for.
+fn rearm_parent_death(parent: nix::unistd::Pid) -> Result<(), ConfineError> {
+    step(
+        "exit with the daemon",
+        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL),
+    )?;
+    if nix::unistd::getppid() != parent {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 /// Switches to `uid`/`gid` with no supplementary groups, for good.
