@@ -56,7 +56,7 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, ImageErro
             limit: limits.max_pixels,
         });
     }
-    let key = colour_key(format, bytes)?;
+    let key = colour_key(format, bytes, limits)?;
     // A broken EXIF block is ignored, as PIL ignores it.
     let orientation = decoder.orientation().ok();
     let mut image = if format == ImageFormat::Jpeg {
@@ -167,10 +167,14 @@ struct Key {
 
 /// The colour key of a PNG (a `tRNS` colour on RGB or grey, or a palette whose `tRNS` makes
 /// exactly one entry transparent and the rest opaque) or of a GIF's first frame.
-fn colour_key(format: ImageFormat, bytes: &[u8]) -> Result<Option<Key>, ImageError> {
+fn colour_key(
+    format: ImageFormat,
+    bytes: &[u8],
+    limits: &DecodeLimits,
+) -> Result<Option<Key>, ImageError> {
     match format {
         ImageFormat::Png => png_key(bytes),
-        ImageFormat::Gif => gif_key(bytes),
+        ImageFormat::Gif => gif_key(bytes, limits),
         _ => Ok(None),
     }
 }
@@ -230,9 +234,14 @@ fn scale_grey(v: u8, depth: png::BitDepth) -> Option<u8> {
     (v <= max).then(|| v * scale)
 }
 
-fn gif_key(bytes: &[u8]) -> Result<Option<Key>, ImageError> {
+fn gif_key(bytes: &[u8], limits: &DecodeLimits) -> Result<Option<Key>, ImageError> {
     let mut options = gif::DecodeOptions::new();
     options.set_color_output(gif::ColorOutput::Indexed);
+    // A byte per pixel, indexed: the crate's own default (50 MB) would call an image inside
+    // the limits corrupt.
+    if let Some(bytes) = std::num::NonZeroU64::new(limits.max_pixels) {
+        options.set_memory_limit(gif::MemoryLimit::Bytes(bytes));
+    }
     let mut decoder = options
         .read_info(Cursor::new(bytes))
         .map_err(|e| ImageError::Corrupt(e.to_string()))?;
@@ -342,6 +351,23 @@ mod tests {
         // unwinds out of the C decoder into an error.
         let e = jpeg(&[0xFF, 0xD8, 0xFF, 0xDA, 0, 2, 0xFF, 0xD9]).unwrap_err();
         assert!(e.to_string().contains("libjpeg"), "{e}");
+    }
+
+    #[test]
+    fn a_gif_as_large_as_the_limits_allow_decodes() {
+        let side = 8192u16;
+        let mut bytes = Vec::new();
+        {
+            let mut encoder =
+                gif::Encoder::new(&mut bytes, side, side, &[9, 9, 9, 200, 0, 0]).unwrap();
+            let pixels = vec![1u8; usize::from(side) * usize::from(side)];
+            let mut frame = gif::Frame::from_indexed_pixels(side, side, pixels, None);
+            frame.transparent = Some(0);
+            encoder.write_frame(&frame).unwrap();
+        }
+        let image = decode(&bytes, &DecodeLimits::default()).unwrap();
+        assert_eq!((image.width, image.height), (8192, 8192));
+        assert_eq!(&image.pixels[..3], &[200, 0, 0]);
     }
 
     #[test]

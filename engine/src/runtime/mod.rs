@@ -26,8 +26,10 @@ use crate::serving::{Engine, Stats};
 use crate::text::TextCodec;
 use crate::tokenizer_info::tokenizer_info;
 use crate::EngineError;
+use images::{message_images, MessageImages};
 
 mod engine_config;
+mod images;
 mod memory;
 
 /// A model that loads from a checkpoint.
@@ -249,61 +251,6 @@ pub fn open_gpu(ordinal: usize) -> candle_core::Result<Device> {
         unsafe { gpu.disable_event_tracking() };
     }
     Ok(device)
-}
-
-/// The images of a chat's messages, decoded, in the order the chat template meets them (every
-/// `image_url` or `image` part); an image that cannot be used names its message and part.
-fn message_images(prompt: &Prompt) -> Result<MessageImages, PluginError> {
-    use crate::images::{data_url_bytes, decode, DecodeLimits};
-    let mut images = MessageImages::default();
-    let Prompt::Messages(messages) = prompt else {
-        return Ok(images);
-    };
-    for (i, message) in messages.iter().enumerate() {
-        let Some(parts) = message.get("content").and_then(|c| c.as_array()) else {
-            continue;
-        };
-        for (j, part) in parts.iter().enumerate() {
-            let url = match part.get("type").and_then(|t| t.as_str()) {
-                Some("image_url") => part
-                    .get("image_url")
-                    .and_then(|u| u.get("url").or(Some(u)))
-                    .and_then(|u| u.as_str()),
-                Some("image") => part.get("image").and_then(|u| u.as_str()),
-                _ => continue,
-            };
-            let at = format!("messages[{i}].content[{j}]");
-            let url = url.ok_or_else(|| {
-                PluginError::invalid_input(format!("{at}: an image part without its URL"))
-            })?;
-            let image = data_url_bytes(url)
-                .and_then(|bytes| decode(&bytes, &DecodeLimits::default()))
-                .map_err(|e| PluginError::invalid_input(format!("{at}: {e}")))?;
-            images.images.push(image);
-            images.places.push(at);
-        }
-    }
-    Ok(images)
-}
-
-/// A chat's images, decoded, and the message part each came in (`messages[i].content[j]`).
-#[derive(Default)]
-struct MessageImages {
-    images: Vec<crate::images::RgbImage>,
-    places: Vec<String>,
-}
-
-impl MessageImages {
-    /// `e` as the client can act on it: an image the model's processor refused (its sides'
-    /// ratio, say) is named by the message part it came in.
-    fn error(&self, e: EngineError) -> PluginError {
-        match e {
-            EngineError::Image { index, error } if index < self.places.len() => {
-                PluginError::invalid_input(format!("{}: {error}", self.places[index]))
-            }
-            e => plugin_error(e),
-        }
-    }
 }
 
 impl<M: LoadModel> Loaded<M> {

@@ -1,0 +1,127 @@
+//! The images a chat's messages carry, decoded within one request's pixel budget.
+
+use pio_plugin_api::wire::Prompt;
+use pio_plugin_api::PluginError;
+
+use super::plugin_error;
+use crate::images::{data_url_bytes, decode, DecodeLimits, ImageError, RgbImage};
+use crate::EngineError;
+
+/// The most pixels one request's images may hold decoded, in all: two of the largest single
+/// image (8192 × 8192), ~400 MB of RGB. A request is decoded whole before the model's processor
+/// shrinks anything, so without a total a small body of well-compressed images takes gigabytes.
+const REQUEST_PIXELS: u64 = 2 * 8192 * 8192;
+
+/// The images of a chat's messages, decoded, in the order the chat template meets them (every
+/// `image_url` or `image` part); an image that cannot be used names its message and part.
+pub(super) fn message_images(prompt: &Prompt) -> Result<MessageImages, PluginError> {
+    within(prompt, REQUEST_PIXELS)
+}
+
+/// [`message_images`] with at most `total` pixels in all.
+fn within(prompt: &Prompt, total: u64) -> Result<MessageImages, PluginError> {
+    let mut images = MessageImages::default();
+    let mut left = total;
+    let Prompt::Messages(messages) = prompt else {
+        return Ok(images);
+    };
+    for (i, message) in messages.iter().enumerate() {
+        let Some(parts) = message.get("content").and_then(|c| c.as_array()) else {
+            continue;
+        };
+        for (j, part) in parts.iter().enumerate() {
+            let url = match part.get("type").and_then(|t| t.as_str()) {
+                Some("image_url") => part
+                    .get("image_url")
+                    .and_then(|u| u.get("url").or(Some(u)))
+                    .and_then(|u| u.as_str()),
+                Some("image") => part.get("image").and_then(|u| u.as_str()),
+                _ => continue,
+            };
+            let at = format!("messages[{i}].content[{j}]");
+            let url = url.ok_or_else(|| {
+                PluginError::invalid_input(format!("{at}: an image part without its URL"))
+            })?;
+            // Each image is held decoded until the prompt is ready: the headers' sizes are
+            // checked against what the request has left before any pixel is decoded.
+            let one = DecodeLimits::default().max_pixels;
+            let limits = DecodeLimits {
+                max_pixels: one.min(left),
+            };
+            let image = data_url_bytes(url)
+                .and_then(|bytes| decode(&bytes, &limits))
+                .map_err(|e| match e {
+                    ImageError::TooLarge { width, height, .. } if left < one => {
+                        PluginError::invalid_input(format!(
+                            "{at}: {width} × {height} pixels pass the {total} pixels a request's images may hold in all: send fewer or smaller images"
+                        ))
+                    }
+                    e => PluginError::invalid_input(format!("{at}: {e}")),
+                })?;
+            left -= u64::from(image.width) * u64::from(image.height);
+            images.images.push(image);
+            images.places.push(at);
+        }
+    }
+    Ok(images)
+}
+
+/// A chat's images, decoded, and the message part each came in (`messages[i].content[j]`).
+#[derive(Default)]
+#[cfg_attr(test, derive(Debug))]
+pub(super) struct MessageImages {
+    pub(super) images: Vec<RgbImage>,
+    places: Vec<String>,
+}
+
+impl MessageImages {
+    /// `e` as the client can act on it: an image the model's processor refused (its sides'
+    /// ratio, say) is named by the message part it came in.
+    pub(super) fn error(&self, e: EngineError) -> PluginError {
+        match e {
+            EngineError::Image { index, error } if index < self.places.len() => {
+                PluginError::invalid_input(format!("{}: {error}", self.places[index]))
+            }
+            e => plugin_error(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `side` × `side` grey PNG as a data URL.
+    fn png(side: u32) -> String {
+        use base64::Engine as _;
+        let image = image::RgbImage::from_pixel(side, side, image::Rgb([128, 128, 128]));
+        let mut bytes = Vec::new();
+        image::DynamicImage::ImageRgb8(image)
+            .write_to(
+                &mut std::io::Cursor::new(&mut bytes),
+                image::ImageFormat::Png,
+            )
+            .unwrap();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
+        format!("data:image/png;base64,{b64}")
+    }
+
+    #[test]
+    fn a_requests_images_share_one_pixel_budget() {
+        let part = |side| serde_json::json!({"type": "image_url", "image_url": {"url": png(side)}});
+        let prompt = Prompt::Messages(vec![
+            serde_json::json!({"role": "user", "content": [part(8), part(8)]}),
+            serde_json::json!({"role": "user", "content": [{"type": "text", "text": "hi"}, part(8)]}),
+        ]);
+        assert_eq!(within(&prompt, 192).map(|i| i.images.len()).ok(), Some(3));
+        let e = within(&prompt, 191).unwrap_err().to_string();
+        assert!(
+            e.contains("messages[1].content[1]")
+                && e.contains("191 pixels")
+                && e.contains("fewer or smaller"),
+            "{e}"
+        );
+        let e = within(&prompt, 100).unwrap_err().to_string();
+        assert!(e.contains("messages[0].content[1]"), "{e}");
+    }
+}
