@@ -95,7 +95,7 @@ enum Command {
 #[derive(Args)]
 pub(crate) struct SearchArgs {
     /// The daemon configuration file (plugin directories, sandbox policy, default limits).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "PIO_CONFIG")]
     pub(crate) config: Option<PathBuf>,
     /// A directory of plugin manifests; repeat for several (default: the config's
     /// `plugin_dirs`, else `manifests`).

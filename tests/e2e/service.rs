@@ -141,6 +141,30 @@ fn the_container_and_kubernetes_files_agree_with_the_daemon() {
         dockerfile.contains("EXPOSE 8080")
             && dockerfile.contains("COPY packaging/pio.container.toml /etc/pio/pio.toml")
     );
+    // `docker run pio --allow-downgrade` replaces CMD: the configuration must not live there.
+    assert!(
+        dockerfile.contains("ENV PIO_CONFIG=/etc/pio/pio.toml") && !dockerfile.contains("CMD "),
+        "{dockerfile}"
+    );
+    let bad = tempfile::tempdir().unwrap();
+    std::fs::write(
+        bad.path().join("pio.toml"),
+        "[server]
+queue_depth = 0
+",
+    )
+    .unwrap();
+    let out = std::process::Command::new(pio_bin())
+        .current_dir(bad.path())
+        .args(["list", "--plugins", "."])
+        .env("PIO_CONFIG", bad.path().join("pio.toml"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("pio.toml") && err.contains("queue_depth"),
+        "PIO_CONFIG is read: {err}"
+    );
 
     let yaml = std::process::Command::new("python3")
         .args(["-c", "import json, sys, yaml; print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))"])
