@@ -59,6 +59,11 @@ fn unprivileged<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error>
             "must not be 0 (root): workers run unprivileged; use an unused id (default 65534, nobody)",
         ));
     }
+    if id == u32::MAX {
+        return Err(serde::de::Error::custom(
+            "must not be 4294967295, which the kernel reads as \"leave the id unchanged\" (root): use an unused id (default 65534, nobody)",
+        ));
+    }
     Ok(id)
 }
 
@@ -379,6 +384,9 @@ impl Config {
             ));
         }
         let server = &self.server;
+        if let Some(problem) = self.too_long() {
+            return Some(problem);
+        }
         let keys = [
             ("server.api_keys", &server.api_keys),
             ("server.admin_keys", &server.admin_keys),
@@ -388,6 +396,32 @@ impl Config {
             keys.iter()
                 .any(|k| k.trim().is_empty() || k.chars().any(char::is_whitespace))
                 .then(|| format!("{name} holds an empty key or one with whitespace: a bearer key is one token, e.g. from `openssl rand -hex 32`"))
+        })
+    }
+
+    /// A time past what a deadline can be set to (the clock plus it overflows, which panics).
+    fn too_long(&self) -> Option<String> {
+        let (s, server) = (&self.supervisor, &self.server);
+        let secs = [
+            ("supervisor.request_timeout_secs", s.request_timeout_secs),
+            ("supervisor.health_interval_secs", s.health_interval_secs),
+            ("supervisor.health_deadline_secs", s.health_deadline_secs),
+            ("supervisor.crash_window_secs", s.crash_window_secs),
+            ("supervisor.restart_backoff_ms", s.restart_backoff_ms / 1000),
+            (
+                "supervisor.max_restart_backoff_ms",
+                s.max_restart_backoff_ms / 1000,
+            ),
+            ("supervisor.load_timeout_secs", s.load_timeout_secs),
+            ("server.load_wait_secs", server.load_wait_secs),
+            ("server.keep_alive_secs", server.keep_alive_secs),
+            ("server.stall_timeout_secs", server.stall_timeout_secs),
+            ("server.header_timeout_secs", server.header_timeout_secs),
+            ("server.body_timeout_secs", server.body_timeout_secs),
+            ("server.drain_timeout_secs", server.drain_timeout_secs),
+        ];
+        secs.into_iter().find(|&(_, v)| v > LONGEST_SECS).map(|(name, _)| {
+            format!("{name} is more than a century ({LONGEST_SECS} s), past what a deadline can be set to: use a shorter time (0 turns the limit off where the setting says so)")
         })
     }
 
@@ -432,6 +466,9 @@ impl Config {
         }
     }
 }
+
+/// The longest time a setting may name: a century, in seconds.
+const LONGEST_SECS: u64 = 100 * 365 * 24 * 3600;
 
 /// A worker's processes and threads when no manifest or configuration sets them: far more
 /// than an engine runs (a thread per core, a few per request), and a bound on a fork bomb.
@@ -500,6 +537,21 @@ mod tests {
             e.contains("pio.toml") && e.contains("max_restart_backoff_ms"),
             "{e}"
         );
+        // i64::MAX seconds, TOML's largest integer, would overflow the clock at the first use.
+        for (section, key) in [
+            ("server", "load_wait_secs"),
+            ("supervisor", "request_timeout_secs"),
+            ("supervisor", "load_timeout_secs"),
+        ] {
+            let e = load(&format!("[{section}]\n{key} = 9223372036854775807\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("{section}.{key}")) && e.contains("century"),
+                "{e}"
+            );
+        }
+        assert!(load("[supervisor]\nload_timeout_secs = 3153600000\n").is_ok());
         let e = load("[server]\napi_keys = [\"\"]\n")
             .unwrap_err()
             .to_string();
@@ -633,5 +685,11 @@ mod tests {
             assert_eq!(listen_problem(good), None, "{good}");
         }
         assert!(parse("[server]\nqueue_depth = 1\n").is_ok());
+        // setresuid's "unchanged": the worker would stay root.
+        let e = parse("[sandbox]\nworker_uid = 4294967295\n").unwrap_err();
+        assert!(
+            e.message.contains("worker_uid") && e.message.contains("unchanged"),
+            "{e}"
+        );
     }
 }

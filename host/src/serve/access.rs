@@ -21,11 +21,14 @@ const TOKENS: [&str; 3] = ["/tokenize", "/detokenize", "/tokenizer_info"];
 
 /// What `path` needs under `server`'s keys; `loopback`: the daemon listens on a loopback
 /// address only, where `/metrics` stays open unless metrics keys are configured, and the admin
-/// API unless any key is (off loopback both need a key: a published port must not let anyone
+/// API unless any key is, metrics keys included (off loopback both need a key: a published port must not let anyone
 /// unload the models).
 pub fn need(path: &str, server: &ServerSection, loopback: bool) -> Need {
     if path.starts_with("/v1/plugins") {
-        if server.api_keys.is_empty() && server.admin_keys.is_empty() && loopback {
+        let no_keys = [&server.api_keys, &server.admin_keys, &server.metrics_keys]
+            .iter()
+            .all(|k| k.is_empty());
+        if no_keys && loopback {
             Need::Open
         } else {
             Need::Admin
@@ -202,6 +205,14 @@ mod tests {
 
     /// Off loopback the admin API needs an admin key even when no key is configured at all
     /// (the message says which setting opens it).
+    /// Keys of any kind say the daemon is shared: a proxy on the same host forwards to loopback.
+    #[test]
+    fn metrics_keys_alone_close_the_admin_api() {
+        let s = server(&[], &[], &["m"]);
+        assert_eq!(need("/v1/plugins/echo/unload", &s, true), Need::Admin);
+        assert_eq!(need("/v1/chat/completions", &s, true), Need::Open);
+    }
+
     #[test]
     fn the_admin_api_is_closed_off_loopback_without_admin_keys() {
         let open = server(&[], &[], &[]);

@@ -52,6 +52,10 @@ pub fn merge(running: &Config, started: &Config, file: &Config) -> (Config, Vec<
             b.server.max_body_size != f.server.max_body_size,
         ),
         (
+            "server.header_timeout_secs",
+            b.server.header_timeout_secs != f.server.header_timeout_secs,
+        ),
+        (
             "server.send_buffer",
             b.server.send_buffer != f.server.send_buffer,
         ),
@@ -147,6 +151,7 @@ mod tests {
         file.limits.memory = Some(ByteSize(1 << 30));
         file.server.max_body_size = ByteSize(1 << 10);
         file.sandbox.worker_uid = 1234;
+        file.server.header_timeout_secs = 5;
 
         let (next, restart) = merge(&running, &before, &file);
         assert_eq!(next.server.api_keys, vec!["new".to_string()]);
@@ -158,7 +163,14 @@ mod tests {
         );
         assert_eq!(next.server.max_body_size, running.server.max_body_size);
         assert_eq!(next.sandbox, running.sandbox);
-        assert_eq!(restart, vec!["sandbox", "server.max_body_size"]);
+        assert_eq!(
+            restart,
+            vec![
+                "sandbox",
+                "server.max_body_size",
+                "server.header_timeout_secs"
+            ]
+        );
     }
 
     #[test]
