@@ -233,6 +233,99 @@ fn what_cannot_be_read_is_refused_by_name() {
     assert!(e.contains("a.gguf, b.gguf"), "{e}");
 }
 
+/// `from`'s bytes with `key` (a metadata key) renamed to `to`, the same length so that no offset
+/// moves, written to `dir/name`.
+fn renamed(
+    from: &[u8],
+    key: &str,
+    to: &str,
+    dir: &std::path::Path,
+    name: &str,
+) -> std::path::PathBuf {
+    assert_eq!(key.len(), to.len());
+    let mut bytes = from.to_vec();
+    let at = (bytes.windows(key.len()))
+        .position(|w| w == key.as_bytes())
+        .unwrap_or_else(|| panic!("no {key}"));
+    bytes[at..at + key.len()].copy_from_slice(to.as_bytes());
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+/// A header with one `general.alignment` (u32) key and no tensors.
+fn aligned(alignment: u32, dir: &std::path::Path) -> std::path::PathBuf {
+    let key = b"general.alignment";
+    let mut bytes = b"GGUF".to_vec();
+    bytes.extend_from_slice(&3u32.to_le_bytes());
+    bytes.extend_from_slice(&0u64.to_le_bytes());
+    bytes.extend_from_slice(&1u64.to_le_bytes());
+    bytes.extend_from_slice(&(key.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(key);
+    bytes.extend_from_slice(&4u32.to_le_bytes());
+    bytes.extend_from_slice(&alignment.to_le_bytes());
+    let path = dir.join(format!("aligned-{alignment}.gguf"));
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[test]
+fn hostile_headers_and_vocabularies_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokenizer = |path: &std::path::Path| {
+        let checkpoint = Checkpoint::open(path).unwrap();
+        checkpoint
+            .gguf_tokenizer()
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    let bytes = std::fs::read(gguf("qwen3-tiny.f32.gguf")).unwrap();
+    // Without merges every word would be split into characters; without types the control
+    // tokens would be spelled out: both are refused, not served wrongly.
+    for (key, to) in [
+        ("tokenizer.ggml.merges", "tokenizer.ggml.mergez"),
+        ("tokenizer.ggml.token_type", "tokenizer.ggml.token_typf"),
+    ] {
+        let path = renamed(&bytes, key, to, dir.path(), "renamed.gguf");
+        let e = tokenizer(&path);
+        assert!(e.contains("renamed.gguf") && e.contains(key), "{e}");
+    }
+    // candle divides by the alignment: 0 was a panic, 3 a misread.
+    for alignment in [0, 3] {
+        let e = Checkpoint::open(&aligned(alignment, dir.path()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("aligned-{alignment}.gguf")) && e.contains("general.alignment"),
+            "{e}"
+        );
+    }
+    assert!(Checkpoint::open(&aligned(64, dir.path())).is_ok());
+    // A layer count past the tensors: refused at once, not looped over.
+    let moe = std::fs::read(gguf("qwen3-moe-gguf.q8_0.gguf")).unwrap();
+    let key = b"qwen3moe.block_count";
+    let at = moe.windows(key.len()).position(|w| w == key).unwrap() + key.len();
+    assert_eq!(
+        u32::from_le_bytes(moe[at..at + 4].try_into().unwrap()),
+        4,
+        "u32 type"
+    );
+    let mut huge = moe.clone();
+    huge[at + 4..at + 8].copy_from_slice(&u32::MAX.to_le_bytes());
+    let path = dir.path().join("layers.gguf");
+    std::fs::write(&path, huge).unwrap();
+    let checkpoint = Checkpoint::open(&path).unwrap();
+    let e = checkpoint
+        .config::<serde_json::Value>()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("qwen3moe.block_count") && e.contains("4294967295"),
+        "{e}"
+    );
+}
+
 #[test]
 fn tokenizer_template_and_defaults_come_from_the_metadata() {
     let snapshot = Checkpoint::open(&fixtures().join("qwen3-tiny")).unwrap();

@@ -30,6 +30,18 @@ pub(crate) fn hf_config(file: &GgufFile) -> Result<Value> {
     let hidden = need("embedding_length")?;
     let heads = need("attention.head_count")?;
     let layers = need("block_count")?;
+    // Checked on the tensors before anything loops over the count (a hostile count hangs).
+    let last = format!("blk.{}.attn_norm.weight", layers.saturating_sub(1));
+    if layers == 0 || !file.has_tensor(&last) {
+        return Err(EngineError::BadField {
+            path: file.path().to_owned(),
+            field: key("block_count"),
+            reason: format!(
+                "{layers} layers, but the file has no `{last}`: expected the count of the \
+                 `blk.N.` layers the file holds"
+            ),
+        });
+    }
     if heads == 0 {
         return Err(EngineError::BadField {
             path: file.path().to_owned(),

@@ -92,12 +92,24 @@ impl GgufFile {
             reason,
         };
         let mut file = File::open(path).map_err(|e| bad(e.to_string()))?;
-        let content = Content::read(&mut file).map_err(|e| {
+        // candle divides by `general.alignment` unchecked: a 0 there panics in its reader.
+        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Content::read(&mut file)
+        }))
+        .map_err(|_| {
+            bad("not a GGUF file PIO can read: its header is inconsistent (`general.alignment` must be a power of two)".into())
+        })?;
+        let content = read.map_err(|e| {
             let e = e.to_string();
             match e.strip_prefix("unknown dtype for tensor ") {
+                // Under RUST_BACKTRACE the id is followed by a backtrace.
                 Some(id) => bad(format!(
                     "holds {} tensors; {REQUANTIZE}",
-                    ggml_type_name(id.trim().parse().unwrap_or(u32::MAX))
+                    ggml_type_name(
+                        (id.split_whitespace().next())
+                            .and_then(|id| id.parse().ok())
+                            .unwrap_or(u32::MAX)
+                    )
                 )),
                 None => bad(format!("not a GGUF file PIO can read: {e}")),
             }
@@ -107,6 +119,15 @@ impl GgufFile {
             file,
             content,
         };
+        if let Some(alignment) = this.uint("general.alignment")? {
+            if !alignment.is_power_of_two() {
+                return Err(EngineError::BadField {
+                    path: path.to_owned(),
+                    field: "general.alignment".into(),
+                    reason: format!("{alignment}: expected a power of two (llama.cpp writes 32)"),
+                });
+            }
+        }
         if this.uint("split.count")?.is_some_and(|n| n > 1) {
             return Err(bad(
                 "is one part of a split GGUF: merge the parts with `llama-gguf-split --merge \

@@ -62,12 +62,39 @@ pub(crate) fn tokenizer(file: &GgufFile) -> Result<tokenizers::Tokenizer> {
         ));
     }
     let tokens = tokens(file)?;
+    // Without merges BPE splits every word into characters, and without types the chat's
+    // control tokens are spelled out piece by piece: both encode prompts wrongly, silently.
+    let missing = |key: &str, what: &str| EngineError::BadField {
+        path: file.path().to_owned(),
+        field: key.into(),
+        reason: format!(
+            "{what}: put the model's tokenizer.json in a folder beside the file and set the \
+             model path to the folder, or convert the file again with llama.cpp"
+        ),
+    };
     let types = file
         .array("tokenizer.ggml.token_type", token_type, "integers")?
-        .unwrap_or_default();
+        .ok_or_else(|| {
+            missing(
+                "tokenizer.ggml.token_type",
+                "missing: a BPE vocabulary needs each token's type",
+            )
+        })?;
+    if types.len() != tokens.len() {
+        return Err(missing(
+            "tokenizer.ggml.token_type",
+            &format!("{} types for {} tokens", types.len(), tokens.len()),
+        ));
+    }
     let merges = file
         .array("tokenizer.ggml.merges", text, "strings")?
-        .unwrap_or_default();
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| {
+            missing(
+                "tokenizer.ggml.merges",
+                "missing or empty: a BPE vocabulary needs its merges",
+            )
+        })?;
     let (vocab, added) = vocab_and_added(&tokens, &types);
     let byte_level = json!({
         "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false,
