@@ -128,6 +128,9 @@ impl ChatTemplate {
                 .build()?,
         );
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        // A template comes with the model's files: one that loops without end must fail, not
+        // hold the worker (the probes render it at load, each request renders it again).
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.add_filter("tojson", tojson);
         env.add_test("iterable", is_iterable);
         env.add_function("raise_exception", raise_exception);
@@ -244,11 +247,53 @@ impl ChatTemplate {
         let template = env
             .get_template("chat")
             .map_err(|e| EngineError::InvalidInput(format!("chat template: {e:#}")))?;
-        template
-            .render(Value::from(minijinja::value::Serde(&context)))
-            .map_err(|e| {
-                EngineError::InvalidInput(format!("cannot render the chat: {}", brief(&e)))
+        let mut out = Capped::default();
+        let rendered = template
+            .render_captured_to(Value::from(minijinja::value::Serde(&context)), &mut out)
+            .map(drop);
+        rendered.map_err(|e| {
+            EngineError::InvalidInput(match e.kind() {
+                _ if out.overflowed => format!(
+                    "the chat template wrote more than {TEMPLATE_OUTPUT} bytes for this chat: shorten the messages, or fix the model's chat_template"
+                ),
+                ErrorKind::OutOfFuel => format!(
+                    "the chat template ran past {TEMPLATE_FUEL} steps for this chat (a template that loops without end?): shorten the messages, or fix the model's chat_template"
+                ),
+                _ => format!("cannot render the chat: {}", brief(&e)),
             })
+        })?;
+        String::from_utf8(out.bytes).map_err(|_| {
+            EngineError::InvalidInput("the chat template wrote text that is not UTF-8".into())
+        })
+    }
+}
+
+/// The most instructions one render may take: a real template over a long chat with tools
+/// takes well under a tenth of it; a runaway loop stops within about a second.
+const TEMPLATE_FUEL: u64 = 10_000_000;
+
+/// The most bytes one render may write: far past any context a model serves.
+const TEMPLATE_OUTPUT: usize = 64 << 20;
+
+/// A render's output, refusing to grow past [`TEMPLATE_OUTPUT`].
+#[derive(Default)]
+struct Capped {
+    bytes: Vec<u8>,
+    overflowed: bool,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > TEMPLATE_OUTPUT {
+            self.overflowed = true;
+            return Err(std::io::Error::other("the render's output is too long"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

@@ -101,3 +101,60 @@ fn tool_call_arguments_sent_as_json_text_reach_the_template_as_objects() {
         "city=Paris;n=2;"
     );
 }
+
+/// A template that loops without end, or writes without end, fails the render; it does not
+/// hold the worker or take its memory.
+#[test]
+fn a_runaway_template_fails_instead_of_holding_the_worker() {
+    let forever =
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
+    let e = ChatTemplate::new(forever, None, None)
+        .render(&[], None, true, &Map::new())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("steps") && e.contains("chat_template"), "{e}");
+    let huge = "{% for i in range(100) %}{{ 'x' * 1000000 }}{% endfor %}";
+    let e = ChatTemplate::new(huge, None, None)
+        .render(&[], None, true, &Map::new())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bytes") && e.contains("chat_template"), "{e}");
+}
+
+/// The four shipped models' templates over a long chat with tools stay far inside the budgets.
+#[test]
+fn real_templates_render_a_long_chat_with_tools_within_the_budgets() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    let tools: Vec<Json> = (0..16)
+        .map(|i| {
+            serde_json::json!({"type": "function", "function": {
+                "name": format!("tool_{i}"), "description": "does a thing with a city",
+                "parameters": {"type": "object", "properties": {
+                    "city": {"type": "string"}, "days": {"type": "integer"}}, "required": ["city"]}}})
+        })
+        .collect();
+    let mut messages = vec![serde_json::json!({"role": "system", "content": "Be brief."})];
+    for turn in 0..150 {
+        messages.push(serde_json::json!({"role": "user", "content": format!("question {turn}")}));
+        messages.push(serde_json::json!({"role": "assistant", "content": "",
+            "tool_calls": [{"id": format!("c{turn}"), "type": "function", "function": {
+                "name": "tool_1", "arguments": {"city": "Paris", "days": turn}}}]}));
+        messages.push(
+            serde_json::json!({"role": "tool", "tool_call_id": format!("c{turn}"),
+            "content": "sunny"}),
+        );
+        messages
+            .push(serde_json::json!({"role": "assistant", "content": format!("answer {turn}")}));
+    }
+    for model in [
+        "qwen3-tiny",
+        "qwen3-moe-tiny",
+        "glm4-moe-lite-tiny",
+        "qwen3-vl-tiny",
+    ] {
+        let checkpoint = Checkpoint::open(&fixtures.join(model)).unwrap();
+        let template = ChatTemplate::load(&checkpoint).unwrap().unwrap();
+        let text = template.render(&messages, Some(&tools), true, &Map::new());
+        assert!(text.is_ok_and(|t| t.contains("answer 149")), "{model}");
+    }
+}
