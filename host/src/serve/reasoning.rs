@@ -35,7 +35,21 @@ pub fn starts_thinking(request: &pio_plugin_api::wire::InferRequest) -> bool {
     let opens_a_turn =
         !request.continue_final_message && request.add_generation_prompt != Some(false);
     let switch = request.chat_template_kwargs.get("enable_thinking");
-    opens_a_turn && switch.and_then(|v| v.as_bool()) != Some(false)
+    opens_a_turn && !switch.is_some_and(falsy)
+}
+
+/// Jinja's falsiness, which the templates test the switch with (`not enable_thinking`): a
+/// client's `null`, `0` or `""` turns thinking off as `false` does.
+fn falsy(v: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match v {
+        Value::Null => true,
+        Value::Bool(b) => !b,
+        Value::Number(n) => n.as_f64() == Some(0.0),
+        Value::String(s) => s.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+    }
 }
 
 /// A completion split in two.
@@ -305,6 +319,15 @@ mod tests {
         r.chat_template_kwargs
             .insert("enable_thinking".into(), false.into());
         assert!(!starts_thinking(&r));
+        // The template's `not enable_thinking` is Jinja's: these close the block too.
+        for off in [serde_json::Value::Null, 0.into(), "".into()] {
+            r.chat_template_kwargs
+                .insert("enable_thinking".into(), off.clone());
+            assert!(!starts_thinking(&r), "{off}");
+        }
+        r.chat_template_kwargs
+            .insert("enable_thinking".into(), "yes".into());
+        assert!(starts_thinking(&r));
         r.chat_template_kwargs
             .insert("enable_thinking".into(), true.into());
         assert!(starts_thinking(&r));
