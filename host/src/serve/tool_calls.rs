@@ -174,16 +174,30 @@ fn parse_body(format: Format, body: &str, tools: &[Value]) -> Option<Call> {
             let schema = parameters_of(tools, name.trim());
             let mut arguments = Map::new();
             while let Some(open) = params.find("<parameter=") {
+                // Anything else between parameters (a second `<function=`) is not one call:
+                // the text stays text rather than two calls merged into one.
+                if !params[..open].trim().is_empty() {
+                    return None;
+                }
                 let after = &params[open + "<parameter=".len()..];
                 let (key, value_and_rest) = after.split_once('>')?;
-                let end = value_and_rest.find("</parameter>")?;
+                // A value whose `</parameter>` the model left out ends where the next
+                // parameter begins, as vLLM's parser reads it.
+                let close = value_and_rest.find("</parameter>");
+                let next = value_and_rest.find("<parameter=");
+                let (end, rest) = match (close, next) {
+                    (Some(c), Some(n)) if n < c => (n, n),
+                    (Some(c), _) => (c, c + "</parameter>".len()),
+                    (None, Some(n)) => (n, n),
+                    (None, None) => return None,
+                };
                 let raw = value_and_rest[..end]
                     .strip_prefix('\n')
                     .unwrap_or(&value_and_rest[..end]);
                 let raw = raw.strip_suffix('\n').unwrap_or(raw);
                 let bare = schema.is_none_or(|s| s.bare_string(key.trim()));
                 arguments.insert(key.trim().to_string(), typed(raw, bare));
-                params = &value_and_rest[end + "</parameter>".len()..];
+                params = &value_and_rest[rest..];
             }
             if !params.trim().is_empty() {
                 return None;
@@ -217,11 +231,7 @@ fn glm_call(body: &str, tools: &[Value]) -> Option<Call> {
         // vLLM's GLM parser: text for a string parameter (declared so, or a string enum the
         // grammar writes bare), else JSON if it parses.
         let string = schema.is_some_and(|s| s.declares_string(key.trim()));
-        let value = if string {
-            Value::String(raw.to_string())
-        } else {
-            serde_json::from_str(raw.trim()).unwrap_or_else(|_| Value::String(raw.to_string()))
-        };
+        let value = typed(raw, string);
         arguments.insert(key.trim().to_string(), value);
         rest = after;
     }
@@ -263,13 +273,23 @@ impl Parameters<'_> {
     }
 }
 
-/// A parameter's text: itself when written bare, else the JSON it holds (the text when it does
-/// not parse).
+/// A parameter's text: itself when written bare, else the JSON it holds, else a Python literal
+/// (the templates write earlier calls' values with Python's `str`, so models write `True` and
+/// `None` back), else the text.
 fn typed(raw: &str, bare: bool) -> Value {
-    let parsed = (!bare)
-        .then(|| serde_json::from_str::<Value>(raw.trim()).ok())
-        .flatten();
-    parsed.unwrap_or_else(|| Value::String(raw.to_string()))
+    if bare {
+        return Value::String(raw.to_string());
+    }
+    let text = raw.trim();
+    let python = match text {
+        "True" => Some(Value::Bool(true)),
+        "False" => Some(Value::Bool(false)),
+        "None" => Some(Value::Null),
+        _ => None,
+    };
+    (serde_json::from_str::<Value>(text).ok())
+        .or(python)
+        .unwrap_or_else(|| Value::String(raw.to_string()))
 }
 
 /// Streaming: passes text through until a call begins, then holds the rest for [`extract`].
@@ -415,6 +435,31 @@ mod tests {
         assert_eq!(args["days"], "3");
         let broken = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</function>\n</tool_call>";
         assert_eq!(extract(Format::Qwen3Coder, broken, &[]).calls.len(), 0);
+    }
+
+    /// What models write back after templates showed them Python's `str` of earlier values, and
+    /// a `</parameter>` left out, read as vLLM's parser reads them; two functions in one call
+    /// stay text instead of merging.
+    #[test]
+    fn qwen3_coder_reads_python_literals_and_a_missing_close() {
+        let args = |text: &str| -> Value {
+            let e = extract(Format::Qwen3Coder, text, &weather_tool());
+            serde_json::from_str(&e.calls[0].arguments).unwrap()
+        };
+        let t = "<tool_call>\n<function=get_weather>\n<parameter=metric>\nFalse\n</parameter>\n<parameter=days>\nNone\n</parameter>\n</function>\n</tool_call>";
+        assert_eq!(args(t), json!({"metric": false, "days": null}));
+        let t = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>";
+        assert_eq!(args(t), json!({"city": "Paris", "days": 3}));
+        // A string parameter keeps the text as written.
+        let t = "<tool_call>\n<function=get_weather>\n<parameter=city>\nTrue\n</parameter>\n</function>\n</tool_call>";
+        assert_eq!(args(t), json!({"city": "True"}));
+        let two = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n<function=get_weather>\n<parameter=city>\nRome\n</parameter>\n</function>\n</tool_call>";
+        assert_eq!(
+            extract(Format::Qwen3Coder, two, &weather_tool())
+                .calls
+                .len(),
+            0
+        );
     }
 
     /// Values are read back as the grammar writes them: through a `$ref` to a string enum as
