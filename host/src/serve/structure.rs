@@ -337,12 +337,10 @@ pub fn constraint(
                     )
                 })?;
             let tools = request.tools.as_deref().unwrap_or_default();
-            Grammar::Lark(tool_grammar::lark(
-                format,
-                tools,
-                name.as_deref(),
-                *parallel,
-            ))
+            Grammar::Lark(
+                tool_grammar::lark(format, tools, name.as_deref(), *parallel)
+                    .map_err(|e| bad("tools", e))?,
+            )
         }
     };
     Ok(Constraint { grammar, after })

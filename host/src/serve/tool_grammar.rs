@@ -68,33 +68,96 @@ pub(super) fn resolved<'a>(mut schema: &'a Value, root: &'a Value) -> &'a Value 
 }
 
 /// A parameter's schema standing alone (each is embedded as its own `%json`), with the
-/// definitions of the tool's schema its references may name.
+/// definitions of the tool's schema it reaches through its references: only those, since every
+/// parameter gets its own copy.
 fn standalone(schema: &Value, root: &Value) -> Value {
+    let used = reached(schema, root);
     let mut schema = schema.clone();
     if let Value::Object(map) = &mut schema {
         for key in ["$defs", "definitions"] {
-            if let Some(defs) = root.get(key) {
-                map.entry(key).or_insert_with(|| defs.clone());
+            let Some(Value::Object(defs)) = root.get(key) else {
+                continue;
+            };
+            let kept: Map<String, Value> = (defs.iter())
+                .filter(|(name, _)| used.contains(&(key, name.as_str())))
+                .map(|(name, def)| (name.clone(), def.clone()))
+                .collect();
+            if !kept.is_empty() {
+                map.entry(key).or_insert(Value::Object(kept));
             }
         }
     }
     schema
 }
 
-/// The grammar of one call (or, with `parallel`, of one or more) to `only` or any of `tools`.
-pub fn lark(format: Format, tools: &[Value], only: Option<&str>, parallel: bool) -> String {
+/// The definitions (`$defs` or `definitions`, and name) `schema` reaches through `$ref`s,
+/// theirs followed too.
+fn reached<'a>(schema: &'a Value, root: &'a Value) -> Vec<(&'static str, &'a str)> {
+    let mut found: Vec<(&'static str, &'a str)> = Vec::new();
+    let mut todo = vec![schema];
+    while let Some(value) = todo.pop() {
+        match value {
+            Value::Object(map) => {
+                let target = map.get("$ref").and_then(Value::as_str).and_then(|r| {
+                    ["$defs", "definitions"].into_iter().find_map(|key| {
+                        let rest = r.strip_prefix("#/")?.strip_prefix(key)?.strip_prefix('/')?;
+                        let name = rest.split('/').next()?;
+                        let (name, def) = root
+                            .get(key)?
+                            .as_object()?
+                            .get_key_value(&name.replace("~1", "/").replace("~0", "~"))?;
+                        Some((key, name.as_str(), def))
+                    })
+                });
+                if let Some((key, name, def)) = target {
+                    if !found.contains(&(key, name)) {
+                        found.push((key, name));
+                        todo.push(def);
+                    }
+                }
+                todo.extend(map.values());
+            }
+            Value::Array(items) => todo.extend(items),
+            _ => {}
+        }
+    }
+    found
+}
+
+/// The most bytes a forced call's grammar may take: tools whose schemas multiply past it (a
+/// large definition referenced by many parameters, each embedding its own copy) are refused.
+const MAX_GRAMMAR: usize = 32 << 20;
+
+/// An error once `rules` has grown past [`MAX_GRAMMAR`].
+fn within_budget(rules: &str) -> Result<(), String> {
+    match rules.len() > MAX_GRAMMAR {
+        true => Err(format!(
+            "the tools' parameter schemas make a grammar past {MAX_GRAMMAR} bytes: send smaller schemas, or tool_choice \"auto\""
+        )),
+        false => Ok(()),
+    }
+}
+
+/// The grammar of one call (or, with `parallel`, of one or more) to `only` or any of `tools`;
+/// an error, for the client, when it would be too large.
+pub fn lark(
+    format: Format,
+    tools: &[Value],
+    only: Option<&str>,
+    parallel: bool,
+) -> Result<String, String> {
     let tools = tools_of(tools, only);
     let (separator, body) = match format {
         Format::Hermes => ("\"\\n\" ", hermes(&tools)),
-        Format::Qwen3Coder => ("\"\\n\" ", qwen3_coder(&tools)),
-        Format::Glm47 => ("", glm(&tools)),
+        Format::Qwen3Coder => ("\"\\n\" ", qwen3_coder(&tools)?),
+        Format::Glm47 => ("", glm(&tools)?),
     };
     let start = if parallel {
         format!("start: call ({separator}call)*\n")
     } else {
         "start: call\n".to_string()
     };
-    start + &body
+    Ok(start + &body)
 }
 
 /// `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`: the envelope as text laid out
@@ -186,7 +249,7 @@ fn bare_string(rule: &str, schema: &Value, end: Option<&str>) -> String {
 }
 
 /// `<tool_call>\n<function=NAME>\n<parameter=K>\nV\n</parameter>\n…</function>\n</tool_call>`.
-fn qwen3_coder(tools: &[Tool<'_>]) -> String {
+fn qwen3_coder(tools: &[Tool<'_>]) -> Result<String, String> {
     let mut rules = String::new();
     let mut functions = Vec::new();
     for (i, tool) in tools.iter().enumerate() {
@@ -201,6 +264,7 @@ fn qwen3_coder(tools: &[Tool<'_>]) -> String {
             } else {
                 let json = embedded(&standalone(schema, &tool.parameters));
                 rules += &format!("{p}: {open} {json} \"\\n</parameter>\\n\"\n");
+                within_budget(&rules)?;
             }
             parts.push(if required { p } else { format!("{p}?") });
         }
@@ -208,14 +272,14 @@ fn qwen3_coder(tools: &[Tool<'_>]) -> String {
         rules += &format!("f{i}: {}\n", parts.join(" "));
         functions.push(format!("f{i}"));
     }
-    format!(
+    Ok(format!(
         "call: <tool_call> \"\\n\" ({}) \"\\n\" </tool_call>\n{rules}",
         functions.join(" | ")
-    )
+    ))
 }
 
 /// `<tool_call>NAME<arg_key>K</arg_key><arg_value>V</arg_value>…</tool_call>`.
-fn glm(tools: &[Tool<'_>]) -> String {
+fn glm(tools: &[Tool<'_>]) -> Result<String, String> {
     let mut rules = String::new();
     let mut functions = Vec::new();
     for (i, tool) in tools.iter().enumerate() {
@@ -227,21 +291,24 @@ fn glm(tools: &[Tool<'_>]) -> String {
                 rules += &bare_string(&v, schema, None);
                 v
             } else {
-                embedded(&standalone(schema, &tool.parameters))
+                let json = embedded(&standalone(schema, &tool.parameters));
+                within_budget(&json)?;
+                json
             };
             rules += &format!(
                 "{p}: <arg_key> {} </arg_key> <arg_value> {value} </arg_value>\n",
                 literal(&key)
             );
+            within_budget(&rules)?;
             parts.push(if required { p } else { format!("{p}?") });
         }
         rules += &format!("f{i}: {}\n", parts.join(" "));
         functions.push(format!("f{i}"));
     }
-    format!(
+    Ok(format!(
         "call: <tool_call> ({}) </tool_call>\n{rules}",
         functions.join(" | ")
-    )
+    ))
 }
 
 #[cfg(test)]
@@ -261,7 +328,7 @@ mod tests {
 
     #[test]
     fn hermes_calls_are_one_json_object_naming_the_tool() {
-        let g = lark(Format::Hermes, &tools(), None, true);
+        let g = lark(Format::Hermes, &tools(), None, true).unwrap();
         assert!(g.starts_with("start: call (\"\\n\" call)*\n"), "{g}");
         assert!(
             g.contains("call: <tool_call> \"\\n\" (f0 | f1) \"\\n\" </tool_call>"),
@@ -271,7 +338,7 @@ mod tests {
             g.contains(r#"f0: "{\"name\": \"get_weather\", \"arguments\": " %json {"#),
             "{g}"
         );
-        let one = lark(Format::Hermes, &tools(), Some("ping"), false);
+        let one = lark(Format::Hermes, &tools(), Some("ping"), false).unwrap();
         assert!(one.starts_with("start: call\n"), "{one}");
         assert!(
             one.contains(r#"\"ping\""#) && !one.contains("get_weather"),
@@ -284,7 +351,7 @@ mod tests {
 
     #[test]
     fn qwen3_coder_parameters_are_tags_with_bare_strings_and_json_values() {
-        let g = lark(Format::Qwen3Coder, &tools(), Some("get_weather"), false);
+        let g = lark(Format::Qwen3Coder, &tools(), Some("get_weather"), false).unwrap();
         assert!(
             g.contains(r#"f0: "<function=get_weather>\n" p0_0 p0_1? p0_2? "</function>""#),
             "{g}"
@@ -302,7 +369,7 @@ mod tests {
 
     #[test]
     fn glm_arguments_sit_between_key_and_value_tokens() {
-        let g = lark(Format::Glm47, &tools(), None, true);
+        let g = lark(Format::Glm47, &tools(), None, true).unwrap();
         assert!(g.starts_with("start: call (call)*\n"), "{g}");
         assert!(
             g.contains("call: <tool_call> (f0 | f1) </tool_call>"),
@@ -318,14 +385,16 @@ mod tests {
     }
 
     /// pydantic's schema of `Paint(color: Color, addr: Addr, n: Optional[int])`: an enum and a
-    /// nested model behind `$ref`s, a union.
+    /// nested model (with one of its own) behind `$ref`s, a union.
     fn paint() -> Vec<Value> {
         vec![
             json!({"type": "function", "function": {"name": "paint", "parameters": {
             "$defs": {
                 "Color": {"enum": ["red", "blue"], "title": "Color", "type": "string"},
-                "Addr": {"type": "object", "properties": {"street": {"type": "string"}},
-                         "required": ["street"], "additionalProperties": false}},
+                "Addr": {"type": "object", "properties": {"street": {"type": "string"},
+                                                          "unit": {"$ref": "#/$defs/Unit"}},
+                         "required": ["street"], "additionalProperties": false},
+                "Unit": {"type": "object", "properties": {"no": {"type": "integer"}}}},
             "type": "object",
             "properties": {"color": {"$ref": "#/$defs/Color"}, "addr": {"$ref": "#/$defs/Addr"},
                            "n": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
@@ -340,10 +409,10 @@ mod tests {
     /// are JSON, not free text.
     #[test]
     fn references_and_unions_hold_in_every_markup() {
-        let g = lark(Format::Hermes, &paint(), None, false);
+        let g = lark(Format::Hermes, &paint(), None, false).unwrap();
         assert!(g.contains(r#"%json {"$defs":{"#), "{g}");
         for format in [Format::Qwen3Coder, Format::Glm47] {
-            let g = lark(format, &paint(), None, false);
+            let g = lark(format, &paint(), None, false).unwrap();
             // In the schema's order, not the alphabet's.
             let color = g.lines().find(|l| l.starts_with("p0_0")).unwrap();
             assert!(
@@ -356,9 +425,16 @@ mod tests {
                 addr.contains(r#""$defs":{"#) && addr.contains(r#""street""#),
                 "{addr}"
             );
+            // Only what a parameter reaches comes with it (each embeds its own copy): the
+            // address its unit, not the colours.
+            assert!(
+                addr.contains(r#""Unit":{"#) && !addr.contains(r#""Color""#),
+                "{addr}"
+            );
             for p in ["p0_2", "p0_3"] {
                 let line = g.lines().find(|l| l.starts_with(p)).unwrap();
                 assert!(line.contains("%json"), "a union is JSON: {line}");
+                assert!(!line.contains("$defs"), "{line}");
             }
         }
     }
@@ -369,7 +445,34 @@ mod tests {
             json!({"type": "function", "function": {"name": "f", "parameters": {
             "type": "object", "properties": {"a\"b\n": {"type": "string"}}}}}),
         ];
-        let g = lark(Format::Qwen3Coder, &odd, None, false);
+        let g = lark(Format::Qwen3Coder, &odd, None, false).unwrap();
         assert!(g.contains(r#""<parameter=a\"b\n>\n""#), "{g}");
+    }
+
+    /// Many parameters each referencing one large definition: refused by size, not built to
+    /// gigabytes on the request's thread.
+    #[test]
+    fn a_grammar_past_its_budget_is_refused() {
+        let big: Map<String, Value> = (0..2000)
+            .map(|i| {
+                (
+                    format!("field_{i}"),
+                    json!({"type": "string", "description": "x".repeat(1000)}),
+                )
+            })
+            .collect();
+        let properties: Map<String, Value> = (0..400)
+            .map(|i| (format!("p{i}"), json!({"$ref": "#/$defs/Big"})))
+            .collect();
+        let tools = vec![
+            json!({"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": properties,
+            "$defs": {"Big": {"type": "object", "properties": big}}}}}),
+        ];
+        for format in [Format::Qwen3Coder, Format::Glm47] {
+            let e = lark(format, &tools, None, false).unwrap_err();
+            assert!(e.contains("bytes") && e.contains("auto"), "{e}");
+        }
+        assert!(lark(Format::Hermes, &tools, None, false).is_ok());
     }
 }
