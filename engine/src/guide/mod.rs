@@ -18,9 +18,14 @@ use crate::error::{EngineError, Result};
 use crate::text::TextCodec;
 use vocabulary::Vocabulary;
 
-/// A JSON Schema with PIO's JSON layout ([`json_layout`]), unless it sets its own.
+/// A JSON Schema with PIO's JSON layout ([`json_layout`]), unless it sets its own. `true` (any
+/// JSON) becomes the object that says the same, to carry the layout: without it the model may
+/// pad with whitespace until `max_tokens`.
 fn with_layout(schema: &Value) -> Value {
-    let mut schema = schema.clone();
+    let mut schema = match schema {
+        Value::Bool(true) => Value::Object(serde_json::Map::new()),
+        other => other.clone(),
+    };
     if let Value::Object(map) = &mut schema {
         map.entry("x-guidance").or_insert_with(json_layout);
     }

@@ -176,6 +176,45 @@ fn control_tokens_are_never_text_inside_a_grammar() {
     assert!(mask.num_set() > 50, "text is allowed: {}", mask.num_set());
 }
 
+/// Text a grammar forces that spells a control token's tag is written as text: the tokenizer
+/// would read `<|im_end|>` as the end-of-turn token and end the output there.
+#[test]
+fn forced_text_spelling_a_control_tag_stays_text() {
+    let (codec, g) = grammars("qwen3-tiny", vec![2, 0]);
+    for grammar in [
+        Grammar::Lark(r#"start: "<|im_end|>""#.into()),
+        Grammar::JsonSchema(json!({"const": "<|im_end|> and <tool_call>"})),
+    ] {
+        let c = Constraint {
+            grammar,
+            after: None,
+        };
+        let (text, ended) = generate(&codec, g.compile(&c).unwrap(), &[2, 0], 1);
+        assert!(ended, "{text:?}");
+        assert!(text.contains("<|im_end|>"), "{text:?}");
+    }
+}
+
+/// A schema of `true` (any JSON) keeps the compact layout: no run of whitespace after `[`.
+#[test]
+fn any_json_keeps_the_layout() {
+    let (codec, g) = grammars("qwen3-tiny", vec![2, 0]);
+    let mut guide = Guide::start(g.compile(&schema(json!(true))).unwrap()).unwrap();
+    let open = codec.encode("[").unwrap();
+    let newline = codec.encode("\n").unwrap();
+    assert_eq!((open.len(), newline.len()), (1, 1));
+    let vocab = codec.id_bound() as usize;
+    guide.allowed(vocab).unwrap().unwrap();
+    guide.advance(open[0], &codec);
+    let mask = guide.allowed(vocab).unwrap().unwrap();
+    assert!(!mask.is_allowed(newline[0]), "whitespace after [");
+    assert!(
+        mask.num_set() > 10,
+        "values are allowed: {}",
+        mask.num_set()
+    );
+}
+
 #[test]
 fn bad_schemas_and_grammars_are_refused_with_the_reason() {
     let (_, g) = grammars("qwen3-tiny", vec![2, 0]);

@@ -11,6 +11,8 @@ use crate::text::TextCodec;
 pub(super) struct Vocabulary {
     trie: TokTrie,
     codec: Arc<TextCodec>,
+    /// Sorted.
+    control: Vec<u32>,
 }
 
 impl Vocabulary {
@@ -37,7 +39,11 @@ impl Vocabulary {
             .collect();
         let info = TokRxInfo::new(bound, eos.first().copied().unwrap_or(0));
         let trie = TokTrie::from(&info, &words).with_eos_tokens(eos);
-        Self { trie, codec }
+        Self {
+            trie,
+            codec,
+            control,
+        }
     }
 }
 
@@ -47,7 +53,15 @@ impl TokenizerEnv for Vocabulary {
     }
 
     fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
-        self.trie
-            .tokenize_with_greedy_fallback(s, |text| self.codec.encode(text).unwrap_or_default())
+        let ids = self
+            .trie
+            .tokenize_with_greedy_fallback(s, |text| self.codec.encode(text).unwrap_or_default());
+        // The tokenizer reads a control tag written in text (`<|im_end|>`) as the token; text a
+        // grammar forces stays text, spelled from the trie, where tags are not text.
+        if ids.iter().any(|id| self.control.binary_search(id).is_ok()) {
+            self.trie.greedy_tokenize(s)
+        } else {
+            ids
+        }
     }
 }

@@ -20,6 +20,8 @@ fn embedded(schema: &Value) -> String {
         Value::Object(map) => {
             map.entry("x-guidance").or_insert_with(json_layout);
         }
+        // No value at all: the grammar refuses it, as the schema does.
+        Value::Bool(false) => {}
         // `true` or a missing schema: any JSON value.
         _ => schema = json!({"x-guidance": json_layout()}),
     }
@@ -205,6 +207,10 @@ fn parameters(schema: &Value) -> Vec<(String, Value, bool)> {
 /// JSON (a union such as `anyOf` or `["integer", "null"]` included). The parsers read values
 /// back by the same rule.
 pub(super) fn is_bare_string(schema: &Value) -> bool {
+    if schema == &Value::Bool(false) {
+        // No value: the JSON grammar of `false` refuses every one.
+        return false;
+    }
     match schema.get("type") {
         Some(Value::String(t)) => t == "string",
         Some(Value::Array(types)) => types.len() == 1 && types[0] == "string",
@@ -447,6 +453,13 @@ mod tests {
         ];
         let g = lark(Format::Qwen3Coder, &odd, None, false).unwrap();
         assert!(g.contains(r#""<parameter=a\"b\n>\n""#), "{g}");
+        // A parameter no value satisfies stays so; it does not become "any JSON".
+        let never = vec![
+            json!({"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"a": false}}}}),
+        ];
+        let g = lark(Format::Qwen3Coder, &never, None, false).unwrap();
+        assert!(g.contains("%json false"), "{g}");
     }
 
     /// Many parameters each referencing one large definition: refused by size, not built to
