@@ -12,6 +12,7 @@ use pio_plugin_api::{Capabilities, LoadError, PluginLibrary};
 use serde::{Deserialize, Serialize};
 use wait_timeout::ChildExt;
 
+use crate::sandbox::fence::Fence;
 use crate::sandbox::{confine, NetworkCut, Plan, Policy, ResolvedLimits, Tier};
 
 /// What a library says about itself, once every load-time check passed.
@@ -237,6 +238,13 @@ impl Prober {
         if json.is_some() {
             command.arg("--model-config-on-stdin");
         }
+        // Whatever the library's constructors start is killed with the probe.
+        let fence =
+            Fence::new("probe", crate::config::DEFAULT_PIDS).map_err(|e| ProbeError::Spawn {
+                exe: self.exe.clone(),
+                reason: format!("cannot make the probe's cgroup: {e}"),
+            })?;
+        fence.enclose(&mut command);
         let mut child = command
             .arg(library)
             // The child inherits nothing of ours: no secrets in the environment.
@@ -266,6 +274,7 @@ impl Prober {
         let status = match child.wait_timeout(self.timeout) {
             Ok(Some(status)) => status,
             Ok(None) | Err(_) => {
+                fence.kill(child.id());
                 let _ = child.kill();
                 let _ = child.wait();
                 return Err(ProbeError::Timeout {
@@ -274,6 +283,8 @@ impl Prober {
                 });
             }
         };
+        // What the probe left running would hold its pipes open, and the reads below with them.
+        fence.kill(child.id());
         let stdout = stdout.join().unwrap_or_default();
         let stderr = stderr.join().unwrap_or_default();
         outcome(library, &status, &stdout, &stderr)

@@ -401,6 +401,60 @@ fn library_constructors_run_only_in_confined_children() {
     let _ = std::fs::remove_dir_all(marks);
 }
 
+/// What a library's constructors start in its probe (forked, out of its session, holding the
+/// probe's output) is killed with the probe; `pio check` neither waits for it nor leaves it.
+#[test]
+fn what_a_probed_library_starts_dies_with_the_probe() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = hostile_dir();
+    let linger = std::path::Path::new("/tmp/pio-hostile-linger");
+    std::fs::create_dir_all(linger).unwrap();
+    std::fs::set_permissions(linger, std::os::unix::fs::PermissionsExt::from_mode(0o1777)).unwrap();
+    let mut check = Command::new(pio_bin())
+        .args(["check", dir.path().join("hostile.toml").to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let mut finished = None;
+    while finished.is_none() && std::time::Instant::now() < deadline {
+        finished = check.try_wait().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = check.kill();
+    let _ = check.wait();
+    let left: Vec<i32> = std::fs::read_dir(linger)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    // A zombie is dead: a container's pid 1 may never reap what is reparented to it.
+    let running = |pid: &i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            stat.rsplit(')')
+                .next()
+                .is_some_and(|s| !s.trim_start().starts_with('Z'))
+        })
+    };
+    let alive: Vec<i32> = left.iter().copied().filter(running).collect();
+    for &pid in &alive {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let _ = std::fs::remove_dir_all(linger);
+    assert!(!left.is_empty(), "the constructor ran in a probe");
+    assert!(
+        finished.is_some(),
+        "pio check waited on what the probe left"
+    );
+    assert!(alive.is_empty(), "outlived the probe: {alive:?}");
+}
+
 fn ctor_marks() -> Vec<(std::path::PathBuf, String)> {
     std::fs::read_dir("/tmp/pio-hostile-ctor")
         .unwrap()
@@ -1043,13 +1097,20 @@ fn a_busy_low_worker_dies_with_its_daemon() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let group = format!("pio/hostile-{}-0/cgroup.procs", child.id());
-    let procs = ["/sys/fs/cgroup/memory", "/sys/fs/cgroup"]
-        .map(|root| std::path::Path::new(root).join(&group));
+    // The worker's group, `pio/hostile-<pid>-<n>`, in the memory hierarchy (v1) or the one.
+    let prefix = format!("hostile-{}-", child.id());
+    let procs = ["/sys/fs/cgroup/memory/pio", "/sys/fs/cgroup/pio"];
     let workers = || -> Vec<i32> {
-        let read = |p: &std::path::PathBuf| std::fs::read_to_string(p).unwrap_or_default();
-        let text = procs.iter().map(read).find(|t| !t.is_empty());
-        text.unwrap_or_default()
+        let groups = procs
+            .iter()
+            .filter_map(|root| std::fs::read_dir(root).ok())
+            .flatten();
+        let group = groups
+            .filter_map(|e| e.ok())
+            .find(|e| e.file_name().to_string_lossy().starts_with(&prefix));
+        group
+            .and_then(|g| std::fs::read_to_string(g.path().join("cgroup.procs")).ok())
+            .unwrap_or_default()
             .lines()
             .filter_map(|l| l.parse().ok())
             .collect()
@@ -1061,7 +1122,10 @@ fn a_busy_low_worker_dies_with_its_daemon() {
         }
         done()
     };
-    assert!(until(&|| !workers().is_empty()), "no worker in {procs:?}");
+    assert!(
+        until(&|| !workers().is_empty()),
+        "no {prefix}* group in {procs:?}"
+    );
     // Stopped in its request by now.
     std::thread::sleep(std::time::Duration::from_millis(500));
     child.kill().unwrap();

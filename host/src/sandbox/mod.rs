@@ -11,6 +11,7 @@ mod access;
 pub mod cgroup;
 pub mod confine;
 mod dev;
+pub mod fence;
 pub mod gpu;
 mod namespaces;
 pub mod readable;

@@ -354,6 +354,11 @@ impl Cgroup {
         dirs
     }
 
+    /// Each hierarchy's `cgroup.procs` of the group (a process writing "0" there moves itself).
+    pub fn procs_files(&self) -> Vec<PathBuf> {
+        self.dirs().iter().map(|d| d.join("cgroup.procs")).collect()
+    }
+
     /// The group's memory directory (where its limits can be read back).
     pub fn memory_dir(&self) -> &Path {
         &self.memory

@@ -30,6 +30,10 @@ pub struct Hostile {
 /// Where the library constructor records its runs, when the folder exists.
 const CTOR_DIR: &str = "/tmp/pio-hostile-ctor";
 
+/// When this folder exists, the constructor of a library probe leaves a process behind that
+/// leaves its session, holds the probe's pipes and records its pid here.
+const LINGER_DIR: &str = "/tmp/pio-hostile-linger";
+
 extern "C" fn constructor() {
     // SAFETY: plain libc calls with valid arguments.
     let (pid, ppid, uid) = unsafe { (libc::getpid(), libc::getppid(), libc::geteuid()) };
@@ -37,6 +41,20 @@ extern "C" fn constructor() {
         format!("{CTOR_DIR}/{pid}"),
         format!("pid={pid} ppid={ppid} uid={uid}\n"),
     );
+    let cmdline = std::fs::read("/proc/self/cmdline").unwrap_or_default();
+    let probe = cmdline.split(|&b| b == 0).any(|arg| arg == b"probe");
+    if probe && std::path::Path::new(LINGER_DIR).is_dir() {
+        // SAFETY: the child only calls setsid, writes a file, sleeps and exits without running
+        // the parent's destructors.
+        unsafe {
+            if libc::fork() == 0 {
+                libc::setsid();
+                let _ = std::fs::write(format!("{LINGER_DIR}/{}", libc::getpid()), b"");
+                libc::sleep(20);
+                libc::_exit(0);
+            }
+        }
+    }
 }
 
 #[used]

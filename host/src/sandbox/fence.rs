@@ -1,0 +1,88 @@
+//! A child process and everything it starts, killed together: a cgroup of its own where this
+//! process can make one, else the child's process group. A library probe runs a plugin's
+//! constructors, which may fork, leave their session and hold the probe's pipes: without a
+//! fence they would outlive the probe, unlimited, and hang whoever reads its output.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use super::cgroup::{Cgroup, CgroupError, GroupSpec, Version};
+use super::ResolvedLimits;
+
+/// The fence around one child; dropping it kills what is inside and removes the cgroup.
+pub struct Fence {
+    group: Option<Cgroup>,
+    /// The group's `cgroup.procs` files, ready for the child to write itself into.
+    procs: Vec<CString>,
+}
+
+impl Fence {
+    /// A fence named `name` holding at most `pids` processes and threads: a cgroup when
+    /// running as root with a writable hierarchy, else only the process group.
+    pub fn new(name: &str, pids: u32) -> Result<Self, CgroupError> {
+        let version = nix::unistd::geteuid()
+            .is_root()
+            .then(Version::detect_writable)
+            .flatten();
+        let Some(version) = version else {
+            return Ok(Self {
+                group: None,
+                procs: Vec::new(),
+            });
+        };
+        let spec = GroupSpec {
+            limits: ResolvedLimits {
+                pids: Some(pids),
+                ..ResolvedLimits::default()
+            },
+            devices: false,
+            cpuset: None,
+            extra_devices: Vec::new(),
+        };
+        let group = Cgroup::create(version, name, &spec)?;
+        let procs = (group.procs_files().iter())
+            .filter_map(|p| CString::new(p.as_os_str().as_bytes()).ok())
+            .collect();
+        Ok(Self {
+            group: Some(group),
+            procs,
+        })
+    }
+
+    /// Makes `command`'s child lead a process group of its own and, with a cgroup, enter it
+    /// before it runs any code of its own.
+    pub fn enclose(&self, command: &mut Command) {
+        command.process_group(0);
+        let procs = self.procs.clone();
+        // SAFETY: open, write and close only, between fork and exec (async-signal-safe).
+        unsafe {
+            command.pre_exec(move || {
+                for file in &procs {
+                    let fd = libc::open(file.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    // "0": the writing process itself.
+                    let wrote = fd >= 0 && libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+                    if fd >= 0 {
+                        libc::close(fd);
+                    }
+                    if !wrote {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+    }
+
+    /// Kills everything inside: the cgroup's members, and the process group `leader` leads.
+    pub fn kill(&self, leader: u32) {
+        if let Some(group) = &self.group {
+            group.kill_all();
+        }
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(leader as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
