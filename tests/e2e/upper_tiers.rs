@@ -348,3 +348,67 @@ fn a_confined_worker_keeps_its_quantization_cache_between_starts() {
         );
     }
 }
+
+/// Root owns a `high` worker's user namespace: a process of the workers' shared uid (here a
+/// `low` worker) holds no capability in it, and cannot trace the worker.
+#[test]
+fn a_low_worker_cannot_trace_a_high_one() {
+    if !confinement_available() {
+        return;
+    }
+    let high = tier_dir("high");
+    let mut frozen = std::process::Command::new(pio_bin())
+        .current_dir(high.path())
+        .args(["run", "hostile", "--plugins", ".", "--prompt", "freeze"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The worker: of the run's processes, the one in a user namespace of its own.
+    let own_namespace = |pid: &i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/uid_map"))
+            .is_ok_and(|m| m.split_whitespace().collect::<Vec<_>>() == ["65534", "65534", "1"])
+    };
+    let prefix = format!("hostile-{}-", frozen.id());
+    let find = || -> Option<i32> {
+        let groups = ["/sys/fs/cgroup/memory/pio", "/sys/fs/cgroup/pio"]
+            .iter()
+            .filter_map(|root| std::fs::read_dir(root).ok())
+            .flatten()
+            .filter_map(|e| e.ok())
+            .find(|e| e.file_name().to_string_lossy().starts_with(&prefix))?;
+        let procs = std::fs::read_to_string(groups.path().join("cgroup.procs")).ok()?;
+        procs
+            .lines()
+            .filter_map(|l| l.parse().ok())
+            .find(own_namespace)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut worker = find();
+    while worker.is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        worker = find();
+    }
+    let low = crate::worker::hostile_low_dir();
+    let tried = worker.map(|pid| run_in(&low, "hostile", &format!("ptrace {pid}"), &[]).stdout);
+    let owner = worker.map(namespace_owner);
+    let _ = frozen.kill();
+    let _ = frozen.wait();
+    let out = tried.expect("the high worker in its own user namespace");
+    assert!(out.contains("denied"), "{out}");
+    // Owned by the uid it was made as: made after the switch, the workers' uid owned it, and a
+    // `low` worker held every capability in it (the non-dumpable flag and the address space's
+    // namespace are what stopped the trace above).
+    assert_eq!(owner, Some(0), "the owner of the worker's user namespace");
+}
+
+/// The uid owning the user namespace of process `pid` (`NS_GET_OWNER_UID`).
+fn namespace_owner(pid: i32) -> u32 {
+    use std::os::fd::AsRawFd;
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/user")).unwrap();
+    let mut uid: libc::uid_t = u32::MAX;
+    // SAFETY: NS_GET_OWNER_UID (_IO(0xb7, 0x4)) writes one uid_t through the pointer.
+    let r = unsafe { libc::ioctl(ns.as_raw_fd(), 0xb704, &mut uid as *mut libc::uid_t) };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    uid
+}

@@ -27,6 +27,11 @@ fn hostile_dir() -> PluginDir {
     hostile_dir_with(LIMITS)
 }
 
+/// The hostile plugin at `low`, for tests of other tiers.
+pub(crate) fn hostile_low_dir() -> PluginDir {
+    hostile_dir()
+}
+
 /// The hostile plugin with `extra` (TOML lines) in its manifest, `hostile.toml`.
 fn hostile_dir_with(extra: &str) -> PluginDir {
     let dir = PluginDir::new();

@@ -82,12 +82,20 @@ pub fn apply(plan: &Plan) -> Result<Vec<String>, ConfineError> {
     }
     // Who the worker dies with, before credentials change (which clears the death signal).
     let parent = nix::unistd::getppid();
+    let user_namespace = plan.isolation.as_ref().is_some_and(|i| i.user_namespace);
+    if let (true, Some((uid, gid))) = (user_namespace, plan.drop_to) {
+        // As root, so that root owns it; the uid switch then happens inside.
+        super::namespaces::enter_owned_user_namespace(uid, gid)?;
+    }
     if let Some((uid, gid)) = plan.drop_to {
         switch_user(uid, gid)?;
         applied.push(format!("uid={uid}"));
     }
-    if plan.isolation.as_ref().is_some_and(|i| i.user_namespace) {
-        super::namespaces::enter_user_namespace()?;
+    if user_namespace {
+        if plan.drop_to.is_none() {
+            // Not root: a namespace of the caller's own, mapping its own ids.
+            super::namespaces::enter_user_namespace()?;
+        }
         clear_capabilities()?;
         applied.push("user namespace".into());
     }

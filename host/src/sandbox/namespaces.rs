@@ -92,6 +92,50 @@ pub fn enter_user_namespace() -> Result<(), ConfineError> {
     nix::sys::prctl::set_dumpable(false).map_err(|e| fail("user namespace", e))
 }
 
+/// Enters a new user namespace, still as root, where only `uid` and `gid` are mapped (to
+/// themselves); the caller then switches to them inside it.
+///
+/// Made as root so that root owns it: a namespace's owner holds every capability in it, and an
+/// owner of the workers' shared uid would let any process of that uid (a `low` worker) trace
+/// and rewrite this one. A process inside cannot map ids other than its own, so a helper forked
+/// first, still root in the host's namespace, writes the maps.
+pub fn enter_owned_user_namespace(uid: u32, gid: u32) -> Result<(), ConfineError> {
+    let step = "user namespace";
+    let (ready_read, ready_write) = nix::unistd::pipe().map_err(|e| fail(step, e))?;
+    let target = nix::unistd::getpid();
+    // SAFETY: single-threaded still; the helper only reads a pipe, writes two files and exits.
+    match unsafe { fork() }.map_err(|e| fail(step, e))? {
+        ForkResult::Child => {
+            drop(ready_write);
+            let mut byte = [0u8];
+            let ready = nix::unistd::read(&ready_read, &mut byte).is_ok_and(|n| n == 1);
+            let write = |file: &str, id: u32| {
+                std::fs::write(format!("/proc/{target}/{file}"), format!("{id} {id} 1"))
+            };
+            let mapped = ready && write("uid_map", uid).is_ok() && write("gid_map", gid).is_ok();
+            // SAFETY: ends the helper without running the forked image's destructors.
+            unsafe { libc::_exit(if mapped { 0 } else { 1 }) }
+        }
+        ForkResult::Parent { child } => {
+            drop(ready_read);
+            let entered = unshare(CloneFlags::CLONE_NEWUSER);
+            if entered.is_ok() {
+                let _ = nix::unistd::write(&ready_write, &[1]);
+            }
+            drop(ready_write);
+            let helper = waitpid(child, None);
+            entered.map_err(|e| fail(step, e))?;
+            match helper {
+                Ok(WaitStatus::Exited(_, 0)) => Ok(()),
+                other => Err(fail(
+                    step,
+                    format!("the helper could not write the id maps ({other:?})"),
+                )),
+            }
+        }
+    }
+}
+
 /// The reaper reaps and answers refusals, which take no privilege: it keeps none (and cannot be
 /// traced or have its memory read), so the process holding the filter's listener offers the
 /// worker nothing to take over. Failing that, it ends, taking the worker with it.
