@@ -3,6 +3,7 @@
 
 use crate::support::*;
 use crate::worker::{confinement_available, run_in, Ran, LIMITS};
+use std::os::unix::fs::PermissionsExt;
 
 /// A plugin directory with the hostile plugin at `tier` (its library pinned) and a model folder.
 pub(crate) fn tier_dir(tier: &str) -> PluginDir {
@@ -393,5 +394,32 @@ fn refusals_fall_back_to_eperm_under_a_listener_above_the_worker() {
             "{tier}: {}",
             failed.stderr
         );
+    }
+}
+
+/// A host service's socket (mode 0777, as a system bus's is) is out of reach from `medium` up:
+/// the worker's `/run` is an empty one of its own. At `low` it is reached, which shows the test
+/// reaches it.
+#[test]
+fn host_sockets_under_run_are_out_of_reach_from_medium() {
+    if !confinement_available() {
+        return;
+    }
+    let folder = std::path::PathBuf::from(format!("/run/pio-test-{}", std::process::id()));
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::set_permissions(&folder, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = folder.join("bus");
+    let _ = std::fs::remove_file(&path);
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let what = format!("unix-connect {}", path.display());
+    let low = attack(&crate::worker::hostile_low_dir(), &what).stdout;
+    let medium = attack(&medium_dir(), &what).stdout;
+    let high = attack(&tier_dir("high"), &what).stdout;
+    drop(listener);
+    let _ = std::fs::remove_dir_all(&folder);
+    assert!(low.contains("connected"), "{low}");
+    for out in [medium, high] {
+        assert!(out.contains("denied"), "{out}");
     }
 }

@@ -233,8 +233,9 @@ fn build_host_view(
 ) -> Result<(), ConfineError> {
     mount_scratch(Path::new("/tmp"), isolation.scratch_bytes, owner)?;
     devices.mount_at(Path::new("/dev"))?;
+    hide_run()?;
     for (path, fd) in sources {
-        if path.starts_with("/tmp") || path.starts_with("/dev") {
+        if ["/tmp", "/dev", "/run"].iter().any(|r| path.starts_with(r)) {
             bind(fd, path)?;
         }
     }
@@ -246,11 +247,30 @@ fn build_host_view(
     Ok(())
 }
 
-/// The folders the worker's view replaces whole (`/`, `/tmp`, `/proc`, `/dev`) cannot be kept
+/// An empty `/run` (and so `/var/run`, its link): a read-only mount does not stop a
+/// `connect()` to a socket file, and there the host's services listen (the system bus, the
+/// journal, a GPU daemon) for anyone their modes allow.
+fn hide_run() -> Result<(), ConfineError> {
+    let run = Path::new("/run");
+    if !run.is_dir() {
+        return Ok(());
+    }
+    let safe = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount(
+        Some("tmpfs"),
+        run,
+        Some("tmpfs"),
+        safe,
+        Some("size=64k,mode=755"),
+    )
+    .map_err(|e| fail("hide /run", e))
+}
+
+/// The folders the worker's view replaces whole (`/`, `/tmp`, `/proc`, `/dev`, `/run`) cannot be kept
 /// visible or writable: bound back over the fresh mount, they would hide it, and the read-only
 /// pass leaves the scratch and `/proc` alone by path.
 fn refuse_replaced(isolation: &Isolation) -> Result<(), ConfineError> {
-    let replaced = ["/", "/tmp", "/proc", "/dev"].map(Path::new);
+    let replaced = ["/", "/tmp", "/proc", "/dev", "/run"].map(Path::new);
     for path in isolation.keep_visible.iter().chain(&isolation.writable) {
         if replaced.contains(&path.as_path()) {
             return Err(fail(

@@ -100,6 +100,11 @@ pub(crate) fn attack(verb: &str, arg: &str) -> Option<Result<String, PluginError
                     Err(e) => format!("denied: {e}"),
                 }
             }
+            // A host service's socket (a system bus, a journal) by its path.
+            "unix-connect" => match std::os::unix::net::UnixStream::connect(arg) {
+                Ok(_) => "connected".into(),
+                Err(e) => format!("denied: {e}"),
+            },
             _ => return None,
         }
     };
