@@ -474,6 +474,28 @@ const LONGEST_SECS: u64 = 100 * 365 * 24 * 3600;
 /// than an engine runs (a thread per core, a few per request), and a bound on a fork bomb.
 pub const DEFAULT_PIDS: u32 = 4096;
 
+/// Why the configuration file at `path`, holding `server`'s bearer keys, is readable by the
+/// workers' user (`worker_gid` for its group): a `low` or `medium` worker sees the host's files
+/// and could hand the keys out in its answers. `None` when it holds no key or only its owner
+/// reads it.
+pub fn keys_exposed(path: &Path, server: &ServerSection, worker_gid: u32) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let keys = [&server.api_keys, &server.admin_keys, &server.metrics_keys];
+    if keys.iter().all(|k| k.is_empty()) {
+        return None;
+    }
+    let meta = std::fs::metadata(path).ok()?;
+    let mode = meta.mode() & 0o777;
+    let others = mode & 0o004 != 0;
+    let group = mode & 0o040 != 0 && meta.gid() == worker_gid;
+    (others || group).then(|| {
+        format!(
+            "{} holds bearer keys and is readable by the workers' user (mode {mode:o}): a plugin below `high` could read them; `chmod 600` it",
+            path.display()
+        )
+    })
+}
+
 /// Of the `named` folders (a setting's key, the folder), those that cannot be used, each said
 /// with its key and the reason: worth a warning at start, where they would otherwise be found
 /// only as plugins not served or image files refused (a typo, or a folder not yet made).
@@ -627,6 +649,28 @@ mod tests {
         );
         let c = parse("[server]\nreload_strategy = \"blue-green\"\n").unwrap();
         assert_eq!(c.server.reload_strategy, ReloadStrategy::BlueGreen);
+    }
+
+    #[test]
+    fn a_config_holding_keys_readable_by_workers_is_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pio.toml");
+        std::fs::write(&path, "").unwrap();
+        let chmod = |mode| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode));
+        let mut server = ServerSection::default();
+        chmod(0o644).unwrap();
+        assert_eq!(keys_exposed(&path, &server, 65534), None, "no keys");
+        server.metrics_keys = vec!["m".into()];
+        let said = keys_exposed(&path, &server, 65534).unwrap();
+        assert!(said.contains("644") && said.contains("chmod 600"), "{said}");
+        chmod(0o600).unwrap();
+        assert_eq!(keys_exposed(&path, &server, 65534), None);
+        // Group-readable: exposed only when the group is the workers'.
+        chmod(0o640).unwrap();
+        let gid = std::os::unix::fs::MetadataExt::gid(&std::fs::metadata(&path).unwrap());
+        assert!(keys_exposed(&path, &server, gid).is_some());
+        assert_eq!(keys_exposed(&path, &server, gid + 1), None);
     }
 
     /// Folders named but not there (or not folders) are listed with their keys.

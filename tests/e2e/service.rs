@@ -205,6 +205,10 @@ queue_depth = 0
             .unwrap_or_else(|e| panic!("{name}: {e}"));
     }
     let pod = &kind("Deployment")["spec"]["template"]["spec"];
+    // The configuration holds the keys: root's alone (0600), out of the workers' reach.
+    let volumes = pod["volumes"].as_array().unwrap();
+    let secret = volumes.iter().find(|v| v["name"] == "config").unwrap();
+    assert_eq!(secret["secret"]["defaultMode"], 0o600, "{secret}");
     let container = &pod["containers"][0];
     assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/ready");
     assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/health");

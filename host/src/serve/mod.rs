@@ -218,6 +218,12 @@ pub async fn serve(setup: Setup) -> Result<(), ServeError> {
     for problem in crate::config::unusable_folders(named) {
         tracing::warn!("{problem}: create it or correct the configuration (or the flag)");
     }
+    if let Some((path, file)) = &setup.config_file {
+        let gid = setup.policy.worker_gid;
+        if let Some(problem) = crate::config::keys_exposed(path, &file.server, gid) {
+            tracing::warn!("{problem}");
+        }
+    }
     let models = Models::new(setup);
     models.rescan().await?;
     models.warn_missing_preloads();
