@@ -337,6 +337,15 @@ fn every_bad_input_gets_a_prompt_openai_4xx_and_the_daemon_keeps_serving() {
         "the first request is answered"
     );
     idle.push(kept);
+    // HTTP/2 cleartext: a preface cut after its first byte, and a whole preface with its
+    // SETTINGS and then nothing; hyper's HTTP/1 head timeout covers neither.
+    let mut h2: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(d.addr()).unwrap())
+        .collect();
+    h2[0].write_all(b"P").unwrap();
+    h2[1]
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .unwrap();
     let started = Instant::now();
     assert!(ok(&d), "served beside idle connections");
     assert!(started.elapsed() < Duration::from_secs(2));
@@ -351,6 +360,18 @@ fn every_bad_input_gets_a_prompt_openai_4xx_and_the_daemon_keeps_serving() {
             Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
         };
         assert!(closed, "idle connection {i} was not closed: {read:?}");
+    }
+    for (i, s) in h2.iter_mut().enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let read = read_until_closed(s);
+        let closed = match &read {
+            Ok(_) => true,
+            Err((e, _)) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        };
+        assert!(
+            closed,
+            "idle HTTP/2 connection {i} was not closed: {read:?}"
+        );
     }
     assert!(ok(&d), "still serving");
 }
