@@ -55,50 +55,37 @@ impl ChatTemplate {
         template
     }
 
-    /// The snapshot's template: `tokenizer_config.json`'s `chat_template` (a string, or a list of
-    /// named templates of which `default` is used), else `chat_template.jinja`. `None` when the
-    /// model has none (a base model).
+    /// The snapshot's template: `chat_template.jinja`, else `tokenizer_config.json`'s
+    /// `chat_template` (a string, or a list of named templates of which `default` is used), as
+    /// transformers ranks them (a repository that updated its `.jinja` may keep an old entry in
+    /// the config). `None` when the model has none (a base model).
     pub fn load(checkpoint: &Checkpoint) -> Result<Option<Self>> {
-        let path = checkpoint
+        let config_path = checkpoint
             .companion("tokenizer_config.json")
             .unwrap_or_else(|| checkpoint.config_path());
         let config: Map<String, Json> = checkpoint
             .optional_json("tokenizer_config.json")?
             .unwrap_or_default();
-        let from_config = match config.get("chat_template") {
-            None | Some(Json::Null) => None,
-            Some(Json::String(s)) => Some(s.clone()),
-            Some(Json::Array(named)) => named
-                .iter()
-                .find(|t| t.get("name").and_then(Json::as_str) == Some("default"))
-                .and_then(|t| t.get("template"))
-                .and_then(Json::as_str)
-                .map(str::to_string),
-            Some(_) => {
-                return Err(EngineError::BadField {
-                    path,
-                    field: "chat_template".into(),
-                    reason: "expected a string or a list of {name, template}".into(),
-                })
-            }
-        };
-        let source = match from_config {
-            Some(s) => s,
-            None => {
-                let Some(file) = checkpoint.companion("chat_template.jinja") else {
-                    return Ok(None);
-                };
-                match std::fs::read_to_string(&file) {
-                    Ok(s) => s,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                    Err(e) => {
-                        return Err(EngineError::BadFile {
-                            path: file,
-                            reason: e.to_string(),
-                        })
-                    }
+        let jinja = checkpoint.companion("chat_template.jinja");
+        let from_file = match &jinja {
+            Some(file) => match std::fs::read_to_string(file) {
+                Ok(s) => Some(s),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => {
+                    return Err(EngineError::BadFile {
+                        path: file.clone(),
+                        reason: e.to_string(),
+                    })
                 }
-            }
+            },
+            None => None,
+        };
+        let (source, path) = match from_file {
+            Some(source) => (source, jinja.unwrap_or_default()),
+            None => match from_config(&config, &config_path)? {
+                Some(source) => (source, config_path),
+                None => return Ok(None),
+            },
         };
         let template = Self::new(
             source,
@@ -294,6 +281,26 @@ impl std::io::Write for Capped {
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+/// `tokenizer_config.json`'s `chat_template` (at `path`): a string, or the `default` of a list of
+/// named templates.
+fn from_config(config: &Map<String, Json>, path: &std::path::Path) -> Result<Option<String>> {
+    match config.get("chat_template") {
+        None | Some(Json::Null) => Ok(None),
+        Some(Json::String(s)) => Ok(Some(s.clone())),
+        Some(Json::Array(named)) => Ok(named
+            .iter()
+            .find(|t| t.get("name").and_then(Json::as_str) == Some("default"))
+            .and_then(|t| t.get("template"))
+            .and_then(Json::as_str)
+            .map(str::to_string)),
+        Some(_) => Err(EngineError::BadField {
+            path: path.to_owned(),
+            field: "chat_template".into(),
+            reason: "expected a string or a list of {name, template}".into(),
+        }),
     }
 }
 

@@ -158,3 +158,38 @@ fn real_templates_render_a_long_chat_with_tools_within_the_budgets() {
         assert!(text.is_ok_and(|t| t.contains("answer 149")), "{model}");
     }
 }
+
+/// `chat_template.jinja` wins over `tokenizer_config.json`'s entry, as in transformers, and its
+/// errors name it.
+#[test]
+fn a_template_file_wins_over_the_config_entry_and_is_named_in_errors() {
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen3-tiny");
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&fixture).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    std::fs::remove_file(dir.path().join("chat_template.jinja")).unwrap();
+    let config = dir.path().join("tokenizer_config.json");
+    let mut json: Json = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    json["chat_template"] = Json::String("OLD".into());
+    std::fs::write(&config, json.to_string()).unwrap();
+    let load = || ChatTemplate::load(&Checkpoint::open(dir.path()).unwrap());
+    assert_eq!(load().unwrap().unwrap().source(), "OLD");
+    std::fs::write(
+        dir.path().join("chat_template.jinja"),
+        "NEW {{ messages | length }}",
+    )
+    .unwrap();
+    assert_eq!(
+        load().unwrap().unwrap().source(),
+        "NEW {{ messages | length }}"
+    );
+    std::fs::write(dir.path().join("chat_template.jinja"), "{% if %}").unwrap();
+    let e = load().unwrap_err().to_string();
+    assert!(
+        e.contains("chat_template.jinja") && !e.contains("tokenizer_config"),
+        "{e}"
+    );
+}

@@ -158,7 +158,7 @@ fn unsupported_extras(c: &Common) -> Result<(), ApiError> {
         (
             given(&c.chat_template),
             "chat_template",
-            "is not supported: the model's own template is used (an operator can set another in the checkpoint's tokenizer_config.json); remove it",
+            "is not supported: the model's own template is used (an operator can set another in the checkpoint's chat_template.jinja or tokenizer_config.json); remove it",
         ),
         (
             set(&c.mm_processor_kwargs),
