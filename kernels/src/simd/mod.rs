@@ -83,13 +83,30 @@ impl Level {
         *LEVEL.get_or_init(|| Self::detected().min(Self::cap()))
     }
 
-    /// The cap `PIO_KERNELS` sets (none: the widest).
+    /// The cap `PIO_KERNELS` sets (unset or empty: the widest).
     fn cap() -> Self {
-        let named = std::env::var("PIO_KERNELS");
-        Self::ALL
-            .into_iter()
-            .find(|l| named.as_deref() == Ok(l.name()))
-            .unwrap_or(Level::Amx)
+        let named = std::env::var("PIO_KERNELS").unwrap_or_default();
+        Self::cap_named(&named)
+    }
+
+    /// The cap a `PIO_KERNELS` value sets. A value that names no level caps at the narrowest,
+    /// said on stderr: a typo must not quietly test the widest path instead of the one asked for.
+    fn cap_named(named: &str) -> Self {
+        if named.is_empty() {
+            return Level::Amx;
+        }
+        Self::parse(named).unwrap_or_else(|| {
+            eprintln!(
+                "PIO_KERNELS={named:?} names no kernel level (portable, avx2, avxvnni, avx512, amx): using portable"
+            );
+            Level::Portable
+        })
+    }
+
+    /// The level `name` spells, in any case (`AVX2` is `avx2`).
+    pub fn parse(name: &str) -> Option<Self> {
+        let name = name.trim().to_ascii_lowercase();
+        Self::ALL.into_iter().find(|l| l.name() == name)
     }
 
     /// Every level, narrowest first.
@@ -252,14 +269,18 @@ mod tests {
     /// operator may set `avx512`): the cap must hold, or those runs would test the widest path
     /// again.
     #[test]
+    fn a_pio_kernels_value_caps_by_name_in_any_case_and_a_typo_at_the_narrowest() {
+        assert_eq!(Level::cap_named(""), Level::Amx);
+        assert_eq!(Level::cap_named("avx2"), Level::Avx2);
+        assert_eq!(Level::cap_named("AVX512"), Level::Avx512);
+        assert_eq!(Level::cap_named(" AvxVnni "), Level::AvxVnni);
+        assert_eq!(Level::cap_named("avx-512"), Level::Portable);
+        assert_eq!(Level::cap_named("none"), Level::Portable);
+    }
+
+    #[test]
     fn pio_kernels_caps_the_level() {
-        let cap = match std::env::var("PIO_KERNELS").as_deref() {
-            Ok("portable") => Level::Portable,
-            Ok("avx2") => Level::Avx2,
-            Ok("avxvnni") => Level::AvxVnni,
-            Ok("avx512") => Level::Avx512,
-            _ => Level::Amx,
-        };
+        let cap = Level::cap_named(&std::env::var("PIO_KERNELS").unwrap_or_default());
         assert_eq!(Level::current(), Level::detected().min(cap));
         assert!(Level::current() <= cap);
         #[cfg(target_arch = "x86_64")]
