@@ -318,14 +318,22 @@ impl Checkpoint {
             .map(|p| format!("{:016x}", crate::quant_cache::fnv1a(&[p])))
             .collect::<Vec<_>>()
             .join("-");
-        // One file per checkpoint folder and quantization: the folder's name to read, a hash of
-        // its full path so that two folders of the same name do not share one.
-        let folder = std::fs::canonicalize(&self.dir).unwrap_or_else(|_| self.dir.clone());
-        let name = folder
-            .file_name()
-            .map_or("model".into(), |n| n.to_string_lossy());
-        let at = crate::quant_cache::fnv1a(&[folder.as_os_str().as_encoded_bytes()]);
-        let stem = format!("{name}-{quantization}-{:08x}", at as u32);
+        // One file per checkpoint and quantization: the checkpoint's name to read (its folder,
+        // or its GGUF file: two in one folder must not share one), a hash of its full path so
+        // that two of the same name do not share one either.
+        let source = self.gguf.as_ref().map_or(self.dir.as_path(), |g| g.path());
+        let source = std::fs::canonicalize(source).unwrap_or_else(|_| source.to_owned());
+        let name = match &self.gguf {
+            Some(_) => source.file_stem(),
+            None => source.file_name(),
+        }
+        .map_or("model".into(), |n| n.to_string_lossy());
+        let at = crate::quant_cache::fnv1a(&[source.as_os_str().as_encoded_bytes()]);
+        let stem = format!(
+            "{name}-{quantization}-{:08x}{}",
+            at as u32,
+            crate::quant_cache::STEM_SUFFIX
+        );
         self.cache = Some(Arc::new(QuantCache::open(dir, &stem, &key, self.mapped)));
         Ok(self)
     }

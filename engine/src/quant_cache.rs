@@ -20,6 +20,10 @@ use candle_core::quantized::{GgmlDType, QTensor};
 
 use crate::error::{EngineError, Result};
 
+/// How a cache file's stem ends (`….pio-cache.gguf`): a model folder that is also the cache
+/// folder still holds one model, since [`crate::gguf::model_file`] passes these by.
+pub const STEM_SUFFIX: &str = ".pio-cache";
+
 /// GGUF's data alignment (its default).
 const ALIGNMENT: u64 = 32;
 

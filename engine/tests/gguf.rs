@@ -411,3 +411,47 @@ fn a_float_gguf_is_quantized_as_configured_and_cached() {
         "every layer's projections from the cache: {second}"
     );
 }
+
+/// Two GGUF files in one folder keep a cache each (they used to share, and rewrite, one file
+/// named after the folder), and a cache folder that is the model folder still holds one model.
+#[test]
+fn ggufs_beside_each_other_keep_their_own_caches() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    std::fs::create_dir(&models).unwrap();
+    for name in ["a.gguf", "b.gguf"] {
+        std::fs::copy(gguf("qwen3-tiny.f32.gguf"), models.join(name)).unwrap();
+    }
+    let hits = |path: &std::path::Path, cache: &std::path::Path| {
+        let checkpoint = Checkpoint::open(path)
+            .unwrap()
+            .with_quantization_cache(cache, "q8")
+            .unwrap();
+        <Qwen3 as LoadModel>::load(
+            &checkpoint,
+            DType::F32,
+            Quantization::Q8,
+            &Device::Cpu,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        let cache = checkpoint.quantization_cache().unwrap();
+        let hits = cache.hits();
+        cache.finish().unwrap();
+        hits
+    };
+    let caches = dir.path().join("caches");
+    std::fs::create_dir(&caches).unwrap();
+    let (a, b) = (models.join("a.gguf"), models.join("b.gguf"));
+    assert_eq!((hits(&a, &caches), hits(&b, &caches)), (0, 0));
+    assert!(hits(&a, &caches) > 0, "a's cache survived b's");
+    // The model's own folder as the cache: the folder still names one model.
+    let alone = dir.path().join("alone");
+    std::fs::create_dir(&alone).unwrap();
+    std::fs::copy(gguf("qwen3-tiny.f32.gguf"), alone.join("m.gguf")).unwrap();
+    assert_eq!(hits(&alone, &alone), 0);
+    assert!(
+        hits(&alone, &alone) > 0,
+        "the cache beside it is not a second model"
+    );
+}

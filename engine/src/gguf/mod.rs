@@ -332,8 +332,11 @@ pub fn model_file(path: &Path) -> Result<Option<PathBuf>> {
         })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
+            let cache = format!("{}.gguf", crate::quant_cache::STEM_SUFFIX);
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
             p.extension()
                 .is_some_and(|x| x.eq_ignore_ascii_case("gguf"))
+                && !name.ends_with(&cache)
                 && p.is_file()
         })
         .collect();
