@@ -149,6 +149,43 @@ fn placeholders_and_images_must_agree() {
     );
 }
 
+/// An image sent again (the next turn of a chat, another of `n` choices, at once from several
+/// threads) reuses the tower's output instead of running the tower again; another image does
+/// not. The goldens above pass through the same reuse.
+#[test]
+fn an_image_sent_again_reuses_the_towers_output() {
+    let f = fixture();
+    let ids = f
+        .codec
+        .encode("a<|vision_start|><|image_pad|><|vision_end|>b")
+        .unwrap();
+    let image = |name: &str| {
+        let bytes = std::fs::read(fixtures().join("images").join(name)).unwrap();
+        vec![decode(&bytes, &DecodeLimits::default()).unwrap()]
+    };
+    let (photo, wide) = (image("photo.jpg"), image("wide.png"));
+    let keys = |images: &[_]| {
+        let (_, media) = f.model.prepare(ids.clone(), images).unwrap();
+        media.unwrap().cache_keys
+    };
+    let first = keys(&photo);
+    assert_eq!(f.model.encodings_reused(), 0);
+    assert_eq!(keys(&photo), first);
+    assert_eq!(f.model.encodings_reused(), 1);
+    keys(&wide);
+    assert_eq!(f.model.encodings_reused(), 1, "another image is encoded");
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| f.model.prepare(ids.clone(), &image("small.png")).unwrap());
+        }
+    });
+    assert_eq!(
+        f.model.encodings_reused(),
+        4,
+        "one of four encoded it, three waited"
+    );
+}
+
 /// `/tokenize`'s ids come from the images' sizes alone: the same as the vision tower's inputs,
 /// for images of several sizes and shapes in one prompt.
 #[test]

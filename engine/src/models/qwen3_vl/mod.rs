@@ -21,6 +21,7 @@ use crate::norm::Residual;
 use crate::{EngineError, Result};
 
 mod config;
+mod encodings;
 mod inputs;
 mod processor;
 mod vision;
@@ -43,7 +44,12 @@ pub struct Qwen3Vl {
     image_token: u32,
     context: usize,
     device: Device,
+    encodings: Arc<encodings::Encodings>,
 }
+
+/// The most bytes of recent vision-tower outputs kept for reuse (a 1280 × 720 photo's is ~30 MB
+/// in f32).
+const ENCODINGS_BUDGET: usize = 128 << 20;
 
 impl Qwen3Vl {
     /// Loads a Qwen3VLForConditionalGeneration from `checkpoint` (its text model's linear weights
@@ -100,6 +106,7 @@ impl Qwen3Vl {
             image_token: cfg.image_token_id,
             context: text.max_position_embeddings,
             device: device.clone(),
+            encodings: Arc::new(encodings::Encodings::new(ENCODINGS_BUDGET)),
         })
     }
 
@@ -124,6 +131,11 @@ impl Qwen3Vl {
         &self.vision
     }
 
+    /// How many images' tower outputs were reused instead of computed again.
+    pub fn encodings_reused(&self) -> u64 {
+        self.encodings.reused()
+    }
+
     /// Turns `prompt` (one image placeholder per image, in order) and its `images` into the
     /// engine's inputs: images run through the processor and the vision tower here, on the
     /// caller's thread, before the request joins a batch.
@@ -146,11 +158,13 @@ impl Qwen3Vl {
                 let mut h = std::collections::hash_map::DefaultHasher::new();
                 patches.grid.hash(&mut h);
                 patches.values.iter().for_each(|v| v.to_bits().hash(&mut h));
+                let content = h.finish();
                 let [t, gh, gw] = patches.grid;
                 Ok(ImageInput {
                     grid: [t, gh / merge, gw / merge],
-                    encoded: self.vision.encode(&patches)?,
-                    content: h.finish(),
+                    encoded: (self.encodings)
+                        .get_or_encode(content, || self.vision.encode(&patches))?,
+                    content,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
