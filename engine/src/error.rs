@@ -61,6 +61,9 @@ pub enum EngineError {
     /// Something the engine does not support yet.
     #[error("{0}")]
     Unsupported(String),
+    /// The client went away before the work was done (plugin-api's `CANCELLED`).
+    #[error("{0}")]
+    Cancelled(String),
     /// A failure inside the tensor library while running the model.
     #[error("model computation failed: {0}")]
     Compute(#[from] candle_core::Error),
@@ -83,6 +86,7 @@ impl EngineError {
             Self::ContextLength(m) => Self::ContextLength(m.clone()),
             Self::Constraint(m) => Self::Constraint(m.clone()),
             Self::Unsupported(m) => Self::Unsupported(m.clone()),
+            Self::Cancelled(m) => Self::Cancelled(m.clone()),
             Self::Stopped(m) => Self::Stopped(m.clone()),
             other => Self::Internal(other.to_string()),
         }

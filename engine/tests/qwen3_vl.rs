@@ -186,6 +186,31 @@ fn an_image_sent_again_reuses_the_towers_output() {
     );
 }
 
+/// A request cancelled while its images are encoded stops before the next image's tower run.
+#[test]
+fn a_cancelled_request_stops_between_images() {
+    let f = fixture();
+    let ids = f
+        .codec
+        .encode("<|vision_start|><|image_pad|><|vision_end|><|vision_start|><|image_pad|><|vision_end|>")
+        .unwrap();
+    let images: Vec<_> = ["photo.jpg", "large.png"]
+        .iter()
+        .map(|name| {
+            let bytes = std::fs::read(fixtures().join("images").join(name)).unwrap();
+            decode(&bytes, &DecodeLimits::default()).unwrap()
+        })
+        .collect();
+    let asked = std::cell::Cell::new(0);
+    let after_one = || {
+        asked.set(asked.get() + 1);
+        asked.get() > 1
+    };
+    let e = f.model.prepare_until(ids, &images, &after_one).unwrap_err();
+    assert!(matches!(e, pio_engine::EngineError::Cancelled(_)), "{e}");
+    assert_eq!(asked.get(), 2, "asked before each image");
+}
+
 /// `/tokenize`'s ids come from the images' sizes alone: the same as the vision tower's inputs,
 /// for images of several sizes and shapes in one prompt.
 #[test]

@@ -77,6 +77,18 @@ pub trait LoadModel: CausalLm + Sized {
         }
     }
 
+    /// [`LoadModel::prepare`], stopping with [`EngineError::Cancelled`] once `cancelled` says so
+    /// (checked between images, whose tower may take seconds each on a CPU).
+    fn prepare_until(
+        &self,
+        prompt: Vec<u32>,
+        images: &[crate::images::RgbImage],
+        cancelled: &dyn Fn() -> bool,
+    ) -> crate::Result<(Vec<u32>, Option<Arc<crate::generate::Media>>)> {
+        let _ = cancelled;
+        self.prepare(prompt, images)
+    }
+
     /// The token ids [`LoadModel::prepare`] gives, without the work its media take (a vision
     /// tower): what `/tokenize` answers.
     fn token_ids(
@@ -155,6 +167,7 @@ pub fn plugin_error(e: EngineError) -> PluginError {
         EngineError::ContextLength(_) => ErrorKind::CONTEXT_LENGTH,
         EngineError::Constraint(_) => ErrorKind::CONSTRAINT,
         EngineError::Unsupported(_) => ErrorKind::UNSUPPORTED,
+        EngineError::Cancelled(_) => ErrorKind::CANCELLED,
         EngineError::Compute(_) | EngineError::Internal(_) => ErrorKind::INTERNAL,
         EngineError::Stopped(_) => ErrorKind::PANICKED,
     };
@@ -671,9 +684,13 @@ impl<M: LoadModel> ModelRuntime<M> {
                 .map_err(|e| images.error(e))?;
             loaded.engine.admits(ids.len()).map_err(plugin_error)?;
         }
+        // The sink is polled between images and between tokens too: a request cancelled
+        // while its images are encoded, while it waits or while it prefills stops at once.
+        let sink = std::cell::RefCell::new(sink);
+        let cancelled = || sink.try_borrow().is_ok_and(|s| s.is_cancelled());
         let (prompt, media) = loaded
             .model
-            .prepare(prompt, &images.images)
+            .prepare_until(prompt, &images.images, &cancelled)
             .map_err(|e| images.error(e))?;
         let prompt_tokens = prompt.len() as u32;
         // Scores come with the ids they score (a client that sent text has no ids).
@@ -681,11 +698,7 @@ impl<M: LoadModel> ModelRuntime<M> {
         let mut engine_request = loaded.engine_request(request, prompt);
         engine_request.media = media;
         engine_request.constraint = constraint;
-        // The sink is polled between tokens too: a request cancelled while it waits or
-        // prefills stops at once, not at its first token.
-        let sink = std::cell::RefCell::new(sink);
         let mut emit = |t: Emitted| sink.borrow_mut().emit(token_of(t)) == Flow::Continue;
-        let cancelled = || sink.try_borrow().is_ok_and(|s| s.is_cancelled());
         let outcome = loaded
             .engine
             .generate_until(engine_request, &mut emit, &cancelled)

@@ -144,6 +144,16 @@ impl Qwen3Vl {
         prompt: Vec<u32>,
         images: &[RgbImage],
     ) -> Result<(Vec<u32>, Option<Media>)> {
+        self.prepare_until(prompt, images, &|| false)
+    }
+
+    /// [`Qwen3Vl::prepare`], stopping before the next image once `cancelled` says so.
+    pub fn prepare_until(
+        &self,
+        prompt: Vec<u32>,
+        images: &[RgbImage],
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<(Vec<u32>, Option<Media>)> {
         self.check_placeholders(&prompt, images)?;
         if images.is_empty() {
             return Ok((prompt, None));
@@ -153,6 +163,11 @@ impl Qwen3Vl {
             .iter()
             .enumerate()
             .map(|(index, image)| {
+                if cancelled() {
+                    return Err(EngineError::Cancelled(
+                        "cancelled while its images were encoded".into(),
+                    ));
+                }
                 let patches = (self.processor.patches(image))
                     .map_err(|error| EngineError::Image { index, error })?;
                 let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -345,6 +360,16 @@ impl crate::runtime::LoadModel for Qwen3Vl {
         images: &[RgbImage],
     ) -> Result<(Vec<u32>, Option<Arc<Media>>)> {
         let (prompt, media) = Qwen3Vl::prepare(self, prompt, images)?;
+        Ok((prompt, media.map(Arc::new)))
+    }
+
+    fn prepare_until(
+        &self,
+        prompt: Vec<u32>,
+        images: &[RgbImage],
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<(Vec<u32>, Option<Arc<Media>>)> {
+        let (prompt, media) = Qwen3Vl::prepare_until(self, prompt, images, cancelled)?;
         Ok((prompt, media.map(Arc::new)))
     }
 
