@@ -75,6 +75,13 @@ pub(super) fn create_cgroup(spec: &WorkerSpec) -> Result<Option<Arc<Cgroup>>, Wo
             crate::sandbox::cgroup::reap_stale(version);
             let group = Cgroup::create(version, &spec.name, &group_spec(&spec.plan))
                 .map_err(|e| WorkerError::new(Fault::Sandbox, e.to_string()))?;
+            if !group.unenforced().is_empty() {
+                tracing::warn!(
+                    plugin = %spec.name,
+                    "this kernel offers no {} (swap accounting off: boot with swapaccount=1 or cgroup v2's memory.swap.max): the worker may swap past its memory limit",
+                    group.unenforced().join(", ")
+                );
+            }
             Ok(Some(Arc::new(group)))
         }
         (true, None) => Err(WorkerError::new(

@@ -130,6 +130,8 @@ pub struct Cgroup {
     cpuacct: Option<PathBuf>,
     /// A directory with `cgroup.kill` (v2, or the v1 hybrid's unified tree).
     unified: Option<PathBuf>,
+    /// Optional limits the kernel offers no file for (swap, where swap accounting is off).
+    unenforced: Vec<&'static str>,
 }
 
 static SEQUENCE: AtomicU64 = AtomicU64::new(0);
@@ -246,7 +248,7 @@ impl Cgroup {
             std::process::id(),
             SEQUENCE.fetch_add(1, Ordering::Relaxed)
         );
-        let group = match version {
+        let mut group = match version {
             Version::V1 => Self::v1_dirs(root, &leaf, spec)?,
             Version::V2 => Self::v2_dirs(root, &leaf, spec)?,
         };
@@ -257,6 +259,7 @@ impl Cgroup {
             let dir = group.dir_of(s.controller);
             let file = dir.join(s.file);
             if s.optional && !file.exists() {
+                group.unenforced.push(s.file);
                 continue;
             }
             let value = if s.file == "cpuset.mems" {
@@ -292,6 +295,7 @@ impl Cgroup {
                 && root.join("cpuacct/cpuacct.usage").exists())
             .then(|| dir("cpuacct")),
             unified,
+            unenforced: Vec::new(),
         })
     }
 
@@ -330,6 +334,7 @@ impl Cgroup {
             cpuset: spec.cpuset.is_some().then(|| dir.clone()),
             cpuacct: None,
             unified: Some(dir),
+            unenforced: Vec::new(),
         })
     }
 
@@ -352,6 +357,13 @@ impl Cgroup {
         dirs.sort();
         dirs.dedup();
         dirs
+    }
+
+    /// The optional limits this kernel has no file for (`memory.swap.max` or
+    /// `memory.memsw.limit_in_bytes` where swap accounting is off): the worker may swap past its
+    /// memory limit.
+    pub fn unenforced(&self) -> &[&'static str] {
+        &self.unenforced
     }
 
     /// Each hierarchy's `cgroup.procs` of the group (a process writing "0" there moves itself).

@@ -117,6 +117,8 @@ fn v2_group_creation_writes_the_planned_files() {
     assert_eq!(std::fs::read_to_string(dir.join("pids.max")).unwrap(), "64");
     let enabled = std::fs::read_to_string(root.path().join("pio/cgroup.subtree_control")).unwrap();
     assert_eq!(enabled, "+memory +cpu +pids");
+    // No swap file here (swap accounting off): said, not silently skipped.
+    assert_eq!(group.unenforced(), ["memory.swap.max"]);
     // A plain directory cannot be removed while it holds files; the real kernel files vanish.
     std::mem::forget(group);
 
