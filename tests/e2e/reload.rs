@@ -152,6 +152,58 @@ fn sighup_without_a_config_file_changes_nothing_and_stops_nothing() {
     let _ = child.wait();
 }
 
+/// A SIGHUP while the daemon starts (its probes may take seconds) neither stops it, as the
+/// signal's default action would, nor is lost: the file is reloaded once it serves.
+#[test]
+fn sighup_during_start_up_is_acted_on_once_serving() {
+    if !confinement_available() {
+        return;
+    }
+    use std::io::{BufRead, BufReader};
+    let dir = crate::daemon::echo_and_hostile_dir();
+    dir.write("slow-probe", "");
+    let config = tempfile::tempdir().unwrap();
+    std::fs::write(config.path().join("pio.toml"), "[server]\nwarmup = false\n").unwrap();
+    let mut child = std::process::Command::new(crate::support::pio_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(config.path().join("pio.toml"))
+        .arg("--plugins")
+        .arg(dir.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut seen: Vec<String> = Vec::new();
+    let wanted = ["listening on", "SIGHUP: configuration reloaded"];
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !wanted.iter().all(|w| seen.iter().any(|l| l.contains(w)))
+        && std::time::Instant::now() < deadline
+    {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            seen.push(line);
+        }
+    }
+    let alive = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    for w in wanted {
+        assert!(seen.iter().any(|l| l.contains(w)), "no `{w}` in {seen:#?}");
+    }
+    assert!(alive, "pio serve stopped on SIGHUP");
+}
+
 /// A reload's supervision reaches the plugin already serving, not only workers started after
 /// it: a request deadline set by SIGHUP cancels the next long request on the worker that was
 /// running before (under the old 600 s it would run its 5 s to the end).
@@ -183,4 +235,31 @@ fn sighup_puts_a_new_request_deadline_on_the_serving_worker() {
         pid,
         "the worker from before the reload"
     );
+}
+
+/// A SIGTERM while the daemon starts stops it as one after (exit 0, saying so), not by the
+/// signal's default action.
+#[test]
+fn sigterm_during_start_up_stops_cleanly() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = crate::daemon::echo_and_hostile_dir();
+    dir.write("slow-probe", "");
+    let child = std::process::Command::new(crate::support::pio_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--plugins"])
+        .arg(dir.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let logs = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{logs}");
+    assert!(logs.contains("SIGTERM while starting"), "{logs}");
 }

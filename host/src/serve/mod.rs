@@ -224,8 +224,22 @@ pub async fn serve(setup: Setup) -> Result<(), ServeError> {
             tracing::warn!("{problem}");
         }
     }
+    // Watched from before the first scan, whose probes may take seconds: SIGHUP's default
+    // action would end the daemon (a log rotation sends one), and one that comes meanwhile is
+    // acted on once the daemon serves.
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| tracing::error!("cannot watch for SIGHUP (configuration reloads): {e}"))
+        .ok();
     let models = Models::new(setup);
-    models.rescan().await?;
+    tokio::select! {
+        scanned = models.rescan() => scanned?,
+        why = shutdown_signal() => {
+            tracing::info!("{why} while starting: stopping");
+            models.stop_all(Duration::ZERO).await;
+            let _ = std::fs::remove_dir_all(&runtime_dir);
+            return Ok(());
+        }
+    }
     models.warn_missing_preloads();
     let app = Arc::new(App {
         models: models.clone(),
@@ -234,7 +248,7 @@ pub async fn serve(setup: Setup) -> Result<(), ServeError> {
         draining: AtomicBool::new(false),
         loopback,
     });
-    let _watcher = background(&models, &server, reload, systemd.clone());
+    let _watcher = background(&models, &server, reload, systemd.clone(), hup);
     if let Some(n) = systemd.clone() {
         tokio::spawn(notify_ready(app.clone(), n.clone()));
         tokio::spawn(n.keep_alive());
@@ -280,16 +294,24 @@ fn background(
     server: &crate::config::ServerSection,
     reload: Option<(std::path::PathBuf, crate::config::Config)>,
     systemd: Option<Arc<systemd::Notifier>>,
+    hup: Option<tokio::signal::unix::Signal>,
 ) -> Option<notify::RecommendedWatcher> {
-    match reload {
-        Some((path, before)) => {
-            tokio::spawn(reload::on_sighup(models.clone(), path, before, systemd));
+    match (reload, hup) {
+        (Some((path, before)), Some(hup)) => {
+            tokio::spawn(reload::on_sighup(
+                models.clone(),
+                path,
+                before,
+                systemd,
+                hup,
+            ));
         }
         // Without a file there is nothing to re-read, but SIGHUP must not stop the daemon (its
         // default action).
-        None => {
-            tokio::spawn(reload::without_a_file());
+        (None, Some(hup)) => {
+            tokio::spawn(reload::without_a_file(hup));
         }
+        (_, None) => {}
     }
     {
         let models = models.clone();

@@ -82,15 +82,8 @@ pub async fn on_sighup(
     path: PathBuf,
     started: Config,
     systemd: Option<Arc<super::systemd::Notifier>>,
+    mut hup: tokio::signal::unix::Signal,
 ) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!("cannot watch for SIGHUP (configuration reloads): {e}");
-            return;
-        }
-    };
     while hup.recv().await.is_some() {
         let systemd = systemd.as_ref().filter(|n| n.is_ready());
         if let Some(n) = systemd {
@@ -125,11 +118,7 @@ pub async fn on_sighup(
 }
 
 /// Answers `SIGHUP` when the daemon was started without `--config`: nothing to reload.
-pub async fn without_a_file() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        return;
-    };
+pub async fn without_a_file(mut hup: tokio::signal::unix::Signal) {
     while hup.recv().await.is_some() {
         tracing::warn!("SIGHUP: pio serve was started without --config, so there is no configuration file to reload");
     }

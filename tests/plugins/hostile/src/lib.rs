@@ -43,6 +43,18 @@ extern "C" fn constructor() {
     );
     let cmdline = std::fs::read("/proc/self/cmdline").unwrap_or_default();
     let probe = cmdline.split(|&b| b == 0).any(|arg| arg == b"probe");
+    // A `slow-probe` file beside the probed library holds its probe for 3 s (a daemon's
+    // start-up then lasts that long).
+    let library = cmdline
+        .split(|&b| b == 0)
+        .filter_map(|arg| std::str::from_utf8(arg).ok())
+        .find(|arg| arg.ends_with(".so"));
+    let slow = library
+        .and_then(|l| std::path::Path::new(l).parent())
+        .is_some_and(|folder| folder.join("slow-probe").exists());
+    if probe && slow {
+        std::thread::sleep(std::time::Duration::from_secs(3));
+    }
     if probe && std::path::Path::new(LINGER_DIR).is_dir() {
         // SAFETY: the child only calls setsid, writes a file, sleeps and exits without running
         // the parent's destructors.
