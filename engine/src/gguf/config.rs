@@ -30,15 +30,19 @@ pub(crate) fn hf_config(file: &GgufFile) -> Result<Value> {
     let hidden = need("embedding_length")?;
     let heads = need("attention.head_count")?;
     let layers = need("block_count")?;
-    // Checked on the tensors before anything loops over the count (a hostile count hangs).
-    let last = format!("blk.{}.attn_norm.weight", layers.saturating_sub(1));
-    if layers == 0 || !file.has_tensor(&last) {
+    // Checked on the tensors before anything loops over the count (a hostile count hangs):
+    // every layer's norm, stopping at the first missing, so the cost is the file's own.
+    let missing = (0..layers)
+        .map(|i| format!("blk.{i}.attn_norm.weight"))
+        .find(|name| !file.has_tensor(name));
+    if layers == 0 || missing.is_some() {
         return Err(EngineError::BadField {
             path: file.path().to_owned(),
             field: key("block_count"),
             reason: format!(
-                "{layers} layers, but the file has no `{last}`: expected the count of the \
-                 `blk.N.` layers the file holds"
+                "{layers} layers, but the file has no `{}`: expected the count of the \
+                 `blk.N.` layers the file holds",
+                missing.unwrap_or_else(|| "blk.0.attn_norm.weight".into())
             ),
         });
     }
