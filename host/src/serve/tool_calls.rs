@@ -185,12 +185,17 @@ fn parse_body(format: Format, body: &str, tools: &[Value]) -> Option<Call> {
                 // parameter begins, as vLLM's parser reads it.
                 let close = value_and_rest.find("</parameter>");
                 let next = value_and_rest.find("<parameter=");
+                // The last one's ends with the function.
                 let (end, rest) = match (close, next) {
                     (Some(c), Some(n)) if n < c => (n, n),
                     (Some(c), _) => (c, c + "</parameter>".len()),
                     (None, Some(n)) => (n, n),
-                    (None, None) => return None,
+                    (None, None) => (value_and_rest.len(), value_and_rest.len()),
                 };
+                if value_and_rest[..end].contains("</function>") {
+                    // A second function inside one call: not one call.
+                    return None;
+                }
                 let raw = value_and_rest[..end]
                     .strip_prefix('\n')
                     .unwrap_or(&value_and_rest[..end]);
@@ -433,7 +438,12 @@ mod tests {
         let e = extract(Format::Qwen3Coder, text, &[]);
         let args: Value = serde_json::from_str(&e.calls[0].arguments).unwrap();
         assert_eq!(args["days"], "3");
-        let broken = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</function>\n</tool_call>";
+        // The last parameter's close left out: the value ends with the function, as vLLM reads it.
+        let unclosed = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</function>\n</tool_call>";
+        let e = extract(Format::Qwen3Coder, unclosed, &[]);
+        let args: Value = serde_json::from_str(&e.calls[0].arguments).unwrap();
+        assert_eq!(args, json!({"city": "Paris"}));
+        let broken = "<tool_call>\n<function=get_weather>\n<parameter=city\nParis\n</function>\n</tool_call>";
         assert_eq!(extract(Format::Qwen3Coder, broken, &[]).calls.len(), 0);
     }
 
@@ -454,6 +464,14 @@ mod tests {
         let t = "<tool_call>\n<function=get_weather>\n<parameter=city>\nTrue\n</parameter>\n</function>\n</tool_call>";
         assert_eq!(args(t), json!({"city": "True"}));
         let two = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n<function=get_weather>\n<parameter=city>\nRome\n</parameter>\n</function>\n</tool_call>";
+        assert_eq!(
+            extract(Format::Qwen3Coder, two, &weather_tool())
+                .calls
+                .len(),
+            0
+        );
+        // The same with the first value's close left out: still not one call.
+        let two = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</function>\n<function=get_weather>\n<parameter=city>\nRome\n</parameter>\n</function>\n</tool_call>";
         assert_eq!(
             extract(Format::Qwen3Coder, two, &weather_tool())
                 .calls
