@@ -230,10 +230,11 @@ pub async fn serve(setup: Setup) -> Result<(), ServeError> {
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(|e| tracing::error!("cannot watch for SIGHUP (configuration reloads): {e}"))
         .ok();
+    let stops = stop_signals();
     let models = Models::new(setup);
     tokio::select! {
         scanned = models.rescan() => scanned?,
-        why = shutdown_signal() => {
+        why = nth_stop(stops.clone(), 1) => {
             tracing::info!("{why} while starting: stopping");
             models.stop_all(Duration::ZERO).await;
             let _ = std::fs::remove_dir_all(&runtime_dir);
@@ -270,13 +271,13 @@ pub async fn serve(setup: Setup) -> Result<(), ServeError> {
         listener,
         router(app.clone()),
         rules,
-        draining(app, stop_tx, systemd),
+        draining(app, stop_tx, systemd, stops.clone()),
     );
     // Past the deadline (or at a second signal) what still runs is stopped at once, not drained
     // for another deadline.
     let grace = tokio::select! {
         () = http => Duration::from_secs(models.config().server.drain_timeout_secs),
-        why = drain_deadline(&models, stop_rx) => {
+        why = drain_deadline(&models, stop_rx, stops) => {
             tracing::warn!("{why} with requests still running; stopping them");
             Duration::ZERO
         }
@@ -352,8 +353,9 @@ async fn draining(
     app: Arc<App>,
     stop: tokio::sync::watch::Sender<bool>,
     systemd: Option<Arc<systemd::Notifier>>,
+    stops: StopSignals,
 ) {
-    let why = shutdown_signal().await;
+    let why = nth_stop(stops, 1).await;
     if let Some(n) = &systemd {
         n.stopping();
     }
@@ -369,26 +371,56 @@ async fn draining(
 async fn drain_deadline(
     models: &Models,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    stops: StopSignals,
 ) -> &'static str {
     let _ = stop.wait_for(|s| *s).await;
     let secs = models.config().server.drain_timeout_secs;
     tokio::select! {
         () = tokio::time::sleep(Duration::from_secs(secs)) => "the drain deadline passed",
-        why = shutdown_signal() => if why == "SIGTERM" { "a second SIGTERM came" } else { "a second SIGINT came" },
+        why = nth_stop(stops, 2) => if why == "SIGTERM" { "a second SIGTERM came" } else { "a second SIGINT came" },
     }
 }
 
-async fn shutdown_signal() -> &'static str {
+/// How many SIGTERMs and SIGINTs have come, and the last one's name.
+type StopSignals = tokio::sync::watch::Receiver<(u32, &'static str)>;
+
+/// Counts SIGTERM and SIGINT from now on, in one task: each waiter asks for the count it needs,
+/// so none made later misses one that came before it (a new subscription would).
+fn stop_signals() -> StopSignals {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!("cannot watch for SIGTERM: {e}");
-            return std::future::pending().await;
+    let (tx, rx) = tokio::sync::watch::channel((0, ""));
+    let (term, int) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    );
+    let (mut term, mut int) = match (term, int) {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!("cannot watch for SIGTERM and SIGINT: {e}");
+            // The sender stays alive in no task: waiters wait for good.
+            std::mem::forget(tx);
+            return rx;
         }
     };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = tokio::signal::ctrl_c() => "SIGINT",
+    tokio::spawn(async move {
+        loop {
+            let why = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            tx.send_modify(|(n, last)| {
+                *n += 1;
+                *last = why;
+            });
+        }
+    });
+    rx
+}
+
+/// Resolves once `n` stop signals have come; says which came last.
+async fn nth_stop(mut stops: StopSignals, n: u32) -> &'static str {
+    match stops.wait_for(|(count, _)| *count >= n).await {
+        Ok(seen) => seen.1,
+        Err(_) => std::future::pending().await,
     }
 }
