@@ -794,7 +794,17 @@ fn the_next_start_cleans_what_a_killed_daemon_left() {
     let first = Daemon::start(echo_dir(""), "");
     first.wait_ready();
     let pid = first.pid();
-    let runtime = std::env::temp_dir().join(format!("pio-serve-{pid}"));
+    // `pio-serve-<pid>-<random>`.
+    let runtime_of = |pid: u32| {
+        let prefix = format!("pio-serve-{pid}-");
+        std::fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .find(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .map(|e| e.path())
+            .expect("the daemon's runtime folder")
+    };
+    let runtime = runtime_of(pid);
     assert!(runtime.join("libs").is_dir(), "{runtime:?}");
     let groups = || -> Vec<std::path::PathBuf> {
         ["/sys/fs/cgroup/memory/pio", "/sys/fs/cgroup/pio"]
@@ -817,7 +827,7 @@ fn the_next_start_cleans_what_a_killed_daemon_left() {
     assert!(!runtime.exists(), "the next start removed {runtime:?}");
     assert_eq!(groups(), Vec::<std::path::PathBuf>::new());
     // A clean stop leaves nothing for the next start to remove.
-    let own = std::env::temp_dir().join(format!("pio-serve-{}", second.pid()));
+    let own = runtime_of(second.pid());
     assert!(own.is_dir());
     second.terminate();
     assert!(second.wait_exit(30).success());

@@ -48,9 +48,7 @@ impl LibraryStore {
     /// than this process (or root), or writable by others.
     pub fn create(dir: PathBuf) -> std::io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
-        for folder in [dir.parent().unwrap_or(&dir), dir.as_path()] {
-            trusted_folder(folder)?;
-        }
+        trusted_folder(&dir)?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
         Ok(Self {
             dir,
@@ -98,57 +96,65 @@ impl LibraryStore {
 }
 
 /// The runtime folder of the daemon with process id `pid` when `server.runtime_dir` is not set:
-/// `pio-serve-<pid>` in `temp`.
-pub fn default_runtime_dir(temp: &Path, pid: u32) -> PathBuf {
-    temp.join(format!("pio-serve-{pid}"))
-}
-
-/// Makes [`default_runtime_dir`] afresh, mode 0755. A shared temp folder lets anyone create the
-/// name first: a folder there owned by another user (or a link) is refused, and one of this
-/// user's own (a reused pid's) is emptied and made again.
+/// `pio-serve-<pid>-<random>` in `temp`, made afresh (mode 0755). The random part: a shared temp
+/// folder lets anyone make a predictable name first, to plant libraries in it or to stop the
+/// daemon from starting.
 pub fn create_default_runtime_dir(temp: &Path, pid: u32) -> std::io::Result<PathBuf> {
-    let dir = default_runtime_dir(temp, pid);
-    if let Ok(meta) = std::fs::symlink_metadata(&dir) {
-        if meta.is_dir() && meta.uid() == nix::unistd::geteuid().as_raw() {
-            std::fs::remove_dir_all(&dir)?;
-        } else {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                format!(
-                    "{} already exists and is not this user's own folder (someone may be trying to plant libraries): remove it, or set server.runtime_dir",
-                    dir.display()
-                ),
-            ));
+    let mut last = None;
+    for _ in 0..8 {
+        let dir = temp.join(format!("pio-serve-{pid}-{:016x}", random_u64()?));
+        match std::fs::DirBuilder::new().mode(0o755).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
         }
     }
-    std::fs::DirBuilder::new().mode(0o755).create(&dir)?;
-    Ok(dir)
+    Err(last.unwrap_or_else(|| std::io::Error::other("no free name")))
 }
 
-/// `folder` is no link, belongs to this user or root, and only its owner may write to it (or
-/// it is sticky, like /tmp, so that no one else can rename what is in it).
+/// Eight bytes from the kernel's random source.
+fn random_u64() -> std::io::Result<u64> {
+    use std::io::Read;
+    let mut bytes = [0u8; 8];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(u64::from_ne_bytes(bytes))
+}
+
+/// The pid a runtime folder's name carries (`pio-serve-<pid>` or `pio-serve-<pid>-<random>`).
+fn runtime_dir_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("pio-serve-")?;
+    rest.split('-').next()?.parse().ok()
+}
+
+/// `folder` and every folder above it are no links (the folder itself) and belong to this user
+/// or root, and only their owners may write to them, or they are sticky (like /tmp) so that no
+/// one else can rename what is in them: otherwise another user could swap the folder out.
 fn trusted_folder(folder: &Path) -> std::io::Result<()> {
-    let meta = std::fs::symlink_metadata(folder)?;
     let me = nix::unistd::geteuid().as_raw();
-    let problem = if !meta.is_dir() {
-        Some("is not a folder (a link?)")
-    } else if meta.uid() != me && meta.uid() != 0 {
-        Some("belongs to another user")
-    } else if meta.mode() & 0o022 != 0 && meta.mode() & 0o1000 == 0 {
-        Some("can be written by other users")
-    } else {
-        None
+    let folder = match std::fs::symlink_metadata(folder)? {
+        meta if !meta.is_dir() => return Err(untrusted(folder, "is not a folder (a link?)")),
+        _ => std::fs::canonicalize(folder)?,
     };
-    match problem {
-        Some(problem) => Err(std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
-            format!(
-                "{} {problem}, so another user could replace the libraries workers load: use a folder only this user can write",
-                folder.display()
-            ),
-        )),
-        None => Ok(()),
+    for dir in folder.ancestors() {
+        let meta = std::fs::metadata(dir)?;
+        if meta.uid() != me && meta.uid() != 0 {
+            return Err(untrusted(dir, "belongs to another user"));
+        }
+        if meta.mode() & 0o022 != 0 && meta.mode() & 0o1000 == 0 {
+            return Err(untrusted(dir, "can be written by other users"));
+        }
     }
+    Ok(())
+}
+
+fn untrusted(dir: &Path, problem: &str) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::PermissionDenied,
+        format!(
+            "{} {problem}, so another user could replace the libraries workers load: use a folder only this user can write",
+            dir.display()
+        ),
+    )
 }
 
 /// Removes the default runtime folders in `temp` of daemons no longer running (killed with
@@ -162,9 +168,7 @@ pub fn reap_stale_runtime_dirs(temp: &Path) -> usize {
         .filter_map(|e| e.ok())
         .filter(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            let pid = name
-                .strip_prefix("pio-serve-")
-                .and_then(|p| p.parse::<u32>().ok());
+            let pid = runtime_dir_pid(&name);
             pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) && e.path().is_dir()
         })
         .filter(|e| std::fs::remove_dir_all(e.path()).is_ok())
@@ -189,16 +193,18 @@ mod tests {
     #[test]
     fn runtime_folders_of_dead_daemons_are_removed_and_live_ones_kept() {
         let tmp = tempfile::tempdir().unwrap();
-        // A pid above the kernel's maximum (4194304) never runs.
-        let dead = default_runtime_dir(tmp.path(), 4_999_999);
-        let live = default_runtime_dir(tmp.path(), std::process::id());
-        for dir in [&dead, &live] {
+        // A pid above the kernel's maximum (4194304) never runs; the older names had no
+        // random part.
+        let dead = create_default_runtime_dir(tmp.path(), 4_999_999).unwrap();
+        let old = tmp.path().join("pio-serve-4999997");
+        let live = create_default_runtime_dir(tmp.path(), std::process::id()).unwrap();
+        for dir in [&dead, &old, &live] {
             std::fs::create_dir_all(dir.join("libs")).unwrap();
             std::fs::write(dir.join("libs/x.so"), b"lib").unwrap();
         }
         std::fs::create_dir(tmp.path().join("pio-serve-notapid")).unwrap();
-        assert_eq!(reap_stale_runtime_dirs(tmp.path()), 1);
-        assert!(!dead.exists() && live.join("libs/x.so").is_file());
+        assert_eq!(reap_stale_runtime_dirs(tmp.path()), 2);
+        assert!(!dead.exists() && !old.exists() && live.join("libs/x.so").is_file());
         assert!(tmp.path().join("pio-serve-notapid").is_dir());
     }
 
@@ -229,33 +235,32 @@ mod tests {
     }
 
     #[test]
-    fn a_runtime_folder_someone_else_planted_is_refused() {
+    fn a_runtime_folder_someone_else_planted_is_never_used() {
         let tmp = tempfile::tempdir().unwrap();
         let pid = 4_999_998;
-        let planted = default_runtime_dir(tmp.path(), pid);
+        // Names planted ahead are not the one made: its random part is new.
+        let planted = tmp.path().join(format!("pio-serve-{pid}"));
         std::fs::create_dir_all(planted.join("libs")).unwrap();
         as_nobody(&planted);
         as_nobody(&planted.join("libs"));
-        let e = create_default_runtime_dir(tmp.path(), pid).unwrap_err();
-        assert!(e.to_string().contains("server.runtime_dir"), "{e}");
-        // Even if asked to use it, the store refuses a folder another user can change.
+        let dir = create_default_runtime_dir(tmp.path(), pid).unwrap();
+        let again = create_default_runtime_dir(tmp.path(), pid).unwrap();
+        assert!(dir != planted && again != dir, "{dir:?} {again:?}");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        // Asked to use one anyway, the store refuses a folder another user can change...
         let e = LibraryStore::create(planted.join("libs")).unwrap_err();
         assert!(e.to_string().contains("belongs to another user"), "{e}");
-        // A link in its place is refused too.
-        let link = default_runtime_dir(tmp.path(), pid + 1);
-        std::os::unix::fs::symlink(tmp.path(), &link).unwrap();
-        assert!(create_default_runtime_dir(tmp.path(), pid + 1).is_err());
-        // This user's own leftover (a reused pid) is made afresh.
-        let own = default_runtime_dir(tmp.path(), pid + 2);
-        std::fs::create_dir_all(own.join("libs")).unwrap();
-        std::fs::write(own.join("libs/old.so"), b"x").unwrap();
-        let dir = create_default_runtime_dir(tmp.path(), pid + 2).unwrap();
-        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        // ... or one inside a folder that others may write, at any depth.
         let writable = tmp.path().join("open");
-        std::fs::create_dir(&writable).unwrap();
+        std::fs::create_dir_all(writable.join("deeper")).unwrap();
         std::fs::set_permissions(&writable, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let e = LibraryStore::create(writable.join("libs")).unwrap_err();
-        assert!(e.to_string().contains("written by other users"), "{e}");
+        for libs in [writable.join("libs"), writable.join("deeper/pio/libs")] {
+            let e = LibraryStore::create(libs).unwrap_err();
+            assert!(e.to_string().contains("written by other users"), "{e}");
+        }
+        // Sticky, as /tmp is: no one else can rename what is in it.
+        std::fs::set_permissions(&writable, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(LibraryStore::create(writable.join("deeper/pio/libs")).is_ok());
     }
 
     #[test]
