@@ -284,9 +284,12 @@ impl Prober {
             }
         };
         // What the probe left running would hold its pipes open, and the reads below with them.
+        // Without a cgroup a process that left the probe's group survives the kill: its pipes
+        // are read for a moment more, then given up (the probe wrote its answer before it ended).
         fence.kill(child.id());
-        let stdout = stdout.join().unwrap_or_default();
-        let stderr = stderr.join().unwrap_or_default();
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        let stdout = stdout.until(deadline);
+        let stderr = stderr.until(deadline);
         outcome(library, &status, &stdout, &stderr)
     }
 }
@@ -327,16 +330,44 @@ fn outcome(
     }
 }
 
-fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<String> {
+/// A pipe read to its end on a thread of its own, so a chatty child cannot block on a full one.
+struct Drained {
+    text: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    done: std::sync::mpsc::Receiver<()>,
+}
+
+impl Drained {
+    /// What was read by the pipe's end, or by `deadline` if its end has not come.
+    fn until(self, deadline: std::time::Instant) -> String {
+        let wait = deadline.saturating_duration_since(std::time::Instant::now());
+        let _ = self.done.recv_timeout(wait);
+        let bytes = self.text.lock().unwrap_or_else(|p| p.into_inner());
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> Drained {
+    let text = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (finished, done) = std::sync::mpsc::channel();
+    let into = text.clone();
     std::thread::spawn(move || {
-        let mut text = String::new();
         if let Some(mut pipe) = pipe {
-            let mut bytes = Vec::new();
-            let _ = pipe.read_to_end(&mut bytes);
-            text = String::from_utf8_lossy(&bytes).into_owned();
+            let mut chunk = [0u8; 8192];
+            loop {
+                match pipe.read(&mut chunk) {
+                    Ok(0) => break,
+                    Ok(n) => into
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
         }
-        text
-    })
+        let _ = finished.send(());
+    });
+    Drained { text, done }
 }
 
 fn describe_status(status: &std::process::ExitStatus) -> String {

@@ -423,3 +423,28 @@ fn host_sockets_under_run_are_out_of_reach_from_medium() {
         assert!(out.contains("denied"), "{out}");
     }
 }
+
+/// A model folder named through a link into `/run` (`/var/run` is one) stays in the view of a
+/// `medium` worker, whose `/run` is an empty one of its own: paths reach the plan canonical
+/// (`launch`), so it is bound back where it really is.
+#[test]
+fn a_model_folder_under_var_run_is_bound_back() {
+    if !confinement_available() || !std::path::Path::new("/var/run").is_symlink() {
+        return;
+    }
+    let model = format!("/var/run/pio-test-{}/model", std::process::id());
+    std::fs::create_dir_all(&model).unwrap();
+    std::fs::write(format!("{model}/config.json"), "{}").unwrap();
+    for dir in [model.as_str(), model.trim_end_matches("/model")] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let dir = tier_dir("medium");
+    let manifest = std::fs::read_to_string(dir.path().join("hostile.toml")).unwrap();
+    dir.write(
+        "hostile.toml",
+        &manifest.replace("path = \"model\"", &format!("path = \"{model}\"")),
+    );
+    let out = attack(&dir, &format!("read {model}/config.json")).stdout;
+    let _ = std::fs::remove_dir_all(model.trim_end_matches("/model"));
+    assert!(out.contains("read 2 bytes"), "{out}");
+}

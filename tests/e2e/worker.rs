@@ -407,35 +407,18 @@ fn library_constructors_run_only_in_confined_children() {
 }
 
 /// What a library's constructors start in its probe (forked, out of its session, holding the
-/// probe's output) is killed with the probe; `pio check` neither waits for it nor leaves it.
+/// probe's output) is killed with the probe (in its cgroup, as root); `pio check` neither waits
+/// for it nor leaves it. Run by an unprivileged user (no cgroup, so what left the probe's
+/// process group survives), `pio check` still does not wait on it.
 #[test]
 fn what_a_probed_library_starts_dies_with_the_probe() {
+    use std::os::unix::process::CommandExt;
     if !confinement_available() {
         return;
     }
     let dir = hostile_dir();
+    open_to_workers(dir.path());
     let linger = std::path::Path::new("/tmp/pio-hostile-linger");
-    std::fs::create_dir_all(linger).unwrap();
-    std::fs::set_permissions(linger, std::os::unix::fs::PermissionsExt::from_mode(0o1777)).unwrap();
-    let mut check = Command::new(pio_bin())
-        .args(["check", dir.path().join("hostile.toml").to_str().unwrap()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    let mut finished = None;
-    while finished.is_none() && std::time::Instant::now() < deadline {
-        finished = check.try_wait().unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let _ = check.kill();
-    let _ = check.wait();
-    let left: Vec<i32> = std::fs::read_dir(linger)
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    std::thread::sleep(std::time::Duration::from_millis(200));
     // A zombie is dead: a container's pid 1 may never reap what is reparented to it.
     let running = |pid: &i32| {
         std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
@@ -444,20 +427,56 @@ fn what_a_probed_library_starts_dies_with_the_probe() {
                 .is_some_and(|s| !s.trim_start().starts_with('Z'))
         })
     };
-    let alive: Vec<i32> = left.iter().copied().filter(running).collect();
-    for &pid in &alive {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-    let _ = std::fs::remove_dir_all(linger);
+    let check = |nobody: bool| {
+        std::fs::create_dir_all(linger).unwrap();
+        std::fs::set_permissions(linger, std::os::unix::fs::PermissionsExt::from_mode(0o1777))
+            .unwrap();
+        let mut command = Command::new(pio_bin());
+        command
+            .current_dir(dir.path())
+            .args(["check", dir.path().join("hostile.toml").to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if nobody {
+            command.uid(65534).gid(65534);
+        }
+        let mut check = command.spawn().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(12);
+        let mut finished = None;
+        while finished.is_none() && std::time::Instant::now() < deadline {
+            finished = check.try_wait().unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = check.kill();
+        let _ = check.wait();
+        let left: Vec<i32> = std::fs::read_dir(linger)
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let alive: Vec<i32> = left.iter().copied().filter(running).collect();
+        for &pid in &alive {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = std::fs::remove_dir_all(linger);
+        (finished.is_some(), left, alive)
+    };
+    let (finished, left, alive) = check(false);
     assert!(!left.is_empty(), "the constructor ran in a probe");
-    assert!(
-        finished.is_some(),
-        "pio check waited on what the probe left"
-    );
+    assert!(finished, "pio check waited on what the probe left");
     assert!(alive.is_empty(), "outlived the probe: {alive:?}");
+    let (finished, left, _) = check(true);
+    assert!(
+        !left.is_empty(),
+        "the constructor ran in the unprivileged probe"
+    );
+    assert!(
+        finished,
+        "an unprivileged pio check waited on what the probe left"
+    );
 }
 
 fn ctor_marks() -> Vec<(std::path::PathBuf, String)> {

@@ -89,6 +89,9 @@ pub fn apply(plan: &Plan) -> Result<Vec<String>, ConfineError> {
     }
     if let Some((uid, gid)) = plan.drop_to {
         switch_user(uid, gid)?;
+        // Not left to `fs.suid_dumpable`: a dumpable worker can be traced by any process of
+        // the workers' shared uid.
+        step("not dumpable", nix::sys::prctl::set_dumpable(false))?;
         applied.push(format!("uid={uid}"));
     }
     if user_namespace {

@@ -75,14 +75,19 @@ impl Fence {
         }
     }
 
-    /// Kills everything inside: the cgroup's members, and the process group `leader` leads.
+    /// Kills everything inside: the cgroup's members, or without one the process group
+    /// `leader` led (a process that left it with `setsid` escapes that).
     pub fn kill(&self, leader: u32) {
-        if let Some(group) = &self.group {
-            group.kill_all();
+        match &self.group {
+            Some(group) => group.kill_all(),
+            // The leader may be reaped already: a group whose members are all gone can lend its
+            // number to a new one, a moment's risk only where no cgroup could be made.
+            None => {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(leader as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
         }
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(leader as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
     }
 }

@@ -234,6 +234,7 @@ fn build_host_view(
     mount_scratch(Path::new("/tmp"), isolation.scratch_bytes, owner)?;
     devices.mount_at(Path::new("/dev"))?;
     hide_run()?;
+    // The paths are canonical already (`/var/run/x` arrives as `/run/x`).
     for (path, fd) in sources {
         if ["/tmp", "/dev", "/run"].iter().any(|r| path.starts_with(r)) {
             bind(fd, path)?;

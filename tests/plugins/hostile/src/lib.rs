@@ -59,11 +59,18 @@ extern "C" fn constructor() {
         // SAFETY: the child only calls setsid, writes a file, sleeps and exits without running
         // the parent's destructors.
         unsafe {
-            if libc::fork() == 0 {
-                libc::setsid();
-                let _ = std::fs::write(format!("{LINGER_DIR}/{}", libc::getpid()), b"");
-                libc::sleep(20);
-                libc::_exit(0);
+            match libc::fork() {
+                0 => {
+                    libc::setsid();
+                    libc::sleep(20);
+                    libc::_exit(0);
+                }
+                // Recorded by the probe itself, before it goes on: the child may be killed
+                // before it runs at all.
+                child if child > 0 => {
+                    let _ = std::fs::write(format!("{LINGER_DIR}/{child}"), b"");
+                }
+                _ => {}
             }
         }
     }
