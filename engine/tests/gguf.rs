@@ -376,6 +376,27 @@ fn tokenizer_template_and_defaults_come_from_the_metadata() {
     );
 }
 
+/// Loads `path` in q8 with its quantization cache in `cache`: how many tensors came from the
+/// cache, and the model's weight bytes.
+fn cached_load(path: &std::path::Path, cache: &std::path::Path) -> (usize, usize) {
+    let checkpoint = Checkpoint::open(path)
+        .unwrap()
+        .with_quantization_cache(cache, "q8")
+        .unwrap();
+    let model = <Qwen3 as LoadModel>::load(
+        &checkpoint,
+        DType::F32,
+        Quantization::Q8,
+        &Device::Cpu,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let cache = checkpoint.quantization_cache().unwrap();
+    let hits = cache.hits();
+    cache.finish().unwrap();
+    (hits, Qwen3::weight_bytes(&model))
+}
+
 #[test]
 fn a_float_gguf_is_quantized_as_configured_and_cached() {
     // The same f32 values as the snapshot, through the same quantizer: the same model.
@@ -385,24 +406,7 @@ fn a_float_gguf_is_quantized_as_configured_and_cached() {
     let got = distributions::<Qwen3>(&file, "qwen3-tiny", DType::F32, Quantization::Q8);
     assert_eq!(got, want);
     let dir = tempfile::tempdir().unwrap();
-    let load = || {
-        let checkpoint = Checkpoint::open(&file)
-            .unwrap()
-            .with_quantization_cache(dir.path(), "q8")
-            .unwrap();
-        let model = <Qwen3 as LoadModel>::load(
-            &checkpoint,
-            DType::F32,
-            Quantization::Q8,
-            &Device::Cpu,
-            &mut |_, _| {},
-        )
-        .unwrap();
-        let cache = checkpoint.quantization_cache().unwrap();
-        let hits = cache.hits();
-        cache.finish().unwrap();
-        (hits, Qwen3::weight_bytes(&model))
-    };
+    let load = || cached_load(&file, dir.path());
     let (first, bytes) = load();
     let (second, again) = load();
     assert_eq!((first, again), (0, bytes));
@@ -422,24 +426,7 @@ fn ggufs_beside_each_other_keep_their_own_caches() {
     for name in ["a.gguf", "b.gguf"] {
         std::fs::copy(gguf("qwen3-tiny.f32.gguf"), models.join(name)).unwrap();
     }
-    let hits = |path: &std::path::Path, cache: &std::path::Path| {
-        let checkpoint = Checkpoint::open(path)
-            .unwrap()
-            .with_quantization_cache(cache, "q8")
-            .unwrap();
-        <Qwen3 as LoadModel>::load(
-            &checkpoint,
-            DType::F32,
-            Quantization::Q8,
-            &Device::Cpu,
-            &mut |_, _| {},
-        )
-        .unwrap();
-        let cache = checkpoint.quantization_cache().unwrap();
-        let hits = cache.hits();
-        cache.finish().unwrap();
-        hits
-    };
+    let hits = |path: &std::path::Path, cache: &std::path::Path| cached_load(path, cache).0;
     let caches = dir.path().join("caches");
     std::fs::create_dir(&caches).unwrap();
     let (a, b) = (models.join("a.gguf"), models.join("b.gguf"));

@@ -9,7 +9,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::vl::{fixture, fixture_in, golden, request, run_all, NAME};
+use common::vl::{fixture, fixture_in, golden, image, request, run_all, NAME};
 use common::{assert_matches, collect, fixtures};
 use pio_engine::candle_core::{DType, Device};
 use pio_engine::checkpoint::Checkpoint;
@@ -159,11 +159,8 @@ fn an_image_sent_again_reuses_the_towers_output() {
         .codec
         .encode("a<|vision_start|><|image_pad|><|vision_end|>b")
         .unwrap();
-    let image = |name: &str| {
-        let bytes = std::fs::read(fixtures().join("images").join(name)).unwrap();
-        vec![decode(&bytes, &DecodeLimits::default()).unwrap()]
-    };
-    let (photo, wide) = (image("photo.jpg"), image("wide.png"));
+    let one = |name: &str| vec![image(name)];
+    let (photo, wide) = (one("photo.jpg"), one("wide.png"));
     let keys = |images: &[_]| {
         let (_, media) = f.model.prepare(ids.clone(), images).unwrap();
         media.unwrap().cache_keys
@@ -176,7 +173,7 @@ fn an_image_sent_again_reuses_the_towers_output() {
     assert_eq!(f.model.encodings_reused(), 1, "another image is encoded");
     std::thread::scope(|s| {
         for _ in 0..4 {
-            s.spawn(|| f.model.prepare(ids.clone(), &image("small.png")).unwrap());
+            s.spawn(|| f.model.prepare(ids.clone(), &one("small.png")).unwrap());
         }
     });
     assert_eq!(
@@ -194,13 +191,7 @@ fn a_cancelled_request_stops_between_images() {
         .codec
         .encode("<|vision_start|><|image_pad|><|vision_end|><|vision_start|><|image_pad|><|vision_end|>")
         .unwrap();
-    let images: Vec<_> = ["photo.jpg", "large.png"]
-        .iter()
-        .map(|name| {
-            let bytes = std::fs::read(fixtures().join("images").join(name)).unwrap();
-            decode(&bytes, &DecodeLimits::default()).unwrap()
-        })
-        .collect();
+    let images = [image("photo.jpg"), image("large.png")];
     let asked = std::cell::Cell::new(0);
     let after_one = || {
         asked.set(asked.get() + 1);
@@ -221,13 +212,7 @@ fn token_ids_without_the_vision_tower_are_the_prepared_prompt() {
         .encode("a<|vision_start|><|image_pad|><|vision_end|>b<|vision_start|><|image_pad|><|vision_end|>c")
         .unwrap();
     for pair in [["small.png", "wide.png"], ["large.png", "photo.jpg"]] {
-        let images: Vec<_> = pair
-            .iter()
-            .map(|name| {
-                let bytes = std::fs::read(fixtures().join("images").join(name)).unwrap();
-                decode(&bytes, &DecodeLimits::default()).unwrap()
-            })
-            .collect();
+        let images = pair.map(image);
         let (prepared, _) = f.model.prepare(ids.clone(), &images).unwrap();
         let counted = f.model.token_ids(ids.clone(), &images).unwrap();
         assert!(prepared.len() > ids.len(), "{pair:?}");

@@ -9,7 +9,7 @@ use pio_engine::chat::ChatTemplate;
 use pio_engine::checkpoint::Checkpoint;
 use pio_engine::generate::{Outcome, Request};
 use pio_engine::generation_config::GenerationConfig;
-use pio_engine::images::{decode, DecodeLimits};
+use pio_engine::images::{decode, DecodeLimits, RgbImage};
 use pio_engine::linear::Quantization;
 use pio_engine::models::qwen3_vl::Qwen3Vl;
 use pio_engine::runtime::LoadModel;
@@ -65,6 +65,12 @@ pub fn fixture_in(dtype: DType, device: &Device) -> Fixture {
     }
 }
 
+/// The fixture image `name` (tests/fixtures/images), decoded.
+pub fn image(name: &str) -> RgbImage {
+    let bytes = std::fs::read(fixtures().join("images").join(name)).unwrap();
+    decode(&bytes, &DecodeLimits::default()).unwrap()
+}
+
 /// A golden case's request, its prompt and positions checked against transformers'.
 pub fn request(f: &Fixture, case: &Value) -> Request {
     let messages = case["messages"].as_array().unwrap();
@@ -78,10 +84,7 @@ pub fn request(f: &Fixture, case: &Value) -> Request {
         .filter_map(|m| m["content"].as_array())
         .flatten()
         .filter_map(|p| p["image"].as_str())
-        .map(|file| {
-            let bytes = std::fs::read(fixtures().join("images").join(file)).unwrap();
-            decode(&bytes, &DecodeLimits::default()).unwrap()
-        })
+        .map(image)
         .collect();
     let (prompt, media) = f
         .model
