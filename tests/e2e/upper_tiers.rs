@@ -357,32 +357,14 @@ fn a_low_worker_cannot_trace_a_high_one() {
         return;
     }
     let high = tier_dir("high");
-    let mut frozen = std::process::Command::new(pio_bin())
-        .current_dir(high.path())
-        .args(["run", "hostile", "--plugins", ".", "--prompt", "freeze"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut frozen = crate::worker::frozen_run(&high);
+    let run = frozen.id();
     // The worker: of the run's processes, the one in a user namespace of its own.
     let own_namespace = |pid: &i32| {
         std::fs::read_to_string(format!("/proc/{pid}/uid_map"))
             .is_ok_and(|m| m.split_whitespace().collect::<Vec<_>>() == ["65534", "65534", "1"])
     };
-    let prefix = format!("hostile-{}-", frozen.id());
-    let find = || -> Option<i32> {
-        let groups = ["/sys/fs/cgroup/memory/pio", "/sys/fs/cgroup/pio"]
-            .iter()
-            .filter_map(|root| std::fs::read_dir(root).ok())
-            .flatten()
-            .filter_map(|e| e.ok())
-            .find(|e| e.file_name().to_string_lossy().starts_with(&prefix))?;
-        let procs = std::fs::read_to_string(groups.path().join("cgroup.procs")).ok()?;
-        procs
-            .lines()
-            .filter_map(|l| l.parse().ok())
-            .find(own_namespace)
-    };
+    let find = || (crate::worker::worker_group_procs(run).into_iter()).find(own_namespace);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let mut worker = find();
     while worker.is_none() && std::time::Instant::now() < deadline {

@@ -1114,31 +1114,9 @@ fn a_busy_low_worker_dies_with_its_daemon() {
         return;
     }
     let dir = hostile_dir();
-    let mut child = Command::new(pio_bin())
-        .current_dir(dir.path())
-        .args(["run", "hostile", "--plugins", ".", "--prompt", "freeze"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    // The worker's group, `pio/hostile-<pid>-<n>`, in the memory hierarchy (v1) or the one.
-    let prefix = format!("hostile-{}-", child.id());
-    let procs = ["/sys/fs/cgroup/memory/pio", "/sys/fs/cgroup/pio"];
-    let workers = || -> Vec<i32> {
-        let groups = procs
-            .iter()
-            .filter_map(|root| std::fs::read_dir(root).ok())
-            .flatten();
-        let group = groups
-            .filter_map(|e| e.ok())
-            .find(|e| e.file_name().to_string_lossy().starts_with(&prefix));
-        group
-            .and_then(|g| std::fs::read_to_string(g.path().join("cgroup.procs")).ok())
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.parse().ok())
-            .collect()
-    };
+    let mut child = frozen_run(&dir);
+    let pid = child.id();
+    let workers = || worker_group_procs(pid);
     let until = |done: &dyn Fn() -> bool| {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !done() && std::time::Instant::now() < deadline {
@@ -1148,7 +1126,7 @@ fn a_busy_low_worker_dies_with_its_daemon() {
     };
     assert!(
         until(&|| !workers().is_empty()),
-        "no {prefix}* group in {procs:?}"
+        "no worker group for pio run {pid}"
     );
     // Stopped in its request by now.
     std::thread::sleep(std::time::Duration::from_millis(500));
@@ -1162,4 +1140,37 @@ fn a_busy_low_worker_dies_with_its_daemon() {
         );
     }
     assert!(!survived, "the worker outlived its daemon");
+}
+
+/// `pio run hostile --prompt freeze` in `dir`: its worker stops itself inside the request and
+/// stays, for tests that look at a live worker.
+pub(crate) fn frozen_run(dir: &PluginDir) -> std::process::Child {
+    Command::new(pio_bin())
+        .current_dir(dir.path())
+        .args(["run", "hostile", "--plugins", ".", "--prompt", "freeze"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// The processes in the worker cgroup of the `pio` process `pid` (`pio/<name>-<pid>-<n>`, in
+/// v1's memory hierarchy or the one v2 tree); none before it exists.
+pub(crate) fn worker_group_procs(pid: u32) -> Vec<i32> {
+    let suffix = format!("-{pid}-");
+    let group = ["/sys/fs/cgroup/memory/pio", "/sys/fs/cgroup/pio"]
+        .iter()
+        .filter_map(|root| std::fs::read_dir(root).ok())
+        .flatten()
+        .filter_map(|e| e.ok())
+        .find(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.contains(&suffix) && !name.starts_with("probe-")
+        });
+    group
+        .and_then(|g| std::fs::read_to_string(g.path().join("cgroup.procs")).ok())
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .collect()
 }
