@@ -10,11 +10,37 @@ use crate::daemon::*;
 use crate::worker::confinement_available;
 
 fn hangup(d: &Daemon) {
+    send(d.pid(), "-HUP");
+}
+
+/// `kill <signal> <pid>`.
+fn send(pid: u32, signal: &str) {
     let status = std::process::Command::new("kill")
-        .args(["-HUP", &d.pid().to_string()])
+        .args([signal, &pid.to_string()])
         .status()
         .expect("kill");
     assert!(status.success());
+}
+
+/// `pio serve --listen 127.0.0.1:0` with `args`, its log lines on a channel as they come.
+fn serve_logging(
+    args: &[&std::ffi::OsStr],
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(crate::support::pio_bin())
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
 }
 
 /// Waits up to ten seconds for `check`.
@@ -113,21 +139,8 @@ fn sighup_without_a_config_file_changes_nothing_and_stops_nothing() {
     if !confinement_available() {
         return;
     }
-    use std::io::{BufRead, BufReader};
     let dir = echo_dir("");
-    let mut child = std::process::Command::new(crate::support::pio_bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--plugins"])
-        .arg(dir.path())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let (mut child, rx) = serve_logging(&["--plugins".as_ref(), dir.path().as_os_str()]);
     let wait_for = |needle: &str| loop {
         let line = rx
             .recv_timeout(Duration::from_secs(30))
@@ -137,11 +150,7 @@ fn sighup_without_a_config_file_changes_nothing_and_stops_nothing() {
         }
     };
     wait_for("model loaded");
-    let status = std::process::Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    send(child.id(), "-HUP");
     wait_for("no configuration file to reload");
     std::thread::sleep(Duration::from_millis(200));
     assert!(
@@ -159,32 +168,19 @@ fn sighup_during_start_up_is_acted_on_once_serving() {
     if !confinement_available() {
         return;
     }
-    use std::io::{BufRead, BufReader};
     let dir = crate::daemon::echo_and_hostile_dir();
     dir.write("slow-probe", "");
     let config = tempfile::tempdir().unwrap();
-    std::fs::write(config.path().join("pio.toml"), "[server]\nwarmup = false\n").unwrap();
-    let mut child = std::process::Command::new(crate::support::pio_bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(config.path().join("pio.toml"))
-        .arg("--plugins")
-        .arg(dir.path())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let file = config.path().join("pio.toml");
+    std::fs::write(&file, "[server]\nwarmup = false\n").unwrap();
+    let (mut child, rx) = serve_logging(&[
+        "--config".as_ref(),
+        file.as_os_str(),
+        "--plugins".as_ref(),
+        dir.path().as_os_str(),
+    ]);
     std::thread::sleep(Duration::from_millis(1000));
-    let status = std::process::Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    send(child.id(), "-HUP");
     let mut seen: Vec<String> = Vec::new();
     let wanted = ["listening on", "SIGHUP: configuration reloaded"];
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -246,20 +242,11 @@ fn sigterm_during_start_up_stops_cleanly() {
     }
     let dir = crate::daemon::echo_and_hostile_dir();
     dir.write("slow-probe", "");
-    let child = std::process::Command::new(crate::support::pio_bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--plugins"])
-        .arg(dir.path())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (mut child, rx) = serve_logging(&["--plugins".as_ref(), dir.path().as_os_str()]);
     std::thread::sleep(Duration::from_millis(1000));
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let out = child.wait_with_output().unwrap();
-    let logs = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{logs}");
+    send(child.id(), "-TERM");
+    let status = child.wait().unwrap();
+    let logs: String = rx.iter().map(|l| l + "\n").collect();
+    assert_eq!(status.code(), Some(0), "{logs}");
     assert!(logs.contains("SIGTERM while starting"), "{logs}");
 }
