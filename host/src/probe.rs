@@ -390,8 +390,9 @@ fn tail(stderr: &str) -> String {
 }
 
 /// The confinement every probe gets before it loads a library (whose constructors run at load):
-/// the base of the `low` tier without a cgroup — the workers' unprivileged `user` when started as
-/// root, no_new_privs, no core dumps — and an empty network namespace:
+/// the base of the `low` tier — the workers' unprivileged `user` when started as root,
+/// no_new_privs, no core dumps; its cgroup is the probe's fence, not a worker's — and an empty
+/// network namespace:
 /// reading what a library is needs no network, and the probe runs before any tier applies (a
 /// `maximum` manifest's library included). Not as root, the namespace is made inside a user
 /// namespace of its own where the kernel allows that, and the network stays where it does not.
