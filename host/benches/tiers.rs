@@ -85,6 +85,10 @@ async fn in_worker(library: &Path, tier: Tier) -> Result<Figures, String> {
         // The bench loads the library it just built; `maximum` only needs to know a pin exists.
         pinned: true,
         gpu: None,
+        uid: Policy::default()
+            .users
+            .uid_for("echo")
+            .map_err(|e| e.to_string())?,
     };
     let plan = sandbox::plan(subject, &Policy::default(), &HostSupport::detect())
         .map_err(|e| e.to_string())?;

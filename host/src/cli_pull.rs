@@ -335,7 +335,7 @@ fn check_config(prober: &Prober, chosen: &Chosen, path: &Path, text: &str) -> an
     let manifest = Manifest::parse(path, text)
         .with_context(|| format!("the manifest for {} does not parse", path.display()))?;
     let config = pio_host::launch::model_config(&manifest, path);
-    match prober.probe_for(&chosen.library, Some(&config)) {
+    match prober.probe_for(&chosen.library, &manifest.name, &config) {
         Ok(_) => Ok(()),
         Err(ProbeError::ConfigRefused { message, .. }) => bail!(
             "plugin {} refuses this model's settings: {message}; only config.json was downloaded",

@@ -51,7 +51,7 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<u8> {
         // At `maximum` the folder is mounted into an empty root: the folders above do not count.
         if !writable_folder(&dir, uid, gid, Reach::of(&spec.plan)) {
             bail!(
-                "{name}: the worker runs as uid {uid}, gid {gid} (sandbox.worker_uid, sandbox.worker_gid) and cannot write the quantization_cache folder {}: give it that user (chown {uid}:{gid} {}) or remove it so that the worker creates it",
+                "{name}: the worker runs as uid {uid} (its plugin's own, from sandbox.worker_uids; or sandbox.worker_uid), gid {gid} (sandbox.worker_gid) and cannot write the quantization_cache folder {}: give it that user (chown {uid}:{gid} {}) or remove it so that the worker creates it",
                 dir.display(),
                 dir.display()
             );

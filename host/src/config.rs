@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::manifest::{Limits, Tier};
+use crate::sandbox::users::{UidRange, WorkerUsers};
 use crate::sandbox::{Policy, ResolvedLimits};
 use crate::supervisor::RestartPolicy;
 use crate::tomlfile::TomlError;
@@ -67,6 +68,14 @@ fn unprivileged<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error>
     Ok(id)
 }
 
+fn some_unprivileged<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    unprivileged(d).map(Some)
+}
+
+fn uid_range<'de, D: serde::Deserializer<'de>>(d: D) -> Result<UidRange, D::Error> {
+    UidRange::parse(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+}
+
 /// The whole file.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -94,9 +103,14 @@ pub struct SandboxSection {
     /// Run a plugin less confined than asked, with a warning, when the host lacks a mechanism
     /// (default `false`: refuse it).
     pub allow_downgrade: bool,
-    /// The uid workers run as (default 65534, `nobody`).
-    #[serde(deserialize_with = "unprivileged")]
-    pub worker_uid: u32,
+    /// The one uid every worker runs as; unset (the default), each plugin's workers run as a
+    /// uid of their own from `worker_uids`.
+    #[serde(deserialize_with = "some_unprivileged")]
+    pub worker_uid: Option<u32>,
+    /// The range each plugin's uid is drawn from, as `"FIRST-LAST"` (default
+    /// 1879048192-2147352575).
+    #[serde(deserialize_with = "uid_range")]
+    pub worker_uids: UidRange,
     /// The gid workers run as (default 65534).
     #[serde(deserialize_with = "unprivileged")]
     pub worker_gid: u32,
@@ -108,7 +122,8 @@ impl Default for SandboxSection {
         Self {
             min_tier: p.min_tier,
             allow_downgrade: p.allow_downgrade,
-            worker_uid: p.worker_uid,
+            worker_uid: None,
+            worker_uids: UidRange::DEFAULT,
             worker_gid: p.worker_gid,
         }
     }
@@ -430,7 +445,10 @@ impl Config {
         Policy {
             min_tier: self.sandbox.min_tier,
             allow_downgrade: self.sandbox.allow_downgrade,
-            worker_uid: self.sandbox.worker_uid,
+            users: match self.sandbox.worker_uid {
+                Some(uid) => WorkerUsers::Shared(uid),
+                None => WorkerUsers::PerPlugin(self.sandbox.worker_uids),
+            },
             worker_gid: self.sandbox.worker_gid,
         }
     }
@@ -735,5 +753,22 @@ mod tests {
             e.message.contains("worker_uid") && e.message.contains("unchanged"),
             "{e}"
         );
+    }
+
+    /// Unset, each plugin has a uid of its own from `worker_uids`; set, `worker_uid` is every
+    /// worker's.
+    #[test]
+    fn workers_run_as_a_uid_per_plugin_unless_one_is_set() {
+        let per_plugin = parse("[sandbox]\nworker_uids = \"100000-165535\"\n").unwrap();
+        let WorkerUsers::PerPlugin(range) = per_plugin.policy().users else {
+            panic!("{:?}", per_plugin.policy());
+        };
+        assert_eq!(range.to_string(), "100000-165535");
+        let default = Config::default().policy().users;
+        assert_eq!(default, WorkerUsers::PerPlugin(UidRange::DEFAULT));
+        let shared = parse("[sandbox]\nworker_uid = 1234\n").unwrap();
+        assert_eq!(shared.policy().users, WorkerUsers::Shared(1234));
+        let e = parse("[sandbox]\nworker_uids = \"0-99\"\n").unwrap_err();
+        assert!(e.message.contains("FIRST-LAST") && e.line == 2, "{e}");
     }
 }

@@ -387,7 +387,9 @@ fn check_model_readable(
     prober: &Prober,
 ) -> Result<(), CheckError> {
     use crate::sandbox::readable::{unreadable_tree, Reach};
-    let (Some(model), Some((uid, gid))) = (model_path(path, manifest), prober.drop_to()) else {
+    let (Some(model), Some((uid, gid))) =
+        (model_path(path, manifest), prober.drop_to(&manifest.name))
+    else {
         return Ok(());
     };
     // The folders above count below `maximum`, whose empty root mounts the model alone; the
@@ -509,7 +511,7 @@ pub fn check_library(candidate: &mut Candidate, prober: &Prober) {
     // The plugin's word on the config counts once the library is the manifest's plugin: a
     // wrong library is named as such, not by what it makes of another plugin's options.
     let mut refused = None;
-    let result = match prober.probe_for(library, Some(&config)) {
+    let result = match prober.probe_for(library, &manifest.name, &config) {
         Err(ProbeError::ConfigRefused {
             report,
             kind,

@@ -255,7 +255,10 @@ fn the_model_must_be_readable_to_the_workers() {
     )
     .unwrap();
     let parsed = Manifest::parse(&manifest, &std::fs::read_to_string(&manifest).unwrap()).unwrap();
-    let prober = Prober::new(PathBuf::from("/nonexistent")).with_user(65534, 65534);
+    let prober = Prober::new(PathBuf::from("/nonexistent")).with_users(&crate::sandbox::Policy {
+        users: crate::sandbox::users::WorkerUsers::Shared(65534),
+        ..Default::default()
+    });
     let e = check_model_readable(&manifest, &parsed, &prober).unwrap_err();
     assert_eq!(e.kind(), "model_unreadable");
     let message = e.to_string();

@@ -8,18 +8,36 @@ use pio_plugin_api::wire::{HostContext, ModelConfig};
 use crate::config::Config;
 use crate::discovery::{Candidate, CheckError, Status};
 use crate::manifest::Manifest;
+use crate::sandbox::users::UsersError;
 use crate::sandbox::{self, HostSupport, Plan, PlanError, Policy};
 use crate::supervisor::WorkerSpec;
 
+/// Why a plugin's worker cannot be planned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LaunchError {
+    /// The host cannot confine it as asked.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// No uid can be had for it.
+    #[error(transparent)]
+    Users(#[from] UsersError),
+}
+
 /// Plans the worker's confinement from the manifest's tier and its limits (resolved against
-/// the daemon config's defaults).
+/// the daemon config's defaults), and the uid it runs as.
 pub fn plan(
     manifest: &Manifest,
     config: &Config,
     policy: &Policy,
     host: &HostSupport,
-) -> Result<Plan, PlanError> {
+) -> Result<Plan, LaunchError> {
+    // Only root switches users: elsewhere the uid is not looked for (nor refused).
+    let uid = match host.root {
+        true => policy.users.uid_for(&manifest.name)?,
+        false => nix::unistd::geteuid().as_raw(),
+    };
     let subject = sandbox::Subject {
+        uid,
         plugin: &manifest.name,
         tier: manifest.tier,
         limits: config.limits_for(&manifest.limits),
@@ -30,7 +48,7 @@ pub fn plan(
             .as_ref()
             .and_then(|d| sandbox::gpu::ordinal(&d.0)),
     };
-    sandbox::plan(subject, policy, host)
+    Ok(sandbox::plan(subject, policy, host)?)
 }
 
 /// Plans the worker of a `candidate` that passed, on a host with every mechanism, so that
@@ -44,7 +62,12 @@ pub fn check_confinement(candidate: &mut Candidate) {
     // Only the manifest's own reasons: the daemon's host and its configuration (a stricter
     // `min_tier`, `allow_downgrade`) may differ from where the check runs.
     let host = HostSupport::complete();
-    if let Err(e) = plan(manifest, &config, &config.policy(), &host) {
+    // The uid is the running host's business, not the manifest's.
+    let policy = Policy {
+        users: sandbox::users::WorkerUsers::Shared(65534),
+        ..config.policy()
+    };
+    if let Err(e) = plan(manifest, &config, &policy, &host) {
         candidate.status = Status::Failed(CheckError::Confinement {
             manifest: candidate.manifest_path.clone(),
             tier: manifest.tier.to_string(),
@@ -191,6 +214,7 @@ mod tests {
                 limits: Default::default(),
                 pinned: false,
                 gpu: None,
+                uid: 65534,
             },
             &Default::default(),
             &crate::sandbox::HostSupport::detect(),

@@ -222,10 +222,9 @@ pub(crate) fn settings(args: &SearchArgs) -> anyhow::Result<Settings> {
 
 /// A prober dropping to the workers' user of `config`.
 pub(crate) fn prober(config: &pio_host::config::Config) -> anyhow::Result<Prober> {
-    let policy = config.policy();
     Ok(Prober::current_exe()
         .context("cannot find the running `pio` executable to probe libraries with")?
-        .with_user(policy.worker_uid, policy.worker_gid))
+        .with_users(&config.policy()))
 }
 
 fn list(

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use wait_timeout::ChildExt;
 
 use crate::sandbox::fence::Fence;
+use crate::sandbox::users::{WorkerUsers, UNNAMED_PROBE};
 use crate::sandbox::{confine, NetworkCut, Plan, Policy, ResolvedLimits, Tier};
 
 /// What a library says about itself, once every load-time check passed.
@@ -163,8 +164,10 @@ impl ProbeError {
 pub struct Prober {
     exe: PathBuf,
     timeout: Duration,
-    /// The uid and gid the probe drops to when started as root: the workers' own.
-    user: (u32, u32),
+    /// The uids the probes drop to when started as root: the workers' own.
+    users: WorkerUsers,
+    /// The gid they drop to.
+    gid: u32,
 }
 
 impl Prober {
@@ -173,47 +176,71 @@ impl Prober {
         Ok(Self::new(std::env::current_exe()?))
     }
 
-    /// A prober re-executing `exe`, dropping to the default worker user.
+    /// A prober re-executing `exe`, dropping to the default workers' users.
     pub fn new(exe: PathBuf) -> Self {
-        let policy = Policy::default();
         Self {
             exe,
             timeout: Duration::from_secs(20),
-            user: (policy.worker_uid, policy.worker_gid),
+            users: WorkerUsers::default(),
+            gid: Policy::default().worker_gid,
         }
     }
 
-    /// The same prober dropping to `uid:gid` (`sandbox.worker_uid`, `sandbox.worker_gid`), so a
-    /// library the workers can read is one the probe can read.
-    pub fn with_user(mut self, uid: u32, gid: u32) -> Self {
-        self.user = (uid, gid);
+    /// The same prober dropping to `policy`'s users (`sandbox.worker_uid` or `worker_uids`,
+    /// `sandbox.worker_gid`): a library runs as the uid its plugin's workers will have, and one
+    /// the workers can read is one the probe can read.
+    pub fn with_users(mut self, policy: &Policy) -> Self {
+        (self.users, self.gid) = (policy.users, policy.worker_gid);
         self
     }
 
-    /// The user the probes (and the workers) drop to, when this process can drop to one.
-    pub fn drop_to(&self) -> Option<(u32, u32)> {
-        probe_plan(self.user).drop_to
+    /// The user `plugin`'s probes (and workers) drop to, when this process can drop to one
+    /// (`None` also where no uid can be had: the probe says why).
+    pub fn drop_to(&self, plugin: &str) -> Option<(u32, u32)> {
+        let uid = self.users.uid_for(plugin).ok()?;
+        probe_plan((uid, self.gid)).drop_to
     }
 
-    /// Loads `library` in a child process and reports what it is.
+    /// Loads `library`, whose plugin is not known yet, in a child process and reports what it
+    /// is. It runs as a uid no plugin has.
     pub fn probe(&self, library: &Path) -> Result<LibraryReport, ProbeError> {
-        self.probe_for(library, None)
+        self.probe_as(library, UNNAMED_PROBE, None)
     }
 
-    /// [`Self::probe`], and asks the plugin whether it supports `config` (a manifest's
-    /// `[model]`: an option it does not read, a dtype or quantization it cannot load), so the
-    /// check finds what a load would refuse.
+    /// [`Self::probe`] as `plugin`'s library, and asks the plugin whether it supports `config`
+    /// (a manifest's `[model]`: an option it does not read, a dtype or quantization it cannot
+    /// load), so the check finds what a load would refuse.
     pub fn probe_for(
         &self,
         library: &Path,
+        plugin: &str,
+        config: &pio_plugin_api::wire::ModelConfig,
+    ) -> Result<LibraryReport, ProbeError> {
+        self.probe_as(library, plugin, Some(config))
+    }
+
+    /// Probes `library` as `plugin`'s uid.
+    fn probe_as(
+        &self,
+        library: &Path,
+        plugin: &str,
         config: Option<&pio_plugin_api::wire::ModelConfig>,
     ) -> Result<LibraryReport, ProbeError> {
+        let root = nix::unistd::geteuid().is_root();
+        let uid = match root {
+            true => self.users.uid_for(plugin).map_err(|e| ProbeError::Spawn {
+                exe: self.exe.clone(),
+                reason: e.to_string(),
+            })?,
+            false => nix::unistd::geteuid().as_raw(),
+        };
+        let user = (uid, self.gid);
         #[cfg(target_os = "linux")]
         crate::elf::check_shared_object(library).map_err(|reason| ProbeError::Malformed {
             library: library.to_owned(),
             reason,
         })?;
-        if let Some((uid, gid)) = probe_plan(self.user).drop_to {
+        if let Some((uid, gid)) = probe_plan(user).drop_to {
             if let Some(blocked) = crate::sandbox::readable::unreadable(
                 library,
                 uid,
@@ -226,12 +253,9 @@ impl Prober {
             }
         }
         let mut command = Command::new(&self.exe);
-        command.arg("probe").args([
-            "--uid",
-            &self.user.0.to_string(),
-            "--gid",
-            &self.user.1.to_string(),
-        ]);
+        command
+            .arg("probe")
+            .args(["--uid", &user.0.to_string(), "--gid", &user.1.to_string()]);
         // The config goes on stdin, not in argv, which every user can read (`ps`): its options
         // may hold secrets.
         let json = config.map(|c| serde_json::to_string(c).unwrap_or_else(|_| "{}".into()));

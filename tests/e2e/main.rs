@@ -27,4 +27,5 @@ mod service;
 mod structured;
 mod supervisor;
 mod upper_tiers;
+mod users;
 mod worker;

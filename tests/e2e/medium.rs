@@ -36,8 +36,9 @@ fn capabilities_are_gone_and_every_thread_is_filtered() {
     }
     let dir = medium_dir();
     let status = attack(&dir, "status").stdout;
+    let uid = format!("uid={} ", crate::support::worker_uid("hostile"));
     for expected in [
-        "uid=65534 ",
+        uid.as_str(),
         "nonewprivs=1 ",
         "capeff=0000000000000000 ",
         "capbnd=0000000000000000 ",

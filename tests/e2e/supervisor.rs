@@ -33,6 +33,7 @@ fn spec(name: &str, crate_name: &str) -> WorkerSpec {
         limits,
         pinned: false,
         gpu: None,
+        uid: crate::support::worker_uid(name),
     };
     let plan = sandbox::plan(subject, &Policy::default(), &HostSupport::detect()).unwrap();
     WorkerSpec {
@@ -131,7 +132,7 @@ fn a_crash_fails_the_request_in_flight_then_the_worker_restarts() {
         assert!(complete(&plugin, "status")
             .await
             .unwrap()
-            .contains("uid=65534"));
+            .contains(&format!("uid={}", crate::support::worker_uid("hostile"))));
         plugin.stop().await;
     });
 }

@@ -222,3 +222,10 @@ pub fn open_to_workers(dir: &Path) {
         }
     }
 }
+
+/// The uid `plugin`'s workers run as under the default configuration: one of its own.
+pub fn worker_uid(plugin: &str) -> u32 {
+    pio_host::sandbox::users::WorkerUsers::default()
+        .uid_for(plugin)
+        .expect("the default uid range is mapped here")
+}

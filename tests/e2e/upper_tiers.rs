@@ -16,9 +16,11 @@ fn high_maps_only_its_own_uid_and_filters_by_allow_list() {
     }
     let dir = tier_dir("high");
     let status = attack(&dir, "status").stdout;
+    let uid = crate::support::worker_uid("hostile");
+    let (own, map) = (format!("uid={uid} "), format!("uidmap={uid}:{uid}:1 "));
     for expected in [
-        "uid=65534 ",
-        "uidmap=65534:65534:1 ",
+        own.as_str(),
+        map.as_str(),
         "capeff=0000000000000000 ",
         "seccomp=2 ",
     ] {
@@ -360,9 +362,10 @@ fn a_low_worker_cannot_trace_a_high_one() {
     let mut frozen = crate::worker::frozen_run(&high);
     let run = frozen.id();
     // The worker: of the run's processes, the one in a user namespace of its own.
+    let uid = crate::support::worker_uid("hostile").to_string();
     let own_namespace = |pid: &i32| {
         std::fs::read_to_string(format!("/proc/{pid}/uid_map"))
-            .is_ok_and(|m| m.split_whitespace().collect::<Vec<_>>() == ["65534", "65534", "1"])
+            .is_ok_and(|m| m.split_whitespace().collect::<Vec<_>>() == [&uid, &uid, "1"])
     };
     let find = || (crate::worker::worker_group_procs(run).into_iter()).find(own_namespace);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);

@@ -151,7 +151,8 @@ fn the_worker_runs_unprivileged_in_its_cgroup_with_nothing_inherited() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(status.contains("uid=65534 "), "{status}");
+    let uid = worker_uid("hostile");
+    assert!(status.contains(&format!("uid={uid} ")), "{status}");
     assert!(status.contains("nonewprivs=1 "), "{status}");
     assert!(status.contains("cgroup=/pio/hostile-"), "{status}");
     assert!(
@@ -400,7 +401,8 @@ fn library_constructors_run_only_in_confined_children() {
             !text.starts_with(&format!("pid={check_pid} ")),
             "ran inside `pio check` itself: {text}"
         );
-        assert!(text.contains("uid=65534"), "ran unconfined: {text}");
+        let uid = format!("uid={}", worker_uid("hostile"));
+        assert!(text.contains(&uid), "ran unconfined: {text}");
         assert!(path.exists());
     }
     let _ = std::fs::remove_dir_all(marks);
@@ -519,8 +521,9 @@ fn a_tier_the_host_cannot_give_is_refused_unless_downgrade_is_allowed() {
         "{}",
         ran.stderr
     );
+    let uid = worker_uid("hostile");
     assert!(
-        ran.stdout.contains("uidmap=65534:65534:1"),
+        ran.stdout.contains(&format!("uidmap={uid}:{uid}:1")),
         "the high mechanisms apply: {}",
         ran.stdout
     );
@@ -655,7 +658,8 @@ fn no_new_privs_defeats_a_setuid_binary_and_setns_is_refused() {
     std::fs::set_permissions(&id, std::os::unix::fs::PermissionsExt::from_mode(0o4755)).unwrap();
     let dir = hostile_dir();
     let out = attack(&dir, &format!("exec {} -u", id.display()));
-    assert_eq!(out.stdout.trim(), "ran: 65534", "{}", out.stderr);
+    let uid = worker_uid("hostile");
+    assert_eq!(out.stdout.trim(), format!("ran: {uid}"), "{}", out.stderr);
     let out = attack(&dir, "setns");
     assert!(out.stdout.starts_with("denied:"), "{}", out.stdout);
 }
@@ -776,10 +780,8 @@ fn paths_the_worker_user_cannot_read_are_named_with_the_uid_and_the_fix() {
     chmod(dir.path(), 0o700);
     let out = pio(dir.path(), &["list", "--plugins", "."]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains("uid 65534") && text.contains("chmod o+x"),
-        "{text}"
-    );
+    let uid = format!("uid {} ", worker_uid("echo"));
+    assert!(text.contains(&uid) && text.contains("chmod o+x"), "{text}");
     chmod(dir.path(), 0o755);
     let text =
         String::from_utf8_lossy(&pio(dir.path(), &["list", "--plugins", "."]).stdout).to_string();
@@ -820,7 +822,9 @@ fn paths_the_worker_user_cannot_read_are_named_with_the_uid_and_the_fix() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        err.contains("model.safetensors") && err.contains("uid 65534") && err.contains("chmod o+r"),
+        err.contains("model.safetensors")
+            && err.contains(&format!("uid {} ", worker_uid("qwen3-4b-instruct-2507")))
+            && err.contains("chmod o+r"),
         "{err}"
     );
 }
@@ -862,15 +866,16 @@ fn quantize_refuses_a_cache_folder_the_worker_user_cannot_write() {
     let out = quantize();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
+    let uid = worker_uid("qwen3-4b-instruct-2507");
     assert!(
-        err.contains("uid 65534")
-            && err.contains("chown 65534:65534")
+        err.contains(&format!("uid {uid} "))
+            && err.contains(&format!("chown {uid}:65534"))
             && err.contains(&cache.display().to_string()),
         "{err}"
     );
     assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 0);
 
-    std::os::unix::fs::chown(&cache, Some(65534), Some(65534)).unwrap();
+    std::os::unix::fs::chown(&cache, Some(uid), Some(65534)).unwrap();
     let out = quantize();
     assert!(
         out.status.success(),
@@ -914,7 +919,8 @@ fn the_probe_runs_as_the_configured_worker_user() {
     let text = list(&["--config", config.to_str().unwrap()]);
     assert!(text.contains("ready"), "{text}");
     let text = list(&[]);
-    assert!(text.contains("uid 65534"), "{text}");
+    let uid = format!("uid {} ", worker_uid("echo"));
+    assert!(text.contains(&uid), "{text}");
 }
 
 /// A first Ctrl-C cancels a running request; a plugin stuck in a loop never sees it, and a

@@ -18,6 +18,7 @@ pub mod readable;
 pub mod refusals;
 mod remount;
 mod seccomp;
+pub mod users;
 mod xattr;
 
 use serde::{Deserialize, Serialize};
@@ -103,9 +104,9 @@ pub struct Policy {
     pub min_tier: Tier,
     /// Start a plugin less confined than asked (with a warning) when the host lacks a mechanism.
     pub allow_downgrade: bool,
-    /// The unprivileged uid and gid workers run as.
-    pub worker_uid: u32,
-    /// See `worker_uid`.
+    /// The unprivileged uids workers run as: one per plugin, or one for all.
+    pub users: users::WorkerUsers,
+    /// The gid every worker runs as: files readable to it are readable to every plugin.
     pub worker_gid: u32,
 }
 
@@ -114,8 +115,8 @@ impl Default for Policy {
         Self {
             min_tier: Tier::Low,
             allow_downgrade: false,
-            // `nobody`: owns nothing, so a worker can read only what is world-readable.
-            worker_uid: 65534,
+            users: users::WorkerUsers::default(),
+            // `nogroup`: owns nothing, so a worker can read only what is world-readable.
             worker_gid: 65534,
         }
     }
@@ -226,6 +227,8 @@ pub struct Subject<'a> {
     pub pinned: bool,
     /// The NVIDIA GPU its model runs on (`[model] device = "cuda[:N]"`), if any.
     pub gpu: Option<u32>,
+    /// The uid its workers run as (from [`Policy::users`]).
+    pub uid: u32,
 }
 
 /// What each tier needs that this host (or the plugin) lacks; `None` when nothing is missing.
@@ -288,7 +291,7 @@ pub fn plan(subject: Subject<'_>, policy: &Policy, host: &HostSupport) -> Result
         requested,
         applied,
         downgrade_reason,
-        drop_to: host.root.then_some((policy.worker_uid, policy.worker_gid)),
+        drop_to: host.root.then_some((subject.uid, policy.worker_gid)),
         isolation: (applied >= Tier::Medium).then(|| Isolation {
             scratch_bytes: limits.scratch_bytes.unwrap_or(DEFAULT_SCRATCH_BYTES),
             keep_visible: Vec::new(),

@@ -30,7 +30,7 @@ impl Blocked {
         };
         let path = self.path.display();
         format!(
-            "{what}: the worker runs as uid {uid}, gid {gid} (sandbox.worker_uid, sandbox.worker_gid) and cannot {lack} {path}: make it and every folder above it readable to that user (e.g. {fix} {path}, or for that user alone setfacl -m u:{uid}:{acl} {path})"
+            "{what}: the worker runs as uid {uid} (its plugin's own, from sandbox.worker_uids; or sandbox.worker_uid), gid {gid} (sandbox.worker_gid) and cannot {lack} {path}: make it and every folder above it readable to that user (e.g. {fix} {path}, or for that user alone setfacl -m u:{uid}:{acl} {path})"
         )
     }
 }

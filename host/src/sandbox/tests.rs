@@ -15,6 +15,7 @@ fn subject(tier: Tier) -> Subject<'static> {
         limits: ResolvedLimits::default(),
         pinned: true,
         gpu: None,
+        uid: 4321,
     }
 }
 
@@ -22,7 +23,11 @@ fn subject(tier: Tier) -> Subject<'static> {
 fn low_on_a_capable_host_is_applied_as_asked() {
     let p = plan(subject(Tier::Low), &Policy::default(), &host(true, true)).unwrap();
     assert_eq!((p.requested, p.applied), (Tier::Low, Tier::Low));
-    assert_eq!(p.drop_to, Some((65534, 65534)));
+    assert_eq!(
+        p.drop_to,
+        Some((4321, 65534)),
+        "the subject's uid, the policy's gid"
+    );
     assert!(p.cgroup && p.downgrade_reason.is_none() && p.isolation.is_none());
 }
 

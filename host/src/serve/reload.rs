@@ -139,7 +139,7 @@ mod tests {
         file.server.queue_depth = 3;
         file.limits.memory = Some(ByteSize(1 << 30));
         file.server.max_body_size = ByteSize(1 << 10);
-        file.sandbox.worker_uid = 1234;
+        file.sandbox.worker_uid = Some(1234);
         file.server.header_timeout_secs = 5;
 
         let (next, restart) = merge(&running, &before, &file);

@@ -294,6 +294,7 @@ mod tests {
             limits: Default::default(),
             pinned: false,
             gpu,
+            uid: 65534,
         };
         crate::sandbox::plan(subject, &Policy::default(), &host).unwrap()
     }

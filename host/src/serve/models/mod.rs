@@ -147,8 +147,7 @@ impl Models {
 
     /// Probes libraries as the workers' user.
     fn prober(&self) -> Prober {
-        Prober::new(self.setup.exe.clone())
-            .with_user(self.setup.policy.worker_uid, self.setup.policy.worker_gid)
+        Prober::new(self.setup.exe.clone()).with_users(&self.setup.policy)
     }
 
     /// Checks `name`'s manifest and library again and takes them in, so that an admin load or
