@@ -30,9 +30,11 @@ pub struct SamplingParams {
 }
 
 impl SamplingParams {
-    /// Whether these parameters pick the most likely token every time.
+    /// Whether these parameters pick the most likely token every time: also below a temperature
+    /// of 1e-5 (vLLM's cut), where dividing the logits by it overflows f32 and the draw would
+    /// land on an arbitrary candidate.
     pub fn is_greedy(&self) -> bool {
-        self.temperature.is_none_or(|t| t <= 0.0)
+        self.temperature.is_none_or(|t| t < 1e-5)
     }
 }
 
@@ -138,11 +140,7 @@ impl Sampler {
             &adjusted
         };
         if self.params.is_greedy() {
-            let best = argmax(logits);
-            return logits
-                .get(best as usize)
-                .is_some_and(|&l| l > f32::NEG_INFINITY)
-                .then_some(best);
+            return argmax(logits);
         }
         let temperature = self.params.temperature.unwrap_or(1.0);
         let scaled = |(i, l): (u32, f32)| (i, (l / temperature) as f64);
@@ -330,15 +328,16 @@ fn nucleus(items: &mut [(u32, f64)], target: f64) -> usize {
     hi
 }
 
-/// The index of the largest value, the first among equals.
-pub(crate) fn argmax(values: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, v) in values.iter().enumerate() {
-        if *v > values[best] {
-            best = i;
+/// The index of the largest value, the first among equals, NaN passed over; `None` when no
+/// value is above -inf (no token can be had).
+pub(crate) fn argmax(values: &[f32]) -> Option<u32> {
+    let mut best: Option<(usize, f32)> = None;
+    for (i, &v) in values.iter().enumerate() {
+        if v > best.map_or(f32::NEG_INFINITY, |b| b.1) {
+            best = Some((i, v));
         }
     }
-    best as u32
+    best.map(|(i, _)| i as u32)
 }
 
 #[cfg(test)]
@@ -355,6 +354,41 @@ mod tests {
     fn greedy_takes_the_first_maximum() {
         let mut s = Sampler::new(SamplingParams::default());
         assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0], &[], &[]), 1);
+    }
+
+    /// NaN (an overflowed dtype, broken weights) is never the best token, and a row with nothing
+    /// finite gives none, biased or not.
+    #[test]
+    fn greedy_passes_over_nan_and_finds_nothing_in_a_row_without_a_number() {
+        assert_eq!(argmax(&[f32::NAN, 1.0, 2.0]), Some(2));
+        assert_eq!(argmax(&[f32::NAN, f32::NAN]), None);
+        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NAN]), None);
+        assert_eq!(argmax(&[]), None);
+        let mut biased = Sampler::new(params(|p| p.logit_bias = vec![(0, 1.0)]));
+        assert_eq!(
+            biased.sample_from(&[f32::NAN, 1.0, 2.0], &[], &[], None),
+            Some(2)
+        );
+    }
+
+    /// A temperature too small to divide by is greedy (vLLM's cut at 1e-5): the division
+    /// overflowed to infinities and the draw fell on the last candidate.
+    #[test]
+    fn a_vanishing_temperature_is_greedy() {
+        for seed in 0..10 {
+            let mut s = Sampler::new(params(|p| {
+                p.temperature = Some(1e-38);
+                p.seed = Some(seed);
+            }));
+            assert_eq!(s.sample(&[30.0, 0.0, 10.0], &[], &[]), 0);
+            let mut top = Sampler::new(params(|p| {
+                p.temperature = Some(1e-38);
+                p.top_k = Some(2);
+                p.seed = Some(seed);
+            }));
+            assert_eq!(top.sample(&[30.0, 0.0, 10.0], &[], &[]), 0);
+        }
+        assert!(!params(|p| p.temperature = Some(1e-4)).is_greedy());
     }
 
     #[test]

@@ -19,8 +19,9 @@ pub(crate) fn outputs(logits: &Tensor, wanted: &[Wanted]) -> Result<Vec<Output>>
         return Ok(rows
             .into_iter()
             .zip(wanted)
-            .map(|(row, w)| match w {
-                Wanted::Best => Output::Best(crate::sampling::argmax(&row)),
+            .map(|(row, w)| match (w, crate::sampling::argmax(&row)) {
+                (Wanted::Best, Some(best)) => Output::Best(best),
+                // Nothing finite: the row goes to the sampler, which names the fault.
                 _ => Output::Logits(row),
             })
             .collect());
@@ -44,10 +45,19 @@ fn on_device(logits: &Tensor, wanted: &[Wanted]) -> Result<Vec<Output>> {
         })
         .max()
         .unwrap_or(0);
-    let mut best = match rows_of(logits, pick(|w| *w == Wanted::Best), n)? {
+    let best_rows = pick(|w| *w == Wanted::Best);
+    let mut best = match rows_of(logits, best_rows.clone(), n)? {
         Some(t) => first_argmax(&t)?,
         None => Vec::new(),
     }
+    .into_iter()
+    .zip(best_rows)
+    .map(|(found, row)| match found {
+        Some(best) => Ok(Output::Best(best)),
+        // Nothing finite (rare): the row goes to the sampler, which names the fault.
+        None => Ok(Output::Logits(logits.get(row as usize)?.to_vec1::<f32>()?)),
+    })
+    .collect::<Result<Vec<_>>>()?
     .into_iter();
     let mut top = match rows_of(logits, pick(|w| matches!(w, Wanted::Top(_))), n)? {
         Some(t) => best_entries(&t, k)?,
@@ -63,7 +73,7 @@ fn on_device(logits: &Tensor, wanted: &[Wanted]) -> Result<Vec<Output>> {
         .iter()
         .map(|w| {
             let out = match w {
-                Wanted::Best => best.next().map(Output::Best),
+                Wanted::Best => best.next(),
                 Wanted::Top(_) => top.next().map(Output::Top),
                 _ => full.next().map(Output::Logits),
             };
@@ -98,9 +108,14 @@ fn rows_of(logits: &Tensor, rows: Vec<u32>, total: usize) -> Result<Option<Tenso
 /// Each row's arg-max, the lowest index among equal maxima (as transformers' `argmax` and the
 /// sampler pick: candle's CUDA arg-max does not promise which), computed where the tensor lives:
 /// the row's maximum, where it is reached, and the first such place found as the largest
-/// `vocab - index` there. Exact in f32 for vocabularies under 2^24.
-fn first_argmax(logits: &Tensor) -> Result<Vec<u32>> {
+/// `vocab - index` there. Exact in f32 for vocabularies under 2^24. NaN counts as -inf (a NaN
+/// maximum matched no place, and `vocab - 0` was an id past the vocabulary); `None` for a row
+/// with nothing above -inf.
+fn first_argmax(logits: &Tensor) -> Result<Vec<Option<u32>>> {
     let vocab = logits.dim(D::Minus1)?;
+    let nan = logits.ne(logits)?;
+    let floor = Tensor::full(f32::NEG_INFINITY, logits.shape(), logits.device())?;
+    let logits = &nan.where_cond(&floor, logits)?;
     let max = logits.max_keepdim(D::Minus1)?;
     let at_max = logits.broadcast_eq(&max)?.to_dtype(DType::F32)?;
     let from_end = Tensor::arange(0u32, vocab as u32, logits.device())?
@@ -108,7 +123,10 @@ fn first_argmax(logits: &Tensor) -> Result<Vec<u32>> {
         .affine(-1.0, vocab as f64)?;
     let first = at_max.broadcast_mul(&from_end)?.max(D::Minus1)?;
     let first = first.affine(-1.0, vocab as f64)?.to_dtype(DType::U32)?;
-    Ok(first.to_vec1::<u32>()?)
+    let found = max.squeeze(D::Minus1)?.to_vec1::<f32>()?;
+    Ok((first.to_vec1::<u32>()?.into_iter().zip(found))
+        .map(|(at, max)| (max > f32::NEG_INFINITY).then_some(at))
+        .collect())
 }
 
 #[cfg(test)]
@@ -123,9 +141,13 @@ mod tests {
             vec![7.0, 7.0, 7.0, 7.0, 7.0],
             vec![-4.0, -3.0, -2.0, -1.0, -0.5],
             vec![f32::NEG_INFINITY, -1e30, f32::NEG_INFINITY, -1e30, -2e30],
+            vec![f32::NAN, 1.0, 2.0, f32::NAN, 0.0],
+            vec![f32::NAN; 5],
+            vec![f32::NEG_INFINITY; 5],
         ];
         let t = Tensor::new(rows.to_vec(), &Device::Cpu).unwrap();
-        assert_eq!(first_argmax(&t).unwrap(), [1, 0, 4, 1]);
+        let found = [Some(1), Some(0), Some(4), Some(1), Some(2), None, None];
+        assert_eq!(first_argmax(&t).unwrap(), found);
         for row in &rows {
             let host = crate::sampling::argmax(row);
             let one = Tensor::new(row.as_slice(), &Device::Cpu)
@@ -133,6 +155,23 @@ mod tests {
                 .unsqueeze(0)
                 .unwrap();
             assert_eq!(first_argmax(&one).unwrap(), [host], "{row:?}");
+        }
+    }
+
+    /// A row with nothing finite reaches the sampler whole (which names the fault), on either
+    /// path: the device's arg-max once gave id `vocab` for it, which the next step embedded.
+    #[test]
+    fn a_row_without_a_number_goes_to_the_sampler() {
+        let t = Tensor::new(
+            &[[f32::NAN, f32::NAN, f32::NAN], [f32::NAN, 1.0, 2.0]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let want = [Wanted::Best, Wanted::Best];
+        let nan = |o: &Output| matches!(o, Output::Logits(row) if row.iter().all(|l| l.is_nan()));
+        for got in [outputs(&t, &want).unwrap(), on_device(&t, &want).unwrap()] {
+            assert!(nan(&got[0]), "{got:?}");
+            assert_eq!(got[1], Output::Best(2));
         }
     }
 
