@@ -145,7 +145,7 @@ pub(super) fn engine_config<M: CausalLm>(
 ) -> Result<EngineConfig, PluginError> {
     let o = Options::parse(options)?;
     let pool_bytes = pool_bytes(memory, weight_bytes.unwrap_or(0), o.kv_cache_bytes)?;
-    let mut config = EngineConfig::with_pool_bytes(model, pool_bytes, o.kv_dtype);
+    let mut config = EngineConfig::with_pool_bytes(model, pool_bytes, o.kv_dtype, o.max_seqs);
     // The pool has at least one block; on a GPU that block must fit inside the budget too.
     if matches!(memory, Memory::Device { .. }) && config.pool_bytes(model) > pool_bytes {
         return Err(PluginError::new(
@@ -156,7 +156,6 @@ pub(super) fn engine_config<M: CausalLm>(
             ),
         ));
     }
-    config.max_seqs = o.max_seqs.unwrap_or(config.max_seqs);
     config.token_budget = o.max_batch_tokens.unwrap_or(config.token_budget);
     config.prefix_cache = o.prefix_cache.unwrap_or(config.prefix_cache);
     Ok(config)
@@ -259,10 +258,31 @@ mod tests {
         assert_eq!(c.kv_dtype, Some(CacheType::Float(candle_core::DType::BF16)));
         assert_eq!(
             c.kv_blocks,
+            3 * 256 / 16,
+            "no more than 3 full contexts of 256 (1M holds 85 blocks of bf16)"
+        );
+        let bf16 = engine_config(
+            &model,
+            &options(json!({"kv_cache_bytes": "1M", "kv_cache_dtype": "bf16"})),
+            NO_LIMIT,
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            bf16.kv_blocks,
             (1 << 20) / (768 * 16),
             "bf16 blocks take half the bytes: twice the tokens"
         );
         assert_eq!((c.max_seqs, c.token_budget, c.prefix_cache), (3, 64, false));
+        // The ceiling is the configured sequences' contexts, not the default 64's.
+        let c = engine_config(
+            &model,
+            &options(json!({"kv_cache_bytes": "1G", "max_seqs": 128})),
+            NO_LIMIT,
+            None,
+        )
+        .unwrap();
+        assert_eq!((c.kv_blocks, c.max_seqs), (128 * 256 / 16, 128));
         let c = engine_config(
             &model,
             &options(json!({"kv_cache_bytes": "1M", "kv_cache_dtype": "q8_0"})),

@@ -46,15 +46,19 @@ impl Default for EngineConfig {
 }
 
 impl EngineConfig {
-    /// The default configuration with a pool of at most `bytes` for `model`, its vectors in
-    /// `kv_dtype` (default: the model's) — at least one block, never more blocks than
-    /// `max_seqs` full contexts need.
+    /// The default configuration running `max_seqs` sequences (default 64) with a pool of at
+    /// most `bytes` for `model`, its vectors in `kv_dtype` (default: the model's) — at least one
+    /// block, never more blocks than `max_seqs` full contexts need.
     pub fn with_pool_bytes<M: CausalLm>(
         model: &M,
         bytes: u64,
         kv_dtype: Option<CacheType>,
+        max_seqs: Option<usize>,
     ) -> Self {
-        let base = Self::default();
+        let base = Self {
+            max_seqs: max_seqs.unwrap_or(Self::default().max_seqs),
+            ..Self::default()
+        };
         let dtype = kv_dtype.unwrap_or(CacheType::Float(model.kv_dtype()));
         let per_block = (model.kv_layout().bytes_per_token(dtype) * base.block_size).max(1) as u64;
         let ceiling = (model.context_length() * base.max_seqs).div_ceil(base.block_size);
