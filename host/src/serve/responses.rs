@@ -39,15 +39,16 @@ pub struct Reply {
 
 /// The API's finish reason: `tool_calls` when calls were taken out, unless the output was cut
 /// by `max_tokens` — a call may be cut off with it, and `length` is how a client learns its
-/// output is incomplete (OpenAI's and, for forced calls, vLLM's).
+/// output is incomplete (OpenAI's and, for forced calls, vLLM's). A plugin's own `ToolCalls`
+/// with no call taken out (`tool_choice: "none"`, a call that did not parse) is `stop`: a
+/// client seeing `tool_calls` reads `message.tool_calls`, and there is none.
 fn finish(reason: FinishReason, called: bool) -> &'static str {
     if called && reason != FinishReason::Length {
         return "tool_calls";
     }
     match reason {
-        FinishReason::Stop | FinishReason::Cancelled => "stop",
+        FinishReason::Stop | FinishReason::Cancelled | FinishReason::ToolCalls => "stop",
         FinishReason::Length => "length",
-        FinishReason::ToolCalls => "tool_calls",
     }
 }
 
@@ -438,6 +439,16 @@ fn own_text(t: &TokenFrame, table: Option<&TokenTable>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `tool_calls` only where the message carries calls; cut short, `length` either way.
+    #[test]
+    fn the_finish_reason_says_tool_calls_only_with_calls() {
+        assert_eq!(finish(FinishReason::ToolCalls, false), "stop");
+        assert_eq!(finish(FinishReason::ToolCalls, true), "tool_calls");
+        assert_eq!(finish(FinishReason::Stop, true), "tool_calls");
+        assert_eq!(finish(FinishReason::Length, true), "length");
+        assert_eq!(finish(FinishReason::Cancelled, false), "stop");
+    }
 
     /// A legacy entry's `tokens` are each token's own string (a special token left out of the
     /// text, a byte released with the next token), as its alternatives are keyed.

@@ -104,6 +104,9 @@ struct Common {
     chat_template: Option<Value>,
     mm_processor_kwargs: Option<Value>,
     return_tokens_as_token_ids: Option<bool>,
+    allowed_token_ids: Option<Value>,
+    bad_words: Option<Value>,
+    truncate_prompt_tokens: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -564,7 +567,10 @@ pub fn older_plugin(request: &InferRequest, model: &str, api: &str) -> Result<()
 /// `stream`, and `stream_options.include_usage`, which only a stream may carry.
 fn streaming(c: &Common) -> Result<(bool, bool), ApiError> {
     let stream = c.stream.unwrap_or(false);
-    if c.stream_options.is_some() && !stream {
+    // An empty object asks nothing (vLLM takes it; some client libraries always send one).
+    let asked = (c.stream_options.as_ref())
+        .is_some_and(|o| o.include_usage.is_some() || o.continuous_usage_stats.is_some());
+    if asked && !stream {
         return Err(ApiError::bad_field(
             "stream_options",
             "`stream_options` applies to streamed answers only: set `stream: true` or drop it",

@@ -146,6 +146,12 @@ fn unsupported_extras(c: &Common) -> Result<(), ApiError> {
                 .and_then(Value::as_object)
                 .is_none_or(|o| !o.is_empty())
     };
+    let listed = |v: &Option<Value>| {
+        given(v)
+            && v.as_ref()
+                .and_then(Value::as_array)
+                .is_none_or(|a| !a.is_empty())
+    };
     let continuous = c
         .stream_options
         .as_ref()
@@ -174,6 +180,21 @@ fn unsupported_extras(c: &Common) -> Result<(), ApiError> {
             continuous == Some(true),
             "stream_options.continuous_usage_stats",
             "is not supported: `include_usage` gives the usage in a last chunk",
+        ),
+        (
+            listed(&c.allowed_token_ids),
+            "allowed_token_ids",
+            "is not supported: use `logit_bias` (-100 bans a token) or a guided `choice`/`regex`",
+        ),
+        (
+            listed(&c.bad_words),
+            "bad_words",
+            "is not supported: use `logit_bias` with -100 for the words' tokens",
+        ),
+        (
+            given(&c.truncate_prompt_tokens),
+            "truncate_prompt_tokens",
+            "is not supported: the whole prompt is read; shorten it (a prompt past the context is refused with context_length_exceeded)",
         ),
     ];
     match refused.into_iter().find(|(asked, ..)| *asked) {

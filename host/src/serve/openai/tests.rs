@@ -78,6 +78,8 @@ fn chat_fields_map_onto_the_plugin_request() {
     // Usage options on an answer that is not streamed are a mistake, as OpenAI and vLLM say.
     let e = varied(json!({"stream": false})).unwrap_err();
     assert_eq!(e.param.as_deref(), Some("stream_options"));
+    // An empty object asks for nothing: taken, as vLLM takes it.
+    assert!(varied(json!({"stream": false, "stream_options": {}})).is_ok());
     let p = varied(json!({"parallel_tool_calls": false})).unwrap();
     assert!(p.single_call);
 }
@@ -414,6 +416,12 @@ fn unimplemented_vllm_fields_are_refused_by_name() {
             json!({"stream": true, "stream_options": {"continuous_usage_stats": true}}),
             "stream_options.continuous_usage_stats",
         ),
+        (json!({"allowed_token_ids": [1, 2]}), "allowed_token_ids"),
+        (json!({"bad_words": ["x"]}), "bad_words"),
+        (
+            json!({"truncate_prompt_tokens": 8}),
+            "truncate_prompt_tokens",
+        ),
     ] {
         for (base, endpoint, cap) in [
             (&chat, Endpoint::Chat, "chat"),
@@ -428,6 +436,9 @@ fn unimplemented_vllm_fields_are_refused_by_name() {
     harmless["best_of"] = json!(1);
     harmless["stop_token_ids"] = json!([]);
     harmless["prompt_logprobs"] = Value::Null;
+    harmless["allowed_token_ids"] = Value::Null;
+    harmless["bad_words"] = json!([]);
+    harmless["truncate_prompt_tokens"] = Value::Null;
     let p = parse_default(&harmless, Endpoint::Chat, caps(&["chat"])).unwrap();
     assert!(p.skip_special_tokens, "vLLM's default");
     harmless["skip_special_tokens"] = json!(false);
