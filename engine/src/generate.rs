@@ -143,4 +143,6 @@ pub struct Outcome {
     pub decode_ms: f64,
     /// The prompt's scores, when the request asked for them (its tokens after the first).
     pub prompt_logprobs: Option<Vec<crate::scoring::PromptScore>>,
+    /// The stop string or stop id that ended it, if one did.
+    pub stop_reason: Option<pio_plugin_api::wire::StopReason>,
 }

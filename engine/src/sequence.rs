@@ -9,6 +9,7 @@ use crate::guide::Guide;
 use crate::sampling::{log_sum_exp, top_k, Sampler};
 use crate::stop::{Step, StopMatcher};
 use crate::text::{StreamDecoder, TextCodec};
+use pio_plugin_api::wire::StopReason;
 
 /// Turns a sequence's logits into tokens and text.
 #[derive(Debug)]
@@ -154,6 +155,18 @@ impl Decoding {
     /// Tokens generated so far.
     pub fn generated(&self) -> &[u32] {
         &self.generated
+    }
+
+    /// The stop string or stop id that ended the output, once one has (vLLM's `stop_reason`);
+    /// `None` for the end of sequence and for a length.
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        if let Some(found) = self.stops.found() {
+            return Some(StopReason::Text(found.to_string()));
+        }
+        // A stop id always ends the output (it is barred until it may).
+        let last = *self.generated.last()?;
+        (self.stop_ids.contains(&last) && !self.eos.contains(&last))
+            .then_some(StopReason::Token(last))
     }
 
     /// What this sequence needs of a forward pass's output, when nothing but its sampler reads
@@ -412,11 +425,13 @@ mod tests {
             let a = d.accept(&Output::Best(9), &codec).unwrap();
             assert_eq!((a.emitted.text.as_str(), a.finish), (word.as_str(), None));
         }
+        assert_eq!(d.stop_reason(), None, "not stopped yet");
         let a = d.accept(&Output::Best(9), &codec).unwrap();
         assert_eq!(
             (a.emitted.text.as_str(), a.finish),
             ("", Some(Finish::Stop))
         );
+        assert_eq!(d.stop_reason(), Some(StopReason::Text(word.clone())));
         // Without min_tokens the first one stops.
         let r = Request { min_tokens: 0, ..r };
         let mut d = Decoding::new(&r, 50).unwrap();
@@ -446,6 +461,7 @@ mod tests {
         let a = d.accept(&Output::Logits(logits.clone()), &codec).unwrap();
         assert_eq!((a.emitted.token_id, a.finish), (stop, Some(Finish::Stop)));
         assert_eq!(a.emitted.text, "");
+        assert_eq!(d.stop_reason(), Some(StopReason::Token(stop)));
         let included = Request {
             include_stop: true,
             min_tokens: 0,
@@ -462,6 +478,11 @@ mod tests {
         assert_eq!(
             (a.emitted.text.as_str(), a.finish),
             (codec.decode(&[7]).as_str(), Some(Finish::Stop))
+        );
+        assert_eq!(
+            d.stop_reason(),
+            None,
+            "the end of sequence has none, as in vLLM"
         );
         let mut d = Decoding::new(
             &Request {

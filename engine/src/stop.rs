@@ -22,6 +22,8 @@ pub struct StopMatcher {
     /// Whether the stop string that ends the output is part of it (vLLM's
     /// `include_stop_str_in_output`).
     keep: bool,
+    /// The stop string that ended the output.
+    found: Option<String>,
 }
 
 impl StopMatcher {
@@ -36,6 +38,7 @@ impl StopMatcher {
             held: String::new(),
             passed: 0,
             keep: false,
+            found: None,
         }
     }
 
@@ -62,6 +65,7 @@ impl StopMatcher {
         if let Some((at, std::cmp::Reverse(len))) = first_stop {
             let end = if self.keep { at + len } else { at };
             let emit = self.held[..end].to_string();
+            self.found = Some(self.held[at..at + len].to_string());
             self.held.clear();
             return Step {
                 emit,
@@ -78,6 +82,11 @@ impl StopMatcher {
             emit,
             stopped: false,
         }
+    }
+
+    /// The stop string that ended the output, once one has.
+    pub fn found(&self) -> Option<&str> {
+        self.found.as_deref()
     }
 
     /// Feeds a piece that may not end the output (vLLM's `min_tokens` not reached): a stop

@@ -33,6 +33,8 @@
 //! scored, for OpenAI's `echo` with `logprobs` and vLLM's `prompt_logprobs`); `Prompt::Tokens`
 //! and `Capabilities::TOKEN_PROMPTS` (a prompt of token ids). 1.11.0 —
 //! `ModelInfo::tokenizer_info` (the tokenizer's settings, for the API's `/tokenizer_info`).
+//! 1.12.0 — `InferOutcome::stop_reason` (the stop string or stop token that ended the output,
+//! for vLLM's `stop_reason`).
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 

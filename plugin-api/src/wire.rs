@@ -335,6 +335,21 @@ pub struct InferOutcome {
     /// `InferRequest::prompt_logprobs` (added in 1.10).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_logprobs: Option<Vec<PromptLogprob>>,
+    /// The stop string or stop token that ended the output (added in 1.12); `None` for the end
+    /// of sequence, `max_tokens`, or a plugin that does not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<StopReason>,
+}
+
+/// What ended an output before the end of sequence, as vLLM's `stop_reason` writes it: the
+/// stop string matched, or the stop token's id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum StopReason {
+    /// One of the request's `stop_token_ids`.
+    Token(u32),
+    /// One of the request's `stop` strings.
+    Text(String),
 }
 
 /// A batching engine's gauges and counters (counters since the model loaded).

@@ -373,7 +373,7 @@ fn a_first_pull_needs_no_manifest() {
         "name = \"qwen3-coder-30b\"",
         "quantization = \"q8\"",
         "tier = \"low\"",
-        "api = \"^1.11\"",
+        "api = \"^1.12\"",
     ] {
         assert!(manifest.contains(line), "{line} in:\n{manifest}");
     }

@@ -45,6 +45,10 @@ fn chat_and_completions_answer_in_openai_shapes() {
     assert_eq!(r["choices"][0]["text"], "abc");
     assert_eq!(r["choices"][0]["finish_reason"], "stop");
     assert_eq!(
+        r["choices"][0]["stop_reason"], " ",
+        "vLLM's: the stop string matched"
+    );
+    assert_eq!(
         r["choices"][0]["logprobs"]["tokens"],
         json!(["a", "b", "c"])
     );
@@ -56,6 +60,7 @@ fn chat_and_completions_answer_in_openai_shapes() {
     assert_eq!(status, 200, "{r}");
     assert_eq!(r["choices"][0]["text"], long[..16]);
     assert_eq!(r["choices"][0]["finish_reason"], "length");
+    assert_eq!(r["choices"][0]["stop_reason"], Value::Null);
     let (status, r) = d.post("/v1/chat/completions", &chat("echo", &long));
     assert_eq!(status, 200, "{r}");
     assert_eq!(r["choices"][0]["message"]["content"], long);
@@ -80,6 +85,21 @@ fn chat_and_completions_answer_in_openai_shapes() {
     assert_eq!(last["usage"]["completion_tokens"], 5);
     let finish = &chunks[chunks.len() - 2]["choices"][0];
     assert_eq!(finish["finish_reason"], "stop");
+    assert_eq!(
+        finish["stop_reason"],
+        Value::Null,
+        "the end of the text, no stop string"
+    );
+    req["stop"] = json!(["ll"]);
+    let events: Vec<String> = d.stream("/v1/chat/completions", &req).collect();
+    let chunks: Vec<Value> = (events[..events.len() - 1].iter())
+        .map(|e| serde_json::from_str(e).expect("chunk is JSON"))
+        .collect();
+    let finish = &chunks[chunks.len() - 2]["choices"][0];
+    assert_eq!(
+        (&finish["finish_reason"], &finish["stop_reason"]),
+        (&json!("stop"), &json!("ll"))
+    );
 }
 
 /// `req` asking for a stream.

@@ -457,6 +457,7 @@ fn outcome_of(
     };
     let mut result = InferOutcome {
         finish_reason,
+        stop_reason: outcome.stop_reason.clone(),
         usage: Usage {
             prompt_tokens,
             completion_tokens: outcome.completion_tokens as u32,

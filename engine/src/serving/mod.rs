@@ -460,5 +460,6 @@ fn finish_early(events: &Sender<Event>, finish: Finish) {
         prompt_ms: 0.0,
         decode_ms: 0.0,
         prompt_logprobs: None,
+        stop_reason: None,
     }));
 }

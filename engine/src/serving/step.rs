@@ -109,6 +109,7 @@ impl Seq {
             prompt_ms: (first - self.arrived).as_secs_f64() * 1e3,
             decode_ms: (now - first).as_secs_f64() * 1e3,
             prompt_logprobs: self.scores.as_ref().map(PromptScores::taken),
+            stop_reason: self.decoding.stop_reason(),
         }
     }
 }

@@ -356,7 +356,7 @@ async fn collect_choice(
                         ApiError::internal(format!("model `{}`: {why}", parsed.model))
                     })?;
                 }
-                return Ok((tokens, outcome));
+                return Ok((tokens, *outcome));
             }
             Event::Failed(e) => return Err(ApiError::of_choice(e, parsed, index)),
         }

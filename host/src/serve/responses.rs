@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use pio_plugin_api::wire::{FinishReason, InferOutcome, TokenTable, Usage};
+use pio_plugin_api::wire::{FinishReason, InferOutcome, StopReason, TokenTable, Usage};
 use serde_json::{json, Value};
 
 use super::openai::{Endpoint, LogprobsFormat, PromptShown};
@@ -49,6 +49,16 @@ fn finish(reason: FinishReason, called: bool) -> &'static str {
     match reason {
         FinishReason::Stop | FinishReason::Cancelled | FinishReason::ToolCalls => "stop",
         FinishReason::Length => "length",
+    }
+}
+
+/// vLLM's `stop_reason`: the stop string or stop token id that ended the output; `null` for the
+/// end of sequence, a length, or a plugin that does not say (before plugin-api 1.12).
+fn stop_reason(outcome: &InferOutcome) -> Value {
+    match &outcome.stop_reason {
+        Some(StopReason::Text(text)) => json!(text),
+        Some(StopReason::Token(id)) => json!(id),
+        None => Value::Null,
     }
 }
 
@@ -261,6 +271,7 @@ impl Reply {
         };
         let reason = finish(outcome.finish_reason, !calls.is_empty());
         let mut choice = self.choice_body(index, logprobs, reason, reasoning, content, calls);
+        choice["stop_reason"] = stop_reason(outcome);
         if let Some(k) = self.shown.logprobs {
             choice["prompt_logprobs"] =
                 super::echo::vllm_prompt_logprobs(outcome, table.as_deref(), k as usize);
@@ -403,7 +414,9 @@ impl Reply {
     /// The chunk with the finish reason.
     pub fn finish_chunk(&self, outcome: &InferOutcome, called: bool, include_usage: bool) -> Value {
         let reason = finish(outcome.finish_reason, called);
-        self.chunk(json!({}), Value::Null, Some(reason), include_usage)
+        let mut chunk = self.chunk(json!({}), Value::Null, Some(reason), include_usage);
+        chunk["choices"][0]["stop_reason"] = stop_reason(outcome);
+        chunk
     }
 
     /// The last chunk when `stream_options.include_usage` is set: no choices, the usage.
@@ -439,6 +452,34 @@ fn own_text(t: &TokenFrame, table: Option<&TokenTable>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// vLLM's `stop_reason` on a whole choice and on the finishing chunk: the stop string, the
+    /// stop token's id, else `null`.
+    #[test]
+    fn the_stop_reason_names_the_stop_that_ended_the_output() {
+        let reply = Reply::new("m", Endpoint::Completions, LogprobsFormat::Legacy);
+        let ended = |stop: Option<StopReason>| InferOutcome {
+            finish_reason: FinishReason::Stop,
+            stop_reason: stop,
+            ..Default::default()
+        };
+        for (stop, shown) in [
+            (
+                Some(StopReason::Text("\nObservation:".into())),
+                json!("\nObservation:"),
+            ),
+            (Some(StopReason::Token(151645)), json!(151645)),
+            (None, Value::Null),
+        ] {
+            let outcome = ended(stop);
+            let chunk = reply.finish_chunk(&outcome, false, false);
+            assert_eq!(chunk["choices"][0]["stop_reason"], shown);
+            let mut whole = reply.clone();
+            let choice = whole.choice(&[], None, "", &[], &outcome);
+            assert_eq!(choice["stop_reason"], shown, "{choice}");
+            assert!(choice.as_object().unwrap().contains_key("stop_reason"));
+        }
+    }
 
     /// `tool_calls` only where the message carries calls; cut short, `length` either way.
     #[test]

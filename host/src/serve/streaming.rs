@@ -276,7 +276,7 @@ impl Pumped<'_> {
                             parsed.model
                         )))
                     })?;
-                    outcomes[p] = Some(outcome);
+                    outcomes[p] = Some(*outcome);
                 }
                 Some((p, Some(Event::Failed(e)))) => {
                     return Err(Ok(ApiError::of_choice(e, parsed, choice_of(parsed, p))))

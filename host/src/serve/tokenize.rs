@@ -70,7 +70,7 @@ pub async fn tokenize(
         .infer(parsed.request.clone())
         .map_err(|e| ApiError::of_request(e.0, &parsed))?;
     let outcome = match events.recv().await {
-        Some(Event::Done(outcome)) => outcome,
+        Some(Event::Done(outcome)) => *outcome,
         Some(Event::Failed(e)) => return Err(ApiError::of_request(e, &parsed)),
         // A plugin that generates instead of answering is not what it declared; dropping the
         // events stops it.

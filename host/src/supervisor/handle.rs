@@ -47,8 +47,8 @@ pub struct WorkerSpec {
 pub enum Event {
     /// A token, as soon as it was produced.
     Token(TokenFrame),
-    /// The request finished.
-    Done(InferOutcome),
+    /// The request finished (boxed: an outcome is large beside a token).
+    Done(Box<InferOutcome>),
     /// The request failed.
     Failed(WireError),
 }

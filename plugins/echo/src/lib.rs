@@ -138,10 +138,10 @@ impl PluginImpl for Echo {
             .min_by_key(|&(at, len)| (at, std::cmp::Reverse(len)))
             .map(|(at, len)| {
                 let end = if keeps_stop(&request) { at + len } else { at };
-                text[..end].chars().count()
+                (text[..end].chars().count(), &text[at..at + len])
             });
         let max_tokens = request.max_tokens.unwrap_or(CONTEXT_LENGTH) as usize;
-        let end = stop_at.unwrap_or(prompt.len());
+        let end = stop_at.map_or(prompt.len(), |(end, _)| end);
         let (count, finish) = if max_tokens < end {
             (max_tokens, FinishReason::Length)
         } else {
@@ -176,6 +176,11 @@ impl PluginImpl for Echo {
             usage,
             ..Default::default()
         };
+        #[cfg(not(feature = "frozen-api"))]
+        if finish == FinishReason::Stop {
+            outcome.stop_reason =
+                stop_at.map(|(_, stop)| pio_plugin_api::wire::StopReason::Text(stop.into()));
+        }
         outcome.timings.insert(
             "total_ms".into(),
             (started.elapsed().as_secs_f64() * 1e3).into(),
