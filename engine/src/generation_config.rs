@@ -6,6 +6,7 @@ use serde::Deserialize;
 use crate::checkpoint::Checkpoint;
 use crate::error::Result;
 use crate::sampling::SamplingParams;
+use crate::text::TextCodec;
 
 /// The defaults a checkpoint ships (all optional).
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -45,6 +46,22 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Ve
     })
 }
 
+/// The end-of-sequence ids `config.json` names, at its top or in its `text_config`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct ModelEos {
+    #[serde(deserialize_with = "one_or_many")]
+    eos_token_id: Vec<u32>,
+    text_config: Option<TextEos>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct TextEos {
+    #[serde(deserialize_with = "one_or_many")]
+    eos_token_id: Vec<u32>,
+}
+
 impl GenerationConfig {
     /// The ids that end `request`'s sequence: none when it asks to run to `max_tokens`
     /// (`ignore_eos`).
@@ -80,10 +97,37 @@ impl GenerationConfig {
     }
 
     /// Loads the snapshot's `generation_config.json`, or the empty defaults when there is none.
+    /// Where it names no end of sequence (absent, as in many fine-tunes and merges), the ids
+    /// come from `config.json` (its text model's, for a vision model), as transformers derives a
+    /// generation config from the model's: without any, an answer ran to the end of the context.
     pub fn load(checkpoint: &Checkpoint) -> Result<Self> {
-        Ok(checkpoint
+        let mut config: Self = checkpoint
             .optional_json("generation_config.json")?
-            .unwrap_or_default())
+            .unwrap_or_default();
+        if config.eos_token_id.is_empty() {
+            let model: ModelEos = checkpoint.config()?;
+            config.eos_token_id = match model.eos_token_id.is_empty() {
+                true => model
+                    .text_config
+                    .map(|t| t.eos_token_id)
+                    .unwrap_or_default(),
+                false => model.eos_token_id,
+            };
+        }
+        Ok(config)
+    }
+
+    /// Where neither file names an end of sequence: the tokenizer's `eos_token`
+    /// (`tokenizer_config.json`), which vLLM always stops at.
+    pub fn or_tokenizer_eos(mut self, checkpoint: &Checkpoint, codec: &TextCodec) -> Result<Self> {
+        if self.eos_token_id.is_empty() {
+            let config: Option<serde_json::Map<String, serde_json::Value>> =
+                checkpoint.optional_json("tokenizer_config.json")?;
+            let eos = config.and_then(|c| crate::chat::token_text(c.get("eos_token")));
+            self.eos_token_id
+                .extend(eos.and_then(|text| codec.token_id(&text)));
+        }
+        Ok(self)
     }
 }
 
@@ -98,6 +142,51 @@ mod tests {
         let many: GenerationConfig =
             serde_json::from_str(r#"{"eos_token_id": [2, 0], "top_k": 20}"#).unwrap();
         assert_eq!((many.eos_token_id, many.top_k), (vec![2, 0], Some(20)));
+    }
+
+    /// A snapshot whose generation config names no end of sequence takes config.json's (its
+    /// text model's for a vision model), then the tokenizer's `eos_token`.
+    #[test]
+    fn the_end_of_sequence_falls_back_to_the_model_then_the_tokenizer() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+        let copy = |name: &str| {
+            let dir = tempfile::tempdir().unwrap();
+            for entry in std::fs::read_dir(fixtures.join(name)).unwrap() {
+                let entry = entry.unwrap();
+                std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+            }
+            dir
+        };
+        let load = |dir: &std::path::Path| GenerationConfig::load(&Checkpoint::open(dir).unwrap());
+        let qwen3 = copy("qwen3-tiny");
+        std::fs::remove_file(qwen3.path().join("generation_config.json")).unwrap();
+        assert_eq!(
+            load(qwen3.path()).unwrap().eos_token_id,
+            [2],
+            "config.json's"
+        );
+        std::fs::write(
+            qwen3.path().join("generation_config.json"),
+            r#"{"top_k": 3}"#,
+        )
+        .unwrap();
+        assert_eq!(load(qwen3.path()).unwrap().eos_token_id, [2]);
+        let vl = copy("qwen3-vl-tiny");
+        std::fs::remove_file(vl.path().join("generation_config.json")).unwrap();
+        assert_eq!(load(vl.path()).unwrap().eos_token_id, [2], "text_config's");
+        // Neither file: the tokenizer's eos_token.
+        let path = qwen3.path().join("config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        config.as_object_mut().unwrap().remove("eos_token_id");
+        std::fs::write(&path, config.to_string()).unwrap();
+        let checkpoint = Checkpoint::open(qwen3.path()).unwrap();
+        let bare = GenerationConfig::load(&checkpoint).unwrap();
+        assert!(bare.eos_token_id.is_empty());
+        let codec = TextCodec::load(&checkpoint).unwrap();
+        let eos = codec.token_id("<|im_end|>").unwrap();
+        let found = bare.or_tokenizer_eos(&checkpoint, &codec).unwrap();
+        assert_eq!(found.eos_token_id, [eos]);
     }
 
     #[test]

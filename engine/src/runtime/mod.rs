@@ -551,7 +551,9 @@ impl<M: LoadModel> ModelRuntime<M> {
             context_length: Some(served_context(&engine) as u32),
             ..info
         };
-        let generation = GenerationConfig::load(&checkpoint).map_err(plugin_error)?;
+        let generation = GenerationConfig::load(&checkpoint)
+            .and_then(|g| g.or_tokenizer_eos(&checkpoint, &codec))
+            .map_err(plugin_error)?;
         if let Some(vocab) = model.vocab_size() {
             vocab_fault(&checkpoint, &codec, &generation, vocab).map_err(plugin_error)?;
         }
