@@ -188,4 +188,37 @@ fn ids_past_the_vocabulary_are_refused_at_load_naming_the_file() {
         e.message.contains("tokenizer.json") && e.message.contains("token id 400"),
         "{e}"
     );
+    // Sliding-window attention, which the engine would run in full: refused by name.
+    let e = load(&|dir| {
+        edit_json(&dir.join("config.json"), &|j| {
+            j["use_sliding_window"] = true.into();
+            j["sliding_window"] = 4.into();
+            j["max_window_layers"] = 0.into();
+        })
+    })
+    .unwrap_err();
+    assert!(
+        e.message.contains("config.json") && e.message.contains("`use_sliding_window`"),
+        "{e}"
+    );
+    let e = load(&|dir| {
+        edit_json(&dir.join("config.json"), &|j| {
+            j["layer_types"] =
+                serde_json::json!(["full_attention", "sliding_attention", "full_attention"])
+        })
+    })
+    .unwrap_err();
+    assert!(
+        e.message.contains("`layer_types`") && e.message.contains("sliding_attention"),
+        "{e}"
+    );
+    // Off, or below every layer, it loads.
+    load(&|dir| {
+        edit_json(&dir.join("config.json"), &|j| {
+            j["use_sliding_window"] = false.into();
+            j["sliding_window"] = 4.into();
+            j["layer_types"] = serde_json::json!(vec!["full_attention"; 3]);
+        })
+    })
+    .expect("no layer slides");
 }

@@ -13,8 +13,12 @@ use crate::{EngineError, Result};
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct RopeParameters {
     /// `default` or `linear`.
-    #[serde(default, alias = "type")]
+    #[serde(default)]
     pub rope_type: Option<String>,
+    /// transformers 4's older spelling of `rope_type`, which its re-saved configs keep beside
+    /// the new one (so one field cannot alias the other: serde calls that a duplicate).
+    #[serde(default, rename = "type")]
+    pub old_type: Option<String>,
     /// Base (transformers 5 keeps it here).
     pub rope_theta: Option<f64>,
     /// Position scaling factor for `linear`.
@@ -33,8 +37,33 @@ pub(crate) fn rope_base(
     let theta = rope_theta
         .or(params.and_then(|p| p.rope_theta))
         .unwrap_or(10_000.0);
-    let scale = match params.and_then(|p| p.rope_type.as_deref()) {
-        None | Some("default") => 1.0,
+    let bad = |field: &str, reason: String| EngineError::BadField {
+        path: checkpoint.config_path(),
+        field: field.into(),
+        reason,
+    };
+    let kind = match params.map(|p| (p.rope_type.as_deref(), p.old_type.as_deref())) {
+        Some((Some(new), Some(old))) if new != old => {
+            return Err(bad(
+                "rope_scaling.type",
+                format!("says `{old}` where rope_type says `{new}`: keep one of them"),
+            ))
+        }
+        Some((new, old)) => new.or(old),
+        None => None,
+    };
+    // A factor with no kind is refused as transformers refuses it, not run unscaled.
+    if let (None, Some(factor)) = (kind, params.and_then(|p| p.factor)) {
+        if factor != 1.0 {
+            return Err(bad(
+                "rope_scaling.rope_type",
+                format!("is missing beside factor {factor}: say which scaling (supported: default, linear)"),
+            ));
+        }
+    }
+    // Qwen2-VL's `mrope` is transformers' default rotation (its sections are the model's).
+    let scale = match kind {
+        None | Some("default") | Some("mrope") => 1.0,
         Some("linear") => params.and_then(|p| p.factor).unwrap_or(1.0),
         Some(other) => {
             return Err(EngineError::BadField {
@@ -155,4 +184,51 @@ impl Angles {
             &self.sin,
         )?)
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base(scaling: serde_json::Value) -> Result<(f64, f64)> {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen3-tiny");
+        let checkpoint = Checkpoint::open(&dir).unwrap();
+        let params: RopeParameters = serde_json::from_value(scaling).unwrap();
+        rope_base(&checkpoint, Some(1e6), Some(&params))
+    }
+
+    /// transformers 4 re-saves `type` beside `rope_type`: both are read, and must agree.
+    #[test]
+    fn both_spellings_of_the_rope_type_are_read() {
+        let both = json!({"type": "linear", "rope_type": "linear", "factor": 2.0});
+        assert_eq!(base(both).unwrap(), (1e6, 2.0));
+        assert_eq!(
+            base(json!({"type": "linear", "factor": 4.0})).unwrap().1,
+            4.0
+        );
+        assert_eq!(
+            base(json!({"type": "mrope", "mrope_section": [1, 1]}))
+                .unwrap()
+                .1,
+            1.0
+        );
+        let e = base(json!({"type": "yarn", "rope_type": "linear", "factor": 2.0})).unwrap_err();
+        assert!(e.to_string().contains("rope_scaling.type"), "{e}");
+        let e = base(json!({"type": "yarn", "factor": 2.0})).unwrap_err();
+        assert!(e.to_string().contains("`yarn` is not supported"), "{e}");
+    }
+
+    /// A factor with no kind of scaling is refused, not run unscaled.
+    #[test]
+    fn a_factor_without_a_rope_type_is_refused() {
+        let e = base(json!({"factor": 2.0})).unwrap_err();
+        assert!(
+            e.to_string().contains("rope_type") && e.to_string().contains("factor 2"),
+            "{e}"
+        );
+        assert_eq!(base(json!({"factor": 1.0})).unwrap().1, 1.0);
+    }
+
+    use serde_json::json;
 }

@@ -137,7 +137,9 @@ impl Routes {
         let w = &mut self.waiters;
         match frame {
             FromWorker::Token { id, token } => self.deliver(id, Event::Token(token), false),
-            FromWorker::Done { id, outcome } => self.deliver(id, Event::Done(Box::new(outcome)), true),
+            FromWorker::Done { id, outcome } => {
+                self.deliver(id, Event::Done(Box::new(outcome)), true)
+            }
             FromWorker::Failed { id, error } if error.kind == Fault::Panicked => {
                 let why = format!("was stopped: {}", error.message);
                 self.deliver(id, Event::Failed(error), true);

@@ -68,6 +68,19 @@ pub struct Config {
     /// Renormalize the chosen experts' weights to sum to 1.
     #[serde(default)]
     pub norm_topk_prob: bool,
+    /// Sliding-window attention on the layers from `max_window_layers` on (not supported: the
+    /// released checkpoints leave it off).
+    #[serde(default)]
+    pub use_sliding_window: bool,
+    /// The window, when sliding.
+    #[serde(default)]
+    pub sliding_window: Option<u64>,
+    /// Layers below this attend in full when sliding.
+    #[serde(default)]
+    pub max_window_layers: Option<usize>,
+    /// Each layer's attention (transformers 5): `full_attention` or `sliding_attention`.
+    #[serde(default)]
+    pub layer_types: Vec<String>,
 }
 
 fn default_sparse_step() -> usize {
@@ -140,6 +153,22 @@ impl Config {
                     "expected the experts' MLP width, found 0".into(),
                 ));
             }
+        }
+        // Run in full, a sliding layer's output would differ past the window without a word.
+        let sliding = self.use_sliding_window
+            && self.sliding_window.is_some()
+            && self.max_window_layers.unwrap_or(0) < self.num_hidden_layers;
+        if let Some(kind) = (self.layer_types.iter()).find(|k| k.as_str() != "full_attention") {
+            return Err(bad(
+                "layer_types",
+                format!("`{kind}` is not supported yet (only full_attention)"),
+            ));
+        }
+        if sliding {
+            return Err(bad(
+                "use_sliding_window",
+                "sliding-window attention is not supported yet: set it to false only if the model was trained without it".into(),
+            ));
         }
         if self.hidden_act != "silu" {
             return Err(bad(
