@@ -250,3 +250,24 @@ fn sigterm_during_start_up_stops_cleanly() {
     assert_eq!(status.code(), Some(0), "{logs}");
     assert!(logs.contains("SIGTERM while starting"), "{logs}");
 }
+
+/// A reload starts only the preloads it newly names: a model an operator unloaded stays
+/// unloaded (every `systemctl reload` loaded it again).
+#[test]
+fn a_sighup_leaves_an_unloaded_model_unloaded() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(echo_dir(""), "");
+    d.wait_ready();
+    assert_eq!(d.post("/v1/plugins/echo/unload", &json!({})).0, 200);
+    eventually("echo is unloaded", &d, || {
+        d.plugin("echo")["state"] == "unloaded"
+    });
+    hangup(&d);
+    eventually("the reload is done", &d, || {
+        d.logs().contains("configuration reloaded")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(d.plugin("echo")["state"], "unloaded", "{}", d.logs());
+}

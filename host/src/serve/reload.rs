@@ -100,7 +100,8 @@ pub async fn on_sighup(
                 continue;
             }
         };
-        let (next, restart) = merge(&models.config(), &started, &file);
+        let before = models.config();
+        let (next, restart) = merge(&before, &started, &file);
         if !restart.is_empty() {
             tracing::warn!(
                 "SIGHUP: {} changed in {} but take effect only on a restart; kept as they were",
@@ -110,7 +111,7 @@ pub async fn on_sighup(
         }
         models.set_config(next);
         tracing::info!(config = %path.display(), "SIGHUP: configuration reloaded");
-        models.preload_now();
+        models.preload_newly_named(&before);
         if let Some(n) = systemd {
             n.ready("serving; configuration reloaded");
         }

@@ -93,15 +93,26 @@ impl Models {
         }
     }
 
-    /// Starts loading every unloaded plugin the configuration in force preloads.
-    pub fn preload_now(self: &Arc<Self>) {
+    /// Starts loading each unloaded plugin the configuration in force preloads and `before`
+    /// (the one it replaced) did not: a reload names new preloads, it does not undo an
+    /// operator's unload, an idle unload or an eviction (parked), nor hurry a failed load's retry.
+    pub fn preload_newly_named(self: &Arc<Self>, before: &Config) {
         self.warn_missing_preloads();
+        if self.stopping.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         let config = self.config();
         let mut inner = lock(&self.inner);
         let names: Vec<String> = inner
             .entries
             .iter()
-            .filter(|(n, e)| matches!(e.slot, Slot::Unloaded) && config.server.preloads(n))
+            .filter(|(n, e)| {
+                matches!(e.slot, Slot::Unloaded)
+                    && config.server.preloads(n)
+                    && !before.server.preloads(n)
+                    && !e.parked
+                    && e.failed_at.is_none()
+            })
             .map(|(n, _)| n.clone())
             .collect();
         self.preload(&mut inner, &names, config.server.max_loaded_models);
