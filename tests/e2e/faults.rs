@@ -284,6 +284,33 @@ fn an_operators_load_ends_a_quarantine() {
     }
 }
 
+/// A quarantine waits for an operator: `keep_alive_secs` does not unload it as idle (which
+/// parked it, its reason lost, and let the next request load it into the same crashes).
+#[test]
+fn a_quarantine_outlives_keep_alive() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(
+        crate::medium::tier_dir("low"),
+        "[server]\nwarmup = false\nkeep_alive_secs = 1\n[supervisor]\nrestart_backoff_ms = 100\nmax_crashes = 1\n",
+    );
+    d.wait_ready();
+    assert_eq!(complete(&d, "hostile", "abort").0, 500);
+    d.wait_restarts("hostile", 1);
+    assert_eq!(complete(&d, "hostile", "abort").0, 500);
+    d.wait_for(20, "the quarantine", |d| {
+        d.plugin("hostile")["state"] == "quarantined"
+    });
+    // The idle sweep runs each second here.
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let plugin = d.plugin("hostile");
+    assert_eq!(plugin["state"], "quarantined", "{plugin}");
+    assert!(plugin["last_error"].is_string(), "{plugin}");
+    assert_eq!(d.get("/ready").0, 503);
+    assert_eq!(complete(&d, "hostile", "status").0, 503);
+}
+
 /// A preload whose load failed (its model folder incomplete) is tried again on its own, with a
 /// backoff: a replica it keeps out of rotation gets no request that would load it. Meanwhile
 /// its state says `failed`, with why.

@@ -153,9 +153,13 @@ impl Deployment {
         self.leases.load(Ordering::Acquire)
     }
 
-    /// How long since a request last finished (or it loaded), when none runs now.
+    /// How long since a request last finished (or it loaded), when none runs now and its
+    /// worker serves: a quarantined or restarting one is not idle, so neither `keep_alive_secs`
+    /// nor `max_loaded_models` unloads it (that lifted a quarantine, its reason lost, with no
+    /// operator, and reset a crash count on its way to one).
     pub fn idle_for(&self) -> Option<Duration> {
-        (self.leases() == 0).then(|| {
+        let serving = matches!(self.supervised.status().state, State::Ready);
+        (serving && self.leases() == 0).then(|| {
             self.last_used
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
