@@ -1364,4 +1364,19 @@ fn a_plugin_built_before_a_field_refuses_it_by_name() {
     }
     let (status, r) = chat(json!({}));
     assert_eq!(status, 200, "{r}");
+
+    // Newer files that pass their checks but fail to load: 1.0 still serves, and requests
+    // are still held to what 1.0 has (they were checked against the files on disk).
+    d.dir.copy_lib("pio_plugin_echo", "libecho.so");
+    let newer = "[model.options]\nload_error = \"weights unreadable\"\n";
+    d.dir
+        .write("echo.toml", &manifest("echo", "0.1.0", "libecho.so", newer));
+    d.wait_for(30, "the newer version's failed load", |d| {
+        d.plugin("echo")["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("weights unreadable"))
+    });
+    assert_eq!(d.plugin("echo")["version"], "0.0.9");
+    let (status, r) = chat(json!({"continue_final_message": true}));
+    assert_eq!(status, 400, "held to the library serving: {r}");
 }

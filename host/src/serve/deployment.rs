@@ -39,6 +39,9 @@ pub struct Deployment {
     /// The fingerprint of the manifest and library it was made from (hot plug's), to tell
     /// whether the files changed while it loaded.
     pub fingerprint: String,
+    /// What its library declared when checked: requests are held to the library serving them,
+    /// not to newer files on disk that a reload has yet to load (or failed to).
+    pub report: Option<crate::probe::LibraryReport>,
     leases: AtomicUsize,
     idle: Notify,
     last_used: Mutex<Instant>,
@@ -110,6 +113,7 @@ impl Deployment {
             version,
             default_max_tokens: None,
             fingerprint: String::new(),
+            report: None,
             leases: AtomicUsize::new(0),
             idle: Notify::new(),
             last_used: Mutex::new(Instant::now()),
@@ -242,6 +246,7 @@ pub(super) async fn deploy(
         Deployment::new(supervised, info, found.manifest.version.to_string(), copy);
     deployment.default_max_tokens = found.manifest.model.generation.max_tokens;
     deployment.fingerprint = found.fingerprint.clone();
+    deployment.report = Some(found.report.clone());
     Ok(deployment)
 }
 

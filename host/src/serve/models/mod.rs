@@ -336,18 +336,28 @@ impl Models {
 
     /// Capabilities `name` declares, or `None` if nobody serves it.
     pub fn capabilities(&self, name: &str) -> Option<Capabilities> {
-        lock(&self.inner)
-            .entries
-            .get(name)
-            .map(|e| e.found.report.capabilities)
+        self.serving_report(name, |r| r.capabilities)
     }
 
     /// The plugin-api version `name`'s library was built against.
     pub fn plugin_api(&self, name: &str) -> Option<String> {
-        lock(&self.inner)
-            .entries
-            .get(name)
-            .map(|e| e.found.report.api_version.clone())
+        self.serving_report(name, |r| r.api_version.clone())
+    }
+
+    /// `what` of the library that serves `name`'s requests now: the loaded deployment's while
+    /// there is one (a reload's new files may add what it lacks, and may never load), else the
+    /// files a load would start.
+    fn serving_report<T>(
+        &self,
+        name: &str,
+        what: impl Fn(&crate::probe::LibraryReport) -> T,
+    ) -> Option<T> {
+        let inner = lock(&self.inner);
+        let entry = inner.entries.get(name)?;
+        Some(match &entry.slot {
+            Slot::Loaded(d) => what(d.report.as_ref().unwrap_or(&entry.found.report)),
+            _ => what(&entry.found.report),
+        })
     }
 
     /// `name`'s deployment when it is loaded, without taking a place of its queue.
