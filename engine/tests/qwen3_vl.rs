@@ -308,6 +308,12 @@ fn impossible_configs_are_refused_naming_the_file_and_field() {
             && e.contains("context of 4"),
         "{e}"
     );
+    // An image pad past the vocabulary would index past the embedding table.
+    let (_d, e) = broken(|c| c["image_token_id"] = 400.into(), None);
+    assert!(
+        e.contains("config.json") && e.contains("`image_token_id`") && e.contains("vocab_size"),
+        "{e}"
+    );
 }
 
 /// Prompt scores (vLLM's `prompt_logprobs`) of prompts with images in them against transformers'

@@ -117,6 +117,21 @@ impl Config {
             serde_json::from_value(raw.text_config).map_err(|e| parse("text_config", e))?;
         let mrope_section = mrope_section(rope, text.head_dim() / 2).map_err(|(f, r)| bad(f, r))?;
         raw.vision_config.check(&text).map_err(|(f, r)| bad(f, r))?;
+        // Past the vocabulary, the expanded image pads would index past the embedding.
+        for (field, id) in [
+            ("image_token_id", raw.image_token_id),
+            ("vision_start_token_id", raw.vision_start_token_id),
+        ] {
+            if id as usize >= text.vocab_size {
+                return Err(bad(
+                    field,
+                    format!(
+                        "expected a token id below vocab_size = {}, found {id}",
+                        text.vocab_size
+                    ),
+                ));
+            }
+        }
         Ok(Self {
             text,
             mrope_section,
