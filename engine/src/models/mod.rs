@@ -25,6 +25,17 @@ pub(crate) fn context_fault(context: usize) -> Option<String> {
     })
 }
 
+/// The most decoder layers a config may name: several times the deepest published model's
+/// (~128), and few enough that the per-layer tables built before the weights are read stay small.
+pub(crate) const MAX_LAYERS: usize = 1024;
+
+/// Why `num_hidden_layers` cannot be a layer count (`None`: it can): 0 is no model, and a
+/// count in the billions was allocated per layer before a weight said otherwise.
+pub(crate) fn layers_fault(layers: usize) -> Option<String> {
+    (!(1..=MAX_LAYERS).contains(&layers))
+        .then(|| format!("expected the number of decoder layers, from 1 to {MAX_LAYERS}, found {layers}"))
+}
+
 /// The residual stream plus a block's output: the engine's half-precision add on the CPU,
 /// candle's elsewhere.
 pub(crate) fn residual(

@@ -211,6 +211,8 @@ impl Config {
     /// Checks what the model needs to be well formed.
     pub(crate) fn validate(&self, checkpoint: &Checkpoint) -> Result<()> {
         let bad = |field: &str, reason: String| self.bad(checkpoint, field, reason);
+        crate::models::layers_fault(self.num_hidden_layers)
+            .map_or(Ok(()), |why| Err(bad("num_hidden_layers", why)))?;
         crate::models::context_fault(self.max_position_embeddings)
             .map_or(Ok(()), |why| Err(bad("max_position_embeddings", why)))?;
         for (field, value, expected) in [
@@ -329,6 +331,12 @@ mod tests {
         let (checkpoint, cfg) = with(|j| j["partial_rotary_factor"] = 0.5.into());
         let e = cfg.rope(&checkpoint).unwrap_err().to_string();
         assert!(e.contains("partial_rotary_factor"), "{e}");
+        // A layer count in the trillions was a table of that many entries before any weight.
+        for layers in [0u64, 1 << 40] {
+            let (checkpoint, cfg) = with(|j| j["num_hidden_layers"] = layers.into());
+            let e = cfg.validate(&checkpoint).unwrap_err().to_string();
+            assert!(e.contains("`num_hidden_layers`") && e.contains("1024"), "{layers}: {e}");
+        }
         for context in [0u64, 1 << 40] {
             let (checkpoint, cfg) = with(|j| j["max_position_embeddings"] = context.into());
             let e = cfg.validate(&checkpoint).unwrap_err().to_string();

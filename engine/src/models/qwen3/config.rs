@@ -182,6 +182,8 @@ impl Config {
                 "expected at least 1, found 0".into(),
             ));
         }
+        crate::models::layers_fault(self.num_hidden_layers)
+            .map_or(Ok(()), |why| Err(bad("num_hidden_layers", why)))?;
         crate::models::context_fault(self.max_position_embeddings)
             .map_or(Ok(()), |why| Err(bad("max_position_embeddings", why)))?;
         if self.kv_heads() == 0 || !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
