@@ -61,3 +61,33 @@ fn a_worker_cannot_kill_another_plugins_worker() {
         own.stdout
     );
 }
+
+/// Two plugins whose names give one uid are refused, saying so and what to change, rather than
+/// run side by side as one user; alone, either runs.
+#[test]
+fn two_plugins_on_one_uid_are_refused() {
+    use crate::daemon::{echo_and_hostile_dir, echo_dir, Daemon};
+    if !confinement_available() {
+        return;
+    }
+    let one_uid = "[sandbox]\nworker_uids = \"3000000-3000000\"\n";
+    let d = Daemon::start(echo_and_hostile_dir(), one_uid);
+    d.wait_for(30, "the refusal", |d| {
+        d.plugin("echo")["last_error"].as_str().is_some_and(|e| {
+            e.contains("would run as one uid (3000000)") && e.contains("worker_uids")
+        })
+    });
+    let (status, r) = d.post(
+        "/v1/completions",
+        &serde_json::json!({"model": "hostile", "prompt": "status"}),
+    );
+    assert_ne!(status, 200, "{r}");
+    drop(d);
+    let alone = Daemon::start(echo_dir(""), one_uid);
+    alone.wait_ready();
+    let (status, r) = alone.post(
+        "/v1/completions",
+        &serde_json::json!({"model": "echo", "prompt": "hi"}),
+    );
+    assert_eq!(status, 200, "{r}");
+}

@@ -32,8 +32,9 @@ pub(crate) const MAX_LAYERS: usize = 1024;
 /// Why `num_hidden_layers` cannot be a layer count (`None`: it can): 0 is no model, and a
 /// count in the billions was allocated per layer before a weight said otherwise.
 pub(crate) fn layers_fault(layers: usize) -> Option<String> {
-    (!(1..=MAX_LAYERS).contains(&layers))
-        .then(|| format!("expected the number of decoder layers, from 1 to {MAX_LAYERS}, found {layers}"))
+    (!(1..=MAX_LAYERS).contains(&layers)).then(|| {
+        format!("expected the number of decoder layers, from 1 to {MAX_LAYERS}, found {layers}")
+    })
 }
 
 /// The residual stream plus a block's output: the engine's half-precision add on the CPU,

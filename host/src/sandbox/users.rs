@@ -51,6 +51,36 @@ impl WorkerUsers {
         })
     }
 
+    /// Of `others`, a plugin whose workers would run as `plugin`'s uid (two names hashing to
+    /// one uid): they must not both run, or each could signal the other's workers.
+    pub fn clash<'a>(
+        &self,
+        plugin: &str,
+        others: impl IntoIterator<Item = &'a str>,
+    ) -> Option<&'a str> {
+        let mapped = mapped_uids();
+        self.clash_with(plugin, others, |uid| {
+            known_user(uid)
+                || !mapped
+                    .iter()
+                    .any(|(first, len)| uid.wrapping_sub(*first) < *len)
+        })
+    }
+
+    /// [`Self::clash`] where `taken` says which uids cannot be had.
+    pub fn clash_with<'a>(
+        &self,
+        plugin: &str,
+        others: impl IntoIterator<Item = &'a str>,
+        taken: impl Fn(u32) -> bool,
+    ) -> Option<&'a str> {
+        let Self::PerPlugin(_) = self else {
+            return None;
+        };
+        let mine = self.pick(plugin, &taken).ok()?;
+        (others.into_iter()).find(|o| *o != plugin && self.pick(o, &taken).ok() == Some(mine))
+    }
+
     /// The uid `plugin`'s workers run as where `taken` says which uids cannot be had: its name's
     /// hash into the range, else the next one free.
     pub fn pick(&self, plugin: &str, taken: impl Fn(u32) -> bool) -> Result<u32, UsersError> {
@@ -185,6 +215,28 @@ mod tests {
         let edge = WorkerUsers::PerPlugin(UidRange::parse("65535-65535").unwrap());
         assert!(edge.pick("echo", |_| false).is_err());
         assert_eq!(WorkerUsers::Shared(77).pick("echo", |_| true), Ok(77));
+    }
+
+    /// Two names that hash to one uid are found; one shared uid for all is no clash.
+    #[test]
+    fn two_plugins_on_one_uid_are_found() {
+        let users = WorkerUsers::PerPlugin(UidRange::parse("1000-1001").unwrap());
+        let free = |_: u32| false;
+        let uid = |n: &str| users.pick(n, free).unwrap();
+        let names: Vec<String> = (0..8).map(|i| format!("model-{i}")).collect();
+        let twin = (names[1..].iter())
+            .find(|n| uid(n) == uid(&names[0]))
+            .unwrap();
+        let other = (names[1..].iter())
+            .find(|n| uid(n) != uid(&names[0]))
+            .unwrap();
+        let others = [other.as_str(), names[0].as_str(), twin.as_str()];
+        assert_eq!(
+            users.clash_with(&names[0], others, free),
+            Some(twin.as_str())
+        );
+        assert_eq!(users.clash_with(&names[0], [other.as_str()], free), None);
+        assert_eq!(WorkerUsers::Shared(5).clash_with("a", ["b"], free), None);
     }
 
     #[test]

@@ -335,7 +335,10 @@ mod tests {
         for layers in [0u64, 1 << 40] {
             let (checkpoint, cfg) = with(|j| j["num_hidden_layers"] = layers.into());
             let e = cfg.validate(&checkpoint).unwrap_err().to_string();
-            assert!(e.contains("`num_hidden_layers`") && e.contains("1024"), "{layers}: {e}");
+            assert!(
+                e.contains("`num_hidden_layers`") && e.contains("1024"),
+                "{layers}: {e}"
+            );
         }
         for context in [0u64, 1 << 40] {
             let (checkpoint, cfg) = with(|j| j["max_position_embeddings"] = context.into());

@@ -54,6 +54,7 @@ impl Models {
         before: Option<Arc<Deployment>>,
     ) -> watch::Receiver<LoadResult> {
         let (tx, rx) = watch::channel(None);
+        let others: Vec<String> = inner.entries.keys().cloned().collect();
         if let Some(entry) = inner.entries.get_mut(name) {
             entry.slot = Slot::Loading(rx.clone());
             entry.holds_room = false;
@@ -69,9 +70,11 @@ impl Models {
                 // No room (every loaded model busy past the wait) is not the plugin's failure:
                 // the next request tries again at once.
                 let result = match this.make_room(&found.manifest.name).await {
-                    Ok(()) => {
-                        (deploy(&this.setup, &this.config(), &found).await).map_err(|e| (e, true))
-                    }
+                    Ok(()) => match this.uid_clash(&found.manifest.name, &others) {
+                        Err(e) => Err((e, true)),
+                        Ok(()) => (deploy(&this.setup, &this.config(), &found).await)
+                            .map_err(|e| (e, true)),
+                    },
                     Err(e) => Err((e, false)),
                 };
                 let mut changed = false;
@@ -210,6 +213,22 @@ impl Models {
         let victim = park(&mut inner, &name);
         take_place(&mut inner);
         Ok(victim.map(|d| (name, d)))
+    }
+
+    /// Refuses to start `name` when another plugin served here has its uid (two names hashing
+    /// alike in `sandbox.worker_uids`): either could signal, trace and write for the other.
+    fn uid_clash(&self, name: &str, others: &[String]) -> Result<(), ApiError> {
+        if !nix::unistd::geteuid().is_root() {
+            return Ok(());
+        }
+        let users = self.setup.policy.users;
+        match users.clash(name, others.iter().map(String::as_str)) {
+            None => Ok(()),
+            Some(other) => Err(ApiError::conflict(format!(
+                "plugins {name} and {other} would run as one uid ({}): their names hash alike in sandbox.worker_uids; set worker_uids to another range (one uid shorter gives every plugin another uid) and restart",
+                users.uid_for(name).unwrap_or_default()
+            ))),
+        }
     }
 
     /// Unloads `name`, letting its requests finish (up to the drain timeout). Not cancel-safe:
