@@ -311,6 +311,29 @@ fn a_quarantine_outlives_keep_alive() {
     assert_eq!(complete(&d, "hostile", "status").0, 503);
 }
 
+/// A quarantined model takes no place under `max_loaded_models` (it runs no worker): another
+/// model loads beside it, and the quarantine stays for the operator.
+#[test]
+fn a_quarantine_takes_no_place_under_the_cap() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(
+        crate::daemon::echo_and_hostile_dir(),
+        "[server]\nwarmup = false\npreload = [\"hostile\"]\nmax_loaded_models = 1\nload_wait_secs = 2\n[supervisor]\nrestart_backoff_ms = 100\nmax_crashes = 1\n",
+    );
+    d.wait_ready();
+    assert_eq!(complete(&d, "hostile", "abort").0, 500);
+    d.wait_restarts("hostile", 1);
+    assert_eq!(complete(&d, "hostile", "abort").0, 500);
+    d.wait_for(20, "the quarantine", |d| {
+        d.plugin("hostile")["state"] == "quarantined"
+    });
+    let (status, r) = complete(&d, "echo", "hi");
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(d.plugin("hostile")["state"], "quarantined");
+}
+
 /// A preload whose load failed (its model folder incomplete) is tried again on its own, with a
 /// backoff: a replica it keeps out of rotation gets no request that would load it. Meanwhile
 /// its state says `failed`, with why.

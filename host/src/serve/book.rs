@@ -64,6 +64,17 @@ pub(super) struct Entry {
 }
 
 impl Entry {
+    /// Whether it counts against `max_loaded_models`: loading or loaded, but not quarantined
+    /// (no worker runs, nothing is held; the quarantine waits for an operator without keeping
+    /// every other model out).
+    pub(super) fn holds_a_place(&self) -> bool {
+        match &self.slot {
+            Slot::Loaded(d) => !d.quarantined(),
+            Slot::Loading(_) => true,
+            Slot::Unloaded => false,
+        }
+    }
+
     /// Loading, but still waiting for its place under a cap of `cap` loaded models (0: none),
     /// every loaded model busy.
     pub(super) fn waiting_for_room(&self, cap: usize) -> bool {
@@ -121,7 +132,7 @@ impl Inner {
     /// cap).
     pub(super) fn free_places(&self, cap: usize) -> usize {
         let held = (self.entries.values())
-            .filter(|e| !matches!(e.slot, Slot::Unloaded))
+            .filter(|e| e.holds_a_place())
             .count();
         if cap == 0 {
             usize::MAX

@@ -181,9 +181,8 @@ impl Models {
         let busy = (inner.entries.iter())
             .filter(|(n, _)| n.as_str() != loading)
             .filter(|(_, e)| match e.slot {
-                Slot::Loaded(_) => true,
                 Slot::Loading(_) => e.holds_room,
-                Slot::Unloaded => false,
+                _ => e.holds_a_place(),
             })
             .count();
         let take_place = |inner: &mut Inner| {
