@@ -29,6 +29,9 @@ pub struct GenerationConfig {
     pub repetition_penalty: Option<f32>,
     /// Default generation length.
     pub max_new_tokens: Option<u32>,
+    /// Whether the file named no end of sequence (then the model's and the tokenizer's count).
+    #[serde(skip)]
+    eos_missing: bool,
 }
 
 fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<u32>, D::Error> {
@@ -105,6 +108,7 @@ impl GenerationConfig {
             .optional_json("generation_config.json")?
             .unwrap_or_default();
         if config.eos_token_id.is_empty() {
+            config.eos_missing = true;
             let model: ModelEos = checkpoint.config()?;
             config.eos_token_id = match model.eos_token_id.is_empty() {
                 true => model
@@ -117,15 +121,17 @@ impl GenerationConfig {
         Ok(config)
     }
 
-    /// Where neither file names an end of sequence: the tokenizer's `eos_token`
-    /// (`tokenizer_config.json`), which vLLM always stops at.
+    /// Where `generation_config.json` names no end of sequence, the tokenizer's `eos_token`
+    /// (`tokenizer_config.json`) too, which vLLM always stops at: a chat fine-tune of a base
+    /// model keeps the base's id in `config.json` and its chat's end in the tokenizer.
     pub fn or_tokenizer_eos(mut self, checkpoint: &Checkpoint, codec: &TextCodec) -> Result<Self> {
-        if self.eos_token_id.is_empty() {
+        if self.eos_missing {
             let config: Option<serde_json::Map<String, serde_json::Value>> =
                 checkpoint.optional_json("tokenizer_config.json")?;
             let eos = config.and_then(|c| crate::chat::token_text(c.get("eos_token")));
+            let id = eos.and_then(|text| codec.token_id(&text));
             self.eos_token_id
-                .extend(eos.and_then(|text| codec.token_id(&text)));
+                .extend(id.filter(|id| !self.eos_token_id.contains(id)));
         }
         Ok(self)
     }
@@ -165,21 +171,55 @@ mod tests {
             [2],
             "config.json's"
         );
+        // Beside the tokenizer's (a chat fine-tune of a base model ends its turns there); the
+        // fixture's config names <|im_end|> (2) itself, so here it names another.
+        let edit_config = |edit: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)| {
+            let path = qwen3.path().join("config.json");
+            let mut config: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            edit(config.as_object_mut().unwrap());
+            std::fs::write(&path, config.to_string()).unwrap();
+        };
+        edit_config(&|c| {
+            c.insert("eos_token_id".into(), 0.into());
+        });
+        let checkpoint = Checkpoint::open(qwen3.path()).unwrap();
+        let codec = TextCodec::load(&checkpoint).unwrap();
+        let im_end = codec.token_id("<|im_end|>").unwrap();
+        let both = load(qwen3.path())
+            .unwrap()
+            .or_tokenizer_eos(&checkpoint, &codec)
+            .unwrap();
+        assert_eq!(both.eos_token_id, [0, im_end]);
+        // A file that names its own is taken as it is (transformers' parity).
+        std::fs::copy(
+            fixtures.join("qwen3-tiny/generation_config.json"),
+            qwen3.path().join("generation_config.json"),
+        )
+        .unwrap();
+        let named = load(qwen3.path())
+            .unwrap()
+            .or_tokenizer_eos(&checkpoint, &codec)
+            .unwrap();
+        assert_eq!(named.eos_token_id, [2, 0]);
+        std::fs::remove_file(qwen3.path().join("generation_config.json")).unwrap();
         std::fs::write(
             qwen3.path().join("generation_config.json"),
             r#"{"top_k": 3}"#,
         )
         .unwrap();
-        assert_eq!(load(qwen3.path()).unwrap().eos_token_id, [2]);
+        assert_eq!(
+            load(qwen3.path()).unwrap().eos_token_id,
+            [0],
+            "config.json's"
+        );
         let vl = copy("qwen3-vl-tiny");
         std::fs::remove_file(vl.path().join("generation_config.json")).unwrap();
         assert_eq!(load(vl.path()).unwrap().eos_token_id, [2], "text_config's");
         // Neither file: the tokenizer's eos_token.
-        let path = qwen3.path().join("config.json");
-        let mut config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        config.as_object_mut().unwrap().remove("eos_token_id");
-        std::fs::write(&path, config.to_string()).unwrap();
+        edit_config(&|c| {
+            c.remove("eos_token_id");
+        });
         let checkpoint = Checkpoint::open(qwen3.path()).unwrap();
         let bare = GenerationConfig::load(&checkpoint).unwrap();
         assert!(bare.eos_token_id.is_empty());

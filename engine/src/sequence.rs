@@ -160,13 +160,17 @@ impl Decoding {
     /// The stop string or stop id that ended the output, once one has (vLLM's `stop_reason`);
     /// `None` for the end of sequence and for a length.
     pub fn stop_reason(&self) -> Option<StopReason> {
-        if let Some(found) = self.stops.found() {
-            return Some(StopReason::Text(found.to_string()));
+        // The token first, as vLLM checks: an end of sequence or a stop id whose text (included
+        // in the output) also completes a stop string is named as the token.
+        let last = *self.generated.last()?;
+        if self.eos.contains(&last) {
+            return None;
         }
         // A stop id always ends the output (it is barred until it may).
-        let last = *self.generated.last()?;
-        (self.stop_ids.contains(&last) && !self.eos.contains(&last))
-            .then_some(StopReason::Token(last))
+        if self.stop_ids.contains(&last) {
+            return Some(StopReason::Token(last));
+        }
+        (self.stops.found()).map(|found| StopReason::Text(found.to_string()))
     }
 
     /// What this sequence needs of a forward pass's output, when nothing but its sampler reads
@@ -469,9 +473,17 @@ mod tests {
             ..r
         };
         let mut d = Decoding::new(&included, 50).unwrap();
-        let a = d.accept(&Output::Logits(logits), &codec).unwrap();
+        let a = d.accept(&Output::Logits(logits.clone()), &codec).unwrap();
         assert_eq!((a.emitted.token_id, a.finish), (stop, Some(Finish::Stop)));
         assert_eq!(a.emitted.text, codec.decode(&[stop]));
+        // Its text, included, also a stop string: named as the token, as vLLM checks it first.
+        let also_text = Request {
+            stop: vec![codec.decode(&[stop])],
+            ..included.clone()
+        };
+        let mut d = Decoding::new(&also_text, 50).unwrap();
+        d.accept(&Output::Logits(logits), &codec).unwrap();
+        assert_eq!(d.stop_reason(), Some(StopReason::Token(stop)));
         // The end of sequence's text too, when the stop is included.
         let mut d = Decoding::new(&included, 50).unwrap();
         let a = d.accept(&Output::Best(7), &codec).unwrap();
