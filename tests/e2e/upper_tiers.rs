@@ -318,6 +318,11 @@ fn a_confined_worker_keeps_its_quantization_cache_between_starts() {
             stderr.contains("wrote the quantization cache"),
             "{tier}: {stderr}"
         );
+        // Made for the plugin's own uid alone (the workers share a gid).
+        let meta = std::fs::metadata(&cache).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let owner = crate::support::worker_uid("qwen3-coder-30b");
+        assert_eq!((meta.uid(), meta.mode() & 0o777), (owner, 0o700), "{tier}");
         let files: Vec<_> = std::fs::read_dir(&cache)
             .unwrap()
             .map(|e| e.unwrap().path())

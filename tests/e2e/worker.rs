@@ -874,6 +874,27 @@ fn quantize_refuses_a_cache_folder_the_worker_user_cannot_write() {
         "{err}"
     );
     assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 0);
+    // A run loads all the same, and says the cache is not kept, and the fix.
+    let ran = pio(
+        dir.path(),
+        &[
+            "run",
+            "qwen3-4b-instruct-2507",
+            "--plugins",
+            ".",
+            "--prompt",
+            "Hi",
+            "--max-tokens",
+            "1",
+        ],
+    );
+    let err = String::from_utf8_lossy(&ran.stderr);
+    assert!(ran.status.success(), "{err}");
+    assert!(
+        err.contains("quantizes again at every start")
+            && err.contains(&format!("chown -R {uid}:65534")),
+        "{err}"
+    );
 
     std::os::unix::fs::chown(&cache, Some(uid), Some(65534)).unwrap();
     let out = quantize();

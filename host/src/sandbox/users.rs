@@ -42,13 +42,7 @@ pub struct UsersError {
 impl WorkerUsers {
     /// The uid `plugin`'s workers run as.
     pub fn uid_for(&self, plugin: &str) -> Result<u32, UsersError> {
-        let mapped = mapped_uids();
-        self.pick(plugin, |uid| {
-            known_user(uid)
-                || !mapped
-                    .iter()
-                    .any(|(first, len)| uid.wrapping_sub(*first) < *len)
-        })
+        self.pick(host_seed(), plugin, unavailable())
     }
 
     /// Of `others`, a plugin whose workers would run as `plugin`'s uid (two names hashing to
@@ -58,18 +52,13 @@ impl WorkerUsers {
         plugin: &str,
         others: impl IntoIterator<Item = &'a str>,
     ) -> Option<&'a str> {
-        let mapped = mapped_uids();
-        self.clash_with(plugin, others, |uid| {
-            known_user(uid)
-                || !mapped
-                    .iter()
-                    .any(|(first, len)| uid.wrapping_sub(*first) < *len)
-        })
+        self.clash_with(host_seed(), plugin, others, unavailable())
     }
 
-    /// [`Self::clash`] where `taken` says which uids cannot be had.
+    /// [`Self::clash`] with the hash's `seed`, where `taken` says which uids cannot be had.
     pub fn clash_with<'a>(
         &self,
+        seed: u64,
         plugin: &str,
         others: impl IntoIterator<Item = &'a str>,
         taken: impl Fn(u32) -> bool,
@@ -77,27 +66,67 @@ impl WorkerUsers {
         let Self::PerPlugin(_) = self else {
             return None;
         };
-        let mine = self.pick(plugin, &taken).ok()?;
-        (others.into_iter()).find(|o| *o != plugin && self.pick(o, &taken).ok() == Some(mine))
+        let mine = self.pick(seed, plugin, &taken).ok()?;
+        (others.into_iter()).find(|o| *o != plugin && self.pick(seed, o, &taken).ok() == Some(mine))
     }
 
     /// The uid `plugin`'s workers run as where `taken` says which uids cannot be had: its name's
-    /// hash into the range, else the next one free.
-    pub fn pick(&self, plugin: &str, taken: impl Fn(u32) -> bool) -> Result<u32, UsersError> {
+    /// hash from `seed` into the range, else the next one free. Never the uid bare-library
+    /// probes run as ([`UNNAMED_PROBE`]'s), which a plugin would share with unvetted code.
+    pub fn pick(
+        &self,
+        seed: u64,
+        plugin: &str,
+        taken: impl Fn(u32) -> bool,
+    ) -> Result<u32, UsersError> {
         let range = match self {
             Self::Shared(uid) => return Ok(*uid),
             Self::PerPlugin(range) => *range,
         };
-        let len = range.len();
-        let start = fnv1a(plugin.as_bytes()) % len;
-        (0..TRIES.min(len))
-            .map(|i| range.first + ((start + i) % len) as u32)
-            .find(|&uid| uid != 65535 && !taken(uid))
-            .ok_or_else(|| UsersError {
-                plugin: plugin.to_string(),
-                range,
-            })
+        let free_from = |name: &str, taken: &dyn Fn(u32) -> bool| {
+            let len = range.len();
+            let start = fnv1a(seed, name.as_bytes()) % len;
+            (0..TRIES.min(len))
+                .map(|i| range.first + ((start + i) % len) as u32)
+                .find(|&uid| uid != 65535 && !taken(uid))
+        };
+        // A range of one uid has none to spare for them.
+        let probes = match plugin {
+            UNNAMED_PROBE => None,
+            _ if range.len() < 2 => None,
+            _ => free_from(UNNAMED_PROBE, &taken),
+        };
+        free_from(plugin, &|uid| taken(uid) || Some(uid) == probes).ok_or_else(|| UsersError {
+            plugin: plugin.to_string(),
+            range,
+        })
     }
+}
+
+/// The uids that cannot be had here: those the user database names, and those this user
+/// namespace does not map.
+fn unavailable() -> impl Fn(u32) -> bool {
+    let mapped = mapped_uids();
+    move |uid| {
+        known_user(uid)
+            || !mapped
+                .iter()
+                .any(|(first, len)| uid.wrapping_sub(*first) < *len)
+    }
+}
+
+/// FNV-1a's offset basis: the seed of a hash that no host key changed.
+pub const UNKEYED: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// The hash's seed on this host: its machine id folded in, so that a plugin name cannot be
+/// picked elsewhere to land on another plugin's uid here (the id is stable, so each plugin's
+/// uid is too); unkeyed where there is none (some containers).
+fn host_seed() -> u64 {
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *SEED.get_or_init(|| match std::fs::read_to_string("/etc/machine-id") {
+        Ok(id) if !id.trim().is_empty() => fnv1a(UNKEYED, id.trim().as_bytes()),
+        _ => UNKEYED,
+    })
 }
 
 /// An inclusive range of uids, holding neither root's nor `(uid_t) -1`.
@@ -151,19 +180,22 @@ impl std::fmt::Display for UidRange {
     }
 }
 
-/// FNV-1a: a fixed hash, the same in every build and on every host (std's is seeded).
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+/// FNV-1a from `seed`: a fixed hash, the same in every build (std's is seeded per process).
+fn fnv1a(seed: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(seed, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
     })
 }
 
-/// Whether the user database names `uid`; a database that cannot be read counts as naming it.
+/// Whether the user database names `uid`. A database that cannot be read counts as naming
+/// it, except for the errors getpwuid_r's page allows for "not found" (some NSS modules).
 fn known_user(uid: u32) -> bool {
-    !matches!(
-        nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)),
-        Ok(None)
-    )
+    use nix::errno::Errno;
+    match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+        Ok(found) => found.is_some(),
+        Err(Errno::ENOENT | Errno::ESRCH | Errno::EBADF | Errno::EPERM) => false,
+        Err(_) => true,
+    }
 }
 
 /// The uids this user namespace maps, as (first, count) pairs: everything where the map cannot
@@ -194,35 +226,49 @@ mod tests {
     fn each_plugin_has_its_own_stable_uid_in_the_range() {
         let users = WorkerUsers::default();
         let free = |_: u32| false;
-        let a = users.pick("qwen3-4b", free).unwrap();
-        let b = users.pick("glm-4.7-flash", free).unwrap();
+        let a = users.pick(UNKEYED, "qwen3-4b", free).unwrap();
+        let b = users.pick(UNKEYED, "glm-4.7-flash", free).unwrap();
         assert_ne!(a, b);
         assert!(UidRange::DEFAULT.contains(a) && UidRange::DEFAULT.contains(b));
-        assert_eq!(users.pick("qwen3-4b", free).unwrap(), a, "stable");
+        assert_eq!(users.pick(UNKEYED, "qwen3-4b", free).unwrap(), a, "stable");
+        // Another host's key gives another uid: a name cannot be chosen elsewhere to land on
+        // a given plugin's uid here.
+        let keyed = fnv1a(UNKEYED, b"another machine id");
+        assert_ne!(users.pick(keyed, "qwen3-4b", free).unwrap(), a);
         // Pinned: a change of hash would move every plugin's cache folder to another owner.
-        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a(UNKEYED, b"a"), 0xaf63_dc4c_8601_ec8c);
     }
 
     #[test]
     fn a_taken_uid_is_passed_over_and_a_full_range_is_an_error() {
         let users = WorkerUsers::PerPlugin(UidRange::parse("1000-1003").unwrap());
-        let own = users.pick("echo", |_| false).unwrap();
-        let next = users.pick("echo", |uid| uid == own).unwrap();
-        assert_eq!(next, if own == 1003 { 1000 } else { own + 1 }, "wraps");
-        let e = users.pick("echo", |_| true).unwrap_err();
+        let pick = |name: &str, taken: &dyn Fn(u32) -> bool| users.pick(UNKEYED, name, taken);
+        let probes = pick(UNNAMED_PROBE, &|_| false).unwrap();
+        let own = pick("echo", &|_| false).unwrap();
+        assert_ne!(own, probes, "never the bare probes' uid");
+        let next = pick("echo", &|uid| uid == own).unwrap();
+        assert!(![own, probes].contains(&next) && (1000..=1003).contains(&next));
+        let e = pick("echo", &|_| true).unwrap_err();
         assert!(e.to_string().contains("1000-1003") && e.to_string().contains("echo"));
         // 65535 is (uid_t) -1 to 16-bit programs: never handed out.
         let edge = WorkerUsers::PerPlugin(UidRange::parse("65535-65535").unwrap());
-        assert!(edge.pick("echo", |_| false).is_err());
-        assert_eq!(WorkerUsers::Shared(77).pick("echo", |_| true), Ok(77));
+        assert!(edge.pick(UNKEYED, "echo", |_| false).is_err());
+        assert_eq!(
+            WorkerUsers::Shared(77).pick(UNKEYED, "echo", |_| true),
+            Ok(77)
+        );
+        // A range of one uid serves a plugin (there is none to keep for probes).
+        let one = WorkerUsers::PerPlugin(UidRange::parse("5000-5000").unwrap());
+        assert_eq!(one.pick(UNKEYED, "echo", |_| false), Ok(5000));
     }
 
     /// Two names that hash to one uid are found; one shared uid for all is no clash.
     #[test]
     fn two_plugins_on_one_uid_are_found() {
-        let users = WorkerUsers::PerPlugin(UidRange::parse("1000-1001").unwrap());
+        // Three uids, one kept for bare probes: names fall on the other two.
+        let users = WorkerUsers::PerPlugin(UidRange::parse("1000-1002").unwrap());
         let free = |_: u32| false;
-        let uid = |n: &str| users.pick(n, free).unwrap();
+        let uid = |n: &str| users.pick(UNKEYED, n, free).unwrap();
         let names: Vec<String> = (0..8).map(|i| format!("model-{i}")).collect();
         let twin = (names[1..].iter())
             .find(|n| uid(n) == uid(&names[0]))
@@ -231,12 +277,12 @@ mod tests {
             .find(|n| uid(n) != uid(&names[0]))
             .unwrap();
         let others = [other.as_str(), names[0].as_str(), twin.as_str()];
-        assert_eq!(
-            users.clash_with(&names[0], others, free),
-            Some(twin.as_str())
-        );
-        assert_eq!(users.clash_with(&names[0], [other.as_str()], free), None);
-        assert_eq!(WorkerUsers::Shared(5).clash_with("a", ["b"], free), None);
+        let clash = users.clash_with(UNKEYED, &names[0], others, free);
+        assert_eq!(clash, Some(twin.as_str()));
+        let apart = users.clash_with(UNKEYED, &names[0], [other.as_str()], free);
+        assert_eq!(apart, None);
+        let shared = WorkerUsers::Shared(5);
+        assert_eq!(shared.clash_with(UNKEYED, "a", ["b"], free), None);
     }
 
     #[test]

@@ -47,6 +47,19 @@ pub(super) fn readable_to_worker(spec: &WorkerSpec) -> Result<(), WorkerError> {
 pub(super) fn writable_for_worker(spec: &WorkerSpec) -> Result<(), WorkerError> {
     for dir in &spec.write_paths {
         if dir.is_dir() {
+            // Used as the operator made it; one the worker cannot write (a cache made for an
+            // earlier uid) only costs a quantization at each start, said here with the fix.
+            if let Some((uid, gid)) = spec.plan.drop_to {
+                use crate::sandbox::readable::{writable_folder, Reach};
+                if !writable_folder(dir, uid, gid, Reach::of(&spec.plan)) {
+                    tracing::warn!(
+                        plugin = %spec.name,
+                        "the worker runs as uid {uid}, gid {gid} and cannot write the quantization_cache folder {}: it quantizes again at every start; give it that user (chown -R {uid}:{gid} {}) or remove the folder so that the worker makes it",
+                        dir.display(),
+                        dir.display()
+                    );
+                }
+            }
             continue;
         }
         let fail = |e: &dyn std::fmt::Display| {
@@ -62,6 +75,10 @@ pub(super) fn writable_for_worker(spec: &WorkerSpec) -> Result<(), WorkerError> 
         std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
         if let Some((uid, gid)) = spec.plan.drop_to {
             std::os::unix::fs::chown(dir, Some(uid), Some(gid)).map_err(|e| fail(&e))?;
+            // Its own alone: every worker shares the gid, and a umask may leave it group-writable.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| fail(&e))?;
         }
     }
     Ok(())
