@@ -271,3 +271,17 @@ fn a_sighup_leaves_an_unloaded_model_unloaded() {
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(d.plugin("echo")["state"], "unloaded", "{}", d.logs());
 }
+
+/// A preload a reload newly names starts loading at once.
+#[test]
+fn a_sighup_loads_a_newly_named_preload() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(echo_dir(""), "[server]\npreload = []\n");
+    d.wait_ready();
+    assert_eq!(d.plugin("echo")["state"], "unloaded");
+    std::fs::write(d.config_path(), "[server]\npreload = [\"echo\"]\n").unwrap();
+    hangup(&d);
+    eventually("echo loads", &d, || d.plugin("echo")["state"] == "ready");
+}
