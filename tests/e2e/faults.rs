@@ -334,6 +334,25 @@ fn a_quarantine_takes_no_place_under_the_cap() {
     assert_eq!(d.plugin("hostile")["state"], "quarantined");
 }
 
+/// A warm-up the plugin does not answer is held to the load's deadline, even with no request
+/// deadline: the model fails its load, saying why, instead of staying `loading` for good.
+#[test]
+fn a_warm_up_past_the_load_deadline_fails_the_load() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(
+        crate::daemon::echo_dir("[model.options]\nprefill_ms = 60000\n"),
+        "[supervisor]\nload_timeout_secs = 2\nrequest_timeout_secs = 0\n",
+    );
+    d.wait_for(20, "the failed warm-up", |d| {
+        d.plugin("echo")["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("warm-up") && e.contains("load_timeout_secs"))
+    });
+    assert_ne!(d.plugin("echo")["state"], "loading");
+}
+
 /// A preload whose load failed (its model folder incomplete) is tried again on its own, with a
 /// backoff: a replica it keeps out of rotation gets no request that would load it. Meanwhile
 /// its state says `failed`, with why.

@@ -235,7 +235,21 @@ pub(super) async fn deploy(
         .await
         .map_err(|e| ApiError::internal(format!("plugin {name} failed to load: {e}")))?;
     if config.server.warmup {
-        if let Err(e) = warm_up(&supervised).await {
+        // Part of the load, so under its deadline: with no request deadline a warm-up the
+        // plugin never answers held the model `loading` for good (and an unload waits for it).
+        let load_timeout = config.restart_policy().load_timeout;
+        let warmed = match load_timeout {
+            Some(limit) => tokio::time::timeout(limit, warm_up(&supervised))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ApiError::internal(format!(
+                        "no answer within {} s (supervisor.load_timeout_secs)",
+                        limit.as_secs()
+                    )))
+                }),
+            None => warm_up(&supervised).await,
+        };
+        if let Err(e) = warmed {
             supervised.stop().await;
             return Err(ApiError::internal(format!(
                 "plugin {name} loaded but failed its warm-up request: {e}"
