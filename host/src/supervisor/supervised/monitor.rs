@@ -40,14 +40,7 @@ pub(super) async fn monitor(
         let policy = policies.borrow().clone();
         // Its cgroup stays until the last handle goes: its final counters are still there.
         let last = worker.stats();
-        let now = Instant::now();
-        crashes.push_back(now);
-        while crashes
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > policy.window)
-        {
-            crashes.pop_front();
-        }
+        record(&mut crashes, Instant::now(), policy.window);
         backoff = first_wait(backoff, crashes.len(), &policy);
         {
             let mut s = lock(&shared);
@@ -157,7 +150,9 @@ impl Restart<'_> {
                     return true;
                 }
                 Err((e, last)) => {
-                    crashes.push_back(Instant::now());
+                    // Windowed here too: failed starts as slow as `load_timeout` long ago
+                    // counted towards a quarantine they were outside of.
+                    record(crashes, Instant::now(), self.policy.window);
                     let mut s = lock(self.shared);
                     s.retired.add(last.as_ref());
                     s.last_error = Some(e.to_string());
@@ -169,6 +164,17 @@ impl Restart<'_> {
                 }
             }
         }
+    }
+}
+
+/// Records a failure at `now` among `crashes`, keeping those within `window` of it.
+fn record(crashes: &mut VecDeque<Instant>, now: Instant, window: Duration) {
+    crashes.push_back(now);
+    while crashes
+        .front()
+        .is_some_and(|t| now.duration_since(*t) > window)
+    {
+        crashes.pop_front();
     }
 }
 
@@ -212,6 +218,19 @@ async fn watch_health(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only failures within the window of the latest count: a failed start's too.
+    #[test]
+    fn failures_older_than_the_window_are_forgotten() {
+        let mut crashes = VecDeque::new();
+        let t0 = Instant::now();
+        let window = Duration::from_secs(60);
+        record(&mut crashes, t0, window);
+        record(&mut crashes, t0 + Duration::from_secs(30), window);
+        assert_eq!(crashes.len(), 2);
+        record(&mut crashes, t0 + Duration::from_secs(100), window);
+        assert_eq!(crashes.len(), 1, "both earlier ones are past the window");
+    }
 
     #[test]
     fn a_lone_crash_waits_the_initial_backoff_and_a_run_of_them_the_doubled_one() {
