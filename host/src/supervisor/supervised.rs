@@ -300,7 +300,12 @@ impl Supervised {
     /// quarantined.
     pub fn infer(&self, request: InferRequest) -> Result<mpsc::Receiver<Event>, WorkerError> {
         let worker = self.ready_worker()?;
-        let (id, events) = worker.infer(request)?;
+        // A worker that ended before the monitor saw it never had the request: like one that
+        // is restarting, a retry will do (503, not a 500 for a request that failed in it).
+        let (id, events) = worker.infer(request).map_err(|e| match e.0.kind {
+            Fault::WorkerDied => self.not_taken(&e.0.message),
+            _ => e,
+        })?;
         // A small hand-over: the worker's window is where tokens wait for a slow reader.
         let (tx, rx) = mpsc::channel(4);
         let forward = Forward {
@@ -312,6 +317,22 @@ impl Supervised {
         };
         tokio::spawn(forward.run(events, tx));
         Ok(rx)
+    }
+
+    /// Why a request the worker never took failed: it was ending (`why`), and the plugin is
+    /// replaced or unloaded (draining) or restarts.
+    fn not_taken(&self, why: &str) -> WorkerError {
+        let name = &self.name;
+        match lock(&self.shared).draining {
+            true => err(
+                Fault::Stopped,
+                format!("plugin {name} was being replaced or unloaded when its worker ended ({why}); retry"),
+            ),
+            false => err(
+                Fault::Restarting,
+                format!("plugin {name}'s worker ended ({why}) and is restarting; retry shortly"),
+            ),
+        }
     }
 
     /// The worker, if the plugin is ready; else why not.
