@@ -142,16 +142,22 @@ impl SafetensorsFiles {
                 let Some(expected) = expected else {
                     return Err(bad(path, format!("tensor {name}: its data offsets {start}..{end} do not fit its shape {:?} or the file", h.shape)));
                 };
-                entries.insert(
-                    name,
-                    Entry {
-                        file: index,
-                        dtype,
-                        shape: h.shape,
-                        start: base + start,
-                        len: expected,
-                    },
-                );
+                let entry = Entry {
+                    file: index,
+                    dtype,
+                    shape: h.shape,
+                    start: base + start,
+                    len: expected,
+                };
+                // Two shards holding one name: which copy is meant cannot be told (the last one
+                // read was taken, silently).
+                if let Some(earlier) = entries.insert(name.clone(), entry) {
+                    let first = paths.get(earlier.file).map_or(path, |p| p);
+                    return Err(bad(
+                        path,
+                        format!("tensor {name} is also in {}: a checkpoint holds each tensor once; remove the stray shard", first.display()),
+                    ));
+                }
             }
             files.push((path.clone(), file));
         }
@@ -399,6 +405,32 @@ mod tests {
             "{e}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A tensor in two shards is refused naming both (the last one read was taken).
+    #[test]
+    fn a_tensor_in_two_shards_is_refused_naming_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let shard = |n: usize, value: f32| {
+            let path = dir.path().join(format!("model-0000{n}-of-00002.safetensors"));
+            let norm = Tensor::full(value, 4, &Device::Cpu).unwrap();
+            let other = Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();
+            let tensors = HashMap::from([
+                ("model.norm.weight".to_string(), norm),
+                (format!("only.in.{n}"), other),
+            ]);
+            candle_core::safetensors::save(&tensors, &path).unwrap();
+            path
+        };
+        let paths = [shard(1, 1.0), shard(2, 2.0)];
+        let e = SafetensorsFiles::open(&paths).err().unwrap().to_string();
+        assert!(
+            e.contains("model.norm.weight")
+                && e.contains("model-00001-of-00002")
+                && e.contains("model-00002-of-00002"),
+            "{e}"
+        );
+        assert!(SafetensorsFiles::open(&paths[..1]).is_ok());
     }
 
     #[test]
