@@ -412,7 +412,9 @@ mod tests {
     fn a_tensor_in_two_shards_is_refused_naming_both() {
         let dir = tempfile::tempdir().unwrap();
         let shard = |n: usize, value: f32| {
-            let path = dir.path().join(format!("model-0000{n}-of-00002.safetensors"));
+            let path = dir
+                .path()
+                .join(format!("model-0000{n}-of-00002.safetensors"));
             let norm = Tensor::full(value, 4, &Device::Cpu).unwrap();
             let other = Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();
             let tensors = HashMap::from([

@@ -227,6 +227,12 @@ impl Config {
                 ));
             }
         }
+        if self.attention_bias {
+            return Err(bad(
+                "attention_bias",
+                "expected false: biased MLA projections are not supported (GLM checkpoints have none)".into(),
+            ));
+        }
         if !self.rope_interleave {
             return Err(bad(
                 "rope_interleave",
@@ -307,7 +313,7 @@ mod tests {
     #[test]
     fn impossible_routing_and_layouts_are_refused_naming_the_field() {
         type Edit = fn(&mut serde_json::Value);
-        let cases: [(&str, Edit); 5] = [
+        let cases: [(&str, Edit); 6] = [
             ("n_group", |j| j["n_group"] = 3.into()),
             ("topk_group", |j| j["topk_group"] = 2.into()),
             ("num_experts_per_tok", |j| {
@@ -317,6 +323,7 @@ mod tests {
                 j["mlp_layer_types"] = serde_json::json!(["dense"])
             }),
             ("topk_method", |j| j["topk_method"] = "greedy".into()),
+            ("attention_bias", |j| j["attention_bias"] = true.into()),
         ];
         for (field, edit) in cases {
             let (checkpoint, cfg) = with(edit);
