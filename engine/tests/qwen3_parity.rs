@@ -188,6 +188,17 @@ fn ids_past_the_vocabulary_are_refused_at_load_naming_the_file() {
         e.message.contains("tokenizer.json") && e.message.contains("token id 400"),
         "{e}"
     );
+    // Fewer layers named than the weights hold: refused, not run truncated.
+    let e = load(&|dir| {
+        edit_json(&dir.join("config.json"), &|j| {
+            j["num_hidden_layers"] = 2.into()
+        })
+    })
+    .unwrap_err();
+    assert!(
+        e.message.contains("config.json") && e.message.contains("`num_hidden_layers`"),
+        "{e}"
+    );
     // Sliding-window attention, which the engine would run in full: refused by name.
     let e = load(&|dir| {
         edit_json(&dir.join("config.json"), &|j| {

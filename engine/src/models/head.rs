@@ -53,6 +53,20 @@ pub(crate) fn load_stack<L>(
     mut layer: impl FnMut(usize, VarBuilder) -> candle_core::Result<L>,
 ) -> Result<Stack<L>> {
     let total = ends.layers + 2;
+    // A config that names fewer layers than the weights hold would run a truncated model
+    // without a word (transformers warns of the unused weights); GLM's next-token layer, past
+    // the last one, has its own `eh_proj`.
+    let past = vb.pp(body).pp(format!("layers.{}", ends.layers));
+    if past.contains_tensor("input_layernorm.weight") && !past.contains_tensor("eh_proj.weight") {
+        return Err(EngineError::BadField {
+            path: checkpoint.config_path(),
+            field: "num_hidden_layers".into(),
+            reason: format!(
+                "is {}, but the weights hold a layer {} too: set it to the number of layers the checkpoint holds",
+                ends.layers, ends.layers
+            ),
+        });
+    }
     let mut build = || -> candle_core::Result<Stack<L>> {
         let model = vb.pp(body);
         let embed_tokens = embedding(ends.vocab, ends.hidden, model.pp("embed_tokens"))?;
