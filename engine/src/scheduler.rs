@@ -51,6 +51,9 @@ pub struct Waiting {
     /// Of the cached prefix's blocks, those running sequences hold: sharing them takes no free
     /// block (the others are idle in the cache and count as free until taken).
     pub cached_held: usize,
+    /// Of those held, the blocks a paused sequence alone holds: preempting it frees them among
+    /// its own blocks, and they are held no longer (counted once, not twice, in what it frees).
+    pub cached_own_paused: usize,
     /// Its reader has fallen behind (a paused sequence preempted): it is not admitted until
     /// the reader catches up, so that it does not take blocks only to yield them again.
     pub paused: bool,
@@ -195,16 +198,21 @@ fn yield_paused(state: &State<'_>, kept: &mut Vec<Running>, free: usize, plan: &
         return false;
     };
     let bs = state.limits.block_size;
-    let blocked = |seqs: usize, free: usize| {
-        seqs >= state.limits.max_seqs || (free + w.cached_held) * bs <= w.cached
+    let blocked = |seqs: usize, free: usize, held: usize| {
+        seqs >= state.limits.max_seqs || (free + held) * bs <= w.cached
     };
+    // Once paused sequences go, the cached blocks they alone held are free, not held: counted
+    // as held too, a request that would not fit even then was preempted for.
+    let held_after = w.cached_held.saturating_sub(w.cached_own_paused);
     let paused = kept.iter().filter(|k| k.paused);
     let (count, blocks) = paused.fold((0, 0), |(n, b), k| (n + 1, b + k.own_blocks));
-    if !blocked(kept.len(), free) || blocked(kept.len() - count, free + blocks) {
+    if !blocked(kept.len(), free, w.cached_held)
+        || blocked(kept.len() - count, free + blocks, held_after)
+    {
         return false;
     }
     let mut free = free;
-    while blocked(kept.len(), free) {
+    while blocked(kept.len(), free, held_after) {
         let Some(j) = kept.iter().rposition(|k| k.paused) else {
             break;
         };
@@ -277,6 +285,7 @@ mod tests {
             tokens,
             cached: 0,
             cached_held: 0,
+            cached_own_paused: 0,
             paused: false,
             prefix_pending: false,
         }
@@ -538,6 +547,19 @@ mod tests {
         };
         let p = plan(&[paused(1), paused(2)], &[mostly_cached], 0, LIMITS);
         assert!(p.preempt.is_empty(), "{p:?}");
+        // Its cached prefix held by a paused sequence alone: preempting that one frees those
+        // blocks once, which leaves no room for the rest, so nobody is preempted for it.
+        let held_by_paused = Waiting {
+            cached: 32,
+            cached_held: 8,
+            cached_own_paused: 8,
+            ..wait(3, 33)
+        };
+        let p = plan(&[paused(1)], &[held_by_paused], 0, LIMITS);
+        assert!(p.preempt.is_empty(), "{p:?}");
+        // A block to spare: it joins beside it, sharing the held prefix.
+        let p = plan(&[paused(1)], &[held_by_paused], 1, LIMITS);
+        assert_eq!((p.preempt.len(), p.admit.clone()), (0, vec![3]), "{p:?}");
     }
 
     #[test]

@@ -364,6 +364,12 @@ impl<M: CausalLm> Worker<M> {
                         .iter()
                         .filter(|&&b| self.pool.allocator.holders(b) > 0)
                         .count(),
+                    cached_own_paused: (found.iter())
+                        .filter(|&&b| self.pool.allocator.holders(b) == 1)
+                        .filter(|&b| {
+                            (self.running.iter()).any(|r| r.paused() && r.blocks.contains(b))
+                        })
+                        .count(),
                     paused: s.paused(),
                     prefix_pending: self.prefix_pending(i, found.len()),
                 }
