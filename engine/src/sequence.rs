@@ -5,7 +5,7 @@
 use crate::batch::{Output, Wanted};
 use crate::error::{EngineError, Result};
 use crate::generate::{Emitted, Finish, Request};
-use crate::guide::Guide;
+use crate::guide::{Compiled, Guide};
 use crate::sampling::{log_sum_exp, top_k, Sampler};
 use crate::stop::{Step, StopMatcher};
 use crate::text::{StreamDecoder, TextCodec};
@@ -66,7 +66,18 @@ impl Decoding {
     /// The state for `request`, generating at most `max_tokens` (already capped by the caller to
     /// what the context and the pool allow).
     pub fn new(request: &Request, max_tokens: usize) -> Result<Self> {
-        let guide = request.constraint.clone().map(Guide::start).transpose()?;
+        Self::with(request, request.constraint.clone(), max_tokens)
+    }
+
+    /// [`Self::new`], moving `request`'s constraint in: a clone copies the grammar matcher's
+    /// lexer cache, on the engine thread that every sequence waits on.
+    pub fn taking(request: &mut Request, max_tokens: usize) -> Result<Self> {
+        let constraint = request.constraint.take();
+        Self::with(request, constraint, max_tokens)
+    }
+
+    fn with(request: &Request, constraint: Option<Compiled>, max_tokens: usize) -> Result<Self> {
+        let guide = constraint.map(Guide::start).transpose()?;
         Ok(Self {
             prompt: request.prompt.clone(),
             generated: Vec::new(),

@@ -239,12 +239,12 @@ impl<M: CausalLm> Worker<M> {
         }
         let arrivals: Vec<Arrival> = inbox.arrivals.drain(..).collect();
         drop(inbox);
-        for a in arrivals {
+        for mut a in arrivals {
             if a.max_tokens == 0 {
                 finish_early(&a.events, Finish::Length);
                 continue;
             }
-            let decoding = match Decoding::new(&a.request, a.max_tokens) {
+            let decoding = match Decoding::taking(&mut a.request, a.max_tokens) {
                 Ok(d) => d,
                 Err(e) => {
                     let _ = a.events.send(Event::Failed(e));
