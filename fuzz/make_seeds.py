@@ -90,6 +90,7 @@ put("checkpoint", "qwen3-index",
 put("checkpoint", "safetensors",
     b"\x02" + (FIX / "qwen3-tiny" / "model-00005-of-00005.safetensors").read_bytes())
 put("checkpoint", "glm-config", b"\x03" + (FIX / "glm4-moe-lite-tiny" / "config.json").read_bytes())
+put("checkpoint", "gguf", b"\x04" + (FIX / "gguf" / "qwen3-tiny.q5_0.gguf").read_bytes())
 
 # chat_template: conversations with tools, calls, reasoning and images.
 put("chat_template", "tools", json.dumps({"messages": bodies["chat-full"]["messages"],

@@ -89,6 +89,8 @@ struct Snapshots {
     qwen3: PathBuf,
     qwen3_single: PathBuf,
     glm: PathBuf,
+    /// A folder for one `.gguf` file (the input).
+    gguf: PathBuf,
 }
 
 fn snapshots() -> &'static Snapshots {
@@ -111,28 +113,33 @@ fn snapshots() -> &'static Snapshots {
         for name in ["config.json", "generation_config.json"] {
             std::fs::copy(qwen3.join(name), qwen3_single.join(name)).expect("a copy");
         }
+        let gguf = root.path().join("gguf");
+        std::fs::create_dir_all(&gguf).expect("a GGUF folder");
         Snapshots {
             _root: root,
             qwen3,
             qwen3_single,
             glm,
+            gguf,
         }
     })
 }
 
 /// A checkpoint with one file replaced by the input (after its first byte, which picks the
-/// file): Qwen3's or GLM's `config.json`, the shard index, or a whole `model.safetensors`; then
-/// the model loads as the plugins load it.
+/// file): Qwen3's or GLM's `config.json`, the shard index, a whole `model.safetensors`, or a
+/// whole `.gguf` file (metadata, tensor table and data: a Qwen3 from it); then the model loads
+/// as the plugins load it.
 pub fn checkpoint(data: &[u8]) {
     let Some((&which, body)) = data.split_first() else {
         return;
     };
     let s = snapshots();
-    let (dir, file) = match which % 4 {
+    let (dir, file) = match which % 5 {
         0 => (&s.qwen3, "config.json"),
         1 => (&s.qwen3, "model.safetensors.index.json"),
         2 => (&s.qwen3_single, "model.safetensors"),
-        _ => (&s.glm, "config.json"),
+        3 => (&s.glm, "config.json"),
+        _ => (&s.gguf, "model.gguf"),
     };
     let path = dir.join(file);
     let original = std::fs::read(&path).ok();
@@ -142,7 +149,7 @@ pub fn checkpoint(data: &[u8]) {
     if let Ok(checkpoint) = Checkpoint::open(dir) {
         let (dtype, device, q) = (DType::F32, Device::Cpu, Quantization::None);
         let mut progress = |_: usize, _: usize| {};
-        if which % 4 == 3 {
+        if which % 5 == 3 {
             let _ = Glm4MoeLite::load(&checkpoint, dtype, q, &device, &mut progress);
         } else {
             let _ = <Qwen3 as LoadModel>::load(&checkpoint, dtype, q, &device, &mut progress);
