@@ -28,9 +28,13 @@ pub fn parse<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, TomlErro
         // Value errors from serde don't say which key they are about; the line does. A missing
         // key is placed at its table's first line, whose key is another one.
         let about_a_value = !message.starts_with("missing field");
-        if let Some(key) =
-            key_at(text, start).filter(|k| about_a_value && !message.contains(&format!("`{k}`")))
-        {
+        let key = key_at(text, start);
+        // serde quotes the value it refused: a bearer key written as a string instead of a list
+        // would reach the log at every start and reload.
+        if key.as_deref().is_some_and(secret) {
+            message = hide_strings(&message);
+        }
+        if let Some(key) = key.filter(|k| about_a_value && !message.contains(&format!("`{k}`"))) {
             message = format!("`{key}`: {message}");
         }
         TomlError {
@@ -40,6 +44,35 @@ pub fn parse<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, TomlErro
             message,
         }
     })
+}
+
+/// Whether `key` holds secrets (`api_keys`, `admin_keys`, `metrics_keys`, a token or password).
+fn secret(key: &str) -> bool {
+    let key = key.rsplit('.').next().unwrap_or(key).to_ascii_lowercase();
+    ["key", "token", "secret", "password"]
+        .iter()
+        .any(|s| key.contains(s))
+}
+
+/// `message` with every double-quoted string in it replaced by `"…"`.
+fn hide_strings(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut quoted = false;
+    for c in message.chars() {
+        match (c, quoted) {
+            ('"', false) => {
+                out.push_str("\"…");
+                quoted = true;
+            }
+            ('"', true) => {
+                out.push('"');
+                quoted = false;
+            }
+            (_, false) => out.push(c),
+            (_, true) => {}
+        }
+    }
+    out
 }
 
 /// A 1-based line and column for a byte offset into `text`.
@@ -62,4 +95,32 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
     bare.then(|| key.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Server {
+        api_keys: Vec<String>,
+        name: Option<u32>,
+    }
+
+    /// A secret written in the wrong shape is not repeated in the error (which is logged);
+    /// other values still are, for the operator to see what was read.
+    #[test]
+    fn a_refused_secret_is_not_repeated_in_the_error() {
+        let path = Path::new("pio.toml");
+        let e = parse::<Server>(path, "api_keys = \"sk-live-secret\"\n").unwrap_err();
+        let message = e.to_string();
+        assert!(!message.contains("sk-live-secret"), "{message}");
+        assert!(
+            message.contains("`api_keys`") && message.contains("sequence"),
+            "{message}"
+        );
+        let e = parse::<Server>(path, "api_keys = []\nname = \"seven\"\n").unwrap_err();
+        assert!(e.to_string().contains("seven"), "{e}");
+    }
 }
