@@ -353,6 +353,27 @@ fn a_warm_up_past_the_load_deadline_fails_the_load() {
     assert_ne!(d.plugin("echo")["state"], "loading");
 }
 
+/// A plugin that ignores `max_tokens` has its request stopped there, named as its fault; its
+/// worker serves on (the daemon buffered whatever it sent).
+#[test]
+fn a_plugin_sending_past_max_tokens_is_stopped() {
+    if !confinement_available() {
+        return;
+    }
+    let d = crate::daemon::restarting_hostile();
+    let body = json!({"model": "hostile", "prompt": "flood 100000 1024", "max_tokens": 4});
+    let (status, r) = d.post("/v1/completions", &body);
+    assert_eq!(status, 500, "{r}");
+    let message = r["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("max_tokens") && message.contains("hostile"), "{r}");
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let events: Vec<String> = d.stream("/v1/completions", &streamed).collect();
+    assert!(events.iter().any(|e| e.contains("max_tokens")), "{events:?}");
+    assert_eq!(complete(&d, "hostile", "status").0, 200);
+    assert_eq!(d.plugin("hostile")["restarts"], 0);
+}
+
 /// A preload whose load failed (its model folder incomplete) is tried again on its own, with a
 /// backoff: a replica it keeps out of rotation gets no request that would load it. Meanwhile
 /// its state says `failed`, with why.

@@ -15,6 +15,49 @@ use crate::protocol::WireError;
 /// most the deadline itself).
 const GRACE: Duration = Duration::from_secs(5);
 
+/// The most text one request may bring back: a context's worth is a few MiB; the rest is a
+/// plugin that does not stop, which the daemon would otherwise hold in memory whole.
+pub(super) const MAX_OUTPUT_BYTES: usize = 64 << 20;
+
+/// What a request asked for, which its worker may not exceed: the daemon buffers a whole
+/// answer (and a stream's open tool call), so a plugin ignoring `max_tokens` could fill it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Budget {
+    /// Tokens, the end of sequence included (`max_tokens` + 1); `None`: no bound but the bytes.
+    pub(super) tokens: Option<u64>,
+    /// Alternatives per token (`logprobs`): any more are dropped.
+    pub(super) alternatives: usize,
+    /// Tokens and text bytes so far.
+    pub(super) used: (u64, usize),
+}
+
+impl Budget {
+    /// The budget of `request`.
+    pub(super) fn of(request: &pio_plugin_api::wire::InferRequest) -> Self {
+        Self {
+            tokens: request.max_tokens.map(|m| u64::from(m) + 1),
+            alternatives: request.logprobs.unwrap_or(0) as usize,
+            used: (0, 0),
+        }
+    }
+
+    /// Counts `token` (its alternatives cut to those asked for); why it is one too many, if so.
+    pub(super) fn spend(&mut self, token: &mut crate::protocol::TokenFrame) -> Option<String> {
+        token.top_logprobs.truncate(self.alternatives);
+        let top: usize = token.top_logprobs.iter().map(|t| t.1.len()).sum();
+        self.used.0 += 1;
+        self.used.1 = self.used.1.saturating_add(token.text.len() + top);
+        if self.tokens.is_some_and(|most| self.used.0 > most) {
+            return Some(format!(
+                "sent more than the {} tokens asked for (max_tokens)",
+                self.tokens.unwrap_or(0) - 1
+            ));
+        }
+        (self.used.1 > MAX_OUTPUT_BYTES)
+            .then(|| format!("sent more than {} MiB of text for one request", MAX_OUTPUT_BYTES >> 20))
+    }
+}
+
 /// Carries one request's events from its worker to its caller: under the request deadline
 /// (past it, the request is cancelled, and the worker replaced only if the request does not end
 /// within [`GRACE`]: a plugin stuck in a loop never sees a cancel, while a batching engine's
@@ -26,10 +69,11 @@ pub(super) struct Forward {
     pub(super) shared: Arc<Mutex<Shared>>,
     pub(super) worker: Arc<Worker>,
     pub(super) id: u64,
+    pub(super) budget: Budget,
 }
 
 impl Forward {
-    pub(super) async fn run(self, mut events: Events, tx: mpsc::Sender<Event>) {
+    pub(super) async fn run(mut self, mut events: Events, tx: mpsc::Sender<Event>) {
         let mut deadline = self.timeout.map(|t| tokio::time::Instant::now() + t);
         loop {
             let next = async {
@@ -73,8 +117,19 @@ impl Forward {
     /// `event`, with a worker's death marked as a restart and the engine's figures kept. A
     /// plugin that panicked has its worker stopped by the traffic task (`Routes::dispatch`) and
     /// replaced, as after a crash; requests running beside this one fail as they would then.
-    fn noted(&self, event: Event) -> Event {
+    fn noted(&mut self, event: Event) -> Event {
         match event {
+            Event::Token(mut token) => match self.budget.spend(&mut token) {
+                None => Event::Token(token),
+                // The plugin's fault: this request ends, its worker serves on.
+                Some(why) => {
+                    self.worker.cancel(self.id);
+                    Event::Failed(WireError {
+                        kind: Fault::Protocol,
+                        message: format!("plugin {} {why}; the request was stopped", self.name),
+                    })
+                }
+            },
             // Stopped on purpose (unloaded, replaced, the daemon shutting down): no restart
             // follows, and another replica or a retry may serve it.
             Event::Failed(e)
@@ -142,5 +197,46 @@ impl Forward {
                 "was stopped: a request ran past its {secs} s deadline and did not end when cancelled"
             ));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::TokenFrame;
+
+    fn token(text: &str, alternatives: usize) -> TokenFrame {
+        TokenFrame {
+            token_id: 1,
+            text: text.into(),
+            logprob: Some(-0.5),
+            top_logprobs: (0..alternatives as u32).map(|i| (i, "t".into(), -1.0)).collect(),
+        }
+    }
+
+    /// A plugin's output is held to what the request asked: `max_tokens` (and its end of
+    /// sequence), the alternatives asked for, and a cap on the text the daemon buffers.
+    #[test]
+    fn a_request_takes_no_more_than_it_asked_for() {
+        let request = pio_plugin_api::wire::InferRequest {
+            max_tokens: Some(2),
+            logprobs: Some(1),
+            ..Default::default()
+        };
+        let mut budget = Budget::of(&request);
+        let mut t = token("a", 50);
+        assert_eq!(budget.spend(&mut t), None);
+        assert_eq!(t.top_logprobs.len(), 1, "cut to the one asked for");
+        assert_eq!(budget.spend(&mut token("b", 0)), None);
+        assert_eq!(budget.spend(&mut token("", 0)), None, "the end of sequence");
+        let e = budget.spend(&mut token("c", 0)).unwrap();
+        assert!(e.contains("2 tokens") && e.contains("max_tokens"), "{e}");
+        // No max_tokens: the bytes still bound it.
+        let mut open = Budget::of(&Default::default());
+        let big = "x".repeat(MAX_OUTPUT_BYTES / 2);
+        assert_eq!(open.spend(&mut token(&big, 0)), None);
+        assert_eq!(open.spend(&mut token(&big, 0)), None);
+        let e = open.spend(&mut token("x", 0)).unwrap();
+        assert!(e.contains("MiB"), "{e}");
     }
 }

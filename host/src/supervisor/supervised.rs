@@ -300,6 +300,7 @@ impl Supervised {
     /// quarantined.
     pub fn infer(&self, request: InferRequest) -> Result<mpsc::Receiver<Event>, WorkerError> {
         let worker = self.ready_worker()?;
+        let budget = super::forward::Budget::of(&request);
         // A worker that ended before the monitor saw it never had the request: like one that
         // is restarting, a retry will do (503, not a 500 for a request that failed in it).
         let (id, events) = worker.infer(request).map_err(|e| match e.0.kind {
@@ -314,6 +315,7 @@ impl Supervised {
             shared: self.shared.clone(),
             worker,
             id,
+            budget,
         };
         tokio::spawn(forward.run(events, tx));
         Ok(rx)

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use pio_plugin_api::wire::{InferOutcome, InferRequest, ModelConfig, ModelInfo, Prompt};
 use pio_plugin_api::{
-    export_plugin, Capabilities, GeneratedToken, PluginError, PluginImpl, Progress, Sink,
+    export_plugin, Capabilities, Flow, GeneratedToken, PluginError, PluginImpl, Progress, Sink,
 };
 
 mod faults;
@@ -161,6 +161,25 @@ impl PluginImpl for Hostile {
                 "hostile takes a text prompt naming an attack",
             ));
         };
+        // `flood N BYTES`: N tokens of BYTES each, whatever `max_tokens` says, while the host
+        // takes them (a plugin that does not stop).
+        if let Some(args) = command.strip_prefix("flood ") {
+            let mut args = args.split_whitespace().map(|a| a.parse::<usize>().unwrap_or(1));
+            let (n, bytes) = (args.next().unwrap_or(1), args.next().unwrap_or(1));
+            let piece = "x".repeat(bytes);
+            for i in 0..n {
+                let token = GeneratedToken {
+                    token_id: i as u32,
+                    text: piece.as_str().into(),
+                    logprob: None.into(),
+                    top_logprobs: Default::default(),
+                };
+                if sink.emit(token) == Flow::Stop {
+                    break;
+                }
+            }
+            return Ok(InferOutcome::default());
+        }
         let text = match command.as_str() {
             // Which device the host told it to load on.
             "device" => format!("device {}", self.device.as_deref().unwrap_or("none")),
