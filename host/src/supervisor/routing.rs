@@ -104,12 +104,9 @@ pub(super) fn forward_output(
     stderr: Option<tokio::process::ChildStderr>,
 ) {
     fn pump<R: tokio::io::AsyncRead + Unpin + Send + 'static>(prefix: String, r: R) {
-        tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(r).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                tracing::info!(target: "pio::worker", plugin = %prefix, "{line}");
-            }
-        });
+        tokio::spawn(output_lines(r, move |text| {
+            tracing::info!(target: "pio::worker", plugin = %prefix, "{text}");
+        }));
     }
     if let Some(out) = stdout {
         pump(name.to_string(), out);
@@ -117,6 +114,63 @@ pub(super) fn forward_output(
     if let Some(err) = stderr {
         pump(name.to_string(), err);
     }
+}
+
+/// The longest line of a worker's output logged whole; a longer one is logged in pieces of
+/// this size, each cut marked.
+const MAX_LINE: usize = 64 << 10;
+
+/// Reads `r` to its end, calling `each` with every line as [`log_text`] writes it. Lines are
+/// cut at [`MAX_LINE`] and read whatever their bytes: a plugin writing without a newline grew
+/// one line in the daemon's memory until it was killed, and a byte that was not UTF-8 ended
+/// the forwarding (the pipe then filled, blocking the worker's every write).
+async fn output_lines<R: tokio::io::AsyncRead + Unpin>(r: R, mut each: impl FnMut(String)) {
+    use tokio::io::AsyncBufReadExt;
+    let mut reader = tokio::io::BufReader::new(r);
+    let mut line = Vec::new();
+    loop {
+        let (used, ended) = match reader.fill_buf().await {
+            Ok(chunk) if !chunk.is_empty() => {
+                let end = chunk.iter().position(|&b| b == b'\n');
+                let used = end.map_or(chunk.len(), |i| i + 1);
+                let room = MAX_LINE.saturating_sub(line.len());
+                let taken = used.min(room);
+                line.extend_from_slice(&chunk[..taken]);
+                // A newline past the room ends the line all the same.
+                (taken, end.is_some_and(|i| i < taken))
+            }
+            _ => break,
+        };
+        reader.consume(used);
+        if ended || line.len() >= MAX_LINE {
+            each(log_text(&line, !ended));
+            line.clear();
+        }
+    }
+    if !line.is_empty() {
+        each(log_text(&line, false));
+    }
+}
+
+/// A worker's output line as logged: read lossily, its newline dropped, control characters
+/// escaped (a `\r` or an escape sequence from a plugin would rewrite what a terminal shows of
+/// the daemon's log), a cut marked.
+pub(crate) fn log_text(line: &[u8], cut: bool) -> String {
+    let text = String::from_utf8_lossy(line);
+    let text = text.strip_suffix('\n').unwrap_or(&text);
+    let text = text.strip_suffix('\r').unwrap_or(text);
+    let mut out: String = text
+        .chars()
+        .map(|c| match c {
+            '\t' => "\t".to_string(),
+            c if c.is_control() => c.escape_default().to_string(),
+            c => c.to_string(),
+        })
+        .collect();
+    if cut {
+        out.push_str(" […cut]");
+    }
+    out
 }
 
 /// What a killing signal says about the cause, where it says something the name does not.
@@ -150,5 +204,33 @@ mod tests {
         assert_eq!(segv, "was killed by SIGSEGV");
         let code = death_reason(Some(std::process::ExitStatus::from_raw(3 << 8)), None);
         assert_eq!(code, "exited with code 3");
+    }
+}
+
+#[cfg(test)]
+mod output_tests {
+    use super::*;
+
+    async fn lines(input: &[u8]) -> Vec<String> {
+        let mut out = Vec::new();
+        output_lines(input, |l| out.push(l)).await;
+        out
+    }
+
+    /// Lines are cut at the cap, bytes that are not UTF-8 do not stop the reading, and control
+    /// characters cannot rewrite the log.
+    #[tokio::test]
+    async fn a_workers_output_is_read_in_bounded_escaped_lines() {
+        assert_eq!(lines(b"one\ntwo\r\nthree").await, ["one", "two", "three"]);
+        let got = lines(b"\xff\xfe bad\nafter\n").await;
+        assert_eq!(got[1], "after", "{got:?}");
+        assert!(got[0].contains('\u{FFFD}'), "{got:?}");
+        let got = lines(b"\x1b[2Jclear\rover\n").await;
+        assert_eq!(got, ["\\u{1b}[2Jclear\\rover"]);
+        let long = vec![b'a'; 3 * MAX_LINE + 10];
+        let got = lines(&long).await;
+        assert_eq!(got.len(), 4, "pieces of the cap");
+        assert!(got[0].ends_with("[…cut]") && got[0].len() < MAX_LINE + 16);
+        assert_eq!(got[3], "a".repeat(10));
     }
 }
