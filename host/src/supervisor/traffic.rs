@@ -141,11 +141,14 @@ impl Routes {
                 self.deliver(id, Event::Done(Box::new(outcome)), true)
             }
             FromWorker::Failed { id, error } if error.kind == Fault::Panicked => {
+                let error = from_worker(error);
                 let why = format!("was stopped: {}", error.message);
                 self.deliver(id, Event::Failed(error), true);
                 return Some(why);
             }
-            FromWorker::Failed { id, error } => self.deliver(id, Event::Failed(error), true),
+            FromWorker::Failed { id, error } => {
+                self.deliver(id, Event::Failed(from_worker(error)), true)
+            }
             FromWorker::Ready { .. } => {
                 if let Some(tx) = w.start.take() {
                     let _ = tx.send(Ok(frame));
@@ -153,7 +156,7 @@ impl Routes {
             }
             FromWorker::StartFailed { error } => {
                 if let Some(tx) = w.start.take() {
-                    let _ = tx.send(Err(error));
+                    let _ = tx.send(Err(from_worker(error)));
                 }
             }
             FromWorker::Progress { stage, done, total } => {
@@ -437,5 +440,50 @@ mod tests {
         }
         assert!(matches!(load_rx.recv().await, Some(LoadEvent::Failed(_))));
         assert_eq!(routes.in_flight.load(Ordering::Relaxed), 0);
+    }
+}
+
+/// The longest failure message taken from a worker.
+const MAX_MESSAGE: usize = 16 << 10;
+
+/// A failure as a worker (so its plugin) reported it, made safe to log and to pass on: its
+/// text bounded with control characters escaped (a newline in it forged a line of the
+/// daemon's text log), and a kind only the host decides (a restart, a quarantine, a stop, the
+/// worker's death) taken as the plugin's internal fault, not as a 503 to retry.
+fn from_worker(error: WireError) -> WireError {
+    use Fault::*;
+    let kind = match error.kind {
+        Sandbox | Spawn | WorkerDied | Unresponsive | Restarting | Quarantined | Stopped => {
+            Internal
+        }
+        kind => kind,
+    };
+    let mut bytes = error.message.into_bytes();
+    bytes.truncate(MAX_MESSAGE);
+    WireError {
+        kind,
+        message: super::routing::log_text(&bytes, false),
+    }
+}
+
+#[cfg(test)]
+mod from_worker_tests {
+    use super::*;
+
+    #[test]
+    fn a_workers_failure_cannot_forge_log_lines_or_host_faults() {
+        let e = from_worker(WireError::new(
+            Fault::Restarting,
+            "boom\n2026-12-07 INFO forged",
+        ));
+        assert_eq!(e.kind, Fault::Internal);
+        assert!(
+            !e.message.contains('\n') && e.message.contains("boom"),
+            "{}",
+            e.message
+        );
+        let e = from_worker(WireError::new(Fault::ContextLength, "x".repeat(1 << 20)));
+        assert_eq!(e.kind, Fault::ContextLength);
+        assert!(e.message.len() <= MAX_MESSAGE, "{}", e.message.len());
     }
 }
