@@ -74,14 +74,38 @@ impl From<pio_plugin_api::GeneratedToken> for TokenFrame {
         Self {
             token_id: token.token_id,
             text: token.text.into_string(),
-            logprob: token.logprob.into_option(),
+            logprob: token.logprob.into_option().map(finite_logprob),
             top_logprobs: token
                 .top_logprobs
                 .into_iter()
-                .map(|t| (t.token_id, t.text.into_string(), t.logprob))
+                .map(|t| (t.token_id, t.text.into_string(), finite_logprob(t.logprob)))
                 .collect(),
         }
     }
+}
+
+/// A log-probability JSON can carry: JSON has no NaN or infinity (serde writes `null`, which
+/// then failed to read back as a number: the frame was malformed and the worker killed, with
+/// every request it ran). -inf and NaN become -9999 (vLLM's floor), +inf 0.
+pub fn finite_logprob(x: f32) -> f32 {
+    match x {
+        x if x.is_finite() => x,
+        x if x == f32::INFINITY => 0.0,
+        _ => -9999.0,
+    }
+}
+
+/// `outcome` with its prompt scores made JSON-safe ([`finite_logprob`]).
+pub fn finite_outcome(
+    mut outcome: pio_plugin_api::wire::InferOutcome,
+) -> pio_plugin_api::wire::InferOutcome {
+    for score in outcome.prompt_logprobs.iter_mut().flatten() {
+        score.logprob = finite_logprob(score.logprob);
+        for (_, lp) in &mut score.top {
+            *lp = finite_logprob(*lp);
+        }
+    }
+    outcome
 }
 
 /// Host → worker.
@@ -297,6 +321,61 @@ pub async fn read_frame_async<T: for<'de> Deserialize<'de>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A plugin's NaN or infinite log-probabilities travel as numbers (as `null` they made the
+    /// frame malformed, and the worker was killed).
+    #[test]
+    fn non_finite_logprobs_cross_as_numbers() {
+        use pio_plugin_api::{GeneratedToken, TopLogprob};
+        let token = GeneratedToken {
+            token_id: 1,
+            text: "a".into(),
+            logprob: Some(f32::NAN).into(),
+            top_logprobs: vec![
+                TopLogprob {
+                    token_id: 2,
+                    text: "b".into(),
+                    logprob: f32::NEG_INFINITY,
+                },
+                TopLogprob {
+                    token_id: 3,
+                    text: "c".into(),
+                    logprob: f32::INFINITY,
+                },
+            ]
+            .into(),
+        };
+        let frame = FromWorker::Token {
+            id: 9,
+            token: TokenFrame::from(token),
+        };
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &frame).unwrap();
+        let Some(FromWorker::Token { token, .. }) = read_frame(&mut buf.as_slice()).unwrap() else {
+            panic!("not a token");
+        };
+        assert_eq!(token.logprob, Some(-9999.0));
+        assert_eq!(
+            (token.top_logprobs[0].2, token.top_logprobs[1].2),
+            (-9999.0, 0.0)
+        );
+        let scored = pio_plugin_api::wire::InferOutcome {
+            prompt_logprobs: Some(vec![pio_plugin_api::wire::PromptLogprob {
+                token_id: 1,
+                logprob: f32::NAN,
+                rank: 1,
+                top: vec![(1, f32::NAN)],
+            }]),
+            ..Default::default()
+        };
+        let done = FromWorker::Done {
+            id: 9,
+            outcome: finite_outcome(scored),
+        };
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &done).unwrap();
+        assert!(read_frame::<FromWorker>(&mut buf.as_slice()).is_ok());
+    }
 
     #[test]
     fn frames_round_trip() {

@@ -365,11 +365,17 @@ fn a_plugin_sending_past_max_tokens_is_stopped() {
     let (status, r) = d.post("/v1/completions", &body);
     assert_eq!(status, 500, "{r}");
     let message = r["error"]["message"].as_str().unwrap_or_default();
-    assert!(message.contains("max_tokens") && message.contains("hostile"), "{r}");
+    assert!(
+        message.contains("max_tokens") && message.contains("hostile"),
+        "{r}"
+    );
     let mut streamed = body.clone();
     streamed["stream"] = json!(true);
     let events: Vec<String> = d.stream("/v1/completions", &streamed).collect();
-    assert!(events.iter().any(|e| e.contains("max_tokens")), "{events:?}");
+    assert!(
+        events.iter().any(|e| e.contains("max_tokens")),
+        "{events:?}"
+    );
     assert_eq!(complete(&d, "hostile", "status").0, 200);
     assert_eq!(d.plugin("hostile")["restarts"], 0);
 }

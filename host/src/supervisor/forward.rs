@@ -53,8 +53,12 @@ impl Budget {
                 self.tokens.unwrap_or(0) - 1
             ));
         }
-        (self.used.1 > MAX_OUTPUT_BYTES)
-            .then(|| format!("sent more than {} MiB of text for one request", MAX_OUTPUT_BYTES >> 20))
+        (self.used.1 > MAX_OUTPUT_BYTES).then(|| {
+            format!(
+                "sent more than {} MiB of text for one request",
+                MAX_OUTPUT_BYTES >> 20
+            )
+        })
     }
 }
 
@@ -210,7 +214,9 @@ mod tests {
             token_id: 1,
             text: text.into(),
             logprob: Some(-0.5),
-            top_logprobs: (0..alternatives as u32).map(|i| (i, "t".into(), -1.0)).collect(),
+            top_logprobs: (0..alternatives as u32)
+                .map(|i| (i, "t".into(), -1.0))
+                .collect(),
         }
     }
 

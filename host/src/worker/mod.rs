@@ -223,7 +223,10 @@ impl Served {
         };
         self.forget(id);
         match parsed(result, "an outcome") {
-            Ok(outcome) => FromWorker::Done { id, outcome },
+            Ok(outcome) => FromWorker::Done {
+                id,
+                outcome: crate::protocol::finite_outcome(outcome),
+            },
             Err(error) => {
                 let error = with_refusals(error);
                 // The daemon forwards this line into its log, the request's id in it.

@@ -164,7 +164,9 @@ impl PluginImpl for Hostile {
         // `flood N BYTES`: N tokens of BYTES each, whatever `max_tokens` says, while the host
         // takes them (a plugin that does not stop).
         if let Some(args) = command.strip_prefix("flood ") {
-            let mut args = args.split_whitespace().map(|a| a.parse::<usize>().unwrap_or(1));
+            let mut args = args
+                .split_whitespace()
+                .map(|a| a.parse::<usize>().unwrap_or(1));
             let (n, bytes) = (args.next().unwrap_or(1), args.next().unwrap_or(1));
             let piece = "x".repeat(bytes);
             for i in 0..n {
