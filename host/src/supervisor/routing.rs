@@ -4,7 +4,6 @@
 use std::sync::Mutex;
 
 use pio_plugin_api::wire::ModelInfo;
-use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
 
 use super::handle::Event;
