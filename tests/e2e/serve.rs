@@ -971,6 +971,12 @@ fn tokenize_gives_the_ids_a_generation_runs_and_detokenize_reverses_them() {
     let golden = crate::qwen3::golden_of("qwen3-tiny");
     let case = &golden[0];
     let model = "qwen3-4b-instruct-2507";
+    // Several prompts at once: refused, not the first one's count.
+    let (status, r) = d.post(
+        "/tokenize",
+        &json!({"model": model, "prompt": ["hi", "there friend"]}),
+    );
+    assert_eq!((status, &r["error"]["param"]), (400, &json!("prompt")), "{r}");
     let (status, r) = d.post(
         "/tokenize",
         &json!({"model": model, "prompt": case["prompt"], "return_token_strs": true}),

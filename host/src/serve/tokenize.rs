@@ -61,6 +61,13 @@ pub async fn tokenize(
     };
     let limits = openai::Limits::of(&app.models.config().server);
     let mut parsed = openai::parse(&value, endpoint, capabilities, &limits)?;
+    // One prompt, one count (vLLM's takes a string): a list's others were dropped unsaid.
+    if !parsed.other_prompts.is_empty() {
+        return Err(ApiError::bad_field(
+            "prompt",
+            "`/tokenize` takes one prompt (a string, or one list of token ids); send each prompt apart",
+        ));
+    }
     parsed.request.request_id = Some(id.0);
     parsed.request.tokenize_only = true;
     let lease = app.models.acquire(&model).await?;
