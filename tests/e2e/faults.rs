@@ -380,6 +380,44 @@ fn a_plugin_sending_past_max_tokens_is_stopped() {
     assert_eq!(d.plugin("hostile")["restarts"], 0);
 }
 
+/// A server error is logged once with the request's id, whole answers and streams alike (a
+/// stream's failure midway was logged without it, a whole answer's not at all).
+#[test]
+fn server_errors_are_logged_with_the_request_id() {
+    if !confinement_available() {
+        return;
+    }
+    let d = crate::daemon::restarting_hostile();
+    let agent = ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build(),
+    );
+    let send = |id: &str, body: Value| {
+        let req = agent.post(format!("{}/v1/completions", d.base));
+        let mut r = req
+            .header("x-request-id", id)
+            .send_json(&body)
+            .expect("POST");
+        let status = r.status().as_u16();
+        let _ = r.body_mut().read_to_string();
+        status
+    };
+    let whole = json!({"model": "hostile", "prompt": "segfault", "max_tokens": 4});
+    assert_eq!(send("trace-whole", whole), 500);
+    d.wait_restarts("hostile", 1);
+    let midway =
+        json!({"model": "hostile", "prompt": "flood 1000 8", "max_tokens": 4, "stream": true});
+    assert_eq!(send("trace-stream", midway), 200);
+    for id in ["trace-whole", "trace-stream"] {
+        d.wait_for(10, "the error's log line", |d| {
+            d.logs()
+                .lines()
+                .any(|l| l.contains(id) && !l.contains("pio::worker") && l.contains("WARN"))
+        });
+    }
+}
+
 /// A preload whose load failed (its model folder incomplete) is tried again on its own, with a
 /// backoff: a replica it keeps out of rotation gets no request that would load it. Meanwhile
 /// its state says `failed`, with why.

@@ -976,7 +976,11 @@ fn tokenize_gives_the_ids_a_generation_runs_and_detokenize_reverses_them() {
         "/tokenize",
         &json!({"model": model, "prompt": ["hi", "there friend"]}),
     );
-    assert_eq!((status, &r["error"]["param"]), (400, &json!("prompt")), "{r}");
+    assert_eq!(
+        (status, &r["error"]["param"]),
+        (400, &json!("prompt")),
+        "{r}"
+    );
     let (status, r) = d.post(
         "/tokenize",
         &json!({"model": model, "prompt": case["prompt"], "return_token_strs": true}),

@@ -313,6 +313,11 @@ fn constraint_message(message: &str, field: &str) -> String {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        // Every server error once, in the request's span: its id (which the client has, in
+        // `x-request-id`) finds the line, whichever path failed.
+        if self.status.is_server_error() {
+            tracing::warn!(status = self.status.as_u16(), "{}", self.message);
+        }
         let mut response = (self.status, axum::Json(self.body())).into_response();
         if let Some(secs) = self.retry_after {
             response

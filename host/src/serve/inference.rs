@@ -90,7 +90,8 @@ async fn serve(
             }
         }
         Err(e) => {
-            if e.status.is_server_error() || e.status.as_u16() == 429 {
+            // Server errors are logged as they become a response; a full queue here.
+            if e.status.as_u16() == 429 {
                 tracing::warn!(model = %recorded.model, status = e.status.as_u16(), "{}", e.message);
             }
             recorded.status = e.status.as_u16();

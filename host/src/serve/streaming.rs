@@ -12,6 +12,7 @@ use pio_plugin_api::wire::{InferOutcome, Usage};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tracing::Instrument;
 
 use super::deployment::Lease;
 use super::error::ApiError;
@@ -82,7 +83,8 @@ pub(super) async fn stream(
     recorded.armed = false;
     let stall = Duration::from_secs(app.models.config().server.stall_timeout_secs.max(1));
     let (outlet, body) = Outlet::open(64, stall, link);
-    tokio::spawn(async move {
+    // In the request's span: its log lines (a failure midway) carry the request's id.
+    let task = async move {
         // The lease is this task's until the stream ends, so a drain waits for it.
         let stream = Pumped {
             app: &app,
@@ -102,7 +104,8 @@ pub(super) async fn stream(
         }
         app.metrics
             .request(&parsed.model, parsed.endpoint.label(), ended.status());
-    });
+    };
+    tokio::spawn(task.in_current_span());
     Sse::new(body)
         .keep_alive(KeepAlive::default())
         .into_response()
