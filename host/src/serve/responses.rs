@@ -68,11 +68,12 @@ fn stop_reason(outcome: &InferOutcome) -> Value {
 pub fn merged_usage(each: impl IntoIterator<Item = (bool, Usage)>) -> Usage {
     let mut total = Usage::default();
     for (counts_prompt, u) in each {
+        // Saturating: the counts are the plugin's, and an overflow panicked (debug) or wrapped.
         if counts_prompt {
-            total.prompt_tokens += u.prompt_tokens;
-            total.cached_tokens += u.cached_tokens;
+            total.prompt_tokens = total.prompt_tokens.saturating_add(u.prompt_tokens);
+            total.cached_tokens = total.cached_tokens.saturating_add(u.cached_tokens);
         }
-        total.completion_tokens += u.completion_tokens;
+        total.completion_tokens = total.completion_tokens.saturating_add(u.completion_tokens);
     }
     total
 }
@@ -81,7 +82,7 @@ fn usage_json(u: Usage) -> Value {
     json!({
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
-        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "total_tokens": u64::from(u.prompt_tokens) + u64::from(u.completion_tokens),
         "prompt_tokens_details": { "cached_tokens": u.cached_tokens },
     })
 }
@@ -479,6 +480,19 @@ mod tests {
             assert_eq!(choice["stop_reason"], shown, "{choice}");
             assert!(choice.as_object().unwrap().contains_key("stop_reason"));
         }
+    }
+
+    /// A plugin's counts near the type's end neither panic nor wrap.
+    #[test]
+    fn usage_counts_from_a_plugin_do_not_overflow() {
+        let big = Usage {
+            prompt_tokens: u32::MAX,
+            completion_tokens: 1,
+            ..Default::default()
+        };
+        assert_eq!(usage_json(big)["total_tokens"], json!(u64::from(u32::MAX) + 1));
+        let merged = merged_usage([(true, big), (true, big)]);
+        assert_eq!((merged.prompt_tokens, merged.completion_tokens), (u32::MAX, 2));
     }
 
     /// `tool_calls` only where the message carries calls; cut short, `length` either way.

@@ -32,9 +32,10 @@ impl EngineCounts {
             (a, b) => {
                 let (a, b) = (a.unwrap_or_default(), b.unwrap_or_default());
                 Some(Self {
-                    preemptions: a.preemptions + b.preemptions,
-                    steps: a.steps + b.steps,
-                    prefix_hit_tokens: a.prefix_hit_tokens + b.prefix_hit_tokens,
+                    // The figures are a plugin's: saturating, not a panic (debug) or a wrap.
+                    preemptions: a.preemptions.saturating_add(b.preemptions),
+                    steps: a.steps.saturating_add(b.steps),
+                    prefix_hit_tokens: a.prefix_hit_tokens.saturating_add(b.prefix_hit_tokens),
                 })
             }
         }
@@ -54,6 +55,12 @@ mod tests {
         };
         assert_eq!(EngineCounts::sum(None, None), None);
         assert_eq!(EngineCounts::sum(Some(one), None), Some(one));
+        let most = EngineCounts {
+            steps: u64::MAX,
+            ..one
+        };
+        let past = EngineCounts::sum(Some(most), Some(one)).unwrap();
+        assert_eq!(past.steps, u64::MAX, "saturates");
         let two = EngineCounts::sum(Some(one), Some(one)).unwrap();
         assert_eq!(
             (two.preemptions, two.steps, two.prefix_hit_tokens),
