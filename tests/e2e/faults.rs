@@ -418,6 +418,33 @@ fn server_errors_are_logged_with_the_request_id() {
     }
 }
 
+/// A request whose client left is still held to its deadline: a plugin that ignores the cancel
+/// (stuck in a loop) has its worker replaced then, instead of spinning on for good.
+#[test]
+fn a_request_its_client_left_is_still_held_to_its_deadline() {
+    use std::io::Write;
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(
+        crate::medium::tier_dir("low"),
+        "[server]\nwarmup = false\n[supervisor]\nrestart_backoff_ms = 100\nrequest_timeout_secs = 2\n",
+    );
+    d.wait_ready();
+    let body = json!({"model": "hostile", "prompt": "loop", "max_tokens": 4}).to_string();
+    let mut client = std::net::TcpStream::connect(d.addr()).unwrap();
+    write!(
+        client,
+        "POST /v1/completions HTTP/1.1\r\nHost: pio\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    drop(client);
+    d.wait_restarts("hostile", 1);
+    assert!(d.logs().contains("client left ran past its 2 s deadline"), "{}", d.logs());
+}
+
 /// A preload whose load failed (its model folder incomplete) is tried again on its own, with a
 /// backoff: a replica it keeps out of rotation gets no request that would load it. Meanwhile
 /// its state says `failed`, with why.

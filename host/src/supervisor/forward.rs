@@ -90,10 +90,7 @@ impl Forward {
             // batch) stops the request at once, not at its next token or its deadline.
             let next = tokio::select! {
                 next = next => next,
-                () = tx.closed() => {
-                    self.worker.cancel(self.id);
-                    return;
-                }
+                () = tx.closed() => return self.cancelled(&mut events, deadline).await,
             };
             let event = match next {
                 Ok(Some(event)) => self.noted(event),
@@ -104,8 +101,7 @@ impl Forward {
             let waited = tokio::time::Instant::now();
             if tx.send(event).await.is_err() {
                 // The caller went away: stop generating.
-                self.worker.cancel(self.id);
-                return;
+                return self.cancelled(&mut events, deadline).await;
             }
             // Time spent waiting for a slow reader is not the plugin's: the deadline (which
             // replaces the worker) moves by as much.
@@ -175,6 +171,30 @@ impl Forward {
             NOT_RESTARTED
         } else {
             restart
+        }
+    }
+
+    /// Cancels the request its caller left, and holds it to its deadline all the same: a
+    /// plugin that ignores the cancel (stuck in a loop) kept running it for good, its worker
+    /// busy and its place in flight taken. What comes meanwhile is read and dropped.
+    async fn cancelled(&self, events: &mut Events, deadline: Option<tokio::time::Instant>) {
+        self.worker.cancel(self.id);
+        let Some(deadline) = deadline else {
+            return;
+        };
+        let ended = async {
+            while let Some(event) = events.recv().await {
+                if !matches!(event, Event::Token(_)) {
+                    return;
+                }
+            }
+        };
+        let limit = deadline.max(tokio::time::Instant::now()) + GRACE;
+        if tokio::time::timeout_at(limit, ended).await.is_err() {
+            let secs = self.timeout.unwrap_or(GRACE).as_secs_f64().ceil() as u64;
+            self.worker.kill_because(format!(
+                "was stopped: a request whose client left ran past its {secs} s deadline and did not end when cancelled"
+            ));
         }
     }
 
