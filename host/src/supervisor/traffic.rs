@@ -243,7 +243,14 @@ async fn last_frames(
     routes: &mut Routes,
 ) -> Ending {
     let quiet = std::time::Duration::from_millis(100);
-    while let Ok(Some(frame)) = tokio::time::timeout(quiet, frames.recv()).await {
+    // At most this long in all: a process the worker left behind, writing frames on its socket
+    // without end, held the worker's death (its restart, a stop) off for good.
+    let until = tokio::time::Instant::now() + LAST_FRAMES;
+    loop {
+        let next = (tokio::time::Instant::now() + quiet).min(until);
+        let Ok(Some(frame)) = tokio::time::timeout_at(next, frames.recv()).await else {
+            break;
+        };
         match frame {
             Ok(frame) => {
                 if let Some(why) = routes.dispatch(frame) {
@@ -255,6 +262,9 @@ async fn last_frames(
     }
     None
 }
+
+/// The longest the frames a dead worker's socket still carries are read.
+const LAST_FRAMES: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Starts the traffic task of the worker `child` named `name`; its exit message goes to `exit`.
 pub(super) fn start(
@@ -333,6 +343,23 @@ mod tests {
     use super::*;
     use crate::protocol::{read_frame, ToWorker, TokenFrame};
     use crate::supervisor::routing::{Events, WINDOW};
+
+    /// A dead worker's socket kept busy (by a process it left behind) is read for a bounded
+    /// time, not as long as frames keep coming.
+    #[tokio::test]
+    async fn a_dead_workers_last_frames_are_read_for_a_bounded_time() {
+        let (tx, mut frames) = mpsc::channel(16);
+        tokio::spawn(async move {
+            while tx.send(Ok(token(99))).await.is_ok() {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        });
+        let mut routes = Routes::default();
+        let started = std::time::Instant::now();
+        let ending = last_frames(&mut frames, &mut routes).await;
+        assert!(ending.is_none());
+        assert!(started.elapsed() < LAST_FRAMES * 2, "{:?}", started.elapsed());
+    }
 
     fn token(id: u64) -> FromWorker {
         FromWorker::Token {
