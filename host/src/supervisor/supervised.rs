@@ -393,10 +393,13 @@ impl Supervised {
     /// way is abandoned as the monitor sees the stop, and the worker it began is killed).
     pub async fn stop(&self) {
         let _ = self.stop.send(true);
+        // The worker stays in view until it is counted out: taken at once, its counters (CPU
+        // seconds, OOM kills) went missing from the status while it exited, which a scrape
+        // read as a counter reset.
         let (worker, draining) = {
             let mut shared = lock(&self.shared);
             shared.state = State::Stopped;
-            (shared.worker.take(), shared.draining())
+            (shared.worker.clone(), shared.draining())
         };
         if let Some(w) = worker {
             // Dead on its own before this stop took it: the monitor, which would have said so,
@@ -409,7 +412,11 @@ impl Supervised {
             // Counted as a dead worker's are, so a stopped plugin's status keeps what its last
             // worker used (a drained deployment's counters are taken after its stop).
             let last = w.stats();
-            lock(&self.shared).count_out(last.as_ref());
+            let mut shared = lock(&self.shared);
+            if shared.worker.as_ref().is_some_and(|held| Arc::ptr_eq(held, &w)) {
+                shared.worker = None;
+            }
+            shared.count_out(last.as_ref());
         }
     }
 }
