@@ -442,7 +442,11 @@ fn a_request_its_client_left_is_still_held_to_its_deadline() {
     std::thread::sleep(std::time::Duration::from_millis(500));
     drop(client);
     d.wait_restarts("hostile", 1);
-    assert!(d.logs().contains("client left ran past its 2 s deadline"), "{}", d.logs());
+    assert!(
+        d.logs().contains("client left ran past its 2 s deadline"),
+        "{}",
+        d.logs()
+    );
 }
 
 /// A preload whose load failed (its model folder incomplete) is tried again on its own, with a

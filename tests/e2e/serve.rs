@@ -1390,3 +1390,29 @@ fn a_plugin_built_before_a_field_refuses_it_by_name() {
     let (status, r) = chat(json!({"continue_final_message": true}));
     assert_eq!(status, 400, "held to the library serving: {r}");
 }
+
+/// Requests waiting for their model to load count in its queue depth (an autoscaler read none
+/// while a load on demand took its time).
+#[test]
+fn requests_waiting_for_a_load_count_in_the_queue_depth() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(
+        echo_dir("[model.options]\nload_delay_ms = 4000\n"),
+        "[server]\npreload = []\nwarmup = false\n",
+    );
+    d.wait_ready();
+    std::thread::scope(|scope| {
+        let asks: Vec<_> = (0..3)
+            .map(|_| scope.spawn(|| d.post("/v1/chat/completions", &chat("echo", "hi")).0))
+            .collect();
+        d.wait_for(10, "three requests in the queue", |d| {
+            d.metric("pio_queue_depth{model=\"echo\"}") == Some(3.0)
+        });
+        for ask in asks {
+            assert_eq!(ask.join().unwrap(), 200);
+        }
+    });
+    assert_eq!(d.metric("pio_queue_depth{model=\"echo\"}"), Some(0.0));
+}

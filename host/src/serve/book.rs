@@ -61,6 +61,8 @@ pub(super) struct Entry {
     /// While the loaded version's own files fail their checks: the older version found beside
     /// it, which a fresh load (after an unload, say) serves instead of the broken files.
     pub(super) fallback: Option<Found>,
+    /// Places of requests waiting for it to load (counted in its queue depth).
+    pub(super) waiting: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Entry {
@@ -110,6 +112,7 @@ impl Entry {
             draining: Vec::new(),
             holds_room: false,
             fallback: None,
+            waiting: Arc::default(),
         }
     }
 }
@@ -277,7 +280,7 @@ pub(super) fn status_of(e: &Entry, cap: usize) -> PluginStatus {
         draining: e.draining.len(),
         ..base
     };
-    match &e.slot {
+    let mut status = match &e.slot {
         Slot::Unloaded if e.failed_at.is_some() => base.failed(),
         Slot::Unloaded => base,
         Slot::Loading(_) => PluginStatus {
@@ -285,7 +288,14 @@ pub(super) fn status_of(e: &Entry, cap: usize) -> PluginStatus {
             ..base.loading()
         },
         Slot::Loaded(d) => base.serving(d),
-    }
+    };
+    // Every request the model has taken: those waiting for its load (an autoscaler reading
+    // the queue saw none while a load on demand took minutes) and those a reload's or an
+    // unload's old deployment still runs.
+    let waiting = e.waiting.load(std::sync::atomic::Ordering::Acquire);
+    let draining: usize = e.draining.iter().map(|d| d.leases()).sum();
+    status.requests += waiting + draining;
+    status
 }
 
 /// Takes `name`'s deployment to unload it on purpose, marking it parked.

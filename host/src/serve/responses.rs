@@ -490,9 +490,15 @@ mod tests {
             completion_tokens: 1,
             ..Default::default()
         };
-        assert_eq!(usage_json(big)["total_tokens"], json!(u64::from(u32::MAX) + 1));
+        assert_eq!(
+            usage_json(big)["total_tokens"],
+            json!(u64::from(u32::MAX) + 1)
+        );
         let merged = merged_usage([(true, big), (true, big)]);
-        assert_eq!((merged.prompt_tokens, merged.completion_tokens), (u32::MAX, 2));
+        assert_eq!(
+            (merged.prompt_tokens, merged.completion_tokens),
+            (u32::MAX, 2)
+        );
     }
 
     /// `tool_calls` only where the message carries calls; cut short, `length` either way.

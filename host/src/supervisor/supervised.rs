@@ -413,7 +413,11 @@ impl Supervised {
             // worker used (a drained deployment's counters are taken after its stop).
             let last = w.stats();
             let mut shared = lock(&self.shared);
-            if shared.worker.as_ref().is_some_and(|held| Arc::ptr_eq(held, &w)) {
+            if shared
+                .worker
+                .as_ref()
+                .is_some_and(|held| Arc::ptr_eq(held, &w))
+            {
                 shared.worker = None;
             }
             shared.count_out(last.as_ref());

@@ -358,7 +358,11 @@ mod tests {
         let started = std::time::Instant::now();
         let ending = last_frames(&mut frames, &mut routes).await;
         assert!(ending.is_none());
-        assert!(started.elapsed() < LAST_FRAMES * 2, "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < LAST_FRAMES * 2,
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     fn token(id: u64) -> FromWorker {

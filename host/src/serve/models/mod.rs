@@ -262,10 +262,11 @@ impl Models {
         let config = self.config();
         let server = &config.server;
         for _ in 0..3 {
-            let wait = {
+            let (wait, waiting) = {
                 let mut inner = lock(&self.inner);
                 let entry = inner.entry(name)?;
-                match &entry.slot {
+                let waiting = entry.waiting.clone();
+                let wait = match &entry.slot {
                     Slot::Loaded(d) => {
                         return d.lease(server.queue_depth, places).map_err(|r| match r {
                             Refusal::Full => ApiError::queue_full(name, server.queue_depth),
@@ -289,9 +290,11 @@ impl Models {
                         "model `{name}` is not loaded; load it with POST /v1/plugins/{name}/load"
                     )))
                     }
-                }
+                };
+                (wait, waiting)
             };
             let deadline = Duration::from_secs(server.load_wait_secs);
+            let _counted = Waiting::count(waiting, places);
             match tokio::time::timeout(deadline, finished(wait)).await {
                 Ok(Ok(())) => continue,
                 Ok(Err(e)) => return Err(e),
@@ -371,5 +374,22 @@ impl Models {
     /// The names of the models served, loaded or not, in name order.
     pub fn names(&self) -> Vec<String> {
         lock(&self.inner).entries.keys().cloned().collect()
+    }
+}
+
+/// Places of a request waiting for its model to load, counted while it waits.
+struct Waiting(Arc<std::sync::atomic::AtomicUsize>, usize);
+
+impl Waiting {
+    fn count(counter: Arc<std::sync::atomic::AtomicUsize>, places: usize) -> Self {
+        counter.fetch_add(places, std::sync::atomic::Ordering::AcqRel);
+        Self(counter, places)
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0
+            .fetch_sub(self.1, std::sync::atomic::Ordering::AcqRel);
     }
 }
