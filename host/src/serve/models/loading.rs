@@ -31,6 +31,9 @@ impl Models {
             Some(wait) => finished(wait).await,
             None => {
                 tracing::info!(plugin = %name, "loading afresh: it was quarantined");
+                // A quarantine takes no place under `max_loaded_models`: its fresh worker needs
+                // one, made as for any load (another model may have taken it meanwhile).
+                self.make_room(name).await?;
                 // Boxed: a reload of a model not loaded loads it.
                 Box::pin(self.reload(name)).await
             }
