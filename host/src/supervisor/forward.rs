@@ -74,6 +74,8 @@ pub(super) struct Forward {
     pub(super) worker: Arc<Worker>,
     pub(super) id: u64,
     pub(super) budget: Budget,
+    /// The plugin sent past the budget: the request was failed and cancelled.
+    pub(super) overrun: bool,
 }
 
 impl Forward {
@@ -99,8 +101,9 @@ impl Forward {
             };
             let last = !matches!(event, Event::Token(_));
             let waited = tokio::time::Instant::now();
-            if tx.send(event).await.is_err() {
-                // The caller went away: stop generating.
+            if tx.send(event).await.is_err() || self.overrun {
+                // The caller went away, or the plugin sent past what was asked: stop it,
+                // still under the deadline (it may ignore the cancel as it ignored the ask).
                 return self.cancelled(&mut events, deadline).await;
             }
             // Time spent waiting for a slow reader is not the plugin's: the deadline (which
@@ -123,7 +126,7 @@ impl Forward {
                 None => Event::Token(token),
                 // The plugin's fault: this request ends, its worker serves on.
                 Some(why) => {
-                    self.worker.cancel(self.id);
+                    self.overrun = true;
                     Event::Failed(WireError {
                         kind: Fault::Protocol,
                         message: format!("plugin {} {why}; the request was stopped", self.name),

@@ -316,6 +316,7 @@ impl Supervised {
             worker,
             id,
             budget,
+            overrun: false,
         };
         tokio::spawn(forward.run(events, tx));
         Ok(rx)
@@ -418,9 +419,10 @@ impl Supervised {
                 .as_ref()
                 .is_some_and(|held| Arc::ptr_eq(held, &w))
             {
+                // Counted once: a second stop meanwhile found the same worker.
                 shared.worker = None;
+                shared.count_out(last.as_ref());
             }
-            shared.count_out(last.as_ref());
         }
     }
 }

@@ -161,9 +161,10 @@ impl PluginImpl for Hostile {
                 "hostile takes a text prompt naming an attack",
             ));
         };
-        // `flood N BYTES`: N tokens of BYTES each, whatever `max_tokens` says, while the host
-        // takes them (a plugin that does not stop).
+        // `flood N BYTES [stubborn]`: N tokens of BYTES each, whatever `max_tokens` says, while
+        // the host takes them (a plugin that does not stop); stubborn, past a cancel too.
         if let Some(args) = command.strip_prefix("flood ") {
+            let stubborn = args.ends_with(" stubborn");
             let mut args = args
                 .split_whitespace()
                 .map(|a| a.parse::<usize>().unwrap_or(1));
@@ -176,7 +177,7 @@ impl PluginImpl for Hostile {
                     logprob: None.into(),
                     top_logprobs: Default::default(),
                 };
-                if sink.emit(token) == Flow::Stop {
+                if sink.emit(token) == Flow::Stop && !stubborn {
                     break;
                 }
             }
