@@ -91,21 +91,8 @@ pub fn finite_logprob(x: f32) -> f32 {
     match x {
         x if x.is_finite() => x,
         x if x == f32::INFINITY => 0.0,
-        _ => -9999.0,
+        _ => pio_plugin_api::wire::LOGPROB_FLOOR,
     }
-}
-
-/// `outcome` with its prompt scores made JSON-safe ([`finite_logprob`]).
-pub fn finite_outcome(
-    mut outcome: pio_plugin_api::wire::InferOutcome,
-) -> pio_plugin_api::wire::InferOutcome {
-    for score in outcome.prompt_logprobs.iter_mut().flatten() {
-        score.logprob = finite_logprob(score.logprob);
-        for (_, lp) in &mut score.top {
-            *lp = finite_logprob(*lp);
-        }
-    }
-    outcome
 }
 
 /// Host → worker.
@@ -359,22 +346,14 @@ mod tests {
             (token.top_logprobs[0].2, token.top_logprobs[1].2),
             (-9999.0, 0.0)
         );
-        let scored = pio_plugin_api::wire::InferOutcome {
-            prompt_logprobs: Some(vec![pio_plugin_api::wire::PromptLogprob {
-                token_id: 1,
-                logprob: f32::NAN,
-                rank: 1,
-                top: vec![(1, f32::NAN)],
-            }]),
-            ..Default::default()
-        };
-        let done = FromWorker::Done {
-            id: 9,
-            outcome: finite_outcome(scored),
-        };
-        let mut buf = Vec::new();
-        write_frame(&mut buf, &done).unwrap();
-        assert!(read_frame::<FromWorker>(&mut buf.as_slice()).is_ok());
+        // An outcome crosses from the plugin as its own JSON, where a NaN score is `null`.
+        let json = r#"{"prompt_logprobs": [{"token_id": 1, "logprob": null, "rank": 1, "top": [[1, null], [2, -0.5]]}]}"#;
+        let outcome: pio_plugin_api::wire::InferOutcome = serde_json::from_str(json).unwrap();
+        let score = &outcome.prompt_logprobs.unwrap()[0];
+        assert_eq!(
+            (score.logprob, score.top.clone()),
+            (-9999.0, vec![(1, -9999.0), (2, -0.5)])
+        );
     }
 
     #[test]

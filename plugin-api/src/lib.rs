@@ -34,7 +34,8 @@
 //! and `Capabilities::TOKEN_PROMPTS` (a prompt of token ids). 1.11.0 —
 //! `ModelInfo::tokenizer_info` (the tokenizer's settings, for the API's `/tokenizer_info`).
 //! 1.12.0 — `InferOutcome::stop_reason` (the stop string or stop token that ended the output,
-//! for vLLM's `stop_reason`).
+//! for vLLM's `stop_reason`); a prompt score's `null` (a NaN written as JSON) reads as
+//! `wire::LOGPROB_FLOOR`.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 

@@ -248,11 +248,28 @@ pub struct PromptLogprob {
     /// The prompt token.
     pub token_id: u32,
     /// Its natural log-probability (the raw distribution: no temperature or penalty).
+    #[serde(deserialize_with = "logprob_or_floor")]
     pub logprob: f32,
     /// 1 + the number of tokens more likely than it (vLLM's rank).
     pub rank: u32,
     /// The most likely tokens there, `(id, logprob)`, best first.
+    #[serde(deserialize_with = "pairs_or_floor")]
     pub top: Vec<(u32, f32)>,
+}
+
+/// Where a log-probability was NaN or infinite: JSON has neither, and serde writes `null`,
+/// which read as a number failed the whole outcome. vLLM's floor.
+pub const LOGPROB_FLOOR: f32 = -9999.0;
+
+fn logprob_or_floor<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
+    Ok(Option::<f32>::deserialize(d)?.unwrap_or(LOGPROB_FLOOR))
+}
+
+fn pairs_or_floor<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<(u32, f32)>, D::Error> {
+    let pairs = Vec::<(u32, Option<f32>)>::deserialize(d)?;
+    Ok((pairs.into_iter())
+        .map(|(id, lp)| (id, lp.unwrap_or(LOGPROB_FLOOR)))
+        .collect())
 }
 
 /// A grammar the output must match, checked token by token as it is generated.

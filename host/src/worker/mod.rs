@@ -223,10 +223,7 @@ impl Served {
         };
         self.forget(id);
         match parsed(result, "an outcome") {
-            Ok(outcome) => FromWorker::Done {
-                id,
-                outcome: crate::protocol::finite_outcome(outcome),
-            },
+            Ok(outcome) => FromWorker::Done { id, outcome },
             Err(error) => {
                 let error = with_refusals(error);
                 // The daemon forwards this line into its log, the request's id in it.
