@@ -128,6 +128,9 @@ impl Restart<'_> {
         backoff: &mut Duration,
         stop: &mut watch::Receiver<bool>,
     ) -> bool {
+        // Failed starts in a row: a start that fails slower than the window lets few in, and
+        // would otherwise be tried for good.
+        let mut in_a_row = 0;
         loop {
             let started = tokio::select! {
                 started = async {
@@ -153,10 +156,12 @@ impl Restart<'_> {
                     // Windowed here too: failed starts as slow as `load_timeout` long ago
                     // counted towards a quarantine they were outside of.
                     record(crashes, Instant::now(), self.policy.window);
+                    in_a_row += 1;
                     let mut s = lock(self.shared);
                     s.retired.add(last.as_ref());
                     s.last_error = Some(e.to_string());
-                    if crashes.len() > self.policy.max_crashes {
+                    if crashes.len() > self.policy.max_crashes || in_a_row > self.policy.max_crashes
+                    {
                         quarantine(&mut s, &self.spec.name, format!("restarting failed: {e}"));
                         return false;
                     }
