@@ -353,6 +353,11 @@ impl<M: CausalLm> Worker<M> {
             })
             .collect();
         let bs = self.pool.block_size();
+        // The blocks paused sequences hold, once a plan (none, most steps).
+        let paused_blocks: std::collections::HashSet<_> = (self.running.iter())
+            .filter(|r| r.paused())
+            .flat_map(|r| r.blocks.iter().copied())
+            .collect();
         let waiting: Vec<Waiting> = (self.waiting.iter().enumerate())
             .map(|(i, s)| {
                 let found = self.cached_prefix(s);
@@ -365,10 +370,8 @@ impl<M: CausalLm> Worker<M> {
                         .filter(|&&b| self.pool.allocator.holders(b) > 0)
                         .count(),
                     cached_own_paused: (found.iter())
+                        .filter(|&b| paused_blocks.contains(b))
                         .filter(|&&b| self.pool.allocator.holders(b) == 1)
-                        .filter(|&b| {
-                            (self.running.iter()).any(|r| r.paused() && r.blocks.contains(b))
-                        })
                         .count(),
                     paused: s.paused(),
                     prefix_pending: self.prefix_pending(i, found.len()),
