@@ -332,6 +332,15 @@ fn a_quarantine_takes_no_place_under_the_cap() {
     let (status, r) = complete(&d, "echo", "hi");
     assert_eq!(status, 200, "{r}");
     assert_eq!(d.plugin("hostile")["state"], "quarantined");
+    // The operator's load of the quarantined model takes a place again: the idle echo makes it.
+    let (status, r) = d.post("/v1/plugins/hostile/load", &json!({}));
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(d.plugin("hostile")["state"], "ready");
+    assert_eq!(
+        d.plugin("echo")["state"],
+        "unloaded",
+        "one model under the cap of 1"
+    );
 }
 
 /// A warm-up the plugin does not answer is held to the load's deadline, even with no request
@@ -378,6 +387,25 @@ fn a_plugin_sending_past_max_tokens_is_stopped() {
     );
     assert_eq!(complete(&d, "hostile", "status").0, 200);
     assert_eq!(d.plugin("hostile")["restarts"], 0);
+}
+
+/// A plugin that goes on past `max_tokens` and past the cancel that follows is held to the
+/// request's deadline: its worker is replaced then.
+#[test]
+fn a_plugin_sending_past_max_tokens_and_its_cancel_is_held_to_the_deadline() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(
+        crate::medium::tier_dir("low"),
+        "[server]\nwarmup = false\n[supervisor]\nrestart_backoff_ms = 100\nrequest_timeout_secs = 2\n",
+    );
+    d.wait_ready();
+    let body =
+        json!({"model": "hostile", "prompt": "flood 1000000000 1 stubborn", "max_tokens": 4});
+    let (status, r) = d.post("/v1/completions", &body);
+    assert_eq!(status, 500, "{r}");
+    d.wait_restarts("hostile", 1);
 }
 
 /// A server error is logged once with the request's id, whole answers and streams alike (a
