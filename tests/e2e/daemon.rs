@@ -46,9 +46,14 @@ pub fn echo_and_hostile_dir() -> PluginDir {
 /// A daemon, ready, serving the hostile test plugin at `low` (its test limits), with no warm-up
 /// and restarts after 100 ms: for the faults that end a worker.
 pub fn restarting_hostile() -> Daemon {
+    restarting_hostile_with("", "")
+}
+
+/// [`restarting_hostile`] with more `[server]` and `[supervisor]` lines.
+pub fn restarting_hostile_with(server: &str, supervisor: &str) -> Daemon {
     let d = Daemon::start(
         crate::medium::tier_dir("low"),
-        "[server]\nwarmup = false\n[supervisor]\nrestart_backoff_ms = 100\n",
+        &format!("[server]\nwarmup = false\n{server}[supervisor]\nrestart_backoff_ms = 100\n{supervisor}"),
     );
     d.wait_ready();
     d

@@ -255,17 +255,11 @@ fn an_operators_load_ends_a_quarantine() {
         return;
     }
     for strict in [true, false] {
-        let d = Daemon::start(
-            crate::medium::tier_dir("low"),
-            &format!("[server]\nwarmup = false\nstrict_readiness = {strict}\n[supervisor]\nrestart_backoff_ms = 100\nmax_crashes = 1\n"),
+        let d = restarting_hostile_with(
+            &format!("strict_readiness = {strict}\n"),
+            "max_crashes = 1\n",
         );
-        d.wait_ready();
-        assert_eq!(complete(&d, "hostile", "abort").0, 500);
-        d.wait_restarts("hostile", 1);
-        assert_eq!(complete(&d, "hostile", "abort").0, 500);
-        d.wait_for(20, "the quarantine", |d| {
-            d.plugin("hostile")["state"] == "quarantined"
-        });
+        quarantine(&d);
         // The log reaches the test through a pipe and a reader thread, after the state the API
         // shows: waited for, not read once.
         d.wait_for(10, "the quarantine in the log, with the way out", |d| {
@@ -284,6 +278,16 @@ fn an_operators_load_ends_a_quarantine() {
     }
 }
 
+/// Quarantines the hostile plugin of `d` (started with `max_crashes = 1`): two aborts.
+fn quarantine(d: &Daemon) {
+    assert_eq!(complete(d, "hostile", "abort").0, 500);
+    d.wait_restarts("hostile", 1);
+    assert_eq!(complete(d, "hostile", "abort").0, 500);
+    d.wait_for(20, "the quarantine", |d| {
+        d.plugin("hostile")["state"] == "quarantined"
+    });
+}
+
 /// A quarantine waits for an operator: `keep_alive_secs` does not unload it as idle (which
 /// parked it, its reason lost, and let the next request load it into the same crashes).
 #[test]
@@ -291,17 +295,8 @@ fn a_quarantine_outlives_keep_alive() {
     if !confinement_available() {
         return;
     }
-    let d = Daemon::start(
-        crate::medium::tier_dir("low"),
-        "[server]\nwarmup = false\nkeep_alive_secs = 1\n[supervisor]\nrestart_backoff_ms = 100\nmax_crashes = 1\n",
-    );
-    d.wait_ready();
-    assert_eq!(complete(&d, "hostile", "abort").0, 500);
-    d.wait_restarts("hostile", 1);
-    assert_eq!(complete(&d, "hostile", "abort").0, 500);
-    d.wait_for(20, "the quarantine", |d| {
-        d.plugin("hostile")["state"] == "quarantined"
-    });
+    let d = restarting_hostile_with("keep_alive_secs = 1\n", "max_crashes = 1\n");
+    quarantine(&d);
     // The idle sweep runs each second here.
     std::thread::sleep(std::time::Duration::from_secs(4));
     let plugin = d.plugin("hostile");
@@ -319,16 +314,11 @@ fn a_quarantine_takes_no_place_under_the_cap() {
         return;
     }
     let d = Daemon::start(
-        crate::daemon::echo_and_hostile_dir(),
+        echo_and_hostile_dir(),
         "[server]\nwarmup = false\npreload = [\"hostile\"]\nmax_loaded_models = 1\nload_wait_secs = 2\n[supervisor]\nrestart_backoff_ms = 100\nmax_crashes = 1\n",
     );
     d.wait_ready();
-    assert_eq!(complete(&d, "hostile", "abort").0, 500);
-    d.wait_restarts("hostile", 1);
-    assert_eq!(complete(&d, "hostile", "abort").0, 500);
-    d.wait_for(20, "the quarantine", |d| {
-        d.plugin("hostile")["state"] == "quarantined"
-    });
+    quarantine(&d);
     let (status, r) = complete(&d, "echo", "hi");
     assert_eq!(status, 200, "{r}");
     assert_eq!(d.plugin("hostile")["state"], "quarantined");
@@ -351,7 +341,7 @@ fn a_warm_up_past_the_load_deadline_fails_the_load() {
         return;
     }
     let d = Daemon::start(
-        crate::daemon::echo_dir("[model.options]\nprefill_ms = 60000\n"),
+        echo_dir("[model.options]\nprefill_ms = 60000\n"),
         "[supervisor]\nload_timeout_secs = 2\nrequest_timeout_secs = 0\n",
     );
     d.wait_for(20, "the failed warm-up", |d| {
@@ -369,7 +359,7 @@ fn a_plugin_sending_past_max_tokens_is_stopped() {
     if !confinement_available() {
         return;
     }
-    let d = crate::daemon::restarting_hostile();
+    let d = restarting_hostile();
     let body = json!({"model": "hostile", "prompt": "flood 100000 1024", "max_tokens": 4});
     let (status, r) = d.post("/v1/completions", &body);
     assert_eq!(status, 500, "{r}");
@@ -396,11 +386,7 @@ fn a_plugin_sending_past_max_tokens_and_its_cancel_is_held_to_the_deadline() {
     if !confinement_available() {
         return;
     }
-    let d = Daemon::start(
-        crate::medium::tier_dir("low"),
-        "[server]\nwarmup = false\n[supervisor]\nrestart_backoff_ms = 100\nrequest_timeout_secs = 2\n",
-    );
-    d.wait_ready();
+    let d = restarting_hostile_with("", "request_timeout_secs = 2\n");
     let body =
         json!({"model": "hostile", "prompt": "flood 1000000000 1 stubborn", "max_tokens": 4});
     let (status, r) = d.post("/v1/completions", &body);
@@ -415,14 +401,9 @@ fn server_errors_are_logged_with_the_request_id() {
     if !confinement_available() {
         return;
     }
-    let d = crate::daemon::restarting_hostile();
-    let agent = ureq::Agent::new_with_config(
-        ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build(),
-    );
+    let d = restarting_hostile();
     let send = |id: &str, body: Value| {
-        let req = agent.post(format!("{}/v1/completions", d.base));
+        let req = d.agent.post(format!("{}/v1/completions", d.base));
         let mut r = req
             .header("x-request-id", id)
             .send_json(&body)
@@ -454,11 +435,7 @@ fn a_request_its_client_left_is_still_held_to_its_deadline() {
     if !confinement_available() {
         return;
     }
-    let d = Daemon::start(
-        crate::medium::tier_dir("low"),
-        "[server]\nwarmup = false\n[supervisor]\nrestart_backoff_ms = 100\nrequest_timeout_secs = 2\n",
-    );
-    d.wait_ready();
+    let d = restarting_hostile_with("", "request_timeout_secs = 2\n");
     let body = json!({"model": "hostile", "prompt": "loop", "max_tokens": 4}).to_string();
     let mut client = std::net::TcpStream::connect(d.addr()).unwrap();
     write!(

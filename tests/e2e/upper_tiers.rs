@@ -372,13 +372,7 @@ fn a_low_worker_cannot_trace_a_high_one() {
         std::fs::read_to_string(format!("/proc/{pid}/uid_map"))
             .is_ok_and(|m| m.split_whitespace().collect::<Vec<_>>() == [&uid, &uid, "1"])
     };
-    let find = || (crate::worker::worker_group_procs(run).into_iter()).find(own_namespace);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let mut worker = find();
-    while worker.is_none() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        worker = find();
-    }
+    let worker = crate::worker::worker_process(run, own_namespace);
     let low = crate::worker::hostile_low_dir();
     let tried = worker.map(|pid| run_in(&low, "hostile", &format!("ptrace {pid}"), &[]).stdout);
     let owner = worker.map(namespace_owner);

@@ -2,7 +2,7 @@
 //! (and trace it, and write its files) by uid, so a shared one let any worker kill any other.
 
 use crate::support::*;
-use crate::worker::{confinement_available, frozen_run, run_in, worker_group_procs};
+use crate::worker::{confinement_available, frozen_run, run_in, worker_process};
 
 /// The hostile library served under another plugin name (`intruder`).
 fn intruder_dir() -> PluginDir {
@@ -33,13 +33,7 @@ fn a_worker_cannot_kill_another_plugins_worker() {
                 .any(|l| l.starts_with("Uid:") && !l.contains("\t0\t"))
         })
     };
-    let find = || worker_group_procs(run).into_iter().find(unprivileged);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let mut worker = find();
-    while worker.is_none() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        worker = find();
-    }
+    let worker = worker_process(run, unprivileged);
     let tried = worker.map(|pid| run_in(&intruder, "intruder", &format!("kill {pid}"), &[]));
     let own = run_in(&intruder, "intruder", "status", &[]);
     let alive = worker.is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());

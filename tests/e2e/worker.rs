@@ -875,21 +875,9 @@ fn quantize_refuses_a_cache_folder_the_worker_user_cannot_write() {
     );
     assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 0);
     // A run loads all the same, and says the cache is not kept, and the fix.
-    let ran = pio(
-        dir.path(),
-        &[
-            "run",
-            "qwen3-4b-instruct-2507",
-            "--plugins",
-            ".",
-            "--prompt",
-            "Hi",
-            "--max-tokens",
-            "1",
-        ],
-    );
-    let err = String::from_utf8_lossy(&ran.stderr);
-    assert!(ran.status.success(), "{err}");
+    let ran = run_in(&dir, "qwen3-4b-instruct-2507", "Hi", &["--max-tokens", "1"]);
+    let err = &ran.stderr;
+    assert!(ran.ok, "{err}");
     assert!(
         err.contains("quantizes again at every start")
             && err.contains(&format!("chown -R {uid}:65534")),
@@ -1179,6 +1167,18 @@ pub(crate) fn frozen_run(dir: &PluginDir) -> std::process::Child {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap()
+}
+
+/// The first process of `pid`'s worker cgroup that `which` picks, waited for up to 20 s.
+pub(crate) fn worker_process(pid: u32, which: impl Fn(&i32) -> bool) -> Option<i32> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let found = worker_group_procs(pid).into_iter().find(&which);
+        if found.is_some() || std::time::Instant::now() >= deadline {
+            return found;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 /// The processes in the worker cgroup of the `pio` process `pid` (`pio/<name>-<pid>-<n>`, in
