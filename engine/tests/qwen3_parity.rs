@@ -132,39 +132,51 @@ fn a_decode_step_reads_the_head_and_the_routed_experts_share() {
     );
 }
 
+/// Loads a copy of the tiny Qwen3 checkpoint, `edit`ed first, as the plugin loads it.
+fn load_edited(edit: &dyn Fn(&std::path::Path)) -> Result<(), pio_plugin_api::PluginError> {
+    use pio_engine::runtime::ModelRuntime;
+    use pio_plugin_api::sinks::NoProgress;
+    use pio_plugin_api::wire::ModelConfig;
+    use pio_plugin_api::Progress;
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixtures().join("qwen3-tiny")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+    }
+    edit(dir.path());
+    let mut runtime = ModelRuntime::<Qwen3>::new(None);
+    let config = ModelConfig {
+        model_path: Some(dir.path().to_path_buf()),
+        ..Default::default()
+    };
+    runtime
+        .load_model(&config, &mut Progress::new(NoProgress::boxed()))
+        .map(|_| ())
+}
+
+/// The JSON file at `path`, `edit`ed in place.
+fn edit_json(path: &std::path::Path, edit: &dyn Fn(&mut serde_json::Value)) {
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    edit(&mut json);
+    std::fs::write(path, json.to_string()).unwrap();
+}
+
+/// Loads the tiny checkpoint with its `config.json` `edit`ed.
+fn load_with_config(
+    edit: &dyn Fn(&mut serde_json::Value),
+) -> Result<(), pio_plugin_api::PluginError> {
+    load_edited(&|dir| edit_json(&dir.join("config.json"), edit))
+}
+
 /// A tokenizer with ids past the model's vocabulary, or an end-of-sequence id past it, is
 /// refused at load naming the file: such an id would reach the embedding (an index error naming
 /// nothing on the CPU, a device assert on a GPU) or could never end an answer.
 #[test]
 fn ids_past_the_vocabulary_are_refused_at_load_naming_the_file() {
-    use pio_engine::runtime::ModelRuntime;
-    use pio_plugin_api::sinks::NoProgress;
-    use pio_plugin_api::wire::ModelConfig;
-    use pio_plugin_api::{ErrorKind, Progress};
-    let load = |edit: &dyn Fn(&std::path::Path)| {
-        let dir = tempfile::tempdir().unwrap();
-        for entry in std::fs::read_dir(fixtures().join("qwen3-tiny")).unwrap() {
-            let path = entry.unwrap().path();
-            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
-        }
-        edit(dir.path());
-        let mut runtime = ModelRuntime::<Qwen3>::new(None);
-        let config = ModelConfig {
-            model_path: Some(dir.path().to_path_buf()),
-            ..Default::default()
-        };
-        runtime
-            .load_model(&config, &mut Progress::new(NoProgress::boxed()))
-            .map(|_| ())
-    };
-    load(&|_| {}).expect("the fixture loads");
-    let edit_json = |path: &std::path::Path, edit: &dyn Fn(&mut serde_json::Value)| {
-        let mut json: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-        edit(&mut json);
-        std::fs::write(path, json.to_string()).unwrap();
-    };
-    let e = load(&|dir| {
+    use pio_plugin_api::ErrorKind;
+    load_edited(&|_| {}).expect("the fixture loads");
+    let e = load_edited(&|dir| {
         edit_json(&dir.join("generation_config.json"), &|j| {
             j["eos_token_id"] = serde_json::json!([2, 400])
         })
@@ -175,7 +187,7 @@ fn ids_past_the_vocabulary_are_refused_at_load_naming_the_file() {
         e.message.contains("generation_config.json") && e.message.contains("eos_token_id"),
         "{e}"
     );
-    let e = load(&|dir| {
+    let e = load_edited(&|dir| {
         edit_json(&dir.join("tokenizer.json"), &|j| {
             let extra = serde_json::json!({"id": 450, "content": "<|far|>", "single_word": false,
                 "lstrip": false, "rstrip": false, "normalized": false, "special": true});
@@ -188,35 +200,32 @@ fn ids_past_the_vocabulary_are_refused_at_load_naming_the_file() {
         e.message.contains("tokenizer.json") && e.message.contains("token id 400"),
         "{e}"
     );
+}
+
+/// A config the engine would run wrong without a word is refused naming its field: fewer layers
+/// than the weights hold (run truncated), sliding-window attention (run in full).
+#[test]
+fn configs_the_engine_would_run_wrong_are_refused_by_field() {
     // Fewer layers named than the weights hold: refused, not run truncated.
-    let e = load(&|dir| {
-        edit_json(&dir.join("config.json"), &|j| {
-            j["num_hidden_layers"] = 2.into()
-        })
-    })
-    .unwrap_err();
+    let e = load_with_config(&|j| j["num_hidden_layers"] = 2.into()).unwrap_err();
     assert!(
         e.message.contains("config.json") && e.message.contains("`num_hidden_layers`"),
         "{e}"
     );
     // Sliding-window attention, which the engine would run in full: refused by name.
-    let e = load(&|dir| {
-        edit_json(&dir.join("config.json"), &|j| {
-            j["use_sliding_window"] = true.into();
-            j["sliding_window"] = 4.into();
-            j["max_window_layers"] = 0.into();
-        })
+    let e = load_with_config(&|j| {
+        j["use_sliding_window"] = true.into();
+        j["sliding_window"] = 4.into();
+        j["max_window_layers"] = 0.into();
     })
     .unwrap_err();
     assert!(
         e.message.contains("config.json") && e.message.contains("`use_sliding_window`"),
         "{e}"
     );
-    let e = load(&|dir| {
-        edit_json(&dir.join("config.json"), &|j| {
-            j["layer_types"] =
-                serde_json::json!(["full_attention", "sliding_attention", "full_attention"])
-        })
+    let e = load_with_config(&|j| {
+        j["layer_types"] =
+            serde_json::json!(["full_attention", "sliding_attention", "full_attention"])
     })
     .unwrap_err();
     assert!(
@@ -224,12 +233,10 @@ fn ids_past_the_vocabulary_are_refused_at_load_naming_the_file() {
         "{e}"
     );
     // Off, or below every layer, it loads.
-    load(&|dir| {
-        edit_json(&dir.join("config.json"), &|j| {
-            j["use_sliding_window"] = false.into();
-            j["sliding_window"] = 4.into();
-            j["layer_types"] = serde_json::json!(vec!["full_attention"; 3]);
-        })
+    load_with_config(&|j| {
+        j["use_sliding_window"] = false.into();
+        j["sliding_window"] = 4.into();
+        j["layer_types"] = serde_json::json!(vec!["full_attention"; 3]);
     })
     .expect("no layer slides");
 }
