@@ -158,14 +158,9 @@ impl UidRange {
         Ok(Self { first, last })
     }
 
-    /// The number of uids in it.
-    pub fn len(&self) -> u64 {
+    /// The number of uids in it (at least one).
+    fn len(&self) -> u64 {
         u64::from(self.last - self.first) + 1
-    }
-
-    /// Whether it is empty (never: a range holds at least one uid).
-    pub fn is_empty(&self) -> bool {
-        false
     }
 
     /// Whether `uid` is in it.

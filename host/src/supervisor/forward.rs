@@ -185,13 +185,7 @@ impl Forward {
         let Some(deadline) = deadline else {
             return;
         };
-        let ended = async {
-            while let Some(event) = events.recv().await {
-                if !matches!(event, Event::Token(_)) {
-                    return;
-                }
-            }
-        };
+        let ended = ended(events);
         let limit = deadline.max(tokio::time::Instant::now()) + GRACE;
         if tokio::time::timeout_at(limit, ended).await.is_err() {
             let secs = self.timeout.unwrap_or(GRACE).as_secs_f64().ceil() as u64;
@@ -209,13 +203,7 @@ impl Forward {
             self.name
         );
         self.worker.cancel(self.id);
-        let ended = async {
-            while let Some(event) = events.recv().await {
-                if !matches!(event, Event::Token(_)) {
-                    return;
-                }
-            }
-        };
+        let ended = ended(events);
         // The grace runs while the caller is told: a stalled client must not delay it.
         let told = tx.send(Event::Failed(err(Fault::Timeout, message).0));
         let (_, ended) = tokio::join!(told, tokio::time::timeout(GRACE.min(timeout), ended));
@@ -223,6 +211,15 @@ impl Forward {
             self.worker.kill_because(format!(
                 "was stopped: a request ran past its {secs} s deadline and did not end when cancelled"
             ));
+        }
+    }
+}
+
+/// Resolves when the request ends (its last event, or its route gone), its tokens dropped.
+async fn ended(events: &mut Events) {
+    while let Some(event) = events.recv().await {
+        if !matches!(event, Event::Token(_)) {
+            return;
         }
     }
 }
