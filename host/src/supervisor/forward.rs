@@ -27,8 +27,10 @@ pub(super) struct Budget {
     pub(super) tokens: Option<u64>,
     /// Alternatives per token (`logprobs`): any more are dropped.
     pub(super) alternatives: usize,
-    /// Tokens and text bytes so far.
-    pub(super) used: (u64, usize),
+    /// Tokens sent so far.
+    pub(super) sent: u64,
+    /// Text bytes sent so far.
+    pub(super) bytes: usize,
 }
 
 impl Budget {
@@ -37,7 +39,8 @@ impl Budget {
         Self {
             tokens: request.max_tokens.map(|m| u64::from(m) + 1),
             alternatives: request.logprobs.unwrap_or(0) as usize,
-            used: (0, 0),
+            sent: 0,
+            bytes: 0,
         }
     }
 
@@ -45,15 +48,15 @@ impl Budget {
     pub(super) fn spend(&mut self, token: &mut crate::protocol::TokenFrame) -> Option<String> {
         token.top_logprobs.truncate(self.alternatives);
         let top: usize = token.top_logprobs.iter().map(|t| t.1.len()).sum();
-        self.used.0 += 1;
-        self.used.1 = self.used.1.saturating_add(token.text.len() + top);
-        if self.tokens.is_some_and(|most| self.used.0 > most) {
+        self.sent += 1;
+        self.bytes = self.bytes.saturating_add(token.text.len() + top);
+        if self.tokens.is_some_and(|most| self.sent > most) {
             return Some(format!(
                 "sent more than the {} tokens asked for (max_tokens)",
                 self.tokens.unwrap_or(0) - 1
             ));
         }
-        (self.used.1 > MAX_OUTPUT_BYTES).then(|| {
+        (self.bytes > MAX_OUTPUT_BYTES).then(|| {
             format!(
                 "sent more than {} MiB of text for one request",
                 MAX_OUTPUT_BYTES >> 20
