@@ -219,12 +219,14 @@ pub(super) async fn deploy(
             )));
         }
     }
-    let plan = launch::plan(
-        &found.manifest,
-        config,
-        &setup.policy,
-        &HostSupport::detect(),
-    )
+    // The plan looks the worker's uid up in the user database (NSS: LDAP can take seconds) and
+    // reads /proc and /sys: off the runtime's threads.
+    let (manifest, cfg, policy) = (found.manifest.clone(), config.clone(), setup.policy.clone());
+    let plan = tokio::task::spawn_blocking(move || {
+        launch::plan(&manifest, &cfg, &policy, &HostSupport::detect())
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
     .map_err(|e| ApiError::internal(format!("plugin {name} cannot be confined: {e}")))?;
     if let Some(why) = &plan.downgrade_reason {
         tracing::warn!(plugin = %name, "running at tier {} instead of {}: {why}", plan.applied, plan.requested);

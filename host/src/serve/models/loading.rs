@@ -73,7 +73,7 @@ impl Models {
                 // No room (every loaded model busy past the wait) is not the plugin's failure:
                 // the next request tries again at once.
                 let result = match this.make_room(&found.manifest.name).await {
-                    Ok(()) => match this.uid_clash(&found.manifest.name, &others) {
+                    Ok(()) => match this.uid_clash(&found.manifest.name, others).await {
                         Err(e) => Err((e, true)),
                         Ok(()) => (deploy(&this.setup, &this.config(), &found).await)
                             .map_err(|e| (e, true)),
@@ -219,16 +219,24 @@ impl Models {
 
     /// Refuses to start `name` when another plugin served here has its uid (two names hashing
     /// alike in `sandbox.worker_uids`): either could signal, trace and write for the other.
-    fn uid_clash(&self, name: &str, others: &[String]) -> Result<(), ApiError> {
+    /// The user database is asked of each uid (NSS: LDAP can take seconds), so off the runtime's
+    /// threads.
+    async fn uid_clash(&self, name: &str, others: Vec<String>) -> Result<(), ApiError> {
         if !nix::unistd::geteuid().is_root() {
             return Ok(());
         }
         let users = self.setup.policy.users;
-        match users.clash(name, others.iter().map(String::as_str)) {
+        let mine = name.to_string();
+        let found = tokio::task::spawn_blocking(move || {
+            let other = users.clash(&mine, others.iter().map(String::as_str))?;
+            Some((other.to_string(), users.uid_for(&mine).unwrap_or_default()))
+        })
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+        match found {
             None => Ok(()),
-            Some(other) => Err(ApiError::conflict(format!(
-                "plugins {name} and {other} would run as one uid ({}): their names hash alike in sandbox.worker_uids; set worker_uids to another range (one uid shorter gives every plugin another uid) and restart",
-                users.uid_for(name).unwrap_or_default()
+            Some((other, uid)) => Err(ApiError::conflict(format!(
+                "plugins {name} and {other} would run as one uid ({uid}): their names hash alike in sandbox.worker_uids; set worker_uids to another range (one uid shorter gives every plugin another uid) and restart"
             ))),
         }
     }
