@@ -329,3 +329,107 @@ fn cancel_stops_generation_in_the_worker_and_unload_releases_the_model() {
         worker.shutdown().await;
     });
 }
+
+/// A worker the kernel will not let die (stuck in uninterruptible sleep; made here with cgroup
+/// v1's freezer, whose frozen tasks SIGKILL does not wake) is given up on after the grace: its
+/// request fails saying so, the plugin restarts beside it, a stop of such a worker returns, and
+/// once it can end it is reaped.
+#[test]
+fn a_worker_that_cannot_be_killed_is_left_behind_and_replaced() {
+    if !available() {
+        return;
+    }
+    let Some(freezer) = Freezer::new() else {
+        eprintln!("skipped: needs cgroup v1's freezer (its frozen tasks ignore SIGKILL)");
+        return;
+    };
+    runtime().block_on(async {
+        let mut policy = fast_policy();
+        policy.request_timeout = None;
+        let (plugin, _) = supervise("hostile", "pio_test_plugin_hostile", policy).await;
+        let stuck = plugin.status().pid.expect("a worker");
+        freezer.freeze(stuck);
+        let answered = tokio::time::timeout(Duration::from_secs(60), complete(&plugin, "status"));
+        let e = answered.await.expect("no answer").unwrap_err();
+        assert_eq!(e.kind, Fault::WorkerDied);
+        assert!(e.message.contains("did not die within"), "{e:?}");
+        until_restarted(&plugin, 1).await;
+        assert!(complete(&plugin, "status").await.is_ok());
+        assert!(alive(stuck), "the stuck worker was not left behind");
+
+        let second = plugin.status().pid.expect("a worker");
+        freezer.freeze(second);
+        let stopped = tokio::time::timeout(Duration::from_secs(30), plugin.stop()).await;
+        freezer.thaw();
+        assert!(
+            stopped.is_ok(),
+            "the stop waited on a worker that cannot die"
+        );
+        for _ in 0..100 {
+            if !alive(stuck) && !alive(second) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("a worker left behind was not reaped once it could end");
+    });
+}
+
+/// Whether `pid` is a process, a zombie included (one nobody reaped).
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// A cgroup v1 freezer group of the test's own (the daemon does not use the freezer).
+struct Freezer(std::path::PathBuf);
+
+impl Freezer {
+    fn new() -> Option<Self> {
+        let root = std::path::Path::new("/sys/fs/cgroup/freezer");
+        let dir = root.join(format!("pio-test-{}", std::process::id()));
+        std::fs::create_dir(&dir).ok()?;
+        Some(Self(dir))
+    }
+
+    /// Freezes `pid` and the rest of its worker (the processes of its memory cgroup).
+    fn freeze(&self, pid: u32) {
+        let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        let group = own
+            .lines()
+            .find_map(|l| l.split_once(":memory:").map(|(_, path)| path.to_string()))
+            .expect("the worker's memory cgroup");
+        let procs =
+            std::fs::read_to_string(format!("/sys/fs/cgroup/memory{group}/cgroup.procs")).unwrap();
+        for p in procs.lines() {
+            std::fs::write(self.0.join("cgroup.procs"), p).unwrap();
+        }
+        self.set("FROZEN");
+    }
+
+    fn thaw(&self) {
+        self.set("THAWED");
+    }
+
+    fn set(&self, state: &str) {
+        std::fs::write(self.0.join("freezer.state"), state).unwrap();
+        for _ in 0..100 {
+            let now = std::fs::read_to_string(self.0.join("freezer.state")).unwrap();
+            if now.trim() == state {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("the freezer did not reach {state}");
+    }
+}
+
+impl Drop for Freezer {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.0.join("freezer.state"), "THAWED");
+        let procs = std::fs::read_to_string(self.0.join("cgroup.procs")).unwrap_or_default();
+        for p in procs.lines() {
+            let _ = std::fs::write("/sys/fs/cgroup/freezer/cgroup.procs", p);
+        }
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}

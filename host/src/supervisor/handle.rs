@@ -243,6 +243,8 @@ impl Worker {
 
     /// Kills the worker and everything it started (its cgroup is removed once it is reaped).
     pub fn kill(&self) {
+        // Its traffic task times the death from here: one that does not come is given up on.
+        self.traffic.ask(Command::Killed);
         // Not the pid as well, and not once reaped: then it may be another process's. Groups
         // are named from plain names, so killing the group reaches it.
         if let Some(cg) = &self.cgroup {

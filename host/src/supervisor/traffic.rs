@@ -40,6 +40,8 @@ pub(super) enum Command {
     ForgetStats(u64),
     /// The host is killing the worker, for this reason (reported instead of the signal).
     KillReason(String),
+    /// The host has sent the worker SIGKILL: it has [`KILL_GRACE`] to die.
+    Killed,
 }
 
 /// The handle's side of the traffic task.
@@ -77,6 +79,7 @@ pub(super) struct Routes {
     requests: HashMap<u64, mpsc::Sender<Event>>,
     waiters: Waiters,
     kill_reason: Option<String>,
+    killed_at: Option<tokio::time::Instant>,
     in_flight: Arc<AtomicUsize>,
 }
 
@@ -103,6 +106,9 @@ impl Routes {
             }
             Command::KillReason(why) => {
                 self.kill_reason.get_or_insert(why);
+            }
+            Command::Killed => {
+                self.killed_at.get_or_insert_with(tokio::time::Instant::now);
             }
         }
         self.count();
@@ -266,6 +272,61 @@ async fn last_frames(
 /// The longest the frames a dead worker's socket still carries are read.
 const LAST_FRAMES: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How long a killed worker has to die. Longer means it is stuck in the kernel (uninterruptible
+/// sleep: a wedged driver or network file system), where no signal reaches it: it is left
+/// behind, so that its requests fail and the plugin can restart instead of waiting on it for good.
+pub(super) const KILL_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long a worker whose socket ended has to exit on its own before it is killed.
+const EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Resolves [`KILL_GRACE`] after the kill, if there was one.
+async fn past_grace(killed_at: Option<tokio::time::Instant>) {
+    match killed_at {
+        Some(at) => tokio::time::sleep_until(at + KILL_GRACE).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A killed worker that did not die within [`KILL_GRACE`].
+struct Stuck;
+
+/// The worker's exit status once it has ended: killed first where `kill`, else given a moment to
+/// end on its own (it may be exiting as its socket closes) and then killed.
+async fn reap(
+    child: &mut tokio::process::Child,
+    kill: bool,
+) -> Result<Option<std::process::ExitStatus>, Stuck> {
+    if !kill {
+        if let Ok(status) = tokio::time::timeout(EXIT_GRACE, child.wait()).await {
+            return Ok(status.ok());
+        }
+    }
+    let _ = child.start_kill();
+    match tokio::time::timeout(KILL_GRACE, child.wait()).await {
+        Ok(status) => Ok(status.ok()),
+        Err(_) => Err(Stuck),
+    }
+}
+
+/// Reaps a worker [`Stuck`] in the kernel whenever it ends, then lets its cgroup go.
+fn leave_behind(name: String, mut child: tokio::process::Child, cgroup: Option<Arc<Cgroup>>) {
+    let pid = child.id();
+    tracing::error!(
+        plugin = %name,
+        pid,
+        "a worker did not die within {} s of SIGKILL: it is stuck in the kernel (process state D; look for a wedged driver or file system, e.g. in dmesg) and left behind, its cgroup kept until it ends; the plugin is restarted beside it",
+        KILL_GRACE.as_secs()
+    );
+    tokio::spawn(async move {
+        let status = child.wait().await;
+        tracing::info!(plugin = %name, pid, "the worker left behind has ended ({status:?})");
+        if let Some(cg) = cgroup {
+            let _ = tokio::task::spawn_blocking(move || cg.kill_all()).await;
+        }
+    });
+}
+
 /// Starts the traffic task of the worker `child` named `name`; its exit message goes to `exit`.
 pub(super) fn start(
     name: String,
@@ -306,16 +367,20 @@ pub(super) fn start(
                 // Dead with its socket still open: a process it started holds the socket (a
                 // fork keeps every descriptor), so no end of the socket would ever come.
                 _ = child.wait() => break last_frames(&mut frames, &mut routes).await,
+                _ = past_grace(routes.killed_at) => break None,
             }
         };
-        if ending.is_some() {
-            let _ = child.start_kill();
-        }
-        let status = child.wait().await.ok();
+        let reaped = match routes.killed_at {
+            Some(at) if at.elapsed() >= KILL_GRACE => Err(Stuck),
+            killed => reap(&mut child, ending.is_some() || killed.is_some()).await,
+        };
         // What it started dies with it: in its cgroup, or (none, as when not root) in the
         // process group it leads (`setsid`), which outlives it while a member lives.
         match &cgroup {
-            Some(cg) => cg.kill_all(),
+            Some(cg) => {
+                let cg = cg.clone();
+                let _ = tokio::task::spawn_blocking(move || cg.kill_all()).await;
+            }
             None => {
                 if let Some(pid) = child_pid {
                     let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
@@ -326,9 +391,18 @@ pub(super) fn start(
         while let Ok(command) = command_rx.try_recv() {
             routes.command(command);
         }
-        let why = ending
-            .or_else(|| routes.kill_reason.clone())
-            .unwrap_or_else(|| death_reason(status, stats.as_ref()));
+        let cause = ending.or_else(|| routes.kill_reason.clone());
+        let why = match reaped {
+            Ok(status) => cause.unwrap_or_else(|| death_reason(status, stats.as_ref())),
+            Err(Stuck) => {
+                leave_behind(name.clone(), child, cgroup.clone());
+                format!(
+                    "{}, and did not die within {} s of SIGKILL (stuck in the kernel: a wedged driver or file system); it is left behind",
+                    cause.unwrap_or_else(|| "was killed".into()),
+                    KILL_GRACE.as_secs()
+                )
+            }
+        };
         let message = format!("worker for {name} {why}");
         routes.fail_all(&message);
         // Later commands find the channel closed: the handle reports the death itself.
