@@ -7,7 +7,8 @@ use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use pio_host::discovery::{self, Candidate, SearchPaths};
-use pio_host::hub::{record, Hub, RemoteFile};
+use pio_host::hub::stage::Stage;
+use pio_host::hub::{self, record, Hub, RemoteFile};
 use pio_host::manifest::{Manifest, Tier};
 use pio_host::probe::{LibraryReport, ProbeError, Prober};
 use pio_plugin_api::wire::WeightQuantization;
@@ -98,20 +99,38 @@ pub fn run(args: PullArgs) -> anyhow::Result<u8> {
         .with_context(|| format!("cannot use {}", args.models.display()))?;
     eprintln!("{repo}@{} → {}", &snapshot.commit, dest.display());
     let names: Vec<&str> = files.iter().map(|f| f.name.as_str()).collect();
-    let gone = record::prune(&dest, &snapshot, &names)?;
-    if !gone.is_empty() {
+    // Fetched beside the folder's files and moved in at the end: the folder may be served, and
+    // a pull refused or cut short midway must leave it as it was.
+    let stage = Stage::open(&dest, &snapshot.commit)?;
+    let previous = record::read(&dest);
+    let changes = record::changes(previous.as_ref(), &snapshot, &names);
+    if !changes.refetch.is_empty() || !changes.remove.is_empty() {
         eprintln!(
-            "{} held another commit: fetching again or removing {}",
+            "{} held another commit: fetching again {}; removing once pulled {}",
             dest.display(),
-            gone.join(", ")
+            list(&changes.refetch),
+            list(&changes.remove)
         );
     }
     // The config first: which plugin serves it, and whether its manifest may be written, are
     // known before gigabytes of weights are fetched.
     let (config_file, rest): (Vec<&RemoteFile>, Vec<&RemoteFile>) =
         files.iter().partition(|f| f.name == "config.json");
-    download_all(&hub, &repo, &snapshot.commit, &config_file, &dest)?;
-    let pulled = Pulled::read(dest, repo, snapshot.commit.clone())?;
+    let fetch = Fetch {
+        hub: &hub,
+        repo: &repo,
+        commit: &snapshot.commit,
+        stage: &stage,
+        dest: &dest,
+        refetch: &changes.refetch,
+    };
+    fetch.all(&config_file)?;
+    let pulled = Pulled::read(
+        &stage.current("config.json"),
+        dest.clone(),
+        repo.clone(),
+        snapshot.commit.clone(),
+    )?;
     let dir = search
         .plugin_dirs
         .first()
@@ -124,8 +143,8 @@ pub fn run(args: PullArgs) -> anyhow::Result<u8> {
     let path = manifest_path(&chosen, name, dir, &pulled.dest, args.force)?;
     let text = manifest_text(&args, &chosen, &pulled)?;
     check_config(&prober, &chosen, &path, &text)?;
-    download_all(&hub, &pulled.repo, &pulled.commit, &rest, &pulled.dest)?;
-    record::finish(&pulled.dest, &snapshot, &names)?;
+    fetch.all(&rest)?;
+    stage.finish(&snapshot, &names, previous.as_ref(), &changes.remove)?;
     write_manifest(&path, &text)?;
     eprintln!(
         "wrote {} (plugin {}); `pio serve --plugins {}` serves it",
@@ -136,39 +155,59 @@ pub fn run(args: PullArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// Downloads `files` into `dest`, a progress bar each.
-fn download_all(
-    hub: &Hub,
-    repo: &str,
-    commit: &str,
-    files: &[&RemoteFile],
-    dest: &Path,
-) -> anyhow::Result<()> {
-    let bars = MultiProgress::new();
-    let style = ProgressStyle::with_template(
-        "{msg:40!} {bar:30} {bytes:>10}/{total_bytes:10} {bytes_per_sec:>12} {eta:>4}",
-    )
-    .unwrap_or_else(|_| ProgressStyle::default_bar());
-    for file in files {
-        let bar = bars.add(ProgressBar::new(file.size.unwrap_or(0)));
-        bar.set_style(style.clone());
-        bar.set_message(file.name.clone());
-        let result = hub.download(
-            repo,
-            commit,
-            file,
-            &dest.join(&file.name),
-            &mut |done, total| {
-                if let Some(t) = total {
-                    bar.set_length(t);
-                }
-                bar.set_position(done);
-            },
-        );
-        bar.finish();
-        result?;
+/// `names`, listed for a message; "nothing" when none.
+fn list(names: &[String]) -> String {
+    match names.is_empty() {
+        true => "nothing".into(),
+        false => names.join(", "),
     }
-    Ok(())
+}
+
+/// Where a pull fetches from and to.
+struct Fetch<'a> {
+    hub: &'a Hub,
+    repo: &'a str,
+    commit: &'a str,
+    stage: &'a Stage,
+    /// The model's folder: a file there that checks out is not fetched again.
+    dest: &'a Path,
+    /// Files that may be in the folder, of the same size, yet another commit's.
+    refetch: &'a [String],
+}
+
+impl Fetch<'_> {
+    /// Downloads `files` into the stage, a progress bar each, but those the folder holds already.
+    fn all(&self, files: &[&RemoteFile]) -> anyhow::Result<()> {
+        let bars = MultiProgress::new();
+        let style = ProgressStyle::with_template(
+            "{msg:40!} {bar:30} {bytes:>10}/{total_bytes:10} {bytes_per_sec:>12} {eta:>4}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+        for file in files {
+            let kept = self.dest.join(&file.name);
+            if !self.refetch.contains(&file.name) && hub::holds(file, &kept)? {
+                continue;
+            }
+            let bar = bars.add(ProgressBar::new(file.size.unwrap_or(0)));
+            bar.set_style(style.clone());
+            bar.set_message(file.name.clone());
+            let result = self.hub.download(
+                self.repo,
+                self.commit,
+                file,
+                &self.stage.staged(&file.name),
+                &mut |done, total| {
+                    if let Some(t) = total {
+                        bar.set_length(t);
+                    }
+                    bar.set_position(done);
+                },
+            );
+            bar.finish();
+            result?;
+        }
+        Ok(())
+    }
 }
 
 /// A downloaded snapshot and what its `config.json` says.
@@ -184,9 +223,10 @@ struct Pulled {
 }
 
 impl Pulled {
-    fn read(dest: PathBuf, repo: String, commit: String) -> anyhow::Result<Self> {
-        let path = dest.join("config.json");
-        let text = std::fs::read_to_string(&path)
+    /// What `path` (the snapshot's `config.json`, where it is now) says of the model bound for
+    /// `dest`, pulled from `repo` at `commit`.
+    fn read(path: &Path, dest: PathBuf, repo: String, commit: String) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
         let config: serde_json::Value =
             serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
@@ -338,13 +378,13 @@ fn check_config(prober: &Prober, chosen: &Chosen, path: &Path, text: &str) -> an
     match prober.probe_for(&chosen.library, &manifest.name, &config) {
         Ok(_) => Ok(()),
         Err(ProbeError::ConfigRefused { message, .. }) => bail!(
-            "plugin {} refuses this model's settings: {message}; only config.json was downloaded",
+            "plugin {} refuses this model's settings: {message}; only config.json was downloaded, and the model's folder is as it was",
             chosen.report.name
         ),
         // The library answered a plain probe a moment ago: failing on this config (crashing,
         // hanging in `supports_config`) is what the weights would meet too.
         Err(e) => Err(anyhow::Error::new(e).context(format!(
-            "plugin {} failed when asked about this model's settings; only config.json was downloaded",
+            "plugin {} failed when asked about this model's settings; only config.json was downloaded, and the model's folder is as it was",
             chosen.report.name
         ))),
     }

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 pub mod record;
+pub mod stage;
 
 /// Where the Hub is and who asks.
 #[derive(Debug, Clone)]
@@ -81,6 +82,12 @@ pub enum HubError {
     Wait {
         /// The variable's value.
         value: String,
+    },
+    /// Another pull holds the folder.
+    #[error("{path}: another `pio pull` is pulling into this folder; wait for it to end (or stop it) and pull again")]
+    Busy {
+        /// The model's folder.
+        path: PathBuf,
     },
     /// A download that is not the file the Hub lists.
     #[error("{file}: {found}, but the Hub lists {expected}; the partial download was removed, run `pio pull` again")]
@@ -215,6 +222,9 @@ impl Hub {
         if range_from > 0 {
             request = request.header("Range", &format!("bytes={range_from}-"));
         }
+        // Bytes as stored: a range counts them, and a compressed answer's offsets would not be
+        // the file's.
+        request = request.header("Accept-Encoding", "identity");
         let response = request.call().map_err(|e| HubError::Transport {
             url: url.to_string(),
             reason: e.to_string(),
@@ -289,13 +299,10 @@ impl Hub {
         dest: &Path,
         progress: &mut dyn FnMut(u64, Option<u64>),
     ) -> Result<(), HubError> {
-        if dest.is_file() && matches(file, dest)?.is_none() {
+        if holds(file, dest)? {
             let size = std::fs::metadata(dest).map_err(io(dest))?.len();
             progress(size, Some(size));
             return Ok(());
-        }
-        if let Some(dir) = dest.parent() {
-            std::fs::create_dir_all(dir).map_err(io(dir))?;
         }
         let partial = PathBuf::from(format!("{}.incomplete", dest.display()));
         let url = format!(
@@ -310,14 +317,27 @@ impl Hub {
         // tries that bring nothing count against the limit.
         let mut fruitless = 0;
         loop {
-            let before = size_of(&partial);
+            let mut before = size_of(&partial);
             // All there (the connection broke after the last byte): a range past it is a 416.
             if before > 0 && file.size == Some(before) {
                 break;
             }
+            // Longer than the file (left by a server that sent too much): asking for the rest
+            // would be a 416 at every run.
+            if file.size.is_some_and(|size| before > size) {
+                std::fs::remove_file(&partial).map_err(io(&partial))?;
+                before = 0;
+            }
             match self.receive(&url, file, &partial, progress) {
                 Ok(()) => break,
-                Err(e @ HubError::Transport { .. }) => {
+                // A CDN's passing failure or a rate limit: worth the same tries as a cut.
+                Err(e @ HubError::Transport { .. })
+                | Err(
+                    e @ HubError::Status {
+                        status: 429 | 500..=599,
+                        ..
+                    },
+                ) => {
                     fruitless = if size_of(&partial) > before {
                         0
                     } else {
@@ -353,8 +373,27 @@ impl Hub {
     ) -> Result<(), HubError> {
         let have = size_of(partial);
         let mut response = self.get(url, have)?;
-        // 206: the rest of the file; 200: all of it.
+        // 206: the rest of the file, from where it was asked (else it would be spliced in at
+        // the wrong place); 200: all of it.
         let resumed = have > 0 && response.status().as_u16() == 206;
+        let from = |r: &str| {
+            r.strip_prefix("bytes ")?
+                .split('-')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        };
+        let range = response.headers().get("content-range");
+        let start = range.and_then(|v| v.to_str().ok()).and_then(from);
+        if resumed && start.is_some_and(|s| s != have) {
+            return Err(HubError::Transport {
+                url: url.to_string(),
+                reason: format!(
+                    "asked for bytes from {have}, the answer starts at {}",
+                    start.unwrap_or_default()
+                ),
+            });
+        }
         let mut out = std::fs::OpenOptions::new()
             .create(true)
             .write(true)
@@ -374,12 +413,26 @@ impl Hub {
             if n == 0 {
                 break;
             }
-            out.write_all(&buf[..n]).map_err(io(partial))?;
             done += n as u64;
+            if let Some(size) = file.size.filter(|&size| done > size) {
+                drop(out);
+                let _ = std::fs::remove_file(partial);
+                return Err(HubError::Mismatch {
+                    file: file.name.clone(),
+                    found: "more bytes".into(),
+                    expected: format!("{size} bytes"),
+                });
+            }
+            out.write_all(&buf[..n]).map_err(io(partial))?;
             progress(done, file.size);
         }
         out.sync_all().map_err(io(partial))
     }
+}
+
+/// Whether `path` is `file` as the Hub lists it (its size, its SHA-256 where listed).
+pub fn holds(file: &RemoteFile, path: &Path) -> Result<bool, HubError> {
+    Ok(path.is_file() && matches(file, path)?.is_none())
 }
 
 /// Requests in a row that may bring no byte of a file before its download fails.

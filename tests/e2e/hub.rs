@@ -42,7 +42,8 @@ pub struct FakeHub {
     _runtime: tokio::runtime::Runtime,
 }
 
-const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+/// The commit listings give unless the script names another.
+pub const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
 type Shared = Arc<Mutex<Script>>;
 

@@ -12,8 +12,19 @@ use crate::hub::FakeHub;
 use crate::support::{copy_fixture, pio_bin, plugin_lib, repo_root};
 use crate::worker::confinement_available;
 
+/// `pio pull` under `umask 077` (a hardened root's): what it makes must still be readable to
+/// the workers' uids.
 fn pull(hub: &FakeHub, cwd: &Path, args: &[&str]) -> Output {
-    Command::new(pio_bin())
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new(pio_bin());
+    // SAFETY: umask is async-signal-safe and touches only the child.
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+            Ok(())
+        });
+    }
+    command
         .current_dir(cwd)
         .arg("pull")
         .args(args)
@@ -64,9 +75,10 @@ fn a_pulled_snapshot_resumes_checks_and_serves() {
         "{}",
         stderr(&first)
     );
-    let partial = models
-        .path()
-        .join("tiny/qwen3/model-00001-of-00005.safetensors.incomplete");
+    let partial = models.path().join(format!(
+        "tiny/qwen3/.pio-pull-{}/model-00001-of-00005.safetensors.incomplete",
+        crate::hub::COMMIT
+    ));
     assert_eq!(std::fs::metadata(&partial).unwrap().len(), 4000);
 
     // Again: the download resumes at byte 4000 (and, broken off after 2000 more bytes, asks for
@@ -278,7 +290,8 @@ fn corrupted_downloads_unknown_architectures_and_missing_repositories_are_refuse
 
 /// The plugin is asked about the manifest it will get (`supports_config`) before the weights
 /// are fetched: a quantization it does not have fails the pull with its words, having
-/// downloaded only `config.json`, and no manifest is written.
+/// downloaded only `config.json` (beside the folder: one already served is left as it was), and
+/// no manifest is written.
 #[test]
 fn a_setting_the_plugin_refuses_fails_before_the_weights_are_fetched() {
     if !confinement_available() {
@@ -306,27 +319,91 @@ fn a_setting_the_plugin_refuses_fails_before_the_weights_are_fetched() {
         "--name",
         "pulled",
     ];
-    let out = pull(
-        &hub,
-        plugins.path(),
-        &[&args[..], &["--quantization", "q4"]].concat(),
-    );
-    let e = stderr(&out);
-    assert!(!out.status.success(), "{e}");
-    assert!(
-        e.contains("refuses") && e.contains("no weights to quantize"),
-        "{e}"
-    );
-    let fetched: Vec<_> = std::fs::read_dir(models.path().join("tiny/echo"))
-        .unwrap()
-        .map(|f| f.unwrap().file_name().into_string().unwrap())
-        .collect();
-    assert_eq!(fetched, ["config.json"], "only the config");
+    let refused = |d: &Output| {
+        let e = stderr(d);
+        assert!(!d.status.success(), "{e}");
+        assert!(
+            e.contains("refuses") && e.contains("no weights to quantize"),
+            "{e}"
+        );
+    };
+    let q4 = [&args[..], &["--quantization", "q4"]].concat();
+    let out = pull(&hub, plugins.path(), &q4);
+    refused(&out);
+    let folder = models.path().join("tiny/echo");
+    let visible = || -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&folder)
+            .unwrap()
+            .map(|f| f.unwrap().file_name().into_string().unwrap())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        names.sort();
+        names
+    };
+    assert!(visible().is_empty(), "fetched into the model's folder");
     assert!(!plugins.path().join("pulled.toml").exists());
     // Without it the same pull goes through.
     let out = pull(&hub, plugins.path(), &args);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(plugins.path().join("pulled.toml").exists());
+    let manifest = std::fs::read_to_string(plugins.path().join("pulled.toml")).unwrap();
+    let served = visible();
+    assert!(served.contains(&"tokenizer.json".to_string()), "{served:?}");
+
+    // Another commit with the refused setting: the folder being served is left as it was.
+    let before: Vec<Vec<u8>> = served
+        .iter()
+        .map(|n| std::fs::read(folder.join(n)).unwrap())
+        .collect();
+    std::fs::write(snapshot.path().join("tokenizer_config.json"), "{}").unwrap();
+    hub.script.lock().unwrap().commit = Some("e".repeat(40));
+    let out = pull(&hub, plugins.path(), &[&q4[..], &["--force"]].concat());
+    refused(&out);
+    assert_eq!(visible(), served);
+    for (name, bytes) in served.iter().zip(&before) {
+        assert_eq!(&std::fs::read(folder.join(name)).unwrap(), bytes, "{name}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(plugins.path().join("pulled.toml")).unwrap(),
+        manifest
+    );
+}
+
+/// A partial download longer than the file (a server that sent too much) is fetched anew, not
+/// asked for the rest past the end at every run.
+#[test]
+fn a_partial_longer_than_the_file_is_fetched_anew() {
+    if !confinement_available() {
+        return;
+    }
+    let fixture = repo_root().join("tests/fixtures/qwen3-tiny");
+    let hub = FakeHub::start(&[("tiny/qwen3", fixture.clone())]);
+    let plugins = qwen_dir("");
+    let models = open_dir();
+    let stage = models
+        .path()
+        .join(format!("tiny/qwen3/.pio-pull-{}", crate::hub::COMMIT));
+    std::fs::create_dir_all(&stage).unwrap();
+    let config = std::fs::read(fixture.join("config.json")).unwrap();
+    let mut longer = config.clone();
+    longer.extend_from_slice(b"          ");
+    std::fs::write(stage.join("config.json.incomplete"), longer).unwrap();
+    let (m, dir) = (
+        models.path().to_str().unwrap(),
+        plugins.path().to_str().unwrap(),
+    );
+    let out = pull(
+        &hub,
+        plugins.path(),
+        &["tiny/qwen3", "--plugins", dir, "--models", m, "--force"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let pulled = models.path().join("tiny/qwen3/config.json");
+    assert_eq!(std::fs::read(pulled).unwrap(), config);
+    let s = hub.script.lock().unwrap();
+    let asked: Vec<_> = (s.downloads.iter())
+        .filter(|(f, _)| f == "config.json")
+        .collect();
+    assert_eq!(asked, [&("config.json".to_string(), None)]);
 }
 
 /// Into an empty plugin directory: the plugin is found by probing the libraries in a library

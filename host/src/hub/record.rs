@@ -13,61 +13,66 @@ use super::{io, HubError, Snapshot};
 /// The record's name in the folder.
 const RECORD: &str = ".pio-pull.json";
 
-/// What the last complete pull into a folder fetched.
+/// What the last pull into a folder fetched.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
     /// Its commit.
     pub commit: String,
     /// The files it fetched.
     pub files: Vec<String>,
+    /// Written before the pull moved its files in, cleared after: set, the folder may hold any
+    /// mix of the files named (the move was cut short), so the next pull, of whatever commit,
+    /// treats it as another commit's.
+    #[serde(default)]
+    pub pending: bool,
 }
 
-/// The files of `previous` to remove before pulling `snapshot`: none at the same commit (or
-/// without a record); otherwise those `snapshot` no longer has among `wanted`, and those it has
-/// without a SHA-256 (nothing else would tell a changed one of the same size).
-pub fn stale(previous: Option<&Record>, snapshot: &Snapshot, wanted: &[&str]) -> Vec<String> {
-    let Some(previous) = previous.filter(|p| p.commit != snapshot.commit) else {
-        return Vec::new();
+/// What pulling a snapshot changes of the files a previous pull left.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Wanted again, but with no SHA-256 to tell a changed one of the same size: fetched anew.
+    pub refetch: Vec<String>,
+    /// Not in the new snapshot: removed once it is in place.
+    pub remove: Vec<String>,
+}
+
+/// What pulling `snapshot` (its files `wanted`) over `previous` changes: nothing at the same
+/// commit, fully pulled, or without a record.
+pub fn changes(previous: Option<&Record>, snapshot: &Snapshot, wanted: &[&str]) -> Changes {
+    let Some(previous) = previous.filter(|p| p.pending || p.commit != snapshot.commit) else {
+        return Changes::default();
     };
     let unchecked =
         |name: &str| (snapshot.files.iter()).any(|f| f.name == name && f.sha256.is_none());
-    (previous.files.iter())
+    let (refetch, remove) = (previous.files.iter())
         .filter(|name| !wanted.contains(&name.as_str()) || unchecked(name))
         .cloned()
-        .collect()
+        .partition(|name| wanted.contains(&name.as_str()));
+    Changes { refetch, remove }
 }
 
-/// Removes from `dest` what a pull of another commit left that `snapshot` replaces or no longer
-/// has (see [`stale`]); returns their names.
-pub fn prune(dest: &Path, snapshot: &Snapshot, wanted: &[&str]) -> Result<Vec<String>, HubError> {
-    let path = dest.join(RECORD);
-    let previous: Option<Record> = std::fs::read(&path)
-        .ok()
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
-    let gone = stale(previous.as_ref(), snapshot, wanted);
-    for name in &gone {
-        // Names from the record, which only a pull wrote; still, nothing outside `dest`.
-        if name.contains('/') || name.starts_with('.') {
-            continue;
-        }
-        let file = dest.join(name);
-        match std::fs::remove_file(&file) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&file)(e)),
-            _ => {}
-        }
-    }
-    Ok(gone)
+/// The record in `dest`, if a pull left one there.
+pub fn read(dest: &Path) -> Option<Record> {
+    let bytes = std::fs::read(dest.join(RECORD)).ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
 
-/// Records that `dest` now holds `files` of `snapshot`'s commit (after a complete pull).
-pub fn finish(dest: &Path, snapshot: &Snapshot, files: &[&str]) -> Result<(), HubError> {
+/// Records that `dest` is about to take `files` of `snapshot`'s commit (`pending`), or has them.
+pub fn write(
+    dest: &Path,
+    snapshot: &Snapshot,
+    files: Vec<String>,
+    pending: bool,
+) -> Result<(), HubError> {
     let record = Record {
         commit: snapshot.commit.clone(),
-        files: files.iter().map(|f| f.to_string()).collect(),
+        files,
+        pending,
     };
     let path = dest.join(RECORD);
     let text = serde_json::to_vec_pretty(&record).unwrap_or_default();
-    std::fs::write(&path, text).map_err(io(&path))
+    std::fs::write(&path, text).map_err(io(&path))?;
+    super::stage::readable(&path)
 }
 
 #[cfg(test)]
@@ -85,7 +90,7 @@ mod tests {
 
     /// Another commit: the files without a checksum are fetched again and the ones gone are
     /// removed; weights whose SHA-256 the download checks stay. The same commit, or no record,
-    /// removes nothing.
+    /// changes nothing; a record left pending counts as another commit's, whatever it names.
     #[test]
     fn another_commit_replaces_unchecked_files_and_removes_the_gone() {
         let before = Record {
@@ -97,19 +102,20 @@ mod tests {
             ]
             .map(String::from)
             .to_vec(),
+            pending: false,
         };
         let after = Snapshot {
             commit: "b".repeat(40),
             files: vec![file("config.json", false), file("model.safetensors", true)],
         };
         let wanted = ["config.json", "model.safetensors"];
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert_eq!(
-            stale(Some(&before), &after, &wanted),
-            [
-                "config.json",
-                "model.safetensors.index.json",
-                "model-1.safetensors"
-            ]
+            changes(Some(&before), &after, &wanted),
+            Changes {
+                refetch: names(&["config.json"]),
+                remove: names(&["model.safetensors.index.json", "model-1.safetensors"]),
+            }
         );
         let kept = Snapshot {
             files: vec![
@@ -119,18 +125,36 @@ mod tests {
             ..after.clone()
         };
         assert_eq!(
-            stale(
+            changes(
                 Some(&before),
                 &kept,
                 &["config.json", "model-1.safetensors"]
             ),
-            ["config.json", "model.safetensors.index.json"]
+            Changes {
+                refetch: names(&["config.json"]),
+                remove: names(&["model.safetensors.index.json"]),
+            }
         );
         let same = Snapshot {
             commit: before.commit.clone(),
             ..after.clone()
         };
-        assert!(stale(Some(&before), &same, &wanted).is_empty());
-        assert!(stale(None, &after, &wanted).is_empty());
+        assert_eq!(changes(Some(&before), &same, &wanted), Changes::default());
+        assert_eq!(changes(None, &after, &wanted), Changes::default());
+        let cut_short = Record {
+            pending: true,
+            ..before.clone()
+        };
+        assert_eq!(
+            changes(Some(&cut_short), &same, &wanted).remove,
+            names(&["model.safetensors.index.json", "model-1.safetensors"])
+        );
+    }
+
+    /// A record written before `pending` existed reads as a complete pull.
+    #[test]
+    fn an_older_record_reads_as_complete() {
+        let old: Record = serde_json::from_str(r#"{"commit":"c","files":["a"]}"#).unwrap();
+        assert!(!old.pending);
     }
 }
