@@ -40,6 +40,9 @@ fn check_key(name: &str) -> String {
 pub struct QuantCache {
     path: PathBuf,
     key: String,
+    /// This load's own in working files' names: a worker's pid is 2 in every sandbox's pid
+    /// namespace, so two loads of one model (a start beside `pio quantize`) wrote one file.
+    suffix: String,
     /// The valid cache file, read by position (so tensors load in parallel).
     found: Option<Found>,
     made: Mutex<Made>,
@@ -94,9 +97,11 @@ impl QuantCache {
     pub fn open(dir: &Path, stem: &str, key: &str, mapped: bool) -> Self {
         let path = dir.join(format!("{stem}.gguf"));
         let found = Self::read(&path, key, mapped);
+        sweep(dir, stem);
         Self {
             path,
             key: key.to_string(),
+            suffix: format!("{}-{:016x}", std::process::id(), rand::random::<u64>()),
             found,
             made: Mutex::new(Made::default()),
         }
@@ -202,8 +207,7 @@ impl QuantCache {
             let file = File::options()
                 .read(true)
                 .write(true)
-                .create(true)
-                .truncate(true)
+                .create_new(true)
                 .open(&data)
                 .map_err(|e| format!("{}: {e}", data.display()))?;
             made.data = Some(BufWriter::new(file));
@@ -228,7 +232,7 @@ impl QuantCache {
     /// A working file beside the cache.
     fn part(&self, what: &str) -> PathBuf {
         self.path
-            .with_extension(format!("gguf.{what}.{}", std::process::id()))
+            .with_extension(format!("gguf.{what}.{}", self.suffix))
     }
 
     /// Once loading is done: writes the cache when this load made one (returns its path), removes
@@ -298,6 +302,37 @@ impl QuantCache {
     }
 }
 
+impl Drop for QuantCache {
+    /// A load that failed, or was given up on, before [`QuantCache::finish`] leaves no working
+    /// file (each as large as the cache; a crashing load retried filled the disk).
+    fn drop(&mut self) {
+        for what in ["data", "tmp"] {
+            let _ = std::fs::remove_file(self.part(what));
+        }
+    }
+}
+
+/// Working files no load has written to for this long were left by one killed midway.
+const ABANDONED: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Removes the working files of `stem` in `dir` that loads killed midway left (a write in
+/// progress touches its file continuously).
+fn sweep(dir: &Path, stem: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let prefixes = [format!("{stem}.gguf.data."), format!("{stem}.gguf.tmp.")];
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let idle = (entry.metadata().ok())
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.elapsed().ok());
+        if prefixes.iter().any(|p| name.starts_with(p.as_str())) && idle > Some(ABANDONED) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// GGUF v3's header for `entries` (data offsets relative to the aligned data section).
 fn write_header(w: &mut impl Write, key: &str, entries: &[Entry]) -> std::io::Result<()> {
     let mut h: Vec<u8> = Vec::new();
@@ -358,6 +393,68 @@ mod tests {
 
     /// A hit is the cache file's own pages (the tiles are packed from them), and the same
     /// blocks the load put there.
+    fn quantized() -> QTensor {
+        let values: Vec<f32> = (0..32 * 64).map(|i| (i % 13) as f32 * 0.1).collect();
+        let w = Tensor::from_vec(values, (32, 64), &Device::Cpu).unwrap();
+        QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Two loads of one model at once (same pid, as in two sandboxes) write files of their own,
+    /// and the cache either leaves is whole; a load dropped before it finished leaves nothing.
+    #[test]
+    fn concurrent_and_abandoned_loads_keep_their_working_files_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = quantized();
+        let (a, b) = (
+            QuantCache::open(dir.path(), "m", "key", false),
+            QuantCache::open(dir.path(), "m", "key", false),
+        );
+        a.put("w", &q);
+        b.put("w", &q);
+        assert_eq!(names(dir.path()).len(), 2, "{:?}", names(dir.path()));
+        a.finish().unwrap().expect("written");
+        b.finish().unwrap().expect("written");
+        assert_eq!(names(dir.path()), ["m.gguf"]);
+        let hit = QuantCache::open(dir.path(), "m", "key", false);
+        assert_eq!(
+            hit.get("w", GgmlDType::Q8_0, &[32, 64]).unwrap(),
+            q.data().unwrap().to_vec()
+        );
+        let given_up = QuantCache::open(dir.path(), "n", "key", false);
+        given_up.put("w", &q);
+        drop(given_up);
+        assert_eq!(names(dir.path()), ["m.gguf"]);
+    }
+
+    /// Working files a killed load left are removed by the next open once idle an hour; a
+    /// recent one (a load still writing) is kept.
+    #[test]
+    fn a_killed_loads_working_files_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("m.gguf.data.2");
+        let recent = dir.path().join("m.gguf.tmp.2-1");
+        std::fs::write(&old, b"left").unwrap();
+        std::fs::write(&recent, b"writing").unwrap();
+        let then = std::time::SystemTime::now() - ABANDONED * 2;
+        File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(then)
+            .unwrap();
+        let _cache = QuantCache::open(dir.path(), "m", "key", false);
+        assert_eq!(names(dir.path()), ["m.gguf.tmp.2-1"]);
+    }
+
     #[test]
     fn a_hit_is_the_mapped_files_blocks() {
         let dir = tempfile::tempdir().unwrap();

@@ -57,6 +57,9 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<u8> {
             );
         }
     }
+    // This model's among the folder's (it may be shared): named by the engine as
+    // `{checkpoint}-{quantization}-{hash of its path}.pio-cache.gguf`.
+    let prefix = cache_prefix(&config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -70,7 +73,10 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<u8> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .with_context(|| format!("cannot list {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+        .filter(|p| {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+            name.is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".pio-cache.gguf"))
+        })
         .collect();
     files.sort();
     if files.is_empty() {
@@ -83,4 +89,21 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<u8> {
         println!("{}", file.display());
     }
     Ok(0)
+}
+
+/// How the names of `config`'s cache files begin: its checkpoint's name (the folder's, or a
+/// GGUF file's stem), then its quantization.
+fn cache_prefix(config: &pio_plugin_api::wire::ModelConfig) -> String {
+    let path = (config.model_path.as_deref())
+        .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()));
+    let name = match &path {
+        Some(p) if p.extension().is_some_and(|x| x == "gguf") => p.file_stem(),
+        Some(p) => p.file_name(),
+        None => None,
+    };
+    let name = name.map_or("model".into(), |n| n.to_string_lossy().into_owned());
+    format!(
+        "{name}-{}-",
+        config.quantization.as_deref().unwrap_or_default()
+    )
 }

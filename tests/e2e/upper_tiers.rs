@@ -353,6 +353,18 @@ fn a_confined_worker_keeps_its_quantization_cache_between_starts() {
             second.stdout, third.stdout,
             "{tier}: the same answer from the cache"
         );
+        if tier == "high" {
+            // A folder shared with other models: `pio quantize` names this one's file alone.
+            let other = cache.join("other-q4-00000000.pio-cache.gguf");
+            std::fs::write(&other, b"another model's").unwrap();
+            let again = pio(
+                dir.path(),
+                &["quantize", "qwen3-coder-30b", "--plugins", "."],
+            );
+            let listed = String::from_utf8_lossy(&again.stdout);
+            assert_eq!(listed.trim(), files[0].display().to_string());
+            std::fs::remove_file(other).unwrap();
+        }
     }
 }
 
