@@ -556,3 +556,27 @@ fn a_refused_body_that_stops_coming_frees_its_connection() {
         started.elapsed()
     );
 }
+
+/// A request whose body the server takes (a raised `max_body_size`) but that is too large for
+/// the frame it crosses to the worker in is the client's to shrink, a 400 saying so, not the
+/// protocol's 500; the worker serves on.
+#[test]
+fn a_request_too_large_for_the_worker_is_a_400() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(echo_dir(""), "[server]\nmax_body_size = \"64MiB\"\n");
+    let prompt = "a".repeat(17 << 20);
+    let (status, body) = d.post(
+        "/v1/completions",
+        &json!({"model": "echo", "prompt": prompt, "max_tokens": 1}),
+    );
+    assert_eq!(status, 400, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("shorter prompt"), "{body}");
+    let (status, body) = d.post(
+        "/v1/completions",
+        &json!({"model": "echo", "prompt": "still here", "max_tokens": 2}),
+    );
+    assert_eq!(status, 200, "{body}");
+}

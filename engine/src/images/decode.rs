@@ -85,6 +85,14 @@ fn jpeg(bytes: &[u8]) -> Result<DynamicImage, ImageError> {
             "the JPEG data ends before its end-of-image marker".into(),
         ));
     }
+    // Each scan of a progressive JPEG walks the whole image's coefficients, and nothing stops
+    // libjpeg midway: a small file of thousands of scans is minutes of CPU (TurboJPEG's limit).
+    let scans = jpeg_scans(bytes);
+    if scans > MAX_SCANS {
+        return Err(ImageError::Corrupt(format!(
+            "the JPEG has {scans} scans, more than the {MAX_SCANS} accepted (a photo has a few dozen at most); re-encode it"
+        )));
+    }
     let run = || -> std::io::Result<DynamicImage> {
         let d = Decompress::new_mem(bytes)?;
         let size = |w: usize, h: usize| (w as u32, h as u32);
@@ -136,6 +144,48 @@ fn jpeg_complete(bytes: &[u8]) -> bool {
         return false;
     };
     bytes[scan..].windows(2).any(marker(0xD9))
+}
+
+/// The most scans a JPEG may have (TurboJPEG's recommended limit).
+const MAX_SCANS: usize = 500;
+
+/// How many scans (start-of-scan markers) a JPEG has, walking its segments: marker segments'
+/// bytes (an EXIF thumbnail's, a comment's) and entropy-coded data are skipped, so neither
+/// counts; a file cut short counts what it holds.
+fn jpeg_scans(bytes: &[u8]) -> usize {
+    let (mut at, mut scans) = (2, 0);
+    while at + 1 < bytes.len() {
+        let marker = bytes[at + 1];
+        // Fill bytes, or (after a malformed segment) anything but a marker: step on.
+        if bytes[at] != 0xFF || marker == 0xFF {
+            at += 1;
+            continue;
+        }
+        match marker {
+            0xD9 => break,
+            // Markers without a length: SOI, TEM, the restarts.
+            0xD8 | 0x01 | 0xD0..=0xD7 => at += 2,
+            _ => {
+                let Some(len) = bytes.get(at + 2..at + 4) else {
+                    break;
+                };
+                at += 2 + usize::from(u16::from_be_bytes([len[0], len[1]]));
+                if marker == 0xDA {
+                    scans += 1;
+                    // The entropy-coded data, up to the next marker that is not a stuffed
+                    // 0xFF (followed by 0) or a restart.
+                    while at + 1 < bytes.len()
+                        && !(bytes[at] == 0xFF
+                            && bytes[at + 1] != 0
+                            && !(0xD0..=0xD7).contains(&bytes[at + 1]))
+                    {
+                        at += 1;
+                    }
+                }
+            }
+        }
+    }
+    scans
 }
 
 /// PIL reads every CMYK JPEG as Adobe's inverted CMYK (`CMYK;I`), then converts to RGB with
@@ -351,6 +401,39 @@ mod tests {
         // unwinds out of the C decoder into an error.
         let e = jpeg(&[0xFF, 0xD8, 0xFF, 0xDA, 0, 2, 0xFF, 0xD9]).unwrap_err();
         assert!(e.to_string().contains("libjpeg"), "{e}");
+    }
+
+    /// Scans are counted by the file's structure: a comment full of start-of-scan byte pairs
+    /// does not count, a file of thousands of scans is refused before libjpeg runs.
+    #[test]
+    fn a_jpeg_of_thousands_of_scans_is_refused() {
+        let photo = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/images/photo.jpg"
+        ))
+        .unwrap();
+        let scans = jpeg_scans(&photo);
+        assert!((1..=20).contains(&scans), "{scans}");
+        // A comment segment right after SOI, holding 0xFF 0xDA pairs.
+        let mut commented = photo[..2].to_vec();
+        let text: Vec<u8> = [0xFF, 0xDA].repeat(1000);
+        commented.extend([0xFF, 0xFE]);
+        commented.extend(((text.len() + 2) as u16).to_be_bytes());
+        commented.extend(&text);
+        commented.extend(&photo[2..]);
+        assert_eq!(jpeg_scans(&commented), scans);
+        assert!(decode(&commented, &DecodeLimits::default()).is_ok());
+        // The last scan repeated until there are more than the limit.
+        let last = photo.windows(2).rposition(|w| w == [0xFF, 0xDA]).unwrap();
+        let end = photo.len() - 2;
+        let mut many = photo[..end].to_vec();
+        for _ in 0..MAX_SCANS {
+            many.extend(&photo[last..end]);
+        }
+        many.extend([0xFF, 0xD9]);
+        assert_eq!(jpeg_scans(&many), scans + MAX_SCANS);
+        let e = decode(&many, &DecodeLimits::default()).unwrap_err();
+        assert!(e.to_string().contains("scans"), "{e}");
     }
 
     #[test]

@@ -12,14 +12,19 @@ use crate::EngineError;
 /// shrinks anything, so without a total a small body of well-compressed images takes gigabytes.
 const REQUEST_PIXELS: u64 = 2 * 8192 * 8192;
 
+/// The most images one request may carry. The pixel budget alone does not bound the vision
+/// tower's work: the processor enlarges a small image to its minimum size (64 tokens and more),
+/// so thousands of 1-pixel images in a few hundred kilobytes were thousands of tower runs.
+const REQUEST_IMAGES: usize = 256;
+
 /// The images of a chat's messages, decoded, in the order the chat template meets them (every
 /// `image_url` or `image` part); an image that cannot be used names its message and part.
 pub(super) fn message_images(prompt: &Prompt) -> Result<MessageImages, PluginError> {
-    within(prompt, REQUEST_PIXELS)
+    within(prompt, REQUEST_PIXELS, REQUEST_IMAGES)
 }
 
-/// [`message_images`] with at most `total` pixels in all.
-fn within(prompt: &Prompt, total: u64) -> Result<MessageImages, PluginError> {
+/// [`message_images`] with at most `total` pixels in all, in at most `most` images.
+fn within(prompt: &Prompt, total: u64, most: usize) -> Result<MessageImages, PluginError> {
     let mut images = MessageImages::default();
     let mut left = total;
     let Prompt::Messages(messages) = prompt else {
@@ -42,6 +47,11 @@ fn within(prompt: &Prompt, total: u64) -> Result<MessageImages, PluginError> {
             let url = url.ok_or_else(|| {
                 PluginError::invalid_input(format!("{at}: an image part without its URL"))
             })?;
+            if images.images.len() == most {
+                return Err(PluginError::invalid_input(format!(
+                    "{at}: a request may carry at most {most} images; send fewer"
+                )));
+            }
             // Each image is held decoded until the prompt is ready: the headers' sizes are
             // checked against what the request has left before any pixel is decoded.
             let one = DecodeLimits::default().max_pixels;
@@ -113,15 +123,23 @@ mod tests {
             serde_json::json!({"role": "user", "content": [part(8), part(8)]}),
             serde_json::json!({"role": "user", "content": [{"type": "text", "text": "hi"}, part(8)]}),
         ]);
-        assert_eq!(within(&prompt, 192).map(|i| i.images.len()).ok(), Some(3));
-        let e = within(&prompt, 191).unwrap_err().to_string();
+        assert_eq!(
+            within(&prompt, 192, 8).map(|i| i.images.len()).ok(),
+            Some(3)
+        );
+        let e = within(&prompt, 191, 8).unwrap_err().to_string();
         assert!(
             e.contains("messages[1].content[1]")
                 && e.contains("191 pixels")
                 && e.contains("fewer or smaller"),
             "{e}"
         );
-        let e = within(&prompt, 100).unwrap_err().to_string();
+        let e = within(&prompt, 100, 8).unwrap_err().to_string();
         assert!(e.contains("messages[0].content[1]"), "{e}");
+        let e = within(&prompt, 192, 2).unwrap_err().to_string();
+        assert!(
+            e.contains("messages[1].content[1]") && e.contains("at most 2 images"),
+            "{e}"
+        );
     }
 }

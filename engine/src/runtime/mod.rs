@@ -695,6 +695,8 @@ impl<M: LoadModel> ModelRuntime<M> {
             .model
             .prepare_until(prompt, &images.images, &cancelled)
             .map_err(|e| images.error(e))?;
+        // Encoded: the pixels (up to ~400 MB) are not held through the generation.
+        drop(images);
         let prompt_tokens = prompt.len() as u32;
         // Scores come with the ids they score (a client that sent text has no ids).
         let scored_ids = request.prompt_logprobs.map(|_| prompt.clone());

@@ -25,6 +25,9 @@ pub fn check(
         ));
     }
     let mut out = Vec::with_capacity(messages.len());
+    // The request crosses to the worker as one frame: images past it could not be sent, and
+    // files inlined without a total made a small body gigabytes in the daemon.
+    let mut room = crate::protocol::MAX_FRAME;
     for (i, mut m) in messages.into_iter().enumerate() {
         let at = format!("messages[{i}]");
         let role = m
@@ -49,7 +52,8 @@ pub fn check(
             Some(Value::String(_)) => {}
             Some(Value::Array(parts)) => {
                 for (j, part) in parts.iter_mut().enumerate() {
-                    check_part(part, &format!("{at}.content[{j}]"), vision, image_root)?;
+                    let at = format!("{at}.content[{j}]");
+                    check_part(part, &at, vision, image_root, &mut room)?;
                 }
             }
             _ => {
@@ -116,6 +120,7 @@ fn check_part(
     at: &str,
     vision: bool,
     image_root: Option<&Path>,
+    room: &mut usize,
 ) -> Result<(), ApiError> {
     // The SDK's other text parts: an assistant's refusal, the Responses API's input and output
     // text (vLLM reads each as text).
@@ -134,7 +139,12 @@ fn check_part(
         *part = serde_json::json!({"type": "text", "text": text});
     }
     match part.get("type").and_then(Value::as_str) {
-        Some("text") if part.get("text").is_some_and(Value::is_string) => Ok(()),
+        Some("text") if part.get("text").is_some_and(Value::is_string) => {
+            // Only what a text part is: the templates take a part holding an `image_url` key
+            // for an image, which the worker, going by `type`, would not count.
+            *part = serde_json::json!({"type": "text", "text": part["text"].take()});
+            Ok(())
+        }
         Some("text") => Err(ApiError::bad_field(
             format!("{at}.text"),
             format!("`{at}.text` must be a string"),
@@ -157,7 +167,9 @@ fn check_part(
                     format!("`{at}.image_url.url` is required: a data: URL (or a file under server.image_root)"),
                 ));
             };
-            let data = image_data_url(&url, &format!("{at}.image_url.url"), image_root)?;
+            let at = format!("{at}.image_url.url");
+            let data = image_data_url(&url, &at, image_root, *room)?;
+            *room = room.checked_sub(data.len()).ok_or_else(|| too_many_images(&at))?;
             part["image_url"] = serde_json::json!({"url": data});
             Ok(())
         }
@@ -171,8 +183,25 @@ fn check_part(
     }
 }
 
-/// A `data:` URL for the image at `url`, which is one already or names a file under the root.
-fn image_data_url(url: &str, at: &str, image_root: Option<&Path>) -> Result<String, ApiError> {
+/// The refusal of the image at `at`, past what one request may carry.
+fn too_many_images(at: &str) -> ApiError {
+    ApiError::bad_field(
+        at,
+        format!(
+            "`{at}`: the request's images come to more than {} MiB as data URLs, the most one request carries to the model; send fewer or smaller images",
+            crate::protocol::MAX_FRAME >> 20
+        ),
+    )
+}
+
+/// A `data:` URL for the image at `url`, which is one already or names a file under the root
+/// (read only if its data URL fits in `room` bytes).
+fn image_data_url(
+    url: &str,
+    at: &str,
+    image_root: Option<&Path>,
+    room: usize,
+) -> Result<String, ApiError> {
     if let Some(rest) = url.strip_prefix("data:") {
         // MIME-style base64 (Python's `encodebytes`) breaks lines; decoders after this one
         // take the plain form.
@@ -224,9 +253,18 @@ fn image_data_url(url: &str, at: &str, image_root: Option<&Path>) -> Result<Stri
             ))
         }
     };
-    let bytes = std::fs::read(&file).map_err(|e| {
+    let cannot = |e: &dyn std::fmt::Display| {
         ApiError::bad_field(at, format!("`{at}`: cannot read {}: {e}", file.display()))
-    })?;
+    };
+    // A FIFO or device would block (or never end); a file too large is refused unread.
+    let meta = std::fs::metadata(&file).map_err(|e| cannot(&e))?;
+    if !meta.is_file() {
+        return Err(cannot(&"not a regular file"));
+    }
+    if (meta.len() as usize).div_ceil(3) * 4 > room {
+        return Err(too_many_images(at));
+    }
+    let bytes = std::fs::read(&file).map_err(|e| cannot(&e))?;
     let mime = image_mime(&file, at)?;
     Ok(format!(
         "data:{mime};base64,{}",
@@ -390,6 +428,44 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages[0].content[0].refusal"));
+    }
+
+    /// One file named many times is read only while the request's data URLs fit the frame
+    /// that carries them to the worker; a FIFO under the root is refused unread; a text part
+    /// keeps only its text (a stray `image_url` key made the template place an image).
+    #[test]
+    fn inlined_images_are_held_to_one_frame() {
+        let root = tempfile::tempdir().unwrap();
+        let canonical = std::fs::canonicalize(root.path()).unwrap();
+        let big = canonical.join("big.png");
+        std::fs::write(&big, vec![0u8; 5 << 20]).unwrap();
+        let url = format!("file://{}", big.display());
+        let part = json!({"type": "image_url", "image_url": {"url": url}});
+        let parts = |n| vec![json!({"role": "user", "content": vec![part.clone(); n]})];
+        assert!(check(parts(2), true, Some(&canonical)).is_ok());
+        let e = check(parts(3), true, Some(&canonical)).unwrap_err();
+        assert_eq!(
+            e.param.as_deref(),
+            Some("messages[0].content[2].image_url.url")
+        );
+        assert!(
+            e.message.contains("fewer or smaller images"),
+            "{}",
+            e.message
+        );
+        let fifo = canonical.join("pipe.png");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        let url = format!("file://{}", fifo.display());
+        let piped = vec![
+            json!({"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}),
+        ];
+        let e = check(piped, true, Some(&canonical)).unwrap_err();
+        assert!(e.message.contains("not a regular file"), "{}", e.message);
+        let stray = vec![
+            json!({"role": "user", "content": [{"type": "text", "text": "hi", "image_url": {"url": "x"}}]}),
+        ];
+        let out = check(stray, true, None).unwrap();
+        assert_eq!(out[0]["content"][0], json!({"type": "text", "text": "hi"}));
     }
 
     #[test]

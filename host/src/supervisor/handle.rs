@@ -19,7 +19,7 @@ use super::spawn::{
 use super::traffic::{self, Command, Traffic};
 use crate::fault::Fault;
 use crate::probe::LibraryReport;
-use crate::protocol::{encode, ToWorker, TokenFrame, WireError};
+use crate::protocol::{encode, FrameError, ToWorker, TokenFrame, WireError, MAX_FRAME};
 use crate::sandbox::cgroup::{Cgroup, Stats};
 use crate::sandbox::Plan;
 
@@ -132,11 +132,15 @@ impl Worker {
     }
 
     fn send(&self, message: &ToWorker) -> Result<(), WorkerError> {
+        let frame =
+            encode(message).map_err(|e| WorkerError::new(Fault::Protocol, e.to_string()))?;
+        self.send_frame(frame)
+    }
+
+    fn send_frame(&self, frame: Vec<u8>) -> Result<(), WorkerError> {
         if let Some(why) = self.exit.borrow().clone() {
             return Err(WorkerError::new(Fault::WorkerDied, why));
         }
-        let frame =
-            encode(message).map_err(|e| WorkerError::new(Fault::Protocol, e.to_string()))?;
         self.outbox.send(frame).map_err(|_| {
             WorkerError::new(
                 Fault::WorkerDied,
@@ -175,7 +179,16 @@ impl Worker {
             request,
             window: Some(WINDOW),
         };
-        if let Err(e) = self.send(&infer) {
+        // Too large for a frame is the request's size, the client's to change (not the
+        // protocol's failure, a 500).
+        let frame = encode(&infer).map_err(|e| match e {
+            FrameError::TooLarge(n) => WorkerError::new(
+                Fault::InvalidInput,
+                format!("the request comes to {n} bytes as sent to the model, more than the {MAX_FRAME} one request may be: send fewer or smaller images, or a shorter prompt"),
+            ),
+            e => WorkerError::new(Fault::Protocol, e.to_string()),
+        });
+        if let Err(e) = frame.and_then(|frame| self.send_frame(frame)) {
             self.traffic.ask(Command::Forget(id));
             return Err(e);
         }
