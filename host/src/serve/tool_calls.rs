@@ -128,7 +128,7 @@ fn extract_calls(format: Format, text: &str, tools: &[Value]) -> Extracted {
             // `</tool_call>`, say) is still a call, as vLLM's parsers read it. Otherwise the
             // model stopped mid-call: alone, the text is the answer; after whole calls it is a
             // call cut off, whose markup is no answer (vLLM drops it too).
-            if let Some(c) = parse_body(format, after, tools) {
+            if let Some(c) = parse_cut(format, after, tools) {
                 out.calls.push(c);
             } else if out.calls.is_empty() {
                 out.content.push_str(&rest[start..]);
@@ -152,13 +152,28 @@ fn extract_calls(format: Format, text: &str, tools: &[Value]) -> Extracted {
     out
 }
 
+/// A call whose closing tag never came: one only if it reads whole. GLM's bare name cannot
+/// tell a tool without arguments from a name cut off midway (`get_wea` at `max_tokens`), so it
+/// must name an offered tool.
+fn parse_cut(format: Format, body: &str, tools: &[Value]) -> Option<Call> {
+    if matches!(format, Format::Glm47) {
+        let body = body.trim();
+        let named = !body.contains('<') && parameters_of(tools, body).is_some();
+        if !named && !body.ends_with("</arg_value>") {
+            return None;
+        }
+    }
+    parse_body(format, body, tools)
+}
+
 fn parse_body(format: Format, body: &str, tools: &[Value]) -> Option<Call> {
     match format {
         Format::Hermes => {
             let v: Value = serde_json::from_str(body.trim()).ok()?;
             let name = v.get("name")?.as_str()?;
             let arguments = match v.get("arguments") {
-                Some(Value::String(s)) => serde_json::from_str(s).ok()?,
+                // An object, as the next turn's check holds the call's arguments to.
+                Some(Value::String(s)) => serde_json::from_str(s).ok().filter(Value::is_object)?,
                 Some(a @ Value::Object(_)) => a.clone(),
                 None => json!({}),
                 Some(_) => return None,
@@ -170,47 +185,61 @@ fn parse_body(format: Format, body: &str, tools: &[Value]) -> Option<Call> {
             let inner = body
                 .strip_prefix("<function=")?
                 .strip_suffix("</function>")?;
-            let (name, mut params) = inner.split_once('>')?;
+            let (name, params) = inner.split_once('>')?;
             let schema = parameters_of(tools, name.trim());
-            let mut arguments = Map::new();
-            while let Some(open) = params.find("<parameter=") {
-                // Anything else between parameters (a second `<function=`) is not one call:
-                // the text stays text rather than two calls merged into one.
-                if !params[..open].trim().is_empty() {
-                    return None;
-                }
-                let after = &params[open + "<parameter=".len()..];
-                let (key, value_and_rest) = after.split_once('>')?;
-                // A value whose `</parameter>` the model left out ends where the next
-                // parameter begins, as vLLM's parser reads it.
-                let close = value_and_rest.find("</parameter>");
-                let next = value_and_rest.find("<parameter=");
-                // The last one's ends with the function.
-                let (end, rest) = match (close, next) {
-                    (Some(c), Some(n)) if n < c => (n, n),
-                    (Some(c), _) => (c, c + "</parameter>".len()),
-                    (None, Some(n)) => (n, n),
-                    (None, None) => (value_and_rest.len(), value_and_rest.len()),
-                };
-                if value_and_rest[..end].contains("</function>") {
-                    // A second function inside one call: not one call.
-                    return None;
-                }
-                let raw = value_and_rest[..end]
-                    .strip_prefix('\n')
-                    .unwrap_or(&value_and_rest[..end]);
-                let raw = raw.strip_suffix('\n').unwrap_or(raw);
-                let bare = schema.is_none_or(|s| s.bare_string(key.trim()));
-                arguments.insert(key.trim().to_string(), typed(raw, bare));
-                params = &value_and_rest[rest..];
-            }
-            if !params.trim().is_empty() {
-                return None;
-            }
+            let values = coder_params(params, true).or_else(|| coder_params(params, false))?;
+            let arguments = (values.into_iter())
+                .map(|(key, raw)| {
+                    let bare = schema.is_none_or(|s| s.bare_string(key));
+                    (key.to_string(), typed(raw, bare))
+                })
+                .collect();
             Some(call(name.trim(), &Value::Object(arguments)))
         }
         Format::Glm47 => glm_call(body, tools),
     }
+}
+
+/// Qwen3-Coder's `<parameter=K>\nV\n</parameter>…` as (key, value) pairs. `strict`: every
+/// value ends at its own `</parameter>` (what the model is trained, and a forced call's grammar
+/// made, to write), so a value may hold `<parameter=` or `</function>` as text (code often
+/// does); one holding `<parameter=` at a line's start is read as a close left out instead. Not
+/// strict: a value whose close the model left out ends where the next parameter begins, as
+/// vLLM's parser reads it.
+fn coder_params(mut params: &str, strict: bool) -> Option<Vec<(&str, &str)>> {
+    const OPEN: &str = "<parameter=";
+    const CLOSE: &str = "</parameter>";
+    let mut values = Vec::new();
+    while let Some(open) = params.find(OPEN) {
+        // Anything else between parameters (a second `<function=`) is not one call: the text
+        // stays text rather than two calls merged into one.
+        if !params[..open].trim().is_empty() {
+            return None;
+        }
+        let (key, value_and_rest) = params[open + OPEN.len()..].split_once('>')?;
+        let close = value_and_rest.find(CLOSE);
+        let next = value_and_rest.find(OPEN);
+        let (end, rest) = match (close, next) {
+            (Some(c), _) if strict => (c, c + CLOSE.len()),
+            (None, _) if strict => return None,
+            (Some(c), Some(n)) if n < c => (n, n),
+            (Some(c), _) => (c, c + CLOSE.len()),
+            (None, Some(n)) => (n, n),
+            // The last one's ends with the function.
+            (None, None) => (value_and_rest.len(), value_and_rest.len()),
+        };
+        let value = &value_and_rest[..end];
+        // Strict, a parameter opening on a line of its own is one whose close was left out;
+        // otherwise a second function inside one call is not one call.
+        if (strict && value.contains("\n<parameter=")) || (!strict && value.contains("</function>"))
+        {
+            return None;
+        }
+        let raw = value.strip_prefix('\n').unwrap_or(value);
+        values.push((key.trim(), raw.strip_suffix('\n').unwrap_or(raw)));
+        params = &value_and_rest[rest..];
+    }
+    params.trim().is_empty().then_some(values)
 }
 
 /// `NAME<arg_key>K</arg_key><arg_value>V</arg_value>…`, whitespace allowed between the parts.
@@ -425,6 +454,45 @@ mod tests {
         let cut = "<tool_call>\n{\"name\": \"f\", \"argu";
         let e = extract(Format::Hermes, cut, &[]);
         assert_eq!((e.content.as_str(), e.calls.len()), (cut, 0));
+    }
+
+    /// GLM's bare name cut off by `max_tokens` is no call (a made-up function's); a cut-off
+    /// call naming an offered tool, or whose arguments ended, is.
+    #[test]
+    fn a_glm_name_cut_midway_is_no_call() {
+        let tools =
+            [json!({"type": "function", "function": {"name": "get_time", "parameters": {}}})];
+        let cut = "Sure.<tool_call>get_wea";
+        let e = extract(Format::Glm47, cut, &tools);
+        assert_eq!((e.content.as_str(), e.calls.len()), (cut, 0));
+        let e = extract(Format::Glm47, "Sure.<tool_call>get_time", &tools);
+        assert_eq!((e.calls.len(), e.calls[0].name.as_str()), (1, "get_time"));
+    }
+
+    /// Qwen3-Coder values are read up to their own close: code holding `<parameter=` or
+    /// `</function>` stays in its value; a close left out is still read as vLLM reads it.
+    #[test]
+    fn qwen3_coder_values_may_hold_the_markup() {
+        let call = |params: &str| {
+            let text = format!("<tool_call>\n<function=run>\n{params}</function>\n</tool_call>");
+            let e = extract(Format::Qwen3Coder, &text, &[]);
+            assert_eq!(e.calls.len(), 1, "{params}: {:?}", e.content);
+            serde_json::from_str::<Value>(&e.calls[0].arguments).unwrap()
+        };
+        let code = "x = \"<parameter=y>\"\nend = \"</function>\"";
+        let args = call(&format!("<parameter=code>\n{code}\n</parameter>\n"));
+        assert_eq!(args, json!({"code": code}));
+        let args = call("<parameter=a>\n1\n<parameter=b>\n2\n</parameter>\n");
+        assert_eq!(args, json!({"a": "1", "b": "2"}));
+    }
+
+    /// Hermes arguments that are JSON but not an object are no call: the next turn would be
+    /// refused for carrying them.
+    #[test]
+    fn hermes_arguments_must_be_an_object() {
+        let text = "<tool_call>\n{\"name\": \"f\", \"arguments\": \"[1]\"}\n</tool_call>";
+        let e = extract(Format::Hermes, text, &[]);
+        assert_eq!(e.calls.len(), 0);
     }
 
     #[test]
