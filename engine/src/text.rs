@@ -166,6 +166,10 @@ fn byte_fallback(piece: &str) -> Option<u8> {
     (hex.len() == 2).then(|| u8::from_str_radix(hex, 16).ok())?
 }
 
+/// The most tokens held for a character to complete before they are released as they decode
+/// (a margin over UTF-8's 4 bytes, for tokens of no bytes between).
+const HELD_TOKENS: usize = 8;
+
 /// Turns a stream of token ids into a stream of text pieces that are always valid UTF-8.
 #[derive(Debug, Default, Clone)]
 pub struct StreamDecoder {
@@ -187,8 +191,12 @@ impl StreamDecoder {
         self.ids.push(id);
         let before = codec.decode(&self.ids[self.prefix..self.read]);
         let now = codec.decode(&self.ids[self.prefix..]);
+        // A character is at most 4 bytes, each token at least one: more tokens held than that
+        // can never complete one (bytes that are no UTF-8, a replacement character the model
+        // wrote), and holding them on re-decoded a growing window at every step.
+        let hopeless = self.ids.len() - self.read > HELD_TOKENS;
         if now.len() > before.len()
-            && !now.ends_with('\u{FFFD}')
+            && (hopeless || !now.ends_with('\u{FFFD}'))
             && now.is_char_boundary(before.len())
         {
             let piece = now[before.len()..].to_string();
@@ -230,6 +238,26 @@ mod tests {
         assert_eq!(byte_level_bytes("中"), None);
         assert_eq!(byte_fallback("<0xE4>"), Some(0xE4));
         assert_eq!(byte_fallback("<0xE4"), None);
+    }
+
+    /// Tokens that never make UTF-8 (a lone continuation byte, over and over) are released
+    /// lossily once more are held than any character needs, not held to the end.
+    #[test]
+    fn bytes_that_never_complete_a_character_are_released() {
+        let codec = fixture_codec();
+        let lone = (0..codec.id_bound())
+            .find(|&id| codec.token_bytes(id) == [0x80])
+            .expect("a token of the byte 0x80");
+        let mut decoder = StreamDecoder::new();
+        let out: String = (0..100).map(|_| decoder.push(&codec, lone)).collect();
+        assert!(out.chars().count() > 80, "{out:?}");
+        assert!(out.chars().all(|c| c == '\u{FFFD}'), "{out:?}");
+        // A character split across tokens is still held until it completes.
+        let ids = codec.encode("中文🙂").unwrap();
+        let mut decoder = StreamDecoder::new();
+        let pieces: Vec<String> = ids.iter().map(|&id| decoder.push(&codec, id)).collect();
+        assert_eq!(pieces.concat(), "中文🙂");
+        assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')), "{pieces:?}");
     }
 
     #[test]
