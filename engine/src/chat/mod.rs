@@ -357,11 +357,17 @@ struct JsonStyle {
     sort_keys: bool,
 }
 
+/// Positional arguments are Python's order (`ensure_ascii`, then `indent`), not Jinja's own
+/// filter's (`indent` first): `x|tojson(4)` asks transformers for ASCII, not an indent.
 fn tojson(
     value: Value,
+    ensure_ascii: Option<Value>,
     indent: Option<Value>,
     kwargs: Kwargs,
 ) -> std::result::Result<Value, Error> {
+    let ascii = kwargs
+        .get::<Option<Value>>("ensure_ascii")?
+        .or(ensure_ascii);
     let indent = match kwargs.get::<Option<Value>>("indent")?.or(indent) {
         Some(v) if v.is_none() => None,
         Some(v) => Some(usize::try_from(v)?),
@@ -382,7 +388,7 @@ fn tojson(
         indent,
         item_sep,
         key_sep,
-        ensure_ascii: kwargs.get::<Option<bool>>("ensure_ascii")?.unwrap_or(false),
+        ensure_ascii: ascii.is_some_and(|v| v.is_true()),
         sort_keys: kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false),
     };
     kwargs.assert_all_used()?;
@@ -472,11 +478,18 @@ fn raise_exception(message: String) -> std::result::Result<Value, Error> {
     Err(Error::new(ErrorKind::InvalidOperation, message))
 }
 
-/// `strftime_now(format)`: the current UTC time; supports the directives chat templates use.
+/// `strftime_now(format)`: the current time in UTC (transformers takes the host's local time;
+/// a worker's confined view may have no time zone, and UTC reads the same at every tier).
 fn strftime_now(format: String) -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs()) as i64;
+    strftime(&format, secs)
+}
+
+/// `format` with Python's `strftime` directives (C locale) filled in for `secs` since the epoch,
+/// UTC; one it does not know is written as it stands.
+fn strftime(format: &str, secs: i64) -> String {
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     // Civil-from-days (Howard Hinnant's algorithm).
     let z = days + 719_468;
@@ -502,7 +515,25 @@ fn strftime_now(format: String) -> String {
         "November",
         "December",
     ];
+    const DAYS: [&str; 7] = [
+        "Sunday",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+    ];
     let name = MONTHS[(month - 1) as usize];
+    // 1970-01-01 was a Thursday.
+    let weekday = DAYS[(days + 4).rem_euclid(7) as usize];
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    const BEFORE: [i64; 12] = [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334];
+    let yday = BEFORE[(month - 1) as usize] + day + i64::from(leap && month > 2);
+    let hour12 = match rem / 3600 % 12 {
+        0 => 12,
+        h => h,
+    };
     let mut out = String::new();
     let mut chars = format.chars();
     while let Some(c) = chars.next() {
@@ -515,7 +546,14 @@ fn strftime_now(format: String) -> String {
             Some('m') => out.push_str(&format!("{month:02}")),
             Some('d') => out.push_str(&format!("{day:02}")),
             Some('B') => out.push_str(name),
-            Some('b') => out.push_str(&name[..3]),
+            Some('b' | 'h') => out.push_str(&name[..3]),
+            Some('A') => out.push_str(weekday),
+            Some('a') => out.push_str(&weekday[..3]),
+            Some('y') => out.push_str(&format!("{:02}", year.rem_euclid(100))),
+            Some('e') => out.push_str(&format!("{day:2}")),
+            Some('j') => out.push_str(&format!("{yday:03}")),
+            Some('I') => out.push_str(&format!("{hour12:02}")),
+            Some('p') => out.push_str(if rem < 43_200 { "AM" } else { "PM" }),
             Some('H') => out.push_str(&format!("{:02}", rem / 3600)),
             Some('M') => out.push_str(&format!("{:02}", rem % 3600 / 60)),
             Some('S') => out.push_str(&format!("{:02}", rem % 60)),

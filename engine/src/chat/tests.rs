@@ -24,6 +24,12 @@ fn tojson_spaces_like_python_and_keeps_unicode_and_order() {
         ascii,
         r#"{"arguments": {"city": "Z\u00fcrich", "n": [1, 2.5]}, "name": "f"}"#
     );
+    // Python's positional order, as transformers' filter takes them: ensure_ascii, indent.
+    assert_eq!(
+        render("{{ messages[0] | tojson(True) }}", m),
+        m.replace('ü', "\\u00fc")
+    );
+    assert_eq!(render("{{ messages[0] | tojson(False, 2) }}", m), indented);
     let compact = render("{{ messages[0] | tojson(separators=(',', ':')) }}", m);
     assert_eq!(
         compact,
@@ -192,4 +198,21 @@ fn a_template_file_wins_over_the_config_entry_and_is_named_in_errors() {
         e.contains("chat_template.jinja") && !e.contains("tokenizer_config"),
         "{e}"
     );
+}
+
+/// Python's strftime directives, as transformers' `strftime_now` fills them (C locale).
+#[test]
+fn strftime_fills_pythons_directives() {
+    // 2024-02-29 13:05:09 UTC, a Thursday, the 60th day of a leap year.
+    let at = 1_709_211_909;
+    assert_eq!(
+        strftime("%Y-%m-%d %H:%M:%S %j", at),
+        "2024-02-29 13:05:09 060"
+    );
+    assert_eq!(
+        strftime("%A %a %B %b %y %e %I%p %%", at),
+        "Thursday Thu February Feb 24 29 01PM %"
+    );
+    assert_eq!(strftime("%d %B %Y, %q", 0), "01 January 1970, %q");
+    assert_eq!(strftime("%I %p %j", 0), "12 AM 001");
 }
