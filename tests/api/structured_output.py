@@ -131,7 +131,9 @@ r = client.chat.completions.create(model=QWEN, messages=ASK, max_tokens=3, respo
 assert r.choices[0].finish_reason == "length" and r.choices[0].message.content.startswith('{"person": '[: len(r.choices[0].message.content)]), r
 
 # Forced tool calls, in each model's own markup, arguments valid against the tool's schema.
-WEATHER = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}, "days": {"type": "integer", "minimum": 1, "maximum": 7}, "metric": {"type": "boolean"}}, "required": ["city", "days"], "additionalProperties": False}
+# `station` is a bare string in the XML-like markups: its pattern must hold there too.
+WEATHER = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}, "days": {"type": "integer", "minimum": 1, "maximum": 7}, "metric": {"type": "boolean"},
+                                            "station": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{3}$"}}, "required": ["city", "days", "station"], "additionalProperties": False}
 TIME = {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 8}, "hours": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 23}, "maxItems": 3}}, "required": ["zone"], "additionalProperties": False}
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
@@ -254,6 +256,8 @@ refused(400, "Unknown format", response_format=response_format("f", {"type": "st
 refused(400, "response_format.type", response_format={"type": "xml"})
 refused(400, "unclosed group", param="guided_regex", extra_body={"guided_regex": "(unclosed"})
 refused(400, "a tool's `parameters` cannot be used", param="tools", tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "bogus"}}}}}], tool_choice="required")
+refused(400, "parameter `d`: `format`", param="tools", model=CODER, tool_choice="required",
+        tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"d": {"type": "string", "format": "date"}}}}}])
 refused(400, "one output constraint", extra_body={"guided_regex": "a", "guided_choice": ["a"]})
 refused(400, "not among the `tools`", tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}})
 refused(400, "no `tools`", tool_choice="required")

@@ -228,30 +228,62 @@ pub(super) fn is_bare_string(schema: &Value) -> bool {
     }
 }
 
-/// A bare string value: one of its `enum`, or text of its length bounds; then `end` (a literal
-/// the text cannot contain), if given.
-fn bare_string(rule: &str, schema: &Value, end: Option<&str>) -> String {
-    if let Some(choices) = schema.get("enum").and_then(Value::as_array) {
+/// A bare string value: one of its `enum` (or its `const`), text its `pattern` matches, or text
+/// of its length bounds; then `end` (a literal the text cannot contain), if given. A keyword the
+/// markup's grammar cannot hold it to is refused (a call that ignored it would be returned as
+/// valid).
+fn bare_string(rule: &str, schema: &Value, end: Option<&str>) -> Result<String, String> {
+    let end_literal = end.unwrap_or_default();
+    let choices = match (schema.get("const"), schema.get("enum")) {
+        (Some(c), _) => Some(std::slice::from_ref(c)),
+        (None, Some(Value::Array(e))) => Some(e.as_slice()),
+        _ => None,
+    };
+    if let Some(choices) = choices {
         let alternatives: Vec<String> = choices
             .iter()
             .map(|c| literal(&c.as_str().map_or_else(|| c.to_string(), str::to_string)))
             .collect();
-        return format!(
-            "{rule}: ({}) {}\n",
-            alternatives.join(" | "),
-            end.unwrap_or_default()
-        );
+        return Ok(format!(
+            "{rule}: ({}) {end_literal}\n",
+            alternatives.join(" | ")
+        ));
     }
-    let min = schema.get("minLength").and_then(Value::as_u64).unwrap_or(0);
-    let max = schema
-        .get("maxLength")
-        .and_then(Value::as_u64)
-        .map_or(String::new(), |m| m.to_string());
-    let text = format!("/(?s:.{{{min},{max}}})/");
-    match end {
+    if let Some(format) = schema.get("format") {
+        return Err(format!(
+            "`format` {format} cannot be held to in this model's call markup, where strings are written bare: give a `pattern` instead, or drop it"
+        ));
+    }
+    let bounded = schema.get("minLength").is_some() || schema.get("maxLength").is_some();
+    let text = match schema.get("pattern") {
+        Some(_) if bounded => {
+            return Err("a `pattern` with `minLength`/`maxLength` cannot both be held to in this model's call markup: fold the lengths into the pattern".into())
+        }
+        Some(Value::String(pattern)) => {
+            // A whole-value match, as a forced value is all the text there is.
+            let pattern = pattern.strip_prefix('^').unwrap_or(pattern);
+            let pattern = pattern.strip_suffix('$').unwrap_or(pattern);
+            format!("/{}/", pattern.replace('/', "\\/"))
+        }
+        Some(other) => return Err(format!("`pattern` must be a string, found {other}")),
+        None => {
+            let min = schema.get("minLength").and_then(Value::as_u64).unwrap_or(0);
+            let max = schema
+                .get("maxLength")
+                .and_then(Value::as_u64)
+                .map_or(String::new(), |m| m.to_string());
+            format!("/(?s:.{{{min},{max}}})/")
+        }
+    };
+    Ok(match end {
         Some(end) => format!("{rule}[suffix={end}]: {text}\n"),
         None => format!("{rule}: {text}\n"),
-    }
+    })
+}
+
+/// `e`, about parameter `key` of tool `name`, for the client.
+fn parameter_error(name: &str, key: &str, e: String) -> String {
+    format!("tool `{name}`, parameter `{key}`: {e}")
 }
 
 /// `<tool_call>\n<function=NAME>\n<parameter=K>\nV\n</parameter>\n…</function>\n</tool_call>`.
@@ -266,7 +298,8 @@ fn qwen3_coder(tools: &[Tool<'_>]) -> Result<String, String> {
             let schema = resolved(&schema, &tool.parameters);
             if is_bare_string(schema) {
                 rules += &format!("{p}: {open} {v} \"\\n\"\n");
-                rules += &bare_string(&v, schema, Some(&literal("\n</parameter>")));
+                rules += &bare_string(&v, schema, Some(&literal("\n</parameter>")))
+                    .map_err(|e| parameter_error(tool.name, &key, e))?;
             } else {
                 let json = embedded(&standalone(schema, &tool.parameters));
                 rules += &format!("{p}: {open} {json} \"\\n</parameter>\\n\"\n");
@@ -294,7 +327,8 @@ fn glm(tools: &[Tool<'_>]) -> Result<String, String> {
             let (p, v) = (format!("p{i}_{j}"), format!("v{i}_{j}"));
             let schema = resolved(&schema, &tool.parameters);
             let value = if is_bare_string(schema) {
-                rules += &bare_string(&v, schema, None);
+                rules += &bare_string(&v, schema, None)
+                    .map_err(|e| parameter_error(tool.name, &key, e))?;
                 v
             } else {
                 let json = embedded(&standalone(schema, &tool.parameters));
@@ -371,6 +405,47 @@ mod tests {
             g.contains(r#"v0_2[suffix="\n</parameter>"]: /(?s:.{0,20})/"#),
             "{g}"
         );
+    }
+
+    /// A bare string's `pattern` and `const` are held to; a keyword the markup cannot hold a
+    /// bare string to is refused, naming the tool and the parameter.
+    #[test]
+    fn bare_strings_keep_their_pattern_or_are_refused() {
+        let tool = |schema: Value| {
+            vec![
+                json!({"type": "function", "function": {"name": "f", "parameters": {
+                "type": "object", "properties": {"s": schema}}}}),
+            ]
+        };
+        let g = lark(
+            Format::Glm47,
+            &tool(json!({"type": "string", "pattern": "^a/[0-9]{2}$"})),
+            None,
+            false,
+        )
+        .unwrap();
+        assert!(g.contains(r"v0_0: /a\/[0-9]{2}/"), "{g}");
+        let g = lark(
+            Format::Qwen3Coder,
+            &tool(json!({"type": "string", "const": "x"})),
+            None,
+            false,
+        )
+        .unwrap();
+        assert!(g.contains(r#"v0_0: ("x") "\n</parameter>""#), "{g}");
+        for (schema, needle) in [
+            (json!({"type": "string", "format": "date"}), "`format`"),
+            (
+                json!({"type": "string", "pattern": "a+", "maxLength": 3}),
+                "fold the lengths",
+            ),
+        ] {
+            let e = lark(Format::Qwen3Coder, &tool(schema), None, false).unwrap_err();
+            assert!(
+                e.contains("tool `f`, parameter `s`") && e.contains(needle),
+                "{e}"
+            );
+        }
     }
 
     #[test]
