@@ -169,6 +169,24 @@ fn load_with_config(
     load_edited(&|dir| edit_json(&dir.join("config.json"), edit))
 }
 
+/// The tokenizer, template and generation config are read before the weights: a broken one is
+/// named at once, not after minutes of loading a large model (here the weights are broken too,
+/// and the tokenizer is the one named).
+#[test]
+fn a_broken_tokenizer_is_named_before_the_weights_load() {
+    let e = load_edited(&|dir| {
+        std::fs::write(dir.join("tokenizer.json"), "{ not json").unwrap();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|x| x == "safetensors") {
+                std::fs::write(&path, b"truncated").unwrap();
+            }
+        }
+    })
+    .unwrap_err();
+    assert!(e.message.contains("tokenizer.json"), "{}", e.message);
+}
+
 /// A tokenizer with ids past the model's vocabulary, or an end-of-sequence id past it, is
 /// refused at load naming the file: such an id would reach the embedding (an index error naming
 /// nothing on the CPU, a device assert on a GPU) or could never end an answer.

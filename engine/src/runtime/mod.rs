@@ -529,12 +529,20 @@ impl<M: LoadModel> ModelRuntime<M> {
         let (dtype, device) = (dtype_of(config)?, device_of(config)?);
         let quantization = quantization_of(config)?;
         let checkpoint = open_checkpoint(config, quantization)?;
+        // The text side first: a broken tokenizer, template or generation config is named in
+        // seconds, not after minutes of loading a large model's weights.
+        let codec = Arc::new(TextCodec::load(&checkpoint).map_err(plugin_error)?);
+        let generation = GenerationConfig::load(&checkpoint)
+            .and_then(|g| g.or_tokenizer_eos(&checkpoint, &codec))
+            .map_err(plugin_error)?;
+        let template = ChatTemplate::load(&checkpoint).map_err(plugin_error)?;
+        let tokenizer_info =
+            tokenizer_info(&checkpoint, template.as_ref()).map_err(plugin_error)?;
         let model = self.load_weights(&checkpoint, (dtype, quantization), &device, progress)?;
         let weight_bytes = model.weight_bytes();
         let memory = memory::Memory::measure(&device, self.memory_limit, self.gpu_memory_limit);
         let engine_config =
             engine_config::engine_config(&model, &config.extra, memory, weight_bytes)?;
-        let codec = Arc::new(TextCodec::load(&checkpoint).map_err(plugin_error)?);
         let info = ModelInfo {
             // On a GPU, what the engine placed there (weights and pool) beside the cap it honours.
             device_memory_bytes: (!device.is_cpu())
@@ -551,17 +559,11 @@ impl<M: LoadModel> ModelRuntime<M> {
             context_length: Some(served_context(&engine) as u32),
             ..info
         };
-        let generation = GenerationConfig::load(&checkpoint)
-            .and_then(|g| g.or_tokenizer_eos(&checkpoint, &codec))
-            .map_err(plugin_error)?;
         if let Some(vocab) = model.vocab_size() {
             vocab_fault(&checkpoint, &codec, &generation, vocab).map_err(plugin_error)?;
         }
-        let template = ChatTemplate::load(&checkpoint).map_err(plugin_error)?;
         let info = ModelInfo {
-            tokenizer_info: Some(
-                tokenizer_info(&checkpoint, template.as_ref()).map_err(plugin_error)?,
-            ),
+            tokenizer_info: Some(tokenizer_info),
             ..info
         };
         self.loaded = Some(Loaded {
