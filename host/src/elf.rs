@@ -40,8 +40,12 @@ fn check_bytes(b: &[u8]) -> Result<(), Malformed> {
     if u16_at(b, 0x10).ok_or_else(truncated)? != ET_DYN {
         return Err("an ELF file, but not a shared library".into());
     }
-    let table_end =
-        |off: u64, entsize: u16, count: u16| off + u64::from(entsize) * u64::from(count);
+    // Checked: a hostile header's offsets overflowed (a panic in debug builds, a wrapped sum
+    // passing the check in release).
+    let table_end = |off: u64, entsize: u16, count: u16| {
+        off.checked_add(u64::from(entsize) * u64::from(count))
+            .unwrap_or(u64::MAX)
+    };
     let phoff = u64_at(b, 0x20).ok_or_else(truncated)?;
     let (phentsize, phnum) = (
         u16_at(b, 0x36).ok_or_else(truncated)?,
@@ -67,8 +71,9 @@ fn check_bytes(b: &[u8]) -> Result<(), Malformed> {
         if u32_at(b, ph).ok_or_else(truncated)? != PT_LOAD {
             continue;
         }
-        let end = u64_at(b, ph + 0x08).ok_or_else(truncated)?
-            + u64_at(b, ph + 0x20).ok_or_else(truncated)?;
+        let end = (u64_at(b, ph + 0x08).ok_or_else(truncated)?)
+            .checked_add(u64_at(b, ph + 0x20).ok_or_else(truncated)?)
+            .unwrap_or(u64::MAX);
         if end > size {
             return Err(format!(
                 "truncated: segment {i} ends at byte {end}, but the file has {size} bytes"
@@ -103,6 +108,19 @@ mod tests {
             e.starts_with("truncated") || e.contains("not a shared library"),
             "{e}"
         );
+    }
+
+    /// Offsets near u64::MAX are refused as past the end, not summed into an overflow.
+    #[test]
+    fn offsets_that_overflow_are_refused() {
+        let mut header = vec![0u8; 64];
+        header[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        header[0x10..0x12].copy_from_slice(&ET_DYN.to_le_bytes());
+        header[0x20..0x28].copy_from_slice(&(u64::MAX - 15).to_le_bytes());
+        header[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        header[0x38..0x3a].copy_from_slice(&2u16.to_le_bytes());
+        let e = check_bytes(&header).unwrap_err();
+        assert!(e.contains("program header table"), "{e}");
     }
 
     #[test]
