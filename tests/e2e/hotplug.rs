@@ -492,3 +492,29 @@ fn a_change_during_a_reload_is_loaded_after_it() {
         answer(d) == "hell"
     });
 }
+
+/// A manifest renamed with nothing in it changed is the same plugin, not reloaded, and the
+/// daemon follows it to its new name: an admin reload reads it there (before, it read the old
+/// path and failed), and `/v1/plugins` names it.
+#[test]
+fn a_renamed_manifest_is_followed_to_its_new_name() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(echo_dir(""), "");
+    d.wait_ready();
+    let pid = d.plugin("echo")["pid"].clone();
+    std::fs::rename(
+        d.dir.path().join("echo.toml"),
+        d.dir.path().join("served.toml"),
+    )
+    .unwrap();
+    d.wait_for(30, "the new name", |d| {
+        d.plugin("echo")["manifest"]
+            .as_str()
+            .is_some_and(|m| m.ends_with("served.toml"))
+    });
+    assert_eq!(d.plugin("echo")["pid"], pid, "the same files: not reloaded");
+    let (status, r) = d.post("/v1/plugins/echo/reload", &json!({}));
+    assert_eq!(status, 200, "{r}");
+}

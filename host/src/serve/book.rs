@@ -214,7 +214,9 @@ impl Inner {
                         }
                     }
                 }
-                Some(_) => {}
+                // The same files, perhaps under new names (a manifest renamed, a library
+                // moved): later loads and rechecks go where they are now.
+                Some(e) => e.found = f,
             }
         }
         changes.gone = self

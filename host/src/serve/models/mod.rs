@@ -209,9 +209,16 @@ impl Models {
     /// unloaded. A manifest that fails its checks is reported and changes nothing else.
     pub async fn rescan(self: &Arc<Self>) -> Result<(), discovery::ScanError> {
         let (search, prober) = (self.setup.search.clone(), self.prober());
-        let found = tokio::task::spawn_blocking(move || scan(&search, &prober))
-            .await
-            .unwrap_or_else(|e| Ok((Vec::new(), vec![(PathBuf::new(), e.to_string())])))?;
+        // A scan that panicked found nothing: taken as it was, every served model was gone.
+        let found = match tokio::task::spawn_blocking(move || scan(&search, &prober)).await {
+            Ok(found) => found?,
+            Err(e) => {
+                tracing::error!(
+                    "the scan of the plugin directories failed ({e}); nothing served was changed, and the next change in them scans again"
+                );
+                return Ok(());
+            }
+        };
         let (found, broken) = found;
         let preload = |name: &str| self.config().server.preloads(name);
         let (reload, unload) = {
