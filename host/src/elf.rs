@@ -40,11 +40,10 @@ fn check_bytes(b: &[u8]) -> Result<(), Malformed> {
     if u16_at(b, 0x10).ok_or_else(truncated)? != ET_DYN {
         return Err("an ELF file, but not a shared library".into());
     }
-    // Checked: a hostile header's offsets overflowed (a panic in debug builds, a wrapped sum
+    // Saturating: a hostile header's offsets overflowed (a panic in debug builds, a wrapped sum
     // passing the check in release).
     let table_end = |off: u64, entsize: u16, count: u16| {
-        off.checked_add(u64::from(entsize) * u64::from(count))
-            .unwrap_or(u64::MAX)
+        off.saturating_add(u64::from(entsize) * u64::from(count))
     };
     let phoff = u64_at(b, 0x20).ok_or_else(truncated)?;
     let (phentsize, phnum) = (
@@ -72,8 +71,7 @@ fn check_bytes(b: &[u8]) -> Result<(), Malformed> {
             continue;
         }
         let end = (u64_at(b, ph + 0x08).ok_or_else(truncated)?)
-            .checked_add(u64_at(b, ph + 0x20).ok_or_else(truncated)?)
-            .unwrap_or(u64::MAX);
+            .saturating_add(u64_at(b, ph + 0x20).ok_or_else(truncated)?);
         if end > size {
             return Err(format!(
                 "truncated: segment {i} ends at byte {end}, but the file has {size} bytes"
