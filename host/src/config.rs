@@ -33,11 +33,15 @@ where
 /// such as `localhost`) with a port from 0 to 65535; checked where it is written, not at bind.
 pub fn listen_problem(addr: &str) -> Option<String> {
     let valid = addr.rsplit_once(':').is_some_and(|(host, port)| {
-        let host = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host);
-        !host.is_empty() && !host.contains(char::is_whitespace) && port.parse::<u16>().is_ok()
+        // An IPv6 address is bracketed (`::1:8080` cannot say where the port starts) and is
+        // one; any other host has no colon or bracket.
+        let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+            None => {
+                !host.is_empty() && !host.contains(|c: char| c.is_whitespace() || ":[]".contains(c))
+            }
+        };
+        host_ok && port.parse::<u16>().is_ok()
     });
     (!valid).then(|| {
         format!("`{addr}` is not an address to listen on: expected HOST:PORT, e.g. 127.0.0.1:8080, 0.0.0.0:8080 or [::1]:8080")
@@ -743,8 +747,12 @@ mod tests {
             "localhost:9000",
             "[::1]:8080",
             "0.0.0.0:0",
+            "[::]:80",
         ] {
             assert_eq!(listen_problem(good), None, "{good}");
+        }
+        for bad in ["::1:8080", "[::1:8080", "[nope]:80", "a]:80"] {
+            assert!(listen_problem(bad).is_some(), "{bad}");
         }
         assert!(parse("[server]\nqueue_depth = 1\n").is_ok());
         // setresuid's "unchanged": the worker would stay root.

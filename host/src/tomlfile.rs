@@ -30,8 +30,9 @@ pub fn parse<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, TomlErro
         let about_a_value = !message.starts_with("missing field");
         let key = key_at(text, start);
         // serde quotes the value it refused: a bearer key written as a string instead of a list
-        // would reach the log at every start and reload.
-        if key.as_deref().is_some_and(secret) {
+        // would reach the log at every start and reload. Any secret-like word on the line counts
+        // (`server = { api_keys = "…" }` names `server` first).
+        if key.as_deref().is_some_and(secret) || secret(line_at(text, start)) {
             message = hide_strings(&message);
         }
         if let Some(key) = key.filter(|k| about_a_value && !message.contains(&format!("`{k}`"))) {
@@ -83,12 +84,20 @@ pub fn line_column(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// The key of a `key = value` line containing byte `offset`, if that line is one.
-fn key_at(text: &str, offset: usize) -> Option<String> {
-    let offset = offset.min(text.len());
+/// The line of `text` holding byte `offset`.
+fn line_at(text: &str, offset: usize) -> &str {
+    let offset = (0..=offset.min(text.len()))
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0);
     let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
     let end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
-    let (key, _) = text[start..end].split_once('=')?;
+    &text[start..end]
+}
+
+/// The key of a `key = value` line containing byte `offset`, if that line is one.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let (key, _) = line_at(text, offset).split_once('=')?;
     let key = key.trim();
     let bare = !key.is_empty()
         && key
@@ -120,6 +129,14 @@ mod tests {
             message.contains("`api_keys`") && message.contains("sequence"),
             "{message}"
         );
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct File {
+            server: Server,
+        }
+        let inline = "server = { api_keys = \"sk-live-inline\" }\n";
+        let e = parse::<File>(path, inline).unwrap_err();
+        assert!(!e.to_string().contains("sk-live-inline"), "{e}");
         let e = parse::<Server>(path, "api_keys = []\nname = \"seven\"\n").unwrap_err();
         assert!(e.to_string().contains("seven"), "{e}");
     }

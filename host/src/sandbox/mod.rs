@@ -56,6 +56,8 @@ pub struct HostSupport {
     pub user_namespaces: bool,
     /// The Landlock ABI version, 0 when Landlock is unavailable.
     pub landlock_abi: u32,
+    /// The CPUs this process may run on (its affinity, a container's share); empty when unknown.
+    pub allowed_cpus: Vec<usize>,
 }
 
 impl HostSupport {
@@ -68,6 +70,7 @@ impl HostSupport {
             seccomp: true,
             user_namespaces: true,
             landlock_abi: 6,
+            allowed_cpus: Vec::new(),
         }
     }
 
@@ -93,7 +96,30 @@ impl HostSupport {
                 .is_ok_and(|n| n > 0)
                 && read("/proc/sys/kernel/unprivileged_userns_clone").trim() != "0",
             landlock_abi: u32::try_from(landlock).unwrap_or(0),
+            allowed_cpus: allowed_cpus(),
         }
+    }
+}
+
+/// The CPUs this process may run on.
+fn allowed_cpus() -> Vec<usize> {
+    let Ok(set) = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) else {
+        return Vec::new();
+    };
+    (0..nix::sched::CpuSet::count())
+        .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
+        .collect()
+}
+
+/// The cpuset of a worker given `cpus` CPUs: the first of those the daemon may use (a container
+/// may hold CPUs 4-7 only, where `0-1` is refused), else the first `cpus` of the machine's.
+fn cpuset(cpus: usize, allowed: &[usize]) -> String {
+    match allowed {
+        [] => format!("0-{}", cpus - 1),
+        _ => (allowed.iter().take(cpus))
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
     }
 }
 
@@ -305,7 +331,7 @@ pub fn plan(subject: Subject<'_>, policy: &Policy, host: &HostSupport) -> Result
             landlock: applied >= Tier::High,
             devices: applied >= Tier::High,
             empty_root: applied >= Tier::Maximum,
-            cpuset: (applied >= Tier::Maximum).then(|| format!("0-{}", cpus - 1)),
+            cpuset: (applied >= Tier::Maximum).then(|| cpuset(cpus, &host.allowed_cpus)),
             gpu: subject.gpu,
         }),
         network: match applied == Tier::Low && limits.network == Some(false) && host.root {

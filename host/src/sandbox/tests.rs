@@ -62,6 +62,23 @@ fn each_tier_adds_its_mechanisms() {
     assert_eq!(max.cpuset.as_deref(), Some("0-0"));
 }
 
+/// A `maximum` worker's CPUs are taken from those the daemon may use (a container's 4-7), not
+/// from 0 up, which the kernel refuses there; never more than there are.
+#[test]
+fn the_cpuset_comes_from_the_daemons_own_cpus() {
+    assert_eq!(cpuset(2, &[4, 5, 6, 7]), "4,5");
+    assert_eq!(cpuset(8, &[4, 5]), "4,5");
+    assert_eq!(cpuset(2, &[]), "0-1");
+    let host = HostSupport {
+        allowed_cpus: vec![6, 7],
+        ..host(true, true)
+    };
+    let mut s = subject(Tier::Maximum);
+    s.limits.cpus = Some(1.5);
+    let plan = plan(s, &Policy::default(), &host).unwrap();
+    assert_eq!(plan.isolation.unwrap().cpuset.as_deref(), Some("6,7"));
+}
+
 #[test]
 fn a_missing_mechanism_refuses_unless_downgrade_is_allowed() {
     let e = plan(subject(Tier::Low), &Policy::default(), &host(false, true)).unwrap_err();

@@ -304,6 +304,7 @@ mod tests {
             seccomp: true,
             user_namespaces: true,
             landlock_abi: 6,
+            allowed_cpus: Vec::new(),
         };
         let subject = Subject {
             plugin: "p",
