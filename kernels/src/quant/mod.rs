@@ -62,6 +62,14 @@ impl<'a> QuantMatrix<'a> {
         rows: usize,
         cols: usize,
     ) -> Result<Self, ShapeError> {
+        // No value in a row: packing split the rows into chunks of none (a panic), and the
+        // products divided by the width.
+        if cols == 0 {
+            return Err(ShapeError(format!(
+                "rows of 0 values: a {} matrix needs at least one block per row",
+                format.name()
+            )));
+        }
         let Some(row) = format.row_bytes(cols) else {
             return Err(ShapeError(format!(
                 "rows of {cols} values are not whole {} blocks of {}",

@@ -614,3 +614,11 @@ fn rows_for_one_family_refuse_the_other() {
     let mut out = vec![0f32; 16];
     QuantizedRows::new(&data(256, 92), 256, Format::Q8_0).matmul(&w, &mut out);
 }
+
+/// A matrix of rows with no value (a GGUF tensor of shape `[n, 0]`) is refused, not packed
+/// into a panic.
+#[test]
+fn rows_of_no_value_are_refused() {
+    let e = QuantMatrix::new(Format::Q8_0, &[], 4, 0).unwrap_err();
+    assert!(e.to_string().contains("rows of 0 values"), "{e}");
+}

@@ -80,13 +80,23 @@ impl Level {
     /// The level in use: detected once, capped by `PIO_KERNELS`.
     pub fn current() -> Self {
         static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
-        *LEVEL.get_or_init(|| Self::detected().min(Self::cap()))
+        *LEVEL.get_or_init(|| Self::capped(Self::detected(), Self::cap(), avx_vnni_detected()))
     }
 
-    /// The cap `PIO_KERNELS` sets (unset or empty: the widest).
+    /// The level that runs on a CPU of level `detected`, capped at `cap`: an AVX-512 CPU capped
+    /// at `avxvnni` without AVX-VNNI itself runs (and reports) AVX2, not a level it lacks.
+    fn capped(detected: Self, cap: Self, avx_vnni: bool) -> Self {
+        match detected.min(cap) {
+            Level::AvxVnni if !avx_vnni => Level::Avx2,
+            level => level,
+        }
+    }
+
+    /// The cap `PIO_KERNELS` sets (unset or empty: the widest; a value that is not UTF-8 names
+    /// no level).
     fn cap() -> Self {
-        let named = std::env::var("PIO_KERNELS").unwrap_or_default();
-        Self::cap_named(&named)
+        let named = std::env::var_os("PIO_KERNELS").unwrap_or_default();
+        Self::cap_named(&named.to_string_lossy())
     }
 
     /// The cap a `PIO_KERNELS` value sets. A value that names no level caps at the narrowest,
@@ -153,6 +163,14 @@ impl Level {
         }
         Level::Portable
     }
+}
+
+/// Whether the CPU has AVX-VNNI (the 256-bit form).
+fn avx_vnni_detected() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return is_x86_feature_detected!("avxvnni");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// Whether the CPU has AMX-BF16 and Linux lets this process use it (only Linux is asked).
@@ -278,10 +296,22 @@ mod tests {
         assert_eq!(Level::cap_named("none"), Level::Portable);
     }
 
+    /// A cap at AVX-VNNI on an AVX-512 CPU without AVX-VNNI runs AVX2 and says so (it reported
+    /// `avxvnni` while the AVX2 paths ran).
+    #[test]
+    fn a_level_the_cpu_lacks_is_not_reported() {
+        use Level::*;
+        assert_eq!(Level::capped(Avx512, AvxVnni, false), Avx2);
+        assert_eq!(Level::capped(Avx512, AvxVnni, true), AvxVnni);
+        assert_eq!(Level::capped(Amx, Avx512, false), Avx512);
+        assert_eq!(Level::capped(Avx2, Amx, false), Avx2);
+    }
+
     #[test]
     fn pio_kernels_caps_the_level() {
         let cap = Level::cap_named(&std::env::var("PIO_KERNELS").unwrap_or_default());
-        assert_eq!(Level::current(), Level::detected().min(cap));
+        let expected = Level::capped(Level::detected(), cap, super::avx_vnni_detected());
+        assert_eq!(Level::current(), expected);
         assert!(Level::current() <= cap);
         #[cfg(target_arch = "x86_64")]
         if Level::current() < Level::AvxVnni {
