@@ -619,6 +619,6 @@ fn rows_for_one_family_refuse_the_other() {
 /// into a panic.
 #[test]
 fn rows_of_no_value_are_refused() {
-    let e = QuantMatrix::new(Format::Q8_0, &[], 4, 0).unwrap_err();
+    let e = QuantMatrix::new(Format::Q8_0, &[], 4, 0).expect_err("no block per row");
     assert!(e.to_string().contains("rows of 0 values"), "{e}");
 }
