@@ -577,6 +577,41 @@ fn vllm_request_extras_shape_the_prompt_and_the_text() {
     );
 }
 
+/// `pio bench --constrained`: each of its three runs sends prompts of its own, so none finds
+/// another's in the prefix cache (the later runs skipped their prefill, biasing the overheads).
+#[test]
+fn bench_constrained_runs_share_no_prompt() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = tiny_qwen3_plugins();
+    let args = [
+        "bench",
+        "qwen3-4b-instruct-2507",
+        "--plugins",
+        ".",
+        "--constrained",
+        "--prompt-words",
+        "40",
+        "--output-tokens",
+        "3",
+        "--concurrency",
+        "2",
+        "--json",
+    ];
+    let out = pio(dir.path(), &args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let f: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let c = &f["constrained"];
+    for run in [&f, &c["figures"], &c["free_again"]] {
+        assert_eq!(run["cached_tokens_mean"].as_f64(), Some(0.0), "{f}");
+    }
+}
+
 /// `pio bench` refuses a workload with nothing to measure, and one whose prompts pass the
 /// model's context says which flag fits it.
 #[test]

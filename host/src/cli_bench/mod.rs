@@ -339,7 +339,7 @@ async fn measure(
             let measured = single::run(worker, args).await;
             return single::report(args, measured?, info).map(Measured::Reported);
         }
-        let (timings, wall) = workload(worker, args, None).await?;
+        let (timings, wall) = workload(worker, args, None, 0).await?;
         if let Some((short, least)) = shortfall(args.output_tokens, &timings) {
             let context = info.context_length.map_or("its".into(), |c| c.to_string());
             eprintln!(
@@ -351,10 +351,13 @@ async fn measure(
         let mut figures = figures(args, &timings, wall);
         if let Some(c) = constraint {
             // Free, constrained, free again: the overheads compare against both free runs'
-            // mean, so a machine that drifts during the run does not pass for a cost.
-            let (timings, wall) = workload(worker, args, Some(c)).await?;
+            // mean, so a machine that drifts during the run does not pass for a cost. Each run
+            // has prompts of its own: the same ones again were the prefix cache's, prefill
+            // skipped in the later runs and not the first.
+            let total = args.requests.unwrap_or(args.concurrency);
+            let (timings, wall) = workload(worker, args, Some(c), total).await?;
             let constrained_figures = self::figures(args, &timings, wall);
-            let (timings, wall) = workload(worker, args, None).await?;
+            let (timings, wall) = workload(worker, args, None, 2 * total).await?;
             let again = self::figures(args, &timings, wall);
             constrained::add(&mut figures, constrained_figures, &again);
         }
@@ -362,12 +365,13 @@ async fn measure(
     }
 }
 
-/// Runs the workload (every request's output held to `constraint`, if given); the requests'
-/// timings and the wall time.
+/// Runs the workload (every request's output held to `constraint`, if given) with the prompts
+/// numbered from `first`; the requests' timings and the wall time.
 async fn workload(
     worker: &std::sync::Arc<Worker>,
     args: &BenchArgs,
     constraint: Option<pio_plugin_api::wire::Constraint>,
+    first: usize,
 ) -> anyhow::Result<(Vec<Timing>, Duration)> {
     let total = args.requests.unwrap_or(args.concurrency);
     let shared = (args.prompt_words as f64 * args.shared_prefix).round() as usize;
@@ -377,7 +381,8 @@ async fn workload(
     let mut running = tokio::task::JoinSet::new();
     while timings.len() < total {
         while running.len() < args.concurrency && next < total {
-            let (w, text) = (worker.clone(), prompt(next, args.prompt_words, shared));
+            let text = prompt(first + next, args.prompt_words, shared);
+            let w = worker.clone();
             let mut r = request(text, args.output_tokens, args.sampled);
             r.constraint = constraint.clone();
             running.spawn(async move { one(&w, r).await });
