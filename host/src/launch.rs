@@ -51,23 +51,23 @@ pub fn plan(
     Ok(sandbox::plan(subject, policy, host)?)
 }
 
-/// Plans the worker of a `candidate` that passed, on a host with every mechanism, so that
-/// `pio check` and `pio list` fail a manifest the daemon would refuse to start whatever its host
-/// (`maximum` with no pin).
-pub fn check_confinement(candidate: &mut Candidate) {
+/// Plans the worker of a `candidate` that passed, on a host with every mechanism, under the
+/// daemon's `config` and `policy` (its `min_tier`, `allow_downgrade`: the defaults when none is
+/// given), so that `pio check` and `pio list` fail a manifest the daemon would refuse to start
+/// whatever its host (`maximum`, or raised to it, with no pin).
+pub fn check_confinement(candidate: &mut Candidate, config: &Config, policy: &Policy) {
     let (Status::Ready, Some(manifest)) = (&candidate.status, &candidate.manifest) else {
         return;
     };
-    let config = Config::default();
-    // Only the manifest's own reasons: the daemon's host and its configuration (a stricter
-    // `min_tier`, `allow_downgrade`) may differ from where the check runs.
+    // Only the manifest's and configuration's reasons: the daemon's host may differ from
+    // where the check runs.
     let host = HostSupport::complete();
     // The uid is the running host's business, not the manifest's.
     let policy = Policy {
         users: sandbox::users::WorkerUsers::Shared(65534),
-        ..config.policy()
+        ..policy.clone()
     };
-    if let Err(e) = plan(manifest, &config, &policy, &host) {
+    if let Err(e) = plan(manifest, config, &policy, &host) {
         candidate.status = Status::Failed(CheckError::Confinement {
             manifest: candidate.manifest_path.clone(),
             tier: manifest.tier.to_string(),

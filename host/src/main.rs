@@ -134,7 +134,7 @@ fn main() -> ExitCode {
             json,
             start,
             tiers,
-        } => list(search, json, start.then_some(tiers)),
+        } => list(search, json, start, tiers),
         Command::Check {
             path,
             library_dirs,
@@ -230,21 +230,20 @@ pub(crate) fn prober(config: &pio_host::config::Config) -> anyhow::Result<Prober
 fn list(
     args: SearchArgs,
     json: bool,
-    start: Option<cli_run::TierArgs>,
+    start: bool,
+    tiers: cli_run::TierArgs,
 ) -> anyhow::Result<ExitCode> {
     let Settings { config, search } = settings(&args)?;
     let mut candidates = discovery::discover(&search, &prober(&config)?)?;
-    // As `pio check` does: a manifest the daemon would refuse to start on any host fails here.
-    candidates
-        .iter_mut()
-        .for_each(pio_host::launch::check_confinement);
-    let started = match &start {
-        Some(tiers) => Some(cli_list::start_all(
-            &candidates,
-            &config,
-            &tiers.policy(config.policy()),
-        )?),
-        None => None,
+    // As `pio check` does: a manifest the daemon (its config and these flags) would refuse to
+    // start on any host fails here.
+    let policy = tiers.policy(config.policy());
+    for candidate in &mut candidates {
+        pio_host::launch::check_confinement(candidate, &config, &policy);
+    }
+    let started = match start {
+        true => Some(cli_list::start_all(&candidates, &config, &policy)?),
+        false => None,
     };
     if json {
         let mut rows: Vec<_> = candidates.iter().map(report::candidate_json).collect();
@@ -317,7 +316,7 @@ fn check(
         let search = search_paths(Vec::new(), library_dirs);
         let mut candidate = discovery::check_static(path, &search);
         discovery::check_library(&mut candidate, &prober);
-        pio_host::launch::check_confinement(&mut candidate);
+        pio_host::launch::check_confinement(&mut candidate, &config, &config.policy());
         candidate
     } else {
         // Absolute, so that a bare `libx.so` is this file and not a name for the system's

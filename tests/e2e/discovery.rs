@@ -411,6 +411,33 @@ fn check_fails_a_manifest_its_tier_refuses() {
     assert!(ok, "{v:#}");
 }
 
+/// The daemon's configuration (`--config`) and `--min-tier` count: a `low` manifest without a
+/// pin is ready alone, and fails where the daemon would raise it to `maximum` and refuse it.
+#[test]
+fn check_and_list_apply_the_daemons_minimum_tier() {
+    let dir = PluginDir::new();
+    dir.copy_lib("pio_plugin_echo", "libecho.so");
+    let path = dir.write("echo.toml", &manifest("echo", "0.1.0", "libecho.so", ""));
+    let config = dir.write("pio.toml", "[sandbox]\nmin_tier = \"maximum\"\n");
+    let (p, c) = (path.to_str().unwrap(), config.to_str().unwrap());
+    let plugins = dir.path().to_str().unwrap();
+    assert!(check_json(&path).0, "ready under the defaults");
+    let out = pio(&repo_root(), &["check", "--json", "--config", c, p]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(!out.status.success(), "{v:#}");
+    assert_eq!(v["error_kind"], "confinement", "{v:#}");
+    for extra in [&["--config", c][..], &["--min-tier", "maximum"][..]] {
+        let args = [&["list", "--json", "--plugins", plugins][..], extra].concat();
+        let out = pio(&repo_root(), &args);
+        assert!(!out.status.success(), "{extra:?}");
+        let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(
+            error_of(row(&rows, "echo.toml")).contains("sha256"),
+            "{rows:#?}"
+        );
+    }
+}
+
 /// The plugin is asked whether it supports the manifest's `[model]`, as a load would: a
 /// setting it refuses (an option it does not read, a quantization echo has no weights for) fails
 /// `pio check` and `pio list` with the plugin's reason, not the first load.
