@@ -117,7 +117,7 @@ fn pio_run_refuses_bad_images_with_the_reason() {
         ("bad/image.bmp", "not a PNG, JPEG, GIF or WebP file"),
         ("bad/empty.gif", "the image is empty"),
         ("bad/sliver.png", "ratio is more than 200"),
-        ("missing.png", "missing.png"),
+        ("missing.png", "missing.png: No such file"),
     ] {
         let (_, ok, err) = run(&["--image", &image_path(file), "--prompt", "hi"], 4);
         assert!(!ok, "{file} was accepted");

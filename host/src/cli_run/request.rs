@@ -99,13 +99,15 @@ fn messages(
     use serde_json::json;
     Ok(match (&args.prompt, &args.messages) {
         (Some(text), _) if !args.images.is_empty() => {
-            let mut content: Vec<_> = args
-                .images
-                .iter()
-                .map(
-                    |p| json!({"type": "image_url", "image_url": {"url": p.display().to_string()}}),
-                )
-                .collect();
+            let mut content = Vec::new();
+            for image in &args.images {
+                // Named here, as given: the request's check would speak of an image root
+                // the user never set.
+                let file = std::fs::canonicalize(image)
+                    .with_context(|| format!("--image {}", image.display()))?;
+                let url = file.display().to_string();
+                content.push(json!({"type": "image_url", "image_url": {"url": url}}));
+            }
             content.push(json!({"type": "text", "text": text}));
             Some(vec![json!({"role": "user", "content": content})])
         }
