@@ -511,7 +511,11 @@ pub fn check_library(candidate: &mut Candidate, prober: &Prober) {
     // The plugin's word on the config counts once the library is the manifest's plugin: a
     // wrong library is named as such, not by what it makes of another plugin's options.
     let mut refused = None;
-    let result = match prober.probe_for(library, &manifest.name, &config) {
+    let probed = match &manifest.sha256 {
+        Some(pin) => prober.probe_pinned(library, &manifest.name, &config, &pin.get_ref().0),
+        None => prober.probe_for(library, &manifest.name, &config),
+    };
+    let result = match probed {
         Err(ProbeError::ConfigRefused {
             report,
             kind,

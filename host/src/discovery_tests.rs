@@ -100,6 +100,34 @@ fn a_pinned_digest_is_compared_to_the_file() {
     ));
 }
 
+/// A pinned library swapped after its check (by whoever may write its folder) is not probed:
+/// the probe runs a copy of the bytes it checked against the pin, and bytes that no longer
+/// match fail the check without running.
+#[test]
+fn a_pinned_library_swapped_after_its_check_never_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("libx.so"), b"abc").unwrap();
+    let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+    let manifest = dir.path().join("x.toml");
+    let text = format!(
+        "name = \"x\"\nversion = \"0.1.0\"\nlibrary = \"libx.so\"\napi = \"^1\"\nsha256 = \"{abc}\"\n"
+    );
+    std::fs::write(&manifest, text).unwrap();
+    let mut c = check_static(&manifest, &SearchPaths::default());
+    assert!(matches!(c.status, Status::Ready), "{:?}", c.status);
+    std::fs::write(dir.path().join("libx.so"), b"swapped").unwrap();
+    // A probe that would run anything: it is never started.
+    let prober = Prober::new(PathBuf::from("/bin/true"));
+    check_library(&mut c, &prober);
+    let Status::Failed(e) = &c.status else {
+        panic!("probed: {:?}", c.status);
+    };
+    assert!(
+        e.to_string().contains("changed while it was checked"),
+        "{e}"
+    );
+}
+
 /// The fingerprint is of the manifest text that was parsed and of the library as it was then:
 /// the candidate says what it checked, whatever the files say by the time hot plug compares.
 #[test]

@@ -159,6 +159,77 @@ impl ProbeError {
     }
 }
 
+/// A verified copy of a pinned library, in a folder of its own readable to the probes' users
+/// and writable by this process alone; removed when dropped.
+struct PinnedCopy {
+    dir: PathBuf,
+    file: PathBuf,
+}
+
+impl PinnedCopy {
+    /// `library`'s bytes as read now, if their sha256 is `expected`.
+    fn make(library: &Path, expected: &str) -> Result<Self, ProbeError> {
+        use std::io::Write;
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let malformed = |reason: String| ProbeError::Malformed {
+            library: library.to_owned(),
+            reason,
+        };
+        let bytes =
+            std::fs::read(library).map_err(|e| malformed(format!("cannot read it: {e}")))?;
+        let actual = crate::serve::library::sha256_hex(&bytes);
+        if actual != expected {
+            return Err(malformed(format!(
+                "its sha256 is {actual}, but its manifest pins {expected} (it changed while it was checked); check the file and its pin"
+            )));
+        }
+        let temp = std::env::temp_dir();
+        let dir = crate::serve::library::create_default_runtime_dir(&temp, std::process::id())
+            .map_err(|e| {
+                malformed(format!(
+                    "cannot make a folder for its copy in {}: {e}",
+                    temp.display()
+                ))
+            })?;
+        let copy = Self {
+            file: dir.join("library.so"),
+            dir,
+        };
+        // Open to the probes' users whatever the umask made it.
+        std::fs::set_permissions(&copy.dir, std::fs::Permissions::from_mode(0o755)).map_err(
+            |e| {
+                malformed(format!(
+                    "cannot open {} to the probe: {e}",
+                    copy.dir.display()
+                ))
+            },
+        )?;
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&copy.file)
+            .and_then(|mut f| f.write_all(&bytes))
+            .and_then(|()| {
+                std::fs::set_permissions(&copy.file, std::fs::Permissions::from_mode(0o644))
+            });
+        written
+            .map_err(|e| malformed(format!("cannot copy it to {}: {e}", copy.file.display())))?;
+        Ok(copy)
+    }
+
+    fn path(&self) -> &Path {
+        &self.file
+    }
+}
+
+impl Drop for PinnedCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Runs probes: re-executes `exe` (normally this very `pio`) as `exe probe LIBRARY`.
 #[derive(Debug, Clone)]
 pub struct Prober {
@@ -217,6 +288,20 @@ impl Prober {
         config: &pio_plugin_api::wire::ModelConfig,
     ) -> Result<LibraryReport, ProbeError> {
         self.probe_as(library, plugin, Some(config))
+    }
+
+    /// [`Self::probe_for`] of a library its manifest pins by `sha256`: the bytes read once,
+    /// checked against the pin and probed from a private copy, so that a library swapped after
+    /// its check (by whoever may write its folder, which the pin defends against) never runs.
+    pub fn probe_pinned(
+        &self,
+        library: &Path,
+        plugin: &str,
+        config: &pio_plugin_api::wire::ModelConfig,
+        sha256: &str,
+    ) -> Result<LibraryReport, ProbeError> {
+        let copy = PinnedCopy::make(library, sha256)?;
+        self.probe_as(copy.path(), plugin, Some(config))
     }
 
     /// Probes `library` as `plugin`'s uid.
