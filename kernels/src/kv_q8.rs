@@ -29,7 +29,11 @@ pub fn quantize_row(x: &[f32], out: &mut [u8]) {
     for (x, block) in x.chunks(BLOCK).zip(out.chunks_exact_mut(BLOCK_BYTES)) {
         let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
         let broken = x.iter().any(|v| !v.is_finite());
-        let d = if broken { f32::NAN } else { amax / 127.0 };
+        // Saturated: a scale past f16's range stored as infinity read back as NaN (0 · ∞).
+        let d = match broken {
+            true => f32::NAN,
+            false => (amax / 127.0).min(f16::MAX.to_f32()),
+        };
         let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
         block[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
         let qs = &mut block[2..];
@@ -217,6 +221,11 @@ mod tests {
         dequantize_row(&row, 64, &mut out);
         assert!(out[..32].iter().all(|v| v.is_finite()), "the clean block");
         assert!(out[32..].iter().all(|v| v.is_nan()), "the broken block");
+        // Finite values past what an f16 scale reaches saturate, not read back as NaN.
+        quantize_row(&[1e7; 32], &mut row[..row_bytes(32)]);
+        let mut out = [0f32; 32];
+        dequantize_row(&row[..row_bytes(32)], 32, &mut out);
+        assert!(out.iter().all(|v| v.is_finite() && *v > 8e6), "{out:?}");
     }
 
     /// The SIMD paths give the portable one's values exactly: whole blocks, a padded block,

@@ -190,3 +190,37 @@ mod tests {
         }
     }
 }
+
+/// The most bytes a thread's scratch buffer keeps between calls beyond what its last call used:
+/// one 128k-token prefill gathered hundreds of MiB into each pool thread's buffers, held until
+/// the process ended.
+const KEEP_BYTES: usize = 8 << 20;
+
+/// Gives back `buf`'s memory past what its last use took, when it holds more than
+/// [`KEEP_BYTES`] and more than four times that use (a smaller call after a long one).
+pub(crate) fn trim<T>(buf: &mut Vec<T>) {
+    let bytes = buf.capacity() * std::mem::size_of::<T>();
+    if bytes > KEEP_BYTES && buf.capacity() > 4 * buf.len() {
+        buf.shrink_to(buf.len());
+    }
+}
+
+#[cfg(test)]
+mod trim_tests {
+    /// A buffer a long call grew is given back after a short one; a small one is kept, and so
+    /// is one the short call still mostly uses.
+    #[test]
+    fn scratch_past_its_use_is_given_back() {
+        let mut big: Vec<f32> = vec![0.0; 16 << 20];
+        big.truncate(1000);
+        super::trim(&mut big);
+        assert!(big.capacity() < 1 << 20, "{}", big.capacity());
+        let mut small: Vec<f32> = Vec::with_capacity(1 << 20);
+        super::trim(&mut small);
+        assert_eq!(small.capacity(), 1 << 20);
+        let mut used: Vec<f32> = vec![0.0; 16 << 20];
+        used.truncate(8 << 20);
+        super::trim(&mut used);
+        assert!(used.capacity() >= 16 << 20);
+    }
+}

@@ -106,7 +106,8 @@ fn part<T: CachedRow>(
         let probs: Vec<&[f32]> = scores.chunks_exact(n).collect();
         let mut outs: Vec<&mut [f32]> = acc.chunks_exact_mut(vd).collect();
         T::sum_part(&probs, groups, kv.values, &slots, d, &mut outs);
-        drop(outs);
+        drop((outs, probs));
+        crate::parallel::trim(scores);
         Partial { max, sum, acc }
     })
 }

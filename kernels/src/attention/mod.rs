@@ -15,7 +15,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use crate::parallel::SharedMut;
+use crate::parallel::{trim, SharedMut};
 
 mod cached;
 mod decode;
@@ -72,6 +72,16 @@ struct Head {
 }
 
 impl Head {
+    /// Each buffer given back past its last use (see [`trim`]).
+    fn trim(&mut self) {
+        trim(&mut self.keys);
+        trim(&mut self.values);
+        trim(&mut self.tile_keys);
+        trim(&mut self.queries);
+        trim(&mut self.tile_values);
+        trim(&mut self.probabilities);
+    }
+
     const fn new() -> Self {
         Self {
             keys: Vec::new(),
@@ -295,6 +305,8 @@ fn per_head<T: CachedRow>(
                         y,
                     )
                 }
+                bufs.trim();
+                trim(scores);
             })
         });
     });

@@ -208,6 +208,11 @@ fn quantize_block(x: &[f32], qs: &mut [i8]) -> f32 {
     for (q, &v) in qs.iter_mut().zip(x) {
         *q = round_to_i8(v * inv);
     }
+    if !inv.is_finite() {
+        // A block too small for `127 / amax` saturates: -128 would break the kernels that
+        // multiply by |q| and move the sign onto the weight (-(-128) wraps to -128).
+        qs.iter_mut().for_each(|q| *q = (*q).max(-127));
+    }
     amax / 127.0
 }
 

@@ -622,3 +622,15 @@ fn rows_of_no_value_are_refused() {
     let e = QuantMatrix::new(Format::Q8_0, &[], 4, 0).expect_err("no block per row");
     assert!(e.to_string().contains("rows of 0 values"), "{e}");
 }
+
+/// A block too small for `127 / amax` saturates within -127..=127: -128 would flip a product's
+/// sign in the kernels that take |q| and move the sign onto the weight.
+#[test]
+fn a_tiny_block_never_rounds_to_minus_128() {
+    let mut x = vec![0f32; 32];
+    x[0] = -1e-38;
+    x[1] = 2e-38;
+    let mut out = Vec::new();
+    quantize_act32(&x, &mut out);
+    assert!(out[0].qs.iter().all(|&q| q >= -127), "{:?}", out[0].qs);
+}
