@@ -518,3 +518,31 @@ fn a_renamed_manifest_is_followed_to_its_new_name() {
     let (status, r) = d.post("/v1/plugins/echo/reload", &json!({}));
     assert_eq!(status, 200, "{r}");
 }
+
+/// A manifest dropped in while the daemon's first scan still runs (a slow probe) is served
+/// without waiting for some later change: the directories are watched from before that scan.
+#[test]
+fn a_plugin_dropped_in_during_the_first_scan_is_found() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = PluginDir::new();
+    dir.copy_lib("pio_test_plugin_hostile", "libhostile.so");
+    dir.copy_lib("pio_plugin_echo", "libecho.so");
+    let slow = "plugin = \"hostile\"\n[model.options]\nprobe_sleep_ms = 3000\n";
+    dir.write(
+        "slow.toml",
+        &manifest("slow", "0.1.0", "libhostile.so", slow),
+    );
+    let (path, echo) = (
+        dir.path().join("echo.toml"),
+        manifest("echo", "0.1.0", "libecho.so", ""),
+    );
+    let dropper = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(1000));
+        std::fs::write(path, echo).unwrap();
+    });
+    let d = Daemon::start(dir, "");
+    dropper.join().unwrap();
+    d.wait_for(30, "echo", |d| d.plugin("echo")["name"] == "echo");
+}

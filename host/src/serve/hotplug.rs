@@ -27,9 +27,13 @@ pub(super) struct Found {
     pub(super) fingerprint: String,
 }
 
-/// Starts watching the plugin and library directories; the watch ends when the returned watcher
-/// is dropped.
-pub fn watch(models: Arc<Models>) -> Option<notify::RecommendedWatcher> {
+/// Starts watching the plugin and library directories; changes are acted on once `first_scan`
+/// says the daemon's first scan is done (one seen before then is scanned for at once). The watch
+/// ends when the returned watcher is dropped.
+pub fn watch(
+    models: Arc<Models>,
+    first_scan: tokio::sync::oneshot::Receiver<()>,
+) -> Option<notify::RecommendedWatcher> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let mut watcher =
         match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -52,6 +56,10 @@ pub fn watch(models: Arc<Models>) -> Option<notify::RecommendedWatcher> {
         }
     }
     tokio::spawn(async move {
+        // Ended without a scan: the daemon is stopping.
+        if first_scan.await.is_err() {
+            return;
+        }
         while rx.recv().await.is_some() {
             // Wait for quiet, swallowing the rest of the burst.
             while let Ok(Some(())) = tokio::time::timeout(SETTLE, rx.recv()).await {}

@@ -232,6 +232,13 @@ pub async fn serve(setup: Setup) -> Result<(), ServeError> {
         .ok();
     let stops = stop_signals();
     let models = Models::new(setup);
+    // Watched from before the first scan too: a manifest dropped in while its probes run would
+    // otherwise wait for some later change to be seen. What arrives meanwhile is scanned for
+    // once the first scan is done.
+    let (scanned_once, first_scan) = tokio::sync::oneshot::channel();
+    let _watcher = (server.watch)
+        .then(|| hotplug::watch(models.clone(), first_scan))
+        .flatten();
     tokio::select! {
         scanned = models.rescan() => scanned?,
         why = nth_stop(stops.clone(), 1) => {
@@ -241,6 +248,7 @@ pub async fn serve(setup: Setup) -> Result<(), ServeError> {
             return Ok(());
         }
     }
+    let _ = scanned_once.send(());
     models.warn_missing_preloads();
     let app = Arc::new(App {
         models: models.clone(),
@@ -249,7 +257,7 @@ pub async fn serve(setup: Setup) -> Result<(), ServeError> {
         draining: AtomicBool::new(false),
         loopback,
     });
-    let _watcher = background(&models, &server, reload, systemd.clone(), hup);
+    background(&models, &server, reload, systemd.clone(), hup);
     if let Some(n) = systemd.clone() {
         tokio::spawn(notify_ready(app.clone(), n.clone()));
         tokio::spawn(n.keep_alive());
@@ -296,7 +304,7 @@ fn background(
     reload: Option<(std::path::PathBuf, crate::config::Config)>,
     systemd: Option<Arc<systemd::Notifier>>,
     hup: Option<tokio::signal::unix::Signal>,
-) -> Option<notify::RecommendedWatcher> {
+) {
     match (reload, hup) {
         (Some((path, before)), Some(hup)) => {
             tokio::spawn(reload::on_sighup(
@@ -332,10 +340,6 @@ fn background(
             }
         });
     }
-    server
-        .watch
-        .then(|| hotplug::watch(models.clone()))
-        .flatten()
 }
 
 /// Tells systemd the daemon is ready once `/ready` would answer 200.

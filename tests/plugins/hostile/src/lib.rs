@@ -122,6 +122,10 @@ impl PluginImpl for Hostile {
                 return Err(PluginError::invalid_config("the probe reached the network"));
             }
         }
+        // A library slow to check: the daemon's first scan takes this long.
+        if let Some(ms) = config.extra.get("probe_sleep_ms").and_then(|v| v.as_u64()) {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
         Ok(())
     }
 
