@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::manifest::{line_column, Manifest, ManifestError};
+use crate::manifest::{line_column, Manifest};
 use crate::probe::{LibraryReport, ProbeError, Prober};
 
 /// Where to look for manifests and libraries.
@@ -254,9 +254,16 @@ pub fn scan(dirs: &[PathBuf]) -> Result<Vec<PathBuf>, ScanError> {
             dir: dir.clone(),
             reason: e.to_string(),
         })?;
+        // Every `*.toml` but folders and hidden files (an editor's or a deploy tool's own, as
+        // Emacs's `.#name.toml` lock link): one that cannot be read (a dangling link, a FIFO) is
+        // reported by its check, not passed over, which unloaded a model served from it.
         let mut found: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+            .filter(|p| p.extension().is_some_and(|x| x == "toml") && !p.is_dir())
+            .filter(|p| {
+                !p.file_name()
+                    .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."))
+            })
             .collect();
         found.sort();
         manifests.extend(found);
@@ -281,13 +288,9 @@ pub fn check_static(manifest_path: &Path, search: &SearchPaths) -> Candidate {
         status: Status::Ready,
         fingerprint: None,
     };
-    let text = match std::fs::read_to_string(manifest_path) {
+    let text = match crate::manifest::read(manifest_path) {
         Ok(text) => text,
-        Err(source) => {
-            let e = ManifestError::Read {
-                path: manifest_path.to_owned(),
-                source,
-            };
+        Err(e) => {
             candidate.status = Status::Failed(CheckError::Manifest(e.to_string()));
             return candidate;
         }

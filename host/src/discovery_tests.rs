@@ -76,6 +76,40 @@ fn scan_finds_only_toml_files_in_order() {
     assert_eq!(names, ["a.toml", "b.toml"]);
 }
 
+/// A `*.toml` that cannot be read as a manifest (a dangling link, a FIFO, a huge file) is found
+/// and fails its check saying why, without blocking the scan; hidden files and folders are
+/// passed over.
+#[test]
+fn manifests_that_are_not_small_regular_files_fail_their_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::os::unix::fs::symlink(d.join("gone"), d.join("dangling.toml")).unwrap();
+    nix::unistd::mkfifo(
+        &d.join("fifo.toml"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
+    std::fs::write(d.join("huge.toml"), vec![b'#'; 2 << 20]).unwrap();
+    std::fs::write(d.join(".#lock.toml"), "").unwrap();
+    std::fs::create_dir(d.join("folder.toml")).unwrap();
+    let found = scan(&[d.to_path_buf()]).unwrap();
+    let names: Vec<_> = found
+        .iter()
+        .map(|p| p.file_name().unwrap().to_str().unwrap())
+        .collect();
+    assert_eq!(names, ["dangling.toml", "fifo.toml", "huge.toml"]);
+    for (path, why) in found
+        .iter()
+        .zip(["No such file", "not a regular file", "at most"])
+    {
+        let c = check_static(path, &SearchPaths::default());
+        let Status::Failed(e) = &c.status else {
+            panic!("{}: {:?}", path.display(), c.status);
+        };
+        assert!(e.to_string().contains(why), "{e}");
+    }
+}
+
 #[test]
 fn a_pinned_digest_is_compared_to_the_file() {
     let dir = tempfile::tempdir().unwrap();

@@ -291,6 +291,42 @@ pub enum ManifestError {
     Parse(#[from] TomlError),
 }
 
+/// The most bytes a manifest may hold (they are a few hundred).
+const MOST_BYTES: u64 = 1 << 20;
+
+/// The text of the manifest at `path`: a regular file (a FIFO or device named `*.toml` would
+/// block the scan, or never end) of at most a MiB, UTF-8.
+pub fn read(path: &Path) -> Result<String, ManifestError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let failed = |source| ManifestError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(failed)?;
+    let meta = file.metadata().map_err(failed)?;
+    if !meta.is_file() {
+        return Err(failed(std::io::Error::other(
+            "not a regular file (a manifest is a TOML file)",
+        )));
+    }
+    if meta.len() > MOST_BYTES {
+        return Err(failed(std::io::Error::other(format!(
+            "{} bytes: a manifest is a small TOML file (at most {MOST_BYTES} bytes)",
+            meta.len()
+        ))));
+    }
+    let mut text = String::new();
+    file.take(MOST_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(failed)?;
+    Ok(text)
+}
+
 impl Manifest {
     /// Parses manifest `text`; `path` is only used in errors.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ManifestError> {
