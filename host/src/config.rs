@@ -248,6 +248,10 @@ pub struct ServerSection {
     /// Image content parts may name files under this directory (default: none, only `data:`
     /// URLs are accepted).
     pub image_root: Option<PathBuf>,
+    /// Host names (as the `Host` header gives them, without the port) requests without a key
+    /// may name besides `localhost` and loopback addresses, and browser origins they may come
+    /// from: a reverse proxy's public name (default none).
+    pub allowed_hosts: Vec<String>,
     /// Where copies of the plugin libraries being served are kept (default: a fresh folder
     /// under the system's temporary directory).
     pub runtime_dir: Option<PathBuf>,
@@ -317,6 +321,7 @@ impl Default for ServerSection {
             watch: true,
             warmup: true,
             image_root: None,
+            allowed_hosts: Vec::new(),
             runtime_dir: None,
             log_format: LogFormat::Text,
         }

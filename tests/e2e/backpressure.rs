@@ -247,7 +247,7 @@ fn requests_past_the_workers_thread_limit_wait_for_a_thread() {
 fn send(client: &mut impl Write, path: &str, body: &str) {
     write!(
         client,
-        "POST {path} HTTP/1.1\r\nHost: pio\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .expect("send the request");

@@ -66,7 +66,7 @@ fn response_complete(bytes: &[u8]) -> bool {
 
 fn post(path: &str, body: &[u8], extra: &str) -> Vec<u8> {
     let mut r = format!(
-        "POST {path} HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer user\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n",
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer user\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n",
         body.len()
     )
     .into_bytes();
@@ -231,20 +231,20 @@ fn every_bad_input_gets_a_prompt_openai_4xx_and_the_daemon_keeps_serving() {
         ("deep nesting", post("/v1/chat/completions", deep.as_bytes(), ""), 413),
         ("deep nesting within the limit", post("/v1/chat/completions", "[".repeat(30_000).as_bytes(), ""), 400),
         ("over the body limit", post("/v1/completions", &vec![b' '; 70 << 10], ""), 413),
-        ("unknown route", b"GET /v2/anything HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer user\r\n\r\n".to_vec(), 404),
-        ("wrong method", b"GET /v1/chat/completions HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer user\r\n\r\n".to_vec(), 405),
-        ("wrong method on models", b"DELETE /v1/models HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer user\r\n\r\n".to_vec(), 405),
-        ("no key", b"GET /v1/models HTTP/1.1\r\nHost: pio\r\n\r\n".to_vec(), 401),
-        ("wrong key", b"GET /v1/models HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer nope\r\n\r\n".to_vec(), 401),
-        ("a user key on an admin route", b"GET /v1/plugins HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer user\r\n\r\n".to_vec(), 403),
-        ("a user key on an admin action", b"POST /v1/plugins/echo/unload HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer user\r\nContent-Length: 0\r\n\r\n".to_vec(), 403),
-        ("an admin action on no plugin", b"POST /v1/plugins/nothing/unload HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer admin\r\nContent-Length: 0\r\n\r\n".to_vec(), 404),
-        ("an unknown admin action", b"POST /v1/plugins/echo/explode HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer admin\r\nContent-Length: 0\r\n\r\n".to_vec(), 404),
-        ("a body longer than announced", b"POST /v1/completions HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer user\r\nContent-Length: 5\r\n\r\n{\"model\": \"echo\", \"prompt\": \"x\"}".to_vec(), 400),
+        ("unknown route", b"GET /v2/anything HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer user\r\n\r\n".to_vec(), 404),
+        ("wrong method", b"GET /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer user\r\n\r\n".to_vec(), 405),
+        ("wrong method on models", b"DELETE /v1/models HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer user\r\n\r\n".to_vec(), 405),
+        ("no key", b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n".to_vec(), 401),
+        ("wrong key", b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer nope\r\n\r\n".to_vec(), 401),
+        ("a user key on an admin route", b"GET /v1/plugins HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer user\r\n\r\n".to_vec(), 403),
+        ("a user key on an admin action", b"POST /v1/plugins/echo/unload HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer user\r\nContent-Length: 0\r\n\r\n".to_vec(), 403),
+        ("an admin action on no plugin", b"POST /v1/plugins/nothing/unload HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer admin\r\nContent-Length: 0\r\n\r\n".to_vec(), 404),
+        ("an unknown admin action", b"POST /v1/plugins/echo/explode HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer admin\r\nContent-Length: 0\r\n\r\n".to_vec(), 404),
+        ("a body longer than announced", b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer user\r\nContent-Length: 5\r\n\r\n{\"model\": \"echo\", \"prompt\": \"x\"}".to_vec(), 400),
         ("a body in a coding not read", post("/v1/completions", b"{}", "Content-Encoding: br\r\n"), 415),
         ("gzip that is not gzip", post("/v1/completions", b"{\"model\": \"echo\"}", "Content-Encoding: gzip\r\n"), 400),
         ("gzip past the limit once inflated", post("/v1/completions", &gzip(&vec![b' '; 1 << 20]), "Content-Encoding: gzip\r\n"), 413),
-        ("bad chunked framing", b"POST /v1/completions HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer user\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n".to_vec(), 400),
+        ("bad chunked framing", b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer user\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n".to_vec(), 400),
     ];
     for (what, request, expected) in cases {
         let started = Instant::now();
@@ -274,7 +274,7 @@ fn every_bad_input_gets_a_prompt_openai_4xx_and_the_daemon_keeps_serving() {
     // A body announced and never sent: a 408 once server.body_timeout_secs passes.
     let (status, body) = raw(
         &d,
-        b"POST /v1/completions HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer user\r\nContent-Length: 100\r\n\r\n{\"model\"",
+        b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer user\r\nContent-Length: 100\r\n\r\n{\"model\"",
         Duration::ZERO,
     )
     .expect("an answer to a body that never came");
@@ -289,7 +289,7 @@ fn every_bad_input_gets_a_prompt_openai_4xx_and_the_daemon_keeps_serving() {
     let started = Instant::now();
     let (status, body) = raw(
         &d,
-        b"POST /v1/completions HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer user\r\nContent-Length: 20000000\r\n\r\n{\"model\"",
+        b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer user\r\nContent-Length: 20000000\r\n\r\n{\"model\"",
         Duration::ZERO,
     )
     .expect("an answer to a body announced past the limit");
@@ -305,7 +305,7 @@ fn every_bad_input_gets_a_prompt_openai_4xx_and_the_daemon_keeps_serving() {
     // timeout for a body that will not come.
     let mut s = TcpStream::connect(d.addr()).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer user\r\nExpect: 100-continue\r\nContent-Length: 20000000\r\n\r\n")
+    s.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer user\r\nExpect: 100-continue\r\nContent-Length: 20000000\r\n\r\n")
         .unwrap();
     let started = Instant::now();
     let answer = read_until_closed(&mut s).unwrap_or_else(|(_, got)| got);
@@ -323,12 +323,12 @@ fn every_bad_input_gets_a_prompt_openai_4xx_and_the_daemon_keeps_serving() {
         .map(|_| TcpStream::connect(d.addr()).unwrap())
         .collect();
     for s in idle.iter_mut().step_by(2) {
-        s.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: pio\r\n")
+        s.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n")
             .unwrap();
     }
     // And one that made a request and then idles (keep-alive).
     let mut kept = TcpStream::connect(d.addr()).unwrap();
-    kept.write_all(b"GET /health HTTP/1.1\r\nHost: pio\r\n\r\n")
+    kept.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .unwrap();
     kept.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut buf = [0u8; 1024];
@@ -494,7 +494,7 @@ fn a_client_that_sends_a_whole_large_body_before_reading_gets_the_413() {
     // Far more than the kernel's socket buffers hold on either side.
     let big = vec![b' '; 32 << 20];
     let announced = post("/v1/completions", &big, "");
-    let mut chunked = b"POST /v1/completions HTTP/1.1\r\nHost: pio\r\nAuthorization: Bearer user\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    let mut chunked = b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer user\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
     for piece in big.chunks(1 << 20) {
         chunked.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
         chunked.extend_from_slice(piece);
@@ -538,8 +538,10 @@ fn a_refused_body_that_stops_coming_frees_its_connection() {
     d.wait_ready();
     let mut s = TcpStream::connect(d.addr()).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    s.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: pio\r\nContent-Length: 20000000\r\n\r\n")
-        .unwrap();
+    s.write_all(
+        b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 20000000\r\n\r\n",
+    )
+    .unwrap();
     s.write_all(&[b' '; 4096]).unwrap();
     let started = Instant::now();
     let answer = read_until_closed(&mut s).unwrap_or_else(|(e, _)| {
@@ -579,4 +581,42 @@ fn a_request_too_large_for_the_worker_is_a_400() {
         &json!({"model": "echo", "prompt": "still here", "max_tokens": 2}),
     );
     assert_eq!(status, 200, "{body}");
+}
+
+/// A daemon on loopback with no keys is not the web's: a page whose name was made to resolve to
+/// 127.0.0.1 (DNS rebinding) gets a 403 naming the host, and a cross-site POST (a form on some
+/// page unloading a model) a 403 too, the model left serving. A request with a key, its own
+/// page's (same origin) and a proxy's name in `allowed_hosts` go through.
+#[test]
+fn a_web_page_elsewhere_cannot_drive_a_local_daemon() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(
+        echo_dir(""),
+        "[server]\nallowed_hosts = [\"chat.example.org\"]\n",
+    );
+    d.wait_ready();
+    let ask = |request: String| raw(&d, request.as_bytes(), Duration::ZERO).expect("an answer");
+    let rebound = ask(
+        "GET /v1/plugins HTTP/1.1\r\nHost: evil.example:8080\r\nConnection: close\r\n\r\n".into(),
+    );
+    assert_eq!(rebound.0, 403, "{}", rebound.1);
+    assert!(rebound.1.contains("DNS rebinding"), "{}", rebound.1);
+    let unload = |origin: &str| {
+        ask(format!(
+            "POST /v1/plugins/echo/unload HTTP/1.1\r\nHost: {}\r\nOrigin: {origin}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            d.addr()
+        ))
+    };
+    let forged = unload("http://evil.example");
+    assert_eq!(forged.0, 403, "{}", forged.1);
+    assert!(forged.1.contains("cross-site"), "{}", forged.1);
+    assert_eq!(d.plugin("echo")["state"], "ready");
+    let proxied = ask(
+        "GET /v1/plugins HTTP/1.1\r\nHost: chat.example.org\r\nConnection: close\r\n\r\n".into(),
+    );
+    assert_eq!(proxied.0, 200, "{}", proxied.1);
+    let own = unload(&format!("http://{}", d.addr()));
+    assert_eq!(own.0, 200, "{}", own.1);
 }

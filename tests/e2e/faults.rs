@@ -440,7 +440,7 @@ fn a_request_its_client_left_is_still_held_to_its_deadline() {
     let mut client = std::net::TcpStream::connect(d.addr()).unwrap();
     write!(
         client,
-        "POST /v1/completions HTTP/1.1\r\nHost: pio\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -685,7 +685,7 @@ fn a_reload_whose_client_hangs_up_still_stops_the_old_worker() {
             d.plugin("hostile")["requests_in_flight"] == 1
         });
         let mut client = std::net::TcpStream::connect(d.addr()).expect("connect");
-        let request = "POST /v1/plugins/hostile/reload HTTP/1.1\r\nhost: pio\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+        let request = "POST /v1/plugins/hostile/reload HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
         client.write_all(request.as_bytes()).unwrap();
         d.wait_for(20, "the new version to serve", |d| {
             d.plugin("hostile")["pid"] != old

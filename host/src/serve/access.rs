@@ -130,8 +130,107 @@ fn same(a: &str, b: &str) -> bool {
             == 0
 }
 
+/// Why a request without a key is refused as one a web page elsewhere could have made a
+/// browser send, if it is: its `Host` not this server's on a daemon listening on loopback (DNS
+/// rebinding: a page whose name now resolves to 127.0.0.1 is same-origin with the daemon), or,
+/// for a request that may change something (any method but GET, HEAD and OPTIONS), an `Origin`
+/// other than the server's (a cross-site form or `fetch`, which needs no preflight). A request
+/// with a key cannot be forged so: a browser adds none cross-site.
+pub fn cross_site(
+    method: &axum::http::Method,
+    host: Option<&str>,
+    origin: Option<&str>,
+    loopback: bool,
+    allowed: &[String],
+) -> Option<String> {
+    let name = |authority: &str| {
+        let authority = authority.trim().to_ascii_lowercase();
+        match authority.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or_default().to_string(),
+            None => authority.split(':').next().unwrap_or_default().to_string(),
+        }
+    };
+    let ours = |n: &str| allowed.iter().any(|a| a.eq_ignore_ascii_case(n));
+    if let (true, Some(host)) = (loopback, host) {
+        let n = name(host);
+        let local = n == "localhost"
+            || n.ends_with(".localhost")
+            || n.parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if !local && !ours(&n) {
+            return Some(format!(
+                "Host `{host}` is not this server's: listening on loopback, it answers requests without a key only for localhost and loopback addresses (a web page could otherwise reach it by DNS rebinding); name it in server.allowed_hosts if a proxy forwards it, or send a key"
+            ));
+        }
+    }
+    let safe = matches!(method.as_str(), "GET" | "HEAD" | "OPTIONS");
+    let origin = origin.filter(|_| !safe)?;
+    let from = origin.split_once("://").map_or(origin, |(_, rest)| rest);
+    let same = host.is_some_and(|h| from.eq_ignore_ascii_case(h.trim()));
+    (!same && !ours(&name(from))).then(|| {
+        format!(
+            "a cross-site request: it comes from a page at {origin}, not this server ({}); a browser sends one for any page that asks, so it is refused without a key (name the page's host in server.allowed_hosts to allow it)",
+            host.unwrap_or("no Host")
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
+    /// On loopback, a request without a key is answered for local names alone (DNS rebinding),
+    /// and one that may change something only from this server's own pages (CSRF); the proxy's
+    /// name in `allowed_hosts` is let through both.
+    #[test]
+    fn requests_a_web_page_elsewhere_could_forge_are_refused() {
+        use axum::http::Method;
+        let (get, post) = (Method::GET, Method::POST);
+        let none: &[String] = &[];
+        for host in [
+            "127.0.0.1:8080",
+            "localhost:8080",
+            "[::1]:80",
+            "app.localhost",
+            "LOCALHOST",
+        ] {
+            assert_eq!(
+                cross_site(&get, Some(host), None, true, none),
+                None,
+                "{host}"
+            );
+        }
+        let e = cross_site(&get, Some("evil.example:8080"), None, true, none).unwrap();
+        assert!(
+            e.contains("DNS rebinding") && e.contains("allowed_hosts"),
+            "{e}"
+        );
+        assert_eq!(
+            cross_site(&get, Some("evil.example"), None, false, none),
+            None
+        );
+        let proxy = ["chat.example.org".to_string()];
+        assert_eq!(
+            cross_site(&get, Some("chat.example.org"), None, true, &proxy),
+            None
+        );
+        let here = Some("127.0.0.1:8080");
+        let same = Some("http://127.0.0.1:8080");
+        assert_eq!(cross_site(&post, here, same, true, none), None);
+        assert_eq!(
+            cross_site(&get, here, Some("http://evil.example"), true, none),
+            None
+        );
+        let e = cross_site(&post, here, Some("http://evil.example"), true, none).unwrap();
+        assert!(e.contains("cross-site"), "{e}");
+        assert!(cross_site(&post, Some("10.0.0.2:80"), Some("null"), false, none).is_some());
+        let proxied = Some("https://chat.example.org");
+        assert_eq!(cross_site(&post, here, proxied, true, &proxy), None);
+        assert_eq!(
+            cross_site(&post, here, None, true, none),
+            None,
+            "not from a browser"
+        );
+    }
+
     use super::*;
 
     #[test]

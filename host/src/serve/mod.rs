@@ -91,11 +91,29 @@ async fn authorize(State(app): State<Arc<App>>, request: Request, next: Next) ->
     let config = app.models.config();
     let server = &config.server;
     let need = access::need(request.uri().path(), server, app.loopback);
-    let given = request
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(access::bearer_token);
+    let headers = request.headers();
+    let header = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &axum::http::HeaderValue| v.to_str().ok())
+    };
+    let given = header(axum::http::header::AUTHORIZATION).and_then(access::bearer_token);
+    if given.is_none() {
+        // HTTP/2 names the host in the URI's authority, not a header.
+        let host = header(axum::http::header::HOST)
+            .or_else(|| request.uri().authority().map(|a| a.as_str()));
+        let origin = header(axum::http::header::ORIGIN);
+        let why = access::cross_site(
+            request.method(),
+            host,
+            origin,
+            app.loopback,
+            &server.allowed_hosts,
+        );
+        if let Some(why) = why {
+            return ApiError::forbidden(why).into_response();
+        }
+    }
     match access::check(need, given, server) {
         Ok(()) => next.run(request).await,
         Err(access::Refusal::Unauthenticated(message)) => {

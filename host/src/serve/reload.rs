@@ -35,6 +35,7 @@ pub fn merge(running: &Config, started: &Config, file: &Config) -> (Config, Vec<
     s.warmup = f.warmup;
     s.strict_readiness = f.strict_readiness;
     s.image_root = f.image_root.clone();
+    s.allowed_hosts = f.allowed_hosts.clone();
 
     let (b, f) = (started, file);
     let fixed = [
