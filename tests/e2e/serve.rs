@@ -854,7 +854,7 @@ fn the_next_start_cleans_what_a_killed_daemon_left() {
     assert!(!own.exists(), "{own:?} left behind");
 }
 
-/// `/metrics` is open on a loopback listen, needs a metrics or admin key once metrics keys are
+/// `/metrics` is open on a loopback listen, needs a metrics or admin key once any key is
 /// configured, and off loopback is closed until a key is configured (saying which); so is the
 /// admin API.
 #[test]
@@ -908,6 +908,12 @@ fn metrics_need_a_key_off_loopback_or_once_metrics_keys_are_set() {
     );
     assert_eq!(public.get("/v1/plugins").0, 401);
     assert_eq!(open.get("/v1/plugins").0, 200);
+    // Keys of any kind say the daemon is shared (a proxy on the same host forwards from
+    // loopback): user keys alone close /metrics on loopback too, saying which key opens it.
+    let shared = Daemon::start(echo_dir(""), "[server]\napi_keys = [\"user\"]\n");
+    let (status, body) = shared.get("/metrics");
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(shared.get_as("/metrics", Some("user")).0, 403);
 }
 
 /// Every response carries an `x-request-id` (the client's when it is a sane token, else a new

@@ -12,7 +12,7 @@ pub enum Need {
     User,
     /// An admin key (the admin API, once any key is configured).
     Admin,
-    /// A metrics or admin key (`/metrics` off loopback, or once metrics keys are configured).
+    /// A metrics or admin key (`/metrics` off loopback, or once any key is configured).
     Metrics,
 }
 
@@ -20,21 +20,22 @@ pub enum Need {
 const TOKENS: [&str; 3] = ["/tokenize", "/detokenize", "/tokenizer_info"];
 
 /// What `path` needs under `server`'s keys; `loopback`: the daemon listens on a loopback
-/// address only, where `/metrics` stays open unless metrics keys are configured, and the admin
-/// API unless any key is, metrics keys included (off loopback both need a key: a published port must not let anyone
-/// unload the models).
+/// address only, where `/metrics` and the admin API stay open unless any key is configured (off
+/// loopback both need a key: a published port must not let anyone unload the models).
 pub fn need(path: &str, server: &ServerSection, loopback: bool) -> Need {
+    // Keys of any kind say the daemon is shared (a proxy on the same host forwards from
+    // loopback): what loopback leaves open then closes.
+    let no_keys = [&server.api_keys, &server.admin_keys, &server.metrics_keys]
+        .iter()
+        .all(|k| k.is_empty());
     if path.starts_with("/v1/plugins") {
-        let no_keys = [&server.api_keys, &server.admin_keys, &server.metrics_keys]
-            .iter()
-            .all(|k| k.is_empty());
         if no_keys && loopback {
             Need::Open
         } else {
             Need::Admin
         }
     } else if path == "/metrics" {
-        if server.metrics_keys.is_empty() && loopback {
+        if no_keys && loopback {
             Need::Open
         } else {
             Need::Metrics
