@@ -27,6 +27,12 @@ try:
     notice = wait.until(ec.visibility_of_element_located((By.ID, "notice")))
     assert "key" in notice.text, notice.text
     field = driver.find_element(By.ID, "key")
+    # A wrong key: the page says it is not valid (the warning was cleared at once before).
+    field.send_keys("wrong")
+    field.send_keys("\t")
+    wait.until(lambda d: "not valid" in d.find_element(By.ID, "notice").text)
+    assert driver.find_element(By.ID, "notice").is_displayed()
+    field.clear()
     field.send_keys(key)
     field.send_keys("\t")  # change event
     wait.until(lambda d: "echo" in [o.text for o in Select(d.find_element(By.ID, "model")).options])

@@ -620,3 +620,34 @@ fn a_web_page_elsewhere_cannot_drive_a_local_daemon() {
     let own = unload(&format!("http://{}", d.addr()));
     assert_eq!(own.0, 200, "{}", own.1);
 }
+
+/// A client that sends a whole large body with a wrong key before it reads gets its 401, not a
+/// reset: the refused body is read and dropped behind the answer, as a 413's is.
+#[test]
+fn a_wrong_key_with_a_large_body_gets_the_401() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(echo_dir(""), "[server]\napi_keys = [\"user\"]\n");
+    d.wait_ready();
+    let big = vec![b' '; 12 << 20];
+    let request = with_bearer(post("/v1/completions", &big, ""), "guess");
+    let text = send_all_then_read(&d, &request);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no answer: {text:?}"));
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    let body: Value = serde_json::from_str(body).unwrap();
+    assert_openai_4xx("wrong key", 401, &body);
+}
+
+/// `request` with its bearer key replaced by `key`.
+fn with_bearer(request: Vec<u8>, key: &str) -> Vec<u8> {
+    let at = (request.windows(13))
+        .position(|w| w == b"Bearer user\r\n")
+        .expect("a bearer key");
+    let mut out = request[..at].to_vec();
+    out.extend_from_slice(format!("Bearer {key}\r\n").as_bytes());
+    out.extend_from_slice(&request[at + 13..]);
+    out
+}

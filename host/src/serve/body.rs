@@ -122,6 +122,22 @@ async fn read_within(mut body: Body, limit: usize) -> Result<Bytes, Unread> {
     Ok(Bytes::from(bytes))
 }
 
+/// `refusal` of `request` before its body was read (no key, the wrong one, a forged origin): its
+/// body read and dropped behind the answer as a refused one is (a client writing a large body
+/// before it reads got a reset instead of its 401).
+pub(super) fn turn_away(app: &App, refusal: ApiError, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let waits = (parts.headers.get(header::EXPECT))
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let secs = app.models.config().server.body_timeout_secs.max(1);
+    let linger = if waits {
+        Duration::ZERO
+    } else {
+        Duration::from_secs(secs)
+    };
+    refuse(refusal, parts.version, body, linger)
+}
+
 /// `refusal`, with the rest of the body read and dropped behind it for at most `linger` (zero:
 /// not read at all).
 fn refuse(refusal: ApiError, version: Version, rest: Body, linger: Duration) -> Response {

@@ -39,7 +39,7 @@ use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
 
@@ -111,15 +111,17 @@ async fn authorize(State(app): State<Arc<App>>, request: Request, next: Next) ->
             &server.allowed_hosts,
         );
         if let Some(why) = why {
-            return ApiError::forbidden(why).into_response();
+            return body::turn_away(&app, ApiError::forbidden(why), request);
         }
     }
     match access::check(need, given, server) {
         Ok(()) => next.run(request).await,
         Err(access::Refusal::Unauthenticated(message)) => {
-            ApiError::unauthorized(message).into_response()
+            body::turn_away(&app, ApiError::unauthorized(message), request)
         }
-        Err(access::Refusal::Forbidden(message)) => ApiError::forbidden(message).into_response(),
+        Err(access::Refusal::Forbidden(message)) => {
+            body::turn_away(&app, ApiError::forbidden(message), request)
+        }
     }
 }
 

@@ -313,7 +313,8 @@ document.addEventListener("DOMContentLoaded", () => {
   $("key").value = localStorage.getItem("pio.key") || "";
   $("key").addEventListener("change", () => {
     localStorage.setItem("pio.key", $("key").value.trim());
-    loadModels().catch((e) => notice(e.message === "unauthorized" ? notice.textContent : e.message));
+    // `api` has said what an unauthorized key needs; another failure says itself.
+    loadModels().catch((e) => { if (e.message !== "unauthorized") notice(e.message); });
   });
   for (const tab of document.querySelectorAll(".tab")) tab.addEventListener("click", () => show(tab.dataset.view));
   $("model").addEventListener("change", modelChanged);
