@@ -134,17 +134,25 @@ fn a_decode_step_reads_the_head_and_the_routed_experts_share() {
 
 /// Loads a copy of the tiny Qwen3 checkpoint, `edit`ed first, as the plugin loads it.
 fn load_edited(edit: &dyn Fn(&std::path::Path)) -> Result<(), pio_plugin_api::PluginError> {
+    load_fixture_edited::<Qwen3>("qwen3-tiny", edit)
+}
+
+/// Loads a copy of the fixture `name` as model `M`, `edit`ed first.
+fn load_fixture_edited<M: pio_engine::runtime::LoadModel>(
+    name: &str,
+    edit: &dyn Fn(&std::path::Path),
+) -> Result<(), pio_plugin_api::PluginError> {
     use pio_engine::runtime::ModelRuntime;
     use pio_plugin_api::sinks::NoProgress;
     use pio_plugin_api::wire::ModelConfig;
     use pio_plugin_api::Progress;
     let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(fixtures().join("qwen3-tiny")).unwrap() {
+    for entry in std::fs::read_dir(fixtures().join(name)).unwrap() {
         let path = entry.unwrap().path();
         std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
     }
     edit(dir.path());
-    let mut runtime = ModelRuntime::<Qwen3>::new(None);
+    let mut runtime = ModelRuntime::<M>::new(None);
     let config = ModelConfig {
         model_path: Some(dir.path().to_path_buf()),
         ..Default::default()
@@ -250,6 +258,16 @@ fn configs_the_engine_would_run_wrong_are_refused_by_field() {
         e.message.contains("`layer_types`") && e.message.contains("sliding_attention"),
         "{e}"
     );
+    // Qwen3-MoE windows every layer whatever `max_window_layers` says: refused too.
+    let e = load_fixture_edited::<Qwen3Moe>("qwen3-moe-tiny", &|dir| {
+        edit_json(&dir.join("config.json"), &|j| {
+            j["use_sliding_window"] = true.into();
+            j["sliding_window"] = 4.into();
+            j["max_window_layers"] = j["num_hidden_layers"].clone();
+        })
+    })
+    .unwrap_err();
+    assert!(e.message.contains("`use_sliding_window`"), "{e}");
     // Off, or below every layer, it loads.
     load_with_config(&|j| {
         j["use_sliding_window"] = false.into();

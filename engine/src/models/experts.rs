@@ -84,8 +84,14 @@ impl Experts {
         let mut routed = vec![(Vec::<u32>::new(), Vec::<f32>::new()); self.experts.len()];
         for (token, choice) in choices.iter().enumerate() {
             for &(e, w) in choice {
-                routed[e].0.push(token as u32);
-                routed[e].1.push(w);
+                let experts = routed.len();
+                let (tokens, weights) = routed.get_mut(e).ok_or_else(|| {
+                    crate::EngineError::Internal(format!(
+                        "the router chose expert {e} of {experts}"
+                    ))
+                })?;
+                tokens.push(token as u32);
+                weights.push(w);
             }
         }
         // Every expert's tokens and weights go to the device in one copy each, and each expert

@@ -25,6 +25,38 @@ pub struct RopeParameters {
     pub factor: Option<f64>,
     /// Share of each head that rotates (transformers 5 keeps it here).
     pub partial_rotary_factor: Option<f64>,
+    /// YaRN's attention-scale correction, which transformers applies to MLA's softmax scale for
+    /// any scaled rotation (not supported: refused where it would count).
+    pub mscale_all_dim: Option<f64>,
+}
+
+impl RopeParameters {
+    /// The kind of scaling, in either spelling.
+    fn kind(&self) -> Option<&str> {
+        self.rope_type.as_deref().or(self.old_type.as_deref())
+    }
+}
+
+/// The RoPE parameters of a config that may carry both transformers 5's `rope_parameters` and
+/// transformers 4's `rope_scaling`: either, or both where they say the same (transformers 5
+/// takes `rope_scaling` first, PIO read `rope_parameters` first: two that differ are refused,
+/// naming both, rather than one of them run).
+pub(crate) fn rope_params<'a>(
+    checkpoint: &Checkpoint,
+    parameters: Option<&'a RopeParameters>,
+    scaling: Option<&'a RopeParameters>,
+) -> Result<Option<&'a RopeParameters>> {
+    if let (Some(p), Some(s)) = (parameters, scaling) {
+        let theta = p.rope_theta.zip(s.rope_theta).is_some_and(|(a, b)| a != b);
+        if p.kind() != s.kind() || p.factor != s.factor || theta {
+            return Err(EngineError::BadField {
+                path: checkpoint.config_path(),
+                field: "rope_scaling".into(),
+                reason: format!("says {s:?} where rope_parameters says {p:?}: keep one of them"),
+            });
+        }
+    }
+    Ok(parameters.or(scaling))
 }
 
 /// (theta, position scale) from whichever RoPE fields a `config.json` uses: a top-level
@@ -34,14 +66,14 @@ pub(crate) fn rope_base(
     rope_theta: Option<f64>,
     params: Option<&RopeParameters>,
 ) -> Result<(f64, f64)> {
-    let theta = rope_theta
-        .or(params.and_then(|p| p.rope_theta))
-        .unwrap_or(10_000.0);
     let bad = |field: &str, reason: String| EngineError::BadField {
         path: checkpoint.config_path(),
         field: field.into(),
         reason,
     };
+    let theta = rope_theta
+        .or(params.and_then(|p| p.rope_theta))
+        .unwrap_or(10_000.0);
     let kind = match params.map(|p| (p.rope_type.as_deref(), p.old_type.as_deref())) {
         Some((Some(new), Some(old))) if new != old => {
             return Err(bad(
@@ -58,6 +90,14 @@ pub(crate) fn rope_base(
             return Err(bad(
                 "rope_scaling.rope_type",
                 format!("is missing beside factor {factor}: say which scaling (supported: default, linear)"),
+            ));
+        }
+    }
+    if let (Some(kind), Some(m)) = (kind, params.and_then(|p| p.mscale_all_dim)) {
+        if !matches!(kind, "default" | "mrope") && m != 0.0 {
+            return Err(bad(
+                "rope_scaling.mscale_all_dim",
+                format!("{m} beside `{kind}` scaling changes the attention's scale, which is not supported yet"),
             ));
         }
     }
@@ -82,6 +122,15 @@ pub(crate) fn rope_base(
                 field: field.into(),
                 reason: format!("expected a positive number, found {value}"),
             });
+        }
+    }
+    // Two bases that differ: transformers 5 takes the parameters', PIO took the top level's.
+    if let (Some(top), Some(inner)) = (rope_theta, params.and_then(|p| p.rope_theta)) {
+        if top != inner {
+            return Err(bad(
+                "rope_theta",
+                format!("is {top} where rope_parameters.rope_theta is {inner}: keep one of them"),
+            ));
         }
     }
     Ok((theta, scale))
@@ -228,6 +277,31 @@ mod tests {
             "{e}"
         );
         assert_eq!(base(json!({"factor": 1.0})).unwrap().1, 1.0);
+    }
+
+    /// Two sources that say different things are refused, naming both: transformers 5 would
+    /// take the other one.
+    #[test]
+    fn rope_fields_that_disagree_are_refused() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen3-tiny");
+        let checkpoint = Checkpoint::open(&dir).unwrap();
+        let params = |v: serde_json::Value| serde_json::from_value::<RopeParameters>(v).unwrap();
+        let theta = params(json!({"rope_type": "default", "rope_theta": 1e6}));
+        let e = rope_base(&checkpoint, Some(1e4), Some(&theta)).unwrap_err();
+        assert!(e.to_string().contains("rope_theta"), "{e}");
+        assert_eq!(
+            rope_base(&checkpoint, Some(1e6), Some(&theta)).unwrap().0,
+            1e6
+        );
+        let linear = params(json!({"type": "linear", "factor": 4.0}));
+        let e = rope_params(&checkpoint, Some(&theta), Some(&linear)).unwrap_err();
+        assert!(e.to_string().contains("keep one"), "{e}");
+        let same = params(json!({"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6}));
+        assert!(rope_params(&checkpoint, Some(&same), Some(&linear)).is_ok());
+        let e =
+            base(json!({"rope_type": "linear", "factor": 2.0, "mscale_all_dim": 1.0})).unwrap_err();
+        assert!(e.to_string().contains("mscale_all_dim"), "{e}");
     }
 
     use serde_json::json;

@@ -154,7 +154,11 @@ impl Config {
 
     /// (theta, position scale) from whichever RoPE fields the checkpoint uses.
     pub(crate) fn rope(&self, checkpoint: &Checkpoint) -> Result<(f64, f64)> {
-        let params = self.rope_parameters.as_ref().or(self.rope_scaling.as_ref());
+        let params = crate::models::rotary::rope_params(
+            checkpoint,
+            self.rope_parameters.as_ref(),
+            self.rope_scaling.as_ref(),
+        )?;
         let partial = self
             .partial_rotary_factor
             .or(params.and_then(|p| p.partial_rotary_factor))

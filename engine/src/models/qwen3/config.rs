@@ -109,7 +109,11 @@ impl Config {
 
     /// (theta, position scale) from whichever RoPE fields the checkpoint uses.
     pub(crate) fn rope(&self, checkpoint: &Checkpoint) -> Result<(f64, f64)> {
-        let params = self.rope_parameters.as_ref().or(self.rope_scaling.as_ref());
+        let params = crate::models::rotary::rope_params(
+            checkpoint,
+            self.rope_parameters.as_ref(),
+            self.rope_scaling.as_ref(),
+        )?;
         crate::models::rotary::rope_base(checkpoint, self.rope_theta, params)
     }
 
@@ -155,9 +159,11 @@ impl Config {
             }
         }
         // Run in full, a sliding layer's output would differ past the window without a word.
+        // Qwen3-MoE windows every layer (its attention has no `max_window_layers` rule).
         let sliding = self.use_sliding_window
             && self.sliding_window.is_some()
-            && self.max_window_layers.unwrap_or(0) < self.num_hidden_layers;
+            && (self.num_experts > 0
+                || self.max_window_layers.unwrap_or(0) < self.num_hidden_layers);
         if let Some(kind) = (self.layer_types.iter()).find(|k| k.as_str() != "full_attention") {
             return Err(bad(
                 "layer_types",
