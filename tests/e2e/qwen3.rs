@@ -612,6 +612,53 @@ fn bench_constrained_runs_share_no_prompt() {
     }
 }
 
+/// `pio bench --single-stream --compare-llama-cpp` runs llama.cpp once its own worker is gone:
+/// not two models in memory at once, nor two programs on the cores it measures (a stand-in
+/// llama-batched-bench records whether the bench still had a worker beside it).
+#[test]
+fn single_stream_llama_cpp_runs_without_the_worker_beside_it() {
+    if !confinement_available() {
+        return;
+    }
+    let dir = tiny_qwen3_plugins();
+    let seen = dir.path().join("seen");
+    let script = dir.path().join("llama-batched-bench");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nkids=$(cat /proc/$PPID/task/*/children)\nfor k in $kids; do [ \"$k\" != \"$$\" ] && echo \"$k\" >> {seen}; done\ntouch {seen}\necho '{{\"pl\": 1, \"pp\": 8, \"tg\": 2, \"speed_pp\": 100.0, \"speed_tg\": 10.0, \"speed\": 20.0}}'\n",
+            seen = seen.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let gguf = repo_root().join("tests/fixtures/gguf/qwen3-wide.q4_k_m.gguf");
+    let args = [
+        "bench",
+        "qwen3-4b-instruct-2507",
+        "--plugins",
+        ".",
+        "--single-stream",
+        "--prompt-words",
+        "8",
+        "--output-tokens",
+        "2",
+        "--json",
+        "--compare-llama-cpp",
+        gguf.to_str().unwrap(),
+        "--llama-batched-bench",
+        script.to_str().unwrap(),
+    ];
+    let out = pio(dir.path(), &args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let beside = std::fs::read_to_string(&seen).expect("llama.cpp ran");
+    assert!(beside.trim().is_empty(), "processes beside it: {beside}");
+}
+
 /// `pio bench` refuses a workload with nothing to measure, and one whose prompts pass the
 /// model's context says which flag fits it.
 #[test]

@@ -295,7 +295,7 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<u8> {
         worker.shutdown().await;
         // llama.cpp's turn comes with the worker gone: not two models in memory at once.
         match result? {
-            Measured::Reported(code) => Ok(code),
+            Measured::Single(measured) => single::report(&args, measured, &info),
             Measured::Workload(figures, timings) => {
                 let llama = match &args.compare_llama_cpp {
                     Some(gguf) => Some(compare(&args, gguf, &timings)?),
@@ -310,8 +310,8 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<u8> {
 
 /// What the measured runs gave.
 enum Measured {
-    /// The single-stream report, printed; the exit code.
-    Reported(u8),
+    /// The single-stream figures, and the engine's profile of them.
+    Single((single::Figures, Option<serde_json::Value>)),
     /// The workload's figures and its requests' timings, to print beside llama.cpp's.
     Workload(serde_json::Value, Vec<Timing>),
 }
@@ -336,8 +336,9 @@ async fn measure(
         // Warm-up: thread pools and buffers, with a prompt that shares nothing.
         one(worker, request("Hello".into(), 2, false)).await?;
         if args.single_stream {
-            let measured = single::run(worker, args).await;
-            return single::report(args, measured?, info).map(Measured::Reported);
+            // Reported once the worker is gone: the streaming read and llama.cpp then run with
+            // the machine to themselves, as the workload's comparison does.
+            return single::run(worker, args).await.map(Measured::Single);
         }
         let (timings, wall) = workload(worker, args, None, 0).await?;
         if let Some((short, least)) = shortfall(args.output_tokens, &timings) {
