@@ -59,7 +59,7 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<u8> {
     }
     // This model's among the folder's (it may be shared): named by the engine as
     // `{checkpoint}-{quantization}-{hash of its path}.pio-cache.gguf`.
-    let prefix = cache_prefix(&config);
+    let prefixes = cache_prefixes(&config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -75,7 +75,9 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<u8> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
-            name.is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".pio-cache.gguf"))
+            name.is_some_and(|n| {
+                n.ends_with(".pio-cache.gguf") && prefixes.iter().any(|p| n.starts_with(p))
+            })
         })
         .collect();
     files.sort();
@@ -91,19 +93,30 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// How the names of `config`'s cache files begin: its checkpoint's name (the folder's, or a
-/// GGUF file's stem), then its quantization.
-fn cache_prefix(config: &pio_plugin_api::wire::ModelConfig) -> String {
+/// How the names of `config`'s cache files may begin: its checkpoint's name (the folder's, or a
+/// GGUF file's stem: the model path's, or those of the GGUF files in its folder, one of which
+/// the engine reads), then its quantization.
+fn cache_prefixes(config: &pio_plugin_api::wire::ModelConfig) -> Vec<String> {
     let path = (config.model_path.as_deref())
         .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()));
-    let name = match &path {
-        Some(p) if p.extension().is_some_and(|x| x == "gguf") => p.file_stem(),
-        Some(p) => p.file_name(),
-        None => None,
+    let gguf =
+        |p: &std::path::Path| (p.extension()).is_some_and(|x| x.eq_ignore_ascii_case("gguf"));
+    let stem = |p: &std::path::Path| p.file_stem().map(|n| n.to_string_lossy().into_owned());
+    let names: Vec<String> = match &path {
+        Some(p) if gguf(p) => stem(p).into_iter().collect(),
+        Some(p) => {
+            let inside = std::fs::read_dir(p).into_iter().flatten().flatten();
+            let stems = inside
+                .map(|e| e.path())
+                .filter(|f| gguf(f))
+                .filter_map(|f| stem(&f));
+            (p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .into_iter()
+                .chain(stems)
+                .collect()
+        }
+        None => vec!["model".into()],
     };
-    let name = name.map_or("model".into(), |n| n.to_string_lossy().into_owned());
-    format!(
-        "{name}-{}-",
-        config.quantization.as_deref().unwrap_or_default()
-    )
+    let q = config.quantization.as_deref().unwrap_or_default();
+    names.into_iter().map(|n| format!("{n}-{q}-")).collect()
 }

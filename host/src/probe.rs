@@ -167,8 +167,8 @@ struct PinnedCopy {
 }
 
 impl PinnedCopy {
-    /// `library`'s bytes as read now, if their sha256 is `expected`.
-    fn make(library: &Path, expected: &str) -> Result<Self, ProbeError> {
+    /// `library`'s bytes as read now, if their sha256 is `expected`, in a new folder in `within`.
+    fn make(library: &Path, expected: &str, within: &Path) -> Result<Self, ProbeError> {
         use std::io::Write;
         use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         let malformed = |reason: String| ProbeError::Malformed {
@@ -183,14 +183,12 @@ impl PinnedCopy {
                 "its sha256 is {actual}, but its manifest pins {expected} (it changed while it was checked); check the file and its pin"
             )));
         }
-        let temp = std::env::temp_dir();
-        let dir = crate::serve::library::create_default_runtime_dir(&temp, std::process::id())
-            .map_err(|e| {
-                malformed(format!(
-                    "cannot make a folder for its copy in {}: {e}",
-                    temp.display()
-                ))
-            })?;
+        let dir = private_folder(within).map_err(|e| {
+            malformed(format!(
+                "cannot make a folder for its copy in {}: {e}",
+                within.display()
+            ))
+        })?;
         let copy = Self {
             file: dir.join("library.so"),
             dir,
@@ -224,6 +222,34 @@ impl PinnedCopy {
     }
 }
 
+/// A new folder `pio-probe-<pid>-<random>` in `within` (not a daemon's runtime folder's name,
+/// whose leftovers a daemon removes).
+fn private_folder(within: &Path) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let mut last = None;
+    for _ in 0..8 {
+        let dir = within.join(format!(
+            "pio-probe-{}-{:016x}",
+            std::process::id(),
+            rand_u64()?
+        ));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no free name")))
+}
+
+/// Eight bytes from the kernel's random source.
+fn rand_u64() -> std::io::Result<u64> {
+    use std::io::Read;
+    let mut bytes = [0u8; 8];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(u64::from_ne_bytes(bytes))
+}
+
 impl Drop for PinnedCopy {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -239,6 +265,9 @@ pub struct Prober {
     users: WorkerUsers,
     /// The gid they drop to.
     gid: u32,
+    /// Where pinned libraries' copies are probed from (a folder that may map code: the
+    /// daemon's runtime folder, else the temp folder).
+    copies: PathBuf,
 }
 
 impl Prober {
@@ -254,7 +283,15 @@ impl Prober {
             timeout: Duration::from_secs(20),
             users: WorkerUsers::default(),
             gid: Policy::default().worker_gid,
+            copies: std::env::temp_dir(),
         }
+    }
+
+    /// The same prober copying pinned libraries into `dir` to probe them (the daemon's runtime
+    /// folder: `/tmp` may be mounted `noexec`, which is why operators set `runtime_dir`).
+    pub fn with_copies_in(mut self, dir: PathBuf) -> Self {
+        self.copies = dir;
+        self
     }
 
     /// The same prober dropping to `policy`'s users (`sandbox.worker_uid` or `worker_uids`,
@@ -300,7 +337,7 @@ impl Prober {
         config: &pio_plugin_api::wire::ModelConfig,
         sha256: &str,
     ) -> Result<LibraryReport, ProbeError> {
-        let copy = PinnedCopy::make(library, sha256)?;
+        let copy = PinnedCopy::make(library, sha256, &self.copies)?;
         self.probe_as(copy.path(), plugin, Some(config))
     }
 

@@ -256,8 +256,8 @@ refused(400, "Unknown format", response_format=response_format("f", {"type": "st
 refused(400, "response_format.type", response_format={"type": "xml"})
 refused(400, "unclosed group", param="guided_regex", extra_body={"guided_regex": "(unclosed"})
 refused(400, "a tool's `parameters` cannot be used", param="tools", tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "bogus"}}}}}], tool_choice="required")
-refused(400, "parameter `d`: `format`", param="tools", model=CODER, tool_choice="required",
-        tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"d": {"type": "string", "format": "date"}}}}}])
+refused(400, "parameter `d`: a `pattern` with", param="tools", model=CODER, tool_choice="required",
+        tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"d": {"type": "string", "pattern": "^[0-9]+$", "maxLength": 4}}}}}])
 refused(400, "one output constraint", extra_body={"guided_regex": "a", "guided_choice": ["a"]})
 refused(400, "not among the `tools`", tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}})
 refused(400, "no `tools`", tool_choice="required")

@@ -603,6 +603,13 @@ fn a_web_page_elsewhere_cannot_drive_a_local_daemon() {
     );
     assert_eq!(rebound.0, 403, "{}", rebound.1);
     assert!(rebound.1.contains("DNS rebinding"), "{}", rebound.1);
+    // A page rebound to the daemon may send any header: a key the server does not know opens
+    // nothing.
+    let faked = ask("GET /v1/plugins HTTP/1.1\r\nHost: evil.example\r\nAuthorization: Bearer x\r\nConnection: close\r\n\r\n".into());
+    assert_eq!(faked.0, 403, "{}", faked.1);
+    let health =
+        ask("GET /health HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n".into());
+    assert_eq!(health.0, 200, "{}", health.1);
     let unload = |origin: &str| {
         ask(format!(
             "POST /v1/plugins/echo/unload HTTP/1.1\r\nHost: {}\r\nOrigin: {origin}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",

@@ -156,8 +156,10 @@ fn jpeg_scans(bytes: &[u8]) -> usize {
     let (mut at, mut scans) = (2, 0);
     while at + 1 < bytes.len() {
         let marker = bytes[at + 1];
-        // Fill bytes, or (after a malformed segment) anything but a marker: step on.
-        if bytes[at] != 0xFF || marker == 0xFF {
+        // Fill bytes, `FF 00` (which libjpeg drops as extraneous outside a scan, as any byte
+        // that is no marker): step on, one byte, as libjpeg does; a length read there could
+        // jump over scans it then decodes.
+        if bytes[at] != 0xFF || marker == 0xFF || marker == 0x00 {
             at += 1;
             continue;
         }
@@ -432,6 +434,15 @@ mod tests {
         }
         many.extend([0xFF, 0xD9]);
         assert_eq!(jpeg_scans(&many), scans + MAX_SCANS);
+        // `FF 00` between scans is dropped by libjpeg, not read as a marker with a length that
+        // would jump over the scans after it.
+        let mut hidden = photo[..end].to_vec();
+        for _ in 0..MAX_SCANS {
+            hidden.extend([0xFF, 0x00, 0x40, 0x00]);
+            hidden.extend(&photo[last..end]);
+        }
+        hidden.extend([0xFF, 0xD9]);
+        assert_eq!(jpeg_scans(&hidden), scans + MAX_SCANS);
         let e = decode(&many, &DecodeLimits::default()).unwrap_err();
         assert!(e.to_string().contains("scans"), "{e}");
     }

@@ -85,12 +85,7 @@ pub fn check(need: Need, given: Option<&str>, server: &ServerSection) -> Result<
             .chain(&server.admin_keys)
             .collect(),
     };
-    let known = |given: &str| {
-        (server.api_keys.iter())
-            .chain(&server.admin_keys)
-            .chain(&server.metrics_keys)
-            .any(|k| same(k, given))
-    };
+    let known = |given: &str| known_key(given, server);
     if need == Need::Metrics && keys.is_empty() {
         let message = "/metrics is open only when the daemon listens on loopback; set server.metrics_keys (or admin keys) and scrape with `Authorization: Bearer KEY`".to_string();
         return Err(Refusal::for_key(given.is_some_and(known), message));
@@ -115,7 +110,14 @@ pub fn check(need: Need, given: Option<&str>, server: &ServerSection) -> Result<
     Err(Refusal::for_key(known(given), message))
 }
 
-/// Constant-time comparison, so a key cannot be guessed byte by byte from response times.
+/// Whether `given` is one of the keys `server` knows, of any kind.
+pub fn known_key(given: &str, server: &ServerSection) -> bool {
+    (server.api_keys.iter())
+        .chain(&server.admin_keys)
+        .chain(&server.metrics_keys)
+        .any(|k| same(k, given))
+}
+
 /// The key in an `Authorization` value: its scheme is `Bearer` in any case (RFC 7235 makes
 /// schemes case-insensitive; some clients send `bearer`), the key after any whitespace.
 pub fn bearer_token(value: &str) -> Option<&str> {
@@ -123,6 +125,7 @@ pub fn bearer_token(value: &str) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
 }
 
+/// Constant-time comparison, so a key cannot be guessed byte by byte from response times.
 fn same(a: &str, b: &str) -> bool {
     a.len() == b.len()
         && a.bytes()
@@ -136,8 +139,10 @@ fn same(a: &str, b: &str) -> bool {
 /// rebinding: a page whose name now resolves to 127.0.0.1 is same-origin with the daemon), or,
 /// for a request that may change something (any method but GET, HEAD and OPTIONS), an `Origin`
 /// other than the server's (a cross-site form or `fetch`, which needs no preflight). A request
-/// with a key cannot be forged so: a browser adds none cross-site.
+/// with a key the server knows cannot be forged so (a page after DNS rebinding may send any
+/// header, but knows no key); `/health` and `/ready` tell a page nothing and are not checked.
 pub fn cross_site(
+    path: &str,
     method: &axum::http::Method,
     host: Option<&str>,
     origin: Option<&str>,
@@ -151,6 +156,9 @@ pub fn cross_site(
             None => authority.split(':').next().unwrap_or_default().to_string(),
         }
     };
+    if matches!(path, "/health" | "/ready") {
+        return None;
+    }
     let ours = |n: &str| allowed.iter().any(|a| a.eq_ignore_ascii_case(n));
     if let (true, Some(host)) = (loopback, host) {
         let n = name(host);
@@ -194,42 +202,88 @@ mod tests {
             "LOCALHOST",
         ] {
             assert_eq!(
-                cross_site(&get, Some(host), None, true, none),
+                cross_site("/v1/plugins", &get, Some(host), None, true, none),
                 None,
                 "{host}"
             );
         }
-        let e = cross_site(&get, Some("evil.example:8080"), None, true, none).unwrap();
+        let e = cross_site(
+            "/v1/plugins",
+            &get,
+            Some("evil.example:8080"),
+            None,
+            true,
+            none,
+        )
+        .unwrap();
         assert!(
             e.contains("DNS rebinding") && e.contains("allowed_hosts"),
             "{e}"
         );
         assert_eq!(
-            cross_site(&get, Some("evil.example"), None, false, none),
+            cross_site("/v1/plugins", &get, Some("evil.example"), None, false, none),
             None
         );
         let proxy = ["chat.example.org".to_string()];
         assert_eq!(
-            cross_site(&get, Some("chat.example.org"), None, true, &proxy),
+            cross_site(
+                "/v1/plugins",
+                &get,
+                Some("chat.example.org"),
+                None,
+                true,
+                &proxy
+            ),
             None
         );
         let here = Some("127.0.0.1:8080");
         let same = Some("http://127.0.0.1:8080");
-        assert_eq!(cross_site(&post, here, same, true, none), None);
         assert_eq!(
-            cross_site(&get, here, Some("http://evil.example"), true, none),
+            cross_site("/v1/plugins", &post, here, same, true, none),
             None
         );
-        let e = cross_site(&post, here, Some("http://evil.example"), true, none).unwrap();
-        assert!(e.contains("cross-site"), "{e}");
-        assert!(cross_site(&post, Some("10.0.0.2:80"), Some("null"), false, none).is_some());
-        let proxied = Some("https://chat.example.org");
-        assert_eq!(cross_site(&post, here, proxied, true, &proxy), None);
         assert_eq!(
-            cross_site(&post, here, None, true, none),
+            cross_site(
+                "/v1/plugins",
+                &get,
+                here,
+                Some("http://evil.example"),
+                true,
+                none
+            ),
+            None
+        );
+        let e = cross_site(
+            "/v1/plugins",
+            &post,
+            here,
+            Some("http://evil.example"),
+            true,
+            none,
+        )
+        .unwrap();
+        assert!(e.contains("cross-site"), "{e}");
+        assert!(cross_site(
+            "/v1/plugins",
+            &post,
+            Some("10.0.0.2:80"),
+            Some("null"),
+            false,
+            none
+        )
+        .is_some());
+        let proxied = Some("https://chat.example.org");
+        assert_eq!(
+            cross_site("/v1/plugins", &post, here, proxied, true, &proxy),
+            None
+        );
+        assert_eq!(
+            cross_site("/v1/plugins", &post, here, None, true, none),
             None,
             "not from a browser"
         );
+        let rebound = Some("evil.example");
+        assert_eq!(cross_site("/health", &get, rebound, None, true, none), None);
     }
 
     use super::*;

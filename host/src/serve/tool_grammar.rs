@@ -249,22 +249,14 @@ fn bare_string(rule: &str, schema: &Value, end: Option<&str>) -> Result<String, 
             alternatives.join(" | ")
         ));
     }
-    if let Some(format) = schema.get("format") {
-        return Err(format!(
-            "`format` {format} cannot be held to in this model's call markup, where strings are written bare: give a `pattern` instead, or drop it"
-        ));
-    }
+    // `format` is an annotation most validators do not assert either (JSON Schema 2020-12),
+    // and tools generated from OpenAPI carry it everywhere: not held to, as vLLM does not.
     let bounded = schema.get("minLength").is_some() || schema.get("maxLength").is_some();
     let text = match schema.get("pattern") {
         Some(_) if bounded => {
             return Err("a `pattern` with `minLength`/`maxLength` cannot both be held to in this model's call markup: fold the lengths into the pattern".into())
         }
-        Some(Value::String(pattern)) => {
-            // A whole-value match, as a forced value is all the text there is.
-            let pattern = pattern.strip_prefix('^').unwrap_or(pattern);
-            let pattern = pattern.strip_suffix('$').unwrap_or(pattern);
-            format!("/{}/", pattern.replace('/', "\\/"))
-        }
+        Some(Value::String(pattern)) => format!("/{}/", whole_value(pattern)),
         Some(other) => return Err(format!("`pattern` must be a string, found {other}")),
         None => {
             let min = schema.get("minLength").and_then(Value::as_u64).unwrap_or(0);
@@ -279,6 +271,33 @@ fn bare_string(rule: &str, schema: &Value, end: Option<&str>) -> Result<String, 
         Some(end) => format!("{rule}[suffix={end}]: {text}\n"),
         None => format!("{rule}: {text}\n"),
     })
+}
+
+/// JSON Schema's `pattern` (matched anywhere in the value unless anchored) as a regex the whole
+/// value must match, written for a Lark `/…/` literal: its anchors dropped, an unanchored end
+/// opened with `.*`, an unescaped `/` escaped.
+fn whole_value(pattern: &str) -> String {
+    let (start, rest) = match pattern.strip_prefix('^') {
+        Some(rest) => ("", rest),
+        None => ("(?s:.*)", pattern),
+    };
+    // A `$` ends the pattern only when no backslash escapes it.
+    let escapes =
+        (rest.strip_suffix('$')).map(|body| body.chars().rev().take_while(|&c| c == '\\').count());
+    let (body, end) = match escapes {
+        Some(n) if n % 2 == 0 => (&rest[..rest.len() - 1], ""),
+        _ => (rest, "(?s:.*)"),
+    };
+    let mut out = String::from(start);
+    let mut escaped = false;
+    for c in body.chars() {
+        if c == '/' && !escaped {
+            out.push('\\');
+        }
+        escaped = c == '\\' && !escaped;
+        out.push(c);
+    }
+    out + end
 }
 
 /// `e`, about parameter `key` of tool `name`, for the client.
@@ -425,6 +444,10 @@ mod tests {
         )
         .unwrap();
         assert!(g.contains(r"v0_0: /a\/[0-9]{2}/"), "{g}");
+        // Unanchored, the pattern may sit anywhere in the value; an escaped `/` or `$` stays so.
+        assert_eq!(whole_value("[0-9]{5}"), "(?s:.*)[0-9]{5}(?s:.*)");
+        assert_eq!(whole_value(r"^a\/b$"), r"a\/b");
+        assert_eq!(whole_value(r"^cost\$"), r"cost\$(?s:.*)");
         let g = lark(
             Format::Qwen3Coder,
             &tool(json!({"type": "string", "const": "x"})),
@@ -433,19 +456,15 @@ mod tests {
         )
         .unwrap();
         assert!(g.contains(r#"v0_0: ("x") "\n</parameter>""#), "{g}");
-        for (schema, needle) in [
-            (json!({"type": "string", "format": "date"}), "`format`"),
-            (
-                json!({"type": "string", "pattern": "a+", "maxLength": 3}),
-                "fold the lengths",
-            ),
-        ] {
-            let e = lark(Format::Qwen3Coder, &tool(schema), None, false).unwrap_err();
-            assert!(
-                e.contains("tool `f`, parameter `s`") && e.contains(needle),
-                "{e}"
-            );
-        }
+        let schema = json!({"type": "string", "pattern": "a+", "maxLength": 3});
+        let e = lark(Format::Qwen3Coder, &tool(schema), None, false).unwrap_err();
+        assert!(
+            e.contains("tool `f`, parameter `s`") && e.contains("fold the lengths"),
+            "{e}"
+        );
+        // `format` is an annotation, as most validators take it: not a refusal.
+        let dated = json!({"type": "string", "format": "date-time"});
+        assert!(lark(Format::Qwen3Coder, &tool(dated), None, false).is_ok());
     }
 
     #[test]

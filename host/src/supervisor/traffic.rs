@@ -288,6 +288,24 @@ async fn past_grace(killed_at: Option<tokio::time::Instant>) {
     }
 }
 
+/// The most [`KILL_GRACE`]s a killed worker still exiting is waited for: a process freeing a
+/// large model's memory (hundreds of GB, or a GPU context) runs in the kernel for a while, and
+/// one restarted beside it would hold both models at once.
+const MOST_GRACES: u32 = 6;
+
+/// Whether process `pid` is in uninterruptible sleep (state D): stuck, where one still exiting
+/// runs (R); not stuck when it cannot be read (gone, or being reaped).
+fn in_uninterruptible_sleep(pid: Option<u32>) -> bool {
+    let Some(stat) = pid.and_then(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+    else {
+        return false;
+    };
+    // The state follows the command's closing parenthesis (the command may hold any bytes).
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        == Some("D")
+}
+
 /// A killed worker that did not die within [`KILL_GRACE`].
 struct Stuck;
 
@@ -303,10 +321,16 @@ async fn reap(
         }
     }
     let _ = child.start_kill();
-    match tokio::time::timeout(KILL_GRACE, child.wait()).await {
-        Ok(status) => Ok(status.ok()),
-        Err(_) => Err(Stuck),
+    let pid = child.id();
+    for grace in 1..=MOST_GRACES {
+        if let Ok(status) = tokio::time::timeout(KILL_GRACE, child.wait()).await {
+            return Ok(status.ok());
+        }
+        if grace == MOST_GRACES || in_uninterruptible_sleep(pid) {
+            break;
+        }
     }
+    Err(Stuck)
 }
 
 /// Reaps a worker [`Stuck`] in the kernel whenever it ends, then lets its cgroup go.
@@ -344,6 +368,7 @@ pub(super) fn start(
     let mut frames = read_frames(read_half);
     let child_pid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
     tokio::spawn(async move {
+        let (mut stuck, mut graces) = (false, 0);
         let ending = loop {
             // Commands first: a waiter is always registered before its frame can arrive.
             tokio::select! {
@@ -367,12 +392,20 @@ pub(super) fn start(
                 // Dead with its socket still open: a process it started holds the socket (a
                 // fork keeps every descriptor), so no end of the socket would ever come.
                 _ = child.wait() => break last_frames(&mut frames, &mut routes).await,
-                _ = past_grace(routes.killed_at) => break None,
+                // Past the grace: stuck, unless still exiting (then another grace, a few).
+                _ = past_grace(routes.killed_at) => {
+                    graces += 1;
+                    if graces >= MOST_GRACES || in_uninterruptible_sleep(child.id()) {
+                        stuck = true;
+                        break None;
+                    }
+                    routes.killed_at = Some(tokio::time::Instant::now());
+                }
             }
         };
-        let reaped = match routes.killed_at {
-            Some(at) if at.elapsed() >= KILL_GRACE => Err(Stuck),
-            killed => reap(&mut child, ending.is_some() || killed.is_some()).await,
+        let reaped = match stuck {
+            true => Err(Stuck),
+            false => reap(&mut child, ending.is_some() || routes.killed_at.is_some()).await,
         };
         // What it started dies with it: in its cgroup, or (none, as when not root) in the
         // process group it leads (`setsid`), which outlives it while a member lives.
@@ -590,5 +623,17 @@ mod from_worker_tests {
         let e = from_worker(WireError::new(Fault::ContextLength, "x".repeat(1 << 20)));
         assert_eq!(e.kind, Fault::ContextLength);
         assert!(e.message.len() <= MAX_MESSAGE, "{}", e.message.len());
+    }
+}
+
+#[cfg(test)]
+mod stuck_tests {
+    /// A running process is not stuck, nor one that cannot be read; the state is read after
+    /// the command's closing parenthesis, whatever the command holds.
+    #[test]
+    fn only_uninterruptible_sleep_is_stuck() {
+        assert!(!super::in_uninterruptible_sleep(Some(std::process::id())));
+        assert!(!super::in_uninterruptible_sleep(None));
+        assert!(!super::in_uninterruptible_sleep(Some(u32::MAX)));
     }
 }

@@ -158,7 +158,9 @@ impl Models {
 
     /// Probes libraries as the workers' user.
     fn prober(&self) -> Prober {
-        Prober::new(self.setup.exe.clone()).with_users(&self.setup.policy)
+        Prober::new(self.setup.exe.clone())
+            .with_users(&self.setup.policy)
+            .with_copies_in(self.setup.store.dir().to_path_buf())
     }
 
     /// Checks `name`'s manifest and library again and takes them in, so that an admin load or
