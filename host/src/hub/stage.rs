@@ -117,6 +117,14 @@ impl Stage {
 
 /// Makes `file` readable to all (the workers run as other uids), whatever the umask made it.
 pub(super) fn readable(file: &Path) -> Result<(), HubError> {
+    let mode = std::fs::metadata(file)
+        .map_err(io(file))?
+        .permissions()
+        .mode();
+    // Already so (made by another user's pull, whose file this user may not chmod).
+    if mode & 0o444 == 0o444 {
+        return Ok(());
+    }
     std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644)).map_err(io(file))
 }
 

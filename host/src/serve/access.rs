@@ -151,10 +151,12 @@ pub fn cross_site(
 ) -> Option<String> {
     let name = |authority: &str| {
         let authority = authority.trim().to_ascii_lowercase();
-        match authority.strip_prefix('[') {
-            Some(v6) => v6.split(']').next().unwrap_or_default().to_string(),
-            None => authority.split(':').next().unwrap_or_default().to_string(),
-        }
+        let name = match authority.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or_default(),
+            None => authority.split(':').next().unwrap_or_default(),
+        };
+        // A fully qualified name's root dot (`localhost.`) names the same host.
+        name.strip_suffix('.').unwrap_or(name).to_string()
     };
     if matches!(path, "/health" | "/ready") {
         return None;
@@ -200,6 +202,8 @@ mod tests {
             "[::1]:80",
             "app.localhost",
             "LOCALHOST",
+            "localhost.:8080",
+            "127.0.0.1.",
         ] {
             assert_eq!(
                 cross_site("/v1/plugins", &get, Some(host), None, true, none),
