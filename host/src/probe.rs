@@ -183,7 +183,9 @@ impl PinnedCopy {
                 "its sha256 is {actual}, but its manifest pins {expected} (it changed while it was checked); check the file and its pin"
             )));
         }
-        let dir = private_folder(within).map_err(|e| {
+        // Not a daemon's runtime folder's name, whose leftovers a starting daemon removes.
+        let prefix = format!("pio-probe-{}", std::process::id());
+        let dir = crate::serve::library::create_fresh_dir(within, &prefix, 0o700).map_err(|e| {
             malformed(format!(
                 "cannot make a folder for its copy in {}: {e}",
                 within.display()
@@ -220,34 +222,6 @@ impl PinnedCopy {
     fn path(&self) -> &Path {
         &self.file
     }
-}
-
-/// A new folder `pio-probe-<pid>-<random>` in `within` (not a daemon's runtime folder's name,
-/// whose leftovers a daemon removes).
-fn private_folder(within: &Path) -> std::io::Result<PathBuf> {
-    use std::os::unix::fs::DirBuilderExt;
-    let mut last = None;
-    for _ in 0..8 {
-        let dir = within.join(format!(
-            "pio-probe-{}-{:016x}",
-            std::process::id(),
-            rand_u64()?
-        ));
-        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => return Ok(dir),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
-            Err(e) => return Err(e),
-        }
-    }
-    Err(last.unwrap_or_else(|| std::io::Error::other("no free name")))
-}
-
-/// Eight bytes from the kernel's random source.
-fn rand_u64() -> std::io::Result<u64> {
-    use std::io::Read;
-    let mut bytes = [0u8; 8];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-    Ok(u64::from_ne_bytes(bytes))
 }
 
 impl Drop for PinnedCopy {

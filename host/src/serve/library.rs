@@ -100,10 +100,16 @@ impl LibraryStore {
 /// folder lets anyone make a predictable name first, to plant libraries in it or to stop the
 /// daemon from starting.
 pub fn create_default_runtime_dir(temp: &Path, pid: u32) -> std::io::Result<PathBuf> {
+    create_fresh_dir(temp, &format!("pio-serve-{pid}"), 0o755)
+}
+
+/// A folder `<prefix>-<random>` in `within`, made afresh with `mode` (never one that exists:
+/// a shared folder lets anyone make a predictable name first).
+pub fn create_fresh_dir(within: &Path, prefix: &str, mode: u32) -> std::io::Result<PathBuf> {
     let mut last = None;
     for _ in 0..8 {
-        let dir = temp.join(format!("pio-serve-{pid}-{:016x}", random_u64()?));
-        match std::fs::DirBuilder::new().mode(0o755).create(&dir) {
+        let dir = within.join(format!("{prefix}-{:016x}", random_u64()?));
+        match std::fs::DirBuilder::new().mode(mode).create(&dir) {
             Ok(()) => return Ok(dir),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
             Err(e) => return Err(e),
