@@ -88,7 +88,7 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<u8> {
         );
     }
     for file in files {
-        println!("{}", file.display());
+        outln!("{}", file.display())?;
     }
     Ok(0)
 }

@@ -11,6 +11,23 @@ use pio_host::discovery::{self, Candidate, SearchPaths, Status};
 use pio_host::probe::{self, Prober};
 use pio_host::report;
 
+/// `println!` for the commands' output that returns [`cli_run::OutputClosed`] instead of
+/// panicking when the reader went away (`pio list | head`): `main` then exits as `cat` would.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($arg)*).map_err($crate::cli_run::OutputClosed)
+    }};
+}
+
+/// `print!` as [`outln!`] is `println!`.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout(), $($arg)*).map_err($crate::cli_run::OutputClosed)
+    }};
+}
+
 mod cli_bench;
 mod cli_list;
 mod cli_print;
@@ -257,16 +274,16 @@ fn list(
                 }
             }
         }
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        outln!("{}", serde_json::to_string_pretty(&rows)?)?;
     } else if candidates.is_empty() {
-        println!(
+        outln!(
             "no plugin manifests found in {}",
             display_dirs(&search.plugin_dirs)
-        );
+        )?;
     } else {
-        print!("{}", report::candidates_table(&candidates));
+        out!("{}", report::candidates_table(&candidates))?;
         if let Some(started) = &started {
-            print!("{}", cli_list::table(started));
+            out!("{}", cli_list::table(started))?;
         }
     }
     // Scripts and deploy checks (`pio list && systemctl reload`) read the status, as `pio check`'s.
@@ -300,7 +317,7 @@ fn check(
         if json {
             // Scripts reading stdout get JSON here too.
             let value = serde_json::json!({"manifest": path, "status": "error", "error_kind": "not_found", "error": why});
-            println!("{}", serde_json::to_string_pretty(&value)?);
+            outln!("{}", serde_json::to_string_pretty(&value)?)?;
             return Ok(ExitCode::FAILURE);
         }
         anyhow::bail!(why);
@@ -346,20 +363,20 @@ fn check(
                 value["version"] = r.version.clone().into();
             }
         }
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?)?;
     } else if let Status::Failed(e) = &candidate.status {
         eprintln!("check failed: {e}");
     } else if let Some(r) = &candidate.report {
-        println!(
+        outln!(
             "ok: {} {} ({}), built against plugin-api {}, capabilities: {}",
             r.name,
             r.version,
             r.family,
             r.api_version,
             r.capabilities.names().join(", ")
-        );
+        )?;
         if let Some(lib) = &candidate.library {
-            println!("library: {}", lib.display());
+            outln!("library: {}", lib.display())?;
         }
     }
     Ok(if failed {

@@ -528,3 +528,30 @@ fn check_reads_the_daemons_library_dirs_and_answers_json_for_a_missing_file() {
         "{v:#}"
     );
 }
+
+/// `pio list | head` and friends: a reader gone before the output is written ends the command
+/// quietly with the status a shell gives SIGPIPE, as `cat` would (println! panicked, exit 101).
+#[test]
+fn a_closed_output_pipe_ends_list_and_check_quietly() {
+    let dir = PluginDir::new();
+    dir.copy_lib("pio_plugin_echo", "libecho.so");
+    dir.write("echo.toml", &manifest("echo", "0.1.0", "libecho.so", ""));
+    for args in [
+        "list --plugins .",
+        "list --json --plugins .",
+        "check --json echo.toml",
+    ] {
+        // The reader (`true`) is gone before pio starts writing.
+        let script = format!(
+            "(sleep 0.3; exec {} {args} 2>&1) | true; echo \"rc=${{PIPESTATUS[0]}}\"",
+            pio_bin().display()
+        );
+        let out = std::process::Command::new("bash")
+            .current_dir(dir.path())
+            .args(["-c", &script])
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(said.trim(), "rc=141", "pio {args}: {said}");
+    }
+}

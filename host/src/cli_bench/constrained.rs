@@ -115,38 +115,39 @@ pub(super) fn add(free: &mut Value, constrained: Value, again: &Value) {
 }
 
 /// The constrained run in the table, if there was one.
-pub(super) fn print(f: &Value) {
+pub(super) fn print(f: &Value) -> Result<(), crate::cli_run::OutputClosed> {
     let c = &f["constrained"];
     if c.is_null() {
-        return;
+        return Ok(());
     }
     let pct = |v: &Value| {
         v.as_f64()
             .map_or("n/a".into(), |x| format!("{:+.1}%", x * 100.0))
     };
     let num = |v: &Value| v.as_f64().unwrap_or(0.0);
-    println!("constrained (every output held to a JSON Schema), same workload:");
-    println!(
+    outln!("constrained (every output held to a JSON Schema), same workload:")?;
+    outln!(
         "  output {:.2} tokens/s, ITL p50 {:.1} ms, {} output tokens",
         num(&c["figures"]["output_tokens_per_s"]),
         num(&c["figures"]["itl_ms"]["p50"]),
         c["figures"]["output_tokens"]
-    );
-    println!(
+    )?;
+    outln!(
         "  cost of a constrained step over a free one (free runs before and after): ITL p50 {}, decode throughput {}, output throughput {}",
         pct(&c["step_overhead_itl_p50"]),
         pct(&c["step_overhead_decode"]),
         pct(&c["step_overhead_output"])
-    );
+    )?;
     let m = &c["masks"];
     if !m.is_null() {
-        println!(
+        outln!(
             "  masks: {:.0} µs each to compute (beside the forward pass), {:.0} µs waited for per token; at most {} of a free step",
             num(&m["compute_us_per_token"]),
             num(&m["wait_us_per_token"]),
             pct(&c["step_overhead_bound"])
-        );
+        )?;
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -301,7 +301,7 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<u8> {
                     Some(gguf) => Some(compare(&args, gguf, &timings)?),
                     None => None,
                 };
-                report::print(&args, figures, llama.as_deref());
+                report::print(&args, figures, llama.as_deref())?;
                 Ok(0)
             }
         }

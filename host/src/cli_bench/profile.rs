@@ -31,34 +31,34 @@ pub(super) fn latest<'a>(profiles: impl Iterator<Item = &'a Value>) -> Option<Va
 }
 
 /// Prints the profile's table, or why there is none.
-pub(super) fn print(profile: Option<&Value>) {
+pub(super) fn print(profile: Option<&Value>) -> Result<(), crate::cli_run::OutputClosed> {
     let Some(p) = profile else {
-        println!("profile: the plugin reported none (its engine does not time operations)");
-        return;
+        return outln!("profile: the plugin reported none (its engine does not time operations)");
     };
     let us = |k: &str| p[k].as_f64().unwrap_or(0.0);
     let (tokens, forward) = (us("tokens").max(1.0), us("forward_us").max(1.0));
-    println!(
+    outln!(
         "time per operation over {} tokens run through forward passes (prompt and output, warm-up included):",
         p["tokens"]
-    );
-    println!("  operation                                  ms total   share   µs/token");
+    )?;
+    outln!("  operation                                  ms total   share   µs/token")?;
     let other = ("other_us", "other (norms, activations, RoPE, copies)");
     for (key, name) in OPS.iter().chain([&other]) {
-        println!(
+        outln!(
             "  {name:<42} {:>9.1} {:>6.1}% {:>10.1}",
             us(key) / 1e3,
             100.0 * us(key) / forward,
             us(key) / tokens
-        );
+        )?;
     }
-    println!(
+    outln!(
         "  {:<42} {:>9.1} {:>6.1}% {:>10.1}",
         "forward passes",
         forward / 1e3,
         100.0,
         forward / tokens
-    );
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -3,22 +3,25 @@
 use super::{constrained, llama_cpp, profile, BenchArgs};
 
 /// Prints the run's figures `f`, with llama.cpp's `llama` rows and ratios when compared.
-pub(super) fn print(args: &BenchArgs, mut f: serde_json::Value, llama: Option<&[llama_cpp::Row]>) {
+pub(super) fn print(
+    args: &BenchArgs,
+    mut f: serde_json::Value,
+    llama: Option<&[llama_cpp::Row]>,
+) -> Result<(), crate::cli_run::OutputClosed> {
     if let Some(rows) = llama {
         add_llama(args, &mut f, rows);
     }
     if args.json {
-        println!("{f}");
-        return;
+        return outln!("{f}");
     }
-    print_ours(args, &f);
+    print_ours(args, &f)?;
     if args.profile {
-        profile::print(f.get("profile").filter(|p| !p.is_null()));
+        profile::print(f.get("profile").filter(|p| !p.is_null()))?;
     }
     if let Some(rows) = llama {
-        print_llama(args, &f, rows);
+        print_llama(args, &f, rows)?;
     }
-    constrained::print(&f);
+    constrained::print(&f)
 }
 
 fn num(v: &serde_json::Value) -> f64 {
@@ -43,8 +46,8 @@ fn add_llama(args: &BenchArgs, f: &mut serde_json::Value, rows: &[llama_cpp::Row
 }
 
 /// PIO's own figures: throughputs, the KV cache, latency percentiles.
-fn print_ours(args: &BenchArgs, f: &serde_json::Value) {
-    println!(
+fn print_ours(args: &BenchArgs, f: &serde_json::Value) -> Result<(), crate::cli_run::OutputClosed> {
+    outln!(
         "{} requests, {} at once: {:.0} prompt tokens each ({:.0} from the prefix cache), {} output tokens in {:.2} s{}",
         f["requests"],
         args.concurrency,
@@ -53,24 +56,24 @@ fn print_ours(args: &BenchArgs, f: &serde_json::Value) {
         f["output_tokens"],
         num(&f["wall_s"]),
         if args.sampled { ", sampled with the model's defaults" } else { "" }
-    );
-    println!(
+    )?;
+    outln!(
         "output throughput  {:>9.2} tokens/s",
         num(&f["output_tokens_per_s"])
-    );
+    )?;
     match f["decode_tokens_per_s"].as_f64() {
-        Some(v) => println!(
+        Some(v) => outln!(
             "decode throughput  {v:>9.2} tokens/s (all requests decoding: after the last first token, before the first end)"
-        ),
-        None => println!("decode throughput        n/a (the requests never all decoded at once)"),
+        )?,
+        None => outln!("decode throughput        n/a (the requests never all decoded at once)")?,
     }
-    println!(
+    outln!(
         "total throughput   {:>9.2} tokens/s (prompt tokens computed + output)",
         num(&f["total_tokens_per_s"])
-    );
+    )?;
     let kv = &f["kv_cache"];
     if !kv.is_null() {
-        println!(
+        outln!(
             "KV cache           peak {} of {} blocks of {} tokens ({:.1} MiB at {} bytes a token); {} preemptions; {:.1} sequences per step",
             kv["blocks_peak"],
             kv["blocks_total"],
@@ -79,43 +82,52 @@ fn print_ours(args: &BenchArgs, f: &serde_json::Value) {
             kv["bytes_per_token"],
             kv["preemptions"],
             num(&kv["mean_batch"])
-        );
+        )?;
     }
-    println!("                      p50       p90       p99");
+    outln!("                      p50       p90       p99")?;
     for (name, key) in [("TTFT ms", "ttft_ms"), ("ITL ms", "itl_ms")] {
         let v = &f[key];
-        println!(
+        outln!(
             "{name:<16} {:>9.1} {:>9.1} {:>9.1}",
             num(&v["p50"]),
             num(&v["p90"]),
             num(&v["p99"])
-        );
+        )?;
     }
+    Ok(())
 }
 
 /// llama.cpp's rows and the ratios.
-fn print_llama(args: &BenchArgs, f: &serde_json::Value, rows: &[llama_cpp::Row]) {
-    println!("llama.cpp (llama-batched-bench, same prompt and output lengths):");
-    println!("  parallel   prompt tok/s   decode tok/s   total tok/s");
+fn print_llama(
+    args: &BenchArgs,
+    f: &serde_json::Value,
+    rows: &[llama_cpp::Row],
+) -> Result<(), crate::cli_run::OutputClosed> {
+    outln!("llama.cpp (llama-batched-bench, same prompt and output lengths):")?;
+    outln!("  parallel   prompt tok/s   decode tok/s   total tok/s")?;
     for r in rows {
-        println!(
+        outln!(
             "  {:>8} {:>14.2} {:>14.2} {:>13.2}",
-            r.pl, r.speed_pp, r.speed_tg, r.speed
-        );
+            r.pl,
+            r.speed_pp,
+            r.speed_tg,
+            r.speed
+        )?;
     }
     if f.get("ratio_total").is_some() {
         let decode = f["ratio_decode"]
             .as_f64()
             .map_or("n/a".to_string(), |r| format!("{r:.2}x"));
-        println!(
+        outln!(
             "pio / llama.cpp at {} parallel: decode {decode}, total {:.2}x",
             args.concurrency,
             num(&f["ratio_total"])
-        );
+        )?;
     }
     if args.shared_prefix > 0.0 {
-        println!(
+        outln!(
             "note: llama-batched-bench computes every prompt in full; pio's total includes its prefix cache"
-        );
+        )?;
     }
+    Ok(())
 }

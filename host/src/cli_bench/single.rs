@@ -161,13 +161,17 @@ pub fn json(
 }
 
 /// The table's first line: threads, kernels, the read bandwidth, the bytes and the limit.
-fn print_heading(f: &serde_json::Value, threads: usize, limit: Option<f64>) {
+fn print_heading(
+    f: &serde_json::Value,
+    threads: usize,
+    limit: Option<f64>,
+) -> Result<(), crate::cli_run::OutputClosed> {
     let gib = |v: &serde_json::Value| {
         v.as_f64().map_or("unknown".into(), |b| {
             format!("{:.2} GiB", b / f64::from(1 << 30))
         })
     };
-    println!(
+    outln!(
         "single stream, {threads} threads{}; {}; resident weights {}, read per token {}: decode limit {}",
         f["kernels"]
             .as_str()
@@ -180,23 +184,24 @@ fn print_heading(f: &serde_json::Value, threads: usize, limit: Option<f64>) {
         gib(&f["weight_bytes"]),
         gib(&f["step_bytes"]),
         limit.map_or("unknown".into(), |l| format!("{l:.1} tokens/s")),
-    );
+    )?;
+    Ok(())
 }
 
 /// The table.
-pub fn print(f: &serde_json::Value, threads: usize) {
+pub fn print(f: &serde_json::Value, threads: usize) -> Result<(), crate::cli_run::OutputClosed> {
     let num = |v: &serde_json::Value| v.as_f64();
     let limit = num(&f["decode_limit_tokens_per_s"]);
-    print_heading(f, threads, limit);
+    print_heading(f, threads, limit)?;
     let llama = f.get("llama_cpp");
-    println!(
+    outln!(
         "                          pio tok/s   of the limit{}",
         if llama.is_some() {
             "   llama.cpp tok/s   pio / llama.cpp"
         } else {
             ""
         }
-    );
+    )?;
     let prompt = f["pio"]["prompt_tokens"].as_u64().unwrap_or(0);
     let rows = [
         (
@@ -228,14 +233,15 @@ pub fn print(f: &serde_json::Value, threads: usize) {
             let ratio = ours.zip(theirs).map(|(a, b)| format!("{:.2}x", a / b));
             line += &format!(" {:>17} {:>17}", cell(theirs), ratio.unwrap_or_default());
         }
-        println!("{line}");
+        outln!("{line}")?;
     }
     if limit.is_some() {
-        println!(
+        outln!(
             "(the limit is the bytes a decode step reads from the weights — every layer, the routed experts' share, the output \
              head — over the streaming read; attention over the cache and activations come on top)"
-        );
+        )?;
     }
+    Ok(())
 }
 
 /// Reports `--single-stream`: the figures, the bandwidth and limit, llama.cpp's when asked.
@@ -270,11 +276,11 @@ pub fn report(
         f["profile"] = super::profile::latest(engine_profile.iter()).unwrap_or_default();
     }
     if args.json {
-        println!("{f}");
+        outln!("{f}")?;
     } else {
-        print(&f, threads);
+        print(&f, threads)?;
         if args.profile {
-            super::profile::print(f.get("profile").filter(|p| !p.is_null()));
+            super::profile::print(f.get("profile").filter(|p| !p.is_null()))?;
         }
     }
     Ok(0)
