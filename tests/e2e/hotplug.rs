@@ -493,6 +493,47 @@ fn a_change_during_a_reload_is_loaded_after_it() {
     });
 }
 
+/// A fix pushed while a broken version reloads is loaded once that reload fails (before, the
+/// rescan's reload was refused as one was under way, only a success caught up, and the old
+/// version served until something else changed).
+#[test]
+fn a_change_during_a_failing_reload_is_loaded_after_it() {
+    if !confinement_available() {
+        return;
+    }
+    let echo = |max_tokens: u32, broken: bool| {
+        let mut extra = format!("[model.generation]\nmax_tokens = {max_tokens}\n");
+        if broken {
+            extra = format!(
+                "[model.options]\nload_delay_ms = 3000\nload_error = \"weights torn\"\n{extra}"
+            );
+        }
+        manifest("echo", "0.1.0", "libecho.so", &extra)
+    };
+    let answer = |d: &Daemon| {
+        let (_, r) = d.post(
+            "/v1/completions",
+            &json!({"model": "echo", "prompt": "hello world", "temperature": 0}),
+        );
+        r["choices"][0]["text"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let dir = PluginDir::new();
+    dir.copy_lib("pio_plugin_echo", "libecho.so");
+    dir.write("echo.toml", &echo(1, false));
+    let d = Daemon::start(dir, "[server]\nreload_strategy = \"blue-green\"\n");
+    d.wait_ready();
+    assert_eq!(answer(&d), "h");
+    d.dir.write("echo.toml", &echo(2, true));
+    d.wait_for(20, "the broken version's reload to start", |d| {
+        d.plugin("echo")["reloading"] == true
+    });
+    d.dir.write("echo.toml", &echo(3, false));
+    d.wait_for(30, "the fix to serve", |d| answer(d) == "hel");
+}
+
 /// A manifest renamed with nothing in it changed is the same plugin, not reloaded, and the
 /// daemon follows it to its new name: an admin reload reads it there (before, it read the old
 /// path and failed), and `/v1/plugins` names it.

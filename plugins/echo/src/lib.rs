@@ -69,11 +69,6 @@ impl PluginImpl for Echo {
         progress: &mut Progress,
     ) -> Result<ModelInfo, PluginError> {
         self.supports_config(&config)?;
-        // `load_error` imitates a model whose files prove broken only once they are read.
-        if let Some(why) = config.extra.get("load_error") {
-            let why = why.as_str().map_or_else(|| why.to_string(), str::to_string);
-            return Err(PluginError::model_files(format!("echo: {why}")));
-        }
         // `load_delay_ms` imitates a model whose weights take a while to load.
         let load_delay = delay_of(&config, "load_delay_ms")?;
         const STEPS: u64 = 10;
@@ -82,6 +77,11 @@ impl PluginImpl for Echo {
             if progress.report("weights", step, STEPS) == Flow::Stop {
                 return Err(PluginError::cancelled("loading was cancelled"));
             }
+        }
+        // `load_error` imitates a model whose files prove broken only once they are read.
+        if let Some(why) = config.extra.get("load_error") {
+            let why = why.as_str().map_or_else(|| why.to_string(), str::to_string);
+            return Err(PluginError::model_files(format!("echo: {why}")));
         }
         self.pace = Some(Pace {
             token: delay_of(&config, "delay_ms")?,

@@ -13,6 +13,16 @@ use crate::serve::deployment::{deploy, Deployment};
 use crate::serve::error::ApiError;
 use crate::serve::hotplug::Found;
 
+/// How a blue/green reload's new worker ended.
+enum Swap {
+    /// In service; the slot it replaced (the old worker's, to drain).
+    Done(Slot),
+    /// Loaded but not kept (the daemon stops, or the old worker left the slot), and why.
+    Refused(Deployment, String),
+    /// Its load failed; the old worker keeps serving.
+    Failed(ApiError),
+}
+
 /// How one reload goes.
 enum Plan {
     /// Nothing loaded: a plain load.
@@ -78,7 +88,6 @@ impl Models {
         old: Arc<Deployment>,
     ) -> Result<(), ApiError> {
         let result = deploy(&self.setup, &self.config(), &found).await;
-        // `Err`: the new worker, not kept (the daemon stops, or `old` left the slot), and why.
         let mut changed = false;
         let swapped = {
             let mut inner = lock(&self.inner);
@@ -87,11 +96,11 @@ impl Models {
             entry.reloading = false;
             let replaced = matches!(&entry.slot, Slot::Loaded(d) if Arc::ptr_eq(d, &old));
             match result {
-                Ok(new) if stopping => Err((new, "the daemon is stopping".to_string())),
-                Ok(new) if !replaced => Err((
+                Ok(new) if stopping => Swap::Refused(new, "the daemon is stopping".to_string()),
+                Ok(new) if !replaced => Swap::Refused(
                     new,
                     format!("plugin {name} left its slot during the reload (unloaded or loaded anew); the new worker is stopped"),
-                )),
+                ),
                 Ok(new) => {
                     // A SIGHUP during the load: the supervision in force now.
                     new.supervised.set_policy(self.config().restart_policy());
@@ -101,20 +110,29 @@ impl Models {
                     if let Slot::Loaded(d) = &old {
                         retire(entry, d);
                     }
-                    Ok(old)
+                    Swap::Done(old)
                 }
                 Err(e) => {
                     tracing::error!(plugin = %name, "reload failed, the old version keeps serving: {}", e.message);
                     entry.last_error = Some(e.message.clone());
-                    return Err(e);
+                    // Files changed while the failed version loaded (a fix pushed after a broken
+                    // push): the rescan that saw them was refused as a reload was under way.
+                    changed = entry.found.fingerprint != found.fingerprint;
+                    Swap::Failed(e)
                 }
             }
         };
         let old = match swapped {
-            Ok(old) => old,
-            Err((new, why)) => {
+            Swap::Done(old) => old,
+            Swap::Refused(new, why) => {
                 new.supervised.stop().await;
                 return Err(ApiError::unavailable(why));
+            }
+            Swap::Failed(e) => {
+                if changed {
+                    self.catch_up(name);
+                }
+                return Err(e);
             }
         };
         tracing::info!(plugin = %name, "reloaded; draining the old worker");
