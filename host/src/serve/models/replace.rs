@@ -18,7 +18,7 @@ enum Swap {
     /// In service; the slot it replaced (the old worker's, to drain).
     Done(Slot),
     /// Loaded but not kept (the daemon stops, or the old worker left the slot), and why.
-    Refused(Deployment, String),
+    Refused(Box<Deployment>, String),
     /// Its load failed; the old worker keeps serving.
     Failed(ApiError),
 }
@@ -96,9 +96,9 @@ impl Models {
             entry.reloading = false;
             let replaced = matches!(&entry.slot, Slot::Loaded(d) if Arc::ptr_eq(d, &old));
             match result {
-                Ok(new) if stopping => Swap::Refused(new, "the daemon is stopping".to_string()),
+                Ok(new) if stopping => Swap::Refused(Box::new(new), "the daemon is stopping".to_string()),
                 Ok(new) if !replaced => Swap::Refused(
-                    new,
+                    Box::new(new),
                     format!("plugin {name} left its slot during the reload (unloaded or loaded anew); the new worker is stopped"),
                 ),
                 Ok(new) => {
