@@ -587,3 +587,29 @@ fn a_plugin_dropped_in_during_the_first_scan_is_found() {
     dropper.join().unwrap();
     d.wait_for(30, "echo", |d| d.plugin("echo")["name"] == "echo");
 }
+
+/// A plugin removed and added back while it loads: the first load, ending after, is not put over
+/// the second's entry (it was: two workers of one model at once, and one dropped undrained as
+/// the second load ended over it).
+#[test]
+fn a_plugin_removed_and_added_back_while_it_loads_keeps_one_worker() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(echo_dir("[model.options]\nload_delay_ms = 6000\n"), "");
+    d.wait_for(20, "the load to start", |d| {
+        d.plugin("echo")["state"] == "loading"
+    });
+    let path = d.dir.path().join("echo.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    d.wait_for(20, "the plugin to go", |d| d.plugin("echo").is_null());
+    d.dir.write("echo.toml", &text);
+    d.wait_for(40, "the plugin to load again", |d| {
+        d.plugin("echo")["state"] == "ready"
+    });
+    let pid = d.plugin("echo")["pid"].clone();
+    std::thread::sleep(std::time::Duration::from_secs(7));
+    let now = d.plugin("echo");
+    assert_eq!(now["pid"], pid, "{now:#}\nlogs:\n{}", d.logs());
+}

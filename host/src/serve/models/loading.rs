@@ -64,6 +64,7 @@ impl Models {
             entry.fall_back();
             let found = entry.found.clone();
             let this = self.clone();
+            let mine = rx.clone();
             tokio::spawn(async move {
                 if let Some(old) = before {
                     let name = &found.manifest.name;
@@ -86,11 +87,17 @@ impl Models {
                     // Read under the lock `stop_all` sets it under: a load that ends after it is
                     // stopped, never left behind.
                     let stopping = this.stopping.load(std::sync::atomic::Ordering::Acquire);
-                    if let Some(entry) = inner.entries.get_mut(&found.manifest.name) {
-                        entry.holds_room = false;
-                    }
-                    let outcome = match (inner.entries.get_mut(&found.manifest.name), result) {
+                    // The entry as this load left it, if it is still this load's: a plugin
+                    // removed and added again while it loaded has a new entry and a load of
+                    // its own, which this one must not overwrite (two workers, one dropped
+                    // undrained).
+                    let entry = inner
+                        .entries
+                        .get_mut(&found.manifest.name)
+                        .filter(|e| matches!(&e.slot, Slot::Loading(r) if r.same_channel(&mine)));
+                    let outcome = match (entry, result) {
                         (Some(entry), Ok(d)) if !stopping => {
+                            entry.holds_room = false;
                             // A reload while it loaded: the supervision in force now.
                             d.supervised.set_policy(this.config().restart_policy());
                             changed = entry.found.fingerprint != d.fingerprint;
@@ -103,6 +110,7 @@ impl Models {
                             Ok(None)
                         }
                         (Some(entry), Err((e, failed))) => {
+                            entry.holds_room = false;
                             entry.slot = Slot::Unloaded;
                             if failed {
                                 entry.last_error = Some(e.message.clone());
@@ -114,6 +122,7 @@ impl Models {
                         // Removed while it loaded, or the daemon is stopping: nothing keeps it.
                         (entry, Ok(d)) => {
                             if let Some(entry) = entry {
+                                entry.holds_room = false;
                                 entry.slot = Slot::Unloaded;
                             }
                             Ok(Some(d))
