@@ -2,11 +2,11 @@
 //! next forward pass and how many of their tokens, which waiting requests join, and which running
 //! sequences give their blocks back when the pool runs short.
 //!
-//! Policy (first come, first served, as vLLM's): running sequences keep their places oldest
-//! first; each gets its next token (decode) or the next chunk of its prompt, within a per-step
+//! Policy (first come, first served, as vLLM's): running sequences keep their places in the
+//! order they joined (one preempted and joining again comes last); each gets its next token (decode) or the next chunk of its prompt, within a per-step
 //! token budget, so a long prompt is prefilled in chunks between other sequences' decode steps.
-//! When a running sequence needs a block and none is left, the newest running sequence is
-//! preempted (its blocks freed; it is recomputed from its tokens later, so its output does not
+//! When a running sequence needs a block and none is left, the running sequence that joined
+//! last is preempted (its blocks freed; it is recomputed from its tokens later, so its output does not
 //! change). Waiting requests join in arrival order while budget, sequence slots and blocks last,
 //! and none joins in a step that had to preempt. A sequence whose reader has fallen behind is
 //! paused: it keeps its place and blocks but computes nothing, so a client that stops reading
@@ -77,7 +77,7 @@ pub struct Limits {
 /// The state the decision is made from.
 #[derive(Debug, Clone, Copy)]
 pub struct State<'a> {
-    /// Running sequences, oldest first.
+    /// Running sequences, in the order they joined (the first joined first).
     pub running: &'a [Running],
     /// Waiting requests, oldest first.
     pub waiting: &'a [Waiting],
@@ -105,7 +105,7 @@ pub struct Plan {
     pub preempt: Vec<u64>,
     /// Waiting requests that join (they appear in `work` too).
     pub admit: Vec<u64>,
-    /// What runs, running sequences first (oldest first), then those admitted.
+    /// What runs, running sequences first (in the order they joined), then those admitted.
     pub work: Vec<Work>,
 }
 

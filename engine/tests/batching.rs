@@ -441,6 +441,79 @@ fn a_paused_stream_holding_the_only_slot_yields_it_to_a_new_request() {
     assert_eq!(when_idle(&engine).blocks_used, 0);
 }
 
+/// A stream preempted while paused, read again, joins behind the streams that kept reading:
+/// when blocks run short it is the one that waits (before, it went back to its arrival place,
+/// ahead of them, took the step first and preempted the stream that had kept reading). Both
+/// still give what they give alone.
+#[test]
+fn a_resumed_stream_joins_behind_those_that_kept_reading() {
+    use pio_engine::serving::PAUSE_BACKLOG;
+    // 20 blocks of 4: each request fits alone, the two long ones do not fit together.
+    let config = EngineConfig {
+        max_seqs: 2,
+        prefix_cache: false,
+        ..small_blocks(20)
+    };
+    let engine = engine_for::<Qwen3>("qwen3-tiny", config);
+    let prompt = |k: u32| (0..12).map(|i| 20 + k + i * 7).collect::<Vec<u32>>();
+    let resumed = Request {
+        prompt: prompt(0),
+        max_tokens: 3 * PAUSE_BACKLOG,
+        ..Request::default()
+    };
+    let short = Request {
+        prompt: prompt(1),
+        max_tokens: 4,
+        ..Request::default()
+    };
+    let reader = Request {
+        prompt: prompt(2),
+        max_tokens: 60,
+        ..Request::default()
+    };
+    let ids = |v: &[Emitted]| v.iter().map(|e| e.token_id).collect::<Vec<_>>();
+    let (resumed_alone, _) = collect(engine.submit(resumed.clone()).unwrap());
+    let (reader_alone, _) = collect(engine.submit(reader.clone()).unwrap());
+
+    let unread = engine.submit(resumed).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while unread.unread() < PAUSE_BACKLOG && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // The short request takes the second slot; the reader finds both held and the paused
+    // stream is preempted for it.
+    let short = engine.submit(short).unwrap();
+    let reader = engine.submit(reader).unwrap();
+    let (done, finished) = std::sync::mpsc::channel();
+    let reading = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let out = collect(reader);
+            done.send("reader").unwrap();
+            out
+        })
+    };
+    let (short_out, _) = collect(short);
+    assert_eq!(short_out.len(), 4);
+    let resuming = std::thread::spawn(move || {
+        let out = collect(unread);
+        done.send("resumed").unwrap();
+        out
+    });
+    let first = finished
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .unwrap();
+    let (reader_out, _) = reading.join().unwrap();
+    let (resumed_out, _) = resuming.join().unwrap();
+    assert_eq!(ids(&reader_out), ids(&reader_alone));
+    assert_eq!(ids(&resumed_out), ids(&resumed_alone));
+    assert_eq!(
+        first, "reader",
+        "the stream that kept reading finishes first"
+    );
+    assert_eq!(when_idle(&engine).blocks_used, 0);
+}
+
 /// Seeded sampling in a batch gives each request the tokens it gets alone: eight sequences
 /// sampling in the same steps are sampled in parallel on the engine's threads, each with its own
 /// generator and its own row.

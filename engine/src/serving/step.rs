@@ -425,8 +425,11 @@ impl<M: CausalLm> Worker<M> {
                 }
                 seq.cached_tokens = Some(seq.computed);
             }
-            let at = self.running.partition_point(|r| r.id < seq.id);
-            self.running.insert(at, seq);
+            // Behind every running sequence, whatever its id: one that was preempted or held
+            // back and comes back now is the newest to run (as vLLM's rescheduled requests).
+            // Put at its arrival place, it took the step's budget first and preempted the
+            // streams that kept reading when it ran short of blocks.
+            self.running.push(seq);
         }
         if plan.is_idle() {
             return;
