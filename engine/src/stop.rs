@@ -56,9 +56,15 @@ impl StopMatcher {
             .stops
             .iter()
             .filter_map(|s| {
-                let at = (self.held.match_indices(s.as_str()))
-                    .map(|(at, _)| at)
-                    .find(|at| at + s.len() > passed)?;
+                // From the first place a match could end in new text: matches are looked for
+                // there, not filtered from non-overlapping ones (an earlier one wholly in passed
+                // text hid one overlapping it that ends in new text).
+                let mut from = passed.saturating_sub(s.len() - 1);
+                // A match starts where a character does.
+                while !self.held.is_char_boundary(from) {
+                    from += 1;
+                }
+                let at = from + self.held[from..].find(s.as_str())?;
                 Some((at, std::cmp::Reverse(s.len())))
             })
             .min();
@@ -196,6 +202,21 @@ mod tests {
 
     /// A stop string passed whole (held only because it begins a longer one) does not end the
     /// output later; the longer one completed later does.
+    /// A stop string wholly within passed text does not hide one overlapping it that ends in
+    /// the next piece.
+    #[test]
+    fn an_overlapping_stop_ending_after_a_passed_one_stops() {
+        let mut m = StopMatcher::new(["\n\n", "\n\n\n#"]);
+        assert_eq!(m.pass("x\n\n"), "x");
+        let step = m.push("\n");
+        assert!(step.stopped, "{step:?}");
+        assert_eq!((step.emit.as_str(), m.found()), ("\n", Some("\n\n")));
+        let mut m = StopMatcher::new(["éé"]);
+        assert_eq!(m.pass("aéé"), "aé");
+        let step = m.push("é");
+        assert_eq!((step.emit.as_str(), step.stopped), ("", true));
+    }
+
     #[test]
     fn a_passed_stop_string_held_as_the_start_of_another_does_not_count() {
         let mut m = StopMatcher::new(["ST", "STOP"]);
