@@ -255,6 +255,11 @@ fn renamed(
 
 /// A header with one `general.alignment` (u32) key and no tensors.
 fn aligned(alignment: u32, dir: &std::path::Path) -> std::path::PathBuf {
+    aligned_as(4, &alignment.to_le_bytes(), &format!("{alignment}"), dir)
+}
+
+/// [`aligned`] with the alignment's value written as GGUF type `kind` (4 is u32, 10 u64).
+fn aligned_as(kind: u32, value: &[u8], name: &str, dir: &std::path::Path) -> std::path::PathBuf {
     let key = b"general.alignment";
     let mut bytes = b"GGUF".to_vec();
     bytes.extend_from_slice(&3u32.to_le_bytes());
@@ -262,9 +267,9 @@ fn aligned(alignment: u32, dir: &std::path::Path) -> std::path::PathBuf {
     bytes.extend_from_slice(&1u64.to_le_bytes());
     bytes.extend_from_slice(&(key.len() as u64).to_le_bytes());
     bytes.extend_from_slice(key);
-    bytes.extend_from_slice(&4u32.to_le_bytes());
-    bytes.extend_from_slice(&alignment.to_le_bytes());
-    let path = dir.join(format!("aligned-{alignment}.gguf"));
+    bytes.extend_from_slice(&kind.to_le_bytes());
+    bytes.extend_from_slice(value);
+    let path = dir.join(format!("aligned-{name}.gguf"));
     std::fs::write(&path, bytes).unwrap();
     path
 }
@@ -302,6 +307,14 @@ fn hostile_headers_and_vocabularies_are_refused_by_name() {
         );
     }
     assert!(Checkpoint::open(&aligned(64, dir.path())).is_ok());
+    // A u64 alignment: candle places tensors by 32 whatever it says, so it is refused.
+    let e = Checkpoint::open(&aligned_as(10, &64u64.to_le_bytes(), "u64", dir.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("aligned-u64.gguf") && e.contains("general.alignment") && e.contains("u32"),
+        "{e}"
+    );
     // A layer count past the tensors: refused at once, not looped over.
     let moe = std::fs::read(gguf("qwen3-moe-gguf.q8_0.gguf")).unwrap();
     let key = b"qwen3moe.block_count";
@@ -440,5 +453,78 @@ fn ggufs_beside_each_other_keep_their_own_caches() {
     assert!(
         hits(&alone, &alone) > 0,
         "the cache beside it is not a second model"
+    );
+}
+
+/// A GGUF (version 3) of `keys` (u32 values) and `tensors` (name, dims as llama.cpp lists them,
+/// row length first, ggml type: 0 f32, 8 q8_0), their data zeros.
+fn written(
+    keys: &[(&str, u32)],
+    tensors: &[(&str, &[u64], u32)],
+    path: &std::path::Path,
+) -> std::path::PathBuf {
+    let text = |bytes: &mut Vec<u8>, s: &str| {
+        bytes.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(s.as_bytes());
+    };
+    let mut bytes = b"GGUF".to_vec();
+    bytes.extend_from_slice(&3u32.to_le_bytes());
+    bytes.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&(keys.len() as u64).to_le_bytes());
+    for (key, value) in keys {
+        text(&mut bytes, key);
+        bytes.extend_from_slice(&4u32.to_le_bytes());
+        bytes.extend_from_slice(&value.to_le_bytes());
+    }
+    let mut offset = 0u64;
+    for (name, dims, kind) in tensors {
+        text(&mut bytes, name);
+        bytes.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+        for d in *dims {
+            bytes.extend_from_slice(&d.to_le_bytes());
+        }
+        bytes.extend_from_slice(&kind.to_le_bytes());
+        bytes.extend_from_slice(&offset.to_le_bytes());
+        let values: u64 = dims.iter().product();
+        let size = match kind {
+            8 => values.div_ceil(32) * 34,
+            _ => values * 4,
+        };
+        offset += size.div_ceil(32) * 32;
+    }
+    bytes.resize(bytes.len().div_ceil(32) * 32 + offset as usize, 0);
+    std::fs::write(path, bytes).unwrap();
+    path.to_owned()
+}
+
+/// Layouts llama.cpp refuses at open are refused at open, by name: two tensors or keys of one
+/// name (candle kept the last), rows that are not whole quantization blocks (they failed later
+/// in a kernel's shape check naming neither tensor nor file).
+#[test]
+fn repeated_names_and_partial_blocks_are_refused_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = |keys: &[(&str, u32)], tensors: &[(&str, &[u64], u32)], name: &str| {
+        let path = written(keys, tensors, &dir.path().join(name));
+        Checkpoint::open(&path)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    let whole = open(
+        &[("a", 1)],
+        &[("t", &[32, 2], 8), ("u", &[4], 0)],
+        "whole.gguf",
+    );
+    assert!(whole.is_ok(), "{whole:?}");
+    let e = open(&[], &[("t", &[4], 0), ("t", &[4], 0)], "tensors.gguf").unwrap_err();
+    assert!(e.contains("tensors.gguf") && e.contains("2 tensors"), "{e}");
+    let e = open(&[("a", 1), ("a", 2)], &[], "keys.gguf").unwrap_err();
+    assert!(
+        e.contains("keys.gguf") && e.contains("2 metadata keys"),
+        "{e}"
+    );
+    let e = open(&[], &[("blk.0.attn_q.weight", &[33, 32], 8)], "rows.gguf").unwrap_err();
+    assert!(
+        e.contains("rows.gguf") && e.contains("blk.0.attn_q.weight") && e.contains("33 values"),
+        "{e}"
     );
 }

@@ -91,10 +91,12 @@ impl GgufFile {
             path: path.to_owned(),
             reason,
         };
-        let mut file = File::open(path).map_err(|e| bad(e.to_string()))?;
+        let file = File::open(path).map_err(|e| bad(e.to_string()))?;
         // candle divides by `general.alignment` unchecked: a 0 there panics in its reader.
+        // Buffered: candle reads the header value by value (a Qwen vocabulary is about a
+        // million reads of a few bytes each).
         let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            Content::read(&mut file)
+            Content::read(&mut std::io::BufReader::new(&file))
         }))
         .map_err(|_| {
             bad("not a GGUF file PIO can read: its header is inconsistent (`general.alignment` must be a power of two)".into())
@@ -119,12 +121,24 @@ impl GgufFile {
             file,
             content,
         };
-        if let Some(alignment) = this.uint("general.alignment")? {
-            if !alignment.is_power_of_two() {
+        if let Some(v) = this.get("general.alignment") {
+            let reason = match v {
+                Value::U32(n) if n.is_power_of_two() => None,
+                Value::U32(n) => Some(format!(
+                    "{n}: expected a power of two (llama.cpp writes 32)"
+                )),
+                // candle places the tensors by a u32 (or narrower) alignment only, 32 for any
+                // other type: a u64 one passed this check and every tensor was read from the
+                // wrong place. llama.cpp refuses any type but u32.
+                other => Some(format!(
+                    "{other:?}: expected a u32 power of two, the type llama.cpp writes"
+                )),
+            };
+            if let Some(reason) = reason {
                 return Err(EngineError::BadField {
                     path: path.to_owned(),
                     field: "general.alignment".into(),
-                    reason: format!("{alignment}: expected a power of two (llama.cpp writes 32)"),
+                    reason,
                 });
             }
         }
@@ -135,14 +149,63 @@ impl GgufFile {
                     .into(),
             ));
         }
+        this.check_unique()?;
         this.check_extent()?;
         Ok(this)
+    }
+
+    /// Refuses two tensors or two metadata keys of one name, as llama.cpp does: candle keeps
+    /// the last of each, so which one served depended on the reader. The header's counts say
+    /// how many there are; candle's maps, how many names.
+    fn check_unique(&self) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut head = [0u8; 24];
+        if self.file.read_exact_at(&mut head, 0).is_err() {
+            return Ok(());
+        }
+        let word =
+            |at: usize| u32::from_le_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]);
+        let long = |at: usize| u64::from_le_bytes(head[at..at + 8].try_into().unwrap_or_default());
+        // Version 1 counted in u32s.
+        let (tensors, keys) = match word(4) {
+            1 => (u64::from(word(8)), u64::from(word(12))),
+            _ => (long(8), long(16)),
+        };
+        let repeated = [
+            ("tensors", tensors, self.content.tensor_infos.len()),
+            ("metadata keys", keys, self.content.metadata.len()),
+        ];
+        for (what, listed, distinct) in repeated {
+            if distinct as u64 != listed {
+                return Err(EngineError::BadFile {
+                    path: self.path.clone(),
+                    reason: format!(
+                        "lists {listed} {what} but only {distinct} distinct names: some name is \
+                         given twice (llama.cpp refuses such a file too); convert the model again"
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Refuses a truncated file before any tensor is read.
     fn check_extent(&self) -> Result<()> {
         let len = self.file.metadata().map(|m| m.len()).unwrap_or(0);
         for (name, info) in &self.content.tensor_infos {
+            let block = info.ggml_dtype.block_size();
+            let row = info.shape.dims().last().copied().unwrap_or(1);
+            if row % block != 0 {
+                return Err(EngineError::BadFile {
+                    path: self.path.clone(),
+                    reason: format!(
+                        "tensor {name}'s rows hold {row} values, not a whole number of its {:?} \
+                         blocks of {block}: the file is damaged or badly converted; convert the \
+                         model again with llama.cpp",
+                        info.ggml_dtype
+                    ),
+                });
+            }
             // Checked: a hostile file's sizes must not wrap around into a small number.
             let end = (self.content.tensor_data_offset.checked_add(info.offset))
                 .zip(tensor_bytes(info))
