@@ -267,10 +267,16 @@ impl Checkpoint {
     /// smaller). For refusing, before loading, a model that cannot fit a memory cap.
     pub fn weight_bytes_at_least(&self, dtype: DType, quantization: Quantization) -> Result<u64> {
         let element = dtype.size_in_bytes() as f64;
+        let per_element = match quantization {
+            Quantization::None => element,
+            Quantization::Q8 => element.min(1.0),
+            Quantization::Q4 => element.min(0.5),
+        };
         if let Some(g) = &self.gguf {
+            // A float GGUF is quantized as configured too.
             return Ok(g
                 .tensor_sizes()
-                .map(|(n, stored)| stored.min((n as f64 * element) as u64))
+                .map(|(n, stored)| stored.min((n as f64 * per_element) as u64))
                 .sum());
         }
         let files = crate::weights::SafetensorsFiles::open(&self.weight_files()?).map_err(|e| {
@@ -279,11 +285,6 @@ impl Checkpoint {
                 reason: format!("cannot read the safetensors files: {e}"),
             }
         })?;
-        let per_element = match quantization {
-            Quantization::None => element,
-            Quantization::Q8 => element.min(1.0),
-            Quantization::Q4 => element.min(0.5),
-        };
         Ok((files.elements() as f64 * per_element) as u64)
     }
 

@@ -201,6 +201,8 @@ mod tests {
             ("qwen3-tiny", Quantization::None),
             ("qwen3-tiny", Quantization::Q4),
             ("gguf/qwen3-wide.q4_k_m.gguf", Quantization::None),
+            // A float GGUF quantized as configured (its bound was its f32 size).
+            ("gguf/qwen3-tiny.f32.gguf", Quantization::Q4),
         ] {
             let checkpoint = Checkpoint::open(&fixtures.join(path)).unwrap();
             let bound = checkpoint.weight_bytes_at_least(DType::F32, q).unwrap();
