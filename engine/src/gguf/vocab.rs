@@ -172,15 +172,42 @@ pub(crate) fn tokenizer_config(file: &GgufFile) -> Result<Value> {
     Ok(Value::Object(config))
 }
 
+/// Texts of tokens that end generation whatever ids the file names (llama.cpp's list, less the
+/// families PIO does not serve).
+const END_TEXTS: [&str; 8] = [
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end|>",
+    "<|end_of_text|>",
+    "<end_of_turn>",
+    "<EOT>",
+];
+
 /// `generation_config.json` as the file describes it: its end-of-turn tokens and the sampling
 /// defaults converters copy into `general.sampling.*`.
 pub(crate) fn generation_config(file: &GgufFile) -> Result<Value> {
     let mut config = Map::new();
     let mut eos = Vec::new();
-    for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {
+    for key in [
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.eot_token_id",
+        "tokenizer.ggml.eom_token_id",
+    ] {
         if let Some(id) = file.uint(key)? {
             if !eos.contains(&id) {
                 eos.push(id);
+            }
+        }
+    }
+    // A converter writes one end-of-sequence id, but a Qwen model ends a turn with <|im_end|>
+    // and a text with <|endoftext|>, both in its generation_config.json: the tokens such texts
+    // name end generation too, as llama.cpp finds them.
+    if file.get("tokenizer.ggml.tokens").is_some() {
+        for (id, token) in tokens(file)?.iter().enumerate() {
+            if END_TEXTS.contains(&token.as_str()) && !eos.contains(&(id as u64)) {
+                eos.push(id as u64);
             }
         }
     }
