@@ -45,9 +45,12 @@ pub struct Processor {
     pub temporal_patch_size: usize,
     /// Patches merged per side into one token.
     pub merge_size: usize,
+    /// The mean and deviation in pixel levels (divided by the rescale factor): rescaling and
+    /// normalizing in one step, in f32, as transformers' fast processor fuses them, so that
+    /// every level is the same f32 as there (rescaled first, 111 of 256 levels were an ulp
+    /// off, and mid-grey rounded to another bf16).
     mean: [f32; 3],
     std: [f32; 3],
-    rescale: f32,
 }
 
 /// One image ready for the vision tower.
@@ -113,9 +116,14 @@ impl Processor {
                 "turning off resizing, rescaling or normalizing is not supported",
             ));
         }
-        let to32 = |a: [f64; 3]| a.map(|v| v as f32);
-        let std = to32(raw.image_std.unwrap_or([0.5; 3]));
-        if std.contains(&0.0) {
+        let rescale = raw.rescale_factor.unwrap_or(1.0 / 255.0);
+        if !(rescale.is_finite() && rescale > 0.0) {
+            return Err(bad("rescale_factor", "must be a positive number"));
+        }
+        // As torch makes them: an f32 tensor of the values times the factor's inverse, in f32.
+        let in_levels = |a: [f64; 3]| a.map(|v| v as f32 * (1.0 / rescale) as f32);
+        let std = in_levels(raw.image_std.unwrap_or([0.5; 3]));
+        if std.iter().any(|s| *s == 0.0 || !s.is_finite()) {
             return Err(bad("image_std", "must not be zero"));
         }
         Ok(Self {
@@ -124,9 +132,8 @@ impl Processor {
             patch_size: positive(raw.patch_size, 16, "patch_size")?,
             temporal_patch_size: positive(raw.temporal_patch_size, 2, "temporal_patch_size")?,
             merge_size: positive(raw.merge_size, 2, "merge_size")?,
-            mean: to32(raw.image_mean.unwrap_or([0.5; 3])),
+            mean: in_levels(raw.image_mean.unwrap_or([0.5; 3])),
             std,
-            rescale: raw.rescale_factor.unwrap_or(1.0 / 255.0) as f32,
         })
     }
 
@@ -150,7 +157,7 @@ impl Processor {
         let mut values = Vec::with_capacity(gh * gw * row_len);
         let level = |y: usize, x: usize, c: usize| {
             let v = f32::from(resized.pixels[(y * w as usize + x) * 3 + c]);
-            (v * self.rescale - self.mean[c]) / self.std[c]
+            (v - self.mean[c]) / self.std[c]
         };
         // Rows in merge-block order; columns (channel, frame, y, x). Every frame is the same
         // still image.
