@@ -35,15 +35,26 @@ fn within(prompt: &Prompt, total: u64, most: usize) -> Result<MessageImages, Plu
             continue;
         };
         for (j, part) in parts.iter().enumerate() {
-            let url = match part.get("type").and_then(|t| t.as_str()) {
-                Some("image_url") => part
-                    .get("image_url")
-                    .and_then(|u| u.get("url").or(Some(u)))
-                    .and_then(|u| u.as_str()),
-                Some("image") => part.get("image").and_then(|u| u.as_str()),
-                _ => continue,
-            };
             let at = format!("messages[{i}].content[{j}]");
+            // Parts as the chat template tells them apart: an image by its type or by an
+            // `image`/`image_url` key; else a video by its type or a `video` key.
+            let kind = part.get("type").and_then(|t| t.as_str());
+            let image = matches!(kind, Some("image" | "image_url"))
+                || part.get("image").is_some()
+                || part.get("image_url").is_some();
+            if !image && (kind == Some("video") || part.get("video").is_some()) {
+                // The template would place a video placeholder no video fills.
+                return Err(PluginError::invalid_input(format!(
+                    "{at}: video input is not supported; send frames as image parts"
+                )));
+            }
+            if !image {
+                continue;
+            }
+            let url = match part.get("image_url") {
+                Some(u) => u.get("url").or(Some(u)).and_then(|u| u.as_str()),
+                None => part.get("image").and_then(|u| u.as_str()),
+            };
             let url = url.ok_or_else(|| {
                 PluginError::invalid_input(format!("{at}: an image part without its URL"))
             })?;
@@ -114,6 +125,38 @@ mod tests {
             .unwrap();
         let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
         format!("data:image/png;base64,{b64}")
+    }
+
+    /// Images and videos are told apart as the chat template does: an image part with no type
+    /// is an image (it was skipped, and the template's placeholder had no image), a video part
+    /// is refused (its placeholder ran unfilled).
+    #[test]
+    fn parts_are_read_as_the_template_reads_them() {
+        let prompt = |part| {
+            Prompt::Messages(vec![
+                serde_json::json!({"role": "user", "content": [{"type": "text", "text": "hi"}, part]}),
+            ])
+        };
+        for part in [
+            serde_json::json!({"image_url": {"url": png(8)}}),
+            serde_json::json!({"image": png(8)}),
+            serde_json::json!({"type": "image", "image": png(8)}),
+        ] {
+            let found = within(&prompt(part.clone()), 1000, 8).map(|i| i.images.len());
+            assert_eq!(found.ok(), Some(1), "{part}");
+        }
+        for part in [
+            serde_json::json!({"type": "video", "video": "clip.mp4"}),
+            serde_json::json!({"video": ["a.png"]}),
+        ] {
+            let e = within(&prompt(part.clone()), 1000, 8)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("messages[0].content[1]") && e.contains("video"),
+                "{part}: {e}"
+            );
+        }
     }
 
     #[test]
