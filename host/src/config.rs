@@ -490,6 +490,7 @@ impl Config {
             health_deadline: Duration::from_secs(s.health_deadline_secs),
             load_timeout: (s.load_timeout_secs > 0)
                 .then(|| Duration::from_secs(s.load_timeout_secs)),
+            warmup: self.server.warmup,
         }
     }
 }

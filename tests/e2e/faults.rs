@@ -352,6 +352,38 @@ fn a_warm_up_past_the_load_deadline_fails_the_load() {
     assert_ne!(d.plugin("echo")["state"], "loading");
 }
 
+/// A worker restarted after a crash is warmed up before it serves, as the first one was (it
+/// went back into service straight after loading: one that loads but cannot generate failed
+/// clients' requests instead of its start). Echo answers its first token 3 s after a request
+/// arrives, so a warmed-up restart takes that long.
+#[test]
+fn a_restarted_worker_is_warmed_up_before_it_serves() {
+    if !confinement_available() {
+        return;
+    }
+    let d = Daemon::start(
+        echo_dir("[model.options]\nprefill_ms = 3000\n"),
+        "[supervisor]\nrestart_backoff_ms = 100\n",
+    );
+    d.wait_ready();
+    let old = d.plugin("echo")["pid"].clone();
+    let killed = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old.as_i64().expect("a worker pid") as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    d.wait_for(30, "the restarted worker to serve", |d| {
+        let p = d.plugin("echo");
+        p["state"] == "ready" && p["pid"] != old
+    });
+    let took = killed.elapsed();
+    assert!(
+        took >= Duration::from_millis(2900),
+        "back in service {took:?} after the kill, before a warm-up could have run"
+    );
+}
+
 /// A plugin that ignores `max_tokens` has its request stopped there, named as its fault; its
 /// worker serves on (the daemon buffered whatever it sent).
 #[test]

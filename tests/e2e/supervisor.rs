@@ -58,6 +58,7 @@ fn fast_policy() -> RestartPolicy {
         health_interval: Duration::from_millis(300),
         health_deadline: Duration::from_secs(2),
         load_timeout: Some(Duration::from_secs(60)),
+        warmup: false,
     }
 }
 

@@ -9,15 +9,13 @@ use std::time::{Duration, Instant};
 use pio_plugin_api::wire::{ModelInfo, TokenTable};
 use tokio::sync::Notify;
 
-use pio_plugin_api::wire::{InferRequest, Prompt};
-
 use super::error::ApiError;
 use super::hotplug::Found;
 use super::models::Setup;
 use crate::config::Config;
 use crate::launch;
 use crate::sandbox::HostSupport;
-use crate::supervisor::{Event, State, Supervised};
+use crate::supervisor::{State, Supervised};
 
 /// A plugin version being served.
 pub struct Deployment {
@@ -196,7 +194,8 @@ impl Deployment {
     }
 }
 
-/// Starts a worker for `found`, loads its model and warms it up.
+/// Starts a worker for `found`, loads its model and warms it up (`server.warmup`; the
+/// supervisor's start does, as each restart's).
 pub(super) async fn deploy(
     setup: &Setup,
     config: &Config,
@@ -236,53 +235,10 @@ pub(super) async fn deploy(
     let (supervised, info) = Supervised::start(spec, model, config.restart_policy())
         .await
         .map_err(|e| ApiError::internal(format!("plugin {name} failed to load: {e}")))?;
-    if config.server.warmup {
-        // Part of the load, so under its deadline: with no request deadline a warm-up the
-        // plugin never answers held the model `loading` for good (and an unload waits for it).
-        let load_timeout = config.restart_policy().load_timeout;
-        let warmed = match load_timeout {
-            Some(limit) => tokio::time::timeout(limit, warm_up(&supervised))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(ApiError::internal(format!(
-                        "no answer within {} s (supervisor.load_timeout_secs)",
-                        limit.as_secs()
-                    )))
-                }),
-            None => warm_up(&supervised).await,
-        };
-        if let Err(e) = warmed {
-            supervised.stop().await;
-            return Err(ApiError::internal(format!(
-                "plugin {name} loaded but failed its warm-up request: {e}"
-            )));
-        }
-    }
     let mut deployment =
         Deployment::new(supervised, info, found.manifest.version.to_string(), copy);
     deployment.default_max_tokens = found.manifest.model.generation.max_tokens;
     deployment.fingerprint = found.fingerprint.clone();
     deployment.report = Some(found.report.clone());
     Ok(deployment)
-}
-
-/// One short generation: a model counts as ready only once it has produced a token.
-async fn warm_up(supervised: &Supervised) -> Result<(), ApiError> {
-    let request = InferRequest {
-        prompt: Prompt::Text("Hello".into()),
-        max_tokens: Some(1),
-        temperature: Some(0.0),
-        ..InferRequest::default()
-    };
-    let mut events = supervised.infer(request).map_err(|e| ApiError::from(e.0))?;
-    while let Some(event) = events.recv().await {
-        match event {
-            Event::Token(_) => {}
-            Event::Done(_) => return Ok(()),
-            Event::Failed(e) => return Err(e.into()),
-        }
-    }
-    Err(ApiError::internal(
-        "the worker ended the warm-up request without an answer",
-    ))
 }

@@ -48,6 +48,10 @@ pub struct RestartPolicy {
     /// A worker not started and loaded within this is stopped, and its start counts as failed
     /// (a hung load: a wedged GPU, a stalled network mount); `None`: no limit.
     pub load_timeout: Option<Duration>,
+    /// Whether a worker counts as started only once it has answered a one-token request (the
+    /// first start's and every restart's: a worker that loads but cannot generate, a broken
+    /// GPU context after a crash, fails its start instead of clients' requests).
+    pub warmup: bool,
 }
 
 impl Default for RestartPolicy {
@@ -61,6 +65,7 @@ impl Default for RestartPolicy {
             health_interval: Duration::from_secs(5),
             health_deadline: Duration::from_secs(5),
             load_timeout: Some(Duration::from_secs(1800)),
+            warmup: false,
         }
     }
 }
@@ -215,8 +220,9 @@ type FailedStart = (WorkerError, Option<Stats>);
 async fn start_and_load(
     spec: &WorkerSpec,
     config: &ModelConfig,
-    limit: Option<Duration>,
+    policy: &RestartPolicy,
 ) -> Result<(Worker, ModelInfo), FailedStart> {
+    let limit = policy.load_timeout;
     let deadline = limit.map(|l| tokio::time::Instant::now() + l);
     let within = |deadline| async move {
         match deadline {
@@ -240,6 +246,18 @@ async fn start_and_load(
         loaded = worker.load(config.clone(), |_, _, _| {}) => loaded,
         _ = within(deadline) => Err(late()),
     };
+    // The warm-up is part of the start, under its deadline: with no request deadline one the
+    // plugin never answers held the model `loading` for good.
+    let loaded = match loaded {
+        Ok(info) if policy.warmup => tokio::select! {
+            warmed = warm_up(&worker) => warmed.map(|()| info),
+            _ = within(deadline) => Err(err(
+                Fault::Timeout,
+                format!("{} loaded but did not answer its warm-up request within {} s (supervisor.load_timeout_secs), and was stopped", spec.name, limit.map_or(0, |l| l.as_secs())),
+            )),
+        },
+        loaded => loaded,
+    };
     match loaded {
         Ok(info) => Ok((worker, info)),
         Err(e) => {
@@ -248,6 +266,34 @@ async fn start_and_load(
             Err((e, worker.stats()))
         }
     }
+}
+
+/// One short generation: a worker counts as started only once it has produced a token.
+async fn warm_up(worker: &Worker) -> Result<(), WorkerError> {
+    let request = InferRequest {
+        prompt: pio_plugin_api::wire::Prompt::Text("Hello".into()),
+        max_tokens: Some(1),
+        temperature: Some(0.0),
+        ..InferRequest::default()
+    };
+    let failed = |e: &WireError| {
+        WorkerError::new(
+            e.kind,
+            format!("loaded but failed its warm-up request: {}", e.message),
+        )
+    };
+    let (_, mut events) = worker.infer(request).map_err(|e| failed(&e.0))?;
+    while let Some(event) = events.recv().await {
+        match event {
+            Event::Token(_) => {}
+            Event::Done(_) => return Ok(()),
+            Event::Failed(e) => return Err(failed(&e)),
+        }
+    }
+    Err(failed(&WireError::new(
+        Fault::WorkerDied,
+        "the worker ended the warm-up request without an answer",
+    )))
 }
 
 impl Supervised {
@@ -260,8 +306,8 @@ impl Supervised {
     ) -> Result<(Self, ModelInfo), WorkerError> {
         let tier = spec.plan.applied;
         let (policy, policy_rx) = watch::channel(in_force(policy, tier));
-        let limit = policy.borrow().load_timeout;
-        let (worker, info) = (start_and_load(&spec, &config, limit).await).map_err(|(e, _)| e)?;
+        let first = policy.borrow().clone();
+        let (worker, info) = (start_and_load(&spec, &config, &first).await).map_err(|(e, _)| e)?;
         let shared = Arc::new(Mutex::new(Shared {
             worker: Some(Arc::new(worker)),
             state: State::Ready,

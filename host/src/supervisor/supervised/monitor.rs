@@ -135,7 +135,7 @@ impl Restart<'_> {
             let started = tokio::select! {
                 started = async {
                     tokio::time::sleep(*backoff).await;
-                    start_and_load(self.spec, self.config, self.policy.load_timeout).await
+                    start_and_load(self.spec, self.config, self.policy).await
                 } => started,
                 _ = stopped(stop) => return false,
             };
