@@ -27,6 +27,9 @@ pub(super) struct Budget {
     pub(super) tokens: Option<u64>,
     /// Alternatives per token (`logprobs`): any more are dropped.
     pub(super) alternatives: usize,
+    /// Whether each token's logprob was asked for: a token sent without one would be shown
+    /// as certain (chat's `logprob` is a number) or as a gap in a sum of scores.
+    pub(super) scored: bool,
     /// Tokens sent so far.
     pub(super) sent: u64,
     /// Text bytes sent so far.
@@ -39,6 +42,7 @@ impl Budget {
         Self {
             tokens: request.max_tokens.map(|m| u64::from(m) + 1),
             alternatives: request.logprobs.unwrap_or(0) as usize,
+            scored: request.logprobs.is_some(),
             sent: 0,
             bytes: 0,
         }
@@ -50,6 +54,9 @@ impl Budget {
         let top: usize = token.top_logprobs.iter().map(|t| t.1.len()).sum();
         self.sent += 1;
         self.bytes = self.bytes.saturating_add(token.text.len() + top);
+        if self.scored && token.logprob.is_none() {
+            return Some("sent a token without the logprob asked for".into());
+        }
         if self.tokens.is_some_and(|most| self.sent > most) {
             return Some(format!(
                 "sent more than the {} tokens asked for (max_tokens)",
@@ -260,6 +267,11 @@ mod tests {
         assert_eq!(budget.spend(&mut token("", 0)), None, "the end of sequence");
         let e = budget.spend(&mut token("c", 0)).unwrap();
         assert!(e.contains("2 tokens") && e.contains("max_tokens"), "{e}");
+        // Scores asked for: a token without one is not passed on as certain.
+        let mut unscored = token("d", 0);
+        unscored.logprob = None;
+        let e = Budget::of(&request).spend(&mut unscored).unwrap();
+        assert!(e.contains("logprob"), "{e}");
         // No max_tokens: the bytes still bound it.
         let mut open = Budget::of(&Default::default());
         let big = "x".repeat(MAX_OUTPUT_BYTES / 2);
