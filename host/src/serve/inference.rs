@@ -142,6 +142,7 @@ async fn start(
         ));
     }
     let lease = app.models.acquire_places(&model, choices).await?;
+    echo_readable(&parsed, &lease.deployment().info, &model)?;
     openai::default_limit(&mut parsed, lease.deployment().default_max_tokens, &limits)?;
     if let Some(s) = &parsed.structure {
         let info = &lease.deployment().info;
@@ -169,6 +170,25 @@ async fn start(
     };
     let runs = runs.map_err(|e| ApiError::of_request(e.0, &parsed))?;
     Ok((parsed, lease, runs))
+}
+
+/// Refuses `echo` of a token-id prompt when the model reports no token table to read it with:
+/// the answer showed no prompt at all, as if it had been echoed.
+fn echo_readable(
+    parsed: &Parsed,
+    info: &pio_plugin_api::wire::ModelInfo,
+    model: &str,
+) -> Result<(), ApiError> {
+    let ids = parsed
+        .prompts()
+        .any(|p| matches!(p, pio_plugin_api::wire::Prompt::Tokens(_)));
+    if parsed.shown.echo && ids && info.token_bytes.is_none() {
+        return Err(ApiError::bad_field(
+            "echo",
+            format!("cannot show a prompt of token ids: model `{model}` reports no token table to read them with; send the prompt as text, or leave out `echo`"),
+        ));
+    }
+    Ok(())
 }
 
 /// The run that scores prompt `p` apart, for a stream whose first chunk shows the scores (which
@@ -409,5 +429,39 @@ impl Drop for Recorded<'_> {
                 .metrics
                 .request(&self.model, self.endpoint.label(), self.status);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::serve::openai::{parse, Endpoint, Limits};
+    use pio_plugin_api::wire::{ModelInfo, TokenBytes};
+    use pio_plugin_api::Capabilities;
+
+    /// `echo` of a token-id prompt needs the model's token table to show the prompt: without
+    /// one it is refused, naming `echo` (the answer showed no prompt at all).
+    #[test]
+    fn an_echoed_token_prompt_needs_a_token_table() {
+        let caps = Capabilities::TEXT.union(Capabilities::TOKEN_PROMPTS);
+        let body = |prompt: Value| serde_json::json!({"model": "m", "prompt": prompt, "echo": true, "max_tokens": 1});
+        let parsed = |prompt| {
+            parse(
+                &body(prompt),
+                Endpoint::Completions,
+                caps,
+                &Limits::default(),
+            )
+            .unwrap()
+        };
+        let bare = ModelInfo::default();
+        let with_table = ModelInfo {
+            token_bytes: Some(TokenBytes::encode([b"a", b"b"])),
+            ..ModelInfo::default()
+        };
+        let e = echo_readable(&parsed(serde_json::json!([0, 1])), &bare, "m").unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("echo"), "{}", e.message);
+        assert!(echo_readable(&parsed(serde_json::json!([0, 1])), &with_table, "m").is_ok());
+        assert!(echo_readable(&parsed(serde_json::json!("ab")), &bare, "m").is_ok());
     }
 }
