@@ -398,6 +398,51 @@ fn a_stream_nobody_reads_pauses_its_sequence_and_resumes_unchanged() {
     assert_eq!(when_idle(&engine).blocks_used, 0);
 }
 
+/// A paused stream resumes once its reader is down to `RESUME_BACKLOG` unread tokens, not at
+/// the first token read (a reader slower than generation had it run a token a step, pausing
+/// after each; under memory pressure each resumption was a preemption and a recompute).
+#[test]
+fn a_paused_stream_resumes_once_half_its_backlog_is_read() {
+    use pio_engine::serving::{PAUSE_BACKLOG, RESUME_BACKLOG};
+    let engine = engine_for::<Qwen3>("qwen3-tiny", small_blocks(256));
+    let request = Request {
+        prompt: (0..12).map(|i| 20 + i * 7).collect(),
+        max_tokens: 3 * PAUSE_BACKLOG,
+        ..Request::default()
+    };
+    let stream = engine.submit(request).unwrap();
+    let until = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    };
+    until("the pause", &|| stream.unread() == PAUSE_BACKLOG);
+    let mut read = 0;
+    let mut take = |stream: &pio_engine::serving::Stream| {
+        assert!(matches!(stream.next(), Some(Event::Token(_))));
+        read += 1;
+    };
+    take(&stream);
+    let steps = engine.stats().steps;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        (stream.unread(), engine.stats().steps),
+        (PAUSE_BACKLOG - 1, steps),
+        "one token read does not resume it"
+    );
+    while stream.unread() > RESUME_BACKLOG {
+        take(&stream);
+    }
+    until("the next pause", &|| stream.unread() == PAUSE_BACKLOG);
+    let (rest, outcome) = collect(stream);
+    assert_eq!(
+        (read + rest.len(), outcome.finish),
+        (3 * PAUSE_BACKLOG, Finish::Length)
+    );
+}
+
 /// Stalled readers never keep out one that reads: with every sequence slot held by a paused
 /// stream, a new request is served (the paused one is preempted and recomputed later), and the
 /// paused stream, read at last, gives what it gives alone.

@@ -87,10 +87,15 @@ pub enum Event {
     Failed(EngineError),
 }
 
-/// Tokens a stream may hold unread before its sequence is paused (it resumes as soon as its
-/// reader takes one): enough to ride out a reader's hiccup, small enough that a reader that
-/// stopped holds almost nothing.
+/// Tokens a stream may hold unread before its sequence is paused: enough to ride out a
+/// reader's hiccup, small enough that a reader that stopped holds almost nothing.
 pub const PAUSE_BACKLOG: usize = 16;
+
+/// Unread tokens a paused sequence resumes at: half the pause's, so that a reader slower than
+/// generation has it run in bursts, not a token a step, pausing again after each (when blocks
+/// run short paused sequences are preempted first, and each resumption recomputed its context
+/// for one token).
+pub const RESUME_BACKLOG: usize = PAUSE_BACKLOG / 2;
 
 /// A submitted request's events; dropping it cancels the request.
 pub struct Stream {
@@ -128,10 +133,10 @@ impl Stream {
         self.backlog.load(Ordering::Acquire)
     }
 
-    /// Accounts for a token read; wakes the engine when that un-pauses the sequence.
+    /// Accounts for a token read; wakes the engine when that resumes the sequence.
     fn taken(&self, event: Event) -> Event {
         if matches!(event, Event::Token(_))
-            && self.backlog.fetch_sub(1, Ordering::AcqRel) == PAUSE_BACKLOG
+            && self.backlog.fetch_sub(1, Ordering::AcqRel) == RESUME_BACKLOG + 1
         {
             // Take the queue's lock so the wake cannot fall between the engine's check and
             // its wait.

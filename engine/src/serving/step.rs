@@ -7,7 +7,9 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{finish_early, Arrival, EngineConfig, Event, Shared, Stats, PAUSE_BACKLOG};
+use super::{
+    finish_early, Arrival, EngineConfig, Event, Shared, Stats, PAUSE_BACKLOG, RESUME_BACKLOG,
+};
 use crate::batch::{Batch, Output, Positions, SeqStep, Splice, Wanted};
 use crate::generate::{CausalLm, Finish, Media, Outcome};
 use crate::kv_pool::{BlockId, KvPool, PrefixHash};
@@ -51,6 +53,8 @@ struct Seq {
     cancel: Arc<AtomicBool>,
     /// Tokens sent that its reader has not taken yet.
     backlog: Arc<AtomicUsize>,
+    /// Paused (see [`Seq::paused`]), as of the start of this step.
+    held: bool,
     /// Prompt tokens found in the prefix cache at first admission.
     cached_tokens: Option<usize>,
     arrived: Instant,
@@ -94,9 +98,25 @@ impl Seq {
         self.cancel.load(Ordering::Relaxed)
     }
 
-    /// Whether its reader has fallen behind: then it waits, generating nothing.
+    /// Whether its reader has fallen behind: then it waits, generating nothing, from
+    /// [`PAUSE_BACKLOG`] unread tokens until its reader is down to [`RESUME_BACKLOG`].
     fn paused(&self) -> bool {
-        self.backlog.load(Ordering::Acquire) >= PAUSE_BACKLOG
+        self.held
+    }
+
+    /// Sets [`Seq::paused`] for the step about to be planned.
+    fn refresh_pause(&mut self) {
+        let unread = self.backlog.load(Ordering::Acquire);
+        self.held = match self.held {
+            true => unread > RESUME_BACKLOG,
+            false => unread >= PAUSE_BACKLOG,
+        };
+    }
+
+    /// Whether it is paused and its reader has not since read enough to resume it (read now,
+    /// under the lock a reader takes to wake the engine, so that no wake-up falls between).
+    fn stays_paused(&self) -> bool {
+        self.held && self.backlog.load(Ordering::Acquire) > RESUME_BACKLOG
     }
 
     fn outcome(&self, finish: Finish) -> Outcome {
@@ -165,6 +185,9 @@ impl<M: CausalLm> Worker<M> {
                     return false;
                 }
                 self.drop_cancelled();
+                for s in self.running.iter_mut().chain(self.waiting.iter_mut()) {
+                    s.refresh_pause();
+                }
                 let plan = self.plan();
                 self.apply(&plan);
                 self.publish();
@@ -212,7 +235,10 @@ impl<M: CausalLm> Worker<M> {
     fn doze(&self) {
         const NAP: std::time::Duration = std::time::Duration::from_millis(50);
         if let Ok(inbox) = self.shared.inbox.lock() {
-            if inbox.arrivals.is_empty() && !inbox.stop && self.running.iter().all(Seq::paused) {
+            if inbox.arrivals.is_empty()
+                && !inbox.stop
+                && self.running.iter().all(Seq::stays_paused)
+            {
                 let _ = self.shared.wake.wait_timeout(inbox, NAP);
             }
         }
@@ -268,6 +294,7 @@ impl<M: CausalLm> Worker<M> {
                 events: a.events,
                 cancel: a.cancel,
                 backlog: a.backlog,
+                held: false,
                 cached_tokens: None,
                 arrived: Instant::now(),
                 first_token: None,
