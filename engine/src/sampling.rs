@@ -208,14 +208,18 @@ impl Sampler {
     /// Moves the candidates min-p and top-p keep to the front and says how many: the most likely
     /// ones, at least one (`total`: all candidates' weights). Neither ranks the vocabulary: min-p
     /// is a partition, top-p a weighted selection, both linear; the draw's order does not matter.
+    /// Top-p takes its share of what min-p kept, as vLLM's v1 sampler (min-p a logits processor
+    /// before top-k and top-p) renormalizes.
     fn truncated(&self, candidates: &mut [(u32, f64)], total: f64) -> usize {
         let mut keep = candidates.len();
+        let mut total = total;
         if let Some(min_p) = self.params.min_p.filter(|&m| m > 0.0) {
             keep = partition(candidates, |c| c.1 >= min_p as f64);
             if keep == 0 {
                 candidates.select_nth_unstable_by(0, ranked);
                 keep = 1;
             }
+            total = candidates[..keep].iter().map(|c| c.1).sum();
         }
         if let Some(p) = self.params.top_p.filter(|&p| p < 1.0) {
             keep = nucleus(&mut candidates[..keep], p as f64 * total);
@@ -545,6 +549,16 @@ mod tests {
         assert!(
             close(both, [2.0 / 3.0, 1.0 / 3.0, 0.0, 0.0, 0.0]),
             "{both:?}"
+        );
+        // Top-p of what min-p kept (8:4:2, 14): 0.8 × 14 = 11.2 takes the first two. Of the
+        // whole row's 16 it was 12.8, three.
+        let renormalized = freq(params(|p| {
+            p.min_p = Some(0.2);
+            p.top_p = Some(0.8);
+        }));
+        assert!(
+            close(renormalized, [2.0 / 3.0, 1.0 / 3.0, 0.0, 0.0, 0.0]),
+            "{renormalized:?}"
         );
     }
 
