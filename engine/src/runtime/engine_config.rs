@@ -156,7 +156,19 @@ pub(super) fn engine_config<M: CausalLm>(
             ),
         ));
     }
-    config.token_budget = o.max_batch_tokens.unwrap_or(config.token_budget);
+    // A step gives each running sequence at least its next token: a budget below the sequences
+    // run at once would leave some without one every step (vLLM refuses such a pair too). Not
+    // set, it grows to `max_seqs`.
+    config.token_budget = match o.max_batch_tokens {
+        Some(b) if b < config.max_seqs => {
+            return Err(PluginError::invalid_config(format!(
+                "[model.options] max_batch_tokens ({b}) is below max_seqs ({}): a step could not give every running sequence its next token; raise max_batch_tokens to at least max_seqs, or lower max_seqs",
+                config.max_seqs
+            )))
+        }
+        Some(b) => b,
+        None => config.token_budget.max(config.max_seqs),
+    };
     config.prefix_cache = o.prefix_cache.unwrap_or(config.prefix_cache);
     Ok(config)
 }
@@ -323,6 +335,21 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("limits.memory"), "{e}");
+        // A budget below the sequences run at once is refused; left out, it grows to them.
+        let e = engine_config(
+            &model,
+            &options(json!({"max_seqs": 300, "max_batch_tokens": 256})),
+            NO_LIMIT,
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("max_batch_tokens") && e.contains("max_seqs"),
+            "{e}"
+        );
+        let grown = engine_config(&model, &options(json!({"max_seqs": 300})), NO_LIMIT, None);
+        assert_eq!(grown.unwrap().token_budget, 300);
         for (key, bad) in [
             ("kv_cache_dtype", json!("q4")),
             ("max_seqs", json!(0)),
