@@ -121,17 +121,19 @@ impl Deployment {
 
     /// Whether its worker is quarantined (failed too often; only an operator's load ends it).
     pub fn quarantined(&self) -> bool {
-        matches!(self.supervised.status().state, State::Quarantined(_))
+        matches!(self.supervised.state().0, State::Quarantined(_))
     }
 
     /// Takes a lease, unless `depth` requests already hold one or the worker cannot serve.
     pub fn lease(self: &Arc<Self>, depth: usize, weight: usize) -> Result<Lease, Refusal> {
-        match self.supervised.status().state {
+        // Under the book's lock every request takes: the state alone, not the cgroup's counters.
+        let (state, last_error) = self.supervised.state();
+        match state {
             State::Ready => {}
             State::Restarting => {
                 return Err(Refusal::Unavailable(format!(
                     "its worker is restarting after a failure ({})",
-                    self.supervised.status().last_error.unwrap_or_default()
+                    last_error.unwrap_or_default()
                 )))
             }
             State::Quarantined(why) => {
@@ -160,7 +162,7 @@ impl Deployment {
     /// nor `max_loaded_models` unloads it (that lifted a quarantine, its reason lost, with no
     /// operator, and reset a crash count on its way to one).
     pub fn idle_for(&self) -> Option<Duration> {
-        let serving = matches!(self.supervised.status().state, State::Ready);
+        let serving = matches!(self.supervised.state().0, State::Ready);
         (serving && self.leases() == 0).then(|| {
             self.last_used
                 .lock()

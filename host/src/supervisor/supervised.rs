@@ -414,6 +414,13 @@ impl Supervised {
         }
     }
 
+    /// Its state and last error alone: what each request's lease asks, without
+    /// [`Self::status`]'s reads of the cgroup's files.
+    pub fn state(&self) -> (State, Option<String>) {
+        let shared = lock(&self.shared);
+        (shared.state.clone(), shared.last_error.clone())
+    }
+
     /// A snapshot of where the plugin stands.
     pub fn status(&self) -> Status {
         let shared = lock(&self.shared);
