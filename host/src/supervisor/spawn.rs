@@ -72,16 +72,105 @@ pub(super) fn writable_for_worker(spec: &WorkerSpec) -> Result<(), WorkerError> 
                 ),
             )
         };
-        std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
+        let dir = made_safely(dir).map_err(|e| fail(&e))?;
         if let Some((uid, gid)) = spec.plan.drop_to {
-            std::os::unix::fs::chown(dir, Some(uid), Some(gid)).map_err(|e| fail(&e))?;
-            // Its own alone: every worker shares the gid, and a umask may leave it group-writable.
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            // Through a handle on the folder made, never a path a link could redirect; its own
+            // alone: every worker shares the gid, and a umask may leave it group-writable.
+            let folder = open_folder(&dir).map_err(|e| fail(&e))?;
+            nix::unistd::fchown(&folder, Some(uid.into()), Some(gid.into()))
+                .map_err(|e| fail(&e))?;
+            nix::sys::stat::fchmod(&folder, nix::sys::stat::Mode::from_bits_truncate(0o700))
                 .map_err(|e| fail(&e))?;
         }
     }
     Ok(())
+}
+
+/// Folders of the system a manifest's cache may not be made in: a folder made there and given
+/// to the worker's user is one the system reads its own configuration or jobs from (a
+/// `…/pio.service.d` the plugin writes is root's next start).
+const SYSTEM_FOLDERS: [&str; 16] = [
+    "/etc",
+    "/usr",
+    "/boot",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/root",
+    "/run",
+    "/proc",
+    "/sys",
+    "/dev",
+    "/var/lib",
+    "/var/spool",
+];
+
+/// Makes the missing folder `dir` (and the missing folders above it) as the daemon, and says
+/// where it is, links resolved; refused when it would lie in one of the system's own folders,
+/// or below a folder another user could write (who could swap what is made for a link before
+/// it is handed to the worker). A manifest names the folder: root makes it only where no one
+/// else could have placed it.
+pub(super) fn made_safely(dir: &std::path::Path) -> Result<std::path::PathBuf, String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut existing = dir;
+    while std::fs::symlink_metadata(existing).is_err() {
+        existing = existing
+            .parent()
+            .ok_or_else(|| "no folder above it exists".to_string())?;
+    }
+    let real = existing.canonicalize().map_err(|e| e.to_string())?;
+    let target = match dir.strip_prefix(existing) {
+        Ok(rest)
+            if rest
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_))) =>
+        {
+            real.join(rest)
+        }
+        _ => return Err("its path climbs with `..` past a missing folder".into()),
+    };
+    if let Some(system) = SYSTEM_FOLDERS
+        .iter()
+        .find(|s| target.starts_with(s) || target == std::path::Path::new("/"))
+    {
+        return Err(format!(
+            "the daemon does not make folders in {system}, a folder of the system's own"
+        ));
+    }
+    if !real.is_dir() {
+        return Err(format!("{} is not a folder", real.display()));
+    }
+    // The folder made in, and every folder above it: root's or the daemon's, written by no
+    // one else (a sticky folder such as /tmp above is fine: no one else may move what is ours).
+    let me = nix::unistd::geteuid().as_raw();
+    for (i, folder) in real.ancestors().enumerate() {
+        let m = std::fs::metadata(folder).map_err(|e| e.to_string())?;
+        let owned = m.uid() == me || m.uid() == 0;
+        let shut = m.mode() & 0o022 == 0 || (i > 0 && m.mode() & 0o1000 != 0);
+        if !(owned && shut) {
+            return Err(format!(
+                "{} is not the daemon's alone (owned by uid {}, mode {:o}): another user could replace what is made there",
+                folder.display(),
+                m.uid(),
+                m.mode() & 0o7777
+            ));
+        }
+    }
+    std::fs::create_dir_all(&target).map_err(|e| e.to_string())?;
+    Ok(target)
+}
+
+/// `dir` opened as a folder, not followed if it is a link.
+fn open_folder(dir: &std::path::Path) -> nix::Result<std::os::fd::OwnedFd> {
+    use nix::fcntl::{open, OFlag};
+    open(
+        dir,
+        OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_RDONLY,
+        nix::sys::stat::Mode::empty(),
+    )
 }
 
 /// The worker's cgroup, when its plan wants one.
@@ -296,6 +385,39 @@ fn group_spec(plan: &Plan) -> crate::sandbox::cgroup::GroupSpec {
 mod tests {
     use super::*;
     use crate::sandbox::{HostSupport, Policy, Subject, Tier};
+
+    /// A manifest's cache folder is made by the daemon only where no one else could have placed
+    /// it and outside the system's own folders (root made and handed to the worker any folder a
+    /// manifest named: a systemd drop-in folder, say, was root's code at the next start).
+    #[test]
+    fn a_cache_folder_is_made_only_where_it_is_safe() {
+        use std::os::unix::fs::PermissionsExt;
+        let work = tempfile::tempdir().unwrap();
+        let made = made_safely(&work.path().join("a/b")).unwrap();
+        assert!(made.is_dir() && made.ends_with("a/b"));
+        for system in [
+            "/etc/systemd/system/pio.service.d",
+            "/var/spool/cron/x",
+            "/root/.ssh/y",
+        ] {
+            let e = made_safely(std::path::Path::new(system)).unwrap_err();
+            assert!(e.contains("system"), "{system}: {e}");
+        }
+        // Through a link: where it leads counts.
+        let link = work.path().join("link");
+        std::os::unix::fs::symlink("/etc", &link).unwrap();
+        let e = made_safely(&link.join("cron.d2")).unwrap_err();
+        assert!(e.contains("/etc"), "{e}");
+        // Below a folder others may write: refused, nothing made.
+        let open = work.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = made_safely(&open.join("cache")).unwrap_err();
+        assert!(e.contains("not the daemon's alone"), "{e}");
+        assert!(!open.join("cache").exists());
+        let e = made_safely(&work.path().join("missing/../../x")).unwrap_err();
+        assert!(e.contains(".."), "{e}");
+    }
 
     fn plan_for(gpu: Option<u32>) -> Plan {
         let host = HostSupport {
