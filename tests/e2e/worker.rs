@@ -403,6 +403,13 @@ fn library_constructors_run_only_in_confined_children() {
         );
         let uid = format!("uid={}", worker_uid("hostile"));
         assert!(text.contains(&uid), "ran unconfined: {text}");
+        // In a session of its own, the probe's too: none shares the caller's terminal, where
+        // a constructor's TIOCSTI would type into the operator's root shell.
+        let ours = nix::unistd::getsid(None).unwrap();
+        assert!(
+            !text.contains(&format!("sid={ours}\n")),
+            "shares its caller's session: {text}"
+        );
         assert!(path.exists());
     }
     let _ = std::fs::remove_dir_all(marks);

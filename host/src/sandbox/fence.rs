@@ -51,14 +51,19 @@ impl Fence {
         })
     }
 
-    /// Makes `command`'s child lead a process group of its own and, with a cgroup, enter it
-    /// before it runs any code of its own.
+    /// Makes `command`'s child lead a session (and so a process group) of its own and, with a
+    /// cgroup, enter it before it runs any code of its own. A session of its own: a library's
+    /// constructors run in it, and one sharing the caller's terminal (`sudo pio check` in an
+    /// operator's shell) could type into that shell with TIOCSTI.
     pub fn enclose(&self, command: &mut Command) {
-        command.process_group(0);
         let procs = self.procs.clone();
-        // SAFETY: open, write and close only, between fork and exec (async-signal-safe).
+        // SAFETY: setsid, open, write and close only, between fork and exec
+        // (async-signal-safe).
         unsafe {
             command.pre_exec(move || {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 for file in &procs {
                     let fd = libc::open(file.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
                     // "0": the writing process itself.

@@ -36,10 +36,17 @@ const LINGER_DIR: &str = "/tmp/pio-hostile-linger";
 
 extern "C" fn constructor() {
     // SAFETY: plain libc calls with valid arguments.
-    let (pid, ppid, uid) = unsafe { (libc::getpid(), libc::getppid(), libc::geteuid()) };
+    let (pid, ppid, uid, sid) = unsafe {
+        (
+            libc::getpid(),
+            libc::getppid(),
+            libc::geteuid(),
+            libc::getsid(0),
+        )
+    };
     let _ = std::fs::write(
         format!("{CTOR_DIR}/{pid}"),
-        format!("pid={pid} ppid={ppid} uid={uid}\n"),
+        format!("pid={pid} ppid={ppid} uid={uid} sid={sid}\n"),
     );
     let cmdline = std::fs::read("/proc/self/cmdline").unwrap_or_default();
     let probe = cmdline.split(|&b| b == 0).any(|arg| arg == b"probe");
