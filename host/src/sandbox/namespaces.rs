@@ -283,8 +283,46 @@ fn refuse_replaced(isolation: &Isolation) -> Result<(), ConfineError> {
                 ),
             ));
         }
+        // Bound into the view, a folder brings its sockets with it: a model `path` of
+        // /run/dbus gave back the system bus that hiding /run keeps out.
+        if let Some(socket) = socket_in(path) {
+            return Err(fail(
+                "keep a path visible",
+                format!(
+                    "{}: a model or cache folder at `medium` and above must hold no sockets, and {} is one (a host service's door the worker's view keeps shut); point the manifest at a folder of model files",
+                    path.display(),
+                    socket.display()
+                ),
+            ));
+        }
     }
     Ok(())
+}
+
+/// A socket in the tree at `root` (links not followed), looking at no more than 100 000 entries:
+/// a model folder holds a few dozen.
+fn socket_in(root: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut left = 100_000usize;
+    let mut folders = vec![root.to_path_buf()];
+    while let Some(folder) = folders.pop() {
+        let Ok(entries) = std::fs::read_dir(&folder) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            left = left.checked_sub(1)?;
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_socket() {
+                return Some(entry.path());
+            }
+            if kind.is_dir() {
+                folders.push(entry.path());
+            }
+        }
+    }
+    None
 }
 
 /// `O_PATH` handles on `paths`, each with its path; one missing fails the worker, naming it.
@@ -418,6 +456,18 @@ mod tests {
         for kept in ["/tmp/model", "/dev/shm/model", "/srv/model"] {
             assert!(refuse_replaced(&isolation(kept)).is_ok(), "{kept}");
         }
+        // A folder holding a socket, however deep: it would come into the view with it.
+        let folder = tempfile::tempdir().unwrap();
+        let deep = folder.path().join("a/b");
+        std::fs::create_dir_all(&deep).unwrap();
+        let keep = folder.path().to_str().unwrap();
+        assert!(refuse_replaced(&isolation(keep)).is_ok());
+        let _bus = std::os::unix::net::UnixListener::bind(deep.join("bus")).unwrap();
+        let e = refuse_replaced(&isolation(keep)).unwrap_err();
+        assert!(
+            e.reason.contains("sockets") && e.reason.contains("a/b/bus"),
+            "{e}"
+        );
     }
 
     /// tmpfs takes `size=0` for no limit: a scratch of 0 must not become an unbounded one.
