@@ -28,7 +28,8 @@ pub fn check_shared_object(path: &Path) -> Result<(), Malformed> {
     check_bytes(&bytes)
 }
 
-fn check_bytes(b: &[u8]) -> Result<(), Malformed> {
+/// [`check_shared_object`] of bytes already read.
+pub fn check_bytes(b: &[u8]) -> Result<(), Malformed> {
     let size = b.len() as u64;
     if b.get(..4) != Some(b"\x7fELF".as_slice()) {
         return Err("not an ELF file (no ELF magic number)".into());

@@ -64,6 +64,10 @@ impl LibraryStore {
     /// A copy of `library` as it is now (shared with others of the same content).
     pub fn snapshot(&self, library: &Path) -> std::io::Result<Arc<LibraryCopy>> {
         let bytes = std::fs::read(library)?;
+        // Read as root and written where every user can read it: only a shared library, as
+        // checked before (the path swapped since for a link to a root-only file is refused).
+        crate::elf::check_bytes(&bytes)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
         let sha = sha256_hex(&bytes);
         // Held while writing: a copy being dropped cannot delete the file under a new holder.
         let mut live = lock(&self.live);
@@ -219,13 +223,13 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let store = LibraryStore::create(tmp.path().join("libs")).unwrap();
         let original = tmp.path().join("libx.so");
-        std::fs::write(&original, b"first").unwrap();
+        std::fs::write(&original, elf(b"first")).unwrap();
         let first = store.snapshot(&original).unwrap();
         let again = store.snapshot(&original).unwrap();
         assert!(Arc::ptr_eq(&first, &again));
-        std::fs::write(&original, b"second").unwrap();
-        assert_eq!(std::fs::read(&first.path).unwrap(), b"first");
-        assert_eq!(first.sha256, sha256_hex(b"first"));
+        std::fs::write(&original, elf(b"second")).unwrap();
+        assert_eq!(std::fs::read(&first.path).unwrap(), elf(b"first"));
+        assert_eq!(first.sha256, sha256_hex(&elf(b"first")));
         let second = store.snapshot(&original).unwrap();
         assert_ne!(second.path, first.path);
         let path = first.path.clone();
@@ -233,6 +237,30 @@ mod tests {
         assert!(path.is_file(), "still held");
         drop(again);
         assert!(!path.exists() && second.path.is_file());
+    }
+
+    /// The smallest shared library header, `tail` after it.
+    fn elf(tail: &[u8]) -> Vec<u8> {
+        let mut b = vec![0u8; 64];
+        b[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        b[0x10] = 3;
+        b.extend_from_slice(tail);
+        b
+    }
+
+    /// What is copied where every user reads it is a shared library: a file swapped since its
+    /// check for a link to a root-only one (a key, /etc/shadow) is refused, nothing written.
+    #[test]
+    fn only_a_shared_library_is_copied() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = LibraryStore::create(tmp.path().join("libs")).unwrap();
+        let secret = tmp.path().join("secret");
+        std::fs::write(&secret, b"root:$6$hash:19000:0:99999:7:::\n").unwrap();
+        let library = tmp.path().join("libx.so");
+        std::os::unix::fs::symlink(&secret, &library).unwrap();
+        let e = store.snapshot(&library).map(|_| ()).unwrap_err();
+        assert!(e.to_string().contains("ELF"), "{e}");
+        assert_eq!(std::fs::read_dir(store.dir()).unwrap().count(), 0);
     }
 
     /// Tests run as root: another user's folder is made by chown to `nobody`.
@@ -275,12 +303,14 @@ mod tests {
         let store = LibraryStore::create(tmp.path().join("libs")).unwrap();
         let victim = tmp.path().join("victim");
         std::fs::write(&victim, b"keep").unwrap();
-        let partial = store.dir().join(format!(".{}.partial", sha256_hex(b"x")));
+        let partial = store
+            .dir()
+            .join(format!(".{}.partial", sha256_hex(&elf(b"x"))));
         std::os::unix::fs::symlink(&victim, &partial).unwrap();
         let original = tmp.path().join("libx.so");
-        std::fs::write(&original, b"x").unwrap();
+        std::fs::write(&original, elf(b"x")).unwrap();
         let copy = store.snapshot(&original).unwrap();
         assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
-        assert_eq!(std::fs::read(&copy.path).unwrap(), b"x");
+        assert_eq!(std::fs::read(&copy.path).unwrap(), elf(b"x"));
     }
 }
