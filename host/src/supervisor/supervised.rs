@@ -65,7 +65,7 @@ impl Default for RestartPolicy {
             health_interval: Duration::from_secs(5),
             health_deadline: Duration::from_secs(5),
             load_timeout: Some(Duration::from_secs(1800)),
-            warmup: false,
+            warmup: true,
         }
     }
 }
