@@ -186,11 +186,24 @@ impl StreamDecoder {
         Self::default()
     }
 
+    /// The released context's text and the window's, decoded. When the window no longer reads
+    /// as the context plus more (the context ended in bytes of a character released lossily,
+    /// which later tokens complete), the context is dropped: those bytes were shown already,
+    /// and comparing against it again held everything after for good.
+    fn window(&mut self, codec: &TextCodec) -> (String, String) {
+        let before = codec.decode(&self.ids[self.prefix..self.read]);
+        let now = codec.decode(&self.ids[self.prefix..]);
+        if now.starts_with(&before) {
+            return (before, now);
+        }
+        self.prefix = self.read;
+        (String::new(), codec.decode(&self.ids[self.prefix..]))
+    }
+
     /// Adds `id`; returns the text it completes (empty while a character is still partial).
     pub fn push(&mut self, codec: &TextCodec, id: u32) -> String {
         self.ids.push(id);
-        let before = codec.decode(&self.ids[self.prefix..self.read]);
-        let now = codec.decode(&self.ids[self.prefix..]);
+        let (before, now) = self.window(codec);
         // A character is at most 4 bytes, each token at least one: more tokens held than that
         // can never complete one (bytes that are no UTF-8, a replacement character the model
         // wrote), and holding them on re-decoded a growing window at every step.
@@ -204,14 +217,19 @@ impl StreamDecoder {
             self.read = self.ids.len();
             piece
         } else {
+            if hopeless && now.len() == before.len() {
+                // Tokens of no text (ids past the tokenizer's, which a model's padded
+                // vocabulary may sample): passed over, or the window grew at every step.
+                self.prefix = self.read;
+                self.read = self.ids.len();
+            }
             String::new()
         }
     }
 
     /// Whatever is still held at the end of generation (an incomplete character, rendered lossily).
     pub fn finish(&mut self, codec: &TextCodec) -> String {
-        let before = codec.decode(&self.ids[self.prefix..self.read]);
-        let now = codec.decode(&self.ids[self.prefix..]);
+        let (before, now) = self.window(codec);
         self.read = self.ids.len();
         self.prefix = self.read;
         now.get(before.len()..).unwrap_or_default().to_string()
@@ -258,6 +276,30 @@ mod tests {
         let pieces: Vec<String> = ids.iter().map(|&id| decoder.push(&codec, id)).collect();
         assert_eq!(pieces.concat(), "中文🙂");
         assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')), "{pieces:?}");
+        // The bytes of a character released lossily, then completed by later tokens: what
+        // follows is still released (it was held for good, then dropped at the end).
+        let byte = |b: u8| {
+            (0..codec.id_bound())
+                .find(|&id| codec.token_bytes(id) == [b])
+                .unwrap()
+        };
+        let mut decoder = StreamDecoder::new();
+        let mut ids = vec![lone; 7];
+        ids.extend([byte(0xF0), byte(0x9F), byte(0x98), byte(0x80)]);
+        ids.extend(codec.encode("hello").unwrap());
+        let mut out: String = ids.iter().map(|&id| decoder.push(&codec, id)).collect();
+        out.push_str(&decoder.finish(&codec));
+        assert!(out.ends_with("hello"), "{out:?}");
+        // Tokens of no text are passed over, the window kept short.
+        let none = codec.id_bound() + 3;
+        assert_eq!(codec.decode(&[none]), "");
+        let mut decoder = StreamDecoder::new();
+        let out: String = (0..1000).map(|_| decoder.push(&codec, none)).collect();
+        assert!(out.is_empty() && decoder.ids.len() - decoder.prefix <= 2 * HELD_TOKENS);
+        let out: String = (codec.encode("hi").unwrap().iter())
+            .map(|&id| decoder.push(&codec, id))
+            .collect();
+        assert_eq!(out, "hi");
     }
 
     #[test]
