@@ -61,10 +61,22 @@ impl TextCodec {
                 hint: "the snapshot's tokenizer.json is needed to turn text into tokens",
             });
         }
-        tokenizers::Tokenizer::from_file(path).map_err(|e| EngineError::BadFile {
-            path: path.to_owned(),
-            reason: format!("not a tokenizers JSON file: {e}"),
-        })
+        let mut tokenizer =
+            tokenizers::Tokenizer::from_file(path).map_err(|e| EngineError::BadFile {
+                path: path.to_owned(),
+                reason: format!("not a tokenizers JSON file: {e}"),
+            })?;
+        // A file saved after a call with `truncation=True` or `padding` keeps them, and
+        // `encode` would apply them to every prompt: cut it (the generation prompt lost) or
+        // pad it. transformers (and vLLM) encode without them unless asked.
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| EngineError::BadFile {
+                path: path.to_owned(),
+                reason: format!("its truncation cannot be turned off: {e}"),
+            })?;
+        Ok(tokenizer)
     }
 
     /// The token's own bytes, which may be part of a UTF-8 character (what OpenAI's logprobs
@@ -246,6 +258,31 @@ pub(crate) fn fixture_codec() -> TextCodec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Truncation and padding a `tokenizer.json` was saved with are not applied to prompts.
+    #[test]
+    fn a_saved_truncation_or_padding_is_not_applied() {
+        let fixture =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen3-tiny");
+        let dir = tempfile::tempdir().unwrap();
+        for f in [
+            "config.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+        ] {
+            std::fs::copy(fixture.join(f), dir.path().join(f)).unwrap();
+        }
+        let text = std::fs::read_to_string(fixture.join("tokenizer.json")).unwrap();
+        let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        json["truncation"] = serde_json::json!({"direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 0});
+        json["padding"] = serde_json::json!({"strategy": {"Fixed": 64}, "direction": "Right", "pad_to_multiple_of": null, "pad_id": 0, "pad_type_id": 0, "pad_token": "!"});
+        std::fs::write(dir.path().join("tokenizer.json"), json.to_string()).unwrap();
+        let codec = TextCodec::load(&Checkpoint::open(dir.path()).unwrap()).unwrap();
+        let plain = fixture_codec();
+        let text = "one two three four five six seven";
+        assert_eq!(codec.encode(text).unwrap(), plain.encode(text).unwrap());
+        assert!(codec.encode(text).unwrap().len() > 4);
+    }
 
     #[test]
     fn gpt2_byte_level_letters_read_back_as_their_bytes() {
