@@ -29,9 +29,6 @@ pub struct GenerationConfig {
     pub repetition_penalty: Option<f32>,
     /// Default generation length.
     pub max_new_tokens: Option<u32>,
-    /// Whether the file named no end of sequence (then the model's and the tokenizer's count).
-    #[serde(skip)]
-    eos_missing: bool,
 }
 
 fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<u32>, D::Error> {
@@ -108,7 +105,6 @@ impl GenerationConfig {
             .optional_json("generation_config.json")?
             .unwrap_or_default();
         if config.eos_token_id.is_empty() {
-            config.eos_missing = true;
             let model: ModelEos = checkpoint.config()?;
             config.eos_token_id = match model.eos_token_id.is_empty() {
                 true => model
@@ -121,18 +117,17 @@ impl GenerationConfig {
         Ok(config)
     }
 
-    /// Where `generation_config.json` names no end of sequence, the tokenizer's `eos_token`
-    /// (`tokenizer_config.json`) too, which vLLM always stops at: a chat fine-tune of a base
-    /// model keeps the base's id in `config.json` and its chat's end in the tokenizer.
+    /// The tokenizer's `eos_token` (`tokenizer_config.json`) too, which vLLM always stops at
+    /// beside the generation config's: a chat fine-tune keeps the base's id in `config.json`
+    /// (or an older `generation_config.json`) and its chat's end in the tokenizer, and stopping
+    /// at the former alone wrote made-up turns to the end of the context.
     pub fn or_tokenizer_eos(mut self, checkpoint: &Checkpoint, codec: &TextCodec) -> Result<Self> {
-        if self.eos_missing {
-            let config: Option<serde_json::Map<String, serde_json::Value>> =
-                checkpoint.optional_json("tokenizer_config.json")?;
-            let eos = config.and_then(|c| crate::chat::token_text(c.get("eos_token")));
-            let id = eos.and_then(|text| codec.token_id(&text));
-            self.eos_token_id
-                .extend(id.filter(|id| !self.eos_token_id.contains(id)));
-        }
+        let config: Option<serde_json::Map<String, serde_json::Value>> =
+            checkpoint.optional_json("tokenizer_config.json")?;
+        let eos = config.and_then(|c| crate::chat::token_text(c.get("eos_token")));
+        let id = eos.and_then(|text| codec.token_id(&text));
+        self.eos_token_id
+            .extend(id.filter(|id| !self.eos_token_id.contains(id)));
         Ok(self)
     }
 }
@@ -191,7 +186,7 @@ mod tests {
             .or_tokenizer_eos(&checkpoint, &codec)
             .unwrap();
         assert_eq!(both.eos_token_id, [0, im_end]);
-        // A file that names its own is taken as it is (transformers' parity).
+        // A file that names its own: the tokenizer's is added too (vLLM stops at both).
         std::fs::copy(
             fixtures.join("qwen3-tiny/generation_config.json"),
             qwen3.path().join("generation_config.json"),
@@ -202,6 +197,16 @@ mod tests {
             .or_tokenizer_eos(&checkpoint, &codec)
             .unwrap();
         assert_eq!(named.eos_token_id, [2, 0]);
+        std::fs::write(
+            qwen3.path().join("generation_config.json"),
+            r#"{"eos_token_id": 0}"#,
+        )
+        .unwrap();
+        let older = load(qwen3.path())
+            .unwrap()
+            .or_tokenizer_eos(&checkpoint, &codec)
+            .unwrap();
+        assert_eq!(older.eos_token_id, [0, im_end]);
         std::fs::remove_file(qwen3.path().join("generation_config.json")).unwrap();
         std::fs::write(
             qwen3.path().join("generation_config.json"),
