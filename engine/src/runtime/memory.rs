@@ -96,7 +96,8 @@ pub(super) fn pool_bytes(
         (Memory::Host { .. }, Some(requested)) => Ok(requested),
         (
             Memory::Host {
-                limit: Some(limit), ..
+                limit: Some(limit),
+                available,
             },
             None,
         ) => {
@@ -106,7 +107,10 @@ pub(super) fn pool_bytes(
                     "the memory limit ({limit} bytes) leaves nothing for the KV cache beside the model's weights ({weights} bytes): raise limits.memory or quantize the model"
                 )));
             }
-            Ok(left)
+            // A limit above what the machine has (a manifest's 72 GiB on a 32 GB host) is no
+            // measure of room: the pool's pages come as it fills, and the kernel's OOM killer
+            // ended the worker mid-serving. Half of what is available, as with no limit.
+            Ok(available.map_or(left, |a| left.min(a / 2).max(1)))
         }
         (
             Memory::Host {
@@ -199,6 +203,8 @@ mod tests {
             pool_bytes(host(Some(3 * G)), G, None).unwrap(),
             2 * G - HOST_HEADROOM
         );
+        // A limit past what the machine has: half the available memory, as with none.
+        assert_eq!(pool_bytes(host(Some(72 * G)), 17 * G, None).unwrap(), 4 * G);
         let e = pool_bytes(host(Some(G)), G, None).unwrap_err();
         assert_eq!(e.kind, ErrorKind::INVALID_CONFIG);
         assert!(e.message.contains("limits.memory"), "{e}");
