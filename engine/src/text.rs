@@ -14,6 +14,9 @@ pub struct TextCodec {
     added: std::collections::HashMap<u32, (String, bool)>,
     /// The added tokens marked `special`, sorted.
     special: Vec<u32>,
+    /// One past the highest id, counted once: the tokenizer copies its whole vocabulary to
+    /// tell (each request's id check asked).
+    bound: u32,
 }
 
 impl std::fmt::Debug for TextCodec {
@@ -46,11 +49,13 @@ impl TextCodec {
                 (id, (t.content, control))
             })
             .collect();
+        let bound = (tokenizer.get_vocab(true).values().max()).map_or(0, |&m| m + 1);
         Ok(Self {
             tokenizer,
             byte_level,
             added,
             special,
+            bound,
         })
     }
 
@@ -138,11 +143,7 @@ impl TextCodec {
 
     /// One past the highest token id (added tokens included): the ids a table must cover.
     pub fn id_bound(&self) -> u32 {
-        self.tokenizer
-            .get_vocab(true)
-            .values()
-            .max()
-            .map_or(0, |&m| m + 1)
+        self.bound
     }
 
     /// Number of tokens in the vocabulary, added tokens included.
