@@ -233,11 +233,16 @@ pub fn profile_of(config: &ModelConfig) -> Result<bool, PluginError> {
 pub fn device_of(config: &ModelConfig) -> Result<Device, PluginError> {
     match config.device.as_deref() {
         None | Some("cpu") => Ok(Device::Cpu),
-        Some(cuda) if cuda.starts_with("cuda") => {
-            let ordinal = cuda
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0);
+        Some(cuda) if cuda == "cuda" || cuda.starts_with("cuda:") => {
+            let ordinal = match cuda.strip_prefix("cuda:") {
+                None => 0,
+                // Not GPU 0 for a name that says another one badly ("cuda:one", "cuda: 1").
+                Some(n) => n.parse().map_err(|_| {
+                    PluginError::invalid_config(format!(
+                        "device \"{cuda}\": expected \"cuda\" or \"cuda:N\" with N a GPU's number"
+                    ))
+                })?,
+            };
             open_gpu(ordinal).map_err(|e| {
                 PluginError::unsupported(format!(
                     "device \"{cuda}\" is unavailable ({e}); build the plugin with the `cuda` feature on a machine with CUDA, or use device = \"cpu\""
@@ -811,4 +816,30 @@ macro_rules! text_model_plugin {
 
         $crate::plugin_api::export_plugin!($plugin);
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A device name that says a GPU badly is refused, not read as GPU 0.
+    #[test]
+    fn a_malformed_gpu_name_is_refused() {
+        let config = |device: &str| ModelConfig {
+            device: Some(device.into()),
+            ..ModelConfig::default()
+        };
+        for bad in ["cuda:one", "cuda: 1", "cuda:"] {
+            let e = device_of(&config(bad)).unwrap_err();
+            assert_eq!(
+                e.kind,
+                pio_plugin_api::ErrorKind::INVALID_CONFIG,
+                "{bad}: {e}"
+            );
+            assert!(e.message.contains("cuda:N"), "{bad}: {e}");
+        }
+        let e = device_of(&config("cudax")).unwrap_err();
+        assert!(e.message.contains("unknown device"), "{e}");
+        assert!(matches!(device_of(&config("cpu")), Ok(Device::Cpu)));
+    }
 }
