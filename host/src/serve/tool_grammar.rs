@@ -173,7 +173,7 @@ fn hermes(tools: &[Tool<'_>]) -> String {
         rules += &format!(
             "f{i}: {} {} \"}}\"\n",
             literal(&head),
-            embedded(&tool.parameters)
+            embedded(&an_object(&tool.parameters))
         );
         functions.push(format!("f{i}"));
     }
@@ -181,6 +181,23 @@ fn hermes(tools: &[Tool<'_>]) -> String {
         "call: <tool_call> \"\\n\" ({}) \"\\n\" </tool_call>\n{rules}",
         functions.join(" | ")
     )
+}
+
+/// `parameters` held to a JSON object, as a call's arguments always are: a schema that names no
+/// type (`{}`, as clients send for a function of no arguments, or properties without `type`)
+/// allowed `"arguments": null` or `5`, which no call parses from, so a forced call came back as
+/// text. A schema that says what it is in other words (`$ref`, a union, an enum) is kept.
+fn an_object(parameters: &Value) -> Value {
+    const SAYS: [&str; 7] = ["type", "$ref", "anyOf", "oneOf", "allOf", "enum", "const"];
+    match parameters {
+        Value::Object(map) if !SAYS.iter().any(|k| map.contains_key(*k)) => {
+            let mut map = map.clone();
+            map.insert("type".into(), "object".into());
+            Value::Object(map)
+        }
+        Value::Bool(true) | Value::Null => json!({"type": "object"}),
+        other => other.clone(),
+    }
 }
 
 /// A parameter's properties, in schema order, with whether each is required (a schema that is
@@ -406,6 +423,33 @@ mod tests {
         assert!(one.contains(r#""x-guidance""#), "the JSON layout: {one}");
         // No parameters: none may be written.
         assert!(one.contains(r#""additionalProperties":false"#), "{one}");
+    }
+
+    /// A call's arguments are an object even where the tool's schema names no type.
+    #[test]
+    fn hermes_arguments_are_an_object_whatever_the_schema_leaves_out() {
+        for parameters in [
+            json!({}),
+            json!({"properties": {"x": {"type": "integer"}}}),
+            json!(true),
+        ] {
+            let tools = vec![
+                json!({"type": "function", "function": {"name": "ping", "parameters": parameters}}),
+            ];
+            let g = lark(Format::Hermes, &tools, None, false).unwrap();
+            assert!(g.contains(r#""type":"object""#), "{parameters}: {g}");
+        }
+        let referred = vec![
+            json!({"type": "function", "function": {"name": "p", "parameters": {"$ref": "#/$defs/A", "$defs": {"A": {"type": "object"}}}}}),
+        ];
+        let g = lark(Format::Hermes, &referred, None, false).unwrap();
+        // Unchanged: the reference says what it is.
+        assert!(
+            g.contains(
+                r##"%json {"$ref":"#/$defs/A","$defs":{"A":{"type":"object"}},"x-guidance""##
+            ),
+            "{g}"
+        );
     }
 
     #[test]
