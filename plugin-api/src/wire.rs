@@ -287,10 +287,12 @@ pub enum Grammar {
 
 /// How JSON a schema constrains is laid out unless the schema's `x-guidance` says otherwise
 /// (llguidance's options): one space after `:` and `,`, as Python's `json.dumps` writes it, and
-/// no other whitespace, so a model can neither pad nor loop in whitespace. The host applies it to
-/// schemas it embeds in grammars, the engine to schemas sent whole.
+/// no other whitespace, so a model can neither pad nor loop in whitespace; and `oneOf` read as
+/// `anyOf` (as vLLM's guidance backend does: Pydantic's tagged unions are `oneOf`). The host
+/// applies it to schemas it embeds in grammars, the engine to schemas sent whole, each key the
+/// schema's own `x-guidance` leaves unset.
 pub fn json_layout() -> serde_json::Value {
-    serde_json::json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "})
+    serde_json::json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": ", "coerce_one_of": true})
 }
 
 /// Constrained output: the grammar, and where in the output it starts.

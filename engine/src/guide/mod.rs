@@ -18,16 +18,24 @@ use crate::error::{EngineError, Result};
 use crate::text::TextCodec;
 use vocabulary::Vocabulary;
 
-/// A JSON Schema with PIO's JSON layout ([`json_layout`]), unless it sets its own. `true` (any
-/// JSON) becomes the object that says the same, to carry the layout: without it the model may
-/// pad with whitespace until `max_tokens`.
+/// A JSON Schema with PIO's JSON layout ([`json_layout`]) in each key its own `x-guidance`
+/// leaves unset (a client's `coerce_one_of` alone took the layout away, and the model padded
+/// with whitespace again). `true` (any JSON) becomes the object that says the same, to carry the
+/// layout: without it the model may pad with whitespace until `max_tokens`.
 fn with_layout(schema: &Value) -> Value {
     let mut schema = match schema {
         Value::Bool(true) => Value::Object(serde_json::Map::new()),
         other => other.clone(),
     };
     if let Value::Object(map) = &mut schema {
-        map.entry("x-guidance").or_insert_with(json_layout);
+        let options = map
+            .entry("x-guidance")
+            .or_insert_with(|| Value::Object(serde_json::Map::new()));
+        if let (Value::Object(own), Value::Object(layout)) = (options, json_layout()) {
+            for (key, value) in layout {
+                own.entry(key).or_insert(value);
+            }
+        }
     }
     schema
 }

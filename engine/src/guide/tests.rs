@@ -88,6 +88,37 @@ fn sampling_under_a_schema_gives_json_that_matches_it() {
     }
 }
 
+/// `oneOf` (Pydantic's tagged unions) is taken as `anyOf`, as vLLM's guidance backend takes it;
+/// a client's own `x-guidance` keeps PIO's layout in each key it leaves unset.
+#[test]
+fn one_of_compiles_and_a_clients_options_keep_the_layout() {
+    let (codec, g) = grammars("qwen3-tiny", vec![2, 0]);
+    // Overlapping branches (disjoint ones llguidance takes without the option).
+    let branch = |key: &str| json!({"type": "object", "properties": {key: {"type": "integer"}}, "required": [key]});
+    let union = json!({"oneOf": [branch("a"), branch("b")]});
+    let (text, ended) = generate(&codec, g.compile(&schema(union)).unwrap(), &[2, 0], 3);
+    assert!(ended, "{text:?}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert!(v["a"].is_i64() || v["b"].is_i64(), "{v}");
+    let own = json!({
+        "type": "object",
+        "properties": {"a": {"type": "array", "items": {"type": "integer"}, "maxItems": 3}},
+        "required": ["a"], "additionalProperties": false,
+        "x-guidance": {"coerce_one_of": true},
+    });
+    for seed in 0..3 {
+        let (text, ended) = generate(
+            &codec,
+            g.compile(&schema(own.clone())).unwrap(),
+            &[2, 0],
+            seed,
+        );
+        assert!(ended, "{text:?}");
+        assert!(text.starts_with("{\"a\": ["), "PIO's layout kept: {text:?}");
+        assert!(!text.contains('\n') && !text.contains("  "), "{text:?}");
+    }
+}
+
 #[test]
 fn a_regex_and_a_lark_grammar_constrain_the_whole_output() {
     let (codec, g) = grammars("qwen3-tiny", vec![2, 0]);

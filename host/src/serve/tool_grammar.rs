@@ -17,8 +17,16 @@ pub(super) fn literal(s: &str) -> String {
 fn embedded(schema: &Value) -> String {
     let mut schema = schema.clone();
     match &mut schema {
+        // Each key of the layout the schema's own options leave unset.
         Value::Object(map) => {
-            map.entry("x-guidance").or_insert_with(json_layout);
+            let options = map
+                .entry("x-guidance")
+                .or_insert_with(|| Value::Object(Map::new()));
+            if let (Value::Object(own), Value::Object(layout)) = (options, json_layout()) {
+                for (key, value) in layout {
+                    own.entry(key).or_insert(value);
+                }
+            }
         }
         // No value at all: the grammar refuses it, as the schema does.
         Value::Bool(false) => {}
