@@ -88,6 +88,38 @@ fn sampling_under_a_schema_gives_json_that_matches_it() {
     }
 }
 
+/// Text a grammar forces is spelled as forced, whatever the tokenizer's normalizer makes of it:
+/// Qwen's NFC turned `e` + U+0301 into `é`, a token the grammar then refused, and the request
+/// failed mid-stream.
+#[test]
+fn forced_text_is_spelled_byte_for_byte_under_a_normalizer() {
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen3-tiny");
+    let dir = tempfile::tempdir().unwrap();
+    for f in [
+        "config.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        std::fs::copy(fixture.join(f), dir.path().join(f)).unwrap();
+    }
+    let text = std::fs::read_to_string(fixture.join("tokenizer.json")).unwrap();
+    let mut json: Value = serde_json::from_str(&text).unwrap();
+    json["normalizer"] = json!({"type": "NFC"});
+    std::fs::write(dir.path().join("tokenizer.json"), json.to_string()).unwrap();
+    let codec = Arc::new(TextCodec::load(&Checkpoint::open(dir.path()).unwrap()).unwrap());
+    let g = Grammars::new(codec.clone(), vec![2, 0]);
+    let word = "Cafe\u{301} \u{2126}";
+    for s in [json!({"const": word}), json!({"enum": [word, "x"]})] {
+        let (text, ended) = generate(&codec, g.compile(&schema(s.clone())).unwrap(), &[2, 0], 1);
+        assert!(ended, "{s}: {text:?}");
+        assert!(
+            text == format!("\"{word}\"") || text == "\"x\"",
+            "{s}: {text:?}"
+        );
+    }
+}
+
 /// `oneOf` (Pydantic's tagged unions) is taken as `anyOf`, as vLLM's guidance backend takes it;
 /// a client's own `x-guidance` keeps PIO's layout in each key it leaves unset.
 #[test]

@@ -57,8 +57,13 @@ impl TokenizerEnv for Vocabulary {
             .trie
             .tokenize_with_greedy_fallback(s, |text| self.codec.encode(text).unwrap_or_default());
         // The tokenizer reads a control tag written in text (`<|im_end|>`) as the token; text a
-        // grammar forces stays text, spelled from the trie, where tags are not text.
-        if ids.iter().any(|id| self.control.binary_search(id).is_ok()) {
+        // grammar forces stays text, spelled from the trie, where tags are not text. And its
+        // normalizer (NFC in Qwen's) may spell other bytes than those forced (`e` + U+0301 as
+        // `é`): llguidance takes the first token as given, and the grammar then refused it.
+        let spelled = ids.iter().flat_map(|&id| self.trie.token(id)).copied();
+        if ids.iter().any(|id| self.control.binary_search(id).is_ok())
+            || !spelled.eq(s.iter().copied())
+        {
             self.trie.greedy_tokenize(s)
         } else {
             ids
