@@ -215,7 +215,10 @@ fn response_format(format: &Value) -> Result<Option<Grammar>, ApiError> {
                 ));
             }
             let schema = spec.get("schema").cloned().unwrap_or(json!({}));
-            let schema = checked_schema("response_format.json_schema.schema", schema)?;
+            let mut schema = checked_schema("response_format.json_schema.schema", schema)?;
+            if spec.get("strict") == Some(&Value::Bool(true)) {
+                closed(&mut schema);
+            }
             Ok(Some(Grammar::JsonSchema(schema)))
         }
         Some(other) => Err(bad(
@@ -226,6 +229,35 @@ fn response_format(format: &Value) -> Result<Option<Grammar>, ApiError> {
             "response_format",
             format!("`response_format` must be an object whose `type` is {KINDS}"),
         )),
+    }
+}
+
+/// Strict mode's objects: one that lists its properties and says nothing of others takes no
+/// others (`additionalProperties: false`), as OpenAI's strict mode requires and vLLM's xgrammar
+/// assumes; JSON Schema (and llguidance) would let the model add keys of its own, which a
+/// client's `extra="forbid"` model then refuses. `allOf`'s parts are left open: closed, each
+/// would refuse the others' properties.
+fn closed(schema: &mut Value) {
+    let Value::Object(map) = schema else {
+        return;
+    };
+    if map.contains_key("properties") && !map.contains_key("additionalProperties") {
+        map.insert("additionalProperties".into(), Value::Bool(false));
+    }
+    for key in ["properties", "$defs", "definitions", "patternProperties"] {
+        if let Some(Value::Object(children)) = map.get_mut(key) {
+            children.values_mut().for_each(closed);
+        }
+    }
+    for key in ["items", "additionalProperties", "not", "if", "then", "else"] {
+        if let Some(child) = map.get_mut(key) {
+            closed(child);
+        }
+    }
+    for key in ["anyOf", "oneOf", "prefixItems"] {
+        if let Some(Value::Array(children)) = map.get_mut(key) {
+            children.iter_mut().for_each(closed);
+        }
     }
 }
 
@@ -369,12 +401,35 @@ mod tests {
             })
         );
         let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
-        let s = grammar_of(json!({"response_format": {"type": "json_schema",
-            "json_schema": {"name": "x", "schema": schema, "strict": true}}}))
-        .unwrap();
-        assert!(
-            matches!(s, Some(Structure::Grammar { grammar: Grammar::JsonSchema(g), .. }) if g == schema)
-        );
+        let with = |strict: bool| {
+            let s = grammar_of(json!({"response_format": {"type": "json_schema",
+                "json_schema": {"name": "x", "schema": schema, "strict": strict}}}))
+            .unwrap();
+            match s {
+                Some(Structure::Grammar {
+                    grammar: Grammar::JsonSchema(g),
+                    ..
+                }) => g,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(with(false), schema);
+        // Strict: objects take no properties they do not list, nested ones and definitions
+        // too; allOf's parts stay open; one that says otherwise keeps its word.
+        assert_eq!(with(true)["additionalProperties"], false);
+        let mut nested = json!({"type": "object", "properties": {
+            "p": {"type": "object", "properties": {"q": {"type": "string"}}},
+            "r": {"type": "array", "items": {"$ref": "#/$defs/R"}},
+            "s": {"allOf": [{"properties": {"t": {}}}]},
+            "u": {"type": "object", "properties": {}, "additionalProperties": true}},
+            "$defs": {"R": {"type": "object", "properties": {"v": {"type": "integer"}}}}});
+        closed(&mut nested);
+        assert_eq!(nested["properties"]["p"]["additionalProperties"], false);
+        assert_eq!(nested["$defs"]["R"]["additionalProperties"], false);
+        assert!(nested["properties"]["s"]["allOf"][0]
+            .get("additionalProperties")
+            .is_none());
+        assert_eq!(nested["properties"]["u"]["additionalProperties"], true);
         let choice = grammar_of(json!({"guided_choice": ["yes", "no \"really\""]})).unwrap();
         assert!(
             matches!(&choice, Some(Structure::Grammar { grammar: Grammar::Lark(l), field: "guided_choice" })
