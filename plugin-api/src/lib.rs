@@ -35,7 +35,9 @@
 //! `ModelInfo::tokenizer_info` (the tokenizer's settings, for the API's `/tokenizer_info`).
 //! 1.12.0 — `InferOutcome::stop_reason` (the stop string or stop token that ended the output,
 //! for vLLM's `stop_reason`); a prompt score's `null` (a NaN written as JSON) reads as
-//! `wire::LOGPROB_FLOOR`.
+//! `wire::LOGPROB_FLOOR`. 1.13.0 — `wire::guidance_schema` (a JSON Schema as the host and the
+//! engine hand it to the grammar compiler: the layout, `oneOf` as `anyOf`, unknown formats as
+//! annotations).
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 

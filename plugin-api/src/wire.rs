@@ -295,6 +295,67 @@ pub fn json_layout() -> serde_json::Value {
     serde_json::json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": ", "coerce_one_of": true})
 }
 
+/// String formats llguidance holds a value to; any other is an annotation.
+const KNOWN_FORMATS: [&str; 11] = [
+    "date-time",
+    "time",
+    "date",
+    "duration",
+    "email",
+    "hostname",
+    "ipv4",
+    "ipv6",
+    "uuid",
+    "uri",
+    "unknown",
+];
+
+/// `schema` as the grammar compiler is to read it: with [`json_layout`] in each key of its own
+/// `x-guidance` it leaves unset (`true`, any JSON, becomes the object that says the same, to
+/// carry the layout), and every `format` llguidance does not know left out as the annotation
+/// JSON Schema makes it (OpenAPI's `password`, `int64`, `binary` were refused: tools carry
+/// them everywhere). `false` stays as it is: no value at all.
+pub fn guidance_schema(schema: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    let mut schema = match schema {
+        Value::Bool(true) | Value::Null => Value::Object(serde_json::Map::new()),
+        other => other.clone(),
+    };
+    annotations_only(&mut schema);
+    if let Value::Object(map) = &mut schema {
+        let options = map
+            .entry("x-guidance")
+            .or_insert_with(|| Value::Object(serde_json::Map::new()));
+        if let (Value::Object(own), Value::Object(layout)) = (options, json_layout()) {
+            for (key, value) in layout {
+                own.entry(key).or_insert(value);
+            }
+        }
+    }
+    schema
+}
+
+/// Leaves out the formats llguidance does not know, in `schema` and the schemas within it
+/// (values a schema holds as data — `const`, `enum`, `default`, `examples` — untouched).
+fn annotations_only(schema: &mut serde_json::Value) {
+    use serde_json::Value;
+    match schema {
+        Value::Object(map) => {
+            let unknown = |f: &Value| f.as_str().is_some_and(|f| !KNOWN_FORMATS.contains(&f));
+            if map.get("format").is_some_and(unknown) {
+                map.remove("format");
+            }
+            for (key, value) in map.iter_mut() {
+                if !["const", "enum", "default", "examples", "x-guidance"].contains(&key.as_str()) {
+                    annotations_only(value);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(annotations_only),
+        _ => {}
+    }
+}
+
 /// Constrained output: the grammar, and where in the output it starts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Constraint {

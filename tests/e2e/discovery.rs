@@ -79,7 +79,7 @@ fn a_good_library_reports_what_it_is() {
     let (ok, v) = check_json(&plugin_lib("pio_plugin_echo"));
     assert!(ok, "{v:#}");
     assert_eq!(v["name"], "echo");
-    assert_eq!(v["api_version"], "1.12.0");
+    assert_eq!(v["api_version"], "1.13.0");
     assert_eq!(
         v["capabilities"],
         serde_json::json!(["text", "chat", "tools", "logprobs"])
@@ -123,7 +123,7 @@ fn a_plugin_built_against_another_major_is_refused_naming_both_versions() {
     assert_eq!(v["error_kind"], "incompatible_api");
     let e = v["error"].as_str().unwrap();
     assert!(
-        e.contains("plugin-api 2.0.0") && e.contains("plugin-api 1.12.0"),
+        e.contains("plugin-api 2.0.0") && e.contains("plugin-api 1.13.0"),
         "{e}"
     );
     assert!(
@@ -230,7 +230,7 @@ fn each_failure_is_reported_and_the_rest_still_load() {
     );
     dir.write(
         "api.toml",
-        &manifest("future", "0.1.0", "libecho.so", "").replace("^1.0", "^1.13"),
+        &manifest("future", "0.1.0", "libecho.so", "").replace("^1.0", "^1.14"),
     );
     dir.write(
         "wrong-name.toml",
@@ -280,7 +280,7 @@ fn each_failure_is_reported_and_the_rest_still_load() {
     );
     let e = error_of(row(&rows, "api.toml"));
     assert!(
-        e.contains("^1.13") && e.contains("1.12.0") && e.contains("upgrade PIO"),
+        e.contains("^1.14") && e.contains("1.13.0") && e.contains("upgrade PIO"),
         "{e}"
     );
     let e = error_of(row(&rows, "wrong-name.toml"));
@@ -302,7 +302,7 @@ fn each_failure_is_reported_and_the_rest_still_load() {
         "{e}"
     );
     let e = error_of(row(&rows, "next.toml"));
-    assert!(e.contains("2.0.0") && e.contains("1.12.0"), "{e}");
+    assert!(e.contains("2.0.0") && e.contains("1.13.0"), "{e}");
 }
 
 #[test]

@@ -11,34 +11,12 @@ use std::sync::{Arc, OnceLock};
 use llguidance::api::TopLevelGrammar;
 use llguidance::toktrie::{SimpleVob, TokEnv};
 use llguidance::{Matcher, ParserFactory};
-use pio_plugin_api::wire::{json_layout, Constraint, Grammar};
+use pio_plugin_api::wire::{guidance_schema, Constraint, Grammar};
 use serde_json::Value;
 
 use crate::error::{EngineError, Result};
 use crate::text::TextCodec;
 use vocabulary::Vocabulary;
-
-/// A JSON Schema with PIO's JSON layout ([`json_layout`]) in each key its own `x-guidance`
-/// leaves unset (a client's `coerce_one_of` alone took the layout away, and the model padded
-/// with whitespace again). `true` (any JSON) becomes the object that says the same, to carry the
-/// layout: without it the model may pad with whitespace until `max_tokens`.
-fn with_layout(schema: &Value) -> Value {
-    let mut schema = match schema {
-        Value::Bool(true) => Value::Object(serde_json::Map::new()),
-        other => other.clone(),
-    };
-    if let Value::Object(map) = &mut schema {
-        let options = map
-            .entry("x-guidance")
-            .or_insert_with(|| Value::Object(serde_json::Map::new()));
-        if let (Value::Object(own), Value::Object(layout)) = (options, json_layout()) {
-            for (key, value) in layout {
-                own.entry(key).or_insert(value);
-            }
-        }
-    }
-    schema
-}
 
 /// Compiles grammars for one model (the vocabulary's trie is built on first use).
 pub struct Grammars {
@@ -88,7 +66,7 @@ impl Grammars {
         let (what, grammar) = match &constraint.grammar {
             Grammar::JsonSchema(schema) => (
                 "the JSON schema",
-                TopLevelGrammar::from_json_schema(with_layout(schema)),
+                TopLevelGrammar::from_json_schema(guidance_schema(schema)),
             ),
             Grammar::Regex(rx) => ("the regex", TopLevelGrammar::from_regex(rx)),
             Grammar::Lark(lark) => ("the grammar", TopLevelGrammar::from_lark(lark.clone())),

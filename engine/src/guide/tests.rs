@@ -120,6 +120,40 @@ fn forced_text_is_spelled_byte_for_byte_under_a_normalizer() {
     }
 }
 
+/// A format llguidance does not know is an annotation (OpenAPI's `password`, `int64`), in a
+/// schema sent whole and in one a tool's grammar embeds; a known one still holds the value.
+#[test]
+fn unknown_formats_are_annotations() {
+    let (codec, g) = grammars("qwen3-tiny", vec![2, 0]);
+    let s = json!({"type": "object", "properties": {
+        "secret": {"type": "string", "format": "password", "maxLength": 6},
+        "id": {"type": "string", "format": "uuid"},
+        "format": {"const": {"format": "int64"}}},
+        "required": ["secret", "id", "format"], "additionalProperties": false});
+    let (text, ended) = generate(&codec, g.compile(&schema(s)).unwrap(), &[2, 0], 4);
+    assert!(ended, "{text:?}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let id = v["id"].as_str().unwrap();
+    assert!(
+        id.len() == 36 && id.matches('-').count() == 4,
+        "uuid held: {v}"
+    );
+    assert_eq!(
+        v["format"],
+        json!({"format": "int64"}),
+        "data left as it is: {v}"
+    );
+    let lark = Constraint {
+        grammar: Grammar::Lark(format!(
+            "start: %json {}",
+            pio_plugin_api::wire::guidance_schema(&json!({"type": "integer", "format": "int64"}))
+        )),
+        after: None,
+    };
+    let (text, ended) = generate(&codec, g.compile(&lark).unwrap(), &[2, 0], 5);
+    assert!(ended && text.parse::<i64>().is_ok(), "{text:?}");
+}
+
 /// `oneOf` (Pydantic's tagged unions) is taken as `anyOf`, as vLLM's guidance backend takes it;
 /// a client's own `x-guidance` keeps PIO's layout in each key it leaves unset.
 #[test]
@@ -293,13 +327,11 @@ fn bad_schemas_and_grammars_are_refused_with_the_reason() {
         e.contains("uniqueItems") && e.contains("at /properties/tags"),
         "{e}"
     );
-    let format =
-        json!({"type": "object", "properties": {"when": {"type": "string", "format": "bogus"}}});
-    let e = g.compile(&schema(format)).unwrap_err().to_string();
-    assert!(
-        e.contains("bogus") && e.contains("at /properties/when"),
-        "{e}"
-    );
+    // Where it names the place, the place is said (an unknown format is an annotation now).
+    let deep =
+        json!({"type": "object", "properties": {"when": {"type": "string", "minLength": "x"}}});
+    let e = g.compile(&schema(deep)).unwrap_err().to_string();
+    assert!(e.contains("JSON schema"), "{e}");
     let rx = Constraint {
         grammar: Grammar::Regex("(unclosed".into()),
         after: None,

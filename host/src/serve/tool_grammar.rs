@@ -3,7 +3,7 @@
 //! `parameters` schema. Markers that are tokens of the model (`<tool_call>`) are named as
 //! tokens, so a model writes them the way it was trained to.
 
-use pio_plugin_api::wire::json_layout;
+use pio_plugin_api::wire::guidance_schema;
 use serde_json::{json, Map, Value};
 
 use super::tool_calls::Format;
@@ -13,27 +13,10 @@ pub(super) fn literal(s: &str) -> String {
     Value::from(s).to_string()
 }
 
-/// A schema embedded as `%json { ... }`, laid out as schemas sent whole are (`json_layout`).
+/// A schema embedded as `%json { ... }`, read as schemas sent whole are ([`guidance_schema`]:
+/// PIO's layout, unknown formats as annotations); `false` refuses any value, as the schema does.
 fn embedded(schema: &Value) -> String {
-    let mut schema = schema.clone();
-    match &mut schema {
-        // Each key of the layout the schema's own options leave unset.
-        Value::Object(map) => {
-            let options = map
-                .entry("x-guidance")
-                .or_insert_with(|| Value::Object(Map::new()));
-            if let (Value::Object(own), Value::Object(layout)) = (options, json_layout()) {
-                for (key, value) in layout {
-                    own.entry(key).or_insert(value);
-                }
-            }
-        }
-        // No value at all: the grammar refuses it, as the schema does.
-        Value::Bool(false) => {}
-        // `true` or a missing schema: any JSON value.
-        _ => schema = json!({"x-guidance": json_layout()}),
-    }
-    format!("%json {schema}")
+    format!("%json {}", guidance_schema(schema))
 }
 
 /// One offered tool: its name and parameter schema.
