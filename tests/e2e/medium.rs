@@ -175,9 +175,23 @@ fn mounts_namespaces_and_the_x32_abi_are_denied() {
     }
     let dir = medium_dir();
     let before = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    for what in ["mount /mnt", "unshare", "x32-getpid", "setuid-root"] {
+    // vsock (40) reaches the host's services from a VM whatever the network namespace; the
+    // kernel's crypto sockets (38) are surface an escape would use.
+    for what in [
+        "mount /mnt",
+        "unshare",
+        "x32-getpid",
+        "setuid-root",
+        "socket 40",
+        "socket 38",
+    ] {
         let out = attack(&dir, what).stdout;
         assert!(out.contains("Operation not permitted"), "{what}: {out}");
+    }
+    // Unix and the (empty) namespace's IP stay open to libraries that make them.
+    for family in [libc::AF_UNIX, libc::AF_INET] {
+        let out = attack(&dir, &format!("socket {family}")).stdout;
+        assert!(out.contains("opened"), "{family}: {out}");
     }
     assert_eq!(
         std::fs::read_to_string("/proc/self/mountinfo").unwrap(),

@@ -105,8 +105,29 @@ pub fn deny_list() -> Result<BpfProgram, ConfineError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(fail)?;
     rules.insert(libc::SYS_clone, clone_rules);
+    rules.insert(libc::SYS_socket, vec![other_families()?]);
     let program = compile(rules, SeccompAction::Allow, REFUSE)?;
     Ok([x32_guard(false), program].concat())
+}
+
+/// Socket families a `medium` worker may open: Unix, the (empty) network namespace's IP, and
+/// netlink (glibc asks it for the interfaces). Not the others: the network namespace does not
+/// hold them (vsock reaches the hypervisor's and the host's services from a VM), or they are
+/// kernel surface an escape would use (AF_ALG, AF_PACKET, ...).
+const SOCKET_FAMILIES: [i32; 4] = [
+    libc::AF_UNIX,
+    libc::AF_INET,
+    libc::AF_INET6,
+    libc::AF_NETLINK,
+];
+
+/// A rule matching `socket()` of any family but [`SOCKET_FAMILIES`].
+fn other_families() -> Result<SeccompRule, ConfineError> {
+    let conditions = SOCKET_FAMILIES
+        .iter()
+        .map(|&f| condition(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, f as u64))
+        .collect::<Result<Vec<_>, _>>()?;
+    SeccompRule::new(conditions).map_err(fail)
 }
 
 /// System calls inference code makes: memory, files (paths are Landlock's business), threads,

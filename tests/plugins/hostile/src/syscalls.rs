@@ -100,6 +100,16 @@ pub(crate) fn attack(verb: &str, arg: &str) -> Option<Result<String, PluginError
                     Err(e) => format!("denied: {e}"),
                 }
             }
+            // A socket of family `arg` (a number: 40 is vsock, 38 the kernel's crypto).
+            "socket" => {
+                let fd = libc::socket(arg.parse().unwrap_or(-1), libc::SOCK_STREAM, 0);
+                if fd >= 0 {
+                    libc::close(fd);
+                    "opened".into()
+                } else {
+                    format!("denied: {}", errno_text())
+                }
+            }
             // A host service's socket (a system bus, a journal) by its path.
             "unix-connect" => match std::os::unix::net::UnixStream::connect(arg) {
                 Ok(_) => "connected".into(),
