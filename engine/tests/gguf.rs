@@ -528,3 +528,58 @@ fn repeated_names_and_partial_blocks_are_refused_at_open() {
         "{e}"
     );
 }
+
+/// A folder holding one GGUF and a `config.json` but no safetensors serves the GGUF (some GGUF
+/// repositories ship the config beside the file): it was read as a snapshot whose weights were
+/// missing, the GGUF beside them never named.
+#[test]
+fn a_gguf_beside_a_config_json_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(gguf("qwen3-tiny.f32.gguf"), dir.path().join("m.gguf")).unwrap();
+    std::fs::copy(
+        fixtures().join("qwen3-tiny/config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    let checkpoint = Checkpoint::open(dir.path()).unwrap();
+    assert!(
+        checkpoint.gguf_tokenizer().unwrap().is_some(),
+        "read as the GGUF"
+    );
+    assert!(
+        checkpoint.config_path().ends_with("m.gguf"),
+        "{:?}",
+        checkpoint.config_path()
+    );
+    // With safetensors beside them, it is the snapshot.
+    std::fs::write(dir.path().join("model.safetensors"), b"").unwrap();
+    let snapshot = Checkpoint::open(dir.path()).unwrap();
+    assert!(snapshot.gguf_tokenizer().unwrap().is_none());
+}
+
+/// A GGUF without a vocabulary, its `tokenizer.json` beside it in the folder, still gives its
+/// chat template and defaults (they asked for the vocabulary the file lacks, and the error
+/// told to put tokenizer.json beside it, where it was).
+#[test]
+fn a_gguf_without_a_vocabulary_reads_the_tokenizer_beside_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(gguf("qwen3-tiny.f32.gguf")).unwrap();
+    renamed(
+        &bytes,
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.tokenz",
+        dir.path(),
+        "m.gguf",
+    );
+    std::fs::copy(
+        fixtures().join("qwen3-tiny/tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    let checkpoint = Checkpoint::open(dir.path()).unwrap();
+    let template = ChatTemplate::load(&checkpoint).unwrap();
+    assert!(template.is_some(), "the file's template");
+    let codec = TextCodec::load(&checkpoint).unwrap();
+    assert!(!codec.encode("hello").unwrap().is_empty());
+    GenerationConfig::load(&checkpoint).unwrap();
+}

@@ -351,6 +351,17 @@ impl GgufFile {
     }
 }
 
+/// Whether the folder holds safetensors weights (or their index).
+fn holds_safetensors(folder: &Path) -> bool {
+    std::fs::read_dir(folder).is_ok_and(|entries| {
+        entries.flatten().any(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.ends_with(".safetensors") || name.ends_with(".safetensors.index.json")
+        })
+    })
+}
+
 /// Bytes of a tensor as stored.
 /// The bytes `info`'s tensor takes; `None` when its shape's size overflows.
 fn tensor_bytes(info: &candle_core::quantized::gguf_file::TensorInfo) -> Option<usize> {
@@ -380,12 +391,13 @@ pub(crate) fn integer(v: &Value) -> Option<i128> {
 }
 
 /// The `.gguf` file a model path names: the path itself, or the one GGUF in a folder that holds
-/// no safetensors snapshot. `None` for a snapshot folder.
+/// no safetensors snapshot (a `config.json` alone does not make one: some GGUF repositories
+/// ship it beside the file). `None` for a snapshot folder.
 pub fn model_file(path: &Path) -> Result<Option<PathBuf>> {
     if path.is_file() {
         return Ok(Some(path.to_owned()));
     }
-    if !path.is_dir() || path.join("config.json").is_file() {
+    if !path.is_dir() || (path.join("config.json").is_file() && holds_safetensors(path)) {
         return Ok(None);
     }
     let mut found: Vec<PathBuf> = std::fs::read_dir(path)

@@ -155,7 +155,11 @@ fn token_at(file: &GgufFile, tokens: &[String], key: &str) -> Result<Option<Stri
 
 /// `tokenizer_config.json` as the file describes it: the chat template and the named tokens.
 pub(crate) fn tokenizer_config(file: &GgufFile) -> Result<Value> {
-    let tokens = tokens(file)?;
+    // A file with no vocabulary (its tokenizer.json beside it) still has its template.
+    let tokens = match file.get("tokenizer.ggml.tokens") {
+        Some(_) => tokens(file)?,
+        None => Vec::new(),
+    };
     let mut config = Map::new();
     if let Some(template) = file.string("tokenizer.chat_template")? {
         config.insert("chat_template".into(), json!(template));
