@@ -450,7 +450,7 @@ fn a_first_pull_needs_no_manifest() {
         "name = \"qwen3-coder-30b\"",
         "quantization = \"q8\"",
         "tier = \"low\"",
-        "api = \"^1.12\"",
+        "api = \"^1.13\"",
     ] {
         assert!(manifest.contains(line), "{line} in:\n{manifest}");
     }
