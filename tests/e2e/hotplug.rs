@@ -613,3 +613,43 @@ fn a_plugin_removed_and_added_back_while_it_loads_keeps_one_worker() {
     let now = d.plugin("echo");
     assert_eq!(now["pid"], pid, "{now:#}\nlogs:\n{}", d.logs());
 }
+
+/// A plugin folder named through a link that is pointed at another release (`ln -sfn`, a new
+/// link renamed over the old): the other release is served. The watch stayed on the old folder,
+/// where nothing changes, so hot plug went quiet for good.
+#[test]
+fn a_plugin_folder_link_pointed_elsewhere_is_followed() {
+    use std::os::unix::fs::PermissionsExt;
+    if !confinement_available() {
+        return;
+    }
+    let answer = |d: &Daemon| {
+        let (_, r) = d.post(
+            "/v1/completions",
+            &json!({"model": "echo", "prompt": "hello world", "temperature": 0}),
+        );
+        r["choices"][0]["text"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let releases = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(releases.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let one = echo_dir("[model.generation]\nmax_tokens = 1\n");
+    let two = echo_dir("[model.generation]\nmax_tokens = 3\n");
+    let link = releases.path().join("current");
+    std::os::unix::fs::symlink(one.path(), &link).unwrap();
+    let d = Daemon::start_with(PluginDir::new(), "", &["--plugins", link.to_str().unwrap()]);
+    d.wait_ready();
+    assert_eq!(answer(&d), "h");
+    let next = releases.path().join("next");
+    std::os::unix::fs::symlink(two.path(), &next).unwrap();
+    std::fs::rename(&next, &link).unwrap();
+    d.wait_for(30, "the other release to serve", |d| answer(d) == "hel");
+    // The folder removed and made anew: watched again, and what it holds served.
+    std::fs::remove_file(&link).unwrap();
+    let three = echo_dir("[model.generation]\nmax_tokens = 2\n");
+    std::os::unix::fs::symlink(three.path(), &link).unwrap();
+    d.wait_for(30, "the third release to serve", |d| answer(d) == "he");
+    drop((one, two, three));
+}

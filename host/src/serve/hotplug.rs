@@ -27,13 +27,59 @@ pub(super) struct Found {
     pub(super) fingerprint: String,
 }
 
+/// How often the watched folders are checked for being other folders now.
+const RECHECK: Duration = Duration::from_secs(2);
+
+/// The watch on the plugin and library folders; dropped, it ends.
+pub struct HotPlug {
+    _watched: Arc<std::sync::Mutex<Watched>>,
+}
+
+/// The watcher and what each folder was when it was last watched.
+struct Watched {
+    watcher: notify::RecommendedWatcher,
+    /// Each folder, with its device and inode (links followed) as watched; `None` while missing.
+    dirs: Vec<(PathBuf, Option<(u64, u64)>)>,
+}
+
+/// What `dir` is now: its device and inode, links followed; `None` while it is missing.
+fn identity(dir: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir).ok().map(|m| (m.dev(), m.ino()))
+}
+
+impl Watched {
+    /// Watches again each folder that is another one now — a link pointed elsewhere (`ln -sfn
+    /// release-2 plugins`), a folder removed and made anew — whose watch stayed on the old one
+    /// or ended with it, so that hot plug went quiet for good; whether any was.
+    fn refresh(&mut self) -> bool {
+        let mut changed = false;
+        for (dir, seen) in &mut self.dirs {
+            let now = identity(dir);
+            if now == *seen {
+                continue;
+            }
+            let _ = self.watcher.unwatch(dir);
+            if now.is_some() {
+                if let Err(e) = self.watcher.watch(dir, RecursiveMode::NonRecursive) {
+                    tracing::warn!(dir = %dir.display(), "cannot watch: {e}");
+                }
+            }
+            tracing::info!(dir = %dir.display(), "the plugin folder is another one now: watching it again");
+            *seen = now;
+            changed = true;
+        }
+        changed
+    }
+}
+
 /// Starts watching the plugin and library directories; changes are acted on once `first_scan`
 /// says the daemon's first scan is done (one seen before then is scanned for at once). The watch
-/// ends when the returned watcher is dropped.
+/// ends when the returned handle is dropped.
 pub fn watch(
     models: Arc<Models>,
     first_scan: tokio::sync::oneshot::Receiver<()>,
-) -> Option<notify::RecommendedWatcher> {
+) -> Option<HotPlug> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let mut watcher =
         match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -50,25 +96,44 @@ pub fn watch(
             }
         };
     let search = &models.setup().search;
+    let mut dirs = Vec::new();
     for dir in search.plugin_dirs.iter().chain(&search.library_dirs) {
         if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
             tracing::warn!(dir = %dir.display(), "cannot watch: {e}");
         }
+        dirs.push((dir.clone(), identity(dir)));
     }
+    let watched = Arc::new(std::sync::Mutex::new(Watched { watcher, dirs }));
+    let weak = Arc::downgrade(&watched);
     tokio::spawn(async move {
         // Ended without a scan: the daemon is stopping.
         if first_scan.await.is_err() {
             return;
         }
-        while rx.recv().await.is_some() {
-            // Wait for quiet, swallowing the rest of the burst.
-            while let Ok(Some(())) = tokio::time::timeout(SETTLE, rx.recv()).await {}
+        let mut recheck = tokio::time::interval(RECHECK);
+        loop {
+            tokio::select! {
+                event = rx.recv() => {
+                    if event.is_none() {
+                        return;
+                    }
+                    // Wait for quiet, swallowing the rest of the burst.
+                    while let Ok(Some(())) = tokio::time::timeout(SETTLE, rx.recv()).await {}
+                }
+                _ = recheck.tick() => {
+                    let Some(watched) = weak.upgrade() else { return };
+                    let changed = watched.lock().map(|mut w| w.refresh()).unwrap_or(false);
+                    if !changed {
+                        continue;
+                    }
+                }
+            }
             if let Err(e) = models.rescan().await {
                 tracing::error!("rescan failed: {e}");
             }
         }
     });
-    Some(watcher)
+    Some(HotPlug { _watched: watched })
 }
 
 pub(super) type Scan = (Vec<Found>, Vec<(PathBuf, String)>);
