@@ -220,6 +220,25 @@ impl Routes {
 /// How the worker's socket ended: `Some` when the worker broke the protocol.
 type Ending = Option<String>;
 
+/// The most bytes of text one token frame may carry, its alternatives' included: a token is a
+/// few bytes, twenty alternatives a few hundred. Frames wait in the daemon (64 read ahead, 33
+/// per request) before any request's budget counts them, so a worker sending 16 MiB tokens
+/// held gigabytes of the daemon's memory, outside every cgroup.
+pub(super) const MAX_TOKEN_BYTES: usize = 256 << 10;
+
+/// Why `frame` is larger than the protocol lets it be, if it is.
+fn oversized(frame: &FromWorker) -> Option<String> {
+    let FromWorker::Token { token, .. } = frame else {
+        return None;
+    };
+    let bytes = token.text.len() + token.top_logprobs.iter().map(|t| t.1.len()).sum::<usize>();
+    (bytes > MAX_TOKEN_BYTES).then(|| {
+        format!(
+            "sent a token of {bytes} bytes of text, more than the {MAX_TOKEN_BYTES} one may hold"
+        )
+    })
+}
+
 /// Reads frames into a channel: the traffic task selects over it and its commands (reading a
 /// frame is not cancel-safe, receiving from a channel is).
 fn read_frames(mut read_half: OwnedReadHalf) -> mpsc::Receiver<Result<FromWorker, Ending>> {
@@ -228,6 +247,9 @@ fn read_frames(mut read_half: OwnedReadHalf) -> mpsc::Receiver<Result<FromWorker
         let end = loop {
             match read_frame_async::<FromWorker>(&mut read_half).await {
                 Ok(Some(frame)) => {
+                    if let Some(why) = oversized(&frame) {
+                        break Some(why);
+                    }
                     if tx.send(Ok(frame)).await.is_err() {
                         return;
                     }
