@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -652,4 +652,53 @@ fn a_plugin_folder_link_pointed_elsewhere_is_followed() {
     std::os::unix::fs::symlink(three.path(), &link).unwrap();
     d.wait_for(30, "the third release to serve", |d| answer(d) == "he");
     drop((one, two, three));
+}
+
+/// While the daemon drains to stop, a plugin dropped into its folder loads nothing and a SIGHUP
+/// reloads nothing (both started loads the stop neither waited for nor drained; their workers
+/// died with the daemon, unreaped).
+#[test]
+fn changes_during_the_drain_start_nothing() {
+    if !confinement_available() {
+        return;
+    }
+    let mut d = Daemon::start(
+        echo_dir("[model.options]\ndelay_ms = 50\n"),
+        "[server]\ndrain_timeout_secs = 30\n",
+    );
+    d.wait_ready();
+    // A request of a few seconds keeps the drain going.
+    let text: String = ('a'..='z').cycle().take(100).collect();
+    let events = d.stream("/v1/chat/completions", &stream_request(&text));
+    d.wait_for(5, "the request to run", |d| {
+        d.plugin("echo")["requests"] == 1
+    });
+    d.terminate();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !d.logs().contains("draining") {
+        assert!(Instant::now() < deadline, "no drain: {}", d.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    d.dir.copy_lib("pio_plugin_echo", "libecho2.so");
+    d.dir
+        .write("echo2.toml", &manifest("echo2", "0.1.0", "libecho2.so", ""));
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &d.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::thread::sleep(Duration::from_secs(3));
+    let logs = d.logs();
+    assert!(!logs.contains("plugin=echo2"), "{logs}");
+    assert!(
+        logs.contains("not acted on") && logs.contains("not reloaded"),
+        "{logs}"
+    );
+    let (got, done) = Daemon::chat_text(events);
+    assert_eq!(
+        (got.as_str(), done),
+        (text.as_str(), true),
+        "the request finished"
+    );
+    assert!(d.wait_exit(30).success(), "{}", d.logs());
 }

@@ -388,6 +388,7 @@ async fn draining(
     let secs = app.models.config().server.drain_timeout_secs;
     tracing::info!("{why}: draining (no new connections; requests in flight get {secs} s)");
     app.draining.store(true, Ordering::Release);
+    app.models.wind_down();
     let _ = stop.send(true);
 }
 

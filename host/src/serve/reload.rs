@@ -86,6 +86,12 @@ pub async fn on_sighup(
     mut hup: tokio::signal::unix::Signal,
 ) {
     while hup.recv().await.is_some() {
+        if models.winding_down() {
+            tracing::warn!(
+                "SIGHUP while the daemon drains to stop: the configuration is not reloaded"
+            );
+            continue;
+        }
         let systemd = systemd.as_ref().filter(|n| n.is_ready());
         if let Some(n) = systemd {
             n.reloading();

@@ -54,6 +54,9 @@ pub struct Models {
     inner: Mutex<Inner>,
     /// Set by [`Models::stop_all`]: a load that ends after it is stopped, not kept.
     stopping: std::sync::atomic::AtomicBool,
+    /// Set when the daemon begins to drain ([`Models::wind_down`]): changes in the plugin
+    /// folders and newly named preloads start nothing more (requests in flight still load).
+    winding_down: std::sync::atomic::AtomicBool,
 }
 
 impl Models {
@@ -64,7 +67,21 @@ impl Models {
             setup,
             inner: Mutex::default(),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            winding_down: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// The daemon drains to stop: a rescan or a configuration reload from now on starts no
+    /// load or reload (one begun then was neither waited for nor drained at the stop, and its
+    /// worker died with the runtime).
+    pub fn wind_down(&self) {
+        self.winding_down
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether [`Self::wind_down`] was called.
+    pub fn winding_down(&self) -> bool {
+        self.winding_down.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The setup it runs with.
@@ -98,7 +115,7 @@ impl Models {
     /// operator's unload, an idle unload or an eviction (parked), nor hurry a failed load's retry.
     pub fn preload_newly_named(self: &Arc<Self>, before: &Config) {
         self.warn_missing_preloads();
-        if self.stopping.load(std::sync::atomic::Ordering::Acquire) {
+        if self.stopping.load(std::sync::atomic::Ordering::Acquire) || self.winding_down() {
             return;
         }
         let config = self.config();
@@ -210,6 +227,12 @@ impl Models {
     /// (and loaded when preloaded), changed ones reloaded blue/green, removed ones drained and
     /// unloaded. A manifest that fails its checks is reported and changes nothing else.
     pub async fn rescan(self: &Arc<Self>) -> Result<(), discovery::ScanError> {
+        if self.winding_down() {
+            tracing::info!(
+                "the plugin folders changed while the daemon drains to stop: not acted on"
+            );
+            return Ok(());
+        }
         let (search, prober) = (self.setup.search.clone(), self.prober());
         // A scan that panicked found nothing: taken as it was, every served model was gone.
         let found = match tokio::task::spawn_blocking(move || scan(&search, &prober)).await {
