@@ -360,9 +360,11 @@ impl Prober {
         }
         // Whatever the library's constructors start is killed with the probe.
         let fence =
-            Fence::new("probe", crate::config::DEFAULT_PIDS).map_err(|e| ProbeError::Spawn {
-                exe: self.exe.clone(),
-                reason: format!("cannot make the probe's cgroup: {e}"),
+            Fence::new("probe", crate::config::DEFAULT_PIDS, PROBE_MEMORY).map_err(|e| {
+                ProbeError::Spawn {
+                    exe: self.exe.clone(),
+                    reason: format!("cannot make the probe's cgroup: {e}"),
+                }
             })?;
         fence.enclose(&mut command);
         let mut child = command
@@ -410,7 +412,21 @@ impl Prober {
         let deadline = std::time::Instant::now() + Duration::from_secs(1);
         let stdout = stdout.until(deadline);
         let stderr = stderr.until(deadline);
-        outcome(library, &status, &stdout, &stderr)
+        match outcome(library, &status, &stdout, &stderr) {
+            Err(ProbeError::Crashed {
+                library,
+                how,
+                stderr,
+            }) if fence.hit_memory_limit() => Err(ProbeError::Crashed {
+                library,
+                how: format!(
+                    "{how}, at the probe's memory limit of {} MiB: a library may take no more while it is checked",
+                    PROBE_MEMORY >> 20
+                ),
+                stderr,
+            }),
+            other => other,
+        }
     }
 }
 
@@ -516,6 +532,11 @@ fn tail(stderr: &str) -> String {
 /// reading what a library is needs no network, and the probe runs before any tier applies (a
 /// `maximum` manifest's library included). Not as root, the namespace is made inside a user
 /// namespace of its own where the kernel allows that, and the network stays where it does not.
+/// The memory a probe may take: it loads a library and asks it questions, no model. Without a
+/// cap a constructor (run at every daemon start, hot-plug rescan and `pio list`) could take the
+/// host's memory whatever the plugin's tier.
+const PROBE_MEMORY: u64 = 1 << 30;
+
 fn probe_plan(user: (u32, u32)) -> Plan {
     let root = nix::unistd::geteuid().is_root();
     Plan {

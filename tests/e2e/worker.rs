@@ -1209,3 +1209,37 @@ pub(crate) fn worker_group_procs(pid: u32) -> Vec<i32> {
         .filter_map(|l| l.parse().ok())
         .collect()
 }
+
+/// A library probe is held to a memory limit whatever the plugin's tier: a library that takes
+/// more while it is checked is stopped and the check fails (probes run at every daemon start,
+/// hot-plug rescan and `pio list`, and took what they liked).
+#[test]
+fn a_greedy_probe_is_held_to_its_memory_limit() {
+    if !confinement_available() {
+        return;
+    }
+    let greedy = hostile_dir_with(&format!("{LIMITS}[model.options]\nprobe_alloc_mb = 1536\n"));
+    let out = pio(
+        greedy.path(),
+        &[
+            "check",
+            greedy.path().join("hostile.toml").to_str().unwrap(),
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the check passed: {err}");
+    assert!(err.contains("memory limit"), "{err}");
+    let modest = hostile_dir_with(&format!("{LIMITS}[model.options]\nprobe_alloc_mb = 64\n"));
+    let out = pio(
+        modest.path(),
+        &[
+            "check",
+            modest.path().join("hostile.toml").to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

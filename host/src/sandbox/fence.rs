@@ -19,9 +19,10 @@ pub struct Fence {
 }
 
 impl Fence {
-    /// A fence named `name` holding at most `pids` processes and threads: a cgroup when
-    /// running as root with a writable hierarchy, else only the process group.
-    pub fn new(name: &str, pids: u32) -> Result<Self, CgroupError> {
+    /// A fence named `name` holding at most `pids` processes and threads and `memory_bytes` of
+    /// memory: a cgroup when running as root with a writable hierarchy, else only the process
+    /// group.
+    pub fn new(name: &str, pids: u32, memory_bytes: u64) -> Result<Self, CgroupError> {
         let version = nix::unistd::geteuid()
             .is_root()
             .then(Version::detect_writable)
@@ -35,6 +36,7 @@ impl Fence {
         let spec = GroupSpec {
             limits: ResolvedLimits {
                 pids: Some(pids),
+                memory_bytes: Some(memory_bytes),
                 ..ResolvedLimits::default()
             },
             devices: false,
@@ -78,6 +80,11 @@ impl Fence {
                 Ok(())
             });
         }
+    }
+
+    /// Whether the kernel killed a process inside at the memory limit.
+    pub fn hit_memory_limit(&self) -> bool {
+        self.group.as_ref().is_some_and(|g| g.stats().oom_kills > 0)
     }
 
     /// Kills everything inside: the cgroup's members, or without one the process group

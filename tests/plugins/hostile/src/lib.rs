@@ -129,6 +129,11 @@ impl PluginImpl for Hostile {
                 return Err(PluginError::invalid_config("the probe reached the network"));
             }
         }
+        // A library greedy while checked: the probe touches this many MiB.
+        if let Some(mb) = config.extra.get("probe_alloc_mb").and_then(|v| v.as_u64()) {
+            let held = vec![1u8; (mb as usize) << 20];
+            std::hint::black_box(&held);
+        }
         // A library slow to check: the daemon's first scan takes this long.
         if let Some(ms) = config.extra.get("probe_sleep_ms").and_then(|v| v.as_u64()) {
             std::thread::sleep(std::time::Duration::from_millis(ms));
