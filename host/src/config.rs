@@ -92,6 +92,9 @@ pub struct Config {
     pub sandbox: SandboxSection,
     /// Limits for plugins whose manifest sets none.
     pub limits: Limits,
+    /// The most a manifest may set (`[limits_max]`): a manifest comes with a plugin, and its
+    /// `memory = "1TiB"` took the host; one above is refused, one unset gets the most.
+    pub limits_max: Limits,
     /// Restarts and deadlines.
     pub supervisor: SupervisorSection,
     /// The daemon (`pio serve`): listening, keys, request limits, loading.
@@ -463,17 +466,53 @@ impl Config {
     }
 
     /// `manifest`'s limits, each unset one taken from this file's defaults (processes and
-    /// threads from [`DEFAULT_PIDS`] when neither sets them).
-    pub fn limits_for(&self, manifest: &Limits) -> ResolvedLimits {
-        let d = &self.limits;
-        ResolvedLimits {
-            memory_bytes: manifest.memory.or(d.memory).map(|b| b.0),
-            cpus: manifest.cpus.or(d.cpus).map(|c| c.0),
-            pids: manifest.pids.or(d.pids).or(Some(DEFAULT_PIDS)),
-            gpu_memory_bytes: manifest.gpu_memory.or(d.gpu_memory).map(|b| b.0),
-            scratch_bytes: manifest.scratch.or(d.scratch).map(|b| b.0),
-            network: manifest.network.or(d.network),
+    /// threads from [`DEFAULT_PIDS`] when neither sets them), then from `[limits_max]`; one
+    /// past `[limits_max]` is refused, naming both.
+    pub fn limits_for(&self, manifest: &Limits) -> Result<ResolvedLimits, String> {
+        let (d, m) = (&self.limits, &self.limits_max);
+        let limits = ResolvedLimits {
+            memory_bytes: manifest.memory.or(d.memory).or(m.memory).map(|b| b.0),
+            cpus: manifest.cpus.or(d.cpus).or(m.cpus).map(|c| c.0),
+            pids: (manifest.pids.or(d.pids).or(m.pids)).or(Some(DEFAULT_PIDS)),
+            gpu_memory_bytes: (manifest.gpu_memory.or(d.gpu_memory).or(m.gpu_memory)).map(|b| b.0),
+            scratch_bytes: manifest.scratch.or(d.scratch).or(m.scratch).map(|b| b.0),
+            network: manifest.network.or(d.network).or(m.network),
+        };
+        let past = |name: &str, asked: f64, most: f64| {
+            Err(format!(
+                "limits.{name} = {asked} is past the {most} the daemon's [limits_max] allows; lower it in the manifest, or raise [limits_max] {name}"
+            ))
+        };
+        let pairs = [
+            (
+                "memory",
+                limits.memory_bytes.map(|v| v as f64),
+                m.memory.map(|v| v.0 as f64),
+            ),
+            ("cpus", limits.cpus, m.cpus.map(|c| c.0)),
+            ("pids", limits.pids.map(f64::from), m.pids.map(f64::from)),
+            (
+                "gpu_memory",
+                limits.gpu_memory_bytes.map(|v| v as f64),
+                m.gpu_memory.map(|v| v.0 as f64),
+            ),
+            (
+                "scratch",
+                limits.scratch_bytes.map(|v| v as f64),
+                m.scratch.map(|v| v.0 as f64),
+            ),
+        ];
+        for (name, asked, most) in pairs {
+            if let (Some(asked), Some(most)) = (asked, most) {
+                if asked > most {
+                    return past(name, asked, most);
+                }
+            }
         }
+        if m.network == Some(false) && limits.network == Some(true) {
+            return Err("limits.network = true, but the daemon's [limits_max] network = false allows none; remove it from the manifest".into());
+        }
+        Ok(limits)
     }
 
     /// The supervision it sets.
@@ -629,15 +668,50 @@ mod tests {
             memory: Some(ByteSize(1 << 30)),
             ..Limits::default()
         };
-        let l = c.limits_for(&manifest);
+        let l = c.limits_for(&manifest).unwrap();
         assert_eq!((l.memory_bytes, l.pids), (Some(1 << 30), Some(100)));
         assert_eq!(c.policy().min_tier, Tier::High);
         // Set nowhere: no memory or CPU bound, the process bound.
-        let l = Config::default().limits_for(&Limits::default());
+        let l = Config::default().limits_for(&Limits::default()).unwrap();
         assert_eq!(
             (l.memory_bytes, l.cpus, l.pids),
             (None, None, Some(DEFAULT_PIDS))
         );
+    }
+
+    /// `[limits_max]` caps what a manifest may set: one past it is refused naming both, one
+    /// unset gets the most (a manifest's `memory = "1TiB"` took the host).
+    #[test]
+    fn a_manifest_past_the_ceiling_is_refused() {
+        let c = parse(
+            "[limits_max]
+memory = \"4GiB\"
+cpus = 2
+network = false
+",
+        )
+        .unwrap();
+        let greedy = Limits {
+            memory: Some(ByteSize(1 << 40)),
+            ..Limits::default()
+        };
+        let e = c.limits_for(&greedy).unwrap_err();
+        assert!(
+            e.contains("limits.memory") && e.contains("[limits_max]"),
+            "{e}"
+        );
+        let l = c.limits_for(&Limits::default()).unwrap();
+        assert_eq!((l.memory_bytes, l.cpus), (Some(4 << 30), Some(2.0)));
+        let online = Limits {
+            network: Some(true),
+            ..Limits::default()
+        };
+        assert!(c.limits_for(&online).unwrap_err().contains("network"));
+        let modest = Limits {
+            memory: Some(ByteSize(1 << 30)),
+            ..Limits::default()
+        };
+        assert_eq!(c.limits_for(&modest).unwrap().memory_bytes, Some(1 << 30));
     }
 
     #[test]

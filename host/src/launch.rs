@@ -21,6 +21,9 @@ pub enum LaunchError {
     /// No uid can be had for it.
     #[error(transparent)]
     Users(#[from] UsersError),
+    /// Its limits are past what the daemon allows.
+    #[error("{0}")]
+    Limits(String),
 }
 
 /// Plans the worker's confinement from the manifest's tier and its limits (resolved against
@@ -40,7 +43,9 @@ pub fn plan(
         uid,
         plugin: &manifest.name,
         tier: manifest.tier,
-        limits: config.limits_for(&manifest.limits),
+        limits: config
+            .limits_for(&manifest.limits)
+            .map_err(LaunchError::Limits)?,
         pinned: manifest.sha256.is_some(),
         gpu: manifest
             .model

@@ -17,6 +17,7 @@ use super::models::Models;
 pub fn merge(running: &Config, started: &Config, file: &Config) -> (Config, Vec<&'static str>) {
     let mut next = running.clone();
     next.limits = file.limits.clone();
+    next.limits_max = file.limits_max.clone();
     next.supervisor = file.supervisor.clone();
     let (s, f) = (&mut next.server, &file.server);
     s.preload = f.preload.clone();
