@@ -200,8 +200,6 @@ mod tests {
         assert_eq!((last.emit.as_str(), last.stopped), ("", true));
     }
 
-    /// A stop string passed whole (held only because it begins a longer one) does not end the
-    /// output later; the longer one completed later does.
     /// A stop string wholly within passed text does not hide one overlapping it that ends in
     /// the next piece.
     #[test]
@@ -217,6 +215,8 @@ mod tests {
         assert_eq!((step.emit.as_str(), step.stopped), ("", true));
     }
 
+    /// A stop string passed whole (held only because it begins a longer one) does not end the
+    /// output later; the longer one completed later does.
     #[test]
     fn a_passed_stop_string_held_as_the_start_of_another_does_not_count() {
         let mut m = StopMatcher::new(["ST", "STOP"]);

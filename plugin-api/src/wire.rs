@@ -346,8 +346,17 @@ fn annotations_only(schema: &mut serde_json::Value) {
                 map.remove("format");
             }
             for (key, value) in map.iter_mut() {
-                if !["const", "enum", "default", "examples", "x-guidance"].contains(&key.as_str()) {
-                    annotations_only(value);
+                match key.as_str() {
+                    // Keyed by names, not keywords: every value a schema (a property may be
+                    // named `default` or `format`).
+                    "properties" | "patternProperties" | "$defs" | "definitions"
+                    | "dependentSchemas" => {
+                        if let Value::Object(named) = value {
+                            named.values_mut().for_each(annotations_only);
+                        }
+                    }
+                    "const" | "enum" | "default" | "examples" | "x-guidance" => {}
+                    _ => annotations_only(value),
                 }
             }
         }
@@ -592,6 +601,25 @@ impl TokenTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Formats llguidance does not know are left out wherever a schema sits (under property
+    /// names that are keywords elsewhere too); data and known formats are kept; PIO's layout
+    /// fills each option the schema's own leaves unset.
+    #[test]
+    fn a_guidance_schema_keeps_data_and_known_formats_and_the_layout() {
+        let schema = serde_json::json!({"type": "object", "properties": {
+            "default": {"type": "string", "format": "password"},
+            "when": {"type": "string", "format": "date-time"},
+            "c": {"const": {"format": "int64"}}},
+            "x-guidance": {"whitespace_flexible": true}});
+        let g = guidance_schema(&schema);
+        assert!(g["properties"]["default"].get("format").is_none(), "{g}");
+        assert_eq!(g["properties"]["when"]["format"], "date-time");
+        assert_eq!(g["properties"]["c"]["const"]["format"], "int64");
+        assert_eq!(g["x-guidance"]["whitespace_flexible"], true);
+        assert_eq!(g["x-guidance"]["key_separator"], ": ");
+        assert_eq!(guidance_schema(&serde_json::json!(false)), false);
+    }
 
     #[test]
     fn token_bytes_round_trip_through_json_including_partial_characters() {

@@ -145,7 +145,11 @@ pub(super) fn engine_config<M: CausalLm>(
 ) -> Result<EngineConfig, PluginError> {
     let o = Options::parse(options)?;
     let pool_bytes = pool_bytes(memory, weight_bytes.unwrap_or(0), o.kv_cache_bytes)?;
-    let mut config = EngineConfig::with_pool_bytes(model, pool_bytes, o.kv_dtype, o.max_seqs);
+    // A budget set alone bounds the default number of sequences (it was refused for the
+    // default's 64 it never named).
+    let default_seqs = EngineConfig::default().max_seqs;
+    let max_seqs = (o.max_seqs).or(o.max_batch_tokens.map(|b| b.min(default_seqs)));
+    let mut config = EngineConfig::with_pool_bytes(model, pool_bytes, o.kv_dtype, max_seqs);
     // The pool has at least one block; on a GPU that block must fit inside the budget too.
     if matches!(memory, Memory::Device { .. }) && config.pool_bytes(model) > pool_bytes {
         return Err(PluginError::new(
@@ -350,6 +354,14 @@ mod tests {
         );
         let grown = engine_config(&model, &options(json!({"max_seqs": 300})), NO_LIMIT, None);
         assert_eq!(grown.unwrap().token_budget, 300);
+        let budget = engine_config(
+            &model,
+            &options(json!({"max_batch_tokens": 32})),
+            NO_LIMIT,
+            None,
+        );
+        let budget = budget.unwrap();
+        assert_eq!((budget.token_budget, budget.max_seqs), (32, 32));
         for (key, bad) in [
             ("kv_cache_dtype", json!("q4")),
             ("max_seqs", json!(0)),

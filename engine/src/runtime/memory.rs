@@ -110,7 +110,7 @@ pub(super) fn pool_bytes(
             // A limit above what the machine has (a manifest's 72 GiB on a 32 GB host) is no
             // measure of room: the pool's pages come as it fills, and the kernel's OOM killer
             // ended the worker mid-serving. Half of what is available, as with no limit.
-            Ok(available.map_or(left, |a| left.min(a / 2).max(1)))
+            Ok(available.map_or(left, |a| left.min(a / 2)))
         }
         (
             Memory::Host {

@@ -285,13 +285,12 @@ fn refuse_replaced(isolation: &Isolation) -> Result<(), ConfineError> {
         }
         // Bound into the view, a folder brings its sockets with it: a model `path` of
         // /run/dbus gave back the system bus that hiding /run keeps out.
-        if let Some(socket) = socket_in(path) {
+        if let Some(why) = socket_in(path) {
             return Err(fail(
                 "keep a path visible",
                 format!(
-                    "{}: a model or cache folder at `medium` and above must hold no sockets, and {} is one (a host service's door the worker's view keeps shut); point the manifest at a folder of model files",
+                    "{}: a model or cache folder at `medium` and above must hold no sockets (a host service's door the worker's view keeps shut), and {why}; point the manifest at a folder of model files",
                     path.display(),
-                    socket.display()
                 ),
             ));
         }
@@ -299,23 +298,34 @@ fn refuse_replaced(isolation: &Isolation) -> Result<(), ConfineError> {
     Ok(())
 }
 
-/// A socket in the tree at `root` (links not followed), looking at no more than 100 000 entries:
-/// a model folder holds a few dozen.
-fn socket_in(root: &Path) -> Option<PathBuf> {
+/// Why the tree at `root` (links not followed) may not come into a worker's view: a socket in it
+/// (the path itself one, as `/run/dbus/system_bus_socket` is), or a part that cannot be looked
+/// through (a folder it cannot list, more than 100 000 entries: a model folder holds a few dozen),
+/// where one could hide.
+fn socket_in(root: &Path) -> Option<String> {
     use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(root) {
+        Ok(m) if m.file_type().is_socket() => return Some(format!("{} is one", root.display())),
+        Ok(m) if m.is_dir() => {}
+        // A file, or nothing (the worker's start names a missing one).
+        _ => return None,
+    }
     let mut left = 100_000usize;
     let mut folders = vec![root.to_path_buf()];
     while let Some(folder) = folders.pop() {
         let Ok(entries) = std::fs::read_dir(&folder) else {
-            continue;
+            return Some(format!("{} cannot be listed to check", folder.display()));
         };
         for entry in entries.flatten() {
-            left = left.checked_sub(1)?;
+            let Some(l) = left.checked_sub(1) else {
+                return Some("it holds more than 100 000 entries to check".into());
+            };
+            left = l;
             let Ok(kind) = entry.file_type() else {
                 continue;
             };
             if kind.is_socket() {
-                return Some(entry.path());
+                return Some(format!("{} is one", entry.path().display()));
             }
             if kind.is_dir() {
                 folders.push(entry.path());

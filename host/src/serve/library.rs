@@ -63,7 +63,15 @@ impl LibraryStore {
 
     /// A copy of `library` as it is now (shared with others of the same content).
     pub fn snapshot(&self, library: &Path) -> std::io::Result<Arc<LibraryCopy>> {
-        let bytes = std::fs::read(library)?;
+        use std::io::Read as _;
+        use std::os::unix::fs::MetadataExt;
+        // Read, and its owner and mode taken, through one handle: the copy is readable by
+        // whom the original is and no one else (a path swapped for a link to a root-only file
+        // after its check was copied out readable by every user).
+        let mut file = std::fs::File::open(library)?;
+        let meta = file.metadata()?;
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        file.read_to_end(&mut bytes)?;
         // Read as root and written where every user can read it: only a shared library, as
         // checked before (the path swapped since for a link to a root-only file is refused).
         crate::elf::check_bytes(&bytes)
@@ -87,7 +95,9 @@ impl LibraryStore {
             .open(&partial)?;
         f.write_all(&bytes)?;
         f.sync_all()?;
-        std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o644))?;
+        nix::unistd::fchown(&f, Some(meta.uid().into()), Some(meta.gid().into()))
+            .map_err(std::io::Error::from)?;
+        f.set_permissions(std::fs::Permissions::from_mode(meta.mode() & 0o644))?;
         std::fs::rename(&partial, &path)?;
         let copy = Arc::new(LibraryCopy {
             path,
@@ -261,6 +271,13 @@ mod tests {
         let e = store.snapshot(&library).map(|_| ()).unwrap_err();
         assert!(e.to_string().contains("ELF"), "{e}");
         assert_eq!(std::fs::read_dir(store.dir()).unwrap().count(), 0);
+        // A library only its owner may read is copied for its owner alone.
+        let private = tmp.path().join("libp.so");
+        std::fs::write(&private, elf(b"p")).unwrap();
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let copy = store.snapshot(&private).unwrap();
+        let mode = std::fs::metadata(&copy.path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 
     /// Tests run as root: another user's folder is made by chown to `nobody`.

@@ -235,21 +235,24 @@ fn response_format(format: &Value) -> Result<Option<Grammar>, ApiError> {
 /// Strict mode's objects: one that lists its properties and says nothing of others takes no
 /// others (`additionalProperties: false`), as OpenAI's strict mode requires and vLLM's xgrammar
 /// assumes; JSON Schema (and llguidance) would let the model add keys of its own, which a
-/// client's `extra="forbid"` model then refuses. `allOf`'s parts are left open: closed, each
-/// would refuse the others' properties.
+/// client's `extra="forbid"` model then refuses. An object composed with others (`allOf`,
+/// `anyOf`, `oneOf`, `$ref` beside its properties) is left open, as are `allOf`'s parts and the
+/// definitions (one may be a part): closed, each would refuse the others' properties; so are
+/// `not` and the conditionals, whose meaning closing would turn.
 fn closed(schema: &mut Value) {
     let Value::Object(map) = schema else {
         return;
     };
-    if map.contains_key("properties") && !map.contains_key("additionalProperties") {
+    let composed = ["allOf", "anyOf", "oneOf", "$ref"]
+        .iter()
+        .any(|k| map.contains_key(*k));
+    if map.contains_key("properties") && !map.contains_key("additionalProperties") && !composed {
         map.insert("additionalProperties".into(), Value::Bool(false));
     }
-    for key in ["properties", "$defs", "definitions", "patternProperties"] {
-        if let Some(Value::Object(children)) = map.get_mut(key) {
-            children.values_mut().for_each(closed);
-        }
+    if let Some(Value::Object(children)) = map.get_mut("properties") {
+        children.values_mut().for_each(closed);
     }
-    for key in ["items", "additionalProperties", "not", "if", "then", "else"] {
+    for key in ["items", "additionalProperties"] {
         if let Some(child) = map.get_mut(key) {
             closed(child);
         }
@@ -425,11 +428,16 @@ mod tests {
             "$defs": {"R": {"type": "object", "properties": {"v": {"type": "integer"}}}}});
         closed(&mut nested);
         assert_eq!(nested["properties"]["p"]["additionalProperties"], false);
-        assert_eq!(nested["$defs"]["R"]["additionalProperties"], false);
+        // Definitions may be parts of a composition: open.
+        assert!(nested["$defs"]["R"].get("additionalProperties").is_none());
         assert!(nested["properties"]["s"]["allOf"][0]
             .get("additionalProperties")
             .is_none());
         assert_eq!(nested["properties"]["u"]["additionalProperties"], true);
+        // An object composed with others keeps them satisfiable.
+        let mut composed = json!({"properties": {"a": {}}, "allOf": [{"properties": {"b": {}}, "required": ["b"]}]});
+        closed(&mut composed);
+        assert!(composed.get("additionalProperties").is_none(), "{composed}");
         let choice = grammar_of(json!({"guided_choice": ["yes", "no \"really\""]})).unwrap();
         assert!(
             matches!(&choice, Some(Structure::Grammar { grammar: Grammar::Lark(l), field: "guided_choice" })

@@ -72,7 +72,14 @@ pub(super) fn writable_for_worker(spec: &WorkerSpec) -> Result<(), WorkerError> 
                 ),
             )
         };
-        let dir = made_safely(dir).map_err(|e| fail(&e))?;
+        // Root makes it only where it is safe; a daemon of another user makes what its user may.
+        let dir = match nix::unistd::geteuid().is_root() {
+            true => made_safely(dir).map_err(|e| fail(&e))?,
+            false => {
+                std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
+                dir.clone()
+            }
+        };
         if let Some((uid, gid)) = spec.plan.drop_to {
             // Through a handle on the folder made, never a path a link could redirect; its own
             // alone: every worker shares the gid, and a umask may leave it group-writable.

@@ -253,7 +253,7 @@ async fn start_and_load(
             warmed = warm_up(&worker) => warmed.map(|()| info),
             _ = within(deadline) => Err(err(
                 Fault::Timeout,
-                format!("{} loaded but did not answer its warm-up request within {} s (supervisor.load_timeout_secs), and was stopped", spec.name, limit.map_or(0, |l| l.as_secs())),
+                format!("{} loaded but did not answer its warm-up request within the {} s its start, load and warm-up have (supervisor.load_timeout_secs), and was stopped", spec.name, limit.map_or(0, |l| l.as_secs())),
             )),
         },
         loaded => loaded,

@@ -82,11 +82,12 @@ impl Models {
                     Err(e) => Err((e, false)),
                 };
                 let mut changed = false;
-                let (stopping, outcome) = {
+                let (stopping, readded, outcome) = {
                     let mut inner = lock(&this.inner);
                     // Read under the lock `stop_all` sets it under: a load that ends after it is
                     // stopped, never left behind.
                     let stopping = this.stopping.load(std::sync::atomic::Ordering::Acquire);
+                    let present = inner.entries.contains_key(&found.manifest.name);
                     // The entry as this load left it, if it is still this load's: a plugin
                     // removed and added again while it loaded has a new entry and a load of
                     // its own, which this one must not overwrite (two workers, one dropped
@@ -95,6 +96,7 @@ impl Models {
                         .entries
                         .get_mut(&found.manifest.name)
                         .filter(|e| matches!(&e.slot, Slot::Loading(r) if r.same_channel(&mine)));
+                    let readded = present && entry.is_none();
                     let outcome = match (entry, result) {
                         (Some(entry), Ok(d)) if !stopping => {
                             entry.holds_room = false;
@@ -129,9 +131,15 @@ impl Models {
                         }
                         (None, Err((e, _))) => Err(e),
                     };
-                    (stopping, outcome)
+                    (stopping, readded, outcome)
                 };
                 let sent = match outcome {
+                    // The plugin was added again meanwhile: its waiters follow the new entry
+                    // (a `Ok` sends `acquire` round again), not a 404.
+                    Ok(Some(orphan)) if readded && !stopping => {
+                        orphan.supervised.stop().await;
+                        Ok(())
+                    }
                     Ok(Some(orphan)) => {
                         orphan.supervised.stop().await;
                         Err(match stopping {

@@ -129,7 +129,7 @@ impl Models {
                 return Err(ApiError::unavailable(why));
             }
             Swap::Failed(e) => {
-                if changed {
+                if changed && !self.stopping.load(std::sync::atomic::Ordering::Acquire) {
                     self.catch_up(name);
                 }
                 return Err(e);
