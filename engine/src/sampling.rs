@@ -1,7 +1,8 @@
 //! Choosing the next token from the model's logits: penalties, then temperature, top-k, top-p and
 //! min-p, then a draw from a seeded generator — or the arg-max when greedy. Log-probabilities
 //! reported to clients are those of the raw model distribution (before any of this), as
-//! transformers' `output_logits` and vLLM's default report them.
+//! transformers' `output_logits` and vLLM's default report them; under a grammar too, where
+//! vLLM's are the masked distribution's (its bitmask is applied to the logits first).
 
 use llguidance::toktrie::SimpleVob;
 use rand::{rngs::StdRng, Rng, SeedableRng};
