@@ -68,6 +68,19 @@ pub struct TokenFrame {
     pub top_logprobs: Vec<(u32, String, f32)>,
 }
 
+impl TokenFrame {
+    /// Bytes of text it carries, its alternatives' included.
+    pub fn text_bytes(&self) -> usize {
+        self.text.len() + self.top_logprobs.iter().map(|t| t.1.len()).sum::<usize>()
+    }
+}
+
+/// The most bytes of text one token frame may carry ([`TokenFrame::text_bytes`]): a token is a
+/// few bytes, twenty alternatives a few hundred. Frames wait in the daemon (64 read ahead, 33
+/// per request) before any request's budget counts them, so a worker sending 16 MiB tokens
+/// held gigabytes of the daemon's memory, outside every cgroup.
+pub const MAX_TOKEN_BYTES: usize = 256 << 10;
+
 impl From<pio_plugin_api::GeneratedToken> for TokenFrame {
     /// A plugin's token as text (no raw bytes).
     fn from(token: pio_plugin_api::GeneratedToken) -> Self {

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::handle::Event;
 use super::routing::{death_reason, LoadEvent};
 use crate::fault::Fault;
-use crate::protocol::{read_frame_async, FrameError, FromWorker, WireError};
+use crate::protocol::{read_frame_async, FrameError, FromWorker, WireError, MAX_TOKEN_BYTES};
 use crate::sandbox::cgroup::Cgroup;
 
 /// What the handle asks of the traffic task. Each is sent before the frame it concerns, so the
@@ -167,6 +167,10 @@ impl Routes {
             }
             FromWorker::Progress { stage, done, total } => {
                 if let Some(tx) = &w.load {
+                    // Shown on a terminal (`pio run`) and logged: a short line of text.
+                    let mut bytes = stage.into_bytes();
+                    bytes.truncate(MAX_STAGE);
+                    let stage = super::routing::log_text(&bytes, false);
                     let _ = tx.send(LoadEvent::Progress(stage, done, total));
                 }
             }
@@ -177,7 +181,8 @@ impl Routes {
             }
             FromWorker::LoadFailed { error } => {
                 if let Some(tx) = w.load.take() {
-                    let _ = tx.send(LoadEvent::Failed(error));
+                    // As any failure from a worker: its lines escaped, its kind not the host's.
+                    let _ = tx.send(LoadEvent::Failed(from_worker(error)));
                 }
             }
             FromWorker::Pong { nonce } => {
@@ -220,18 +225,13 @@ impl Routes {
 /// How the worker's socket ended: `Some` when the worker broke the protocol.
 type Ending = Option<String>;
 
-/// The most bytes of text one token frame may carry, its alternatives' included: a token is a
-/// few bytes, twenty alternatives a few hundred. Frames wait in the daemon (64 read ahead, 33
-/// per request) before any request's budget counts them, so a worker sending 16 MiB tokens
-/// held gigabytes of the daemon's memory, outside every cgroup.
-pub(super) const MAX_TOKEN_BYTES: usize = 256 << 10;
-
-/// Why `frame` is larger than the protocol lets it be, if it is.
+/// Why `frame` is larger than the protocol lets it be, if it is (the worker fails such a token's
+/// request alone; one that sends it anyway writes to the socket itself).
 fn oversized(frame: &FromWorker) -> Option<String> {
     let FromWorker::Token { token, .. } = frame else {
         return None;
     };
-    let bytes = token.text.len() + token.top_logprobs.iter().map(|t| t.1.len()).sum::<usize>();
+    let bytes = token.text_bytes();
     (bytes > MAX_TOKEN_BYTES).then(|| {
         format!(
             "sent a token of {bytes} bytes of text, more than the {MAX_TOKEN_BYTES} one may hold"
@@ -610,6 +610,9 @@ const MAX_MESSAGE: usize = 16 << 10;
 /// text bounded with control characters escaped (a newline in it forged a line of the
 /// daemon's text log), and a kind only the host decides (a restart, a quarantine, a stop, the
 /// worker's death) taken as the plugin's internal fault, not as a 503 to retry.
+/// The most bytes of a load stage's name that are shown.
+const MAX_STAGE: usize = 256;
+
 fn from_worker(error: WireError) -> WireError {
     use Fault::*;
     let kind = match error.kind {
@@ -645,6 +648,36 @@ mod from_worker_tests {
         let e = from_worker(WireError::new(Fault::ContextLength, "x".repeat(1 << 20)));
         assert_eq!(e.kind, Fault::ContextLength);
         assert!(e.message.len() <= MAX_MESSAGE, "{}", e.message.len());
+    }
+
+    /// A load's failure and its progress come through as any failure does: no forged log
+    /// lines, no host fault, no screenful of text (they went to the log as the plugin wrote
+    /// them).
+    #[test]
+    fn a_loads_failure_and_progress_are_checked_too() {
+        let mut routes = Routes::default();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        routes.waiters.load = Some(tx);
+        routes.dispatch(FromWorker::Progress {
+            stage: format!("weights\n2026-12-08 INFO forged{}", "x".repeat(1 << 20)),
+            done: 1,
+            total: 2,
+        });
+        routes.dispatch(FromWorker::LoadFailed {
+            error: WireError::new(Fault::Quarantined, "torn\n2026-12-08 INFO forged"),
+        });
+        let Ok(LoadEvent::Progress(stage, ..)) = rx.try_recv() else {
+            panic!("no progress");
+        };
+        assert!(
+            !stage.contains('\n') && stage.len() <= 2 * MAX_STAGE,
+            "{stage}"
+        );
+        let Ok(LoadEvent::Failed(e)) = rx.try_recv() else {
+            panic!("no failure");
+        };
+        assert_eq!(e.kind, Fault::Internal);
+        assert!(!e.message.contains('\n'), "{}", e.message);
     }
 }
 

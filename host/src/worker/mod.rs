@@ -153,6 +153,9 @@ struct Served {
     one_gpu: bool,
     /// The threads loads, unloads and requests run on.
     threads: Threads,
+    /// Whether a stats ask is in the plugin now: one that blocks (an engine lock held through a
+    /// long prefill) is not joined by another thread at each health check.
+    stats_running: std::sync::atomic::AtomicBool,
 }
 
 /// A plugin result's JSON parsed into `T`, or an internal error saying `what` was malformed.
@@ -171,9 +174,11 @@ fn parsed<T: serde::de::DeserializeOwned>(
 
 impl Served {
     /// Request `id` is over: its control goes.
+    /// Ends request `id`: its sink, if the plugin kept it past `infer`, stops at once (a late
+    /// emit waited for credit no one would grant, and no cancel could reach it).
     fn forget(&self, id: u64) {
-        if let Ok(mut c) = self.controls.lock() {
-            c.remove(&id);
+        if let Some(control) = self.controls.lock().ok().and_then(|mut c| c.remove(&id)) {
+            control.cancel();
         }
     }
 
@@ -245,6 +250,19 @@ impl Served {
 
     /// The engine's figures, from a `stats_only` request (which generates nothing).
     fn stats(&self, nonce: u64) -> FromWorker {
+        use std::sync::atomic::Ordering;
+        if self.stats_running.swap(true, Ordering::AcqRel) {
+            return FromWorker::Stats {
+                nonce,
+                engine: None,
+            };
+        }
+        let answer = self.stats_now(nonce);
+        self.stats_running.store(false, Ordering::Release);
+        answer
+    }
+
+    fn stats_now(&self, nonce: u64) -> FromWorker {
         // One token at most, should a plugin take it for a generation after all.
         let request = pio_plugin_api::wire::InferRequest {
             stats_only: true,
@@ -326,6 +344,7 @@ fn serve(mut reader: UnixStream, outbox: Outbox, plugin: PluginBox, one_gpu: boo
         controls: Mutex::default(),
         one_gpu,
         threads: Threads::default(),
+        stats_running: std::sync::atomic::AtomicBool::new(false),
     });
     loop {
         let message = match read_frame::<ToWorker>(&mut reader) {

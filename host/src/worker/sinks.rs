@@ -8,7 +8,9 @@ use std::time::Duration;
 use pio_plugin_api::{Flow, GeneratedToken, ProgressSink, RStr, TokenSink};
 
 use crate::fault::Fault;
-use crate::protocol::{write_frame, FrameError, FromWorker, TokenFrame, WireError, MAX_FRAME};
+use crate::protocol::{
+    write_frame, FrameError, FromWorker, TokenFrame, WireError, MAX_FRAME, MAX_TOKEN_BYTES,
+};
 
 /// The socket's write half, shared by every thread that reports.
 #[derive(Clone)]
@@ -137,6 +139,22 @@ impl WireSink {
         if !self.control.take_one() {
             return Flow::Stop;
         }
+        // A token past the protocol's size fails its request alone, and the plugin is told to
+        // stop (sent, the daemon would replace the worker and every request in it; told to go
+        // on, the plugin waited for credit for good once the request had ended).
+        let bytes = token.text_bytes();
+        if bytes > MAX_TOKEN_BYTES {
+            let why = format!(
+                "the plugin emitted a token of {bytes} bytes of text, more than the {MAX_TOKEN_BYTES} one may hold: a bug of the plugin"
+            );
+            let failed = FromWorker::Failed {
+                id: self.id,
+                error: WireError::new(Fault::Internal, why),
+            };
+            self.outbox.send(&failed);
+            self.control.cancel();
+            return Flow::Stop;
+        }
         let frame = FromWorker::Token { id: self.id, token };
         if !self.outbox.send(&frame) || self.is_cancelled() {
             return Flow::Stop;
@@ -176,6 +194,33 @@ impl ProgressSink for WireProgress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A token past the protocol's size fails its request alone and stops the plugin: the
+    /// worker sends the failure, not the token, and later emits stop at once.
+    #[test]
+    fn an_oversized_token_fails_its_request_and_stops_the_plugin() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let control = Arc::new(Control::with_window(Some(32)));
+        let mut sink = WireSink {
+            id: 7,
+            outbox: Outbox(Arc::new(Mutex::new(ours))),
+            control: control.clone(),
+        };
+        let big = TokenFrame {
+            text: "x".repeat(MAX_TOKEN_BYTES + 1),
+            ..TokenFrame::default()
+        };
+        assert!(matches!(sink.send(big), Flow::Stop));
+        assert!(sink.is_cancelled());
+        assert!(matches!(sink.send(TokenFrame::default()), Flow::Stop));
+        let mut theirs = theirs;
+        match crate::protocol::read_frame::<FromWorker>(&mut theirs).unwrap() {
+            Some(FromWorker::Failed { id: 7, error }) => {
+                assert!(error.message.contains("bytes of text"), "{}", error.message)
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn a_window_admits_that_many_tokens_then_waits_for_a_grant() {
