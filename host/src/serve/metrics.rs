@@ -34,9 +34,13 @@ pub struct ModelLabel {
     pub model: String,
 }
 
+/// Buckets up to an hour: a first token waits for an on-demand load (`load_wait_secs`), the
+/// queue and a CPU's prefill of a long prompt, often past 30 s, where the buckets stopped and
+/// every quantile above read 30 (vLLM's first-token buckets reach 2560 s).
 fn latency_histogram() -> Histogram {
     Histogram::new([
-        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+        120.0, 300.0, 600.0, 1800.0, 3600.0,
     ])
 }
 
@@ -430,6 +434,22 @@ mod tests {
             !text.contains("# EOF") && !text.contains("# UNIT"),
             "{text}"
         );
+    }
+
+    /// A first token two minutes in falls in a finite bucket, not only in `+Inf`.
+    #[test]
+    fn a_slow_first_token_has_a_bucket_of_its_own() {
+        let m = Metrics::default();
+        m.first_token("echo", 120.0);
+        let text = m.render(vec![status("echo", None)], Format::Text);
+        let line = |le: &str| {
+            text.lines()
+                .find(|l| l.contains("time_to_first_token") && l.contains(&format!("le=\"{le}\"")))
+                .unwrap_or_else(|| panic!("no le={le}: {text}"))
+                .to_string()
+        };
+        assert!(line("60.0").ends_with(" 0"), "{text}");
+        assert!(line("120.0").ends_with(" 1"), "{text}");
     }
 
     #[test]
