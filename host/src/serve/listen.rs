@@ -66,9 +66,15 @@ pub async fn serve(
         tokio::spawn(async move {
             let _open = open;
             // hyper's head timeout starts with the first byte: a connection that never sends
-            // one is closed here.
+            // one is closed here, and at once when the daemon stops (it held the drain for the
+            // whole timeout: a browser's or a balancer's pre-opened connection).
             let mut probe = [0u8; 1];
-            match tokio::time::timeout(first_byte, tcp.peek(&mut probe)).await {
+            let mut ending = stopping.clone();
+            let peeked = tokio::select! {
+                peeked = tokio::time::timeout(first_byte, tcp.peek(&mut probe)) => peeked,
+                _ = ending.wait_for(|stop| *stop) => return,
+            };
+            match peeked {
                 Ok(Ok(n)) if n > 0 => {}
                 _ => return,
             }
@@ -259,5 +265,33 @@ fn configure(tcp: &TcpStream, rules: ConnectionRules) {
         if let Err(e) = socket2::SockRef::from(tcp).set_send_buffer_size(size) {
             tracing::warn!("cannot set a connection's send buffer (server.send_buffer): {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection that never sent a byte does not hold the stop for the head timeout.
+    #[tokio::test]
+    async fn a_silent_connection_does_not_hold_the_stop() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let rules = ConnectionRules {
+            header_timeout: Duration::from_secs(30),
+            send_buffer: None,
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = tokio::spawn(serve(listener, Router::new(), rules, async {
+            let _ = stopped.await;
+        }));
+        let _silent = tokio::net::TcpStream::connect(address).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let _ = stop.send(());
+        let ended = tokio::time::timeout(Duration::from_secs(5), served).await;
+        assert!(
+            ended.is_ok(),
+            "the stop waited on a connection that sent nothing"
+        );
     }
 }
