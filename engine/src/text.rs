@@ -256,6 +256,27 @@ pub(crate) fn fixture_codec() -> TextCodec {
     TextCodec::load(&Checkpoint::open(&dir).unwrap()).unwrap()
 }
 
+/// [`fixture_codec`] with its `tokenizer.json` edited by `edit` first (a setting a checkpoint's
+/// tokenizer may be saved with), for unit tests.
+#[cfg(test)]
+pub(crate) fn fixture_codec_with(edit: impl FnOnce(&mut serde_json::Value)) -> TextCodec {
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen3-tiny");
+    let dir = tempfile::tempdir().unwrap();
+    for f in [
+        "config.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        std::fs::copy(fixture.join(f), dir.path().join(f)).unwrap();
+    }
+    let text = std::fs::read_to_string(fixture.join("tokenizer.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    edit(&mut json);
+    std::fs::write(dir.path().join("tokenizer.json"), json.to_string()).unwrap();
+    TextCodec::load(&Checkpoint::open(dir.path()).unwrap()).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,22 +284,10 @@ mod tests {
     /// Truncation and padding a `tokenizer.json` was saved with are not applied to prompts.
     #[test]
     fn a_saved_truncation_or_padding_is_not_applied() {
-        let fixture =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen3-tiny");
-        let dir = tempfile::tempdir().unwrap();
-        for f in [
-            "config.json",
-            "tokenizer_config.json",
-            "generation_config.json",
-        ] {
-            std::fs::copy(fixture.join(f), dir.path().join(f)).unwrap();
-        }
-        let text = std::fs::read_to_string(fixture.join("tokenizer.json")).unwrap();
-        let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
-        json["truncation"] = serde_json::json!({"direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 0});
-        json["padding"] = serde_json::json!({"strategy": {"Fixed": 64}, "direction": "Right", "pad_to_multiple_of": null, "pad_id": 0, "pad_type_id": 0, "pad_token": "!"});
-        std::fs::write(dir.path().join("tokenizer.json"), json.to_string()).unwrap();
-        let codec = TextCodec::load(&Checkpoint::open(dir.path()).unwrap()).unwrap();
+        let codec = fixture_codec_with(|json| {
+            json["truncation"] = serde_json::json!({"direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 0});
+            json["padding"] = serde_json::json!({"strategy": {"Fixed": 64}, "direction": "Right", "pad_to_multiple_of": null, "pad_id": 0, "pad_type_id": 0, "pad_token": "!"});
+        });
         let plain = fixture_codec();
         let text = "one two three four five six seven";
         assert_eq!(codec.encode(text).unwrap(), plain.encode(text).unwrap());

@@ -93,21 +93,9 @@ fn sampling_under_a_schema_gives_json_that_matches_it() {
 /// failed mid-stream.
 #[test]
 fn forced_text_is_spelled_byte_for_byte_under_a_normalizer() {
-    let fixture =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen3-tiny");
-    let dir = tempfile::tempdir().unwrap();
-    for f in [
-        "config.json",
-        "tokenizer_config.json",
-        "generation_config.json",
-    ] {
-        std::fs::copy(fixture.join(f), dir.path().join(f)).unwrap();
-    }
-    let text = std::fs::read_to_string(fixture.join("tokenizer.json")).unwrap();
-    let mut json: Value = serde_json::from_str(&text).unwrap();
-    json["normalizer"] = json!({"type": "NFC"});
-    std::fs::write(dir.path().join("tokenizer.json"), json.to_string()).unwrap();
-    let codec = Arc::new(TextCodec::load(&Checkpoint::open(dir.path()).unwrap()).unwrap());
+    let codec = Arc::new(crate::text::fixture_codec_with(|json| {
+        json["normalizer"] = json!({"type": "NFC"});
+    }));
     let g = Grammars::new(codec.clone(), vec![2, 0]);
     let word = "Cafe\u{301} \u{2126}";
     for s in [json!({"const": word}), json!({"enum": [word, "x"]})] {
