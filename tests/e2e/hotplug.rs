@@ -15,6 +15,19 @@ fn stream_request(text: &str) -> Value {
     json!({"model": "echo", "stream": true, "messages": [{"role": "user", "content": text}]})
 }
 
+/// Echo's completion of "hello world" under its manifest's default `max_tokens` (each test's
+/// versions of the manifest set another, which the answer's length shows).
+fn echo_answer(d: &Daemon) -> String {
+    let (_, r) = d.post(
+        "/v1/completions",
+        &json!({"model": "echo", "prompt": "hello world", "temperature": 0}),
+    );
+    r["choices"][0]["text"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
 fn pid_alive(pid: &Value) -> bool {
     pid.as_u64()
         .is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
@@ -455,28 +468,20 @@ fn a_change_during_a_reload_is_loaded_after_it() {
         );
         manifest("echo", "0.1.0", "libecho.so", &extra)
     };
-    let answer = |d: &Daemon| {
-        let (_, r) = d.post(
-            "/v1/completions",
-            &json!({"model": "echo", "prompt": "hello world", "temperature": 0}),
-        );
-        r["choices"][0]["text"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
-    };
     let dir = PluginDir::new();
     dir.copy_lib("pio_plugin_echo", "libecho.so");
     dir.write("echo.toml", &echo(1));
     let d = Daemon::start(dir, "");
     d.wait_ready();
-    assert_eq!(answer(&d), "h");
+    assert_eq!(echo_answer(&d), "h");
     d.dir.write("echo.toml", &echo(2));
     d.wait_for(20, "the reload for the first change to start", |d| {
         d.plugin("echo")["reloading"] == true
     });
     d.dir.write("echo.toml", &echo(3));
-    d.wait_for(30, "the second change to serve", |d| answer(d) == "hel");
+    d.wait_for(30, "the second change to serve", |d| {
+        echo_answer(d) == "hel"
+    });
     // The same while it loads: unloaded on purpose, then loaded again with a change under way.
     assert_eq!(d.post("/v1/plugins/echo/unload", &json!({})).0, 200);
     let load = std::thread::scope(|s| {
@@ -489,7 +494,7 @@ fn a_change_during_a_reload_is_loaded_after_it() {
     });
     assert_eq!(load.0, 200, "{}", load.1);
     d.wait_for(30, "the change made while it loaded to serve", |d| {
-        answer(d) == "hell"
+        echo_answer(d) == "hell"
     });
 }
 
@@ -510,28 +515,18 @@ fn a_change_during_a_failing_reload_is_loaded_after_it() {
         }
         manifest("echo", "0.1.0", "libecho.so", &extra)
     };
-    let answer = |d: &Daemon| {
-        let (_, r) = d.post(
-            "/v1/completions",
-            &json!({"model": "echo", "prompt": "hello world", "temperature": 0}),
-        );
-        r["choices"][0]["text"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
-    };
     let dir = PluginDir::new();
     dir.copy_lib("pio_plugin_echo", "libecho.so");
     dir.write("echo.toml", &echo(1, false));
     let d = Daemon::start(dir, "[server]\nreload_strategy = \"blue-green\"\n");
     d.wait_ready();
-    assert_eq!(answer(&d), "h");
+    assert_eq!(echo_answer(&d), "h");
     d.dir.write("echo.toml", &echo(2, true));
     d.wait_for(20, "the broken version's reload to start", |d| {
         d.plugin("echo")["reloading"] == true
     });
     d.dir.write("echo.toml", &echo(3, false));
-    d.wait_for(30, "the fix to serve", |d| answer(d) == "hel");
+    d.wait_for(30, "the fix to serve", |d| echo_answer(d) == "hel");
 }
 
 /// A manifest renamed with nothing in it changed is the same plugin, not reloaded, and the
@@ -623,16 +618,6 @@ fn a_plugin_folder_link_pointed_elsewhere_is_followed() {
     if !confinement_available() {
         return;
     }
-    let answer = |d: &Daemon| {
-        let (_, r) = d.post(
-            "/v1/completions",
-            &json!({"model": "echo", "prompt": "hello world", "temperature": 0}),
-        );
-        r["choices"][0]["text"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
-    };
     let releases = tempfile::tempdir().unwrap();
     std::fs::set_permissions(releases.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let one = echo_dir("[model.generation]\nmax_tokens = 1\n");
@@ -641,16 +626,18 @@ fn a_plugin_folder_link_pointed_elsewhere_is_followed() {
     std::os::unix::fs::symlink(one.path(), &link).unwrap();
     let d = Daemon::start_with(PluginDir::new(), "", &["--plugins", link.to_str().unwrap()]);
     d.wait_ready();
-    assert_eq!(answer(&d), "h");
+    assert_eq!(echo_answer(&d), "h");
     let next = releases.path().join("next");
     std::os::unix::fs::symlink(two.path(), &next).unwrap();
     std::fs::rename(&next, &link).unwrap();
-    d.wait_for(30, "the other release to serve", |d| answer(d) == "hel");
+    d.wait_for(30, "the other release to serve", |d| {
+        echo_answer(d) == "hel"
+    });
     // The folder removed and made anew: watched again, and what it holds served.
     std::fs::remove_file(&link).unwrap();
     let three = echo_dir("[model.generation]\nmax_tokens = 2\n");
     std::os::unix::fs::symlink(three.path(), &link).unwrap();
-    d.wait_for(30, "the third release to serve", |d| answer(d) == "he");
+    d.wait_for(30, "the third release to serve", |d| echo_answer(d) == "he");
     drop((one, two, three));
 }
 
